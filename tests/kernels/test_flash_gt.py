@@ -1,0 +1,160 @@
+"""flash_attn_with_gt against the PyTorch reference (CPU: Triton interpreter; `gpu`: bf16 at 4k-32k on CUDA).
+
+Every run writes into outputs prefilled with NaN, so an element the kernel fails to write fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seer.kernels import reference
+from seer.kernels.flash_gt import fast_scratch_bytes, flash_attn, flash_attn_with_gt
+
+
+def _inputs(b, hq, hkv, n, d, dtype, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    return q, k, v
+
+
+def _poisoned(q, n_blocks):
+    b, hq, n, d = q.shape
+    out = torch.full((b, hq, n, d), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hq, n), float("nan"), dtype=torch.float32, device=q.device)
+    gt = torch.full((b, hq, n_blocks, n_blocks), float("nan"), dtype=torch.float32, device=q.device)
+    return out, lse, gt
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check_gt(gt, ref_gt, tol):
+    assert not torch.isnan(gt).any(), "gt has unwritten (NaN) elements"
+    nb = gt.shape[-1]
+    upper = torch.ones(nb, nb, dtype=torch.bool, device=gt.device).triu(1)
+    assert (gt[..., upper] == 0).all(), "tiles above the diagonal must be 0"
+    lower = ~upper
+    r = ref_gt.double()[..., lower]
+    err = ((gt.double()[..., lower] - r).abs() / r.abs().clamp_min(1e-30)).max().item()
+    assert err <= tol, f"gt max relative error {err:.3e} > {tol}"
+
+
+# (B, Hq, Hkv, N, D, dtype, block_size, mode, launch config or None for the default)
+CASES = [
+    (1, 2, 2, 1, 16, torch.float32, 16, "fast", None),
+    (1, 4, 1, 63, 16, torch.float16, 16, "lowmem", None),
+    (2, 4, 1, 64, 64, torch.float32, 64, "fast", None),
+    (1, 4, 1, 65, 16, torch.float32, 32, "fast", dict(BLOCK_M=64, BLOCK_N=64)),  # 2 gt blocks per key tile
+    (1, 2, 2, 200, 64, torch.float16, 64, "fast", None),  # 2 key tiles per gt block (running max)
+    (1, 4, 1, 200, 16, torch.float32, 32, "lowmem", None),
+    (2, 2, 1, 256, 16, torch.float16, 16, "fast", dict(BLOCK_M=64, BLOCK_N=16)),  # 4 gt row blocks per program
+    (1, 2, 2, 256, 64, torch.float32, 64, "lowmem", None),
+    (1, 4, 4, 65, 64, torch.float16, 64, "lowmem", dict(GT_BLOCK_M=128)),  # 2 gt rows per pass-2 program
+    (1, 4, 1, 200, 16, torch.float16, 16, "auto", None),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype,bs,mode,config", CASES,
+                         ids=[f"B{c[0]}-H{c[1]}:{c[2]}-N{c[3]}-D{c[4]}-{str(c[5])[6:]}-bs{c[6]}-{c[7]}"
+                              f"{'-cfg' if c[8] else ''}" for c in CASES])
+def test_matches_reference(b, hq, hkv, n, d, dtype, bs, mode, config):
+    q, k, v = _inputs(b, hq, hkv, n, d, dtype, seed=n * 31 + d)
+    nb = reference.num_blocks(n, bs)
+    out, lse, gt = _poisoned(q, nb)
+    res = flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt, config=config)
+    assert res[0] is out and res[1] is lse and res[2] is gt
+    ref_out, ref_lse = reference.attention(q, k, v)
+    ref_gt = reference.block_gt(q, k, bs)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten out/lse elements"
+    assert _rel(out, ref_out) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert (lse - ref_lse).abs().max().item() < 1e-4
+    _check_gt(gt, ref_gt, 1e-3)
+
+
+def test_default_outputs_sm_scale_and_dense_only():
+    q, k, v = _inputs(1, 2, 1, 100, 32, torch.float32, seed=7)
+    out, lse, gt = flash_attn_with_gt(q, k, v, block_size=32, sm_scale=0.3)
+    assert out.shape == q.shape and lse.shape == (1, 2, 100) and gt.shape == (1, 2, 4, 4)
+    ref_out, ref_lse = reference.attention(q, k, v, sm_scale=0.3)
+    assert _rel(out, ref_out) < 1e-5
+    _check_gt(gt, reference.block_gt(q, k, 32, sm_scale=0.3), 1e-3)
+    out2, lse2, none = flash_attn_with_gt(q, k, v, sm_scale=0.3, return_gt=False)
+    assert none is None and _rel(out2, ref_out) < 1e-5 and (lse2 - ref_lse).abs().max() < 1e-4
+    out3, lse3 = flash_attn(q, k, v, sm_scale=0.3)
+    assert torch.equal(out3, out2) and torch.equal(lse3, lse2)
+
+
+def test_no_grad_and_strided_inputs():
+    q, k, v = _inputs(1, 4, 2, 70, 16, torch.float32, seed=3)
+    q.requires_grad_(True)
+    # [B, N, H, D] storage viewed as [B, H, N, D]
+    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    out, lse, gt = flash_attn_with_gt(q, k, v, 16)
+    assert not out.requires_grad and not gt.requires_grad
+    out2, lse2, gt2 = flash_attn_with_gt(qs, ks, vs, 16)
+    assert torch.allclose(out, out2) and torch.allclose(lse, lse2) and torch.allclose(gt, gt2)
+
+
+def test_scratch_bytes():
+    # float32 causal triangle: 32 heads x 64 x 512*513/2 x 4 bytes at 32k tokens, block 64 (about 1.0 GiB)
+    assert fast_scratch_bytes(1, 32, 32768, 64) == 32 * 64 * (512 * 513 // 2) * 4
+    assert fast_scratch_bytes(1, 32, 32768, 64) <= 1.52 * 2**30
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q=torch.zeros(2, 3, 4)), "4-D"),
+    (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), "dtype"),
+    (dict(k=torch.zeros(1, 2, 8, 16, dtype=torch.float16)), "share a dtype"),
+    (dict(q=torch.zeros(1, 3, 8, 16)), "multiple of key/value heads"),
+    (dict(k=torch.zeros(1, 2, 9, 16), v=torch.zeros(1, 2, 9, 16)), "does not match q"),
+    (dict(v=torch.zeros(1, 2, 8, 32)), "shape of k"),
+    (dict(q=torch.zeros(1, 2, 8, 48), k=torch.zeros(1, 2, 8, 48), v=torch.zeros(1, 2, 8, 48)), "head dim 48"),
+    (dict(q=torch.zeros(1, 2, 0, 16), k=torch.zeros(1, 2, 0, 16), v=torch.zeros(1, 2, 0, 16)), ">= 1"),
+    (dict(block_size=48), "block_size 48"),
+    (dict(mode="fastest"), "'fastest'"),
+    (dict(sm_scale=-1.0), "sm_scale"),
+    (dict(out=torch.zeros(1, 2, 8, 8)), "out must be"),
+    (dict(gt=torch.zeros(1, 2, 2, 2)), r"gt must be .*\[1, 2, 1, 1\]"),
+    (dict(config=dict(BLOCK_M=32, BLOCK_N=32), block_size=64), "invalid for block_size 64"),
+])
+def test_bad_inputs(kwargs, match):
+    args = dict(q=torch.zeros(1, 2, 8, 16), k=torch.zeros(1, 2, 8, 16), v=torch.zeros(1, 2, 8, 16))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        flash_attn_with_gt(**args)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,hq,hkv,d,bs,mode", [
+    (4096, 8, 2, 128, 64, "fast"),
+    (4096, 8, 8, 128, 64, "lowmem"),
+    (16384, 4, 1, 128, 128, "fast"),
+    (32768, 2, 2, 128, 64, "fast"),
+    (32768, 2, 1, 128, 64, "lowmem"),
+    (4097, 4, 2, 64, 64, "fast"),
+    (3000, 4, 4, 256, 128, "fast"),
+    (3000, 4, 4, 256, 64, "lowmem"),
+])
+def test_gpu_bf16_against_sdpa_and_reference(n, hq, hkv, d, bs, mode):
+    q, k, v = _inputs(1, hq, hkv, n, d, torch.bfloat16, device="cuda", seed=n + d)
+    nb = reference.num_blocks(n, bs)
+    out, lse, gt = _poisoned(q, nb)
+    flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt)
+    torch.cuda.synchronize()
+    kr, vr = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    ref_out = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert _rel(out, ref_out) < 1e-2
+    # lse from a float32 logsumexp of the scores, a few rows
+    rows = torch.tensor([0, 1, n // 3, n - 2, n - 1], device="cuda")
+    s = torch.einsum("bhrd,bhkd->bhrk", q[:, :, rows].float(), kr.float()) / math.sqrt(d)
+    s = s.masked_fill(torch.arange(n, device="cuda")[None, None, None, :] > rows[None, None, :, None], -math.inf)
+    assert (lse[:, :, rows] - torch.logsumexp(s, -1)).abs().max().item() < 1e-3
+    _check_gt(gt, reference.block_gt(q, k, bs), 1e-2)
