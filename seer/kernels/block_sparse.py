@@ -1,0 +1,492 @@
+"""Block-sparse causal FlashAttention forward in Triton (SeerAttention's inference kernel).
+
+Math
+----
+Let ``B`` be the mask block size, ``q_i``, ``k_j``, ``v_j`` rows of one query head and of the key/value head it
+reads (grouped-query attention: query head ``h`` reads key/value head ``h // (Hq // Hkv)``). Query row ``i``
+lies in query block ``r = i // B``; it may attend to key ``j`` when ``j <= i`` (causal) and the mask selects
+key block ``c = j // B`` for row block ``r``:
+
+.. math::
+
+    S(i) = \\{ j \\le i : \\mathrm{mask}[r, j // B] \\},\\quad
+    s_{ij} = \\mathrm{scale}\\, q_i \\cdot k_j,\\quad
+    \\mathrm{out}_i = \\frac{\\sum_{j \\in S(i)} e^{s_{ij}} v_j}{\\sum_{j \\in S(i)} e^{s_{ij}}},\\quad
+    \\mathrm{lse}_i = \\log \\sum_{j \\in S(i)} e^{s_{ij}}.
+
+An empty ``S(i)`` gives ``out_i = 0`` and ``lse_i = -inf``. Mask entries above the diagonal (``c > r``) are
+ignored, so a mask may be given with or without its upper triangle.
+
+As in the fused-attention tutorial of Triton, the softmax is computed online, one key tile at a time, in
+base 2 with ``log2(e)`` folded into the scale: with ``t_ij = (scale * log2 e) q_i . k_j``, a running row max
+``m``, denominator ``l`` and accumulator ``acc``, every tile does
+
+.. math::
+
+    m' = \\max(m, \\max_j t_{ij}),\\quad \\alpha = 2^{m - m'},\\quad p_{ij} = 2^{t_{ij} - m'},\\quad
+    l \\leftarrow \\alpha l + \\textstyle\\sum_j p_{ij},\\quad acc \\leftarrow \\alpha\\, acc + p V,\\quad m \\leftarrow m',
+
+and at the end ``out = acc / l`` and ``lse = ln 2 * (m + log2 l)``.
+
+Sparsity
+--------
+The kernel never scans the mask: :func:`build_block_index` turns the boolean block mask, on the GPU and
+without a host synchronisation, into a compact per-row list of the selected key blocks in ascending order
+(``kv_indices``, ``kv_counts``), and each program walks its row's list. Only selected K/V tiles are read and
+multiplied. Since the list is ascending, the diagonal block (the only one needing the causal and bounds masks)
+comes last, so the loop over off-diagonal blocks carries no masks at all.
+
+Two list layouts exist:
+
+* ``row`` (the public one): ``kv_indices[b, h, r, :kv_counts[b, h, r]]`` are the selected key blocks of query
+  block ``r``; one program computes one query block of ``B`` rows.
+* ``pair`` (used internally for 64-token blocks): one list per pair of query blocks ``(2p, 2p + 1)``, the union
+  of both rows' selections, each entry ``4 * c + bits`` with bit 0 set when block ``2p`` selected ``c`` and
+  bit 1 when block ``2p + 1`` did. One program computes 128 query rows (better tensor-core tiles, half the K/V
+  tile loads), masking the rows of a half that did not select the key block.
+
+Programs are launched with the last (longest, under a causal mask) query blocks of a head first, heads one
+after another so that concurrently running programs share a head's K/V in L2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "build_block_index"]
+
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Index builder: boolean block mask -> compact ascending per-row lists of selected key blocks
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc,
+                    PAIR: tl.constexpr, CHUNK: tl.constexpr):
+    cols = c0 + tl.arange(0, CHUNK)
+    top = tl.load(mrow + r_top * stride_mr + cols * stride_mc, mask=cols <= r_top, other=0) != 0
+    if PAIR:
+        bot = tl.load(mrow + r_bot * stride_mr + cols * stride_mc, mask=(cols <= r_bot) & (r_bot < NB), other=0) != 0
+        sel = top | bot
+        val = cols * 4 + top.to(tl.int32) + 2 * bot.to(tl.int32)
+    else:
+        sel = top
+        val = cols
+    s = sel.to(tl.int32)
+    pos = base + tl.cumsum(s, 0) - s
+    tl.store(irow + pos, val, mask=sel)
+    return base + tl.sum(s, 0)
+
+
+@triton.jit
+def _bs_build_index_kernel(
+    Mask, Idx, Cnt,
+    stride_mb, stride_mh, stride_mr, stride_mc,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, NB,
+    PAIR: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr,
+):
+    r = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    mrow = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    irow = Idx + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
+    if PAIR:
+        r_top = 2 * r
+        r_bot = 2 * r + 1
+        ncols = tl.minimum(r_bot + 1, NB)
+    else:
+        r_top = r
+        r_bot = r
+        ncols = r + 1
+    base = 0
+    if INTERP:  # the interpreter (NumPy 2) cannot use a run-time value as a range() bound
+        c0 = 0
+        while c0 < ncols:
+            base = _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc, PAIR, CHUNK)
+            c0 += CHUNK
+    else:
+        for c0 in range(0, ncols, CHUNK):
+            base = _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc, PAIR, CHUNK)
+    tl.store(Cnt + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + r, base)
+
+
+def _check_mask(block_mask: torch.Tensor, name: str = "block_mask") -> None:
+    if not isinstance(block_mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be bool, got {block_mask.dtype}")
+    if block_mask.dim() != 4 or block_mask.shape[2] != block_mask.shape[3]:
+        raise ValueError(f"{name} must be [B, H, nb, nb]; got {tuple(block_mask.shape)}")
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device; got {dev} and {t.device}")
+    if dev.type == "cpu" and not _interpreting():
+        raise ValueError("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing "
+                         "triton); use CUDA tensors otherwise")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors must be on a CUDA device (or on the CPU under TRITON_INTERPRET=1); got {dev}")
+
+
+def build_block_index(block_mask: torch.Tensor, *, pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact per-row lists of the key blocks a boolean block mask selects, built on the device.
+
+    ``block_mask`` is bool ``[B, H, nb, nb]`` (any strides). Entries above the diagonal are ignored.
+    Returns ``kv_indices`` int32 ``[B, H, nb, nb]`` and ``kv_counts`` int32 ``[B, H, nb]``:
+    ``kv_indices[b, h, r, :kv_counts[b, h, r]]`` are the selected key blocks ``c <= r`` of query block ``r``
+    in ascending order (the diagonal, when selected, last); entries past the count are left unwritten.
+
+    With ``pair=True`` it builds the internal ``pair`` layout (see the module docstring): lists for the
+    ``ceil(nb / 2)`` pairs of query blocks, shapes ``[B, H, ceil(nb/2), nb]`` and ``[B, H, ceil(nb/2)]``.
+    One launch, no host synchronisation; reads only the causal half of the mask.
+    """
+    _check_mask(block_mask)
+    _check_device(block_mask)
+    b, h, nb, _ = block_mask.shape
+    rows = (nb + 1) // 2 if pair else nb
+    idx = torch.empty(b, h, rows, nb, dtype=torch.int32, device=block_mask.device)
+    cnt = torch.empty(b, h, rows, dtype=torch.int32, device=block_mask.device)
+    if b * h * rows == 0:
+        return idx, cnt
+    m = block_mask.view(torch.uint8)
+    chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
+    _bs_build_index_kernel[(rows, b * h)](
+        m, idx, cnt,
+        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        cnt.stride(0), cnt.stride(1),
+        h, nb,
+        PAIR=pair, CHUNK=chunk, INTERP=block_mask.device.type == "cpu", num_warps=4 if chunk >= 512 else 1,
+    )
+    return idx, cnt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention kernel
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bs_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_m, offs_n, offs_d, rowsel,
+             stride_kn, stride_vn, N, qk_scale,
+             DIAG: tl.constexpr, PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax (``DIAG``: apply the causal and bounds masks)."""
+    offs_k = kstart + offs_n
+    if DIAG:
+        kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None], mask=offs_k[None, :] < N, other=0.0)
+    else:
+        kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None])
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if DIAG:
+        keep = offs_k[None, :] <= offs_m[:, None]
+        if PAIR:
+            keep = keep & rowsel[:, None]
+        qk = tl.where(keep, qk, float("-inf"))
+    elif PAIR:
+        qk = tl.where(rowsel[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if DIAG or PAIR:  # a row may have seen only masked keys so far: keep exp2 away from (-inf) - (-inf)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DIAG:
+        v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :], mask=offs_k[:, None] < N, other=0.0)
+    else:
+        v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :])
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
+              stride_kn, stride_vn, N, qk_scale, DIAG: tl.constexpr, PAIR: tl.constexpr,
+              MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """All key tiles of list entry ``t``."""
+    e = tl.load(idx_ptr + t)
+    if PAIR:
+        kb = e >> 2
+        rowsel = tl.where(is_top, (e & 1) != 0, (e & 2) != 0)
+    else:
+        kb = e
+        rowsel = is_top
+    for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
+        acc, l_i, m_i = _bs_tile(acc, l_i, m_i, q, k_base, v_base, kb * MASK_BLOCK + sub * BLOCK_N,
+                                 offs_m, offs_n, offs_d, rowsel, stride_kn, stride_vn, N, qk_scale,
+                                 DIAG=DIAG, PAIR=PAIR, DOT_PRECISION=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _bs_attn_fwd_kernel(
+    Q, K, V, Out, Lse, Idx, Cnt,
+    qk_scale,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid_m = N_ROWPROG - 1 - tl.program_id(0)  # longest (last) query blocks first
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // HQ).to(tl.int64)
+    off_h = pid_bh % HQ
+    off_hkv = (off_h // GROUP).to(tl.int64)
+    off_hm = (off_h // MASK_GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    idx_ptr = Idx + off_b * stride_ib + off_hm * stride_ih + pid_m.to(tl.int64) * stride_ir
+    cnt = tl.load(Cnt + off_b * stride_cb + off_hm * stride_ch + pid_m)
+
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+
+    # entries at or past the program's first query block need the causal mask; they are the last one or two
+    first_diag = row0 // MASK_BLOCK
+    last = tl.load(idx_ptr + tl.maximum(cnt - 1, 0))
+    if PAIR:
+        prev = tl.load(idx_ptr + tl.maximum(cnt - 2, 0))
+        n_off = cnt - ((cnt > 0) & ((last >> 2) >= first_diag)).to(tl.int32) \
+            - ((cnt > 1) & ((prev >> 2) >= first_diag)).to(tl.int32)
+        is_top = offs_m < row0 + MASK_BLOCK
+    else:
+        n_off = cnt - ((cnt > 0) & (last >= first_diag)).to(tl.int32)
+        is_top = offs_m < 0  # unused
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if INTERP:  # the interpreter (NumPy 2) cannot use a run-time value as a range() bound
+        t = 0
+        while t < n_off:
+            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
+                                      stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
+                                      DOT_PRECISION)
+            t += 1
+    else:
+        for t in range(0, n_off):
+            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
+                                      stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
+                                      DOT_PRECISION)
+    t = n_off
+    while t < cnt:  # the diagonal entries: one (row layout) or up to two (pair layout)
+        acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
+                                  stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N, DOT_PRECISION)
+        t += 1
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=offs_m[:, None] < N)
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < N)
+
+
+# Launch configurations: (BLOCK_N, num_warps, num_stages) per (head_dim, mask block, pair) on CUDA.
+# Chosen from sweeps on an H100 (experiments/bench_sparse.py --tune); the interpreter uses one small config.
+_CUDA_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {
+    (128, 64, True): (64, 8, 3),
+    (128, 64, False): (64, 4, 3),
+    (128, 128, False): (64, 8, 3),
+    (64, 64, True): (64, 8, 3),
+    (64, 64, False): (64, 4, 3),
+    (64, 128, False): (64, 8, 3),
+}
+# Overrides for experiments: {(head_dim, block, pair): (BLOCK_N, num_warps, num_stages)}
+_CONFIG_OVERRIDE: dict[tuple[int, int, bool], tuple[int, int, int]] = {}
+
+
+def _launch_config(d: int, block: int, pair: bool, device: torch.device) -> tuple[int, int, int]:
+    key = (d, block, pair)
+    if key in _CONFIG_OVERRIDE:
+        return _CONFIG_OVERRIDE[key]
+    if device.type == "cpu":
+        return (block, 4, 1)
+    if key in _CUDA_CONFIGS:
+        return _CUDA_CONFIGS[key]
+    return (min(block, 64), 8 if (2 * block if pair else block) >= 128 else 4, 2)
+
+
+def _default_pair(block_size: int, device: torch.device) -> bool:
+    """Whether :func:`block_sparse_attn` uses the ``pair`` layout (128 query rows per program) by default."""
+    return device.type == "cuda" and block_size == 64
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D]; got shape {tuple(t.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, hq, n, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if (bk, nk, dk) != (b, n, d):
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head dim")
+    if v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim must be 16, 32, 64, 128 or 256; got {d}")
+    return b, hq, hkv, n, d
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be 16, 32, 64 or 128; got {block_size!r}")
+
+
+def _mask_heads(hm: int, hq: int, hkv: int, what: str) -> int:
+    if hm not in (hq, hkv):
+        raise ValueError(f"{what} has {hm} heads; expected Hq={hq} (one per query head) or Hkv={hkv} "
+                         f"(shared by each query-head group)")
+    return hq // hm
+
+
+def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse):
+    b, hq, hkv, n, d = _check_qkv(q, k, v)
+    nb = triton.cdiv(n, block_size)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with unit "
+                         f"last stride; got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if lse is None:
+        lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+    elif lse.shape != (b, hq, n) or lse.dtype != torch.float32 or lse.device != q.device or lse.stride(-1) != 1:
+        raise ValueError(f"lse must be a float32 tensor of shape {(b, hq, n)} on {q.device} with unit last "
+                         f"stride; got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
+    if n == 0 or b * hq == 0:
+        return out, lse
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    mask_group = hq // kv_indices.shape[1]
+    block_m = 2 * block_size if pair else block_size
+    n_rowprog = triton.cdiv(n, block_m)
+    block_n, num_warps, num_stages = _launch_config(d, block_size, pair, q.device)
+    block_n = min(block_n, block_size)
+    grid = (n_rowprog, b * hq)
+    _bs_attn_fwd_kernel[grid](
+        q, k, v, out, lse, kv_indices, kv_counts,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
+        kv_counts.stride(0), kv_counts.stride(1),
+        n, hq, n_rowprog, hq // hkv, mask_group,
+        HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, PAIR=pair,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=q.device.type == "cpu",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                              kv_counts: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
+                              pair: bool = False, out: torch.Tensor | None = None,
+                              lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse causal attention over prebuilt block lists (skips :func:`build_block_index`).
+
+    ``kv_indices`` int32 ``[B, Hm, R, >= nb_used]`` and ``kv_counts`` int32 ``[B, Hm, R]`` as returned by
+    :func:`build_block_index` (``pair=False``: ``R = nb = ceil(N / block_size)``; ``pair=True``: ``R =
+    ceil(nb / 2)``), ``Hm`` = Hq (a list per query head) or Hkv (shared by each query-head group). Each list
+    must be ascending and hold only blocks ``c <= r`` (``c <= 2p + 1`` for pair ``p``); nothing checks this
+    on the device. Reuse one index across layers that share a mask. ``out``/``lse`` optionally receive the
+    results in place (``out`` with q's shape and dtype, ``lse`` float32 ``[B, Hq, N]``).
+    Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``.
+    """
+    _check_block_size(block_size)
+    b, hq, hkv, n, d = _check_qkv(q, k, v)
+    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be an int32 tensor; got "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    nb = triton.cdiv(n, block_size)
+    rows = (nb + 1) // 2 if pair else nb
+    if kv_indices.dim() != 4 or kv_indices.shape[0] != b or kv_indices.shape[2] != rows \
+            or kv_indices.shape[3] < nb or kv_indices.stride(3) != 1:
+        raise ValueError(f"kv_indices must be [B, Hq or Hkv, {rows}, >= {nb}] with unit last stride for N={n}, "
+                         f"block_size={block_size}, pair={pair}; got {tuple(kv_indices.shape)}")
+    if kv_counts.shape != kv_indices.shape[:3] or kv_counts.stride(2) != 1:
+        raise ValueError(f"kv_counts must be {tuple(kv_indices.shape[:3])} with unit last stride; "
+                         f"got {tuple(kv_counts.shape)}")
+    _mask_heads(kv_indices.shape[1], hq, hkv, "kv_indices")
+    _check_device(q, k, v, kv_indices, kv_counts)
+    return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse)
+
+
+def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                      block_size: int = 64, sm_scale: float | None = None, *, pair: bool | None = None,
+                      out: torch.Tensor | None = None,
+                      lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention restricted to the key blocks a boolean block mask selects (Triton, forward only).
+
+    ``q`` ``[B, Hq, N, D]``; ``k``, ``v`` ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads
+    key/value head ``h // (Hq // Hkv)``; K/V are not repeated). Any strides with a unit last stride (e.g. a
+    ``[B, N, H, D]`` tensor transposed). ``block_mask`` bool ``[B, Hq, nb, nb]`` (one mask per query head) or
+    ``[B, Hkv, nb, nb]`` (shared by a query-head group), ``nb = ceil(N / block_size)``; entries above the
+    diagonal are ignored; inside the diagonal block attention is causal. float16 / bfloat16 (float32 for
+    tests); head dim 16..256 (tuned for 64 and 128); block size 16, 32, 64 or 128 (tuned for 64 and 128).
+    ``sm_scale`` defaults to ``1 / sqrt(D)``. A row that selects nothing gets ``out = 0``, ``lse = -inf``.
+
+    Builds the block lists with :func:`build_block_index` (one small launch, no host sync) and runs the
+    kernel. ``pair`` picks the list layout (``None``: ``pair`` for 64-token blocks on CUDA). ``out``/``lse``
+    optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N]
+    float32, natural log)``, the same as :func:`seer.kernels.reference.block_sparse_attn`.
+    """
+    _check_block_size(block_size)
+    b, hq, hkv, n, d = _check_qkv(q, k, v)
+    _check_mask(block_mask)
+    nb = triton.cdiv(n, block_size)
+    if block_mask.shape[0] != b or block_mask.shape[2] != nb:
+        raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}] for "
+                         f"N={n}, block_size={block_size}; got {tuple(block_mask.shape)}")
+    _mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
+    _check_device(q, k, v, block_mask)
+    if pair is None:
+        pair = _default_pair(block_size, q.device)
+    kv_indices, kv_counts = build_block_index(block_mask, pair=pair)
+    return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse)
