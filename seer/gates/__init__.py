@@ -1,0 +1,7 @@
+"""Attention gates: block pooling, per-head projections and block-level RoPE (:class:`AttnGate`)."""
+
+from seer.gates.attn_gate import AttnGate
+from seer.gates.pooling import pool_blocks
+from seer.gates.rope import rope_frequencies
+
+__all__ = ["AttnGate", "pool_blocks", "rope_frequencies"]

@@ -1,0 +1,104 @@
+"""AttnGate: predicts, from block-pooled Q and K of one attention layer, how much each key block matters.
+
+For a layer with ``Hq`` query heads, ``Hkv`` key/value heads and head dim ``D``, given its Q ``[B, Hq, N, D]``
+and K ``[B, Hkv, N, D]`` *before* RoPE:
+
+1. pool Q and K over blocks of ``block_size`` tokens with the configured pools (widths ``D * |q_pool|`` and
+   ``D * |k_pool|``); pooled K is repeated to the query heads of its group;
+2. project each head with its own bias-free linear map to ``hidden_size`` (Q is used as is in the K-only form);
+3. rotate both by a RoPE of width ``hidden_size`` at the position of each block's first token;
+4. ``logits[b, h, i, j] = q_i . k_j / sqrt(hidden_size)`` for ``j <= i``, ``-inf`` above the diagonal.
+
+Training compares ``softmax(logits)`` with the row-normalised ground truth; inference turns the logits into a
+block mask (:mod:`seer.sparsity`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from seer.config import GateConfig
+from seer.gates.pooling import pool_blocks
+from seer.gates.rope import rotate
+
+
+class AttnGate(nn.Module):
+    """One layer's gate. ``rope_inv_freq`` (``[hidden_size // 2]``) and ``rope_scale`` come from the base model's
+    rope settings (:func:`seer.gates.rope.rope_frequencies`); without them a plain RoPE with theta 10000 is used."""
+
+    def __init__(self, config: GateConfig, head_dim: int, num_heads: int, num_kv_heads: int,
+                 rope_inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.config = config
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        hidden = config.hidden_size
+        q_in, k_in = head_dim * len(config.q_pool), head_dim * len(config.k_pool)
+        use_q_linear = config.q_linear is True or (config.q_linear == "auto" and not (
+            len(config.q_pool) == 1 and hidden == head_dim))
+        if not use_q_linear and q_in != hidden:
+            raise ValueError(f"gate.q_linear=false needs gate.hidden_size == {q_in} (pooled Q width), got {hidden}")
+        self.q_weight = nn.Parameter(torch.empty(num_heads, q_in, hidden)) if use_q_linear else None
+        self.k_weight = nn.Parameter(torch.empty(num_heads, k_in, hidden))
+        if config.block_rope:
+            if rope_inv_freq is None:
+                rope_inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float32) / hidden))
+            if rope_inv_freq.shape != (hidden // 2,):
+                raise ValueError(f"rope_inv_freq must have shape [{hidden // 2}], got {tuple(rope_inv_freq.shape)}")
+            self.register_buffer("rope_inv_freq", rope_inv_freq.float().clone(), persistent=False)
+        else:
+            self.rope_inv_freq = None
+        self.rope_scale = float(rope_scale)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.q_weight, self.k_weight):
+            if w is not None:
+                nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+
+    def project(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate Q and K ``[B, Hq, nb, hidden]`` (pooled, projected and rotated) from Q ``[B, Hq, N, D]`` and
+        K ``[B, Hkv, N, D]``."""
+        self._check(q, k)
+        bs = self.config.block_size
+        dtype = self.k_weight.dtype
+        qp = pool_blocks(q, bs, self.config.q_pool).to(dtype)  # pool in the input's dtype: no full-size copy
+        kp = pool_blocks(k, bs, self.config.k_pool).to(dtype)
+        kp = kp.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        qg = qp if self.q_weight is None else torch.einsum("bhnc,hce->bhne", qp, self.q_weight)
+        kg = torch.einsum("bhnc,hce->bhne", kp, self.k_weight)
+        if self.rope_inv_freq is not None:
+            pos = torch.arange(qg.shape[2], device=q.device) * bs
+            qg = rotate(qg, pos, self.rope_inv_freq, self.rope_scale)
+            kg = rotate(kg, pos, self.rope_inv_freq, self.rope_scale)
+        return qg, kg
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Block-causal logits ``[B, Hq, nb, nb]`` (float32 or the gate's dtype), ``-inf`` above the diagonal."""
+        qg, kg = self.project(q, k)
+        logits = torch.einsum("bhie,bhje->bhij", qg, kg) / math.sqrt(qg.shape[-1])
+        nb = logits.shape[-1]
+        upper = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
+        return logits.masked_fill(upper, float("-inf"))
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q and k must be [B, H, N, D]; got {tuple(q.shape)} and {tuple(k.shape)}")
+        if q.shape[1] != self.num_heads or k.shape[1] != self.num_kv_heads:
+            raise ValueError(f"gate expects {self.num_heads} query and {self.num_kv_heads} key heads; got q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+        if q.shape[3] != self.head_dim or k.shape[3] != self.head_dim or q.shape[2] != k.shape[2] \
+                or q.shape[0] != k.shape[0]:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and length and have "
+                             f"head dim {self.head_dim}")
+        if q.shape[2] < 1:
+            raise ValueError("gate needs at least one token")
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"block_size={c.block_size}, q_pool={c.q_pool}, k_pool={c.k_pool}, hidden={c.hidden_size}, "
+                f"q_linear={self.q_weight is not None}, block_rope={c.block_rope}")

@@ -1,0 +1,45 @@
+"""Block-level rotary embedding for the gate: the base model's RoPE recipe at the gate's width.
+
+The gate rotates its block-pooled Q and K by the position of each block's first token, with the base model's
+rope settings (theta and scaling type, e.g. Llama-3's ``llama3`` or YaRN), but at ``dim`` = the gate's hidden
+size rather than the model's head dim.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def rope_frequencies(model_config, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[dim // 2]`` and the cos/sin scale that ``model_config``'s RoPE uses at width ``dim``."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = copy.deepcopy(model_config)
+    cfg.head_dim = dim
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if not params:  # older configs keep rope_theta / rope_scaling as attributes
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    params["partial_rotary_factor"] = 1.0
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        inv_freq = 1.0 / (float(params["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return inv_freq, 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope type {rope_type!r} of the base model is not supported by the gate's block RoPE")
+    cfg.rope_parameters = params
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, None)
+    return inv_freq.float(), float(scale)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout, as in Hugging Face models) of ``x [..., n, dim]`` at ``positions [n]``."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(x.device, torch.float32)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,179 @@
+"""Plain-PyTorch references for the attention kernels (the ground truth the Triton kernels are tested against).
+
+Shapes follow the kernels: ``q`` is ``[B, Hq, N, D]``, ``k`` and ``v`` are ``[B, Hkv, N, D]`` with ``Hq`` a
+multiple of ``Hkv``; query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (grouped-query attention).
+Attention is causal: query ``i`` sees keys ``0..i``.
+
+Every function here works block of query rows by block of query rows, so memory stays
+``O(B * Hq * rows_per_chunk * N)`` instead of ``O(N^2)``; the arithmetic runs in float32, or float64 when
+the inputs are float64.
+
+* :func:`attention` - dense causal attention, returns ``(out, lse)``.
+* :func:`block_gt` - the block max-pool of the causal softmax map (SeerAttention's distillation target).
+* :func:`block_attn_mass` - the share of attention mass per block (what recall of a block mask is measured on).
+* :func:`block_sparse_attn` - causal attention restricted to the key blocks a boolean block mask selects.
+
+This module imports nothing from the rest of ``seer``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "num_blocks"]
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """Number of blocks covering ``seq_len`` tokens (the last one may be partial)."""
+    return (seq_len + block_size - 1) // block_size
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, N, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    b, hq, n, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if (bk, nk, dk) != (b, n, d):
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head dim")
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
+    return b, hq, hkv, n, d
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(n: int, block_size: int, hq: int, b: int, budget_elems: int = 1 << 26) -> int:
+    """Query rows per chunk (a multiple of ``block_size``) so one score chunk holds about ``budget_elems``."""
+    per_row = max(1, b * hq * n)
+    rows = max(block_size, (budget_elems // per_row) // block_size * block_size)
+    return min(rows, num_blocks(n, block_size) * block_size)
+
+
+def _grouped_scores(q_chunk: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scores ``[B, Hkv, G, rows, keys]`` of a chunk of query rows against keys, without repeating K."""
+    b, hq, rows, d = q_chunk.shape
+    hkv = k.shape[1]
+    qg = q_chunk.reshape(b, hkv, hq // hkv, rows, d)
+    return torch.einsum("bhgrd,bhkd->bhgrk", qg, k) * scale
+
+
+def _causal_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, scale: float) -> torch.Tensor:
+    """Causally masked scores of query rows ``start:stop`` against keys ``0:stop`` (``-inf`` above the diagonal)."""
+    dt = _compute_dtype(q)
+    s = _grouped_scores(q[:, :, start:stop].to(dt), k[:, :, :stop].to(dt), scale)
+    rows = torch.arange(start, stop, device=q.device)[:, None]
+    cols = torch.arange(0, stop, device=q.device)[None, :]
+    return s.masked_fill(cols > rows, float("-inf"))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+              chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal attention. Returns ``out`` ``[B, Hq, N, D]`` (dtype of q) and ``lse`` ``[B, Hq, N]`` (float32,
+    float64 for float64 inputs; the natural log of the softmax denominator of the scaled scores)."""
+    n = q.shape[2]
+    nb = num_blocks(n, 64) if n else 0
+    full = torch.ones(q.shape[0], q.shape[1], nb, nb, dtype=torch.bool, device=q.device)
+    return block_sparse_attn(q, k, v, full, block_size=64, sm_scale=sm_scale, chunk_rows=chunk_rows)
+
+
+def _block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None,
+                chunk_rows: int | None, reduce: str) -> torch.Tensor:
+    """Pools the causal softmax map over ``block_size x block_size`` tiles with ``max`` or ``mean`` of rows' sums."""
+    b, hq, hkv, n, d = _check_qkv(q, k)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    nb = num_blocks(n, block_size)
+    out = torch.zeros(b, hq, nb, nb, dtype=_compute_dtype(q), device=q.device)
+    step = chunk_rows or _chunk_rows(n, block_size, hq, b)
+    if step % block_size:
+        raise ValueError(f"chunk_rows ({step}) must be a multiple of block_size ({block_size})")
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        p = torch.softmax(_causal_scores(q, k, start, stop, scale), dim=-1)  # [B, Hkv, G, rows, stop]
+        kb = num_blocks(stop, block_size)
+        qb = num_blocks(stop - start, block_size)
+        p = torch.nn.functional.pad(p, (0, kb * block_size - stop, 0, qb * block_size - (stop - start)))
+        p = p.reshape(b, hkv, hq // hkv, qb, block_size, kb, block_size)
+        if reduce == "max":
+            p = p.amax(dim=(4, 6))
+        else:  # share of each row's probability mass per key block, averaged over the block's real rows
+            rows = torch.arange(start, start + qb * block_size, device=q.device).reshape(qb, block_size)
+            real = (rows < n).sum(-1).to(p.dtype)
+            p = p.sum(dim=6).sum(dim=4) / real[:, None]
+        first = start // block_size
+        out[:, :, first:first + qb, :kb] = p.reshape(b, hq, qb, kb)
+    return out
+
+
+def block_gt(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None = None,
+             chunk_rows: int | None = None) -> torch.Tensor:
+    """Block max-pool of the causal attention probabilities (SeerAttention's ground truth).
+
+    ``gt[b, h, i, j] = max_{r in block i, c in block j} softmax_c(q_r . k_c * scale)`` with the causal mask
+    (probability 0 for ``c > r``), so tiles above the diagonal are 0 and a partial last block is pooled over the
+    tokens it has. Returns ``[B, Hq, nb, nb]`` float32 (float64 for float64 inputs), **not** row-normalised.
+    """
+    return _block_pool(q, k, block_size, sm_scale, chunk_rows, "max")
+
+
+def block_attn_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None = None,
+                    chunk_rows: int | None = None) -> torch.Tensor:
+    """Share of attention mass per block: ``mass[b, h, i, j]`` is the probability that query rows of block ``i``
+    put on key block ``j``, averaged over the rows of block ``i``; every row of the result sums to 1.
+    Same shape and dtype as :func:`block_gt`. Used for recall ("how much attention a block mask keeps")."""
+    return _block_pool(q, k, block_size, sm_scale, chunk_rows, "mean")
+
+
+def _expand_block_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> torch.Tensor:
+    if block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be bool, got {block_mask.dtype}")
+    if block_mask.dim() != 4 or block_mask.shape[0] != b or block_mask.shape[2:] != (nb, nb) \
+            or block_mask.shape[1] not in (hq, hkv):
+        raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}]; "
+                         f"got {tuple(block_mask.shape)}")
+    if block_mask.shape[1] != hq:  # one mask per key/value head, shared by its query-head group
+        block_mask = block_mask.repeat_interleave(hq // hkv, dim=1)
+    return block_mask
+
+
+def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                      block_size: int = 64, sm_scale: float | None = None,
+                      chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention restricted to selected key blocks.
+
+    ``block_mask`` is bool ``[B, Hq, nb, nb]`` (one mask per query head) or ``[B, Hkv, nb, nb]`` (shared by
+    each query-head group); query block ``i`` attends to key block ``j`` only where ``block_mask[..., i, j]``
+    and, inside the block, only causally. A row that selects no key gets ``out = 0`` and ``lse = -inf``.
+    Returns ``out`` ``[B, Hq, N, D]`` in q's dtype and ``lse`` ``[B, Hq, N]`` in float32 (float64 for float64
+    inputs).
+    """
+    b, hq, hkv, n, d = _check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    nb = num_blocks(n, block_size)
+    mask = _expand_block_mask(block_mask, b, hq, hkv, nb)
+    dt = _compute_dtype(q)
+    out = torch.zeros(b, hq, n, d, dtype=dt, device=q.device)
+    lse = torch.full((b, hq, n), float("-inf"), dtype=dt, device=q.device)
+    step = chunk_rows or _chunk_rows(n, block_size, hq, b)
+    if step % block_size:
+        raise ValueError(f"chunk_rows ({step}) must be a multiple of block_size ({block_size})")
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        s = _causal_scores(q, k, start, stop, scale)  # [B, Hkv, G, rows, stop]
+        row_blocks = torch.arange(start, stop, device=q.device) // block_size
+        col_blocks = torch.arange(0, stop, device=q.device) // block_size
+        m = mask[:, :, row_blocks][..., col_blocks].reshape(b, hkv, hq // hkv, stop - start, stop)
+        s = s.masked_fill(~m, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows
+        p = torch.exp(s - row_lse.unsqueeze(-1).clamp_min(torch.finfo(dt).min))
+        o = torch.einsum("bhgrk,bhkd->bhgrd", p, v[:, :, :stop].to(dt))
+        out[:, :, start:stop] = o.reshape(b, hq, stop - start, d)
+        lse[:, :, start:stop] = row_lse.reshape(b, hq, stop - start)
+    return out.to(q.dtype), lse

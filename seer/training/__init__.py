@@ -1,0 +1,1 @@
+"""Training stages (Lightning modules), their losses, callbacks and loggers. Never imported by inference code."""

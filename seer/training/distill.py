@@ -1,0 +1,142 @@
+"""The ``distill`` stage: train the gates of a frozen model against its own block attention map.
+
+Each step runs the base model's decoder once, dense and without grad; every attention layer hands its gate logits
+(with grad) and its ground truth (:class:`~seer.model.attention.LayerRecord`) to this module, which sums
+``loss_scale * KL(GT || softmax(gate))`` over layers. Only gate parameters train (AdamW, warmup + cosine).
+
+Logged: ``train/loss``, ``train/kl/layer_XX``, ``train/gt_recall`` (share of the row-normalised ground truth the
+gate's mask keeps at the configured sparsity), ``train/density``, ``lr``; in validation ``val/loss``,
+``val/recall`` (share of true attention mass the gate's mask keeps), ``val/oracle_recall`` (the best any mask
+of the same density can keep) and ``val/density``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from seer.config import SparsityConfig, StageConfig
+from seer.model.attention import LayerRecord, attention_layers, gate_parameters
+from seer.sparsity import block_density, mass_recall, select_blocks, topk_mask
+from seer.training.losses import first_kept_row, gate_loss, normalize_rows
+
+
+class GateDistillation(L.LightningModule):
+    """Gate distillation for ``model`` (a Hugging Face causal LM with gates attached and its base frozen)."""
+
+    def __init__(self, model: torch.nn.Module, stage: StageConfig, sparsity: SparsityConfig, gt_source: str,
+                 model_name: str = "unknown"):
+        super().__init__()
+        self.model = model
+        self.model_name = model_name
+        self.stage = stage
+        self.sparsity = sparsity
+        self.gt_source = gt_source
+        self.strict_loading = False  # checkpoints hold the gates only
+        self.images: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.loss_history: list[float] = []
+        self.num_layers = len(attention_layers(model))
+
+    @property
+    def context(self):
+        return self.model.seer_context
+
+    def _forward(self, input_ids: torch.Tensor, with_mass: bool, want_images: bool) -> dict:
+        ctx = self.context
+        losses, stats = {}, {"gt_recall": [], "density": [], "recall": [], "oracle_recall": []}
+        images = {}
+        image_layers = {i % self.num_layers for i in self.stage.image_layers} if want_images else set()
+
+        def consume(rec: LayerRecord) -> None:
+            target = normalize_rows(rec.gt.float()) if self.stage.row_normalize else rec.gt.float()
+            with torch.enable_grad():  # the consumer runs inside the base model's no-grad forward
+                losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss, self.stage.skip_first_rows)
+            with torch.no_grad():
+                logits = rec.logits.detach()
+                start = first_kept_row(logits.shape[-1], self.stage.skip_first_rows)
+                mask = select_blocks(logits, self.sparsity)
+                stats["gt_recall"].append(mass_recall(mask[..., start:, :], target[..., start:, :]))
+                stats["density"].append(block_density(mask))
+                if with_mass:
+                    from seer.kernels.reference import block_attn_mass
+
+                    mass = block_attn_mass(rec.query, rec.key, self.context.gate_config.block_size, rec.scale)
+                    mass = mass.to(target.dtype)
+                    stats["recall"].append(mass_recall(mask, mass))
+                    oracle = topk_mask(mass, ratio=1.0 - float(block_density(mask)),
+                                       sink_blocks=self.sparsity.sink_blocks)
+                    stats["oracle_recall"].append(mass_recall(oracle, mass))
+                if rec.layer_idx in image_layers:
+                    images[rec.layer_idx] = (target[0, 0].cpu(), torch.softmax(logits[0, 0], -1).cpu(),
+                                             mask[0, 0].cpu())
+
+        ctx.consumer, ctx.gt_source = consume, self.gt_source
+        ctx.set_mode("distill")
+        try:
+            with torch.no_grad():
+                self.model.base_model(input_ids=input_ids, use_cache=False)
+        finally:
+            ctx.consumer = None
+            ctx.set_mode("dense")
+        if not losses:
+            raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
+        total = self.stage.loss_scale * torch.stack([losses[i] for i in sorted(losses)]).sum()
+        out = {"loss": total, "layer_kl": {i: losses[i].detach() for i in sorted(losses)}, "images": images}
+        out.update({k: torch.stack(v).mean() for k, v in stats.items() if v})
+        return out
+
+    def training_step(self, batch, batch_idx):
+        every = self.stage.image_every_n_steps
+        want_images = bool(every) and self.global_step % every == 0 and self.trainer.is_global_zero
+        out = self._forward(batch["input_ids"], with_mass=False, want_images=want_images)
+        bsz = batch["input_ids"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bsz)
+        self.log("train/gt_recall", out["gt_recall"], prog_bar=True, batch_size=bsz)
+        self.log("train/density", out["density"], batch_size=bsz)
+        self.log_dict({f"train/kl/layer_{i:02d}": v for i, v in out["layer_kl"].items()}, batch_size=bsz)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
+        self.loss_history.append(float(out["loss"].detach()))
+        if out["images"]:
+            self.images = out["images"]
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        out = self._forward(batch["input_ids"], with_mass=True, want_images=False)
+        bsz = batch["input_ids"].shape[0]
+        for key in ("recall", "oracle_recall", "density", "gt_recall"):
+            self.log(f"val/{key}", out[key], batch_size=bsz)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bsz)
+
+    def configure_optimizers(self):
+        params = gate_parameters(self.model)
+        if not params:
+            raise RuntimeError("the model has no gate parameters to train")
+        opt = torch.optim.AdamW(params, lr=self.stage.lr, betas=self.stage.betas,
+                                weight_decay=self.stage.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor = min(self.stage.warmup_steps, total), self.stage.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only gate weights in Lightning checkpoints (the frozen base model is reloaded from its source)."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".seer_gate." in k}
+        checkpoint["seer_loss_history"] = list(self.loss_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loss_history = list(checkpoint.get("seer_loss_history", []))
+
+    def train(self, mode: bool = True):
+        """Lightning flips modules to train mode; the base model stays in eval mode (no dropout) regardless."""
+        super().train(mode)
+        self.model.eval()
+        return self

@@ -1,0 +1,50 @@
+"""Tiny models and a tokenizer built in code, so tests need no downloads."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+               bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    kw = {**_COMMON, **overrides}
+    if family == "llama":
+        return LlamaConfig(**kw)
+    if family == "qwen2":
+        return Qwen2Config(**kw)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=kw["hidden_size"] // kw["num_attention_heads"], **kw)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, **kw)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM,
+           "mistral": MistralForCausalLM}[family]
+    model = cls(tiny_config(family, **overrides)).eval()
+    if family == "qwen2":  # give the q/k biases non-zero values so a dropped bias would show
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_proj.bias, std=0.5)
+            torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=0.5)
+    return model
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in a moment on a little Python, with <s>/</s> at ids 1/2."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\nprint(os.path.join('a', 'b'))\n"]
+    tok.train_from_iterator(text * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
