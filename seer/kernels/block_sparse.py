@@ -186,10 +186,13 @@ def build_block_index(block_mask: torch.Tensor, *, pair: bool = False) -> tuple[
 @triton.jit
 def _bs_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_m, offs_n, offs_d, rowsel,
              stride_kn, stride_vn, N, qk_scale,
-             DIAG: tl.constexpr, PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax (``DIAG``: apply the causal and bounds masks)."""
+             DIAG: tl.constexpr, PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key tile of the online softmax (``DIAG``: apply the causal and bounds masks). With ``USE_TMA``,
+    ``k_base``/``v_base`` are tensor descriptors (the copy engine zero-fills rows past N)."""
     offs_k = kstart + offs_n
-    if DIAG:
+    if USE_TMA:
+        kt = tl.trans(k_base.load([kstart, 0]))
+    elif DIAG:
         kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None], mask=offs_k[None, :] < N, other=0.0)
     else:
         kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None])
@@ -210,7 +213,9 @@ def _bs_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_m, offs_n, offs_d, r
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if DIAG:
+    if USE_TMA:
+        v = v_base.load([kstart, 0])
+    elif DIAG:
         v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :], mask=offs_k[:, None] < N, other=0.0)
     else:
         v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :])
@@ -221,7 +226,8 @@ def _bs_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_m, offs_n, offs_d, r
 @triton.jit
 def _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
               stride_kn, stride_vn, N, qk_scale, DIAG: tl.constexpr, PAIR: tl.constexpr,
-              MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              USE_TMA: tl.constexpr):
     """All key tiles of list entry ``t``."""
     e = tl.load(idx_ptr + t)
     if PAIR:
@@ -233,7 +239,7 @@ def _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs
     for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
         acc, l_i, m_i = _bs_tile(acc, l_i, m_i, q, k_base, v_base, kb * MASK_BLOCK + sub * BLOCK_N,
                                  offs_m, offs_n, offs_d, rowsel, stride_kn, stride_vn, N, qk_scale,
-                                 DIAG=DIAG, PAIR=PAIR, DOT_PRECISION=DOT_PRECISION)
+                                 DIAG=DIAG, PAIR=PAIR, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA)
     return acc, l_i, m_i
 
 
@@ -250,7 +256,7 @@ def _bs_attn_fwd_kernel(
     stride_cb, stride_ch,
     N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = N_ROWPROG - 1 - tl.program_id(0)  # longest (last) query blocks first
     pid_bh = tl.program_id(1)
@@ -263,6 +269,11 @@ def _bs_attn_fwd_kernel(
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
     idx_ptr = Idx + off_b * stride_ib + off_hm * stride_ih + pid_m.to(tl.int64) * stride_ir
     cnt = tl.load(Cnt + off_b * stride_cb + off_hm * stride_ch + pid_m)
 
@@ -293,17 +304,18 @@ def _bs_attn_fwd_kernel(
         while t < n_off:
             acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
-                                      DOT_PRECISION)
+                                      DOT_PRECISION, USE_TMA)
             t += 1
     else:
         for t in range(0, n_off):
             acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
                                       stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
-                                      DOT_PRECISION)
+                                      DOT_PRECISION, USE_TMA)
     t = n_off
     while t < cnt:  # the diagonal entries: one (row layout) or up to two (pair layout)
         acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
-                                  stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N, DOT_PRECISION)
+                                  stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N, DOT_PRECISION,
+                                  USE_TMA)
         t += 1
 
     empty = l_i == 0.0
@@ -316,29 +328,48 @@ def _bs_attn_fwd_kernel(
     tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < N)
 
 
-# Launch configurations: (BLOCK_N, num_warps, num_stages) per (head_dim, mask block, pair) on CUDA.
+# Launch configurations: (BLOCK_N, num_warps, num_stages, use_tma) per (head_dim, mask block, pair) on CUDA.
 # Chosen from sweeps on an H100 (experiments/bench_sparse.py --tune); the interpreter uses one small config.
-_CUDA_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {
-    (128, 64, True): (64, 8, 3),
-    (128, 64, False): (64, 4, 3),
-    (128, 128, False): (64, 8, 3),
-    (64, 64, True): (64, 8, 3),
-    (64, 64, False): (64, 4, 3),
-    (64, 128, False): (64, 8, 3),
+_CUDA_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, bool]] = {
+    (128, 64, True): (64, 8, 3, False),
+    (128, 64, False): (64, 4, 3, False),
+    (128, 128, False): (64, 8, 3, False),
+    (64, 64, True): (64, 8, 3, False),
+    (64, 64, False): (64, 4, 3, False),
+    (64, 128, False): (64, 8, 3, False),
 }
-# Overrides for experiments: {(head_dim, block, pair): (BLOCK_N, num_warps, num_stages)}
-_CONFIG_OVERRIDE: dict[tuple[int, int, bool], tuple[int, int, int]] = {}
+# Overrides for experiments and tests: {(head_dim, block, pair): (BLOCK_N, num_warps, num_stages, use_tma)}
+_CONFIG_OVERRIDE: dict[tuple[int, int, bool], tuple[int, int, int, bool]] = {}
 
 
-def _launch_config(d: int, block: int, pair: bool, device: torch.device) -> tuple[int, int, int]:
+def _launch_config(d: int, block: int, pair: bool, device: torch.device) -> tuple[int, int, int, bool]:
     key = (d, block, pair)
     if key in _CONFIG_OVERRIDE:
         return _CONFIG_OVERRIDE[key]
     if device.type == "cpu":
-        return (block, 4, 1)
+        return (block, 4, 1, False)
     if key in _CUDA_CONFIGS:
         return _CUDA_CONFIGS[key]
-    return (min(block, 64), 8 if (2 * block if pair else block) >= 128 else 4, 2)
+    return (min(block, 64), 8 if (2 * block if pair else block) >= 128 else 4, 2, False)
+
+
+_ALLOCATOR_SET = False
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors."""
+    global _ALLOCATOR_SET
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or t.stride(3) != 1 or any((t.stride(i) * es) % 16 for i in range(3)):
+            return False
+    if not _ALLOCATOR_SET:  # device-side descriptors need a small global scratch buffer
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+    return True
 
 
 def _default_pair(block_size: int, device: torch.device) -> bool:
@@ -403,8 +434,9 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     mask_group = hq // kv_indices.shape[1]
     block_m = 2 * block_size if pair else block_size
     n_rowprog = triton.cdiv(n, block_m)
-    block_n, num_warps, num_stages = _launch_config(d, block_size, pair, q.device)
+    block_n, num_warps, num_stages, use_tma = _launch_config(d, block_size, pair, q.device)
     block_n = min(block_n, block_size)
+    use_tma = use_tma and _tma_ok(k, v)
     grid = (n_rowprog, b * hq)
     _bs_attn_fwd_kernel[grid](
         q, k, v, out, lse, kv_indices, kv_counts,
@@ -419,6 +451,7 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
         n, hq, n_rowprog, hq // hkv, mask_group,
         HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, PAIR=pair,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERP=q.device.type == "cpu",
+        USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -132,11 +132,19 @@ def test_empty_and_full_masks(density):
 def test_subtiles_transposed_inputs_and_scale():
     """Key tiles narrower than a mask block (the loop over sub-tiles), [B, N, H, D] storage, a custom scale."""
     key = (16, 32, False)
-    bs._CONFIG_OVERRIDE[key] = (16, 4, 1)
+    bs._CONFIG_OVERRIDE[key] = (16, 4, 1, False)
     try:
         _run_case(1, 2, 1, 90, 16, 32, torch.float32, 1, False, transpose=True, sm_scale=0.3)
     finally:
         bs._CONFIG_OVERRIDE.pop(key)
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_tma_path(monkeypatch, pair):
+    """The tensor-descriptor (copy engine) path; on the CPU the interpreter emulates the descriptors."""
+    monkeypatch.setattr(bs, "_tma_ok", lambda *t: True)
+    monkeypatch.setitem(bs._CONFIG_OVERRIDE, (16, 16, pair), (16, 4, 1, True))
+    _run_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
 
 
 def _python_index(mask: torch.Tensor, pair: bool) -> tuple[list, list]:

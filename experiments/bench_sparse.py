@@ -1,0 +1,438 @@
+"""Benchmark of seer's block-sparse attention kernel against dense SDPA and FlexAttention (forward, causal).
+
+B 1, 32 heads (MHA), head dim 128, bf16. At every N and density it times, on one mask:
+
+* ours: the Triton kernel walking prebuilt block lists (``kernel``), the list build alone (``index``), and
+  both (``ours``, what :func:`seer.kernels.block_sparse_attn` costs from a boolean mask);
+* SDPA dense causal with the flash (FA2) and cuDNN backends;
+* FlexAttention (``torch.compile``d) with the same block mask at 64- and 128-token blocks: the selected
+  off-diagonal blocks as its "full" blocks, the diagonal as a partial block with a causal ``mask_mod``; its
+  index build from the boolean mask (stable argsort + ``BlockMask.from_kv_blocks``) is timed separately;
+* end to end: block scores ``[B, H, nb, nb]`` -> top-k selection at the density (diagonal and sink forced)
+  -> list build -> kernel; and the same chain with the AttnGate forward in front (seer.gates.AttnGate, K pools
+  max+min+avg, hidden 128, block RoPE), when importable.
+
+The mask ("realistic"): per head, a block score = local window (``exp(-distance / w_h)``, ``w_h`` random in
+2..32 blocks) + a few heavy vertical key columns (about nb/32 random columns per head, random strength)
++ Gumbel noise; each query-block row keeps its highest-scoring causal blocks with the diagonal and the first
+(sink) block forced, with per-row budgets ``round(density * (i + 1))`` (the cumulative rounding of
+seer.sparsity.row_budgets), so the kept share of the causal block triangle equals the density.
+
+Timing: CUDA events around each call, warm-up first, median of several runs (more for short ones).
+
+    PYTHONPATH=. python3 experiments/bench_sparse.py --out-dir docs
+    PYTHONPATH=. python3 experiments/bench_sparse.py --tune      # sweep launch configs at 32k
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from seer.kernels import block_sparse as bs  # noqa: E402
+from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index  # noqa: E402
+
+DEV = "cuda"
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def bench(fn, target_ms: float = 250.0, min_reps: int = 5, max_reps: int = 100, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` over CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = max(s.elapsed_time(e), 1e-3)
+    reps = int(min(max_reps, max(min_reps, target_ms / est)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
+
+
+def tflops(n: int, h: int, d: int, ms: float, b: int = 1) -> float:
+    return 2.0 * b * h * n * n * d / (ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+def structured_scores(b: int, h: int, nb: int, seed: int = 0) -> torch.Tensor:
+    """Block scores ``[B, H, nb, nb]`` float32: local window + vertical columns + noise, -inf above the diagonal."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    i = torch.arange(nb, device=DEV)
+    dist = (i[:, None] - i[None, :]).clamp_min(0).float()
+    w = 2.0 + 30.0 * torch.rand(b, h, 1, 1, device=DEV, generator=g)
+    local = torch.exp(-dist / w)
+    ncol = max(1, nb // 32)
+    cols = torch.randint(0, nb, (b, h, ncol), device=DEV, generator=g)
+    strength = 0.5 + torch.rand(b, h, ncol, device=DEV, generator=g)
+    vert = torch.zeros(b, h, nb, device=DEV).scatter_add_(-1, cols, strength)
+    u = torch.rand(b, h, nb, nb, device=DEV, generator=g).clamp_(1e-9, 1 - 1e-9)
+    noise = -torch.log(-torch.log(u))
+    scores = 2.0 * local + vert[:, :, None, :] + 0.3 * noise
+    return scores.masked_fill(i[None, :] > i[:, None], float("-inf"))
+
+
+def row_budgets(nb: int, density: float) -> torch.Tensor:
+    """Blocks kept per row: cumulative rounding of density * (i + 1), each in [1, i + 1] (as seer.sparsity)."""
+    rows = torch.arange(1, nb + 1, device=DEV, dtype=torch.float64)
+    cum = torch.round(density * torch.cumsum(rows, 0))
+    budget = torch.diff(cum, prepend=cum.new_zeros(1))
+    return torch.maximum(torch.minimum(budget, rows), torch.ones_like(rows)).long()
+
+
+class TopkSelector:
+    """Top-k block selection with per-row budgets, diagonal and sink forced; returns a bool mask."""
+
+    def __init__(self, nb: int, density: float, sink: int = 1):
+        i = torch.arange(nb, device=DEV)
+        self.nb = nb
+        self.budget = row_budgets(nb, density)
+        self.kmax = int(self.budget.max())  # host value computed once per (nb, density), not per call
+        self.keep = (torch.arange(self.kmax, device=DEV)[None, :] < self.budget[:, None])
+        self.diag = i[:, None] == i[None, :]
+        self.forced = self.diag | ((i[None, :] < sink) & (i[None, :] <= i[:, None]))
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        ranked = scores.masked_fill(self.forced, 1e30).masked_fill(self.diag, float("inf"))
+        if self.kmax >= self.nb:
+            top = ranked.argsort(dim=-1, descending=True)
+        else:
+            top = ranked.topk(self.kmax, dim=-1, sorted=True).indices
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=DEV)
+        mask.scatter_(-1, top, self.keep[..., : top.shape[-1]].expand(top.shape))
+        return mask.logical_or_(self.forced)
+
+
+def density_of(mask: torch.Tensor) -> float:
+    nb = mask.shape[-1]
+    kept = mask.tril().sum(dim=(-1, -2)).double()
+    return (kept / (nb * (nb + 1) / 2)).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------- flex
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+class Flex:
+    def __init__(self):
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = 64  # one compile per (N, block size): stay compiled
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = 64
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        self.BlockMask = BlockMask
+        self.fn = torch.compile(flex_attention, dynamic=False)
+
+    def build(self, mask: torch.Tensor, block: int, n: int):
+        """Flex BlockMask from a bool block mask at ``block`` tokens: off-diagonal blocks full, diagonal partial."""
+        nb = mask.shape[-1]
+        i = torch.arange(nb, device=DEV)
+        full = mask & (i[None, :] < i[:, None])
+        diag = mask[..., i, i]
+        full_num = full.sum(-1, dtype=torch.int32)
+        full_idx = torch.argsort(full.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        part_num = diag.to(torch.int32)
+        part_idx = i.to(torch.int32).view(1, 1, nb, 1).expand(*mask.shape[:2], nb, nb).contiguous()
+
+        return self.BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                             mask_mod=_causal, seq_lengths=(n, n), compute_q_blocks=False)
+
+    def __call__(self, q, k, v, block_mask):
+        return self.fn(q, k, v, block_mask=block_mask)
+
+
+def coarsen(mask64: torch.Tensor) -> torch.Tensor:
+    """A 128-token block mask from a 64-token one (a 128-block is kept if any of its four 64-blocks is)."""
+    b, h, nb, _ = mask64.shape
+    pad = nb % 2
+    m = F.pad(mask64.float(), (0, pad, 0, pad))
+    return (F.max_pool2d(m.view(b * h, 1, nb + pad, nb + pad), 2).view(b, h, (nb + pad) // 2, -1) > 0)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def make_qkv(n: int, h: int = 32, d: int = 128, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(1, h, n, d, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3)]
+
+
+def sdpa(q, k, v, backend):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def tune(args) -> None:
+    """Sweep launch configs at 32k (density 1.0 and 0.1) and print the best per (D, block, layout)."""
+    n, h = 32768, 32
+    res = []
+    for d in (128, 64):
+        q, k, v = make_qkv(n, h, d)
+        for block, pair in ((64, True), (64, False), (128, False)):
+            nb = math.ceil(n / block)
+            scores = structured_scores(1, h, nb)
+            masks = {dens: TopkSelector(nb, dens)(scores) for dens in (1.0, 0.1)}
+            idx = {dens: build_block_index(m, pair=pair) for dens, m in masks.items()}
+            warps = 8 if (pair or block == 128) else 4
+            if d == 128:
+                cands = [(bn, warps, st, tma) for bn in ((64, 128) if block == 128 else (64,))
+                         for st in ((2, 3) if block == 128 else (2, 3, 4)) for tma in (False, True)]
+            else:
+                cands = [(64, warps, st, tma) for st in (2, 3) for tma in (False, True)]
+            for cfg in cands:
+                bs._CONFIG_OVERRIDE[(d, block, pair)] = cfg
+                row = {"d": d, "block": block, "pair": pair, "cfg": cfg}
+                try:
+                    t0 = time.time()
+                    for dens in (1.0, 0.1):
+                        ii, cc = idx[dens]
+                        row[dens] = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair),
+                                          target_ms=100, min_reps=3, max_reps=20, warmup=1)
+                    row["s"] = time.time() - t0
+                except Exception as exc:  # a config can run out of shared memory
+                    row["err"] = repr(exc)[:120]
+                res.append(row)
+                print(json.dumps({kk: (vv if not isinstance(vv, float) else round(vv, 4)) for kk, vv in
+                                  row.items()}, default=str), flush=True)
+            bs._CONFIG_OVERRIDE.pop((d, block, pair), None)
+        del q, k, v
+    print("\nbest per (d, block, pair) by density-1.0 time and by density-0.1 time:")
+    for d in (128, 64):
+        for block, pair in ((64, True), (64, False), (128, False)):
+            rows = [r for r in res if r["d"] == d and r["block"] == block and r["pair"] == pair and 1.0 in r]
+            if not rows:
+                continue
+            b1 = min(rows, key=lambda r: r[1.0])
+            b2 = min(rows, key=lambda r: r[0.1])
+            print(f"d={d} block={block} pair={pair}: dens1 {b1['cfg']} {b1[1.0]:.3f} ms "
+                  f"({tflops(n, h, d, b1[1.0]):.0f} TF/s) dens0.1 {b1[0.1]:.3f}; best@0.1 {b2['cfg']} "
+                  f"{b2[0.1]:.3f} ms (dens1 {b2[1.0]:.3f})")
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "tune.json"), "w") as f:
+            json.dump([{kk if isinstance(kk, str) else str(kk): vv for kk, vv in r.items()} for r in res], f)
+
+
+def check(q, k, v, mask, block, ref_out) -> float:
+    """Relative error of our kernel against a dense reference output."""
+    out, _ = bs.block_sparse_attn(q, k, v, mask, block)
+    err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
+    if not math.isfinite(err) or err > 2e-2:
+        raise RuntimeError(f"kernel output wrong: relative error {err}")
+    return err
+
+
+def run(args) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+    flex = Flex() if not args.no_flex else None
+    gate = None
+    gate_note = ""
+    try:
+        from seer.config import GateConfig
+        from seer.gates import AttnGate
+        gate_cfg = GateConfig(block_size=args.block, q_pool=["avg"], k_pool=["max", "min", "avg"], hidden_size=128)
+        gate = AttnGate(gate_cfg, head_dim=128, num_heads=32, num_kv_heads=32).to(DEV, torch.bfloat16)
+    except Exception as exc:
+        gate_note = f"AttnGate not available: {exc!r}"
+        print(gate_note, flush=True)
+    rows = []
+    for n in args.ns:
+        h, d, block = 32, 128, args.block
+        q, k, v = make_qkv(n, h, d, seed=n)
+        nb = math.ceil(n / block)
+        scores = structured_scores(1, h, nb, seed=n)
+        t_flash = bench(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
+        t_cudnn = bench(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+        t_gate = bench(lambda: gate(q, k)) if gate is not None else float("nan")
+        if n <= 8192:  # correctness at density 1.0 against SDPA flash
+            ref = sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
+            err = check(q, k, v, torch.ones(1, h, nb, nb, dtype=torch.bool, device=DEV), block, ref)
+            print(f"check N={n}: dense rel err vs SDPA flash {err:.2e}", flush=True)
+            del ref
+        print(f"N={n}: flash {t_flash:.3f} ms, cudnn {t_cudnn:.3f} ms, gate {t_gate:.3f} ms", flush=True)
+        for dens in args.densities:
+            sel = TopkSelector(nb, dens)
+            mask = sel(scores)
+            real = density_of(mask)
+            pair = bs._default_pair(block, q.device)
+            ii, cc = build_block_index(mask, pair=pair)
+            t_kernel = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair))
+            t_index = bench(lambda: build_block_index(mask, pair=pair), target_ms=50)
+            t_ours = bench(lambda: bs.block_sparse_attn(q, k, v, mask, block))
+            t_sel = bench(lambda: sel(scores), target_ms=50)
+            t_e2e = bench(lambda: bs.block_sparse_attn(q, k, v, sel(scores), block))
+            t_e2e_gate = (bench(lambda: bs.block_sparse_attn(q, k, v, sel(gate(q, k)), block))
+                          if gate is not None else float("nan"))
+            row = {"N": n, "density": dens, "real_density": real, "kernel": t_kernel, "index": t_index,
+                   "ours": t_ours, "select": t_sel, "e2e": t_e2e, "e2e_gate": t_e2e_gate, "gate": t_gate,
+                   "flash": t_flash, "cudnn": t_cudnn}
+            if flex is not None:
+                for fb, fmask in ((64, mask), (128, coarsen(mask) if block == 64 else mask)):
+                    if block == 128 and fb == 64:
+                        continue
+                    bm = flex.build(fmask, fb, n)
+                    if dens == args.densities[0] and n == args.ns[0] and fb == block:
+                        fo = flex(q, k, v, bm)
+                        ko = bs.block_sparse_attn(q, k, v, fmask, fb)[0]
+                        fe = ((fo.float() - ko.float()).norm() / fo.float().norm()).item()
+                        print(f"check flex{fb} vs ours: rel diff {fe:.2e}", flush=True)
+                        if not fe < 2e-2:
+                            raise RuntimeError(f"ours and FlexAttention disagree: {fe}")
+                    row[f"flex{fb}"] = bench(lambda: flex(q, k, v, bm))
+                    row[f"flex{fb}_build"] = bench(lambda: flex.build(fmask, fb, n), target_ms=50)
+                    if fb != block:  # our kernel on the same coarsened 128-block mask
+                        i2, c2 = build_block_index(fmask, pair=False)
+                        row["kernel128"] = bench(lambda: block_sparse_attn_indexed(q, k, v, i2, c2, 128))
+                        row["real_density128"] = density_of(fmask)
+                    del bm
+            rows.append(row)
+            print(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}),
+                  flush=True)
+            del mask, ii, cc
+        del q, k, v, scores
+        torch.cuda.empty_cache()
+    if gate_note:
+        rows.append({"note": gate_note})
+    return rows
+
+
+def env_info() -> dict:
+    import triton
+    p = torch.cuda.get_device_properties(0)
+    return {"device": f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)",
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "cudnn": str(torch.backends.cudnn.version()), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
+    data = [r for r in rows if "N" in r]
+    notes = [r["note"] for r in rows if "note" in r]
+    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
+             f"cuDNN {info['cudnn']}, Python {info['python']}; {info['date']}.", "",
+             f"Command: `{cmd}`", "",
+             f"B 1, 32 heads, D 128, bf16, causal, forward; mask blocks of {args.block} tokens. Times in ms "
+             "(median of CUDA-event-timed runs). `kernel`: ours on prebuilt block lists; `index`: list build "
+             "from the bool mask; `ours` = both; `flexB`: FlexAttention (compiled) with B-token blocks "
+             "(`flexB build`: its index build from the bool mask); `select`: top-k selection from block "
+             "scores; `e2e` = select + index + kernel; `e2e+gate` adds the AttnGate forward. Speedups are "
+             "over SDPA flash (FA2) / cuDNN dense.", ""]
+    hdr = ["N", "density (real)", "kernel", "TF/s*", "index", "ours", "flex64", "flex64 build", "flex128",
+           "kernel on 128-mask", "flex128 build", "select", "e2e", "gate", "e2e+gate", "FA2", "cuDNN",
+           "kernel vs FA2", "e2e vs FA2", "e2e vs cuDNN", "e2e+gate vs FA2"]
+    lines.append("| " + " | ".join(hdr) + " |")
+    lines.append("|" + "---|" * len(hdr))
+    for r in data:
+        n = r["N"]
+        lines.append("| " + " | ".join([
+            f"{n // 1024}k", f"{r['density']:.2f} ({r['real_density']:.3f})", fmt(r["kernel"]),
+            f"{tflops(n, 32, 128, r['kernel']) * r['real_density']:.0f}", fmt(r["index"]), fmt(r["ours"]),
+            fmt(r.get("flex64", float("nan"))), fmt(r.get("flex64_build", float("nan"))),
+            fmt(r.get("flex128", float("nan"))), fmt(r.get("kernel128", float("nan"))),
+            fmt(r.get("flex128_build", float("nan"))), fmt(r["select"]), fmt(r["e2e"]), fmt(r["gate"]),
+            fmt(r["e2e_gate"]), fmt(r["flash"]), fmt(r["cudnn"]),
+            f"{r['flash'] / r['kernel']:.2f}x", f"{r['flash'] / r['e2e']:.2f}x", f"{r['cudnn'] / r['e2e']:.2f}x",
+            (f"{r['flash'] / r['e2e_gate']:.2f}x" if not math.isnan(r["e2e_gate"]) else "-")]) + " |")
+    lines += ["", "*TF/s counts only the selected work: 2 * B * H * N^2 * D * real density.", ""]
+    for n in sorted({r["N"] for r in data}):
+        d1 = [r for r in data if r["N"] == n and r["density"] == 1.0]
+        d01 = [r for r in data if r["N"] == n and abs(r["density"] - 0.1) < 1e-9]
+        if d1 and d01:
+            lines.append(f"- N={n // 1024}k: kernel time at density 0.1 / density 1.0 = "
+                         f"{d01[0]['kernel'] / d1[0]['kernel']:.3f}; density 1.0 at "
+                         f"{tflops(n, 32, 128, d1[0]['kernel']):.0f} TF/s.")
+    lines += [f"- {x}" for x in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = [r for r in rows if "N" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for n in sorted({r["N"] for r in data}):
+        rs = sorted([r for r in data if r["N"] == n], key=lambda r: r["density"])
+        x = [r["density"] for r in rs]
+        axes[0].plot(x, [r["flash"] / r["kernel"] for r in rs], "o-", label=f"{n // 1024}k kernel")
+        axes[0].plot(x, [r["flash"] / r["e2e"] for r in rs], "s--", label=f"{n // 1024}k end to end")
+        if "flex64" in rs[0]:
+            axes[1].plot(x, [r["flex64"] / r["kernel"] for r in rs], "o-", label=f"{n // 1024}k vs flex64")
+        if "flex128" in rs[0] and "kernel128" in rs[0]:
+            axes[1].plot(x, [r["flex128"] / r["kernel128"] for r in rs], "s--", label=f"{n // 1024}k vs flex128")
+    axes[0].set(xscale="log", yscale="log", xlabel="density (kept share of causal blocks)",
+                ylabel="speedup over SDPA flash (FA2)", title="block-sparse attention vs dense FA2")
+    axes[1].set(xscale="log", xlabel="density", ylabel="FlexAttention time / our kernel time",
+                title="ours vs FlexAttention, same block mask")
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ns", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1, 0.05])
+    ap.add_argument("--block", type=int, default=64, choices=[64, 128])
+    ap.add_argument("--out-dir", default="docs")
+    ap.add_argument("--name", default="bench_sparse", help="file stem of the .md/.png/.json outputs")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k instead")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    cmd = "PYTHONPATH=. python3 experiments/bench_sparse.py " + " ".join(sys.argv[1:])
+    if args.tune:
+        tune(args)
+        return
+    t0 = time.time()
+    info = env_info()
+    print(json.dumps(info), flush=True)
+    rows = run(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    report = write_report(rows, info, args, cmd)
+    with open(os.path.join(args.out_dir, args.name + ".json"), "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out_dir, args.name + "_table.md"), "w") as f:
+        f.write(report)
+    try:
+        plot(rows, os.path.join(args.out_dir, args.name + ".png"))
+    except Exception as exc:
+        print(f"plot failed: {exc!r}")
+    print(report)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
