@@ -78,8 +78,57 @@ def _fwd_tiles(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, sc
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
                MASKED: tl.constexpr, GT: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update over key tiles ``[lo, hi)``; with ``GT`` also writes tile row maxima to scratch."""
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    if GT and BLOCK_N == 2 * BS:
+        # Two ground-truth blocks per key tile: two half-width dots give each block's row maxima for free,
+        # one online-softmax rescale per BLOCK_N keys.
+        offs_h = tl.arange(0, BS)
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            ca = start_n + offs_h
+            cb = ca + BS
+            if MASKED:
+                ka = tl.load(k_base + offs_d[:, None] + ca[None, :] * stride_kn, mask=ca[None, :] < N, other=0.0)
+                kb = tl.load(k_base + offs_d[:, None] + cb[None, :] * stride_kn, mask=cb[None, :] < N, other=0.0)
+                va = tl.load(v_base + ca[:, None] * stride_vn + offs_d[None, :], mask=ca[:, None] < N, other=0.0)
+                vb = tl.load(v_base + cb[:, None] * stride_vn + offs_d[None, :], mask=cb[:, None] < N, other=0.0)
+            else:
+                ka = tl.load(k_base + offs_d[:, None] + ca[None, :] * stride_kn)
+                kb = tl.load(k_base + offs_d[:, None] + cb[None, :] * stride_kn)
+                va = tl.load(v_base + ca[:, None] * stride_vn + offs_d[None, :])
+                vb = tl.load(v_base + cb[:, None] * stride_vn + offs_d[None, :])
+            if IEEE:
+                sa = tl.dot(q, ka, input_precision="ieee") * qk_scale
+                sb = tl.dot(q, kb, input_precision="ieee") * qk_scale
+            else:
+                sa = tl.dot(q, ka) * qk_scale
+                sb = tl.dot(q, kb) * qk_scale
+            if MASKED:
+                sa = tl.where((ca[None, :] <= offs_m[:, None]) & (ca[None, :] < N), sa, float("-inf"))
+                sb = tl.where((cb[None, :] <= offs_m[:, None]) & (cb[None, :] < N), sb, float("-inf"))
+            ta = tl.max(sa, 1)
+            tb = tl.max(sb, 1)
+            m_ij = tl.maximum(m_i, tl.maximum(ta, tb))
+            pa = tl.math.exp2(sa - m_ij[:, None])
+            pb = tl.math.exp2(sb - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + (tl.sum(pa, 1) + tl.sum(pb, 1))
+            acc = acc * alpha[:, None]
+            if IEEE:
+                acc = tl.dot(pa.to(va.dtype), va, acc, input_precision="ieee")
+                acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(pa.to(va.dtype), va, acc)
+                acc = tl.dot(pb.to(vb.dtype), vb, acc)
+            m_i = m_ij
+            j = start_n // BS
+            if MASKED:
+                tl.store(scr_base + row_tri + j * BS + row_loc, ta, mask=row_ok & (j <= row_blk))
+                tl.store(scr_base + row_tri + (j + 1) * BS + row_loc, tb, mask=row_ok & (j + 1 <= row_blk))
+            else:
+                tl.store(scr_base + row_tri + j * BS + row_loc, ta, mask=row_ok)
+                tl.store(scr_base + row_tri + (j + 1) * BS + row_loc, tb, mask=row_ok)
+        return acc, l_i, m_i, t_run
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt_ptrs = k_base + offs_d[:, None] + cols[None, :] * stride_kn
@@ -145,7 +194,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Scratch, Gt, qk_scale,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 N, H, GROUP, NB, TRI, NUM_M,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-                GT: tl.constexpr, IEEE: tl.constexpr, JC: tl.constexpr):
+                GT: tl.constexpr, IEEE: tl.constexpr, JC: tl.constexpr, EPI: tl.constexpr):
     # programs of one head run longest rows (last query tile) first
     start_m = NUM_M - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -189,26 +238,52 @@ def _fwd_kernel(Q, K, V, Out, Lse, Scratch, Gt, qk_scale,
     lse2 = m_i + tl.math.log2(l_i)
     tl.store(lse_base + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
 
-    if GT:
-        # Epilogue: this program's rows are final. Re-read their tile maxima (written by this program only) and
-        # pool gt[i, j] = exp2(max_r (t2[r, j] - lse2[r])). The barrier makes the scratch and lse stores of all
-        # threads of the program visible to all of them.
+    if GT and EPI:
+        # Epilogue: this program's rows are final. Re-read their tile maxima (written by this program only, so
+        # mostly still in L2) and pool gt[i, j] = exp2(max_r (t2[r, j] - lse2[r])). The barrier makes the
+        # scratch stores of all threads of the program visible to all of them.
         tl.debug_barrier()
-        offs_b = tl.arange(0, BS)
+        SUBM: tl.constexpr = BLOCK_M // BS
         offs_j = tl.arange(0, JC)
-        for ib in tl.static_range(BLOCK_M // BS):
-            i = start_m * (BLOCK_M // BS) + ib
-            if i < NB:
-                rows = i * BS + offs_b
-                rok = rows < N
-                l2 = tl.load(lse_base + rows, mask=rok, other=float("inf")) * 1.4426950408889634
-                tri = BS * (i * (i + 1) // 2)
-                for j0 in range(0, NB, JC):
-                    js = j0 + offs_j
-                    x = tl.load(scr_base + tri + js[None, :] * BS + offs_b[:, None],
-                                mask=rok[:, None] & (js[None, :] <= i), other=float("-inf"))
-                    g = tl.math.exp2(tl.max(x - l2[:, None], 0))
-                    tl.store(gt_base + i * NB + js, g, mask=js < NB)
+        gis = start_m * SUBM + tl.arange(0, SUBM)
+        x_off = row_tri[:, None] + row_loc[:, None]
+        for j0 in range(0, (start_m + 1) * SUBM, JC):
+            js = j0 + offs_j
+            x = tl.load(scr_base + x_off + js[None, :] * BS,
+                        mask=row_ok[:, None] & (js[None, :] <= row_blk[:, None]), other=float("-inf"))
+            x = x - lse2[:, None]
+            if SUBM == 1:
+                g = tl.math.exp2(tl.max(x, 0))
+                tl.store(gt_base + start_m * NB + js, g, mask=js < NB)
+            else:
+                g = tl.math.exp2(tl.max(tl.reshape(x, [SUBM, BS, JC]), 1))
+                tl.store(gt_base + gis[:, None] * NB + js[None, :], g, mask=(gis[:, None] < NB) & (js[None, :] < NB))
+        zero = tl.zeros([SUBM, JC], tl.float32)
+        for j0 in range((start_m + 1) * SUBM, NB, JC):
+            js = j0 + offs_j
+            tl.store(gt_base + gis[:, None] * NB + js[None, :], zero, mask=(gis[:, None] < NB) & (js[None, :] < NB))
+
+
+@triton.jit
+def _epilogue_kernel(Lse, Scratch, Gt, N, NB, TRI, BS: tl.constexpr, JC: tl.constexpr):
+    """Fast mode with a separate epilogue: one program per (gt row block, batch x head) pools the scratch."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    lse_base = Lse + bh.to(tl.int64) * N
+    scr_base = Scratch + bh.to(tl.int64) * TRI
+    gt_base = Gt + bh.to(tl.int64) * NB * NB
+    offs_b = tl.arange(0, BS)
+    offs_j = tl.arange(0, JC)
+    rows = i * BS + offs_b
+    rok = rows < N
+    l2 = tl.load(lse_base + rows, mask=rok, other=float("inf")) * 1.4426950408889634
+    tri = BS * (i * (i + 1) // 2)
+    for j0 in range(0, NB, JC):
+        js = j0 + offs_j
+        x = tl.load(scr_base + tri + js[None, :] * BS + offs_b[:, None],
+                    mask=rok[:, None] & (js[None, :] <= i), other=float("-inf"))
+        g = tl.math.exp2(tl.max(x - l2[:, None], 0))
+        tl.store(gt_base + i * NB + js, g, mask=js < NB)
 
 
 @triton.jit
@@ -303,22 +378,28 @@ def _patch_interpreter() -> None:
 
 def _fwd_candidates(head_dim: int, block_size: int, gt: bool) -> list[dict]:
     """Launch configs to try on CUDA (first = default when tuning is off). BLOCK_M is a multiple of the block
-    size; BLOCK_N divides BLOCK_M and either divides or is a multiple of the block size."""
+    size; BLOCK_N divides BLOCK_M and either divides or is a multiple of the block size. ``EPI=0`` pools the
+    scratch in a separate small kernel instead of at the end of each program."""
     if head_dim >= 256:
         cands = [dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)]
     elif head_dim >= 128:
-        cands = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)]
+        if gt:
+            cands = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=1),
+                     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0),
+                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=1),
+                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0)]
+        else:
+            cands = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]
     else:
         cands = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)]
     env = os.environ.get("SEER_GT_FWD_CONFIG")  # e.g. "128,64,8,3" (BLOCK_M,BLOCK_N,num_warps,num_stages)
     if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)]
+        bm, bn, w, st = (int(x) for x in env.split(","))
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)]
     return [c for c in cands if _valid_fwd(c, block_size)]
 
 
@@ -328,8 +409,8 @@ def _valid_fwd(c: dict, block_size: int) -> bool:
 
 
 def _gt_candidates(head_dim: int, block_size: int) -> list[dict]:
-    cands = [dict(BLOCK_M=128, num_warps=8, num_stages=3), dict(BLOCK_M=128, num_warps=4, num_stages=3),
-             dict(BLOCK_M=64, num_warps=4, num_stages=3)]
+    cands = [dict(BLOCK_M=128, num_warps=8, num_stages=2), dict(BLOCK_M=128, num_warps=4, num_stages=3),
+             dict(BLOCK_M=128, num_warps=8, num_stages=3)]
     if head_dim >= 256:
         cands = [dict(BLOCK_M=128, num_warps=8, num_stages=2), dict(BLOCK_M=64, num_warps=4, num_stages=2)]
     env = os.environ.get("SEER_GT_PASS2_CONFIG")  # e.g. "128,8,3"
@@ -341,7 +422,7 @@ def _gt_candidates(head_dim: int, block_size: int) -> list[dict]:
 
 def _interp_fwd_config(block_size: int) -> dict:
     bm = max(block_size, 32)
-    return dict(BLOCK_M=bm, BLOCK_N=min(block_size, 32), num_warps=4, num_stages=1)
+    return dict(BLOCK_M=bm, BLOCK_N=min(block_size, 32), num_warps=4, num_stages=1, EPI=1, JC=16)
 
 
 def _pick(key: tuple, cands: list[dict], launch) -> dict:
@@ -366,7 +447,8 @@ def _pick(key: tuple, cands: list[dict], launch) -> dict:
 
 
 def _bucket(n: int) -> int:
-    return 1 << max(10, (n - 1).bit_length())
+    """Tuning key for the sequence length: powers of two from 1k, one bucket for everything >= 32k."""
+    return min(1 << max(10, (n - 1).bit_length()), 32768)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -458,20 +540,26 @@ def _launch_fwd(q, k, v, out, lse, scratch, gt, qk_scale, nb, tri, block_size, w
     b, hq, n, d = q.shape
     group = hq // k.shape[1]
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * hq)
-    _fwd_kernel[grid](
+    return _fwd_kernel[grid](
         q, k, v, out, lse, scratch, gt, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n, hq, group, nb, tri, grid[0],
         HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BS=block_size, GT=with_gt,
-        IEEE=q.dtype == torch.float32, JC=32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        IEEE=q.dtype == torch.float32, JC=cfg.get("JC", 64), EPI=cfg.get("EPI", 1),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _launch_epilogue(lse, scratch, gt, nb, tri, block_size):
+    b, hq, n = lse.shape
+    return _epilogue_kernel[(nb, b * hq)](lse, scratch, gt, n, nb, tri, BS=block_size, JC=32, num_warps=4)
 
 
 def _launch_gt(q, k, lse, gt, qk_scale, nb, block_size, cfg):
     b, hq, n, d = q.shape
     group = hq // k.shape[1]
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * hq)
-    _gt_kernel[grid](
+    return _gt_kernel[grid](
         q, k, lse, gt, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         n, hq, group, nb, grid[0],
@@ -533,10 +621,13 @@ def flash_attn_with_gt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
             if tri > _INT32_MAX:
                 raise ValueError(f"N={n} with block_size={block_size} is too long for mode='fast'; use 'lowmem'")
             scratch = torch.empty(b * hq * tri, dtype=torch.float32, device=dev)
+            def run_fast(c):
+                _launch_fwd(q, k, v, out, lse, scratch, gt, qk_scale, nb, tri, block_size, True, c)
+                if not c.get("EPI", 1):
+                    _launch_epilogue(lse, scratch, gt, nb, tri, block_size)
             cfg = _fwd_config(config, on_gpu, ("gt", d, block_size, q.dtype, _bucket(n)), d, block_size, True,
-                              lambda c: _launch_fwd(q, k, v, out, lse, scratch, gt, qk_scale, nb, tri,
-                                                    block_size, True, c))
-            _launch_fwd(q, k, v, out, lse, scratch, gt, qk_scale, nb, tri, block_size, True, cfg)
+                              run_fast)
+            run_fast(cfg)
             del scratch
         else:
             cfg = _fwd_config(config, on_gpu, ("dense", d, block_size, q.dtype, _bucket(n)), d, block_size, False,
@@ -559,7 +650,8 @@ def flash_attn_with_gt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
 def _fwd_config(config, on_gpu, key, d, block_size, with_gt, launch) -> dict:
     if config is not None and "BLOCK_M" in config:
         c = dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], num_warps=config.get("num_warps", 4),
-                 num_stages=config.get("num_stages", 3 if on_gpu else 1))
+                 num_stages=config.get("num_stages", 3 if on_gpu else 1), EPI=config.get("EPI", 1),
+                 JC=config.get("JC", 64 if on_gpu else 16))
         if not _valid_fwd(c, block_size):
             raise ValueError(f"config {c} is invalid for block_size {block_size}: BLOCK_M must be a multiple of "
                              "block_size and of BLOCK_N, and BLOCK_N must divide or be a multiple of block_size")

@@ -55,6 +55,9 @@ CASES = [
     (1, 2, 2, 256, 64, torch.float32, 64, "lowmem", None),
     (1, 4, 4, 65, 64, torch.float16, 64, "lowmem", dict(GT_BLOCK_M=128)),  # 2 gt rows per pass-2 program
     (1, 4, 1, 200, 16, torch.float16, 16, "auto", None),
+    (2, 4, 2, 200, 16, torch.float32, 16, "fast", dict(BLOCK_M=64, BLOCK_N=64)),  # 4 gt blocks per key tile
+    (1, 2, 1, 130, 32, torch.float16, 32, "fast", dict(BLOCK_M=64, BLOCK_N=32, EPI=0)),  # separate epilogue
+    (1, 2, 1, 100, 16, torch.float32, 16, "fast", dict(BLOCK_M=32, BLOCK_N=32, EPI=0, JC=64)),
 ]
 
 
@@ -132,21 +135,23 @@ def test_bad_inputs(kwargs, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,hq,hkv,d,bs,mode", [
-    (4096, 8, 2, 128, 64, "fast"),
-    (4096, 8, 8, 128, 64, "lowmem"),
-    (16384, 4, 1, 128, 128, "fast"),
-    (32768, 2, 2, 128, 64, "fast"),
-    (32768, 2, 1, 128, 64, "lowmem"),
-    (4097, 4, 2, 64, 64, "fast"),
-    (3000, 4, 4, 256, 128, "fast"),
-    (3000, 4, 4, 256, 64, "lowmem"),
+@pytest.mark.parametrize("n,hq,hkv,d,bs,mode,config", [
+    (4096, 8, 2, 128, 64, "fast", None),
+    (4096, 8, 2, 128, 64, "fast", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0)),
+    (4096, 8, 2, 128, 128, "fast", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=1)),
+    (4096, 8, 8, 128, 64, "lowmem", None),
+    (16384, 4, 1, 128, 128, "fast", None),
+    (32768, 2, 2, 128, 64, "fast", None),
+    (32768, 2, 1, 128, 64, "lowmem", None),
+    (4097, 4, 2, 64, 64, "fast", None),
+    (3000, 4, 4, 256, 128, "fast", None),
+    (3000, 4, 4, 256, 64, "lowmem", None),
 ])
-def test_gpu_bf16_against_sdpa_and_reference(n, hq, hkv, d, bs, mode):
+def test_gpu_bf16_against_sdpa_and_reference(n, hq, hkv, d, bs, mode, config):
     q, k, v = _inputs(1, hq, hkv, n, d, torch.bfloat16, device="cuda", seed=n + d)
     nb = reference.num_blocks(n, bs)
     out, lse, gt = _poisoned(q, nb)
-    flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt)
+    flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt, config=config)
     torch.cuda.synchronize()
     kr, vr = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
     ref_out = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)

@@ -1,0 +1,287 @@
+"""Benchmark of seer's fused ground-truth kernel against PyTorch SDPA and the reference (issue 3).
+
+Times, in one run, at N = 8k, 32k, 64k (B 1, 32 heads, D 128, bf16, causal): flash_attn_with_gt in fast and
+lowmem modes, the same kernel without gt (dense), SDPA flash (FA2) and cuDNN backends, and
+reference.block_gt where it is affordable (8k, 16k); then fast/lowmem at 128k; and the AttnGate forward per
+layer at 32k when ``seer.gates`` exists. Prints and writes a markdown table (``--out``).
+
+Timing: CUDA events, median of ``--reps`` runs after warm-up (fewer for runs over 1 s). TFLOP/s count causal
+work as 2 * B * H * N^2 * D (the convention of ANCHOR-NUMBERS.md). Extra memory is the peak of
+torch.cuda.max_memory_allocated during the call minus what was allocated before it, with the outputs
+preallocated for our kernel (so it is the scratch alone) and included for SDPA (it allocates its own).
+
+    PYTHONPATH=. python3 experiments/bench_gt.py --out docs/bench_gt.md
+    PYTHONPATH=. python3 experiments/bench_gt.py --sweep      # time launch configs at 32k, no table
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+import time
+
+import torch
+import triton
+
+from seer.kernels import reference
+from seer.kernels import flash_gt
+from seer.kernels.flash_gt import flash_attn_with_gt
+
+GiB = 2**30
+
+
+def time_ms(fn, reps=10, warmup=2, budget_s=4.0):
+    """Median of CUDA-event timings; fewer repetitions when one run is long."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    t0 = time.time()
+    for i in range(reps):
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+        if i >= 2 and time.time() - t0 > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def extra_mem(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GiB
+
+
+def tflops(n, h, d, ms, b=1):
+    return 2 * b * h * n * n * d / (ms * 1e-3) / 1e12
+
+
+def make(n, h, hkv, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, hh, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for hh in (h, hkv, hkv)]
+
+
+def sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run(q, k, v):
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return run
+
+
+def sweep(args):
+    n, h, d, bs = args.sweep_n, args.heads, args.dim, args.block_size
+    q, k, v = make(n, h, h, d)
+    nb = reference.num_blocks(n, bs)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, h, n, device="cuda", dtype=torch.float32)
+    gt = torch.empty(1, h, nb, nb, device="cuda", dtype=torch.float32)
+    fa2, _ = time_ms(lambda: sdpa("flash")(q, k, v), reps=args.reps)
+    print(f"sweep N={n} H={h} D={d} bs={bs}: SDPA flash {fa2:.2f} ms", flush=True)
+    rows = []
+    qk_scale = 1 / math.sqrt(d) * 1.4426950408889634
+
+    def regs(with_gt, cfg):
+        try:
+            kern = flash_gt._launch_fwd(q, k, v, out, lse, lse if not with_gt else scr, gt, qk_scale, nb,
+                                        tri, bs, with_gt, cfg)
+            return f"regs {kern.n_regs} spills {kern.n_spills}"
+        except Exception as ex:  # noqa: BLE001
+            return f"(no reg info: {type(ex).__name__})"
+    tri = bs * (nb * (nb + 1) // 2)
+    scr = torch.empty(h * tri, device="cuda", dtype=torch.float32)
+    fwd_cfgs = [(128, 128, 8, 3, 1), (128, 128, 8, 3, 0), (128, 64, 8, 3, 1), (128, 64, 8, 3, 0),
+                (128, 64, 8, 4, 1), (128, 128, 8, 4, 1)]
+    for with_gt in (False, True):
+        for bm, bn, w, st, epi in fwd_cfgs:
+            if not with_gt and epi == 0:
+                continue
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, EPI=epi)
+            try:
+                t0 = time.time()
+                fn = (lambda: flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt, config=cfg)) \
+                    if with_gt else (lambda: flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse,
+                                                                config=cfg))
+                fn()
+                torch.cuda.synchronize()
+                comp = time.time() - t0
+                ms, _ = time_ms(fn, reps=args.reps)
+            except Exception as ex:  # noqa: BLE001
+                print(f"  {'gt' if with_gt else 'dense'} {cfg}: FAILED {type(ex).__name__}: {str(ex)[:200]}")
+                continue
+            rows.append(("fast" if with_gt else "dense", cfg, ms))
+            print(f"  {'fast ' if with_gt else 'dense'} BM{bm} BN{bn} w{w} s{st} epi{epi}: {ms:7.2f} ms "
+                  f"{tflops(n, h, d, ms):5.0f} TF/s  {ms / fa2:.3f}x FA2  (first call {comp:.1f}s) {regs(with_gt, cfg)}",
+                  flush=True)
+    # pass 2 of lowmem alone (dense pass configured by the default)
+    del scr
+    flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse)
+    for bm, w, st in [(128, 8, 2), (128, 4, 2), (128, 8, 3)]:
+        cfg = dict(BLOCK_M=bm, num_warps=w, num_stages=st)
+        try:
+            fn = lambda: flash_gt._launch_gt(q, k, lse, gt, qk_scale, nb, bs, cfg)  # noqa: E731
+            fn()
+            ms, _ = time_ms(fn, reps=args.reps)
+        except Exception as ex:  # noqa: BLE001
+            print(f"  pass2 {cfg}: FAILED {type(ex).__name__}: {str(ex)[:200]}")
+            continue
+        print(f"  pass2 BM{bm} w{w} s{st}: {ms:7.2f} ms ({ms / fa2:.3f}x FA2)", flush=True)
+
+
+def gate_time(n):
+    """Forward time of one AttnGate (Llama-3.1-8B shapes: 32 q heads, 8 kv heads, D 128) at n tokens."""
+    try:
+        from seer.gates import AttnGate  # noqa: F401
+    except Exception as ex:  # noqa: BLE001
+        return None, f"seer.gates.AttnGate not importable ({type(ex).__name__}: {ex})"
+    import inspect
+    try:
+        sig = inspect.signature(AttnGate)
+        kw = {}
+        for name, val in (("num_heads", 32), ("num_q_heads", 32), ("q_heads", 32), ("num_kv_heads", 8),
+                          ("kv_heads", 8), ("head_dim", 128), ("block_size", 64), ("hidden", 128),
+                          ("hidden_dim", 128)):
+            if name in sig.parameters:
+                kw[name] = val
+        gate = AttnGate(**kw).to(device="cuda", dtype=torch.bfloat16).eval()
+        q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16)
+        fwd = inspect.signature(gate.forward)
+        extra = {}
+        if "position_ids" in fwd.parameters:
+            extra["position_ids"] = torch.arange(n, device="cuda")[None]
+        with torch.no_grad():
+            ms, _ = time_ms(lambda: gate(q, k, **extra), reps=10)
+        return ms, f"AttnGate({kw}) on q [1, {n}, 32, 128], k [1, {n}, 8, 128]"
+    except Exception as ex:  # noqa: BLE001
+        return None, f"AttnGate present but could not be timed here ({type(ex).__name__}: {str(ex)[:200]})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs/bench_gt.md")
+    ap.add_argument("--ns", default="8192,32768,65536")
+    ap.add_argument("--ref-ns", default="8192,16384")
+    ap.add_argument("--long", default="131072")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-n", type=int, default=32768)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.sweep:
+        sweep(args)
+        return
+
+    h, d, bs = args.heads, args.dim, args.block_size
+    dev = torch.cuda.get_device_name()
+    cmd = "PYTHONPATH=. python3 " + " ".join(sys.argv)
+    head = (f"device: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
+            f"{torch.backends.cudnn.version()}); triton {triton.__version__}; "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(head, flush=True)
+    ns = [int(x) for x in args.ns.split(",") if x]
+    ref_ns = [int(x) for x in args.ref_ns.split(",") if x]
+    long_ns = [int(x) for x in args.long.split(",") if x]
+    table = []  # (N, name, ms, runs, tflops, extra GiB, note)
+    summary = {}
+
+    def add(n, name, ms, runs, mem, note=""):
+        tf = tflops(n, h, d, ms)
+        table.append((n, name, ms, runs, tf, mem, note))
+        summary[(n, name)] = ms
+        print(f"N={n:6d} {name:28s} {ms:9.2f} ms ({runs:2d} runs) {tf:6.0f} TF/s  extra {mem:6.3f} GiB {note}",
+              flush=True)
+
+    for n in sorted(set(ns) | set(ref_ns) | set(long_ns)):
+        q, k, v = make(n, h, h, d, seed=n)
+        nb = reference.num_blocks(n, bs)
+        out = torch.empty_like(q)
+        lse = torch.empty(1, h, n, device="cuda", dtype=torch.float32)
+        gt = torch.empty(1, h, nb, nb, device="cuda", dtype=torch.float32)
+        main_n = n in ns
+        long_n = n in long_ns
+        runs = {}
+        if main_n:
+            runs["SDPA flash (FA2)"] = lambda: sdpa("flash")(q, k, v)
+            runs["SDPA cuDNN"] = lambda: sdpa("cudnn")(q, k, v)
+        if main_n or long_n:
+            runs["ours dense (no gt)"] = lambda: flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse)
+        runs["ours gt fast"] = lambda: flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt)
+        if main_n or long_n:
+            runs["ours gt lowmem"] = lambda: flash_attn_with_gt(q, k, v, bs, mode="lowmem", out=out, lse=lse, gt=gt)
+        for name, fn in runs.items():
+            try:
+                fn()  # compile / autotune outside the timing
+                mem = extra_mem(fn)
+                ms, r = time_ms(fn, reps=args.reps if n <= 65536 else 5)
+                add(n, name, ms, r, mem)
+            except Exception as ex:  # noqa: BLE001
+                print(f"N={n} {name}: FAILED {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+        if (n, "ours gt fast") in summary and n in ref_ns:
+            if True:  # accuracy of this very run against the reference, and the reference's time
+                torch.cuda.synchronize()
+                flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt)
+                ref_fn = lambda: reference.block_gt(q, k, bs)  # noqa: E731
+                g_ref = ref_fn()
+                lower = torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril()
+                err = ((gt[..., lower] - g_ref[..., lower]).abs() / g_ref[..., lower]).max().item()
+                mem = extra_mem(ref_fn)
+                ms, r = time_ms(ref_fn, reps=3, warmup=1)
+                add(n, "reference.block_gt", ms, r, mem, f"(max rel. err. of our gt vs it: {err:.1e})")
+                del g_ref
+        del q, k, v, out, lse, gt
+        torch.cuda.empty_cache()
+
+    g_ms, g_note = gate_time(32768)
+    print(f"gate forward per layer at 32k: {g_ms} ms ({g_note})", flush=True)
+
+    lines = ["# Ground-truth kernel benchmark", "", f"- command: `{cmd}`", f"- {head}",
+             f"- shapes: B 1, {h} heads (Hq = Hkv), head dim {d}, bf16, causal, gt block size {bs}",
+             "- time: median of CUDA-event timings after warm-up (runs column); TFLOP/s = 2*B*H*N^2*D / time",
+             "- extra: peak of max_memory_allocated minus allocated before the call; our outputs are preallocated "
+             "(extra = scratch only), SDPA's output and lse are included in its figure", "",
+             "| N | kernel | ms | runs | TFLOP/s | x SDPA flash | extra GiB | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, name, ms, r, tf, mem, note in table:
+        fa2 = summary.get((n, "SDPA flash (FA2)"))
+        rel = f"{ms / fa2:.3f}" if fa2 else ""
+        lines.append(f"| {n} | {name} | {ms:.2f} | {r} | {tf:.0f} | {rel} | {mem:.3f} | {note} |")
+    lines += ["", "## Goals", ""]
+
+    def ratio(a, b):
+        return summary[a] / summary[b] if a in summary and b in summary else float("nan")
+    for n in ns:
+        lines.append(f"- N={n}: fast / FA2 = {ratio((n, 'ours gt fast'), (n, 'SDPA flash (FA2)')):.3f}; "
+                     f"fast / own dense = {ratio((n, 'ours gt fast'), (n, 'ours dense (no gt)')):.3f}; "
+                     f"lowmem / fast = {ratio((n, 'ours gt lowmem'), (n, 'ours gt fast')):.3f}; "
+                     f"dense / cuDNN = {ratio((n, 'ours dense (no gt)'), (n, 'SDPA cuDNN')):.3f}")
+    for n in long_ns:
+        lines.append(f"- N={n}: lowmem / fast = {ratio((n, 'ours gt lowmem'), (n, 'ours gt fast')):.3f}")
+    for n in ref_ns:
+        lines.append(f"- N={n}: reference.block_gt / fast = "
+                     f"{ratio((n, 'reference.block_gt'), (n, 'ours gt fast')):.1f}x")
+    lines.append("- AttnGate forward per layer at 32k: " + (f"{g_ms:.2f} ms ({g_note})" if g_ms is not None
+                                                               else f"not measured: {g_note}"))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
