@@ -1,0 +1,142 @@
+"""`PackedTextDataModule`: a corpus packed into fixed-length token rows, served as a LightningDataModule.
+
+Built by the training entry point with `hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)`; `setup()`
+loads the rows from the token cache or packs them (and caches them), the train loader shuffles with a seeded
+generator, the validation loader keeps its order. Batches are `{"input_ids": LongTensor[batch, seq_len]}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import lightning
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from seer.data.cache import cache_key, cache_path, load_rows, save_rows
+from seer.data.corpora import Corpus
+from seer.data.packing import PackedRows, pack_documents, resolve_add_bos, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class TokenRowsDataset(Dataset):
+    """Rows of a [rows, seq_len] integer tensor as `{"input_ids": LongTensor[seq_len]}` items."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[index].long()}
+
+
+class PackedTextDataModule(lightning.LightningDataModule):
+    """Training and validation rows of exactly `seq_len` tokens packed from `corpus`.
+
+    Args:
+        corpus: where the documents come from (a `seer.data.corpora.Corpus`).
+        tokenizer: the base model's tokenizer (also part of the cache key); may be set after construction
+            through `.tokenizer`, but `setup()` needs it.
+        seq_len: tokens per row, BOS included when rows start with one.
+        batch_size: rows per batch (per device).
+        train_sequences / val_sequences: how many rows to build for each split.
+        val_fraction: the share of documents held out for validation, decided per document by a hash of its
+            text; in [0, 1), and above 0 whenever val_sequences > 0.
+        cache_dir: folder for the token cache; None packs on every setup.
+        seed: seeds the training loader's shuffle (the rows themselves do not depend on it).
+        num_workers: DataLoader worker processes.
+        add_bos: start each row with BOS; None (auto) does so when the tokenizer has a BOS token and adds it
+            to an encoded text itself (as the model's own preprocessing would).
+    """
+
+    def __init__(self, corpus: Corpus, tokenizer=None, seq_len: int = 1024, batch_size: int = 1,
+                 train_sequences: int = 64, val_sequences: int = 4, val_fraction: float = 0.05,
+                 cache_dir: str | os.PathLike | None = None, seed: int = 0, num_workers: int = 0,
+                 add_bos: bool | None = None):
+        super().__init__()
+        if not isinstance(corpus, Corpus):
+            raise TypeError(f"PackedTextDataModule: corpus must be a seer.data Corpus, got {type(corpus).__name__}")
+        checks = [
+            (seq_len >= 2, f"seq_len must be >= 2, got {seq_len}"),
+            (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+            (train_sequences >= 1, f"train_sequences must be >= 1, got {train_sequences}"),
+            (val_sequences >= 0, f"val_sequences must be >= 0, got {val_sequences}"),
+            (0.0 <= val_fraction < 1.0, f"val_fraction must be in [0, 1), got {val_fraction}"),
+            (val_sequences == 0 or val_fraction > 0.0,
+             f"val_sequences={val_sequences} needs val_fraction > 0, got {val_fraction}"),
+            (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
+            (add_bos in (None, True, False), f"add_bos must be true, false or null (auto), got {add_bos!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"PackedTextDataModule: {message}")
+        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.train_sequences = train_sequences
+        self.val_sequences = val_sequences
+        self.val_fraction = val_fraction
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.num_workers = num_workers
+        self.add_bos = add_bos
+        self.rows: PackedRows | None = None
+
+    @property
+    def num_train_rows(self) -> int:
+        """Training rows per epoch (known before setup: exactly train_sequences are built)."""
+        return self.train_sequences
+
+    @property
+    def num_train_batches(self) -> int:
+        """Training batches per epoch (the last batch may be smaller)."""
+        return math.ceil(self.train_sequences / self.batch_size)
+
+    def packing_settings(self) -> dict:
+        """Everything the rows depend on: the cache key is a hash of this."""
+        if self.tokenizer is None:
+            raise ValueError("PackedTextDataModule: no tokenizer; build it with "
+                             "hydra.utils.instantiate(cfg.data, tokenizer=tokenizer) or set .tokenizer")
+        return dict(corpus=self.corpus.fingerprint, tokenizer=tokenizer_fingerprint(self.tokenizer),
+                    seq_len=self.seq_len, add_bos=resolve_add_bos(self.tokenizer, self.add_bos),
+                    val_fraction=self.val_fraction, train_sequences=self.train_sequences,
+                    val_sequences=self.val_sequences)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.rows is not None:
+            return
+        settings = self.packing_settings()
+        path = None if self.cache_dir is None else cache_path(self.cache_dir, cache_key(**settings))
+        if path is not None:
+            self.rows = load_rows(path)
+            if self.rows is not None:
+                log.info("loaded %d + %d token rows from %s", len(self.rows.train), len(self.rows.val), path)
+                return
+        self.rows = pack_documents(self.corpus.documents(), self.tokenizer, seq_len=self.seq_len,
+                                   train_sequences=self.train_sequences, val_sequences=self.val_sequences,
+                                   val_fraction=self.val_fraction, add_bos=settings["add_bos"])
+        if path is not None:
+            save_rows(path, self.rows, settings)
+            log.info("cached %d + %d token rows at %s", len(self.rows.train), len(self.rows.val), path)
+
+    def _loader(self, rows: torch.Tensor, shuffle: bool) -> DataLoader:
+        return DataLoader(TokenRowsDataset(rows), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _built_rows(self) -> PackedRows:
+        if self.rows is None:
+            raise RuntimeError("PackedTextDataModule: call setup() before asking for a dataloader")
+        return self.rows
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._built_rows().train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._built_rows().val, shuffle=False)
