@@ -162,7 +162,10 @@ class Flex:
                                              mask_mod=_causal, seq_lengths=(n, n), compute_q_blocks=False)
 
     def __call__(self, q, k, v, block_mask):
-        return self.fn(q, k, v, block_mask=block_mask)
+        opts = None
+        if block_mask.BLOCK_SIZE[0] < 128:  # its default 128-row tiles need blocks of >= 128 tokens
+            opts = {"BLOCK_M": block_mask.BLOCK_SIZE[0], "BLOCK_N": block_mask.BLOCK_SIZE[1]}
+        return self.fn(q, k, v, block_mask=block_mask, kernel_options=opts)
 
 
 def coarsen(mask64: torch.Tensor) -> torch.Tensor:
