@@ -145,25 +145,17 @@ def gate_time(n):
         from seer.gates import AttnGate  # noqa: F401
     except Exception as ex:  # noqa: BLE001
         return None, f"seer.gates.AttnGate not importable ({type(ex).__name__}: {ex})"
-    import inspect
     try:
-        sig = inspect.signature(AttnGate)
-        kw = {}
-        for name, val in (("num_heads", 32), ("num_q_heads", 32), ("q_heads", 32), ("num_kv_heads", 8),
-                          ("kv_heads", 8), ("head_dim", 128), ("block_size", 64), ("hidden", 128),
-                          ("hidden_dim", 128)):
-            if name in sig.parameters:
-                kw[name] = val
-        gate = AttnGate(**kw).to(device="cuda", dtype=torch.bfloat16).eval()
-        q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16)
-        fwd = inspect.signature(gate.forward)
-        extra = {}
-        if "position_ids" in fwd.parameters:
-            extra["position_ids"] = torch.arange(n, device="cuda")[None]
+        from seer.config import GateConfig
+        cfg = GateConfig(block_size=64, q_pool=["avg"], k_pool=["max", "min", "avg"], hidden_size=128)
+        gate = AttnGate(cfg, head_dim=128, num_heads=32, num_kv_heads=8).to(device="cuda", dtype=torch.bfloat16)
+        gate.eval()
+        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            ms, _ = time_ms(lambda: gate(q, k, **extra), reps=10)
-        return ms, f"AttnGate({kw}) on q [1, {n}, 32, 128], k [1, {n}, 8, 128]"
+            ms, _ = time_ms(lambda: gate(q, k), reps=10)
+        return ms, (f"AttnGate(q_pool avg, k_pool max+min+avg, hidden 128, block 64), bf16, no_grad, on q "
+                    f"[1, 32, {n}, 128], k [1, 8, {n}, 128]")
     except Exception as ex:  # noqa: BLE001
         return None, f"AttnGate present but could not be timed here ({type(ex).__name__}: {str(ex)[:200]})"
 
@@ -276,6 +268,9 @@ def main():
                      f"{ratio((n, 'reference.block_gt'), (n, 'ours gt fast')):.1f}x")
     lines.append("- AttnGate forward per layer at 32k: " + (f"{g_ms:.2f} ms ({g_note})" if g_ms is not None
                                                                else f"not measured: {g_note}"))
+    lines += ["", "Launch configs picked by flash_gt's autotuner (key: kind, head dim, block size, dtype, N bucket):", ""]
+    for key, cfg in flash_gt._TUNED.items():
+        lines.append(f"- {key}: {cfg}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -384,12 +384,11 @@ def _fwd_candidates(head_dim: int, block_size: int, gt: bool) -> list[dict]:
         cands = [dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)]
     elif head_dim >= 128:
-        if gt:
-            cands = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=1),
-                     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0),
-                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=1),
-                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0)]
-        else:
+        if gt:  # H100, 32k, bs 64 (ms): BN64 s3 EPI0 17.8, BN64 s4 EPI1 19.0, BN128 s3 EPI1 20.2
+            cands = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0),
+                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0),
+                     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0)]
+        else:  # H100, 32k (ms): BN128 s3 16.9, BN64 s4 17.6, BN64 s3 17.7
             cands = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
                      dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]
     else:
@@ -426,24 +425,26 @@ def _interp_fwd_config(block_size: int) -> dict:
 
 
 def _pick(key: tuple, cands: list[dict], launch) -> dict:
-    """Time each candidate once per key (median of triton.testing.do_bench) and cache the fastest."""
+    """Time each candidate (median of triton.testing.do_bench, two interleaved rounds, best round kept, so the
+    clock ramp-up of an idle GPU does not penalise the first) once per key and cache the fastest."""
     if key in _TUNED:
         return _TUNED[key]
     if len(cands) == 1 or os.environ.get("SEER_GT_AUTOTUNE", "1") == "0":
         _TUNED[key] = cands[0]
         return cands[0]
-    best, best_t = None, float("inf")
-    for c in cands:
-        try:
-            t = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
-        except Exception:  # noqa: BLE001 - a config that does not compile (resources) is skipped
-            continue
-        if t < best_t:
-            best, best_t = c, t
-    if best is None:
+    times = [float("inf")] * len(cands)
+    for _ in range(2):
+        for i, c in enumerate(cands):
+            try:
+                t = triton.testing.do_bench(lambda: launch(c), warmup=25, rep=60, return_mode="median")
+            except Exception:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+                continue
+            times[i] = min(times[i], t)
+    best = min(range(len(cands)), key=lambda i: times[i])
+    if times[best] == float("inf"):
         raise RuntimeError(f"no launch configuration of flash_gt compiled for key {key}")
-    _TUNED[key] = best
-    return best
+    _TUNED[key] = cands[best]
+    return cands[best]
 
 
 def _bucket(n: int) -> int:
