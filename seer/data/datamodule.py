@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from seer.data.cache import cache_key, cache_path, load_rows, save_rows
 from seer.data.corpora import Corpus
 from seer.data.packing import PackedRows, pack_documents, resolve_add_bos, tokenizer_fingerprint
+from seer.data.resumable import ResumableShuffle
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class TokenRowsDataset(Dataset):
         return {"input_ids": self.rows[index].long()}
 
 
-class PackedTextDataModule(lightning.LightningDataModule):
+class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
     """Training and validation rows of exactly `seq_len` tokens packed from `corpus`.
 
     Args:
@@ -126,8 +127,8 @@ class PackedTextDataModule(lightning.LightningDataModule):
             log.info("cached %d + %d token rows at %s", len(self.rows.train), len(self.rows.val), path)
 
     def _loader(self, rows: torch.Tensor, shuffle: bool) -> DataLoader:
-        return DataLoader(TokenRowsDataset(rows), batch_size=self.batch_size, shuffle=shuffle,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        sampler = self.train_sampler(len(rows), self.batch_size, self.seed) if shuffle else None
+        return DataLoader(TokenRowsDataset(rows), batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _built_rows(self) -> PackedRows:

@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from seer.data.resumable import ResumableShuffle
+
 
 class _Rows(Dataset):
     def __init__(self, rows: torch.Tensor):
@@ -18,7 +20,7 @@ class _Rows(Dataset):
         return {"input_ids": self.rows[i]}
 
 
-class RandomTokensDataModule(L.LightningDataModule):
+class RandomTokensDataModule(ResumableShuffle, L.LightningDataModule):
     """Uniform random token ids in ``[0, vocab_size)``, ``train_sequences`` + ``val_sequences`` rows of ``seq_len``."""
 
     def __init__(self, vocab_size: int, seq_len: int = 1024, batch_size: int = 1, train_sequences: int = 8,
@@ -37,8 +39,8 @@ class RandomTokensDataModule(L.LightningDataModule):
         self.train_rows, self.val_rows = rows[: self.train_sequences], rows[self.train_sequences:]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Rows(self.train_rows), batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(_Rows(self.train_rows), batch_size=self.batch_size,
+                          sampler=self.train_sampler(len(self.train_rows), self.batch_size, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Rows(self.val_rows), batch_size=self.batch_size)

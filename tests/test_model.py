@@ -1,0 +1,113 @@
+"""Gates inside tiny Hugging Face models (Llama, Qwen2 with q/k bias, Qwen3 with q/k norm, Mistral)."""
+
+import pytest
+import torch
+
+from seer.config import GateConfig, SparsityConfig
+from seer.kernels import reference
+from seer.model import attach_gates, freeze_base_model, gate_parameters, gates
+from seer.model.gate_io import load_gates, read_gate_meta, save_gates
+from tests.tiny import tiny_model
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+GATE = GateConfig(block_size=16, hidden_size=24, k_pool=["max", "min"])
+
+
+def _gated(family, seed=0):
+    model = tiny_model(family, seed=seed)
+    ctx = attach_gates(model, GATE)
+    freeze_base_model(model)
+    return model, ctx
+
+
+def _pre_rope_qk(model, layer_idx, ids):
+    """Q and K of one layer before RoPE, computed by hand from the layer input."""
+    captured = {}
+    layer = model.model.layers[layer_idx]
+
+    def grab(_module, args, kwargs):
+        captured["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    attn = layer.self_attn
+    x = layer.input_layernorm(captured["x"])
+    b, n, _ = x.shape
+    q = attn.q_proj(x).view(b, n, -1, attn.head_dim)
+    k = attn.k_proj(x).view(b, n, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gated_model_distill_records_and_dense_equivalence(family):
+    model, ctx = _gated(family)
+    plain = tiny_model(family)
+    ids = torch.randint(0, 300, (2, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)  # dense mode changes nothing
+    records = []
+    ctx.consumer = records.append
+    ctx.set_mode("distill")
+    with torch.no_grad():
+        model.model(ids)
+    assert [r.layer_idx for r in records] == [0, 1]
+    for rec in records:
+        assert rec.logits.shape == rec.gt.shape == (2, 4, 5, 5) and rec.logits.requires_grad
+        torch.testing.assert_close(rec.gt, reference.block_gt(rec.query, rec.key, 16, rec.scale))
+        # the gate saw the layer's Q/K before RoPE (bias / q_norm included)
+        q, k = _pre_rope_qk(plain, rec.layer_idx, ids)
+        torch.testing.assert_close(rec.logits, gates(model)[rec.layer_idx](q, k))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_mode_density_one_equals_dense_and_matches_reference_path(family):
+    model, ctx = _gated(family)
+    ids = torch.randint(0, 300, (1, 90))
+    with torch.no_grad():
+        dense = model(ids).logits
+        ctx.set_mode("sparse")
+        ctx.sparsity = SparsityConfig(method="dense")
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)
+        assert ctx.densities() == {0: 1.0, 1: 1.0}
+        ctx.sparsity = SparsityConfig(method="topk", ratio=0.6)
+        sparse = model(ids).logits
+    assert all(abs(d - 0.4) < 0.15 for d in ctx.densities().values())
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+
+
+def test_base_frozen_only_gates_train():
+    model, _ = _gated("llama")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".seer_gate." in n for n in trainable)
+    assert len(gate_parameters(model)) == len(trainable)
+    with pytest.raises(ValueError, match="already has seer gates"):
+        attach_gates(model, GATE)
+
+
+def test_gate_checkpoint_roundtrip_and_refusals(tmp_path):
+    model, _ = _gated("llama")
+    for g in gates(model).values():
+        torch.nn.init.normal_(g.k_weight)
+    path = save_gates(tmp_path / "g", model, "tiny-llama")
+    assert path.exists() and (tmp_path / "g" / "gates.json").exists()
+    assert not list((tmp_path / "g").glob("*.tmp"))
+    meta = read_gate_meta(tmp_path / "g")
+    assert meta["base_model"] == "tiny-llama" and meta["model"]["num_heads"] == 4
+
+    fresh = tiny_model("llama")
+    load_gates(fresh, tmp_path / "g")  # attaches gates with the file's config
+    for i, g in gates(model).items():
+        torch.testing.assert_close(gates(fresh)[i].k_weight, g.k_weight)
+
+    other_shape = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="num_heads=4"):
+        load_gates(other_shape, tmp_path / "g")
+    with pytest.raises(ValueError, match="gate.hidden_size=24"):
+        load_gates(tiny_model("llama"), tmp_path / "g", expected_gate=GateConfig(block_size=16, hidden_size=32,
+                                                                                  k_pool=["max", "min"]))
+    with pytest.raises(FileNotFoundError, match="no gate checkpoint"):
+        load_gates(tiny_model("llama"), tmp_path / "missing")
