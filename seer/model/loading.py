@@ -57,13 +57,18 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.name_or_path is None and cfg.package is None:
         return None
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file, revision=cfg.revision,
-                                             trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file,
+                                                  revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError:
         if cfg.random_init:
             log.warning("no tokenizer for %s; random-weight runs need data=random_tokens", model_id(cfg))
             return None
         raise
+    if cfg.eos_token is not None:
+        if cfg.eos_token not in tokenizer.get_vocab():
+            raise ValueError(f"model.eos_token={cfg.eos_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = cfg.eos_token
+    return tokenizer
 
 
 def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu"):

@@ -1,11 +1,12 @@
-"""Callbacks of the distill stage: gate export, images of gate scores beside ground truth, the run summary, and
-atomic Lightning checkpoints."""
+"""Callbacks of the distill stage: gate export, images of gate scores beside ground truth, throughput, the run
+summary, and atomic Lightning checkpoints."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -88,6 +89,42 @@ class GateImages(L.Callback):
         pl_module.images = {}
 
 
+class SpeedMonitor(L.Callback):
+    """Training throughput: tokens per second (after ``skip`` warm-up batches) and peak GPU memory, logged as
+    ``speed/tokens_per_s`` and ``speed/peak_mem_gib`` and kept for the run summary."""
+
+    def __init__(self, skip: int = 2):
+        self.skip = skip
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._start = 0.0
+
+    def _sync(self, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.times.append(time.perf_counter() - self._start)
+        self.tokens.append(int(batch["input_ids"].numel()))
+        if len(self.times) > self.skip:
+            pl_module.log("speed/tokens_per_s", self.tokens[-1] / self.times[-1], batch_size=1)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        t, n = self.times[self.skip:], self.tokens[self.skip:]
+        return sum(n) / sum(t) if t and sum(t) > 0 else None
+
+    def peak_mem_gib(self, pl_module) -> float | None:
+        if pl_module.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+
+
 class RunSummary(L.Callback):
     """At the end of fit: loss at start and end, the last validation recall beside the oracle's, where the gates
     and the W&B run are. Printed and written to ``summary.json`` in ``dirpath``."""
@@ -121,6 +158,9 @@ class RunSummary(L.Callback):
             "wandb_group": wandb_group,
             "gt_source": pl_module.gt_source,
         }
+        for cb in trainer.callbacks:
+            if isinstance(cb, SpeedMonitor):
+                self.summary.update(tokens_per_s=cb.tokens_per_s, peak_mem_gib=cb.peak_mem_gib(pl_module))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "summary.json").write_text(json.dumps(self.summary, indent=2))
         print(format_summary(self.summary), flush=True)
@@ -142,5 +182,7 @@ def format_summary(s: dict) -> str:
         f"oracle at the same density {_fmt(s['val_oracle_recall'], '.3f')}",
         f"gate checkpoint    {s['gates']}",
         f"W&B run            {s['wandb_run'] or 'not logged to W&B'}",
+        f"throughput         {_fmt(s.get('tokens_per_s'), '.0f')} tokens/s"
+        + (f", peak GPU memory {s['peak_mem_gib']:.1f} GiB" if s.get("peak_mem_gib") else ""),
         "",
     ])

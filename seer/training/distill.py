@@ -72,7 +72,7 @@ class GateDistillation(L.LightningModule):
                     images[rec.layer_idx] = (target[0, 0].cpu(), torch.softmax(logits[0, 0], -1).cpu(),
                                              mask[0, 0].cpu())
 
-        ctx.consumer, ctx.gt_source = consume, self.gt_source
+        ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
         ctx.set_mode("distill")
         try:
             with torch.no_grad():

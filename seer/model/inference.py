@@ -1,0 +1,83 @@
+"""Sparse-prefill inference: a Hugging Face model whose prefill runs gate -> block selection -> block-sparse
+attention, and whose decode steps stay dense.
+
+    model = seer.load("meta-llama/Llama-3.1-8B-Instruct", gates="outputs/.../gates",
+                      sparsity={"method": "topk", "ratio": 0.9})
+    out = model.generate(**tok(prompt, return_tensors="pt").to(model.device), max_new_tokens=64)
+    model.seer_context.densities()   # achieved block density of each layer in the last prefill
+
+Needs torch, triton and transformers only (no Lightning, Hydra or W&B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from seer.config import GateConfig, ModelConfig, SparsityConfig, sparsity_config
+from seer.model.attention import attach_gates
+from seer.model.gate_io import load_gates, read_gate_meta
+from seer.model.loading import load_causal_lm
+
+KERNELS = ("auto", "triton", "reference")
+
+
+def _sparsity(value: SparsityConfig | Mapping[str, Any] | None, gates_path) -> SparsityConfig:
+    if isinstance(value, SparsityConfig):
+        return value
+    if value is None and gates_path is not None:  # the sparsity the gates were trained for
+        stored = read_gate_meta(gates_path).get("sparsity")
+        if stored:
+            return sparsity_config(stored)
+    return sparsity_config(value or {})
+
+
+def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kernel: str = "auto") -> None:
+    """Switches a gated model to sparse prefill with ``sparsity``; ``kernel`` picks the Triton kernel (``auto``: on
+    CUDA) or the PyTorch reference."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose from {KERNELS}")
+    ctx = model.seer_context
+    device = next(model.parameters()).device
+    if kernel == "auto":
+        kernel = "triton" if device.type == "cuda" else "reference"
+    ctx.kernel, ctx.sparsity = kernel, sparsity
+    ctx.set_mode("sparse")
+
+
+def load(model_name_or_path: str | None = None, gates: str | Path | None = None,
+         sparsity: SparsityConfig | Mapping[str, Any] | None = None, *, package: str | None = None,
+         gguf_file: str | None = None, dtype: str = "auto", device: str | torch.device | None = None,
+         kernel: str = "auto", gate_config: GateConfig | None = None, random_init: bool = False,
+         architecture: Mapping[str, Any] | None = None, **model_kwargs) -> torch.nn.Module:
+    """Loads a causal LM with gates for sparse prefill.
+
+    ``gates``: a gate checkpoint folder (or its ``gates.safetensors``); checked against the model's shape. Without
+    it, ``gate_config`` attaches untrained gates (for speed tests). ``sparsity``: a :class:`SparsityConfig` or its
+    fields (default: the sparsity stored with the gates). Arguments are checked before the model loads.
+    """
+    if gates is None and gate_config is None:
+        raise ValueError("seer.load needs gates=PATH (a trained gate checkpoint) or gate_config= (untrained gates)")
+    if gates is not None and not Path(gates).exists():
+        raise FileNotFoundError(f"no gate checkpoint at {gates}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose from {KERNELS}")
+    spars = _sparsity(sparsity, gates)
+    mcfg = ModelConfig(name_or_path=model_name_or_path, package=package, gguf_file=gguf_file, dtype=dtype,
+                       random_init=random_init, architecture=dict(architecture) if architecture else None,
+                       **model_kwargs)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_causal_lm(mcfg, device)
+    model.config.use_cache = True
+    if gates is not None:
+        load_gates(model, gates, expected_gate=gate_config)
+    else:
+        attach_gates(model, gate_config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    enable_sparse_prefill(model, spars, kernel)
+    model.seer_model_config = dataclasses.asdict(mcfg)
+    return model
