@@ -1,0 +1,125 @@
+"""Whole-model prefill: a gated model with sparse prefill against the same model dense (forward, batch 1).
+
+For each N it times one forward pass (all layers, no LM-head sampling) of:
+* ``dense``  - the model with SDPA attention (the gates idle);
+* ``sparse`` - gate -> top-k selection at ``--density`` -> Triton block-sparse attention in every layer;
+* ``no-attn`` - the same forward with attention replaced by a zero output, so ``dense - no-attn`` is the time
+  spent in attention and ``sparse - no-attn`` the time in gate + selection + sparse attention.
+
+The model is built from its architecture with random weights (``--model smollm2`` is SmolLM2-135M's shape:
+30 layers, 9/3 heads, head dim 64), so no download is needed; speed does not depend on the weights, and top-k
+selection keeps the requested density whatever the gate's weights are.
+
+    PYTHONPATH=. python3 experiments/bench_prefill.py --model smollm2 --seq 8192 --density 0.1 --out docs/bench_prefill.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from seer.config import GateConfig, SparsityConfig  # noqa: E402
+from seer.model.inference import enable_sparse_prefill, load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", help="a conf/model name with an architecture block")
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192])
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--gate", default="avgmax", help="a conf/gate name")
+    ap.add_argument("--out", default="docs/bench_prefill.md")
+    args = ap.parse_args()
+
+    mcfg = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
+    gcfg = GateConfig(**yaml.safe_load((ROOT / "conf" / "gate" / f"{args.gate}.yaml").read_text()))
+    torch.manual_seed(0)
+    model = load(random_init=True, architecture=mcfg["architecture"], gate_config=gcfg, dtype="bfloat16",
+                 device="cuda", kernel="triton")
+    model.config.use_cache = False
+    ctx = model.seer_context
+    sparsity = SparsityConfig(method="topk", ratio=1.0 - args.density)
+
+    from transformers import AttentionInterface
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return torch.zeros_like(query).transpose(1, 2), None
+
+    AttentionInterface.register("seer_bench_none", no_attention)
+
+    rows = []
+    for n in args.seq:
+        ids = torch.randint(0, mcfg["architecture"]["vocab_size"], (1, n), device="cuda")
+
+        def fwd():
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+
+        ctx.set_mode("dense")
+        model.set_attn_implementation("seer")
+        dense = median_ms(fwd)
+        enable_sparse_prefill(model, sparsity, "triton")
+        sparse = median_ms(fwd)
+        achieved = sum(ctx.densities().values()) / len(ctx.densities())
+        model.set_attn_implementation("seer_bench_none")
+        rest = median_ms(fwd)
+        model.set_attn_implementation("seer")
+        rows.append((n, dense, sparse, rest, achieved))
+        print(f"N={n}: dense {dense:.2f} ms, sparse {sparse:.2f} ms, no-attention {rest:.2f} ms, "
+              f"density {achieved:.3f}", flush=True)
+
+    props = torch.cuda.get_device_properties(0)
+    lines = [
+        f"# Whole-model prefill: {args.model} shape, sparse (gate `{args.gate}`, top-k) vs dense",
+        "",
+        f"Device: {props.name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}, "
+        f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
+        f"Command: `PYTHONPATH=. python3 experiments/bench_prefill.py --model {args.model} --seq "
+        f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} --out {args.out}`",
+        "",
+        "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of 10 "
+        "forward passes of the decoder (no LM head) after 3 warm-ups, CUDA events.",
+        "",
+        "| N | dense forward (ms) | sparse forward (ms) | speedup | forward without attention (ms) | "
+        "attention share of dense | attention: dense -> sparse (ms) | achieved density |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, dense, sparse, rest, achieved in rows:
+        lines.append(f"| {n} | {dense:.2f} | {sparse:.2f} | {dense / sparse:.2f}x | {rest:.2f} | "
+                     f"{(dense - rest) / dense:.0%} | {dense - rest:.2f} -> {sparse - rest:.2f} "
+                     f"({(dense - rest) / max(1e-9, sparse - rest):.2f}x) | {achieved:.3f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
