@@ -31,9 +31,11 @@ def test_distill_triton_gt_matches_reference():
         with torch.no_grad():
             model.model(ids)
         got[source] = recs
+    # later layers see bf16 hidden states that differ by the two attention kernels' rounding
     for ref, tri in zip(got["reference"], got["triton"]):
         torch.testing.assert_close(tri.gt, ref.gt, rtol=2e-2, atol=1e-4)
-        torch.testing.assert_close(tri.logits, ref.logits)
+        torch.testing.assert_close(tri.logits, ref.logits, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got["triton"][0].logits, got["reference"][0].logits)  # same input to layer 0
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.8])
