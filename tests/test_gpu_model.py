@@ -40,7 +40,8 @@ def test_distill_triton_gt_matches_reference():
 
 @pytest.mark.parametrize("ratio", [0.0, 0.8])
 def test_sparse_prefill_triton_matches_reference(ratio):
-    model = _model(torch.bfloat16)
+    # float32, so both kernels hand the next layer the same hidden states and its top-k picks the same blocks
+    model = _model(torch.float32)
     ids = torch.randint(0, 300, (1, 2000), device="cuda")
     ctx = model.seer_context
     with torch.no_grad():
@@ -50,6 +51,8 @@ def test_sparse_prefill_triton_matches_reference(ratio):
         ref = model(ids).logits.float()
         enable_sparse_prefill(model, SparsityConfig(ratio=ratio), kernel="triton")
         tri = model(ids).logits.float()
-    torch.testing.assert_close(tri, ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(tri, ref, rtol=1e-3, atol=1e-3)
     if ratio == 0.0:
-        torch.testing.assert_close(tri, dense, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(tri, dense, rtol=1e-3, atol=1e-3)
+    else:
+        assert (tri - dense).abs().max() > 1e-2  # the sparse path really dropped blocks
