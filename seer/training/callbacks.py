@@ -90,13 +90,14 @@ class GateImages(L.Callback):
 
 
 class SpeedMonitor(L.Callback):
-    """Training throughput: tokens per second (after ``skip`` warm-up batches) and peak GPU memory, logged as
-    ``speed/tokens_per_s`` and ``speed/peak_mem_gib`` and kept for the run summary."""
+    """Training throughput: tokens per second after ``skip`` warm-up batches (logged as ``speed/tokens_per_s``) and
+    peak GPU memory, both kept for the run summary."""
 
     def __init__(self, skip: int = 2):
         self.skip = skip
         self.times: list[float] = []
         self.tokens: list[int] = []
+        self.peak_bytes = 0
         self._start = 0.0
 
     def _sync(self, pl_module) -> None:
@@ -111,6 +112,8 @@ class SpeedMonitor(L.Callback):
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self._start)
         self.tokens.append(int(batch["input_ids"].numel()))
+        if pl_module.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(pl_module.device))
         if len(self.times) > self.skip:
             pl_module.log("speed/tokens_per_s", self.tokens[-1] / self.times[-1], batch_size=1)
 
@@ -119,10 +122,9 @@ class SpeedMonitor(L.Callback):
         t, n = self.times[self.skip:], self.tokens[self.skip:]
         return sum(n) / sum(t) if t and sum(t) > 0 else None
 
-    def peak_mem_gib(self, pl_module) -> float | None:
-        if pl_module.device.type != "cuda":
-            return None
-        return torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+    @property
+    def peak_mem_gib(self) -> float | None:
+        return self.peak_bytes / 2**30 if self.peak_bytes else None
 
 
 class RunSummary(L.Callback):
@@ -160,7 +162,7 @@ class RunSummary(L.Callback):
         }
         for cb in trainer.callbacks:
             if isinstance(cb, SpeedMonitor):
-                self.summary.update(tokens_per_s=cb.tokens_per_s, peak_mem_gib=cb.peak_mem_gib(pl_module))
+                self.summary.update(tokens_per_s=cb.tokens_per_s, peak_mem_gib=cb.peak_mem_gib)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "summary.json").write_text(json.dumps(self.summary, indent=2))
         print(format_summary(self.summary), flush=True)
