@@ -27,7 +27,7 @@ from torch import nn
 
 from seer.config import GateConfig, SparsityConfig
 from seer.gates import AttnGate, rope_frequencies
-from seer.sparsity import block_density, select_blocks
+from seer.sparsity import select_blocks
 
 ATTN_IMPLEMENTATION = "seer"
 MODES = ("dense", "distill", "sparse")
@@ -57,11 +57,11 @@ class SeerContext:
     kernel: str = "reference"  # sparse: "reference" or "triton"
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     consumer: Callable[["LayerRecord"], None] | None = None
-    density: dict[int, torch.Tensor] = field(default_factory=dict)
+    density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def densities(self) -> dict[int, float]:
         """Achieved block density of each gated layer in the last sparse forward (kept share of causal blocks)."""
-        return {layer: float(d) for layer, d in sorted(self.density.items())}
+        return {layer: float(kept) / total for layer, (kept, total) in sorted(self.density.items())}
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -194,11 +194,18 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     with torch.no_grad():
         logits = gate(q_pre, k_pre)
         mask = select_blocks(logits, ctx.sparsity)
-    ctx.density[module.layer_idx] = block_density(mask)  # a tensor: no host sync in the forward
+    nb = mask.shape[-1]
+    # kept blocks (masks are block-causal); one reduction, no host sync: densities() divides later
+    ctx.density[module.layer_idx] = (mask.sum(), mask.shape[0] * mask.shape[1] * nb * (nb + 1) // 2)
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
-    else:
-        from seer.kernels.reference import block_sparse_attn
+
+        b, hq, n, d = query.shape
+        buffer = torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)  # the layout o_proj reads
+        block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=buffer.transpose(1, 2))
+        return buffer, None
+    from seer.kernels.reference import block_sparse_attn
+
     out, _ = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
