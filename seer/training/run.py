@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +64,9 @@ def run_training(cfg: DictConfig) -> dict:
     from seer.training.loggers import finish_wandb
 
     run: RunConfig = validate(cfg)  # bad values fail here, before anything is loaded
+    # the frozen base model is in eval mode on purpose; Lightning warns about it
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     device = training_device(cfg)
     gt_source = resolve_gt_source(run.stage.gt, device)
     out_dir = Path(cfg.paths.output_dir)
