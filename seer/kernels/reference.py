@@ -59,8 +59,8 @@ def _grouped_scores(q_chunk: torch.Tensor, k: torch.Tensor, scale: float) -> tor
     """Scores ``[B, Hkv, G, rows, keys]`` of a chunk of query rows against keys, without repeating K."""
     b, hq, rows, d = q_chunk.shape
     hkv = k.shape[1]
-    qg = q_chunk.reshape(b, hkv, hq // hkv, rows, d)
-    return torch.einsum("bhgrd,bhkd->bhgrk", qg, k) * scale
+    qg = (q_chunk * scale).reshape(b, hkv, hq // hkv, rows, d)
+    return torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))
 
 
 def _causal_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, scale: float) -> torch.Tensor:
@@ -69,7 +69,7 @@ def _causal_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, scal
     s = _grouped_scores(q[:, :, start:stop].to(dt), k[:, :, :stop].to(dt), scale)
     rows = torch.arange(start, stop, device=q.device)[:, None]
     cols = torch.arange(0, stop, device=q.device)[None, :]
-    return s.masked_fill(cols > rows, float("-inf"))
+    return s.masked_fill_(cols > rows, float("-inf"))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
@@ -96,19 +96,28 @@ def _block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: flo
         raise ValueError(f"chunk_rows ({step}) must be a multiple of block_size ({block_size})")
     for start in range(0, n, step):
         stop = min(n, start + step)
-        p = torch.softmax(_causal_scores(q, k, start, stop, scale), dim=-1)  # [B, Hkv, G, rows, stop]
+        # unnormalised probabilities in place: exp(s - row max); a row's maximum over a tile, divided by the row's
+        # sum, is its largest probability in that tile (and a tile's row sum over the row's sum, its mass)
+        e = _causal_scores(q, k, start, stop, scale)  # [B, Hkv, G, rows, stop]
+        e.sub_(e.amax(-1, keepdim=True)).exp_()
+        row_sum = e.sum(-1, keepdim=True)
         kb = num_blocks(stop, block_size)
         qb = num_blocks(stop - start, block_size)
-        p = torch.nn.functional.pad(p, (0, kb * block_size - stop, 0, qb * block_size - (stop - start)))
-        p = p.reshape(b, hkv, hq // hkv, qb, block_size, kb, block_size)
+        if kb * block_size != stop:
+            e = torch.nn.functional.pad(e, (0, kb * block_size - stop))
+        e = e.unflatten(-1, (kb, block_size))
+        per_row = (e.amax(-1) if reduce == "max" else e.sum(-1)) / row_sum  # [B, Hkv, G, rows, kb]
+        real_rows = stop - start
         if reduce == "max":
-            p = p.amax(dim=(4, 6))
-        else:  # share of each row's probability mass per key block, averaged over the block's real rows
-            rows = torch.arange(start, start + qb * block_size, device=q.device).reshape(qb, block_size)
-            real = (rows < n).sum(-1).to(p.dtype)
-            p = p.sum(dim=6).sum(dim=4) / real[:, None]
+            per_row = torch.nn.functional.pad(per_row, (0, 0, 0, qb * block_size - real_rows))
+            pooled = per_row.unflatten(-2, (qb, block_size)).amax(-2)
+        else:  # averaged over the block's real rows
+            counts = torch.full((qb,), float(block_size), dtype=per_row.dtype, device=q.device)
+            counts[-1] = real_rows - (qb - 1) * block_size
+            per_row = torch.nn.functional.pad(per_row, (0, 0, 0, qb * block_size - real_rows))
+            pooled = per_row.unflatten(-2, (qb, block_size)).sum(-2) / counts[:, None]
         first = start // block_size
-        out[:, :, first:first + qb, :kb] = p.reshape(b, hq, qb, kb)
+        out[:, :, first:first + qb, :kb] = pooled.reshape(b, hq, qb, kb)
     return out
 
 
