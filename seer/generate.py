@@ -38,7 +38,8 @@ def run_generation(cfg: DictConfig) -> dict:
         raise ValueError("seer.generate needs a model with a tokenizer")
     model = load(mcfg.name_or_path, gates=cfg.gates, sparsity=spars, package=mcfg.package, gguf_file=mcfg.gguf_file,
                  dtype=mcfg.dtype, device=cfg.device, kernel=cfg.kernel, revision=mcfg.revision,
-                 trust_remote_code=mcfg.trust_remote_code)
+                 trust_remote_code=mcfg.trust_remote_code, random_init=mcfg.random_init,
+                 architecture=mcfg.architecture)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     sparse_s = _timed_prefill(model, ids)
     densities = model.seer_context.densities()

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from seer.config import GateConfig, SparsityConfig
-from seer.model import attach_gates, gates
+from seer.model import gates
 from seer.model.gate_io import save_gates
 from seer.model.inference import enable_sparse_prefill, load
-from tests.tiny import tiny_config, tiny_model
+from tests.tiny import tiny_config
 
 ARCH = {"model_type": "llama", **{k: v for k, v in tiny_config("llama").to_dict().items()
                                   if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
