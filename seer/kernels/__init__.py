@@ -4,6 +4,10 @@
   map (the gate-distillation ground truth), in ``seer/kernels/flash_gt.py``.
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
   ``seer/kernels/block_sparse.py``.
+* :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
+  pass), in ``seer/kernels/block_pool.py``.
+* :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
+  ``seer/kernels/block_topk.py``.
 * :mod:`seer.kernels.reference` - the same contracts in PyTorch, chunked so memory stays ``O(N * block)``.
 
 This package is a leaf: it imports only torch and triton, never the rest of seer. Importing it makes no GPU
