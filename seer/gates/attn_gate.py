@@ -4,13 +4,18 @@ For a layer with ``Hq`` query heads, ``Hkv`` key/value heads and head dim ``D``,
 and K ``[B, Hkv, N, D]`` *before* RoPE:
 
 1. pool Q and K over blocks of ``block_size`` tokens with the configured pools (widths ``D * |q_pool|`` and
-   ``D * |k_pool|``); pooled K is repeated to the query heads of its group;
+   ``D * |k_pool|``);
 2. project each head with its own bias-free linear map to ``hidden_size`` (Q is used as is in the K-only form);
+   a query head's K map reads the pooled K of its key/value head (the authors repeat pooled K to the query
+   heads first; projecting per key/value group computes the same without the copy);
 3. rotate both by a RoPE of width ``hidden_size`` at the position of each block's first token;
 4. ``logits[b, h, i, j] = q_i . k_j / sqrt(hidden_size)`` for ``j <= i``, ``-inf`` above the diagonal.
 
 Training compares ``softmax(logits)`` with the row-normalised ground truth; inference turns the logits into a
 block mask (:mod:`seer.sparsity`).
+
+Cost: on CUDA the pooling is one Triton pass over Q and one over K (:mod:`seer.kernels.block_pool`); everything
+after it works on ``[B, H, nb, .]`` tensors, ``block_size`` times smaller than Q.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import nn
 
 from seer.config import GateConfig
 from seer.gates.pooling import pool_blocks
-from seer.gates.rope import rotate
+from seer.gates.rope import rotary_tables, rotate
 
 
 class AttnGate(nn.Module):
@@ -53,6 +58,7 @@ class AttnGate(nn.Module):
         else:
             self.rope_inv_freq = None
         self.rope_scale = float(rope_scale)
+        self._tables = None  # (key, cos, sin, upper) of the last block count seen: see _block_tables
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,22 +74,36 @@ class AttnGate(nn.Module):
         dtype = self.k_weight.dtype
         qp = pool_blocks(q, bs, self.config.q_pool).to(dtype)  # pool in the input's dtype: no full-size copy
         kp = pool_blocks(k, bs, self.config.k_pool).to(dtype)
-        kp = kp.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        b, hkv, nb, c = kp.shape
+        group = self.num_heads // hkv
         qg = qp if self.q_weight is None else torch.einsum("bhnc,hce->bhne", qp, self.q_weight)
-        kg = torch.einsum("bhnc,hce->bhne", kp, self.k_weight)
+        w = self.k_weight.view(hkv, group, c, -1)
+        kg = torch.einsum("bknc,kgce->bkgne", kp, w).reshape(b, self.num_heads, nb, -1)
         if self.rope_inv_freq is not None:
-            pos = torch.arange(qg.shape[2], device=q.device) * bs
-            qg = rotate(qg, pos, self.rope_inv_freq, self.rope_scale)
-            kg = rotate(kg, pos, self.rope_inv_freq, self.rope_scale)
+            cos, sin, _ = self._block_tables(nb, q.device, qg.dtype)
+            qg, kg = rotate(qg, cos, sin), rotate(kg, cos, sin)
         return qg, kg
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Block-causal logits ``[B, Hq, nb, nb]`` (float32 or the gate's dtype), ``-inf`` above the diagonal."""
         qg, kg = self.project(q, k)
-        logits = torch.einsum("bhie,bhje->bhij", qg, kg) / math.sqrt(qg.shape[-1])
-        nb = logits.shape[-1]
-        upper = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
-        return logits.masked_fill(upper, float("-inf"))
+        logits = torch.matmul(qg, kg.transpose(-1, -2)).div_(math.sqrt(qg.shape[-1]))
+        _, _, upper = self._block_tables(logits.shape[-1], q.device, qg.dtype)
+        return logits.masked_fill_(upper, float("-inf"))
+
+    def _block_tables(self, nb: int, device: torch.device, dtype: torch.dtype):
+        """RoPE ``cos``/``sin`` tables at the blocks' first tokens (None without block RoPE) and the bool
+        above-diagonal mask, for ``nb`` blocks. Kept for the last ``(nb, device, dtype)`` asked, so calls at one
+        length build them once."""
+        key = (nb, device, dtype)
+        if self._tables is None or self._tables[0] != key:
+            cos = sin = None
+            if self.rope_inv_freq is not None:
+                pos = torch.arange(nb, device=device) * self.config.block_size
+                cos, sin = rotary_tables(pos, self.rope_inv_freq, self.rope_scale, dtype)
+            upper = torch.ones(nb, nb, dtype=torch.bool, device=device).triu_(1)
+            self._tables = (key, cos, sin, upper)
+        return self._tables[1:]
 
     def _check(self, q: torch.Tensor, k: torch.Tensor) -> None:
         if q.dim() != 4 or k.dim() != 4:

@@ -1,4 +1,8 @@
-"""Sequence pooling of Q or K into blocks: avg, max, min and last, over the tokens each block has."""
+"""Sequence pooling of Q or K into blocks: avg, max, min and last, over the tokens each block has.
+
+On CUDA (when no gradient must flow back to ``x``) the pools come from one Triton pass over ``x``
+(:func:`seer.kernels.block_pool.block_pool`); the PyTorch code below is the CPU path and the kernel's reference.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,10 @@ def pool_blocks(x: torch.Tensor, block_size: int, kinds: list[str]) -> torch.Ten
     A last partial block is pooled over the tokens it has (its average divides by its own length). Averages
     accumulate in float32; the result has ``x``'s dtype.
     """
+    if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
+        from seer.kernels.block_pool import block_pool
+
+        return block_pool(x, block_size, kinds)
     b, h, n, d = x.shape
     nb = (n + block_size - 1) // block_size
     pad = nb * block_size - n

@@ -35,11 +35,16 @@ def rope_frequencies(model_config, dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scale)
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Rotary embedding (rotate-half layout, as in Hugging Face models) of ``x [..., n, dim]`` at ``positions [n]``."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(x.device, torch.float32)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and signed ``sin`` tables ``[n, dim]`` (``dim = 2 * len(inv_freq)``) of ``dtype`` for
+    :func:`rotate` at ``positions [n]``: computed once, shared by every tensor rotated at those positions."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]
+    cos, sin = (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout, as in Hugging Face models) of ``x [..., n, dim]`` with the tables of
+    :func:`rotary_tables`: ``x * cos + rotate_half(x) * sin``, the sign of ``rotate_half`` folded into ``sin``."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
