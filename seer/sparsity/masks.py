@@ -3,10 +3,14 @@
 Scores are ``[B, H, nb, nb]`` (gate logits, or any score where larger means more important; entries above the
 diagonal are ignored). Masks are bool ``[B, H, nb, nb]``, block-causal, and always keep the diagonal block, so
 no query-block row is ever empty.
+
+On CUDA, :func:`topk_mask` of 4-d scores runs as one Triton launch (:mod:`seer.kernels.block_topk`, the same
+mask as the PyTorch sort path here, which CPU tensors keep using).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,6 +47,16 @@ def row_budgets(nb: int, density: float, nz_formula: bool = False, device=None) 
     return torch.maximum(torch.minimum(budget, rows), torch.ones_like(rows)).long()
 
 
+@functools.lru_cache(maxsize=64)
+def _topk_budgets(nb: int, ratio: float, nz_formula: bool, dense_last_rows: int, device) -> torch.Tensor:
+    """:func:`row_budgets` at density ``1 - ratio`` with the last ``dense_last_rows`` rows whole; cached per
+    setting and device (read-only), so a forward pays no launches for it."""
+    budget = row_budgets(nb, 1.0 - ratio, nz_formula, device)
+    if dense_last_rows:
+        budget[max(0, nb - dense_last_rows):] = torch.arange(1, nb + 1, device=device)[max(0, nb - dense_last_rows):]
+    return budget
+
+
 def topk_mask(scores: torch.Tensor, ratio: float, nz_formula: bool = False, sink_blocks: int = 0,
               dense_last_rows: int = 0) -> torch.Tensor:
     """Keep the highest-scoring causal blocks of each row: a fraction ``1 - ratio`` of them (see
@@ -51,11 +65,13 @@ def topk_mask(scores: torch.Tensor, ratio: float, nz_formula: bool = False, sink
     _check_scores(scores)
     nb = scores.shape[-1]
     dev = scores.device
+    budget = _topk_budgets(nb, ratio, nz_formula, dense_last_rows, dev)
+    if scores.is_cuda and scores.dim() == 4:
+        from seer.kernels.block_topk import topk_block_mask
+
+        return topk_block_mask(scores, budget, sink_blocks)
     causal = causal_blocks(nb, dev)
     forced = _forced(nb, sink_blocks, dev)
-    budget = row_budgets(nb, 1.0 - ratio, nz_formula, dev)
-    if dense_last_rows:
-        budget[max(0, nb - dense_last_rows):] = torch.arange(1, nb + 1, device=dev)[max(0, nb - dense_last_rows):]
     ranked = scores.float().masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
     ranked = torch.nan_to_num(ranked, nan=float("-inf"))
     order = ranked.argsort(dim=-1, descending=True, stable=True)
