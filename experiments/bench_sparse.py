@@ -8,19 +8,25 @@ B 1, 32 heads (MHA), head dim 128, bf16. At every N and density it times, on one
 * FlexAttention (``torch.compile``d) with the same block mask at 64- and 128-token blocks: the selected
   off-diagonal blocks as its "full" blocks, the diagonal as a partial block with a causal ``mask_mod``; its
   index build from the boolean mask (stable argsort + ``BlockMask.from_kv_blocks``) is timed separately;
-* end to end: block scores ``[B, H, nb, nb]`` -> top-k selection at the density (diagonal and sink forced)
-  -> list build -> kernel; and the same chain with the AttnGate forward in front (seer.gates.AttnGate, K pools
-  max+min+avg, hidden 128, block RoPE), when importable.
+* the gate and selection: ``seer.gates.AttnGate`` forward (block RoPE, bf16) in two configurations, ``gate``
+  (Q avg, K max+min+avg, hidden 128 = head dim: the authors' K-only-linear default) and ``avgmax`` (Q avg,
+  K max, hidden 128), and ``seer.sparsity.topk_mask`` on its logits (the mask at the density, sink block 1);
+* end to end: q, k -> gate forward -> top-k selection -> list build -> kernel, with either gate.
 
-The mask ("realistic"): per head, a block score = local window (``exp(-distance / w_h)``, ``w_h`` random in
-2..32 blocks) + a few heavy vertical key columns (about nb/32 random columns per head, random strength)
-+ Gumbel noise; each query-block row keeps its highest-scoring causal blocks with the diagonal and the first
-(sink) block forced, with per-row budgets ``round(density * (i + 1))`` (the cumulative rounding of
-seer.sparsity.row_budgets), so the kept share of the causal block triangle equals the density.
+The mask of the ``kernel``/``index``/flex columns ("realistic"): per head, a block score = local window
+(``exp(-distance / w_h)``, ``w_h`` random in 2..32 blocks) + a few heavy vertical key columns (about nb/32
+random columns per head, random strength) + Gumbel noise; ``seer.sparsity.topk_mask`` keeps each query-block
+row's highest-scoring causal blocks with the diagonal and the first (sink) block forced, with per-row budgets
+``round(density * (i + 1))`` (cumulative rounding, ``seer.sparsity.row_budgets``), so the kept share of the
+causal block triangle equals the density. End to end uses the gate's own mask at the same density.
+
+``--gate-only`` times just the gates (also with 8 key/value heads, GQA 4:1) and the selection at each N, after
+checking them on the GPU against the PyTorch/CPU paths (gate logits to bf16 accuracy, masks identical).
 
 Timing: CUDA events around each call, warm-up first, median of several runs (more for short ones).
 
     PYTHONPATH=. python3 experiments/bench_sparse.py --out-dir docs
+    PYTHONPATH=. python3 experiments/bench_sparse.py --gate-only --out-dir $OUT   # gate + selection only
     PYTHONPATH=. python3 experiments/bench_sparse.py --tune      # sweep launch configs at 32k
 """
 
@@ -41,8 +47,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from seer.config import GateConfig  # noqa: E402
+from seer.gates import AttnGate  # noqa: E402
 from seer.kernels import block_sparse as bs  # noqa: E402
 from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index  # noqa: E402
+from seer.sparsity import topk_mask  # noqa: E402
 
 DEV = "cuda"
 
@@ -94,35 +103,9 @@ def structured_scores(b: int, h: int, nb: int, seed: int = 0) -> torch.Tensor:
     return scores.masked_fill(i[None, :] > i[:, None], float("-inf"))
 
 
-def row_budgets(nb: int, density: float) -> torch.Tensor:
-    """Blocks kept per row: cumulative rounding of density * (i + 1), each in [1, i + 1] (as seer.sparsity)."""
-    rows = torch.arange(1, nb + 1, device=DEV, dtype=torch.float64)
-    cum = torch.round(density * torch.cumsum(rows, 0))
-    budget = torch.diff(cum, prepend=cum.new_zeros(1))
-    return torch.maximum(torch.minimum(budget, rows), torch.ones_like(rows)).long()
-
-
-class TopkSelector:
-    """Top-k block selection with per-row budgets, diagonal and sink forced; returns a bool mask."""
-
-    def __init__(self, nb: int, density: float, sink: int = 1):
-        i = torch.arange(nb, device=DEV)
-        self.nb = nb
-        self.budget = row_budgets(nb, density)
-        self.kmax = int(self.budget.max())  # host value computed once per (nb, density), not per call
-        self.keep = (torch.arange(self.kmax, device=DEV)[None, :] < self.budget[:, None])
-        self.diag = i[:, None] == i[None, :]
-        self.forced = self.diag | ((i[None, :] < sink) & (i[None, :] <= i[:, None]))
-
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        ranked = scores.masked_fill(self.forced, 1e30).masked_fill(self.diag, float("inf"))
-        if self.kmax >= self.nb:
-            top = ranked.argsort(dim=-1, descending=True)
-        else:
-            top = ranked.topk(self.kmax, dim=-1, sorted=True).indices
-        mask = torch.zeros(scores.shape, dtype=torch.bool, device=DEV)
-        mask.scatter_(-1, top, self.keep[..., : top.shape[-1]].expand(top.shape))
-        return mask.logical_or_(self.forced)
+def select(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """The block mask at ``density``: top-k per row with the diagonal and the first (sink) block forced."""
+    return topk_mask(scores, 1.0 - density, sink_blocks=1)
 
 
 def density_of(mask: torch.Tensor) -> float:
@@ -198,7 +181,7 @@ def tune(args) -> None:
         for block, pair in ((64, True), (64, False), (128, False)):
             nb = math.ceil(n / block)
             scores = structured_scores(1, h, nb)
-            masks = {dens: TopkSelector(nb, dens)(scores) for dens in (1.0, 0.1)}
+            masks = {dens: select(scores, dens) for dens in (1.0, 0.1)}
             idx = {dens: build_block_index(m, pair=pair) for dens, m in masks.items()}
             warps = 8 if (pair or block == 128) else 4
             if d == 128:
@@ -249,19 +232,86 @@ def check(q, k, v, mask, block, ref_out) -> float:
     return err
 
 
+GATES = {"gate": (["avg"], ["max", "min", "avg"]), "avgmax": (["avg"], ["max"])}  # (Q pools, K pools)
+
+
+def make_gate(name: str, block: int, hkv: int = 32) -> AttnGate:
+    """A bf16 AttnGate (32 query heads, head dim 128, hidden 128, block RoPE) with seeded random weights."""
+    torch.manual_seed(0)
+    q_pool, k_pool = GATES[name]
+    cfg = GateConfig(block_size=block, q_pool=q_pool, k_pool=k_pool, hidden_size=128)
+    return AttnGate(cfg, head_dim=128, num_heads=32, num_kv_heads=hkv).to(DEV, torch.bfloat16)
+
+
+def check_gate(gate: AttnGate, q: torch.Tensor, k: torch.Tensor, density: float = 0.1) -> str:
+    """The CUDA gate and selection against the PyTorch paths on the CPU: pools (max/min/last exact, averages to
+    one bf16 rounding), logits (a float32 copy of the gate on the same inputs, to bf16 accuracy) and the top-k
+    mask of the same logits (identical). Raises on a mismatch; returns a one-line summary."""
+    from seer.gates import pool_blocks
+    cfg = gate.config
+    for x, kinds in ((q, cfg.q_pool), (k, cfg.k_pool)):
+        got, want = pool_blocks(x, cfg.block_size, kinds).cpu(), pool_blocks(x.cpu(), cfg.block_size, kinds)
+        d = x.shape[-1]
+        for i, kind in enumerate(kinds):
+            g, w = got[..., i * d:(i + 1) * d].float(), want[..., i * d:(i + 1) * d].float()
+            if kind == "avg":
+                ok = ((g - w).abs() <= 2.0 ** -7 * w.abs() + 1e-6).all().item()
+            else:
+                ok = torch.equal(g, w)
+            if not ok:
+                raise RuntimeError(f"pool {kind} differs from the PyTorch path")
+    logits = gate(q, k)
+    cpu = AttnGate(cfg, gate.head_dim, gate.num_heads, gate.num_kv_heads, gate.rope_inv_freq.cpu(),
+                   gate.rope_scale)
+    cpu.load_state_dict({kk: vv.float().cpu() for kk, vv in gate.state_dict().items()})
+    want = cpu(q.float().cpu(), k.float().cpu())
+    got = logits.float().cpu()
+    fin = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), fin):
+        raise RuntimeError("gate logits: -inf pattern differs")
+    err = ((got[fin] - want[fin]).norm() / want[fin].norm()).item()
+    if not err < 2e-2:
+        raise RuntimeError(f"gate logits: relative error {err} against the float32 CPU gate")
+    m_gpu, m_cpu = select(logits, density).cpu(), select(logits.cpu(), density)
+    if not torch.equal(m_gpu, m_cpu):
+        raise RuntimeError(f"top-k mask differs from the CPU sort path in {(m_gpu != m_cpu).sum().item()} blocks")
+    return (f"pools match, logits rel err {err:.1e} vs float32 CPU gate, top-k masks identical "
+            f"({m_gpu.sum().item()} blocks)")
+
+
+def gate_only(args) -> list[dict]:
+    """Gate forward (both configs, 32 and 8 key/value heads) and selection times at each N, checked first."""
+    rows = []
+    for n in args.ns:
+        nb = math.ceil(n / args.block)
+        g = torch.Generator(device=DEV).manual_seed(n)
+        # [B, N, H, D] storage seen as [B, H, N, D], as attention layers hand Q and K to the gate
+        q = torch.randn(1, n, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        row = {"N": n}
+        for hkv in (32, 8):
+            k = torch.randn(1, n, hkv, 128, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+            for name in GATES:
+                gate = make_gate(name, args.block, hkv)
+                if n <= 32768 and (hkv == 8 or name == "gate"):
+                    print(f"check {name} hkv={hkv} N={n}: {check_gate(gate, q, k)}", flush=True)
+                row[f"{name}_kv{hkv}"] = bench(lambda: gate(q, k), target_ms=100)
+                if name == "gate" and hkv == 32:
+                    logits = gate(q, k)
+                    for dens in (0.1, 0.5):
+                        row[f"select_{dens}"] = bench(lambda: select(logits, dens), target_ms=100)
+                    del logits
+            del k
+        print(json.dumps({kk: round(vv, 4) for kk, vv in row.items()}), flush=True)
+        rows.append(row)
+        del q
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(args) -> list[dict]:
     from torch.nn.attention import SDPBackend
     flex = Flex() if not args.no_flex else None
-    gate = None
-    gate_note = ""
-    try:
-        from seer.config import GateConfig
-        from seer.gates import AttnGate
-        gate_cfg = GateConfig(block_size=args.block, q_pool=["avg"], k_pool=["max", "min", "avg"], hidden_size=128)
-        gate = AttnGate(gate_cfg, head_dim=128, num_heads=32, num_kv_heads=32).to(DEV, torch.bfloat16)
-    except Exception as exc:
-        gate_note = f"AttnGate not available: {exc!r}"
-        print(gate_note, flush=True)
+    gates = {name: make_gate(name, args.block) for name in GATES}
     rows = []
     for n in args.ns:
         h, d, block = 32, 128, args.block
@@ -270,29 +320,29 @@ def run(args) -> list[dict]:
         scores = structured_scores(1, h, nb, seed=n)
         t_flash = bench(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
         t_cudnn = bench(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
-        t_gate = bench(lambda: gate(q, k)) if gate is not None else float("nan")
-        if n <= 8192:  # correctness at density 1.0 against SDPA flash
+        t_gate = {name: bench(lambda: gate(q, k)) for name, gate in gates.items()}
+        if n <= 8192:  # correctness at density 1.0 against SDPA flash; the gate against its CPU path
             ref = sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
             err = check(q, k, v, torch.ones(1, h, nb, nb, dtype=torch.bool, device=DEV), block, ref)
             print(f"check N={n}: dense rel err vs SDPA flash {err:.2e}", flush=True)
+            print(f"check N={n} gate: {check_gate(gates['gate'], q, k)}", flush=True)
             del ref
-        print(f"N={n}: flash {t_flash:.3f} ms, cudnn {t_cudnn:.3f} ms, gate {t_gate:.3f} ms", flush=True)
+        print(f"N={n}: flash {t_flash:.3f} ms, cudnn {t_cudnn:.3f} ms, gates {t_gate}", flush=True)
+        logits = gates["gate"](q, k)
         for dens in args.densities:
-            sel = TopkSelector(nb, dens)
-            mask = sel(scores)
+            mask = select(scores, dens)
             real = density_of(mask)
             pair = bs._default_pair(block, q.device)
             ii, cc = build_block_index(mask, pair=pair)
             t_kernel = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair))
             t_index = bench(lambda: build_block_index(mask, pair=pair), target_ms=50)
             t_ours = bench(lambda: bs.block_sparse_attn(q, k, v, mask, block))
-            t_sel = bench(lambda: sel(scores), target_ms=50)
-            t_e2e = bench(lambda: bs.block_sparse_attn(q, k, v, sel(scores), block))
-            t_e2e_gate = (bench(lambda: bs.block_sparse_attn(q, k, v, sel(gate(q, k)), block))
-                          if gate is not None else float("nan"))
+            t_sel = bench(lambda: select(logits, dens), target_ms=50)
             row = {"N": n, "density": dens, "real_density": real, "kernel": t_kernel, "index": t_index,
-                   "ours": t_ours, "select": t_sel, "e2e": t_e2e, "e2e_gate": t_e2e_gate, "gate": t_gate,
-                   "flash": t_flash, "cudnn": t_cudnn}
+                   "ours": t_ours, "select": t_sel, "flash": t_flash, "cudnn": t_cudnn}
+            for name, gate in gates.items():
+                row[f"gate_{name}"] = t_gate[name]
+                row[f"e2e_{name}"] = bench(lambda: bs.block_sparse_attn(q, k, v, select(gate(q, k), dens), block))
             if flex is not None:
                 for fb, fmask in ((64, mask), (128, coarsen(mask) if block == 64 else mask)):
                     if block == 128 and fb == 64:
@@ -315,11 +365,11 @@ def run(args) -> list[dict]:
             rows.append(row)
             print(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}),
                   flush=True)
+            with open(os.path.join(args.out_dir, args.name + ".json"), "w") as f:  # progress, rewritten at the end
+                json.dump({"rows": rows}, f)
             del mask, ii, cc
-        del q, k, v, scores
+        del q, k, v, scores, logits
         torch.cuda.empty_cache()
-    if gate_note:
-        rows.append({"note": gate_note})
     return rows
 
 
@@ -338,32 +388,32 @@ def fmt(x: float, digits: int = 3) -> str:
 
 def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
     data = [r for r in rows if "N" in r]
-    notes = [r["note"] for r in rows if "note" in r]
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
              f"cuDNN {info['cudnn']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
              f"B 1, 32 heads, D 128, bf16, causal, forward; mask blocks of {args.block} tokens. Times in ms "
              "(median of CUDA-event-timed runs). `kernel`: ours on prebuilt block lists; `index`: list build "
              "from the bool mask; `ours` = both; `flexB`: FlexAttention (compiled) with B-token blocks "
-             "(`flexB build`: its index build from the bool mask); `select`: top-k selection from block "
-             "scores; `e2e` = select + index + kernel; `e2e+gate` adds the AttnGate forward. Speedups are "
-             "over SDPA flash (FA2) / cuDNN dense.", ""]
+             "(`flexB build`: its index build from the bool mask); `gate` / `avgmax`: the AttnGate forward "
+             "(K max+min+avg / K max); `select`: top-k selection on the gate's logits; `e2e` / `e2e avgmax`: "
+             "gate + select + index + kernel. Speedups are over SDPA flash (FA2) / cuDNN dense.", ""]
     hdr = ["N", "density (real)", "kernel", "TF/s*", "index", "ours", "flex64", "flex64 build", "flex128",
-           "kernel on 128-mask", "flex128 build", "select", "e2e", "gate", "e2e+gate", "FA2", "cuDNN",
-           "kernel vs FA2", "e2e vs FA2", "e2e vs cuDNN", "e2e+gate vs FA2"]
+           "kernel on 128-mask", "flex128 build", "gate", "avgmax", "select", "e2e", "e2e avgmax", "FA2", "cuDNN",
+           "kernel vs FA2", "e2e vs FA2", "e2e vs cuDNN", "e2e avgmax vs FA2", "e2e avgmax vs cuDNN"]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "---|" * len(hdr))
+    nan = float("nan")
     for r in data:
         n = r["N"]
         lines.append("| " + " | ".join([
             f"{n // 1024}k", f"{r['density']:.2f} ({r['real_density']:.3f})", fmt(r["kernel"]),
             f"{tflops(n, 32, 128, r['kernel']) * r['real_density']:.0f}", fmt(r["index"]), fmt(r["ours"]),
-            fmt(r.get("flex64", float("nan"))), fmt(r.get("flex64_build", float("nan"))),
-            fmt(r.get("flex128", float("nan"))), fmt(r.get("kernel128", float("nan"))),
-            fmt(r.get("flex128_build", float("nan"))), fmt(r["select"]), fmt(r["e2e"]), fmt(r["gate"]),
-            fmt(r["e2e_gate"]), fmt(r["flash"]), fmt(r["cudnn"]),
-            f"{r['flash'] / r['kernel']:.2f}x", f"{r['flash'] / r['e2e']:.2f}x", f"{r['cudnn'] / r['e2e']:.2f}x",
-            (f"{r['flash'] / r['e2e_gate']:.2f}x" if not math.isnan(r["e2e_gate"]) else "-")]) + " |")
+            fmt(r.get("flex64", nan)), fmt(r.get("flex64_build", nan)), fmt(r.get("flex128", nan)),
+            fmt(r.get("kernel128", nan)), fmt(r.get("flex128_build", nan)), fmt(r["gate_gate"]),
+            fmt(r["gate_avgmax"]), fmt(r["select"]), fmt(r["e2e_gate"]), fmt(r["e2e_avgmax"]), fmt(r["flash"]),
+            fmt(r["cudnn"]), f"{r['flash'] / r['kernel']:.2f}x", f"{r['flash'] / r['e2e_gate']:.2f}x",
+            f"{r['cudnn'] / r['e2e_gate']:.2f}x", f"{r['flash'] / r['e2e_avgmax']:.2f}x",
+            f"{r['cudnn'] / r['e2e_avgmax']:.2f}x"]) + " |")
     lines += ["", "*TF/s counts only the selected work: 2 * B * H * N^2 * D * real density.", ""]
     for n in sorted({r["N"] for r in data}):
         d1 = [r for r in data if r["N"] == n and r["density"] == 1.0]
@@ -372,7 +422,19 @@ def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
             lines.append(f"- N={n // 1024}k: kernel time at density 0.1 / density 1.0 = "
                          f"{d01[0]['kernel'] / d1[0]['kernel']:.3f}; density 1.0 at "
                          f"{tflops(n, 32, 128, d1[0]['kernel']):.0f} TF/s.")
-    lines += [f"- {x}" for x in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_gate_report(rows: list[dict], info: dict, args, cmd: str) -> str:
+    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}; {info['date']}.", "",
+             f"Command: `{cmd}`", "",
+             "AttnGate forward (32 query heads, D 128, hidden 128, block RoPE, bf16; Q and K as [B, N, H, D] "
+             "views) with 32 or 8 key/value heads, and top-k selection on its [1, 32, nb, nb] logits. ms.", "",
+             "| N | gate kv32 | avgmax kv32 | gate kv8 | avgmax kv8 | select 0.1 | select 0.5 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([f"{r['N'] // 1024}k"] + [fmt(r[c]) for c in (
+            "gate_kv32", "avgmax_kv32", "gate_kv8", "avgmax_kv8", "select_0.1", "select_0.5")]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -386,7 +448,7 @@ def plot(rows: list[dict], path: str) -> None:
         rs = sorted([r for r in data if r["N"] == n], key=lambda r: r["density"])
         x = [r["density"] for r in rs]
         axes[0].plot(x, [r["flash"] / r["kernel"] for r in rs], "o-", label=f"{n // 1024}k kernel")
-        axes[0].plot(x, [r["flash"] / r["e2e"] for r in rs], "s--", label=f"{n // 1024}k end to end")
+        axes[0].plot(x, [r["flash"] / r["e2e_gate"] for r in rs], "s--", label=f"{n // 1024}k end to end (gate)")
         if "flex64" in rs[0]:
             axes[1].plot(x, [r["flex64"] / r["kernel"] for r in rs], "o-", label=f"{n // 1024}k vs flex64")
         if "flex128" in rs[0] and "kernel128" in rs[0]:
@@ -412,6 +474,7 @@ def main() -> None:
     ap.add_argument("--name", default="bench_sparse", help="file stem of the .md/.png/.json outputs")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k instead")
+    ap.add_argument("--gate-only", action="store_true", help="check and time only the gates and the selection")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -422,8 +485,16 @@ def main() -> None:
     t0 = time.time()
     info = env_info()
     print(json.dumps(info), flush=True)
-    rows = run(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.gate_only:
+        rows = gate_only(args)
+        report = write_gate_report(rows, info, args, cmd)
+        with open(os.path.join(args.out_dir, args.name + "_gate.json"), "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+        print(report)
+        print(f"total {time.time() - t0:.0f} s")
+        return
+    rows = run(args)
     report = write_report(rows, info, args, cmd)
     with open(os.path.join(args.out_dir, args.name + ".json"), "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
