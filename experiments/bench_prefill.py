@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,25 +27,11 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from experiments.timing import cuda_median_ms  # noqa: E402
 from seer.config import GateConfig, SparsityConfig  # noqa: E402
 from seer.model.inference import enable_sparse_prefill, load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -84,12 +69,12 @@ def main() -> None:
 
         ctx.set_mode("dense")
         model.set_attn_implementation("seer")
-        dense = median_ms(fwd)
+        dense = cuda_median_ms(fwd)
         enable_sparse_prefill(model, sparsity, "triton")
-        sparse = median_ms(fwd)
+        sparse = cuda_median_ms(fwd)
         achieved = sum(ctx.densities().values()) / len(ctx.densities())
         model.set_attn_implementation("seer_bench_none")
-        rest = median_ms(fwd)
+        rest = cuda_median_ms(fwd)
         model.set_attn_implementation("seer")
         rows.append((n, dense, sparse, rest, achieved))
         print(f"N={n}: dense {dense:.2f} ms, sparse {sparse:.2f} ms, no-attention {rest:.2f} ms, "

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,27 +25,13 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from experiments.timing import cuda_median_ms  # noqa: E402
 from seer.config import GateConfig, ModelConfig, SparsityConfig, StageConfig  # noqa: E402
 from seer.model.attention import attach_gates, freeze_base_model, gate_parameters  # noqa: E402
 from seer.model.loading import load_causal_lm  # noqa: E402
 from seer.training.distill import GateDistillation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, reps: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -93,7 +78,7 @@ def main() -> None:
 
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated() / 2**30
-    rows = [(name, timed(fn)) for name, fn in (("dense forward (SDPA)", dense), ("forward + Triton GT", forward_gt),
+    rows = [(name, cuda_median_ms(fn, reps=5, warmup=2)) for name, fn in (("dense forward (SDPA)", dense), ("forward + Triton GT", forward_gt),
                                                 ("distill forward (GT + gates + loss)", distill_forward),
                                                 ("distill step (+ backward + AdamW)", step))]
     peak = torch.cuda.max_memory_allocated() / 2**30

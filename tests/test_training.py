@@ -8,17 +8,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from seer.config import GateConfig, SparsityConfig, StageConfig
+from seer.config import GateConfig, SparsityConfig, StageConfig, model_config
 from seer.data.synthetic import RandomTokensDataModule
 from seer.model import attach_gates, freeze_base_model, gates
 from seer.model.gate_io import load_gates
+from seer.model.loading import load_causal_lm
 from seer.training.distill import GateDistillation
 from seer.training.losses import gate_loss, normalize_rows
+from tests.compose import compose_config
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,20 +61,10 @@ def test_a_few_steps_lower_the_loss():
             assert torch.equal(frozen[n], p), f"{n} changed"
 
 
-def _cfg(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def test_resume_continues_at_same_step_with_same_weights(tmp_path):
     from seer.training.run import run_training
 
-    first = _cfg(TINY + [f"paths.output_dir={tmp_path / 'a'}", "trainer.max_steps=4",
+    first = compose_config(TINY + [f"paths.output_dir={tmp_path / 'a'}", "trainer.max_steps=4",
                          "callbacks.model_checkpoint.every_n_train_steps=2"])
     summary = run_training(first)
     assert summary["steps"] == 4
@@ -86,14 +74,10 @@ def test_resume_continues_at_same_step_with_same_weights(tmp_path):
     assert state["global_step"] == 2
     assert state["state_dict"] and all(".seer_gate." in k for k in state["state_dict"])  # gates only
 
-    resumed = _cfg(TINY + [f"paths.output_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"ckpt_path={ckpt}"])
+    resumed = compose_config(TINY + [f"paths.output_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"ckpt_path={ckpt}"])
     summary_b = run_training(resumed)
     assert summary_b["steps"] == 4
-    a, b = tiny_model("llama"), tiny_model("llama")
-    # the tiny model's architecture comes from the config; build the same shape and load both gate files
-    from seer.config import model_config
-    from seer.model.loading import load_causal_lm
-
+    # build the run's model shape twice and load each run's gate file
     mc = model_config(dict(first.model))
     a, b = load_causal_lm(mc), load_causal_lm(mc)
     load_gates(a, tmp_path / "a" / "gates")
