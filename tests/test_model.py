@@ -111,3 +111,34 @@ def test_gate_checkpoint_roundtrip_and_refusals(tmp_path):
                                                                                   k_pool=["max", "min"]))
     with pytest.raises(FileNotFoundError, match="no gate checkpoint"):
         load_gates(tiny_model("llama"), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("name", ["llama3_8b", "qwen2_5_7b", "qwen3_8b", "mistral_7b", "smollm2", "tiny_llama"])
+def test_model_architectures_build_offline(name):
+    """Each model config's architecture block gives a valid transformers config, and the gate's block RoPE accepts
+    its rope settings (llama3 scaling included); a 2-layer random model of that family is gated end to end."""
+    from pathlib import Path
+
+    import yaml
+
+    from seer.config import model_config
+    from seer.gates import rope_frequencies
+    from seer.model.loading import load_causal_lm, load_config
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml").read_text())
+    cfg = load_config(model_config({**values, "random_init": True}))
+    arch = values["architecture"]
+    assert cfg.model_type == arch["model_type"] and cfg.num_hidden_layers == arch["num_hidden_layers"]
+    assert cfg.num_key_value_heads == arch["num_key_value_heads"]
+    inv_freq, scale = rope_frequencies(cfg, 128)
+    assert inv_freq.shape == (64,) and torch.isfinite(inv_freq).all() and scale > 0
+    small = {**arch, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
+    model = load_causal_lm(model_config({"architecture": small, "random_init": True, "dtype": "float32"}))
+    ctx = attach_gates(model, GateConfig(block_size=16, hidden_size=16))
+    records = []
+    ctx.consumer = records.append
+    ctx.set_mode("distill")
+    with torch.no_grad():
+        model.base_model(input_ids=torch.randint(0, 128, (1, 40)))
+    assert len(records) == 2 and all(torch.isfinite(r.gt).all() for r in records)
