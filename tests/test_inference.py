@@ -79,3 +79,21 @@ def test_load_rejects_bad_arguments_before_loading(tmp_path):
         load("some/model", gate_config=GATE, sparsity={"ratio": 2})
     with pytest.raises(ValueError, match="kernel='cuda'"):
         load("some/model", gate_config=GATE, kernel="cuda")
+
+
+def test_sparse_prefill_engages_while_tracing(tmp_path, monkeypatch):
+    """Under CUDA-graph capture or torch.compile, transformers' SDPA mask builds a full causal mask (it cannot look at
+    the padding mask's values); seer's mask function still hands a plain prefill no mask, so the gates run."""
+    import transformers.masking_utils as mu
+
+    model = _tiny_gated(tmp_path)
+    enable_sparse_prefill(model, SparsityConfig(method="topk", ratio=0.5))
+    monkeypatch.setattr(mu, "is_tracing", lambda *args, **kwargs: True)
+    ids = torch.randint(0, 300, (1, 64))
+    with torch.no_grad():
+        sparse = model(ids).logits
+        assert set(model.seer_context.densities()) == {0, 1}
+        model.seer_context.density.clear()
+        padded = model(ids, attention_mask=torch.ones_like(ids)).logits  # a padding mask: dense fallback
+    assert model.seer_context.densities() == {}
+    assert not torch.allclose(sparse, padded, atol=1e-4)

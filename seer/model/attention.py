@@ -210,10 +210,28 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     return out.transpose(1, 2).contiguous(), None
 
 
+def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+              mask_function=None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+              allow_is_causal_skip: bool = True, **kwargs):
+    """The ``"seer"`` mask function: SDPA's, except that a plain causal prefill (no padding mask given, no cached
+    keys, no sliding window) always gets no mask, decided from shapes alone. SDPA's own check also looks at the
+    padding mask's values, which it cannot do while a CUDA graph is captured or the model is compiled, and then
+    builds a full mask, which would send the gated layers to the dense fallback."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask_function = mask_function or causal_mask_function
+    if (allow_is_causal_skip and attention_mask is None and local_size is None and q_offset == 0 and kv_offset == 0
+            and q_length == kv_length and mask_function is causal_mask_function):
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
 def register_attention() -> None:
     """Registers ``"seer"`` with transformers' attention and mask interfaces (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, seer_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, seer_mask)
