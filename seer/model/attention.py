@@ -214,14 +214,19 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
               mask_function=None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
               allow_is_causal_skip: bool = True, **kwargs):
     """The ``"seer"`` mask function: SDPA's, except that a plain causal prefill (no padding mask given, no cached
-    keys, no sliding window) always gets no mask, decided from shapes alone. SDPA's own check also looks at the
-    padding mask's values, which it cannot do while a CUDA graph is captured or the model is compiled, and then
-    builds a full mask, which would send the gated layers to the dense fallback."""
+    keys, no sliding window) gets no mask, decided from shapes alone.
+
+    SDPA's own decision looks at tensor values (is the padding mask all ones, do position ids restart, i.e. are
+    several sequences packed in a row); under CUDA-graph capture or ``torch.compile`` it cannot, and builds a full
+    mask, which would send every gated layer to the dense fallback. There seer assumes one sequence per row, as
+    block-causal gating does anyway: packed rows are not supported in gated layers."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
+    from transformers.utils.import_utils import is_tracing
 
     mask_function = mask_function or causal_mask_function
-    if (allow_is_causal_skip and attention_mask is None and local_size is None and q_offset == 0 and kv_offset == 0
-            and q_length == kv_length and mask_function is causal_mask_function):
+    plain_prefill = attention_mask is None and local_size is None and q_offset == 0 and kv_offset == 0 \
+        and q_length == kv_length
+    if plain_prefill and (mask_function is causal_mask_function and allow_is_causal_skip or is_tracing()):
         return None
     return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                      mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
