@@ -116,3 +116,15 @@ def test_multirun_with_wandb_groups_jobs(tmp_path):
         assert meta, "no offline W&B run files"
         groups.add(summary.get("wandb_group"))
     assert len(groups) == 1 and None not in groups
+
+
+def test_images_written_without_wandb(tmp_path):
+    from seer.training.run import run_training
+
+    cfg = compose_config(TINY + [f"paths.output_dir={tmp_path}", "stage.image_every_n_steps=2", "trainer.max_steps=3",
+                                 "stage.image_layers=[0,-1]"])
+    run_training(cfg)
+    images = sorted(p.name for p in (tmp_path / "images").glob("*.png"))
+    # steps 0 and 2, layers 0 and 1 (the last of the tiny model's two)
+    assert images == ["layer00_step00000.png", "layer00_step00002.png", "layer01_step00000.png",
+                      "layer01_step00002.png"]

@@ -67,7 +67,7 @@ class GateImages(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        step = trainer.global_step
+        step = pl_module.images_step
         for layer, (target, probs, mask) in sorted(pl_module.images.items()):
             fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
             for ax, img, title in zip(axes, (target, probs, mask.float()), ("ground truth", "gate", "mask")):

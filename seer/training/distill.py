@@ -36,6 +36,7 @@ class GateDistillation(L.LightningModule):
         self.gt_source = gt_source
         self.strict_loading = False  # checkpoints hold the gates only
         self.images: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.images_step = 0  # the step the images were taken at
         self.loss_history: list[float] = []
         self.num_layers = len(attention_layers(model))
 
@@ -99,7 +100,7 @@ class GateDistillation(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
         self.loss_history.append(float(out["loss"].detach()))
         if out["images"]:
-            self.images = out["images"]
+            self.images, self.images_step = out["images"], self.global_step
         return out["loss"]
 
     def validation_step(self, batch, batch_idx):
