@@ -72,13 +72,14 @@ class AttnGate(nn.Module):
         self._check(q, k)
         bs = self.config.block_size
         dtype = self.k_weight.dtype
-        qp = pool_blocks(q, bs, self.config.q_pool).to(dtype)  # pool in the input's dtype: no full-size copy
-        kp = pool_blocks(k, bs, self.config.k_pool).to(dtype)
+        qp = pool_blocks(q, bs, self.config.q_pool, dtype)  # reads Q/K in their dtype: no full-size copy
+        kp = pool_blocks(k, bs, self.config.k_pool, dtype)
         b, hkv, nb, c = kp.shape
         group = self.num_heads // hkv
-        qg = qp if self.q_weight is None else torch.einsum("bhnc,hce->bhne", qp, self.q_weight)
+        # per-head projections as broadcast matmuls ([B, H, nb, C] @ [H, C, E]); K per KV group, no repeat
+        qg = qp if self.q_weight is None else torch.matmul(qp, self.q_weight)
         w = self.k_weight.view(hkv, group, c, -1)
-        kg = torch.einsum("bknc,kgce->bkgne", kp, w).reshape(b, self.num_heads, nb, -1)
+        kg = torch.matmul(kp.unsqueeze(2), w).reshape(b, self.num_heads, nb, -1)
         if self.rope_inv_freq is not None:
             cos, sin, _ = self._block_tables(nb, q.device, qg.dtype)
             qg, kg = rotate(qg, cos, sin), rotate(kg, cos, sin)

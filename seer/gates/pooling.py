@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 
 
-def pool_blocks(x: torch.Tensor, block_size: int, kinds: list[str]) -> torch.Tensor:
+def pool_blocks(x: torch.Tensor, block_size: int, kinds: list[str],
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pools ``x [B, H, N, D]`` over blocks of ``block_size`` tokens along N.
 
     Returns ``[B, H, nb, D * len(kinds)]``: the pools side by side on the channel axis, in the order given.
     A last partial block is pooled over the tokens it has (its average divides by its own length). Averages
-    accumulate in float32; the result has ``x``'s dtype.
+    accumulate in float32; the result has ``out_dtype`` (default: ``x``'s dtype; on CUDA the kernel writes it
+    directly, so averages are not rounded to ``x``'s dtype first).
     """
     if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
         from seer.kernels.block_pool import block_pool
 
-        return block_pool(x, block_size, kinds)
+        return block_pool(x, block_size, kinds, out_dtype=out_dtype)
     b, h, n, d = x.shape
     nb = (n + block_size - 1) // block_size
     pad = nb * block_size - n
@@ -40,4 +42,4 @@ def pool_blocks(x: torch.Tensor, block_size: int, kinds: list[str]) -> torch.Ten
             out.append(x[:, :, last])
         else:
             raise ValueError(f"unknown pooling type {kind!r}")
-    return torch.cat(out, dim=-1)
+    return torch.cat(out, dim=-1).to(out_dtype or x.dtype)

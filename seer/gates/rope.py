@@ -47,4 +47,4 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (rotate-half layout, as in Hugging Face models) of ``x [..., n, dim]`` with the tables of
     :func:`rotary_tables`: ``x * cos + rotate_half(x) * sin``, the sign of ``rotate_half`` folded into ``sin``."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
