@@ -100,3 +100,10 @@ def test_sparse_prefill_engages_while_tracing(tmp_path, monkeypatch):
         padded = model(ids, attention_mask=torch.ones_like(ids)).logits  # a padding mask: dense fallback
     assert model.seer_context.densities() == {}
     assert not torch.allclose(sparse, padded, atol=1e-4)
+
+
+def test_graphed_prefill_needs_cuda(tmp_path):
+    from seer.model.inference import GraphedPrefill
+
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        GraphedPrefill(_tiny_gated(tmp_path), 1, 64)
