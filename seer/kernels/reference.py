@@ -48,11 +48,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n: int, block_size: int, hq: int, b: int, budget_elems: int = 1 << 26) -> int:
-    """Query rows per chunk (a multiple of ``block_size``) so one score chunk holds about ``budget_elems``."""
-    per_row = max(1, b * hq * n)
-    rows = max(block_size, (budget_elems // per_row) // block_size * block_size)
-    return min(rows, num_blocks(n, block_size) * block_size)
+def _row_chunks(n: int, block_size: int, hq: int, b: int, chunk_rows: int | None,
+                budget_elems: int = 1 << 26):
+    """``(start, stop)`` of consecutive chunks of query rows, each a multiple of ``block_size`` rows (but the last),
+    sized so one chunk's scores hold about ``budget_elems`` values unless ``chunk_rows`` says otherwise."""
+    if chunk_rows is None:
+        per_row = max(1, b * hq * n)
+        chunk_rows = max(block_size, (budget_elems // per_row) // block_size * block_size)
+    if chunk_rows % block_size:
+        raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of block_size ({block_size})")
+    for start in range(0, n, chunk_rows):
+        yield start, min(n, start + chunk_rows)
 
 
 def _grouped_scores(q_chunk: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -91,11 +97,7 @@ def _block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: flo
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     nb = num_blocks(n, block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=_compute_dtype(q), device=q.device)
-    step = chunk_rows or _chunk_rows(n, block_size, hq, b)
-    if step % block_size:
-        raise ValueError(f"chunk_rows ({step}) must be a multiple of block_size ({block_size})")
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    for start, stop in _row_chunks(n, block_size, hq, b, chunk_rows):
         # unnormalised probabilities in place: exp(s - row max); a row's maximum over a tile, divided by the row's
         # sum, is its largest probability in that tile (and a tile's row sum over the row's sum, its mass)
         e = _causal_scores(q, k, start, stop, scale)  # [B, Hkv, G, rows, stop]
@@ -170,11 +172,7 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     dt = _compute_dtype(q)
     out = torch.zeros(b, hq, n, d, dtype=dt, device=q.device)
     lse = torch.full((b, hq, n), float("-inf"), dtype=dt, device=q.device)
-    step = chunk_rows or _chunk_rows(n, block_size, hq, b)
-    if step % block_size:
-        raise ValueError(f"chunk_rows ({step}) must be a multiple of block_size ({block_size})")
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    for start, stop in _row_chunks(n, block_size, hq, b, chunk_rows):
         s = _causal_scores(q, k, start, stop, scale)  # [B, Hkv, G, rows, stop]
         row_blocks = torch.arange(start, stop, device=q.device) // block_size
         col_blocks = torch.arange(0, stop, device=q.device) // block_size

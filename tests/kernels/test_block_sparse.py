@@ -58,7 +58,7 @@ def _check(out, lse, ref_out, ref_lse, dtype):
     assert (out[empty.unsqueeze(-1).expand_as(out)] == 0).all(), "empty rows must give zeros"
 
 
-def _run_case(b, hq, hkv, n, d, block, dtype, mask_heads, pair, density=0.4, seed=0, sm_scale=None,
+def _check_case(b, hq, hkv, n, d, block, dtype, mask_heads, pair, density=0.4, seed=0, sm_scale=None,
               transpose=False):
     gen = torch.Generator().manual_seed(seed)
     dev = _device()
@@ -96,7 +96,7 @@ CASES = [
 
 @pytest.mark.parametrize("b,hq,hkv,n,d,block,dtype,mh,pair", CASES)
 def test_matches_reference(b, hq, hkv, n, d, block, dtype, mh, pair):
-    _run_case(b, hq, hkv, n, d, block, dtype, hq if mh == "q" else hkv, pair)
+    _check_case(b, hq, hkv, n, d, block, dtype, hq if mh == "q" else hkv, pair)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -108,7 +108,7 @@ def test_random_shapes(seed):
     hq = hkv * pick([1, 2, 4])
     block = pick([16, 32])
     n = int(torch.randint(1, 6 * block, (1,), generator=g))
-    _run_case(pick([1, 2]), hq, hkv, n, pick([16, 32]), block, pick([torch.float32, torch.float16]),
+    _check_case(pick([1, 2]), hq, hkv, n, pick([16, 32]), block, pick([torch.float32, torch.float16]),
               pick([hq, hkv]), pick([False, True]), density=pick([0.1, 0.5, 0.9]), seed=seed)
 
 
@@ -135,7 +135,7 @@ def test_subtiles_transposed_inputs_and_scale():
     key = (16, 32, False)
     bs._CONFIG_OVERRIDE[key] = (16, 4, 1, False)
     try:
-        _run_case(1, 2, 1, 90, 16, 32, torch.float32, 1, False, transpose=True, sm_scale=0.3)
+        _check_case(1, 2, 1, 90, 16, 32, torch.float32, 1, False, transpose=True, sm_scale=0.3)
     finally:
         bs._CONFIG_OVERRIDE.pop(key)
 
@@ -145,7 +145,7 @@ def test_tma_path(monkeypatch, pair):
     """The tensor-descriptor (copy engine) path; on the CPU the interpreter emulates the descriptors."""
     monkeypatch.setattr(bs, "_tma_ok", lambda *t: True)
     monkeypatch.setitem(bs._CONFIG_OVERRIDE, (16, 16, pair), (16, 4, 1, True))
-    _run_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
+    _check_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
 
 
 def test_out_as_transposed_view():
