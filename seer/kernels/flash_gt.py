@@ -482,12 +482,18 @@ def _choose_mode(mode: str, q: torch.Tensor, block_size: int) -> str:
     return "fast" if need <= frac * _free_bytes(q.device) else "lowmem"
 
 
-def _check_out(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+def _check_out(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device,
+               strided: bool = False) -> torch.Tensor:
+    """A preallocated output, or a new one. ``strided``: any layout with a unit last stride is accepted (the
+    forward kernel takes the output's strides), e.g. the ``[B, Hq, N, D]`` view of a ``[B, N, Hq, D]`` buffer."""
     if t is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}; got "
-                         f"{t.dtype} {list(t.shape)} on {t.device} (contiguous={t.is_contiguous()})")
+    layout_ok = (t.stride(-1) == 1 and (t.shape[2] - 1) * t.stride(2) + t.shape[3] <= _INT32_MAX) if strided \
+        else t.is_contiguous()
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not layout_ok:
+        need = "unit-last-stride" if strided else "contiguous"
+        raise ValueError(f"{name} must be a {need} {dtype} tensor of shape {list(shape)} on {device}; got "
+                         f"{t.dtype} {list(t.shape)} on {t.device} (strides {t.stride()})")
     return t
 
 
@@ -588,8 +594,9 @@ def flash_attn_with_gt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
             ``"lowmem"`` (dense pass, then a ``q k^T`` pass; no extra memory), ``"auto"`` (fast if its scratch
             fits a quarter of the free memory). Ignored when ``return_gt`` is false.
         return_gt: if false, only the dense forward runs and ``gt`` is returned as ``None``.
-        out, lse, gt: optional preallocated contiguous outputs (``[B, Hq, N, D]`` q dtype, ``[B, Hq, N]`` float32,
-            ``[B, Hq, nb, nb]`` float32); every element is written.
+        out, lse, gt: optional preallocated outputs (``[B, Hq, N, D]`` q dtype in any layout with a unit last
+            stride, contiguous ``[B, Hq, N]`` float32, contiguous ``[B, Hq, nb, nb]`` float32); every element is
+            written.
         config: launch configuration override (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``; for the
             low-memory pass 2 ``GT_BLOCK_M``, ``GT_num_warps``, ``GT_num_stages``); skips autotuning.
 
@@ -605,7 +612,7 @@ def flash_attn_with_gt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     b, hq, n, d = q.shape
     nb = (n + block_size - 1) // block_size
     dev = q.device
-    out = _check_out("out", out, (b, hq, n, d), q.dtype, dev)
+    out = _check_out("out", out, (b, hq, n, d), q.dtype, dev, strided=True)
     lse = _check_out("lse", lse, (b, hq, n), torch.float32, dev)
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     qk_scale = scale * _LOG2E

@@ -158,6 +158,13 @@ def _dense(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                   **kwargs)
 
 
+def _output_buffer(query: torch.Tensor) -> torch.Tensor:
+    """An empty ``[B, N, Hq, D]`` tensor: the layout o_proj reads, which the Triton kernels write in place (through
+    its ``[B, Hq, N, D]`` transposed view), so no copy follows them."""
+    b, hq, n, d = query.shape
+    return torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)
+
+
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature): q ``[B, Hq, N, D]`` after RoPE,
@@ -178,8 +185,9 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         if ctx.gt_source == "triton":
             from seer.kernels import flash_attn_with_gt
 
-            out, _, gt = flash_attn_with_gt(query, key, value, block_size=bs, sm_scale=scaling, mode=ctx.gt_mode)
-            out = out.transpose(1, 2)
+            out = _output_buffer(query)
+            _, _, gt = flash_attn_with_gt(query, key, value, block_size=bs, sm_scale=scaling, mode=ctx.gt_mode,
+                                          out=out.transpose(1, 2))
         else:
             from seer.kernels.reference import block_gt
 
@@ -200,10 +208,9 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
 
-        b, hq, n, d = query.shape
-        buffer = torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)  # the layout o_proj reads
-        block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=buffer.transpose(1, 2))
-        return buffer, None
+        out = _output_buffer(query)
+        block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
+        return out, None
     from seer.kernels.reference import block_sparse_attn
 
     out, _ = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)

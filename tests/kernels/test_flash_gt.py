@@ -102,6 +102,18 @@ def test_no_grad_and_strided_inputs():
     assert torch.allclose(out, out2) and torch.allclose(lse, lse2) and torch.allclose(gt, gt2)
 
 
+@pytest.mark.parametrize("mode", ["fast", "lowmem"])
+def test_output_written_into_a_transposed_buffer(mode):
+    """``out`` may be the [B, H, N, D] view of a [B, N, H, D] buffer (what o_proj reads): every element written."""
+    q, k, v = _inputs(2, 4, 2, 70, 16, torch.float32, seed=5)
+    buffer = torch.full((2, 70, 4, 16), float("nan"))
+    out, _, gt = flash_attn_with_gt(q, k, v, 16, mode=mode, out=buffer.transpose(1, 2))
+    ref_out, _ = reference.attention(q.double(), k.double(), v.double())
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer.transpose(1, 2).double(), ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gt.double(), reference.block_gt(q.double(), k.double(), 16), rtol=1e-4, atol=1e-6)
+
+
 def test_scratch_bytes():
     # float32 causal triangle: 32 heads x 64 x 512*513/2 x 4 bytes at 32k tokens, block 64 (about 1.0 GiB)
     assert fast_scratch_bytes(1, 32, 32768, 64) == 32 * 64 * (512 * 513 // 2) * 4
@@ -121,6 +133,7 @@ def test_scratch_bytes():
     (dict(mode="fastest"), "'fastest'"),
     (dict(sm_scale=-1.0), "sm_scale"),
     (dict(out=torch.zeros(1, 2, 8, 8)), "out must be"),
+    (dict(out=torch.zeros(1, 2, 16, 8).transpose(2, 3)), "unit-last-stride"),
     (dict(gt=torch.zeros(1, 2, 2, 2)), r"gt must be .*\[1, 2, 1, 1\]"),
     (dict(config=dict(BLOCK_M=32, BLOCK_N=32), block_size=64), "invalid for block_size 64"),
 ])
