@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_pool", "POOL_KINDS"]
+from seer.kernels.common import POOL_KINDS
 
-POOL_KINDS = ("avg", "max", "min", "last")
+__all__ = ["block_pool", "POOL_KINDS"]
 
 
 @triton.jit
