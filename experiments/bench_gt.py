@@ -146,7 +146,7 @@ def gate_time(n):
     except Exception as ex:  # noqa: BLE001
         return None, f"seer.gates.AttnGate not importable ({type(ex).__name__}: {ex})"
     try:
-        from seer.config import GateConfig
+        from seer.gates.config import GateConfig
         cfg = GateConfig(block_size=64, q_pool=["avg"], k_pool=["max", "min", "avg"], hidden_size=128)
         gate = AttnGate(cfg, head_dim=128, num_heads=32, num_kv_heads=8).to(device="cuda", dtype=torch.bfloat16)
         gate.eval()

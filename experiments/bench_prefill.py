@@ -10,47 +10,22 @@ The model is built from its architecture with random weights (``--model smollm2`
 30 layers, 9/3 heads, head dim 64), so no download is needed; speed does not depend on the weights, and top-k
 selection keeps the requested density whatever the gate's weights are.
 
-    PYTHONPATH=. python3 experiments/bench_prefill.py --model smollm2 --seq 8192 --density 0.1 --out docs/bench_prefill.md
+    python3 experiments/bench_prefill.py --model smollm2 --seq 8192 --density 0.1 --out docs/bench_prefill.md
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
-import yaml
+from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from experiments.timing import cuda_median_ms  # noqa: E402
-from seer.config import GateConfig, SparsityConfig  # noqa: E402
-from seer.model.inference import enable_sparse_prefill, load  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def graphed(fn):
-    """``fn`` captured once in a CUDA graph (after warm-up); returns its replay, or None if capture fails."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-    except Exception as exc:  # noqa: BLE001 - reported, the eager figure stands
-        print(f"CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
-        torch.cuda.synchronize()
-        return None
+from seer.config import compose, validate
+from seer.model.inference import GraphedPrefill, enable_sparse_prefill, load
+from seer.sparsity import SparsityConfig
 
 
 def main() -> None:
@@ -62,11 +37,10 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench_prefill.md")
     args = ap.parse_args()
 
-    mcfg = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
-    gcfg = GateConfig(**yaml.safe_load((ROOT / "conf" / "gate" / f"{args.gate}.yaml").read_text()))
+    run = validate(compose([f"model={args.model}", f"gate={args.gate}", "model.random_init=true",
+                            "model.dtype=bfloat16"]))
     torch.manual_seed(0)
-    model = load(random_init=True, architecture=mcfg["architecture"], gate_config=gcfg, dtype="bfloat16",
-                 device="cuda", kernel="triton")
+    model = load(run.model, gate_config=run.gate, device="cuda", kernel="triton")
     model.config.use_cache = False
     ctx = model.seer_context
     sparsity = SparsityConfig(method="topk", ratio=1.0 - args.density)
@@ -80,18 +54,22 @@ def main() -> None:
 
     rows = []
     for n in args.seq:
-        ids = torch.randint(0, mcfg["architecture"]["vocab_size"], (1, n), device="cuda")
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
 
         def fwd():
             with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
         def measure(setup) -> tuple[float, float | None]:
             """Eager time and CUDA-graph replay time (None when capture fails) of the forward after ``setup()``."""
             setup()
-            eager = cuda_median_ms(fwd)
-            replay = graphed(fwd)
-            return eager, (cuda_median_ms(replay) if replay is not None else None)
+            eager = do_bench(fwd, return_mode="median")
+            try:
+                graph = GraphedPrefill(model, 1, n)
+            except Exception as exc:  # noqa: BLE001 - reported, the eager figure stands
+                print(f"CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+                return eager, None
+            return eager, do_bench(lambda: graph(ids), return_mode="median")
 
         def dense_mode():
             model.set_attn_implementation("seer")
@@ -119,11 +97,11 @@ def main() -> None:
         f"Device: {props.name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}, "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
-        f"Command: `PYTHONPATH=. python3 experiments/bench_prefill.py --model {args.model} --seq "
+        f"Command: `python3 experiments/bench_prefill.py --model {args.model} --seq "
         f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} --out {args.out}`",
         "",
-        "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of 10 "
-        "forward passes of the decoder (no LM head) after 3 warm-ups, CUDA events. `eager` is the plain PyTorch "
+        "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of "
+        "`triton.testing.do_bench` over the forward pass (LM head on the last position only). `eager` is the plain PyTorch "
         "forward (Python and kernel launches included); `CUDA graph` replays the same forward captured once, which "
         "removes the host's launch overhead and leaves GPU time.",
         "",

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from seer.config import GateConfig  # noqa: E402
+from seer.gates.config import GateConfig  # noqa: E402
 from seer.gates import AttnGate  # noqa: E402
 from seer.kernels import block_sparse as bs  # noqa: E402
 from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index  # noqa: E402

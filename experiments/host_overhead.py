@@ -5,26 +5,20 @@ For one SmolLM2-shaped layer (9 query / 3 key-value heads, head dim 64, bf16) at
 When host time exceeds GPU time the step is launch-bound: then a small model's eager prefill cannot gain from
 sparsity, and CUDA graphs (see bench_prefill.py) are the remedy.
 
-    PYTHONPATH=. python3 experiments/host_overhead.py --seq 8192
+    python3 experiments/host_overhead.py --seq 8192
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from seer.config import GateConfig, SparsityConfig  # noqa: E402
-from seer.gates import AttnGate  # noqa: E402
-from seer.gates.pooling import pool_blocks  # noqa: E402
-from seer.kernels import block_sparse_attn  # noqa: E402
-from seer.kernels.block_sparse import build_block_index  # noqa: E402
-from seer.sparsity import select_blocks  # noqa: E402
+from seer.gates import AttnGate, GateConfig, pool_blocks
+from seer.kernels import block_sparse_attn
+from seer.kernels.block_sparse import build_block_index
+from seer.sparsity import SparsityConfig, select_blocks
 
 
 def per_call_us(fn, reps: int = 200) -> tuple[float, float]:

@@ -7,7 +7,7 @@ Times, for one 32k-token row (batch 1) on one GPU, after warm-up:
 * ``distill step`` - forward + backward + AdamW step on the gate weights (what the trainer does per batch);
 and prints the top CUDA kernels of one step from torch.profiler.
 
-    PYTHONPATH=. python3 experiments/profile_distill.py --model llama3_8b --gate avgmaxminavg --seq 32768 \
+    python3 experiments/profile_distill.py --model llama3_8b --gate avgmaxminavg --seq 32768 \
         --out docs/profile_distill.md
 """
 
@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
-import yaml
+from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from experiments.timing import cuda_median_ms  # noqa: E402
-from seer.config import GateConfig, ModelConfig, SparsityConfig, StageConfig  # noqa: E402
-from seer.model.attention import attach_gates, freeze_base_model, gate_parameters  # noqa: E402
-from seer.model.loading import load_causal_lm  # noqa: E402
-from seer.training.distill import GateDistillation  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from seer.config import compose, validate
+from seer.model.attention import attach_gates, freeze_base_model, gate_parameters
+from seer.model.loading import load_causal_lm
+from seer.training.distill import GateDistillation
 
 
 def main() -> None:
@@ -43,16 +36,16 @@ def main() -> None:
     ap.add_argument("--out", default="docs/profile_distill.md")
     args = ap.parse_args()
 
-    arch = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())["architecture"]
-    gate = GateConfig(**yaml.safe_load((ROOT / "conf" / "gate" / f"{args.gate}.yaml").read_text()))
+    run = validate(compose([f"model={args.model}", f"gate={args.gate}", "model.random_init=true",
+                            "model.dtype=bfloat16", "stage.gt=triton", f"stage.gt_mode={args.gt_mode}",
+                            "sparsity.ratio=0.9"]))
     torch.manual_seed(0)
-    model = load_causal_lm(ModelConfig(random_init=True, architecture=arch, dtype="bfloat16"), "cuda")
-    attach_gates(model, gate)
+    model = load_causal_lm(run.model, "cuda")
+    attach_gates(model, run.gate)
     freeze_base_model(model)
-    stage = StageConfig(gt="triton", gt_mode=args.gt_mode)
-    module = GateDistillation(model, stage, SparsityConfig(ratio=0.9), "triton").cuda()
+    module = GateDistillation(model, run.stage, run.sparsity, "triton").cuda()
     opt = torch.optim.AdamW(gate_parameters(model), lr=1e-3)
-    ids = torch.randint(0, arch["vocab_size"], (1, args.seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
     ctx = model.seer_context
 
     def dense():
@@ -78,9 +71,9 @@ def main() -> None:
 
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated() / 2**30
-    rows = [(name, cuda_median_ms(fn, reps=5, warmup=2)) for name, fn in (("dense forward (SDPA)", dense), ("forward + Triton GT", forward_gt),
-                                                ("distill forward (GT + gates + loss)", distill_forward),
-                                                ("distill step (+ backward + AdamW)", step))]
+    parts = (("dense forward (SDPA)", dense), ("forward + Triton GT", forward_gt),
+             ("distill forward (GT + gates + loss)", distill_forward), ("distill step (+ backward + AdamW)", step))
+    rows = [(name, do_bench(fn, warmup=1, rep=1, return_mode="median")) for name, fn in parts]
     peak = torch.cuda.max_memory_allocated() / 2**30
     step_ms = rows[-1][1]
 
@@ -100,7 +93,7 @@ def main() -> None:
         f"{__import__('triton').__version__}, transformers {__import__('transformers').__version__}, Python "
         f"{platform.python_version()}; {datetime.date.today().isoformat()}. Base model {n_params / 1e9:.2f}B "
         f"parameters in bf16 (frozen), gates {sum(p.numel() for p in gate_parameters(model)) / 1e6:.1f}M in fp32.",
-        f"Command: `PYTHONPATH=. python3 experiments/profile_distill.py --model {args.model} --gate {args.gate} "
+        f"Command: `python3 experiments/profile_distill.py --model {args.model} --gate {args.gate} "
         f"--seq {args.seq} --gt-mode {args.gt_mode} --out {args.out}`",
         "",
         "| part | ms per 32k-token row | tokens/s |",

@@ -13,6 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from seer.config import register_configs
+
+register_configs()
+
 
 def _timed_prefill(model, ids) -> float:
     if ids.is_cuda:
@@ -26,20 +30,19 @@ def _timed_prefill(model, ids) -> float:
 
 
 def run_generation(cfg: DictConfig) -> dict:
-    from seer.config import model_config, sparsity_config
+    from seer.config import build
+    from seer.model.config import ModelConfig
+    from seer.sparsity.config import SparsityConfig
     from seer.model.inference import enable_sparse_prefill, load
     from seer.model.loading import load_tokenizer
 
-    mcfg = model_config(OmegaConf.to_container(cfg.model, resolve=True))
-    spars = sparsity_config(OmegaConf.to_container(cfg.sparsity, resolve=True))
+    mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
+    spars = build(SparsityConfig, "sparsity", OmegaConf.to_container(cfg.sparsity, resolve=True))
     prompt = Path(cfg.prompt_file).read_text() if cfg.prompt_file else cfg.prompt
     tokenizer = load_tokenizer(mcfg)
     if tokenizer is None:
         raise ValueError("seer.generate needs a model with a tokenizer")
-    model = load(mcfg.name_or_path, gates=cfg.gates, sparsity=spars, package=mcfg.package, gguf_file=mcfg.gguf_file,
-                 dtype=mcfg.dtype, device=cfg.device, kernel=cfg.kernel, revision=mcfg.revision,
-                 trust_remote_code=mcfg.trust_remote_code, random_init=mcfg.random_init,
-                 architecture=mcfg.architecture)
+    model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     sparse_s = _timed_prefill(model, ids)
     densities = model.seer_context.densities()

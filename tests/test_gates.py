@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from seer.config import GateConfig
+from seer.gates.config import GateConfig
 from seer.gates import AttnGate, pool_blocks, rope_frequencies
 from tests.tiny import tiny_config
 

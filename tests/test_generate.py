@@ -1,30 +1,22 @@
 """The generation entry point composes and runs end to end on a tiny model (tokenizer built in code)."""
 
-from pathlib import Path
-
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 import seer.model.loading
-from seer.config import GateConfig
+from seer.config import compose
+from seer.gates.config import GateConfig
 from seer.generate import run_generation
 from seer.model.gate_io import save_gates
 from seer.model.inference import load
 from tests.tiny import tiny_tokenizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def test_generate_runs_sparse_prefill_and_reports(tmp_path, monkeypatch, capsys):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("generate", overrides=["model=tiny_llama", f"gates={tmp_path / 'g'}", "sparsity.ratio=0.5",
-                                             "max_new_tokens=5", "device=cpu"])
+    cfg = compose(["model=tiny_llama", f"gates={tmp_path / 'g'}", "sparsity.ratio=0.5", "max_new_tokens=5",
+                   "device=cpu"], "generate")
     torch.manual_seed(0)
-    arch = dict(cfg.model.architecture)
-    gated = load(random_init=True, architecture=arch, gate_config=GateConfig(block_size=16, hidden_size=16),
-                 device="cpu")
+    gated = load(OmegaConf.to_container(cfg.model), gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu")
     save_gates(tmp_path / "g", gated, "tiny")
     monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
     cfg.prompt = "def f(x):\n    return x + 1\n" * 8

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from seer.config import GateConfig, SparsityConfig
+from seer.gates.config import GateConfig
+from seer.sparsity.config import SparsityConfig
 from seer.model import attach_gates, freeze_base_model
 from seer.model.inference import enable_sparse_prefill
 from tests.tiny import tiny_model

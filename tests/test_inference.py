@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from seer.config import GateConfig, SparsityConfig
-from seer.model import gates
+from seer.gates.config import GateConfig
+from seer.sparsity.config import SparsityConfig
+from seer.model import ModelConfig, gates
 from seer.model.gate_io import save_gates
 from seer.model.inference import enable_sparse_prefill, load
 from tests.tiny import tiny_config
@@ -14,12 +15,13 @@ ARCH = {"model_type": "llama", **{k: v for k, v in tiny_config("llama").to_dict(
                                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                                            "bos_token_id", "eos_token_id")}}
 GATE = GateConfig(block_size=16, hidden_size=16)
+TINY = ModelConfig(random_init=True, architecture=ARCH, dtype="float32")
 
 
 def _tiny_gated(tmp_path):
     """A random tiny Llama (seeded) plus a gate file trained for nothing but with non-trivial weights."""
     torch.manual_seed(0)
-    model = load(random_init=True, architecture=ARCH, gate_config=GATE, dtype="float32", device="cpu")
+    model = load(TINY, gate_config=GATE, device="cpu")
     for g in gates(model).values():
         torch.nn.init.normal_(g.k_weight)
     save_gates(tmp_path / "g", model, "tiny")
@@ -58,11 +60,9 @@ def test_load_gate_file_and_triton_kernel_matches_reference(tmp_path):
     _tiny_gated(tmp_path)
     torch.manual_seed(0)
     spars = {"method": "topk", "ratio": 0.5, "sink_blocks": 1}
-    ref = load(random_init=True, architecture=ARCH, gates=tmp_path / "g", sparsity=spars, dtype="float32",
-               device="cpu", kernel="reference")
+    ref = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="reference")
     torch.manual_seed(0)
-    tri = load(random_init=True, architecture=ARCH, gates=tmp_path / "g", sparsity=spars, dtype="float32",
-               device="cpu", kernel="triton")  # the Triton kernel (interpreter on CPU)
+    tri = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="triton")  # the Triton kernel (interpreter on CPU)
     ids = torch.randint(0, 300, (1, 50))
     with torch.no_grad():
         a, b = ref(ids).logits, tri(ids).logits
@@ -79,6 +79,8 @@ def test_load_rejects_bad_arguments_before_loading(tmp_path):
         load("some/model", gate_config=GATE, sparsity={"ratio": 2})
     with pytest.raises(ValueError, match="kernel='cuda'"):
         load("some/model", gate_config=GATE, kernel="cuda")
+    with pytest.raises(ValueError, match="model.dtype='float8'"):
+        load({"name_or_path": "some/model", "dtype": "float8"}, gate_config=GATE)
 
 
 def test_sparse_prefill_engages_while_tracing(tmp_path, monkeypatch):

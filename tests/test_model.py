@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from seer.config import GateConfig, SparsityConfig
+from seer.gates.config import GateConfig
+from seer.sparsity.config import SparsityConfig
 from seer.kernels import reference
 from seer.model import attach_gates, freeze_base_model, gate_parameters, gates
 from seer.model.gate_io import load_gates, read_gate_meta, save_gates
@@ -117,16 +118,16 @@ def test_gate_checkpoint_roundtrip_and_refusals(tmp_path):
 def test_model_architectures_build_offline(name):
     """Each model config's architecture block gives a valid transformers config, and the gate's block RoPE accepts
     its rope settings (llama3 scaling included); a 2-layer random model of that family is gated end to end."""
-    from pathlib import Path
+    from omegaconf import OmegaConf
 
-    import yaml
-
-    from seer.config import model_config
+    from seer.config import build
     from seer.gates import rope_frequencies
+    from seer.model.config import ModelConfig
     from seer.model.loading import load_causal_lm, load_config
+    from seer.config import compose
 
-    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml").read_text())
-    cfg = load_config(model_config({**values, "random_init": True}))
+    values = OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True)
+    cfg = load_config(build(ModelConfig, "model", {**values, "random_init": True}))
     arch = values["architecture"]
     assert cfg.model_type == arch["model_type"] and cfg.num_hidden_layers == arch["num_hidden_layers"]
     assert cfg.num_key_value_heads == arch["num_key_value_heads"]
@@ -134,7 +135,7 @@ def test_model_architectures_build_offline(name):
     assert inv_freq.shape == (64,) and torch.isfinite(inv_freq).all() and scale > 0
     small = {**arch, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
-    model = load_causal_lm(model_config({"architecture": small, "random_init": True, "dtype": "float32"}))
+    model = load_causal_lm(build(ModelConfig, "model", {"architecture": small, "random_init": True, "dtype": "float32"}))
     ctx = attach_gates(model, GateConfig(block_size=16, hidden_size=16))
     records = []
     ctx.consumer = records.append

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from seer.config import SparsityConfig
+from seer.sparsity.config import SparsityConfig
 from seer.sparsity import block_density, causal_blocks, mass_recall, row_budgets, select_blocks, threshold_mask, topk_mask
 
 

@@ -9,14 +9,18 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from seer.config import GateConfig, SparsityConfig, StageConfig, model_config
+from seer.gates.config import GateConfig
+from seer.sparsity.config import SparsityConfig
+from seer.training.config import DistillConfig
+from seer.config import build
+from seer.model.config import ModelConfig
 from seer.data.synthetic import RandomTokensDataModule
 from seer.model import attach_gates, freeze_base_model, gates
 from seer.model.gate_io import load_gates
 from seer.model.loading import load_causal_lm
 from seer.training.distill import GateDistillation
 from seer.training.losses import gate_loss, normalize_rows
-from tests.compose import compose_config
+from seer.config import compose
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +51,7 @@ def test_a_few_steps_lower_the_loss():
     freeze_base_model(model)
     before = {i: g.k_weight.detach().clone() for i, g in gates(model).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".seer_gate." not in n}
-    module = GateDistillation(model, StageConfig(lr=2e-2, warmup_steps=0), SparsityConfig(ratio=0.5), "reference")
+    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0), SparsityConfig(ratio=0.5), "reference")
     data = RandomTokensDataModule(vocab_size=256, seq_len=128, train_sequences=1, val_sequences=1)
     trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
@@ -64,7 +68,7 @@ def test_a_few_steps_lower_the_loss():
 def test_resume_continues_at_same_step_with_same_weights(tmp_path):
     from seer.training.run import run_training
 
-    first = compose_config(TINY + [f"paths.output_dir={tmp_path / 'a'}", "trainer.max_steps=4",
+    first = compose(TINY + [f"paths.output_dir={tmp_path / 'a'}", "trainer.max_steps=4",
                          "callbacks.model_checkpoint.every_n_train_steps=2"])
     summary = run_training(first)
     assert summary["steps"] == 4
@@ -74,11 +78,11 @@ def test_resume_continues_at_same_step_with_same_weights(tmp_path):
     assert state["global_step"] == 2
     assert state["state_dict"] and all(".seer_gate." in k for k in state["state_dict"])  # gates only
 
-    resumed = compose_config(TINY + [f"paths.output_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"ckpt_path={ckpt}"])
+    resumed = compose(TINY + [f"paths.output_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"ckpt_path={ckpt}"])
     summary_b = run_training(resumed)
     assert summary_b["steps"] == 4
     # build the run's model shape twice and load each run's gate file
-    mc = model_config(dict(first.model))
+    mc = build(ModelConfig, "model", dict(first.model))
     a, b = load_causal_lm(mc), load_causal_lm(mc)
     load_gates(a, tmp_path / "a" / "gates")
     load_gates(b, tmp_path / "b" / "gates")
@@ -121,7 +125,7 @@ def test_multirun_with_wandb_groups_jobs(tmp_path):
 def test_images_written_without_wandb(tmp_path):
     from seer.training.run import run_training
 
-    cfg = compose_config(TINY + [f"paths.output_dir={tmp_path}", "stage.image_every_n_steps=2", "trainer.max_steps=3",
+    cfg = compose(TINY + [f"paths.output_dir={tmp_path}", "stage.image_every_n_steps=2", "trainer.max_steps=3",
                                  "stage.image_layers=[0,-1]"])
     run_training(cfg)
     images = sorted(p.name for p in (tmp_path / "images").glob("*.png"))

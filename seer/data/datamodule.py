@@ -1,6 +1,6 @@
 """`PackedTextDataModule`: a corpus packed into fixed-length token rows, served as a LightningDataModule.
 
-Built by the training entry point with `hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)`; `setup()`
+Built by the training entry point (`seer.training.run.instantiate_data`, which passes the tokenizer); `setup()`
 loads the rows from the token cache or packs them (and caches them), the train loader shuffles with a seeded
 generator, the validation loader keeps its order. Batches are `{"input_ids": LongTensor[batch, seq_len]}`.
 """

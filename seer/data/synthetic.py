@@ -24,7 +24,7 @@ class RandomTokensDataModule(ResumableShuffle, L.LightningDataModule):
     """Uniform random token ids in ``[0, vocab_size)``, ``train_sequences`` + ``val_sequences`` rows of ``seq_len``."""
 
     def __init__(self, vocab_size: int, seq_len: int = 1024, batch_size: int = 1, train_sequences: int = 8,
-                 val_sequences: int = 1, seed: int = 0, tokenizer=None):
+                 val_sequences: int = 1, seed: int = 0):
         super().__init__()
         for name, value, low in (("vocab_size", vocab_size, 2), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
                                  ("train_sequences", train_sequences, 1), ("val_sequences", val_sequences, 1)):

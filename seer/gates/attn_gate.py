@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from seer.config import GateConfig
+from seer.gates.config import GateConfig
 from seer.gates.pooling import pool_blocks
 from seer.gates.rope import rotary_tables, rotate
 

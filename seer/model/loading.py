@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from seer.config import ModelConfig
+from seer.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

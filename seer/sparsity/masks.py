@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from seer.config import SparsityConfig
+from seer.sparsity.config import SparsityConfig
 
 
 def causal_blocks(nb: int, device=None) -> torch.Tensor:

@@ -17,7 +17,8 @@ import math
 import lightning as L
 import torch
 
-from seer.config import SparsityConfig, StageConfig
+from seer.sparsity.config import SparsityConfig
+from seer.training.config import DistillConfig
 from seer.model.attention import LayerRecord, attention_layers, gate_parameters
 from seer.sparsity import block_density, mass_recall, select_blocks, topk_mask
 from seer.training.losses import first_kept_row, gate_loss, normalize_rows
@@ -26,7 +27,7 @@ from seer.training.losses import first_kept_row, gate_loss, normalize_rows
 class GateDistillation(L.LightningModule):
     """Gate distillation for ``model`` (a Hugging Face causal LM with gates attached and its base frozen)."""
 
-    def __init__(self, model: torch.nn.Module, stage: StageConfig, sparsity: SparsityConfig, gt_source: str,
+    def __init__(self, model: torch.nn.Module, stage: DistillConfig, sparsity: SparsityConfig, gt_source: str,
                  model_name: str = "unknown"):
         super().__init__()
         self.model = model

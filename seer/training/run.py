@@ -46,6 +46,17 @@ def _wandb_group(cfg: DictConfig) -> str | None:
     return None
 
 
+def instantiate_data(node: DictConfig, tokenizer):
+    """The data module of ``node``, given the tokenizer when its class takes one (text corpora do, random tokens
+    do not)."""
+    import inspect
+
+    from hydra.utils import get_class, instantiate
+
+    takes_tokenizer = "tokenizer" in inspect.signature(get_class(node._target_)).parameters
+    return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
+
+
 def _instantiate_group(group: DictConfig | None, **extra) -> list:
     from hydra.utils import instantiate
 
@@ -75,7 +86,7 @@ def run_training(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer = load_tokenizer(run.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)  # validates data arguments before the model loads
+    datamodule = instantiate_data(cfg.data, tokenizer)  # validates data arguments before the model loads
 
     model = load_causal_lm(run.model, device)
     attach_gates(model, run.gate)

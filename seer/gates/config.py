@@ -1,0 +1,51 @@
+"""``GateConfig``: the AttnGate architecture (Hydra group ``gate``; see :mod:`seer.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from seer.config import fail, is_int
+from seer.kernels.common import BLOCK_SIZES, POOL_KINDS
+
+
+@dataclass
+class GateConfig:
+    """The AttnGate architecture.
+
+    ``block_size``: tokens per block, one of the sizes the kernels support (:data:`seer.kernels.common.BLOCK_SIZES`).
+    ``q_pool`` / ``k_pool``: the block-pooling types of Q and K (any of avg, max, min, last, concatenated on the
+    channel axis). ``hidden_size``: the width of the per-head projections. ``q_linear``: ``auto`` uses no Q
+    projection when Q has a single pool and ``hidden_size`` equals the model's head dim (the authors' K-only-linear
+    form), ``true`` always projects Q, ``false`` never does (then ``hidden_size`` must equal
+    ``len(q_pool) * head_dim``). ``block_rope``: rotate gate Q and K by the position of each block's first token.
+    The defaults are the lightest gate (``conf/gate/avgmax.yaml``).
+    """
+
+    block_size: int = 64
+    q_pool: list[str] = field(default_factory=lambda: ["avg"])
+    k_pool: list[str] = field(default_factory=lambda: ["max"])
+    hidden_size: int = 128
+    q_linear: Union[str, bool] = "auto"
+    block_rope: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES or not is_int(self.block_size):
+            fail("gate", "block_size", self.block_size, f"the kernels support block sizes {BLOCK_SIZES}")
+        for key in ("q_pool", "k_pool"):
+            pools = getattr(self, key)
+            pools = [pools] if isinstance(pools, str) else list(pools)
+            if not pools:
+                fail("gate", key, pools, f"needs at least one pooling type of {POOL_KINDS}")
+            for p in pools:
+                if p not in POOL_KINDS:
+                    fail("gate", key, p, f"unknown pooling type; choose from {POOL_KINDS}")
+            if len(set(pools)) != len(pools):
+                fail("gate", key, pools, "lists a pooling type twice")
+            setattr(self, key, pools)
+        if not is_int(self.hidden_size) or self.hidden_size < 1:
+            fail("gate", "hidden_size", self.hidden_size, "must be an integer >= 1")
+        if self.block_rope and self.hidden_size % 2:
+            fail("gate", "hidden_size", self.hidden_size, "must be even when block_rope is on")
+        if self.q_linear not in ("auto", True, False):
+            fail("gate", "q_linear", self.q_linear, "must be auto, true or false")
