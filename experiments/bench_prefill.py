@@ -43,7 +43,7 @@ def main() -> None:
     model = load(run.model, gate_config=run.gate, device="cuda", kernel="triton")
     model.config.use_cache = False
     ctx = model.seer_context
-    sparsity = SparsityConfig(method="topk", ratio=1.0 - args.density)
+    sparsity = SparsityConfig(method="topk", target_density=args.density)
 
     from transformers import AttentionInterface
 

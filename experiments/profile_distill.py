@@ -38,7 +38,7 @@ def main() -> None:
 
     run = validate(compose([f"model={args.model}", f"gate={args.gate}", "model.random_init=true",
                             "model.dtype=bfloat16", "stage.gt=triton", f"stage.gt_mode={args.gt_mode}",
-                            "sparsity.ratio=0.9"]))
+                            "sparsity.target_density=0.1"]))
     torch.manual_seed(0)
     model = load_causal_lm(run.model, "cuda")
     attach_gates(model, run.gate)

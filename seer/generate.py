@@ -1,4 +1,4 @@
-"""Generation entry point: ``python -m seer.generate gates=PATH prompt="..." [sparsity.ratio=0.9]``.
+"""Generation entry point: ``python -m seer.generate gates=PATH prompt="..." [sparsity.target_density=0.1]``.
 
 Loads the model and its gates, runs the prompt's prefill through gate -> block selection -> block-sparse attention,
 decodes densely, and prints the text, the achieved density per layer and the prefill time (beside dense).

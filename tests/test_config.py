@@ -71,8 +71,9 @@ def test_generate_config_composes(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sparsity.ratio=1.5", "sparsity.ratio=1.5"),
-    ("sparsity.ratio=-0.1", "sparsity.ratio=-0.1"),
+    ("sparsity.target_density=1.5", "sparsity.target_density=1.5"),
+    ("sparsity.target_density=0", "sparsity.target_density=0"),
+    ("sparsity.allocation=best", "sparsity.allocation='best'"),
     ("gate.block_size=48", "gate.block_size=48"),
     ("gate.block_size=512", "gate.block_size=512"),
     ("gate.hidden_size=0", "gate.hidden_size=0"),
@@ -91,8 +92,12 @@ def test_bad_values_name_themselves(override, message, tmp_path):
 def test_bad_threshold_and_method():
     with pytest.raises(ConfigError, match="sparsity.threshold=-0.001"):
         SparsityConfig(method="threshold", threshold=-0.001)
-    with pytest.raises(ConfigError, match="sparsity.method='topp'"):
-        SparsityConfig(method="topp")
+    with pytest.raises(ConfigError, match="sparsity.method='topq'"):
+        SparsityConfig(method="topq")
+    with pytest.raises(ConfigError, match="sparsity.target_density=None: topk needs"):
+        SparsityConfig(method="topk", target_density=None)
+    with pytest.raises(ConfigError, match=r"sparsity.dense_layers=\[1, 1\]"):
+        SparsityConfig(dense_layers=[1, 1])
     with pytest.raises(ConfigError, match="unknown key"):
         build(GateConfig, "gate", {"block_sz": 64})
 

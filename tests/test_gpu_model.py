@@ -39,8 +39,8 @@ def test_distill_triton_gt_matches_reference():
     torch.testing.assert_close(got["triton"][0].logits, got["reference"][0].logits)  # same input to layer 0
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.8])
-def test_sparse_prefill_triton_matches_reference(ratio):
+@pytest.mark.parametrize("density", [1.0, 0.2])
+def test_sparse_prefill_triton_matches_reference(density):
     # float32, so both kernels hand the next layer the same hidden states and its top-k picks the same blocks
     model = _model(torch.float32)
     ids = torch.randint(0, 300, (1, 2000), device="cuda")
@@ -48,12 +48,12 @@ def test_sparse_prefill_triton_matches_reference(ratio):
     with torch.no_grad():
         ctx.set_mode("dense")
         dense = model(ids).logits.float()
-        enable_sparse_prefill(model, SparsityConfig(ratio=ratio), kernel="reference")
+        enable_sparse_prefill(model, SparsityConfig(target_density=density), kernel="reference")
         ref = model(ids).logits.float()
-        enable_sparse_prefill(model, SparsityConfig(ratio=ratio), kernel="triton")
+        enable_sparse_prefill(model, SparsityConfig(target_density=density), kernel="triton")
         tri = model(ids).logits.float()
     torch.testing.assert_close(tri, ref, rtol=1e-3, atol=1e-3)
-    if ratio == 0.0:
+    if density == 1.0:
         torch.testing.assert_close(tri, dense, rtol=1e-3, atol=1e-3)
     else:
         assert (tri - dense).abs().max() > 1e-2  # the sparse path really dropped blocks
@@ -65,7 +65,7 @@ def test_graphed_prefill_matches_eager_sparse_and_dense():
     model = _model(torch.float32)
     ids = torch.randint(0, 300, (1, 2048), device="cuda")
     eager = {}
-    for name, sparsity in (("dense", SparsityConfig(method="dense")), ("sparse", SparsityConfig(ratio=0.8))):
+    for name, sparsity in (("dense", SparsityConfig(method="dense")), ("sparse", SparsityConfig(target_density=0.2))):
         enable_sparse_prefill(model, sparsity, kernel="triton")
         with torch.no_grad():
             eager[name] = model(ids, use_cache=False).logits[:, -4:]

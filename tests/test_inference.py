@@ -46,7 +46,7 @@ def test_density_one_matches_dense_model_and_generate(tmp_path):
 def test_sparse_prefill_changes_prefill_only(tmp_path):
     model = _tiny_gated(tmp_path)
     ids = torch.randint(0, 300, (1, 96))
-    enable_sparse_prefill(model, SparsityConfig(method="topk", ratio=0.7))
+    enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.3))
     with torch.no_grad():
         out = model(ids, use_cache=True)
         dens = model.seer_context.densities()
@@ -59,7 +59,7 @@ def test_sparse_prefill_changes_prefill_only(tmp_path):
 def test_load_gate_file_and_triton_kernel_matches_reference(tmp_path):
     _tiny_gated(tmp_path)
     torch.manual_seed(0)
-    spars = {"method": "topk", "ratio": 0.5, "sink_blocks": 1}
+    spars = {"method": "topk", "target_density": 0.5, "sink_blocks": 1}
     ref = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="reference")
     torch.manual_seed(0)
     tri = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="triton")  # the Triton kernel (interpreter on CPU)
@@ -75,8 +75,8 @@ def test_load_rejects_bad_arguments_before_loading(tmp_path):
         load("some/model")
     with pytest.raises(FileNotFoundError, match="no gate checkpoint"):
         load("some/model", gates=tmp_path / "nothing")
-    with pytest.raises(ValueError, match="sparsity.ratio=2"):
-        load("some/model", gate_config=GATE, sparsity={"ratio": 2})
+    with pytest.raises(ValueError, match="sparsity.target_density=2"):
+        load("some/model", gate_config=GATE, sparsity={"target_density": 2})
     with pytest.raises(ValueError, match="kernel='cuda'"):
         load("some/model", gate_config=GATE, kernel="cuda")
     with pytest.raises(ValueError, match="model.dtype='float8'"):
@@ -89,7 +89,7 @@ def test_sparse_prefill_engages_while_tracing(tmp_path, monkeypatch):
     import transformers.masking_utils as mu
 
     model = _tiny_gated(tmp_path)
-    enable_sparse_prefill(model, SparsityConfig(method="topk", ratio=0.5))
+    enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.5))
     import transformers.utils.import_utils as iu
 
     for module in (mu, iu):

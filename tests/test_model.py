@@ -74,7 +74,7 @@ def test_sparse_mode_density_one_equals_dense_and_matches_reference_path(family)
         ctx.sparsity = SparsityConfig(method="dense")
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)
         assert ctx.densities() == {0: 1.0, 1: 1.0}
-        ctx.sparsity = SparsityConfig(method="topk", ratio=0.6)
+        ctx.sparsity = SparsityConfig(method="topk", target_density=0.4)
         sparse = model(ids).logits
     assert all(abs(d - 0.4) < 0.15 for d in ctx.densities().values())
     assert not torch.allclose(sparse, dense, atol=1e-3)

@@ -51,7 +51,7 @@ def test_a_few_steps_lower_the_loss():
     freeze_base_model(model)
     before = {i: g.k_weight.detach().clone() for i, g in gates(model).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".seer_gate." not in n}
-    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0), SparsityConfig(ratio=0.5), "reference")
+    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0), SparsityConfig(target_density=0.5), "reference")
     data = RandomTokensDataModule(vocab_size=256, seq_len=128, train_sequences=1, val_sequences=1)
     trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
@@ -93,21 +93,21 @@ def test_resume_continues_at_same_step_with_same_weights(tmp_path):
 
 def test_multirun_sweep_keeps_results_when_a_job_fails(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "seer.train", "-m", *TINY, "sparsity=topk", "sparsity.ratio=0.5,1.5,0.9",
+    cmd = [sys.executable, "-m", "seer.train", "-m", *TINY, "sparsity=topk", "sparsity.target_density=0.5,1.5,0.1",
            f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0  # the failed job is reported ...
-    assert "sparsity.ratio=1.5" in proc.stderr + proc.stdout
-    for job, ratio in ((0, 0.5), (2, 0.9)):  # ... and the others' results are there
+    assert "sparsity.target_density=1.5" in proc.stderr + proc.stdout
+    for job, density in ((0, 0.5), (2, 0.1)):  # ... and the others' results are there
         summary = json.loads((tmp_path / str(job) / "summary.json").read_text())
-        assert summary["sparsity"]["ratio"] == ratio and summary["steps"] == 3
+        assert summary["sparsity"]["target_density"] == density and summary["steps"] == 3
         assert (tmp_path / str(job) / "gates" / "gates.safetensors").exists()
     assert not (tmp_path / "1" / "summary.json").exists()
 
 
 def test_multirun_with_wandb_groups_jobs(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "-m", "seer.train", "-m", *TINY, "logger=wandb", "sparsity.ratio=0.5,0.7",
+    cmd = [sys.executable, "-m", "seer.train", "-m", *TINY, "logger=wandb", "sparsity.target_density=0.5,0.3",
            f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,8 +1,8 @@
 """The token-row cache: packed rows saved on disk under a key that names everything they depend on.
 
 The key hashes the corpus fingerprint, the tokenizer's identity and the packing settings; files are written to
-a temporary name and moved into place with `os.replace`, so a reader never sees a half-written file and
-concurrent writers of the same key leave one whole file.
+a temporary name and moved into place (`seer.files.atomic_write`), so a reader never sees a half-written file
+and concurrent writers of the same key leave one whole file.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seer.data.packing import PackedRows
+from seer.files import atomic_write
 
 _FORMAT_VERSION = 1  # bump when the packing rules change, so old files are not reused
 
@@ -41,12 +41,5 @@ def load_rows(path: Path) -> PackedRows | None:
 
 def save_rows(path: Path, rows: PackedRows, settings: dict[str, Any]) -> None:
     """Write `rows` (and the settings, for a human reading the folder) atomically to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({"train": rows.train, "val": rows.val, "settings": json.dumps(settings, default=str)}, file)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save({"train": rows.train, "val": rows.val,
+                                               "settings": json.dumps(settings, default=str)}, tmp))

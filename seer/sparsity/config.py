@@ -1,45 +1,98 @@
-"""``SparsityConfig``: how block scores become a block mask (Hydra group ``sparsity``; see :mod:`seer.config`)."""
+"""``SparsityConfig``: a budget, i.e. how block scores become a block mask (Hydra group ``sparsity``; see
+:mod:`seer.config`).
+
+A block selection is a *scorer* (the trained gate, or a training-free selector of :mod:`seer.sparsity.selectors`)
+plus a *budget* (this config). Budgets:
+
+* ``topk``: keep the ``target_density`` share of each query-block row's causal blocks (exact per-row budgets; with
+  ``nz_formula`` the authors' uniform ``k = (1 - sqrt(1 - density)) * nb`` per row).
+* ``threshold``: keep the blocks whose softmax share of the row (softmax of the scores over the row's causal blocks)
+  exceeds ``threshold``.
+* ``topp``: keep the fewest blocks whose softmax mass reaches ``p`` (at least one).
+* ``dense``: keep every causal block.
+
+``target_density`` (kept share of causal blocks, averaged over rows, heads and layers, forced blocks counted): for
+``topk`` the budget itself; for ``threshold`` and ``topp`` the knob is *calibrated* on calibration rows to reach it
+(:mod:`seer.sparsity.calibration`), and ``threshold`` / ``p`` are then ignored; ``null`` uses the knob as given.
+``allocation`` says how calibration shares the target among layers and heads: ``global`` (one knob for all),
+``uniform`` (each head of each layer gets the target), ``oracle`` (each head gets the density that one global
+threshold on the *true* block attention mass gives it: the recall-optimal split, measured on the calibration rows).
+
+Forced blocks combine with every budget and count towards the density: the diagonal block (always), the first
+``sink_blocks`` key blocks, the ``local_blocks`` nearest blocks left of the diagonal, and whole rows for the last
+``dense_last_rows`` query blocks (the question at the end of a prompt); layers in ``dense_layers`` stay dense.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from seer.config import fail, is_int, is_number
 
-METHODS = ("topk", "threshold", "dense")
+METHODS = ("topk", "threshold", "topp", "dense")
+ALLOCATIONS = ("global", "uniform", "oracle")
 
 
 @dataclass
 class SparsityConfig:
-    """How gate scores become a block mask (see :mod:`seer.sparsity`).
-
-    ``topk``: drop the fraction ``ratio`` of each query-block row's causal blocks (exact per-row budgets), or
-    with ``nz_formula`` the authors' uniform ``k = (1 - sqrt(ratio)) * nb`` blocks per row, whose kept share of
-    the causal triangle is ``1 - ratio``. ``threshold``: keep blocks whose softmax score exceeds ``threshold``.
-    The diagonal block is always kept; ``sink_blocks`` forces the first key blocks, ``dense_last_rows`` keeps
-    the last query-block rows whole (the question at the end of a prompt). ``dense`` keeps everything.
-    """
+    """A budget (see the module docstring)."""
 
     method: str = "topk"
-    ratio: float = 0.9
+    target_density: Optional[float] = 0.1
     threshold: float = 1e-3
+    p: float = 0.9
+    allocation: str = "global"
     nz_formula: bool = False
     sink_blocks: int = 0
+    local_blocks: int = 0
     dense_last_rows: int = 0
+    dense_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             fail("sparsity", "method", self.method, f"choose from {METHODS}")
-        if not is_number(self.ratio) or not 0 <= self.ratio < 1:
-            fail("sparsity", "ratio", self.ratio, "is the fraction of causal blocks dropped; must be in [0, 1)")
+        if self.target_density is not None and (not is_number(self.target_density)
+                                                or not 0 < self.target_density <= 1):
+            fail("sparsity", "target_density", self.target_density,
+                 "is the kept share of causal blocks; must be in (0, 1] (or null to use the knob as given)")
+        if self.method == "topk" and self.target_density is None:
+            fail("sparsity", "target_density", None, "topk needs the share of each row to keep")
         if not is_number(self.threshold) or not 0 <= self.threshold < 1:
             fail("sparsity", "threshold", self.threshold, "must be in [0, 1) (a softmax probability)")
-        for key in ("sink_blocks", "dense_last_rows"):
+        if not is_number(self.p) or not 0 < self.p <= 1:
+            fail("sparsity", "p", self.p, "is a share of the row's score mass; must be in (0, 1]")
+        if self.allocation not in ALLOCATIONS:
+            fail("sparsity", "allocation", self.allocation, f"choose from {ALLOCATIONS}")
+        for key in ("sink_blocks", "local_blocks", "dense_last_rows"):
             v = getattr(self, key)
             if not is_int(v) or v < 0:
                 fail("sparsity", key, v, "must be an integer >= 0")
+        self.dense_layers = list(self.dense_layers)
+        if not all(is_int(i) for i in self.dense_layers) or len(set(self.dense_layers)) != len(self.dense_layers):
+            fail("sparsity", "dense_layers", self.dense_layers, "must be distinct layer indices")
 
     @property
-    def density(self) -> float:
-        """Target kept fraction of causal blocks for ``topk`` (1.0 for ``dense``)."""
-        return 1.0 if self.method == "dense" else 1.0 - self.ratio
+    def calibrated(self) -> bool:
+        """Whether the knob must be calibrated to reach ``target_density`` (threshold and topp with a target, and
+        topk with a non-global allocation)."""
+        if self.method in ("threshold", "topp"):
+            return self.target_density is not None
+        return self.method == "topk" and self.allocation != "global"
+
+    def describe(self) -> str:
+        """A short human-readable form, e.g. ``threshold target_density=0.1 (global)``."""
+        if self.method == "dense":
+            return "dense"
+        if self.method == "topk" or self.target_density is not None:
+            what = f"{self.method} target_density={self.target_density}"
+            if self.calibrated:
+                what += f" ({self.allocation})"
+        else:
+            what = f"{self.method} {'threshold' if self.method == 'threshold' else 'p'}=" \
+                   f"{self.threshold if self.method == 'threshold' else self.p}"
+        forced = [f"{k}={getattr(self, k)}" for k in ("sink_blocks", "local_blocks", "dense_last_rows")
+                  if getattr(self, k)]
+        if self.dense_layers:
+            forced.append(f"dense_layers={self.dense_layers}")
+        return what + (f" [{', '.join(forced)}]" if forced else "")

@@ -1,11 +1,13 @@
-"""Block masks from block scores: top-k (per-row budgets or the authors' uniform k) and threshold.
+"""Block masks from block scores: top-k, threshold and top-p budgets with forced blocks; density and recall.
 
-Scores are ``[B, H, nb, nb]`` (gate logits, or any score where larger means more important; entries above the
-diagonal are ignored). Masks are bool ``[B, H, nb, nb]``, block-causal, and always keep the diagonal block, so
-no query-block row is ever empty.
+Scores are ``[B, H, nb, nb]`` log-scores (gate logits, or a selector's scores: larger means more important, and
+the softmax over a row's causal blocks is the scorer's estimate of the row's attention mass per block; entries above
+the diagonal are ignored). Masks are bool ``[B, H, nb, nb]``, block-causal, and always keep the diagonal block, so no
+query-block row is ever empty. A budget's knob (top-k share, threshold, top-p level) is a float or a per-head
+tensor ``[H]`` (what per-head calibration fits, :mod:`seer.sparsity.calibration`).
 
-On CUDA, :func:`topk_mask` of 4-d scores runs as one Triton launch (:mod:`seer.kernels.block_topk`, the same
-mask as the PyTorch sort path here, which CPU tensors keep using).
+On CUDA, :func:`topk_mask` with one share for every head and no local blocks runs as one Triton launch
+(:mod:`seer.kernels.block_topk`, the same mask as the PyTorch sort path here).
 """
 
 from __future__ import annotations
@@ -17,108 +19,148 @@ import torch
 
 from seer.sparsity.config import SparsityConfig
 
+Knob = float | torch.Tensor
+
 
 def causal_blocks(nb: int, device=None) -> torch.Tensor:
     """Bool ``[nb, nb]``: key block ``j`` is visible from query block ``i`` iff ``j <= i``."""
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
-def _forced(nb: int, sink_blocks: int, device) -> torch.Tensor:
-    forced = torch.eye(nb, dtype=torch.bool, device=device)
-    if sink_blocks:
-        forced[:, :sink_blocks] = True
-    return forced & causal_blocks(nb, device)
+@functools.lru_cache(maxsize=64)
+def forced_blocks(nb: int, sink_blocks: int = 0, local_blocks: int = 0, device=None) -> torch.Tensor:
+    """Bool ``[nb, nb]`` of the blocks every budget keeps: the diagonal, the first ``sink_blocks`` key blocks and the
+    ``local_blocks`` nearest blocks left of the diagonal (block-causal; cached, read-only)."""
+    i = torch.arange(nb, device=device)[:, None]
+    j = torch.arange(nb, device=device)[None, :]
+    return (j <= i) & ((j < sink_blocks) | (i - j <= local_blocks))
 
 
-def row_budgets(nb: int, density: float, nz_formula: bool = False, device=None) -> torch.Tensor:
-    """Blocks to keep in each query-block row, ``[nb]`` int64, each between 1 and the row's causal length.
+def _per_head(knob: Knob, scores: torch.Tensor) -> Knob:
+    """A per-head knob ``[H]`` as ``[1, H, 1, 1]`` (broadcasts against 4-d scores); a float as is."""
+    if isinstance(knob, torch.Tensor) and knob.dim() > 0:
+        if knob.shape != (scores.shape[1],):
+            raise ValueError(f"a per-head knob must have shape [{scores.shape[1]}] (one per head); got "
+                             f"{tuple(knob.shape)}")
+        return knob.to(scores.device, torch.float32).view(1, -1, 1, 1)
+    return float(knob)
+
+
+def row_budgets(nb: int, density: Knob, nz_formula: bool = False, device=None) -> torch.Tensor:
+    """Blocks to keep in each query-block row, int64 ``[nb]`` (``[H, nb]`` for a per-head ``density [H]``), each
+    between 1 and the row's causal length.
 
     Default: the budgets of rows ``0..i`` add up to ``round(density * causal blocks of rows 0..i)``, so every row
     keeps about ``density`` of its blocks and the whole triangle keeps ``density`` of it, up to one block.
     ``nz_formula``: the authors' uniform ``k = (1 - sqrt(1 - density)) * nb`` in every row (capped by the row).
     """
     rows = torch.arange(1, nb + 1, device=device, dtype=torch.float64)
+    d = density.to(device, torch.float64)[:, None] if isinstance(density, torch.Tensor) and density.dim() > 0 \
+        else torch.tensor(float(density), dtype=torch.float64, device=device)
     if nz_formula:
-        k = max(1, round((1.0 - math.sqrt(max(0.0, 1.0 - density))) * nb))
-        budget = torch.clamp(rows, max=k)
+        k = torch.clamp(torch.round((1.0 - torch.sqrt(torch.clamp(1.0 - d, min=0.0))) * nb), min=1)
+        budget = torch.minimum(rows, k)
     else:
-        cum = torch.round(density * torch.cumsum(rows, 0))
-        budget = torch.diff(cum, prepend=cum.new_zeros(1))
+        cum = torch.round(d * torch.cumsum(rows, 0))
+        budget = torch.diff(cum, dim=-1, prepend=torch.zeros_like(cum[..., :1]))
     return torch.maximum(torch.minimum(budget, rows), torch.ones_like(rows)).long()
 
 
-@functools.lru_cache(maxsize=64)
-def _topk_budgets(nb: int, ratio: float, nz_formula: bool, dense_last_rows: int, device) -> torch.Tensor:
-    """:func:`row_budgets` at density ``1 - ratio`` with the last ``dense_last_rows`` rows whole; cached per
-    setting and device (read-only), so a forward pays no launches for it."""
-    budget = row_budgets(nb, 1.0 - ratio, nz_formula, device)
-    if dense_last_rows:
-        budget[max(0, nb - dense_last_rows):] = torch.arange(1, nb + 1, device=device)[max(0, nb - dense_last_rows):]
-    return budget
-
-
-def topk_mask(scores: torch.Tensor, ratio: float, nz_formula: bool = False, sink_blocks: int = 0,
-              dense_last_rows: int = 0) -> torch.Tensor:
-    """Keep the highest-scoring causal blocks of each row: a fraction ``1 - ratio`` of them (see
-    :func:`row_budgets`). The diagonal (and ``sink_blocks`` first columns) are kept and count towards the budget;
-    the last ``dense_last_rows`` rows are kept whole."""
-    _check_scores(scores)
-    nb = scores.shape[-1]
-    dev = scores.device
-    budget = _topk_budgets(nb, ratio, nz_formula, dense_last_rows, dev)
-    if scores.is_cuda and scores.dim() == 4:
-        from seer.kernels.block_topk import topk_block_mask
-
-        return topk_block_mask(scores, budget, sink_blocks)
-    causal = causal_blocks(nb, dev)
-    forced = _forced(nb, sink_blocks, dev)
-    ranked = scores.float().masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
-    ranked = torch.nan_to_num(ranked, nan=float("-inf"))
-    order = ranked.argsort(dim=-1, descending=True, stable=True)
-    keep_sorted = torch.arange(nb, device=dev)[None, :] < budget[:, None]  # [nb rows, nb ranks]
-    mask = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, order, keep_sorted.expand_as(order))
-    return (mask | forced) & causal
-
-
-def threshold_mask(scores: torch.Tensor, threshold: float, sink_blocks: int = 0,
-                   dense_last_rows: int = 0) -> torch.Tensor:
-    """Keep causal blocks whose softmax probability over the row's causal blocks exceeds ``threshold``, plus the
-    diagonal, the ``sink_blocks`` first columns and the last ``dense_last_rows`` rows."""
-    _check_scores(scores)
-    nb = scores.shape[-1]
-    causal = causal_blocks(nb, scores.device)
-    probs = torch.softmax(scores.float().masked_fill(~causal, float("-inf")), dim=-1)
-    mask = (probs > threshold) | _forced(nb, sink_blocks, scores.device)
+def _finish(mask: torch.Tensor, nb: int, dense_last_rows: int) -> torch.Tensor:
     if dense_last_rows:
         mask[..., max(0, nb - dense_last_rows):, :] = True
-    return mask & causal
+    return mask & causal_blocks(nb, mask.device)
 
 
-def select_blocks(scores: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
-    """The block mask that ``config`` (method topk, threshold or dense) picks from ``scores``."""
-    if config.method == "topk":
-        return topk_mask(scores, config.ratio, config.nz_formula, config.sink_blocks, config.dense_last_rows)
-    if config.method == "threshold":
-        return threshold_mask(scores, config.threshold, config.sink_blocks, config.dense_last_rows)
+def topk_mask(scores: torch.Tensor, density: Knob, nz_formula: bool = False, sink_blocks: int = 0,
+              local_blocks: int = 0, dense_last_rows: int = 0) -> torch.Tensor:
+    """Keep the highest-scoring causal blocks of each row, a share ``density`` of them (see :func:`row_budgets`).
+    Forced blocks (diagonal, sinks, local) are kept and count towards the budget; the last ``dense_last_rows`` rows
+    are kept whole."""
     _check_scores(scores)
-    return causal_blocks(scores.shape[-1], scores.device).expand(scores.shape).clone()
+    nb, dev = scores.shape[-1], scores.device
+    shared = not (isinstance(density, torch.Tensor) and density.dim() > 0)
+    if scores.is_cuda and scores.dim() == 4 and shared and not local_blocks:
+        from seer.kernels.block_topk import topk_block_mask
+
+        budget = _shared_budgets(nb, float(density), nz_formula, dev)
+        return _finish(topk_block_mask(scores, budget, sink_blocks), nb, dense_last_rows)
+    budget = row_budgets(nb, density if shared else _per_head(density, scores).view(-1), nz_formula, dev)
+    forced = forced_blocks(nb, sink_blocks, local_blocks, dev)
+    ranked = scores.float().masked_fill(~causal_blocks(nb, dev), float("-inf")).masked_fill(forced, float("inf"))
+    ranked = torch.nan_to_num(ranked, nan=float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    keep_sorted = torch.arange(nb, device=dev) < budget[..., None]  # [(H,) nb rows, nb ranks]
+    if not shared:
+        keep_sorted = keep_sorted.unsqueeze(0)
+    mask = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, order, keep_sorted.expand_as(order))
+    return _finish(mask | forced, nb, dense_last_rows)
 
 
-def block_density(mask: torch.Tensor) -> torch.Tensor:
-    """Kept share of the causal blocks, averaged over everything but the last two dims (a 0-dim tensor)."""
-    nb = mask.shape[-1]
-    kept = (mask & causal_blocks(nb, mask.device)).sum(dim=(-1, -2)).float()
-    return (kept / (nb * (nb + 1) / 2)).mean()
+@functools.lru_cache(maxsize=64)
+def _shared_budgets(nb: int, density: float, nz_formula: bool, device) -> torch.Tensor:
+    """:func:`row_budgets` cached per setting and device (read-only), so a forward pays no launches for it."""
+    return row_budgets(nb, density, nz_formula, device)
 
 
-def mass_recall(mask: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Share of attention mass (``[..., nb, nb]``, e.g. :func:`seer.kernels.reference.block_attn_mass`) that the mask
-    keeps, averaged over query-block rows, heads and batch (a 0-dim tensor)."""
-    kept = (mass * mask).sum(-1)
-    total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
-    return (kept / total).mean()
+def row_probs(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax of the scores over each row's causal blocks (float32; zero above the diagonal)."""
+    nb = scores.shape[-1]
+    return torch.softmax(scores.float().masked_fill(~causal_blocks(nb, scores.device), float("-inf")), dim=-1)
+
+
+def threshold_mask(scores: torch.Tensor, threshold: Knob, sink_blocks: int = 0, local_blocks: int = 0,
+                   dense_last_rows: int = 0) -> torch.Tensor:
+    """Keep causal blocks whose softmax share of the row exceeds ``threshold``, plus the forced blocks and the last
+    ``dense_last_rows`` rows."""
+    _check_scores(scores)
+    nb = scores.shape[-1]
+    mask = (row_probs(scores) > _per_head(threshold, scores)) | forced_blocks(nb, sink_blocks, local_blocks,
+                                                                            scores.device)
+    return _finish(mask, nb, dense_last_rows)
+
+
+def topp_mask(scores: torch.Tensor, p: Knob, sink_blocks: int = 0, local_blocks: int = 0,
+              dense_last_rows: int = 0) -> torch.Tensor:
+    """Keep the forced blocks, then the highest-probability blocks of each row until the kept softmax mass reaches
+    ``p`` (the block that crosses ``p`` is kept): the fewest blocks that reach ``p`` among sets holding the forced
+    ones. The last ``dense_last_rows`` rows are kept whole."""
+    _check_scores(scores)
+    nb, dev = scores.shape[-1], scores.device
+    probs = row_probs(scores)
+    forced = forced_blocks(nb, sink_blocks, local_blocks, dev)
+    ranked = probs.masked_fill(forced, float("inf")).masked_fill(~causal_blocks(nb, dev), float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    # keep rank k while the mass before it is below p, i.e. while the mass from k on exceeds 1 - p; summed from the
+    # small end, so the tails that decide p close to 1 keep their precision
+    tail = probs.gather(-1, order).flip(-1).cumsum(-1).flip(-1)
+    keep_sorted = tail > 1.0 - _per_head(p, scores)
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return _finish(mask | forced, nb, dense_last_rows)
+
+
+def select_blocks(scores: torch.Tensor, config: SparsityConfig, knob: Knob | None = None) -> torch.Tensor:
+    """The block mask that ``config`` picks from ``scores``. ``knob`` (a float or a per-head ``[H]`` tensor) replaces
+    the config's own knob (``target_density`` for topk, ``threshold``, ``p``): calibrated budgets pass the knob their
+    calibration found, and need one."""
+    _check_scores(scores)
+    nb = scores.shape[-1]
+    if config.method == "dense":
+        return causal_blocks(nb, scores.device).expand(scores.shape).clone()
+    if knob is None and config.calibrated:
+        raise ValueError(f"sparsity {config.describe()} needs a calibration (seer.sparsity.calibration) to turn its "
+                         f"target density into a knob; none was given")
+    forced = dict(sink_blocks=config.sink_blocks, local_blocks=config.local_blocks,
+                  dense_last_rows=config.dense_last_rows)
+    if config.method == "topk":
+        return topk_mask(scores, config.target_density if knob is None else knob, config.nz_formula, **forced)
+    if config.method == "threshold":
+        return threshold_mask(scores, config.threshold if knob is None else knob, **forced)
+    return topp_mask(scores, config.p if knob is None else knob, **forced)
 
 
 def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() < 2 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"block scores must be [..., nb, nb]; got {tuple(scores.shape)}")
+    if not math.prod(scores.shape[-2:]):
+        raise ValueError("block scores need at least one block")

@@ -4,8 +4,6 @@ summary, and atomic Lightning checkpoints."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,24 +11,19 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from seer.files import atomic_write, atomic_write_text
 from seer.model.gate_io import save_gates
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each Lightning checkpoint to a temporary file first and renames it into place, so a crash mid-write
-    never leaves a truncated checkpoint."""
+    """Writes each Lightning checkpoint through :func:`seer.files.atomic_write` (a temporary file, then a rename), so
+    a crash mid-write never leaves a truncated checkpoint. Lightning's own save is atomic too, through an fsspec
+    transaction, but its temporary file is made by ``mkstemp`` and keeps mode 0600 after the rename; this one respects
+    the umask, like every other file seer writes."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                       storage_options))
 
 
 class GateExport(L.Callback):
@@ -152,6 +145,7 @@ class RunSummary(L.Callback):
             "loss_start": sum(hist[:w]) / w if hist else None,
             "loss_end": sum(hist[-w:]) / w if hist else None,
             "sparsity": vars(pl_module.sparsity),
+            "sparsity_policy": pl_module.sparsity.describe(),
             "val_density": metrics.get("val/density"),
             "val_recall": metrics.get("val/recall"),
             "val_oracle_recall": metrics.get("val/oracle_recall"),
@@ -164,7 +158,7 @@ class RunSummary(L.Callback):
             if isinstance(cb, SpeedMonitor):
                 self.summary.update(tokens_per_s=cb.tokens_per_s, peak_mem_gib=cb.peak_mem_gib)
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        (self.dirpath / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        atomic_write_text(self.dirpath / "summary.json", json.dumps(self.summary, indent=2))
         print(format_summary(self.summary), flush=True)
 
 
@@ -178,8 +172,7 @@ def format_summary(s: dict) -> str:
         "=== seer: gate distillation finished ===",
         f"steps              {s['steps']}",
         f"loss (KL x scale)  {_fmt(s['loss_start'])} at start -> {_fmt(s['loss_end'])} at end",
-        f"sparsity           {s['sparsity']['method']} ratio={s['sparsity']['ratio']} "
-        f"(achieved density {_fmt(s['val_density'], '.3f')})",
+        f"sparsity           {s['sparsity_policy']} (achieved density {_fmt(s['val_density'], '.3f')})",
         f"recall of attention mass on held-out data: gate {_fmt(s['val_recall'], '.3f')}, "
         f"oracle at the same density {_fmt(s['val_oracle_recall'], '.3f')}",
         f"gate checkpoint    {s['gates']}",

@@ -12,15 +12,13 @@ of the same density can keep) and ``val/density``.
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 
-from seer.sparsity.config import SparsityConfig
-from seer.training.config import DistillConfig
 from seer.model.attention import LayerRecord, attention_layers, gate_parameters
-from seer.sparsity import block_density, mass_recall, select_blocks, topk_mask
+from seer.sparsity import (SparsityConfig, attention_mass, block_density, mass_recall, oracle_recall,
+                           selection_masks)
+from seer.training.config import DistillConfig
 from seer.training.losses import first_kept_row, gate_loss, normalize_rows
 
 
@@ -46,33 +44,17 @@ class GateDistillation(L.LightningModule):
         return self.model.seer_context
 
     def _forward(self, input_ids: torch.Tensor, with_mass: bool, want_images: bool) -> dict:
+        """One dense forward of the frozen model; every layer's gate loss (with grad), then the selection metrics."""
         ctx = self.context
-        losses, stats = {}, {"gt_recall": [], "density": [], "recall": [], "oracle_recall": []}
-        images = {}
-        image_layers = {i % self.num_layers for i in self.stage.image_layers} if want_images else set()
+        losses, logits, targets, masses = {}, {}, {}, {}
 
         def consume(rec: LayerRecord) -> None:
             target = normalize_rows(rec.gt.float()) if self.stage.row_normalize else rec.gt.float()
             with torch.enable_grad():  # the consumer runs inside the base model's no-grad forward
                 losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss, self.stage.skip_first_rows)
-            with torch.no_grad():
-                logits = rec.logits.detach()
-                start = first_kept_row(logits.shape[-1], self.stage.skip_first_rows)
-                mask = select_blocks(logits, self.sparsity)
-                stats["gt_recall"].append(mass_recall(mask[..., start:, :], target[..., start:, :]))
-                stats["density"].append(block_density(mask))
-                if with_mass:
-                    from seer.kernels.reference import block_attn_mass
-
-                    mass = block_attn_mass(rec.query, rec.key, self.context.gate_config.block_size, rec.scale)
-                    mass = mass.to(target.dtype)
-                    stats["recall"].append(mass_recall(mask, mass))
-                    oracle = topk_mask(mass, ratio=1.0 - float(block_density(mask)),
-                                       sink_blocks=self.sparsity.sink_blocks)
-                    stats["oracle_recall"].append(mass_recall(oracle, mass))
-                if rec.layer_idx in image_layers:
-                    images[rec.layer_idx] = (target[0, 0].cpu(), torch.softmax(logits[0, 0], -1).cpu(),
-                                             mask[0, 0].cpu())
+            logits[rec.layer_idx], targets[rec.layer_idx] = rec.logits.detach(), target
+            if with_mass:
+                masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
         ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
         ctx.set_mode("distill")
@@ -85,8 +67,27 @@ class GateDistillation(L.LightningModule):
         if not losses:
             raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
         total = self.stage.loss_scale * torch.stack([losses[i] for i in sorted(losses)]).sum()
-        out = {"loss": total, "layer_kl": {i: losses[i].detach() for i in sorted(losses)}, "images": images}
-        out.update({k: torch.stack(v).mean() for k, v in stats.items() if v})
+        out = {"loss": total, "layer_kl": {i: losses[i].detach() for i in sorted(losses)}}
+        out.update(self._metrics(logits, targets, masses, want_images))
+        return out
+
+    @torch.no_grad()
+    def _metrics(self, logits: dict, targets: dict, masses: dict, want_images: bool) -> dict:
+        """Density and recall of the configured selection on this batch (a calibrated budget is calibrated on the
+        batch itself): of the row-normalised ground truth (``gt_recall``), and with ``masses`` of the true attention
+        mass beside the oracle's at the same density."""
+        masks = selection_masks(logits, self.sparsity, masses or None)
+        start = first_kept_row(next(iter(logits.values())).shape[-1], self.stage.skip_first_rows)
+        out = {"gt_recall": _mean([mass_recall(masks[i][..., start:, :], targets[i][..., start:, :]) for i in masks]),
+               "density": _mean([block_density(m) for m in masks.values()])}
+        if masses:
+            out["recall"] = _mean([mass_recall(masks[i], masses[i]) for i in masks])
+            out["oracle_recall"] = _mean([oracle_recall(masses[i], float(block_density(masks[i])),
+                                                        self.sparsity.sink_blocks) for i in masks])
+        if want_images:
+            layers = sorted({i % self.num_layers for i in self.stage.image_layers} & set(logits))
+            out["images"] = {i: (targets[i][0, 0].cpu(), torch.softmax(logits[i][0, 0], -1).cpu(),
+                                 masks[i][0, 0].cpu()) for i in layers}
         return out
 
     def training_step(self, batch, batch_idx):
@@ -100,7 +101,7 @@ class GateDistillation(L.LightningModule):
         self.log_dict({f"train/kl/layer_{i:02d}": v for i, v in out["layer_kl"].items()}, batch_size=bsz)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
         self.loss_history.append(float(out["loss"].detach()))
-        if out["images"]:
+        if out.get("images"):
             self.images, self.images_step = out["images"], self.global_step
         return out["loss"]
 
@@ -117,16 +118,11 @@ class GateDistillation(L.LightningModule):
             raise RuntimeError("the model has no gate parameters to train")
         opt = torch.optim.AdamW(params, lr=self.stage.lr, betas=self.stage.betas,
                                 weight_decay=self.stage.weight_decay)
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = min(self.stage.warmup_steps, total), self.stage.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(self.stage.warmup_steps, total), total,
+                                                            min_lr_rate=self.stage.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -142,3 +138,7 @@ class GateDistillation(L.LightningModule):
         super().train(mode)
         self.model.eval()
         return self
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values).mean()

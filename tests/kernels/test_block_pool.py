@@ -96,7 +96,7 @@ def test_topk_kernel_matches_sort_path(nb, dtype):
     dev = _device()
     scores = _special_scores(2, 1, nb, dtype, gen)
     for ratio, nz, sink, dense in ((0.9, False, 0, 0), (0.5, False, 2, 3), (0.75, True, 1, 0), (0.0, False, 0, 0)):
-        want = topk_mask(scores, ratio, nz, sink, dense)  # CPU: stable argsort path
+        want = topk_mask(scores, 1.0 - ratio, nz, sink, dense_last_rows=dense)  # CPU: stable argsort path
         budget = row_budgets(nb, 1.0 - ratio, nz, dev)
         if dense:
             budget[max(0, nb - dense):] = torch.arange(1, nb + 1, device=dev)[max(0, nb - dense):]

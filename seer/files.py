@@ -1,0 +1,34 @@
+"""Writing files so that a crash never leaves half of one: the one atomic-write helper of seer.
+
+Gate checkpoints, calibrations, token caches, run summaries and Lightning checkpoints are all written through
+:func:`atomic_write`: the content goes to a temporary file beside the target, which is then renamed over it
+(``os.replace``, atomic on POSIX). The temporary file is created with mode ``0o666`` filtered by the process umask,
+like any file a user creates, so colleagues sharing a cluster folder can read results when the umask allows it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Calls ``write(tmp)`` to fill a temporary file beside ``path``, then moves it to ``path``; on any error the
+    temporary file is removed and ``path`` is left as it was. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,190 @@
+"""Calibration: the knob of a budget (top-k share, threshold, top-p level) that reaches a target density.
+
+An adaptive budget (``threshold``, ``topp``) keeps a different number of blocks in every row, head and layer, so
+its knob says nothing about the density it gives. :func:`calibrate` finds, on the block scores of calibration rows
+(``{layer: [rows, H, nb, nb]}``, collected with the model running dense), the knob(s) whose masks reach
+``config.target_density`` there: the achieved mean density over rows, heads and layers (forced blocks counted,
+layers of ``dense_layers`` counted as density 1). Each knob is found by bisection on the real mask functions of
+:mod:`seer.sparsity.masks` (density is monotone in every knob), so the calibrated masks are exactly what inference
+computes. ``config.allocation``:
+
+* ``global``: one knob for every layer and head;
+* ``uniform``: one knob per (layer, head), each head reaching the target;
+* ``oracle``: one knob per (layer, head), each head reaching the density that one global threshold on the *true*
+  block attention mass (``masses``, same shapes) gives it on the calibration rows.
+
+The result (:class:`Calibration`) is plain data: saved beside a gate checkpoint (``calibration.json``) so
+``seer.load(..., sparsity={...})`` finds it again without calibrating, and reported by the evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from seer.config import build
+from seer.files import atomic_write_text
+from seer.sparsity.config import SparsityConfig
+from seer.sparsity.masks import select_blocks
+from seer.sparsity.measures import head_density
+
+FILE = "calibration.json"
+
+# the range each knob is searched in, and whether the density rises with it
+_SEARCH = {"topk": (0.0, 1.0, True), "threshold": (1e-12, 1.0, False), "topp": (0.0, 1.0, True)}
+_STEPS = 40
+
+
+@dataclass
+class Calibration:
+    """Knobs that make ``sparsity`` reach its target density, found on ``rows`` calibration rows of ``seq_len``
+    tokens with the scorer ``selector``. ``knobs[layer]`` holds one knob per head (a layer of ``dense_layers`` has
+    none); ``density`` is the mean density reached on the calibration rows, ``head_density[layer]`` per head."""
+
+    sparsity: SparsityConfig
+    knobs: dict[int, list[float]]
+    density: float
+    head_density: dict[int, list[float]] = field(default_factory=dict)
+    selector: str = "gate"
+    rows: int = 0
+    seq_len: int = 0
+
+    def knob(self, layer_idx: int, device=None) -> torch.Tensor | None:
+        """The per-head knob ``[H]`` of a layer (None for a dense layer)."""
+        values = self.knobs.get(layer_idx)
+        return None if values is None else torch.tensor(values, dtype=torch.float32, device=device)
+
+    def matches(self, sparsity: SparsityConfig, selector: str = "gate") -> bool:
+        """Whether this calibration was made for ``sparsity`` (every field) and ``selector``."""
+        return self.sparsity == sparsity and self.selector == selector
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["knobs"] = {str(k): v for k, v in self.knobs.items()}
+        out["head_density"] = {str(k): v for k, v in self.head_density.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "Calibration":
+        values = dict(values)
+        values["sparsity"] = build(SparsityConfig, "sparsity", values["sparsity"])
+        values["knobs"] = {int(k): list(v) for k, v in values["knobs"].items()}
+        values["head_density"] = {int(k): list(v) for k, v in values.get("head_density", {}).items()}
+        return cls(**values)
+
+
+def _bisect(density_of: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-entry knob (shape of ``target``) whose density is closest to ``target`` from above, by bisection
+    (geometric for thresholds, which span decades)."""
+    lo_v, hi_v, rising = _SEARCH[method]
+    lo = torch.full_like(target, lo_v, dtype=torch.float64)
+    hi = torch.full_like(target, hi_v, dtype=torch.float64)
+    for _ in range(_STEPS):
+        mid = (lo * hi).sqrt() if method == "threshold" else (lo + hi) / 2
+        enough = density_of(mid.float()) >= target
+        # rising: density grows with the knob, so enough density -> the knob may come down
+        lo, hi = (torch.where(enough, lo, mid), torch.where(enough, mid, hi)) if rising else \
+            (torch.where(enough, mid, lo), torch.where(enough, hi, mid))
+    return (hi if rising else lo).float()  # the side that reaches the target
+
+
+def _layer_density(scores: torch.Tensor, config: SparsityConfig, knob: torch.Tensor) -> torch.Tensor:
+    """Density ``[H]`` of each head of one layer's scores ``[rows, H, nb, nb]`` with a per-head knob ``[H]``."""
+    return head_density(select_blocks(scores, config, knob))
+
+
+def _sparse_target(config: SparsityConfig, layers: list[int]) -> float:
+    """The mean density the sparse layers must reach so that, with ``dense_layers`` at 1, all layers average the
+    target."""
+    dense = [i for i in layers if i in config.dense_layers]
+    sparse = len(layers) - len(dense)
+    if not sparse:
+        raise ValueError(f"sparsity.dense_layers={config.dense_layers} leaves no sparse layer to calibrate")
+    target = (config.target_density * len(layers) - len(dense)) / sparse
+    if target <= 0:
+        raise ValueError(f"sparsity.target_density={config.target_density} is below what dense_layers="
+                         f"{config.dense_layers} alone cost ({len(dense)} of {len(layers)} layers)")
+    return min(1.0, target)
+
+
+def _global_knob(scores: Mapping[int, torch.Tensor], config: SparsityConfig, target: float) -> float:
+    heads = {i: s.shape[1] for i, s in scores.items()}
+
+    def mean_density(knob: torch.Tensor) -> torch.Tensor:
+        per_layer = [_layer_density(s, config, knob.expand(heads[i])).mean() for i, s in scores.items()]
+        return torch.stack(per_layer).mean().reshape(1).cpu()
+
+    return float(_bisect(mean_density, torch.tensor([target]), config.method))
+
+
+def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
+              masses: Mapping[int, torch.Tensor] | None = None, selector: str = "gate",
+              seq_len: int = 0) -> Calibration:
+    """The :class:`Calibration` of ``config`` on ``scores`` (``{layer: [rows, H, nb, nb]}``; ``masses`` of the
+    same shapes, the true block attention mass, for ``allocation=oracle``). See the module docstring."""
+    if config.method == "dense" or config.target_density is None:
+        raise ValueError(f"sparsity {config.describe()} has no target density to calibrate for")
+    if not scores:
+        raise ValueError("calibration needs the block scores of at least one layer")
+    layers = sorted(scores)
+    target = _sparse_target(config, layers)
+    sparse = {i: scores[i] for i in layers if i not in config.dense_layers}
+    if config.allocation == "global":
+        knob = _global_knob(sparse, config, target)
+        knobs = {i: [knob] * s.shape[1] for i, s in sparse.items()}
+    else:
+        if config.allocation == "oracle":
+            if masses is None or set(masses) != set(scores):
+                raise ValueError("allocation=oracle needs the true block mass of every calibrated layer")
+            truth = dataclasses.replace(config, method="threshold", allocation="global")
+            logs = {i: torch.log(masses[i].float().clamp_min(1e-30)) for i in sparse}
+            tau = _global_knob(logs, truth, target)
+            goal = {i: _layer_density(logs[i], truth, torch.full((s.shape[1],), tau, device=s.device))
+                    for i, s in sparse.items()}
+        else:
+            goal = {i: torch.full((s.shape[1],), target, device=s.device) for i, s in sparse.items()}
+        knobs = {}
+        for i, s in sparse.items():
+            knobs[i] = _bisect(lambda k, s=s: _layer_density(s, config, k), goal[i].double(), config.method).tolist()
+    dens = {i: _layer_density(s, config, torch.tensor(knobs[i], device=s.device)).tolist() for i, s in sparse.items()}
+    per_layer = [sum(dens[i]) / len(dens[i]) if i in dens else 1.0 for i in layers]
+    rows = next(iter(scores.values())).shape[0]
+    return Calibration(sparsity=config, knobs=knobs, density=sum(per_layer) / len(per_layer), head_density=dens,
+                       selector=selector, rows=rows, seq_len=seq_len)
+
+
+def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
+    """Adds ``calibration`` to ``folder/calibration.json`` (replacing one made for the same sparsity and selector)."""
+    kept = [c for c in load_calibrations(folder) if not c.matches(calibration.sparsity, calibration.selector)]
+    return atomic_write_text(Path(folder) / FILE, json.dumps([c.to_dict() for c in [*kept, calibration]], indent=1))
+
+
+def load_calibrations(folder: str | Path) -> list[Calibration]:
+    """The calibrations stored in ``folder/calibration.json`` (none when there is no such file)."""
+    path = Path(folder) / FILE
+    if not path.is_file():
+        return []
+    try:
+        return [Calibration.from_dict(c) for c in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a seer calibration file: {exc}") from exc
+
+
+def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str = "gate") -> Calibration:
+    """The calibration stored in ``folder`` for ``sparsity``; a ``ValueError`` listing what is stored otherwise."""
+    stored = load_calibrations(folder)
+    for c in stored:
+        if c.matches(sparsity, selector):
+            return c
+    have = "; ".join(c.sparsity.describe() for c in stored) or "none"
+    raise ValueError(f"no calibration for sparsity {sparsity.describe()} in {Path(folder) / FILE} (stored: {have}); "
+                     f"calibrate it with python -m seer.eval (see the README) or give the knob itself "
+                     f"(target_density=null)")
+
+
+__all__ = ["Calibration", "calibrate", "find_calibration", "load_calibrations", "save_calibration"]

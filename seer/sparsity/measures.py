@@ -1,0 +1,65 @@
+"""How good a block selection is: achieved density and recall of attention mass, beside the oracle's.
+
+``mass`` is the true block attention mass (:func:`seer.kernels.reference.block_attn_mass`: the share of each
+query-block row's attention that falls in each key block; rows sum to 1). Recall is the share of it a mask keeps,
+averaged over rows, heads and batch; the oracle keeps the top blocks of ``mass`` itself at the same density.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from seer.sparsity.config import SparsityConfig
+from seer.sparsity.masks import causal_blocks, select_blocks, topk_mask
+
+
+def head_density(mask: torch.Tensor) -> torch.Tensor:
+    """Kept share of the causal blocks of each head, ``[H]`` float32, averaged over the batch (``mask`` is
+    ``[B, H, nb, nb]``)."""
+    nb = mask.shape[-1]
+    kept = (mask & causal_blocks(nb, mask.device)).sum(dim=(0, 2, 3)).float()
+    return kept / (mask.shape[0] * nb * (nb + 1) / 2)
+
+
+def block_density(mask: torch.Tensor) -> torch.Tensor:
+    """Kept share of the causal blocks, averaged over everything but the last two dims (a 0-dim tensor)."""
+    nb = mask.shape[-1]
+    kept = (mask & causal_blocks(nb, mask.device)).sum(dim=(-1, -2)).float()
+    return (kept / (nb * (nb + 1) / 2)).mean()
+
+
+def mass_recall(mask: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Share of attention mass (``[..., nb, nb]``, e.g. :func:`seer.kernels.reference.block_attn_mass`) that the mask
+    keeps, averaged over query-block rows, heads and batch (a 0-dim tensor)."""
+    kept = (mass * mask).sum(-1)
+    total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
+    return (kept / total).mean()
+
+
+def oracle_recall(mass: torch.Tensor, density: float, sink_blocks: int = 0) -> torch.Tensor:
+    """The recall of the best top-k mask of the true block mass ``mass`` at ``density``: what a perfect scorer keeps
+    with a share-of-each-row budget of the same density."""
+    scores = torch.log(mass.float().clamp_min(1e-30))
+    return mass_recall(topk_mask(scores, density, sink_blocks=sink_blocks), mass)
+
+
+def attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """The true block attention mass ``[B, Hq, nb, nb]`` (float32) of post-RoPE ``query [B, Hq, N, D]`` and ``key
+    [B, Hkv, N, D]`` (:func:`seer.kernels.reference.block_attn_mass`, chunked: memory ``O(N * block)`` per head)."""
+    from seer.kernels.reference import block_attn_mass
+
+    return block_attn_mass(query, key, block_size, scale).float()
+
+
+def selection_masks(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
+                    masses: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """The masks ``config`` picks from each layer's scores; a calibrated budget is calibrated on these very scores
+    first (what a training metric can do: it has no held-out calibration rows)."""
+    from seer.sparsity.calibration import calibrate
+
+    calibration = calibrate(scores, config, masses) if config.calibrated else None
+    return {i: select_blocks(s, config, None if calibration is None else calibration.knob(i, s.device))
+            if i not in config.dense_layers else causal_blocks(s.shape[-1], s.device).expand(s.shape)
+            for i, s in scores.items()}

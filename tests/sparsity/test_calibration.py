@@ -1,0 +1,85 @@
+"""Calibration reaches its target density on the calibration rows, for every budget and allocation."""
+
+import pytest
+import torch
+
+from seer.sparsity import SparsityConfig, causal_blocks, head_density, select_blocks, threshold_mask
+from seer.sparsity.calibration import (Calibration, calibrate, find_calibration, load_calibrations,
+                                       save_calibration)
+
+
+def _scores(layers=3, rows=2, heads=4, nb=64, seed=0):
+    """Scores whose sharpness differs by head and layer (sharp heads want few blocks, flat ones many)."""
+    gen = torch.Generator().manual_seed(seed)
+    sharp = torch.linspace(0.3, 3.0, heads).view(1, heads, 1, 1)
+    return {i: torch.randn(rows, heads, nb, nb, generator=gen) * sharp * (1 + i / 2) for i in range(layers)}
+
+
+def _mean_density(scores, config, cal):
+    per_layer = []
+    for i, s in scores.items():
+        if i in config.dense_layers:
+            per_layer.append(1.0)
+        else:
+            per_layer.append(float(head_density(select_blocks(s, config, cal.knob(i))).mean()))
+    return sum(per_layer) / len(per_layer)
+
+
+@pytest.mark.parametrize("method", ["threshold", "topp", "topk"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "oracle"])
+@pytest.mark.parametrize("target", [0.1, 0.3])
+def test_calibration_hits_the_target(method, allocation, target):
+    scores = _scores()
+    masses = {i: torch.softmax(s.masked_fill(~causal_blocks(64), float("-inf")) * 0.7, -1) for i, s in scores.items()}
+    config = SparsityConfig(method=method, target_density=target, allocation=allocation, sink_blocks=1)
+    cal = calibrate(scores, config, masses, selector="test", seq_len=2048)
+    assert abs(cal.density - target) < 0.01
+    assert cal.density == pytest.approx(_mean_density(scores, config, cal), abs=1e-6)
+    assert set(cal.knobs) == set(scores) and all(len(k) == 4 for k in cal.knobs.values())
+    if allocation == "global":
+        assert len({v for k in cal.knobs.values() for v in k}) == 1
+    if allocation == "uniform":  # every head near the target
+        for i, s in scores.items():
+            assert torch.allclose(head_density(select_blocks(s, config, cal.knob(i))), torch.tensor(target), atol=0.03)
+    if allocation == "oracle":  # each head near what one global threshold on the true mass gives it
+        truth = SparsityConfig(method="threshold", target_density=target, sink_blocks=1)
+        tau = calibrate({i: m.log() for i, m in masses.items()}, truth).knobs[0][0]
+        for i, s in scores.items():
+            want = head_density(threshold_mask(masses[i].log(), tau, sink_blocks=1))
+            got = head_density(select_blocks(s, config, cal.knob(i)))
+            assert torch.allclose(got, want, atol=0.03), (i, got, want)
+
+
+def test_dense_layers_count_in_the_mean():
+    scores = _scores(layers=4)
+    config = SparsityConfig(method="threshold", target_density=0.3, dense_layers=[0])
+    cal = calibrate(scores, config)
+    assert 0 not in cal.knobs and abs(cal.density - 0.3) < 0.01
+    sparse_mean = sum(float(head_density(select_blocks(scores[i], config, cal.knob(i))).mean()) for i in (1, 2, 3)) / 3
+    assert sparse_mean == pytest.approx((0.3 * 4 - 1) / 3, abs=0.01)
+    with pytest.raises(ValueError, match="below what dense_layers"):
+        calibrate(scores, SparsityConfig(method="threshold", target_density=0.1, dense_layers=[0]))
+
+
+def test_save_find_and_refuse(tmp_path):
+    scores = _scores(layers=2)
+    a = calibrate(scores, SparsityConfig(method="threshold", target_density=0.2))
+    b = calibrate(scores, SparsityConfig(method="topp", target_density=0.2, allocation="uniform"))
+    save_calibration(tmp_path, a)
+    save_calibration(tmp_path, b)
+    save_calibration(tmp_path, a)  # replaces, does not duplicate
+    stored = load_calibrations(tmp_path)
+    assert len(stored) == 2
+    found = find_calibration(tmp_path, SparsityConfig(method="topp", target_density=0.2, allocation="uniform"))
+    assert found == b and isinstance(found, Calibration)
+    with pytest.raises(ValueError, match=r"no calibration for sparsity threshold target_density=0.3 .*stored: .*"
+                                         r"threshold target_density=0.2 \(global\)"):
+        find_calibration(tmp_path, SparsityConfig(method="threshold", target_density=0.3))
+    (tmp_path / "calibration.json").write_text("[{\"knobs\": 3}]")
+    with pytest.raises(ValueError, match="is not a seer calibration file"):
+        load_calibrations(tmp_path)
+
+
+def test_nothing_to_calibrate():
+    with pytest.raises(ValueError, match="no target density"):
+        calibrate(_scores(), SparsityConfig(method="threshold", target_density=None))
