@@ -350,7 +350,9 @@ class Antidiagonal(Selector):
     ``mass[i, j] = sum_{g in block i, h in block j} P[g, h]`` (``B/S x B/S`` reduced cells per block),
     ``score[i, j] = log_softmax_j(log max(mass[i, j], 1e-30))`` over j <= i.
 
-    With S = 1 this is exactly the oracle. Cost ``O(N^2 D / S)``, chunked over block rows.
+    With S = 1 this is exactly the oracle. Cost ``O(N^2 D / S)``, chunked over block rows. Note that a sampled
+    cell's offset ``r - c = (g - h) S + S - 1 - 2t`` has the parity of ``S - 1``: an even stride never samples an
+    even diagonal (the main diagonal included), so a one-token-wide slash at an even offset is invisible to it.
     """
 
     name: ClassVar[str] = "antidiagonal"
