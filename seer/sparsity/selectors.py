@@ -1,0 +1,511 @@
+"""Training-free block scorers ("selectors"): rank (query block, key block) pairs without a learned gate.
+
+Every selector maps one attention layer's inputs (:class:`LayerInputs`: Q and K after RoPE, block size, softmax
+scale) to **block log-scores** ``[B, Hq, nb, nb]`` float32, ``nb = ceil(N / block_size)``:
+
+* finite on and below the diagonal, ``-inf`` above it (block-causal);
+* larger = more important;
+* normalised: over the causal blocks of a row, ``logsumexp == 0``, so ``exp(scores)`` is the selector's estimate
+  of how the row's attention mass spreads over its key blocks (threshold and top-p budgets read it as is; top-k
+  budgets only use the order). Estimated masses are floored at ``1e-30`` before the log, so scores stay finite.
+
+Any selector combines with any budget (:mod:`seer.sparsity.masks` or the evaluation's own), so methods are
+compared at equal density with the learned gate. Scorers (``name``: class):
+
+* ``oracle`` (:class:`Oracle`): the true block attention mass, the ceiling of any estimator.
+* ``streaming`` (:class:`Streaming`): StreamingLLM / A-shape, sink blocks then recency.
+* ``block_mean`` (:class:`BlockMean`): MInference's block-sparse estimate, mean-pooled Q . mean-pooled K.
+* ``vertical_slash`` (:class:`VerticalSlash`): MInference's vertical-slash estimate from the last query rows.
+* ``antidiagonal`` (:class:`Antidiagonal`): XAttention's strided antidiagonal sums.
+* ``flexprefill`` (:class:`FlexPrefill`): per head, query-aware (block mean) or vertical-slash by a JS test.
+* ``random`` (:class:`RandomScores`): reproducible random scores, the floor.
+
+All arithmetic is float32 (inputs may be bf16/fp16/fp32/fp64), on the inputs' device, without autograd. Work
+that needs token-level scores runs chunk of query rows by chunk of query rows, so memory stays
+``O(B * Hq * rows_per_chunk * N)`` (at most ``O(N * block_size)`` per head), never ``O(N^2)``.
+
+Build one by name with :func:`build_selector` (unknown names, unknown parameters and bad values raise
+``ValueError`` naming them); :data:`SELECTORS` maps names to classes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from seer.gates.pooling import pool_blocks
+from seer.kernels.reference import block_attn_mass
+
+__all__ = ["LayerInputs", "Selector", "Oracle", "Streaming", "BlockMean", "VerticalSlash", "Antidiagonal",
+           "FlexPrefill", "RandomScores", "SELECTORS", "build_selector", "MASS_FLOOR"]
+
+MASS_FLOOR = 1e-30  # estimated block masses are clamped here before the log, so scores stay finite
+_CHUNK_ELEMS = 1 << 25  # score elements per chunk of query rows (128 MiB of float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class LayerInputs:
+    """One attention layer's inputs to a selector.
+
+    ``q`` ``[B, Hq, N, D]`` and ``k`` ``[B, Hkv, N, D]`` are the query and key after RoPE (what attention uses);
+    ``Hq % Hkv == 0`` and query head ``h`` reads key head ``h // (Hq // Hkv)``. ``scale`` is the softmax scale
+    (usually ``D ** -0.5``). ``layer_idx`` only seeds the random selector.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    block_size: int
+    scale: float
+    layer_idx: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.q, torch.Tensor) or not isinstance(self.k, torch.Tensor):
+            raise ValueError("LayerInputs: q and k must be torch tensors")
+        if self.q.dim() != 4 or self.k.dim() != 4:
+            raise ValueError(f"LayerInputs: q and k must be [B, H, N, D]; got q {tuple(self.q.shape)}, "
+                             f"k {tuple(self.k.shape)}")
+        if not (self.q.is_floating_point() and self.k.is_floating_point()):
+            raise ValueError(f"LayerInputs: q and k must be floating point; got {self.q.dtype}, {self.k.dtype}")
+        b, hq, n, d = self.q.shape
+        bk, hkv, nk, dk = self.k.shape
+        if (bk, nk, dk) != (b, n, d):
+            raise ValueError(f"LayerInputs: k {tuple(self.k.shape)} does not match q {tuple(self.q.shape)} in "
+                             "batch, length or head dim")
+        if hkv < 1 or hq % hkv:
+            raise ValueError(f"LayerInputs: query heads ({hq}) must be a multiple of key heads ({hkv})")
+        if n < 1 or b < 1 or d < 1:
+            raise ValueError(f"LayerInputs: empty q {tuple(self.q.shape)}")
+        if self.q.device != self.k.device:
+            raise ValueError(f"LayerInputs: q on {self.q.device} but k on {self.k.device}")
+        _check_int("LayerInputs", "block_size", self.block_size, 1)
+        _check_int("LayerInputs", "layer_idx", self.layer_idx, 0)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) \
+                or not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"LayerInputs: scale must be a finite number > 0, got {self.scale!r}")
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def q_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def nb(self) -> int:
+        return (self.seq_len + self.block_size - 1) // self.block_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_int(owner: str, field: str, value, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{owner}: {field} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{owner}: {field} must be {bound}, got {value!r}")
+
+
+def _check_float(owner: str, field: str, value, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {field} must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{owner}: {field} must be in [{lo}, {hi}], got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared tensor helpers
+
+
+def _causal(nb: int, device) -> torch.Tensor:
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
+def _normalise(logits: torch.Tensor) -> torch.Tensor:
+    """Block-causal log-softmax per row: ``-inf`` above the diagonal, rows' ``logsumexp`` 0 below it."""
+    nb = logits.shape[-1]
+    return torch.log_softmax(logits.float().masked_fill(~_causal(nb, logits.device), float("-inf")), dim=-1)
+
+
+def _log_mass(mass: torch.Tensor) -> torch.Tensor:
+    """Log-scores from non-negative block masses (floored at :data:`MASS_FLOOR`, then row-normalised)."""
+    return _normalise(mass.float().clamp_min(MASS_FLOOR).log())
+
+
+def _grouped_matmul(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q [B, Hq, R, E] @ k [B, Hkv, M, E]^T -> [B, Hq, R, M]`` with query head h reading key head h // G."""
+    b, hq, r, e = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    out = torch.matmul(q.reshape(b, hkv, hq // hkv, r, e), k.unsqueeze(2).transpose(-1, -2))
+    return out.reshape(b, hq, r, m)
+
+
+def _mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Float32 block means ``[B, H, nb, D]`` (a partial last block divides by its own length)."""
+    # pool_blocks' CPU path rounds averages to x's dtype before out_dtype: give it float32 there
+    return pool_blocks(x if x.is_cuda else x.float(), block_size, ["avg"], out_dtype=torch.float32)
+
+
+def _last_rows_attention(x: LayerInputs, last_queries: int) -> tuple[torch.Tensor, int]:
+    """True causal softmax of the last ``L = min(last_queries, N)`` query rows against all keys:
+    ``[B, Hq, L, N]`` float32 (0 on keys after a row), and the first of those rows' index ``N - L``."""
+    n = x.seq_len
+    rows = min(last_queries, n)
+    start = n - rows
+    logits = _grouped_matmul(x.q[:, :, start:].float() * x.scale, x.k.float())
+    r = torch.arange(start, n, device=logits.device)[:, None]
+    c = torch.arange(n, device=logits.device)[None, :]
+    return torch.softmax(logits.masked_fill_(c > r, float("-inf")), dim=-1), start
+
+
+def _vertical_slash_marginals(attn: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``attn [B, Hq, L, N]`` (rows ``start..N-1``): the vertical importance ``v[c]`` (mean over the rows of
+    the probability on key c) and the slash importance ``s[o]`` (mean over the rows of the probability on key
+    ``row - o``, offset ``o`` in ``0..N-1``); both ``[B, Hq, N]``, each summing to 1."""
+    b, hq, rows, n = attn.shape
+    v = attn.sum(-2) / rows
+    dev = attn.device
+    col = torch.arange(start, start + rows, device=dev)[:, None] - torch.arange(n, device=dev)[None, :]  # [L, N]
+    valid = col >= 0
+    diag = attn.gather(-1, col.clamp_min(0).expand(b, hq, rows, n)).masked_fill_(~valid, 0.0)
+    return v, diag.sum(-2) / rows
+
+
+def _vertical_slash_block_mass(v: torch.Tensor, s: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block masses ``[B, Hq, nb, nb]`` (not normalised, 0 above the diagonal) of the estimate
+    ``A[r, c] ~ v[c] + s[r - c]`` (c <= r), averaged over the rows of each query block:
+    ``mass[i, j] = 1/|I| sum_{r in I} sum_{c in J, c <= r} (v[c] + s[r - c])``, I/J the token sets of blocks i/j.
+
+    Vertical part: ``sum_{c in J} v[c]`` for j < i; for j == i, the mean over the block's rows of the in-block
+    prefix sums of v. Slash part: depends on d = i - j only (the rows of the last, partial block aside):
+    ``1/|I| sum_{a < |I|} (S(dB + a) - S(dB + a - B))`` with ``S`` the prefix sum of ``s`` (0 below 0),
+    i.e. the offsets ``(dB + a - B, dB + a]`` that row ``iB + a`` reaches inside key block j.
+    """
+    b, hq, n = v.shape
+    bs = block_size
+    nb = (n + bs - 1) // bs
+    pad = nb * bs - n
+    last_rows = n - (nb - 1) * bs
+    dev = v.device
+    # vertical
+    cw = F.pad(v, (0, pad)).unflatten(-1, (nb, bs)).cumsum(-1)  # [B, H, nb, bs]
+    v_full = cw[..., -1]  # [B, H, nb]
+    v_diag = cw.mean(-1)
+    v_diag[..., -1] = cw[..., -1, :last_rows].mean(-1)
+    # slash: prefix sums in float64 (differences of them must keep masses far below float32's epsilon)
+    cum = F.pad(s.double(), (0, pad)).cumsum(-1)  # S(x), x = 0 .. nb*bs-1
+    window = (cum - F.pad(cum, (bs, 0))[..., :nb * bs]).unflatten(-1, (nb, bs))  # [B, H, nb (d), bs (a)]
+    h_full = window.mean(-1).float()  # [B, H, nb]
+    h_last = window[..., :last_rows].mean(-1).float()
+    ii = torch.arange(nb, device=dev)[:, None]
+    jj = torch.arange(nb, device=dev)[None, :]
+    dist = (ii - jj).clamp_min(0)
+    slash = h_full[..., dist]  # [B, H, nb, nb]
+    slash[..., -1, :] = h_last[..., dist[-1]]
+    vert = torch.where(ii > jj, v_full[..., None, :], torch.where(ii == jj, v_diag[..., :, None], 0.0))
+    return (vert + slash).masked_fill_(ii < jj, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selectors
+
+
+class Selector:
+    """Base class: a training-free block scorer. Subclasses are dataclasses whose fields are the
+    hyper-parameters (validated in ``__post_init__``); :meth:`scores` returns block log-scores (module doc)."""
+
+    name: ClassVar[str] = ""
+
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        """Block log-scores ``[B, Hq, nb, nb]`` float32 (see the module docstring)."""
+        raise NotImplementedError
+
+    def __call__(self, x: LayerInputs) -> torch.Tensor:
+        return self.scores(x)
+
+
+@dataclass
+class Oracle(Selector):
+    """The true block attention mass: ``score[i, j] = log(max(mass[i, j], 1e-30))`` (row-normalised), where
+    ``mass[i, j]`` is the mean over the rows of query block i of their causal softmax probability on key block j
+    (:func:`seer.kernels.reference.block_attn_mass`). The ceiling any estimator can reach; costs a full
+    attention forward (chunked over query rows)."""
+
+    name: ClassVar[str] = "oracle"
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        # the reference casts each chunk to float32 (float64 inputs stay float64 until the log)
+        return _log_mass(block_attn_mass(x.q, x.k, x.block_size, sm_scale=x.scale))
+
+
+@dataclass
+class Streaming(Selector):
+    """StreamingLLM / A-shape: the first ``sink_blocks`` key blocks, then the nearest ones.
+
+    Estimated mass ``p[i, j] ~ 2`` for a sink block (``j < sink_blocks``, with a tie-break of ``1e-3 * rank``
+    in log space so earlier sinks rank first) and ``1 / (1 + i - j)`` for the others (power-law recency, the
+    diagonal weighing 1); ``score = log_softmax(log p)`` over the causal row. Every sink outranks every other
+    block and the others rank by distance, so a top-k budget of k blocks keeps the sinks plus a local window of
+    ``k - sink_blocks`` blocks (the diagonal included).
+    """
+
+    name: ClassVar[str] = "streaming"
+    sink_blocks: int = 1
+
+    def __post_init__(self):
+        _check_int("streaming", "sink_blocks", self.sink_blocks, 0)
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        nb, dev = x.nb, x.q.device
+        i = torch.arange(nb, device=dev, dtype=torch.float32)[:, None]
+        j = torch.arange(nb, device=dev, dtype=torch.float32)[None, :]
+        logits = -torch.log1p((i - j).clamp_min(0))
+        sink = math.log(2.0) + 1e-3 * (self.sink_blocks - 1 - j)
+        logits = torch.where(j < self.sink_blocks, sink, logits)
+        return _normalise(logits).expand(x.batch, x.q_heads, nb, nb).contiguous()
+
+
+@dataclass
+class BlockMean(Selector):
+    """MInference's block-sparse estimate: ``score[i, j] = log_softmax_j(scale * mean_q[i] . mean_k[j])`` over
+    the causal blocks j <= i, with ``mean_q[i]`` / ``mean_k[j]`` the block means of Q / K (a partial last block
+    averages its own tokens; GQA: each query head reads its group's key head)."""
+
+    name: ClassVar[str] = "block_mean"
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        return _block_mean_scores(x, _mean_pool(x.k, x.block_size))
+
+
+def _block_mean_scores(x: LayerInputs, k_mean: torch.Tensor) -> torch.Tensor:
+    q_mean = _mean_pool(x.q, x.block_size)
+    return _normalise(_grouped_matmul(q_mean * x.scale, k_mean))
+
+
+@dataclass
+class VerticalSlash(Selector):
+    """MInference's vertical-slash estimate from the last ``last_queries`` query rows.
+
+    With ``A`` the true causal softmax of rows ``r in R = {N-L, .., N-1}`` (``L = min(last_queries, N)``):
+    vertical ``v[c] = 1/L sum_{r in R} A[r, c]``, slash ``s[o] = 1/L sum_{r in R, r-o >= 0} A[r, r - o]``
+    (each sums to 1). The token-level estimate is ``A~[r, c] = v[c] + s[r - c]`` for ``c <= r``; a block gets its
+    mean over the rows of query block ``I`` (``|I|`` real tokens) of the mass on key block ``J``:
+
+    ``mass[i, j] = 1/|I| sum_{r in I} sum_{c in J, c <= r} (v[c] + s[r - c])``,
+    ``score[i, j] = log_softmax_j(log max(mass[i, j], 1e-30))`` over j <= i.
+
+    For j < i the vertical part is ``sum_{c in J} v[c]`` and the slash part is the diagonals crossing the tile,
+    ``sum_t w(t) s[(i-j)B + t]`` with ``w(t) = (B - |t|)/B`` (|t| < B) for full blocks; the diagonal tile counts
+    only its causal half. Scores depend on Q only through the last L rows (by design); cost O(L * N * D).
+    """
+
+    name: ClassVar[str] = "vertical_slash"
+    last_queries: int = 64
+
+    def __post_init__(self):
+        _check_int("vertical_slash", "last_queries", self.last_queries, 1)
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        attn, start = _last_rows_attention(x, self.last_queries)
+        v, s = _vertical_slash_marginals(attn, start)
+        return _log_mass(_vertical_slash_block_mass(v, s, x.block_size))
+
+
+@dataclass
+class Antidiagonal(Selector):
+    """XAttention's antidiagonal scoring at ``stride`` S (S must divide the block size B).
+
+    Q and K are zero-padded to ``nb * B`` tokens and cut into groups of S tokens; group ``g`` of Q is flattened
+    in *reversed* order, ``Q'[g] = [q[gS+S-1], .., q[gS]]``, and K in order, ``K'[g] = [k[gS], .., k[gS+S-1]]``,
+    so ``Q'[g] . K'[h] = sum_{t<S} q[gS+S-1-t] . k[hS+t]``, the sum along the antidiagonal of the S x S tile
+    (g, h). As in the paper's estimate, those sums are scaled by ``scale / S`` and softmaxed per reduced row g
+    over the causal reduced keys h <= g:
+
+    ``P[g, h] = softmax_{h <= g}(scale / S * Q'[g] . K'[h])`` (reduced rows made only of padding are dropped),
+    ``mass[i, j] = sum_{g in block i, h in block j} P[g, h]`` (``B/S x B/S`` reduced cells per block),
+    ``score[i, j] = log_softmax_j(log max(mass[i, j], 1e-30))`` over j <= i.
+
+    With S = 1 this is exactly the oracle. Cost ``O(N^2 D / S)``, chunked over block rows. Note that a sampled
+    cell's offset ``r - c = (g - h) S + S - 1 - 2t`` has the parity of ``S - 1``: an even stride never samples an
+    even diagonal (the main diagonal included), so a one-token-wide slash at an even offset is invisible to it.
+    """
+
+    name: ClassVar[str] = "antidiagonal"
+    stride: int = 8
+
+    def __post_init__(self):
+        _check_int("antidiagonal", "stride", self.stride, 1)
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        st, bs = self.stride, x.block_size
+        if bs % st:
+            raise ValueError(f"antidiagonal: stride ({st}) must divide block_size ({bs})")
+        b, hq, n = x.batch, x.q_heads, x.seq_len
+        nb = x.nb
+        rb = bs // st  # reduced rows (and keys) per block
+        pad = nb * bs - n
+        nr = nb * rb  # reduced length
+        real_rows = (n + st - 1) // st
+        qr = F.pad(x.q.float(), (0, 0, 0, pad)).unflatten(2, (nr, st)).flip(3).flatten(3) * (x.scale / st)
+        kr = F.pad(x.k.float(), (0, 0, 0, pad)).unflatten(2, (nr, st)).flatten(3)
+        mass = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=x.q.device)
+        per_block_row = b * hq * rb * nr
+        step = max(1, _CHUNK_ELEMS // per_block_row)
+        dev = x.q.device
+        for i0 in range(0, nb, step):
+            i1 = min(nb, i0 + step)
+            r0, r1 = i0 * rb, i1 * rb
+            logits = _grouped_matmul(qr[:, :, r0:r1], kr[:, :, :r1])  # [B, Hq, rows, r1]
+            rows = torch.arange(r0, r1, device=dev)[:, None]
+            logits.masked_fill_(torch.arange(r1, device=dev)[None, :] > rows, float("-inf"))
+            p = torch.softmax(logits, dim=-1).masked_fill_(rows >= real_rows, 0.0)
+            mass[:, :, i0:i1, :i1] = p.unflatten(-1, (i1, rb)).sum(-1).unflatten(-2, (i1 - i0, rb)).sum(-2)
+        return _log_mass(mass)
+
+
+@dataclass
+class FlexPrefill(Selector):
+    """FlexPrefill's per-head choice between a query-aware and the vertical-slash estimate.
+
+    From the last ``L = min(last_queries, N)`` query rows (FlexPrefill's "last query block"), per (batch, head):
+
+    * true distribution ``a[j] = 1/L sum_{r in R} sum_{c in J} A[r, c]`` (their causal softmax, summed per key
+      block);
+    * pooled estimate ``a^[j] = softmax_j(scale * mean_{r in R} q[r] . mean_k[j])`` over all nb key blocks;
+    * ``d = sqrt(JS(a^, a))`` with natural logs (0 <= d <= sqrt(ln 2) ~ 0.83);
+    * ``d < tau``: the head is *query-aware* and gets :class:`BlockMean`'s scores (every row's own pooled
+      query); otherwise it gets :class:`VerticalSlash`'s scores (same ``last_queries``).
+
+    FlexPrefill's coverage ``gamma`` and minimum budget belong to the budget applied to these scores (top-p on
+    them reproduces its per-row cumulative selection), so they are not fields here. :meth:`decide` returns the
+    JS distances and the per-head choices.
+    """
+
+    name: ClassVar[str] = "flexprefill"
+    tau: float = 0.1
+    last_queries: int = 64
+
+    def __post_init__(self):
+        _check_float("flexprefill", "tau", self.tau, 0.0, 1.0)
+        _check_int("flexprefill", "last_queries", self.last_queries, 1)
+
+    def _run(self, x: LayerInputs, with_scores: bool):
+        attn, start = _last_rows_attention(x, self.last_queries)
+        v, s = _vertical_slash_marginals(attn, start)
+        bs, nb, n = x.block_size, x.nb, x.seq_len
+        true = F.pad(v, (0, nb * bs - n)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hq, nb]
+        k_mean = _mean_pool(x.k, bs)
+        q_last = x.q[:, :, start:].float().mean(2, keepdim=True) * x.scale  # [B, Hq, 1, D]
+        est = torch.softmax(_grouped_matmul(q_last, k_mean)[:, :, 0], dim=-1)
+        mid = 0.5 * (true + est)
+        js = 0.5 * (torch.xlogy(true, true) - torch.xlogy(true, mid)).sum(-1) \
+            + 0.5 * (torch.xlogy(est, est) - torch.xlogy(est, mid)).sum(-1)
+        dist = js.clamp_min(0.0).sqrt()
+        query_aware = dist < self.tau
+        if not with_scores:
+            return dist, query_aware, None
+        qa_scores = _block_mean_scores(x, k_mean)
+        vs_scores = _log_mass(_vertical_slash_block_mass(v, s, bs))
+        return dist, query_aware, torch.where(query_aware[..., None, None], qa_scores, vs_scores)
+
+    @torch.no_grad()
+    def decide(self, x: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(js_distance, query_aware)``, both ``[B, Hq]``: the square-root JS divergence between the pooled
+        estimate and the true block attention of the last rows, and ``js_distance < tau``."""
+        dist, query_aware, _ = self._run(x, with_scores=False)
+        return dist, query_aware
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        return self._run(x, with_scores=True)[2]
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """``(x * c) mod 2^32`` for 32-bit ``x`` (int or int64 tensor) without overflowing int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (xorshift-multiply); works on Python ints and int64 tensors alike."""
+    x = x & _M32
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@dataclass
+class RandomScores(Selector):
+    """Random block scores, the floor: ``score[b, h, i, j] = log_softmax_j(log u)`` over j <= i, with ``u`` in
+    (0, 1) a counter-based hash of ``(seed, layer_idx, b, h, i, j)``: reproducible for a given seed and layer,
+    the same on every device, independent of N for a given block (a prefix gets the same scores), no RNG state
+    touched. ``exp(score)`` is a uniformly-weighted random distribution; top-k of it is a uniform random subset.
+    """
+
+    name: ClassVar[str] = "random"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("random", "seed", self.seed, 0, (1 << 63) - 1)
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        key = _hash32(_hash32(_hash32(self.seed & _M32) ^ (self.seed >> 32)) + 0x9E3779B9 + x.layer_idx)
+        dev, nb = x.q.device, x.nb
+
+        def ar(n, dim):
+            shape = [1, 1, 1, 1]
+            shape[dim] = n
+            return torch.arange(n, device=dev, dtype=torch.int64).view(shape)
+
+        h = _hash32(ar(x.batch, 0) + key)
+        h = _hash32(h + ar(x.q_heads, 1))
+        h = _hash32(h + ar(nb, 2))
+        h = _hash32(h + ar(nb, 3))  # [B, Hq, nb, nb]
+        u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+        return _normalise(u.log())
+
+
+SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
+    Oracle, Streaming, BlockMean, VerticalSlash, Antidiagonal, FlexPrefill, RandomScores)}
+
+
+def build_selector(name: str, **params) -> Selector:
+    """The selector registered as ``name`` with hyper-parameters ``params``. An unknown name, an unknown
+    parameter or a bad value raises ``ValueError`` naming it."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; known: {', '.join(sorted(SELECTORS))}")
+    cls = SELECTORS[name]
+    known = [f.name for f in fields(cls)]
+    for key in params:
+        if key not in known:
+            raise ValueError(f"selector {name!r} has no parameter {key!r}; its parameters: "
+                             f"{', '.join(known) if known else '(none)'}")
+    return cls(**params)
