@@ -80,6 +80,7 @@ class SeerContext:
     kernel: str = "reference"  # sparse: "reference" or "triton"
     want_mass: bool = False
     consumer: Callable[[Any], None] | None = None
+    timer: list | None = None  # sparse mode on CUDA: (start, selected, attended) CUDA events of each layer
     density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def densities(self) -> dict[int, float]:
@@ -270,6 +271,10 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
             ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
         return out, None
     layer = module.layer_idx
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
+        if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
+    if events:
+        events[0].record()
     with torch.no_grad():
         scores = _scores(module, ctx, query, key, scale)
         mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
@@ -290,16 +295,22 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     ctx.density[layer] = (mask.sum(), total)
     if ctx.consumer is not None:
         ctx.consumer(LayerObservation(layer, scores, mask, mass))
+    if events:
+        events[1].record()
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
 
         out = _output_buffer(query)
         block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
-        return out, None
-    from seer.kernels.reference import block_sparse_attn
+    else:
+        from seer.kernels.reference import block_sparse_attn
 
-    out, _ = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+        out = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)[0].transpose(1, 2)
+        out = out.contiguous()
+    if events:
+        events[2].record()
+        ctx.timer.append(events)
+    return out, None
 
 
 def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,

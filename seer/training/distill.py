@@ -83,7 +83,8 @@ class GateDistillation(L.LightningModule):
         if masses:
             out["recall"] = _mean([mass_recall(masks[i], masses[i]) for i in masks])
             out["oracle_recall"] = _mean([oracle_recall(masses[i], float(block_density(masks[i])),
-                                                        self.sparsity.sink_blocks) for i in masks])
+                                                        self.sparsity.sink_blocks, self.sparsity.local_blocks)
+                                          for i in masks])
         if want_images:
             layers = sorted({i % self.num_layers for i in self.stage.image_layers} & set(logits))
             out["images"] = {i: (targets[i][0, 0].cpu(), torch.softmax(logits[i][0, 0], -1).cpu(),
