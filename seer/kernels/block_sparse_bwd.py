@@ -436,17 +436,20 @@ def _bs_bwd_dq_kernel(
 # Launch configurations and the host side
 # ----------------------------------------------------------------------------------------------------------
 
-# (BLOCK_N keys per program, BLOCK_M query rows per step, num_warps, num_stages, use_tma) per (head_dim, block)
+# Launch configurations, picked from registers/spills of an offline sm_90 compile (experiments/compile_stats.py:
+# with 8 warps, dk, dv and the K/V tile of 64 keys at D 128 stay in registers, even and odd N) until tuned on an
+# H100 with experiments/bench_sparse_bwd.py (which sweeps candidates and prints the winners for these tables).
+# dk/dv: (BLOCK_N keys per program, BLOCK_M query rows per step, num_warps, num_stages, use_tma) per (head_dim, block)
 _DKDV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
-    (128, 64): (64, 64, 4, 2, False),
-    (128, 128): (64, 64, 4, 2, False),
+    (128, 64): (64, 64, 8, 2, False),
+    (128, 128): (64, 128, 8, 2, False),
     (64, 64): (64, 64, 4, 2, False),
     (64, 128): (64, 64, 4, 2, False),
 }
-# (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, use_tma) per (head_dim, block)
+# dq: (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, use_tma) per (head_dim, block)
 _DQ_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
     (128, 64): (64, 64, 4, 2, False),
-    (128, 128): (64, 64, 4, 2, False),
+    (128, 128): (64, 128, 8, 2, False),
     (64, 64): (64, 64, 4, 2, False),
     (64, 128): (64, 64, 4, 2, False),
 }
@@ -461,7 +464,8 @@ def _launch_config(kernel: str, d: int, block: int, device: torch.device) -> tup
     elif device.type == "cpu":
         cfg = (block, block, 4, 1, False)
     else:
-        cfg = (_DKDV_CONFIGS if kernel == "dkdv" else _DQ_CONFIGS).get((d, block), (64, 64, 4, 2, False))
+        fallback = (64, 64, 8 if d >= 128 else 4, 2, False)  # d 256: no spills at 8 warps (about 197 KB of smem)
+        cfg = (_DKDV_CONFIGS if kernel == "dkdv" else _DQ_CONFIGS).get((d, block), fallback)
     tile_a, tile_b, num_warps, num_stages, use_tma = cfg
     return min(tile_a, block), min(tile_b, block), num_warps, num_stages, use_tma
 
