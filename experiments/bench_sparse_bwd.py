@@ -241,8 +241,6 @@ def sweep(block: int, n: int, budget_end: float) -> list[dict]:
                 f"{best['t0.1']:.3f} ms at 0.1)")
         else:
             bwd._CONFIG_OVERRIDE.pop(key, None)
-    del q, k, v, do, masks, idx, fwd, base
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -338,13 +336,16 @@ class Flex:
 
 # ---------------------------------------------------------------------------------------------- measure
 
+def flash_backward_ms(q, k, v, do) -> float:
+    out = sdpa_flash(q, k, v)
+    return ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+
+
 def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None, deadline: Deadline,
             rows: list[dict], save) -> None:
     q, k, v, do = qkv(n, seed=n)
     qd, kd, vd = (x.detach() for x in (q, k, v))
-    out_s = sdpa_flash(q, k, v)
-    flash_bwd = ms(lambda: torch.autograd.grad(out_s, (q, k, v), do, retain_graph=True))
-    del out_s
+    flash_bwd = flash_backward_ms(q, k, v, do)
     flash_fb = ms(lambda: torch.autograd.grad(sdpa_flash(q, k, v), (q, k, v), do))
     log(f"N={n}: SDPA flash backward {flash_bwd:.3f} ms, forward+backward {flash_fb:.3f} ms")
     for block in blocks:
@@ -364,7 +365,6 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None
             od, ld = out.detach(), lse.detach()
             row["kernels"] = ms(lambda: block_sparse_attn_backward(do, qd, kd, vd, od, ld, None, block, kv_index=ri,
                                                                    q_index=ci))
-            del out, lse
             row["fwd"] = ms(lambda: block_sparse_attn(qd, kd, vd, mask, block))
             row["fwd_bwd"] = ms(lambda: torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v),
                                                             do))
@@ -382,14 +382,11 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None
                             log(f"WARNING: FlexAttention and ours disagree: {row['flex_vs_ours_rel_diff']:.3e}")
                     row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do))
                     row["flex_s"] = round(time.time() - t0, 1)
-                    del bm
                 except Exception as exc:
                     row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
             log(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}))
             save()
-    del q, k, v, do, qd, kd, vd
-    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -526,6 +523,7 @@ def main() -> None:
         for i, block in enumerate(args.blocks):
             block_end = time.time() + (sweep_end - time.time()) / (len(args.blocks) - i)
             sweeps += sweep(block, args.ns[0], block_end)
+            torch.cuda.empty_cache()
             save()
         log(f"sweep done at {deadline.elapsed():.0f} s; configs {bwd._CONFIG_OVERRIDE}")
         if bwd._CONFIG_OVERRIDE:
@@ -542,6 +540,7 @@ def main() -> None:
             log(f"out of time: N={n} skipped")
             continue
         measure(n, args.blocks, args.densities, flex, deadline, rows, save)
+        torch.cuda.empty_cache()
         log(f"N={n} done at {deadline.elapsed():.0f} s")
     text = save()
     log("\n" + text)

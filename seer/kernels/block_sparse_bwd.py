@@ -41,14 +41,20 @@ Kernels
    ``dS``, ``dq += dS K``. The diagonal block, the only one masked, comes last.
 
 ``dq`` is computed apart from ``dk``/``dv`` (recomputing ``Q K^T`` and ``dO V^T``) instead of with atomic
-adds: no float atomics, deterministic results. Programs are launched longest lists first (first key blocks
-for ``dk``/``dv``, last query blocks for ``dq``), heads one after another.
+adds: no float atomics, deterministic results. Within a head, programs are launched longest lists first
+(first key blocks for ``dk``/``dv``, last query blocks for ``dq``); heads come one after another.
+
+Use
+---
+:func:`seer.kernels.block_sparse_attn` records a ``torch.autograd.Function`` (``_BlockSparseAttnFunction``)
+when grad is enabled and q, k or v requires grad: its forward is the forward kernel (saving ``out``, ``lse``
+and the row lists), its backward builds the column lists and runs the kernels above. Without grad the
+forward runs exactly as before. :func:`block_sparse_attn_backward` is the same backward as a function.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -58,10 +64,6 @@ from seer.kernels import block_sparse as _fwd
 from seer.kernels.common import LOG2E
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
