@@ -451,7 +451,7 @@ _DKDV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
 # dq: (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, use_tma) per (head_dim, block)
 _DQ_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
     (128, 64): (64, 64, 4, 2, False),
-    (128, 128): (64, 128, 8, 2, False),
+    (128, 128): (128, 64, 8, 2, False),
     (64, 64): (64, 64, 4, 2, False),
     (64, 128): (64, 64, 4, 2, False),
 }
