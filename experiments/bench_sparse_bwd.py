@@ -14,10 +14,10 @@ In one run, bounded by ``--budget-s`` (default 5.5 minutes; a FlexAttention comp
 3. **measure**: B 1, H 32, D 128, bf16, causal, N = 32k (then 16k and 8k while time is left), random per-head
    block masks with the diagonal kept at densities 1.0, 0.5, 0.2, 0.1, blocks 64 and 128:
 
-   * ``bwd``: our backward alone (``torch.autograd.grad`` on a retained graph: forward outputs precomputed; the
-     column-list build included), and apart: ``col index`` (:func:`build_block_col_index`), ``row index``
-     (:func:`build_block_index`, built by the forward and reused) and ``kernels`` (the backward on prebuilt
-     lists, :func:`block_sparse_attn_backward`);
+   * ``bwd``: our backward alone (``torch.autograd.grad`` on a retained graph: forward outputs precomputed;
+     the row- and column-list builds from the bool mask included), and apart: ``col index``
+     (:func:`build_block_col_index`), ``row index`` (:func:`build_block_index`) and ``kernels`` (the
+     backward on prebuilt lists, :func:`block_sparse_attn_backward`);
    * ``flash bwd``: SDPA's flash backend (``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``), backward of causal
      dense attention, timed the same way;
    * ``fwd+bwd``: ours (index builds included) against FlexAttention (``torch.compile``d) with a ``BlockMask``
@@ -417,8 +417,8 @@ def report(info: dict, cmd: str, checks: list[dict], sweeps: list[dict], rows: l
          f"B 1, H {H}, D {D}, {str(DT).replace('torch.', '')}, causal; random per-head block masks with the "
          "diagonal kept. Times in ms "
          "(`triton.testing.do_bench`, median). `bwd`: our backward alone through autograd (forward outputs "
-         "precomputed; includes the column-list build); `col idx` / `row idx`: the list builds alone (the row "
-         "lists come from the forward); `kernels`: the backward on prebuilt lists; `flash bwd`: SDPA flash "
+         "precomputed; includes building the row and column lists from the bool mask); `col idx` / `row idx`: "
+         "the list builds alone; `kernels`: the backward on prebuilt lists; `flash bwd`: SDPA flash "
          "backend, backward of dense causal attention; `fwd+bwd`: ours from the bool mask (index builds "
          "included), FlexAttention (compiled; BlockMask from the same mask, its build apart) and SDPA flash.", ""]
     L += ["## Goals (largest N measured)", "", "| goal | block | measured | met |", "|---|---|---|---|"]
