@@ -48,8 +48,9 @@ Use
 ---
 :func:`seer.kernels.block_sparse_attn` records a ``torch.autograd.Function`` (``_BlockSparseAttnFunction``)
 when grad is enabled and q, k or v requires grad: its forward is the forward kernel (saving ``out``, ``lse``
-and the bool mask), its backward builds the row and column lists from the mask and runs the kernels above. Without grad the
-forward runs exactly as before. :func:`block_sparse_attn_backward` is the same backward as a function.
+and the bool mask), its backward builds the row and column lists from the mask and runs the kernels above.
+Without grad the forward runs exactly as before. :func:`block_sparse_attn_backward` is the same backward as a
+function.
 """
 
 from __future__ import annotations
@@ -62,9 +63,32 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from seer.kernels import block_sparse as _fwd
-from seer.kernels.common import LOG2E
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+# What this module uses of the forward module besides build_block_index, _forward and _tma_ok (looked up at
+# call time): its argument checks, in one place so that moving them (e.g. into seer.kernels.common) is one edit.
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple[int, int, int, int, int]:
+    """``(B, Hq, Hkv, N, D)`` after the forward's checks of q, k, v and the block size."""
+    _fwd._check_block_size(block_size)
+    return _fwd._check_qkv(q, k, v)
+
+
+def _check_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> None:
+    """The forward's checks of a bool ``[B, Hq or Hkv, nb, nb]`` mask."""
+    _fwd._check_mask(block_mask)
+    if block_mask.shape[0] != b or block_mask.shape[2] != nb:
+        raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}]; "
+                         f"got {tuple(block_mask.shape)}")
+    _fwd._mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    """One device for all; CPU tensors only under the Triton interpreter."""
+    _fwd._check_device(*tensors)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -128,7 +152,7 @@ def build_block_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     One launch, no host synchronisation (the transpose of :func:`seer.kernels.block_sparse.build_block_index`).
     """
     _fwd._check_mask(block_mask)
-    _fwd._check_device(block_mask)
+    _check_device(block_mask)
     b, h, nb, _ = block_mask.shape
     idx = _alloc((b, h, nb, nb), torch.int32, block_mask.device)
     cnt = _alloc((b, h, nb), torch.int32, block_mask.device)
@@ -517,8 +541,7 @@ def block_sparse_attn_backward(
     ``block_mask`` when not given (``block_mask`` may then be None). ``dq``/``dk``/``dv`` optionally receive the
     results in place. ``dk``/``dv`` are ``[B, Hkv, N, D]``, summed over each query-head group. No host sync.
     """
-    _fwd._check_block_size(block_size)
-    b, hq, hkv, n, d = _fwd._check_qkv(q, k, v)
+    b, hq, hkv, n, d = _check_inputs(q, k, v, block_size)
     nb = triton.cdiv(n, block_size)
     if do.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"do and out must have q's shape {tuple(q.shape)}; got {tuple(do.shape)}, {tuple(out.shape)}")
@@ -527,14 +550,10 @@ def block_sparse_attn_backward(
     if dlse is not None and dlse.shape != (b, hq, n):
         raise ValueError(f"dlse must be {(b, hq, n)}; got {tuple(dlse.shape)}")
     if block_mask is not None:
-        _fwd._check_mask(block_mask)
-        if block_mask.shape[0] != b or block_mask.shape[2] != nb:
-            raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}]; "
-                             f"got {tuple(block_mask.shape)}")
-        _fwd._mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
+        _check_mask(block_mask, b, hq, hkv, nb)
     elif kv_index is None or q_index is None:
         raise ValueError("block_mask is needed unless both kv_index and q_index are given")
-    _fwd._check_device(q, k, v, do, out, lse, *(() if block_mask is None else (block_mask,)))
+    _check_device(q, k, v, do, out, lse, *(() if block_mask is None else (block_mask,)))
     dq = _grad_buffer(q, dq, "dq")
     dk = _grad_buffer(k, dk, "dk")
     dv = _grad_buffer(v, dv, "dv")
@@ -574,7 +593,7 @@ def block_sparse_attn_backward(
     use_tma = use_tma and _fwd._tma_ok(q, do)
     _bs_bwd_dkdv_kernel[(n_pad // block_n, b * hkv)](
         q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt,
-        scale * LOG2E, scale,
+        scale * _LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -594,7 +613,7 @@ def block_sparse_attn_backward(
     n_qprog = n_pad // block_m
     _bs_bwd_dq_kernel[(n_qprog, b * hq)](
         q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt,
-        scale * LOG2E, scale,
+        scale * _LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
