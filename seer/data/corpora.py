@@ -7,6 +7,7 @@ with a stable `fingerprint` string, which the token cache keys on:
 - `TextFilesCorpus`: local text files matched by glob patterns.
 - `HFDatasetCorpus`: a Hugging Face `datasets` dataset (streamed by default), with the `pg19_corpus` and
   `redpajama_sample_corpus` presets.
+- `MixedCorpus`: several corpora, their documents taken in turn (e.g. novels and code in one training set).
 """
 
 from __future__ import annotations
@@ -201,6 +202,32 @@ class HFDatasetCorpus(Corpus):
                 yielded += 1
                 if self.max_documents is not None and yielded >= self.max_documents:
                     return
+
+
+class MixedCorpus(Corpus):
+    """The documents of several corpora taken in turn (one of each, then the next of each, ...); a corpus that runs
+    out drops out and the others go on."""
+
+    def __init__(self, corpora: list[Corpus]):
+        corpora = list(corpora)
+        if not corpora or not all(isinstance(c, Corpus) for c in corpora):
+            raise ValueError(f"MixedCorpus: corpora must be a non-empty list of seer.data Corpus objects, got "
+                             f"{[type(c).__name__ for c in corpora]}")
+        self.corpora = corpora
+
+    @property
+    def fingerprint(self) -> str:
+        return f"MixedCorpus({_digest([c.fingerprint for c in self.corpora])})"
+
+    def documents(self) -> Iterator[str]:
+        streams = [c.documents() for c in self.corpora]
+        while streams:
+            for stream in list(streams):
+                text = next(stream, None)
+                if text is None:
+                    streams.remove(stream)
+                else:
+                    yield text
 
 
 # PG19 on the hub: `deepmind/pg19` is a loading-script dataset (its script downloads the books from Google

@@ -10,8 +10,9 @@ which reads Q and K after RoPE) or, when it is None, from the layer's gate. What
 context's ``mode``:
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
-* ``distill`` - dense attention plus the block ground truth (``reference`` PyTorch or fused ``triton`` kernel);
-  the gate's logits (with grad) and the ground truth go to ``context.consumer(LayerRecord(...))``.
+* ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``
+  PyTorch code or the fused ``triton`` kernel, or the block attention mass); the gate's logits (with grad) and the
+  ground truth go to ``context.consumer(LayerRecord(...))``.
 * ``observe`` - dense attention; each layer's block scores (and, with ``context.want_mass``, its true block attention
   mass) go to ``context.consumer(LayerObservation(...))``: what calibration and measurements read.
 * ``sparse`` - scores -> block mask (:func:`seer.sparsity.select_blocks`, with the knob of ``context.calibration``
@@ -77,6 +78,7 @@ class SeerContext:
     calibration: Calibration | None = None
     gt_source: str = "reference"  # distill: "reference" or "triton"
     gt_mode: str = "auto"  # distill with triton: "fast", "lowmem" or "auto"
+    gt_target: str = "maxpool"  # distill: "maxpool" (the paper's block max) or "mass" (block attention mass)
     kernel: str = "reference"  # sparse: "reference" or "triton"
     want_mass: bool = False
     consumer: Callable[[Any], None] | None = None
@@ -254,7 +256,10 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.mode == "distill":
         q_pre, k_pre = stash.take()
-        if ctx.gt_source == "triton":
+        if ctx.gt_target == "mass":
+            out, _ = _dense(module, query, key, value, None, 0.0, scaling)
+            gt = attention_mass(query, key, bs, scale)
+        elif ctx.gt_source == "triton":
             from seer.kernels import flash_attn_with_gt
 
             out = _output_buffer(query)

@@ -57,6 +57,7 @@ class GateDistillation(L.LightningModule):
                 masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
         ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
+        ctx.gt_target = self.stage.target
         ctx.set_mode("distill")
         try:
             with torch.no_grad():
