@@ -116,7 +116,7 @@ def main() -> None:
                             passkey=args.passkey, copy=args.copy, batch_size=4 if device.type == "cuda" else 1,
                             dense_cache=False)
     texts = {"novel": HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
-             "code": HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.02)}
+             "code": HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
     evaluators = {name: Evaluator(model, tokenizer, text, evaluation, kernel=kernel, model_name=model_id(run.model))
                   for name, text in texts.items()}
     dense = {name: ev.dense() for name, ev in evaluators.items()}

@@ -355,12 +355,14 @@ def _launch_config(d: int, block: int, pair: bool, device: torch.device) -> tupl
     return (min(block, 64), 8 if (2 * block if pair else block) >= 128 else 4, 2, False)
 
 
-_ALLOCATOR_SET = False
+def _scratch(size: int, align: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors."""
-    global _ALLOCATOR_SET
+    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors; when it can, makes sure
+    the calling thread has the scratch allocator device-side descriptors need (Triton keeps it in a context
+    variable, so a thread that never set it, e.g. autograd's backward worker, has none)."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
@@ -368,9 +370,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
         es = t.element_size()
         if t.data_ptr() % 16 or t.stride(3) != 1 or any((t.stride(i) * es) % 16 for i in range(3)):
             return False
-    if not _ALLOCATOR_SET:  # device-side descriptors need a small global scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    triton.set_allocator(_scratch)
     return True
 
 
