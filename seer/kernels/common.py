@@ -26,8 +26,8 @@ Conventions every attention kernel here follows:
           while j < hi:
               ... = body(j, ...)
               j += STEP
-      else:  # compiled: a counted loop, software-pipelined by num_stages
-          for j in tl.range(lo, hi, STEP):
+      else:  # compiled: a counted loop (range or tl.range), software-pipelined by num_stages
+          for j in range(lo, hi, STEP):
               ... = body(j, ...)
 
   with the body in one ``@triton.jit`` helper (inlined by the compiler: the compiled code is that of the plain

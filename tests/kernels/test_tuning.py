@@ -137,3 +137,35 @@ def test_median_ms_adds_runs_until_min_runs(monkeypatch):
     monkeypatch.setattr(tuning.triton.testing, "do_bench", fake_do_bench)
     ms, runs = tuning.median_ms(lambda: None, rep_ms=5, min_runs=4)
     assert calls == [5, 30.0] and runs == 4 and ms == 12.0
+
+
+@pytest.mark.gpu
+def test_gpu_tunes_once_per_key_and_never_during_graph_capture(monkeypatch):
+    """An untuned key met inside a CUDA-graph capture runs its default untimed and stays untuned; the graph
+    replays correctly; the next eager call times the candidates, the one after does not."""
+    timed = []
+    real = tuning.median_ms
+    monkeypatch.setattr(tuning, "median_ms", lambda fn, **kw: timed.append(1) or real(fn, **kw))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 3000, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    key = (64, 32, torch.bfloat16, 4096)
+    table = tuning._TABLES["flash_gt.fast"]
+    monkeypatch.setattr(table, "chosen", {})
+    assert len(table.candidates(key)) > 1
+    with force_config("flash_gt.fast"):  # compiles the default outside the capture
+        want = flash_attn_with_gt(q, k, v, 32, mode="fast")
+    out, lse, gt = torch.empty_like(q), torch.empty(1, 4, 3000, device="cuda"), torch.empty(1, 4, 94, 94,
+                                                                                           device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flash_attn_with_gt(q, k, v, 32, mode="fast", out=out, lse=lse, gt=gt)
+    assert timed == [] and key not in table.chosen
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip((out, lse, gt), want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    flash_attn_with_gt(q, k, v, 32, mode="fast")
+    assert timed and key in table.chosen and table.chosen[key] in table.candidates(key)
+    n_timed = len(timed)
+    flash_attn_with_gt(q, k, v, 32, mode="fast")
+    assert len(timed) == n_timed
