@@ -98,7 +98,7 @@ def _dense_candidates(key: tuple) -> list[dict]:
 
 
 def _fast_candidates(key: tuple) -> list[dict]:
-    if key[0] == 128:  # H100, 32k, bs 64 (ms): BN64 s3 EPI0 17.8, BN64 s4 EPI1 19.0, BN128 s3 EPI1 20.2
+    if key[0] == 128:  # H100, 32k, bs 64 (ms): BN64 s3 EPI0 17.8, BN64 s4 19.0 (EPI1), BN128 s3 EPI0 20.5
         return [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0, JC=64),
                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0, JC=64),
                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0, JC=64)]

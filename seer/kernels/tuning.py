@@ -17,8 +17,9 @@ name                what it launches                              key
 
 (length bucket: the next power of two of ``N``, at least 1024, at most 32768.) A table gives, for a key,
 
-* on CUDA, candidates in order, the first being the default: the config that won the sweeps on an H100
-  (``docs/bench_gt.md``, ``docs/bench_sparse.md``);
+* on CUDA, candidates in order, the first being the default: for the sizes swept on an H100 the winner
+  (``docs/bench_gt.md``, ``docs/bench_sparse.md``: head dim 128 and 64, blocks 64 and 128), for other sizes an
+  untimed guess;
 * under the Triton interpreter, one small config (it runs every program in turn on the CPU).
 
 The config of a call, in this order:
@@ -152,6 +153,12 @@ def kernel_names() -> list[str]:
     return sorted(_TABLES)
 
 
+def _table(kernel: str) -> LaunchTable:
+    if kernel not in _TABLES:
+        raise ValueError(f"no tuned kernel named {kernel!r}; kernels: {kernel_names()}")
+    return _TABLES[kernel]
+
+
 @contextlib.contextmanager
 def force_config(kernel: str, **config):
     """Inside the ``with`` block every launch of ``kernel`` (one of :func:`kernel_names`) uses ``config``: its
@@ -159,11 +166,10 @@ def force_config(kernel: str, **config):
     ``ValueError`` at the launch. For config sweeps and tests; process-wide, the previous state comes back at the
     end of the block. E.g. ``with force_config("flash_gt.fast", BLOCK_N=128, EPI=1): flash_attn_with_gt(...)``.
     """
-    if kernel not in _TABLES:
-        raise ValueError(f"no tuned kernel named {kernel!r}; kernels: {kernel_names()}")
-    unknown = sorted(set(config) - set(_TABLES[kernel].fields))
+    fields = _table(kernel).fields
+    unknown = sorted(set(config) - set(fields))
     if unknown:
-        raise ValueError(f"{kernel} configs have no entry {unknown}; entries: {list(_TABLES[kernel].fields)}")
+        raise ValueError(f"{kernel} configs have no entry {unknown}; entries: {list(fields)}")
     previous = _FORCED.get(kernel)
     _FORCED[kernel] = dict(config)
     try:
@@ -176,8 +182,8 @@ def force_config(kernel: str, **config):
 
 
 def set_autotune(enabled: bool) -> None:
-    """Switches the timing of candidates on (the default) or off (keys not chosen yet take their default, the
-    H100 winner). Process-wide; keys already chosen keep their config."""
+    """Switches the timing of candidates on (the default) or off (keys not chosen yet take their default).
+    Process-wide; keys already chosen keep their config."""
     global _AUTOTUNE
     _AUTOTUNE = bool(enabled)
 
@@ -190,10 +196,9 @@ def chosen_configs() -> dict[str, dict[tuple, dict]]:
 def last_launch(kernel: str) -> dict | None:
     """The config of the latest launch of ``kernel`` and, on CUDA, the registers per thread and spilled bytes of
     its compiled kernel (``n_regs``, ``n_spills``; None under the interpreter); None before its first launch."""
-    if kernel not in _TABLES:
-        raise ValueError(f"no tuned kernel named {kernel!r}; kernels: {kernel_names()}")
-    if _TABLES[kernel].last is None:
+    last = _table(kernel).last
+    if last is None:
         return None
-    config, compiled = _TABLES[kernel].last
+    config, compiled = last
     return {"config": dict(config), "n_regs": getattr(compiled, "n_regs", None),
             "n_spills": getattr(compiled, "n_spills", None)}
