@@ -334,7 +334,7 @@ _H100_CONFIGS: dict[tuple[int, int, bool], dict] = {
 
 
 def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
-    d, block, pair = key
+    _, block, pair = key
     if key in _H100_CONFIGS:
         return [_H100_CONFIGS[key]]
     return [dict(BLOCK_N=min(block, 64), num_warps=8 if (2 * block if pair else block) >= 128 else 4, num_stages=2,

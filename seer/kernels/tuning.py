@@ -30,7 +30,8 @@ The config of a call, in this order:
    captured into a CUDA graph (it then is not remembered: the first call after the capture tunes the key);
 4. else the fastest candidate, timed on the call's own arguments (:func:`median_ms`, two rounds over all
    candidates with the better round of each kept, so that the clock ramp-up of an idle GPU does not count
-   against the first; a candidate that fails to compile is skipped) and remembered for the key.
+   against the first; a candidate that fails to compile is skipped) and remembered for the key. Every run
+   writes all of its outputs (``out``, ``lse``, ``gt``, scratch), so the timing runs leave nothing to restore.
 
 So tuning costs one call per key and process, and a CUDA graph captured after a warm-up call of the same shapes
 replays tuned launches. The block-sparse table has one candidate per key, chosen offline
