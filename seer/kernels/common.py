@@ -30,8 +30,8 @@ Conventions every attention kernel here follows:
           for j in range(lo, hi, STEP):
               ... = body(j, ...)
 
-  with the body in one ``@triton.jit`` helper (inlined by the compiler: the compiled code is that of the plain
-  loop).
+  with a body of more than one statement in one ``@triton.jit`` helper (inlined by the compiler: the PTX is
+  that of the plain loop).
 """
 
 from __future__ import annotations
