@@ -90,7 +90,7 @@ def structured_scores(b: int, h: int, nb: int, seed: int = 0) -> torch.Tensor:
 
 def select(scores: torch.Tensor, density: float) -> torch.Tensor:
     """The block mask at ``density``: top-k per row with the diagonal and the first (sink) block forced."""
-    return topk_mask(scores, 1.0 - density, sink_blocks=1)
+    return topk_mask(scores, density, sink_blocks=1)
 
 
 def density_of(mask: torch.Tensor) -> float:
