@@ -67,6 +67,16 @@ __all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "build_block_index"
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _append_selected(out_ptr, base, sel, val):
+    """Writes the entries of ``val`` where ``sel`` holds to ``out_ptr[base:]``, in order (each at ``base`` plus
+    the number of selected entries before it); returns the new end of the list."""
+    s = sel.to(tl.int32)
+    pos = base + tl.cumsum(s, 0) - s
+    tl.store(out_ptr + pos, val, mask=sel)
+    return base + tl.sum(s, 0)
+
+
+@triton.jit
 def _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc,
                     PAIR: tl.constexpr, CHUNK: tl.constexpr):
     cols = c0 + tl.arange(0, CHUNK)
@@ -78,10 +88,7 @@ def _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc
     else:
         sel = top
         val = cols
-    s = sel.to(tl.int32)
-    pos = base + tl.cumsum(s, 0) - s
-    tl.store(irow + pos, val, mask=sel)
-    return base + tl.sum(s, 0)
+    return _append_selected(irow, base, sel, val)
 
 
 @triton.jit
@@ -142,21 +149,29 @@ def build_block_index(block_mask: torch.Tensor, *, pair: bool = False) -> tuple[
     """
     _check_mask(block_mask)
     check_device(block_mask=block_mask)
+    nb = block_mask.shape[-1]
+    return _build_lists(_bs_build_index_kernel, block_mask, (nb + 1) // 2 if pair else nb,
+                        lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device), PAIR=pair)
+
+
+def _build_lists(kernel, block_mask: torch.Tensor, rows: int, alloc, **meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches a list builder (this module's row lists, the backward's column lists) over a checked bool mask
+    ``[B, H, nb, nb]``: one program per list and batch x head, ``CHUNK`` mask entries at a time. Returns the lists
+    ``[B, H, rows, nb]`` and their lengths ``[B, H, rows]`` (int32, from ``alloc(shape, dtype, device)``)."""
     b, h, nb, _ = block_mask.shape
-    rows = (nb + 1) // 2 if pair else nb
-    idx = torch.empty(b, h, rows, nb, dtype=torch.int32, device=block_mask.device)
-    cnt = torch.empty(b, h, rows, dtype=torch.int32, device=block_mask.device)
+    idx = alloc((b, h, rows, nb), torch.int32, block_mask.device)
+    cnt = alloc((b, h, rows), torch.int32, block_mask.device)
     if b * h * rows == 0:
         return idx, cnt
     m = block_mask.view(torch.uint8)
     chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
-    _bs_build_index_kernel[(rows, b * h)](
+    kernel[(rows, b * h)](
         m, idx, cnt,
         m.stride(0), m.stride(1), m.stride(2), m.stride(3),
         idx.stride(0), idx.stride(1), idx.stride(2),
         cnt.stride(0), cnt.stride(1),
         h, nb,
-        PAIR=pair, CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1,
+        CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1, **meta,
     )
     return idx, cnt
 

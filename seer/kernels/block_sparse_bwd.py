@@ -67,8 +67,8 @@ from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_devic
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
 
 
-# What this module uses of the forward module besides build_block_index, _forward and _tma_ok (looked up at
-# call time): its mask checks, in one place.
+# What this module uses of the forward module besides build_block_index, _forward, _tma_ok, the list compaction
+# _append_selected and the list-builder launch _build_lists (looked up at call time): its mask checks, here.
 def _check_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> None:
     """The forward's checks of a bool ``[B, Hq or Hkv, nb, nb]`` mask."""
     _fwd._check_mask(block_mask)
@@ -96,10 +96,7 @@ def _alloc_like(x: torch.Tensor) -> torch.Tensor:
 def _bs_col_chunk(mcol, icol, r0, base, NB, stride_mr, CHUNK: tl.constexpr):
     rows = r0 + tl.arange(0, CHUNK)
     sel = tl.load(mcol + rows * stride_mr, mask=rows < NB, other=0) != 0
-    s = sel.to(tl.int32)
-    pos = base + tl.cumsum(s, 0) - s
-    tl.store(icol + pos, rows, mask=sel)
-    return base + tl.sum(s, 0)
+    return _fwd._append_selected(icol, base, sel, rows)
 
 
 @triton.jit
@@ -140,22 +137,7 @@ def build_block_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     _fwd._check_mask(block_mask)
     check_device(block_mask=block_mask)
-    b, h, nb, _ = block_mask.shape
-    idx = _alloc((b, h, nb, nb), torch.int32, block_mask.device)
-    cnt = _alloc((b, h, nb), torch.int32, block_mask.device)
-    if b * h * nb == 0:
-        return idx, cnt
-    m = block_mask.view(torch.uint8)
-    chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
-    _bs_build_col_index_kernel[(nb, b * h)](
-        m, idx, cnt,
-        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
-        idx.stride(0), idx.stride(1), idx.stride(2),
-        cnt.stride(0), cnt.stride(1),
-        h, nb,
-        CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1,
-    )
-    return idx, cnt
+    return _fwd._build_lists(_bs_build_col_index_kernel, block_mask, block_mask.shape[-1], _alloc)
 
 
 # ----------------------------------------------------------------------------------------------------------
