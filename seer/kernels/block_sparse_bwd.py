@@ -55,28 +55,20 @@ function.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from seer.kernels import block_sparse as _fwd
+from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
+                                 softmax_scale, with_unit_last_stride)
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
 
-_LOG2E = 1.0 / math.log(2.0)
 
-
-# What this module uses of the forward module besides build_block_index, _forward and _tma_ok (looked up at
-# call time): its argument checks, in one place so that moving them (e.g. into seer.kernels.common) is one edit.
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple[int, int, int, int, int]:
-    """``(B, Hq, Hkv, N, D)`` after the forward's checks of q, k, v and the block size."""
-    _fwd._check_block_size(block_size)
-    return _fwd._check_qkv(q, k, v)
-
-
+# What this module uses of the forward module besides build_block_index, _forward, _tma_ok, the list compaction
+# _append_selected and the list-builder launch _build_lists (looked up at call time): its mask checks, here.
 def _check_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> None:
     """The forward's checks of a bool ``[B, Hq or Hkv, nb, nb]`` mask."""
     _fwd._check_mask(block_mask)
@@ -84,11 +76,6 @@ def _check_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) ->
         raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}]; "
                          f"got {tuple(block_mask.shape)}")
     _fwd._mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    """One device for all; CPU tensors only under the Triton interpreter."""
-    _fwd._check_device(*tensors)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,10 +96,7 @@ def _alloc_like(x: torch.Tensor) -> torch.Tensor:
 def _bs_col_chunk(mcol, icol, r0, base, NB, stride_mr, CHUNK: tl.constexpr):
     rows = r0 + tl.arange(0, CHUNK)
     sel = tl.load(mcol + rows * stride_mr, mask=rows < NB, other=0) != 0
-    s = sel.to(tl.int32)
-    pos = base + tl.cumsum(s, 0) - s
-    tl.store(icol + pos, rows, mask=sel)
-    return base + tl.sum(s, 0)
+    return _fwd._append_selected(icol, base, sel, rows)
 
 
 @triton.jit
@@ -152,23 +136,8 @@ def build_block_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     One launch, no host synchronisation (the transpose of :func:`seer.kernels.block_sparse.build_block_index`).
     """
     _fwd._check_mask(block_mask)
-    _check_device(block_mask)
-    b, h, nb, _ = block_mask.shape
-    idx = _alloc((b, h, nb, nb), torch.int32, block_mask.device)
-    cnt = _alloc((b, h, nb), torch.int32, block_mask.device)
-    if b * h * nb == 0:
-        return idx, cnt
-    m = block_mask.view(torch.uint8)
-    chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
-    _bs_build_col_index_kernel[(nb, b * h)](
-        m, idx, cnt,
-        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
-        idx.stride(0), idx.stride(1), idx.stride(2),
-        cnt.stride(0), cnt.stride(1),
-        h, nb,
-        CHUNK=chunk, INTERP=block_mask.device.type == "cpu", num_warps=4 if chunk >= 512 else 1,
-    )
-    return idx, cnt
+    check_device(block_mask=block_mask)
+    return _fwd._build_lists(_bs_build_col_index_kernel, block_mask, block_mask.shape[-1], _alloc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +171,7 @@ def _bs_bwd_preprocess_kernel(
     live = lse != float("-inf")  # a real row that attends to something
     row = pid_bh.to(tl.int64) * N_PAD + offs_m
     tl.store(Delta + row, tl.where(live, delta, 0.0))
-    tl.store(Lse2 + row, tl.where(live, lse * 1.4426950408889634, float("inf")))
+    tl.store(Lse2 + row, tl.where(live, lse * LOG2E, float("inf")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -497,10 +466,6 @@ def _launch_config(kernel: str, d: int, block: int, device: torch.device) -> tup
     return min(tile_a, block), min(tile_b, block), num_warps, num_stages, use_tma
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _grad_buffer(x: torch.Tensor, given: torch.Tensor | None, name: str) -> torch.Tensor:
     if given is None:
         g = _alloc_like(x)
@@ -541,7 +506,8 @@ def block_sparse_attn_backward(
     ``block_mask`` when not given (``block_mask`` may then be None). ``dq``/``dk``/``dv`` optionally receive the
     results in place. ``dk``/``dv`` are ``[B, Hkv, N, D]``, summed over each query-head group. No host sync.
     """
-    b, hq, hkv, n, d = _check_inputs(q, k, v, block_size)
+    check_block_size(block_size)
+    b, hq, hkv, n, d = check_qkv(q, k, v)
     nb = triton.cdiv(n, block_size)
     if do.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"do and out must have q's shape {tuple(q.shape)}; got {tuple(do.shape)}, {tuple(out.shape)}")
@@ -553,7 +519,8 @@ def block_sparse_attn_backward(
         _check_mask(block_mask, b, hq, hkv, nb)
     elif kv_index is None or q_index is None:
         raise ValueError("block_mask is needed unless both kv_index and q_index are given")
-    _check_device(q, k, v, do, out, lse, *(() if block_mask is None else (block_mask,)))
+    masks = {} if block_mask is None else {"block_mask": block_mask}
+    check_device(q=q, k=k, v=v, do=do, out=out, lse=lse, **masks)
     dq = _grad_buffer(q, dq, "dq")
     dk = _grad_buffer(k, dk, "dk")
     dv = _grad_buffer(v, dv, "dv")
@@ -568,9 +535,9 @@ def block_sparse_attn_backward(
     kv_idx, kv_cnt = kv_index
     q_idx, q_cnt = q_index
 
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
-    do = _unit_last(do.to(q.dtype))
+    scale = softmax_scale(sm_scale, d)
+    q, k, v, out = (with_unit_last_stride(x) for x in (q, k, v, out))
+    do = with_unit_last_stride(do.to(q.dtype))
     lse = lse if lse.stride(-1) == 1 else lse.contiguous()
     n_pad = nb * block_size
     delta = _alloc((b, hq, n_pad), torch.float32, q.device)
@@ -586,14 +553,12 @@ def block_sparse_attn_backward(
         HEAD_DIM=d, BLOCK=block_size, HAS_DLSE=dlse is not None, num_warps=4,
     )
 
-    interp = q.device.type == "cpu"
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     group = hq // hkv
     block_n, block_m, num_warps, num_stages, use_tma = _launch_config("dkdv", d, block_size, q.device)
     use_tma = use_tma and _fwd._tma_ok(q, do)
     _bs_bwd_dkdv_kernel[(n_pad // block_n, b * hkv)](
         q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt,
-        scale * _LOG2E, scale,
+        scale * LOG2E.value, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -604,7 +569,7 @@ def block_sparse_attn_backward(
         q_cnt.stride(0), q_cnt.stride(1),
         b, n, nb, n_pad, hq, hkv, group, hq // q_idx.shape[1],
         HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_N=block_n, BLOCK_M=block_m, EVEN_N=n % block_size == 0,
-        DOT_PRECISION=dot_precision, INTERP=interp, USE_TMA=use_tma,
+        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -613,7 +578,7 @@ def block_sparse_attn_backward(
     n_qprog = n_pad // block_m
     _bs_bwd_dq_kernel[(n_qprog, b * hq)](
         q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt,
-        scale * _LOG2E, scale,
+        scale * LOG2E.value, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -623,7 +588,7 @@ def block_sparse_attn_backward(
         kv_cnt.stride(0), kv_cnt.stride(1),
         b, n, n_pad, n_qprog, hq, hkv, group, hq // kv_idx.shape[1],
         HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision, INTERP=interp, USE_TMA=use_tma,
+        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv

@@ -13,14 +13,15 @@ the inputs are float64.
 * :func:`block_attn_mass` - the share of attention mass per block (what recall of a block mask is measured on).
 * :func:`block_sparse_attn` - causal attention restricted to the key blocks a boolean block mask selects.
 
-This module imports nothing from the rest of ``seer``.
+Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`),
+the only other module of ``seer`` this one imports.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from seer.kernels.common import check_qkv_shapes, softmax_scale
 
 __all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "num_blocks"]
 
@@ -28,20 +29,6 @@ __all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "num
 def num_blocks(seq_len: int, block_size: int) -> int:
     """Number of blocks covering ``seq_len`` tokens (the last one may be partial)."""
     return (seq_len + block_size - 1) // block_size
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be [B, H, N, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    b, hq, n, d = q.shape
-    bk, hkv, nk, dk = k.shape
-    if (bk, nk, dk) != (b, n, d):
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head dim")
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if v is not None and v.shape != k.shape:
-        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
-    return b, hq, hkv, n, d
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -91,10 +78,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float
 def _block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None,
                 chunk_rows: int | None, reduce: str) -> torch.Tensor:
     """Pools the causal softmax map over ``block_size x block_size`` tiles with ``max`` or ``mean`` of rows' sums."""
-    b, hq, hkv, n, d = _check_qkv(q, k)
+    b, hq, hkv, n, d = check_qkv_shapes(q, k)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    scale = softmax_scale(sm_scale, d)
     nb = num_blocks(n, block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=_compute_dtype(q), device=q.device)
     for start, stop in _row_chunks(n, block_size, hq, b, chunk_rows):
@@ -165,8 +152,8 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     Returns ``out`` ``[B, Hq, N, D]`` in q's dtype and ``lse`` ``[B, Hq, N]`` in float32 (float64 for float64
     inputs).
     """
-    b, hq, hkv, n, d = _check_qkv(q, k, v)
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    b, hq, hkv, n, d = check_qkv_shapes(q, k, v)
+    scale = softmax_scale(sm_scale, d)
     nb = num_blocks(n, block_size)
     mask = _expand_block_mask(block_mask, b, hq, hkv, nb)
     dt = _compute_dtype(q)
