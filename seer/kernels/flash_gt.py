@@ -68,6 +68,7 @@ from seer.kernels.tuning import LaunchTable
 __all__ = ["fast_scratch_bytes", "flash_attn", "flash_attn_with_gt", "gt_from_lse"]
 
 MODES = ("auto", "fast", "lowmem")
+POOLS = ("max", "mass")  # what gt_from_lse pools: the largest probability of a block, or its attention mass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,14 +243,18 @@ def flash_attn_with_gt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
 
 @torch.no_grad()
 def gt_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_size: int = 64,
-                sm_scale: float | None = None, *, gt: torch.Tensor | None = None) -> torch.Tensor:
+                sm_scale: float | None = None, *, gt: torch.Tensor | None = None, pool: str = "max") -> torch.Tensor:
     """The ground truth from ``q``, ``k`` and the final ``lse`` of their causal attention (``mode="lowmem"``'s
-    second pass): ``gt[i, j] = exp(max_{r in block i, c in block j, c <= r} (s[r, c] - lse[r]))``.
+    second pass): ``gt[i, j] = exp(max_{r in block i, c in block j, c <= r} (s[r, c] - lse[r]))``; with
+    ``pool="mass"`` the block attention mass instead, ``mean_{r in block i} sum_{c in block j, c <= r}
+    exp(s[r, c] - lse[r])`` (each row sums to 1; :func:`seer.kernels.reference.block_attn_mass`).
 
     ``q``, ``k``, ``block_size``, ``sm_scale``, ``gt`` as in :func:`flash_attn_with_gt`; ``lse`` contiguous
     ``[B, Hq, N]`` float32 in natural log, e.g. from :func:`flash_attn` with the same scale. Returns ``gt``
     ``[B, Hq, nb, nb]`` float32.
     """
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r}: choose from {POOLS}")
     b, hq, _, n, d = check_qkv(q, k, None)
     check_device(q=q, k=k)
     _check_rows(b, hq, n)
@@ -261,7 +266,7 @@ def gt_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_size:
     gt = output("gt", gt, (b, hq, nb, nb), torch.float32, q.device, contiguous=True)
     with _on(q.device):
         PASS2.launch(_key(d, block_size, q.dtype, n),
-                     lambda c: launch_pass2(q, k, lse, gt, qk_scale, nb, block_size, c))
+                     lambda c: launch_pass2(q, k, lse, gt, qk_scale, nb, block_size, c, mass=pool == "mass"))
     return gt
 
 

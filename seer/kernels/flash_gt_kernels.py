@@ -296,20 +296,31 @@ def _epilogue_kernel(Lse, Scratch, Gt, N, NB, TRI, BS: tl.constexpr, JC: tl.cons
 
 @triton.jit
 def _gt_block(gt_base, q, k_base, stride_kn, l2, offs_m, offs_n, offs_d, gis, g_ok, i0, diag_blk, j, qk_scale,
-              N, NB, BS: tl.constexpr, SUBM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``gt[gis, j]``: the max over key block ``j`` of ``s2 - lse2`` for this program's rows, exponentiated."""
+              N, NB, BS: tl.constexpr, SUBM: tl.constexpr, DOT_PRECISION: tl.constexpr, MASS: tl.constexpr):
+    """``gt[gis, j]`` for this program's rows and key block ``j``: the max over the tile of ``s2 - lse2``,
+    exponentiated, or with ``MASS`` the mean over each block's rows of the probability they put on block ``j``."""
     cols = j * BS + offs_n
     kt = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kn, mask=cols[None, :] < N, other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     x = qk * qk_scale - l2[:, None]
     if j >= diag_blk:
         x = tl.where((cols[None, :] <= offs_m[:, None]) & (cols[None, :] < N), x, float("-inf"))
-    r = tl.max(x, 1)  # [BLOCK_M]
-    if SUBM == 1:
-        tl.store(gt_base + i0 * NB + j, tl.math.exp2(tl.max(r, 0)), mask=j < NB)
+    if MASS:
+        r = tl.sum(tl.math.exp2(x), 1)  # [BLOCK_M] each row's probability on block j (0 for rows past N)
+        if SUBM == 1:
+            rows = tl.minimum(N - i0 * BS, BS).to(tl.float32)
+            tl.store(gt_base + i0 * NB + j, tl.sum(r, 0) / rows, mask=j < NB)
+        else:
+            rows = tl.minimum(tl.maximum(N - gis * BS, 1), BS).to(tl.float32)
+            g = tl.sum(tl.reshape(r, [SUBM, BS]), 1) / rows
+            tl.store(gt_base + gis * NB + j, g, mask=g_ok & (j < NB))
     else:
-        g = tl.math.exp2(tl.max(tl.reshape(r, [SUBM, BS]), 1))
-        tl.store(gt_base + gis * NB + j, g, mask=g_ok & (j < NB))
+        r = tl.max(x, 1)  # [BLOCK_M]
+        if SUBM == 1:
+            tl.store(gt_base + i0 * NB + j, tl.math.exp2(tl.max(r, 0)), mask=j < NB)
+        else:
+            g = tl.math.exp2(tl.max(tl.reshape(r, [SUBM, BS]), 1))
+            tl.store(gt_base + gis * NB + j, g, mask=g_ok & (j < NB))
 
 
 @triton.jit
@@ -317,8 +328,9 @@ def _gt_kernel(Q, K, Lse, Gt, qk_scale,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                N, H, GROUP, NB, NUM_M,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               JC: tl.constexpr, INTERP: tl.constexpr):
-    """Low-memory pass 2: with ``lse`` final, gt[i, j] = exp2(max over the tile of (s2 - lse2)) per key block."""
+               JC: tl.constexpr, INTERP: tl.constexpr, MASS: tl.constexpr):
+    """Low-memory pass 2: with ``lse`` final, gt[i, j] = exp2(max over the tile of (s2 - lse2)) per key block (with
+    ``MASS``: the block's rows' mean probability on key block j, i.e. the block attention mass)."""
     start_m, bh, off_b, off_h, off_kh = _this_program(NUM_M, H, GROUP)
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh
@@ -342,12 +354,12 @@ def _gt_kernel(Q, K, Lse, Gt, qk_scale,
         j = 0
         while j < diag_blk + SUBM:
             _gt_block(gt_base, q, k_base, stride_kn, l2, offs_m, offs_n, offs_d, gis, g_ok, i0, diag_blk, j,
-                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION)
+                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION, MASS)
             j += 1
     else:
         for j in range(0, diag_blk + SUBM):
             _gt_block(gt_base, q, k_base, stride_kn, l2, offs_m, offs_n, offs_d, gis, g_ok, i0, diag_blk, j,
-                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION)
+                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION, MASS)
     _zero_gt_from(gt_base, gis, diag_blk + SUBM, NB, SUBM, JC, INTERP)
 
 
@@ -378,12 +390,13 @@ def launch_epilogue(lse: torch.Tensor, scratch: torch.Tensor, gt: torch.Tensor, 
                                    num_warps=4)
 
 
-def launch_pass2(q, k, lse, gt, qk_scale: float, nb: int, block_size: int, config: dict):
-    """``_gt_kernel``: ``gt`` from ``q``, ``k`` and the final ``lse``. Returns the compiled kernel."""
+def launch_pass2(q, k, lse, gt, qk_scale: float, nb: int, block_size: int, config: dict, mass: bool = False):
+    """``_gt_kernel``: ``gt`` (or with ``mass`` the block attention mass) from ``q``, ``k`` and the final ``lse``.
+    Returns the compiled kernel."""
     b, hq, n, d = q.shape
     grid = (triton.cdiv(n, config["BLOCK_M"]), b * hq)
     return _gt_kernel[grid](
         q, k, lse, gt, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         n, hq, hq // k.shape[1], nb, grid[0],
-        HEAD_DIM=d, BS=block_size, DOT_PRECISION=dot_precision(q.dtype), JC=32, INTERP=INTERPRET, **config)
+        HEAD_DIM=d, BS=block_size, DOT_PRECISION=dot_precision(q.dtype), JC=32, INTERP=INTERPRET, MASS=mass, **config)

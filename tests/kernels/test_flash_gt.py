@@ -205,6 +205,21 @@ def test_gt_from_lse_matches_the_fused_pass():
         flash_gt_from_lse(q, k, None, 32)
 
 
+@pytest.mark.parametrize("b, hq, hkv, n, bs", [(1, 4, 1, 100, 16), (2, 2, 2, 64, 32), (1, 2, 1, 37, 16)])
+def test_block_mass_from_lse_matches_the_reference(b, hq, hkv, n, bs):
+    q, k, v = _inputs(b, hq, hkv, n, 16, torch.float32, seed=n)
+    _, lse = flash_attn(q, k, v, sm_scale=0.3)
+    nb = -(-n // bs)
+    mass = torch.full((b, hq, nb, nb), float("nan"))
+    flash_gt_from_lse(q, k, lse, bs, sm_scale=0.3, gt=mass, pool="mass")
+    want = reference.block_attn_mass(q.double(), k.double(), bs, sm_scale=0.3)
+    assert not torch.isnan(mass).any()
+    torch.testing.assert_close(mass.double(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(b, hq, nb), rtol=1e-4, atol=1e-5)  # rows are distributions
+    with pytest.raises(ValueError, match="pool='mean': choose from"):
+        flash_gt_from_lse(q, k, lse, bs, sm_scale=0.3, pool="mean")
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
