@@ -31,6 +31,7 @@ fall back to dense SDPA.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -186,10 +187,12 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
                          f"{ctx.block_size}")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope else (None, 1.0)
+    dynamic = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
+    at_length = partial(rope_frequencies, cfg, gate_config.hidden_size) if dynamic else None  # as the model's
     device = next(model.parameters()).device
     for layer in attention_layers(model):
         heads, kv_heads, head_dim = layer_shape(model, layer)
-        layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
+        layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)
         stash = _PreRopeStash(heads, kv_heads, head_dim)
         layer.seer_stash = stash
         (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))

@@ -113,6 +113,9 @@ class FinetuneConfig(GateTargetConfig):
     ``pip install 'seer[finetune]'``) of that rank and ``lora_alpha`` to the ``lora_modules`` (module names),
     merged into the weights when the model is saved; ``trainable`` then names base parameters trained in full
     besides them (``conf/stage/finetune_lora.yaml``: none). Base weights train at ``lr``, the gates at ``gate_lr``.
+    ``float32_master_weights``: a half-precision model's trained parameters become float32 (AdamW updates of
+    ``lr`` 1e-5 survive; 16 bytes a parameter with the optimiser state); false trains them in the model's dtype
+    (8 bytes a parameter: what fits the whole 8B model on one GPU, ``experiment=finetune_8b_memory``).
 
     ``gate_loss_weight`` 0 trains without the gate loss (a dense fine-tune with ``sparsity=dense``, or sparse with
     gates from ``init_gates`` kept fixed). ``gt_every_n_steps``: the ground truth (one extra dense attention
@@ -141,6 +144,7 @@ class FinetuneConfig(GateTargetConfig):
     kernel: str = "auto"
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = 4096
+    float32_master_weights: bool = True
     image_every_n_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -196,9 +200,13 @@ class FinetuneConfig(GateTargetConfig):
         if self.lora_rank and importlib.util.find_spec("peft") is None:
             fail("stage", "lora_rank", self.lora_rank, "LoRA needs peft: pip install 'seer[finetune]'")
         precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
-        if _half_model(run.model.dtype, cfg) and not precision.startswith(("bf16", "16")):
+        if precision.endswith("-true") and precision != "32-true":
+            fail("trainer", "precision", precision, "would cast the rotary frequencies to half precision too; use "
+                 "bf16-mixed with model.dtype=bfloat16 (and stage.float32_master_weights=false to keep the trained "
+                 "weights in bfloat16)")
+        if _half_model(run.model.dtype, cfg) and not precision.endswith("-mixed"):
             fail("trainer", "precision", precision, f"the model runs in half precision (model.dtype="
-                 f"{run.model.dtype}) and its trained weights are kept in float32: use bf16-mixed")
+                 f"{run.model.dtype}): use bf16-mixed (autocast)")
 
 
     def _check_init_gates(self, run: RunConfig) -> None:

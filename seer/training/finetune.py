@@ -69,8 +69,9 @@ def add_lora(model: torch.nn.Module, stage: FinetuneConfig) -> torch.nn.Module:
 
 def set_trainable(model: torch.nn.Module, stage: FinetuneConfig) -> list[str]:
     """Marks what trains: base parameters matching ``stage.trainable``, LoRA adapters (already trainable), and the
-    gates when the gate loss is on. Trained parameters of a half-precision model become float32 (the optimiser's
-    master weights; autocast runs the matmuls in half precision). Returns the trained base parameters' names."""
+    gates when the gate loss is on. With ``stage.float32_master_weights``, trained parameters of a half-precision
+    model become float32 (autocast runs the matmuls in half precision). Returns the trained base parameters'
+    names."""
     chosen = []
     for name, p in model.named_parameters():
         if ".seer_gate." in f".{name}":
@@ -79,7 +80,7 @@ def set_trainable(model: torch.nn.Module, stage: FinetuneConfig) -> list[str]:
             p.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in stage.trainable))
             if p.requires_grad:
                 chosen.append(name)
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+        if p.requires_grad and stage.float32_master_weights and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     if stage.trainable and not chosen:
         example = next(n for n, _ in model.named_parameters())

@@ -92,7 +92,8 @@ def test_run_writes_the_rope_scaling_into_model_and_gates(tmp_path):
     (["stage.gate_loss_weight=0"], "stage.gate_loss_weight"),     # sparse through gates that never learn
     (["stage.init_gates=/nonexistent/gates"], "stage.init_gates"),
     (["stage.lora_rank=8"], "stage.trainable"),                   # LoRA while every base weight trains
-    (["model.dtype=bfloat16"], "trainer.precision"),              # half model, float32 optimiser, no autocast
+    (["model.dtype=bfloat16"], "trainer.precision"),              # half model without autocast
+    (["trainer.precision=bf16-true"], "trainer.precision"),       # would cast the rotary frequencies
     (["sparsity=threshold", "sparsity.allocation=oracle"], "sparsity.allocation"),
 ])
 def test_inconsistent_finetune_configs_are_refused_before_loading(overrides, key, monkeypatch):
@@ -186,3 +187,45 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
     for m in (loaded, module.lm):
         m.seer_context.set_mode("dense")
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))
+
+
+def test_dynamic_ntk_gates_follow_the_models_frequencies_at_each_length():
+    from seer.model.config import ModelConfig
+
+    model = load_causal_lm(ModelConfig(random_init=True, dtype="float32", architecture={
+        "model_type": "llama", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096},
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 128}))
+    attach_gates(model, GateConfig(block_size=16, hidden_size=16))  # gate width = head dim: same frequencies
+    gate = gates(model)[0]
+    for n in (100, 256):  # within the original context, then beyond it (the base grows)
+        _logits(model, torch.randint(0, 320, (1, n)))
+        inv_freq, _ = gate.rope_at_length(n)
+        torch.testing.assert_close(inv_freq, model.model.rotary_emb.inv_freq)
+    assert not torch.allclose(gate.rope_at_length(100)[0], gate.rope_at_length(256)[0])
+    cos, _, _ = gate._block_tables(16, torch.device("cpu"), torch.float32, 256)
+    torch.testing.assert_close(cos[1, :8], torch.cos(16 * gate.rope_at_length(256)[0]))
+
+
+@pytest.mark.gpu
+def test_triton_sparse_training_matches_the_reference_on_gpu():
+    """train_sparse through the Triton kernel's backward gives the reference's loss and gradients (bf16)."""
+
+    def grads(kernel: str):
+        model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda()
+        ctx = attach_gates(model, GateConfig(block_size=64, hidden_size=64))
+        ctx.set_mode("train_sparse")
+        ctx.sparsity, ctx.kernel = SparsityConfig(target_density=0.3), kernel
+        ids = torch.randint(0, 320, (1, 1000), generator=torch.Generator().manual_seed(0)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            loss = causal_lm_loss(hidden, model.lm_head, ids, 512)
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if ".seer_gate." not in n}
+
+    ref_loss, ref = grads("reference")
+    loss, got = grads("triton")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for name, grad in ref.items():
+        rel = (got[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert rel < 0.05, (name, float(rel))
