@@ -31,17 +31,27 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
+class _Densities(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(float(trainer.callback_metrics["train/density"]))
+
+
 def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
-    run = validate(compose(TINY + ["stage.lr=3e-3", "stage.gradient_checkpointing=true"]))
+    run = validate(compose(TINY + ["stage.lr=3e-3", "stage.gradient_checkpointing=true", "stage.dense_warmup_steps=1"]))
     model = load_causal_lm(run.model)
     module = build_finetune(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
                             out_dir=tmp_path, model_name="tiny")
     data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)  # one batch, repeated
+    densities = _Densities()
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[densities])
     trainer.fit(module, datamodule=data)
     hist = module.loss_history
     assert len(hist) == 3 and hist[-1] < hist[0] - 0.05
+    assert densities.seen[0] == 1.0 and all(0.45 < d < 0.65 for d in densities.seen[1:])  # dense warm-up step
 
     folder = tmp_path / "model"
     loaded = seer.load(str(folder), gates=folder / "gates", device="cpu", kernel="reference")
