@@ -95,5 +95,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg), gguf_file=cfg.gguf_file, dtype=dtype, revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa", **config).to(device)
+        if cfg.gguf_file:  # a GGUF loads dequantized: drop the quantizer marker, so it trains and saves as plain weights
+            model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
     return model.eval()
