@@ -6,6 +6,7 @@ Each component's schema lives beside the component it configures (as torchtitan 
 * ``seer.sparsity.config.SparsityConfig`` - how block scores become a block mask (group ``sparsity``)
 * ``seer.model.config.ModelConfig`` - the base model (group ``model``)
 * ``seer.training.config`` - one schema per training stage (group ``stage``, chosen by ``stage.name``)
+* ``seer.evaluation.config.EvalConfig`` - what ``seer.eval`` measures (group ``eval``)
 
 Their dataclass defaults are the only defaults: :func:`register_configs` stores each schema in Hydra's
 ``ConfigStore`` as ``<group>/schema``, and every YAML option in ``conf/<group>/`` extends it, setting only what it
@@ -81,10 +82,11 @@ def register_configs() -> None:
     it before ``@hydra.main`` composes."""
     from hydra.core.config_store import ConfigStore
 
+    from seer.evaluation.config import EvalConfig
     from seer.training.config import STAGES
 
     store = ConfigStore.instance()
-    for group, schema in _schemas().items():
+    for group, schema in {**_schemas(), "eval": EvalConfig}.items():
         store.store(group=group, name="schema", node=schema)
     for name, schema in STAGES.items():
         store.store(group="stage", name=f"{name}_schema", node=schema)

@@ -3,7 +3,7 @@
 * :func:`flash_attn_with_gt` - causal FlashAttention forward that also emits the block max-pooled attention
   map (the gate-distillation ground truth), in ``seer/kernels/flash_gt.py``.
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
-  ``seer/kernels/block_sparse.py``.
+  ``seer/kernels/block_sparse.py``; differentiable in q, k, v (Triton backward in ``block_sparse_bwd.py``).
 * :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
   pass), in ``seer/kernels/block_pool.py``.
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in

@@ -355,12 +355,14 @@ def _launch_config(d: int, block: int, pair: bool, device: torch.device) -> tupl
     return (min(block, 64), 8 if (2 * block if pair else block) >= 128 else 4, 2, False)
 
 
-_ALLOCATOR_SET = False
+def _scratch(size: int, align: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors."""
-    global _ALLOCATOR_SET
+    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors; when it can, makes sure
+    the calling thread has the scratch allocator device-side descriptors need (Triton keeps it in a context
+    variable, so a thread that never set it, e.g. autograd's backward worker, has none)."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
@@ -368,9 +370,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
         es = t.element_size()
         if t.data_ptr() % 16 or t.stride(3) != 1 or any((t.stride(i) * es) % 16 for i in range(3)):
             return False
-    if not _ALLOCATOR_SET:  # device-side descriptors need a small global scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    triton.set_allocator(_scratch)
     return True
 
 
@@ -473,7 +473,8 @@ def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     must be ascending and hold only blocks ``c <= r`` (``c <= 2p + 1`` for pair ``p``); nothing checks this
     on the device. Reuse one index across layers that share a mask. ``out``/``lse`` optionally receive the
     results in place (``out`` with q's shape and dtype, ``lse`` float32 ``[B, Hq, N]``).
-    Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``.
+    Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``. Forward only: refuses
+    q, k, v that require grad while grad is enabled (use :func:`block_sparse_attn` for gradients).
     """
     _check_block_size(block_size)
     b, hq, hkv, n, d = _check_qkv(q, k, v)
@@ -492,6 +493,9 @@ def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"got {tuple(kv_counts.shape)}")
     _mask_heads(kv_indices.shape[1], hq, hkv, "kv_indices")
     _check_device(q, k, v, kv_indices, kv_counts)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError("block_sparse_attn_indexed has no backward: use block_sparse_attn (from the bool mask) "
+                         "for gradients, or call it under torch.no_grad()")
     return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse)
 
 
@@ -499,7 +503,7 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
                       block_size: int = 64, sm_scale: float | None = None, *, pair: bool | None = None,
                       out: torch.Tensor | None = None,
                       lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention restricted to the key blocks a boolean block mask selects (Triton, forward only).
+    """Causal attention restricted to the key blocks a boolean block mask selects (Triton; differentiable).
 
     ``q`` ``[B, Hq, N, D]``; ``k``, ``v`` ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads
     key/value head ``h // (Hq // Hkv)``; K/V are not repeated). Any strides with a unit last stride (e.g. a
@@ -513,6 +517,10 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     kernel. ``pair`` picks the list layout (``None``: ``row``; see :func:`_default_pair`). ``out``/``lse``
     optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N]
     float32, natural log)``, the same as :func:`seer.kernels.reference.block_sparse_attn`.
+
+    When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v over the
+    same block selection (Triton backward in :mod:`seer.kernels.block_sparse_bwd`; the mask gets no gradient)
+    and ``out``/``lse`` buffers cannot be given. Otherwise nothing is recorded for autograd.
     """
     _check_block_size(block_size)
     b, hq, hkv, n, d = _check_qkv(q, k, v)
@@ -525,5 +533,9 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     _check_device(q, k, v, block_mask)
     if pair is None:
         pair = _default_pair(block_size, q.device)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        from seer.kernels.block_sparse_bwd import _attn_with_grad  # the backward (autograd) lives there
+
+        return _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse)
     kv_indices, kv_counts = build_block_index(block_mask, pair=pair)
     return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse)

@@ -10,8 +10,9 @@ which reads Q and K after RoPE) or, when it is None, from the layer's gate. What
 context's ``mode``:
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
-* ``distill`` - dense attention plus the block ground truth (``reference`` PyTorch or fused ``triton`` kernel);
-  the gate's logits (with grad) and the ground truth go to ``context.consumer(LayerRecord(...))``.
+* ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``
+  PyTorch code or the fused ``triton`` kernel, or the block attention mass); the gate's logits (with grad) and the
+  ground truth go to ``context.consumer(LayerRecord(...))``.
 * ``observe`` - dense attention; each layer's block scores (and, with ``context.want_mass``, its true block attention
   mass) go to ``context.consumer(LayerObservation(...))``: what calibration and measurements read.
 * ``sparse`` - scores -> block mask (:func:`seer.sparsity.select_blocks`, with the knob of ``context.calibration``
@@ -84,9 +85,11 @@ class SeerContext:
     calibration: Calibration | None = None
     gt_source: str = "reference"  # distill: "reference" or "triton"
     gt_mode: str = "auto"  # distill with triton: "fast", "lowmem" or "auto"
+    gt_target: str = "maxpool"  # distill, train_sparse: "maxpool" (the paper's block max) or "mass" (block mass)
     kernel: str = "reference"  # sparse, train_sparse: "reference" or "triton"
     want_mass: bool = False
     consumer: Callable[[Any], None] | None = None
+    timer: list | None = None  # sparse mode on CUDA: (start, selected, attended) CUDA events of each layer
     density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     train_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # train_sparse: this step's masks
 
@@ -272,6 +275,10 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
             ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
         return out, None
     layer = module.layer_idx
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
+        if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
+    if events:
+        events[0].record()
     with torch.no_grad():
         scores = _scores(module, ctx, query, key, scale)
         mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
@@ -292,21 +299,31 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     ctx.density[layer] = (mask.sum(), total)
     if ctx.consumer is not None:
         ctx.consumer(LayerObservation(layer, scores, mask, mass))
+    if events:
+        events[1].record()
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
 
         out = _output_buffer(query)
         block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
-        return out, None
-    from seer.kernels.reference import block_sparse_attn
+    else:
+        from seer.kernels.reference import block_sparse_attn
 
-    out, _ = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+        out = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)[0].transpose(1, 2)
+        out = out.contiguous()
+    if events:
+        events[2].record()
+        ctx.timer.append(events)
+    return out, None
 
 
 def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
-    """Dense attention output ``[B, N, Hq, D]`` and the block ground truth, from the fused Triton kernel or the
-    PyTorch reference (``ctx.gt_source``); no grad."""
+    """Dense attention output ``[B, N, Hq, D]`` and the block ground truth of ``ctx.gt_target``: the block attention
+    mass, or the block max from the fused Triton kernel or the PyTorch reference (``ctx.gt_source``); no grad."""
+    if ctx.gt_target == "mass":
+        out, _ = _dense(module, query, key, value, None, 0.0, scaling)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return out, attention_mass(query, key, ctx.block_size, scale)
     if ctx.gt_source == "triton":
         from seer.kernels import flash_attn_with_gt
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 GT_SOURCES = ("auto", "reference", "triton")
 GT_MODES = ("auto", "fast", "lowmem")
 LOSSES = ("kl", "mse")
+TARGETS = ("maxpool", "mass")
 
 
 @dataclass
@@ -63,13 +64,17 @@ class GateTargetConfig(StageConfig):
     """The gates' distillation loss: ``loss`` (``kl``: KL(GT || softmax(gate)), the release; ``mse``: paper v1)
     between gate logits and the row-normalised block ground truth.
 
-    ``skip_first_rows``: share of query-block rows left out of the loss (the release drops 0.25). ``gt``: where the
+    ``target``: what the gate learns: ``maxpool`` (the paper's ground truth, the largest attention probability in
+    each block) or ``mass`` (the share of each query-block row's attention in each block, the mean over its rows:
+    what recall, threshold and top-p budgets reason about). ``skip_first_rows``: share of query-block rows left out of
+    the loss (the release drops 0.25). ``gt``: where the
     ground truth comes from: ``triton`` (fused FlashAttention kernel that emits the block map), ``reference``
     (chunked PyTorch) or ``auto`` (triton on CUDA). ``gt_mode``: the Triton kernel's memory mode, ``fast`` (a
     scratch of per-row tile maxima), ``lowmem`` (a second pass once the log-sum-exp is known) or ``auto`` (from
     free GPU memory).
     """
 
+    target: str = "maxpool"
     loss: str = "kl"
     row_normalize: bool = True
     skip_first_rows: float = 0.0
@@ -78,6 +83,8 @@ class GateTargetConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target not in TARGETS:
+            fail("stage", "target", self.target, f"choose from {TARGETS}")
         if self.loss not in LOSSES:
             fail("stage", "loss", self.loss, f"choose from {LOSSES}")
         if self.gt not in GT_SOURCES:

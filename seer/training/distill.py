@@ -57,6 +57,7 @@ class GateDistillation(L.LightningModule):
                 masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
         ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
+        ctx.gt_target = self.stage.target
         ctx.set_mode("distill")
         try:
             with torch.no_grad():
@@ -83,7 +84,8 @@ class GateDistillation(L.LightningModule):
         if masses:
             out["recall"] = _mean([mass_recall(masks[i], masses[i]) for i in masks])
             out["oracle_recall"] = _mean([oracle_recall(masses[i], float(block_density(masks[i])),
-                                                        self.sparsity.sink_blocks) for i in masks])
+                                                        self.sparsity.sink_blocks, self.sparsity.local_blocks)
+                                          for i in masks])
         if want_images:
             layers = sorted({i % self.num_layers for i in self.stage.image_layers} & set(logits))
             out["images"] = {i: (targets[i][0, 0].cpu(), torch.softmax(logits[i][0, 0], -1).cpu(),

@@ -117,7 +117,8 @@ class Finetune(L.LightningModule):
 
     def on_fit_start(self) -> None:
         ctx = self.context
-        ctx.gt_source, ctx.gt_mode, ctx.kernel = self.gt_source, self.stage.gt_mode, self.kernel
+        ctx.gt_source, ctx.gt_mode, ctx.gt_target, ctx.kernel = (self.gt_source, self.stage.gt_mode,
+                                                                  self.stage.target, self.kernel)
         ctx.set_mode("train_sparse")
 
     def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool) -> dict:
