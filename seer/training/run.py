@@ -57,6 +57,27 @@ def instantiate_data(node: DictConfig, tokenizer):
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
 
 
+def build_distill(run: RunConfig, model, *, gt_source: str, device: torch.device, tokenizer, out_dir: Path,
+                  model_name: str):
+    """The distill stage's module: gates attached to ``model``, its base frozen."""
+    from seer.model.attention import attach_gates, freeze_base_model
+    from seer.training.distill import GateDistillation
+
+    attach_gates(model, run.gate)
+    freeze_base_model(model)
+    return GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_name)
+
+
+def build_finetune(run: RunConfig, model, **kwargs):
+    from seer.training.finetune import build_finetune
+
+    return build_finetune(run, model, **kwargs)
+
+
+# stage name -> builder of its LightningModule from the loaded base model
+STAGE_MODULES = {"distill": build_distill, "finetune": build_finetune}
+
+
 def _instantiate_group(group: DictConfig | None, **extra) -> list:
     from hydra.utils import instantiate
 
@@ -64,14 +85,12 @@ def _instantiate_group(group: DictConfig | None, **extra) -> list:
 
 
 def run_training(cfg: DictConfig) -> dict:
-    """Trains gates as ``cfg`` says; returns the run summary (also written to ``summary.json``)."""
+    """Runs the training stage ``cfg`` names; returns the run summary (also written to ``summary.json``)."""
     from hydra.utils import instantiate
     import lightning as L
 
-    from seer.model.attention import attach_gates, freeze_base_model
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
     from seer.training.callbacks import AtomicCheckpointIO, RunSummary
-    from seer.training.distill import GateDistillation
     from seer.training.loggers import finish_wandb
 
     run: RunConfig = validate(cfg)  # bad values fail here, before anything is loaded
@@ -89,9 +108,8 @@ def run_training(cfg: DictConfig) -> dict:
     datamodule = instantiate_data(cfg.data, tokenizer)  # validates data arguments before the model loads
 
     model = load_causal_lm(run.model, device)
-    attach_gates(model, run.gate)
-    freeze_base_model(model)
-    module = GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_id(run.model))
+    module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
+                                           out_dir=out_dir, model_name=model_id(run.model))
 
     if cfg.get("logger") and cfg.logger.get("wandb") is not None and cfg.logger.wandb.get("group") is None:
         OmegaConf.update(cfg, "logger.wandb.group", _wandb_group(cfg), force_add=True)
