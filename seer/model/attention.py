@@ -321,8 +321,14 @@ def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
     """Dense attention output ``[B, N, Hq, D]`` and the block ground truth of ``ctx.gt_target``: the block attention
     mass, or the block max from the fused Triton kernel or the PyTorch reference (``ctx.gt_source``); no grad."""
     if ctx.gt_target == "mass":
-        out, _ = _dense(module, query, key, value, None, 0.0, scaling)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if ctx.gt_source == "triton":
+            from seer.kernels.flash_gt import flash_attn
+
+            out = _output_buffer(query)
+            _, lse = flash_attn(query, key, value, sm_scale=scaling, out=out.transpose(1, 2))
+            return out, attention_mass(query, key, ctx.block_size, scale, lse=lse)
+        out, _ = _dense(module, query, key, value, None, 0.0, scaling)
         return out, attention_mass(query, key, ctx.block_size, scale)
     if ctx.gt_source == "triton":
         from seer.kernels import flash_attn_with_gt

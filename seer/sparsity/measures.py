@@ -55,9 +55,18 @@ def oracle_recall(mass: torch.Tensor, density: float, sink_blocks: int = 0, loca
     return mass_recall(keep.view(mass.shape) | forced, mass)
 
 
-def attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+def attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float,
+                   lse: torch.Tensor | None = None) -> torch.Tensor:
     """The true block attention mass ``[B, Hq, nb, nb]`` (float32) of post-RoPE ``query [B, Hq, N, D]`` and ``key
-    [B, Hkv, N, D]`` (:func:`seer.kernels.reference.block_attn_mass`, chunked: memory ``O(N * block)`` per head)."""
+    [B, Hkv, N, D]``. On CUDA: the Triton pass over Q K^T given the rows' log-sum-exp (``lse [B, Hq, N]`` float32,
+    computed by a flash forward when not given); elsewhere :func:`seer.kernels.reference.block_attn_mass` (chunked:
+    memory ``O(N * block)`` per head)."""
+    if query.is_cuda:
+        from seer.kernels.flash_gt import flash_attn, gt_from_lse
+
+        if lse is None:
+            lse = flash_attn(query, key, key, sm_scale=scale)[1]  # only the log-sum-exp is used
+        return gt_from_lse(query, key, lse, block_size, sm_scale=scale, pool="mass")
     from seer.kernels.reference import block_attn_mass
 
     return block_attn_mass(query, key, block_size, scale).float()
