@@ -307,9 +307,9 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         out = _output_buffer(query)
         block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
     else:
-        from seer.kernels.reference import block_sparse_attn
+        from seer.kernels.reference import block_sparse_sdpa
 
-        out = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)[0].transpose(1, 2)
+        out = block_sparse_sdpa(query, key, value, mask, block_size=bs, sm_scale=scaling).transpose(1, 2)
         out = out.contiguous()
     if events:
         events[2].record()
