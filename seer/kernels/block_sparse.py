@@ -59,7 +59,7 @@ from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_
                                  output, softmax_scale, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
-__all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "build_block_index"]
+__all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "build_block_index", "heaviest_first"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs
 
 @triton.jit
 def _bs_attn_fwd_kernel(
-    Q, K, V, Out, Lse, Idx, Cnt,
+    Q, K, V, Out, Lse, Idx, Cnt, Order,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -254,9 +254,15 @@ def _bs_attn_fwd_kernel(
     N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
-    pid_m = N_ROWPROG - 1 - tl.program_id(0)  # longest (last) query blocks first
-    pid_bh = tl.program_id(1)
+    if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed, the longest lists first
+        packed = tl.load(Order + tl.program_id(0))
+        pid_bh = packed // N_ROWPROG
+        pid_m = packed % N_ROWPROG
+    else:  # per head, the longest (last) query blocks first
+        pid_m = N_ROWPROG - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
     off_b = (pid_bh // HQ).to(tl.int64)
     off_h = pid_bh % HQ
     off_hkv = (off_h // GROUP).to(tl.int64)
@@ -392,7 +398,17 @@ def _mask_heads(hm: int, hq: int, hkv: int, what: str) -> int:
     return hq // hm
 
 
-def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse):
+def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
+    """The row programs of ``kv_counts [B, Hm, R]`` (expanded to ``hq`` query heads) as int32 ``(b * hq + h) * R +
+    r``, ordered by list length, longest first (ties: later rows first, as the per-head order), so that when
+    budgets differ by head the heaviest programs start first instead of forming a tail. On the device, no sync."""
+    b, hm, rows = kv_counts.shape
+    work = kv_counts.repeat_interleave(hq // hm, dim=1).flip(-1).reshape(-1)
+    packed = torch.arange(b * hq * rows, device=kv_counts.device, dtype=torch.int32).view(b * hq, rows).flip(-1)
+    return packed.reshape(-1)[torch.argsort(work, descending=True, stable=True)]
+
+
+def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="auto"):
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale(sm_scale, d)
@@ -403,11 +419,12 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
     n_rowprog = triton.cdiv(n, block_m)
-    grid = (n_rowprog, b * hq)
+    order = heaviest_first(kv_counts, hq) if _sorted(schedule, n_rowprog, q.device) else None
+    grid = (n_rowprog, b * hq) if order is None else (n_rowprog * b * hq,)
 
     def run(config: dict):
         return _bs_attn_fwd_kernel[grid](
-            q, k, v, out, lse, kv_indices, kv_counts,
+            q, k, v, out, lse, kv_indices, kv_counts, kv_counts if order is None else order,
             scale * LOG2E.value,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -418,16 +435,30 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
             kv_counts.stride(0), kv_counts.stride(1),
             n, hq, n_rowprog, hq // hkv, hq // kv_indices.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, PAIR=pair, DOT_PRECISION=dot_precision(q.dtype),
-            INTERP=INTERPRET, **dict(config, USE_TMA=config["USE_TMA"] and _tma_ok(k, v)),
+            INTERP=INTERPRET, SORTED=order is not None, **dict(config, USE_TMA=config["USE_TMA"] and _tma_ok(k, v)),
         )
     CONFIGS.launch((d, block_size, pair), run)
     return out, lse
 
 
+SCHEDULES = ("auto", "rows", "heaviest_first")
+# From this many row programs per head (16k tokens at 64-token blocks), `auto` sorts: the sort costs a few launches,
+# paid back only where a tail of long rows can form.
+_SORT_FROM_ROWS = 256
+
+
+def _sorted(schedule: str, n_rowprog: int, device: torch.device) -> bool:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose from {SCHEDULES}")
+    if schedule == "auto":
+        return device.type == "cuda" and n_rowprog >= _SORT_FROM_ROWS
+    return schedule == "heaviest_first"
+
+
 def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                               kv_counts: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
-                              pair: bool = False, out: torch.Tensor | None = None,
-                              lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              pair: bool = False, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                              schedule: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse causal attention over prebuilt block lists (skips :func:`build_block_index`).
 
     ``kv_indices`` int32 ``[B, Hm, R, >= nb_used]`` and ``kv_counts`` int32 ``[B, Hm, R]`` as returned by
@@ -459,13 +490,13 @@ def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError("block_sparse_attn_indexed has no backward: use block_sparse_attn (from the bool mask) "
                          "for gradients, or call it under torch.no_grad()")
-    return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse)
+    return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule)
 
 
 def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
                       block_size: int = 64, sm_scale: float | None = None, *, pair: bool = False,
-                      out: torch.Tensor | None = None,
-                      lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                      schedule: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention restricted to the key blocks a boolean block mask selects (Triton; differentiable).
 
     ``q`` ``[B, Hq, N, D]``; ``k``, ``v`` ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads
@@ -479,8 +510,11 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     Builds the block lists with :func:`build_block_index` (one small launch, no host sync) and runs the
     kernel. ``pair`` picks the list layout (see the module docstring): the default ``row`` layout; ``pair=True``
     is 2% faster at density 1.0 on an H100 but 1.5x slower at density 0.1 (the union of two rows' lists is longer
-    than either), and the density is not known on the host without a sync. ``out``/``lse`` optionally receive
-    the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the
+    than either), and the density is not known on the host without a sync. ``schedule``: the order programs
+    start in: ``rows`` (per head, the last query blocks first), ``heaviest_first`` (all programs by list length,
+    longest first: balanced when budgets differ by head or row, :func:`heaviest_first`) or ``auto`` (heaviest
+    first from 256 row programs per head, i.e. 16k tokens at 64-token blocks, on CUDA). ``out``/``lse``
+    optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the
     same as :func:`seer.kernels.reference.block_sparse_attn`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v over the
@@ -501,4 +535,4 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 
         return _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse)
     kv_indices, kv_counts = build_block_index(block_mask, pair=pair)
-    return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse)
+    return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule)
