@@ -74,15 +74,19 @@ def passkey_cases(tokenizer, stream: torch.Tensor, start_id: int, seq_len: int, 
 
 def copy_cases(tokenizer, stream: torch.Tensor, start_id: int, seq_len: int, count: int, span: int,
                seed: int = 0, source_depth: float = 0.1) -> list[CopyCase]:
-    """``count`` copy cases of ``seq_len`` tokens: a span of ``span`` tokens drawn at random from the stream's
-    token ids (a random word salad only copying predicts) after a marker at ``source_depth`` of the window, and the
-    marker and span again at the end."""
+    """``count`` copy cases of ``seq_len`` tokens: a span of ``span`` consecutive tokens of held-out text (taken from
+    elsewhere in the stream than the filler, with no document separator in it) after a marker at ``source_depth`` of
+    the window, and the marker and span again at the end: a model that reads its context back predicts the repeat
+    far better than the text alone lets it."""
     rng = random.Random(f"copy-{seed}-{seq_len}")
     marker = _encode(tokenizer, COPY_MARKER)
-    vocab = stream.unique().tolist()
     cases = []
     for _ in range(count):
-        words = torch.tensor([vocab[rng.randrange(len(vocab))] for _ in range(span)])
+        words = torch.tensor(_filler(stream, span, rng))
+        for _ in range(100):  # a span inside one document
+            if tokenizer.eos_token_id not in words.tolist():
+                break
+            words = torch.tensor(_filler(stream, span, rng))
         room = seq_len - 1 - 2 * (len(marker) + span)
         if room < 2:
             raise ValueError(f"seq_len={seq_len} is too short for a copy case of a {span}-token span")

@@ -408,7 +408,7 @@ def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
     return packed.reshape(-1)[torch.argsort(work, descending=True, stable=True)]
 
 
-def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="auto"):
+def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows"):
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale(sm_scale, d)
@@ -419,7 +419,7 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
     n_rowprog = triton.cdiv(n, block_m)
-    order = heaviest_first(kv_counts, hq) if _sorted(schedule, n_rowprog, q.device) else None
+    order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
     grid = (n_rowprog, b * hq) if order is None else (n_rowprog * b * hq,)
 
     def run(config: dict):
@@ -441,24 +441,19 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     return out, lse
 
 
-SCHEDULES = ("auto", "rows", "heaviest_first")
-# From this many row programs per head (16k tokens at 64-token blocks), `auto` sorts: the sort costs a few launches,
-# paid back only where a tail of long rows can form.
-_SORT_FROM_ROWS = 256
+SCHEDULES = ("rows", "heaviest_first")
 
 
-def _sorted(schedule: str, n_rowprog: int, device: torch.device) -> bool:
+def _sorted(schedule: str) -> bool:
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: choose from {SCHEDULES}")
-    if schedule == "auto":
-        return device.type == "cuda" and n_rowprog >= _SORT_FROM_ROWS
     return schedule == "heaviest_first"
 
 
 def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                               kv_counts: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
                               pair: bool = False, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                              schedule: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                              schedule: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse causal attention over prebuilt block lists (skips :func:`build_block_index`).
 
     ``kv_indices`` int32 ``[B, Hm, R, >= nb_used]`` and ``kv_counts`` int32 ``[B, Hm, R]`` as returned by
@@ -496,7 +491,7 @@ def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
                       block_size: int = 64, sm_scale: float | None = None, *, pair: bool = False,
                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                      schedule: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      schedule: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention restricted to the key blocks a boolean block mask selects (Triton; differentiable).
 
     ``q`` ``[B, Hq, N, D]``; ``k``, ``v`` ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads
@@ -511,10 +506,10 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     kernel. ``pair`` picks the list layout (see the module docstring): the default ``row`` layout; ``pair=True``
     is 2% faster at density 1.0 on an H100 but 1.5x slower at density 0.1 (the union of two rows' lists is longer
     than either), and the density is not known on the host without a sync. ``schedule``: the order programs
-    start in: ``rows`` (per head, the last query blocks first), ``heaviest_first`` (all programs by list length,
-    longest first: balanced when budgets differ by head or row, :func:`heaviest_first`) or ``auto`` (heaviest
-    first from 256 row programs per head, i.e. 16k tokens at 64-token blocks, on CUDA). ``out``/``lse``
-    optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the
+    start in: ``rows`` (per head, the last query blocks first; heads one after another, so concurrent programs
+    share a head's K/V in L2) or ``heaviest_first`` (all programs by list length, longest first,
+    :func:`heaviest_first`). On an H100 at 32k ``rows`` was faster for uniform and for per-head-skewed budgets
+    alike (docs/bench_adaptive.md). ``out``/``lse`` optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the
     same as :func:`seer.kernels.reference.block_sparse_attn`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v over the

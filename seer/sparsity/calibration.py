@@ -53,11 +53,18 @@ class Calibration:
     selector: str = "gate"
     rows: int = 0
     seq_len: int = 0
+    _tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def knob(self, layer_idx: int, device=None) -> torch.Tensor | None:
-        """The per-head knob ``[H]`` of a layer (None for a dense layer)."""
+        """The per-head knob ``[H]`` of a layer (None for a dense layer), kept per device after the first call so
+        a forward pays no host-to-device copy per layer."""
         values = self.knobs.get(layer_idx)
-        return None if values is None else torch.tensor(values, dtype=torch.float32, device=device)
+        if values is None:
+            return None
+        key = (layer_idx, str(device))
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        return self._tensors[key]
 
     def matches(self, sparsity: SparsityConfig, selector: str = "gate", seq_len: int | None = None) -> bool:
         """Whether this calibration was made for ``sparsity`` (every field), ``selector`` and (when given)
@@ -65,7 +72,8 @@ class Calibration:
         return self.sparsity == sparsity and self.selector == selector and seq_len in (None, self.seq_len)
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["sparsity"] = dataclasses.asdict(self.sparsity)
         out["knobs"] = {str(k): v for k, v in self.knobs.items()}
         out["head_density"] = {str(k): v for k, v in self.head_density.items()}
         return out
@@ -94,8 +102,8 @@ def _bisect(density_of: Callable[[torch.Tensor], torch.Tensor], target: torch.Te
     return (hi if rising else lo).float()  # the side that reaches the target
 
 
-def _layer_density(scores: torch.Tensor, config: SparsityConfig, knob: torch.Tensor) -> torch.Tensor:
-    """Density ``[H]`` of each head of one layer's scores ``[rows, H, nb, nb]`` with a per-head knob ``[H]``."""
+def _head_densities(scores: torch.Tensor, config: SparsityConfig, knob: torch.Tensor) -> torch.Tensor:
+    """Density ``[H]`` of each head of scores ``[rows, H, nb, nb]`` with a per-head knob ``[H]``."""
     return head_density(select_blocks(scores, config, knob))
 
 
@@ -113,50 +121,51 @@ def _sparse_target(config: SparsityConfig, layers: list[int]) -> float:
     return min(1.0, target)
 
 
-def _global_knob(scores: Mapping[int, torch.Tensor], config: SparsityConfig, target: float) -> float:
-    heads = {i: s.shape[1] for i, s in scores.items()}
-
-    def mean_density(knob: torch.Tensor) -> torch.Tensor:
-        per_layer = [_layer_density(s, config, knob.expand(heads[i])).mean() for i, s in scores.items()]
-        return torch.stack(per_layer).mean().reshape(1).cpu()
-
-    return float(_bisect(mean_density, torch.tensor([target]), config.method))
+def _fit(stacked: torch.Tensor, config: SparsityConfig, goal: torch.Tensor | float) -> torch.Tensor:
+    """Knobs ``[L*H]`` for the layers' heads side by side (``stacked [rows, L*H, nb, nb]``): one shared knob reaching
+    the mean ``goal`` (a float), or one per head reaching ``goal [L*H]``. Every bisection step is one mask
+    computation over all layers."""
+    width = stacked.shape[1]
+    if isinstance(goal, torch.Tensor):
+        return _bisect(lambda k: _head_densities(stacked, config, k), goal.double(), config.method)
+    mean = lambda k: _head_densities(stacked, config, k.expand(width)).mean().reshape(1)  # noqa: E731
+    shared = _bisect(mean, torch.tensor([goal], dtype=torch.float64, device=stacked.device), config.method)
+    return shared.expand(width).clone()
 
 
 def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
               masses: Mapping[int, torch.Tensor] | None = None, selector: str = "gate",
               seq_len: int = 0) -> Calibration:
-    """The :class:`Calibration` of ``config`` on ``scores`` (``{layer: [rows, H, nb, nb]}``; ``masses`` of the
-    same shapes, the true block attention mass, for ``allocation=oracle``). See the module docstring."""
+    """The :class:`Calibration` of ``config`` on ``scores`` (``{layer: [rows, H, nb, nb]}``, every layer the same
+    shape; ``masses`` of the same shapes, the true block attention mass, for ``allocation=oracle``). See the module
+    docstring."""
     if config.method == "dense" or config.target_density is None:
         raise ValueError(f"sparsity {config.describe()} has no target density to calibrate for")
     if not scores:
         raise ValueError("calibration needs the block scores of at least one layer")
     layers = sorted(scores)
     target = _sparse_target(config, layers)
-    sparse = {i: scores[i] for i in layers if i not in config.dense_layers}
+    sparse = [i for i in layers if i not in config.dense_layers]
+    heads = scores[sparse[0]].shape[1]
+    stacked = torch.cat([scores[i].float() for i in sparse], dim=1)  # [rows, L*H, nb, nb]: layers as more heads
     if config.allocation == "global":
-        knob = _global_knob(sparse, config, target)
-        knobs = {i: [knob] * s.shape[1] for i, s in sparse.items()}
+        goal: torch.Tensor | float = target
+    elif config.allocation == "uniform":
+        goal = torch.full((stacked.shape[1],), target, device=stacked.device)
     else:
-        if config.allocation == "oracle":
-            if masses is None or set(masses) != set(scores):
-                raise ValueError("allocation=oracle needs the true block mass of every calibrated layer")
-            truth = dataclasses.replace(config, method="threshold", allocation="global")
-            logs = {i: torch.log(masses[i].float().clamp_min(1e-30)) for i in sparse}
-            tau = _global_knob(logs, truth, target)
-            goal = {i: _layer_density(logs[i], truth, torch.full((s.shape[1],), tau, device=s.device))
-                    for i, s in sparse.items()}
-        else:
-            goal = {i: torch.full((s.shape[1],), target, device=s.device) for i, s in sparse.items()}
-        knobs = {}
-        for i, s in sparse.items():
-            knobs[i] = _bisect(lambda k, s=s: _layer_density(s, config, k), goal[i].double(), config.method).tolist()
-    dens = {i: _layer_density(s, config, torch.tensor(knobs[i], device=s.device)).tolist() for i, s in sparse.items()}
-    per_layer = [sum(dens[i]) / len(dens[i]) if i in dens else 1.0 for i in layers]
-    rows = next(iter(scores.values())).shape[0]
-    return Calibration(sparsity=config, knobs=knobs, density=sum(per_layer) / len(per_layer), head_density=dens,
-                       selector=selector, rows=rows, seq_len=seq_len)
+        if masses is None or not set(sparse) <= set(masses):
+            raise ValueError("allocation=oracle needs the true block mass of every calibrated layer")
+        truth = dataclasses.replace(config, method="threshold", allocation="global")
+        logs = torch.cat([torch.log(masses[i].float().clamp_min(1e-30)) for i in sparse], dim=1)
+        goal = _head_densities(logs, truth, _fit(logs, truth, target))
+    knobs = _fit(stacked, config, goal)
+    dens = _head_densities(stacked, config, knobs).view(len(sparse), heads).tolist()
+    knobs = knobs.view(len(sparse), heads).tolist()
+    per_layer = {i: sum(d) / heads for i, d in zip(sparse, dens)}
+    mean = sum(per_layer.get(i, 1.0) for i in layers) / len(layers)
+    return Calibration(sparsity=config, knobs=dict(zip(sparse, knobs)), density=mean,
+                       head_density=dict(zip(sparse, dens)), selector=selector,
+                       rows=scores[sparse[0]].shape[0], seq_len=seq_len)
 
 
 def save_calibration(folder: str | Path, calibration: Calibration) -> Path:

@@ -247,13 +247,17 @@ class Selector:
 class Oracle(Selector):
     """The true block attention mass: ``score[i, j] = log(max(mass[i, j], 1e-30))`` (row-normalised), where
     ``mass[i, j]`` is the mean over the rows of query block i of their causal softmax probability on key block j
-    (:func:`seer.kernels.reference.block_attn_mass`). The ceiling any estimator can reach; costs a full
-    attention forward (chunked over query rows)."""
+    (:func:`seer.sparsity.measures.attention_mass`: the Triton pass on CUDA, the chunked reference elsewhere). The
+    ceiling any estimator can reach; costs a full attention forward."""
 
     name: ClassVar[str] = "oracle"
 
     @torch.no_grad()
     def scores(self, x: LayerInputs) -> torch.Tensor:
+        if x.q.is_cuda:
+            from seer.sparsity.measures import attention_mass
+
+            return _log_mass(attention_mass(x.q, x.k, x.block_size, x.scale))
         # the reference casts each chunk to float32 (float64 inputs stay float64 until the log)
         return _log_mass(block_attn_mass(x.q, x.k, x.block_size, sm_scale=x.scale))
 

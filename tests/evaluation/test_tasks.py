@@ -64,3 +64,6 @@ def test_copy_repeat_matches_source(tokenizer, corpus):
         assert torch.equal(ids[c.repeat_pos:], c.span) and c.repeat_pos == 300 - 16
         assert c.source_pos < 0.3 * 300
     assert not torch.equal(cases[0].span, cases[1].span)
+    for c in cases:  # the span is a piece of the held-out text, within one document
+        starts = [i for i in range(len(stream) - 16) if torch.equal(stream[i:i + 16], c.span)]
+        assert starts and tokenizer.eos_token_id not in c.span.tolist()
