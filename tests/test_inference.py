@@ -109,3 +109,14 @@ def test_graphed_prefill_needs_cuda(tmp_path):
 
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         GraphedPrefill(_tiny_gated(tmp_path), 1, 64)
+
+
+def test_sparse_prefill_under_autocast(tmp_path):
+    """Under bf16 autocast a float32 model's rotary tables make q/k float32 beside a bf16 v; the kernels get one
+    dtype."""
+    model = _tiny_gated(tmp_path)
+    enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.5))
+    ids = torch.randint(0, 300, (1, 64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all() and set(model.seer_context.densities()) == {0, 1}

@@ -264,6 +264,8 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     bs = ctx.block_size
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v
+        query, key = query.to(value.dtype), key.to(value.dtype)
     if ctx.mode == "train_sparse":
         return _train_sparse(module, ctx, query, key, value, scaling, scale)
     if ctx.mode == "distill":
