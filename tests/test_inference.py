@@ -111,12 +111,23 @@ def test_graphed_prefill_needs_cuda(tmp_path):
         GraphedPrefill(_tiny_gated(tmp_path), 1, 64)
 
 
-def test_sparse_prefill_under_autocast(tmp_path):
-    """Under bf16 autocast a float32 model's rotary tables make q/k float32 beside a bf16 v; the kernels get one
-    dtype."""
+def test_sparse_prefill_under_autocast(tmp_path, monkeypatch):
+    """Under bf16 autocast a float32 model's rotary tables make q/k float32 beside a bf16 v; the kernels (which
+    refuse mixed dtypes) get one dtype."""
+    import seer.kernels.reference as ref
+
+    seen = []
+    kernel = ref.block_sparse_sdpa
+
+    def checked(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return kernel(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(ref, "block_sparse_sdpa", checked)
     model = _tiny_gated(tmp_path)
-    enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.5))
+    enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.5), kernel="reference")
     ids = torch.randint(0, 300, (1, 64))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(ids).logits
     assert torch.isfinite(logits).all() and set(model.seer_context.densities()) == {0, 1}
+    assert seen == [(torch.bfloat16,) * 3] * 2
