@@ -111,10 +111,11 @@ def test_graphed_prefill_needs_cuda(tmp_path):
         GraphedPrefill(_tiny_gated(tmp_path), 1, 64)
 
 
-def test_sparse_prefill_under_autocast(tmp_path, monkeypatch):
+def test_sparse_attention_gives_the_kernel_one_dtype(tmp_path, monkeypatch):
     """Under bf16 autocast a float32 model's rotary tables make q/k float32 beside a bf16 v; the kernels (which
     refuse mixed dtypes) get one dtype."""
     import seer.kernels.reference as ref
+    from seer.model.attention import attention_layers, seer_attention
 
     seen = []
     kernel = ref.block_sparse_sdpa
@@ -126,8 +127,8 @@ def test_sparse_prefill_under_autocast(tmp_path, monkeypatch):
     monkeypatch.setattr(ref, "block_sparse_sdpa", checked)
     model = _tiny_gated(tmp_path)
     enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.5), kernel="reference")
-    ids = torch.randint(0, 300, (1, 64))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(ids).logits
-    assert torch.isfinite(logits).all() and set(model.seer_context.densities()) == {0, 1}
-    assert seen == [(torch.bfloat16,) * 3] * 2
+    layer = attention_layers(model)[0]
+    q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
+    layer.seer_stash.q, layer.seer_stash.k = q, k  # what the pre-RoPE hooks would have stashed
+    out, _ = seer_attention(layer, q, k, torch.randn(1, 2, 64, 16).bfloat16(), None)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
