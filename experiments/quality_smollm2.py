@@ -215,10 +215,11 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
             lines += best_at(mine, d)
         lines += ["", "### Every scorer x budget", "", table([r for r in mine if r["kind"] == "grid"]), "",
                   "### Gate levers (threshold budget)", "", table([r for r in mine if r["kind"] == "lever"]), ""]
-        folder = out / f"plots_{text}"
-        folder.mkdir(exist_ok=True)
-        for p in plots([r for r in mine if r["kind"] == "grid"], folder):
-            lines.append(f"![{text} {p.stem}](plots_{text}/{p.name})")
+        if args.plan == "full":  # density curves need the full grid
+            folder = out / f"plots_{text}"
+            folder.mkdir(exist_ok=True)
+            for p in plots([r for r in mine if r["kind"] == "grid"], folder):
+                lines.append(f"![{text} {p.stem}](plots_{text}/{p.name})")
         lines.append("")
     if skipped:
         lines += ["## Not run (time budget)", "", ", ".join(skipped), ""]
