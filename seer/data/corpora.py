@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from seer.config import ConfigError
+
 _TEST_FOLDER_NAMES = frozenset({"test", "tests", "idle_test"})
 _THIRD_PARTY_FOLDER_NAMES = frozenset({"site-packages", "dist-packages"})
 
@@ -136,7 +138,13 @@ class TextFilesCorpus(Corpus):
 
     def documents(self) -> Iterator[str]:
         for path in self._matched_paths():
-            yield path.read_text(encoding=self.encoding)
+            try:
+                yield path.read_text(encoding=self.encoding)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"data.corpus.paths: {path} is not {self.encoding} text (byte 0x{exc.object[exc.start]:02x} at "
+                    f"offset {exc.start}); set data.corpus.encoding to its encoding (e.g. latin-1) or leave the file "
+                    f"out") from exc
 
 
 class HFDatasetCorpus(Corpus):
