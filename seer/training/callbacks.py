@@ -176,12 +176,16 @@ class SaveOnInterrupt(L.Callback):
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def _restore_handler(self) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
 
-    on_exception = on_fit_end
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handler()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step:  # still accumulating gradients: no whole step to save yet

@@ -51,14 +51,14 @@ def test_offline_run_has_config_name_table_and_artifact(tmp_path, offline_wandb)
     assert run["exit_code"] == 0
 
 
-def test_a_failed_run_is_marked_failed(tmp_path, offline_wandb, monkeypatch):
-    import seer.model.loading
+def test_a_run_failing_in_training_is_marked_failed(tmp_path, offline_wandb, monkeypatch):
+    from seer.training.distill import GateDistillation
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(seer.model.loading, "load_causal_lm", broken)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    monkeypatch.setattr(GateDistillation, "training_step", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # the run's own error, through Lightning's hooks
         train(tmp_path, "logger=wandb")
     (run_dir,) = offline_runs(tmp_path)
     assert offline_run(run_dir)["exit_code"] == 1
