@@ -45,6 +45,10 @@ class JobRecorder(_HydraCallback):
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank != 0:  # the other processes of a multi-GPU job
+            return
 
         failed = job_return.status == JobStatus.FAILED
         error = job_return._return_value if failed else None  # .return_value re-raises a failure

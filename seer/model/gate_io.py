@@ -39,19 +39,23 @@ def model_signature(model: nn.Module) -> dict:
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"layers.{i}.{name}": t.detach().contiguous().cpu()
+    """Every gate's weights on the CPU, keyed ``layers.<i>.<name>``; sharded ones (FSDP) gathered in full, which is a
+    collective: every process must call it."""
+    return {f"layers.{i}.{name}": (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous().cpu()
             for i, gate in gates(model).items() for name, t in gate.state_dict().items()}
 
 
-def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None) -> Path:
-    """Writes ``gates.safetensors`` and ``gates.json`` into ``folder``; returns the weights' path."""
+def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes ``gates.safetensors`` and ``gates.json`` into ``folder`` (``state``: the weights, when
+    :func:`gate_state_dict` was already called); returns the weights' path."""
     from safetensors.torch import save
 
     folder = Path(folder)
     ctx = model.seer_context
     meta = {"format": "seer-gates/1", "base_model": model_name, "model": model_signature(model),
             "gate": dataclasses.asdict(ctx.gate_config), **(extra or {})}
-    state = gate_state_dict(model)
+    state = gate_state_dict(model) if state is None else state
     digest = {}
 
     def write(tmp: str) -> None:  # bytes written into atomic_write's file: save_file would recreate it as 0600

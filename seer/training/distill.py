@@ -23,6 +23,7 @@ from seer.sparsity import (SparsityConfig, attention_mass, block_density, mass_r
                            selection_masks)
 from seer.training.config import DistillConfig
 from seer.training.losses import first_kept_row, gate_loss, normalize_rows
+from seer.training.parallel import configure_sharding
 
 
 class GateDistillation(L.LightningModule):
@@ -113,12 +114,16 @@ class GateDistillation(L.LightningModule):
         out = self._forward(batch["input_ids"], with_mass=True, want_images=False)
         bsz = batch["input_ids"].shape[0]
         for key in ("recall", "oracle_recall", "density", "gt_recall"):
-            self.log(f"val/{key}", out[key], batch_size=bsz)
-        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bsz)
+            self.log(f"val/{key}", out[key], batch_size=bsz, sync_dist=True)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bsz, sync_dist=True)
         per_layer = {"recall": out["layer_recall"], "oracle_recall": out["layer_oracle_recall"],
                      "density": out["layer_density"], "kl": out["layer_kl"]}
         self.log_dict({f"val/layer_{i:02d}/{name}": v for name, values in per_layer.items() for i, v in values.items()},
-                      batch_size=bsz, logger=False)
+                      batch_size=bsz, logger=False, sync_dist=True)
+
+    def configure_model(self) -> None:
+        """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
+        configure_sharding(self)
 
     def configure_optimizers(self):
         params = gate_parameters(self.model)

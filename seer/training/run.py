@@ -114,6 +114,23 @@ def run_identity(cfg: DictConfig, config: dict, model_name: str, resume) -> dict
     return {"run_id": run_id, "name": name, "group": group, "tags": override_tags(overrides), "config": full}
 
 
+def placement(cfg: DictConfig, run: RunConfig, device: torch.device):
+    """``(model config, device)`` to load the base model with: on ``device``, or on the CPU in the dtype it trains in
+    when the strategy shards it (``trainer=fsdp``: only each process's shards move to its GPU)."""
+    import dataclasses
+
+    from hydra.utils import get_class
+
+    from seer.model.loading import resolve_dtype
+
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    if target is None or not getattr(get_class(target), "loads_on_cpu", False):
+        return run.model, device
+    dtype = str(resolve_dtype(run.model.dtype, device)).removeprefix("torch.")
+    return dataclasses.replace(run.model, dtype=dtype), torch.device("cpu")
+
+
 def derived_facts(model, trainer, device: torch.device, gt_source: str) -> dict:
     """Parameter counts, versions, device and processes: what the config alone does not say."""
     import lightning
@@ -166,6 +183,7 @@ def run_training(cfg: DictConfig) -> dict:
                                          SaveOnInterrupt, ValidateAtEnd)
     from seer.training.distill import GateDistillation
     from seer.training.loggers import finish_wandb, flat_config
+    from seer.training.parallel import exclude_frozen_from_ddp
     from seer.training.resume import read_resume
 
     quiet_third_party_output()
@@ -188,10 +206,11 @@ def run_training(cfg: DictConfig) -> dict:
                                  group=identity["group"], tags=identity["tags"], run_id=identity["run_id"])
     interrupt = SaveOnInterrupt()
     try:
-        model = load_causal_lm(run.model, device)
+        model = load_causal_lm(*placement(cfg, run, device))
         attach_gates(model, run.gate)
         freeze_base_model(model)
         module = GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_id(run.model))
+        exclude_frozen_from_ddp(module)
 
         summary = RunSummary(str(out_dir), str(out_dir / "gates"))
         record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
@@ -202,9 +221,8 @@ def run_training(cfg: DictConfig) -> dict:
         trainer = instantiate(cfg.trainer, _partial_=True)(logger=loggers or [DummyLogger()], callbacks=callbacks,
                                                            plugins=[AtomicCheckpointIO()])
         facts = derived_facts(model, trainer, device, gt_source)
-        for logger in loggers:
-            if hasattr(logger.experiment, "config"):
-                logger.experiment.config.update(facts, allow_val_change=True)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(facts)  # W&B: into the run's config; rank 0 only
         if trainer.is_global_zero:
             print(f"[seer] {out_dir}\n[seer] device {facts['run.device']} x{trainer.world_size}, ground truth "
                   f"{gt_source} (stage.gt={run.stage.gt}); gates: {facts['params.gates']:,} trainable parameters, "
