@@ -4,6 +4,8 @@ values in one group, and a summary run comparing the jobs."""
 import json
 import subprocess
 
+import pytest
+
 from tests.training.conftest import TINY, cli_env, seer_train
 from tests.training.wandb_offline import offline_run, offline_runs
 
@@ -37,3 +39,25 @@ def test_sweep_reports_every_failure_and_compares_jobs(tmp_path):
     assert summary_run["group"] == runs[0]["group"] and summary_run["exit_code"] == 0
     logged = {k for row in summary_run["history"] for k in row}
     assert "sweep/jobs/path" in logged and any(k.startswith("sweep/val_recall_vs_density") for k in logged)
+
+
+@pytest.mark.parametrize("launcher, target, values", [
+    ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "tasks_per_node": 1, "timeout_min": 720, "array_parallelism": 8}),
+    ("slurm_local", "LocalLauncher", {"gpus_per_node": 0, "timeout_min": 60}),
+])
+def test_cluster_launchers_compose(launcher, target, values):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # make setup installs it (the cluster extra)
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from seer.config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "sparsity.target_density=0.1"],
+                      return_hydra_config=True)
+    node = cfg.hydra.launcher
+    assert node._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert {k: node[k] for k in values} == values
+    assert node.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"  # the plugin's schema fills the rest
