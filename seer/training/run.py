@@ -114,6 +114,23 @@ def run_identity(cfg: DictConfig, config: dict, model_name: str, resume) -> dict
     return {"run_id": run_id, "name": name, "group": group, "tags": override_tags(overrides), "config": full}
 
 
+def check_launch(trainer) -> None:
+    """Refuses a sweep (``-m``) whose jobs need several processes that Lightning would start itself: its launcher runs
+    the command again for each, and the command is the whole sweep. SLURM tasks (``hydra/launcher=slurm``) are
+    processes made outside Lightning, and are fine."""
+    from hydra.types import RunMode
+
+    hc = _hydra()
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if hc is None or hc.mode != RunMode.MULTIRUN or trainer.world_size < 2 or env is None \
+            or env.creates_processes_externally:
+        return
+    raise ConfigError(f"trainer.devices={trainer.num_devices}: a sweep (-m) cannot start {trainer.world_size} "
+                      f"processes a job on this machine (Lightning's launcher would run the whole sweep in each); "
+                      f"sweep with hydra/launcher=slurm and hydra.launcher.tasks_per_node={trainer.num_devices}, or "
+                      f"start the jobs one at a time")
+
+
 def placement(cfg: DictConfig, run: RunConfig, device: torch.device):
     """``(model config, device)`` to load the base model with: on ``device``, or on the CPU in the dtype it trains in
     when the strategy shards it (``trainer=fsdp``: only each process's shards move to its GPU)."""
@@ -202,24 +219,25 @@ def run_training(cfg: DictConfig) -> dict:
     datamodule.setup("fit")  # packing and cache errors surface now, not after the model has loaded
 
     identity = run_identity(cfg, config, model_id(run.model), resume)
+    summary = RunSummary(str(out_dir), str(out_dir / "gates"))
+    interrupt = SaveOnInterrupt()
+    record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
+    calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated else []
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
+    trainer = instantiate(cfg.trainer, _partial_=True)(logger=False, callbacks=callbacks,
+                                                       plugins=[AtomicCheckpointIO()])
+    check_launch(trainer)
+
     loggers = _instantiate_group(cfg.get("logger"), name=identity["name"], run_config=identity["config"],
                                  group=identity["group"], tags=identity["tags"], run_id=identity["run_id"])
-    interrupt = SaveOnInterrupt()
+    # with no logger configured, a no-op one still lets Lightning keep logged values (throughput) for the summary
+    trainer.loggers = loggers or [DummyLogger()]
     try:
         model = load_causal_lm(*placement(cfg, run, device))
         attach_gates(model, run.gate)
         freeze_base_model(model)
         module = GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_id(run.model))
         exclude_frozen_from_ddp(module)
-
-        summary = RunSummary(str(out_dir), str(out_dir / "gates"))
-        record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
-        calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated else []
-        callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration,
-                     summary]
-        # with no logger configured, a no-op one still lets Lightning keep logged values (throughput) for the summary
-        trainer = instantiate(cfg.trainer, _partial_=True)(logger=loggers or [DummyLogger()], callbacks=callbacks,
-                                                           plugins=[AtomicCheckpointIO()])
         facts = derived_facts(model, trainer, device, gt_source)
         for logger in trainer.loggers:
             logger.log_hyperparams(facts)  # W&B: into the run's config; rank 0 only

@@ -58,3 +58,17 @@ def test_fsdp_matches_one_process(tmp_path, one_process):
     assert set(checkpoint["state_dict"]) == {f"model.model.layers.{i}.self_attn.seer_gate.k_weight" for i in (0, 1)}
     assert all(torch.equal(checkpoint["state_dict"][f"model.model.layers.{i}.self_attn.seer_gate.k_weight"],
                            gates[f"layers.{i}.k_weight"]) for i in (0, 1))
+
+
+def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
+    import lightning as L
+    from hydra.types import RunMode
+
+    import seer.training.run as run
+    from seer.config import ConfigError
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    run.check_launch(trainer)  # one run: Lightning's launcher starts the second process
+    monkeypatch.setattr(run, "_hydra", lambda: type("Job", (), {"mode": RunMode.MULTIRUN})())
+    with pytest.raises(ConfigError, match="trainer.devices=2: a sweep .* hydra.launcher.tasks_per_node=2"):
+        run.check_launch(trainer)
