@@ -5,21 +5,22 @@ lowmem modes, the same kernel without gt (dense), SDPA flash (FA2) and cuDNN bac
 reference.block_gt where it is affordable (8k, 16k); then fast/lowmem at 128k; and the AttnGate forward per
 layer at 32k when ``seer.gates`` exists. Prints and writes a markdown table (``--out``).
 
-Timing: CUDA events, median of ``--reps`` runs after warm-up (fewer for runs over 1 s). TFLOP/s count causal
-work as 2 * B * H * N^2 * D (the convention of ANCHOR-NUMBERS.md). Extra memory is the peak of
+Timing: :func:`seer.kernels.tuning.median_ms` (``triton.testing.do_bench``: warm-up, L2 cleared before each
+CUDA-event-timed run), the median of the runs that fit in ``--rep-ms``, at least ``--min-runs`` of them. TFLOP/s
+count causal work as 2 * B * H * N^2 * D (the convention of ANCHOR-NUMBERS.md). Extra memory is the peak of
 torch.cuda.max_memory_allocated during the call minus what was allocated before it, with the outputs
 preallocated for our kernel (so it is the scratch alone) and included for SDPA (it allocates its own).
 
-    PYTHONPATH=. python3 experiments/bench_gt.py --out docs/bench_gt.md
-    PYTHONPATH=. python3 experiments/bench_gt.py --sweep      # time launch configs at 32k, no table
+Uses only the installed package's public API (``pip install -e .`` from the repository root):
+
+    python3 experiments/bench_gt.py --out docs/bench_gt.md
+    python3 experiments/bench_gt.py --sweep      # time launch configs at 32k (seer.kernels.tuning.force_config)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import math
-import statistics
 import sys
 import time
 
@@ -27,29 +28,10 @@ import torch
 import triton
 
 from seer.kernels import reference
-from seer.kernels import flash_gt
-from seer.kernels.flash_gt import flash_attn_with_gt
+from seer.kernels.flash_gt import flash_attn_with_gt, gt_from_lse
+from seer.kernels.tuning import chosen_configs, force_config, last_launch, median_ms
 
 GiB = 2**30
-
-
-def time_ms(fn, reps=10, warmup=2, budget_s=4.0):
-    """Median of CUDA-event timings; fewer repetitions when one run is long."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    t0 = time.time()
-    for i in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-        if i >= 2 and time.time() - t0 > budget_s:
-            break
-    return statistics.median(times), len(times)
 
 
 def extra_mem(fn):
@@ -87,59 +69,48 @@ def sweep(args):
     out = torch.empty_like(q)
     lse = torch.empty(1, h, n, device="cuda", dtype=torch.float32)
     gt = torch.empty(1, h, nb, nb, device="cuda", dtype=torch.float32)
-    fa2, _ = time_ms(lambda: sdpa("flash")(q, k, v), reps=args.reps)
+    fa2, _ = median_ms(lambda: sdpa("flash")(q, k, v), rep_ms=args.rep_ms, min_runs=args.min_runs)
     print(f"sweep N={n} H={h} D={d} bs={bs}: SDPA flash {fa2:.2f} ms", flush=True)
-    rows = []
-    qk_scale = 1 / math.sqrt(d) * 1.4426950408889634
-
-    def regs(with_gt, cfg):
-        try:
-            kern = flash_gt._launch_fwd(q, k, v, out, lse, lse if not with_gt else scr, gt, qk_scale, nb,
-                                        tri, bs, with_gt, cfg)
-            return f"regs {kern.n_regs} spills {kern.n_spills}"
-        except Exception as ex:  # noqa: BLE001
-            return f"(no reg info: {type(ex).__name__})"
-    tri = bs * (nb * (nb + 1) // 2)
-    scr = torch.empty(h * tri, device="cuda", dtype=torch.float32)
     fwd_cfgs = [(128, 128, 8, 3, 1), (128, 128, 8, 3, 0), (128, 64, 8, 3, 1), (128, 64, 8, 3, 0),
                 (128, 64, 8, 4, 1), (128, 128, 8, 4, 1)]
     for with_gt in (False, True):
+        kernel = "flash_gt.fast" if with_gt else "flash_gt.dense"
         for bm, bn, w, st, epi in fwd_cfgs:
             if not with_gt and epi == 0:
                 continue
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, EPI=epi)
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **(dict(EPI=epi) if with_gt else {}))
+            fn = (lambda: flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt)) if with_gt \
+                else (lambda: flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse))
             try:
-                t0 = time.time()
-                fn = (lambda: flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt, config=cfg)) \
-                    if with_gt else (lambda: flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse,
-                                                                config=cfg))
-                fn()
-                torch.cuda.synchronize()
-                comp = time.time() - t0
-                ms, _ = time_ms(fn, reps=args.reps)
+                with force_config(kernel, **cfg):
+                    t0 = time.time()
+                    fn()
+                    torch.cuda.synchronize()
+                    comp = time.time() - t0
+                    ms, _ = median_ms(fn, rep_ms=args.rep_ms, min_runs=args.min_runs)
             except Exception as ex:  # noqa: BLE001
                 print(f"  {'gt' if with_gt else 'dense'} {cfg}: FAILED {type(ex).__name__}: {str(ex)[:200]}")
                 continue
-            rows.append(("fast" if with_gt else "dense", cfg, ms))
+            info = last_launch(kernel)
             print(f"  {'fast ' if with_gt else 'dense'} BM{bm} BN{bn} w{w} s{st} epi{epi}: {ms:7.2f} ms "
-                  f"{tflops(n, h, d, ms):5.0f} TF/s  {ms / fa2:.3f}x FA2  (first call {comp:.1f}s) {regs(with_gt, cfg)}",
-                  flush=True)
-    # pass 2 of lowmem alone (dense pass configured by the default)
-    del scr
+                  f"{tflops(n, h, d, ms):5.0f} TF/s  {ms / fa2:.3f}x FA2  (first call {comp:.1f}s) "
+                  f"regs {info['n_regs']} spills {info['n_spills']}", flush=True)
+    # pass 2 of lowmem alone, on the lse of the default dense forward
     flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse)
     for bm, w, st in [(128, 8, 2), (128, 4, 2), (128, 8, 3)]:
         cfg = dict(BLOCK_M=bm, num_warps=w, num_stages=st)
         try:
-            fn = lambda: flash_gt._launch_gt(q, k, lse, gt, qk_scale, nb, bs, cfg)  # noqa: E731
-            fn()
-            ms, _ = time_ms(fn, reps=args.reps)
+            with force_config("flash_gt.pass2", **cfg):
+                fn = lambda: gt_from_lse(q, k, lse, bs, gt=gt)  # noqa: E731
+                fn()
+                ms, _ = median_ms(fn, rep_ms=args.rep_ms, min_runs=args.min_runs)
         except Exception as ex:  # noqa: BLE001
             print(f"  pass2 {cfg}: FAILED {type(ex).__name__}: {str(ex)[:200]}")
             continue
         print(f"  pass2 BM{bm} w{w} s{st}: {ms:7.2f} ms ({ms / fa2:.3f}x FA2)", flush=True)
 
 
-def gate_time(n):
+def gate_time(n, rep_ms, min_runs):
     """Forward time of one AttnGate (Llama-3.1-8B shapes: 32 q heads, 8 kv heads, D 128) at n tokens."""
     try:
         from seer.gates import AttnGate  # noqa: F401
@@ -153,7 +124,7 @@ def gate_time(n):
         q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            ms, _ = time_ms(lambda: gate(q, k), reps=10)
+            ms, _ = median_ms(lambda: gate(q, k), rep_ms=rep_ms, min_runs=min_runs)
         return ms, (f"AttnGate(q_pool avg, k_pool max+min+avg, hidden 128, block 64), bf16, no_grad, on q "
                     f"[1, 32, {n}, 128], k [1, 8, {n}, 128]")
     except Exception as ex:  # noqa: BLE001
@@ -169,7 +140,8 @@ def main():
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rep-ms", type=float, default=1000.0, help="time budget of the timed runs of one figure")
+    ap.add_argument("--min-runs", type=int, default=5, help="timed runs of one figure at least")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=32768)
     args = ap.parse_args()
@@ -180,7 +152,7 @@ def main():
 
     h, d, bs = args.heads, args.dim, args.block_size
     dev = torch.cuda.get_device_name()
-    cmd = "PYTHONPATH=. python3 " + " ".join(sys.argv)
+    cmd = "python3 " + " ".join(sys.argv)
     head = (f"device: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
             f"{torch.backends.cudnn.version()}); triton {triton.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -219,31 +191,32 @@ def main():
             try:
                 fn()  # compile / autotune outside the timing
                 mem = extra_mem(fn)
-                ms, r = time_ms(fn, reps=args.reps if n <= 65536 else 5)
+                ms, r = median_ms(fn, rep_ms=args.rep_ms, min_runs=args.min_runs)
                 add(n, name, ms, r, mem)
             except Exception as ex:  # noqa: BLE001
                 print(f"N={n} {name}: FAILED {type(ex).__name__}: {str(ex)[:300]}", flush=True)
         if (n, "ours gt fast") in summary and n in ref_ns:
-            if True:  # accuracy of this very run against the reference, and the reference's time
-                torch.cuda.synchronize()
-                flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt)
-                ref_fn = lambda: reference.block_gt(q, k, bs)  # noqa: E731
-                g_ref = ref_fn()
-                lower = torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril()
-                err = ((gt[..., lower] - g_ref[..., lower]).abs() / g_ref[..., lower]).max().item()
-                mem = extra_mem(ref_fn)
-                ms, r = time_ms(ref_fn, reps=3, warmup=1)
-                add(n, "reference.block_gt", ms, r, mem, f"(max rel. err. of our gt vs it: {err:.1e})")
-                del g_ref
+            # accuracy of this very run against the reference, and the reference's time
+            torch.cuda.synchronize()
+            flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt)
+            ref_fn = lambda: reference.block_gt(q, k, bs)  # noqa: E731
+            g_ref = ref_fn()
+            lower = torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril()
+            err = ((gt[..., lower] - g_ref[..., lower]).abs() / g_ref[..., lower]).max().item()
+            mem = extra_mem(ref_fn)
+            ms, r = median_ms(ref_fn, rep_ms=args.rep_ms, min_runs=args.min_runs)
+            add(n, "reference.block_gt", ms, r, mem, f"(max rel. err. of our gt vs it: {err:.1e})")
+            del g_ref
         del q, k, v, out, lse, gt
         torch.cuda.empty_cache()
 
-    g_ms, g_note = gate_time(32768)
+    g_ms, g_note = gate_time(32768, args.rep_ms, args.min_runs)
     print(f"gate forward per layer at 32k: {g_ms} ms ({g_note})", flush=True)
 
     lines = ["# Ground-truth kernel benchmark", "", f"- command: `{cmd}`", f"- {head}",
              f"- shapes: B 1, {h} heads (Hq = Hkv), head dim {d}, bf16, causal, gt block size {bs}",
-             "- time: median of CUDA-event timings after warm-up (runs column); TFLOP/s = 2*B*H*N^2*D / time",
+             "- time: median of the CUDA-event-timed runs (runs column) of seer.kernels.tuning.median_ms "
+             "(triton.testing.do_bench: warm-up, L2 cleared before each run); TFLOP/s = 2*B*H*N^2*D / time",
              "- extra: peak of max_memory_allocated minus allocated before the call; our outputs are preallocated "
              "(extra = scratch only), SDPA's output and lse are included in its figure", "",
              "| N | kernel | ms | runs | TFLOP/s | x SDPA flash | extra GiB | note |",
@@ -268,9 +241,9 @@ def main():
                      f"{ratio((n, 'reference.block_gt'), (n, 'ours gt fast')):.1f}x")
     lines.append("- AttnGate forward per layer at 32k: " + (f"{g_ms:.2f} ms ({g_note})" if g_ms is not None
                                                                else f"not measured: {g_note}"))
-    lines += ["", "Launch configs picked by flash_gt's autotuner (key: kind, head dim, block size, dtype, N bucket):", ""]
-    for key, cfg in flash_gt._TUNED.items():
-        lines.append(f"- {key}: {cfg}")
+    lines += ["", "Launch configs chosen by seer.kernels.tuning (key: head dim, block size, dtype, N bucket):", ""]
+    for kernel, chosen in chosen_configs().items():
+        lines += [f"- {kernel} {key}: {cfg}" for key, cfg in chosen.items() if kernel.startswith("flash_gt.")]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -23,11 +23,15 @@ causal block triangle equals the density. End to end uses the gate's own mask at
 ``--gate-only`` times just the gates (also with 8 key/value heads, GQA 4:1) and the selection at each N, after
 checking them on the GPU against the PyTorch/CPU paths (gate logits to bf16 accuracy, masks identical).
 
-Timing: CUDA events around each call, warm-up first, median of several runs (more for short ones).
+Timing: :func:`seer.kernels.tuning.median_ms` (``triton.testing.do_bench``: warm-up, L2 cleared before each
+CUDA-event-timed run), the median of the runs that fit in about 250 ms (50 to 100 ms for the small steps), at
+least 5 of them.
 
-    PYTHONPATH=. python3 experiments/bench_sparse.py --out-dir docs
-    PYTHONPATH=. python3 experiments/bench_sparse.py --gate-only --out-dir $OUT   # gate + selection only
-    PYTHONPATH=. python3 experiments/bench_sparse.py --tune      # sweep launch configs at 32k
+Uses only the installed package's public API (``pip install -e .`` from the repository root):
+
+    python3 experiments/bench_sparse.py --out-dir docs
+    python3 experiments/bench_sparse.py --gate-only --out-dir $OUT   # gate + selection only
+    python3 experiments/bench_sparse.py --tune      # sweep launch configs at 32k (tuning.force_config)
 """
 
 from __future__ import annotations
@@ -38,46 +42,27 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from seer.gates.config import GateConfig  # noqa: E402
-from seer.gates import AttnGate  # noqa: E402
-from seer.kernels import block_sparse as bs  # noqa: E402
-from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index  # noqa: E402
-from seer.sparsity import topk_mask  # noqa: E402
+from seer.gates import AttnGate
+from seer.gates.config import GateConfig
+from seer.kernels import block_sparse_attn
+from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index
+from seer.kernels.tuning import force_config, median_ms
+from seer.sparsity import topk_mask
 
 DEV = "cuda"
 
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def bench(fn, target_ms: float = 250.0, min_reps: int = 5, max_reps: int = 100, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()`` over CUDA events, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    fn()
-    e.record()
-    torch.cuda.synchronize()
-    est = max(s.elapsed_time(e), 1e-3)
-    reps = int(min(max_reps, max(min_reps, target_ms / est)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
+def bench(fn, rep_ms: float = 250.0, min_runs: int = 5) -> float:
+    """Median milliseconds of ``fn()`` (:func:`seer.kernels.tuning.median_ms`)."""
+    return median_ms(fn, rep_ms=rep_ms, min_runs=min_runs)[0]
 
 
 def tflops(n: int, h: int, d: int, ms: float, b: int = 1) -> float:
@@ -105,7 +90,7 @@ def structured_scores(b: int, h: int, nb: int, seed: int = 0) -> torch.Tensor:
 
 def select(scores: torch.Tensor, density: float) -> torch.Tensor:
     """The block mask at ``density``: top-k per row with the diagonal and the first (sink) block forced."""
-    return topk_mask(scores, 1.0 - density, sink_blocks=1)
+    return topk_mask(scores, density, sink_blocks=1)
 
 
 def density_of(mask: torch.Tensor) -> float:
@@ -189,22 +174,22 @@ def tune(args) -> None:
                          for st in ((2, 3) if block == 128 else (2, 3, 4)) for tma in (False, True)]
             else:
                 cands = [(64, warps, st, tma) for st in (2, 3) for tma in (False, True)]
-            for cfg in cands:
-                bs._CONFIG_OVERRIDE[(d, block, pair)] = cfg
+            for cfg in cands:  # (BLOCK_N, num_warps, num_stages, USE_TMA)
                 row = {"d": d, "block": block, "pair": pair, "cfg": cfg}
                 try:
                     t0 = time.time()
-                    for dens in (1.0, 0.1):
-                        ii, cc = idx[dens]
-                        row[dens] = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair),
-                                          target_ms=100, min_reps=3, max_reps=20, warmup=1)
+                    with force_config("block_sparse", **dict(zip(("BLOCK_N", "num_warps", "num_stages", "USE_TMA"),
+                                                                 cfg))):
+                        for dens in (1.0, 0.1):
+                            ii, cc = idx[dens]
+                            row[dens] = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair),
+                                              rep_ms=100, min_runs=3)
                     row["s"] = time.time() - t0
                 except Exception as exc:  # a config can run out of shared memory
                     row["err"] = repr(exc)[:120]
                 res.append(row)
                 print(json.dumps({kk: (vv if not isinstance(vv, float) else round(vv, 4)) for kk, vv in
                                   row.items()}, default=str), flush=True)
-            bs._CONFIG_OVERRIDE.pop((d, block, pair), None)
         del q, k, v
     print("\nbest per (d, block, pair) by density-1.0 time and by density-0.1 time:")
     for d in (128, 64):
@@ -225,7 +210,7 @@ def tune(args) -> None:
 
 def check(q, k, v, mask, block, ref_out) -> float:
     """Relative error of our kernel against a dense reference output."""
-    out, _ = bs.block_sparse_attn(q, k, v, mask, block)
+    out, _ = block_sparse_attn(q, k, v, mask, block)
     err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
     if not math.isfinite(err) or err > 2e-2:
         raise RuntimeError(f"kernel output wrong: relative error {err}")
@@ -283,7 +268,6 @@ def gate_only(args) -> list[dict]:
     """Gate forward (both configs, 32 and 8 key/value heads) and selection times at each N, checked first."""
     rows = []
     for n in args.ns:
-        nb = math.ceil(n / args.block)
         g = torch.Generator(device=DEV).manual_seed(n)
         # [B, N, H, D] storage seen as [B, H, N, D], as attention layers hand Q and K to the gate
         q = torch.randn(1, n, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
@@ -294,11 +278,11 @@ def gate_only(args) -> list[dict]:
                 gate = make_gate(name, args.block, hkv)
                 if n <= 32768 and (hkv == 8 or name == "gate"):
                     print(f"check {name} hkv={hkv} N={n}: {check_gate(gate, q, k)}", flush=True)
-                row[f"{name}_kv{hkv}"] = bench(lambda: gate(q, k), target_ms=100)
+                row[f"{name}_kv{hkv}"] = bench(lambda: gate(q, k), rep_ms=100)
                 if name == "gate" and hkv == 32:
                     logits = gate(q, k)
                     for dens in (0.1, 0.5):
-                        row[f"select_{dens}"] = bench(lambda: select(logits, dens), target_ms=100)
+                        row[f"select_{dens}"] = bench(lambda: select(logits, dens), rep_ms=100)
                     del logits
             del k
         print(json.dumps({kk: round(vv, 4) for kk, vv in row.items()}), flush=True)
@@ -332,17 +316,16 @@ def run(args) -> list[dict]:
         for dens in args.densities:
             mask = select(scores, dens)
             real = density_of(mask)
-            pair = bs._default_pair(block, q.device)
-            ii, cc = build_block_index(mask, pair=pair)
-            t_kernel = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair))
-            t_index = bench(lambda: build_block_index(mask, pair=pair), target_ms=50)
-            t_ours = bench(lambda: bs.block_sparse_attn(q, k, v, mask, block))
-            t_sel = bench(lambda: select(logits, dens), target_ms=50)
+            ii, cc = build_block_index(mask)
+            t_kernel = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block))
+            t_index = bench(lambda: build_block_index(mask), rep_ms=50)
+            t_ours = bench(lambda: block_sparse_attn(q, k, v, mask, block))
+            t_sel = bench(lambda: select(logits, dens), rep_ms=50)
             row = {"N": n, "density": dens, "real_density": real, "kernel": t_kernel, "index": t_index,
                    "ours": t_ours, "select": t_sel, "flash": t_flash, "cudnn": t_cudnn}
             for name, gate in gates.items():
                 row[f"gate_{name}"] = t_gate[name]
-                row[f"e2e_{name}"] = bench(lambda: bs.block_sparse_attn(q, k, v, select(gate(q, k), dens), block))
+                row[f"e2e_{name}"] = bench(lambda: block_sparse_attn(q, k, v, select(gate(q, k), dens), block))
             if flex is not None:
                 for fb, fmask in ((64, mask), (128, coarsen(mask) if block == 64 else mask)):
                     if block == 128 and fb == 64:
@@ -350,15 +333,15 @@ def run(args) -> list[dict]:
                     bm = flex.build(fmask, fb, n)
                     if dens == args.densities[0] and n == args.ns[0] and fb == block:
                         fo = flex(q, k, v, bm)
-                        ko = bs.block_sparse_attn(q, k, v, fmask, fb)[0]
+                        ko = block_sparse_attn(q, k, v, fmask, fb)[0]
                         fe = ((fo.float() - ko.float()).norm() / fo.float().norm()).item()
                         print(f"check flex{fb} vs ours: rel diff {fe:.2e}", flush=True)
                         if not fe < 2e-2:
                             raise RuntimeError(f"ours and FlexAttention disagree: {fe}")
                     row[f"flex{fb}"] = bench(lambda: flex(q, k, v, bm))
-                    row[f"flex{fb}_build"] = bench(lambda: flex.build(fmask, fb, n), target_ms=50)
+                    row[f"flex{fb}_build"] = bench(lambda: flex.build(fmask, fb, n), rep_ms=50)
                     if fb != block:  # our kernel on the same coarsened 128-block mask
-                        i2, c2 = build_block_index(fmask, pair=False)
+                        i2, c2 = build_block_index(fmask)
                         row["kernel128"] = bench(lambda: block_sparse_attn_indexed(q, k, v, i2, c2, 128))
                         row["real_density128"] = density_of(fmask)
                     del bm
@@ -392,7 +375,7 @@ def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
              f"cuDNN {info['cudnn']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
              f"B 1, 32 heads, D 128, bf16, causal, forward; mask blocks of {args.block} tokens. Times in ms "
-             "(median of CUDA-event-timed runs). `kernel`: ours on prebuilt block lists; `index`: list build "
+             "(median of CUDA-event-timed runs, seer.kernels.tuning.median_ms). `kernel`: ours on prebuilt block lists; `index`: list build "
              "from the bool mask; `ours` = both; `flexB`: FlexAttention (compiled) with B-token blocks "
              "(`flexB build`: its index build from the bool mask); `gate` / `avgmax`: the AttnGate forward "
              "(K max+min+avg / K max); `select`: top-k selection on the gate's logits; `e2e` / `e2e avgmax`: "
@@ -478,7 +461,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    cmd = "PYTHONPATH=. python3 experiments/bench_sparse.py " + " ".join(sys.argv[1:])
+    cmd = "python3 experiments/bench_sparse.py " + " ".join(sys.argv[1:])
     if args.tune:
         tune(args)
         return

@@ -6,6 +6,7 @@ Each component's schema lives beside the component it configures (as torchtitan 
 * ``seer.sparsity.config.SparsityConfig`` - how block scores become a block mask (group ``sparsity``)
 * ``seer.model.config.ModelConfig`` - the base model (group ``model``)
 * ``seer.training.config`` - one schema per training stage (group ``stage``, chosen by ``stage.name``)
+* ``seer.evaluation.config.EvalConfig`` - what ``seer.eval`` measures (group ``eval``)
 
 Their dataclass defaults are the only defaults: :func:`register_configs` stores each schema in Hydra's
 ``ConfigStore`` as ``<group>/schema``, and every YAML option in ``conf/<group>/`` extends it, setting only what it
@@ -85,11 +86,12 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from seer.evaluation.config import EvalConfig
     from seer.training.config import STAGES
 
     OmegaConf.register_new_resolver("seer.unique_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
     store = ConfigStore.instance()
-    for group, schema in _schemas().items():
+    for group, schema in {**_schemas(), "eval": EvalConfig}.items():
         store.store(group=group, name="schema", node=schema)
     for name, schema in STAGES.items():
         store.store(group="stage", name=f"{name}_schema", node=schema)
@@ -131,7 +133,9 @@ def validate(cfg: Any) -> RunConfig:
 
     plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
     schemas = _schemas()
-    return RunConfig(model=build(schemas["model"], "model", plain.get("model")),
-                     gate=build(schemas["gate"], "gate", plain.get("gate")),
-                     sparsity=build(schemas["sparsity"], "sparsity", plain.get("sparsity")),
-                     stage=stage_config(plain.get("stage")))
+    run = RunConfig(model=build(schemas["model"], "model", plain.get("model")),
+                    gate=build(schemas["gate"], "gate", plain.get("gate")),
+                    sparsity=build(schemas["sparsity"], "sparsity", plain.get("sparsity")),
+                    stage=stage_config(plain.get("stage")))
+    run.stage.check_run(run, plain)
+    return run

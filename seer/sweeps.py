@@ -9,8 +9,8 @@
   compare the jobs: every result whose name holds ``recall``, ``ppl`` or ``perplexity`` against the achieved
   ``density`` (a job's ``metrics.json`` key ``density``, else its training summary's ``val_density``).
 
-Job results are read from the files the entry points write: ``summary.json`` (``seer.train``) and ``metrics.json``
-(``seer.eval``), flat keys.
+Job results are read from the files the entry points write: ``summary.json`` (``seer.train``, one object) and
+``metrics.json`` (``seer.eval``, a list of rows: one table row each).
 """
 
 from __future__ import annotations
@@ -94,18 +94,24 @@ def _flat(prefix: str, node: Any, out: dict) -> dict:
 
 
 def _job_rows(sweep_dir: Path) -> list[dict]:
+    """One row per job, or per row of its ``metrics.json`` when that holds several (``seer.eval``: one per length)."""
     rows = []
     for status_file in sorted(sweep_dir.glob(f"*/{STATUS}"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        row = json.loads(status_file.read_text())
-        row["folder"] = str(status_file.parent)
+        job = json.loads(status_file.read_text())
+        job["folder"] = str(status_file.parent)
+        results = [{}]
         for name in RESULT_FILES:
             path = status_file.parent / name
             if path.is_file():
-                row.update({k: v for k, v in _flat("", json.loads(path.read_text()), {}).items() if k not in row})
-        density = row.get("density", row.get("val_density"))
-        if density is not None:
-            row["density"] = density
-        rows.append(row)
+                loaded = json.loads(path.read_text())
+                parts = [_flat("", part, {}) for part in (loaded if isinstance(loaded, list) else [loaded])]
+                results = [{**r, **p} for r in results for p in parts]
+        for result in results:
+            row = {**result, **job}
+            density = row.get("density", row.get("val_density"))
+            if density is not None:
+                row["density"] = density
+            rows.append(row)
     return rows
 
 

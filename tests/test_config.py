@@ -32,6 +32,8 @@ def test_every_option_composes_and_validates(group, tmp_path):
             overrides.append("model=tiny_llama")
         if group == "data" and option == "text_files":
             overrides.append("data.corpus.paths=" + str(tmp_path / "*.txt"))
+        if group == "data" and option == "text_and_code":
+            overrides.append(f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]")
         cfg = _compose(overrides)
         OmegaConf.resolve(cfg)  # every interpolation resolves
         run = validate(cfg)
@@ -42,10 +44,13 @@ def test_groups_instantiate(tmp_path):
     cfg = _compose([f"paths.output_dir={tmp_path}", "model=tiny_llama", "data=random_tokens"])
     dm = instantiate(cfg.data)
     assert dm.seq_len == cfg.data.seq_len
+    (tmp_path / "a.txt").write_text("some text")
+    paths = {"text_files": [f"data.corpus.paths={tmp_path}/*.txt"],
+             "text_and_code": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]}
     for option in _options("data"):
-        if option in ("random_tokens", "text_files"):
+        if option == "random_tokens":
             continue
-        node = _compose([f"data={option}", f"paths.output_dir={tmp_path}"]).data
+        node = _compose([f"data={option}", f"paths.output_dir={tmp_path}", *paths.get(option, [])]).data
         corpus = instantiate(node.corpus)
         assert corpus.fingerprint
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -57,11 +62,13 @@ def test_groups_instantiate(tmp_path):
 
 
 def test_experiments_compose(tmp_path):
+    needs = {"smollm2_quality": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]}
     for option in _options("experiment"):
-        cfg = _compose([f"experiment={option}", f"paths.output_dir={tmp_path}"])
+        cfg = _compose([f"experiment={option}", f"paths.output_dir={tmp_path}", *needs.get(option, [])])
+        OmegaConf.resolve(cfg)
         run = validate(cfg)
         assert cfg.task_name == option  # the recipe's values won over the defaults
-        assert run.model.architecture["model_type"] == "llama" and cfg.data.seq_len == 32768
+        assert run.model.architecture["model_type"] == "llama" and cfg.data.seq_len >= 8192
 
 
 def test_generate_config_composes(tmp_path):

@@ -8,10 +8,10 @@
 - `seer.data.datamodule`: `PackedTextDataModule`, the LightningDataModule the training entry point builds.
 """
 
-from seer.data.corpora import (Corpus, HFDatasetCorpus, StdlibCorpus, TextFilesCorpus, pg19_corpus,
+from seer.data.corpora import (Corpus, HFDatasetCorpus, MixedCorpus, StdlibCorpus, TextFilesCorpus, pg19_corpus,
                                redpajama_sample_corpus)
 from seer.data.datamodule import PackedTextDataModule
 from seer.data.packing import PackedRows, pack_documents
 
-__all__ = ["Corpus", "HFDatasetCorpus", "PackedRows", "PackedTextDataModule", "StdlibCorpus", "TextFilesCorpus",
+__all__ = ["Corpus", "HFDatasetCorpus", "MixedCorpus", "PackedRows", "PackedTextDataModule", "StdlibCorpus", "TextFilesCorpus",
            "pack_documents", "pg19_corpus", "redpajama_sample_corpus"]

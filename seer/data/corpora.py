@@ -7,6 +7,7 @@ with a stable `fingerprint` string, which the token cache keys on:
 - `TextFilesCorpus`: local text files matched by glob patterns.
 - `HFDatasetCorpus`: a Hugging Face `datasets` dataset (streamed by default), with the `pg19_corpus` and
   `redpajama_sample_corpus` presets.
+- `MixedCorpus`: several corpora, their documents taken in turn (e.g. novels and code in one training set).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from abc import ABC, abstractmethod
@@ -111,14 +113,20 @@ class StdlibCorpus(Corpus):
 class TextFilesCorpus(Corpus):
     """Local text files matched by one or more glob patterns (`**` matches folders recursively).
 
-    Each file is one document. Files are yielded sorted by path, each once even if several patterns match it.
+    Each file is one document, or with ``split_on`` (a regular expression, e.g. ``"(?m)^(?=chapter )"`` with
+    ``(?i)``) several: the pieces between its matches, so a book's chapters are held out by hash like any other
+    documents. Files are yielded sorted by path, each once even if several patterns match it.
     """
 
-    def __init__(self, paths: str | list[str], encoding: str = "utf-8"):
+    def __init__(self, paths: str | list[str], encoding: str = "utf-8", split_on: str | None = None):
         self.patterns = [paths] if isinstance(paths, str) else [str(p) for p in paths]
         if not self.patterns:
             raise ValueError("TextFilesCorpus: paths is empty; give at least one glob pattern")
         self.encoding = encoding
+        try:
+            self.split_on = None if split_on is None else re.compile(split_on)
+        except re.error as exc:
+            raise ValueError(f"TextFilesCorpus: split_on={split_on!r} is not a regular expression: {exc}") from exc
 
     def _matched_paths(self) -> list[Path]:
         matched: set[Path] = set()
@@ -134,17 +142,22 @@ class TextFilesCorpus(Corpus):
     @property
     def fingerprint(self) -> str:
         stats = _file_stats(self._matched_paths())
-        return f"TextFilesCorpus({_digest(dict(encoding=self.encoding))}, files={_digest(stats)})"
+        split = None if self.split_on is None else self.split_on.pattern
+        return f"TextFilesCorpus({_digest(dict(encoding=self.encoding, split_on=split))}, files={_digest(stats)})"
 
     def documents(self) -> Iterator[str]:
         for path in self._matched_paths():
             try:
-                yield path.read_text(encoding=self.encoding)
+                text = path.read_text(encoding=self.encoding)
             except UnicodeDecodeError as exc:
                 raise ConfigError(
-                    f"data.corpus.paths: {path} is not {self.encoding} text (byte 0x{exc.object[exc.start]:02x} at "
-                    f"offset {exc.start}); set data.corpus.encoding to its encoding (e.g. latin-1) or leave the file "
-                    f"out") from exc
+                    f"data.corpus.paths: {path} is not valid {self.encoding} text (byte 0x{exc.object[exc.start]:02x} "
+                    f"at offset {exc.start}); set data.corpus.encoding to its encoding (e.g. latin-1) or leave the "
+                    f"file out") from exc
+            if self.split_on is None:
+                yield text
+            else:
+                yield from (piece for piece in self.split_on.split(text) if piece.strip())
 
 
 class HFDatasetCorpus(Corpus):
@@ -209,6 +222,32 @@ class HFDatasetCorpus(Corpus):
                 yielded += 1
                 if self.max_documents is not None and yielded >= self.max_documents:
                     return
+
+
+class MixedCorpus(Corpus):
+    """The documents of several corpora taken in turn (one of each, then the next of each, ...); a corpus that runs
+    out drops out and the others go on."""
+
+    def __init__(self, corpora: list[Corpus]):
+        corpora = list(corpora)
+        if not corpora or not all(isinstance(c, Corpus) for c in corpora):
+            raise ValueError(f"MixedCorpus: corpora must be a non-empty list of seer.data Corpus objects, got "
+                             f"{[type(c).__name__ for c in corpora]}")
+        self.corpora = corpora
+
+    @property
+    def fingerprint(self) -> str:
+        return f"MixedCorpus({_digest([c.fingerprint for c in self.corpora])})"
+
+    def documents(self) -> Iterator[str]:
+        streams = [c.documents() for c in self.corpora]
+        while streams:
+            for stream in list(streams):
+                text = next(stream, None)
+                if text is None:
+                    streams.remove(stream)
+                else:
+                    yield text
 
 
 # PG19 on the hub: `deepmind/pg19` is a loading-script dataset (its script downloads the books from Google

@@ -21,6 +21,7 @@ after it works on ``[B, H, nb, .]`` tensors, ``block_size`` times smaller than Q
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,10 +33,13 @@ from seer.gates.rope import rotary_tables, rotate
 
 class AttnGate(nn.Module):
     """One layer's gate. ``rope_inv_freq`` (``[hidden_size // 2]``) and ``rope_scale`` come from the base model's
-    rope settings (:func:`seer.gates.rope.rope_frequencies`); without them a plain RoPE with theta 10000 is used."""
+    rope settings (:func:`seer.gates.rope.rope_frequencies`); without them a plain RoPE with theta 10000 is used.
+    ``rope_at_length``: for a rope whose frequencies depend on the sequence length (dynamic NTK), a function of the
+    token count giving ``(inv_freq, scale)`` at that length, used instead of the two above."""
 
     def __init__(self, config: GateConfig, head_dim: int, num_heads: int, num_kv_heads: int,
-                 rope_inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0):
+                 rope_inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0,
+                 rope_at_length: Callable[[int], tuple[torch.Tensor, float]] | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -58,6 +62,7 @@ class AttnGate(nn.Module):
         else:
             self.rope_inv_freq = None
         self.rope_scale = float(rope_scale)
+        self.rope_at_length = rope_at_length
         self._tables = None  # (key, cos, sin, upper) of the last block count seen: see _block_tables
         self.reset_parameters()
 
@@ -81,7 +86,7 @@ class AttnGate(nn.Module):
         w = self.k_weight.view(hkv, group, c, -1)
         kg = torch.matmul(kp.unsqueeze(2), w).reshape(b, self.num_heads, nb, -1)
         if self.rope_inv_freq is not None:
-            cos, sin, _ = self._block_tables(nb, q.device, qg.dtype)
+            cos, sin, _ = self._block_tables(nb, q.device, qg.dtype, q.shape[2])
             qg, kg = rotate(qg, cos, sin), rotate(kg, cos, sin)
         return qg, kg
 
@@ -89,19 +94,21 @@ class AttnGate(nn.Module):
         """Block-causal logits ``[B, Hq, nb, nb]`` (float32 or the gate's dtype), ``-inf`` above the diagonal."""
         qg, kg = self.project(q, k)
         logits = torch.matmul(qg, kg.transpose(-1, -2)).div_(math.sqrt(qg.shape[-1]))
-        _, _, upper = self._block_tables(logits.shape[-1], q.device, qg.dtype)
+        _, _, upper = self._block_tables(logits.shape[-1], q.device, qg.dtype, q.shape[2])
         return logits.masked_fill_(upper, float("-inf"))
 
-    def _block_tables(self, nb: int, device: torch.device, dtype: torch.dtype):
+    def _block_tables(self, nb: int, device: torch.device, dtype: torch.dtype, n_tokens: int | None = None):
         """RoPE ``cos``/``sin`` tables at the blocks' first tokens (None without block RoPE) and the bool
-        above-diagonal mask, for ``nb`` blocks. Kept for the last ``(nb, device, dtype)`` asked, so calls at one
-        length build them once."""
-        key = (nb, device, dtype)
+        above-diagonal mask, for ``nb`` blocks (of ``n_tokens`` tokens, for ``rope_at_length``). Kept for the last
+        ``(nb, device, dtype)`` asked, so calls at one length build them once."""
+        key = (nb, device, dtype, n_tokens if self.rope_at_length is not None else None)
         if self._tables is None or self._tables[0] != key:
             cos = sin = None
             if self.rope_inv_freq is not None:
                 pos = torch.arange(nb, device=device) * self.config.block_size
-                cos, sin = rotary_tables(pos, self.rope_inv_freq, self.rope_scale, dtype)
+                inv_freq, scale = (self.rope_inv_freq, self.rope_scale) if key[3] is None \
+                    else self.rope_at_length(n_tokens)
+                cos, sin = rotary_tables(pos, inv_freq, scale, dtype)
             upper = torch.ones(nb, nb, dtype=torch.bool, device=device).triu_(1)
             self._tables = (key, cos, sin, upper)
         return self._tables[1:]

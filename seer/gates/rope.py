@@ -2,7 +2,8 @@
 
 The gate rotates its block-pooled Q and K by the position of each block's first token, with the base model's
 rope settings (theta and scaling type, e.g. Llama-3's ``llama3`` or YaRN), but at ``dim`` = the gate's hidden
-size rather than the model's head dim.
+size rather than the model's head dim. ``dynamic`` (NTK) frequencies depend on the sequence length, as the model's
+do: :func:`seer.model.attention.attach_gates` gives such gates :func:`rope_frequencies` at each length.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import copy
 import torch
 
 
-def rope_frequencies(model_config, dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[dim // 2]`` and the cos/sin scale that ``model_config``'s RoPE uses at width ``dim``."""
+def rope_frequencies(model_config, dim: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[dim // 2]`` and the cos/sin scale that ``model_config``'s RoPE uses at width ``dim``
+    (for a sequence of ``seq_len`` tokens: dynamic NTK depends on it)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = copy.deepcopy(model_config)
@@ -31,7 +33,7 @@ def rope_frequencies(model_config, dim: int) -> tuple[torch.Tensor, float]:
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope type {rope_type!r} of the base model is not supported by the gate's block RoPE")
     cfg.rope_parameters = params
-    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, None)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, None, seq_len=seq_len)
     return inv_freq.float(), float(scale)
 
 

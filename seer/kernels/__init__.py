@@ -1,21 +1,33 @@
 """Attention kernels for seer: fused Triton kernels and their plain-PyTorch references.
 
 * :func:`flash_attn_with_gt` - causal FlashAttention forward that also emits the block max-pooled attention
-  map (the gate-distillation ground truth), in ``seer/kernels/flash_gt.py``.
+  map (the gate-distillation ground truth), in ``seer/kernels/flash_gt.py`` (kernels in
+  ``flash_gt_kernels.py``); also :func:`seer.kernels.flash_gt.flash_attn` (no ground truth) and
+  :func:`seer.kernels.flash_gt.gt_from_lse` (the ground truth from a known ``lse``).
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
-  ``seer/kernels/block_sparse.py``.
+  ``seer/kernels/block_sparse.py``; differentiable in q, k, v (Triton backward in ``block_sparse_bwd.py``).
 * :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
   pass), in ``seer/kernels/block_pool.py``.
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
   ``seer/kernels/block_topk.py``.
 * :mod:`seer.kernels.reference` - the same contracts in PyTorch, chunked so memory stays ``O(N * block)``.
+* :mod:`seer.kernels.tuning` - the launch configurations of the attention kernels: the H100 defaults, timing
+  once per key, and for experiments :func:`~seer.kernels.tuning.force_config`,
+  :func:`~seer.kernels.tuning.set_autotune`, :func:`~seer.kernels.tuning.chosen_configs`,
+  :func:`~seer.kernels.tuning.last_launch` and the timer :func:`~seer.kernels.tuning.median_ms`.
+* :mod:`seer.kernels.common` - supported sizes and dtypes, and the argument checks all kernels share.
+
+Everything that steers the kernels is an argument (e.g. ``flash_attn_with_gt(..., mode="auto",
+fast_fraction=0.25)``) or a call of :mod:`seer.kernels.tuning`. The one environment variable that matters is
+Triton's own ``TRITON_INTERPRET=1``: set before this package is imported, the kernels run in Triton's CPU
+interpreter on CPU tensors (how the tests run without a GPU; :data:`seer.kernels.common.INTERPRET`).
 
 This package is a leaf: it imports only torch and triton, never the rest of seer. Importing it makes no GPU
-driver call, so ``TRITON_INTERPRET=1`` (the CPU interpreter) can still be set before the first kernel launch.
+driver call.
 """
 
-from seer.kernels import reference
+from seer.kernels import reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn
 from seer.kernels.flash_gt import flash_attn_with_gt
 
-__all__ = ["block_sparse_attn", "flash_attn_with_gt", "reference"]
+__all__ = ["block_sparse_attn", "flash_attn_with_gt", "reference", "tuning"]

@@ -1,7 +1,37 @@
-"""What every seer kernel shares: supported sizes and dtypes, pooling names, log constants.
+"""What every seer kernel shares: supported sizes and dtypes, pooling names, log constants, the interpreter
+switch, and the checks of the arguments the attention kernels take.
 
 Configs outside this package (``seer.gates.GateConfig`` and friends) validate against these constants, so a
 value the kernels cannot run is refused when the config is built, not at the first launch.
+
+Conventions every attention kernel here follows:
+
+* ``q`` is ``[B, Hq, N, D]``, ``k`` and ``v`` are ``[B, Hkv, N, D]`` with ``Hq`` a multiple of ``Hkv``
+  (grouped-query attention: query head ``h`` reads key/value head ``h // (Hq // Hkv)``), any strides with a unit
+  last stride; offsets inside one head are int32 in the kernels (:func:`with_unit_last_stride` checks that they
+  fit), batch and head offsets int64.
+* Softmaxes run in base 2 with ``log2(e)`` folded into the scale (``exp(x) = exp2(x * LOG2E)``), and a log-sum-exp
+  is returned in natural log (``lse = lse2 * LN2``).
+* Dots take ``input_precision=DOT_PRECISION`` (:func:`dot_precision`): IEEE float32 for float32 inputs (tests
+  compare those against a float64 reference), Triton's default ``"tf32"`` otherwise (for float16 / bfloat16
+  inputs the precision setting changes nothing).
+* :data:`INTERPRET`: the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before the kernel
+  modules were imported: ``triton.jit`` decides at definition time). The interpreter runs each program as NumPy
+  code and converts a loop bound with ``int(array)``, which NumPy >= 2.4 refuses for the one-element arrays it
+  holds run-time scalars in; so every loop whose bound is known only at run time is written twice, selected by
+  the ``INTERP`` constexpr::
+
+      if INTERP:  # a while loop needs only the comparison, which the interpreter can evaluate
+          j = lo
+          while j < hi:
+              ... = body(j, ...)
+              j += STEP
+      else:  # compiled: a counted loop (range or tl.range), software-pipelined by num_stages
+          for j in range(lo, hi, STEP):
+              ... = body(j, ...)
+
+  with a body of more than one statement in one ``@triton.jit`` helper (inlined by the compiler: the PTX is
+  that of the plain loop).
 """
 
 from __future__ import annotations
@@ -9,11 +39,128 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 BLOCK_SIZES = (16, 32, 64, 128)  # token block sizes every kernel (ground truth, block-sparse, pooling) supports
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POOL_KINDS = ("avg", "max", "min", "last")  # the gate's block-pooling types
 
-LOG2E = 1.0 / math.log(2.0)
-LN2 = math.log(2.0)
+# constexpr, so that kernels can read them too; Python code takes ``.value``
+LOG2E = tl.constexpr(1.0 / math.log(2.0))
+LN2 = tl.constexpr(math.log(2.0))
+
+INT32_MAX = 2**31 - 1
+INTERPRET: bool = triton.knobs.runtime.interpret
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``DOT_PRECISION`` constexpr of the kernels for inputs of ``dtype``: ``"ieee"`` for float32, else
+    ``"tf32"`` (Triton's default)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _one_of(values) -> str:
+    names = [str(v).removeprefix("torch.") for v in values]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_qkv_shapes(q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+    """The shapes of attention inputs (any dtype): 4-D, ``k`` like ``q`` in batch, length and head dim, query
+    heads a multiple of key/value heads, ``v`` (when given) the shape of ``k``. Returns ``(B, Hq, Hkv, N, D)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is not None and t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D]; got shape {list(t.shape)}")
+    b, hq, n, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if (bk, nk, dk) != (b, n, d):
+        raise ValueError(f"k {list(k.shape)} does not match q {list(q.shape)} in batch, length or head dim")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {list(v.shape)} must have the shape of k {list(k.shape)}")
+    return b, hq, hkv, n, d
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    """:func:`check_qkv_shapes` plus what the Triton kernels need: tensors of one supported dtype
+    (:data:`DTYPES`) and a supported head dim (:data:`HEAD_DIMS`). Returns ``(B, Hq, Hkv, N, D)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    b, hq, hkv, n, d = check_qkv_shapes(q, k, v)
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q dtype {q.dtype} is not supported; supported: {_one_of(DTYPES)}")
+    if k.dtype != q.dtype or (v is not None and v.dtype != q.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {None if v is None else v.dtype}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported; supported: {_one_of(HEAD_DIMS)}")
+    return b, hq, hkv, n, d
+
+
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size!r} is not supported; supported: {_one_of(BLOCK_SIZES)}")
+
+
+def check_device(**tensors: torch.Tensor) -> None:
+    """The named tensors are on one device, on which the kernels run: CUDA, or the CPU under the interpreter."""
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {t0.device}: the tensors must be on one "
+                             "device")
+    if t0.device.type == "cpu" and not INTERPRET:
+        raise ValueError(f"{first} is on the CPU: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set "
+                         "before triton is imported to run them in Triton's CPU interpreter")
+    if t0.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{first} is on {t0.device}: the kernels run on CUDA devices (or the CPU under "
+                         "TRITON_INTERPRET=1)")
+
+
+def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
+    """``sm_scale``, checked to be a positive finite number, or ``1 / sqrt(head_dim)`` when it is None."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def _head_fits_int32(x: torch.Tensor) -> bool:
+    return (x.shape[2] - 1) * x.stride(2) + x.shape[3] <= INT32_MAX
+
+
+def with_unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """A ``[B, H, N, D]`` kernel input as the kernels address it: ``x`` itself when its last stride is 1 and the
+    offsets inside one head fit int32, else a contiguous copy (which must fit)."""
+    if x.stride(-1) != 1 or not _head_fits_int32(x):
+        x = x.contiguous()
+    if not _head_fits_int32(x):
+        raise ValueError(f"one head of {list(x.shape)} holds more than 2^31 elements")
+    return x
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device,
+                 contiguous: bool) -> torch.Tensor:
+    """``t`` of ``shape``, ``dtype`` and ``device``, and contiguous, or for ``contiguous=False`` any layout with a
+    unit last stride (and int32 offsets inside a ``[B, H, N, D]`` head), e.g. the ``[B, H, N, D]`` view of a
+    ``[B, N, H, D]`` buffer. Returns ``t``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    layout_ok = t.is_contiguous() if contiguous else (t.stride(-1) == 1 and (t.dim() != 4 or _head_fits_int32(t)))
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or not layout_ok:
+        need = "contiguous" if contiguous else "unit-last-stride"
+        raise ValueError(f"{name} must be a {need} {dtype} tensor of shape {list(shape)} on {device}; got "
+                         f"{t.dtype} {list(t.shape)} on {t.device} (strides {t.stride()})")
+    return t
+
+
+def output(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
+           contiguous: bool) -> torch.Tensor:
+    """A kernel output: ``t`` when given (see :func:`check_tensor`), else a new contiguous tensor."""
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return check_tensor(name, t, shape, dtype, device, contiguous)

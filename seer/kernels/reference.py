@@ -12,36 +12,24 @@ the inputs are float64.
 * :func:`block_gt` - the block max-pool of the causal softmax map (SeerAttention's distillation target).
 * :func:`block_attn_mass` - the share of attention mass per block (what recall of a block mask is measured on).
 * :func:`block_sparse_attn` - causal attention restricted to the key blocks a boolean block mask selects.
+* :func:`block_sparse_sdpa` - the same output through PyTorch's SDPA with a token mask (the fast CPU path).
 
-This module imports nothing from the rest of ``seer``.
+Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`),
+the only other module of ``seer`` this one imports.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "num_blocks"]
+from seer.kernels.common import check_qkv_shapes, softmax_scale
+
+__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_sdpa", "num_blocks"]
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
     """Number of blocks covering ``seq_len`` tokens (the last one may be partial)."""
     return (seq_len + block_size - 1) // block_size
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be [B, H, N, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    b, hq, n, d = q.shape
-    bk, hkv, nk, dk = k.shape
-    if (bk, nk, dk) != (b, n, d):
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head dim")
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if v is not None and v.shape != k.shape:
-        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
-    return b, hq, hkv, n, d
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -91,10 +79,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float
 def _block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None,
                 chunk_rows: int | None, reduce: str) -> torch.Tensor:
     """Pools the causal softmax map over ``block_size x block_size`` tiles with ``max`` or ``mean`` of rows' sums."""
-    b, hq, hkv, n, d = _check_qkv(q, k)
+    b, hq, hkv, n, d = check_qkv_shapes(q, k)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    scale = softmax_scale(sm_scale, d)
     nb = num_blocks(n, block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=_compute_dtype(q), device=q.device)
     for start, stop in _row_chunks(n, block_size, hq, b, chunk_rows):
@@ -165,8 +153,8 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     Returns ``out`` ``[B, Hq, N, D]`` in q's dtype and ``lse`` ``[B, Hq, N]`` in float32 (float64 for float64
     inputs).
     """
-    b, hq, hkv, n, d = _check_qkv(q, k, v)
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    b, hq, hkv, n, d = check_qkv_shapes(q, k, v)
+    scale = softmax_scale(sm_scale, d)
     nb = num_blocks(n, block_size)
     mask = _expand_block_mask(block_mask, b, hq, hkv, nb)
     dt = _compute_dtype(q)
@@ -184,3 +172,26 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
         out[:, :, start:stop] = o.reshape(b, hq, stop - start, d)
         lse[:, :, start:stop] = row_lse.reshape(b, hq, stop - start)
     return out.to(q.dtype), lse
+
+
+def block_sparse_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                      block_size: int = 64, sm_scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
+    """:func:`block_sparse_attn`'s ``out`` through ``torch.nn.functional.scaled_dot_product_attention`` with a token
+    mask, chunk of query rows by chunk (the fast path on a CPU, where there is no Triton kernel). Every query-block
+    row must keep its diagonal block (seer's budgets always do), so no row is empty; returns ``out`` ``[B, Hq, N, D]``
+    in q's dtype."""
+    b, hq, hkv, n, d = check_qkv_shapes(q, k, v)
+    scale = softmax_scale(sm_scale, d)
+    nb = num_blocks(n, block_size)
+    mask = _expand_block_mask(block_mask, b, hq, hkv, nb)
+    if not mask.diagonal(dim1=-2, dim2=-1).all():
+        raise ValueError("block_sparse_sdpa needs every query-block row to keep its diagonal block")
+    out = torch.empty_like(q)
+    for start, stop in _row_chunks(n, block_size, hq, b, chunk_rows // block_size * block_size or block_size):
+        rows = torch.arange(start, stop, device=q.device)
+        cols = torch.arange(0, stop, device=q.device)
+        keep = mask[:, :, rows // block_size][..., cols // block_size] & (cols[None, :] <= rows[:, None])
+        out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], attn_mask=keep,
+            scale=scale, enable_gqa=True)
+    return out

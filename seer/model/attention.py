@@ -10,13 +10,20 @@ which reads Q and K after RoPE) or, when it is None, from the layer's gate. What
 context's ``mode``:
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
-* ``distill`` - dense attention plus the block ground truth (``reference`` PyTorch or fused ``triton`` kernel);
-  the gate's logits (with grad) and the ground truth go to ``context.consumer(LayerRecord(...))``.
+* ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``
+  PyTorch code or the fused ``triton`` kernel, or the block attention mass); the gate's logits (with grad) and the
+  ground truth go to ``context.consumer(LayerRecord(...))``.
 * ``observe`` - dense attention; each layer's block scores (and, with ``context.want_mass``, its true block attention
   mass) go to ``context.consumer(LayerObservation(...))``: what calibration and measurements read.
 * ``sparse`` - scores -> block mask (:func:`seer.sparsity.select_blocks`, with the knob of ``context.calibration``
   when the budget is calibrated) -> block-sparse attention; the achieved density of each layer is kept
   (``context.densities()``), and with a consumer the layer's observation (scores, mask, true mass) is handed on.
+* ``train_sparse`` - attention through the gate's selected blocks *with* gradients in Q, K and V (fine-tuning):
+  the Triton kernel's backward on CUDA (``kernel="triton"``), autograd through the PyTorch reference elsewhere;
+  with a consumer, the gate's logits (with grad, from detached Q/K) and the dense ground truth (the ``distill``
+  path) go to it as a :class:`LayerRecord`. Each layer's mask is made once per step and kept in
+  ``context.train_masks`` (clear it before each step), so a recomputation under activation checkpointing reuses
+  it and computes no second gate or ground truth. A ``dense`` budget (or a layer in ``dense_layers``) runs SDPA.
 
 Only an unpadded causal prefill (no attention mask, queries == keys) is gated; decode steps and padded batches
 fall back to dense SDPA.
@@ -25,6 +32,7 @@ fall back to dense SDPA.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -37,7 +45,7 @@ from seer.sparsity.calibration import Calibration
 from seer.sparsity.config import SparsityConfig
 
 ATTN_IMPLEMENTATION = "seer"
-MODES = ("dense", "distill", "observe", "sparse")
+MODES = ("dense", "distill", "observe", "sparse", "train_sparse")
 
 
 @dataclass
@@ -77,10 +85,13 @@ class SeerContext:
     calibration: Calibration | None = None
     gt_source: str = "reference"  # distill: "reference" or "triton"
     gt_mode: str = "auto"  # distill with triton: "fast", "lowmem" or "auto"
-    kernel: str = "reference"  # sparse: "reference" or "triton"
+    gt_target: str = "maxpool"  # distill, train_sparse: "maxpool" (the paper's block max) or "mass" (block mass)
+    kernel: str = "reference"  # sparse, train_sparse: "reference" or "triton"
     want_mass: bool = False
     consumer: Callable[[Any], None] | None = None
+    timer: list | None = None  # sparse mode on CUDA: (start, selected, attended) CUDA events of each layer
     density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    train_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # train_sparse: this step's masks
 
     def densities(self) -> dict[int, float]:
         """Achieved block density of each gated layer in the last sparse forward (kept share of causal blocks)."""
@@ -179,10 +190,12 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
                          f"{ctx.block_size}")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope else (None, 1.0)
+    dynamic = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
+    at_length = partial(rope_frequencies, cfg, gate_config.hidden_size) if dynamic else None  # as the model's
     device = next(model.parameters()).device
     for layer in attention_layers(model):
         heads, kv_heads, head_dim = layer_shape(model, layer)
-        layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
+        layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)
         stash = _PreRopeStash(heads, kv_heads, head_dim)
         layer.seer_stash = stash
         (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
@@ -251,25 +264,21 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     bs = ctx.block_size
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx.mode == "train_sparse":
+        return _train_sparse(module, ctx, query, key, value, scaling, scale)
     if ctx.mode == "distill":
         q_pre, k_pre = stash.take()
-        if ctx.gt_source == "triton":
-            from seer.kernels import flash_attn_with_gt
-
-            out = _output_buffer(query)
-            _, _, gt = flash_attn_with_gt(query, key, value, block_size=bs, sm_scale=scaling, mode=ctx.gt_mode,
-                                          out=out.transpose(1, 2))
-        else:
-            from seer.kernels.reference import block_gt
-
-            out, _ = _dense(module, query, key, value, None, 0.0, scaling)
-            gt = block_gt(query, key, bs, sm_scale=scaling)
+        out, gt = _dense_with_gt(module, ctx, query, key, value, scaling)
         with torch.enable_grad():
             logits = module.seer_gate(q_pre.detach(), k_pre.detach())
         if ctx.consumer is not None:
             ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
         return out, None
     layer = module.layer_idx
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
+        if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
+    if events:
+        events[0].record()
     with torch.no_grad():
         scores = _scores(module, ctx, query, key, scale)
         mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
@@ -290,15 +299,90 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     ctx.density[layer] = (mask.sum(), total)
     if ctx.consumer is not None:
         ctx.consumer(LayerObservation(layer, scores, mask, mass))
+    if events:
+        events[1].record()
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
 
         out = _output_buffer(query)
         block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
-        return out, None
-    from seer.kernels.reference import block_sparse_attn
+    else:
+        from seer.kernels.reference import block_sparse_sdpa
 
-    out, _ = block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling)
+        out = block_sparse_sdpa(query, key, value, mask, block_size=bs, sm_scale=scaling).transpose(1, 2)
+        out = out.contiguous()
+    if events:
+        events[2].record()
+        ctx.timer.append(events)
+    return out, None
+
+
+def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
+    """Dense attention output ``[B, N, Hq, D]`` and the block ground truth of ``ctx.gt_target``: the block attention
+    mass, or the block max from the fused Triton kernel or the PyTorch reference (``ctx.gt_source``); no grad."""
+    if ctx.gt_target == "mass":
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if ctx.gt_source == "triton":
+            from seer.kernels.flash_gt import flash_attn
+
+            out = _output_buffer(query)
+            _, lse = flash_attn(query, key, value, sm_scale=scaling, out=out.transpose(1, 2))
+            return out, attention_mass(query, key, ctx.block_size, scale, lse=lse)
+        out, _ = _dense(module, query, key, value, None, 0.0, scaling)
+        return out, attention_mass(query, key, ctx.block_size, scale)
+    if ctx.gt_source == "triton":
+        from seer.kernels import flash_attn_with_gt
+
+        out = _output_buffer(query)
+        _, _, gt = flash_attn_with_gt(query, key, value, block_size=ctx.block_size, sm_scale=scaling,
+                                      mode=ctx.gt_mode, out=out.transpose(1, 2))
+        return out, gt
+    from seer.kernels.reference import block_gt
+
+    out, _ = _dense(module, query, key, value, None, 0.0, scaling)
+    return out, block_gt(query, key, ctx.block_size, sm_scale=scaling)
+
+
+def _train_sparse(module, ctx: SeerContext, query, key, value, scaling, scale: float):
+    """The ``train_sparse`` mode of :func:`seer_attention` (see the module docstring)."""
+    layer = module.layer_idx
+    q_pre, k_pre = module.seer_stash.take()
+    if layer not in ctx.train_masks:  # the layer's first pass this step (not a checkpointing recomputation)
+        with torch.no_grad():
+            nb = -(-query.shape[2] // ctx.block_size)
+            total = query.shape[0] * query.shape[1] * nb * (nb + 1) // 2
+            if ctx.consumer is not None:
+                _, gt = _dense_with_gt(module, ctx, query, key, value, scaling)
+                with torch.enable_grad():
+                    logits = module.seer_gate(q_pre.detach(), k_pre.detach())
+                ctx.consumer(LayerRecord(layer, logits, gt, query.detach(), key.detach(), scale))
+                scores = logits.detach()
+            dense = ctx.sparsity.method == "dense" or layer in ctx.sparsity.dense_layers
+            if dense:
+                mask = None
+                ctx.density[layer] = (torch.tensor(total), total)
+            else:
+                if ctx.consumer is None:
+                    scores = module.seer_gate(q_pre, k_pre)
+                knob = None
+                if ctx.sparsity.calibrated:  # calibrated on this layer's scores of this batch
+                    from seer.sparsity.calibration import calibrate
+
+                    knob = calibrate({layer: scores}, ctx.sparsity).knob(layer, scores.device)
+                mask = select_blocks(scores, ctx.sparsity, knob)
+                ctx.density[layer] = (mask.sum(), total)
+        ctx.train_masks[layer] = mask
+    mask = ctx.train_masks[layer]
+    if mask is None:
+        return _dense(module, query, key, value, None, 0.0, scaling)
+    if ctx.kernel == "triton":
+        from seer.kernels import block_sparse_attn
+    else:
+        from seer.kernels.reference import block_sparse_attn
+    out, _ = block_sparse_attn(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling)
+    if torch.is_grad_enabled() and query.requires_grad and not out.requires_grad:
+        raise RuntimeError("seer.kernels.block_sparse_attn gave no gradient (its Triton backward is not in this "
+                           "build); fine-tune with the PyTorch reference instead (stage.kernel=reference)")
     return out.transpose(1, 2).contiguous(), None
 
 

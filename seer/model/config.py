@@ -20,7 +20,9 @@ class ModelConfig:
     ``dtype``: auto = bfloat16 on CUDA, float32 on CPU. ``eos_token``: the token that ends a document when
     packing training rows, where the tokenizer's own EOS is a chat marker (SmolLM2's GGUF names ``<|im_start|>``).
     ``architecture``: the model's config as ``AutoConfig.for_model`` keywords (``model_type`` first), used with
-    ``random_init`` only.
+    ``random_init`` only. ``rope_scaling``: extend the context by rope scaling, e.g. ``{rope_type: yarn, factor: 4,
+    original_max_position_embeddings: 8192}`` (types and keys: :mod:`seer.model.rope_scaling`); applied before the
+    weights load, so the model and its gates' block RoPE use it.
     """
 
     name_or_path: Optional[str] = None
@@ -32,6 +34,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     architecture: Optional[dict[str, Any]] = None
     eos_token: Optional[str] = None
+    rope_scaling: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         if self.name_or_path is not None and self.package is not None:
@@ -44,3 +47,7 @@ class ModelConfig:
             fail("model", "dtype", self.dtype, f"choose from {DTYPES}")
         if self.architecture is not None and "model_type" not in self.architecture:
             fail("model", "architecture", dict(self.architecture), "needs a model_type (llama, qwen2, ...)")
+        if self.rope_scaling is not None:
+            from seer.model.rope_scaling import check_rope_scaling
+
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)

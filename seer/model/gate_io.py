@@ -2,8 +2,9 @@
 
 Files are written atomically (a temporary file, then ``os.replace``), so a crash never leaves a half-written
 checkpoint. ``gates.json`` holds the sha256 of ``gates.safetensors``: reading a gate file checks it, so a truncated
-or altered file is refused, naming its path. :func:`load_gates` refuses a file made for another model shape or another
-gate config, saying which field differs.
+or altered file is refused, naming its path. :func:`load_gates` refuses a file made for another model shape, another
+gate config or another RoPE (e.g. gates fine-tuned with YaRN loaded onto the unscaled model), saying which field
+differs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from seer.gates.config import GateConfig
 from seer.config import ConfigError, build
 from seer.files import atomic_write, atomic_write_text
 from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
+from seer.model.rope_scaling import rope_settings
 
 WEIGHTS = "gates.safetensors"
 META = "gates.json"
@@ -54,7 +56,7 @@ def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, ext
     folder = Path(folder)
     ctx = model.seer_context
     meta = {"format": "seer-gates/1", "base_model": model_name, "model": model_signature(model),
-            "gate": dataclasses.asdict(ctx.gate_config), **(extra or {})}
+            "gate": dataclasses.asdict(ctx.gate_config), "rope": rope_settings(model.config), **(extra or {})}
     state = gate_state_dict(model) if state is None else state
     digest = {}
 
@@ -116,11 +118,14 @@ def read_gate_meta(path: str | os.PathLike) -> dict:
         raise ConfigError(f"gate file {weights}: not a seer gate file ({type(exc).__name__}: {exc})") from exc
 
 
-def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateConfig | None = None) -> dict:
+def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateConfig | None = None,
+               allow_rope_change: bool = False) -> dict:
     """Loads gate weights into ``model`` (attaching gates with the file's config if it has none yet).
 
-    Raises ``ValueError`` naming the mismatch when the file was made for another model shape or, if
-    ``expected_gate`` is given (or the model already has gates), another gate config. Returns the metadata."""
+    Raises ``ValueError`` naming the mismatch when the file was made for another model shape, for another RoPE
+    (unless ``allow_rope_change``: starting a context extension from gates of the unscaled model; the block RoPE
+    always follows the model it is attached to) or, if ``expected_gate`` is given (or the model already has
+    gates), another gate config. Returns the metadata."""
     from safetensors.torch import load_file
 
     weights = _weights_path(path)
@@ -130,6 +135,11 @@ def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateCon
         if mine.get(key) != value:
             raise ValueError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
                              f"model has {key}={mine.get(key)}")
+    rope = rope_settings(model.config)
+    for key, value in meta.get("rope", {}).items():  # files written before rope was recorded have none
+        if rope[key] != value and not allow_rope_change:
+            raise ValueError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
+                             f"model has {key}={rope[key]}")
     file_gate = build(GateConfig, "gate", meta["gate"])
     have = getattr(model, "seer_context", None)
     expected = expected_gate or (have.gate_config if have is not None else None)

@@ -52,13 +52,21 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 
 def load_config(cfg: ModelConfig):
+    """The transformers config of ``cfg``'s model (from ``architecture`` with ``random_init``), with
+    ``cfg.rope_scaling`` applied."""
     from transformers import AutoConfig
 
-    if cfg.architecture is not None:
+    from seer.model.rope_scaling import apply_rope_scaling
+
+    if cfg.random_init and cfg.architecture is not None:
         arch = dict(cfg.architecture)
-        return AutoConfig.for_model(arch.pop("model_type"), **arch)
-    return AutoConfig.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file, revision=cfg.revision,
-                                      trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    if cfg.rope_scaling is not None:
+        apply_rope_scaling(config, cfg.rope_scaling)
+    return config
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -93,9 +101,12 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu"):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
-    else:
+    else:  # the config is passed only when it differs from the stored one (rope scaling)
+        config = {"config": load_config(cfg)} if cfg.rope_scaling is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg), gguf_file=cfg.gguf_file, dtype=dtype, revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa").to(device)
+            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa", **config).to(device)
+        if cfg.gguf_file:  # a GGUF loads dequantized: drop the quantizer marker, so it trains and saves as plain weights
+            model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
     return model.eval()

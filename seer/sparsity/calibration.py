@@ -59,9 +59,10 @@ class Calibration:
         values = self.knobs.get(layer_idx)
         return None if values is None else torch.tensor(values, dtype=torch.float32, device=device)
 
-    def matches(self, sparsity: SparsityConfig, selector: str = "gate") -> bool:
-        """Whether this calibration was made for ``sparsity`` (every field) and ``selector``."""
-        return self.sparsity == sparsity and self.selector == selector
+    def matches(self, sparsity: SparsityConfig, selector: str = "gate", seq_len: int | None = None) -> bool:
+        """Whether this calibration was made for ``sparsity`` (every field), ``selector`` and (when given)
+        ``seq_len``."""
+        return self.sparsity == sparsity and self.selector == selector and seq_len in (None, self.seq_len)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -159,8 +160,10 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
 
 
 def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
-    """Adds ``calibration`` to ``folder/calibration.json`` (replacing one made for the same sparsity and selector)."""
-    kept = [c for c in load_calibrations(folder) if not c.matches(calibration.sparsity, calibration.selector)]
+    """Adds ``calibration`` to ``folder/calibration.json`` (replacing one made for the same sparsity, selector and
+    length)."""
+    kept = [c for c in load_calibrations(folder)
+            if not c.matches(calibration.sparsity, calibration.selector, calibration.seq_len)]
     return atomic_write_text(Path(folder) / FILE, json.dumps([c.to_dict() for c in [*kept, calibration]], indent=1))
 
 
@@ -175,13 +178,16 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
         raise ValueError(f"{path} is not a seer calibration file: {exc}") from exc
 
 
-def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str = "gate") -> Calibration:
-    """The calibration stored in ``folder`` for ``sparsity``; a ``ValueError`` listing what is stored otherwise."""
+def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str = "gate",
+                     seq_len: int | None = None) -> Calibration:
+    """The calibration stored in ``folder`` for ``sparsity`` and ``selector``: the one made at ``seq_len`` tokens,
+    or without ``seq_len`` the one made at the longest length (a threshold reaches other densities at other
+    lengths); a ``ValueError`` listing what is stored otherwise."""
     stored = load_calibrations(folder)
-    for c in stored:
-        if c.matches(sparsity, selector):
-            return c
-    have = "; ".join(c.sparsity.describe() for c in stored) or "none"
+    found = [c for c in stored if c.matches(sparsity, selector, seq_len)]
+    if found:
+        return max(found, key=lambda c: c.seq_len)
+    have = "; ".join(f"{c.sparsity.describe()} at {c.seq_len} tokens" for c in stored) or "none"
     raise ValueError(f"no calibration for sparsity {sparsity.describe()} in {Path(folder) / FILE} (stored: {have}); "
                      f"calibrate it with python -m seer.eval (see the README) or give the knob itself "
                      f"(target_density=null)")

@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 
 from seer.sparsity.config import SparsityConfig
-from seer.sparsity.masks import causal_blocks, select_blocks, topk_mask
+from seer.sparsity.masks import causal_blocks, forced_blocks, select_blocks
 
 
 def head_density(mask: torch.Tensor) -> torch.Tensor:
@@ -38,16 +38,35 @@ def mass_recall(mask: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return (kept / total).mean()
 
 
-def oracle_recall(mass: torch.Tensor, density: float, sink_blocks: int = 0) -> torch.Tensor:
-    """The recall of the best top-k mask of the true block mass ``mass`` at ``density``: what a perfect scorer keeps
-    with a share-of-each-row budget of the same density."""
-    scores = torch.log(mass.float().clamp_min(1e-30))
-    return mass_recall(topk_mask(scores, density, sink_blocks=sink_blocks), mass)
+def oracle_recall(mass: torch.Tensor, density: float, sink_blocks: int = 0, local_blocks: int = 0) -> torch.Tensor:
+    """The most recall any mask of ``density`` can have on ``mass [..., nb, nb]`` (a 0-dim tensor): the forced blocks
+    (diagonal, ``sink_blocks``, ``local_blocks``), then the blocks of largest mass over the whole tensor until the
+    same number of blocks is kept. Recall averages the rows' kept shares, so this greedy choice is optimal: an upper
+    bound for every budget (top-k, threshold, top-p) at that density with those forced blocks."""
+    nb = mass.shape[-1]
+    causal = causal_blocks(nb, mass.device)
+    forced = forced_blocks(nb, sink_blocks, local_blocks, mass.device).expand(mass.shape)
+    free = causal & ~forced
+    budget = round(density * int(causal.sum()) * (mass.numel() // (nb * nb)))
+    rest = mass.float().masked_fill(~free, float("-inf")).flatten()
+    extra = max(0, min(budget - int(forced.sum()), int(free.sum())))
+    keep = torch.zeros_like(rest, dtype=torch.bool)
+    keep[rest.topk(extra).indices] = True
+    return mass_recall(keep.view(mass.shape) | forced, mass)
 
 
-def attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+def attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float,
+                   lse: torch.Tensor | None = None) -> torch.Tensor:
     """The true block attention mass ``[B, Hq, nb, nb]`` (float32) of post-RoPE ``query [B, Hq, N, D]`` and ``key
-    [B, Hkv, N, D]`` (:func:`seer.kernels.reference.block_attn_mass`, chunked: memory ``O(N * block)`` per head)."""
+    [B, Hkv, N, D]``. On CUDA: the Triton pass over Q K^T given the rows' log-sum-exp (``lse [B, Hq, N]`` float32,
+    computed by a flash forward when not given); elsewhere :func:`seer.kernels.reference.block_attn_mass` (chunked:
+    memory ``O(N * block)`` per head)."""
+    if query.is_cuda:
+        from seer.kernels.flash_gt import flash_attn, gt_from_lse
+
+        if lse is None:
+            lse = flash_attn(query, key, key, sm_scale=scale)[1]  # only the log-sum-exp is used
+        return gt_from_lse(query, key, lse, block_size, sm_scale=scale, pool="mass")
     from seer.kernels.reference import block_attn_mass
 
     return block_attn_mass(query, key, block_size, scale).float()

@@ -1,19 +1,26 @@
 """Training-stage schemas (Hydra group ``stage``; see :mod:`seer.config`), one per stage, chosen by ``name``.
 
 ``distill`` (:class:`DistillConfig`): post-training gate distillation against the frozen model's own block
-attention map. A stage's options share :class:`StageConfig`'s optimiser and image fields.
+attention map. ``finetune`` (:class:`FinetuneConfig`): long-context fine-tuning of the model through the gates'
+block-sparse attention, with the gates' distillation loss beside the language-model loss. A stage's options share
+:class:`StageConfig`'s optimiser and image fields; both stages share :class:`GateTargetConfig`'s gate loss and
+ground-truth fields. A stage checks what it needs of the other groups in :meth:`StageConfig.check_run`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from seer.config import ConfigError, build, fail, is_int
+from seer.config import ConfigError, build, fail, is_int, is_number
+
+if TYPE_CHECKING:
+    from seer.config import RunConfig
 
 GT_SOURCES = ("auto", "reference", "triton")
 GT_MODES = ("auto", "fast", "lowmem")
 LOSSES = ("kl", "mse")
+TARGETS = ("maxpool", "mass")
 
 
 @dataclass
@@ -47,22 +54,28 @@ class StageConfig:
         if not is_int(self.image_every_n_steps) or self.image_every_n_steps < 0:
             fail("stage", "image_every_n_steps", self.image_every_n_steps, "must be an integer >= 0 (0: no images)")
 
+    def check_run(self, run: RunConfig, cfg: Mapping[str, Any]) -> None:
+        """Refuses (ConfigError naming the key) what this stage cannot do with the run's other groups (``cfg``: the
+        whole composed config as plain containers); called by :func:`seer.config.validate`, before any loading."""
+
 
 @dataclass
-class DistillConfig(StageConfig):
-    """Post-training gate distillation: ``loss_scale`` x the sum over layers of ``loss`` (``kl``: KL(GT ||
-    softmax(gate)), the release; ``mse``: paper v1) between gate logits and the row-normalised block ground truth.
+class GateTargetConfig(StageConfig):
+    """The gates' distillation loss: ``loss`` (``kl``: KL(GT || softmax(gate)), the release; ``mse``: paper v1)
+    between gate logits and the row-normalised block ground truth.
 
-    ``skip_first_rows``: share of query-block rows left out of the loss (the release drops 0.25). ``gt``: where the
+    ``target``: what the gate learns: ``maxpool`` (the paper's ground truth, the largest attention probability in
+    each block) or ``mass`` (the share of each query-block row's attention in each block, the mean over its rows:
+    what recall, threshold and top-p budgets reason about). ``skip_first_rows``: share of query-block rows left out of
+    the loss (the release drops 0.25). ``gt``: where the
     ground truth comes from: ``triton`` (fused FlashAttention kernel that emits the block map), ``reference``
     (chunked PyTorch) or ``auto`` (triton on CUDA). ``gt_mode``: the Triton kernel's memory mode, ``fast`` (a
     scratch of per-row tile maxima), ``lowmem`` (a second pass once the log-sum-exp is known) or ``auto`` (from
     free GPU memory).
     """
 
-    name: str = "distill"
+    target: str = "maxpool"
     loss: str = "kl"
-    loss_scale: float = 10.0
     row_normalize: bool = True
     skip_first_rows: float = 0.0
     gt: str = "auto"
@@ -70,19 +83,167 @@ class DistillConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target not in TARGETS:
+            fail("stage", "target", self.target, f"choose from {TARGETS}")
         if self.loss not in LOSSES:
             fail("stage", "loss", self.loss, f"choose from {LOSSES}")
         if self.gt not in GT_SOURCES:
             fail("stage", "gt", self.gt, f"choose from {GT_SOURCES}")
         if self.gt_mode not in GT_MODES:
             fail("stage", "gt_mode", self.gt_mode, f"choose from {GT_MODES}")
-        if not self.loss_scale > 0:
-            fail("stage", "loss_scale", self.loss_scale, "must be > 0")
         if not 0 <= self.skip_first_rows < 1:
             fail("stage", "skip_first_rows", self.skip_first_rows, "is a fraction of query-block rows; use [0, 1)")
 
 
-STAGES: dict[str, type[StageConfig]] = {"distill": DistillConfig}
+@dataclass
+class DistillConfig(GateTargetConfig):
+    """Post-training gate distillation of a frozen model: ``loss_scale`` x the sum over layers of the gate loss."""
+
+    name: str = "distill"
+    loss_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.loss_scale > 0:
+            fail("stage", "loss_scale", self.loss_scale, "must be > 0")
+
+
+@dataclass
+class FinetuneConfig(GateTargetConfig):
+    """Long-context fine-tuning through the gates' block-sparse attention (SeerAttention paper v1: YaRN 8k -> 32k,
+    400 steps at lr 1e-5, gate loss weight 10, about 90% sparsity): loss = the language-model loss of the model
+    attending only to the blocks its gates select (the ``sparsity`` group's budget) + ``gate_loss_weight`` x the
+    sum over layers of the gate loss against the dense ground truth (gates fed detached Q/K).
+
+    ``trainable``: glob patterns (``fnmatch``) of the base model's parameter names that train (default all);
+    the gates always train when ``gate_loss_weight > 0``. ``lora_rank`` > 0 adds LoRA adapters (``peft``,
+    ``pip install 'seer[finetune]'``) of that rank and ``lora_alpha`` to the ``lora_modules`` (module names),
+    merged into the weights when the model is saved; ``trainable`` then names base parameters trained in full
+    besides them (``conf/stage/finetune_lora.yaml``: none). Base weights train at ``lr``, the gates at ``gate_lr``.
+    ``float32_master_weights``: a half-precision model's trained parameters become float32 (AdamW updates of
+    ``lr`` 1e-5 survive; 16 bytes a parameter with the optimiser state); false trains them in the model's dtype
+    (8 bytes a parameter: what fits the whole 8B model on one GPU, ``experiment=finetune_8b_memory``).
+
+    ``gate_loss_weight`` 0 trains without the gate loss (a dense fine-tune with ``sparsity=dense``, or sparse with
+    gates from ``init_gates`` kept fixed). ``gt_every_n_steps``: the ground truth (one extra dense attention
+    forward per layer) and the gate loss are computed every n-th step only. ``init_gates``: a gate checkpoint to
+    start from (e.g. a distill run's ``gates`` folder, made before the context was extended: the block RoPE
+    follows the model it is attached to); None: fresh gates. ``dense_warmup_steps``: the first steps attend
+    densely (density 1.0), the gate loss running, before the sparse budget applies. ``kernel``: the sparse
+    attention's implementation, ``triton`` (forward and backward kernels), ``reference`` (PyTorch autograd,
+    memory quadratic in the length) or ``auto`` (triton on CUDA). ``gradient_checkpointing``: recompute each
+    decoder layer in the backward (transformers' ``gradient_checkpointing_enable``). ``loss_chunk_tokens``: the
+    language-model head and cross-entropy run over this many positions at a time, recomputed in the backward, so
+    no ``[tokens, vocab]`` float32 logits exist whole. This stage draws no gate images.
+    """
+
+    name: str = "finetune"
+    lr: float = 1e-5
+    gate_lr: float = 1e-3
+    gate_loss_weight: float = 10.0
+    gt_every_n_steps: int = 1
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    init_gates: Optional[str] = None
+    dense_warmup_steps: int = 0
+    kernel: str = "auto"
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 4096
+    float32_master_weights: bool = True
+    image_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from seer.model.inference import KERNELS
+
+        if not is_number(self.gate_lr) or not self.gate_lr > 0:
+            fail("stage", "gate_lr", self.gate_lr, "must be > 0")
+        if not is_number(self.gate_loss_weight) or self.gate_loss_weight < 0:
+            fail("stage", "gate_loss_weight", self.gate_loss_weight, "must be >= 0 (0: no gate loss)")
+        for key in ("gt_every_n_steps", "loss_chunk_tokens"):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
+                fail("stage", key, getattr(self, key), "must be an integer >= 1")
+        for key in ("lora_rank", "dense_warmup_steps"):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 0:
+                fail("stage", key, getattr(self, key), "must be an integer >= 0")
+        self.trainable, self.lora_modules = list(self.trainable), list(self.lora_modules)
+        if self.lora_rank and "*" in self.trainable:
+            fail("stage", "trainable", self.trainable, "with LoRA (lora_rank > 0) list only the base parameters to "
+                 "train in full besides the adapters (e.g. [] or ['*norm*'])")
+        if self.lora_rank and not self.lora_modules:
+            fail("stage", "lora_modules", self.lora_modules, "LoRA needs at least one module name (e.g. q_proj)")
+        if not self.lora_alpha > 0:
+            fail("stage", "lora_alpha", self.lora_alpha, "must be > 0")
+        if self.kernel not in KERNELS:
+            fail("stage", "kernel", self.kernel, f"choose from {KERNELS}")
+        if self.image_every_n_steps:
+            fail("stage", "image_every_n_steps", self.image_every_n_steps, "the finetune stage draws no images; use 0")
+
+    def check_run(self, run: RunConfig, cfg: Mapping[str, Any]) -> None:
+        import importlib.util
+
+        from seer.model.rope_scaling import extended_context
+
+        seq_len = (cfg.get("data") or {}).get("seq_len")
+        rope = run.model.rope_scaling
+        if rope is not None and rope["rope_type"] != "dynamic" and is_int(seq_len):
+            original = rope["original_max_position_embeddings"]
+            if seq_len <= original:
+                fail("data", "seq_len", seq_len, f"is not longer than the original context (model.rope_scaling."
+                     f"original_max_position_embeddings={original}): nothing for {rope['rope_type']} to extend")
+            if seq_len > extended_context(rope):
+                fail("data", "seq_len", seq_len, f"is beyond model.rope_scaling.factor={rope['factor']} x "
+                     f"{original} = {extended_context(rope)} tokens")
+        if self.gate_loss_weight == 0 and self.init_gates is None and run.sparsity.method != "dense":
+            fail("stage", "gate_loss_weight", 0, f"with no stage.init_gates the gates would select blocks "
+                 f"({run.sparsity.describe()}) untrained: give trained gates, a weight > 0, or sparsity=dense")
+        if run.sparsity.calibrated and run.sparsity.allocation == "oracle":
+            fail("sparsity", "allocation", "oracle", "needs the true attention mass of calibration rows, which "
+                 "fine-tuning does not compute; use global or uniform")
+        if self.init_gates is not None:
+            self._check_init_gates(run)
+        if self.lora_rank and importlib.util.find_spec("peft") is None:
+            fail("stage", "lora_rank", self.lora_rank, "LoRA needs peft: pip install 'seer[finetune]'")
+        precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
+        if precision.endswith("-true") and precision != "32-true":
+            fail("trainer", "precision", precision, "would cast the rotary frequencies to half precision too; use "
+                 "bf16-mixed with model.dtype=bfloat16 (and stage.float32_master_weights=false to keep the trained "
+                 "weights in bfloat16)")
+        if _half_model(run.model.dtype, cfg) and not precision.endswith("-mixed"):
+            fail("trainer", "precision", precision, f"the model runs in half precision (model.dtype="
+                 f"{run.model.dtype}): use bf16-mixed (autocast)")
+
+
+    def _check_init_gates(self, run: RunConfig) -> None:
+        """``init_gates`` exists and has the gate architecture of the ``gate`` group."""
+        import dataclasses
+
+        from seer.gates.config import GateConfig
+        from seer.model.gate_io import read_gate_meta
+
+        try:
+            stored = build(GateConfig, "gate", read_gate_meta(self.init_gates)["gate"])
+        except FileNotFoundError:
+            fail("stage", "init_gates", self.init_gates, "no gate checkpoint there")
+        for f in dataclasses.fields(GateConfig):
+            if getattr(stored, f.name) != getattr(run.gate, f.name):
+                fail("gate", f.name, getattr(run.gate, f.name), f"differs from the gates of stage.init_gates "
+                     f"({self.init_gates}: {getattr(stored, f.name)!r}); choose the gate option they were made with")
+
+
+def _half_model(dtype: str, cfg: Mapping[str, Any]) -> bool:
+    """Whether the model of this run loads in bfloat16/float16 (``auto``: when it trains on a CUDA GPU)."""
+    if dtype != "auto":
+        return dtype in ("bfloat16", "float16")
+    import torch
+
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    return accelerator != "cpu" and torch.cuda.is_available()
+
+
+STAGES: dict[str, type[StageConfig]] = {"distill": DistillConfig, "finetune": FinetuneConfig}
 
 
 def stage_config(values: Mapping[str, Any] | StageConfig | None) -> StageConfig:

@@ -59,6 +59,7 @@ class GateDistillation(L.LightningModule):
                 masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
         ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
+        ctx.gt_target = self.stage.target
         ctx.set_mode("distill")
         try:
             with torch.no_grad():
@@ -85,8 +86,8 @@ class GateDistillation(L.LightningModule):
                "density": _mean(list(density.values())), "layer_density": density}
         if masses:
             out["layer_recall"] = {i: mass_recall(masks[i], masses[i]) for i in masks}
-            out["layer_oracle_recall"] = {i: oracle_recall(masses[i], float(density[i]), self.sparsity.sink_blocks)
-                                          for i in masks}
+            out["layer_oracle_recall"] = {i: oracle_recall(masses[i], float(density[i]), self.sparsity.sink_blocks,
+                                                           self.sparsity.local_blocks) for i in masks}
             out["recall"] = _mean(list(out["layer_recall"].values()))
             out["oracle_recall"] = _mean(list(out["layer_oracle_recall"].values()))
         if want_images:

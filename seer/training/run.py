@@ -82,6 +82,27 @@ def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model")
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
 
 
+def build_distill(run: RunConfig, model, *, gt_source: str, device: torch.device, tokenizer, out_dir: Path,
+                  model_name: str):
+    """The distill stage's module: gates attached to ``model``, its base frozen."""
+    from seer.model.attention import attach_gates, freeze_base_model
+    from seer.training.distill import GateDistillation
+
+    attach_gates(model, run.gate)
+    freeze_base_model(model)
+    return GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_name)
+
+
+def build_finetune(run: RunConfig, model, **kwargs):
+    from seer.training.finetune import build_finetune
+
+    return build_finetune(run, model, **kwargs)
+
+
+# stage name -> builder of its LightningModule from the loaded base model
+STAGE_MODULES = {"distill": build_distill, "finetune": build_finetune}
+
+
 def _instantiate_group(nodes: DictConfig | None, **extra) -> list:
     """Every non-null node of ``nodes``; ``extra`` goes to the nodes whose target takes those arguments and that do
     not set them."""
@@ -148,8 +169,9 @@ def placement(cfg: DictConfig, run: RunConfig, device: torch.device):
     return dataclasses.replace(run.model, dtype=dtype), torch.device("cpu")
 
 
-def derived_facts(model, trainer, device: torch.device, gt_source: str) -> dict:
-    """Parameter counts, versions, device and processes: what the config alone does not say."""
+def derived_facts(module, trainer, device: torch.device, gt_source: str) -> dict:
+    """Parameter counts (of the stage's module), versions, device and processes: what the config alone does not
+    say."""
     import lightning
     import transformers
     import triton
@@ -157,8 +179,9 @@ def derived_facts(model, trainer, device: torch.device, gt_source: str) -> dict:
     import seer
     from seer.model.attention import gate_parameters
 
-    trained = sum(p.numel() for p in gate_parameters(model))
-    return {"params.gates": trained, "params.frozen": sum(p.numel() for p in model.parameters()) - trained,
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"params.trained": trained, "params.gates": sum(p.numel() for p in gate_parameters(module)),
+            "params.frozen": sum(p.numel() for p in module.parameters()) - trained,
             "run.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "run.world_size": trainer.world_size, "run.gt_source": gt_source,
             "versions.seer": seer.__version__, "versions.torch": torch.__version__,
@@ -188,17 +211,15 @@ def quiet_third_party_output() -> None:
 
 
 def run_training(cfg: DictConfig) -> dict:
-    """Trains gates as ``cfg`` says; returns the run summary (also written to ``summary.json``). Raises
+    """Runs the training stage ``cfg`` names; returns the run summary (also written to ``summary.json``). Raises
     ``KeyboardInterrupt`` after a Ctrl-C that saved a checkpoint and a summary."""
     from hydra.utils import instantiate
     import lightning as L
     from lightning.pytorch.loggers.logger import DummyLogger
 
-    from seer.model.attention import attach_gates, freeze_base_model
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
     from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
                                          SaveOnInterrupt, ValidateAtEnd)
-    from seer.training.distill import GateDistillation
     from seer.training.loggers import finish_wandb, flat_config
     from seer.training.parallel import exclude_frozen_from_ddp
     from seer.training.resume import read_resume
@@ -234,17 +255,16 @@ def run_training(cfg: DictConfig) -> dict:
     trainer.loggers = loggers or [DummyLogger()]
     try:
         model = load_causal_lm(*placement(cfg, run, device))
-        attach_gates(model, run.gate)
-        freeze_base_model(model)
-        module = GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_id(run.model))
+        module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
+                                               out_dir=out_dir, model_name=model_id(run.model))
         exclude_frozen_from_ddp(module)
-        facts = derived_facts(model, trainer, device, gt_source)
+        facts = derived_facts(module, trainer, device, gt_source)
         for logger in trainer.loggers:
             logger.log_hyperparams(facts)  # W&B: into the run's config; rank 0 only
         if trainer.is_global_zero:
             print(f"[seer] {out_dir}\n[seer] device {facts['run.device']} x{trainer.world_size}, ground truth "
-                  f"{gt_source} (stage.gt={run.stage.gt}); gates: {facts['params.gates']:,} trainable parameters, "
-                  f"base model: {facts['params.frozen']:,} frozen", flush=True)
+                  f"{gt_source} (stage.gt={run.stage.gt}); {facts['params.trained']:,} trained parameters (gates "
+                  f"{facts['params.gates']:,}), {facts['params.frozen']:,} frozen", flush=True)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as exc:
         finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)

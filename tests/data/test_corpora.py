@@ -4,7 +4,6 @@ import os
 import sysconfig
 import time
 
-import datasets
 import pytest
 
 from seer.config import ConfigError
@@ -69,7 +68,7 @@ def test_text_files_corpus_fingerprint_follows_file_changes(tmp_path):
 def test_text_files_corpus_names_a_file_in_another_encoding(tmp_path):
     (tmp_path / "a.txt").write_text("fine")
     (tmp_path / "b.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"b.txt is not utf-8 text \(byte 0xe9 at offset 3\); set "
+    with pytest.raises(ConfigError, match=r"b.txt is not valid utf-8 text \(byte 0xe9 at offset 3\); set "
                                           r"data.corpus.encoding"):
         list(TextFilesCorpus(str(tmp_path / "*.txt")).documents())
     assert list(TextFilesCorpus(str(tmp_path / "*.txt"), encoding="latin-1").documents())[1] == "caf\xe9 au lait"
@@ -85,6 +84,7 @@ def test_text_files_corpus_names_the_pattern_that_matches_nothing(tmp_path):
 @pytest.fixture
 def fake_hub(monkeypatch):
     """Replace datasets.load_dataset with in-memory datasets; records the calls."""
+    datasets = pytest.importorskip("datasets")  # the optional hub loader (a training extra)
     calls = []
     tables = {
         None: {"text": ["first", "", "second", "third"], "title": ["a", "b", "c", "d"]},
@@ -142,3 +142,15 @@ def test_presets_point_at_script_free_hub_sources(fake_hub):
     with pytest.raises(ValueError, match="nope.jsonl"):
         redpajama_sample_corpus(files=["nope.jsonl"])
     assert not fake_hub  # building a corpus touches no network
+
+
+def test_text_files_split_into_chapters_and_bad_encoding_named(tmp_path):
+    (tmp_path / "book.txt").write_text("Title\n\nCHAPTER I\n\nOne.\n\nChapter 2\n\nTwo.\n")
+    corpus = TextFilesCorpus(str(tmp_path / "*.txt"), split_on="(?im)^(?=chapter [0-9ivxlc]+)")
+    assert list(corpus.documents()) == ["Title\n\n", "CHAPTER I\n\nOne.\n\n", "Chapter 2\n\nTwo.\n"]
+    assert corpus.fingerprint != TextFilesCorpus(str(tmp_path / "*.txt")).fingerprint
+    with pytest.raises(ValueError, match=r"split_on='\(' is not a regular expression"):
+        TextFilesCorpus("x", split_on="(")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not valid utf-8 text"):
+        list(TextFilesCorpus(str(tmp_path / "latin1.txt")).documents())

@@ -16,7 +16,7 @@ import torch
 from seer.gates import pool_blocks
 from seer.kernels.block_pool import block_pool
 from seer.kernels.block_topk import topk_block_mask
-from seer.sparsity import row_budgets, topk_mask
+from seer.sparsity import causal_blocks, row_budgets, topk_mask
 
 
 def _device() -> torch.device:
@@ -98,9 +98,10 @@ def test_topk_kernel_matches_sort_path(nb, dtype):
     for ratio, nz, sink, dense in ((0.9, False, 0, 0), (0.5, False, 2, 3), (0.75, True, 1, 0), (0.0, False, 0, 0)):
         want = topk_mask(scores, 1.0 - ratio, nz, sink, dense_last_rows=dense)  # CPU: stable argsort path
         budget = row_budgets(nb, 1.0 - ratio, nz, dev)
-        if dense:
-            budget[max(0, nb - dense):] = torch.arange(1, nb + 1, device=dev)[max(0, nb - dense):]
         out = _poisoned_mask(scores.shape, dev)
         got = topk_block_mask(scores.to(dev), budget, sink, out=out)
         assert got is out and ((got.view(torch.int8) == 0) | (got.view(torch.int8) == 1)).all()
-        assert torch.equal(got.cpu(), want), (ratio, nz, sink, dense)
+        got = got.cpu()
+        dense_rows = slice(max(0, nb - dense), nb)  # kept whole after the selection, as topk_mask does
+        got[..., dense_rows, :] |= causal_blocks(nb)[dense_rows]
+        assert torch.equal(got, want), (ratio, nz, sink, dense)

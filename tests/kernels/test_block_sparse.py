@@ -15,6 +15,7 @@ import torch
 from seer.kernels import block_sparse as bs
 from seer.kernels import reference
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
+from seer.kernels.tuning import force_config
 
 CPU = torch.device("cpu")
 
@@ -132,20 +133,16 @@ def test_empty_and_full_masks(density):
 
 def test_subtiles_transposed_inputs_and_scale():
     """Key tiles narrower than a mask block (the loop over sub-tiles), [B, N, H, D] storage, a custom scale."""
-    key = (16, 32, False)
-    bs._CONFIG_OVERRIDE[key] = (16, 4, 1, False)
-    try:
+    with force_config("block_sparse", BLOCK_N=16):
         _check_case(1, 2, 1, 90, 16, 32, torch.float32, 1, False, transpose=True, sm_scale=0.3)
-    finally:
-        bs._CONFIG_OVERRIDE.pop(key)
 
 
 @pytest.mark.parametrize("pair", [False, True])
 def test_tma_path(monkeypatch, pair):
     """The tensor-descriptor (copy engine) path; on the CPU the interpreter emulates the descriptors."""
     monkeypatch.setattr(bs, "_tma_ok", lambda *t: True)
-    monkeypatch.setitem(bs._CONFIG_OVERRIDE, (16, 16, pair), (16, 4, 1, True))
-    _check_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
+    with force_config("block_sparse", USE_TMA=True):
+        _check_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
 
 
 def test_out_as_transposed_view():
@@ -229,6 +226,37 @@ def test_indexed_matches_masked():
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("mask_heads", ["q", "kv"])
+def test_heaviest_first_schedule_on_skewed_masks(mask_heads):
+    """Per-head densities from 0.02 to 0.9 (what calibrated budgets give): the sorted 1-d launch equals the reference
+    and the per-head launch, and its order is a permutation of all row programs, longest lists first."""
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, n, d, block = 2, 4, 2, 150, 16, 16
+    nb = -(-n // block)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for h in (hq, hkv, hkv))
+    hm = hq if mask_heads == "q" else hkv
+    dens = torch.linspace(0.02, 0.9, hm).view(1, hm, 1, 1)
+    mask = (torch.rand(b, hm, nb, nb, generator=gen) < dens) | torch.eye(nb, dtype=torch.bool)
+    dev = _device()
+    q, k, v, mask = q.to(dev), k.to(dev), v.to(dev), mask.to(dev)
+    ref_out, ref_lse = reference.block_sparse_attn(q.double(), k.double(), v.double(), mask, block)
+    runs = {}
+    for schedule in ("heaviest_first", "rows"):
+        out = torch.full_like(q, float("nan"))  # poisoned: unwritten -> NaN
+        lse = torch.full(q.shape[:3], float("nan"), device=dev)
+        block_sparse_attn(q, k, v, mask, block, out=out, lse=lse, schedule=schedule)
+        _check(out, lse, ref_out, ref_lse, torch.float32)
+        runs[schedule] = out
+    torch.testing.assert_close(runs["heaviest_first"], runs["rows"], rtol=0, atol=0)
+    _, counts = build_block_index(mask)
+    order = bs.heaviest_first(counts, hq)
+    assert sorted(order.tolist()) == list(range(b * hq * nb))
+    work = counts.repeat_interleave(hq // hm, dim=1).reshape(-1)[order.long()]
+    assert (work[:-1] >= work[1:]).all()
+    with pytest.raises(ValueError, match="schedule='fastest'"):
+        block_sparse_attn(q, k, v, mask, block, schedule="fastest")
+
+
 def test_zero_length():
     q = torch.randn(1, 2, 0, 16)
     mask = torch.zeros(1, 2, 0, 0, dtype=torch.bool)
@@ -250,11 +278,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         block_sparse_attn(q, torch.randn(1, 3, 40, 16, device=dev), torch.randn(1, 3, 40, 16, device=dev),
                           mask, 16)
-    with pytest.raises(ValueError, match="share one dtype"):
+    with pytest.raises(ValueError, match="share a dtype"):
         block_sparse_attn(q, k.half(), k.half(), mask, 16)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         block_sparse_attn(q.double(), k.double(), k.double(), mask, 16)
-    with pytest.raises(ValueError, match="block_size must be"):
+    with pytest.raises(ValueError, match="block_size 48"):
         block_sparse_attn(q, k, k, mask, 48)
     with pytest.raises(ValueError, match="head dim"):
         block_sparse_attn(q[..., :12], k[..., :12], k[..., :12], mask, 16)
@@ -277,6 +305,10 @@ def test_bad_inputs():
         block_sparse_attn(q, k, k, mask, 16, lse=torch.empty(1, 4, 40, dtype=torch.float64, device=dev))
     with pytest.raises(ValueError, match="must be bool"):
         build_block_index(mask.float())
+    with pytest.raises(ValueError, match="sm_scale must be a positive finite number, got nan"):
+        block_sparse_attn(q, k, k, mask, 16, sm_scale=float("nan"))
+    with force_config("block_sparse", BLOCK_N=32), pytest.raises(ValueError, match="invalid for block_size 16"):
+        block_sparse_attn(q, k, k, mask, 16)
     if dev.type == "cuda":
         with pytest.raises(ValueError, match="one device"):
             block_sparse_attn(q, k, k, mask.cpu(), 16)
@@ -320,3 +352,14 @@ def test_gpu_dense_matches_sdpa(block):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert _rel_err(out, ref) < 1.5e-2
     assert torch.isfinite(lse).all()
+
+
+@pytest.mark.gpu
+def test_gpu_float32_uses_ieee_dots():
+    """float32 inputs take IEEE float32 dots: float32 accuracy against the float64 reference (tf32: ~1e-3 off)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", generator=gen) for _ in range(3))
+    mask = torch.rand(1, 4, 32, 32, device="cuda", generator=gen) < 0.5
+    out, lse = block_sparse_attn(q, k, v, mask, 64)
+    ref_out, ref_lse = reference.block_sparse_attn(q.double(), k.double(), v.double(), mask, 64)
+    _check(out, lse, ref_out, ref_lse, torch.float32)

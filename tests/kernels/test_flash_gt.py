@@ -5,6 +5,7 @@ Every run writes into outputs prefilled with NaN, so an element the kernel fails
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 from seer.kernels import reference
 from seer.kernels.flash_gt import fast_scratch_bytes, flash_attn, flash_attn_with_gt
+from seer.kernels.flash_gt import gt_from_lse as flash_gt_from_lse
+from seer.kernels.tuning import force_config
 
 
 def _inputs(b, hq, hkv, n, d, dtype, device="cpu", seed=0):
@@ -43,32 +46,40 @@ def _check_gt(gt, ref_gt, tol):
     assert err <= tol, f"gt max relative error {err:.3e} > {tol}"
 
 
-# (B, Hq, Hkv, N, D, dtype, block_size, mode, launch config or None for the default)
+def _forced(kernel_and_config):
+    """``force_config`` of a ``(kernel, config)`` pair; no change for None."""
+    return force_config(kernel_and_config[0], **kernel_and_config[1]) if kernel_and_config \
+        else contextlib.nullcontext()
+
+
+# (B, Hq, Hkv, N, D, dtype, block_size, mode, (kernel, forced launch config) or None for the default)
 CASES = [
     (1, 2, 2, 1, 16, torch.float32, 16, "fast", None),
     (1, 4, 1, 63, 16, torch.float16, 16, "lowmem", None),
     (2, 4, 1, 64, 64, torch.float32, 64, "fast", None),
-    (1, 4, 1, 65, 16, torch.float32, 32, "fast", dict(BLOCK_M=64, BLOCK_N=64)),  # 2 gt blocks per key tile
+    (1, 4, 1, 65, 16, torch.float32, 32, "fast", ("flash_gt.fast", dict(BLOCK_M=64, BLOCK_N=64))),  # 2 gt blocks
     (1, 2, 2, 200, 64, torch.float16, 64, "fast", None),  # 2 key tiles per gt block (running max)
     (1, 4, 1, 200, 16, torch.float32, 32, "lowmem", None),
-    (2, 2, 1, 256, 16, torch.float16, 16, "fast", dict(BLOCK_M=64, BLOCK_N=16)),  # 4 gt row blocks per program
+    (2, 2, 1, 256, 16, torch.float16, 16, "fast", ("flash_gt.fast", dict(BLOCK_M=64, BLOCK_N=16))),  # 4 gt rows
     (1, 2, 2, 256, 64, torch.float32, 64, "lowmem", None),
-    (1, 4, 4, 65, 64, torch.float16, 64, "lowmem", dict(GT_BLOCK_M=128)),  # 2 gt rows per pass-2 program
+    (1, 4, 4, 65, 64, torch.float16, 64, "lowmem", ("flash_gt.pass2", dict(BLOCK_M=128))),  # 2 gt rows, pass 2
     (1, 4, 1, 200, 16, torch.float16, 16, "auto", None),
-    (2, 4, 2, 200, 16, torch.float32, 16, "fast", dict(BLOCK_M=64, BLOCK_N=64)),  # 4 gt blocks per key tile
-    (1, 2, 1, 130, 32, torch.float16, 32, "fast", dict(BLOCK_M=64, BLOCK_N=32, EPI=0)),  # separate epilogue
-    (1, 2, 1, 100, 16, torch.float32, 16, "fast", dict(BLOCK_M=32, BLOCK_N=32, EPI=0, JC=64)),
+    (2, 4, 2, 200, 16, torch.float32, 16, "fast", ("flash_gt.fast", dict(BLOCK_M=64, BLOCK_N=64))),  # 4 gt blocks
+    (1, 2, 1, 130, 32, torch.float16, 32, "fast", ("flash_gt.fast", dict(BLOCK_M=64, BLOCK_N=32, EPI=0))),  # epilogue
+    (1, 2, 1, 100, 16, torch.float32, 16, "fast", ("flash_gt.fast", dict(BLOCK_M=32, BLOCK_N=32, EPI=0, JC=64))),
+    (1, 4, 2, 70, 32, torch.float32, 32, "lowmem", ("flash_gt.dense", dict(BLOCK_M=64, BLOCK_N=64))),  # pass 1
 ]
 
 
-@pytest.mark.parametrize("b,hq,hkv,n,d,dtype,bs,mode,config", CASES,
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype,bs,mode,forced", CASES,
                          ids=[f"B{c[0]}-H{c[1]}:{c[2]}-N{c[3]}-D{c[4]}-{str(c[5])[6:]}-bs{c[6]}-{c[7]}"
-                              f"{'-cfg' if c[8] else ''}" for c in CASES])
-def test_matches_reference(b, hq, hkv, n, d, dtype, bs, mode, config):
+                              f"{'-' + c[8][0] if c[8] else ''}" for c in CASES])
+def test_matches_reference(b, hq, hkv, n, d, dtype, bs, mode, forced):
     q, k, v = _inputs(b, hq, hkv, n, d, dtype, seed=n * 31 + d)
     nb = reference.num_blocks(n, bs)
     out, lse, gt = _poisoned(q, nb)
-    res = flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt, config=config)
+    with _forced(forced):
+        res = flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt)
     assert res[0] is out and res[1] is lse and res[2] is gt
     ref_out, ref_lse = reference.attention(q, k, v)
     ref_gt = reference.block_gt(q, k, bs)
@@ -135,7 +146,8 @@ def test_scratch_bytes():
     (dict(out=torch.zeros(1, 2, 8, 8)), "out must be"),
     (dict(out=torch.zeros(1, 2, 16, 8).transpose(2, 3)), "unit-last-stride"),
     (dict(gt=torch.zeros(1, 2, 2, 2)), r"gt must be .*\[1, 2, 1, 1\]"),
-    (dict(config=dict(BLOCK_M=32, BLOCK_N=32), block_size=64), "invalid for block_size 64"),
+    (dict(fast_fraction=1.5), "fast_fraction must be .* got 1.5"),
+    (dict(fast_fraction="half"), "fast_fraction must be"),
 ])
 def test_bad_inputs(kwargs, match):
     args = dict(q=torch.zeros(1, 2, 8, 16), k=torch.zeros(1, 2, 8, 16), v=torch.zeros(1, 2, 8, 16))
@@ -144,14 +156,78 @@ def test_bad_inputs(kwargs, match):
         flash_attn_with_gt(**args)
 
 
+def test_forced_config_must_fit_the_block_size():
+    q = torch.zeros(1, 2, 8, 16)
+    with force_config("flash_gt.fast", BLOCK_M=32, BLOCK_N=32), \
+            pytest.raises(ValueError, match=r"flash_gt.fast config .*invalid for block_size 64"):
+        flash_attn_with_gt(q, q, q, block_size=64, mode="fast")
+    with force_config("flash_gt.pass2", BLOCK_M=32), pytest.raises(ValueError, match="invalid for block_size 64"):
+        flash_attn_with_gt(q, q, q, block_size=64, mode="lowmem")
+
+
+def test_auto_mode_takes_fast_while_the_scratch_fits_the_fraction():
+    from seer.kernels.flash_gt import _auto_mode
+
+    assert _auto_mode(250, 1000, 0.25) == "fast"
+    assert _auto_mode(251, 1000, 0.25) == "lowmem"
+    assert _auto_mode(1, 1000, 0.0) == "lowmem"
+    assert _auto_mode(1000, 1000, 1.0) == "fast"
+    assert _auto_mode(10**15, None, 0.25) == "fast"  # the CPU (interpreter): no device memory to run out of
+
+
+@pytest.mark.parametrize("fast_fraction", [0.0, 1.0])
+def test_fast_fraction_picks_the_mode(monkeypatch, fast_fraction):
+    """``mode="auto"`` with a device of 1 MiB free: a fraction of 0 sends the call to the low-memory passes, 1
+    to the fast pass (its scratch is far below 1 MiB here); both give the reference."""
+    from seer.kernels import flash_gt
+
+    monkeypatch.setattr(flash_gt, "_free_bytes", lambda device: 2**20)
+    q, k, v = _inputs(1, 2, 1, 40, 16, torch.float32, seed=11)
+    launched = []
+    for name in ("launch_forward", "launch_pass2"):
+        real = getattr(flash_gt, name)
+        monkeypatch.setattr(flash_gt, name, lambda *a, real=real, name=name: launched.append(name) or real(*a))
+    out, lse, gt = flash_attn_with_gt(q, k, v, 16, fast_fraction=fast_fraction)
+    assert launched == (["launch_forward", "launch_pass2"] if fast_fraction == 0.0 else ["launch_forward"])
+    _check_gt(gt, reference.block_gt(q, k, 16), 1e-3)
+    assert _rel(out, reference.attention(q, k, v)[0]) < 1e-5
+
+
+def test_gt_from_lse_matches_the_fused_pass():
+    q, k, v = _inputs(2, 4, 2, 90, 32, torch.float32, seed=4)
+    out, lse, gt = flash_attn_with_gt(q, k, v, 32, sm_scale=0.2, mode="fast")
+    gt2 = torch.full_like(gt, float("nan"))
+    assert flash_gt_from_lse(q, k, lse, 32, sm_scale=0.2, gt=gt2) is gt2
+    torch.testing.assert_close(gt2, gt, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"lse must be a contiguous torch.float32 tensor of shape \[2, 4, 90\]"):
+        flash_gt_from_lse(q, k, lse[:, :, :50], 32)
+    with pytest.raises(ValueError, match="lse must be a torch.Tensor"):
+        flash_gt_from_lse(q, k, None, 32)
+
+
+@pytest.mark.parametrize("b, hq, hkv, n, bs", [(1, 4, 1, 100, 16), (2, 2, 2, 64, 32), (1, 2, 1, 37, 16)])
+def test_block_mass_from_lse_matches_the_reference(b, hq, hkv, n, bs):
+    q, k, v = _inputs(b, hq, hkv, n, 16, torch.float32, seed=n)
+    _, lse = flash_attn(q, k, v, sm_scale=0.3)
+    nb = -(-n // bs)
+    mass = torch.full((b, hq, nb, nb), float("nan"))
+    flash_gt_from_lse(q, k, lse, bs, sm_scale=0.3, gt=mass, pool="mass")
+    want = reference.block_attn_mass(q.double(), k.double(), bs, sm_scale=0.3)
+    assert not torch.isnan(mass).any()
+    torch.testing.assert_close(mass.double(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(b, hq, nb), rtol=1e-4, atol=1e-5)  # rows are distributions
+    with pytest.raises(ValueError, match="pool='mean': choose from"):
+        flash_gt_from_lse(q, k, lse, bs, sm_scale=0.3, pool="mean")
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,hq,hkv,d,bs,mode,config", [
+@pytest.mark.parametrize("n,hq,hkv,d,bs,mode,forced", [
     (4096, 8, 2, 128, 64, "fast", None),
-    (4096, 8, 2, 128, 64, "fast", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0)),
-    (4096, 8, 2, 128, 128, "fast", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=1)),
+    (4096, 8, 2, 128, 64, "fast", ("flash_gt.fast", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0))),
+    (4096, 8, 2, 128, 128, "fast", ("flash_gt.fast", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=1))),
     (4096, 8, 8, 128, 64, "lowmem", None),
     (16384, 4, 1, 128, 128, "fast", None),
     (32768, 2, 2, 128, 64, "fast", None),
@@ -160,11 +236,12 @@ def test_bad_inputs(kwargs, match):
     (3000, 4, 4, 256, 128, "fast", None),
     (3000, 4, 4, 256, 64, "lowmem", None),
 ])
-def test_gpu_bf16_against_sdpa_and_reference(n, hq, hkv, d, bs, mode, config):
+def test_gpu_bf16_against_sdpa_and_reference(n, hq, hkv, d, bs, mode, forced):
     q, k, v = _inputs(1, hq, hkv, n, d, torch.bfloat16, device="cuda", seed=n + d)
     nb = reference.num_blocks(n, bs)
     out, lse, gt = _poisoned(q, nb)
-    flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt, config=config)
+    with _forced(forced):
+        flash_attn_with_gt(q, k, v, bs, mode=mode, out=out, lse=lse, gt=gt)
     torch.cuda.synchronize()
     kr, vr = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
     ref_out = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
@@ -176,3 +253,31 @@ def test_gpu_bf16_against_sdpa_and_reference(n, hq, hkv, d, bs, mode, config):
     s = s.masked_fill(torch.arange(n, device="cuda")[None, None, None, :] > rows[None, None, :, None], -math.inf)
     assert (lse[:, :, rows] - torch.logsumexp(s, -1)).abs().max().item() < 1e-3
     _check_gt(gt, reference.block_gt(q, k, bs), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_float32_uses_ieee_dots():
+    """float32 inputs take IEEE float32 dots: out, lse and gt to float32 accuracy (tf32 dots: about 1e-3 off)."""
+    q, k, v = _inputs(1, 4, 2, 2048, 64, torch.float32, device="cuda", seed=5)
+    ref_out, ref_lse = reference.attention(q.double(), k.double(), v.double())
+    ref_gt = reference.block_gt(q.double(), k.double(), 64)
+    for mode in ("fast", "lowmem"):
+        out, lse, gt = flash_attn_with_gt(q, k, v, 64, mode=mode)
+        assert _rel(out, ref_out) < 1e-5
+        assert (lse.double() - ref_lse).abs().max().item() < 1e-4
+        _check_gt(gt, ref_gt, 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_fraction_zero_takes_the_low_memory_passes(monkeypatch):
+    from seer.kernels import flash_gt
+
+    launched = []
+    real = flash_gt.launch_pass2
+    monkeypatch.setattr(flash_gt, "launch_pass2", lambda *a: launched.append("pass2") or real(*a))
+    q, k, v = _inputs(1, 4, 2, 4096, 128, torch.bfloat16, device="cuda", seed=8)
+    _, _, gt = flash_attn_with_gt(q, k, v, 64, fast_fraction=0.0)
+    assert launched == ["pass2"]
+    flash_attn_with_gt(q, k, v, 64, fast_fraction=1.0)  # 2 MiB of scratch: fits
+    assert launched == ["pass2"]
+    _check_gt(gt, reference.block_gt(q, k, 64), 1e-2)

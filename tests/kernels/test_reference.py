@@ -85,3 +85,16 @@ def test_reference_rejects_bad_shapes():
     with pytest.raises(ValueError, match="block_mask must be"):
         reference.block_sparse_attn(torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4),
                                     torch.ones(1, 2, 3, 3, dtype=torch.bool), block_size=4)
+
+
+@pytest.mark.parametrize("n, bs, hq, hkv", [(100, 16, 4, 2), (64, 32, 2, 2), (37, 16, 3, 1)])
+def test_sdpa_path_matches_the_reference(n, bs, hq, hkv):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h in (hq, hkv, hkv))
+    nb = reference.num_blocks(n, bs)
+    mask = (torch.rand(2, hq, nb, nb, generator=g) < 0.4) | torch.eye(nb, dtype=torch.bool)
+    want, _ = reference.block_sparse_attn(q.double(), k.double(), v.double(), mask, bs, sm_scale=0.3)
+    got = reference.block_sparse_sdpa(q, k, v, mask, bs, sm_scale=0.3, chunk_rows=32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keep its diagonal block"):
+        reference.block_sparse_sdpa(q, k, v, mask & ~torch.eye(nb, dtype=torch.bool), bs)

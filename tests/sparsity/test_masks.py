@@ -127,11 +127,31 @@ def test_row_budgets_sum():
     assert torch.equal(per_head, torch.stack([b, low]))
 
 
-def test_recall_and_oracle():
-    scores = torch.randn(1, 1, 8, 8)
-    mass = torch.softmax(scores.masked_fill(~causal_blocks(8), float("-inf")), -1)
-    assert mass_recall(causal_blocks(8)[None, None], mass).item() == pytest.approx(1.0)
-    oracle = oracle_recall(mass, 0.5)
-    assert oracle >= mass_recall(topk_mask(torch.randn(1, 1, 8, 8), 0.5), mass) - 1e-6
-    assert oracle == pytest.approx(mass_recall(topk_mask(mass.log(), 0.5), mass).item())
+def test_recall_and_the_oracle_bound():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 16, 16, generator=gen) * 2
+    mass = row_probs(scores)
+    assert mass_recall(causal_blocks(16).expand(2, 3, 16, 16), mass).item() == pytest.approx(1.0)
     assert oracle_recall(mass, 1.0).item() == pytest.approx(1.0)
+    # no budget of the same density beats the oracle; the oracle's own top-k / threshold come close to it
+    for density in (0.1, 0.3, 0.6):
+        bound = float(oracle_recall(mass, density, sink_blocks=1))
+        for mask in (topk_mask(torch.randn(2, 3, 16, 16, generator=gen), density, sink_blocks=1),
+                     topk_mask(mass.log(), density, sink_blocks=1),
+                     threshold_mask(mass.log(), 0.05, sink_blocks=1), topp_mask(mass.log(), 0.8, sink_blocks=1)):
+            assert float(mass_recall(mask, mass)) <= float(oracle_recall(mass, float(block_density(mask)),
+                                                                          sink_blocks=1)) + 1e-6
+        assert float(mass_recall(topk_mask(mass.log(), density, sink_blocks=1), mass)) > bound - 0.1
+    # brute force on a tiny case: the best set of k blocks holding the diagonal, by enumeration
+    import itertools
+
+    m = row_probs(torch.randn(1, 1, 4, 4, generator=gen) * 2)
+    free = [(i, j) for i in range(4) for j in range(i)]
+    for k in range(len(free) + 1):
+        best = 0.0
+        for chosen in itertools.combinations(free, k):
+            mask = torch.eye(4, dtype=torch.bool)[None, None].clone()
+            for i, j in chosen:
+                mask[0, 0, i, j] = True
+            best = max(best, float(mass_recall(mask, m)))
+        assert float(oracle_recall(m, (4 + k) / 10)) == pytest.approx(best, abs=1e-6)

@@ -1,0 +1,136 @@
+"""Speed of adaptive (calibrated, per-head) budgets: skewed masks, calibrated selection, end to end.
+
+On B 1, 32 heads, head dim 128, bf16, causal, 64-token blocks (the Llama-3.1-8B attention shape), at each N:
+
+* **skew**: a mask of mean density 0.1 whose per-head densities spread from 0.02 to 0.5 (what a per-head calibrated
+  threshold gives: geometric spacing over the heads, rescaled to the mean), against a uniform density-0.1 mask
+  built the same way (top-k of structured scores, diagonal and sink forced). The kernel with prebuilt lists, and
+  ``block_sparse_attn`` from the bool mask (list build and, for ``heaviest_first``, the sort included), per
+  launch schedule (``rows``: per head, longest rows first; ``heaviest_first``: every row program by list length).
+  Goal: skewed within 1.15x of uniform.
+* **select**: the calibrated threshold budget on gate logits (``seer.sparsity.threshold_mask`` with a per-head
+  knob from ``seer.sparsity.calibration`` at density 0.1) and the list build, against the attention they feed.
+  Goal: selection (scores -> budget -> index) at most 10% of the attention time.
+* **end to end**: q, k -> gate (``avgmax``) -> calibrated threshold -> lists -> kernel, against SDPA flash (FA2) and
+  cuDNN. Goal: at least 8x SDPA flash at 32k.
+
+    python3 -m experiments.bench_adaptive --out $OUT/bench_adaptive.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from experiments.bench_sparse import DEV, bench, env_info, make_gate, make_qkv, sdpa, structured_scores
+from seer.kernels import block_sparse_attn
+from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index
+from seer.sparsity import SparsityConfig, head_density, threshold_mask, topk_mask
+from seer.sparsity.calibration import calibrate
+
+
+def skewed_mask(scores: torch.Tensor, mean: float, low: float, high: float) -> torch.Tensor:
+    """Top-k of ``scores`` at per-head densities spaced geometrically from ``low`` to ``high`` and rescaled so their
+    mean is ``mean`` (clamped to ``[low, high]``)."""
+    h = scores.shape[1]
+    dens = torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high)), h)
+    dens = (dens * mean / dens.mean()).clamp(low, high)
+    return topk_mask(scores, dens[torch.randperm(h, generator=torch.Generator().manual_seed(1))], sink_blocks=1)
+
+
+def measure(n: int) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    h, block = 32, 64
+    nb = -(-n // block)
+    q, k, v = make_qkv(n, h)
+    scores = structured_scores(1, h, nb)
+    uniform = topk_mask(scores, 0.1, sink_blocks=1)
+    skew = skewed_mask(scores, 0.1, 0.02, 0.5)
+    rows = []
+    for name, mask in (("uniform 0.1", uniform), ("skewed 0.02-0.5", skew)):
+        dens = head_density(mask)
+        idx, cnt = build_block_index(mask)
+        row = {"N": n, "mask": name, "density": float(dens.mean()), "head_min": float(dens.min()),
+               "head_max": float(dens.max())}
+        for schedule in ("rows", "heaviest_first"):
+            row[f"kernel {schedule}"] = bench(lambda: block_sparse_attn_indexed(q, k, v, idx, cnt, block,
+                                                                                schedule=schedule))
+            row[f"from mask {schedule}"] = bench(lambda: block_sparse_attn(q, k, v, mask, block, schedule=schedule))
+        rows.append(row)
+        print(row, flush=True)
+
+    gate = make_gate("avgmax", block)
+    with torch.no_grad():
+        logits = gate(q, k)
+        config = SparsityConfig(method="threshold", target_density=0.1, allocation="uniform", sink_blocks=1)
+        cal = calibrate({0: logits.float()}, config)
+        knob = cal.knob(0, DEV)
+        mask = threshold_mask(logits, knob, sink_blocks=1)
+        flash = bench(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
+        cudnn = bench(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+        parts = {
+            "gate": bench(lambda: gate(q, k)),
+            "threshold budget": bench(lambda: threshold_mask(logits, knob, sink_blocks=1)),
+            "list build": bench(lambda: build_block_index(mask)),
+            "attention (from mask)": bench(lambda: block_sparse_attn(q, k, v, mask, block)),
+        }
+        e2e = bench(lambda: block_sparse_attn(q, k, v, threshold_mask(gate(q, k), knob, sink_blocks=1), block))
+    idx_ms = parts["list build"]
+    select_ms = parts["threshold budget"] + idx_ms
+    rows.append({"N": n, "mask": "gate + calibrated threshold (per head)", "density": float(head_density(mask).mean()),
+                 "head_min": float(head_density(mask).min()), "head_max": float(head_density(mask).max()), **parts,
+                 "selection share": select_ms / (parts["attention (from mask)"] - idx_ms), "end to end": e2e,
+                 "flash": flash, "cudnn": cudnn, "x flash": flash / e2e, "x cudnn": cudnn / e2e})
+    print(rows[-1], flush=True)
+    return rows
+
+
+def report(rows: list[dict], cmd: str) -> str:
+    info = env_info()
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["# Adaptive budgets: speed of skewed masks and calibrated selection", "",
+             f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python "
+             f"{info['python']}; {info['date']}.", f"Command: `{cmd}`", "",
+             "B 1, 32 heads, head dim 128, bf16, causal, 64-token blocks; milliseconds (median, "
+             "`triton.testing.do_bench` through `seer.kernels.tuning.median_ms`).", "",
+             "## Skewed per-head budgets", "",
+             "| N | mask | density (head min-max) | kernel, rows | kernel, heaviest first | from mask, rows | "
+             "from mask, heaviest first | skewed / uniform (heaviest first, from mask) |", "|---|---|---|---|---|---|---|---|"]
+    for n in sorted({r["N"] for r in rows}):
+        uni = next(r for r in rows if r["N"] == n and r["mask"].startswith("uniform"))
+        for r in (r for r in rows if r["N"] == n and "kernel rows" in r):
+            ratio = r["from mask heaviest_first"] / uni["from mask heaviest_first"]
+            lines.append(f"| {n} | {r['mask']} | {f(r['density'])} ({f(r['head_min'])}-{f(r['head_max'])}) | "
+                         f"{f(r['kernel rows'])} | {f(r['kernel heaviest_first'])} | {f(r['from mask rows'])} | "
+                         f"{f(r['from mask heaviest_first'])} | {ratio:.3f}x |")
+    lines += ["", "## Calibrated selection and end to end (gate `avgmax`, threshold per head at density 0.1)", "",
+              "| N | density (head min-max) | gate | threshold budget | list build | attention from mask | "
+              "selection / attention | end to end | SDPA flash | cuDNN | vs flash | vs cuDNN |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if "end to end" in r):
+        lines.append(f"| {r['N']} | {f(r['density'])} ({f(r['head_min'])}-{f(r['head_max'])}) | {f(r['gate'])} | "
+                     f"{f(r['threshold budget'])} | {f(r['list build'])} | {f(r['attention (from mask)'])} | "
+                     f"{r['selection share']:.1%} | {f(r['end to end'])} | {f(r['flash'])} | {f(r['cudnn'])} | "
+                     f"{r['x flash']:.2f}x | {r['x cudnn']:.2f}x |")
+    lines += ["", "`selection / attention`: (threshold budget + list build) over the kernel time (attention from mask "
+              "minus its list build)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ns", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--out", default="docs/bench_adaptive.md")
+    args = ap.parse_args()
+    rows = [r for n in args.ns for r in measure(n)]
+    text = report(rows, "python3 -m experiments.bench_adaptive " + " ".join(sys.argv[1:]))
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""The evaluation harness: one model, its held-out windows and retrieval cases, and any scorer x budget on them.
+
+:class:`Evaluator` holds a model prepared for seer (:func:`seer.model.attention.prepare_model` or
+:func:`~seer.model.attention.attach_gates`), builds the windows and cases of :class:`EvalConfig` once, and then
+measures any selection: ``evaluate(selector, sparsity)`` with ``selector`` a training-free scorer of
+:mod:`seer.sparsity.selectors` or None for the model's gates. Every selection runs through the same path as
+inference (the model's attention function, the block-sparse kernel or its reference), so methods differ only in
+the blocks they keep. For each window length it returns one row of flat metrics (see :data:`ROW_KEYS`).
+
+A calibrated budget is calibrated on the first ``calibration_windows`` windows of each length (scores observed with
+the model running dense; cached per scorer and length, so many budgets and densities share one observation) and
+evaluated on the next ``windows``: the knob found and the density it reached there are reported beside the density
+achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk when a
+cache folder is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seer.evaluation.config import EvalConfig
+from seer.evaluation.data import HeldOutText
+from seer.evaluation.tasks import CopyCase, PasskeyCase, copy_cases, passkey_cases
+from seer.files import atomic_write_text
+from seer.model.attention import LayerObservation, SeerContext
+from seer.sparsity import SparsityConfig, block_density, mass_recall, oracle_recall
+from seer.sparsity.calibration import Calibration, calibrate
+
+# what each row of results holds (measures that were off are None)
+ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "knob", "knob_min", "knob_max",
+            "calibrated_density", "density", "seq_len", "tokens", "ppl", "ppl_dense", "ppl_increase", "ppl_half",
+            "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey", "passkey_dense",
+            "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms", "attention_ms",
+            "prefill_ms", "dense_prefill_ms")
+PASSKEY_NEW_TOKENS = 8
+_LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
+
+
+def selector_name(selector) -> str:
+    """``gate`` for the model's gates, else the scorer's name."""
+    return "gate" if selector is None else selector.name
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+class Evaluator:
+    """See the module docstring. ``model``: a causal LM prepared for seer, on its device; ``text``: the held-out
+    token stream; ``kernel``: ``triton`` or ``reference`` for sparse attention; ``cache_dir``: where dense results
+    are kept (None: not cached); ``model_name``: part of the dense cache key."""
+
+    def __init__(self, model, tokenizer, text: HeldOutText, config: EvalConfig, kernel: str = "reference",
+                 cache_dir: str | Path | None = None, model_name: str = "model", progress: bool = True):
+        self.model, self.tokenizer, self.text, self.config = model, tokenizer, text, config
+        self.ctx: SeerContext = model.seer_context
+        self.ctx.kernel = kernel
+        self.device = next(model.parameters()).device
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.model_name = model_name
+        self.progress = progress
+        self.max_len = getattr(model.config, "max_position_embeddings", None)
+        if self.max_len is not None and max(config.seq_lens) > self.max_len:
+            raise ValueError(f"eval.seq_lens={config.seq_lens}: longer than the model's context "
+                             f"({self.max_len} tokens)")
+        per_length = config.calibration_windows + config.windows
+        self.windows = {n: text.windows(n, per_length) for n in config.seq_lens}
+        stream = text.tokens(max(config.seq_lens) * per_length)
+        self.passkey = self._spread(lambda n, k: passkey_cases(tokenizer, stream, text.start_id, n,
+                                                               config.passkey_depths, k, config.seed),
+                                    config.passkey, len(config.passkey_depths))
+        self.copy = self._spread(lambda n, k: copy_cases(tokenizer, stream, text.start_id, n, k, config.copy_span,
+                                                         config.seed), config.copy, 1)
+        self._observed: dict[tuple[str, int], tuple[dict, dict | None]] = {}
+
+    def _spread(self, make, total: int, multiple: int) -> dict[int, list]:
+        """``total`` cases over the lengths, each length's count rounded up to a multiple of ``multiple``."""
+        if not total:
+            return {}
+        per = math.ceil(total / len(self.config.seq_lens) / multiple) * multiple
+        return {n: make(n, per) for n in self.config.seq_lens}
+
+    # ------------------------------------------------------------------------------------------------ forwards
+
+    def _forward_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token NLL ``[B, N - 1]`` (float32) of ``ids``, the LM head applied chunk by chunk."""
+        with torch.no_grad():
+            hidden = self.model.base_model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+            head = self.model.get_output_embeddings()
+            out = []
+            for start in range(0, ids.shape[1] - 1, _LOGIT_CHUNK):
+                stop = min(ids.shape[1] - 1, start + _LOGIT_CHUNK)
+                logits = head(hidden[:, start:stop]).float()
+                target = ids[:, start + 1:stop + 1].to(self.device)
+                out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+            return torch.cat(out, dim=1)
+
+    def _batches(self, rows: torch.Tensor):
+        for i in range(0, len(rows), self.config.batch_size):
+            yield rows[i:i + self.config.batch_size]
+
+    def _bar(self, items, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.progress, leave=False)
+
+    def _perplexity(self, rows: torch.Tensor, recall: bool, label: str) -> dict:
+        """PPL, second-half PPL, achieved density and (``recall``) per-layer recall beside the oracle's."""
+        ctx = self.ctx
+        nll, density, layer_recall, layer_oracle = [], [], {}, {}
+
+        def measure(obs: LayerObservation) -> None:
+            if obs.mask is None or obs.mass is None:  # a dense layer keeps all of its mass
+                layer_recall.setdefault(obs.layer_idx, []).append(1.0)
+                layer_oracle.setdefault(obs.layer_idx, []).append(1.0)
+                return
+            layer_recall.setdefault(obs.layer_idx, []).append(float(mass_recall(obs.mask, obs.mass)))
+            layer_oracle.setdefault(obs.layer_idx, []).append(float(oracle_recall(
+                obs.mass, float(block_density(obs.mask)), ctx.sparsity.sink_blocks, ctx.sparsity.local_blocks)))
+
+        sparse = ctx.mode == "sparse"
+        ctx.consumer, ctx.want_mass = (measure, True) if recall and sparse else (None, False)
+        try:
+            for batch in self._bar(list(self._batches(rows)), f"{label}: perplexity"):
+                ctx.density.clear()
+                nll.append(self._forward_nll(batch).cpu())
+                if sparse:
+                    density.append(ctx.mean_density())
+        finally:
+            ctx.consumer, ctx.want_mass = None, False
+        nll = torch.cat(nll)
+        half = nll[:, nll.shape[1] // 2:]
+        out = {"tokens": nll.numel(), "ppl": math.exp(float(nll.mean())), "ppl_half": math.exp(float(half.mean())),
+               "density": _mean(density) if sparse else 1.0}
+        if layer_recall:
+            by_layer = [_mean(layer_recall[i]) for i in sorted(layer_recall)]
+            out.update(recall=_mean(by_layer), recall_by_layer=by_layer,
+                       oracle_recall=_mean([_mean(layer_oracle[i]) for i in sorted(layer_oracle)]))
+        return out
+
+    def _passkey(self, cases: list[PasskeyCase], label: str) -> dict:
+        correct, density = 0, []
+        for i in self._bar(range(0, len(cases), self.config.batch_size), f"{label}: passkey"):
+            chunk = cases[i:i + self.config.batch_size]
+            ids = torch.stack([c.input_ids for c in chunk]).to(self.device)
+            self.ctx.density.clear()
+            answers = self._greedy(ids, PASSKEY_NEW_TOKENS)
+            if self.ctx.mode == "sparse":
+                density.append(self.ctx.mean_density())
+            for case, answer in zip(chunk, answers):
+                text = self.tokenizer.decode(answer, skip_special_tokens=True)
+                found = re.search(r"\d+", text)
+                correct += int(found is not None and found.group(0) == case.key)
+        return {"passkey": correct / len(cases), "passkey_density": _mean(density) if density else 1.0}
+
+    def _greedy(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
+        """Greedy continuation ``[B, steps]``: a (sparse) prefill, then dense decode steps over its KV cache."""
+        with torch.no_grad():
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            tokens = [out.logits[:, -1].argmax(-1)]
+            for _ in range(steps - 1):
+                out = self.model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+                tokens.append(out.logits[:, -1].argmax(-1))
+        return torch.stack(tokens, dim=1).cpu()
+
+    def _copy(self, cases: list[CopyCase], label: str) -> dict:
+        hits, nlls = [], []
+        for i in self._bar(range(0, len(cases), self.config.batch_size), f"{label}: copy"):
+            chunk = cases[i:i + self.config.batch_size]
+            ids = torch.stack([c.input_ids for c in chunk])
+            pos = chunk[0].repeat_pos  # the same for every case of one length
+            with torch.no_grad():
+                hidden = self.model.base_model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+                logits = self.model.get_output_embeddings()(hidden[:, pos - 1:-1]).float()
+            target = ids[:, pos:].to(self.device)
+            hits.append((logits.argmax(-1) == target).float().mean(1).cpu())
+            nlls.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+                        .mean(1).cpu())
+        return {"copy": float(torch.cat(hits).mean()), "copy_nll": float(torch.cat(nlls).mean())}
+
+    def _timing(self, n: int) -> dict:
+        """Milliseconds of one prefill of the first evaluated window: whole forward, and summed over layers the
+        selection (scores + budget + index... up to the mask) and the attention kernel (sparse mode), from CUDA
+        events after a warm-up."""
+        if self.device.type != "cuda" or not self.config.timing:
+            return {}
+        ids = self.windows[n][self.config.calibration_windows:][:1].to(self.device)
+        sparse = self.ctx.mode == "sparse"
+
+        def forward():
+            with torch.no_grad():
+                self.model.base_model(input_ids=ids, use_cache=False)
+
+        forward()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.ctx.timer = [] if sparse else None
+        start.record()
+        forward()
+        end.record()
+        torch.cuda.synchronize()
+        out = {"prefill_ms": start.elapsed_time(end)}
+        if sparse:
+            out["select_ms"] = sum(e[0].elapsed_time(e[1]) for e in self.ctx.timer)
+            out["attention_ms"] = sum(e[1].elapsed_time(e[2]) for e in self.ctx.timer)
+        self.ctx.timer = None
+        return out
+
+    def _measure(self, n: int, rows: torch.Tensor, label: str) -> dict:
+        c = self.config
+        out: dict[str, Any] = {"seq_len": n}
+        if c.perplexity or c.recall:
+            out.update(self._perplexity(rows, c.recall, f"{label} {n}"))
+        if self.passkey:
+            out.update(self._passkey(self.passkey[n], f"{label} {n}"))
+        if self.copy:
+            out.update(self._copy(self.copy[n], f"{label} {n}"))
+        out.update(self._timing(n))
+        return out
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    def dense(self) -> dict[int, dict]:
+        """Dense measures per length (``ppl``, ``passkey``, ``copy``, ... of the model with full attention)."""
+        path = self._dense_cache_path()
+        if path is not None and path.is_file():
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        self.ctx.set_mode("dense")
+        result = {n: self._measure(n, self.windows[n][self.config.calibration_windows:], "dense")
+                  for n in self.config.seq_lens}
+        if path is not None:
+            atomic_write_text(path, json.dumps({str(k): v for k, v in result.items()}, indent=1))
+        return result
+
+    def _dense_cache_path(self) -> Path | None:
+        if self.cache_dir is None or not self.config.dense_cache:
+            return None
+        settings = {k: v for k, v in vars(self.config).items() if k not in ("timing", "dense_cache", "batch_size")}
+        key = json.dumps([self.model_name, self.text.fingerprint, settings, self.device.type, 1], sort_keys=True)
+        return self.cache_dir / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+    def observe(self, selector, seq_len: int, want_mass: bool) -> tuple[dict[int, torch.Tensor], dict | None]:
+        """Block scores (and, with ``want_mass``, true block masses) of every layer on the calibration windows of
+        ``seq_len``, the model running dense: ``({layer: [rows, H, nb, nb]}, {layer: ...} or None)``. Cached per
+        scorer and length."""
+        key = (repr(selector), seq_len)
+        have = self._observed.get(key)
+        if have is not None and (have[1] is not None or not want_mass):
+            return have
+        rows = self.windows[seq_len][:self.config.calibration_windows]
+        if not len(rows):
+            raise ValueError("a calibrated budget needs eval.calibration_windows >= 1")
+        scores: dict[int, list] = {}
+        masses: dict[int, list] = {}
+
+        def keep(obs: LayerObservation) -> None:
+            scores.setdefault(obs.layer_idx, []).append(obs.scores.float())
+            if obs.mass is not None:
+                masses.setdefault(obs.layer_idx, []).append(obs.mass.float())
+
+        ctx = self.ctx
+        ctx.selector, ctx.consumer, ctx.want_mass = selector, keep, want_mass
+        ctx.set_mode("observe")
+        try:
+            for batch in self._bar(list(self._batches(rows)), f"calibration {seq_len}"):
+                with torch.no_grad():
+                    self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
+        finally:
+            ctx.consumer, ctx.want_mass = None, False
+            ctx.set_mode("dense")
+        observed = ({i: torch.cat(v) for i, v in scores.items()},
+                    {i: torch.cat(v) for i, v in masses.items()} if want_mass else None)
+        self._observed[key] = observed
+        return observed
+
+    def forget(self, selector) -> None:
+        """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights)."""
+        self._observed = {k: v for k, v in self._observed.items() if k[0] != repr(selector)}
+
+    def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int) -> Calibration:
+        """The calibration of ``sparsity`` for ``selector`` on the calibration windows of ``seq_len``."""
+        scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle")
+        return calibrate(scores, sparsity, masses, selector=selector_name(selector), seq_len=seq_len)
+
+    def evaluate(self, selector, sparsity: SparsityConfig, dense: dict[int, dict] | None = None,
+                 calibrations: dict[int, Calibration] | None = None) -> list[dict]:
+        """One row of metrics per length for ``selector`` (None: the gates) with budget ``sparsity``, beside
+        ``dense`` (measured if not given). ``calibrations`` (per length) are used as given instead of calibrating
+        (e.g. the ones stored with the gates)."""
+        dense = self.dense() if dense is None else dense
+        rows = []
+        for n in self.config.seq_lens:
+            calibration = None
+            if sparsity.calibrated:
+                calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n)
+            self.ctx.selector = selector
+            self.ctx.use(sparsity, calibration)
+            self.ctx.set_mode("sparse")
+            try:
+                got = self._measure(n, self.windows[n][self.config.calibration_windows:],
+                                    f"{selector_name(selector)} {sparsity.method}")
+            finally:
+                self.ctx.set_mode("dense")
+            rows.append(self._row(selector, sparsity, calibration, got, dense[n]))
+        return rows
+
+    def _row(self, selector, sparsity: SparsityConfig, calibration: Calibration | None, got: dict,
+             dense: dict) -> dict:
+        knobs = [v for values in calibration.knobs.values() for v in values] if calibration else None
+        own = {"topk": sparsity.target_density, "threshold": sparsity.threshold, "topp": sparsity.p,
+               "dense": None}[sparsity.method]
+        row = {key: None for key in ROW_KEYS}
+        row.update(got)
+        row.update(
+            selector=selector_name(selector), sparsity=sparsity.describe(), method=sparsity.method,
+            allocation=sparsity.allocation if sparsity.calibrated else None, target_density=sparsity.target_density,
+            knob=_mean(knobs) if knobs else own, knob_min=min(knobs) if knobs else own,
+            knob_max=max(knobs) if knobs else own, calibrated_density=calibration.density if calibration else None,
+            ppl_dense=dense.get("ppl"), ppl_half_dense=dense.get("ppl_half"), passkey_dense=dense.get("passkey"),
+            copy_dense=dense.get("copy"), copy_nll_dense=dense.get("copy_nll"),
+            dense_prefill_ms=dense.get("prefill_ms"))
+        if row["ppl"] is not None and row["ppl_dense"]:
+            row["ppl_increase"] = row["ppl"] / row["ppl_dense"] - 1.0
+        return row

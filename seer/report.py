@@ -1,0 +1,163 @@
+"""Report entry point: ``python -m seer.report DIR [--out FILE] [--seq-len N] [--wandb]``.
+
+Reads every ``metrics.json`` under ``DIR`` (the run folders of a ``python -m seer.eval -m ...`` sweep, or of the
+quality study), and writes one markdown table of all rows, a "best at density" summary, and PNG plots of perplexity
+increase, attention recall and passkey accuracy against the *achieved* density, one line per scorer + budget
+(``DIR/report.md`` and ``DIR/*.png`` unless told otherwise). ``--wandb`` also logs the plots and the table to a W&B
+run (offline unless a key is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+PLOTS = (("ppl_increase", "perplexity increase over dense", True),
+         ("recall", "attention recall (true mass kept)", False),
+         ("passkey", "passkey accuracy", False))
+
+
+def read_rows(folder: str | Path) -> list[dict]:
+    """All rows of all ``metrics.json`` files under ``folder`` (sorted by path)."""
+    rows = []
+    for path in sorted(Path(folder).rglob("metrics.json")):
+        rows += json.loads(path.read_text())
+    if not rows:
+        raise FileNotFoundError(f"no metrics.json under {folder}: run python -m seer.eval there first")
+    return rows
+
+
+def line_label(row: dict) -> str:
+    """What one plotted line is: the scorer and the budget (with its allocation when calibrated)."""
+    budget = row["method"] + (f" ({row['allocation']})" if row.get("allocation") else "")
+    return f"{row['selector']} + {budget}"
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown table of every row, grouped by length then ordered by scorer, budget and density."""
+    head = ("| N | scorer + budget | target | achieved density | knob | PPL | dense PPL | PPL change | recall | "
+            "oracle recall | passkey (dense) | copy acc (dense) | select ms | attention ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: (r["seq_len"], line_label(r), r.get("target_density") or 1.0)):
+        lines.append(
+            f"| {r['seq_len']} | {line_label(r)} | {_f(r.get('target_density'), '.2f')} | {_f(r['density'], '.3f')} | "
+            f"{_f(r.get('knob'), '.3g')} | {_f(r['ppl'], '.3f')} | {_f(r['ppl_dense'], '.3f')} | "
+            f"{_f(r.get('ppl_increase'), '+.1%')} | {_f(r.get('recall'), '.3f')} | {_f(r.get('oracle_recall'), '.3f')} | "
+            f"{_f(r.get('passkey'), '.2f')} ({_f(r.get('passkey_dense'), '.2f')}) | {_f(r.get('copy'), '.2f')} "
+            f"({_f(r.get('copy_dense'), '.2f')}) | {_f(r.get('select_ms'), '.2f')} | {_f(r.get('attention_ms'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def best_at(rows: list[dict], density: float, tolerance: float = 0.02) -> list[str]:
+    """Sentences naming, per length, the selection with the lowest perplexity and the best passkey accuracy among rows
+    whose achieved density is within ``tolerance`` of ``density``, and by how much it beats the next scorer."""
+    out = []
+    for n in sorted({r["seq_len"] for r in rows}):
+        near = [r for r in rows if r["seq_len"] == n and r["density"] is not None
+                and abs(r["density"] - density) <= tolerance and r.get("ppl") is not None]
+        if not near:
+            out.append(f"- N={n}, density {density}: no run reached it within {tolerance}.")
+            continue
+        by_ppl = sorted(near, key=lambda r: r["ppl"])
+        best = by_ppl[0]
+        other = next((r for r in by_ppl[1:] if r["selector"] != best["selector"]), None)
+        text = (f"- N={n}, density {density} (+-{tolerance}): lowest perplexity **{line_label(best)}** "
+                f"({_f(best.get('ppl_increase'), '+.1%')} over dense at density {best['density']:.3f})")
+        if other is not None:
+            text += (f"; the best other scorer, {line_label(other)}, is at {_f(other.get('ppl_increase'), '+.1%')} "
+                     f"(density {other['density']:.3f})")
+        keyed = [r for r in near if r.get("passkey") is not None]
+        if keyed:
+            top = max(keyed, key=lambda r: (r["passkey"], -r["ppl"]))
+            text += (f". Passkey: best {line_label(top)} at {top['passkey']:.2f} (dense "
+                     f"{_f(top.get('passkey_dense'), '.2f')})")
+        out.append(text + ".")
+    return out
+
+
+def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[Path]:
+    """PNG plots of the measures against achieved density at ``seq_len`` (default: the longest), one line per scorer
+    + budget, dense as a dashed line where it has a value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = seq_len or max(r["seq_len"] for r in rows)
+    mine = [r for r in rows if r["seq_len"] == n]
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for r in mine:
+        lines[line_label(r)].append(r)
+    written = []
+    for key, title, percent in PLOTS:
+        if not any(r.get(key) is not None for r in mine):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, group in sorted(lines.items()):
+            pts = sorted((r["density"], r[key]) for r in group if r.get(key) is not None and r["density"] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] if percent else p[1] for p in pts], marker="o", label=label)
+        dense_key = {"passkey": "passkey_dense"}.get(key)
+        if dense_key and mine[0].get(dense_key) is not None:
+            ax.axhline(mine[0][dense_key], color="black", linestyle="--", label="dense")
+        ax.set_xlabel("achieved density (kept share of causal blocks)")
+        ax.set_ylabel(title + (" (%)" if percent else ""))
+        if percent:
+            ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(f"{title}, {n} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"{key}_vs_density_{n}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def build_report(folder: str | Path, out: str | Path | None = None, seq_len: int | None = None,
+                 densities: tuple[float, ...] = (0.1, 0.2)) -> tuple[Path, list[Path]]:
+    """Writes the markdown report and the plots; returns their paths."""
+    rows = read_rows(folder)
+    out = Path(out) if out else Path(folder) / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = plots(rows, out.parent, seq_len)
+    text = ["# Block selection quality", "", f"{len(rows)} rows from {folder}.", ""]
+    for d in densities:
+        text += best_at(rows, d)
+    text += ["", table(rows), ""] + [f"![{p.stem}]({p.name})" for p in images]
+    out.write_text("\n".join(text) + "\n")
+    return out, images
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--out", default=None, help="markdown file (default FOLDER/report.md); plots go beside it")
+    ap.add_argument("--seq-len", type=int, default=None, help="the length the plots show (default: the longest)")
+    ap.add_argument("--wandb", action="store_true", help="also log the table and plots to a W&B run")
+    args = ap.parse_args(argv)
+    out, images = build_report(args.folder, args.out, args.seq_len)
+    print(f"wrote {out} and {len(images)} plots")
+    if args.wandb:
+        import wandb
+
+        from seer.training.loggers import wandb_mode
+
+        rows = read_rows(args.folder)
+        run = wandb.init(project="seer", dir=str(out.parent), mode=wandb_mode(), job_type="report",
+                         name=f"report-{Path(args.folder).name}")
+        keys = [k for k in rows[0] if k != "recall_by_layer"]
+        run.log({"report/rows": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows]),
+                 **{f"report/{p.stem}": wandb.Image(str(p)) for p in images}})
+        run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The ``finetune`` stage: the model learns to work with the blocks its gates keep (SeerAttention paper v1).
+
+Every step runs the model once in the ``train_sparse`` attention mode (:mod:`seer.model.attention`): each layer's
+gate scores its blocks, the ``sparsity`` budget turns them into a mask, and attention runs through the selected
+blocks with gradients (Triton backward on CUDA, the PyTorch reference elsewhere). The loss is the language-model
+loss plus ``gate_loss_weight`` x the sum over layers of the gate loss against the dense block ground truth (the
+``distill`` stage's target; the gates see detached Q/K, so the gate loss trains the gates only). The base weights
+train in full, a subset (``stage.trainable``) or through LoRA adapters (``stage.lora_rank``, peft).
+
+Cost: the ground truth needs one dense attention forward per layer (the fused Triton kernel, no backward) on top of
+the sparse forward and backward; ``stage.gt_every_n_steps`` spaces it out. Under activation checkpointing a layer's
+mask is kept from its first pass, so the recomputation costs no second gate or ground truth.
+
+At the end of training the model is written as a Hugging Face folder (``model/``: safetensors, config with the rope
+scaling, tokenizer) with its gates in ``model/gates``: ``seer.load(folder, gates=folder / "gates")`` reads it back.
+
+Logged: ``train/loss``, ``train/lm_loss``, ``train/gate_loss``, ``train/density``, ``lr``; ``val/loss`` (the
+language-model loss through the trained sparse attention), ``val/ppl``, ``val/density``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from seer.config import RunConfig
+from seer.model.attention import LayerRecord, attach_gates, attention_layers, gate_parameters
+from seer.sparsity import SparsityConfig
+from seer.training.config import FinetuneConfig
+from seer.training.losses import gate_loss, normalize_rows
+
+log = logging.getLogger(__name__)
+
+DENSE = SparsityConfig(method="dense")
+
+
+def causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
+                   chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``head(hidden)`` ``[B, N, vocab]`` against ``input_ids`` shifted by one,
+    ``chunk_tokens`` positions at a time; each chunk's logits are recomputed in the backward, so only one chunk's
+    float32 logits exist at once."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = input_ids[:, 1:].reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), chunk_tokens):
+        stop = start + chunk_tokens
+        total = total + checkpoint(_cross_entropy_sum, head, h[start:stop], labels[start:stop], use_reentrant=False)
+    return total / labels.numel()
+
+
+def _cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def add_lora(model: torch.nn.Module, stage: FinetuneConfig) -> torch.nn.Module:
+    """``model`` wrapped by peft with LoRA adapters on ``stage.lora_modules`` (injected in place: the Hugging Face
+    model keeps its modules, the adapted ones now adding their low-rank update); all its base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=stage.lora_rank, lora_alpha=stage.lora_alpha,
+                                            target_modules=stage.lora_modules, lora_dropout=0.0))
+
+
+def set_trainable(model: torch.nn.Module, stage: FinetuneConfig) -> list[str]:
+    """Marks what trains: base parameters matching ``stage.trainable``, LoRA adapters (already trainable), and the
+    gates when the gate loss is on. With ``stage.float32_master_weights``, trained parameters of a half-precision
+    model become float32 (autocast runs the matmuls in half precision). Returns the trained base parameters'
+    names."""
+    chosen = []
+    for name, p in model.named_parameters():
+        if ".seer_gate." in f".{name}":
+            p.requires_grad_(stage.gate_loss_weight > 0)
+        elif ".lora_" not in name:
+            p.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in stage.trainable))
+            if p.requires_grad:
+                chosen.append(name)
+        if p.requires_grad and stage.float32_master_weights and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    if stage.trainable and not chosen:
+        example = next(n for n, _ in model.named_parameters())
+        raise ValueError(f"stage.trainable={stage.trainable} matches no parameter of the model (names look like "
+                         f"{example!r})")
+    return chosen
+
+
+class Finetune(L.LightningModule):
+    """Long-context fine-tuning of ``model`` (a Hugging Face causal LM, with gates attached; a peft model with
+    LoRA) through its gates' block-sparse attention; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, stage: FinetuneConfig, sparsity: SparsityConfig, gt_source: str,
+                 kernel: str, model_name: str = "unknown", export_dir: str | Path | None = None, tokenizer=None,
+                 save_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.stage, self.sparsity, self.gt_source, self.kernel = stage, sparsity, gt_source, kernel
+        self.model_name, self.tokenizer = model_name, tokenizer
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.save_dtype = save_dtype
+        self.strict_loading = False  # checkpoints hold the trained parameters only
+        self.images: dict = {}  # no gate images in this stage (GateImages reads this)
+        self.loss_history: list[float] = []  # the language-model loss of each step
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        """The Hugging Face model (inside the peft wrapper with LoRA)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def context(self):
+        return self.lm.seer_context
+
+    def on_fit_start(self) -> None:
+        ctx = self.context
+        ctx.gt_source, ctx.gt_mode, ctx.gt_target, ctx.kernel = (self.gt_source, self.stage.gt_mode,
+                                                                  self.stage.target, self.kernel)
+        ctx.set_mode("train_sparse")
+
+    def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool) -> dict:
+        """Language-model loss through ``sparsity``'s blocks and, ``with_gate_loss``, every layer's gate loss."""
+        ctx = self.context
+        gate_losses: dict[int, torch.Tensor] = {}
+
+        def consume(rec: LayerRecord) -> None:
+            target = normalize_rows(rec.gt.float()) if self.stage.row_normalize else rec.gt.float()
+            with torch.enable_grad():  # under activation checkpointing the first pass runs without grad
+                gate_losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss,
+                                                       self.stage.skip_first_rows)
+
+        ctx.train_masks.clear()  # the previous step's backward is done: new masks for this step
+        ctx.density.clear()
+        ctx.sparsity, ctx.calibration = sparsity, None
+        ctx.consumer = consume if with_gate_loss else None
+        try:
+            hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        finally:
+            ctx.consumer = None
+        lm_loss = causal_lm_loss(hidden, self.lm.get_output_embeddings(), input_ids, self.stage.loss_chunk_tokens)
+        out = {"lm_loss": lm_loss, "density": ctx.mean_density()}
+        if with_gate_loss:
+            if not gate_losses:
+                raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
+            out["gate_loss"] = torch.stack([gate_losses[i] for i in sorted(gate_losses)]).sum()
+        return out
+
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        sparsity = DENSE if step < self.stage.dense_warmup_steps else self.sparsity
+        with_gate = self.stage.gate_loss_weight > 0 and step % self.stage.gt_every_n_steps == 0
+        out = self._forward(batch["input_ids"], sparsity, with_gate)
+        loss = out["lm_loss"] + self.stage.gate_loss_weight * out["gate_loss"] if with_gate else out["lm_loss"]
+        bsz = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        self.log("train/lm_loss", out["lm_loss"], prog_bar=True, batch_size=bsz)
+        if with_gate:
+            self.log("train/gate_loss", out["gate_loss"], batch_size=bsz)
+        self.log("train/density", out["density"], batch_size=bsz)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
+        self.loss_history.append(float(out["lm_loss"].detach()))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self._forward(batch["input_ids"], self.sparsity, with_gate_loss=False)
+        bsz = batch["input_ids"].shape[0]
+        self.log("val/loss", out["lm_loss"], prog_bar=True, batch_size=bsz)
+        self.log("val/ppl", torch.exp(out["lm_loss"]), batch_size=bsz)
+        self.log("val/density", out["density"], batch_size=bsz)
+
+    def configure_optimizers(self):
+        gate_ids = {id(p) for p in gate_parameters(self.lm)}
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if id(p) not in gate_ids], "lr": self.stage.lr},
+                  {"params": [p for p in trained if id(p) in gate_ids], "lr": self.stage.gate_lr}]
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.AdamW(groups, betas=self.stage.betas, weight_decay=self.stage.weight_decay)
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(self.stage.warmup_steps, total), total,
+                                                            min_lr_rate=self.stage.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self):
+        return [ModelExport()] if self.export_dir is not None else []
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning checkpoints keep the trained parameters only (the rest reloads from the model's source)."""
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["seer_loss_history"] = list(self.loss_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loss_history = list(checkpoint.get("seer_loss_history", []))
+
+    def export(self, folder: str | Path) -> Path:
+        """Writes the fine-tuned model (LoRA merged; weights in ``save_dtype``) as a Hugging Face folder with its
+        tokenizer, and its gates into ``folder/gates``. Leaves the model in eval mode and dense attention mode."""
+        from seer.model.gate_io import save_gates
+
+        folder = Path(folder)
+        ctx = self.context
+        ctx.set_mode("dense")
+        ctx.train_masks.clear()
+        lm = (self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.lm).eval()
+        cast: dict[tuple, torch.Tensor] = {}  # by memory, so tied weights stay one tensor
+        state = {}
+        for name, t in lm.state_dict().items():
+            if ".seer_gate." in f".{name}":
+                continue
+            key = (t.data_ptr(), t.shape)
+            if key not in cast:
+                cast[key] = t.to(self.save_dtype) if self.save_dtype and t.is_floating_point() else t
+            state[name] = cast[key]
+        lm.save_pretrained(folder, state_dict=state)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        save_gates(folder / "gates", lm, self.model_name,
+                   extra={"stage": "finetune", "global_step": self.global_step, "sparsity": vars(self.sparsity)})
+        return folder
+
+
+class ModelExport(L.Callback):
+    """Writes the fine-tuned model and its gates (:meth:`Finetune.export`) when training ends."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            folder = pl_module.export(pl_module.export_dir)
+            print(f"[seer] fine-tuned model: {folder} (gates: {folder / 'gates'})", flush=True)
+
+
+def build_finetune(run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
+                   out_dir: Path, model_name: str) -> Finetune:
+    """The stage's module for ``model`` (loaded with ``run.model``'s rope scaling): LoRA adapters if asked, gates
+    (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
+    activation checkpointing."""
+    from seer.model.gate_io import load_gates
+    from seer.model.inference import resolve_kernel
+    from seer.model.loading import resolve_dtype
+
+    stage: FinetuneConfig = run.stage
+    kernel = resolve_kernel(stage.kernel, device)
+    if stage.lora_rank:
+        model = add_lora(model, stage)
+    lm = model.get_base_model() if stage.lora_rank else model
+    attach_gates(lm, run.gate)
+    if stage.init_gates is not None:
+        meta = load_gates(lm, stage.init_gates, expected_gate=run.gate, allow_rope_change=True)
+        print(f"[seer] gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
+              f"model's {lm.config.rope_parameters.get('rope_type')} rope)", flush=True)
+    chosen = set_trainable(model, stage)
+    model.train()  # loaded in eval mode; transformers checkpoints layers in train mode only (Llama has no dropout)
+    if stage.gradient_checkpointing:  # reentrant: the first pass runs without grad, so no gate work is repeated
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"[seer] finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
+          f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
+          f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
+          f"{len(attention_layers(lm))} gated layers", flush=True)
+    return Finetune(model, stage, run.sparsity, gt_source, kernel, model_name=model_name,
+                    export_dir=out_dir / "model", tokenizer=tokenizer,
+                    save_dtype=resolve_dtype(run.model.dtype, device))

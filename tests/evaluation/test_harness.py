@@ -1,0 +1,86 @@
+"""The harness on a tiny random model: every scorer with every budget, dense equivalence, calibration, recall."""
+
+import math
+
+import pytest
+import torch
+
+from seer.evaluation.config import EvalConfig
+from seer.evaluation.data import HeldOutText
+from seer.evaluation.harness import ROW_KEYS, Evaluator
+from seer.gates.config import GateConfig
+from seer.model.attention import attach_gates, prepare_model
+from seer.sparsity import SparsityConfig
+from seer.sparsity.selectors import SELECTORS, build_selector
+
+CFG = dict(seq_lens=[256], windows=2, calibration_windows=1, passkey=2, copy=2, copy_span=8, timing=False,
+           dense_cache=False)
+
+
+def _evaluator(model, tokenizer, corpus, **over):
+    text = HeldOutText(corpus, tokenizer, split="all", progress=False)
+    return Evaluator(model, tokenizer, text, EvalConfig(**{**CFG, **over}), progress=False)
+
+
+def test_every_scorer_with_every_budget(model, tokenizer, corpus):
+    prepare_model(model, 16)
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0)
+    dense = ev.dense()
+    for name in sorted(SELECTORS):
+        selector = build_selector(name)
+        for sparsity in (SparsityConfig(method="topk", target_density=0.3),
+                         SparsityConfig(method="threshold", target_density=0.3),
+                         SparsityConfig(method="topp", target_density=0.3, allocation="uniform")):
+            (row,) = ev.evaluate(selector, sparsity, dense)
+            assert set(row) >= set(ROW_KEYS) and row["selector"] == name
+            assert math.isfinite(row["ppl"]) and row["ppl_dense"] == dense[256]["ppl"]
+            assert 0 < row["density"] <= 1 and 0 < row["recall"] <= row["oracle_recall"] + 1e-6
+            assert abs(row["density"] - 0.3) < 0.15, (name, sparsity.method, row["density"])
+            if sparsity.calibrated:
+                assert abs(row["calibrated_density"] - 0.3) < 0.01 and row["knob_min"] <= row["knob_max"]
+
+
+def test_oracle_at_full_density_is_dense(model, tokenizer, corpus):
+    prepare_model(model, 16)
+    ev = _evaluator(model, tokenizer, corpus)
+    dense = ev.dense()[256]
+    for sparsity in (SparsityConfig(method="dense"), SparsityConfig(method="topk", target_density=1.0)):
+        (row,) = ev.evaluate(build_selector("oracle"), sparsity)
+        assert row["ppl"] == pytest.approx(dense["ppl"], rel=1e-5) and row["density"] == pytest.approx(1.0)
+        assert row["recall"] == pytest.approx(1.0) and row["passkey"] == dense["passkey"]
+        assert row["copy_nll"] == pytest.approx(dense["copy_nll"], rel=1e-4)
+
+
+def test_sparse_changes_quality_and_recall_tracks_the_oracle(model, tokenizer, corpus):
+    prepare_model(model, 16)
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0)
+    oracle = build_selector("oracle")
+    (topk,) = ev.evaluate(oracle, SparsityConfig(method="topk", target_density=0.15))
+    (rand,) = ev.evaluate(build_selector("random"), SparsityConfig(method="topk", target_density=0.15))
+    (best,) = ev.evaluate(oracle, SparsityConfig(method="threshold", target_density=0.15))
+    # a threshold on the true mass keeps each layer's most massive blocks: the bound itself
+    assert best["recall"] == pytest.approx(best["oracle_recall"], abs=1e-4)
+    assert rand["recall"] < topk["recall"] <= topk["oracle_recall"] + 1e-6
+    assert topk["ppl"] != pytest.approx(topk["ppl_dense"], rel=1e-6)
+
+
+def test_gates_and_stored_calibrations(model, tokenizer, corpus):
+    attach_gates(model, GateConfig(block_size=16, hidden_size=16))
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0)
+    sparsity = SparsityConfig(method="threshold", target_density=0.4, allocation="uniform")
+    cal = ev.calibrate(None, sparsity, 256)
+    assert abs(cal.density - 0.4) < 0.01 and cal.selector == "gate"
+    (row,) = ev.evaluate(None, sparsity, calibrations={256: cal})
+    assert row["selector"] == "gate" and row["calibrated_density"] == cal.density
+    with pytest.raises(ValueError, match="made for .* with the gate scorer, not for"):
+        ev.evaluate(None, SparsityConfig(method="topp", target_density=0.4), calibrations={256: cal})
+
+
+def test_windows_longer_than_the_context_are_refused(tokenizer, corpus):
+    from tests.tiny import tiny_model
+
+    small = tiny_model("llama", seed=0, max_position_embeddings=128)
+    prepare_model(small, 16)
+    with pytest.raises(ValueError, match=r"eval.seq_lens=\[256\]: longer than the model's context \(128"):
+        _evaluator(small, tokenizer, corpus)
+    assert torch.is_tensor(small.lm_head.weight)

@@ -1,0 +1,43 @@
+"""seer.report turns a sweep folder into a table, a best-at-density summary and plots."""
+
+import json
+
+import pytest
+
+from seer.evaluation.harness import ROW_KEYS
+from seer.report import best_at, build_report, main, read_rows
+
+
+def _row(selector, method, density, ppl, passkey, n=2048, allocation=None):
+    row = {k: None for k in ROW_KEYS}
+    row.update(selector=selector, method=method, allocation=allocation, sparsity=method, target_density=density,
+               density=density + 0.003, seq_len=n, ppl=ppl, ppl_dense=10.0, ppl_increase=ppl / 10.0 - 1,
+               recall=0.9 - (ppl - 10) / 10, oracle_recall=0.95, passkey=passkey, passkey_dense=0.8)
+    return row
+
+
+def test_report_from_a_sweep_folder(tmp_path):
+    grid = {("gate", "threshold"): (10.4, 10.2), ("oracle", "threshold"): (10.3, 10.1), ("streaming", "topk"): (13.0, 11.5)}
+    for i, ((selector, method), (p10, p20)) in enumerate(grid.items()):
+        for j, (d, p) in enumerate(((0.1, p10), (0.2, p20))):
+            job = tmp_path / f"{i}{j}"
+            job.mkdir()
+            pk = 0.8 if selector != "streaming" else 0.0
+            (job / "metrics.json").write_text(json.dumps([_row(selector, method, d, p, pk, allocation="global"
+                                                              if method == "threshold" else None)]))
+    rows = read_rows(tmp_path)
+    assert len(rows) == 6
+    best = best_at(rows, 0.1)
+    assert len(best) == 1 and "lowest perplexity **oracle + threshold (global)** (+3.0%" in best[0]
+    assert "the best other scorer, gate + threshold (global), is at +4.0%" in best[0]
+    main([str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("| 2048 |") == 6 and "streaming + topk" in report
+    for key in ("ppl_increase", "recall", "passkey"):
+        png = tmp_path / f"{key}_vs_density_2048.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in report
+
+
+def test_report_needs_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        build_report(tmp_path)
