@@ -237,7 +237,7 @@ class GateCalibration(L.Callback):
             if observation.mass is not None:
                 masses.setdefault(observation.layer_idx, []).append(observation.mass.float())
 
-        model = pl_module.model
+        model = getattr(pl_module, "lm", pl_module.model)  # the Hugging Face model, inside a peft wrapper if any
         ctx = model.seer_context
         ctx.consumer, ctx.want_mass = consume, self.sparsity.allocation == "oracle"
         ctx.set_mode("observe")

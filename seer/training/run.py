@@ -26,6 +26,7 @@ from seer.config import ConfigError, RunConfig, validate
 log = logging.getLogger(__name__)
 
 MIN_BLOCKS = 2  # rows of one block leave the gate nothing to choose: loss 0, recall 1
+SHARDED_STAGES = ("distill",)  # stages whose module shards itself under trainer=fsdp (seer.training.parallel)
 
 
 def resolve_gt_source(requested: str, device: torch.device) -> str:
@@ -61,6 +62,9 @@ def _choices() -> dict[str, str]:
 
 def check_inputs(cfg: DictConfig, run: RunConfig) -> None:
     """Checks that need more than one group (single values are checked by the schemas)."""
+    if shards_model(cfg) and run.stage.name not in SHARDED_STAGES:
+        raise ConfigError(f"trainer=fsdp with stage={run.stage.name}: this stage's export is written by one process "
+                          f"and cannot gather a sharded model; use trainer=ddp (the whole model on each GPU)")
     seq_len, block = cfg.data.get("seq_len"), run.gate.block_size
     if isinstance(seq_len, int) and seq_len < MIN_BLOCKS * block:
         raise ConfigError(f"data.seq_len={seq_len}: rows must hold at least {MIN_BLOCKS} blocks of "
@@ -152,18 +156,23 @@ def check_launch(trainer) -> None:
                       f"start the jobs one at a time")
 
 
+def shards_model(cfg: DictConfig) -> bool:
+    """Whether the trainer's strategy shards the model (``trainer=fsdp``)."""
+    from hydra.utils import get_class
+
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    return target is not None and getattr(get_class(target), "loads_on_cpu", False)
+
+
 def placement(cfg: DictConfig, run: RunConfig, device: torch.device):
     """``(model config, device)`` to load the base model with: on ``device``, or on the CPU in the dtype it trains in
     when the strategy shards it (``trainer=fsdp``: only each process's shards move to its GPU)."""
     import dataclasses
 
-    from hydra.utils import get_class
-
     from seer.model.loading import resolve_dtype
 
-    strategy = cfg.trainer.get("strategy")
-    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
-    if target is None or not getattr(get_class(target), "loads_on_cpu", False):
+    if not shards_model(cfg):
         return run.model, device
     dtype = str(resolve_dtype(run.model.dtype, device)).removeprefix("torch.")
     return dataclasses.replace(run.model, dtype=dtype), torch.device("cpu")

@@ -72,3 +72,27 @@ def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
     monkeypatch.setattr(run, "_hydra", lambda: type("Job", (), {"mode": RunMode.MULTIRUN})())
     with pytest.raises(ConfigError, match="trainer.devices=2: a sweep .* hydra.launcher.tasks_per_node=2"):
         run.check_launch(trainer)
+
+
+FINETUNE = ["stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
+            "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256",
+            "sparsity.target_density=0.5", "trainer.max_steps=2"]
+
+
+def test_finetune_under_ddp_matches_one_process(tmp_path):
+    proc = subprocess.run(seer_train(*TINY, *FINETUNE, *TWO_PROCESSES, "trainer=ddp",
+                                     f"hydra.run.dir={tmp_path / 'ddp'}"),
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(tmp_path / "one", *FINETUNE, "data.batch_size=2")
+    for part in ("model.safetensors", "gates/gates.safetensors"):
+        one, ddp = load_file(str(tmp_path / "one" / "model" / part)), load_file(str(tmp_path / "ddp" / "model" / part))
+        for name, want in one.items():
+            torch.testing.assert_close(ddp[name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_under_fsdp_is_refused_before_loading(tmp_path):
+    from seer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer=fsdp with stage=finetune"):
+        train(tmp_path, *FINETUNE, "trainer=fsdp", *TWO_PROCESSES)
