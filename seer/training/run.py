@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -39,9 +40,12 @@ def resolve_gt_source(requested: str, device: torch.device) -> str:
 
 
 def training_device(cfg: DictConfig) -> torch.device:
+    """The device this process trains on: its node-local rank's GPU (``LOCAL_RANK`` from Lightning's launcher,
+    ``SLURM_LOCALID`` under SLURM) when CUDA is used, else the CPU."""
     accel = str(cfg.trainer.get("accelerator", "auto"))
     if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if accel in ("gpu", "cuda"):
         raise ConfigError(f"trainer.accelerator={accel!r} but no CUDA GPU is visible")
     return torch.device("cpu")
