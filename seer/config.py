@@ -78,13 +78,18 @@ def _schemas() -> dict[str, type]:
 
 def register_configs() -> None:
     """Stores every schema in Hydra's ConfigStore (``gate/schema``, ``sparsity/schema``, ``model/schema`` and one
-    ``stage/<name>_schema`` per stage), which the YAML options in ``conf/`` extend. Idempotent; entry points call
-    it before ``@hydra.main`` composes."""
+    ``stage/<name>_schema`` per stage), which the YAML options in ``conf/`` extend, and registers the resolver
+    ``${seer.unique_id:}`` (6 random hex digits, the same everywhere in one config and in the jobs of one sweep) that
+    run folders end with. Idempotent; entry points call it before ``@hydra.main`` composes."""
+    import secrets
+
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from seer.evaluation.config import EvalConfig
     from seer.training.config import STAGES
 
+    OmegaConf.register_new_resolver("seer.unique_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
     store = ConfigStore.instance()
     for group, schema in {**_schemas(), "eval": EvalConfig}.items():
         store.store(group=group, name="schema", node=schema)

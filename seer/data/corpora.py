@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from seer.config import ConfigError
+
 _TEST_FOLDER_NAMES = frozenset({"test", "tests", "idle_test"})
 _THIRD_PARTY_FOLDER_NAMES = frozenset({"site-packages", "dist-packages"})
 
@@ -148,8 +150,10 @@ class TextFilesCorpus(Corpus):
             try:
                 text = path.read_text(encoding=self.encoding)
             except UnicodeDecodeError as exc:
-                raise ValueError(f"TextFilesCorpus: {path} is not valid {self.encoding} text ({exc.reason} at byte "
-                                 f"{exc.start}); set data.corpus.encoding") from exc
+                raise ConfigError(
+                    f"data.corpus.paths: {path} is not valid {self.encoding} text (byte 0x{exc.object[exc.start]:02x} "
+                    f"at offset {exc.start}); set data.corpus.encoding to its encoding (e.g. latin-1) or leave the "
+                    f"file out") from exc
             if self.split_on is None:
                 yield text
             else:

@@ -3,17 +3,21 @@
 Documents are tokenised in batches without special tokens, joined with EOS after each document into one
 stream per split, and cut into rows of exactly `seq_len` tokens; when `add_bos` is on, every row starts with
 BOS (counted in `seq_len`). Whether a document goes to training or validation is decided by a hash of its
-text, so no document lands in both. Reading stops as soon as both splits have their rows.
+text, so no document lands in both. Reading stops as soon as both splits have their rows; a progress bar counts them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 # Documents are tokenised in batches of at most this many documents or characters, whichever comes first:
 # big enough for the fast tokenizer's parallelism, small enough not to tokenise many books past the need.
@@ -113,16 +117,20 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int, train_sequ
     bos_id = tokenizer.bos_token_id if add_bos else None
     splits = {"train": _RowCutter(seq_len, train_sequences, bos_id), "val": _RowCutter(seq_len, val_sequences, bos_id)}
     documents_read = 0
-    for batch in _batches(documents):
-        documents_read += len(batch)
-        kept = [(text, splits["val" if is_validation_document(text, val_fraction) else "train"]) for text in batch]
-        kept = [(text, cutter) for text, cutter in kept if not cutter.full]
-        if kept:
-            encoded = tokenizer([text for text, _ in kept], add_special_tokens=False, verbose=False)["input_ids"]
-            for ids, (_, cutter) in zip(encoded, kept):
-                cutter.add(ids + [eos_id])
-        if all(cutter.full for cutter in splits.values()):
-            return PackedRows(train=splits["train"].tensor(seq_len), val=splits["val"].tensor(seq_len))
+    log.info("tokenising: %d + %d rows of %d tokens", train_sequences, val_sequences, seq_len)
+    with tqdm(total=train_sequences + val_sequences, desc="tokenising", unit="row", disable=None,
+              mininterval=1.0) as progress:
+        for batch in _batches(documents):
+            documents_read += len(batch)
+            kept = [(text, splits["val" if is_validation_document(text, val_fraction) else "train"]) for text in batch]
+            kept = [(text, cutter) for text, cutter in kept if not cutter.full]
+            if kept:
+                encoded = tokenizer([text for text, _ in kept], add_special_tokens=False, verbose=False)["input_ids"]
+                for ids, (_, cutter) in zip(encoded, kept):
+                    cutter.add(ids + [eos_id])
+            progress.update(sum(len(c.rows) for c in splits.values()) - progress.n)
+            if all(cutter.full for cutter in splits.values()):
+                return PackedRows(train=splits["train"].tensor(seq_len), val=splits["val"].tensor(seq_len))
     train, val = splits["train"], splits["val"]
     raise ValueError(
         f"the corpus ran out after {documents_read} documents: built {len(train.rows)} of {train_sequences} "

@@ -32,8 +32,11 @@ class RandomTokensDataModule(ResumableShuffle, L.LightningDataModule):
                 raise ValueError(f"data.{name}={value!r} must be an integer >= {low}")
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.train_sequences, self.val_sequences, self.seed = train_sequences, val_sequences, seed
+        self.train_rows: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is not None:
+            return
         g = torch.Generator().manual_seed(self.seed)
         rows = torch.randint(0, self.vocab_size, (self.train_sequences + self.val_sequences, self.seq_len), generator=g)
         self.train_rows, self.val_rows = rows[: self.train_sequences], rows[self.train_sequences:]

@@ -1,14 +1,18 @@
 """Gate checkpoints: the gates' weights as safetensors plus a small JSON (base model, its shape, gate config).
 
 Files are written atomically (a temporary file, then ``os.replace``), so a crash never leaves a half-written
-checkpoint. :func:`load_gates` refuses a file made for another model shape, another gate config or another RoPE
-(e.g. gates fine-tuned with YaRN loaded onto the unscaled model), saying which field differs.
+checkpoint. ``gates.json`` holds the sha256 of ``gates.safetensors``: reading a gate file checks it, so a truncated
+or altered file is refused, naming its path. :func:`load_gates` refuses a file made for another model shape, another
+gate config or another RoPE (e.g. gates fine-tuned with YaRN loaded onto the unscaled model), saying which field
+differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,13 +20,16 @@ import torch
 from torch import nn
 
 from seer.gates.config import GateConfig
-from seer.config import build
+from seer.config import ConfigError, build
 from seer.files import atomic_write, atomic_write_text
 from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
 from seer.model.rope_scaling import rope_settings
 
 WEIGHTS = "gates.safetensors"
 META = "gates.json"
+CHECKSUM = "weights_sha256"
+
+log = logging.getLogger(__name__)
 
 
 def model_signature(model: nn.Module) -> dict:
@@ -34,22 +41,41 @@ def model_signature(model: nn.Module) -> dict:
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"layers.{i}.{name}": t.detach().contiguous().cpu()
+    """Every gate's weights on the CPU, keyed ``layers.<i>.<name>``; sharded ones (FSDP) gathered in full, which is a
+    collective: every process must call it."""
+    return {f"layers.{i}.{name}": (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous().cpu()
             for i, gate in gates(model).items() for name, t in gate.state_dict().items()}
 
 
-def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None) -> Path:
-    """Writes ``gates.safetensors`` and ``gates.json`` into ``folder``; returns the weights' path."""
-    from safetensors.torch import save_file
+def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes ``gates.safetensors`` and ``gates.json`` into ``folder`` (``state``: the weights, when
+    :func:`gate_state_dict` was already called); returns the weights' path."""
+    from safetensors.torch import save
 
     folder = Path(folder)
     ctx = model.seer_context
     meta = {"format": "seer-gates/1", "base_model": model_name, "model": model_signature(model),
             "gate": dataclasses.asdict(ctx.gate_config), "rope": rope_settings(model.config), **(extra or {})}
-    state = gate_state_dict(model)
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"seer": json.dumps(meta)}))
-    atomic_write_text(folder / META, json.dumps(meta, indent=2, default=str))
+    state = gate_state_dict(model) if state is None else state
+    digest = {}
+
+    def write(tmp: str) -> None:  # bytes written into atomic_write's file: save_file would recreate it as 0600
+        data = save(state, metadata={"seer": json.dumps(meta, default=str)})
+        Path(tmp).write_bytes(data)
+        digest[CHECKSUM] = hashlib.sha256(data).hexdigest()
+
+    atomic_write(folder / WEIGHTS, write)
+    atomic_write_text(folder / META, json.dumps({**meta, **digest}, indent=2, default=str))
     return folder / WEIGHTS
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _weights_path(path: str | os.PathLike) -> Path:
@@ -61,12 +87,35 @@ def _weights_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def verify_gates(path: str | os.PathLike) -> Path:
+    """Checks a gate file against the sha256 in the ``gates.json`` beside it; returns the weights' path. A
+    :class:`~seer.config.ConfigError` names a file that was truncated or altered after it was written (a file
+    without ``gates.json``, or written before checksums were stored, is only logged as unchecked)."""
+    weights = _weights_path(path)
+    meta_path = weights.parent / META
+    try:
+        expected = json.loads(meta_path.read_text()).get(CHECKSUM) if meta_path.is_file() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"gate file {meta_path}: not readable JSON ({exc})") from exc
+    if expected is None:
+        log.warning("gate file %s has no checksum in %s: not checked", weights, meta_path)
+    elif _sha256(weights) != expected:
+        raise ConfigError(f"gate file {weights}: its sha256 differs from the one in {meta_path}; the file was "
+                          f"truncated or altered after it was written")
+    return weights
+
+
 def read_gate_meta(path: str | os.PathLike) -> dict:
-    """The metadata stored in a gate checkpoint (a folder or its ``gates.safetensors``)."""
+    """The metadata stored in a gate checkpoint (a folder or its ``gates.safetensors``), after
+    :func:`verify_gates`."""
     from safetensors import safe_open
 
-    with safe_open(str(_weights_path(path)), framework="pt") as f:
-        return json.loads(f.metadata()["seer"])
+    weights = verify_gates(path)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return json.loads(f.metadata()["seer"])
+    except Exception as exc:
+        raise ConfigError(f"gate file {weights}: not a seer gate file ({type(exc).__name__}: {exc})") from exc
 
 
 def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateConfig | None = None,
@@ -101,7 +150,10 @@ def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateCon
                                  f"gate.{f.name}={getattr(expected, f.name)!r} was asked for")
     if have is None:
         attach_gates(model, file_gate)
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:
+        raise ConfigError(f"gate file {weights}: not readable ({type(exc).__name__}: {exc})") from exc
     for i, gate in gates(model).items():
         prefix = f"layers.{i}."
         gate.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)

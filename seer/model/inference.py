@@ -20,7 +20,7 @@ from seer.config import build
 from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates
 from seer.model.config import ModelConfig
-from seer.model.gate_io import load_gates, read_gate_meta
+from seer.model.gate_io import load_gates, read_gate_meta, verify_gates
 from seer.model.loading import load_causal_lm
 from seer.sparsity.calibration import Calibration, find_calibration
 from seer.sparsity.config import SparsityConfig
@@ -74,8 +74,8 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     mcfg = ModelConfig(name_or_path=model) if isinstance(model, str) else build(ModelConfig, "model", model)
     if gates is None and gate_config is None:
         raise ValueError("seer.load needs gates=PATH (a trained gate checkpoint) or gate_config= (untrained gates)")
-    if gates is not None and not Path(gates).exists():
-        raise FileNotFoundError(f"no gate checkpoint at {gates}")
+    if gates is not None:
+        verify_gates(gates)  # a missing, truncated or altered gate file fails before the model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernel = resolve_kernel(kernel, device)
     spars = _sparsity(sparsity, gates)

@@ -9,15 +9,26 @@ import os
 
 import torch
 
+from seer.config import ConfigError
 from seer.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is meant as a folder rather than a hub id (``org/name``): an absolute or explicitly
+    relative path, a home-relative one, or one with more than one ``/``."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """The folder or hub id to load from; ``model.package`` names an installed package holding the files."""
+    """The folder or hub id to load from; ``model.package`` names an installed package holding the files. A
+    ``model.name_or_path`` meant as a folder that does not exist is refused here, before anything is loaded."""
     if cfg.package is None:
-        return cfg.name_or_path
+        path = cfg.name_or_path
+        if path is not None and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"model.name_or_path={path!r}: no such folder (a hub id has the form org/name)")
+        return os.path.expanduser(path) if path is not None and looks_local(path) else path
     spec = importlib.util.find_spec(cfg.package)  # finds the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"model.package={cfg.package!r} is not installed (for SmolLM2: "

@@ -7,7 +7,10 @@ Each step runs the base model's decoder once, dense and without grad; every atte
 Logged: ``train/loss``, ``train/kl/layer_XX``, ``train/gt_recall`` (share of the row-normalised ground truth the
 gate's mask keeps at the configured sparsity), ``train/density``, ``lr``; in validation ``val/loss``,
 ``val/recall`` (share of true attention mass the gate's mask keeps), ``val/oracle_recall`` (the best any mask
-of the same density can keep) and ``val/density``.
+of the same density can keep) and ``val/density``, and per layer ``val/layer_XX/{recall,oracle_recall,density,kl}``
+for callbacks only (not sent to the loggers; :class:`~seer.training.callbacks.LayerTable` makes a table of them).
+A training step that takes images returns them beside the loss (``images``: the step and, per layer, ground truth,
+gate softmax and mask of head 0 of the first row) for :class:`~seer.training.callbacks.GateImages`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from seer.sparsity import (SparsityConfig, attention_mass, block_density, mass_r
                            selection_masks)
 from seer.training.config import DistillConfig
 from seer.training.losses import first_kept_row, gate_loss, normalize_rows
+from seer.training.parallel import configure_sharding
 
 
 class GateDistillation(L.LightningModule):
@@ -34,8 +38,6 @@ class GateDistillation(L.LightningModule):
         self.sparsity = sparsity
         self.gt_source = gt_source
         self.strict_loading = False  # checkpoints hold the gates only
-        self.images: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.images_step = 0  # the step the images were taken at
         self.loss_history: list[float] = []
         self.num_layers = len(attention_layers(model))
 
@@ -79,13 +81,15 @@ class GateDistillation(L.LightningModule):
         mass beside the oracle's at the same density."""
         masks = selection_masks(logits, self.sparsity, masses or None)
         start = first_kept_row(next(iter(logits.values())).shape[-1], self.stage.skip_first_rows)
+        density = {i: block_density(m) for i, m in masks.items()}
         out = {"gt_recall": _mean([mass_recall(masks[i][..., start:, :], targets[i][..., start:, :]) for i in masks]),
-               "density": _mean([block_density(m) for m in masks.values()])}
+               "density": _mean(list(density.values())), "layer_density": density}
         if masses:
-            out["recall"] = _mean([mass_recall(masks[i], masses[i]) for i in masks])
-            out["oracle_recall"] = _mean([oracle_recall(masses[i], float(block_density(masks[i])),
-                                                        self.sparsity.sink_blocks, self.sparsity.local_blocks)
-                                          for i in masks])
+            out["layer_recall"] = {i: mass_recall(masks[i], masses[i]) for i in masks}
+            out["layer_oracle_recall"] = {i: oracle_recall(masses[i], float(density[i]), self.sparsity.sink_blocks,
+                                                           self.sparsity.local_blocks) for i in masks}
+            out["recall"] = _mean(list(out["layer_recall"].values()))
+            out["oracle_recall"] = _mean(list(out["layer_oracle_recall"].values()))
         if want_images:
             layers = sorted({i % self.num_layers for i in self.stage.image_layers} & set(logits))
             out["images"] = {i: (targets[i][0, 0].cpu(), torch.softmax(logits[i][0, 0], -1).cpu(),
@@ -104,15 +108,23 @@ class GateDistillation(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
         self.loss_history.append(float(out["loss"].detach()))
         if out.get("images"):
-            self.images, self.images_step = out["images"], self.global_step
+            return {"loss": out["loss"], "images": {"step": self.global_step, "layers": out["images"]}}
         return out["loss"]
 
     def validation_step(self, batch, batch_idx):
         out = self._forward(batch["input_ids"], with_mass=True, want_images=False)
         bsz = batch["input_ids"].shape[0]
         for key in ("recall", "oracle_recall", "density", "gt_recall"):
-            self.log(f"val/{key}", out[key], batch_size=bsz)
-        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bsz)
+            self.log(f"val/{key}", out[key], batch_size=bsz, sync_dist=True)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bsz, sync_dist=True)
+        per_layer = {"recall": out["layer_recall"], "oracle_recall": out["layer_oracle_recall"],
+                     "density": out["layer_density"], "kl": out["layer_kl"]}
+        self.log_dict({f"val/layer_{i:02d}/{name}": v for name, values in per_layer.items() for i, v in values.items()},
+                      batch_size=bsz, logger=False, sync_dist=True)
+
+    def configure_model(self) -> None:
+        """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
+        configure_sharding(self)
 
     def configure_optimizers(self):
         params = gate_parameters(self.model)

@@ -1,17 +1,33 @@
-"""One training job from a composed config: validate -> data -> model + gates -> Lightning fit -> summary."""
+"""One training job from a composed config: checks -> data -> W&B run -> model + gates -> Lightning fit -> summary.
+
+What a user can get wrong is checked before the model loads (minutes for an 8B model): config values (including
+``data.seq_len`` against the gate's block size, and text data for a model without a tokenizer), ``ckpt_path`` (a
+readable checkpoint made with the same settings for everything that shapes the gates or the data order,
+:mod:`seer.training.resume`) and the data itself (rows are packed, or read from the cache, first).
+
+Each run has an identity: a W&B run id (kept by checkpoints, so ``ckpt_path=`` resumes the same W&B run), a short
+unique name (task, swept values, id), the sweep's group, the command-line overrides as tags, and the resolved config
+as flat keys (:func:`seer.training.loggers.flat_config`) plus derived facts (parameter counts, versions, device).
+A run that raises is closed on W&B as failed.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from seer.config import RunConfig, validate
+from seer.config import ConfigError, RunConfig, validate
 
 log = logging.getLogger(__name__)
+
+MIN_BLOCKS = 2  # rows of one block leave the gate nothing to choose: loss 0, recall 1
+SHARDED_STAGES = ("distill",)  # stages whose module shards itself under trainer=fsdp (seer.training.parallel)
 
 
 def resolve_gt_source(requested: str, device: torch.device) -> str:
@@ -19,41 +35,58 @@ def resolve_gt_source(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if requested == "triton" and device.type != "cuda":
-        raise ValueError("stage.gt=triton needs a CUDA GPU; use stage.gt=reference (or auto) on CPU")
+        raise ConfigError("stage.gt='triton' needs a CUDA GPU; use stage.gt=reference (or auto) on CPU")
     return requested
 
 
 def training_device(cfg: DictConfig) -> torch.device:
+    """The device this process trains on: its node-local rank's GPU (``LOCAL_RANK`` from Lightning's launcher,
+    ``SLURM_LOCALID`` under SLURM) when CUDA is used, else the CPU."""
     accel = str(cfg.trainer.get("accelerator", "auto"))
     if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if accel in ("gpu", "cuda"):
-        raise ValueError(f"trainer.accelerator={accel} but no CUDA GPU is visible")
+        raise ConfigError(f"trainer.accelerator={accel!r} but no CUDA GPU is visible")
     return torch.device("cpu")
 
 
-def _wandb_group(cfg: DictConfig) -> str | None:
-    """All jobs of one multirun share a W&B group named after the sweep folder."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+def _hydra():
+    """The running job's Hydra config, or None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
 
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):
-        return None
-    if hc.mode == RunMode.MULTIRUN:
-        return "/".join(Path(hc.sweep.dir).parts[-2:])
-    return None
+    return HydraConfig.get() if HydraConfig.initialized() else None
 
 
-def instantiate_data(node: DictConfig, tokenizer):
+def _choices() -> dict[str, str]:
+    hc = _hydra()
+    return {} if hc is None else {k: v for k, v in hc.runtime.choices.items()
+                                  if v is not None and not k.startswith("hydra")}
+
+
+def check_inputs(cfg: DictConfig, run: RunConfig) -> None:
+    """Checks that need more than one group (single values are checked by the schemas)."""
+    if shards_model(cfg) and run.stage.name not in SHARDED_STAGES:
+        raise ConfigError(f"trainer=fsdp with stage={run.stage.name}: this stage's export is written by one process "
+                          f"and cannot gather a sharded model; use trainer=ddp (the whole model on each GPU)")
+    seq_len, block = cfg.data.get("seq_len"), run.gate.block_size
+    if isinstance(seq_len, int) and seq_len < MIN_BLOCKS * block:
+        raise ConfigError(f"data.seq_len={seq_len}: rows must hold at least {MIN_BLOCKS} blocks of "
+                          f"gate.block_size={block} tokens (a one-block row leaves the gate nothing to choose); "
+                          f"use data.seq_len >= {MIN_BLOCKS * block}")
+
+
+def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model"):
     """The data module of ``node``, given the tokenizer when its class takes one (text corpora do, random tokens
-    do not)."""
-    import inspect
-
+    do not); text data for a model without a tokenizer is refused, naming both."""
     from hydra.utils import get_class, instantiate
 
     takes_tokenizer = "tokenizer" in inspect.signature(get_class(node._target_)).parameters
+    if takes_tokenizer and tokenizer is None:
+        choices = _choices()
+        raise ConfigError(f"data={choices.get('data', node._target_)} is text, but model="
+                          f"{choices.get('model', model_name)} ({model_name}) has random weights and no tokenizer; "
+                          f"use data=random_tokens with it")
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
 
 
@@ -78,48 +111,178 @@ def build_finetune(run: RunConfig, model, **kwargs):
 STAGE_MODULES = {"distill": build_distill, "finetune": build_finetune}
 
 
-def _instantiate_group(group: DictConfig | None, **extra) -> list:
-    from hydra.utils import instantiate
+def _instantiate_group(nodes: DictConfig | None, **extra) -> list:
+    """Every non-null node of ``nodes``; ``extra`` goes to the nodes whose target takes those arguments and that do
+    not set them."""
+    from hydra.utils import get_method, instantiate
 
-    return [instantiate(node, **extra) for node in (group or {}).values() if node is not None]
+    out = []
+    for node in (nodes or {}).values():
+        if node is None:
+            continue
+        params = inspect.signature(get_method(node._target_)).parameters
+        out.append(instantiate(node, **{k: v for k, v in extra.items() if k in params and k not in node}))
+    return out
+
+
+def run_identity(cfg: DictConfig, config: dict, model_name: str, resume) -> dict:
+    """The W&B identity of this job: id and name (a resumed run keeps its checkpoint's), the sweep's group (named
+    after the sweep folder), the overrides as tags, and the flat config with the model's name, the options chosen
+    and the overrides."""
+    from seer.sweeps import swept_values
+    from seer.training.loggers import new_run_id, override_tags, run_name
+
+    hc = _hydra()
+    overrides = list(hc.overrides.task) if hc is not None else []
+    swept = swept_values(hc) if hc is not None else {}
+    run_id = (resume.run_id if resume is not None else None) or new_run_id()
+    name = (resume.run_name if resume is not None else None) or run_name(cfg.task_name, swept, run_id)
+    group = "/".join(Path(hc.sweep.dir).parts[-2:]) if swept else None
+    full = {**config, "model.name": model_name, **{f"choices.{k}": v for k, v in _choices().items()},
+            "run.overrides": overrides, "run.id": run_id}
+    return {"run_id": run_id, "name": name, "group": group, "tags": override_tags(overrides), "config": full}
+
+
+def check_launch(trainer) -> None:
+    """Refuses a sweep (``-m``) whose jobs need several processes that Lightning would start itself: its launcher runs
+    the command again for each, and the command is the whole sweep. SLURM tasks (``hydra/launcher=slurm``) are
+    processes made outside Lightning, and are fine."""
+    from hydra.types import RunMode
+
+    hc = _hydra()
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if hc is None or hc.mode != RunMode.MULTIRUN or trainer.world_size < 2 or env is None \
+            or env.creates_processes_externally:
+        return
+    raise ConfigError(f"trainer.devices={trainer.num_devices}: a sweep (-m) cannot start {trainer.world_size} "
+                      f"processes a job on this machine (Lightning's launcher would run the whole sweep in each); "
+                      f"sweep with hydra/launcher=slurm and hydra.launcher.tasks_per_node={trainer.num_devices}, or "
+                      f"start the jobs one at a time")
+
+
+def shards_model(cfg: DictConfig) -> bool:
+    """Whether the trainer's strategy shards the model (``trainer=fsdp``)."""
+    from hydra.utils import get_class
+
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    return target is not None and getattr(get_class(target), "loads_on_cpu", False)
+
+
+def placement(cfg: DictConfig, run: RunConfig, device: torch.device):
+    """``(model config, device)`` to load the base model with: on ``device``, or on the CPU in the dtype it trains in
+    when the strategy shards it (``trainer=fsdp``: only each process's shards move to its GPU)."""
+    import dataclasses
+
+    from seer.model.loading import resolve_dtype
+
+    if not shards_model(cfg):
+        return run.model, device
+    dtype = str(resolve_dtype(run.model.dtype, device)).removeprefix("torch.")
+    return dataclasses.replace(run.model, dtype=dtype), torch.device("cpu")
+
+
+def derived_facts(module, trainer, device: torch.device, gt_source: str) -> dict:
+    """Parameter counts (of the stage's module), versions, device and processes: what the config alone does not
+    say."""
+    import lightning
+    import transformers
+    import triton
+
+    import seer
+    from seer.model.attention import gate_parameters
+
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"params.trained": trained, "params.gates": sum(p.numel() for p in gate_parameters(module)),
+            "params.frozen": sum(p.numel() for p in module.parameters()) - trained,
+            "run.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "run.world_size": trainer.world_size, "run.gt_source": gt_source,
+            "versions.seer": seer.__version__, "versions.torch": torch.__version__,
+            "versions.lightning": lightning.__version__, "versions.transformers": transformers.__version__,
+            "versions.triton": triton.__version__}
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_third_party_output() -> None:
+    """Lightning gives the ``lightning`` logger a console handler of its own and lets it propagate too, so under
+    Hydra's logging each line came twice: keep Hydra's. Drop Lightning's advert and warnings that do not apply to
+    seer."""
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_not_an_advert)
+    for message in (r".*module\(s\) in eval mode.*",  # the frozen base model is in eval mode on purpose
+                    r".*isinstance\(treespec, LeafSpec\).*",
+                    r".*dataloader is not resumable.*",  # the data modules resume their position themselves
+                    r".*`flops_per_batch` attribute.*",  # ThroughputMonitor: tokens/s without FLOPs
+                    r".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run_training(cfg: DictConfig) -> dict:
-    """Runs the training stage ``cfg`` names; returns the run summary (also written to ``summary.json``)."""
+    """Runs the training stage ``cfg`` names; returns the run summary (also written to ``summary.json``). Raises
+    ``KeyboardInterrupt`` after a Ctrl-C that saved a checkpoint and a summary."""
     from hydra.utils import instantiate
     import lightning as L
+    from lightning.pytorch.loggers.logger import DummyLogger
 
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
-    from seer.training.callbacks import AtomicCheckpointIO, RunSummary
-    from seer.training.loggers import finish_wandb
+    from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
+                                         SaveOnInterrupt, ValidateAtEnd)
+    from seer.training.loggers import finish_wandb, flat_config
+    from seer.training.parallel import exclude_frozen_from_ddp
+    from seer.training.resume import read_resume
 
+    quiet_third_party_output()
     run: RunConfig = validate(cfg)  # bad values fail here, before anything is loaded
-    # the frozen base model is in eval mode on purpose; Lightning warns about it
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    check_inputs(cfg, run)
+    config = flat_config(cfg)
+    resume = read_resume(cfg.ckpt_path, config) if cfg.get("ckpt_path") else None
     device = training_device(cfg)
     gt_source = resolve_gt_source(run.stage.gt, device)
     out_dir = Path(cfg.paths.output_dir)
-    log.info("output folder: %s; device: %s; ground truth: %s", out_dir, device, gt_source)
-    print(f"[seer] ground truth source: {gt_source} (stage.gt={run.stage.gt}), device: {device}", flush=True)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     tokenizer = load_tokenizer(run.model)
-    datamodule = instantiate_data(cfg.data, tokenizer)  # validates data arguments before the model loads
+    datamodule = instantiate_data(cfg.data, tokenizer, model_id(run.model))
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # packing and cache errors surface now, not after the model has loaded
 
-    model = load_causal_lm(run.model, device)
-    module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
-                                           out_dir=out_dir, model_name=model_id(run.model))
+    identity = run_identity(cfg, config, model_id(run.model), resume)
+    summary = RunSummary(str(out_dir), str(out_dir / "gates"))
+    interrupt = SaveOnInterrupt()
+    record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
+    calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated else []
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
+    trainer = instantiate(cfg.trainer, _partial_=True)(logger=False, callbacks=callbacks,
+                                                       plugins=[AtomicCheckpointIO()])
+    check_launch(trainer)
 
-    if cfg.get("logger") and cfg.logger.get("wandb") is not None and cfg.logger.wandb.get("group") is None:
-        OmegaConf.update(cfg, "logger.wandb.group", _wandb_group(cfg), force_add=True)
+    loggers = _instantiate_group(cfg.get("logger"), name=identity["name"], run_config=identity["config"],
+                                 group=identity["group"], tags=identity["tags"], run_id=identity["run_id"])
+    # with no logger configured, a no-op one still lets Lightning keep logged values (throughput) for the summary
+    trainer.loggers = loggers or [DummyLogger()]
     try:
-        loggers = _instantiate_group(cfg.get("logger"))
-        callbacks = _instantiate_group(cfg.get("callbacks"))
-        summary = RunSummary(str(out_dir), str(out_dir / "gates"))
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[*callbacks, summary],
-                              plugins=[AtomicCheckpointIO()])
+        model = load_causal_lm(*placement(cfg, run, device))
+        module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
+                                               out_dir=out_dir, model_name=model_id(run.model))
+        exclude_frozen_from_ddp(module)
+        facts = derived_facts(module, trainer, device, gt_source)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(facts)  # W&B: into the run's config; rank 0 only
+        if trainer.is_global_zero:
+            print(f"[seer] {out_dir}\n[seer] device {facts['run.device']} x{trainer.world_size}, ground truth "
+                  f"{gt_source} (stage.gt={run.stage.gt}); {facts['params.trained']:,} trained parameters (gates "
+                  f"{facts['params.gates']:,}), {facts['params.frozen']:,} frozen", flush=True)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        return summary.summary
-    finally:
-        finish_wandb()
+    except BaseException as exc:
+        finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
+        raise
+    finish_wandb(exit_code=130 if interrupt.saved else 0)
+    if interrupt.saved:
+        raise KeyboardInterrupt
+    return summary.summary

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from seer.config import ConfigError
 from seer.data.corpora import (REDPAJAMA_SAMPLE_FILES, HFDatasetCorpus, StdlibCorpus, TextFilesCorpus,
                                pg19_corpus, redpajama_sample_corpus)
 
@@ -62,6 +63,15 @@ def test_text_files_corpus_fingerprint_follows_file_changes(tmp_path):
     path.write_text("one, edited")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert corpus.fingerprint != before
+
+
+def test_text_files_corpus_names_a_file_in_another_encoding(tmp_path):
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "b.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"b.txt is not valid utf-8 text \(byte 0xe9 at offset 3\); set "
+                                          r"data.corpus.encoding"):
+        list(TextFilesCorpus(str(tmp_path / "*.txt")).documents())
+    assert list(TextFilesCorpus(str(tmp_path / "*.txt"), encoding="latin-1").documents())[1] == "caf\xe9 au lait"
 
 
 def test_text_files_corpus_names_the_pattern_that_matches_nothing(tmp_path):

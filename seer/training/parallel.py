@@ -1,0 +1,84 @@
+"""Training on several processes (``trainer=ddp``, ``trainer=fsdp``), for every stage.
+
+* **DDP** (Lightning's ``DDPStrategy``), when the frozen base fits on one GPU: :func:`exclude_frozen_from_ddp` tells
+  DDP to leave every parameter that does not train, and every buffer, alone, so only the trained parameters (the
+  gates, in distillation) are broadcast at the start and all-reduced after each backward.
+* **FSDP2** (:class:`ShardedGateStrategy`, Lightning's ``ModelParallelStrategy`` as pure data parallelism), when it
+  does not: a stage's ``configure_model`` calls :func:`shard_model`, which shards each decoder layer's own weights,
+  the embeddings with the final norm and LM head, and all gates together, each group with ``fully_shard`` over all
+  processes (the groups keep their dtypes: a bfloat16 base, float32 gates). The model is loaded on the CPU and only
+  each process's shards move to its GPU. Checkpoints gather the trained parameters only, into one file.
+
+Either way each process reads its own share of the training rows (:mod:`seer.data.resumable`), validation rows are
+read by all, and only global rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+
+def exclude_frozen_from_ddp(module: nn.Module) -> None:
+    """Marks ``module``'s frozen parameters and its buffers as ignored by DDP (no broadcast, no all-reduce)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+
+
+def shard_model(model: nn.Module, mesh) -> None:
+    """``fully_shard`` over ``mesh`` (1-D): all gates as one group first (so the groups below leave them out), each
+    decoder layer, the decoder itself (embeddings, final norm: stages call it directly, without the LM head), then the
+    model (the LM head). Gates stay gathered from their forward to their backward, base weights for each group's
+    forward only (an embedding tied to the LM head stays gathered for the head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from seer.model.attention import gates
+
+    gate_modules = list(gates(model).values())
+    if gate_modules:
+        fully_shard(gate_modules, mesh=mesh, reshard_after_forward=False)
+    for layer in model.base_model.layers:
+        fully_shard(layer, mesh=mesh)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    fully_shard(model.base_model, mesh=mesh, reshard_after_forward=not getattr(config, "tie_word_embeddings", False))
+    fully_shard(model, mesh=mesh)
+
+
+class ShardedGateStrategy(ModelParallelStrategy):
+    """FSDP2 over all processes (data parallel only); the stage's ``configure_model`` shards the model with
+    :func:`shard_model`. Checkpoints hold the trained parameters gathered in full (one file written by rank 0), so
+    they load like a single-process checkpoint."""
+
+    loads_on_cpu = True  # run_training loads the base on the CPU; only each process's shards reach its GPU
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(save_distributed_checkpoint=False, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trained parameters in full on rank 0 (every rank takes part in gathering them); the frozen base is
+        reloaded from its source on resume, as in a single-process run."""
+        state = {}
+        for name, param in self.lightning_module.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                state[name] = full.detach().cpu()
+        return state if self.global_rank == 0 else {}
+
+
+def configure_sharding(module) -> None:
+    """What a stage's ``configure_model`` does: shard ``module.model`` when the strategy made a device mesh
+    (``trainer=fsdp``); nothing otherwise. Idempotent."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None or getattr(module, "_sharded", False):
+        return
+    shard_model(module.model, mesh["data_parallel"])
+    module._sharded = True

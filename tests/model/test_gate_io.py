@@ -1,0 +1,45 @@
+"""Gate files: a checksum in gates.json, checked on every read; damaged files are refused naming their path."""
+
+import json
+
+import pytest
+
+from seer.config import ConfigError
+from seer.gates.config import GateConfig
+from seer.model import attach_gates
+from seer.model.gate_io import load_gates, read_gate_meta, save_gates
+from tests.tiny import tiny_model
+
+
+@pytest.fixture
+def gate_folder(tmp_path):
+    model = tiny_model()
+    attach_gates(model, GateConfig(block_size=16, hidden_size=16))
+    save_gates(tmp_path / "gates", model, "tiny")
+    return tmp_path / "gates"
+
+
+def test_round_trip_with_checksum(gate_folder):
+    meta = json.loads((gate_folder / "gates.json").read_text())
+    assert len(meta["weights_sha256"]) == 64
+    assert read_gate_meta(gate_folder)["base_model"] == "tiny"
+    assert load_gates(tiny_model(), gate_folder)["gate"]["block_size"] == 16
+
+
+def test_a_flipped_bit_is_refused(gate_folder):
+    weights = gate_folder / "gates.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"gate file {weights}: its sha256 differs"):
+        load_gates(tiny_model(), gate_folder)
+
+
+def test_a_truncated_file_is_refused_naming_it(gate_folder):
+    weights = gate_folder / "gates.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"gate file {weights}"):
+        read_gate_meta(gate_folder)
+    (gate_folder / "gates.json").unlink()  # no checksum to compare: the reader still names the file
+    with pytest.raises(ConfigError, match=f"gate file {weights}: not a seer gate file"):
+        read_gate_meta(gate_folder)

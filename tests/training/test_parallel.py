@@ -1,0 +1,98 @@
+"""Two processes on the CPU (gloo): DDP and FSDP2 give the gates of one process with the same global batch (the
+ranks read different rows: with the same rows they could not), write one set of files, and resume exactly."""
+
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training.conftest import TINY, cli_env, seer_train, train
+from tests.training.wandb_offline import offline_runs
+
+STEPS = ["trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2"]  # two epochs of 4 rows
+TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def _run(tmp_path, folder, *overrides):
+    proc = subprocess.run(seer_train(*TINY, *STEPS, *TWO_PROCESSES, f"hydra.run.dir={tmp_path / folder}", *overrides),
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return tmp_path / folder
+
+
+def _gates(folder):
+    return load_file(str(folder / "gates" / "gates.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process, batches of 2 rows (the global batch of 2 processes x 1 row)."""
+    out = tmp_path_factory.mktemp("one")
+    train(out, *STEPS, "data.batch_size=2")
+    return _gates(out)
+
+
+def test_ddp_matches_one_process_writes_once_and_resumes_exactly(tmp_path, one_process):
+    ddp = _run(tmp_path, "ddp", "trainer=ddp", "logger=wandb")
+    gates = _gates(ddp)
+    for name, want in one_process.items():
+        torch.testing.assert_close(gates[name], want, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["last.ckpt", "step000002.ckpt",
+                                                                      "step000004.ckpt"]
+    assert (ddp / "summary.json").is_file() and len(offline_runs(ddp)) == 1  # one W&B run, not one per process
+    assert not list(ddp.glob("**/*.tmp"))
+    checkpoint = torch.load(ddp / "checkpoints" / "step000002.ckpt", weights_only=False)
+    assert checkpoint["RandomTokensDataModule"] == {"consumed_batches": 2, "world_size": 2}  # batches per process
+
+    resumed = _run(tmp_path, "resumed", "trainer=ddp", f"ckpt_path={ddp / 'checkpoints' / 'step000002.ckpt'}")
+    assert all(torch.equal(gates[k], v) for k, v in _gates(resumed).items())
+
+
+def test_fsdp_matches_one_process(tmp_path, one_process):
+    fsdp = _run(tmp_path, "fsdp", "trainer=fsdp")
+    gates = _gates(fsdp)
+    for name, want in one_process.items():
+        torch.testing.assert_close(gates[name], want, rtol=1e-5, atol=1e-6)
+    checkpoint = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {f"model.model.layers.{i}.self_attn.seer_gate.k_weight" for i in (0, 1)}
+    assert all(torch.equal(checkpoint["state_dict"][f"model.model.layers.{i}.self_attn.seer_gate.k_weight"],
+                           gates[f"layers.{i}.k_weight"]) for i in (0, 1))
+
+
+def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
+    import lightning as L
+    from hydra.types import RunMode
+
+    import seer.training.run as run
+    from seer.config import ConfigError
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    run.check_launch(trainer)  # one run: Lightning's launcher starts the second process
+    monkeypatch.setattr(run, "_hydra", lambda: type("Job", (), {"mode": RunMode.MULTIRUN})())
+    with pytest.raises(ConfigError, match="trainer.devices=2: a sweep .* hydra.launcher.tasks_per_node=2"):
+        run.check_launch(trainer)
+
+
+FINETUNE = ["stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
+            "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256",
+            "sparsity.target_density=0.5", "trainer.max_steps=2"]
+
+
+def test_finetune_under_ddp_matches_one_process(tmp_path):
+    proc = subprocess.run(seer_train(*TINY, *FINETUNE, *TWO_PROCESSES, "trainer=ddp",
+                                     f"hydra.run.dir={tmp_path / 'ddp'}"),
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(tmp_path / "one", *FINETUNE, "data.batch_size=2")
+    for part in ("model.safetensors", "gates/gates.safetensors"):
+        one, ddp = load_file(str(tmp_path / "one" / "model" / part)), load_file(str(tmp_path / "ddp" / "model" / part))
+        for name, want in one.items():
+            torch.testing.assert_close(ddp[name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_under_fsdp_is_refused_before_loading(tmp_path):
+    from seer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer=fsdp with stage=finetune"):
+        train(tmp_path, *FINETUNE, "trainer=fsdp", *TWO_PROCESSES)
