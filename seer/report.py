@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,9 +31,11 @@ def read_rows(folder: str | Path) -> list[dict]:
 
 
 def line_label(row: dict) -> str:
-    """What one plotted line is: the scorer and the budget (with its allocation when calibrated)."""
+    """What one plotted line is: the scorer and the budget (with its allocation when calibrated, and its forced blocks
+    or dense layers when it has any)."""
     budget = row["method"] + (f" ({row['allocation']})" if row.get("allocation") else "")
-    return f"{row['selector']} + {budget}"
+    forced = re.search(r"\[(.*)\]$", row.get("sparsity") or "")
+    return f"{row['selector']} + {budget}" + (f" [{forced.group(1)}]" if forced else "")
 
 
 def _f(x, spec: str) -> str:
