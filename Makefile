@@ -18,7 +18,7 @@ $(STAMP): requirements/pinned.txt requirements/lock.txt pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m seer.train gate=avgmax sparsity=topk
+	$(BIN)/python -m seer.train
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not gpu"

@@ -59,7 +59,7 @@ def overrides(args, *extra: str) -> list[str]:
     return ["model=smollm2", f"model.gguf_file={GGUF}", *model, *yarn, "data=text_files",
             f"data.corpus.paths=[{globs}]", f"data.seq_len={args.seq_len}", "data.val_sequences=0",
             "data.val_fraction=0", f"data.train_sequences={max(args.steps, args.distill_steps)}",
-            f"trainer={'gpu' if DEVICE == 'cuda' else 'cpu'}", "logger=none", "trainer.enable_progress_bar=false",
+            f"trainer={'gpu' if DEVICE == 'cuda' else 'cpu'}", "logger=none", "~callbacks.progress_bar",
             "trainer.limit_val_batches=0", "trainer.val_check_interval=100000",
             "callbacks.model_checkpoint.every_n_train_steps=100000",
             "+callbacks.print_progress._target_=__main__.PrintProgress", *extra]
@@ -158,7 +158,7 @@ def main() -> None:
                       f"stage.init_gates={distilled['out'] / 'gates'}", *common)
     print(f"\ntraining done in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    run = validate(compose(overrides(args, "stage=finetune")))
+    run = validate(compose(overrides(args, "stage=finetune", "trainer.precision=bf16-mixed")))
     tokenizer = load_tokenizer(run.model)
     text = Path(args.eval_file).read_text(encoding="utf-8")
     tokens = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)

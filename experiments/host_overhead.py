@@ -42,7 +42,7 @@ def main() -> None:
     k = torch.randn(b, n, hkv, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     v = torch.randn(b, n, hkv, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     gate = AttnGate(GateConfig(block_size=64, hidden_size=128), d, hq, hkv).cuda()
-    sparsity = SparsityConfig(target_density=0.1)
+    sparsity = SparsityConfig(method="topk", target_density=0.1)
     with torch.no_grad():
         logits = gate(q, k)
         mask = select_blocks(logits, sparsity)

@@ -48,9 +48,9 @@ def test_sparse_prefill_triton_matches_reference(density):
     with torch.no_grad():
         ctx.set_mode("dense")
         dense = model(ids).logits.float()
-        enable_sparse_prefill(model, SparsityConfig(target_density=density), kernel="reference")
+        enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=density), kernel="reference")
         ref = model(ids).logits.float()
-        enable_sparse_prefill(model, SparsityConfig(target_density=density), kernel="triton")
+        enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=density), kernel="triton")
         tri = model(ids).logits.float()
     torch.testing.assert_close(tri, ref, rtol=1e-3, atol=1e-3)
     if density == 1.0:
@@ -65,7 +65,7 @@ def test_graphed_prefill_matches_eager_sparse_and_dense():
     model = _model(torch.float32)
     ids = torch.randint(0, 300, (1, 2048), device="cuda")
     eager = {}
-    for name, sparsity in (("dense", SparsityConfig(method="dense")), ("sparse", SparsityConfig(target_density=0.2))):
+    for name, sparsity in (("dense", SparsityConfig(method="dense")), ("sparse", SparsityConfig(method="topk", target_density=0.2))):
         enable_sparse_prefill(model, sparsity, kernel="triton")
         with torch.no_grad():
             eager[name] = model(ids, use_cache=False).logits[:, -4:]
@@ -73,5 +73,6 @@ def test_graphed_prefill_matches_eager_sparse_and_dense():
         graphed(torch.zeros_like(ids))  # a replay on other tokens first: the input buffer is really refilled
         torch.testing.assert_close(graphed(ids), eager[name], rtol=1e-3, atol=1e-3)
         densities = model.seer_context.densities()  # tensors written by the graph's last replay
-        assert all(abs(d - sparsity.density) < 0.05 for d in densities.values())
+        want = 1.0 if sparsity.method == "dense" else sparsity.target_density
+        assert all(abs(d - want) < 0.05 for d in densities.values())
     assert (eager["sparse"] - eager["dense"]).abs().max() > 1e-2  # so the sparse graph did run the gated path

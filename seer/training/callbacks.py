@@ -219,7 +219,8 @@ class GateCalibration(L.Callback):
     """At the end of training, calibrates the knob of a calibrated budget (``sparsity.calibrated``: threshold or
     top-p with a ``target_density``) on the gate scores of the validation rows (the batches validation uses; all
     validation rows when validation is off) and writes it beside the gates (``calibration.json``), where
-    ``seer.load`` finds it. Every process runs the model (sharded models need all); rank 0 writes."""
+    ``seer.load`` finds it: in ``gates_dir`` and, for a stage that exports a model folder (``pl_module.export_dir``),
+    beside the exported gates too. Every process runs the model (sharded models need all); rank 0 writes."""
 
     def __init__(self, gates_dir: str, sparsity):
         self.gates_dir, self.sparsity = gates_dir, sparsity
@@ -256,7 +257,9 @@ class GateCalibration(L.Callback):
                                 {i: torch.cat(m) for i, m in masses.items()} or None, selector="gate",
                                 seq_len=seq_len)
         if trainer.is_global_zero:
-            save_calibration(self.gates_dir, calibration)
+            export = getattr(pl_module, "export_dir", None)
+            for folder in [self.gates_dir] + ([Path(export) / "gates"] if export is not None else []):
+                save_calibration(folder, calibration)
 
 
 class RunSummary(L.Callback):

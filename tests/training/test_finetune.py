@@ -21,9 +21,10 @@ from seer.training.finetune import build_finetune, causal_lm_loss
 from tests.tiny import tiny_model
 
 # a 2-layer Llama with 128-token original context extended 2x by YaRN, fine-tuned on 256-token rows of 16-blocks
-TINY = ["model=tiny_llama", "data=random_tokens", "gate.block_size=16", "gate.hidden_size=16", "debug=fast",
+TINY = ["model=tiny_llama", "data=random_tokens", "gate=avgmax", "gate.block_size=16", "gate.hidden_size=16", "debug=fast",
         "stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
-        "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256", "sparsity.target_density=0.5"]
+        "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256", "sparsity=topk",
+        "sparsity.target_density=0.5"]
 
 
 def _logits(model, ids):
@@ -225,7 +226,7 @@ def test_triton_sparse_training_matches_the_reference_on_gpu():
         model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda()
         ctx = attach_gates(model, GateConfig(block_size=64, hidden_size=64))
         ctx.set_mode("train_sparse")
-        ctx.sparsity, ctx.kernel = SparsityConfig(target_density=0.3), kernel
+        ctx.sparsity, ctx.kernel = SparsityConfig(method="topk", target_density=0.3), kernel
         ids = torch.randint(0, 320, (1, 1000), generator=torch.Generator().manual_seed(0)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state

@@ -33,8 +33,8 @@ def test_offline_run_has_config_name_table_and_artifact(tmp_path, offline_wandb)
     assert re.fullmatch(r"distill-[a-z0-9]{8}", run["name"]) and run["name"] == summary["wandb_name"]
     assert run["id"] == summary["wandb_id"] and run["name"].endswith(run["id"])
     config = run["config"]
-    assert config["sparsity.method"] == "topk" and config["sparsity.target_density"] == 0.1
-    assert config["gate.k_pool"] == ["max"] and config["gate.block_size"] == 16
+    assert config["sparsity.method"] == "threshold" and config["sparsity.target_density"] == 0.1
+    assert config["gate.k_pool"] == ["max", "min", "avg"] and config["gate.block_size"] == 16
     assert config["model.name"] == "random-llama" and config["choices.model"] == "tiny_llama"
     assert config["params.gates"] > 0 and config["params.frozen"] > config["params.gates"]
     assert config["versions.torch"] and config["run.world_size"] == 1

@@ -76,7 +76,7 @@ def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
 
 FINETUNE = ["stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
             "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256",
-            "sparsity.target_density=0.5", "trainer.max_steps=2"]
+            "sparsity=topk", "sparsity.target_density=0.5", "trainer.max_steps=2"]
 
 
 def test_finetune_under_ddp_matches_one_process(tmp_path):
