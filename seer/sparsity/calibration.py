@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -34,6 +35,7 @@ from seer.sparsity.masks import select_blocks
 from seer.sparsity.measures import head_density
 
 FILE = "calibration.json"
+log = logging.getLogger(__name__)
 
 # the range each knob is searched in, and whether the density rises with it
 _SEARCH = {"topk": (0.0, 1.0, True), "threshold": (1e-12, 1.0, False), "topp": (0.0, 1.0, True)}
@@ -163,6 +165,9 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
     knobs = knobs.view(len(sparse), heads).tolist()
     per_layer = {i: sum(d) / heads for i, d in zip(sparse, dens)}
     mean = sum(per_layer.get(i, 1.0) for i in layers) / len(layers)
+    if mean > config.target_density + 0.01:
+        log.warning("sparsity.target_density=%s is below what the forced blocks alone keep at %d blocks a row: "
+                    "calibrated to %.3f", config.target_density, stacked.shape[-1], mean)
     return Calibration(sparsity=config, knobs=dict(zip(sparse, knobs)), density=mean,
                        head_density=dict(zip(sparse, dens)), selector=selector,
                        rows=scores[sparse[0]].shape[0], seq_len=seq_len)
