@@ -8,9 +8,10 @@ In one run, bounded by ``--budget-s`` (default 5.5 minutes; a FlexAttention comp
    status 2 and a loud message on a mismatch. Repeated after the sweep with the winning launch configs.
 2. **sweep**: a few launch configs (tile sizes, warps, pipeline stages, copy engine) per backward kernel (dk/dv,
    then dq) at N = 32k, density 1.0 and 0.1, each validated against the default's gradients; the best (sum of
-   times relative to the fastest at each density) is kept for the measurements and printed as table entries
-   for ``seer/kernels/block_sparse_bwd.py``. Candidates left when the sweep's share of the budget is spent
-   are skipped (and reported).
+   times relative to the fastest at each density) is kept for the measurements (forced with
+   ``seer.kernels.tuning.force_config``) and printed as entries for the launch tables of
+   ``seer/kernels/block_sparse_bwd.py``. Candidates left when the sweep's share of the budget is spent are skipped
+   (and reported).
 3. **measure**: B 1, H 32, D 128, bf16, causal, N = 32k (then 16k and 8k while time is left), random per-head
    block masks with the diagonal kept at densities 1.0, 0.5, 0.2, 0.1, blocks 64 and 128:
 
@@ -54,25 +55,46 @@ from seer.kernels import block_sparse_attn, reference  # noqa: E402
 from seer.kernels import block_sparse_bwd as bwd  # noqa: E402
 from seer.kernels.block_sparse import build_block_index  # noqa: E402
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index  # noqa: E402
+from seer.kernels.tuning import force_config  # noqa: E402
 
 DEV = "cuda"
 H, D, DT = 32, 128, torch.bfloat16
 CHECK_N, CHECK_HEADS, DENSE_N = 2048 + 77, (8, 2), 4096  # sizes of the correctness checks
 
-# launch-config candidates per mask block (the first is the module's default); all compile for sm_90 without
-# register spills but the 64-key dk/dv tiles at block 128 (32 to 40 bytes; experiments/compile_stats.py)
-DKDV_CANDIDATES = {  # (BLOCK_N keys per program, BLOCK_M query rows per step, num_warps, num_stages, use_tma)
+# launch-config candidates per mask block (the first is the module's default), as tuples of the fields of the
+# kernel's launch table in order (bwd.DKDV_TABLE.fields, bwd.DQ_TABLE.fields; config_dict() makes the dict); all
+# compile for sm_90 without register spills but the 64-key dk/dv tiles at block 128 (32 to 40 bytes;
+# experiments/compile_stats.py)
+DKDV_CANDIDATES = {  # (BLOCK_N keys per program, BLOCK_M query rows per step, num_warps, num_stages, USE_TMA)
     64: [(64, 64, 8, 2, False), (64, 64, 4, 2, False), (64, 64, 8, 3, False), (64, 32, 4, 3, False),
          (64, 64, 8, 2, True)],
     128: [(64, 128, 8, 2, False), (128, 64, 8, 2, False), (128, 32, 8, 2, False), (64, 64, 8, 2, False),
           (64, 128, 8, 2, True)],
 }
-DQ_CANDIDATES = {  # (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, use_tma)
+DQ_CANDIDATES = {  # (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, USE_TMA)
     64: [(64, 64, 4, 2, False), (64, 64, 4, 3, False), (64, 64, 8, 2, False), (64, 32, 4, 2, False),
          (64, 64, 4, 2, True)],
     128: [(128, 64, 8, 2, False), (64, 64, 4, 2, False), (128, 32, 8, 2, False), (64, 128, 4, 2, False),
           (128, 64, 8, 2, True)],
 }
+
+
+TABLES = {"dkdv": bwd.DKDV_TABLE, "dq": bwd.DQ_TABLE}
+
+
+def config_dict(kernel: str, cfg: tuple) -> dict:
+    """A candidate tuple of ``kernel`` ("dkdv" or "dq") as a launch config (its table's fields in order)."""
+    return dict(zip(TABLES[kernel].fields, cfg))
+
+
+def forced(block: int, configs: dict[tuple[str, int], tuple]) -> contextlib.ExitStack:
+    """The configs ``{(kernel, mask block): candidate tuple}`` of ``block`` forced (``force_config``) while the
+    returned context is open; kernels without one keep their defaults."""
+    stack = contextlib.ExitStack()
+    for (kernel, b), cfg in configs.items():
+        if b == block:
+            stack.enter_context(force_config(TABLES[kernel].name, **config_dict(kernel, cfg)))
+    return stack
 
 
 class Deadline:
@@ -142,8 +164,10 @@ def sdpa_flash(q, k, v):
 
 # ---------------------------------------------------------------------------------------------- check
 
-def check(tag: str, blocks: list[int]) -> list[dict]:
-    """Our gradients against the float32 reference (and SDPA for a dense mask); exits on a mismatch."""
+def check(tag: str, blocks: list[int], configs: dict[tuple[str, int], tuple] | None = None) -> list[dict]:
+    """Our gradients against the float32 reference (and SDPA for a dense mask), with ``configs`` forced (see
+    :func:`forced`); exits on a mismatch."""
+    configs = configs or {}
     rows, bad = [], []
     n, (hq, hkv) = CHECK_N, CHECK_HEADS
     for block in blocks:
@@ -155,7 +179,8 @@ def check(tag: str, blocks: list[int]) -> list[dict]:
         mask[:, -1, 7, 7] = True
         out, lse = block_sparse_attn(q, k, v, mask, block)
         dlse = torch.randn_like(lse)
-        got = torch.autograd.grad((out, lse), (q, k, v), (do, dlse))
+        with forced(block, configs):
+            got = torch.autograd.grad((out, lse), (q, k, v), (do, dlse))
         qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
         ro, rl = reference.block_sparse_attn(qr, kr, vr, mask, block)
         want = torch.autograd.grad((ro, rl), (qr, kr, vr), (do.float(), dlse.masked_fill(torch.isneginf(rl), 0)))
@@ -171,7 +196,8 @@ def check(tag: str, blocks: list[int]) -> list[dict]:
     q, k, v, do = qkv(n, hq, hq, seed=3)
     for block in blocks:
         mask = torch.ones(1, hq, n // block, n // block, dtype=torch.bool, device=DEV)
-        got = torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v), do)
+        with forced(block, configs):
+            got = torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v), do)
         want = torch.autograd.grad(sdpa_flash(q, k, v), (q, k, v), do)
         row = {"check": tag, "case": f"N={n} H={hq} block={block} dense mask vs SDPA flash backward"}
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
@@ -189,8 +215,9 @@ def check(tag: str, blocks: list[int]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- sweep
 
-def sweep(block: int, n: int, budget_end: float) -> list[dict]:
-    """Sweep dk/dv then dq launch configs at ``n`` (density 1.0 and 0.1); keep the best in the override table."""
+def sweep(block: int, n: int, budget_end: float, winners: dict[tuple[str, int], tuple]) -> list[dict]:
+    """Sweep dk/dv then dq launch configs at ``n`` (density 1.0 and 0.1), each forced with ``force_config``; the best
+    of each kernel goes to ``winners[(kernel, block)]`` (the dq sweep runs with the dk/dv winner)."""
     q, k, v, do = qkv(n, grad=False, seed=11)
     nb = math.ceil(n / block)
     masks = {dens: random_mask(H, nb, dens, seed=int(100 * dens) + block) for dens in (1.0, 0.1)}
@@ -205,7 +232,7 @@ def sweep(block: int, n: int, budget_end: float) -> list[dict]:
     base = [g.clone() for g in run(0.1)]  # the default configs' gradients: every candidate must agree
     rows = []
     for i, (kernel, cands) in enumerate((("dkdv", DKDV_CANDIDATES[block]), ("dq", DQ_CANDIDATES[block]))):
-        key = (kernel, D, block)
+        key = (kernel, block)
         kernel_end = time.time() + (budget_end - time.time()) / (2 - i)  # half of what is left for each kernel
         res = []
         for cfg in cands:
@@ -215,15 +242,15 @@ def sweep(block: int, n: int, budget_end: float) -> list[dict]:
                 rows.append(row)
                 log(json.dumps(row))
                 continue
-            bwd._CONFIG_OVERRIDE[key] = cfg
             t0 = time.time()
             try:
-                got = run(0.1)
-                errs = [rel_err(a, b) for a, b in zip(got, base)]
-                if not all(e < 1e-2 for e in errs):
-                    raise RuntimeError(f"gradients differ from the default config's: {errs}")
-                row["t1.0"] = ms(lambda: run(1.0), reps=3)
-                row["t0.1"] = ms(lambda: run(0.1), reps=3)
+                with forced(block, winners), force_config(TABLES[kernel].name, **config_dict(kernel, cfg)):
+                    got = run(0.1)
+                    errs = [rel_err(a, b) for a, b in zip(got, base)]
+                    if not all(e < 1e-2 for e in errs):
+                        raise RuntimeError(f"gradients differ from the default config's: {errs}")
+                    row["t1.0"] = ms(lambda: run(1.0), reps=3)
+                    row["t0.1"] = ms(lambda: run(0.1), reps=3)
                 res.append(row)
             except Exception as exc:  # a config may not fit (shared memory) or not compile
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -237,11 +264,11 @@ def sweep(block: int, n: int, budget_end: float) -> list[dict]:
                 r["score"] = r["t1.0"] / b1 + r["t0.1"] / b01
             best = min(res, key=lambda r: r["score"])
             best["best"] = True
-            bwd._CONFIG_OVERRIDE[key] = tuple(best["cfg"])
+            winners[key] = tuple(best["cfg"])
             log(f"best {kernel} block {block}: {tuple(best['cfg'])} ({best['t1.0']:.3f} ms at 1.0, "
                 f"{best['t0.1']:.3f} ms at 0.1)")
         else:
-            bwd._CONFIG_OVERRIDE.pop(key, None)
+            winners.pop(key, None)
     return rows
 
 
@@ -343,7 +370,8 @@ def flash_backward_ms(q, k, v, do) -> float:
 
 
 def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None, deadline: Deadline,
-            rows: list[dict], save) -> None:
+            rows: list[dict], save, configs: dict[tuple[str, int], tuple]) -> None:
+    """Rows at ``n`` for each block and density, with the backward ``configs`` forced (see :func:`forced`)."""
     q, k, v, do = qkv(n, seed=n)
     qd, kd, vd = (x.detach() for x in (q, k, v))
     flash_bwd = flash_backward_ms(q, k, v, do)
@@ -351,43 +379,44 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None
     log(f"N={n}: SDPA flash backward {flash_bwd:.3f} ms, forward+backward {flash_fb:.3f} ms")
     for block in blocks:
         nb = math.ceil(n / block)
-        for dens in densities:
-            if deadline.left() < 15:
-                log(f"out of time: N={n} block {block} density {dens} skipped")
-                return
-            mask = random_mask(H, nb, dens, seed=n + block + int(1000 * dens))
-            row = {"N": n, "block": block, "density": dens, "real_density": real_density(mask),
-                   "flash_bwd": flash_bwd, "flash_fwd_bwd": flash_fb}
-            out, lse = block_sparse_attn(q, k, v, mask, block)
-            row["bwd"] = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-            ri, ci = build_block_index(mask), build_block_col_index(mask)
-            row["col_index"] = ms(lambda: build_block_col_index(mask), reps=20)
-            row["row_index"] = ms(lambda: build_block_index(mask), reps=20)
-            od, ld = out.detach(), lse.detach()
-            row["kernels"] = ms(lambda: block_sparse_attn_backward(do, qd, kd, vd, od, ld, None, block, kv_index=ri,
-                                                                   q_index=ci))
-            row["fwd"] = ms(lambda: block_sparse_attn(qd, kd, vd, mask, block))
-            row["fwd_bwd"] = ms(lambda: torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v),
-                                                            do))
-            if flex is not None and (deadline.left() > 75 or (block, n) in flex.ready):  # a compile: ~1 min
-                try:
-                    t0 = time.time()
-                    bm = flex.build(mask, block, n)
-                    row["flex_build"] = ms(lambda: flex.build(mask, block, n), reps=5)
-                    row["flex_setup"] = flex.prepare(q, k, v, do, bm, block, n)
-                    if dens == densities[-1]:  # the same gradients (one density per N and block)
-                        got = torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do)
-                        ours = torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v), do)
-                        row["flex_vs_ours_rel_diff"] = max(rel_err(a, b) for a, b in zip(ours, got))
-                        if not row["flex_vs_ours_rel_diff"] < 3e-2:
-                            log(f"WARNING: FlexAttention and ours disagree: {row['flex_vs_ours_rel_diff']:.3e}")
-                    row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do))
-                    row["flex_s"] = round(time.time() - t0, 1)
-                except Exception as exc:
-                    row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-            log(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}))
-            save()
+        with forced(block, configs):
+            for dens in densities:
+                if deadline.left() < 15:
+                    log(f"out of time: N={n} block {block} density {dens} skipped")
+                    return
+                mask = random_mask(H, nb, dens, seed=n + block + int(1000 * dens))
+                row = {"N": n, "block": block, "density": dens, "real_density": real_density(mask),
+                       "flash_bwd": flash_bwd, "flash_fwd_bwd": flash_fb}
+                out, lse = block_sparse_attn(q, k, v, mask, block)
+                row["bwd"] = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+                ri, ci = build_block_index(mask), build_block_col_index(mask)
+                row["col_index"] = ms(lambda: build_block_col_index(mask), reps=20)
+                row["row_index"] = ms(lambda: build_block_index(mask), reps=20)
+                od, ld = out.detach(), lse.detach()
+                row["kernels"] = ms(lambda: block_sparse_attn_backward(do, qd, kd, vd, od, ld, None, block, kv_index=ri,
+                                                                       q_index=ci))
+                row["fwd"] = ms(lambda: block_sparse_attn(qd, kd, vd, mask, block))
+                row["fwd_bwd"] = ms(lambda: torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v),
+                                                                do))
+                if flex is not None and (deadline.left() > 75 or (block, n) in flex.ready):  # a compile: ~1 min
+                    try:
+                        t0 = time.time()
+                        bm = flex.build(mask, block, n)
+                        row["flex_build"] = ms(lambda: flex.build(mask, block, n), reps=5)
+                        row["flex_setup"] = flex.prepare(q, k, v, do, bm, block, n)
+                        if dens == densities[-1]:  # the same gradients (one density per N and block)
+                            got = torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do)
+                            ours = torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v), do)
+                            row["flex_vs_ours_rel_diff"] = max(rel_err(a, b) for a, b in zip(ours, got))
+                            if not row["flex_vs_ours_rel_diff"] < 3e-2:
+                                log(f"WARNING: FlexAttention and ours disagree: {row['flex_vs_ours_rel_diff']:.3e}")
+                        row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do))
+                        row["flex_s"] = round(time.time() - t0, 1)
+                    except Exception as exc:
+                        row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                log(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}))
+                save()
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -475,10 +504,10 @@ def report(info: dict, cmd: str, checks: list[dict], sweeps: list[dict], rows: l
                  f"| {'**best**' if s.get('best') else ''} | {note} |")
     best = [s for s in sweeps if s.get("best")]
     if best:
-        L += ["", "Winners as table entries (``seer/kernels/block_sparse_bwd.py``):", "", "```python"]
+        L += ["", "Winners as launch-table entries (``seer/kernels/block_sparse_bwd.py``):", "", "```python"]
         for s in best:
-            table = "_DKDV_CONFIGS" if s["sweep"] == "dkdv" else "_DQ_CONFIGS"
-            L.append(f"{table}[({D}, {s['block']})] = {tuple(s['cfg'])}")
+            cfg = ", ".join(f"{kk}={vv}" for kk, vv in config_dict(s["sweep"], s["cfg"]).items())
+            L.append(f"_H100_{s['sweep'].upper()}[({D}, {s['block']})] = dict({cfg})")
         L.append("```")
     L += ["", "## Checks", "", "| when | case | dq | dk | dv |", "|---|---|---|---|---|"]
     for c in checks:
@@ -505,6 +534,7 @@ def main() -> None:
     log(json.dumps(info))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     checks, sweeps, rows = [], [], []
+    winners: dict[tuple[str, int], tuple] = {}  # (kernel, block) -> the sweep's best candidate, forced from then on
 
     def save():
         text = report(info, cmd, checks, sweeps, rows, deadline.elapsed())
@@ -512,7 +542,7 @@ def main() -> None:
             f.write(text)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump({"info": info, "checks": checks, "sweeps": sweeps, "rows": rows,
-                       "configs": {f"{kk[0]}/{kk[1]}/{kk[2]}": list(vv) for kk, vv in bwd._CONFIG_OVERRIDE.items()}},
+                       "configs": {f"{kk[0]}/{D}/{kk[1]}": config_dict(kk[0], vv) for kk, vv in winners.items()}},
                       f, indent=1)
         return text
 
@@ -523,12 +553,12 @@ def main() -> None:
         sweep_end = time.time() + min(args.sweep_s, 0.4 * deadline.left())
         for i, block in enumerate(args.blocks):
             block_end = time.time() + (sweep_end - time.time()) / (len(args.blocks) - i)
-            sweeps += sweep(block, args.ns[0], block_end)
+            sweeps += sweep(block, args.ns[0], block_end, winners)
             torch.cuda.empty_cache()
             save()
-        log(f"sweep done at {deadline.elapsed():.0f} s; configs {bwd._CONFIG_OVERRIDE}")
-        if bwd._CONFIG_OVERRIDE:
-            checks += check("winning configs", args.blocks)
+        log(f"sweep done at {deadline.elapsed():.0f} s; configs {winners}")
+        if winners:
+            checks += check("winning configs", args.blocks, winners)
             save()
     flex = None
     if not args.no_flex:
@@ -540,7 +570,7 @@ def main() -> None:
         if i > 0 and deadline.left() < 60:
             log(f"out of time: N={n} skipped")
             continue
-        measure(n, args.blocks, args.densities, flex, deadline, rows, save)
+        measure(n, args.blocks, args.densities, flex, deadline, rows, save, winners)
         torch.cuda.empty_cache()
         log(f"N={n} done at {deadline.elapsed():.0f} s")
     text = save()

@@ -95,9 +95,10 @@ def main() -> None:
     print("| kernel | block | config | regs | spill B | stack B | smem B | HGMMA | HMMA |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for block in args.blocks:
-        for name, build, cands, table in (("dkdv", dkdv, DKDV_CANDIDATES, bwd._DKDV_CONFIGS),
-                                          ("dq", dq, DQ_CANDIDATES, bwd._DQ_CONFIGS)):
-            cfgs = list(dict.fromkeys(cands.get(block, []) + [table.get((args.d, block), (64, 64, 4, 2, False))]))
+        for name, build, cands, table in (("dkdv", dkdv, DKDV_CANDIDATES, bwd.DKDV_TABLE),
+                                          ("dq", dq, DQ_CANDIDATES, bwd.DQ_TABLE)):
+            default = table.candidates((args.d, block))[0]  # the module's CUDA default, as a tuple of its fields
+            cfgs = list(dict.fromkeys(cands.get(block, []) + [tuple(default[f] for f in table.fields)]))
             for cfg in cfgs:
                 try:
                     s = ptxas_stats(build(args.d, block, cfg, args.dtype, not args.odd_n))

@@ -11,8 +11,8 @@
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
   ``seer/kernels/block_topk.py``.
 * :mod:`seer.kernels.reference` - the same contracts in PyTorch, chunked so memory stays ``O(N * block)``.
-* :mod:`seer.kernels.tuning` - the launch configurations of the attention kernels: the H100 defaults, timing
-  once per key, and for experiments :func:`~seer.kernels.tuning.force_config`,
+* :mod:`seer.kernels.tuning` - the launch configurations of the attention kernels (forward and backward): the
+  H100 defaults, timing once per key, and for experiments :func:`~seer.kernels.tuning.force_config`,
   :func:`~seer.kernels.tuning.set_autotune`, :func:`~seer.kernels.tuning.chosen_configs`,
   :func:`~seer.kernels.tuning.last_launch` and the timer :func:`~seer.kernels.tuning.median_ms`.
 * :mod:`seer.kernels.common` - supported sizes and dtypes, and the argument checks all kernels share.
@@ -26,8 +26,10 @@ This package is a leaf: it imports only torch and triton, never the rest of seer
 driver call.
 """
 
-from seer.kernels import reference, tuning
+# block_sparse_bwd is imported with the package (not only at the first backward) so that its launch tables are
+# known to seer.kernels.tuning (force_config("block_sparse_bwd.dq", ...), kernel_names()) from the start
+from seer.kernels import block_sparse_bwd, reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn
 from seer.kernels.flash_gt import flash_attn_with_gt
 
-__all__ = ["block_sparse_attn", "flash_attn_with_gt", "reference", "tuning"]
+__all__ = ["block_sparse_attn", "block_sparse_bwd", "flash_attn_with_gt", "reference", "tuning"]

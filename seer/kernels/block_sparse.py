@@ -362,14 +362,19 @@ def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
                  USE_TMA=False)]
 
 
-def _config_invalid(config: dict, key: tuple[int, int, bool]) -> str | None:
+def tiles_invalid(config: dict, key: tuple) -> str | None:
+    """Why ``config`` cannot run for ``key`` (mask block size ``key[1]``), or None: its tiles (``BLOCK_M``,
+    ``BLOCK_N``, those it has) must divide the mask block. The check of this module's launch table and of the
+    backward's (:mod:`seer.kernels.block_sparse_bwd`)."""
     block = key[1]
-    return None if block % config["BLOCK_N"] == 0 else \
-        f"invalid for block_size {block}: BLOCK_N must divide the mask block size"
+    for tile in ("BLOCK_M", "BLOCK_N"):
+        if tile in config and block % config[tile]:
+            return f"invalid for block_size {block}: {tile} must divide the mask block size"
+    return None
 
 
 CONFIGS = LaunchTable("block_sparse", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA"), _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False), _config_invalid)
+                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False), tiles_invalid)
 
 
 def _scratch(size: int, align: int, stream) -> torch.Tensor:

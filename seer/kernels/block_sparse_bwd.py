@@ -44,6 +44,17 @@ Kernels
 adds: no float atomics, deterministic results. Within a head, programs are launched longest lists first
 (first key blocks for ``dk``/``dv``, last query blocks for ``dq``); heads come one after another.
 
+Launch configurations
+---------------------
+Two launch tables (:class:`seer.kernels.tuning.LaunchTable`), keyed by (head dim, mask block size):
+``block_sparse_bwd.dkdv`` (``DKDV_TABLE``: ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``, ``USE_TMA``)
+and ``block_sparse_bwd.dq`` (``DQ_TABLE``: ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``).
+As for the forward, one candidate per key, never timed at run time: on CUDA the entries for head dims 64 and 128
+and blocks 64 and 128 (picked from an offline sm_90 compile without register spills, see the tables), 64 x 64
+tiles for other sizes, tiles clamped to the mask block; under the interpreter, tiles of one mask block. Tiles must
+divide the mask block (:func:`seer.kernels.block_sparse.tiles_invalid`). Experiments and tests force configs with
+``seer.kernels.tuning.force_config("block_sparse_bwd.dq", BLOCK_M=..., ...)``.
+
 Use
 ---
 :func:`seer.kernels.block_sparse_attn` records a ``torch.autograd.Function`` (``_BlockSparseAttnFunction``)
@@ -63,12 +74,14 @@ from torch.autograd.function import once_differentiable
 from seer.kernels import block_sparse as _fwd
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
+from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
 
 
 # What this module uses of the forward module besides build_block_index, _forward, _tma_ok, the list compaction
-# _append_selected and the list-builder launch _build_lists (looked up at call time): its mask checks, here.
+# _append_selected and the list-builder launch _build_lists (looked up at call time) and the tile check of the
+# launch tables, tiles_invalid: its mask checks, here.
 def _check_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> None:
     """The forward's checks of a bool ``[B, Hq or Hkv, nb, nb]`` mask."""
     _fwd._check_mask(block_mask)
@@ -432,38 +445,44 @@ def _bs_bwd_dq_kernel(
 # Launch configurations and the host side
 # ----------------------------------------------------------------------------------------------------------
 
-# Launch configurations, picked from registers/spills of an offline sm_90 compile (experiments/compile_stats.py:
-# with 8 warps, dk, dv and the K/V tile of 64 keys at D 128 stay in registers, even and odd N) until tuned on an
-# H100 with experiments/bench_sparse_bwd.py (which sweeps candidates and prints the winners for these tables).
-# dk/dv: (BLOCK_N keys per program, BLOCK_M query rows per step, num_warps, num_stages, use_tma) per (head_dim, block)
-_DKDV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
-    (128, 64): (64, 64, 8, 2, False),
-    (128, 128): (64, 128, 8, 2, False),
-    (64, 64): (64, 64, 4, 2, False),
-    (64, 128): (64, 64, 4, 2, False),
+# Launch configurations (seer.kernels.tuning; see the module docstring). The H100 entries were picked from
+# registers/spills of an offline sm_90 compile (experiments/compile_stats.py: with 8 warps, dk, dv and the K/V tile of
+# 64 keys at D 128 stay in registers, even and odd N), not from timings. experiments/bench_sparse_bwd.py sweeps
+# candidates on a GPU and prints its winners as entries for these tables; the sweep recorded in
+# docs/bench_sparse_bwd.md found faster configs at D 128 than some entries here, which were not applied. Other sizes:
+# 64 x 64 tiles, 8 warps from D 128 on (D 256: no spills, about 197 KB of shared memory). USE_TMA: read the streamed
+# operand (q and dO for dk/dv, K and V for dq) through the copy engine when the tensors allow it (_fwd._tma_ok).
+_H100_DKDV: dict[tuple[int, int], dict] = {  # BLOCK_N keys per program, BLOCK_M query rows per step
+    (128, 64): dict(BLOCK_N=64, BLOCK_M=64, num_warps=8, num_stages=2, USE_TMA=False),
+    (128, 128): dict(BLOCK_N=64, BLOCK_M=128, num_warps=8, num_stages=2, USE_TMA=False),
+    (64, 64): dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, USE_TMA=False),
+    (64, 128): dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, USE_TMA=False),
 }
-# dq: (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, use_tma) per (head_dim, block)
-_DQ_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
-    (128, 64): (64, 64, 4, 2, False),
-    (128, 128): (128, 64, 8, 2, False),
-    (64, 64): (64, 64, 4, 2, False),
-    (64, 128): (64, 64, 4, 2, False),
+_H100_DQ: dict[tuple[int, int], dict] = {  # BLOCK_M query rows per program, BLOCK_N keys per step
+    (128, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=False),
+    (128, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=False),
+    (64, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=False),
+    (64, 128): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=False),
 }
-# Overrides for experiments and tests: {("dkdv" or "dq", head_dim, block): config as above}
-_CONFIG_OVERRIDE: dict[tuple[str, int, int], tuple[int, int, int, int, bool]] = {}
 
 
-def _launch_config(kernel: str, d: int, block: int, device: torch.device) -> tuple[int, int, int, int, bool]:
-    key = (kernel, d, block)
-    if key in _CONFIG_OVERRIDE:
-        cfg = _CONFIG_OVERRIDE[key]
-    elif device.type == "cpu":
-        cfg = (block, block, 4, 1, False)
-    else:
-        fallback = (64, 64, 8 if d >= 128 else 4, 2, False)  # d 256: no spills at 8 warps (about 197 KB of smem)
-        cfg = (_DKDV_CONFIGS if kernel == "dkdv" else _DQ_CONFIGS).get((d, block), fallback)
-    tile_a, tile_b, num_warps, num_stages, use_tma = cfg
-    return min(tile_a, block), min(tile_b, block), num_warps, num_stages, use_tma
+def _cuda_config(h100: dict[tuple[int, int], dict]):
+    def candidates(key: tuple[int, int]) -> list[dict]:
+        d, block = key
+        config = h100.get(key, dict(BLOCK_N=64, BLOCK_M=64, num_warps=8 if d >= 128 else 4, num_stages=2,
+                                    USE_TMA=False))
+        return [dict(config, BLOCK_N=min(config["BLOCK_N"], block), BLOCK_M=min(config["BLOCK_M"], block))]
+    return candidates
+
+
+def _interpreter_config(key: tuple[int, int]) -> dict:
+    return dict(BLOCK_N=key[1], BLOCK_M=key[1], num_warps=4, num_stages=1, USE_TMA=False)
+
+
+DKDV_TABLE = LaunchTable("block_sparse_bwd.dkdv", ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "USE_TMA"),
+                         _cuda_config(_H100_DKDV), _interpreter_config, _fwd.tiles_invalid)
+DQ_TABLE = LaunchTable("block_sparse_bwd.dq", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA"),
+                       _cuda_config(_H100_DQ), _interpreter_config, _fwd.tiles_invalid)
 
 
 def _grad_buffer(x: torch.Tensor, given: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -554,43 +573,43 @@ def block_sparse_attn_backward(
     )
 
     group = hq // hkv
-    block_n, block_m, num_warps, num_stages, use_tma = _launch_config("dkdv", d, block_size, q.device)
-    use_tma = use_tma and _fwd._tma_ok(q, do)
-    _bs_bwd_dkdv_kernel[(n_pad // block_n, b * hkv)](
-        q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt,
-        scale * LOG2E.value, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-        q_cnt.stride(0), q_cnt.stride(1),
-        b, n, nb, n_pad, hq, hkv, group, hq // q_idx.shape[1],
-        HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_N=block_n, BLOCK_M=block_m, EVEN_N=n % block_size == 0,
-        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, USE_TMA=use_tma,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    key = (d, block_size)
 
-    block_m, block_n, num_warps, num_stages, use_tma = _launch_config("dq", d, block_size, q.device)
-    use_tma = use_tma and _fwd._tma_ok(k, v)
-    n_qprog = n_pad // block_m
-    _bs_bwd_dq_kernel[(n_qprog, b * hq)](
-        q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt,
-        scale * LOG2E.value, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-        kv_cnt.stride(0), kv_cnt.stride(1),
-        b, n, n_pad, n_qprog, hq, hkv, group, hq // kv_idx.shape[1],
-        HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, USE_TMA=use_tma,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    def run_dkdv(config: dict):
+        return _bs_bwd_dkdv_kernel[(n_pad // config["BLOCK_N"], b * hkv)](
+            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt,
+            scale * LOG2E.value, scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+            q_cnt.stride(0), q_cnt.stride(1),
+            b, n, nb, n_pad, hq, hkv, group, hq // q_idx.shape[1],
+            HEAD_DIM=d, MASK_BLOCK=block_size, EVEN_N=n % block_size == 0, DOT_PRECISION=dot_precision(q.dtype),
+            INTERP=INTERPRET, **dict(config, USE_TMA=config["USE_TMA"] and _fwd._tma_ok(q, do)),
+        )
+    DKDV_TABLE.launch(key, run_dkdv)
+
+    def run_dq(config: dict):
+        n_qprog = n_pad // config["BLOCK_M"]
+        return _bs_bwd_dq_kernel[(n_qprog, b * hq)](
+            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt,
+            scale * LOG2E.value, scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+            kv_cnt.stride(0), kv_cnt.stride(1),
+            b, n, n_pad, n_qprog, hq, hkv, group, hq // kv_idx.shape[1],
+            HEAD_DIM=d, MASK_BLOCK=block_size, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
+            **dict(config, USE_TMA=config["USE_TMA"] and _fwd._tma_ok(k, v)),
+        )
+    DQ_TABLE.launch(key, run_dq)
     return dq, dk, dv
 
 

@@ -4,22 +4,25 @@ A launch configuration is a dict of the keyword arguments of a kernel launch bes
 tile sizes and switches (compile-time constants) and ``num_warps`` / ``num_stages``. Each tuned kernel has a
 :class:`LaunchTable` (its name is what :func:`force_config` takes):
 
-=================== ============================================= ==================================================
-name                what it launches                              key
-=================== ============================================= ==================================================
-``flash_gt.dense``  attention forward without ground truth        head dim, block size, dtype, length bucket
-                    (``flash_attn``; pass 1 of ``mode="lowmem"``)
-``flash_gt.fast``   forward writing the tile maxima, plus the     head dim, block size, dtype, length bucket
-                    pooling kernel when ``EPI=0``
-``flash_gt.pass2``  the ground truth from q, k and the final lse  head dim, block size, dtype, length bucket
-``block_sparse``    the block-sparse forward                      head dim, mask block size, list layout
-=================== ============================================= ==================================================
+========================= ============================================= ============================================
+name                      what it launches                              key
+========================= ============================================= ============================================
+``flash_gt.dense``        attention forward without ground truth        head dim, block size, dtype, length bucket
+                          (``flash_attn``; pass 1 of ``mode="lowmem"``)
+``flash_gt.fast``         forward writing the tile maxima, plus the     head dim, block size, dtype, length bucket
+                          pooling kernel when ``EPI=0``
+``flash_gt.pass2``        the ground truth from q, k and the final lse  head dim, block size, dtype, length bucket
+``block_sparse``          the block-sparse forward                      head dim, mask block size, list layout
+``block_sparse_bwd.dkdv`` the block-sparse backward: dk and dv          head dim, mask block size
+``block_sparse_bwd.dq``   the block-sparse backward: dq                 head dim, mask block size
+========================= ============================================= ============================================
 
 (length bucket: the next power of two of ``N``, at least 1024, at most 32768.) A table gives, for a key,
 
 * on CUDA, candidates in order, the first being the default: for the sizes swept on an H100 the winner
   (``docs/bench_gt.md``, ``docs/bench_sparse.md``: head dim 128 and 64, blocks 64 and 128), for other sizes an
-  untimed guess;
+  untimed guess; the backward's defaults for those sizes were screened offline by registers and spills on sm_90,
+  not timed (``seer/kernels/block_sparse_bwd.py``);
 * under the Triton interpreter, one small config (it runs every program in turn on the CPU).
 
 The config of a call, in this order:
@@ -34,9 +37,9 @@ The config of a call, in this order:
    writes all of its outputs (``out``, ``lse``, ``gt``, scratch), so the timing runs leave nothing to restore.
 
 So tuning costs one call per key and process, and a CUDA graph captured after a warm-up call of the same shapes
-replays tuned launches. The block-sparse table has one candidate per key, chosen offline
-(``experiments/bench_sparse.py --tune``): its best config depends on the mask density, which a timing at the
-first call would sample by chance, and sparse prefill is captured in CUDA graphs.
+replays tuned launches. The block-sparse tables have one candidate per key, chosen offline
+(``experiments/bench_sparse.py --tune``, ``experiments/bench_sparse_bwd.py``): the best config depends on the mask
+density, which a timing at the first call would sample by chance, and sparse prefill is captured in CUDA graphs.
 
 Why not ``triton.autotune``: it times one kernel launch per config and keys on exact argument values. Here a
 config can steer two launches timed together (``EPI=0``: the forward, then the pooling kernel), keys bucket the

@@ -15,9 +15,10 @@ import torch
 
 from seer.kernels import block_sparse as bs
 from seer.kernels import block_sparse_bwd as bwd
-from seer.kernels import reference
+from seer.kernels import reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
+from seer.kernels.tuning import force_config, last_launch
 
 CPU = torch.device("cpu")
 
@@ -192,28 +193,81 @@ def test_empty_mask_gives_zero_grads():
         assert (g_ == 0).all()
 
 
-def test_subtiles_transposed_inputs_and_scale(monkeypatch):
+def test_subtiles_transposed_inputs_and_scale():
     """Tiles narrower than a mask block (the diagonal's skipped sub-tiles, several query/key steps per block),
     [B, N, H, D] storage (gradients keep it), a custom scale."""
-    monkeypatch.setitem(bwd._CONFIG_OVERRIDE, ("dkdv", 16, 32), (16, 16, 4, 1, False))
-    monkeypatch.setitem(bwd._CONFIG_OVERRIDE, ("dq", 16, 32), (16, 16, 4, 1, False))
-    dq, dk, dv = _check_case(1, 4, 2, 90, 16, 32, 4, transpose=True, sm_scale=0.3, seed=5)
+    with force_config("block_sparse_bwd.dkdv", BLOCK_N=16, BLOCK_M=16, num_warps=4, num_stages=1, USE_TMA=False), \
+            force_config("block_sparse_bwd.dq", BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, USE_TMA=False):
+        dq, dk, dv = _check_case(1, 4, 2, 90, 16, 32, 4, transpose=True, sm_scale=0.3, seed=5)
     assert dq.transpose(1, 2).is_contiguous() and dk.transpose(1, 2).is_contiguous()
 
 
-def test_mixed_subtiles(monkeypatch):
+def test_mixed_subtiles():
     """Key tiles of a whole block with query steps of half a block, and the reverse."""
-    monkeypatch.setitem(bwd._CONFIG_OVERRIDE, ("dkdv", 16, 32), (32, 16, 4, 1, False))
-    monkeypatch.setitem(bwd._CONFIG_OVERRIDE, ("dq", 16, 32), (16, 32, 4, 1, False))
-    _check_case(1, 2, 1, 75, 16, 32, 2, seed=6)
+    with force_config("block_sparse_bwd.dkdv", BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1, USE_TMA=False), \
+            force_config("block_sparse_bwd.dq", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, USE_TMA=False):
+        _check_case(1, 2, 1, 75, 16, 32, 2, seed=6)
 
 
 def test_tma_path(monkeypatch):
     """The tensor-descriptor (copy engine) loads; on the CPU the interpreter emulates the descriptors."""
     monkeypatch.setattr(bs, "_tma_ok", lambda *t: True)
-    monkeypatch.setitem(bwd._CONFIG_OVERRIDE, ("dkdv", 16, 16), (16, 16, 4, 1, True))
-    monkeypatch.setitem(bwd._CONFIG_OVERRIDE, ("dq", 16, 16), (16, 16, 4, 1, True))
-    _check_case(2, 4, 2, 75, 16, 16, 4, seed=9)
+    with force_config("block_sparse_bwd.dkdv", BLOCK_N=16, BLOCK_M=16, num_warps=4, num_stages=1, USE_TMA=True), \
+            force_config("block_sparse_bwd.dq", BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, USE_TMA=True):
+        _check_case(2, 4, 2, 75, 16, 16, 4, seed=9)
+    assert all(last_launch(f"block_sparse_bwd.{kernel}")["config"]["USE_TMA"] for kernel in ("dkdv", "dq"))
+
+
+def test_forced_config_is_honoured_and_checked():
+    """force_config("block_sparse_bwd.dq", ...) reaches the dq launch (its fields over the key's default, the
+    dk/dv launch untouched); a tile larger than the mask block is refused, naming the config and the tile."""
+    key = (16, 32)
+    dq_default, dkdv_default = bwd.DQ_TABLE.candidates(key)[0], bwd.DKDV_TABLE.candidates(key)[0]
+    with force_config("block_sparse_bwd.dq", BLOCK_M=16):
+        _check_case(1, 2, 1, 75, 16, 32, 2, seed=16)
+    assert last_launch("block_sparse_bwd.dq")["config"] == dict(dq_default, BLOCK_M=16)
+    assert last_launch("block_sparse_bwd.dkdv")["config"] == dkdv_default
+    _check_case(1, 2, 1, 75, 16, 32, 2, seed=16)  # nothing forced: the defaults again
+    assert last_launch("block_sparse_bwd.dq")["config"] == dq_default
+
+    gen = torch.Generator().manual_seed(17)
+    dev = _device()
+    q, k, v = (x.to(dev) for x in _make(1, 2, 1, 70, 16, torch.float32, gen))
+    mask = _random_mask(1, 2, 3, 0.5, gen).to(dev)
+    out, lse = block_sparse_attn(q, k, v, mask, 32)
+    for kernel, tile in (("dq", "BLOCK_M"), ("dq", "BLOCK_N"), ("dkdv", "BLOCK_N"), ("dkdv", "BLOCK_M")):
+        with force_config(f"block_sparse_bwd.{kernel}", **{tile: 64}), pytest.raises(
+                ValueError, match=rf"forced block_sparse_bwd.{kernel} config .*'{tile}': 64.* is invalid: invalid "
+                                  rf"for block_size 32: {tile} must divide the mask block size"):
+            block_sparse_attn_backward(out, q, k, v, out, lse, mask, 32)
+    with pytest.raises(ValueError, match=r"block_sparse_bwd.dq configs have no entry \['BLOCK'\]"):
+        with force_config("block_sparse_bwd.dq", BLOCK=16):
+            pass
+
+
+# The launch configs before the backward moved onto seer.kernels.tuning (block_sparse_bwd._launch_config and its
+# tables, frozen here): (tile a, tile b, num_warps, num_stages, use_tma), dk/dv (BLOCK_N, BLOCK_M), dq (BLOCK_M,
+# BLOCK_N), per (head dim, block); CPU: (block, block, 4, 1, False); tiles clamped to the block.
+_OLD_DKDV = {(128, 64): (64, 64, 8, 2, False), (128, 128): (64, 128, 8, 2, False), (64, 64): (64, 64, 4, 2, False),
+             (64, 128): (64, 64, 4, 2, False)}
+_OLD_DQ = {(128, 64): (64, 64, 4, 2, False), (128, 128): (128, 64, 8, 2, False), (64, 64): (64, 64, 4, 2, False),
+           (64, 128): (64, 64, 4, 2, False)}
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_default_configs_are_the_old_tables(monkeypatch, interpret):
+    """Every key's default (CUDA tables and fallback, and the interpreter's) is what the backward launched with
+    before its configs moved into launch tables; one candidate per key (nothing timed at run time)."""
+    monkeypatch.setattr(tuning, "INTERPRET", interpret)
+    for (table, old) in ((bwd.DKDV_TABLE, _OLD_DKDV), (bwd.DQ_TABLE, _OLD_DQ)):
+        for d in (16, 32, 64, 128, 256):
+            for block in (16, 32, 64, 128):
+                if interpret:
+                    cfg = (block, block, 4, 1, False)
+                else:
+                    cfg = old.get((d, block), (64, 64, 8 if d >= 128 else 4, 2, False))
+                cfg = (min(cfg[0], block), min(cfg[1], block)) + cfg[2:]
+                assert table.candidates((d, block)) == [dict(zip(table.fields, cfg))], (table.name, d, block)
 
 
 def test_only_some_inputs_need_grad():

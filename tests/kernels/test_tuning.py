@@ -104,7 +104,8 @@ def test_force_config_merges_over_the_default_and_restores(cuda_like):
 
 
 def test_force_config_refuses_unknown_kernels_and_entries():
-    assert {"flash_gt.dense", "flash_gt.fast", "flash_gt.pass2", "block_sparse"} <= set(kernel_names())
+    assert {"flash_gt.dense", "flash_gt.fast", "flash_gt.pass2", "block_sparse", "block_sparse_bwd.dkdv",
+            "block_sparse_bwd.dq"} <= set(kernel_names())
     with pytest.raises(ValueError, match=r"no tuned kernel named 'flash'; kernels: \["):
         with force_config("flash", BLOCK_M=64):
             pass
