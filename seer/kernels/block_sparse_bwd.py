@@ -445,22 +445,21 @@ def _bs_bwd_dq_kernel(
 # Launch configurations and the host side
 # ----------------------------------------------------------------------------------------------------------
 
-# Launch configurations (seer.kernels.tuning; see the module docstring). The H100 entries were picked from
-# registers/spills of an offline sm_90 compile (experiments/compile_stats.py: with 8 warps, dk, dv and the K/V tile of
-# 64 keys at D 128 stay in registers, even and odd N), not from timings. experiments/bench_sparse_bwd.py sweeps
-# candidates on a GPU and prints its winners as entries for these tables; the sweep recorded in
-# docs/bench_sparse_bwd.md found faster configs at D 128 than some entries here, which were not applied. Other sizes:
-# 64 x 64 tiles, 8 warps from D 128 on (D 256: no spills, about 197 KB of shared memory). USE_TMA: read the streamed
+# Launch configurations (seer.kernels.tuning; see the module docstring). D 128: the winners of the H100 sweep of
+# experiments/bench_sparse_bwd.py (docs/bench_sparse_bwd.md; 32k, density 1.0 and 0.1, the same winners in two runs,
+# their gradients checked against the float32 reference on the GPU); D 64: picked from registers/spills of an
+# offline sm_90 compile (experiments/compile_stats.py), not timed. Other sizes: 64 x 64 tiles, 8 warps from D 128 on
+# (D 256: no spills, about 197 KB of shared memory). USE_TMA: read the streamed
 # operand (q and dO for dk/dv, K and V for dq) through the copy engine when the tensors allow it (_fwd._tma_ok).
 _H100_DKDV: dict[tuple[int, int], dict] = {  # BLOCK_N keys per program, BLOCK_M query rows per step
-    (128, 64): dict(BLOCK_N=64, BLOCK_M=64, num_warps=8, num_stages=2, USE_TMA=False),
-    (128, 128): dict(BLOCK_N=64, BLOCK_M=128, num_warps=8, num_stages=2, USE_TMA=False),
+    (128, 64): dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, USE_TMA=False),  # 62 ms at 32k, d 1.0
+    (128, 128): dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=2, USE_TMA=False),  # 60 ms
     (64, 64): dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, USE_TMA=False),
     (64, 128): dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, USE_TMA=False),
 }
 _H100_DQ: dict[tuple[int, int], dict] = {  # BLOCK_M query rows per program, BLOCK_N keys per step
-    (128, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=False),
-    (128, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=False),
+    (128, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),  # 60 ms
+    (128, 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=False),  # 60 ms
     (64, 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=False),
     (64, 128): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=False),
 }
