@@ -16,28 +16,13 @@ from seer.kernels import block_sparse as bs
 from seer.kernels import reference
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.tuning import force_config
+from tests.kernels.masks import special_mask
 
 CPU = torch.device("cpu")
 
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else CPU
-
-
-def _random_mask(b: int, h: int, nb: int, density: float, gen: torch.Generator) -> torch.Tensor:
-    """Random block mask with the special rows the kernel must get right (upper triangle left random)."""
-    m = torch.rand(b, h, nb, nb, generator=gen) < density
-    if nb >= 1:
-        m[:, 0, 0, :] = False  # empty first row (head 0)
-    if nb >= 3:
-        m[:, :, 1, :] = False  # diagonal-only row
-        m[:, :, 1, 1] = True
-        m[:, :, 2, :] = True  # full row (and above-diagonal entries set: must be ignored)
-    if nb >= 5:
-        m[:, :, 4, 4] = False  # row without its diagonal
-        m[:, :, 4, 0] = True
-        m[:, -1, 3, :] = False  # empty row in the middle (last head)
-    return m
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -72,7 +57,7 @@ def _check_case(b, hq, hkv, n, d, block, dtype, mask_heads, pair, density=0.4, s
         k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
         v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
     nb = math.ceil(n / block)
-    mask = _random_mask(b, mask_heads, nb, density, gen)
+    mask = special_mask(b, mask_heads, nb, density, gen)
     q, k, v, mask = q.to(dev), k.to(dev), v.to(dev), mask.to(dev)
     out = torch.full((b, hq, n, d), float("nan"), dtype=dtype, device=dev)  # poisoned: unwritten -> NaN
     lse = torch.full((b, hq, n), float("nan"), dtype=torch.float32, device=dev)
@@ -151,7 +136,7 @@ def test_out_as_transposed_view():
     dev = _device()
     b, h, n, d, block = 1, 2, 40, 16, 16
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(dev) for _ in range(3))
-    mask = _random_mask(b, h, 3, 0.6, gen).to(dev)
+    mask = special_mask(b, h, 3, 0.6, gen).to(dev)
     buf = torch.full((b, n, h, d), float("nan"), device=dev)
     out, lse = block_sparse_attn(q, k, v, mask, block, out=buf.transpose(1, 2))
     ref_out, ref_lse = reference.block_sparse_attn(q.double(), k.double(), v.double(), mask, block)
@@ -218,7 +203,7 @@ def test_indexed_matches_masked():
     b, hq, hkv, n, d, block = 1, 4, 2, 100, 16, 16
     q = torch.randn(b, hq, n, d, generator=gen).to(dev)
     k, v = (torch.randn(b, hkv, n, d, generator=gen).to(dev) for _ in range(2))
-    mask = _random_mask(b, hkv, math.ceil(n / block), 0.5, gen).to(dev)
+    mask = special_mask(b, hkv, math.ceil(n / block), 0.5, gen).to(dev)
     for pair in (False, True):
         ref = block_sparse_attn(q, k, v, mask, block, pair=pair)
         idx, cnt = build_block_index(mask, pair=pair)

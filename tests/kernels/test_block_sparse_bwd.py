@@ -19,6 +19,7 @@ from seer.kernels import reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
 from seer.kernels.tuning import force_config, last_launch
+from tests.kernels.masks import special_mask
 
 CPU = torch.device("cpu")
 
@@ -39,24 +40,6 @@ def poisoned_buffers(monkeypatch):
 
     monkeypatch.setattr(bwd, "_alloc", alloc)
     monkeypatch.setattr(bwd, "_alloc_like", alloc_like)
-
-
-def _random_mask(b: int, h: int, nb: int, density: float, gen: torch.Generator) -> torch.Tensor:
-    """Random block mask with the rows the backward must get right (upper triangle left random)."""
-    m = torch.rand(b, h, nb, nb, generator=gen) < density
-    if nb >= 1:
-        m[:, 0, 0, :] = False  # empty first row (head 0)
-    if nb >= 3:
-        m[:, :, 1, :] = False  # diagonal-only row
-        m[:, :, 1, 1] = True
-        m[:, :, 2, :] = True  # full row (and above-diagonal entries set: must be ignored)
-    if nb >= 5:
-        m[:, :, 4, 4] = False  # row without its diagonal
-        m[:, :, 4, 0] = True
-        m[:, -1, 3, :] = False  # empty row in the middle (last head)
-    if nb >= 2:
-        m[:, :, -1, -1] = True  # the partial last block on its diagonal
-    return m
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -109,7 +92,7 @@ def _check_case(b, hq, hkv, n, d, block, mask_heads, *, dtype=torch.float32, pai
     q, k, v = _make(b, hq, hkv, n, d, dtype, gen, transpose)
     nb = math.ceil(n / block)
     if mask is None:
-        mask = _random_mask(b, mask_heads, nb, density, gen)
+        mask = special_mask(b, mask_heads, nb, density, gen)
     do = torch.randn(b, hq, n, d, generator=gen).to(dtype)
     dlse = torch.randn(b, hq, n, generator=gen) if use_lse else None
     q, k, v, mask, do = (x.to(dev) for x in (q, k, v, mask, do))
@@ -233,7 +216,7 @@ def test_forced_config_is_honoured_and_checked():
     gen = torch.Generator().manual_seed(17)
     dev = _device()
     q, k, v = (x.to(dev) for x in _make(1, 2, 1, 70, 16, torch.float32, gen))
-    mask = _random_mask(1, 2, 3, 0.5, gen).to(dev)
+    mask = special_mask(1, 2, 3, 0.5, gen).to(dev)
     out, lse = block_sparse_attn(q, k, v, mask, 32)
     for kernel, tile in (("dq", "BLOCK_M"), ("dq", "BLOCK_N"), ("dkdv", "BLOCK_N"), ("dkdv", "BLOCK_M")):
         with force_config(f"block_sparse_bwd.{kernel}", **{tile: 64}), pytest.raises(
@@ -267,7 +250,7 @@ def test_only_some_inputs_need_grad():
     gen = torch.Generator().manual_seed(12)
     dev = _device()
     q, k, v = (x.to(dev) for x in _make(1, 2, 1, 50, 16, torch.float32, gen))
-    mask = _random_mask(1, 2, 4, 0.6, gen).to(dev)
+    mask = special_mask(1, 2, 4, 0.6, gen).to(dev)
     do = torch.randn(1, 2, 50, 16, generator=gen).to(dev)
     kg = k.clone().requires_grad_()
     out, lse = block_sparse_attn(q, kg, v, mask, 16)
@@ -289,7 +272,7 @@ def test_backward_function_in_place():
     dev = _device()
     b, hq, hkv, n, d, block = 1, 4, 2, 60, 16, 16
     q, k, v = (x.to(dev) for x in _make(b, hq, hkv, n, d, torch.float32, gen))
-    mask = _random_mask(b, hq, 4, 0.5, gen).to(dev)
+    mask = special_mask(b, hq, 4, 0.5, gen).to(dev)
     do = torch.randn(b, hq, n, d, generator=gen).to(dev)
     out, lse = block_sparse_attn(q, k, v, mask, block)
     ref = _reference_grads(q, k, v, mask, block, None, do, None)
@@ -342,7 +325,7 @@ def test_no_grad_forward_unchanged(monkeypatch):
     gen = torch.Generator().manual_seed(14)
     dev = _device()
     q, k, v = (x.to(dev) for x in _make(1, 4, 2, 50, 16, torch.float32, gen))
-    mask = _random_mask(1, 2, 4, 0.5, gen).to(dev)
+    mask = special_mask(1, 2, 4, 0.5, gen).to(dev)
     with_grad = block_sparse_attn(q.clone().requires_grad_(), k, v, mask, 16)
 
     def boom(*args):
@@ -363,7 +346,7 @@ def test_mask_carries_no_gradient():
     gen = torch.Generator().manual_seed(15)
     dev = _device()
     q, k, v = (x.to(dev).requires_grad_() for x in _make(1, 2, 1, 40, 16, torch.float32, gen))
-    mask = _random_mask(1, 2, 3, 0.5, gen).to(dev)
+    mask = special_mask(1, 2, 3, 0.5, gen).to(dev)
     with pytest.raises(RuntimeError):
         mask.clone().requires_grad_()  # a bool tensor cannot require grad
     with pytest.raises(ValueError, match="bool"):
