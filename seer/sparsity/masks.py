@@ -22,8 +22,10 @@ from seer.sparsity.config import SparsityConfig
 Knob = float | torch.Tensor
 
 
+@functools.lru_cache(maxsize=64)
 def causal_blocks(nb: int, device=None) -> torch.Tensor:
-    """Bool ``[nb, nb]``: key block ``j`` is visible from query block ``i`` iff ``j <= i``."""
+    """Bool ``[nb, nb]``: key block ``j`` is visible from query block ``i`` iff ``j <= i`` (cached per size and
+    device, so a forward pays no launch for it: read-only)."""
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
