@@ -63,15 +63,34 @@ class ShardedGateStrategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The optimizer's state as Lightning saves it, after :func:`reshard` (the state is keyed by the sharded
+        parameters)."""
+        reshard(self.lightning_module)
+        return super().optimizer_state(optimizer)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The trained parameters in full on rank 0 (every rank takes part in gathering them); the frozen base is
         reloaded from its source on resume, as in a single-process run."""
+        reshard(self.lightning_module)
         state = {}
         for name, param in self.lightning_module.named_parameters():
             if param.requires_grad:
                 full = param.full_tensor() if hasattr(param, "full_tensor") else param
                 state[name] = full.detach().cpu()
         return state if self.global_rank == 0 else {}
+
+
+def reshard(module: nn.Module) -> None:
+    """Shards again every FSDP2 group of ``module`` that is gathered. The gates' group stays gathered from its
+    forward to its backward (``reshard_after_forward=False``), so a forward without backward (validation, the
+    calibration at the end of training) leaves the modules holding the gathered parameters instead of the sharded
+    ones the optimizer holds; a checkpoint then could not map the optimizer's state to parameter names."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
 
 
 def configure_sharding(module) -> None:
