@@ -299,7 +299,7 @@ class RunSummary(L.Callback):
                    and v.numel() == 1}
         logged = trainer.logged_metrics
         tokens_per_s = logged.get("train/items_per_sec", logged.get("train/device/items_per_sec"))
-        device = next(pl_module.parameters()).device  # the stage's module may keep Lightning's "cpu" device
+        device = trainer.strategy.root_device  # this process's device (a stage's module may report "cpu")
         wandb_runs = [lg.experiment for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
         run = wandb_runs[0] if wandb_runs else None
         self.summary = {

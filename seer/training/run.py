@@ -76,12 +76,19 @@ def check_inputs(cfg: DictConfig, run: RunConfig) -> None:
                           f"use data.seq_len >= {MIN_BLOCKS * block}")
 
 
+def data_takes_tokenizer(node: DictConfig) -> bool:
+    """Whether the data module of ``node`` reads text (its class takes a tokenizer) rather than token ids."""
+    from hydra.utils import get_class
+
+    return "tokenizer" in inspect.signature(get_class(node._target_)).parameters
+
+
 def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model"):
     """The data module of ``node``, given the tokenizer when its class takes one (text corpora do, random tokens
     do not); text data for a model without a tokenizer is refused, naming both."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
-    takes_tokenizer = "tokenizer" in inspect.signature(get_class(node._target_)).parameters
+    takes_tokenizer = data_takes_tokenizer(node)
     if takes_tokenizer and tokenizer is None:
         choices = _choices()
         raise ConfigError(f"data={choices.get('data', node._target_)} is text, but model="
@@ -247,7 +254,10 @@ def run_training(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    tokenizer = load_tokenizer(run.model)
+    # a random-weight model on token ids needs no tokenizer: none is looked up (offline, every process would spend
+    # a minute on hub retries for it)
+    needs_tokenizer = data_takes_tokenizer(cfg.data) or not run.model.random_init
+    tokenizer = load_tokenizer(run.model) if needs_tokenizer else None
     datamodule = instantiate_data(cfg.data, tokenizer, model_id(run.model))
     datamodule.prepare_data()
     datamodule.setup("fit")  # packing and cache errors surface now, not after the model has loaded

@@ -79,3 +79,15 @@ def test_runs_started_together_get_their_own_folders(tmp_path):
     assert len(folders) == 2, folders
     densities = sorted(json.loads((f / "summary.json").read_text())["sparsity"]["target_density"] for f in folders)
     assert densities == [0.2, 0.5]
+
+
+def test_random_weights_on_token_ids_look_up_no_tokenizer(tmp_path, monkeypatch):
+    # a hub id with random weights (the 8B speed recipes): the tokenizer is not needed, so the hub is never asked
+    import seer.model.loading
+
+    def no_lookup(cfg):
+        raise AssertionError(f"looked up a tokenizer for {cfg.name_or_path}")
+
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", no_lookup)
+    summary = train(tmp_path, "model.name_or_path=meta-llama/Llama-3.1-8B-Instruct")
+    assert summary["status"] == "completed"
