@@ -15,16 +15,28 @@ the inputs are float64.
 * :func:`block_sparse_sdpa` - the same output through PyTorch's SDPA with a token mask (the fast CPU path).
 
 Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`),
-the only other module of ``seer`` this one imports.
+the only other module of ``seer`` this one imports. Autocast is off inside them (a mixed-precision training step
+calls them too), so the arithmetic keeps the dtype said above.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from seer.kernels.common import check_qkv_shapes, softmax_scale
 
 __all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_sdpa", "num_blocks"]
+
+
+def _without_autocast(fn):
+    """``fn`` run with autocast off on its first argument's device."""
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+    return wrapper
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -66,6 +78,7 @@ def _causal_scores(q: torch.Tensor, k: torch.Tensor, start: int, stop: int, scal
     return s.masked_fill_(cols > rows, float("-inf"))
 
 
+@_without_autocast
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
               chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal attention. Returns ``out`` ``[B, Hq, N, D]`` (dtype of q) and ``lse`` ``[B, Hq, N]`` (float32,
@@ -111,6 +124,7 @@ def _block_pool(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: flo
     return out
 
 
+@_without_autocast
 def block_gt(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None = None,
              chunk_rows: int | None = None) -> torch.Tensor:
     """Block max-pool of the causal attention probabilities (SeerAttention's ground truth).
@@ -122,6 +136,7 @@ def block_gt(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float 
     return _block_pool(q, k, block_size, sm_scale, chunk_rows, "max")
 
 
+@_without_autocast
 def block_attn_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, sm_scale: float | None = None,
                     chunk_rows: int | None = None) -> torch.Tensor:
     """Share of attention mass per block: ``mass[b, h, i, j]`` is the probability that query rows of block ``i``
@@ -142,6 +157,7 @@ def _expand_block_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: 
     return block_mask
 
 
+@_without_autocast
 def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
                       block_size: int = 64, sm_scale: float | None = None,
                       chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

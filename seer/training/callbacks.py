@@ -249,7 +249,11 @@ class GateCalibration(L.Callback):
                     break
                 ids = batch["input_ids"].to(pl_module.device)
                 seq_len = ids.shape[1]
-                model.base_model(input_ids=ids, use_cache=False)
+                # under the training precision (autocast for bf16-mixed): the scores training saw, and dense
+                # attention in bfloat16 (float32 master weights would give float32 Q/K/V, which SDPA's flash kernel
+                # does not take)
+                with trainer.precision_plugin.forward_context():
+                    model.base_model(input_ids=ids, use_cache=False)
         finally:
             ctx.consumer, ctx.want_mass = None, False
             ctx.set_mode("dense")

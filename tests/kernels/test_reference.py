@@ -98,3 +98,21 @@ def test_sdpa_path_matches_the_reference(n, bs, hq, hkv):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep its diagonal block"):
         reference.block_sparse_sdpa(q, k, v, mask & ~torch.eye(nb, dtype=torch.bool), bs)
+
+
+def test_references_keep_their_precision_under_autocast():
+    # a bf16-mixed training step calls them under autocast: float32 inputs still give the float32 results
+    torch.manual_seed(2)
+    b, hq, hkv, n, d, bs = 1, 4, 2, 50, 8, 16
+    nb = math.ceil(n / bs)
+    q, k, v = (torch.randn(b, h, n, d) for h in (hq, hkv, hkv))
+    mask = torch.rand(b, hq, nb, nb) < 0.6
+    calls = [lambda: reference.block_sparse_attn(q, k, v, mask, block_size=bs), lambda: reference.attention(q, k, v),
+             lambda: reference.block_gt(q, k, bs), lambda: reference.block_attn_mass(q, k, bs)]
+    for call in calls:
+        want = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=0, atol=0)

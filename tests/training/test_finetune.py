@@ -95,6 +95,27 @@ def test_run_writes_the_rope_scaling_into_model_and_gates(tmp_path):
         load_gates(load_causal_lm(validate(compose(["model=tiny_llama"])).model), folder / "gates")
 
 
+def test_end_of_training_calibration_runs_under_the_training_precision(tmp_path, monkeypatch):
+    # float32 master weights under bf16-mixed: the calibration forward after training must autocast like the steps
+    # (its scores are the ones training saw; float32 dense attention at long lengths leaves the flash kernel)
+    import seer.model.attention as attention
+    from seer.training.run import run_training
+
+    seen = []
+    dense = attention._dense
+
+    def recording(module, query, *args, **kwargs):
+        seen.append(query.dtype)
+        return dense(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_dense", recording)
+    summary = run_training(compose(TINY + ["sparsity=threshold", "sparsity.target_density=0.5",
+                                           "trainer.precision=bf16-mixed", "trainer.limit_val_batches=0",
+                                           f"paths.output_dir={tmp_path}"]))
+    assert summary["calibration"] is not None and seen  # the calibration ran its dense forwards
+    assert set(seen) == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["data.seq_len=128"], "data.seq_len"),                       # no longer than the original context
     (["data.seq_len=384"], "data.seq_len"),                       # beyond factor x original
