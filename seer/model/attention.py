@@ -367,10 +367,10 @@ def _train_sparse(module, ctx: SeerContext, query, key, value, scaling, scale: f
                 if ctx.consumer is None:
                     scores = module.seer_gate(q_pre, k_pre)
                 knob = None
-                if ctx.sparsity.calibrated:  # calibrated on this layer's scores of this batch
-                    from seer.sparsity.calibration import calibrate
+                if ctx.sparsity.calibrated:  # calibrated on this layer's scores of this batch (no host sync)
+                    from seer.sparsity.calibration import fit_knob
 
-                    knob = calibrate({layer: scores}, ctx.sparsity).knob(layer, scores.device)
+                    knob = fit_knob(scores, ctx.sparsity)
                 mask = select_blocks(scores, ctx.sparsity, knob)
                 ctx.density[layer] = (mask.sum(), total)
         ctx.train_masks[layer] = mask

@@ -31,7 +31,7 @@ import torch
 from seer.config import build
 from seer.files import atomic_write_text
 from seer.sparsity.config import SparsityConfig
-from seer.sparsity.masks import select_blocks
+from seer.sparsity.masks import row_probs, select_blocks, threshold_mask_from_probs
 from seer.sparsity.measures import head_density
 
 FILE = "calibration.json"
@@ -109,6 +109,16 @@ def _head_densities(scores: torch.Tensor, config: SparsityConfig, knob: torch.Te
     return head_density(select_blocks(scores, config, knob))
 
 
+def _density_of_knob(scores: torch.Tensor, config: SparsityConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``knob [H] -> density [H]`` of :func:`_head_densities` on fixed ``scores``; for a threshold the rows' softmax
+    is computed once, not at every bisection step (the masks are the same)."""
+    if config.method != "threshold":
+        return lambda knob: _head_densities(scores, config, knob)
+    probs = row_probs(scores)
+    return lambda knob: head_density(threshold_mask_from_probs(probs, knob, config.sink_blocks, config.local_blocks,
+                                                               config.dense_last_rows))
+
+
 def _sparse_target(config: SparsityConfig, layers: list[int]) -> float:
     """The mean density the sparse layers must reach so that, with ``dense_layers`` at 1, all layers average the
     target."""
@@ -128,11 +138,26 @@ def _fit(stacked: torch.Tensor, config: SparsityConfig, goal: torch.Tensor | flo
     the mean ``goal`` (a float), or one per head reaching ``goal [L*H]``. Every bisection step is one mask
     computation over all layers."""
     width = stacked.shape[1]
+    density_of = _density_of_knob(stacked, config)
     if isinstance(goal, torch.Tensor):
-        return _bisect(lambda k: _head_densities(stacked, config, k), goal.double(), config.method)
-    mean = lambda k: _head_densities(stacked, config, k.expand(width)).mean().reshape(1)  # noqa: E731
+        return _bisect(density_of, goal.double(), config.method)
+    mean = lambda k: density_of(k.expand(width)).mean().reshape(1)  # noqa: E731
     shared = _bisect(mean, torch.tensor([goal], dtype=torch.float64, device=stacked.device), config.method)
     return shared.expand(width).clone()
+
+
+def fit_knob(scores: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
+    """The per-head knob ``[H]`` with which ``config`` reaches its target density on one layer's scores
+    ``[rows, H, nb, nb]`` (``global``: one knob shared by the heads; ``uniform``: one per head): the knob
+    ``calibrate({layer: scores}, config)`` finds, computed on the scores' device without a host sync, for a training
+    step that calibrates each layer on its batch."""
+    if config.method == "dense" or config.target_density is None:
+        raise ValueError(f"sparsity {config.describe()} has no target density to calibrate for")
+    if config.allocation not in ("global", "uniform"):
+        raise ValueError(f"sparsity.allocation={config.allocation!r}: a per-batch knob supports global or uniform")
+    target = min(1.0, config.target_density)
+    goal = target if config.allocation == "global" else torch.full((scores.shape[1],), target, device=scores.device)
+    return _fit(scores.float(), config, goal)
 
 
 def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
@@ -207,4 +232,4 @@ def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str
                      f"(target_density=null)")
 
 
-__all__ = ["Calibration", "calibrate", "find_calibration", "load_calibrations", "save_calibration"]
+__all__ = ["Calibration", "calibrate", "find_calibration", "fit_knob", "load_calibrations", "save_calibration"]

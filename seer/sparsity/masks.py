@@ -116,9 +116,15 @@ def threshold_mask(scores: torch.Tensor, threshold: Knob, sink_blocks: int = 0, 
     """Keep causal blocks whose softmax share of the row exceeds ``threshold``, plus the forced blocks and the last
     ``dense_last_rows`` rows."""
     _check_scores(scores)
-    nb = scores.shape[-1]
-    mask = (row_probs(scores) > _per_head(threshold, scores)) | forced_blocks(nb, sink_blocks, local_blocks,
-                                                                            scores.device)
+    return threshold_mask_from_probs(row_probs(scores), threshold, sink_blocks, local_blocks, dense_last_rows)
+
+
+def threshold_mask_from_probs(probs: torch.Tensor, threshold: Knob, sink_blocks: int = 0, local_blocks: int = 0,
+                              dense_last_rows: int = 0) -> torch.Tensor:
+    """:func:`threshold_mask` given the rows' softmax shares ``probs = row_probs(scores)``: what a calibration
+    that tries many thresholds on the same scores computes once."""
+    nb = probs.shape[-1]
+    mask = (probs > _per_head(threshold, probs)) | forced_blocks(nb, sink_blocks, local_blocks, probs.device)
     return _finish(mask, nb, dense_last_rows)
 
 

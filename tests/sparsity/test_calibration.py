@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from seer.sparsity import SparsityConfig, causal_blocks, head_density, select_blocks, threshold_mask
-from seer.sparsity.calibration import (Calibration, calibrate, find_calibration, load_calibrations,
+from seer.sparsity.masks import row_probs, threshold_mask_from_probs
+from seer.sparsity.calibration import (Calibration, calibrate, find_calibration, fit_knob, load_calibrations,
                                        save_calibration)
 
 
@@ -48,6 +49,26 @@ def test_calibration_hits_the_target(method, allocation, target):
             want = head_density(threshold_mask(masses[i].log(), tau, sink_blocks=1))
             got = head_density(select_blocks(s, config, cal.knob(i)))
             assert torch.allclose(got, want, atol=0.03), (i, got, want)
+
+
+@pytest.mark.parametrize("method", ["threshold", "topp", "topk"])
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_per_batch_knob_is_the_calibrations(method, allocation):
+    # what a fine-tune step computes per layer and batch: the knob of calibrate() on that layer alone, as a tensor
+    scores = _scores(layers=1, seed=3)[0]
+    config = SparsityConfig(method=method, target_density=0.2, allocation=allocation, sink_blocks=1, local_blocks=1)
+    knob = fit_knob(scores, config)
+    want = calibrate({5: scores}, config).knob(5)
+    assert knob.shape == (scores.shape[1],) and torch.equal(knob, want)
+    assert torch.equal(select_blocks(scores, config, knob), select_blocks(scores, config, want))
+
+
+def test_threshold_from_probs_is_the_threshold_mask():
+    scores = _scores(layers=1, seed=4)[0]
+    for knob in (0.001, torch.tensor([0.0, 0.01, 0.05, 0.5])):
+        want = threshold_mask(scores, knob, sink_blocks=1, local_blocks=2, dense_last_rows=1)
+        got = threshold_mask_from_probs(row_probs(scores), knob, sink_blocks=1, local_blocks=2, dense_last_rows=1)
+        assert torch.equal(got, want)
 
 
 def test_dense_layers_count_in_the_mean():
