@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=40)
     ap.add_argument("--steps", type=int, default=100, help="fine-tune steps of (b) and (c) each")
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute layers in the backward of (b) and (c) (less memory, slower steps)")
     ap.add_argument("--windows", type=int, default=2, help="rows of the longest length evaluated")
     ap.add_argument("--out", default=RESULT_DIR)
     ap.add_argument("--report", default="docs/finetune.md")
@@ -155,7 +157,8 @@ def main() -> None:
 
     sparse = [f"sparsity={args.sparsity}", f"sparsity.target_density={args.density}"]
     common = [f"trainer.max_steps={args.steps}", f"stage.lr={args.lr}", "stage.warmup_steps=10",
-              *(["trainer.precision=bf16-mixed"] if DEVICE == "cuda" else [])]
+              *(["trainer.precision=bf16-mixed"] if DEVICE == "cuda" else []),
+              *(["stage.gradient_checkpointing=true"] if args.gradient_checkpointing else [])]
     distilled = train(args, "distill", "stage=distill", f"trainer.max_steps={args.distill_steps}",
                       "stage.image_every_n_steps=0", *sparse)
     dense_ft = train(args, "finetune_dense", "stage=finetune", "sparsity=dense", "stage.gate_loss_weight=0",
