@@ -170,6 +170,16 @@ def check(tag: str, blocks: list[int], configs: dict[tuple[str, int], tuple] | N
     configs = configs or {}
     rows, bad = [], []
     n, (hq, hkv) = CHECK_N, CHECK_HEADS
+
+    def compare(case: str, label: str, got, want, tol: float) -> None:
+        row = {"check": tag, "case": case}
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            row[name] = rel_err(a, b)
+            if not (row[name] < tol) or torch.isnan(a).any():
+                bad.append(f"{label} {name}: rel err {row[name]:.3e}")
+        rows.append(row)
+        log(json.dumps(row))
+
     for block in blocks:
         q, k, v, do = qkv(n, hq, hkv, seed=block)
         nb = math.ceil(n / block)
@@ -184,14 +194,8 @@ def check(tag: str, blocks: list[int], configs: dict[tuple[str, int], tuple] | N
         qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
         ro, rl = reference.block_sparse_attn(qr, kr, vr, mask, block)
         want = torch.autograd.grad((ro, rl), (qr, kr, vr), (do.float(), dlse.masked_fill(torch.isneginf(rl), 0)))
-        row = {"check": tag, "case": f"N={n} Hq={hq} Hkv={hkv} block={block} density 0.3 vs float32 reference"}
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            e = rel_err(a, b)
-            row[name] = e
-            if not (e < 2.5e-2) or torch.isnan(a).any():
-                bad.append(f"{name} block {block}: rel err {e:.3e}")
-        rows.append(row)
-        log(json.dumps(row))
+        compare(f"N={n} Hq={hq} Hkv={hkv} block={block} density 0.3 vs float32 reference", f"block {block}", got,
+                want, 2.5e-2)
     n = DENSE_N
     q, k, v, do = qkv(n, hq, hq, seed=3)
     for block in blocks:
@@ -199,14 +203,8 @@ def check(tag: str, blocks: list[int], configs: dict[tuple[str, int], tuple] | N
         with forced(block, configs):
             got = torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v), do)
         want = torch.autograd.grad(sdpa_flash(q, k, v), (q, k, v), do)
-        row = {"check": tag, "case": f"N={n} H={hq} block={block} dense mask vs SDPA flash backward"}
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            e = rel_err(a, b)
-            row[name] = e
-            if not (e < 2e-2) or torch.isnan(a).any():
-                bad.append(f"dense {name} block {block}: rel err {e:.3e} vs SDPA")
-        rows.append(row)
-        log(json.dumps(row))
+        compare(f"N={n} H={hq} block={block} dense mask vs SDPA flash backward", f"dense block {block} vs SDPA",
+                got, want, 2e-2)
     if bad:
         log("\n" + "!" * 100 + f"\nCORRECTNESS CHECK FAILED ({tag}): " + "; ".join(bad) + "\n" + "!" * 100)
         sys.exit(2)

@@ -104,19 +104,25 @@ def _bisect(density_of: Callable[[torch.Tensor], torch.Tensor], target: torch.Te
     return (hi if rising else lo).float()  # the side that reaches the target
 
 
-def _head_densities(scores: torch.Tensor, config: SparsityConfig, knob: torch.Tensor) -> torch.Tensor:
-    """Density ``[H]`` of each head of scores ``[rows, H, nb, nb]`` with a per-head knob ``[H]``."""
-    return head_density(select_blocks(scores, config, knob))
-
-
 def _density_of_knob(scores: torch.Tensor, config: SparsityConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``knob [H] -> density [H]`` of :func:`_head_densities` on fixed ``scores``; for a threshold the rows' softmax
-    is computed once, not at every bisection step (the masks are the same)."""
+    """``knob [H] -> density [H]``: the kept share of each head of ``scores [rows, H, nb, nb]`` under ``config`` with
+    a per-head knob; for a threshold the rows' softmax is computed once, not at every bisection step (the masks are
+    the same)."""
     if config.method != "threshold":
-        return lambda knob: _head_densities(scores, config, knob)
+        return lambda knob: head_density(select_blocks(scores, config, knob))
     probs = row_probs(scores)
     return lambda knob: head_density(threshold_mask_from_probs(probs, knob, config.sink_blocks, config.local_blocks,
                                                                config.dense_last_rows))
+
+
+def _check_calibratable(config: SparsityConfig) -> None:
+    if config.method == "dense" or config.target_density is None:
+        raise ValueError(f"sparsity {config.describe()} has no target density to calibrate for")
+
+
+def _shared_or_per_head_goal(config: SparsityConfig, target: float, width: int, device) -> torch.Tensor | float:
+    """The goal of :func:`_fit` for ``allocation`` ``global`` (one mean) or ``uniform`` (``target`` for each head)."""
+    return target if config.allocation == "global" else torch.full((width,), target, device=device)
 
 
 def _sparse_target(config: SparsityConfig, layers: list[int]) -> float:
@@ -133,16 +139,15 @@ def _sparse_target(config: SparsityConfig, layers: list[int]) -> float:
     return min(1.0, target)
 
 
-def _fit(stacked: torch.Tensor, config: SparsityConfig, goal: torch.Tensor | float) -> torch.Tensor:
-    """Knobs ``[L*H]`` for the layers' heads side by side (``stacked [rows, L*H, nb, nb]``): one shared knob reaching
-    the mean ``goal`` (a float), or one per head reaching ``goal [L*H]``. Every bisection step is one mask
-    computation over all layers."""
-    width = stacked.shape[1]
-    density_of = _density_of_knob(stacked, config)
+def _fit(density_of: Callable[[torch.Tensor], torch.Tensor], width: int, goal: torch.Tensor | float, method: str,
+         device) -> torch.Tensor:
+    """Knobs ``[width]`` (layers' heads side by side, ``density_of`` from :func:`_density_of_knob`): one shared knob
+    reaching the mean ``goal`` (a float), or one per head reaching ``goal [width]``. Every bisection step is one
+    mask computation over all layers."""
     if isinstance(goal, torch.Tensor):
-        return _bisect(density_of, goal.double(), config.method)
+        return _bisect(density_of, goal.double(), method)
     mean = lambda k: density_of(k.expand(width)).mean().reshape(1)  # noqa: E731
-    shared = _bisect(mean, torch.tensor([goal], dtype=torch.float64, device=stacked.device), config.method)
+    shared = _bisect(mean, torch.tensor([goal], dtype=torch.float64, device=device), method)
     return shared.expand(width).clone()
 
 
@@ -151,13 +156,13 @@ def fit_knob(scores: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
     ``[rows, H, nb, nb]`` (``global``: one knob shared by the heads; ``uniform``: one per head): the knob
     ``calibrate({layer: scores}, config)`` finds, computed on the scores' device without a host sync, for a training
     step that calibrates each layer on its batch."""
-    if config.method == "dense" or config.target_density is None:
-        raise ValueError(f"sparsity {config.describe()} has no target density to calibrate for")
+    _check_calibratable(config)
     if config.allocation not in ("global", "uniform"):
         raise ValueError(f"sparsity.allocation={config.allocation!r}: a per-batch knob supports global or uniform")
-    target = min(1.0, config.target_density)
-    goal = target if config.allocation == "global" else torch.full((scores.shape[1],), target, device=scores.device)
-    return _fit(scores.float(), config, goal)
+    scores = scores.float()
+    width = scores.shape[1]
+    goal = _shared_or_per_head_goal(config, min(1.0, config.target_density), width, scores.device)
+    return _fit(_density_of_knob(scores, config), width, goal, config.method, scores.device)
 
 
 def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
@@ -166,8 +171,7 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
     """The :class:`Calibration` of ``config`` on ``scores`` (``{layer: [rows, H, nb, nb]}``, every layer the same
     shape; ``masses`` of the same shapes, the true block attention mass, for ``allocation=oracle``). See the module
     docstring."""
-    if config.method == "dense" or config.target_density is None:
-        raise ValueError(f"sparsity {config.describe()} has no target density to calibrate for")
+    _check_calibratable(config)
     if not scores:
         raise ValueError("calibration needs the block scores of at least one layer")
     layers = sorted(scores)
@@ -175,18 +179,19 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
     sparse = [i for i in layers if i not in config.dense_layers]
     heads = scores[sparse[0]].shape[1]
     stacked = torch.cat([scores[i].float() for i in sparse], dim=1)  # [rows, L*H, nb, nb]: layers as more heads
-    if config.allocation == "global":
-        goal: torch.Tensor | float = target
-    elif config.allocation == "uniform":
-        goal = torch.full((stacked.shape[1],), target, device=stacked.device)
-    else:
+    width, device = stacked.shape[1], stacked.device
+    density_of = _density_of_knob(stacked, config)
+    if config.allocation == "oracle":
         if masses is None or not set(sparse) <= set(masses):
             raise ValueError("allocation=oracle needs the true block mass of every calibrated layer")
         truth = dataclasses.replace(config, method="threshold", allocation="global")
         logs = torch.cat([torch.log(masses[i].float().clamp_min(1e-30)) for i in sparse], dim=1)
-        goal = _head_densities(logs, truth, _fit(logs, truth, target))
-    knobs = _fit(stacked, config, goal)
-    dens = _head_densities(stacked, config, knobs).view(len(sparse), heads).tolist()
+        truth_density_of = _density_of_knob(logs, truth)
+        goal = truth_density_of(_fit(truth_density_of, width, target, truth.method, device))
+    else:
+        goal = _shared_or_per_head_goal(config, target, width, device)
+    knobs = _fit(density_of, width, goal, config.method, device)
+    dens = density_of(knobs).view(len(sparse), heads).tolist()
     knobs = knobs.view(len(sparse), heads).tolist()
     per_layer = {i: sum(d) / heads for i, d in zip(sparse, dens)}
     mean = sum(per_layer.get(i, 1.0) for i in layers) / len(layers)

@@ -70,8 +70,9 @@ class ShardedGateStrategy(ModelParallelStrategy):
         return super().optimizer_state(optimizer)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The trained parameters in full on rank 0 (every rank takes part in gathering them); the frozen base is
-        reloaded from its source on resume, as in a single-process run."""
+        """The trained parameters in full on rank 0 (every rank takes part in gathering them), read from the sharded
+        parameters (:func:`reshard`: gathered ones live in a buffer that cannot be saved); the frozen base is reloaded
+        from its source on resume, as in a single-process run."""
         reshard(self.lightning_module)
         state = {}
         for name, param in self.lightning_module.named_parameters():

@@ -1,4 +1,5 @@
-"""Block masks for the kernel tests: random, with the special rows every kernel must get right."""
+"""Inputs for the kernel tests: fresh random shapes, and random block masks with the special rows every kernel
+must get right."""
 
 import torch
 
@@ -21,3 +22,18 @@ def special_mask(b: int, h: int, nb: int, density: float, gen: torch.Generator) 
     if nb >= 2:
         m[:, :, -1, -1] = True
     return m
+
+
+def random_shape(seed: int, max_blocks: int):
+    """A picker over a generator seeded with ``seed`` and a GQA shape drawn from it: ``(pick, hq, hkv, block, n)``
+    with 1-2 KV heads, groups of 1, 2 or 4, blocks of 16 or 32 tokens and ``1 <= n < max_blocks * block`` (partial
+    blocks included); ``pick(options)`` draws more settings from the same generator."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    hkv = pick([1, 2])
+    hq = hkv * pick([1, 2, 4])
+    block = pick([16, 32])
+    return pick, hq, hkv, block, int(torch.randint(1, max_blocks * block, (1,), generator=gen))

@@ -16,7 +16,7 @@ from seer.kernels import block_sparse as bs
 from seer.kernels import reference
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.tuning import force_config
-from tests.kernels.masks import special_mask
+from tests.kernels.masks import random_shape, special_mask
 
 CPU = torch.device("cpu")
 
@@ -88,12 +88,7 @@ def test_matches_reference(b, hq, hkv, n, d, block, dtype, mh, pair):
 @pytest.mark.parametrize("seed", range(6))
 def test_random_shapes(seed):
     """Fresh random shapes, layouts and densities (the kernel must compute the same function on any input)."""
-    g = torch.Generator().manual_seed(100 + seed)
-    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
-    hkv = pick([1, 2])
-    hq = hkv * pick([1, 2, 4])
-    block = pick([16, 32])
-    n = int(torch.randint(1, 6 * block, (1,), generator=g))
+    pick, hq, hkv, block, n = random_shape(100 + seed, max_blocks=6)
     _check_case(pick([1, 2]), hq, hkv, n, pick([16, 32]), block, pick([torch.float32, torch.float16]),
               pick([hq, hkv]), pick([False, True]), density=pick([0.1, 0.5, 0.9]), seed=seed)
 

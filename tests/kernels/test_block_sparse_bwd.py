@@ -19,7 +19,7 @@ from seer.kernels import reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
 from seer.kernels.tuning import force_config, last_launch
-from tests.kernels.masks import special_mask
+from tests.kernels.masks import random_shape, special_mask
 
 CPU = torch.device("cpu")
 
@@ -133,12 +133,7 @@ def test_grads_match_reference(b, hq, hkv, n, d, block, mh, pair):
 @pytest.mark.parametrize("seed", range(3))
 def test_random_shapes(seed):
     """Fresh random shapes, group sizes, mask layouts and densities."""
-    g = torch.Generator().manual_seed(200 + seed)
-    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
-    hkv = pick([1, 2])
-    hq = hkv * pick([1, 2, 4])
-    block = pick([16, 32])
-    n = int(torch.randint(1, 5 * block, (1,), generator=g))
+    pick, hq, hkv, block, n = random_shape(200 + seed, max_blocks=5)
     _check_case(1, hq, hkv, n, 16, block, pick([hq, hkv]), density=pick([0.1, 0.5, 0.9]), seed=seed,
                 use_lse=pick([False, True]))
 
