@@ -4,7 +4,8 @@ Runs ``python -m seer.train experiment=throughput_8b`` three ways, ``--steps`` s
 
 * one GPU, 2 rows a batch: the global batch of the two-GPU runs;
 * DDP on 2 GPUs (``trainer=ddp``), 1 row a batch on each;
-* FSDP2 on 2 GPUs (``trainer=fsdp``), 1 row a batch on each (the base sharded, loaded through host memory);
+* FSDP2 on 2 GPUs (``trainer=fsdp``), 1 row a batch on each (the base sharded; its random weights drawn on each GPU
+  one group at a time, the same as the one-GPU run's);
 
 and writes a table of tokens/s (Lightning's ThroughputMonitor over the last ``--window`` steps, all GPUs together),
 peak GPU memory (rank 0; the ranks hold equal shares) and startup time, and how far each two-GPU run's gates are from

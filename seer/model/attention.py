@@ -180,7 +180,7 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
     """Adds a gate to every attention layer of ``model`` (in place; preparing it first if needed) and returns the
     shared context.
 
-    Gates are float32 and live on the model's device; the base model's own parameters are left as they are
+    Gates are float32 and live on the model's device (the CPU for a model on the meta device); the base model's own parameters are left as they are
     (freeze them with :func:`freeze_base_model`)."""
     ctx = getattr(model, "seer_context", None) or prepare_model(model, gate_config.block_size)
     if ctx.gate_config is not None:
@@ -193,6 +193,7 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
     dynamic = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
     at_length = partial(rope_frequencies, cfg, gate_config.hidden_size) if dynamic else None  # as the model's
     device = next(model.parameters()).device
+    device = torch.device("cpu") if device.type == "meta" else device  # a base drawn later (sharded runs): real gates
     for layer in attention_layers(model):
         heads, kv_heads, head_dim = layer_shape(model, layer)
         layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)

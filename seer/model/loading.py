@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import zlib
 
 import torch
 
@@ -90,17 +91,25 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu"):
-    """The base model in eval mode on ``device`` with SDPA attention and ``cfg.dtype`` weights."""
+def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu", dtype_device: torch.device | str | None = None):
+    """The base model in eval mode on ``device`` with SDPA attention and ``cfg.dtype`` weights (``auto`` resolved for
+    ``dtype_device``, by default ``device``).
+
+    Random weights (``cfg.random_init``) are built on the meta device and drawn by :func:`init_random_weights` from
+    the seed of the global generator (``torch.initial_seed()``); with ``device="meta"`` they are left to be drawn later,
+    group by group on each process's GPU, when the model is sharded (``trainer=fsdp``)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, dtype_device or device)
     if cfg.random_init:
         config = load_config(cfg)
         config._attn_implementation = "sdpa"
-        with torch.device(device):
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
+        model.seer_init_seed = torch.initial_seed()
+        if torch.device(device).type != "meta":
+            init_random_weights(model, device)
     else:  # the config is passed only when it differs from the stored one (rope scaling)
         config = {"config": load_config(cfg)} if cfg.rope_scaling is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
@@ -110,3 +119,51 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu"):
             model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
     return model.eval()
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def _on_meta(module) -> list[torch.Tensor]:
+    return [t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)] if t.is_meta]
+
+
+@torch.no_grad()
+def init_random_weights(model, device: torch.device | str, within=None) -> None:
+    """Draws the random weights of ``model`` (built on the meta device by :func:`load_causal_lm`) on ``device``, with
+    the model's own initialisation (``_init_weights``: normal weights, unit norms, RoPE frequencies).
+
+    Each module is drawn from its own seed, made of the model's seed and the module's name, so the weights do not
+    depend on the order or the grouping in which modules are drawn: a sharded run that draws each group just before
+    sharding it (``within``: only the modules under it still on the meta device) gets the base of a single-process
+    run on the same kind of device. A parameter shared by several modules (tied embeddings) is drawn by its first
+    owner and stays shared. The global random state is left as it was."""
+    device = torch.device(device)
+    names = {id(module): name for name, module in model.named_modules()}
+    owners: dict[int, list] = {}  # id of a parameter -> [(module, attribute)], in the model's order
+    for module in model.modules():
+        for attribute, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, attribute))
+
+    def draw(module) -> None:
+        for param in _on_meta(module):
+            first = owners.get(id(param), [(module, None)])[0][0]
+            if first is not module:
+                draw(first)  # also gives ``module`` the drawn parameter
+        if not _on_meta(module):
+            return
+        shared = {attribute: owners[id(param)] for attribute, param in module.named_parameters(recurse=False)}
+        module.to_empty(device=device, recurse=False)
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensor._is_hf_initialized = False  # set while the model was built on the meta device
+        torch.manual_seed(_module_seed(model.seer_init_seed, names[id(module)]))
+        model._init_weights(module)
+        for attribute, group in shared.items():
+            for owner, name in group:
+                if owner is not module:
+                    setattr(owner, name, getattr(module, attribute))
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        for module in list((within or model).modules()):
+            draw(module)

@@ -7,7 +7,8 @@
   does not: a stage's ``configure_model`` calls :func:`shard_model`, which shards each decoder layer's own weights,
   the embeddings with the final norm and LM head, and all gates together, each group with ``fully_shard`` over all
   processes (the groups keep their dtypes: a bfloat16 base, float32 gates). The model is loaded on the CPU and only
-  each process's shards move to its GPU. Checkpoints gather the trained parameters only, into one file.
+  each process's shards move to its GPU (random weights are drawn on the GPU group by group instead). Checkpoints
+  gather the trained parameters only, into one file.
 
 Either way each process reads its own share of the training rows (:mod:`seer.data.resumable`), validation rows are
 read by all, and only global rank 0 writes files and logs.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
@@ -33,19 +35,29 @@ def shard_model(model: nn.Module, mesh) -> None:
     """``fully_shard`` over ``mesh`` (1-D): all gates as one group first (so the groups below leave them out), each
     decoder layer, the decoder itself (embeddings, final norm: stages call it directly, without the LM head), then the
     model (the LM head). Gates stay gathered from their forward to their backward, base weights for each group's
-    forward only (an embedding tied to the LM head stays gathered for the head)."""
+    forward only (an embedding tied to the LM head stays gathered for the head). A random-weight base built on the
+    meta device is drawn one group at a time on this process's device, just before the group is sharded, so the full
+    model never exists in one place."""
     from torch.distributed.fsdp import fully_shard
 
     from seer.model.attention import gates
+    from seer.model.loading import init_random_weights
+
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+
+    def shard(module, **options) -> None:
+        if getattr(model, "seer_init_seed", None) is not None:
+            init_random_weights(model, device, module)  # a random base on the meta device: drawn group by group
+        fully_shard(module, mesh=mesh, **options)
 
     gate_modules = list(gates(model).values())
     if gate_modules:
         fully_shard(gate_modules, mesh=mesh, reshard_after_forward=False)
     for layer in model.base_model.layers:
-        fully_shard(layer, mesh=mesh)
+        shard(layer)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    fully_shard(model.base_model, mesh=mesh, reshard_after_forward=not getattr(config, "tie_word_embeddings", False))
-    fully_shard(model, mesh=mesh)
+    shard(model.base_model, reshard_after_forward=not getattr(config, "tie_word_embeddings", False))
+    shard(model)
 
 
 class ShardedGateStrategy(ModelParallelStrategy):

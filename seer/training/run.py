@@ -176,17 +176,14 @@ def shards_model(cfg: DictConfig) -> bool:
     return target is not None and getattr(get_class(target), "loads_on_cpu", False)
 
 
-def placement(cfg: DictConfig, run: RunConfig, device: torch.device):
-    """``(model config, device)`` to load the base model with: on ``device``, or on the CPU in the dtype it trains in
-    when the strategy shards it (``trainer=fsdp``: only each process's shards move to its GPU)."""
-    import dataclasses
-
-    from seer.model.loading import resolve_dtype
-
+def placement(cfg: DictConfig, run: RunConfig, device: torch.device) -> dict:
+    """How to load the base model (:func:`seer.model.loading.load_causal_lm`'s arguments): on ``device``, or when the
+    strategy shards it (``trainer=fsdp``) in the dtype it trains in on the CPU (only each process's shards move to its
+    GPU), and with random weights on the meta device (each group is drawn on the GPU just before it is sharded)."""
     if not shards_model(cfg):
-        return run.model, device
-    dtype = str(resolve_dtype(run.model.dtype, device)).removeprefix("torch.")
-    return dataclasses.replace(run.model, dtype=dtype), torch.device("cpu")
+        return {"cfg": run.model, "device": device}
+    return {"cfg": run.model, "device": torch.device("meta" if run.model.random_init else "cpu"),
+            "dtype_device": device}
 
 
 def derived_facts(module, trainer, device: torch.device, gt_source: str) -> dict:
@@ -277,7 +274,7 @@ def run_training(cfg: DictConfig) -> dict:
     # with no logger configured, a no-op one still lets Lightning keep logged values (throughput) for the summary
     trainer.loggers = loggers or [DummyLogger()]
     try:
-        model = load_causal_lm(*placement(cfg, run, device))
+        model = load_causal_lm(**placement(cfg, run, device))
         module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
                                                out_dir=out_dir, model_name=model_id(run.model))
         exclude_frozen_from_ddp(module)
