@@ -34,15 +34,16 @@ from seer.model.attention import LayerRecord, attach_gates, attention_layers, ga
 from seer.sparsity import SparsityConfig
 from seer.training.config import FinetuneConfig
 from seer.training.losses import gate_loss, normalize_rows
+from seer.training.parallel import configure_sharding, tied_head
 
 log = logging.getLogger(__name__)
 
 DENSE = SparsityConfig(method="dense")
 
 
-def causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
-                   chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``head(hidden)`` ``[B, N, vocab]`` against ``input_ids`` shifted by one,
+def causal_lm_loss(hidden: torch.Tensor, head, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``head(hidden)`` ``[B, N, vocab]`` (``head``: the LM head, a module or a
+    function) against ``input_ids`` shifted by one,
     ``chunk_tokens`` positions at a time; each chunk's logits are recomputed in the backward, so only one chunk's
     float32 logits exist at once."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
@@ -54,7 +55,7 @@ def causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch
     return total / labels.numel()
 
 
-def _cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _cross_entropy_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
@@ -111,6 +112,13 @@ class Finetune(L.LightningModule):
         """The Hugging Face model (inside the peft wrapper with LoRA)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits. A head tied to the embeddings reads the embeddings' weight at each call: under FSDP
+        the decoder's group holds it (gathered during the step), not the head module."""
+        if tied_head(self.lm):
+            return F.linear(hidden, self.lm.get_input_embeddings().weight)
+        return self.lm.get_output_embeddings()(hidden)
+
     @property
     def context(self):
         return self.lm.seer_context
@@ -140,7 +148,7 @@ class Finetune(L.LightningModule):
             hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         finally:
             ctx.consumer = None
-        lm_loss = causal_lm_loss(hidden, self.lm.get_output_embeddings(), input_ids, self.stage.loss_chunk_tokens)
+        lm_loss = causal_lm_loss(hidden, self.head, input_ids, self.stage.loss_chunk_tokens)
         out = {"lm_loss": lm_loss, "density": ctx.mean_density()}
         if with_gate_loss:
             if not gate_losses:
@@ -185,6 +193,10 @@ class Finetune(L.LightningModule):
                                                             min_lr_rate=self.stage.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
+        configure_sharding(self)
+
     def configure_callbacks(self):
         return [ModelExport()] if self.export_dir is not None else []
 
@@ -197,19 +209,30 @@ class Finetune(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.loss_history = list(checkpoint.get("seer_loss_history", []))
 
-    def export(self, folder: str | Path) -> Path:
+    def export(self, folder: str | Path) -> Path | None:
         """Writes the fine-tuned model (LoRA merged; weights in ``save_dtype``) as a Hugging Face folder with its
-        tokenizer, and its gates into ``folder/gates``. Leaves the model in eval mode and dense attention mode."""
-        from seer.model.gate_io import save_gates
+        tokenizer, and its gates into ``folder/gates``. Leaves the model in eval mode and dense attention mode.
+        Every process calls it (a sharded model is gathered, :func:`seer.training.parallel.full_state_dict`); global
+        rank 0 writes and gets the folder, the others None."""
+        from seer.model.gate_io import gate_state_dict, save_gates
+        from seer.training.parallel import full_state_dict
 
         folder = Path(folder)
         ctx = self.context
         ctx.set_mode("dense")
         ctx.train_masks.clear()
         lm = (self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.lm).eval()
+        full, gate_state = full_state_dict(lm), gate_state_dict(lm)
+        if self.global_rank != 0:
+            return None
+        if tied_head(lm):  # gathered from shards, a tied weight comes as two copies: one tensor again, as in the model
+            names = {module: name for name, module in lm.named_modules()}
+            head = f"{names[lm.get_output_embeddings()]}.weight"
+            if head in full:
+                full[head] = full[f"{names[lm.get_input_embeddings()]}.weight"]
         cast: dict[tuple, torch.Tensor] = {}  # by memory, so tied weights stay one tensor
         state = {}
-        for name, t in lm.state_dict().items():
+        for name, t in full.items():
             if ".seer_gate." in f".{name}":
                 continue
             key = (t.data_ptr(), t.shape)
@@ -219,7 +242,7 @@ class Finetune(L.LightningModule):
         lm.save_pretrained(folder, state_dict=state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
-        save_gates(folder / "gates", lm, self.model_name,
+        save_gates(folder / "gates", lm, self.model_name, state=gate_state,
                    extra={"stage": "finetune", "global_step": self.global_step, "sparsity": vars(self.sparsity)})
         return folder
 
@@ -228,8 +251,8 @@ class ModelExport(L.Callback):
     """Writes the fine-tuned model and its gates (:meth:`Finetune.export`) when training ends."""
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            folder = pl_module.export(pl_module.export_dir)
+        folder = pl_module.export(pl_module.export_dir)  # every process: a sharded model is gathered
+        if folder is not None:
             print(f"[seer] fine-tuned model: {folder} (gates: {folder / 'gates'})", flush=True)
 
 

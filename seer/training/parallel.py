@@ -5,10 +5,11 @@
   gates, in distillation) are broadcast at the start and all-reduced after each backward.
 * **FSDP2** (:class:`ShardedGateStrategy`, Lightning's ``ModelParallelStrategy`` as pure data parallelism), when it
   does not: a stage's ``configure_model`` calls :func:`shard_model`, which shards each decoder layer's own weights,
-  the embeddings with the final norm and LM head, and all gates together, each group with ``fully_shard`` over all
+  the embeddings with the final norm, the LM head, and all gates together, each group with ``fully_shard`` over all
   processes (the groups keep their dtypes: a bfloat16 base, float32 gates). The model is loaded on the CPU and only
   each process's shards move to its GPU (random weights are drawn on the GPU group by group instead). Checkpoints
-  gather the trained parameters only, into one file.
+  gather the trained parameters only, into one file; the fine-tune stage's model export gathers the whole model
+  (:func:`full_state_dict`).
 
 Either way each process reads its own share of the training rows (:mod:`seer.data.resumable`), validation rows are
 read by all, and only global rank 0 writes files and logs.
@@ -33,9 +34,10 @@ def exclude_frozen_from_ddp(module: nn.Module) -> None:
 
 def shard_model(model: nn.Module, mesh) -> None:
     """``fully_shard`` over ``mesh`` (1-D): all gates as one group first (so the groups below leave them out), each
-    decoder layer, the decoder itself (embeddings, final norm: stages call it directly, without the LM head), then the
-    model (the LM head). Gates stay gathered from their forward to their backward, base weights for each group's
-    forward only (an embedding tied to the LM head stays gathered for the head). A random-weight base built on the
+    decoder layer, the decoder itself (embeddings, final norm: stages call it directly), the LM head (the fine-tune
+    loss calls it directly, chunk by chunk), then the model. Gates and the LM head stay gathered from their forward to
+    their backward, other base weights for each group's forward only. An LM head tied to the embeddings shares the
+    decoder's group, which then stays gathered too. A random-weight base built on the
     meta device is drawn one group at a time on this process's device, just before the group is sharded, so the full
     model never exists in one place."""
     from torch.distributed.fsdp import fully_shard
@@ -45,19 +47,30 @@ def shard_model(model: nn.Module, mesh) -> None:
 
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
 
-    def shard(module, **options) -> None:
-        if getattr(model, "seer_init_seed", None) is not None:
-            init_random_weights(model, device, module)  # a random base on the meta device: drawn group by group
-        fully_shard(module, mesh=mesh, **options)
+    def shard(modules: list[nn.Module], **options) -> None:
+        if getattr(model, "seer_init_seed", None) is not None:  # a random base on the meta device: drawn group by group
+            for module in modules:
+                init_random_weights(model, device, module)
+        fully_shard(modules, mesh=mesh, **options)
 
     gate_modules = list(gates(model).values())
     if gate_modules:
         fully_shard(gate_modules, mesh=mesh, reshard_after_forward=False)
     for layer in model.base_model.layers:
-        shard(layer)
+        shard([layer])
+    if tied_head(model):  # the head's weight is the embeddings': the decoder's group holds it, kept gathered
+        shard([model.base_model], reshard_after_forward=False)
+    else:
+        shard([model.base_model])
+        shard([model.get_output_embeddings()], reshard_after_forward=False)
+    shard([model])
+
+
+def tied_head(model: nn.Module) -> bool:
+    """Whether ``model``'s LM head uses its input embeddings' weight (read from the config: sharding unties the two
+    parameter objects)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    shard(model.base_model, reshard_after_forward=not getattr(config, "tie_word_embeddings", False))
-    shard(model)
+    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 class ShardedGateStrategy(ModelParallelStrategy):
@@ -104,6 +117,17 @@ def reshard(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """``model``'s state dict in full on the CPU: on global rank 0 for a sharded model (every process takes part; the
+    others get an empty dict), ``model.state_dict()`` otherwise."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def configure_sharding(module) -> None:

@@ -27,7 +27,6 @@ from seer.config import ConfigError, RunConfig, validate
 log = logging.getLogger(__name__)
 
 MIN_BLOCKS = 2  # rows of one block leave the gate nothing to choose: loss 0, recall 1
-SHARDED_STAGES = ("distill",)  # stages whose module shards itself under trainer=fsdp (seer.training.parallel)
 
 
 def resolve_gt_source(requested: str, device: torch.device) -> str:
@@ -66,9 +65,10 @@ def _choices() -> dict[str, str]:
 
 def check_inputs(cfg: DictConfig, run: RunConfig) -> None:
     """Checks that need more than one group (single values are checked by the schemas)."""
-    if shards_model(cfg) and run.stage.name not in SHARDED_STAGES:
-        raise ConfigError(f"trainer=fsdp with stage={run.stage.name}: this stage's export is written by one process "
-                          f"and cannot gather a sharded model; use trainer=ddp (the whole model on each GPU)")
+    if shards_model(cfg) and getattr(run.stage, "lora_rank", 0):
+        raise ConfigError(f"trainer=fsdp with stage.lora_rank={run.stage.lora_rank}: LoRA adapters are not sharded "
+                          f"(their merge into a sharded base is not supported); use trainer=ddp, or stage.lora_rank=0 "
+                          f"with stage.trainable")
     seq_len, block = cfg.data.get("seq_len"), run.gate.block_size
     if isinstance(seq_len, int) and seq_len < MIN_BLOCKS * block:
         raise ConfigError(f"data.seq_len={seq_len}: rows must hold at least {MIN_BLOCKS} blocks of "

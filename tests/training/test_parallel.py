@@ -82,20 +82,40 @@ FINETUNE = ["stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.fac
             "sparsity=topk", "sparsity.target_density=0.5", "trainer.max_steps=2"]
 
 
-def test_finetune_under_ddp_matches_one_process(tmp_path):
-    proc = subprocess.run(seer_train(*TINY, *FINETUNE, *TWO_PROCESSES, "trainer=ddp",
-                                     f"hydra.run.dir={tmp_path / 'ddp'}"),
+@pytest.fixture(scope="module")
+def finetuned_once(tmp_path_factory):
+    """The reference: one process fine-tuned with batches of 2 rows; its exported model and gates, by tying."""
+    made = {}
+
+    def exported(tied: bool) -> dict:
+        if tied not in made:
+            out = tmp_path_factory.mktemp("finetune_one")
+            train(out, *FINETUNE, f"+model.architecture.tie_word_embeddings={tied}", "data.batch_size=2")
+            made[tied] = {part: load_file(str(out / "model" / part))
+                          for part in ("model.safetensors", "gates/gates.safetensors")}
+        return made[tied]
+    return exported
+
+
+@pytest.mark.parametrize("strategy,tied", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_finetune_on_two_processes_matches_one_process(tmp_path, finetuned_once, strategy, tied):
+    """The exported model and gates equal one process's; under FSDP they are gathered from the shards (the LM head
+    its own group, or tied to the embeddings in the decoder's)."""
+    proc = subprocess.run(seer_train(*TINY, *FINETUNE, *TWO_PROCESSES, f"trainer={strategy}",
+                                     f"+model.architecture.tie_word_embeddings={tied}",
+                                     f"hydra.run.dir={tmp_path / strategy}"),
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train(tmp_path / "one", *FINETUNE, "data.batch_size=2")
-    for part in ("model.safetensors", "gates/gates.safetensors"):
-        one, ddp = load_file(str(tmp_path / "one" / "model" / part)), load_file(str(tmp_path / "ddp" / "model" / part))
-        for name, want in one.items():
-            torch.testing.assert_close(ddp[name], want, rtol=1e-5, atol=1e-6)
+    assert proc.stdout.count("[seer] fine-tuned model:") == 1  # written by one process
+    for part, reference in finetuned_once(tied).items():
+        written = load_file(str(tmp_path / strategy / "model" / part))
+        assert written.keys() == reference.keys()
+        for name, want in reference.items():
+            torch.testing.assert_close(written[name], want, rtol=1e-5, atol=1e-6)
 
 
-def test_finetune_under_fsdp_is_refused_before_loading(tmp_path):
+def test_lora_under_fsdp_is_refused_before_loading(tmp_path):
     from seer.config import ConfigError
 
-    with pytest.raises(ConfigError, match="trainer=fsdp with stage=finetune"):
-        train(tmp_path, *FINETUNE, "trainer=fsdp", *TWO_PROCESSES)
+    with pytest.raises(ConfigError, match="trainer=fsdp with stage.lora_rank=4"):
+        train(tmp_path, *FINETUNE, "stage.lora_rank=4", "stage.trainable=[]", "trainer=fsdp", *TWO_PROCESSES)
