@@ -4,6 +4,8 @@ Gate checkpoints, calibrations, token caches, run summaries and Lightning checkp
 :func:`atomic_write`: the content goes to a temporary file beside the target, which is then renamed over it
 (``os.replace``, atomic on POSIX). The temporary file is created with mode ``0o666`` filtered by the process umask,
 like any file a user creates, so colleagues sharing a cluster folder can read results when the umask allows it.
+Files written by other libraries with a fixed mode (safetensors writes ``0o600``) get the same mode afterwards
+(:func:`apply_umask`).
 """
 
 from __future__ import annotations
@@ -32,3 +34,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Gives every file under ``folder`` the mode a new file gets from the process umask (``0o666`` filtered)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

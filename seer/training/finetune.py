@@ -214,6 +214,7 @@ class Finetune(L.LightningModule):
         tokenizer, and its gates into ``folder/gates``. Leaves the model in eval mode and dense attention mode.
         Every process calls it (a sharded model is gathered, :func:`seer.training.parallel.full_state_dict`); global
         rank 0 writes and gets the folder, the others None."""
+        from seer.files import apply_umask
         from seer.model.gate_io import gate_state_dict, save_gates
         from seer.training.parallel import full_state_dict
 
@@ -242,6 +243,7 @@ class Finetune(L.LightningModule):
         lm.save_pretrained(folder, state_dict=state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
+        apply_umask(folder)  # safetensors writes 0600
         save_gates(folder / "gates", lm, self.model_name, state=gate_state,
                    extra={"stage": "finetune", "global_step": self.global_step, "sparsity": vars(self.sparsity)})
         return folder

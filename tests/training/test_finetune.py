@@ -2,6 +2,7 @@
 the exported model read back by seer.load, refused configs, LoRA."""
 
 import json
+import os
 
 import lightning as L
 import pytest
@@ -49,12 +50,19 @@ def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
     densities = _Densities()
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[densities])
-    trainer.fit(module, datamodule=data)
+    old = os.umask(0o027)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        os.umask(old)
     hist = module.loss_history
     assert len(hist) == 3 and hist[-1] < hist[0] - 0.05
     assert densities.seen[0] == 1.0 and all(0.45 < d < 0.65 for d in densities.seen[1:])  # dense warm-up step
 
     folder = tmp_path / "model"
+    written = [path for path in folder.rglob("*") if path.is_file()]
+    assert folder / "model.safetensors" in written and folder / "gates" / "gates.safetensors" in written
+    assert {path.stat().st_mode & 0o777 for path in written} == {0o640}  # the umask's mode, not safetensors' 0600
     loaded = seer.load(str(folder), gates=folder / "gates", device="cpu", kernel="reference")
     assert loaded.config.rope_parameters["rope_type"] == "yarn" and loaded.config.max_position_embeddings == 256
     ids = torch.randint(0, 320, (1, 256), generator=torch.Generator().manual_seed(1))
@@ -212,6 +220,9 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
               enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(module, datamodule=data)
     assert module.loss_history[-1] < module.loss_history[0]
     folder = tmp_path / "model"
+    written = [path for path in folder.rglob("*") if path.is_file()]
+    assert folder / "model.safetensors" in written and folder / "gates" / "gates.safetensors" in written
+    assert {path.stat().st_mode & 0o777 for path in written} == {0o640}  # the umask's mode, not safetensors' 0600
     loaded = seer.load(str(folder), gates=folder / "gates", device="cpu", kernel="reference")
     torch.testing.assert_close(loaded.model.layers[0].mlp.up_proj.weight, frozen)  # not an adapted module
     assert not torch.allclose(loaded.model.layers[0].self_attn.q_proj.weight, adapted)  # the merged adapter

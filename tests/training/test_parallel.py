@@ -49,11 +49,10 @@ def test_ddp_matches_one_process_writes_once_and_resumes_exactly(tmp_path, one_p
     assert all(torch.equal(gates[k], v) for k, v in _gates(resumed).items())
 
 
-def test_fsdp_matches_one_process(tmp_path, one_process):
-    # the only checkpoint is written at the end, after the calibration's forward without backward (which leaves the
+def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, one_process):
+    # the last checkpoint is written at the end, after the calibration's forward without backward (which leaves the
     # gates gathered): it must still map the optimizer's state to the sharded parameters
-    fsdp = _run(tmp_path, "fsdp", "trainer=fsdp", "trainer.limit_val_batches=0",
-                "callbacks.model_checkpoint.every_n_train_steps=100")
+    fsdp = _run(tmp_path, "fsdp", "trainer=fsdp", "trainer.limit_val_batches=0")
     gates = _gates(fsdp)
     for name, want in one_process.items():
         torch.testing.assert_close(gates[name], want, rtol=1e-5, atol=1e-6)
@@ -61,6 +60,10 @@ def test_fsdp_matches_one_process(tmp_path, one_process):
     assert set(checkpoint["state_dict"]) == {f"model.model.layers.{i}.self_attn.seer_gate.k_weight" for i in (0, 1)}
     assert all(torch.equal(checkpoint["state_dict"][f"model.model.layers.{i}.self_attn.seer_gate.k_weight"],
                            gates[f"layers.{i}.k_weight"]) for i in (0, 1))
+
+    resumed = _run(tmp_path, "resumed", "trainer=fsdp", "trainer.limit_val_batches=0",
+                   f"ckpt_path={fsdp / 'checkpoints' / 'step000002.ckpt'}")
+    assert all(torch.equal(gates[k], v) for k, v in _gates(resumed).items())
 
 
 def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
