@@ -180,8 +180,8 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
     """Adds a gate to every attention layer of ``model`` (in place; preparing it first if needed) and returns the
     shared context.
 
-    Gates are float32 and live on the model's device (the CPU for a model on the meta device); the base model's own parameters are left as they are
-    (freeze them with :func:`freeze_base_model`)."""
+    Gates are float32 and live on the model's device (the CPU for a model on the meta device); the base model's own
+    parameters are left as they are (freeze them with :func:`freeze_base_model`)."""
     ctx = getattr(model, "seer_context", None) or prepare_model(model, gate_config.block_size)
     if ctx.gate_config is not None:
         raise ValueError("this model already has seer gates attached")

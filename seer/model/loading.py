@@ -91,7 +91,8 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu", dtype_device: torch.device | str | None = None):
+def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu",
+                   dtype_device: torch.device | str | None = None):
     """The base model in eval mode on ``device`` with SDPA attention and ``cfg.dtype`` weights (``auto`` resolved for
     ``dtype_device``, by default ``device``).
 

@@ -43,9 +43,8 @@ DENSE = SparsityConfig(method="dense")
 
 def causal_lm_loss(hidden: torch.Tensor, head, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """Mean next-token cross-entropy of ``head(hidden)`` ``[B, N, vocab]`` (``head``: the LM head, a module or a
-    function) against ``input_ids`` shifted by one,
-    ``chunk_tokens`` positions at a time; each chunk's logits are recomputed in the backward, so only one chunk's
-    float32 logits exist at once."""
+    function) against ``input_ids`` shifted by one, ``chunk_tokens`` positions at a time; each chunk's logits are
+    recomputed in the backward, so only one chunk's float32 logits exist at once."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = input_ids[:, 1:].reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -36,10 +36,10 @@ def shard_model(model: nn.Module, mesh) -> None:
     """``fully_shard`` over ``mesh`` (1-D): all gates as one group first (so the groups below leave them out), each
     decoder layer, the decoder itself (embeddings, final norm: stages call it directly), the LM head (the fine-tune
     loss calls it directly, chunk by chunk), then the model. Gates and the LM head stay gathered from their forward to
-    their backward, other base weights for each group's forward only. An LM head tied to the embeddings shares the
-    decoder's group, which then stays gathered too. A random-weight base built on the
-    meta device is drawn one group at a time on this process's device, just before the group is sharded, so the full
-    model never exists in one place."""
+    their backward, other base weights for each group's forward only. A head tied to the embeddings is no group of
+    its own: the decoder's group holds the weight and stays gathered (:func:`tied_head`). A random-weight base built
+    on the meta device is drawn one group at a time on this process's device, just before the group is sharded, so
+    the full model never exists in one place."""
     from torch.distributed.fsdp import fully_shard
 
     from seer.model.attention import gates
