@@ -1,9 +1,13 @@
 """Loading the base model: a hub id, a local folder, a GGUF file (also from an installed package), or random
-weights from an architecture given in the config (offline speed tests)."""
+weights from an architecture given in the config (offline speed tests); for sharded runs, built on the meta device
+and given its weights one group at a time (:func:`materialize`)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import zlib
@@ -96,30 +100,71 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu",
     """The base model in eval mode on ``device`` with SDPA attention and ``cfg.dtype`` weights (``auto`` resolved for
     ``dtype_device``, by default ``device``).
 
-    Random weights (``cfg.random_init``) are built on the meta device and drawn by :func:`init_random_weights` from
-    the seed of the global generator (``torch.initial_seed()``); with ``device="meta"`` they are left to be drawn later,
-    group by group on each process's GPU, when the model is sharded (``trainer=fsdp``)."""
+    Random weights (``cfg.random_init``) are built on the meta device and drawn by :func:`materialize`. With
+    ``device="meta"`` (``trainer=fsdp``) the weights are left on the meta device, to be given group by group on each
+    process's GPU just before the group is sharded: random ones drawn, stored ones read from the model's safetensors
+    files. A model those files cannot give whole (a GGUF file, ``.bin`` weights, names the files do not hold) is loaded
+    on the CPU instead, in full in each process."""
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype, dtype_device or device)
-    if cfg.random_init:
+    on_meta = torch.device(device).type == "meta"
+    files = None if cfg.random_init or not on_meta or cfg.gguf_file else safetensors_files(cfg)
+    if cfg.random_init or files:
         config = load_config(cfg)
         config._attn_implementation = "sdpa"
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     trust_remote_code=cfg.trust_remote_code)
-        model.seer_init_seed = torch.initial_seed()
-        if torch.device(device).type != "meta":
-            init_random_weights(model, device)
-    else:  # the config is passed only when it differs from the stored one (rope scaling)
-        config = {"config": load_config(cfg)} if cfg.rope_scaling is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg), gguf_file=cfg.gguf_file, dtype=dtype, revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa", **config).to(device)
-        if cfg.gguf_file:  # a GGUF loads dequantized: drop the quantizer marker, so it trains and saves as plain weights
-            model.hf_quantizer.remove_quantization_config(model)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model.seer_weights = MetaWeights(torch.initial_seed(), files)
+        missing = [name for name, _ in model.named_parameters() if files is not None and name not in files]
+        if not missing:
+            if not on_meta:
+                materialize(model, device)
+            model.config.use_cache = False
+            return model.eval()
+        log.warning("the safetensors files of %s do not hold %s (and %d more weights): loading it whole on the CPU",
+                    model_id(cfg), missing[0], len(missing) - 1)
+        device = "cpu"
+    # the config is passed only when it differs from the stored one (rope scaling)
+    config = {"config": load_config(cfg)} if cfg.rope_scaling is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(cfg), gguf_file=cfg.gguf_file, dtype=dtype, revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa", **config).to(device)
+    if cfg.gguf_file:  # a GGUF loads dequantized: drop the quantizer marker, so it trains and saves as plain weights
+        model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
     return model.eval()
+
+
+def safetensors_files(cfg: ModelConfig) -> dict[str, str] | None:
+    """``{weight name: safetensors file}`` of ``cfg``'s model (a folder, or a hub id: its safetensors and JSON files
+    are downloaded into the hub cache), or None when it has no safetensors files."""
+    from safetensors import safe_open
+
+    path = resolve_model_path(cfg)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, revision=cfg.revision, allow_patterns=["*.safetensors", "*.json"])
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        return None
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaWeights:
+    """Where the weights of a model built on the meta device come from (:func:`materialize`): the seed its random
+    initialisation is drawn from, and the safetensors files of a stored model (``{weight name: file}``; None for
+    random weights)."""
+
+    seed: int
+    files: dict[str, str] | None = None
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -131,40 +176,61 @@ def _on_meta(module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def init_random_weights(model, device: torch.device | str, within=None) -> None:
-    """Draws the random weights of ``model`` (built on the meta device by :func:`load_causal_lm`) on ``device``, with
-    the model's own initialisation (``_init_weights``: normal weights, unit norms, RoPE frequencies).
+def materialize(model, device: torch.device | str, within=None) -> None:
+    """Gives the modules of ``model`` (built on the meta device by :func:`load_causal_lm`) their weights on
+    ``device``: the model's own initialisation (``_init_weights``: normal weights, unit norms, RoPE frequencies), then,
+    for a stored model, every tensor its safetensors files hold, read straight to ``device``.
 
     Each module is drawn from its own seed, made of the model's seed and the module's name, so the weights do not
-    depend on the order or the grouping in which modules are drawn: a sharded run that draws each group just before
-    sharding it (``within``: only the modules under it still on the meta device) gets the base of a single-process
-    run on the same kind of device. A parameter shared by several modules (tied embeddings) is drawn by its first
-    owner and stays shared. The global random state is left as it was."""
+    depend on the order or the grouping in which modules are given: a sharded run that materializes each group just
+    before sharding it (``within``: only the modules under it still on the meta device) gets the base of a
+    single-process run on the same kind of device. A parameter shared by several modules (tied embeddings) is given by
+    its first owner and stays shared. The global random state is left as it was."""
+    from safetensors import safe_open
+
     device = torch.device(device)
+    source: MetaWeights = model.seer_weights
     names = {id(module): name for name, module in model.named_modules()}
     owners: dict[int, list] = {}  # id of a parameter -> [(module, attribute)], in the model's order
     for module in model.modules():
         for attribute, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), []).append((module, attribute))
 
-    def draw(module) -> None:
-        for param in _on_meta(module):
-            first = owners.get(id(param), [(module, None)])[0][0]
-            if first is not module:
-                draw(first)  # also gives ``module`` the drawn parameter
-        if not _on_meta(module):
-            return
-        shared = {attribute: owners[id(param)] for attribute, param in module.named_parameters(recurse=False)}
-        module.to_empty(device=device, recurse=False)
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            tensor._is_hf_initialized = False  # set while the model was built on the meta device
-        torch.manual_seed(_module_seed(model.seer_init_seed, names[id(module)]))
-        model._init_weights(module)
-        for attribute, group in shared.items():
-            for owner, name in group:
-                if owner is not module:
-                    setattr(owner, name, getattr(module, attribute))
+    with contextlib.ExitStack() as files, torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        readers = {}
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        def stored(name: str) -> torch.Tensor | None:
+            file = (source.files or {}).get(name)
+            if file is None:
+                return None
+            if file not in readers:
+                readers[file] = files.enter_context(safe_open(file, framework="pt", device=str(device)))
+            return readers[file].get_tensor(name)
+
+        def give(module) -> None:
+            for param in _on_meta(module):
+                first = owners.get(id(param), [(module, None)])[0][0]
+                if first is not module:
+                    give(first)  # also gives ``module`` the parameter
+            if not _on_meta(module):
+                return
+            shared = {attribute: owners[id(param)] for attribute, param in module.named_parameters(recurse=False)}
+            module.to_empty(device=device, recurse=False)
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for _, tensor in tensors:
+                tensor._is_hf_initialized = False  # set while the model was built on the meta device
+            prefix = names[id(module)]
+            torch.manual_seed(_module_seed(source.seed, prefix))
+            model._init_weights(module)
+            for attribute, tensor in tensors:
+                value = stored(f"{prefix}.{attribute}" if prefix else attribute)
+                if value is not None:
+                    tensor.copy_(value)
+            for attribute, group in shared.items():
+                for owner, name in group:
+                    if owner is not module:
+                        setattr(owner, name, getattr(module, attribute))
+
         for module in list((within or model).modules()):
-            draw(module)
+            give(module)

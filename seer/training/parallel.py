@@ -6,8 +6,9 @@
 * **FSDP2** (:class:`ShardedGateStrategy`, Lightning's ``ModelParallelStrategy`` as pure data parallelism), when it
   does not: a stage's ``configure_model`` calls :func:`shard_model`, which shards each decoder layer's own weights,
   the embeddings with the final norm, the LM head, and all gates together, each group with ``fully_shard`` over all
-  processes (the groups keep their dtypes: a bfloat16 base, float32 gates). The model is loaded on the CPU and only
-  each process's shards move to its GPU (random weights are drawn on the GPU group by group instead). Checkpoints
+  processes (the groups keep their dtypes: a bfloat16 base, float32 gates). The model is built on the meta device
+  and each group gets its weights on the GPU just before it is sharded (drawn, or read from safetensors files; a
+  model that cannot be read so is loaded on the CPU in each process). Checkpoints
   gather the trained parameters only, into one file; the fine-tune stage's model export gathers the whole model
   (:func:`full_state_dict`).
 
@@ -37,20 +38,20 @@ def shard_model(model: nn.Module, mesh) -> None:
     decoder layer, the decoder itself (embeddings, final norm: stages call it directly), the LM head (the fine-tune
     loss calls it directly, chunk by chunk), then the model. Gates and the LM head stay gathered from their forward to
     their backward, other base weights for each group's forward only. A head tied to the embeddings is no group of
-    its own: the decoder's group holds the weight and stays gathered (:func:`tied_head`). A random-weight base built
-    on the meta device is drawn one group at a time on this process's device, just before the group is sharded, so
-    the full model never exists in one place."""
+    its own: the decoder's group holds the weight and stays gathered (:func:`tied_head`). A base built on the meta
+    device gets its weights (drawn, or read from its safetensors files) one group at a time on this process's device,
+    just before the group is sharded, so the full model never exists in one place."""
     from torch.distributed.fsdp import fully_shard
 
     from seer.model.attention import gates
-    from seer.model.loading import init_random_weights
+    from seer.model.loading import materialize
 
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
 
     def shard(modules: list[nn.Module], **options) -> None:
-        if getattr(model, "seer_init_seed", None) is not None:  # a random base on the meta device: drawn group by group
+        if hasattr(model, "seer_weights"):  # built on the meta device: weights given group by group
             for module in modules:
-                init_random_weights(model, device, module)
+                materialize(model, device, module)
         fully_shard(modules, mesh=mesh, **options)
 
     gate_modules = list(gates(model).values())
@@ -78,7 +79,7 @@ class ShardedGateStrategy(ModelParallelStrategy):
     :func:`shard_model`. Checkpoints hold the trained parameters gathered in full (one file written by rank 0), so
     they load like a single-process checkpoint."""
 
-    loads_on_cpu = True  # run_training loads the base on the CPU; only each process's shards reach its GPU
+    shards_base = True  # run_training builds the base on the meta device; shard_model gives each group its weights
 
     def __init__(self, **kwargs: Any):
         super().__init__(save_distributed_checkpoint=False, **kwargs)

@@ -173,17 +173,16 @@ def shards_model(cfg: DictConfig) -> bool:
 
     strategy = cfg.trainer.get("strategy")
     target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
-    return target is not None and getattr(get_class(target), "loads_on_cpu", False)
+    return target is not None and getattr(get_class(target), "shards_base", False)
 
 
 def placement(cfg: DictConfig, run: RunConfig, device: torch.device) -> dict:
     """How to load the base model (:func:`seer.model.loading.load_causal_lm`'s arguments): on ``device``, or when the
-    strategy shards it (``trainer=fsdp``) in the dtype it trains in on the CPU (only each process's shards move to its
-    GPU), and with random weights on the meta device (each group is drawn on the GPU just before it is sharded)."""
+    strategy shards it (``trainer=fsdp``) on the meta device in the dtype it trains in (each group gets its weights
+    on the GPU just before it is sharded)."""
     if not shards_model(cfg):
         return {"cfg": run.model, "device": device}
-    return {"cfg": run.model, "device": torch.device("meta" if run.model.random_init else "cpu"),
-            "dtype_device": device}
+    return {"cfg": run.model, "device": torch.device("meta"), "dtype_device": device}
 
 
 def derived_facts(module, trainer, device: torch.device, gt_source: str) -> dict:

@@ -18,6 +18,7 @@ def _run(tmp_path, folder, *overrides):
     proc = subprocess.run(seer_train(*TINY, *STEPS, *TWO_PROCESSES, f"hydra.run.dir={tmp_path / folder}", *overrides),
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "loading it whole on the CPU" not in proc.stdout + proc.stderr  # sharded runs read the base by groups
     return tmp_path / folder
 
 
@@ -83,6 +84,53 @@ def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
 FINETUNE = ["stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
             "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256",
             "sparsity=topk", "sparsity.target_density=0.5", "trainer.max_steps=2"]
+
+
+def _store(folder, **shape) -> list[str]:
+    """The tiny model (``shape`` changing its architecture) stored as a Hugging Face folder: safetensors in several
+    files, a word-level tokenizer of its ids; returns the overrides that train from it."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from seer.config import compose
+
+    architecture = {**compose(TINY).model.architecture, **shape}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**architecture))
+    model.save_pretrained(folder, max_shard_size="200KB")
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(architecture["vocab_size"])}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return [f"model.name_or_path={folder}", "model.random_init=false", f"data.vocab_size={architecture['vocab_size']}"]
+
+
+@pytest.fixture(scope="module")
+def stored_tiny(tmp_path_factory):
+    return _store(tmp_path_factory.mktemp("stored"))
+
+
+def test_fsdp_reads_a_stored_model_group_by_group_and_matches_one_process(tmp_path, stored_tiny):
+    one = tmp_path / "one"
+    train(one, *STEPS, *stored_tiny, "data.batch_size=2")
+    fsdp = _run(tmp_path, "fsdp", "trainer=fsdp", *stored_tiny)
+    gates, reference = _gates(fsdp), _gates(one)
+    for name, want in reference.items():
+        torch.testing.assert_close(gates[name], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_on_two_gpus_reads_a_stored_model_and_matches_one_gpu(tmp_path):
+    """On GPUs, in bfloat16, with the Triton ground truth: each group's tensors read from the files onto its GPU."""
+    stored = _store(tmp_path / "stored", hidden_size=256, intermediate_size=512)  # head dim 64, as the kernels want
+    gpu = ["trainer.accelerator=gpu", "model.dtype=bfloat16", "data.seq_len=1024", "gate.block_size=64"]
+    one = tmp_path / "one"
+    train(one, *STEPS, *stored, *gpu, "trainer.devices=1", "data.batch_size=2")
+    fsdp = _run(tmp_path, "fsdp", "trainer=fsdp", *stored, *gpu, "trainer.devices=2")
+    gates, reference = _gates(fsdp), _gates(one)
+    for name, want in reference.items():  # bfloat16 base: batches of 2 rows and of 1 round differently
+        torch.testing.assert_close(gates[name], want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
