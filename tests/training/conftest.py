@@ -24,7 +24,8 @@ def train(out_dir: Path, *overrides: str) -> dict:
 def cli_env(tmp_path: Path) -> dict:
     """Environment of a ``python -m seer.train`` subprocess: this checkout first, W&B offline and quiet, caches under
     ``tmp_path``."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keeps the caller's path
+    return {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
             "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
             "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "SEER_CACHE_DIR": str(tmp_path / "cache")}
 
