@@ -124,7 +124,9 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu",
             return model.eval()
         log.warning("the safetensors files of %s do not hold %s (and %d more weights): loading it whole on the CPU",
                     model_id(cfg), missing[0], len(missing) - 1)
-        device = "cpu"
+    elif on_meta:
+        log.warning("%s has no safetensors files to read group by group: loading it whole on the CPU", model_id(cfg))
+    device = "cpu" if on_meta else device
     # the config is passed only when it differs from the stored one (rope scaling)
     config = {"config": load_config(cfg)} if cfg.rope_scaling is not None else {}
     model = AutoModelForCausalLM.from_pretrained(

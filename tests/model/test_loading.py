@@ -80,3 +80,14 @@ def test_a_stored_model_the_files_do_not_hold_whole_loads_on_the_cpu(tmp_path, c
     assert not hasattr(model, "seer_weights") and not any(p.is_meta for p in model.parameters())
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight,
                                reference.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_a_stored_model_without_safetensors_loads_on_the_cpu(tmp_path, caplog):
+    reference = _saved(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    model = load_causal_lm(ModelConfig(name_or_path=str(tmp_path), dtype="float32"), "meta")
+    assert "has no safetensors files" in caplog.text
+    assert not any(p.is_meta for p in model.parameters()) and model.device.type == "cpu"
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
