@@ -1,7 +1,19 @@
-"""Inputs for the kernel tests: fresh random shapes, and random block masks with the special rows every kernel
-must get right."""
+"""Inputs for the kernel tests: fresh random shapes, random Q/K/V, and random block masks with the special rows
+every kernel must get right."""
 
 import torch
+
+
+def random_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype: torch.dtype, gen: torch.Generator,
+               transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standard normal ``q [b, hq, n, d]``, ``k, v [b, hkv, n, d]`` on the CPU in ``dtype``; ``transpose``: stored
+    ``[b, n, h, d]`` and seen as ``[b, h, n, d]`` (as Hugging Face attention layers hold them)."""
+    def draw(h: int) -> torch.Tensor:
+        if transpose:
+            return torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(b, h, n, d, generator=gen).to(dtype)
+
+    return draw(hq), draw(hkv), draw(hkv)
 
 
 def special_mask(b: int, h: int, nb: int, density: float, gen: torch.Generator) -> torch.Tensor:

@@ -16,7 +16,7 @@ from seer.kernels import block_sparse as bs
 from seer.kernels import reference
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.tuning import force_config
-from tests.kernels.masks import random_shape, special_mask
+from tests.kernels.masks import random_qkv, random_shape, special_mask
 
 CPU = torch.device("cpu")
 
@@ -48,14 +48,7 @@ def _check_case(b, hq, hkv, n, d, block, dtype, mask_heads, pair, density=0.4, s
               transpose=False):
     gen = torch.Generator().manual_seed(seed)
     dev = _device()
-    if transpose:  # [B, N, H, D] storage seen as [B, H, N, D] (as Hugging Face attention layers hold them)
-        q = torch.randn(b, n, hq, d, generator=gen).to(dtype).transpose(1, 2)
-        k = torch.randn(b, n, hkv, d, generator=gen).to(dtype).transpose(1, 2)
-        v = torch.randn(b, n, hkv, d, generator=gen).to(dtype).transpose(1, 2)
-    else:
-        q = torch.randn(b, hq, n, d, generator=gen).to(dtype)
-        k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-        v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    q, k, v = random_qkv(b, hq, hkv, n, d, dtype, gen, transpose)
     nb = math.ceil(n / block)
     mask = special_mask(b, mask_heads, nb, density, gen)
     q, k, v, mask = q.to(dev), k.to(dev), v.to(dev), mask.to(dev)

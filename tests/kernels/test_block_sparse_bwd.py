@@ -19,7 +19,7 @@ from seer.kernels import reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
 from seer.kernels.tuning import force_config, last_launch
-from tests.kernels.masks import random_shape, special_mask
+from tests.kernels.masks import random_qkv, random_shape, special_mask
 
 CPU = torch.device("cpu")
 
@@ -73,23 +73,11 @@ def _reference_grads(q, k, v, mask, block, sm_scale, do, dlse, dtype=torch.float
     return out, lse, dq, dk, dv
 
 
-def _make(b, hq, hkv, n, d, dtype, gen, transpose=False):
-    if transpose:  # [B, N, H, D] storage seen as [B, H, N, D] (as Hugging Face attention layers hold them)
-        q = torch.randn(b, n, hq, d, generator=gen).to(dtype).transpose(1, 2)
-        k = torch.randn(b, n, hkv, d, generator=gen).to(dtype).transpose(1, 2)
-        v = torch.randn(b, n, hkv, d, generator=gen).to(dtype).transpose(1, 2)
-    else:
-        q = torch.randn(b, hq, n, d, generator=gen).to(dtype)
-        k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-        v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    return q, k, v
-
-
 def _check_case(b, hq, hkv, n, d, block, mask_heads, *, dtype=torch.float32, pair=False, density=0.4, seed=0,
                 sm_scale=None, transpose=False, use_lse=True, mask=None):
     gen = torch.Generator().manual_seed(seed)
     dev = _device()
-    q, k, v = _make(b, hq, hkv, n, d, dtype, gen, transpose)
+    q, k, v = random_qkv(b, hq, hkv, n, d, dtype, gen, transpose)
     nb = math.ceil(n / block)
     if mask is None:
         mask = special_mask(b, mask_heads, nb, density, gen)
@@ -147,7 +135,7 @@ def test_dense_mask_matches_dense_attention():
     gen = torch.Generator().manual_seed(3)
     dev = _device()
     b, hq, hkv, n, d, block = 1, 4, 2, 70, 16, 16
-    q, k, v = (x.to(dev) for x in _make(b, hq, hkv, n, d, torch.float32, gen))
+    q, k, v = (x.to(dev) for x in random_qkv(b, hq, hkv, n, d, torch.float32, gen))
     do = torch.randn(b, hq, n, d, generator=gen).to(dev)
     mask = torch.ones(b, hkv, 5, 5, dtype=torch.bool, device=dev)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -162,7 +150,7 @@ def test_dense_mask_matches_dense_attention():
 def test_empty_mask_gives_zero_grads():
     gen = torch.Generator().manual_seed(8)
     dev = _device()
-    q, k, v = (x.to(dev).requires_grad_() for x in _make(1, 2, 1, 40, 16, torch.float32, gen))
+    q, k, v = (x.to(dev).requires_grad_() for x in random_qkv(1, 2, 1, 40, 16, torch.float32, gen))
     mask = torch.zeros(1, 2, 3, 3, dtype=torch.bool, device=dev)
     out, lse = block_sparse_attn(q, k, v, mask, 16)
     assert (out == 0).all() and torch.isneginf(lse).all()
@@ -210,7 +198,7 @@ def test_forced_config_is_honoured_and_checked():
 
     gen = torch.Generator().manual_seed(17)
     dev = _device()
-    q, k, v = (x.to(dev) for x in _make(1, 2, 1, 70, 16, torch.float32, gen))
+    q, k, v = (x.to(dev) for x in random_qkv(1, 2, 1, 70, 16, torch.float32, gen))
     mask = special_mask(1, 2, 3, 0.5, gen).to(dev)
     out, lse = block_sparse_attn(q, k, v, mask, 32)
     for kernel, tile in (("dq", "BLOCK_M"), ("dq", "BLOCK_N"), ("dkdv", "BLOCK_N"), ("dkdv", "BLOCK_M")):
@@ -244,7 +232,7 @@ def test_one_valid_default_per_key(monkeypatch, interpret):
 def test_only_some_inputs_need_grad():
     gen = torch.Generator().manual_seed(12)
     dev = _device()
-    q, k, v = (x.to(dev) for x in _make(1, 2, 1, 50, 16, torch.float32, gen))
+    q, k, v = (x.to(dev) for x in random_qkv(1, 2, 1, 50, 16, torch.float32, gen))
     mask = special_mask(1, 2, 4, 0.6, gen).to(dev)
     do = torch.randn(1, 2, 50, 16, generator=gen).to(dev)
     kg = k.clone().requires_grad_()
@@ -266,7 +254,7 @@ def test_backward_function_in_place():
     gen = torch.Generator().manual_seed(13)
     dev = _device()
     b, hq, hkv, n, d, block = 1, 4, 2, 60, 16, 16
-    q, k, v = (x.to(dev) for x in _make(b, hq, hkv, n, d, torch.float32, gen))
+    q, k, v = (x.to(dev) for x in random_qkv(b, hq, hkv, n, d, torch.float32, gen))
     mask = special_mask(b, hq, 4, 0.5, gen).to(dev)
     do = torch.randn(b, hq, n, d, generator=gen).to(dev)
     out, lse = block_sparse_attn(q, k, v, mask, block)
@@ -319,7 +307,7 @@ def test_no_grad_forward_unchanged(monkeypatch):
     records nothing and still takes out=/lse= buffers; with grad, the forward values are the same."""
     gen = torch.Generator().manual_seed(14)
     dev = _device()
-    q, k, v = (x.to(dev) for x in _make(1, 4, 2, 50, 16, torch.float32, gen))
+    q, k, v = (x.to(dev) for x in random_qkv(1, 4, 2, 50, 16, torch.float32, gen))
     mask = special_mask(1, 2, 4, 0.5, gen).to(dev)
     with_grad = block_sparse_attn(q.clone().requires_grad_(), k, v, mask, 16)
 
@@ -340,7 +328,7 @@ def test_no_grad_forward_unchanged(monkeypatch):
 def test_mask_carries_no_gradient():
     gen = torch.Generator().manual_seed(15)
     dev = _device()
-    q, k, v = (x.to(dev).requires_grad_() for x in _make(1, 2, 1, 40, 16, torch.float32, gen))
+    q, k, v = (x.to(dev).requires_grad_() for x in random_qkv(1, 2, 1, 40, 16, torch.float32, gen))
     mask = special_mask(1, 2, 3, 0.5, gen).to(dev)
     with pytest.raises(RuntimeError):
         mask.clone().requires_grad_()  # a bool tensor cannot require grad
