@@ -90,7 +90,7 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     if selector is None and sparsity.calibrated:
         for n in evaluation.seq_lens:
             try:
-                calibrations[n] = find_calibration(cfg.gates, sparsity, "gate", n)
+                calibrations[n] = find_calibration(cfg.gates, sparsity, model.seer_context.scorer_name, n)
                 log.info("using the calibration stored with the gates for %s at %d tokens", sparsity.describe(), n)
             except ValueError:
                 calibrations[n] = evaluator.calibrate(None, sparsity, n)
@@ -104,7 +104,7 @@ def run_eval(cfg: DictConfig) -> list[dict]:
 
     atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
     print(format_rows(rows), flush=True)
-    _log_wandb(cfg, rows, selector_name(selector), sparsity)
+    _log_wandb(cfg, rows, selector_name(selector, model.seer_context.gate_config), sparsity)
     return rows
 
 

@@ -62,13 +62,14 @@ def test_groups_instantiate(tmp_path):
 
 
 def test_experiments_compose(tmp_path):
-    needs = {"smollm2_quality": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]}
+    novels = [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]
+    needs = {"smollm2_quality": novels, "qwen05_gates": novels}
     for option in _options("experiment"):
         cfg = _compose([f"experiment={option}", f"paths.output_dir={tmp_path}", *needs.get(option, [])])
         OmegaConf.resolve(cfg)
         run = validate(cfg)
         assert cfg.task_name == option  # the recipe's values won over the defaults
-        assert run.model.architecture["model_type"] == "llama" and cfg.data.seq_len >= 8192
+        assert run.model.architecture["model_type"] in ("llama", "qwen2") and cfg.data.seq_len >= 8192
 
 
 def test_generate_config_composes(tmp_path):

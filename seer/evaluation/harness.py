@@ -43,9 +43,12 @@ PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
 
 
-def selector_name(selector) -> str:
-    """``gate`` for the model's gates, else the scorer's name."""
-    return "gate" if selector is None else selector.name
+def selector_name(selector, gate_config=None) -> str:
+    """The scorer's name: the selector's, or for the model's gates (``selector`` None) ``gate`` or its blend
+    (``gate_config.scorer_name``)."""
+    if selector is not None:
+        return selector.name
+    return gate_config.scorer_name if gate_config is not None else "gate"
 
 
 def _mean(values) -> float | None:
@@ -288,7 +291,7 @@ class Evaluator:
     def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int) -> Calibration:
         """The calibration of ``sparsity`` for ``selector`` on the calibration windows of ``seq_len``."""
         scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle")
-        return calibrate(scores, sparsity, masses, selector=selector_name(selector), seq_len=seq_len)
+        return calibrate(scores, sparsity, masses, selector=selector_name(selector, self.ctx.gate_config), seq_len=seq_len)
 
     def evaluate(self, selector, sparsity: SparsityConfig, dense: dict[int, dict] | None = None,
                  calibrations: dict[int, Calibration] | None = None) -> list[dict]:
@@ -306,7 +309,7 @@ class Evaluator:
             self.ctx.set_mode("sparse")
             try:
                 got = self._measure(n, self.windows[n][self.config.calibration_windows:],
-                                    f"{selector_name(selector)} {sparsity.method}")
+                                    f"{selector_name(selector, self.ctx.gate_config)} {sparsity.method}")
             finally:
                 self.ctx.set_mode("dense")
             rows.append(self._row(selector, sparsity, calibration, got, dense[n]))
@@ -320,7 +323,7 @@ class Evaluator:
         row = {key: None for key in ROW_KEYS}
         row.update(got)
         row.update(
-            selector=selector_name(selector), sparsity=sparsity.describe(), method=sparsity.method,
+            selector=selector_name(selector, self.ctx.gate_config), sparsity=sparsity.describe(), method=sparsity.method,
             allocation=sparsity.allocation if sparsity.calibrated else None, target_density=sparsity.target_density,
             knob=_mean(knobs) if knobs else own, knob_min=min(knobs) if knobs else own,
             knob_max=max(knobs) if knobs else own, calibrated_density=calibration.density if calibration else None,

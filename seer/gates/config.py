@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
 
-from seer.config import fail, is_int
+from seer.config import fail, is_int, is_number
 from seer.kernels.common import BLOCK_SIZES, POOL_KINDS
+
+# training-free estimates (seer.sparsity.selectors) a gate may be blended with: the ones computable at inference
+# (not the oracle, which needs the whole attention map, nor random scores)
+BLEND_SELECTORS = ("vertical_slash", "flexprefill", "block_mean", "antidiagonal", "streaming")
+
+
+# fields that choose how the scores are used at inference, not what the weights are: gate files may differ in them
+INFERENCE_FIELDS = ("blend", "blend_weight")
 
 
 @dataclass
@@ -28,6 +36,8 @@ class GateConfig:
     hidden_size: int = 128
     q_linear: Union[str, bool] = "auto"
     block_rope: bool = True
+    blend: Optional[str] = None
+    blend_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES or not is_int(self.block_size):
@@ -49,3 +59,18 @@ class GateConfig:
             fail("gate", "hidden_size", self.hidden_size, "must be even when block_rope is on")
         if self.q_linear not in ("auto", True, False):
             fail("gate", "q_linear", self.q_linear, "must be auto, true or false")
+        if self.blend is not None and self.blend not in BLEND_SELECTORS:
+            fail("gate", "blend", self.blend, f"choose a training-free estimate from {BLEND_SELECTORS} (or null)")
+        if not is_number(self.blend_weight) or not 0 < self.blend_weight < 1:
+            fail("gate", "blend_weight", self.blend_weight, "is the blended estimate's share; must be in (0, 1)")
+
+    @property
+    def scorer_name(self) -> str:
+        """The scorer's name in calibrations and results: ``gate``, or ``gate+<blend>@<weight>`` when blended (a
+        calibration of one does not fit the other)."""
+        return "gate" if self.blend is None else f"gate+{self.blend}@{self.blend_weight:g}"
+
+    def architecture_differences(self, other: "GateConfig") -> list[str]:
+        """The fields (not :data:`INFERENCE_FIELDS`) in which ``other`` builds different gate weights."""
+        return [f.name for f in fields(self) if f.name not in INFERENCE_FIELDS
+                and getattr(self, f.name) != getattr(other, f.name)]

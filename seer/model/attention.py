@@ -6,7 +6,8 @@ and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also giv
 :class:`~seer.gates.AttnGate` (submodule ``seer_gate``) and hooks its Q and K *before* RoPE (the output of
 ``q_proj``/``k_proj``, or of ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
 included). Block scores come from ``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`,
-which reads Q and K after RoPE) or, when it is None, from the layer's gate. What the function does depends on the
+which reads Q and K after RoPE) or, when it is None, from the layer's gate (blended with a training-free estimate
+when ``gate.blend`` names one). What the function does depends on the
 context's ``mode``:
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
@@ -102,6 +103,13 @@ class SeerContext:
         dens = self.densities()
         return sum(dens.values()) / len(dens) if dens else float("nan")
 
+    @property
+    def scorer_name(self) -> str:
+        """The name calibrations are stored under: the selector's, else the gates' (``gate`` or its blend)."""
+        if self.selector is not None:
+            return self.selector.name
+        return self.gate_config.scorer_name if self.gate_config is not None else "gate"
+
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
@@ -110,7 +118,7 @@ class SeerContext:
     def use(self, sparsity: SparsityConfig, calibration: Calibration | None = None) -> None:
         """Selects blocks with ``sparsity`` from now on; a calibrated budget needs the ``calibration`` fitted for it
         (with this context's selector)."""
-        selector = getattr(self.selector, "name", "gate")
+        selector = self.scorer_name
         if sparsity.calibrated:
             if calibration is None:
                 raise ValueError(f"sparsity {sparsity.describe()} needs a calibration (seer.sparsity.calibration) "
@@ -237,7 +245,8 @@ def _output_buffer(query: torch.Tensor) -> torch.Tensor:
 
 def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
     """Block scores of one layer (no grad): the context's selector on post-RoPE Q/K, or the layer's gate on the
-    pre-RoPE Q/K its hooks stashed."""
+    pre-RoPE Q/K its hooks stashed, blended with a training-free estimate when the gate config names one
+    (``gate.blend``)."""
     if ctx.selector is not None:
         from seer.sparsity.selectors import LayerInputs
 
@@ -246,7 +255,14 @@ def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
     if gate is None:
         raise RuntimeError("no block scorer: the model has no gates and context.selector is None")
     q_pre, k_pre = module.seer_stash.take()
-    return gate(q_pre, k_pre)
+    scores = gate(q_pre, k_pre)
+    blend = ctx.gate_config.blend
+    if blend is None:
+        return scores
+    from seer.sparsity.selectors import LayerInputs, blend_scores, build_selector
+
+    partner = build_selector(blend).scores(LayerInputs(query, key, ctx.block_size, scale, module.layer_idx))
+    return blend_scores(scores, partner, ctx.gate_config.blend_weight)
 
 
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seer.gates.config import GateConfig
+from seer.gates.config import INFERENCE_FIELDS, GateConfig
 from seer.config import ConfigError, build
 from seer.files import atomic_write, atomic_write_text
 from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
@@ -144,10 +144,10 @@ def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateCon
     have = getattr(model, "seer_context", None)
     expected = expected_gate or (have.gate_config if have is not None else None)
     if expected is not None:
-        for f in dataclasses.fields(GateConfig):
-            if getattr(expected, f.name) != getattr(file_gate, f.name):
-                raise ValueError(f"gate file {weights} has gate.{f.name}={getattr(file_gate, f.name)!r}, but "
-                                 f"gate.{f.name}={getattr(expected, f.name)!r} was asked for")
+        for name in expected.architecture_differences(file_gate):
+            raise ValueError(f"gate file {weights} has gate.{name}={getattr(file_gate, name)!r}, but "
+                             f"gate.{name}={getattr(expected, name)!r} was asked for")
+        file_gate = dataclasses.replace(file_gate, **{k: getattr(expected, k) for k in INFERENCE_FIELDS})
     if have is None:
         attach_gates(model, file_gate)
     try:

@@ -85,7 +85,8 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     if spars.calibrated:
         if gates is None:
             raise ValueError(f"sparsity {spars.describe()} is calibrated per gate checkpoint; give gates=PATH")
-        calibration = find_calibration(_gate_folder(gates), spars)
+        scorer = gate_config or build(GateConfig, "gate", read_gate_meta(gates)["gate"])  # the blend it will use
+        calibration = find_calibration(_gate_folder(gates), spars, scorer.scorer_name)
     model = load_causal_lm(mcfg, device)
     model.config.use_cache = True
     if gates is not None:

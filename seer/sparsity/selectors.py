@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from seer.gates.pooling import pool_blocks
 from seer.kernels.reference import block_attn_mass
 
-__all__ = ["LayerInputs", "Selector", "Oracle", "Streaming", "BlockMean", "VerticalSlash", "Antidiagonal",
+__all__ = ["LayerInputs", "Selector", "blend_scores", "Oracle", "Streaming", "BlockMean", "VerticalSlash", "Antidiagonal",
            "FlexPrefill", "RandomScores", "SELECTORS", "build_selector", "MASS_FLOOR"]
 
 MASS_FLOOR = 1e-30  # estimated block masses are clamped here before the log, so scores stay finite
@@ -499,6 +499,16 @@ class RandomScores(Selector):
 
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
     Oracle, Streaming, BlockMean, VerticalSlash, Antidiagonal, FlexPrefill, RandomScores)}
+
+
+def blend_scores(scores: torch.Tensor, partner: torch.Tensor, weight: float) -> torch.Tensor:
+    """Block log-scores of the mixture ``(1 - weight) * softmax(scores) + weight * exp(partner)`` over each row's
+    causal blocks: ``scores`` any block logits ``[B, H, nb, nb]`` (a gate's), ``partner`` a selector's normalised
+    log-scores of the same shape. The result is normalised like every selector's (``-inf`` above the diagonal)."""
+    if scores.shape != partner.shape:
+        raise ValueError(f"blend_scores: scores {tuple(scores.shape)} and partner {tuple(partner.shape)} differ")
+    mixed = (1.0 - weight) * _normalise(scores).exp() + weight * partner.float().exp()
+    return _log_mass(mixed)
 
 
 def build_selector(name: str, **params) -> Selector:

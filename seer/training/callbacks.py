@@ -258,7 +258,7 @@ class GateCalibration(L.Callback):
             ctx.consumer, ctx.want_mass = None, False
             ctx.set_mode("dense")
         calibration = calibrate({i: torch.cat(s) for i, s in scores.items()}, self.sparsity,
-                                {i: torch.cat(m) for i, m in masses.items()} or None, selector="gate",
+                                {i: torch.cat(m) for i, m in masses.items()} or None, selector=ctx.scorer_name,
                                 seq_len=seq_len)
         if trainer.is_global_zero:
             export = getattr(pl_module, "export_dir", None)
@@ -281,13 +281,13 @@ class RunSummary(L.Callback):
         if not trainer.sanity_checking:
             self.val_step = trainer.global_step
 
-    def _calibration(self, sparsity) -> dict | None:
+    def _calibration(self, sparsity, scorer: str) -> dict | None:
         from seer.sparsity.calibration import find_calibration
 
         if not sparsity.calibrated:
             return None
         try:
-            cal = find_calibration(self.gates_dir, sparsity)
+            cal = find_calibration(self.gates_dir, sparsity, scorer)
         except ValueError:
             return None
         knobs = sorted({v for layer in cal.knobs.values() for v in layer})
@@ -321,7 +321,8 @@ class RunSummary(L.Callback):
             "val_oracle_recall": metrics.get("val/oracle_recall"),
             "val_loss": metrics.get("val/loss"),
             "val_layers": layer_metrics(metrics),
-            "calibration": self._calibration(pl_module.sparsity),
+            "calibration": self._calibration(pl_module.sparsity, getattr(pl_module, "lm", pl_module.model)
+                                             .seer_context.scorer_name),
             "gates": str(Path(self.gates_dir).resolve()),
             "checkpoints": str(Path(trainer.checkpoint_callback.dirpath).resolve())
             if trainer.checkpoint_callback is not None else None,

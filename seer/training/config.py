@@ -218,8 +218,6 @@ class FinetuneConfig(GateTargetConfig):
 
     def _check_init_gates(self, run: RunConfig) -> None:
         """``init_gates`` exists and has the gate architecture of the ``gate`` group."""
-        import dataclasses
-
         from seer.gates.config import GateConfig
         from seer.model.gate_io import read_gate_meta
 
@@ -227,10 +225,9 @@ class FinetuneConfig(GateTargetConfig):
             stored = build(GateConfig, "gate", read_gate_meta(self.init_gates)["gate"])
         except FileNotFoundError:
             fail("stage", "init_gates", self.init_gates, "no gate checkpoint there")
-        for f in dataclasses.fields(GateConfig):
-            if getattr(stored, f.name) != getattr(run.gate, f.name):
-                fail("gate", f.name, getattr(run.gate, f.name), f"differs from the gates of stage.init_gates "
-                     f"({self.init_gates}: {getattr(stored, f.name)!r}); choose the gate option they were made with")
+        for name in stored.architecture_differences(run.gate):
+            fail("gate", name, getattr(run.gate, name), f"differs from the gates of stage.init_gates "
+                 f"({self.init_gates}: {getattr(stored, name)!r}); choose the gate option they were made with")
 
 
 def _half_model(dtype: str, cfg: Mapping[str, Any]) -> bool:

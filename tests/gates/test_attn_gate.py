@@ -111,3 +111,19 @@ def test_gate_rejects_wrong_shapes():
         gate(torch.randn(1, 4, 20, 16), torch.randn(1, 4, 20, 16))
     with pytest.raises(ValueError, match="head dim 16"):
         gate(torch.randn(1, 4, 20, 8), torch.randn(1, 2, 20, 8))
+
+
+def test_gate_blend_config_checked_named_and_not_architecture():
+    from seer.config import ConfigError
+    from seer.gates.config import BLEND_SELECTORS
+    from seer.sparsity.selectors import SELECTORS
+
+    assert set(BLEND_SELECTORS) <= set(SELECTORS) and "oracle" not in BLEND_SELECTORS
+    plain, blended = GateConfig(), GateConfig(blend="vertical_slash", blend_weight=0.25)
+    assert plain.scorer_name == "gate" and blended.scorer_name == "gate+vertical_slash@0.25"
+    assert plain.architecture_differences(blended) == []
+    assert plain.architecture_differences(GateConfig(k_pool=["max", "min"])) == ["k_pool"]
+    with pytest.raises(ConfigError, match="gate.blend='oracle'"):
+        GateConfig(blend="oracle")
+    with pytest.raises(ConfigError, match="gate.blend_weight=1"):
+        GateConfig(blend="vertical_slash", blend_weight=1)

@@ -143,3 +143,36 @@ def test_model_architectures_build_offline(name):
     with torch.no_grad():
         model.base_model(input_ids=torch.randint(0, 128, (1, 40)))
     assert len(records) == 2 and all(torch.isfinite(r.gt).all() for r in records)
+
+
+def test_blended_gate_scores_mix_the_gate_with_its_partner_and_name_calibrations(tmp_path):
+    import dataclasses
+
+    from seer.model.attention import LayerObservation
+    from seer.sparsity.selectors import LayerInputs, VerticalSlash, blend_scores
+
+    model, ctx = _gated("qwen2")
+    ids = torch.randint(0, 300, (1, 70))
+    seen: dict[int, LayerObservation] = {}
+    ctx.consumer = lambda obs: seen.setdefault(obs.layer_idx, obs)
+    ctx.set_mode("distill")  # the raw gate logits and the post-RoPE Q/K of every layer
+    records = []
+    ctx.consumer = records.append
+    with torch.no_grad():
+        model.model(ids)
+    ctx.gate_config = dataclasses.replace(GATE, blend="vertical_slash", blend_weight=0.3)
+    assert ctx.scorer_name == "gate+vertical_slash@0.3"
+    ctx.consumer = lambda obs: seen.setdefault(obs.layer_idx, obs)
+    ctx.set_mode("observe")
+    with torch.no_grad():
+        model.model(ids)
+    for rec in records:
+        partner = VerticalSlash().scores(LayerInputs(rec.query, rec.key, 16, rec.scale, rec.layer_idx))
+        torch.testing.assert_close(seen[rec.layer_idx].scores, blend_scores(rec.logits.detach(), partner, 0.3))
+    # a gate file loads with the blend asked for; an architecture difference is still refused
+    save_gates(tmp_path, model, "tiny")
+    fresh = tiny_model("qwen2")
+    load_gates(fresh, tmp_path, expected_gate=dataclasses.replace(GATE, blend=None))
+    assert fresh.seer_context.gate_config.blend is None
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_gates(tiny_model("qwen2"), tmp_path, expected_gate=dataclasses.replace(GATE, hidden_size=32))

@@ -386,3 +386,22 @@ def test_cuda_matches_cpu(name):
     causal = causal_blocks(x.nb)
     assert torch.isneginf(got.cpu()[..., ~causal]).all()
     torch.testing.assert_close(got.cpu()[..., causal], want[..., causal], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 0.9])
+def test_blend_scores_is_the_row_mixture(weight):
+    from seer.sparsity.selectors import blend_scores
+
+    x = make_inputs(n=75, bs=16)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(x.batch, x.q_heads, x.nb, x.nb, generator=g, dtype=torch.float64) * 3
+    partner = VerticalSlash(last_queries=8).scores(x)
+    got = blend_scores(logits.float(), partner, weight)
+    causal = causal_blocks(x.nb)
+    p_gate = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    want = ((1 - weight) * p_gate + weight * partner.double().exp()).clamp_min(1e-30)
+    torch.testing.assert_close(got.exp().masked_fill(~causal, 0).double(), want.masked_fill(~causal, 0), atol=1e-6,
+                               rtol=1e-5)
+    assert torch.isinf(got[..., ~causal]).all() and (got[..., ~causal] < 0).all()
+    with pytest.raises(ValueError, match="differ"):
+        blend_scores(logits[..., :-1, :-1].float(), partner, weight)

@@ -1,0 +1,189 @@
+"""Learned selection on a real 32k model: Qwen2.5-Coder-0.5B-Instruct, gates trained at 16k, measured at 32k.
+
+1. Distils one gate set per ``--targets`` (``experiment=qwen05_gates``: four novels + Python stdlib, 16k rows).
+2. On two held-out texts (a novel never trained on, evaluated whole; held-out stdlib modules) measures dense once,
+   then each job of the plan: the gates with and without a blended query-aware estimate (``gate.blend``) and the
+   last query blocks kept dense, beside the oracle and the training-free selectors, every budget calibrated to each
+   density; RULER tasks (``--ruler``) when the RULER extra is installed.
+3. Writes ``rows.json`` (every row) and ``results.md`` into ``--out``, after each job (a cut-off run loses nothing).
+
+On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .assets/austen):
+
+    python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
+        --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from seer.config import compose, validate
+from seer.data import StdlibCorpus, TextFilesCorpus
+from seer.evaluation.config import EvalConfig
+from seer.evaluation.data import HeldOutText
+from seer.evaluation.harness import Evaluator
+from seer.model.gate_io import load_gates
+from seer.model.loading import load_causal_lm, load_tokenizer, model_id
+from seer.report import table
+from seer.sparsity import SparsityConfig
+from seer.sparsity.selectors import build_selector
+
+BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
+
+
+def model_overrides(args) -> list[str]:
+    return ["model=qwen2_5_coder_0_5b", f"model.name_or_path={args.model_dir}", f"model.gguf_file={args.gguf}"]
+
+
+def train_gates(args, target: str) -> Path:
+    """Distils gates learning ``target`` (``mass`` or ``maxpool``); returns their folder."""
+    from seer.training.run import run_training
+
+    over = ["experiment=qwen05_gates", *model_overrides(args), f"data.corpus.corpora.0.paths=['{args.novels}']",
+            f"trainer.max_steps={args.steps}", f"data.seq_len={args.train_len}", "logger=none",
+            f"stage.target={target}", f"paths.output_dir={args.work}/train_{target}", f"paths.cache_dir={args.work}/cache", *args.train_overrides]
+    summary = run_training(compose(over))
+    return Path(summary["gates"])
+
+
+def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]], last_rows: int) -> list:
+    """(label, scorer, blend, sparsity) in priority order, so a run cut short still answers what matters: at the
+    first density the first gate set plain, with the last ``last_rows`` query blocks dense, and blended with the
+    first blend; the oracle and the training-free baselines; the other blends and gate sets; the baselines with
+    dense last blocks; then at the other densities the main ones again."""
+    gate = gates[0]
+    jobs = []
+    for i, d in enumerate(densities):
+        plain = SparsityConfig(method="threshold", target_density=d)
+        tail = SparsityConfig(method="threshold", target_density=d, dense_last_rows=last_rows)
+        blended = [(f"{gate}+{name}@{w}", gate, (name, w)) for name, w in blends]
+        jobs += [(gate, gate, None, plain), (gate, gate, None, tail)]
+        jobs += [(*blended[0], tail)] if blends else []
+        jobs += [(name, name, None, plain) for name in BASELINES]
+        if i:
+            continue
+        jobs += [(*b, s) for b in blended for s in (plain, tail) if (*b, s) not in jobs]
+        jobs += [(other, other, None, s) for other in gates[1:] for s in (plain, tail)]
+        jobs += [(name, name, None, tail) for name in BASELINES]
+    return jobs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", required=True, help="folder holding the Qwen2.5-Coder-0.5B GGUF")
+    ap.add_argument("--gguf", default="qwen05.gguf")
+    ap.add_argument("--novels", required=True, help="glob of the training novels")
+    ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
+    ap.add_argument("--gates", nargs="*", default=[], help="trained gate folders as target=PATH (skips training)")
+    ap.add_argument("--targets", nargs="+", default=["mass", "maxpool"], choices=["mass", "maxpool"])
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--train-len", type=int, default=16384)
+    ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides (e.g. trainer=cpu)")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
+    ap.add_argument("--blends", nargs="*", default=["vertical_slash:0.5", "vertical_slash:0.25"],
+                    help="gate blends to try, as selector:weight")
+    ap.add_argument("--last-rows", type=int, default=2, help="dense last query blocks in the tail variants")
+    ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--passkey", type=int, default=10)
+    ap.add_argument("--copy", type=int, default=5)
+    ap.add_argument("--ruler", nargs="*", default=[], help="RULER tasks (needs the ruler extra)")
+    ap.add_argument("--ruler-samples", type=int, default=4)
+    ap.add_argument("--texts", nargs="+", default=["novel", "code"], choices=["novel", "code"])
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="no job starts after this many seconds from the start (training included)")
+    ap.add_argument("--work", default="outputs/quality_qwen")
+    ap.add_argument("--out", default="docs/results/qwen")
+    args = ap.parse_args()
+    start = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given = dict(g.split("=", 1) for g in args.gates)
+    gates = {f"gate:{t}": Path(given[t]) if t in given else train_gates(args, t) for t in args.targets}
+    train_s = time.time() - start
+    print(f"[quality] gates {gates} ({train_s:.0f} s)", flush=True)
+
+    run = validate(compose(model_overrides(args)))
+    tokenizer = load_tokenizer(run.model)
+    base = load_causal_lm(run.model, device)
+    base.config.use_cache = True
+    models = {}
+    for key, path in gates.items():
+        models[key] = copy.deepcopy(base)
+        load_gates(models[key], path)
+    del base
+    kernel = "triton" if device.type == "cuda" else "reference"
+    extra = {"ruler": args.ruler, "ruler_samples": args.ruler_samples} if args.ruler else {}
+    evaluation = EvalConfig(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2,
+                            passkey=args.passkey, copy=args.copy, batch_size=1, dense_cache=False, **extra)
+    texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
+             "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
+    texts = {name: texts[name]() for name in args.texts}
+    evaluators = {(key, name): Evaluator(m, tokenizer, text, evaluation, kernel=kernel, model_name=model_id(run.model),
+                                         progress=False)
+                  for key, m in models.items() for name, text in texts.items()}
+    first = next(iter(gates))
+    dense = {name: evaluators[first, name].dense() for name in texts}
+    print(f"[quality] dense {json.dumps(dense)} ({time.time() - start:.0f} s)", flush=True)
+    blends = [(b.split(":")[0], float(b.split(":")[1])) for b in args.blends]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], []
+    for i, (label, scorer, blend, sparsity) in enumerate(plan(list(gates), args.densities, blends, args.last_rows)[args.skip:],
+                                                       start=args.skip):
+        if time.time() - start > args.deadline_s:
+            skipped.append(f"{label} {sparsity.describe()}")
+            continue
+        key = scorer if scorer in gates else first
+        selector = None if scorer in gates else build_selector(scorer)
+        if selector is None:  # the gates, with this job's blend
+            ctx = models[key].seer_context
+            ctx.gate_config = dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
+                                                  blend_weight=blend[1] if blend else 0.5)
+        for name in texts:
+            if selector is None:
+                evaluators[key, name].forget(None)
+            for row in evaluators[key, name].evaluate(selector, sparsity, dense[name]):
+                row.update(text=name, selector=label)
+                rows.append(row)
+                print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
+                      f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
+                      + (f" ruler {row.get('ruler')}" if args.ruler else "")
+                      + f" ({time.time() - start:.0f} s)", flush=True)
+        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+        write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
+    write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
+
+
+def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
+                  dense: dict) -> None:
+    import transformers
+    import triton
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
+    lines = ["# Block selection quality on Qwen2.5-Coder-0.5B-Instruct", "",
+             f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
+             f"{transformers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}. "
+             f"Gates trained in {train_s:.0f} s; whole study {total_s:.0f} s.", "",
+             "Command: `python3 experiments/quality_qwen.py " + " ".join(
+                 f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                 for k, v in vars(args).items() if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
+             f"Dense: {json.dumps(dense)}", ""]
+    for text in sorted({r["text"] for r in rows}):
+        lines += [f"## {text}", "", table([r for r in rows if r["text"] == text]), ""]
+    if skipped:
+        lines += ["## Not run (time budget)", "", ", ".join(skipped), ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
