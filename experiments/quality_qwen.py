@@ -77,6 +77,22 @@ def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float
     return jobs
 
 
+def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
+    """The comparison behind the results table: at each density the default (the first gate set with the first
+    blend), the oracle, vertical-slash and FlexPrefill; at the first density also the plain gate and streaming."""
+    gate = gates[0]
+    jobs = []
+    for i, d in enumerate(densities):
+        plain = SparsityConfig(method="threshold", target_density=d)
+        if blends:
+            name, w = blends[0]
+            jobs.append((f"{gate}+{name}@{w}", gate, (name, w), plain))
+        jobs += [(name, name, None, plain) for name in ("oracle", "vertical_slash", "flexprefill")]
+        if not i:
+            jobs += [(gate, gate, None, plain), ("streaming", "streaming", None, plain)]
+    return jobs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", required=True, help="folder holding the Qwen2.5-Coder-0.5B GGUF")
@@ -93,6 +109,8 @@ def main() -> None:
     ap.add_argument("--blends", nargs="*", default=["vertical_slash:0.5", "vertical_slash:0.25"],
                     help="gate blends to try, as selector:weight")
     ap.add_argument("--last-rows", type=int, default=2, help="dense last query blocks in the tail variants")
+    ap.add_argument("--plan", default="explore", choices=["explore", "final"],
+                    help="explore: the levers (blends, dense last blocks); final: the default beside the baselines")
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
@@ -122,14 +140,17 @@ def main() -> None:
         load_gates(models[key], path)
     del base
     kernel = "triton" if device.type == "cuda" else "reference"
-    extra = {"ruler": args.ruler, "ruler_samples": args.ruler_samples} if args.ruler else {}
-    evaluation = EvalConfig(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2,
-                            passkey=args.passkey, copy=args.copy, batch_size=1, dense_cache=False, **extra)
+    settings = dict(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2, passkey=args.passkey,
+                    copy=args.copy, batch_size=1, dense_cache=False)
+    # RULER makes its own haystacks: it runs with the first text only
+    evaluation = {name: EvalConfig(**settings, **({"ruler": args.ruler, "ruler_samples": args.ruler_samples}
+                                                  if args.ruler and i == 0 else {}))
+                  for i, name in enumerate(args.texts)}
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
              "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
     texts = {name: texts[name]() for name in args.texts}
-    evaluators = {(key, name): Evaluator(m, tokenizer, text, evaluation, kernel=kernel, model_name=model_id(run.model),
-                                         progress=False)
+    evaluators = {(key, name): Evaluator(m, tokenizer, text, evaluation[name], kernel=kernel,
+                                         model_name=model_id(run.model), progress=False)
                   for key, m in models.items() for name, text in texts.items()}
     first = next(iter(gates))
     dense = {name: evaluators[first, name].dense() for name in texts}
@@ -138,8 +159,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
-    for i, (label, scorer, blend, sparsity) in enumerate(plan(list(gates), args.densities, blends, args.last_rows)[args.skip:],
-                                                       start=args.skip):
+    jobs = plan(list(gates), args.densities, blends, args.last_rows) if args.plan == "explore" \
+        else final_plan(list(gates), args.densities, blends)
+    for i, (label, scorer, blend, sparsity) in enumerate(jobs[args.skip:], start=args.skip):
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
             continue
@@ -157,7 +179,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
                       f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
-                      + (f" ruler {row.get('ruler')}" if args.ruler else "")
+                      + (f" ruler {row['ruler']:.1f} (dense {row['ruler_dense']:.1f})" if row.get("ruler") is not None
+                         else "")
                       + f" ({time.time() - start:.0f} s)", flush=True)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
         write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
