@@ -29,9 +29,12 @@ import string
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from seer.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # RULER's 13 standard tasks, in its order (synthetic.yaml)
 RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
@@ -364,7 +367,9 @@ def generate_samples(tokenizer, task: str, seq_len: int, count: int, seed: int, 
     """``count`` samples of ``task`` for ``seq_len`` tokens: each the largest haystack whose prompt (after the start
     token ``start_id``) leaves room for the task's tokens to generate; sample ``i`` is drawn from the stream seeded
     by (task, length, seed, i), so the samples depend only on those and the tokenizer. ``ValueError`` when even the
-    smallest haystack does not fit."""
+    smallest haystack does not fit (a :class:`~seer.config.ConfigError`)."""
+    import torch
+
     spec = task_spec(task)
     args, template, kind, new = spec["args"], spec["template"], spec["kind"], spec["tokens_to_generate"]
 
@@ -415,7 +420,7 @@ def generate_samples(tokenizer, task: str, seq_len: int, count: int, seed: int, 
                                                 ["context"])
         fits = lambda n, i=index: len(encode(make(i, n)[0])) <= budget
         if not fits(floor):
-            raise ValueError(f"eval.seq_lens: {seq_len} tokens cannot hold a RULER {task} sample (its smallest prompt "
+            raise ConfigError(f"eval.seq_lens: {seq_len} tokens cannot hold a RULER {task} sample (its smallest prompt "
                              f"is {1 + len(encode(make(index, floor)[0]))} tokens, and {new} are generated)")
         size = _largest_fitting(fits, floor, high, first=size)
         prompt, answers = make(index, size)
@@ -433,6 +438,8 @@ def ruler_samples(tokenizer, tasks: list[str], seq_lens: list[int], count: int, 
 def greedy_answer(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
     """Greedy continuation of one prompt ``[N]``: one prefill (sparse when the model's seer context says so), then
     dense decode steps over its KV cache, until a stop token (not returned) or ``max_new_tokens``."""
+    import torch
+
     device = next(model.parameters()).device
     out_ids: list[int] = []
     with torch.no_grad():
