@@ -210,3 +210,22 @@ def test_ruler_without_the_extra_says_how_to_install(tmp_path, monkeypatch, text
                                           r"pip install 'seer\[ruler\]'"):
         run_eval(compose(RULER_RUN + [text_files, "eval.ruler=[vt]", f"paths.output_dir={tmp_path}"], "eval"))
     EvalConfig()  # without RULER nothing is needed
+
+
+def test_wandb_gets_the_ruler_values(tmp_path, monkeypatch, tokenizer, text_files):
+    from tests.training.wandb_offline import offline_runs, records
+
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tokenizer)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    over = [o for o in RULER_RUN if o != "logger=none"] + [
+        text_files, "logger=wandb", "selector=streaming", "sparsity=topk", "sparsity.target_density=0.3",
+        "eval.ruler=[fwe]", "eval.ruler_samples=1", f"paths.output_dir={tmp_path}/w", f"paths.cache_dir={tmp_path}/c"]
+    (row,) = run_eval(compose(over, "eval"))
+    (run_dir,) = offline_runs(tmp_path / "w")
+    summary = {}
+    for record in records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+    for key in ("ruler", "ruler_dense", "ruler/fwe", "ruler/fwe_dense", "ruler_density"):
+        assert summary[f"{key}/2048"] == pytest.approx(row[key]), key
