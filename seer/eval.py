@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from seer.cli import user_errors
 from seer.config import register_configs
 
 register_configs()
@@ -63,8 +64,8 @@ def _check_context(model, evaluation) -> None:
 
     context = getattr(load_config(model).get_text_config(), "max_position_embeddings", None)
     if context is not None and max(evaluation.seq_lens) > context:
-        raise ConfigError(f"eval.seq_lens={evaluation.seq_lens}: longer than the context of {model_id(model)} "
-                          f"({context} tokens)")
+        raise ConfigError(f"eval.seq_lens={evaluation.seq_lens}: longer than the model's context of {context} tokens "
+                          f"({model_id(model)})")
 
 
 def run_eval(cfg: DictConfig) -> list[dict]:
@@ -171,7 +172,8 @@ def _log_wandb(cfg: DictConfig, rows: list[dict], selector: str, sparsity) -> No
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_eval(cfg)
+    with user_errors():
+        run_eval(cfg)
 
 
 if __name__ == "__main__":

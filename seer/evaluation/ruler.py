@@ -420,8 +420,9 @@ def generate_samples(tokenizer, task: str, seq_len: int, count: int, seed: int, 
                                                 ["context"])
         fits = lambda n, i=index: len(encode(make(i, n)[0])) <= budget
         if not fits(floor):
-            raise ConfigError(f"eval.seq_lens: {seq_len} tokens cannot hold a RULER {task} sample (its smallest prompt "
-                             f"is {1 + len(encode(make(index, floor)[0]))} tokens, and {new} are generated)")
+            raise ConfigError(f"eval.ruler: a {task} sample does not fit {seq_len} tokens (its smallest prompt is "
+                              f"{1 + len(encode(make(index, floor)[0]))} tokens, and {new} are generated); use longer "
+                              f"eval.seq_lens or leave {task} out")
         size = _largest_fitting(fits, floor, high, first=size)
         prompt, answers = make(index, size)
         ids = torch.tensor([start_id, *encode(prompt)], dtype=torch.long)

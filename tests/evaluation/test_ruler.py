@@ -185,8 +185,9 @@ def test_harness_scores_what_the_model_answers(model, tokenizer, corpus, monkeyp
 @pytest.mark.parametrize("override, message", [
     ("eval.ruler=[niah_single_1,needle]", r"eval.ruler=\['niah_single_1', 'needle'\]: unknown RULER task\(s\) "
                                          r"\['needle'\]; choose from niah_single_1, niah_single_2, .*, qa_2 or all"),
-    ("eval.seq_lens=[8192]", r"eval.seq_lens=\[8192\]: longer than the context of random-llama \(4096 tokens\)"),
-    ("eval.ruler=[qa_2]", "eval.seq_lens: 2048 tokens cannot hold a RULER qa_2 sample"),
+    ("eval.seq_lens=[8192]", r"eval.seq_lens=\[8192\]: longer than the model's context of 4096 tokens"),
+    ("eval.ruler=[qa_2]", r"eval.ruler: a qa_2 sample does not fit 2048 tokens \(its smallest prompt is \d+ tokens, "
+                          r"and 32 are generated\); use longer eval.seq_lens or leave qa_2 out"),
     ("eval.ruler_samples=0", "eval.ruler_samples=0: must be an integer >= 1"),
 ])
 def test_bad_ruler_input_is_refused_before_loading(tmp_path, monkeypatch, tokenizer, text_files, override, message):
