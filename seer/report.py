@@ -68,7 +68,8 @@ def ruler_table(rows: list[dict]) -> str:
     scored = [r for r in rows if r.get("ruler") is not None]
     if not scored:
         return ""
-    lines = ["| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | " + " | ".join(tasks) + " |",
+    lines = ["| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | "
+             + " | ".join(tasks) + " |",
              "|" + "---|" * (4 + len(tasks))]
     for r in sorted(scored, key=lambda r: (r["seq_len"], line_label(r), r.get("target_density") or 1.0)):
         cells = [f"{_f(r.get(f'ruler/{t}'), '.1f')} ({_f(r.get(f'ruler/{t}_dense'), '.1f')})" for t in tasks]

@@ -54,7 +54,8 @@ def test_report_shows_ruler(tmp_path):
     report = out.read_text()
     assert "| copy acc (dense) | RULER (dense) |" in report
     assert "| 2048 | oracle + threshold | 0.110 | 70.0 (80.0) | 80.0 (85.0) | 60.0 (75.0) |" in report
-    assert "| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | niah_single_1 | vt |" in report
+    assert ("| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | niah_single_1 | vt |"
+            in report)
     assert " 40.0 (80.0) |" in report  # the RULER column of the main table
     png = tmp_path / "ruler_vs_density_2048.png"
     assert png in images and png.read_bytes()[:4] == b"\x89PNG"

@@ -363,11 +363,27 @@ def _largest_fitting(fits: Callable[[int], bool], low: int, high: int, first: in
     return lo
 
 
+def _size_bounds(kind: str, args: dict, seq_len: int) -> tuple[int, int]:
+    """The smallest and the largest haystack of a task: essay words, lines, noise lines, distinct words, coded words
+    or documents (qa's smallest is each question's gold documents: the first value is then unused)."""
+    if kind == "niah":
+        if args["type_haystack"] == "essay":
+            return 1, len(_essay_words())
+        return max(args["num_needle_k"], args["num_needle_q"]) * args["num_needle_v"], 4 * seq_len
+    if kind == "variable_tracking":
+        return args["num_hops"] + 1, 4 * seq_len
+    if kind == "common_words_extraction":
+        return args["num_cw"] + 1, len(_cwe_pool())
+    if kind == "freq_words_extraction":  # the fourth most frequent word appears at least once
+        return math.ceil(4 ** args["alpha"] * _zeta(args["alpha"])), 8 * seq_len
+    return 1, len(_qa_data(args["dataset"])[1])
+
+
 def generate_samples(tokenizer, task: str, seq_len: int, count: int, seed: int, start_id: int) -> list[RulerSample]:
     """``count`` samples of ``task`` for ``seq_len`` tokens: each the largest haystack whose prompt (after the start
     token ``start_id``) leaves room for the task's tokens to generate; sample ``i`` is drawn from the stream seeded
-    by (task, length, seed, i), so the samples depend only on those and the tokenizer. ``ValueError`` when even the
-    smallest haystack does not fit (a :class:`~seer.config.ConfigError`)."""
+    by (task, length, seed, i), so the samples depend only on those and the tokenizer. A
+    :class:`~seer.config.ConfigError` when even the smallest haystack does not fit."""
     import torch
 
     spec = task_spec(task)
@@ -382,8 +398,9 @@ def generate_samples(tokenizer, task: str, seq_len: int, count: int, seed: int, 
     budget = seq_len - 1 - new  # prompt tokens after the start token
     example_noises = None
     if kind == "variable_tracking":  # RULER sizes the worked example for 500 tokens, its answer included
-        example_fits = lambda n: len(encode(_vt_example(args, template, stream(0, "-example"), n))) + new \
-            <= VT_EXAMPLE_LENGTH
+        def example_fits(noises: int) -> bool:
+            return len(encode(_vt_example(args, template, stream(0, "-example"), noises))) + new <= VT_EXAMPLE_LENGTH
+
         example_noises = _largest_fitting(example_fits, args["num_hops"] + 1, VT_EXAMPLE_LENGTH)
     questions = _qa_questions(args["dataset"], seed) if kind == "qa" else None
 
@@ -401,24 +418,14 @@ def generate_samples(tokenizer, task: str, seq_len: int, count: int, seed: int, 
             return _fwe(args, template, rng, size, seq_len)
         return _qa(args, template, rng, size, questions[index % len(questions)])
 
-    if kind == "niah":
-        low = 1 if args["type_haystack"] == "essay" else max(args["num_needle_k"], args["num_needle_q"]) * \
-            args["num_needle_v"]
-        high = len(_essay_words()) if args["type_haystack"] == "essay" else 4 * seq_len
-    elif kind == "variable_tracking":
-        low, high = args["num_hops"] + 1, 4 * seq_len
-    elif kind == "common_words_extraction":
-        low, high = args["num_cw"] + 1, len(_cwe_pool())
-    elif kind == "freq_words_extraction":
-        low, high = math.ceil(4 ** args["alpha"] * _zeta(args["alpha"])), 8 * seq_len
-    else:
-        low, high = None, len(_qa_data(args["dataset"])[1])
-
+    low, high = _size_bounds(kind, args, seq_len)
     samples, size = [], None
     for index in range(count):
-        floor = low if low is not None else len(_qa_data(args["dataset"])[0][questions[index % len(questions)]]
-                                                ["context"])
-        fits = lambda n, i=index: len(encode(make(i, n)[0])) <= budget
+        floor = low if kind != "qa" else len(_qa_data(args["dataset"])[0][questions[index % len(questions)]]["context"])
+
+        def fits(haystack: int, index: int = index) -> bool:
+            return len(encode(make(index, haystack)[0])) <= budget
+
         if not fits(floor):
             raise ConfigError(f"eval.ruler: a {task} sample does not fit {seq_len} tokens (its smallest prompt is "
                               f"{1 + len(encode(make(index, floor)[0]))} tokens, and {new} are generated); use longer "
