@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from seer.evaluation.config import EvalConfig
 from seer.evaluation import ruler
+from seer.evaluation.config import EvalConfig
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.tasks import CopyCase, PasskeyCase, copy_cases, passkey_cases
 from seer.files import atomic_write_text
