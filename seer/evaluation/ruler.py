@@ -87,15 +87,16 @@ def _package_dir() -> Path:
 @functools.cache
 def task_spec(task: str) -> dict:
     """RULER's settings of ``task``: ``kind`` (niah, variable_tracking, ...), its ``args``, ``template`` (the task
-    template followed by its answer prefix: RULER's ``base`` model template), ``tokens_to_generate`` and ``metric``."""
+    template followed by its answer prefix: RULER's ``base`` model template), ``tokens_to_generate`` and ``metric``
+    (the name of RULER's scoring function)."""
     import yaml
     from long_context_eval.data.synthetic.constants import TASKS
+    from long_context_eval.eval.synthetic.constants import TASKS as METRICS
 
     entry = yaml.safe_load((_package_dir() / "synthetic.yaml").read_text())[task]
     base = TASKS[entry["task"]]
     return {"kind": entry["task"], "args": entry["args"], "template": base["template"] + base.get("answer_prefix", ""),
-            "tokens_to_generate": base["tokens_to_generate"],
-            "metric": "string_match_part" if entry["task"] == "qa" else "string_match_all"}
+            "tokens_to_generate": base["tokens_to_generate"], "metric": METRICS[entry["task"]]["metric_fn"].__name__}
 
 
 def _json(name: str):
@@ -163,7 +164,7 @@ def string_match_part(prediction: str, references: list[str]) -> float:
 
 def score(task: str, prediction: str, references: list[str]) -> float:
     """The RULER score (0-100) of one raw prediction for ``task``."""
-    metric = string_match_part if task_spec(task)["metric"] == "string_match_part" else string_match_all
+    metric = {"string_match_all": string_match_all, "string_match_part": string_match_part}[task_spec(task)["metric"]]
     return metric(postprocess(prediction), references)
 
 

@@ -118,6 +118,15 @@ def test_scoring_is_rulers():
     assert ruler.score("niah_multivalue", "1, 2", ["1", "2", "3", "4"]) == 50.0
 
 
+def test_sentences_and_zeta():
+    import math
+
+    assert ruler.split_sentences('A b. C d! "E f?" G (h.) I j. k l.  M') == ["A b.", "C d!", '"E f?"', "G (h.)",
+                                                                             "I j. k l.", "M"]
+    assert ruler._zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-10)
+    assert ruler._zeta(3.0) == pytest.approx(1.2020569031595942, rel=1e-10)
+
+
 def test_greedy_answer_is_greedy_generation_and_stops():
     model = tiny_model("llama", seed=0)
     ids = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
