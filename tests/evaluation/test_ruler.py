@@ -38,6 +38,17 @@ def test_resolve_tasks():
         ruler.resolve_tasks(["niah"])
 
 
+@pytest.mark.parametrize("override, tasks", [("eval.ruler=all", list(ruler.RULER_TASKS)),
+                                             ("eval.ruler=[qa_1,vt]", ["vt", "qa_1"]), ("eval=default", [])])
+def test_ruler_key_from_the_command_line(override, tasks):
+    from omegaconf import OmegaConf
+
+    from seer.config import build
+
+    config = build(EvalConfig, "eval", OmegaConf.to_container(compose([override], "eval").eval))
+    assert config.ruler == tasks and config.ruler_samples == 10
+
+
 @pytest.mark.parametrize("task", FITTING)
 def test_generation_is_deterministic_and_fits(tokenizer, task):
     samples = ruler.generate_samples(tokenizer, task, 2048, 3, seed=0, start_id=1)
