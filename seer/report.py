@@ -79,8 +79,9 @@ def ruler_table(rows: list[dict]) -> str:
 
 
 def best_at(rows: list[dict], density: float, tolerance: float = 0.02) -> list[str]:
-    """Sentences naming, per length, the selection with the lowest perplexity and the best passkey accuracy among rows
-    whose achieved density is within ``tolerance`` of ``density``, and by how much it beats the next scorer."""
+    """Sentences naming, per length, the selection with the lowest perplexity, the best passkey accuracy and the best
+    RULER mean among rows whose achieved density is within ``tolerance`` of ``density``, and by how much it beats the
+    next scorer."""
     out = []
     for n in sorted({r["seq_len"] for r in rows}):
         near = [r for r in rows if r["seq_len"] == n and r["density"] is not None
@@ -101,6 +102,10 @@ def best_at(rows: list[dict], density: float, tolerance: float = 0.02) -> list[s
             top = max(keyed, key=lambda r: (r["passkey"], -r["ppl"]))
             text += (f". Passkey: best {line_label(top)} at {top['passkey']:.2f} (dense "
                      f"{_f(top.get('passkey_dense'), '.2f')})")
+        scored = [r for r in near if r.get("ruler") is not None]
+        if scored:
+            top = max(scored, key=lambda r: (r["ruler"], -r["ppl"]))
+            text += f". RULER: best {line_label(top)} at {top['ruler']:.1f} (dense {_f(top.get('ruler_dense'), '.1f')})"
         out.append(text + ".")
     return out
 

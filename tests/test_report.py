@@ -57,5 +57,6 @@ def test_report_shows_ruler(tmp_path):
     assert ("| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | niah_single_1 | vt |"
             in report)
     assert " 40.0 (80.0) |" in report  # the RULER column of the main table
+    assert "RULER: best oracle + threshold at 70.0 (dense 80.0)." in best_at(read_rows(tmp_path), 0.1)[0]
     png = tmp_path / "ruler_vs_density_2048.png"
     assert png in images and png.read_bytes()[:4] == b"\x89PNG"
