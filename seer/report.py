@@ -1,10 +1,10 @@
 """Report entry point: ``python -m seer.report DIR [--out FILE] [--seq-len N] [--wandb]``.
 
 Reads every ``metrics.json`` under ``DIR`` (the run folders of a ``python -m seer.eval -m ...`` sweep, or of the
-quality study), and writes one markdown table of all rows, a "best at density" summary, and PNG plots of perplexity
-increase, attention recall and passkey accuracy against the *achieved* density, one line per scorer + budget
-(``DIR/report.md`` and ``DIR/*.png`` unless told otherwise). ``--wandb`` also logs the plots and the table to a W&B
-run (offline unless a key is set).
+quality study), and writes one markdown table of all rows, a "best at density" summary, a table of RULER scores per
+task when the rows have them, and PNG plots of perplexity increase, attention recall, passkey accuracy and RULER mean
+against the *achieved* density, one line per scorer + budget (``DIR/report.md`` and ``DIR/*.png`` unless told
+otherwise). ``--wandb`` also logs the plots and the table to a W&B run (offline unless a key is set).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from seer.evaluation.ruler import RULER_TASKS
+
 PLOTS = (("ppl_increase", "perplexity increase over dense", True),
          ("recall", "attention recall (true mass kept)", False),
-         ("passkey", "passkey accuracy", False))
+         ("passkey", "passkey accuracy", False),
+         ("ruler", "RULER mean score (0-100)", False))
 
 
 def read_rows(folder: str | Path) -> list[dict]:
@@ -45,7 +48,7 @@ def _f(x, spec: str) -> str:
 def table(rows: list[dict]) -> str:
     """One markdown table of every row, grouped by length then ordered by scorer, budget and density."""
     head = ("| N | scorer + budget | target | achieved density | knob | PPL | dense PPL | PPL change | recall | "
-            "oracle recall | passkey (dense) | copy acc (dense) | select ms | attention ms |")
+            "oracle recall | passkey (dense) | copy acc (dense) | RULER (dense) | select ms | attention ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["seq_len"], line_label(r), r.get("target_density") or 1.0)):
         lines.append(
@@ -53,13 +56,32 @@ def table(rows: list[dict]) -> str:
             f"{_f(r.get('knob'), '.3g')} | {_f(r['ppl'], '.3f')} | {_f(r['ppl_dense'], '.3f')} | "
             f"{_f(r.get('ppl_increase'), '+.1%')} | {_f(r.get('recall'), '.3f')} | {_f(r.get('oracle_recall'), '.3f')} | "
             f"{_f(r.get('passkey'), '.2f')} ({_f(r.get('passkey_dense'), '.2f')}) | {_f(r.get('copy'), '.2f')} "
-            f"({_f(r.get('copy_dense'), '.2f')}) | {_f(r.get('select_ms'), '.2f')} | {_f(r.get('attention_ms'), '.2f')} |")
+            f"({_f(r.get('copy_dense'), '.2f')}) | {_f(r.get('ruler'), '.1f')} ({_f(r.get('ruler_dense'), '.1f')}) | "
+            f"{_f(r.get('select_ms'), '.2f')} | {_f(r.get('attention_ms'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def ruler_table(rows: list[dict]) -> str:
+    """RULER scores (0-100) per task of the rows that have them, dense in brackets, beside the density achieved on
+    the RULER prompts; empty without RULER."""
+    tasks = [t for t in RULER_TASKS if any(r.get(f"ruler/{t}") is not None for r in rows)]
+    scored = [r for r in rows if r.get("ruler") is not None]
+    if not scored:
+        return ""
+    lines = ["| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | "
+             + " | ".join(tasks) + " |",
+             "|" + "---|" * (4 + len(tasks))]
+    for r in sorted(scored, key=lambda r: (r["seq_len"], line_label(r), r.get("target_density") or 1.0)):
+        cells = [f"{_f(r.get(f'ruler/{t}'), '.1f')} ({_f(r.get(f'ruler/{t}_dense'), '.1f')})" for t in tasks]
+        lines.append(f"| {r['seq_len']} | {line_label(r)} | {_f(r.get('ruler_density'), '.3f')} | {r['ruler']:.1f} "
+                     f"({_f(r.get('ruler_dense'), '.1f')}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def best_at(rows: list[dict], density: float, tolerance: float = 0.02) -> list[str]:
-    """Sentences naming, per length, the selection with the lowest perplexity and the best passkey accuracy among rows
-    whose achieved density is within ``tolerance`` of ``density``, and by how much it beats the next scorer."""
+    """Sentences naming, per length, the selection with the lowest perplexity, the best passkey accuracy and the best
+    RULER mean among rows whose achieved density is within ``tolerance`` of ``density``, and by how much it beats the
+    next scorer."""
     out = []
     for n in sorted({r["seq_len"] for r in rows}):
         near = [r for r in rows if r["seq_len"] == n and r["density"] is not None
@@ -80,6 +102,10 @@ def best_at(rows: list[dict], density: float, tolerance: float = 0.02) -> list[s
             top = max(keyed, key=lambda r: (r["passkey"], -r["ppl"]))
             text += (f". Passkey: best {line_label(top)} at {top['passkey']:.2f} (dense "
                      f"{_f(top.get('passkey_dense'), '.2f')})")
+        scored = [r for r in near if r.get("ruler") is not None]
+        if scored:
+            top = max(scored, key=lambda r: (r["ruler"], -r["ppl"]))
+            text += f". RULER: best {line_label(top)} at {top['ruler']:.1f} (dense {_f(top.get('ruler_dense'), '.1f')})"
         out.append(text + ".")
     return out
 
@@ -106,7 +132,7 @@ def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[P
             pts = sorted((r["density"], r[key]) for r in group if r.get(key) is not None and r["density"] is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] if percent else p[1] for p in pts], marker="o", label=label)
-        dense_key = {"passkey": "passkey_dense"}.get(key)
+        dense_key = {"passkey": "passkey_dense", "ruler": "ruler_dense"}.get(key)
         if dense_key and mine[0].get(dense_key) is not None:
             ax.axhline(mine[0][dense_key], color="black", linestyle="--", label="dense")
         ax.set_xlabel("achieved density (kept share of causal blocks)")
@@ -134,7 +160,10 @@ def build_report(folder: str | Path, out: str | Path | None = None, seq_len: int
     text = ["# Block selection quality", "", f"{len(rows)} rows from {folder}.", ""]
     for d in densities:
         text += best_at(rows, d)
-    text += ["", table(rows), ""] + [f"![{p.stem}]({p.name})" for p in images]
+    text += ["", table(rows), ""]
+    if ruler_table(rows):
+        text += ["RULER scores (0-100) by task, dense in brackets:", "", ruler_table(rows), ""]
+    text += [f"![{p.stem}]({p.name})" for p in images]
     out.write_text("\n".join(text) + "\n")
     return out, images
 

@@ -41,3 +41,22 @@ def test_report_from_a_sweep_folder(tmp_path):
 def test_report_needs_metrics(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         build_report(tmp_path)
+
+
+def test_report_shows_ruler(tmp_path):
+    for i, (selector, density, score) in enumerate((("gate", 0.1, 40.0), ("oracle", 0.1, 70.0), ("gate", 0.2, 60.0))):
+        row = _row(selector, "threshold", density, 10.5, 0.5)
+        row.update({"ruler": score, "ruler_dense": 80.0, "ruler_density": density + 0.01, "ruler/vt": score - 10,
+                    "ruler/vt_dense": 75.0, "ruler/niah_single_1": score + 10, "ruler/niah_single_1_dense": 85.0})
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps([row]))
+    out, images = build_report(tmp_path)
+    report = out.read_text()
+    assert "| copy acc (dense) | RULER (dense) |" in report
+    assert "| 2048 | oracle + threshold | 0.110 | 70.0 (80.0) | 80.0 (85.0) | 60.0 (75.0) |" in report
+    assert ("| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | niah_single_1 | vt |"
+            in report)
+    assert " 40.0 (80.0) |" in report  # the RULER column of the main table
+    assert "RULER: best oracle + threshold at 70.0 (dense 80.0)." in best_at(read_rows(tmp_path), 0.1)[0]
+    png = tmp_path / "ruler_vs_density_2048.png"
+    assert png in images and png.read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from seer.config import fail, is_int
 
@@ -26,6 +27,9 @@ class EvalConfig:
       spread over the lengths and depths; greedy answer checked. ``copy``: cases of a random ``copy_span``-token span
       placed early and repeated at the end; top-1 accuracy and NLL on the repeat.
     * ``timing`` (CUDA only): prefill time of selection (scoring + budget + index) and of attention, beside dense.
+    * ``ruler``: RULER tasks (its names, or ``all`` for its 13; :mod:`seer.evaluation.ruler`), ``ruler_samples``
+      samples of each at every length, generated with the model's tokenizer and answered greedily (sparse prefill,
+      dense decode); scores 0-100. Needs ``pip install 'seer[ruler]'``.
 
     Dense is measured once per model, text and settings and cached (``dense_cache``).
     """
@@ -44,6 +48,8 @@ class EvalConfig:
     timing: bool = True
     dense_cache: bool = True
     seed: int = 0
+    ruler: Any = field(default_factory=list)
+    ruler_samples: int = 10
 
     def __post_init__(self) -> None:
         self.seq_lens = sorted(set(self.seq_lens))
@@ -58,6 +64,20 @@ class EvalConfig:
         self.passkey_depths = [float(d) for d in self.passkey_depths]
         if not self.passkey_depths or not all(0 <= d <= 1 for d in self.passkey_depths):
             fail("eval", "passkey_depths", self.passkey_depths, "must be depths in [0, 1] (share of the filler)")
+        self._check_ruler()
         if self.copy and 4 * self.copy_span > min(self.seq_lens):
             fail("eval", "copy_span", self.copy_span, f"needs windows of at least 4 spans ({4 * self.copy_span} "
                  f"tokens); the shortest is {min(self.seq_lens)}")
+
+    def _check_ruler(self) -> None:
+        """``ruler`` as a list of RULER's task names (``all`` expanded); the extra that provides them installed."""
+        from seer.evaluation.ruler import INSTALL_HINT, missing_extra, resolve_tasks
+
+        if not is_int(self.ruler_samples) or self.ruler_samples < 1:
+            fail("eval", "ruler_samples", self.ruler_samples, "must be an integer >= 1")
+        try:
+            self.ruler = resolve_tasks(self.ruler)
+        except (TypeError, ValueError) as exc:
+            fail("eval", "ruler", self.ruler, str(exc))
+        if self.ruler and missing_extra():
+            fail("eval", "ruler", self.ruler, f"RULER needs {' and '.join(missing_extra())}: {INSTALL_HINT}")

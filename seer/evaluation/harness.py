@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from seer.evaluation import ruler
 from seer.evaluation.config import EvalConfig
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.tasks import CopyCase, PasskeyCase, copy_cases, passkey_cases
@@ -38,7 +39,8 @@ ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "k
             "calibrated_density", "density", "seq_len", "tokens", "ppl", "ppl_dense", "ppl_increase", "ppl_half",
             "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey", "passkey_dense",
             "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms", "attention_ms",
-            "prefill_ms", "dense_prefill_ms")
+            "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density")
+# beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run
 PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
 
@@ -59,10 +61,12 @@ def _mean(values) -> float | None:
 class Evaluator:
     """See the module docstring. ``model``: a causal LM prepared for seer, on its device; ``text``: the held-out
     token stream; ``kernel``: ``triton`` or ``reference`` for sparse attention; ``cache_dir``: where dense results
-    are kept (None: not cached); ``model_name``: part of the dense cache key."""
+    are kept (None: not cached); ``model_name``: part of the dense cache key; ``ruler_samples``: the RULER samples of
+    :func:`seer.evaluation.ruler.ruler_samples` for ``config`` (None: generated here)."""
 
     def __init__(self, model, tokenizer, text: HeldOutText, config: EvalConfig, kernel: str = "reference",
-                 cache_dir: str | Path | None = None, model_name: str = "model", progress: bool = True):
+                 cache_dir: str | Path | None = None, model_name: str = "model", progress: bool = True,
+                 ruler_samples: dict[int, dict[str, list[ruler.RulerSample]]] | None = None):
         self.model, self.tokenizer, self.text, self.config = model, tokenizer, text, config
         self.ctx: SeerContext = model.seer_context
         self.ctx.kernel = kernel
@@ -82,6 +86,11 @@ class Evaluator:
                                     config.passkey, len(config.passkey_depths))
         self.copy = self._spread(lambda n, k: copy_cases(tokenizer, stream, text.start_id, n, k, config.copy_span,
                                                          config.seed), config.copy, 1)
+        if config.ruler and ruler_samples is None:
+            ruler_samples = ruler.ruler_samples(tokenizer, config.ruler, config.seq_lens, config.ruler_samples,
+                                                config.seed, text.start_id)
+        self.ruler = ruler_samples or {}
+        self.stop_ids = ruler.stop_token_ids(model, tokenizer)
         self._observed: dict[tuple[str, int], tuple[dict, dict | None]] = {}
 
     def _spread(self, make, total: int, multiple: int) -> dict[int, list]:
@@ -174,6 +183,22 @@ class Evaluator:
                 tokens.append(out.logits[:, -1].argmax(-1))
         return torch.stack(tokens, dim=1).cpu()
 
+    def _ruler(self, samples: dict[str, list[ruler.RulerSample]], label: str) -> dict:
+        """RULER scores (0-100): ``ruler/<task>`` (mean over its samples), ``ruler`` (mean over tasks), and the mean
+        achieved density of the prefills (``ruler_density``)."""
+        out, density = {}, []
+        for task, cases in samples.items():
+            scores = []
+            for case in self._bar(cases, f"{label}: ruler {task}"):
+                self.ctx.density.clear()
+                answer = ruler.greedy_answer(self.model, case.input_ids, case.max_new_tokens, self.stop_ids)
+                if self.ctx.mode == "sparse":
+                    density.append(self.ctx.mean_density())
+                scores.append(ruler.score(task, self.tokenizer.decode(answer, skip_special_tokens=True), case.answers))
+            out[f"ruler/{task}"] = _mean(scores)
+        out.update(ruler=_mean(out.values()), ruler_density=_mean(density) if density else 1.0)
+        return out
+
     def _copy(self, cases: list[CopyCase], label: str) -> dict:
         hits, nlls = [], []
         for i in self._bar(range(0, len(cases), self.config.batch_size), f"{label}: copy"):
@@ -226,6 +251,8 @@ class Evaluator:
             out.update(self._passkey(self.passkey[n], f"{label} {n}"))
         if self.copy:
             out.update(self._copy(self.copy[n], f"{label} {n}"))
+        if self.ruler:
+            out.update(self._ruler(self.ruler[n], f"{label} {n}"))
         out.update(self._timing(n))
         return out
 
@@ -247,6 +274,10 @@ class Evaluator:
         if self.cache_dir is None or not self.config.dense_cache:
             return None
         settings = {k: v for k, v in vars(self.config).items() if k not in ("timing", "dense_cache", "batch_size")}
+        if self.config.ruler:  # the task data comes with the package
+            settings["ruler_data"] = ruler.data_version()
+        else:  # keys of runs from before RULER stay valid
+            del settings["ruler"], settings["ruler_samples"]
         key = json.dumps([self.model_name, self.text.fingerprint, settings, self.device.type, 1], sort_keys=True)
         return self.cache_dir / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
@@ -330,6 +361,8 @@ class Evaluator:
             ppl_dense=dense.get("ppl"), ppl_half_dense=dense.get("ppl_half"), passkey_dense=dense.get("passkey"),
             copy_dense=dense.get("copy"), copy_nll_dense=dense.get("copy_nll"),
             dense_prefill_ms=dense.get("prefill_ms"))
+        row.update({f"{key}_dense": value for key, value in dense.items()
+                    if key == "ruler" or key.startswith("ruler/")})
         if row["ppl"] is not None and row["ppl_dense"]:
             row["ppl_increase"] = row["ppl"] / row["ppl_dense"] - 1.0
         return row

@@ -9,7 +9,7 @@ from seer.config import ConfigError, compose
 from seer.eval import run_eval
 
 BASE = ["model=tiny_llama", "block_size=16", "logger=none", "eval=cpu", "eval.seq_lens=[256]", "eval.copy_span=8",
-        "eval.passkey=2", "eval.copy=2", "eval.split=all", "device=cpu"]
+        "eval.passkey=2", "eval.copy=2", "eval.split=all", "device=cpu", "eval.ruler=[]"]
 
 
 @pytest.fixture
