@@ -9,16 +9,16 @@ from typing import Iterator
 
 from hydra.errors import CompactHydraException
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 
 
 class BadInput(CompactHydraException):
-    """A :class:`~seer.config.ConfigError` as Hydra prints it: the message alone."""
+    """A :class:`~seer.checks.ConfigError` as Hydra prints it: the message alone."""
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Re-raises a :class:`~seer.config.ConfigError` as :class:`BadInput` (the original is its ``__cause__``)."""
+    """Re-raises a :class:`~seer.checks.ConfigError` as :class:`BadInput` (the original is its ``__cause__``)."""
     try:
         yield
     except ConfigError as exc:

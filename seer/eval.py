@@ -26,7 +26,7 @@ def _checked(cfg: DictConfig):
     import torch
     from hydra.utils import instantiate
 
-    from seer.config import ConfigError, build
+    from seer.checks import ConfigError, build
     from seer.evaluation.config import EvalConfig
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig

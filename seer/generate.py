@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seer.cli import user_errors
-from seer.config import ConfigError, register_configs
+from seer.checks import ConfigError
+from seer.config import register_configs
 
 register_configs()
 
@@ -43,7 +44,7 @@ def _prompt(cfg: DictConfig) -> str:
 
 
 def run_generation(cfg: DictConfig) -> dict:
-    from seer.config import build
+    from seer.checks import build
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
     from seer.model.inference import enable_sparse_prefill, load

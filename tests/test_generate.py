@@ -5,7 +5,8 @@ import torch
 from omegaconf import OmegaConf
 
 import seer.model.loading
-from seer.config import ConfigError, compose
+from seer.checks import ConfigError
+from seer.config import compose
 from seer.gates.config import GateConfig
 from seer.generate import run_generation
 from seer.model.gate_io import save_gates

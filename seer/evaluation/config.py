@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from seer.config import fail, is_int
+from seer.checks import fail, is_int
 
 SPLITS = ("val", "all")
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from seer.config import build
+from seer.checks import build
 from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates
 from seer.model.config import ModelConfig

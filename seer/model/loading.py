@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from seer.model.config import ModelConfig
 
 log = logging.getLogger(__name__)

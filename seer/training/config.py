@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from seer.config import ConfigError, build, fail, is_int, is_number
+from seer.checks import ConfigError, build, fail, is_int, is_number
 
 if TYPE_CHECKING:
     from seer.config import RunConfig

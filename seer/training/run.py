@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from seer.config import ConfigError, RunConfig, validate
+from seer.checks import ConfigError
+from seer.config import RunConfig, validate
 
 log = logging.getLogger(__name__)
 

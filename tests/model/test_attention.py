@@ -120,7 +120,7 @@ def test_model_architectures_build_offline(name):
     its rope settings (llama3 scaling included); a 2-layer random model of that family is gated end to end."""
     from omegaconf import OmegaConf
 
-    from seer.config import build
+    from seer.checks import build
     from seer.gates import rope_frequencies
     from seer.model.config import ModelConfig
     from seer.model.loading import load_causal_lm, load_config

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import seer
-from seer.config import ConfigError, compose, validate
+from seer.checks import ConfigError
+from seer.config import compose, validate
 from seer.data.synthetic import RandomTokensDataModule
 from seer.gates import rope_frequencies
 from seer.gates.config import GateConfig

@@ -72,7 +72,7 @@ def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
     from hydra.types import RunMode
 
     import seer.training.run as run
-    from seer.config import ConfigError
+    from seer.checks import ConfigError
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
     run.check_launch(trainer)  # one run: Lightning's launcher starts the second process
@@ -166,7 +166,7 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, finetuned_once,
 
 
 def test_lora_under_fsdp_is_refused_before_loading(tmp_path):
-    from seer.config import ConfigError
+    from seer.checks import ConfigError
 
     with pytest.raises(ConfigError, match="trainer=fsdp with stage.lora_rank=4"):
         train(tmp_path, *FINETUNE, "stage.lora_rank=4", "stage.trainable=[]", "trainer=fsdp", *TWO_PROCESSES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import seer
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from tests.training.conftest import cli_env, seer_train, train
 
 
