@@ -73,7 +73,7 @@ def main() -> None:
 
         def dense_mode():
             model.set_attn_implementation("seer")
-            ctx.set_mode("dense")
+            ctx.update(mode="dense")
 
         def sparse_mode():
             model.set_attn_implementation("seer")

@@ -62,7 +62,7 @@ class Evaluator:
                  cache_dir: str | Path | None = None, model_name: str = "model", progress: bool = True):
         self.model, self.tokenizer, self.text, self.config = model, tokenizer, text, config
         self.ctx: SeerContext = model.seer_context
-        self.ctx.kernel = kernel
+        self.ctx.update(kernel=kernel)
         self.device = next(model.parameters()).device
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.model_name = model_name
@@ -127,15 +127,12 @@ class Evaluator:
                 obs.mass, float(block_density(obs.mask)), ctx.sparsity.sink_blocks, ctx.sparsity.local_blocks)))
 
         sparse = ctx.mode == "sparse"
-        ctx.consumer, ctx.want_mass = (measure, True) if recall and sparse else (None, False)
-        try:
+        with ctx.running(consumer=measure if recall and sparse else None, want_mass=recall and sparse):
             for batch in self._bar(list(self._batches(rows)), f"{label}: perplexity"):
-                ctx.density.clear()
+                ctx.clear_step()
                 nll.append(self._forward_nll(batch).cpu())
                 if sparse:
                     density.append(ctx.mean_density())
-        finally:
-            ctx.consumer, ctx.want_mass = None, False
         nll = torch.cat(nll)
         half = nll[:, nll.shape[1] // 2:]
         out = {"tokens": nll.numel(), "ppl": math.exp(float(nll.mean())), "ppl_half": math.exp(float(half.mean())),
@@ -151,7 +148,7 @@ class Evaluator:
         for i in self._bar(range(0, len(cases), self.config.batch_size), f"{label}: passkey"):
             chunk = cases[i:i + self.config.batch_size]
             ids = torch.stack([c.input_ids for c in chunk]).to(self.device)
-            self.ctx.density.clear()
+            self.ctx.clear_step()
             answers = self._greedy(ids, PASSKEY_NEW_TOKENS)
             if self.ctx.mode == "sparse":
                 density.append(self.ctx.mean_density())
@@ -202,16 +199,15 @@ class Evaluator:
         forward()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.ctx.timer = [] if sparse else None
-        start.record()
-        forward()
-        end.record()
-        torch.cuda.synchronize()
-        out = {"prefill_ms": start.elapsed_time(end)}
-        if sparse:
-            out["select_ms"] = sum(e[0].elapsed_time(e[1]) for e in self.ctx.timer)
-            out["attention_ms"] = sum(e[1].elapsed_time(e[2]) for e in self.ctx.timer)
-        self.ctx.timer = None
+        with self.ctx.running(timer=[] if sparse else None) as ctx:
+            start.record()
+            forward()
+            end.record()
+            torch.cuda.synchronize()
+            out = {"prefill_ms": start.elapsed_time(end)}
+            if sparse:
+                out["select_ms"] = sum(e[0].elapsed_time(e[1]) for e in ctx.timer)
+                out["attention_ms"] = sum(e[1].elapsed_time(e[2]) for e in ctx.timer)
         return out
 
     def _measure(self, n: int, rows: torch.Tensor, label: str) -> dict:
@@ -233,9 +229,9 @@ class Evaluator:
         path = self._dense_cache_path()
         if path is not None and path.is_file():
             return {int(k): v for k, v in json.loads(path.read_text()).items()}
-        self.ctx.set_mode("dense")
-        result = {n: self._measure(n, self.windows[n][self.config.calibration_windows:], "dense")
-                  for n in self.config.seq_lens}
+        with self.ctx.running("dense"):
+            result = {n: self._measure(n, self.windows[n][self.config.calibration_windows:], "dense")
+                      for n in self.config.seq_lens}
         if path is not None:
             atomic_write_text(path, json.dumps({str(k): v for k, v in result.items()}, indent=1))
         return result
@@ -258,28 +254,12 @@ class Evaluator:
         rows = self.windows[seq_len][:self.config.calibration_windows]
         if not len(rows):
             raise ValueError("a calibrated budget needs eval.calibration_windows >= 1")
-        scores: dict[int, list] = {}
-        masses: dict[int, list] = {}
-
-        def keep(obs: LayerObservation) -> None:
-            scores.setdefault(obs.layer_idx, []).append(obs.scores.float())
-            if obs.mass is not None:
-                masses.setdefault(obs.layer_idx, []).append(obs.mass.float())
-
-        ctx = self.ctx
-        ctx.selector, ctx.consumer, ctx.want_mass = selector, keep, want_mass
-        ctx.set_mode("observe")
-        try:
+        with self.ctx.observing(want_mass, selector=selector) as observed:
             for batch in self._bar(list(self._batches(rows)), f"calibration {seq_len}"):
                 with torch.no_grad():
                     self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
-        finally:
-            ctx.consumer, ctx.want_mass = None, False
-            ctx.set_mode("dense")
-        observed = ({i: torch.cat(v) for i, v in scores.items()},
-                    {i: torch.cat(v) for i, v in masses.items()} if want_mass else None)
-        self._observed[key] = observed
-        return observed
+        self._observed[key] = (observed.scores(), observed.masses() if want_mass else None)
+        return self._observed[key]
 
     def forget(self, selector) -> None:
         """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights)."""
@@ -301,14 +281,9 @@ class Evaluator:
             calibration = None
             if sparsity.calibrated:
                 calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n)
-            self.ctx.selector = selector
-            self.ctx.use(sparsity, calibration)
-            self.ctx.set_mode("sparse")
-            try:
+            with self.ctx.running("sparse", selector=selector, sparsity=sparsity, calibration=calibration):
                 got = self._measure(n, self.windows[n][self.config.calibration_windows:],
                                     f"{selector_name(selector)} {sparsity.method}")
-            finally:
-                self.ctx.set_mode("dense")
             rows.append(self._row(selector, sparsity, calibration, got, dense[n]))
         return rows
 

@@ -54,10 +54,8 @@ def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kern
                           calibration: Calibration | None = None) -> None:
     """Switches a gated (or selector-scored) model to sparse prefill with ``sparsity`` (a calibrated budget needs its
     ``calibration``); ``kernel`` picks the Triton kernel (``auto``: on CUDA) or the PyTorch reference."""
-    ctx = model.seer_context
-    ctx.kernel = resolve_kernel(kernel, next(model.parameters()).device)
-    ctx.use(sparsity, calibration)
-    ctx.set_mode("sparse")
+    model.seer_context.update(mode="sparse", kernel=resolve_kernel(kernel, next(model.parameters()).device),
+                              sparsity=sparsity, calibration=calibration)
 
 
 def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None = None,

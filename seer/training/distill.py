@@ -58,15 +58,9 @@ class GateDistillation(L.LightningModule):
             if with_mass:
                 masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
-        ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
-        ctx.gt_target = self.stage.target
-        ctx.set_mode("distill")
-        try:
-            with torch.no_grad():
-                self.model.base_model(input_ids=input_ids, use_cache=False)
-        finally:
-            ctx.consumer = None
-            ctx.set_mode("dense")
+        with ctx.running("distill", consumer=consume, gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
+                         gt_target=self.stage.target), torch.no_grad():
+            self.model.base_model(input_ids=input_ids, use_cache=False)
         if not losses:
             raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
         total = self.stage.loss_scale * torch.stack([losses[i] for i in sorted(losses)]).sum()

@@ -123,10 +123,9 @@ class Finetune(L.LightningModule):
         return self.lm.seer_context
 
     def on_fit_start(self) -> None:
-        ctx = self.context
-        ctx.gt_source, ctx.gt_mode, ctx.gt_target, ctx.kernel = (self.gt_source, self.stage.gt_mode,
-                                                                  self.stage.target, self.kernel)
-        ctx.set_mode("train_sparse")
+        # for the whole fit: a recomputation under activation checkpointing runs in the backward, after the step
+        self.context.update(mode="train_sparse", gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
+                            gt_target=self.stage.target, kernel=self.kernel)
 
     def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool) -> dict:
         """Language-model loss through ``sparsity``'s blocks and, ``with_gate_loss``, every layer's gate loss."""
@@ -139,14 +138,10 @@ class Finetune(L.LightningModule):
                 gate_losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss,
                                                        self.stage.skip_first_rows)
 
-        ctx.train_masks.clear()  # the previous step's backward is done: new masks for this step
-        ctx.density.clear()
-        ctx.sparsity, ctx.calibration = sparsity, None
-        ctx.consumer = consume if with_gate_loss else None
-        try:
+        ctx.clear_step()  # the previous step's backward is done: new masks for this step
+        # a calibrated budget is calibrated per layer on the batch (train_sparse mode), so no calibration is given
+        with ctx.running(sparsity=sparsity, calibration=None, consumer=consume if with_gate_loss else None):
             hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        finally:
-            ctx.consumer = None
         lm_loss = causal_lm_loss(hidden, self.head, input_ids, self.stage.loss_chunk_tokens)
         out = {"lm_loss": lm_loss, "density": ctx.mean_density()}
         if with_gate_loss:
@@ -218,9 +213,8 @@ class Finetune(L.LightningModule):
         from seer.training.parallel import full_state_dict
 
         folder = Path(folder)
-        ctx = self.context
-        ctx.set_mode("dense")
-        ctx.train_masks.clear()
+        self.context.update(mode="dense")
+        self.context.clear_step()
         lm = (self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.lm).eval()
         full, gate_state = full_state_dict(lm), gate_state_dict(lm)
         if self.global_rank != 0:

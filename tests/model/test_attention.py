@@ -51,9 +51,7 @@ def test_gated_model_distill_records_and_dense_equivalence(family):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(ids).logits)  # dense mode changes nothing
     records = []
-    ctx.consumer = records.append
-    ctx.set_mode("distill")
-    with torch.no_grad():
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
         model.model(ids)
     assert [r.layer_idx for r in records] == [0, 1]
     for rec in records:
@@ -70,12 +68,11 @@ def test_sparse_mode_density_one_equals_dense_and_matches_reference_path(family)
     ids = torch.randint(0, 300, (1, 90))
     with torch.no_grad():
         dense = model(ids).logits
-        ctx.set_mode("sparse")
-        ctx.sparsity = SparsityConfig(method="dense")
-        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)
+        with ctx.running("sparse", sparsity=SparsityConfig(method="topk", target_density=1.0)):
+            torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)  # every block, sparse path
         assert ctx.densities() == {0: 1.0, 1: 1.0}
-        ctx.sparsity = SparsityConfig(method="topk", target_density=0.4)
-        sparse = model(ids).logits
+        with ctx.running("sparse", sparsity=SparsityConfig(method="topk", target_density=0.4)):
+            sparse = model(ids).logits
     assert all(abs(d - 0.4) < 0.15 for d in ctx.densities().values())
     assert not torch.allclose(sparse, dense, atol=1e-3)
 
@@ -138,8 +135,25 @@ def test_model_architectures_build_offline(name):
     model = load_causal_lm(build(ModelConfig, "model", {"architecture": small, "random_init": True, "dtype": "float32"}))
     ctx = attach_gates(model, GateConfig(block_size=16, hidden_size=16))
     records = []
-    ctx.consumer = records.append
-    ctx.set_mode("distill")
-    with torch.no_grad():
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
         model.base_model(input_ids=torch.randint(0, 128, (1, 40)))
     assert len(records) == 2 and all(torch.isfinite(r.gt).all() for r in records)
+
+
+def test_context_settings_change_through_checks_and_running_restores_them():
+    model, ctx = _gated("llama")
+    with pytest.raises(ValueError, match="unknown seer context setting"):
+        ctx.update(modes="sparse")
+    with pytest.raises(ValueError, match="is not one of"):
+        ctx.update(mode="sparce")
+    with pytest.raises(ValueError, match="needs a calibration"):  # the default budget is calibrated
+        ctx.update(mode="sparse", sparsity=SparsityConfig())
+    assert ctx.mode == "dense" and ctx.sparsity == SparsityConfig()  # a refused change changes nothing
+    with pytest.raises(RuntimeError, match="inside"), ctx.running("observe", want_mass=True):
+        assert ctx.mode == "observe" and ctx.want_mass
+        raise RuntimeError("inside")
+    assert ctx.mode == "dense" and not ctx.want_mass and ctx.consumer is None
+    with ctx.observing(want_mass=True) as observed, torch.no_grad():
+        model.model(torch.randint(0, 300, (2, 70)))
+    assert sorted(observed.scores()) == [0, 1] and observed.scores()[0].shape == (2, 4, 5, 5)
+    assert observed.masses()[1].shape == (2, 4, 5, 5) and ctx.mode == "dense"

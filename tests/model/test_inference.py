@@ -33,7 +33,7 @@ def test_density_one_matches_dense_model_and_generate(tmp_path):
     ids = torch.randint(0, 300, (1, 75))
     ctx = model.seer_context
     with torch.no_grad():
-        ctx.set_mode("dense")
+        ctx.update(mode="dense")
         dense_logits = model(ids).logits
         dense_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
         enable_sparse_prefill(model, SparsityConfig(method="dense"))
@@ -98,7 +98,7 @@ def test_sparse_prefill_engages_while_tracing(tmp_path, monkeypatch):
     with torch.no_grad():
         sparse = model(ids, use_cache=False).logits  # no cache: transformers also probes for packed rows
         assert set(model.seer_context.densities()) == {0, 1}
-        model.seer_context.density.clear()
+        model.seer_context.clear_step()
         padded = model(ids, attention_mask=torch.ones_like(ids)).logits  # a padding mask: dense fallback
     assert model.seer_context.densities() == {}
     assert not torch.allclose(sparse, padded, atol=1e-4)

@@ -71,7 +71,7 @@ def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))  # sparse, with the trained gates
     assert loaded.seer_context.mean_density() == pytest.approx(module.context.mean_density())
     for m in (loaded, module.lm):
-        m.seer_context.set_mode("dense")
+        m.seer_context.update(mode="dense")
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))  # the fine-tuned weights
 
 
@@ -170,8 +170,7 @@ def _grads(sparsity: SparsityConfig | None, checkpointing: bool = False):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if sparsity is not None:
-        ctx.set_mode("train_sparse")
-        ctx.sparsity = sparsity
+        ctx.update(mode="train_sparse", sparsity=sparsity)
     ids = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
     loss = causal_lm_loss(model.model(input_ids=ids, use_cache=False).last_hidden_state, model.lm_head, ids, 64)
     loss.backward()
@@ -226,7 +225,7 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
     assert not torch.allclose(loaded.model.layers[0].self_attn.q_proj.weight, adapted)  # the merged adapter
     ids = torch.randint(0, 320, (1, 256), generator=torch.Generator().manual_seed(1))
     for m in (loaded, module.lm):
-        m.seer_context.set_mode("dense")
+        m.seer_context.update(mode="dense")
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))
 
 
@@ -255,8 +254,7 @@ def test_triton_sparse_training_matches_the_reference_on_gpu():
     def grads(kernel: str):
         model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda()
         ctx = attach_gates(model, GateConfig(block_size=64, hidden_size=64))
-        ctx.set_mode("train_sparse")
-        ctx.sparsity, ctx.kernel = SparsityConfig(method="topk", target_density=0.3), kernel
+        ctx.update(mode="train_sparse", sparsity=SparsityConfig(method="topk", target_density=0.3), kernel=kernel)
         ids = torch.randint(0, 320, (1, 1000), generator=torch.Generator().manual_seed(0)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
