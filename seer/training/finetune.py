@@ -31,10 +31,14 @@ from torch.utils.checkpoint import checkpoint
 
 from seer.config import RunConfig
 from seer.model.attention import LayerRecord, attach_gates, attention_layers, gate_parameters
+from seer.model.gate_io import load_gates
+from seer.model.inference import resolve_kernel
+from seer.model.loading import resolve_dtype
 from seer.sparsity import SparsityConfig
 from seer.training.config import FinetuneConfig
 from seer.training.losses import gate_loss, normalize_rows
-from seer.training.parallel import configure_sharding, tied_head
+from seer.training.parallel import tied_head
+from seer.training.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +93,46 @@ def set_trainable(model: torch.nn.Module, stage: FinetuneConfig) -> list[str]:
     return chosen
 
 
-class Finetune(L.LightningModule):
+class Finetune(Stage):
     """Long-context fine-tuning of ``model`` (a Hugging Face causal LM, with gates attached; a peft model with
-    LoRA) through its gates' block-sparse attention; see the module docstring."""
+    LoRA) through its gates' block-sparse attention; see the module docstring. Its loss history is the
+    language-model loss of each step."""
 
     def __init__(self, model: torch.nn.Module, stage: FinetuneConfig, sparsity: SparsityConfig, gt_source: str,
                  kernel: str, model_name: str = "unknown", export_dir: str | Path | None = None, tokenizer=None,
                  save_dtype: torch.dtype | None = None):
-        super().__init__()
-        self.model = model
-        self.stage, self.sparsity, self.gt_source, self.kernel = stage, sparsity, gt_source, kernel
-        self.model_name, self.tokenizer = model_name, tokenizer
+        super().__init__(model, stage, sparsity, gt_source, model_name)
+        self.kernel, self.tokenizer, self.save_dtype = kernel, tokenizer, save_dtype
         self.export_dir = None if export_dir is None else Path(export_dir)
-        self.save_dtype = save_dtype
-        self.strict_loading = False  # checkpoints hold the trained parameters only
         self.images: dict = {}  # no gate images in this stage (GateImages reads this)
-        self.loss_history: list[float] = []  # the language-model loss of each step
+
+    @classmethod
+    def from_run(cls, run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
+                 out_dir: Path, model_name: str) -> Finetune:
+        """The stage's module for ``model`` (loaded with ``run.model``'s rope scaling): LoRA adapters if asked, gates
+        (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
+        activation checkpointing."""
+        stage: FinetuneConfig = run.stage
+        kernel = resolve_kernel(stage.kernel, device)
+        if stage.lora_rank:
+            model = add_lora(model, stage)
+        lm = model.get_base_model() if stage.lora_rank else model
+        attach_gates(lm, run.gate)
+        if stage.init_gates is not None:
+            meta = load_gates(lm, stage.init_gates, expected_gate=run.gate, allow_rope_change=True)
+            print(f"[seer] gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
+                  f"model's {lm.config.rope_parameters.get('rope_type')} rope)", flush=True)
+        chosen = set_trainable(model, stage)
+        model.train()  # loaded in eval mode; transformers checkpoints layers in train mode only (Llama has no dropout)
+        if stage.gradient_checkpointing:  # reentrant: the first pass runs without grad, so no gate work is repeated
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[seer] finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
+              f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
+              f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
+              f"{len(attention_layers(lm))} gated layers", flush=True)
+        return cls(model, stage, run.sparsity, gt_source, kernel, model_name=model_name, export_dir=out_dir / "model",
+                   tokenizer=tokenizer, save_dtype=resolve_dtype(run.model.dtype, device))
 
     @property
     def lm(self) -> torch.nn.Module:
@@ -173,35 +201,15 @@ class Finetune(L.LightningModule):
         self.log("val/ppl", torch.exp(out["lm_loss"]), batch_size=bsz)
         self.log("val/density", out["density"], batch_size=bsz)
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """The trained base parameters at ``stage.lr``, the gates at ``stage.gate_lr``."""
         gate_ids = {id(p) for p in gate_parameters(self.lm)}
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trained if id(p) not in gate_ids], "lr": self.stage.lr},
-                  {"params": [p for p in trained if id(p) in gate_ids], "lr": self.stage.gate_lr}]
-        groups = [g for g in groups if g["params"]]
-        opt = torch.optim.AdamW(groups, betas=self.stage.betas, weight_decay=self.stage.weight_decay)
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(self.stage.warmup_steps, total), total,
-                                                            min_lr_rate=self.stage.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_model(self) -> None:
-        """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
-        configure_sharding(self)
+        return [{"params": [p for p in trained if id(p) not in gate_ids], "lr": self.stage.lr},
+                {"params": [p for p in trained if id(p) in gate_ids], "lr": self.stage.gate_lr}]
 
     def configure_callbacks(self):
         return [ModelExport()] if self.export_dir is not None else []
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Lightning checkpoints keep the trained parameters only (the rest reloads from the model's source)."""
-        trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["seer_loss_history"] = list(self.loss_history)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.loss_history = list(checkpoint.get("seer_loss_history", []))
 
     def export(self, folder: str | Path) -> Path | None:
         """Writes the fine-tuned model (LoRA merged; weights in ``save_dtype``) as a Hugging Face folder with its
@@ -249,36 +257,3 @@ class ModelExport(L.Callback):
         folder = pl_module.export(pl_module.export_dir)  # every process: a sharded model is gathered
         if folder is not None:
             print(f"[seer] fine-tuned model: {folder} (gates: {folder / 'gates'})", flush=True)
-
-
-def build_finetune(run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
-                   out_dir: Path, model_name: str) -> Finetune:
-    """The stage's module for ``model`` (loaded with ``run.model``'s rope scaling): LoRA adapters if asked, gates
-    (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
-    activation checkpointing."""
-    from seer.model.gate_io import load_gates
-    from seer.model.inference import resolve_kernel
-    from seer.model.loading import resolve_dtype
-
-    stage: FinetuneConfig = run.stage
-    kernel = resolve_kernel(stage.kernel, device)
-    if stage.lora_rank:
-        model = add_lora(model, stage)
-    lm = model.get_base_model() if stage.lora_rank else model
-    attach_gates(lm, run.gate)
-    if stage.init_gates is not None:
-        meta = load_gates(lm, stage.init_gates, expected_gate=run.gate, allow_rope_change=True)
-        print(f"[seer] gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
-              f"model's {lm.config.rope_parameters.get('rope_type')} rope)", flush=True)
-    chosen = set_trainable(model, stage)
-    model.train()  # loaded in eval mode; transformers checkpoints layers in train mode only (Llama has no dropout)
-    if stage.gradient_checkpointing:  # reentrant: the first pass runs without grad, so no gate work is repeated
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"[seer] finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
-          f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
-          f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
-          f"{len(attention_layers(lm))} gated layers", flush=True)
-    return Finetune(model, stage, run.sparsity, gt_source, kernel, model_name=model_name,
-                    export_dir=out_dir / "model", tokenizer=tokenizer,
-                    save_dtype=resolve_dtype(run.model.dtype, device))

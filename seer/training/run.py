@@ -98,27 +98,6 @@ def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model")
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
 
 
-def build_distill(run: RunConfig, model, *, gt_source: str, device: torch.device, tokenizer, out_dir: Path,
-                  model_name: str):
-    """The distill stage's module: gates attached to ``model``, its base frozen."""
-    from seer.model.attention import attach_gates, freeze_base_model
-    from seer.training.distill import GateDistillation
-
-    attach_gates(model, run.gate)
-    freeze_base_model(model)
-    return GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_name)
-
-
-def build_finetune(run: RunConfig, model, **kwargs):
-    from seer.training.finetune import build_finetune
-
-    return build_finetune(run, model, **kwargs)
-
-
-# stage name -> builder of its LightningModule from the loaded base model
-STAGE_MODULES = {"distill": build_distill, "finetune": build_finetune}
-
-
 def _instantiate_group(nodes: DictConfig | None, **extra) -> list:
     """Every non-null node of ``nodes``; ``extra`` goes to the nodes whose target takes those arguments and that do
     not set them."""
@@ -230,7 +209,7 @@ def quiet_third_party_output() -> None:
 def run_training(cfg: DictConfig) -> dict:
     """Runs the training stage ``cfg`` names; returns the run summary (also written to ``summary.json``). Raises
     ``KeyboardInterrupt`` after a Ctrl-C that saved a checkpoint and a summary."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
     import lightning as L
     from lightning.pytorch.loggers.logger import DummyLogger
 
@@ -275,8 +254,9 @@ def run_training(cfg: DictConfig) -> dict:
     trainer.loggers = loggers or [DummyLogger()]
     try:
         model = load_causal_lm(**placement(cfg, run, device))
-        module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
-                                               out_dir=out_dir, model_name=model_id(run.model))
+        module = get_class(run.stage.module).from_run(run, model, gt_source=gt_source, device=device,
+                                                      tokenizer=tokenizer, out_dir=out_dir,
+                                                      model_name=model_id(run.model))
         exclude_frozen_from_ddp(module)
         facts = derived_facts(module, trainer, device, gt_source)
         for logger in trainer.loggers:

@@ -19,7 +19,7 @@ from seer.model.gate_io import load_gates
 from seer.model.inference import enable_sparse_prefill
 from seer.model.loading import load_causal_lm
 from seer.sparsity import SparsityConfig
-from seer.training.finetune import build_finetune, causal_lm_loss
+from seer.training.finetune import Finetune, causal_lm_loss
 from tests.tiny import tiny_model
 
 # a 2-layer Llama with 128-token original context extended 2x by YaRN, fine-tuned on 256-token rows of 16-blocks
@@ -45,8 +45,8 @@ class _Densities(L.Callback):
 def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
     run = validate(compose(TINY + ["stage.lr=3e-3", "stage.gradient_checkpointing=true", "stage.dense_warmup_steps=1"]))
     model = load_causal_lm(run.model)
-    module = build_finetune(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
-                            out_dir=tmp_path, model_name="tiny")
+    module = Finetune.from_run(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
+                               out_dir=tmp_path, model_name="tiny")
     data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)  # one batch, repeated
     densities = _Densities()
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -211,8 +211,8 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
     model = load_causal_lm(run.model)
     frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     adapted = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    module = build_finetune(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
-                            out_dir=tmp_path, model_name="tiny")
+    module = Finetune.from_run(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
+                               out_dir=tmp_path, model_name="tiny")
     trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n or ".seer_gate." in n for n in trained)
     data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)
