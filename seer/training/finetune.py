@@ -21,11 +21,11 @@ language-model loss through the trained sparse attention), ``val/ppl``, ``val/de
 from __future__ import annotations
 
 import fnmatch
-import logging
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -40,7 +40,6 @@ from seer.training.losses import gate_loss, normalize_rows
 from seer.training.parallel import tied_head
 from seer.training.stage import Stage
 
-log = logging.getLogger(__name__)
 
 DENSE = SparsityConfig(method="dense")
 
@@ -120,17 +119,17 @@ class Finetune(Stage):
         attach_gates(lm, run.gate)
         if stage.init_gates is not None:
             meta = load_gates(lm, stage.init_gates, expected_gate=run.gate, allow_rope_change=True)
-            print(f"[seer] gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
-                  f"model's {lm.config.rope_parameters.get('rope_type')} rope)", flush=True)
+            rank_zero_info(f"gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
+                           f"model's {lm.config.rope_parameters.get('rope_type')} rope)")
         chosen = set_trainable(model, stage)
         model.train()  # loaded in eval mode; transformers checkpoints layers in train mode only (Llama has no dropout)
         if stage.gradient_checkpointing:  # reentrant: the first pass runs without grad, so no gate work is repeated
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"[seer] finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
-              f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
-              f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
-              f"{len(attention_layers(lm))} gated layers", flush=True)
+        rank_zero_info(f"finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
+                       f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
+                       f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
+                       f"{len(attention_layers(lm))} gated layers")
         return cls(model, stage, run.sparsity, gt_source, kernel, model_name=model_name, export_dir=out_dir / "model",
                    tokenizer=tokenizer, save_dtype=resolve_dtype(run.model.dtype, device))
 
@@ -256,4 +255,4 @@ class ModelExport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         folder = pl_module.export(pl_module.export_dir)  # every process: a sharded model is gathered
         if folder is not None:
-            print(f"[seer] fine-tuned model: {folder} (gates: {folder / 'gates'})", flush=True)
+            rank_zero_info(f"fine-tuned model: {folder} (gates: {folder / 'gates'})")

@@ -212,6 +212,7 @@ def run_training(cfg: DictConfig) -> dict:
     from hydra.utils import get_class, instantiate
     import lightning as L
     from lightning.pytorch.loggers.logger import DummyLogger
+    from lightning.pytorch.utilities import rank_zero_info
 
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
     from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
@@ -261,10 +262,9 @@ def run_training(cfg: DictConfig) -> dict:
         facts = derived_facts(module, trainer, device, gt_source)
         for logger in trainer.loggers:
             logger.log_hyperparams(facts)  # W&B: into the run's config; rank 0 only
-        if trainer.is_global_zero:
-            print(f"[seer] {out_dir}\n[seer] device {facts['run.device']} x{trainer.world_size}, ground truth "
-                  f"{gt_source} (stage.gt={run.stage.gt}); {facts['params.trained']:,} trained parameters (gates "
-                  f"{facts['params.gates']:,}), {facts['params.frozen']:,} frozen", flush=True)
+        rank_zero_info(f"run folder {out_dir}; device {facts['run.device']} x{trainer.world_size}, ground truth "
+                       f"{gt_source} (stage.gt={run.stage.gt}); {facts['params.trained']:,} trained parameters "
+                       f"(gates {facts['params.gates']:,}), {facts['params.frozen']:,} frozen")
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as exc:
         finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)

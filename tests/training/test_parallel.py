@@ -157,7 +157,7 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, finetuned_once,
                                      f"hydra.run.dir={tmp_path / strategy}"),
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[seer] fine-tuned model:") == 1  # written by one process
+    assert proc.stdout.count("fine-tuned model:") == 1  # written by one process
     for part, reference in finetuned_once(tied).items():
         written = load_file(str(tmp_path / strategy / "model" / part))
         assert written.keys() == reference.keys()
