@@ -106,7 +106,8 @@ def report(rows: list[dict], cmd: str) -> str:
              "`triton.testing.do_bench` through `seer.kernels.tuning.median_ms`).", "",
              "## Skewed per-head budgets", "",
              "| N | mask | density (head min-max) | kernel, rows | kernel, heaviest first | from mask, rows | "
-             "from mask, heaviest first | skewed / uniform (heaviest first, from mask) |", "|---|---|---|---|---|---|---|---|"]
+             "from mask, heaviest first | skewed / uniform (heaviest first, from mask) |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in sorted({r["N"] for r in rows}):
         uni = next(r for r in rows if r["N"] == n and r["mask"].startswith("uniform"))
         for r in (r for r in rows if r["N"] == n and "kernel rows" in r):

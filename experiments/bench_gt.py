@@ -203,8 +203,8 @@ def main():
             mem = extra_mem(ref_fn)
             ms, r = median_ms(ref_fn, rep_ms=args.rep_ms, min_runs=args.min_runs)
             add(n, "reference.block_gt", ms, r, mem, f"(max rel. err. of our gt vs it: {err:.1e})")
-            del g_ref
-        del q, k, v, out, lse, gt
+            g_ref = None
+        q = k = v = out = lse = gt = None
         torch.cuda.empty_cache()
 
     g_ms, g_note = gate_time(32768, args.rep_ms, args.min_runs)

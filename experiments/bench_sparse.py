@@ -142,7 +142,7 @@ def tune(args) -> None:
                 res.append(row)
                 print(json.dumps({kk: (vv if not isinstance(vv, float) else round(vv, 4)) for kk, vv in
                                   row.items()}, default=str), flush=True)
-        del q, k, v
+        q = k = v = None
     print("\nbest per (d, block, pair) by density-1.0 time and by density-0.1 time:")
     for d in (128, 64):
         for block, pair in ((64, True), (64, False), (128, False)):
@@ -235,11 +235,11 @@ def gate_only(args) -> list[dict]:
                     logits = gate(q, k)
                     for dens in (0.1, 0.5):
                         row[f"select_{dens}"] = ms(lambda: select(logits, dens), rep_ms=100)
-                    del logits
-            del k
+                    logits = None
+            k = None
         print(json.dumps({kk: round(vv, 4) for kk, vv in row.items()}), flush=True)
         rows.append(row)
-        del q
+        q = None
         torch.cuda.empty_cache()
     return rows
 
@@ -262,7 +262,7 @@ def run(args) -> list[dict]:
             err = check(q, k, v, torch.ones(1, h, nb, nb, dtype=torch.bool, device=DEV), block, ref)
             print(f"check N={n}: dense rel err vs SDPA flash {err:.2e}", flush=True)
             print(f"check N={n} gate: {check_gate(gates['gate'], q, k)}", flush=True)
-            del ref
+            ref = None
         print(f"N={n}: flash {t_flash:.3f} ms, cudnn {t_cudnn:.3f} ms, gates {t_gate}", flush=True)
         logits = gates["gate"](q, k)
         for dens in args.densities:
@@ -296,14 +296,14 @@ def run(args) -> list[dict]:
                         i2, c2 = build_block_index(fmask)
                         row["kernel128"] = ms(lambda: block_sparse_attn_indexed(q, k, v, i2, c2, 128))
                         row["real_density128"] = density_of(fmask)
-                    del bm
+                    bm = None
             rows.append(row)
             print(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}),
                   flush=True)
             with open(os.path.join(args.out_dir, args.name + ".json"), "w") as f:  # progress, rewritten at the end
                 json.dump({"rows": rows}, f)
-            del mask, ii, cc
-        del q, k, v, scores, logits
+            mask = ii = cc = None
+        q = k = v = scores = logits = None
         torch.cuda.empty_cache()
     return rows
 
@@ -314,7 +314,8 @@ def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
              f"cuDNN {info['cudnn']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
              f"B 1, 32 heads, D 128, bf16, causal, forward; mask blocks of {args.block} tokens. Times in ms "
-             "(median of CUDA-event-timed runs, seer.kernels.tuning.median_ms). `kernel`: ours on prebuilt block lists; `index`: list build "
+             "(median of CUDA-event-timed runs, seer.kernels.tuning.median_ms). `kernel`: ours on prebuilt block "
+             "lists; `index`: list build "
              "from the bool mask; `ours` = both; `flexB`: FlexAttention (compiled) with B-token blocks "
              "(`flexB build`: its index build from the bool mask); `gate` / `avgmax`: the AttnGate forward "
              "(K max+min+avg / K max); `select`: top-k selection on the gate's logits; `e2e` / `e2e avgmax`: "

@@ -26,8 +26,8 @@ In one run, bounded by ``--budget-s`` (default 5.5 minutes; a FlexAttention comp
      diagonal partial with a causal ``mask_mod``; its build not timed, shown apart) at the same block size,
      and dense SDPA flash.
 
-Timing: :func:`seer.kernels.bench.ms` (``triton.testing.do_bench``, median, L2 flushed between runs). Progress goes to stdout as it happens;
-the markdown report (``--out``) and a JSON file beside it are rewritten after every stage.
+Timing: :func:`seer.kernels.bench.ms` (``triton.testing.do_bench``, median, L2 flushed between runs). Progress goes
+to stdout as it happens; the markdown report (``--out``) and a JSON file beside it are rewritten after every stage.
 
     python experiments/bench_sparse_bwd.py --out docs/bench_sparse_bwd.md
 """
@@ -374,7 +374,8 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: FlexWithBac
                             row["flex_vs_ours_rel_diff"] = max(rel_err(a, b) for a, b in zip(ours, got))
                             if not row["flex_vs_ours_rel_diff"] < 3e-2:
                                 log(f"WARNING: FlexAttention and ours disagree: {row['flex_vs_ours_rel_diff']:.3e}")
-                        row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do), rep_ms=50)
+                        row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do),
+                                                 rep_ms=50)
                         row["flex_s"] = round(time.time() - t0, 1)
                     except Exception as exc:
                         row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -5,7 +5,7 @@ message alone, without a traceback (``HYDRA_FULL_ERROR=1`` shows the whole trace
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from hydra.errors import CompactHydraException
 

@@ -42,7 +42,8 @@ def _checked(cfg: DictConfig):
         if params:
             raise ConfigError(f"selector=gate takes no parameters; got {sorted(params)}")
         if not cfg.gates or not Path(cfg.gates).exists():
-            raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder (outputs/<run>/gates)")
+            raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder "
+                              f"(outputs/<run>/gates)")
         selector = None
     else:
         try:
@@ -137,7 +138,8 @@ def _log_wandb(cfg: DictConfig, rows: list[dict], selector: str, sparsity) -> No
             **{f"sparsity.{k}": v for k, v in vars(sparsity).items()},
             **{f"eval.{k}": v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()},
             "model": rows[0]["model"], "data": rows[0]["data"]}
-    run = wandb.init(project=node.get("project", "seer"), dir=str(cfg.paths.output_dir), mode=wandb_mode(node.get("mode")),
+    run = wandb.init(project=node.get("project", "seer"), dir=str(cfg.paths.output_dir),
+                     mode=wandb_mode(node.get("mode")),
                      group=node.get("group"), name=f"eval-{selector}-{sparsity.method}-{sparsity.target_density}",
                      config=flat, job_type="eval", reinit=True)
     try:

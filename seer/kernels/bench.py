@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime
 import math
 import platform
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton

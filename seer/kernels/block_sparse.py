@@ -24,7 +24,8 @@ base 2 with ``log2(e)`` folded into the scale: with ``t_ij = (scale * log2 e) q_
 .. math::
 
     m' = \\max(m, \\max_j t_{ij}),\\quad \\alpha = 2^{m - m'},\\quad p_{ij} = 2^{t_{ij} - m'},\\quad
-    l \\leftarrow \\alpha l + \\textstyle\\sum_j p_{ij},\\quad acc \\leftarrow \\alpha\\, acc + p V,\\quad m \\leftarrow m',
+    l \\leftarrow \\alpha l + \\textstyle\\sum_j p_{ij},\\quad acc \\leftarrow \\alpha\\, acc + p V,\\quad
+    m \\leftarrow m',
 
 and at the end ``out = acc / l`` and ``lse = ln 2 * (m + log2 l)``.
 
@@ -366,8 +367,9 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     start in: ``rows`` (per head, the last query blocks first; heads one after another, so concurrent programs
     share a head's K/V in L2) or ``heaviest_first`` (all programs by list length, longest first,
     :func:`heaviest_first`). On an H100 at 32k ``rows`` was faster for uniform and for per-head-skewed budgets
-    alike (docs/bench_adaptive.md). ``out``/``lse`` optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the
-    same as :func:`seer.kernels.reference.block_sparse_attn`.
+    alike (docs/bench_adaptive.md). ``out``/``lse`` optionally receive the results in place. Returns ``(out [B, Hq, N,
+    D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the same as
+    :func:`seer.kernels.reference.block_sparse_attn`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v over the
     same block selection (Triton backward in :mod:`seer.kernels.block_sparse_bwd`; the mask gets no gradient)

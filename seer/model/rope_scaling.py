@@ -17,7 +17,8 @@ config (:func:`seer.gates.rope.rope_frequencies`), and ``save_pretrained`` store
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from seer.checks import fail, is_int, is_number
 

@@ -13,6 +13,6 @@ from seer.sparsity.masks import (causal_blocks, forced_blocks, row_budgets, row_
                                  topk_mask, topp_mask)
 from seer.sparsity.measures import attention_mass, block_density, head_density, mass_recall, oracle_recall
 
-__all__ = ["SparsityConfig", "attention_mass", "block_density", "causal_blocks", "forced_blocks", "head_density", "mass_recall",
-           "oracle_recall", "row_budgets", "row_probs", "select_blocks", "selection_masks", "threshold_mask",
-           "topk_mask", "topp_mask"]
+__all__ = ["SparsityConfig", "attention_mass", "block_density", "causal_blocks", "forced_blocks", "head_density",
+           "mass_recall", "oracle_recall", "row_budgets", "row_probs", "select_blocks", "selection_masks",
+           "threshold_mask", "topk_mask", "topp_mask"]

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -81,7 +81,7 @@ class Calibration:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping) -> "Calibration":
+    def from_dict(cls, values: Mapping) -> Calibration:
         values = dict(values)
         values["sparsity"] = build(SparsityConfig, "sparsity", values["sparsity"])
         values["knobs"] = {int(k): list(v) for k, v in values["knobs"].items()}

@@ -9,8 +9,9 @@ ground-truth fields. A stage checks what it needs of the other groups in :meth:`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from seer.checks import ConfigError, build, fail, is_int, is_number
 

@@ -127,7 +127,7 @@ class Finetune(Stage):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rank_zero_info(f"finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
-                       f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
+                       f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}, gates "
                        f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
                        f"{len(attention_layers(lm))} gated layers")
         return cls(model, stage, run.sparsity, gt_source, kernel, model_name=model_name, export_dir=out_dir / "model",

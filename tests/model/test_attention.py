@@ -132,7 +132,8 @@ def test_model_architectures_build_offline(name):
     assert inv_freq.shape == (64,) and torch.isfinite(inv_freq).all() and scale > 0
     small = {**arch, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
-    model = load_causal_lm(build(ModelConfig, "model", {"architecture": small, "random_init": True, "dtype": "float32"}))
+    model = load_causal_lm(build(ModelConfig, "model",
+                                 {"architecture": small, "random_init": True, "dtype": "float32"}))
     ctx = attach_gates(model, GateConfig(block_size=16, hidden_size=16))
     records = []
     with ctx.running("distill", consumer=records.append), torch.no_grad():

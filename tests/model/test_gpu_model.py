@@ -63,7 +63,8 @@ def test_graphed_prefill_matches_eager_sparse_and_dense():
     model = _model(torch.float32)
     ids = torch.randint(0, 300, (1, 2048), device="cuda")
     eager = {}
-    for name, sparsity in (("dense", SparsityConfig(method="dense")), ("sparse", SparsityConfig(method="topk", target_density=0.2))):
+    for name, sparsity in (("dense", SparsityConfig(method="dense")),
+                           ("sparse", SparsityConfig(method="topk", target_density=0.2))):
         enable_sparse_prefill(model, sparsity, kernel="triton")
         with torch.no_grad():
             eager[name] = model(ids, use_cache=False).logits[:, -4:]

@@ -62,7 +62,8 @@ def test_load_gate_file_and_triton_kernel_matches_reference(tmp_path):
     spars = {"method": "topk", "target_density": 0.5, "sink_blocks": 1}
     ref = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="reference")
     torch.manual_seed(0)
-    tri = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="triton")  # the Triton kernel (interpreter on CPU)
+    # the Triton kernel (the interpreter on CPU)
+    tri = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="triton")
     ids = torch.randint(0, 300, (1, 50))
     with torch.no_grad():
         a, b = ref(ids).logits, tri(ids).logits

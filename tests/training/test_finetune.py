@@ -23,7 +23,8 @@ from seer.training.finetune import Finetune, causal_lm_loss
 from tests.tiny import tiny_model
 
 # a 2-layer Llama with 128-token original context extended 2x by YaRN, fine-tuned on 256-token rows of 16-blocks
-TINY = ["model=tiny_llama", "data=random_tokens", "gate=avgmax", "gate.block_size=16", "gate.hidden_size=16", "debug=fast",
+TINY = ["model=tiny_llama", "data=random_tokens", "gate=avgmax", "gate.block_size=16", "gate.hidden_size=16",
+        "debug=fast",
         "stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
         "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256", "sparsity=topk",
         "sparsity.target_density=0.5"]
@@ -47,7 +48,8 @@ def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
     model = load_causal_lm(run.model)
     module = Finetune.from_run(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
                                out_dir=tmp_path, model_name="tiny")
-    data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)  # one batch, repeated
+    # one batch, repeated
+    data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)
     densities = _Densities()
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[densities])
