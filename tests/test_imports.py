@@ -81,3 +81,12 @@ def test_graph_sees_function_level_and_relative_imports():
 
 def test_no_import_cycle_in_seer():
     assert find_cycle(import_graph()) is None
+
+
+def test_kernels_and_checks_are_leaves():
+    """``seer.kernels`` imports nothing from the rest of seer, ``seer.checks`` nothing from seer at all."""
+    graph = import_graph()
+    for module, targets in graph.items():
+        if module.startswith("seer.kernels"):
+            assert all(t.startswith("seer.kernels") for t in targets), (module, targets)
+    assert graph["seer.checks"] == set()
