@@ -5,6 +5,7 @@ run's config and the loaded base model (:meth:`Stage.from_run`)."""
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,7 @@ from seer.training.config import StageConfig
 from seer.training.parallel import configure_sharding
 
 
-class Stage(L.LightningModule):
+class Stage(L.LightningModule, abc.ABC):
     """A training stage of ``model`` (a Hugging Face causal LM, or a peft model around one) with the ``stage``
     schema; ``sparsity`` is the budget it trains or measures with, ``gt_source`` where the ground truth comes from
     (``triton`` or ``reference``)."""
@@ -31,14 +32,14 @@ class Stage(L.LightningModule):
         self.loss_history: list[float] = []  # the loss of each training step
 
     @classmethod
+    @abc.abstractmethod
     def from_run(cls, run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
                  out_dir: Path, model_name: str) -> Stage:
         """The stage's module for the loaded base ``model`` of ``run`` (gates attached, what trains marked)."""
-        raise NotImplementedError(f"{cls.__name__} does not say how to build itself from a run")
 
+    @abc.abstractmethod
     def param_groups(self) -> list[dict]:
         """AdamW's parameter groups (each may set its own ``lr``; the others train at ``stage.lr``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not say what trains")
 
     def configure_optimizers(self):
         groups = [g for g in self.param_groups() if g["params"]]
