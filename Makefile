@@ -1,4 +1,4 @@
-# seer: `make demo` sets up and trains gates on the embedded default; `make test` runs the test suite.
+# seer: `make demo` sets up and trains gates on the embedded default; `make test` runs the linter and the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/python -m seer.train sparsity.target_density=0.3
 
 test: setup
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 # on a CUDA machine: the GPU-marked tests

@@ -25,8 +25,9 @@ import sys
 
 import torch
 
-from experiments.bench_sparse import DEV, bench, env_info, make_gate, make_qkv, sdpa, structured_scores
+from experiments.bench_sparse import DEV, make_gate, make_qkv, sdpa, structured_scores
 from seer.kernels import block_sparse_attn
+from seer.kernels.bench import env_info, ms
 from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index
 from seer.sparsity import SparsityConfig, head_density, threshold_mask, topk_mask
 from seer.sparsity.calibration import calibrate
@@ -61,9 +62,9 @@ def measure(n: int) -> list[dict]:
         row = {"N": n, "mask": name, "density": float(dens.mean()), "head_min": float(dens.min()),
                "head_max": float(dens.max())}
         for schedule in ("rows", "heaviest_first"):
-            row[f"kernel {schedule}"] = bench(lambda: block_sparse_attn_indexed(q, k, v, idx, cnt, block,
+            row[f"kernel {schedule}"] = ms(lambda: block_sparse_attn_indexed(q, k, v, idx, cnt, block,
                                                                                 schedule=schedule))
-            row[f"from mask {schedule}"] = bench(lambda: block_sparse_attn(q, k, v, mask, block, schedule=schedule))
+            row[f"from mask {schedule}"] = ms(lambda: block_sparse_attn(q, k, v, mask, block, schedule=schedule))
         rows.append(row)
         print(row, flush=True)
 
@@ -75,15 +76,15 @@ def measure(n: int) -> list[dict]:
         knob = calibrate({0: scores}, config).knob(0, DEV)
         mask = threshold_mask(scores, knob, sink_blocks=1)
 
-        flash = bench(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
-        cudnn = bench(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+        flash = ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
+        cudnn = ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
         parts = {
-            "gate": bench(lambda: gate(q, k)),
-            "threshold budget": bench(lambda: threshold_mask(scores, knob, sink_blocks=1)),
-            "list build": bench(lambda: build_block_index(mask)),
-            "attention (from mask)": bench(lambda: block_sparse_attn(q, k, v, mask, block)),
+            "gate": ms(lambda: gate(q, k)),
+            "threshold budget": ms(lambda: threshold_mask(scores, knob, sink_blocks=1)),
+            "list build": ms(lambda: build_block_index(mask)),
+            "attention (from mask)": ms(lambda: block_sparse_attn(q, k, v, mask, block)),
         }
-        e2e = bench(lambda: (gate(q, k), block_sparse_attn(q, k, v, threshold_mask(scores, knob, sink_blocks=1),
+        e2e = ms(lambda: (gate(q, k), block_sparse_attn(q, k, v, threshold_mask(scores, knob, sink_blocks=1),
                                                            block)))
     idx_ms = parts["list build"]
     select_ms = parts["threshold budget"] + idx_ms
@@ -105,7 +106,8 @@ def report(rows: list[dict], cmd: str) -> str:
              "`triton.testing.do_bench` through `seer.kernels.tuning.median_ms`).", "",
              "## Skewed per-head budgets", "",
              "| N | mask | density (head min-max) | kernel, rows | kernel, heaviest first | from mask, rows | "
-             "from mask, heaviest first | skewed / uniform (heaviest first, from mask) |", "|---|---|---|---|---|---|---|---|"]
+             "from mask, heaviest first | skewed / uniform (heaviest first, from mask) |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in sorted({r["N"] for r in rows}):
         uni = next(r for r in rows if r["N"] == n and r["mask"].startswith("uniform"))
         for r in (r for r in rows if r["N"] == n and "kernel rows" in r):

@@ -28,6 +28,7 @@ import torch
 import triton
 
 from seer.kernels import reference
+from seer.kernels.bench import tflops
 from seer.kernels.flash_gt import flash_attn_with_gt, gt_from_lse
 from seer.kernels.tuning import chosen_configs, force_config, last_launch, median_ms
 
@@ -41,10 +42,6 @@ def extra_mem(fn):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / GiB
-
-
-def tflops(n, h, d, ms, b=1):
-    return 2 * b * h * n * n * d / (ms * 1e-3) / 1e12
 
 
 def make(n, h, hkv, d, seed=0):
@@ -206,8 +203,8 @@ def main():
             mem = extra_mem(ref_fn)
             ms, r = median_ms(ref_fn, rep_ms=args.rep_ms, min_runs=args.min_runs)
             add(n, "reference.block_gt", ms, r, mem, f"(max rel. err. of our gt vs it: {err:.1e})")
-            del g_ref
-        del q, k, v, out, lse, gt
+            g_ref = None
+        q = k = v = out = lse = gt = None
         torch.cuda.empty_cache()
 
     g_ms, g_note = gate_time(32768, args.rep_ms, args.min_runs)

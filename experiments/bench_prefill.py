@@ -73,7 +73,7 @@ def main() -> None:
 
         def dense_mode():
             model.set_attn_implementation("seer")
-            ctx.set_mode("dense")
+            ctx.update(mode="dense")
 
         def sparse_mode():
             model.set_attn_implementation("seer")
@@ -101,7 +101,8 @@ def main() -> None:
         f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} --out {args.out}`",
         "",
         "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of "
-        "`triton.testing.do_bench` over the forward pass (LM head on the last position only). `eager` is the plain PyTorch "
+        "`triton.testing.do_bench` over the forward pass (LM head on the last position only). `eager` is the plain "
+        "PyTorch "
         "forward (Python and kernel launches included); `CUDA graph` replays the same forward captured once, which "
         "removes the host's launch overhead and leaves GPU time.",
         "",

@@ -37,11 +37,9 @@ Uses only the installed package's public API (``pip install -e .`` from the repo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -52,21 +50,12 @@ from seer.gates import AttnGate
 from seer.gates.config import GateConfig
 from seer.kernels import block_sparse_attn
 from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index
-from seer.kernels.tuning import force_config, median_ms
+from seer.kernels.bench import Flex, env_info, fmt, ms, tflops
+from seer.kernels.tuning import force_config
 from seer.sparsity import topk_mask
 
 DEV = "cuda"
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-def bench(fn, rep_ms: float = 250.0, min_runs: int = 5) -> float:
-    """Median milliseconds of ``fn()`` (:func:`seer.kernels.tuning.median_ms`)."""
-    return median_ms(fn, rep_ms=rep_ms, min_runs=min_runs)[0]
-
-
-def tflops(n: int, h: int, d: int, ms: float, b: int = 1) -> float:
-    return 2.0 * b * h * n * n * d / (ms * 1e-3) / 1e12
+FLEX_TILES = {64: {"BLOCK_M": 64, "BLOCK_N": 64}}  # FlexAttention's default 128-row tiles need 128-token blocks
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -97,43 +86,6 @@ def density_of(mask: torch.Tensor) -> float:
     nb = mask.shape[-1]
     kept = mask.tril().sum(dim=(-1, -2)).double()
     return (kept / (nb * (nb + 1) / 2)).mean().item()
-
-
-# ---------------------------------------------------------------------------------------------- flex
-
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-class Flex:
-    def __init__(self):
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = 64  # one compile per (N, block size): stay compiled
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = 64
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
-        self.BlockMask = BlockMask
-        self.fn = torch.compile(flex_attention, dynamic=False)
-
-    def build(self, mask: torch.Tensor, block: int, n: int):
-        """Flex BlockMask from a bool block mask at ``block`` tokens: off-diagonal blocks full, diagonal partial."""
-        nb = mask.shape[-1]
-        i = torch.arange(nb, device=DEV)
-        full = mask & (i[None, :] < i[:, None])
-        diag = mask[..., i, i]
-        full_num = full.sum(-1, dtype=torch.int32)
-        full_idx = torch.argsort(full.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        part_num = diag.to(torch.int32)
-        part_idx = i.to(torch.int32).view(1, 1, nb, 1).expand(*mask.shape[:2], nb, nb).contiguous()
-
-        return self.BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                             mask_mod=_causal, seq_lengths=(n, n), compute_q_blocks=False)
-
-    def __call__(self, q, k, v, block_mask):
-        opts = None
-        if block_mask.BLOCK_SIZE[0] < 128:  # its default 128-row tiles need blocks of >= 128 tokens
-            opts = {"BLOCK_M": block_mask.BLOCK_SIZE[0], "BLOCK_N": block_mask.BLOCK_SIZE[1]}
-        return self.fn(q, k, v, block_mask=block_mask, kernel_options=opts)
 
 
 def coarsen(mask64: torch.Tensor) -> torch.Tensor:
@@ -182,7 +134,7 @@ def tune(args) -> None:
                                                                  cfg))):
                         for dens in (1.0, 0.1):
                             ii, cc = idx[dens]
-                            row[dens] = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair),
+                            row[dens] = ms(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block, pair=pair),
                                               rep_ms=100, min_runs=3)
                     row["s"] = time.time() - t0
                 except Exception as exc:  # a config can run out of shared memory
@@ -190,7 +142,7 @@ def tune(args) -> None:
                 res.append(row)
                 print(json.dumps({kk: (vv if not isinstance(vv, float) else round(vv, 4)) for kk, vv in
                                   row.items()}, default=str), flush=True)
-        del q, k, v
+        q = k = v = None
     print("\nbest per (d, block, pair) by density-1.0 time and by density-0.1 time:")
     for d in (128, 64):
         for block, pair in ((64, True), (64, False), (128, False)):
@@ -278,16 +230,16 @@ def gate_only(args) -> list[dict]:
                 gate = make_gate(name, args.block, hkv)
                 if n <= 32768 and (hkv == 8 or name == "gate"):
                     print(f"check {name} hkv={hkv} N={n}: {check_gate(gate, q, k)}", flush=True)
-                row[f"{name}_kv{hkv}"] = bench(lambda: gate(q, k), rep_ms=100)
+                row[f"{name}_kv{hkv}"] = ms(lambda: gate(q, k), rep_ms=100)
                 if name == "gate" and hkv == 32:
                     logits = gate(q, k)
                     for dens in (0.1, 0.5):
-                        row[f"select_{dens}"] = bench(lambda: select(logits, dens), rep_ms=100)
-                    del logits
-            del k
+                        row[f"select_{dens}"] = ms(lambda: select(logits, dens), rep_ms=100)
+                    logits = None
+            k = None
         print(json.dumps({kk: round(vv, 4) for kk, vv in row.items()}), flush=True)
         rows.append(row)
-        del q
+        q = None
         torch.cuda.empty_cache()
     return rows
 
@@ -302,71 +254,58 @@ def run(args) -> list[dict]:
         q, k, v = make_qkv(n, h, d, seed=n)
         nb = math.ceil(n / block)
         scores = structured_scores(1, h, nb, seed=n)
-        t_flash = bench(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
-        t_cudnn = bench(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
-        t_gate = {name: bench(lambda: gate(q, k)) for name, gate in gates.items()}
+        t_flash = ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
+        t_cudnn = ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+        t_gate = {name: ms(lambda: gate(q, k)) for name, gate in gates.items()}
         if n <= 8192:  # correctness at density 1.0 against SDPA flash; the gate against its CPU path
             ref = sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
             err = check(q, k, v, torch.ones(1, h, nb, nb, dtype=torch.bool, device=DEV), block, ref)
             print(f"check N={n}: dense rel err vs SDPA flash {err:.2e}", flush=True)
             print(f"check N={n} gate: {check_gate(gates['gate'], q, k)}", flush=True)
-            del ref
+            ref = None
         print(f"N={n}: flash {t_flash:.3f} ms, cudnn {t_cudnn:.3f} ms, gates {t_gate}", flush=True)
         logits = gates["gate"](q, k)
         for dens in args.densities:
             mask = select(scores, dens)
             real = density_of(mask)
             ii, cc = build_block_index(mask)
-            t_kernel = bench(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block))
-            t_index = bench(lambda: build_block_index(mask), rep_ms=50)
-            t_ours = bench(lambda: block_sparse_attn(q, k, v, mask, block))
-            t_sel = bench(lambda: select(logits, dens), rep_ms=50)
+            t_kernel = ms(lambda: block_sparse_attn_indexed(q, k, v, ii, cc, block))
+            t_index = ms(lambda: build_block_index(mask), rep_ms=50)
+            t_ours = ms(lambda: block_sparse_attn(q, k, v, mask, block))
+            t_sel = ms(lambda: select(logits, dens), rep_ms=50)
             row = {"N": n, "density": dens, "real_density": real, "kernel": t_kernel, "index": t_index,
                    "ours": t_ours, "select": t_sel, "flash": t_flash, "cudnn": t_cudnn}
             for name, gate in gates.items():
                 row[f"gate_{name}"] = t_gate[name]
-                row[f"e2e_{name}"] = bench(lambda: block_sparse_attn(q, k, v, select(gate(q, k), dens), block))
+                row[f"e2e_{name}"] = ms(lambda: block_sparse_attn(q, k, v, select(gate(q, k), dens), block))
             if flex is not None:
                 for fb, fmask in ((64, mask), (128, coarsen(mask) if block == 64 else mask)):
                     if block == 128 and fb == 64:
                         continue
                     bm = flex.build(fmask, fb, n)
                     if dens == args.densities[0] and n == args.ns[0] and fb == block:
-                        fo = flex(q, k, v, bm)
+                        fo = flex(q, k, v, bm, FLEX_TILES.get(fb))
                         ko = block_sparse_attn(q, k, v, fmask, fb)[0]
                         fe = ((fo.float() - ko.float()).norm() / fo.float().norm()).item()
                         print(f"check flex{fb} vs ours: rel diff {fe:.2e}", flush=True)
                         if not fe < 2e-2:
                             raise RuntimeError(f"ours and FlexAttention disagree: {fe}")
-                    row[f"flex{fb}"] = bench(lambda: flex(q, k, v, bm))
-                    row[f"flex{fb}_build"] = bench(lambda: flex.build(fmask, fb, n), rep_ms=50)
+                    row[f"flex{fb}"] = ms(lambda: flex(q, k, v, bm, FLEX_TILES.get(fb)))
+                    row[f"flex{fb}_build"] = ms(lambda: flex.build(fmask, fb, n), rep_ms=50)
                     if fb != block:  # our kernel on the same coarsened 128-block mask
                         i2, c2 = build_block_index(fmask)
-                        row["kernel128"] = bench(lambda: block_sparse_attn_indexed(q, k, v, i2, c2, 128))
+                        row["kernel128"] = ms(lambda: block_sparse_attn_indexed(q, k, v, i2, c2, 128))
                         row["real_density128"] = density_of(fmask)
-                    del bm
+                    bm = None
             rows.append(row)
             print(json.dumps({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in row.items()}),
                   flush=True)
             with open(os.path.join(args.out_dir, args.name + ".json"), "w") as f:  # progress, rewritten at the end
                 json.dump({"rows": rows}, f)
-            del mask, ii, cc
-        del q, k, v, scores, logits
+            mask = ii = cc = None
+        q = k = v = scores = logits = None
         torch.cuda.empty_cache()
     return rows
-
-
-def env_info() -> dict:
-    import triton
-    p = torch.cuda.get_device_properties(0)
-    return {"device": f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)",
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "cudnn": str(torch.backends.cudnn.version()), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
@@ -375,7 +314,8 @@ def write_report(rows: list[dict], info: dict, args, cmd: str) -> str:
              f"cuDNN {info['cudnn']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
              f"B 1, 32 heads, D 128, bf16, causal, forward; mask blocks of {args.block} tokens. Times in ms "
-             "(median of CUDA-event-timed runs, seer.kernels.tuning.median_ms). `kernel`: ours on prebuilt block lists; `index`: list build "
+             "(median of CUDA-event-timed runs, seer.kernels.tuning.median_ms). `kernel`: ours on prebuilt block "
+             "lists; `index`: list build "
              "from the bool mask; `ours` = both; `flexB`: FlexAttention (compiled) with B-token blocks "
              "(`flexB build`: its index build from the bool mask); `gate` / `avgmax`: the AttnGate forward "
              "(K max+min+avg / K max); `select`: top-k selection on the gate's logits; `e2e` / `e2e avgmax`: "

@@ -26,8 +26,8 @@ In one run, bounded by ``--budget-s`` (default 5.5 minutes; a FlexAttention comp
      diagonal partial with a causal ``mask_mod``; its build not timed, shown apart) at the same block size,
      and dense SDPA flash.
 
-Timing: ``triton.testing.do_bench`` (median, L2 flushed between runs). Progress goes to stdout as it happens;
-the markdown report (``--out``) and a JSON file beside it are rewritten after every stage.
+Timing: :func:`seer.kernels.bench.ms` (``triton.testing.do_bench``, median, L2 flushed between runs). Progress goes
+to stdout as it happens; the markdown report (``--out``) and a JSON file beside it are rewritten after every stage.
 
     python experiments/bench_sparse_bwd.py --out docs/bench_sparse_bwd.md
 """
@@ -36,26 +36,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.testing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from seer.kernels import block_sparse_attn, reference  # noqa: E402
-from seer.kernels import block_sparse_bwd as bwd  # noqa: E402
-from seer.kernels.block_sparse import build_block_index  # noqa: E402
-from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index  # noqa: E402
-from seer.kernels.tuning import force_config  # noqa: E402
+from seer.kernels import block_sparse_attn, reference
+from seer.kernels import block_sparse_bwd as bwd
+from seer.kernels.bench import Flex, env_info, fmt, ms
+from seer.kernels.block_sparse import build_block_index
+from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
+from seer.kernels.tuning import force_config
 
 DEV = "cuda"
 H, D, DT = 32, 128, torch.bfloat16
@@ -111,16 +106,6 @@ class Deadline:
 
 def log(*a) -> None:
     print(*a, flush=True)
-
-
-def ms(fn, reps: int = 5) -> float:
-    """Median milliseconds of ``fn()`` by ``triton.testing.do_bench``, with about ``reps`` timed runs."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t) * 1e3
-    return triton.testing.do_bench(fn, warmup=max(10.0, est), rep=max(50.0, reps * est), return_mode="median")
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -247,8 +232,8 @@ def sweep(block: int, n: int, budget_end: float, winners: dict[tuple[str, int], 
                     errs = [rel_err(a, b) for a, b in zip(got, base)]
                     if not all(e < 1e-2 for e in errs):
                         raise RuntimeError(f"gradients differ from the default config's: {errs}")
-                    row["t1.0"] = ms(lambda: run(1.0), reps=3)
-                    row["t0.1"] = ms(lambda: run(0.1), reps=3)
+                    row["t1.0"] = ms(lambda: run(1.0), rep_ms=50, min_runs=3)
+                    row["t0.1"] = ms(lambda: run(0.1), rep_ms=50, min_runs=3)
                 res.append(row)
             except Exception as exc:  # a config may not fit (shared memory) or not compile
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -271,10 +256,6 @@ def sweep(block: int, n: int, budget_end: float, winners: dict[tuple[str, int], 
 
 
 # ---------------------------------------------------------------------------------------------- flex
-
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
 
 @contextlib.contextmanager
 def _flex_bwd_64_config():
@@ -299,36 +280,21 @@ def _flex_bwd_64_config():
         choices.InductorChoices.get_flex_attention_bwd_configs = orig
 
 
-class Flex:
+class FlexWithBackward(Flex):
+    """:class:`seer.kernels.bench.Flex` with its backward, compiled with the first kernel options that work."""
+
     def __init__(self):
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = 64
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = 64
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
-        self.BlockMask = BlockMask
-        self.fn = torch.compile(flex_attention, dynamic=False)
+        super().__init__()
         self.opts: dict[int, dict | None] = {}
         self.ready: dict[tuple[int, int], str] = {}
         self.failed: set[tuple[int, int]] = set()
 
     def build(self, mask: torch.Tensor, block: int, n: int):
-        """BlockMask at ``block`` tokens from a bool block mask: off-diagonal blocks full, the diagonal partial.
-
-        The mask_mod is plain causal: compiled FlexAttention visits only the listed blocks (eager mode would
-        apply the mask_mod densely and ignore the lists). Gradients are compared with ours in ``measure``."""
-        b, h, nb, _ = mask.shape
-        i = torch.arange(nb, device=DEV)
-        full = mask & (i[None, :] < i[:, None])
-        full_num = full.sum(-1, dtype=torch.int32)
-        full_idx = torch.argsort(full.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        part_num = mask[..., i, i].to(torch.int32)
-        part_idx = i.to(torch.int32).view(1, 1, nb, 1).expand(b, h, nb, nb).contiguous()
-        return self.BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                             mask_mod=_causal, seq_lengths=(n, n))
+        """The BlockMask with the lists of the backward; gradients are compared with ours in ``measure``."""
+        return super().build(mask, block, n, backward=True)
 
     def __call__(self, q, k, v, bm, block):
-        return self.fn(q, k, v, block_mask=bm, kernel_options=self.opts.get(block))
+        return super().__call__(q, k, v, bm, self.opts.get(block))
 
     def prepare(self, q, k, v, do, bm, block: int, n: int) -> str:
         """Compile forward + backward for (block, N), trying kernel options until one compiles."""
@@ -364,16 +330,16 @@ class Flex:
 
 def flash_backward_ms(q, k, v, do) -> float:
     out = sdpa_flash(q, k, v)
-    return ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+    return ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), rep_ms=50)
 
 
-def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None, deadline: Deadline,
+def measure(n: int, blocks: list[int], densities: list[float], flex: FlexWithBackward | None, deadline: Deadline,
             rows: list[dict], save, configs: dict[tuple[str, int], tuple]) -> None:
     """Rows at ``n`` for each block and density, with the backward ``configs`` forced (see :func:`forced`)."""
     q, k, v, do = qkv(n, seed=n)
     qd, kd, vd = (x.detach() for x in (q, k, v))
     flash_bwd = flash_backward_ms(q, k, v, do)
-    flash_fb = ms(lambda: torch.autograd.grad(sdpa_flash(q, k, v), (q, k, v), do))
+    flash_fb = ms(lambda: torch.autograd.grad(sdpa_flash(q, k, v), (q, k, v), do), rep_ms=50)
     log(f"N={n}: SDPA flash backward {flash_bwd:.3f} ms, forward+backward {flash_fb:.3f} ms")
     for block in blocks:
         nb = math.ceil(n / block)
@@ -386,21 +352,21 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None
                 row = {"N": n, "block": block, "density": dens, "real_density": real_density(mask),
                        "flash_bwd": flash_bwd, "flash_fwd_bwd": flash_fb}
                 out, lse = block_sparse_attn(q, k, v, mask, block)
-                row["bwd"] = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+                row["bwd"] = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), rep_ms=50)
                 ri, ci = build_block_index(mask), build_block_col_index(mask)
-                row["col_index"] = ms(lambda: build_block_col_index(mask), reps=20)
-                row["row_index"] = ms(lambda: build_block_index(mask), reps=20)
+                row["col_index"] = ms(lambda: build_block_col_index(mask), rep_ms=50, min_runs=20)
+                row["row_index"] = ms(lambda: build_block_index(mask), rep_ms=50, min_runs=20)
                 od, ld = out.detach(), lse.detach()
                 row["kernels"] = ms(lambda: block_sparse_attn_backward(do, qd, kd, vd, od, ld, None, block, kv_index=ri,
-                                                                       q_index=ci))
-                row["fwd"] = ms(lambda: block_sparse_attn(qd, kd, vd, mask, block))
+                                                                       q_index=ci), rep_ms=50)
+                row["fwd"] = ms(lambda: block_sparse_attn(qd, kd, vd, mask, block), rep_ms=50)
                 row["fwd_bwd"] = ms(lambda: torch.autograd.grad(block_sparse_attn(q, k, v, mask, block)[0], (q, k, v),
-                                                                do))
+                                                                do), rep_ms=50)
                 if flex is not None and (deadline.left() > 75 or (block, n) in flex.ready):  # a compile: ~1 min
                     try:
                         t0 = time.time()
                         bm = flex.build(mask, block, n)
-                        row["flex_build"] = ms(lambda: flex.build(mask, block, n), reps=5)
+                        row["flex_build"] = ms(lambda: flex.build(mask, block, n), rep_ms=50, min_runs=5)
                         row["flex_setup"] = flex.prepare(q, k, v, do, bm, block, n)
                         if dens == densities[-1]:  # the same gradients (one density per N and block)
                             got = torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do)
@@ -408,7 +374,8 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None
                             row["flex_vs_ours_rel_diff"] = max(rel_err(a, b) for a, b in zip(ours, got))
                             if not row["flex_vs_ours_rel_diff"] < 3e-2:
                                 log(f"WARNING: FlexAttention and ours disagree: {row['flex_vs_ours_rel_diff']:.3e}")
-                        row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do))
+                        row["flex_fwd_bwd"] = ms(lambda: torch.autograd.grad(flex(q, k, v, bm, block), (q, k, v), do),
+                                                 rep_ms=50)
                         row["flex_s"] = round(time.time() - t0, 1)
                     except Exception as exc:
                         row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -418,18 +385,6 @@ def measure(n: int, blocks: list[int], densities: list[float], flex: Flex | None
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-def env_info() -> dict:
-    p = torch.cuda.get_device_properties(0)
-    return {"device": f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)",
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def fmt(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
 
 def bwd_tflops(r: dict) -> float:
     """Backward TF/s, counting the selected work the FlashAttention way: 2.5 x forward = 5 matmuls of
@@ -561,7 +516,7 @@ def main() -> None:
     flex = None
     if not args.no_flex:
         try:
-            flex = Flex()
+            flex = FlexWithBackward()
         except Exception as exc:
             log(f"FlexAttention unavailable: {exc!r}")
     for i, n in enumerate(args.ns):

@@ -7,8 +7,11 @@ integer/pointer specialisations a real launch gets (pointers and the strides/siz
 divisible by 16, group sizes of 1 folded to constants); its bundled ``ptxas`` and ``cuobjdump`` do the rest.
 A config that spills here spills on the GPU too; it is a screen, not a timing.
 
-    PYTHONPATH=. python experiments/compile_stats.py                 # the benchmark's candidates, D 128, bf16
-    PYTHONPATH=. python experiments/compile_stats.py --d 64 --dtype fp16 --odd-n
+    python experiments/compile_stats.py                 # the benchmark's candidates, D 128, bf16
+    python experiments/compile_stats.py --d 64 --dtype fp16 --odd-n
+
+It runs as a file (so the benchmark beside it, ``bench_sparse_bwd.py``, whose candidates it compiles, is importable)
+against the installed seer package.
 """
 
 from __future__ import annotations
@@ -17,16 +20,14 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from seer.kernels import block_sparse_bwd as bwd  # noqa: E402
+from bench_sparse_bwd import DKDV_CANDIDATES, DQ_CANDIDATES
+from seer.kernels import block_sparse_bwd as bwd
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -88,8 +89,6 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--odd-n", action="store_true", help="N not a multiple of the block (row-bounded loads)")
     args = ap.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_sparse_bwd import DKDV_CANDIDATES, DQ_CANDIDATES
 
     print(f"sm_90, D {args.d}, {args.dtype}, {'odd' if args.odd_n else 'even'} N", flush=True)
     print("| kernel | block | config | regs | spill B | stack B | smem B | HGMMA | HMMA |")

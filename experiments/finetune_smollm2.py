@@ -4,7 +4,8 @@
    extended model's own attention before it is fine-tuned);
 2. fine-tune it dense (``stage=finetune sparsity=dense``, no gate loss) - model (b);
 3. fine-tune it through its gates' sparse attention at ``--density`` (``--sparsity``: a threshold calibrated to it on
-   each batch, the default, or uniform top-k) with the gate loss, starting from the distilled gates - model (c); same data, steps and learning rate as (b);
+   each batch, the default, or uniform top-k) with the gate loss, starting from the distilled gates - model (c); same
+   data, steps and learning rate as (b);
 4. evaluate on a held-out text: perplexity at 16k and 32k and a passkey at 32k for (a) the YaRN model without
    fine-tuning (dense), (b) dense, (c) sparse at the training density; tokens/s of a fine-tune step, (b) vs (c).
 
@@ -135,7 +136,8 @@ def main() -> None:
     ap.add_argument("--original-context", type=int, default=8192, help="YaRN factor = seq-len / original-context")
     ap.add_argument("--density", type=float, default=0.1, help="sparse fine-tune and evaluation density")
     ap.add_argument("--sparsity", choices=["threshold", "topk"], default="threshold",
-                    help="budget policy of the sparse fine-tune and its evaluation (threshold: calibrated to --density)")
+                    help="budget policy of the sparse fine-tune and its evaluation (threshold: calibrated to "
+                         "--density)")
     ap.add_argument("--distill-steps", type=int, default=40)
     ap.add_argument("--steps", type=int, default=100, help="fine-tune steps of (b) and (c) each")
     ap.add_argument("--lr", type=float, default=2e-5)
@@ -202,7 +204,8 @@ def main() -> None:
         "# Long-context fine-tuning through sparse attention: SmolLM2-135M, YaRN 8k -> 32k",
         "",
         f"`python experiments/finetune_smollm2.py` on "
-        f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else platform.processor() or 'CPU'}, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else platform.processor() or 'CPU'}, "
+        f"torch {torch.__version__}, "
         f"{datetime.date.today()}; {time.perf_counter() - t0:.0f} s in all. Train files: "
         f"`{' '.join(args.train_glob)}`; held out: `{Path(args.eval_file).name}`.",
         "",

@@ -49,16 +49,12 @@ def main() -> None:
     ctx = model.seer_context
 
     def dense():
-        ctx.set_mode("dense")
-        with torch.no_grad():
+        with ctx.running("dense"), torch.no_grad():
             model.base_model(input_ids=ids, use_cache=False)
 
     def forward_gt():
-        ctx.consumer, ctx.gt_source, ctx.gt_mode = None, "triton", args.gt_mode
-        ctx.set_mode("distill")
-        with torch.no_grad():
+        with ctx.running("distill", gt_source="triton", gt_mode=args.gt_mode), torch.no_grad():
             model.base_model(input_ids=ids, use_cache=False)
-        ctx.set_mode("dense")
 
     def distill_forward():
         module._forward(ids, with_mass=False, want_images=False)

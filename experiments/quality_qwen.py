@@ -50,7 +50,8 @@ def train_gates(args, target: str) -> Path:
 
     over = ["experiment=qwen05_gates", *model_overrides(args), f"data.corpus.corpora.0.paths=['{args.novels}']",
             f"trainer.max_steps={args.steps}", f"data.seq_len={args.train_len}", "logger=none",
-            f"stage.target={target}", f"paths.output_dir={args.work}/train_{target}", f"paths.cache_dir={args.work}/cache", *args.train_overrides]
+            f"stage.target={target}", f"paths.output_dir={args.work}/train_{target}",
+            f"paths.cache_dir={args.work}/cache", *args.train_overrides]
     summary = run_training(compose(over))
     return Path(summary["gates"])
 
@@ -169,8 +170,8 @@ def main() -> None:
         selector = None if scorer in gates else build_selector(scorer)
         if selector is None:  # the gates, with this job's blend
             ctx = models[key].seer_context
-            ctx.gate_config = dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
-                                                  blend_weight=blend[1] if blend else 0.5)
+            ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
+                                                       blend_weight=blend[1] if blend else 0.5))
         for name in texts:
             if selector is None:
                 evaluators[key, name].forget(None)

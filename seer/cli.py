@@ -5,20 +5,20 @@ message alone, without a traceback (``HYDRA_FULL_ERROR=1`` shows the whole trace
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from hydra.errors import CompactHydraException
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 
 
 class BadInput(CompactHydraException):
-    """A :class:`~seer.config.ConfigError` as Hydra prints it: the message alone."""
+    """A :class:`~seer.checks.ConfigError` as Hydra prints it: the message alone."""
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Re-raises a :class:`~seer.config.ConfigError` as :class:`BadInput` (the original is its ``__cause__``)."""
+    """Re-raises a :class:`~seer.checks.ConfigError` as :class:`BadInput` (the original is its ``__cause__``)."""
     try:
         yield
     except ConfigError as exc:

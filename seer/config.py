@@ -21,59 +21,21 @@ nodes with ``hydra.utils.instantiate``; their constructors check their own argum
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+from typing import Any
 
-if TYPE_CHECKING:
-    from seer.gates.config import GateConfig
-    from seer.model.config import ModelConfig
-    from seer.sparsity.config import SparsityConfig
-    from seer.training.config import StageConfig
-
-T = TypeVar("T")
+from seer.checks import build
+from seer.evaluation.config import EvalConfig
+from seer.gates.config import GateConfig
+from seer.model.config import ModelConfig
+from seer.sparsity.config import SparsityConfig
+from seer.training.config import STAGES, StageConfig, stage_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the Hydra config tree of a source checkout
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or out of range; the message names the key and the value."""
-
-
-def fail(group: str, key: str, value: Any, why: str) -> None:
-    """Raise a :class:`ConfigError` naming ``group.key=value`` and why it is refused."""
-    raise ConfigError(f"{group}.{key}={value!r}: {why}")
-
-
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def build(cls: type[T], group: str, values: Mapping[str, Any] | T | None) -> T:
-    """``cls(**values)``, refusing keys the schema does not have (naming them); an instance passes through."""
-    if isinstance(values, cls):
-        return values
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in values if k not in names)
-    if unknown:
-        raise ConfigError(f"{group}: unknown key(s) {unknown}; known keys: {sorted(names)}")
-    return cls(**values)
-
-
-def _schemas() -> dict[str, type]:
-    from seer.gates.config import GateConfig
-    from seer.model.config import ModelConfig
-    from seer.sparsity.config import SparsityConfig
-
-    return {"gate": GateConfig, "sparsity": SparsityConfig, "model": ModelConfig}
+# group -> schema, for the groups with one schema (``stage`` has one per stage: ``STAGES``)
+SCHEMAS: dict[str, type] = {"gate": GateConfig, "sparsity": SparsityConfig, "model": ModelConfig, "eval": EvalConfig}
 
 
 def register_configs() -> None:
@@ -86,12 +48,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from seer.evaluation.config import EvalConfig
-    from seer.training.config import STAGES
-
     OmegaConf.register_new_resolver("seer.unique_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
     store = ConfigStore.instance()
-    for group, schema in {**_schemas(), "eval": EvalConfig}.items():
+    for group, schema in SCHEMAS.items():
         store.store(group=group, name="schema", node=schema)
     for name, schema in STAGES.items():
         store.store(group="stage", name=f"{name}_schema", node=schema)
@@ -129,13 +88,10 @@ def validate(cfg: Any) -> RunConfig:
     """Validate the composed Hydra config (a DictConfig or a dict) and return its schemas."""
     from omegaconf import OmegaConf
 
-    from seer.training.config import stage_config
-
     plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-    schemas = _schemas()
-    run = RunConfig(model=build(schemas["model"], "model", plain.get("model")),
-                    gate=build(schemas["gate"], "gate", plain.get("gate")),
-                    sparsity=build(schemas["sparsity"], "sparsity", plain.get("sparsity")),
+    run = RunConfig(model=build(ModelConfig, "model", plain.get("model")),
+                    gate=build(GateConfig, "gate", plain.get("gate")),
+                    sparsity=build(SparsityConfig, "sparsity", plain.get("sparsity")),
                     stage=stage_config(plain.get("stage")))
     run.stage.check_run(run, plain)
     return run

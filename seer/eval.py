@@ -27,7 +27,7 @@ def _checked(cfg: DictConfig):
     import torch
     from hydra.utils import instantiate
 
-    from seer.config import ConfigError, build
+    from seer.checks import ConfigError, build
     from seer.evaluation.config import EvalConfig
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
@@ -43,7 +43,8 @@ def _checked(cfg: DictConfig):
         if params:
             raise ConfigError(f"selector=gate takes no parameters; got {sorted(params)}")
         if not cfg.gates or not Path(cfg.gates).exists():
-            raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder (outputs/<run>/gates)")
+            raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder "
+                              f"(outputs/<run>/gates)")
         selector = None
     else:
         try:
@@ -59,7 +60,7 @@ def _checked(cfg: DictConfig):
 
 def _check_context(model, evaluation) -> None:
     """Refuses lengths longer than the model's context (read from its config, before the weights load)."""
-    from seer.config import ConfigError
+    from seer.checks import ConfigError
     from seer.model.loading import load_config, model_id
 
     context = getattr(load_config(model).get_text_config(), "max_position_embeddings", None)
@@ -73,8 +74,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     import torch
 
     from seer.evaluation.data import HeldOutText
-    from seer.evaluation.harness import Evaluator, selector_name
-    from seer.model.attention import prepare_model
+    from seer.evaluation.harness import Evaluator
+    from seer.model.attention import prepare_model, scorer_name
     from seer.model.gate_io import load_gates, read_gate_meta
     from seer.model.inference import resolve_kernel
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
@@ -124,7 +125,7 @@ def run_eval(cfg: DictConfig) -> list[dict]:
 
     atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
     print(format_rows(rows), flush=True)
-    _log_wandb(cfg, rows, selector_name(selector, model.seer_context.gate_config), sparsity)
+    _log_wandb(cfg, rows, scorer_name(selector, model.seer_context.gate_config), sparsity)
     return rows
 
 
@@ -158,7 +159,8 @@ def _log_wandb(cfg: DictConfig, rows: list[dict], selector: str, sparsity) -> No
             **{f"sparsity.{k}": v for k, v in vars(sparsity).items()},
             **{f"eval.{k}": v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()},
             "model": rows[0]["model"], "data": rows[0]["data"]}
-    run = wandb.init(project=node.get("project", "seer"), dir=str(cfg.paths.output_dir), mode=wandb_mode(node.get("mode")),
+    run = wandb.init(project=node.get("project", "seer"), dir=str(cfg.paths.output_dir),
+                     mode=wandb_mode(node.get("mode")),
                      group=node.get("group"), name=f"eval-{selector}-{sparsity.method}-{sparsity.target_density}",
                      config=flat, job_type="eval", reinit=True)
     try:

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seer.cli import user_errors
-from seer.config import ConfigError, register_configs
+from seer.checks import ConfigError
+from seer.config import register_configs
 
 register_configs()
 
@@ -43,10 +44,10 @@ def _prompt(cfg: DictConfig) -> str:
 
 
 def run_generation(cfg: DictConfig) -> dict:
-    from seer.config import build
+    from seer.checks import build
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
-    from seer.model.inference import enable_sparse_prefill, load
+    from seer.model.inference import load
     from seer.model.loading import load_config, load_tokenizer, model_id
 
     mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
@@ -66,9 +67,8 @@ def run_generation(cfg: DictConfig) -> dict:
     densities = model.seer_context.densities()
     result = {"prompt_tokens": ids.shape[1], "sparse_prefill_s": sparse_s, "densities": densities}
     if cfg.compare_dense:
-        model.seer_context.set_mode("dense")
-        result["dense_prefill_s"] = _timed_prefill(model, ids)
-        enable_sparse_prefill(model, spars, cfg.kernel)
+        with model.seer_context.running("dense"):
+            result["dense_prefill_s"] = _timed_prefill(model, ids)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

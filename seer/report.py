@@ -54,7 +54,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['seq_len']} | {line_label(r)} | {_f(r.get('target_density'), '.2f')} | {_f(r['density'], '.3f')} | "
             f"{_f(r.get('knob'), '.3g')} | {_f(r['ppl'], '.3f')} | {_f(r['ppl_dense'], '.3f')} | "
-            f"{_f(r.get('ppl_increase'), '+.1%')} | {_f(r.get('recall'), '.3f')} | {_f(r.get('oracle_recall'), '.3f')} | "
+            f"{_f(r.get('ppl_increase'), '+.1%')} | {_f(r.get('recall'), '.3f')} | "
+            f"{_f(r.get('oracle_recall'), '.3f')} | "
             f"{_f(r.get('passkey'), '.2f')} ({_f(r.get('passkey_dense'), '.2f')}) | {_f(r.get('copy'), '.2f')} "
             f"({_f(r.get('copy_dense'), '.2f')}) | {_f(r.get('ruler'), '.1f')} ({_f(r.get('ruler_dense'), '.1f')}) | "
             f"{_f(r.get('select_ms'), '.2f')} | {_f(r.get('attention_ms'), '.2f')} |")

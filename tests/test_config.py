@@ -6,7 +6,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from seer.config import ConfigError, build, validate
+from seer.checks import ConfigError, build
+from seer.config import validate
 from seer.gates.config import GateConfig
 from seer.sparsity.config import SparsityConfig
 from seer.training.config import StageConfig
@@ -123,14 +124,14 @@ def test_yaml_options_only_override_schema_defaults(group):
 
     import yaml
 
-    from seer.config import _schemas
+    from seer.config import SCHEMAS
     from seer.training.config import STAGES
 
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
         values = yaml.safe_load(path.read_text()) or {}
         schema_name = values.get("defaults", [None])[0]
         assert schema_name in ("schema", *(f"{s}_schema" for s in STAGES)), f"{path} does not extend its schema"
-        schema = STAGES[schema_name.removesuffix("_schema")] if group == "stage" else _schemas()[group]
+        schema = STAGES[schema_name.removesuffix("_schema")] if group == "stage" else SCHEMAS[group]
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(schema)}
         repeated = sorted(k for k, v in values.items() if k not in ("defaults", "method", "name")

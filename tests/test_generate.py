@@ -5,7 +5,8 @@ import torch
 from omegaconf import OmegaConf
 
 import seer.model.loading
-from seer.config import ConfigError, compose
+from seer.checks import ConfigError
+from seer.config import compose
 from seer.gates.config import GateConfig
 from seer.generate import run_generation
 from seer.model.gate_io import save_gates
@@ -14,8 +15,8 @@ from tests.tiny import tiny_tokenizer
 
 
 def test_generate_runs_sparse_prefill_and_reports(tmp_path, monkeypatch, capsys):
-    cfg = compose(["model=tiny_llama", f"gates={tmp_path / 'g'}", "sparsity=topk", "sparsity.target_density=0.5", "max_new_tokens=5",
-                   "device=cpu"], "generate")
+    cfg = compose(["model=tiny_llama", f"gates={tmp_path / 'g'}", "sparsity=topk", "sparsity.target_density=0.5",
+                   "max_new_tokens=5", "device=cpu"], "generate")
     torch.manual_seed(0)
     gated = load(OmegaConf.to_container(cfg.model), gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu")
     save_gates(tmp_path / "g", gated, "tiny")

@@ -17,7 +17,8 @@ def _row(selector, method, density, ppl, passkey, n=2048, allocation=None):
 
 
 def test_report_from_a_sweep_folder(tmp_path):
-    grid = {("gate", "threshold"): (10.4, 10.2), ("oracle", "threshold"): (10.3, 10.1), ("streaming", "topk"): (13.0, 11.5)}
+    grid = {("gate", "threshold"): (10.4, 10.2), ("oracle", "threshold"): (10.3, 10.1),
+            ("streaming", "topk"): (13.0, 11.5)}
     for i, ((selector, method), (p10, p20)) in enumerate(grid.items()):
         for j, (d, p) in enumerate(((0.1, p10), (0.2, p20))):
             job = tmp_path / f"{i}{j}"

@@ -13,5 +13,5 @@ from seer.data.corpora import (Corpus, HFDatasetCorpus, MixedCorpus, StdlibCorpu
 from seer.data.datamodule import PackedTextDataModule
 from seer.data.packing import PackedRows, pack_documents
 
-__all__ = ["Corpus", "HFDatasetCorpus", "MixedCorpus", "PackedRows", "PackedTextDataModule", "StdlibCorpus", "TextFilesCorpus",
-           "pack_documents", "pg19_corpus", "redpajama_sample_corpus"]
+__all__ = ["Corpus", "HFDatasetCorpus", "MixedCorpus", "PackedRows", "PackedTextDataModule", "StdlibCorpus",
+           "TextFilesCorpus", "pack_documents", "pg19_corpus", "redpajama_sample_corpus"]

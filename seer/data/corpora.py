@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 
 _TEST_FOLDER_NAMES = frozenset({"test", "tests", "idle_test"})
 _THIRD_PARTY_FOLDER_NAMES = frozenset({"site-packages", "dist-packages"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from seer.config import fail, is_int
+from seer.checks import fail, is_int
 
 SPLITS = ("val", "all")
 

@@ -30,7 +30,7 @@ from seer.evaluation.config import EvalConfig
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.tasks import CopyCase, PasskeyCase, copy_cases, passkey_cases
 from seer.files import atomic_write_text
-from seer.model.attention import LayerObservation, SeerContext
+from seer.model.attention import LayerObservation, SeerContext, scorer_name
 from seer.sparsity import SparsityConfig, block_density, mass_recall, oracle_recall
 from seer.sparsity.calibration import Calibration, calibrate
 
@@ -43,14 +43,6 @@ ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "k
 # beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run
 PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
-
-
-def selector_name(selector, gate_config=None) -> str:
-    """The scorer's name: the selector's, or for the model's gates (``selector`` None) ``gate`` or its blend
-    (``gate_config.scorer_name``)."""
-    if selector is not None:
-        return selector.name
-    return gate_config.scorer_name if gate_config is not None else "gate"
 
 
 def _mean(values) -> float | None:
@@ -69,7 +61,7 @@ class Evaluator:
                  ruler_samples: dict[int, dict[str, list[ruler.RulerSample]]] | None = None):
         self.model, self.tokenizer, self.text, self.config = model, tokenizer, text, config
         self.ctx: SeerContext = model.seer_context
-        self.ctx.kernel = kernel
+        self.ctx.update(kernel=kernel)
         self.device = next(model.parameters()).device
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.model_name = model_name
@@ -139,15 +131,12 @@ class Evaluator:
                 obs.mass, float(block_density(obs.mask)), ctx.sparsity.sink_blocks, ctx.sparsity.local_blocks)))
 
         sparse = ctx.mode == "sparse"
-        ctx.consumer, ctx.want_mass = (measure, True) if recall and sparse else (None, False)
-        try:
+        with ctx.running(consumer=measure if recall and sparse else None, want_mass=recall and sparse):
             for batch in self._bar(list(self._batches(rows)), f"{label}: perplexity"):
-                ctx.density.clear()
+                ctx.clear_step()
                 nll.append(self._forward_nll(batch).cpu())
                 if sparse:
                     density.append(ctx.mean_density())
-        finally:
-            ctx.consumer, ctx.want_mass = None, False
         nll = torch.cat(nll)
         half = nll[:, nll.shape[1] // 2:]
         out = {"tokens": nll.numel(), "ppl": math.exp(float(nll.mean())), "ppl_half": math.exp(float(half.mean())),
@@ -163,7 +152,7 @@ class Evaluator:
         for i in self._bar(range(0, len(cases), self.config.batch_size), f"{label}: passkey"):
             chunk = cases[i:i + self.config.batch_size]
             ids = torch.stack([c.input_ids for c in chunk]).to(self.device)
-            self.ctx.density.clear()
+            self.ctx.clear_step()
             answers = self._greedy(ids, PASSKEY_NEW_TOKENS)
             if self.ctx.mode == "sparse":
                 density.append(self.ctx.mean_density())
@@ -230,16 +219,15 @@ class Evaluator:
         forward()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.ctx.timer = [] if sparse else None
-        start.record()
-        forward()
-        end.record()
-        torch.cuda.synchronize()
-        out = {"prefill_ms": start.elapsed_time(end)}
-        if sparse:
-            out["select_ms"] = sum(e[0].elapsed_time(e[1]) for e in self.ctx.timer)
-            out["attention_ms"] = sum(e[1].elapsed_time(e[2]) for e in self.ctx.timer)
-        self.ctx.timer = None
+        with self.ctx.running(timer=[] if sparse else None) as ctx:
+            start.record()
+            forward()
+            end.record()
+            torch.cuda.synchronize()
+            out = {"prefill_ms": start.elapsed_time(end)}
+            if sparse:
+                out["select_ms"] = sum(e[0].elapsed_time(e[1]) for e in ctx.timer)
+                out["attention_ms"] = sum(e[1].elapsed_time(e[2]) for e in ctx.timer)
         return out
 
     def _measure(self, n: int, rows: torch.Tensor, label: str) -> dict:
@@ -263,9 +251,9 @@ class Evaluator:
         path = self._dense_cache_path()
         if path is not None and path.is_file():
             return {int(k): v for k, v in json.loads(path.read_text()).items()}
-        self.ctx.set_mode("dense")
-        result = {n: self._measure(n, self.windows[n][self.config.calibration_windows:], "dense")
-                  for n in self.config.seq_lens}
+        with self.ctx.running("dense"):
+            result = {n: self._measure(n, self.windows[n][self.config.calibration_windows:], "dense")
+                      for n in self.config.seq_lens}
         if path is not None:
             atomic_write_text(path, json.dumps({str(k): v for k, v in result.items()}, indent=1))
         return result
@@ -292,28 +280,12 @@ class Evaluator:
         rows = self.windows[seq_len][:self.config.calibration_windows]
         if not len(rows):
             raise ValueError("a calibrated budget needs eval.calibration_windows >= 1")
-        scores: dict[int, list] = {}
-        masses: dict[int, list] = {}
-
-        def keep(obs: LayerObservation) -> None:
-            scores.setdefault(obs.layer_idx, []).append(obs.scores.float())
-            if obs.mass is not None:
-                masses.setdefault(obs.layer_idx, []).append(obs.mass.float())
-
-        ctx = self.ctx
-        ctx.selector, ctx.consumer, ctx.want_mass = selector, keep, want_mass
-        ctx.set_mode("observe")
-        try:
+        with self.ctx.observing(want_mass, selector=selector) as observed:
             for batch in self._bar(list(self._batches(rows)), f"calibration {seq_len}"):
                 with torch.no_grad():
                     self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
-        finally:
-            ctx.consumer, ctx.want_mass = None, False
-            ctx.set_mode("dense")
-        observed = ({i: torch.cat(v) for i, v in scores.items()},
-                    {i: torch.cat(v) for i, v in masses.items()} if want_mass else None)
-        self._observed[key] = observed
-        return observed
+        self._observed[key] = (observed.scores(), observed.masses() if want_mass else None)
+        return self._observed[key]
 
     def forget(self, selector) -> None:
         """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights)."""
@@ -322,7 +294,8 @@ class Evaluator:
     def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int) -> Calibration:
         """The calibration of ``sparsity`` for ``selector`` on the calibration windows of ``seq_len``."""
         scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle")
-        return calibrate(scores, sparsity, masses, selector=selector_name(selector, self.ctx.gate_config), seq_len=seq_len)
+        return calibrate(scores, sparsity, masses, selector=scorer_name(selector, self.ctx.gate_config),
+                         seq_len=seq_len)
 
     def evaluate(self, selector, sparsity: SparsityConfig, dense: dict[int, dict] | None = None,
                  calibrations: dict[int, Calibration] | None = None) -> list[dict]:
@@ -335,14 +308,9 @@ class Evaluator:
             calibration = None
             if sparsity.calibrated:
                 calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n)
-            self.ctx.selector = selector
-            self.ctx.use(sparsity, calibration)
-            self.ctx.set_mode("sparse")
-            try:
+            with self.ctx.running("sparse", selector=selector, sparsity=sparsity, calibration=calibration):
                 got = self._measure(n, self.windows[n][self.config.calibration_windows:],
-                                    f"{selector_name(selector, self.ctx.gate_config)} {sparsity.method}")
-            finally:
-                self.ctx.set_mode("dense")
+                                    f"{scorer_name(selector, self.ctx.gate_config)} {sparsity.method}")
             rows.append(self._row(selector, sparsity, calibration, got, dense[n]))
         return rows
 
@@ -354,7 +322,8 @@ class Evaluator:
         row = {key: None for key in ROW_KEYS}
         row.update(got)
         row.update(
-            selector=selector_name(selector, self.ctx.gate_config), sparsity=sparsity.describe(), method=sparsity.method,
+            selector=scorer_name(selector, self.ctx.gate_config), sparsity=sparsity.describe(),
+            method=sparsity.method,
             allocation=sparsity.allocation if sparsity.calibrated else None, target_density=sparsity.target_density,
             knob=_mean(knobs) if knobs else own, knob_min=min(knobs) if knobs else own,
             knob_max=max(knobs) if knobs else own, calibrated_density=calibration.density if calibration else None,

@@ -29,9 +29,10 @@ import string
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -21,7 +21,7 @@ after it works on ``[B, H, nb, .]`` tensors, ``block_size`` times smaller than Q
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

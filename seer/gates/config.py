@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
-from seer.config import fail, is_int, is_number
+from seer.checks import fail, is_int, is_number
 from seer.kernels.common import BLOCK_SIZES, POOL_KINDS
 
 # training-free estimates (seer.sparsity.selectors) a gate may be blended with: the ones computable at inference
@@ -70,7 +70,7 @@ class GateConfig:
         calibration of one does not fit the other)."""
         return "gate" if self.blend is None else f"gate+{self.blend}@{self.blend_weight:g}"
 
-    def architecture_differences(self, other: "GateConfig") -> list[str]:
+    def architecture_differences(self, other: GateConfig) -> list[str]:
         """The fields (not :data:`INFERENCE_FIELDS`) in which ``other`` builds different gate weights."""
         return [f.name for f in fields(self) if f.name not in INFERENCE_FIELDS
                 and getattr(self, f.name) != getattr(other, f.name)]

@@ -24,7 +24,8 @@ base 2 with ``log2(e)`` folded into the scale: with ``t_ij = (scale * log2 e) q_
 .. math::
 
     m' = \\max(m, \\max_j t_{ij}),\\quad \\alpha = 2^{m - m'},\\quad p_{ij} = 2^{t_{ij} - m'},\\quad
-    l \\leftarrow \\alpha l + \\textstyle\\sum_j p_{ij},\\quad acc \\leftarrow \\alpha\\, acc + p V,\\quad m \\leftarrow m',
+    l \\leftarrow \\alpha l + \\textstyle\\sum_j p_{ij},\\quad acc \\leftarrow \\alpha\\, acc + p V,\\quad
+    m \\leftarrow m',
 
 and at the end ``out = acc / l`` and ``lse = ln 2 * (m + log2 l)``.
 
@@ -54,126 +55,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
+from seer.kernels.block_index import build_block_index, check_mask, mask_heads
+from seer.kernels.block_sparse_bwd import block_sparse_attn_backward
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
-                                 output, softmax_scale, with_unit_last_stride)
+                                 output, softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "build_block_index", "heaviest_first"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Index builder: boolean block mask -> compact ascending per-row lists of selected key blocks
-# ----------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _append_selected(out_ptr, base, sel, val):
-    """Writes the entries of ``val`` where ``sel`` holds to ``out_ptr[base:]``, in order (each at ``base`` plus
-    the number of selected entries before it); returns the new end of the list."""
-    s = sel.to(tl.int32)
-    pos = base + tl.cumsum(s, 0) - s
-    tl.store(out_ptr + pos, val, mask=sel)
-    return base + tl.sum(s, 0)
-
-
-@triton.jit
-def _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc,
-                    PAIR: tl.constexpr, CHUNK: tl.constexpr):
-    cols = c0 + tl.arange(0, CHUNK)
-    top = tl.load(mrow + r_top * stride_mr + cols * stride_mc, mask=cols <= r_top, other=0) != 0
-    if PAIR:
-        bot = tl.load(mrow + r_bot * stride_mr + cols * stride_mc, mask=(cols <= r_bot) & (r_bot < NB), other=0) != 0
-        sel = top | bot
-        val = cols * 4 + top.to(tl.int32) + 2 * bot.to(tl.int32)
-    else:
-        sel = top
-        val = cols
-    return _append_selected(irow, base, sel, val)
-
-
-@triton.jit
-def _bs_build_index_kernel(
-    Mask, Idx, Cnt,
-    stride_mb, stride_mh, stride_mr, stride_mc,
-    stride_ib, stride_ih, stride_ir,
-    stride_cb, stride_ch,
-    H, NB,
-    PAIR: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr,
-):
-    r = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    mrow = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    irow = Idx + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
-    if PAIR:
-        r_top = 2 * r
-        r_bot = 2 * r + 1
-        ncols = tl.minimum(r_bot + 1, NB)
-    else:
-        r_top = r
-        r_bot = r
-        ncols = r + 1
-    base = 0
-    if INTERP:  # run-time loop bound: see seer.kernels.common
-        c0 = 0
-        while c0 < ncols:
-            base = _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc, PAIR, CHUNK)
-            c0 += CHUNK
-    else:
-        for c0 in range(0, ncols, CHUNK):
-            base = _bs_index_chunk(mrow, irow, c0, base, r_top, r_bot, NB, stride_mr, stride_mc, PAIR, CHUNK)
-    tl.store(Cnt + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + r, base)
-
-
-def _check_mask(block_mask: torch.Tensor, name: str = "block_mask") -> None:
-    if not isinstance(block_mask, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(block_mask).__name__}")
-    if block_mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be bool, got {block_mask.dtype}")
-    if block_mask.dim() != 4 or block_mask.shape[2] != block_mask.shape[3]:
-        raise ValueError(f"{name} must be [B, H, nb, nb]; got {tuple(block_mask.shape)}")
-
-
-def build_block_index(block_mask: torch.Tensor, *, pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact per-row lists of the key blocks a boolean block mask selects, built on the device.
-
-    ``block_mask`` is bool ``[B, H, nb, nb]`` (any strides). Entries above the diagonal are ignored.
-    Returns ``kv_indices`` int32 ``[B, H, nb, nb]`` and ``kv_counts`` int32 ``[B, H, nb]``:
-    ``kv_indices[b, h, r, :kv_counts[b, h, r]]`` are the selected key blocks ``c <= r`` of query block ``r``
-    in ascending order (the diagonal, when selected, last); entries past the count are left unwritten.
-
-    With ``pair=True`` it builds the internal ``pair`` layout (see the module docstring): lists for the
-    ``ceil(nb / 2)`` pairs of query blocks, shapes ``[B, H, ceil(nb/2), nb]`` and ``[B, H, ceil(nb/2)]``.
-    One launch, no host synchronisation; reads only the causal half of the mask.
-    """
-    _check_mask(block_mask)
-    check_device(block_mask=block_mask)
-    nb = block_mask.shape[-1]
-    return _build_lists(_bs_build_index_kernel, block_mask, (nb + 1) // 2 if pair else nb,
-                        lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device), PAIR=pair)
-
-
-def _build_lists(kernel, block_mask: torch.Tensor, rows: int, alloc, **meta) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches a list builder (this module's row lists, the backward's column lists) over a checked bool mask
-    ``[B, H, nb, nb]``: one program per list and batch x head, ``CHUNK`` mask entries at a time. Returns the lists
-    ``[B, H, rows, nb]`` and their lengths ``[B, H, rows]`` (int32, from ``alloc(shape, dtype, device)``)."""
-    b, h, nb, _ = block_mask.shape
-    idx = alloc((b, h, rows, nb), torch.int32, block_mask.device)
-    cnt = alloc((b, h, rows), torch.int32, block_mask.device)
-    if b * h * rows == 0:
-        return idx, cnt
-    m = block_mask.view(torch.uint8)
-    chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
-    kernel[(rows, b * h)](
-        m, idx, cnt,
-        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
-        idx.stride(0), idx.stride(1), idx.stride(2),
-        cnt.stride(0), cnt.stride(1),
-        h, nb,
-        CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1, **meta,
-    )
-    return idx, cnt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,7 +226,7 @@ def _bs_attn_fwd_kernel(
 # offline from a sweep on an H100 (`experiments/bench_sparse.py --tune`, B 1, 32 heads, 32k, density 1.0 and
 # 0.1): the best config depends on the density, which a timing at the first call would sample by chance, and
 # the first prefill of a model (or its CUDA-graph capture) pays no tuning runs. USE_TMA: read K/V through the
-# copy engine when the tensors allow it (:func:`_tma_ok`).
+# copy engine when the tensors allow it (:func:`seer.kernels.common.tma_ok`).
 # ----------------------------------------------------------------------------------------------------------
 
 _H100_CONFIGS: dict[tuple[int, int, bool], dict] = {
@@ -362,45 +252,8 @@ def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
                  USE_TMA=False)]
 
 
-def tiles_invalid(config: dict, key: tuple) -> str | None:
-    """Why ``config`` cannot run for ``key`` (mask block size ``key[1]``), or None: its tiles (``BLOCK_M``,
-    ``BLOCK_N``, those it has) must divide the mask block. The check of this module's launch table and of the
-    backward's (:mod:`seer.kernels.block_sparse_bwd`)."""
-    block = key[1]
-    for tile in ("BLOCK_M", "BLOCK_N"):
-        if tile in config and block % config[tile]:
-            return f"invalid for block_size {block}: {tile} must divide the mask block size"
-    return None
-
-
 CONFIGS = LaunchTable("block_sparse", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA"), _cuda_config,
                       lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False), tiles_invalid)
-
-
-def _scratch(size: int, align: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors; when it can, makes sure
-    the calling thread has the scratch allocator device-side descriptors need (Triton keeps it in a context
-    variable, so a thread that never set it, e.g. autograd's backward worker, has none)."""
-    t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
-        return False
-    for t in tensors:
-        es = t.element_size()
-        if t.data_ptr() % 16 or t.stride(3) != 1 or any((t.stride(i) * es) % 16 for i in range(3)):
-            return False
-    triton.set_allocator(_scratch)
-    return True
-
-
-def _mask_heads(hm: int, hq: int, hkv: int, what: str) -> int:
-    if hm not in (hq, hkv):
-        raise ValueError(f"{what} has {hm} heads; expected Hq={hq} (one per query head) or Hkv={hkv} "
-                         f"(shared by each query-head group)")
-    return hq // hm
 
 
 def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
@@ -440,7 +293,7 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
             kv_counts.stride(0), kv_counts.stride(1),
             n, hq, n_rowprog, hq // hkv, hq // kv_indices.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, PAIR=pair, DOT_PRECISION=dot_precision(q.dtype),
-            INTERP=INTERPRET, SORTED=order is not None, **dict(config, USE_TMA=config["USE_TMA"] and _tma_ok(k, v)),
+            INTERP=INTERPRET, SORTED=order is not None, **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(k, v)),
         )
     CONFIGS.launch((d, block_size, pair), run)
     return out, lse
@@ -485,7 +338,7 @@ def block_sparse_attn_indexed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kv_counts.shape != kv_indices.shape[:3] or kv_counts.stride(2) != 1:
         raise ValueError(f"kv_counts must be {tuple(kv_indices.shape[:3])} with unit last stride; "
                          f"got {tuple(kv_counts.shape)}")
-    _mask_heads(kv_indices.shape[1], hq, hkv, "kv_indices")
+    mask_heads(kv_indices.shape[1], hq, hkv, "kv_indices")
     check_device(q=q, k=k, v=v, kv_indices=kv_indices, kv_counts=kv_counts)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError("block_sparse_attn_indexed has no backward: use block_sparse_attn (from the bool mask) "
@@ -514,8 +367,9 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     start in: ``rows`` (per head, the last query blocks first; heads one after another, so concurrent programs
     share a head's K/V in L2) or ``heaviest_first`` (all programs by list length, longest first,
     :func:`heaviest_first`). On an H100 at 32k ``rows`` was faster for uniform and for per-head-skewed budgets
-    alike (docs/bench_adaptive.md). ``out``/``lse`` optionally receive the results in place. Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the
-    same as :func:`seer.kernels.reference.block_sparse_attn`.
+    alike (docs/bench_adaptive.md). ``out``/``lse`` optionally receive the results in place. Returns ``(out [B, Hq, N,
+    D] in q's dtype, lse [B, Hq, N] float32, natural log)``, the same as
+    :func:`seer.kernels.reference.block_sparse_attn`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v over the
     same block selection (Triton backward in :mod:`seer.kernels.block_sparse_bwd`; the mask gets no gradient)
@@ -523,16 +377,55 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     """
     check_block_size(block_size)
     b, hq, hkv, n, d = check_qkv(q, k, v)
-    _check_mask(block_mask)
+    check_mask(block_mask)
     nb = triton.cdiv(n, block_size)
     if block_mask.shape[0] != b or block_mask.shape[2] != nb:
         raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}] for "
                          f"N={n}, block_size={block_size}; got {tuple(block_mask.shape)}")
-    _mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
+    mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
     check_device(q=q, k=k, v=v, block_mask=block_mask)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        from seer.kernels.block_sparse_bwd import _attn_with_grad  # the backward (autograd) lives there
-
         return _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse)
     kv_indices, kv_counts = build_block_index(block_mask, pair=pair)
     return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+
+class _BlockSparseAttnFunction(torch.autograd.Function):
+    """``(out, lse) = block_sparse_attn(q, k, v, block_mask, ...)`` with a Triton backward; the mask (bool)
+    carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, block_size, sm_scale, pair):
+        kv_indices, kv_counts = build_block_index(block_mask, pair=pair)
+        out, lse = _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, None, None)
+        # the lists are not kept: rebuilt from the bool mask in the backward (two small launches), so a layer
+        # holds nb^2 bytes per mask head between forward and backward instead of 4 nb^2 more for the lists
+        ctx.save_for_backward(q, k, v, out, lse, block_mask)
+        ctx.block_size, ctx.sm_scale = block_size, sm_scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable  # no double backward
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, block_mask = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 7
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = block_sparse_attn_backward(dout, q, k, v, out, lse, block_mask, ctx.block_size, ctx.sm_scale,
+                                                dlse=dlse)
+        need = ctx.needs_input_grad
+        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None
+
+
+def _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse):
+    """:func:`seer.kernels.block_sparse_attn` when q, k or v needs a gradient (inputs already checked)."""
+    if out is not None or lse is not None:
+        raise ValueError("out= and lse= cannot be used when q, k or v requires grad (results written into given "
+                         "buffers are not differentiable); call without them, or under torch.no_grad()")
+    return _BlockSparseAttnFunction.apply(q, k, v, block_mask, block_size, sm_scale, pair)

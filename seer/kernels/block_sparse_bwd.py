@@ -52,7 +52,7 @@ and ``block_sparse_bwd.dq`` (``DQ_TABLE``: ``BLOCK_M``, ``BLOCK_N``, ``num_warps
 As for the forward, one candidate per key, never timed at run time: on CUDA the entries for head dims 64 and 128
 and blocks 64 and 128 (picked from an offline sm_90 compile without register spills, see the tables), 64 x 64
 tiles for other sizes, tiles clamped to the mask block; under the interpreter, tiles of one mask block. Tiles must
-divide the mask block (:func:`seer.kernels.block_sparse.tiles_invalid`). Experiments and tests force configs with
+divide the mask block (:func:`seer.kernels.common.tiles_invalid`). Experiments and tests force configs with
 ``seer.kernels.tuning.force_config("block_sparse_bwd.dq", BLOCK_M=..., ...)``.
 
 Use
@@ -69,26 +69,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from seer.kernels import block_sparse as _fwd
+from seer.kernels.block_index import append_selected, build_block_index, build_lists, check_mask, mask_heads
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
-                                 softmax_scale, with_unit_last_stride)
+                                 softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
 
 
-# What this module uses of the forward module besides build_block_index, _forward, _tma_ok, the list compaction
-# _append_selected and the list-builder launch _build_lists (looked up at call time) and the tile check of the
-# launch tables, tiles_invalid: its mask checks, here.
-def _check_mask(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> None:
+def _check_mask_shape(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int) -> None:
     """The forward's checks of a bool ``[B, Hq or Hkv, nb, nb]`` mask."""
-    _fwd._check_mask(block_mask)
+    check_mask(block_mask)
     if block_mask.shape[0] != b or block_mask.shape[2] != nb:
         raise ValueError(f"block_mask must be [B, Hq or Hkv, nb, nb] = [{b}, {hq} or {hkv}, {nb}, {nb}]; "
                          f"got {tuple(block_mask.shape)}")
-    _fwd._mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
+    mask_heads(block_mask.shape[1], hq, hkv, "block_mask")
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,7 +105,7 @@ def _alloc_like(x: torch.Tensor) -> torch.Tensor:
 def _bs_col_chunk(mcol, icol, r0, base, NB, stride_mr, CHUNK: tl.constexpr):
     rows = r0 + tl.arange(0, CHUNK)
     sel = tl.load(mcol + rows * stride_mr, mask=rows < NB, other=0) != 0
-    return _fwd._append_selected(icol, base, sel, rows)
+    return append_selected(icol, base, sel, rows)
 
 
 @triton.jit
@@ -148,9 +144,9 @@ def build_block_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     ascending (so the diagonal ``r = c``, when selected, comes first); entries past the count are unwritten.
     One launch, no host synchronisation (the transpose of :func:`seer.kernels.block_sparse.build_block_index`).
     """
-    _fwd._check_mask(block_mask)
+    check_mask(block_mask)
     check_device(block_mask=block_mask)
-    return _fwd._build_lists(_bs_build_col_index_kernel, block_mask, block_mask.shape[-1], _alloc)
+    return build_lists(_bs_build_col_index_kernel, block_mask, block_mask.shape[-1], _alloc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,7 +446,7 @@ def _bs_bwd_dq_kernel(
 # their gradients checked against the float32 reference on the GPU); D 64: picked from registers/spills of an
 # offline sm_90 compile (experiments/compile_stats.py), not timed. Other sizes: 64 x 64 tiles, 8 warps from D 128 on
 # (D 256: no spills, about 197 KB of shared memory). USE_TMA: read the streamed
-# operand (q and dO for dk/dv, K and V for dq) through the copy engine when the tensors allow it (_fwd._tma_ok).
+# operand (q and dO for dk/dv, K and V for dq) through the copy engine when the tensors allow it (common.tma_ok).
 _H100_DKDV: dict[tuple[int, int], dict] = {  # BLOCK_N keys per program, BLOCK_M query rows per step
     (128, 64): dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, USE_TMA=False),  # 62 ms at 32k, d 1.0
     (128, 128): dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=2, USE_TMA=False),  # 60 ms
@@ -479,9 +475,9 @@ def _interpreter_config(key: tuple[int, int]) -> dict:
 
 
 DKDV_TABLE = LaunchTable("block_sparse_bwd.dkdv", ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "USE_TMA"),
-                         _cuda_config(_H100_DKDV), _interpreter_config, _fwd.tiles_invalid)
+                         _cuda_config(_H100_DKDV), _interpreter_config, tiles_invalid)
 DQ_TABLE = LaunchTable("block_sparse_bwd.dq", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA"),
-                       _cuda_config(_H100_DQ), _interpreter_config, _fwd.tiles_invalid)
+                       _cuda_config(_H100_DQ), _interpreter_config, tiles_invalid)
 
 
 def _grad_buffer(x: torch.Tensor, given: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -534,7 +530,7 @@ def block_sparse_attn_backward(
     if dlse is not None and dlse.shape != (b, hq, n):
         raise ValueError(f"dlse must be {(b, hq, n)}; got {tuple(dlse.shape)}")
     if block_mask is not None:
-        _check_mask(block_mask, b, hq, hkv, nb)
+        _check_mask_shape(block_mask, b, hq, hkv, nb)
     elif kv_index is None or q_index is None:
         raise ValueError("block_mask is needed unless both kv_index and q_index are given")
     masks = {} if block_mask is None else {"block_mask": block_mask}
@@ -545,7 +541,7 @@ def block_sparse_attn_backward(
     if n == 0 or b * hq == 0:
         return dq, dk, dv
     if kv_index is None:
-        kv_index = _fwd.build_block_index(block_mask, pair=False)
+        kv_index = build_block_index(block_mask, pair=False)
     if q_index is None:
         q_index = build_block_col_index(block_mask)
     _check_index("kv_index", *kv_index, b, hq, hkv, nb)
@@ -588,7 +584,7 @@ def block_sparse_attn_backward(
             q_cnt.stride(0), q_cnt.stride(1),
             b, n, nb, n_pad, hq, hkv, group, hq // q_idx.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, EVEN_N=n % block_size == 0, DOT_PRECISION=dot_precision(q.dtype),
-            INTERP=INTERPRET, **dict(config, USE_TMA=config["USE_TMA"] and _fwd._tma_ok(q, do)),
+            INTERP=INTERPRET, **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(q, do)),
         )
     DKDV_TABLE.launch(key, run_dkdv)
 
@@ -606,48 +602,7 @@ def block_sparse_attn_backward(
             kv_cnt.stride(0), kv_cnt.stride(1),
             b, n, n_pad, n_qprog, hq, hkv, group, hq // kv_idx.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
-            **dict(config, USE_TMA=config["USE_TMA"] and _fwd._tma_ok(k, v)),
+            **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(k, v)),
         )
     DQ_TABLE.launch(key, run_dq)
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------------------
-
-class _BlockSparseAttnFunction(torch.autograd.Function):
-    """``(out, lse) = block_sparse_attn(q, k, v, block_mask, ...)`` with a Triton backward; the mask (bool)
-    carries no gradient."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_mask, block_size, sm_scale, pair):
-        kv_indices, kv_counts = _fwd.build_block_index(block_mask, pair=pair)
-        out, lse = _fwd._forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, None, None)
-        # the lists are not kept: rebuilt from the bool mask in the backward (two small launches), so a layer
-        # holds nb^2 bytes per mask head between forward and backward instead of 4 nb^2 more for the lists
-        ctx.save_for_backward(q, k, v, out, lse, block_mask)
-        ctx.block_size, ctx.sm_scale = block_size, sm_scale
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable  # no double backward
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, block_mask = ctx.saved_tensors
-        if dout is None and dlse is None:
-            return (None,) * 7
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = block_sparse_attn_backward(dout, q, k, v, out, lse, block_mask, ctx.block_size, ctx.sm_scale,
-                                                dlse=dlse)
-        need = ctx.needs_input_grad
-        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None
-
-
-def _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse):
-    """:func:`seer.kernels.block_sparse_attn` when q, k or v needs a gradient (inputs already checked)."""
-    if out is not None or lse is not None:
-        raise ValueError("out= and lse= cannot be used when q, k or v requires grad (results written into given "
-                         "buffers are not differentiable); call without them, or under torch.no_grad()")
-    return _BlockSparseAttnFunction.apply(q, k, v, block_mask, block_size, sm_scale, pair)

@@ -1,5 +1,6 @@
 """What every seer kernel shares: supported sizes and dtypes, pooling names, log constants, the interpreter
-switch, and the checks of the arguments the attention kernels take.
+switch, the checks of the arguments the attention kernels take, the tile check of the block-sparse launch tables
+(:func:`tiles_invalid`) and whether the copy engine can read a tensor (:func:`tma_ok`).
 
 Configs outside this package (``seer.gates.GateConfig`` and friends) validate against these constants, so a
 value the kernels cannot run is refused when the config is built, not at the first launch.
@@ -164,3 +165,33 @@ def output(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, 
     if t is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return check_tensor(name, t, shape, dtype, device, contiguous)
+
+
+def tiles_invalid(config: dict, key: tuple) -> str | None:
+    """Why ``config`` cannot run for ``key`` (mask block size ``key[1]``), or None: its tiles (``BLOCK_M``,
+    ``BLOCK_N``, those it has) must divide the mask block. The check of the launch tables of the block-sparse
+    forward and backward."""
+    block = key[1]
+    for tile in ("BLOCK_M", "BLOCK_N"):
+        if tile in config and block % config[tile]:
+            return f"invalid for block_size {block}: {tile} must divide the mask block size"
+    return None
+
+
+def _scratch(size: int, align: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors; when it can, makes sure
+    the calling thread has the scratch allocator device-side descriptors need (Triton keeps it in a context
+    variable, so a thread that never set it, e.g. autograd's backward worker, has none)."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or t.stride(3) != 1 or any((t.stride(i) * es) % 16 for i in range(3)):
+            return False
+    triton.set_allocator(_scratch)
+    return True

@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import triton
@@ -130,7 +132,7 @@ def _fastest(table: LaunchTable, key: tuple, candidates: list[dict], run: Callab
     for _ in range(2):
         for i, c in enumerate(candidates):
             try:
-                t, _ = median_ms(lambda: run(c), rep_ms=60)
+                t, _ = median_ms(partial(run, c), rep_ms=60)
             except Exception:  # noqa: BLE001 - a candidate that does not compile (resources) is skipped
                 continue
             times[i] = min(times[i], t)

@@ -7,8 +7,10 @@ and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also giv
 ``q_proj``/``k_proj``, or of ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
 included). Block scores come from ``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`,
 which reads Q and K after RoPE) or, when it is None, from the layer's gate (blended with a training-free estimate
-when ``gate.blend`` names one). What the function does depends on the
-context's ``mode``:
+when ``gate_config.blend`` names one). What the function does depends on the
+context's ``mode``, set like every other setting through the context's checks: for a block of code
+(``with context.running("sparse", sparsity=...):``, :meth:`SeerContext.observing`) or for good
+(:meth:`SeerContext.update`):
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
 * ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``
@@ -32,9 +34,11 @@ fall back to dense SDPA.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +80,9 @@ class LayerObservation:
 
 @dataclass
 class SeerContext:
-    """State shared by all gated layers of one model."""
+    """State shared by all gated layers of one model. Its settings change only through :meth:`update` (for good) or
+    :meth:`running` (for a block of code), which check them; the attention layers write ``density`` and
+    ``train_masks``, cleared by :meth:`clear_step`."""
 
     block_size: int
     gate_config: GateConfig | None = None
@@ -105,28 +111,100 @@ class SeerContext:
 
     @property
     def scorer_name(self) -> str:
-        """The name calibrations are stored under: the selector's, else the gates' (``gate`` or its blend)."""
-        if self.selector is not None:
-            return self.selector.name
-        return self.gate_config.scorer_name if self.gate_config is not None else "gate"
+        """The name calibrations are stored under (:func:`scorer_name`)."""
+        return scorer_name(self.selector, self.gate_config)
 
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not one of {MODES}")
-        self.mode = mode
+    def clear_step(self) -> None:
+        """Forgets the densities and ``train_sparse`` masks of the last forward (before a new step or batch)."""
+        self.density.clear()
+        self.train_masks.clear()
 
-    def use(self, sparsity: SparsityConfig, calibration: Calibration | None = None) -> None:
-        """Selects blocks with ``sparsity`` from now on; a calibrated budget needs the ``calibration`` fitted for it
-        (with this context's selector)."""
-        selector = self.scorer_name
-        if sparsity.calibrated:
-            if calibration is None:
-                raise ValueError(f"sparsity {sparsity.describe()} needs a calibration (seer.sparsity.calibration) "
-                                 f"for the {selector} scorer")
-            if not calibration.matches(sparsity, selector):
-                raise ValueError(f"the calibration given was made for {calibration.sparsity.describe()} with the "
-                                 f"{calibration.selector} scorer, not for {sparsity.describe()} with {selector}")
-        self.sparsity, self.calibration = sparsity, calibration if sparsity.calibrated else None
+    def update(self, **settings: Any) -> None:
+        """Changes the given settings (``mode``, ``sparsity``, ``calibration``, ``selector``, ``consumer``, ...)
+        after checking them together: a mode of :data:`MODES`, known ground-truth and kernel names, and a calibrated
+        budget in ``sparse`` mode with the calibration fitted for it and this context's selector (``train_sparse``
+        calibrates each layer on its batch). A budget that needs no calibration drops the one given."""
+        unknown = sorted(set(settings) - SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown seer context setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        new = {name: settings.get(name, getattr(self, name)) for name in SETTINGS}
+        for name, allowed in _CHOICES.items():
+            if new[name] not in allowed:
+                raise ValueError(f"{name} {new[name]!r} is not one of {allowed}")
+        if self.gate_config is not None and new["gate_config"] is not self.gate_config:
+            changed = self.gate_config.architecture_differences(new["gate_config"])
+            if changed:
+                raise ValueError(f"gate_config may change only how the gates' scores are used at inference "
+                                 f"(blend), not {changed}: the gates' weights are built for it")
+        sparsity, calibration = new["sparsity"], new["calibration"]
+        selector = scorer_name(new["selector"], new["gate_config"])
+        if calibration is not None and sparsity.calibrated and not calibration.matches(sparsity, selector):
+            raise ValueError(f"the calibration given was made for {calibration.sparsity.describe()} with the "
+                             f"{calibration.selector} scorer, not for {sparsity.describe()} with {selector}")
+        if new["mode"] == "sparse" and sparsity.calibrated and calibration is None:
+            raise ValueError(f"sparsity {sparsity.describe()} needs a calibration (seer.sparsity.calibration) "
+                             f"for the {selector} scorer")
+        new["calibration"] = calibration if sparsity.calibrated else None
+        for name, value in new.items():
+            setattr(self, name, value)
+
+    @contextlib.contextmanager
+    def running(self, mode: str | None = None, **settings: Any) -> Iterator[SeerContext]:
+        """Runs the model in ``mode`` (default: the current one) with ``settings`` (:meth:`update`'s) inside the
+        block; every setting is restored when it ends, however it ends."""
+        if mode is not None:
+            settings["mode"] = mode
+        before = {name: getattr(self, name) for name in SETTINGS}
+        self.update(**settings)
+        try:
+            yield self
+        finally:
+            self.update(**before)
+
+    @contextlib.contextmanager
+    def observing(self, want_mass: bool = False, **settings: Any) -> Iterator[ObservedScores]:
+        """Runs the model dense in ``observe`` mode inside the block (``settings`` as :meth:`running`'s, e.g. a
+        ``selector``), collecting every layer's block scores (and, ``want_mass``, true block masses)."""
+        observed = ObservedScores()
+        with self.running("observe", consumer=observed, want_mass=want_mass, **settings):
+            yield observed
+
+
+class ObservedScores:
+    """The block scores (and true block masses, when observed) that layers hand over in ``observe`` mode, by layer:
+    what calibration reads."""
+
+    def __init__(self) -> None:
+        self._scores: dict[int, list[torch.Tensor]] = {}
+        self._masses: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, observation: LayerObservation) -> None:
+        self._scores.setdefault(observation.layer_idx, []).append(observation.scores.float())
+        if observation.mass is not None:
+            self._masses.setdefault(observation.layer_idx, []).append(observation.mass.float())
+
+    def scores(self) -> dict[int, torch.Tensor]:
+        """``{layer: [rows, H, nb, nb]}`` float32, the batches observed stacked."""
+        return {i: torch.cat(s) for i, s in self._scores.items()}
+
+    def masses(self) -> dict[int, torch.Tensor] | None:
+        """``{layer: [rows, H, nb, nb]}`` float32 true block masses, or None when none were observed."""
+        return {i: torch.cat(m) for i, m in self._masses.items()} or None
+
+
+def scorer_name(selector, gate_config: GateConfig | None) -> str:
+    """The scorer's name in calibrations and results: the selector's, or for the gates (``selector`` None) ``gate`` or
+    its blend (:attr:`GateConfig.scorer_name`)."""
+    if selector is not None:
+        return selector.name
+    return gate_config.scorer_name if gate_config is not None else "gate"
+
+
+SETTINGS = frozenset({"mode", "selector", "gate_config", "sparsity", "calibration", "gt_source", "gt_mode",
+                      "gt_target", "kernel",
+                      "want_mass", "consumer", "timer"})
+_CHOICES = {"mode": MODES, "gt_source": ("reference", "triton"), "gt_mode": ("auto", "fast", "lowmem"),
+            "gt_target": ("maxpool", "mass"), "kernel": ("reference", "triton")}
 
 
 class _PreRopeStash:
@@ -246,7 +324,7 @@ def _output_buffer(query: torch.Tensor) -> torch.Tensor:
 def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
     """Block scores of one layer (no grad): the context's selector on post-RoPE Q/K, or the layer's gate on the
     pre-RoPE Q/K its hooks stashed, blended with a training-free estimate when the gate config names one
-    (``gate.blend``)."""
+    (``gate_config.blend``)."""
     if ctx.selector is not None:
         from seer.sparsity.selectors import LayerInputs
 
@@ -307,7 +385,7 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
             return _dense(module, query, key, value, None, 0.0, scaling)
         nb = scores.shape[-1]
         total = scores.shape[0] * scores.shape[1] * nb * (nb + 1) // 2
-        if layer in ctx.sparsity.dense_layers:
+        if ctx.sparsity.runs_dense(layer):
             ctx.density[layer] = (torch.tensor(total), total)
             if ctx.consumer is not None:
                 ctx.consumer(LayerObservation(layer, scores, None, mass))
@@ -376,8 +454,7 @@ def _train_sparse(module, ctx: SeerContext, query, key, value, scaling, scale: f
                     logits = module.seer_gate(q_pre.detach(), k_pre.detach())
                 ctx.consumer(LayerRecord(layer, logits, gt, query.detach(), key.detach(), scale))
                 scores = logits.detach()
-            dense = ctx.sparsity.method == "dense" or layer in ctx.sparsity.dense_layers
-            if dense:
+            if ctx.sparsity.runs_dense(layer):
                 mask = None
                 ctx.density[layer] = (torch.tensor(total), total)
             else:

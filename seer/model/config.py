@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from seer.config import fail
+from seer.checks import fail
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

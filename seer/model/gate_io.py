@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from seer.gates.config import INFERENCE_FIELDS, GateConfig
-from seer.config import ConfigError, build
+from seer.checks import ConfigError, build
 from seer.files import atomic_write, atomic_write_text
 from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
 from seer.model.rope_scaling import rope_settings
@@ -89,7 +89,7 @@ def _weights_path(path: str | os.PathLike) -> Path:
 
 def verify_gates(path: str | os.PathLike) -> Path:
     """Checks a gate file against the sha256 in the ``gates.json`` beside it; returns the weights' path. A
-    :class:`~seer.config.ConfigError` names a file that was truncated or altered after it was written (a file
+    :class:`~seer.checks.ConfigError` names a file that was truncated or altered after it was written (a file
     without ``gates.json``, or written before checksums were stored, is only logged as unchecked)."""
     weights = _weights_path(path)
     meta_path = weights.parent / META

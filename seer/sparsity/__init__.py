@@ -7,11 +7,12 @@
 * :mod:`seer.sparsity.measures` - achieved density, recall of attention mass, the oracle's recall.
 """
 
+from seer.sparsity.calibration import selection_masks
 from seer.sparsity.config import SparsityConfig
 from seer.sparsity.masks import (causal_blocks, forced_blocks, row_budgets, row_probs, select_blocks, threshold_mask,
                                  topk_mask, topp_mask)
-from seer.sparsity.measures import attention_mass, block_density, head_density, mass_recall, oracle_recall, selection_masks
+from seer.sparsity.measures import attention_mass, block_density, head_density, mass_recall, oracle_recall
 
-__all__ = ["SparsityConfig", "attention_mass", "block_density", "causal_blocks", "forced_blocks", "head_density", "mass_recall",
-           "oracle_recall", "row_budgets", "row_probs", "select_blocks", "selection_masks", "threshold_mask",
-           "topk_mask", "topp_mask"]
+__all__ = ["SparsityConfig", "attention_mass", "block_density", "causal_blocks", "forced_blocks", "head_density",
+           "mass_recall", "oracle_recall", "row_budgets", "row_probs", "select_blocks", "selection_masks",
+           "threshold_mask", "topk_mask", "topp_mask"]

@@ -22,16 +22,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
-from seer.config import build
+from seer.checks import build
 from seer.files import atomic_write_text
 from seer.sparsity.config import SparsityConfig
-from seer.sparsity.masks import row_probs, select_blocks, threshold_mask_from_probs
+from seer.sparsity.masks import causal_blocks, row_probs, select_blocks, threshold_mask_from_probs
 from seer.sparsity.measures import head_density
 
 FILE = "calibration.json"
@@ -81,7 +81,7 @@ class Calibration:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping) -> "Calibration":
+    def from_dict(cls, values: Mapping) -> Calibration:
         values = dict(values)
         values["sparsity"] = build(SparsityConfig, "sparsity", values["sparsity"])
         values["knobs"] = {int(k): list(v) for k, v in values["knobs"].items()}
@@ -128,7 +128,7 @@ def _shared_or_per_head_goal(config: SparsityConfig, target: float, width: int, 
 def _sparse_target(config: SparsityConfig, layers: list[int]) -> float:
     """The mean density the sparse layers must reach so that, with ``dense_layers`` at 1, all layers average the
     target."""
-    dense = [i for i in layers if i in config.dense_layers]
+    dense = [i for i in layers if config.runs_dense(i)]
     sparse = len(layers) - len(dense)
     if not sparse:
         raise ValueError(f"sparsity.dense_layers={config.dense_layers} leaves no sparse layer to calibrate")
@@ -176,7 +176,7 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
         raise ValueError("calibration needs the block scores of at least one layer")
     layers = sorted(scores)
     target = _sparse_target(config, layers)
-    sparse = [i for i in layers if i not in config.dense_layers]
+    sparse = [i for i in layers if not config.runs_dense(i)]
     heads = scores[sparse[0]].shape[1]
     stacked = torch.cat([scores[i].float() for i in sparse], dim=1)  # [rows, L*H, nb, nb]: layers as more heads
     width, device = stacked.shape[1], stacked.device
@@ -201,6 +201,16 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
     return Calibration(sparsity=config, knobs=dict(zip(sparse, knobs)), density=mean,
                        head_density=dict(zip(sparse, dens)), selector=selector,
                        rows=scores[sparse[0]].shape[0], seq_len=seq_len)
+
+
+def selection_masks(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
+                    masses: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """The masks ``config`` picks from each layer's scores; a calibrated budget is calibrated on these very scores
+    first (what a training metric can do: it has no held-out calibration rows)."""
+    calibration = calibrate(scores, config, masses) if config.calibrated else None
+    return {i: causal_blocks(s.shape[-1], s.device).expand(s.shape) if config.runs_dense(i)
+            else select_blocks(s, config, None if calibration is None else calibration.knob(i, s.device))
+            for i, s in scores.items()}
 
 
 def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
@@ -237,4 +247,5 @@ def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str
                      f"(target_density=null)")
 
 
-__all__ = ["Calibration", "calibrate", "find_calibration", "fit_knob", "load_calibrations", "save_calibration"]
+__all__ = ["Calibration", "calibrate", "find_calibration", "fit_knob", "load_calibrations", "save_calibration",
+           "selection_masks"]

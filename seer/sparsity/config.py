@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from seer.config import fail, is_int, is_number
+from seer.checks import fail, is_int, is_number
 
 METHODS = ("topk", "threshold", "topp", "dense")
 ALLOCATIONS = ("global", "uniform", "oracle")
@@ -79,6 +79,11 @@ class SparsityConfig:
         if self.method in ("threshold", "topp"):
             return self.target_density is not None
         return self.method == "topk" and self.allocation != "global"
+
+    def runs_dense(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` attends to every causal block: a ``dense`` budget, or a layer of
+        ``dense_layers`` (the one rule inference, training, measures and calibration follow)."""
+        return self.method == "dense" or layer_idx in self.dense_layers
 
     def describe(self) -> str:
         """A short human-readable form, e.g. ``threshold target_density=0.1 (global)``."""

@@ -7,12 +7,9 @@ averaged over rows, heads and batch; the oracle keeps the top blocks of ``mass``
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 
-from seer.sparsity.config import SparsityConfig
-from seer.sparsity.masks import causal_blocks, forced_blocks, select_blocks
+from seer.sparsity.masks import causal_blocks, forced_blocks
 
 
 def head_density(mask: torch.Tensor) -> torch.Tensor:
@@ -71,14 +68,3 @@ def attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scal
 
     return block_attn_mass(query, key, block_size, scale).float()
 
-
-def selection_masks(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
-                    masses: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-    """The masks ``config`` picks from each layer's scores; a calibrated budget is calibrated on these very scores
-    first (what a training metric can do: it has no held-out calibration rows)."""
-    from seer.sparsity.calibration import calibrate
-
-    calibration = calibrate(scores, config, masses) if config.calibrated else None
-    return {i: select_blocks(s, config, None if calibration is None else calibration.knob(i, s.device))
-            if i not in config.dense_layers else causal_blocks(s.shape[-1], s.device).expand(s.shape)
-            for i, s in scores.items()}

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from seer.gates.pooling import pool_blocks
 from seer.kernels.reference import block_attn_mass
 
-__all__ = ["LayerInputs", "Selector", "blend_scores", "Oracle", "Streaming", "BlockMean", "VerticalSlash", "Antidiagonal",
-           "FlexPrefill", "RandomScores", "SELECTORS", "build_selector", "MASS_FLOOR"]
+__all__ = ["LayerInputs", "Selector", "blend_scores", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
+           "Antidiagonal", "FlexPrefill", "RandomScores", "SELECTORS", "build_selector", "MASS_FLOOR"]
 
 MASS_FLOOR = 1e-30  # estimated block masses are clamped here before the log, so scores stay finite
 _CHUNK_ELEMS = 1 << 25  # score elements per chunk of query rows (128 MiB of float32)

@@ -230,20 +230,9 @@ class GateCalibration(L.Callback):
         from seer.sparsity.calibration import calibrate, save_calibration
 
         limit = trainer.num_val_batches[0] if trainer.num_val_batches and trainer.num_val_batches[0] else None
-        scores: dict[int, list[torch.Tensor]] = {}
-        masses: dict[int, list[torch.Tensor]] = {}
-
-        def consume(observation) -> None:
-            scores.setdefault(observation.layer_idx, []).append(observation.scores.float())
-            if observation.mass is not None:
-                masses.setdefault(observation.layer_idx, []).append(observation.mass.float())
-
         model = getattr(pl_module, "lm", pl_module.model)  # the Hugging Face model, inside a peft wrapper if any
-        ctx = model.seer_context
-        ctx.consumer, ctx.want_mass = consume, self.sparsity.allocation == "oracle"
-        ctx.set_mode("observe")
         seq_len = 0
-        try:
+        with model.seer_context.observing(want_mass=self.sparsity.allocation == "oracle") as observed:
             for i, batch in enumerate(trainer.datamodule.val_dataloader()):
                 if limit is not None and i >= limit:
                     break
@@ -254,12 +243,8 @@ class GateCalibration(L.Callback):
                 # does not take)
                 with trainer.precision_plugin.forward_context():
                     model.base_model(input_ids=ids, use_cache=False)
-        finally:
-            ctx.consumer, ctx.want_mass = None, False
-            ctx.set_mode("dense")
-        calibration = calibrate({i: torch.cat(s) for i, s in scores.items()}, self.sparsity,
-                                {i: torch.cat(m) for i, m in masses.items()} or None, selector=ctx.scorer_name,
-                                seq_len=seq_len)
+        calibration = calibrate(observed.scores(), self.sparsity, observed.masses(),
+                                selector=model.seer_context.scorer_name, seq_len=seq_len)
         if trainer.is_global_zero:
             export = getattr(pl_module, "export_dir", None)
             for folder in [self.gates_dir] + ([Path(export) / "gates"] if export is not None else []):

@@ -9,10 +9,11 @@ ground-truth fields. A stage checks what it needs of the other groups in :meth:`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from seer.config import ConfigError, build, fail, is_int, is_number
+from seer.checks import ConfigError, build, fail, is_int, is_number
 
 if TYPE_CHECKING:
     from seer.config import RunConfig
@@ -26,8 +27,10 @@ TARGETS = ("maxpool", "mass")
 @dataclass
 class StageConfig:
     """What every training stage has: AdamW on the trained parameters with linear warmup then cosine decay to
-    ``min_lr_ratio * lr``, and gate-versus-ground-truth images every ``image_every_n_steps`` (0: none)."""
+    ``min_lr_ratio * lr``, and gate-versus-ground-truth images every ``image_every_n_steps`` (0: none). ``module``:
+    the stage's LightningModule (a :class:`seer.training.stage.Stage`), by import path, as a ``_target_``."""
 
+    module: ClassVar[str]
     name: str = "distill"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -99,6 +102,7 @@ class GateTargetConfig(StageConfig):
 class DistillConfig(GateTargetConfig):
     """Post-training gate distillation of a frozen model: ``loss_scale`` x the sum over layers of the gate loss."""
 
+    module: ClassVar[str] = "seer.training.distill.GateDistillation"
     name: str = "distill"
     loss_scale: float = 10.0
 
@@ -137,6 +141,7 @@ class FinetuneConfig(GateTargetConfig):
     no ``[tokens, vocab]`` float32 logits exist whole. This stage draws no gate images.
     """
 
+    module: ClassVar[str] = "seer.training.finetune.Finetune"
     name: str = "finetune"
     lr: float = 1e-5
     gate_lr: float = 1e-3
@@ -240,6 +245,7 @@ def _half_model(dtype: str, cfg: Mapping[str, Any]) -> bool:
     return accelerator != "cpu" and torch.cuda.is_available()
 
 
+# the one registry of stages: name -> schema (which names the stage's module)
 STAGES: dict[str, type[StageConfig]] = {"distill": DistillConfig, "finetune": FinetuneConfig}
 
 

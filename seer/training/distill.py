@@ -15,31 +15,34 @@ gate softmax and mask of head 0 of the first row) for :class:`~seer.training.cal
 
 from __future__ import annotations
 
-import lightning as L
+from pathlib import Path
+
 import torch
 
-from seer.model.attention import LayerRecord, attention_layers, gate_parameters
+from seer.config import RunConfig
+from seer.model.attention import LayerRecord, attach_gates, attention_layers, freeze_base_model, gate_parameters
 from seer.sparsity import (SparsityConfig, attention_mass, block_density, mass_recall, oracle_recall,
                            selection_masks)
 from seer.training.config import DistillConfig
 from seer.training.losses import first_kept_row, gate_loss, normalize_rows
-from seer.training.parallel import configure_sharding
+from seer.training.stage import Stage
 
 
-class GateDistillation(L.LightningModule):
+class GateDistillation(Stage):
     """Gate distillation for ``model`` (a Hugging Face causal LM with gates attached and its base frozen)."""
 
     def __init__(self, model: torch.nn.Module, stage: DistillConfig, sparsity: SparsityConfig, gt_source: str,
                  model_name: str = "unknown"):
-        super().__init__()
-        self.model = model
-        self.model_name = model_name
-        self.stage = stage
-        self.sparsity = sparsity
-        self.gt_source = gt_source
-        self.strict_loading = False  # checkpoints hold the gates only
-        self.loss_history: list[float] = []
+        super().__init__(model, stage, sparsity, gt_source, model_name)
         self.num_layers = len(attention_layers(model))
+
+    @classmethod
+    def from_run(cls, run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
+                 out_dir: Path, model_name: str) -> GateDistillation:
+        """Gates attached to ``model``, its base frozen."""
+        attach_gates(model, run.gate)
+        freeze_base_model(model)
+        return cls(model, run.stage, run.sparsity, gt_source, model_name=model_name)
 
     @property
     def context(self):
@@ -58,15 +61,9 @@ class GateDistillation(L.LightningModule):
             if with_mass:
                 masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
-        ctx.consumer, ctx.gt_source, ctx.gt_mode = consume, self.gt_source, self.stage.gt_mode
-        ctx.gt_target = self.stage.target
-        ctx.set_mode("distill")
-        try:
-            with torch.no_grad():
-                self.model.base_model(input_ids=input_ids, use_cache=False)
-        finally:
-            ctx.consumer = None
-            ctx.set_mode("dense")
+        with ctx.running("distill", consumer=consume, gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
+                         gt_target=self.stage.target), torch.no_grad():
+            self.model.base_model(input_ids=input_ids, use_cache=False)
         if not losses:
             raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
         total = self.stage.loss_scale * torch.stack([losses[i] for i in sorted(losses)]).sum()
@@ -122,30 +119,9 @@ class GateDistillation(L.LightningModule):
         self.log_dict({f"val/layer_{i:02d}/{name}": v for name, values in per_layer.items() for i, v in values.items()},
                       batch_size=bsz, logger=False, sync_dist=True)
 
-    def configure_model(self) -> None:
-        """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
-        configure_sharding(self)
-
-    def configure_optimizers(self):
-        params = gate_parameters(self.model)
-        if not params:
-            raise RuntimeError("the model has no gate parameters to train")
-        opt = torch.optim.AdamW(params, lr=self.stage.lr, betas=self.stage.betas,
-                                weight_decay=self.stage.weight_decay)
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(self.stage.warmup_steps, total), total,
-                                                            min_lr_rate=self.stage.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only gate weights in Lightning checkpoints (the frozen base model is reloaded from its source)."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".seer_gate." in k}
-        checkpoint["seer_loss_history"] = list(self.loss_history)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.loss_history = list(checkpoint.get("seer_loss_history", []))
+    def param_groups(self) -> list[dict]:
+        """The gates, at ``stage.lr``."""
+        return [{"params": gate_parameters(self.model)}]
 
     def train(self, mode: bool = True):
         """Lightning flips modules to train mode; the base model stays in eval mode (no dropout) regardless."""

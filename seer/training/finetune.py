@@ -21,22 +21,25 @@ language-model loss through the trained sparse attention), ``val/ppl``, ``val/de
 from __future__ import annotations
 
 import fnmatch
-import logging
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seer.config import RunConfig
 from seer.model.attention import LayerRecord, attach_gates, attention_layers, gate_parameters
+from seer.model.gate_io import load_gates
+from seer.model.inference import resolve_kernel
+from seer.model.loading import resolve_dtype
 from seer.sparsity import SparsityConfig
 from seer.training.config import FinetuneConfig
 from seer.training.losses import gate_loss, normalize_rows
-from seer.training.parallel import configure_sharding, tied_head
+from seer.training.parallel import tied_head
+from seer.training.stage import Stage
 
-log = logging.getLogger(__name__)
 
 DENSE = SparsityConfig(method="dense")
 
@@ -89,22 +92,46 @@ def set_trainable(model: torch.nn.Module, stage: FinetuneConfig) -> list[str]:
     return chosen
 
 
-class Finetune(L.LightningModule):
+class Finetune(Stage):
     """Long-context fine-tuning of ``model`` (a Hugging Face causal LM, with gates attached; a peft model with
-    LoRA) through its gates' block-sparse attention; see the module docstring."""
+    LoRA) through its gates' block-sparse attention; see the module docstring. Its loss history is the
+    language-model loss of each step."""
 
     def __init__(self, model: torch.nn.Module, stage: FinetuneConfig, sparsity: SparsityConfig, gt_source: str,
                  kernel: str, model_name: str = "unknown", export_dir: str | Path | None = None, tokenizer=None,
                  save_dtype: torch.dtype | None = None):
-        super().__init__()
-        self.model = model
-        self.stage, self.sparsity, self.gt_source, self.kernel = stage, sparsity, gt_source, kernel
-        self.model_name, self.tokenizer = model_name, tokenizer
+        super().__init__(model, stage, sparsity, gt_source, model_name)
+        self.kernel, self.tokenizer, self.save_dtype = kernel, tokenizer, save_dtype
         self.export_dir = None if export_dir is None else Path(export_dir)
-        self.save_dtype = save_dtype
-        self.strict_loading = False  # checkpoints hold the trained parameters only
         self.images: dict = {}  # no gate images in this stage (GateImages reads this)
-        self.loss_history: list[float] = []  # the language-model loss of each step
+
+    @classmethod
+    def from_run(cls, run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
+                 out_dir: Path, model_name: str) -> Finetune:
+        """The stage's module for ``model`` (loaded with ``run.model``'s rope scaling): LoRA adapters if asked, gates
+        (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
+        activation checkpointing."""
+        stage: FinetuneConfig = run.stage
+        kernel = resolve_kernel(stage.kernel, device)
+        if stage.lora_rank:
+            model = add_lora(model, stage)
+        lm = model.get_base_model() if stage.lora_rank else model
+        attach_gates(lm, run.gate)
+        if stage.init_gates is not None:
+            meta = load_gates(lm, stage.init_gates, expected_gate=run.gate, allow_rope_change=True)
+            rank_zero_info(f"gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
+                           f"model's {lm.config.rope_parameters.get('rope_type')} rope)")
+        chosen = set_trainable(model, stage)
+        model.train()  # loaded in eval mode; transformers checkpoints layers in train mode only (Llama has no dropout)
+        if stage.gradient_checkpointing:  # reentrant: the first pass runs without grad, so no gate work is repeated
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rank_zero_info(f"finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
+                       f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}, gates "
+                       f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
+                       f"{len(attention_layers(lm))} gated layers")
+        return cls(model, stage, run.sparsity, gt_source, kernel, model_name=model_name, export_dir=out_dir / "model",
+                   tokenizer=tokenizer, save_dtype=resolve_dtype(run.model.dtype, device))
 
     @property
     def lm(self) -> torch.nn.Module:
@@ -123,10 +150,9 @@ class Finetune(L.LightningModule):
         return self.lm.seer_context
 
     def on_fit_start(self) -> None:
-        ctx = self.context
-        ctx.gt_source, ctx.gt_mode, ctx.gt_target, ctx.kernel = (self.gt_source, self.stage.gt_mode,
-                                                                  self.stage.target, self.kernel)
-        ctx.set_mode("train_sparse")
+        # for the whole fit: a recomputation under activation checkpointing runs in the backward, after the step
+        self.context.update(mode="train_sparse", gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
+                            gt_target=self.stage.target, kernel=self.kernel)
 
     def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool) -> dict:
         """Language-model loss through ``sparsity``'s blocks and, ``with_gate_loss``, every layer's gate loss."""
@@ -139,14 +165,10 @@ class Finetune(L.LightningModule):
                 gate_losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss,
                                                        self.stage.skip_first_rows)
 
-        ctx.train_masks.clear()  # the previous step's backward is done: new masks for this step
-        ctx.density.clear()
-        ctx.sparsity, ctx.calibration = sparsity, None
-        ctx.consumer = consume if with_gate_loss else None
-        try:
+        ctx.clear_step()  # the previous step's backward is done: new masks for this step
+        # a calibrated budget is calibrated per layer on the batch (train_sparse mode), so no calibration is given
+        with ctx.running(sparsity=sparsity, calibration=None, consumer=consume if with_gate_loss else None):
             hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        finally:
-            ctx.consumer = None
         lm_loss = causal_lm_loss(hidden, self.head, input_ids, self.stage.loss_chunk_tokens)
         out = {"lm_loss": lm_loss, "density": ctx.mean_density()}
         if with_gate_loss:
@@ -178,35 +200,15 @@ class Finetune(L.LightningModule):
         self.log("val/ppl", torch.exp(out["lm_loss"]), batch_size=bsz)
         self.log("val/density", out["density"], batch_size=bsz)
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """The trained base parameters at ``stage.lr``, the gates at ``stage.gate_lr``."""
         gate_ids = {id(p) for p in gate_parameters(self.lm)}
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trained if id(p) not in gate_ids], "lr": self.stage.lr},
-                  {"params": [p for p in trained if id(p) in gate_ids], "lr": self.stage.gate_lr}]
-        groups = [g for g in groups if g["params"]]
-        opt = torch.optim.AdamW(groups, betas=self.stage.betas, weight_decay=self.stage.weight_decay)
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(self.stage.warmup_steps, total), total,
-                                                            min_lr_rate=self.stage.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_model(self) -> None:
-        """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
-        configure_sharding(self)
+        return [{"params": [p for p in trained if id(p) not in gate_ids], "lr": self.stage.lr},
+                {"params": [p for p in trained if id(p) in gate_ids], "lr": self.stage.gate_lr}]
 
     def configure_callbacks(self):
         return [ModelExport()] if self.export_dir is not None else []
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Lightning checkpoints keep the trained parameters only (the rest reloads from the model's source)."""
-        trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["seer_loss_history"] = list(self.loss_history)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.loss_history = list(checkpoint.get("seer_loss_history", []))
 
     def export(self, folder: str | Path) -> Path | None:
         """Writes the fine-tuned model (LoRA merged; weights in ``save_dtype``) as a Hugging Face folder with its
@@ -218,9 +220,8 @@ class Finetune(L.LightningModule):
         from seer.training.parallel import full_state_dict
 
         folder = Path(folder)
-        ctx = self.context
-        ctx.set_mode("dense")
-        ctx.train_masks.clear()
+        self.context.update(mode="dense")
+        self.context.clear_step()
         lm = (self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.lm).eval()
         full, gate_state = full_state_dict(lm), gate_state_dict(lm)
         if self.global_rank != 0:
@@ -254,37 +255,4 @@ class ModelExport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         folder = pl_module.export(pl_module.export_dir)  # every process: a sharded model is gathered
         if folder is not None:
-            print(f"[seer] fine-tuned model: {folder} (gates: {folder / 'gates'})", flush=True)
-
-
-def build_finetune(run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,
-                   out_dir: Path, model_name: str) -> Finetune:
-    """The stage's module for ``model`` (loaded with ``run.model``'s rope scaling): LoRA adapters if asked, gates
-    (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
-    activation checkpointing."""
-    from seer.model.gate_io import load_gates
-    from seer.model.inference import resolve_kernel
-    from seer.model.loading import resolve_dtype
-
-    stage: FinetuneConfig = run.stage
-    kernel = resolve_kernel(stage.kernel, device)
-    if stage.lora_rank:
-        model = add_lora(model, stage)
-    lm = model.get_base_model() if stage.lora_rank else model
-    attach_gates(lm, run.gate)
-    if stage.init_gates is not None:
-        meta = load_gates(lm, stage.init_gates, expected_gate=run.gate, allow_rope_change=True)
-        print(f"[seer] gates from {stage.init_gates} (made for {meta['base_model']}; block RoPE follows this "
-              f"model's {lm.config.rope_parameters.get('rope_type')} rope)", flush=True)
-    chosen = set_trainable(model, stage)
-    model.train()  # loaded in eval mode; transformers checkpoints layers in train mode only (Llama has no dropout)
-    if stage.gradient_checkpointing:  # reentrant: the first pass runs without grad, so no gate work is repeated
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"[seer] finetune: {trained / 1e6:.1f}M trained parameters ({len(chosen)} base tensors"
-          f"{', LoRA rank %d' % stage.lora_rank if stage.lora_rank else ''}, gates "
-          f"{'on' if stage.gate_loss_weight > 0 else 'fixed'}), sparse kernel: {kernel}, "
-          f"{len(attention_layers(lm))} gated layers", flush=True)
-    return Finetune(model, stage, run.sparsity, gt_source, kernel, model_name=model_name,
-                    export_dir=out_dir / "model", tokenizer=tokenizer,
-                    save_dtype=resolve_dtype(run.model.dtype, device))
+            rank_zero_info(f"fine-tuned model: {folder} (gates: {folder / 'gates'})")

@@ -12,7 +12,8 @@ import os
 import re
 import secrets
 import string
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 TAG_CHARS = 64  # W&B refuses longer tags
 NAME_CHARS = 64

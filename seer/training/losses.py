@@ -17,7 +17,8 @@ def first_kept_row(nb: int, skip_first_rows: float) -> int:
     return min(int(skip_first_rows * nb), nb - 1)
 
 
-def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl", skip_first_rows: float = 0.0) -> torch.Tensor:
+def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl",
+              skip_first_rows: float = 0.0) -> torch.Tensor:
     """Mean over kept rows (and batch, heads) of ``KL(target || softmax(logits))`` or of the squared error between
     ``softmax(logits)`` and ``target``, over causal blocks. ``target`` rows sum to 1; the triangle above the
     diagonal contributes nothing."""

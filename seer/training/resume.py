@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from seer.config import ConfigError, RunConfig, validate
+from seer.checks import ConfigError
+from seer.config import RunConfig, validate
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +96,6 @@ def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model")
                           f"{choices.get('model', model_name)} ({model_name}) has random weights and no tokenizer; "
                           f"use data=random_tokens with it")
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
-
-
-def build_distill(run: RunConfig, model, *, gt_source: str, device: torch.device, tokenizer, out_dir: Path,
-                  model_name: str):
-    """The distill stage's module: gates attached to ``model``, its base frozen."""
-    from seer.model.attention import attach_gates, freeze_base_model
-    from seer.training.distill import GateDistillation
-
-    attach_gates(model, run.gate)
-    freeze_base_model(model)
-    return GateDistillation(model, run.stage, run.sparsity, gt_source, model_name=model_name)
-
-
-def build_finetune(run: RunConfig, model, **kwargs):
-    from seer.training.finetune import build_finetune
-
-    return build_finetune(run, model, **kwargs)
-
-
-# stage name -> builder of its LightningModule from the loaded base model
-STAGE_MODULES = {"distill": build_distill, "finetune": build_finetune}
 
 
 def _instantiate_group(nodes: DictConfig | None, **extra) -> list:
@@ -229,9 +209,10 @@ def quiet_third_party_output() -> None:
 def run_training(cfg: DictConfig) -> dict:
     """Runs the training stage ``cfg`` names; returns the run summary (also written to ``summary.json``). Raises
     ``KeyboardInterrupt`` after a Ctrl-C that saved a checkpoint and a summary."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
     import lightning as L
     from lightning.pytorch.loggers.logger import DummyLogger
+    from lightning.pytorch.utilities import rank_zero_info
 
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
     from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
@@ -274,16 +255,16 @@ def run_training(cfg: DictConfig) -> dict:
     trainer.loggers = loggers or [DummyLogger()]
     try:
         model = load_causal_lm(**placement(cfg, run, device))
-        module = STAGE_MODULES[run.stage.name](run, model, gt_source=gt_source, device=device, tokenizer=tokenizer,
-                                               out_dir=out_dir, model_name=model_id(run.model))
+        module = get_class(run.stage.module).from_run(run, model, gt_source=gt_source, device=device,
+                                                      tokenizer=tokenizer, out_dir=out_dir,
+                                                      model_name=model_id(run.model))
         exclude_frozen_from_ddp(module)
         facts = derived_facts(module, trainer, device, gt_source)
         for logger in trainer.loggers:
             logger.log_hyperparams(facts)  # W&B: into the run's config; rank 0 only
-        if trainer.is_global_zero:
-            print(f"[seer] {out_dir}\n[seer] device {facts['run.device']} x{trainer.world_size}, ground truth "
-                  f"{gt_source} (stage.gt={run.stage.gt}); {facts['params.trained']:,} trained parameters (gates "
-                  f"{facts['params.gates']:,}), {facts['params.frozen']:,} frozen", flush=True)
+        rank_zero_info(f"run folder {out_dir}; device {facts['run.device']} x{trainer.world_size}, ground truth "
+                       f"{gt_source} (stage.gt={run.stage.gt}); {facts['params.trained']:,} trained parameters "
+                       f"(gates {facts['params.gates']:,}), {facts['params.frozen']:,} frozen")
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as exc:
         finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)

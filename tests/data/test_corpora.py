@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from seer.data.corpora import (REDPAJAMA_SAMPLE_FILES, HFDatasetCorpus, StdlibCorpus, TextFilesCorpus,
                                pg19_corpus, redpajama_sample_corpus)
 

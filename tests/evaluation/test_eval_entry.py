@@ -5,7 +5,8 @@ import json
 import pytest
 
 import seer.model.loading
-from seer.config import ConfigError, compose
+from seer.checks import ConfigError
+from seer.config import compose
 from seer.eval import run_eval
 
 BASE = ["model=tiny_llama", "block_size=16", "logger=none", "eval=cpu", "eval.seq_lens=[256]", "eval.copy_span=8",

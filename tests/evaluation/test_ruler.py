@@ -43,7 +43,7 @@ def test_resolve_tasks():
 def test_ruler_key_from_the_command_line(override, tasks):
     from omegaconf import OmegaConf
 
-    from seer.config import build
+    from seer.checks import build
 
     config = build(EvalConfig, "eval", OmegaConf.to_container(compose([override], "eval").eval))
     assert config.ruler == tasks and config.ruler_samples == 10

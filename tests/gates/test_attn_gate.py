@@ -114,7 +114,7 @@ def test_gate_rejects_wrong_shapes():
 
 
 def test_gate_blend_config_checked_named_and_not_architecture():
-    from seer.config import ConfigError
+    from seer.checks import ConfigError
     from seer.gates.config import BLEND_SELECTORS
     from seer.sparsity.selectors import SELECTORS
 

@@ -113,7 +113,7 @@ def test_subtiles_transposed_inputs_and_scale():
 @pytest.mark.parametrize("pair", [False, True])
 def test_tma_path(monkeypatch, pair):
     """The tensor-descriptor (copy engine) path; on the CPU the interpreter emulates the descriptors."""
-    monkeypatch.setattr(bs, "_tma_ok", lambda *t: True)
+    monkeypatch.setattr(bs, "tma_ok", lambda *t: True)
     with force_config("block_sparse", USE_TMA=True):
         _check_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
 

@@ -177,7 +177,8 @@ def test_mixed_subtiles():
 
 def test_tma_path(monkeypatch):
     """The tensor-descriptor (copy engine) loads; on the CPU the interpreter emulates the descriptors."""
-    monkeypatch.setattr(bs, "_tma_ok", lambda *t: True)
+    monkeypatch.setattr(bs, "tma_ok", lambda *t: True)
+    monkeypatch.setattr(bwd, "tma_ok", lambda *t: True)
     with force_config("block_sparse_bwd.dkdv", BLOCK_N=16, BLOCK_M=16, num_warps=4, num_stages=1, USE_TMA=True), \
             force_config("block_sparse_bwd.dq", BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, USE_TMA=True):
         _check_case(2, 4, 2, 75, 16, 16, 4, seed=9)
@@ -314,7 +315,7 @@ def test_no_grad_forward_unchanged(monkeypatch):
     def boom(*args):
         raise AssertionError("autograd Function used on the no-grad path")
 
-    monkeypatch.setattr(bwd._BlockSparseAttnFunction, "apply", boom)
+    monkeypatch.setattr(bs._BlockSparseAttnFunction, "apply", boom)
     out, lse = block_sparse_attn(q, k, v, mask, 16)
     assert out.grad_fn is None and not out.requires_grad and lse.grad_fn is None
     assert torch.equal(out, with_grad[0].detach()) and torch.equal(lse, with_grad[1].detach())

@@ -51,9 +51,7 @@ def test_gated_model_distill_records_and_dense_equivalence(family):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(ids).logits)  # dense mode changes nothing
     records = []
-    ctx.consumer = records.append
-    ctx.set_mode("distill")
-    with torch.no_grad():
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
         model.model(ids)
     assert [r.layer_idx for r in records] == [0, 1]
     for rec in records:
@@ -70,12 +68,11 @@ def test_sparse_mode_density_one_equals_dense_and_matches_reference_path(family)
     ids = torch.randint(0, 300, (1, 90))
     with torch.no_grad():
         dense = model(ids).logits
-        ctx.set_mode("sparse")
-        ctx.sparsity = SparsityConfig(method="dense")
-        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)
+        with ctx.running("sparse", sparsity=SparsityConfig(method="topk", target_density=1.0)):
+            torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)  # every block, sparse path
         assert ctx.densities() == {0: 1.0, 1: 1.0}
-        ctx.sparsity = SparsityConfig(method="topk", target_density=0.4)
-        sparse = model(ids).logits
+        with ctx.running("sparse", sparsity=SparsityConfig(method="topk", target_density=0.4)):
+            sparse = model(ids).logits
     assert all(abs(d - 0.4) < 0.15 for d in ctx.densities().values())
     assert not torch.allclose(sparse, dense, atol=1e-3)
 
@@ -120,7 +117,7 @@ def test_model_architectures_build_offline(name):
     its rope settings (llama3 scaling included); a 2-layer random model of that family is gated end to end."""
     from omegaconf import OmegaConf
 
-    from seer.config import build
+    from seer.checks import build
     from seer.gates import rope_frequencies
     from seer.model.config import ModelConfig
     from seer.model.loading import load_causal_lm, load_config
@@ -135,40 +132,54 @@ def test_model_architectures_build_offline(name):
     assert inv_freq.shape == (64,) and torch.isfinite(inv_freq).all() and scale > 0
     small = {**arch, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
-    model = load_causal_lm(build(ModelConfig, "model", {"architecture": small, "random_init": True, "dtype": "float32"}))
+    model = load_causal_lm(build(ModelConfig, "model",
+                                 {"architecture": small, "random_init": True, "dtype": "float32"}))
     ctx = attach_gates(model, GateConfig(block_size=16, hidden_size=16))
     records = []
-    ctx.consumer = records.append
-    ctx.set_mode("distill")
-    with torch.no_grad():
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
         model.base_model(input_ids=torch.randint(0, 128, (1, 40)))
     assert len(records) == 2 and all(torch.isfinite(r.gt).all() for r in records)
+
+
+def test_context_settings_change_through_checks_and_running_restores_them():
+    model, ctx = _gated("llama")
+    with pytest.raises(ValueError, match="unknown seer context setting"):
+        ctx.update(modes="sparse")
+    with pytest.raises(ValueError, match="is not one of"):
+        ctx.update(mode="sparce")
+    with pytest.raises(ValueError, match="needs a calibration"):  # the default budget is calibrated
+        ctx.update(mode="sparse", sparsity=SparsityConfig())
+    assert ctx.mode == "dense" and ctx.sparsity == SparsityConfig()  # a refused change changes nothing
+    with pytest.raises(RuntimeError, match="inside"), ctx.running("observe", want_mass=True):
+        assert ctx.mode == "observe" and ctx.want_mass
+        raise RuntimeError("inside")
+    assert ctx.mode == "dense" and not ctx.want_mass and ctx.consumer is None
+    with ctx.observing(want_mass=True) as observed, torch.no_grad():
+        model.model(torch.randint(0, 300, (2, 70)))
+    assert sorted(observed.scores()) == [0, 1] and observed.scores()[0].shape == (2, 4, 5, 5)
+    assert observed.masses()[1].shape == (2, 4, 5, 5) and ctx.mode == "dense"
 
 
 def test_blended_gate_scores_mix_the_gate_with_its_partner_and_name_calibrations(tmp_path):
     import dataclasses
 
-    from seer.model.attention import LayerObservation
     from seer.sparsity.selectors import LayerInputs, VerticalSlash, blend_scores
 
     model, ctx = _gated("qwen2")
     ids = torch.randint(0, 300, (1, 70))
-    seen: dict[int, LayerObservation] = {}
-    ctx.consumer = lambda obs: seen.setdefault(obs.layer_idx, obs)
-    ctx.set_mode("distill")  # the raw gate logits and the post-RoPE Q/K of every layer
     records = []
-    ctx.consumer = records.append
-    with torch.no_grad():
+    with ctx.running("distill", consumer=records.append), torch.no_grad():  # raw gate logits, post-RoPE Q/K
         model.model(ids)
-    ctx.gate_config = dataclasses.replace(GATE, blend="vertical_slash", blend_weight=0.3)
+    with pytest.raises(ValueError, match="not \\['hidden_size'\\]"):
+        ctx.update(gate_config=dataclasses.replace(GATE, hidden_size=32))
+    ctx.update(gate_config=dataclasses.replace(GATE, blend="vertical_slash", blend_weight=0.3))
     assert ctx.scorer_name == "gate+vertical_slash@0.3"
-    ctx.consumer = lambda obs: seen.setdefault(obs.layer_idx, obs)
-    ctx.set_mode("observe")
-    with torch.no_grad():
+    with ctx.observing() as observed, torch.no_grad():
         model.model(ids)
     for rec in records:
         partner = VerticalSlash().scores(LayerInputs(rec.query, rec.key, 16, rec.scale, rec.layer_idx))
-        torch.testing.assert_close(seen[rec.layer_idx].scores, blend_scores(rec.logits.detach(), partner, 0.3))
+        torch.testing.assert_close(observed.scores()[rec.layer_idx],
+                                   blend_scores(rec.logits.detach(), partner, 0.3))
     # a gate file loads with the blend asked for; an architecture difference is still refused
     save_gates(tmp_path, model, "tiny")
     fresh = tiny_model("qwen2")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from seer.gates.config import GateConfig
 from seer.model import attach_gates
 from seer.model.gate_io import load_gates, read_gate_meta, save_gates

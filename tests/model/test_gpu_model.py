@@ -27,9 +27,7 @@ def test_distill_triton_gt_matches_reference():
     got = {}
     for source in ("reference", "triton"):
         recs = []
-        ctx.consumer, ctx.gt_source = recs.append, source
-        ctx.set_mode("distill")
-        with torch.no_grad():
+        with ctx.running("distill", consumer=recs.append, gt_source=source), torch.no_grad():
             model.model(ids)
         got[source] = recs
     # later layers see bf16 hidden states that differ by the two attention kernels' rounding
@@ -46,7 +44,7 @@ def test_sparse_prefill_triton_matches_reference(density):
     ids = torch.randint(0, 300, (1, 2000), device="cuda")
     ctx = model.seer_context
     with torch.no_grad():
-        ctx.set_mode("dense")
+        ctx.update(mode="dense")
         dense = model(ids).logits.float()
         enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=density), kernel="reference")
         ref = model(ids).logits.float()
@@ -65,7 +63,8 @@ def test_graphed_prefill_matches_eager_sparse_and_dense():
     model = _model(torch.float32)
     ids = torch.randint(0, 300, (1, 2048), device="cuda")
     eager = {}
-    for name, sparsity in (("dense", SparsityConfig(method="dense")), ("sparse", SparsityConfig(method="topk", target_density=0.2))):
+    for name, sparsity in (("dense", SparsityConfig(method="dense")),
+                           ("sparse", SparsityConfig(method="topk", target_density=0.2))):
         enable_sparse_prefill(model, sparsity, kernel="triton")
         with torch.no_grad():
             eager[name] = model(ids, use_cache=False).logits[:, -4:]

@@ -33,7 +33,7 @@ def test_density_one_matches_dense_model_and_generate(tmp_path):
     ids = torch.randint(0, 300, (1, 75))
     ctx = model.seer_context
     with torch.no_grad():
-        ctx.set_mode("dense")
+        ctx.update(mode="dense")
         dense_logits = model(ids).logits
         dense_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
         enable_sparse_prefill(model, SparsityConfig(method="dense"))
@@ -62,7 +62,8 @@ def test_load_gate_file_and_triton_kernel_matches_reference(tmp_path):
     spars = {"method": "topk", "target_density": 0.5, "sink_blocks": 1}
     ref = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="reference")
     torch.manual_seed(0)
-    tri = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="triton")  # the Triton kernel (interpreter on CPU)
+    # the Triton kernel (the interpreter on CPU)
+    tri = load(TINY, gates=tmp_path / "g", sparsity=spars, device="cpu", kernel="triton")
     ids = torch.randint(0, 300, (1, 50))
     with torch.no_grad():
         a, b = ref(ids).logits, tri(ids).logits
@@ -98,7 +99,7 @@ def test_sparse_prefill_engages_while_tracing(tmp_path, monkeypatch):
     with torch.no_grad():
         sparse = model(ids, use_cache=False).logits  # no cache: transformers also probes for packed rows
         assert set(model.seer_context.densities()) == {0, 1}
-        model.seer_context.density.clear()
+        model.seer_context.clear_step()
         padded = model(ids, attention_mask=torch.ones_like(ids)).logits  # a padding mask: dense fallback
     assert model.seer_context.densities() == {}
     assert not torch.allclose(sparse, padded, atol=1e-4)

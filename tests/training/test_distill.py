@@ -39,8 +39,8 @@ def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer():
     freeze_base_model(model)
     before = {i: g.k_weight.detach().clone() for i, g in gates(model).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".seer_gate." not in n}
-    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0), SparsityConfig(method="topk", target_density=0.5),
-                              "reference")
+    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0),
+                              SparsityConfig(method="topk", target_density=0.5), "reference")
     data = RandomTokensDataModule(vocab_size=256, seq_len=128, train_sequences=1, val_sequences=1)
     trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=1, val_check_interval=40,

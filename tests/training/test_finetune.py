@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import seer
-from seer.config import ConfigError, compose, validate
+from seer.checks import ConfigError
+from seer.config import compose, validate
 from seer.data.synthetic import RandomTokensDataModule
 from seer.gates import rope_frequencies
 from seer.gates.config import GateConfig
@@ -18,11 +19,12 @@ from seer.model.gate_io import load_gates
 from seer.model.inference import enable_sparse_prefill
 from seer.model.loading import load_causal_lm
 from seer.sparsity import SparsityConfig
-from seer.training.finetune import build_finetune, causal_lm_loss
+from seer.training.finetune import Finetune, causal_lm_loss
 from tests.tiny import tiny_model
 
 # a 2-layer Llama with 128-token original context extended 2x by YaRN, fine-tuned on 256-token rows of 16-blocks
-TINY = ["model=tiny_llama", "data=random_tokens", "gate=avgmax", "gate.block_size=16", "gate.hidden_size=16", "debug=fast",
+TINY = ["model=tiny_llama", "data=random_tokens", "gate=avgmax", "gate.block_size=16", "gate.hidden_size=16",
+        "debug=fast",
         "stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",
         "model.rope_scaling.original_max_position_embeddings=128", "data.seq_len=256", "sparsity=topk",
         "sparsity.target_density=0.5"]
@@ -44,9 +46,10 @@ class _Densities(L.Callback):
 def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
     run = validate(compose(TINY + ["stage.lr=3e-3", "stage.gradient_checkpointing=true", "stage.dense_warmup_steps=1"]))
     model = load_causal_lm(run.model)
-    module = build_finetune(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
-                            out_dir=tmp_path, model_name="tiny")
-    data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)  # one batch, repeated
+    module = Finetune.from_run(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
+                               out_dir=tmp_path, model_name="tiny")
+    # one batch, repeated
+    data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)
     densities = _Densities()
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[densities])
@@ -70,7 +73,7 @@ def test_steps_lower_the_lm_loss_and_seer_load_reads_the_model_back(tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))  # sparse, with the trained gates
     assert loaded.seer_context.mean_density() == pytest.approx(module.context.mean_density())
     for m in (loaded, module.lm):
-        m.seer_context.set_mode("dense")
+        m.seer_context.update(mode="dense")
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))  # the fine-tuned weights
 
 
@@ -169,8 +172,7 @@ def _grads(sparsity: SparsityConfig | None, checkpointing: bool = False):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if sparsity is not None:
-        ctx.set_mode("train_sparse")
-        ctx.sparsity = sparsity
+        ctx.update(mode="train_sparse", sparsity=sparsity)
     ids = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
     loss = causal_lm_loss(model.model(input_ids=ids, use_cache=False).last_hidden_state, model.lm_head, ids, 64)
     loss.backward()
@@ -211,8 +213,8 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
     model = load_causal_lm(run.model)
     frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     adapted = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    module = build_finetune(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
-                            out_dir=tmp_path, model_name="tiny")
+    module = Finetune.from_run(run, model, gt_source="reference", device=torch.device("cpu"), tokenizer=None,
+                               out_dir=tmp_path, model_name="tiny")
     trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n or ".seer_gate." in n for n in trained)
     data = RandomTokensDataModule(vocab_size=320, seq_len=256, train_sequences=1, val_sequences=1)
@@ -225,7 +227,7 @@ def test_lora_trains_adapters_and_exports_merged_weights(tmp_path):
     assert not torch.allclose(loaded.model.layers[0].self_attn.q_proj.weight, adapted)  # the merged adapter
     ids = torch.randint(0, 320, (1, 256), generator=torch.Generator().manual_seed(1))
     for m in (loaded, module.lm):
-        m.seer_context.set_mode("dense")
+        m.seer_context.update(mode="dense")
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.lm, ids))
 
 
@@ -254,8 +256,7 @@ def test_triton_sparse_training_matches_the_reference_on_gpu():
     def grads(kernel: str):
         model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda()
         ctx = attach_gates(model, GateConfig(block_size=64, hidden_size=64))
-        ctx.set_mode("train_sparse")
-        ctx.sparsity, ctx.kernel = SparsityConfig(method="topk", target_density=0.3), kernel
+        ctx.update(mode="train_sparse", sparsity=SparsityConfig(method="topk", target_density=0.3), kernel=kernel)
         ids = torch.randint(0, 320, (1, 1000), generator=torch.Generator().manual_seed(0)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state

@@ -72,7 +72,7 @@ def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
     from hydra.types import RunMode
 
     import seer.training.run as run
-    from seer.config import ConfigError
+    from seer.checks import ConfigError
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
     run.check_launch(trainer)  # one run: Lightning's launcher starts the second process
@@ -157,7 +157,7 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, finetuned_once,
                                      f"hydra.run.dir={tmp_path / strategy}"),
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[seer] fine-tuned model:") == 1  # written by one process
+    assert proc.stdout.count("fine-tuned model:") == 1  # written by one process
     for part, reference in finetuned_once(tied).items():
         written = load_file(str(tmp_path / strategy / "model" / part))
         assert written.keys() == reference.keys()
@@ -166,7 +166,7 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, finetuned_once,
 
 
 def test_lora_under_fsdp_is_refused_before_loading(tmp_path):
-    from seer.config import ConfigError
+    from seer.checks import ConfigError
 
     with pytest.raises(ConfigError, match="trainer=fsdp with stage.lora_rank=4"):
         train(tmp_path, *FINETUNE, "stage.lora_rank=4", "stage.trainable=[]", "trainer=fsdp", *TWO_PROCESSES)

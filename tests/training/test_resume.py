@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from tests.training.conftest import train
 
 # 4 rows of batch 1: epochs end after steps 4 and 8

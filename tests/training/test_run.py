@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import seer
-from seer.config import ConfigError
+from seer.checks import ConfigError
 from tests.training.conftest import cli_env, seer_train, train
 
 
@@ -91,3 +91,14 @@ def test_random_weights_on_token_ids_look_up_no_tokenizer(tmp_path, monkeypatch)
     monkeypatch.setattr(seer.model.loading, "load_tokenizer", no_lookup)
     summary = train(tmp_path, "model.name_or_path=meta-llama/Llama-3.1-8B-Instruct")
     assert summary["status"] == "completed"
+
+
+def test_each_stage_schema_names_its_module():
+    """``STAGES`` is the one registry: each schema names the Stage module that ``run_training`` builds."""
+    from hydra.utils import get_class
+
+    from seer.training.config import STAGES
+    from seer.training.stage import Stage
+
+    for name, schema in STAGES.items():
+        assert schema().name == name and issubclass(get_class(schema.module), Stage)
