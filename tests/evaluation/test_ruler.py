@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import seer.model.loading
-from seer.config import ConfigError, compose
+from seer.checks import ConfigError
+from seer.config import compose
 from seer.eval import run_eval
 from seer.evaluation import ruler
 from seer.evaluation.config import EvalConfig

@@ -3,7 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from seer.config import ConfigError, build, compose
+from seer.checks import ConfigError, build
+from seer.config import compose
 from seer.model.config import ModelConfig
 from seer.model.loading import load_config, model_id, resolve_model_path
 
