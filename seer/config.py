@@ -133,9 +133,7 @@ def validate(cfg: Any) -> RunConfig:
 
     plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
     schemas = _schemas()
-    run = RunConfig(model=build(schemas["model"], "model", plain.get("model")),
-                    gate=build(schemas["gate"], "gate", plain.get("gate")),
-                    sparsity=build(schemas["sparsity"], "sparsity", plain.get("sparsity")),
-                    stage=stage_config(plain.get("stage")))
-    run.stage.check_run(run, plain)
-    return run
+    return RunConfig(model=build(schemas["model"], "model", plain.get("model")),
+                     gate=build(schemas["gate"], "gate", plain.get("gate")),
+                     sparsity=build(schemas["sparsity"], "sparsity", plain.get("sparsity")),
+                     stage=stage_config(plain.get("stage")))

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.wandb:
         import wandb
 
-        from seer.training.loggers import wandb_mode
+        from seer.tracking import wandb_mode
 
         rows = read_rows(args.folder)
         run = wandb.init(project="seer", dir=str(out.parent), mode=wandb_mode(), job_type="report",

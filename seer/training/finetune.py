@@ -263,11 +263,11 @@ def build_finetune(run: RunConfig, model: torch.nn.Module, *, gt_source: str, de
     (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
     activation checkpointing."""
     from seer.model.gate_io import load_gates
-    from seer.model.inference import resolve_kernel
+    from seer.backends import resolve_backend
     from seer.model.loading import resolve_dtype
 
     stage: FinetuneConfig = run.stage
-    kernel = resolve_kernel(stage.kernel, device)
+    kernel = resolve_backend("stage.kernel", stage.kernel, device)
     if stage.lora_rank:
         model = add_lora(model, stage)
     lm = model.get_base_model() if stage.lora_rank else model

@@ -45,7 +45,7 @@ class ResumeInfo:
 
 def read_resume(ckpt_path: str, config: dict[str, Any]) -> ResumeInfo:
     """Opens ``ckpt_path`` (memory-mapped: nothing large is read) and checks ``config`` (flat, as
-    :func:`seer.training.loggers.flat_config` gives it) against the config stored in it; a :class:`ConfigError`
+    :func:`seer.tracking.flat_config` gives it) against the config stored in it; a :class:`ConfigError`
     names a missing or unreadable file and every key that may not change."""
     import torch
 

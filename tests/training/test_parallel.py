@@ -76,7 +76,7 @@ def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
     run.check_launch(trainer)  # one run: Lightning's launcher starts the second process
-    monkeypatch.setattr(run, "_hydra", lambda: type("Job", (), {"mode": RunMode.MULTIRUN})())
+    monkeypatch.setattr(run.tracking, "hydra_runtime", lambda: type("Job", (), {"mode": RunMode.MULTIRUN})())
     with pytest.raises(ConfigError, match="trainer.devices=2: a sweep .* hydra.launcher.tasks_per_node=2"):
         run.check_launch(trainer)
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from seer.training.loggers import flat_config, override_tags, run_name
+from seer.tracking import flat_config, override_tags, run_name
 from tests.training.conftest import train
 from tests.training.wandb_offline import offline_run, offline_runs
 
