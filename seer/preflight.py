@@ -52,12 +52,13 @@ def check_dense_layers(sparsity, shape: dict) -> None:
         fail("sparsity", "dense_layers", sparsity.dense_layers, f"{outside} not among the model's layers 0..{n - 1}")
 
 
-def check_length(key: str, tokens: int, shape: dict, rope_scaling: Mapping | None) -> None:
-    """``tokens`` (the value of ``key``) fits the model's context; dynamic NTK scaling extends it without limit."""
+def check_length(setting: str, tokens: int, shape: dict, rope_scaling: Mapping | None) -> None:
+    """``tokens`` (what ``setting``, ``key=value``, asks for) fits the model's context; dynamic NTK scaling extends it
+    without limit."""
     context = shape["context"]
     if context is None or tokens <= context or (rope_scaling or {}).get("rope_type") == "dynamic":
         return
-    raise ConfigError(f"{key}={tokens}: longer than the model's context of {context} tokens; use at most {context} "
+    raise ConfigError(f"{setting}: longer than the model's context of {context} tokens; use at most {context} "
                       f"(or extend the context with model/rope_scaling=yarn)")
 
 
@@ -105,7 +106,7 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
     shape = model_shape(run.model)
     check_dense_layers(run.sparsity, shape)
     if is_int(seq_len):
-        check_length("data.seq_len", seq_len, shape, run.model.rope_scaling)
+        check_length(f"data.seq_len={seq_len}", seq_len, shape, run.model.rope_scaling)
     init_gates = getattr(run.stage, "init_gates", None)
     if init_gates is not None:
         check_gate_file("stage.init_gates", init_gates, shape, gate=run.gate, allow_rope_change=True)
@@ -160,7 +161,7 @@ def check_evaluation(cfg: Mapping[str, Any], model_cfg, sparsity, evaluation, ch
     check_options(choices)
     shape = model_shape(model_cfg)
     check_dense_layers(sparsity, shape)
-    check_length("eval.seq_lens", max(evaluation.seq_lens), shape, model_cfg.rope_scaling)
+    check_length(f"eval.seq_lens={evaluation.seq_lens}", max(evaluation.seq_lens), shape, model_cfg.rope_scaling)
     if uses_gates:
         check_gate_file("gates", cfg.get("gates"), shape)
         folder = Path(cfg["gates"])
