@@ -163,19 +163,35 @@ def check_evaluation(cfg: Mapping[str, Any], model_cfg, sparsity, evaluation, ch
     check_dense_layers(sparsity, shape)
     check_length(f"eval.seq_lens={evaluation.seq_lens}", max(evaluation.seq_lens), shape, model_cfg.rope_scaling)
     if uses_gates:
+        from seer.sparsity.calibration import load_calibrations
+
         check_gate_file("gates", cfg.get("gates"), shape)
         folder = Path(cfg["gates"])
         folder = folder.parent if folder.is_file() else folder
+        load_calibrations(folder)  # a damaged calibration.json is named
         if sparsity.calibrated and cfg.get("save_calibration") and not os.access(folder, os.W_OK):
             raise ConfigError(f"gates={str(folder)!r}: the folder is not writable, and the calibration made here is "
                               f"stored there for seer.load; make it writable or set save_calibration=false")
     return shape
 
 
-def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int, choices: Mapping[str, str]) -> dict:
-    """What ``seer.generate`` needs beyond single values (its budget is checked by :func:`check_budget` once known);
-    returns the model's shape."""
-    check_options(choices)
+def check_calibration(gates: str | os.PathLike, sparsity) -> None:
+    """A calibrated ``sparsity`` has its calibration stored beside ``gates``."""
+    from seer.sparsity.calibration import find_calibration, load_calibrations
+
+    folder = Path(gates).parent if Path(gates).is_file() else Path(gates)
+    load_calibrations(folder)  # a damaged calibration.json is named
+    if not sparsity.calibrated:
+        return
+    try:
+        find_calibration(folder, sparsity)
+    except ValueError as exc:
+        raise ConfigError(f"sparsity: {exc}") from exc
+
+
+def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> dict:
+    """What ``seer.generate`` needs beyond single values (its budget, known from the gates, is checked by
+    :func:`check_dense_layers` and :func:`check_calibration`); returns the model's shape."""
     if prompt_tokens == 0:
         given = f"prompt_file={cfg['prompt_file']!r}" if cfg.get("prompt_file") else f"prompt={cfg.get('prompt')!r}"
         raise ConfigError(f"{given}: the prompt is empty; give the text to continue")

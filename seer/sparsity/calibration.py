@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from seer.config import build
+from seer.config import ConfigError, build
 from seer.files import atomic_write_text
 from seer.sparsity.config import SparsityConfig
 from seer.sparsity.masks import row_probs, select_blocks, threshold_mask_from_probs
@@ -212,14 +212,16 @@ def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
 
 
 def load_calibrations(folder: str | Path) -> list[Calibration]:
-    """The calibrations stored in ``folder/calibration.json`` (none when there is no such file)."""
+    """The calibrations stored in ``folder/calibration.json`` (none when there is no such file); a
+    :class:`~seer.config.ConfigError` names a file that is not one."""
     path = Path(folder) / FILE
     if not path.is_file():
         return []
     try:
         return [Calibration.from_dict(c) for c in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a seer calibration file: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a seer calibration file ({type(exc).__name__}: {exc}); move it away to "
+                          f"calibrate again") from exc
 
 
 def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str = "gate",
