@@ -54,7 +54,7 @@ def test_groups_instantiate(tmp_path):
         corpus = instantiate(node.corpus)
         assert corpus.fingerprint
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "GateExport", "GateImages"}
+    assert {type(c).__name__ for c in callbacks} >= {"Checkpoints", "GateExport", "GateImages"}
     trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=True)
     assert trainer.max_steps == cfg.trainer.max_steps
     csv = instantiate(_compose([f"paths.output_dir={tmp_path}", "logger=csv"]).logger.csv)

@@ -182,12 +182,13 @@ def run_training(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
     import lightning as L
     from lightning.pytorch.loggers.logger import DummyLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
     from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
-                                         SaveOnInterrupt, ValidateAtEnd)
+                                         StopOnInterrupt, ValidateAtEnd)
     from seer.training.parallel import exclude_frozen_from_ddp
-    from seer.training.resume import read_resume
+    from seer.training.resume import continues_wandb_run, read_resume
 
     quiet_third_party_output()
     run: RunConfig = validate(cfg)  # bad values fail here, before anything is loaded
@@ -207,10 +208,12 @@ def run_training(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")  # packing and cache errors surface now, not after the model has loaded
 
-    identity = tracking.run_identity(cfg.task_name, {**config, "model.name": model_id(run.model)},
-                                     *((resume.run_id, resume.run_name) if resume is not None else ()))
+    continues = resume is not None and rank_zero_only.rank == 0 and continues_wandb_run(resume)
+    identity = tracking.run_identity(cfg.task_name, {**config, "model.name": model_id(run.model),
+                                                     "run.resumed_from": str(resume.path) if resume else None},
+                                     *((resume.run_id, resume.run_name) if continues else ()))
     summary = RunSummary(str(out_dir), str(out_dir / "gates"))
-    interrupt = SaveOnInterrupt()
+    interrupt = StopOnInterrupt()
     record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
     calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated else []
     callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
@@ -238,7 +241,7 @@ def run_training(cfg: DictConfig) -> dict:
     except BaseException as exc:
         tracking.finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
-    tracking.finish_wandb(exit_code=130 if interrupt.saved else 0)
-    if interrupt.saved:
+    tracking.finish_wandb(exit_code=130 if interrupt.stopped_at is not None else 0)
+    if interrupt.stopped_at is not None:
         raise KeyboardInterrupt
     return summary.summary
