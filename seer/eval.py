@@ -86,9 +86,10 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     from seer.model.attention import prepare_model
     from seer.model.gate_io import load_gates
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
-    from seer.preflight import check_evaluation
+    from seer.preflight import check_complete, check_evaluation
     from seer.sparsity.calibration import find_calibration, save_calibration
 
+    check_complete(cfg)
     model_cfg, sparsity, evaluation, selector, corpus = _checked(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(), uses_gates=selector is None)

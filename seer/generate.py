@@ -62,8 +62,10 @@ def run_generation(cfg: DictConfig) -> dict:
     from seer.model.gate_io import read_gate_meta
     from seer.model.inference import load
     from seer.model.loading import load_tokenizer, model_id
-    from seer.preflight import check_calibration, check_dense_layers, check_generation, check_options
+    from seer.preflight import (check_calibration, check_complete, check_dense_layers, check_generation,
+                                check_options)
 
+    check_complete(cfg)
     check_options(tracking.chosen_options())
     mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
     prompt = _prompt(cfg)

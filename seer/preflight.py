@@ -23,6 +23,16 @@ if TYPE_CHECKING:
 MIN_BLOCKS = 2  # rows of one block leave the gate nothing to choose: loss 0, recall 1
 
 
+def check_complete(cfg) -> None:
+    """Every mandatory value (``???`` in ``conf/``) of the composed config ``cfg`` (a DictConfig) is given."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: must be given (e.g. {missing[0]}=...); see its option in conf/"
+                          + (f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
+
+
 def check_options(choices: Mapping[str, str]) -> None:
     """Refuses a schema picked as a group's option (``gate=schema``: the base the options extend, not one)."""
     for group, option in choices.items():

@@ -34,6 +34,8 @@ def test_every_option_composes_and_validates(group, tmp_path):
             overrides.append("data.corpus.paths=" + str(tmp_path / "*.txt"))
         if group == "data" and option == "text_and_code":
             overrides.append(f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]")
+        if group == "data" and option == "dataset_files":
+            overrides.append(f"data.corpus.data_files=[{tmp_path}/*.jsonl]")
         cfg = _compose(overrides)
         OmegaConf.resolve(cfg)  # every interpolation resolves
         run = validate(cfg)
@@ -45,8 +47,10 @@ def test_groups_instantiate(tmp_path):
     dm = instantiate(cfg.data)
     assert dm.seq_len == cfg.data.seq_len
     (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "a.jsonl").write_text('{"text": "some text"}\n')
     paths = {"text_files": [f"data.corpus.paths={tmp_path}/*.txt"],
-             "text_and_code": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]}
+             "text_and_code": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"],
+             "dataset_files": [f"data.corpus.data_files=[{tmp_path}/*.jsonl]"]}
     for option in _options("data"):
         if option == "random_tokens":
             continue

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from seer import tracking
 from seer.backends import resolve_backend
 from seer.config import ConfigError, RunConfig, validate
-from seer.preflight import check_training
+from seer.preflight import check_complete, check_training
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def run_training(cfg: DictConfig) -> dict:
     from seer.training.resume import continues_wandb_run, read_resume
 
     quiet_third_party_output()
+    check_complete(cfg)
     run: RunConfig = validate(cfg)  # bad values fail here, before anything is loaded
     check_training(OmegaConf.to_container(cfg, resolve=True), run, tracking.chosen_options(), shards_model(cfg))
     config = tracking.flat_config(cfg)

@@ -23,6 +23,7 @@ from tests.training.conftest import cli_env, seer_train, train
     (["data.seq_len=8192"], "data.seq_len=8192: longer than the model's context of 4096 tokens"),
     (["trainer.max_steps=0"], "trainer.max_steps=0: must be an integer >= 1"),
     (["trainer.max_steps=-1"], "trainer.max_steps=-1: must be an integer >= 1"),
+    (["data=text_files"], "data.corpus.paths: must be given (e.g. data.corpus.paths=...)"),
     (["gate=schema"], "gate=schema: is the schema the gate options extend, not an option; choose from ['avgmax'"),
 ])
 def test_bad_input_is_refused_before_the_model_loads(overrides, message, tmp_path, monkeypatch):
