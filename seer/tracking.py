@@ -131,7 +131,8 @@ def start_wandb_run(*, project: str, save_dir: str, name: str, config: Mapping[s
     import wandb
 
     os.makedirs(save_dir, exist_ok=True)
-    settings = wandb.Settings(x_transaction_log_flush_interval=flush_interval_s)
+    # quiet: no history and summary dump at the end, which would push the run's own summary off the screen
+    settings = wandb.Settings(x_transaction_log_flush_interval=flush_interval_s, quiet=True)
     return wandb.init(project=project, dir=save_dir, name=name, config=dict(config or {}), group=group,
                       tags=list(tags), id=run_id or new_run_id(), resume="allow", job_type=job_type,
                       mode=wandb_mode(mode), settings=settings)

@@ -1,8 +1,8 @@
 """Callbacks of a training run. They talk to each other only through what Lightning already carries (logged
 metrics, a step's outputs, the trainer's state) and the files the run writes.
 
-From ``conf/callbacks``: gate export, images of gate scores beside ground truth, the per-layer validation table, a
-progress bar that counts steps. Added by :func:`seer.training.run.run_training` to every run: validation at the last
+From ``conf/callbacks``: checkpoints, gate export, images of gate scores beside ground truth, the per-layer
+validation table, a progress bar that counts steps (and progress lines when the output is piped). Added by :func:`seer.training.run.run_training` to every run: validation at the last
 step, a stop at a step boundary on Ctrl-C, the run's record in each checkpoint, calibration of the sparsity, the run summary; and
 atomic Lightning checkpoints (a checkpoint IO plugin).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -143,6 +144,44 @@ class StepProgressBar(RichProgressBar):
         if trainer.max_steps > 0:
             items = {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
         return items
+
+
+class ProgressLines(L.Callback):
+    """When the output is not a terminal (piped into a file or a job's log), where the progress bar shows nothing
+    until the end: a line every ``every_n_steps`` optimizer steps and at the last (step, loss, tokens/s) and one
+    after each validation (recall beside the oracle's, density). Silent on a terminal and on other ranks."""
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every_n_steps = every_n_steps
+        self._step = -1
+
+    @staticmethod
+    def _piped(trainer) -> bool:
+        return trainer.is_global_zero and not sys.stdout.isatty()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step or not self._piped(trainer):
+            return
+        self._step = step
+        if step % self.every_n_steps and step != trainer.max_steps:
+            return
+        metrics = trainer.callback_metrics
+        loss, speed = metrics.get("train/loss"), metrics.get("train/items_per_sec")
+        print(f"[seer] step {step}/{trainer.max_steps}: loss {_fmt(_item(loss))}"
+              + (f", {float(speed):.0f} tokens/s" if speed is not None else ""), flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self._piped(trainer):
+            return
+        m = trainer.callback_metrics
+        print(f"[seer] validation at step {trainer.global_step}: recall {_fmt(_item(m.get('val/recall')), '.3f')} "
+              f"(oracle {_fmt(_item(m.get('val/oracle_recall')), '.3f')}), density "
+              f"{_fmt(_item(m.get('val/density')), '.3f')}", flush=True)
+
+
+def _item(value) -> float | None:
+    return None if value is None else float(value)
 
 
 class ValidateAtEnd(L.Callback):

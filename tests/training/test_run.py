@@ -99,3 +99,13 @@ def test_random_weights_on_token_ids_look_up_no_tokenizer(tmp_path, monkeypatch)
     monkeypatch.setattr(seer.model.loading, "load_tokenizer", no_lookup)
     summary = train(tmp_path, "model.name_or_path=meta-llama/Llama-3.1-8B-Instruct")
     assert summary["status"] == "completed"
+
+
+def test_piped_output_gets_progress_lines_and_the_last_step_is_drawn(tmp_path, capsys):
+    train(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.progress_lines.every_n_steps=2",
+          "stage.image_every_n_steps=2")
+    out = capsys.readouterr().out  # captured: not a terminal
+    assert "[seer] step 2/4: loss " in out and "[seer] step 4/4: loss " in out and "[seer] step 3/4" not in out
+    assert "[seer] validation at step 2: recall " in out and "[seer] validation at step 4: recall " in out
+    assert sorted(p.name for p in (tmp_path / "images").glob("layer00_*")) == [
+        "layer00_step00000.png", "layer00_step00002.png", "layer00_step00003.png"]  # step 3: the last one's
