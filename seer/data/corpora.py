@@ -170,7 +170,14 @@ class TextFilesCorpus(Corpus):
         return f"TextFilesCorpus({_digest(dict(encoding=self.encoding, split_on=split))}, files={_digest(stats)})"
 
     def documents(self) -> Iterator[str]:
-        for path in self._matched_paths():
+        paths = self._matched_paths()
+        empty = [p for p in paths if p.stat().st_size == 0]
+        if len(empty) == len(paths):
+            raise ConfigError(f"data.corpus.paths={self.patterns}: every file matched is empty "
+                              f"({', '.join(str(p) for p in empty[:3])}{', ...' if len(empty) > 3 else ''})")
+        for path in paths:
+            if path in empty:
+                continue
             try:
                 text = path.read_text(encoding=self.encoding)
             except UnicodeDecodeError as exc:

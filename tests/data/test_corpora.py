@@ -84,6 +84,14 @@ def test_text_files_corpus_names_the_pattern_that_matches_nothing(tmp_path):
         list(TextFilesCorpus(str(tmp_path)).documents())
 
 
+def test_text_files_that_are_all_empty_are_named(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match=f"every file matched is empty \\({tmp_path / 'empty.txt'}\\)"):
+        list(TextFilesCorpus(str(tmp_path / "*.txt")).documents())
+    (tmp_path / "full.txt").write_text("text")
+    assert list(TextFilesCorpus(str(tmp_path / "*.txt")).documents()) == ["text"]
+
+
 def _edit_keeping_size_and_mtime(path, text):
     stat = path.stat()
     path.write_text(text)
