@@ -122,6 +122,31 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
         check_gate_file("stage.init_gates", init_gates, shape, gate=run.gate, allow_rope_change=True)
 
 
+def check_text_data(takes_tokenizer: bool, tokenizer, data_target: str, model_name: str,
+                    choices: Mapping[str, str]) -> None:
+    """Text data (a data module that takes a tokenizer) needs a model with a tokenizer."""
+    if takes_tokenizer and tokenizer is None:
+        raise ConfigError(f"data={choices.get('data', data_target)} is text, but model="
+                          f"{choices.get('model', model_name)} ({model_name}) has random weights and no tokenizer; "
+                          f"use data=random_tokens with it")
+
+
+def check_launch(trainer, hydra_job) -> None:
+    """Refuses a sweep (``-m``; ``hydra_job``: the running job's Hydra config) whose jobs need several processes
+    that Lightning would start itself: its launcher runs the command again for each, and the command is the whole
+    sweep. SLURM tasks (``hydra/launcher=slurm``) are processes made outside Lightning, and are fine."""
+    from hydra.types import RunMode
+
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if hydra_job is None or hydra_job.mode != RunMode.MULTIRUN or trainer.world_size < 2 or env is None \
+            or env.creates_processes_externally:
+        return
+    raise ConfigError(f"trainer.devices={trainer.num_devices}: a sweep (-m) cannot start {trainer.world_size} "
+                      f"processes a job on this machine (Lightning's launcher would run the whole sweep in each); "
+                      f"sweep with hydra/launcher=slurm and hydra.launcher.tasks_per_node={trainer.num_devices}, or "
+                      f"start the jobs one at a time")
+
+
 def _check_finetune(cfg: Mapping[str, Any], run: RunConfig) -> None:
     """The fine-tune stage against the data's length, the model's rope scaling, the budget and the trainer."""
     stage, sparsity = run.stage, run.sparsity

@@ -54,7 +54,10 @@ class JobRecorder(_HydraCallback):
         status = {"job": config.hydra.job.get("num"), "status": "failed" if failed else "completed",
                   "error": None if error is None else _describe(error),
                   "overrides": list(config.hydra.overrides.task)}
-        atomic_write_text(Path(config.hydra.runtime.output_dir) / STATUS, json.dumps(status, indent=2))
+        folder = Path(config.hydra.runtime.output_dir)
+        if not folder.is_dir():  # a failed single run whose unused folder was removed (seer.cli.user_errors)
+            return
+        atomic_write_text(folder / STATUS, json.dumps(status, indent=2))
 
 
 def _describe(error: BaseException) -> str:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from seer import tracking
 from seer.backends import resolve_backend
 from seer.config import ConfigError, RunConfig, validate
-from seer.preflight import check_complete, check_training
+from seer.preflight import check_complete, check_launch, check_text_data, check_training
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,7 @@ def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model")
     from hydra.utils import instantiate
 
     takes_tokenizer = data_takes_tokenizer(node)
-    if takes_tokenizer and tokenizer is None:
-        choices = tracking.chosen_options()
-        raise ConfigError(f"data={choices.get('data', node._target_)} is text, but model="
-                          f"{choices.get('model', model_name)} ({model_name}) has random weights and no tokenizer; "
-                          f"use data=random_tokens with it")
+    check_text_data(takes_tokenizer, tokenizer, node._target_, model_name, tracking.chosen_options())
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
 
 
@@ -98,23 +94,6 @@ def _instantiate_group(nodes: DictConfig | None, **extra) -> list:
         params = inspect.signature(get_method(node._target_)).parameters
         out.append(instantiate(node, **{k: v for k, v in extra.items() if k in params and k not in node}))
     return out
-
-
-def check_launch(trainer) -> None:
-    """Refuses a sweep (``-m``) whose jobs need several processes that Lightning would start itself: its launcher runs
-    the command again for each, and the command is the whole sweep. SLURM tasks (``hydra/launcher=slurm``) are
-    processes made outside Lightning, and are fine."""
-    from hydra.types import RunMode
-
-    hc = tracking.hydra_runtime()
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    if hc is None or hc.mode != RunMode.MULTIRUN or trainer.world_size < 2 or env is None \
-            or env.creates_processes_externally:
-        return
-    raise ConfigError(f"trainer.devices={trainer.num_devices}: a sweep (-m) cannot start {trainer.world_size} "
-                      f"processes a job on this machine (Lightning's launcher would run the whole sweep in each); "
-                      f"sweep with hydra/launcher=slurm and hydra.launcher.tasks_per_node={trainer.num_devices}, or "
-                      f"start the jobs one at a time")
 
 
 def shards_model(cfg: DictConfig) -> bool:
@@ -220,7 +199,7 @@ def run_training(cfg: DictConfig) -> dict:
     callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
     trainer = instantiate(cfg.trainer, _partial_=True)(logger=False, callbacks=callbacks,
                                                        plugins=[AtomicCheckpointIO()])
-    check_launch(trainer)
+    check_launch(trainer, tracking.hydra_runtime())
 
     loggers = _instantiate_group(cfg.get("logger"), name=identity["name"], run_config=identity["config"],
                                  group=identity["group"], tags=identity["tags"], run_id=identity["run_id"])

@@ -137,7 +137,7 @@ def test_bad_eval_input_is_one_line_and_leaves_no_folder(tmp_path, tokenizer, te
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert ("ConfigError: eval.seq_lens=[8192]: longer than the model's context of 4096 tokens; use at most 4096 (or "
             "extend the context with model/rope_scaling=yarn)") in proc.stderr.splitlines()
-    assert not list((tmp_path / "outputs").glob("eval/*"))
+    assert not list((tmp_path / "outputs").glob("eval/*")), [str(p) for p in (tmp_path / "outputs").rglob("*")]
 
 
 def test_eval_refuses_gates_and_lengths_before_loading(tmp_path, monkeypatch, tokenizer, text_files):
