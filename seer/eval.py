@@ -71,6 +71,8 @@ def _held_out_text(corpus, tokenizer, evaluation, val_fraction: float):
     per_length = evaluation.calibration_windows + evaluation.windows
     try:
         text.tokens(max(evaluation.seq_lens) * per_length)
+    except ConfigError:  # the data itself (files matching nothing, empty, in another encoding), named as it is
+        raise
     except ValueError as exc:
         raise ConfigError(f"eval.seq_lens={evaluation.seq_lens} with eval.windows={evaluation.windows} and "
                           f"eval.calibration_windows={evaluation.calibration_windows}: {exc}") from exc

@@ -169,6 +169,8 @@ def test_eval_refuses_gates_and_lengths_before_loading(tmp_path, monkeypatch, to
         f"gate file {tmp_path / 'g3'} was made for tiny3 with num_layers=3, but this model has num_layers=2")
     assert refused("selector=streaming", "eval.seq_lens=[4096]", "eval.windows=50").startswith(
         "eval.seq_lens=[4096] with eval.windows=50 and eval.calibration_windows=1: the held-out text (all split")
+    assert refused("selector=streaming", f"data.corpus.paths={tmp_path}/none/*.txt").startswith(
+        f"data.corpus.paths: no files match the pattern '{tmp_path}/none/*.txt'")
     assert refused("selector=streaming", "sparsity.dense_layers=[2]") == (
         "sparsity.dense_layers=[2]: [2] not among the model's layers 0..1")
     monkeypatch.setattr(seer.preflight.os, "access", lambda path, mode: False)  # root writes anywhere: say it cannot
