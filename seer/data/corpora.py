@@ -157,7 +157,8 @@ class TextFilesCorpus(Corpus):
             found = [Path(p).resolve() for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
             files = [p for p in found if p.is_file()]
             if not files:
-                hint = (f"{pattern} is a folder: give its files, e.g. data.corpus.paths='[\"{pattern.rstrip('/')}/*.txt\"]'"
+                folder = pattern.rstrip("/")
+                hint = (f"{pattern} is a folder: give its files, e.g. data.corpus.paths='[\"{folder}/*.txt\"]'"
                         if found else f"relative patterns resolve from {os.getcwd()}")
                 raise ConfigError(f"data.corpus.paths: no files match the pattern {pattern!r} ({hint})")
             matched.update(files)

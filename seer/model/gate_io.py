@@ -1,10 +1,10 @@
 """Gate checkpoints: the gates' weights as safetensors plus a small JSON (base model, its shape, gate config).
 
 Files are written atomically (a temporary file, then ``os.replace``), so a crash never leaves a half-written
-checkpoint. ``gates.json`` holds the sha256 of ``gates.safetensors``: reading a gate file checks it, so a truncated
-or altered file (or one whose ``gates.json`` is missing or describes other gates) is refused, naming its path. :func:`load_gates` refuses a file made for another model shape, another
-gate config or another RoPE (e.g. gates fine-tuned with YaRN loaded onto the unscaled model), saying which field
-differs.
+checkpoint. ``gates.json`` holds the sha256 of ``gates.safetensors``: reading a gate file checks it, so a truncated or
+altered file (or one whose ``gates.json`` is missing or describes other gates) is refused, naming its path.
+:func:`load_gates` refuses a file made for another model shape, another gate config or another RoPE (e.g. gates
+fine-tuned with YaRN loaded onto the unscaled model), saying which field differs.
 """
 
 from __future__ import annotations

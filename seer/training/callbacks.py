@@ -1,10 +1,11 @@
-"""Callbacks of a training run. They talk to each other only through what Lightning already carries (logged
-metrics, a step's outputs, the trainer's state) and the files the run writes.
+"""Callbacks of a training run. They talk to each other only through what Lightning already carries (logged metrics, a
+step's outputs, the trainer's state) and the files the run writes.
 
-From ``conf/callbacks``: checkpoints, gate export, images of gate scores beside ground truth, the per-layer
-validation table, a progress bar that counts steps (and progress lines when the output is piped). Added by :func:`seer.training.run.run_training` to every run: validation at the last
-step, a stop at a step boundary on Ctrl-C, the run's record in each checkpoint, calibration of the sparsity, the run summary; and
-atomic Lightning checkpoints (a checkpoint IO plugin).
+From ``conf/callbacks``: checkpoints, gate export, images of gate scores beside ground truth, the per-layer validation
+table, a progress bar that counts steps (and progress lines when the output is piped). Added by
+:func:`seer.training.run.run_training` to every run: validation at the last step, a stop at a step boundary on Ctrl-C,
+the run's record in each checkpoint, calibration of the sparsity, the run summary; and atomic Lightning checkpoints (a
+checkpoint IO plugin).
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def test_fingerprints_follow_the_contents_of_local_files(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "first row"}\n')
     (tmp_path / "a.txt").write_text("alpha")
-    jsonl, text = HFDatasetCorpus("json", data_files=str(tmp_path / "*.jsonl")), TextFilesCorpus(str(tmp_path / "*.txt"))
+    jsonl = HFDatasetCorpus("json", data_files=str(tmp_path / "*.jsonl"))
+    text = TextFilesCorpus(str(tmp_path / "*.txt"))
     before = jsonl.fingerprint, text.fingerprint
     _edit_keeping_size_and_mtime(rows, '{"text": "other row"}\n')
     _edit_keeping_size_and_mtime(tmp_path / "a.txt", "gamma")
