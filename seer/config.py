@@ -89,9 +89,7 @@ def validate(cfg: Any) -> RunConfig:
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-    run = RunConfig(model=build(ModelConfig, "model", plain.get("model")),
-                    gate=build(GateConfig, "gate", plain.get("gate")),
-                    sparsity=build(SparsityConfig, "sparsity", plain.get("sparsity")),
-                    stage=stage_config(plain.get("stage")))
-    run.stage.check_run(run, plain)
-    return run
+    return RunConfig(model=build(ModelConfig, "model", plain.get("model")),
+                     gate=build(GateConfig, "gate", plain.get("gate")),
+                     sparsity=build(SparsityConfig, "sparsity", plain.get("sparsity")),
+                     stage=stage_config(plain.get("stage")))

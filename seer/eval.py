@@ -1,9 +1,13 @@
 """Evaluation entry point: ``python -m seer.eval selector=... sparsity=... [gates=PATH] [key=value ...]`` (``-m`` for
 sweeps).
 
-Loads the model (with its gates for ``selector=gate``), measures it dense once (cached) and with the chosen block
-selection (scorer x budget) on held-out text, and writes ``metrics.json`` (one row per window length, the keys of
-:data:`seer.evaluation.harness.ROW_KEYS`) in the run folder; ``python -m seer.report DIR`` tabulates a sweep.
+Checks every argument (:mod:`seer.preflight`: gates against the model's shape, lengths against its context and the
+text) before the model loads, then loads it (with its gates for ``selector=gate``), measures it dense once (cached)
+and with the chosen block selection (scorer x budget) on held-out text, and writes ``metrics.json`` (one row per
+window length, the keys of :data:`seer.evaluation.harness.ROW_KEYS`) and ``summary.json`` (where the metrics and the
+W&B run are) in the run folder. W&B runs start as ``seer.train``'s do (:mod:`seer.tracking`), bad input is printed
+as one line, and a sweep (``-m``) ends with its report (:mod:`seer.sweeps`); ``python -m seer.report DIR`` tabulates
+a sweep.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from seer import tracking
 from seer.cli import user_errors
+from seer.checks import ConfigError
 from seer.config import register_configs
+from seer.sweeps import sweep_report
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -27,7 +34,7 @@ def _checked(cfg: DictConfig):
     import torch
     from hydra.utils import instantiate
 
-    from seer.checks import ConfigError, build
+    from seer.checks import build
     from seer.evaluation.config import EvalConfig
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
@@ -42,7 +49,7 @@ def _checked(cfg: DictConfig):
     if name == "gate":
         if params:
             raise ConfigError(f"selector=gate takes no parameters; got {sorted(params)}")
-        if not cfg.gates or not Path(cfg.gates).exists():
+        if not cfg.gates:
             raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder "
                               f"(outputs/<run>/gates)")
         selector = None
@@ -54,78 +61,99 @@ def _checked(cfg: DictConfig):
         except ValueError as exc:
             raise ConfigError(f"selector: {exc}") from exc
     corpus = instantiate(cfg.data.corpus)
-    _check_context(model, evaluation)
     return model, sparsity, evaluation, selector, corpus
 
 
-def _check_context(model, evaluation) -> None:
-    """Refuses lengths longer than the model's context (read from its config, before the weights load)."""
-    from seer.checks import ConfigError
-    from seer.model.loading import load_config, model_id
+def _held_out_text(corpus, tokenizer, evaluation, val_fraction: float):
+    """The held-out text, tokenised far enough for every window and case now, so a text too short for
+    ``eval.seq_lens`` is refused before the model loads."""
+    from seer.evaluation.data import HeldOutText
 
-    context = getattr(load_config(model).get_text_config(), "max_position_embeddings", None)
-    if context is not None and max(evaluation.seq_lens) > context:
-        raise ConfigError(f"eval.seq_lens={evaluation.seq_lens}: longer than the model's context of {context} tokens "
-                          f"({model_id(model)})")
+    text = HeldOutText(corpus, tokenizer, evaluation.split, val_fraction)
+    per_length = evaluation.calibration_windows + evaluation.windows
+    try:
+        text.tokens(max(evaluation.seq_lens) * per_length)
+    except ConfigError:  # the data itself (files matching nothing, empty, in another encoding), named as it is
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"eval.seq_lens={evaluation.seq_lens} with eval.windows={evaluation.windows} and "
+                          f"eval.calibration_windows={evaluation.calibration_windows}: {exc}") from exc
+    return text
 
 
 def run_eval(cfg: DictConfig) -> list[dict]:
     """Evaluates the configured selection; returns the rows written to ``metrics.json``."""
     import torch
 
-    from seer.evaluation.data import HeldOutText
+    from seer.backends import resolve_backend
+    from seer.checks import build
     from seer.evaluation.harness import Evaluator
+    from seer.gates.config import GateConfig
     from seer.model.attention import prepare_model, scorer_name
     from seer.model.gate_io import load_gates, read_gate_meta
-    from seer.model.inference import resolve_kernel
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
+    from seer.preflight import check_complete, check_evaluation
     from seer.sparsity.calibration import find_calibration, save_calibration
 
+    check_complete(cfg)
     model_cfg, sparsity, evaluation, selector, corpus = _checked(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(), uses_gates=selector is None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    kernel = resolve_kernel(cfg.kernel, device)
-    if selector is None:
-        read_gate_meta(cfg.gates)  # a gate file that cannot be read fails here, before the model loads
+    kernel = resolve_backend("kernel", cfg.kernel, device)
     tokenizer = load_tokenizer(model_cfg)
     if tokenizer is None:
-        raise ValueError("seer.eval needs a model with a tokenizer (held-out text is tokenised)")
-    text = HeldOutText(corpus, tokenizer, evaluation.split, float(cfg.data.get("val_fraction", 0.05)))
+        raise ConfigError(f"model: {model_id(model_cfg)} has no tokenizer; seer.eval tokenises held-out text")
+    text = _held_out_text(corpus, tokenizer, evaluation, float(cfg.data.get("val_fraction", 0.05)))
     ruler = None
     if evaluation.ruler:  # generated before the model loads: a length too short for a task fails here
         from seer.evaluation.ruler import ruler_samples
 
         ruler = ruler_samples(tokenizer, evaluation.ruler, evaluation.seq_lens, evaluation.ruler_samples,
                               evaluation.seed, text.start_id)
-    torch.manual_seed(cfg.seed)  # random-weight models (model.random_init) are the same in every run
-    model = load_causal_lm(model_cfg, device)
-    model.config.use_cache = True
-    if selector is None:
-        load_gates(model, cfg.gates)
-    else:
-        prepare_model(model, cfg.block_size)
-    evaluator = Evaluator(model, tokenizer, text, evaluation, kernel=kernel,
-                          cache_dir=Path(cfg.paths.cache_dir) / "eval", model_name=model_id(model_cfg),
-                          ruler_samples=ruler)
-    dense = evaluator.dense()
-    calibrations = {}
-    if selector is None and sparsity.calibrated:
-        for n in evaluation.seq_lens:
-            try:
-                calibrations[n] = find_calibration(cfg.gates, sparsity, model.seer_context.scorer_name, n)
-                log.info("using the calibration stored with the gates for %s at %d tokens", sparsity.describe(), n)
-            except ValueError:
-                calibrations[n] = evaluator.calibrate(None, sparsity, n)
-                if cfg.save_calibration:
-                    save_calibration(cfg.gates, calibrations[n])
-    rows = evaluator.evaluate(selector, sparsity, dense, calibrations)
-    for row in rows:
-        row.update(model=model_id(model_cfg), data=text.fingerprint, gates=cfg.gates if selector is None else None)
     out_dir = Path(cfg.paths.output_dir)
-    from seer.files import atomic_write_text
+    gates = str(Path(cfg.gates).resolve()) if selector is None else None
+    gate_config = build(GateConfig, "gate", read_gate_meta(cfg.gates)["gate"]) if selector is None else None
+    identity = tracking.run_identity(f"{cfg.task_name}-{scorer_name(selector, gate_config)}",
+                                     {**tracking.flat_config(cfg), "gates": gates, "model.name": model_id(model_cfg)})
+    run = _start_wandb(cfg, identity)
+    try:
+        torch.manual_seed(cfg.seed)  # random-weight models (model.random_init) are the same in every run
+        model = load_causal_lm(model_cfg, device)
+        model.config.use_cache = True
+        if selector is None:
+            load_gates(model, cfg.gates)
+        else:
+            prepare_model(model, cfg.block_size)
+        evaluator = Evaluator(model, tokenizer, text, evaluation, kernel=kernel,
+                              cache_dir=Path(cfg.paths.cache_dir) / "eval", model_name=model_id(model_cfg),
+                              ruler_samples=ruler)
+        dense = evaluator.dense()
+        calibrations = {}
+        if selector is None and sparsity.calibrated:
+            for n in evaluation.seq_lens:
+                try:
+                    calibrations[n] = find_calibration(cfg.gates, sparsity, model.seer_context.scorer_name, n)
+                    log.info("using the calibration stored with the gates for %s at %d tokens", sparsity.describe(), n)
+                except ValueError:
+                    calibrations[n] = evaluator.calibrate(None, sparsity, n)
+                    if cfg.save_calibration:
+                        save_calibration(cfg.gates, calibrations[n])
+        rows = evaluator.evaluate(selector, sparsity, dense, calibrations)
+        for row in rows:
+            row.update(model=model_id(model_cfg), data=text.fingerprint, gates=gates)
+        from seer.files import atomic_write_text
 
-    atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
-    print(format_rows(rows), flush=True)
-    _log_wandb(cfg, rows, scorer_name(selector, model.seer_context.gate_config), sparsity)
+        metrics = atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
+        summary = {"status": "completed", "metrics": str(metrics.resolve()), **_wandb_facts(run)}
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        if run is not None:
+            _log_rows(run, rows)
+    except BaseException as exc:
+        tracking.finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
+        raise
+    tracking.finish_wandb(exit_code=0)
+    print(format_rows(rows) + f"metrics.json: {metrics}\n", flush=True)
     return rows
 
 
@@ -145,31 +173,34 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines + [""])
 
 
-def _log_wandb(cfg: DictConfig, rows: list[dict], selector: str, sparsity) -> None:
-    """One W&B run per job (offline unless a key is set), flat config keys, one summary value per metric and
-    length, the rows as a table."""
+def _start_wandb(cfg: DictConfig, identity: dict):
+    """The job's W&B run, started as ``seer.train`` starts its own (:func:`seer.tracking.start_wandb_run`); None
+    with ``logger=none``."""
     node = (cfg.get("logger") or {}).get("wandb")
     if node is None:
-        return
+        return None
+    return tracking.start_wandb_run(project=node.get("project", "seer"), save_dir=str(cfg.paths.output_dir),
+                                    name=identity["name"], config=identity["config"], group=identity["group"],
+                                    tags=identity["tags"], run_id=identity["run_id"], job_type="eval",
+                                    mode=node.get("mode"), flush_interval_s=node.get("flush_interval_s", 5.0))
+
+
+def _wandb_facts(run) -> dict:
+    """Where the W&B run is (what the sweep report groups jobs by)."""
+    if run is None:
+        return {"wandb_run": None}
+    return {"wandb_run": str(Path(run.dir).parent), "wandb_project": run.project, "wandb_id": run.id,
+            "wandb_name": run.name, "wandb_group": run.group or None}
+
+
+def _log_rows(run, rows: list[dict]) -> None:
+    """The rows as a table, one summary value per metric and length."""
     import wandb
 
-    from seer.training.loggers import wandb_mode
-
-    flat = {"selector": selector, "sparsity.describe": sparsity.describe(), "seq_lens": [r["seq_len"] for r in rows],
-            **{f"sparsity.{k}": v for k, v in vars(sparsity).items()},
-            **{f"eval.{k}": v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()},
-            "model": rows[0]["model"], "data": rows[0]["data"]}
-    run = wandb.init(project=node.get("project", "seer"), dir=str(cfg.paths.output_dir),
-                     mode=wandb_mode(node.get("mode")),
-                     group=node.get("group"), name=f"eval-{selector}-{sparsity.method}-{sparsity.target_density}",
-                     config=flat, job_type="eval", reinit=True)
-    try:
-        keys = [k for k in rows[0] if k != "recall_by_layer"]
-        run.log({"eval/rows": wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in rows])})
-        for r in rows:
-            run.summary.update({f"{k}/{r['seq_len']}": v for k, v in r.items() if isinstance(v, (int, float))})
-    finally:
-        run.finish()
+    keys = [k for k in rows[0] if k != "recall_by_layer"]
+    run.log({"eval/rows": wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in rows])})
+    for r in rows:
+        run.summary.update({f"{k}/{r['seq_len']}": v for k, v in r.items() if isinstance(v, (int, float))})
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
@@ -179,4 +210,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sweep_report():
+        main()

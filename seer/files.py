@@ -5,12 +5,15 @@ Gate checkpoints, calibrations, token caches, run summaries and Lightning checkp
 (``os.replace``, atomic on POSIX). The temporary file is created with mode ``0o666`` filtered by the process umask,
 like any file a user creates, so colleagues sharing a cluster folder can read results when the umask allows it.
 Files written by other libraries with a fixed mode (safetensors writes ``0o600``) get the same mode afterwards
-(:func:`apply_umask`).
+(:func:`apply_umask`). A temporary file left by a writer that was killed mid-write (on this machine: its name holds
+the host and the process id) is removed by the next write of the same file.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     temporary file is removed and ``path`` is left as it was. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    _remove_abandoned_temporaries(path)
+    tmp = path.parent / f"{_temporary_prefix(path)}{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
     try:
         write(str(tmp))
@@ -29,6 +33,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}."
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Removes the temporary files of ``path`` whose writer, a process of this machine, no longer runs."""
+    prefix = _temporary_prefix(path)
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

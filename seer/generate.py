@@ -1,9 +1,11 @@
-"""Generation entry point: ``python -m seer.generate gates=PATH prompt="..." [sparsity.target_density=0.1]``.
+"""Generation entry point: ``python -m seer.generate gates=PATH 'prompt="..."' [sparsity.target_density=0.2]``.
 
 Loads the model and its gates, runs the prompt's prefill through gate -> block selection -> block-sparse attention,
-decodes densely, and prints the text, the achieved density per layer and the prefill time (beside dense). The prompt
-and the gate file are checked before the model loads: a prompt (plus ``max_new_tokens``) longer than the model's
-context is refused.
+decodes densely, and prints the text, the achieved density per layer and the prefill time (beside dense). The budget
+is the gates' own (stored with them) changed by any ``sparsity.*`` value given, or replaced by ``sparsity=<option>``.
+Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a prompt (plus
+``max_new_tokens``) longer than the model's context, gates made for another model shape, a calibrated budget with no
+calibration stored beside the gates.
 """
 
 from __future__ import annotations
@@ -43,30 +45,45 @@ def _prompt(cfg: DictConfig) -> str:
         raise ConfigError(f"prompt_file={cfg.prompt_file!r}: cannot be read as UTF-8 text ({exc})") from exc
 
 
+def budget(cfg: DictConfig, gates_meta: dict):
+    """The sparsity of this run: the gates' own (``gates_meta["sparsity"]``, top-k for untrained gates) with every
+    non-null ``sparsity.*`` value of ``cfg`` put over it."""
+    from seer.checks import build
+    from seer.sparsity.config import SparsityConfig
+
+    given = {k: v for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items() if v is not None}
+    stored = gates_meta.get("sparsity") or {"method": "topk"}
+    return build(SparsityConfig, "sparsity", {**stored, **given})
+
+
 def run_generation(cfg: DictConfig) -> dict:
+    from seer import tracking
     from seer.checks import build
     from seer.model.config import ModelConfig
-    from seer.sparsity.config import SparsityConfig
+    from seer.model.gate_io import read_gate_meta
     from seer.model.inference import load
-    from seer.model.loading import load_config, load_tokenizer, model_id
+    from seer.model.loading import load_tokenizer, model_id
+    from seer.preflight import (check_calibration, check_complete, check_dense_layers, check_generation,
+                                check_options)
 
+    check_complete(cfg)
+    check_options(tracking.chosen_options())
     mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
-    spars = build(SparsityConfig, "sparsity", OmegaConf.to_container(cfg.sparsity, resolve=True))
     prompt = _prompt(cfg)
     tokenizer = load_tokenizer(mcfg)
     if tokenizer is None:
         raise ConfigError(f"model: {model_id(mcfg)} has no tokenizer; seer.generate needs one")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    context = getattr(load_config(mcfg).get_text_config(), "max_position_embeddings", None)
-    if context is not None and ids.shape[1] + cfg.max_new_tokens > context:
-        raise ConfigError(f"the prompt is {ids.shape[1]} tokens and max_new_tokens={cfg.max_new_tokens}, but "
-                          f"{model_id(mcfg)} has a context of {context} tokens; shorten the prompt")
+    shape = check_generation(OmegaConf.to_container(cfg, resolve=True), mcfg, ids.shape[1])
+    spars = budget(cfg, read_gate_meta(cfg.gates))
+    check_dense_layers(spars, shape)
+    check_calibration(cfg.gates, spars)
     model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel)
     ids = ids.to(model.device)
     sparse_s = _timed_prefill(model, ids)
     densities = model.seer_context.densities()
     result = {"prompt_tokens": ids.shape[1], "sparse_prefill_s": sparse_s, "densities": densities}
-    if cfg.compare_dense:
+    if cfg.compare_dense:  # the same model dense, then back to its sparse prefill (budget and calibration kept)
         with model.seer_context.running("dense"):
             result["dense_prefill_s"] = _timed_prefill(model, ids)
     with torch.no_grad():
@@ -76,7 +93,7 @@ def run_generation(cfg: DictConfig) -> dict:
     mean_density = sum(densities.values()) / max(1, len(densities))
     print(f"prompt: {ids.shape[1]} tokens; sparse prefill {sparse_s * 1e3:.1f} ms"
           + (f" (dense {result['dense_prefill_s'] * 1e3:.1f} ms)" if "dense_prefill_s" in result else "")
-          + f"; mean block density {mean_density:.3f} ({spars.method})")
+          + f"; mean block density {mean_density:.3f} ({spars.describe()})")
     print("--- generated ---")
     print(result["text"])
     return result

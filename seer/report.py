@@ -1,10 +1,12 @@
 """Report entry point: ``python -m seer.report DIR [--out FILE] [--seq-len N] [--wandb]``.
 
 Reads every ``metrics.json`` under ``DIR`` (the run folders of a ``python -m seer.eval -m ...`` sweep, or of the
-quality study), and writes one markdown table of all rows, a "best at density" summary, a table of RULER scores per
-task when the rows have them, and PNG plots of perplexity increase, attention recall, passkey accuracy and RULER mean
-against the *achieved* density, one line per scorer + budget (``DIR/report.md`` and ``DIR/*.png`` unless told
-otherwise). ``--wandb`` also logs the plots and the table to a W&B run (offline unless a key is set).
+quality study), and writes one markdown table of all rows, a "best at density" summary for each target density the
+rows were run at, a table of RULER scores per task when the rows have them, and PNG plots of perplexity increase,
+attention recall, passkey accuracy and RULER mean against the *achieved* density, one line per scorer + budget
+(``DIR/report.md`` and ``DIR/*.png`` unless told otherwise). ``--wandb`` also logs the plots and the table to a W&B
+run (offline unless a key is set). A folder without results or a damaged ``metrics.json`` is reported as one line
+naming it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+from seer.checks import ConfigError
 from seer.evaluation.ruler import RULER_TASKS
 
 PLOTS = (("ppl_increase", "perplexity increase over dense", True),
@@ -27,10 +31,21 @@ def read_rows(folder: str | Path) -> list[dict]:
     """All rows of all ``metrics.json`` files under ``folder`` (sorted by path)."""
     rows = []
     for path in sorted(Path(folder).rglob("metrics.json")):
-        rows += json.loads(path.read_text())
+        try:
+            found = json.loads(path.read_text())
+            if not isinstance(found, list) or not all(isinstance(r, dict) and "seq_len" in r for r in found):
+                raise ValueError("not a list of rows with a seq_len")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not a metrics.json of seer.eval ({exc})") from exc
+        rows += found
     if not rows:
-        raise FileNotFoundError(f"no metrics.json under {folder}: run python -m seer.eval there first")
+        raise ConfigError(f"no metrics.json under {folder}: run python -m seer.eval there first")
     return rows
+
+
+def target_densities(rows: list[dict]) -> list[float]:
+    """The target densities the rows were run at, in order (those with a target; dense rows have none)."""
+    return sorted({r["target_density"] for r in rows if r.get("target_density") is not None})
 
 
 def line_label(row: dict) -> str:
@@ -138,8 +153,8 @@ def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[P
             ax.axhline(mine[0][dense_key], color="black", linestyle="--", label="dense")
         ax.set_xlabel("achieved density (kept share of causal blocks)")
         ax.set_ylabel(title + (" (%)" if percent else ""))
-        if percent:
-            ax.set_yscale("symlog", linthresh=1.0)
+        values = [100 * r[key] if percent else r[key] for r in mine if r.get(key) is not None]
+        _set_y_axis(ax, values, percent)
         ax.set_title(f"{title}, {n} tokens")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
@@ -151,10 +166,38 @@ def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[P
     return written
 
 
+def y_limits(values: list[float], percent: bool) -> tuple[float, float] | None:
+    """The y range of a plot of ``values``: shares (recall, passkey) at least 0.1 wide and never above 1 (so a
+    0.004 spread is not drawn as a cliff), percentages as they come."""
+    if not values or percent:
+        return None
+    low, high = min(values), max(values)
+    pad = max(0.1 - (high - low), 0.0) / 2 + 0.02
+    top = min(1.0 + 0.02, high + pad)
+    return max(0.0, min(low - pad, top - 0.1)), top
+
+
+def _set_y_axis(ax, values: list[float], percent: bool) -> None:
+    """Linear axes with several labelled ticks; a log-like axis only for percentages spanning orders of
+    magnitude."""
+    from matplotlib.ticker import MaxNLocator
+
+    limits = y_limits(values, percent)
+    if limits is not None:
+        ax.set_ylim(*limits)
+    positive = [abs(v) for v in values if v]
+    if percent and positive and max(positive) / min(positive) > 100:
+        ax.set_yscale("symlog", linthresh=min(positive))
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+
+
 def build_report(folder: str | Path, out: str | Path | None = None, seq_len: int | None = None,
-                 densities: tuple[float, ...] = (0.1, 0.2)) -> tuple[Path, list[Path]]:
-    """Writes the markdown report and the plots; returns their paths."""
+                 densities: tuple[float, ...] | None = None) -> tuple[Path, list[Path]]:
+    """Writes the markdown report and the plots (a "best at" summary for each of ``densities``, default the targets
+    the rows were run at); returns their paths."""
     rows = read_rows(folder)
+    densities = target_densities(rows) if densities is None else densities
     out = Path(out) if out else Path(folder) / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     images = plots(rows, out.parent, seq_len)
@@ -176,16 +219,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=None, help="the length the plots show (default: the longest)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to a W&B run")
     args = ap.parse_args(argv)
-    out, images = build_report(args.folder, args.out, args.seq_len)
+    try:
+        out, images = build_report(args.folder, args.out, args.seq_len)
+    except ConfigError as exc:
+        sys.exit(f"{type(exc).__name__}: {exc}")
     print(f"wrote {out} and {len(images)} plots")
     if args.wandb:
         import wandb
 
-        from seer.training.loggers import wandb_mode
+        from seer.tracking import new_run_id, start_wandb_run
 
         rows = read_rows(args.folder)
-        run = wandb.init(project="seer", dir=str(out.parent), mode=wandb_mode(), job_type="report",
-                         name=f"report-{Path(args.folder).name}")
+        run_id = new_run_id()
+        run = start_wandb_run(project="seer", save_dir=str(out.parent), job_type="report", run_id=run_id,
+                              name=f"report-{Path(args.folder).name}-{run_id}", config={"report.folder": args.folder})
         keys = [k for k in rows[0] if k != "recall_by_layer"]
         run.log({"report/rows": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows]),
                  **{f"report/{p.stem}": wandb.Image(str(p)) for p in images}})

@@ -1,8 +1,7 @@
-"""Sweeps (``-m``): what each job leaves in its folder, its swept values, and the report once every job has run.
+"""Sweeps (``-m``): what each job leaves in its folder and the report once every job has run.
 
 * :class:`JobRecorder`, a Hydra callback (``conf/hydra/default.yaml``), writes ``status.json`` into every job's
   folder (``completed`` or ``failed`` with the error, and the job's overrides) and remembers the sweep folder.
-* :func:`swept_values`: the keys a sweep varies and this job's values of them (for short run names).
 * :func:`sweep_report`, a context manager around an entry point's ``@hydra.main``: after a sweep it lists every
   failed job (Hydra stops at the first), writes ``sweep.json`` (one row per job: overrides, status, results) into
   the sweep folder and, when the jobs logged to W&B, adds to their group a summary run whose table and scatter plots
@@ -56,7 +55,10 @@ class JobRecorder(_HydraCallback):
         status = {"job": config.hydra.job.get("num"), "status": "failed" if failed else "completed",
                   "error": None if error is None else _describe(error),
                   "overrides": list(config.hydra.overrides.task)}
-        atomic_write_text(Path(config.hydra.runtime.output_dir) / STATUS, json.dumps(status, indent=2))
+        folder = Path(config.hydra.runtime.output_dir)
+        if not folder.is_dir():  # a failed single run whose unused folder was removed (seer.cli.user_errors)
+            return
+        atomic_write_text(folder / STATUS, json.dumps(status, indent=2))
 
 
 def _describe(error: BaseException) -> str:
@@ -64,25 +66,6 @@ def _describe(error: BaseException) -> str:
     from hydra.errors import CompactHydraException
 
     return str(error) if isinstance(error, CompactHydraException) else f"{type(error).__name__}: {error}"
-
-
-def swept_values(hydra_cfg) -> dict[str, Any]:
-    """``{key: this job's value}`` for each key the current sweep varies (its sweep overrides, read from the sweep's
-    ``multirun.yaml``, and ``hydra.sweeper.params``); empty outside a sweep."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
-    keys = list((hydra_cfg.sweeper.get("params") or {}).keys())
-    master = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-    if master.is_file():
-        args = list(OmegaConf.load(master).hydra.overrides.task)
-        keys += [o.get_key_element() for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
-    mine = {o.get_key_element(): o.value() for o in OverridesParser.create().parse_overrides(
-        list(hydra_cfg.overrides.task))}
-    return {key.lstrip("+~"): mine.get(key.lstrip("+~"), mine.get(key)) for key in dict.fromkeys(keys)}
 
 
 def _flat(prefix: str, node: Any, out: dict) -> dict:
@@ -123,7 +106,7 @@ def _log_group_run(rows: list[dict]) -> str | None:
         return None
     import wandb
 
-    from seer.training.loggers import start_wandb_run
+    from seer.tracking import start_wandb_run
 
     columns = ["job", "name", "status", "overrides", "density"]
     plotted = sorted({k for r in rows for k, v in r.items() if any(p in k for p in PLOTTED)

@@ -35,6 +35,8 @@ def test_every_option_composes_and_validates(group, tmp_path):
             overrides.append("data.corpus.paths=" + str(tmp_path / "*.txt"))
         if group == "data" and option == "text_and_code":
             overrides.append(f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]")
+        if group == "data" and option == "dataset_files":
+            overrides.append(f"data.corpus.data_files=[{tmp_path}/*.jsonl]")
         cfg = _compose(overrides)
         OmegaConf.resolve(cfg)  # every interpolation resolves
         run = validate(cfg)
@@ -46,8 +48,10 @@ def test_groups_instantiate(tmp_path):
     dm = instantiate(cfg.data)
     assert dm.seq_len == cfg.data.seq_len
     (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "a.jsonl").write_text('{"text": "some text"}\n')
     paths = {"text_files": [f"data.corpus.paths={tmp_path}/*.txt"],
-             "text_and_code": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]}
+             "text_and_code": [f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"],
+             "dataset_files": [f"data.corpus.data_files=[{tmp_path}/*.jsonl]"]}
     for option in _options("data"):
         if option == "random_tokens":
             continue
@@ -55,7 +59,7 @@ def test_groups_instantiate(tmp_path):
         corpus = instantiate(node.corpus)
         assert corpus.fingerprint
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "GateExport", "GateImages"}
+    assert {type(c).__name__ for c in callbacks} >= {"Checkpoints", "GateExport", "GateImages"}
     trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=True)
     assert trainer.max_steps == cfg.trainer.max_steps
     csv = instantiate(_compose([f"paths.output_dir={tmp_path}", "logger=csv"]).logger.csv)

@@ -29,3 +29,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_temporary_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    abandoned = tmp_path / f".last.ckpt.{host}.{int(gone.stdout)}.0123abcd.tmp"
+    in_progress = tmp_path / f".last.ckpt.{host}.{os.getpid()}.4567cdef.tmp"  # a writer still running
+    other = tmp_path / f".other.ckpt.{host}.{int(gone.stdout)}.89abcdef.tmp"  # another file's
+    for tmp in (abandoned, in_progress, other):
+        tmp.write_bytes(b"half")
+    atomic_write_text(tmp_path / "last.ckpt", "whole")
+    assert not abandoned.exists() and in_progress.exists() and other.exists()
+    assert (tmp_path / "last.ckpt").read_text() == "whole"

@@ -40,3 +40,55 @@ def test_a_prompt_longer_than_the_context_is_refused_before_loading(tmp_path, mo
     with pytest.raises(ConfigError, match=r"the prompt is \d+ tokens and max_new_tokens=64, but random-llama has a "
                                           r"context of 4096 tokens"):
         run_generation(cfg)
+
+
+def _calibrated_gates(folder, shape_overrides=()):
+    """Tiny gates stored with the budget ``threshold target_density=0.4`` and its calibration, as training leaves
+    them; returns the generate config's overrides."""
+    from seer.sparsity.calibration import calibrate, save_calibration
+    from seer.sparsity.config import SparsityConfig
+
+    cfg = compose(["model=tiny_llama", *shape_overrides], "generate")
+    torch.manual_seed(0)
+    gated = load(OmegaConf.to_container(cfg.model), gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu")
+    budget = SparsityConfig(method="threshold", target_density=0.4)
+    save_gates(folder, gated, "tiny", extra={"sparsity": vars(budget)})
+    scores = {i: torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in (0, 1)}
+    save_calibration(folder, calibrate(scores, budget, selector="gate", seq_len=128))
+    return ["model=tiny_llama", f"gates={folder}", "max_new_tokens=3", "device=cpu"]
+
+
+def test_generate_uses_the_gates_own_calibrated_budget_and_compares_dense(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    cfg = compose(_calibrated_gates(tmp_path / "g"), "generate")
+    cfg.prompt = "def f(x):\n    return x + 1\n" * 8
+    result = run_generation(cfg)  # compare_dense is on by default
+    assert result["dense_prefill_s"] > 0 and len(result["text"]) > 0
+    assert "(threshold target_density=0.4 (global))" in capsys.readouterr().out
+
+
+def test_generate_refuses_before_loading(tmp_path, monkeypatch):
+    import seer.model.inference
+
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    over = _calibrated_gates(tmp_path / "g")
+    _calibrated_gates(tmp_path / "g3", ["model.architecture.num_hidden_layers=3"])
+    monkeypatch.setattr(seer.model.inference, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def refused(*overrides, prompt="def f(x):"):
+        cfg = compose(over + list(overrides), "generate")
+        cfg.prompt = prompt
+        with pytest.raises(ConfigError) as info:
+            run_generation(cfg)
+        return str(info.value)
+
+    assert refused(prompt="") == "prompt='': the prompt is empty; give the text to continue"
+    assert refused("sparsity.target_density=0.2").startswith(
+        "sparsity: no calibration for sparsity threshold target_density=0.2 (global) in")
+    assert refused(f"gates={tmp_path / 'g3'}") == (
+        f"gate file {tmp_path / 'g3'} was made for tiny with num_layers=3, but this model has num_layers=2")
+    assert refused("sparsity.dense_layers=[5]") == "sparsity.dense_layers=[5]: [5] not among the model's layers 0..1"
+    assert refused("gates=/no/gates") == "gates='/no/gates': no gate checkpoint there (a gates folder written by " \
+                                         "seer.train, outputs/<run>/gates)"
+    (tmp_path / "g" / "calibration.json").write_text("not json")
+    assert refused().startswith(f"{tmp_path / 'g' / 'calibration.json'} is not a seer calibration file")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from seer.checks import ConfigError
 from seer.evaluation.harness import ROW_KEYS
 from seer.report import best_at, build_report, main, read_rows
 
@@ -40,7 +41,7 @@ def test_report_from_a_sweep_folder(tmp_path):
 
 
 def test_report_needs_metrics(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+    with pytest.raises(ConfigError, match="no metrics.json"):
         build_report(tmp_path)
 
 
@@ -61,3 +62,42 @@ def test_report_shows_ruler(tmp_path):
     assert "RULER: best oracle + threshold at 70.0 (dense 80.0)." in best_at(read_rows(tmp_path), 0.1)[0]
     png = tmp_path / "ruler_vs_density_2048.png"
     assert png in images and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_folders_and_damaged_metrics_are_one_line_naming_the_file(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=f"ConfigError: no metrics.json under {tmp_path}"):
+        main([str(tmp_path)])
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "metrics.json").write_text('{"ppl": ')
+    with pytest.raises(SystemExit, match=f"ConfigError: {tmp_path / '0' / 'metrics.json'}: not a metrics.json of "
+                                         f"seer.eval"):
+        main([str(tmp_path)])
+
+
+def test_best_at_lines_follow_the_swept_targets(tmp_path):
+    for i, (selector, ppl) in enumerate((("gate", 10.5), ("streaming", 12.0))):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps([_row(selector, "topk", 0.3, ppl, 0.5)]))
+    report = build_report(tmp_path)[0].read_text()
+    assert "- N=2048, density 0.3 (+-0.02): lowest perplexity **gate + topk** (+5.0%" in report
+    assert "no run reached" not in report and "density 0.1" not in report
+
+
+def test_plot_axes_show_several_ticks_and_no_zoomed_in_spread():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seer.report import _set_y_axis, y_limits
+
+    low, high = y_limits([0.951, 0.953, 0.955], percent=False)
+    assert high - low >= 0.1 and low <= 0.951 and 0.955 <= high <= 1.02
+    fig, ax = plt.subplots()
+    ax.plot([0.1, 0.2, 0.3], [15.0, 8.0, 3.0])
+    _set_y_axis(ax, [15.0, 8.0, 3.0], percent=True)
+    fig.canvas.draw()
+    labelled = [t for t in ax.get_yticklabels() if t.get_text() and ax.get_ylim()[0] <= t.get_position()[1]
+                <= ax.get_ylim()[1]]
+    assert len(labelled) >= 3
+    plt.close(fig)

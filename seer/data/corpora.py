@@ -3,6 +3,9 @@
 Each corpus yields plain-text documents in a deterministic order (`documents()`) and names what it yields
 with a stable `fingerprint` string, which the token cache keys on:
 
+Every fingerprint covers the contents of the local files a corpus reads (size and modification time, and a sha256
+of files up to `HASHED_FILE_BYTES`), so an edited file is packed again rather than read from a stale cache.
+
 - `StdlibCorpus`: the running interpreter's standard-library `.py` sources (the embedded default; no download).
 - `TextFilesCorpus`: local text files matched by glob patterns.
 - `HFDatasetCorpus`: a Hugging Face `datasets` dataset (streamed by default), with the `pg19_corpus` and
@@ -21,12 +24,13 @@ import re
 import sys
 import sysconfig
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from seer.checks import ConfigError
 
+HASHED_FILE_BYTES = 1 << 20  # files up to 1 MiB are hashed too: an edit that keeps size and mtime still shows
 _TEST_FOLDER_NAMES = frozenset({"test", "tests", "idle_test"})
 _THIRD_PARTY_FOLDER_NAMES = frozenset({"site-packages", "dist-packages"})
 
@@ -37,9 +41,28 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _file_stats(paths: list[Path]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime in ns) of each file: enough to notice an edited or replaced file."""
-    return [(str(p), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in paths)]
+def _file_stats(paths: list[Path]) -> list[tuple]:
+    """(path, size, mtime in ns, and the sha256 of a file up to ``HASHED_FILE_BYTES``) of each file: what notices
+    an edited or replaced file."""
+    stats = []
+    for path in paths:
+        st = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if st.st_size <= HASHED_FILE_BYTES else None
+        stats.append((str(path), st.st_size, st.st_mtime_ns, digest))
+    return stats
+
+
+def _local_files(patterns: list[str]) -> list[Path]:
+    """The local files the glob ``patterns`` match (files under a folder for a folder); remote ones (``hf://``,
+    URLs) match none."""
+    found: set[Path] = set()
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        for match in glob.glob(os.path.expanduser(pattern), recursive=True):
+            path = Path(match).resolve()
+            found.update([path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()))
+    return sorted(found)
 
 
 class Corpus(ABC):
@@ -131,11 +154,13 @@ class TextFilesCorpus(Corpus):
     def _matched_paths(self) -> list[Path]:
         matched: set[Path] = set()
         for pattern in self.patterns:
-            files = [Path(p).resolve() for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
-            files = [p for p in files if p.is_file()]
+            found = [Path(p).resolve() for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
+            files = [p for p in found if p.is_file()]
             if not files:
-                raise FileNotFoundError(f"TextFilesCorpus: no files match the pattern {pattern!r} "
-                                        f"(relative patterns resolve from {os.getcwd()})")
+                folder = pattern.rstrip("/")
+                hint = (f"{pattern} is a folder: give its files, e.g. data.corpus.paths='[\"{folder}/*.txt\"]'"
+                        if found else f"relative patterns resolve from {os.getcwd()}")
+                raise ConfigError(f"data.corpus.paths: no files match the pattern {pattern!r} ({hint})")
             matched.update(files)
         return sorted(matched)
 
@@ -146,7 +171,14 @@ class TextFilesCorpus(Corpus):
         return f"TextFilesCorpus({_digest(dict(encoding=self.encoding, split_on=split))}, files={_digest(stats)})"
 
     def documents(self) -> Iterator[str]:
-        for path in self._matched_paths():
+        paths = self._matched_paths()
+        empty = [p for p in paths if p.stat().st_size == 0]
+        if len(empty) == len(paths):
+            raise ConfigError(f"data.corpus.paths={self.patterns}: every file matched is empty "
+                              f"({', '.join(str(p) for p in empty[:3])}{', ...' if len(empty) > 3 else ''})")
+        for path in paths:
+            if path in empty:
+                continue
             try:
                 text = path.read_text(encoding=self.encoding)
             except UnicodeDecodeError as exc:
@@ -167,8 +199,10 @@ class HFDatasetCorpus(Corpus):
     downloaded beyond what is read, and reading stops as soon as the packer has enough rows. When `data_files`
     is a list, each entry is loaded as a dataset of its own, one after the other, so that files whose columns
     differ (the RedPajama sample's sources do) can still be read; a string is passed to `load_dataset` as is.
-    Empty documents are skipped. The fingerprint is built from the arguments: pin `revision=` (passed on to
-    `load_dataset`) for a cache that cannot go stale when the hub copy changes.
+    Empty documents are skipped. The fingerprint is built from the arguments and the contents of the local files
+    read (``data_files``, or the files under a local folder ``path``); pin `revision=` (passed on to `load_dataset`)
+    for a cache that cannot go stale when the hub copy changes. Local JSONL, JSON, CSV or parquet files:
+    ``HFDatasetCorpus("json", data_files="rows/*.jsonl")`` (``data=dataset_files``).
     """
 
     def __init__(self, path: str, name: str | None = None, split: str = "train", text_field: str = "text",
@@ -182,14 +216,30 @@ class HFDatasetCorpus(Corpus):
         self.text_field = text_field
         self.streaming = streaming
         self.max_documents = max_documents
-        self.data_files = list(data_files) if isinstance(data_files, (list, tuple)) else data_files
+        if isinstance(data_files, Mapping):
+            data_files = {str(k): v if isinstance(v, str) else list(v) for k, v in data_files.items()}
+        elif isinstance(data_files, Sequence) and not isinstance(data_files, str):
+            data_files = list(data_files)
+        self.data_files = data_files
         self.load_kwargs = dict(load_kwargs)
 
     @property
     def fingerprint(self) -> str:
         args = dict(path=self.path, name=self.name, split=self.split, text_field=self.text_field,
                     max_documents=self.max_documents, data_files=self.data_files, load_kwargs=self.load_kwargs)
-        return f"HFDatasetCorpus({self.path}, {_digest(args)})"
+        files = _file_stats(_local_files([self.path, *self._data_file_patterns()]))
+        return f"HFDatasetCorpus({self.path}, {_digest(args)}" + (f", files={_digest(files)})" if files else ")")
+
+    def _data_file_patterns(self) -> list[str]:
+        """``data_files`` as a list of patterns (a string, a list, or a ``{split: files}`` mapping)."""
+        files = self.data_files
+        if files is None:
+            return []
+        if isinstance(files, str):
+            return [files]
+        if isinstance(files, Mapping):
+            return [str(f) for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+        return [str(f) for f in files]
 
     def _load(self, data_files: str | None):
         import datasets  # lazily: the rest of seer.data works without it

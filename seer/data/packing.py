@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from seer.checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Documents are tokenised in batches of at most this many documents or characters, whichever comes first:
@@ -132,8 +134,13 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int, train_sequ
             if all(cutter.full for cutter in splits.values()):
                 return PackedRows(train=splits["train"].tensor(seq_len), val=splits["val"].tensor(seq_len))
     train, val = splits["train"], splits["val"]
-    raise ValueError(
-        f"the corpus ran out after {documents_read} documents: built {len(train.rows)} of {train_sequences} "
+    advice = "Lower data.train_sequences, data.val_sequences or data.seq_len, or use a larger corpus."
+    if val_sequences and (documents_read < 2 or not val.tokens_seen):
+        advice = (f"Too few documents to hold one out for validation (whole documents are, by a hash of their text, "
+                  f"val_fraction={val_fraction} of them): split the text into more documents (text files: "
+                  f"data.corpus.split_on, e.g. '(?m)^(?=CHAPTER )' for a book's chapters), or train without "
+                  f"validation (data.val_sequences=0 trainer.limit_val_batches=0).")
+    raise ConfigError(
+        f"data: the corpus ran out after {documents_read} documents: built {len(train.rows)} of {train_sequences} "
         f"training rows ({train.tokens_seen} tokens) and {len(val.rows)} of {val_sequences} validation rows "
-        f"({val.tokens_seen} tokens) of seq_len={seq_len}, val_fraction={val_fraction}. Lower train_sequences, "
-        f"val_sequences or seq_len, or use a larger corpus.")
+        f"({val.tokens_seen} tokens) of seq_len={seq_len}, val_fraction={val_fraction}. {advice}")

@@ -1,10 +1,10 @@
 """Gate checkpoints: the gates' weights as safetensors plus a small JSON (base model, its shape, gate config).
 
 Files are written atomically (a temporary file, then ``os.replace``), so a crash never leaves a half-written
-checkpoint. ``gates.json`` holds the sha256 of ``gates.safetensors``: reading a gate file checks it, so a truncated
-or altered file is refused, naming its path. :func:`load_gates` refuses a file made for another model shape, another
-gate config or another RoPE (e.g. gates fine-tuned with YaRN loaded onto the unscaled model), saying which field
-differs.
+checkpoint. ``gates.json`` holds the sha256 of ``gates.safetensors``: reading a gate file checks it, so a truncated or
+altered file (or one whose ``gates.json`` is missing or describes other gates) is refused, naming its path.
+:func:`load_gates` refuses a file made for another model shape, another gate config or another RoPE (e.g. gates
+fine-tuned with YaRN loaded onto the unscaled model), saying which field differs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,8 +29,6 @@ WEIGHTS = "gates.safetensors"
 META = "gates.json"
 CHECKSUM = "weights_sha256"
 
-log = logging.getLogger(__name__)
-
 
 def model_signature(model: nn.Module) -> dict:
     """What a gate file must match: layer count, heads, key/value heads and head dim of the base model."""
@@ -38,6 +36,28 @@ def model_signature(model: nn.Module) -> dict:
     heads, kv_heads, head_dim = layer_shape(model, layers[0])
     return {"model_type": getattr(model.config, "model_type", None), "num_layers": len(layers),
             "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def config_signature(config) -> dict:
+    """:func:`model_signature` read from a transformers config, before any weights load."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return {"model_type": getattr(config, "model_type", None), "num_layers": text.num_hidden_layers,
+            "num_heads": heads, "num_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads}
+
+
+def check_gates_fit(meta: dict, weights: Path, signature: dict, rope: dict, allow_rope_change: bool = False) -> None:
+    """Refuses (ConfigError naming the field) gates whose metadata ``meta`` was made for another model shape
+    (``signature``) or, unless ``allow_rope_change``, another RoPE (``rope``)."""
+    for key, value in meta["model"].items():
+        if signature.get(key) != value:
+            raise ConfigError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
+                              f"model has {key}={signature.get(key)}")
+    for key, value in meta.get("rope", {}).items():  # files written before rope was recorded have none
+        if rope[key] != value and not allow_rope_change:
+            raise ConfigError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
+                              f"model has {key}={rope[key]}")
 
 
 def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,16 +109,21 @@ def _weights_path(path: str | os.PathLike) -> Path:
 
 def verify_gates(path: str | os.PathLike) -> Path:
     """Checks a gate file against the sha256 in the ``gates.json`` beside it; returns the weights' path. A
-    :class:`~seer.checks.ConfigError` names a file that was truncated or altered after it was written (a file
-    without ``gates.json``, or written before checksums were stored, is only logged as unchecked)."""
+    :class:`~seer.checks.ConfigError` names a file that was truncated or altered after it was written, or that has
+    no ``gates.json`` beside it (nothing to check it against); one written before checksums were stored is loaded
+    with a warning."""
     weights = _weights_path(path)
     meta_path = weights.parent / META
+    if not meta_path.is_file():
+        raise ConfigError(f"gate file {weights}: no {META} beside it, so its sha256 cannot be checked; copy the "
+                          f"{META} written with it into {weights.parent}")
     try:
-        expected = json.loads(meta_path.read_text()).get(CHECKSUM) if meta_path.is_file() else None
+        expected = json.loads(meta_path.read_text()).get(CHECKSUM)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"gate file {meta_path}: not readable JSON ({exc})") from exc
     if expected is None:
-        log.warning("gate file %s has no checksum in %s: not checked", weights, meta_path)
+        warnings.warn(f"gate file {weights} has no checksum in {meta_path} (written before checksums were "
+                      f"stored): not checked", stacklevel=2)
     elif _sha256(weights) != expected:
         raise ConfigError(f"gate file {weights}: its sha256 differs from the one in {meta_path}; the file was "
                           f"truncated or altered after it was written")
@@ -107,22 +132,29 @@ def verify_gates(path: str | os.PathLike) -> Path:
 
 def read_gate_meta(path: str | os.PathLike) -> dict:
     """The metadata stored in a gate checkpoint (a folder or its ``gates.safetensors``), after
-    :func:`verify_gates`."""
+    :func:`verify_gates`; a ``gates.json`` that describes other gates than the weights file (edited) is refused,
+    naming the field."""
     from safetensors import safe_open
 
     weights = verify_gates(path)
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return json.loads(f.metadata()["seer"])
+            meta = json.loads(f.metadata()["seer"])
     except Exception as exc:
         raise ConfigError(f"gate file {weights}: not a seer gate file ({type(exc).__name__}: {exc})") from exc
+    beside = json.loads((weights.parent / META).read_text())
+    for key in ("base_model", "model", "gate", "rope"):
+        if key in beside and beside[key] != meta.get(key):
+            raise ConfigError(f"gate file {weights.parent / META}: {key}={beside[key]} differs from what "
+                              f"{weights.name} was written with ({meta.get(key)}); restore the {META} written with it")
+    return meta
 
 
 def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateConfig | None = None,
                allow_rope_change: bool = False) -> dict:
     """Loads gate weights into ``model`` (attaching gates with the file's config if it has none yet).
 
-    Raises ``ValueError`` naming the mismatch when the file was made for another model shape, for another RoPE
+    Raises ``ConfigError`` naming the mismatch when the file was made for another model shape, for another RoPE
     (unless ``allow_rope_change``: starting a context extension from gates of the unscaled model; the block RoPE
     always follows the model it is attached to) or, if ``expected_gate`` is given (or the model already has
     gates), another gate config. Returns the metadata."""
@@ -130,16 +162,7 @@ def load_gates(model: nn.Module, path: str | os.PathLike, expected_gate: GateCon
 
     weights = _weights_path(path)
     meta = read_gate_meta(weights)
-    mine = model_signature(model)
-    for key, value in meta["model"].items():
-        if mine.get(key) != value:
-            raise ValueError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
-                             f"model has {key}={mine.get(key)}")
-    rope = rope_settings(model.config)
-    for key, value in meta.get("rope", {}).items():  # files written before rope was recorded have none
-        if rope[key] != value and not allow_rope_change:
-            raise ValueError(f"gate file {weights} was made for {meta['base_model']} with {key}={value}, but this "
-                             f"model has {key}={rope[key]}")
+    check_gates_fit(meta, weights, model_signature(model), rope_settings(model.config), allow_rope_change)
     file_gate = build(GateConfig, "gate", meta["gate"])
     have = getattr(model, "seer_context", None)
     expected = expected_gate or (have.gate_config if have is not None else None)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from seer.backends import resolve_backend
 from seer.checks import build
 from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates
@@ -25,18 +26,6 @@ from seer.model.gate_io import load_gates, read_gate_meta, verify_gates
 from seer.model.loading import load_causal_lm
 from seer.sparsity.calibration import Calibration, find_calibration
 from seer.sparsity.config import SparsityConfig
-
-KERNELS = ("auto", "triton", "reference")
-
-
-def resolve_kernel(kernel: str, device: torch.device | str) -> str:
-    """``triton`` or ``reference`` for ``kernel`` (``auto``: Triton on CUDA); refuses any other name."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose from {KERNELS}")
-    if kernel == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "reference"
-    return kernel
-
 
 def _gate_folder(gates: str | Path) -> Path:
     path = Path(gates)
@@ -55,7 +44,7 @@ def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kern
                           calibration: Calibration | None = None) -> None:
     """Switches a gated (or selector-scored) model to sparse prefill with ``sparsity`` (a calibrated budget needs its
     ``calibration``); ``kernel`` picks the Triton kernel (``auto``: on CUDA) or the PyTorch reference."""
-    model.seer_context.update(mode="sparse", kernel=resolve_kernel(kernel, next(model.parameters()).device),
+    model.seer_context.update(mode="sparse", kernel=resolve_backend("kernel", kernel, next(model.parameters()).device),
                               sparsity=sparsity, calibration=calibration)
 
 
@@ -79,7 +68,7 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     if gates is not None:
         verify_gates(gates)  # a missing, truncated or altered gate file fails before the model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    kernel = resolve_kernel(kernel, device)
+    kernel = resolve_backend("kernel", kernel, device)
     spars = _sparsity(sparsity, gates)
     calibration = None
     if spars.calibrated:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from seer.checks import build
+from seer.checks import ConfigError, build
 from seer.files import atomic_write_text
 from seer.sparsity.config import SparsityConfig
 from seer.sparsity.masks import causal_blocks, row_probs, select_blocks, threshold_mask_from_probs
@@ -165,6 +165,9 @@ def fit_knob(scores: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
     return _fit(_density_of_knob(scores, config), width, goal, config.method, scores.device)
 
 
+_warned_unreachable: set[tuple[float, int]] = set()  # (target, blocks a row) already warned about
+
+
 def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
               masses: Mapping[int, torch.Tensor] | None = None, selector: str = "gate",
               seq_len: int = 0) -> Calibration:
@@ -195,9 +198,11 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
     knobs = knobs.view(len(sparse), heads).tolist()
     per_layer = {i: sum(d) / heads for i, d in zip(sparse, dens)}
     mean = sum(per_layer.get(i, 1.0) for i in layers) / len(layers)
-    if mean > config.target_density + 0.01:
+    if mean > config.target_density + 0.01 and (config.target_density, stacked.shape[-1]) not in _warned_unreachable:
+        _warned_unreachable.add((config.target_density, stacked.shape[-1]))  # once a process: runs calibrate often
         log.warning("sparsity.target_density=%s is below what the forced blocks alone keep at %d blocks a row: "
-                    "calibrated to %.3f", config.target_density, stacked.shape[-1], mean)
+                    "calibrated to %.3f (use longer rows or a higher target)", config.target_density,
+                    stacked.shape[-1], mean)
     return Calibration(sparsity=config, knobs=dict(zip(sparse, knobs)), density=mean,
                        head_density=dict(zip(sparse, dens)), selector=selector,
                        rows=scores[sparse[0]].shape[0], seq_len=seq_len)
@@ -222,14 +227,16 @@ def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
 
 
 def load_calibrations(folder: str | Path) -> list[Calibration]:
-    """The calibrations stored in ``folder/calibration.json`` (none when there is no such file)."""
+    """The calibrations stored in ``folder/calibration.json`` (none when there is no such file); a
+    :class:`~seer.config.ConfigError` names a file that is not one."""
     path = Path(folder) / FILE
     if not path.is_file():
         return []
     try:
         return [Calibration.from_dict(c) for c in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a seer calibration file: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a seer calibration file ({type(exc).__name__}: {exc}); move it away to "
+                          f"calibrate again") from exc
 
 
 def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str = "gate",

@@ -1,10 +1,11 @@
-"""Callbacks of a training run. They talk to each other only through what Lightning already carries (logged
-metrics, a step's outputs, the trainer's state) and the files the run writes.
+"""Callbacks of a training run. They talk to each other only through what Lightning already carries (logged metrics, a
+step's outputs, the trainer's state) and the files the run writes.
 
-From ``conf/callbacks``: gate export, images of gate scores beside ground truth, the per-layer validation table, a
-progress bar that counts steps. Added by :func:`seer.training.run.run_training` to every run: validation at the last
-step, a checkpoint on Ctrl-C, the run's record in each checkpoint, calibration of the sparsity, the run summary; and
-atomic Lightning checkpoints (a checkpoint IO plugin).
+From ``conf/callbacks``: checkpoints, gate export, images of gate scores beside ground truth, the per-layer validation
+table, a progress bar that counts steps (and progress lines when the output is piped). Added by
+:func:`seer.training.run.run_training` to every run: validation at the last step, a stop at a step boundary on Ctrl-C,
+the run's record in each checkpoint, calibration of the sparsity, the run summary; and atomic Lightning checkpoints (a
+checkpoint IO plugin).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from seer.files import atomic_write, atomic_write_text
 from seer.model.gate_io import gate_state_dict, save_gates
@@ -145,6 +147,44 @@ class StepProgressBar(RichProgressBar):
         return items
 
 
+class ProgressLines(L.Callback):
+    """When the output is not a terminal (piped into a file or a job's log), where the progress bar shows nothing
+    until the end: a line every ``every_n_steps`` optimizer steps and at the last (step, loss, tokens/s) and one
+    after each validation (recall beside the oracle's, density). Silent on a terminal and on other ranks."""
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every_n_steps = every_n_steps
+        self._step = -1
+
+    @staticmethod
+    def _piped(trainer) -> bool:
+        return trainer.is_global_zero and not sys.stdout.isatty()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step or not self._piped(trainer):
+            return
+        self._step = step
+        if step % self.every_n_steps and step != trainer.max_steps:
+            return
+        metrics = trainer.callback_metrics
+        loss, speed = metrics.get("train/loss"), metrics.get("train/items_per_sec")
+        print(f"[seer] step {step}/{trainer.max_steps}: loss {_fmt(_item(loss))}"
+              + (f", {float(speed):.0f} tokens/s" if speed is not None else ""), flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self._piped(trainer):
+            return
+        m = trainer.callback_metrics
+        print(f"[seer] validation at step {trainer.global_step}: recall {_fmt(_item(m.get('val/recall')), '.3f')} "
+              f"(oracle {_fmt(_item(m.get('val/oracle_recall')), '.3f')}), density "
+              f"{_fmt(_item(m.get('val/density')), '.3f')}", flush=True)
+
+
+def _item(value) -> float | None:
+    return None if value is None else float(value)
+
+
 class ValidateAtEnd(L.Callback):
     """Validates after the last step too (when validation is on), so the summary's recall and density describe the
     gates the run ends with, whatever ``trainer.val_check_interval`` is: it asks the trainer to stop after the last
@@ -155,14 +195,36 @@ class ValidateAtEnd(L.Callback):
             trainer.should_stop = True
 
 
-class SaveOnInterrupt(L.Callback):
-    """Ctrl-C (SIGINT) finishes the current optimizer step, saves ``last.ckpt`` into the checkpoint folder and stops
-    the run (validation, gate export and the summary still run); a second Ctrl-C stops at once. ``saved`` is the
-    checkpoint written, if any."""
+class Checkpoints(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (periodic checkpoints, ``last.ckpt``: with ``save_last="link"`` a link to the
+    newest, no second copy of it), which also saves the step a run stops at: its last step, a Ctrl-C
+    (:class:`StopOnInterrupt`), anything that sets ``trainer.should_stop``. It saves there as it saves periodic
+    checkpoints, right after the optimizer step, so ``last.ckpt`` is always the newest checkpoint and resumes exactly
+    (Lightning's own end-of-training save comes after validation, from a loop state that does not)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stopping = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if stopping and not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is saved
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Nothing: the last step was saved when it ended (the end of fit is not a point to resume from)."""
+
+
+class StopOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) finishes the current optimizer step and stops the run there (``trainer.should_stop``, any
+    process's Ctrl-C stopping all): :class:`Checkpoints` saves that step, validation, gate export and the summary still
+    run. A second Ctrl-C raises ``KeyboardInterrupt`` at once, which Lightning handles as any interruption (its
+    ``on_exception`` hooks, no checkpoint of the half-done step). ``stopped_at`` is the step stopped at, if any.
+    (Lightning's ``OnExceptionCheckpoint`` saves wherever the interruption lands, mid-step: not a point to resume
+    exactly from.)"""
 
     def __init__(self):
         self.requested = False
-        self.saved: Path | None = None
+        self.stopped_at: int | None = None
         self._previous_handler = None
         self._step = -1
 
@@ -184,22 +246,21 @@ class SaveOnInterrupt(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._restore_handler()
+        checkpoints = trainer.checkpoint_callback
+        if self.stopped_at is not None and trainer.is_global_zero and checkpoints is not None:
+            print(f"[seer] stopped at step {self.stopped_at}; resume with "
+                  f"ckpt_path={Path(checkpoints.dirpath) / (checkpoints.CHECKPOINT_NAME_LAST + '.ckpt')}", flush=True)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handler()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step:  # still accumulating gradients: no whole step to save yet
+        if trainer.global_step == self._step:  # still accumulating gradients: no whole step yet
             return
         self._step = trainer.global_step
-        if self.saved is None and trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback is not None \
-                else Path(trainer.default_root_dir) / "checkpoints"
-            self.saved = folder / "last.ckpt"
-            trainer.save_checkpoint(self.saved)
+        if self.stopped_at is None and trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            self.stopped_at = trainer.global_step
             trainer.should_stop = True
-            if trainer.is_global_zero:
-                print(f"[seer] stopped at step {trainer.global_step}; resume with ckpt_path={self.saved}", flush=True)
 
 
 class RunRecord(L.Callback):

@@ -4,21 +4,18 @@
 attention map. ``finetune`` (:class:`FinetuneConfig`): long-context fine-tuning of the model through the gates'
 block-sparse attention, with the gates' distillation loss beside the language-model loss. A stage's options share
 :class:`StageConfig`'s optimiser and image fields; both stages share :class:`GateTargetConfig`'s gate loss and
-ground-truth fields. A stage checks what it needs of the other groups in :meth:`StageConfig.check_run`.
+ground-truth fields. What a stage needs of the other groups is checked by :mod:`seer.preflight`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
+from seer.backends import BACKENDS
 from seer.checks import ConfigError, build, fail, is_int, is_number
 
-if TYPE_CHECKING:
-    from seer.config import RunConfig
-
-GT_SOURCES = ("auto", "reference", "triton")
 GT_MODES = ("auto", "fast", "lowmem")
 LOSSES = ("kl", "mse")
 TARGETS = ("maxpool", "mass")
@@ -57,10 +54,6 @@ class StageConfig:
         if not is_int(self.image_every_n_steps) or self.image_every_n_steps < 0:
             fail("stage", "image_every_n_steps", self.image_every_n_steps, "must be an integer >= 0 (0: no images)")
 
-    def check_run(self, run: RunConfig, cfg: Mapping[str, Any]) -> None:
-        """Refuses (ConfigError naming the key) what this stage cannot do with the run's other groups (``cfg``: the
-        whole composed config as plain containers); called by :func:`seer.config.validate`, before any loading."""
-
 
 @dataclass
 class GateTargetConfig(StageConfig):
@@ -90,8 +83,8 @@ class GateTargetConfig(StageConfig):
             fail("stage", "target", self.target, f"choose from {TARGETS}")
         if self.loss not in LOSSES:
             fail("stage", "loss", self.loss, f"choose from {LOSSES}")
-        if self.gt not in GT_SOURCES:
-            fail("stage", "gt", self.gt, f"choose from {GT_SOURCES}")
+        if self.gt not in BACKENDS:
+            fail("stage", "gt", self.gt, f"choose from {BACKENDS}")
         if self.gt_mode not in GT_MODES:
             fail("stage", "gt_mode", self.gt_mode, f"choose from {GT_MODES}")
         if not 0 <= self.skip_first_rows < 1:
@@ -161,8 +154,6 @@ class FinetuneConfig(GateTargetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from seer.model.inference import KERNELS
-
         if not is_number(self.gate_lr) or not self.gate_lr > 0:
             fail("stage", "gate_lr", self.gate_lr, "must be > 0")
         if not is_number(self.gate_loss_weight) or self.gate_loss_weight < 0:
@@ -181,68 +172,10 @@ class FinetuneConfig(GateTargetConfig):
             fail("stage", "lora_modules", self.lora_modules, "LoRA needs at least one module name (e.g. q_proj)")
         if not self.lora_alpha > 0:
             fail("stage", "lora_alpha", self.lora_alpha, "must be > 0")
-        if self.kernel not in KERNELS:
-            fail("stage", "kernel", self.kernel, f"choose from {KERNELS}")
+        if self.kernel not in BACKENDS:
+            fail("stage", "kernel", self.kernel, f"choose from {BACKENDS}")
         if self.image_every_n_steps:
             fail("stage", "image_every_n_steps", self.image_every_n_steps, "the finetune stage draws no images; use 0")
-
-    def check_run(self, run: RunConfig, cfg: Mapping[str, Any]) -> None:
-        import importlib.util
-
-        from seer.model.rope_scaling import extended_context
-
-        seq_len = (cfg.get("data") or {}).get("seq_len")
-        rope = run.model.rope_scaling
-        if rope is not None and rope["rope_type"] != "dynamic" and is_int(seq_len):
-            original = rope["original_max_position_embeddings"]
-            if seq_len <= original:
-                fail("data", "seq_len", seq_len, f"is not longer than the original context (model.rope_scaling."
-                     f"original_max_position_embeddings={original}): nothing for {rope['rope_type']} to extend")
-            if seq_len > extended_context(rope):
-                fail("data", "seq_len", seq_len, f"is beyond model.rope_scaling.factor={rope['factor']} x "
-                     f"{original} = {extended_context(rope)} tokens")
-        if self.gate_loss_weight == 0 and self.init_gates is None and run.sparsity.method != "dense":
-            fail("stage", "gate_loss_weight", 0, f"with no stage.init_gates the gates would select blocks "
-                 f"({run.sparsity.describe()}) untrained: give trained gates, a weight > 0, or sparsity=dense")
-        if run.sparsity.calibrated and run.sparsity.allocation == "oracle":
-            fail("sparsity", "allocation", "oracle", "needs the true attention mass of calibration rows, which "
-                 "fine-tuning does not compute; use global or uniform")
-        if self.init_gates is not None:
-            self._check_init_gates(run)
-        if self.lora_rank and importlib.util.find_spec("peft") is None:
-            fail("stage", "lora_rank", self.lora_rank, "LoRA needs peft: pip install 'seer[finetune]'")
-        precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
-        if precision.endswith("-true") and precision != "32-true":
-            fail("trainer", "precision", precision, "would cast the rotary frequencies to half precision too; use "
-                 "bf16-mixed with model.dtype=bfloat16 (and stage.float32_master_weights=false to keep the trained "
-                 "weights in bfloat16)")
-        if _half_model(run.model.dtype, cfg) and not precision.endswith("-mixed"):
-            fail("trainer", "precision", precision, f"the model runs in half precision (model.dtype="
-                 f"{run.model.dtype}): use bf16-mixed (autocast)")
-
-
-    def _check_init_gates(self, run: RunConfig) -> None:
-        """``init_gates`` exists and has the gate architecture of the ``gate`` group."""
-        from seer.gates.config import GateConfig
-        from seer.model.gate_io import read_gate_meta
-
-        try:
-            stored = build(GateConfig, "gate", read_gate_meta(self.init_gates)["gate"])
-        except FileNotFoundError:
-            fail("stage", "init_gates", self.init_gates, "no gate checkpoint there")
-        for name in stored.architecture_differences(run.gate):
-            fail("gate", name, getattr(run.gate, name), f"differs from the gates of stage.init_gates "
-                 f"({self.init_gates}: {getattr(stored, name)!r}); choose the gate option they were made with")
-
-
-def _half_model(dtype: str, cfg: Mapping[str, Any]) -> bool:
-    """Whether the model of this run loads in bfloat16/float16 (``auto``: when it trains on a CUDA GPU)."""
-    if dtype != "auto":
-        return dtype in ("bfloat16", "float16")
-    import torch
-
-    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
-    return accelerator != "cpu" and torch.cuda.is_available()
 
 
 # the one registry of stages: name -> schema (which names the stage's module)

@@ -95,7 +95,8 @@ class GateDistillation(Stage):
 
     def training_step(self, batch, batch_idx):
         every = self.stage.image_every_n_steps
-        want_images = bool(every) and self.global_step % every == 0 and self.trainer.is_global_zero
+        last = self.global_step + 1 == self.trainer.max_steps  # the final gates are drawn too
+        want_images = bool(every) and (self.global_step % every == 0 or last) and self.trainer.is_global_zero
         out = self._forward(batch["input_ids"], with_mass=False, want_images=want_images)
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bsz)

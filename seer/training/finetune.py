@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from seer.config import RunConfig
 from seer.model.attention import LayerRecord, attach_gates, attention_layers, gate_parameters
 from seer.model.gate_io import load_gates
-from seer.model.inference import resolve_kernel
+from seer.backends import resolve_backend
 from seer.model.loading import resolve_dtype
 from seer.sparsity import SparsityConfig
 from seer.training.config import FinetuneConfig
@@ -112,7 +112,7 @@ class Finetune(Stage):
         (from ``stage.init_gates`` or fresh; their block RoPE read from the scaled config), trained parameters,
         activation checkpointing."""
         stage: FinetuneConfig = run.stage
-        kernel = resolve_kernel(stage.kernel, device)
+        kernel = resolve_backend("stage.kernel", stage.kernel, device)
         if stage.lora_rank:
             model = add_lora(model, stage)
         lm = model.get_base_model() if stage.lora_rank else model

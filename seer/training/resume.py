@@ -4,12 +4,14 @@ Every checkpoint carries the run's flat config and W&B identity (``checkpoint["s
 :class:`seer.training.callbacks.RunRecord`). :func:`read_resume` opens the checkpoint before the model loads and
 refuses a resumed run whose config differs in anything that shapes the gates or the order of the data
 (:data:`FIXED_ON_RESUME`), naming each key; everything else (``trainer.max_steps``, validation cadence, logging,
-sparsity used for the metrics) may change.
+sparsity used for the metrics) may change. :func:`continues_wandb_run` lets only the first run resumed from a
+checkpoint continue its W&B run: a second one would log the same steps again into the same history.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ class ResumeInfo:
 
 def read_resume(ckpt_path: str, config: dict[str, Any]) -> ResumeInfo:
     """Opens ``ckpt_path`` (memory-mapped: nothing large is read) and checks ``config`` (flat, as
-    :func:`seer.training.loggers.flat_config` gives it) against the config stored in it; a :class:`ConfigError`
+    :func:`seer.tracking.flat_config` gives it) against the config stored in it; a :class:`ConfigError`
     names a missing or unreadable file and every key that may not change."""
     import torch
 
@@ -71,3 +73,22 @@ def read_resume(ckpt_path: str, config: dict[str, Any]) -> ResumeInfo:
         raise ConfigError(f"ckpt_path={ckpt_path!r}: a resumed run keeps everything that shapes the gates or the "
                           f"data order, but {details}. Drop those overrides, or start a new run.")
     return ResumeInfo(path, step, stored.get("run_id"), stored.get("run_name"), before)
+
+
+def continues_wandb_run(info: ResumeInfo) -> bool:
+    """Whether a run resumed from ``info`` may continue the checkpoint's W&B run: only the first run resumed from
+    that checkpoint does, which it records by creating a marker file beside it (the checkpoint itself is never
+    changed); later ones start W&B runs of their own. A folder that cannot take the marker continues the run."""
+    if info.run_id is None:
+        return False
+    target = info.path.resolve()
+    marker = target.parent / f".{target.name}.wandb-{info.run_id}.continued"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        log.warning("%s was resumed before and that run continued W&B run %s: this one starts a W&B run of its own",
+                    info.path, info.run_id)
+        return False
+    except OSError:
+        return True
+    return True

@@ -1,13 +1,14 @@
 """One training job from a composed config: checks -> data -> W&B run -> model + gates -> Lightning fit -> summary.
 
-What a user can get wrong is checked before the model loads (minutes for an 8B model): config values (including
-``data.seq_len`` against the gate's block size, and text data for a model without a tokenizer), ``ckpt_path`` (a
+What a user can get wrong is checked before the model loads (minutes for an 8B model): config values, what needs
+several groups (:mod:`seer.preflight`: ``data.seq_len`` against the gate's block size and the model's context, ...),
+text data for a model without a tokenizer, ``ckpt_path`` (a
 readable checkpoint made with the same settings for everything that shapes the gates or the data order,
 :mod:`seer.training.resume`) and the data itself (rows are packed, or read from the cache, first).
 
 Each run has an identity: a W&B run id (kept by checkpoints, so ``ckpt_path=`` resumes the same W&B run), a short
 unique name (task, swept values, id), the sweep's group, the command-line overrides as tags, and the resolved config
-as flat keys (:func:`seer.training.loggers.flat_config`) plus derived facts (parameter counts, versions, device).
+as flat keys (:func:`seer.tracking.flat_config`) plus derived facts (parameter counts, versions, device).
 A run that raises is closed on W&B as failed.
 """
 
@@ -20,23 +21,16 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from seer import tracking
+from seer.backends import resolve_backend
 from seer.checks import ConfigError
 from seer.config import RunConfig, validate
+from seer.preflight import check_complete, check_launch, check_text_data, check_training
 
 log = logging.getLogger(__name__)
 
-MIN_BLOCKS = 2  # rows of one block leave the gate nothing to choose: loss 0, recall 1
-
-
-def resolve_gt_source(requested: str, device: torch.device) -> str:
-    """``auto`` -> the fused Triton kernel on CUDA, the PyTorch reference elsewhere."""
-    if requested == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if requested == "triton" and device.type != "cuda":
-        raise ConfigError("stage.gt='triton' needs a CUDA GPU; use stage.gt=reference (or auto) on CPU")
-    return requested
 
 
 def training_device(cfg: DictConfig) -> torch.device:
@@ -49,32 +43,6 @@ def training_device(cfg: DictConfig) -> torch.device:
     if accel in ("gpu", "cuda"):
         raise ConfigError(f"trainer.accelerator={accel!r} but no CUDA GPU is visible")
     return torch.device("cpu")
-
-
-def _hydra():
-    """The running job's Hydra config, or None outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _choices() -> dict[str, str]:
-    hc = _hydra()
-    return {} if hc is None else {k: v for k, v in hc.runtime.choices.items()
-                                  if v is not None and not k.startswith("hydra")}
-
-
-def check_inputs(cfg: DictConfig, run: RunConfig) -> None:
-    """Checks that need more than one group (single values are checked by the schemas)."""
-    if shards_model(cfg) and getattr(run.stage, "lora_rank", 0):
-        raise ConfigError(f"trainer=fsdp with stage.lora_rank={run.stage.lora_rank}: LoRA adapters are not sharded "
-                          f"(their merge into a sharded base is not supported); use trainer=ddp, or stage.lora_rank=0 "
-                          f"with stage.trainable")
-    seq_len, block = cfg.data.get("seq_len"), run.gate.block_size
-    if isinstance(seq_len, int) and seq_len < MIN_BLOCKS * block:
-        raise ConfigError(f"data.seq_len={seq_len}: rows must hold at least {MIN_BLOCKS} blocks of "
-                          f"gate.block_size={block} tokens (a one-block row leaves the gate nothing to choose); "
-                          f"use data.seq_len >= {MIN_BLOCKS * block}")
 
 
 def data_takes_tokenizer(node: DictConfig) -> bool:
@@ -90,11 +58,7 @@ def instantiate_data(node: DictConfig, tokenizer, model_name: str = "the model")
     from hydra.utils import instantiate
 
     takes_tokenizer = data_takes_tokenizer(node)
-    if takes_tokenizer and tokenizer is None:
-        choices = _choices()
-        raise ConfigError(f"data={choices.get('data', node._target_)} is text, but model="
-                          f"{choices.get('model', model_name)} ({model_name}) has random weights and no tokenizer; "
-                          f"use data=random_tokens with it")
+    check_text_data(takes_tokenizer, tokenizer, node._target_, model_name, tracking.chosen_options())
     return instantiate(node, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
 
 
@@ -110,41 +74,6 @@ def _instantiate_group(nodes: DictConfig | None, **extra) -> list:
         params = inspect.signature(get_method(node._target_)).parameters
         out.append(instantiate(node, **{k: v for k, v in extra.items() if k in params and k not in node}))
     return out
-
-
-def run_identity(cfg: DictConfig, config: dict, model_name: str, resume) -> dict:
-    """The W&B identity of this job: id and name (a resumed run keeps its checkpoint's), the sweep's group (named
-    after the sweep folder), the overrides as tags, and the flat config with the model's name, the options chosen
-    and the overrides."""
-    from seer.sweeps import swept_values
-    from seer.training.loggers import new_run_id, override_tags, run_name
-
-    hc = _hydra()
-    overrides = list(hc.overrides.task) if hc is not None else []
-    swept = swept_values(hc) if hc is not None else {}
-    run_id = (resume.run_id if resume is not None else None) or new_run_id()
-    name = (resume.run_name if resume is not None else None) or run_name(cfg.task_name, swept, run_id)
-    group = "/".join(Path(hc.sweep.dir).parts[-2:]) if swept else None
-    full = {**config, "model.name": model_name, **{f"choices.{k}": v for k, v in _choices().items()},
-            "run.overrides": overrides, "run.id": run_id}
-    return {"run_id": run_id, "name": name, "group": group, "tags": override_tags(overrides), "config": full}
-
-
-def check_launch(trainer) -> None:
-    """Refuses a sweep (``-m``) whose jobs need several processes that Lightning would start itself: its launcher runs
-    the command again for each, and the command is the whole sweep. SLURM tasks (``hydra/launcher=slurm``) are
-    processes made outside Lightning, and are fine."""
-    from hydra.types import RunMode
-
-    hc = _hydra()
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    if hc is None or hc.mode != RunMode.MULTIRUN or trainer.world_size < 2 or env is None \
-            or env.creates_processes_externally:
-        return
-    raise ConfigError(f"trainer.devices={trainer.num_devices}: a sweep (-m) cannot start {trainer.world_size} "
-                      f"processes a job on this machine (Lightning's launcher would run the whole sweep in each); "
-                      f"sweep with hydra/launcher=slurm and hydra.launcher.tasks_per_node={trainer.num_devices}, or "
-                      f"start the jobs one at a time")
 
 
 def shards_model(cfg: DictConfig) -> bool:
@@ -213,21 +142,22 @@ def run_training(cfg: DictConfig) -> dict:
     import lightning as L
     from lightning.pytorch.loggers.logger import DummyLogger
     from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
     from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
-                                         SaveOnInterrupt, ValidateAtEnd)
-    from seer.training.loggers import finish_wandb, flat_config
+                                         StopOnInterrupt, ValidateAtEnd)
     from seer.training.parallel import exclude_frozen_from_ddp
-    from seer.training.resume import read_resume
+    from seer.training.resume import continues_wandb_run, read_resume
 
     quiet_third_party_output()
+    check_complete(cfg)
     run: RunConfig = validate(cfg)  # bad values fail here, before anything is loaded
-    check_inputs(cfg, run)
-    config = flat_config(cfg)
+    check_training(OmegaConf.to_container(cfg, resolve=True), run, tracking.chosen_options(), shards_model(cfg))
+    config = tracking.flat_config(cfg)
     resume = read_resume(cfg.ckpt_path, config) if cfg.get("ckpt_path") else None
     device = training_device(cfg)
-    gt_source = resolve_gt_source(run.stage.gt, device)
+    gt_source = resolve_backend("stage.gt", run.stage.gt, device)
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -239,15 +169,18 @@ def run_training(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")  # packing and cache errors surface now, not after the model has loaded
 
-    identity = run_identity(cfg, config, model_id(run.model), resume)
+    continues = resume is not None and rank_zero_only.rank == 0 and continues_wandb_run(resume)
+    identity = tracking.run_identity(cfg.task_name, {**config, "model.name": model_id(run.model),
+                                                     "run.resumed_from": str(resume.path) if resume else None},
+                                     *((resume.run_id, resume.run_name) if continues else ()))
     summary = RunSummary(str(out_dir), str(out_dir / "gates"))
-    interrupt = SaveOnInterrupt()
+    interrupt = StopOnInterrupt()
     record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
     calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated else []
     callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
     trainer = instantiate(cfg.trainer, _partial_=True)(logger=False, callbacks=callbacks,
                                                        plugins=[AtomicCheckpointIO()])
-    check_launch(trainer)
+    check_launch(trainer, tracking.hydra_runtime())
 
     loggers = _instantiate_group(cfg.get("logger"), name=identity["name"], run_config=identity["config"],
                                  group=identity["group"], tags=identity["tags"], run_id=identity["run_id"])
@@ -267,9 +200,9 @@ def run_training(cfg: DictConfig) -> dict:
                        f"(gates {facts['params.gates']:,}), {facts['params.frozen']:,} frozen")
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as exc:
-        finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
+        tracking.finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
-    finish_wandb(exit_code=130 if interrupt.saved else 0)
-    if interrupt.saved:
+    tracking.finish_wandb(exit_code=130 if interrupt.stopped_at is not None else 0)
+    if interrupt.stopped_at is not None:
         raise KeyboardInterrupt
     return summary.summary

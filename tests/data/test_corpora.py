@@ -77,8 +77,38 @@ def test_text_files_corpus_names_a_file_in_another_encoding(tmp_path):
 def test_text_files_corpus_names_the_pattern_that_matches_nothing(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     missing = str(tmp_path / "nothing" / "*.txt")
-    with pytest.raises(FileNotFoundError, match="nothing"):
+    with pytest.raises(ConfigError, match="data.corpus.paths: no files match the pattern .*nothing"):
         list(TextFilesCorpus([str(tmp_path / "*.txt"), missing]).documents())
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a folder: give its files, e.g. "
+                                          f"data.corpus.paths='\\[\"{tmp_path}/\\*.txt\"\\]'"):
+        list(TextFilesCorpus(str(tmp_path)).documents())
+
+
+def test_text_files_that_are_all_empty_are_named(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match=f"every file matched is empty \\({tmp_path / 'empty.txt'}\\)"):
+        list(TextFilesCorpus(str(tmp_path / "*.txt")).documents())
+    (tmp_path / "full.txt").write_text("text")
+    assert list(TextFilesCorpus(str(tmp_path / "*.txt")).documents()) == ["text"]
+
+
+def _edit_keeping_size_and_mtime(path, text):
+    stat = path.stat()
+    path.write_text(text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_fingerprints_follow_the_contents_of_local_files(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "first row"}\n')
+    (tmp_path / "a.txt").write_text("alpha")
+    jsonl = HFDatasetCorpus("json", data_files=str(tmp_path / "*.jsonl"))
+    text = TextFilesCorpus(str(tmp_path / "*.txt"))
+    before = jsonl.fingerprint, text.fingerprint
+    _edit_keeping_size_and_mtime(rows, '{"text": "other row"}\n')
+    _edit_keeping_size_and_mtime(tmp_path / "a.txt", "gamma")
+    assert jsonl.fingerprint != before[0] and text.fingerprint != before[1]
+    assert list(jsonl.documents()) == ["other row"]
 
 
 @pytest.fixture

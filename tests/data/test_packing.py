@@ -89,6 +89,15 @@ def test_too_small_a_corpus_names_the_numbers(tok):
                        val_fraction=0.0, add_bos=True)
 
 
+def test_a_corpus_of_one_document_says_how_to_hold_some_out(tok):
+    from seer.checks import ConfigError
+
+    book = "def f(x):\n    return x + 1\n" * 400
+    with pytest.raises(ConfigError, match=r"data: the corpus ran out after 1 documents.*Too few documents to hold "
+                                          r"one out.*data.corpus.split_on"):
+        pack_documents([book], tok, seq_len=64, train_sequences=2, val_sequences=1, val_fraction=0.05, add_bos=True)
+
+
 def test_add_bos_auto_follows_the_tokenizer(tok):
     assert tok("x")["input_ids"][0] == BOS
     assert resolve_add_bos(tok, None) is True

@@ -82,3 +82,99 @@ def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, override, mess
                                                                     f"paths.output_dir={tmp_path}"]
     with pytest.raises((ConfigError, ValueError), match=message or "stride"):
         run_eval(compose(over, "eval"))
+
+
+def _stored_model(folder, tokenizer) -> list[str]:
+    """The tiny Llama and its tokenizer stored as a Hugging Face folder (what a subprocess can load); the overrides
+    that evaluate it."""
+    from tests.tiny import tiny_model
+
+    tiny_model("llama", seed=0, max_position_embeddings=4096).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return ["model=tiny_llama", f"model.name_or_path={folder}", "model.random_init=false"]
+
+
+def test_eval_sweep_reports_and_logs_like_training(tmp_path, tokenizer, text_files):
+    import subprocess
+    import sys
+
+    from tests.training.conftest import cli_env
+    from tests.training.wandb_offline import offline_run, offline_runs
+
+    args = [*_stored_model(tmp_path / "m", tokenizer), *BASE[1:], "data=text_files", text_files, "selector=streaming",
+            "sparsity=topk", "sparsity.target_density=0.3,1.5", "logger=wandb", "eval.passkey=0", "eval.copy=0"]
+    proc = subprocess.run([sys.executable, "-m", "seer.eval", "-m", *args], cwd=tmp_path, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "FAILED job 1 (" in proc.stderr and "ConfigError: sparsity.target_density=1.5" in proc.stderr
+    (sweep,) = (tmp_path / "multirun" / "eval").iterdir()
+    rows = json.loads((sweep / "sweep.json").read_text())
+    assert [r["status"] for r in rows] == ["completed", "failed"] and rows[0]["ppl"] > 0
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert f"metrics.json: {sweep / '0' / 'metrics.json'}" in proc.stdout
+    assert summary["metrics"] == str((sweep / "0" / "metrics.json").resolve())
+    assert summary["wandb_name"] == f"eval-streaming-target_density=0.3-{summary['wandb_id']}"
+    assert summary["wandb_group"] == "/".join(sweep.parts[-2:]) and "W&B summary run" in proc.stderr
+    (job_run,) = offline_runs(sweep / "0")
+    logged = offline_run(job_run)
+    assert logged["group"] == summary["wandb_group"] and logged["config"]["sparsity.target_density"] == 0.3
+    assert logged["config"]["run.id"] == summary["wandb_id"] and "gates" in logged["config"]
+    (summary_run,) = (sweep / "wandb").glob("offline-run-*")
+    summary_run = offline_run(summary_run)
+    assert summary_run["group"] == summary["wandb_group"]
+    assert any(k.startswith("sweep/ppl_vs_density") for row in summary_run["history"] for k in row)
+
+
+def test_bad_eval_input_is_one_line_and_leaves_no_folder(tmp_path, tokenizer, text_files):
+    import subprocess
+    import sys
+
+    from tests.training.conftest import cli_env
+
+    args = [*_stored_model(tmp_path / "m", tokenizer), *BASE[1:], "data=text_files", text_files, "selector=streaming",
+            "sparsity=topk", "eval.seq_lens=[8192]"]
+    proc = subprocess.run([sys.executable, "-m", "seer.eval", *args], cwd=tmp_path, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("ConfigError: eval.seq_lens=[8192]: longer than the model's context of 4096 tokens; use at most 4096 (or "
+            "extend the context with model/rope_scaling=yarn)") in proc.stderr.splitlines()
+    assert not list((tmp_path / "outputs").glob("eval/*")), [str(p) for p in (tmp_path / "outputs").rglob("*")]
+
+
+def test_eval_refuses_gates_and_lengths_before_loading(tmp_path, monkeypatch, tokenizer, text_files):
+    from omegaconf import OmegaConf
+
+    import seer.preflight
+    from seer.gates.config import GateConfig
+    from seer.model.gate_io import save_gates
+    from seer.model.inference import load
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded a model before checking the arguments")
+
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tokenizer)
+    arch = OmegaConf.to_container(compose(["model=tiny_llama", "model.architecture.num_hidden_layers=3"]).model)
+    save_gates(tmp_path / "g3", load(arch, gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu"),
+               "tiny3")
+    arch["architecture"]["num_hidden_layers"] = 2
+    save_gates(tmp_path / "g", load(arch, gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu"), "tiny")
+    monkeypatch.setattr(seer.model.loading, "load_causal_lm", no_loading)
+    base = BASE + ["data=text_files", text_files, f"paths.output_dir={tmp_path}/r"]
+
+    def refused(*overrides):
+        with pytest.raises(ConfigError) as info:
+            run_eval(compose(base + list(overrides), "eval"))
+        return str(info.value)
+
+    assert refused("selector=gate", f"gates={tmp_path / 'g3'}") == (
+        f"gate file {tmp_path / 'g3'} was made for tiny3 with num_layers=3, but this model has num_layers=2")
+    assert refused("selector=streaming", "eval.seq_lens=[4096]", "eval.windows=50").startswith(
+        "eval.seq_lens=[4096] with eval.windows=50 and eval.calibration_windows=1: the held-out text (all split")
+    assert refused("selector=streaming", f"data.corpus.paths={tmp_path}/none/*.txt").startswith(
+        f"data.corpus.paths: no files match the pattern '{tmp_path}/none/*.txt'")
+    assert refused("selector=streaming", "sparsity.dense_layers=[2]") == (
+        "sparsity.dense_layers=[2]: [2] not among the model's layers 0..1")
+    monkeypatch.setattr(seer.preflight.os, "access", lambda path, mode: False)  # root writes anywhere: say it cannot
+    assert refused("selector=gate", f"gates={tmp_path / 'g'}", "sparsity=threshold") == (
+        f"gates='{tmp_path / 'g'}': the folder is not writable, and the calibration made here is stored there for "
+        f"seer.load; make it writable or set save_calibration=false")

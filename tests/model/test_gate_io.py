@@ -40,6 +40,24 @@ def test_a_truncated_file_is_refused_naming_it(gate_folder):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ConfigError, match=f"gate file {weights}"):
         read_gate_meta(gate_folder)
-    (gate_folder / "gates.json").unlink()  # no checksum to compare: the reader still names the file
     with pytest.raises(ConfigError, match=f"gate file {weights}: not a seer gate file"):
+        (gate_folder / "gates.json").write_text("{}")  # no checksum to compare: the reader still names the file
+        read_gate_meta(gate_folder)
+
+
+def test_a_gate_file_without_its_gates_json_is_refused(gate_folder):
+    weights = gate_folder / "gates.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # altered, and nothing left to notice it with
+    weights.write_bytes(bytes(data))
+    (gate_folder / "gates.json").unlink()
+    with pytest.raises(ConfigError, match=f"gate file {weights}: no gates.json beside it"):
+        load_gates(tiny_model(), gate_folder)
+
+
+def test_a_gates_json_edited_to_other_shapes_is_refused(gate_folder):
+    meta = json.loads((gate_folder / "gates.json").read_text())
+    meta["model"]["num_layers"] = 3
+    (gate_folder / "gates.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"gates.json: model=.*'num_layers': 3.* differs from what gates.safetensors"):
         read_gate_meta(gate_folder)

@@ -104,3 +104,13 @@ def test_save_find_and_refuse(tmp_path):
 def test_nothing_to_calibrate():
     with pytest.raises(ValueError, match="no target density"):
         calibrate(_scores(), SparsityConfig(method="threshold", target_density=None))
+
+
+def test_an_unreachable_target_is_warned_about_once(caplog):
+    scores = _scores(layers=2, nb=5)  # 5 blocks a row: the diagonal alone keeps 0.33 of the causal blocks
+    config = SparsityConfig(method="threshold", target_density=0.11)
+    with caplog.at_level("WARNING", logger="seer.sparsity.calibration"):
+        for _ in range(3):
+            assert calibrate(scores, config).density > 0.3
+    warned = [r for r in caplog.records if "below what the forced blocks alone keep" in r.getMessage()]
+    assert len(warned) == 1 and "sparsity.target_density=0.11" in warned[0].getMessage()

@@ -158,9 +158,21 @@ def test_init_gates_must_match_the_gate_group(tmp_path):
     model = tiny_model("llama")
     attach_gates(model, GateConfig(block_size=16, hidden_size=16))
     save_gates(tmp_path, model, "tiny")
-    validate(compose(TINY + [f"stage.init_gates={tmp_path}"]))  # same architecture: accepted
+    _preflight(TINY + [f"stage.init_gates={tmp_path}"])  # same architecture: accepted
     with pytest.raises(ConfigError, match=r"gate\.hidden_size"):
-        validate(compose(TINY + [f"stage.init_gates={tmp_path}", "gate.hidden_size=32"]))
+        _preflight(TINY + [f"stage.init_gates={tmp_path}", "gate.hidden_size=32"])
+    with pytest.raises(ConfigError, match=r"made for tiny with num_layers=2, but this model has num_layers=3"):
+        _preflight(TINY + [f"stage.init_gates={tmp_path}", "model.architecture.num_hidden_layers=3"])
+
+
+def _preflight(overrides):
+    """The training pre-flight checks of ``overrides`` (nothing loaded)."""
+    from omegaconf import OmegaConf
+
+    from seer.preflight import check_training
+
+    cfg = compose(overrides)
+    check_training(OmegaConf.to_container(cfg, resolve=True), validate(cfg), {}, shards_model=False)
 
 
 def _grads(sparsity: SparsityConfig | None, checkpointing: bool = False):

@@ -67,18 +67,17 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, one_process):
     assert all(torch.equal(gates[k], v) for k, v in _gates(resumed).items())
 
 
-def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused(monkeypatch):
+def test_a_sweep_of_jobs_that_start_their_own_processes_is_refused():
     import lightning as L
     from hydra.types import RunMode
 
-    import seer.training.run as run
     from seer.checks import ConfigError
+    from seer.preflight import check_launch
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
-    run.check_launch(trainer)  # one run: Lightning's launcher starts the second process
-    monkeypatch.setattr(run, "_hydra", lambda: type("Job", (), {"mode": RunMode.MULTIRUN})())
+    check_launch(trainer, None)  # one run: Lightning's launcher starts the second process
     with pytest.raises(ConfigError, match="trainer.devices=2: a sweep .* hydra.launcher.tasks_per_node=2"):
-        run.check_launch(trainer)
+        check_launch(trainer, type("Job", (), {"mode": RunMode.MULTIRUN})())
 
 
 FINETUNE = ["stage=finetune", "model/rope_scaling=yarn", "model.rope_scaling.factor=2",

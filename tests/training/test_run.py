@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -17,6 +18,13 @@ from tests.training.conftest import cli_env, seer_train, train
     (["data=stdlib"], "data=stdlib is text, but model=tiny_llama"),
     (["model.name_or_path=/no/such/model", "model.random_init=false"], "model.name_or_path='/no/such/model': no such"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such file"),
+    (["sparsity.dense_layers=[99]"], "sparsity.dense_layers=[99]: [99] not among the model's layers 0..1"),
+    (["sparsity.dense_layers=[0,-1]"], "sparsity.dense_layers=[0, -1]: [-1] not among the model's layers 0..1"),
+    (["data.seq_len=8192"], "data.seq_len=8192: longer than the model's context of 4096 tokens"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0: must be an integer >= 1"),
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1: must be an integer >= 1"),
+    (["data=text_files"], "data.corpus.paths: must be given (e.g. data.corpus.paths=...)"),
+    (["gate=schema"], "gate=schema: is the schema the gate options extend, not an option; choose from ['avgmax'"),
 ])
 def test_bad_input_is_refused_before_the_model_loads(overrides, message, tmp_path, monkeypatch):
     import seer.model.loading
@@ -25,7 +33,7 @@ def test_bad_input_is_refused_before_the_model_loads(overrides, message, tmp_pat
         raise AssertionError("the model was loaded before the bad input was found")
 
     monkeypatch.setattr(seer.model.loading, "load_causal_lm", no_model)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train(tmp_path, *overrides)
 
 
@@ -102,3 +110,13 @@ def test_each_stage_schema_names_its_module():
 
     for name, schema in STAGES.items():
         assert schema().name == name and issubclass(get_class(schema.module), Stage)
+
+
+def test_piped_output_gets_progress_lines_and_the_last_step_is_drawn(tmp_path, capsys):
+    train(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.progress_lines.every_n_steps=2",
+          "stage.image_every_n_steps=2")
+    out = capsys.readouterr().out  # captured: not a terminal
+    assert "[seer] step 2/4: loss " in out and "[seer] step 4/4: loss " in out and "[seer] step 3/4" not in out
+    assert "[seer] validation at step 2: recall " in out and "[seer] validation at step 4: recall " in out
+    assert sorted(p.name for p in (tmp_path / "images").glob("layer00_*")) == [
+        "layer00_step00000.png", "layer00_step00002.png", "layer00_step00003.png"]  # step 3: the last one's

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from seer.training.loggers import flat_config, override_tags, run_name
+from seer.tracking import flat_config, override_tags, run_name
 from tests.training.conftest import train
 from tests.training.wandb_offline import offline_run, offline_runs
 
@@ -62,3 +62,13 @@ def test_a_run_failing_in_training_is_marked_failed(tmp_path, offline_wandb, mon
         train(tmp_path, "logger=wandb")
     (run_dir,) = offline_runs(tmp_path)
     assert offline_run(run_dir)["exit_code"] == 1
+
+
+def test_wandb_runs_end_without_the_history_dump(tmp_path, offline_wandb):
+    from seer.tracking import start_wandb_run
+
+    run = start_wandb_run(project="seer", save_dir=str(tmp_path), name="quiet-run")
+    try:
+        assert run.settings.quiet  # no history and summary panel after seer's own summary
+    finally:
+        run.finish()

@@ -1,8 +1,10 @@
-"""Experiment logging on W&B (offline unless an API key is set; ``WANDB_MODE`` wins), imported lazily.
+"""What every entry point (``seer.train``, ``seer.eval``, the sweep report) knows about the run it is in: the
+running Hydra job (options chosen, swept values) and the W&B run (offline unless an API key is set; ``WANDB_MODE``
+wins), imported lazily.
 
-:func:`start_wandb_run` starts, or resumes by id, one W&B run with a flat config (``sparsity.method``,
-``gate.k_pool``, ...), a short name, a group and tags: what the training and evaluation entry points both use, so
-their runs can be filtered, grouped and compared on the same keys. :func:`wandb_logger` wraps it for Lightning;
+:func:`run_identity` names a job (W&B id, short name with the swept values, the sweep's group, overrides as tags,
+the flat config); :func:`start_wandb_run` starts, or resumes by id, one W&B run with it, so runs of every entry point
+can be filtered, grouped and compared on the same keys. :func:`wandb_logger` wraps it for Lightning;
 :func:`flat_config` turns a composed config into those flat keys; :func:`run_name` makes the short unique name.
 """
 
@@ -19,6 +21,59 @@ TAG_CHARS = 64  # W&B refuses longer tags
 NAME_CHARS = 64
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 SKIPPED_GROUPS = ("hydra", "callbacks", "logger")  # how a run is logged, not what it is
+
+
+def hydra_runtime():
+    """The running job's Hydra config, or None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def chosen_options() -> dict[str, str]:
+    """``{group: option}`` of the running Hydra job (``{"model": "smollm2", ...}``); empty outside Hydra."""
+    hc = hydra_runtime()
+    return {} if hc is None else {k: v for k, v in hc.runtime.choices.items()
+                                  if v is not None and not k.startswith("hydra")}
+
+
+def swept_values(hydra_cfg) -> dict[str, Any]:
+    """``{key: this job's value}`` for each key the current sweep varies (its sweep overrides, read from the sweep's
+    ``multirun.yaml``, and ``hydra.sweeper.params``); empty outside a sweep."""
+    from pathlib import Path
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    keys = list((hydra_cfg.sweeper.get("params") or {}).keys())
+    master = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if master.is_file():
+        args = list(OmegaConf.load(master).hydra.overrides.task)
+        keys += [o.get_key_element() for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
+    mine = {o.get_key_element(): o.value() for o in OverridesParser.create().parse_overrides(
+        list(hydra_cfg.overrides.task))}
+    return {key.lstrip("+~"): mine.get(key.lstrip("+~"), mine.get(key)) for key in dict.fromkeys(keys)}
+
+
+def run_identity(task: str, config: Mapping[str, Any], run_id: str | None = None,
+                 name: str | None = None) -> dict[str, Any]:
+    """The W&B identity of this job: ``run_id`` and ``name`` (a resumed run keeps its checkpoint's; new ones
+    otherwise), the sweep's group (named after the sweep folder), the overrides as tags, and ``config`` with the
+    options chosen, the overrides and the id."""
+    from pathlib import Path
+
+    hc = hydra_runtime()
+    overrides = list(hc.overrides.task) if hc is not None else []
+    swept = swept_values(hc) if hc is not None else {}
+    run_id = run_id or new_run_id()
+    name = name or run_name(task, swept, run_id)
+    group = "/".join(Path(hc.sweep.dir).parts[-2:]) if swept else None
+    full = {**config, **{f"choices.{k}": v for k, v in chosen_options().items()}, "run.overrides": overrides,
+            "run.id": run_id}
+    return {"run_id": run_id, "name": name, "group": group, "tags": override_tags(overrides), "config": full}
 
 
 def wandb_mode(mode: str | None = None) -> str:
@@ -77,7 +132,8 @@ def start_wandb_run(*, project: str, save_dir: str, name: str, config: Mapping[s
     import wandb
 
     os.makedirs(save_dir, exist_ok=True)
-    settings = wandb.Settings(x_transaction_log_flush_interval=flush_interval_s)
+    # quiet: no history and summary dump at the end, which would push the run's own summary off the screen
+    settings = wandb.Settings(x_transaction_log_flush_interval=flush_interval_s, quiet=True)
     return wandb.init(project=project, dir=save_dir, name=name, config=dict(config or {}), group=group,
                       tags=list(tags), id=run_id or new_run_id(), resume="allow", job_type=job_type,
                       mode=wandb_mode(mode), settings=settings)
