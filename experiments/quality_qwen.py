@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -36,6 +34,8 @@ from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
 from seer.sparsity import SparsityConfig
 from seer.sparsity.selectors import build_selector
+
+from quality_smollm2 import environment  # the sibling script (experiments/ is on the path when run as a file)
 
 BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
 
@@ -190,14 +190,8 @@ def main() -> None:
 
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
                   dense: dict) -> None:
-    import transformers
-    import triton
-
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     lines = ["# Block selection quality on Qwen2.5-Coder-0.5B-Instruct", "",
-             f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
-             f"{transformers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}. "
-             f"Gates trained in {train_s:.0f} s; whole study {total_s:.0f} s.", "",
+             f"{environment(device)} Gates trained in {train_s:.0f} s; whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_qwen.py " + " ".join(
                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                  for k, v in vars(args).items() if v not in (None, False, []) and k not in ("work", "out")) + "`", "",

@@ -197,16 +197,20 @@ def main() -> None:
     write_results(out, rows, skipped, args, device, train_s, time.time() - start, gates)
 
 
-def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
-                  gates: dict) -> None:
+def environment(device: torch.device) -> str:
+    """The device, versions and date of a quality study, as the first words of its results."""
     import transformers
     import triton
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
+    return (f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
+            f"{transformers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}.")
+
+
+def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
+                  gates: dict) -> None:
     lines = ["# Block selection quality on SmolLM2-135M", "",
-             f"Device: {name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
-             f"{transformers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}. "
-             f"Gates (kind:target): {', '.join(gates)}, trained in {train_s:.0f} s; "
+             f"{environment(device)} Gates (kind:target): {', '.join(gates)}, trained in {train_s:.0f} s; "
              f"whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_smollm2.py " + " ".join(
                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
