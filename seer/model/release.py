@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,10 @@ def read_release(folder: str | os.PathLike) -> Release:
 def _budget(field: dict, where: str) -> SparsityConfig:
     method = field["seerattn_sparsity_method"]
     last = LAST_DENSE_ROWS if field["seerattn_last_block_dense"] else 0
+    if method == "threshold" and field["seerattn_threshold"] == 0:
+        warnings.warn(f"{where}: seerattn_threshold=0 keeps every causal block (dense); the authors pass a threshold "
+                      f"when loading (5e-4 .. 5e-3 in their README): give sparsity={{'method': 'threshold', "
+                      f"'target_density': None, 'threshold': 5e-4, 'dense_last_rows': {last}}}", stacklevel=3)
     try:
         if method == "threshold":
             return SparsityConfig(method="threshold", target_density=None, threshold=field["seerattn_threshold"],

@@ -185,6 +185,12 @@ def test_nz_ratio_becomes_the_authors_topk_and_last_rows_off(tmp_path):
     assert (s.method, s.target_density, s.nz_formula, s.dense_last_rows) == ("topk", 0.2, True, 0)
 
 
+def test_a_zero_threshold_warns_that_it_keeps_every_block(tmp_path):
+    base, _ = _base(tmp_path)
+    with pytest.warns(UserWarning, match="seerattn_threshold=0 keeps every causal block"):
+        read_release(_release(tmp_path, base, seerattn_threshold=0.0))
+
+
 def test_converted_once_and_again_when_the_release_changes(tmp_path):
     base, _ = _base(tmp_path)
     release = _release(tmp_path, base)
