@@ -108,6 +108,15 @@ def _run_facts(gates_dir: Path) -> dict:
     return facts
 
 
+def _load_lines(base: str, where: str) -> list[str]:
+    """The card's loading example: the base model by its hub id, or a placeholder for one loaded otherwise (GGUF,
+    a package, a local folder)."""
+    if HUB_ID.fullmatch(base) and not Path(base).exists():
+        return [f"model = seer.load({base!r}, gates={where!r})   # the gates' own budget below"]
+    return [f"# MODEL: the base model {base} (a folder, or seer.model.ModelConfig fields for GGUF / package models)",
+            f"model = seer.load(MODEL, gates={where!r})   # the gates' own budget below"]
+
+
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -125,7 +134,7 @@ def model_card(meta: dict, run: dict, calibrations: list, rows: list[dict], lice
              "(query block, key block) pair from block-pooled Q and K, and a budget keeps the best blocks for a "
              "block-sparse attention kernel. Decode stays dense.", "",
              "## Use", "", "```python", "import seer", "",
-             f"model = seer.load({base!r}, gates={where!r})   # the gates' own budget below", "```", "",
+             *_load_lines(base, where), "```", "",
              "## What they are", "",
              f"- base model: `{base}` ({sig['num_layers']} layers, {sig['num_heads']} query / {sig['num_kv_heads']} "
              f"key-value heads, head dim {sig['head_dim']})",

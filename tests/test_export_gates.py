@@ -61,7 +61,8 @@ def test_exported_folder_holds_files_config_and_card_and_loads_back(run, tmp_pat
     assert config["calibrations"][0]["seq_len"] == 128 and config["results"][0]["ruler"] == 81.0
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: seer\nlicense: apache-2.0\n")
-    for text in ("seer.load('tiny-llama', gates='me/tiny-gates')", "steps: 30", "seer.data.StdlibCorpus, 1024-token",
+    for text in ("# MODEL: the base model tiny-llama", "model = seer.load(MODEL, gates='me/tiny-gates')",
+                 "steps: 30", "seer.data.StdlibCorpus, 1024-token",
                  "recall of attention mass 0.760 (oracle at that density 0.860)",
                  "| 2048 | gate | threshold 0.1 | 0.102 | 0.900 (0.950) | 11.500 (10.900) | 81.0 (90.5) |",
                  "reached density 0.500 on 2 rows of 128 tokens"):
