@@ -15,4 +15,11 @@ def load(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["load", "__version__"]
+def export(*args, **kwargs):
+    """Write a gates folder as a Hugging Face Hub-ready folder (and push it); see :func:`seer.export_gates.export`."""
+    from seer.export_gates import export as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = ["export", "load", "__version__"]

@@ -96,6 +96,10 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     from seer.sparsity.calibration import find_calibration, save_calibration
 
     check_complete(cfg)
+    if cfg.gates and cfg.selector.name == "gate":  # a release folder or hub id becomes a seer gate folder
+        from seer.model.gate_sources import resolve_gates
+
+        cfg.gates = str(resolve_gates(cfg.gates))
     model_cfg, sparsity, evaluation, selector, corpus = _checked(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(), uses_gates=selector is None)

@@ -61,6 +61,7 @@ def run_generation(cfg: DictConfig) -> dict:
     from seer.checks import build
     from seer.model.config import ModelConfig
     from seer.model.gate_io import read_gate_meta
+    from seer.model.gate_sources import resolve_gates
     from seer.model.inference import load
     from seer.model.loading import load_tokenizer, model_id
     from seer.preflight import (check_calibration, check_complete, check_dense_layers, check_generation,
@@ -68,6 +69,7 @@ def run_generation(cfg: DictConfig) -> dict:
 
     check_complete(cfg)
     check_options(tracking.chosen_options())
+    cfg.gates = str(resolve_gates(cfg.gates))  # a release folder or hub id becomes a seer gate folder
     mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
     prompt = _prompt(cfg)
     tokenizer = load_tokenizer(mcfg)

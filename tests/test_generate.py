@@ -92,3 +92,16 @@ def test_generate_refuses_before_loading(tmp_path, monkeypatch):
                                          "seer.train, outputs/<run>/gates)"
     (tmp_path / "g" / "calibration.json").write_text("not json")
     assert refused().startswith(f"{tmp_path / 'g' / 'calibration.json'} is not a seer calibration file")
+
+
+def test_generate_takes_an_authors_release_with_its_budget(tmp_path, monkeypatch, capsys):
+    from tests.model.test_release import _base, _release
+
+    monkeypatch.setenv("SEER_CACHE_DIR", str(tmp_path / "cache"))
+    release = _release(tmp_path, _base(tmp_path)[0])
+    cfg = compose(["model=tiny_llama", f"gates={release}", "max_new_tokens=3", "device=cpu"], "generate")
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    cfg.prompt = "def f(x):\n    return x + 1\n" * 8
+    result = run_generation(cfg)
+    assert set(result["densities"]) == {0, 1}
+    assert "(threshold threshold=0.002 [dense_last_rows=2])" in capsys.readouterr().out

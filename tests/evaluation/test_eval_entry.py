@@ -65,6 +65,22 @@ def test_gate_selector_calibrates_once_and_stores_it(tmp_path, monkeypatch, toke
     assert loaded.seer_context.calibration == cal
 
 
+def test_an_authors_release_is_evaluated_and_its_calibration_kept(tmp_path, monkeypatch, tokenizer, text_files):
+    from seer.model.inference import load
+    from tests.model.test_release import _base, _release
+
+    monkeypatch.setenv("SEER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tokenizer)
+    base, _ = _base(tmp_path, max_position_embeddings=4096)
+    release = _release(tmp_path, base)
+    row = run_eval(compose(BASE + ["data=text_files", text_files, "selector=gate", f"gates={release}",
+                                   "sparsity=threshold", "sparsity.target_density=0.4", "eval.passkey=0", "eval.copy=0",
+                                   f"paths.cache_dir={tmp_path}/c", f"paths.output_dir={tmp_path}/r"], "eval"))[0]
+    assert abs(row["density"] - 0.4) < 0.1 and row["gates"].startswith(str(tmp_path / "cache" / "releases"))
+    loaded = load(gates=release, sparsity={"method": "threshold", "target_density": 0.4}, device="cpu")
+    assert loaded.seer_context.calibration.seq_len == 256  # stored beside the converted gates by seer.eval
+
+
 @pytest.mark.parametrize("override, message", [
     ("selector=gate", "gates=None: selector=gate needs a gate checkpoint"),
     ("selector.stride=3", None),
