@@ -52,7 +52,7 @@ from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_device, dot_precis
 from seer.kernels.decode_index import check_decode_args, check_decode_values
 from seer.kernels.tuning import LaunchTable
 
-__all__ = ["block_sparse_decode", "default_num_splits"]
+__all__ = ["block_sparse_decode", "default_num_splits", "launch_plan"]
 
 ENTRY_CHUNK = 32  # list positions a program compacts at a time
 LIST_CHUNK = 64  # list positions compared against them at a time (the repeat check)
@@ -252,12 +252,19 @@ def _dec_merge_chunk(lse_row, o_row, s0, SPLITS, m_use, den, num, offs_c, offs_d
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launch configuration: one untimed guess per (head dim, block size) on CUDA (nothing was timed on a GPU yet:
-# experiments/bench_decode.py --tune sweeps them); the interpreter takes whole mask blocks.
+# Launch configuration, keyed on (head dim, block size, BLOCK_M): one untimed guess on CUDA (nothing was timed on a
+# GPU yet; experiments/bench_decode.py --tune sweeps them), screened for spills on sm_90 without a GPU
+# (experiments/compile_decode.py: D 128 with 64-row tiles spills at 4 warps, not at 8; 128-token blocks at 3 stages
+# take 217 KB of shared memory at 64-row tiles). The interpreter takes whole mask blocks.
 # ----------------------------------------------------------------------------------------------------------
 
-CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages"),
-                      lambda key: [dict(BLOCK_N=min(key[1], 64), num_warps=4, num_stages=3)],
+def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
+    d, block, block_m = key
+    return [dict(BLOCK_N=min(block, 64), num_warps=8 if d * block_m >= 128 * 64 else 4,
+                 num_stages=2 if block >= 128 else 3)]
+
+
+CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages"), _cuda_config,
                       lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1), tiles_invalid)
 
 
@@ -272,6 +279,15 @@ def default_num_splits(programs: int, list_len: int, num_sms: int) -> int:
     if programs >= num_sms:
         return 1
     return max(1, min(-(-2 * num_sms // programs), list_len // 2))
+
+
+def launch_plan(b: int, hkv: int, group: int, t_new: int, list_len: int, device: torch.device,
+                num_splits: int | None = None) -> tuple[int, int, int]:
+    """``(BLOCK_M, query tiles, splits)`` of a call: the group's ``group x t_new`` rows in tiles of 16 to 64 rows,
+    and ``num_splits`` or :func:`default_num_splits` for the device's SMs."""
+    block_m = min(64, max(16, triton.next_power_of_2(group * t_new)))
+    n_mtiles = triton.cdiv(group * t_new, block_m)
+    return block_m, n_mtiles, num_splits or default_num_splits(b * hkv * n_mtiles, list_len, _num_sms(device))
 
 
 def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_index: torch.Tensor,
@@ -310,11 +326,9 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q, k_cache, v_cache = with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache)
     block_index = block_index if block_index.stride(-1) == 1 else block_index.contiguous()
     group = hq // hkv
-    block_m = min(64, max(16, triton.next_power_of_2(group * t_new)))
-    n_mtiles = triton.cdiv(group * t_new, block_m)
     s_len = block_index.shape[2]
+    block_m, n_mtiles, splits = launch_plan(b, hkv, group, t_new, s_len, q.device, num_splits)
     programs = b * hkv * n_mtiles
-    splits = num_splits or default_num_splits(programs, s_len, _num_sms(q.device))
     scr_len = max(1, triton.cdiv(s_len, splits))
     scratch = torch.empty(programs * splits * scr_len, dtype=torch.int32, device=q.device)
     direct = splits == 1
@@ -342,7 +356,7 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             INTERP=INTERPRET, ENTRY_CHUNK=ENTRY_CHUNK, LIST_CHUNK=LIST_CHUNK, **config,
         )
 
-    CONFIGS.launch((d, block_size), run)
+    CONFIGS.launch((d, block_size, block_m), run)
     if not direct:
         _dec_merge_kernel[(b * hq * t_new,)](
             o_dst, l_dst, out, lse, splits, hq, t_new,

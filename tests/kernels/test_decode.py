@@ -1,4 +1,4 @@
-"""Block-sparse decode kernel (seer/kernels/block_sparse_decode.py) against the float64 PyTorch reference, the
+"""Block-sparse decode kernel (seer/kernels/decode.py) against the float64 PyTorch reference, the
 reference against brute force, and the block-list builders (seer/kernels/decode_index.py).
 
 On machines without CUDA the kernel runs under the Triton interpreter (tests/conftest.py); sizes are small.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seer.kernels import block_sparse_decode, reference
-from seer.kernels.block_sparse_decode import default_num_splits
+from seer.kernels.decode import default_num_splits
 from seer.kernels.decode_index import block_index_from_mask, block_index_from_scores
 from tests.kernels.masks import random_qkv
 
