@@ -57,6 +57,7 @@ __all__ = ["block_sparse_decode", "default_num_splits", "launch_plan"]
 ENTRY_CHUNK = 32  # list positions a program compacts at a time
 LIST_CHUNK = 64  # list positions compared against them at a time (the repeat check)
 MERGE_CHUNK = 16  # splits the merge reads at a time
+MAX_SPLITS = 65535  # the second grid axis
 
 
 @triton.jit
@@ -134,8 +135,8 @@ def _dec_split_kernel(
     DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
     ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid = tl.program_id(1)  # (b * HKV + g) * N_MTILES + m-tile
+    pid = tl.program_id(0)  # (b * HKV + g) * N_MTILES + m-tile
+    split = tl.program_id(1)
     mtile = pid % N_MTILES
     bg = pid // N_MTILES
     off_b = (bg // HKV).to(tl.int64)
@@ -303,8 +304,8 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     for tests), head dim 16..256 (meant for 64 and 128), any strides with a unit last stride. ``sm_scale`` defaults to
     ``1 / sqrt(D)``. A row with no attended key gets ``out = 0``, ``lse = -inf``.
 
-    ``num_splits``: splits of each list (default :func:`default_num_splits`; more splits than entries leave some
-    empty). ``validate``: check the values of ``block_index`` (``-1`` or ``< ceil(N / block_size)``) and
+    ``num_splits``: splits of each list, 1..65535 (default :func:`default_num_splits`; more splits than entries leave
+    some empty). ``validate``: check the values of ``block_index`` (``-1`` or ``< ceil(N / block_size)``) and
     ``cache_seqlens`` (``T..N``), which reads them on the host (one synchronisation); ``validate=False`` skips that
     (decode loops, CUDA-graph capture), and then entries outside ``0 .. ceil(cache_seqlens / block_size) - 1`` are
     ignored and lengths above ``N`` read as ``N``: nothing is read out of bounds.
@@ -314,8 +315,8 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """
     b, hq, hkv, t_new, n, d = check_decode_args(q, k_cache, v_cache, block_index, cache_seqlens, block_size)
     check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_index=block_index, cache_seqlens=cache_seqlens)
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS}, got {num_splits!r}")
     if validate:
         check_decode_values(block_index, cache_seqlens, t_new, n, block_size)
     scale = softmax_scale(sm_scale, d)
@@ -343,7 +344,7 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2))
 
     def run(config: dict):
-        return _dec_split_kernel[(splits, programs)](
+        return _dec_split_kernel[(programs, splits)](
             q, k_cache, v_cache, block_index, cache_seqlens, scratch, o_dst, l_dst,
             scale * LOG2E.value,
             q.stride(0), q.stride(1), q.stride(2),

@@ -213,7 +213,7 @@ def test_bad_inputs():
             block_sparse_decode(*args, block_size=16)
     with pytest.raises(ValueError, match="block_size 48"):
         block_sparse_decode(q, k, k, idx, lens, 48)
-    with pytest.raises(ValueError, match="num_splits must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="num_splits must be an int in 1..65535, got 0"):
         block_sparse_decode(q, k, k, idx, lens, 16, num_splits=0)
     with pytest.raises(ValueError, match="block_index entry 3 is beyond the cache"):
         reference.block_sparse_decode(q, k, k, idx.clone().fill_(3), lens, 16)
