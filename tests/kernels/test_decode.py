@@ -84,6 +84,7 @@ CASES = [
     (2, 8, 2, 2, 90, 16, 32, torch.float16, None, 5),   # GQA 4, default splits
     (1, 7, 1, 5, 61, 16, 16, torch.float32, 9, 4),      # GQA 7 (rows padded to 16), more splits than entries
     (2, 4, 1, 20, 70, 16, 16, torch.float32, 1, 6),     # G x T = 80: two query tiles, one split (no merge)
+    (1, 4, 1, 17, 60, 16, 16, torch.float16, 3, 5),     # G x T = 68: two query tiles, three splits
     (2, 4, 2, 2, 130, 64, 64, torch.float16, 2, 4),     # D 64, block 64
     (1, 4, 1, 1, 200, 128, 64, torch.float16, 3, 5),    # D 128, the 8B shape's group of 4
 ]
@@ -112,6 +113,18 @@ def test_split_counts_agree(splits):
     one = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=1)
     got = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=splits)
     torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_block_index():
+    """A list view without a unit last stride (every other entry of a wider list) reads as its contiguous copy."""
+    gen = torch.Generator().manual_seed(8)
+    dev = _device()
+    q, k, v = (x.to(dev) for x in _inputs(1, 2, 1, 1, 64, 16, torch.float32, gen))
+    seqlens = torch.tensor([64], dtype=torch.int32, device=dev)
+    wide = torch.tensor([[[3, 9, 0, 9, -1, 9, 2, 9]]], dtype=torch.int32, device=dev)
+    got = block_sparse_decode(q, k, v, wide[..., ::2], seqlens, 16, num_splits=2)
+    want = block_sparse_decode(q, k, v, wide[..., ::2].contiguous(), seqlens, 16, num_splits=2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_no_attended_key_gives_zeros_and_neg_inf():
