@@ -311,12 +311,15 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     ignored and lengths above ``N`` read as ``N``: nothing is read out of bounds.
 
     Returns ``(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32, natural log)``, as
-    :func:`seer.kernels.reference.block_sparse_decode`. Forward only.
+    :func:`seer.kernels.reference.block_sparse_decode`. Forward only: inputs that require grad are refused while
+    grad is enabled.
     """
     b, hq, hkv, t_new, n, d = check_decode_args(q, k_cache, v_cache, block_index, cache_seqlens, block_size)
     check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_index=block_index, cache_seqlens=cache_seqlens)
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS}, got {num_splits!r}")
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError("block_sparse_decode has no backward: call it under torch.no_grad() or torch.inference_mode()")
     if validate:
         check_decode_values(block_index, cache_seqlens, t_new, n, block_size)
     scale = softmax_scale(sm_scale, d)

@@ -228,6 +228,8 @@ def test_bad_inputs():
         block_sparse_decode(q, k, k, idx, lens, 48)
     with pytest.raises(ValueError, match="num_splits must be an int in 1..65535, got 0"):
         block_sparse_decode(q, k, k, idx, lens, 16, num_splits=0)
+    with pytest.raises(ValueError, match="no backward"):
+        block_sparse_decode(q.requires_grad_(), k, k, idx, lens, 16)
     with pytest.raises(ValueError, match="block_index entry 3 is beyond the cache"):
         reference.block_sparse_decode(q, k, k, idx.clone().fill_(3), lens, 16)
 
