@@ -7,6 +7,9 @@
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
   ``seer/kernels/block_sparse.py``; differentiable in q, k, v (Triton backward in ``block_sparse_bwd.py``; both
   walk the block lists of ``block_index.py``).
+* :func:`block_sparse_decode` - split-KV block-sparse decode attention of new tokens over a KV cache's listed key
+  blocks (GQA groups in one program), in ``seer/kernels/decode.py``; block lists from a mask or scores
+  in ``decode_index.py``.
 * :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
   pass), in ``seer/kernels/block_pool.py``.
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
@@ -31,6 +34,7 @@ driver call.
 # known to seer.kernels.tuning (force_config("block_sparse_bwd.dq", ...), kernel_names()) from the start
 from seer.kernels import block_sparse_bwd, reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn
+from seer.kernels.decode import block_sparse_decode
 from seer.kernels.flash_gt import flash_attn_with_gt
 
-__all__ = ["block_sparse_attn", "block_sparse_bwd", "flash_attn_with_gt", "reference", "tuning"]
+__all__ = ["block_sparse_attn", "block_sparse_bwd", "block_sparse_decode", "flash_attn_with_gt", "reference", "tuning"]

@@ -13,10 +13,11 @@ the inputs are float64.
 * :func:`block_attn_mass` - the share of attention mass per block (what recall of a block mask is measured on).
 * :func:`block_sparse_attn` - causal attention restricted to the key blocks a boolean block mask selects.
 * :func:`block_sparse_sdpa` - the same output through PyTorch's SDPA with a token mask (the fast CPU path).
+* :func:`block_sparse_decode` - decode attention of new tokens over a KV cache's listed key blocks.
 
-Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`),
-the only other module of ``seer`` this one imports. Autocast is off inside them (a mixed-precision training step
-calls them too), so the arithmetic keeps the dtype said above.
+Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`,
+:mod:`seer.kernels.decode_index`: the only other modules of ``seer`` this one imports). Autocast is off inside them
+(a mixed-precision training step calls them too), so the arithmetic keeps the dtype said above.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import functools
 import torch
 
 from seer.kernels.common import check_qkv_shapes, softmax_scale
+from seer.kernels.decode_index import check_decode_args, check_decode_values
 
-__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_sdpa", "num_blocks"]
+__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_decode", "block_sparse_sdpa",
+           "num_blocks"]
 
 
 def _without_autocast(fn):
@@ -211,3 +214,35 @@ def block_sparse_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
             q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], attn_mask=keep,
             scale=scale, enable_gqa=True)
     return out
+
+
+@_without_autocast
+def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_index: torch.Tensor,
+                        cache_seqlens: torch.Tensor, block_size: int = 64,
+                        sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over listed key blocks: :func:`seer.kernels.block_sparse_decode`'s contract.
+
+    Query ``t`` of ``q [B, Hq, T, D]`` sits at position ``p = cache_seqlens[b] - T + t`` and attends key ``j`` of
+    ``k_cache``/``v_cache [B, Hkv, N, D]`` when ``j <= p`` and block ``j // block_size`` is in ``block_index[b, h //
+    (Hq // Hkv)]`` (int32 ``[B, Hkv, S]``, ``-1`` padding, repeats counted once). Values are checked (entries ``-1``
+    or ``< ceil(N / block_size)``, ``T <= cache_seqlens <= N``). A row with no attended key gets ``out = 0`` and
+    ``lse = -inf``. Returns ``out [B, Hq, T, D]`` in q's dtype and ``lse [B, Hq, T]`` (float32, float64 for float64
+    inputs).
+    """
+    b, hq, hkv, t_new, n, d = check_decode_args(q, k_cache, v_cache, block_index, cache_seqlens, block_size,
+                                                kernel=False)
+    check_decode_values(block_index, cache_seqlens, t_new, n, block_size)
+    scale = softmax_scale(sm_scale, d)
+    nb = num_blocks(n, block_size)
+    listed = torch.zeros(b, hkv, nb + 1, dtype=torch.bool, device=q.device)  # column nb: where -1 lands
+    listed.scatter_(-1, torch.where(block_index < 0, nb, block_index).long(), True)
+    keys = torch.arange(n, device=q.device)
+    pos = cache_seqlens.long()[:, None] - t_new + torch.arange(t_new, device=q.device)  # [B, T]
+    keep = listed[:, :, keys // block_size][:, :, None, :] & (keys <= pos[:, :, None])[:, None]  # [B, Hkv, T, N]
+    dt = _compute_dtype(q)
+    s = _grouped_scores(q.to(dt), k_cache.to(dt), scale)  # [B, Hkv, G, T, N]
+    s = s.masked_fill(~keep[:, :, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(dt).min))
+    out = torch.einsum("bhgtn,bhnd->bhgtd", p, v_cache.to(dt))
+    return out.reshape(b, hq, t_new, d).to(q.dtype), lse.reshape(b, hq, t_new)

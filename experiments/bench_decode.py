@@ -1,0 +1,174 @@
+"""Benchmark of seer's block-sparse decode kernel (:func:`seer.kernels.block_sparse_decode`) against dense decode.
+
+NOT RUN YET: written in a session without GPU time; no number from it exists anywhere in docs/. Run it on one H200
+(issue 18, part 6) and keep its table as ``docs/bench_decode.md``.
+
+Shape: the 8B model's attention (32 query / 8 KV heads, D 128, bf16), one new token (T 1, ``--t`` for more),
+64-token blocks, every sequence of the batch filled to the cache length (so dense SDPA needs no mask). For each
+batch (1 / 4 / 16 / 64), cache length (8k / 32k / 128k) and token budget (1k / 2k / 4k: ``budget / 64`` blocks per
+KV head, the newest block always among them, the others drawn at random, ascending), it times
+
+* ``ours``: the kernel on those lists (``validate=False``: no host synchronisation, as in a decode loop), and the
+  split count it chose;
+* ``ours@1.0``: the kernel with every block listed (density 1.0);
+* ``SDPA``: ``torch.nn.functional.scaled_dot_product_attention`` over the whole cache (flash backend, GQA without
+  repeating K/V; ``-`` where no backend ran it);
+* ``dense``: the faster of SDPA and ours@1.0, and the speedup of ours over it (issue 18's goals at 90% sparsity:
+  >= 9x at batch 16 / 32k, >= 3x at batch 1 / 32k). The release's Triton kernel is not compared here.
+
+Before timing, the kernel is checked on the GPU against :func:`seer.kernels.reference.block_sparse_decode` (float32
+reference on bf16 inputs, 8k cache, T 1 and 4). Timing: :func:`seer.kernels.bench.ms` (``triton.testing.do_bench``:
+warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs).
+
+    python experiments/bench_decode.py --out docs/bench_decode.md
+    python experiments/bench_decode.py --batch 1 16 --kv 32768 --budget 2048 --splits 1 8 16 32   # split sweep
+    python experiments/bench_decode.py --tune       # launch configs (tuning.force_config) at 32k, budget 2k
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from seer.kernels import block_sparse_decode, reference
+from seer.kernels.bench import env_info, fmt, ms
+from seer.kernels.decode import launch_plan
+from seer.kernels.decode_index import block_index_from_scores
+from seer.kernels.tuning import force_config, last_launch
+
+DEV = "cuda"
+HQ, HKV, D, BLOCK = 32, 8, 128, 64
+
+
+def inputs(b: int, n: int, t: int, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(b, HQ, t, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(b, HKV, n, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(b, HKV, n, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    return q, k, v, torch.full((b,), n, dtype=torch.int32, device=DEV)
+
+
+def lists(b: int, n: int, budget: int, seed: int = 0) -> torch.Tensor:
+    """``budget / BLOCK`` random blocks per KV head, the newest always, ascending."""
+    nb = -(-n // BLOCK)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    scores = torch.rand(b, HKV, nb, device=DEV, generator=g)
+    scores[..., -1] = float("inf")
+    return block_index_from_scores(scores, min(nb, max(1, budget // BLOCK)))
+
+
+def check() -> None:
+    for t in (1, 4):
+        q, k, v, lens = inputs(2, 8192, t, seed=t)
+        lens[1] = 5000 + t
+        idx = lists(2, 8192, 2048, seed=t)
+        out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK)
+        ref_out, ref_lse = reference.block_sparse_decode(q.float(), k.float(), v.float(), idx, lens, BLOCK)
+        err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
+        fin = torch.isfinite(ref_lse)
+        assert err < 1.5e-2 and (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2, (t, err)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    print("GPU check against the reference: ok", flush=True)
+
+
+def sdpa_ms(q, k, v) -> float:
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    except RuntimeError as exc:  # no backend for the shape, or out of memory
+        print(f"  SDPA: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        return float("nan")
+
+
+def ours_ms(q, k, v, idx, lens, splits: int | None) -> tuple[float, int]:
+    def run():
+        return block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False)
+
+    run()
+    return ms(run), launch_plan(q.shape[0], HKV, HQ // HKV, q.shape[2], idx.shape[2], q.device, splits)[2]
+
+
+def bench(args) -> list[dict]:
+    rows = []
+    for b, n in itertools.product(args.batch, args.kv):
+        q, k, v, lens = inputs(b, n, args.t)
+        full = torch.arange(-(-n // BLOCK), dtype=torch.int32, device=DEV).expand(b, HKV, -1).contiguous()
+        dense_sdpa = sdpa_ms(q, k, v) if args.t == 1 else float("nan")
+        for splits in args.splits or [None]:
+            dense_ours, _ = ours_ms(q, k, v, full, lens, splits)
+            for budget in args.budget:
+                idx = lists(b, n, budget)
+                t_ours, chosen = ours_ms(q, k, v, idx, lens, splits)
+                dense = min(x for x in (dense_sdpa, dense_ours) if x == x)
+                rows.append(dict(batch=b, kv=n, budget=budget, density=idx.shape[2] * BLOCK / n, splits=chosen,
+                                 ours=t_ours, ours_dense=dense_ours, sdpa=dense_sdpa, dense=dense,
+                                 speedup=dense / t_ours))
+                print(rows[-1], flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def tune(args) -> None:
+    print("| batch | budget | BLOCK_N | num_warps | num_stages | ms | regs | spills |")
+    print("|---|---|---|---|---|---|---|---|")
+    n = 32768
+    for b in args.batch:
+        q, k, v, lens = inputs(b, n, args.t)
+        for budget in args.budget:
+            idx = lists(b, n, budget)
+            for block_n, warps, stages in itertools.product((32, 64), (2, 4, 8), (2, 3, 4)):
+                with force_config("block_sparse_decode", BLOCK_N=block_n, num_warps=warps, num_stages=stages):
+                    t, _ = ours_ms(q, k, v, idx, lens, None)
+                    info = last_launch("block_sparse_decode")
+                print(f"| {b} | {budget} | {block_n} | {warps} | {stages} | {fmt(t, 4)} | {info['n_regs']} | "
+                      f"{info['n_spills']} |", flush=True)
+
+
+def report(rows: list[dict], info: dict, args, cmd: str) -> str:
+    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
+             f"Python {info['python']}; {info['date']}.", "", f"Command: `{cmd}`", "",
+             f"{HQ} query / {HKV} KV heads, D {D}, bf16, T {args.t}, {BLOCK}-token blocks, every sequence at the "
+             "cache length. Times in ms (median of CUDA-event-timed runs). `ours`: the kernel on `budget / 64` "
+             "listed blocks per KV head (validate=False); `ours@1.0`: every block listed; `SDPA`: dense over the "
+             "cache; `dense`: the faster of SDPA and ours@1.0; speedup = dense / ours.", "",
+             "| batch | KV | budget | density | splits | ours | ours@1.0 | SDPA | dense | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['kv'] // 1024}k | {r['budget']} | {r['density']:.3f} | {r['splits']} | "
+                     f"{fmt(r['ours'], 4)} | {fmt(r['ours_dense'], 4)} | {fmt(r['sdpa'], 4)} | {fmt(r['dense'], 4)} "
+                     f"| {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--kv", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--budget", type=int, nargs="+", default=[1024, 2048, 4096], help="tokens per KV head")
+    ap.add_argument("--t", type=int, default=1, help="new tokens per sequence (SDPA is timed for T 1 only)")
+    ap.add_argument("--splits", type=int, nargs="+", help="split counts to time (default: the kernel's choice)")
+    ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k instead")
+    ap.add_argument("--out", help="write the markdown table here (else print it)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode.py needs a CUDA GPU")
+    check()
+    if args.tune:
+        tune(args)
+        return
+    cmd = "python experiments/bench_decode.py " + " ".join(sys.argv[1:])
+    text = report(bench(args), env_info(), args, cmd)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
