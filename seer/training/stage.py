@@ -51,6 +51,18 @@ class Stage(L.LightningModule, abc.ABC):
                                                             min_lr_rate=self.stage.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def gate_state(self) -> dict[str, torch.Tensor]:
+        """The trained gates' weights for their files (a collective under FSDP: every process calls it)."""
+        from seer.model.gate_io import gate_state_dict
+
+        return gate_state_dict(self.model)
+
+    def save_gate_files(self, folder: str, state: dict[str, torch.Tensor], extra: dict) -> None:
+        """Writes the gates' files (``state`` from :meth:`gate_state`) into ``folder``, with ``extra`` metadata."""
+        from seer.model.gate_io import save_gates
+
+        save_gates(folder, self.model, self.model_name, extra=extra, state=state)
+
     def configure_model(self) -> None:
         """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""
         configure_sharding(self)
