@@ -80,3 +80,14 @@ def test_distilling_leaves_the_model_output_unchanged():
     torch.testing.assert_close(records[0].gt.sum(-1), torch.ones(2, 2, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense)  # the model's own attention is back after the block
+
+
+def test_distill_decode_refuses_bad_settings(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    with pytest.raises(ConfigError, match=r"stage.decode_gate.hidden_size=16 in the checkpoint, 8 now"):
+        train(tmp_path, *DECODE, f"ckpt_path={out / 'checkpoints' / 'step000003.ckpt'}",
+              "stage.decode_gate.hidden_size=8")
+    with pytest.raises(ConfigError, match=r"decode_sparsity.token_budget=8: is below one block \(16 tokens\)"):
+        train(tmp_path, *DECODE, "stage.decode_sparsity.token_budget=8")
+    with pytest.raises(ConfigError, match="stage.gt='triton': distill_decode has only the PyTorch reference"):
+        train(tmp_path, *DECODE, "stage.gt=triton")
