@@ -79,29 +79,45 @@ class DecodeGate(nn.Module):
         """Logits ``[B, Hkv, T, nb]`` (the gate's dtype) of the last ``T`` tokens over the ``nb`` blocks of ``N``
         keys; ``-inf`` for blocks after a token's own block."""
         self._check(q, k)
-        bs, dtype = self.config.block_size, self.k_weight.dtype
-        b, hq, t, d = q.shape
-        n, hkv = k.shape[2], self.num_kv_heads
+        bs = self.config.block_size
+        b, t, n = q.shape[0], q.shape[2], k.shape[2]
         nb = -(-n // bs)
         pos = torch.arange(n - t, n, device=q.device)  # each query's position
         own = pos // bs
-        qg = q.view(b, hkv, hq // hkv, t, d).permute(0, 1, 3, 2, 4).reshape(b, hkv, t, -1).to(dtype)
-        qg = torch.matmul(qg, self.q_weight)  # [B, Hkv, T, E]
+        qg = self.gate_queries(q, pos)
         block_ends = torch.clamp(torch.arange(1, nb + 1, device=q.device) * bs, max=n) - 1
         pooled = prefix_pool_blocks(k, bs, self.config.k_pool)
-        kg = torch.matmul(pooled[:, :, torch.cat((block_ends, pos))].to(dtype), self.k_weight)
-        k_blocks, k_own = kg[:, :, :nb], kg[:, :, nb:]  # whole blocks, and each query's block up to it
-        if self.rope_inv_freq is not None:
-            cos, sin = rotary_tables(torch.cat((pos, torch.arange(nb, device=q.device) * bs, own * bs)),
-                                     self.rope_inv_freq, self.rope_scale, dtype)
-            qg = rotate(qg, cos[:t], sin[:t])
-            k_blocks = rotate(k_blocks, cos[t:t + nb], sin[t:t + nb])
-            k_own = rotate(k_own, cos[t + nb:], sin[t + nb:])
+        # whole blocks, and each query's block up to it
+        k_blocks = self.gate_keys(pooled[:, :, block_ends], torch.arange(nb, device=q.device) * bs)
+        k_own = self.gate_keys(pooled[:, :, pos], own * bs)
         scale = 1.0 / math.sqrt(qg.shape[-1])
         logits = torch.matmul(qg, k_blocks.transpose(-1, -2)) * scale
-        logits = logits.scatter(-1, own.expand(b, hkv, t)[..., None], (qg * k_own).sum(-1, keepdim=True) * scale)
+        own_logit = (qg * k_own).sum(-1, keepdim=True) * scale
+        logits = logits.scatter(-1, own.expand(b, self.num_kv_heads, t)[..., None], own_logit)
         after = torch.arange(nb, device=q.device)[None, :] > own[:, None]
         return logits.masked_fill(after, float("-inf"))
+
+    def gate_queries(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Gate queries ``[B, Hkv, T, E]`` from pre-RoPE ``q [B, Hq, T, D]`` at ``positions`` (``[T]`` or
+        ``[B, T]``): the group's heads side by side, projected per KV head, rotated at each token's position."""
+        b, hq, t, d = q.shape
+        hkv = self.num_kv_heads
+        qg = q.view(b, hkv, hq // hkv, t, d).permute(0, 1, 3, 2, 4).reshape(b, hkv, t, -1)
+        return self._rotate(torch.matmul(qg.to(self.q_weight.dtype), self.q_weight), positions)
+
+    def gate_keys(self, pooled: torch.Tensor, block_starts: torch.Tensor) -> torch.Tensor:
+        """Gate keys ``[B, Hkv, n, E]`` from block-pooled pre-RoPE K ``[B, Hkv, n, D * |k_pool|]``, projected per KV
+        head and rotated at each block's first token (``block_starts``, ``[n]`` or ``[B, n]``)."""
+        return self._rotate(torch.matmul(pooled.to(self.k_weight.dtype), self.k_weight), block_starts)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [B, Hkv, n, E]`` rotated at ``positions`` (``[n]``, or ``[B, n]`` per row); as is without RoPE."""
+        if self.rope_inv_freq is None:
+            return x
+        cos, sin = rotary_tables(positions.reshape(-1), self.rope_inv_freq, self.rope_scale, x.dtype)
+        if positions.dim() == 2:  # per row: [B, 1, n, E] against [B, Hkv, n, E]
+            cos, sin = (t.view(positions.shape[0], 1, positions.shape[1], -1) for t in (cos, sin))
+        return rotate(x, cos, sin)
 
     def _check(self, q: torch.Tensor, k: torch.Tensor) -> None:
         if q.dim() != 4 or k.dim() != 4:
