@@ -36,3 +36,15 @@ def test_decode_gt_matches_brute_force(n, heads, chunk):
 def test_decode_gt_refuses_bad_shapes():
     with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
         decode_block_gt(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), 16)
+
+
+@pytest.mark.parametrize("n, heads, block", [(45, (4, 2), 16), (70, (2, 2), 32), (16, (3, 1), 16)])
+def test_decode_gt_kernel_matches_the_reference(n, heads, block):
+    from seer.kernels.decode_gt_triton import decode_gt_from_lse
+    from seer.kernels.reference import attention
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, heads[0], n, 16), torch.randn(2, heads[1], n, 16), torch.randn(2, heads[1], n, 16)
+    _, lse = attention(q, k, v, sm_scale=0.3)
+    got = decode_gt_from_lse(q, k, lse.float().contiguous(), block, sm_scale=0.3)
+    torch.testing.assert_close(got.double(), _brute(q, k, block, 0.3), rtol=1e-4, atol=1e-6)
