@@ -38,22 +38,29 @@ class DecodeRecord:
 
 @dataclass
 class DecodeContext:
-    """The decode gates' config, shared by every layer; ``consumer`` takes each layer's :class:`DecodeRecord`."""
+    """The decode gates' config, shared by every layer; while distilling, ``consumer`` takes each layer's
+    :class:`DecodeRecord` and ``gt_source`` says where the ground truth comes from."""
 
     config: DecodeGateConfig
     consumer: Callable[[DecodeRecord], None] | None = None
+    gt_source: str = "reference"
 
     @contextlib.contextmanager
-    def distilling(self, model: nn.Module, consumer: Callable[[DecodeRecord], None]) -> Iterator[None]:
+    def distilling(self, model: nn.Module, consumer: Callable[[DecodeRecord], None],
+                   gt_source: str = "reference") -> Iterator[None]:
         """Inside the block, ``model`` runs dense through the distillation attention function and every layer's
-        record goes to ``consumer``; the model's attention function is restored when it ends."""
+        record goes to ``consumer``, its ground truth from ``gt_source`` (``reference``: SDPA and the chunked PyTorch
+        map; ``triton``: the FlashAttention kernel's output and log-sum-exp, then one Triton pass); the model's
+        attention function is restored when it ends."""
+        if gt_source not in ("reference", "triton"):
+            raise ValueError(f"gt_source {gt_source!r} is not one of ('reference', 'triton')")
         before = model.config._attn_implementation
         model.set_attn_implementation(DISTILL_ATTENTION)
-        self.consumer = consumer
+        self.consumer, self.gt_source = consumer, gt_source
         try:
             yield
         finally:
-            self.consumer = None
+            self.consumer, self.gt_source = None, "reference"
             model.set_attn_implementation(before)
 
 
@@ -104,9 +111,23 @@ def decode_distill_attention(module, query, key, value, attention_mask, dropout:
                          f"{'given' if attention_mask is not None else 'none'}")
     ctx: DecodeContext = module.seer_decode
     q_pre, k_pre = module.seer_decode_stash.take()
-    out = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    if ctx.gt_source == "triton":
+        from seer.kernels.decode_gt_triton import decode_gt_from_lse
+        from seer.kernels.flash_gt import flash_attn
+
+        if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v
+            query, key = query.to(value.dtype), key.to(value.dtype)
+        b, hq, n, d = query.shape
+        out = torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)  # the layout o_proj reads
+        _, lse = flash_attn(query, key, value, sm_scale=scaling, out=out.transpose(1, 2))
+        out = (out, None)
+        gt = decode_gt_from_lse(query, key, lse, ctx.config.block_size, sm_scale=scaling) \
+            if ctx.consumer is not None else None
+    else:
+        out = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+        gt = decode_block_gt(query, key, ctx.config.block_size, sm_scale=scaling) if ctx.consumer is not None \
+            else None
     if ctx.consumer is not None:
-        gt = decode_block_gt(query, key, ctx.config.block_size, sm_scale=scaling)
         with torch.enable_grad():
             logits = module.seer_decode_gate(q_pre.detach(), k_pre.detach())
         ctx.consumer(DecodeRecord(module.layer_idx, logits, gt))

@@ -187,8 +187,9 @@ class DistillDecodeConfig(StageConfig):
     the sum over layers of the mean over tokens and KV heads of KL(GT || softmax(decode gate)) over the blocks
     not after each token's own. ``decode_gate``: the gates' architecture. ``skip_first_tokens``: share of each row's
     first tokens left out of the loss. ``decode_sparsity``: the decode budget ``val/recall`` is measured at (a
-    calibrated threshold is fitted on the batch itself). The ground truth is the PyTorch reference, chunked over
-    query rows (``gt=reference``; no fused kernel yet). The ``sparsity`` group does not apply; no images."""
+    calibrated threshold is fitted on the batch itself). ``gt``: the ground truth from the FlashAttention kernel's
+    log-sum-exp and one Triton pass (``triton``), the PyTorch reference chunked over query rows (``reference``) or
+    ``auto`` (triton on CUDA). The ``sparsity`` group does not apply; no images."""
 
     module: ClassVar[str] = "seer.training.distill_decode.DecodeGateDistillation"
     uses_prefill_budget: ClassVar[bool] = False
@@ -197,7 +198,7 @@ class DistillDecodeConfig(StageConfig):
     decode_sparsity: DecodeSparsityConfig = field(default_factory=DecodeSparsityConfig)
     loss_scale: float = 10.0
     skip_first_tokens: float = 0.0
-    gt: str = "reference"
+    gt: str = "auto"
     image_every_n_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -209,8 +210,8 @@ class DistillDecodeConfig(StageConfig):
             fail("stage", "loss_scale", self.loss_scale, "must be > 0")
         if not is_number(self.skip_first_tokens) or not 0 <= self.skip_first_tokens < 1:
             fail("stage", "skip_first_tokens", self.skip_first_tokens, "is a fraction of a row's tokens; use [0, 1)")
-        if self.gt != "reference":
-            fail("stage", "gt", self.gt, "distill_decode has only the PyTorch reference ground truth; use reference")
+        if self.gt not in BACKENDS:
+            fail("stage", "gt", self.gt, f"choose from {BACKENDS}")
         if self.image_every_n_steps:
             fail("stage", "image_every_n_steps", self.image_every_n_steps, "distill_decode draws no images; use 0")
 

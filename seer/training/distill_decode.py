@@ -53,7 +53,7 @@ class DecodeGateDistillation(Stage):
                 losses[rec.layer_idx] = decode_gate_loss(rec.logits, rec.gt, self.stage.skip_first_tokens)
             records[rec.layer_idx] = (rec.logits.detach(), rec.gt)
 
-        with self.model.seer_decode.distilling(self.model, consume), torch.no_grad():
+        with self.model.seer_decode.distilling(self.model, consume, self.gt_source), torch.no_grad():
             self.model.base_model(input_ids=input_ids, use_cache=False)
         if not losses:
             raise RuntimeError("no decode-gated attention layer ran: are the decode gates attached to this model?")

@@ -89,5 +89,22 @@ def test_distill_decode_refuses_bad_settings(uninterrupted, tmp_path):
               "stage.decode_gate.hidden_size=8")
     with pytest.raises(ConfigError, match=r"decode_sparsity.token_budget=8: is below one block \(16 tokens\)"):
         train(tmp_path, *DECODE, "stage.decode_sparsity.token_budget=8")
-    with pytest.raises(ConfigError, match="stage.gt='triton': distill_decode has only the PyTorch reference"):
-        train(tmp_path, *DECODE, "stage.gt=triton")
+    with pytest.raises(ConfigError, match=r"stage.gt='fused': choose from \('auto', 'triton', 'reference'\)"):
+        train(tmp_path, *DECODE, "stage.gt=fused")
+
+
+def test_triton_ground_truth_matches_the_reference():
+    """Under Triton's interpreter on the CPU: the FlashAttention output and the one-pass map equal SDPA and the
+    chunked reference."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 300, (1, 37))
+    ctx = attach_decode_gates(model, DecodeGateConfig(block_size=16, hidden_size=8))
+    runs = {}
+    for source in ("reference", "triton"):
+        records = []
+        with ctx.distilling(model, records.append, source), torch.no_grad():
+            runs[source] = (model(ids).logits, records)
+    torch.testing.assert_close(runs["triton"][0], runs["reference"][0], rtol=1e-4, atol=1e-4)
+    for ref, tri in zip(runs["reference"][1], runs["triton"][1], strict=True):
+        torch.testing.assert_close(tri.gt, ref.gt, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(tri.logits, ref.logits)
