@@ -89,6 +89,9 @@ def test_distill_decode_refuses_bad_settings(uninterrupted, tmp_path):
               "stage.decode_gate.hidden_size=8")
     with pytest.raises(ConfigError, match=r"decode_sparsity.token_budget=8: is below one block \(16 tokens\)"):
         train(tmp_path, *DECODE, "stage.decode_sparsity.token_budget=8")
+    with pytest.raises(ConfigError, match=r"data.seq_len=64: rows must hold at least 2 blocks of "
+                                          r"stage.decode_gate.block_size=64 tokens"):
+        train(tmp_path, *DECODE, "stage.decode_gate.block_size=64", "stage.decode_sparsity.token_budget=64")
     with pytest.raises(ConfigError, match=r"stage.gt='fused': choose from \('auto', 'triton', 'reference'\)"):
         train(tmp_path, *DECODE, "stage.gt=fused")
 
