@@ -21,13 +21,14 @@ BLOCK_M = 16  # query rows a program
 
 @triton.jit
 def _key_block(Q, K, Lse2, b, kvh, j, offs_m, row_ok, offs_n, offs_d, qk_scale, N, HQ,
-               sqb, sqh, sqn, skb, skh, skn, G: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr):
+               sqb, sqh, sqn, skb, skh, skn, G: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr,
+               PRECISION: tl.constexpr):
     """The pooled probability of key block ``j`` for the program's rows: max over its keys and the group's heads."""
     keys = j * BS + offs_n
     k_ok = keys < N
     k = tl.load(K + b * skb + kvh * skh + keys[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     ok = (keys[None, :] <= offs_m[:, None]) & k_ok[None, :] & row_ok[:, None]
-    best = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
+    best = tl.zeros([BLOCK], dtype=tl.float32)
     for g in tl.static_range(G):
         h = kvh * G + g
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None],
@@ -57,13 +58,13 @@ def _decode_gt_kernel(Q, K, Lse2, Gt, qk_scale, N, NB, HKV, HQ, sqb, sqh, sqn, s
         j = 0
         while j < hi:
             best = _key_block(Q, K, Lse2, b, kvh, j, offs_m, row_ok, offs_n, offs_d, qk_scale, N, HQ,
-                              sqb, sqh, sqn, skb, skh, skn, G, BS, PRECISION)
+                              sqb, sqh, sqn, skb, skh, skn, G, BLOCK, BS, PRECISION)
             tl.store(gt_rows + j, best, mask=row_ok)
             j += 1
     else:
         for j in range(0, hi):
             best = _key_block(Q, K, Lse2, b, kvh, j, offs_m, row_ok, offs_n, offs_d, qk_scale, N, HQ,
-                              sqb, sqh, sqn, skb, skh, skn, G, BS, PRECISION)
+                              sqb, sqh, sqn, skb, skh, skn, G, BLOCK, BS, PRECISION)
             tl.store(gt_rows + j, best, mask=row_ok)
 
 
