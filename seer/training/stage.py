@@ -13,6 +13,7 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from seer.config import RunConfig
+from seer.model.gate_io import gate_state_dict, save_gates
 from seer.sparsity import SparsityConfig
 from seer.training.config import StageConfig
 from seer.training.parallel import configure_sharding
@@ -53,14 +54,10 @@ class Stage(L.LightningModule, abc.ABC):
 
     def gate_state(self) -> dict[str, torch.Tensor]:
         """The trained gates' weights for their files (a collective under FSDP: every process calls it)."""
-        from seer.model.gate_io import gate_state_dict
-
         return gate_state_dict(self.model)
 
     def save_gate_files(self, folder: str, state: dict[str, torch.Tensor], extra: dict) -> None:
         """Writes the gates' files (``state`` from :meth:`gate_state`) into ``folder``, with ``extra`` metadata."""
-        from seer.model.gate_io import save_gates
-
         save_gates(folder, self.model, self.model_name, extra=extra, state=state)
 
     def configure_model(self) -> None:

@@ -45,7 +45,7 @@ def test_decode_gate_file_loads_only_onto_its_model_shape(uninterrupted):
     out, _ = uninterrupted
     model = tiny_model("llama", max_position_embeddings=4096)  # conf/model/tiny_llama.yaml
     meta = load_decode_gates(model, out / "gates")
-    assert meta["decode_gate"]["block_size"] == 16
+    assert meta["decode_gate"]["block_size"] == 16 and meta["decode_sparsity"]["token_budget"] == 32
     assert torch.equal(decode_gates(model)[0].q_weight.detach(), _weights(out)["layers.0.q_weight"])
     with pytest.raises(ConfigError, match="with num_kv_heads=2, but this model has num_kv_heads=4"):
         load_decode_gates(tiny_model("llama", num_key_value_heads=4, max_position_embeddings=4096), out / "gates")
