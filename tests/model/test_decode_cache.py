@@ -66,3 +66,20 @@ def test_cache_refuses_bad_input():
         cache.update(0, torch.randn(2, 2, 3, 8), torch.tensor([4, 1]))
     with pytest.raises(ValueError, match=r"every row needs a cached key .* lengths \[0, 0\]"):
         cache.scores(0, torch.randn(2, 4, 1, 8))
+
+
+def test_cache_scores_feed_the_decode_budget():
+    """Rows of different lengths: each keeps its newest block and the first, at most the budget's blocks, none past
+    its own keys."""
+    from seer.sparsity.decode import DecodeSparsityConfig, decode_block_index, decode_block_mask
+
+    gates = _gates()
+    cache = DecodeKeyCache(gates, batch_size=3)
+    lengths = torch.tensor([9, 50, 100])
+    cache.update(0, torch.randn(3, HKV, 100, D), lengths)
+    scores = cache.scores(0, torch.randn(3, HQ, 1, D))
+    index = decode_block_index(decode_block_mask(scores, lengths, DecodeSparsityConfig(token_budget=48), BS))
+    for row, n in enumerate(lengths.tolist()):
+        for head in range(HKV):
+            kept = [int(j) for j in index[row, head] if j >= 0]
+            assert kept[0] == 0 and kept[-1] == (n - 1) // BS and len(kept) == min(3, (n - 1) // BS + 1)
