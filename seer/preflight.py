@@ -105,11 +105,12 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
         raise ConfigError(f"trainer=fsdp with stage.lora_rank={run.stage.lora_rank}: LoRA adapters are not sharded "
                           f"(their merge into a sharded base is not supported); use trainer=ddp, or stage.lora_rank=0 "
                           f"with stage.trainable")
-    seq_len, block = data.get("seq_len"), run.gate.block_size
+    decode_gate = getattr(run.stage, "decode_gate", None)  # stage=distill_decode trains decode gates only
+    seq_len, block = data.get("seq_len"), (decode_gate or run.gate).block_size
     if is_int(seq_len) and seq_len < MIN_BLOCKS * block:
         raise ConfigError(f"data.seq_len={seq_len}: rows must hold at least {MIN_BLOCKS} blocks of "
-                          f"gate.block_size={block} tokens (a one-block row leaves the gate nothing to choose); "
-                          f"use data.seq_len >= {MIN_BLOCKS * block}")
+                          f"{'stage.decode_gate' if decode_gate else 'gate'}.block_size={block} tokens (a one-block "
+                          f"row leaves the gate nothing to choose); use data.seq_len >= {MIN_BLOCKS * block}")
     if run.stage.name == "finetune":
         _check_finetune(cfg, run)
     shape = model_shape(run.model)

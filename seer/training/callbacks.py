@@ -23,7 +23,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from seer.files import atomic_write, atomic_write_text
-from seer.model.gate_io import gate_state_dict, save_gates
 
 LAYER_METRIC = re.compile(r"val/layer_(\d+)/(\w+)")
 LAYER_COLUMNS = ("recall", "oracle_recall", "density", "kl")
@@ -47,10 +46,10 @@ class GateExport(L.Callback):
         self.dirpath = dirpath
 
     def _export(self, trainer, pl_module) -> None:
-        state = gate_state_dict(pl_module.model)  # on every rank: sharded gates (FSDP) are gathered collectively
+        state = pl_module.gate_state()  # on every rank: sharded gates (FSDP) are gathered collectively
         if trainer.is_global_zero:
-            save_gates(self.dirpath, pl_module.model, pl_module.model_name,
-                       extra={"global_step": trainer.global_step, "sparsity": vars(pl_module.sparsity)}, state=state)
+            pl_module.save_gate_files(self.dirpath, state, {"global_step": trainer.global_step,
+                                                            "sparsity": vars(pl_module.sparsity)})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._export(trainer, pl_module)

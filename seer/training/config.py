@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Optional
 
 from seer.backends import BACKENDS
 from seer.checks import ConfigError, build, fail, is_int, is_number
+from seer.gates.decode_config import DecodeGateConfig
+from seer.sparsity.decode import DecodeSparsityConfig
 
 GT_MODES = ("auto", "fast", "lowmem")
 LOSSES = ("kl", "mse")
@@ -28,6 +30,7 @@ class StageConfig:
     the stage's LightningModule (a :class:`seer.training.stage.Stage`), by import path, as a ``_target_``."""
 
     module: ClassVar[str]
+    uses_prefill_budget: ClassVar[bool] = True  # the ``sparsity`` group applies (calibrated at the end of fit)
     name: str = "distill"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -178,8 +181,44 @@ class FinetuneConfig(GateTargetConfig):
             fail("stage", "image_every_n_steps", self.image_every_n_steps, "the finetune stage draws no images; use 0")
 
 
+@dataclass
+class DistillDecodeConfig(StageConfig):
+    """Decode-gate distillation (SeerAttention-R) of a frozen model on teacher-forced text rows: ``loss_scale`` x
+    the sum over layers of the mean over tokens and KV heads of KL(GT || softmax(decode gate)) over the blocks
+    not after each token's own. ``decode_gate``: the gates' architecture. ``skip_first_tokens``: share of each row's
+    first tokens left out of the loss. ``decode_sparsity``: the decode budget ``val/recall`` is measured at (a
+    calibrated threshold is fitted on the batch itself). ``gt``: the ground truth from the FlashAttention kernel's
+    log-sum-exp and one Triton pass (``triton``), the PyTorch reference chunked over query rows (``reference``) or
+    ``auto`` (triton on CUDA). The ``sparsity`` group does not apply; no images."""
+
+    module: ClassVar[str] = "seer.training.distill_decode.DecodeGateDistillation"
+    uses_prefill_budget: ClassVar[bool] = False
+    name: str = "distill_decode"
+    decode_gate: DecodeGateConfig = field(default_factory=DecodeGateConfig)
+    decode_sparsity: DecodeSparsityConfig = field(default_factory=DecodeSparsityConfig)
+    loss_scale: float = 10.0
+    skip_first_tokens: float = 0.0
+    gt: str = "auto"
+    image_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.decode_gate = build(DecodeGateConfig, "stage.decode_gate", self.decode_gate)
+        self.decode_sparsity = build(DecodeSparsityConfig, "stage.decode_sparsity", self.decode_sparsity)
+        self.decode_sparsity.check_block_size(self.decode_gate.block_size)
+        if not is_number(self.loss_scale) or not self.loss_scale > 0:
+            fail("stage", "loss_scale", self.loss_scale, "must be > 0")
+        if not is_number(self.skip_first_tokens) or not 0 <= self.skip_first_tokens < 1:
+            fail("stage", "skip_first_tokens", self.skip_first_tokens, "is a fraction of a row's tokens; use [0, 1)")
+        if self.gt not in BACKENDS:
+            fail("stage", "gt", self.gt, f"choose from {BACKENDS}")
+        if self.image_every_n_steps:
+            fail("stage", "image_every_n_steps", self.image_every_n_steps, "distill_decode draws no images; use 0")
+
+
 # the one registry of stages: name -> schema (which names the stage's module)
-STAGES: dict[str, type[StageConfig]] = {"distill": DistillConfig, "finetune": FinetuneConfig}
+STAGES: dict[str, type[StageConfig]] = {"distill": DistillConfig, "finetune": FinetuneConfig,
+                                        "distill_decode": DistillDecodeConfig}
 
 
 def stage_config(values: Mapping[str, Any] | StageConfig | None) -> StageConfig:

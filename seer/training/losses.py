@@ -34,3 +34,14 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl",
     else:
         raise ValueError(f"unknown loss {kind!r}")
     return per_block.masked_fill(~causal, 0.0).sum(-1).mean()
+
+
+def decode_gate_loss(logits: torch.Tensor, target: torch.Tensor, skip_first_tokens: float = 0.0) -> torch.Tensor:
+    """Mean over tokens (but the first ``skip_first_tokens`` share of each row), batch and KV heads of
+    ``KL(target || softmax(logits))`` over blocks, for decode-gate logits and targets ``[B, Hkv, N, nb]`` (``-inf``
+    logits and zero targets after each token's block; target rows sum to 1)."""
+    start = min(int(skip_first_tokens * logits.shape[2]), logits.shape[2] - 1)
+    logits, target = logits[:, :, start:].float(), target[:, :, start:].float()
+    log_q = torch.log_softmax(logits, dim=-1)
+    per_block = torch.xlogy(target, target) - target * log_q.masked_fill(target == 0, 0.0)
+    return per_block.sum(-1).mean()

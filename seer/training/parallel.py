@@ -44,6 +44,7 @@ def shard_model(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from seer.model.attention import gates
+    from seer.model.decode import decode_gates
     from seer.model.loading import materialize
 
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
@@ -54,7 +55,7 @@ def shard_model(model: nn.Module, mesh) -> None:
                 materialize(model, device, module)
         fully_shard(modules, mesh=mesh, **options)
 
-    gate_modules = list(gates(model).values())
+    gate_modules = list(gates(model).values()) + list(decode_gates(model).values())  # prefill and decode gates
     if gate_modules:
         fully_shard(gate_modules, mesh=mesh, reshard_after_forward=False)
     for layer in model.base_model.layers:

@@ -103,9 +103,11 @@ def derived_facts(module, trainer, device: torch.device, gt_source: str) -> dict
 
     import seer
     from seer.model.attention import gate_parameters
+    from seer.model.decode import decode_gates
 
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"params.trained": trained, "params.gates": sum(p.numel() for p in gate_parameters(module)),
+    gates = gate_parameters(module) + [p for g in decode_gates(module).values() for p in g.parameters()]
+    return {"params.trained": trained, "params.gates": sum(p.numel() for p in gates),
             "params.frozen": sum(p.numel() for p in module.parameters()) - trained,
             "run.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "run.world_size": trainer.world_size, "run.gt_source": gt_source,
@@ -176,7 +178,8 @@ def run_training(cfg: DictConfig) -> dict:
     summary = RunSummary(str(out_dir), str(out_dir / "gates"))
     interrupt = StopOnInterrupt()
     record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
-    calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated else []
+    calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated \
+        and run.stage.uses_prefill_budget else []
     callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
     trainer = instantiate(cfg.trainer, _partial_=True)(logger=False, callbacks=callbacks,
                                                        plugins=[AtomicCheckpointIO()])

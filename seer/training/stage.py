@@ -13,6 +13,7 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from seer.config import RunConfig
+from seer.model.gate_io import gate_state_dict, save_gates
 from seer.sparsity import SparsityConfig
 from seer.training.config import StageConfig
 from seer.training.parallel import configure_sharding
@@ -50,6 +51,14 @@ class Stage(L.LightningModule, abc.ABC):
         sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(self.stage.warmup_steps, total), total,
                                                             min_lr_rate=self.stage.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def gate_state(self) -> dict[str, torch.Tensor]:
+        """The trained gates' weights for their files (a collective under FSDP: every process calls it)."""
+        return gate_state_dict(self.model)
+
+    def save_gate_files(self, folder: str, state: dict[str, torch.Tensor], extra: dict) -> None:
+        """Writes the gates' files (``state`` from :meth:`gate_state`) into ``folder``, with ``extra`` metadata."""
+        save_gates(folder, self.model, self.model_name, extra=extra, state=state)
 
     def configure_model(self) -> None:
         """Shards the model when the strategy asks for it (``trainer=fsdp``, :mod:`seer.training.parallel`)."""

@@ -169,3 +169,19 @@ def test_lora_under_fsdp_is_refused_before_loading(tmp_path):
 
     with pytest.raises(ConfigError, match="trainer=fsdp with stage.lora_rank=4"):
         train(tmp_path, *FINETUNE, "stage.lora_rank=4", "stage.trainable=[]", "trainer=fsdp", *TWO_PROCESSES)
+
+
+DECODE = ["stage=distill_decode", "stage.decode_gate.block_size=16", "stage.decode_gate.hidden_size=16",
+          "stage.decode_sparsity.token_budget=32", "logger=none"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distill_decode_on_two_processes_matches_one_process(tmp_path, strategy):
+    """Decode gates train under both strategies like the prefill gates: the same gates as one process."""
+    one = tmp_path / "one"
+    train(one, *STEPS, *DECODE, "data.batch_size=2")
+    two = _run(tmp_path, strategy, *DECODE, f"trainer={strategy}", "trainer.limit_val_batches=0")
+    want, got = (load_file(str(f / "gates" / "decode_gates.safetensors")) for f in (one, two))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,123 @@
+"""Decode budgets (SeerAttention-R): which key blocks a decoding token's KV head attends to.
+
+A decoding token at position ``p`` (``seqlen = p + 1`` valid keys) scores the blocks ``0..(p // block_size)``;
+per KV head (its query heads share the choice) the budget keeps:
+
+* ``token_budget``: the top-scoring blocks up to ``token_budget`` tokens (``token_budget // block_size`` blocks,
+  the forced blocks counted among them, and kept even when they alone exceed it);
+* ``threshold``: the blocks whose softmax share of the token's scores reaches ``threshold``; with
+  ``target_density`` the threshold is calibrated (:func:`calibrate_decode_threshold`) so that the kept share of
+  valid blocks, averaged over tokens and heads, reaches it;
+* ``dense``: every valid block.
+
+The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
+lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from seer.checks import fail, is_int, is_number
+
+DECODE_METHODS = ("token_budget", "threshold", "dense")
+
+
+@dataclass
+class DecodeSparsityConfig:
+    """A decode budget (see the module docstring)."""
+
+    method: str = "token_budget"
+    token_budget: int = 2048
+    threshold: float = 0.01
+    target_density: Optional[float] = None
+    first_block: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in DECODE_METHODS:
+            fail("decode_sparsity", "method", self.method, f"choose from {DECODE_METHODS}")
+        if not is_int(self.token_budget) or self.token_budget < 1:
+            fail("decode_sparsity", "token_budget", self.token_budget, "is a number of tokens; must be an integer >= 1")
+        if not is_number(self.threshold) or not 0 <= self.threshold <= 1:
+            fail("decode_sparsity", "threshold", self.threshold, "is a softmax share; must be in [0, 1]")
+        if self.target_density is not None and (not is_number(self.target_density)
+                                                or not 0 < self.target_density <= 1):
+            fail("decode_sparsity", "target_density", self.target_density,
+                 "is the kept share of valid blocks; must be in (0, 1]")
+        if self.target_density is not None and self.method != "threshold":
+            fail("decode_sparsity", "target_density", self.target_density,
+                 f"calibrates the threshold method; method={self.method!r} takes none (use null)")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method == "threshold" and self.target_density is not None
+
+    def check_block_size(self, block_size: int) -> None:
+        """Refuses a token budget below one block of ``block_size`` tokens."""
+        if self.method == "token_budget" and self.token_budget < block_size:
+            fail("decode_sparsity", "token_budget", self.token_budget,
+                 f"is below one block ({block_size} tokens); the budget is whole blocks")
+
+
+def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+                      threshold: float | None = None) -> torch.Tensor:
+    """Kept blocks ``[R, Hkv, nb]`` (bool) of ``R`` decoding tokens from their scores ``[R, Hkv, nb]`` and valid key
+    counts ``seqlens [R]`` (the token included). ``threshold``: the calibrated knob of a calibrated budget."""
+    sparsity.check_block_size(block_size)
+    if scores.dim() != 3 or seqlens.shape != scores.shape[:1]:
+        raise ValueError(f"scores must be [R, Hkv, nb] with seqlens [R]; got {tuple(scores.shape)} and "
+                         f"{tuple(seqlens.shape)}")
+    nb = scores.shape[-1]
+    if seqlens.numel() and (int(seqlens.min()) < 1 or int(seqlens.max()) > nb * block_size):
+        raise ValueError(f"seqlens must be in [1, {nb * block_size}] for {nb} blocks of {block_size}; got "
+                         f"{seqlens.min().item()}..{seqlens.max().item()}")
+    blocks = torch.arange(nb, device=scores.device)
+    newest = ((seqlens.to(scores.device) - 1) // block_size)[:, None, None]
+    valid = blocks <= newest
+    forced = (blocks == newest) | ((blocks == 0) & sparsity.first_block)
+    if sparsity.method == "dense":
+        return valid.expand(scores.shape).clone()
+    if sparsity.method == "token_budget":
+        ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
+        top = ranked.topk(min(nb, sparsity.token_budget // block_size), dim=-1).indices
+        kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+        return (kept & valid) | forced
+    if sparsity.calibrated and threshold is None:
+        raise ValueError(f"decode_sparsity.target_density={sparsity.target_density} needs its calibrated threshold "
+                         "(calibrate_decode_threshold)")
+    tau = sparsity.threshold if threshold is None else threshold
+    probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+    return ((probs >= tau) & valid) | forced
+
+
+def decode_block_index(mask: torch.Tensor) -> torch.Tensor:
+    """The kept blocks of ``mask [B, Hkv, nb]`` as the decode kernel's ``block_index [B, Hkv, S]`` int32: ascending
+    block ids, padded with -1, ``S`` the most any head keeps."""
+    nb = mask.shape[-1]
+    width = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
+    blocks = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    ordered = torch.where(mask, blocks, nb).sort(dim=-1).values[..., :width]
+    return ordered.masked_fill(ordered == nb, -1).to(torch.int32)
+
+
+def decode_density(mask: torch.Tensor, seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Kept share of valid blocks, averaged over tokens and heads."""
+    valid = ((seqlens.to(mask.device) - 1) // block_size + 1).float()[:, None]
+    return (mask.sum(-1) / valid).mean()
+
+
+def calibrate_decode_threshold(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig,
+                               block_size: int, steps: int = 40) -> float:
+    """The threshold at which :func:`decode_block_mask` keeps ``sparsity.target_density`` of the valid blocks of
+    these tokens (bisection; the density falls as the threshold rises)."""
+    if not sparsity.calibrated:
+        raise ValueError(f"decode sparsity {sparsity} has no target_density to calibrate for")
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        density = decode_density(decode_block_mask(scores, seqlens, sparsity, block_size, mid), seqlens, block_size)
+        low, high = (mid, high) if density > sparsity.target_density else (low, mid)
+    return high

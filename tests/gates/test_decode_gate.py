@@ -1,0 +1,82 @@
+"""DecodeGate against a float64 loop written from its definition."""
+
+import math
+
+import pytest
+import torch
+
+from seer.checks import ConfigError
+from seer.gates.decode_config import DecodeGateConfig
+from seer.gates.decode_gate import DecodeGate
+from tests.gates.test_attn_gate import _rope_loop
+
+
+def _pool(tokens, kinds):
+    parts = {"avg": tokens.mean(-2), "max": tokens.max(-2).values, "min": tokens.min(-2).values,
+             "last": tokens[..., -1, :]}
+    return torch.cat([parts[k] for k in kinds], dim=-1)
+
+
+def _decode_gate_loop(gate: DecodeGate, q, k):
+    """Each query token, KV head and block not after the token's, one at a time."""
+    cfg = gate.config
+    bs = cfg.block_size
+    b, hq, t, d = q.shape
+    n, hkv = k.shape[2], k.shape[1]
+    group = hq // hkv
+    nb = math.ceil(n / bs)
+    out = torch.full((b, hkv, t, nb), float("-inf"), dtype=torch.float64)
+    for g in range(hkv):
+        wq, wk = gate.q_weight[g].double(), gate.k_weight[g].double()
+        for i in range(t):
+            pos = n - t + i
+            qi = torch.cat([q[:, g * group + h, i].double() for h in range(group)], -1) @ wq
+            if gate.rope_inv_freq is not None:
+                qi = _rope_loop(qi, pos, gate.rope_inv_freq, gate.rope_scale)
+            for j in range(pos // bs + 1):
+                end = min((j + 1) * bs, pos + 1)
+                kj = _pool(k[:, g, j * bs:end].double(), cfg.k_pool) @ wk
+                if gate.rope_inv_freq is not None:
+                    kj = _rope_loop(kj, j * bs, gate.rope_inv_freq, gate.rope_scale)
+                out[:, g, i, j] = (qi * kj).sum(-1) / math.sqrt(qi.shape[-1])
+    return out
+
+
+@pytest.mark.parametrize("k_pool, hidden, n, t, heads, rope", [
+    (["max", "min", "avg"], 12, 37, 37, (4, 2), True),   # teacher forcing: every token, partial last block
+    (["avg", "last"], 8, 40, 3, (6, 2), True),           # the last 3 tokens of 40
+    (["max"], 6, 16, 16, (2, 2), False),                 # no GQA, no RoPE, one whole block
+])
+def test_decode_gate_matches_loop(k_pool, hidden, n, t, heads, rope):
+    torch.manual_seed(0)
+    hq, hkv = heads
+    cfg = DecodeGateConfig(block_size=16, k_pool=k_pool, hidden_size=hidden, block_rope=rope)
+    gate = DecodeGate(cfg, head_dim=8, num_heads=hq, num_kv_heads=hkv, rope_scale=1.3 if rope else 1.0)
+    q, k = torch.randn(2, hq, t, 8), torch.randn(2, hkv, n, 8)
+    got = gate(q, k)
+    want = _decode_gate_loop(gate, q, k)
+    assert got.shape == want.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got.double()[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_decode_gate_sees_no_future_key():
+    torch.manual_seed(1)
+    gate = DecodeGate(DecodeGateConfig(block_size=16, hidden_size=8), 8, 4, 2)
+    q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    k2 = k.clone()
+    k2[:, :, 21:] += 5.0
+    torch.testing.assert_close(gate(q, k)[:, :, :21], gate(q, k2)[:, :, :21])
+
+
+def test_decode_gate_refuses_bad_input():
+    with pytest.raises(ConfigError, match=r"decode_gate.k_pool=\['max', 'max'\]"):
+        DecodeGateConfig(k_pool=["max", "max"])
+    with pytest.raises(ConfigError, match="decode_gate.block_size=48"):
+        DecodeGateConfig(block_size=48)
+    gate = DecodeGate(DecodeGateConfig(block_size=16, hidden_size=8), 8, 4, 2)
+    with pytest.raises(ValueError, match="expects 4 query and 2 key heads"):
+        gate(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="query tokens <= keys; got 5 and 4"):
+        gate(torch.randn(1, 4, 5, 8), torch.randn(1, 2, 4, 8))

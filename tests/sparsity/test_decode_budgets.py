@@ -1,0 +1,78 @@
+"""Decode budgets against brute force, one token and head at a time."""
+
+import math
+
+import pytest
+import torch
+
+from seer.checks import ConfigError
+from seer.sparsity.decode import (DecodeSparsityConfig, calibrate_decode_threshold, decode_block_index,
+                                  decode_block_mask, decode_density)
+
+BS = 16
+
+
+def _brute(scores, seqlens, cfg, tau=None):
+    r, h, nb = scores.shape
+    out = []
+    for i in range(r):
+        newest = (int(seqlens[i]) - 1) // BS
+        heads = []
+        for g in range(h):
+            forced = {newest} | ({0} if cfg.first_block else set())
+            valid = list(range(newest + 1))
+            if cfg.method == "dense":
+                kept = set(valid)
+            elif cfg.method == "token_budget":
+                rest = sorted((j for j in valid if j not in forced), key=lambda j: -float(scores[i, g, j]))
+                kept = forced | set(rest[:max(0, cfg.token_budget // BS - len(forced))])
+            else:
+                s = [math.exp(float(scores[i, g, j])) for j in valid]
+                kept = forced | {j for j in valid if s[j] / sum(s) >= (cfg.threshold if tau is None else tau)}
+            heads.append(sorted(kept))
+        out.append(heads)
+    return out
+
+
+def _lists(index):
+    return [[[int(j) for j in row if j >= 0] for row in heads] for heads in index]
+
+
+@pytest.mark.parametrize("cfg", [
+    DecodeSparsityConfig(method="token_budget", token_budget=48),
+    DecodeSparsityConfig(method="token_budget", token_budget=40, first_block=False),  # 2 blocks: 40 // 16
+    DecodeSparsityConfig(method="threshold", threshold=0.15),
+    DecodeSparsityConfig(method="threshold", threshold=0.15, first_block=False),
+    DecodeSparsityConfig(method="dense"),
+])
+def test_decode_budgets_match_brute_force(cfg):
+    torch.manual_seed(0)
+    scores = torch.randn(7, 3, 6)
+    seqlens = torch.tensor([1, 16, 17, 40, 64, 81, 96])
+    index = decode_block_index(decode_block_mask(scores, seqlens, cfg, BS))
+    assert index.dtype == torch.int32 and index.shape[:2] == (7, 3)
+    assert _lists(index) == _brute(scores, seqlens, cfg)
+    # -1 only as padding at the end of a row
+    assert all((row[:(row >= 0).sum()] >= 0).all() and (row[(row >= 0).sum():] == -1).all()
+               for row in index.reshape(-1, index.shape[-1]))
+
+
+def test_calibrated_threshold_reaches_the_target():
+    torch.manual_seed(1)
+    cfg = DecodeSparsityConfig(method="threshold", target_density=0.5, first_block=False)
+    scores, seqlens = torch.randn(50, 2, 8) * 2, torch.randint(1, 129, (50,))
+    tau = calibrate_decode_threshold(scores, seqlens, cfg, BS)
+    mask = decode_block_mask(scores, seqlens, cfg, BS, tau)
+    assert _lists(decode_block_index(mask)) == _brute(scores, seqlens, cfg, tau)
+    assert abs(float(decode_density(mask, seqlens, BS)) - 0.5) < 0.03
+    with pytest.raises(ValueError, match="target_density=0.5 needs its calibrated threshold"):
+        decode_block_mask(scores, seqlens, cfg, BS)
+
+
+def test_decode_budgets_refuse_bad_input():
+    with pytest.raises(ConfigError, match=r"decode_sparsity.token_budget=8: is below one block \(16 tokens\)"):
+        decode_block_mask(torch.zeros(1, 1, 2), torch.tensor([5]), DecodeSparsityConfig(token_budget=8), BS)
+    with pytest.raises(ConfigError, match="decode_sparsity.target_density=0.2: calibrates the threshold method"):
+        DecodeSparsityConfig(method="token_budget", target_density=0.2)
+    with pytest.raises(ValueError, match=r"seqlens must be in \[1, 32\] for 2 blocks of 16; got 5..40"):
+        decode_block_mask(torch.zeros(2, 1, 2), torch.tensor([5, 40]), DecodeSparsityConfig(), BS)
