@@ -28,8 +28,12 @@ context's ``mode``, set like every other setting through the context's checks: f
   ``context.train_masks`` (clear it before each step), so a recomputation under activation checkpointing reuses
   it and computes no second gate or ground truth. A ``dense`` budget (or a layer in ``dense_layers``) runs SDPA.
 
-Only an unpadded causal prefill (no attention mask, queries == keys) is gated; decode steps and padded batches
-fall back to dense SDPA.
+A causal prefill (queries == keys) is gated, unpadded or padded: a padded batch (left or right padding, an
+``attention_mask`` with one run of real tokens per row) is scored, selected and attended sequence by sequence in
+``sparse`` and ``observe`` modes, each on its own tokens with blocks starting at its first one, so it gets what it
+gets alone (give left-padded rows their positions, as ``generate`` does) and the density counts its own causal
+blocks; a consumer gets one observation per sequence, and padding rows' outputs are 0. Decode steps, masks with
+holes and packed rows fall back to dense SDPA; distillation needs an unpadded prefill.
 """
 
 from __future__ import annotations
@@ -321,10 +325,10 @@ def _output_buffer(query: torch.Tensor) -> torch.Tensor:
     return torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)
 
 
-def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
+def _scores(module, ctx: SeerContext, query, key, scale: float, pre_rope) -> torch.Tensor:
     """Block scores of one layer (no grad): the context's selector on post-RoPE Q/K, or the layer's gate on the
-    pre-RoPE Q/K its hooks stashed, blended with a training-free estimate when the gate config names one
-    (``gate_config.blend``)."""
+    pre-RoPE Q/K its hooks stashed (``pre_rope``), blended with a training-free estimate when the gate config names
+    one (``gate_config.blend``)."""
     if ctx.selector is not None:
         from seer.sparsity.selectors import LayerInputs
 
@@ -332,8 +336,7 @@ def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
     gate: AttnGate | None = getattr(module, "seer_gate", None)
     if gate is None:
         raise RuntimeError("no block scorer: the model has no gates and context.selector is None")
-    q_pre, k_pre = module.seer_stash.take()
-    scores = gate(q_pre, k_pre)
+    scores = gate(*pre_rope)
     blend = ctx.gate_config.blend
     if blend is None:
         return scores
@@ -346,10 +349,14 @@ def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature): q ``[B, Hq, N, D]`` after RoPE,
-    k/v ``[B, Hkv, N_kv, D]``; returns ``([B, N, Hq, D], None)``."""
+    k/v ``[B, Hkv, N_kv, D]``; returns ``([B, N, Hq, D], None)``. A padded prefill (a mask :func:`seer_mask` made
+    for one run of real tokens per row) is selected and attended sequence by sequence in ``sparse`` and ``observe``
+    modes (:func:`_padded_prefill`)."""
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
-    prefill = attention_mask is None and query.shape[2] == key.shape[2]
+    spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
+        else None
+    prefill = (attention_mask is None or spans is not None) and query.shape[2] == key.shape[2]
     if ctx is None or ctx.mode == "dense" or not prefill:
         if ctx is not None and ctx.mode == "distill":
             raise ValueError("gate distillation needs an unpadded causal prefill (no attention mask, no KV cache); "
@@ -357,7 +364,6 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         if stash is not None:
             stash.q = stash.k = None
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bs = ctx.block_size
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v
         query, key = query.to(value.dtype), key.to(value.dtype)
@@ -371,29 +377,55 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         if ctx.consumer is not None:
             ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
         return out, None
-    layer = module.layer_idx
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
-        if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
+    pre_rope = stash.take() if stash is not None and ctx.selector is None else None
+    if spans is None:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
+            if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
+        out, kept, total = _select_and_attend(module, ctx, query, key, value, scaling, scale, pre_rope, events)
+    else:
+        out, kept, total = _padded_prefill(module, ctx, query, key, value, scaling, scale, pre_rope, spans)
+    if ctx.mode == "sparse":
+        # kept blocks (masks are block-causal); reductions without host sync: densities() divides later
+        ctx.density[module.layer_idx] = (kept, total)
+    return out, None
+
+
+def _padded_prefill(module, ctx: SeerContext, query, key, value, scaling, scale: float, pre_rope, spans):
+    """:func:`_select_and_attend` on each row's real tokens ``spans[b] = (first, end)`` alone, so blocks start at each
+    sequence's first token and padding is never scored, selected or counted; the outputs of padding rows are 0.
+    Returns ``(out [B, N, Hq, D], kept blocks, causal blocks)`` summed over the sequences."""
+    out = _output_buffer(query).zero_()
+    kept, total = torch.zeros((), dtype=torch.int64, device=query.device), 0
+    for b, (first, end) in enumerate(spans):
+        if end == first:
+            continue
+        rows = slice(b, b + 1), slice(None), slice(first, end)
+        seq_pre = None if pre_rope is None else (pre_rope[0][rows], pre_rope[1][rows])
+        seq_out, seq_kept, seq_total = _select_and_attend(module, ctx, query[rows], key[rows], value[rows], scaling,
+                                                          scale, seq_pre, None)
+        out[b, first:end] = seq_out[0]
+        kept, total = kept + seq_kept, total + seq_total
+    return out, kept, total
+
+
+def _select_and_attend(module, ctx: SeerContext, query, key, value, scaling, scale: float, pre_rope, events):
+    """The ``sparse`` and ``observe`` modes on an unpadded prefill: scores -> mask -> block-sparse attention (dense
+    SDPA in ``observe`` mode and for dense layers). Returns ``(out [B, N, Hq, D], kept blocks, causal blocks)``;
+    ``events`` (CUDA events, or None) time the selection and the attention into ``ctx.timer``."""
+    layer, bs = module.layer_idx, ctx.block_size
     if events:
         events[0].record()
     with torch.no_grad():
-        scores = _scores(module, ctx, query, key, scale)
+        scores = _scores(module, ctx, query, key, scale, pre_rope)
         mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
-        if ctx.mode == "observe":
-            if ctx.consumer is not None:
-                ctx.consumer(LayerObservation(layer, scores, None, mass))
-            return _dense(module, query, key, value, None, 0.0, scaling)
         nb = scores.shape[-1]
         total = scores.shape[0] * scores.shape[1] * nb * (nb + 1) // 2
-        if ctx.sparsity.runs_dense(layer):
-            ctx.density[layer] = (torch.tensor(total), total)
+        if ctx.mode == "observe" or ctx.sparsity.runs_dense(layer):
             if ctx.consumer is not None:
                 ctx.consumer(LayerObservation(layer, scores, None, mass))
-            return _dense(module, query, key, value, None, 0.0, scaling)
+            return _dense(module, query, key, value, None, 0.0, scaling)[0], torch.tensor(total), total
         knob = ctx.calibration.knob(layer, scores.device) if ctx.calibration is not None else None
         mask = select_blocks(scores, ctx.sparsity, knob)
-    # kept blocks (masks are block-causal); one reduction, no host sync: densities() divides later
-    ctx.density[layer] = (mask.sum(), total)
     if ctx.consumer is not None:
         ctx.consumer(LayerObservation(layer, scores, mask, mass))
     if events:
@@ -411,7 +443,7 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     if events:
         events[2].record()
         ctx.timer.append(events)
-    return out, None
+    return out, mask.sum(), total
 
 
 def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
@@ -486,23 +518,48 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
               mask_function=None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
               allow_is_causal_skip: bool = True, **kwargs):
     """The ``"seer"`` mask function: SDPA's, except that a plain causal prefill (no padding mask given, no cached
-    keys, no sliding window) gets no mask, decided from shapes alone.
+    keys, no sliding window) gets no mask, decided from shapes alone, and that the mask of a padded causal prefill
+    carries ``seer_spans``, the ``(first, end)`` of each row's real tokens (:func:`padding_spans`), which the
+    attention function gates sequence by sequence.
 
     SDPA's own decision looks at tensor values (is the padding mask all ones, do position ids restart, i.e. are
     several sequences packed in a row); under CUDA-graph capture or ``torch.compile`` it cannot, and builds a full
     mask, which would send every gated layer to the dense fallback. There seer assumes one sequence per row, as
-    block-causal gating does anyway: packed rows are not supported in gated layers."""
+    block-causal gating does anyway: packed rows are not supported in gated layers. A step after cached keys (decode)
+    whose padding mask is not one run of real tokens per row (a right-padded prompt) is refused."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
     from transformers.utils.import_utils import is_tracing
 
     mask_function = mask_function or causal_mask_function
-    plain_prefill = attention_mask is None and local_size is None and q_offset == 0 and kv_offset == 0 \
-        and q_length == kv_length
-    if plain_prefill and (mask_function is causal_mask_function and allow_is_causal_skip or is_tracing()):
+    causal = mask_function is causal_mask_function and local_size is None
+    plain = q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
         return None
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+    spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
+        and not is_tracing() else None
+    if attention_mask is not None and not plain and spans is None and attention_mask.dim() == 2 \
+            and not is_tracing():
+        raise ValueError("a padded batch continued after its prompt (generate) needs left padding "
+                         "(tokenizer.padding_side = 'left'): some row has padding between real tokens")
+    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                      mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
                      allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    if mask is not None and causal and plain and spans is not None:
+        mask.seer_spans = spans
+    return mask
+
+
+def padding_spans(attention_mask: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+    """``(first, end)`` of the real tokens of each row of a ``[B, N]`` padding mask (nonzero: a real token), or None
+    when some row's real tokens are not one run (left padding, right padding and none are; holes are not)."""
+    real = attention_mask.bool()
+    count = real.sum(-1)
+    first = real.int().argmax(-1)
+    pos = torch.arange(real.shape[-1], device=real.device)
+    run = (pos >= first[:, None]) & (pos < (first + count)[:, None])
+    if not torch.equal(run, real):
+        return None
+    return tuple((int(f), int(f + c)) for f, c in zip(first.tolist(), count.tolist()))
 
 
 def register_attention() -> None:
