@@ -6,7 +6,8 @@
   :func:`seer.kernels.flash_gt.gt_from_lse` (the ground truth from a known ``lse``).
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
   ``seer/kernels/block_sparse.py``; differentiable in q, k, v (Triton backward in ``block_sparse_bwd.py``; both
-  walk the block lists of ``block_index.py``).
+  walk the block lists of ``block_index.py``); :func:`block_sparse_attn_varlen` - the same forward over sequences
+  packed in one row (``cu_seqlens``, FlashAttention's varlen layout), blocks aligned to each sequence's start.
 * :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
   pass), in ``seer/kernels/block_pool.py``.
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
@@ -30,7 +31,8 @@ driver call.
 # block_sparse_bwd is imported with the package (not only at the first backward) so that its launch tables are
 # known to seer.kernels.tuning (force_config("block_sparse_bwd.dq", ...), kernel_names()) from the start
 from seer.kernels import block_sparse_bwd, reference, tuning
-from seer.kernels.block_sparse import block_sparse_attn
+from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_varlen
 from seer.kernels.flash_gt import flash_attn_with_gt
 
-__all__ = ["block_sparse_attn", "block_sparse_bwd", "flash_attn_with_gt", "reference", "tuning"]
+__all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "block_sparse_bwd", "flash_attn_with_gt", "reference",
+           "tuning"]
