@@ -30,7 +30,8 @@ context's ``mode``, set like every other setting through the context's checks: f
 
 A causal prefill (queries == keys) is gated, unpadded or padded: a padded batch (left or right padding, an
 ``attention_mask`` with one run of real tokens per row) is scored, selected and attended sequence by sequence in
-``sparse`` and ``observe`` modes, each on its own tokens with blocks starting at its first one, so it gets what it
+``sparse`` and ``observe`` modes (the Triton path attends all of them in one packed launch), each on its own
+tokens with blocks starting at its first one, so it gets what it
 gets alone (give left-padded rows their positions, as ``generate`` does) and the density counts its own causal
 blocks; a consumer gets one observation per sequence, and padding rows' outputs are 0. Decode steps, masks with
 holes and packed rows fall back to dense SDPA; distillation needs an unpadded prefill.
@@ -39,6 +40,7 @@ holes and packed rows fall back to dense SDPA; distillation needs an unpadded pr
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -391,59 +393,107 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
 
 
 def _padded_prefill(module, ctx: SeerContext, query, key, value, scaling, scale: float, pre_rope, spans):
-    """:func:`_select_and_attend` on each row's real tokens ``spans[b] = (first, end)`` alone, so blocks start at each
-    sequence's first token and padding is never scored, selected or counted; the outputs of padding rows are 0.
-    Returns ``(out [B, N, Hq, D], kept blocks, causal blocks)`` summed over the sequences."""
+    """The selection of :func:`_select_and_attend` on each row's real tokens ``spans[b] = (first, end)`` alone, so
+    blocks start at each sequence's first token and padding is never scored, selected or counted; then attention
+    sequence by sequence, or with the Triton kernel all sequences in one launch, packed
+    (:func:`_attend_packed`). The outputs of padding rows are 0. Returns ``(out [B, N, Hq, D], kept blocks, causal
+    blocks)`` summed over the sequences."""
+    packed = ctx.kernel == "triton" and ctx.mode == "sparse" and not ctx.sparsity.runs_dense(module.layer_idx)
     out = _output_buffer(query).zero_()
     kept, total = torch.zeros((), dtype=torch.int64, device=query.device), 0
+    masks = []
     for b, (first, end) in enumerate(spans):
         if end == first:
+            masks.append(None)
             continue
         rows = slice(b, b + 1), slice(None), slice(first, end)
         seq_pre = None if pre_rope is None else (pre_rope[0][rows], pre_rope[1][rows])
-        seq_out, seq_kept, seq_total = _select_and_attend(module, ctx, query[rows], key[rows], value[rows], scaling,
-                                                          scale, seq_pre, None)
-        out[b, first:end] = seq_out[0]
+        mask, seq_kept, seq_total = _select(module, ctx, query[rows], key[rows], scale, seq_pre)
+        if packed:
+            masks.append(mask)
+        else:
+            out[b, first:end] = _attend(module, ctx, query[rows], key[rows], value[rows], mask, scaling)[0]
         kept, total = kept + seq_kept, total + seq_total
+    if packed and any(mask is not None for mask in masks):
+        _attend_packed(query, key, value, spans, masks, ctx.block_size, scaling, out)
     return out, kept, total
+
+
+def _select(module, ctx: SeerContext, query, key, scale: float, pre_rope):
+    """Scores -> block mask of one unpadded prefill (None in ``observe`` mode and for dense layers), handed to the
+    consumer with the scores. Returns ``(mask, kept blocks, causal blocks)``."""
+    layer = module.layer_idx
+    with torch.no_grad():
+        scores = _scores(module, ctx, query, key, scale, pre_rope)
+        mass = attention_mass(query, key, ctx.block_size, scale) if ctx.want_mass and ctx.consumer is not None \
+            else None
+        nb = scores.shape[-1]
+        total = scores.shape[0] * scores.shape[1] * nb * (nb + 1) // 2
+        mask = None
+        if ctx.mode == "sparse" and not ctx.sparsity.runs_dense(layer):
+            knob = ctx.calibration.knob(layer, scores.device) if ctx.calibration is not None else None
+            mask = select_blocks(scores, ctx.sparsity, knob)
+    if ctx.consumer is not None:
+        ctx.consumer(LayerObservation(layer, scores, mask, mass))
+    return mask, torch.tensor(total) if mask is None else mask.sum(), total
+
+
+def _attend(module, ctx: SeerContext, query, key, value, mask, scaling) -> torch.Tensor:
+    """Attention ``[B, N, Hq, D]`` of one unpadded prefill through the blocks of ``mask`` (dense SDPA for None)."""
+    if mask is None:
+        return _dense(module, query, key, value, None, 0.0, scaling)[0]
+    if ctx.kernel == "triton":
+        from seer.kernels import block_sparse_attn
+
+        out = _output_buffer(query)
+        block_sparse_attn(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling,
+                          out=out.transpose(1, 2))
+        return out
+    from seer.kernels.reference import block_sparse_sdpa
+
+    out = block_sparse_sdpa(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _attend_packed(query, key, value, spans, masks, block_size: int, scaling, out: torch.Tensor) -> None:
+    """Writes into ``out [B, N, Hq, D]`` the attention of each row's real tokens ``spans[b]`` through its mask
+    ``masks[b]`` (``[1, H, nb_b, nb_b]``, None for an empty row): the tokens packed in one row, one launch of
+    :func:`seer.kernels.block_sparse_attn_varlen`."""
+    from seer.kernels import block_sparse_attn_varlen
+
+    b, hq, n, d = query.shape
+    lengths = [end - first for first, end in spans]
+    tokens = torch.cat([torch.arange(row * n + first, row * n + end) for row, (first, end) in enumerate(spans)])
+    tokens = tokens.to(query.device)
+    q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d)[tokens] for x in (query, key, value))
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
+    heads = next(m.shape[1] for m in masks if m is not None)
+    nb = -(-max(lengths) // block_size)
+    packed_mask = torch.zeros(len(spans), heads, nb, nb, dtype=torch.bool, device=query.device)
+    for row, mask in enumerate(masks):
+        if mask is not None:
+            packed_mask[row, :, :mask.shape[2], :mask.shape[3]] = mask[0]
+    packed_out, _ = block_sparse_attn_varlen(q, k, v, cu_seqlens, packed_mask, block_size=block_size,
+                                             sm_scale=scaling)
+    out.view(b * n, hq, d)[tokens] = packed_out
 
 
 def _select_and_attend(module, ctx: SeerContext, query, key, value, scaling, scale: float, pre_rope, events):
     """The ``sparse`` and ``observe`` modes on an unpadded prefill: scores -> mask -> block-sparse attention (dense
     SDPA in ``observe`` mode and for dense layers). Returns ``(out [B, N, Hq, D], kept blocks, causal blocks)``;
     ``events`` (CUDA events, or None) time the selection and the attention into ``ctx.timer``."""
-    layer, bs = module.layer_idx, ctx.block_size
     if events:
         events[0].record()
-    with torch.no_grad():
-        scores = _scores(module, ctx, query, key, scale, pre_rope)
-        mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
-        nb = scores.shape[-1]
-        total = scores.shape[0] * scores.shape[1] * nb * (nb + 1) // 2
-        if ctx.mode == "observe" or ctx.sparsity.runs_dense(layer):
-            if ctx.consumer is not None:
-                ctx.consumer(LayerObservation(layer, scores, None, mass))
-            return _dense(module, query, key, value, None, 0.0, scaling)[0], torch.tensor(total), total
-        knob = ctx.calibration.knob(layer, scores.device) if ctx.calibration is not None else None
-        mask = select_blocks(scores, ctx.sparsity, knob)
-    if ctx.consumer is not None:
-        ctx.consumer(LayerObservation(layer, scores, mask, mass))
+    mask, kept, total = _select(module, ctx, query, key, scale, pre_rope)
+    if mask is None:
+        return _attend(module, ctx, query, key, value, None, scaling), kept, total
     if events:
         events[1].record()
-    if ctx.kernel == "triton":
-        from seer.kernels import block_sparse_attn
-
-        out = _output_buffer(query)
-        block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
-    else:
-        from seer.kernels.reference import block_sparse_sdpa
-
-        out = block_sparse_sdpa(query, key, value, mask, block_size=bs, sm_scale=scaling).transpose(1, 2)
-        out = out.contiguous()
+    out = _attend(module, ctx, query, key, value, mask, scaling)
     if events:
         events[2].record()
         ctx.timer.append(events)
-    return out, mask.sum(), total
+    return out, kept, total
 
 
 def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):

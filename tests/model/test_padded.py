@@ -114,16 +114,24 @@ def test_observations_of_a_padded_batch_come_per_sequence():
         assert torch.equal(o.mask, a.mask)
 
 
-def test_triton_kernel_on_a_padded_batch_matches_the_reference_path():
-    """The Triton path (the interpreter on CPU) writes each sequence's rows; padding rows stay 0."""
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_triton_kernel_on_a_padded_batch_matches_the_reference_path(side, monkeypatch):
+    """The Triton path (the interpreter on CPU) attends the sequences packed, one varlen launch a layer."""
+    import seer.kernels
+
+    launches = []
+    varlen = seer.kernels.block_sparse_attn_varlen
+    monkeypatch.setattr(seer.kernels, "block_sparse_attn_varlen",
+                        lambda *args, **kwargs: launches.append(args[3].tolist()) or varlen(*args, **kwargs))
     model, ctx = _gated()
     seqs = _seqs(lengths=(40, 17, 1))
-    ids, mask, pos, spans = _batch(seqs, "left")
+    ids, mask, pos, spans = _batch(seqs, side)
     with torch.no_grad():
         with ctx.running("sparse", sparsity=TOPK, kernel="reference"):
             ref = model(ids, attention_mask=mask, position_ids=pos).logits
         with ctx.running("sparse", sparsity=TOPK, kernel="triton"):
             tri = model(ids, attention_mask=mask, position_ids=pos).logits
+    assert launches == [[0, 40, 57, 58]] * 2
     for b, span in enumerate(spans):
         torch.testing.assert_close(tri[b, span], ref[b, span], rtol=2e-4, atol=2e-4)
 
