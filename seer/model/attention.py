@@ -30,11 +30,11 @@ context's ``mode``, set like every other setting through the context's checks: f
 
 A causal prefill (queries == keys) is gated, unpadded or padded: a padded batch (left or right padding, an
 ``attention_mask`` with one run of real tokens per row) is scored, selected and attended sequence by sequence in
-``sparse`` and ``observe`` modes (the Triton path attends all of them in one packed launch), each on its own
-tokens with blocks starting at its first one, so it gets what it
-gets alone (give left-padded rows their positions, as ``generate`` does) and the density counts its own causal
-blocks; a consumer gets one observation per sequence, and padding rows' outputs are 0. Decode steps, masks with
-holes and packed rows fall back to dense SDPA; distillation needs an unpadded prefill.
+``sparse`` and ``observe`` modes (the Triton path attends all of them in one packed launch), each on its own tokens
+with blocks starting at its first one, so it gets what it gets alone (give left-padded rows their positions, as
+``generate`` does) and the density counts its own causal blocks; a consumer gets one observation per sequence, and
+padding rows' outputs are 0. Decode steps, masks with holes and packed rows fall back to dense SDPA; distillation
+needs an unpadded prefill.
 """
 
 from __future__ import annotations
