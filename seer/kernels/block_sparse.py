@@ -52,7 +52,7 @@ after another so that concurrently running programs share a head's K/V in L2.
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
 math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token), and the
-programs of query blocks at or past ``N`` return at once.
+programs of query blocks at or past ``N`` walk no list and store nothing.
 """
 
 from __future__ import annotations
@@ -168,8 +168,6 @@ def _bs_attn_fwd_kernel(
     if VARLEN:  # sequences packed in one row (batch strides 0): "batch" b is tokens Cu[b] .. Cu[b + 1] - 1
         tok0 = tl.load(Cu + off_b).to(tl.int64)
         N = (tl.load(Cu + off_b + 1) - tok0).to(tl.int32)
-        if pid_m * BLOCK_M >= N:
-            return
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh + tok0 * stride_qn
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + tok0 * stride_kn
@@ -181,6 +179,8 @@ def _bs_attn_fwd_kernel(
                                            block_shape=[BLOCK_N, HEAD_DIM])
     idx_ptr = Idx + off_b * stride_ib + off_hm * stride_ih + pid_m.to(tl.int64) * stride_ir
     cnt = tl.load(Cnt + off_b * stride_cb + off_hm * stride_ch + pid_m)
+    if VARLEN:  # a query block at or past the sequence's end reads nothing (and stores nothing: rows >= N)
+        cnt = tl.where(pid_m * BLOCK_M < N, cnt, 0)
 
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -422,7 +422,7 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     sequences allowed). ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]`` with ``nb >= ceil(longest / block_size)``:
     sequence ``s`` reads its top-left ``ceil(len_s / block_size)`` square, its blocks starting at its first token, so
     it gets what :func:`block_sparse_attn` gives it alone; no attention crosses sequences. One index build and one
-    launch for all sequences (programs past a sequence's end return at once); the offsets are read on the host once
+    launch for all sequences (programs past a sequence's end do nothing); the offsets are read on the host once
     to check them. K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]`` optionally
     receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
     :func:`seer.kernels.reference.block_sparse_attn_varlen`. No backward: refuses inputs that require grad while
