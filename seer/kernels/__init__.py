@@ -6,8 +6,9 @@
   :func:`seer.kernels.flash_gt.gt_from_lse` (the ground truth from a known ``lse``).
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
   ``seer/kernels/block_sparse.py``; differentiable in q, k, v (Triton backward in ``block_sparse_bwd.py``; both
-  walk the block lists of ``block_index.py``); :func:`block_sparse_attn_varlen` - the same forward over sequences
-  packed in one row (``cu_seqlens``, FlashAttention's varlen layout), blocks aligned to each sequence's start.
+  walk the block lists of ``block_index.py``); :func:`block_sparse_attn_varlen` - the same over sequences packed
+  in one row (``cu_seqlens``, FlashAttention's varlen layout), blocks aligned to each sequence's start, forward and
+  backward.
 * :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
   pass), in ``seer/kernels/block_pool.py``.
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in

@@ -63,7 +63,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from seer.kernels.block_index import build_block_index, check_mask, mask_heads
-from seer.kernels.block_sparse_bwd import block_sparse_attn_backward
+from seer.kernels.block_sparse_bwd import launch_backward
+from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
                                  dot_precision, output, softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
@@ -425,8 +426,10 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     launch for all sequences (programs past a sequence's end do nothing); the offsets are read on the host once
     to check them. K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]`` optionally
     receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
-    :func:`seer.kernels.reference.block_sparse_attn_varlen`. No backward: refuses inputs that require grad while
-    grad is enabled.
+    :func:`seer.kernels.reference.block_sparse_attn_varlen`.
+
+    When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v (the Triton
+    backward of :mod:`seer.kernels.block_sparse_bwd` over the packed row; ``out``/``lse`` buffers cannot be given).
     """
     check_block_size(block_size)
     check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
@@ -434,8 +437,16 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_qkv(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
     check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, block_mask=block_mask)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError("block_sparse_attn_varlen has no backward: call it under torch.no_grad(), or use "
-                         "block_sparse_attn per sequence for gradients")
+        if out is not None or lse is not None:
+            raise ValueError("out= and lse= cannot be used when q, k or v requires grad; call without them, or "
+                             "under torch.no_grad()")
+        return _BlockSparseAttnVarlenFunction.apply(q, k, v, cu_seqlens, block_mask, block_size, sm_scale)
+    return _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse)
+
+
+def _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse):
+    """:func:`block_sparse_attn_varlen` on checked inputs, without autograd."""
+    t, hq, d = q.shape
     out = output("out", out, (t, hq, d), q.dtype, q.device, contiguous=False)
     lse = output("lse", lse, (hq, t), torch.float32, q.device, contiguous=False)
     kv_indices, kv_counts = build_block_index(block_mask)
@@ -476,6 +487,35 @@ class _BlockSparseAttnFunction(torch.autograd.Function):
                                                 dlse=dlse)
         need = ctx.needs_input_grad
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None
+
+
+class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
+    """``(out, lse) = block_sparse_attn_varlen(q, k, v, cu_seqlens, block_mask, ...)`` with the Triton backward run
+    over the packed row; the offsets and the mask carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_mask, block_size, sm_scale):
+        out, lse = _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, None, None)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, block_mask)
+        ctx.block_size, ctx.sm_scale = block_size, sm_scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable  # no double backward
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens, block_mask = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 7
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]  # all rows written
+        as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out, *grads)]
+        launch_backward(*as_rows[:5], lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0),
+                         build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
+                         ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
+        need = ctx.needs_input_grad
+        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
 
 
 def _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse):
