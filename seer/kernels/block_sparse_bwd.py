@@ -168,22 +168,24 @@ def _bs_bwd_preprocess_kernel(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // HQ).to(tl.int64)
     off_h = (pid_bh % HQ).to(tl.int64)
-    tok0 = off_b * 0
     if VARLEN:  # packed sequences (batch strides 0): "batch" b is tokens Cu[b] .. Cu[b + 1] - 1
         tok0 = tl.load(Cu + off_b).to(tl.int64)
         N = (tl.load(Cu + off_b + 1) - tok0).to(tl.int32)
+        Out += tok0 * stride_on
+        DO += tok0 * stride_don
+        Lse += tok0
+        DLse += tok0 * stride_dln
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     in_n = offs_m < N
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + (tok0 + offs_m[:, None]) * stride_on + offs_d[None, :],
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
                 mask=in_n[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + (tok0 + offs_m[:, None]) * stride_don
-                 + offs_d[None, :], mask=in_n[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=in_n[:, None], other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
-        delta -= tl.load(DLse + off_b * stride_dlb + off_h * stride_dlh + (tok0 + offs_m) * stride_dln, mask=in_n,
-                         other=0.0)
-    lse = tl.load(Lse + off_b * stride_lb + off_h * stride_lh + tok0 + offs_m, mask=in_n, other=float("-inf"))
+        delta -= tl.load(DLse + off_b * stride_dlb + off_h * stride_dlh + offs_m * stride_dln, mask=in_n, other=0.0)
+    lse = tl.load(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, mask=in_n, other=float("-inf"))
     live = lse != float("-inf")  # a real row that attends to something
     row = pid_bh.to(tl.int64) * N_PAD + offs_m
     tl.store(Delta + row, tl.where(live, delta, 0.0))
