@@ -63,8 +63,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from seer.kernels.block_index import build_block_index, check_mask, mask_heads
-from seer.kernels.block_sparse_bwd import launch_backward
-from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index
+from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index, launch_backward
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
                                  dot_precision, output, softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
@@ -416,7 +415,7 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              block_mask: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
                              out: torch.Tensor | None = None,
                              lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse causal attention of sequences packed in one row (FlashAttention's varlen layout; Triton, forward).
+    """Block-sparse causal attention of sequences packed in one row (FlashAttention's varlen layout; Triton).
 
     ``q [T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]`` (GQA as :func:`block_sparse_attn`); sequence ``s`` is the tokens
     ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1`` (int32 ``[S + 1]``: 0 first, ``T`` last, never decreasing; empty
@@ -512,8 +511,8 @@ class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
         grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]  # all rows written
         as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out, *grads)]
         launch_backward(*as_rows[:5], lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0),
-                         build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
-                         ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
+                        build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
+                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
         need = ctx.needs_input_grad
         return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
 
