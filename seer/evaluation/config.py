@@ -18,7 +18,8 @@ class EvalConfig:
     Text: the documents of the ``data`` group's corpus, only its held-out share (``split=val``: the documents the
     training split by hash leaves out) or all of them (``split=all``: a corpus kept apart for evaluation, e.g. a
     novel never trained on). ``calibration_windows`` windows per length calibrate adaptive budgets; the next
-    ``windows`` are evaluated (the two never overlap). ``batch_size``: windows per forward.
+    ``windows`` are evaluated (the two never overlap). ``batch_size``: windows (and RULER samples, left-padded)
+    per forward.
 
     * ``perplexity``: exp of the mean next-token NLL over the windows (and of their second halves alone).
     * ``recall``: per layer, the share of true attention mass the selection keeps, and the oracle's at the same

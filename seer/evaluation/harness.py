@@ -174,16 +174,20 @@ class Evaluator:
 
     def _ruler(self, samples: dict[str, list[ruler.RulerSample]], label: str) -> dict:
         """RULER scores (0-100): ``ruler/<task>`` (mean over its samples), ``ruler`` (mean over tasks), and the mean
-        achieved density of the prefills (``ruler_density``)."""
+        achieved density of the prefills (``ruler_density``); ``batch_size`` samples a prefill (left-padded)."""
         out, density = {}, []
         for task, cases in samples.items():
             scores = []
-            for case in self._bar(cases, f"{label}: ruler {task}"):
+            batches = [cases[i:i + self.config.batch_size] for i in range(0, len(cases), self.config.batch_size)]
+            for batch in self._bar(batches, f"{label}: ruler {task}"):
                 self.ctx.density.clear()
-                answer = ruler.greedy_answer(self.model, case.input_ids, case.max_new_tokens, self.stop_ids)
+                answers = ruler.greedy_answers(self.model, [case.input_ids for case in batch],
+                                               max(case.max_new_tokens for case in batch), self.stop_ids)
                 if self.ctx.mode == "sparse":
                     density.append(self.ctx.mean_density())
-                scores.append(ruler.score(task, self.tokenizer.decode(answer, skip_special_tokens=True), case.answers))
+                for case, answer in zip(batch, answers):
+                    text = self.tokenizer.decode(answer[:case.max_new_tokens], skip_special_tokens=True)
+                    scores.append(ruler.score(task, text, case.answers))
             out[f"ruler/{task}"] = _mean(scores)
         out.update(ruler=_mean(out.values()), ruler_density=_mean(density) if density else 1.0)
         return out

@@ -445,24 +445,36 @@ def ruler_samples(tokenizer, tasks: list[str], seq_lens: list[int], count: int, 
     return {n: {t: generate_samples(tokenizer, t, n, count, seed, start_id) for t in tasks} for n in seq_lens}
 
 
-def greedy_answer(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    """Greedy continuation of one prompt ``[N]``: one prefill (sparse when the model's seer context says so), then
-    dense decode steps over its KV cache, until a stop token (not returned) or ``max_new_tokens``."""
+def greedy_answers(model, prompts: list, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    """Greedy continuations of prompts ``[N_i]`` run as one left-padded batch: one prefill (sparse, each prompt on its
+    own tokens, when the model's seer context says so), then dense decode steps over its KV cache, each row until a
+    stop token (not returned) or ``max_new_tokens``. Each row gets what it gets alone."""
     import torch
 
     device = next(model.parameters()).device
-    out_ids: list[int] = []
+    n = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), n, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, n - len(prompt):], mask[row, n - len(prompt):] = prompt.to(device), 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    answers: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
     with torch.no_grad():
-        out = model(input_ids=input_ids[None].to(device), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
-            token = int(out.logits[0, -1].argmax())
-            if token in stop_ids:
+            tokens = out.logits[:, -1].argmax(-1)
+            for row, token in enumerate(tokens.tolist()):
+                stopped[row] = stopped[row] or token in stop_ids
+                if not stopped[row]:
+                    answers[row].append(token)
+            if all(stopped) or step + 1 == max_new_tokens:
                 break
-            out_ids.append(token)
-            if step + 1 < max_new_tokens:
-                out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
-                            use_cache=True)
-    return out_ids
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                        past_key_values=out.past_key_values, use_cache=True)
+    return answers
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

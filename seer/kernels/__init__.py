@@ -6,7 +6,9 @@
   :func:`seer.kernels.flash_gt.gt_from_lse` (the ground truth from a known ``lse``).
 * :func:`block_sparse_attn` - block-sparse causal FlashAttention over the key blocks a mask selects, in
   ``seer/kernels/block_sparse.py``; differentiable in q, k, v (Triton backward in ``block_sparse_bwd.py``; both
-  walk the block lists of ``block_index.py``).
+  walk the block lists of ``block_index.py``); :func:`block_sparse_attn_varlen` - the same over sequences packed
+  in one row (``cu_seqlens``, FlashAttention's varlen layout), blocks aligned to each sequence's start, forward and
+  backward.
 * :func:`block_sparse_decode` - split-KV block-sparse decode attention of new tokens over a KV cache's listed key
   blocks (GQA groups in one program), in ``seer/kernels/decode.py``; block lists from a mask or scores
   in ``decode_index.py``.
@@ -33,8 +35,9 @@ driver call.
 # block_sparse_bwd is imported with the package (not only at the first backward) so that its launch tables are
 # known to seer.kernels.tuning (force_config("block_sparse_bwd.dq", ...), kernel_names()) from the start
 from seer.kernels import block_sparse_bwd, reference, tuning
-from seer.kernels.block_sparse import block_sparse_attn
+from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_varlen
 from seer.kernels.decode import block_sparse_decode
 from seer.kernels.flash_gt import flash_attn_with_gt
 
-__all__ = ["block_sparse_attn", "block_sparse_bwd", "block_sparse_decode", "flash_attn_with_gt", "reference", "tuning"]
+__all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "block_sparse_bwd", "block_sparse_decode",
+           "flash_attn_with_gt", "reference", "tuning"]

@@ -48,6 +48,11 @@ Two list layouts exist:
 
 Programs are launched with the last (longest, under a causal mask) query blocks of a head first, heads one
 after another so that concurrently running programs share a head's K/V in L2.
+
+Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
+row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
+math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token), and the
+programs of query blocks at or past ``N`` walk no list and store nothing.
 """
 
 from __future__ import annotations
@@ -58,12 +63,13 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from seer.kernels.block_index import build_block_index, check_mask, mask_heads
-from seer.kernels.block_sparse_bwd import block_sparse_attn_backward
-from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
-                                 output, softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
+from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index, launch_backward
+from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
+                                 dot_precision, output, softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
-__all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "build_block_index", "heaviest_first"]
+__all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "block_sparse_attn_varlen", "build_block_index",
+           "heaviest_first"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ def _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs
 
 @triton.jit
 def _bs_attn_fwd_kernel(
-    Q, K, V, Out, Lse, Idx, Cnt, Order,
+    Q, K, V, Out, Lse, Idx, Cnt, Order, Cu,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -144,7 +150,7 @@ def _bs_attn_fwd_kernel(
     N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
-    SORTED: tl.constexpr,
+    SORTED: tl.constexpr, VARLEN: tl.constexpr,
 ):
     if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed, the longest lists first
         packed = tl.load(Order + tl.program_id(0))
@@ -158,10 +164,14 @@ def _bs_attn_fwd_kernel(
     off_hkv = (off_h // GROUP).to(tl.int64)
     off_hm = (off_h // MASK_GROUP).to(tl.int64)
     off_h = off_h.to(tl.int64)
+    tok0 = off_b * 0
+    if VARLEN:  # sequences packed in one row (batch strides 0): "batch" b is tokens Cu[b] .. Cu[b + 1] - 1
+        tok0 = tl.load(Cu + off_b).to(tl.int64)
+        N = (tl.load(Cu + off_b + 1) - tok0).to(tl.int32)
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_hkv * stride_kh
-    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + tok0 * stride_qn
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh + tok0 * stride_kn
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh + tok0 * stride_vn
     if USE_TMA:
         k_base = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
@@ -169,6 +179,8 @@ def _bs_attn_fwd_kernel(
                                            block_shape=[BLOCK_N, HEAD_DIM])
     idx_ptr = Idx + off_b * stride_ib + off_hm * stride_ih + pid_m.to(tl.int64) * stride_ir
     cnt = tl.load(Cnt + off_b * stride_cb + off_hm * stride_ch + pid_m)
+    if VARLEN:  # a query block at or past the sequence's end reads nothing (and stores nothing: rows >= N)
+        cnt = tl.where(pid_m * BLOCK_M < N, cnt, 0)
 
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -215,10 +227,10 @@ def _bs_attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + tok0 * stride_on
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=offs_m[:, None] < N)
-    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < N)
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + tok0 + offs_m, lse, mask=offs_m < N)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,34 +278,43 @@ def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
     return packed.reshape(-1)[torch.argsort(work, descending=True, stable=True)]
 
 
-def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows"):
+def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows", cu_seqlens=None):
+    """The launch. With ``cu_seqlens`` (int32 ``[S + 1]``), ``q``/``k``/``v``/``out`` ``[1, H, T, D]`` and ``lse``
+    ``[1, Hq, T]`` hold ``S`` sequences packed in one row and the lists are per sequence (``[S, Hm, R, nb]``)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale(sm_scale, d)
     out = output("out", out, tuple(q.shape), q.dtype, q.device, contiguous=False)
     lse = output("lse", lse, (b, hq, n), torch.float32, q.device, contiguous=False)
-    if n == 0 or b * hq == 0:
+    varlen = cu_seqlens is not None
+    seqs = kv_counts.shape[0]
+    if n == 0 or seqs * hq == 0:
         return out, lse
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
-    n_rowprog = triton.cdiv(n, block_m)
+    n_rowprog = kv_counts.shape[2] if varlen else triton.cdiv(n, block_m)
     order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
-    grid = (n_rowprog, b * hq) if order is None else (n_rowprog * b * hq,)
+    grid = (n_rowprog, seqs * hq) if order is None else (n_rowprog * seqs * hq,)
+
+    def batch_stride(t: torch.Tensor) -> int:
+        return 0 if varlen else t.stride(0)
 
     def run(config: dict):
         return _bs_attn_fwd_kernel[grid](
             q, k, v, out, lse, kv_indices, kv_counts, kv_counts if order is None else order,
+            cu_seqlens if varlen else kv_counts,
             scale * LOG2E.value,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
+            batch_stride(q), q.stride(1), q.stride(2),
+            batch_stride(k), k.stride(1), k.stride(2),
+            batch_stride(v), v.stride(1), v.stride(2),
+            batch_stride(out), out.stride(1), out.stride(2),
+            batch_stride(lse), lse.stride(1),
             kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
             kv_counts.stride(0), kv_counts.stride(1),
             n, hq, n_rowprog, hq // hkv, hq // kv_indices.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, PAIR=pair, DOT_PRECISION=dot_precision(q.dtype),
-            INTERP=INTERPRET, SORTED=order is not None, **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(k, v)),
+            INTERP=INTERPRET, SORTED=order is not None, VARLEN=varlen,
+            **dict(config, USE_TMA=config["USE_TMA"] and not varlen and tma_ok(k, v)),
         )
     CONFIGS.launch((d, block_size, pair), run)
     return out, lse
@@ -390,6 +411,50 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     return _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule)
 
 
+def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             block_mask: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
+                             out: torch.Tensor | None = None,
+                             lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse causal attention of sequences packed in one row (FlashAttention's varlen layout; Triton).
+
+    ``q [T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]`` (GQA as :func:`block_sparse_attn`); sequence ``s`` is the tokens
+    ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1`` (int32 ``[S + 1]``: 0 first, ``T`` last, never decreasing; empty
+    sequences allowed). ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]`` with ``nb >= ceil(longest / block_size)``:
+    sequence ``s`` reads its top-left ``ceil(len_s / block_size)`` square, its blocks starting at its first token, so
+    it gets what :func:`block_sparse_attn` gives it alone; no attention crosses sequences. One index build and one
+    launch for all sequences (programs past a sequence's end do nothing); the offsets are read on the host once
+    to check them. K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]`` optionally
+    receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
+    :func:`seer.kernels.reference.block_sparse_attn_varlen`.
+
+    When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v (the Triton
+    backward of :mod:`seer.kernels.block_sparse_bwd` over the packed row; ``out``/``lse`` buffers cannot be given).
+    """
+    check_block_size(block_size)
+    check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
+    t, hq, d = q.shape
+    check_qkv(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
+    check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, block_mask=block_mask)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if out is not None or lse is not None:
+            raise ValueError("out= and lse= cannot be used when q, k or v requires grad; call without them, or "
+                             "under torch.no_grad()")
+        return _BlockSparseAttnVarlenFunction.apply(q, k, v, cu_seqlens, block_mask, block_size, sm_scale)
+    return _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse)
+
+
+def _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse):
+    """:func:`block_sparse_attn_varlen` on checked inputs, without autograd."""
+    t, hq, d = q.shape
+    out = output("out", out, (t, hq, d), q.dtype, q.device, contiguous=False)
+    lse = output("lse", lse, (hq, t), torch.float32, q.device, contiguous=False)
+    kv_indices, kv_counts = build_block_index(block_mask)
+    q4, k4, v4, out4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, out))
+    _forward(q4, k4, v4, kv_indices, kv_counts, block_size, sm_scale, False, out4, lse.unsqueeze(0),
+             cu_seqlens=cu_seqlens)
+    return out, lse
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------------
@@ -421,6 +486,35 @@ class _BlockSparseAttnFunction(torch.autograd.Function):
                                                 dlse=dlse)
         need = ctx.needs_input_grad
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None
+
+
+class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
+    """``(out, lse) = block_sparse_attn_varlen(q, k, v, cu_seqlens, block_mask, ...)`` with the Triton backward run
+    over the packed row; the offsets and the mask carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_mask, block_size, sm_scale):
+        out, lse = _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, None, None)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, block_mask)
+        ctx.block_size, ctx.sm_scale = block_size, sm_scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable  # no double backward
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens, block_mask = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 7
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]  # all rows written
+        as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out, *grads)]
+        launch_backward(*as_rows[:5], lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0),
+                        build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
+                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
+        need = ctx.needs_input_grad
+        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
 
 
 def _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse):

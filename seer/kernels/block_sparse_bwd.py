@@ -61,7 +61,9 @@ Use
 when grad is enabled and q, k or v requires grad: its forward is the forward kernel (saving ``out``, ``lse``
 and the bool mask), its backward builds the row and column lists from the mask and runs the kernels above.
 Without grad the forward runs exactly as before. :func:`block_sparse_attn_backward` is the same backward as a
-function.
+function. :func:`seer.kernels.block_sparse_attn_varlen` runs these kernels over sequences packed in one row
+(:func:`launch_backward` with ``cu_seqlens``; the ``VARLEN`` constexpr, as in the forward: batch strides 0, pointers
+moved to each sequence's first token, tiles past its end skipped, query loads always bounded).
 """
 
 from __future__ import annotations
@@ -155,17 +157,24 @@ def build_block_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
 
 @triton.jit
 def _bs_bwd_preprocess_kernel(
-    Out, DO, Lse, DLse, Delta, Lse2,
+    Out, DO, Lse, DLse, Delta, Lse2, Cu,
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
     stride_lb, stride_lh,
     stride_dlb, stride_dlh, stride_dln,
     N, HQ, N_PAD,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // HQ).to(tl.int64)
     off_h = (pid_bh % HQ).to(tl.int64)
+    if VARLEN:  # packed sequences (batch strides 0): "batch" b is tokens Cu[b] .. Cu[b + 1] - 1
+        tok0 = tl.load(Cu + off_b).to(tl.int64)
+        N = (tl.load(Cu + off_b + 1) - tok0).to(tl.int32)
+        Out += tok0 * stride_on
+        DO += tok0 * stride_don
+        Lse += tok0
+        DLse += tok0 * stride_dln
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     in_n = offs_m < N
@@ -232,7 +241,7 @@ def _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, off_b, off_
 
 @triton.jit
 def _bs_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QCnt,
+    Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QCnt, Cu,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -245,6 +254,7 @@ def _bs_bwd_dkdv_kernel(
     NBATCH, N, NB, N_PAD, HQ, HKV, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # first key blocks (longest column lists) first
     pid_bh = tl.program_id(1)
@@ -254,6 +264,15 @@ def _bs_bwd_dkdv_kernel(
     kstart = pid_n * BLOCK_N
     ob = off_b.to(tl.int64)
     og = off_g.to(tl.int64)
+    if VARLEN:  # packed sequences (batch strides 0, EVEN_N false): every pointer starts at the sequence's token 0
+        tok0 = tl.load(Cu + ob).to(tl.int64)
+        N = (tl.load(Cu + ob + 1) - tok0).to(tl.int32)
+        Q += tok0 * stride_qn
+        K += tok0 * stride_kn
+        V += tok0 * stride_vn
+        DO += tok0 * stride_don
+        DK += tok0 * stride_dkn
+        DV += tok0 * stride_dvn
 
     offs_n = kstart + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -277,6 +296,8 @@ def _bs_bwd_dkdv_kernel(
         ohm = (h // MASK_GROUP).to(tl.int64)
         idx_ptr = QIdx + ob * stride_ib + ohm * stride_ih + c.to(tl.int64) * stride_ic
         cnt = tl.load(QCnt + ob * stride_cb + ohm * stride_ch + c)
+        if VARLEN:  # a key tile at or past the sequence's end: nothing to accumulate (and nothing stored)
+            cnt = tl.where(kstart < N, cnt, 0)
         if USE_TMA:
             q_src = q_desc
             do_src = do_desc
@@ -363,7 +384,7 @@ def _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, off_b, off_g, cblock, off
 
 @triton.jit
 def _bs_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse2, Delta, KvIdx, KvCnt,
+    Q, K, V, DO, DQ, Lse2, Delta, KvIdx, KvCnt, Cu,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -374,7 +395,7 @@ def _bs_bwd_dq_kernel(
     stride_cb, stride_ch,
     NBATCH, N, N_PAD, N_QPROG, HQ, HKV, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_m = N_QPROG - 1 - tl.program_id(0)  # last query blocks (longest row lists) first
     pid_bh = tl.program_id(1)
@@ -385,11 +406,21 @@ def _bs_bwd_dq_kernel(
     oh = off_h.to(tl.int64)
     og = off_g.to(tl.int64)
     ohm = (off_h // MASK_GROUP).to(tl.int64)
+    if VARLEN:  # packed sequences (batch strides 0): every pointer starts at the sequence's token 0
+        tok0 = tl.load(Cu + ob).to(tl.int64)
+        N = (tl.load(Cu + ob + 1) - tok0).to(tl.int32)
+        Q += tok0 * stride_qn
+        K += tok0 * stride_kn
+        V += tok0 * stride_vn
+        DO += tok0 * stride_don
+        DQ += tok0 * stride_dqn
 
     row0 = pid_m * BLOCK_M
     r = row0 // MASK_BLOCK  # the query block
     idx_ptr = KvIdx + ob * stride_ib + ohm * stride_ih + r.to(tl.int64) * stride_ir
     cnt = tl.load(KvCnt + ob * stride_cb + ohm * stride_ch + r)
+    if VARLEN:  # query rows at or past the sequence's end: nothing to read (and nothing stored)
+        cnt = tl.where(row0 < N, cnt, 0)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -546,8 +577,25 @@ def block_sparse_attn_backward(
         q_index = build_block_col_index(block_mask)
     _check_index("kv_index", *kv_index, b, hq, hkv, nb)
     _check_index("q_index", *q_index, b, hq, hkv, nb)
+    launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, sm_scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, sm_scale, dq, dk, dv,
+                    cu_seqlens=None):
+    """The three backward launches over checked inputs. With ``cu_seqlens`` (int32 ``[S + 1]``), the ``[1, H, T, D]``
+    tensors (and ``[1, Hq, T]`` lse) hold ``S`` sequences packed in one row, the lists are per sequence and the
+    gradient buffers are written only at the sequences' tokens."""
     kv_idx, kv_cnt = kv_index
     q_idx, q_cnt = q_index
+    _, hq, n, d = q.shape
+    hkv = k.shape[1]
+    varlen = cu_seqlens is not None
+    b, nb = kv_cnt.shape[0], kv_cnt.shape[2]
+    cu = cu_seqlens if varlen else kv_cnt  # a placeholder pointer when there are no offsets
+
+    def batch_stride(t: torch.Tensor) -> int:
+        return 0 if varlen else t.stride(0)
 
     scale = softmax_scale(sm_scale, d)
     q, k, v, out = (with_unit_last_stride(x) for x in (q, k, v, out))
@@ -558,13 +606,13 @@ def block_sparse_attn_backward(
     lse2 = _alloc((b, hq, n_pad), torch.float32, q.device)
     dl = dlse.float() if dlse is not None else lse  # a placeholder pointer when there is no dlse
     _bs_bwd_preprocess_kernel[(nb, b * hq)](
-        out, do, lse, dl, delta, lse2,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        lse.stride(0), lse.stride(1),
-        dl.stride(0), dl.stride(1), dl.stride(2),
+        out, do, lse, dl, delta, lse2, cu,
+        batch_stride(out), out.stride(1), out.stride(2),
+        batch_stride(do), do.stride(1), do.stride(2),
+        batch_stride(lse), lse.stride(1),
+        batch_stride(dl), dl.stride(1), dl.stride(2),
         n, hq, n_pad,
-        HEAD_DIM=d, BLOCK=block_size, HAS_DLSE=dlse is not None, num_warps=4,
+        HEAD_DIM=d, BLOCK=block_size, HAS_DLSE=dlse is not None, VARLEN=varlen, num_warps=4,
     )
 
     group = hq // hkv
@@ -572,37 +620,37 @@ def block_sparse_attn_backward(
 
     def run_dkdv(config: dict):
         return _bs_bwd_dkdv_kernel[(n_pad // config["BLOCK_N"], b * hkv)](
-            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt,
+            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt, cu,
             scale * LOG2E.value, scale,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            batch_stride(q), q.stride(1), q.stride(2),
+            batch_stride(k), k.stride(1), k.stride(2),
+            batch_stride(v), v.stride(1), v.stride(2),
+            batch_stride(do), do.stride(1), do.stride(2),
+            batch_stride(dk), dk.stride(1), dk.stride(2),
+            batch_stride(dv), dv.stride(1), dv.stride(2),
             q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
             q_cnt.stride(0), q_cnt.stride(1),
             b, n, nb, n_pad, hq, hkv, group, hq // q_idx.shape[1],
-            HEAD_DIM=d, MASK_BLOCK=block_size, EVEN_N=n % block_size == 0, DOT_PRECISION=dot_precision(q.dtype),
-            INTERP=INTERPRET, **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(q, do)),
+            HEAD_DIM=d, MASK_BLOCK=block_size, EVEN_N=n % block_size == 0 and not varlen,
+            DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, VARLEN=varlen,
+            **dict(config, USE_TMA=config["USE_TMA"] and not varlen and tma_ok(q, do)),
         )
     DKDV_TABLE.launch(key, run_dkdv)
 
     def run_dq(config: dict):
         n_qprog = n_pad // config["BLOCK_M"]
         return _bs_bwd_dq_kernel[(n_qprog, b * hq)](
-            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt,
+            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt, cu,
             scale * LOG2E.value, scale,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            batch_stride(q), q.stride(1), q.stride(2),
+            batch_stride(k), k.stride(1), k.stride(2),
+            batch_stride(v), v.stride(1), v.stride(2),
+            batch_stride(do), do.stride(1), do.stride(2),
+            batch_stride(dq), dq.stride(1), dq.stride(2),
             kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
             kv_cnt.stride(0), kv_cnt.stride(1),
             b, n, n_pad, n_qprog, hq, hkv, group, hq // kv_idx.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
-            **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(k, v)),
+            VARLEN=varlen, **dict(config, USE_TMA=config["USE_TMA"] and not varlen and tma_ok(k, v)),
         )
     DQ_TABLE.launch(key, run_dq)
-    return dq, dk, dv

@@ -85,6 +85,44 @@ def check_qkv_shapes(q: torch.Tensor, k: torch.Tensor,
     return b, hq, hkv, n, d
 
 
+def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 block_mask: torch.Tensor, block_size: int) -> list[int]:
+    """The inputs of sequences packed in one row (FlashAttention's varlen layout): ``q [T, Hq, D]``, ``k``/``v``
+    ``[T, Hkv, D]``; ``cu_seqlens`` int32 ``[S + 1]`` offsets, 0 first, ``T`` last, never decreasing (empty sequences
+    allowed); ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]`` with ``nb`` blocks covering the longest sequence. Returns
+    the offsets as a list (one host sync)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [T, H, D] of packed sequences; got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    check_qkv_shapes(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or len(cu_seqlens) < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of S + 1 sequence offsets; got "
+                         f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
+                         f" {list(getattr(cu_seqlens, 'shape', []))}")
+    offsets = cu_seqlens.tolist()
+    drops = [i for i in range(1, len(offsets)) if offsets[i] < offsets[i - 1]]
+    if offsets[0] != 0 or drops:
+        where = f"{offsets[0]} first" if offsets[0] != 0 else f"{offsets[drops[0] - 1]} -> {offsets[drops[0]]} at " \
+            f"index {drops[0]}"
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease; got {where}")
+    if offsets[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must end at the row length T={q.shape[0]}; it ends at {offsets[-1]}")
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
+        raise ValueError(f"block_mask must be a bool tensor [S, H, nb, nb]; got "
+                         f"{getattr(block_mask, 'dtype', type(block_mask).__name__)} "
+                         f"{list(getattr(block_mask, 'shape', []))}")
+    seqs, longest = len(offsets) - 1, max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+    nb = block_mask.shape[2]
+    if block_mask.shape[0] != seqs or block_mask.shape[1] not in (q.shape[1], k.shape[1]) \
+            or block_mask.shape[3] != nb or nb * block_size < longest:
+        raise ValueError(f"block_mask {list(block_mask.shape)} does not match the packed sequences: need [S={seqs}, "
+                         f"Hq={q.shape[1]} or Hkv={k.shape[1]}, nb, nb] with nb >= {-(-longest // block_size)} "
+                         f"blocks of {block_size} for the longest sequence ({longest} tokens)")
+    return offsets
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> tuple[int, int, int, int, int]:
     """:func:`check_qkv_shapes` plus what the Triton kernels need: tensors of one supported dtype
     (:data:`DTYPES`) and a supported head dim (:data:`HEAD_DIMS`). Returns ``(B, Hq, Hkv, N, D)``."""

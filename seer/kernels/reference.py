@@ -13,6 +13,7 @@ the inputs are float64.
 * :func:`block_attn_mass` - the share of attention mass per block (what recall of a block mask is measured on).
 * :func:`block_sparse_attn` - causal attention restricted to the key blocks a boolean block mask selects.
 * :func:`block_sparse_sdpa` - the same output through PyTorch's SDPA with a token mask (the fast CPU path).
+* :func:`block_sparse_attn_varlen` - :func:`block_sparse_attn` of sequences packed in one row (``cu_seqlens``).
 * :func:`block_sparse_decode` - decode attention of new tokens over a KV cache's listed key blocks.
 
 Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`,
@@ -26,11 +27,11 @@ import functools
 
 import torch
 
-from seer.kernels.common import check_qkv_shapes, softmax_scale
+from seer.kernels.common import check_qkv_shapes, check_varlen, softmax_scale
 from seer.kernels.decode_index import check_decode_args, check_decode_values
 
-__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_decode", "block_sparse_sdpa",
-           "num_blocks"]
+__all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_attn_varlen",
+           "block_sparse_decode", "block_sparse_sdpa", "num_blocks"]
 
 
 def _without_autocast(fn):
@@ -191,6 +192,30 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
         out[:, :, start:stop] = o.reshape(b, hq, stop - start, d)
         lse[:, :, start:stop] = row_lse.reshape(b, hq, stop - start)
     return out.to(q.dtype), lse
+
+
+@_without_autocast
+def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             block_mask: torch.Tensor, block_size: int = 64,
+                             sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_sparse_attn` of each of ``S`` sequences packed in one row: ``q [T, Hq, D]``, ``k``/``v``
+    ``[T, Hkv, D]``, sequence ``s`` the tokens ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1`` (int32 ``[S + 1]``, 0 first,
+    ``T`` last); ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]``, sequence ``s`` reading its top-left
+    ``ceil(len_s / block_size)`` square (blocks start at its first token). No attention crosses sequences. Returns
+    ``out [T, Hq, D]`` in q's dtype and ``lse [Hq, T]`` float32 (float64 for float64 inputs)."""
+    offsets = check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
+    t, hq, d = q.shape
+    out = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((hq, t), float("-inf"), dtype=_compute_dtype(q), device=q.device)
+    for s, (start, stop) in enumerate(zip(offsets, offsets[1:])):
+        if stop == start:
+            continue
+        nb = num_blocks(stop - start, block_size)
+        seq_q, seq_k, seq_v = (x[start:stop].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        seq_mask = block_mask[s:s + 1, :, :nb, :nb]
+        seq_out, seq_lse = block_sparse_attn(seq_q, seq_k, seq_v, seq_mask, block_size, sm_scale)
+        out[start:stop], lse[:, start:stop] = seq_out[0].transpose(0, 1), seq_lse[0]
+    return out, lse
 
 
 def block_sparse_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,

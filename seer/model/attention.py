@@ -28,13 +28,19 @@ context's ``mode``, set like every other setting through the context's checks: f
   ``context.train_masks`` (clear it before each step), so a recomputation under activation checkpointing reuses
   it and computes no second gate or ground truth. A ``dense`` budget (or a layer in ``dense_layers``) runs SDPA.
 
-Only an unpadded causal prefill (no attention mask, queries == keys) is gated; decode steps and padded batches
-fall back to dense SDPA.
+A causal prefill (queries == keys) is gated, unpadded or padded: a padded batch (left or right padding, an
+``attention_mask`` with one run of real tokens per row) is scored, selected and attended sequence by sequence in
+``sparse`` and ``observe`` modes (the Triton path attends all of them in one packed launch), each on its own tokens
+with blocks starting at its first one, so it gets what it gets alone (give left-padded rows their positions, as
+``generate`` does) and the density counts its own causal blocks; a consumer gets one observation per sequence, and
+padding rows' outputs are 0. Decode steps, masks with holes and packed rows fall back to dense SDPA; distillation
+needs an unpadded prefill.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -321,10 +327,10 @@ def _output_buffer(query: torch.Tensor) -> torch.Tensor:
     return torch.empty(b, n, hq, d, dtype=query.dtype, device=query.device)
 
 
-def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
+def _scores(module, ctx: SeerContext, query, key, scale: float, pre_rope) -> torch.Tensor:
     """Block scores of one layer (no grad): the context's selector on post-RoPE Q/K, or the layer's gate on the
-    pre-RoPE Q/K its hooks stashed, blended with a training-free estimate when the gate config names one
-    (``gate_config.blend``)."""
+    pre-RoPE Q/K its hooks stashed (``pre_rope``), blended with a training-free estimate when the gate config names
+    one (``gate_config.blend``)."""
     if ctx.selector is not None:
         from seer.sparsity.selectors import LayerInputs
 
@@ -332,8 +338,7 @@ def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
     gate: AttnGate | None = getattr(module, "seer_gate", None)
     if gate is None:
         raise RuntimeError("no block scorer: the model has no gates and context.selector is None")
-    q_pre, k_pre = module.seer_stash.take()
-    scores = gate(q_pre, k_pre)
+    scores = gate(*pre_rope)
     blend = ctx.gate_config.blend
     if blend is None:
         return scores
@@ -346,10 +351,14 @@ def _scores(module, ctx: SeerContext, query, key, scale: float) -> torch.Tensor:
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature): q ``[B, Hq, N, D]`` after RoPE,
-    k/v ``[B, Hkv, N_kv, D]``; returns ``([B, N, Hq, D], None)``."""
+    k/v ``[B, Hkv, N_kv, D]``; returns ``([B, N, Hq, D], None)``. A padded prefill (a mask :func:`seer_mask` made
+    for one run of real tokens per row) is selected and attended sequence by sequence in ``sparse`` and ``observe``
+    modes (:func:`_padded_prefill`)."""
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
-    prefill = attention_mask is None and query.shape[2] == key.shape[2]
+    spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
+        else None
+    prefill = (attention_mask is None or spans is not None) and query.shape[2] == key.shape[2]
     if ctx is None or ctx.mode == "dense" or not prefill:
         if ctx is not None and ctx.mode == "distill":
             raise ValueError("gate distillation needs an unpadded causal prefill (no attention mask, no KV cache); "
@@ -357,7 +366,6 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         if stash is not None:
             stash.q = stash.k = None
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bs = ctx.block_size
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v
         query, key = query.to(value.dtype), key.to(value.dtype)
@@ -371,47 +379,121 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
         if ctx.consumer is not None:
             ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
         return out, None
+    pre_rope = stash.take() if stash is not None and ctx.selector is None else None
+    if spans is None:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
+            if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
+        out, kept, total = _select_and_attend(module, ctx, query, key, value, scaling, scale, pre_rope, events)
+    else:
+        out, kept, total = _padded_prefill(module, ctx, query, key, value, scaling, scale, pre_rope, spans)
+    if ctx.mode == "sparse":
+        # kept blocks (masks are block-causal); reductions without host sync: densities() divides later
+        ctx.density[module.layer_idx] = (kept, total)
+    return out, None
+
+
+def _padded_prefill(module, ctx: SeerContext, query, key, value, scaling, scale: float, pre_rope, spans):
+    """The selection of :func:`_select_and_attend` on each row's real tokens ``spans[b] = (first, end)`` alone, so
+    blocks start at each sequence's first token and padding is never scored, selected or counted; then attention
+    sequence by sequence, or with the Triton kernel all sequences in one launch, packed
+    (:func:`_attend_packed`). The outputs of padding rows are 0. Returns ``(out [B, N, Hq, D], kept blocks, causal
+    blocks)`` summed over the sequences."""
+    packed = ctx.kernel == "triton" and ctx.mode == "sparse" and not ctx.sparsity.runs_dense(module.layer_idx)
+    out = _output_buffer(query).zero_()
+    kept, total = torch.zeros((), dtype=torch.int64, device=query.device), 0
+    masks = []
+    for b, (first, end) in enumerate(spans):
+        if end == first:
+            masks.append(None)
+            continue
+        rows = slice(b, b + 1), slice(None), slice(first, end)
+        seq_pre = None if pre_rope is None else (pre_rope[0][rows], pre_rope[1][rows])
+        mask, seq_kept, seq_total = _select(module, ctx, query[rows], key[rows], scale, seq_pre)
+        if packed:
+            masks.append(mask)
+        else:
+            out[b, first:end] = _attend(module, ctx, query[rows], key[rows], value[rows], mask, scaling)[0]
+        kept, total = kept + seq_kept, total + seq_total
+    if packed and any(mask is not None for mask in masks):
+        _attend_packed(query, key, value, spans, masks, ctx.block_size, scaling, out)
+    return out, kept, total
+
+
+def _select(module, ctx: SeerContext, query, key, scale: float, pre_rope):
+    """Scores -> block mask of one unpadded prefill (None in ``observe`` mode and for dense layers), handed to the
+    consumer with the scores. Returns ``(mask, kept blocks, causal blocks)``."""
     layer = module.layer_idx
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
-        if ctx.timer is not None and ctx.mode == "sparse" and query.is_cuda else None
-    if events:
-        events[0].record()
     with torch.no_grad():
-        scores = _scores(module, ctx, query, key, scale)
-        mass = attention_mass(query, key, bs, scale) if ctx.want_mass and ctx.consumer is not None else None
-        if ctx.mode == "observe":
-            if ctx.consumer is not None:
-                ctx.consumer(LayerObservation(layer, scores, None, mass))
-            return _dense(module, query, key, value, None, 0.0, scaling)
+        scores = _scores(module, ctx, query, key, scale, pre_rope)
+        mass = attention_mass(query, key, ctx.block_size, scale) if ctx.want_mass and ctx.consumer is not None \
+            else None
         nb = scores.shape[-1]
         total = scores.shape[0] * scores.shape[1] * nb * (nb + 1) // 2
-        if ctx.sparsity.runs_dense(layer):
-            ctx.density[layer] = (torch.tensor(total), total)
-            if ctx.consumer is not None:
-                ctx.consumer(LayerObservation(layer, scores, None, mass))
-            return _dense(module, query, key, value, None, 0.0, scaling)
-        knob = ctx.calibration.knob(layer, scores.device) if ctx.calibration is not None else None
-        mask = select_blocks(scores, ctx.sparsity, knob)
-    # kept blocks (masks are block-causal); one reduction, no host sync: densities() divides later
-    ctx.density[layer] = (mask.sum(), total)
+        mask = None
+        if ctx.mode == "sparse" and not ctx.sparsity.runs_dense(layer):
+            knob = ctx.calibration.knob(layer, scores.device) if ctx.calibration is not None else None
+            mask = select_blocks(scores, ctx.sparsity, knob)
     if ctx.consumer is not None:
         ctx.consumer(LayerObservation(layer, scores, mask, mass))
-    if events:
-        events[1].record()
+    return mask, torch.tensor(total) if mask is None else mask.sum(), total
+
+
+def _attend(module, ctx: SeerContext, query, key, value, mask, scaling) -> torch.Tensor:
+    """Attention ``[B, N, Hq, D]`` of one unpadded prefill through the blocks of ``mask`` (dense SDPA for None)."""
+    if mask is None:
+        return _dense(module, query, key, value, None, 0.0, scaling)[0]
     if ctx.kernel == "triton":
         from seer.kernels import block_sparse_attn
 
         out = _output_buffer(query)
-        block_sparse_attn(query, key, value, mask, block_size=bs, sm_scale=scaling, out=out.transpose(1, 2))
-    else:
-        from seer.kernels.reference import block_sparse_sdpa
+        block_sparse_attn(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling,
+                          out=out.transpose(1, 2))
+        return out
+    from seer.kernels.reference import block_sparse_sdpa
 
-        out = block_sparse_sdpa(query, key, value, mask, block_size=bs, sm_scale=scaling).transpose(1, 2)
-        out = out.contiguous()
+    out = block_sparse_sdpa(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _attend_packed(query, key, value, spans, masks, block_size: int, scaling, out: torch.Tensor) -> None:
+    """Writes into ``out [B, N, Hq, D]`` the attention of each row's real tokens ``spans[b]`` through its mask
+    ``masks[b]`` (``[1, H, nb_b, nb_b]``, None for an empty row): the tokens packed in one row, one launch of
+    :func:`seer.kernels.block_sparse_attn_varlen`."""
+    from seer.kernels import block_sparse_attn_varlen
+
+    b, hq, n, d = query.shape
+    lengths = [end - first for first, end in spans]
+    tokens = torch.cat([torch.arange(row * n + first, row * n + end) for row, (first, end) in enumerate(spans)])
+    tokens = tokens.to(query.device)
+    q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d)[tokens] for x in (query, key, value))
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
+    heads = next(m.shape[1] for m in masks if m is not None)
+    nb = -(-max(lengths) // block_size)
+    packed_mask = torch.zeros(len(spans), heads, nb, nb, dtype=torch.bool, device=query.device)
+    for row, mask in enumerate(masks):
+        if mask is not None:
+            packed_mask[row, :, :mask.shape[2], :mask.shape[3]] = mask[0]
+    packed_out, _ = block_sparse_attn_varlen(q, k, v, cu_seqlens, packed_mask, block_size=block_size,
+                                             sm_scale=scaling)
+    out.view(b * n, hq, d)[tokens] = packed_out
+
+
+def _select_and_attend(module, ctx: SeerContext, query, key, value, scaling, scale: float, pre_rope, events):
+    """The ``sparse`` and ``observe`` modes on an unpadded prefill: scores -> mask -> block-sparse attention (dense
+    SDPA in ``observe`` mode and for dense layers). Returns ``(out [B, N, Hq, D], kept blocks, causal blocks)``;
+    ``events`` (CUDA events, or None) time the selection and the attention into ``ctx.timer``."""
+    if events:
+        events[0].record()
+    mask, kept, total = _select(module, ctx, query, key, scale, pre_rope)
+    if mask is None:
+        return _attend(module, ctx, query, key, value, None, scaling), kept, total
+    if events:
+        events[1].record()
+    out = _attend(module, ctx, query, key, value, mask, scaling)
     if events:
         events[2].record()
         ctx.timer.append(events)
-    return out, None
+    return out, kept, total
 
 
 def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
@@ -486,23 +568,48 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
               mask_function=None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
               allow_is_causal_skip: bool = True, **kwargs):
     """The ``"seer"`` mask function: SDPA's, except that a plain causal prefill (no padding mask given, no cached
-    keys, no sliding window) gets no mask, decided from shapes alone.
+    keys, no sliding window) gets no mask, decided from shapes alone, and that the mask of a padded causal prefill
+    carries ``seer_spans``, the ``(first, end)`` of each row's real tokens (:func:`padding_spans`), which the
+    attention function gates sequence by sequence.
 
     SDPA's own decision looks at tensor values (is the padding mask all ones, do position ids restart, i.e. are
     several sequences packed in a row); under CUDA-graph capture or ``torch.compile`` it cannot, and builds a full
     mask, which would send every gated layer to the dense fallback. There seer assumes one sequence per row, as
-    block-causal gating does anyway: packed rows are not supported in gated layers."""
+    block-causal gating does anyway: packed rows are not supported in gated layers. A step after cached keys (decode)
+    whose padding mask is not one run of real tokens per row (a right-padded prompt) is refused."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
     from transformers.utils.import_utils import is_tracing
 
     mask_function = mask_function or causal_mask_function
-    plain_prefill = attention_mask is None and local_size is None and q_offset == 0 and kv_offset == 0 \
-        and q_length == kv_length
-    if plain_prefill and (mask_function is causal_mask_function and allow_is_causal_skip or is_tracing()):
+    causal = mask_function is causal_mask_function and local_size is None
+    plain = q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
         return None
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+    spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
+        and not is_tracing() else None
+    if attention_mask is not None and not plain and spans is None and attention_mask.dim() == 2 \
+            and not is_tracing():
+        raise ValueError("a padded batch continued after its prompt (generate) needs left padding "
+                         "(tokenizer.padding_side = 'left'): some row has padding between real tokens")
+    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                      mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
                      allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    if mask is not None and causal and plain and spans is not None:
+        mask.seer_spans = spans
+    return mask
+
+
+def padding_spans(attention_mask: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+    """``(first, end)`` of the real tokens of each row of a ``[B, N]`` padding mask (nonzero: a real token), or None
+    when some row's real tokens are not one run (left padding, right padding and none are; holes are not)."""
+    real = attention_mask.bool()
+    count = real.sum(-1)
+    first = real.int().argmax(-1)
+    pos = torch.arange(real.shape[-1], device=real.device)
+    run = (pos >= first[:, None]) & (pos < (first + count)[:, None])
+    if not torch.equal(run, real):
+        return None
+    return tuple((int(f), int(f + c)) for f, c in zip(first.tolist(), count.tolist()))
 
 
 def register_attention() -> None:

@@ -139,14 +139,32 @@ def test_sentences_and_zeta():
     assert ruler._zeta(3.0) == pytest.approx(1.2020569031595942, rel=1e-10)
 
 
-def test_greedy_answer_is_greedy_generation_and_stops():
+def test_greedy_answers_are_greedy_generation_and_stop():
     model = tiny_model("llama", seed=0)
     ids = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     expected = model.generate(ids[None], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=2,
                               min_new_tokens=6)[0, 40:].tolist()
-    assert ruler.greedy_answer(model, ids, 6, set()) == expected
+    assert ruler.greedy_answers(model, [ids], 6, set()) == [expected]
     stop = expected[2]
-    assert ruler.greedy_answer(model, ids, 6, {stop}) == expected[:expected.index(stop)]
+    assert ruler.greedy_answers(model, [ids], 6, {stop}) == [expected[:expected.index(stop)]]
+
+
+def test_greedy_answers_of_a_batch_are_each_prompts_alone_with_sparse_prefill():
+    from seer.model.attention import prepare_model
+    from seer.sparsity.config import SparsityConfig
+    from seer.sparsity.selectors import build_selector
+
+    model = tiny_model("llama", seed=0)
+    ctx = prepare_model(model, 16)
+    ctx.update(mode="sparse", selector=build_selector("block_mean"),
+               sparsity=SparsityConfig(method="topk", target_density=0.3))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 320, (n,), generator=gen) for n in (70, 25, 48)]
+    alone = [ruler.greedy_answers(model, [p], 8, set())[0] for p in prompts]
+    stop = alone[1][3]  # the second prompt stops early, the others go on
+    alone = [ruler.greedy_answers(model, [p], 8, {stop})[0] for p in prompts]
+    assert ruler.greedy_answers(model, prompts, 8, {stop}) == alone
+    assert len(alone[1]) == 3 and ctx.mean_density() < 0.6
 
 
 @pytest.fixture
@@ -180,8 +198,10 @@ def test_eval_writes_ruler_keys_beside_dense(tmp_path, monkeypatch, tokenizer, t
     assert 0.2 < sparse["ruler_density"] < 0.45 and sparse["ruler_dense"] == row["ruler_dense"]
 
 
-def test_harness_scores_what_the_model_answers(model, tokenizer, corpus, monkeypatch):
-    """With answers forced (all of them, or only the first), the scores are RULER's over the right samples."""
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_harness_scores_what_the_model_answers(model, tokenizer, corpus, monkeypatch, batch_size):
+    """With answers forced (all of them, or only the first), the scores are RULER's over the right samples, one
+    sample a prefill or several."""
     from seer.evaluation.data import HeldOutText
     from seer.evaluation.harness import Evaluator
     from seer.model.attention import prepare_model
@@ -190,14 +210,16 @@ def test_harness_scores_what_the_model_answers(model, tokenizer, corpus, monkeyp
     text = HeldOutText(corpus, tokenizer, split="all", progress=False)
     config = EvalConfig(seq_lens=[2048], windows=1, calibration_windows=0, passkey=0, copy=0, recall=False,
                         perplexity=False, timing=False, ruler=["niah_single_2", "niah_multivalue", "qa_1"],
-                        ruler_samples=2)
+                        ruler_samples=5, batch_size=batch_size)
     ev = Evaluator(model, tokenizer, text, config, progress=False)
     by_ids = {tuple(s.input_ids.tolist()): s for task in ev.ruler[2048].values() for s in task}
 
-    def first_answer(_model, ids, max_new, _stop):
-        return tokenizer(" " + by_ids[tuple(ids.tolist())].answers[0], add_special_tokens=False)["input_ids"]
+    def first_answers(_model, prompts, max_new, _stop):
+        assert len(prompts) <= batch_size
+        return [tokenizer(" " + by_ids[tuple(ids.tolist())].answers[0], add_special_tokens=False)["input_ids"]
+                for ids in prompts]
 
-    monkeypatch.setattr(ruler, "greedy_answer", first_answer)
+    monkeypatch.setattr(ruler, "greedy_answers", first_answers)
     got = ev.dense()[2048]
     assert got["ruler/niah_single_2"] == 100.0 and got["ruler/qa_1"] == 100.0
     assert got["ruler/niah_multivalue"] == 25.0 and got["ruler"] == pytest.approx(75.0)

@@ -1,0 +1,135 @@
+"""Block-sparse attention of packed sequences (cu_seqlens), forward and backward, against the PyTorch reference.
+
+On machines without CUDA these run on CPU tensors under the Triton interpreter (tests/conftest.py), at small sizes;
+the case marked ``gpu`` runs bf16 at 1k-32k on a CUDA device (not run yet).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seer.kernels import block_sparse_attn, block_sparse_attn_varlen, reference
+from tests.kernels.masks import special_mask
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _packed(lengths, hq, hkv, d, block, mask_heads, dtype=torch.float32, seed=0, density=0.4):
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    nb = max(1, math.ceil(max(lengths) / block))
+    mask = special_mask(len(lengths), mask_heads, nb, density, gen)
+    dev = _device()
+    return q.to(dev), k.to(dev), v.to(dev), cu.to(dev), mask.to(dev)
+
+
+@pytest.mark.parametrize("lengths, hq, hkv, d, block, mask_heads", [
+    ((37, 1, 0, 80, 16), 4, 2, 16, 16, 4),     # odd lengths, a one-token and an empty sequence, a mask per query head
+    ((0, 50, 33), 4, 1, 32, 16, 1),            # empty first sequence, a mask per key/value head (GQA 4:1)
+    ((70, 64, 5), 2, 2, 16, 32, 2),            # 32-token blocks, a sequence of exactly two blocks
+])
+def test_packed_sequences_match_the_reference_and_each_sequence_alone(lengths, hq, hkv, d, block, mask_heads):
+    q, k, v, cu, mask = _packed(lengths, hq, hkv, d, block, mask_heads)
+    out = torch.full_like(q, float("nan"))  # poisoned: an unwritten row shows as NaN
+    lse = torch.full((hq, q.shape[0]), float("nan"), device=q.device)
+    res = block_sparse_attn_varlen(q, k, v, cu, mask, block, out=out, lse=lse)
+    assert res[0] is out and res[1] is lse and not out.isnan().any() and not lse.isnan().any()
+    ref_out, ref_lse = reference.block_sparse_attn_varlen(q.double(), k.double(), v.double(), cu, mask, block)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))  # empty rows (head 0's first row) alike
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], rtol=1e-5, atol=1e-5)
+    offsets = cu.tolist()
+    for s, (a, b) in enumerate(zip(offsets, offsets[1:])):  # the reference is each sequence alone
+        if a == b:
+            continue
+        nb = math.ceil((b - a) / block)
+        alone, alone_lse = reference.block_sparse_attn(*(x[a:b].double().transpose(0, 1)[None] for x in (q, k, v)),
+                                                       mask[s:s + 1, :, :nb, :nb], block)
+        torch.testing.assert_close(ref_out[a:b], alone[0].transpose(0, 1))
+        torch.testing.assert_close(ref_lse[:, a:b], alone_lse[0])
+
+
+def test_full_masks_are_attention_that_never_crosses_sequences():
+    """With every block kept, packed attention is SDPA with a document mask (an independent check)."""
+    lengths, block = (21, 40, 3), 16
+    q, k, v, cu, _ = _packed(lengths, 4, 2, 16, block, 2, dtype=torch.float64)
+    full = torch.ones(3, 2, 3, 3, dtype=torch.bool, device=q.device)
+    doc = torch.repeat_interleave(torch.arange(3, device=q.device), torch.tensor(lengths, device=q.device))
+    pos = torch.arange(q.shape[0], device=q.device)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                            attn_mask=allowed, enable_gqa=True).transpose(0, 1)
+    got, _ = reference.block_sparse_attn_varlen(q, k, v, cu, full, block)
+    torch.testing.assert_close(got, want)
+    tri, _ = block_sparse_attn_varlen(q.float(), k.float(), v.float(), cu, full, block)
+    torch.testing.assert_close(tri.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [block_sparse_attn_varlen, reference.block_sparse_attn_varlen])
+def test_bad_packed_input_is_refused_in_one_line(fn):
+    q, k, v, cu, mask = _packed((20, 12), 2, 1, 16, 16, 1)
+    cases = [
+        (torch.tensor([0, 25, 20, 32], dtype=torch.int32), mask, "never decrease; got 25 -> 20 at index 2"),
+        (torch.tensor([3, 20, 32], dtype=torch.int32), mask, "start at 0"),
+        (torch.tensor([0, 20, 30], dtype=torch.int32), mask, "end at the row length T=32; it ends at 30"),
+        (cu.long(), mask, "1-D int32 tensor"),
+        (cu, mask[:1], r"does not match the packed sequences: need \[S=2"),
+        (cu, mask[:, :, :1, :1], "nb >= 2 blocks of 16 for the longest sequence"),
+        (cu, mask.int(), "must be a bool tensor"),
+    ]
+    for offsets, m, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            fn(q, k, v, offsets.to(q.device), m, 16)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"3-D tensor \[T, H, D\]"):
+        fn(q[None], k, v, cu, mask, 16)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_mixed_lengths_match_each_sequence_alone():
+    """8B-shaped heads, bf16, sequences of 1k to 32k tokens (and one token) packed: each equals the unpacked kernel
+    on that sequence alone, up to bf16 rounding."""
+    lengths, block = (1024, 32768, 4097, 1, 8000), 64
+    q, k, v, cu, _ = _packed(lengths, 32, 8, 128, block, 32, dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    nb = math.ceil(max(lengths) / block)
+    mask = torch.rand(len(lengths), 32, nb, nb, device="cuda", generator=gen) < 0.1
+    mask[:, :, torch.arange(nb), torch.arange(nb)] = True
+    out, lse = block_sparse_attn_varlen(q, k, v, cu, mask, block)
+    offsets = cu.tolist()
+    for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        sb = math.ceil((b - a) / block)
+        alone, alone_lse = block_sparse_attn(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)),
+                                             mask[s:s + 1, :, :sb, :sb], block)
+        err = (out[a:b].double() - alone[0].transpose(0, 1).double()).norm() / alone.double().norm()
+        assert err < 1e-2, (s, err)
+        torch.testing.assert_close(lse[:, a:b], alone_lse[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("lengths, hq, hkv, block, mask_heads, with_lse", [
+    ((37, 1, 0, 80, 16), 4, 2, 16, 4, False),  # odd lengths, a one-token and an empty sequence
+    ((0, 50, 33), 4, 1, 16, 1, True),          # GQA 4:1, a mask per key/value head, a loss on lse too
+])
+def test_packed_gradients_match_the_reference(lengths, hq, hkv, block, mask_heads, with_lse):
+    q, k, v, cu, mask = _packed(lengths, hq, hkv, 16, block, mask_heads, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    dout = torch.randn(q.shape, generator=gen).to(q.device)
+    dlse = torch.randn(hq, q.shape[0], generator=gen).to(q.device)
+    grads = []
+    for fn, dtype in ((block_sparse_attn_varlen, torch.float32), (reference.block_sparse_attn_varlen, torch.float64)):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out, lse = fn(*leaves, cu, mask, block)
+        live = torch.isfinite(lse)  # rows that attend to something (empty rows have lse = -inf)
+        loss = (out * dout.to(dtype)).sum() + ((lse * dlse.to(dtype))[live].sum() if with_lse else 0)
+        grads.append(torch.autograd.grad(loss, leaves))
+    for got, want in zip(*grads):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
