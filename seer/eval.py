@@ -47,8 +47,10 @@ def _checked(cfg: DictConfig):
     params = dict(plain["selector"])
     name = params.pop("name")
     if name == "gate":
-        if params:
-            raise ConfigError(f"selector=gate takes no parameters; got {sorted(params)}")
+        unknown = sorted(set(params) - {"blend", "blend_weight"})
+        if unknown:
+            raise ConfigError(f"selector=gate takes only blend and blend_weight (the gates' blend at inference); "
+                              f"got {unknown}")
         if not cfg.gates:
             raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder "
                               f"(outputs/<run>/gates)")
@@ -117,7 +119,10 @@ def run_eval(cfg: DictConfig) -> list[dict]:
                               evaluation.seed, text.start_id)
     out_dir = Path(cfg.paths.output_dir)
     gates = str(Path(cfg.gates).resolve()) if selector is None else None
-    gate_config = build(GateConfig, "gate", read_gate_meta(cfg.gates)["gate"]) if selector is None else None
+    gate_config = None
+    if selector is None:  # the gates' config with the blend asked for (selector.blend), checked before loading
+        gate_config = build(GateConfig, "gate", read_gate_meta(cfg.gates)["gate"]).with_blend(
+            cfg.selector.get("blend", "own"), cfg.selector.get("blend_weight"))
     identity = tracking.run_identity(f"{cfg.task_name}-{scorer_name(selector, gate_config)}",
                                      {**tracking.flat_config(cfg), "gates": gates, "model.name": model_id(model_cfg)})
     run = _start_wandb(cfg, identity)
@@ -126,7 +131,7 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         model = load_causal_lm(model_cfg, device)
         model.config.use_cache = True
         if selector is None:
-            load_gates(model, cfg.gates)
+            load_gates(model, cfg.gates, expected_gate=gate_config)
         else:
             prepare_model(model, cfg.block_size)
         evaluator = Evaluator(model, tokenizer, text, evaluation, kernel=kernel,

@@ -59,6 +59,7 @@ def budget(cfg: DictConfig, gates_meta: dict):
 def run_generation(cfg: DictConfig) -> dict:
     from seer import tracking
     from seer.checks import build
+    from seer.gates.config import GateConfig
     from seer.model.config import ModelConfig
     from seer.model.gate_io import read_gate_meta
     from seer.model.gate_sources import resolve_gates
@@ -77,10 +78,12 @@ def run_generation(cfg: DictConfig) -> dict:
         raise ConfigError(f"model: {model_id(mcfg)} has no tokenizer; seer.generate needs one")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     shape = check_generation(OmegaConf.to_container(cfg, resolve=True), mcfg, ids.shape[1])
-    spars = budget(cfg, read_gate_meta(cfg.gates))
+    meta = read_gate_meta(cfg.gates)
+    spars = budget(cfg, meta)
+    gate = build(GateConfig, "gate", meta["gate"]).with_blend(cfg.blend, cfg.blend_weight)
     check_dense_layers(spars, shape)
-    check_calibration(cfg.gates, spars)
-    model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel)
+    check_calibration(cfg.gates, spars, gate.scorer_name)
+    model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel, gate_config=gate)
     ids = ids.to(model.device)
     sparse_s = _timed_prefill(model, ids)
     densities = model.seer_context.densities()

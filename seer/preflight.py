@@ -210,9 +210,9 @@ def check_evaluation(cfg: Mapping[str, Any], model_cfg, sparsity, evaluation, ch
     return shape
 
 
-def check_calibration(gates: str | os.PathLike, sparsity) -> None:
-    """A calibrated ``sparsity`` has its calibration stored beside ``gates``, made with the gates' scorer (their
-    blend included)."""
+def check_calibration(gates: str | os.PathLike, sparsity, scorer: str | None = None) -> None:
+    """A calibrated ``sparsity`` has its calibration stored beside ``gates``, made with ``scorer`` (default: the
+    gates' own, their blend included)."""
     from seer.gates.config import GateConfig
     from seer.model.gate_io import read_gate_meta
     from seer.sparsity.calibration import find_calibration, load_calibrations
@@ -221,7 +221,7 @@ def check_calibration(gates: str | os.PathLike, sparsity) -> None:
     load_calibrations(folder)  # a damaged calibration.json is named
     if not sparsity.calibrated:
         return
-    scorer = build(GateConfig, "gate", read_gate_meta(gates)["gate"]).scorer_name
+    scorer = scorer or build(GateConfig, "gate", read_gate_meta(gates)["gate"]).scorer_name
     try:
         find_calibration(folder, sparsity, scorer)
     except ValueError as exc:

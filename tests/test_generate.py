@@ -84,7 +84,7 @@ def test_generate_refuses_before_loading(tmp_path, monkeypatch):
 
     assert refused(prompt="") == "prompt='': the prompt is empty; give the text to continue"
     assert refused("sparsity.target_density=0.2").startswith(
-        "sparsity: no calibration for sparsity threshold target_density=0.2 (global) in")
+        "sparsity: no calibration for sparsity threshold target_density=0.2 (global) with the gate scorer in")
     assert refused(f"gates={tmp_path / 'g3'}") == (
         f"gate file {tmp_path / 'g3'} was made for tiny with num_layers=3, but this model has num_layers=2")
     assert refused("sparsity.dense_layers=[5]") == "sparsity.dense_layers=[5]: [5] not among the model's layers 0..1"
@@ -105,3 +105,22 @@ def test_generate_takes_an_authors_release_with_its_budget(tmp_path, monkeypatch
     result = run_generation(cfg)
     assert set(result["densities"]) == {0, 1}
     assert "(threshold threshold=0.002 [dense_last_rows=2])" in capsys.readouterr().out
+
+
+def test_generate_takes_the_blend_asked_for_and_its_calibration(tmp_path, monkeypatch, capsys):
+    """``blend=`` changes the gates' blend at inference: its calibration (keyed by the scorer) is looked up before
+    loading, and the model runs with it; a bad blend is refused before loading."""
+    import seer.model.inference
+
+    overrides = _calibrated_gates(tmp_path / "g")  # the gates alone (blend null), calibrated for the "gate" scorer
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    real_load, loaded = seer.model.inference.load, []
+    monkeypatch.setattr(seer.model.inference, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    with pytest.raises(ConfigError, match=r"with the gate\+vertical_slash@0.5 scorer"):
+        run_generation(compose([*overrides, "blend=vertical_slash"], "generate"))
+    with pytest.raises(ConfigError, match="gate.blend='oracle'"):
+        run_generation(compose([*overrides, "blend=oracle"], "generate"))
+    assert not loaded  # both refused before any model loaded
+    run_generation(compose([*overrides, "blend=none"], "generate"))
+    assert loaded[-1].seer_context.gate_config.blend is None and loaded[-1].seer_context.scorer_name == "gate"
+    assert "mean block density" in capsys.readouterr().out

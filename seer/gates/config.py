@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Union
 
 from seer.checks import fail, is_int, is_number
@@ -69,6 +69,17 @@ class GateConfig:
         """The scorer's name in calibrations and results: ``gate``, or ``gate+<blend>@<weight>`` when blended (a
         calibration of one does not fit the other)."""
         return "gate" if self.blend is None else f"gate+{self.blend}@{self.blend_weight:g}"
+
+    def with_blend(self, blend: str | None = "own", weight: float | None = None) -> GateConfig:
+        """This config with the blend a command line asks for: ``own`` keeps this one's, ``none`` (or None) is the
+        gate alone, else a name of :data:`BLEND_SELECTORS`; ``weight`` None keeps this one's weight. Checked like
+        any gate config."""
+        changes: dict = {}
+        if blend != "own":
+            changes["blend"] = None if blend in (None, "none") else blend
+        if weight is not None:
+            changes["blend_weight"] = weight
+        return replace(self, **changes) if changes else self
 
     def architecture_differences(self, other: GateConfig) -> list[str]:
         """The fields (not :data:`INFERENCE_FIELDS`) in which ``other`` builds different gate weights."""

@@ -248,8 +248,9 @@ def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str
     found = [c for c in stored if c.matches(sparsity, selector, seq_len)]
     if found:
         return max(found, key=lambda c: c.seq_len)
-    have = "; ".join(f"{c.sparsity.describe()} at {c.seq_len} tokens" for c in stored) or "none"
-    raise ValueError(f"no calibration for sparsity {sparsity.describe()} in {Path(folder) / FILE} (stored: {have}); "
+    have = "; ".join(f"{c.sparsity.describe()} with {c.selector} at {c.seq_len} tokens" for c in stored) or "none"
+    raise ValueError(f"no calibration for sparsity {sparsity.describe()} with the {selector} scorer in "
+                     f"{Path(folder) / FILE} (stored: {have}); "
                      f"calibrate it with python -m seer.eval (see the README) or give the knob itself "
                      f"(target_density=null)")
 

@@ -65,6 +65,37 @@ def test_gate_selector_calibrates_once_and_stores_it(tmp_path, monkeypatch, toke
     assert loaded.seer_context.calibration == cal
 
 
+def test_selector_gate_blend_is_calibrated_under_its_own_scorer_name(tmp_path, monkeypatch, tokenizer, text_files):
+    """``selector.blend`` switches the gates' blend for the run: a second calibration is stored beside the first
+    under the blended scorer's name, the rows are labelled with it, and the blended scores differ."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from seer.checks import ConfigError
+    from seer.gates.config import GateConfig
+    from seer.model.gate_io import save_gates
+    from seer.model.inference import load
+    from seer.sparsity.calibration import load_calibrations
+
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tokenizer)
+    torch.manual_seed(0)
+    model = load(OmegaConf.to_container(compose(["model=tiny_llama"]).model),
+                 gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu")
+    save_gates(tmp_path / "g", model, "tiny")
+    over = BASE + ["data=text_files", text_files, "selector=gate", f"gates={tmp_path / 'g'}", "sparsity=threshold",
+                   "sparsity.target_density=0.4", "eval.passkey=0", "eval.copy=0", f"paths.cache_dir={tmp_path}/c"]
+    alone = run_eval(compose(over + [f"paths.output_dir={tmp_path}/r1"], "eval"))[0]
+    blended = run_eval(compose(over + ["selector.blend=vertical_slash", "selector.blend_weight=0.3",
+                                       f"paths.output_dir={tmp_path}/r2"], "eval"))[0]
+    assert (alone["selector"], blended["selector"]) == ("gate", "gate+vertical_slash@0.3")
+    assert sorted(c.selector for c in load_calibrations(tmp_path / "g")) == ["gate", "gate+vertical_slash@0.3"]
+    assert blended["ppl"] != alone["ppl"]
+    with pytest.raises(ConfigError, match="gate.blend_weight=2"):
+        run_eval(compose(over + ["selector.blend_weight=2", f"paths.output_dir={tmp_path}/r3"], "eval"))
+    with pytest.raises(ConfigError, match="selector=gate takes only blend and blend_weight"):
+        run_eval(compose(over + ["+selector.temperature=2", f"paths.output_dir={tmp_path}/r4"], "eval"))
+
+
 def test_an_authors_release_is_evaluated_and_its_calibration_kept(tmp_path, monkeypatch, tokenizer, text_files):
     from seer.model.inference import load
     from tests.model.test_release import _base, _release

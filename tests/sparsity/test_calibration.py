@@ -94,7 +94,7 @@ def test_save_find_and_refuse(tmp_path):
     found = find_calibration(tmp_path, SparsityConfig(method="topp", target_density=0.2, allocation="uniform"))
     assert found == b and isinstance(found, Calibration)
     with pytest.raises(ValueError, match=r"no calibration for sparsity threshold target_density=0.3 .*stored: .*"
-                                         r"threshold target_density=0.2 \(global\) at 0 tokens"):
+                                         r"threshold target_density=0.2 \(global\) with gate at 0 tokens"):
         find_calibration(tmp_path, SparsityConfig(method="threshold", target_density=0.3))
     (tmp_path / "calibration.json").write_text("[{\"knobs\": 3}]")
     with pytest.raises(ValueError, match="is not a seer calibration file"):
