@@ -28,7 +28,7 @@ from torch import nn
 
 from seer.gates.config import GateConfig
 from seer.gates.pooling import pool_blocks
-from seer.gates.rope import rotary_tables, rotate
+from seer.gates.rope import register_block_rope, rotary_tables, rotate
 
 
 class AttnGate(nn.Module):
@@ -53,15 +53,7 @@ class AttnGate(nn.Module):
             raise ValueError(f"gate.q_linear=false needs gate.hidden_size == {q_in} (pooled Q width), got {hidden}")
         self.q_weight = nn.Parameter(torch.empty(num_heads, q_in, hidden)) if use_q_linear else None
         self.k_weight = nn.Parameter(torch.empty(num_heads, k_in, hidden))
-        if config.block_rope:
-            if rope_inv_freq is None:
-                rope_inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float32) / hidden))
-            if rope_inv_freq.shape != (hidden // 2,):
-                raise ValueError(f"rope_inv_freq must have shape [{hidden // 2}], got {tuple(rope_inv_freq.shape)}")
-            self.register_buffer("rope_inv_freq", rope_inv_freq.float().clone(), persistent=False)
-        else:
-            self.rope_inv_freq = None
-        self.rope_scale = float(rope_scale)
+        register_block_rope(self, hidden, rope_inv_freq, rope_scale, enabled=config.block_rope)
         self.rope_at_length = rope_at_length
         self._tables = None  # (key, cos, sin, upper) of the last block count seen: see _block_tables
         self.reset_parameters()

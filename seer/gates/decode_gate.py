@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from seer.gates.decode_config import DecodeGateConfig
-from seer.gates.rope import rotary_tables, rotate
+from seer.gates.rope import register_block_rope, rotary_tables, rotate
 
 
 def prefix_pool_blocks(x: torch.Tensor, block_size: int, kinds: list[str]) -> torch.Tensor:
@@ -60,15 +60,7 @@ class DecodeGate(nn.Module):
         hidden = config.hidden_size
         self.q_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * (num_heads // num_kv_heads), hidden))
         self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(config.k_pool), hidden))
-        if config.block_rope:
-            if rope_inv_freq is None:
-                rope_inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float32) / hidden))
-            if rope_inv_freq.shape != (hidden // 2,):
-                raise ValueError(f"rope_inv_freq must have shape [{hidden // 2}], got {tuple(rope_inv_freq.shape)}")
-            self.register_buffer("rope_inv_freq", rope_inv_freq.float().clone(), persistent=False)
-        else:
-            self.rope_inv_freq = None
-        self.rope_scale = float(rope_scale)
+        register_block_rope(self, hidden, rope_inv_freq, rope_scale, enabled=config.block_rope)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -37,6 +37,21 @@ def rope_frequencies(model_config, dim: int, seq_len: int | None = None) -> tupl
     return inv_freq.float(), float(scale)
 
 
+def register_block_rope(module: torch.nn.Module, dim: int, inv_freq: torch.Tensor | None, scale: float,
+                        enabled: bool = True) -> None:
+    """Gives a gate ``module`` its block-RoPE frequencies (``rope_inv_freq`` ``[dim / 2]``, a non-persistent buffer;
+    None when not ``enabled``; the plain ``theta = 10000`` table when none is given) and ``rope_scale``."""
+    if enabled:
+        if inv_freq is None:
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if inv_freq.shape != (dim // 2,):
+            raise ValueError(f"rope_inv_freq must have shape [{dim // 2}], got {tuple(inv_freq.shape)}")
+        module.register_buffer("rope_inv_freq", inv_freq.float().clone(), persistent=False)
+    else:
+        module.rope_inv_freq = None
+    module.rope_scale = float(scale)
+
+
 def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and signed ``sin`` tables ``[n, dim]`` (``dim = 2 * len(inv_freq)``) of ``dtype`` for

@@ -18,7 +18,7 @@ from seer.checks import ConfigError, build
 from seer.files import atomic_write, atomic_write_text
 from seer.gates.decode_config import DecodeGateConfig
 from seer.model.decode import attach_decode_gates, decode_gates
-from seer.model.gate_io import CHECKSUM, _sha256, check_gates_fit, model_signature
+from seer.model.gate_io import CHECKSUM, _sha256, check_gates_fit, layer_state_dict, model_signature
 from seer.model.rope_scaling import rope_settings
 
 WEIGHTS = "decode_gates.safetensors"
@@ -27,10 +27,8 @@ FORMAT = "seer-decode-gates/1"
 
 
 def decode_gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every decode gate's weights on the CPU, keyed ``layers.<i>.<name>``; sharded ones (FSDP) gathered in full, a
-    collective: every process must call it."""
-    return {f"layers.{i}.{name}": (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous().cpu()
-            for i, gate in decode_gates(model).items() for name, t in gate.state_dict().items()}
+    """Every decode gate's weights (:func:`~seer.model.gate_io.layer_state_dict` of the model's decode gates)."""
+    return layer_state_dict(decode_gates(model))
 
 
 def save_decode_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None,

@@ -61,11 +61,16 @@ def check_gates_fit(meta: dict, weights: Path, signature: dict, rope: dict, allo
                               f"model has {key}={rope[key]}")
 
 
-def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every gate's weights on the CPU, keyed ``layers.<i>.<name>``; sharded ones (FSDP) gathered in full, which is a
-    collective: every process must call it."""
+def layer_state_dict(modules: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
+    """The weights of per-layer modules ``{layer: module}`` on the CPU, keyed ``layers.<i>.<name>``; sharded ones
+    (FSDP) gathered in full, which is a collective: every process must call it."""
     return {f"layers.{i}.{name}": (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous().cpu()
-            for i, gate in gates(model).items() for name, t in gate.state_dict().items()}
+            for i, module in modules.items() for name, t in module.state_dict().items()}
+
+
+def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every prefill gate's weights (:func:`layer_state_dict` of the model's gates)."""
+    return layer_state_dict(gates(model))
 
 
 def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None,
