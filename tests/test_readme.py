@@ -44,8 +44,11 @@ def test_readme_command_composes(line, monkeypatch):
     words = shlex.split(re.sub(r"<(\w+)>", r"2026-01-01_00-00-00_\1", line), comments=True)
     args = [w for w in words[3:] if w not in ("-m", "...")]
     cfg = compose(_single_job(args), ENTRY_POINTS[words[2]])
+    assert cfg.task_name and cfg.model is not None  # composed with its model and task
     if ENTRY_POINTS[words[2]] == "train":
-        validate(cfg)
+        from seer.training.config import STAGES
+
+        assert validate(cfg).stage.name in STAGES  # every value checked, as seer.train does before loading
 
 
 def test_the_readme_has_commands_of_every_entry_point():

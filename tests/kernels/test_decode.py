@@ -60,7 +60,8 @@ def _check(out, lse, ref_out, ref_lse, dtype):
     assert not fin.any() or (lse[fin].double() - ref_lse[fin]).abs().max().item() < lse_tol
 
 
-def _case(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=0, transpose=False, sm_scale=None):
+def assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=0, transpose=False,
+                             sm_scale=None):
     gen = torch.Generator().manual_seed(seed)
     dev = _device()
     q, k, v = _inputs(b, hq, hkv, t, n, d, dtype, gen, transpose)
@@ -92,12 +93,12 @@ CASES = [
 
 @pytest.mark.parametrize("b,hq,hkv,t,n,d,block,dtype,splits,s", CASES)
 def test_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s):
-    _case(b, hq, hkv, t, n, d, block, dtype, splits, s)
+    assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s)
 
 
 def test_cases_have_empty_rows_and_transposed_caches():
     """The special rows exist (some rows attend nothing), and [B, N, H, D] storage with a custom scale works."""
-    ref_lse = _case(2, 4, 2, 3, 100, 16, 16, torch.float32, 2, 7, transpose=True, sm_scale=0.3)
+    ref_lse = assert_matches_reference(2, 4, 2, 3, 100, 16, 16, torch.float32, 2, 7, transpose=True, sm_scale=0.3)
     assert torch.isneginf(ref_lse).any() and torch.isfinite(ref_lse).any()
 
 
@@ -240,4 +241,4 @@ def test_bad_inputs():
 @pytest.mark.parametrize("b,t,n,splits", [(1, 1, 32768 + 77, None), (4, 4, 8192, 7), (16, 1, 4096 + 5, 1)])
 def test_gpu_bf16_matches_reference(b, t, n, splits):
     """The 8B shape (32 query / 8 KV heads, D 128) in bfloat16, 64-token blocks, 10% of the blocks listed."""
-    _case(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10), seed=n)
+    assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10), seed=n)

@@ -188,7 +188,8 @@ def test_nz_ratio_becomes_the_authors_topk_and_last_rows_off(tmp_path):
 def test_a_zero_threshold_warns_that_it_keeps_every_block(tmp_path):
     base, _ = _base(tmp_path)
     with pytest.warns(UserWarning, match="seerattn_threshold=0 keeps every causal block"):
-        read_release(_release(tmp_path, base, seerattn_threshold=0.0))
+        release = read_release(_release(tmp_path, base, seerattn_threshold=0.0))
+    assert release.sparsity.method == "threshold" and release.sparsity.threshold == 0.0  # loaded as given
 
 
 def test_converted_once_and_again_when_the_release_changes(tmp_path):
@@ -203,7 +204,7 @@ def test_converted_once_and_again_when_the_release_changes(tmp_path):
     assert second != first and json.loads((second / "gates.json").read_text())["sparsity"]["threshold"] == 5e-4
 
 
-def _refused_before_loading(monkeypatch, match, **kwargs):
+def assert_refused_before_loading(monkeypatch, match, **kwargs):
     def no_model(*args, **kw):
         raise AssertionError("the base model was loaded")
 
@@ -217,8 +218,8 @@ def test_release_for_another_base_is_refused(tmp_path, monkeypatch):
     base, _ = _base(tmp_path)
     other, _ = _base(tmp_path, name="other", num_hidden_layers=3)
     release = _release(tmp_path, base)
-    _refused_before_loading(monkeypatch, "num_layers=2, but this model has num_layers=3", model=str(other),
-                            gates=str(release))
+    assert_refused_before_loading(monkeypatch, "num_layers=2, but this model has num_layers=3", model=str(other),
+                                  gates=str(release))
 
 
 def test_pickle_that_is_not_a_tensor_dict_is_refused(tmp_path, monkeypatch):
@@ -226,9 +227,9 @@ def test_pickle_that_is_not_a_tensor_dict_is_refused(tmp_path, monkeypatch):
     release = _release(tmp_path, base)
     torch.save({"model.layers.0.self_attn.attn_gate.mask_linear_k.weight": Path("x")},
                release / "attn_gate_weights.pth")
-    _refused_before_loading(monkeypatch, r"attn_gate_weights.pth: not a plain tensor dict", gates=release)
+    assert_refused_before_loading(monkeypatch, r"attn_gate_weights.pth: not a plain tensor dict", gates=release)
     torch.save([torch.zeros(1)], release / "attn_gate_weights.pth")
-    _refused_before_loading(monkeypatch, r"holds a list, not a dict of tensors", gates=release)
+    assert_refused_before_loading(monkeypatch, r"holds a list, not a dict of tensors", gates=release)
 
 
 def test_missing_layer_weights_and_wrong_shapes_are_refused(tmp_path, monkeypatch):
@@ -237,14 +238,15 @@ def test_missing_layer_weights_and_wrong_shapes_are_refused(tmp_path, monkeypatc
     state = torch.load(release / "attn_gate_weights.pth", weights_only=True)
     key = "model.layers.1.self_attn.attn_gate.mask_linear_k.weight"
     torch.save({k: v for k, v in state.items() if k != key}, release / "attn_gate_weights.pth")
-    _refused_before_loading(monkeypatch, "gate weights of layer 1 are missing", gates=release)
+    assert_refused_before_loading(monkeypatch, "gate weights of layer 1 are missing", gates=release)
     torch.save({**state, key: state[key][:, :-1]}, release / "attn_gate_weights.pth")
-    _refused_before_loading(monkeypatch, r"has shape \[4, 47, 16\], but this release's config makes it \[4, 48, 16\]",
-                            gates=release)
+    assert_refused_before_loading(
+        monkeypatch, r"has shape \[4, 47, 16\], but this release's config makes it \[4, 48, 16\]", gates=release)
     torch.save({**state, "model.layers.2.self_attn.attn_gate.mask_linear_k.weight": state[key]},
                release / "attn_gate_weights.pth")
-    _refused_before_loading(monkeypatch, "'model.layers.2.self_attn.attn_gate.mask_linear_k.weight' is not a gate "
-                            "weight of this release", gates=release)
+    assert_refused_before_loading(
+        monkeypatch, "'model.layers.2.self_attn.attn_gate.mask_linear_k.weight' is not a gate weight of this release",
+        gates=release)
 
 
 @pytest.mark.parametrize("gate_type", ["Qavg_Kavgmax", "Qlast_Kmax", "Qavg_Kmaxmax", "Kmax"])
@@ -253,7 +255,7 @@ def test_unknown_gate_type_is_refused(tmp_path, monkeypatch, gate_type):
     release = _release(tmp_path, base)
     cfg = json.loads((release / "config.json").read_text())
     (release / "config.json").write_text(json.dumps({**cfg, "seerattn_gate_type": gate_type}))
-    _refused_before_loading(monkeypatch, f"seerattn_gate_type='{gate_type}': unknown", gates=release)
+    assert_refused_before_loading(monkeypatch, f"seerattn_gate_type='{gate_type}': unknown", gates=release)
 
 
 def test_other_unmappable_fields_are_refused(tmp_path, monkeypatch):
@@ -265,7 +267,7 @@ def test_other_unmappable_fields_are_refused(tmp_path, monkeypatch):
                           ({"seerattn_gate_hidden_size": 32}, "release rotates 16 channels"),
                           ({"seerattn_threshold": 1.5}, "seerattn_threshold: sparsity.threshold=1.5")]:
         (release / "config.json").write_text(json.dumps({**cfg, **change}))
-        _refused_before_loading(monkeypatch, match, gates=release)
+        assert_refused_before_loading(monkeypatch, match, gates=release)
 
 
 def test_decode_gate_release_is_refused(tmp_path, monkeypatch):
@@ -274,7 +276,7 @@ def test_decode_gate_release_is_refused(tmp_path, monkeypatch):
     (folder / "config.json").write_text(json.dumps({
         "model_type": "qwen3", "base_model": "Qwen/Qwen3-8B", "seerattn_k_seq_pooling_type": "Kmaxminavg",
         "seerattn_q_head_pooling_type": "Qproj", "seerattn_token_budget": 4096, "seerattn_gate_block_size": 64}))
-    _refused_before_loading(monkeypatch, "a decode-gate release .*prefill-only", gates=folder)
+    assert_refused_before_loading(monkeypatch, "a decode-gate release .*prefill-only", gates=folder)
 
 
 def _hub_cache(root: Path, repo: str, files: Path) -> None:
