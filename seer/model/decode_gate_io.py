@@ -6,7 +6,6 @@ naming the field."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,10 +14,10 @@ import torch
 from torch import nn
 
 from seer.checks import ConfigError, build
-from seer.files import atomic_write, atomic_write_text
 from seer.gates.decode_config import DecodeGateConfig
 from seer.model.decode import attach_decode_gates, decode_gates
-from seer.model.gate_io import CHECKSUM, _sha256, check_gates_fit, layer_state_dict, model_signature
+from seer.model.gate_io import (CHECKSUM, _sha256, check_gates_fit, layer_state_dict, model_signature,
+                                write_gate_files)
 from seer.model.rope_scaling import rope_settings
 
 WEIGHTS = "decode_gates.safetensors"
@@ -34,23 +33,11 @@ def decode_gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_decode_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, extra: dict | None = None,
                       state: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes ``decode_gates.safetensors`` and ``decode_gates.json`` into ``folder``; returns the weights' path."""
-    from safetensors.torch import save
-
-    folder = Path(folder)
     meta = {"format": FORMAT, "base_model": model_name, "model": model_signature(model),
             "decode_gate": dataclasses.asdict(model.seer_decode.config), "rope": rope_settings(model.config),
             **(extra or {})}
     state = decode_gate_state_dict(model) if state is None else state
-    digest = {}
-
-    def write(tmp: str) -> None:
-        data = save(state, metadata={"seer": json.dumps(meta, default=str)})
-        Path(tmp).write_bytes(data)
-        digest[CHECKSUM] = hashlib.sha256(data).hexdigest()
-
-    atomic_write(folder / WEIGHTS, write)
-    atomic_write_text(folder / META, json.dumps({**meta, **digest}, indent=2, default=str))
-    return folder / WEIGHTS
+    return write_gate_files(folder, meta, state, WEIGHTS, META)
 
 
 def load_decode_gates(model: nn.Module, path: str | os.PathLike) -> dict:

@@ -83,9 +83,10 @@ def save_gates(folder: str | os.PathLike, model: nn.Module, model_name: str, ext
     return write_gate_files(folder, meta, gate_state_dict(model) if state is None else state)
 
 
-def write_gate_files(folder: str | os.PathLike, meta: dict, state: dict[str, torch.Tensor]) -> Path:
-    """Writes ``state`` (keyed ``layers.<i>.<name>``) as ``gates.safetensors`` with ``meta`` inside it, and ``meta``
-    plus the file's sha256 as ``gates.json``; returns the weights' path."""
+def write_gate_files(folder: str | os.PathLike, meta: dict, state: dict[str, torch.Tensor], weights: str = WEIGHTS,
+                     meta_file: str = META) -> Path:
+    """Writes ``state`` (keyed ``layers.<i>.<name>``) as ``weights`` (``gates.safetensors``) with ``meta`` inside it,
+    and ``meta`` plus the file's sha256 as ``meta_file`` (``gates.json``); returns the weights' path."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -96,9 +97,9 @@ def write_gate_files(folder: str | os.PathLike, meta: dict, state: dict[str, tor
         Path(tmp).write_bytes(data)
         digest[CHECKSUM] = hashlib.sha256(data).hexdigest()
 
-    atomic_write(folder / WEIGHTS, write)
-    atomic_write_text(folder / META, json.dumps({**meta, **digest}, indent=2, default=str))
-    return folder / WEIGHTS
+    atomic_write(folder / weights, write)
+    atomic_write_text(folder / meta_file, json.dumps({**meta, **digest}, indent=2, default=str))
+    return folder / weights
 
 
 def _sha256(path: Path) -> str:
