@@ -14,13 +14,17 @@ KV head, the newest block always among them, the others drawn at random, ascendi
 * ``SDPA``: ``torch.nn.functional.scaled_dot_product_attention`` over the whole cache (flash backend, GQA without
   repeating K/V; ``-`` where no backend ran it);
 * ``dense``: the faster of SDPA and ours@1.0, and the speedup of ours over it (issue 18's goals at 90% sparsity:
-  >= 9x at batch 16 / 32k, >= 3x at batch 1 / 32k). The release's Triton kernel is not compared here.
+  >= 9x at batch 16 / 32k, >= 3x at batch 1 / 32k);
+* ``release`` (with ``--release-dir``): the authors' Triton decode kernel
+  (``seer_attn/kernels/varlen/triton_sparse_gqa_decode_varlen_indice.py``, loaded by
+  ``experiments/release_kernels.py``) on the same tensors (its ``[B, N, Hkv, D]`` cache layout is a view of ours, its
+  index lists the same), T 1 only, as shipped (its autotune keyed on the head and block sizes only), and ours / it.
 
 Before timing, the kernel is checked on the GPU against :func:`seer.kernels.reference.block_sparse_decode` (float32
 reference on bf16 inputs, 8k cache, T 1 and 4). Timing: :func:`seer.kernels.bench.ms` (``triton.testing.do_bench``:
 warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs).
 
-    python experiments/bench_decode.py --out docs/bench_decode.md
+    python experiments/bench_decode.py --out docs/bench_decode.md --release-dir .assets/release
     python experiments/bench_decode.py --batch 1 16 --kv 32768 --budget 2048 --splits 1 8 16 32   # split sweep
     python experiments/bench_decode.py --tune       # launch configs (tuning.force_config) at 32k, budget 2k
 """
@@ -76,6 +80,28 @@ def check() -> None:
     print("GPU check against the reference: ok", flush=True)
 
 
+def release_fn(release_dir: str | None):
+    """The release's decode kernel as ``fn(q, k, v, idx, lens)`` on our layouts (T 1), checked against the
+    reference; None without ``release_dir``."""
+    if release_dir is None:
+        return None
+    from experiments import release_kernels
+    mod = release_kernels.load(release_dir, "seer_attn.kernels.varlen.triton_sparse_gqa_decode_varlen_indice")
+
+    def fn(q, k, v, idx, lens):
+        return mod.block_sparse_flash_decode_gqa_indice_triton(
+            q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), lens, k.shape[2], idx.shape[2], idx, BLOCK)
+
+    q, k, v, lens = inputs(2, 8192, 1, seed=7)
+    lens[1] = 5001
+    idx = lists(2, 8192, 2048, seed=7)
+    ref_out, _ = reference.block_sparse_decode(q.float(), k.float(), v.float(), idx, lens, BLOCK)
+    err = ((fn(q, k, v, idx, lens).float() - ref_out[:, :, 0]).norm() / ref_out.norm()).item()
+    assert err < 1.5e-2, f"the release's decode kernel disagrees with the reference: relative error {err:.3g}"
+    print(f"release kernel {release_kernels.commit(release_dir)} against the reference: ok", flush=True)
+    return fn
+
+
 def sdpa_ms(q, k, v) -> float:
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
@@ -95,6 +121,7 @@ def ours_ms(q, k, v, idx, lens, splits: int | None) -> tuple[float, int]:
 
 def bench(args) -> list[dict]:
     rows = []
+    release = release_fn(args.release_dir) if args.t == 1 else None
     for b, n in itertools.product(args.batch, args.kv):
         q, k, v, lens = inputs(b, n, args.t)
         full = torch.arange(-(-n // BLOCK), dtype=torch.int32, device=DEV).expand(b, HKV, -1).contiguous()
@@ -105,9 +132,12 @@ def bench(args) -> list[dict]:
                 idx = lists(b, n, budget)
                 t_ours, chosen = ours_ms(q, k, v, idx, lens, splits)
                 dense = min(x for x in (dense_sdpa, dense_ours) if x == x)
+                t_rel = float("nan")
+                if release:
+                    t_rel = ms(lambda q=q, k=k, v=v, i=idx, lens=lens: release(q, k, v, i, lens))
                 rows.append(dict(batch=b, kv=n, budget=budget, density=idx.shape[2] * BLOCK / n, splits=chosen,
                                  ours=t_ours, ours_dense=dense_ours, sdpa=dense_sdpa, dense=dense,
-                                 speedup=dense / t_ours))
+                                 speedup=dense / t_ours, release=t_rel, vs_release=t_rel / t_ours))
                 print(rows[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
@@ -136,13 +166,16 @@ def report(rows: list[dict], info: dict, args, cmd: str) -> str:
              f"{HQ} query / {HKV} KV heads, D {D}, bf16, T {args.t}, {BLOCK}-token blocks, every sequence at the "
              "cache length. Times in ms (median of CUDA-event-timed runs). `ours`: the kernel on `budget / 64` "
              "listed blocks per KV head (validate=False); `ours@1.0`: every block listed; `SDPA`: dense over the "
-             "cache; `dense`: the faster of SDPA and ours@1.0; speedup = dense / ours.", "",
-             "| batch | KV | budget | density | splits | ours | ours@1.0 | SDPA | dense | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "cache; `dense`: the faster of SDPA and ours@1.0; speedup = dense / ours; `release`: the authors' "
+             f"Triton decode kernel (commit {args.release_commit}) on the same tensors and lists, `vs release` = "
+             "release / ours.", "",
+             "| batch | KV | budget | density | splits | ours | ours@1.0 | SDPA | dense | speedup | release "
+             "| vs release |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['kv'] // 1024}k | {r['budget']} | {r['density']:.3f} | {r['splits']} | "
                      f"{fmt(r['ours'], 4)} | {fmt(r['ours_dense'], 4)} | {fmt(r['sdpa'], 4)} | {fmt(r['dense'], 4)} "
-                     f"| {r['speedup']:.2f}x |")
+                     f"| {r['speedup']:.2f}x | {fmt(r['release'], 4)} | {fmt(r['vs_release'], 2)}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +187,13 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=1, help="new tokens per sequence (SDPA is timed for T 1 only)")
     ap.add_argument("--splits", type=int, nargs="+", help="split counts to time (default: the kernel's choice)")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k instead")
+    ap.add_argument("--release-dir", help="a copy of microsoft/SeerAttention holding seer_attn/ (see release_kernels)")
     ap.add_argument("--out", help="write the markdown table here (else print it)")
     args = ap.parse_args()
+    args.release_commit = "-"
+    if args.release_dir:
+        from experiments import release_kernels
+        args.release_commit = release_kernels.commit(args.release_dir)
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU")
     check()
