@@ -94,6 +94,19 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
     return jobs
 
 
+def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
+    """A new gate recipe against the table: at each density its default (the first blend) and the gate alone."""
+    gate = gates[0]
+    jobs = []
+    for d in densities:
+        plain = SparsityConfig(method="threshold", target_density=d)
+        if blends:
+            name, w = blends[0]
+            jobs.append((f"{gate}+{name}@{w}", gate, (name, w), plain))
+        jobs.append((gate, gate, None, plain))
+    return jobs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", required=True, help="folder holding the Qwen2.5-Coder-0.5B GGUF")
@@ -110,8 +123,9 @@ def main() -> None:
     ap.add_argument("--blends", nargs="*", default=["vertical_slash:0.5", "vertical_slash:0.25"],
                     help="gate blends to try, as selector:weight")
     ap.add_argument("--last-rows", type=int, default=2, help="dense last query blocks in the tail variants")
-    ap.add_argument("--plan", default="explore", choices=["explore", "final"],
-                    help="explore: the levers (blends, dense last blocks); final: the default beside the baselines")
+    ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever"],
+                    help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
+                    "lever: a new gate recipe's default and its gate alone")
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
@@ -160,8 +174,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
-    jobs = plan(list(gates), args.densities, blends, args.last_rows) if args.plan == "explore" \
-        else final_plan(list(gates), args.densities, blends)
+    plans = {"explore": lambda: plan(list(gates), args.densities, blends, args.last_rows),
+             "final": lambda: final_plan(list(gates), args.densities, blends),
+             "lever": lambda: lever_plan(list(gates), args.densities, blends)}
+    jobs = plans[args.plan]()
     for i, (label, scorer, blend, sparsity) in enumerate(jobs[args.skip:], start=args.skip):
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
