@@ -11,6 +11,9 @@ On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .asset
 
     python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
         --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --out $OUT
+
+``--model smollm2`` runs the same study on SmolLM2-135M-Instruct at 8k (``experiment=smollm2_quality``, 8k rows;
+``--model-dir`` the folder of its GGUF, staged by ``prepare.sh smollm2``; give ``--train-len 8192 --seq-lens 8192``).
 """
 
 from __future__ import annotations
@@ -40,18 +43,25 @@ from quality_smollm2 import environment  # the sibling script (experiments/ is o
 BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
 
 
+MODELS = {  # --model: (model config, gate recipe, title)
+    "qwen05": ("qwen2_5_coder_0_5b", "qwen05_gates", "Qwen2.5-Coder-0.5B-Instruct"),
+    "smollm2": ("smollm2", "smollm2_quality", "SmolLM2-135M-Instruct"),
+}
+
+
 def model_overrides(args) -> list[str]:
-    return ["model=qwen2_5_coder_0_5b", f"model.name_or_path={args.model_dir}", f"model.gguf_file={args.gguf}"]
+    over = [f"model={MODELS[args.model][0]}", "model.package=null", f"model.name_or_path={args.model_dir}"]
+    return over + ([f"model.gguf_file={args.gguf}"] if args.gguf else [])
 
 
 def train_gates(args, target: str) -> Path:
     """Distils gates learning ``target`` (``mass`` or ``maxpool``); returns their folder."""
     from seer.training.run import run_training
 
-    over = ["experiment=qwen05_gates", *model_overrides(args), f"data.corpus.corpora.0.paths=['{args.novels}']",
-            f"trainer.max_steps={args.steps}", f"data.seq_len={args.train_len}", "logger=none",
-            f"stage.target={target}", f"paths.output_dir={args.work}/train_{target}",
-            f"paths.cache_dir={args.work}/cache", *args.train_overrides]
+    over = [f"experiment={MODELS[args.model][1]}", *model_overrides(args),
+            f"data.corpus.corpora.0.paths=['{args.novels}']", f"trainer.max_steps={args.steps}",
+            f"data.seq_len={args.train_len}", "logger=none", f"stage.target={target}",
+            f"paths.output_dir={args.work}/train_{target}", f"paths.cache_dir={args.work}/cache", *args.train_overrides]
     summary = run_training(compose(over))
     return Path(summary["gates"])
 
@@ -109,8 +119,9 @@ def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", required=True, help="folder holding the Qwen2.5-Coder-0.5B GGUF")
-    ap.add_argument("--gguf", default="qwen05.gguf")
+    ap.add_argument("--model", default="qwen05", choices=sorted(MODELS))
+    ap.add_argument("--model-dir", required=True, help="folder holding the model's GGUF")
+    ap.add_argument("--gguf", help="the GGUF file in --model-dir (default: the model config's)")
     ap.add_argument("--novels", required=True, help="glob of the training novels")
     ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
     ap.add_argument("--gates", nargs="*", default=[], help="trained gate folders as target=PATH (skips training)")
@@ -206,7 +217,7 @@ def main() -> None:
 
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
                   dense: dict) -> None:
-    lines = ["# Block selection quality on Qwen2.5-Coder-0.5B-Instruct", "",
+    lines = [f"# Block selection quality on {MODELS[args.model][2]}", "",
              f"{environment(device)} Gates trained in {train_s:.0f} s; whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_qwen.py " + " ".join(
                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
