@@ -11,6 +11,10 @@ On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .asset
 
     python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
         --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --out $OUT
+
+Blend-aware distillation (gates trained through the vertical-slash blend they are evaluated with, not alone): the
+same command with ``--train-overrides stage.loss_through_blend=true`` and its own ``--work`` and ``--out`` folders
+(the default run's gates and results stay); compare the ``gate:mass+vertical_slash@0.5`` rows of the two.
 """
 
 from __future__ import annotations
