@@ -130,6 +130,8 @@ def test_the_option_composes_with_the_recipes(tmp_path):
     run = validate(cfg)
     check_training(OmegaConf.to_container(cfg, resolve=True), run, {}, shards_model=False)
     assert run.stage.loss_through_blend and run.gate.blend == "vertical_slash"
+    summary = train(tmp_path / "run", "stage.loss_through_blend=true", "trainer.max_steps=2")
+    assert summary["status"] == "completed" and 0 < summary["val_recall"] <= 1
     # experiments/quality_qwen.py --train-overrides stage.loss_through_blend=true: the recipe it trains with
     run = validate(compose(["experiment=qwen05_gates", f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]",
                             f"paths.output_dir={tmp_path}", "stage.loss_through_blend=true"]))
