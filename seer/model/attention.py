@@ -62,7 +62,7 @@ MODES = ("dense", "distill", "observe", "sparse", "train_sparse")
 @dataclass
 class LayerRecord:
     """What one layer hands the trainer in distill mode: gate logits (with grad), ground truth, and the layer's
-    post-RoPE Q and K with the softmax scale (to measure attention mass when needed)."""
+    post-RoPE Q and K with the softmax scale (to measure attention mass, or the blend's estimate, when needed)."""
 
     layer_idx: int
     logits: torch.Tensor
