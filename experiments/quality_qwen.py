@@ -14,6 +14,10 @@ On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .asset
 
 ``--model smollm2`` runs the same study on SmolLM2-135M-Instruct at 8k (``experiment=smollm2_quality``, 8k rows;
 ``--model-dir`` the folder of its GGUF, staged by ``prepare.sh smollm2``; give ``--train-len 8192 --seq-lens 8192``).
+
+Blend-aware distillation (gates trained through the vertical-slash blend they are evaluated with, not alone): the
+same command with ``--train-overrides stage.loss_through_blend=true`` and its own ``--work`` and ``--out`` folders
+(the default run's gates and results stay); compare the ``gate:mass+vertical_slash@0.5`` rows of the two.
 """
 
 from __future__ import annotations

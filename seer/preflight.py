@@ -113,6 +113,8 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
                           f"row leaves the gate nothing to choose); use data.seq_len >= {MIN_BLOCKS * block}")
     if run.stage.name == "finetune":
         _check_finetune(cfg, run)
+    if run.stage.name == "distill":
+        run.stage.check_gate(run.gate)
     shape = model_shape(run.model)
     check_dense_layers(run.sparsity, shape)
     if is_int(seq_len):

@@ -62,7 +62,7 @@ MODES = ("dense", "distill", "observe", "sparse", "train_sparse")
 @dataclass
 class LayerRecord:
     """What one layer hands the trainer in distill mode: gate logits (with grad), ground truth, and the layer's
-    post-RoPE Q and K with the softmax scale (to measure attention mass when needed)."""
+    post-RoPE Q and K with the softmax scale (to measure attention mass, or the blend's estimate, when needed)."""
 
     layer_idx: int
     logits: torch.Tensor
@@ -338,14 +338,21 @@ def _scores(module, ctx: SeerContext, query, key, scale: float, pre_rope) -> tor
     gate: AttnGate | None = getattr(module, "seer_gate", None)
     if gate is None:
         raise RuntimeError("no block scorer: the model has no gates and context.selector is None")
-    scores = gate(*pre_rope)
-    blend = ctx.gate_config.blend
-    if blend is None:
+    return blend_gate_scores(ctx.gate_config, gate(*pre_rope), query, key, ctx.block_size, scale, module.layer_idx)
+
+
+def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                      block_size: int, scale: float, layer_idx: int) -> torch.Tensor:
+    """A gate's block ``scores`` blended with the training-free estimate ``gate_config.blend`` names (``scores``
+    as they are when it names none), the estimate computed without grad from the layer's post-RoPE ``query`` and
+    ``key``: what inference selects with, and what blend-aware distillation (``stage.loss_through_blend``) trains
+    through, so gradients reach the gate alone."""
+    if gate_config.blend is None:
         return scores
     from seer.sparsity.selectors import LayerInputs, blend_scores, build_selector
 
-    partner = build_selector(blend).scores(LayerInputs(query, key, ctx.block_size, scale, module.layer_idx))
-    return blend_scores(scores, partner, ctx.gate_config.blend_weight)
+    partner = build_selector(gate_config.blend).scores(LayerInputs(query, key, block_size, scale, layer_idx))
+    return blend_scores(scores, partner, gate_config.blend_weight)
 
 
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

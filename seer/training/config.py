@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional
 
 from seer.backends import BACKENDS
 from seer.checks import ConfigError, build, fail, is_int, is_number
+from seer.gates.config import GateConfig
 from seer.gates.decode_config import DecodeGateConfig
 from seer.sparsity.decode import DecodeSparsityConfig
 
@@ -96,16 +97,29 @@ class GateTargetConfig(StageConfig):
 
 @dataclass
 class DistillConfig(GateTargetConfig):
-    """Post-training gate distillation of a frozen model: ``loss_scale`` x the sum over layers of the gate loss."""
+    """Post-training gate distillation of a frozen model: ``loss_scale`` x the sum over layers of the gate loss.
+
+    ``loss_through_blend``: the loss (and the selection metrics) take the gate's scores blended as inference uses
+    them, ``(1 - gate.blend_weight) softmax(gate) + gate.blend_weight * estimate`` with the ``gate.blend`` estimate
+    from the layer's Q/K (no grad), so the gate learns what the estimate misses; needs a ``gate.blend``."""
 
     module: ClassVar[str] = "seer.training.distill.GateDistillation"
     name: str = "distill"
     loss_scale: float = 10.0
+    loss_through_blend: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.loss_scale > 0:
             fail("stage", "loss_scale", self.loss_scale, "must be > 0")
+        if not isinstance(self.loss_through_blend, bool):
+            fail("stage", "loss_through_blend", self.loss_through_blend, "must be true or false")
+
+    def check_gate(self, gate: GateConfig) -> None:
+        """Refuses ``loss_through_blend`` for gates used without a blend."""
+        if self.loss_through_blend and gate.blend is None:
+            fail("stage", "loss_through_blend", True, "trains through the gates' blend, but gate.blend=null; "
+                 "choose a gate.blend (e.g. vertical_slash) or stage.loss_through_blend=false")
 
 
 @dataclass

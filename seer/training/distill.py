@@ -2,7 +2,10 @@
 
 Each step runs the base model's decoder once, dense and without grad; every attention layer hands its gate logits
 (with grad) and its ground truth (:class:`~seer.model.attention.LayerRecord`) to this module, which sums
-``loss_scale * KL(GT || softmax(gate))`` over layers. Only gate parameters train (AdamW, warmup + cosine).
+``loss_scale * KL(GT || softmax(gate))`` over layers. Only gate parameters train (AdamW, warmup + cosine). With
+``stage.loss_through_blend`` the gate's logits are first blended with ``gate.blend``'s estimate as at inference
+(:func:`~seer.model.attention.blend_gate_scores`): the loss is ``KL(GT || blend)`` and the metrics and images below
+read the blended scores.
 
 Logged: ``train/loss``, ``train/kl/layer_XX``, ``train/gt_recall`` (share of the row-normalised ground truth the
 gate's mask keeps at the configured sparsity), ``train/density``, ``lr``; in validation ``val/loss``,
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 
 from seer.config import RunConfig
-from seer.model.attention import LayerRecord, attach_gates, attention_layers, freeze_base_model, gate_parameters
+from seer.model.attention import (LayerRecord, attach_gates, attention_layers, blend_gate_scores, freeze_base_model,
+                                  gate_parameters)
 from seer.sparsity import (SparsityConfig, attention_mass, block_density, mass_recall, oracle_recall,
                            selection_masks)
 from seer.training.config import DistillConfig
@@ -34,6 +38,7 @@ class GateDistillation(Stage):
     def __init__(self, model: torch.nn.Module, stage: DistillConfig, sparsity: SparsityConfig, gt_source: str,
                  model_name: str = "unknown"):
         super().__init__(model, stage, sparsity, gt_source, model_name)
+        stage.check_gate(model.seer_context.gate_config)
         self.num_layers = len(attention_layers(model))
 
     @classmethod
@@ -56,8 +61,10 @@ class GateDistillation(Stage):
         def consume(rec: LayerRecord) -> None:
             target = normalize_rows(rec.gt.float()) if self.stage.row_normalize else rec.gt.float()
             with torch.enable_grad():  # the consumer runs inside the base model's no-grad forward
-                losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss, self.stage.skip_first_rows)
-            logits[rec.layer_idx], targets[rec.layer_idx] = rec.logits.detach(), target
+                scores = blend_gate_scores(ctx.gate_config, rec.logits, rec.query, rec.key, ctx.block_size,
+                                           rec.scale, rec.layer_idx) if self.stage.loss_through_blend else rec.logits
+                losses[rec.layer_idx] = gate_loss(scores, target, self.stage.loss, self.stage.skip_first_rows)
+            logits[rec.layer_idx], targets[rec.layer_idx] = scores.detach(), target
             if with_mass:
                 masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
 
