@@ -176,10 +176,10 @@ class Finetune(Stage):
             gate_losses.setdefault(rec.layer_idx, []).append((loss, rec.logits))
 
         ctx.clear_step()  # the previous step's backward is done: new masks for this step
-        documents = None if position_ids is None else document_spans(position_ids)
+        # until the next step: a recomputation under activation checkpointing runs in the backward, after the forward
+        ctx.update(documents=None if position_ids is None else document_spans(position_ids))
         # a calibrated budget is calibrated per layer on the batch (train_sparse mode), so no calibration is given
-        with ctx.running(sparsity=sparsity, calibration=None, consumer=consume if with_gate_loss else None,
-                         documents=documents):
+        with ctx.running(sparsity=sparsity, calibration=None, consumer=consume if with_gate_loss else None):
             hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
                                         use_cache=False).last_hidden_state
         lm_loss = causal_lm_loss(hidden, self.head, input_ids, self.stage.loss_chunk_tokens, position_ids)

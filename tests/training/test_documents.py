@@ -87,7 +87,7 @@ def test_distill_records_and_loss_of_a_packed_row_are_those_of_its_documents_alo
     assert 0 < out["density"] <= 1 and 0 < out["recall"] <= 1 and set(out["layer_recall"]) == {0, 1}
 
 
-def test_finetune_losses_and_gradients_of_a_packed_row_are_those_of_its_documents_alone():
+def test_finetune_losses_and_gradients_of_a_packed_row_are_those_of_its_documents_alone_checkpointed_or_not():
     model = gated_model()
     module = Finetune(model, FinetuneConfig(), SPARSITY, "reference", kernel="reference")
     module.on_fit_start()
@@ -100,8 +100,12 @@ def test_finetune_losses_and_gradients_of_a_packed_row_are_those_of_its_document
         out["lm_loss"].backward()
         return out, weight.grad.clone()
 
+    model.train()  # transformers checkpoints layers in train mode only
     packed, packed_grad = losses_and_grad(ids, positions)
     alone = [losses_and_grad(doc) for doc in docs]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed, checkpointed_grad = losses_and_grad(ids, positions)  # recomputed in the backward, same documents
+    torch.testing.assert_close(checkpointed_grad, packed_grad)
     labels = torch.tensor([n - 1 for n in LENGTHS], dtype=torch.float32)  # each document's own next tokens
     lm = sum(out["lm_loss"].detach() * n for (out, _), n in zip(alone, labels)) / labels.sum()
     torch.testing.assert_close(packed["lm_loss"].detach(), lm)
