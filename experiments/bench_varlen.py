@@ -10,7 +10,8 @@ per prompt and KV head at ``--density`` (default 0.1: each query-block row keeps
 the diagonal always among them, the others at random; :func:`seer.sparsity.topk_mask` on random scores). Times
 (forward unless said):
 
-* ``batched``: ours, the packed row in one call (``cu_seqlens``; block index build included);
+* ``batched``: ours, the packed row in one call (``cu_seqlens``; the block index build and the one host read of
+  the offsets included);
 * ``one by one``: ours, :func:`seer.kernels.block_sparse_attn` on each prompt in turn (the sum: one timed loop);
 * ``flex doc``: dense FlexAttention (``torch.compile``d) over the packed row with a document mask (causal within
   each prompt; ``create_block_mask``), GQA without repeating K/V;
@@ -162,7 +163,7 @@ def flex_document(lens: list[int]):
         return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
 
     t = sum(lens)
-    block_mask = create_block_mask(causal_document, None, None, t, t, device=DEV)
+    block_mask = create_block_mask(causal_document, None, None, t, t, device=DEV, _compile=True)  # not [T, T]
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 
