@@ -105,6 +105,7 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
         raise ConfigError(f"trainer=fsdp with stage.lora_rank={run.stage.lora_rank}: LoRA adapters are not sharded "
                           f"(their merge into a sharded base is not supported); use trainer=ddp, or stage.lora_rank=0 "
                           f"with stage.trainable")
+    _check_packing(data.get("packing", "concat"), run.stage)
     decode_gate = getattr(run.stage, "decode_gate", None)  # stage=distill_decode trains decode gates only
     seq_len, block = data.get("seq_len"), (decode_gate or run.gate).block_size
     if is_int(seq_len) and seq_len < MIN_BLOCKS * block:
@@ -122,6 +123,17 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
     init_gates = getattr(run.stage, "init_gates", None)
     if init_gates is not None:
         check_gate_file("stage.init_gates", init_gates, shape, gate=run.gate, allow_rope_change=True)
+
+
+def _check_packing(packing, stage) -> None:
+    """``data.packing`` is known, and ``documents`` only with a stage that keeps documents apart."""
+    from seer.data.packing import PACKINGS
+
+    if packing not in PACKINGS:
+        fail("data", "packing", packing, f"choose from {PACKINGS}")
+    if packing == "documents" and not stage.keeps_documents_apart:
+        fail("data", "packing", packing, f"stage={stage.name} cannot keep documents apart; use data.packing=concat "
+             f"(documents: the distill and finetune stages)")
 
 
 def check_text_data(takes_tokenizer: bool, tokenizer, data_target: str, model_name: str,

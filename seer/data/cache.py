@@ -36,10 +36,14 @@ def load_rows(path: Path) -> PackedRows | None:
     if not path.is_file():
         return None
     stored = torch.load(path, map_location="cpu", weights_only=True)
-    return PackedRows(train=stored["train"], val=stored["val"])
+    return PackedRows(train=stored["train"], val=stored["val"], train_starts=stored.get("train_starts"),
+                      val_starts=stored.get("val_starts"))
 
 
 def save_rows(path: Path, rows: PackedRows, settings: dict[str, Any]) -> None:
-    """Write `rows` (and the settings, for a human reading the folder) atomically to `path`."""
-    atomic_write(path, lambda tmp: torch.save({"train": rows.train, "val": rows.val,
-                                               "settings": json.dumps(settings, default=str)}, tmp))
+    """Write `rows` (their document starts when kept, and the settings, for a human reading the folder) atomically
+    to `path`."""
+    stored = {"train": rows.train, "val": rows.val, "settings": json.dumps(settings, default=str)}
+    if rows.train_starts is not None:
+        stored.update(train_starts=rows.train_starts, val_starts=rows.val_starts)
+    atomic_write(path, lambda tmp: torch.save(stored, tmp))

@@ -2,7 +2,9 @@
 
 Built by the training entry point (`seer.training.run.instantiate_data`, which passes the tokenizer); `setup()`
 loads the rows from the token cache or packs them (and caches them), the train loader shuffles with a seeded
-generator, the validation loader keeps its order. Batches are `{"input_ids": LongTensor[batch, seq_len]}`.
+generator, the validation loader keeps its order. Batches are `{"input_ids": LongTensor[batch, seq_len]}`, and with
+`packing="documents"` also `"position_ids"` (LongTensor, the same shape) restarting at 0 at each document (piece):
+the document boundaries, which the training stages hand the model (attention never crosses them).
 """
 
 from __future__ import annotations
@@ -17,23 +19,29 @@ from torch.utils.data import DataLoader, Dataset
 
 from seer.data.cache import cache_key, cache_path, load_rows, save_rows
 from seer.data.corpora import Corpus
-from seer.data.packing import PackedRows, pack_documents, resolve_add_bos, tokenizer_fingerprint
+from seer.data.packing import (PACKINGS, PackedRows, document_positions, pack_documents, resolve_add_bos,
+                               tokenizer_fingerprint)
 from seer.data.resumable import ResumableShuffle
 
 log = logging.getLogger(__name__)
 
 
 class TokenRowsDataset(Dataset):
-    """Rows of a [rows, seq_len] integer tensor as `{"input_ids": LongTensor[seq_len]}` items."""
+    """Rows of a [rows, seq_len] integer tensor as `{"input_ids": LongTensor[seq_len]}` items, with `"position_ids"`
+    restarting at each document when `starts` (bool, the same shape: where documents start) is given."""
 
-    def __init__(self, rows: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, starts: torch.Tensor | None = None):
         self.rows = rows
+        self.starts = starts
 
     def __len__(self) -> int:
         return self.rows.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.rows[index].long()}
+        item = {"input_ids": self.rows[index].long()}
+        if self.starts is not None:
+            item["position_ids"] = document_positions(self.starts[index])
+        return item
 
 
 class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
@@ -53,12 +61,15 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         num_workers: DataLoader worker processes.
         add_bos: start each row with BOS; None (auto) does so when the tokenizer has a BOS token and adds it
             to an encoded text itself (as the model's own preprocessing would).
+        packing: `concat` (documents joined with EOS into one stream, cut into rows) or `documents` (the same rows
+            with each document's start kept: batches carry position ids restarting at each document, and the
+            distill and finetune stages keep attention, gates and ground truth inside each document).
     """
 
     def __init__(self, corpus: Corpus, tokenizer=None, seq_len: int = 1024, batch_size: int = 1,
                  train_sequences: int = 64, val_sequences: int = 4, val_fraction: float = 0.05,
                  cache_dir: str | os.PathLike | None = None, seed: int = 0, num_workers: int = 0,
-                 add_bos: bool | None = None):
+                 add_bos: bool | None = None, packing: str = "concat"):
         super().__init__()
         if not isinstance(corpus, Corpus):
             raise TypeError(f"PackedTextDataModule: corpus must be a seer.data Corpus, got {type(corpus).__name__}")
@@ -72,6 +83,7 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
              f"val_sequences={val_sequences} needs val_fraction > 0, got {val_fraction}"),
             (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
             (add_bos in (None, True, False), f"add_bos must be true, false or null (auto), got {add_bos!r}"),
+            (packing in PACKINGS, f"packing must be one of {PACKINGS}, got {packing!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,6 +99,7 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.add_bos = add_bos
+        self.packing = packing
         self.rows: PackedRows | None = None
 
     @property
@@ -104,10 +117,13 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         if self.tokenizer is None:
             raise ValueError("PackedTextDataModule: no tokenizer; build it with "
                              "hydra.utils.instantiate(cfg.data, tokenizer=tokenizer) or set .tokenizer")
-        return dict(corpus=self.corpus.fingerprint, tokenizer=tokenizer_fingerprint(self.tokenizer),
-                    seq_len=self.seq_len, add_bos=resolve_add_bos(self.tokenizer, self.add_bos),
-                    val_fraction=self.val_fraction, train_sequences=self.train_sequences,
-                    val_sequences=self.val_sequences)
+        settings = dict(corpus=self.corpus.fingerprint, tokenizer=tokenizer_fingerprint(self.tokenizer),
+                        seq_len=self.seq_len, add_bos=resolve_add_bos(self.tokenizer, self.add_bos),
+                        val_fraction=self.val_fraction, train_sequences=self.train_sequences,
+                        val_sequences=self.val_sequences)
+        if self.packing != "concat":  # concat rows keep the cache keys they had before packing was a setting
+            settings["packing"] = self.packing
+        return settings
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows is not None:
@@ -121,14 +137,15 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
                 return
         self.rows = pack_documents(self.corpus.documents(), self.tokenizer, seq_len=self.seq_len,
                                    train_sequences=self.train_sequences, val_sequences=self.val_sequences,
-                                   val_fraction=self.val_fraction, add_bos=settings["add_bos"])
+                                   val_fraction=self.val_fraction, add_bos=settings["add_bos"],
+                                   packing=self.packing)
         if path is not None:
             save_rows(path, self.rows, settings)
             log.info("cached %d + %d token rows at %s", len(self.rows.train), len(self.rows.val), path)
 
-    def _loader(self, rows: torch.Tensor, shuffle: bool) -> DataLoader:
+    def _loader(self, rows: torch.Tensor, starts: torch.Tensor | None, shuffle: bool) -> DataLoader:
         sampler = self.train_sampler(len(rows), self.batch_size, self.seed) if shuffle else None
-        return DataLoader(TokenRowsDataset(rows), batch_size=self.batch_size, sampler=sampler,
+        return DataLoader(TokenRowsDataset(rows, starts), batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _built_rows(self) -> PackedRows:
@@ -137,7 +154,9 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         return self.rows
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._built_rows().train, shuffle=True)
+        rows = self._built_rows()
+        return self._loader(rows.train, rows.train_starts, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._built_rows().val, shuffle=False)
+        rows = self._built_rows()
+        return self._loader(rows.val, rows.val_starts, shuffle=False)

@@ -4,6 +4,11 @@ Documents are tokenised in batches without special tokens, joined with EOS after
 stream per split, and cut into rows of exactly `seq_len` tokens; when `add_bos` is on, every row starts with
 BOS (counted in `seq_len`). Whether a document goes to training or validation is decided by a hash of its
 text, so no document lands in both. Reading stops as soon as both splits have their rows; a progress bar counts them.
+
+`packing="documents"` keeps the boundaries: a row is the same stream of whole documents, a document that runs over
+the row's end continuing in the next row as a piece of its own; each piece starts with BOS when `add_bos` is on
+(unless only one token of the row is left), and the rows' piece starts are kept (`PackedRows.train_starts`), from
+which a training batch gets position ids that restart at each piece (:func:`document_positions`).
 """
 
 from __future__ import annotations
@@ -26,13 +31,26 @@ log = logging.getLogger(__name__)
 _BATCH_DOCUMENTS = 64
 _BATCH_CHARS = 2_000_000
 
+PACKINGS = ("concat", "documents")  # documents joined into one stream; or kept apart, their boundaries known
+
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Token rows of one packing run: int32 tensors [rows, seq_len] for each split."""
+    """Token rows of one packing run: int32 tensors [rows, seq_len] for each split, and with `packing="documents"`
+    bool tensors of the same shape, True where a document (piece) starts."""
 
     train: torch.Tensor
     val: torch.Tensor
+    train_starts: torch.Tensor | None = None
+    val_starts: torch.Tensor | None = None
+
+
+def document_positions(starts: torch.Tensor) -> torch.Tensor:
+    """Position ids (int64, same shape as the bool `starts`) counting from 0 at each document start along the last
+    dimension; the first token of a row always starts one."""
+    index = torch.arange(starts.shape[-1], device=starts.device).expand_as(starts)
+    begins = torch.where(starts, index, torch.zeros_like(index))
+    return index - begins.cummax(-1).values
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -93,6 +111,41 @@ class _RowCutter:
     def tensor(self, seq_len: int) -> torch.Tensor:
         return torch.stack(self.rows) if self.rows else torch.empty(0, seq_len, dtype=torch.int32)
 
+    def starts(self, seq_len: int) -> torch.Tensor | None:
+        """Where documents start in each row: None, the rows being one stream."""
+        return None
+
+
+class _DocumentRowCutter(_RowCutter):
+    """Fills rows of `seq_len` with whole documents, in order; a document that runs over a row's end goes on in the
+    next row as a piece of its own. Each piece starts with the prefix (BOS) when it fits beside a token."""
+
+    def __init__(self, seq_len: int, wanted: int, bos_id: int | None):
+        super().__init__(seq_len, wanted, bos_id)
+        self.seq_len = seq_len
+        self.row: list[int] = []
+        self.row_starts: list[int] = []
+        self.start_rows: list[torch.Tensor] = []
+
+    def add(self, tokens: list[int]) -> None:
+        self.tokens_seen += len(tokens)
+        while tokens and not self.full:
+            room = self.seq_len - len(self.row)
+            prefix = self.prefix if room > len(self.prefix) else []
+            piece = prefix + tokens[:room - len(prefix)]
+            tokens = tokens[len(piece) - len(prefix):]
+            self.row_starts.append(len(self.row))
+            self.row.extend(piece)
+            if len(self.row) == self.seq_len:
+                starts = torch.zeros(self.seq_len, dtype=torch.bool)
+                starts[self.row_starts] = True
+                self.rows.append(torch.tensor(self.row, dtype=torch.int32))
+                self.start_rows.append(starts)
+                self.row, self.row_starts = [], []
+
+    def starts(self, seq_len: int) -> torch.Tensor:
+        return torch.stack(self.start_rows) if self.start_rows else torch.empty(0, seq_len, dtype=torch.bool)
+
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
     batch, chars = [], 0
@@ -107,17 +160,21 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 def pack_documents(documents: Iterable[str], tokenizer, seq_len: int, train_sequences: int, val_sequences: int,
-                   val_fraction: float, add_bos: bool) -> PackedRows:
+                   val_fraction: float, add_bos: bool, packing: str = "concat") -> PackedRows:
     """Tokenise `documents` and pack them into `train_sequences` + `val_sequences` rows of `seq_len` tokens.
 
-    Each document is followed by EOS; a document may run over into the next row. Raises ValueError naming the
-    numbers when the documents run out before every row is built.
+    Each document is followed by EOS; a document may run over into the next row. `packing` (one of `PACKINGS`):
+    `concat` cuts one stream, `documents` keeps where each document (piece) starts (see the module docstring).
+    Raises ValueError naming the numbers when the documents run out before every row is built.
     """
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r}: choose from {PACKINGS}")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token to put between documents")
     bos_id = tokenizer.bos_token_id if add_bos else None
-    splits = {"train": _RowCutter(seq_len, train_sequences, bos_id), "val": _RowCutter(seq_len, val_sequences, bos_id)}
+    row_cutter = _DocumentRowCutter if packing == "documents" else _RowCutter
+    splits = {"train": row_cutter(seq_len, train_sequences, bos_id), "val": row_cutter(seq_len, val_sequences, bos_id)}
     documents_read = 0
     log.info("tokenising: %d + %d rows of %d tokens", train_sequences, val_sequences, seq_len)
     with tqdm(total=train_sequences + val_sequences, desc="tokenising", unit="row", disable=None,
@@ -132,7 +189,9 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int, train_sequ
                     cutter.add(ids + [eos_id])
             progress.update(sum(len(c.rows) for c in splits.values()) - progress.n)
             if all(cutter.full for cutter in splits.values()):
-                return PackedRows(train=splits["train"].tensor(seq_len), val=splits["val"].tensor(seq_len))
+                train, val = splits["train"], splits["val"]
+                return PackedRows(train=train.tensor(seq_len), val=val.tensor(seq_len),
+                                  train_starts=train.starts(seq_len), val_starts=val.starts(seq_len))
     train, val = splits["train"], splits["val"]
     advice = "Lower data.train_sequences, data.val_sequences or data.seq_len, or use a larger corpus."
     if val_sequences and (documents_read < 2 or not val.tokens_seen):

@@ -35,6 +35,14 @@ with blocks starting at its first one, so it gets what it gets alone (give left-
 ``generate`` does) and the density counts its own causal blocks; a consumer gets one observation per sequence, and
 padding rows' outputs are 0. Decode steps, masks with holes and packed rows fall back to dense SDPA; distillation
 needs an unpadded prefill.
+
+Rows packed from several documents (``data.packing=documents``) are trained with ``context.documents`` set (the
+``(start, end)`` of each document of each row, :func:`document_spans` of position ids that restart at each
+document): in ``distill`` and ``train_sparse`` modes each document is gated, given its ground truth and attended
+alone, its blocks starting at its first token, and the consumer gets one :class:`LayerRecord` per document and
+layer. The attention mask transformers builds for such position ids is not read; the ``train_sparse`` attention of
+all documents of the batch is one call of the varlen block-sparse kernel (``cu_seqlens``), the ground truth is
+computed document by document (the fused kernel has no varlen mode).
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ class SeerContext:
     gt_target: str = "maxpool"  # distill, train_sparse: "maxpool" (the paper's block max) or "mass" (block mass)
     kernel: str = "reference"  # sparse, train_sparse: "reference" or "triton"
     want_mass: bool = False
+    documents: tuple[tuple[tuple[int, int], ...], ...] | None = None  # distill, train_sparse: each row's documents
     consumer: Callable[[Any], None] | None = None
     timer: list | None = None  # sparse mode on CUDA: (start, selected, attended) CUDA events of each layer
     density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
@@ -207,8 +216,7 @@ def scorer_name(selector, gate_config: GateConfig | None) -> str:
 
 
 SETTINGS = frozenset({"mode", "selector", "gate_config", "sparsity", "calibration", "gt_source", "gt_mode",
-                      "gt_target", "kernel",
-                      "want_mass", "consumer", "timer"})
+                      "gt_target", "kernel", "want_mass", "documents", "consumer", "timer"})
 _CHOICES = {"mode": MODES, "gt_source": ("reference", "triton"), "gt_mode": ("auto", "fast", "lowmem"),
             "gt_target": ("maxpool", "mass"), "kernel": ("reference", "triton")}
 
@@ -365,7 +373,9 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     stash = getattr(module, "seer_stash", None)
     spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
         else None
-    prefill = (attention_mask is None or spans is not None) and query.shape[2] == key.shape[2]
+    documents = ctx.documents if ctx is not None and ctx.mode in ("distill", "train_sparse") else None
+    prefill = (attention_mask is None or spans is not None or documents is not None) \
+        and query.shape[2] == key.shape[2]
     if ctx is None or ctx.mode == "dense" or not prefill:
         if ctx is not None and ctx.mode == "distill":
             raise ValueError("gate distillation needs an unpadded causal prefill (no attention mask, no KV cache); "
@@ -376,15 +386,18 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v
         query, key = query.to(value.dtype), key.to(value.dtype)
+    if documents is not None:
+        _check_documents(documents, query.shape[0], query.shape[2])
     if ctx.mode == "train_sparse":
-        return _train_sparse(module, ctx, query, key, value, scaling, scale)
+        return _train_sparse(module, ctx, query, key, value, scaling, scale, documents)
     if ctx.mode == "distill":
         q_pre, k_pre = stash.take()
-        out, gt = _dense_with_gt(module, ctx, query, key, value, scaling)
-        with torch.enable_grad():
-            logits = module.seer_gate(q_pre.detach(), k_pre.detach())
-        if ctx.consumer is not None:
-            ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
+        if documents is None:
+            return _distill(module, ctx, query, key, value, q_pre, k_pre, scaling, scale), None
+        out = _output_buffer(query)
+        for b, rows in _document_rows(documents):
+            out[b:b + 1, rows] = _distill(module, ctx, *(x[:, :, rows][b:b + 1] for x in (query, key, value, q_pre,
+                                                                                           k_pre)), scaling, scale)
         return out, None
     pre_rope = stash.take() if stash is not None and ctx.selector is None else None
     if spans is None:
@@ -503,6 +516,36 @@ def _select_and_attend(module, ctx: SeerContext, query, key, value, scaling, sca
     return out, kept, total
 
 
+def _check_documents(documents, batch: int, length: int) -> None:
+    """``documents`` (``context.documents``) holds one tuple of ``(start, end)`` per row, each row's documents
+    covering its ``length`` tokens in order."""
+    def covers(row) -> bool:
+        return bool(row) and row[0][0] == 0 and row[-1][1] == length and all(
+            end > start and end == following for (start, end), (following, _) in zip(row, [*row[1:], (length, 0)]))
+
+    if len(documents) != batch or not all(covers(row) for row in documents):
+        raise ValueError(f"context.documents must give each of the {batch} rows non-empty (start, end) spans "
+                         f"covering its {length} tokens in order; got {documents!r:.200}")
+
+
+def _document_rows(documents) -> Iterator[tuple[int, slice]]:
+    """``(row, token slice)`` of every document of ``context.documents``, row by row."""
+    for b, row in enumerate(documents):
+        for start, end in row:
+            yield b, slice(start, end)
+
+
+def _distill(module, ctx: SeerContext, query, key, value, q_pre, k_pre, scaling, scale: float) -> torch.Tensor:
+    """The ``distill`` mode on one causal sequence per row: dense attention ``[B, N, Hq, D]`` (returned) and the
+    layer's :class:`LayerRecord` (gate logits with grad, ground truth) to the consumer."""
+    out, gt = _dense_with_gt(module, ctx, query, key, value, scaling)
+    with torch.enable_grad():
+        logits = module.seer_gate(q_pre.detach(), k_pre.detach())
+    if ctx.consumer is not None:
+        ctx.consumer(LayerRecord(module.layer_idx, logits, gt, query, key, scale))
+    return out
+
+
 def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
     """Dense attention output ``[B, N, Hq, D]`` and the block ground truth of ``ctx.gt_target``: the block attention
     mass, or the block max from the fused Triton kernel or the PyTorch reference (``ctx.gt_source``); no grad."""
@@ -529,46 +572,96 @@ def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
     return out, block_gt(query, key, ctx.block_size, sm_scale=scaling)
 
 
-def _train_sparse(module, ctx: SeerContext, query, key, value, scaling, scale: float):
-    """The ``train_sparse`` mode of :func:`seer_attention` (see the module docstring)."""
+def _train_sparse(module, ctx: SeerContext, query, key, value, scaling, scale: float, documents):
+    """The ``train_sparse`` mode of :func:`seer_attention` (see the module docstring); with ``documents``, each
+    document's mask is made alone and all documents attend in one varlen call."""
     layer = module.layer_idx
     q_pre, k_pre = module.seer_stash.take()
     if layer not in ctx.train_masks:  # the layer's first pass this step (not a checkpointing recomputation)
         with torch.no_grad():
-            nb = -(-query.shape[2] // ctx.block_size)
-            total = query.shape[0] * query.shape[1] * nb * (nb + 1) // 2
-            if ctx.consumer is not None:
-                _, gt = _dense_with_gt(module, ctx, query, key, value, scaling)
-                with torch.enable_grad():
-                    logits = module.seer_gate(q_pre.detach(), k_pre.detach())
-                ctx.consumer(LayerRecord(layer, logits, gt, query.detach(), key.detach(), scale))
-                scores = logits.detach()
-            if ctx.sparsity.runs_dense(layer):
-                mask = None
-                ctx.density[layer] = (torch.tensor(total), total)
+            if documents is None:
+                mask, kept, total = _train_mask(module, ctx, query, key, value, q_pre, k_pre, scaling, scale)
             else:
-                if ctx.consumer is None:
-                    scores = module.seer_gate(q_pre, k_pre)
-                knob = None
-                if ctx.sparsity.calibrated:  # calibrated on this layer's scores of this batch (no host sync)
-                    from seer.sparsity.calibration import fit_knob
-
-                    knob = fit_knob(scores, ctx.sparsity)
-                mask = select_blocks(scores, ctx.sparsity, knob)
-                ctx.density[layer] = (mask.sum(), total)
+                masks, kept, total = [], 0, 0
+                for b, rows in _document_rows(documents):
+                    doc_mask, doc_kept, doc_total = _train_mask(
+                        module, ctx, *(x[:, :, rows][b:b + 1] for x in (query, key, value, q_pre, k_pre)), scaling,
+                        scale)
+                    masks.append(doc_mask)
+                    kept, total = kept + doc_kept, total + doc_total
+                mask = _packed_document_masks(masks, documents, query.shape[1], ctx.block_size, query.device)
+            ctx.density[layer] = (kept, total)
         ctx.train_masks[layer] = mask
     mask = ctx.train_masks[layer]
-    if mask is None:
+    if documents is not None:
+        out = _attend_documents(ctx, query, key, value, documents, mask, scaling)
+    elif mask is None:
         return _dense(module, query, key, value, None, 0.0, scaling)
-    if ctx.kernel == "triton":
-        from seer.kernels import block_sparse_attn
     else:
-        from seer.kernels.reference import block_sparse_attn
-    out, _ = block_sparse_attn(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling)
+        if ctx.kernel == "triton":
+            from seer.kernels import block_sparse_attn
+        else:
+            from seer.kernels.reference import block_sparse_attn
+        out, _ = block_sparse_attn(query, key, value, mask, block_size=ctx.block_size, sm_scale=scaling)
+        out = out.transpose(1, 2).contiguous()
     if torch.is_grad_enabled() and query.requires_grad and not out.requires_grad:
         raise RuntimeError("seer.kernels.block_sparse_attn gave no gradient (its Triton backward is not in this "
                            "build); fine-tune with the PyTorch reference instead (stage.kernel=reference)")
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
+
+
+def _train_mask(module, ctx: SeerContext, query, key, value, q_pre, k_pre, scaling, scale: float):
+    """A layer's first pass in ``train_sparse`` mode on one causal sequence per row (no grad): with a consumer, the
+    gate's logits (with grad, from detached Q/K) and the dense ground truth go to it as a :class:`LayerRecord`; then
+    the gate's mask (None for a dense budget or layer). Returns ``(mask, kept blocks, causal blocks)``."""
+    layer = module.layer_idx
+    nb = -(-query.shape[2] // ctx.block_size)
+    total = query.shape[0] * query.shape[1] * nb * (nb + 1) // 2
+    if ctx.consumer is not None:
+        _, gt = _dense_with_gt(module, ctx, query, key, value, scaling)
+        with torch.enable_grad():
+            logits = module.seer_gate(q_pre.detach(), k_pre.detach())
+        ctx.consumer(LayerRecord(layer, logits, gt, query.detach(), key.detach(), scale))
+        scores = logits.detach()
+    if ctx.sparsity.runs_dense(layer):
+        return None, torch.tensor(total), total
+    if ctx.consumer is None:
+        scores = module.seer_gate(q_pre, k_pre)
+    knob = None
+    if ctx.sparsity.calibrated:  # calibrated on this layer's scores of this batch (no host sync)
+        from seer.sparsity.calibration import fit_knob
+
+        knob = fit_knob(scores, ctx.sparsity)
+    mask = select_blocks(scores, ctx.sparsity, knob)
+    return mask, mask.sum(), total
+
+
+def _packed_document_masks(masks, documents, heads: int, block_size: int, device) -> torch.Tensor:
+    """The documents' masks (``[1, H, nb_d, nb_d]``, None: all blocks) as one ``[S, H, nb, nb]`` bool tensor for
+    :func:`seer.kernels.block_sparse_attn_varlen`, each in its top-left corner."""
+    lengths = [end - start for row in documents for start, end in row]
+    heads = next((m.shape[1] for m in masks if m is not None), heads)
+    nb = -(-max(lengths) // block_size)
+    packed = torch.zeros(len(lengths), heads, nb, nb, dtype=torch.bool, device=device)
+    for d, (mask, length) in enumerate(zip(masks, lengths)):
+        doc_nb = -(-length // block_size)
+        packed[d, :, :doc_nb, :doc_nb] = True if mask is None else mask[0]
+    return packed
+
+
+def _attend_documents(ctx: SeerContext, query, key, value, documents, mask, scaling) -> torch.Tensor:
+    """Attention ``[B, N, Hq, D]`` of every document of the batch through its blocks of the packed ``mask``, in one
+    call of the varlen kernel (Triton, or the PyTorch reference), differentiable in Q, K and V."""
+    if ctx.kernel == "triton":
+        from seer.kernels import block_sparse_attn_varlen
+    else:
+        from seer.kernels.reference import block_sparse_attn_varlen
+    b, hq, n, d = query.shape
+    ends = [row * n + end for row, spans in enumerate(documents) for _, end in spans]
+    cu_seqlens = torch.tensor([0, *ends], dtype=torch.int32, device=query.device)
+    q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d) for x in (query, key, value))
+    out, _ = block_sparse_attn_varlen(q, k, v, cu_seqlens, mask, block_size=ctx.block_size, sm_scale=scaling)
+    return out.view(b, n, hq, d)
 
 
 def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -604,6 +697,24 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     if mask is not None and causal and plain and spans is not None:
         mask.seer_spans = spans
     return mask
+
+
+def document_spans(position_ids: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """``(start, end)`` of each document of each row of ``[B, N]`` position ids that restart at 0 at each document
+    (``data.packing=documents`` batches): every row starts at 0 and every other position is 0 or one more than the
+    last. Raises ValueError naming the first position that is neither."""
+    pos = position_ids.long().cpu()
+    before = torch.cat([torch.full((pos.shape[0], 1), -1), pos[:, :-1]], dim=1)
+    bad = (pos != 0) & (pos != before + 1)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"position_ids of packed documents must restart at 0 at each document and count up by one; "
+                         f"row {row} has {int(pos[row, col])} at {col} after {int(before[row, col])}")
+    spans = []
+    for starts in (pos == 0):
+        begins = starts.nonzero().flatten().tolist()
+        spans.append(tuple(zip(begins, begins[1:] + [pos.shape[1]])))
+    return tuple(spans)
 
 
 def padding_spans(attention_mask: torch.Tensor) -> tuple[tuple[int, int], ...] | None:

@@ -32,6 +32,7 @@ class StageConfig:
 
     module: ClassVar[str]
     uses_prefill_budget: ClassVar[bool] = True  # the ``sparsity`` group applies (calibrated at the end of fit)
+    keeps_documents_apart: ClassVar[bool] = False  # trains on ``data.packing=documents`` rows (attention per document)
     name: str = "distill"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -72,8 +73,13 @@ class GateTargetConfig(StageConfig):
     (chunked PyTorch) or ``auto`` (triton on CUDA). ``gt_mode``: the Triton kernel's memory mode, ``fast`` (a
     scratch of per-row tile maxima), ``lowmem`` (a second pass once the log-sum-exp is known) or ``auto`` (from
     free GPU memory).
+
+    Both stages take ``data.packing=documents`` rows: each document of a row is attended, gated and given its
+    ground truth alone (blocks from its first token), and its gate loss counts with the weight of its query-block
+    rows.
     """
 
+    keeps_documents_apart: ClassVar[bool] = True
     target: str = "maxpool"
     loss: str = "kl"
     row_normalize: bool = True

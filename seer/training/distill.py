@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from seer.config import RunConfig
-from seer.model.attention import (LayerRecord, attach_gates, attention_layers, blend_gate_scores, freeze_base_model,
-                                  gate_parameters)
-from seer.sparsity import (SparsityConfig, attention_mass, block_density, mass_recall, oracle_recall,
-                           selection_masks)
+from seer.model.attention import (LayerRecord, attach_gates, attention_layers, blend_gate_scores, document_spans,
+                                  freeze_base_model, gate_parameters)
+from seer.sparsity import SparsityConfig, attention_mass, block_density, mass_recall, oracle_recall, selection_masks
 from seer.training.config import DistillConfig
-from seer.training.losses import first_kept_row, gate_loss, normalize_rows
+from seer.training.losses import documents_gate_loss, first_kept_row, gate_loss, normalize_rows
 from seer.training.stage import Stage
 
 
@@ -53,29 +52,43 @@ class GateDistillation(Stage):
     def context(self):
         return self.model.seer_context
 
-    def _forward(self, input_ids: torch.Tensor, with_mass: bool, want_images: bool) -> dict:
-        """One dense forward of the frozen model; every layer's gate loss (with grad), then the selection metrics."""
+    def _forward(self, input_ids: torch.Tensor, with_mass: bool, want_images: bool,
+                 position_ids: torch.Tensor | None = None) -> dict:
+        """One dense forward of the frozen model; every layer's gate loss (with grad), then the selection metrics.
+        ``position_ids`` restarting at each document (``data.packing=documents``) keep the documents apart: each
+        layer hands over one record per document, its loss weighted by the document's query-block rows and its
+        metrics by its causal blocks."""
         ctx = self.context
-        losses, logits, targets, masses = {}, {}, {}, {}
+        records: dict[int, list[tuple]] = {}
 
         def consume(rec: LayerRecord) -> None:
             target = normalize_rows(rec.gt.float()) if self.stage.row_normalize else rec.gt.float()
             with torch.enable_grad():  # the consumer runs inside the base model's no-grad forward
                 scores = blend_gate_scores(ctx.gate_config, rec.logits, rec.query, rec.key, ctx.block_size,
                                            rec.scale, rec.layer_idx) if self.stage.loss_through_blend else rec.logits
-                losses[rec.layer_idx] = gate_loss(scores, target, self.stage.loss, self.stage.skip_first_rows)
-            logits[rec.layer_idx], targets[rec.layer_idx] = scores.detach(), target
-            if with_mass:
-                masses[rec.layer_idx] = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale)
+                loss = gate_loss(scores, target, self.stage.loss, self.stage.skip_first_rows)
+            mass = attention_mass(rec.query, rec.key, ctx.block_size, rec.scale) if with_mass else None
+            records.setdefault(rec.layer_idx, []).append((loss, scores.detach(), target, mass))
 
+        documents = None if position_ids is None else document_spans(position_ids)
         with ctx.running("distill", consumer=consume, gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
-                         gt_target=self.stage.target), torch.no_grad():
-            self.model.base_model(input_ids=input_ids, use_cache=False)
-        if not losses:
+                         gt_target=self.stage.target, documents=documents), torch.no_grad():
+            self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        if not records:
             raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
-        total = self.stage.loss_scale * torch.stack([losses[i] for i in sorted(losses)]).sum()
-        out = {"loss": total, "layer_kl": {i: losses[i].detach() for i in sorted(losses)}}
-        out.update(self._metrics(logits, targets, masses, want_images))
+        layers = sorted(records)
+        losses = {i: documents_gate_loss([r[0] for r in records[i]], [r[1] for r in records[i]],
+                                         self.stage.skip_first_rows) for i in layers}
+        total = self.stage.loss_scale * torch.stack([losses[i] for i in layers]).sum()
+        out = {"loss": total, "layer_kl": {i: losses[i].detach() for i in layers}}
+        pieces = [self._metrics({i: records[i][p][1] for i in layers}, {i: records[i][p][2] for i in layers},
+                                {i: records[i][p][3] for i in layers} if with_mass else {}, want_images and p == 0)
+                  for p in range(len(records[layers[0]]))]
+        if len(pieces) == 1:
+            out.update(pieces[0])
+        else:  # documents: their metrics weighted by their causal blocks
+            blocks = [nb * (nb + 1) // 2 for nb in (records[layers[0]][p][1].shape[-1] for p in range(len(pieces)))]
+            out.update(_weighted_mean(pieces, blocks))
         return out
 
     @torch.no_grad()
@@ -104,7 +117,8 @@ class GateDistillation(Stage):
         every = self.stage.image_every_n_steps
         last = self.global_step + 1 == self.trainer.max_steps  # the final gates are drawn too
         want_images = bool(every) and (self.global_step % every == 0 or last) and self.trainer.is_global_zero
-        out = self._forward(batch["input_ids"], with_mass=False, want_images=want_images)
+        out = self._forward(batch["input_ids"], with_mass=False, want_images=want_images,
+                            position_ids=batch.get("position_ids"))
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bsz)
         self.log("train/gt_recall", out["gt_recall"], prog_bar=True, batch_size=bsz)
@@ -117,7 +131,8 @@ class GateDistillation(Stage):
         return out["loss"]
 
     def validation_step(self, batch, batch_idx):
-        out = self._forward(batch["input_ids"], with_mass=True, want_images=False)
+        out = self._forward(batch["input_ids"], with_mass=True, want_images=False,
+                            position_ids=batch.get("position_ids"))
         bsz = batch["input_ids"].shape[0]
         for key in ("recall", "oracle_recall", "density", "gt_recall"):
             self.log(f"val/{key}", out[key], batch_size=bsz, sync_dist=True)
@@ -140,3 +155,16 @@ class GateDistillation(Stage):
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values).mean()
+
+
+def _weighted_mean(metrics: list[dict], weights: list[int]) -> dict:
+    """The documents' ``_metrics`` averaged with ``weights``: each scalar, and each layer of the per-layer ones; the
+    images are the first document's."""
+    w = [x / sum(weights) for x in weights]
+    out = {"images": metrics[0]["images"]} if "images" in metrics[0] else {}
+    for key, first in metrics[0].items():
+        if isinstance(first, dict) and key != "images":
+            out[key] = {i: sum(m[key][i] * x for m, x in zip(metrics, w)) for i in first}
+        elif key != "images":
+            out[key] = sum(m[key] * x for m, x in zip(metrics, w))
+    return out

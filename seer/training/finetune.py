@@ -30,35 +30,43 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seer.config import RunConfig
-from seer.model.attention import LayerRecord, attach_gates, attention_layers, gate_parameters
+from seer.model.attention import LayerRecord, attach_gates, attention_layers, document_spans, gate_parameters
 from seer.model.gate_io import load_gates
 from seer.backends import resolve_backend
 from seer.model.loading import resolve_dtype
 from seer.sparsity import SparsityConfig
 from seer.training.config import FinetuneConfig
-from seer.training.losses import gate_loss, normalize_rows
+from seer.training.losses import documents_gate_loss, gate_loss, normalize_rows
 from seer.training.parallel import tied_head
 from seer.training.stage import Stage
 
 
 DENSE = SparsityConfig(method="dense")
+IGNORED_LABEL = -100  # a label cross_entropy leaves out
 
 
-def causal_lm_loss(hidden: torch.Tensor, head, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def causal_lm_loss(hidden: torch.Tensor, head, input_ids: torch.Tensor, chunk_tokens: int,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``head(hidden)`` ``[B, N, vocab]`` (``head``: the LM head, a module or a
     function) against ``input_ids`` shifted by one, ``chunk_tokens`` positions at a time; each chunk's logits are
-    recomputed in the backward, so only one chunk's float32 logits exist at once."""
+    recomputed in the backward, so only one chunk's float32 logits exist at once. With ``position_ids`` restarting
+    at each document, a document's first token is not a label (its last token cannot see it): the mean is over the
+    documents' own next tokens."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = input_ids[:, 1:].reshape(-1)
+    count = labels.numel()
+    if position_ids is not None:
+        labels = labels.masked_fill(position_ids[:, 1:].reshape(-1) == 0, IGNORED_LABEL)
+        count = max(1, int((labels != IGNORED_LABEL).sum()))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), chunk_tokens):
         stop = start + chunk_tokens
         total = total + checkpoint(_cross_entropy_sum, head, h[start:stop], labels[start:stop], use_reentrant=False)
-    return total / labels.numel()
+    return total / count
 
 
 def _cross_entropy_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum", ignore_index=IGNORED_LABEL)
 
 
 def add_lora(model: torch.nn.Module, stage: FinetuneConfig) -> torch.nn.Module:
@@ -154,34 +162,41 @@ class Finetune(Stage):
         self.context.update(mode="train_sparse", gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
                             gt_target=self.stage.target, kernel=self.kernel)
 
-    def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool) -> dict:
-        """Language-model loss through ``sparsity``'s blocks and, ``with_gate_loss``, every layer's gate loss."""
+    def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool,
+                 position_ids: torch.Tensor | None = None) -> dict:
+        """Language-model loss through ``sparsity``'s blocks and, ``with_gate_loss``, every layer's gate loss.
+        ``position_ids`` restarting at each document (``data.packing=documents``) keep the documents apart."""
         ctx = self.context
-        gate_losses: dict[int, torch.Tensor] = {}
+        gate_losses: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
         def consume(rec: LayerRecord) -> None:
             target = normalize_rows(rec.gt.float()) if self.stage.row_normalize else rec.gt.float()
             with torch.enable_grad():  # under activation checkpointing the first pass runs without grad
-                gate_losses[rec.layer_idx] = gate_loss(rec.logits, target, self.stage.loss,
-                                                       self.stage.skip_first_rows)
+                loss = gate_loss(rec.logits, target, self.stage.loss, self.stage.skip_first_rows)
+            gate_losses.setdefault(rec.layer_idx, []).append((loss, rec.logits))
 
         ctx.clear_step()  # the previous step's backward is done: new masks for this step
+        # until the next step: a recomputation under activation checkpointing runs in the backward, after the forward
+        ctx.update(documents=None if position_ids is None else document_spans(position_ids))
         # a calibrated budget is calibrated per layer on the batch (train_sparse mode), so no calibration is given
         with ctx.running(sparsity=sparsity, calibration=None, consumer=consume if with_gate_loss else None):
-            hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        lm_loss = causal_lm_loss(hidden, self.head, input_ids, self.stage.loss_chunk_tokens)
+            hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
+                                        use_cache=False).last_hidden_state
+        lm_loss = causal_lm_loss(hidden, self.head, input_ids, self.stage.loss_chunk_tokens, position_ids)
         out = {"lm_loss": lm_loss, "density": ctx.mean_density()}
         if with_gate_loss:
             if not gate_losses:
                 raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")
-            out["gate_loss"] = torch.stack([gate_losses[i] for i in sorted(gate_losses)]).sum()
+            out["gate_loss"] = torch.stack([
+                documents_gate_loss([loss for loss, _ in parts], [logits for _, logits in parts],
+                                    self.stage.skip_first_rows) for _, parts in sorted(gate_losses.items())]).sum()
         return out
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
         sparsity = DENSE if step < self.stage.dense_warmup_steps else self.sparsity
         with_gate = self.stage.gate_loss_weight > 0 and step % self.stage.gt_every_n_steps == 0
-        out = self._forward(batch["input_ids"], sparsity, with_gate)
+        out = self._forward(batch["input_ids"], sparsity, with_gate, position_ids=batch.get("position_ids"))
         loss = out["lm_loss"] + self.stage.gate_loss_weight * out["gate_loss"] if with_gate else out["lm_loss"]
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
@@ -194,7 +209,8 @@ class Finetune(Stage):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        out = self._forward(batch["input_ids"], self.sparsity, with_gate_loss=False)
+        out = self._forward(batch["input_ids"], self.sparsity, with_gate_loss=False,
+                            position_ids=batch.get("position_ids"))
         bsz = batch["input_ids"].shape[0]
         self.log("val/loss", out["lm_loss"], prog_bar=True, batch_size=bsz)
         self.log("val/ppl", torch.exp(out["lm_loss"]), batch_size=bsz)

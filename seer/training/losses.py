@@ -36,6 +36,18 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl",
     return per_block.masked_fill(~causal, 0.0).sum(-1).mean()
 
 
+def documents_gate_loss(losses: list[torch.Tensor], logits: list[torch.Tensor],
+                        skip_first_rows: float = 0.0) -> torch.Tensor:
+    """One layer's gate loss over the documents of a ``data.packing=documents`` batch: each document's
+    :func:`gate_loss` (of its ``logits [1, H, nb_d, nb_d]``) weighted by its kept query-block rows, i.e. the mean
+    over all documents' kept rows; a single loss (one sequence per row) is returned as it is."""
+    if len(losses) == 1:
+        return losses[0]
+    rows = [nb - first_kept_row(nb, skip_first_rows) for nb in (x.shape[-1] for x in logits)]
+    weights = torch.tensor(rows, dtype=torch.float32, device=losses[0].device)
+    return (torch.stack(losses) * weights).sum() / weights.sum()
+
+
 def decode_gate_loss(logits: torch.Tensor, target: torch.Tensor, skip_first_tokens: float = 0.0) -> torch.Tensor:
     """Mean over tokens (but the first ``skip_first_tokens`` share of each row), batch and KV heads of
     ``KL(target || softmax(logits))`` over blocks, for decode-gate logits and targets ``[B, Hkv, N, nb]`` (``-inf``

@@ -31,6 +31,7 @@ def make(corpus, tok, **overrides):
     (dict(val_fraction=0.0), "val_sequences=2 needs val_fraction > 0"),
     (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
     (dict(add_bos="yes"), "add_bos must be"),
+    (dict(packing="rows"), "packing must be one of .'concat', 'documents'., got 'rows'"),
 ])
 def test_bad_arguments_fail_early_naming_the_value(corpus, tok, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -116,3 +117,24 @@ def test_stdlib_default_corpus_packs(tok):
                               val_sequences=1, val_fraction=0.1)
     dm.setup()
     assert dm.rows.train.shape == (8, 256) and dm.rows.val.shape == (1, 256)
+
+
+def test_documents_packing_gives_position_ids_restarting_at_each_document_and_caches_them(corpus, tok, tmp_path):
+    concat = make(corpus, tok, cache_dir=tmp_path / "cache")
+    concat.setup()
+    dm = make(corpus, tok, cache_dir=tmp_path / "cache", packing="documents")
+    assert "packing" not in concat.packing_settings() and dm.packing_settings()["packing"] == "documents"
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    assert positions.shape == ids.shape and (positions[:, 0] == 0).all()
+    starts = positions == 0
+    assert (ids[starts] == tok.bos_token_id).all()  # every document (piece) starts with BOS
+    after_eos = torch.zeros_like(starts)
+    after_eos[:, 1:] = ids[:, :-1] == tok.eos_token_id
+    assert (starts[:, 1:] == after_eos[:, 1:]).all()  # a document starts right after the last one's EOS
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    again = make(corpus, tok, cache_dir=tmp_path / "cache", packing="documents")
+    again.setup()
+    assert torch.equal(again.rows.val_starts, dm.rows.val_starts)
+    assert "position_ids" not in next(iter(concat.val_dataloader()))

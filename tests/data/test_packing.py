@@ -3,8 +3,10 @@
 import itertools
 
 import pytest
+import torch
 
-from seer.data.packing import is_validation_document, pack_documents, resolve_add_bos, tokenizer_fingerprint
+from seer.data.packing import (document_positions, is_validation_document, pack_documents, resolve_add_bos,
+                               tokenizer_fingerprint)
 from tests.data.conftest import bos_adding_tokenizer
 from tests.tiny import tiny_tokenizer
 
@@ -115,3 +117,26 @@ def test_add_bos_auto_follows_the_tokenizer(tok):
 def test_tokenizer_fingerprint_tells_vocabularies_apart(tok):
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(bos_adding_tokenizer())
     assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(bos_adding_tokenizer(vocab_size=300))
+
+
+def test_documents_packing_keeps_the_concat_rows_and_marks_where_documents_start(tok):
+    documents = make_documents(40)
+    args = dict(seq_len=33, train_sequences=6, val_sequences=0, val_fraction=0.0, add_bos=False)
+    concat = pack_documents(documents, tok, **args)
+    kept = pack_documents(documents, tok, packing="documents", **args)
+    assert concat.train_starts is None and torch.equal(kept.train, concat.train)  # without BOS: the same stream
+    after_eos = torch.cat([torch.ones(6, 1, dtype=torch.bool), kept.train[:, :-1] == EOS], dim=1)
+    assert torch.equal(kept.train_starts, after_eos)
+    assert document_positions(torch.tensor([True, False, False, True, True, False])).tolist() == [0, 1, 2, 0, 0, 1]
+
+
+def test_documents_packing_starts_each_piece_with_bos(tok):
+    documents = ["x = 1\n", "y = 2\n" * 5, "z = 3\n"]
+    rows = pack_documents(documents, tok, seq_len=9, train_sequences=3, val_sequences=0, val_fraction=0.0,
+                          add_bos=True, packing="documents")
+    starts = rows.train_starts
+    assert (rows.train[starts] == BOS).all() and (rows.train[~starts] != BOS).all()
+    assert starts[:, 0].all()
+    with pytest.raises(ValueError, match="packing='rows'"):
+        pack_documents(documents, tok, seq_len=9, train_sequences=1, val_sequences=0, val_fraction=0.0,
+                       add_bos=True, packing="rows")
