@@ -365,8 +365,9 @@ def test_gpu_float32_uses_ieee_dots():
 
 # every Hopper variant the launch table or the benchmark (experiments/bench_hopper.py) may pick, forced: (layout,
 # BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC)
+# (Triton 3.6 does not compile the pair layout warp-specialised with 32-wide key tiles)
 HOPPER_CASES = [(pair, bn, w, st, True, ws) for pair in (False, True) for bn in (32, 64) for w, st, ws in
-                ((4, 2, True), (4, 3, True), (4, 2, False), (8, 3, False))]
+                ((4, 2, True), (4, 3, True), (4, 2, False), (8, 3, False)) if not (pair and bn == 32 and ws)]
 
 
 def _hopper_config(bn, w, st, tma, ws):
