@@ -3,24 +3,27 @@
 A variant is a list layout (``row``: ``BLOCK_M`` = 64 query rows per program; ``pair``: 128) and a launch config
 forced with :func:`seer.kernels.tuning.force_config`: ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA`` (Q, K,
 V and the output through tensor descriptors) and ``WARP_SPEC`` (one masked key loop, warp-specialised by Triton),
-about 30 in all, plus the launch table's default per layout (``table``, autotuning off). In one process:
+26 in all, plus the launch table's default per layout (autotuning off): 28 variants.
 
-1. check: each variant once at N 4096 (B 1, 16 heads, D 128, bf16, 64-token blocks) against the PyTorch reference
-   on a random mask (density 0.2, diagonal kept, one empty row) and at density 1.0 against SDPA flash; the compile
-   happens here (the 32k runs reuse it: same integer specialisations). A variant that fails to compile or to match
-   prints one line and is left out of the timing (as are variants not checked within 60% of ``--budget-s``);
-2. time: B 1, 32 heads, N 32768, D 128, bf16, 64-token blocks, at density 1.0 (all causal blocks) and 0.1 (the
-   structured mask of ``bench_sparse.py``), :func:`seer.kernels.tuning.median_ms` (L2 cleared before each
-   CUDA-event-timed run); SDPA flash and cuDNN (dense causal) for reference. Stops timing once ``--budget-s``
-   seconds have passed since the start (what is left prints as skipped);
-3. print a markdown table (ms and TF/s on kept work, ``2 B H N^2 D * real density / time``, registers and spilled
-   bytes of the compiled kernel) and the best variant per density; ``--out-dir`` also writes it and a JSON.
+Per variant, in one process (the warp-specialised ones last; every line printed as it comes, so a run cut short
+still shows what was done):
+
+1. check it once at N 4096 (B 1, 16 heads, D 128, bf16, 64-token blocks) against the PyTorch reference on a random
+   mask (density 0.2, diagonal kept, one empty row) and at density 1.0 against SDPA flash; the compile happens
+   here (the 32k runs reuse it: same integer specialisations). A variant that fails to compile or to match prints
+   one line and is not timed; variants not reached within ``--budget-s`` seconds of the start are skipped;
+2. time it at B 1, 32 heads, N 32768, D 128, bf16, 64-token blocks, density 1.0 (all causal blocks) and 0.1 (the
+   structured mask of ``bench_sparse.py``) with :func:`seer.kernels.tuning.median_ms` (L2 cleared before each
+   CUDA-event-timed run). SDPA flash and cuDNN (dense causal) are timed first, for reference.
+
+At the end: a markdown table (ms and TF/s on kept work, ``2 B H N^2 D * real density / time``, registers and
+spilled bytes of the compiled kernel) and the best variant per density; ``--out-dir`` also writes it and a JSON.
 
 ``--compile-only`` needs no GPU: it compiles every variant for sm_90 (as ``compile_stats.py``) and prints
 registers, spills, shared memory, Hopper tensor-core instructions (HGMMA) and whether Triton warp-specialised the
 loop. Run as a file from the repository root (the benchmarks beside it are imported):
 
-    PYTHONPATH=. python3 experiments/bench_hopper.py                  # check + time, about 2-3 minutes on an H200
+    PYTHONPATH=. python3 experiments/bench_hopper.py                  # check + time; stops at --budget-s 170
     PYTHONPATH=. python3 experiments/bench_hopper.py --out-dir $OUT
     PYTHONPATH=. python3 experiments/bench_hopper.py --compile-only   # on any machine
 """
@@ -124,29 +127,12 @@ def check_inputs(n: int = 4096, h: int = 16) -> dict:
 
 
 def sweep(args) -> dict:
+    """Per variant (warp-specialised ones last): check, then time at once, every line printed as it comes, so that
+    a run cut short (a hung kernel, the caller's time limit) still shows what was done."""
     from bench_sparse import density_of, make_qkv, sdpa, select, structured_scores
     from torch.nn.attention import SDPBackend
     t0 = time.time()
     data = check_inputs()
-    rows = []
-    for layout, config in variants():
-        row = {"variant": name(layout, config), "layout": layout, "config": config}
-        if time.time() - t0 > 0.6 * args.budget_s:  # leave time for the timings
-            row["error"] = "skipped: check budget spent"
-            print(f"check {row['variant']}: skipped (budget)", flush=True)
-            rows.append(row)
-            continue
-        try:
-            row["check"] = check(layout, config, data)
-            info = last_launch("block_sparse")
-            row.update(used=info["config"], regs=info["n_regs"], spills=info["n_spills"])
-        except Exception as exc:  # noqa: BLE001 - a variant that does not compile or match is reported, not fatal
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        print(f"check {row['variant']}: {row.get('check') or 'FAILED ' + row['error'][:200]}", flush=True)
-        rows.append(row)
-    data = None
-    print(f"checks done in {time.time() - t0:.0f} s", flush=True)
-
     n, h = args.n, 32
     q, k, v = make_qkv(n, h, D)
     scores = structured_scores(1, h, n // BLOCK)
@@ -157,28 +143,39 @@ def sweep(args) -> dict:
     base = {"flash": ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), rep_ms=150, min_runs=3),
             "cudnn": ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), rep_ms=150, min_runs=3)}
     print(f"N={n}: SDPA flash {base['flash']:.3f} ms, cuDNN {base['cudnn']:.3f} ms", flush=True)
-    for row in rows:
-        if "error" in row:
+    rows = []
+    todo = sorted(variants(), key=lambda lc: bool(lc[1] and lc[1]["WARP_SPEC"]))
+    for layout, config in todo if not args.no_ws else [lc for lc in todo if not (lc[1] and lc[1]["WARP_SPEC"])]:
+        row = {"variant": name(layout, config), "layout": layout, "config": config}
+        rows.append(row)
+        if time.time() - t0 > args.budget_s:
+            row["error"] = f"skipped: budget of {args.budget_s:.0f} s spent"
+            print(f"{row['variant']}: skipped (budget)", flush=True)
             continue
+        try:
+            row["check"] = check(layout, config, data)
+            info = last_launch("block_sparse")
+            row.update(used=info["config"], regs=info["n_regs"], spills=info["n_spills"])
+        except Exception as exc:  # noqa: BLE001 - a variant that does not compile or match is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            print(f"{row['variant']}: check FAILED {row['error'][:200]}", flush=True)
+            continue
+        pair = layout == "pair"
+        times = []
         for dens in args.densities:
-            if time.time() - t0 > args.budget_s:
-                row.setdefault("skipped", []).append(dens)
-                continue
-            idx, cnt = lists[(row["layout"], dens)]
-            pair = row["layout"] == "pair"
+            idx, cnt = lists[(layout, dens)]
             try:
-                t = launch(row["layout"], row["config"], lambda: ms(
+                t = launch(layout, config, lambda: ms(
                     lambda: block_sparse_attn_indexed(q, k, v, idx, cnt, BLOCK, pair=pair),
                     rep_ms=100 if dens > 0.5 else 60, min_runs=3 if dens > 0.5 else 5))
             except Exception as exc:  # noqa: BLE001
                 row[f"error_{dens}"] = repr(exc)[:200]
-                print(f"time {row['variant']} density {dens}: FAILED {row[f'error_{dens}']}", flush=True)
+                times.append(f"density {dens} FAILED {row[f'error_{dens}']}")
                 continue
             row[str(dens)] = t
-            print(f"time {row['variant']} density {dens}: {t:.3f} ms "
-                  f"({tflops(n, h, D, t) * real[dens]:.0f} TF/s on kept work)", flush=True)
-        if row.get("skipped"):
-            print(f"time {row['variant']}: skipped (budget of {args.budget_s:.0f} s spent)", flush=True)
+            times.append(f"density {dens} {t:.3f} ms ({tflops(n, h, D, t) * real[dens]:.0f} TF/s)")
+        print(f"{label(row)}: check {row['check']}; regs {row['regs']}, spills {row['spills']}; "
+              + "; ".join(times), flush=True)
     return {"rows": rows, "base": base, "real_density": real, "n": n, "h": h, "seconds": time.time() - t0}
 
 
@@ -253,8 +250,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32768, help="sequence length of the timing (a multiple of 128)")
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.1])
-    ap.add_argument("--budget-s", type=float, default=180.0,
-                    help="seconds from the start after which nothing more is timed (checks stop at 60%% of it)")
+    ap.add_argument("--budget-s", type=float, default=170.0,
+                    help="seconds from the start after which the variants left are skipped")
+    ap.add_argument("--no-ws", action="store_true", help="leave out the warp-specialised variants")
     ap.add_argument("--out-dir", default=None, help="also write bench_hopper.md and bench_hopper.json here")
     ap.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 (no GPU needed)")
     args = ap.parse_args()
