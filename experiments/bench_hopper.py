@@ -230,9 +230,10 @@ def compile_only() -> None:
     ptr = {p: "*bf16" for p in ("Q", "K", "V", "Out")}
     ptr.update(Lse="*fp32", Idx="*i32", Cnt="*i32", Order="*i32", Cu="*i32")
     print("| variant | regs | spill B | smem B | HGMMA | specialised |\n|---|---|---|---|---|---|", flush=True)
-    for layout, config in variants():
+    for layout, variant in variants():
         pair = layout == "pair"
-        config = config or bs._default_config((D, BLOCK, pair))
+        config = variant or bs._default_config((D, BLOCK, pair))
+        title = name(layout, config) + (" (table default)" if variant is None else "")
         const = dict(HEAD_DIM=D, MASK_BLOCK=BLOCK, BLOCK_M=2 * BLOCK if pair else BLOCK, PAIR=pair,
                      DOT_PRECISION="tf32", INTERP=False, SORTED=False, VARLEN=False, BLOCK_N=config["BLOCK_N"],
                      USE_TMA=config["USE_TMA"], WARP_SPEC=config["WARP_SPEC"] and config["USE_TMA"])
@@ -240,10 +241,10 @@ def compile_only() -> None:
             kernel = compile_sm90(bs._bs_attn_fwd_kernel, ptr, const, config["num_warps"], config["num_stages"])
             s = ptxas_stats(kernel)
             ws = bool(re.search(r"ttg\.warp_specialize\b", kernel.asm["ttgir"]))
-            print(f"| {name(layout, config)} | {s['regs']} | {s['spill']} | {s['smem']} | {s['hgmma']} | "
+            print(f"| {title} | {s['regs']} | {s['spill']} | {s['smem']} | {s['hgmma']} | "
                   f"{'yes' if ws else 'no'} |", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"| {name(layout, config)} | FAILED: {type(exc).__name__} | | | | |", flush=True)
+            print(f"| {title} | FAILED: {type(exc).__name__} | | | | |", flush=True)
 
 
 def main() -> None:
