@@ -273,11 +273,11 @@ def _bs_attn_fwd_kernel(
 # 0.1): the best config depends on the density, which a timing at the first call would sample by chance, and
 # the first prefill of a model (or its CUDA-graph capture) pays no tuning runs. USE_TMA: read Q/K/V and write
 # the output through the copy engine when the tensors allow it (:func:`seer.kernels.common.tma_ok`, capability
-# >= 9); WARP_SPEC: the single masked loop, warp-specialised by Triton (compiled only with USE_TMA: dropped
-# where the copy engine is; the interpreter runs the loop unspecialised). On a device of capability >= 9 the
-# table adds the Hopper variants of the default (:data:`HOPPER_VARIANTS`: untimed guesses until
-# `experiments/bench_hopper.py` sweeps them on the device and the table is re-tuned) after it, so the runtime
-# tuner times them at the first call of a key; elsewhere the default is the only candidate.
+# >= 9); WARP_SPEC: the single masked loop, warp-specialised by Triton (on the GPU only together with USE_TMA,
+# dropped wherever USE_TMA is; the interpreter runs the loop unspecialised). On a device of capability >= 9,
+# until `experiments/bench_hopper.py` has swept the Hopper variants there and the table is re-tuned, the table
+# adds them after the default (:data:`HOPPER_VARIANTS`, untimed guesses), so there the runtime tuner times them
+# at the first call of a key (autotuning off: the default); elsewhere the default is the only candidate.
 # ----------------------------------------------------------------------------------------------------------
 
 FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC")
