@@ -49,6 +49,14 @@ Two list layouts exist:
 Programs are launched with the last (longest, under a causal mask) query blocks of a head first, heads one
 after another so that concurrently running programs share a head's K/V in L2.
 
+Hopper path (compile-time switches, chosen by the launch table on devices of capability >= 9): ``USE_TMA`` moves
+the Q, K, V tiles in and the output tile out with the copy engine (tensor descriptors over one head's ``[N, D]``
+rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks). ``WARP_SPEC`` walks the
+whole list in one loop with the causal/bounds masks on every tile (they keep all of an off-diagonal tile, so the
+math is unchanged) and asks Triton to warp-specialise it: copy warps feed the tiles, math warps run the online
+softmax. Triton 3.6 specialises that loop on Hopper only with descriptor loads and 4 warps, and fails on a kernel
+whose specialised loop is followed by another loop, hence the single loop.
+
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
 math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token), and the
@@ -65,7 +73,8 @@ from torch.autograd.function import once_differentiable
 from seer.kernels.block_index import build_block_index, check_mask, mask_heads
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index, launch_backward
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
-                                 dot_precision, output, softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
+                                 dot_precision, is_hopper, output, softmax_scale, tiles_invalid, tma_ok,
+                                 with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "block_sparse_attn_varlen", "build_block_index",
@@ -150,7 +159,7 @@ def _bs_attn_fwd_kernel(
     N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
-    SORTED: tl.constexpr, VARLEN: tl.constexpr,
+    WARP_SPEC: tl.constexpr, SORTED: tl.constexpr, VARLEN: tl.constexpr,
 ):
     if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed, the longest lists first
         packed = tl.load(Order + tl.program_id(0))
@@ -172,7 +181,12 @@ def _bs_attn_fwd_kernel(
     q_base = Q + off_b * stride_qb + off_h * stride_qh + tok0 * stride_qn
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + tok0 * stride_kn
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + tok0 * stride_vn
-    if USE_TMA:
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + tok0 * stride_on
+    if USE_TMA:  # one head's [N, D] rows of each tensor; the copy engine zero-fills reads and drops writes past N
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
         k_base = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
         v_base = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
@@ -186,7 +200,10 @@ def _bs_attn_fwd_kernel(
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+    if USE_TMA:
+        q = q_desc.load([row0, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
 
     # entries at or past the program's first query block need the causal mask; they are the last one or two
     first_diag = row0 // MASK_BLOCK
@@ -204,68 +221,112 @@ def _bs_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if INTERP:  # run-time loop bound: see seer.kernels.common
-        t = 0
-        while t < n_off:
+    if WARP_SPEC:  # one loop over the whole list, every tile masked (the masks keep all of an off-diagonal tile):
+        # Triton 3.6's Hopper warp specialisation fails on a kernel with a second loop after the specialised one
+        if INTERP:
+            t = 0
+            while t < cnt:
+                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
+                                          offs_d, stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
+                                          DOT_PRECISION, USE_TMA)
+                t += 1
+        else:
+            for t in tl.range(0, cnt, warp_specialize=True):
+                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
+                                          offs_d, stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
+                                          DOT_PRECISION, USE_TMA)
+    else:
+        if INTERP:  # run-time loop bound: see seer.kernels.common
+            t = 0
+            while t < n_off:
+                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
+                                          offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
+                                          DOT_PRECISION, USE_TMA)
+                t += 1
+        else:
+            for t in range(0, n_off):
+                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
+                                          offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
+                                          DOT_PRECISION, USE_TMA)
+        t = n_off
+        while t < cnt:  # the diagonal entries: one (row layout) or up to two (pair layout)
             acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
-                                      stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
+                                      stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
                                       DOT_PRECISION, USE_TMA)
             t += 1
-    else:
-        for t in range(0, n_off):
-            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
-                                      stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
-                                      DOT_PRECISION, USE_TMA)
-    t = n_off
-    while t < cnt:  # the diagonal entries: one (row layout) or up to two (pair layout)
-        acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
-                                  stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N, DOT_PRECISION,
-                                  USE_TMA)
-        t += 1
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_base = Out + off_b * stride_ob + off_h * stride_oh + tok0 * stride_on
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=offs_m[:, None] < N)
+    if USE_TMA:
+        o_desc.store([row0, 0], out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=offs_m[:, None] < N)
     tl.store(Lse + off_b * stride_lb + off_h * stride_lh + tok0 + offs_m, lse, mask=offs_m < N)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launch configurations (seer.kernels.tuning): one candidate per (head dim, mask block, pair) on CUDA, picked
+# Launch configurations (seer.kernels.tuning): per (head dim, mask block, pair) on CUDA, the default picked
 # offline from a sweep on an H100 (`experiments/bench_sparse.py --tune`, B 1, 32 heads, 32k, density 1.0 and
 # 0.1): the best config depends on the density, which a timing at the first call would sample by chance, and
-# the first prefill of a model (or its CUDA-graph capture) pays no tuning runs. USE_TMA: read K/V through the
-# copy engine when the tensors allow it (:func:`seer.kernels.common.tma_ok`).
+# the first prefill of a model (or its CUDA-graph capture) pays no tuning runs. USE_TMA: read Q/K/V and write
+# the output through the copy engine when the tensors allow it (:func:`seer.kernels.common.tma_ok`, capability
+# >= 9); WARP_SPEC: the single masked loop, warp-specialised by Triton (on the GPU only together with USE_TMA,
+# dropped wherever USE_TMA is; the interpreter runs the loop unspecialised). On a device of capability >= 9,
+# until `experiments/bench_hopper.py` has swept the Hopper variants there and the table is re-tuned, the table
+# adds them after the default (:data:`HOPPER_VARIANTS`, untimed guesses), so there the runtime tuner times them
+# at the first call of a key (autotuning off: the default); elsewhere the default is the only candidate.
 # ----------------------------------------------------------------------------------------------------------
+
+FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC")
 
 _H100_CONFIGS: dict[tuple[int, int, bool], dict] = {
     # 19.5 ms (451 TF/s) dense, 2.14 ms at density 0.1
-    (128, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),
+    (128, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPEC=False),
     # 19.1 ms dense, 3.15 ms at density 0.1 (lists of pairs are longer)
-    (128, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=False),
+    (128, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=False, WARP_SPEC=False),
     # 18.7 ms (471 TF/s) dense, 2.05 ms at density 0.1
-    (128, 128, False): dict(BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=False),
+    (128, 128, False): dict(BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=False, WARP_SPEC=False),
     # 10.0 ms dense, 1.20 ms at density 0.1
-    (64, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),
-    (64, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True),
+    (64, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPEC=False),
+    (64, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True, WARP_SPEC=False),
     # 9.9 ms dense, 1.22 ms at density 0.1
-    (64, 128, False): dict(BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=True),
+    (64, 128, False): dict(BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=True, WARP_SPEC=False),
 }
+
+# what the Hopper candidates change in a key's default: the copy engine alone, and with warp specialisation at two
+# pipeline depths (Triton 3.6 specialises the loop only with descriptor loads and 4 warps; with 8 it compiles the
+# single masked loop unspecialised)
+HOPPER_VARIANTS: tuple[dict, ...] = (dict(USE_TMA=True, WARP_SPEC=False),
+                                     dict(USE_TMA=True, WARP_SPEC=True, num_warps=4, num_stages=2),
+                                     dict(USE_TMA=True, WARP_SPEC=True, num_warps=4, num_stages=3))
+
+
+def _default_config(key: tuple[int, int, bool]) -> dict:
+    _, block, pair = key
+    if key in _H100_CONFIGS:
+        return _H100_CONFIGS[key]
+    return dict(BLOCK_N=min(block, 64), num_warps=8 if (2 * block if pair else block) >= 128 else 4, num_stages=2,
+                USE_TMA=False, WARP_SPEC=False)
 
 
 def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
-    _, block, pair = key
-    if key in _H100_CONFIGS:
-        return [_H100_CONFIGS[key]]
-    return [dict(BLOCK_N=min(block, 64), num_warps=8 if (2 * block if pair else block) >= 128 else 4, num_stages=2,
-                 USE_TMA=False)]
+    default = _default_config(key)
+    if not is_hopper(torch.device("cuda", torch.cuda.current_device())):
+        return [default]
+    configs = [default]
+    for variant in HOPPER_VARIANTS:
+        config = dict(default, **variant)
+        if config not in configs:
+            configs.append(config)
+    return configs
 
 
-CONFIGS = LaunchTable("block_sparse", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA"), _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False), tiles_invalid)
+CONFIGS = LaunchTable("block_sparse", FIELDS, _cuda_config,
+                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False, WARP_SPEC=False),
+                      tiles_invalid)
 
 
 def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
@@ -300,6 +361,7 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
         return 0 if varlen else t.stride(0)
 
     def run(config: dict):
+        use_tma = config["USE_TMA"] and not varlen and tma_ok(q, k, v, out)
         return _bs_attn_fwd_kernel[grid](
             q, k, v, out, lse, kv_indices, kv_counts, kv_counts if order is None else order,
             cu_seqlens if varlen else kv_counts,
@@ -314,7 +376,7 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
             n, hq, n_rowprog, hq // hkv, hq // kv_indices.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, PAIR=pair, DOT_PRECISION=dot_precision(q.dtype),
             INTERP=INTERPRET, SORTED=order is not None, VARLEN=varlen,
-            **dict(config, USE_TMA=config["USE_TMA"] and not varlen and tma_ok(k, v)),
+            **dict(config, USE_TMA=use_tma, WARP_SPEC=config["WARP_SPEC"] and (use_tma or INTERPRET)),
         )
     CONFIGS.launch((d, block_size, pair), run)
     return out, lse

@@ -1,6 +1,6 @@
 """What every seer kernel shares: supported sizes and dtypes, pooling names, log constants, the interpreter
 switch, the checks of the arguments the attention kernels take, the tile check of the block-sparse launch tables
-(:func:`tiles_invalid`) and whether the copy engine can read a tensor (:func:`tma_ok`).
+(:func:`tiles_invalid`) and whether the copy engine can read a tensor (:func:`tma_ok`, :func:`is_hopper`).
 
 Configs outside this package (``seer.gates.GateConfig`` and friends) validate against these constants, so a
 value the kernels cannot run is refused when the config is built, not at the first launch.
@@ -220,12 +220,17 @@ def _scratch(size: int, align: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def is_hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device of compute capability 9.0 or later (Hopper and later: the copy engine,
+    warp specialisation); False under the interpreter."""
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the copy engine (TMA, Hopper and later) can read these [B, H, N, D] tensors; when it can, makes sure
-    the calling thread has the scratch allocator device-side descriptors need (Triton keeps it in a context
-    variable, so a thread that never set it, e.g. autograd's backward worker, has none)."""
-    t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    """Whether the copy engine (TMA, Hopper and later) can read or write these [B, H, N, D] tensors; when it can,
+    makes sure the calling thread has the scratch allocator device-side descriptors need (Triton keeps it in a
+    context variable, so a thread that never set it, e.g. autograd's backward worker, has none)."""
+    if not is_hopper(tensors[0].device):
         return False
     for t in tensors:
         es = t.element_size()
