@@ -34,7 +34,8 @@ A causal prefill (queries == keys) is gated, unpadded or padded: a padded batch 
 with blocks starting at its first one, so it gets what it gets alone (give left-padded rows their positions, as
 ``generate`` does) and the density counts its own causal blocks; a consumer gets one observation per sequence, and
 padding rows' outputs are 0. Decode steps, masks with holes and packed rows fall back to dense SDPA; distillation
-needs an unpadded prefill.
+needs an unpadded prefill. A layer with decode gates whose budget is on (:meth:`seer.model.decode.DecodeContext.enable`)
+hands decode steps to them and shows them the keys of every prefill that keeps a KV cache, in any mode.
 """
 
 from __future__ import annotations
@@ -356,6 +357,14 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     modes (:func:`_padded_prefill`)."""
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
+    decode = getattr(module, "seer_decode", None)  # seer.model.decode.DecodeContext: sparse decode when enabled
+    if decode is not None and decode.sparsity is not None:
+        if query.shape[2] != key.shape[2]:
+            if stash is not None:
+                stash.q = stash.k = None
+            return decode.step(module, query, key, value, attention_mask, scaling, **kwargs), None
+        if kwargs.get("use_cache"):
+            decode.prefill(module, attention_mask)
     spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
         else None
     prefill = (attention_mask is None or spans is not None) and query.shape[2] == key.shape[2]
