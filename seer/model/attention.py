@@ -358,13 +358,12 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
     decode = getattr(module, "seer_decode", None)  # seer.model.decode.DecodeContext: sparse decode when enabled
-    if decode is not None and decode.sparsity is not None:
-        if query.shape[2] != key.shape[2]:
+    if decode is not None:
+        out = decode.handle(module, query, key, value, attention_mask, scaling, **kwargs)
+        if out is not None:
             if stash is not None:
                 stash.q = stash.k = None
-            return decode.step(module, query, key, value, attention_mask, scaling, **kwargs), None
-        if kwargs.get("use_cache"):
-            decode.prefill(module, attention_mask)
+            return out, None
     spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
         else None
     prefill = (attention_mask is None or spans is not None) and query.shape[2] == key.shape[2]

@@ -113,6 +113,20 @@ class DecodeContext:
         dens = self.densities()
         return sum(dens.values()) / len(dens) if dens else float("nan")
 
+    def handle(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor | None:
+        """The decode gates' part of the ``"seer"`` attention function in one layer: with a budget on, a decode step
+        (cached keys before the queries) is attended here (its output ``[B, T, Hq, D]`` returned) and a prefill that
+        keeps a KV cache (``use_cache``) fills the compressed-K cache; None where the prefill path attends. The
+        pre-RoPE Q/K the hooks stashed are always taken, so none outlives its forward."""
+        if self.sparsity is not None and query.shape[2] != key.shape[2]:
+            return self.step(module, query, key, value, attention_mask, scaling, **kwargs)
+        if self.sparsity is not None and kwargs.get("use_cache"):
+            self.prefill(module, attention_mask)
+        else:
+            module.seer_decode_stash.q = module.seer_decode_stash.k = None
+        return None
+
     def prefill(self, module: nn.Module, attention_mask: torch.Tensor | None) -> None:
         """Puts a prefill's pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
         ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh."""

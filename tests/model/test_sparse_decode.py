@@ -69,6 +69,22 @@ def test_decode_density_one_generates_the_dense_tokens(gate_folder):
     assert torch.equal(sparse, _generate(load_causal_lm(TINY, torch.device("cpu")), ids, new=16))  # no seer at all
 
 
+def test_steps_of_several_tokens_keep_the_cache_in_step(gate_folder):
+    """A cached step of three tokens (attended densely) adds them to the compressed-K cache: the one-token step after
+    it scores the right blocks, and at density 1.0 every step gives the logits of one dense forward."""
+    model = _load(decode_gates=gate_folder, decode_sparsity=ALL_BLOCKS)
+    ids = torch.randint(3, 300, (1, 50))
+    with torch.no_grad():
+        out = model(ids[:, :46], use_cache=True)
+        chunk = model(ids[:, 46:49], past_key_values=out.past_key_values, use_cache=True)
+        step = model(ids[:, 49:], past_key_values=chunk.past_key_values, use_cache=True)
+        model.seer_decode.disable()
+        dense = model(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat([out.logits, chunk.logits, step.logits], 1), dense, rtol=1e-4, atol=1e-4)
+    assert model.seer_decode.cache is None  # disabled: no compressed keys kept
+    assert all(layer.seer_decode_stash.k is None for layer in attention_layers(model))  # nor stashed keys
+
+
 def test_decode_budget_gives_its_density_beside_a_sparse_prefill(gate_folder):
     """Both phases sparse in one generate(): the prefill's densities are its own, the decode steps keep the budget's
     two blocks (the first and the newest) of every token's sequence."""
