@@ -120,14 +120,14 @@ class DecodeContext:
         keeps a KV cache (``use_cache``) fills the compressed-K cache; None where the prefill path attends. The
         pre-RoPE Q/K the hooks stashed are always taken, so none outlives its forward."""
         if self.sparsity is not None and query.shape[2] != key.shape[2]:
-            return self.step(module, query, key, value, attention_mask, scaling, **kwargs)
+            return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
         if self.sparsity is not None and kwargs.get("use_cache"):
-            self.prefill(module, attention_mask)
+            self._prefill(module, attention_mask)
         else:
             module.seer_decode_stash.q = module.seer_decode_stash.k = None
         return None
 
-    def prefill(self, module: nn.Module, attention_mask: torch.Tensor | None) -> None:
+    def _prefill(self, module: nn.Module, attention_mask: torch.Tensor | None) -> None:
         """Puts a prefill's pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
         ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh."""
         _, k_pre = module.seer_decode_stash.take()
@@ -148,7 +148,7 @@ class DecodeContext:
             real[row, :, :end - first] = k_pre[row, :, first:end]
         self.cache.update(layer, real, counts)
 
-    def step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
         """One decode step of one layer over the KV cache ``key``/``value [B, Hkv, N, D]`` (this step's keys
         last): returns the attention output ``[B, T, Hq, D]``."""
