@@ -89,9 +89,10 @@ def run_generation(cfg: DictConfig) -> dict:
     if cfg.gates is not None:
         cfg.gates = str(resolve_gates(cfg.gates))  # a release folder or hub id becomes a seer gate folder
     else:
-        given = {k: v for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items() if v is not None}
-        for key, value in given.items():
-            raise ConfigError(f"sparsity.{key}={value!r}: a prefill budget needs prefill gates (gates=PATH)")
+        given = [(k, v) for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items() if v is not None]
+        if given:
+            raise ConfigError(f"sparsity.{given[0][0]}={given[0][1]!r}: a prefill budget needs prefill gates "
+                              f"(gates=PATH)")
     mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
     prompt = _prompt(cfg)
     tokenizer = load_tokenizer(mcfg)

@@ -149,7 +149,7 @@ class DecodeContext:
         self.cache.update(layer, real, counts)
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
+              attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
         """One decode step of one layer over the KV cache ``key``/``value [B, Hkv, N, D]`` (this step's keys
         last): returns the attention output ``[B, T, Hq, D]``."""
         q_pre, k_pre = module.seer_decode_stash.take()
