@@ -35,6 +35,7 @@ from seer.data import TextFilesCorpus
 from seer.evaluation.data import HeldOutText
 from seer.model.inference import load
 from seer.model.loading import load_tokenizer
+from seer.preflight import check_length, model_shape
 from seer.sparsity.decode import DecodeSparsityConfig
 
 from quality_smollm2 import environment  # the sibling script (experiments/ is on the path when run as a file)
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-sequences", type=int, default=160)
     ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides")
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096], help="decode token budgets")
-    ap.add_argument("--prompt-len", type=int, default=32768)
+    ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
     ap.add_argument("--windows", type=int, default=3)
@@ -141,10 +142,12 @@ def main() -> None:
     args = parse_args()
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = validate(compose(model_overrides(args)))
+    check_length(f"--prompt-len {args.prompt_len} + --continuation {args.continuation} (or --greedy {args.greedy})",
+                 args.prompt_len + max(args.continuation, args.greedy), model_shape(run.model), run.model.rope_scaling)
     gates = Path(args.decode_gates) if args.decode_gates else train_decode_gates(args)
     train_s = time.time() - start
     print(f"[decode] decode gates {gates} ({train_s:.0f} s)", flush=True)
-    run = validate(compose(model_overrides(args)))
     tokenizer = load_tokenizer(run.model)
     model = load(run.model, decode_gates=gates, decode_sparsity={"token_budget": min(args.budgets)}, device=device)
     kernel = model.seer_decode.kernel
