@@ -239,9 +239,9 @@ def check_decode_calibration(decode_gates: str | os.PathLike, budget) -> None:
         find_decode_calibration(folder, budget)
 
 
-def check_decode_gate_file(key: str, path: str | os.PathLike, shape: dict) -> dict:
-    """The decode-gate files at ``path`` (the value of ``key``) are whole and fit the model's shape; returns their
-    metadata."""
+def check_decode_gate_file(path: str | os.PathLike, shape: dict) -> dict:
+    """The decode-gate files at ``path`` (the value of ``decode_gates``) are whole and fit the model's shape; returns
+    their metadata."""
     from seer.model.decode_gate_io import decode_weights_path, read_decode_gate_meta
     from seer.model.gate_io import check_gates_fit
 
@@ -265,7 +265,7 @@ def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> d
     if cfg.get("gates") is not None:
         check_gate_file("gates", cfg["gates"], shape)
     if cfg.get("decode_gates") is not None:
-        check_decode_gate_file("decode_gates", cfg["decode_gates"], shape)
+        check_decode_gate_file(cfg["decode_gates"], shape)
     return shape
 
 
