@@ -1,11 +1,14 @@
-"""Generation entry point: ``python -m seer.generate gates=PATH 'prompt="..."' [sparsity.target_density=0.2]``.
+"""Generation entry point: ``python -m seer.generate gates=PATH decode_gates=PATH 'prompt="..."'
+[sparsity.target_density=0.2] [decode_sparsity.token_budget=2048]``.
 
-Loads the model and its gates, runs the prompt's prefill through gate -> block selection -> block-sparse attention,
-decodes densely, and prints the text, the achieved density per layer and the prefill time (beside dense). The budget
-is the gates' own (stored with them) changed by any ``sparsity.*`` value given, or replaced by ``sparsity=<option>``.
-Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a prompt (plus
-``max_new_tokens``) longer than the model's context, gates made for another model shape, a calibrated budget with no
-calibration stored beside the gates.
+Loads the model with prefill gates (``gates``), decode gates (``decode_gates``) or both, and generates for the
+prompt: the prefill through gate -> block selection -> block-sparse attention, each decode step through decode gate
+-> decode budget -> block-sparse decode attention (dense where no gates are given). Prints the text, the achieved
+prefill density per layer and the prefill time (beside dense), and the achieved decode density. Each budget is the
+one stored with its gates changed by any ``sparsity.*`` / ``decode_sparsity.*`` value given (``sparsity=<option>``
+replaces the prefill one). Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a
+prompt (plus ``max_new_tokens``) longer than the model's context, gates or decode gates made for another model shape,
+a decode budget below one block, a calibrated budget with no calibration stored beside its gates.
 """
 
 from __future__ import annotations
@@ -56,21 +59,40 @@ def budget(cfg: DictConfig, gates_meta: dict):
     return build(SparsityConfig, "sparsity", {**stored, **given})
 
 
+def decode_budget(cfg: DictConfig, decode_meta: dict):
+    """The decode budget of this run: the decode gates' own (``decode_meta["decode_sparsity"]``) with every non-null
+    ``decode_sparsity.*`` value of ``cfg`` put over it; refused below one block."""
+    from seer.model.inference import decode_budget as checked_budget
+
+    given = {k: v for k, v in OmegaConf.to_container(cfg.decode_sparsity, resolve=True).items() if v is not None}
+    return checked_budget({**(decode_meta.get("decode_sparsity") or {}), **given}, decode_meta)
+
+
 def run_generation(cfg: DictConfig) -> dict:
     from seer import tracking
     from seer.checks import build
     from seer.gates.config import GateConfig
     from seer.model.config import ModelConfig
+    from seer.model.decode_gate_io import read_decode_gate_meta
     from seer.model.gate_io import read_gate_meta
     from seer.model.gate_sources import resolve_gates
     from seer.model.inference import load
     from seer.model.loading import load_tokenizer, model_id
-    from seer.preflight import (check_calibration, check_complete, check_dense_layers, check_generation,
-                                check_options)
+    from seer.preflight import (check_calibration, check_complete, check_decode_calibration, check_dense_layers,
+                                check_generation, check_options)
 
     check_complete(cfg)
     check_options(tracking.chosen_options())
-    cfg.gates = str(resolve_gates(cfg.gates))  # a release folder or hub id becomes a seer gate folder
+    if cfg.gates is None and cfg.decode_gates is None:
+        raise ConfigError("gates=null and decode_gates=null: give gates=PATH (sparse prefill), decode_gates=PATH "
+                          "(sparse decode) or both")
+    if cfg.gates is not None:
+        cfg.gates = str(resolve_gates(cfg.gates))  # a release folder or hub id becomes a seer gate folder
+    else:
+        given = [(k, v) for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items() if v is not None]
+        if given:
+            raise ConfigError(f"sparsity.{given[0][0]}={given[0][1]!r}: a prefill budget needs prefill gates "
+                              f"(gates=PATH)")
     mcfg = build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
     prompt = _prompt(cfg)
     tokenizer = load_tokenizer(mcfg)
@@ -78,27 +100,39 @@ def run_generation(cfg: DictConfig) -> dict:
         raise ConfigError(f"model: {model_id(mcfg)} has no tokenizer; seer.generate needs one")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     shape = check_generation(OmegaConf.to_container(cfg, resolve=True), mcfg, ids.shape[1])
-    meta = read_gate_meta(cfg.gates)
-    spars = budget(cfg, meta)
-    gate = build(GateConfig, "gate", meta["gate"]).with_blend(cfg.blend, cfg.blend_weight)
-    check_dense_layers(spars, shape)
-    check_calibration(cfg.gates, spars, gate.scorer_name)
-    model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel, gate_config=gate)
+    spars = gate = decode_spars = None
+    if cfg.gates is not None:
+        meta = read_gate_meta(cfg.gates)
+        spars = budget(cfg, meta)
+        gate = build(GateConfig, "gate", meta["gate"]).with_blend(cfg.blend, cfg.blend_weight)
+        check_dense_layers(spars, shape)
+        check_calibration(cfg.gates, spars, gate.scorer_name)
+    if cfg.decode_gates is not None:
+        decode_spars = decode_budget(cfg, read_decode_gate_meta(cfg.decode_gates))
+        check_decode_calibration(cfg.decode_gates, decode_spars)
+    model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel, gate_config=gate,
+                 decode_gates=cfg.decode_gates, decode_sparsity=decode_spars)
     ids = ids.to(model.device)
-    sparse_s = _timed_prefill(model, ids)
-    densities = model.seer_context.densities()
-    result = {"prompt_tokens": ids.shape[1], "sparse_prefill_s": sparse_s, "densities": densities}
-    if cfg.compare_dense:  # the same model dense, then back to its sparse prefill (budget and calibration kept)
-        with model.seer_context.running("dense"):
-            result["dense_prefill_s"] = _timed_prefill(model, ids)
+    result = {"prompt_tokens": ids.shape[1]}
+    report = f"prompt: {ids.shape[1]} tokens"
+    if spars is not None:
+        result["sparse_prefill_s"] = _timed_prefill(model, ids)
+        result["densities"] = densities = model.seer_context.densities()
+        if cfg.compare_dense:  # the same model dense, then back to its sparse prefill (budget and calibration kept)
+            with model.seer_context.running("dense"):
+                result["dense_prefill_s"] = _timed_prefill(model, ids)
+        mean_density = sum(densities.values()) / max(1, len(densities))
+        report += (f"; sparse prefill {result['sparse_prefill_s'] * 1e3:.1f} ms"
+                   + (f" (dense {result['dense_prefill_s'] * 1e3:.1f} ms)" if "dense_prefill_s" in result else "")
+                   + f"; mean block density {mean_density:.3f} ({spars.describe()})")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     result["text"] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    mean_density = sum(densities.values()) / max(1, len(densities))
-    print(f"prompt: {ids.shape[1]} tokens; sparse prefill {sparse_s * 1e3:.1f} ms"
-          + (f" (dense {result['dense_prefill_s'] * 1e3:.1f} ms)" if "dense_prefill_s" in result else "")
-          + f"; mean block density {mean_density:.3f} ({spars.describe()})")
+    if decode_spars is not None:
+        result["decode_densities"] = model.seer_decode.densities()
+        report += f"; mean decode density {model.seer_decode.mean_density():.3f} ({decode_spars.describe()})"
+    print(report)
     print("--- generated ---")
     print(result["text"])
     return result

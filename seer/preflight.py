@@ -242,9 +242,32 @@ def check_calibration(gates: str | os.PathLike, sparsity, scorer: str | None = N
         raise ConfigError(f"sparsity: {exc}") from exc
 
 
+def check_decode_calibration(decode_gates: str | os.PathLike, budget) -> None:
+    """A calibrated decode ``budget`` has its calibration stored beside ``decode_gates``."""
+    from seer.model.decode_gate_io import decode_weights_path
+    from seer.sparsity.decode import find_decode_calibration, load_decode_calibrations
+
+    folder = decode_weights_path(decode_gates).parent
+    load_decode_calibrations(folder)  # a damaged decode_calibration.json is named
+    if budget.calibrated:
+        find_decode_calibration(folder, budget)
+
+
+def check_decode_gate_file(path: str | os.PathLike, shape: dict) -> dict:
+    """The decode-gate files at ``path`` (the value of ``decode_gates``) are whole and fit the model's shape; returns
+    their metadata."""
+    from seer.model.decode_gate_io import decode_weights_path, read_decode_gate_meta
+    from seer.model.gate_io import check_gates_fit
+
+    meta = read_decode_gate_meta(path)
+    check_gates_fit(meta, decode_weights_path(path), shape["signature"], shape["rope"])
+    return meta
+
+
 def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> dict:
-    """What ``seer.generate`` needs beyond single values (its budget, known from the gates, is checked by
-    :func:`check_dense_layers` and :func:`check_calibration`); returns the model's shape."""
+    """What ``seer.generate`` needs beyond single values (its budgets, known from the gates, are checked by
+    :func:`check_dense_layers`, :func:`check_calibration` and :func:`check_decode_calibration`); returns the model's
+    shape."""
     if prompt_tokens == 0:
         given = f"prompt_file={cfg['prompt_file']!r}" if cfg.get("prompt_file") else f"prompt={cfg.get('prompt')!r}"
         raise ConfigError(f"{given}: the prompt is empty; give the text to continue")
@@ -253,7 +276,10 @@ def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> d
     if shape["context"] is not None and total > shape["context"]:
         raise ConfigError(f"the prompt is {prompt_tokens} tokens and max_new_tokens={cfg['max_new_tokens']}, but "
                           f"{_model_name(model_cfg)} has a context of {shape['context']} tokens; shorten the prompt")
-    check_gate_file("gates", cfg.get("gates"), shape)
+    if cfg.get("gates") is not None:
+        check_gate_file("gates", cfg["gates"], shape)
+    if cfg.get("decode_gates") is not None:
+        check_decode_gate_file(cfg["decode_gates"], shape)
     return shape
 
 

@@ -124,3 +124,89 @@ def test_generate_takes_the_blend_asked_for_and_its_calibration(tmp_path, monkey
     run_generation(compose([*overrides, "blend=none"], "generate"))
     assert loaded[-1].seer_context.gate_config.blend is None and loaded[-1].seer_context.scorer_name == "gate"
     assert "mean block density" in capsys.readouterr().out
+
+
+def _gate_and_decode_gate_folder(folder, shape_overrides=()):
+    """Prefill gates and decode gates (stored budget: 32 tokens) of the tiny model in one folder."""
+    from seer.gates.decode_config import DecodeGateConfig
+    from seer.model.decode import attach_decode_gates, decode_gates
+    from seer.model.decode_gate_io import save_decode_gates
+
+    cfg = compose(["model=tiny_llama", *shape_overrides], "generate")
+    torch.manual_seed(0)
+    gated = load(OmegaConf.to_container(cfg.model), gate_config=GateConfig(block_size=16, hidden_size=16), device="cpu")
+    save_gates(folder, gated, "tiny")
+    attach_decode_gates(gated, DecodeGateConfig(block_size=16, hidden_size=16))
+    for gate in decode_gates(gated).values():
+        torch.nn.init.normal_(gate.k_weight, std=2.0)
+    save_decode_gates(folder, gated, "tiny", extra={"decode_sparsity": {"token_budget": 32}})
+    return folder
+
+
+def test_generate_decodes_through_the_decode_gates(tmp_path, monkeypatch, capsys):
+    """Both phases sparse; then decode gates alone at a budget covering every block, which gives the plain model's
+    text."""
+    from seer.model.loading import load_causal_lm
+
+    folder = _gate_and_decode_gate_folder(tmp_path / "g")
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    prompt = "def f(x):\n    return x + 1\n" * 8
+    cfg = compose(["model=tiny_llama", f"gates={folder}", f"decode_gates={folder}", "sparsity=topk",
+                   "sparsity.target_density=0.5", "max_new_tokens=6", "device=cpu"], "generate")
+    cfg.prompt = prompt
+    both = run_generation(cfg)
+    assert set(both["densities"]) == set(both["decode_densities"]) == {0, 1}
+    assert all(0 < d < 1 for d in both["decode_densities"].values())
+    assert "(token_budget=32)" in capsys.readouterr().out
+    cfg = compose(["model=tiny_llama", f"decode_gates={folder}", "decode_sparsity.token_budget=4096",
+                   "max_new_tokens=6", "device=cpu", "compare_dense=false"], "generate")
+    cfg.prompt = prompt
+    torch.manual_seed(0)
+    decode_only = run_generation(cfg)
+    assert "densities" not in decode_only and decode_only["decode_densities"] == {0: 1.0, 1: 1.0}
+    torch.manual_seed(0)
+    plain = load_causal_lm(_model_config(cfg), torch.device("cpu"))
+    ids = tiny_tokenizer()(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = plain.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert decode_only["text"] == tiny_tokenizer().decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _model_config(cfg):
+    from seer.checks import build
+    from seer.model.config import ModelConfig
+
+    return build(ModelConfig, "model", OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def test_generate_refuses_bad_decode_settings_before_loading(tmp_path, monkeypatch):
+    import seer.model.inference
+
+    folder = _gate_and_decode_gate_folder(tmp_path / "g")
+    other = _gate_and_decode_gate_folder(tmp_path / "g3", ["model.architecture.num_hidden_layers=3"])
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    monkeypatch.setattr(seer.model.inference, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def refused(*overrides):
+        cfg = compose(["model=tiny_llama", f"decode_gates={folder}", "device=cpu", *overrides], "generate")
+        with pytest.raises(ConfigError) as info:
+            run_generation(cfg)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert refused(f"decode_gates={other}") == (
+        f"gate file {other / 'decode_gates.safetensors'} was made for tiny with num_layers=3, but this model has "
+        f"num_layers=2")
+    assert refused("decode_sparsity.token_budget=8") == (
+        "decode_sparsity.token_budget=8: is below one block (16 tokens); the budget is whole blocks")
+    assert refused("decode_sparsity.method=threshold", "decode_sparsity.target_density=0.2").startswith(
+        "decode_sparsity.target_density=0.2: no decode calibration for threshold target_density=0.2 in")
+    assert refused("decode_sparsity.target_density=0.2") == (
+        "decode_sparsity.target_density=0.2: calibrates the threshold method; method='token_budget' takes none "
+        "(use null)")
+    assert refused("decode_gates=/no/decode") == ("decode_gates='/no/decode': no decode gates there (a gates folder "
+                                                  "written by stage=distill_decode, outputs/<run>/gates)")
+    assert refused("decode_gates=null") == ("gates=null and decode_gates=null: give gates=PATH (sparse prefill), "
+                                            "decode_gates=PATH (sparse decode) or both")
+    assert refused("sparsity.target_density=0.2") == (
+        "sparsity.target_density=0.2: a prefill budget needs prefill gates (gates=PATH)")

@@ -43,6 +43,9 @@ alone, its blocks starting at its first token, and the consumer gets one :class:
 layer. The attention mask transformers builds for such position ids is not read; the ``train_sparse`` attention of
 all documents of the batch is one call of the varlen block-sparse kernel (``cu_seqlens``), the ground truth is
 computed document by document (the fused kernel has no varlen mode).
+
+A layer with decode gates whose budget is on (:meth:`seer.model.decode.DecodeContext.enable`) hands decode
+steps to them and shows them the keys of every prefill that keeps a KV cache, in any mode.
 """
 
 from __future__ import annotations
@@ -371,6 +374,13 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     modes (:func:`_padded_prefill`)."""
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
+    decode = getattr(module, "seer_decode", None)  # seer.model.decode.DecodeContext: sparse decode when enabled
+    if decode is not None:
+        out = decode.handle(module, query, key, value, attention_mask, scaling, **kwargs)
+        if out is not None:
+            if stash is not None:
+                stash.q = stash.k = None
+            return out, None
     spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
         else None
     documents = ctx.documents if ctx is not None and ctx.mode in ("distill", "train_sparse") else None

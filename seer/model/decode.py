@@ -6,13 +6,23 @@
 (registered in transformers' ``AttentionInterface``): dense attention of an unpadded causal prefill (teacher
 forcing) plus, per layer, the decode gate's logits for every token (with grad) and their ground truth
 (:func:`seer.kernels.decode_gt.decode_block_gt`), handed to the context's consumer as a :class:`DecodeRecord`.
+
+Sparse decode (:meth:`DecodeContext.enable`, on a model prepared for the ``"seer"`` attention function): every
+prefill that keeps a KV cache (``use_cache``) starts a :class:`~seer.model.decode_cache.DecodeKeyCache` with each
+row's real keys (left, right or no padding); every decode step of one token adds its key there, scores the blocks
+of its sequence with the decode gate, keeps the blocks of the budget (:func:`seer.sparsity.decode.decode_block_mask`)
+and attends them over transformers' KV cache (``[B, Hkv, N, D]``) with :func:`seer.kernels.block_sparse_decode`
+(Triton) or its PyTorch reference. A left-padded row's sequence starts after its padding, so rows with padding are
+attended one by one. Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
+The achieved density (kept share of each token's valid blocks, mean over rows, heads and steps) is kept per layer
+(:meth:`DecodeContext.densities`) until the next prefill.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +31,9 @@ from seer.gates import rope_frequencies
 from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
 from seer.kernels.decode_gt import decode_block_gt
-from seer.model.attention import _PreRopeStash, attention_layers, layer_shape, seer_mask
+from seer.model.attention import _dense, _PreRopeStash, attention_layers, layer_shape, seer_mask
+from seer.model.decode_cache import DecodeKeyCache
+from seer.sparsity.decode import DecodeSparsityConfig, decode_block_index, decode_block_mask, decode_density
 
 DISTILL_ATTENTION = "seer_decode_distill"
 
@@ -38,12 +50,21 @@ class DecodeRecord:
 
 @dataclass
 class DecodeContext:
-    """The decode gates' config, shared by every layer; while distilling, ``consumer`` takes each layer's
-    :class:`DecodeRecord` and ``gt_source`` says where the ground truth comes from."""
+    """The decode gates of one model (``gates``, by layer) and their config. While distilling, ``consumer`` takes
+    each layer's :class:`DecodeRecord` and ``gt_source`` says where the ground truth comes from. With a decode budget
+    (``sparsity``, set by :meth:`enable`) decode steps attend the blocks it keeps (see the module docstring);
+    ``cache`` holds the compressed keys of the current generation and ``density`` each layer's ``(sum of step
+    densities, steps)``."""
 
     config: DecodeGateConfig
+    gates: dict[int, DecodeGate] = field(default_factory=dict)
     consumer: Callable[[DecodeRecord], None] | None = None
     gt_source: str = "reference"
+    sparsity: DecodeSparsityConfig | None = None
+    threshold: float | None = None
+    kernel: str = "reference"
+    cache: DecodeKeyCache | None = None
+    density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def distilling(self, model: nn.Module, consumer: Callable[[DecodeRecord], None],
@@ -63,6 +84,113 @@ class DecodeContext:
             self.consumer, self.gt_source = None, "reference"
             model.set_attn_implementation(before)
 
+    def enable(self, sparsity: DecodeSparsityConfig, kernel: str = "reference", threshold: float | None = None) -> None:
+        """Decode steps from now on attend the blocks ``sparsity`` keeps (``threshold``: the calibrated threshold
+        of a calibrated budget), with the Triton kernel (``kernel="triton"``) or the PyTorch reference; the model
+        must run the ``"seer"`` attention function (:func:`seer.model.attention.prepare_model`)."""
+        sparsity.check_block_size(self.config.block_size)
+        if kernel not in ("reference", "triton"):
+            raise ValueError(f"kernel {kernel!r} is not one of ('reference', 'triton')")
+        if sparsity.calibrated and threshold is None:
+            raise ValueError(f"decode_sparsity.target_density={sparsity.target_density} needs its calibrated "
+                             f"threshold (seer.sparsity.decode.find_decode_calibration)")
+        self.sparsity, self.kernel = sparsity, kernel
+        self.threshold = threshold if sparsity.calibrated else None
+        self.cache = None
+        self.density.clear()
+
+    def disable(self) -> None:
+        """Decode steps attend densely again (the gates idle, no compressed-K cache kept)."""
+        self.sparsity, self.threshold, self.cache = None, None, None
+        self.density.clear()
+
+    def densities(self) -> dict[int, float]:
+        """Achieved decode density of each layer over the decode steps since the last prefill."""
+        return {layer: float(total) / steps for layer, (total, steps) in sorted(self.density.items())}
+
+    def mean_density(self) -> float:
+        """:meth:`densities` averaged over layers (nan before any decode step)."""
+        dens = self.densities()
+        return sum(dens.values()) / len(dens) if dens else float("nan")
+
+    def handle(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor | None:
+        """The decode gates' part of the ``"seer"`` attention function in one layer: with a budget on, a decode step
+        (cached keys before the queries) is attended here (its output ``[B, T, Hq, D]`` returned) and a prefill that
+        keeps a KV cache (``use_cache``) fills the compressed-K cache; None where the prefill path attends. The
+        pre-RoPE Q/K the hooks stashed are always taken, so none outlives its forward."""
+        if self.sparsity is not None and query.shape[2] != key.shape[2]:
+            return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
+        if self.sparsity is not None and kwargs.get("use_cache"):
+            self._prefill(module, attention_mask)
+        else:
+            module.seer_decode_stash.q = module.seer_decode_stash.k = None
+        return None
+
+    def _prefill(self, module: nn.Module, attention_mask: torch.Tensor | None) -> None:
+        """Puts a prefill's pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
+        ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh."""
+        _, k_pre = module.seer_decode_stash.take()
+        layer = module.layer_idx
+        if layer == min(self.gates) or self.cache is None:
+            self.cache = DecodeKeyCache(self.gates, k_pre.shape[0])
+            self.density.clear()
+        if attention_mask is None:
+            self.cache.update(layer, k_pre)
+            return
+        spans = getattr(attention_mask, "seer_spans", None)
+        if spans is None:
+            raise ValueError("sparse decode needs a prefill without padding or with one run of real tokens per row "
+                             "(left or right padding); this attention mask has holes")
+        counts = torch.tensor([end - first for first, end in spans])
+        real = k_pre.new_zeros(*k_pre.shape[:2], int(counts.max()), k_pre.shape[3])
+        for row, (first, end) in enumerate(spans):
+            real[row, :, :end - first] = k_pre[row, :, first:end]
+        self.cache.update(layer, real, counts)
+
+    def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
+        """One decode step of one layer over the KV cache ``key``/``value [B, Hkv, N, D]`` (this step's keys
+        last): returns the attention output ``[B, T, Hq, D]``."""
+        q_pre, k_pre = module.seer_decode_stash.take()
+        layer = module.layer_idx
+        if self.cache is None:
+            raise RuntimeError("a decode step before any prefill with use_cache: sparse decode has no compressed keys")
+        self.cache.update(layer, k_pre)
+        if query.shape[2] != 1:  # several tokens over a cache (e.g. assisted decoding): dense
+            return _dense(module, query, key, value, attention_mask, 0.0, scaling, **kwargs)[0]
+        bs = self.config.block_size
+        lengths = self.cache.lengths[layer]  # each row's real keys, this token's included (on the host)
+        firsts = (key.shape[2] - lengths).tolist()  # a left-padded row's sequence starts after its padding
+        if min(firsts) < 0:
+            raise ValueError(f"layer {layer}: the KV cache holds {key.shape[2]} keys, fewer than a sequence's "
+                             f"{int(lengths.max())}; sparse decode needs transformers' DynamicCache")
+        mask = decode_block_mask(self.cache.scores(layer, q_pre), lengths, self.sparsity, bs, self.threshold)
+        index = decode_block_index(mask)
+        total, steps = self.density.get(layer, (0.0, 0))
+        self.density[layer] = (total + decode_density(mask, lengths, bs), steps + 1)
+        if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
+            query = query.to(value.dtype)
+        seqlens = lengths.to(device=query.device, dtype=torch.int32)
+        if not any(firsts):
+            out = self._attend(query, key, value, index, seqlens, scaling)
+        else:
+            out = torch.cat([self._attend(query[r:r + 1], key[r:r + 1, :, first:], value[r:r + 1, :, first:],
+                                          index[r:r + 1], seqlens[r:r + 1], scaling)
+                             for r, first in enumerate(firsts)])
+        return out.transpose(1, 2)
+
+    def _attend(self, query, key, value, index, seqlens, scaling) -> torch.Tensor:
+        """``[B, Hq, 1, D]``: the decode kernel (or its reference) over the listed blocks of the KV cache."""
+        bs = self.config.block_size
+        if self.kernel == "triton":
+            from seer.kernels import block_sparse_decode
+
+            return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]
+        from seer.kernels.reference import block_sparse_decode
+
+        return block_sparse_decode(query, key, value, index, seqlens, bs, scaling)[0]
+
 
 def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeContext:
     """Adds a float32 decode gate to every attention layer of ``model`` (in place, on the model's device) and
@@ -77,7 +205,8 @@ def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeCon
     ctx = DecodeContext(config)
     for layer in attention_layers(model):
         heads, kv_heads, head_dim = layer_shape(model, layer)
-        layer.seer_decode_gate = DecodeGate(config, head_dim, heads, kv_heads, inv_freq, rope_scale).to(device)
+        layer.seer_decode_gate = ctx.gates[layer.layer_idx] = DecodeGate(config, head_dim, heads, kv_heads, inv_freq,
+                                                                         rope_scale).to(device)
         layer.seer_decode_stash = stash = _PreRopeStash(heads, kv_heads, head_dim)
         (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
         (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))

@@ -40,14 +40,16 @@ def save_decode_gates(folder: str | os.PathLike, model: nn.Module, model_name: s
     return write_gate_files(folder, meta, state, WEIGHTS, META)
 
 
-def load_decode_gates(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Loads decode-gate weights (a folder or its ``decode_gates.safetensors``) into ``model``, attaching decode
-    gates with the file's config if it has none. Returns the metadata."""
+def read_decode_gate_meta(path: str | os.PathLike) -> dict:
+    """The metadata of a decode-gate file (a folder or its ``decode_gates.safetensors``), after checking it is whole
+    (the sha256 in ``decode_gates.json``) and of this format; no model needed."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    weights = Path(path) / WEIGHTS if Path(path).is_dir() else Path(path)
+    weights = decode_weights_path(path)
     meta_path = weights.parent / META
+    if not Path(path).exists():
+        raise ConfigError(f"decode_gates={str(path)!r}: no decode gates there (a gates folder written by "
+                          f"stage=distill_decode, outputs/<run>/gates)")
     if not weights.is_file() or not meta_path.is_file():
         raise ConfigError(f"decode gate file {weights}: needs {WEIGHTS} and {META} side by side in {weights.parent}")
     expected = json.loads(meta_path.read_text()).get(CHECKSUM)
@@ -61,6 +63,21 @@ def load_decode_gates(model: nn.Module, path: str | os.PathLike) -> dict:
         raise ConfigError(f"decode gate file {weights}: not a seer file ({type(exc).__name__}: {exc})") from exc
     if meta.get("format") != FORMAT:
         raise ConfigError(f"decode gate file {weights}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def decode_weights_path(path: str | os.PathLike) -> Path:
+    """``decode_gates.safetensors`` of a folder, or ``path`` itself when it names a file."""
+    return Path(path) / WEIGHTS if Path(path).is_dir() else Path(path)
+
+
+def load_decode_gates(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Loads decode-gate weights (a folder or its ``decode_gates.safetensors``) into ``model``, attaching decode
+    gates with the file's config if it has none. Returns the metadata."""
+    from safetensors.torch import load_file
+
+    weights = decode_weights_path(path)
+    meta = read_decode_gate_meta(weights)
     check_gates_fit(meta, weights, model_signature(model), rope_settings(model.config))
     file_config = build(DecodeGateConfig, "decode_gate", meta["decode_gate"])
     have = getattr(model, "seer_decode", None)

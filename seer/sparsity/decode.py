@@ -12,18 +12,28 @@ per KV head (its query heads share the choice) the budget keeps:
 
 The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
 lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1.
+
+A calibrated threshold is stored beside the decode gates (``decode_calibration.json``, written at the end of
+``stage=distill_decode``) as a :class:`DecodeCalibration`; :func:`find_decode_calibration` finds it again for
+``seer.load(..., decode_sparsity={"method": "threshold", "target_density": ...})``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from seer.checks import fail, is_int, is_number
+from seer.checks import ConfigError, build, fail, is_int, is_number
+from seer.files import atomic_write_text
 
 DECODE_METHODS = ("token_budget", "threshold", "dense")
+CALIBRATION_FILE = "decode_calibration.json"
 
 
 @dataclass
@@ -54,6 +64,16 @@ class DecodeSparsityConfig:
     @property
     def calibrated(self) -> bool:
         return self.method == "threshold" and self.target_density is not None
+
+    def describe(self) -> str:
+        """The budget in a few words (what messages and result tables name)."""
+        first = "" if self.first_block else ", no first block"
+        if self.method == "token_budget":
+            return f"token_budget={self.token_budget}{first}"
+        if self.method == "threshold":
+            knob = f"target_density={self.target_density}" if self.calibrated else f"threshold={self.threshold}"
+            return f"threshold {knob}{first}"
+        return "dense"
 
     def check_block_size(self, block_size: int) -> None:
         """Refuses a token budget below one block of ``block_size`` tokens."""
@@ -121,3 +141,73 @@ def calibrate_decode_threshold(scores: torch.Tensor, seqlens: torch.Tensor, spar
         density = decode_density(decode_block_mask(scores, seqlens, sparsity, block_size, mid), seqlens, block_size)
         low, high = (mid, high) if density > sparsity.target_density else (low, mid)
     return high
+
+
+@dataclass
+class DecodeCalibration:
+    """The ``threshold`` at which the calibrated budget ``sparsity`` keeps its target density, found on ``tokens``
+    decoding positions of rows of ``seq_len`` tokens, where it reached ``density``."""
+
+    sparsity: DecodeSparsityConfig
+    threshold: float
+    density: float
+    tokens: int = 0
+    seq_len: int = 0
+
+    def matches(self, sparsity: DecodeSparsityConfig) -> bool:
+        """Whether this threshold serves ``sparsity``: a calibrated threshold budget with the same target density and
+        first-block rule (its other fields do not enter the selection)."""
+        return sparsity.calibrated and (sparsity.target_density, sparsity.first_block) == \
+            (self.sparsity.target_density, self.sparsity.first_block)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "sparsity": dataclasses.asdict(self.sparsity)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> DecodeCalibration:
+        return cls(**{**values, "sparsity": build(DecodeSparsityConfig, "decode_sparsity", values["sparsity"])})
+
+
+def fit_decode_calibration(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig,
+                           block_size: int, seq_len: int = 0) -> DecodeCalibration:
+    """The :class:`DecodeCalibration` of ``sparsity`` on the scores ``[R, Hkv, nb]`` of ``R`` decoding tokens with
+    ``seqlens [R]`` valid keys (:func:`calibrate_decode_threshold`), with the density it reaches there."""
+    threshold = calibrate_decode_threshold(scores, seqlens, sparsity, block_size)
+    mask = decode_block_mask(scores, seqlens, sparsity, block_size, threshold)
+    return DecodeCalibration(sparsity, threshold, float(decode_density(mask, seqlens, block_size)),
+                             tokens=scores.shape[0], seq_len=seq_len)
+
+
+def load_decode_calibrations(folder: str | Path) -> list[DecodeCalibration]:
+    """The calibrations in ``folder/decode_calibration.json`` (none without the file); a
+    :class:`~seer.checks.ConfigError` names a file that is not one."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return []
+    try:
+        return [DecodeCalibration.from_dict(c) for c in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a seer decode calibration file ({type(exc).__name__}: {exc}); move it away "
+                          f"to calibrate again") from exc
+
+
+def save_decode_calibration(folder: str | Path, calibration: DecodeCalibration) -> Path:
+    """Adds ``calibration`` to ``folder/decode_calibration.json``, replacing one for the same budget and length."""
+    kept = [c for c in load_decode_calibrations(folder)
+            if not (c.matches(calibration.sparsity) and c.seq_len == calibration.seq_len)]
+    return atomic_write_text(Path(folder) / CALIBRATION_FILE,
+                             json.dumps([c.to_dict() for c in [*kept, calibration]], indent=1))
+
+
+def find_decode_calibration(folder: str | Path, sparsity: DecodeSparsityConfig) -> DecodeCalibration:
+    """The calibration stored in ``folder`` for ``sparsity`` (the one made on the longest rows); a
+    :class:`~seer.checks.ConfigError` listing what is stored otherwise."""
+    stored = load_decode_calibrations(folder)
+    found = [c for c in stored if c.matches(sparsity)]
+    if found:
+        return max(found, key=lambda c: c.seq_len)
+    have = "; ".join(f"{c.sparsity.describe()} at {c.seq_len} tokens" for c in stored) or "none"
+    raise ConfigError(f"decode_sparsity.target_density={sparsity.target_density}: no decode calibration for "
+                      f"{sparsity.describe()} in {Path(folder) / CALIBRATION_FILE} (stored: {have}); train the decode "
+                      f"gates with stage.decode_sparsity.target_density={sparsity.target_density} or give the "
+                      f"threshold itself (target_density=null)")

@@ -311,6 +311,38 @@ class GateCalibration(L.Callback):
                 save_calibration(folder, calibration)
 
 
+class DecodeGateCalibration(L.Callback):
+    """At the end of decode-gate distillation with a calibrated budget (``stage.decode_sparsity.target_density``):
+    fits its threshold on the decode gates' scores of the validation rows (the batches validation uses; all of them
+    when validation is off; :meth:`~seer.training.distill_decode.DecodeGateDistillation.decode_scores`) and writes it
+    beside the decode gates (``decode_calibration.json``), where ``seer.load`` finds it. Every process runs the
+    model; rank 0 writes."""
+
+    def __init__(self, gates_dir: str, budget, block_size: int):
+        self.gates_dir, self.budget, self.block_size = gates_dir, budget, block_size
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module) -> None:
+        from seer.sparsity.decode import fit_decode_calibration, save_decode_calibration
+
+        limit = trainer.num_val_batches[0] if trainer.num_val_batches and trainer.num_val_batches[0] else None
+        scores, seqlens, seq_len = [], [], 0
+        for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+            if limit is not None and i >= limit:
+                break
+            ids = batch["input_ids"].to(pl_module.device)
+            seq_len = max(seq_len, ids.shape[1])
+            with trainer.precision_plugin.forward_context():
+                batch_scores, batch_lengths = pl_module.decode_scores(ids)
+            scores.append(batch_scores)
+            seqlens.append(batch_lengths)
+        width = max(s.shape[-1] for s in scores)  # rows of other lengths: no blocks past their end
+        scores = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[-1]), value=float("-inf")) for s in scores])
+        calibration = fit_decode_calibration(scores, torch.cat(seqlens), self.budget, self.block_size, seq_len)
+        if trainer.is_global_zero:
+            save_decode_calibration(self.gates_dir, calibration)
+
+
 class RunSummary(L.Callback):
     """At the end of fit: loss at start and end, the last validation (its step, recall beside the oracle's, density,
     and per layer), the calibrated knob, throughput (from the logged ``train/items_per_sec``) and peak GPU memory,

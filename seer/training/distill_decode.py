@@ -7,7 +7,10 @@ KL(GT || softmax(gate))`` over layers. Only the decode gates train (AdamW, warmu
 
 Logged: ``train/loss``, ``train/kl/layer_XX``, ``lr``; in validation ``val/loss`` and ``val/recall``, the share of
 the ground truth's mass the blocks the gate selects keep at the decode budget ``stage.decode_sparsity`` (a
-:class:`~seer.sparsity.decode.DecodeSparsityConfig`; a calibrated threshold is fitted on the batch itself).
+:class:`~seer.sparsity.decode.DecodeSparsityConfig`; a calibrated threshold is fitted on the batch itself). A
+calibrated budget (``target_density``) is calibrated once more at the end of training on the validation rows
+(:meth:`DecodeGateDistillation.decode_scores`, :class:`seer.training.callbacks.DecodeGateCalibration`) and stored
+beside the decode gates for ``seer.load``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ class DecodeGateDistillation(Stage):
             raise RuntimeError("no decode-gated attention layer ran: are the decode gates attached to this model?")
         total = self.stage.loss_scale * torch.stack([losses[i] for i in sorted(losses)]).sum()
         return {"loss": total, "layer_kl": {i: losses[i].detach() for i in sorted(losses)}, "records": records}
+
+    @torch.no_grad()
+    def decode_scores(self, input_ids: torch.Tensor, max_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode gates' scores of ``input_ids``'s tokens as decoding tokens, every layer's as more tokens
+        (``[R, Hkv, nb]``, float32), with their valid key counts ``[R]``: at most ``max_tokens`` a layer, spread
+        evenly over the rows' positions (what a calibrated threshold is fitted on)."""
+        scores, seqlens = [], []
+        for logits, _ in self._forward(input_ids)["records"].values():
+            b, h, n, nb = logits.shape
+            pick = torch.linspace(0, b * n - 1, min(b * n, max_tokens), device=logits.device).long()
+            scores.append(logits.float().permute(0, 2, 1, 3).reshape(b * n, h, nb)[pick])
+            seqlens.append(torch.arange(1, n + 1, device=logits.device).repeat(b)[pick])
+        return torch.cat(scores), torch.cat(seqlens)
 
     @torch.no_grad()
     def _recall(self, records: dict) -> torch.Tensor:

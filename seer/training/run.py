@@ -147,8 +147,8 @@ def run_training(cfg: DictConfig) -> dict:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
-    from seer.training.callbacks import (AtomicCheckpointIO, GateCalibration, RunRecord, RunSummary,
-                                         StopOnInterrupt, ValidateAtEnd)
+    from seer.training.callbacks import (AtomicCheckpointIO, DecodeGateCalibration, GateCalibration, RunRecord,
+                                         RunSummary, StopOnInterrupt, ValidateAtEnd)
     from seer.training.parallel import exclude_frozen_from_ddp
     from seer.training.resume import continues_wandb_run, read_resume
 
@@ -180,6 +180,10 @@ def run_training(cfg: DictConfig) -> dict:
     record = RunRecord({"config": config, "run_id": identity["run_id"], "run_name": identity["name"]})
     calibration = [GateCalibration(str(out_dir / "gates"), run.sparsity)] if run.sparsity.calibrated \
         and run.stage.uses_prefill_budget else []
+    decode_budget = getattr(run.stage, "decode_sparsity", None)  # stage=distill_decode
+    if decode_budget is not None and decode_budget.calibrated:
+        calibration.append(DecodeGateCalibration(str(out_dir / "gates"), decode_budget,
+                                                 run.stage.decode_gate.block_size))
     callbacks = [*_instantiate_group(cfg.get("callbacks")), ValidateAtEnd(), interrupt, record, *calibration, summary]
     trainer = instantiate(cfg.trainer, _partial_=True)(logger=False, callbacks=callbacks,
                                                        plugins=[AtomicCheckpointIO()])

@@ -111,3 +111,23 @@ def test_triton_ground_truth_matches_the_reference():
     for ref, tri in zip(runs["reference"][1], runs["triton"][1], strict=True):
         torch.testing.assert_close(tri.gt, ref.gt, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(tri.logits, ref.logits)
+
+
+def test_calibrated_decode_budget_is_stored_for_seer_load(tmp_path):
+    """A ``target_density`` budget is calibrated at the end of training on the validation rows and stored beside the
+    decode gates; seer.load finds its threshold there."""
+    from omegaconf import OmegaConf
+
+    from seer.config import compose
+    from seer.model.inference import load
+    from seer.sparsity.decode import load_decode_calibrations
+
+    budget = {"method": "threshold", "target_density": 0.7, "first_block": False}  # 4-block rows: above 0.52
+    train(tmp_path, *DECODE, *(f"stage.decode_sparsity.{key}={value}" for key, value in budget.items()),
+          "trainer.max_steps=2")
+    [calibration] = load_decode_calibrations(tmp_path / "gates")
+    assert calibration.sparsity.target_density == 0.7 and calibration.seq_len == 64
+    assert 0 < calibration.threshold < 1 and calibration.density == pytest.approx(0.7, abs=0.03)
+    tiny_llama = OmegaConf.to_container(compose(["model=tiny_llama"], "generate").model)
+    model = load(tiny_llama, decode_gates=tmp_path / "gates", decode_sparsity=budget, device="cpu")
+    assert model.seer_decode.threshold == calibration.threshold

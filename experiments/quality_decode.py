@@ -1,0 +1,207 @@
+"""Sparse decode quality (SeerAttention-R decode gates) on a GGUF model: the continuation NLL and the greedy tokens
+of decode steps that attend only the blocks a token budget keeps, beside dense decode.
+
+NOT RUN YET: written without a GPU. Only its argument parsing and its measurements on a tiny random model on the CPU
+(tests/test_quality_decode.py) have been exercised; no result of it exists in docs/.
+
+1. Trains decode gates (``stage=distill_decode`` on the novels, ``--train-len``-token rows, ``--steps`` steps) unless
+   ``--decode-gates`` gives trained ones.
+2. On a held-out novel (``--eval-novel``, evaluated whole), for ``--windows`` windows of ``--prompt-len`` tokens plus
+   ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
+   decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget: the
+   mean NLL of the continuation tokens (:func:`continuation_nll`) and the achieved decode density.
+3. From each window's prompt, ``--greedy`` greedy tokens dense and sparse (no early stop): the share of positions
+   where the sparse tokens equal the dense ones, and the length of their common prefix (:func:`greedy_agreement`).
+4. Writes ``rows.json`` (one row per window and budget) and ``results.md`` (means per budget, with device, versions,
+   date and command) into ``--out``, after each window.
+
+On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .assets/austen):
+
+    python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
+        --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from seer.config import compose, validate
+from seer.data import TextFilesCorpus
+from seer.evaluation.data import HeldOutText
+from seer.model.inference import load
+from seer.model.loading import load_tokenizer
+from seer.preflight import check_length, model_shape
+from seer.sparsity.decode import DecodeSparsityConfig
+
+from quality_smollm2 import environment  # the sibling script (experiments/ is on the path when run as a file)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", required=True, help="folder holding the GGUF file")
+    ap.add_argument("--gguf", default="qwen05.gguf")
+    ap.add_argument("--model", default="qwen2_5_coder_0_5b", help="the conf/model option the GGUF is an instance of")
+    ap.add_argument("--novels", required=True, help="glob of the training novels")
+    ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
+    ap.add_argument("--decode-gates", default=None, help="trained decode gates (skips training)")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--train-len", type=int, default=8192)
+    ap.add_argument("--train-sequences", type=int, default=160)
+    ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096], help="decode token budgets")
+    ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
+    ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
+    ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="no window starts after this many seconds from the start (training included)")
+    ap.add_argument("--work", default="outputs/quality_decode")
+    ap.add_argument("--out", default="docs/results/decode")
+    args = ap.parse_args(argv)
+    for budget in args.budgets:
+        DecodeSparsityConfig(token_budget=budget)  # a bad budget fails here, before anything loads
+    if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1:
+        ap.error("--prompt-len, --continuation, --greedy and --windows must be >= 1")
+    return args
+
+
+def model_overrides(args) -> list[str]:
+    return [f"model={args.model}", f"model.name_or_path={args.model_dir}", f"model.gguf_file={args.gguf}"]
+
+
+def train_decode_gates(args) -> Path:
+    """Distils decode gates on the novels, their validation recall measured at the smallest budget; returns their
+    folder."""
+    from seer.training.run import run_training
+
+    over = ["stage=distill_decode", *model_overrides(args), "data=text_files", "trainer=gpu", "logger=none",
+            f"data.corpus.paths=['{args.novels}']", f"data.seq_len={args.train_len}",
+            f"data.train_sequences={args.train_sequences}", f"trainer.max_steps={args.steps}",
+            f"stage.decode_sparsity.token_budget={min(args.budgets)}", f"paths.output_dir={args.work}/train_decode",
+            f"paths.cache_dir={args.work}/cache", *args.train_overrides]
+    return Path(run_training(compose(over))["gates"])
+
+
+@torch.no_grad()
+def continuation_nll(model, prompt: torch.Tensor, continuation: torch.Tensor) -> float:
+    """Mean NLL of ``continuation [1, C]`` after ``prompt [1, P]``: the prompt prefilled with a KV cache, then each
+    continuation token predicted and fed in one decode step at a time (teacher forcing), as the model's current
+    decode mode (sparse when its decode gates are enabled) attends."""
+    out = model(prompt, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    total = 0.0
+    for t in range(continuation.shape[1]):
+        token = continuation[:, t]
+        total += float(torch.nn.functional.cross_entropy(logits.float(), token))
+        if t + 1 < continuation.shape[1]:
+            out = model(token[:, None], past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+    return total / continuation.shape[1]
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt: torch.Tensor, count: int, pad_token_id: int) -> torch.Tensor:
+    """``count`` greedy tokens after ``prompt [1, P]`` (an end-of-text token does not stop them)."""
+    out = model.generate(prompt, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                         pad_token_id=pad_token_id)
+    return out[0, prompt.shape[1]:]
+
+
+def greedy_agreement(sparse: torch.Tensor, dense: torch.Tensor) -> tuple[float, int]:
+    """The share of positions where two greedy continuations agree, and the length of their common prefix."""
+    same = (sparse == dense).tolist()
+    return sum(same) / len(same), same.index(False) if False in same else len(same)
+
+
+def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budgets: list[int], greedy: int,
+                   pad_token_id: int, kernel: str) -> list[dict]:
+    """The rows of one window: dense decode, then each budget (NLL, its increase over dense, decode density, greedy
+    agreement with dense)."""
+    decode = model.seer_decode
+    decode.disable()
+    dense_nll = continuation_nll(model, prompt, continuation)
+    dense_tokens = greedy_tokens(model, prompt, greedy, pad_token_id)
+    rows = [{"budget": "dense", "nll": dense_nll, "nll_increase": 0.0, "density": 1.0, "greedy_agree": 1.0,
+             "greedy_prefix": greedy}]
+    for budget in budgets:
+        decode.enable(DecodeSparsityConfig(token_budget=budget), kernel)
+        nll = continuation_nll(model, prompt, continuation)
+        density = decode.mean_density()
+        agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
+        rows.append({"budget": budget, "nll": nll, "nll_increase": nll / dense_nll - 1, "density": density,
+                     "greedy_agree": agree, "greedy_prefix": prefix})
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = validate(compose(model_overrides(args)))
+    check_length(f"--prompt-len {args.prompt_len} + --continuation {args.continuation} (or --greedy {args.greedy})",
+                 args.prompt_len + max(args.continuation, args.greedy), model_shape(run.model), run.model.rope_scaling)
+    gates = Path(args.decode_gates) if args.decode_gates else train_decode_gates(args)
+    train_s = time.time() - start
+    print(f"[decode] decode gates {gates} ({train_s:.0f} s)", flush=True)
+    tokenizer = load_tokenizer(run.model)
+    model = load(run.model, decode_gates=gates, decode_sparsity={"token_budget": min(args.budgets)}, device=device)
+    kernel = model.seer_decode.kernel
+    text = HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all", progress=False)
+    span = args.prompt_len + args.continuation
+    tokens = text.tokens(args.windows * span)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], []
+    for window in range(args.windows):
+        if time.time() - start > args.deadline_s:
+            skipped.append(window)
+            continue
+        ids = tokens[window * span:(window + 1) * span][None].to(device)
+        prompt, continuation = ids[:, :args.prompt_len], ids[:, args.prompt_len:]
+        for row in measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel):
+            rows.append({"window": window, **row})
+            print(f"[decode] window {window} budget {row['budget']}: nll {row['nll']:.4f} "
+                  f"({row['nll_increase']:+.2%}) density {row['density']:.3f} greedy {row['greedy_agree']:.2f} "
+                  f"(prefix {row['greedy_prefix']}) ({time.time() - start:.0f} s)", flush=True)
+        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+        write_results(out, rows, skipped, args, device, gates, train_s, time.time() - start)
+    write_results(out, rows, skipped, args, device, gates, train_s, time.time() - start)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Means over windows per budget, as a markdown table."""
+    lines = ["| budget | windows | decode density | NLL | NLL vs dense | greedy agreement | greedy prefix |",
+             "|---|---|---|---|---|---|---|"]
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        mine = [r for r in rows if r["budget"] == budget]
+        mean = {k: sum(r[k] for r in mine) / len(mine) for k in ("density", "nll", "nll_increase", "greedy_agree",
+                                                                "greedy_prefix")}
+        lines.append(f"| {budget} | {len(mine)} | {mean['density']:.3f} | {mean['nll']:.4f} | "
+                     f"{mean['nll_increase']:+.2%} | {mean['greedy_agree']:.1%} | {mean['greedy_prefix']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: list[dict], skipped: list[int], args, device, gates: Path, train_s: float,
+                  total_s: float) -> None:
+    lines = [f"# Sparse decode quality on {args.model} ({args.gguf})", "",
+             f"{environment(device)} Decode gates {gates} (trained in {train_s:.0f} s); whole study "
+             f"{total_s:.0f} s.", "",
+             "Command: `python3 experiments/quality_decode.py " + " ".join(
+                 f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                 for k, v in vars(args).items() if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
+             f"Each window: a dense prefill of {args.prompt_len} tokens of {args.eval_novel}, then {args.continuation} "
+             f"teacher-forced decode steps (NLL) and {args.greedy} greedy tokens, dense and at each token budget.",
+             "", summary_table(rows), ""]
+    if skipped:
+        lines += ["## Not run (time budget)", "", f"windows {skipped}", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

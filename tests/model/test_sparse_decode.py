@@ -1,0 +1,205 @@
+"""Sparse decode in generate(): decode gates score each step's blocks, the budget picks them, the decode kernel's
+reference attends them over transformers' KV cache; with prefill gates both phases are sparse in one generate()."""
+
+import math
+
+import pytest
+import torch
+
+import seer.model.inference
+from seer.gates.config import GateConfig
+from seer.gates.decode_config import DecodeGateConfig
+from seer.model import attention_layers, gates
+from seer.model.attention import prepare_model, seer_attention
+from seer.model.decode import attach_decode_gates, decode_gates
+from seer.model.decode_gate_io import save_decode_gates
+from seer.model.gate_io import save_gates
+from seer.model.inference import load
+from seer.model.loading import load_causal_lm
+from seer.sparsity.decode import DecodeCalibration, DecodeSparsityConfig, save_decode_calibration
+from tests.model.test_inference import ARCH, TINY
+from tests.tiny import tiny_model
+
+BS = 16
+DECODE = DecodeGateConfig(block_size=BS, hidden_size=16)
+ALL_BLOCKS = {"token_budget": 1024}  # more than any sequence here: decode density 1.0
+
+
+@pytest.fixture(scope="module")
+def gate_folder(tmp_path_factory):
+    """Prefill gates and decode gates of the tiny model (random, non-trivial weights) in one folder."""
+    folder = tmp_path_factory.mktemp("gates")
+    torch.manual_seed(0)
+    model = load(TINY, gate_config=GateConfig(block_size=BS, hidden_size=16), device="cpu")
+    for g in gates(model).values():
+        torch.nn.init.normal_(g.k_weight)
+    save_gates(folder, model, "tiny")
+    attach_decode_gates(model, DECODE)
+    for g in decode_gates(model).values():
+        torch.nn.init.normal_(g.k_weight, std=2.0)
+    save_decode_gates(folder, model, "tiny", extra={"decode_sparsity": {"token_budget": 32}})
+    return folder
+
+
+def _load(**kwargs):
+    torch.manual_seed(0)  # the same random base model every time
+    return load(TINY, device="cpu", **kwargs)
+
+
+def _generate(model, ids, new=8, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=2, **kwargs)
+
+
+def _expected_density(prompt: int, new: int, blocks: int) -> float:
+    """Mean kept share of valid blocks of the decode steps (sequence lengths prompt+1 .. prompt+new-1) when
+    ``blocks`` blocks are kept."""
+    shares = [min(blocks, nb) / nb for nb in (math.ceil(n / BS) for n in range(prompt + 1, prompt + new))]
+    return sum(shares) / len(shares)
+
+
+def test_decode_density_one_generates_the_dense_tokens(gate_folder):
+    model = _load(decode_gates=gate_folder, decode_sparsity=ALL_BLOCKS)
+    ids = torch.randint(3, 300, (1, 40))
+    sparse = _generate(model, ids, new=16)
+    assert model.seer_decode.densities() == {0: 1.0, 1: 1.0}
+    model.seer_decode.disable()
+    assert torch.equal(sparse, _generate(model, ids, new=16))
+    torch.manual_seed(0)
+    assert torch.equal(sparse, _generate(load_causal_lm(TINY, torch.device("cpu")), ids, new=16))  # no seer at all
+
+
+def test_steps_of_several_tokens_keep_the_cache_in_step(gate_folder):
+    """A cached step of three tokens (attended densely) adds them to the compressed-K cache: the one-token step after
+    it scores the right blocks, and at density 1.0 every step gives the logits of one dense forward."""
+    model = _load(decode_gates=gate_folder, decode_sparsity=ALL_BLOCKS)
+    ids = torch.randint(3, 300, (1, 50))
+    with torch.no_grad():
+        out = model(ids[:, :46], use_cache=True)
+        chunk = model(ids[:, 46:49], past_key_values=out.past_key_values, use_cache=True)
+        step = model(ids[:, 49:], past_key_values=chunk.past_key_values, use_cache=True)
+        model.seer_decode.disable()
+        dense = model(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat([out.logits, chunk.logits, step.logits], 1), dense, rtol=1e-4, atol=1e-4)
+    assert model.seer_decode.cache is None  # disabled: no compressed keys kept
+    assert all(layer.seer_decode_stash.k is None for layer in attention_layers(model))  # nor stashed keys
+
+
+def test_decode_budget_gives_its_density_beside_a_sparse_prefill(gate_folder):
+    """Both phases sparse in one generate(): the prefill's densities are its own, the decode steps keep the budget's
+    two blocks (the first and the newest) of every token's sequence."""
+    both = _load(gates=gate_folder, sparsity={"method": "topk", "target_density": 0.5}, decode_gates=gate_folder)
+    prefill_only = _load(gates=gate_folder, sparsity={"method": "topk", "target_density": 0.5})
+    ids = torch.randint(3, 300, (1, 70))
+    out, alone = _generate(both, ids, new=12), _generate(prefill_only, ids, new=12)
+    assert both.seer_decode.sparsity.token_budget == 32  # the budget stored with the decode gates
+    assert both.seer_context.densities() == prefill_only.seer_context.densities()
+    assert 0 < both.seer_context.mean_density() < 0.8
+    for density in both.seer_decode.densities().values():
+        assert density == pytest.approx(_expected_density(70, 12, 2))
+    assert out[0, 70] == alone[0, 70]  # the first new token comes from the (same) prefill
+    assert not torch.equal(out, alone)  # later ones from the sparse decode steps
+
+
+def test_decode_step_attends_the_budgets_blocks_of_each_row():
+    """One layer's decode step on a left-padded batch of two sequences: the output equals softmax attention over the
+    blocks that the decode gate (on each whole sequence) and a three-block budget pick, computed here in float64."""
+    model = tiny_model("llama")
+    prepare_model(model, BS)
+    ctx = attach_decode_gates(model, DECODE)
+    torch.manual_seed(1)
+    for g in decode_gates(model).values():
+        torch.nn.init.normal_(g.k_weight, std=2.0)
+    ctx.enable(DecodeSparsityConfig(token_budget=3 * BS))
+    layer = attention_layers(model)[0]
+    gate, stash = layer.seer_decode_gate, layer.seer_decode_stash
+    hq, hkv, d, n = 4, 2, 16, 70
+    firsts = [0, 21]  # row 1: 21 padding tokens, then 49 real ones
+    k_pre, q_pre = torch.randn(2, hkv, n + 1, d), torch.randn(2, hq, 1, d)
+    query, key, value = torch.randn(2, hq, 1, d), torch.randn(2, hkv, n + 1, d), torch.randn(2, hkv, n + 1, d)
+    real = torch.arange(n + 1)[None, :] >= torch.tensor(firsts)[:, None]
+    prefill_mask = (real[:, None, None, :n] & torch.ones(n, n, dtype=torch.bool).tril())
+    prefill_mask.seer_spans = tuple((first, n) for first in firsts)  # what seer_mask attaches
+    stash.q, stash.k = torch.randn(2, hq, n, d), k_pre[:, :, :n]
+    with torch.no_grad():
+        seer_attention(layer, torch.randn(2, hq, n, d), key[:, :, :n], value[:, :, :n], prefill_mask,
+                       scaling=layer.scaling, use_cache=True)
+        stash.q, stash.k = q_pre, k_pre[:, :, n:]
+        out, _ = seer_attention(layer, query, key, value, real[:, None, None], scaling=layer.scaling, use_cache=True)
+    kept_shares = []
+    for row, first in enumerate(firsts):
+        length = n + 1 - first
+        newest = (length - 1) // BS
+        logits = gate(q_pre[row:row + 1], k_pre[row:row + 1, :, first:])[0, :, -1]  # [Hkv, blocks]
+        for h in range(hq):
+            g = h // (hq // hkv)
+            others = [j for j in logits[g].argsort(descending=True).tolist() if j not in (0, newest)]
+            kept = {0, newest, others[0]}
+            keys = [first + j for j in range(length) if j // BS in kept]
+            s = (query[row, h, 0].double() @ key[row, g, keys].double().T) * layer.scaling
+            want = torch.softmax(s, -1) @ value[row, g, keys].double()
+            torch.testing.assert_close(out[row, 0, h].double(), want, rtol=1e-5, atol=1e-6)
+            kept_shares.append(len(kept) / (newest + 1))
+    assert ctx.densities()[0] == pytest.approx(sum(kept_shares) / len(kept_shares))
+
+
+def test_left_padded_batch_gives_each_prompt_alone_tokens(gate_folder):
+    model = _load(gates=gate_folder, sparsity={"method": "topk", "target_density": 0.5}, decode_gates=gate_folder)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (45, 26)]
+    alone = [_generate(model, s[None])[0, len(s):] for s in seqs]
+    ids = torch.full((2, 45), 2)
+    mask = torch.zeros(2, 45, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, 45 - len(s):], mask[row, 45 - len(s):] = s, 1
+    out = _generate(model, ids, attention_mask=mask)
+    assert [row.tolist() for row in out[:, 45:]] == [a.tolist() for a in alone]
+    assert 0 < model.seer_decode.mean_density() < 1
+
+
+def test_triton_decode_kernel_gives_the_reference_tokens(gate_folder):
+    """The decode kernel under Triton's interpreter in the generation loop (validate=False) against the reference."""
+    ids = torch.randint(3, 300, (1, 50))
+    runs = {kernel: _load(decode_gates=gate_folder, kernel=kernel) for kernel in ("reference", "triton")}
+    tokens = {kernel: _generate(model, ids, new=4) for kernel, model in runs.items()}
+    assert torch.equal(tokens["triton"], tokens["reference"])
+    assert runs["triton"].seer_decode.densities() == pytest.approx(runs["reference"].seer_decode.densities())
+
+
+def test_stored_decode_calibration_gives_the_threshold(gate_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "g"
+    shutil.copytree(gate_folder, folder)
+    budget = DecodeSparsityConfig(method="threshold", target_density=0.3)
+    save_decode_calibration(folder, DecodeCalibration(budget, threshold=0.07, density=0.3, tokens=100, seq_len=64))
+    model = _load(decode_gates=folder, decode_sparsity={"method": "threshold", "target_density": 0.3})
+    assert model.seer_decode.threshold == 0.07
+    _generate(model, torch.randint(3, 300, (1, 40)), new=3)
+    assert set(model.seer_decode.densities()) == {0, 1}
+
+
+def test_load_refuses_bad_decode_arguments_before_loading(gate_folder, monkeypatch):
+    monkeypatch.setattr(seer.model.inference, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def refused(model=TINY, **kwargs) -> str:
+        with pytest.raises(ValueError) as info:
+            load(model, device="cpu", **kwargs)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    weights = gate_folder / "decode_gates.safetensors"
+    three_layers = {"random_init": True, "dtype": "float32", "architecture": {**ARCH, "num_hidden_layers": 3}}
+    assert refused(three_layers, decode_gates=gate_folder) == (
+        f"gate file {weights} was made for tiny with num_layers=2, but this model has num_layers=3")
+    assert refused(decode_gates=gate_folder, decode_sparsity={"token_budget": 8}) == (
+        "decode_sparsity.token_budget=8: is below one block (16 tokens); the budget is whole blocks")
+    assert refused(decode_gates=gate_folder, decode_sparsity={"method": "topk"}).startswith(
+        "decode_sparsity.method='topk': choose from")
+    assert refused(decode_gates=gate_folder, decode_sparsity={"method": "threshold", "target_density": 0.3}) \
+        .startswith(f"decode_sparsity.target_density=0.3: no decode calibration for threshold target_density=0.3 in "
+                    f"{gate_folder / 'decode_calibration.json'} (stored: none)")
+    assert refused(decode_gates="/no/decode") == ("decode_gates='/no/decode': no decode gates there (a gates folder "
+                                                  "written by stage=distill_decode, outputs/<run>/gates)")
+    assert refused(gate_config=GateConfig(block_size=BS, hidden_size=16), decode_sparsity=ALL_BLOCKS) == (
+        "decode_sparsity={'token_budget': 1024} needs decode_gates=PATH")

@@ -1,0 +1,54 @@
+"""experiments/quality_decode.py, a GPU study not run yet: its arguments parse, and on a tiny random model on the CPU
+its teacher-forced NLL is the model's and a budget covering every block measures what dense decode does."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from seer.checks import ConfigError
+from seer.gates.decode_config import DecodeGateConfig
+from seer.model.attention import prepare_model
+from seer.model.decode import attach_decode_gates, decode_gates
+from tests.tiny import tiny_model
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture
+def study(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # as when run as a file: its sibling scripts importable
+    import quality_decode
+
+    return quality_decode
+
+
+def test_arguments_parse_and_bad_budgets_are_refused(study):
+    args = study.parse_args(["--model-dir", "/m", "--novels", "n/*.txt", "--eval-novel", "e.txt"])
+    assert args.budgets == [1024, 2048, 4096] and args.continuation == 1024 and args.greedy == 256
+    with pytest.raises(ConfigError, match="decode_sparsity.token_budget=0"):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--budgets", "0"])
+
+
+def test_measurements_on_a_tiny_model(study):
+    model = tiny_model("llama")
+    prepare_model(model, 16)
+    attach_decode_gates(model, DecodeGateConfig(block_size=16, hidden_size=16))
+    torch.manual_seed(0)
+    for gate in decode_gates(model).values():
+        torch.nn.init.normal_(gate.k_weight, std=2.0)
+    ids = torch.randint(3, 300, (1, 52))
+    prompt, continuation = ids[:, :44], ids[:, 44:]
+    with torch.no_grad():
+        logits = model(ids).logits[0, 43:-1]
+    one_pass = float(torch.nn.functional.cross_entropy(logits, ids[0, 44:]))
+    assert study.continuation_nll(model, prompt, continuation) == pytest.approx(one_pass, rel=1e-5)
+    rows = study.measure_window(model, prompt, continuation, [1024, 16], greedy=4, pad_token_id=2,
+                                kernel="reference")
+    dense, everything, small = rows
+    assert dense["nll"] == pytest.approx(one_pass, rel=1e-5)
+    assert everything["density"] == 1.0 and everything["nll"] == pytest.approx(one_pass, rel=1e-5)
+    assert everything["greedy_agree"] == 1.0 and everything["greedy_prefix"] == 4
+    assert 0 < small["density"] < 1 and small["nll"] != pytest.approx(one_pass, rel=1e-5)
+    assert study.greedy_agreement(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5, 4])) == (0.75, 2)
+    assert "| 16 | 1 |" in study.summary_table([{"window": 0, **r} for r in rows])
