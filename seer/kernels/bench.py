@@ -15,13 +15,20 @@ import triton
 
 from seer.kernels.tuning import median_ms
 
-__all__ = ["Flex", "env_info", "fmt", "ms", "tflops"]
+__all__ = ["Flex", "env_info", "fmt", "graph_ms", "ms", "tflops"]
 
 
 def ms(fn: Callable[[], Any], rep_ms: float = 250.0, min_runs: int = 5) -> float:
     """Median milliseconds of ``fn()`` over about ``rep_ms`` of runs and at least ``min_runs`` runs
     (:func:`seer.kernels.tuning.median_ms`, what the tuner times with)."""
     return median_ms(fn, rep_ms=rep_ms, min_runs=min_runs)[0]
+
+
+def graph_ms(fn: Callable[[], Any], rep_ms: float = 100.0) -> float:
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): the GPU
+    time alone, without the host's launch overhead (what a decode loop captured in a graph pays); L2 is not cleared
+    between runs."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
 def tflops(n: int, h: int, d: int, time_ms: float, b: int = 1) -> float:
