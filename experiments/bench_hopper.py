@@ -2,11 +2,11 @@
 
 A variant is a list layout (``row``: ``BLOCK_M`` = 64 query rows per program; ``pair``: 128) and a launch config
 forced with :func:`seer.kernels.tuning.force_config`: ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA`` (Q, K,
-V and the output through tensor descriptors) and ``WARP_SPEC`` (one masked key loop, warp-specialised by Triton),
-26 in all, plus the launch table's default per layout (autotuning off): 28 variants.
+V and the output through tensor descriptors), 19 in all, plus the launch table's default per layout (autotuning
+off): 21 variants. (A warp-specialised single-loop variant, ``WARP_SPEC``, was removed after the H200 run of
+docs/bench_hopper.md: it gave NaN or wrong outputs there.)
 
-Per variant, in one process (the warp-specialised ones last; every line printed as it comes, so a run cut short
-still shows what was done):
+Per variant, in one process (every line printed as it comes, so a run cut short still shows what was done):
 
 1. check it once at N 4096 (B 1, 16 heads, D 128, bf16, 64-token blocks) against the PyTorch reference on a random
    mask (density 0.2, diagonal kept, one empty row) and at density 1.0 against SDPA flash; the compile happens
@@ -20,8 +20,8 @@ At the end: a markdown table (ms and TF/s on kept work, ``2 B H N^2 D * real den
 spilled bytes of the compiled kernel) and the best variant per density; ``--out-dir`` also writes it and a JSON.
 
 ``--compile-only`` needs no GPU: it compiles every variant for sm_90 (as ``compile_stats.py``) and prints
-registers, spills, shared memory, Hopper tensor-core instructions (HGMMA) and whether Triton warp-specialised the
-loop. Run as a file from the repository root (the benchmarks beside it are imported):
+registers, spills, shared memory and Hopper tensor-core instructions (HGMMA). Run as a file from the repository
+root (the benchmarks beside it are imported):
 
     PYTHONPATH=. python3 experiments/bench_hopper.py                  # check + time; stops at --budget-s 170
     PYTHONPATH=. python3 experiments/bench_hopper.py --out-dir $OUT
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -44,28 +43,22 @@ from seer.kernels.bench import env_info, fmt, ms, tflops
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.tuning import force_config, last_launch, set_autotune
 
-FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC")
+FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA")
 BLOCK = 64
 D = 128
 
 
 def variants() -> list[tuple[str, dict | None]]:
     """``(layout, config)`` pairs; config None is the launch table's default (the explicit grid repeats it once
-    per layout: two timings of one kernel show the noise). Per layout: plain loads, the copy engine, the copy
-    engine with warp specialisation (4 warps: what Triton 3.6 specialises), over tile widths, warps and pipeline
-    depths; pruned by ``--compile-only`` on sm_90 (pair tiles with 4 warps spill unless specialised; pair with
-    32-wide key tiles does not compile specialised)."""
+    per layout: two timings of one kernel show the noise). Per layout: plain loads and the copy engine, over tile
+    widths, warps and pipeline depths; pruned by ``--compile-only`` on sm_90 (pair tiles with 4 warps and 64-wide
+    key tiles spill)."""
     grids = {
-        "row": [(64, 4, 2, False, False), (64, 4, 3, False, False), (64, 8, 3, False, False),
-                (32, 4, 3, False, False),
-                (64, 4, 2, True, False), (64, 4, 3, True, False), (64, 4, 4, True, False), (64, 8, 2, True, False),
-                (64, 8, 3, True, False), (32, 4, 3, True, False), (32, 8, 3, True, False),
-                (64, 4, 2, True, True), (64, 4, 3, True, True), (64, 4, 4, True, True), (32, 4, 2, True, True),
-                (32, 4, 3, True, True)],
-        "pair": [(64, 8, 2, False, False), (64, 8, 3, False, False), (32, 8, 3, False, False),
-                 (64, 8, 2, True, False), (64, 8, 3, True, False), (64, 8, 4, True, False), (32, 8, 3, True, False),
-                 (32, 4, 3, True, False),
-                 (64, 4, 2, True, True), (64, 4, 3, True, True)],
+        "row": [(64, 4, 2, False), (64, 4, 3, False), (64, 8, 3, False), (32, 4, 3, False),
+                (64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True), (64, 8, 2, True), (64, 8, 3, True),
+                (32, 4, 3, True), (32, 8, 3, True)],
+        "pair": [(64, 8, 2, False), (64, 8, 3, False), (32, 8, 3, False),
+                 (64, 8, 2, True), (64, 8, 3, True), (64, 8, 4, True), (32, 8, 3, True), (32, 4, 3, True)],
     }
     return [(layout, config) for layout, grid in grids.items()
             for config in [None] + [dict(zip(FIELDS, g)) for g in grid]]
@@ -75,7 +68,7 @@ def name(layout: str, config: dict | None) -> str:
     if config is None:
         return f"{layout} table default"
     return (f"{layout} BN{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
-            f"{' tma' if config['USE_TMA'] else ''}{' ws' if config['WARP_SPEC'] else ''}")
+            f"{' tma' if config['USE_TMA'] else ''}")
 
 
 def launch(layout: str, config: dict | None, fn):
@@ -127,7 +120,7 @@ def check_inputs(n: int = 4096, h: int = 16) -> dict:
 
 
 def sweep(args) -> dict:
-    """Per variant (warp-specialised ones last): check, then time at once, every line printed as it comes, so that
+    """Per variant: check, then time at once, every line printed as it comes, so that
     a run cut short (a hung kernel, the caller's time limit) still shows what was done."""
     from bench_sparse import density_of, make_qkv, sdpa, select, structured_scores
     from torch.nn.attention import SDPBackend
@@ -144,8 +137,7 @@ def sweep(args) -> dict:
             "cudnn": ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), rep_ms=150, min_runs=3)}
     print(f"N={n}: SDPA flash {base['flash']:.3f} ms, cuDNN {base['cudnn']:.3f} ms", flush=True)
     rows = []
-    todo = sorted(variants(), key=lambda lc: bool(lc[1] and lc[1]["WARP_SPEC"]))
-    for layout, config in todo if not args.no_ws else [lc for lc in todo if not (lc[1] and lc[1]["WARP_SPEC"])]:
+    for layout, config in variants():
         row = {"variant": name(layout, config), "layout": layout, "config": config}
         rows.append(row)
         if time.time() - t0 > args.budget_s:
@@ -192,8 +184,8 @@ def report(res: dict, info: dict, cmd: str, densities: list[float]) -> str:
              f"cuDNN {info['cudnn']}; {info['date']}.", "", f"Command: `{cmd}`", "",
              f"Block-sparse forward at N {n}, B 1, {h} heads, D {D}, bf16, causal, {BLOCK}-token blocks. ms: median "
              "of CUDA-event-timed runs; TF/s on kept work (2 B H N^2 D x real density / time). `row`: BLOCK_M 64, "
-             "`pair`: BLOCK_M 128 (lists of pairs of query blocks). `tma`: Q/K/V/out through tensor descriptors; "
-             "`ws`: one masked key loop, warp-specialised. regs/spills: of the compiled kernel.", ""]
+             "`pair`: BLOCK_M 128 (lists of pairs of query blocks). `tma`: Q/K/V/out through tensor descriptors. "
+             "regs/spills: of the compiled kernel.", ""]
     hdr = ["variant", "check (rel err)", "regs", "spills"]
     for dens in densities:
         hdr += [f"ms @{dens} ({real[dens]:.3f})", f"TF/s @{dens}"]
@@ -222,29 +214,26 @@ def report(res: dict, info: dict, cmd: str, densities: list[float]) -> str:
 
 
 def compile_only() -> None:
-    """Every variant compiled for sm_90 (no GPU needed): ptxas registers/spills, shared memory, HGMMA count, and
-    whether Triton split the loop into warp-specialised partitions."""
+    """Every variant compiled for sm_90 (no GPU needed): ptxas registers/spills, shared memory, HGMMA count."""
     from compile_stats import compile_sm90, ptxas_stats
 
     from seer.kernels import block_sparse as bs
     ptr = {p: "*bf16" for p in ("Q", "K", "V", "Out")}
     ptr.update(Lse="*fp32", Idx="*i32", Cnt="*i32", Order="*i32", Cu="*i32")
-    print("| variant | regs | spill B | smem B | HGMMA | specialised |\n|---|---|---|---|---|---|", flush=True)
+    print("| variant | regs | spill B | smem B | HGMMA |\n|---|---|---|---|---|", flush=True)
     for layout, variant in variants():
         pair = layout == "pair"
         config = variant or bs._default_config((D, BLOCK, pair))
         title = name(layout, config) + (" (table default)" if variant is None else "")
         const = dict(HEAD_DIM=D, MASK_BLOCK=BLOCK, BLOCK_M=2 * BLOCK if pair else BLOCK, PAIR=pair,
                      DOT_PRECISION="tf32", INTERP=False, SORTED=False, VARLEN=False, BLOCK_N=config["BLOCK_N"],
-                     USE_TMA=config["USE_TMA"], WARP_SPEC=config["WARP_SPEC"] and config["USE_TMA"])
+                     USE_TMA=config["USE_TMA"])
         try:
             kernel = compile_sm90(bs._bs_attn_fwd_kernel, ptr, const, config["num_warps"], config["num_stages"])
             s = ptxas_stats(kernel)
-            ws = bool(re.search(r"ttg\.warp_specialize\b", kernel.asm["ttgir"]))
-            print(f"| {title} | {s['regs']} | {s['spill']} | {s['smem']} | {s['hgmma']} | "
-                  f"{'yes' if ws else 'no'} |", flush=True)
+            print(f"| {title} | {s['regs']} | {s['spill']} | {s['smem']} | {s['hgmma']} |", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"| {title} | FAILED: {type(exc).__name__} | | | | |", flush=True)
+            print(f"| {title} | FAILED: {type(exc).__name__} | | | |", flush=True)
 
 
 def main() -> None:
@@ -253,7 +242,6 @@ def main() -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="seconds from the start after which the variants left are skipped")
-    ap.add_argument("--no-ws", action="store_true", help="leave out the warp-specialised variants")
     ap.add_argument("--out-dir", default=None, help="also write bench_hopper.md and bench_hopper.json here")
     ap.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 (no GPU needed)")
     args = ap.parse_args()

@@ -51,11 +51,7 @@ after another so that concurrently running programs share a head's K/V in L2.
 
 Hopper path (compile-time switches, chosen by the launch table on devices of capability >= 9): ``USE_TMA`` moves
 the Q, K, V tiles in and the output tile out with the copy engine (tensor descriptors over one head's ``[N, D]``
-rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks). ``WARP_SPEC`` walks the
-whole list in one loop with the causal/bounds masks on every tile (they keep all of an off-diagonal tile, so the
-math is unchanged) and asks Triton to warp-specialise it: copy warps feed the tiles, math warps run the online
-softmax. Triton 3.6 specialises that loop on Hopper only with descriptor loads and 4 warps, and fails on a kernel
-whose specialised loop is followed by another loop, hence the single loop.
+rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks).
 
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
@@ -159,7 +155,7 @@ def _bs_attn_fwd_kernel(
     N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr, SORTED: tl.constexpr, VARLEN: tl.constexpr,
+    SORTED: tl.constexpr, VARLEN: tl.constexpr,
 ):
     if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed, the longest lists first
         packed = tl.load(Order + tl.program_id(0))
@@ -221,39 +217,24 @@ def _bs_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if WARP_SPEC:  # one loop over the whole list, every tile masked (the masks keep all of an off-diagonal tile):
-        # Triton 3.6's Hopper warp specialisation fails on a kernel with a second loop after the specialised one
-        if INTERP:
-            t = 0
-            while t < cnt:
-                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
-                                          offs_d, stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
-                                          DOT_PRECISION, USE_TMA)
-                t += 1
-        else:
-            for t in tl.range(0, cnt, warp_specialize=True):
-                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
-                                          offs_d, stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
-                                          DOT_PRECISION, USE_TMA)
-    else:
-        if INTERP:  # run-time loop bound: see seer.kernels.common
-            t = 0
-            while t < n_off:
-                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
-                                          offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
-                                          DOT_PRECISION, USE_TMA)
-                t += 1
-        else:
-            for t in range(0, n_off):
-                acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
-                                          offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
-                                          DOT_PRECISION, USE_TMA)
-        t = n_off
-        while t < cnt:  # the diagonal entries: one (row layout) or up to two (pair layout)
-            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
-                                      stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
+    if INTERP:  # run-time loop bound: see seer.kernels.common
+        t = 0
+        while t < n_off:
+            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
+                                      offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
                                       DOT_PRECISION, USE_TMA)
             t += 1
+    else:
+        for t in range(0, n_off):
+            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
+                                      offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
+                                      DOT_PRECISION, USE_TMA)
+    t = n_off
+    while t < cnt:  # the diagonal entries: one (row layout) or up to two (pair layout)
+        acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n, offs_d,
+                                  stride_kn, stride_vn, N, qk_scale, True, PAIR, MASK_BLOCK, BLOCK_N,
+                                  DOT_PRECISION, USE_TMA)
+        t += 1
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -273,35 +254,35 @@ def _bs_attn_fwd_kernel(
 # 0.1): the best config depends on the density, which a timing at the first call would sample by chance, and
 # the first prefill of a model (or its CUDA-graph capture) pays no tuning runs. USE_TMA: read Q/K/V and write
 # the output through the copy engine when the tensors allow it (:func:`seer.kernels.common.tma_ok`, capability
-# >= 9); WARP_SPEC: the single masked loop, warp-specialised by Triton (on the GPU only together with USE_TMA,
-# dropped wherever USE_TMA is; the interpreter runs the loop unspecialised). On a device of capability >= 9,
-# until `experiments/bench_hopper.py` has swept the Hopper variants there and the table is re-tuned, the table
-# adds them after the default (:data:`HOPPER_VARIANTS`, untimed guesses), so there the runtime tuner times them
-# at the first call of a key (autotuning off: the default); elsewhere the default is the only candidate.
+# >= 9). On a device of capability >= 9 the table adds the default with USE_TMA on after the default where that
+# differs from it (:data:`HOPPER_VARIANTS`), so there the runtime tuner times both at the first call of a key
+# (autotuning off: the default); elsewhere the default is the only candidate.
+# Measured on an H200 (`experiments/bench_hopper.py`, docs/bench_hopper.md; 32k, B 1, 32 heads, D 128, bf16,
+# 64-token blocks): row default (BN64 w4 s2 TMA) 19.59 ms dense, 2.245 ms at density 0.1; pair default (BN64 w8
+# s3, no TMA) 19.66 / 3.227 ms; pair BN64 w8 s3 TMA (its Hopper candidate) 18.85 / 3.288 ms; SDPA flash 25.22 ms,
+# cuDNN 14.78 ms (dense causal). A warp-specialised single-loop variant was removed after that run: it gave NaN or
+# wrong outputs on the H200, and its correct configs were 1.8x-2.3x slower than the row default.
 # ----------------------------------------------------------------------------------------------------------
 
-FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC")
+FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA")
 
 _H100_CONFIGS: dict[tuple[int, int, bool], dict] = {
-    # 19.5 ms (451 TF/s) dense, 2.14 ms at density 0.1
-    (128, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPEC=False),
-    # 19.1 ms dense, 3.15 ms at density 0.1 (lists of pairs are longer)
-    (128, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=False, WARP_SPEC=False),
-    # 18.7 ms (471 TF/s) dense, 2.05 ms at density 0.1
-    (128, 128, False): dict(BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=False, WARP_SPEC=False),
-    # 10.0 ms dense, 1.20 ms at density 0.1
-    (64, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPEC=False),
-    (64, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True, WARP_SPEC=False),
-    # 9.9 ms dense, 1.22 ms at density 0.1
-    (64, 128, False): dict(BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=True, WARP_SPEC=False),
+    # H100: 19.5 ms (451 TF/s) dense, 2.14 ms at density 0.1
+    (128, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),
+    # H100: 19.1 ms dense, 3.15 ms at density 0.1 (lists of pairs are longer)
+    (128, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=False),
+    # H100: 18.7 ms (471 TF/s) dense, 2.05 ms at density 0.1
+    (128, 128, False): dict(BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=False),
+    # H100: 10.0 ms dense, 1.20 ms at density 0.1
+    (64, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),
+    (64, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True),
+    # H100: 9.9 ms dense, 1.22 ms at density 0.1
+    (64, 128, False): dict(BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=True),
 }
 
-# what the Hopper candidates change in a key's default: the copy engine alone, and with warp specialisation at two
-# pipeline depths (Triton 3.6 specialises the loop only with descriptor loads and 4 warps; with 8 it compiles the
-# single masked loop unspecialised)
-HOPPER_VARIANTS: tuple[dict, ...] = (dict(USE_TMA=True, WARP_SPEC=False),
-                                     dict(USE_TMA=True, WARP_SPEC=True, num_warps=4, num_stages=2),
-                                     dict(USE_TMA=True, WARP_SPEC=True, num_warps=4, num_stages=3))
+# what the Hopper candidate changes in a key's default: the copy engine (a second candidate only where the default
+# has USE_TMA off: at D 128 the pair layout and 128-token blocks, and the keys outside the table)
+HOPPER_VARIANTS: tuple[dict, ...] = (dict(USE_TMA=True),)
 
 
 def _default_config(key: tuple[int, int, bool]) -> dict:
@@ -309,7 +290,7 @@ def _default_config(key: tuple[int, int, bool]) -> dict:
     if key in _H100_CONFIGS:
         return _H100_CONFIGS[key]
     return dict(BLOCK_N=min(block, 64), num_warps=8 if (2 * block if pair else block) >= 128 else 4, num_stages=2,
-                USE_TMA=False, WARP_SPEC=False)
+                USE_TMA=False)
 
 
 def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
@@ -325,7 +306,7 @@ def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
 
 
 CONFIGS = LaunchTable("block_sparse", FIELDS, _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False, WARP_SPEC=False),
+                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False),
                       tiles_invalid)
 
 
@@ -376,7 +357,7 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
             n, hq, n_rowprog, hq // hkv, hq // kv_indices.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, PAIR=pair, DOT_PRECISION=dot_precision(q.dtype),
             INTERP=INTERPRET, SORTED=order is not None, VARLEN=varlen,
-            **dict(config, USE_TMA=use_tma, WARP_SPEC=config["WARP_SPEC"] and (use_tma or INTERPRET)),
+            **dict(config, USE_TMA=use_tma),
         )
     CONFIGS.launch((d, block_size, pair), run)
     return out, lse

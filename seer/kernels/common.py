@@ -221,8 +221,8 @@ def _scratch(size: int, align: int, stream) -> torch.Tensor:
 
 
 def is_hopper(device: torch.device) -> bool:
-    """Whether ``device`` is a CUDA device of compute capability 9.0 or later (Hopper and later: the copy engine,
-    warp specialisation); False under the interpreter."""
+    """Whether ``device`` is a CUDA device of compute capability 9.0 or later (Hopper and later: the copy engine);
+    False under the interpreter."""
     return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 

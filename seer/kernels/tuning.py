@@ -41,9 +41,9 @@ So tuning costs one call per key and process, and a CUDA graph captured after a 
 replays tuned launches. The block-sparse tables have one candidate per key, chosen offline
 (``experiments/bench_sparse.py --tune``, ``experiments/bench_sparse_bwd.py``): the best config depends on the mask
 density, which a timing at the first call would sample by chance, and sparse prefill is captured in CUDA graphs.
-The exception: on devices of capability >= 9 the forward's table (``block_sparse``) adds its Hopper variants after
-the default (copy engine, warp specialisation: ``seer.kernels.block_sparse.HOPPER_VARIANTS``), timed at the first
-call until ``experiments/bench_hopper.py`` has swept them on the device and the table is re-tuned.
+The exception: on devices of capability >= 9 the forward's table (``block_sparse``) adds its Hopper variant after
+the default where it differs (the copy engine: ``seer.kernels.block_sparse.HOPPER_VARIANTS``), timed at the first
+call.
 
 Why not ``triton.autotune``: it times one kernel launch per config and keys on exact argument values. Here a
 config can steer two launches timed together (``EPI=0``: the forward, then the pooling kernel), keys bucket the

@@ -118,29 +118,18 @@ def test_tma_path(monkeypatch, pair):
         _check_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("pair", [False, True])
-def test_warp_spec_single_loop(monkeypatch, pair, tma):
-    """``WARP_SPEC``: the whole list in one loop with the masks on every tile (the interpreter runs it
-    unspecialised), with plain and descriptor loads; sub-tiles, an odd length and empty rows included."""
-    monkeypatch.setattr(bs, "tma_ok", lambda *t: tma)
-    with force_config("block_sparse", WARP_SPEC=True, BLOCK_N=16):
-        _check_case(1, 4, 2, 75, 16, 32, torch.float16, 2, pair, density=0.3, seed=13)
-
-
 def test_hopper_candidates(monkeypatch):
-    """Capability >= 9: the default first, then its Hopper variants (warp specialisation only with the copy engine
-    and 4 warps); any other device: the default alone."""
+    """Capability >= 9: the default first, then the default with the copy engine where that differs from it (the
+    only Hopper candidate); any other device: the default alone."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    for key in ((128, 64, False), (128, 64, True), (64, 32, False)):
+    for key in ((128, 64, False), (128, 64, True), (128, 128, False), (64, 32, False)):
+        default = bs._default_config(key)
         monkeypatch.setattr(bs, "is_hopper", lambda device: False)
-        assert bs._cuda_config(key) == [bs._default_config(key)]
+        assert bs._cuda_config(key) == [default]
         monkeypatch.setattr(bs, "is_hopper", lambda device: True)
         got = bs._cuda_config(key)
-        assert got[0] == bs._default_config(key) and len(got) == len({tuple(sorted(c.items())) for c in got}) > 1
         assert all(set(c) == set(bs.FIELDS) for c in got)
-        assert all(c["USE_TMA"] and c["num_warps"] == 4 for c in got if c["WARP_SPEC"])
-        assert any(c["WARP_SPEC"] for c in got)
+        assert got == ([default] if default["USE_TMA"] else [default, dict(default, USE_TMA=True)])
 
 
 def test_out_as_transposed_view():
@@ -363,24 +352,22 @@ def test_gpu_float32_uses_ieee_dots():
     _check(out, lse, ref_out, ref_lse, torch.float32)
 
 
-# every Hopper variant the launch table or the benchmark (experiments/bench_hopper.py) may pick, forced: (layout,
-# BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC)
-# (Triton 3.6 does not compile the pair layout warp-specialised with 32-wide key tiles)
-HOPPER_CASES = [(pair, bn, w, st, True, ws) for pair in (False, True) for bn in (32, 64) for w, st, ws in
-                ((4, 2, True), (4, 3, True), (4, 2, False), (8, 3, False)) if not (pair and bn == 32 and ws)]
+# copy-engine variants the launch table or the benchmark (experiments/bench_hopper.py) may pick, forced: (layout,
+# BLOCK_N, num_warps, num_stages, USE_TMA)
+HOPPER_CASES = [(pair, bn, w, st, True) for pair in (False, True) for bn in (32, 64) for w, st in ((4, 2), (8, 3))]
 
 
-def _hopper_config(bn, w, st, tma, ws):
+def _hopper_config(bn, w, st, tma):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the Hopper path needs a device of compute capability >= 9")
-    return dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma, WARP_SPEC=ws)
+    return dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pair,bn,w,st,tma,ws", HOPPER_CASES)
-def test_gpu_hopper_variants_match_reference(pair, bn, w, st, tma, ws):
+@pytest.mark.parametrize("pair,bn,w,st,tma", HOPPER_CASES)
+def test_gpu_hopper_variants_match_reference(pair, bn, w, st, tma):
     """bf16 at 4k (GQA 4:1, a length off the block grid) and 16k on random masks against the reference."""
-    config = _hopper_config(bn, w, st, tma, ws)
+    config = _hopper_config(bn, w, st, tma)
     for n, hkv in ((4096 + 77, 8), (16384, 32)):
         q, k, v, mask = _gpu_case(n, 64, 32, hkv, 0.2, n + bn + w)
         out = torch.full_like(q, float("nan"))
@@ -392,10 +379,10 @@ def test_gpu_hopper_variants_match_reference(pair, bn, w, st, tma, ws):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pair,bn,w,st,tma,ws", HOPPER_CASES)
-def test_gpu_hopper_variants_dense_match_sdpa(pair, bn, w, st, tma, ws):
+@pytest.mark.parametrize("pair,bn,w,st,tma", HOPPER_CASES)
+def test_gpu_hopper_variants_dense_match_sdpa(pair, bn, w, st, tma):
     """Density 1.0 (all causal blocks) against SDPA at 8k, bf16."""
-    config = _hopper_config(bn, w, st, tma, ws)
+    config = _hopper_config(bn, w, st, tma)
     n = 8192
     q, k, v, _ = _gpu_case(n, 64, 32, 32, 1.0, 11)
     mask = torch.ones(1, 32, n // 64, n // 64, dtype=torch.bool, device="cuda")
