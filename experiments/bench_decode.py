@@ -1,7 +1,6 @@
 """Benchmark of seer's block-sparse decode kernel (:func:`seer.kernels.block_sparse_decode`) against dense decode.
 
-NOT RUN YET: written in a session without GPU time; no number from it exists anywhere in docs/. Run it on one H200
-(issue 18, part 6) and keep its table as ``docs/bench_decode.md``.
+Its runs on one H200 (2026-12-04, eager and ``--graph``) are ``docs/bench_decode.md``.
 
 Shape: the 8B model's attention (32 query / 8 KV heads, D 128, bf16), one new token (T 1, ``--t`` for more),
 64-token blocks, every sequence of the batch filled to the cache length (so dense SDPA needs no mask). For each

@@ -1,8 +1,7 @@
 """Benchmark of batched block-sparse prefill over packed prompts (:func:`seer.kernels.block_sparse_attn_varlen`)
 against the same prompts one by one, dense varlen attention and the authors' varlen GQA kernel (issue 19, part 4).
 
-NOT RUN YET: written in a session without GPU time; no number from it exists anywhere in docs/. Run it on one H200
-and keep its table as ``docs/bench_varlen.md``.
+Its run on one H200 (2026-12-04) is ``docs/bench_varlen.md``.
 
 Shape: the 8B model's attention (32 query / 8 KV heads, D 128, bf16), a batch of prompts of mixed lengths packed
 in one row (default 2k, 4k, 6k, 8k, 12k, 16k, 24k, 32k tokens; ``--lens``), 64-token blocks, one random block mask
