@@ -244,19 +244,21 @@ def block_sparse_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 @_without_autocast
 def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_index: torch.Tensor,
                         cache_seqlens: torch.Tensor, block_size: int = 64,
-                        sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        sm_scale: float | None = None, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over listed key blocks: :func:`seer.kernels.block_sparse_decode`'s contract.
 
     Query ``t`` of ``q [B, Hq, T, D]`` sits at position ``p = cache_seqlens[b] - T + t`` and attends key ``j`` of
     ``k_cache``/``v_cache [B, Hkv, N, D]`` when ``j <= p`` and block ``j // block_size`` is in ``block_index[b, h //
     (Hq // Hkv)]`` (int32 ``[B, Hkv, S]``, ``-1`` padding, repeats counted once). Values are checked (entries ``-1``
-    or ``< ceil(N / block_size)``, ``T <= cache_seqlens <= N``). A row with no attended key gets ``out = 0`` and
+    or ``< ceil(N / block_size)``, ``T <= cache_seqlens <= N``) unless ``validate=False``, which, as the kernel's,
+    skips the host read (decode loops). A row with no attended key gets ``out = 0`` and
     ``lse = -inf``. Returns ``out [B, Hq, T, D]`` in q's dtype and ``lse [B, Hq, T]`` (float32, float64 for float64
     inputs).
     """
     b, hq, hkv, t_new, n, d = check_decode_args(q, k_cache, v_cache, block_index, cache_seqlens, block_size,
                                                 kernel=False)
-    check_decode_values(block_index, cache_seqlens, t_new, n, block_size)
+    if validate:
+        check_decode_values(block_index, cache_seqlens, t_new, n, block_size)
     scale = softmax_scale(sm_scale, d)
     nb = num_blocks(n, block_size)
     listed = torch.zeros(b, hkv, nb + 1, dtype=torch.bool, device=q.device)  # column nb: where -1 lands

@@ -14,8 +14,13 @@ of its sequence with the decode gate, keeps the blocks of the budget (:func:`see
 and attends them over transformers' KV cache (``[B, Hkv, N, D]``) with :func:`seer.kernels.block_sparse_decode`
 (Triton) or its PyTorch reference. A left-padded row's sequence starts after its padding, so rows with padding are
 attended one by one. Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
-The achieved density (kept share of each token's valid blocks, mean over rows, heads and steps) is kept per layer
-(:meth:`DecodeContext.densities`) until the next prefill.
+The achieved density (kept share of each token's valid blocks, mean over rows, heads and steps) is summed per layer
+on the device and read only by :meth:`DecodeContext.densities` (until the next prefill).
+
+A one-token decode step reads nothing back from the device: sequence lengths come from the compressed-K cache (host
+ints beside a device ``cache_seqlens`` it increments), the block list has a width fixed on the host
+(:meth:`~seer.sparsity.decode.DecodeSparsityConfig.max_kept_blocks`), and neither the budget nor the kernel
+validates values on the host.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class DecodeContext:
     each layer's :class:`DecodeRecord` and ``gt_source`` says where the ground truth comes from. With a decode budget
     (``sparsity``, set by :meth:`enable`) decode steps attend the blocks it keeps (see the module docstring);
     ``cache`` holds the compressed keys of the current generation and ``density`` each layer's ``(sum of step
-    densities, steps)``."""
+    densities (a device tensor), steps)``."""
 
     config: DecodeGateConfig
     gates: dict[int, DecodeGate] = field(default_factory=dict)
@@ -105,7 +110,8 @@ class DecodeContext:
         self.density.clear()
 
     def densities(self) -> dict[int, float]:
-        """Achieved decode density of each layer over the decode steps since the last prefill."""
+        """Achieved decode density of each layer over the decode steps since the last prefill (read from the device
+        here, once per layer)."""
         return {layer: float(total) / steps for layer, (total, steps) in sorted(self.density.items())}
 
     def mean_density(self) -> float:
@@ -142,11 +148,11 @@ class DecodeContext:
         if spans is None:
             raise ValueError("sparse decode needs a prefill without padding or with one run of real tokens per row "
                              "(left or right padding); this attention mask has holes")
-        counts = torch.tensor([end - first for first, end in spans])
-        real = k_pre.new_zeros(*k_pre.shape[:2], int(counts.max()), k_pre.shape[3])
+        counts = [end - first for first, end in spans]
+        real = k_pre.new_zeros(*k_pre.shape[:2], max(counts), k_pre.shape[3])
         for row, (first, end) in enumerate(spans):
             real[row, :, :end - first] = k_pre[row, :, first:end]
-        self.cache.update(layer, real, counts)
+        self.cache.update(layer, real, torch.tensor(counts))
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
@@ -160,18 +166,19 @@ class DecodeContext:
         if query.shape[2] != 1:  # several tokens over a cache (e.g. assisted decoding): dense
             return _dense(module, query, key, value, attention_mask, 0.0, scaling, **kwargs)[0]
         bs = self.config.block_size
-        lengths = self.cache.lengths[layer]  # each row's real keys, this token's included (on the host)
-        firsts = (key.shape[2] - lengths).tolist()  # a left-padded row's sequence starts after its padding
+        lengths = self.cache.lengths[layer]  # each row's real keys, this token's included (host ints)
+        seqlens = self.cache.seqlens[layer]  # the same, int32 on the device
+        firsts = [key.shape[2] - n for n in lengths]  # a left-padded row's sequence starts after its padding
         if min(firsts) < 0:
             raise ValueError(f"layer {layer}: the KV cache holds {key.shape[2]} keys, fewer than a sequence's "
-                             f"{int(lengths.max())}; sparse decode needs transformers' DynamicCache")
-        mask = decode_block_mask(self.cache.scores(layer, q_pre), lengths, self.sparsity, bs, self.threshold)
-        index = decode_block_index(mask)
+                             f"{max(lengths)}; sparse decode needs transformers' DynamicCache")
+        mask = decode_block_mask(self.cache.scores(layer, q_pre), seqlens, self.sparsity, bs, self.threshold,
+                                 validate=False)
+        index = decode_block_index(mask, self.sparsity.max_kept_blocks(mask.shape[-1], bs))
         total, steps = self.density.get(layer, (0.0, 0))
-        self.density[layer] = (total + decode_density(mask, lengths, bs), steps + 1)
+        self.density[layer] = (total + decode_density(mask, seqlens, bs), steps + 1)
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
             query = query.to(value.dtype)
-        seqlens = lengths.to(device=query.device, dtype=torch.int32)
         if not any(firsts):
             out = self._attend(query, key, value, index, seqlens, scaling)
         else:
@@ -189,7 +196,7 @@ class DecodeContext:
             return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]
         from seer.kernels.reference import block_sparse_decode
 
-        return block_sparse_decode(query, key, value, index, seqlens, bs, scaling)[0]
+        return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]
 
 
 def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeContext:

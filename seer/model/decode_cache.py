@@ -8,6 +8,12 @@ different numbers of tokens (prompts of different lengths); a block's gate key i
 :meth:`DecodeKeyCache.scores` gives a decoding token's gate logits over its sequence's blocks, the newest block
 pooled over its keys so far: what :class:`~seer.gates.decode_gate.DecodeGate` gives the last token of the whole
 sequence.
+
+Each row's length is kept twice: as Python ints on the host (:attr:`DecodeKeyCache.lengths`, for shapes and
+indexing) and as an int32 tensor on the gates' device (:attr:`DecodeKeyCache.seqlens`, the decode kernel's
+``cache_seqlens``), built from the host ints after a step with per-row counts (a prefill) and incremented on the
+device after a step of the same count for every row (a decode step). So a decode step neither reads the device
+on the host nor copies lengths to it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from seer.gates.pooling import pool_blocks
 
 class DecodeKeyCache:
     """Compressed keys of ``batch_size`` sequences for the decode ``gates`` (``{layer_idx: DecodeGate}``, one block
-    size), stored in ``dtype`` (default: the gates')."""
+    size), stored in ``dtype`` (default: the gates'). ``lengths[layer]`` (host ints) and ``seqlens[layer]`` (int32
+    on the device) hold each row's cached keys."""
 
     def __init__(self, gates: dict[int, DecodeGate], batch_size: int, dtype: torch.dtype | None = None):
         if not gates:
@@ -39,7 +46,8 @@ class DecodeKeyCache:
                                     device=device) for i, g in gates.items()}
         self.tails = {i: [torch.zeros(g.num_kv_heads, 0, g.head_dim, device=device) for _ in range(batch_size)]
                       for i, g in gates.items()}
-        self.lengths = {i: torch.zeros(batch_size, dtype=torch.long) for i in gates}
+        self.lengths = {i: [0] * batch_size for i in gates}
+        self.seqlens = {i: torch.zeros(batch_size, dtype=torch.int32, device=device) for i in gates}
 
     def update(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None = None) -> None:
         """Appends pre-RoPE keys ``k [B, Hkv, T, D]`` of layer ``layer``: ``new_tokens [B]`` of them for each row
@@ -49,23 +57,27 @@ class DecodeKeyCache:
                 or k.shape[3] != gate.head_dim:
             raise ValueError(f"layer {layer}: keys must be [{self.batch_size}, {gate.num_kv_heads}, T, "
                              f"{gate.head_dim}]; got {tuple(k.shape)}")
-        counts = torch.full((self.batch_size,), k.shape[2]) if new_tokens is None else new_tokens.cpu().long()
-        if counts.shape != (self.batch_size,) or int(counts.min()) < 0 or int(counts.max()) > k.shape[2]:
+        counts = [k.shape[2]] * self.batch_size if new_tokens is None else new_tokens.tolist()
+        if len(counts) != self.batch_size or min(counts) < 0 or max(counts) > k.shape[2]:
             raise ValueError(f"layer {layer}: new_tokens must be {self.batch_size} counts in [0, {k.shape[2]}]; "
-                             f"got {counts.tolist()}")
+                             f"got {counts}")
         lengths, tails = self.lengths[layer], self.tails[layer]
         made = []
         for row in range(self.batch_size):
-            tokens = torch.cat((tails[row], k[row, :, :int(counts[row])].to(tails[row].dtype)), dim=1)
+            tokens = torch.cat((tails[row], k[row, :, :counts[row]].to(tails[row].dtype)), dim=1)
             full = tokens.shape[1] // bs
-            first = int(lengths[row]) // bs
+            first = lengths[row] // bs
             if full:
                 pooled = pool_blocks(tokens[None, :, :full * bs], bs, gate.config.k_pool)
                 starts = (first + torch.arange(full, device=k.device)) * bs
                 made.append((row, first, gate.gate_keys(pooled, starts)[0].to(self.dtype)))
             tails[row] = tokens[:, full * bs:]
-            lengths[row] += int(counts[row])
-        blocks = int(lengths.max()) // bs
+            lengths[row] += counts[row]
+        if new_tokens is None:
+            self.seqlens[layer] += k.shape[2]
+        else:
+            self.seqlens[layer] = torch.tensor(lengths, dtype=torch.int32, device=self.seqlens[layer].device)
+        blocks = max(lengths) // bs
         store = self.keys[layer]
         if blocks > store.shape[2]:
             grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * store.shape[2]), store.shape[3])
@@ -79,16 +91,17 @@ class DecodeKeyCache:
         in the cache) over the blocks of the longest row; ``-inf`` after a row's newest block."""
         gate, bs = self.gates[layer], self.block_size
         lengths = self.lengths[layer]
-        if int(lengths.min()) < 1:
+        if min(lengths) < 1:
             raise ValueError(f"layer {layer}: every row needs a cached key (its own) before scoring; lengths "
-                             f"{lengths.tolist()}")
+                             f"{lengths}")
         if q.dim() != 4 or q.shape[:3] != (self.batch_size, gate.num_heads, 1):
             raise ValueError(f"layer {layer}: q must be [{self.batch_size}, {gate.num_heads}, 1, {gate.head_dim}]; "
                              f"got {tuple(q.shape)}")
         device = q.device
-        nb = -(-int(lengths.max()) // bs)
-        newest = ((lengths - 1) // bs).to(device)
-        qg = gate.gate_queries(q, (lengths - 1).to(device)[:, None])  # [B, Hkv, 1, E]
+        nb = -(-max(lengths) // bs)
+        position = self.seqlens[layer].long() - 1  # each row's newest token, on the device
+        newest = position // bs
+        qg = gate.gate_queries(q, position[:, None])  # [B, Hkv, 1, E]
         scale = 1.0 / math.sqrt(qg.shape[-1])
         full = self.keys[layer][:, :, :nb].to(qg.dtype)
         logits = torch.cat((full, full.new_zeros(*full.shape[:2], nb - full.shape[2], full.shape[3])), dim=2) \
@@ -97,7 +110,7 @@ class DecodeKeyCache:
         for row, tail in enumerate(self.tails[layer]):
             if tail.shape[1]:  # a partial newest block: pooled over its keys so far
                 key = gate.gate_keys(pool_blocks(tail[None], bs, gate.config.k_pool), newest[row:row + 1] * bs)
-                logits[row, :, int(newest[row])] = (qg[row, :, 0] * key[0, :, 0]).sum(-1) * scale
+                logits[row, :, (lengths[row] - 1) // bs] = (qg[row, :, 0] * key[0, :, 0]).sum(-1) * scale
         after = torch.arange(nb, device=device)[None, :] > newest[:, None]
         return logits.masked_fill(after[:, None], float("-inf"))
 

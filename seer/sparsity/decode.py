@@ -11,7 +11,9 @@ per KV head (its query heads share the choice) the budget keeps:
 * ``dense``: every valid block.
 
 The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
-lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1.
+lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1, ``S`` a
+width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step reads nothing back
+from the device.
 
 A calibrated threshold is stored beside the decode gates (``decode_calibration.json``, written at the end of
 ``stage=distill_decode``) as a :class:`DecodeCalibration`; :func:`find_decode_calibration` finds it again for
@@ -75,6 +77,14 @@ class DecodeSparsityConfig:
             return f"threshold {knob}{first}"
         return "dense"
 
+    def max_kept_blocks(self, num_blocks: int, block_size: int) -> int:
+        """The most blocks a head keeps when the longest sequence has ``num_blocks`` blocks: a bound known on the
+        host, the width of :func:`decode_block_index` (``token_budget // block_size``, or the forced blocks when
+        they are more, at most ``num_blocks``; every valid block for the other methods)."""
+        if self.method != "token_budget":
+            return num_blocks
+        return min(num_blocks, max(self.token_budget // block_size, 1 + self.first_block))
+
     def check_block_size(self, block_size: int) -> None:
         """Refuses a token budget below one block of ``block_size`` tokens."""
         if self.method == "token_budget" and self.token_budget < block_size:
@@ -83,15 +93,17 @@ class DecodeSparsityConfig:
 
 
 def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
-                      threshold: float | None = None) -> torch.Tensor:
+                      threshold: float | None = None, validate: bool = True) -> torch.Tensor:
     """Kept blocks ``[R, Hkv, nb]`` (bool) of ``R`` decoding tokens from their scores ``[R, Hkv, nb]`` and valid key
-    counts ``seqlens [R]`` (the token included). ``threshold``: the calibrated knob of a calibrated budget."""
+    counts ``seqlens [R]`` (the token included). ``threshold``: the calibrated knob of a calibrated budget.
+    ``validate``: check that ``seqlens`` are in ``[1, nb * block_size]``, which reads them on the host (a
+    synchronisation when they are on the device); decode steps, whose lengths the cache keeps, skip it."""
     sparsity.check_block_size(block_size)
     if scores.dim() != 3 or seqlens.shape != scores.shape[:1]:
         raise ValueError(f"scores must be [R, Hkv, nb] with seqlens [R]; got {tuple(scores.shape)} and "
                          f"{tuple(seqlens.shape)}")
     nb = scores.shape[-1]
-    if seqlens.numel() and (int(seqlens.min()) < 1 or int(seqlens.max()) > nb * block_size):
+    if validate and seqlens.numel() and (int(seqlens.min()) < 1 or int(seqlens.max()) > nb * block_size):
         raise ValueError(f"seqlens must be in [1, {nb * block_size}] for {nb} blocks of {block_size}; got "
                          f"{seqlens.min().item()}..{seqlens.max().item()}")
     blocks = torch.arange(nb, device=scores.device)
@@ -113,13 +125,18 @@ def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: Dec
     return ((probs >= tau) & valid) | forced
 
 
-def decode_block_index(mask: torch.Tensor) -> torch.Tensor:
-    """The kept blocks of ``mask [B, Hkv, nb]`` as the decode kernel's ``block_index [B, Hkv, S]`` int32: ascending
-    block ids, padded with -1, ``S`` the most any head keeps."""
+def decode_block_index(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The kept blocks of ``mask [B, Hkv, nb]`` as the decode kernel's ``block_index [B, Hkv, width]`` int32:
+    ascending block ids, then -1 (which the kernel skips). ``width`` (>= 1) is fixed by the caller on the host, at
+    least the most blocks any head keeps (:meth:`DecodeSparsityConfig.max_kept_blocks`; blocks past it are dropped,
+    unchecked), so nothing is read back from the device."""
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1 (list entries per head), got {width!r}")
     nb = mask.shape[-1]
-    width = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
     blocks = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(mask.shape)
     ordered = torch.where(mask, blocks, nb).sort(dim=-1).values[..., :width]
+    if width > nb:
+        ordered = torch.nn.functional.pad(ordered, (0, width - nb), value=nb)
     return ordered.masked_fill(ordered == nb, -1).to(torch.int32)
 
 

@@ -77,8 +77,10 @@ def test_cache_scores_feed_the_decode_budget():
     cache = DecodeKeyCache(gates, batch_size=3)
     lengths = torch.tensor([9, 50, 100])
     cache.update(0, torch.randn(3, HKV, 100, D), lengths)
+    assert cache.lengths[0] == lengths.tolist() and torch.equal(cache.seqlens[0], lengths.int())
     scores = cache.scores(0, torch.randn(3, HQ, 1, D))
-    index = decode_block_index(decode_block_mask(scores, lengths, DecodeSparsityConfig(token_budget=48), BS))
+    budget = DecodeSparsityConfig(token_budget=48)
+    index = decode_block_index(decode_block_mask(scores, lengths, budget, BS), budget.max_kept_blocks(7, BS))
     for row, n in enumerate(lengths.tolist()):
         for head in range(HKV):
             kept = [int(j) for j in index[row, head] if j >= 0]

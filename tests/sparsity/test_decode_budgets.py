@@ -41,6 +41,7 @@ def _lists(index):
 @pytest.mark.parametrize("cfg", [
     DecodeSparsityConfig(method="token_budget", token_budget=48),
     DecodeSparsityConfig(method="token_budget", token_budget=40, first_block=False),  # 2 blocks: 40 // 16
+    DecodeSparsityConfig(method="token_budget", token_budget=16),  # 1 block, but 2 forced ones kept
     DecodeSparsityConfig(method="threshold", threshold=0.15),
     DecodeSparsityConfig(method="threshold", threshold=0.15, first_block=False),
     DecodeSparsityConfig(method="dense"),
@@ -49,9 +50,12 @@ def test_decode_budgets_match_brute_force(cfg):
     torch.manual_seed(0)
     scores = torch.randn(7, 3, 6)
     seqlens = torch.tensor([1, 16, 17, 40, 64, 81, 96])
-    index = decode_block_index(decode_block_mask(scores, seqlens, cfg, BS))
-    assert index.dtype == torch.int32 and index.shape[:2] == (7, 3)
+    width = cfg.max_kept_blocks(6, BS)  # the host's bound: equal lists show that no kept block is cut off
+    index = decode_block_index(decode_block_mask(scores, seqlens, cfg, BS), width)
+    assert index.dtype == torch.int32 and index.shape == (7, 3, width)
     assert _lists(index) == _brute(scores, seqlens, cfg)
+    if cfg.method != "threshold":  # the bound is reached here (a threshold may keep fewer than every block)
+        assert max(len(heads) for rows in _lists(index) for heads in rows) == width
     # -1 only as padding at the end of a row
     assert all((row[:(row >= 0).sum()] >= 0).all() and (row[(row >= 0).sum():] == -1).all()
                for row in index.reshape(-1, index.shape[-1]))
@@ -63,7 +67,7 @@ def test_calibrated_threshold_reaches_the_target():
     scores, seqlens = torch.randn(50, 2, 8) * 2, torch.randint(1, 129, (50,))
     tau = calibrate_decode_threshold(scores, seqlens, cfg, BS)
     mask = decode_block_mask(scores, seqlens, cfg, BS, tau)
-    assert _lists(decode_block_index(mask)) == _brute(scores, seqlens, cfg, tau)
+    assert _lists(decode_block_index(mask, cfg.max_kept_blocks(8, BS))) == _brute(scores, seqlens, cfg, tau)
     assert abs(float(decode_density(mask, seqlens, BS)) - 0.5) < 0.03
     with pytest.raises(ValueError, match="target_density=0.5 needs its calibrated threshold"):
         decode_block_mask(scores, seqlens, cfg, BS)
@@ -76,3 +80,20 @@ def test_decode_budgets_refuse_bad_input():
         DecodeSparsityConfig(method="token_budget", target_density=0.2)
     with pytest.raises(ValueError, match=r"seqlens must be in \[1, 32\] for 2 blocks of 16; got 5..40"):
         decode_block_mask(torch.zeros(2, 1, 2), torch.tensor([5, 40]), DecodeSparsityConfig(), BS)
+
+
+def test_block_index_of_a_static_width_is_the_tight_one_padded():
+    """``decode_block_index(mask, width)`` is the list as wide as the most any head keeps (read on the host, as it
+    was once built), padded with -1 to ``width``."""
+    torch.manual_seed(2)
+    mask = torch.rand(4, 3, 9) < 0.3
+    mask[0, 0] = False  # a head keeping nothing
+    tight = max(1, int(mask.sum(-1).max()))
+    order = torch.where(mask, torch.arange(9), 9).sort(-1).values[..., :tight]
+    want = torch.where(order == 9, -1, order).to(torch.int32)
+    for width in (tight, 9, 12):
+        got = decode_block_index(mask, width)
+        padded = torch.nn.functional.pad(want, (0, width - tight), value=-1)
+        assert got.dtype == torch.int32 and torch.equal(got, padded)
+    with pytest.raises(ValueError, match="width must be an int >= 1"):
+        decode_block_index(mask, 0)
