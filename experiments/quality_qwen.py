@@ -147,6 +147,10 @@ def main() -> None:
     ap.add_argument("--copy", type=int, default=5)
     ap.add_argument("--ruler", nargs="*", default=[], help="RULER tasks (needs the ruler extra)")
     ap.add_argument("--ruler-samples", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="windows, passkey/copy cases and RULER samples per prefill (left-padded batches)")
+    ap.add_argument("--dense-cache", help="a folder caching the dense pass (per model, text and settings), so a "
+                    "second run on the same machine skips it")
     ap.add_argument("--texts", nargs="+", default=["novel", "code"], choices=["novel", "code"])
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="no job starts after this many seconds from the start (training included)")
@@ -171,7 +175,7 @@ def main() -> None:
     del base
     kernel = "triton" if device.type == "cuda" else "reference"
     settings = dict(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2, passkey=args.passkey,
-                    copy=args.copy, batch_size=1, dense_cache=False)
+                    copy=args.copy, batch_size=args.batch_size, dense_cache=args.dense_cache is not None)
     # RULER makes its own haystacks: it runs with the first text only
     evaluation = {name: EvalConfig(**settings, **({"ruler": args.ruler, "ruler_samples": args.ruler_samples}
                                                   if args.ruler and i == 0 else {}))
@@ -180,7 +184,7 @@ def main() -> None:
              "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
     texts = {name: texts[name]() for name in args.texts}
     evaluators = {(key, name): Evaluator(m, tokenizer, text, evaluation[name], kernel=kernel,
-                                         model_name=model_id(run.model), progress=False)
+                                         cache_dir=args.dense_cache, model_name=model_id(run.model), progress=False)
                   for key, m in models.items() for name, text in texts.items()}
     first = next(iter(gates))
     dense = {name: evaluators[first, name].dense() for name in texts}
