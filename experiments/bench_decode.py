@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from seer.kernels import block_sparse_decode, reference
-from seer.kernels.bench import env_info, fmt, graph_ms, ms
+from seer.kernels.bench import env_info, fmt, graph_ms, ms, publish
 from seer.kernels.decode import launch_plan
 from seer.kernels.decode_index import block_index_from_scores
 from seer.kernels.tuning import force_config, last_launch
@@ -216,10 +216,7 @@ def main() -> None:
         return
     cmd = "python experiments/bench_decode.py " + " ".join(sys.argv[1:])
     text = report(bench(args), env_info(), args, cmd)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

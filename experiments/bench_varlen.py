@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from seer.kernels import block_sparse_attn, block_sparse_attn_varlen, reference
-from seer.kernels.bench import env_info, fmt, ms
+from seer.kernels.bench import env_info, fmt, ms, publish
 from seer.sparsity import topk_mask
 
 DEV = "cuda"
@@ -272,10 +272,7 @@ def main() -> None:
     check(release)
     cmd = "python experiments/bench_varlen.py " + " ".join(sys.argv[1:])
     text = report(bench(args, release), env_info(), args, cmd)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

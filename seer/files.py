@@ -12,11 +12,17 @@ the host and the process id) is removed by the next write of the same file.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from seer.checks import ConfigError
+
+T = TypeVar("T")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -70,3 +76,16 @@ def apply_umask(folder: str | os.PathLike) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file():
             path.chmod(0o666 & ~umask)
+
+
+def read_json_records(path: str | os.PathLike, parse: Callable[[dict], T], kind: str) -> list[T]:
+    """The records of the JSON list in ``path``, each made by ``parse`` (none when there is no such file); a
+    :class:`~seer.checks.ConfigError` names a file that is not a ``kind`` file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        return [parse(record) for record in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a {kind} file ({type(exc).__name__}: {exc}); move it away to calibrate "
+                          f"again") from exc

@@ -15,7 +15,7 @@ import triton
 
 from seer.kernels.tuning import median_ms
 
-__all__ = ["Flex", "env_info", "fmt", "graph_ms", "ms", "tflops"]
+__all__ = ["Flex", "env_info", "fmt", "graph_ms", "ms", "publish", "tflops"]
 
 
 def ms(fn: Callable[[], Any], rep_ms: float = 250.0, min_runs: int = 5) -> float:
@@ -85,3 +85,11 @@ def env_info() -> dict:
 def fmt(x: float | None, digits: int = 3) -> str:
     """A table cell: ``x`` with ``digits`` decimals, ``-`` for a missing value (None or NaN)."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def publish(text: str, out: str | None) -> None:
+    """Prints a benchmark report and, given ``out``, writes it there too."""
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    print(text)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from seer.checks import ConfigError, build
-from seer.files import atomic_write_text
+from seer.checks import build
+from seer.files import atomic_write_text, read_json_records
 from seer.sparsity.config import SparsityConfig
 from seer.sparsity.masks import causal_blocks, row_probs, select_blocks, threshold_mask_from_probs
 from seer.sparsity.measures import head_density
@@ -229,14 +229,7 @@ def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
 def load_calibrations(folder: str | Path) -> list[Calibration]:
     """The calibrations stored in ``folder/calibration.json`` (none when there is no such file); a
     :class:`~seer.config.ConfigError` names a file that is not one."""
-    path = Path(folder) / FILE
-    if not path.is_file():
-        return []
-    try:
-        return [Calibration.from_dict(c) for c in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not a seer calibration file ({type(exc).__name__}: {exc}); move it away to "
-                          f"calibrate again") from exc
+    return read_json_records(Path(folder) / FILE, Calibration.from_dict, "seer calibration")
 
 
 def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str = "gate",

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from seer.checks import ConfigError, build, fail, is_int, is_number
-from seer.files import atomic_write_text
+from seer.files import atomic_write_text, read_json_records
 
 DECODE_METHODS = ("token_budget", "threshold", "dense")
 CALIBRATION_FILE = "decode_calibration.json"
@@ -198,14 +198,7 @@ def fit_decode_calibration(scores: torch.Tensor, seqlens: torch.Tensor, sparsity
 def load_decode_calibrations(folder: str | Path) -> list[DecodeCalibration]:
     """The calibrations in ``folder/decode_calibration.json`` (none without the file); a
     :class:`~seer.checks.ConfigError` names a file that is not one."""
-    path = Path(folder) / CALIBRATION_FILE
-    if not path.is_file():
-        return []
-    try:
-        return [DecodeCalibration.from_dict(c) for c in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not a seer decode calibration file ({type(exc).__name__}: {exc}); move it away "
-                          f"to calibrate again") from exc
+    return read_json_records(Path(folder) / CALIBRATION_FILE, DecodeCalibration.from_dict, "seer decode calibration")
 
 
 def save_decode_calibration(folder: str | Path, calibration: DecodeCalibration) -> Path:
