@@ -1,0 +1,380 @@
+"""Whole-model decode tokens/s (issue 18 part 6): the 8B shape with random weights, dense decode against sparse decode
+(decode gates -> token budget -> Triton block-sparse decode kernel) on the same KV cache.
+
+NOT RUN YET: written without a GPU (tested on the CPU on a tiny model only); its first run on one H200 is still to
+come. Defaults: all 32 decoder layers, prompts 32k and 128k, batch 1 and 8; batch 8 x 128k is skipped (its KV cache
+alone is 128 GiB). Expected well within 5 minutes of wall time: the model is drawn on the GPU in seconds, a prefill
+takes about 2 s (1 x 32k) to 10-15 s (8 x 32k, 1 x 128k), and each case decodes about 80 steps of tens of ms.
+
+The model is ``conf/model/<--model>.yaml`` (default ``llama3_8b``: 32 layers, 32 query / 8 KV heads, D 128, vocab
+128256) built with ``model.random_init=true`` in bf16 on CUDA (``--layers N`` keeps the first N decoder layers),
+prepared for the ``"seer"`` attention function with decode gates of random init
+(:func:`seer.model.decode.attach_decode_gates`, :class:`~seer.gates.decode_config.DecodeGateConfig`); sparse decode
+is switched on and off with the API ``seer.load`` uses (``model.seer_decode.enable(DecodeSparsityConfig(
+token_budget=--budget), "triton")`` / ``.disable()``). A top-k token budget keeps ``budget / 64`` blocks per KV head
+whatever the gates' weights, so random gates give the same work as trained ones; speed does not depend on the weights.
+
+For each (prompt length, batch) that fits (estimated weights + KV cache + prefill activations within
+``--mem-limit-gib``; else a one-line note):
+
+1. one dense prefill of random token ids (whole, or in ``--prefill-chunk`` pieces) with sparse decode on, so the
+   compressed-K cache of the decode gates is filled beside the KV cache;
+2. correctness: ``--check-steps`` decode steps with a budget covering every block, then (the cache rewound to the
+   prompt) the same steps dense: the logits must agree to ``--tol`` (relative L2 error; bf16) and the achieved
+   density must be 1.0 (a failure is printed and marked in the report, the timings still run, and the script
+   exits 1 at the end). With random weights attention is nearly uniform, so this check is weak: the kernel's own
+   tests (tests/kernels) carry the correctness; this one catches plumbing errors (cache, lengths, positions);
+3. dense: ``--warmup`` steps, rewind, ``--steps`` timed steps, rewind;
+4. sparse at ``--budget`` tokens per KV head: the same, from a copy of the compressed-K cache as it was after the
+   prefill, and the achieved decode density (kept share of valid blocks, mean over layers, heads, rows and steps).
+
+So dense and sparse decode the same random tokens over the same prefilled KV cache: the cache is not copied and not
+re-prefilled, it is rewound (its length cut back to the prompt) between runs; the compressed-K cache is restored from
+a copy taken after the prefill. A step is ``model(input_ids=[B, 1], past_key_values=cache, use_cache=True)``: the
+whole model (embedding, 32 layers, final norm, LM head over the vocabulary), no sampling, in a Python loop under
+``torch.no_grad``, timed with CUDA events around the loop of ``--steps`` steps. Tokens/s = batch x steps / time.
+
+KV cache (``--cache``): ``reserved`` (default) is transformers' DynamicCache whose layers write into a buffer
+allocated once for the prompt and the steps and hand out views of its filled part; ``dynamic`` is the stock
+DynamicCache, which ``torch.cat``s each layer's whole cache at every step, i.e. copies the full KV cache per step
+(at batch 8 / 32k, 32 GiB read and written per step: more than dense attention reads), which caps any attention
+speedup; run it to see what ``generate()`` pays today.
+
+The measured speedup is the model's, host overhead included: eager decode steps are host-bound at small batches
+(docs/bench_decode.md: ~0.1-0.2 ms of Python and launches per kernel call), and the sparse path adds per layer and
+step the decode gate, the compressed-K update (a Python loop over rows), the budget's top-k, the block list and the
+kernel. No ``--graph`` option: a decode step cannot be captured as a CUDA graph with this cache (the KV views grow by
+one token per step and the compressed-K cache keeps host-side lengths and per-row Python work), so the host overhead
+is part of every figure here.
+
+    PYTHONPATH=. python experiments/bench_decode_model.py --out docs/bench_decode_model.md
+    PYTHONPATH=. python experiments/bench_decode_model.py --layers 8 --prompts 32768 --batch 8   # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+
+import torch
+
+GIB = 2**30
+
+
+def kv_cache_bytes(layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    """Bytes of the K and V caches: ``2 x layers x batch x kv_heads x length x head_dim x dtype_bytes``."""
+    return 2 * layers * batch * kv_heads * length * head_dim * dtype_bytes
+
+
+def _shape(arch: dict) -> tuple[int, int, int, int, int, int]:
+    hidden, heads = arch["hidden_size"], arch["num_attention_heads"]
+    head_dim = arch.get("head_dim") or hidden // heads
+    return hidden, arch["intermediate_size"], heads, arch.get("num_key_value_heads") or heads, head_dim, \
+        arch["vocab_size"]
+
+
+def weight_bytes(arch: dict, layers: int, dtype_bytes: int = 2) -> int:
+    """Bytes of a Llama-shaped model's weights with ``layers`` decoder layers (embedding and LM head untied unless
+    ``tie_word_embeddings``)."""
+    hidden, inter, heads, kv_heads, head_dim, vocab = _shape(arch)
+    layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter + 2 * hidden
+    embed = vocab * hidden * (1 if arch.get("tie_word_embeddings") else 2)
+    return (layers * layer + embed + hidden) * dtype_bytes
+
+
+def estimate_bytes(arch: dict, layers: int, batch: int, length: int, chunk: int = 0, dtype_bytes: int = 2) -> int:
+    """A rough peak: weights, the KV cache of ``length`` tokens, and the prefill's transient activations of one
+    layer over ``batch x chunk`` tokens (the MLP's three ``intermediate_size`` tensors and a few hidden-size ones;
+    ``chunk`` 0: the whole prompt at once)."""
+    hidden, inter, heads, kv_heads, head_dim, _ = _shape(arch)
+    tokens = batch * (min(chunk, length) if chunk else length)
+    transient = tokens * (3 * inter + 6 * hidden) * dtype_bytes
+    return weight_bytes(arch, layers, dtype_bytes) + kv_cache_bytes(layers, batch, kv_heads, length, head_dim,
+                                                                     dtype_bytes) + transient
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3_8b", help="a conf/model name with an architecture block")
+    ap.add_argument("--layers", type=int, help="decoder layers to keep (default: all of the model's)")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[32768, 131072], help="prompt lengths (tokens)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=32, help="timed one-token decode steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed loop")
+    ap.add_argument("--check-steps", type=int, default=3, help="steps of the dense = sparse@every-block check")
+    ap.add_argument("--budget", type=int, default=2048, help="sparse decode token budget per KV head")
+    ap.add_argument("--block-size", type=int, default=64, help="decode gate block size")
+    ap.add_argument("--cache", choices=["reserved", "dynamic"], default="reserved",
+                    help="KV cache: preallocated views (reserved) or transformers' torch.cat DynamicCache (dynamic)")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="prefill in pieces of this many tokens (0: the whole prompt in one forward)")
+    ap.add_argument("--mem-limit-gib", type=float, default=130.0, help="skip combinations estimated above this")
+    ap.add_argument("--tol", type=float, default=0.05, help="relative L2 error allowed in the correctness check")
+    ap.add_argument("--out", help="write the markdown report here (else print it only)")
+    args = ap.parse_args(argv)
+    for name in ("steps", "warmup", "check_steps", "budget", "prefill_chunk"):
+        if getattr(args, name) < (1 if name in ("steps", "budget") else 0):
+            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
+    if args.layers is not None and args.layers < 1:
+        ap.error(f"--layers={args.layers} must be >= 1")
+    if min(args.prompts) < 2 or min(args.batch) < 1:
+        ap.error(f"--prompts {args.prompts} / --batch {args.batch}: need prompts >= 2 and batch >= 1")
+    return args
+
+
+def model_config(name: str, layers: int | None, dtype: str = "bfloat16"):
+    """The ``ModelConfig`` of ``conf/model/<name>.yaml`` with random weights, ``layers`` decoder layers."""
+    from seer.config import compose, validate
+
+    run = validate(compose([f"model={name}", "model.random_init=true", f"model.dtype={dtype}"]))
+    if run.model.architecture is None:
+        raise SystemExit(f"--model {name}: conf/model/{name}.yaml has no architecture block")
+    if layers is not None:
+        run.model.architecture = {**run.model.architecture, "num_hidden_layers": layers}
+    return run.model
+
+
+def build_model(mcfg, device, block_size: int = 64):
+    """The random-weight model on ``device`` with the ``"seer"`` attention function and random decode gates."""
+    from seer.gates.decode_config import DecodeGateConfig
+    from seer.model.attention import prepare_model
+    from seer.model.decode import attach_decode_gates
+    from seer.model.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(mcfg, device)
+    model.config.use_cache = True
+    prepare_model(model, block_size)
+    attach_decode_gates(model, DecodeGateConfig(block_size=block_size))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_cache(kind: str, capacity: int):
+    """A transformers DynamicCache; ``reserved``: its layers keep ``capacity`` tokens allocated at their first update
+    and return views of the filled part (no per-step concatenation)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            b, h, _, d = key_states.shape
+            self.k_buf = key_states.new_empty(b, h, capacity, d)
+            self.v_buf = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+            self.keys, self.values = self.k_buf[:, :, :0], self.v_buf[:, :, :0]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, t = self.keys.shape[-2], key_states.shape[-2]
+            if n + t > capacity:
+                raise ValueError(f"reserved KV cache: {n} + {t} tokens exceed its capacity {capacity}")
+            self.k_buf[:, :, n:n + t].copy_(key_states)
+            self.v_buf[:, :, n:n + t].copy_(value_states)
+            self.keys, self.values = self.k_buf[:, :, :n + t], self.v_buf[:, :, :n + t]
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    if kind == "reserved":
+        cache.layer_class_to_replicate = ReservedLayer
+    return cache
+
+
+def rewind(cache, length: int) -> None:
+    """Cuts every layer of ``cache`` back to its first ``length`` tokens (views; a reserved layer writes the next
+    token after them)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+
+def copy_key_cache(cache):
+    """A copy of a :class:`~seer.model.decode_cache.DecodeKeyCache` that later steps of either do not change (the
+    gates shared)."""
+    new = copy.copy(cache)
+    new.keys = {i: t.clone() for i, t in cache.keys.items()}
+    new.tails = {i: [t.clone() for t in rows] for i, rows in cache.tails.items()}
+    new.lengths = {i: list(v) for i, v in cache.lengths.items()}
+    new.seqlens = {i: t.clone() for i, t in cache.seqlens.items()}
+    return new
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode_steps(model, cache, ids: torch.Tensor, n: int, keep: bool = False) -> tuple[float, list[torch.Tensor]]:
+    """Runs ``n`` one-token steps (token ``ids[i]``, ``[B, 1]``) over ``cache``: milliseconds (CUDA events on a GPU,
+    else wall time) and, with ``keep``, each step's float32 logits."""
+    logits, cuda = [], ids.is_cuda
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(n):
+        out = model(input_ids=ids[i], past_key_values=cache, use_cache=True)
+        if keep:
+            logits.append(out.logits[:, -1].float())
+    if cuda:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), logits
+    return (time.perf_counter() - t0) * 1e3, logits
+
+
+@torch.no_grad()
+def prefill(model, cache, ids: torch.Tensor, chunk: int = 0) -> None:
+    """A dense prefill of ``ids [B, N]`` into ``cache`` (whole, or ``chunk`` tokens at a time)."""
+    step = chunk or ids.shape[1]
+    for first in range(0, ids.shape[1], step):
+        model(input_ids=ids[:, first:first + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def bench_case(model, batch: int, prompt: int, args, device, kernel: str = "triton") -> dict:
+    """One (prompt, batch): prefill, check, dense and sparse timed loops (see the module docstring)."""
+    from seer.sparsity.decode import DecodeSparsityConfig
+
+    ctx = model.seer_decode
+    cuda = torch.device(device).type == "cuda"
+    g = torch.Generator(device=device).manual_seed(prompt * 16 + batch)
+    vocab = model.config.vocab_size
+    ids = torch.randint(vocab, (batch, prompt), device=device, generator=g)
+    extra = max(args.steps, args.warmup, args.check_steps)
+    steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
+    bs = ctx.config.block_size
+    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs)  # every block of every step
+    budget = DecodeSparsityConfig(token_budget=args.budget)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = make_cache(args.cache, prompt + extra)
+    ctx.enable(every, kernel)  # a prefill with sparse decode on fills the compressed-K cache
+    _sync(device)
+    t0 = time.perf_counter()
+    prefill(model, cache, ids, args.prefill_chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    after_prefill = copy_key_cache(ctx.cache)
+    key_cache_mib = ctx.cache.memory_bytes() / 2**20
+
+    def sparse(config) -> None:
+        ctx.enable(config, kernel)
+        ctx.cache = copy_key_cache(after_prefill)
+
+    sparse(every)
+    _, got = decode_steps(model, cache, steps, args.check_steps, keep=True)
+    full_density = ctx.mean_density() if args.check_steps else 1.0
+    rewind(cache, prompt)
+    ctx.disable()
+    _, want = decode_steps(model, cache, steps, args.check_steps, keep=True)
+    rewind(cache, prompt)
+    err = max([((a - b).norm() / b.norm()).item() for a, b in zip(got, want)], default=0.0)
+    check_ok = err <= args.tol and abs(full_density - 1.0) <= 1e-6
+    if not check_ok:  # reported, and the run exits 1 at the end; the timings are still measured
+        print(f"CHECK FAILED: prompt {prompt}, batch {batch}: sparse decode over every block against dense: "
+              f"relative error {err:.3g} (--tol {args.tol}), density {full_density:.4f} (want 1)", flush=True)
+
+    decode_steps(model, cache, steps, args.warmup)  # dense
+    rewind(cache, prompt)
+    dense_ms, _ = decode_steps(model, cache, steps, args.steps)
+    rewind(cache, prompt)
+
+    sparse(budget)
+    decode_steps(model, cache, steps, args.warmup)  # compiles and tunes the kernel on the first case
+    rewind(cache, prompt)
+    sparse(budget)
+    sparse_ms, _ = decode_steps(model, cache, steps, args.steps)
+    density = ctx.mean_density()
+    rewind(cache, prompt)
+    ctx.disable()
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
+    del cache
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    tokens = batch * args.steps
+    return dict(prompt=prompt, batch=batch, prefill_s=prefill_s, check_err=err, check_ok=check_ok,
+                dense_ms=dense_ms / args.steps, sparse_ms=sparse_ms / args.steps, dense_tps=tokens / dense_ms * 1e3,
+                sparse_tps=tokens / sparse_ms * 1e3, speedup=dense_ms / sparse_ms, density=density, peak_gib=peak,
+                key_cache_mib=key_cache_mib)
+
+
+def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, cmd: str) -> str:
+    from seer.kernels.bench import fmt
+
+    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
+             f"transformers {info['transformers']}, Python {info['python']}; {info['date']}.", "",
+             f"Command: `{cmd}`", "",
+             f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, random decode gates "
+             f"(block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "
+             f"kernel). Per (prompt, batch): one dense prefill, then {args.steps} one-token steps of the whole "
+             f"model (LM head included, no sampling) timed with CUDA events around an eager loop, after "
+             f"{args.warmup} warm-up steps; dense and sparse decode the same tokens over the same KV cache "
+             f"(`{args.cache}` cache; rewound to the prompt between runs). Tokens/s = batch x steps / time. "
+             "The times include the model's host overhead (Python, launches; the sparse path adds the gate, the "
+             "compressed-K update, the top-k and the block list per layer). `check`: relative L2 error of sparse "
+             f"decode over every block against dense, {args.check_steps} steps (bf16).", "",
+             "| prompt | batch | dense ms/step | dense tok/s | sparse ms/step | sparse tok/s | speedup | density "
+             "| compressed K (MiB) | peak mem (GiB) | prefill (s) | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['prompt'] // 1024}k | {r['batch']} | {fmt(r['dense_ms'], 2)} | {fmt(r['dense_tps'], 1)} "
+                     f"| {fmt(r['sparse_ms'], 2)} | {fmt(r['sparse_tps'], 1)} | {r['speedup']:.2f}x "
+                     f"| {fmt(r['density'], 3)} | {fmt(r['key_cache_mib'], 1)} | {fmt(r['peak_gib'], 1)} "
+                     f"| {fmt(r['prefill_s'], 1)} | {r['check_err']:.1e}{'' if r['check_ok'] else ' FAILED'} |")
+    lines += [""] + [f"Skipped: {s}" for s in skipped]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode_model.py needs a CUDA GPU (none found)")
+    import transformers
+
+    from seer.kernels.bench import env_info
+
+    mcfg = model_config(args.model, args.layers)
+    arch = mcfg.architecture
+    layers = arch["num_hidden_layers"]
+    _, _, _, kv_heads, head_dim, _ = _shape(arch)
+    extra = max(args.steps, args.warmup, args.check_steps)
+    cases, skipped = [], []
+    for prompt in args.prompts:
+        for batch in args.batch:
+            kv = kv_cache_bytes(layers, batch, kv_heads, prompt + extra, head_dim)
+            need = estimate_bytes(arch, layers, batch, prompt + extra, args.prefill_chunk)
+            if need > args.mem_limit_gib * GIB:
+                skipped.append(f"prompt {prompt}, batch {batch}: KV cache {kv / GIB:.1f} GiB, estimated peak "
+                               f"{need / GIB:.1f} GiB > {args.mem_limit_gib:g} GiB")
+                print(skipped[-1], flush=True)
+            else:
+                cases.append((prompt, batch))
+    device = torch.device("cuda")
+    model = build_model(mcfg, device, args.block_size)
+    print(f"{args.model}: {layers} layers, weights {torch.cuda.memory_allocated() / GIB:.1f} GiB", flush=True)
+    rows = []
+    for prompt, batch in cases:
+        rows.append(bench_case(model, batch, prompt, args, device))
+        r = rows[-1]
+        print(f"prompt {prompt} batch {batch}: dense {r['dense_ms']:.2f} ms/step ({r['dense_tps']:.1f} tok/s), "
+              f"sparse {r['sparse_ms']:.2f} ms/step ({r['sparse_tps']:.1f} tok/s), {r['speedup']:.2f}x, density "
+              f"{r['density']:.3f}, peak {r['peak_gib']:.1f} GiB, prefill {r['prefill_s']:.1f} s, check "
+              f"{r['check_err']:.1e}", flush=True)
+    info = {**env_info(), "transformers": transformers.__version__}
+    cmd = "python experiments/bench_decode_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(rows, skipped, info, args, layers, cmd)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    if not all(r["check_ok"] for r in rows):
+        sys.exit("the correctness check failed (see the rows marked FAILED)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""experiments/bench_decode_model.py, a GPU benchmark not run yet: its memory estimate and arguments, and one case on
+a tiny random model on the CPU (PyTorch reference kernel): dense and sparse decode run over the same rewound cache."""
+
+import math
+
+import pytest
+import torch
+
+from experiments import bench_decode_model as bench
+from seer.config import compose, validate
+
+GIB = 2**30
+
+
+def test_memory_estimate_of_the_8b_shape():
+    arch = validate(compose(["model=llama3_8b", "model.random_init=true"])).model.architecture
+    assert bench.kv_cache_bytes(32, 8, 8, 32768, 128) == 32 * GIB
+    assert bench.kv_cache_bytes(32, 8, 8, 131072, 128) == 128 * GIB
+    assert bench.weight_bytes(arch, 32) == 2 * 8_030_261_248  # Llama-3.1-8B's parameter count
+    assert bench.estimate_bytes(arch, 32, 8, 131072) > 130 * GIB > bench.estimate_bytes(arch, 32, 8, 32768)
+    assert bench.estimate_bytes(arch, 32, 1, 131072) < bench.estimate_bytes(arch, 32, 1, 131072, chunk=0) + 1
+    assert bench.estimate_bytes(arch, 32, 1, 131072, chunk=8192) < bench.estimate_bytes(arch, 32, 1, 131072)
+
+
+def test_arguments():
+    args = bench.parse_args([])
+    assert (args.prompts, args.batch, args.steps, args.budget, args.layers) == ([32768, 131072], [1, 8], 32, 2048,
+                                                                               None)
+    assert bench.parse_args(["--layers", "4", "--cache", "dynamic"]).layers == 4
+    for bad in (["--steps", "0"], ["--layers", "0"], ["--budget", "0"], ["--prompts", "1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+@pytest.mark.parametrize("cache, chunk", [("reserved", "0"), ("dynamic", "40")])
+def test_one_case_on_the_cpu(cache, chunk):
+    mcfg = bench.model_config("tiny_llama", layers=3, dtype="float32")
+    model = bench.build_model(mcfg, "cpu", block_size=16)
+    args = bench.parse_args(["--steps", "3", "--warmup", "1", "--check-steps", "2", "--budget", "32", "--tol",
+                             "1e-4", "--cache", cache, "--prefill-chunk", chunk])
+    row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
+    assert row["check_ok"] and row["check_err"] < 1e-4 and row["speedup"] > 0 and math.isnan(row["peak_gib"])
+    assert 0.2 < row["density"] < 0.6  # 2 of 7 blocks, one of them forced
+    assert model.seer_decode.sparsity is None and row["key_cache_mib"] > 0
+    text = bench.report([row], ["prompt 9, batch 9: too big"], {"device": "cpu", "torch": torch.__version__,
+                        "triton": "-", "cuda": "-", "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
+    assert "| 0k | 2 |" in text and "Skipped: prompt 9" in text
