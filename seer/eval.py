@@ -1,5 +1,5 @@
-"""Evaluation entry point: ``python -m seer.eval selector=... sparsity=... [gates=PATH] [key=value ...]`` (``-m`` for
-sweeps).
+"""Evaluation entry point: ``python -m seer.eval selector=... sparsity=... [gates=PATH] [decode_gates=PATH]
+[key=value ...]`` (``-m`` for sweeps).
 
 Checks every argument (:mod:`seer.preflight`: gates against the model's shape, lengths against its context and the
 text) before the model loads, then loads it (with its gates for ``selector=gate``), measures it dense once (cached)
@@ -8,6 +8,11 @@ window length, the keys of :data:`seer.evaluation.harness.ROW_KEYS`) and ``summa
 W&B run are) in the run folder. W&B runs start as ``seer.train``'s do (:mod:`seer.tracking`), bad input is printed
 as one line, and a sweep (``-m``) ends with its report (:mod:`seer.sweeps`); ``python -m seer.report DIR`` tabulates
 a sweep.
+
+With ``decode_gates`` (and any ``decode_sparsity.*`` over their stored budget, checked as ``seer.generate`` checks
+them) the generated measures (passkey, RULER) decode through the decode gates on top of the prefill selection under
+test (``sparsity=dense`` for decode alone); the dense reference stays dense, prefill and decode, and its cache is
+shared with runs without decode gates. Rows name the decode budget (``decode``) and its achieved ``decode_density``.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     from seer.model.attention import prepare_model, scorer_name
     from seer.model.gate_io import load_gates, read_gate_meta
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
-    from seer.preflight import check_complete, check_evaluation
+    from seer.preflight import check_complete, check_decode, check_evaluation
     from seer.sparsity.calibration import find_calibration, save_calibration
 
     check_complete(cfg)
@@ -104,7 +109,17 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         cfg.gates = str(resolve_gates(cfg.gates))
     model_cfg, sparsity, evaluation, selector, corpus = _checked(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(), uses_gates=selector is None)
+    shape = check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(),
+                             uses_gates=selector is None)
+    decode = check_decode(plain, shape)
+    decode_gates = decode_threshold = None
+    if decode is not None:
+        from seer.model.decode_gate_io import decode_weights_path
+        from seer.sparsity.decode import find_decode_calibration
+
+        decode_gates = str(decode_weights_path(cfg.decode_gates).parent.resolve())
+        if decode.calibrated:
+            decode_threshold = find_decode_calibration(decode_gates, decode).threshold
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kernel = resolve_backend("kernel", cfg.kernel, device)
     tokenizer = load_tokenizer(model_cfg)
@@ -124,7 +139,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         gate_config = build(GateConfig, "gate", read_gate_meta(cfg.gates)["gate"]).with_blend(
             cfg.selector.get("blend", "own"), cfg.selector.get("blend_weight"))
     identity = tracking.run_identity(f"{cfg.task_name}-{scorer_name(selector, gate_config)}",
-                                     {**tracking.flat_config(cfg), "gates": gates, "model.name": model_id(model_cfg)})
+                                     {**tracking.flat_config(cfg), "gates": gates, "model.name": model_id(model_cfg),
+                                      "decode_gates": decode_gates})
     run = _start_wandb(cfg, identity)
     try:
         torch.manual_seed(cfg.seed)  # random-weight models (model.random_init) are the same in every run
@@ -134,6 +150,10 @@ def run_eval(cfg: DictConfig) -> list[dict]:
             load_gates(model, cfg.gates, expected_gate=gate_config)
         else:
             prepare_model(model, cfg.block_size)
+        if decode is not None:
+            from seer.model.decode_gate_io import load_decode_gates
+
+            load_decode_gates(model, decode_gates)
         evaluator = Evaluator(model, tokenizer, text, evaluation, kernel=kernel,
                               cache_dir=Path(cfg.paths.cache_dir) / "eval", model_name=model_id(model_cfg),
                               ruler_samples=ruler)
@@ -148,9 +168,10 @@ def run_eval(cfg: DictConfig) -> list[dict]:
                     calibrations[n] = evaluator.calibrate(None, sparsity, n)
                     if cfg.save_calibration:
                         save_calibration(cfg.gates, calibrations[n])
-        rows = evaluator.evaluate(selector, sparsity, dense, calibrations)
+        rows = evaluator.evaluate(selector, sparsity, dense, calibrations, decode, decode_threshold)
         for row in rows:
-            row.update(model=model_id(model_cfg), data=text.fingerprint, gates=gates)
+            row.update(model=model_id(model_cfg), data=text.fingerprint, gates=gates,
+                       decode_gates=decode_gates)
         from seer.files import atomic_write_text
 
         metrics = atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
@@ -178,7 +199,8 @@ def format_rows(rows: list[dict]) -> str:
             f"{f(r['ppl_dense'], '.3f')}, {f(r['ppl_increase'], '+.1%')}) | recall {f(r['recall'], '.3f')} "
             f"(oracle {f(r['oracle_recall'], '.3f')}) | passkey {f(r['passkey'], '.2f')} (dense "
             f"{f(r['passkey_dense'], '.2f')}) | copy {f(r['copy'], '.2f')} (dense {f(r['copy_dense'], '.2f')})"
-            + (f" | RULER {r['ruler']:.1f} (dense {f(r['ruler_dense'], '.1f')})" if r.get("ruler") is not None else ""))
+            + (f" | RULER {r['ruler']:.1f} (dense {f(r['ruler_dense'], '.1f')})" if r.get("ruler") is not None else "")
+            + (f" | decode density {f(r['decode_density'], '.3f')} ({r['decode']})" if r.get("decode") else ""))
     return "\n".join(lines + [""])
 
 

@@ -8,7 +8,8 @@ prefill density per layer and the prefill time (beside dense), and the achieved 
 one stored with its gates changed by any ``sparsity.*`` / ``decode_sparsity.*`` value given (``sparsity=<option>``
 replaces the prefill one). Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a
 prompt (plus ``max_new_tokens``) longer than the model's context, gates or decode gates made for another model shape,
-a decode budget below one block, a calibrated budget with no calibration stored beside its gates.
+a decode budget below one block or without decode gates, a calibrated budget with no calibration stored beside its
+gates.
 """
 
 from __future__ import annotations
@@ -59,27 +60,17 @@ def budget(cfg: DictConfig, gates_meta: dict):
     return build(SparsityConfig, "sparsity", {**stored, **given})
 
 
-def decode_budget(cfg: DictConfig, decode_meta: dict):
-    """The decode budget of this run: the decode gates' own (``decode_meta["decode_sparsity"]``) with every non-null
-    ``decode_sparsity.*`` value of ``cfg`` put over it; refused below one block."""
-    from seer.model.inference import decode_budget as checked_budget
-
-    given = {k: v for k, v in OmegaConf.to_container(cfg.decode_sparsity, resolve=True).items() if v is not None}
-    return checked_budget({**(decode_meta.get("decode_sparsity") or {}), **given}, decode_meta)
-
-
 def run_generation(cfg: DictConfig) -> dict:
     from seer import tracking
     from seer.checks import build
     from seer.gates.config import GateConfig
     from seer.model.config import ModelConfig
-    from seer.model.decode_gate_io import read_decode_gate_meta
     from seer.model.gate_io import read_gate_meta
     from seer.model.gate_sources import resolve_gates
     from seer.model.inference import load
     from seer.model.loading import load_tokenizer, model_id
-    from seer.preflight import (check_calibration, check_complete, check_decode_calibration, check_dense_layers,
-                                check_generation, check_options)
+    from seer.preflight import (check_calibration, check_complete, check_decode, check_dense_layers, check_generation,
+                                check_options)
 
     check_complete(cfg)
     check_options(tracking.chosen_options())
@@ -100,16 +91,14 @@ def run_generation(cfg: DictConfig) -> dict:
         raise ConfigError(f"model: {model_id(mcfg)} has no tokenizer; seer.generate needs one")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     shape = check_generation(OmegaConf.to_container(cfg, resolve=True), mcfg, ids.shape[1])
-    spars = gate = decode_spars = None
+    spars = gate = None
     if cfg.gates is not None:
         meta = read_gate_meta(cfg.gates)
         spars = budget(cfg, meta)
         gate = build(GateConfig, "gate", meta["gate"]).with_blend(cfg.blend, cfg.blend_weight)
         check_dense_layers(spars, shape)
         check_calibration(cfg.gates, spars, gate.scorer_name)
-    if cfg.decode_gates is not None:
-        decode_spars = decode_budget(cfg, read_decode_gate_meta(cfg.decode_gates))
-        check_decode_calibration(cfg.decode_gates, decode_spars)
+    decode_spars = check_decode(OmegaConf.to_container(cfg, resolve=True), shape)
     model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel, gate_config=gate,
                  decode_gates=cfg.decode_gates, decode_sparsity=decode_spars)
     ids = ids.to(model.device)

@@ -21,6 +21,7 @@ from seer.config import CONF_DIR
 
 if TYPE_CHECKING:
     from seer.config import RunConfig
+    from seer.sparsity.decode import DecodeSparsityConfig
 
 MIN_BLOCKS = 2  # rows of one block leave the gate nothing to choose: loss 0, recall 1
 
@@ -264,10 +265,29 @@ def check_decode_gate_file(path: str | os.PathLike, shape: dict) -> dict:
     return meta
 
 
+def check_decode(cfg: Mapping[str, Any], shape: dict) -> DecodeSparsityConfig | None:
+    """The decode budget of a run (``cfg``: its plain config, with ``decode_gates`` and ``decode_sparsity``): the one
+    stored with the decode gates with every non-null ``decode_sparsity.*`` value put over it, the gates fitting the
+    model's ``shape``, at least one block, its calibration stored; None without decode gates, where a
+    ``decode_sparsity.*`` value is refused."""
+    from seer.model.inference import decode_budget
+
+    given = {k: v for k, v in (cfg.get("decode_sparsity") or {}).items() if v is not None}
+    if cfg.get("decode_gates") is None:
+        if given:
+            key, value = next(iter(given.items()))
+            raise ConfigError(f"decode_sparsity.{key}={value!r}: a decode budget needs decode gates "
+                              f"(decode_gates=PATH)")
+        return None
+    meta = check_decode_gate_file(cfg["decode_gates"], shape)
+    budget = decode_budget({**(meta.get("decode_sparsity") or {}), **given}, meta)
+    check_decode_calibration(cfg["decode_gates"], budget)
+    return budget
+
+
 def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> dict:
     """What ``seer.generate`` needs beyond single values (its budgets, known from the gates, are checked by
-    :func:`check_dense_layers`, :func:`check_calibration` and :func:`check_decode_calibration`); returns the model's
-    shape."""
+    :func:`check_dense_layers`, :func:`check_calibration` and :func:`check_decode`); returns the model's shape."""
     if prompt_tokens == 0:
         given = f"prompt_file={cfg['prompt_file']!r}" if cfg.get("prompt_file") else f"prompt={cfg.get('prompt')!r}"
         raise ConfigError(f"{given}: the prompt is empty; give the text to continue")
@@ -278,8 +298,6 @@ def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> d
                           f"{_model_name(model_cfg)} has a context of {shape['context']} tokens; shorten the prompt")
     if cfg.get("gates") is not None:
         check_gate_file("gates", cfg["gates"], shape)
-    if cfg.get("decode_gates") is not None:
-        check_decode_gate_file(cfg["decode_gates"], shape)
     return shape
 
 

@@ -50,10 +50,11 @@ def target_densities(rows: list[dict]) -> list[float]:
 
 def line_label(row: dict) -> str:
     """What one plotted line is: the scorer and the budget (with its allocation when calibrated, and its forced blocks
-    or dense layers when it has any)."""
+    or dense layers when it has any), and the decode budget of rows answered through decode gates."""
     budget = row["method"] + (f" ({row['allocation']})" if row.get("allocation") else "")
     forced = re.search(r"\[(.*)\]$", row.get("sparsity") or "")
-    return f"{row['selector']} + {budget}" + (f" [{forced.group(1)}]" if forced else "")
+    return (f"{row['selector']} + {budget}" + (f" [{forced.group(1)}]" if forced else "")
+            + (f" + decode {row['decode']}" if row.get("decode") else ""))
 
 
 def _f(x, spec: str) -> str:
@@ -79,18 +80,20 @@ def table(rows: list[dict]) -> str:
 
 def ruler_table(rows: list[dict]) -> str:
     """RULER scores (0-100) per task of the rows that have them, dense in brackets, beside the density achieved on
-    the RULER prompts; empty without RULER."""
+    the RULER prompts (and the decode density, when some rows decoded through decode gates); empty without RULER."""
     tasks = [t for t in RULER_TASKS if any(r.get(f"ruler/{t}") is not None for r in rows)]
     scored = [r for r in rows if r.get("ruler") is not None]
     if not scored:
         return ""
-    lines = ["| N | scorer + budget | achieved density (RULER prompts) | RULER mean (dense) | "
-             + " | ".join(tasks) + " |",
-             "|" + "---|" * (4 + len(tasks))]
+    decode = any(r.get("decode") for r in scored)
+    lines = ["| N | scorer + budget | achieved density (RULER prompts) | "
+             + ("decode density | " if decode else "") + "RULER mean (dense) | " + " | ".join(tasks) + " |",
+             "|" + "---|" * (4 + decode + len(tasks))]
     for r in sorted(scored, key=lambda r: (r["seq_len"], line_label(r), r.get("target_density") or 1.0)):
         cells = [f"{_f(r.get(f'ruler/{t}'), '.1f')} ({_f(r.get(f'ruler/{t}_dense'), '.1f')})" for t in tasks]
-        lines.append(f"| {r['seq_len']} | {line_label(r)} | {_f(r.get('ruler_density'), '.3f')} | {r['ruler']:.1f} "
-                     f"({_f(r.get('ruler_dense'), '.1f')}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['seq_len']} | {line_label(r)} | {_f(r.get('ruler_density'), '.3f')} | "
+                     + (f"{_f(r.get('decode_density'), '.3f')} | " if decode else "")
+                     + f"{r['ruler']:.1f} ({_f(r.get('ruler_dense'), '.1f')}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -210,3 +210,5 @@ def test_generate_refuses_bad_decode_settings_before_loading(tmp_path, monkeypat
                                             "decode_gates=PATH (sparse decode) or both")
     assert refused("sparsity.target_density=0.2") == (
         "sparsity.target_density=0.2: a prefill budget needs prefill gates (gates=PATH)")
+    assert refused(f"gates={folder}", "decode_gates=null", "decode_sparsity.token_budget=2048") == (
+        "decode_sparsity.token_budget=2048: a decode budget needs decode gates (decode_gates=PATH)")

@@ -64,6 +64,20 @@ def test_report_shows_ruler(tmp_path):
     assert png in images and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_names_the_decode_budget(tmp_path):
+    """Rows answered through decode gates are lines of their own, their decode density in the RULER table."""
+    for i, decode in enumerate((None, "token_budget=2048")):
+        row = _row("gate", "threshold", 0.1, 10.5, 0.5)
+        row.update(ruler=50.0 - 10 * i, ruler_dense=80.0, ruler_density=0.11, decode=decode,
+                   decode_density=0.25 if decode else None)
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps([row]))
+    report = build_report(tmp_path)[0].read_text()
+    assert "| N | scorer + budget | achieved density (RULER prompts) | decode density | RULER mean (dense) |" in report
+    assert "| 2048 | gate + threshold | 0.110 | - | 50.0 (80.0) |" in report
+    assert "| 2048 | gate + threshold + decode token_budget=2048 | 0.110 | 0.250 | 40.0 (80.0) |" in report
+
+
 def test_bad_folders_and_damaged_metrics_are_one_line_naming_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit, match=f"ConfigError: no metrics.json under {tmp_path}"):
         main([str(tmp_path)])

@@ -30,7 +30,7 @@ class EvalConfig:
     * ``timing`` (CUDA only): prefill time of selection (scoring + budget + index) and of attention, beside dense.
     * ``ruler``: RULER tasks (its names, or ``all`` for its 13; :mod:`seer.evaluation.ruler`), ``ruler_samples``
       samples of each at every length, generated with the model's tokenizer and answered greedily (sparse prefill,
-      dense decode); scores 0-100. Needs ``pip install 'seer[ruler]'``.
+      decode dense or through decode gates); scores 0-100. Needs ``pip install 'seer[ruler]'``.
 
     Dense is measured once per model, text and settings and cached (``dense_cache``).
     """

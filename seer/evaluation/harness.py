@@ -11,11 +11,16 @@ A calibrated budget is calibrated on the first ``calibration_windows`` windows o
 the model running dense; cached per scorer and length, so many budgets and densities share one observation) and
 evaluated on the next ``windows``: the knob found and the density it reached there are reported beside the density
 achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk when a
-cache folder is given).
+cache folder is given), prefill and decode dense.
+
+A model with decode gates (:func:`seer.model.decode_gate_io.load_decode_gates`) answers the generated measures
+(passkey, RULER) with sparse decode steps when ``evaluate`` is given a decode budget: rows name it (``decode``) and
+hold ``decode_density``, the achieved decode density (``model.seer_decode``) averaged over the generations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,13 +38,14 @@ from seer.files import atomic_write_text
 from seer.model.attention import LayerObservation, SeerContext, scorer_name
 from seer.sparsity import SparsityConfig, block_density, mass_recall, oracle_recall
 from seer.sparsity.calibration import Calibration, calibrate
+from seer.sparsity.decode import DecodeSparsityConfig
 
 # what each row of results holds (measures that were off are None)
 ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "knob", "knob_min", "knob_max",
             "calibrated_density", "density", "seq_len", "tokens", "ppl", "ppl_dense", "ppl_increase", "ppl_half",
             "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey", "passkey_dense",
             "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms", "attention_ms",
-            "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density")
+            "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density", "decode", "decode_density")
 # beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run
 PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
@@ -147,13 +153,21 @@ class Evaluator:
                        oracle_recall=_mean([_mean(layer_oracle[i]) for i in sorted(layer_oracle)]))
         return out
 
-    def _passkey(self, cases: list[PasskeyCase], label: str) -> dict:
+    def _decode_density(self, decoded: list[float]) -> None:
+        """Adds the achieved decode density of the last generation to ``decoded`` (nothing when decode ran dense or
+        took no step)."""
+        decode = getattr(self.model, "seer_decode", None)
+        if decode is not None and decode.sparsity is not None and decode.density:
+            decoded.append(decode.mean_density())
+
+    def _passkey(self, cases: list[PasskeyCase], label: str, decoded: list[float]) -> dict:
         correct, density = 0, []
         for i in self._bar(range(0, len(cases), self.config.batch_size), f"{label}: passkey"):
             chunk = cases[i:i + self.config.batch_size]
             ids = torch.stack([c.input_ids for c in chunk]).to(self.device)
             self.ctx.clear_step()
             answers = self._greedy(ids, PASSKEY_NEW_TOKENS)
+            self._decode_density(decoded)
             if self.ctx.mode == "sparse":
                 density.append(self.ctx.mean_density())
             for case, answer in zip(chunk, answers):
@@ -163,7 +177,8 @@ class Evaluator:
         return {"passkey": correct / len(cases), "passkey_density": _mean(density) if density else 1.0}
 
     def _greedy(self, ids: torch.Tensor, steps: int) -> torch.Tensor:
-        """Greedy continuation ``[B, steps]``: a (sparse) prefill, then dense decode steps over its KV cache."""
+        """Greedy continuation ``[B, steps]``: a (sparse) prefill, then decode steps over its KV cache (sparse when the
+        model's decode gates are on)."""
         with torch.no_grad():
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             tokens = [out.logits[:, -1].argmax(-1)]
@@ -172,9 +187,10 @@ class Evaluator:
                 tokens.append(out.logits[:, -1].argmax(-1))
         return torch.stack(tokens, dim=1).cpu()
 
-    def _ruler(self, samples: dict[str, list[ruler.RulerSample]], label: str) -> dict:
+    def _ruler(self, samples: dict[str, list[ruler.RulerSample]], label: str, decoded: list[float]) -> dict:
         """RULER scores (0-100): ``ruler/<task>`` (mean over its samples), ``ruler`` (mean over tasks), and the mean
-        achieved density of the prefills (``ruler_density``); ``batch_size`` samples a prefill (left-padded)."""
+        achieved density of the prefills (``ruler_density``); ``batch_size`` samples a prefill (left-padded). Decode
+        densities go to ``decoded``."""
         out, density = {}, []
         for task, cases in samples.items():
             scores = []
@@ -183,6 +199,7 @@ class Evaluator:
                 self.ctx.density.clear()
                 answers = ruler.greedy_answers(self.model, [case.input_ids for case in batch],
                                                max(case.max_new_tokens for case in batch), self.stop_ids)
+                self._decode_density(decoded)
                 if self.ctx.mode == "sparse":
                     density.append(self.ctx.mean_density())
                 for case, answer in zip(batch, answers):
@@ -237,14 +254,17 @@ class Evaluator:
     def _measure(self, n: int, rows: torch.Tensor, label: str) -> dict:
         c = self.config
         out: dict[str, Any] = {"seq_len": n}
+        decoded: list[float] = []
         if c.perplexity or c.recall:
             out.update(self._perplexity(rows, c.recall, f"{label} {n}"))
         if self.passkey:
-            out.update(self._passkey(self.passkey[n], f"{label} {n}"))
+            out.update(self._passkey(self.passkey[n], f"{label} {n}", decoded))
         if self.copy:
             out.update(self._copy(self.copy[n], f"{label} {n}"))
         if self.ruler:
-            out.update(self._ruler(self.ruler[n], f"{label} {n}"))
+            out.update(self._ruler(self.ruler[n], f"{label} {n}", decoded))
+        if decoded:
+            out["decode_density"] = _mean(decoded)
         out.update(self._timing(n))
         return out
 
@@ -255,12 +275,23 @@ class Evaluator:
         path = self._dense_cache_path()
         if path is not None and path.is_file():
             return {int(k): v for k, v in json.loads(path.read_text()).items()}
-        with self.ctx.running("dense"):
+        with self.ctx.running("dense"), self._decoding(None, None):
             result = {n: self._measure(n, self.windows[n][self.config.calibration_windows:], "dense")
                       for n in self.config.seq_lens}
         if path is not None:
             atomic_write_text(path, json.dumps({str(k): v for k, v in result.items()}, indent=1))
         return result
+
+    def _decoding(self, decode: DecodeSparsityConfig | None, threshold: float | None):
+        """The decode steps inside the block: sparse with budget ``decode`` (``threshold``: its calibrated knob), dense
+        with None."""
+        context = getattr(self.model, "seer_decode", None)
+        if context is None:
+            if decode is not None:
+                raise ValueError(f"decode budget {decode.describe()}: the model has no decode gates "
+                                 f"(seer.model.decode_gate_io.load_decode_gates)")
+            return contextlib.nullcontext()
+        return context.running(decode, self.ctx.kernel, threshold)
 
     def _dense_cache_path(self) -> Path | None:
         if self.cache_dir is None or not self.config.dense_cache:
@@ -302,24 +333,27 @@ class Evaluator:
                          seq_len=seq_len)
 
     def evaluate(self, selector, sparsity: SparsityConfig, dense: dict[int, dict] | None = None,
-                 calibrations: dict[int, Calibration] | None = None) -> list[dict]:
+                 calibrations: dict[int, Calibration] | None = None, decode: DecodeSparsityConfig | None = None,
+                 decode_threshold: float | None = None) -> list[dict]:
         """One row of metrics per length for ``selector`` (None: the gates) with budget ``sparsity``, beside
         ``dense`` (measured if not given). ``calibrations`` (per length) are used as given instead of calibrating
-        (e.g. the ones stored with the gates)."""
+        (e.g. the ones stored with the gates). ``decode``: the decode budget of the model's decode gates for the
+        generated measures (``decode_threshold``: the calibrated threshold of a calibrated one); None: dense decode."""
         dense = self.dense() if dense is None else dense
         rows = []
         for n in self.config.seq_lens:
             calibration = None
             if sparsity.calibrated:
                 calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n)
-            with self.ctx.running("sparse", selector=selector, sparsity=sparsity, calibration=calibration):
+            with self.ctx.running("sparse", selector=selector, sparsity=sparsity, calibration=calibration), \
+                    self._decoding(decode, decode_threshold):
                 got = self._measure(n, self.windows[n][self.config.calibration_windows:],
                                     f"{scorer_name(selector, self.ctx.gate_config)} {sparsity.method}")
-            rows.append(self._row(selector, sparsity, calibration, got, dense[n]))
+            rows.append(self._row(selector, sparsity, calibration, got, dense[n], decode))
         return rows
 
-    def _row(self, selector, sparsity: SparsityConfig, calibration: Calibration | None, got: dict,
-             dense: dict) -> dict:
+    def _row(self, selector, sparsity: SparsityConfig, calibration: Calibration | None, got: dict, dense: dict,
+             decode: DecodeSparsityConfig | None) -> dict:
         knobs = [v for values in calibration.knobs.values() for v in values] if calibration else None
         own = {"topk": sparsity.target_density, "threshold": sparsity.threshold, "topp": sparsity.p,
                "dense": None}[sparsity.method]
@@ -333,7 +367,7 @@ class Evaluator:
             knob_max=max(knobs) if knobs else own, calibrated_density=calibration.density if calibration else None,
             ppl_dense=dense.get("ppl"), ppl_half_dense=dense.get("ppl_half"), passkey_dense=dense.get("passkey"),
             copy_dense=dense.get("copy"), copy_nll_dense=dense.get("copy_nll"),
-            dense_prefill_ms=dense.get("prefill_ms"))
+            dense_prefill_ms=dense.get("prefill_ms"), decode=decode.describe() if decode else None)
         row.update({f"{key}_dense": value for key, value in dense.items()
                     if key == "ruler" or key.startswith("ruler/")})
         if row["ppl"] is not None and row["ppl_dense"]:

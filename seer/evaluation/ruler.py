@@ -447,8 +447,9 @@ def ruler_samples(tokenizer, tasks: list[str], seq_lens: list[int], count: int, 
 
 def greedy_answers(model, prompts: list, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
     """Greedy continuations of prompts ``[N_i]`` run as one left-padded batch: one prefill (sparse, each prompt on its
-    own tokens, when the model's seer context says so), then dense decode steps over its KV cache, each row until a
-    stop token (not returned) or ``max_new_tokens``. Each row gets what it gets alone."""
+    own tokens, when the model's seer context says so), then decode steps over its KV cache (sparse when the model's
+    decode gates are on), each row until a stop token (not returned) or ``max_new_tokens``. Each row gets what it gets
+    alone."""
     import torch
 
     device = next(model.parameters()).device

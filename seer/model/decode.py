@@ -109,6 +109,24 @@ class DecodeContext:
         self.sparsity, self.threshold, self.cache = None, None, None
         self.density.clear()
 
+    @contextlib.contextmanager
+    def running(self, sparsity: DecodeSparsityConfig | None, kernel: str = "reference",
+                threshold: float | None = None) -> Iterator[DecodeContext]:
+        """Inside the block decode steps attend as :meth:`enable` sets them (``sparsity`` None: densely, as after
+        :meth:`disable`); the budget before it is back when it ends."""
+        before = self.sparsity, self.kernel, self.threshold
+        self._switch(sparsity, kernel, threshold)
+        try:
+            yield self
+        finally:
+            self._switch(*before)
+
+    def _switch(self, sparsity: DecodeSparsityConfig | None, kernel: str, threshold: float | None) -> None:
+        if sparsity is None:
+            self.disable()
+        else:
+            self.enable(sparsity, kernel, threshold)
+
     def densities(self) -> dict[int, float]:
         """Achieved decode density of each layer over the decode steps since the last prefill (read from the device
         here, once per layer)."""
