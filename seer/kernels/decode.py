@@ -275,9 +275,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_num_splits(programs: int, list_len: int, num_sms: int) -> int:
-    """Splits of each list when ``programs`` (sequences x KV heads x query tiles) run on ``num_sms`` SMs: enough to
-    start about two programs per SM, at most one per two list entries (an untimed guess)."""
-    if programs >= num_sms:
+    """Splits of each list when ``programs`` (sequences x KV heads x query tiles) run on ``num_sms`` SMs: none once
+    the programs fill three quarters of the SMs (on an H200 at batch 16 x 8 KV heads, 128 programs for 132 SMs, one
+    split beat 2-12: docs/bench_decode.md), else enough to start about two programs per SM, at most one per two list
+    entries."""
+    if 4 * programs >= 3 * num_sms:
         return 1
     return max(1, min(-(-2 * num_sms // programs), list_len // 2))
 

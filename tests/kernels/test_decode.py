@@ -195,6 +195,8 @@ def test_block_index_builders():
 
 def test_default_num_splits():
     assert default_num_splits(512, 64, 132) == 1  # enough programs: no merge
+    assert default_num_splits(128, 51, 132) == 1  # three quarters of the SMs busy: no merge either
+    assert default_num_splits(64, 51, 132) == 5
     assert default_num_splits(8, 32, 132) == 16  # at most one split per two entries
     assert default_num_splits(8, 512, 132) == 33  # about two programs per SM
     assert default_num_splits(8, 1, 132) == 1
