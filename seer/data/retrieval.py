@@ -101,11 +101,12 @@ class Insertion:
 
 @dataclass(frozen=True)
 class Structure:
-    """One inserted lookup: a fact and its recalls, a chain, or a repeated span (``key`` and ``value`` are what the
-    last insertion restates; a span's value is the copied text)."""
+    """One inserted lookup: a fact and its recalls (one key), a chain (its keys in order: the first is given
+    ``value``, each next one takes the previous one's, the last is recalled) or a repeated span (no keys; its value
+    is the copied text)."""
 
     kind: str
-    key: str
+    keys: tuple[str, ...]
     value: str
     insertions: tuple[Insertion, ...]  # in reading order, at increasing positions
 
@@ -285,7 +286,7 @@ class _Document:
         facts, recall_lines = (_CODE_FACTS, _CODE_RECALLS) if self.code else (_PROSE_FACTS, _PROSE_RECALLS)
         lines = [self._line(self.rng.choice(facts), positions[0], key=key, value=value, kind=kind)]
         lines += [self._line(self.rng.choice(recall_lines), p, key=key, value=value, kind=kind) for p in positions[1:]]
-        return Structure("fact", key, value, tuple(lines))
+        return Structure("fact", (key,), value, tuple(lines))
 
     def chain(self, hops: int, value_kind: str) -> Structure | None:
         keys, positions = [self._key() for _ in range(hops + 1)], self._positions(hops + 2)
@@ -298,7 +299,7 @@ class _Document:
         lines += [self._line(self.rng.choice(links), p, new=new, old=old, kind=kind)
                   for p, old, new in zip(positions[1:-1], keys, keys[1:])]
         lines.append(self._line(self.rng.choice(recalls), positions[-1], key=keys[-1], value=value, kind=kind))
-        return Structure("chain", keys[-1], value, tuple(lines))
+        return Structure("chain", tuple(keys), value, tuple(lines))
 
     def span(self, words: tuple[int, int]) -> Structure | None:
         """Whole sentences (lines) from the first 60% of the document, copied to a later boundary."""
@@ -317,5 +318,5 @@ class _Document:
             if later:
                 copied = self.text[start:end]
                 position = self.rng.choice(later)[0]
-                return Structure("span", "", copied, (Insertion(position, f"{copied}{self.separator}"),))
+                return Structure("span", (), copied, (Insertion(position, f"{copied}{self.separator}"),))
         return None
