@@ -18,6 +18,12 @@ On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .asset
 Blend-aware distillation (gates trained through the vertical-slash blend they are evaluated with, not alone): the
 same command with ``--train-overrides stage.loss_through_blend=true`` and its own ``--work`` and ``--out`` folders
 (the default run's gates and results stay); compare the ``gate:mass+vertical_slash@0.5`` rows of the two.
+
+Retrieval rows (for RULER's retrieval and multi-hop tasks, which the novels and stdlib rarely show the gates): the
+same command with ``--train-overrides data/augment=retrieval`` (and its own ``--work`` and ``--out``) writes key-value
+facts recalled thousands of tokens later, multi-hop chains and verbatim repeated spans, in the documents' own prose or
+code, into half of the training documents (``data.augment.share``; ``seer/data/retrieval.py``); the validation rows
+stay those of the default run. Compare the RULER rows of the two runs.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from seer.data.corpora import Corpus
 from seer.data.packing import (PACKINGS, PackedRows, document_positions, pack_documents, resolve_add_bos,
                                tokenizer_fingerprint)
 from seer.data.resumable import ResumableShuffle
+from seer.data.retrieval import RetrievalAugmentation
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,15 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         packing: `concat` (documents joined with EOS into one stream, cut into rows) or `documents` (the same rows
             with each document's start kept: batches carry position ids restarting at each document, and the
             distill and finetune stages keep attention, gates and ground truth inside each document).
+        augment: a `RetrievalAugmentation` that rewrites the training documents (facts and recalls, chains and
+            repeated spans written in); the held-out split is still decided on the original text and the validation
+            documents are packed as they are. None (the default) packs every document as it is.
     """
 
     def __init__(self, corpus: Corpus, tokenizer=None, seq_len: int = 1024, batch_size: int = 1,
                  train_sequences: int = 64, val_sequences: int = 4, val_fraction: float = 0.05,
                  cache_dir: str | os.PathLike | None = None, seed: int = 0, num_workers: int = 0,
-                 add_bos: bool | None = None, packing: str = "concat"):
+                 add_bos: bool | None = None, packing: str = "concat", augment: RetrievalAugmentation | None = None):
         super().__init__()
         if not isinstance(corpus, Corpus):
             raise TypeError(f"PackedTextDataModule: corpus must be a seer.data Corpus, got {type(corpus).__name__}")
@@ -84,6 +88,8 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
             (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
             (add_bos in (None, True, False), f"add_bos must be true, false or null (auto), got {add_bos!r}"),
             (packing in PACKINGS, f"packing must be one of {PACKINGS}, got {packing!r}"),
+            (augment is None or isinstance(augment, RetrievalAugmentation),
+             f"augment must be a RetrievalAugmentation or null, got {type(augment).__name__}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,6 +106,7 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         self.num_workers = num_workers
         self.add_bos = add_bos
         self.packing = packing
+        self.augment = augment
         self.rows: PackedRows | None = None
 
     @property
@@ -123,6 +130,8 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
                         val_sequences=self.val_sequences)
         if self.packing != "concat":  # concat rows keep the cache keys they had before packing was a setting
             settings["packing"] = self.packing
+        if self.augment is not None:  # likewise for rows packed without augmentation
+            settings["augment"] = self.augment.fingerprint
         return settings
 
     def setup(self, stage: str | None = None) -> None:
@@ -138,7 +147,7 @@ class PackedTextDataModule(ResumableShuffle, lightning.LightningDataModule):
         self.rows = pack_documents(self.corpus.documents(), self.tokenizer, seq_len=self.seq_len,
                                    train_sequences=self.train_sequences, val_sequences=self.val_sequences,
                                    val_fraction=self.val_fraction, add_bos=settings["add_bos"],
-                                   packing=self.packing)
+                                   packing=self.packing, augment=self.augment)
         if path is not None:
             save_rows(path, self.rows, settings)
             log.info("cached %d + %d token rows at %s", len(self.rows.train), len(self.rows.val), path)

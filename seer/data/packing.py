@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -160,11 +160,14 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 def pack_documents(documents: Iterable[str], tokenizer, seq_len: int, train_sequences: int, val_sequences: int,
-                   val_fraction: float, add_bos: bool, packing: str = "concat") -> PackedRows:
+                   val_fraction: float, add_bos: bool, packing: str = "concat",
+                   augment: Callable[[str], str] | None = None) -> PackedRows:
     """Tokenise `documents` and pack them into `train_sequences` + `val_sequences` rows of `seq_len` tokens.
 
     Each document is followed by EOS; a document may run over into the next row. `packing` (one of `PACKINGS`):
     `concat` cuts one stream, `documents` keeps where each document (piece) starts (see the module docstring).
+    `augment` (e.g. `seer.data.retrieval.RetrievalAugmentation`) rewrites each training document after the split was
+    decided on its original text; validation documents are packed as they are.
     Raises ValueError naming the numbers when the documents run out before every row is built.
     """
     if packing not in PACKINGS:
@@ -182,7 +185,8 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int, train_sequ
         for batch in _batches(documents):
             documents_read += len(batch)
             kept = [(text, splits["val" if is_validation_document(text, val_fraction) else "train"]) for text in batch]
-            kept = [(text, cutter) for text, cutter in kept if not cutter.full]
+            kept = [(augment(text) if augment is not None and cutter is splits["train"] else text, cutter)
+                    for text, cutter in kept if not cutter.full]
             if kept:
                 encoded = tokenizer([text for text, _ in kept], add_special_tokens=False, verbose=False)["input_ids"]
                 for ids, (_, cutter) in zip(encoded, kept):

@@ -47,3 +47,19 @@ def test_hub_configs_build_their_corpus_without_network(tmp_path, name, hub):
     assert cfg.seq_len == 32768 and cfg.train_sequences == 16 * 500
     dm = instantiate(cfg, tokenizer=tiny_tokenizer())
     assert isinstance(dm.corpus, HFDatasetCorpus) and dm.corpus.path == hub and dm.corpus.streaming
+
+
+def test_retrieval_augmentation_turns_on_with_one_override(tmp_path):
+    """``data/augment=retrieval`` (conf/data/augment/) composes with the qwen05 recipe, its values are the class's
+    defaults, and the data module gets it; without the override there is no augmentation."""
+    from seer.config import compose as compose_run
+    from seer.data import RetrievalAugmentation
+
+    over = ["experiment=qwen05_gates", f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]",
+            f"paths.output_dir={tmp_path}"]
+    assert "augment" not in compose_run(over).data
+    node = compose_run([*over, "data/augment=retrieval", "data.augment.share=0.3"]).data
+    (tmp_path / "a.txt").write_text("some text")
+    dm = instantiate(node, tokenizer=tiny_tokenizer())
+    assert isinstance(dm.augment, RetrievalAugmentation) and dm.augment.share == 0.3
+    assert instantiate(node.augment, share=0.5).settings() == RetrievalAugmentation().settings()
