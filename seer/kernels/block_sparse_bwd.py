@@ -582,7 +582,7 @@ def block_sparse_attn_backward(
 
 
 def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, sm_scale, dq, dk, dv,
-                    cu_seqlens=None):
+                    cu_seqlens=None, seqlens=None):
     """The three backward launches over checked inputs. With ``cu_seqlens`` (int32 ``[S + 1]``), the ``[1, H, T, D]``
     tensors (and ``[1, Hq, T]`` lse) hold ``S`` sequences packed in one row, the lists are per sequence and the
     gradient buffers are written only at the sequences' tokens."""

@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
+import seer.kernels.block_sparse as block_sparse_module
 from seer.kernels import block_sparse_attn, block_sparse_attn_varlen, reference
+from seer.kernels.common import varlen_order
 from tests.kernels.masks import special_mask
 
 
@@ -34,6 +36,8 @@ def _packed(lengths, hq, hkv, d, block, mask_heads, dtype=torch.float32, seed=0,
     ((37, 1, 0, 80, 16), 4, 2, 16, 16, 4),     # odd lengths, a one-token and an empty sequence, a mask per query head
     ((0, 50, 33), 4, 1, 32, 16, 1),            # empty first sequence, a mask per key/value head (GQA 4:1)
     ((70, 64, 5), 2, 2, 16, 32, 2),            # 32-token blocks, a sequence of exactly two blocks
+    ((1, 0, 150, 0, 3, 17), 6, 2, 16, 16, 2),  # lengths 0 to 150 (10 blocks vs 1): most programs of the longest
+    ((1,), 2, 1, 16, 16, 2),                   # a single one-token sequence
 ])
 def test_packed_sequences_match_the_reference_and_each_sequence_alone(lengths, hq, hkv, d, block, mask_heads):
     q, k, v, cu, mask = _packed(lengths, hq, hkv, d, block, mask_heads)
@@ -55,6 +59,39 @@ def test_packed_sequences_match_the_reference_and_each_sequence_alone(lengths, h
                                                        mask[s:s + 1, :, :nb, :nb], block)
         torch.testing.assert_close(ref_out[a:b], alone[0].transpose(0, 1))
         torch.testing.assert_close(ref_lse[:, a:b], alone_lse[0])
+
+
+@pytest.mark.parametrize("tile, block, last_first", [(16, 16, True), (16, 32, False), (32, 32, True)])
+def test_varlen_order_lists_each_real_program_once_heaviest_first(tile, block, last_first):
+    lengths, heads = (37, 1, 0, 150, 16, 0), 3
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    rows = math.ceil(max(lengths) / block)
+    work = torch.randint(0, 4, (len(lengths), heads, rows), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.int32)
+    order = varlen_order(work, cu, list(lengths), tile, block, last_first)
+    per_row = rows * block // tile
+    want = [(s * heads + h) * per_row + p for s, n in enumerate(lengths) for h in range(heads)
+            for p in range(math.ceil(n / tile))]
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == want  # every real program once, no other
+    w = work.view(-1)[(order // per_row) * rows + (order % per_row) * tile // block]
+    assert (w[:-1] >= w[1:]).all()  # longest lists first
+    progs, w = order.tolist(), w.tolist()
+    for i in range(len(progs) - 1):  # ties within a head: later (last_first) or earlier programs first
+        if progs[i] // per_row == progs[i + 1] // per_row and w[i] == w[i + 1]:
+            assert (progs[i] > progs[i + 1]) == last_first
+
+
+def test_varlen_launch_has_only_the_programs_inside_sequences(monkeypatch):
+    """The varlen forward launches one program per (sequence, query head, query block inside the sequence), not
+    the longest sequence's count for every sequence."""
+    sizes = []
+    monkeypatch.setattr(block_sparse_module, "varlen_order",
+                        lambda *args, **kwargs: sizes.append(varlen_order(*args, **kwargs).numel())
+                        or varlen_order(*args, **kwargs))
+    lengths = (150, 1, 0, 20)
+    q, k, v, cu, mask = _packed(lengths, 4, 2, 16, 16, 2)
+    block_sparse_attn_varlen(q, k, v, cu, mask, 16)
+    assert sizes == [4 * (10 + 1 + 0 + 2)]  # not 4 sequences x 4 heads x 10 blocks
 
 
 def test_full_masks_are_attention_that_never_crosses_sequences():
