@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import seer.kernels.block_sparse as block_sparse_module
+import seer.kernels.block_sparse_bwd as bwd_module
 from seer.kernels import block_sparse_attn, block_sparse_attn_varlen, reference
 from seer.kernels.common import varlen_order
+from seer.kernels.tuning import force_config, last_launch
 from tests.kernels.masks import special_mask
 
 
@@ -81,17 +83,24 @@ def test_varlen_order_lists_each_real_program_once_heaviest_first(tile, block, l
             assert (progs[i] > progs[i + 1]) == last_first
 
 
-def test_varlen_launch_has_only_the_programs_inside_sequences(monkeypatch):
-    """The varlen forward launches one program per (sequence, query head, query block inside the sequence), not
-    the longest sequence's count for every sequence."""
+def test_varlen_launches_have_only_the_programs_inside_sequences(monkeypatch):
+    """The varlen forward, dq and dk/dv kernels launch one program per (sequence, head, block inside the sequence),
+    not the longest sequence's count for every sequence."""
     sizes = []
-    monkeypatch.setattr(block_sparse_module, "varlen_order",
-                        lambda *args, **kwargs: sizes.append(varlen_order(*args, **kwargs).numel())
-                        or varlen_order(*args, **kwargs))
-    lengths = (150, 1, 0, 20)
+
+    def recording(*args, **kwargs):
+        order = varlen_order(*args, **kwargs)
+        sizes.append(order.numel())
+        return order
+
+    monkeypatch.setattr(block_sparse_module, "varlen_order", recording)
+    monkeypatch.setattr(bwd_module, "varlen_order", recording)
+    lengths = (150, 1, 0, 20)  # 10, 1, 0 and 2 blocks of 16
     q, k, v, cu, mask = _packed(lengths, 4, 2, 16, 16, 2)
-    block_sparse_attn_varlen(q, k, v, cu, mask, 16)
-    assert sizes == [4 * (10 + 1 + 0 + 2)]  # not 4 sequences x 4 heads x 10 blocks
+    q.requires_grad_()
+    out, _ = block_sparse_attn_varlen(q, k, v, cu, mask, 16)
+    out.sum().backward()
+    assert sizes == [4 * 13, 2 * 13, 4 * 13]  # forward, dk/dv (per key/value head), dq; not 4 x heads x 10
 
 
 def test_full_masks_are_attention_that_never_crosses_sequences():
@@ -154,19 +163,43 @@ def test_gpu_bf16_mixed_lengths_match_each_sequence_alone():
 @pytest.mark.parametrize("lengths, hq, hkv, block, mask_heads, with_lse", [
     ((37, 1, 0, 80, 16), 4, 2, 16, 4, False),  # odd lengths, a one-token and an empty sequence
     ((0, 50, 33), 4, 1, 16, 1, True),          # GQA 4:1, a mask per key/value head, a loss on lse too
+    ((1, 0, 130, 3), 6, 2, 16, 2, False),      # lengths 0 to 130 (9 blocks vs 1), GQA 3:1
 ])
 def test_packed_gradients_match_the_reference(lengths, hq, hkv, block, mask_heads, with_lse):
+    _check_gradients(lengths, hq, hkv, block, mask_heads, with_lse)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_packed_subtiles_and_copy_engine(monkeypatch, tma):
+    """Tiles of half a mask block (two programs per block in the dq and dk/dv launch orders) and, with ``tma``, the
+    copy-engine path forced (the interpreter emulates the descriptors, built per sequence from its first token)."""
+    if tma:
+        monkeypatch.setattr(block_sparse_module, "tma_ok", lambda *t: True)
+        monkeypatch.setattr(bwd_module, "tma_ok", lambda *t: True)
+    tiles = dict(num_warps=4, num_stages=1, USE_TMA=tma)
+    with force_config("block_sparse", USE_TMA=tma), \
+            force_config("block_sparse_bwd.dkdv", BLOCK_N=16, BLOCK_M=16, **tiles), \
+            force_config("block_sparse_bwd.dq", BLOCK_M=16, BLOCK_N=16, **tiles):
+        _check_gradients((1, 0, 90, 17, 33), 4, 2, 32, 2, True)
+        assert all(last_launch(name)["config"]["USE_TMA"] == tma
+                   for name in ("block_sparse", "block_sparse_bwd.dkdv", "block_sparse_bwd.dq"))
+
+
+def _check_gradients(lengths, hq, hkv, block, mask_heads, with_lse):
+    """Forward and gradients of the packed kernel (float32) against the float64 reference."""
     q, k, v, cu, mask = _packed(lengths, hq, hkv, 16, block, mask_heads, seed=5)
     gen = torch.Generator().manual_seed(6)
     dout = torch.randn(q.shape, generator=gen).to(q.device)
     dlse = torch.randn(hq, q.shape[0], generator=gen).to(q.device)
-    grads = []
+    grads, outs = [], []
     for fn, dtype in ((block_sparse_attn_varlen, torch.float32), (reference.block_sparse_attn_varlen, torch.float64)):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         out, lse = fn(*leaves, cu, mask, block)
+        outs.append(out.detach())
         live = torch.isfinite(lse)  # rows that attend to something (empty rows have lse = -inf)
         loss = (out * dout.to(dtype)).sum() + ((lse * dlse.to(dtype))[live].sum() if with_lse else 0)
         grads.append(torch.autograd.grad(loss, leaves))
+    torch.testing.assert_close(outs[0].double(), outs[1], rtol=1e-5, atol=1e-5)
     for got, want in zip(*grads):
         assert not got.isnan().any()
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
