@@ -1,7 +1,7 @@
 """Block-sparse attention of packed sequences (cu_seqlens), forward and backward, against the PyTorch reference.
 
 On machines without CUDA these run on CPU tensors under the Triton interpreter (tests/conftest.py), at small sizes;
-the case marked ``gpu`` runs bf16 at 1k-32k on a CUDA device (not run yet).
+the cases marked ``gpu`` run bf16 at 1k-32k on a CUDA device (not run yet).
 """
 
 from __future__ import annotations
@@ -158,6 +158,35 @@ def test_gpu_bf16_mixed_lengths_match_each_sequence_alone():
         err = (out[a:b].double() - alone[0].transpose(0, 1).double()).norm() / alone.double().norm()
         assert err < 1e-2, (s, err)
         torch.testing.assert_close(lse[:, a:b], alone_lse[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_bf16_packed_gradients_match_each_sequence_alone(tma):
+    """bf16 gradients of packed sequences of 1 to 8k tokens equal those of the unpacked kernel on each sequence alone,
+    with the copy engine forced on (Hopper: per-sequence descriptors in all three kernels) or off."""
+    lengths, block, hq, hkv = (1024, 8000, 1, 3000), 64, 8, 2
+    q, k, v, cu, _ = _packed(lengths, hq, hkv, 128, block, hq, dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    nb = math.ceil(max(lengths) / block)
+    mask = torch.rand(len(lengths), hq, nb, nb, device="cuda", generator=gen) < 0.2
+    mask[:, :, torch.arange(nb), torch.arange(nb)] = True
+    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    with force_config("block_sparse", USE_TMA=tma), force_config("block_sparse_bwd.dkdv", USE_TMA=tma), \
+            force_config("block_sparse_bwd.dq", USE_TMA=tma):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out, _ = block_sparse_attn_varlen(*leaves, cu, mask, block)
+        packed = torch.autograd.grad(out, leaves, dout)
+        offsets = cu.tolist()
+        for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
+            sb = math.ceil((b - a) / block)
+            seq = [x[a:b].detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v)]
+            alone, _ = block_sparse_attn(*seq, mask[s:s + 1, :, :sb, :sb], block)
+            grads = torch.autograd.grad(alone, seq, dout[a:b].transpose(0, 1)[None])
+            for name, got, want in zip("qkv", packed, grads):
+                want = want[0].transpose(0, 1).double()
+                diff = (got[a:b].double() - want).norm()
+                assert diff <= 2e-2 * want.norm() + 1e-3, (s, name, diff, want.norm())  # 1 token: dq is 0
 
 
 @pytest.mark.parametrize("lengths, hq, hkv, block, mask_heads, with_lse", [
