@@ -280,8 +280,8 @@ def _bs_bwd_dkdv_kernel(
         DK += tok0 * stride_dkn
         DV += tok0 * stride_dvn
     tma_b, tma_nbatch, tma_sqb, tma_sdob = off_b, NBATCH, stride_qb, stride_dob
-    if VARLEN:  # descriptors over this sequence alone: see launch_backward
-        tma_b, tma_nbatch, tma_sqb, tma_sdob = 0, 1, HQ * stride_qh, HQ * stride_doh
+    if VARLEN:  # descriptors over this sequence alone, [1, HQ, N, D] (the batch stride: any valid one, never stepped)
+        tma_b, tma_nbatch, tma_sqb, tma_sdob = 0, 1, stride_qh, stride_doh  # see launch_backward
 
     offs_n = kstart + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -429,8 +429,8 @@ def _bs_bwd_dq_kernel(
         DO += tok0 * stride_don
         DQ += tok0 * stride_dqn
     tma_b, tma_nbatch, tma_skb, tma_svb = off_b, NBATCH, stride_kb, stride_vb
-    if VARLEN:  # descriptors over this sequence alone: see launch_backward
-        tma_b, tma_nbatch, tma_skb, tma_svb = 0, 1, HKV * stride_kh, HKV * stride_vh
+    if VARLEN:  # descriptors over this sequence alone, [1, HKV, N, D] (the batch stride: any valid one, never stepped)
+        tma_b, tma_nbatch, tma_skb, tma_svb = 0, 1, stride_kh, stride_vh  # see launch_backward
 
     row0 = pid_m * BLOCK_M
     r = row0 // MASK_BLOCK  # the query block
@@ -610,8 +610,9 @@ def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, 
     The copy engine (TMA) works for packed sequences too: each program builds its descriptors over its sequence
     alone, ``[1, H, N, D]`` from the sequence's first token (``Q + tok0 * stride_qn``: 16-byte aligned, since
     :func:`seer.kernels.common.tma_ok` checks the base pointer and every stride in bytes), ``N`` its length (>= 1:
-    empty sequences launch no program), the extent-1 batch dimension given ``H * stride_h`` (a valid stride, never
-    stepped: the batch strides of the packed launch are 0, which is no TMA stride); rows past ``N`` read as zeros."""
+    empty sequences launch no program), the extent-1 batch dimension given the head stride (16-byte aligned like every
+    stride; never stepped, as the batch coordinate is 0: the packed launch's batch strides are 0, which the descriptor
+    is not given); rows past ``N`` read as zeros."""
     kv_idx, kv_cnt = kv_index
     q_idx, q_cnt = q_index
     _, hq, n, d = q.shape
