@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seer.sparsity.selectors import MASS_FLOOR, LayerInputs, _grouped_matmul
+from seer.sparsity.selectors import MASS_FLOOR, LayerInputs
 
 __all__ = ["vertical_slash_marginals", "vertical_slash_block_mass", "vertical_slash_scores", "blend_scores",
            "log_mass"]
@@ -22,6 +22,14 @@ __all__ = ["vertical_slash_marginals", "vertical_slash_block_mass", "vertical_sl
 
 def _causal(nb: int, device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
+def _grouped_matmul(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q [B, Hq, R, E] @ k [B, Hkv, M, E]^T -> [B, Hq, R, M]``, k broadcast over each key head's query heads."""
+    b, hq, r, e = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    out = torch.matmul(q.reshape(b, hkv, hq // hkv, r, e), k.unsqueeze(2).transpose(-1, -2))
+    return out.reshape(b, hq, r, m)
 
 
 def _normalise(logits: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ Build one by name with :func:`build_selector` (unknown names, unknown parameters
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -140,6 +141,27 @@ def _causal(nb: int, device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(kind: str, size: int, device, last: int = 0) -> torch.Tensor:
+    """Read-only tensors the vertical-slash estimate and the blend use on every call, made once per shape and
+    device (outside any inference mode, so autograd may save them): ``above`` ``[nb, nb]`` bool (strictly above the
+    diagonal), ``below`` ``[nb, nb]`` float32 (1 strictly below the diagonal), ``floor`` ``[nb, nb]`` float32
+    (:data:`MASS_FLOOR` on and below the diagonal, 0 above), ``future`` ``[L, L]`` bool (strictly above), and
+    ``weights`` ``[B, 5]`` float64 (:func:`_vertical_slash_block_mass`'s, ``last`` rows in the last block)."""
+    with torch.inference_mode(False), torch.no_grad():
+        if kind in ("above", "future"):
+            return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
+        if kind == "below":
+            return torch.ones(size, size, device=device).tril_(-1)
+        if kind == "floor":
+            return torch.full((size, size), MASS_FLOOR, device=device).tril_()
+        if kind == "weights":
+            t = torch.arange(size, device=device, dtype=torch.float64)
+            return torch.stack([torch.ones_like(t), (size - t) / size, (last - t).clamp_min(0) / last, t / size,
+                                t.clamp_max(last) / last], -1)
+        raise ValueError(kind)
+
+
 def _normalise(logits: torch.Tensor) -> torch.Tensor:
     """Block-causal log-softmax per row: ``-inf`` above the diagonal, rows' ``logsumexp`` 0 below it."""
     nb = logits.shape[-1]
@@ -150,7 +172,7 @@ def _log_mass(mass: torch.Tensor) -> torch.Tensor:
     """Log-scores from non-negative block masses (floored at :data:`MASS_FLOOR` on and below the diagonal, then
     row-normalised; ``-inf`` above it): ``log(m / sum_j<=i m)``, the log-softmax of ``log m`` over the causal
     blocks."""
-    m = mass.float().clamp_min(MASS_FLOOR).masked_fill_(~_causal(mass.shape[-1], mass.device), 0.0)
+    m = mass.float().clamp_min(MASS_FLOOR).masked_fill_(_constants("above", mass.shape[-1], mass.device), 0.0)
     return (m / m.sum(-1, keepdim=True)).log_()
 
 
@@ -184,12 +206,13 @@ def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tenso
     rows = min(last_queries, n)
     start = n - rows
     width = rows + n
-    k = x.k.new_zeros(b, x.kv_heads, width, x.k.shape[-1], dtype=torch.float32)
+    k = x.k.new_empty(b, x.kv_heads, width, x.k.shape[-1], dtype=torch.float32)
+    k[:, :, :rows].zero_()
     k[:, :, rows:].copy_(x.k)
     logits = _grouped_matmul(x.q[:, :, start:].float() * x.scale, k)  # [B, Hq, L, L + N]
     logits[..., :rows] = float("-inf")  # the padding columns
-    future = torch.ones(rows, rows, dtype=torch.bool, device=logits.device).triu_(1)
-    logits[..., width - rows:].masked_fill_(future, float("-inf"))  # row start + i sees keys .. start + i
+    # row start + i sees keys .. start + i: its future lies in the last L columns
+    logits[..., width - rows:].masked_fill_(_constants("future", rows, logits.device), float("-inf"))
     p = torch.softmax(logits, dim=-1)  # p[.., i, rows + c] = A[start + i, c]
     v = p[..., rows:].sum(-2) / rows
     skew = p.as_strided((b, hq, rows, n), (hq * rows * width, rows * width, width + 1, 1), p.storage_offset() + 1)
@@ -220,9 +243,7 @@ def _vertical_slash_block_mass(v: torch.Tensor, s: torch.Tensor, block_size: int
     nb = (n + bs - 1) // bs
     last = n - (nb - 1) * bs
     dev = v.device
-    t = torch.arange(bs, device=dev, dtype=torch.float64)
-    weights = torch.stack([torch.ones_like(t), (bs - t) / bs, (last - t).clamp_min(0) / last, t / bs,
-                           t.clamp_max(last) / last], -1)  # [bs, 5]
+    weights = _constants("weights", bs, dev, last)  # [bs, 5]
     blocks = F.pad(torch.stack([v, s], 2), (0, nb * bs - n)).unflatten(-1, (nb, bs)).double()
     vw, sw = (blocks @ weights).float().unbind(2)  # each [B, H, nb, 5]
     v_full, v_diag, v_diag_last = vw[..., 0], vw[..., 1], vw[..., -1, 2]
@@ -232,7 +253,7 @@ def _vertical_slash_block_mass(v: torch.Tensor, s: torch.Tensor, block_size: int
     # its rows flipped (i = nb - 1 - i'): the one full-size write
     g = F.pad(h_full.flip(-1), (0, nb - 1))
     mass = g.as_strided((b, hq, nb, nb), (hq * (2 * nb - 1), 2 * nb - 1, 1, 1)).flip(-2)
-    mass.addcmul_(torch.ones(nb, nb, device=dev).tril_(-1), v_full[..., None, :])  # vertical, below the diagonal
+    mass.addcmul_(_constants("below", nb, dev), v_full[..., None, :])  # vertical, below the diagonal
     mass.diagonal(0, -2, -1).copy_(v_diag + h_full[..., :1])
     last_row = h_last.flip(-1) + v_full
     last_row[..., -1] = v_diag_last + h_last[..., 0]
@@ -550,12 +571,12 @@ def blend_mass(scores: torch.Tensor, mass: torch.Tensor, weight: float) -> torch
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < 1:
         raise ValueError(f"blend: weight must be in [0, 1), got {weight!r}")
     nb, dev = scores.shape[-1], scores.device
-    causal = _causal(nb, dev)
-    partner = torch.clamp(mass.float(), min=torch.full((nb, nb), MASS_FLOOR, device=dev).tril_())
-    gate = torch.softmax(scores.float().masked_fill(~causal, float("-inf")), dim=-1)
+    above = _constants("above", nb, dev)
+    partner = torch.clamp(mass.float(), min=_constants("floor", nb, dev))
+    gate = torch.softmax(torch.where(above, float("-inf"), scores.float()), dim=-1)
     mixed = torch.addcmul(gate, partner, (weight / (1.0 - weight)) / partner.sum(-1, keepdim=True))
     total = mixed.sum(-1, keepdim=True)
-    return (mixed.clamp_min(MASS_FLOOR / (1.0 - weight)) / total).log().masked_fill(~causal, float("-inf"))
+    return (mixed.clamp_min(MASS_FLOOR / (1.0 - weight)) / total).log().masked_fill_(above, float("-inf"))
 
 
 def build_selector(name: str, **params) -> Selector:

@@ -148,3 +148,14 @@ def test_vertical_slash_and_blend_do_not_sync_with_the_host():
     want = ref.blend_scores(logits.cpu(), ref.vertical_slash_scores(LayerInputs(x.q.cpu(), x.k.cpu(), 16, x.scale),
                                                                      64), 0.5)
     assert_log_scores_close(out.cpu(), want, atol=1e-4)
+
+
+def test_blend_constants_made_in_inference_mode_serve_autograd():
+    x = make(1, 2, 1, 5 * 16, 8, 16, torch.float32, seed=4)
+    sel = VerticalSlash(last_queries=8)
+    logits = torch.randn(1, 2, x.nb, x.nb)
+    with torch.inference_mode():  # first use of this nb: its cached constants are made here
+        blend_mass(logits, sel.mass(x), 0.4)
+    s = logits.clone().requires_grad_(True)
+    blend_mass(s, sel.mass(x), 0.4)[..., causal_blocks(x.nb)].sum().backward()
+    assert torch.isfinite(s.grad).all()
