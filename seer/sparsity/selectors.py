@@ -210,7 +210,7 @@ def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tenso
     k[:, :, :rows].zero_()
     k[:, :, rows:].copy_(x.k)
     logits = _grouped_matmul(x.q[:, :, start:].float() * x.scale, k)  # [B, Hq, L, L + N]
-    logits[..., :rows] = float("-inf")  # the padding columns
+    logits[..., :rows].fill_(float("-inf"))  # the padding columns
     # row start + i sees keys .. start + i: its future lies in the last L columns
     logits[..., width - rows:].masked_fill_(_constants("future", rows, logits.device), float("-inf"))
     p = torch.softmax(logits, dim=-1)  # p[.., i, rows + c] = A[start + i, c]
@@ -250,7 +250,7 @@ def _vertical_slash_block_mass(v: torch.Tensor, s: torch.Tensor, block_size: int
     h_full = sw[..., 1] + F.pad(sw[..., :-1, 3], (1, 0))  # [B, H, nb] by d
     h_last = sw[..., 2] + F.pad(sw[..., :-1, 4], (1, 0))
     # Toeplitz h_full[i - j] (0 above the diagonal): a Hankel view g[i' + j] of g = (h_full reversed, 0 ...),
-    # its rows flipped (i = nb - 1 - i'): the one full-size write
+    # its rows flipped (i = nb - 1 - i'; the flip is where the matrix is first written), then one pass adding v
     g = F.pad(h_full.flip(-1), (0, nb - 1))
     mass = g.as_strided((b, hq, nb, nb), (hq * (2 * nb - 1), 2 * nb - 1, 1, 1)).flip(-2)
     mass.addcmul_(_constants("below", nb, dev), v_full[..., None, :])  # vertical, below the diagonal
