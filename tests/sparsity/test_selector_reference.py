@@ -30,7 +30,7 @@ def make(b, hq, hkv, n, d, bs, dtype, seed, spread=1.0):
     return LayerInputs(q.to(dtype), k.to(dtype), bs, d ** -0.5)
 
 
-def assert_log_scores_close(got, want, atol=1e-5):
+def assert_log_scores_close(got, want, atol=1e-5, log_atol=2e-5):
     """Same ``-inf`` pattern; the probabilities agree to ``atol`` and, where they exceed 1e-12, the log-scores to
     float32 rounding (relative 1e-5 of the probability)."""
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
@@ -38,7 +38,7 @@ def assert_log_scores_close(got, want, atol=1e-5):
     assert torch.isfinite(got[fin]).all()
     torch.testing.assert_close(got[fin].exp(), want[fin].exp(), atol=atol, rtol=1e-5)
     big = want[fin] > math.log(1e-12)
-    torch.testing.assert_close(got[fin][big], want[fin][big], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[fin][big], want[fin][big], atol=log_atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -147,7 +147,7 @@ def test_vertical_slash_and_blend_do_not_sync_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
     want = ref.blend_scores(logits.cpu(), ref.vertical_slash_scores(LayerInputs(x.q.cpu(), x.k.cpu(), 16, x.scale),
                                                                      64), 0.5)
-    assert_log_scores_close(out.cpu(), want, atol=1e-4)
+    assert_log_scores_close(out.cpu(), want, atol=1e-4, log_atol=1e-3)  # CUDA vs CPU matmul rounding
 
 
 def test_blend_constants_made_in_inference_mode_serve_autograd():
