@@ -360,10 +360,10 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     through, so gradients reach the gate alone."""
     if gate_config.blend is None:
         return scores
-    from seer.sparsity.selectors import LayerInputs, blend_scores, build_selector
+    from seer.sparsity.selectors import LayerInputs, blend_mass, build_selector
 
-    partner = build_selector(gate_config.blend).scores(LayerInputs(query, key, block_size, scale, layer_idx))
-    return blend_scores(scores, partner, gate_config.blend_weight)
+    partner = build_selector(gate_config.blend).mass(LayerInputs(query, key, block_size, scale, layer_idx))
+    return blend_mass(scores, partner, gate_config.blend_weight)
 
 
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

@@ -30,6 +30,7 @@ Build one by name with :func:`build_selector` (unknown names, unknown parameters
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from seer.gates.pooling import pool_blocks
 from seer.kernels.reference import block_attn_mass
 
-__all__ = ["LayerInputs", "Selector", "blend_scores", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
+__all__ = ["LayerInputs", "Selector", "blend_scores", "blend_mass", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
            "Antidiagonal", "FlexPrefill", "RandomScores", "SELECTORS", "build_selector", "MASS_FLOOR"]
 
 MASS_FLOOR = 1e-30  # estimated block masses are clamped here before the log, so scores stay finite
@@ -140,6 +141,27 @@ def _causal(nb: int, device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(kind: str, size: int, device, last: int = 0) -> torch.Tensor:
+    """Read-only tensors the vertical-slash estimate and the blend use on every call, made once per shape and
+    device (outside any inference mode, so autograd may save them): ``above`` ``[nb, nb]`` bool (strictly above the
+    diagonal), ``below`` ``[nb, nb]`` float32 (1 strictly below the diagonal), ``floor`` ``[nb, nb]`` float32
+    (:data:`MASS_FLOOR` on and below the diagonal, 0 above), ``future`` ``[L, L]`` bool (strictly above), and
+    ``weights`` ``[B, 5]`` float64 (:func:`_vertical_slash_block_mass`'s, ``last`` rows in the last block)."""
+    with torch.inference_mode(False), torch.no_grad():
+        if kind in ("above", "future"):
+            return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
+        if kind == "below":
+            return torch.ones(size, size, device=device).tril_(-1)
+        if kind == "floor":
+            return torch.full((size, size), MASS_FLOOR, device=device).tril_()
+        if kind == "weights":
+            t = torch.arange(size, device=device, dtype=torch.float64)
+            return torch.stack([torch.ones_like(t), (size - t) / size, (last - t).clamp_min(0) / last, t / size,
+                                t.clamp_max(last) / last], -1)
+        raise ValueError(kind)
+
+
 def _normalise(logits: torch.Tensor) -> torch.Tensor:
     """Block-causal log-softmax per row: ``-inf`` above the diagonal, rows' ``logsumexp`` 0 below it."""
     nb = logits.shape[-1]
@@ -147,15 +169,19 @@ def _normalise(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _log_mass(mass: torch.Tensor) -> torch.Tensor:
-    """Log-scores from non-negative block masses (floored at :data:`MASS_FLOOR`, then row-normalised)."""
-    return _normalise(mass.float().clamp_min(MASS_FLOOR).log())
+    """Log-scores from non-negative block masses (floored at :data:`MASS_FLOOR` on and below the diagonal, then
+    row-normalised; ``-inf`` above it): ``log(m / sum_j<=i m)``, the log-softmax of ``log m`` over the causal
+    blocks."""
+    m = mass.float().clamp_min(MASS_FLOOR).masked_fill_(_constants("above", mass.shape[-1], mass.device), 0.0)
+    return (m / m.sum(-1, keepdim=True)).log_()
 
 
 def _grouped_matmul(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q [B, Hq, R, E] @ k [B, Hkv, M, E]^T -> [B, Hq, R, M]`` with query head h reading key head h // G."""
+    """``q [B, Hq, R, E] @ k [B, Hkv, M, E]^T -> [B, Hq, R, M]`` with query head h reading key head h // G: the G
+    query heads of a key head stacked as one ``[G * R, E]`` operand (k is not expanded G times)."""
     b, hq, r, e = q.shape
     hkv, m = k.shape[1], k.shape[2]
-    out = torch.matmul(q.reshape(b, hkv, hq // hkv, r, e), k.unsqueeze(2).transpose(-1, -2))
+    out = torch.matmul(q.reshape(b, hkv, hq // hkv * r, e), k.transpose(-1, -2))
     return out.reshape(b, hq, r, m)
 
 
@@ -165,64 +191,74 @@ def _mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return pool_blocks(x if x.is_cuda else x.float(), block_size, ["avg"], out_dtype=torch.float32)
 
 
-def _last_rows_attention(x: LayerInputs, last_queries: int) -> tuple[torch.Tensor, int]:
-    """True causal softmax of the last ``L = min(last_queries, N)`` query rows against all keys:
-    ``[B, Hq, L, N]`` float32 (0 on keys after a row), and the first of those rows' index ``N - L``."""
-    n = x.seq_len
+def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The vertical and slash marginals of the true causal softmax ``A`` of the last ``L = min(last_queries, N)``
+    query rows ``R = {N-L, .., N-1}``, and the first of those rows' index ``N - L``:
+    ``v[c] = 1/L sum_{r in R} A[r, c]`` (mean probability on key c) and ``s[o] = 1/L sum_{r in R, r-o >= 0}
+    A[r, r - o]`` (mean probability on the key at offset ``o`` back), both ``[B, Hq, N]`` float32, each summing to 1.
+
+    The softmax is taken over ``L`` zero-probability columns followed by the N keys (the key rows are padded in
+    front, so the padding costs the matmul nothing extra to lay out): row ``i`` of that ``[L, L + N]`` buffer,
+    read from its element ``i + 1`` with a row stride of ``L + N + 1`` (a view, no copy), lists its probabilities by
+    offset from the last key back (``m = N - 1 - o``), so ``s`` is one column sum of that skewed view; rows'
+    future keys all lie in the last ``L`` columns and are masked there alone. No gather, no host sync."""
+    b, hq, n, _ = x.q.shape
     rows = min(last_queries, n)
     start = n - rows
-    logits = _grouped_matmul(x.q[:, :, start:].float() * x.scale, x.k.float())
-    r = torch.arange(start, n, device=logits.device)[:, None]
-    c = torch.arange(n, device=logits.device)[None, :]
-    return torch.softmax(logits.masked_fill_(c > r, float("-inf")), dim=-1), start
-
-
-def _vertical_slash_marginals(attn: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From ``attn [B, Hq, L, N]`` (rows ``start..N-1``): the vertical importance ``v[c]`` (mean over the rows of
-    the probability on key c) and the slash importance ``s[o]`` (mean over the rows of the probability on key
-    ``row - o``, offset ``o`` in ``0..N-1``); both ``[B, Hq, N]``, each summing to 1."""
-    b, hq, rows, n = attn.shape
-    v = attn.sum(-2) / rows
-    dev = attn.device
-    col = torch.arange(start, start + rows, device=dev)[:, None] - torch.arange(n, device=dev)[None, :]  # [L, N]
-    valid = col >= 0
-    diag = attn.gather(-1, col.clamp_min(0).expand(b, hq, rows, n)).masked_fill_(~valid, 0.0)
-    return v, diag.sum(-2) / rows
+    width = rows + n
+    k = x.k.new_empty(b, x.kv_heads, width, x.k.shape[-1], dtype=torch.float32)
+    k[:, :, :rows].zero_()
+    k[:, :, rows:].copy_(x.k)
+    logits = _grouped_matmul(x.q[:, :, start:].float() * x.scale, k)  # [B, Hq, L, L + N]
+    logits[..., :rows].fill_(float("-inf"))  # the padding columns
+    # row start + i sees keys .. start + i: its future lies in the last L columns
+    logits[..., width - rows:].masked_fill_(_constants("future", rows, logits.device), float("-inf"))
+    p = torch.softmax(logits, dim=-1)  # p[.., i, rows + c] = A[start + i, c]
+    v = p[..., rows:].sum(-2) / rows
+    skew = p.as_strided((b, hq, rows, n), (hq * rows * width, rows * width, width + 1, 1), p.storage_offset() + 1)
+    s = skew.sum(-2).flip(-1) / rows  # skew[i, m] = A[start + i, m + 1 + i - L]: offset o = N - 1 - m
+    return v, s, start
 
 
 def _vertical_slash_block_mass(v: torch.Tensor, s: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Block masses ``[B, Hq, nb, nb]`` (not normalised, 0 above the diagonal) of the estimate
+    """Block masses ``[B, Hq, nb, nb]`` float32 (not normalised, 0 above the diagonal) of the estimate
     ``A[r, c] ~ v[c] + s[r - c]`` (c <= r), averaged over the rows of each query block:
     ``mass[i, j] = 1/|I| sum_{r in I} sum_{c in J, c <= r} (v[c] + s[r - c])``, I/J the token sets of blocks i/j.
 
-    Vertical part: ``sum_{c in J} v[c]`` for j < i; for j == i, the mean over the block's rows of the in-block
-    prefix sums of v. Slash part: depends on d = i - j only (the rows of the last, partial block aside):
-    ``1/|I| sum_{a < |I|} (S(dB + a) - S(dB + a - B))`` with ``S`` the prefix sum of ``s`` (0 below 0),
-    i.e. the offsets ``(dB + a - B, dB + a]`` that row ``iB + a`` reaches inside key block j.
+    Everything reduces to weighted sums of the blocks of ``v`` and ``s`` (``t`` the position in a block, ``l``
+    the rows of the query block: ``B``, or fewer for the last one):
+
+    * vertical: ``sum_{c in J} v[c]`` for j < i; on the diagonal, the mean over the block's rows of the in-block
+      prefix sums of v, ``sum_t max(l - t, 0) / l * v_i[t]``;
+    * slash: depends on d = i - j only (the last query block's rows aside): the offsets ``(dB + a - B, dB + a]``
+      that row ``iB + a`` reaches in key block j are a prefix of offset block d and a suffix of block d - 1, so
+      ``h_l[d] = sum_t max(l - t, 0) / l * s_d[t] + sum_t min(t, l) / l * s_{d-1}[t]``: sums of non-negative
+      terms (float64), no differences of prefix sums, so even masses far below float32's epsilon keep their value.
+
+    The ``[nb, nb]`` matrix is then the Toeplitz matrix of ``h_B`` (rows of a strided view of one vector, flipped)
+    plus ``v``'s block sums broadcast below the diagonal, with the diagonal and the last row written over.
     """
     b, hq, n = v.shape
     bs = block_size
     nb = (n + bs - 1) // bs
-    pad = nb * bs - n
-    last_rows = n - (nb - 1) * bs
+    last = n - (nb - 1) * bs
     dev = v.device
-    # vertical
-    cw = F.pad(v, (0, pad)).unflatten(-1, (nb, bs)).cumsum(-1)  # [B, H, nb, bs]
-    v_full = cw[..., -1]  # [B, H, nb]
-    v_diag = cw.mean(-1)
-    v_diag[..., -1] = cw[..., -1, :last_rows].mean(-1)
-    # slash: prefix sums in float64 (differences of them must keep masses far below float32's epsilon)
-    cum = F.pad(s.double(), (0, pad)).cumsum(-1)  # S(x), x = 0 .. nb*bs-1
-    window = (cum - F.pad(cum, (bs, 0))[..., :nb * bs]).unflatten(-1, (nb, bs))  # [B, H, nb (d), bs (a)]
-    h_full = window.mean(-1).float()  # [B, H, nb]
-    h_last = window[..., :last_rows].mean(-1).float()
-    ii = torch.arange(nb, device=dev)[:, None]
-    jj = torch.arange(nb, device=dev)[None, :]
-    dist = (ii - jj).clamp_min(0)
-    slash = h_full[..., dist]  # [B, H, nb, nb]
-    slash[..., -1, :] = h_last[..., dist[-1]]
-    vert = torch.where(ii > jj, v_full[..., None, :], torch.where(ii == jj, v_diag[..., :, None], 0.0))
-    return (vert + slash).masked_fill_(ii < jj, 0.0)
+    weights = _constants("weights", bs, dev, last)  # [bs, 5]
+    blocks = F.pad(torch.stack([v, s], 2), (0, nb * bs - n)).unflatten(-1, (nb, bs)).double()
+    vw, sw = (blocks @ weights).float().unbind(2)  # each [B, H, nb, 5]
+    v_full, v_diag, v_diag_last = vw[..., 0], vw[..., 1], vw[..., -1, 2]
+    h_full = sw[..., 1] + F.pad(sw[..., :-1, 3], (1, 0))  # [B, H, nb] by d
+    h_last = sw[..., 2] + F.pad(sw[..., :-1, 4], (1, 0))
+    # Toeplitz h_full[i - j] (0 above the diagonal): a Hankel view g[i' + j] of g = (h_full reversed, 0 ...),
+    # its rows flipped (i = nb - 1 - i'; the flip is where the matrix is first written), then one pass adding v
+    g = F.pad(h_full.flip(-1), (0, nb - 1))
+    mass = g.as_strided((b, hq, nb, nb), (hq * (2 * nb - 1), 2 * nb - 1, 1, 1)).flip(-2)
+    mass.addcmul_(_constants("below", nb, dev), v_full[..., None, :])  # vertical, below the diagonal
+    mass.diagonal(0, -2, -1).copy_(v_diag + h_full[..., :1])
+    last_row = h_last.flip(-1) + v_full
+    last_row[..., -1] = v_diag_last + h_last[..., 0]
+    mass[..., -1, :] = last_row
+    return mass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +274,13 @@ class Selector:
     def scores(self, x: LayerInputs) -> torch.Tensor:
         """Block log-scores ``[B, Hq, nb, nb]`` float32 (see the module docstring)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def mass(self, x: LayerInputs) -> torch.Tensor:
+        """Block masses ``[B, Hq, nb, nb]`` float32, 0 above the diagonal, whose floored and row-normalised log is
+        :meth:`scores` (what :func:`blend_mass` mixes a gate with); here ``exp(scores)``, selectors that estimate
+        masses directly return them unnormalised and skip the log."""
+        return self.scores(x).exp()
 
     def __call__(self, x: LayerInputs) -> torch.Tensor:
         return self.scores(x)
@@ -333,9 +376,12 @@ class VerticalSlash(Selector):
 
     @torch.no_grad()
     def scores(self, x: LayerInputs) -> torch.Tensor:
-        attn, start = _last_rows_attention(x, self.last_queries)
-        v, s = _vertical_slash_marginals(attn, start)
-        return _log_mass(_vertical_slash_block_mass(v, s, x.block_size))
+        return _log_mass(self.mass(x))
+
+    @torch.no_grad()
+    def mass(self, x: LayerInputs) -> torch.Tensor:
+        v, s, _ = _last_rows_marginals(x, self.last_queries)
+        return _vertical_slash_block_mass(v, s, x.block_size)
 
 
 @dataclass
@@ -418,8 +464,7 @@ class FlexPrefill(Selector):
         _check_int("flexprefill", "last_queries", self.last_queries, 1)
 
     def _run(self, x: LayerInputs, with_scores: bool):
-        attn, start = _last_rows_attention(x, self.last_queries)
-        v, s = _vertical_slash_marginals(attn, start)
+        v, s, start = _last_rows_marginals(x, self.last_queries)
         bs, nb, n = x.block_size, x.nb, x.seq_len
         true = F.pad(v, (0, nb * bs - n)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hq, nb]
         k_mean = _mean_pool(x.k, bs)
@@ -504,11 +549,34 @@ SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
 def blend_scores(scores: torch.Tensor, partner: torch.Tensor, weight: float) -> torch.Tensor:
     """Block log-scores of the mixture ``(1 - weight) * softmax(scores) + weight * exp(partner)`` over each row's
     causal blocks: ``scores`` any block logits ``[B, H, nb, nb]`` (a gate's), ``partner`` a selector's normalised
-    log-scores of the same shape. The result is normalised like every selector's (``-inf`` above the diagonal)."""
+    log-scores of the same shape. The result is normalised like every selector's (``-inf`` above the diagonal).
+    :func:`blend_mass` with ``exp(partner)``."""
     if scores.shape != partner.shape:
         raise ValueError(f"blend_scores: scores {tuple(scores.shape)} and partner {tuple(partner.shape)} differ")
-    mixed = (1.0 - weight) * _normalise(scores).exp() + weight * partner.float().exp()
-    return _log_mass(mixed)
+    return blend_mass(scores, partner.float().exp(), weight)
+
+
+def blend_mass(scores: torch.Tensor, mass: torch.Tensor, weight: float) -> torch.Tensor:
+    """Block log-scores of the mixture ``(1 - weight) * softmax(scores) + weight * p`` over each row's causal
+    blocks, ``p`` the partner's block masses ``mass`` (:meth:`Selector.mass`, 0 above the diagonal) floored at
+    :data:`MASS_FLOOR` and row-normalised: ``log(max(mixed, 1e-30) / sum_j<=i max(mixed, 1e-30))``, ``-inf`` above
+    the diagonal. ``0 <= weight < 1``. Differentiable in ``scores`` (what blend-aware distillation trains through).
+
+    The mixture is computed over ``1 - weight`` (one fused multiply-add; the normalisation takes the factor out, the
+    floor scales with it). Its row sums are ``1 / (1 - weight) >= 1``, so the floors would add less than
+    ``nb * 1e-30`` to them, far below float32's rounding: the sum is taken before flooring, which leaves the entries
+    above the diagonal free to be floored too (a finite log there, so no NaN gradient through the mask)."""
+    if scores.shape != mass.shape:
+        raise ValueError(f"blend_mass: scores {tuple(scores.shape)} and mass {tuple(mass.shape)} differ")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < 1:
+        raise ValueError(f"blend: weight must be in [0, 1), got {weight!r}")
+    nb, dev = scores.shape[-1], scores.device
+    above = _constants("above", nb, dev)
+    partner = torch.clamp(mass.float(), min=_constants("floor", nb, dev))
+    gate = torch.softmax(torch.where(above, float("-inf"), scores.float()), dim=-1)
+    mixed = torch.addcmul(gate, partner, (weight / (1.0 - weight)) / partner.sum(-1, keepdim=True))
+    total = mixed.sum(-1, keepdim=True)
+    return (mixed.clamp_min(MASS_FLOOR / (1.0 - weight)) / total).log().masked_fill_(above, float("-inf"))
 
 
 def build_selector(name: str, **params) -> Selector:
