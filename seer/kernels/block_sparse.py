@@ -55,10 +55,8 @@ rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds 
 
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
-math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token). Only the
-programs of query blocks inside a sequence are launched (a 1-d grid over ``Order``, heaviest lists first,
-:func:`seer.kernels.common.varlen_order`), not the longest sequence's count for every sequence; the copy engine
-works as for one sequence, its descriptors starting at the sequence's first token with ``N`` rows.
+math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token), and the
+programs of query blocks at or past ``N`` walk no list and store nothing.
 """
 
 from __future__ import annotations
@@ -71,7 +69,7 @@ from torch.autograd.function import once_differentiable
 from seer.kernels.block_index import build_block_index, check_mask, mask_heads
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index, launch_backward
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
-                                 dot_precision, is_hopper, output, softmax_scale, tiles_invalid, tma_ok, varlen_order,
+                                 dot_precision, is_hopper, output, softmax_scale, tiles_invalid, tma_ok,
                                  with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
@@ -191,8 +189,8 @@ def _bs_attn_fwd_kernel(
                                            block_shape=[BLOCK_N, HEAD_DIM])
     idx_ptr = Idx + off_b * stride_ib + off_hm * stride_ih + pid_m.to(tl.int64) * stride_ir
     cnt = tl.load(Cnt + off_b * stride_cb + off_hm * stride_ch + pid_m)
-    if VARLEN:  # a query block at or past the sequence's end reads nothing (and stores nothing: rows >= N); the
-        cnt = tl.where(pid_m * BLOCK_M < N, cnt, 0)  # launch order lists none, this only keeps the kernel safe
+    if VARLEN:  # a query block at or past the sequence's end reads nothing (and stores nothing: rows >= N)
+        cnt = tl.where(pid_m * BLOCK_M < N, cnt, 0)
 
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -322,12 +320,9 @@ def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
     return packed.reshape(-1)[torch.argsort(work, descending=True, stable=True)]
 
 
-def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows", cu_seqlens=None,
-             seqlens=None):
-    """The launch. With ``cu_seqlens`` (int32 ``[S + 1]``) and ``seqlens`` (the ``S`` lengths, on the host),
-    ``q``/``k``/``v``/``out`` ``[1, H, T, D]`` and ``lse`` ``[1, Hq, T]`` hold ``S`` sequences packed in one row, the
-    lists are per sequence (``[S, Hm, R, nb]``) and only the programs of query blocks inside a sequence are
-    launched, heaviest first (:func:`seer.kernels.common.varlen_order`; ``schedule`` is not used)."""
+def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows", cu_seqlens=None):
+    """The launch. With ``cu_seqlens`` (int32 ``[S + 1]``), ``q``/``k``/``v``/``out`` ``[1, H, T, D]`` and ``lse``
+    ``[1, Hq, T]`` hold ``S`` sequences packed in one row and the lists are per sequence (``[S, Hm, R, nb]``)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale(sm_scale, d)
@@ -340,24 +335,14 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
     n_rowprog = kv_counts.shape[2] if varlen else triton.cdiv(n, block_m)
-    if varlen:  # the real row programs only: a short sequence launches none past its end
-        order = varlen_order(kv_counts.repeat_interleave(hq // kv_counts.shape[1], dim=1), cu_seqlens, seqlens,
-                             block_m, block_m, last_first=True)
-        if order.numel() == 0:
-            return out, lse
-    else:
-        order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
-    grid = (n_rowprog, seqs * hq) if order is None else (order.numel(),)
+    order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
+    grid = (n_rowprog, seqs * hq) if order is None else (n_rowprog * seqs * hq,)
 
     def batch_stride(t: torch.Tensor) -> int:
         return 0 if varlen else t.stride(0)
 
     def run(config: dict):
-        # varlen too: each program's descriptors start at its sequence's first token, q_base = Q + h * stride_qh +
-        # tok0 * stride_qn (batch strides 0), 16-byte aligned since tma_ok checks the base pointer and every stride
-        # (stride_qn included) in bytes; their N is that sequence's length (>= 1: only real programs are launched),
-        # so reads past it are zero-filled and writes past it dropped, as for one sequence alone
-        use_tma = config["USE_TMA"] and tma_ok(q, k, v, out)
+        use_tma = config["USE_TMA"] and not varlen and tma_ok(q, k, v, out)
         return _bs_attn_fwd_kernel[grid](
             q, k, v, out, lse, kv_indices, kv_counts, kv_counts if order is None else order,
             cu_seqlens if varlen else kv_counts,
@@ -480,18 +465,16 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     sequences allowed). ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]`` with ``nb >= ceil(longest / block_size)``:
     sequence ``s`` reads its top-left ``ceil(len_s / block_size)`` square, its blocks starting at its first token, so
     it gets what :func:`block_sparse_attn` gives it alone; no attention crosses sequences. One index build and one
-    launch for all sequences, of only the programs of query blocks inside a sequence, longest block lists first;
-    the offsets are read on the host once (to check them and count those programs). On Hopper the copy engine (TMA)
-    moves the tiles where the launch table picks it, as for one sequence. ``out [T, Hq, D]`` / ``lse [Hq, T]``
-    optionally receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
+    launch for all sequences (programs past a sequence's end do nothing); the offsets are read on the host once
+    to check them. K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]`` optionally
+    receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
     :func:`seer.kernels.reference.block_sparse_attn_varlen`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v (the Triton
     backward of :mod:`seer.kernels.block_sparse_bwd` over the packed row; ``out``/``lse`` buffers cannot be given).
     """
     check_block_size(block_size)
-    offsets = check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
-    seqlens = [b - a for a, b in zip(offsets, offsets[1:])]
+    check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
     t, hq, d = q.shape
     check_qkv(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
     check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, block_mask=block_mask)
@@ -499,11 +482,11 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if out is not None or lse is not None:
             raise ValueError("out= and lse= cannot be used when q, k or v requires grad; call without them, or "
                              "under torch.no_grad()")
-        return _BlockSparseAttnVarlenFunction.apply(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale)
-    return _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale, out, lse)
+        return _BlockSparseAttnVarlenFunction.apply(q, k, v, cu_seqlens, block_mask, block_size, sm_scale)
+    return _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse)
 
 
-def _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale, out, lse):
+def _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse):
     """:func:`block_sparse_attn_varlen` on checked inputs, without autograd."""
     t, hq, d = q.shape
     out = output("out", out, (t, hq, d), q.dtype, q.device, contiguous=False)
@@ -511,7 +494,7 @@ def _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_sca
     kv_indices, kv_counts = build_block_index(block_mask)
     q4, k4, v4, out4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, out))
     _forward(q4, k4, v4, kv_indices, kv_counts, block_size, sm_scale, False, out4, lse.unsqueeze(0),
-             cu_seqlens=cu_seqlens, seqlens=seqlens)
+             cu_seqlens=cu_seqlens)
     return out, lse
 
 
@@ -553,10 +536,10 @@ class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
     over the packed row; the offsets and the mask carry no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale):
-        out, lse = _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale, None, None)
+    def forward(ctx, q, k, v, cu_seqlens, block_mask, block_size, sm_scale):
+        out, lse = _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, None, None)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, block_mask)
-        ctx.block_size, ctx.sm_scale, ctx.seqlens = block_size, sm_scale, seqlens
+        ctx.block_size, ctx.sm_scale = block_size, sm_scale
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -565,16 +548,16 @@ class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens, block_mask = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 8
+            return (None,) * 7
         if dout is None:
             dout = torch.zeros_like(out)
         grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]  # all rows written
         as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out, *grads)]
         launch_backward(*as_rows[:5], lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0),
                         build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
-                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens, seqlens=ctx.seqlens)
+                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
         need = ctx.needs_input_grad
-        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None, None)
+        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
 
 
 def _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse):

@@ -63,8 +63,7 @@ and the bool mask), its backward builds the row and column lists from the mask a
 Without grad the forward runs exactly as before. :func:`block_sparse_attn_backward` is the same backward as a
 function. :func:`seer.kernels.block_sparse_attn_varlen` runs these kernels over sequences packed in one row
 (:func:`launch_backward` with ``cu_seqlens``; the ``VARLEN`` constexpr, as in the forward: batch strides 0, pointers
-moved to each sequence's first token, query loads always bounded; the dk/dv and dq kernels take a 1-d grid over only
-the tiles inside a sequence, longest lists first, and may use the copy engine with per-sequence descriptors).
+moved to each sequence's first token, tiles past its end skipped, query loads always bounded).
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ import triton.language as tl
 
 from seer.kernels.block_index import append_selected, build_block_index, build_lists, check_mask, mask_heads
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
-                                 softmax_scale, tiles_invalid, tma_ok, varlen_order, with_unit_last_stride)
+                                 softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
@@ -242,7 +241,7 @@ def _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, off_b, off_
 
 @triton.jit
 def _bs_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QCnt, Cu, Order,
+    Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QCnt, Cu,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -257,13 +256,8 @@ def _bs_bwd_dkdv_kernel(
     EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    if VARLEN:  # a 1-d grid over Order: (sequence x key/value head, key tile) packed, tiles inside a sequence only
-        packed = tl.load(Order + tl.program_id(0))
-        pid_n = packed % (NB * (MASK_BLOCK // BLOCK_N))
-        pid_bh = packed // (NB * (MASK_BLOCK // BLOCK_N))
-    else:
-        pid_n = tl.program_id(0)  # first key blocks (longest column lists) first
-        pid_bh = tl.program_id(1)
+    pid_n = tl.program_id(0)  # first key blocks (longest column lists) first
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // HKV
     off_g = pid_bh % HKV
     c = pid_n // (MASK_BLOCK // BLOCK_N)  # the key block
@@ -279,9 +273,6 @@ def _bs_bwd_dkdv_kernel(
         DO += tok0 * stride_don
         DK += tok0 * stride_dkn
         DV += tok0 * stride_dvn
-    tma_b, tma_nbatch, tma_sqb, tma_sdob = off_b, NBATCH, stride_qb, stride_dob
-    if VARLEN:  # descriptors over this sequence alone, [1, HQ, N, D] (the batch stride: any valid one, never stepped)
-        tma_b, tma_nbatch, tma_sqb, tma_sdob = 0, 1, stride_qh, stride_doh  # see launch_backward
 
     offs_n = kstart + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -293,9 +284,9 @@ def _bs_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(Q, shape=[tma_nbatch, HQ, N, HEAD_DIM], strides=[tma_sqb, stride_qh,
+        q_desc = tl.make_tensor_descriptor(Q, shape=[NBATCH, HQ, N, HEAD_DIM], strides=[stride_qb, stride_qh,
                                            stride_qn, 1], block_shape=[1, 1, BLOCK_M, HEAD_DIM])
-        do_desc = tl.make_tensor_descriptor(DO, shape=[tma_nbatch, HQ, N, HEAD_DIM], strides=[tma_sdob, stride_doh,
+        do_desc = tl.make_tensor_descriptor(DO, shape=[NBATCH, HQ, N, HEAD_DIM], strides=[stride_dob, stride_doh,
                                             stride_don, 1], block_shape=[1, 1, BLOCK_M, HEAD_DIM])
 
     h = off_g * GROUP
@@ -305,8 +296,8 @@ def _bs_bwd_dkdv_kernel(
         ohm = (h // MASK_GROUP).to(tl.int64)
         idx_ptr = QIdx + ob * stride_ib + ohm * stride_ih + c.to(tl.int64) * stride_ic
         cnt = tl.load(QCnt + ob * stride_cb + ohm * stride_ch + c)
-        if VARLEN:  # a key tile at or past the sequence's end: nothing to accumulate (and nothing stored; Order
-            cnt = tl.where(kstart < N, cnt, 0)  # lists no such tile, this only keeps the kernel safe)
+        if VARLEN:  # a key tile at or past the sequence's end: nothing to accumulate (and nothing stored)
+            cnt = tl.where(kstart < N, cnt, 0)
         if USE_TMA:
             q_src = q_desc
             do_src = do_desc
@@ -324,20 +315,20 @@ def _bs_bwd_dkdv_kernel(
             for sub in tl.static_range(MASK_BLOCK // BLOCK_M):
                 qstart = c * MASK_BLOCK + sub * BLOCK_M
                 if qstart + BLOCK_M > kstart:
-                    dk, dv = _bs_dkdv_tile(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, tma_b, h, qstart,
+                    dk, dv = _bs_dkdv_tile(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, off_b, h, qstart,
                                            offs_n, offs_d, stride_qn, stride_don, N, qk_scale, BLOCK_M, HEAD_DIM,
                                            True, True, DOT_PRECISION, USE_TMA)
         t0 = has_diag.to(tl.int32)
         if INTERP:  # the interpreter (NumPy 2) cannot use a run-time value as a range() bound
             t = t0
             while t < cnt:
-                dk, dv = _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, tma_b, h,
+                dk, dv = _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, off_b, h,
                                         tl.load(idx_ptr + t), offs_n, offs_d, stride_qn, stride_don, N, qk_scale,
                                         MASK_BLOCK, BLOCK_M, HEAD_DIM, not EVEN_N, DOT_PRECISION, USE_TMA)
                 t += 1
         else:
             for t in range(t0, cnt):
-                dk, dv = _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, tma_b, h,
+                dk, dv = _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, off_b, h,
                                         tl.load(idx_ptr + t), offs_n, offs_d, stride_qn, stride_don, N, qk_scale,
                                         MASK_BLOCK, BLOCK_M, HEAD_DIM, not EVEN_N, DOT_PRECISION, USE_TMA)
         h += 1
@@ -393,7 +384,7 @@ def _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, off_b, off_g, cblock, off
 
 @triton.jit
 def _bs_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse2, Delta, KvIdx, KvCnt, Cu, Order,
+    Q, K, V, DO, DQ, Lse2, Delta, KvIdx, KvCnt, Cu,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -406,13 +397,8 @@ def _bs_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    if VARLEN:  # a 1-d grid over Order: (sequence x query head, query tile) packed, tiles inside a sequence only
-        packed = tl.load(Order + tl.program_id(0))
-        pid_m = packed % N_QPROG
-        pid_bh = packed // N_QPROG
-    else:
-        pid_m = N_QPROG - 1 - tl.program_id(0)  # last query blocks (longest row lists) first
-        pid_bh = tl.program_id(1)
+    pid_m = N_QPROG - 1 - tl.program_id(0)  # last query blocks (longest row lists) first
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // HQ
     off_h = pid_bh % HQ
     off_g = off_h // GROUP
@@ -428,16 +414,13 @@ def _bs_bwd_dq_kernel(
         V += tok0 * stride_vn
         DO += tok0 * stride_don
         DQ += tok0 * stride_dqn
-    tma_b, tma_nbatch, tma_skb, tma_svb = off_b, NBATCH, stride_kb, stride_vb
-    if VARLEN:  # descriptors over this sequence alone, [1, HKV, N, D] (the batch stride: any valid one, never stepped)
-        tma_b, tma_nbatch, tma_skb, tma_svb = 0, 1, stride_kh, stride_vh  # see launch_backward
 
     row0 = pid_m * BLOCK_M
     r = row0 // MASK_BLOCK  # the query block
     idx_ptr = KvIdx + ob * stride_ib + ohm * stride_ih + r.to(tl.int64) * stride_ir
     cnt = tl.load(KvCnt + ob * stride_cb + ohm * stride_ch + r)
-    if VARLEN:  # query rows at or past the sequence's end: nothing to read (and nothing stored; Order lists no
-        cnt = tl.where(row0 < N, cnt, 0)  # such tile, this only keeps the kernel safe)
+    if VARLEN:  # query rows at or past the sequence's end: nothing to read (and nothing stored)
+        cnt = tl.where(row0 < N, cnt, 0)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -449,9 +432,9 @@ def _bs_bwd_dq_kernel(
     lse2 = tl.load(Lse2 + (ob * HQ + oh) * N_PAD + offs_m)
     delta = tl.load(Delta + (ob * HQ + oh) * N_PAD + offs_m)
     if USE_TMA:
-        k_src = tl.make_tensor_descriptor(K, shape=[tma_nbatch, HKV, N, HEAD_DIM], strides=[tma_skb, stride_kh,
+        k_src = tl.make_tensor_descriptor(K, shape=[NBATCH, HKV, N, HEAD_DIM], strides=[stride_kb, stride_kh,
                                           stride_kn, 1], block_shape=[1, 1, BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(V, shape=[tma_nbatch, HKV, N, HEAD_DIM], strides=[tma_svb, stride_vh,
+        v_src = tl.make_tensor_descriptor(V, shape=[NBATCH, HKV, N, HEAD_DIM], strides=[stride_vb, stride_vh,
                                           stride_vn, 1], block_shape=[1, 1, BLOCK_N, HEAD_DIM])
     else:
         k_src = K + ob * stride_kb + og * stride_kh
@@ -465,20 +448,20 @@ def _bs_bwd_dq_kernel(
     if INTERP:  # the interpreter (NumPy 2) cannot use a run-time value as a range() bound
         t = 0
         while t < n_off:
-            dq = _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, tma_b, off_g, tl.load(idx_ptr + t), offs_m,
+            dq = _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, off_b, off_g, tl.load(idx_ptr + t), offs_m,
                               offs_d, stride_kn, stride_vn, N, qk_scale, MASK_BLOCK, BLOCK_N, HEAD_DIM,
                               DOT_PRECISION, USE_TMA)
             t += 1
     else:
         for t in range(0, n_off):
-            dq = _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, tma_b, off_g, tl.load(idx_ptr + t), offs_m,
+            dq = _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, off_b, off_g, tl.load(idx_ptr + t), offs_m,
                               offs_d, stride_kn, stride_vn, N, qk_scale, MASK_BLOCK, BLOCK_N, HEAD_DIM,
                               DOT_PRECISION, USE_TMA)
     if has_diag:  # key tiles that start after the program's last row see none of its rows
         for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
             kstart = r * MASK_BLOCK + sub * BLOCK_N
             if kstart < row0 + BLOCK_M:
-                dq = _bs_dq_tile(dq, q, do, lse2, delta, k_src, v_src, tma_b, off_g, kstart, offs_m, offs_d,
+                dq = _bs_dq_tile(dq, q, do, lse2, delta, k_src, v_src, off_b, off_g, kstart, offs_m, offs_d,
                                  stride_kn, stride_vn, N, qk_scale, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, USE_TMA)
     dq = dq * sm_scale
     tl.store(DQ + ob * stride_dqb + oh * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
@@ -599,28 +582,16 @@ def block_sparse_attn_backward(
 
 
 def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, sm_scale, dq, dk, dv,
-                    cu_seqlens=None, seqlens=None):
-    """The three backward launches over checked inputs. With ``cu_seqlens`` (int32 ``[S + 1]``) and ``seqlens`` (the
-    ``S`` lengths, on the host), the ``[1, H, T, D]`` tensors (and ``[1, Hq, T]`` lse) hold ``S`` sequences packed in
-    one row, the lists are per sequence and the gradient buffers are written only at the sequences' tokens: the dk/dv
-    and dq kernels run only the tiles inside a sequence, longest lists first
-    (:func:`seer.kernels.common.varlen_order`); the preprocess fills every padded row (``nb`` blocks of the longest
-    sequence), which the column lists may name.
-
-    The copy engine (TMA) works for packed sequences too: each program builds its descriptors over its sequence
-    alone, ``[1, H, N, D]`` from the sequence's first token (``Q + tok0 * stride_qn``: 16-byte aligned, since
-    :func:`seer.kernels.common.tma_ok` checks the base pointer and every stride in bytes), ``N`` its length (>= 1:
-    empty sequences launch no program), the extent-1 batch dimension given the head stride (16-byte aligned like every
-    stride; never stepped, as the batch coordinate is 0: the packed launch's batch strides are 0, which the descriptor
-    is not given); rows past ``N`` read as zeros."""
+                    cu_seqlens=None):
+    """The three backward launches over checked inputs. With ``cu_seqlens`` (int32 ``[S + 1]``), the ``[1, H, T, D]``
+    tensors (and ``[1, Hq, T]`` lse) hold ``S`` sequences packed in one row, the lists are per sequence and the
+    gradient buffers are written only at the sequences' tokens."""
     kv_idx, kv_cnt = kv_index
     q_idx, q_cnt = q_index
     _, hq, n, d = q.shape
     hkv = k.shape[1]
     varlen = cu_seqlens is not None
     b, nb = kv_cnt.shape[0], kv_cnt.shape[2]
-    if n == 0 or b * hq == 0:
-        return
     cu = cu_seqlens if varlen else kv_cnt  # a placeholder pointer when there are no offsets
 
     def batch_stride(t: torch.Tensor) -> int:
@@ -647,19 +618,9 @@ def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, 
     group = hq // hkv
     key = (d, block_size)
 
-    if varlen:  # the work of a key/value head's key block: its query heads' column lists
-        kv_work = q_cnt.repeat_interleave(hq // q_cnt.shape[1], dim=1).reshape(b, hkv, group, nb)
-        kv_work = kv_work.sum(2, dtype=torch.int32)
-        q_work = kv_cnt.repeat_interleave(hq // kv_cnt.shape[1], dim=1)
-
     def run_dkdv(config: dict):
-        if varlen:
-            order = varlen_order(kv_work, cu, seqlens, config["BLOCK_N"], block_size, last_first=False)
-            grid = (order.numel(),)
-        else:
-            order, grid = cu, (n_pad // config["BLOCK_N"], b * hkv)
-        return _bs_bwd_dkdv_kernel[grid](
-            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt, cu, order,
+        return _bs_bwd_dkdv_kernel[(n_pad // config["BLOCK_N"], b * hkv)](
+            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt, cu,
             scale * LOG2E.value, scale,
             batch_stride(q), q.stride(1), q.stride(2),
             batch_stride(k), k.stride(1), k.stride(2),
@@ -672,19 +633,14 @@ def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, 
             b, n, nb, n_pad, hq, hkv, group, hq // q_idx.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, EVEN_N=n % block_size == 0 and not varlen,
             DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, VARLEN=varlen,
-            **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(q, do)),
+            **dict(config, USE_TMA=config["USE_TMA"] and not varlen and tma_ok(q, do)),
         )
     DKDV_TABLE.launch(key, run_dkdv)
 
     def run_dq(config: dict):
         n_qprog = n_pad // config["BLOCK_M"]
-        if varlen:
-            order = varlen_order(q_work, cu, seqlens, config["BLOCK_M"], block_size, last_first=True)
-            grid = (order.numel(),)
-        else:
-            order, grid = cu, (n_qprog, b * hq)
-        return _bs_bwd_dq_kernel[grid](
-            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt, cu, order,
+        return _bs_bwd_dq_kernel[(n_qprog, b * hq)](
+            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt, cu,
             scale * LOG2E.value, scale,
             batch_stride(q), q.stride(1), q.stride(2),
             batch_stride(k), k.stride(1), k.stride(2),
@@ -695,6 +651,6 @@ def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, 
             kv_cnt.stride(0), kv_cnt.stride(1),
             b, n, n_pad, n_qprog, hq, hkv, group, hq // kv_idx.shape[1],
             HEAD_DIM=d, MASK_BLOCK=block_size, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
-            VARLEN=varlen, **dict(config, USE_TMA=config["USE_TMA"] and tma_ok(k, v)),
+            VARLEN=varlen, **dict(config, USE_TMA=config["USE_TMA"] and not varlen and tma_ok(k, v)),
         )
     DQ_TABLE.launch(key, run_dq)

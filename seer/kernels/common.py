@@ -123,31 +123,6 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return offsets
 
 
-def varlen_order(work: torch.Tensor, cu_seqlens: torch.Tensor, seqlens: list[int], tile: int, block: int,
-                 last_first: bool) -> torch.Tensor:
-    """The programs of a varlen launch that have tokens to work on, heaviest first: int32 ``(s * H + h) * P + p``.
-
-    ``work`` ``[S, H, R]`` is the work (list length) of each sequence, head and block of ``block`` tokens; program
-    ``p < P = R * block // tile`` covers the tokens ``[p * tile, (p + 1) * tile)`` of its sequence (block
-    ``p * tile // block``) and is real when ``p * tile < len_s``. The sequences are ``cu_seqlens`` (on the device) and
-    ``seqlens`` (their lengths, known on the host: the number of real programs, ``H * sum ceil(len_s / tile)``).
-    Ordered by work, longest first; ties: later programs first with ``last_first`` (query blocks: the per-head
-    order), else earlier ones first (key blocks). Built on the device without a host sync: the programs past a
-    sequence's end get work -1, sort last and are cut off."""
-    s, h, r = work.shape
-    per_block = block // tile
-    n_prog = r * per_block
-    count = h * sum(-(-n // tile) for n in seqlens)
-    starts = torch.arange(n_prog, device=work.device, dtype=torch.int32) * tile
-    real = starts[None, :] < (cu_seqlens[1:] - cu_seqlens[:-1])[:, None]  # [S, P]
-    w = torch.where(real[:, None, :], work.repeat_interleave(per_block, dim=2), -1)
-    packed = torch.arange(s * h * n_prog, device=work.device, dtype=torch.int32).view(s, h, n_prog)
-    if last_first:
-        w, packed = w.flip(-1), packed.flip(-1)
-    keep = torch.argsort(w.reshape(-1), descending=True, stable=True)[:count]
-    return packed.reshape(-1)[keep]
-
-
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> tuple[int, int, int, int, int]:
     """:func:`check_qkv_shapes` plus what the Triton kernels need: tensors of one supported dtype
     (:data:`DTYPES`) and a supported head dim (:data:`HEAD_DIMS`). Returns ``(B, Hq, Hkv, N, D)``."""

@@ -1,7 +1,7 @@
 """Block-sparse attention of packed sequences (cu_seqlens), forward and backward, against the PyTorch reference.
 
 On machines without CUDA these run on CPU tensors under the Triton interpreter (tests/conftest.py), at small sizes;
-the cases marked ``gpu`` run bf16 at 1k-32k on a CUDA device (not run yet).
+the case marked ``gpu`` runs bf16 at 1k-32k on a CUDA device (not run yet).
 """
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ import math
 import pytest
 import torch
 
-import seer.kernels.block_sparse as block_sparse_module
-import seer.kernels.block_sparse_bwd as bwd_module
 from seer.kernels import block_sparse_attn, block_sparse_attn_varlen, reference
-from seer.kernels.common import varlen_order
-from seer.kernels.tuning import force_config, last_launch
 from tests.kernels.masks import special_mask
 
 
@@ -38,8 +34,6 @@ def _packed(lengths, hq, hkv, d, block, mask_heads, dtype=torch.float32, seed=0,
     ((37, 1, 0, 80, 16), 4, 2, 16, 16, 4),     # odd lengths, a one-token and an empty sequence, a mask per query head
     ((0, 50, 33), 4, 1, 32, 16, 1),            # empty first sequence, a mask per key/value head (GQA 4:1)
     ((70, 64, 5), 2, 2, 16, 32, 2),            # 32-token blocks, a sequence of exactly two blocks
-    ((1, 0, 150, 0, 3, 17), 6, 2, 16, 16, 2),  # lengths 0 to 150 (10 blocks vs 1): most programs of the longest
-    ((1,), 2, 1, 16, 16, 2),                   # a single one-token sequence
 ])
 def test_packed_sequences_match_the_reference_and_each_sequence_alone(lengths, hq, hkv, d, block, mask_heads):
     q, k, v, cu, mask = _packed(lengths, hq, hkv, d, block, mask_heads)
@@ -61,46 +55,6 @@ def test_packed_sequences_match_the_reference_and_each_sequence_alone(lengths, h
                                                        mask[s:s + 1, :, :nb, :nb], block)
         torch.testing.assert_close(ref_out[a:b], alone[0].transpose(0, 1))
         torch.testing.assert_close(ref_lse[:, a:b], alone_lse[0])
-
-
-@pytest.mark.parametrize("tile, block, last_first", [(16, 16, True), (16, 32, False), (32, 32, True)])
-def test_varlen_order_lists_each_real_program_once_heaviest_first(tile, block, last_first):
-    lengths, heads = (37, 1, 0, 150, 16, 0), 3
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    rows = math.ceil(max(lengths) / block)
-    work = torch.randint(0, 4, (len(lengths), heads, rows), generator=torch.Generator().manual_seed(0),
-                         dtype=torch.int32)
-    order = varlen_order(work, cu, list(lengths), tile, block, last_first)
-    per_row = rows * block // tile
-    want = [(s * heads + h) * per_row + p for s, n in enumerate(lengths) for h in range(heads)
-            for p in range(math.ceil(n / tile))]
-    assert order.dtype == torch.int32 and sorted(order.tolist()) == want  # every real program once, no other
-    w = work.view(-1)[(order // per_row) * rows + (order % per_row) * tile // block]
-    assert (w[:-1] >= w[1:]).all()  # longest lists first
-    progs, w = order.tolist(), w.tolist()
-    for i in range(len(progs) - 1):  # ties within a head: later (last_first) or earlier programs first
-        if progs[i] // per_row == progs[i + 1] // per_row and w[i] == w[i + 1]:
-            assert (progs[i] > progs[i + 1]) == last_first
-
-
-def test_varlen_launches_have_only_the_programs_inside_sequences(monkeypatch):
-    """The varlen forward, dq and dk/dv kernels launch one program per (sequence, head, block inside the sequence),
-    not the longest sequence's count for every sequence."""
-    sizes = []
-
-    def recording(*args, **kwargs):
-        order = varlen_order(*args, **kwargs)
-        sizes.append(order.numel())
-        return order
-
-    monkeypatch.setattr(block_sparse_module, "varlen_order", recording)
-    monkeypatch.setattr(bwd_module, "varlen_order", recording)
-    lengths = (150, 1, 0, 20)  # 10, 1, 0 and 2 blocks of 16
-    q, k, v, cu, mask = _packed(lengths, 4, 2, 16, 16, 2)
-    q.requires_grad_()
-    out, _ = block_sparse_attn_varlen(q, k, v, cu, mask, 16)
-    out.sum().backward()
-    assert sizes == [4 * 13, 2 * 13, 4 * 13]  # forward, dk/dv (per key/value head), dq; not 4 x heads x 10
 
 
 def test_full_masks_are_attention_that_never_crosses_sequences():
@@ -160,75 +114,22 @@ def test_gpu_bf16_mixed_lengths_match_each_sequence_alone():
         torch.testing.assert_close(lse[:, a:b], alone_lse[0], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tma", [False, True])
-def test_gpu_bf16_packed_gradients_match_each_sequence_alone(tma):
-    """bf16 gradients of packed sequences of 1 to 8k tokens equal those of the unpacked kernel on each sequence alone,
-    with the copy engine forced on (Hopper: per-sequence descriptors in all three kernels) or off."""
-    lengths, block, hq, hkv = (1024, 8000, 1, 3000), 64, 8, 2
-    q, k, v, cu, _ = _packed(lengths, hq, hkv, 128, block, hq, dtype=torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    nb = math.ceil(max(lengths) / block)
-    mask = torch.rand(len(lengths), hq, nb, nb, device="cuda", generator=gen) < 0.2
-    mask[:, :, torch.arange(nb), torch.arange(nb)] = True
-    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
-    with force_config("block_sparse", USE_TMA=tma), force_config("block_sparse_bwd.dkdv", USE_TMA=tma), \
-            force_config("block_sparse_bwd.dq", USE_TMA=tma):
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out, _ = block_sparse_attn_varlen(*leaves, cu, mask, block)
-        packed = torch.autograd.grad(out, leaves, dout)
-        offsets = cu.tolist()
-        for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
-            sb = math.ceil((b - a) / block)
-            seq = [x[a:b].detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v)]
-            alone, _ = block_sparse_attn(*seq, mask[s:s + 1, :, :sb, :sb], block)
-            grads = torch.autograd.grad(alone, seq, dout[a:b].transpose(0, 1)[None])
-            for name, got, want in zip("qkv", packed, grads):
-                want = want[0].transpose(0, 1).double()
-                diff = (got[a:b].double() - want).norm()
-                assert diff <= 2e-2 * want.norm() + 1e-3, (s, name, diff, want.norm())  # 1 token: dq is 0
-
-
 @pytest.mark.parametrize("lengths, hq, hkv, block, mask_heads, with_lse", [
     ((37, 1, 0, 80, 16), 4, 2, 16, 4, False),  # odd lengths, a one-token and an empty sequence
     ((0, 50, 33), 4, 1, 16, 1, True),          # GQA 4:1, a mask per key/value head, a loss on lse too
-    ((1, 0, 130, 3), 6, 2, 16, 2, False),      # lengths 0 to 130 (9 blocks vs 1), GQA 3:1
 ])
 def test_packed_gradients_match_the_reference(lengths, hq, hkv, block, mask_heads, with_lse):
-    _check_gradients(lengths, hq, hkv, block, mask_heads, with_lse)
-
-
-@pytest.mark.parametrize("tma", [False, True])
-def test_packed_subtiles_and_copy_engine(monkeypatch, tma):
-    """Tiles of half a mask block (two programs per block in the dq and dk/dv launch orders) and, with ``tma``, the
-    copy-engine path forced (the interpreter emulates the descriptors, built per sequence from its first token)."""
-    if tma:
-        monkeypatch.setattr(block_sparse_module, "tma_ok", lambda *t: True)
-        monkeypatch.setattr(bwd_module, "tma_ok", lambda *t: True)
-    tiles = dict(num_warps=4, num_stages=1, USE_TMA=tma)
-    with force_config("block_sparse", USE_TMA=tma), \
-            force_config("block_sparse_bwd.dkdv", BLOCK_N=16, BLOCK_M=16, **tiles), \
-            force_config("block_sparse_bwd.dq", BLOCK_M=16, BLOCK_N=16, **tiles):
-        _check_gradients((1, 0, 90, 17, 33), 4, 2, 32, 2, True)
-        assert all(last_launch(name)["config"]["USE_TMA"] == tma
-                   for name in ("block_sparse", "block_sparse_bwd.dkdv", "block_sparse_bwd.dq"))
-
-
-def _check_gradients(lengths, hq, hkv, block, mask_heads, with_lse):
-    """Forward and gradients of the packed kernel (float32) against the float64 reference."""
     q, k, v, cu, mask = _packed(lengths, hq, hkv, 16, block, mask_heads, seed=5)
     gen = torch.Generator().manual_seed(6)
     dout = torch.randn(q.shape, generator=gen).to(q.device)
     dlse = torch.randn(hq, q.shape[0], generator=gen).to(q.device)
-    grads, outs = [], []
+    grads = []
     for fn, dtype in ((block_sparse_attn_varlen, torch.float32), (reference.block_sparse_attn_varlen, torch.float64)):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         out, lse = fn(*leaves, cu, mask, block)
-        outs.append(out.detach())
         live = torch.isfinite(lse)  # rows that attend to something (empty rows have lse = -inf)
         loss = (out * dout.to(dtype)).sum() + ((lse * dlse.to(dtype))[live].sum() if with_lse else 0)
         grads.append(torch.autograd.grad(loss, leaves))
-    torch.testing.assert_close(outs[0].double(), outs[1], rtol=1e-5, atol=1e-5)
     for got, want in zip(*grads):
         assert not got.isnan().any()
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
