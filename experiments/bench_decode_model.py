@@ -54,7 +54,6 @@ is part of every figure here.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import sys
 import time
@@ -194,12 +193,7 @@ def rewind(cache, length: int) -> None:
 def copy_key_cache(cache):
     """A copy of a :class:`~seer.model.decode_cache.DecodeKeyCache` that later steps of either do not change (the
     gates shared)."""
-    new = copy.copy(cache)
-    new.keys = {i: t.clone() for i, t in cache.keys.items()}
-    new.tails = {i: [t.clone() for t in rows] for i, rows in cache.tails.items()}
-    new.lengths = {i: list(v) for i, v in cache.lengths.items()}
-    new.seqlens = {i: t.clone() for i, t in cache.seqlens.items()}
-    return new
+    return cache.clone()
 
 
 def _sync(device) -> None:

@@ -686,13 +686,18 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     several sequences packed in a row); under CUDA-graph capture or ``torch.compile`` it cannot, and builds a full
     mask, which would send every gated layer to the dense fallback. There seer assumes one sequence per row, as
     block-causal gating does anyway: packed rows are not supported in gated layers. A step after cached keys (decode)
-    whose padding mask is not one run of real tokens per row (a right-padded prompt) is refused."""
+    whose padding mask is not one run of real tokens per row (a right-padded prompt) is refused. The mask of a padded
+    prompt into a preallocated cache (StaticCache: more keys than queries, none cached before them) is marked
+    ``seer_static_prefill``, which sparse decode refuses."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
     from transformers.utils.import_utils import is_tracing
 
     mask_function = mask_function or causal_mask_function
     causal = mask_function is causal_mask_function and local_size is None
-    plain = q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    # shapes first: a StaticCache's q_offset is a device tensor, read here only for a prompt of several tokens
+    plain = q_length == kv_length and kv_offset == 0 and q_offset == 0
+    static_prefill = attention_mask is not None and 1 < q_length < kv_length and isinstance(q_offset, torch.Tensor) \
+        and not is_tracing() and int(q_offset) == 0
     if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
         return None
     spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
@@ -706,6 +711,8 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
                      allow_is_causal_skip=allow_is_causal_skip, **kwargs)
     if mask is not None and causal and plain and spans is not None:
         mask.seer_spans = spans
+    if mask is not None and static_prefill:
+        mask.seer_static_prefill = True
     return mask
 
 
