@@ -694,10 +694,10 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
 
     mask_function = mask_function or causal_mask_function
     causal = mask_function is causal_mask_function and local_size is None
-    # shapes first: a StaticCache's q_offset is a device tensor, read here only for a prompt of several tokens
+    # shapes first: a StaticCache's q_offset can be a device tensor, read here only for a step of several tokens
     plain = q_length == kv_length and kv_offset == 0 and q_offset == 0
-    static_prefill = attention_mask is not None and 1 < q_length < kv_length and isinstance(q_offset, torch.Tensor) \
-        and not is_tracing() and int(q_offset) == 0
+    static_prefill = attention_mask is not None and 1 < q_length < kv_length and not is_tracing() \
+        and int(q_offset) == 0
     if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
         return None
     spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
