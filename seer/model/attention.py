@@ -381,6 +381,10 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
             if stash is not None:
                 stash.q = stash.k = None
             return out, None
+    if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+        # a prefill into a preallocated cache (StaticCache): transformers drops the causal mask of several queries
+        # over more keys only when no key is cached before them, so the keys after the queries are empty
+        key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
     spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
         else None
     documents = ctx.documents if ctx is not None and ctx.mode in ("distill", "train_sparse") else None

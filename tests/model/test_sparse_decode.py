@@ -276,21 +276,25 @@ def _refuse_host_reads(monkeypatch, steps: list):
 @pytest.mark.parametrize("budget", [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}])
 def test_static_cache_decodes_as_the_dynamic_cache_without_host_reads(gate_folder, monkeypatch, budget):
     """transformers' StaticCache (keys [B, Hkv, max_cache_len, D], each row's from 0): an unpadded batch decodes
-    the tokens and densities of a DynamicCache, its steps read nothing back from the device, and the compressed-K
-    cache is sized by the KV cache's length."""
+    the tokens and densities of a DynamicCache (a sparse prefill too), its steps read nothing back from the device,
+    and the compressed-K cache is sized by the KV cache's length."""
     from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(6))
-    model = _load(decode_gates=gate_folder, decode_sparsity=budget)
+    model = _load(gates=gate_folder, sparsity={"method": "topk", "target_density": 0.5}, decode_gates=gate_folder,
+                  decode_sparsity=budget)
     want, want_logits = _greedy_loop(model, ids, 12, DynamicCache())
-    dynamic = model.seer_decode.densities()
+    dynamic, prefill = model.seer_decode.densities(), model.seer_context.densities()
+    assert 0 < model.seer_context.mean_density() < 0.8
     steps = []
     _refuse_host_reads(monkeypatch, steps)
+    model.seer_context.density.clear()
     got, got_logits = _greedy_loop(model, ids, 12, StaticCache(config=model.config, max_cache_len=90))
     assert len(steps) == 2 * 11 and model.seer_decode.cache.capacity == -(-90 // BS)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
     assert model.seer_decode.densities() == pytest.approx(dynamic)
+    assert model.seer_context.densities() == pytest.approx(prefill)
     assert 0 < model.seer_decode.mean_density() < 1
 
 
