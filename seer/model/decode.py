@@ -11,16 +11,20 @@ Sparse decode (:meth:`DecodeContext.enable`, on a model prepared for the ``"seer
 prefill that keeps a KV cache (``use_cache``) starts a :class:`~seer.model.decode_cache.DecodeKeyCache` with each
 row's real keys (left, right or no padding); every decode step of one token adds its key there, scores the blocks
 of its sequence with the decode gate, keeps the blocks of the budget (:func:`seer.sparsity.decode.decode_block_mask`)
-and attends them over transformers' KV cache (``[B, Hkv, N, D]``) with :func:`seer.kernels.block_sparse_decode`
-(Triton) or its PyTorch reference. A left-padded row's sequence starts after its padding, so rows with padding are
-attended one by one. Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
+and attends them over transformers' KV cache with :func:`seer.kernels.block_sparse_decode` (Triton) or its PyTorch
+reference. The KV cache is a DynamicCache (``[B, Hkv, N, D]``, the newest token last; a left-padded row's sequence
+starts after its padding, so rows with padding are attended one by one) or a StaticCache (``[B, Hkv, max_cache_len,
+D]``, each row's keys from position 0; unpadded prompts only; the compressed-K cache is then sized for
+``max_cache_len``). Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
 The achieved density (kept share of each token's valid blocks, mean over rows, heads and steps) is summed per layer
-on the device and read only by :meth:`DecodeContext.densities` (until the next prefill).
+on the device, in place, and read only by :meth:`DecodeContext.densities` (until the next prefill).
 
-A one-token decode step reads nothing back from the device: sequence lengths come from the compressed-K cache (host
-ints beside a device ``cache_seqlens`` it increments), the block list has a width fixed on the host
-(:meth:`~seer.sparsity.decode.DecodeSparsityConfig.max_kept_blocks`), and neither the budget nor the kernel
-validates values on the host.
+A one-token decode step reads nothing back from the device and has shapes fixed on the host, so it can be captured
+in a CUDA graph (after an eager step, which allocates the density sums): sequence lengths come from the compressed-K
+cache (``seqlens`` on the device, advanced in place), its scores cover the cache's fixed capacity of blocks, the block
+list has a width fixed on the host (:meth:`~seer.sparsity.decode.DecodeSparsityConfig.max_kept_blocks`), and neither
+the budget nor the kernel validates values on the host. Host state used by a step is only what a prefill fixed (each
+row's offset in the KV cache, the capacity).
 """
 
 from __future__ import annotations
