@@ -341,7 +341,8 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
     budget = DecodeSparsityConfig(token_budget=args.budget)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    cache = StaticCache(config=model.config, max_cache_len=prompt + extra)
+    # room for the steps, rounded up to whole blocks (aligned rows for SDPA's mask and the kernel)
+    cache = StaticCache(config=model.config, max_cache_len=-(-(prompt + extra) // bs) * bs)
     ctx.enable(every, kernel)  # a prefill with sparse decode on fills the compressed-K cache (sized for the cache)
     _sync(device)
     t0 = time.perf_counter()

@@ -321,3 +321,29 @@ def test_static_cache_refuses_a_left_padded_prompt(gate_folder):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, past_key_values=StaticCache(config=model.config,
                                                                                    max_cache_len=40), use_cache=True)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_whole_model_step_over_a_static_cache_reads_nothing_from_the_device(gate_folder, monkeypatch, sparse):
+    """What a CUDA graph of one decode step needs (experiments/bench_decode_model.py --graph): after an eager step,
+    the whole forward of the next (embedding, transformers' mask and positions from the StaticCache, every layer,
+    the LM head) converts no tensor to a host value, dense or sparse."""
+    from transformers import StaticCache
+
+    model = _load(decode_gates=gate_folder, decode_sparsity={"token_budget": 32})
+    if not sparse:
+        model.seer_decode.disable()
+    ids = torch.randint(3, 300, (2, 50), generator=torch.Generator().manual_seed(8))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(input_ids=ids[:, :40], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 40:41], past_key_values=cache, use_cache=True)
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__"):
+                patch.setattr(torch.Tensor, name, lambda *args, name=name, **kwargs: pytest.fail(
+                    f"torch.Tensor.{name} in a decode step"))
+            for i in range(41, 45):
+                model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+    assert int(cache.layers[0].cumulative_length) == 45
+    if sparse:
+        assert model.seer_decode.cache.seqlens[0].tolist() == [45, 45]
