@@ -1,10 +1,11 @@
 """Whole-model decode tokens/s (issue 18 part 6): the 8B shape with random weights, dense decode against sparse decode
 (decode gates -> token budget -> Triton block-sparse decode kernel) on the same KV cache.
 
-NOT RUN YET: written without a GPU (tested on the CPU on a tiny model only); its first run on one H200 is still to
-come. Defaults: all 32 decoder layers, prompts 32k and 128k, batch 1 and 8; batch 8 x 128k is skipped (its KV cache
-alone is 128 GiB). Expected well within 5 minutes of wall time: the model is drawn on the GPU in seconds, a prefill
-takes about 2 s (1 x 32k) to 10-15 s (8 x 32k, 1 x 128k), and each case decodes about 80 steps of tens of ms.
+The eager mode ran on one H200 with the compressed-K cache before its static-shape rewrite (issue 18: sparse 0.72x
+dense at 1 x 32k, 0.38x at 8 x 32k, 0.71x at 1 x 128k; host-bound); ``--graph`` has not run yet. Defaults: all 32
+decoder layers, prompts 32k and 128k, batch 1 and 8; batch 8 x 128k is skipped (its KV cache alone is 128 GiB).
+Expected well within 5 minutes of wall time: the model is drawn on the GPU in seconds, a prefill takes about 2 s
+(1 x 32k) to 10-15 s (8 x 32k, 1 x 128k), and each case decodes about 80 steps of tens of ms.
 
 The model is ``conf/model/<--model>.yaml`` (default ``llama3_8b``: 32 layers, 32 query / 8 KV heads, D 128, vocab
 128256) built with ``model.random_init=true`` in bf16 on CUDA (``--layers N`` keeps the first N decoder layers),
@@ -40,12 +41,28 @@ DynamicCache, which ``torch.cat``s each layer's whole cache at every step, i.e. 
 (at batch 8 / 32k, 32 GiB read and written per step: more than dense attention reads), which caps any attention
 speedup; run it to see what ``generate()`` pays today.
 
-The measured speedup is the model's, host overhead included: eager decode steps are host-bound at small batches
-(docs/bench_decode.md: ~0.1-0.2 ms of Python and launches per kernel call), and the sparse path adds per layer and
-step the decode gate, the compressed-K update (a Python loop over rows), the budget's top-k, the block list and the
-kernel. No ``--graph`` option: a decode step cannot be captured as a CUDA graph with this cache (the KV views grow by
-one token per step and the compressed-K cache keeps host-side lengths and per-row Python work), so the host overhead
-is part of every figure here.
+The measured speedup of the eager mode is the model's, host overhead included: eager decode steps are host-bound at
+small batches (docs/bench_decode.md: ~0.1-0.2 ms of Python and launches per kernel call), and the sparse path adds per
+layer and step the decode gate, the compressed-K update, the budget's top-k, the block list and the kernel.
+
+``--graph`` (NOT RUN YET on a GPU; its plumbing is tested on the CPU, where each "replay" runs the step eagerly)
+takes the host out: the KV cache is transformers' StaticCache of prompt + steps tokens (``--cache`` is ignored), and
+after the prefill ONE decode step ``model(input_ids=static_ids, past_key_values=cache, use_cache=True)`` is captured
+in a ``torch.cuda.CUDAGraph`` (warm-up steps on a side stream first, as the PyTorch docs ask: they compile and tune
+the Triton kernels and allocate what a first step allocates), once dense, once with sparse decode over every block,
+once at ``--budget``; each is replayed ``--steps`` times, timed with CUDA events (the next token copied into
+``static_ids`` before each replay). The step reads its position from the cache itself: in transformers 5.x a
+StaticCache layer keeps its length as a device tensor (``cumulative_length``) that the captured ``update`` advances in
+place, the model derives ``position_ids`` and the causal mask's offset from it (there is no ``cache_position``
+argument), and sparse decode reads each row's length from the compressed-K cache's ``seqlens``, also advanced in
+place; so replays continue the sequence and a rewind sets both back in place (the compressed-K cache from a copy
+taken after the prefill, :meth:`~seer.model.decode_cache.DecodeKeyCache.copy_`). Before timing: the replays' logits
+must equal eager steps' (relative error <= ``GRAPH_TOL``), sparse decode over every block must equal dense within
+``--tol`` at density 1.0, and after the timed replays the caches must hold prompt + steps tokens. Dense attention
+here is transformers' SDPA over the whole static cache with a mask (which makes transformers repeat K/V per query
+head, more traffic than the eager mode's dense step), so the sparse-over-every-block graph (the Triton kernel listing
+every block: a dense decode, plus the gate) is timed too and the report gives the speedup against the faster of the
+two as well.
 
     PYTHONPATH=. python experiments/bench_decode_model.py --out docs/bench_decode_model.md
     PYTHONPATH=. python experiments/bench_decode_model.py --layers 8 --prompts 32768 --batch 8   # a quicker look
@@ -54,7 +71,6 @@ is part of every figure here.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import sys
 import time
@@ -62,6 +78,7 @@ import time
 import torch
 
 GIB = 2**30
+GRAPH_TOL = 1e-3  # relative L2 error allowed between a CUDA-graph replay and the same eager step
 
 
 def kv_cache_bytes(layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -108,7 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=int, default=2048, help="sparse decode token budget per KV head")
     ap.add_argument("--block-size", type=int, default=64, help="decode gate block size")
     ap.add_argument("--cache", choices=["reserved", "dynamic"], default="reserved",
-                    help="KV cache: preallocated views (reserved) or transformers' torch.cat DynamicCache (dynamic)")
+                    help="KV cache of the eager steps: preallocated views (reserved) or transformers' torch.cat "
+                         "DynamicCache (dynamic); --graph uses a StaticCache")
+    ap.add_argument("--graph", action="store_true",
+                    help="decode steps as CUDA-graph replays of one captured step over a StaticCache (see above)")
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="prefill in pieces of this many tokens (0: the whole prompt in one forward)")
     ap.add_argument("--mem-limit-gib", type=float, default=130.0, help="skip combinations estimated above this")
@@ -186,20 +206,19 @@ def make_cache(kind: str, capacity: int):
 
 def rewind(cache, length: int) -> None:
     """Cuts every layer of ``cache`` back to its first ``length`` tokens (views; a reserved layer writes the next
-    token after them)."""
+    token after them; a StaticCache layer's length, a device tensor, is set in place, where a captured step reads
+    it)."""
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        if hasattr(layer, "cumulative_length") and hasattr(layer, "max_cache_len"):
+            layer.cumulative_length.fill_(length)
+        else:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
 def copy_key_cache(cache):
     """A copy of a :class:`~seer.model.decode_cache.DecodeKeyCache` that later steps of either do not change (the
     gates shared)."""
-    new = copy.copy(cache)
-    new.keys = {i: t.clone() for i, t in cache.keys.items()}
-    new.tails = {i: [t.clone() for t in rows] for i, rows in cache.tails.items()}
-    new.lengths = {i: list(v) for i, v in cache.lengths.items()}
-    new.seqlens = {i: t.clone() for i, t in cache.seqlens.items()}
-    return new
+    return cache.clone()
 
 
 def _sync(device) -> None:
@@ -235,8 +254,186 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int = 0) -> None:
         model(input_ids=ids[:, first:first + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
+class GraphStep:
+    """One decode step ``model(input_ids=ids, past_key_values=cache, use_cache=True)`` over a transformers
+    StaticCache, captured in a CUDA graph (on a GPU; on the CPU, where there are no graphs, :meth:`replay` runs it
+    eagerly, which tests the plumbing): ``ids`` (``[B, 1]``) is a static input, copied into before a replay;
+    ``logits`` the static output. The step reads its position from the cache (each StaticCache layer's
+    ``cumulative_length``, a device tensor that the captured step itself advances in place), and with sparse decode
+    on its lengths from the compressed-K cache (``seqlens``, also advanced in place): so replays continue the
+    sequence, and ``reset()`` (called before each warm-up step and after the capture) rewinds both in place.
+
+    Capture as the PyTorch docs say: warm-up steps on a side stream first (they compile and tune the Triton kernels
+    and allocate what the first step allocates: the density sums), then one step under ``torch.cuda.graph``."""
+
+    def __init__(self, model, cache, ids: torch.Tensor, reset, warmup: int = 1):
+        self.model, self.cache, self.ids, self.graph = model, cache, ids.clone(), None
+        self.logits = None
+        if not ids.is_cuda:
+            reset()
+            return
+        with torch.no_grad():
+            stream = torch.cuda.Stream(ids.device)
+            stream.wait_stream(torch.cuda.current_stream(ids.device))
+            with torch.cuda.stream(stream):
+                for _ in range(max(warmup, 1)):
+                    reset()
+                    self._forward()
+            torch.cuda.current_stream(ids.device).wait_stream(stream)
+            reset()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        reset()
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True).logits
+
+    def replay(self) -> None:
+        if self.graph is None:
+            with torch.no_grad():
+                self.logits = self._forward()
+        else:
+            self.graph.replay()
+
+
+def replay_steps(step: GraphStep, ids: torch.Tensor, n: int, keep: bool = False) -> tuple[float, list[torch.Tensor]]:
+    """``n`` replays of ``step`` (token ``ids[i]`` copied into its static input before replay ``i``): milliseconds
+    (CUDA events on a GPU, else wall time) and, with ``keep``, each step's float32 logits."""
+    logits, cuda = [], ids.is_cuda
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(n):
+        step.ids.copy_(ids[i])
+        step.replay()
+        if keep:
+            logits.append(step.logits[:, -1].float())
+    if cuda:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), logits
+    return (time.perf_counter() - t0) * 1e3, logits
+
+
+def _rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max([((a - b).norm() / b.norm()).item() for a, b in zip(got, want)], default=0.0)
+
+
+@torch.no_grad()
+def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str = "triton") -> dict:
+    """One (prompt, batch) with ``--graph``: decode steps as CUDA-graph replays over a StaticCache (see the module
+    docstring)."""
+    from transformers import StaticCache
+
+    from seer.sparsity.decode import DecodeSparsityConfig
+
+    ctx = model.seer_decode
+    cuda = torch.device(device).type == "cuda"
+    g = torch.Generator(device=device).manual_seed(prompt * 16 + batch)
+    vocab = model.config.vocab_size
+    ids = torch.randint(vocab, (batch, prompt), device=device, generator=g)
+    extra = max(args.steps, args.warmup, args.check_steps)
+    steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
+    bs = ctx.config.block_size
+    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs)  # every block of every step
+    budget = DecodeSparsityConfig(token_budget=args.budget)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    # room for the steps, rounded up to whole blocks (aligned rows for SDPA's mask and the kernel)
+    cache = StaticCache(config=model.config, max_cache_len=-(-(prompt + extra) // bs) * bs)
+    ctx.enable(every, kernel)  # a prefill with sparse decode on fills the compressed-K cache (sized for the cache)
+    _sync(device)
+    t0 = time.perf_counter()
+    prefill(model, cache, ids, args.prefill_chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    after_prefill = ctx.cache.clone()
+    key_cache_mib = ctx.cache.memory_bytes() / 2**20
+    problems = []
+
+    def reset() -> None:  # the KV cache back to the prompt and, with sparse decode on, the compressed-K cache too
+        rewind(cache, prompt)
+        if ctx.cache is not None:
+            ctx.cache.copy_(after_prefill)
+
+    def sparse(config) -> None:
+        ctx.enable(config, kernel)
+        ctx.cache = after_prefill.clone()
+
+    def check_position(n: int) -> None:  # did the replays advance the sequence by one token each?
+        length = int(cache.layers[0].cumulative_length)
+        seqlens = ctx.cache.seqlens[min(ctx.gates)].tolist() if ctx.cache is not None else [prompt + n] * batch
+        if length != prompt + n or seqlens != [prompt + n] * batch:
+            problems.append(f"after {n} replays the KV cache holds {length} tokens and the compressed-K cache "
+                            f"{seqlens}, not {prompt + n}")
+
+    def timed(step: GraphStep) -> float:
+        reset()
+        replay_steps(step, steps, args.warmup)
+        reset()
+        ctx.reset_density()
+        ms, _ = replay_steps(step, steps, args.steps)
+        check_position(args.steps)
+        return ms
+
+    # dense: transformers' SDPA over the StaticCache; the eager steps are the reference
+    ctx.disable()
+    reset()
+    _, want = decode_steps(model, cache, steps, args.check_steps, keep=True)
+    step = GraphStep(model, cache, steps[0], reset, args.warmup)
+    _, dense_graph = replay_steps(step, steps, args.check_steps, keep=True)
+    graph_err = _rel_err(dense_graph, want)
+    dense_ms = timed(step)
+    del step
+    # sparse decode over every block: the eager steps and the replays against dense; timed as the kernel's dense
+    sparse(every)
+    reset()
+    _, eager = decode_steps(model, cache, steps, args.check_steps, keep=True)
+    step = GraphStep(model, cache, steps[0], reset, args.warmup)
+    ctx.reset_density()
+    _, got = replay_steps(step, steps, args.check_steps, keep=True)
+    full_density = ctx.mean_density() if args.check_steps else 1.0
+    graph_err = max(graph_err, _rel_err(got, eager))
+    err = max(_rel_err(got, want), _rel_err(eager, want))
+    full_ms = timed(step)
+    del step
+    # sparse decode at the budget: one eager step (the reference of the first replay), capture, time
+    sparse(budget)
+    reset()
+    _, eager = decode_steps(model, cache, steps, 1, keep=True)
+    step = GraphStep(model, cache, steps[0], reset, args.warmup)
+    _, got = replay_steps(step, steps, 1, keep=True)
+    graph_err = max(graph_err, _rel_err(got, eager))
+    sparse_ms = timed(step)
+    density = ctx.mean_density()
+    del step
+    ctx.disable()
+    check_ok = err <= args.tol and abs(full_density - 1.0) <= 1e-6 and graph_err <= GRAPH_TOL and not problems
+    if not check_ok:  # reported, and the run exits 1 at the end; the timings are still measured
+        print(f"CHECK FAILED: prompt {prompt}, batch {batch}: sparse decode over every block against dense: "
+              f"relative error {err:.3g} (--tol {args.tol}), density {full_density:.4f} (want 1); CUDA-graph "
+              f"replays against eager steps: {graph_err:.3g} (want <= {GRAPH_TOL}); {'; '.join(problems)}",
+              flush=True)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
+    tokens = batch * args.steps
+    return dict(prompt=prompt, batch=batch, prefill_s=prefill_s, check_err=err, check_ok=check_ok,
+                graph_err=graph_err, dense_ms=dense_ms / args.steps, full_ms=full_ms / args.steps,
+                sparse_ms=sparse_ms / args.steps, dense_tps=tokens / dense_ms * 1e3,
+                sparse_tps=tokens / sparse_ms * 1e3, speedup=dense_ms / sparse_ms,
+                speedup_best=min(dense_ms, full_ms) / sparse_ms, density=density, peak_gib=peak,
+                key_cache_mib=key_cache_mib)
+
+
 def bench_case(model, batch: int, prompt: int, args, device, kernel: str = "triton") -> dict:
     """One (prompt, batch): prefill, check, dense and sparse timed loops (see the module docstring)."""
+    if getattr(args, "graph", False):
+        row = bench_case_graph(model, batch, prompt, args, device, kernel)
+        gc.collect()  # the StaticCache and the graphs' memory pools
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        return row
     from seer.sparsity.decode import DecodeSparsityConfig
 
     ctx = model.seer_decode
@@ -306,26 +503,43 @@ def bench_case(model, batch: int, prompt: int, args, device, kernel: str = "trit
 def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, cmd: str) -> str:
     from seer.kernels.bench import fmt
 
+    graph = getattr(args, "graph", False)
+    if graph:
+        how = (f"{args.steps} one-token steps of the whole model (LM head included, no sampling) as replays of one "
+               f"step captured in a CUDA graph over a StaticCache (rewound in place to the prompt between runs), "
+               f"timed with CUDA events, after {args.warmup} warm-up replays; dense and sparse decode the same tokens "
+               "over the same KV cache. Tokens/s = batch x steps / time. No host overhead: the GPU's time. `dense`: "
+               "transformers' SDPA over the StaticCache (its mask makes SDPA repeat K/V per query head); "
+               "`kernel@1.0`: sparse decode with every block kept (the Triton kernel as a dense decode, the gate "
+               "included); `vs best`: the faster of the two against sparse. `check`: relative L2 error of sparse "
+               f"decode over every block against dense, {args.check_steps} steps (bf16); `graph`: CUDA-graph "
+               f"replays against the same eager steps (at most {GRAPH_TOL}).")
+    else:
+        how = (f"{args.steps} one-token steps of the whole model (LM head included, no sampling) timed with CUDA "
+               f"events around an eager loop, after {args.warmup} warm-up steps; dense and sparse decode the same "
+               f"tokens over the same KV cache (`{args.cache}` cache; rewound to the prompt between runs). Tokens/s "
+               "= batch x steps / time. The times include the model's host overhead (Python, launches; the sparse "
+               "path adds the gate, the compressed-K update, the top-k and the block list per layer). `check`: "
+               f"relative L2 error of sparse decode over every block against dense, {args.check_steps} steps "
+               "(bf16).")
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
              f"transformers {info['transformers']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
              f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, random decode gates "
              f"(block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "
-             f"kernel). Per (prompt, batch): one dense prefill, then {args.steps} one-token steps of the whole "
-             f"model (LM head included, no sampling) timed with CUDA events around an eager loop, after "
-             f"{args.warmup} warm-up steps; dense and sparse decode the same tokens over the same KV cache "
-             f"(`{args.cache}` cache; rewound to the prompt between runs). Tokens/s = batch x steps / time. "
-             "The times include the model's host overhead (Python, launches; the sparse path adds the gate, the "
-             "compressed-K update, the top-k and the block list per layer). `check`: relative L2 error of sparse "
-             f"decode over every block against dense, {args.check_steps} steps (bf16).", "",
+             f"kernel). Per (prompt, batch): one dense prefill, then {how}", "",
              "| prompt | batch | dense ms/step | dense tok/s | sparse ms/step | sparse tok/s | speedup | density "
-             "| compressed K (MiB) | peak mem (GiB) | prefill (s) | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| compressed K (MiB) | peak mem (GiB) | prefill (s) | check |"
+             + (" kernel@1.0 ms/step | vs best | graph |" if graph else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if graph else "")]
     for r in rows:
-        lines.append(f"| {r['prompt'] // 1024}k | {r['batch']} | {fmt(r['dense_ms'], 2)} | {fmt(r['dense_tps'], 1)} "
-                     f"| {fmt(r['sparse_ms'], 2)} | {fmt(r['sparse_tps'], 1)} | {r['speedup']:.2f}x "
-                     f"| {fmt(r['density'], 3)} | {fmt(r['key_cache_mib'], 1)} | {fmt(r['peak_gib'], 1)} "
-                     f"| {fmt(r['prefill_s'], 1)} | {r['check_err']:.1e}{'' if r['check_ok'] else ' FAILED'} |")
+        line = (f"| {r['prompt'] // 1024}k | {r['batch']} | {fmt(r['dense_ms'], 2)} | {fmt(r['dense_tps'], 1)} "
+                f"| {fmt(r['sparse_ms'], 2)} | {fmt(r['sparse_tps'], 1)} | {r['speedup']:.2f}x "
+                f"| {fmt(r['density'], 3)} | {fmt(r['key_cache_mib'], 1)} | {fmt(r['peak_gib'], 1)} "
+                f"| {fmt(r['prefill_s'], 1)} | {r['check_err']:.1e}{'' if r['check_ok'] else ' FAILED'} |")
+        if graph:
+            line += f" {fmt(r['full_ms'], 2)} | {r['speedup_best']:.2f}x | {r['graph_err']:.1e} |"
+        lines.append(line)
     lines += [""] + [f"Skipped: {s}" for s in skipped]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -361,10 +575,12 @@ def main(argv: list[str] | None = None) -> None:
     for prompt, batch in cases:
         rows.append(bench_case(model, batch, prompt, args, device))
         r = rows[-1]
+        graph = f", kernel@1.0 {r['full_ms']:.2f} ms/step ({r['speedup_best']:.2f}x against the faster dense), " \
+            f"graph vs eager {r['graph_err']:.1e}" if args.graph else ""
         print(f"prompt {prompt} batch {batch}: dense {r['dense_ms']:.2f} ms/step ({r['dense_tps']:.1f} tok/s), "
               f"sparse {r['sparse_ms']:.2f} ms/step ({r['sparse_tps']:.1f} tok/s), {r['speedup']:.2f}x, density "
               f"{r['density']:.3f}, peak {r['peak_gib']:.1f} GiB, prefill {r['prefill_s']:.1f} s, check "
-              f"{r['check_err']:.1e}", flush=True)
+              f"{r['check_err']:.1e}{graph}", flush=True)
     info = {**env_info(), "transformers": transformers.__version__}
     cmd = "python experiments/bench_decode_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(rows, skipped, info, args, layers, cmd)

@@ -45,3 +45,21 @@ def test_one_case_on_the_cpu(cache, chunk):
     text = bench.report([row], ["prompt 9, batch 9: too big"], {"device": "cpu", "torch": torch.__version__,
                         "triton": "-", "cuda": "-", "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
     assert "| 0k | 2 |" in text and "Skipped: prompt 9" in text
+
+
+@pytest.mark.parametrize("chunk", ["0", "40"])
+def test_one_graph_case_on_the_cpu(chunk):
+    """--graph on the CPU: no CUDA graphs there, so each replay runs the step eagerly, over the same StaticCache and
+    static inputs, rewound in place: the checks (graph = eager, sparse over every block = dense, positions advanced)
+    and the report's columns."""
+    mcfg = bench.model_config("tiny_llama", layers=3, dtype="float32")
+    model = bench.build_model(mcfg, "cpu", block_size=16)
+    args = bench.parse_args(["--graph", "--steps", "3", "--warmup", "1", "--check-steps", "2", "--budget", "32",
+                             "--tol", "1e-4", "--prefill-chunk", chunk])
+    row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
+    assert row["check_ok"] and row["check_err"] < 1e-4 and row["graph_err"] < 1e-6, row
+    assert 0.2 < row["density"] < 0.6 and row["speedup"] > 0 and row["speedup_best"] > 0
+    assert model.seer_decode.sparsity is None and row["key_cache_mib"] > 0
+    text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
+                        "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
+    assert "| 0k | 2 |" in text and "kernel@1.0" in text and "CUDA graph" in text

@@ -381,6 +381,10 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
             if stash is not None:
                 stash.q = stash.k = None
             return out, None
+    if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+        # a prefill into a preallocated cache (StaticCache): transformers drops the causal mask of several queries
+        # over more keys only when no key is cached before them, so the keys after the queries are empty
+        key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
     spans = getattr(attention_mask, "seer_spans", None) if ctx is not None and ctx.mode in ("sparse", "observe") \
         else None
     documents = ctx.documents if ctx is not None and ctx.mode in ("distill", "train_sparse") else None
@@ -686,13 +690,18 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     several sequences packed in a row); under CUDA-graph capture or ``torch.compile`` it cannot, and builds a full
     mask, which would send every gated layer to the dense fallback. There seer assumes one sequence per row, as
     block-causal gating does anyway: packed rows are not supported in gated layers. A step after cached keys (decode)
-    whose padding mask is not one run of real tokens per row (a right-padded prompt) is refused."""
+    whose padding mask is not one run of real tokens per row (a right-padded prompt) is refused. The mask of a padded
+    prompt into a preallocated cache (StaticCache: more keys than queries, none cached before them) is marked
+    ``seer_static_prefill``, which sparse decode refuses."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
     from transformers.utils.import_utils import is_tracing
 
     mask_function = mask_function or causal_mask_function
     causal = mask_function is causal_mask_function and local_size is None
-    plain = q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    # shapes first: a StaticCache's q_offset can be a device tensor, read here only for a step of several tokens
+    plain = q_length == kv_length and kv_offset == 0 and q_offset == 0
+    static_prefill = attention_mask is not None and 1 < q_length < kv_length and not is_tracing() \
+        and int(q_offset) == 0
     if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
         return None
     spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
@@ -706,6 +715,8 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
                      allow_is_causal_skip=allow_is_causal_skip, **kwargs)
     if mask is not None and causal and plain and spans is not None:
         mask.seer_spans = spans
+    if mask is not None and static_prefill:
+        mask.seer_static_prefill = True
     return mask
 
 

@@ -11,16 +11,20 @@ Sparse decode (:meth:`DecodeContext.enable`, on a model prepared for the ``"seer
 prefill that keeps a KV cache (``use_cache``) starts a :class:`~seer.model.decode_cache.DecodeKeyCache` with each
 row's real keys (left, right or no padding); every decode step of one token adds its key there, scores the blocks
 of its sequence with the decode gate, keeps the blocks of the budget (:func:`seer.sparsity.decode.decode_block_mask`)
-and attends them over transformers' KV cache (``[B, Hkv, N, D]``) with :func:`seer.kernels.block_sparse_decode`
-(Triton) or its PyTorch reference. A left-padded row's sequence starts after its padding, so rows with padding are
-attended one by one. Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
+and attends them over transformers' KV cache with :func:`seer.kernels.block_sparse_decode` (Triton) or its PyTorch
+reference. The KV cache is a DynamicCache (``[B, Hkv, N, D]``, the newest token last; a left-padded row's sequence
+starts after its padding, so rows with padding are attended one by one) or a StaticCache (``[B, Hkv, max_cache_len,
+D]``, each row's keys from position 0; unpadded prompts only; the compressed-K cache is then sized for
+``max_cache_len``). Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
 The achieved density (kept share of each token's valid blocks, mean over rows, heads and steps) is summed per layer
-on the device and read only by :meth:`DecodeContext.densities` (until the next prefill).
+on the device, in place, and read only by :meth:`DecodeContext.densities` (until the next prefill).
 
-A one-token decode step reads nothing back from the device: sequence lengths come from the compressed-K cache (host
-ints beside a device ``cache_seqlens`` it increments), the block list has a width fixed on the host
-(:meth:`~seer.sparsity.decode.DecodeSparsityConfig.max_kept_blocks`), and neither the budget nor the kernel
-validates values on the host.
+A one-token decode step reads nothing back from the device and has shapes fixed on the host, so it can be captured
+in a CUDA graph (after an eager step, which allocates the density sums): sequence lengths come from the compressed-K
+cache (``seqlens`` on the device, advanced in place), its scores cover the cache's fixed capacity of blocks, the block
+list has a width fixed on the host (:meth:`~seer.sparsity.decode.DecodeSparsityConfig.max_kept_blocks`), and neither
+the budget nor the kernel validates values on the host. Host state used by a step is only what a prefill fixed (each
+row's offset in the KV cache, the capacity).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class DecodeContext:
     each layer's :class:`DecodeRecord` and ``gt_source`` says where the ground truth comes from. With a decode budget
     (``sparsity``, set by :meth:`enable`) decode steps attend the blocks it keeps (see the module docstring);
     ``cache`` holds the compressed keys of the current generation and ``density`` each layer's ``(sum of step
-    densities (a device tensor), steps)``."""
+    densities, steps)`` (device tensors, added to in place)."""
 
     config: DecodeGateConfig
     gates: dict[int, DecodeGate] = field(default_factory=dict)
@@ -130,34 +134,56 @@ class DecodeContext:
     def densities(self) -> dict[int, float]:
         """Achieved decode density of each layer over the decode steps since the last prefill (read from the device
         here, once per layer)."""
-        return {layer: float(total) / steps for layer, (total, steps) in sorted(self.density.items())}
+        return {layer: float(total) / int(steps) for layer, (total, steps) in sorted(self.density.items())
+                if int(steps)}
 
     def mean_density(self) -> float:
         """:meth:`densities` averaged over layers (nan before any decode step)."""
         dens = self.densities()
         return sum(dens.values()) / len(dens) if dens else float("nan")
 
+    def reset_density(self) -> None:
+        """Zeroes the density sums in place (a CUDA graph captured over them keeps adding to the same tensors)."""
+        for total, steps in self.density.values():
+            total.zero_()
+            steps.zero_()
+
     def handle(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor | None:
         """The decode gates' part of the ``"seer"`` attention function in one layer: with a budget on, a decode step
         (cached keys before the queries) is attended here (its output ``[B, T, Hq, D]`` returned) and a prefill that
         keeps a KV cache (``use_cache``) fills the compressed-K cache; None where the prefill path attends. The
-        pre-RoPE Q/K the hooks stashed are always taken, so none outlives its forward."""
-        if self.sparsity is not None and query.shape[2] != key.shape[2]:
-            return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.sparsity is not None and kwargs.get("use_cache"):
-            self._prefill(module, attention_mask)
-        else:
-            module.seer_decode_stash.q = module.seer_decode_stash.k = None
+        pre-RoPE Q/K the hooks stashed are always taken, so none outlives its forward.
+
+        A prefill is a forward whose queries are all its keys (DynamicCache), or several queries over more keys with
+        no mask: a prefill into a preallocated cache (StaticCache: keys ``[B, Hkv, max_cache_len, D]``), for which
+        transformers drops the causal mask only when no key is cached before the queries (its upper-left causal
+        alignment). A padded prompt into a StaticCache (:func:`~seer.model.attention.seer_mask` marks its mask) is
+        refused. (A one-token prompt into a StaticCache reads as a decode step; it is refused as one before any
+        prefill.)"""
+        if self.sparsity is not None:
+            t, n = query.shape[2], key.shape[2]
+            if getattr(attention_mask, "seer_static_prefill", False):
+                raise ValueError("sparse decode over a static KV cache (StaticCache) needs unpadded prompts: a "
+                                 "left-padded batch's sequences do not start at the cache's first position; use "
+                                 "transformers' DynamicCache for padded batches")
+            static_prefill = 1 < t < n and attention_mask is None
+            if t != n and not static_prefill:
+                return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
+            if kwargs.get("use_cache"):
+                self._prefill(module, attention_mask, n if static_prefill else None)
+                return None
+        module.seer_decode_stash.q = module.seer_decode_stash.k = None
         return None
 
-    def _prefill(self, module: nn.Module, attention_mask: torch.Tensor | None) -> None:
+    def _prefill(self, module: nn.Module, attention_mask: torch.Tensor | None, max_length: int | None) -> None:
         """Puts a prefill's pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
-        ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh."""
+        ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh (sized for
+        ``max_length`` tokens, a static KV cache's length; None: grown as needed)."""
         _, k_pre = module.seer_decode_stash.take()
         layer = module.layer_idx
         if layer == min(self.gates) or self.cache is None:
-            self.cache = DecodeKeyCache(self.gates, k_pre.shape[0])
+            self.cache = DecodeKeyCache(self.gates, k_pre.shape[0], max_length=max_length)
             self.density.clear()
         if attention_mask is None:
             self.cache.update(layer, k_pre)
@@ -167,6 +193,7 @@ class DecodeContext:
             raise ValueError("sparse decode needs a prefill without padding or with one run of real tokens per row "
                              "(left or right padding); this attention mask has holes")
         counts = [end - first for first, end in spans]
+        self.cache.offsets = [first for first, _ in spans]  # a left-padded row's sequence starts after its padding
         real = k_pre.new_zeros(*k_pre.shape[:2], max(counts), k_pre.shape[3])
         for row, (first, end) in enumerate(spans):
             real[row, :, :end - first] = k_pre[row, :, first:end]
@@ -174,8 +201,10 @@ class DecodeContext:
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
-        """One decode step of one layer over the KV cache ``key``/``value [B, Hkv, N, D]`` (this step's keys
-        last): returns the attention output ``[B, T, Hq, D]``."""
+        """One decode step of one layer over the KV cache ``key``/``value [B, Hkv, N, D]``: each row's keys from
+        its offset (its left padding) on, this step's last (DynamicCache), or from 0 with room after them
+        (StaticCache); returns the attention output ``[B, T, Hq, D]``. A one-token step reads nothing from the
+        device and has shapes fixed on the host (CUDA-graph capturable once an eager step has run)."""
         q_pre, k_pre = module.seer_decode_stash.take()
         layer = module.layer_idx
         if self.cache is None:
@@ -184,25 +213,29 @@ class DecodeContext:
         if query.shape[2] != 1:  # several tokens over a cache (e.g. assisted decoding): dense
             return _dense(module, query, key, value, attention_mask, 0.0, scaling, **kwargs)[0]
         bs = self.config.block_size
-        lengths = self.cache.lengths[layer]  # each row's real keys, this token's included (host ints)
-        seqlens = self.cache.seqlens[layer]  # the same, int32 on the device
-        firsts = [key.shape[2] - n for n in lengths]  # a left-padded row's sequence starts after its padding
-        if min(firsts) < 0:
+        seqlens = self.cache.seqlens[layer]  # each row's real keys, this token's included (int32, on the device)
+        offsets = self.cache.offsets
+        if key.shape[2] < self.cache.longest[layer]:
             raise ValueError(f"layer {layer}: the KV cache holds {key.shape[2]} keys, fewer than a sequence's "
-                             f"{max(lengths)}; sparse decode needs transformers' DynamicCache")
-        mask = decode_block_mask(self.cache.scores(layer, q_pre), seqlens, self.sparsity, bs, self.threshold,
-                                 validate=False)
-        index = decode_block_index(mask, self.sparsity.max_kept_blocks(mask.shape[-1], bs))
-        total, steps = self.density.get(layer, (0.0, 0))
-        self.density[layer] = (total + decode_density(mask, seqlens, bs), steps + 1)
+                             f"{self.cache.longest[layer]}; sparse decode needs transformers' DynamicCache or "
+                             f"StaticCache")
+        scores = self.cache.scores(layer, q_pre)
+        mask = decode_block_mask(scores, seqlens, self.sparsity, bs, self.threshold, validate=False)
+        index = decode_block_index(mask, self.sparsity.max_kept_blocks(scores.shape[-1], bs))
+        if layer not in self.density:  # sums on the device, added to in place
+            self.density[layer] = (torch.zeros((), device=scores.device), torch.zeros((), dtype=torch.int64,
+                                                                                      device=scores.device))
+        total, steps = self.density[layer]
+        total.add_(decode_density(mask, seqlens, bs))
+        steps.add_(1)
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
             query = query.to(value.dtype)
-        if not any(firsts):
+        if not any(offsets):
             out = self._attend(query, key, value, index, seqlens, scaling)
         else:
             out = torch.cat([self._attend(query[r:r + 1], key[r:r + 1, :, first:], value[r:r + 1, :, first:],
                                           index[r:r + 1], seqlens[r:r + 1], scaling)
-                             for r, first in enumerate(firsts)])
+                             for r, first in enumerate(offsets)])
         return out.transpose(1, 2)
 
     def _attend(self, query, key, value, index, seqlens, scaling) -> torch.Tensor:

@@ -2,22 +2,31 @@
 
 Per layer and sequence it holds the gate keys of every *full* key block (pooled, projected and rotated by the
 layer's :class:`~seer.gates.decode_gate.DecodeGate`: ``hidden_size`` values per KV head and block) and the pre-RoPE
-keys of the sequence's newest, partial block (at most ``block_size - 1`` tokens). :meth:`DecodeKeyCache.update`
-takes each step's new keys, after a prefill of any length or one decode token, with rows of a batch adding
-different numbers of tokens (prompts of different lengths); a block's gate key is made once, when it fills.
-:meth:`DecodeKeyCache.scores` gives a decoding token's gate logits over its sequence's blocks, the newest block
-pooled over its keys so far: what :class:`~seer.gates.decode_gate.DecodeGate` gives the last token of the whole
-sequence.
+keys of the sequence's newest block (1 to ``block_size`` tokens: the block being filled, or the last full one).
+:meth:`DecodeKeyCache.update` takes each step's new keys, after a prefill of any length or one decode token, with
+rows of a batch adding different numbers of tokens (prompts of different lengths); a block's gate key is made once,
+when it fills. :meth:`DecodeKeyCache.scores` gives a decoding token's gate logits over its sequence's blocks, the
+newest block pooled over its keys so far: what :class:`~seer.gates.decode_gate.DecodeGate` gives the last token of
+the whole sequence.
 
-Each row's length is kept twice: as Python ints on the host (:attr:`DecodeKeyCache.lengths`, for shapes and
-indexing) and as an int32 tensor on the gates' device (:attr:`DecodeKeyCache.seqlens`, the decode kernel's
-``cache_seqlens``), built from the host ints after a step with per-row counts (a prefill) and incremented on the
-device after a step of the same count for every row (a decode step). So a decode step neither reads the device
-on the host nor copies lengths to it.
+Static shapes: the gate keys live in a buffer ``[B, Hkv, capacity, E]`` allocated for ``max_length`` tokens (or, without
+it, grown at a prefill and, in eager decode loops, doubled when the longest row would pass it), the newest blocks in
+one tensor ``[B, Hkv, block_size, D]`` (float32), and each row's length as int32 on the gates' device
+(:attr:`DecodeKeyCache.seqlens`, the decode kernel's ``cache_seqlens``). A decode step (one token for every row) is
+batched tensor work with no Python loop over rows, no host read and no shape that depends on device values: the new
+key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key (kept
+where the block just filled), and :meth:`~DecodeKeyCache.scores` covers all ``capacity`` blocks, ``-inf`` after each
+row's newest. So a decode step can be captured in a CUDA graph and replayed. A prefill (per-row counts) works row by
+row on the host; it runs once.
+
+The host keeps per layer only bounds of the row lengths (the longest and the shortest row, exact after a prefill, one
+more after each decode step) for the capacity and the input checks; under CUDA-graph replay they are not advanced,
+which is harmless (with ``max_length`` given, no step grows the buffer).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -26,95 +35,197 @@ from seer.gates.decode_gate import DecodeGate
 from seer.gates.pooling import pool_blocks
 
 
+def pool_prefix(x: torch.Tensor, counts: torch.Tensor, kinds: list[str]) -> torch.Tensor:
+    """Pools ``x [B, H, S, D]`` over each row's first ``counts[b]`` (``[B]``, 1..S) slots along S, the others
+    ignored: ``[B, H, 1, D * len(kinds)]`` in ``x``'s dtype, as :func:`~seer.gates.pooling.pool_blocks` pools a block
+    of that many tokens (averages accumulate in float32)."""
+    b, _, s, _ = x.shape
+    valid = (torch.arange(s, device=x.device)[None, :] < counts[:, None])[:, None, :, None]  # [B, 1, S, 1]
+    out = []
+    for kind in kinds:
+        if kind == "avg":
+            total = x.masked_fill(~valid, 0).sum(2, keepdim=True, dtype=torch.float32)
+            out.append((total / counts.to(torch.float32)[:, None, None, None]).to(x.dtype))
+        elif kind == "max":
+            out.append(x.masked_fill(~valid, float("-inf")).amax(2, keepdim=True))
+        elif kind == "min":
+            out.append(x.masked_fill(~valid, float("inf")).amin(2, keepdim=True))
+        elif kind == "last":
+            last = (counts.long() - 1)[:, None, None, None].expand(b, x.shape[1], 1, x.shape[3])
+            out.append(x.gather(2, last))
+        else:
+            raise ValueError(f"unknown pooling type {kind!r}")
+    return torch.cat(out, dim=-1)
+
+
 class DecodeKeyCache:
     """Compressed keys of ``batch_size`` sequences for the decode ``gates`` (``{layer_idx: DecodeGate}``, one block
-    size), stored in ``dtype`` (default: the gates'). ``lengths[layer]`` (host ints) and ``seqlens[layer]`` (int32
-    on the device) hold each row's cached keys."""
+    size), stored in ``dtype`` (default: the gates'), with room for ``max_length`` tokens a row (None: grown as
+    needed, see the module docstring). ``seqlens[layer]`` (int32 on the device) holds each row's cached keys."""
 
-    def __init__(self, gates: dict[int, DecodeGate], batch_size: int, dtype: torch.dtype | None = None):
+    def __init__(self, gates: dict[int, DecodeGate], batch_size: int, dtype: torch.dtype | None = None,
+                 max_length: int | None = None):
         if not gates:
             raise ValueError("a decode key cache needs at least one decode gate")
         sizes = {g.config.block_size for g in gates.values()}
         if len(sizes) != 1:
             raise ValueError(f"decode gates of one model must share a block size; got {sorted(sizes)}")
-        self.gates, self.batch_size = gates, batch_size
-        self.block_size = sizes.pop()
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 (tokens a row), got {max_length}")
+        self.gates, self.batch_size, self.max_length = gates, batch_size, max_length
+        self.block_size = bs = sizes.pop()
         gate = next(iter(gates.values()))
         self.dtype = dtype or gate.k_weight.dtype
         device = gate.k_weight.device
-        self.keys = {i: torch.zeros(batch_size, g.num_kv_heads, 0, g.config.hidden_size, dtype=self.dtype,
+        capacity = -(-max_length // bs) if max_length is not None else 0
+        self.keys = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.config.hidden_size, dtype=self.dtype,
                                     device=device) for i, g in gates.items()}
-        self.tails = {i: [torch.zeros(g.num_kv_heads, 0, g.head_dim, device=device) for _ in range(batch_size)]
+        self.tails = {i: torch.zeros(batch_size, g.num_kv_heads, bs, g.head_dim, device=device)
                       for i, g in gates.items()}
-        self.lengths = {i: [0] * batch_size for i in gates}
         self.seqlens = {i: torch.zeros(batch_size, dtype=torch.int32, device=device) for i in gates}
+        self.longest = {i: 0 for i in gates}  # host bounds of the row lengths (see the module docstring)
+        self.shortest = {i: 0 for i in gates}
+        self._newest: dict[int, torch.Tensor | None] = {i: None for i in gates}  # the last decode step's newest keys
+        self.offsets = [0] * batch_size  # where each row's keys start in the model's KV cache (its left padding)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks a row has room for (the gate-key buffer's length)."""
+        return next(iter(self.keys.values())).shape[2]
 
     def update(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None = None) -> None:
         """Appends pre-RoPE keys ``k [B, Hkv, T, D]`` of layer ``layer``: ``new_tokens [B]`` of them for each row
-        (the first ones; default all ``T``); every block this fills gets its gate key."""
-        gate, bs = self.gates[layer], self.block_size
+        (the first ones; default all ``T``); every block this fills gets its gate key. One token for every row (a
+        decode step) takes the batched path, which reads nothing from the device."""
+        gate = self.gates[layer]
         if k.dim() != 4 or k.shape[0] != self.batch_size or k.shape[1] != gate.num_kv_heads \
                 or k.shape[3] != gate.head_dim:
             raise ValueError(f"layer {layer}: keys must be [{self.batch_size}, {gate.num_kv_heads}, T, "
                              f"{gate.head_dim}]; got {tuple(k.shape)}")
+        if new_tokens is None and k.shape[2] == 1:
+            self._step(layer, k)
+        else:
+            self._append(layer, k, new_tokens)
+
+    def _room(self, layer: int, length: int) -> None:
+        """Makes room in ``layer``'s gate-key buffer for the blocks of rows of ``length`` tokens, the newest partial
+        one included (host decision; with ``max_length`` the buffer never grows)."""
+        if self.max_length is not None:
+            if length > self.max_length:
+                raise ValueError(f"layer {layer}: a row of {length} tokens passes the decode key cache's "
+                                 f"max_length {self.max_length}")
+            return
+        blocks, store = -(-length // self.block_size), self.keys[layer]
+        if blocks <= store.shape[2]:
+            return
+        grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * store.shape[2]), store.shape[3])
+        grown[:, :, :store.shape[2]] = store
+        self.keys[layer] = grown
+
+    def _step(self, layer: int, k: torch.Tensor) -> None:
+        """One key ``k [B, Hkv, 1, D]`` for every row, batched (no host read, static shapes)."""
+        gate, bs = self.gates[layer], self.block_size
+        self._room(layer, self.longest[layer] + 1)
+        store, tails, seqlens = self.keys[layer], self.tails[layer], self.seqlens[layer]
+        pos = seqlens.long()  # the new token's position in its row
+        slot = pos % bs
+        b, h, _, d = tails.shape
+        tails.scatter_(2, slot[:, None, None, None].expand(b, h, 1, d), k.to(tails.dtype))
+        seqlens.add_(1)
+        block = pos // bs
+        key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
+        full = (slot == bs - 1)[:, None, None, None]
+        at = block.clamp(max=store.shape[2] - 1)[:, None, None, None].expand(b, h, 1, store.shape[3])
+        stored = torch.where(full, key.to(store.dtype), store.gather(2, at))
+        store.scatter_(2, at, stored)
+        # the newest block's key for scores(): as stored once it is full
+        self._newest[layer] = torch.where(full, stored.to(key.dtype), key)
+        self.longest[layer] += 1
+        self.shortest[layer] += 1
+
+    def _append(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None) -> None:
+        """Per-row counts (a prefill, or a step of several tokens): row by row on the host."""
+        gate, bs = self.gates[layer], self.block_size
         counts = [k.shape[2]] * self.batch_size if new_tokens is None else new_tokens.tolist()
         if len(counts) != self.batch_size or min(counts) < 0 or max(counts) > k.shape[2]:
             raise ValueError(f"layer {layer}: new_tokens must be {self.batch_size} counts in [0, {k.shape[2]}]; "
                              f"got {counts}")
-        lengths, tails = self.lengths[layer], self.tails[layer]
+        tails, seqlens = self.tails[layer], self.seqlens[layer]
+        lengths = seqlens.tolist()
         made = []
-        for row in range(self.batch_size):
-            tokens = torch.cat((tails[row], k[row, :, :counts[row]].to(tails[row].dtype)), dim=1)
+        for row, count in enumerate(counts):
+            if not count:
+                continue
+            partial = lengths[row] % bs  # tokens of an unfinished newest block
+            tokens = torch.cat((tails[row, :, :partial], k[row, :, :count].to(tails.dtype)), dim=1)
             full = tokens.shape[1] // bs
-            first = lengths[row] // bs
             if full:
                 pooled = pool_blocks(tokens[None, :, :full * bs], bs, gate.config.k_pool)
+                first = lengths[row] // bs
                 starts = (first + torch.arange(full, device=k.device)) * bs
                 made.append((row, first, gate.gate_keys(pooled, starts)[0].to(self.dtype)))
-            tails[row] = tokens[:, full * bs:]
-            lengths[row] += counts[row]
-        if new_tokens is None:
-            self.seqlens[layer] += k.shape[2]
-        else:
-            self.seqlens[layer] = torch.tensor(lengths, dtype=torch.int32, device=self.seqlens[layer].device)
-        blocks = max(lengths) // bs
+            rest = tokens.shape[1] - full * bs
+            newest = tokens[:, full * bs:] if rest else tokens[:, (full - 1) * bs:full * bs]
+            tails[row, :, :newest.shape[1]] = newest
+            lengths[row] += count
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        self.longest[layer], self.shortest[layer] = max(lengths), min(lengths)
+        self._newest[layer] = None
+        self._room(layer, max(lengths))
         store = self.keys[layer]
-        if blocks > store.shape[2]:
-            grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * store.shape[2]), store.shape[3])
-            grown[:, :, :store.shape[2]] = store
-            self.keys[layer] = store = grown
         for row, first, keys in made:
             store[row, :, first:first + keys.shape[1]] = keys
 
     def scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Gate logits ``[B, Hkv, nb]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]``, its key already
-        in the cache) over the blocks of the longest row; ``-inf`` after a row's newest block."""
+        """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]``, its key
+        already in the cache) over the blocks the cache has room for; ``-inf`` after a row's newest block."""
         gate, bs = self.gates[layer], self.block_size
-        lengths = self.lengths[layer]
-        if min(lengths) < 1:
+        if self.shortest[layer] < 1:
             raise ValueError(f"layer {layer}: every row needs a cached key (its own) before scoring; lengths "
-                             f"{lengths}")
+                             f"{self.seqlens[layer].tolist()}")
         if q.dim() != 4 or q.shape[:3] != (self.batch_size, gate.num_heads, 1):
             raise ValueError(f"layer {layer}: q must be [{self.batch_size}, {gate.num_heads}, 1, {gate.head_dim}]; "
                              f"got {tuple(q.shape)}")
-        device = q.device
-        nb = -(-max(lengths) // bs)
+        store = self.keys[layer]
         position = self.seqlens[layer].long() - 1  # each row's newest token, on the device
         newest = position // bs
         qg = gate.gate_queries(q, position[:, None])  # [B, Hkv, 1, E]
         scale = 1.0 / math.sqrt(qg.shape[-1])
-        full = self.keys[layer][:, :, :nb].to(qg.dtype)
-        logits = torch.cat((full, full.new_zeros(*full.shape[:2], nb - full.shape[2], full.shape[3])), dim=2) \
-            if full.shape[2] < nb else full
-        logits = torch.matmul(qg, logits.transpose(-1, -2)).squeeze(2) * scale
-        for row, tail in enumerate(self.tails[layer]):
-            if tail.shape[1]:  # a partial newest block: pooled over its keys so far
-                key = gate.gate_keys(pool_blocks(tail[None], bs, gate.config.k_pool), newest[row:row + 1] * bs)
-                logits[row, :, (lengths[row] - 1) // bs] = (qg[row, :, 0] * key[0, :, 0]).sum(-1) * scale
-        after = torch.arange(nb, device=device)[None, :] > newest[:, None]
+        key = self._newest[layer]
+        if key is None:  # after a prefill: the newest block pooled over its keys so far
+            key = gate.gate_keys(pool_prefix(self.tails[layer], position % bs + 1, gate.config.k_pool),
+                                 (newest * bs)[:, None])
+            full = ((position % bs) == bs - 1)[:, None, None, None]
+            key = torch.where(full, key.to(store.dtype).to(key.dtype), key)
+        logits = torch.matmul(qg, store.to(qg.dtype).transpose(-1, -2)).squeeze(2) * scale  # [B, Hkv, capacity]
+        own = (qg * key.to(qg.dtype)).sum(-1) * scale  # [B, Hkv, 1]
+        at = newest.clamp(max=store.shape[2] - 1)[:, None, None].expand(*own.shape)
+        logits = logits.scatter(-1, at, own)
+        after = torch.arange(store.shape[2], device=q.device)[None, :] > newest[:, None]
         return logits.masked_fill(after[:, None], float("-inf"))
 
+    def clone(self) -> DecodeKeyCache:
+        """A copy that later steps of either do not change (the gates shared)."""
+        new = copy.copy(self)
+        new.keys = {i: t.clone() for i, t in self.keys.items()}
+        new.tails = {i: t.clone() for i, t in self.tails.items()}
+        new.seqlens = {i: t.clone() for i, t in self.seqlens.items()}
+        new.longest, new.shortest, new._newest = dict(self.longest), dict(self.shortest), dict(self._newest)
+        new.offsets = list(self.offsets)
+        return new
+
+    def copy_(self, other: DecodeKeyCache) -> DecodeKeyCache:
+        """Puts ``other``'s contents (a :meth:`clone` of this cache, same capacity) into this cache's tensors in
+        place, so that a CUDA graph captured over them replays from there."""
+        for mine, theirs in ((self.keys, other.keys), (self.tails, other.tails), (self.seqlens, other.seqlens)):
+            if mine.keys() != theirs.keys() or any(mine[i].shape != theirs[i].shape for i in mine):
+                raise ValueError("copy_ needs a decode key cache of the same layers, batch and capacity")
+            for i, t in mine.items():
+                t.copy_(theirs[i])
+        self.longest, self.shortest, self._newest = dict(other.longest), dict(other.shortest), dict(other._newest)
+        self.offsets = list(other.offsets)
+        return self
+
     def memory_bytes(self) -> int:
-        """Bytes the cache holds: the gate keys of full blocks (as allocated) and the partial blocks' keys."""
-        keys = sum(t.numel() * t.element_size() for t in self.keys.values())
-        return keys + sum(t.numel() * t.element_size() for rows in self.tails.values() for t in rows)
+        """Bytes the cache holds: the gate-key buffers (as allocated) and the newest blocks' keys."""
+        return sum(t.numel() * t.element_size() for d in (self.keys, self.tails) for t in d.values())

@@ -236,3 +236,114 @@ def test_decode_steps_read_nothing_back_from_the_device(gate_folder, monkeypatch
     assert torch.equal(out, torch.cat([tokens for tokens, _ in alone]))
     for layer, density in model.seer_decode.densities().items():
         assert density == pytest.approx(sum(d[layer] for _, d in alone) / 2)
+
+
+def _greedy_loop(model, ids, new, cache):
+    """A prefill then ``new - 1`` one-token steps over ``cache``: the tokens ``[B, new]`` and each step's logits."""
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(new):
+            logits.append(out.logits[:, -1])
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            if len(tokens) < new:
+                out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+    return torch.cat(tokens, 1), torch.stack(logits, 1)
+
+
+def _refuse_host_reads(monkeypatch, steps: list):
+    """Makes every tensor-to-host conversion in DecodeContext._step raise; the steps' output shapes go to ``steps``."""
+    from seer.model.decode import DecodeContext
+
+    step = DecodeContext._step
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"torch.Tensor.{name} in a decode step: a host synchronisation on a GPU")
+        return call
+
+    def guarded_step(self, *args, **kwargs):
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__"):
+                patch.setattr(torch.Tensor, name, refuse(name))
+            out = step(self, *args, **kwargs)
+        steps.append(out.shape)
+        return out
+
+    monkeypatch.setattr(DecodeContext, "_step", guarded_step)
+
+
+@pytest.mark.parametrize("budget", [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}])
+def test_static_cache_decodes_as_the_dynamic_cache_without_host_reads(gate_folder, monkeypatch, budget):
+    """transformers' StaticCache (keys [B, Hkv, max_cache_len, D], each row's from 0): an unpadded batch decodes
+    the tokens and densities of a DynamicCache (a sparse prefill too), its steps read nothing back from the device,
+    and the compressed-K cache is sized by the KV cache's length."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(6))
+    model = _load(gates=gate_folder, sparsity={"method": "topk", "target_density": 0.5}, decode_gates=gate_folder,
+                  decode_sparsity=budget)
+    want, want_logits = _greedy_loop(model, ids, 12, DynamicCache())
+    dynamic, prefill = model.seer_decode.densities(), model.seer_context.densities()
+    assert 0 < model.seer_context.mean_density() < 0.8
+    steps = []
+    _refuse_host_reads(monkeypatch, steps)
+    model.seer_context.density.clear()
+    got, got_logits = _greedy_loop(model, ids, 12, StaticCache(config=model.config, max_cache_len=90))
+    assert len(steps) == 2 * 11 and model.seer_decode.cache.capacity == -(-90 // BS)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert model.seer_decode.densities() == pytest.approx(dynamic)
+    assert model.seer_context.densities() == pytest.approx(prefill)
+    assert 0 < model.seer_decode.mean_density() < 1
+
+
+def test_static_cache_at_density_one_gives_the_dense_logits(gate_folder):
+    from transformers import StaticCache
+
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(7))
+    model = _load(decode_gates=gate_folder, decode_sparsity=ALL_BLOCKS)
+    got, sparse = _greedy_loop(model, ids, 20, StaticCache(config=model.config, max_cache_len=64))
+    assert model.seer_decode.densities() == {0: 1.0, 1: 1.0}
+    model.seer_decode.disable()
+    want, dense = _greedy_loop(model, ids, 20, StaticCache(config=model.config, max_cache_len=64))
+    assert torch.equal(got, want)
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_refuses_a_left_padded_prompt(gate_folder):
+    from transformers import StaticCache
+
+    model = _load(decode_gates=gate_folder, decode_sparsity=ALL_BLOCKS)
+    ids, mask = torch.randint(3, 300, (2, 30)), torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    with pytest.raises(ValueError, match="sparse decode over a static KV cache .* needs unpadded prompts"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=StaticCache(config=model.config,
+                                                                                   max_cache_len=40), use_cache=True)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_whole_model_step_over_a_static_cache_reads_nothing_from_the_device(gate_folder, monkeypatch, sparse):
+    """What a CUDA graph of one decode step needs (experiments/bench_decode_model.py --graph): after an eager step,
+    the whole forward of the next (embedding, transformers' mask and positions from the StaticCache, every layer,
+    the LM head) converts no tensor to a host value, dense or sparse."""
+    from transformers import StaticCache
+
+    model = _load(decode_gates=gate_folder, decode_sparsity={"token_budget": 32})
+    if not sparse:
+        model.seer_decode.disable()
+    ids = torch.randint(3, 300, (2, 50), generator=torch.Generator().manual_seed(8))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(input_ids=ids[:, :40], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 40:41], past_key_values=cache, use_cache=True)
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__"):
+                patch.setattr(torch.Tensor, name, lambda *args, name=name, **kwargs: pytest.fail(
+                    f"torch.Tensor.{name} in a decode step"))
+            for i in range(41, 45):
+                model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+    assert int(cache.layers[0].cumulative_length) == 45
+    if sparse:
+        assert model.seer_decode.cache.seqlens[0].tolist() == [45, 45]
