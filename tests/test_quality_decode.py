@@ -42,13 +42,16 @@ def test_measurements_on_a_tiny_model(study):
     with torch.no_grad():
         logits = model(ids).logits[0, 43:-1]
     one_pass = float(torch.nn.functional.cross_entropy(logits, ids[0, 44:]))
-    assert study.continuation_nll(model, prompt, continuation) == pytest.approx(one_pass, rel=1e-5)
+    nll, top = study.continuation_nll(model, prompt, continuation)
+    assert nll == pytest.approx(one_pass, rel=1e-5)
+    assert torch.equal(top, logits.argmax(-1))
     rows = study.measure_window(model, prompt, continuation, [1024, 16], greedy=4, pad_token_id=2,
                                 kernel="reference")
     dense, everything, small = rows
     assert dense["nll"] == pytest.approx(one_pass, rel=1e-5)
     assert everything["density"] == 1.0 and everything["nll"] == pytest.approx(one_pass, rel=1e-5)
     assert everything["greedy_agree"] == 1.0 and everything["greedy_prefix"] == 4
+    assert everything["top1_agree"] == 1.0 and 0 <= small["top1_agree"] <= 1
     assert 0 < small["density"] < 1 and small["nll"] != pytest.approx(one_pass, rel=1e-5)
     assert study.greedy_agreement(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5, 4])) == (0.75, 2)
     assert "| 16 | 1 |" in study.summary_table([{"window": 0, **r} for r in rows])

@@ -347,3 +347,16 @@ def test_a_whole_model_step_over_a_static_cache_reads_nothing_from_the_device(ga
     assert int(cache.layers[0].cumulative_length) == 45
     if sparse:
         assert model.seer_decode.cache.seqlens[0].tolist() == [45, 45]
+
+
+def test_generate_gives_the_tokens_of_a_manual_sparse_decode_loop(gate_folder):
+    """generate() at a small budget takes the path of the teacher-forced loop experiments/quality_decode.py measures:
+    its greedy tokens are those of prefill + one-token steps over a DynamicCache, step for step."""
+    from transformers import DynamicCache
+
+    model = _load(decode_gates=gate_folder, decode_sparsity={"token_budget": 32})
+    ids = torch.randint(3, 300, (1, 90), generator=torch.Generator().manual_seed(3))
+    want, _ = _greedy_loop(model, ids, 24, DynamicCache())
+    got = _generate(model, ids, new=24)[:, 90:]
+    assert 0 < model.seer_decode.mean_density() < 1
+    assert torch.equal(got, want)
