@@ -174,7 +174,8 @@ def main() -> None:
             rows.append({"window": window, **row})
             print(f"[decode] window {window} budget {row['budget']}: nll {row['nll']:.4f} "
                   f"({row['nll_increase']:+.2%}) density {row['density']:.3f} top-1 {row['top1_agree']:.2f} "
-                  f"greedy {row['greedy_agree']:.2f} (prefix {row['greedy_prefix']}) ({time.time() - start:.0f} s)", flush=True)
+                  f"greedy {row['greedy_agree']:.2f} (prefix {row['greedy_prefix']}) ({time.time() - start:.0f} s)",
+                  flush=True)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
         write_results(out, rows, skipped, args, device, gates, train_s, time.time() - start)
     write_results(out, rows, skipped, args, device, gates, train_s, time.time() - start)
