@@ -19,6 +19,11 @@ Blend-aware distillation (gates trained through the vertical-slash blend they ar
 same command with ``--train-overrides stage.loss_through_blend=true`` and its own ``--work`` and ``--out`` folders
 (the default run's gates and results stay); compare the ``gate:mass+vertical_slash@0.5`` rows of the two.
 
+Every run writes ``dense.json`` (the dense measures and the settings they were measured with) into ``--out``;
+``--dense-from`` that file skips the dense pass of a later run with the same settings (the dense pass with RULER takes
+about 3 minutes of device time at 32k). ``docs/results/qwen/dense_32k_batch4.json``: the dense pass of 2026-12-04
+(H200; 32k, 3 windows, 10 passkey, 5 copy, RULER all x 4 samples, batches of 4, model in /root/models/qwen05).
+
 Retrieval rows (for RULER's retrieval and multi-hop tasks, which the novels and stdlib rarely show the gates): the
 same command with ``--train-overrides data/augment=retrieval`` (and its own ``--work`` and ``--out``) writes key-value
 facts recalled thousands of tokens later, multi-hop chains and verbatim repeated spans, in the documents' own prose or
@@ -127,7 +132,7 @@ def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
     return jobs
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen05", choices=sorted(MODELS))
     ap.add_argument("--model-dir", required=True, help="folder holding the model's GGUF")
@@ -157,12 +162,18 @@ def main() -> None:
                     help="windows, passkey/copy cases and RULER samples per prefill (left-padded batches)")
     ap.add_argument("--dense-cache", help="a folder caching the dense pass (per model, text and settings), so a "
                     "second run on the same machine skips it")
+    ap.add_argument("--dense-from", help="a dense.json an earlier run wrote into its --out (same settings: checked), "
+                    "used instead of the dense pass")
     ap.add_argument("--texts", nargs="+", default=["novel", "code"], choices=["novel", "code"])
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="no job starts after this many seconds from the start (training included)")
     ap.add_argument("--work", default="outputs/quality_qwen")
     ap.add_argument("--out", default="docs/results/qwen")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = dict(g.split("=", 1) for g in args.gates)
@@ -180,12 +191,7 @@ def main() -> None:
         load_gates(models[key], path)
     del base
     kernel = "triton" if device.type == "cuda" else "reference"
-    settings = dict(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2, passkey=args.passkey,
-                    copy=args.copy, batch_size=args.batch_size, dense_cache=args.dense_cache is not None)
-    # RULER makes its own haystacks: it runs with the first text only
-    evaluation = {name: EvalConfig(**settings, **({"ruler": args.ruler, "ruler_samples": args.ruler_samples}
-                                                  if args.ruler and i == 0 else {}))
-                  for i, name in enumerate(args.texts)}
+    evaluation = evaluation_configs(args)
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
              "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
     texts = {name: texts[name]() for name in args.texts}
@@ -193,11 +199,16 @@ def main() -> None:
                                          cache_dir=args.dense_cache, model_name=model_id(run.model), progress=False)
                   for key, m in models.items() for name, text in texts.items()}
     first = next(iter(gates))
-    dense = {name: evaluators[first, name].dense() for name in texts}
+    dense_settings = dense_measure_settings(model_id(run.model), args.texts, evaluation)
+    if args.dense_from:
+        dense = reuse_dense(Path(args.dense_from), dense_settings)
+    else:
+        dense = {name: evaluators[first, name].dense() for name in texts}
     print(f"[quality] dense {json.dumps(dense)} ({time.time() - start:.0f} s)", flush=True)
     blends = [(b.split(":")[0], float(b.split(":")[1])) for b in args.blends]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "dense.json").write_text(json.dumps({"settings": dense_settings, "dense": dense}, indent=1))
     rows, skipped = [], []
     plans = {"explore": lambda: plan(list(gates), args.densities, blends, args.last_rows),
              "final": lambda: final_plan(list(gates), args.densities, blends),
@@ -227,6 +238,32 @@ def main() -> None:
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
         write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
     write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
+
+
+def evaluation_configs(args) -> dict[str, EvalConfig]:
+    """The evaluation settings of each text (RULER makes its own haystacks: it runs with the first text only)."""
+    settings = dict(seq_lens=args.seq_lens, windows=args.windows, calibration_windows=2, passkey=args.passkey,
+                    copy=args.copy, batch_size=args.batch_size, dense_cache=args.dense_cache is not None)
+    return {name: EvalConfig(**settings, **({"ruler": args.ruler, "ruler_samples": args.ruler_samples}
+                                           if args.ruler and i == 0 else {}))
+            for i, name in enumerate(args.texts)}
+
+
+def dense_measure_settings(model_name: str, texts: list[str], evaluation: dict[str, EvalConfig]) -> dict:
+    """What a dense pass depends on: the model, the texts and every evaluation setting (not where it is cached)."""
+    return {"model": model_name, "texts": texts,
+            **{name: {k: v for k, v in dataclasses.asdict(c).items() if k != "dense_cache"}
+               for name, c in evaluation.items()}}
+
+
+def reuse_dense(path: Path, settings: dict) -> dict:
+    """The dense measures of an earlier run's ``dense.json``, when it was measured with exactly these settings
+    (model, texts, every evaluation setting: lengths, windows, probes, RULER tasks and samples, batch size)."""
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != json.loads(json.dumps(settings)):  # tuples as the file's lists
+        raise SystemExit(f"--dense-from {path}: measured with other settings: {saved.get('settings')} (this run: "
+                         f"{settings})")
+    return {name: {int(n): v for n, v in by_len.items()} for name, by_len in saved["dense"].items()}
 
 
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,

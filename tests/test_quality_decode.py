@@ -1,5 +1,5 @@
-"""experiments/quality_decode.py, a GPU study not run yet: its arguments parse, and on a tiny random model on the CPU
-its teacher-forced NLL is the model's and a budget covering every block measures what dense decode does."""
+"""experiments/quality_decode.py, a GPU study (run once on an H200): its arguments parse, and on a tiny random model
+on the CPU its teacher-forced NLL is the model's and a budget covering every block measures what dense decode does."""
 
 from pathlib import Path
 
