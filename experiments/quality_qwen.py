@@ -1,6 +1,7 @@
 """Learned selection on a real 32k model: Qwen2.5-Coder-0.5B-Instruct, gates trained at 16k, measured at 32k.
 
-1. Distils one gate set per ``--targets`` (``experiment=qwen05_gates``: four novels + Python stdlib, 16k rows).
+1. Distils one gate set per ``--targets`` (``experiment=qwen05_gates``: four novels + Python stdlib, 16k rows), or
+   one per ``--recipes NAME=OVERRIDE;...`` (levers side by side: ``--plan lever`` evaluates each).
 2. On two held-out texts (a novel never trained on, evaluated whole; held-out stdlib modules) measures dense once,
    then each job of the plan: the gates with and without a blended query-aware estimate (``gate.blend``) and the
    last query blocks kept dense, beside the oracle and the training-free selectors, every budget calibrated to each
@@ -69,14 +70,29 @@ def model_overrides(args) -> list[str]:
     return over + ([f"model.gguf_file={args.gguf}"] if args.gguf else [])
 
 
-def train_gates(args, target: str) -> Path:
-    """Distils gates learning ``target`` (``mass`` or ``maxpool``); returns their folder."""
+def recipes(args) -> dict[str, list[str]]:
+    """The gate sets to study, name -> their own seer.train overrides: one per ``--targets`` (``stage.target=T``)
+    or, with ``--recipes NAME=OV1;OV2 ...``, one per recipe (learning the block mass unless it says otherwise)."""
+    if not args.recipes:
+        return {t: [f"stage.target={t}"] for t in args.targets}
+    out = {}
+    for recipe in args.recipes:
+        name, sep, overrides = recipe.partition("=")
+        if not sep or not name or name in out:
+            raise SystemExit(f"--recipes {recipe!r}: give NAME=OVERRIDE;OVERRIDE... with a new name (or NAME= for "
+                             "the recipe unchanged)")
+        out[name] = ["stage.target=mass", *filter(None, overrides.split(";"))]
+    return out
+
+
+def train_gates(args, name: str, overrides: list[str]) -> Path:
+    """Distils the gate set ``name`` (the recipe, ``--train-overrides``, then ``overrides``); returns its folder."""
     from seer.training.run import run_training
 
     over = [f"experiment={MODELS[args.model][1]}", *model_overrides(args),
             f"data.corpus.corpora.0.paths=['{args.novels}']", f"trainer.max_steps={args.steps}",
-            f"data.seq_len={args.train_len}", "logger=none", f"stage.target={target}",
-            f"paths.output_dir={args.work}/train_{target}", f"paths.cache_dir={args.work}/cache", *args.train_overrides]
+            f"data.seq_len={args.train_len}", "logger=none", f"paths.output_dir={args.work}/train_{name}",
+            f"paths.cache_dir={args.work}/cache", *args.train_overrides, *overrides]
     summary = run_training(compose(over))
     return Path(summary["gates"])
 
@@ -120,15 +136,15 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
 
 
 def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
-    """A new gate recipe against the table: at each density its default (the first blend) and the gate alone."""
-    gate = gates[0]
+    """New gate recipes against the table: at each density every gate set's default (the first blend), then every
+    gate set alone."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
         if blends:
             name, w = blends[0]
-            jobs.append((f"{gate}+{name}@{w}", gate, (name, w), plain))
-        jobs.append((gate, gate, None, plain))
+            jobs += [(f"{gate}+{name}@{w}", gate, (name, w), plain) for gate in gates]
+        jobs += [(gate, gate, None, plain) for gate in gates]
     return jobs
 
 
@@ -139,8 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gguf", help="the GGUF file in --model-dir (default: the model config's)")
     ap.add_argument("--novels", required=True, help="glob of the training novels")
     ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
-    ap.add_argument("--gates", nargs="*", default=[], help="trained gate folders as target=PATH (skips training)")
+    ap.add_argument("--gates", nargs="*", default=[],
+                    help="trained gate folders as NAME=PATH (a target's or a recipe's name; skips its training)")
     ap.add_argument("--targets", nargs="+", default=["mass", "maxpool"], choices=["mass", "maxpool"])
+    ap.add_argument("--recipes", nargs="*", default=[],
+                    help="gate sets as NAME=OVERRIDE;OVERRIDE (seer.train overrides of each; instead of --targets), "
+                    "e.g. base= qpool='gate.q_pool=[avg,max,min]' long=trainer.max_steps=1600")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--train-len", type=int, default=16384)
     ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides (e.g. trainer=cpu)")
@@ -177,7 +197,8 @@ def main() -> None:
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = dict(g.split("=", 1) for g in args.gates)
-    gates = {f"gate:{t}": Path(given[t]) if t in given else train_gates(args, t) for t in args.targets}
+    gates = {f"gate:{name}": Path(given[name]) if name in given else train_gates(args, name, overrides)
+             for name, overrides in recipes(args).items()}
     train_s = time.time() - start
     print(f"[quality] gates {gates} ({train_s:.0f} s)", flush=True)
 
