@@ -570,7 +570,7 @@ class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
         as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out, *grads)]
         launch_backward(*as_rows[:5], lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0),
                         build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
-                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
+                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens, seqlens=ctx.seqlens)
         need = ctx.needs_input_grad
         return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None, None)
 
