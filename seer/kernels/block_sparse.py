@@ -55,8 +55,10 @@ rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds 
 
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
-math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token), and the
-programs of query blocks at or past ``N`` walk no list and store nothing.
+math above runs on each sequence alone with ``N = Cu[b + 1] - Cu[b]`` (blocks aligned to its first token). Only the
+programs of query blocks inside a sequence are launched, a 1-d grid over ``Order``
+(:func:`seer.kernels.common.varlen_order`) in the per-head order above (each sequence and head in turn, its last
+block first), not the longest sequence's block count for every sequence.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from torch.autograd.function import once_differentiable
 from seer.kernels.block_index import build_block_index, check_mask, mask_heads
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index, launch_backward
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
-                                 dot_precision, is_hopper, output, softmax_scale, tiles_invalid, tma_ok,
+                                 dot_precision, is_hopper, output, softmax_scale, tiles_invalid, tma_ok, varlen_order,
                                  with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
@@ -157,7 +159,7 @@ def _bs_attn_fwd_kernel(
     PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
     SORTED: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed, the longest lists first
+    if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed (heaviest first, or varlen's real ones)
         packed = tl.load(Order + tl.program_id(0))
         pid_bh = packed // N_ROWPROG
         pid_m = packed % N_ROWPROG
@@ -189,8 +191,8 @@ def _bs_attn_fwd_kernel(
                                            block_shape=[BLOCK_N, HEAD_DIM])
     idx_ptr = Idx + off_b * stride_ib + off_hm * stride_ih + pid_m.to(tl.int64) * stride_ir
     cnt = tl.load(Cnt + off_b * stride_cb + off_hm * stride_ch + pid_m)
-    if VARLEN:  # a query block at or past the sequence's end reads nothing (and stores nothing: rows >= N)
-        cnt = tl.where(pid_m * BLOCK_M < N, cnt, 0)
+    if VARLEN:  # a query block at or past the sequence's end reads nothing (and stores nothing: rows >= N); Order
+        cnt = tl.where(pid_m * BLOCK_M < N, cnt, 0)  # lists none, this only keeps the kernel safe
 
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -320,9 +322,12 @@ def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:
     return packed.reshape(-1)[torch.argsort(work, descending=True, stable=True)]
 
 
-def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows", cu_seqlens=None):
-    """The launch. With ``cu_seqlens`` (int32 ``[S + 1]``), ``q``/``k``/``v``/``out`` ``[1, H, T, D]`` and ``lse``
-    ``[1, Hq, T]`` hold ``S`` sequences packed in one row and the lists are per sequence (``[S, Hm, R, nb]``)."""
+def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, lse, schedule="rows", cu_seqlens=None,
+             seqlens=None):
+    """The launch. With ``cu_seqlens`` (int32 ``[S + 1]``) and ``seqlens`` (the ``S`` lengths, on the host),
+    ``q``/``k``/``v``/``out`` ``[1, H, T, D]`` and ``lse`` ``[1, Hq, T]`` hold ``S`` sequences packed in one row, the
+    lists are per sequence (``[S, Hm, R, nb]``) and only the row programs inside a sequence are launched, in the
+    per-head order (:func:`seer.kernels.common.varlen_order`; ``schedule`` is not used)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale(sm_scale, d)
@@ -335,8 +340,13 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
     n_rowprog = kv_counts.shape[2] if varlen else triton.cdiv(n, block_m)
-    order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
-    grid = (n_rowprog, seqs * hq) if order is None else (n_rowprog * seqs * hq,)
+    if varlen:  # the real row programs only, in the per-head order: a short sequence launches none past its end
+        order = varlen_order(cu_seqlens, seqlens, hq, block_m, n_rowprog, last_first=True)
+        if order.numel() == 0:
+            return out, lse
+    else:
+        order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
+    grid = (n_rowprog, seqs * hq) if order is None else (order.numel(),)
 
     def batch_stride(t: torch.Tensor) -> int:
         return 0 if varlen else t.stride(0)
@@ -465,16 +475,21 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     sequences allowed). ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]`` with ``nb >= ceil(longest / block_size)``:
     sequence ``s`` reads its top-left ``ceil(len_s / block_size)`` square, its blocks starting at its first token, so
     it gets what :func:`block_sparse_attn` gives it alone; no attention crosses sequences. One index build and one
-    launch for all sequences (programs past a sequence's end do nothing); the offsets are read on the host once
-    to check them. K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]`` optionally
-    receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
+    launch for all sequences, of only the programs of query blocks inside a sequence (not the longest sequence's
+    count for each), in the per-head order of :func:`block_sparse_attn`: each sequence and head in turn, its last
+    block first, so programs sharing a head's K/V run together in L2 (on an H200, 8 prompts of 2k-32k, launching
+    the real programs heaviest-first over all sequences and heads, with TMA, took 6.61 ms against 5.53 ms for the
+    padded per-head grid; this order is not measured yet). The offsets are read on the host once (to check them and
+    count the programs). K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]``
+    optionally receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
     :func:`seer.kernels.reference.block_sparse_attn_varlen`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v (the Triton
     backward of :mod:`seer.kernels.block_sparse_bwd` over the packed row; ``out``/``lse`` buffers cannot be given).
     """
     check_block_size(block_size)
-    check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
+    offsets = check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
+    seqlens = [b - a for a, b in zip(offsets, offsets[1:])]
     t, hq, d = q.shape
     check_qkv(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
     check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, block_mask=block_mask)
@@ -482,11 +497,11 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if out is not None or lse is not None:
             raise ValueError("out= and lse= cannot be used when q, k or v requires grad; call without them, or "
                              "under torch.no_grad()")
-        return _BlockSparseAttnVarlenFunction.apply(q, k, v, cu_seqlens, block_mask, block_size, sm_scale)
-    return _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse)
+        return _BlockSparseAttnVarlenFunction.apply(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale)
+    return _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale, out, lse)
 
 
-def _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, lse):
+def _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale, out, lse):
     """:func:`block_sparse_attn_varlen` on checked inputs, without autograd."""
     t, hq, d = q.shape
     out = output("out", out, (t, hq, d), q.dtype, q.device, contiguous=False)
@@ -494,7 +509,7 @@ def _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, out, 
     kv_indices, kv_counts = build_block_index(block_mask)
     q4, k4, v4, out4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, out))
     _forward(q4, k4, v4, kv_indices, kv_counts, block_size, sm_scale, False, out4, lse.unsqueeze(0),
-             cu_seqlens=cu_seqlens)
+             cu_seqlens=cu_seqlens, seqlens=seqlens)
     return out, lse
 
 
@@ -536,10 +551,10 @@ class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
     over the packed row; the offsets and the mask carry no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, block_mask, block_size, sm_scale):
-        out, lse = _varlen_forward(q, k, v, cu_seqlens, block_mask, block_size, sm_scale, None, None)
+    def forward(ctx, q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale):
+        out, lse = _varlen_forward(q, k, v, cu_seqlens, seqlens, block_mask, block_size, sm_scale, None, None)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, block_mask)
-        ctx.block_size, ctx.sm_scale = block_size, sm_scale
+        ctx.block_size, ctx.sm_scale, ctx.seqlens = block_size, sm_scale, seqlens
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -548,16 +563,16 @@ class _BlockSparseAttnVarlenFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens, block_mask = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 7
+            return (None,) * 8
         if dout is None:
             dout = torch.zeros_like(out)
         grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]  # all rows written
         as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out, *grads)]
         launch_backward(*as_rows[:5], lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0),
                         build_block_index(block_mask), build_block_col_index(block_mask), ctx.block_size,
-                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens)
+                        ctx.sm_scale, *as_rows[5:], cu_seqlens=cu_seqlens, seqlens=ctx.seqlens)
         need = ctx.needs_input_grad
-        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
+        return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None, None)
 
 
 def _attn_with_grad(q, k, v, block_mask, block_size, sm_scale, pair, out, lse):

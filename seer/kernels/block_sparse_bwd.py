@@ -63,7 +63,8 @@ and the bool mask), its backward builds the row and column lists from the mask a
 Without grad the forward runs exactly as before. :func:`block_sparse_attn_backward` is the same backward as a
 function. :func:`seer.kernels.block_sparse_attn_varlen` runs these kernels over sequences packed in one row
 (:func:`launch_backward` with ``cu_seqlens``; the ``VARLEN`` constexpr, as in the forward: batch strides 0, pointers
-moved to each sequence's first token, tiles past its end skipped, query loads always bounded).
+moved to each sequence's first token, query loads always bounded; the dk/dv and dq kernels take a 1-d grid over
+only the tiles inside a sequence, in the linear order of the padded 2-d grid, :func:`seer.kernels.common.varlen_order`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import triton.language as tl
 
 from seer.kernels.block_index import append_selected, build_block_index, build_lists, check_mask, mask_heads
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
-                                 softmax_scale, tiles_invalid, tma_ok, with_unit_last_stride)
+                                 softmax_scale, tiles_invalid, tma_ok, varlen_order, with_unit_last_stride)
 from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn_backward", "build_block_col_index"]
@@ -241,7 +242,7 @@ def _bs_dkdv_block(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, off_b, off_
 
 @triton.jit
 def _bs_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QCnt, Cu,
+    Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QCnt, Cu, Order,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -256,8 +257,13 @@ def _bs_bwd_dkdv_kernel(
     EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # first key blocks (longest column lists) first
-    pid_bh = tl.program_id(1)
+    if VARLEN:  # a 1-d grid over Order: (sequence x key/value head, key tile) packed, tiles inside a sequence only
+        packed = tl.load(Order + tl.program_id(0))
+        pid_n = packed % (NB * (MASK_BLOCK // BLOCK_N))
+        pid_bh = packed // (NB * (MASK_BLOCK // BLOCK_N))
+    else:
+        pid_n = tl.program_id(0)  # first key blocks (longest column lists) first
+        pid_bh = tl.program_id(1)
     off_b = pid_bh // HKV
     off_g = pid_bh % HKV
     c = pid_n // (MASK_BLOCK // BLOCK_N)  # the key block
@@ -296,8 +302,8 @@ def _bs_bwd_dkdv_kernel(
         ohm = (h // MASK_GROUP).to(tl.int64)
         idx_ptr = QIdx + ob * stride_ib + ohm * stride_ih + c.to(tl.int64) * stride_ic
         cnt = tl.load(QCnt + ob * stride_cb + ohm * stride_ch + c)
-        if VARLEN:  # a key tile at or past the sequence's end: nothing to accumulate (and nothing stored)
-            cnt = tl.where(kstart < N, cnt, 0)
+        if VARLEN:  # a key tile at or past the sequence's end: nothing to accumulate (and nothing stored; Order
+            cnt = tl.where(kstart < N, cnt, 0)  # lists no such tile, this only keeps the kernel safe)
         if USE_TMA:
             q_src = q_desc
             do_src = do_desc
@@ -384,7 +390,7 @@ def _bs_dq_block(dq, q, do, lse2, delta, k_src, v_src, off_b, off_g, cblock, off
 
 @triton.jit
 def _bs_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse2, Delta, KvIdx, KvCnt, Cu,
+    Q, K, V, DO, DQ, Lse2, Delta, KvIdx, KvCnt, Cu, Order,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -397,8 +403,13 @@ def _bs_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_m = N_QPROG - 1 - tl.program_id(0)  # last query blocks (longest row lists) first
-    pid_bh = tl.program_id(1)
+    if VARLEN:  # a 1-d grid over Order: (sequence x query head, query tile) packed, tiles inside a sequence only
+        packed = tl.load(Order + tl.program_id(0))
+        pid_m = packed % N_QPROG
+        pid_bh = packed // N_QPROG
+    else:
+        pid_m = N_QPROG - 1 - tl.program_id(0)  # last query blocks (longest row lists) first
+        pid_bh = tl.program_id(1)
     off_b = pid_bh // HQ
     off_h = pid_bh % HQ
     off_g = off_h // GROUP
@@ -419,8 +430,8 @@ def _bs_bwd_dq_kernel(
     r = row0 // MASK_BLOCK  # the query block
     idx_ptr = KvIdx + ob * stride_ib + ohm * stride_ih + r.to(tl.int64) * stride_ir
     cnt = tl.load(KvCnt + ob * stride_cb + ohm * stride_ch + r)
-    if VARLEN:  # query rows at or past the sequence's end: nothing to read (and nothing stored)
-        cnt = tl.where(row0 < N, cnt, 0)
+    if VARLEN:  # query rows at or past the sequence's end: nothing to read (and nothing stored; Order lists no
+        cnt = tl.where(row0 < N, cnt, 0)  # such tile, this only keeps the kernel safe)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -582,16 +593,22 @@ def block_sparse_attn_backward(
 
 
 def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, sm_scale, dq, dk, dv,
-                    cu_seqlens=None):
-    """The three backward launches over checked inputs. With ``cu_seqlens`` (int32 ``[S + 1]``), the ``[1, H, T, D]``
-    tensors (and ``[1, Hq, T]`` lse) hold ``S`` sequences packed in one row, the lists are per sequence and the
-    gradient buffers are written only at the sequences' tokens."""
+                    cu_seqlens=None, seqlens=None):
+    """The three backward launches over checked inputs. With ``cu_seqlens`` (int32 ``[S + 1]``) and ``seqlens`` (the
+    ``S`` lengths, on the host), the ``[1, H, T, D]`` tensors (and ``[1, Hq, T]`` lse) hold ``S`` sequences packed in
+    one row, the lists are per sequence and the gradient buffers are written only at the sequences' tokens. The
+    dk/dv and dq kernels then launch only the tiles inside a sequence, in the linear order of their padded 2-d grids
+    (each sequence and head in turn: key tiles first to last, query tiles last to first, so a head's programs run
+    together; :func:`seer.kernels.common.varlen_order`); the preprocess keeps its padded grid (it fills every padded
+    row, which the column lists may name)."""
     kv_idx, kv_cnt = kv_index
     q_idx, q_cnt = q_index
     _, hq, n, d = q.shape
     hkv = k.shape[1]
     varlen = cu_seqlens is not None
     b, nb = kv_cnt.shape[0], kv_cnt.shape[2]
+    if n == 0 or b * hq == 0:
+        return
     cu = cu_seqlens if varlen else kv_cnt  # a placeholder pointer when there are no offsets
 
     def batch_stride(t: torch.Tensor) -> int:
@@ -618,9 +635,21 @@ def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, 
     group = hq // hkv
     key = (d, block_size)
 
+    orders = {}  # per kernel and tile: built once per call (the launch table may time several configs)
+
+    def order_grid(kernel: str, heads: int, tile: int, last_first: bool):
+        n_prog = n_pad // tile
+        if not varlen:
+            return cu, (n_prog, b * heads)  # a placeholder pointer when there is no order
+        if (kernel, tile) not in orders:
+            orders[kernel, tile] = varlen_order(cu, seqlens, heads, tile, n_prog, last_first)
+        order = orders[kernel, tile]
+        return order, (order.numel(),)
+
     def run_dkdv(config: dict):
-        return _bs_bwd_dkdv_kernel[(n_pad // config["BLOCK_N"], b * hkv)](
-            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt, cu,
+        order, grid = order_grid("dkdv", hkv, config["BLOCK_N"], last_first=False)
+        return _bs_bwd_dkdv_kernel[grid](
+            q, k, v, do, dk, dv, lse2, delta, q_idx, q_cnt, cu, order,
             scale * LOG2E.value, scale,
             batch_stride(q), q.stride(1), q.stride(2),
             batch_stride(k), k.stride(1), k.stride(2),
@@ -639,8 +668,9 @@ def launch_backward(do, q, k, v, out, lse, dlse, kv_index, q_index, block_size, 
 
     def run_dq(config: dict):
         n_qprog = n_pad // config["BLOCK_M"]
-        return _bs_bwd_dq_kernel[(n_qprog, b * hq)](
-            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt, cu,
+        order, grid = order_grid("dq", hq, config["BLOCK_M"], last_first=True)
+        return _bs_bwd_dq_kernel[grid](
+            q, k, v, do, dq, lse2, delta, kv_idx, kv_cnt, cu, order,
             scale * LOG2E.value, scale,
             batch_stride(q), q.stride(1), q.stride(2),
             batch_stride(k), k.stride(1), k.stride(2),

@@ -123,6 +123,30 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return offsets
 
 
+def varlen_order(cu_seqlens: torch.Tensor, seqlens: list[int], heads: int, tile: int, n_prog: int,
+                 last_first: bool) -> torch.Tensor:
+    """The programs of a packed launch that have tokens to work on, in the linear order of the padded 2-d grid
+    ``(n_prog, S * heads)`` they replace: int32 ``(s * heads + h) * n_prog + p``.
+
+    Program ``p`` of sequence ``s`` covers its tokens ``[p * tile, (p + 1) * tile)`` and is real when ``p * tile <
+    len_s`` (``ceil(len_s / tile) <= n_prog`` of them). Each ``(s, h)`` in turn (sequence-major, as ``pid_bh``) lists
+    its real programs, ``p`` descending with ``last_first`` (query tiles: the longest causal lists first) else
+    ascending (key tiles); so programs sharing a head's K/V still run together (L2 locality), only the empty ones
+    past each sequence's end are gone. Built on the device from ``cu_seqlens`` without a host sync: ``seqlens`` (the
+    lengths, known on the host) give the count."""
+    dev = cu_seqlens.device
+    rows = len(seqlens) * heads
+    count = heads * sum(-(-n // tile) for n in seqlens)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    per_row = torch.div(lens + tile - 1, tile, rounding_mode="floor").repeat_interleave(heads)  # [S * heads]
+    row = torch.repeat_interleave(torch.arange(rows, device=dev), per_row, output_size=count)
+    first = torch.cumsum(per_row, 0) - per_row  # each row's first position in the order
+    p = torch.arange(count, device=dev) - first[row]
+    if last_first:
+        p = per_row[row] - 1 - p
+    return (row * n_prog + p).to(torch.int32)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> tuple[int, int, int, int, int]:
     """:func:`check_qkv_shapes` plus what the Triton kernels need: tensors of one supported dtype
     (:data:`DTYPES`) and a supported head dim (:data:`HEAD_DIMS`). Returns ``(B, Hq, Hkv, N, D)``."""
