@@ -13,8 +13,12 @@ before and after each run) and, for reference, the mass recall of a top-k mask a
 ``--blend`` defaults to one layer of Qwen2.5-Coder-0.5B at 32k (B=1, Hq=14, Hkv=2, D=64, block 64, bf16 Q/K, float32
 gate logits; any shape flag overrides) and times, reference vs new, per layer: the vertical-slash scores, the gate
 blend as inference runs it (estimate + blend: ``reference.blend_scores(g, reference.vertical_slash_scores(x))``
-vs ``blend_mass(g, VerticalSlash().mass(x))``), the blend alone, and the two stages of the estimate (last-rows
-marginals, block mass). On CUDA the times are CUDA-event medians (``--reps`` runs after ``--warmup``); on CPU the
+vs ``blend_mass(g, VerticalSlash().mass(x))``), the blend alone, the two stages of the estimate (last-rows
+marginals, block mass), and the block mass + blend from the marginals. On CUDA the table also times the fused Triton
+kernel (:func:`seer.kernels.vs_blend.vertical_slash_blend`: block mass and blend in one pass from the estimate's
+per-block vectors, what ``blend_gate_scores`` runs at inference) beside the new path, for the gate blend and for
+the block mass + blend (on CPU only under ``TRITON_INTERPRET=1``, to check the code path: the interpreter's times
+mean nothing). On CUDA the times are CUDA-event medians (``--reps`` runs after ``--warmup``); on CPU the
 median and min of wall-clock runs. The table also gives the largest difference of the log-scores (finite entries)
 and the environment (device, versions, date, commit).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -34,7 +39,8 @@ from seer.sparsity import reference
 from seer.sparsity.masks import topk_mask
 from seer.sparsity.measures import mass_recall
 from seer.sparsity.selectors import (SELECTORS, LayerInputs, VerticalSlash, _last_rows_marginals,
-                                     _vertical_slash_block_mass, blend_mass, build_selector)
+                                     _vertical_slash_block_mass, _vertical_slash_vectors, blend_mass,
+                                     build_selector)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QWEN_32K = {"b": 1, "hq": 14, "hkv": 2, "n": 32768, "d": 64, "block": 64, "dtype": "bf16"}
@@ -97,34 +103,57 @@ def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
     cuda = dev.type == "cuda"
     partner_ref, mass_new = reference.vertical_slash_scores(x, lq), sel.mass(x)
     v, s, _ = _last_rows_marginals(x, lq)
-    rows = [  # name, reference, new, compare the outputs (log-scores)
-        ("vertical_slash scores", lambda: reference.vertical_slash_scores(x, lq), lambda: sel.scores(x), True),
+    # the fused kernel (seer.kernels.vs_blend: block mass + blend in one pass from the per-block vectors): CUDA, or
+    # the CPU under TRITON_INTERPRET=1 (a check of the code path)
+    fused_blend = fused_from_marginals = None
+    if cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from seer.kernels.vs_blend import vertical_slash_blend
+
+        def fused_blend():
+            return vertical_slash_blend(gate, *sel.vectors(x), w)
+
+        def fused_from_marginals():
+            return vertical_slash_blend(gate, *_vertical_slash_vectors(v, s, args.block), w)
+
+    rows = [  # name, reference, new, fused (or None), compare the outputs (log-scores)
+        ("vertical_slash scores", lambda: reference.vertical_slash_scores(x, lq), lambda: sel.scores(x), None, True),
         ("gate blend (estimate + blend)",
          lambda: reference.blend_scores(gate, reference.vertical_slash_scores(x, lq), w),
-         lambda: blend_mass(gate, sel.mass(x), w), True),
+         lambda: blend_mass(gate, sel.mass(x), w), fused_blend, True),
         ("blend alone", lambda: reference.blend_scores(gate, partner_ref, w), lambda: blend_mass(gate, mass_new, w),
-         True),
+         None, True),
         ("  last-rows marginals", lambda: reference.vertical_slash_marginals(x, lq),
-         lambda: _last_rows_marginals(x, lq), False),
+         lambda: _last_rows_marginals(x, lq), None, False),
         ("  block mass", lambda: reference.vertical_slash_block_mass(v, s, args.block),
-         lambda: _vertical_slash_block_mass(v, s, args.block), False),
+         lambda: _vertical_slash_block_mass(v, s, args.block), None, False),
+        ("  block mass + blend (from the marginals)",
+         lambda: reference.blend_scores(gate, reference.log_mass(reference.vertical_slash_block_mass(v, s, args.block)),
+                                        w),
+         lambda: blend_mass(gate, _vertical_slash_block_mass(v, s, args.block), w), fused_from_marginals, True),
     ]
     lines = ["# vertical-slash + gate blend, reference vs new (per layer)", "",
              f"B={args.b} Hq={args.hq} Hkv={args.hkv} N={args.n} D={args.d} block={args.block} (nb={x.nb}) "
              f"last_queries={lq} weight={w} {args.dtype} Q/K, float32 gate logits", "",
              env_line(dev), "",
              f"{'CUDA-event' if cuda else 'wall-clock'} ms over {args.reps} runs after {args.warmup} warm-up; "
-             f"x{args.layers} = per-layer median times {args.layers} layers", "",
+             f"x{args.layers} = per-layer median times {args.layers} layers; fused = the Triton kernel "
+             "seer.kernels.vs_blend (CUDA, or the CPU interpreter; its diff is against the new path)", "",
              "| step | reference median | reference min | new median | new min | speedup (median) "
-             f"| x{args.layers} reference | x{args.layers} new | max abs diff of log-scores |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| x{args.layers} reference | x{args.layers} new | max abs diff of log-scores "
+             f"| fused median | fused min | fused vs new (median) | x{args.layers} fused | fused max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with torch.no_grad():
-        for name, fn_ref, fn_new, compare in rows:
+        for name, fn_ref, fn_new, fn_fused, compare in rows:
             r_med, r_min = time_ms(fn_ref, args.reps, args.warmup, cuda)
             n_med, n_min = time_ms(fn_new, args.reps, args.warmup, cuda)
             diff = f"{max_log_diff(fn_new(), fn_ref()):.2e}" if compare else "-"
+            fused = "| - | - | - | - | - |"
+            if fn_fused is not None:
+                f_med, f_min = time_ms(fn_fused, args.reps, args.warmup, cuda)
+                fused = (f"| {f_med:.3f} | {f_min:.3f} | {n_med / f_med:.2f}x | {f_med * args.layers:.1f} "
+                         f"| {max_log_diff(fn_fused(), fn_new()):.2e} |")
             lines.append(f"| {name} | {r_med:.3f} | {r_min:.3f} | {n_med:.3f} | {n_min:.3f} | {r_med / n_med:.2f}x "
-                         f"| {r_med * args.layers:.1f} | {n_med * args.layers:.1f} | {diff} |")
+                         f"| {r_med * args.layers:.1f} | {n_med * args.layers:.1f} | {diff} {fused}")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:

@@ -16,6 +16,9 @@
   pass), in ``seer/kernels/block_pool.py``.
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
   ``seer/kernels/block_topk.py``.
+* :func:`vertical_slash_blend` - a gate's block logits blended with MInference's vertical-slash estimate (from its
+  per-block vectors, the ``[nb, nb]`` mass grid never built) to normalised block log-scores, in
+  ``seer/kernels/vs_blend.py`` (inference, no autograd).
 * :mod:`seer.kernels.reference` - the same contracts in PyTorch, chunked so memory stays ``O(N * block)``.
 * :mod:`seer.kernels.tuning` - the launch configurations of the attention kernels (forward and backward): the
   H100 defaults, timing once per key, and for experiments :func:`~seer.kernels.tuning.force_config`,
@@ -38,6 +41,7 @@ from seer.kernels import block_sparse_bwd, reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_varlen
 from seer.kernels.decode import block_sparse_decode
 from seer.kernels.flash_gt import flash_attn_with_gt
+from seer.kernels.vs_blend import vertical_slash_blend
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "block_sparse_bwd", "block_sparse_decode",
-           "flash_attn_with_gt", "reference", "tuning"]
+           "flash_attn_with_gt", "reference", "tuning", "vertical_slash_blend"]

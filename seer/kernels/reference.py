@@ -15,6 +15,8 @@ the inputs are float64.
 * :func:`block_sparse_sdpa` - the same output through PyTorch's SDPA with a token mask (the fast CPU path).
 * :func:`block_sparse_attn_varlen` - :func:`block_sparse_attn` of sequences packed in one row (``cu_seqlens``).
 * :func:`block_sparse_decode` - decode attention of new tokens over a KV cache's listed key blocks.
+* :func:`vertical_slash_blend` - a gate's block logits blended with the vertical-slash estimate given by its
+  per-block vectors (the fused kernel of ``seer/kernels/vs_blend.py``).
 
 Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`,
 :mod:`seer.kernels.decode_index`: the only other modules of ``seer`` this one imports). Autocast is off inside them
@@ -31,7 +33,7 @@ from seer.kernels.common import check_qkv_shapes, check_varlen, softmax_scale
 from seer.kernels.decode_index import check_decode_args, check_decode_values
 
 __all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_attn_varlen",
-           "block_sparse_decode", "block_sparse_sdpa", "num_blocks"]
+           "block_sparse_decode", "block_sparse_sdpa", "num_blocks", "vertical_slash_blend"]
 
 
 def _without_autocast(fn):
@@ -273,3 +275,28 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(dt).min))
     out = torch.einsum("bhgtn,bhnd->bhgtd", p, v_cache.to(dt))
     return out.reshape(b, hq, t_new, d).to(q.dtype), lse.reshape(b, hq, t_new)
+
+
+def vertical_slash_blend(gate_logits: torch.Tensor, vertical: torch.Tensor, diagonal: torch.Tensor,
+                         slash: torch.Tensor, slash_last: torch.Tensor, weight: float) -> torch.Tensor:
+    """Float32 block log-scores ``[B, H, nb, nb]`` of ``(1 - weight) * softmax(gate_logits) + weight * p`` over each
+    row's causal blocks, ``p`` the vertical-slash estimate's block masses (floored at 1e-30, row-normalised) spread
+    from its per-block vectors ``[B, H, nb]``: ``slash[i - j] + vertical[j]`` below the diagonal (``slash_last`` in
+    the last row), ``diagonal[i]`` on it; ``log(max(mixture, 1e-30))``, ``-inf`` above the diagonal (the math of
+    ``seer/kernels/vs_blend.py``; ``seer.sparsity.selectors.blend_mass`` of the same masses up to rounding).
+    Builds the ``[nb, nb]`` grid; float32 arithmetic."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < 1:
+        raise ValueError(f"blend: weight must be in [0, 1), got {weight!r}")
+    nb, dev = gate_logits.shape[-1], gate_logits.device
+    i = torch.arange(nb, device=dev)[:, None]
+    j = torch.arange(nb, device=dev)[None, :]
+    dist = (i - j).clamp_min(0)
+    below = torch.where(i == nb - 1, slash_last.float()[..., dist], slash.float()[..., dist]) \
+        + vertical.float()[..., None, :]
+    mass = torch.where(i == j, diagonal.float()[..., :, None], below)
+    above = j > i
+    p = mass.clamp_min(1e-30).masked_fill(above, 0.0)
+    p = p / p.sum(-1, keepdim=True)
+    gate = torch.softmax(gate_logits.float().masked_fill(above, float("-inf")), dim=-1)
+    mixed = (1.0 - weight) * gate + weight * p
+    return mixed.clamp_min(1e-30).log().masked_fill(above, float("-inf"))

@@ -357,13 +357,23 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     """A gate's block ``scores`` blended with the training-free estimate ``gate_config.blend`` names (``scores``
     as they are when it names none), the estimate computed without grad from the layer's post-RoPE ``query`` and
     ``key``: what inference selects with, and what blend-aware distillation (``stage.loss_through_blend``) trains
-    through, so gradients reach the gate alone."""
+    through, so gradients reach the gate alone.
+
+    At inference on CUDA (no gradient wanted for ``scores``) a ``vertical_slash`` blend runs as one fused kernel
+    (:func:`seer.kernels.vs_blend.vertical_slash_blend`) on the estimate's per-block vectors, the ``[nb, nb]`` mass
+    grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid."""
     if gate_config.blend is None:
         return scores
     from seer.sparsity.selectors import LayerInputs, blend_mass, build_selector
 
-    partner = build_selector(gate_config.blend).mass(LayerInputs(query, key, block_size, scale, layer_idx))
-    return blend_mass(scores, partner, gate_config.blend_weight)
+    selector = build_selector(gate_config.blend)
+    x = LayerInputs(query, key, block_size, scale, layer_idx)
+    inference = not (torch.is_grad_enabled() and scores.requires_grad)
+    if gate_config.blend == "vertical_slash" and scores.is_cuda and inference:
+        from seer.kernels.vs_blend import vertical_slash_blend
+
+        return vertical_slash_blend(scores, *selector.vectors(x), gate_config.blend_weight)
+    return blend_mass(scores, selector.mass(x), gate_config.blend_weight)
 
 
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

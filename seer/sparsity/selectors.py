@@ -147,7 +147,7 @@ def _constants(kind: str, size: int, device, last: int = 0) -> torch.Tensor:
     device (outside any inference mode, so autograd may save them): ``above`` ``[nb, nb]`` bool (strictly above the
     diagonal), ``below`` ``[nb, nb]`` float32 (1 strictly below the diagonal), ``floor`` ``[nb, nb]`` float32
     (:data:`MASS_FLOOR` on and below the diagonal, 0 above), ``future`` ``[L, L]`` bool (strictly above), and
-    ``weights`` ``[B, 5]`` float64 (:func:`_vertical_slash_block_mass`'s, ``last`` rows in the last block)."""
+    ``weights`` ``[B, 5]`` float64 (:func:`_vertical_slash_vectors`', ``last`` rows in the last block)."""
     with torch.inference_mode(False), torch.no_grad():
         if kind in ("above", "future"):
             return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
@@ -220,43 +220,58 @@ def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tenso
     return v, s, start
 
 
+def _vertical_slash_vectors(v: torch.Tensor, s: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+    """The four per-block vectors ``[B, Hq, nb]`` float32 that :func:`_vertical_slash_block_mass` spreads over the
+    ``[nb, nb]`` grid (and :func:`seer.kernels.vs_blend.vertical_slash_blend` reads directly):
+    ``(vertical, diagonal, slash, slash_last)``, with
+
+    * ``vertical[j] = sum_{c in J} v[c]``, the vertical part of every block below the diagonal;
+    * ``diagonal[i]``, the whole diagonal block's mass: the mean over the block's rows of the in-block prefix sums of
+      v, ``sum_t max(l - t, 0) / l * v_i[t]``, plus the slash at distance 0 (``l`` the query block's rows: ``B``,
+      or fewer for the last one);
+    * ``slash[d]`` (d = i - j) the slash part of a full query block's key block at distance d, and ``slash_last[d]``
+      the same for the last query block's rows: the offsets ``(dB + a - B, dB + a]`` that row ``iB + a`` reaches
+      in key block j are a prefix of offset block d and a suffix of block d - 1, so
+      ``h_l[d] = sum_t max(l - t, 0) / l * s_d[t] + sum_t min(t, l) / l * s_{d-1}[t]``.
+
+    All are sums of non-negative terms (float64), no differences of prefix sums, so even masses far below
+    float32's epsilon keep their value."""
+    b, hq, n = v.shape
+    bs = block_size
+    nb = (n + bs - 1) // bs
+    last = n - (nb - 1) * bs
+    weights = _constants("weights", bs, v.device, last)  # [bs, 5]
+    blocks = F.pad(torch.stack([v, s], 2), (0, nb * bs - n)).unflatten(-1, (nb, bs)).double()
+    vw, sw = (blocks @ weights).float().unbind(2)  # each [B, H, nb, 5]
+    slash = sw[..., 1] + F.pad(sw[..., :-1, 3], (1, 0))  # [B, H, nb] by d
+    slash_last = sw[..., 2] + F.pad(sw[..., :-1, 4], (1, 0))
+    diagonal = vw[..., 1] + slash[..., :1]
+    diagonal[..., -1] = vw[..., -1, 2] + slash_last[..., 0]
+    return vw[..., 0], diagonal, slash, slash_last
+
+
 def _vertical_slash_block_mass(v: torch.Tensor, s: torch.Tensor, block_size: int) -> torch.Tensor:
     """Block masses ``[B, Hq, nb, nb]`` float32 (not normalised, 0 above the diagonal) of the estimate
     ``A[r, c] ~ v[c] + s[r - c]`` (c <= r), averaged over the rows of each query block:
     ``mass[i, j] = 1/|I| sum_{r in I} sum_{c in J, c <= r} (v[c] + s[r - c])``, I/J the token sets of blocks i/j.
 
-    Everything reduces to weighted sums of the blocks of ``v`` and ``s`` (``t`` the position in a block, ``l``
-    the rows of the query block: ``B``, or fewer for the last one):
-
-    * vertical: ``sum_{c in J} v[c]`` for j < i; on the diagonal, the mean over the block's rows of the in-block
-      prefix sums of v, ``sum_t max(l - t, 0) / l * v_i[t]``;
-    * slash: depends on d = i - j only (the last query block's rows aside): the offsets ``(dB + a - B, dB + a]``
-      that row ``iB + a`` reaches in key block j are a prefix of offset block d and a suffix of block d - 1, so
-      ``h_l[d] = sum_t max(l - t, 0) / l * s_d[t] + sum_t min(t, l) / l * s_{d-1}[t]``: sums of non-negative
-      terms (float64), no differences of prefix sums, so even masses far below float32's epsilon keep their value.
-
-    The ``[nb, nb]`` matrix is then the Toeplitz matrix of ``h_B`` (rows of a strided view of one vector, flipped)
-    plus ``v``'s block sums broadcast below the diagonal, with the diagonal and the last row written over.
+    Everything reduces to weighted sums of the blocks of ``v`` and ``s`` (:func:`_vertical_slash_vectors`):
+    ``mass[i, j] = slash[i - j] + vertical[j]`` below the diagonal (``slash_last`` in the last row),
+    ``diagonal[i]`` on it. The ``[nb, nb]`` matrix is the Toeplitz matrix of ``slash`` (rows of a strided view of
+    one vector, flipped) plus ``vertical`` broadcast below the diagonal, with the diagonal and the last row written
+    over.
     """
     b, hq, n = v.shape
-    bs = block_size
-    nb = (n + bs - 1) // bs
-    last = n - (nb - 1) * bs
-    dev = v.device
-    weights = _constants("weights", bs, dev, last)  # [bs, 5]
-    blocks = F.pad(torch.stack([v, s], 2), (0, nb * bs - n)).unflatten(-1, (nb, bs)).double()
-    vw, sw = (blocks @ weights).float().unbind(2)  # each [B, H, nb, 5]
-    v_full, v_diag, v_diag_last = vw[..., 0], vw[..., 1], vw[..., -1, 2]
-    h_full = sw[..., 1] + F.pad(sw[..., :-1, 3], (1, 0))  # [B, H, nb] by d
-    h_last = sw[..., 2] + F.pad(sw[..., :-1, 4], (1, 0))
-    # Toeplitz h_full[i - j] (0 above the diagonal): a Hankel view g[i' + j] of g = (h_full reversed, 0 ...),
+    nb = (n + block_size - 1) // block_size
+    vertical, diagonal, slash, slash_last = _vertical_slash_vectors(v, s, block_size)
+    # Toeplitz slash[i - j] (0 above the diagonal): a Hankel view g[i' + j] of g = (slash reversed, 0 ...),
     # its rows flipped (i = nb - 1 - i'; the flip is where the matrix is first written), then one pass adding v
-    g = F.pad(h_full.flip(-1), (0, nb - 1))
+    g = F.pad(slash.flip(-1), (0, nb - 1))
     mass = g.as_strided((b, hq, nb, nb), (hq * (2 * nb - 1), 2 * nb - 1, 1, 1)).flip(-2)
-    mass.addcmul_(_constants("below", nb, dev), v_full[..., None, :])  # vertical, below the diagonal
-    mass.diagonal(0, -2, -1).copy_(v_diag + h_full[..., :1])
-    last_row = h_last.flip(-1) + v_full
-    last_row[..., -1] = v_diag_last + h_last[..., 0]
+    mass.addcmul_(_constants("below", nb, v.device), vertical[..., None, :])  # vertical, below the diagonal
+    mass.diagonal(0, -2, -1).copy_(diagonal)
+    last_row = slash_last.flip(-1) + vertical
+    last_row[..., -1] = diagonal[..., -1]
     mass[..., -1, :] = last_row
     return mass
 
@@ -382,6 +397,14 @@ class VerticalSlash(Selector):
     def mass(self, x: LayerInputs) -> torch.Tensor:
         v, s, _ = _last_rows_marginals(x, self.last_queries)
         return _vertical_slash_block_mass(v, s, x.block_size)
+
+    @torch.no_grad()
+    def vectors(self, x: LayerInputs) -> tuple[torch.Tensor, ...]:
+        """The per-block vectors ``(vertical, diagonal, slash, slash_last)``, each ``[B, Hq, nb]`` float32, that
+        :meth:`mass` spreads over the ``[nb, nb]`` grid (:func:`_vertical_slash_vectors`): what the fused
+        :func:`seer.kernels.vs_blend.vertical_slash_blend` blends a gate with, without the grid."""
+        v, s, _ = _last_rows_marginals(x, self.last_queries)
+        return _vertical_slash_vectors(v, s, x.block_size)
 
 
 @dataclass
