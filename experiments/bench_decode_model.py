@@ -71,6 +71,7 @@ two as well.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -226,24 +227,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def decode_steps(model, cache, ids: torch.Tensor, n: int, keep: bool = False) -> tuple[float, list[torch.Tensor]]:
-    """Runs ``n`` one-token steps (token ``ids[i]``, ``[B, 1]``) over ``cache``: milliseconds (CUDA events on a GPU,
-    else wall time) and, with ``keep``, each step's float32 logits."""
-    logits, cuda = [], ids.is_cuda
+def _timed_steps(n: int, step, cuda: bool, keep: bool) -> tuple[float, list[torch.Tensor]]:
+    """``n`` calls ``step(i)`` (each returning logits ``[B, T, V]``): milliseconds (CUDA events on a GPU, else wall
+    time) and, with ``keep``, each step's last-position float32 logits."""
+    logits = []
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
     for i in range(n):
-        out = model(input_ids=ids[i], past_key_values=cache, use_cache=True)
+        out = step(i)
         if keep:
-            logits.append(out.logits[:, -1].float())
+            logits.append(out[:, -1].float())
     if cuda:
         end.record()
         end.synchronize()
         return start.elapsed_time(end), logits
     return (time.perf_counter() - t0) * 1e3, logits
+
+
+@torch.no_grad()
+def decode_steps(model, cache, ids: torch.Tensor, n: int, keep: bool = False) -> tuple[float, list[torch.Tensor]]:
+    """Runs ``n`` one-token steps (token ``ids[i]``, ``[B, 1]``) over ``cache``: milliseconds (CUDA events on a GPU,
+    else wall time) and, with ``keep``, each step's float32 logits."""
+    return _timed_steps(n, lambda i: model(input_ids=ids[i], past_key_values=cache, use_cache=True).logits,
+                        ids.is_cuda, keep)
 
 
 @torch.no_grad()
@@ -300,33 +308,37 @@ class GraphStep:
 def replay_steps(step: GraphStep, ids: torch.Tensor, n: int, keep: bool = False) -> tuple[float, list[torch.Tensor]]:
     """``n`` replays of ``step`` (token ``ids[i]`` copied into its static input before replay ``i``): milliseconds
     (CUDA events on a GPU, else wall time) and, with ``keep``, each step's float32 logits."""
-    logits, cuda = [], ids.is_cuda
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    for i in range(n):
+    def one(i: int) -> torch.Tensor:
         step.ids.copy_(ids[i])
         step.replay()
-        if keep:
-            logits.append(step.logits[:, -1].float())
-    if cuda:
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end), logits
-    return (time.perf_counter() - t0) * 1e3, logits
+        return step.logits
+
+    return _timed_steps(n, one, ids.is_cuda, keep)
 
 
 def _rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max([((a - b).norm() / b.norm()).item() for a, b in zip(got, want)], default=0.0)
 
 
-@torch.no_grad()
-def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str = "triton") -> dict:
-    """One (prompt, batch) with ``--graph``: decode steps as CUDA-graph replays over a StaticCache (see the module
-    docstring)."""
-    from transformers import StaticCache
+@dataclasses.dataclass
+class PrefilledCase:
+    """One (prompt, batch) after its prefill: the random prompt's decode tokens ``steps [extra, B, 1]``, the budgets
+    (``every`` block of every step, and ``--budget``), the KV ``cache`` and a copy of the compressed-K cache as the
+    prefill left it."""
+    ctx: object
+    cuda: bool
+    steps: torch.Tensor
+    every: object
+    budget: object
+    cache: object
+    prefill_s: float
+    after_prefill: object
+    key_cache_mib: float
 
+
+def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, make_kv_cache) -> PrefilledCase:
+    """Random prompt and decode tokens (seeded by the case), then one prefill into ``make_kv_cache(prompt + steps)``
+    with sparse decode on, which fills the compressed-K cache; the peak-memory counter starts before it."""
     from seer.sparsity.decode import DecodeSparsityConfig
 
     ctx = model.seer_decode
@@ -338,19 +350,32 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
     steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
     bs = ctx.config.block_size
     every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs)  # every block of every step
-    budget = DecodeSparsityConfig(token_budget=args.budget)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    # room for the steps, rounded up to whole blocks (aligned rows for SDPA's mask and the kernel)
-    cache = StaticCache(config=model.config, max_cache_len=-(-(prompt + extra) // bs) * bs)
-    ctx.enable(every, kernel)  # a prefill with sparse decode on fills the compressed-K cache (sized for the cache)
+    cache = make_kv_cache(prompt + extra)
+    ctx.enable(every, kernel)
     _sync(device)
     t0 = time.perf_counter()
     prefill(model, cache, ids, args.prefill_chunk)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    after_prefill = ctx.cache.clone()
-    key_cache_mib = ctx.cache.memory_bytes() / 2**20
+    return PrefilledCase(ctx, cuda, steps, every, DecodeSparsityConfig(token_budget=args.budget), cache, prefill_s,
+                         copy_key_cache(ctx.cache), ctx.cache.memory_bytes() / 2**20)
+
+
+@torch.no_grad()
+def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str = "triton") -> dict:
+    """One (prompt, batch) with ``--graph``: decode steps as CUDA-graph replays over a StaticCache (see the module
+    docstring)."""
+    from transformers import StaticCache
+
+    bs = model.seer_decode.config.block_size
+    # room for the steps, rounded up to whole blocks (aligned rows for SDPA's mask and the kernel); the compressed-K
+    # cache is sized for it
+    case = prefilled_case(model, batch, prompt, args, device, kernel,
+                          lambda length: StaticCache(config=model.config, max_cache_len=-(-length // bs) * bs))
+    ctx, cuda, steps, every, budget, cache = case.ctx, case.cuda, case.steps, case.every, case.budget, case.cache
+    prefill_s, after_prefill, key_cache_mib = case.prefill_s, case.after_prefill, case.key_cache_mib
     problems = []
 
     def reset() -> None:  # the KV cache back to the prompt and, with sparse decode on, the compressed-K cache too
@@ -434,29 +459,9 @@ def bench_case(model, batch: int, prompt: int, args, device, kernel: str = "trit
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
         return row
-    from seer.sparsity.decode import DecodeSparsityConfig
-
-    ctx = model.seer_decode
-    cuda = torch.device(device).type == "cuda"
-    g = torch.Generator(device=device).manual_seed(prompt * 16 + batch)
-    vocab = model.config.vocab_size
-    ids = torch.randint(vocab, (batch, prompt), device=device, generator=g)
-    extra = max(args.steps, args.warmup, args.check_steps)
-    steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
-    bs = ctx.config.block_size
-    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs)  # every block of every step
-    budget = DecodeSparsityConfig(token_budget=args.budget)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    cache = make_cache(args.cache, prompt + extra)
-    ctx.enable(every, kernel)  # a prefill with sparse decode on fills the compressed-K cache
-    _sync(device)
-    t0 = time.perf_counter()
-    prefill(model, cache, ids, args.prefill_chunk)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-    after_prefill = copy_key_cache(ctx.cache)
-    key_cache_mib = ctx.cache.memory_bytes() / 2**20
+    case = prefilled_case(model, batch, prompt, args, device, kernel, lambda length: make_cache(args.cache, length))
+    ctx, cuda, steps, every, budget, cache = case.ctx, case.cuda, case.steps, case.every, case.budget, case.cache
+    prefill_s, after_prefill, key_cache_mib = case.prefill_s, case.after_prefill, case.key_cache_mib
 
     def sparse(config) -> None:
         ctx.enable(config, kernel)

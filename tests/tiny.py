@@ -48,3 +48,17 @@ def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(text * 20, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
+
+
+def padded_batch(seqs, side: str):
+    """``input_ids``, ``attention_mask``, ``position_ids`` of the 1-d token tensors ``seqs`` padded (with token 2) on
+    ``side`` (``left`` or ``right``) to the longest, on their device, and each row's span of real tokens."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), 2, device=seqs[0].device)
+    mask = torch.zeros_like(ids)
+    spans = []
+    for row, s in enumerate(seqs):
+        span = slice(n - len(s), n) if side == "left" else slice(0, len(s))
+        ids[row, span], mask[row, span] = s, 1
+        spans.append(span)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), spans

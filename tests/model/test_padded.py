@@ -11,7 +11,7 @@ from seer.model.attention import padding_spans
 from seer.sparsity.calibration import Calibration
 from seer.sparsity.config import SparsityConfig
 from seer.sparsity.selectors import build_selector
-from tests.tiny import tiny_model
+from tests.tiny import padded_batch, tiny_model
 
 GATE = GateConfig(block_size=16, hidden_size=24, k_pool=["max", "min"])
 LENGTHS = (70, 33, 50, 16)
@@ -28,19 +28,6 @@ def _gated(family="llama"):
     return model, ctx
 
 
-def _batch(seqs, side):
-    """``input_ids``, ``attention_mask``, ``position_ids`` of ``seqs`` padded on ``side``, and each row's span."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), 2)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    spans = []
-    for b, s in enumerate(seqs):
-        span = slice(n - len(s), n) if side == "left" else slice(0, len(s))
-        ids[b, span], mask[b, span] = s, 1
-        spans.append(span)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), spans
-
-
 def _alone_and_batched(model, ctx, seqs, side, **settings):
     """Logits and densities ``(kept, total)`` per layer of each sequence alone, and of the padded batch."""
     alone, kept = [], {}
@@ -50,7 +37,7 @@ def _alone_and_batched(model, ctx, seqs, side, **settings):
             for layer, (k, t) in ctx.density.items():
                 kk, tt = kept.get(layer, (0, 0))
                 kept[layer] = (kk + int(k), tt + t)
-        ids, mask, pos, spans = _batch(seqs, side)
+        ids, mask, pos, spans = padded_batch(seqs, side)
         batched = model(ids, attention_mask=mask, position_ids=pos).logits
         batched_kept = {layer: (int(k), t) for layer, (k, t) in ctx.density.items()}
     return alone, kept, [batched[b, span] for b, span in enumerate(spans)], batched_kept
@@ -100,7 +87,7 @@ def test_budgets_selectors_and_blends_see_each_sequence_alone(settings):
 def test_observations_of_a_padded_batch_come_per_sequence():
     model, ctx = _gated()
     seqs = _seqs()
-    ids, mask, pos, _ = _batch(seqs, "right")
+    ids, mask, pos, _ = padded_batch(seqs, "right")
     seen, alone = [], []
     with torch.no_grad(), ctx.running("sparse", sparsity=TOPK, consumer=seen.append):
         model(ids, attention_mask=mask, position_ids=pos)
@@ -125,7 +112,7 @@ def test_triton_kernel_on_a_padded_batch_matches_the_reference_path(side, monkey
                         lambda *args, **kwargs: launches.append(args[3].tolist()) or varlen(*args, **kwargs))
     model, ctx = _gated()
     seqs = _seqs(lengths=(40, 17, 1))
-    ids, mask, pos, spans = _batch(seqs, side)
+    ids, mask, pos, spans = padded_batch(seqs, side)
     with torch.no_grad():
         with ctx.running("sparse", sparsity=TOPK, kernel="reference"):
             ref = model(ids, attention_mask=mask, position_ids=pos).logits
@@ -143,12 +130,12 @@ def test_generate_on_left_padded_prompts_gives_each_prompt_alone_tokens():
     ctx.update(mode="sparse", sparsity=TOPK)
     with torch.no_grad():
         alone = [model.generate(s[None], max_new_tokens=5, do_sample=False)[0, len(s):] for s in seqs]
-        ids, mask, _, _ = _batch(seqs, "left")
+        ids, mask, _, _ = padded_batch(seqs, "left")
         out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         dens = ctx.densities()
     assert [row.tolist() for row in out[:, ids.shape[1]:]] == [a.tolist() for a in alone]
     assert all(d < 0.8 for d in dens.values())  # the batched prefill was sparse
-    ids, mask, _, _ = _batch(seqs, "right")
+    ids, mask, _, _ = padded_batch(seqs, "right")
     with torch.no_grad(), pytest.raises(ValueError, match="needs left padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
 

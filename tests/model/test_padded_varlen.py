@@ -14,7 +14,7 @@ from seer.gates.config import GateConfig
 from seer.model import attach_gates, freeze_base_model, gates
 from seer.model.inference import enable_sparse_prefill
 from seer.sparsity.config import SparsityConfig
-from tests.tiny import tiny_model
+from tests.tiny import padded_batch, tiny_model
 
 
 def _gated_model(device, dtype, block_size: int, head_dim: int, max_len: int):
@@ -32,20 +32,6 @@ def _gated_model(device, dtype, block_size: int, head_dim: int, max_len: int):
         torch.nn.init.normal_(g.k_weight)
     enable_sparse_prefill(model, SparsityConfig(method="topk", target_density=0.1), kernel="triton")
     return model, ctx
-
-
-def _padded(prompts, side: str):
-    """``input_ids``, ``attention_mask``, ``position_ids`` of ``prompts`` padded on ``side``, and each row's span."""
-    n = max(len(p) for p in prompts)
-    device = prompts[0].device
-    ids = torch.full((len(prompts), n), 2, device=device)
-    mask = torch.zeros_like(ids)
-    spans = []
-    for row, p in enumerate(prompts):
-        span = slice(n - len(p), n) if side == "left" else slice(0, len(p))
-        ids[row, span], mask[row, span] = p, 1
-        spans.append(span)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), spans
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor, tol: dict, what: str) -> None:
@@ -77,7 +63,7 @@ def _check_padded_batch(device, dtype, lengths, block_size: int, head_dim: int, 
         blocks = [-(-n // block_size) for n in lengths]
         assert all(t == heads * sum(nb * (nb + 1) // 2 for nb in blocks) for t in total.values()), total
         for side in ("left", "right"):  # right padding: a plain forward only (generate needs left padding)
-            ids, mask, pos, spans = _padded(prompts, side)
+            ids, mask, pos, spans = padded_batch(prompts, side)
             logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
             assert {layer: (int(k), t) for layer, (k, t) in ctx.density.items()} \
                 == {layer: (kept[layer], total[layer]) for layer in kept}, side

@@ -210,27 +210,11 @@ def test_load_refuses_bad_decode_arguments_before_loading(gate_folder, monkeypat
 def test_decode_steps_read_nothing_back_from_the_device(gate_folder, monkeypatch, budget):
     """An unpadded batch's decode steps call no tensor-to-host conversion (what synchronises with a GPU) in the
     decode handler, and give each prompt's tokens alone and the mean of their densities."""
-    from seer.model.decode import DecodeContext
-
     ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(5))
     model = _load(decode_gates=gate_folder, decode_sparsity=budget)
     alone = [(_generate(model, row[None], new=12), model.seer_decode.densities()) for row in ids]
-    step, steps = DecodeContext._step, []
-
-    def refuse(name):
-        def call(*args, **kwargs):
-            raise AssertionError(f"torch.Tensor.{name} in a decode step: a host synchronisation on a GPU")
-        return call
-
-    def guarded_step(self, *args, **kwargs):
-        with monkeypatch.context() as patch:
-            for name in ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__"):
-                patch.setattr(torch.Tensor, name, refuse(name))
-            out = step(self, *args, **kwargs)
-        steps.append(out.shape)
-        return out
-
-    monkeypatch.setattr(DecodeContext, "_step", guarded_step)
+    steps = []
+    _refuse_host_reads(monkeypatch, steps)
     out = _generate(model, ids, new=12)
     assert len(steps) == 2 * 11  # two layers, every new token but the prefill's
     assert torch.equal(out, torch.cat([tokens for tokens, _ in alone]))
