@@ -4,8 +4,8 @@ of decode steps that attend only the blocks a token budget keeps, beside dense d
 Run once on an H200 (Qwen2.5-Coder-0.5B at 32k, one window within the device time: docs/results/decode/qwen05_32k.md);
 the teacher-forced top-1 agreement was added after that run.
 
-1. Trains decode gates (``stage=distill_decode`` on the novels, ``--train-len``-token rows, ``--steps`` steps) unless
-   ``--decode-gates`` gives trained ones.
+1. Trains decode gates (``stage=distill_decode`` on the novels and stdlib code, ``--train-len``-token rows,
+   ``--steps`` steps) unless ``--decode-gates`` gives trained ones.
 2. On a held-out novel (``--eval-novel``, evaluated whole), for ``--windows`` windows of ``--prompt-len`` tokens plus
    ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
    decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget: the
@@ -51,10 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--novels", required=True, help="glob of the training novels")
     ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
     ap.add_argument("--decode-gates", default=None, help="trained decode gates (skips training)")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--train-len", type=int, default=8192)
-    ap.add_argument("--train-sequences", type=int, default=48,
-                    help="8k rows of the novels (the four Austen novels hold 51 besides the validation rows)")
+    ap.add_argument("--train-sequences", type=int, default=256, help="training rows (novels and stdlib code)")
     ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides")
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096], help="decode token budgets")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
@@ -78,12 +77,12 @@ def model_overrides(args) -> list[str]:
 
 
 def train_decode_gates(args) -> Path:
-    """Distils decode gates on the novels, their validation recall measured at the smallest budget; returns their
-    folder."""
+    """Distils decode gates on the novels and Python stdlib modules (``data=text_and_code``, 10% of the documents
+    held out), their validation recall measured at the smallest budget; returns their folder."""
     from seer.training.run import run_training
 
-    over = ["stage=distill_decode", *model_overrides(args), "data=text_files", "trainer=gpu", "logger=none",
-            f"data.corpus.paths=['{args.novels}']", f"data.seq_len={args.train_len}",
+    over = ["stage=distill_decode", *model_overrides(args), "data=text_and_code", "trainer=gpu", "logger=none",
+            f"data.corpus.corpora.0.paths=['{args.novels}']", f"data.seq_len={args.train_len}",
             f"data.train_sequences={args.train_sequences}", f"trainer.max_steps={args.steps}",
             f"stage.decode_sparsity.token_budget={min(args.budgets)}", f"paths.output_dir={args.work}/train_decode",
             f"paths.cache_dir={args.work}/cache", *args.train_overrides]
