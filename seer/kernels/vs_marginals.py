@@ -55,19 +55,21 @@ _MAX_SPLIT = 64
 
 
 @triton.jit
-def _lse_tile(q, K, stride_kn, offs_d, rows_last, c0, N, m, l, qk_scale,
-              BLOCK_N1: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the lse pass: update the online row max ``m`` and sum ``l`` (base 2)."""
+def _lse_tile(q, K, stride_kn, offs_d, rows_last, c0, N, m, z, qk_scale,
+              BLOCK_N1: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    """One key tile of the lse pass: update the online row max ``m`` and sum ``z`` (base 2)."""
     cols = c0 + tl.arange(0, BLOCK_N1)
     # the causal mask also keeps c < N (the last row is N - 1) and drops the padding rows (rows_last = -1)
     causal = cols[None, :] <= rows_last[:, None]
     k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < N)[:, None], other=0.0)
+    if INTERP:  # the interpreter multiplies bf16 as its raw 16-bit integers: fp32 operands there (exact)
+        k = k.to(tl.float32)
     x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     x = tl.where(causal, x, float("-inf"))
     m_new = tl.maximum(m, tl.max(x, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref[:, None]), 1)
-    return m_new, l
+    z = z * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref[:, None]), 1)
+    return m_new, z
 
 
 @triton.jit
@@ -87,24 +89,26 @@ def _lse_partial_kernel(
     rows_last = tl.where(offs_i < L, start + offs_i, -1)  # the last key each row sees
     q = tl.load(Q + b * stride_qb + h * stride_qh + (start + offs_i)[:, None] * stride_qn + offs_d[None, :],
                 mask=(offs_i < L)[:, None], other=0.0)
+    if INTERP:
+        q = q.to(tl.float32)
     Kh = K + b * stride_kb + (h // G) * stride_kh
     m = tl.full([BM], float("-inf"), tl.float32)
-    l = tl.zeros([BM], tl.float32)
+    z = tl.zeros([BM], tl.float32)
     t_lo = sp * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(N, BLOCK_N1))
     if INTERP:  # run-time loop bounds: a while loop in the interpreter (seer.kernels.common)
         t = t_lo
         while t < t_hi:
-            m, l = _lse_tile(q, Kh, stride_kn, offs_d, rows_last, t * BLOCK_N1, N, m, l, qk_scale, BLOCK_N1,
-                             DOT_PRECISION)
+            m, z = _lse_tile(q, Kh, stride_kn, offs_d, rows_last, t * BLOCK_N1, N, m, z, qk_scale, BLOCK_N1,
+                             DOT_PRECISION, INTERP)
             t += 1
     else:
         for t in range(t_lo, t_hi):
-            m, l = _lse_tile(q, Kh, stride_kn, offs_d, rows_last, t * BLOCK_N1, N, m, l, qk_scale, BLOCK_N1,
-                             DOT_PRECISION)
+            m, z = _lse_tile(q, Kh, stride_kn, offs_d, rows_last, t * BLOCK_N1, N, m, z, qk_scale, BLOCK_N1,
+                             DOT_PRECISION, INTERP)
     out = (bh.to(tl.int64) * SPLIT + sp) * BM + offs_i
     tl.store(Mp + out, m)
-    tl.store(Lp + out, l)
+    tl.store(Lp + out, z)
 
 
 @triton.jit
@@ -115,10 +119,10 @@ def _lse_combine_kernel(Mp, Lp, Lse, SPLIT, BM: tl.constexpr, SPLIT_PAD: tl.cons
     ptr = (bh * SPLIT + offs_p[:, None]) * BM + offs_i[None, :]
     keep = (offs_p < SPLIT)[:, None]
     m = tl.load(Mp + ptr, mask=keep, other=float("-inf"))
-    l = tl.load(Lp + ptr, mask=keep, other=0.0)
+    z = tl.load(Lp + ptr, mask=keep, other=0.0)
     m_max = tl.max(m, 0)
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.sum(l * tl.exp2(m - m_ref[None, :]), 0)
+    total = tl.sum(z * tl.exp2(m - m_ref[None, :]), 0)
     # padding rows (no key, total 0) get 0: the marginals pass masks them
     tl.store(Lse + bh * BM + offs_i, m_ref + tl.log2(tl.where(total > 0, total, 1.0)))
 
@@ -128,7 +132,7 @@ def _marginals_kernel(
     Q, K, Lse, V, S,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     H, G, N, L, qk_scale, inv_rows,
-    BM: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -148,6 +152,8 @@ def _marginals_kernel(
     cols = kb + offs_w
     k = tl.load(K + b * stride_kb + (h // G) * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
                 mask=((cols >= 0) & (cols < N))[:, None], other=0.0)
+    if INTERP:  # as in _lse_tile
+        q, k = q.to(tl.float32), k.to(tl.float32)
     x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     causal = (cols[None, :] >= 0) & (cols[None, :] <= rows_last[:, None])
     p = tl.where(causal, tl.exp2(x - lse[:, None]), 0.0)  # [BM, 2BN]
@@ -218,6 +224,6 @@ def last_rows_marginals(q: torch.Tensor, k: torch.Tensor, last_queries: int = 64
                                    num_warps=4)
     _marginals_kernel[(triton.cdiv(n, bn), b * hq)](
         q, k, lse, v, s, *strides, hq, hq // hkv, n, rows, qk_scale, 1.0 / rows,
-        BM=bm, D=d, BN=bn, DOT_PRECISION=precision, num_warps=4 if bn * bm <= 64 * 64 else 8,
+        BM=bm, D=d, BN=bn, DOT_PRECISION=precision, INTERP=INTERPRET, num_warps=4 if bn * bm <= 64 * 64 else 8,
     )
     return v, s
