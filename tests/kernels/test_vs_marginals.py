@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from seer.kernels import last_rows_marginals, reference, vs_marginals
-from seer.sparsity.selectors import LayerInputs, _last_rows_marginals
+from seer.sparsity import selectors
+from seer.sparsity.selectors import LayerInputs, VerticalSlash, _last_rows_marginals
 
 CASES = [  # b, hq, hkv, n, d, last_queries, block_n
     (1, 2, 1, 100, 64, 64, None),  # N not a multiple of the tiles, G = 2
@@ -117,6 +118,24 @@ def test_reference_matches_selectors_path(n, last):
     assert_marginals_close((v, s), want)
 
 
+def test_selectors_dispatch(monkeypatch):
+    """``_last_rows_marginals`` with the kernel forced on (CPU under the interpreter): the same ``(v, s, start)``
+    and vertical-slash vectors as its PyTorch path; the CPU and inputs the kernel cannot take keep PyTorch."""
+    q, k = make(2, 6, 2, 90, 32, seed=4, dtype=torch.float32, spread=2.0)
+    x = LayerInputs(q, k, 16, 0.2)
+    assert not selectors._fused_marginals(x, 64) or x.q.is_cuda
+    assert not selectors._fused_marginals(LayerInputs(q.double(), k.double(), 16, 0.2), 64)
+    assert not selectors._fused_marginals(x, 200)
+    want = _last_rows_marginals(x, 40)
+    want_vectors = VerticalSlash(last_queries=40).vectors(x)
+    monkeypatch.setattr(selectors, "_fused_marginals", lambda x, last_queries: True)
+    got = _last_rows_marginals(x, 40)
+    assert got[2] == want[2] == 50
+    assert_marginals_close(got[:2], want[:2])
+    for g, w in zip(VerticalSlash(last_queries=40).vectors(x), want_vectors):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
 def test_bad_arguments_are_refused():
     q, k = make(1, 2, 1, 300, 16, seed=0)
     with pytest.raises(ValueError, match="last_queries"):
@@ -151,6 +170,10 @@ def test_cuda_kernel_matches_pytorch_path_without_host_sync():
         v, s, start = _last_rows_marginals(x, 64)
     assert start == n - 64
     assert_marginals_close((v, s), want, atol=1e-6, rtol=1e-4)
+    # a gradient wanted through q: the PyTorch path
+    qg = q.float().requires_grad_(True)
+    v_grad, _, _ = _last_rows_marginals(LayerInputs(qg, k.float(), 64, d ** -0.5), 64)
+    assert v_grad.requires_grad
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
