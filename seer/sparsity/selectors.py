@@ -199,7 +199,8 @@ def _fused_marginals(x: LayerInputs, last_queries: int) -> bool:
     return x.q.is_cuda and not wants_grad and vs_marginals.supported(x.q, x.k, last_queries)
 
 
-def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _last_rows_marginals(x: LayerInputs, last_queries: int,
+                         fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The vertical and slash marginals of the true causal softmax ``A`` of the last ``L = min(last_queries, N)``
     query rows ``R = {N-L, .., N-1}``, and the first of those rows' index ``N - L``:
     ``v[c] = 1/L sum_{r in R} A[r, c]`` (mean probability on key c) and ``s[o] = 1/L sum_{r in R, r-o >= 0}
@@ -214,11 +215,12 @@ def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tenso
     On CUDA, when no gradient is wanted (grad mode off, or neither q nor k requires one) and the kernel takes the
     inputs (:func:`seer.kernels.vs_marginals.supported`: fp16/bf16/fp32, a kernel head dim, ``L <= 128``), the
     fused Triton kernel :func:`seer.kernels.vs_marginals.last_rows_marginals` computes the same ``v`` and ``s``
-    without the probabilities buffer; this PyTorch path runs on the CPU and for autograd."""
+    without the probabilities buffer; this PyTorch path runs on the CPU and for autograd. ``fused`` overrides the
+    choice (True: the kernel, False: PyTorch; the benchmark times both)."""
     b, hq, n, _ = x.q.shape
     rows = min(last_queries, n)
     start = n - rows
-    if _fused_marginals(x, last_queries):
+    if _fused_marginals(x, last_queries) if fused is None else fused:
         v, s = vs_marginals.last_rows_marginals(x.q, x.k, int(last_queries), sm_scale=float(x.scale))
         return v, s, start
     width = rows + n
