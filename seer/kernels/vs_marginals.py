@@ -49,7 +49,7 @@ from seer.kernels.common import (DTYPES, HEAD_DIMS, INTERPRET, LOG2E, check_devi
 __all__ = ["MAX_LAST_QUERIES", "last_rows_marginals", "supported"]
 
 MAX_LAST_QUERIES = 128  # rows the kernels hold in one tile (BM); more fall back to PyTorch in seer.sparsity
-_BLOCK_N1 = 128  # keys per tile of the lse pass
+_BLOCK_N1 = 128  # keys per tile of the lse pass (64 for fp32 inputs)
 _TARGET_PROGRAMS = 1024  # lse-pass programs to aim for (B*Hq*SPLIT), so a few heads still fill the GPU
 _MAX_SPLIT = 64
 
@@ -206,7 +206,11 @@ def last_rows_marginals(q: torch.Tensor, k: torch.Tensor, last_queries: int = 64
     dev = q.device
     v = torch.empty(b, hq, n, dtype=torch.float32, device=dev)
     s = torch.empty(b, hq, n, dtype=torch.float32, device=dev)
-    tiles1 = triton.cdiv(n, _BLOCK_N1)
+    # launch shapes screened by compiling for sm_90 without a GPU (ptxas: no spills for fp16/bf16 at D <= 256,
+    # L <= 128; fp32's IEEE dots spill a few hundred bytes): more warps for fp32, D 256 and 128 rows
+    big = q.dtype == torch.float32 or d >= 256 or bm >= 128
+    block_n1 = min(_BLOCK_N1, 64) if q.dtype == torch.float32 else _BLOCK_N1
+    tiles1 = triton.cdiv(n, block_n1)
     split = max(1, min(tiles1, _MAX_SPLIT, triton.cdiv(_TARGET_PROGRAMS, b * hq)))
     per_split = triton.cdiv(tiles1, split)
     split = triton.cdiv(tiles1, per_split)  # no empty split
@@ -218,12 +222,13 @@ def last_rows_marginals(q: torch.Tensor, k: torch.Tensor, last_queries: int = 64
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _lse_partial_kernel[(split, b * hq)](
         q, k, m_part, l_part, *strides, hq, hq // hkv, n, rows, split, per_split, qk_scale,
-        BM=bm, D=d, BLOCK_N1=_BLOCK_N1, DOT_PRECISION=precision, INTERP=INTERPRET, num_warps=4,
+        BM=bm, D=d, BLOCK_N1=block_n1, DOT_PRECISION=precision, INTERP=INTERPRET, num_warps=8 if big else 4,
     )
     _lse_combine_kernel[(b * hq,)](m_part, l_part, lse, split, BM=bm, SPLIT_PAD=triton.next_power_of_2(split),
                                    num_warps=4)
     _marginals_kernel[(triton.cdiv(n, bn), b * hq)](
         q, k, lse, v, s, *strides, hq, hq // hkv, n, rows, qk_scale, 1.0 / rows,
-        BM=bm, D=d, BN=bn, DOT_PRECISION=precision, INTERP=INTERPRET, num_warps=4 if bn * bm <= 64 * 64 else 8,
+        BM=bm, D=d, BN=bn, DOT_PRECISION=precision, INTERP=INTERPRET,
+        num_warps=8 if big or bn * bm > 64 * 64 else 4,
     )
     return v, s
