@@ -1,6 +1,6 @@
 """The fused last-rows marginals (seer/kernels/vs_marginals.py) against a float64 reference on fresh random inputs:
 N not a multiple of the tiles, N below the last rows, one token, batch 2, grouped-query heads (G = 1, 3), head dims
-32 / 64 / 128, several lse splits and marginal tiles, fp16/bf16/fp32 inputs, strided views, each marginal summing to
+16 to 256, several lse splits and marginal tiles, fp16/bf16/fp32 inputs, strided views, each marginal summing to
 1; the plain reference (``seer.kernels.reference.last_rows_marginals``) against brute force and against the
 selectors' PyTorch path (``seer.sparsity.selectors._last_rows_marginals``); argument checks. Without CUDA the kernel
 runs on CPU tensors under the Triton interpreter (tests/conftest.py); the ``gpu`` test compares the CUDA kernel with
@@ -23,6 +23,8 @@ CASES = [  # b, hq, hkv, n, d, last_queries, block_n
     (1, 2, 1, 300, 32, 16, 16),  # L = 16 < N: 19 marginal tiles, 3 lse tiles
     (1, 1, 1, 200, 128, 100, 128),  # D 128, L = 100 (rows padded to 128)
     (1, 2, 2, 70, 64, 5, None),  # L = 5 (rows padded to 16)
+    (1, 2, 1, 50, 16, 64, None),  # D 16
+    (1, 1, 1, 20, 256, 64, None),  # D 256
 ]
 
 
