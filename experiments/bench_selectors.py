@@ -17,10 +17,14 @@ vs ``blend_mass(g, VerticalSlash().mass(x))``), the blend alone, the two stages 
 marginals, block mass), and the block mass + blend from the marginals. On CUDA the table also times the fused Triton
 kernel (:func:`seer.kernels.vs_blend.vertical_slash_blend`: block mass and blend in one pass from the estimate's
 per-block vectors, what ``blend_gate_scores`` runs at inference) beside the new path, for the gate blend and for
-the block mass + blend (on CPU only under ``TRITON_INTERPRET=1``, to check the code path: the interpreter's times
-mean nothing). On CUDA the times are CUDA-event medians (``--reps`` runs after ``--warmup``); on CPU the
-median and min of wall-clock runs. The table also gives the largest difference of the log-scores (finite entries)
-and the environment (device, versions, date, commit).
+the block mass + blend, and the fused last-rows marginals (:func:`seer.kernels.vs_marginals.last_rows_marginals`,
+the estimate's first stage without the ``[B, Hq, L, N]`` probabilities) beside their PyTorch path (on CPU only
+under ``TRITON_INTERPRET=1``, to check the code path: the interpreter's times mean nothing). On CUDA the new path's
+other rows already run the fused marginals (``_last_rows_marginals`` picks the kernel there without autograd); the
+marginals row's new column forces the PyTorch path (``fused=False``). On CUDA the times are CUDA-event medians
+(``--reps`` runs after ``--warmup``); on CPU the median and min of wall-clock runs. The table also gives the largest
+difference of the log-scores (finite entries; of ``v`` and ``s`` in the marginals row) and the environment (device,
+versions, date, commit).
 """
 
 from __future__ import annotations
@@ -93,6 +97,20 @@ def max_log_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got[fin].double() - want[fin].double()).abs().max().item()
 
 
+def max_diff(got, want) -> float:
+    """:func:`max_log_diff` of two log-score tensors, or the largest |difference| over the tensors of two tuples
+    (the marginals ``(v, s, start)``; the ints must be equal)."""
+    if isinstance(got, torch.Tensor):
+        return max_log_diff(got, want)
+    diff = 0.0
+    for g, w in zip(got, want, strict=True):
+        if isinstance(g, torch.Tensor):
+            diff = max(diff, (g.double() - w.double()).abs().max().item())
+        elif g != w:
+            return float("inf")
+    return diff
+
+
 def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(args.b, args.hq, args.n, args.d, generator=g) * args.spread).to(dev, dt)
@@ -105,7 +123,7 @@ def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
     v, s, _ = _last_rows_marginals(x, lq)
     # the fused kernel (seer.kernels.vs_blend: block mass + blend in one pass from the per-block vectors): CUDA, or
     # the CPU under TRITON_INTERPRET=1 (a check of the code path)
-    fused_blend = fused_from_marginals = None
+    fused_blend = fused_from_marginals = fused_marginals = None
     if cuda or os.environ.get("TRITON_INTERPRET") == "1":
         from seer.kernels.vs_blend import vertical_slash_blend
 
@@ -115,6 +133,9 @@ def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
         def fused_from_marginals():
             return vertical_slash_blend(gate, *_vertical_slash_vectors(v, s, args.block), w)
 
+        def fused_marginals():  # seer.kernels.vs_marginals
+            return _last_rows_marginals(x, lq, fused=True)
+
     rows = [  # name, reference, new, fused (or None), compare the outputs (log-scores)
         ("vertical_slash scores", lambda: reference.vertical_slash_scores(x, lq), lambda: sel.scores(x), None, True),
         ("gate blend (estimate + blend)",
@@ -123,7 +144,7 @@ def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
         ("blend alone", lambda: reference.blend_scores(gate, partner_ref, w), lambda: blend_mass(gate, mass_new, w),
          None, True),
         ("  last-rows marginals", lambda: reference.vertical_slash_marginals(x, lq),
-         lambda: _last_rows_marginals(x, lq), None, False),
+         lambda: _last_rows_marginals(x, lq, fused=False), fused_marginals, True),
         ("  block mass", lambda: reference.vertical_slash_block_mass(v, s, args.block),
          lambda: _vertical_slash_block_mass(v, s, args.block), None, False),
         ("  block mass + blend (from the marginals)",
@@ -137,7 +158,9 @@ def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
              env_line(dev), "",
              f"{'CUDA-event' if cuda else 'wall-clock'} ms over {args.reps} runs after {args.warmup} warm-up; "
              f"x{args.layers} = per-layer median times {args.layers} layers; fused = the Triton kernel "
-             "seer.kernels.vs_blend (CUDA, or the CPU interpreter; its diff is against the new path)", "",
+             "seer.kernels.vs_blend, or seer.kernels.vs_marginals in the marginals row (CUDA, or the CPU "
+             "interpreter; its diff is against the new path); the diffs of the marginals row are of v and s; on "
+             "CUDA the new path runs the fused marginals except in the marginals row", "",
              "| step | reference median | reference min | new median | new min | speedup (median) "
              f"| x{args.layers} reference | x{args.layers} new | max abs diff of log-scores "
              f"| fused median | fused min | fused vs new (median) | x{args.layers} fused | fused max abs diff |",
@@ -146,12 +169,12 @@ def bench_blend(args, dev: torch.device, dt: torch.dtype) -> None:
         for name, fn_ref, fn_new, fn_fused, compare in rows:
             r_med, r_min = time_ms(fn_ref, args.reps, args.warmup, cuda)
             n_med, n_min = time_ms(fn_new, args.reps, args.warmup, cuda)
-            diff = f"{max_log_diff(fn_new(), fn_ref()):.2e}" if compare else "-"
+            diff = f"{max_diff(fn_new(), fn_ref()):.2e}" if compare else "-"
             fused = "| - | - | - | - | - |"
             if fn_fused is not None:
                 f_med, f_min = time_ms(fn_fused, args.reps, args.warmup, cuda)
                 fused = (f"| {f_med:.3f} | {f_min:.3f} | {n_med / f_med:.2f}x | {f_med * args.layers:.1f} "
-                         f"| {max_log_diff(fn_fused(), fn_new()):.2e} |")
+                         f"| {max_diff(fn_fused(), fn_new()):.2e} |")
             lines.append(f"| {name} | {r_med:.3f} | {r_min:.3f} | {n_med:.3f} | {n_min:.3f} | {r_med / n_med:.2f}x "
                          f"| {r_med * args.layers:.1f} | {n_med * args.layers:.1f} | {diff} {fused}")
             print(lines[-1], flush=True)

@@ -19,6 +19,9 @@
 * :func:`vertical_slash_blend` - a gate's block logits blended with MInference's vertical-slash estimate (from its
   per-block vectors, the ``[nb, nb]`` mass grid never built) to normalised block log-scores, in
   ``seer/kernels/vs_blend.py`` (inference, no autograd).
+* :func:`last_rows_marginals` - the vertical and slash marginals of the last query rows' causal softmax (the first
+  stage of that estimate) without materialising the probabilities, in ``seer/kernels/vs_marginals.py`` (inference,
+  no autograd).
 * :mod:`seer.kernels.reference` - the same contracts in PyTorch, chunked so memory stays ``O(N * block)``.
 * :mod:`seer.kernels.tuning` - the launch configurations of the attention kernels (forward and backward): the
   H100 defaults, timing once per key, and for experiments :func:`~seer.kernels.tuning.force_config`,
@@ -42,6 +45,7 @@ from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_varle
 from seer.kernels.decode import block_sparse_decode
 from seer.kernels.flash_gt import flash_attn_with_gt
 from seer.kernels.vs_blend import vertical_slash_blend
+from seer.kernels.vs_marginals import last_rows_marginals
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "block_sparse_bwd", "block_sparse_decode",
-           "flash_attn_with_gt", "reference", "tuning", "vertical_slash_blend"]
+           "flash_attn_with_gt", "last_rows_marginals", "reference", "tuning", "vertical_slash_blend"]

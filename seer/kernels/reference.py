@@ -17,6 +17,8 @@ the inputs are float64.
 * :func:`block_sparse_decode` - decode attention of new tokens over a KV cache's listed key blocks.
 * :func:`vertical_slash_blend` - a gate's block logits blended with the vertical-slash estimate given by its
   per-block vectors (the fused kernel of ``seer/kernels/vs_blend.py``).
+* :func:`last_rows_marginals` - the vertical and slash marginals of the last query rows' causal softmax (the
+  fused kernel of ``seer/kernels/vs_marginals.py``); ``O(last_queries * N)`` memory.
 
 Any dtype and head dim; shapes and ``sm_scale`` are checked as for the kernels (:mod:`seer.kernels.common`,
 :mod:`seer.kernels.decode_index`: the only other modules of ``seer`` this one imports). Autocast is off inside them
@@ -33,7 +35,7 @@ from seer.kernels.common import check_qkv_shapes, check_varlen, softmax_scale
 from seer.kernels.decode_index import check_decode_args, check_decode_values
 
 __all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_attn_varlen",
-           "block_sparse_decode", "block_sparse_sdpa", "num_blocks", "vertical_slash_blend"]
+           "block_sparse_decode", "block_sparse_sdpa", "last_rows_marginals", "num_blocks", "vertical_slash_blend"]
 
 
 def _without_autocast(fn):
@@ -300,3 +302,26 @@ def vertical_slash_blend(gate_logits: torch.Tensor, vertical: torch.Tensor, diag
     gate = torch.softmax(gate_logits.float().masked_fill(above, float("-inf")), dim=-1)
     mixed = (1.0 - weight) * gate + weight * p
     return mixed.clamp_min(1e-30).log().masked_fill(above, float("-inf"))
+
+
+@_without_autocast
+def last_rows_marginals(q: torch.Tensor, k: torch.Tensor, last_queries: int = 64,
+                        sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vertical and slash marginals ``(v, s)`` ``[B, Hq, N]`` (float32, float64 for float64 inputs) of the
+    causal softmax ``A`` of the last ``L = min(last_queries, N)`` query rows ``start + i`` (``start = N - L``):
+    ``v[c] = 1/L sum_i A[i, c]`` and ``s[o] = 1/L sum_{i: start + i - o >= 0} A[i, start + i - o]``
+    (``seer/kernels/vs_marginals.py``; ``seer.sparsity.selectors._last_rows_marginals``). Builds the
+    ``[B, Hq, L, N]`` probabilities and gathers each row's diagonals."""
+    b, hq, hkv, n, d = check_qkv_shapes(q, k)
+    if isinstance(last_queries, bool) or not isinstance(last_queries, int) or last_queries < 1:
+        raise ValueError(f"last_rows_marginals: last_queries must be an integer >= 1, got {last_queries!r}")
+    scale = softmax_scale(sm_scale, d)
+    rows = min(last_queries, n)
+    start = n - rows
+    attn = torch.softmax(_causal_scores(q, k, start, n, scale), dim=-1).reshape(b, hq, rows, n)
+    v = attn.sum(-2) / rows
+    r = torch.arange(start, n, device=q.device)[:, None]
+    o = torch.arange(n, device=q.device)[None, :]
+    col = r - o  # [L, N]: row start + i's key at offset o
+    diag = attn.gather(-1, col.clamp_min(0).expand(b, hq, rows, n)).masked_fill_(col < 0, 0.0)
+    return v, diag.sum(-2) / rows

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from seer.gates.pooling import pool_blocks
+from seer.kernels import vs_marginals
 from seer.kernels.reference import block_attn_mass
 
 __all__ = ["LayerInputs", "Selector", "blend_scores", "blend_mass", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
@@ -191,7 +192,15 @@ def _mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return pool_blocks(x if x.is_cuda else x.float(), block_size, ["avg"], out_dtype=torch.float32)
 
 
-def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _fused_marginals(x: LayerInputs, last_queries: int) -> bool:
+    """Whether :func:`_last_rows_marginals` runs the fused kernel: CUDA inputs the kernel takes, no gradient
+    wanted."""
+    wants_grad = torch.is_grad_enabled() and (x.q.requires_grad or x.k.requires_grad)
+    return x.q.is_cuda and not wants_grad and vs_marginals.supported(x.q, x.k, last_queries)
+
+
+def _last_rows_marginals(x: LayerInputs, last_queries: int,
+                         fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The vertical and slash marginals of the true causal softmax ``A`` of the last ``L = min(last_queries, N)``
     query rows ``R = {N-L, .., N-1}``, and the first of those rows' index ``N - L``:
     ``v[c] = 1/L sum_{r in R} A[r, c]`` (mean probability on key c) and ``s[o] = 1/L sum_{r in R, r-o >= 0}
@@ -201,10 +210,19 @@ def _last_rows_marginals(x: LayerInputs, last_queries: int) -> tuple[torch.Tenso
     front, so the padding costs the matmul nothing extra to lay out): row ``i`` of that ``[L, L + N]`` buffer,
     read from its element ``i + 1`` with a row stride of ``L + N + 1`` (a view, no copy), lists its probabilities by
     offset from the last key back (``m = N - 1 - o``), so ``s`` is one column sum of that skewed view; rows'
-    future keys all lie in the last ``L`` columns and are masked there alone. No gather, no host sync."""
+    future keys all lie in the last ``L`` columns and are masked there alone. No gather, no host sync.
+
+    On CUDA, when no gradient is wanted (grad mode off, or neither q nor k requires one) and the kernel takes the
+    inputs (:func:`seer.kernels.vs_marginals.supported`: fp16/bf16/fp32, a kernel head dim, ``L <= 128``), the
+    fused Triton kernel :func:`seer.kernels.vs_marginals.last_rows_marginals` computes the same ``v`` and ``s``
+    without the probabilities buffer; this PyTorch path runs on the CPU and for autograd. ``fused`` overrides the
+    choice (True: the kernel, False: PyTorch; the benchmark times both)."""
     b, hq, n, _ = x.q.shape
     rows = min(last_queries, n)
     start = n - rows
+    if _fused_marginals(x, last_queries) if fused is None else fused:
+        v, s = vs_marginals.last_rows_marginals(x.q, x.k, int(last_queries), sm_scale=float(x.scale))
+        return v, s, start
     width = rows + n
     k = x.k.new_empty(b, x.kv_heads, width, x.k.shape[-1], dtype=torch.float32)
     k[:, :, :rows].zero_()
