@@ -359,17 +359,19 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     ``key``: what inference selects with, and what blend-aware distillation (``stage.loss_through_blend``) trains
     through, so gradients reach the gate alone.
 
-    At inference on CUDA (no gradient wanted for ``scores``) a ``vertical_slash`` blend runs as one fused kernel
+    At inference on CUDA (no gradient wanted for ``scores``), once the fused selection kernels are switched on
+    (:data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA`), a ``vertical_slash`` blend runs as one fused kernel
     (:func:`seer.kernels.vs_blend.vertical_slash_blend`) on the estimate's per-block vectors, the ``[nb, nb]`` mass
     grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid."""
     if gate_config.blend is None:
         return scores
+    from seer.sparsity import selectors
     from seer.sparsity.selectors import LayerInputs, blend_mass, build_selector
 
     selector = build_selector(gate_config.blend)
     x = LayerInputs(query, key, block_size, scale, layer_idx)
     inference = not (torch.is_grad_enabled() and scores.requires_grad)
-    if gate_config.blend == "vertical_slash" and scores.is_cuda and inference:
+    if selectors.FUSED_SELECTION_ON_CUDA and gate_config.blend == "vertical_slash" and scores.is_cuda and inference:
         from seer.kernels.vs_blend import vertical_slash_blend
 
         return vertical_slash_blend(scores, *selector.vectors(x), gate_config.blend_weight)

@@ -116,7 +116,10 @@ def test_bad_shapes_are_refused():
 
 
 @pytest.mark.gpu
-def test_cuda_kernel_matches_pytorch_path_and_model_dispatch():
+def test_cuda_kernel_matches_pytorch_path_and_model_dispatch(monkeypatch):
+    from seer.sparsity import selectors
+
+    monkeypatch.setattr(selectors, "FUSED_SELECTION_ON_CUDA", True)  # what the model does once switched on
     from seer.gates.config import GateConfig
     from seer.model.attention import blend_gate_scores
 

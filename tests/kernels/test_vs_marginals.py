@@ -160,7 +160,10 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.gpu
-def test_cuda_kernel_matches_pytorch_path_without_host_sync():
+def test_cuda_kernel_matches_pytorch_path_without_host_sync(monkeypatch):
+    from seer.sparsity import selectors
+
+    monkeypatch.setattr(selectors, "FUSED_SELECTION_ON_CUDA", True)  # what the selectors do once switched on
     b, hq, hkv, n, d = 2, 14, 2, 8192 + 37, 64
     q, k = make(b, hq, hkv, n, d, seed=7, dtype=torch.bfloat16, spread=2.0, dev=torch.device("cuda"))
     x = LayerInputs(q, k, 64, d ** -0.5)
