@@ -97,6 +97,22 @@ def ruler_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_recall_table(rows: list[dict]) -> str:
+    """Recall of the true attention mass per layer (columns) of each row that measured it: where a selection loses,
+    layer by layer (an oracle row beside shows what the same budget can keep); empty when no row has it."""
+    measured = [r for r in rows if r.get("recall_by_layer")]
+    if not measured:
+        return ""
+    layers = max(len(r["recall_by_layer"]) for r in measured)
+    lines = ["| N | text | scorer + budget | achieved density | mean | " + " | ".join(map(str, range(layers))) + " |",
+             "|" + "---|" * (5 + layers)]
+    for r in sorted(measured, key=lambda r: (r["seq_len"], r.get("text") or "", line_label(r))):
+        cells = [f"{x:.2f}" for x in r["recall_by_layer"]] + ["-"] * (layers - len(r["recall_by_layer"]))
+        lines.append(f"| {r['seq_len']} | {r.get('text') or '-'} | {line_label(r)} | {_f(r['density'], '.3f')} | "
+                     f"{_f(r.get('recall'), '.3f')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def best_at(rows: list[dict], density: float, tolerance: float = 0.02) -> list[str]:
     """Sentences naming, per length, the selection with the lowest perplexity, the best passkey accuracy and the best
     RULER mean among rows whose achieved density is within ``tolerance`` of ``density``, and by how much it beats the
@@ -210,6 +226,8 @@ def build_report(folder: str | Path, out: str | Path | None = None, seq_len: int
     text += ["", table(rows), ""]
     if ruler_table(rows):
         text += ["RULER scores (0-100) by task, dense in brackets:", "", ruler_table(rows), ""]
+    if layer_recall_table(rows):
+        text += ["Recall of the attention mass by layer:", "", layer_recall_table(rows), ""]
     text += [f"![{p.stem}]({p.name})" for p in images]
     out.write_text("\n".join(text) + "\n")
     return out, images

@@ -6,7 +6,7 @@ import pytest
 
 from seer.checks import ConfigError
 from seer.evaluation.harness import ROW_KEYS
-from seer.report import best_at, build_report, main, read_rows
+from seer.report import best_at, build_report, layer_recall_table, main, read_rows
 
 
 def _row(selector, method, density, ppl, passkey, n=2048, allocation=None):
@@ -115,3 +115,16 @@ def test_plot_axes_show_several_ticks_and_no_zoomed_in_spread():
                 <= ax.get_ylim()[1]]
     assert len(labelled) >= 3
     plt.close(fig)
+
+
+def test_report_shows_recall_by_layer(tmp_path):
+    for i, (selector, layers) in enumerate((("gate", [0.77, 0.9, 0.95]), ("oracle", [0.97, 0.92, 0.96]))):
+        row = _row(selector, "threshold", 0.1, 10.5, 0.5)
+        row.update(recall_by_layer=layers, recall=sum(layers) / 3, text="novel")
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps([row]))
+    report = build_report(tmp_path)[0].read_text()
+    assert "| N | text | scorer + budget | achieved density | mean | 0 | 1 | 2 |" in report
+    assert "| 2048 | novel | gate + threshold | 0.103 | 0.873 | 0.77 | 0.90 | 0.95 |" in report
+    assert "| 2048 | novel | oracle + threshold | 0.103 | 0.950 | 0.97 | 0.92 | 0.96 |" in report
+    assert layer_recall_table([_row("gate", "threshold", 0.1, 10.5, 0.5)]) == ""  # nothing measured by layer
