@@ -73,13 +73,9 @@ def _lse_tile(q, K, stride_kn, offs_d, rows_last, c0, N, m, z, qk_scale,
 
 
 @triton.jit
-def _lse_partial_kernel(
-    Q, K, Mp, Lp,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    H, G, N, L, SPLIT, tiles_per_split, qk_scale,
-    BM: tl.constexpr, D: tl.constexpr, BLOCK_N1: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
-):
-    sp = tl.program_id(0)
+def _last_rows(Q, stride_qb, stride_qh, stride_qn, H, N, L, BM: tl.constexpr, D: tl.constexpr):
+    """The program's (batch, query head) from its second grid axis, and that head's last ``L`` query rows ``[BM, D]``
+    (rows past ``L`` zero) with each row's last visible key (-1 on the padding rows)."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -89,6 +85,18 @@ def _lse_partial_kernel(
     rows_last = tl.where(offs_i < L, start + offs_i, -1)  # the last key each row sees
     q = tl.load(Q + b * stride_qb + h * stride_qh + (start + offs_i)[:, None] * stride_qn + offs_d[None, :],
                 mask=(offs_i < L)[:, None], other=0.0)
+    return bh, b, h, offs_i, offs_d, rows_last, q
+
+
+@triton.jit
+def _lse_partial_kernel(
+    Q, K, Mp, Lp,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    H, G, N, L, SPLIT, tiles_per_split, qk_scale,
+    BM: tl.constexpr, D: tl.constexpr, BLOCK_N1: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+):
+    sp = tl.program_id(0)
+    bh, b, h, offs_i, offs_d, rows_last, q = _last_rows(Q, stride_qb, stride_qh, stride_qn, H, N, L, BM, D)
     if INTERP:
         q = q.to(tl.float32)
     Kh = K + b * stride_kb + (h // G) * stride_kh
@@ -135,17 +143,9 @@ def _marginals_kernel(
     BM: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
 ):
     t = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    start = N - L
-    offs_i = tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
+    bh, b, h, offs_i, offs_d, rows_last, q = _last_rows(Q, stride_qb, stride_qh, stride_qn, H, N, L, BM, D)
     offs_w = tl.arange(0, 2 * BN)
     offs_j = tl.arange(0, BN)
-    rows_last = tl.where(offs_i < L, start + offs_i, -1)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (start + offs_i)[:, None] * stride_qn + offs_d[None, :],
-                mask=(offs_i < L)[:, None], other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * BM + offs_i)  # 0 on the padding rows (masked below)
 
     kb = t * BN - BN  # the window: keys [kb, kb + 2BN)
