@@ -160,3 +160,11 @@ def test_stage_name_picks_the_schema():
         stage_config({"name": "pretrain"})
     with pytest.raises(ConfigError, match=r"stage: unknown key\(s\) \['los'\]"):
         stage_config({"los": "kl"})
+
+
+def test_a_blend_weight_per_layer_composes_from_the_command_line(tmp_path):
+    run = validate(_compose(["gate.blend_weight=[0.8,0.5,0.25]", f"paths.output_dir={tmp_path}"]))
+    assert run.gate.blend_weight == [0.8, 0.5, 0.25] and run.gate.scorer_name.startswith("gate+vertical_slash@layers-")
+    assert validate(_compose([f"paths.output_dir={tmp_path}"])).gate.blend_weight == 0.5
+    with pytest.raises(ConfigError, match=r"gate.blend_weight\[1\]=1.5"):
+        validate(_compose(["gate.blend_weight=[0.8,1.5]", f"paths.output_dir={tmp_path}"]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from seer.checks import fail, is_int, is_number
 from seer.kernels.common import BLOCK_SIZES, POOL_KINDS
@@ -27,6 +29,10 @@ class GateConfig:
     projection when Q has a single pool and ``hidden_size`` equals the model's head dim (the authors' K-only-linear
     form), ``true`` always projects Q, ``false`` never does (then ``hidden_size`` must equal
     ``len(q_pool) * head_dim``). ``block_rope``: rotate gate Q and K by the position of each block's first token.
+    ``blend``: a training-free estimate of :data:`BLEND_SELECTORS` mixed into the gate's block softmax at inference
+    (None: the gate alone); ``blend_weight``: the estimate's share, in (0, 1): one float for every layer, or a list
+    of one float per decoder layer (e.g. fitted per layer by :func:`seer.sparsity.blend_fit.fit_blend_weights`;
+    its length is checked against the model's layers where gates are attached or the config is changed).
     The defaults are the lightest gate (``conf/gate/avgmax.yaml``).
     """
 
@@ -37,7 +43,7 @@ class GateConfig:
     q_linear: Union[str, bool] = "auto"
     block_rope: bool = True
     blend: Optional[str] = None
-    blend_weight: float = 0.5
+    blend_weight: Any = 0.5  # a float or a list of floats (Any: OmegaConf has no union of a float and a list)
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES or not is_int(self.block_size):
@@ -61,19 +67,47 @@ class GateConfig:
             fail("gate", "q_linear", self.q_linear, "must be auto, true or false")
         if self.blend is not None and self.blend not in BLEND_SELECTORS:
             fail("gate", "blend", self.blend, f"choose a training-free estimate from {BLEND_SELECTORS} (or null)")
-        if not is_number(self.blend_weight) or not 0 < self.blend_weight < 1:
+        if isinstance(self.blend_weight, Iterable) and not isinstance(self.blend_weight, (str, bytes, dict)):
+            weights = list(self.blend_weight)  # a list, a tuple, an OmegaConf ListConfig (gate.blend_weight=[...])
+            if not weights:
+                fail("gate", "blend_weight", weights, "needs one weight per layer (or one float for all)")
+            for i, w in enumerate(weights):
+                if not is_number(w) or not 0 < w < 1:
+                    fail("gate", f"blend_weight[{i}]", w, "is the layer's blended estimate share; must be in (0, 1)")
+            self.blend_weight = [float(w) for w in weights]
+        elif not is_number(self.blend_weight) or not 0 < self.blend_weight < 1:
             fail("gate", "blend_weight", self.blend_weight, "is the blended estimate's share; must be in (0, 1)")
+
+    def layer_weight(self, layer_idx: int) -> float:
+        """The blend weight of layer ``layer_idx``: the float, or the list's entry."""
+        if isinstance(self.blend_weight, list):
+            if not 0 <= layer_idx < len(self.blend_weight):
+                raise ValueError(f"gate.blend_weight has {len(self.blend_weight)} weights, none for layer {layer_idx}")
+            return self.blend_weight[layer_idx]
+        return self.blend_weight
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuses (ConfigError) a per-layer ``blend_weight`` whose length is not the model's ``num_layers``."""
+        if isinstance(self.blend_weight, list) and len(self.blend_weight) != num_layers:
+            fail("gate", "blend_weight", self.blend_weight,
+                 f"has {len(self.blend_weight)} weights, but the model has {num_layers} layers (give one per layer)")
 
     @property
     def scorer_name(self) -> str:
-        """The scorer's name in calibrations and results: ``gate``, or ``gate+<blend>@<weight>`` when blended (a
-        calibration of one does not fit the other)."""
-        return "gate" if self.blend is None else f"gate+{self.blend}@{self.blend_weight:g}"
+        """The scorer's name in calibrations and results: ``gate``, or when blended ``gate+<blend>@<weight>`` (one
+        weight, ``%g``) or ``gate+<blend>@layers-<hash>`` (a weight per layer: the first 8 hex digits of the sha256
+        of the weights written ``%g`` and joined by commas), so a calibration of one does not fit another."""
+        if self.blend is None:
+            return "gate"
+        if isinstance(self.blend_weight, list):
+            text = ",".join(f"{w:g}" for w in self.blend_weight)
+            return f"gate+{self.blend}@layers-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+        return f"gate+{self.blend}@{self.blend_weight:g}"
 
-    def with_blend(self, blend: str | None = "own", weight: float | None = None) -> GateConfig:
+    def with_blend(self, blend: str | None = "own", weight: float | list[float] | None = None) -> GateConfig:
         """This config with the blend a command line asks for: ``own`` keeps this one's, ``none`` (or None) is the
-        gate alone, else a name of :data:`BLEND_SELECTORS`; ``weight`` None keeps this one's weight. Checked like
-        any gate config."""
+        gate alone, else a name of :data:`BLEND_SELECTORS`; ``weight`` (a float or one per layer) None keeps this
+        one's weight. Checked like any gate config."""
         changes: dict = {}
         if blend != "own":
             changes["blend"] = None if blend in (None, "none") else blend

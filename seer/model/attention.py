@@ -102,6 +102,7 @@ class SeerContext:
     ``train_masks``, cleared by :meth:`clear_step`."""
 
     block_size: int
+    num_layers: int = 0  # the model's attention layers (0: unknown); a per-layer gate.blend_weight has one for each
     gate_config: GateConfig | None = None
     mode: str = "dense"
     selector: Any = None  # a seer.sparsity.selectors.Selector; None: the layers' gates
@@ -154,6 +155,8 @@ class SeerContext:
             if changed:
                 raise ValueError(f"gate_config may change only how the gates' scores are used at inference "
                                  f"(blend), not {changed}: the gates' weights are built for it")
+        if new["gate_config"] is not None and new["gate_config"] is not self.gate_config and self.num_layers:
+            new["gate_config"].check_layers(self.num_layers)
         sparsity, calibration = new["sparsity"], new["calibration"]
         selector = scorer_name(new["selector"], new["gate_config"])
         if calibration is not None and sparsity.calibrated and not calibration.matches(sparsity, selector):
@@ -271,8 +274,9 @@ def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
     if getattr(model, "seer_context", None) is not None:
         raise ValueError("this model is already prepared for seer")
     register_attention()
-    ctx = SeerContext(block_size=block_size)
-    for layer in attention_layers(model):
+    layers = attention_layers(model)
+    ctx = SeerContext(block_size=block_size, num_layers=len(layers))
+    for layer in layers:
         layer.seer_context = ctx
     model.seer_context = ctx
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -291,6 +295,7 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
     if ctx.block_size != gate_config.block_size:
         raise ValueError(f"gate.block_size={gate_config.block_size} differs from the model's seer block size "
                          f"{ctx.block_size}")
+    gate_config.check_layers(ctx.num_layers)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope else (None, 1.0)
     dynamic = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
@@ -362,7 +367,8 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     At inference on CUDA (no gradient wanted for ``scores``), once the fused selection kernels are switched on
     (:data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA`), a ``vertical_slash`` blend runs as one fused kernel
     (:func:`seer.kernels.vs_blend.vertical_slash_blend`) on the estimate's per-block vectors, the ``[nb, nb]`` mass
-    grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid."""
+    grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid.
+    The estimate's share is the layer's (:meth:`GateConfig.layer_weight`)."""
     if gate_config.blend is None:
         return scores
     from seer.sparsity import selectors
@@ -374,8 +380,8 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     if selectors.FUSED_SELECTION_ON_CUDA and gate_config.blend == "vertical_slash" and scores.is_cuda and inference:
         from seer.kernels.vs_blend import vertical_slash_blend
 
-        return vertical_slash_blend(scores, *selector.vectors(x), gate_config.blend_weight)
-    return blend_mass(scores, selector.mass(x), gate_config.blend_weight)
+        return vertical_slash_blend(scores, *selector.vectors(x), gate_config.layer_weight(layer_idx))
+    return blend_mass(scores, selector.mass(x), gate_config.layer_weight(layer_idx))
 
 
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

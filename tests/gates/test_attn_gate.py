@@ -127,3 +127,31 @@ def test_gate_blend_config_checked_named_and_not_architecture():
         GateConfig(blend="oracle")
     with pytest.raises(ConfigError, match="gate.blend_weight=1"):
         GateConfig(blend="vertical_slash", blend_weight=1)
+
+
+def test_gate_blend_weight_per_layer_is_checked_and_named():
+    from omegaconf import OmegaConf
+
+    from seer.checks import ConfigError
+
+    listed = GateConfig(blend="vertical_slash", blend_weight=(0.8, 0.5, 0.5))
+    assert listed.blend_weight == [0.8, 0.5, 0.5] and listed.layer_weight(0) == 0.8 and listed.layer_weight(2) == 0.5
+    assert GateConfig(blend_weight=OmegaConf.create({"w": [0.25, 0.75]}).w).blend_weight == [0.25, 0.75]
+    name = listed.scorer_name
+    assert name.startswith("gate+vertical_slash@layers-") and len(name) == len("gate+vertical_slash@layers-") + 8
+    assert name == GateConfig(blend="vertical_slash", blend_weight=[0.8, 0.5, 0.5]).scorer_name
+    assert name != GateConfig(blend="vertical_slash", blend_weight=[0.5, 0.8, 0.5]).scorer_name
+    assert GateConfig(blend="vertical_slash", blend_weight=0.5).layer_weight(7) == 0.5
+    assert GateConfig(blend="vertical_slash").with_blend(weight=[0.3, 0.6]).blend_weight == [0.3, 0.6]
+    assert listed.with_blend("none").scorer_name == "gate"
+    with pytest.raises(ConfigError, match=r"gate.blend_weight\[1\]=1.2: "):
+        GateConfig(blend_weight=[0.5, 1.2])
+    with pytest.raises(ConfigError, match=r"gate.blend_weight\[0\]='a'"):
+        GateConfig(blend_weight=["a"])
+    with pytest.raises(ConfigError, match=r"gate.blend_weight=\[\]"):
+        GateConfig(blend_weight=[])
+    with pytest.raises(ConfigError, match="has 3 weights, but the model has 2 layers"):
+        listed.check_layers(2)
+    listed.check_layers(3)
+    with pytest.raises(ValueError, match="none for layer 3"):
+        listed.layer_weight(3)

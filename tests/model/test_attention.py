@@ -187,3 +187,29 @@ def test_blended_gate_scores_mix_the_gate_with_its_partner_and_name_calibrations
     assert fresh.seer_context.gate_config.blend is None
     with pytest.raises(ValueError, match="hidden_size"):
         load_gates(tiny_model("qwen2"), tmp_path, expected_gate=dataclasses.replace(GATE, hidden_size=32))
+
+
+def test_a_blend_weight_per_layer_blends_each_layer_with_its_own_and_must_match_the_layers():
+    import dataclasses
+
+    from seer.checks import ConfigError
+    from seer.sparsity.selectors import LayerInputs, VerticalSlash, blend_scores
+
+    model, ctx = _gated("llama")
+    assert ctx.num_layers == 2
+    ids = torch.randint(0, 300, (1, 70))
+    records = []
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
+        model.model(ids)
+    weights = [0.8, 0.25]
+    ctx.update(gate_config=dataclasses.replace(GATE, blend="vertical_slash", blend_weight=weights))
+    with ctx.observing() as observed, torch.no_grad():
+        model.model(ids)
+    for rec in records:
+        partner = VerticalSlash().scores(LayerInputs(rec.query, rec.key, 16, rec.scale, rec.layer_idx))
+        torch.testing.assert_close(observed.scores()[rec.layer_idx],
+                                   blend_scores(rec.logits.detach(), partner, weights[rec.layer_idx]))
+    with pytest.raises(ConfigError, match="has 3 weights, but the model has 2 layers"):
+        ctx.update(gate_config=dataclasses.replace(GATE, blend="vertical_slash", blend_weight=[0.5] * 3))
+    with pytest.raises(ConfigError, match="has 1 weights, but the model has 2 layers"):
+        attach_gates(tiny_model("llama"), dataclasses.replace(GATE, blend_weight=[0.5]))

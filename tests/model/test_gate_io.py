@@ -61,3 +61,19 @@ def test_a_gates_json_edited_to_other_shapes_is_refused(gate_folder):
     (gate_folder / "gates.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"gates.json: model=.*'num_layers': 3.* differs from what gates.safetensors"):
         read_gate_meta(gate_folder)
+
+
+def test_a_blend_weight_per_layer_round_trips_and_a_wrong_length_is_refused(tmp_path):
+    import dataclasses
+
+    model = tiny_model()
+    gate = GateConfig(block_size=16, hidden_size=16, blend="vertical_slash", blend_weight=[0.75, 0.25])
+    attach_gates(model, gate)
+    save_gates(tmp_path / "gates", model, "tiny")
+    assert json.loads((tmp_path / "gates" / "gates.json").read_text())["gate"]["blend_weight"] == [0.75, 0.25]
+    fresh = tiny_model()
+    load_gates(fresh, tmp_path / "gates")
+    assert fresh.seer_context.gate_config == gate
+    assert fresh.seer_context.scorer_name == gate.scorer_name
+    with pytest.raises(ConfigError, match="has 3 weights, but the model has 2 layers"):
+        load_gates(tiny_model(), tmp_path / "gates", expected_gate=dataclasses.replace(gate, blend_weight=[0.5] * 3))
