@@ -5,6 +5,7 @@
 * :mod:`seer.sparsity.calibration` - the knob of an adaptive budget that reaches a target density.
 * :mod:`seer.sparsity.selectors` - training-free block scorers (oracle, streaming, vertical-slash, ...).
 * :mod:`seer.sparsity.measures` - achieved density, recall of attention mass, the oracle's recall.
+* :mod:`seer.sparsity.blend_fit` - a gate blend weight per layer, fitted on calibration rows.
 """
 
 from seer.sparsity.calibration import selection_masks
