@@ -25,6 +25,17 @@ Every run writes ``dense.json`` (the dense measures and the settings they were m
 about 3 minutes of device time at 32k). ``docs/results/qwen/dense_32k_batch4.json``: the dense pass of 2026-12-04
 (H200; 32k, 3 windows, 10 passkey, 5 copy, RULER all x 4 samples, batches of 4, model in /root/models/qwen05).
 
+A blend weight per layer (``--blends vertical_slash:fit``): before the first job that uses it, each gate set is
+observed alone and beside the vertical-slash estimate, with the true block masses, on the calibration windows of the
+first text and length; every layer gets the weight of ``--fit-grid`` whose blended mask keeps the most mass at the
+job's budget (``seer.sparsity.blend_fit``), and the job evaluates the gates with that list as ``gate.blend_weight``.
+The weights are printed, kept in each row (``blend_weights``), in ``blend_fits.json`` and in ``results.md``. The
+lever against the fixed weight (the table's default), with the gates of an earlier run:
+
+    python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
+        --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --gates mass=PATH \\
+        --targets mass --plan lever --blends vertical_slash:fit vertical_slash:0.5 --out $OUT
+
 Retrieval rows (for RULER's retrieval and multi-hop tasks, which the novels and stdlib rarely show the gates): the
 same command with ``--train-overrides data/augment=retrieval`` (and its own ``--work`` and ``--out``) writes key-value
 facts recalled thousands of tokens later, multi-hop chains and verbatim repeated spans, in the documents' own prose or
@@ -48,15 +59,18 @@ from seer.data import StdlibCorpus, TextFilesCorpus
 from seer.evaluation.config import EvalConfig
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.harness import Evaluator
+from seer.gates.config import GateConfig
 from seer.model.gate_io import load_gates
 from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
 from seer.sparsity import SparsityConfig
+from seer.sparsity.blend_fit import GRID, blend_recalls, pick_weights
 from seer.sparsity.selectors import build_selector
 
 from quality_smollm2 import environment  # the sibling script (experiments/ is on the path when run as a file)
 
 BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
+FIT = "fit"  # --blends selector:fit: a weight per layer, fitted on the calibration windows
 
 
 MODELS = {  # --model: (model config, gate recipe, title)
@@ -95,6 +109,42 @@ def train_gates(args, name: str, overrides: list[str]) -> Path:
             f"paths.cache_dir={args.work}/cache", *args.train_overrides, *overrides]
     summary = run_training(compose(over))
     return Path(summary["gates"])
+
+
+def parse_blends(specs: list[str]) -> list[tuple[str, float | str]]:
+    """``--blends`` as ``(estimate, weight)``: ``selector:weight`` (one weight in (0, 1) for every layer) or
+    ``selector:fit`` (a weight per layer, fitted at each job's budget: :func:`fit_blend`)."""
+    out: list[tuple[str, float | str]] = []
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        try:
+            value = weight if weight == FIT else float(weight)
+            GateConfig(blend=name, blend_weight=0.5 if value == FIT else value)  # checks the name and the weight
+        except ValueError as exc:
+            raise SystemExit(f"--blends {spec!r}: give selector:weight, a weight in (0, 1), or selector:fit "
+                             f"({exc})") from None
+        if (name, value) in out:
+            raise SystemExit(f"--blends {spec!r}: given twice")
+        out.append((name, value))
+    return out
+
+
+def fit_blend(evaluator: Evaluator, blend: str, sparsity: SparsityConfig, seq_len: int, grid: list[float],
+              observed: dict) -> tuple[list[float], dict[int, dict[float, float]]]:
+    """The blend weight of each layer of ``evaluator``'s gates for the estimate ``blend`` at budget ``sparsity``
+    (the grid weight whose mask keeps the most true mass on the calibration windows of ``seq_len``), and every
+    layer's recall at every weight. The gates alone and the estimate are observed once per ``blend`` (kept in
+    ``observed``); the gates are left alone (``blend=None``)."""
+    if blend not in observed:
+        ctx = evaluator.ctx
+        ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend=None))
+        evaluator.forget(None)
+        gate, masses = evaluator.observe(None, seq_len, want_mass=True)
+        partner, _ = evaluator.observe(build_selector(blend), seq_len, want_mass=False)
+        evaluator.forget(None)
+        observed[blend] = (gate, partner, masses)
+    recalls = blend_recalls(*observed[blend], sparsity.target_density, grid, sparsity)
+    return pick_weights(recalls), recalls
 
 
 def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]], last_rows: int) -> list:
@@ -136,14 +186,12 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
 
 
 def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
-    """New gate recipes against the table: at each density every gate set's default (the first blend), then every
-    gate set alone."""
+    """New gate recipes (or blends) against the table: at each density every gate set with each blend in the order
+    given (the first is the default), then every gate set alone."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
-        if blends:
-            name, w = blends[0]
-            jobs += [(f"{gate}+{name}@{w}", gate, (name, w), plain) for gate in gates]
+        jobs += [(f"{gate}+{name}@{w}", gate, (name, w), plain) for name, w in blends for gate in gates]
         jobs += [(gate, gate, None, plain) for gate in gates]
     return jobs
 
@@ -167,7 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
     ap.add_argument("--blends", nargs="*", default=["vertical_slash:0.5", "vertical_slash:0.25"],
-                    help="gate blends to try, as selector:weight")
+                    help="gate blends to try, as selector:weight or selector:fit (a weight per layer, fitted)")
+    ap.add_argument("--fit-grid", type=float, nargs="+", default=list(GRID),
+                    help="the weights a fitted blend (selector:fit) chooses from, per layer")
     ap.add_argument("--last-rows", type=int, default=2, help="dense last query blocks in the tail variants")
     ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever"],
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
@@ -226,11 +276,11 @@ def main() -> None:
     else:
         dense = {name: evaluators[first, name].dense() for name in texts}
     print(f"[quality] dense {json.dumps(dense)} ({time.time() - start:.0f} s)", flush=True)
-    blends = [(b.split(":")[0], float(b.split(":")[1])) for b in args.blends]
+    blends = parse_blends(args.blends)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense.json").write_text(json.dumps({"settings": dense_settings, "dense": dense}, indent=1))
-    rows, skipped = [], []
+    rows, skipped, fits, observed = [], [], [], {key: {} for key in gates}
     plans = {"explore": lambda: plan(list(gates), args.densities, blends, args.last_rows),
              "final": lambda: final_plan(list(gates), args.densities, blends),
              "lever": lambda: lever_plan(list(gates), args.densities, blends)}
@@ -241,15 +291,23 @@ def main() -> None:
             continue
         key = scorer if scorer in gates else first
         selector = None if scorer in gates else build_selector(scorer)
+        weights = None
+        if blend and blend[1] == FIT:  # a weight per layer, fitted on the first text's calibration windows
+            weights, recalls = fit_blend(evaluators[key, args.texts[0]], blend[0], sparsity, args.seq_lens[0],
+                                         args.fit_grid, observed[key])
+            fits.append(fit_record(label, sparsity, weights, recalls))
+            print(f"[quality] {label} {sparsity.describe()}: fitted weights {weights} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+            (out / "blend_fits.json").write_text(json.dumps(fits, indent=1))
         if selector is None:  # the gates, with this job's blend
             ctx = models[key].seer_context
             ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
-                                                       blend_weight=blend[1] if blend else 0.5))
+                                                       blend_weight=weights or (blend[1] if blend else 0.5)))
         for name in texts:
             if selector is None:
                 evaluators[key, name].forget(None)
             for row in evaluators[key, name].evaluate(selector, sparsity, dense[name]):
-                row.update(text=name, selector=label)
+                row.update(text=name, selector=label, blend_weights=weights)
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
                       f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
@@ -257,8 +315,19 @@ def main() -> None:
                          else "")
                       + f" ({time.time() - start:.0f} s)", flush=True)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
-        write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
-    write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense)
+        write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits)
+    write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits)
+
+
+def fit_record(label: str, sparsity: SparsityConfig, weights: list[float], recalls: dict) -> dict:
+    """What a fit found: the weights, and the calibration recall (mean over layers) of them beside each single
+    weight of the grid."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    grid = next(iter(recalls.values()))
+    return {"label": label, "sparsity": sparsity.describe(), "weights": weights,
+            "recall": mean([recalls[i][w] for i, w in enumerate(weights)]),
+            "recall_single": {str(w): mean([r[w] for r in recalls.values()]) for w in grid},
+            "recalls": {str(i): {str(w): r for w, r in by_w.items()} for i, by_w in recalls.items()}}
 
 
 def evaluation_configs(args) -> dict[str, EvalConfig]:
@@ -288,7 +357,7 @@ def reuse_dense(path: Path, settings: dict) -> dict:
 
 
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
-                  dense: dict) -> None:
+                  dense: dict, fits: list[dict] = ()) -> None:
     lines = [f"# Block selection quality on {MODELS[args.model][2]}", "",
              f"{environment(device)} Gates trained in {train_s:.0f} s; whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_qwen.py " + " ".join(
@@ -297,6 +366,13 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
              f"Dense: {json.dumps(dense)}", ""]
     for text in sorted({r["text"] for r in rows}):
         lines += [f"## {text}", "", table([r for r in rows if r["text"] == text]), ""]
+    if fits:
+        lines += ["## Fitted blend weights", "", "Per layer, on the calibration windows of the first text and "
+                  "length; recall: the share of the true block mass kept there (mean over layers), fitted and with "
+                  "each single weight.", ""]
+        lines += [f"- {f['label']} {f['sparsity']}: recall {f['recall']:.4f} (single weight: "
+                  + ", ".join(f"{w}: {r:.4f}" for w, r in f["recall_single"].items()) + f"); weights {f['weights']}"
+                  for f in fits] + [""]
     if skipped:
         lines += ["## Not run (time budget)", "", ", ".join(skipped), ""]
     (out / "results.md").write_text("\n".join(lines))

@@ -41,3 +41,61 @@ def test_recipes_name_their_gate_sets_and_the_lever_plan_runs_each(study):
     jobs = study.lever_plan(["gate:base", "gate:wide"], [0.1], [("vertical_slash", 0.5)])
     assert [label for label, *_ in jobs] == ["gate:base+vertical_slash@0.5", "gate:wide+vertical_slash@0.5",
                                              "gate:base", "gate:wide"]
+
+
+def test_a_fitted_blend_is_parsed_and_planned_like_a_fixed_one(study):
+    assert study.parse_blends(["vertical_slash:fit", "vertical_slash:0.5"]) == [("vertical_slash", "fit"),
+                                                                                ("vertical_slash", 0.5)]
+    for bad in ["vertical_slash", "vertical_slash:1.5", "oracle:fit", "vertical_slash:best"]:
+        with pytest.raises(SystemExit, match="give selector:weight"):
+            study.parse_blends([bad])
+    with pytest.raises(SystemExit, match="given twice"):
+        study.parse_blends(["vertical_slash:fit", "vertical_slash:fit"])
+    blends = study.parse_blends(["vertical_slash:fit", "vertical_slash:0.5"])
+    jobs = study.lever_plan(["gate:mass"], [0.1, 0.05], blends)
+    assert [(label, s.target_density) for label, _, _, s in jobs] == [
+        ("gate:mass+vertical_slash@fit", 0.1), ("gate:mass+vertical_slash@0.5", 0.1), ("gate:mass", 0.1),
+        ("gate:mass+vertical_slash@fit", 0.05), ("gate:mass+vertical_slash@0.5", 0.05), ("gate:mass", 0.05)]
+    assert jobs[0][1:3] == ("gate:mass", ("vertical_slash", "fit"))
+    final = study.final_plan(["gate:mass"], [0.1], blends)
+    assert [label for label, *_ in final][:2] == ["gate:mass+vertical_slash@fit", "oracle"]
+    explore = [label for label, *_ in study.plan(["gate:mass"], [0.1], blends, 2)]
+    assert explore[:3] == ["gate:mass", "gate:mass", "gate:mass+vertical_slash@fit"]
+    assert "gate:mass+vertical_slash@0.5" in explore
+
+
+def test_fit_blend_observes_the_gates_alone_and_the_estimate_once(study):
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    from seer.gates.config import GateConfig
+    from seer.sparsity import SparsityConfig
+
+    class FakeEvaluator:
+        def __init__(self):
+            self.ctx = SimpleNamespace(gate_config=GateConfig(blend="vertical_slash"))
+            self.ctx.update = lambda gate_config: setattr(self.ctx, "gate_config", gate_config)
+            self.observed = []
+
+        def forget(self, selector):
+            pass
+
+        def observe(self, selector, seq_len, want_mass):
+            self.observed.append((getattr(selector, "name", None), self.ctx.gate_config.blend, want_mass))
+            g = torch.Generator().manual_seed(len(self.observed))
+            logits = {i: torch.randn(1, 2, 8, 8, generator=g) for i in range(3)}
+            scores = {i: torch.log_softmax(s.masked_fill(torch.ones(8, 8).triu(1).bool(), float("-inf")), -1)
+                      for i, s in logits.items()}
+            return (logits, {i: s.exp() for i, s in scores.items()}) if want_mass else (scores, None)
+
+    ev, cache = FakeEvaluator(), {}
+    sparsity = SparsityConfig(method="threshold", target_density=0.3)
+    weights, recalls = study.fit_blend(ev, "vertical_slash", sparsity, 32768, [0.25, 0.5, 0.75], cache)
+    again, _ = study.fit_blend(ev, "vertical_slash", dataclasses.replace(sparsity), 32768, [0.25, 0.5, 0.75], cache)
+    assert ev.observed == [(None, None, True), ("vertical_slash", None, False)]  # the gates alone, then the estimate
+    assert len(weights) == 3 and weights == again and set(weights) <= {0.25, 0.5, 0.75}
+    record = study.fit_record("g+vertical_slash@fit", sparsity, weights, recalls)
+    assert record["weights"] == weights and set(record["recall_single"]) == {"0.25", "0.5", "0.75"}
+    assert record["recall"] >= max(record["recall_single"].values()) - 1e-9  # the best per layer beats any one weight

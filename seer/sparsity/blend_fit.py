@@ -29,7 +29,7 @@ from seer.sparsity.selectors import blend_scores
 GRID = (0.25, 0.5, 0.75, 0.9)
 TIE = 1e-6  # recalls closer than this to the best are ties
 
-__all__ = ["GRID", "TIE", "blend_recalls", "fit_blend_weights"]
+__all__ = ["GRID", "TIE", "blend_recalls", "fit_blend_weights", "pick_weights"]
 
 
 def _budget(target_density: float, sparsity: SparsityConfig | None) -> SparsityConfig:
@@ -96,7 +96,12 @@ def fit_blend_weights(gate_logits: Mapping[int, torch.Tensor], partner_log_score
     """The blend weight of each layer ``0 .. L-1`` (``gate.blend_weight`` as a list): the weight of ``grid`` whose
     blended scores keep the most true block mass at ``target_density`` (:func:`blend_recalls`, same arguments); ties
     (within :data:`TIE`) go to the weight closest to 0.5, then the smaller. Deterministic for given inputs."""
-    recalls = blend_recalls(gate_logits, partner_log_scores, masses, target_density, grid, sparsity)
+    return pick_weights(blend_recalls(gate_logits, partner_log_scores, masses, target_density, grid, sparsity))
+
+
+def pick_weights(recalls: Mapping[int, Mapping[float, float]]) -> list[float]:
+    """The best weight of each layer of :func:`blend_recalls`' ``{layer: {weight: recall}}``, in layer order: the
+    highest recall, ties (within :data:`TIE`) to the weight closest to 0.5, then the smaller."""
     weights = []
     for i in sorted(recalls):
         best = max(recalls[i].values())

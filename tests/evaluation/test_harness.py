@@ -84,3 +84,22 @@ def test_windows_longer_than_the_context_are_refused(tokenizer, corpus):
     with pytest.raises(ValueError, match=r"eval.seq_lens=\[256\]: longer than the model's context \(128"):
         _evaluator(small, tokenizer, corpus)
     assert torch.is_tensor(small.lm_head.weight)
+
+
+def test_blend_weights_fitted_on_observed_calibration_rows_are_evaluated_per_layer(model, tokenizer, corpus):
+    import dataclasses
+
+    from seer.sparsity.blend_fit import fit_blend_weights
+
+    ctx = attach_gates(model, GateConfig(block_size=16, hidden_size=16))
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0)
+    gate, masses = ev.observe(None, 256, want_mass=True)
+    partner, _ = ev.observe(build_selector("vertical_slash"), 256, want_mass=False)
+    sparsity = SparsityConfig(method="threshold", target_density=0.3)
+    weights = fit_blend_weights(gate, partner, masses, 0.3, sparsity=sparsity)
+    assert len(weights) == len(gate) == ctx.num_layers
+    ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend="vertical_slash", blend_weight=weights))
+    ev.forget(None)
+    (row,) = ev.evaluate(None, sparsity)
+    assert row["selector"] == ctx.gate_config.scorer_name and "@layers-" in row["selector"]
+    assert abs(row["calibrated_density"] - 0.3) < 0.02
