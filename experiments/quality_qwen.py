@@ -270,7 +270,7 @@ def main() -> None:
                                          cache_dir=args.dense_cache, model_name=model_id(run.model), progress=False)
                   for key, m in models.items() for name, text in texts.items()}
     first = next(iter(gates))
-    dense_settings = dense_measure_settings(model_id(run.model), args.texts, evaluation)
+    dense_settings = dense_measure_settings(model_id(run.model), args.texts, args.eval_novel, evaluation)
     if args.dense_from:
         dense = reuse_dense(Path(args.dense_from), dense_settings)
     else:
@@ -339,9 +339,11 @@ def evaluation_configs(args) -> dict[str, EvalConfig]:
             for i, name in enumerate(args.texts)}
 
 
-def dense_measure_settings(model_name: str, texts: list[str], evaluation: dict[str, EvalConfig]) -> dict:
-    """What a dense pass depends on: the model, the texts and every evaluation setting (not where it is cached)."""
-    return {"model": model_name, "texts": texts,
+def dense_measure_settings(model_name: str, texts: list[str], eval_novel: str,
+                           evaluation: dict[str, EvalConfig]) -> dict:
+    """What a dense pass depends on: the model, the texts (the held-out novel's path among them) and every evaluation
+    setting (not where it is cached)."""
+    return {"model": model_name, "texts": texts, "eval_novel": eval_novel,
             **{name: {k: v for k, v in dataclasses.asdict(c).items() if k != "dense_cache"}
                for name, c in evaluation.items()}}
 
