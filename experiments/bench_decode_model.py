@@ -130,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "DynamicCache (dynamic); --graph uses a StaticCache")
     ap.add_argument("--graph", action="store_true",
                     help="decode steps as CUDA-graph replays of one captured step over a StaticCache (see above)")
+    ap.add_argument("--profile", help="--graph: also profile eager steps at --budget of the first case "
+                    "(torch.profiler; the CUDA kernels by their total time) and write the table here")
+    ap.add_argument("--profile-steps", type=int, default=4, help="eager steps the profile covers")
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="prefill in pieces of this many tokens (0: the whole prompt in one forward)")
     ap.add_argument("--mem-limit-gib", type=float, default=130.0, help="skip combinations estimated above this")
@@ -260,6 +263,22 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int = 0) -> None:
     step = chunk or ids.shape[1]
     for first in range(0, ids.shape[1], step):
         model(input_ids=ids[:, first:first + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def profile_steps(model, cache, ids: torch.Tensor, args) -> None:
+    """``--profile``: ``--profile-steps`` eager decode steps under torch.profiler (CPU and CUDA activity), the
+    kernels by total device time written to ``--profile`` (an eager step launches the kernels a replay runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode_steps(model, cache, ids, 1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_steps(model, cache, ids[1:], args.profile_steps)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
+    with open(args.profile, "w") as f:
+        f.write(f"{args.profile_steps} eager decode steps at a budget of {args.budget} tokens\n\n{table}\n")
+    print(table, flush=True)
 
 
 class GraphStep:
@@ -404,42 +423,51 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
         return ms
 
     # dense: transformers' SDPA over the StaticCache; the eager steps are the reference
+    def eager_reference(n: int) -> list[torch.Tensor]:  # n eager steps' logits, after n untimed ones (tuning)
+        reset()
+        decode_steps(model, cache, steps, n)
+        reset()
+        return decode_steps(model, cache, steps, n, keep=True)[1]
+
     ctx.disable()
-    reset()
-    _, want = decode_steps(model, cache, steps, args.check_steps, keep=True)
+    want = eager_reference(args.check_steps)
     step = GraphStep(model, cache, steps[0], reset, args.warmup)
     _, dense_graph = replay_steps(step, steps, args.check_steps, keep=True)
-    graph_err = _rel_err(dense_graph, want)
+    graph_errs = {"dense": _rel_err(dense_graph, want)}
     dense_ms = timed(step)
     del step
     # sparse decode over every block: the eager steps and the replays against dense; timed as the kernel's dense
     sparse(every)
-    reset()
-    _, eager = decode_steps(model, cache, steps, args.check_steps, keep=True)
+    eager = eager_reference(args.check_steps)
     step = GraphStep(model, cache, steps[0], reset, args.warmup)
     ctx.reset_density()
     _, got = replay_steps(step, steps, args.check_steps, keep=True)
     full_density = ctx.mean_density() if args.check_steps else 1.0
-    graph_err = max(graph_err, _rel_err(got, eager))
+    graph_errs["every block"] = _rel_err(got, eager)
     err = max(_rel_err(got, want), _rel_err(eager, want))
     full_ms = timed(step)
     del step
     # sparse decode at the budget: one eager step (the reference of the first replay), capture, time
     sparse(budget)
-    reset()
-    _, eager = decode_steps(model, cache, steps, 1, keep=True)
+    eager = eager_reference(1)
     step = GraphStep(model, cache, steps[0], reset, args.warmup)
     _, got = replay_steps(step, steps, 1, keep=True)
-    graph_err = max(graph_err, _rel_err(got, eager))
+    graph_errs["budget"] = _rel_err(got, eager)
     sparse_ms = timed(step)
     density = ctx.mean_density()
     del step
+    if args.profile and not getattr(args, "_profiled", False):
+        reset()
+        profile_steps(model, cache, steps, args)
+        args._profiled = True
     ctx.disable()
+    graph_err = max(graph_errs.values())
     check_ok = err <= args.tol and abs(full_density - 1.0) <= 1e-6 and graph_err <= GRAPH_TOL and not problems
     if not check_ok:  # reported, and the run exits 1 at the end; the timings are still measured
         print(f"CHECK FAILED: prompt {prompt}, batch {batch}: sparse decode over every block against dense: "
               f"relative error {err:.3g} (--tol {args.tol}), density {full_density:.4f} (want 1); CUDA-graph "
-              f"replays against eager steps: {graph_err:.3g} (want <= {GRAPH_TOL}); {'; '.join(problems)}",
+              f"replays against eager steps: {', '.join(f'{k} {v:.3g}' for k, v in graph_errs.items())} "
+              f"(want <= {GRAPH_TOL}); {'; '.join(problems)}",
               flush=True)
     peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
     tokens = batch * args.steps

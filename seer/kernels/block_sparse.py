@@ -340,10 +340,12 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
     n_rowprog = kv_counts.shape[2] if varlen else triton.cdiv(n, block_m)
-    if varlen:  # the real row programs only, in the per-head order: a short sequence launches none past its end
+    if varlen and VARLEN_FORWARD_GRID == "real":  # the real row programs only, in the per-head order
         order = varlen_order(cu_seqlens, seqlens, hq, block_m, n_rowprog, last_first=True)
         if order.numel() == 0:
             return out, lse
+    elif varlen:  # the padded per-head grid: programs past a short sequence's end return at once
+        order = None
     else:
         order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
     grid = (n_rowprog, seqs * hq) if order is None else (order.numel(),)
@@ -374,6 +376,10 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
 
 
 SCHEDULES = ("rows", "heaviest_first")
+# the packed forward's grid: "real" (only the row programs inside a sequence, per-head order) or "padded" (every
+# sequence padded to the longest one's programs; the empty ones return at once); measured side by side by
+# experiments/bench_varlen.py
+VARLEN_FORWARD_GRID = "real"
 
 
 def _sorted(schedule: str) -> bool:
@@ -466,7 +472,7 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 
 def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              block_mask: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
-                             out: torch.Tensor | None = None,
+                             seqlens: list[int] | None = None, out: torch.Tensor | None = None,
                              lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse causal attention of sequences packed in one row (FlashAttention's varlen layout; Triton).
 
@@ -479,17 +485,18 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     count for each), in the per-head order of :func:`block_sparse_attn`: each sequence and head in turn, its last
     block first, so programs sharing a head's K/V run together in L2 (on an H200, 8 prompts of 2k-32k, launching
     the real programs heaviest-first over all sequences and heads, with TMA, took 6.61 ms against 5.53 ms for the
-    padded per-head grid; this order is not measured yet). The offsets are read on the host once (to check them and
-    count the programs). K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse [Hq, T]``
-    optionally receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
+    padded per-head grid; this order is not measured yet). The launch needs the lengths on the host: ``seqlens`` (a
+    list of the ``S`` lengths, as ``cu_seqlens`` holds them; checked against ``T``, not against the device tensor)
+    gives them without a device sync, else ``cu_seqlens`` is read once (one host sync: the GPU idles while the host
+    then builds the index and launches). K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse
+    [Hq, T]`` optionally receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
     :func:`seer.kernels.reference.block_sparse_attn_varlen`.
 
     When grad is enabled and q, k or v requires grad, both results are differentiable in q, k and v (the Triton
     backward of :mod:`seer.kernels.block_sparse_bwd` over the packed row; ``out``/``lse`` buffers cannot be given).
     """
     check_block_size(block_size)
-    offsets = check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
-    seqlens = [b - a for a, b in zip(offsets, offsets[1:])]
+    seqlens = check_varlen(q, k, v, cu_seqlens, block_mask, block_size, seqlens)
     t, hq, d = q.shape
     check_qkv(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
     check_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, block_mask=block_mask)

@@ -86,11 +86,12 @@ def check_qkv_shapes(q: torch.Tensor, k: torch.Tensor,
 
 
 def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                 block_mask: torch.Tensor, block_size: int) -> list[int]:
+                 block_mask: torch.Tensor, block_size: int, seqlens: list[int] | None = None) -> list[int]:
     """The inputs of sequences packed in one row (FlashAttention's varlen layout): ``q [T, Hq, D]``, ``k``/``v``
     ``[T, Hkv, D]``; ``cu_seqlens`` int32 ``[S + 1]`` offsets, 0 first, ``T`` last, never decreasing (empty sequences
     allowed); ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]`` with ``nb`` blocks covering the longest sequence. Returns
-    the offsets as a list (one host sync)."""
+    the ``S`` lengths: ``seqlens`` when given (the lengths on the host: checked, no device read), else read from
+    ``cu_seqlens`` (one host sync)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [T, H, D] of packed sequences; got "
@@ -101,7 +102,16 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of S + 1 sequence offsets; got "
                          f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
                          f" {list(getattr(cu_seqlens, 'shape', []))}")
-    offsets = cu_seqlens.tolist()
+    if seqlens is not None:
+        seqlens = [int(n) for n in seqlens]
+        if len(seqlens) != len(cu_seqlens) - 1 or min(seqlens, default=0) < 0:
+            raise ValueError(f"seqlens must list the {len(cu_seqlens) - 1} sequence lengths of cu_seqlens, none "
+                             f"negative; got {seqlens}")
+        offsets = [0]
+        for n in seqlens:
+            offsets.append(offsets[-1] + n)
+    else:
+        offsets = cu_seqlens.tolist()
     drops = [i for i in range(1, len(offsets)) if offsets[i] < offsets[i - 1]]
     if offsets[0] != 0 or drops:
         where = f"{offsets[0]} first" if offsets[0] != 0 else f"{offsets[drops[0] - 1]} -> {offsets[drops[0]]} at " \
@@ -120,7 +130,7 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         raise ValueError(f"block_mask {list(block_mask.shape)} does not match the packed sequences: need [S={seqs}, "
                          f"Hq={q.shape[1]} or Hkv={k.shape[1]}, nb, nb] with nb >= {-(-longest // block_size)} "
                          f"blocks of {block_size} for the longest sequence ({longest} tokens)")
-    return offsets
+    return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
 def varlen_order(cu_seqlens: torch.Tensor, seqlens: list[int], heads: int, tile: int, n_prog: int,

@@ -200,14 +200,16 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 
 @_without_autocast
 def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                             block_mask: torch.Tensor, block_size: int = 64,
-                             sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`block_sparse_attn` of each of ``S`` sequences packed in one row: ``q [T, Hq, D]``, ``k``/``v``
+                             block_mask: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
+                             seqlens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_sparse_attn` of each of ``S`` sequences packed in one row (``seqlens``: the lengths on the host,
+    as :func:`seer.kernels.block_sparse_attn_varlen` takes them): ``q [T, Hq, D]``, ``k``/``v``
     ``[T, Hkv, D]``, sequence ``s`` the tokens ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1`` (int32 ``[S + 1]``, 0 first,
     ``T`` last); ``block_mask`` bool ``[S, Hq or Hkv, nb, nb]``, sequence ``s`` reading its top-left
     ``ceil(len_s / block_size)`` square (blocks start at its first token). No attention crosses sequences. Returns
     ``out [T, Hq, D]`` in q's dtype and ``lse [Hq, T]`` float32 (float64 for float64 inputs)."""
-    offsets = check_varlen(q, k, v, cu_seqlens, block_mask, block_size)
+    lengths = check_varlen(q, k, v, cu_seqlens, block_mask, block_size, seqlens)
+    offsets = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     t, hq, d = q.shape
     out = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.full((hq, t), float("-inf"), dtype=_compute_dtype(q), device=q.device)

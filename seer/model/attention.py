@@ -526,7 +526,7 @@ def _attend_packed(query, key, value, spans, masks, block_size: int, scaling, ou
         if mask is not None:
             packed_mask[row, :, :mask.shape[2], :mask.shape[3]] = mask[0]
     packed_out, _ = block_sparse_attn_varlen(q, k, v, cu_seqlens, packed_mask, block_size=block_size,
-                                             sm_scale=scaling)
+                                             sm_scale=scaling, seqlens=lengths)
     out.view(b * n, hq, d)[tokens] = packed_out
 
 
@@ -692,7 +692,8 @@ def _attend_documents(ctx: SeerContext, query, key, value, documents, mask, scal
     ends = [row * n + end for row, spans in enumerate(documents) for _, end in spans]
     cu_seqlens = torch.tensor([0, *ends], dtype=torch.int32, device=query.device)
     q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d) for x in (query, key, value))
-    out, _ = block_sparse_attn_varlen(q, k, v, cu_seqlens, mask, block_size=ctx.block_size, sm_scale=scaling)
+    out, _ = block_sparse_attn_varlen(q, k, v, cu_seqlens, mask, block_size=ctx.block_size, sm_scale=scaling,
+                                      seqlens=[stop - start for start, stop in zip([0, *ends], ends)])
     return out.view(b, n, hq, d)
 
 

@@ -63,6 +63,29 @@ def test_packed_sequences_match_the_reference_and_each_sequence_alone(lengths, h
         torch.testing.assert_close(ref_lse[:, a:b], alone_lse[0])
 
 
+@pytest.mark.parametrize("grid", ["real", "padded"])
+def test_host_lengths_and_either_grid_give_the_same_result(monkeypatch, grid):
+    """``seqlens=`` (the lengths on the host: no read of cu_seqlens) and both forward grids equal the reference."""
+    lengths = (37, 1, 0, 80, 16)
+    q, k, v, cu, mask = _packed(lengths, 4, 2, 16, 16, 2, seed=3)
+    monkeypatch.setattr(block_sparse_module, "VARLEN_FORWARD_GRID", grid)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("cu_seqlens read on the host"))
+    out, lse = block_sparse_attn_varlen(q, k, v, cu, mask, 16, seqlens=list(lengths))
+    monkeypatch.undo()
+    ref_out, ref_lse = reference.block_sparse_attn_varlen(q.double(), k.double(), v.double(), cu, mask, 16)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_host_lengths_that_do_not_fit_the_row_are_refused():
+    q, k, v, cu, mask = _packed((20, 12), 2, 1, 16, 16, 1)
+    for seqlens, message in (([20], "must list the 2 sequence lengths"), ([20, -1], "none negative"),
+                             ([20, 10], "end at the row length T=32; it ends at 30")):
+        with pytest.raises(ValueError, match=message):
+            block_sparse_attn_varlen(q, k, v, cu, mask, 16, seqlens=seqlens)
+
+
 @pytest.mark.parametrize("tile, last_first", [(16, True), (16, False), (32, True), (8, False)])
 def test_varlen_order_is_the_padded_grid_order_without_the_empty_programs(tile, last_first):
     """Each real program once, in the linear order of the padded 2-d grid ``(n_prog, S * heads)`` that main launched
