@@ -20,8 +20,8 @@ per-block vectors, what ``blend_gate_scores`` runs at inference) beside the new 
 the block mass + blend, and the fused last-rows marginals (:func:`seer.kernels.vs_marginals.last_rows_marginals`,
 the estimate's first stage without the ``[B, Hq, L, N]`` probabilities) beside their PyTorch path (on CPU only
 under ``TRITON_INTERPRET=1``, to check the code path: the interpreter's times mean nothing). The new path's other
-rows run the PyTorch marginals unless ``--fused-selection`` switches the fused kernels on for the run (as inference
-does once :data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA` is on); the marginals row's new column always
+rows run the fused marginals on CUDA as inference does (:data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA`)
+unless ``--pytorch-selection`` switches them off for the run; the marginals row's new column always
 forces the PyTorch path (``fused=False``). On CUDA the times are CUDA-event medians
 (``--reps`` runs after ``--warmup``); on CPU the median and min of wall-clock runs. The table also gives the largest
 difference of the log-scores (finite entries; of ``v`` and ``s`` in the marginals row) and the environment (device,
@@ -204,14 +204,14 @@ def main(argv=None):
     ap.add_argument("--weight", type=float, default=0.5, help="--blend: the estimate's share in the blend")
     ap.add_argument("--layers", type=int, default=24, help="--blend: layers the per-layer times add up over")
     ap.add_argument("--out", help="--blend: also write the table here")
-    ap.add_argument("--fused-selection", action="store_true",
-                    help="--blend: switch the fused selection kernels on for the whole run (seer.sparsity."
-                    "selectors.FUSED_SELECTION_ON_CUDA), so the new path runs them where inference would")
+    ap.add_argument("--pytorch-selection", action="store_true",
+                    help="--blend: switch the fused selection kernels off for the whole run (seer.sparsity."
+                    "selectors.FUSED_SELECTION_ON_CUDA), so the new path runs the PyTorch marginals")
     args = ap.parse_args(argv)
-    if args.fused_selection:
+    if args.pytorch_selection:
         from seer.sparsity import selectors
 
-        selectors.FUSED_SELECTION_ON_CUDA = True
+        selectors.FUSED_SELECTION_ON_CUDA = False
     for key, value in (QWEN_32K if args.blend else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -12,8 +12,6 @@ the diagonal always among them, the others at random; :func:`seer.sparsity.topk_
 * ``batched``: ours, the packed row in one call (``cu_seqlens`` and the lengths on the host, ``seqlens=``, so no
   device sync; the block index build included); ``batched, cu_seqlens read`` the same without ``seqlens`` (the
   offsets read on the host: one sync, after which the GPU idles while the host builds the index and launches);
-  ``batched, padded grid``: with ``seer.kernels.block_sparse.VARLEN_FORWARD_GRID = "padded"`` (every sequence
-  launched as the longest, the empty programs returning at once) instead of the real programs only;
 * ``one by one``: ours, :func:`seer.kernels.block_sparse_attn` on each prompt in turn (the sum: one timed loop);
 * ``flex doc``: dense FlexAttention (``torch.compile``d) over the packed row with a document mask (causal within
   each prompt; ``create_block_mask``), GQA without repeating K/V;
@@ -46,7 +44,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import seer.kernels.block_sparse as block_sparse_module
 from seer.kernels import block_sparse_attn, block_sparse_attn_varlen, reference
 from seer.kernels.bench import env_info, fmt, ms, publish
 from seer.sparsity import topk_mask
@@ -188,11 +185,6 @@ def bench(args, release) -> dict:
     times["batched"] = ms(lambda: block_sparse_attn_varlen(q, k, v, cu, mask, BLOCK, seqlens=lens),
                           rep_ms=args.rep_ms)
     times["batched_sync"] = ms(lambda: block_sparse_attn_varlen(q, k, v, cu, mask, BLOCK), rep_ms=args.rep_ms)
-    grid = block_sparse_module.VARLEN_FORWARD_GRID
-    block_sparse_module.VARLEN_FORWARD_GRID = "padded"
-    times["batched_padded"] = ms(lambda: block_sparse_attn_varlen(q, k, v, cu, mask, BLOCK, seqlens=lens),
-                                 rep_ms=args.rep_ms)
-    block_sparse_module.VARLEN_FORWARD_GRID = grid
     times["one_by_one"] = ms(one_by_one, rep_ms=args.rep_ms)
     times["sdpa"] = ms(sdpa_one_by_one, rep_ms=args.rep_ms)
     times["flex"] = float("nan")
@@ -234,7 +226,6 @@ def report(times: dict, info: dict, args, cmd: str) -> str:
     dense = min((x for x in (times["flex"], times["sdpa"]) if x == x), default=float("nan"))
     rows = [("ours batched (varlen, one call; lengths given on the host)", batched, None),
             ("ours batched, cu_seqlens read on the host (one sync)", times["batched_sync"], None),
-            ("ours batched, padded forward grid (lengths on the host)", times["batched_padded"], None),
             (f"ours one by one ({len(args.lens)} calls)", times["one_by_one"], "goal >= 1 (batched no slower)"),
             ("FlexAttention, document mask (dense)", times["flex"], None),
             (f"SDPA one by one (dense, {len(args.lens)} calls)", times["sdpa"], None),

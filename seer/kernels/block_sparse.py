@@ -340,12 +340,10 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
     q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
     block_m = 2 * block_size if pair else block_size
     n_rowprog = kv_counts.shape[2] if varlen else triton.cdiv(n, block_m)
-    if varlen and VARLEN_FORWARD_GRID == "real":  # the real row programs only, in the per-head order
+    if varlen:  # the real row programs only, in the per-head order: a short sequence launches none past its end
         order = varlen_order(cu_seqlens, seqlens, hq, block_m, n_rowprog, last_first=True)
         if order.numel() == 0:
             return out, lse
-    elif varlen:  # the padded per-head grid: programs past a short sequence's end return at once
-        order = None
     else:
         order = heaviest_first(kv_counts, hq) if _sorted(schedule) else None
     grid = (n_rowprog, seqs * hq) if order is None else (order.numel(),)
@@ -376,10 +374,6 @@ def _forward(q, k, v, kv_indices, kv_counts, block_size, sm_scale, pair, out, ls
 
 
 SCHEDULES = ("rows", "heaviest_first")
-# the packed forward's grid: "real" (only the row programs inside a sequence, per-head order) or "padded" (every
-# sequence padded to the longest one's programs; the empty ones return at once); measured side by side by
-# experiments/bench_varlen.py
-VARLEN_FORWARD_GRID = "real"
 
 
 def _sorted(schedule: str) -> bool:
@@ -483,12 +477,12 @@ def block_sparse_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     it gets what :func:`block_sparse_attn` gives it alone; no attention crosses sequences. One index build and one
     launch for all sequences, of only the programs of query blocks inside a sequence (not the longest sequence's
     count for each), in the per-head order of :func:`block_sparse_attn`: each sequence and head in turn, its last
-    block first, so programs sharing a head's K/V run together in L2 (on an H200, 8 prompts of 2k-32k, launching
-    the real programs heaviest-first over all sequences and heads, with TMA, took 6.61 ms against 5.53 ms for the
-    padded per-head grid; this order is not measured yet). The launch needs the lengths on the host: ``seqlens`` (a
-    list of the ``S`` lengths, as ``cu_seqlens`` holds them; checked against ``T``, not against the device tensor)
-    gives them without a device sync, else ``cu_seqlens`` is read once (one host sync: the GPU idles while the host
-    then builds the index and launches). K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse
+    block first, so programs sharing a head's K/V run together in L2 (docs/bench_varlen.md: on an H200, 8 prompts
+    of 2k-32k at density 0.1, 4.87 ms against 5.36 ms for the padded per-head grid and 5.08 ms one by one). The
+    launch needs the lengths on the host: ``seqlens`` (a list of the ``S`` lengths, as ``cu_seqlens`` holds them;
+    checked against ``T``, not against the device tensor) gives them without a device sync, else ``cu_seqlens`` is
+    read once (one host sync, after which the GPU idles while the host builds the index and launches: 5.35 ms in
+    the same run). K/V are read without the copy engine (TMA). ``out [T, Hq, D]`` / ``lse
     [Hq, T]`` optionally receive the results. Returns ``(out in q's dtype, lse float32, natural log)``, as
     :func:`seer.kernels.reference.block_sparse_attn_varlen`.
 

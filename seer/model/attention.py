@@ -364,8 +364,8 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     ``key``: what inference selects with, and what blend-aware distillation (``stage.loss_through_blend``) trains
     through, so gradients reach the gate alone.
 
-    At inference on CUDA (no gradient wanted for ``scores``), once the fused selection kernels are switched on
-    (:data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA`), a ``vertical_slash`` blend runs as one fused kernel
+    At inference on CUDA (no gradient wanted for ``scores``), with the fused selection kernels on (the default,
+    :data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA`), a ``vertical_slash`` blend runs as one fused kernel
     (:func:`seer.kernels.vs_blend.vertical_slash_blend`) on the estimate's per-block vectors, the ``[nb, nb]`` mass
     grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid.
     The estimate's share is the layer's (:meth:`GateConfig.layer_weight`)."""
