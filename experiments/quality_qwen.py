@@ -57,6 +57,7 @@ import torch
 from seer.config import compose, validate
 from seer.data import StdlibCorpus, TextFilesCorpus
 from seer.evaluation.config import EvalConfig
+from seer.evaluation import ruler
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.harness import Evaluator
 from seer.gates.config import GateConfig
@@ -171,7 +172,8 @@ def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float
 
 def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
     """The comparison behind the results table: at each density the default (the first gate set with the first
-    blend), the oracle, vertical-slash and FlexPrefill; at the first density also the plain gate and streaming."""
+    blend), the oracle and the training-free selectors that read the queries (vertical-slash, FlexPrefill,
+    XAttention's antidiagonal); at the first density also the plain gate and streaming."""
     gate = gates[0]
     jobs = []
     for i, d in enumerate(densities):
@@ -179,7 +181,7 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
         if blends:
             name, w = blends[0]
             jobs.append((f"{gate}+{name}@{w}", gate, (name, w), plain))
-        jobs += [(name, name, None, plain) for name in ("oracle", "vertical_slash", "flexprefill")]
+        jobs += [(name, name, None, plain) for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal")]
         if not i:
             jobs += [(gate, gate, None, plain), ("streaming", "streaming", None, plain)]
     return jobs
@@ -266,8 +268,11 @@ def main() -> None:
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
              "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
     texts = {name: texts[name]() for name in args.texts}
+    prompts = {name: ruler.ruler_samples(tokenizer, c.ruler, c.seq_lens, c.ruler_samples, c.seed, texts[name].start_id)
+               for name, c in evaluation.items() if c.ruler}  # generated once, shared by every gate set
     evaluators = {(key, name): Evaluator(m, tokenizer, text, evaluation[name], kernel=kernel,
-                                         cache_dir=args.dense_cache, model_name=model_id(run.model), progress=False)
+                                         cache_dir=args.dense_cache, model_name=model_id(run.model), progress=False,
+                                         ruler_samples=prompts.get(name))
                   for key, m in models.items() for name, text in texts.items()}
     first = next(iter(gates))
     dense_settings = dense_measure_settings(model_id(run.model), args.texts, args.eval_novel, evaluation)
