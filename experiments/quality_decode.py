@@ -73,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_overrides(args) -> list[str]:
-    return [f"model={args.model}", f"model.name_or_path={args.model_dir}", f"model.gguf_file={args.gguf}"]
+    """The base model's overrides, for training and evaluation alike: the GGUF's conversion is cached in ``--work``
+    (the first load converts it, later ones read the converted folder)."""
+    return [f"model={args.model}", f"model.name_or_path={args.model_dir}", f"model.gguf_file={args.gguf}",
+            f"model.gguf_cache_dir={args.work}/gguf"]
 
 
 def train_decode_gates(args) -> Path:

@@ -81,8 +81,10 @@ MODELS = {  # --model: (model config, gate recipe, title)
 
 
 def model_overrides(args) -> list[str]:
+    """The base model's overrides, for training and evaluation alike: with ``--gguf``, its conversion is cached in
+    ``--work`` (the first load converts it, later ones read the converted folder)."""
     over = [f"model={MODELS[args.model][0]}", "model.package=null", f"model.name_or_path={args.model_dir}"]
-    return over + ([f"model.gguf_file={args.gguf}"] if args.gguf else [])
+    return over + ([f"model.gguf_file={args.gguf}", f"model.gguf_cache_dir={args.work}/gguf"] if args.gguf else [])
 
 
 def recipes(args) -> dict[str, list[str]]:

@@ -22,7 +22,9 @@ class ModelConfig:
     ``architecture``: the model's config as ``AutoConfig.for_model`` keywords (``model_type`` first), used with
     ``random_init`` only. ``rope_scaling``: extend the context by rope scaling, e.g. ``{rope_type: yarn, factor: 4,
     original_max_position_embeddings: 8192}`` (types and keys: :mod:`seer.model.rope_scaling`); applied before the
-    weights load, so the model and its gates' block RoPE use it.
+    weights load, so the model and its gates' block RoPE use it. ``gguf_cache_dir``: a folder where the GGUF is
+    converted, on first use, into a plain Hugging Face folder (float32 safetensors, config, tokenizer) that later
+    loads read instead of parsing the GGUF again (:func:`seer.model.loading.gguf_cache`).
     """
 
     name_or_path: Optional[str] = None
@@ -35,6 +37,7 @@ class ModelConfig:
     architecture: Optional[dict[str, Any]] = None
     eos_token: Optional[str] = None
     rope_scaling: Optional[dict[str, Any]] = None
+    gguf_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.name_or_path is not None and self.package is not None:
@@ -45,6 +48,8 @@ class ModelConfig:
                  "architecture)")
         if self.dtype not in DTYPES:
             fail("model", "dtype", self.dtype, f"choose from {DTYPES}")
+        if self.gguf_cache_dir is not None and self.gguf_file is None:
+            fail("model", "gguf_cache_dir", self.gguf_cache_dir, "caches a GGUF's conversion: give model.gguf_file")
         if self.architecture is not None and "model_type" not in self.architecture:
             fail("model", "architecture", dict(self.architecture), "needs a model_type (llama, qwen2, ...)")
         if self.rope_scaling is not None:

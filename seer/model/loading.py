@@ -1,16 +1,21 @@
-"""Loading the base model: a hub id, a local folder, a GGUF file (also from an installed package), or random
-weights from an architecture given in the config (offline speed tests); for sharded runs, built on the meta device
-and given its weights one group at a time (:func:`materialize`)."""
+"""Loading the base model: a hub id, a local folder, a GGUF file (also from an installed package; optionally
+converted once into a cached folder, :func:`gguf_cache`), or random weights from an architecture given in the config
+(offline speed tests); for sharded runs, built on the meta device and given its weights one group at a time
+(:func:`materialize`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 import zlib
+from typing import Any
 
 import torch
 
@@ -50,6 +55,75 @@ def model_id(cfg: ModelConfig) -> str:
     return f"{base}/{cfg.gguf_file}" if cfg.gguf_file else base
 
 
+GGUF_MARKER = "seer_gguf_source.txt"  # written last into a GGUF's converted folder: the GGUF file's key
+
+
+def gguf_key(cfg: ModelConfig) -> str:
+    """The identity of ``cfg``'s GGUF file: its resolved absolute path, size and modification time."""
+    folder = resolve_model_path(cfg)
+    if os.path.isdir(folder):
+        path = os.path.join(folder, cfg.gguf_file)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(folder, cfg.gguf_file, revision=cfg.revision)
+    path = os.path.realpath(path)
+    stat = os.stat(path)
+    return f"{path} size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+
+
+def gguf_cache(cfg: ModelConfig) -> str:
+    """The folder in ``cfg.gguf_cache_dir`` holding ``cfg``'s GGUF converted into a plain Hugging Face folder (float32
+    safetensors, config, tokenizer), named by a hash of :func:`gguf_key`. The first use converts it: written into a
+    temporary folder that is renamed once complete (its marker file written last), so an interrupted conversion never
+    leaves a folder a later load would read."""
+    key = gguf_key(cfg)
+    root = os.path.expanduser(cfg.gguf_cache_dir)
+    folder = os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:16])
+    marker = os.path.join(folder, GGUF_MARKER)
+    if os.path.exists(marker):
+        return folder
+    log.info("converting %s into %s", key, folder)
+    os.makedirs(root, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f"{os.path.basename(folder)}.partial-", dir=root)
+    try:
+        save_gguf_as_pretrained(cfg, partial)
+        with open(os.path.join(partial, GGUF_MARKER), "w", encoding="utf-8") as f:
+            f.write(key + "\n")
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if not os.path.exists(marker):  # else another process converted it first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def save_gguf_as_pretrained(cfg: ModelConfig, folder: str) -> None:
+    """Writes ``cfg``'s GGUF, dequantized to float32, into ``folder`` as a Hugging Face model and tokenizer (without
+    ``cfg.rope_scaling`` or ``cfg.eos_token``, applied on each load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg)
+    options = {"gguf_file": cfg.gguf_file, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    config = AutoConfig.from_pretrained(path, **options)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **options)
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path, **options).save_pretrained(folder)
+
+
+def pretrained_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` loads ``cfg``'s stored model from: the folder or hub id, and the keywords naming the
+    file (``gguf_file``, ``revision``, ``trust_remote_code``); for a GGUF with ``cfg.gguf_cache_dir``, its converted
+    folder (:func:`gguf_cache`)."""
+    options = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file and cfg.gguf_cache_dir and not cfg.random_init:
+        return gguf_cache(cfg), options
+    return resolve_model_path(cfg), {**options, "gguf_file": cfg.gguf_file, "revision": cfg.revision}
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -67,8 +141,8 @@ def load_config(cfg: ModelConfig):
         arch = dict(cfg.architecture)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     else:
-        config = AutoConfig.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file, revision=cfg.revision,
-                                            trust_remote_code=cfg.trust_remote_code)
+        path, options = pretrained_source(cfg)
+        config = AutoConfig.from_pretrained(path, **options)
     if cfg.rope_scaling is not None:
         apply_rope_scaling(config, cfg.rope_scaling)
     return config
@@ -81,8 +155,8 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.name_or_path is None and cfg.package is None:
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg), gguf_file=cfg.gguf_file,
-                                                  revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        path, options = pretrained_source(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
     except OSError:
         if cfg.random_init:
             log.warning("no tokenizer for %s; random-weight runs need data=random_tokens", model_id(cfg))
@@ -103,13 +177,14 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu",
     Random weights (``cfg.random_init``) are built on the meta device and drawn by :func:`materialize`. With
     ``device="meta"`` (``trainer=fsdp``) the weights are left on the meta device, to be given group by group on each
     process's GPU just before the group is sharded: random ones drawn, stored ones read from the model's safetensors
-    files. A model those files cannot give whole (a GGUF file, ``.bin`` weights, names the files do not hold) is loaded
-    on the CPU instead, in full in each process."""
+    files (a GGUF's: those of its converted folder, with ``cfg.gguf_cache_dir``). A model those files cannot give
+    whole (a GGUF file read as such, ``.bin`` weights, names the files do not hold) is loaded on the CPU instead, in
+    full in each process."""
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype, dtype_device or device)
     on_meta = torch.device(device).type == "meta"
-    files = None if cfg.random_init or not on_meta or cfg.gguf_file else safetensors_files(cfg)
+    files = None if cfg.random_init or not on_meta else safetensors_files(cfg)
     if cfg.random_init or files:
         config = load_config(cfg)
         config._attn_implementation = "sdpa"
@@ -129,21 +204,24 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu",
     device = "cpu" if on_meta else device
     # the config is passed only when it differs from the stored one (rope scaling)
     config = {"config": load_config(cfg)} if cfg.rope_scaling is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(cfg), gguf_file=cfg.gguf_file, dtype=dtype, revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa", **config).to(device)
-    if cfg.gguf_file:  # a GGUF loads dequantized: drop the quantizer marker, so it trains and saves as plain weights
+    path, options = pretrained_source(cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **options,
+                                                 **config).to(device)
+    if options.get("gguf_file"):  # a GGUF loads dequantized: drop the quantizer marker, so it trains and saves plain
         model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
     return model.eval()
 
 
 def safetensors_files(cfg: ModelConfig) -> dict[str, str] | None:
-    """``{weight name: safetensors file}`` of ``cfg``'s model (a folder, or a hub id: its safetensors and JSON files
-    are downloaded into the hub cache), or None when it has no safetensors files."""
+    """``{weight name: safetensors file}`` of ``cfg``'s model (a folder, a GGUF's converted folder, or a hub id: its
+    safetensors and JSON files are downloaded into the hub cache), or None when it has no safetensors files (a GGUF
+    read as such)."""
     from safetensors import safe_open
 
-    path = resolve_model_path(cfg)
+    path, options = pretrained_source(cfg)
+    if options.get("gguf_file"):
+        return None
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
 
