@@ -20,7 +20,7 @@ from seer.gates.decode_config import DecodeGateConfig
 from seer.sparsity.decode import DecodeSparsityConfig
 
 GT_MODES = ("auto", "fast", "lowmem")
-LOSSES = ("kl", "mse")
+LOSSES = ("kl", "mse", "logmse")
 TARGETS = ("maxpool", "mass")
 
 
@@ -62,7 +62,8 @@ class StageConfig:
 
 @dataclass
 class GateTargetConfig(StageConfig):
-    """The gates' distillation loss: ``loss`` (``kl``: KL(GT || softmax(gate)), the release; ``mse``: paper v1)
+    """The gates' distillation loss: ``loss`` (``kl``: KL(GT || softmax(gate)), the release; ``mse``: paper v1;
+    ``logmse``: squared log errors weighted by the square root of the mass, :func:`seer.training.losses.gate_loss`)
     between gate logits and the row-normalised block ground truth.
 
     ``target``: what the gate learns: ``maxpool`` (the paper's ground truth, the largest attention probability in

@@ -17,11 +17,25 @@ def first_kept_row(nb: int, skip_first_rows: float) -> int:
     return min(int(skip_first_rows * nb), nb - 1)
 
 
+# ``logmse``: targets at or below this floor count as the floor (blocks no threshold budget keeps), and each block's
+# squared log error is weighted by its floored target to this power, the weights normalised per row
+LOG_FLOOR = 1e-5
+LOG_WEIGHT_POWER = 0.5
+
+
 def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl",
               skip_first_rows: float = 0.0) -> torch.Tensor:
-    """Mean over kept rows (and batch, heads) of ``KL(target || softmax(logits))`` or of the squared error between
-    ``softmax(logits)`` and ``target``, over causal blocks. ``target`` rows sum to 1; the triangle above the
-    diagonal contributes nothing."""
+    """Mean over kept rows (and batch, heads) of a per-row loss between ``q = softmax(logits)`` and ``target`` ``p``
+    over causal blocks (rows of ``p`` sum to 1; the triangle above the diagonal contributes nothing):
+
+    * ``kl``: ``KL(p || q)``, the release's; a block counts about in proportion to its mass, so errors on the
+      blocks near a threshold budget's cut (masses of a few thousandths) barely count;
+    * ``mse``: ``sum_j (q_j - p_j)^2`` (paper v1);
+    * ``logmse``: ``sum_j w_j (log q_j - log p_j)^2`` with ``w_j`` proportional to ``max(p_j, f)^LOG_WEIGHT_POWER``
+      (``f = LOG_FLOOR``), normalised per row; a block with ``p_j <= f`` counts ``(log q_j - log f)^2`` only when
+      ``q_j > f``. Relative errors, which decide whether a block clears a threshold, weighted by the square root
+      of its mass instead of the mass.
+    """
     nb = logits.shape[-1]
     start = first_kept_row(nb, skip_first_rows)
     logits, target = logits[..., start:, :].float(), target[..., start:, :].float()
@@ -31,6 +45,13 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl",
         per_block = torch.xlogy(target, target) - target * log_q.masked_fill(~causal, 0.0)
     elif kind == "mse":
         per_block = (log_q.exp() - target) ** 2
+    elif kind == "logmse":
+        above = target > LOG_FLOOR
+        log_p = target.clamp_min(LOG_FLOOR).log()
+        weights = (LOG_WEIGHT_POWER * log_p).exp().masked_fill(~causal, 0.0)
+        weights = weights / weights.sum(-1, keepdim=True)
+        error = log_q - log_p  # below the floor only a q above it is an error
+        per_block = weights * torch.where(above, error, error.clamp_min(0.0)) ** 2
     else:
         raise ValueError(f"unknown loss {kind!r}")
     return per_block.masked_fill(~causal, 0.0).sum(-1).mean()

@@ -1,6 +1,7 @@
 """The distill stage on a tiny random Llama: the KL loss, the loss falls, per-layer validation metrics, images."""
 
 import lightning as L
+import pytest
 import torch
 
 from seer.data.synthetic import RandomTokensDataModule
@@ -30,7 +31,44 @@ def test_kl_loss_is_zero_at_target_and_ignores_upper_triangle():
     torch.testing.assert_close(gate_loss(other, target, skip_first_rows=0.5), per_row[..., 3:].mean())
 
 
-def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer():
+def test_log_mse_loss_against_a_float64_reference():
+    """``logmse``: zero at the target, the weighted squared log error otherwise (a float64 loop), finite gradients
+    everywhere, and a block under the floor counts only when the gate puts it above."""
+    from seer.training.losses import LOG_FLOOR, LOG_WEIGHT_POWER
+
+    torch.manual_seed(1)
+    nb = 7
+    upper = torch.ones(nb, nb, dtype=torch.bool).triu(1)
+    raw = torch.rand(2, 3, nb, nb).tril() + torch.eye(nb)
+    raw[..., 5, 1] = 0.0  # a causal block with no mass: at the floor
+    target = normalize_rows(raw)
+    assert gate_loss(target.log().masked_fill(upper, float("-inf")), target, "logmse").abs().item() < 1e-10
+    logits = torch.randn(2, 3, nb, nb).masked_fill(upper, float("-inf")).requires_grad_()
+    loss = gate_loss(logits, target, "logmse")
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    log_q = torch.log_softmax(logits.detach().double(), -1)
+    p = target.double()
+    rows = []
+    for b, h, i in [(b, h, i) for b in range(2) for h in range(3) for i in range(nb)]:
+        w = [max(p[b, h, i, j].item(), LOG_FLOOR) ** LOG_WEIGHT_POWER for j in range(i + 1)]
+        err = []
+        for j in range(i + 1):
+            e = log_q[b, h, i, j].item() - torch.tensor(max(p[b, h, i, j].item(), LOG_FLOOR)).double().log().item()
+            err.append(e if p[b, h, i, j] > LOG_FLOOR else max(e, 0.0))
+        rows.append(sum(wj * ej ** 2 for wj, ej in zip(w, err)) / sum(w))
+    torch.testing.assert_close(loss.double(), torch.tensor(rows, dtype=torch.float64).mean(), rtol=1e-5, atol=1e-7)
+    # the empty block: no loss while the gate keeps it under the floor, a loss once it rises above
+    low = target.log().masked_fill(upper, float("-inf"))
+    low[..., 5, 1] = -30.0
+    assert gate_loss(low, target, "logmse").item() < 1e-8
+    high = low.clone()
+    high[..., 5, 1] = low[..., 5, :6].max(-1).values
+    assert gate_loss(high, target, "logmse").item() > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["kl", "logmse"])
+def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer(loss):
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=2)
     for layer in model.model.layers:  # sharpen attention so the ground truth has structure to learn
@@ -39,7 +77,7 @@ def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer():
     freeze_base_model(model)
     before = {i: g.k_weight.detach().clone() for i, g in gates(model).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".seer_gate." not in n}
-    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0),
+    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0, loss=loss),
                               SparsityConfig(method="topk", target_density=0.5), "reference")
     data = RandomTokensDataModule(vocab_size=256, seq_len=128, train_sequences=1, val_sequences=1)
     trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
