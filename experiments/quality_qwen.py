@@ -16,6 +16,10 @@ On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .asset
 ``--model smollm2`` runs the same study on SmolLM2-135M-Instruct at 8k (``experiment=smollm2_quality``, 8k rows;
 ``--model-dir`` the folder of its GGUF, staged by ``prepare.sh smollm2``; give ``--train-len 8192 --seq-lens 8192``).
 
+A loss lever, not measured yet: ``--recipes base= logmse=stage.loss=logmse --plan lever --blends vertical_slash:0.5``
+trains the recipe's gates once with the release's KL and once on squared log errors weighted by the root of the block
+mass (:func:`seer.training.losses.gate_loss`), and evaluates both with the default blend.
+
 Blend-aware distillation (gates trained through the vertical-slash blend they are evaluated with, not alone): the
 same command with ``--train-overrides stage.loss_through_blend=true`` and its own ``--work`` and ``--out`` folders
 (the default run's gates and results stay); compare the ``gate:mass+vertical_slash@0.5`` rows of the two.
