@@ -14,10 +14,10 @@ it, grown at a prefill and, in eager decode loops, doubled when the longest row 
 one tensor ``[B, Hkv, block_size, D]`` (float32), and each row's length as int32 on the gates' device
 (:attr:`DecodeKeyCache.seqlens`, the decode kernel's ``cache_seqlens``). A decode step (one token for every row) is
 batched tensor work with no Python loop over rows, no host read and no shape that depends on device values: the new
-key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key (kept
-where the block just filled), and :meth:`~DecodeKeyCache.scores` covers all ``capacity`` blocks, ``-inf`` after each
-row's newest. So a decode step can be captured in a CUDA graph and replayed. A prefill (per-row counts) works row by
-row on the host; it runs once.
+key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key
+(written at the block every step: final once the block fills), and :meth:`~DecodeKeyCache.scores` covers all
+``capacity`` blocks, ``-inf`` after each row's newest. So a decode step can be captured in a CUDA graph and replayed.
+A prefill (per-row counts) works row by row on the host; it runs once.
 
 The host keeps per layer only bounds of the row lengths (the longest and the shortest row, exact after a prefill, one
 more after each decode step) for the capacity and the input checks; under CUDA-graph replay they are not advanced,
@@ -43,7 +43,7 @@ def pool_prefix(x: torch.Tensor, counts: torch.Tensor, kinds: list[str]) -> torc
     after = (torch.arange(s, device=x.device)[None, :] >= counts[:, None])[:, None, :, None]  # [B, 1, S, 1]
     out = []
     for kind in kinds:
-        if kind == "avg":  # the float32 sum over an int count: the division of float32 values
+        if kind == "avg":  # float32 sum / integer count (promoted to float32)
             total = x.masked_fill(after, 0).sum(2, keepdim=True, dtype=torch.float32)
             out.append((total / counts[:, None, None, None]).to(x.dtype))
         elif kind == "max":
@@ -134,13 +134,13 @@ class DecodeKeyCache:
         seqlens.add_(1)
         block = pos // bs
         key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
-        full = (slot == bs - 1)[:, None, None, None]
+        # written every step, final once the block fills (scores() overwrites the newest block's logit)
         block = block.clamp(max=store.shape[2] - 1)
-        at = block[:, None, None, None].expand(b, h, 1, store.shape[3])
-        stored = torch.where(full, key.to(store.dtype), store.gather(2, at))
-        store.scatter_(2, at, stored)
-        # for scores(): the newest block's key (as stored once it is full), the new token's position and block
-        self._newest[layer] = torch.where(full, stored.to(key.dtype), key), pos, block
+        stored = key.to(store.dtype)
+        store.scatter_(2, block[:, None, None, None].expand(b, h, 1, store.shape[3]), stored)
+        if store.dtype != key.dtype:  # scores() reads a full block's key as stored
+            key = torch.where((slot == bs - 1)[:, None, None, None], stored.to(key.dtype), key)
+        self._newest[layer] = key, pos, block  # for scores(), with the new token's position and block
         self.longest[layer] += 1
         self.shortest[layer] += 1
 
