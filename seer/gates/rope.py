@@ -58,7 +58,7 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float 
     :func:`rotate` at ``positions [n]``: computed once, shared by every tensor rotated at those positions."""
     freqs = positions[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]  # float32 for any positions
     cos, sin = freqs.cos(), freqs.sin()
-    if scale != 1.0:  # an identity otherwise: one op less a table
+    if scale != 1.0:  # x * 1.0 is x: no op for the usual scale
         cos, sin = cos * scale, sin * scale
     cos, sin = cos.to(dtype), sin.to(dtype)
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)

@@ -13,7 +13,8 @@ per KV head (its query heads share the choice) the budget keeps:
 The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
 lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1, ``S`` a
 width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step reads nothing back
-from the device.
+from the device. A decode step gets that list and its density at once from :func:`decode_step_blocks` (a token
+budget's list straight from ``topk``, in few device operations).
 
 A calibrated threshold is stored beside the decode gates (``decode_calibration.json``, written at the end of
 ``stage=distill_decode``) as a :class:`DecodeCalibration`; :func:`find_decode_calibration` finds it again for
@@ -105,7 +106,7 @@ def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: Dec
         nb = scores.shape[-1]
         return torch.zeros(*scores.shape[:2], nb + 1, dtype=torch.bool, device=scores.device).scatter_(
             -1, listed.masked_fill(listed < 0, nb), True)[..., :nb]
-    return _mask_blocks(scores, newest, sparsity, block_size, threshold)
+    return _mask_blocks(scores, newest, sparsity, threshold)
 
 
 def decode_step_blocks(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
@@ -120,7 +121,7 @@ def decode_step_blocks(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: De
         listed = _top_blocks(scores, newest, sparsity, block_size)
         kept = listed.shape[-1] - (listed < 0).sum(-1)
     else:
-        mask = _mask_blocks(scores, newest, sparsity, block_size, threshold)
+        mask = _mask_blocks(scores, newest, sparsity, threshold)
         listed = decode_block_index(mask, sparsity.max_kept_blocks(scores.shape[-1], block_size))
         kept = mask.sum(-1)
     return listed, (kept / (newest[..., 0] + 1)).mean()
@@ -166,7 +167,7 @@ def _top_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSpar
     return top.masked_fill(top > newest, -1).to(torch.int32)  # fewer valid blocks than the width: -1 after them
 
 
-def _mask_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+def _mask_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
                  threshold: float | None) -> torch.Tensor:
     """:func:`decode_block_mask` of the ``dense`` and ``threshold`` methods."""
     blocks = torch.arange(scores.shape[-1], device=scores.device)
