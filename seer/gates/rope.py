@@ -56,8 +56,11 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float 
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and signed ``sin`` tables ``[n, dim]`` (``dim = 2 * len(inv_freq)``) of ``dtype`` for
     :func:`rotate` at ``positions [n]``: computed once, shared by every tensor rotated at those positions."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]
-    cos, sin = (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+    freqs = positions[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]  # float32 for any positions
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:  # x * 1.0 is x: no op for the usual scale
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.to(dtype), sin.to(dtype)
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 

@@ -10,7 +10,7 @@ forcing) plus, per layer, the decode gate's logits for every token (with grad) a
 Sparse decode (:meth:`DecodeContext.enable`, on a model prepared for the ``"seer"`` attention function): every
 prefill that keeps a KV cache (``use_cache``) starts a :class:`~seer.model.decode_cache.DecodeKeyCache` with each
 row's real keys (left, right or no padding); every decode step of one token adds its key there, scores the blocks
-of its sequence with the decode gate, keeps the blocks of the budget (:func:`seer.sparsity.decode.decode_block_mask`)
+of its sequence with the decode gate, keeps the blocks of the budget (:func:`seer.sparsity.decode.decode_step_blocks`)
 and attends them over transformers' KV cache with :func:`seer.kernels.block_sparse_decode` (Triton) or its PyTorch
 reference. The KV cache is a DynamicCache (``[B, Hkv, N, D]``, the newest token last; a left-padded row's sequence
 starts after its padding, so rows with padding are attended one by one) or a StaticCache (``[B, Hkv, max_cache_len,
@@ -42,7 +42,7 @@ from seer.gates.decode_gate import DecodeGate
 from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import _dense, _PreRopeStash, attention_layers, layer_shape, seer_mask
 from seer.model.decode_cache import DecodeKeyCache
-from seer.sparsity.decode import DecodeSparsityConfig, decode_block_index, decode_block_mask, decode_density
+from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks
 
 DISTILL_ATTENTION = "seer_decode_distill"
 
@@ -220,13 +220,12 @@ class DecodeContext:
                              f"{self.cache.longest[layer]}; sparse decode needs transformers' DynamicCache or "
                              f"StaticCache")
         scores = self.cache.scores(layer, q_pre)
-        mask = decode_block_mask(scores, seqlens, self.sparsity, bs, self.threshold, validate=False)
-        index = decode_block_index(mask, self.sparsity.max_kept_blocks(scores.shape[-1], bs))
+        index, density = decode_step_blocks(scores, seqlens, self.sparsity, bs, self.threshold)
         if layer not in self.density:  # sums on the device, added to in place
             self.density[layer] = (torch.zeros((), device=scores.device), torch.zeros((), dtype=torch.int64,
                                                                                       device=scores.device))
         total, steps = self.density[layer]
-        total.add_(decode_density(mask, seqlens, bs))
+        total.add_(density)
         steps.add_(1)
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
             query = query.to(value.dtype)

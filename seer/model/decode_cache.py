@@ -14,10 +14,10 @@ it, grown at a prefill and, in eager decode loops, doubled when the longest row 
 one tensor ``[B, Hkv, block_size, D]`` (float32), and each row's length as int32 on the gates' device
 (:attr:`DecodeKeyCache.seqlens`, the decode kernel's ``cache_seqlens``). A decode step (one token for every row) is
 batched tensor work with no Python loop over rows, no host read and no shape that depends on device values: the new
-key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key (kept
-where the block just filled), and :meth:`~DecodeKeyCache.scores` covers all ``capacity`` blocks, ``-inf`` after each
-row's newest. So a decode step can be captured in a CUDA graph and replayed. A prefill (per-row counts) works row by
-row on the host; it runs once.
+key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key
+(written at the block every step: final once the block fills), and :meth:`~DecodeKeyCache.scores` covers all
+``capacity`` blocks, ``-inf`` after each row's newest. So a decode step can be captured in a CUDA graph and replayed.
+A prefill (per-row counts) works row by row on the host; it runs once.
 
 The host keeps per layer only bounds of the row lengths (the longest and the shortest row, exact after a prefill, one
 more after each decode step) for the capacity and the input checks; under CUDA-graph replay they are not advanced,
@@ -40,16 +40,16 @@ def pool_prefix(x: torch.Tensor, counts: torch.Tensor, kinds: list[str]) -> torc
     ignored: ``[B, H, 1, D * len(kinds)]`` in ``x``'s dtype, as :func:`~seer.gates.pooling.pool_blocks` pools a block
     of that many tokens (averages accumulate in float32)."""
     b, _, s, _ = x.shape
-    valid = (torch.arange(s, device=x.device)[None, :] < counts[:, None])[:, None, :, None]  # [B, 1, S, 1]
+    after = (torch.arange(s, device=x.device)[None, :] >= counts[:, None])[:, None, :, None]  # [B, 1, S, 1]
     out = []
     for kind in kinds:
-        if kind == "avg":
-            total = x.masked_fill(~valid, 0).sum(2, keepdim=True, dtype=torch.float32)
-            out.append((total / counts.to(torch.float32)[:, None, None, None]).to(x.dtype))
+        if kind == "avg":  # float32 sum / integer count (promoted to float32)
+            total = x.masked_fill(after, 0).sum(2, keepdim=True, dtype=torch.float32)
+            out.append((total / counts[:, None, None, None]).to(x.dtype))
         elif kind == "max":
-            out.append(x.masked_fill(~valid, float("-inf")).amax(2, keepdim=True))
+            out.append(x.masked_fill(after, float("-inf")).amax(2, keepdim=True))
         elif kind == "min":
-            out.append(x.masked_fill(~valid, float("inf")).amin(2, keepdim=True))
+            out.append(x.masked_fill(after, float("inf")).amin(2, keepdim=True))
         elif kind == "last":
             last = (counts.long() - 1)[:, None, None, None].expand(b, x.shape[1], 1, x.shape[3])
             out.append(x.gather(2, last))
@@ -85,7 +85,7 @@ class DecodeKeyCache:
         self.seqlens = {i: torch.zeros(batch_size, dtype=torch.int32, device=device) for i in gates}
         self.longest = {i: 0 for i in gates}  # host bounds of the row lengths (see the module docstring)
         self.shortest = {i: 0 for i in gates}
-        self._newest: dict[int, torch.Tensor | None] = {i: None for i in gates}  # the last decode step's newest keys
+        self._newest: dict[int, tuple | None] = {i: None for i in gates}  # the last decode step's, for scores()
         self.offsets = [0] * batch_size  # where each row's keys start in the model's KV cache (its left padding)
 
     @property
@@ -134,12 +134,13 @@ class DecodeKeyCache:
         seqlens.add_(1)
         block = pos // bs
         key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
-        full = (slot == bs - 1)[:, None, None, None]
-        at = block.clamp(max=store.shape[2] - 1)[:, None, None, None].expand(b, h, 1, store.shape[3])
-        stored = torch.where(full, key.to(store.dtype), store.gather(2, at))
-        store.scatter_(2, at, stored)
-        # the newest block's key for scores(): as stored once it is full
-        self._newest[layer] = torch.where(full, stored.to(key.dtype), key)
+        # written every step, final once the block fills (scores() overwrites the newest block's logit)
+        block = block.clamp(max=store.shape[2] - 1)
+        stored = key.to(store.dtype)
+        store.scatter_(2, block[:, None, None, None].expand(b, h, 1, store.shape[3]), stored)
+        if store.dtype != key.dtype:  # scores() reads a full block's key as stored
+            key = torch.where((slot == bs - 1)[:, None, None, None], stored.to(key.dtype), key)
+        self._newest[layer] = key, pos, block  # for scores(), with the new token's position and block
         self.longest[layer] += 1
         self.shortest[layer] += 1
 
@@ -187,20 +188,20 @@ class DecodeKeyCache:
             raise ValueError(f"layer {layer}: q must be [{self.batch_size}, {gate.num_heads}, 1, {gate.head_dim}]; "
                              f"got {tuple(q.shape)}")
         store = self.keys[layer]
-        position = self.seqlens[layer].long() - 1  # each row's newest token, on the device
-        newest = position // bs
-        qg = gate.gate_queries(q, position[:, None])  # [B, Hkv, 1, E]
-        scale = 1.0 / math.sqrt(qg.shape[-1])
-        key = self._newest[layer]
-        if key is None:  # after a prefill: the newest block pooled over its keys so far
+        if self._newest[layer] is None:  # after a prefill: the newest block pooled over its keys so far
+            position = self.seqlens[layer].long() - 1  # each row's newest token, on the device
+            newest = (position // bs).clamp(max=store.shape[2] - 1)
             key = gate.gate_keys(pool_prefix(self.tails[layer], position % bs + 1, gate.config.k_pool),
-                                 (newest * bs)[:, None])
+                                 (position // bs * bs)[:, None])
             full = ((position % bs) == bs - 1)[:, None, None, None]
             key = torch.where(full, key.to(store.dtype).to(key.dtype), key)
+        else:
+            key, position, newest = self._newest[layer]
+        qg = gate.gate_queries(q, position[:, None])  # [B, Hkv, 1, E]
+        scale = 1.0 / math.sqrt(qg.shape[-1])
         logits = torch.matmul(qg, store.to(qg.dtype).transpose(-1, -2)).squeeze(2) * scale  # [B, Hkv, capacity]
         own = (qg * key.to(qg.dtype)).sum(-1) * scale  # [B, Hkv, 1]
-        at = newest.clamp(max=store.shape[2] - 1)[:, None, None].expand(*own.shape)
-        logits = logits.scatter(-1, at, own)
+        logits = logits.scatter(-1, newest[:, None, None].expand(*own.shape), own)
         after = torch.arange(store.shape[2], device=q.device)[None, :] > newest[:, None]
         return logits.masked_fill(after[:, None], float("-inf"))
 

@@ -13,7 +13,8 @@ per KV head (its query heads share the choice) the budget keeps:
 The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
 lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1, ``S`` a
 width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step reads nothing back
-from the device.
+from the device. A decode step gets that list and its density at once from :func:`decode_step_blocks` (a token
+budget's list straight from ``topk``, in few device operations).
 
 A calibrated threshold is stored beside the decode gates (``decode_calibration.json``, written at the end of
 ``stage=distill_decode``) as a :class:`DecodeCalibration`; :func:`find_decode_calibration` finds it again for
@@ -98,6 +99,36 @@ def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: Dec
     counts ``seqlens [R]`` (the token included). ``threshold``: the calibrated knob of a calibrated budget.
     ``validate``: check that ``seqlens`` are in ``[1, nb * block_size]``, which reads them on the host (a
     synchronisation when they are on the device); decode steps, whose lengths the cache keeps, skip it."""
+    _check_scores(scores, seqlens, sparsity, block_size, threshold, validate)
+    newest = _newest_block(seqlens.to(scores.device), block_size)
+    if sparsity.method == "token_budget":
+        listed = _top_blocks(scores, newest, sparsity, block_size)
+        nb = scores.shape[-1]
+        return torch.zeros(*scores.shape[:2], nb + 1, dtype=torch.bool, device=scores.device).scatter_(
+            -1, listed.masked_fill(listed < 0, nb), True)[..., :nb]
+    return _mask_blocks(scores, newest, sparsity, threshold)
+
+
+def decode_step_blocks(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+                       threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one decode step needs, in few device operations and no host read: the block list of
+    :func:`decode_block_index` (width :meth:`DecodeSparsityConfig.max_kept_blocks`) of the blocks
+    :func:`decode_block_mask` keeps (its input checks but ``validate``), and their :func:`decode_density` (0-dim). A
+    token budget lists its top-scoring blocks straight from ``topk``, with no ``[R, Hkv, nb]`` mask."""
+    _check_scores(scores, seqlens, sparsity, block_size, threshold, validate=False)
+    newest = _newest_block(seqlens.to(scores.device), block_size)
+    if sparsity.method == "token_budget":
+        listed = _top_blocks(scores, newest, sparsity, block_size)
+        kept = listed.shape[-1] - (listed < 0).sum(-1)
+    else:
+        mask = _mask_blocks(scores, newest, sparsity, threshold)
+        listed = decode_block_index(mask, sparsity.max_kept_blocks(scores.shape[-1], block_size))
+        kept = mask.sum(-1)
+    return listed, (kept / (newest[..., 0] + 1)).mean()
+
+
+def _check_scores(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+                  threshold: float | None, validate: bool) -> None:
     sparsity.check_block_size(block_size)
     if scores.dim() != 3 or seqlens.shape != scores.shape[:1]:
         raise ValueError(f"scores must be [R, Hkv, nb] with seqlens [R]; got {tuple(scores.shape)} and "
@@ -106,23 +137,46 @@ def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: Dec
     if validate and seqlens.numel() and (int(seqlens.min()) < 1 or int(seqlens.max()) > nb * block_size):
         raise ValueError(f"seqlens must be in [1, {nb * block_size}] for {nb} blocks of {block_size}; got "
                          f"{seqlens.min().item()}..{seqlens.max().item()}")
-    blocks = torch.arange(nb, device=scores.device)
-    newest = ((seqlens.to(scores.device) - 1) // block_size)[:, None, None]
-    valid = blocks <= newest
-    forced = (blocks == newest) | ((blocks == 0) & sparsity.first_block)
-    if sparsity.method == "dense":
-        return valid.expand(scores.shape).clone()
-    if sparsity.method == "token_budget":
-        ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
-        top = ranked.topk(min(nb, sparsity.token_budget // block_size), dim=-1).indices
-        kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
-        return (kept & valid) | forced
     if sparsity.calibrated and threshold is None:
         raise ValueError(f"decode_sparsity.target_density={sparsity.target_density} needs its calibrated threshold "
                          "(calibrate_decode_threshold)")
+
+
+def _newest_block(seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[R, 1, 1]``: each token's own (newest) block."""
+    return ((seqlens - 1) // block_size)[:, None, None]
+
+
+def _forced_blocks(blocks: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig) -> torch.Tensor:
+    """``[R, 1, nb]``: the blocks kept whatever their score (the newest, and the first with ``first_block``)."""
+    forced = blocks == newest
+    if sparsity.first_block:
+        forced[..., 0] = True
+    return forced
+
+
+def _top_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
+                block_size: int) -> torch.Tensor:
+    """A token budget's kept blocks as an ascending int32 list ``[R, Hkv, width]`` padded with -1: the forced
+    blocks and the best-scoring valid ones, ``width`` (:meth:`DecodeSparsityConfig.max_kept_blocks`) in all."""
+    nb = scores.shape[-1]
+    blocks = torch.arange(nb, device=scores.device)
+    ranked = scores.float().masked_fill(blocks > newest, float("-inf")).masked_fill(
+        _forced_blocks(blocks, newest, sparsity), float("inf"))
+    top = ranked.topk(sparsity.max_kept_blocks(nb, block_size), dim=-1).indices.sort(dim=-1).values
+    return top.masked_fill(top > newest, -1).to(torch.int32)  # fewer valid blocks than the width: -1 after them
+
+
+def _mask_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
+                 threshold: float | None) -> torch.Tensor:
+    """:func:`decode_block_mask` of the ``dense`` and ``threshold`` methods."""
+    blocks = torch.arange(scores.shape[-1], device=scores.device)
+    after = blocks > newest
+    if sparsity.method == "dense":
+        return (~after).expand(scores.shape).clone()
     tau = sparsity.threshold if threshold is None else threshold
-    probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
-    return ((probs >= tau) & valid) | forced
+    probs = torch.softmax(scores.float().masked_fill(after, float("-inf")), dim=-1)
+    return (probs >= tau).masked_fill_(after, False) | _forced_blocks(blocks, newest, sparsity)
 
 
 def decode_block_index(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -133,11 +187,11 @@ def decode_block_index(mask: torch.Tensor, width: int) -> torch.Tensor:
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1 (list entries per head), got {width!r}")
     nb = mask.shape[-1]
-    blocks = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    blocks = torch.arange(nb, device=mask.device, dtype=torch.int32)
     ordered = torch.where(mask, blocks, nb).sort(dim=-1).values[..., :width]
     if width > nb:
         ordered = torch.nn.functional.pad(ordered, (0, width - nb), value=nb)
-    return ordered.masked_fill(ordered == nb, -1).to(torch.int32)
+    return ordered.masked_fill(ordered == nb, -1)
 
 
 def decode_density(mask: torch.Tensor, seqlens: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from seer.checks import ConfigError
 from seer.sparsity.decode import (DecodeSparsityConfig, calibrate_decode_threshold, decode_block_index,
-                                  decode_block_mask, decode_density)
+                                  decode_block_mask, decode_density, decode_step_blocks)
 
 BS = 16
 
@@ -59,6 +59,26 @@ def test_decode_budgets_match_brute_force(cfg):
     # -1 only as padding at the end of a row
     assert all((row[:(row >= 0).sum()] >= 0).all() and (row[(row >= 0).sum():] == -1).all()
                for row in index.reshape(-1, index.shape[-1]))
+
+
+@pytest.mark.parametrize("cfg", [
+    DecodeSparsityConfig(method="token_budget", token_budget=48),
+    DecodeSparsityConfig(method="token_budget", token_budget=40, first_block=False),
+    DecodeSparsityConfig(method="token_budget", token_budget=16),
+    DecodeSparsityConfig(method="token_budget", token_budget=160),  # more blocks than any sequence has
+    DecodeSparsityConfig(method="threshold", threshold=0.15),
+    DecodeSparsityConfig(method="dense"),
+])
+def test_a_decode_steps_blocks_are_the_masks(cfg):
+    """decode_step_blocks (one decode step's list and density, a token budget's straight from topk) gives the list
+    and density of decode_block_mask, decode_block_index and decode_density, tied scores included."""
+    torch.manual_seed(0)
+    scores = torch.randn(7, 3, 6).round()  # many ties
+    seqlens = torch.tensor([1, 16, 17, 40, 64, 81, 96], dtype=torch.int32)
+    index, density = decode_step_blocks(scores, seqlens, cfg, BS)
+    mask = decode_block_mask(scores, seqlens, cfg, BS)
+    assert torch.equal(index, decode_block_index(mask, cfg.max_kept_blocks(6, BS)))
+    assert torch.equal(density, decode_density(mask, seqlens, BS))
 
 
 def test_calibrated_threshold_reaches_the_target():
