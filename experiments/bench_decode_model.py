@@ -65,6 +65,13 @@ whole static cache with a mask (which makes transformers repeat K/V per query he
 dense step), so the sparse-over-every-block graph (the Triton kernel listing every block: a dense decode, plus the gate)
 is timed too and the report gives the speedup against the faster of the two as well.
 
+``--compile-gate`` runs the sparse runs (every block and the budget) with ``DecodeSparsityConfig(compile=True)``: each
+layer's gate / compressed-K update / block selection / density sums of a one-token step through ``torch.compile``
+(inductor, static shapes; :func:`seer.model.decode.sparse_decode_step`) instead of some 70 small PyTorch kernels.
+The first eager step of each shape and budget compiles it (the check steps and the warm-up steps, before any timing
+and before any capture); the compile limit of torch's dynamo is raised so that every case and budget gets its own
+compiled graph. Compare its rows with a run without it.
+
     PYTHONPATH=. python experiments/bench_decode_model.py --out docs/bench_decode_model.md
     PYTHONPATH=. python experiments/bench_decode_model.py --layers 8 --prompts 32768 --batch 8   # a quicker look
 """
@@ -131,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "DynamicCache (dynamic); --graph uses a StaticCache")
     ap.add_argument("--graph", action="store_true",
                     help="decode steps as CUDA-graph replays of one captured step over a StaticCache (see above)")
+    ap.add_argument("--compile-gate", action="store_true",
+                    help="sparse runs with DecodeSparsityConfig(compile=True): the per-layer gate and selection "
+                         "work through torch.compile (compiled by the first eager steps)")
     ap.add_argument("--profile", help="--graph: also profile eager steps at --budget of the first case "
                     "(torch.profiler; the CUDA kernels by their total time) and write the table here")
     ap.add_argument("--profile-steps", type=int, default=4, help="eager steps the profile covers")
@@ -369,7 +379,8 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     extra = max(args.steps, args.warmup, args.check_steps)
     steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
     bs = ctx.config.block_size
-    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs)  # every block of every step
+    compiled = getattr(args, "compile_gate", False)
+    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs, compile=compiled)  # every block
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     cache = make_kv_cache(prompt + extra)
@@ -379,8 +390,9 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     prefill(model, cache, ids, args.prefill_chunk)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    return PrefilledCase(ctx, cuda, steps, every, DecodeSparsityConfig(token_budget=args.budget), cache, prefill_s,
-                         copy_key_cache(ctx.cache), ctx.cache.memory_bytes() / 2**20)
+    budget = DecodeSparsityConfig(token_budget=args.budget, compile=compiled)
+    return PrefilledCase(ctx, cuda, steps, every, budget, cache, prefill_s, copy_key_cache(ctx.cache),
+                         ctx.cache.memory_bytes() / 2**20)
 
 
 @torch.no_grad()
@@ -560,12 +572,15 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
                "path adds the gate, the compressed-K update, the top-k and the block list per layer). `check`: "
                f"relative L2 error of sparse decode over every block against dense, {args.check_steps} steps "
                "(bf16).")
+    compiled = ("; the gate, compressed-K update and block selection of each layer's step through torch.compile "
+                "(inductor; `--compile-gate`, compiled by the first eager steps of each case and budget)"
+                if getattr(args, "compile_gate", False) else "")
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
              f"transformers {info['transformers']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
              f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, random decode gates "
              f"(block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "
-             f"kernel). Per (prompt, batch): one dense prefill, then {how}", "",
+             f"kernel{compiled}). Per (prompt, batch): one dense prefill, then {how}", "",
              "| prompt | batch | dense ms/step | dense tok/s | sparse ms/step | sparse tok/s | speedup | density "
              "| compressed K (MiB) | peak mem (GiB) | prefill (s) | check |"
              + (" kernel@1.0 ms/step | vs best | graph | dense graph |" if graph else ""),
@@ -608,6 +623,10 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 cases.append((prompt, batch))
     device = torch.device("cuda")
+    if args.compile_gate:  # one compiled graph per case (shape) and budget, kept for the whole run
+        import torch._dynamo as dynamo
+
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 8 * len(cases) + 8)
     model = build_model(mcfg, device, args.block_size)
     print(f"{args.model}: {layers} layers, weights {torch.cuda.memory_allocated() / GIB:.1f} GiB", flush=True)
     rows = []

@@ -63,3 +63,32 @@ def test_one_graph_case_on_the_cpu(chunk):
     text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
                         "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
     assert "| 0k | 2 |" in text and "kernel@1.0" in text and "CUDA graph" in text
+
+
+def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch):
+    """--compile-gate: the sparse runs' per-layer gate and selection through torch.compile (aot_eager here, for
+    speed), compiled by the eager steps before any replay; the same checks pass and the report says so."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    import seer.model.decode as decode
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(decode, "_COMPILED", {})
+    assert not bench.parse_args([]).compile_gate
+    mcfg = bench.model_config("tiny_llama", layers=3, dtype="float32")
+    model = bench.build_model(mcfg, "cpu", block_size=16)
+    args = bench.parse_args(["--graph", "--compile-gate", "--steps", "3", "--warmup", "1", "--check-steps", "2",
+                             "--budget", "32", "--tol", "1e-4"])
+    try:
+        row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 2  # one graph per budget (every block, --budget), shared by the layers and steps
+    assert row["check_ok"] and row["check_err"] < 1e-4 and row["graph_err"] < 1e-6, row
+    assert 0.2 < row["density"] < 0.6
+    text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
+                        "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
+    assert "torch.compile" in text and "--compile-gate" in text

@@ -25,6 +25,15 @@ cache (``seqlens`` on the device, advanced in place), its scores cover the cache
 list has a width fixed on the host (:meth:`~seer.sparsity.decode.DecodeSparsityConfig.max_kept_blocks`), and neither
 the budget nor the kernel validates values on the host. Host state used by a step is only what a prefill fixed (each
 row's offset in the KV cache, the capacity).
+
+The tensor work of a one-token step of a layer (the compressed-K cache update, the gate scores, the block list and
+density, the density sums) is one function of tensors and plain config, :func:`sparse_decode_step`; the host
+bookkeeping around it (input checks, the capacity, the host length bounds) stays in :meth:`DecodeContext._step`. With
+``DecodeSparsityConfig.compile`` it runs through ``torch.compile`` (``COMPILE_BACKEND``, default inductor;
+``dynamic=False``, ``fullgraph=True``), compiled once per process and shape and shared by every layer, so that its
+some 70 small kernels a layer become a few fused ones. A compiled step stays capturable in a CUDA graph (no host read
+inside; not ``mode="reduce-overhead"``, since the caller captures the whole model step), once an eager step has
+compiled it. A DynamicCache whose compressed-K store grows recompiles at each new capacity.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
 from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import _dense, _PreRopeStash, attention_layers, layer_shape, seer_mask
-from seer.model.decode_cache import DecodeKeyCache
+from seer.model.decode_cache import DecodeKeyCache, newest_scores, step_keys
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks
 
 DISTILL_ATTENTION = "seer_decode_distill"
@@ -207,26 +216,27 @@ class DecodeContext:
         device and has shapes fixed on the host (CUDA-graph capturable once an eager step has run)."""
         q_pre, k_pre = module.seer_decode_stash.take()
         layer = module.layer_idx
-        if self.cache is None:
+        cache = self.cache
+        if cache is None:
             raise RuntimeError("a decode step before any prefill with use_cache: sparse decode has no compressed keys")
-        self.cache.update(layer, k_pre)
         if query.shape[2] != 1:  # several tokens over a cache (e.g. assisted decoding): dense
+            cache.update(layer, k_pre)
             return _dense(module, query, key, value, attention_mask, 0.0, scaling, **kwargs)[0]
-        bs = self.config.block_size
-        seqlens = self.cache.seqlens[layer]  # each row's real keys, this token's included (int32, on the device)
-        offsets = self.cache.offsets
-        if key.shape[2] < self.cache.longest[layer]:
+        cache.check_step(layer, k_pre, q_pre)
+        if key.shape[2] < cache.longest[layer] + 1:
             raise ValueError(f"layer {layer}: the KV cache holds {key.shape[2]} keys, fewer than a sequence's "
-                             f"{self.cache.longest[layer]}; sparse decode needs transformers' DynamicCache or "
+                             f"{cache.longest[layer] + 1}; sparse decode needs transformers' DynamicCache or "
                              f"StaticCache")
-        scores = self.cache.scores(layer, q_pre)
-        index, density = decode_step_blocks(scores, seqlens, self.sparsity, bs, self.threshold)
+        seqlens = cache.seqlens[layer]  # each row's real keys, this token's included once stepped (int32, on device)
         if layer not in self.density:  # sums on the device, added to in place
-            self.density[layer] = (torch.zeros((), device=scores.device), torch.zeros((), dtype=torch.int64,
-                                                                                      device=scores.device))
+            self.density[layer] = (torch.zeros((), device=seqlens.device), torch.zeros((), dtype=torch.int64,
+                                                                                       device=seqlens.device))
         total, steps = self.density[layer]
-        total.add_(density)
-        steps.add_(1)
+        step = _compiled_step() if self.sparsity.compile else sparse_decode_step
+        index, *newest = step(cache.gates[layer], cache.keys[layer], cache.tails[layer], seqlens, total, steps, k_pre,
+                              q_pre, self.sparsity, self.threshold)
+        cache.stepped(layer, tuple(newest))
+        offsets = cache.offsets
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
             query = query.to(value.dtype)
         if not any(offsets):
@@ -247,6 +257,40 @@ class DecodeContext:
         from seer.kernels.reference import block_sparse_decode
 
         return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]
+
+
+def sparse_decode_step(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlens: torch.Tensor,
+                       total: torch.Tensor, steps: torch.Tensor, k_pre: torch.Tensor, q_pre: torch.Tensor,
+                       sparsity: DecodeSparsityConfig, threshold: float | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor work of one layer's one-token sparse decode step, a function of tensors and plain config (no host
+    read, no Python state changed), so that ``torch.compile`` can fuse it (``DecodeSparsityConfig.compile``): the new
+    pre-RoPE key ``k_pre [B, Hkv, 1, D]`` into the layer's compressed-K cache (``store``, ``tails``, ``seqlens``,
+    changed in place: :func:`~seer.model.decode_cache.step_keys`), the gate logits of ``q_pre [B, Hq, 1, D]``
+    (:func:`~seer.model.decode_cache.newest_scores`), the budget's block list and density
+    (:func:`~seer.sparsity.decode.decode_step_blocks`), the density added to the sums ``total`` and ``steps`` in place.
+    Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest gate
+    key, position and block)."""
+    key, pos, block = step_keys(gate, store, tails, seqlens, k_pre)
+    scores = newest_scores(gate, store, q_pre, key, pos, block)
+    index, density = decode_step_blocks(scores, seqlens, sparsity, gate.config.block_size, threshold)
+    total.add_(density)
+    steps.add_(1)
+    return index, key, pos, block
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for DecodeSparsityConfig.compile (tests on the CPU: aot_eager)
+_COMPILED: dict = {}  # the compiled sparse_decode_step by backend: compiled once a process, shared by every layer
+
+
+def _compiled_step() -> Callable:
+    """:func:`sparse_decode_step` through ``torch.compile`` (``COMPILE_BACKEND``, static shapes, one graph: no host
+    sync inside, CUDA-graph capturable; not ``mode="reduce-overhead"``: a caller captures the whole model step). The
+    first call of a shape compiles (run an eager step before a CUDA-graph capture)."""
+    backend = COMPILE_BACKEND
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(sparse_decode_step, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[backend]
 
 
 def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeContext:

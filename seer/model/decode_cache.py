@@ -58,6 +58,44 @@ def pool_prefix(x: torch.Tensor, counts: torch.Tensor, kinds: list[str]) -> torc
     return torch.cat(out, dim=-1)
 
 
+def step_keys(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlens: torch.Tensor,
+              k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor work of a one-token step of one layer's cache (:meth:`DecodeKeyCache.update`), in place: the key
+    ``k [B, Hkv, 1, D]`` of every row scattered into its newest block (``tails [B, Hkv, bs, D]``) at its length
+    (``seqlens [B]`` int32, advanced by one), that block's gate key written into ``store [B, Hkv, capacity, E]``.
+    Returns that gate key ``[B, Hkv, 1, E]`` (as :meth:`~DecodeKeyCache.scores` reads it), the new token's position
+    and its block (``[B]`` int64). No host read, no host state: a function of tensors (``torch.compile``-able)."""
+    bs = gate.config.block_size
+    pos = seqlens.long()  # the new token's position in its row
+    slot = pos % bs
+    b, h, _, d = tails.shape
+    tails.scatter_(2, slot[:, None, None, None].expand(b, h, 1, d), k.to(tails.dtype))
+    seqlens.add_(1)
+    block = pos // bs
+    key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
+    # written every step, final once the block fills (scores() overwrites the newest block's logit)
+    block = block.clamp(max=store.shape[2] - 1)
+    stored = key.to(store.dtype)
+    store.scatter_(2, block[:, None, None, None].expand(b, h, 1, store.shape[3]), stored)
+    if store.dtype != key.dtype:  # scores() reads a full block's key as stored
+        key = torch.where((slot == bs - 1)[:, None, None, None], stored.to(key.dtype), key)
+    return key, pos, block
+
+
+def newest_scores(gate: DecodeGate, store: torch.Tensor, q: torch.Tensor, key: torch.Tensor, position: torch.Tensor,
+                  newest: torch.Tensor) -> torch.Tensor:
+    """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]`` at ``position``
+    ``[B]``) over the gate keys ``store``, the newest block's (``newest [B]``) from its gate key so far (``key
+    [B, Hkv, 1, E]``); ``-inf`` after it (:meth:`DecodeKeyCache.scores`). A function of tensors."""
+    qg = gate.gate_queries(q, position[:, None])  # [B, Hkv, 1, E]
+    scale = 1.0 / math.sqrt(qg.shape[-1])
+    logits = torch.matmul(qg, store.to(qg.dtype).transpose(-1, -2)).squeeze(2) * scale  # [B, Hkv, capacity]
+    own = (qg * key.to(qg.dtype)).sum(-1) * scale  # [B, Hkv, 1]
+    logits = logits.scatter(-1, newest[:, None, None].expand(*own.shape), own)
+    after = torch.arange(store.shape[2], device=q.device)[None, :] > newest[:, None]
+    return logits.masked_fill(after[:, None], float("-inf"))
+
+
 class DecodeKeyCache:
     """Compressed keys of ``batch_size`` sequences for the decode ``gates`` (``{layer_idx: DecodeGate}``, one block
     size), stored in ``dtype`` (default: the gates'), with room for ``max_length`` tokens a row (None: grown as
@@ -97,15 +135,24 @@ class DecodeKeyCache:
         """Appends pre-RoPE keys ``k [B, Hkv, T, D]`` of layer ``layer``: ``new_tokens [B]`` of them for each row
         (the first ones; default all ``T``); every block this fills gets its gate key. One token for every row (a
         decode step) takes the batched path, which reads nothing from the device."""
+        self._check_keys(layer, k)
+        if new_tokens is None and k.shape[2] == 1:
+            self._step(layer, k)
+        else:
+            self._append(layer, k, new_tokens)
+
+    def _check_keys(self, layer: int, k: torch.Tensor) -> None:
         gate = self.gates[layer]
         if k.dim() != 4 or k.shape[0] != self.batch_size or k.shape[1] != gate.num_kv_heads \
                 or k.shape[3] != gate.head_dim:
             raise ValueError(f"layer {layer}: keys must be [{self.batch_size}, {gate.num_kv_heads}, T, "
                              f"{gate.head_dim}]; got {tuple(k.shape)}")
-        if new_tokens is None and k.shape[2] == 1:
-            self._step(layer, k)
-        else:
-            self._append(layer, k, new_tokens)
+
+    def _check_query(self, layer: int, q: torch.Tensor) -> None:
+        gate = self.gates[layer]
+        if q.dim() != 4 or q.shape[:3] != (self.batch_size, gate.num_heads, 1):
+            raise ValueError(f"layer {layer}: q must be [{self.batch_size}, {gate.num_heads}, 1, {gate.head_dim}]; "
+                             f"got {tuple(q.shape)}")
 
     def _room(self, layer: int, length: int) -> None:
         """Makes room in ``layer``'s gate-key buffer for the blocks of rows of ``length`` tokens, the newest partial
@@ -124,23 +171,22 @@ class DecodeKeyCache:
 
     def _step(self, layer: int, k: torch.Tensor) -> None:
         """One key ``k [B, Hkv, 1, D]`` for every row, batched (no host read, static shapes)."""
-        gate, bs = self.gates[layer], self.block_size
         self._room(layer, self.longest[layer] + 1)
-        store, tails, seqlens = self.keys[layer], self.tails[layer], self.seqlens[layer]
-        pos = seqlens.long()  # the new token's position in its row
-        slot = pos % bs
-        b, h, _, d = tails.shape
-        tails.scatter_(2, slot[:, None, None, None].expand(b, h, 1, d), k.to(tails.dtype))
-        seqlens.add_(1)
-        block = pos // bs
-        key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
-        # written every step, final once the block fills (scores() overwrites the newest block's logit)
-        block = block.clamp(max=store.shape[2] - 1)
-        stored = key.to(store.dtype)
-        store.scatter_(2, block[:, None, None, None].expand(b, h, 1, store.shape[3]), stored)
-        if store.dtype != key.dtype:  # scores() reads a full block's key as stored
-            key = torch.where((slot == bs - 1)[:, None, None, None], stored.to(key.dtype), key)
-        self._newest[layer] = key, pos, block  # for scores(), with the new token's position and block
+        self.stepped(layer, step_keys(self.gates[layer], self.keys[layer], self.tails[layer], self.seqlens[layer], k))
+
+    def check_step(self, layer: int, k: torch.Tensor, q: torch.Tensor) -> None:
+        """The host part of a one-token step before its tensor work (:func:`step_keys`, :func:`newest_scores`): the
+        input checks of :meth:`update` and :meth:`scores`, and room for the new token."""
+        self._check_keys(layer, k)
+        if k.shape[2] != 1:
+            raise ValueError(f"layer {layer}: a one-token step takes keys [B, Hkv, 1, D]; got {tuple(k.shape)}")
+        self._check_query(layer, q)
+        self._room(layer, self.longest[layer] + 1)
+
+    def stepped(self, layer: int, newest: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """The host part of a one-token step after its tensor work: ``newest`` (what :func:`step_keys` returned, the
+        new token's gate key, position and block) kept for :meth:`scores`, the host bounds of the lengths advanced."""
+        self._newest[layer] = newest
         self.longest[layer] += 1
         self.shortest[layer] += 1
 
@@ -184,9 +230,7 @@ class DecodeKeyCache:
         if self.shortest[layer] < 1:
             raise ValueError(f"layer {layer}: every row needs a cached key (its own) before scoring; lengths "
                              f"{self.seqlens[layer].tolist()}")
-        if q.dim() != 4 or q.shape[:3] != (self.batch_size, gate.num_heads, 1):
-            raise ValueError(f"layer {layer}: q must be [{self.batch_size}, {gate.num_heads}, 1, {gate.head_dim}]; "
-                             f"got {tuple(q.shape)}")
+        self._check_query(layer, q)
         store = self.keys[layer]
         if self._newest[layer] is None:  # after a prefill: the newest block pooled over its keys so far
             position = self.seqlens[layer].long() - 1  # each row's newest token, on the device
@@ -197,13 +241,7 @@ class DecodeKeyCache:
             key = torch.where(full, key.to(store.dtype).to(key.dtype), key)
         else:
             key, position, newest = self._newest[layer]
-        qg = gate.gate_queries(q, position[:, None])  # [B, Hkv, 1, E]
-        scale = 1.0 / math.sqrt(qg.shape[-1])
-        logits = torch.matmul(qg, store.to(qg.dtype).transpose(-1, -2)).squeeze(2) * scale  # [B, Hkv, capacity]
-        own = (qg * key.to(qg.dtype)).sum(-1) * scale  # [B, Hkv, 1]
-        logits = logits.scatter(-1, newest[:, None, None].expand(*own.shape), own)
-        after = torch.arange(store.shape[2], device=q.device)[None, :] > newest[:, None]
-        return logits.masked_fill(after[:, None], float("-inf"))
+        return newest_scores(gate, store, q, key, position, newest)
 
     def clone(self) -> DecodeKeyCache:
         """A copy that later steps of either do not change (the gates shared)."""

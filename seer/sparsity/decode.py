@@ -14,7 +14,11 @@ The newest (partial) block is always kept; the first block too when ``first_bloc
 lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1, ``S`` a
 width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step reads nothing back
 from the device. A decode step gets that list and its density at once from :func:`decode_step_blocks` (a token
-budget's list straight from ``topk``, in few device operations).
+budget's list straight from ``topk``, in few device operations). With ``compile`` (default false) the tensor work of
+a one-token sparse decode step of a layer (compressed-K cache update, gate scores, this block list and density, the
+density sums: :func:`seer.model.decode.sparse_decode_step`) runs through ``torch.compile`` (inductor, static shapes,
+one graph; compiled at the first step, which must run eagerly before a CUDA-graph capture): fewer, fused kernels
+instead of some 70 small ones a layer. It changes how a step runs, not which blocks it keeps.
 
 A calibrated threshold is stored beside the decode gates (``decode_calibration.json``, written at the end of
 ``stage=distill_decode``) as a :class:`DecodeCalibration`; :func:`find_decode_calibration` finds it again for
@@ -48,6 +52,7 @@ class DecodeSparsityConfig:
     threshold: float = 0.01
     target_density: Optional[float] = None
     first_block: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in DECODE_METHODS:
@@ -63,6 +68,9 @@ class DecodeSparsityConfig:
         if self.target_density is not None and self.method != "threshold":
             fail("decode_sparsity", "target_density", self.target_density,
                  f"calibrates the threshold method; method={self.method!r} takes none (use null)")
+        if not isinstance(self.compile, bool):
+            fail("decode_sparsity", "compile", self.compile,
+                 "is true or false (run each decode step's gate and block selection through torch.compile)")
 
     @property
     def calibrated(self) -> bool:

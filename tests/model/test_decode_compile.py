@@ -1,0 +1,126 @@
+"""``DecodeSparsityConfig(compile=True)``: a one-token sparse decode step's per-layer tensor work
+(:func:`seer.model.decode.sparse_decode_step`) through ``torch.compile`` gives the logits and densities of the eager
+path. On the CPU through the ``aot_eager`` backend (dynamo's graph capture and AOT autograd, no code generation);
+inductor, the default on a GPU, once as well when a C++ compiler is at hand."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import seer.model.decode as decode
+from seer.checks import ConfigError
+from seer.gates.decode_config import DecodeGateConfig
+from seer.model.attention import prepare_model
+from seer.model.decode import attach_decode_gates, decode_gates
+from seer.sparsity.decode import DecodeSparsityConfig
+from tests.tiny import tiny_model
+
+BS = 16
+BUDGETS = [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}]
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The compile backend replaced by ``aot_eager`` behind a counter (``frame_count``: graphs compiled), with a fresh
+    dynamo cache."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(decode, "_COMPILED", {})
+    yield counter
+    torch._dynamo.reset()
+
+
+def _model(budget: dict, compiled: bool):
+    model = tiny_model("llama")
+    prepare_model(model, BS)
+    ctx = attach_decode_gates(model, DecodeGateConfig(block_size=BS, hidden_size=16))
+    torch.manual_seed(1)
+    for g in decode_gates(model).values():
+        torch.nn.init.normal_(g.k_weight, std=2.0)
+    ctx.enable(DecodeSparsityConfig(**budget, compile=compiled))
+    return model
+
+
+def _padded_logits(model, new: int = 8) -> torch.Tensor:
+    """``[new, 2, vocab]``: greedy generation's logits for a left-padded batch of two prompts (45 and 26 tokens)."""
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (45, 26)]
+    ids, mask = torch.full((2, 45), 2), torch.zeros(2, 45, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, 45 - len(s):], mask[row, 45 - len(s):] = s, 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2,
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits)
+
+
+def _static_logits(model, new: int = 8) -> torch.Tensor:
+    """``[new, 2, vocab]``: a prefill of two unpadded 40-token prompts then one-token steps over a StaticCache."""
+    from transformers import StaticCache
+
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(7))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(new):
+            logits.append(out.logits[:, -1])
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_compiled_steps_give_the_eager_logits_of_a_padded_batch(budget, compiles):
+    eager = _model(budget, compiled=False)
+    want = _padded_logits(eager)
+    assert compiles.frame_count == 0
+    model = _model(budget, compiled=True)
+    got = _padded_logits(model)
+    # one graph for both layers and every step of a capacity; the DynamicCache's compressed-K store grows once here
+    # (3 blocks after the 45-token prefill, 6 from the step into the 4th block)
+    assert compiles.frame_count == 2
+    assert torch.equal(got, want)
+    assert model.seer_decode.densities() == eager.seer_decode.densities()
+    assert 0 < model.seer_decode.mean_density() < 1
+
+
+def test_compiled_steps_over_a_static_cache_compile_once(compiles):
+    want = _static_logits(_model(BUDGETS[0], compiled=False))
+    model = _model(BUDGETS[0], compiled=True)
+    got = _static_logits(model)
+    assert compiles.frame_count == 1  # shared by both layers and every step
+    assert torch.equal(got, want)
+    assert 0 < model.seer_decode.mean_density() < 1
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on the CPU needs "
+                    "a C++ compiler")
+def test_inductor_gives_the_eager_logits(monkeypatch):
+    """The default backend (inductor: generated C++ on the CPU) once, a token budget over a StaticCache."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(decode, "_COMPILED", {})
+    try:
+        want = _static_logits(_model(BUDGETS[0], compiled=False), new=4)
+        before = counters["stats"]["unique_graphs"]  # dynamo's count, not reset by torch._dynamo.reset()
+        got = _static_logits(_model(BUDGETS[0], compiled=True), new=4)
+        assert counters["stats"]["unique_graphs"] == before + 1
+    finally:
+        torch._dynamo.reset()
+    assert (got - want).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_compile_must_be_a_bool(value):
+    with pytest.raises(ConfigError, match=r"decode_sparsity\.compile=.*: is true or false"):
+        DecodeSparsityConfig(compile=value)
+    assert DecodeSparsityConfig(compile=True).compile and not DecodeSparsityConfig().compile
