@@ -62,3 +62,23 @@ def padded_batch(seqs, side: str):
         ids[row, span], mask[row, span] = s, 1
         spans.append(span)
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), spans
+
+
+def tiny_decode_model(budget: dict | None, block_size: int = 16):
+    """A tiny Llama prepared for seer with decode gates (hidden size 16, sharpened random keys), sparse decode on at
+    ``DecodeSparsityConfig(**budget)`` (off with None)."""
+    from seer.gates.decode_config import DecodeGateConfig
+    from seer.model.attention import prepare_model
+    from seer.model.decode import attach_decode_gates, decode_gates
+    from seer.sparsity.decode import DecodeSparsityConfig
+
+    model = tiny_model("llama")
+    prepare_model(model, block_size)
+    ctx = attach_decode_gates(model, DecodeGateConfig(block_size=block_size, hidden_size=16))
+    torch.manual_seed(1)
+    for g in decode_gates(model).values():
+        torch.nn.init.normal_(g.k_weight, std=2.0)
+    if budget is not None:
+        ctx.enable(DecodeSparsityConfig(**budget))
+    return model
+

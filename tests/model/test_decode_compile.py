@@ -12,11 +12,8 @@ import torch
 
 import seer.model.decode as decode
 from seer.checks import ConfigError
-from seer.gates.decode_config import DecodeGateConfig
-from seer.model.attention import prepare_model
-from seer.model.decode import attach_decode_gates, decode_gates
 from seer.sparsity.decode import DecodeSparsityConfig
-from tests.tiny import tiny_model
+from tests.tiny import tiny_decode_model
 
 BS = 16
 BUDGETS = [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}]
@@ -38,14 +35,7 @@ def compiles(monkeypatch):
 
 
 def _model(budget: dict, compiled: bool):
-    model = tiny_model("llama")
-    prepare_model(model, BS)
-    ctx = attach_decode_gates(model, DecodeGateConfig(block_size=BS, hidden_size=16))
-    torch.manual_seed(1)
-    for g in decode_gates(model).values():
-        torch.nn.init.normal_(g.k_weight, std=2.0)
-    ctx.enable(DecodeSparsityConfig(**budget, compile=compiled))
-    return model
+    return tiny_decode_model({**budget, "compile": compiled}, BS)
 
 
 def _padded_logits(model, new: int = 8) -> torch.Tensor:

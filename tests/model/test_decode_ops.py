@@ -11,11 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seer.gates.decode_config import DecodeGateConfig
-from seer.model.attention import prepare_model
-from seer.model.decode import DecodeContext, attach_decode_gates, decode_gates
-from seer.sparsity.decode import DecodeSparsityConfig
-from tests.tiny import tiny_model
+from seer.model.decode import DecodeContext
+from tests.tiny import tiny_decode_model
 
 BS = 16
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh", "_unsafe_view"}
@@ -35,18 +32,6 @@ class OpCounter(TorchDispatchMode):
         if not self.paused and not func.is_view and name not in NO_KERNEL:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
-
-
-def _model(budget: dict | None):
-    model = tiny_model("llama")
-    prepare_model(model, BS)
-    ctx = attach_decode_gates(model, DecodeGateConfig(block_size=BS, hidden_size=16))
-    torch.manual_seed(1)
-    for g in decode_gates(model).values():
-        torch.nn.init.normal_(g.k_weight, std=2.0)
-    if budget is not None:
-        ctx.enable(DecodeSparsityConfig(**budget))
-    return model
 
 
 def step_ops(model, monkeypatch, prompt: int = 70, batch: int = 2) -> collections.Counter[str]:
@@ -77,7 +62,8 @@ def step_ops(model, monkeypatch, prompt: int = 70, batch: int = 2) -> collection
 
 def added_ops_per_layer(budget: dict, monkeypatch) -> collections.Counter[str]:
     """Ops a one-token step with decode ``budget`` adds per layer over the dense step (by name; negative: fewer)."""
-    sparse, dense = step_ops(_model(budget), monkeypatch), step_ops(_model(None), monkeypatch)
+    sparse = step_ops(tiny_decode_model(budget, BS), monkeypatch)
+    dense = step_ops(tiny_decode_model(None, BS), monkeypatch)
     layers = 2
     return collections.Counter({name: (sparse[name] - dense[name]) / layers for name in sparse | dense
                                 if sparse[name] != dense[name]})
