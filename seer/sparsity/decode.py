@@ -76,6 +76,11 @@ class DecodeSparsityConfig:
     def calibrated(self) -> bool:
         return self.method == "threshold" and self.target_density is not None
 
+    def stored(self) -> dict:
+        """The budget's fields as files keep them (gates, calibrations): without ``compile``, how a run executes
+        it, which a file must not switch on for its readers."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "compile"}
+
     def describe(self) -> str:
         """The budget in a few words (what messages and result tables name)."""
         first = "" if self.first_block else ", no first block"
@@ -240,7 +245,7 @@ class DecodeCalibration:
             (self.sparsity.target_density, self.sparsity.first_block)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "sparsity": dataclasses.asdict(self.sparsity)}
+        return {**dataclasses.asdict(self), "sparsity": self.sparsity.stored()}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> DecodeCalibration:

@@ -116,7 +116,7 @@ class DecodeGateDistillation(Stage):
 
     def save_gate_files(self, folder: str, state: dict[str, torch.Tensor], extra: dict) -> None:
         """``decode_gates.*`` with the decode budget in place of the (dense) prefill one."""
-        extra = {**{k: v for k, v in extra.items() if k != "sparsity"}, "decode_sparsity": vars(self.budget)}
+        extra = {**{k: v for k, v in extra.items() if k != "sparsity"}, "decode_sparsity": self.budget.stored()}
         save_decode_gates(folder, self.model, self.model_name, extra=extra, state=state)
 
     def train(self, mode: bool = True):

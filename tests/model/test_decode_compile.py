@@ -114,3 +114,14 @@ def test_compile_must_be_a_bool(value):
     with pytest.raises(ConfigError, match=r"decode_sparsity\.compile=.*: is true or false"):
         DecodeSparsityConfig(compile=value)
     assert DecodeSparsityConfig(compile=True).compile and not DecodeSparsityConfig().compile
+
+
+def test_files_do_not_keep_the_compile_switch():
+    """Gates and calibrations store the budget without ``compile`` (how a run executes it), and read back."""
+    from seer.sparsity.decode import DecodeCalibration
+
+    budget = DecodeSparsityConfig(method="threshold", target_density=0.1, compile=True)
+    assert "compile" not in budget.stored() and budget.stored()["target_density"] == 0.1
+    stored = DecodeCalibration(budget, threshold=0.01, density=0.1).to_dict()
+    assert "compile" not in stored["sparsity"]
+    assert DecodeCalibration.from_dict(stored).sparsity == DecodeSparsityConfig(method="threshold", target_density=0.1)
