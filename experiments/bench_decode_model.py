@@ -3,11 +3,11 @@
 
 The eager mode ran on one H200 with the compressed-K cache before its static-shape rewrite (issue 18: sparse 0.72x dense
 at 1 x 32k, 0.38x at 8 x 32k, 0.71x at 1 x 128k; host-bound); ``--graph`` ran there too (docs/bench_decode_model.md:
-10.1x transformers' SDPA at 8 x 32k, 1.47x the kernel's own dense mode; ``--profile`` shows the small kernels of the
-gate and the selection dominating a step). Defaults: all 32 decoder layers, prompts 32k and 128k, batch 1 and 8; batch 8
-x 128k is skipped (its KV cache alone is 128 GiB). Expected well within 5 minutes of wall time: the model is drawn on
-the GPU in seconds, a prefill takes about 2 s (1 x 32k) to 10-15 s (8 x 32k, 1 x 128k), and each case decodes about 80
-steps of tens of ms.
+10.1x transformers' SDPA at 8 x 32k and 1.47x kernel@1.0, before the gate-free kernel dense baseline existed; a
+``--profile`` of eager steps then showed the small kernels of the gate and the selection dominating a step).
+Defaults: all 32 decoder layers, prompts 32k and 128k, batch 1 and 8; batch 8 x 128k is skipped (its KV cache alone is
+128 GiB). Expected well within 5 minutes of wall time: the model is drawn on the GPU in seconds, a prefill takes about
+2 s (1 x 32k) to 10-15 s (8 x 32k, 1 x 128k), and each case decodes about 80 steps of tens of ms.
 
 The model is ``conf/model/<--model>.yaml`` (default ``llama3_8b``: 32 layers, 32 query / 8 KV heads, D 128, vocab
 128256) built with ``model.random_init=true`` in bf16 on CUDA (``--layers N`` keeps the first N decoder layers),
@@ -51,19 +51,21 @@ layer and step the decode gate, the compressed-K update, the budget's top-k, the
 KV cache is transformers' StaticCache of prompt + steps tokens (``--cache`` is ignored), and after the prefill ONE
 decode step ``model(input_ids=static_ids, past_key_values=cache, use_cache=True)`` is captured in a
 ``torch.cuda.CUDAGraph`` (warm-up steps on a side stream first, as the PyTorch docs ask: they compile and tune the
-Triton kernels and allocate what a first step allocates), once dense, once with sparse decode over every block, once at
-``--budget``; each is replayed ``--steps`` times, timed with CUDA events (the next token copied into ``static_ids``
-before each replay). The step reads its position from the cache itself: in transformers 5.x a StaticCache layer keeps
-its length as a device tensor (``cumulative_length``) that the captured ``update`` advances in place, the model derives
-``position_ids`` and the causal mask's offset from it (there is no ``cache_position`` argument), and sparse decode reads
-each row's length from the compressed-K cache's ``seqlens``, also advanced in place; so replays continue the sequence
-and a rewind sets both back in place (the compressed-K cache from a copy taken after the prefill,
-:meth:`~seer.model.decode_cache.DecodeKeyCache.copy_`). Before timing: the replays' logits must equal eager steps'
-(relative error <= ``GRAPH_TOL``), sparse decode over every block must equal dense within ``--tol`` at density 1.0, and
-after the timed replays the caches must hold prompt + steps tokens. Dense attention here is transformers' SDPA over the
-whole static cache with a mask (which makes transformers repeat K/V per query head, more traffic than the eager mode's
-dense step), so the sparse-over-every-block graph (the Triton kernel listing every block: a dense decode, plus the gate)
-is timed too and the report gives the speedup against the faster of the two as well.
+Triton kernels and allocate what a first step allocates), four times: ``dense``, transformers' SDPA over the whole
+static cache with a mask (which makes transformers repeat K/V per query head, more traffic than the eager mode's dense
+step); ``kernel dense``, our decode kernel listing every block of the cache with sparse decode off (no decode gate, no
+compressed-K update, no top-k: :func:`kernel_dense_attention`), the dense decode of ours; ``kernel@1.0``, sparse decode
+at a budget of every block (the same kernel work plus each layer's gate, compressed-K update and top-k: what the gate
+costs, not a dense baseline); and sparse decode at ``--budget``. Each is replayed ``--steps`` times, timed with CUDA
+events (the next token copied into ``static_ids`` before each replay); ``vs best`` is sparse against the faster of
+``dense`` and ``kernel dense``. The step reads its position from the cache itself: in transformers 5.x a StaticCache
+layer keeps its length as a device tensor (``cumulative_length``) that the captured ``update`` advances in place, the
+model derives ``position_ids`` and the causal mask's offset from it (there is no ``cache_position`` argument), kernel
+dense takes each row's length from ``position_ids``, and sparse decode from the compressed-K cache's ``seqlens``, also
+advanced in place; so replays continue the sequence and a rewind sets both back in place (the compressed-K cache from
+a copy taken after the prefill, :meth:`~seer.model.decode_cache.DecodeKeyCache.copy_`). Before timing: the replays'
+logits must equal eager steps' (relative error <= ``GRAPH_TOL``), kernel dense and kernel@1.0 must equal dense within
+``--tol`` (kernel@1.0 at density 1.0), and after the timed replays the caches must hold prompt + steps tokens.
 
 ``--compile-gate`` runs the sparse runs (every block and the budget) with ``DecodeSparsityConfig(compile=True)``: each
 layer's gate / compressed-K update / block selection / density sums of a one-token step through ``torch.compile``
@@ -79,15 +81,19 @@ compiled graph. Compare its rows with a run without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import gc
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
 GIB = 2**30
 GRAPH_TOL = 1e-3  # relative L2 error allowed between a CUDA-graph replay and the same eager step
+KERNEL_DENSE_ATTENTION = "seer_bench_kernel_dense"  # the attention function of the `kernel dense` baseline
 
 
 def kv_cache_bytes(layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -346,6 +352,52 @@ def replay_steps(step: GraphStep, ids: torch.Tensor, n: int, keep: bool = False)
     return _timed_steps(n, one, ids.is_cuda, keep)
 
 
+def kernel_dense_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, *, blocks: torch.Tensor, block_size: int, kernel: str,
+                           position_ids: torch.Tensor, **kwargs):
+    """The ``kernel dense`` baseline's attention function (transformers' AttentionInterface signature): a one-token
+    decode step over a StaticCache (``key``/``value [B, Hkv, max_cache_len, D]``) through our decode kernel
+    (``kernel``: ``triton``, or the PyTorch ``reference``) listing ``blocks``, every block of the cache, for each row
+    and KV head; a row's length is its position + 1, on the device (transformers derives ``position_ids`` from the
+    cache's length). No decode gate, compressed-K cache or block selection. Returns ``([B, 1, Hq, D], None)``."""
+    if kernel == "triton":
+        from seer.kernels import block_sparse_decode
+    else:
+        from seer.kernels.reference import block_sparse_decode
+
+    b, _, t, _ = query.shape
+    if t != 1 or blocks.numel() * block_size < key.shape[2]:
+        raise ValueError(f"the kernel dense baseline attends one-token steps over {blocks.numel()} blocks of "
+                         f"{block_size}; got {t} queries over {key.shape[2]} keys")
+    seqlens = (position_ids[:, -1].expand(b) + 1).to(torch.int32)
+    out = block_sparse_decode(query, key, value, blocks.expand(b, key.shape[1], -1), seqlens, block_size, scaling,
+                              validate=False)[0]
+    return out.transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def kernel_dense(model, cache, kernel: str) -> Iterator[None]:
+    """Inside the block ``model`` attends through :func:`kernel_dense_attention` (registered with the ``"seer"``
+    mask function, the sparse steps' one) listing every block of ``cache`` (a StaticCache; blocks of the decode
+    gates' size); its attention function is restored when it ends. Switch sparse decode off first."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from seer.model.attention import seer_mask
+
+    bs = model.seer_decode.config.block_size
+    blocks = torch.arange(-(-cache.layers[0].max_cache_len // bs), dtype=torch.int32, device=model.device)
+    AttentionInterface.register(KERNEL_DENSE_ATTENTION, functools.partial(kernel_dense_attention, blocks=blocks,
+                                                                          block_size=bs, kernel=kernel))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL_DENSE_ATTENTION, seer_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(KERNEL_DENSE_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def _rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max([((a - b).norm() / b.norm()).item() for a, b in zip(got, want)], default=0.0)
 
@@ -449,7 +501,19 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
     graph_errs = {"dense": _rel_err(dense_graph, want)}
     dense_ms = timed(step)
     del step
-    # sparse decode over every block: the eager steps and the replays against dense; timed as the kernel's dense
+    # our kernel listing every block, no gate (sparse decode off: no compressed-K cache either): against dense, timed
+    with kernel_dense(model, cache, kernel):
+        eager = eager_reference(args.check_steps)
+        step = GraphStep(model, cache, steps[0], reset, args.warmup)
+        _, got = replay_steps(step, steps, args.check_steps, keep=True)
+        graph_errs["kernel dense"] = _rel_err(got, eager)
+        kernel_dense_err = max(_rel_err(got, want), _rel_err(eager, want))
+        kernel_dense_ms = timed(step)
+        del step
+    if kernel_dense_err > args.tol:
+        problems.append(f"the kernel's dense decode (every block, no gate) against dense: relative error "
+                        f"{kernel_dense_err:.3g} (--tol {args.tol})")
+    # sparse decode with a budget of every block (the gate runs): the eager steps and the replays against dense
     sparse(every)
     eager = eager_reference(args.check_steps)
     step = GraphStep(model, cache, steps[0], reset, args.warmup)
@@ -474,7 +538,7 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
         profile_steps(model, cache, steps, args)
         args._profiled = True
     ctx.disable()
-    graph_err = max(graph_errs["every block"], graph_errs["budget"])  # ours; dense is transformers' SDPA
+    graph_err = max(graph_errs["kernel dense"], graph_errs["every block"], graph_errs["budget"])  # ours, not SDPA
     check_ok = err <= args.tol and abs(full_density - 1.0) <= 1e-6 and graph_err <= GRAPH_TOL \
         and graph_errs["dense"] <= args.tol and not problems
     if not check_ok:  # reported, and the run exits 1 at the end; the timings are still measured
@@ -487,10 +551,10 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
     tokens = batch * args.steps
     return dict(prompt=prompt, batch=batch, prefill_s=prefill_s, check_err=err, check_ok=check_ok,
                 graph_err=graph_err, dense_graph_err=graph_errs["dense"], dense_ms=dense_ms / args.steps,
-                full_ms=full_ms / args.steps,
-                sparse_ms=sparse_ms / args.steps, dense_tps=tokens / dense_ms * 1e3,
+                kernel_dense_ms=kernel_dense_ms / args.steps, kernel_dense_err=kernel_dense_err,
+                full_ms=full_ms / args.steps, sparse_ms=sparse_ms / args.steps, dense_tps=tokens / dense_ms * 1e3,
                 sparse_tps=tokens / sparse_ms * 1e3, speedup=dense_ms / sparse_ms,
-                speedup_best=min(dense_ms, full_ms) / sparse_ms, density=density, peak_gib=peak,
+                speedup_best=min(dense_ms, kernel_dense_ms) / sparse_ms, density=density, peak_gib=peak,
                 key_cache_mib=key_cache_mib)
 
 
@@ -557,13 +621,15 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
                f"step captured in a CUDA graph over a StaticCache (rewound in place to the prompt between runs), "
                f"timed with CUDA events, after {args.warmup} warm-up replays; dense and sparse decode the same tokens "
                "over the same KV cache. Tokens/s = batch x steps / time. No host overhead: the GPU's time. `dense`: "
-               "transformers' SDPA over the StaticCache (its mask makes SDPA repeat K/V per query head); "
-               "`kernel@1.0`: sparse decode with every block kept (the Triton kernel as a dense decode, the gate "
-               "included); `vs best`: the faster of the two against sparse. `check`: relative L2 error of sparse "
-               f"decode over every block against dense, {args.check_steps} steps (bf16); `graph`: CUDA-graph "
-               f"replays of sparse decode (every block, budget) against the same eager steps (at most {GRAPH_TOL}; "
-               "`dense graph`: the same for transformers' SDPA step, whose replays differ from its eager steps by "
-               "bf16 rounding at batch 8 (at most --tol).")
+               "transformers' SDPA over the StaticCache (its mask makes SDPA repeat K/V per query head); `kernel "
+               "dense`: our decode kernel listing every block of the cache, no decode gate, compressed-K update or "
+               "top-k; `kernel@1.0`: sparse decode at a budget of every block (the kernel over every block plus the "
+               "gate, compressed-K update and top-k of each layer and step); `vs best`: sparse against the faster of "
+               "`dense` and `kernel dense`. `check`: relative L2 error of `kernel@1.0` against dense, `kernel dense "
+               f"check` that of `kernel dense` (eager steps and replays), {args.check_steps} steps (bf16; at most "
+               f"--tol {args.tol}); `graph`: CUDA-graph replays of ours (kernel dense, kernel@1.0, budget) against "
+               f"the same eager steps (at most {GRAPH_TOL}); `dense graph`: the same for transformers' SDPA step, "
+               "whose replays differ from its eager steps by bf16 rounding at batch 8 (at most --tol).")
     else:
         how = (f"{args.steps} one-token steps of the whole model (LM head included, no sampling) timed with CUDA "
                f"events around an eager loop, after {args.warmup} warm-up steps; dense and sparse decode the same "
@@ -583,16 +649,17 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
              f"kernel{compiled}). Per (prompt, batch): one dense prefill, then {how}", "",
              "| prompt | batch | dense ms/step | dense tok/s | sparse ms/step | sparse tok/s | speedup | density "
              "| compressed K (MiB) | peak mem (GiB) | prefill (s) | check |"
-             + (" kernel@1.0 ms/step | vs best | graph | dense graph |" if graph else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if graph else "")]
+             + (" kernel dense ms/step | kernel dense check | kernel@1.0 ms/step | vs best | graph | dense graph |"
+                if graph else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|---|" if graph else "")]
     for r in rows:
         line = (f"| {r['prompt'] // 1024}k | {r['batch']} | {fmt(r['dense_ms'], 2)} | {fmt(r['dense_tps'], 1)} "
                 f"| {fmt(r['sparse_ms'], 2)} | {fmt(r['sparse_tps'], 1)} | {r['speedup']:.2f}x "
                 f"| {fmt(r['density'], 3)} | {fmt(r['key_cache_mib'], 1)} | {fmt(r['peak_gib'], 1)} "
                 f"| {fmt(r['prefill_s'], 1)} | {r['check_err']:.1e}{'' if r['check_ok'] else ' FAILED'} |")
         if graph:
-            line += (f" {fmt(r['full_ms'], 2)} | {r['speedup_best']:.2f}x | {r['graph_err']:.1e} "
-                     f"| {r['dense_graph_err']:.1e} |")
+            line += (f" {fmt(r['kernel_dense_ms'], 2)} | {r['kernel_dense_err']:.1e} | {fmt(r['full_ms'], 2)} "
+                     f"| {r['speedup_best']:.2f}x | {r['graph_err']:.1e} | {r['dense_graph_err']:.1e} |")
         lines.append(line)
     lines += [""] + [f"Skipped: {s}" for s in skipped]
     return "\n".join(lines).rstrip() + "\n"
@@ -633,8 +700,9 @@ def main(argv: list[str] | None = None) -> None:
     for prompt, batch in cases:
         rows.append(bench_case(model, batch, prompt, args, device))
         r = rows[-1]
-        graph = f", kernel@1.0 {r['full_ms']:.2f} ms/step ({r['speedup_best']:.2f}x against the faster dense), " \
-            f"graph vs eager {r['graph_err']:.1e}" if args.graph else ""
+        graph = f", kernel dense {r['kernel_dense_ms']:.2f} ms/step (check {r['kernel_dense_err']:.1e}), kernel@1.0 " \
+            f"{r['full_ms']:.2f} ms/step, {r['speedup_best']:.2f}x against the faster dense, graph vs eager " \
+            f"{r['graph_err']:.1e}" if args.graph else ""
         print(f"prompt {prompt} batch {batch}: dense {r['dense_ms']:.2f} ms/step ({r['dense_tps']:.1f} tok/s), "
               f"sparse {r['sparse_ms']:.2f} ms/step ({r['sparse_tps']:.1f} tok/s), {r['speedup']:.2f}x, density "
               f"{r['density']:.3f}, peak {r['peak_gib']:.1f} GiB, prefill {r['prefill_s']:.1f} s, check "

@@ -1,5 +1,6 @@
 """experiments/bench_decode_model.py, a GPU benchmark not run yet: its memory estimate and arguments, and one case on
-a tiny random model on the CPU (PyTorch reference kernel): dense and sparse decode run over the same rewound cache."""
+a tiny random model on the CPU (PyTorch reference kernel): dense and sparse decode run over the same rewound cache;
+the gate-free `kernel dense` baseline of --graph gives dense attention's logits."""
 
 import math
 
@@ -50,19 +51,64 @@ def test_one_case_on_the_cpu(cache, chunk):
 @pytest.mark.parametrize("chunk", ["0", "40"])
 def test_one_graph_case_on_the_cpu(chunk):
     """--graph on the CPU: no CUDA graphs there, so each replay runs the step eagerly, over the same StaticCache and
-    static inputs, rewound in place: the checks (graph = eager, sparse over every block = dense, positions advanced)
-    and the report's columns."""
+    static inputs, rewound in place: the checks (graph = eager, sparse over every block and the gate-free kernel
+    dense = dense, positions advanced) and the report's columns."""
     mcfg = bench.model_config("tiny_llama", layers=3, dtype="float32")
     model = bench.build_model(mcfg, "cpu", block_size=16)
     args = bench.parse_args(["--graph", "--steps", "3", "--warmup", "1", "--check-steps", "2", "--budget", "32",
                              "--tol", "1e-4", "--prefill-chunk", chunk])
     row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
     assert row["check_ok"] and row["check_err"] < 1e-4 and row["graph_err"] < 1e-6, row
-    assert 0.2 < row["density"] < 0.6 and row["speedup"] > 0 and row["speedup_best"] > 0
+    assert row["kernel_dense_err"] < 1e-5 and row["kernel_dense_ms"] > 0
+    assert 0.2 < row["density"] < 0.6 and row["speedup"] > 0
+    assert row["speedup_best"] == pytest.approx(min(row["dense_ms"], row["kernel_dense_ms"]) / row["sparse_ms"])
     assert model.seer_decode.sparsity is None and row["key_cache_mib"] > 0
+    assert model.config._attn_implementation == "seer"
     text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
                         "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
     assert "| 0k | 2 |" in text and "kernel@1.0" in text and "CUDA graph" in text
+    assert f"| {row['kernel_dense_err']:.1e} |" in text and "kernel dense ms/step" in text
+
+
+def test_the_kernel_dense_steps_are_dense_attention_without_the_gate(monkeypatch):
+    """`kernel dense`: our decode kernel (the PyTorch reference here) over every block of a StaticCache, each row's
+    length read on the device from the positions: decode steps give transformers' dense steps' logits, advance the
+    cache, read nothing back to the host (CUDA-graph capturable) and never enter the decode gates."""
+    from transformers import StaticCache
+
+    from seer.model.decode import DecodeContext
+
+    model = bench.build_model(bench.model_config("tiny_llama", layers=3, dtype="float32"), "cpu", block_size=16)
+    ids = torch.randint(3, 300, (2, 46), generator=torch.Generator().manual_seed(5))
+    steps = ids[:, 40:].T[:, :, None]  # [6, B, 1]: a token per step
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        bench.prefill(model, cache, ids[:, :40])
+        _, want = bench.decode_steps(model, cache, steps, 6, keep=True)
+        bench.rewind(cache, 40)
+        with bench.kernel_dense(model, cache, "reference"), monkeypatch.context() as patch:
+            patch.setattr(DecodeContext, "handle", lambda *args, **kwargs: pytest.fail("a decode gate ran"))
+            for name in ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__"):
+                patch.setattr(torch.Tensor, name, lambda *args, name=name, **kwargs: pytest.fail(
+                    f"torch.Tensor.{name} in a decode step"))
+            _, got = bench.decode_steps(model, cache, steps, 6, keep=True)
+    assert model.config._attn_implementation == "seer" and int(cache.layers[0].cumulative_length) == 46
+    assert bench._rel_err(got, want) < 1e-5
+    assert bench._rel_err(got[1:], want[:-1]) > 0.01  # each step's logits are its own
+
+
+def test_a_kernel_dense_baseline_off_dense_fails_the_check(monkeypatch, capsys):
+    """A `kernel dense` step that leaves out its newest key (a row length one short) is off dense: the case's check
+    fails and says why."""
+    attention = bench.kernel_dense_attention
+    monkeypatch.setattr(bench, "kernel_dense_attention", lambda *args, position_ids, **kwargs: attention(
+        *args, position_ids=position_ids - 1, **kwargs))
+    model = bench.build_model(bench.model_config("tiny_llama", layers=3, dtype="float32"), "cpu", block_size=16)
+    args = bench.parse_args(["--graph", "--steps", "2", "--warmup", "1", "--check-steps", "2", "--budget", "32",
+                             "--tol", "1e-4"])
+    row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
+    assert not row["check_ok"] and row["kernel_dense_err"] > 1e-3 and row["check_err"] < 1e-4
+    assert "the kernel's dense decode (every block, no gate) against dense" in capsys.readouterr().out
 
 
 def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch):
