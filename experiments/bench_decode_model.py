@@ -66,6 +66,8 @@ advanced in place; so replays continue the sequence and a rewind sets both back 
 a copy taken after the prefill, :meth:`~seer.model.decode_cache.DecodeKeyCache.copy_`). Before timing: the replays'
 logits must equal eager steps' (relative error <= ``GRAPH_TOL``), kernel dense and kernel@1.0 must equal dense within
 ``--tol`` (kernel@1.0 at density 1.0), and after the timed replays the caches must hold prompt + steps tokens.
+``--profile`` profiles ``--profile-steps`` replays of the timed budget step of the first case (so with
+``--compile-gate`` the compiled one).
 
 ``--compile-gate`` runs the sparse runs (every block and the budget) with ``DecodeSparsityConfig(compile=True)``: each
 layer's gate / compressed-K update / block selection / density sums of a one-token step through ``torch.compile``
@@ -128,6 +130,12 @@ def estimate_bytes(arch: dict, layers: int, batch: int, length: int, chunk: int 
                                                                      dtype_bytes) + transient
 
 
+def decode_tokens(args) -> int:
+    """Decode tokens drawn per case, for which its KV cache has room after the prompt: the longest run of steps
+    (timed, warm-up, check, profiled)."""
+    return max(args.steps, args.warmup, args.check_steps, args.profile_steps if args.profile else 0)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3_8b", help="a conf/model name with an architecture block")
@@ -147,17 +155,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-gate", action="store_true",
                     help="sparse runs with DecodeSparsityConfig(compile=True): the per-layer gate and selection "
                          "work through torch.compile (compiled by the first eager steps)")
-    ap.add_argument("--profile", help="--graph: also profile eager steps at --budget of the first case "
-                    "(torch.profiler; the CUDA kernels by their total time) and write the table here")
-    ap.add_argument("--profile-steps", type=int, default=4, help="eager steps the profile covers")
+    ap.add_argument("--profile", help="--graph: also profile the timed CUDA-graph replays at --budget of the first "
+                    "case (torch.profiler; the CUDA kernels by their total time) and write the table here")
+    ap.add_argument("--profile-steps", type=int, default=4, help="replays the profile covers")
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="prefill in pieces of this many tokens (0: the whole prompt in one forward)")
     ap.add_argument("--mem-limit-gib", type=float, default=130.0, help="skip combinations estimated above this")
     ap.add_argument("--tol", type=float, default=0.05, help="relative L2 error allowed in the correctness check")
     ap.add_argument("--out", help="write the markdown report here (else print it only)")
     args = ap.parse_args(argv)
-    for name in ("steps", "warmup", "check_steps", "budget", "prefill_chunk"):
-        if getattr(args, name) < (1 if name in ("steps", "budget") else 0):
+    for name in ("steps", "warmup", "check_steps", "budget", "prefill_chunk", "profile_steps"):
+        if getattr(args, name) < (1 if name in ("steps", "budget", "profile_steps") else 0):
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
     if args.layers is not None and args.layers < 1:
         ap.error(f"--layers={args.layers} must be >= 1")
@@ -282,22 +290,6 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int = 0) -> None:
         model(input_ids=ids[:, first:first + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
-def profile_steps(model, cache, ids: torch.Tensor, args) -> None:
-    """``--profile``: ``--profile-steps`` eager decode steps under torch.profiler (CPU and CUDA activity), the
-    kernels by total device time written to ``--profile`` (an eager step launches the kernels a replay runs)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    decode_steps(model, cache, ids, 1)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        decode_steps(model, cache, ids[1:], args.profile_steps)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
-    with open(args.profile, "w") as f:
-        f.write(f"{args.profile_steps} eager decode steps at a budget of {args.budget} tokens\n\n{table}\n")
-    print(table, flush=True)
-
-
 class GraphStep:
     """One decode step ``model(input_ids=ids, past_key_values=cache, use_cache=True)`` over a transformers
     StaticCache, captured in a CUDA graph (on a GPU; on the CPU, where there are no graphs, :meth:`replay` runs it
@@ -350,6 +342,27 @@ def replay_steps(step: GraphStep, ids: torch.Tensor, n: int, keep: bool = False)
         return step.logits
 
     return _timed_steps(n, one, ids.is_cuda, keep)
+
+
+def profile_replays(step: GraphStep, ids: torch.Tensor, args) -> None:
+    """``--profile``: ``--profile-steps`` replays of a timed ``step`` (token ``ids[i]`` before replay ``i``) under
+    torch.profiler, so exactly the kernels a timed replay runs (the compiled gate's with ``--compile-gate``); the
+    kernels by total device time (on the CPU, where a replay runs the step eagerly: the ops by total CPU time) written
+    to ``--profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.is_cuda
+    _sync(ids.device)
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        replay_steps(step, ids, args.profile_steps)
+        _sync(ids.device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "cpu_time_total", row_limit=30,
+                                      max_name_column_width=90)
+    gate = "through torch.compile (--compile-gate)" if getattr(args, "compile_gate", False) else "eager PyTorch"
+    with open(args.profile, "w") as f:
+        f.write(f"{args.profile_steps} CUDA-graph replays of the sparse decode step at a budget of {args.budget} "
+                f"tokens (gate and selection {gate})\n\n{table}\n")
+    print(table, flush=True)
 
 
 def kernel_dense_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -428,7 +441,7 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     g = torch.Generator(device=device).manual_seed(prompt * 16 + batch)
     vocab = model.config.vocab_size
     ids = torch.randint(vocab, (batch, prompt), device=device, generator=g)
-    extra = max(args.steps, args.warmup, args.check_steps)
+    extra = decode_tokens(args)
     steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
     bs = ctx.config.block_size
     compiled = getattr(args, "compile_gate", False)
@@ -532,11 +545,11 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
     graph_errs["budget"] = _rel_err(got, eager)
     sparse_ms = timed(step)
     density = ctx.mean_density()
-    del step
     if args.profile and not getattr(args, "_profiled", False):
         reset()
-        profile_steps(model, cache, steps, args)
+        profile_replays(step, steps, args)
         args._profiled = True
+    del step
     ctx.disable()
     graph_err = max(graph_errs["kernel dense"], graph_errs["every block"], graph_errs["budget"])  # ours, not SDPA
     check_ok = err <= args.tol and abs(full_density - 1.0) <= 1e-6 and graph_err <= GRAPH_TOL \
@@ -677,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     arch = mcfg.architecture
     layers = arch["num_hidden_layers"]
     _, _, _, kv_heads, head_dim, _ = _shape(arch)
-    extra = max(args.steps, args.warmup, args.check_steps)
+    extra = decode_tokens(args)
     cases, skipped = [], []
     for prompt in args.prompts:
         for batch in args.batch:

@@ -111,9 +111,10 @@ def test_a_kernel_dense_baseline_off_dense_fails_the_check(monkeypatch, capsys):
     assert "the kernel's dense decode (every block, no gate) against dense" in capsys.readouterr().out
 
 
-def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch):
+def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch, tmp_path):
     """--compile-gate: the sparse runs' per-layer gate and selection through torch.compile (aot_eager here, for
-    speed), compiled by the eager steps before any replay; the same checks pass and the report says so."""
+    speed), compiled by the eager steps before any replay; the same checks pass and the report says so. --profile
+    profiles the timed replays at the budget, so the compiled step."""
     import torch._dynamo
     import torch._dynamo.testing
 
@@ -126,14 +127,19 @@ def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch):
     assert not bench.parse_args([]).compile_gate
     mcfg = bench.model_config("tiny_llama", layers=3, dtype="float32")
     model = bench.build_model(mcfg, "cpu", block_size=16)
+    profile = tmp_path / "profile.txt"
     args = bench.parse_args(["--graph", "--compile-gate", "--steps", "3", "--warmup", "1", "--check-steps", "2",
-                             "--budget", "32", "--tol", "1e-4"])
+                             "--budget", "32", "--tol", "1e-4", "--profile", str(profile), "--profile-steps", "4"])
     try:
         row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == 2  # one graph per budget (every block, --budget), shared by the layers and steps
     assert row["check_ok"] and row["check_err"] < 1e-4 and row["graph_err"] < 1e-6, row
+    table = profile.read_text()
+    assert table.startswith("4 CUDA-graph replays of the sparse decode step at a budget of 32 tokens (gate and "
+                            "selection through torch.compile")
+    assert "Torch-Compiled Region" in table
     assert 0.2 < row["density"] < 0.6
     text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
                         "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
