@@ -70,7 +70,7 @@ from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
 from seer.sparsity import SparsityConfig
 from seer.sparsity.blend_fit import GRID, blend_recalls, pick_weights
-from seer.sparsity.selectors import build_selector
+from seer.sparsity.selectors import SELECTORS, build_selector
 
 from quality_smollm2 import environment  # the sibling script (experiments/ is on the path when run as a file)
 
@@ -193,15 +193,27 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
     return jobs
 
 
-def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
+def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]],
+               baselines: tuple[str, ...] = ()) -> list:
     """New gate recipes (or blends) against the table: at each density every gate set with each blend in the order
-    given (the first is the default), then every gate set alone."""
+    given (the first is the default), then every gate set alone, then the training-free ``baselines``."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
         jobs += [(f"{gate}+{name}@{w}", gate, (name, w), plain) for name, w in blends for gate in gates]
         jobs += [(gate, gate, None, plain) for gate in gates]
+        jobs += [(name, name, None, plain) for name in baselines]
     return jobs
+
+
+def only_jobs(jobs: list, labels: list[str]) -> list:
+    """``jobs`` with those not labelled in ``labels`` replaced by None (their places kept, so ``--skip`` counts
+    the same); a label no job has stops the run."""
+    unknown = sorted(set(labels) - {label for label, *_ in jobs})
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: not a job of this plan; its jobs are "
+                         f"{', '.join(dict.fromkeys(label for label, *_ in jobs))}")
+    return [job if job[0] in labels else None for job in jobs]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,6 +243,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
                     "lever: a new gate recipe's default and its gate alone")
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
+    ap.add_argument("--only", nargs="+", help="run only the plan's jobs of these labels (as the rows name them, "
+                    "e.g. gate:base+vertical_slash@0.5 antidiagonal)")
+    ap.add_argument("--baselines", nargs="+", default=[], choices=sorted(SELECTORS),
+                    help="--plan lever: training-free selectors measured after the gate sets at each density")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
     ap.add_argument("--copy", type=int, default=5)
@@ -255,6 +271,14 @@ def main() -> None:
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = dict(g.split("=", 1) for g in args.gates)
+    blends = parse_blends(args.blends)
+    names = [f"gate:{name}" for name in recipes(args)]
+    plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
+             "final": lambda: final_plan(names, args.densities, blends),
+             "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines))}
+    jobs = plans[args.plan]()  # planned before any training or loading, so that a bad --only stops at once
+    if args.only:
+        jobs = only_jobs(jobs, args.only)
     gates = {f"gate:{name}": Path(given[name]) if name in given else train_gates(args, name, overrides)
              for name, overrides in recipes(args).items()}
     train_s = time.time() - start
@@ -287,16 +311,14 @@ def main() -> None:
     else:
         dense = {name: evaluators[first, name].dense() for name in texts}
     print(f"[quality] dense {json.dumps(dense)} ({time.time() - start:.0f} s)", flush=True)
-    blends = parse_blends(args.blends)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense.json").write_text(json.dumps({"settings": dense_settings, "dense": dense}, indent=1))
     rows, skipped, fits, observed = [], [], [], {key: {} for key in gates}
-    plans = {"explore": lambda: plan(list(gates), args.densities, blends, args.last_rows),
-             "final": lambda: final_plan(list(gates), args.densities, blends),
-             "lever": lambda: lever_plan(list(gates), args.densities, blends)}
-    jobs = plans[args.plan]()
-    for i, (label, scorer, blend, sparsity) in enumerate(jobs[args.skip:], start=args.skip):
+    for i, job in enumerate(jobs[args.skip:], start=args.skip):
+        if job is None:  # left out by --only
+            continue
+        label, scorer, blend, sparsity = job
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
             continue

@@ -99,3 +99,17 @@ def test_fit_blend_observes_the_gates_alone_and_the_estimate_once(study):
     record = study.fit_record("g+vertical_slash@fit", sparsity, weights, recalls)
     assert record["weights"] == weights and set(record["recall_single"]) == {"0.25", "0.5", "0.75"}
     assert record["recall"] >= max(record["recall_single"].values()) - 1e-9  # the best per layer beats any one weight
+
+
+def test_the_lever_plan_takes_baselines_and_only_keeps_the_jobs_named(study):
+    args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--plan", "lever",
+                             "--baselines", "antidiagonal", "--only", "gate:a+vertical_slash@0.5", "antidiagonal"])
+    jobs = study.lever_plan(["gate:a", "gate:b"], [0.1], [("vertical_slash", 0.5)], tuple(args.baselines))
+    assert [label for label, *_ in jobs] == ["gate:a+vertical_slash@0.5", "gate:b+vertical_slash@0.5", "gate:a",
+                                             "gate:b", "antidiagonal"]
+    assert jobs[-1][1:3] == ("antidiagonal", None)
+    assert [job[0] for job in study.only_jobs(jobs, args.only) if job] == ["gate:a+vertical_slash@0.5", "antidiagonal"]
+    with pytest.raises(SystemExit, match="--only gate:c: not a job of this plan"):
+        study.only_jobs(jobs, ["gate:c"])
+    with pytest.raises(SystemExit):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--baselines", "nonesuch"])
