@@ -14,7 +14,7 @@ it, grown at a prefill and, in eager decode loops, doubled when the longest row 
 one tensor ``[B, Hkv, block_size, D]`` (float32), and each row's length as int32 on the gates' device
 (:attr:`DecodeKeyCache.seqlens`, the decode kernel's ``cache_seqlens``). A decode step (one token for every row) is
 batched tensor work with no Python loop over rows, no host read and no shape that depends on device values: the new
-key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key
+key is written into each row's newest block at its length, the masked pool of that block gives its gate key
 (written at the block every step: final once the block fills), and :meth:`~DecodeKeyCache.scores` covers all
 ``capacity`` blocks, ``-inf`` after each row's newest. So a decode step can be captured in a CUDA graph and replayed.
 A prefill (per-row counts) works row by row on the host; it runs once.
