@@ -273,7 +273,7 @@ def sparse_decode_step(gate: DecodeGate, store: torch.Tensor, tails: torch.Tenso
     key, position and block)."""
     key, pos, block = step_keys(gate, store, tails, seqlens, k_pre)
     scores = newest_scores(gate, store, q_pre, key, pos, block)
-    index, density = decode_step_blocks(scores, seqlens, sparsity, gate.config.block_size, threshold)
+    index, density = decode_step_blocks(scores, block, sparsity, gate.config.block_size, threshold)
     total.add_(density)
     steps.add_(1)
     return index, key, pos, block

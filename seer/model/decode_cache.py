@@ -14,7 +14,7 @@ it, grown at a prefill and, in eager decode loops, doubled when the longest row 
 one tensor ``[B, Hkv, block_size, D]`` (float32), and each row's length as int32 on the gates' device
 (:attr:`DecodeKeyCache.seqlens`, the decode kernel's ``cache_seqlens``). A decode step (one token for every row) is
 batched tensor work with no Python loop over rows, no host read and no shape that depends on device values: the new
-key is scattered into each row's newest block at its length, the masked pool of that block gives its gate key
+key is written into each row's newest block at its length, the masked pool of that block gives its gate key
 (written at the block every step: final once the block fills), and :meth:`~DecodeKeyCache.scores` covers all
 ``capacity`` blocks, ``-inf`` after each row's newest. So a decode step can be captured in a CUDA graph and replayed.
 A prefill (per-row counts) works row by row on the host; it runs once.
@@ -61,22 +61,24 @@ def pool_prefix(x: torch.Tensor, counts: torch.Tensor, kinds: list[str]) -> torc
 def step_keys(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlens: torch.Tensor,
               k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor work of a one-token step of one layer's cache (:meth:`DecodeKeyCache.update`), in place: the key
-    ``k [B, Hkv, 1, D]`` of every row scattered into its newest block (``tails [B, Hkv, bs, D]``) at its length
+    ``k [B, Hkv, 1, D]`` of every row written into its newest block (``tails [B, Hkv, bs, D]``) at its length
     (``seqlens [B]`` int32, advanced by one), that block's gate key written into ``store [B, Hkv, capacity, E]``.
     Returns that gate key ``[B, Hkv, 1, E]`` (as :meth:`~DecodeKeyCache.scores` reads it), the new token's position
-    and its block (``[B]`` int64). No host read, no host state: a function of tensors (``torch.compile``-able)."""
+    and its block (``[B]`` int64). No host read, no host state: a function of tensors (``torch.compile``-able). Both
+    writes are indexed assignments (``index_put_``), which inductor keeps in place on the graph inputs; a ``scatter_``
+    there becomes a copy of the whole buffer, scattered, then copied back."""
     bs = gate.config.block_size
     pos = seqlens.long()  # the new token's position in its row
     slot = pos % bs
-    b, h, _, d = tails.shape
-    tails.scatter_(2, slot[:, None, None, None].expand(b, h, 1, d), k.to(tails.dtype))
+    rows = torch.arange(len(pos), device=pos.device)
+    tails[rows, :, slot] = k[:, :, 0].to(tails.dtype)
     seqlens.add_(1)
     block = pos // bs
     key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
     # written every step, final once the block fills (scores() overwrites the newest block's logit)
     block = block.clamp(max=store.shape[2] - 1)
     stored = key.to(store.dtype)
-    store.scatter_(2, block[:, None, None, None].expand(b, h, 1, store.shape[3]), stored)
+    store[rows, :, block] = stored[:, :, 0]
     if store.dtype != key.dtype:  # scores() reads a full block's key as stored
         key = torch.where((slot == bs - 1)[:, None, None, None], stored.to(key.dtype), key)
     return key, pos, block

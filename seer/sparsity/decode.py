@@ -122,14 +122,16 @@ def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: Dec
     return _mask_blocks(scores, newest, sparsity, threshold)
 
 
-def decode_step_blocks(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+def decode_step_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
                        threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What one decode step needs, in few device operations and no host read: the block list of
     :func:`decode_block_index` (width :meth:`DecodeSparsityConfig.max_kept_blocks`) of the blocks
-    :func:`decode_block_mask` keeps (its input checks but ``validate``), and their :func:`decode_density` (0-dim). A
-    token budget lists its top-scoring blocks straight from ``topk``, with no ``[R, Hkv, nb]`` mask."""
-    _check_scores(scores, seqlens, sparsity, block_size, threshold, validate=False)
-    newest = _newest_block(seqlens.to(scores.device), block_size)
+    :func:`decode_block_mask` keeps (its input checks but ``validate``), and their :func:`decode_density` (0-dim). It
+    takes each token's own block ``newest [R]`` (int64, on the scores' device; ``(seqlen - 1) // block_size``), which
+    the step already has (:func:`~seer.model.decode_cache.step_keys`), instead of the lengths. A token budget lists
+    its top-scoring blocks straight from ``topk``, with no ``[R, Hkv, nb]`` mask."""
+    _check_scores(scores, newest, sparsity, block_size, threshold, validate=False)
+    newest = newest[:, None, None]
     if sparsity.method == "token_budget":
         listed = _top_blocks(scores, newest, sparsity, block_size)
         kept = listed.shape[-1] - (listed < 0).sum(-1)
@@ -140,16 +142,18 @@ def decode_step_blocks(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: De
     return listed, (kept / (newest[..., 0] + 1)).mean()
 
 
-def _check_scores(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+def _check_scores(scores: torch.Tensor, per_token: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
                   threshold: float | None, validate: bool) -> None:
+    """Input checks; ``per_token [R]``: the tokens' lengths (with ``validate``: checked to be in ``[1, nb *
+    block_size]``, read on the host) or their newest blocks."""
     sparsity.check_block_size(block_size)
-    if scores.dim() != 3 or seqlens.shape != scores.shape[:1]:
-        raise ValueError(f"scores must be [R, Hkv, nb] with seqlens [R]; got {tuple(scores.shape)} and "
-                         f"{tuple(seqlens.shape)}")
+    if scores.dim() != 3 or per_token.shape != scores.shape[:1]:
+        raise ValueError(f"scores must be [R, Hkv, nb] with one length or block per token [R]; got "
+                         f"{tuple(scores.shape)} and {tuple(per_token.shape)}")
     nb = scores.shape[-1]
-    if validate and seqlens.numel() and (int(seqlens.min()) < 1 or int(seqlens.max()) > nb * block_size):
+    if validate and per_token.numel() and (int(per_token.min()) < 1 or int(per_token.max()) > nb * block_size):
         raise ValueError(f"seqlens must be in [1, {nb * block_size}] for {nb} blocks of {block_size}; got "
-                         f"{seqlens.min().item()}..{seqlens.max().item()}")
+                         f"{per_token.min().item()}..{per_token.max().item()}")
     if sparsity.calibrated and threshold is None:
         raise ValueError(f"decode_sparsity.target_density={sparsity.target_density} needs its calibrated threshold "
                          "(calibrate_decode_threshold)")

@@ -1,10 +1,13 @@
 """``DecodeSparsityConfig(compile=True)``: a one-token sparse decode step's per-layer tensor work
 (:func:`seer.model.decode.sparse_decode_step`) through ``torch.compile`` gives the logits and densities of the eager
 path. On the CPU through the ``aot_eager`` backend (dynamo's graph capture and AOT autograd, no code generation);
-inductor, the default on a GPU, once as well when a C++ compiler is at hand."""
+inductor, the default on a GPU, once as well when a C++ compiler is at hand, and its generated code writes the
+compressed-K cache in place."""
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 
 import pytest
@@ -125,3 +128,47 @@ def test_files_do_not_keep_the_compile_switch():
     stored = DecodeCalibration(budget, threshold=0.01, density=0.1).to_dict()
     assert "compile" not in stored["sparsity"]
     assert DecodeCalibration.from_dict(stored).sparsity == DecodeSparsityConfig(method="threshold", target_density=0.1)
+
+
+def _allocated_sizes(code: str) -> list[int]:
+    """Element counts of the buffers inductor's generated wrapper allocates (``empty_strided_<device>((sizes), ...)``)."""
+    return [math.prod(int(n) for n in sizes.split(",") if n.strip())
+            for sizes in re.findall(r"empty_strided_\w+\(\(([\d, ]*)\)", code)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on the CPU needs "
+                    "a C++ compiler")
+def test_the_compiled_step_writes_the_cache_in_place():
+    """A one-token step writes a few hundred bytes of the compressed-K cache (``store``, ``tails``); compiled by
+    inductor it must not copy them whole. ``scatter_`` on these graph inputs did: functionalization made it an
+    out-of-place scatter into a clone, which inductor does not turn back into an in-place write, then a copy back
+    into the input. A whole copy needs an intermediate buffer of the copied size, which the generated wrapper
+    allocates, so no allocation of a ``store`` or ``tails`` sized buffer may appear in the generated code (sizes
+    chosen apart from every other buffer's); the inputs still end as the eager step leaves them."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    from seer.gates.decode_config import DecodeGateConfig
+    from seer.gates.decode_gate import DecodeGate
+
+    batch, heads, kv_heads, head_dim, bs, capacity = 2, 4, 2, 24, 16, 40
+    torch.manual_seed(0)
+    gate = DecodeGate(DecodeGateConfig(block_size=bs, hidden_size=12), head_dim, heads, kv_heads)
+    store, tails = torch.randn(batch, kv_heads, capacity, 12), torch.randn(batch, kv_heads, bs, head_dim)
+    inputs = [store, tails, torch.tensor([37, 600], dtype=torch.int32), torch.zeros(()),
+              torch.zeros((), dtype=torch.int64), torch.randn(batch, kv_heads, 1, head_dim),
+              torch.randn(batch, heads, 1, head_dim)]
+    eager = [t.clone() for t in inputs]
+    step = torch.compile(decode.sparse_decode_step, backend="inductor", dynamic=False, fullgraph=True)
+    budget = DecodeSparsityConfig(token_budget=64)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            decode.sparse_decode_step(gate, *eager, budget, None)
+            _, code = run_and_get_code(step, gate, *inputs, budget, None)
+    finally:
+        torch._dynamo.reset()
+    sizes = _allocated_sizes("\n".join(code))
+    assert sizes and store.numel() not in sizes and tails.numel() not in sizes, sizes
+    for got, want in zip(inputs, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

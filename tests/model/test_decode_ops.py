@@ -69,12 +69,13 @@ def added_ops_per_layer(budget: dict, monkeypatch) -> collections.Counter[str]:
                                 if sparse[name] != dense[name]})
 
 
-@pytest.mark.parametrize(("budget", "most"), [({"token_budget": 32}, 73),
-                                             ({"method": "threshold", "threshold": 0.3}, 75)])
+@pytest.mark.parametrize(("budget", "most"), [({"token_budget": 32}, 72),
+                                             ({"method": "threshold", "threshold": 0.3}, 74)])
 def test_a_sparse_decode_step_adds_few_ops_per_layer(budget, most, monkeypatch):
     """Ops a one-token sparse step adds per layer over the dense step (the gate, the compressed-K cache, the block
     selection, the density sums), batch 2, max/min/avg pooling: 99 for a token budget and 97 for a threshold before
     the block list came straight from topk and the cache reused its step's positions and wrote each step's gate key
-    unconditionally, 71 and 73 since (bounds: two more)."""
+    unconditionally, 71 and 73 after, 70 and 72 since the block selection takes the step's newest blocks (the cache's
+    indexed writes cost one arange) (bounds: two more)."""
     added = added_ops_per_layer(budget, monkeypatch)
     assert sum(added.values()) <= most, sorted(added.items(), key=lambda kv: -kv[1])

@@ -70,12 +70,13 @@ def test_decode_budgets_match_brute_force(cfg):
     DecodeSparsityConfig(method="dense"),
 ])
 def test_a_decode_steps_blocks_are_the_masks(cfg):
-    """decode_step_blocks (one decode step's list and density, a token budget's straight from topk) gives the list
-    and density of decode_block_mask, decode_block_index and decode_density, tied scores included."""
+    """decode_step_blocks (one decode step's list and density, a token budget's straight from topk; from each
+    token's newest block) gives the list and density of decode_block_mask, decode_block_index and decode_density
+    (from the lengths), tied scores included."""
     torch.manual_seed(0)
     scores = torch.randn(7, 3, 6).round()  # many ties
     seqlens = torch.tensor([1, 16, 17, 40, 64, 81, 96], dtype=torch.int32)
-    index, density = decode_step_blocks(scores, seqlens, cfg, BS)
+    index, density = decode_step_blocks(scores, (seqlens.long() - 1) // BS, cfg, BS)
     mask = decode_block_mask(scores, seqlens, cfg, BS)
     assert torch.equal(index, decode_block_index(mask, cfg.max_kept_blocks(6, BS)))
     assert torch.equal(density, decode_density(mask, seqlens, BS))
