@@ -95,12 +95,12 @@ class DecodeGate(nn.Module):
         b, hq, t, d = q.shape
         hkv = self.num_kv_heads
         qg = q.view(b, hkv, hq // hkv, t, d).permute(0, 1, 3, 2, 4).reshape(b, hkv, t, -1)
-        return self._rotate(torch.matmul(qg.to(self.q_weight.dtype), self.q_weight), positions)
+        return self._rotate(project_per_head(qg.to(self.q_weight.dtype), self.q_weight), positions)
 
     def gate_keys(self, pooled: torch.Tensor, block_starts: torch.Tensor) -> torch.Tensor:
         """Gate keys ``[B, Hkv, n, E]`` from block-pooled pre-RoPE K ``[B, Hkv, n, D * |k_pool|]``, projected per KV
         head and rotated at each block's first token (``block_starts``, ``[n]`` or ``[B, n]``)."""
-        return self._rotate(torch.matmul(pooled.to(self.k_weight.dtype), self.k_weight), block_starts)
+        return self._rotate(project_per_head(pooled.to(self.k_weight.dtype), self.k_weight), block_starts)
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x [B, Hkv, n, E]`` rotated at ``positions`` (``[n]``, or ``[B, n]`` per row); as is without RoPE."""
@@ -126,3 +126,14 @@ class DecodeGate(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"block_size={c.block_size}, k_pool={c.k_pool}, hidden={c.hidden_size}, block_rope={c.block_rope}"
+
+
+def project_per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, n, i]`` times each head's ``weight [H, i, o]``: ``[B, H, n, o]``. ``torch.matmul`` broadcasts the
+    weights over the batch, a copy of ``B`` weight sets (megabytes a layer at a decode step, where ``x`` has one row
+    a head); with fewer rows than the weights have columns the product is batched over heads instead, on a view of
+    ``x`` when ``n`` is 1, so neither operand is copied."""
+    b, h, n, i = x.shape
+    if n >= weight.shape[-1]:
+        return torch.matmul(x, weight)
+    return torch.bmm(x.transpose(0, 1).reshape(h, b * n, i), weight).view(h, b, n, -1).transpose(0, 1)

@@ -80,3 +80,18 @@ def test_decode_gate_refuses_bad_input():
         gate(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
     with pytest.raises(ValueError, match="query tokens <= keys; got 5 and 4"):
         gate(torch.randn(1, 4, 5, 8), torch.randn(1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_projection_per_head_matches_a_float64_product(rows):
+    """Both routes of :func:`project_per_head` (batched over heads below the weights' column count, a decode step's
+    one row on a view; broadcast over the batch above it) give each head's product, on a non-contiguous ``x``."""
+    from seer.gates.decode_gate import project_per_head
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(5, rows, 3, 24, generator=g).transpose(1, 2)  # [B 5, H 3, n, 24], as a permuted view
+    w = torch.randn(3, 24, 32, generator=g)
+    want = torch.einsum("bhni,hio->bhno", x.double(), w.double())
+    got = project_per_head(x, w)
+    assert got.shape == (5, 3, rows, 32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

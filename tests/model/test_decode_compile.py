@@ -131,7 +131,8 @@ def test_files_do_not_keep_the_compile_switch():
 
 
 def _allocated_sizes(code: str) -> list[int]:
-    """Element counts of the buffers inductor's generated wrapper allocates (``empty_strided_<device>((sizes), ...)``)."""
+    """Element counts of the buffers inductor's generated wrapper allocates
+    (``empty_strided_<device>((sizes), ...)``)."""
     return [math.prod(int(n) for n in sizes.split(",") if n.strip())
             for sizes in re.findall(r"empty_strided_\w+\(\(([\d, ]*)\)", code)]
 
