@@ -10,6 +10,13 @@ per KV head (its query heads share the choice) the budget keeps:
   valid blocks, averaged over tokens and heads, reaches it;
 * ``dense``: every valid block.
 
+With ``estimate="quest"`` the scores are not the gate's logits alone but the log of a mixture of two block
+distributions over the token's valid blocks, ``(1 - w) * softmax(gate) + w * softmax(quest)``, ``w =
+estimate_weight`` (:func:`mix_estimate`): Quest's bounds (Tang et al., 2024: per block the elementwise min and max of
+its post-RoPE keys bound ``q.k`` from above, :func:`~seer.model.decode_cache.key_bound_scores`) as a training-free,
+query-aware estimate; ``w = 1`` is Quest alone (the gate not consulted). The budgets then read those log-probabilities
+as they read gate logits (a top-k is order-only; the threshold's softmax of them is the mixture itself).
+
 The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
 lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1, ``S`` a
 width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step reads nothing back
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,7 @@ from seer.checks import ConfigError, build, fail, is_int, is_number
 from seer.files import atomic_write_text, read_json_records
 
 DECODE_METHODS = ("token_budget", "threshold", "dense")
+DECODE_ESTIMATES = ("quest",)  # training-free block scores a decode step can mix into the gate's
 CALIBRATION_FILE = "decode_calibration.json"
 
 
@@ -52,6 +61,8 @@ class DecodeSparsityConfig:
     threshold: float = 0.01
     target_density: Optional[float] = None
     first_block: bool = True
+    estimate: Optional[str] = None
+    estimate_weight: float = 0.5
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -68,6 +79,12 @@ class DecodeSparsityConfig:
         if self.target_density is not None and self.method != "threshold":
             fail("decode_sparsity", "target_density", self.target_density,
                  f"calibrates the threshold method; method={self.method!r} takes none (use null)")
+        if self.estimate is not None and self.estimate not in DECODE_ESTIMATES:
+            fail("decode_sparsity", "estimate", self.estimate,
+                 f"choose a training-free estimate from {DECODE_ESTIMATES} (or null: the gate alone)")
+        if not is_number(self.estimate_weight) or not 0 < self.estimate_weight <= 1:
+            fail("decode_sparsity", "estimate_weight", self.estimate_weight,
+                 "is the estimate's share of the mixed block probabilities; must be in (0, 1] (1: the estimate alone)")
         if not isinstance(self.compile, bool):
             fail("decode_sparsity", "compile", self.compile,
                  "is true or false (run each decode step's gate and block selection through torch.compile)")
@@ -84,6 +101,8 @@ class DecodeSparsityConfig:
     def describe(self) -> str:
         """The budget in a few words (what messages and result tables name)."""
         first = "" if self.first_block else ", no first block"
+        if self.estimate is not None:
+            first += f", {self.estimate}@{self.estimate_weight:g}"
         if self.method == "token_budget":
             return f"token_budget={self.token_budget}{first}"
         if self.method == "threshold":
@@ -104,6 +123,18 @@ class DecodeSparsityConfig:
         if self.method == "token_budget" and self.token_budget < block_size:
             fail("decode_sparsity", "token_budget", self.token_budget,
                  f"is below one block ({block_size} tokens); the budget is whole blocks")
+
+
+def mix_estimate(gate_scores: torch.Tensor | None, estimate_scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """Block log-probabilities ``[R, Hkv, nb]`` (float32) of the mixture ``(1 - weight) * softmax(gate_scores) +
+    weight * softmax(estimate_scores)`` over each token's valid blocks (both ``-inf`` after its newest, which stay
+    ``-inf``), as ``logaddexp(log(1 - w) + log_softmax(gate), log(w) + log_softmax(estimate))`` (no probability
+    underflows to ``log 0``). ``weight`` 1: ``log_softmax(estimate_scores)``, ``gate_scores`` unused (None)."""
+    estimate = torch.log_softmax(estimate_scores.float(), dim=-1)
+    if weight == 1:
+        return estimate
+    gate = torch.log_softmax(gate_scores.float(), dim=-1)
+    return torch.logaddexp(gate + math.log(1 - weight), estimate + math.log(weight))
 
 
 def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
@@ -243,10 +274,9 @@ class DecodeCalibration:
     seq_len: int = 0
 
     def matches(self, sparsity: DecodeSparsityConfig) -> bool:
-        """Whether this threshold serves ``sparsity``: a calibrated threshold budget with the same target density and
-        first-block rule (its other fields do not enter the selection)."""
-        return sparsity.calibrated and (sparsity.target_density, sparsity.first_block) == \
-            (self.sparsity.target_density, self.sparsity.first_block)
+        """Whether this threshold serves ``sparsity``: a calibrated threshold budget with the same target density,
+        first-block rule and estimate mixed into the scores (its other fields do not enter the selection)."""
+        return sparsity.calibrated and _calibrated_fields(sparsity) == _calibrated_fields(self.sparsity)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "sparsity": self.sparsity.stored()}
@@ -254,6 +284,12 @@ class DecodeCalibration:
     @classmethod
     def from_dict(cls, values: Mapping) -> DecodeCalibration:
         return cls(**{**values, "sparsity": build(DecodeSparsityConfig, "decode_sparsity", values["sparsity"])})
+
+
+def _calibrated_fields(sparsity: DecodeSparsityConfig) -> tuple:
+    """What a calibrated threshold depends on: the target density, the first-block rule and the scores' mixture."""
+    return (sparsity.target_density, sparsity.first_block, sparsity.estimate,
+            sparsity.estimate_weight if sparsity.estimate is not None else None)
 
 
 def fit_decode_calibration(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: DecodeSparsityConfig,
