@@ -16,6 +16,9 @@ reference. The KV cache is a DynamicCache (``[B, Hkv, N, D]``, the newest token 
 starts after its padding, so rows with padding are attended one by one) or a StaticCache (``[B, Hkv, max_cache_len,
 D]``, each row's keys from position 0; unpadded prompts only; the compressed-K cache is then sized for
 ``max_cache_len``). Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
+A budget with a training-free estimate (``DecodeSparsityConfig.estimate="quest"``) makes the compressed-K cache keep
+the key bounds of each block too, from the post-RoPE keys of the KV cache, and mixes their bounds of the post-RoPE
+query's logits into the gate's block scores (:func:`seer.sparsity.decode.mix_estimate`).
 The achieved density (kept share of each token's valid blocks, mean over rows, heads and steps) is summed per layer
 on the device, in place, and read only by :meth:`DecodeContext.densities` (until the next prefill).
 
@@ -50,8 +53,8 @@ from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
 from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import _dense, _PreRopeStash, attention_layers, layer_shape, seer_mask
-from seer.model.decode_cache import DecodeKeyCache, newest_scores, step_keys
-from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks
+from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, newest_scores, step_key_bounds, step_keys
+from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
 DISTILL_ATTENTION = "seer_decode_distill"
 
@@ -180,22 +183,27 @@ class DecodeContext:
             if t != n and not static_prefill:
                 return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
             if kwargs.get("use_cache"):
-                self._prefill(module, attention_mask, n if static_prefill else None)
+                self._prefill(module, key, attention_mask, n if static_prefill else None)
                 return None
         module.seer_decode_stash.q = module.seer_decode_stash.k = None
         return None
 
-    def _prefill(self, module: nn.Module, attention_mask: torch.Tensor | None, max_length: int | None) -> None:
+    def _prefill(self, module: nn.Module, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_length: int | None) -> None:
         """Puts a prefill's pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
         ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh (sized for
-        ``max_length`` tokens, a static KV cache's length; None: grown as needed)."""
+        ``max_length`` tokens, a static KV cache's length; None: grown as needed), and with an estimate their
+        post-RoPE keys (the KV cache ``key``'s first ones) into its key bounds."""
         _, k_pre = module.seer_decode_stash.take()
         layer = module.layer_idx
+        quest = self.sparsity.estimate is not None
         if layer == min(self.gates) or self.cache is None:
-            self.cache = DecodeKeyCache(self.gates, k_pre.shape[0], max_length=max_length)
+            self.cache = DecodeKeyCache(self.gates, k_pre.shape[0], max_length=max_length,
+                                        bounds_dtype=key.dtype if quest else None)
             self.density.clear()
+        k_post = key[:, :, :k_pre.shape[2]] if quest else None
         if attention_mask is None:
-            self.cache.update(layer, k_pre)
+            self.cache.update(layer, k_pre, k_post=k_post)
             return
         spans = getattr(attention_mask, "seer_spans", None)
         if spans is None:
@@ -203,10 +211,8 @@ class DecodeContext:
                              "(left or right padding); this attention mask has holes")
         counts = [end - first for first, end in spans]
         self.cache.offsets = [first for first, _ in spans]  # a left-padded row's sequence starts after its padding
-        real = k_pre.new_zeros(*k_pre.shape[:2], max(counts), k_pre.shape[3])
-        for row, (first, end) in enumerate(spans):
-            real[row, :, :end - first] = k_pre[row, :, first:end]
-        self.cache.update(layer, real, torch.tensor(counts))
+        self.cache.update(layer, _real_tokens(k_pre, spans), torch.tensor(counts),
+                          None if k_post is None else _real_tokens(k_post, spans))
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
@@ -219,8 +225,10 @@ class DecodeContext:
         cache = self.cache
         if cache is None:
             raise RuntimeError("a decode step before any prefill with use_cache: sparse decode has no compressed keys")
+        quest = self.sparsity.estimate is not None
+        k_post = _new_keys(cache, layer, key, query.shape[2]) if quest else None
         if query.shape[2] != 1:  # several tokens over a cache (e.g. assisted decoding): dense
-            cache.update(layer, k_pre)
+            cache.update(layer, k_pre, k_post=k_post)
             return _dense(module, query, key, value, attention_mask, 0.0, scaling, **kwargs)[0]
         cache.check_step(layer, k_pre, q_pre)
         if key.shape[2] < cache.longest[layer] + 1:
@@ -233,8 +241,10 @@ class DecodeContext:
                                                                                        device=seqlens.device))
         total, steps = self.density[layer]
         step = _compiled_step() if self.sparsity.compile else sparse_decode_step
+        estimate = dict(key_min=cache.key_min[layer], key_max=cache.key_max[layer], k_post=k_post, q_post=query,
+                        sm_scale=scaling) if quest else {}
         index, *newest = step(cache.gates[layer], cache.keys[layer], cache.tails[layer], seqlens, total, steps, k_pre,
-                              q_pre, self.sparsity, self.threshold)
+                              q_pre, self.sparsity, self.threshold, **estimate)
         cache.stepped(layer, tuple(newest))
         offsets = cache.offsets
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
@@ -261,7 +271,9 @@ class DecodeContext:
 
 def sparse_decode_step(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlens: torch.Tensor,
                        total: torch.Tensor, steps: torch.Tensor, k_pre: torch.Tensor, q_pre: torch.Tensor,
-                       sparsity: DecodeSparsityConfig, threshold: float | None
+                       sparsity: DecodeSparsityConfig, threshold: float | None, key_min: torch.Tensor | None = None,
+                       key_max: torch.Tensor | None = None, k_post: torch.Tensor | None = None,
+                       q_post: torch.Tensor | None = None, sm_scale: float | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor work of one layer's one-token sparse decode step, a function of tensors and plain config (no host
     read, no Python state changed), so that ``torch.compile`` can fuse it (``DecodeSparsityConfig.compile``): the new
@@ -269,14 +281,44 @@ def sparse_decode_step(gate: DecodeGate, store: torch.Tensor, tails: torch.Tenso
     changed in place: :func:`~seer.model.decode_cache.step_keys`), the gate logits of ``q_pre [B, Hq, 1, D]``
     (:func:`~seer.model.decode_cache.newest_scores`), the budget's block list and density
     (:func:`~seer.sparsity.decode.decode_step_blocks`), the density added to the sums ``total`` and ``steps`` in place.
-    Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest gate
+    With ``sparsity.estimate``: the new post-RoPE key ``k_post [B, Hkv, 1, D]`` folded into the key bounds ``key_min``,
+    ``key_max`` in place (:func:`~seer.model.decode_cache.step_key_bounds`), and the scores the mixture of the gate's
+    and Quest's (:func:`~seer.model.decode_cache.key_bound_scores` of the post-RoPE ``q_post [B, Hq, 1, D]`` at the
+    attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
+    1. Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest gate
     key, position and block)."""
     key, pos, block = step_keys(gate, store, tails, seqlens, k_pre)
-    scores = newest_scores(gate, store, q_pre, key, pos, block)
+    if sparsity.estimate is None:
+        scores = newest_scores(gate, store, q_pre, key, pos, block)
+    else:
+        step_key_bounds(key_min, key_max, k_post, pos, block, gate.config.block_size)
+        bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale)
+        gated = None if sparsity.estimate_weight == 1 else newest_scores(gate, store, q_pre, key, pos, block)
+        scores = mix_estimate(gated, bounds, sparsity.estimate_weight)
     index, density = decode_step_blocks(scores, block, sparsity, gate.config.block_size, threshold)
     total.add_(density)
     steps.add_(1)
     return index, key, pos, block
+
+
+def _real_tokens(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """``x [B, H, N, D]`` with each row's real tokens (``spans``: its ``(first, end)``) moved to its start, zeros
+    after them."""
+    real = x.new_zeros(*x.shape[:2], max(end - first for first, end in spans), x.shape[3])
+    for row, (first, end) in enumerate(spans):
+        real[row, :, :end - first] = x[row, :, first:end]
+    return real
+
+
+def _new_keys(cache: DecodeKeyCache, layer: int, key: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The post-RoPE keys ``[B, Hkv, tokens, D]`` of a step's ``tokens`` in the KV cache ``key``: its last ones (a
+    DynamicCache, whose compressed-K cache has no ``max_length``; copied: a view's strides grow with the cache, which
+    would recompile a compiled step every step), or each row's at its length on (a StaticCache, rows from position
+    0), found on the device."""
+    if cache.max_length is None:
+        return key[:, :, -tokens:].contiguous()
+    position = cache.seqlens[layer].long()[:, None] + torch.arange(tokens, device=key.device)
+    return key[torch.arange(len(position), device=key.device)[:, None], :, position].transpose(1, 2)
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for DecodeSparsityConfig.compile (tests on the CPU: aot_eager)

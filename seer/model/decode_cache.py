@@ -19,6 +19,13 @@ key is written into each row's newest block at its length, the masked pool of th
 ``capacity`` blocks, ``-inf`` after each row's newest. So a decode step can be captured in a CUDA graph and replayed.
 A prefill (per-row counts) works row by row on the host; it runs once.
 
+With ``bounds_dtype`` the cache also keeps Quest's key bounds (Tang et al., 2024) for a training-free estimate
+(``DecodeSparsityConfig.estimate="quest"``): per row, KV head and block the elementwise min and max of the block's
+post-RoPE keys (``key_min``/``key_max [B, Hkv, capacity, D]``, in the KV cache's dtype, grown with the gate keys), the
+newest block's over its keys so far. :meth:`DecodeKeyCache.update` then takes each step's post-RoPE keys beside the
+pre-RoPE ones; a one-token step folds its key into its block's bounds in place (:func:`step_key_bounds`), and
+:func:`key_bound_scores` turns a query into the blocks' bounds of ``q.k``.
+
 The host keeps per layer only bounds of the row lengths (the longest and the shortest row, exact after a prefill, one
 more after each decode step) for the capacity and the input checks; under CUDA-graph replay they are not advanced,
 which is harmless (with ``max_length`` given, no step grows the buffer).
@@ -84,6 +91,38 @@ def step_keys(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlen
     return key, pos, block
 
 
+def step_key_bounds(key_min: torch.Tensor, key_max: torch.Tensor, k: torch.Tensor, position: torch.Tensor,
+                    block: torch.Tensor, block_size: int) -> None:
+    """Folds the post-RoPE key ``k [B, Hkv, 1, D]`` of each row's new token (at ``position [B]``, in ``block [B]``,
+    int64: what :func:`step_keys` returned) into its block's bounds ``key_min``/``key_max [B, Hkv, capacity, D]``, in
+    place: ``min(bound so far, k)``, ``max(bound so far, k)``, or ``k`` itself for a block's first key. No host read;
+    indexed assignments (``index_put_``), which inductor keeps in place."""
+    rows = torch.arange(len(position), device=position.device)
+    key = k[:, :, 0].to(key_min.dtype)  # [B, Hkv, D]
+    first = (position % block_size == 0)[:, None, None]
+    key_min[rows, :, block] = torch.where(first, key, torch.minimum(key_min[rows, :, block], key))
+    key_max[rows, :, block] = torch.where(first, key, torch.maximum(key_max[rows, :, block], key))
+
+
+def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, newest: torch.Tensor,
+                     sm_scale: float | None = None) -> torch.Tensor:
+    """Quest's block scores ``[B, Hkv, capacity]`` (float32) of each row's token (post-RoPE ``q [B, Hq, 1, D]``): per KV
+    head and block the largest over the head's query group of ``sm_scale * sum_d max(q_d * min_d, q_d * max_d)``, an
+    upper bound of the block's largest logit ``sm_scale * q.k`` (equal to it for a block of one key), from the bounds
+    ``key_min``/``key_max [B, Hkv, capacity, D]``; ``-inf`` after each row's newest block (``newest [B]``).
+    ``sm_scale``: the attention's (default ``1 / sqrt(D)``). Query head ``h`` reads KV head ``h // (Hq / Hkv)``.
+    Computed as ``q+ . max + q- . min`` (``q+ = max(q, 0)``, ``q- = min(q, 0)``): two matmuls, no ``[.., D]``
+    intermediate per block."""
+    b, hq, _, d = q.shape
+    hkv = key_min.shape[1]
+    grouped = q.float().reshape(b, hkv, hq // hkv, d)
+    bound = torch.matmul(grouped.clamp(min=0), key_max.float().transpose(-1, -2)) \
+        + torch.matmul(grouped.clamp(max=0), key_min.float().transpose(-1, -2))  # [B, Hkv, group, capacity]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    after = torch.arange(key_min.shape[2], device=q.device)[None, :] > newest[:, None]
+    return (bound.amax(2) * scale).masked_fill(after[:, None], float("-inf"))
+
+
 def newest_scores(gate: DecodeGate, store: torch.Tensor, q: torch.Tensor, key: torch.Tensor, position: torch.Tensor,
                   newest: torch.Tensor) -> torch.Tensor:
     """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]`` at ``position``
@@ -101,10 +140,12 @@ def newest_scores(gate: DecodeGate, store: torch.Tensor, q: torch.Tensor, key: t
 class DecodeKeyCache:
     """Compressed keys of ``batch_size`` sequences for the decode ``gates`` (``{layer_idx: DecodeGate}``, one block
     size), stored in ``dtype`` (default: the gates'), with room for ``max_length`` tokens a row (None: grown as
-    needed, see the module docstring). ``seqlens[layer]`` (int32 on the device) holds each row's cached keys."""
+    needed, see the module docstring). ``seqlens[layer]`` (int32 on the device) holds each row's cached keys. With
+    ``bounds_dtype`` (the KV cache's dtype) it keeps Quest's key bounds too (``key_min``, ``key_max``; see the module
+    docstring)."""
 
     def __init__(self, gates: dict[int, DecodeGate], batch_size: int, dtype: torch.dtype | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, bounds_dtype: torch.dtype | None = None):
         if not gates:
             raise ValueError("a decode key cache needs at least one decode gate")
         sizes = {g.config.block_size for g in gates.values()}
@@ -123,6 +164,10 @@ class DecodeKeyCache:
         self.tails = {i: torch.zeros(batch_size, g.num_kv_heads, bs, g.head_dim, device=device)
                       for i, g in gates.items()}
         self.seqlens = {i: torch.zeros(batch_size, dtype=torch.int32, device=device) for i in gates}
+        self.bounds = bounds_dtype is not None
+        bounds = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.head_dim, dtype=bounds_dtype, device=device)
+                  for i, g in gates.items()} if self.bounds else {}
+        self.key_min, self.key_max = bounds, {i: t.clone() for i, t in bounds.items()}
         self.longest = {i: 0 for i in gates}  # host bounds of the row lengths (see the module docstring)
         self.shortest = {i: 0 for i in gates}
         self._newest: dict[int, tuple | None] = {i: None for i in gates}  # the last decode step's, for scores()
@@ -133,15 +178,21 @@ class DecodeKeyCache:
         """Blocks a row has room for (the gate-key buffer's length)."""
         return next(iter(self.keys.values())).shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None = None) -> None:
+    def update(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None = None,
+               k_post: torch.Tensor | None = None) -> None:
         """Appends pre-RoPE keys ``k [B, Hkv, T, D]`` of layer ``layer``: ``new_tokens [B]`` of them for each row
-        (the first ones; default all ``T``); every block this fills gets its gate key. One token for every row (a
-        decode step) takes the batched path, which reads nothing from the device."""
+        (the first ones; default all ``T``); every block this fills gets its gate key. ``k_post``: the same keys
+        after RoPE, for the key bounds (given exactly when the cache keeps them). One token for every row (a decode
+        step) takes the batched path, which reads nothing from the device."""
         self._check_keys(layer, k)
+        if (k_post is not None) != self.bounds or k_post is not None and k_post.shape != k.shape:
+            raise ValueError(f"layer {layer}: post-RoPE keys of the shape of the keys {tuple(k.shape)} are "
+                             f"{'needed' if self.bounds else 'not taken'} (key bounds {'' if self.bounds else 'not '}"
+                             f"kept); got {None if k_post is None else tuple(k_post.shape)}")
         if new_tokens is None and k.shape[2] == 1:
-            self._step(layer, k)
+            self._step(layer, k, k_post)
         else:
-            self._append(layer, k, new_tokens)
+            self._append(layer, k, new_tokens, k_post)
 
     def _check_keys(self, layer: int, k: torch.Tensor) -> None:
         gate = self.gates[layer]
@@ -164,17 +215,25 @@ class DecodeKeyCache:
                 raise ValueError(f"layer {layer}: a row of {length} tokens passes the decode key cache's "
                                  f"max_length {self.max_length}")
             return
-        blocks, store = -(-length // self.block_size), self.keys[layer]
-        if blocks <= store.shape[2]:
+        blocks, capacity = -(-length // self.block_size), self.keys[layer].shape[2]
+        if blocks <= capacity:
             return
-        grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * store.shape[2]), store.shape[3])
-        grown[:, :, :store.shape[2]] = store
-        self.keys[layer] = grown
+        for buffers in (self.keys, self.key_min, self.key_max):
+            if layer in buffers:
+                store = buffers[layer]
+                grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * capacity), store.shape[3])
+                grown[:, :, :capacity] = store
+                buffers[layer] = grown
 
-    def _step(self, layer: int, k: torch.Tensor) -> None:
-        """One key ``k [B, Hkv, 1, D]`` for every row, batched (no host read, static shapes)."""
+    def _step(self, layer: int, k: torch.Tensor, k_post: torch.Tensor | None) -> None:
+        """One key ``k [B, Hkv, 1, D]`` (and its post-RoPE ``k_post``) for every row, batched (no host read, static
+        shapes)."""
         self._room(layer, self.longest[layer] + 1)
-        self.stepped(layer, step_keys(self.gates[layer], self.keys[layer], self.tails[layer], self.seqlens[layer], k))
+        newest = step_keys(self.gates[layer], self.keys[layer], self.tails[layer], self.seqlens[layer], k)
+        if self.bounds:
+            _, position, block = newest
+            step_key_bounds(self.key_min[layer], self.key_max[layer], k_post, position, block, self.block_size)
+        self.stepped(layer, newest)
 
     def check_step(self, layer: int, k: torch.Tensor, q: torch.Tensor) -> None:
         """The host part of a one-token step before its tensor work (:func:`step_keys`, :func:`newest_scores`): the
@@ -192,7 +251,8 @@ class DecodeKeyCache:
         self.longest[layer] += 1
         self.shortest[layer] += 1
 
-    def _append(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None) -> None:
+    def _append(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None,
+                k_post: torch.Tensor | None) -> None:
         """Per-row counts (a prefill, or a step of several tokens): row by row on the host."""
         gate, bs = self.gates[layer], self.block_size
         counts = [k.shape[2]] * self.batch_size if new_tokens is None else new_tokens.tolist()
@@ -201,10 +261,12 @@ class DecodeKeyCache:
                              f"got {counts}")
         tails, seqlens = self.tails[layer], self.seqlens[layer]
         lengths = seqlens.tolist()
-        made = []
+        made, bounded = [], []
         for row, count in enumerate(counts):
             if not count:
                 continue
+            if k_post is not None:
+                bounded.append((row, lengths[row], *_block_bounds(k_post[row, :, :count], lengths[row] % bs, bs)))
             partial = lengths[row] % bs  # tokens of an unfinished newest block
             tokens = torch.cat((tails[row, :, :partial], k[row, :, :count].to(tails.dtype)), dim=1)
             full = tokens.shape[1] // bs
@@ -224,6 +286,13 @@ class DecodeKeyCache:
         store = self.keys[layer]
         for row, first, keys in made:
             store[row, :, first:first + keys.shape[1]] = keys
+        for row, length, low, high in bounded:  # the first block's bounds so far folded in when it has keys
+            first, blocks = length // bs, slice(length // bs, length // bs + low.shape[1])
+            if length % bs:
+                low[:, 0] = torch.minimum(low[:, 0], self.key_min[layer][row, :, first])
+                high[:, 0] = torch.maximum(high[:, 0], self.key_max[layer][row, :, first])
+            self.key_min[layer][row, :, blocks] = low
+            self.key_max[layer][row, :, blocks] = high
 
     def scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]``, its key
@@ -245,12 +314,26 @@ class DecodeKeyCache:
             key, position, newest = self._newest[layer]
         return newest_scores(gate, store, q, key, position, newest)
 
+    def bound_scores(self, layer: int, q: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+        """Quest's block scores ``[B, Hkv, capacity]`` of each row's newest token (post-RoPE ``q [B, Hq, 1, D]``, its
+        key already in the cache; :func:`key_bound_scores`); ``-inf`` after a row's newest block."""
+        if not self.bounds:
+            raise ValueError("this decode key cache keeps no key bounds (give bounds_dtype)")
+        if self.shortest[layer] < 1:
+            raise ValueError(f"layer {layer}: every row needs a cached key (its own) before scoring; lengths "
+                             f"{self.seqlens[layer].tolist()}")
+        self._check_query(layer, q)
+        newest = ((self.seqlens[layer].long() - 1) // self.block_size).clamp(max=self.capacity - 1)
+        return key_bound_scores(q, self.key_min[layer], self.key_max[layer], newest, sm_scale)
+
     def clone(self) -> DecodeKeyCache:
         """A copy that later steps of either do not change (the gates shared)."""
         new = copy.copy(self)
         new.keys = {i: t.clone() for i, t in self.keys.items()}
         new.tails = {i: t.clone() for i, t in self.tails.items()}
         new.seqlens = {i: t.clone() for i, t in self.seqlens.items()}
+        new.key_min = {i: t.clone() for i, t in self.key_min.items()}
+        new.key_max = {i: t.clone() for i, t in self.key_max.items()}
         new.longest, new.shortest, new._newest = dict(self.longest), dict(self.shortest), dict(self._newest)
         new.offsets = list(self.offsets)
         return new
@@ -258,7 +341,8 @@ class DecodeKeyCache:
     def copy_(self, other: DecodeKeyCache) -> DecodeKeyCache:
         """Puts ``other``'s contents (a :meth:`clone` of this cache, same capacity) into this cache's tensors in
         place, so that a CUDA graph captured over them replays from there."""
-        for mine, theirs in ((self.keys, other.keys), (self.tails, other.tails), (self.seqlens, other.seqlens)):
+        for mine, theirs in ((self.keys, other.keys), (self.tails, other.tails), (self.seqlens, other.seqlens),
+                             (self.key_min, other.key_min), (self.key_max, other.key_max)):
             if mine.keys() != theirs.keys() or any(mine[i].shape != theirs[i].shape for i in mine):
                 raise ValueError("copy_ needs a decode key cache of the same layers, batch and capacity")
             for i, t in mine.items():
@@ -268,5 +352,20 @@ class DecodeKeyCache:
         return self
 
     def memory_bytes(self) -> int:
-        """Bytes the cache holds: the gate-key buffers (as allocated) and the newest blocks' keys."""
+        """Bytes the cache holds for the gates: the gate-key buffers (as allocated) and the newest blocks' keys."""
         return sum(t.numel() * t.element_size() for d in (self.keys, self.tails) for t in d.values())
+
+    def bounds_memory_bytes(self) -> int:
+        """Bytes of the key bounds (as allocated; 0 without them)."""
+        return sum(t.numel() * t.element_size() for d in (self.key_min, self.key_max) for t in d.values())
+
+
+def _block_bounds(keys: torch.Tensor, skipped: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise min and max ``[Hkv, blocks, D]`` of the keys ``[Hkv, T, D]`` per block, the first block's
+    first ``skipped`` slots (keys before these) left out."""
+    h, t, d = keys.shape
+    blocks = -(-(skipped + t) // block_size)
+    slots = (skipped, blocks * block_size - skipped - t)
+    low = torch.nn.functional.pad(keys, (0, 0, *slots), value=float("inf"))
+    high = torch.nn.functional.pad(keys, (0, 0, *slots), value=float("-inf"))
+    return low.view(h, blocks, block_size, d).amin(2), high.view(h, blocks, block_size, d).amax(2)

@@ -20,6 +20,8 @@ from tests.tiny import tiny_decode_model
 
 BS = 16
 BUDGETS = [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}]
+QUEST = [{"token_budget": 32, "estimate": "quest", "estimate_weight": 0.5},
+         {"method": "threshold", "threshold": 0.3, "estimate": "quest", "estimate_weight": 1.0}]
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def _static_logits(model, new: int = 8) -> torch.Tensor:
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("budget", BUDGETS + QUEST)
 def test_compiled_steps_give_the_eager_logits_of_a_padded_batch(budget, compiles):
     eager = _model(budget, compiled=False)
     want = _padded_logits(eager)
@@ -84,9 +86,10 @@ def test_compiled_steps_give_the_eager_logits_of_a_padded_batch(budget, compiles
     assert 0 < model.seer_decode.mean_density() < 1
 
 
-def test_compiled_steps_over_a_static_cache_compile_once(compiles):
-    want = _static_logits(_model(BUDGETS[0], compiled=False))
-    model = _model(BUDGETS[0], compiled=True)
+@pytest.mark.parametrize("budget", [BUDGETS[0], QUEST[0]])
+def test_compiled_steps_over_a_static_cache_compile_once(budget, compiles):
+    want = _static_logits(_model(budget, compiled=False))
+    model = _model(budget, compiled=True)
     got = _static_logits(model)
     assert compiles.frame_count == 1  # shared by both layers and every step
     assert torch.equal(got, want)

@@ -1,0 +1,248 @@
+"""Quest's key bounds in sparse decode (``DecodeSparsityConfig.estimate="quest"``): the bound against a float64 brute
+force, the cache's per-block min/max against a recomputation from the keys after a padded prefill and decode steps,
+the mixture of the gate's and Quest's block probabilities, and the whole model's steps with it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seer.checks import ConfigError
+from seer.gates.decode_config import DecodeGateConfig
+from seer.gates.decode_gate import DecodeGate
+from seer.model.decode_cache import DecodeKeyCache, key_bound_scores
+from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
+from tests.tiny import tiny_decode_model
+
+BS, D, HQ, HKV = 16, 8, 4, 2
+QUEST = {"token_budget": 48, "estimate": "quest", "estimate_weight": 0.5}
+
+
+def _bounds_of(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block min and max ``[Hkv, nb, D]`` of one row's keys ``[Hkv, n, D]``, block by block."""
+    blocks = range(0, keys.shape[1], block_size)
+    return (torch.stack([keys[:, s:s + block_size].amin(1) for s in blocks], 1),
+            torch.stack([keys[:, s:s + block_size].amax(1) for s in blocks], 1))
+
+
+def test_the_bound_is_quests_and_bounds_every_query_heads_logits():
+    """Two rows (the newest block a single key in one), four query heads over two KV heads, float64 brute force."""
+    g = torch.Generator().manual_seed(0)
+    lengths, scale = [5 * BS + 1, 3 * BS + 7], 0.3
+    q = torch.randn(2, HQ, 1, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, HKV, max(lengths), D, generator=g, dtype=torch.float64)
+    nb = -(-max(lengths) // BS)
+    key_min, key_max = torch.zeros(2, HKV, nb, D), torch.zeros(2, HKV, nb, D)
+    for row, n in enumerate(lengths):
+        low, high = _bounds_of(k[row, :, :n], BS)
+        key_min[row, :, :low.shape[1]], key_max[row, :, :high.shape[1]] = low, high
+    newest = torch.tensor([(n - 1) // BS for n in lengths])
+    got = key_bound_scores(q.float(), key_min, key_max, newest, scale)
+    assert got.dtype == torch.float32 and got.shape == (2, HKV, nb)
+    group = HQ // HKV
+    for row, n in enumerate(lengths):
+        assert torch.isinf(got[row, :, newest[row] + 1:]).all()
+        for head in range(HKV):
+            for block in range(newest[row] + 1):
+                keys = k[row, head, block * BS:min(n, (block + 1) * BS)]  # [m, D]
+                low, high = keys.amin(0), keys.amax(0)
+                bounds, logits = [], []
+                for qh in range(head * group, (head + 1) * group):
+                    qd = q[row, qh, 0]
+                    bounds.append(torch.maximum(qd * low, qd * high).sum() * scale)
+                    logits.append((keys @ qd).max() * scale)
+                want = max(bounds)
+                assert got[row, head, block] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+                assert all(b >= lg - 1e-12 for b, lg in zip(bounds, logits))  # each head's own bound
+                if keys.shape[0] == 1:  # a one-key block: the bound is the logit itself
+                    assert float(want) == pytest.approx(float(max(logits)), rel=1e-9, abs=1e-12)
+    assert torch.equal(key_bound_scores(q.float(), key_min, key_max, newest),
+                       key_bound_scores(q.float(), key_min, key_max, newest, 1 / math.sqrt(D)))
+
+
+def _gates():
+    torch.manual_seed(0)
+    cfg = DecodeGateConfig(block_size=BS, hidden_size=12)
+    return {0: DecodeGate(cfg, D, HQ, HKV), 3: DecodeGate(cfg, D, HQ, HKV)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_length", [None, 120])
+def test_cache_bounds_equal_a_recomputation_through_prefill_and_steps(dtype, max_length):
+    """Rows of 1, 16, 29 and 47 tokens (right-padded input, as a prefill hands them over), one-token steps that fill
+    and start blocks, a chunk of three tokens in between: every valid block's bounds are its keys' min and max."""
+    gates = _gates()
+    prompts, steps, chunk = [1, 16, 29, 47], 30, 3
+    total = max(prompts) + steps + chunk
+    g = torch.Generator().manual_seed(1)
+    k_pre = torch.randn(4, HKV, total, D, generator=g)
+    k_post = torch.randn(4, HKV, total, D, generator=g).to(dtype)
+    cache = DecodeKeyCache(gates, 4, max_length=max_length, bounds_dtype=dtype)
+    padded = torch.zeros(4, HKV, max(prompts), D, dtype=dtype)
+    for row, n in enumerate(prompts):
+        padded[row, :, :n] = k_post[row, :, :n]
+    for layer in gates:
+        cache.update(layer, k_pre[:, :, :max(prompts)], torch.tensor(prompts), padded)
+    lengths = list(prompts)
+    for step in range(steps + 1):
+        if step == steps // 2:
+            new = chunk
+        elif step:
+            new = 1
+        else:
+            new = 0
+        if new:
+            rows = [slice(n, n + new) for n in lengths]
+            pre = torch.stack([k_pre[r, :, s] for r, s in enumerate(rows)])
+            post = torch.stack([k_post[r, :, s] for r, s in enumerate(rows)])
+            for layer in gates:
+                cache.update(layer, pre, k_post=post)
+            lengths = [n + new for n in lengths]
+        for layer in gates:
+            assert cache.key_min[layer].dtype == dtype and cache.key_min[layer].shape[2] == cache.capacity
+            for row, n in enumerate(lengths):
+                low, high = _bounds_of(k_post[row, :, :n], BS)
+                assert torch.equal(cache.key_min[layer][row, :, :low.shape[1]], low)
+                assert torch.equal(cache.key_max[layer][row, :, :high.shape[1]], high)
+    assert cache.bounds_memory_bytes() == 2 * len(gates) * 4 * HKV * cache.capacity * D * dtype.itemsize
+
+
+def test_cache_bounds_need_post_rope_keys_exactly_when_kept():
+    with pytest.raises(ValueError, match=r"post-RoPE keys .* are needed \(key bounds kept\); got None"):
+        DecodeKeyCache(_gates(), 2, bounds_dtype=torch.float32).update(0, torch.randn(2, HKV, 3, D))
+    with pytest.raises(ValueError, match=r"are not taken \(key bounds not kept\)"):
+        DecodeKeyCache(_gates(), 2).update(0, torch.randn(2, HKV, 3, D), k_post=torch.randn(2, HKV, 3, D))
+    with pytest.raises(ValueError, match="keeps no key bounds"):
+        DecodeKeyCache(_gates(), 2).bound_scores(0, torch.randn(2, HQ, 1, D))
+
+
+def test_mixture_matches_a_float64_computation():
+    g = torch.Generator().manual_seed(2)
+    gate, quest = torch.randn(3, HKV, 9, generator=g) * 4, torch.randn(3, HKV, 9, generator=g) * 4
+    newest = torch.tensor([0, 4, 8])
+    after = (torch.arange(9)[None, :] > newest[:, None])[:, None]
+    gate, quest = gate.masked_fill(after, float("-inf")), quest.masked_fill(after, float("-inf"))
+    for w in (0.25, 0.5, 0.9):
+        want = ((1 - w) * torch.softmax(gate.double(), -1) + w * torch.softmax(quest.double(), -1)).log()
+        got = mix_estimate(gate, quest, w)
+        assert got.dtype == torch.float32 and torch.equal(torch.isinf(got), after.expand_as(got))
+        torch.testing.assert_close(got.double()[~torch.isinf(got)], want[~torch.isinf(want)], rtol=0, atol=1e-6)
+        assert torch.allclose(torch.softmax(got, -1).double(), want.exp(), atol=1e-6)  # the threshold's reading
+    torch.testing.assert_close(mix_estimate(None, quest, 1.0), torch.log_softmax(quest, -1))
+
+
+@pytest.mark.parametrize("budget", [{"token_budget": 48}, {"method": "threshold", "threshold": 0.1}])
+def test_budgets_on_the_mixture_keep_what_brute_force_keeps(budget):
+    """The mixed probabilities in float64, ranked (token budget) or thresholded, the forced blocks added."""
+    g = torch.Generator().manual_seed(3)
+    nb, newest = 12, torch.tensor([0, 2, 11, 6])
+    gate, quest = torch.randn(4, HKV, nb, generator=g) * 3, torch.randn(4, HKV, nb, generator=g) * 3
+    after = (torch.arange(nb)[None, :] > newest[:, None])[:, None]
+    gate, quest = gate.masked_fill(after, float("-inf")), quest.masked_fill(after, float("-inf"))
+    sparsity = DecodeSparsityConfig(**budget, estimate="quest", estimate_weight=0.3)
+    index, density = decode_step_blocks(mix_estimate(gate, quest, 0.3), newest, sparsity, BS)
+    mixed = 0.7 * torch.softmax(gate.double(), -1) + 0.3 * torch.softmax(quest.double(), -1)
+    fractions = []
+    for row, last in enumerate(newest.tolist()):
+        for head in range(HKV):
+            p = mixed[row, head, :last + 1]
+            forced = {0, last}
+            if sparsity.method == "token_budget":
+                rest = [j for j in p.argsort(descending=True).tolist() if j not in forced]
+                want = sorted(forced | set(rest[:max(0, 48 // BS - len(forced))]))
+            else:
+                want = sorted(forced | {j for j in range(last + 1) if p[j] >= 0.1})
+            assert [j for j in index[row, head].tolist() if j >= 0] == want
+            fractions.append(len(want) / (last + 1))
+    assert float(density) == pytest.approx(sum(fractions) / len(fractions))
+
+
+def _greedy_logits(model, new: int = 6) -> torch.Tensor:
+    """``[new, 2, vocab]``: greedy logits of a left-padded batch (45 and 26 tokens)."""
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (45, 26)]
+    ids, mask = torch.full((2, 45), 2), torch.zeros(2, 45, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, 45 - len(s):], mask[row, 45 - len(s):] = s, 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2,
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits), out.past_key_values, mask
+
+
+def _reseeded(model, seed: int):
+    torch.manual_seed(seed)
+    for g in model.seer_decode.gates.values():
+        torch.nn.init.normal_(g.k_weight, std=2.0)
+    return model
+
+
+def test_quest_alone_ignores_the_gate_and_the_mixture_does_not():
+    """At ``estimate_weight`` 1 two different gates give the same logits; at 0.5 (and the gate alone) they differ."""
+    alone = {**QUEST, "estimate_weight": 1.0}
+    a, b = (_greedy_logits(_reseeded(tiny_decode_model(alone, BS), s), new=12)[0] for s in (1, 2))
+    assert torch.equal(a, b)
+    for budget in (QUEST, {"token_budget": 48}):
+        a, b = (_greedy_logits(_reseeded(tiny_decode_model(budget, BS), s), new=12)[0] for s in (1, 2))
+        assert not torch.equal(a, b)
+
+
+def test_model_bounds_follow_the_kv_cache_of_a_left_padded_batch():
+    """After a left-padded prefill and decode steps, the bounds are those of each row's post-RoPE keys in the KV
+    cache, from its padding on."""
+    model = tiny_decode_model(QUEST, BS)
+    _, cache, mask = _greedy_logits(model, new=20)
+    ctx = model.seer_decode
+    for layer in ctx.gates:
+        keys = cache.layers[layer].keys  # [B, Hkv, N, D]
+        for row, first in enumerate(ctx.cache.offsets):
+            n = keys.shape[2] - first
+            assert int(ctx.cache.seqlens[layer][row]) == n
+            low, high = _bounds_of(keys[row, :, first:], BS)
+            assert torch.equal(ctx.cache.key_min[layer][row, :, :low.shape[1]], low)
+            assert torch.equal(ctx.cache.key_max[layer][row, :, :high.shape[1]], high)
+    assert 0 < ctx.mean_density() < 1
+
+
+def test_model_bounds_follow_a_static_kv_cache():
+    from transformers import StaticCache
+
+    model = tiny_decode_model(QUEST, BS)
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(7))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(9):  # into the fourth block
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    ctx = model.seer_decode
+    for layer in ctx.gates:
+        low, high = _bounds_of(cache.layers[layer].keys[:, :, :49].flatten(0, 1), BS)
+        got_min, got_max = ctx.cache.key_min[layer][:, :, :4], ctx.cache.key_max[layer][:, :, :4]
+        assert torch.equal(got_min.flatten(0, 1), low) and torch.equal(got_max.flatten(0, 1), high)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("estimate", "oracle", r"decode_sparsity\.estimate='oracle'.*choose a training-free estimate from \('quest',\)"),
+    ("estimate_weight", 0, r"decode_sparsity\.estimate_weight=0.*must be in \(0, 1\]"),
+    ("estimate_weight", 1.5, r"decode_sparsity\.estimate_weight=1\.5.*must be in \(0, 1\]"),
+    ("estimate_weight", "half", r"decode_sparsity\.estimate_weight='half'"),
+    ("estimate_weight", True, r"decode_sparsity\.estimate_weight=True")])
+def test_estimate_config_errors(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        DecodeSparsityConfig(**{field: value})
+
+
+def test_the_estimate_is_stored_described_and_part_of_a_calibration():
+    from seer.sparsity.decode import DecodeCalibration
+
+    budget = DecodeSparsityConfig(method="threshold", target_density=0.1, estimate="quest", estimate_weight=0.25)
+    assert budget.stored()["estimate"] == "quest" and budget.stored()["estimate_weight"] == 0.25
+    assert budget.describe() == "threshold target_density=0.1, quest@0.25"
+    assert DecodeSparsityConfig(token_budget=1024, estimate="quest", estimate_weight=1).describe() == \
+        "token_budget=1024, quest@1"
+    stored = DecodeCalibration.from_dict(DecodeCalibration(budget, threshold=0.01, density=0.1).to_dict())
+    assert stored.sparsity == budget and stored.matches(budget)
+    gate_alone = DecodeSparsityConfig(method="threshold", target_density=0.1)
+    assert not stored.matches(gate_alone) and not DecodeCalibration(gate_alone, 0.01, 0.1).matches(budget)
