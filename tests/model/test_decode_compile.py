@@ -142,13 +142,15 @@ def _allocated_sizes(code: str) -> list[int]:
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on the CPU needs "
                     "a C++ compiler")
-def test_the_compiled_step_writes_the_cache_in_place():
+@pytest.mark.parametrize("estimate", [None, "quest"])
+def test_the_compiled_step_writes_the_cache_in_place(estimate):
     """A one-token step writes a few hundred bytes of the compressed-K cache (``store``, ``tails``); compiled by
     inductor it must not copy them whole. ``scatter_`` on these graph inputs did: functionalization made it an
     out-of-place scatter into a clone, which inductor does not turn back into an in-place write, then a copy back
     into the input. A whole copy needs an intermediate buffer of the copied size, which the generated wrapper
     allocates, so no allocation of a ``store`` or ``tails`` sized buffer may appear in the generated code (sizes
-    chosen apart from every other buffer's); the inputs still end as the eager step leaves them."""
+    chosen apart from every other buffer's); the inputs still end as the eager step leaves them. With Quest's estimate
+    the same holds of its key bounds (``key_min``, ``key_max``)."""
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
@@ -162,17 +164,24 @@ def test_the_compiled_step_writes_the_cache_in_place():
     inputs = [store, tails, torch.tensor([37, 600], dtype=torch.int32), torch.zeros(()),
               torch.zeros((), dtype=torch.int64), torch.randn(batch, kv_heads, 1, head_dim),
               torch.randn(batch, heads, 1, head_dim)]
+    bounds = {}
+    if estimate:  # Quest's key bounds (min, max), sized apart from the rest too
+        bounds = {"key_min": torch.randn(batch, kv_heads, capacity, head_dim) - 1,
+                  "key_max": torch.randn(batch, kv_heads, capacity, head_dim) + 1,
+                  "k_post": torch.randn(batch, kv_heads, 1, head_dim), "q_post": torch.randn(batch, heads, 1, head_dim)}
     eager = [t.clone() for t in inputs]
+    eager_bounds = {name: t.clone() for name, t in bounds.items()}
     step = torch.compile(decode.sparse_decode_step, backend="inductor", dynamic=False, fullgraph=True)
-    budget = DecodeSparsityConfig(token_budget=64)
+    budget = DecodeSparsityConfig(token_budget=64, estimate=estimate)
     torch._dynamo.reset()
     try:
         with torch.no_grad():
-            decode.sparse_decode_step(gate, *eager, budget, None)
-            _, code = run_and_get_code(step, gate, *inputs, budget, None)
+            decode.sparse_decode_step(gate, *eager, budget, None, **eager_bounds)
+            _, code = run_and_get_code(step, gate, *inputs, budget, None, **bounds)
     finally:
         torch._dynamo.reset()
     sizes = _allocated_sizes("\n".join(code))
-    assert sizes and store.numel() not in sizes and tails.numel() not in sizes, sizes
-    for got, want in zip(inputs, eager):
+    whole = [store.numel(), tails.numel()] + ([bounds["key_min"].numel()] if estimate else [])
+    assert sizes and not set(whole) & set(sizes), sizes
+    for got, want in zip([*inputs, *bounds.values()], [*eager, *eager_bounds.values()]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
