@@ -227,6 +227,10 @@ class DistillDecodeConfig(StageConfig):
         self.decode_gate = build(DecodeGateConfig, "stage.decode_gate", self.decode_gate)
         self.decode_sparsity = build(DecodeSparsityConfig, "stage.decode_sparsity", self.decode_sparsity)
         self.decode_sparsity.check_block_size(self.decode_gate.block_size)
+        if self.decode_sparsity.estimate is not None:  # val/recall and the calibration score the gate alone
+            fail("stage", "decode_sparsity.estimate", self.decode_sparsity.estimate,
+                 "is mixed in at inference only (seer.load's decode_sparsity); distillation measures the gate alone "
+                 "(use null)")
         if not is_number(self.loss_scale) or not self.loss_scale > 0:
             fail("stage", "loss_scale", self.loss_scale, "must be > 0")
         if not is_number(self.skip_first_tokens) or not 0 <= self.skip_first_tokens < 1:

@@ -94,6 +94,8 @@ def test_distill_decode_refuses_bad_settings(uninterrupted, tmp_path):
         train(tmp_path, *DECODE, "stage.decode_gate.block_size=64", "stage.decode_sparsity.token_budget=64")
     with pytest.raises(ConfigError, match=r"stage.gt='fused': choose from \('auto', 'triton', 'reference'\)"):
         train(tmp_path, *DECODE, "stage.gt=fused")
+    with pytest.raises(ConfigError, match=r"stage.decode_sparsity.estimate='quest': is mixed in at inference only"):
+        train(tmp_path, *DECODE, "stage.decode_sparsity.estimate=quest")
 
 
 def test_triton_ground_truth_matches_the_reference():
