@@ -8,14 +8,15 @@ the teacher-forced top-1 agreement was added after that run.
    ``--steps`` steps) unless ``--decode-gates`` gives trained ones.
 2. On a held-out novel (``--eval-novel``, evaluated whole), for ``--windows`` windows of ``--prompt-len`` tokens plus
    ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
-   decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget: the
-   mean NLL of the continuation tokens (:func:`continuation_nll`), the share of positions where the sparse top token
+   decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget (scored
+   by the gate, and with each ``--estimates`` training-free estimate mixed in, e.g. ``quest:0.5`` half Quest's
+   bounds, ``quest:1`` Quest alone: ``DecodeSparsityConfig.estimate``): the mean NLL of the continuation tokens (:func:`continuation_nll`), the share of positions where the sparse top token
    equals the dense one (both given the true text before them: greedy agreement without the drift of free-running
    generation) and the achieved decode density.
 3. From each window's prompt, ``--greedy`` greedy tokens dense and sparse (no early stop): the share of positions
    where the sparse tokens equal the dense ones, and the length of their common prefix (:func:`greedy_agreement`).
-4. Writes ``rows.json`` (one row per window and budget) and ``results.md`` (means per budget, with device, versions,
-   date and command) into ``--out``, after each window.
+4. Writes ``rows.json`` (one row per window, budget and scores) and ``results.md`` (means per budget and scores, with
+   device, versions, date and command) into ``--out``, after each window.
 
 On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .assets/austen):
 
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-sequences", type=int, default=256, help="training rows (novels and stdlib code)")
     ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides")
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096], help="decode token budgets")
+    ap.add_argument("--estimates", nargs="*", default=[], metavar="NAME:WEIGHT",
+                    help="training-free estimates mixed into the gate's block scores, each run at every budget beside "
+                         "the gate alone (quest:0.5: half Quest's; quest:1: Quest alone)")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
@@ -65,11 +69,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default="outputs/quality_decode")
     ap.add_argument("--out", default="docs/results/decode")
     args = ap.parse_args(argv)
+    try:
+        args.estimates = [parse_estimate(text) for text in args.estimates]
+    except ValueError as err:
+        ap.error(str(err))
     for budget in args.budgets:
-        DecodeSparsityConfig(token_budget=budget)  # a bad budget fails here, before anything loads
+        for estimate in [{}, *args.estimates]:
+            DecodeSparsityConfig(token_budget=budget, **estimate)  # a bad budget fails here, before anything loads
     if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1:
         ap.error("--prompt-len, --continuation, --greedy and --windows must be >= 1")
     return args
+
+
+def parse_estimate(text: str) -> dict:
+    """``NAME:WEIGHT`` (``quest:0.5``) as the fields of :class:`DecodeSparsityConfig` it sets (checked there)."""
+    name, _, weight = text.partition(":")
+    try:
+        return {"estimate": name, "estimate_weight": float(weight)}
+    except ValueError:
+        raise ValueError(f"--estimates {text!r}: give NAME:WEIGHT, e.g. quest:0.5") from None
+
+
+def scores_name(estimate: dict) -> str:
+    """What scored the blocks: ``gate``, ``gate+quest@0.5``, or ``quest`` alone (weight 1)."""
+    if not estimate:
+        return "gate"
+    if estimate["estimate_weight"] == 1:
+        return estimate["estimate"]
+    return f"gate+{estimate['estimate']}@{estimate['estimate_weight']:g}"
 
 
 def model_overrides(args) -> list[str]:
@@ -126,23 +153,24 @@ def greedy_agreement(sparse: torch.Tensor, dense: torch.Tensor) -> tuple[float, 
 
 
 def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budgets: list[int], greedy: int,
-                   pad_token_id: int, kernel: str) -> list[dict]:
-    """The rows of one window: dense decode, then each budget (NLL, its increase over dense, decode density, greedy
-    agreement with dense)."""
+                   pad_token_id: int, kernel: str, estimates: list[dict] = ()) -> list[dict]:
+    """The rows of one window: dense decode, then each budget scored by the gate and with each of ``estimates``
+    (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense)."""
     decode = model.seer_decode
     decode.disable()
     dense_nll, dense_top = continuation_nll(model, prompt, continuation)
     dense_tokens = greedy_tokens(model, prompt, greedy, pad_token_id)
-    rows = [{"budget": "dense", "nll": dense_nll, "nll_increase": 0.0, "density": 1.0, "top1_agree": 1.0,
+    rows = [{"budget": "dense", "scores": "", "nll": dense_nll, "nll_increase": 0.0, "density": 1.0, "top1_agree": 1.0,
              "greedy_agree": 1.0, "greedy_prefix": greedy}]
     for budget in budgets:
-        decode.enable(DecodeSparsityConfig(token_budget=budget), kernel)
-        nll, top = continuation_nll(model, prompt, continuation)
-        density = decode.mean_density()
-        agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
-        rows.append({"budget": budget, "nll": nll, "nll_increase": nll / dense_nll - 1, "density": density,
-                     "top1_agree": float((top == dense_top).float().mean()), "greedy_agree": agree,
-                     "greedy_prefix": prefix})
+        for estimate in [{}, *estimates]:
+            decode.enable(DecodeSparsityConfig(token_budget=budget, **estimate), kernel)
+            nll, top = continuation_nll(model, prompt, continuation)
+            density = decode.mean_density()
+            agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
+            rows.append({"budget": budget, "scores": scores_name(estimate), "nll": nll, "nll_increase": nll / dense_nll - 1,
+                         "density": density, "top1_agree": float((top == dense_top).float().mean()),
+                         "greedy_agree": agree, "greedy_prefix": prefix})
     return rows
 
 
@@ -172,9 +200,10 @@ def main() -> None:
             continue
         ids = tokens[window * span:(window + 1) * span][None].to(device)
         prompt, continuation = ids[:, :args.prompt_len], ids[:, args.prompt_len:]
-        for row in measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel):
+        for row in measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel,
+                                  args.estimates):
             rows.append({"window": window, **row})
-            print(f"[decode] window {window} budget {row['budget']}: nll {row['nll']:.4f} "
+            print(f"[decode] window {window} budget {row['budget']} {row['scores']}: nll {row['nll']:.4f} "
                   f"({row['nll_increase']:+.2%}) density {row['density']:.3f} top-1 {row['top1_agree']:.2f} "
                   f"greedy {row['greedy_agree']:.2f} (prefix {row['greedy_prefix']}) ({time.time() - start:.0f} s)",
                   flush=True)
@@ -184,14 +213,14 @@ def main() -> None:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Means over windows per budget, as a markdown table."""
-    lines = ["| budget | windows | decode density | NLL | NLL vs dense | top-1 agreement (teacher forced) | greedy "
-             "agreement | greedy prefix |", "|---|---|---|---|---|---|---|---|"]
-    for budget in dict.fromkeys(r["budget"] for r in rows):
-        mine = [r for r in rows if r["budget"] == budget]
+    """Means over windows per budget and scores, as a markdown table."""
+    lines = ["| budget | scores | windows | decode density | NLL | NLL vs dense | top-1 agreement (teacher forced) | "
+             "greedy agreement | greedy prefix |", "|---|---|---|---|---|---|---|---|---|"]
+    for budget, scores in dict.fromkeys((r["budget"], r["scores"]) for r in rows):
+        mine = [r for r in rows if (r["budget"], r["scores"]) == (budget, scores)]
         mean = {k: sum(r[k] for r in mine) / len(mine) for k in ("density", "nll", "nll_increase", "top1_agree",
                                                                 "greedy_agree", "greedy_prefix")}
-        lines.append(f"| {budget} | {len(mine)} | {mean['density']:.3f} | {mean['nll']:.4f} | "
+        lines.append(f"| {budget} | {scores} | {len(mine)} | {mean['density']:.3f} | {mean['nll']:.4f} | "
                      f"{mean['nll_increase']:+.2%} | {mean['top1_agree']:.1%} | {mean['greedy_agree']:.1%} | "
                      f"{mean['greedy_prefix']:.0f} |")
     return "\n".join(lines)
@@ -204,9 +233,12 @@ def write_results(out: Path, rows: list[dict], skipped: list[int], args, device,
              f"{total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_decode.py " + " ".join(
                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                 for k, v in vars(args).items() if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
+                 for k, v in {**vars(args), "estimates": [f"{e['estimate']}:{e['estimate_weight']:g}"
+                                                          for e in args.estimates]}.items()
+                 if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
              f"Each window: a dense prefill of {args.prompt_len} tokens of {args.eval_novel}, then {args.continuation} "
-             f"teacher-forced decode steps (NLL) and {args.greedy} greedy tokens, dense and at each token budget.",
+             f"teacher-forced decode steps (NLL) and {args.greedy} greedy tokens, dense and at each token budget (scores: "
+             f"the gate's, or with a training-free estimate mixed in).",
              "", summary_table(rows), ""]
     if skipped:
         lines += ["## Not run (time budget)", "", f"windows {skipped}", ""]

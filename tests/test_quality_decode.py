@@ -28,6 +28,15 @@ def test_arguments_parse_and_bad_budgets_are_refused(study):
     assert args.budgets == [1024, 2048, 4096] and args.continuation == 1024 and args.greedy == 256
     with pytest.raises(ConfigError, match="decode_sparsity.token_budget=0"):
         study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--budgets", "0"])
+    assert args.estimates == []
+    args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--estimates", "quest:0.5",
+                             "quest:1"])
+    assert args.estimates == [{"estimate": "quest", "estimate_weight": 0.5},
+                              {"estimate": "quest", "estimate_weight": 1.0}]
+    assert [study.scores_name(e) for e in [{}, *args.estimates]] == ["gate", "gate+quest@0.5", "quest"]
+    for bad, error in [("quest:0", ConfigError), ("oracle:0.5", ConfigError), ("quest", SystemExit)]:
+        with pytest.raises(error):
+            study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--estimates", bad])
 
 
 def test_measurements_on_a_tiny_model(study):
@@ -45,13 +54,21 @@ def test_measurements_on_a_tiny_model(study):
     nll, top = study.continuation_nll(model, prompt, continuation)
     assert nll == pytest.approx(one_pass, rel=1e-5)
     assert torch.equal(top, logits.argmax(-1))
+    estimates = [{"estimate": "quest", "estimate_weight": 0.5}, {"estimate": "quest", "estimate_weight": 1.0}]
     rows = study.measure_window(model, prompt, continuation, [1024, 16], greedy=4, pad_token_id=2,
-                                kernel="reference")
-    dense, everything, small = rows
+                                kernel="reference", estimates=estimates)
+    assert [(r["budget"], r["scores"]) for r in rows] == [("dense", ""), *((b, s) for b in (1024, 16) for s in (
+        "gate", "gate+quest@0.5", "quest"))]
+    for row in rows[1:4]:  # every block kept whatever scores them
+        assert row["density"] == 1.0 and row["nll"] == pytest.approx(one_pass, rel=1e-5)
+    for row in rows[4:]:
+        assert 0 < row["density"] < 1
+    dense, everything, small = rows[0], rows[1], rows[4]
     assert dense["nll"] == pytest.approx(one_pass, rel=1e-5)
     assert everything["density"] == 1.0 and everything["nll"] == pytest.approx(one_pass, rel=1e-5)
     assert everything["greedy_agree"] == 1.0 and everything["greedy_prefix"] == 4
     assert everything["top1_agree"] == 1.0 and 0 <= small["top1_agree"] <= 1
     assert 0 < small["density"] < 1 and small["nll"] != pytest.approx(one_pass, rel=1e-5)
     assert study.greedy_agreement(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5, 4])) == (0.75, 2)
-    assert "| 16 | 1 |" in study.summary_table([{"window": 0, **r} for r in rows])
+    table = study.summary_table([{"window": 0, **r} for r in rows])
+    assert "| 16 | gate | 1 |" in table and "| 16 | gate+quest@0.5 | 1 |" in table and "| 16 | quest | 1 |" in table
