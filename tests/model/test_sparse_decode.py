@@ -206,7 +206,8 @@ def test_load_refuses_bad_decode_arguments_before_loading(gate_folder, monkeypat
 
 
 @pytest.mark.parametrize("budget", [{"token_budget": 32}, {"token_budget": 80, "first_block": False},
-                                    {"method": "threshold", "threshold": 0.3}])
+                                    {"method": "threshold", "threshold": 0.3},
+                                    {"token_budget": 48, "estimate": "quest", "estimate_weight": 0.5}])
 def test_decode_steps_read_nothing_back_from_the_device(gate_folder, monkeypatch, budget):
     """An unpadded batch's decode steps call no tensor-to-host conversion (what synchronises with a GPU) in the
     decode handler, and give each prompt's tokens alone and the mean of their densities."""
@@ -257,7 +258,8 @@ def _refuse_host_reads(monkeypatch, steps: list):
     monkeypatch.setattr(DecodeContext, "_step", guarded_step)
 
 
-@pytest.mark.parametrize("budget", [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}])
+@pytest.mark.parametrize("budget", [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3},
+                                    {"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0}])
 def test_static_cache_decodes_as_the_dynamic_cache_without_host_reads(gate_folder, monkeypatch, budget):
     """transformers' StaticCache (keys [B, Hkv, max_cache_len, D], each row's from 0): an unpadded batch decodes
     the tokens and densities of a DynamicCache (a sparse prefill too), its steps read nothing back from the device,
