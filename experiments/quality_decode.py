@@ -10,7 +10,8 @@ the teacher-forced top-1 agreement was added after that run.
    ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
    decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget (scored
    by the gate, and with each ``--estimates`` training-free estimate mixed in, e.g. ``quest:0.5`` half Quest's
-   bounds, ``quest:1`` Quest alone: ``DecodeSparsityConfig.estimate``): the mean NLL of the continuation tokens (:func:`continuation_nll`), the share of positions where the sparse top token
+   bounds, ``quest:1`` Quest alone: ``DecodeSparsityConfig.estimate``): the mean NLL of the continuation tokens
+   (:func:`continuation_nll`), the share of positions where the sparse top token
    equals the dense one (both given the true text before them: greedy agreement without the drift of free-running
    generation) and the achieved decode density.
 3. From each window's prompt, ``--greedy`` greedy tokens dense and sparse (no early stop): the share of positions
@@ -168,7 +169,8 @@ def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budg
             nll, top = continuation_nll(model, prompt, continuation)
             density = decode.mean_density()
             agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
-            rows.append({"budget": budget, "scores": scores_name(estimate), "nll": nll, "nll_increase": nll / dense_nll - 1,
+            rows.append({"budget": budget, "scores": scores_name(estimate), "nll": nll,
+                         "nll_increase": nll / dense_nll - 1,
                          "density": density, "top1_agree": float((top == dense_top).float().mean()),
                          "greedy_agree": agree, "greedy_prefix": prefix})
     return rows
@@ -237,8 +239,8 @@ def write_results(out: Path, rows: list[dict], skipped: list[int], args, device,
                                                           for e in args.estimates]}.items()
                  if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
              f"Each window: a dense prefill of {args.prompt_len} tokens of {args.eval_novel}, then {args.continuation} "
-             f"teacher-forced decode steps (NLL) and {args.greedy} greedy tokens, dense and at each token budget (scores: "
-             f"the gate's, or with a training-free estimate mixed in).",
+             f"teacher-forced decode steps (NLL) and {args.greedy} greedy tokens, dense and at each token budget "
+             f"(scores: the gate's, or with a training-free estimate mixed in).",
              "", summary_table(rows), ""]
     if skipped:
         lines += ["## Not run (time budget)", "", f"windows {skipped}", ""]

@@ -89,8 +89,9 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     ``decode_gates``: a folder with decode gates (``decode_gates.safetensors``, from ``stage=distill_decode``), checked
     against the model's shape; ``decode_sparsity``: a :class:`~seer.sparsity.decode.DecodeSparsityConfig` or its
     fields (default: the budget stored with the decode gates); a calibrated threshold (``target_density``) uses the
-    one stored beside them (``decode_calibration.json``). Without ``decode_gates`` decode steps are dense. Every
-    argument is checked before the model loads.
+    one stored beside them (``decode_calibration.json``); ``{"estimate": "quest", "estimate_weight": w}`` mixes Quest's
+    key bounds into the gate's block scores (``w`` 1: Quest alone). Without ``decode_gates`` decode steps are dense.
+    Every argument is checked before the model loads.
     """
     if gates is None and gate_config is None and decode_gates is None:
         raise ValueError("seer.load needs gates=PATH (trained gates), gate_config= (untrained gates) or "
