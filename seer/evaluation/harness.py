@@ -1,18 +1,18 @@
 """The evaluation harness: one model, its held-out windows and retrieval cases, and any scorer x budget on them.
 
 :class:`Evaluator` holds a model prepared for seer (:func:`seer.model.attention.prepare_model` or
-:func:`~seer.model.attention.attach_gates`), builds the windows and cases of :class:`EvalConfig` once, and then
-measures any selection: ``evaluate(selector, sparsity)`` with ``selector`` a training-free scorer of
-:mod:`seer.sparsity.selectors` or None for the model's gates, and optionally ``layer_selectors`` (``{layer:
-selector}``, :attr:`seer.model.attention.SeerContext.layer_selectors`) scoring some layers instead. Every selection runs through the same path as
-inference (the model's attention function, the block-sparse kernel or its reference), so methods differ only in
-the blocks they keep. For each window length it returns one row of flat metrics (see :data:`ROW_KEYS`).
+:func:`~seer.model.attention.attach_gates`), builds the windows and cases of :class:`EvalConfig` once, and then measures
+any selection: ``evaluate(selector, sparsity)`` with ``selector`` a training-free scorer of
+:mod:`seer.sparsity.selectors` or None for the model's gates, and optionally ``layer_selectors`` (``{layer: selector}``,
+:attr:`seer.model.attention.SeerContext.layer_selectors`) scoring some layers instead. Every selection runs through the
+same path as inference (the model's attention function, the block-sparse kernel or its reference), so methods differ
+only in the blocks they keep. For each window length it returns one row of flat metrics (see :data:`ROW_KEYS`).
 
-A calibrated budget is calibrated on the first ``calibration_windows`` windows of each length (scores observed with
-the model running dense; cached per scorer (layer selectors included) and length, so many budgets and densities share one observation) and
-evaluated on the next ``windows``: the knob found and the density it reached there are reported beside the density
-achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk when a
-cache folder is given), prefill and decode dense.
+A calibrated budget is calibrated on the first ``calibration_windows`` windows of each length (scores observed with the
+model running dense; cached per scorer (layer selectors included) and length, so many budgets and densities share one
+observation) and evaluated on the next ``windows``: the knob found and the density it reached there are reported beside
+the density achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk
+when a cache folder is given), prefill and decode dense.
 
 A model with decode gates (:func:`seer.model.decode_gate_io.load_decode_gates`) answers the generated measures
 (passkey, RULER) with sparse decode steps when ``evaluate`` is given a decode budget: rows name it (``decode``) and
