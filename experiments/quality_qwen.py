@@ -486,9 +486,10 @@ def reuse_dense(path: Path, settings: dict) -> dict:
 def attribution_table(rows: list[dict], default: str) -> str:
     """Per text, length and target density: the ``default`` selection, each group's job (the oracle in its layers),
     the oracle, with their PPL change and the PPL each recovers from the default, as a share of the default's gap
-    to the oracle (and the groups' shares summed) when the oracle row is there, else as a PPL difference."""
-    lines = ["| text | N | target | scorer | oracle layers | achieved density | PPL | PPL change | recovered |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    to the oracle (and the groups' shares summed) when the oracle row is there, else as a PPL difference. A group's
+    own layers' density beside the default's there shows how much of the budget its hybrid calibration moved."""
+    lines = ["| text | N | target | scorer | oracle layers | achieved density | in the group (default) | PPL | "
+             "PPL change | recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
     for text, n, target in sorted({(r["text"], r["seq_len"], r["target_density"]) for r in rows}):
         same = [r for r in rows if (r["text"], r["seq_len"], r["target_density"]) == (text, n, target)]
         base = next((r for r in same if r["selector"] == default), None)
@@ -501,13 +502,19 @@ def attribution_table(rows: list[dict], default: str) -> str:
                 return "-"
             return f"{(base['ppl'] - row['ppl']) / gap:.0%}" if gap else f"{base['ppl'] - row['ppl']:+.3f} PPL"
 
+        def in_group(row: dict | None, layers: list[int]) -> str:
+            by_layer = (row or {}).get("density_by_layer")
+            return f"{sum(by_layer[i] for i in layers) / len(layers):.3f}" if by_layer else "-"
+
         for row, layers in [(base, "-"), *((r, layer_ranges(r["oracle_layers"])) for r in groups), (oracle, "all")]:
             if row is not None:
+                own = row.get("oracle_layers")
+                group = f"{in_group(row, own)} ({in_group(base, own)})" if own else "-"
                 lines.append(f"| {text} | {n} | {target:.2f} | {row['selector']} | {layers} | {row['density']:.3f} | "
-                             f"{row['ppl']:.3f} | {row['ppl_increase']:+.2%} | {recovered(row)} |")
+                             f"{group} | {row['ppl']:.3f} | {row['ppl_increase']:+.2%} | {recovered(row)} |")
         if gap and groups:
             total = sum(base["ppl"] - r["ppl"] for r in groups) / gap
-            lines.append(f"| {text} | {n} | {target:.2f} | the groups summed | - | - | - | - | {total:.0%} |")
+            lines.append(f"| {text} | {n} | {target:.2f} | the groups summed | - | - | - | - | - | {total:.0%} |")
     return "\n".join(lines)
 
 

@@ -154,16 +154,18 @@ def test_attribution_groups_belong_to_the_attribution_plan(study):
 
 
 def test_the_attribution_table_gives_each_group_its_share_of_the_gap_to_the_oracle(study):
-    def row(selector, ppl, layers=()):
+    def row(selector, ppl, layers=(), by_layer=(0.1, 0.1, 0.1, 0.1)):
         return {"text": "novel", "seq_len": 2048, "target_density": 0.1, "selector": selector, "density": 0.1,
-                "ppl": ppl, "ppl_increase": ppl / 10.0 - 1, "oracle_layers": list(layers)}
+                "density_by_layer": list(by_layer), "ppl": ppl, "ppl_increase": ppl / 10.0 - 1,
+                "oracle_layers": list(layers)}
 
     default = "gate:base+vertical_slash@0.5"
     rows = [row(default, 10.4), row("oracle", 10.0), row(f"{default} oracle@0", 10.3, [0]),
-            row(f"{default} oracle@1-3", 10.1, [1, 2, 3])]
+            row(f"{default} oracle@1-3", 10.1, [1, 2, 3], by_layer=(0.1, 0.2, 0.2, 0.05))]
     lines = study.attribution_table(rows, default).splitlines()
-    assert [line.split(" | ")[3:5] + line.split(" | ")[-1:] for line in lines[2:]] == [
-        [default, "-", "0% |"], [f"{default} oracle@0", "0", "25% |"], [f"{default} oracle@1-3", "1-3", "75% |"],
-        ["oracle", "all", "100% |"], ["the groups summed", "-", "100% |"]]
+    assert [line.split(" | ")[3:5] + line.split(" | ")[6:7] + line.split(" | ")[-1:] for line in lines[2:]] == [
+        [default, "-", "-", "0% |"], [f"{default} oracle@0", "0", "0.100 (0.100)", "25% |"],
+        [f"{default} oracle@1-3", "1-3", "0.150 (0.100)", "75% |"], ["oracle", "all", "-", "100% |"],
+        ["the groups summed", "-", "-", "100% |"]]
     without_oracle = study.attribution_table(rows[:1] + rows[2:], default)
     assert "+0.100 PPL" in without_oracle and "+0.300 PPL" in without_oracle and "summed" not in without_oracle

@@ -43,10 +43,11 @@ from seer.sparsity.decode import DecodeSparsityConfig
 
 # what each row of results holds (measures that were off are None)
 ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "knob", "knob_min", "knob_max",
-            "calibrated_density", "density", "seq_len", "tokens", "ppl", "ppl_dense", "ppl_increase", "ppl_half",
-            "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey", "passkey_dense",
-            "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms", "attention_ms",
-            "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density", "decode", "decode_density")
+            "calibrated_density", "density", "density_by_layer", "seq_len", "tokens", "ppl", "ppl_dense",
+            "ppl_increase", "ppl_half", "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey",
+            "passkey_dense", "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms",
+            "attention_ms", "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density", "decode",
+            "decode_density")
 # beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run
 PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
@@ -124,9 +125,10 @@ class Evaluator:
         return tqdm(items, desc=desc, disable=not self.progress, leave=False)
 
     def _perplexity(self, rows: torch.Tensor, recall: bool, label: str) -> dict:
-        """PPL, second-half PPL, achieved density and (``recall``) per-layer recall beside the oracle's."""
+        """PPL, second-half PPL, achieved density (mean and per layer) and (``recall``) per-layer recall beside the
+        oracle's."""
         ctx = self.ctx
-        nll, density, layer_recall, layer_oracle = [], [], {}, {}
+        nll, density, layer_density, layer_recall, layer_oracle = [], [], {}, {}, {}
 
         def measure(obs: LayerObservation) -> None:
             if obs.mask is None or obs.mass is None:  # a dense layer keeps all of its mass
@@ -144,10 +146,13 @@ class Evaluator:
                 nll.append(self._forward_nll(batch).cpu())
                 if sparse:
                     density.append(ctx.mean_density())
+                    for layer, value in ctx.densities().items():
+                        layer_density.setdefault(layer, []).append(value)
         nll = torch.cat(nll)
         half = nll[:, nll.shape[1] // 2:]
         out = {"tokens": nll.numel(), "ppl": math.exp(float(nll.mean())), "ppl_half": math.exp(float(half.mean())),
-               "density": _mean(density) if sparse else 1.0}
+               "density": _mean(density) if sparse else 1.0,
+               "density_by_layer": [_mean(layer_density[i]) for i in sorted(layer_density)] or None}
         if layer_recall:
             by_layer = [_mean(layer_recall[i]) for i in sorted(layer_recall)]
             out.update(recall=_mean(by_layer), recall_by_layer=by_layer,

@@ -121,6 +121,7 @@ def test_layer_selectors_are_observed_calibrated_and_named_apart_from_the_gates(
     assert gate_cal.knobs != hybrid_cal.knobs
     (row,) = ev.evaluate(None, sparsity, layer_selectors=oracle)
     assert row["selector"] == "gate oracle@0" and abs(row["density"] - 0.3) < 0.15
+    assert len(row["density_by_layer"]) == 2 and sum(row["density_by_layer"]) / 2 == pytest.approx(row["density"])
     with pytest.raises(ValueError, match="with the gate scorer, not for .* with gate oracle@0"):
         ev.evaluate(None, sparsity, calibrations={256: gate_cal}, layer_selectors=oracle)
     ev.forget(None)  # new gate weights: the hybrids' observations go too
