@@ -40,6 +40,16 @@ lever against the fixed weight (the table's default), with the gates of an earli
         --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --gates mass=PATH \\
         --targets mass --plan lever --blends vertical_slash:fit vertical_slash:0.5 --out $OUT
 
+Where the learned selection's perplexity is lost (``--plan attribution``): at each density the default (the first
+gate set with the first blend), the ``--baselines`` (give ``oracle``), then the default again with the oracle scoring
+each group of ``--attribution-groups`` layers instead of the gates (``0 1-3 4-7 ...``: layer 0 alone, then groups of
+four, by default), every budget calibrated for that hybrid. The PPL a group's job recovers is what that group's
+gates cost; ``results.md`` gives each group's share of the default's gap to the oracle:
+
+    python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
+        --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --gates base=PATH --recipes base= \\
+        --plan attribution --baselines oracle --blends vertical_slash:0.5 --densities 0.1 --texts novel --out $OUT
+
 Retrieval rows (for RULER's retrieval and multi-hop tasks, which the novels and stdlib rarely show the gates): the
 same command with ``--train-overrides data/augment=retrieval`` (and its own ``--work`` and ``--out``) writes key-value
 facts recalled thousands of tokens later, multi-hop chains and verbatim repeated spans, in the documents' own prose or
@@ -53,8 +63,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -65,6 +77,7 @@ from seer.evaluation import ruler
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.harness import Evaluator
 from seer.gates.config import GateConfig
+from seer.model.attention import layer_ranges
 from seer.model.gate_io import load_gates
 from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
@@ -76,6 +89,17 @@ from quality_smollm2 import environment  # the sibling script (experiments/ is o
 
 BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
 FIT = "fit"  # --blends selector:fit: a weight per layer, fitted on the calibration windows
+
+
+class Job(NamedTuple):
+    """One evaluation of a plan: its row label, the gate set or selector that scores, the gates' blend (estimate,
+    weight) or None, the budget, and the layers the oracle scores instead of the gates (attribution)."""
+
+    label: str
+    scorer: str
+    blend: tuple[str, float | str] | None
+    sparsity: SparsityConfig
+    oracle_layers: tuple[int, ...] = ()
 
 
 MODELS = {  # --model: (model config, gate recipe, title)
@@ -154,29 +178,29 @@ def fit_blend(evaluator: Evaluator, blend: str, sparsity: SparsityConfig, seq_le
     return pick_weights(recalls), recalls
 
 
-def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]], last_rows: int) -> list:
-    """(label, scorer, blend, sparsity) in priority order, so a run cut short still answers what matters: at the
-    first density the first gate set plain, with the last ``last_rows`` query blocks dense, and blended with the
-    first blend; the oracle and the training-free baselines; the other blends and gate sets; the baselines with
-    dense last blocks; then at the other densities the main ones again."""
+def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]], last_rows: int) -> list[Job]:
+    """Jobs in priority order, so a run cut short still answers what matters: at the first density the first gate
+    set plain, with the last ``last_rows`` query blocks dense, and blended with the first blend; the oracle and the
+    training-free baselines; the other blends and gate sets; the baselines with dense last blocks; then at the other
+    densities the main ones again."""
     gate = gates[0]
     jobs = []
     for i, d in enumerate(densities):
         plain = SparsityConfig(method="threshold", target_density=d)
         tail = SparsityConfig(method="threshold", target_density=d, dense_last_rows=last_rows)
         blended = [(f"{gate}+{name}@{w}", gate, (name, w)) for name, w in blends]
-        jobs += [(gate, gate, None, plain), (gate, gate, None, tail)]
-        jobs += [(*blended[0], tail)] if blends else []
-        jobs += [(name, name, None, plain) for name in BASELINES]
+        jobs += [Job(gate, gate, None, plain), Job(gate, gate, None, tail)]
+        jobs += [Job(*blended[0], tail)] if blends else []
+        jobs += [Job(name, name, None, plain) for name in BASELINES]
         if i:
             continue
-        jobs += [(*b, s) for b in blended for s in (plain, tail) if (*b, s) not in jobs]
-        jobs += [(other, other, None, s) for other in gates[1:] for s in (plain, tail)]
-        jobs += [(name, name, None, tail) for name in BASELINES]
+        jobs += [Job(*b, s) for b in blended for s in (plain, tail) if Job(*b, s) not in jobs]
+        jobs += [Job(other, other, None, s) for other in gates[1:] for s in (plain, tail)]
+        jobs += [Job(name, name, None, tail) for name in BASELINES]
     return jobs
 
 
-def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list:
+def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list[Job]:
     """The comparison behind the results table: at each density the default (the first gate set with the first
     blend), the oracle and the training-free selectors that read the queries (vertical-slash, FlexPrefill,
     XAttention's antidiagonal); at the first density also the plain gate and streaming."""
@@ -186,24 +210,76 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
         plain = SparsityConfig(method="threshold", target_density=d)
         if blends:
             name, w = blends[0]
-            jobs.append((f"{gate}+{name}@{w}", gate, (name, w), plain))
-        jobs += [(name, name, None, plain) for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal")]
+            jobs.append(Job(f"{gate}+{name}@{w}", gate, (name, w), plain))
+        jobs += [Job(name, name, None, plain) for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal")]
         if not i:
-            jobs += [(gate, gate, None, plain), ("streaming", "streaming", None, plain)]
+            jobs += [Job(gate, gate, None, plain), Job("streaming", "streaming", None, plain)]
     return jobs
 
 
 def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]],
-               baselines: tuple[str, ...] = ()) -> list:
+               baselines: tuple[str, ...] = ()) -> list[Job]:
     """New gate recipes (or blends) against the table: at each density every gate set with each blend in the order
     given (the first is the default), then every gate set alone, then the training-free ``baselines``."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
-        jobs += [(f"{gate}+{name}@{w}", gate, (name, w), plain) for name, w in blends for gate in gates]
-        jobs += [(gate, gate, None, plain) for gate in gates]
-        jobs += [(name, name, None, plain) for name in baselines]
+        jobs += [Job(f"{gate}+{name}@{w}", gate, (name, w), plain) for name, w in blends for gate in gates]
+        jobs += [Job(gate, gate, None, plain) for gate in gates]
+        jobs += [Job(name, name, None, plain) for name in baselines]
     return jobs
+
+
+def default_label(gates: list[str], blends: list[tuple[str, float | str]]) -> str:
+    """The default selection's label: the first gate set with the first blend (alone without blends)."""
+    return f"{gates[0]}+{blends[0][0]}@{blends[0][1]}" if blends else gates[0]
+
+
+def attribution_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float | str]],
+                     groups: list[tuple[int, ...]], baselines: tuple[str, ...] = ()) -> list[Job]:
+    """Which layers' selections cost the perplexity: at each density the default (:func:`default_label`), the
+    training-free ``baselines`` (``oracle`` gives each group's recovered share), then the default with the oracle
+    scoring each group of ``groups`` instead of the gates (labelled ``<default> oracle@<layers>``)."""
+    label, blend = default_label(gates, blends), blends[0] if blends else None
+    jobs = []
+    for d in densities:
+        plain = SparsityConfig(method="threshold", target_density=d)
+        jobs.append(Job(label, gates[0], blend, plain))
+        jobs += [Job(name, name, None, plain) for name in baselines]
+        jobs += [Job(f"{label} oracle@{layer_ranges(group)}", gates[0], blend, plain, group) for group in groups]
+    return jobs
+
+
+def default_groups(num_layers: int) -> list[tuple[int, ...]]:
+    """Layer 0 alone (the layer the gates predict worst), then groups of four: ``0 1-3 4-7 8-11 ...``."""
+    edges = [0, 1, *range(4, num_layers, 4), num_layers]
+    return [tuple(range(start, stop)) for start, stop in zip(edges, edges[1:]) if start < stop]
+
+
+def parse_groups(specs: list[str] | None, num_layers: int) -> list[tuple[int, ...]]:
+    """``--attribution-groups`` (``L`` or ``FIRST-LAST`` each, layers of a model of ``num_layers``) as tuples of
+    layers; None: :func:`default_groups`. A malformed group, a layer the model lacks or a group given twice stops
+    the run, naming it."""
+    if specs is None:
+        return default_groups(num_layers)
+    groups: list[tuple[int, ...]] = []
+    for spec in specs:
+        found = re.fullmatch(r"(\d+)(?:-(\d+))?", spec)
+        if found is None:
+            raise SystemExit(f"--attribution-groups {spec!r}: give a layer (3) or a range of layers (2-5)")
+        start, stop = int(found[1]), int(found[2] or found[1])
+        if start > stop or stop >= num_layers:
+            raise SystemExit(f"--attribution-groups {spec!r}: not layers of the model's 0-{num_layers - 1}")
+        group = tuple(range(start, stop + 1))
+        if group in groups:
+            raise SystemExit(f"--attribution-groups {spec!r}: given twice")
+        groups.append(group)
+    return groups
+
+
+def model_layers(model: str) -> int:
+    """The number of attention layers of ``--model`` (its model config's architecture), known before loading it."""
+    return int(compose([f"model={MODELS[model][0]}"]).model.architecture.num_hidden_layers)
 
 
 def only_jobs(jobs: list, labels: list[str]) -> list:
@@ -239,14 +315,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fit-grid", type=float, nargs="+", default=list(GRID),
                     help="the weights a fitted blend (selector:fit) chooses from, per layer")
     ap.add_argument("--last-rows", type=int, default=2, help="dense last query blocks in the tail variants")
-    ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever"],
+    ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever", "attribution"],
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
-                    "lever: a new gate recipe's default and its gate alone")
+                    "lever: a new gate recipe's default and its gate alone; attribution: the default with the "
+                    "oracle in each group of --attribution-groups layers")
+    ap.add_argument("--attribution-groups", nargs="+",
+                    help="--plan attribution: groups of layers the oracle scores in turn, as L or FIRST-LAST "
+                    "(default: 0 1-3 4-7 ..., layer 0 alone then groups of four)")
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--only", nargs="+", help="run only the plan's jobs of these labels (as the rows name them, "
                     "e.g. gate:base+vertical_slash@0.5 antidiagonal)")
     ap.add_argument("--baselines", nargs="+", default=[], choices=sorted(SELECTORS),
-                    help="--plan lever: training-free selectors measured after the gate sets at each density")
+                    help="--plan lever and attribution: training-free selectors measured after the gate sets at each "
+                    "density (attribution: give oracle for each group's recovered share)")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
     ap.add_argument("--copy", type=int, default=5)
@@ -266,19 +347,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def planned_jobs(args) -> list[Job | None]:
+    """The jobs of ``--plan`` (those ``--only`` leaves out None), every argument they read checked."""
+    blends = parse_blends(args.blends)
+    names = [f"gate:{name}" for name in recipes(args)]
+    if args.attribution_groups and args.plan != "attribution":
+        raise SystemExit(f"--attribution-groups: only for --plan attribution, not {args.plan}")
+    plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
+             "final": lambda: final_plan(names, args.densities, blends),
+             "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines)),
+             "attribution": lambda: attribution_plan(names, args.densities, blends,
+                                                     parse_groups(args.attribution_groups, model_layers(args.model)),
+                                                     tuple(args.baselines))}
+    jobs = plans[args.plan]()
+    return only_jobs(jobs, args.only) if args.only else jobs
+
+
 def main() -> None:
     args = parse_args()
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = dict(g.split("=", 1) for g in args.gates)
-    blends = parse_blends(args.blends)
-    names = [f"gate:{name}" for name in recipes(args)]
-    plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
-             "final": lambda: final_plan(names, args.densities, blends),
-             "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines))}
-    jobs = plans[args.plan]()  # planned before any training or loading, so that a bad --only stops at once
-    if args.only:
-        jobs = only_jobs(jobs, args.only)
+    jobs = planned_jobs(args)  # before any training or loading, so that a bad --only or group stops at once
     gates = {f"gate:{name}": Path(given[name]) if name in given else train_gates(args, name, overrides)
              for name, overrides in recipes(args).items()}
     train_s = time.time() - start
@@ -318,12 +408,13 @@ def main() -> None:
     for i, job in enumerate(jobs[args.skip:], start=args.skip):
         if job is None:  # left out by --only
             continue
-        label, scorer, blend, sparsity = job
+        label, scorer, blend, sparsity, oracle_layers = job
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
             continue
         key = scorer if scorer in gates else first
         selector = None if scorer in gates else build_selector(scorer)
+        layer_selectors = {layer: build_selector("oracle") for layer in oracle_layers}
         weights = None
         if blend and blend[1] == FIT:  # a weight per layer, fitted on the first text's calibration windows
             weights, recalls = fit_blend(evaluators[key, args.texts[0]], blend[0], sparsity, args.seq_lens[0],
@@ -339,8 +430,9 @@ def main() -> None:
         for name in texts:
             if selector is None:
                 evaluators[key, name].forget(None)
-            for row in evaluators[key, name].evaluate(selector, sparsity, dense[name]):
-                row.update(text=name, selector=label, blend_weights=weights)
+            for row in evaluators[key, name].evaluate(selector, sparsity, dense[name],
+                                                      layer_selectors=layer_selectors):
+                row.update(text=name, selector=label, blend_weights=weights, oracle_layers=list(oracle_layers))
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
                       f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
@@ -391,6 +483,41 @@ def reuse_dense(path: Path, settings: dict) -> dict:
     return {name: {int(n): v for n, v in by_len.items()} for name, by_len in saved["dense"].items()}
 
 
+def attribution_table(rows: list[dict], default: str) -> str:
+    """Per text, length and target density: the ``default`` selection, each group's job (the oracle in its layers),
+    the oracle, with their PPL change and the PPL each recovers from the default, as a share of the default's gap
+    to the oracle (and the groups' shares summed) when the oracle row is there, else as a PPL difference. A group's
+    own layers' density beside the default's there shows how much of the budget its hybrid calibration moved."""
+    lines = ["| text | N | target | scorer | oracle layers | achieved density | in the group (default) | PPL | "
+             "PPL change | recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for text, n, target in sorted({(r["text"], r["seq_len"], r["target_density"]) for r in rows}):
+        same = [r for r in rows if (r["text"], r["seq_len"], r["target_density"]) == (text, n, target)]
+        base = next((r for r in same if r["selector"] == default), None)
+        oracle = next((r for r in same if r["selector"] == "oracle"), None)
+        groups = [r for r in same if r.get("oracle_layers") and r["selector"].startswith(f"{default} oracle@")]
+        gap = base["ppl"] - oracle["ppl"] if base and oracle and base["ppl"] != oracle["ppl"] else None
+
+        def recovered(row: dict | None) -> str:
+            if base is None or row is None:
+                return "-"
+            return f"{(base['ppl'] - row['ppl']) / gap:.0%}" if gap else f"{base['ppl'] - row['ppl']:+.3f} PPL"
+
+        def in_group(row: dict | None, layers: list[int]) -> str:
+            by_layer = (row or {}).get("density_by_layer")
+            return f"{sum(by_layer[i] for i in layers) / len(layers):.3f}" if by_layer else "-"
+
+        for row, layers in [(base, "-"), *((r, layer_ranges(r["oracle_layers"])) for r in groups), (oracle, "all")]:
+            if row is not None:
+                own = row.get("oracle_layers")
+                group = f"{in_group(row, own)} ({in_group(base, own)})" if own else "-"
+                lines.append(f"| {text} | {n} | {target:.2f} | {row['selector']} | {layers} | {row['density']:.3f} | "
+                             f"{group} | {row['ppl']:.3f} | {row['ppl_increase']:+.2%} | {recovered(row)} |")
+        if gap and groups:
+            total = sum(base["ppl"] - r["ppl"] for r in groups) / gap
+            lines.append(f"| {text} | {n} | {target:.2f} | the groups summed | - | - | - | - | - | {total:.0%} |")
+    return "\n".join(lines)
+
+
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
                   dense: dict, fits: list[dict] = ()) -> None:
     lines = [f"# Block selection quality on {MODELS[args.model][2]}", "",
@@ -401,6 +528,12 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
              f"Dense: {json.dumps(dense)}", ""]
     for text in sorted({r["text"] for r in rows}):
         lines += [f"## {text}", "", table([r for r in rows if r["text"] == text]), ""]
+    if args.plan == "attribution":
+        default = default_label([f"gate:{name}" for name in recipes(args)], parse_blends(args.blends))
+        lines += ["## Attribution", "", f"PPL recovered when the oracle scores a group of layers instead of the gates "
+                  f"of {default} (same budget, calibrated for each hybrid): the share of the default's PPL gap to "
+                  "the oracle's, or without an oracle row (--baselines oracle) the PPL difference.", "",
+                  attribution_table(rows, default), ""]
     if fits:
         lines += ["## Fitted blend weights", "", "Per layer, on the calibration windows of the first text and "
                   "length; recall: the share of the true block mass kept there (mean over layers), fitted and with "

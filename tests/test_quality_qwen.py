@@ -53,7 +53,7 @@ def test_a_fitted_blend_is_parsed_and_planned_like_a_fixed_one(study):
         study.parse_blends(["vertical_slash:fit", "vertical_slash:fit"])
     blends = study.parse_blends(["vertical_slash:fit", "vertical_slash:0.5"])
     jobs = study.lever_plan(["gate:mass"], [0.1, 0.05], blends)
-    assert [(label, s.target_density) for label, _, _, s in jobs] == [
+    assert [(job.label, job.sparsity.target_density) for job in jobs] == [
         ("gate:mass+vertical_slash@fit", 0.1), ("gate:mass+vertical_slash@0.5", 0.1), ("gate:mass", 0.1),
         ("gate:mass+vertical_slash@fit", 0.05), ("gate:mass+vertical_slash@0.5", 0.05), ("gate:mass", 0.05)]
     assert jobs[0][1:3] == ("gate:mass", ("vertical_slash", "fit"))
@@ -113,3 +113,59 @@ def test_the_lever_plan_takes_baselines_and_only_keeps_the_jobs_named(study):
         study.only_jobs(jobs, ["gate:c"])
     with pytest.raises(SystemExit):
         study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--baselines", "nonesuch"])
+
+
+ATTRIBUTION = ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
+               "--plan", "attribution", "--blends", "vertical_slash:0.5", "vertical_slash:0.25", "--densities", "0.1",
+               "0.05"]
+
+
+def test_the_attribution_plan_puts_the_oracle_in_each_group_of_layers_of_the_default(study):
+    jobs = study.planned_jobs(study.parse_args([*ATTRIBUTION, "--baselines", "oracle", "--attribution-groups", "0",
+                                                "1-14", "15-29"]))
+    default = "gate:base+vertical_slash@0.5"
+    assert [job.label for job in jobs[:5]] == [default, "oracle", f"{default} oracle@0", f"{default} oracle@1-14",
+                                               f"{default} oracle@15-29"]
+    assert [job.sparsity.target_density for job in jobs] == [0.1] * 5 + [0.05] * 5
+    assert jobs[3].oracle_layers == tuple(range(1, 15)) and jobs[0].oracle_layers == jobs[1].oracle_layers == ()
+    assert {(job.scorer, job.blend) for job in jobs if job.label != "oracle"} == {("gate:base", ("vertical_slash",
+                                                                                               0.5))}
+    # default groups: layer 0 alone, then fours, up to SmolLM2's 30 layers; no oracle row without --baselines
+    groups = [job.oracle_layers for job in study.planned_jobs(study.parse_args(ATTRIBUTION))[:10]]
+    assert groups[0] == () and groups[1:] == [(0,), (1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11), (12, 13, 14, 15),
+                                              (16, 17, 18, 19), (20, 21, 22, 23), (24, 25, 26, 27), (28, 29)]
+    only = study.planned_jobs(study.parse_args([*ATTRIBUTION, "--attribution-groups", "0", "--only",
+                                                f"{default} oracle@0"]))
+    assert [job.label for job in only if job] == [f"{default} oracle@0"] * 2
+
+
+@pytest.mark.parametrize("groups, message", [
+    (["30"], "'30': not layers of the model's 0-29"), (["5-2"], "'5-2': not layers"),
+    (["1-x"], "'1-x': give a layer"), (["-1"], "'-1': give a layer"), (["2-3", "2-3"], "'2-3': given twice")])
+def test_a_bad_attribution_group_stops_the_plan_naming_it(study, groups, message):
+    with pytest.raises(SystemExit, match=f"--attribution-groups {message}"):
+        study.planned_jobs(study.parse_args([*ATTRIBUTION, "--attribution-groups", *groups]))
+
+
+def test_attribution_groups_belong_to_the_attribution_plan(study):
+    with pytest.raises(SystemExit, match="--attribution-groups: only for --plan attribution, not lever"):
+        study.planned_jobs(study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--plan",
+                                             "lever", "--attribution-groups", "0"]))
+
+
+def test_the_attribution_table_gives_each_group_its_share_of_the_gap_to_the_oracle(study):
+    def row(selector, ppl, layers=(), by_layer=(0.1, 0.1, 0.1, 0.1)):
+        return {"text": "novel", "seq_len": 2048, "target_density": 0.1, "selector": selector, "density": 0.1,
+                "density_by_layer": list(by_layer), "ppl": ppl, "ppl_increase": ppl / 10.0 - 1,
+                "oracle_layers": list(layers)}
+
+    default = "gate:base+vertical_slash@0.5"
+    rows = [row(default, 10.4), row("oracle", 10.0), row(f"{default} oracle@0", 10.3, [0]),
+            row(f"{default} oracle@1-3", 10.1, [1, 2, 3], by_layer=(0.1, 0.2, 0.2, 0.05))]
+    lines = study.attribution_table(rows, default).splitlines()
+    assert [line.split(" | ")[3:5] + line.split(" | ")[6:7] + line.split(" | ")[-1:] for line in lines[2:]] == [
+        [default, "-", "-", "0% |"], [f"{default} oracle@0", "0", "0.100 (0.100)", "25% |"],
+        [f"{default} oracle@1-3", "1-3", "0.150 (0.100)", "75% |"], ["oracle", "all", "-", "100% |"],
+        ["the groups summed", "-", "-", "100% |"]]
+    without_oracle = study.attribution_table(rows[:1] + rows[2:], default)
+    assert "+0.100 PPL" in without_oracle and "+0.300 PPL" in without_oracle and "summed" not in without_oracle

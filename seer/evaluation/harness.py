@@ -1,17 +1,18 @@
 """The evaluation harness: one model, its held-out windows and retrieval cases, and any scorer x budget on them.
 
 :class:`Evaluator` holds a model prepared for seer (:func:`seer.model.attention.prepare_model` or
-:func:`~seer.model.attention.attach_gates`), builds the windows and cases of :class:`EvalConfig` once, and then
-measures any selection: ``evaluate(selector, sparsity)`` with ``selector`` a training-free scorer of
-:mod:`seer.sparsity.selectors` or None for the model's gates. Every selection runs through the same path as
-inference (the model's attention function, the block-sparse kernel or its reference), so methods differ only in
-the blocks they keep. For each window length it returns one row of flat metrics (see :data:`ROW_KEYS`).
+:func:`~seer.model.attention.attach_gates`), builds the windows and cases of :class:`EvalConfig` once, and then measures
+any selection: ``evaluate(selector, sparsity)`` with ``selector`` a training-free scorer of
+:mod:`seer.sparsity.selectors` or None for the model's gates, and optionally ``layer_selectors`` (``{layer: selector}``,
+:attr:`seer.model.attention.SeerContext.layer_selectors`) scoring some layers instead. Every selection runs through the
+same path as inference (the model's attention function, the block-sparse kernel or its reference), so methods differ
+only in the blocks they keep. For each window length it returns one row of flat metrics (see :data:`ROW_KEYS`).
 
-A calibrated budget is calibrated on the first ``calibration_windows`` windows of each length (scores observed with
-the model running dense; cached per scorer and length, so many budgets and densities share one observation) and
-evaluated on the next ``windows``: the knob found and the density it reached there are reported beside the density
-achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk when a
-cache folder is given), prefill and decode dense.
+A calibrated budget is calibrated on the first ``calibration_windows`` windows of each length (scores observed with the
+model running dense; cached per scorer (layer selectors included) and length, so many budgets and densities share one
+observation) and evaluated on the next ``windows``: the knob found and the density it reached there are reported beside
+the density achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk
+when a cache folder is given), prefill and decode dense.
 
 A model with decode gates (:func:`seer.model.decode_gate_io.load_decode_gates`) answers the generated measures
 (passkey, RULER) with sparse decode steps when ``evaluate`` is given a decode budget: rows name it (``decode``) and
@@ -42,10 +43,11 @@ from seer.sparsity.decode import DecodeSparsityConfig
 
 # what each row of results holds (measures that were off are None)
 ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "knob", "knob_min", "knob_max",
-            "calibrated_density", "density", "seq_len", "tokens", "ppl", "ppl_dense", "ppl_increase", "ppl_half",
-            "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey", "passkey_dense",
-            "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms", "attention_ms",
-            "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density", "decode", "decode_density")
+            "calibrated_density", "density", "density_by_layer", "seq_len", "tokens", "ppl", "ppl_dense",
+            "ppl_increase", "ppl_half", "ppl_half_dense", "recall", "oracle_recall", "recall_by_layer", "passkey",
+            "passkey_dense", "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms",
+            "attention_ms", "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density", "decode",
+            "decode_density")
 # beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run
 PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
@@ -89,7 +91,7 @@ class Evaluator:
                                                 config.seed, text.start_id)
         self.ruler = ruler_samples or {}
         self.stop_ids = ruler.stop_token_ids(model, tokenizer)
-        self._observed: dict[tuple[str, int], tuple[dict, dict | None]] = {}
+        self._observed: dict[tuple[str, str, int], tuple[dict, dict | None]] = {}
 
     def _spread(self, make, total: int, multiple: int) -> dict[int, list]:
         """``total`` cases over the lengths, each length's count rounded up to a multiple of ``multiple``."""
@@ -123,9 +125,10 @@ class Evaluator:
         return tqdm(items, desc=desc, disable=not self.progress, leave=False)
 
     def _perplexity(self, rows: torch.Tensor, recall: bool, label: str) -> dict:
-        """PPL, second-half PPL, achieved density and (``recall``) per-layer recall beside the oracle's."""
+        """PPL, second-half PPL, achieved density (mean and per layer) and (``recall``) per-layer recall beside the
+        oracle's."""
         ctx = self.ctx
-        nll, density, layer_recall, layer_oracle = [], [], {}, {}
+        nll, density, layer_density, layer_recall, layer_oracle = [], [], {}, {}, {}
 
         def measure(obs: LayerObservation) -> None:
             if obs.mask is None or obs.mass is None:  # a dense layer keeps all of its mass
@@ -143,10 +146,13 @@ class Evaluator:
                 nll.append(self._forward_nll(batch).cpu())
                 if sparse:
                     density.append(ctx.mean_density())
+                    for layer, value in ctx.densities().items():
+                        layer_density.setdefault(layer, []).append(value)
         nll = torch.cat(nll)
         half = nll[:, nll.shape[1] // 2:]
         out = {"tokens": nll.numel(), "ppl": math.exp(float(nll.mean())), "ppl_half": math.exp(float(half.mean())),
-               "density": _mean(density) if sparse else 1.0}
+               "density": _mean(density) if sparse else 1.0,
+               "density_by_layer": [_mean(layer_density[i]) for i in sorted(layer_density)] or None}
         if layer_recall:
             by_layer = [_mean(layer_recall[i]) for i in sorted(layer_recall)]
             out.update(recall=_mean(by_layer), recall_by_layer=by_layer,
@@ -304,18 +310,19 @@ class Evaluator:
         key = json.dumps([self.model_name, self.text.fingerprint, settings, self.device.type, 1], sort_keys=True)
         return self.cache_dir / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
-    def observe(self, selector, seq_len: int, want_mass: bool) -> tuple[dict[int, torch.Tensor], dict | None]:
+    def observe(self, selector, seq_len: int, want_mass: bool,
+                layer_selectors: dict | None = None) -> tuple[dict[int, torch.Tensor], dict | None]:
         """Block scores (and, with ``want_mass``, true block masses) of every layer on the calibration windows of
-        ``seq_len``, the model running dense: ``({layer: [rows, H, nb, nb]}, {layer: ...} or None)``. Cached per
-        scorer and length."""
-        key = (repr(selector), seq_len)
+        ``seq_len``, the model running dense, ``layer_selectors`` scoring their layers: ``({layer: [rows, H, nb,
+        nb]}, {layer: ...} or None)``. Cached per scorer, layer selectors and length."""
+        key = (repr(selector), repr(sorted((layer_selectors or {}).items())), seq_len)
         have = self._observed.get(key)
         if have is not None and (have[1] is not None or not want_mass):
             return have
         rows = self.windows[seq_len][:self.config.calibration_windows]
         if not len(rows):
             raise ValueError("a calibrated budget needs eval.calibration_windows >= 1")
-        with self.ctx.observing(want_mass, selector=selector) as observed:
+        with self.ctx.observing(want_mass, selector=selector, layer_selectors=layer_selectors) as observed:
             for batch in self._bar(list(self._batches(rows)), f"calibration {seq_len}"):
                 with torch.no_grad():
                     self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
@@ -323,36 +330,41 @@ class Evaluator:
         return self._observed[key]
 
     def forget(self, selector) -> None:
-        """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights)."""
+        """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights), with
+        any layer selectors."""
         self._observed = {k: v for k, v in self._observed.items() if k[0] != repr(selector)}
 
-    def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int) -> Calibration:
-        """The calibration of ``sparsity`` for ``selector`` on the calibration windows of ``seq_len``."""
-        scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle")
-        return calibrate(scores, sparsity, masses, selector=scorer_name(selector, self.ctx.gate_config),
-                         seq_len=seq_len)
+    def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int,
+                  layer_selectors: dict | None = None) -> Calibration:
+        """The calibration of ``sparsity`` for ``selector`` (with ``layer_selectors`` scoring their layers) on the
+        calibration windows of ``seq_len``."""
+        scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle", layer_selectors)
+        return calibrate(scores, sparsity, masses, selector=scorer_name(selector, self.ctx.gate_config,
+                                                                         layer_selectors), seq_len=seq_len)
 
     def evaluate(self, selector, sparsity: SparsityConfig, dense: dict[int, dict] | None = None,
                  calibrations: dict[int, Calibration] | None = None, decode: DecodeSparsityConfig | None = None,
-                 decode_threshold: float | None = None) -> list[dict]:
-        """One row of metrics per length for ``selector`` (None: the gates) with budget ``sparsity``, beside
+                 decode_threshold: float | None = None, layer_selectors: dict | None = None) -> list[dict]:
+        """One row of metrics per length for ``selector`` (None: the gates; ``layer_selectors``, ``{layer:
+        selector}``, scoring their layers instead) with budget ``sparsity``, beside
         ``dense`` (measured if not given). ``calibrations`` (per length) are used as given instead of calibrating
         (e.g. the ones stored with the gates). ``decode``: the decode budget of the model's decode gates for the
         generated measures (``decode_threshold``: the calibrated threshold of a calibrated one); None: dense decode."""
         dense = self.dense() if dense is None else dense
+        name = scorer_name(selector, self.ctx.gate_config, layer_selectors)
         rows = []
         for n in self.config.seq_lens:
             calibration = None
             if sparsity.calibrated:
-                calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n)
-            with self.ctx.running("sparse", selector=selector, sparsity=sparsity, calibration=calibration), \
-                    self._decoding(decode, decode_threshold):
+                calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n, layer_selectors)
+            with self.ctx.running("sparse", selector=selector, layer_selectors=layer_selectors, sparsity=sparsity,
+                                  calibration=calibration), self._decoding(decode, decode_threshold):
                 got = self._measure(n, self.windows[n][self.config.calibration_windows:],
-                                    f"{scorer_name(selector, self.ctx.gate_config)} {sparsity.method}")
-            rows.append(self._row(selector, sparsity, calibration, got, dense[n], decode))
+                                    f"{name} {sparsity.method}")
+            rows.append(self._row(name, sparsity, calibration, got, dense[n], decode))
         return rows
 
-    def _row(self, selector, sparsity: SparsityConfig, calibration: Calibration | None, got: dict, dense: dict,
+    def _row(self, name: str, sparsity: SparsityConfig, calibration: Calibration | None, got: dict, dense: dict,
              decode: DecodeSparsityConfig | None) -> dict:
         knobs = [v for values in calibration.knobs.values() for v in values] if calibration else None
         own = {"topk": sparsity.target_density, "threshold": sparsity.threshold, "topp": sparsity.p,
@@ -360,7 +372,7 @@ class Evaluator:
         row = {key: None for key in ROW_KEYS}
         row.update(got)
         row.update(
-            selector=scorer_name(selector, self.ctx.gate_config), sparsity=sparsity.describe(),
+            selector=name, sparsity=sparsity.describe(),
             method=sparsity.method,
             allocation=sparsity.allocation if sparsity.calibrated else None, target_density=sparsity.target_density,
             knob=_mean(knobs) if knobs else own, knob_min=min(knobs) if knobs else own,

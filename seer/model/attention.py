@@ -7,7 +7,9 @@ and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also giv
 ``q_proj``/``k_proj``, or of ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
 included). Block scores come from ``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`,
 which reads Q and K after RoPE) or, when it is None, from the layer's gate (blended with a training-free estimate
-when ``gate_config.blend`` names one). What the function does depends on the
+when ``gate_config.blend`` names one); in ``observe`` and ``sparse`` modes a layer of ``context.layer_selectors``
+is scored by its own selector instead (``{layer: selector}``: which layers' selections cost the quality is measured
+by giving a group of them the oracle). What the function does depends on the
 context's ``mode``, set like every other setting through the context's checks: for a block of code
 (``with context.running("sparse", sparsity=...):``, :meth:`SeerContext.observing`) or for good
 (:meth:`SeerContext.update`):
@@ -106,6 +108,7 @@ class SeerContext:
     gate_config: GateConfig | None = None
     mode: str = "dense"
     selector: Any = None  # a seer.sparsity.selectors.Selector; None: the layers' gates
+    layer_selectors: dict[int, Any] = field(default_factory=dict)  # observe, sparse: {layer: Selector} scoring it
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     calibration: Calibration | None = None
     gt_source: str = "reference"  # distill: "reference" or "triton"
@@ -131,7 +134,7 @@ class SeerContext:
     @property
     def scorer_name(self) -> str:
         """The name calibrations are stored under (:func:`scorer_name`)."""
-        return scorer_name(self.selector, self.gate_config)
+        return scorer_name(self.selector, self.gate_config, self.layer_selectors)
 
     def clear_step(self) -> None:
         """Forgets the densities and ``train_sparse`` masks of the last forward (before a new step or batch)."""
@@ -140,9 +143,10 @@ class SeerContext:
 
     def update(self, **settings: Any) -> None:
         """Changes the given settings (``mode``, ``sparsity``, ``calibration``, ``selector``, ``consumer``, ...)
-        after checking them together: a mode of :data:`MODES`, known ground-truth and kernel names, and a calibrated
-        budget in ``sparse`` mode with the calibration fitted for it and this context's selector (``train_sparse``
-        calibrates each layer on its batch). A budget that needs no calibration drops the one given."""
+        after checking them together: a mode of :data:`MODES`, known ground-truth and kernel names, layer selectors
+        (:func:`_check_layer_selectors`) only outside ``distill`` and ``train_sparse``, and a calibrated budget in
+        ``sparse`` mode with the calibration fitted for it and this context's scorer (``train_sparse`` calibrates
+        each layer on its batch). A budget that needs no calibration drops the one given."""
         unknown = sorted(set(settings) - SETTINGS)
         if unknown:
             raise ValueError(f"unknown seer context setting(s) {unknown}; known: {sorted(SETTINGS)}")
@@ -157,8 +161,12 @@ class SeerContext:
                                  f"(blend), not {changed}: the gates' weights are built for it")
         if new["gate_config"] is not None and new["gate_config"] is not self.gate_config and self.num_layers:
             new["gate_config"].check_layers(self.num_layers)
+        new["layer_selectors"] = _check_layer_selectors(new["layer_selectors"], self.num_layers)
+        if new["layer_selectors"] and new["mode"] in ("distill", "train_sparse"):
+            raise ValueError(f"layer_selectors score the observe and sparse modes only, not {new['mode']!r} "
+                             "(which trains the gates of every layer)")
         sparsity, calibration = new["sparsity"], new["calibration"]
-        selector = scorer_name(new["selector"], new["gate_config"])
+        selector = scorer_name(new["selector"], new["gate_config"], new["layer_selectors"])
         if calibration is not None and sparsity.calibrated and not calibration.matches(sparsity, selector):
             raise ValueError(f"the calibration given was made for {calibration.sparsity.describe()} with the "
                              f"{calibration.selector} scorer, not for {sparsity.describe()} with {selector}")
@@ -213,16 +221,47 @@ class ObservedScores:
         return {i: torch.cat(m) for i, m in self._masses.items()} or None
 
 
-def scorer_name(selector, gate_config: GateConfig | None) -> str:
+def scorer_name(selector, gate_config: GateConfig | None, layer_selectors=None) -> str:
     """The scorer's name in calibrations and results: the selector's, or for the gates (``selector`` None) ``gate`` or
-    its blend (:attr:`GateConfig.scorer_name`)."""
-    if selector is not None:
-        return selector.name
-    return gate_config.scorer_name if gate_config is not None else "gate"
+    its blend (:attr:`GateConfig.scorer_name`); then, for ``layer_selectors`` (``{layer: selector}``), each of their
+    selectors' names with the layers it scores, e.g. ``gate+vertical_slash@0.5 oracle@0-3,8``."""
+    name = selector.name if selector is not None else gate_config.scorer_name if gate_config is not None else "gate"
+    by_name: dict[str, list[int]] = {}
+    for layer, layer_selector in sorted((layer_selectors or {}).items()):
+        by_name.setdefault(layer_selector.name, []).append(layer)
+    return " ".join([name, *(f"{other}@{layer_ranges(layers)}" for other, layers in by_name.items())])
 
 
-SETTINGS = frozenset({"mode", "selector", "gate_config", "sparsity", "calibration", "gt_source", "gt_mode",
-                      "gt_target", "kernel", "want_mass", "documents", "consumer", "timer"})
+def layer_ranges(layers) -> str:
+    """Layer indices, sorted, as comma-separated runs: ``[8, 0, 1, 2, 3]`` -> ``0-3,8``."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
+def _check_layer_selectors(layer_selectors, num_layers: int) -> dict[int, Any]:
+    """``layer_selectors`` (a mapping, None for none) as a dict sorted by layer, after checking that every key is a
+    layer of the model (``0 <= layer < num_layers``, when the context knows it) and every value a selector."""
+    from seer.sparsity.selectors import Selector
+
+    checked = {}
+    for layer, selector in (layer_selectors or {}).items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 or num_layers and layer >= num_layers:
+            known = f" (layers 0-{num_layers - 1})" if num_layers else ""
+            raise ValueError(f"layer_selectors: layer {layer!r} is not a layer of this model{known}")
+        if not isinstance(selector, Selector):
+            raise ValueError(f"layer_selectors: layer {layer} is given {selector!r}, not a "
+                             "seer.sparsity.selectors.Selector")
+        checked[layer] = selector
+    return dict(sorted(checked.items()))
+
+
+SETTINGS = frozenset({"mode", "selector", "layer_selectors", "gate_config", "sparsity", "calibration", "gt_source",
+                      "gt_mode", "gt_target", "kernel", "want_mass", "documents", "consumer", "timer"})
 _CHOICES = {"mode": MODES, "gt_source": ("reference", "triton"), "gt_mode": ("auto", "fast", "lowmem"),
             "gt_target": ("maxpool", "mass"), "kernel": ("reference", "triton")}
 
@@ -344,13 +383,14 @@ def _output_buffer(query: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(module, ctx: SeerContext, query, key, scale: float, pre_rope) -> torch.Tensor:
-    """Block scores of one layer (no grad): the context's selector on post-RoPE Q/K, or the layer's gate on the
-    pre-RoPE Q/K its hooks stashed (``pre_rope``), blended with a training-free estimate when the gate config names
-    one (``gate_config.blend``)."""
-    if ctx.selector is not None:
+    """Block scores of one layer (no grad): the layer's own selector (``ctx.layer_selectors``) or the context's on
+    post-RoPE Q/K, or the layer's gate on the pre-RoPE Q/K its hooks stashed (``pre_rope``), blended with a
+    training-free estimate when the gate config names one (``gate_config.blend``)."""
+    selector = ctx.layer_selectors.get(module.layer_idx, ctx.selector)
+    if selector is not None:
         from seer.sparsity.selectors import LayerInputs
 
-        return ctx.selector.scores(LayerInputs(query, key, ctx.block_size, scale, module.layer_idx))
+        return selector.scores(LayerInputs(query, key, ctx.block_size, scale, module.layer_idx))
     gate: AttnGate | None = getattr(module, "seer_gate", None)
     if gate is None:
         raise RuntimeError("no block scorer: the model has no gates and context.selector is None")

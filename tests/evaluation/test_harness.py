@@ -103,3 +103,26 @@ def test_blend_weights_fitted_on_observed_calibration_rows_are_evaluated_per_lay
     (row,) = ev.evaluate(None, sparsity)
     assert row["selector"] == ctx.gate_config.scorer_name and "@layers-" in row["selector"]
     assert abs(row["calibrated_density"] - 0.3) < 0.02
+
+
+def test_layer_selectors_are_observed_calibrated_and_named_apart_from_the_gates(model, tokenizer, corpus):
+    attach_gates(model, GateConfig(block_size=16, hidden_size=16))
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0)
+    oracle = {0: build_selector("oracle")}
+    sparsity = SparsityConfig(method="threshold", target_density=0.3)
+    gate_scores, _ = ev.observe(None, 256, want_mass=False)
+    hybrid_scores, _ = ev.observe(None, 256, want_mass=False, layer_selectors=oracle)
+    oracle_scores, _ = ev.observe(build_selector("oracle"), 256, want_mass=False)
+    torch.testing.assert_close(hybrid_scores[0], oracle_scores[0])  # observed dense: each layer on its own
+    torch.testing.assert_close(hybrid_scores[1], gate_scores[1])
+    gate_cal = ev.calibrate(None, sparsity, 256)
+    hybrid_cal = ev.calibrate(None, sparsity, 256, oracle)
+    assert (gate_cal.selector, hybrid_cal.selector) == ("gate", "gate oracle@0")
+    assert gate_cal.knobs != hybrid_cal.knobs
+    (row,) = ev.evaluate(None, sparsity, layer_selectors=oracle)
+    assert row["selector"] == "gate oracle@0" and abs(row["density"] - 0.3) < 0.15
+    assert len(row["density_by_layer"]) == 2 and sum(row["density_by_layer"]) / 2 == pytest.approx(row["density"])
+    with pytest.raises(ValueError, match="with the gate scorer, not for .* with gate oracle@0"):
+        ev.evaluate(None, sparsity, calibrations={256: gate_cal}, layer_selectors=oracle)
+    ev.forget(None)  # new gate weights: the hybrids' observations go too
+    assert [selector for selector, *_ in ev._observed] == [repr(build_selector("oracle"))]

@@ -213,3 +213,51 @@ def test_a_blend_weight_per_layer_blends_each_layer_with_its_own_and_must_match_
         ctx.update(gate_config=dataclasses.replace(GATE, blend="vertical_slash", blend_weight=[0.5] * 3))
     with pytest.raises(ConfigError, match="has 1 weights, but the model has 2 layers"):
         attach_gates(tiny_model("llama"), dataclasses.replace(GATE, blend_weight=[0.5]))
+
+
+def test_layer_selectors_score_their_layers_and_the_blended_gates_score_the_others():
+    import dataclasses
+
+    from seer.sparsity import select_blocks
+    from seer.sparsity.calibration import Calibration
+    from seer.sparsity.selectors import LayerInputs, Oracle, VerticalSlash, blend_scores
+
+    model, ctx = _gated("qwen2")
+    ids = torch.randint(0, 300, (1, 70))
+    records = []
+    with ctx.running("distill", consumer=records.append), torch.no_grad():  # raw gate logits, post-RoPE Q/K
+        model.model(ids)
+    ctx.update(gate_config=dataclasses.replace(GATE, blend="vertical_slash", blend_weight=0.3))
+    inputs = {r.layer_idx: LayerInputs(r.query, r.key, 16, r.scale, r.layer_idx) for r in records}
+    gate = {r.layer_idx: blend_scores(r.logits.detach(), VerticalSlash().scores(inputs[r.layer_idx]), 0.3)
+            for r in records}
+    oracle = {layer: Oracle().scores(x) for layer, x in inputs.items()}
+    assert not torch.allclose(gate[1], oracle[1])  # the two scorers are told apart
+    seen = []
+    with ctx.running("observe", layer_selectors={1: Oracle()}, consumer=seen.append), torch.no_grad():
+        model.model(ids)
+    torch.testing.assert_close(seen[0].scores, gate[0])
+    torch.testing.assert_close(seen[1].scores, oracle[1])
+    # sparse: the first layer's selection changes the second's inputs, so only the first is compared
+    budget, seen = SparsityConfig(method="topk", target_density=0.4), []
+    with ctx.running("sparse", layer_selectors={0: Oracle()}, sparsity=budget, consumer=seen.append), \
+            torch.no_grad():
+        model.model(ids)
+    torch.testing.assert_close(seen[0].scores, oracle[0])
+    assert torch.equal(seen[0].mask, select_blocks(oracle[0], budget))
+    assert ctx.layer_selectors == {} and ctx.scorer_name == "gate+vertical_slash@0.3"  # restored after the block
+    with ctx.running(layer_selectors={1: Oracle()}):
+        assert ctx.scorer_name == "gate+vertical_slash@0.3 oracle@1"
+    with pytest.raises(ValueError, match=r"layer_selectors: layer 2 is not a layer of this model \(layers 0-1\)"):
+        ctx.update(layer_selectors={2: Oracle()})
+    with pytest.raises(ValueError, match="layer 0 is given 'oracle', not a seer.sparsity.selectors.Selector"):
+        ctx.update(layer_selectors={0: "oracle"})
+    with pytest.raises(ValueError, match="observe and sparse modes only, not 'train_sparse'"):
+        ctx.update(mode="train_sparse", layer_selectors={0: Oracle()})
+    calibrated = SparsityConfig(method="threshold", target_density=0.4)
+    gate_calibration = Calibration(calibrated, {0: [0.1] * 4, 1: [0.1] * 4}, 0.4,
+                                   selector="gate+vertical_slash@0.3")
+    ctx.update(mode="sparse", sparsity=calibrated, calibration=gate_calibration)  # the gates' own: accepted
+    with pytest.raises(ValueError, match="with the gate\\+vertical_slash@0.3 scorer, not for .* with "
+                                         "gate\\+vertical_slash@0.3 oracle@1"):
+        ctx.update(layer_selectors={1: Oracle()})
