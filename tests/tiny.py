@@ -82,3 +82,13 @@ def tiny_decode_model(budget: dict | None, block_size: int = 16):
         ctx.enable(DecodeSparsityConfig(**budget))
     return model
 
+
+def padded_generation(model, new: int):
+    """Greedy generation of ``new`` tokens for a left-padded batch of two prompts (45 and 26 tokens, seeded): its
+    logits ``[new, 2, vocab]``, KV cache and attention mask."""
+    g = torch.Generator().manual_seed(3)
+    ids, mask, _, _ = padded_batch([torch.randint(3, 300, (n,), generator=g) for n in (45, 26)], "left")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2,
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits), out.past_key_values, mask

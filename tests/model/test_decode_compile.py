@@ -16,7 +16,7 @@ import torch
 import seer.model.decode as decode
 from seer.checks import ConfigError
 from seer.sparsity.decode import DecodeSparsityConfig
-from tests.tiny import tiny_decode_model
+from tests.tiny import padded_generation, tiny_decode_model
 
 BS = 16
 BUDGETS = [{"token_budget": 32}, {"method": "threshold", "threshold": 0.3}]
@@ -45,15 +45,7 @@ def _model(budget: dict, compiled: bool):
 
 def _padded_logits(model, new: int = 8) -> torch.Tensor:
     """``[new, 2, vocab]``: greedy generation's logits for a left-padded batch of two prompts (45 and 26 tokens)."""
-    g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (45, 26)]
-    ids, mask = torch.full((2, 45), 2), torch.zeros(2, 45, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, 45 - len(s):], mask[row, 45 - len(s):] = s, 1
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2,
-                             output_logits=True, return_dict_in_generate=True)
-    return torch.stack(out.logits)
+    return padded_generation(model, new)[0]
 
 
 def _static_logits(model, new: int = 8) -> torch.Tensor:

@@ -14,7 +14,7 @@ from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
 from seer.model.decode_cache import DecodeKeyCache, key_bound_scores
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
-from tests.tiny import tiny_decode_model
+from tests.tiny import padded_generation, tiny_decode_model
 
 BS, D, HQ, HKV = 16, 8, 4, 2
 QUEST = {"token_budget": 48, "estimate": "quest", "estimate_weight": 0.5}
@@ -159,19 +159,6 @@ def test_budgets_on_the_mixture_keep_what_brute_force_keeps(budget):
     assert float(density) == pytest.approx(sum(fractions) / len(fractions))
 
 
-def _greedy_logits(model, new: int = 6) -> torch.Tensor:
-    """``[new, 2, vocab]``: greedy logits of a left-padded batch (45 and 26 tokens)."""
-    g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (45, 26)]
-    ids, mask = torch.full((2, 45), 2), torch.zeros(2, 45, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, 45 - len(s):], mask[row, 45 - len(s):] = s, 1
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2,
-                             output_logits=True, return_dict_in_generate=True)
-    return torch.stack(out.logits), out.past_key_values, mask
-
-
 def _reseeded(model, seed: int):
     torch.manual_seed(seed)
     for g in model.seer_decode.gates.values():
@@ -182,10 +169,10 @@ def _reseeded(model, seed: int):
 def test_quest_alone_ignores_the_gate_and_the_mixture_does_not():
     """At ``estimate_weight`` 1 two different gates give the same logits; at 0.5 (and the gate alone) they differ."""
     alone = {**QUEST, "estimate_weight": 1.0}
-    a, b = (_greedy_logits(_reseeded(tiny_decode_model(alone, BS), s), new=12)[0] for s in (1, 2))
+    a, b = (padded_generation(_reseeded(tiny_decode_model(alone, BS), s), new=12)[0] for s in (1, 2))
     assert torch.equal(a, b)
     for budget in (QUEST, {"token_budget": 48}):
-        a, b = (_greedy_logits(_reseeded(tiny_decode_model(budget, BS), s), new=12)[0] for s in (1, 2))
+        a, b = (padded_generation(_reseeded(tiny_decode_model(budget, BS), s), new=12)[0] for s in (1, 2))
         assert not torch.equal(a, b)
 
 
@@ -193,7 +180,7 @@ def test_model_bounds_follow_the_kv_cache_of_a_left_padded_batch():
     """After a left-padded prefill and decode steps, the bounds are those of each row's post-RoPE keys in the KV
     cache, from its padding on."""
     model = tiny_decode_model(QUEST, BS)
-    _, cache, mask = _greedy_logits(model, new=20)
+    _, cache, mask = padded_generation(model, new=20)
     ctx = model.seer_decode
     for layer in ctx.gates:
         keys = cache.layers[layer].keys  # [B, Hkv, N, D]
