@@ -41,10 +41,12 @@ lever against the fixed weight (the table's default), with the gates of an earli
         --targets mass --plan lever --blends vertical_slash:fit vertical_slash:0.5 --out $OUT
 
 Where the learned selection's perplexity is lost (``--plan attribution``): at each density the default (the first
-gate set with the first blend), the ``--baselines`` (give ``oracle``), then the default again with the oracle scoring
-each group of ``--attribution-groups`` layers instead of the gates (``0 1-3 4-7 ...``: layer 0 alone, then groups of
-four, by default), every budget calibrated for that hybrid. The PPL a group's job recovers is what that group's
-gates cost; ``results.md`` gives each group's share of the default's gap to the oracle:
+gate set with the first blend), the ``--baselines`` (give ``oracle``), then the default again with each of
+``--group-scorers`` (default ``oracle``) scoring each group of ``--attribution-groups`` layers instead of the gates
+(``0 1-3 4-7 ...``: layer 0 alone, then groups of four, by default), every budget calibrated for that hybrid. The PPL
+the oracle's job recovers is what that group's gates cost; a training-free scorer's job (``vertical_slash``,
+``flexprefill``, ...) or ``dense`` (the group's layers kept dense, their cost taken from the other layers' budget) is a
+deployable lever for that group. ``results.md`` gives each job's share of the default's gap to the oracle:
 
     python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
         --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --gates base=PATH --recipes base= \\
@@ -89,17 +91,20 @@ from quality_smollm2 import environment  # the sibling script (experiments/ is o
 
 BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
 FIT = "fit"  # --blends selector:fit: a weight per layer, fitted on the calibration windows
+DENSE = "dense"  # --group-scorers dense: the group's layers kept dense
 
 
 class Job(NamedTuple):
     """One evaluation of a plan: its row label, the gate set or selector that scores, the gates' blend (estimate,
-    weight) or None, the budget, and the layers the oracle scores instead of the gates (attribution)."""
+    weight) or None, the budget, and (attribution) the layers ``group_scorer`` scores instead of the gates (a
+    selector's name, or ``dense``: those layers in the budget's ``dense_layers``)."""
 
     label: str
     scorer: str
     blend: tuple[str, float | str] | None
     sparsity: SparsityConfig
-    oracle_layers: tuple[int, ...] = ()
+    group_layers: tuple[int, ...] = ()
+    group_scorer: str = "oracle"
 
 
 MODELS = {  # --model: (model config, gate recipe, title)
@@ -236,17 +241,21 @@ def default_label(gates: list[str], blends: list[tuple[str, float | str]]) -> st
 
 
 def attribution_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float | str]],
-                     groups: list[tuple[int, ...]], baselines: tuple[str, ...] = ()) -> list[Job]:
+                     groups: list[tuple[int, ...]], baselines: tuple[str, ...] = (),
+                     group_scorers: tuple[str, ...] = ("oracle",)) -> list[Job]:
     """Which layers' selections cost the perplexity: at each density the default (:func:`default_label`), the
-    training-free ``baselines`` (``oracle`` gives each group's recovered share), then the default with the oracle
-    scoring each group of ``groups`` instead of the gates (labelled ``<default> oracle@<layers>``)."""
+    training-free ``baselines`` (``oracle`` gives each group's recovered share), then, for each of ``group_scorers``,
+    the default with that scorer on each group of ``groups`` instead of the gates (labelled
+    ``<default> <scorer>@<layers>``; ``dense`` keeps the group's layers dense)."""
     label, blend = default_label(gates, blends), blends[0] if blends else None
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
         jobs.append(Job(label, gates[0], blend, plain))
         jobs += [Job(name, name, None, plain) for name in baselines]
-        jobs += [Job(f"{label} oracle@{layer_ranges(group)}", gates[0], blend, plain, group) for group in groups]
+        jobs += [Job(f"{label} {scorer}@{layer_ranges(group)}", gates[0], blend,
+                     dataclasses.replace(plain, dense_layers=list(group)) if scorer == DENSE else plain, group, scorer)
+                 for scorer in group_scorers for group in groups]
     return jobs
 
 
@@ -322,6 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attribution-groups", nargs="+",
                     help="--plan attribution: groups of layers the oracle scores in turn, as L or FIRST-LAST "
                     "(default: 0 1-3 4-7 ..., layer 0 alone then groups of four)")
+    ap.add_argument("--group-scorers", nargs="+", default=["oracle"], choices=sorted([*SELECTORS, DENSE]),
+                    help="--plan attribution: what scores each group instead of the gates, one job per scorer and "
+                    "group (oracle: what the group's gates cost; a training-free selector or dense: a lever)")
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--only", nargs="+", help="run only the plan's jobs of these labels (as the rows name them, "
                     "e.g. gate:base+vertical_slash@0.5 antidiagonal)")
@@ -351,14 +363,16 @@ def planned_jobs(args) -> list[Job | None]:
     """The jobs of ``--plan`` (those ``--only`` leaves out None), every argument they read checked."""
     blends = parse_blends(args.blends)
     names = [f"gate:{name}" for name in recipes(args)]
-    if args.attribution_groups and args.plan != "attribution":
-        raise SystemExit(f"--attribution-groups: only for --plan attribution, not {args.plan}")
+    for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
+                                 ("--group-scorers", args.group_scorers, ["oracle"])):
+        if value != default and args.plan != "attribution":
+            raise SystemExit(f"{flag}: only for --plan attribution, not {args.plan}")
     plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
              "final": lambda: final_plan(names, args.densities, blends),
              "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines)),
              "attribution": lambda: attribution_plan(names, args.densities, blends,
                                                      parse_groups(args.attribution_groups, model_layers(args.model)),
-                                                     tuple(args.baselines))}
+                                                     tuple(args.baselines), tuple(args.group_scorers))}
     jobs = plans[args.plan]()
     return only_jobs(jobs, args.only) if args.only else jobs
 
@@ -408,13 +422,14 @@ def main() -> None:
     for i, job in enumerate(jobs[args.skip:], start=args.skip):
         if job is None:  # left out by --only
             continue
-        label, scorer, blend, sparsity, oracle_layers = job
+        label, scorer, blend, sparsity, group_layers, group_scorer = job
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
             continue
         key = scorer if scorer in gates else first
         selector = None if scorer in gates else build_selector(scorer)
-        layer_selectors = {layer: build_selector("oracle") for layer in oracle_layers}
+        layer_selectors = {} if group_scorer == DENSE else {layer: build_selector(group_scorer)
+                                                             for layer in group_layers}
         weights = None
         if blend and blend[1] == FIT:  # a weight per layer, fitted on the first text's calibration windows
             weights, recalls = fit_blend(evaluators[key, args.texts[0]], blend[0], sparsity, args.seq_lens[0],
@@ -432,7 +447,8 @@ def main() -> None:
                 evaluators[key, name].forget(None)
             for row in evaluators[key, name].evaluate(selector, sparsity, dense[name],
                                                       layer_selectors=layer_selectors):
-                row.update(text=name, selector=label, blend_weights=weights, oracle_layers=list(oracle_layers))
+                row.update(text=name, selector=label, blend_weights=weights, group_layers=list(group_layers),
+                           group_scorer=group_scorer if group_layers else None)
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
                       f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
@@ -484,17 +500,18 @@ def reuse_dense(path: Path, settings: dict) -> dict:
 
 
 def attribution_table(rows: list[dict], default: str) -> str:
-    """Per text, length and target density: the ``default`` selection, each group's job (the oracle in its layers),
-    the oracle, with their PPL change and the PPL each recovers from the default, as a share of the default's gap
-    to the oracle (and the groups' shares summed) when the oracle row is there, else as a PPL difference. A group's
-    own layers' density beside the default's there shows how much of the budget its hybrid calibration moved."""
-    lines = ["| text | N | target | scorer | oracle layers | achieved density | in the group (default) | PPL | "
+    """Per text, length and target density: the ``default`` selection, each group's jobs (a scorer in the group's
+    layers instead of the gates), the oracle, with their PPL change and the PPL each recovers from the default, as a
+    share of the default's gap to the oracle (and the oracle groups' shares summed) when the oracle row is there,
+    else as a PPL difference. A group's own layers' density beside the default's there shows how much of the budget
+    its hybrid calibration moved."""
+    lines = ["| text | N | target | selection | group | achieved density | in the group (default) | PPL | "
              "PPL change | recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
     for text, n, target in sorted({(r["text"], r["seq_len"], r["target_density"]) for r in rows}):
         same = [r for r in rows if (r["text"], r["seq_len"], r["target_density"]) == (text, n, target)]
         base = next((r for r in same if r["selector"] == default), None)
         oracle = next((r for r in same if r["selector"] == "oracle"), None)
-        groups = [r for r in same if r.get("oracle_layers") and r["selector"].startswith(f"{default} oracle@")]
+        groups = [r for r in same if r.get("group_layers") and r["selector"].startswith(f"{default} ")]
         gap = base["ppl"] - oracle["ppl"] if base and oracle and base["ppl"] != oracle["ppl"] else None
 
         def recovered(row: dict | None) -> str:
@@ -506,15 +523,18 @@ def attribution_table(rows: list[dict], default: str) -> str:
             by_layer = (row or {}).get("density_by_layer")
             return f"{sum(by_layer[i] for i in layers) / len(layers):.3f}" if by_layer else "-"
 
-        for row, layers in [(base, "-"), *((r, layer_ranges(r["oracle_layers"])) for r in groups), (oracle, "all")]:
+        for row, layers in [(base, "-"), *((r, f"{r['group_scorer']}@{layer_ranges(r['group_layers'])}")
+                                           for r in groups), (oracle, "all")]:
             if row is not None:
-                own = row.get("oracle_layers")
+                own = row.get("group_layers")
                 group = f"{in_group(row, own)} ({in_group(base, own)})" if own else "-"
                 lines.append(f"| {text} | {n} | {target:.2f} | {row['selector']} | {layers} | {row['density']:.3f} | "
                              f"{group} | {row['ppl']:.3f} | {row['ppl_increase']:+.2%} | {recovered(row)} |")
-        if gap and groups:
-            total = sum(base["ppl"] - r["ppl"] for r in groups) / gap
-            lines.append(f"| {text} | {n} | {target:.2f} | the groups summed | - | - | - | - | - | {total:.0%} |")
+        oracle_groups = [r for r in groups if r["group_scorer"] == "oracle"]
+        if gap and oracle_groups:
+            total = sum(base["ppl"] - r["ppl"] for r in oracle_groups) / gap
+            lines.append(f"| {text} | {n} | {target:.2f} | the oracle groups summed | - | - | - | - | - | "
+                         f"{total:.0%} |")
     return "\n".join(lines)
 
 
@@ -530,9 +550,10 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
         lines += [f"## {text}", "", table([r for r in rows if r["text"] == text]), ""]
     if args.plan == "attribution":
         default = default_label([f"gate:{name}" for name in recipes(args)], parse_blends(args.blends))
-        lines += ["## Attribution", "", f"PPL recovered when the oracle scores a group of layers instead of the gates "
-                  f"of {default} (same budget, calibrated for each hybrid): the share of the default's PPL gap to "
-                  "the oracle's, or without an oracle row (--baselines oracle) the PPL difference.", "",
+        lines += ["## Attribution", "", f"PPL recovered when a scorer (the oracle: what the gates cost there; a "
+                  f"training-free selector or dense: a lever) takes a group of layers from the gates of {default} "
+                  "(same budget, calibrated for each hybrid): the share of the default's PPL gap to the oracle's, or "
+                  "without an oracle row (--baselines oracle) the PPL difference.", "",
                   attribution_table(rows, default), ""]
     if fits:
         lines += ["## Fitted blend weights", "", "Per layer, on the calibration windows of the first text and "

@@ -127,16 +127,33 @@ def test_the_attribution_plan_puts_the_oracle_in_each_group_of_layers_of_the_def
     assert [job.label for job in jobs[:5]] == [default, "oracle", f"{default} oracle@0", f"{default} oracle@1-14",
                                                f"{default} oracle@15-29"]
     assert [job.sparsity.target_density for job in jobs] == [0.1] * 5 + [0.05] * 5
-    assert jobs[3].oracle_layers == tuple(range(1, 15)) and jobs[0].oracle_layers == jobs[1].oracle_layers == ()
+    assert jobs[3].group_layers == tuple(range(1, 15)) and jobs[0].group_layers == jobs[1].group_layers == ()
+    assert {job.group_scorer for job in jobs} == {"oracle"} and not any(job.sparsity.dense_layers for job in jobs)
     assert {(job.scorer, job.blend) for job in jobs if job.label != "oracle"} == {("gate:base", ("vertical_slash",
                                                                                                0.5))}
     # default groups: layer 0 alone, then fours, up to SmolLM2's 30 layers; no oracle row without --baselines
-    groups = [job.oracle_layers for job in study.planned_jobs(study.parse_args(ATTRIBUTION))[:10]]
+    groups = [job.group_layers for job in study.planned_jobs(study.parse_args(ATTRIBUTION))[:10]]
     assert groups[0] == () and groups[1:] == [(0,), (1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11), (12, 13, 14, 15),
                                               (16, 17, 18, 19), (20, 21, 22, 23), (24, 25, 26, 27), (28, 29)]
     only = study.planned_jobs(study.parse_args([*ATTRIBUTION, "--attribution-groups", "0", "--only",
                                                 f"{default} oracle@0"]))
     assert [job.label for job in only if job] == [f"{default} oracle@0"] * 2
+
+
+def test_group_scorers_put_a_training_free_selector_or_dense_layers_in_each_group(study):
+    jobs = study.planned_jobs(study.parse_args([*ATTRIBUTION, "--attribution-groups", "0", "2-3", "--group-scorers",
+                                                "oracle", "flexprefill", "dense", "--densities", "0.1"]))
+    default = "gate:base+vertical_slash@0.5"
+    assert [job.label for job in jobs] == [default] + [f"{default} {scorer}@{group}" for scorer in
+                                                       ("oracle", "flexprefill", "dense") for group in ("0", "2-3")]
+    assert [(job.group_scorer, job.group_layers, job.sparsity.dense_layers) for job in jobs[3:]] == [
+        ("flexprefill", (0,), []), ("flexprefill", (2, 3), []), ("dense", (0,), [0]), ("dense", (2, 3), [2, 3])]
+    assert {job.sparsity.target_density for job in jobs} == {0.1}
+    with pytest.raises(SystemExit, match="--group-scorers: only for --plan attribution, not lever"):
+        study.planned_jobs(study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--plan",
+                                             "lever", "--group-scorers", "dense"]))
+    with pytest.raises(SystemExit):
+        study.parse_args([*ATTRIBUTION, "--group-scorers", "nonesuch"])
 
 
 @pytest.mark.parametrize("groups, message", [
@@ -154,18 +171,20 @@ def test_attribution_groups_belong_to_the_attribution_plan(study):
 
 
 def test_the_attribution_table_gives_each_group_its_share_of_the_gap_to_the_oracle(study):
-    def row(selector, ppl, layers=(), by_layer=(0.1, 0.1, 0.1, 0.1)):
+    def row(selector, ppl, layers=(), by_layer=(0.1, 0.1, 0.1, 0.1), scorer="oracle"):
         return {"text": "novel", "seq_len": 2048, "target_density": 0.1, "selector": selector, "density": 0.1,
                 "density_by_layer": list(by_layer), "ppl": ppl, "ppl_increase": ppl / 10.0 - 1,
-                "oracle_layers": list(layers)}
+                "group_layers": list(layers), "group_scorer": scorer if layers else None}
 
     default = "gate:base+vertical_slash@0.5"
     rows = [row(default, 10.4), row("oracle", 10.0), row(f"{default} oracle@0", 10.3, [0]),
-            row(f"{default} oracle@1-3", 10.1, [1, 2, 3], by_layer=(0.1, 0.2, 0.2, 0.05))]
+            row(f"{default} oracle@1-3", 10.1, [1, 2, 3], by_layer=(0.1, 0.2, 0.2, 0.05)),
+            row(f"{default} dense@0", 10.5, [0], by_layer=(1.0, 0.07, 0.07, 0.06), scorer="dense")]
     lines = study.attribution_table(rows, default).splitlines()
     assert [line.split(" | ")[3:5] + line.split(" | ")[6:7] + line.split(" | ")[-1:] for line in lines[2:]] == [
-        [default, "-", "-", "0% |"], [f"{default} oracle@0", "0", "0.100 (0.100)", "25% |"],
-        [f"{default} oracle@1-3", "1-3", "0.150 (0.100)", "75% |"], ["oracle", "all", "-", "100% |"],
-        ["the groups summed", "-", "-", "100% |"]]
+        [default, "-", "-", "0% |"], [f"{default} oracle@0", "oracle@0", "0.100 (0.100)", "25% |"],
+        [f"{default} oracle@1-3", "oracle@1-3", "0.150 (0.100)", "75% |"],
+        [f"{default} dense@0", "dense@0", "1.000 (0.100)", "-25% |"], ["oracle", "all", "-", "100% |"],
+        ["the oracle groups summed", "-", "-", "100% |"]]  # the dense lever not in the oracle's sum
     without_oracle = study.attribution_table(rows[:1] + rows[2:], default)
     assert "+0.100 PPL" in without_oracle and "+0.300 PPL" in without_oracle and "summed" not in without_oracle
