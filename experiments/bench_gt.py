@@ -15,24 +15,39 @@ Uses only the installed package's public API (``pip install -e .`` from the repo
 
     python3 experiments/bench_gt.py --out docs/bench_gt.md
     python3 experiments/bench_gt.py --sweep      # time launch configs at 32k (seer.kernels.tuning.force_config)
+    python3 experiments/bench_gt.py --variants --out $OUT/bench_gt_variants.md   # plain vs copy engine (below)
+
+``--variants`` (issue 21, the Hopper path): every variant of the three ground-truth launch tables (``fast``: the
+forward with gt, ``dense``: without, ``pass2``: gt from the lse), each of a few configs of their candidates with
+plain loads and with the copy engine (``USE_TMA``), plus each table's own tuned choice, is first checked once at
+``--check-n`` (2000: off the tile grid) against the float64 PyTorch reference (relative error printed; a variant
+that fails to compile or to match is reported FAILED and not timed), then timed at ``--variant-ns`` (8k and 32k,
+B 1, 32 heads, D 128, bf16, causal) beside SDPA flash and cuDNN; a markdown table (variant, check, ms, TF/s,
+registers) goes to ``--out``. About two minutes on an H200. ``--list-variants`` prints the names ``--variants``
+takes (besides ``all`` and the kinds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 import time
+from functools import partial
 
 import torch
 import triton
 
 from seer.kernels import reference
-from seer.kernels.bench import tflops
+from seer.kernels.bench import fmt, publish, tflops
 from seer.kernels.flash_gt import flash_attn_with_gt, gt_from_lse
 from seer.kernels.tuning import chosen_configs, force_config, last_launch, median_ms
 
 GiB = 2**30
+# the inputs' device and dtype (tests run --variants on the CPU under the Triton interpreter, in float16: it has no
+# bfloat16)
+DEV, DTYPE = "cuda", torch.bfloat16
 
 
 def extra_mem(fn):
@@ -45,8 +60,8 @@ def extra_mem(fn):
 
 
 def make(n, h, hkv, d, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(1, hh, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for hh in (h, hkv, hkv)]
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(1, hh, n, d, device=DEV, dtype=DTYPE, generator=g) for hh in (h, hkv, hkv)]
 
 
 def sdpa(backend):
@@ -128,24 +143,247 @@ def gate_time(n, rep_ms, min_runs):
         return None, f"AttnGate present but could not be timed here ({type(ex).__name__}: {str(ex)[:200]})"
 
 
+# --------------------------------------------------------------------------------------------------------------
+# --variants: every launch-table variant of the three ground-truth kernels, checked, then timed (issue 21)
+# --------------------------------------------------------------------------------------------------------------
+
+TABLES = {"fast": "flash_gt.fast", "dense": "flash_gt.dense", "pass2": "flash_gt.pass2"}
+# configs of the launch tables' candidates at D 128, block 64 (seer/kernels/flash_gt.py), each with plain loads and
+# with the copy engine (USE_TMA)
+GRID = {
+    "fast": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0),
+             dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0),
+             dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0)],
+    "dense": [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+              dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)],
+    "pass2": [dict(BLOCK_M=128, num_warps=4, num_stages=3), dict(BLOCK_M=128, num_warps=8, num_stages=2)],
+}
+_SHORT = {"BLOCK_M": "BM", "BLOCK_N": "BN", "num_warps": "w", "num_stages": "s", "EPI": "epi"}
+
+
+def variants() -> list[tuple[str, dict | None]]:
+    """``(kind, config)`` for every kind (``fast``: the forward with gt, ``dense``: without, ``pass2``: gt from the
+    lse); config None is the launch table's own choice (the runtime tuner, which on capability >= 9 also times the
+    default with USE_TMA), else a config forced over the default."""
+    return [(kind, config) for kind, grid in GRID.items()
+            for config in [None] + [dict(c, USE_TMA=tma) for c in grid for tma in (False, True)]]
+
+
+def variant_name(kind: str, config: dict | None) -> str:
+    if config is None:
+        return f"{kind}-tuned"
+    return "-".join([kind] + [f"{_SHORT[f]}{v}" for f, v in config.items() if f in _SHORT]
+                    + (["tma"] if config["USE_TMA"] else []))
+
+
+def select_variants(spec: str) -> list[tuple[str, dict | None]]:
+    """The variants named in ``spec``: ``all``, or names of :func:`variant_name` and kinds (all variants of a kind),
+    comma-separated."""
+    every = variants()
+    by_name = {variant_name(*v): v for v in every}
+    chosen = []
+    for item in (s.strip() for s in spec.split(",")):
+        if item == "all":
+            chosen += every
+        elif item in TABLES:
+            chosen += [v for v in every if v[0] == item]
+        elif item in by_name:
+            chosen.append(by_name[item])
+        else:
+            raise ValueError(f"unknown variant {item!r}; choose from all, {', '.join(TABLES)}, {', '.join(by_name)}")
+    return list({variant_name(*v): v for v in chosen}.values())
+
+
+def _as_variant(kind: str, config: dict | None):
+    return force_config(TABLES[kind], **config) if config is not None else contextlib.nullcontext()
+
+
+def variant_run(kind: str, q, k, v, out, lse, gt, bs: int):
+    """The call a variant of ``kind`` makes on preallocated outputs (``pass2`` reads ``lse``)."""
+    if kind == "fast":
+        return lambda: flash_attn_with_gt(q, k, v, bs, mode="fast", out=out, lse=lse, gt=gt)
+    if kind == "dense":
+        return lambda: flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse)
+    return lambda: gt_from_lse(q, k, lse, bs, gt=gt)
+
+
+def check_variant(kind: str, config: dict | None, data: dict, bs: int) -> str:
+    """The variant on the check inputs against the float64 PyTorch reference; raises on a mismatch, returns the
+    errors (relative for out, absolute for lse, largest relative over the causal tiles for gt)."""
+    q, k, v = data["qkv"]
+    ref_out, ref_lse, ref_gt = data["ref"]
+    b, h, n, _ = q.shape
+    nb = reference.num_blocks(n, bs)
+    out = torch.full_like(q, float("nan"))
+    lse = ref_lse.float().contiguous() if kind == "pass2" else torch.full((b, h, n), float("nan"), device=q.device)
+    gt = torch.full((b, h, nb, nb), float("nan"), device=q.device)
+    with _as_variant(kind, config):
+        variant_run(kind, q, k, v, out, lse, gt, bs)()
+    torch.cuda.synchronize()
+    errs, bad = [], []
+    if kind != "pass2":
+        e_out = ((out.double() - ref_out).norm() / ref_out.norm()).item()
+        e_lse = (lse.double() - ref_lse).abs().max().item()
+        errs += [f"out {e_out:.1e}", f"lse {e_lse:.1e}"]
+        bad += [not e_out < 1e-2, not e_lse < 1e-3]
+    if kind != "dense":
+        lower = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+        upper_zero = bool((gt[..., ~lower] == 0).all())
+        e_gt = ((gt.double()[..., lower] - ref_gt[..., lower]).abs() / ref_gt[..., lower]).max().item()
+        errs.append(f"gt {e_gt:.1e}")
+        bad += [not e_gt < 1e-2, not upper_zero]
+    summary = ", ".join(errs)
+    if any(bad):  # NaN compares false: an unwritten element fails too
+        raise RuntimeError(f"mismatch against the reference: {summary}")
+    return summary
+
+
+def bench_variants(args):
+    """Check every selected variant at a small length (off the tile grid), then time the ones
+    that passed at each of ``--variant-ns`` (dense causal, Hq = Hkv) beside SDPA flash and cuDNN; markdown to
+    ``--out``."""
+    t_start = time.time()
+    h, d, bs = args.heads, args.dim, args.block_size
+    chosen = select_variants(args.variants)
+    ns = [int(x) for x in args.variant_ns.split(",") if x]
+    rep_ms = args.rep_ms if args.rep_ms is not None else 200.0
+    cap = ".".join(map(str, torch.cuda.get_device_capability()))
+    head = (f"device: {torch.cuda.get_device_name()} (capability {cap}); "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}); "
+            f"triton {triton.__version__}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(head, flush=True)
+
+    g = torch.Generator(device=DEV).manual_seed(21)
+    cn = args.check_n
+    # Hq = Hkv and a length divisible by 16 (not by the tiles): the kernels compiled here are the ones timed below
+    qkv = [torch.randn(1, 8, cn, d, device=DEV, dtype=DTYPE, generator=g) for _ in range(3)]
+    ref_out, ref_lse = reference.attention(*(x.double() for x in qkv))
+    ref_gt = reference.block_gt(qkv[0].double(), qkv[1].double(), bs)
+    data = {"qkv": qkv, "ref": (ref_out, ref_lse, ref_gt)}
+    checks = {}
+    for kind, config in chosen:
+        name = variant_name(kind, config)
+        try:
+            checks[name] = check_variant(kind, config, data, bs)
+            info = last_launch(TABLES[kind])
+            print(f"check {name:34s} ok: {checks[name]}  ({info['config']})", flush=True)
+        except Exception as ex:  # noqa: BLE001 - a variant that fails to compile or to match is reported, not timed
+            checks[name] = f"FAILED: {type(ex).__name__}: {str(ex)[:160]}"
+            print(f"check {name:34s} {checks[name]}", flush=True)
+    data = ref_out = ref_lse = ref_gt = qkv = None
+    torch.cuda.empty_cache()
+
+    times = {}  # (name, n) -> (ms, TF/s, regs, note)
+    for n in ns:
+        q, k, v = make(n, h, h, d, seed=n)
+        nb = reference.num_blocks(n, bs)
+        out = torch.empty_like(q)
+        lse = torch.empty(1, h, n, device=q.device, dtype=torch.float32)
+        gt = torch.empty(1, h, nb, nb, device=q.device, dtype=torch.float32)
+        for backend, label in (("flash", "SDPA flash"), ("cudnn", "SDPA cuDNN")):
+            fn = partial(sdpa(backend), q, k, v)
+            try:
+                fn()
+                ms, _ = median_ms(fn, rep_ms=rep_ms, min_runs=args.min_runs)
+                times[(label, n)] = (ms, tflops(n, h, d, ms), None, "")
+                print(f"N={n:6d} {label:34s} {ms:8.3f} ms {tflops(n, h, d, ms):5.0f} TF/s", flush=True)
+            except Exception as ex:  # noqa: BLE001
+                print(f"N={n:6d} {label}: FAILED {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+        flash_attn_with_gt(q, k, v, bs, return_gt=False, out=out, lse=lse)  # the lse pass2 reads
+        for kind, config in chosen:
+            name = variant_name(kind, config)
+            if checks[name].startswith("FAILED"):
+                continue
+            fn = variant_run(kind, q, k, v, out, lse, gt, bs)
+            try:
+                with _as_variant(kind, config):
+                    fn()  # compile (and, for the tuned variants, tune) outside the timing
+                    ms, _ = median_ms(fn, rep_ms=rep_ms, min_runs=args.min_runs)
+            except Exception as ex:  # noqa: BLE001
+                print(f"N={n:6d} {name}: FAILED {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+                continue
+            info = last_launch(TABLES[kind])
+            tf = tflops(n, h, d, ms) / (2 if kind == "pass2" else 1)
+            note = "" if config is not None else \
+                f"@{n}: picked {variant_name(kind, dict({'USE_TMA': False}, **info['config']))}"
+            times[(name, n)] = (ms, tf, info["n_regs"], note)
+            print(f"N={n:6d} {name:34s} {ms:8.3f} ms {tf:5.0f} TF/s  regs {info['n_regs']} {note}", flush=True)
+        q = k = v = out = lse = gt = None
+        torch.cuda.empty_cache()
+
+    cols = "".join(f" ms @{n} | TF/s @{n} |" for n in ns)
+    dt = str(DTYPE).removeprefix("torch.")
+    lines = ["# Ground-truth kernels: launch variants (plain loads vs the copy engine)", "",
+             f"- command: `python3 {' '.join(sys.argv)}`", f"- {head}",
+             f"- check: B 1, 8 heads, N {cn}, D {d}, {dt}, block {bs}, against the float64 "
+             "PyTorch reference (out: relative error, lse: max abs error, gt: max relative error over the causal "
+             "tiles); a variant failing it is not timed",
+             f"- time: B 1, {h} heads (Hq = Hkv), D {d}, {dt}, causal, block {bs}; median of "
+             "seer.kernels.tuning.median_ms (L2 cleared before each CUDA-event-timed run); TF/s = 2 B H N^2 D / time "
+             "(pass2, q k^T only: half of that)",
+             "- `tuned`: the launch table's own choice (the runtime tuner; on capability >= 9 it also times the "
+             "default with USE_TMA); `tma`: USE_TMA on", "",
+             f"| variant | check |{cols} regs | note |", "|---|---|" + "---|---|" * len(ns) + "---|---|"]
+    names = ["SDPA flash", "SDPA cuDNN"] + [variant_name(*vv) for vv in chosen]
+    for name in names:
+        row = [name, checks.get(name, "-")]
+        regs, notes = None, []
+        for n in ns:
+            ms, tf, r, note = times.get((name, n), (None, None, None, ""))
+            row += [fmt(ms), fmt(tf, 0)]
+            regs = regs if r is None else r
+            notes += [note] if note else []
+        lines.append("| " + " | ".join(row + [str(regs if regs is not None else "-"), "; ".join(notes)]) + " |")
+    lines.append("")
+    for n in ns:
+        cudnn = times.get(("SDPA cuDNN", n))
+        for kind in TABLES:
+            timed = [(times[(variant_name(*vv), n)][0], variant_name(*vv)) for vv in chosen
+                     if vv[0] == kind and (variant_name(*vv), n) in times]
+            if timed:
+                ms, best = min(timed)
+                vs = f"; {ms / cudnn[0]:.3f}x cuDNN's time" if cudnn and kind != "pass2" else ""
+                lines.append(f"- N={n}: best {kind}: `{best}` {ms:.3f} ms{vs}")
+    lines.append(f"- total {time.time() - t_start:.0f} s")
+    publish("\n".join(lines) + "\n", args.out or "docs/bench_gt_variants.md")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="docs/bench_gt.md")
+    ap.add_argument("--out", default=None,
+                    help="markdown report (default docs/bench_gt.md, with --variants docs/bench_gt_variants.md)")
     ap.add_argument("--ns", default="8192,32768,65536")
     ap.add_argument("--ref-ns", default="8192,16384")
     ap.add_argument("--long", default="131072")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--rep-ms", type=float, default=1000.0, help="time budget of the timed runs of one figure")
+    ap.add_argument("--rep-ms", type=float, default=None,
+                    help="time budget of the timed runs of one figure (default 1000, with --variants 200)")
     ap.add_argument("--min-runs", type=int, default=5, help="timed runs of one figure at least")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=32768)
+    ap.add_argument("--variants", nargs="?", const="all", default=None,
+                    help="check and time launch variants instead: 'all' (the default), kinds (fast, dense, pass2) or "
+                         "variant names, comma-separated; --list-variants names them")
+    ap.add_argument("--variant-ns", default="8192,32768", help="lengths the variants are timed at")
+    ap.add_argument("--check-n", type=int, default=2000, help="length the variants are checked at")
+    ap.add_argument("--list-variants", action="store_true", help="print the variant names and exit")
     args = ap.parse_args()
+    if args.list_variants:
+        print("\n".join(variant_name(*v) for v in variants()))
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.variants is not None:
+        bench_variants(args)
+        return
+    if args.rep_ms is None:
+        args.rep_ms = 1000.0
     if args.sweep:
         sweep(args)
         return
+    if args.out is None:
+        args.out = "docs/bench_gt.md"
 
     h, d, bs = args.heads, args.dim, args.block_size
     dev = torch.cuda.get_device_name()

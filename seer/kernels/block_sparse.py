@@ -72,7 +72,7 @@ from seer.kernels.block_index import build_block_index, check_mask, mask_heads
 from seer.kernels.block_sparse_bwd import block_sparse_attn_backward, build_block_col_index, launch_backward
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_block_size, check_device, check_qkv, check_varlen,
                                  dot_precision, is_hopper, output, softmax_scale, tiles_invalid, tma_ok, varlen_order,
-                                 with_unit_last_stride)
+                                 with_unit_last_stride, with_variants)
 from seer.kernels.tuning import LaunchTable
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_indexed", "block_sparse_attn_varlen", "build_block_index",
@@ -299,12 +299,7 @@ def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
     default = _default_config(key)
     if not is_hopper(torch.device("cuda", torch.cuda.current_device())):
         return [default]
-    configs = [default]
-    for variant in HOPPER_VARIANTS:
-        config = dict(default, **variant)
-        if config not in configs:
-            configs.append(config)
-    return configs
+    return with_variants([default], HOPPER_VARIANTS)
 
 
 CONFIGS = LaunchTable("block_sparse", FIELDS, _cuda_config,

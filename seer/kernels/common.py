@@ -1,6 +1,7 @@
 """What every seer kernel shares: supported sizes and dtypes, pooling names, log constants, the interpreter
 switch, the checks of the arguments the attention kernels take, the tile check of the block-sparse launch tables
-(:func:`tiles_invalid`) and whether the copy engine can read a tensor (:func:`tma_ok`, :func:`is_hopper`).
+(:func:`tiles_invalid`), whether the copy engine can read a tensor (:func:`tma_ok`, :func:`is_hopper`) and how the
+launch tables add their Hopper candidates (:func:`with_variants`).
 
 Configs outside this package (``seer.gates.GateConfig`` and friends) validate against these constants, so a
 value the kernels cannot run is refused when the config is built, not at the first launch.
@@ -258,6 +259,17 @@ def is_hopper(device: torch.device) -> bool:
     """Whether ``device`` is a CUDA device of compute capability 9.0 or later (Hopper and later: the copy engine);
     False under the interpreter."""
     return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def with_variants(configs: list[dict], variants) -> list[dict]:
+    """``configs`` followed by the first of them (a launch table's default) with each of ``variants`` merged over
+    it, where that is not among them yet: how the launch tables add their Hopper candidates."""
+    configs = list(configs)
+    for variant in variants:
+        config = dict(configs[0], **variant)
+        if config not in configs:
+            configs.append(config)
+    return configs
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:

@@ -50,6 +50,11 @@ int32 (checked by the wrapper).
 Launch configs: the tables ``flash_gt.dense``, ``flash_gt.fast`` and ``flash_gt.pass2`` of
 :mod:`seer.kernels.tuning` (candidates timed once per head dim, block size, dtype and length bucket).
 
+Hopper path: on devices of capability >= 9 each table adds its default with ``USE_TMA`` on (Q, K, V tiles in and
+the output tile out through tensor descriptors, :data:`HOPPER_VARIANTS`) as a further candidate, which the runtime
+tuner times against the default at the first call of a key; it runs only where the copy engine can address the
+tensors (:func:`seer.kernels.common.tma_ok`).
+
 There is no backward: the kernels run as if under ``torch.no_grad()`` (inputs come from a frozen model), the
 outputs never require grad.
 """
@@ -61,7 +66,7 @@ import contextlib
 import torch
 
 from seer.kernels.common import (INT32_MAX, LOG2E, check_block_size, check_device, check_qkv, check_tensor,
-                                 output, softmax_scale, with_unit_last_stride)
+                                 is_hopper, output, softmax_scale, with_variants, with_unit_last_stride)
 from seer.kernels.flash_gt_kernels import launch_epilogue, launch_forward, launch_pass2
 from seer.kernels.tuning import LaunchTable
 
@@ -125,11 +130,30 @@ def _pass2_invalid(config: dict, key: tuple) -> str | None:
         f"invalid for block_size {block_size}: BLOCK_M must be a multiple of block_size"
 
 
-_TILES = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-DENSE = LaunchTable("flash_gt.dense", _TILES, _dense_candidates, _interpreter_fwd, _fwd_invalid)
-FAST = LaunchTable("flash_gt.fast", _TILES + ("EPI", "JC"), _fast_candidates,
+# what the Hopper candidate changes in a key's default: Q/K/V (pass 2: Q/K) in and the output out through the copy
+# engine (USE_TMA; a config without the entry has it off). Added after the default on devices of capability >= 9,
+# so the runtime tuner times both at the first call of a key; the launchers drop it where the tensors do not allow
+# it (seer.kernels.common.tma_ok), the candidate then runs the plain loads.
+HOPPER_VARIANTS: tuple[dict, ...] = (dict(USE_TMA=True),)
+
+
+def _with_hopper(candidates):
+    """``candidates`` (key -> configs), followed on a device of capability >= 9 by the default with each of
+    :data:`HOPPER_VARIANTS`."""
+    def on_device(key: tuple) -> list[dict]:
+        configs = candidates(key)
+        if is_hopper(torch.device("cuda", torch.cuda.current_device())):
+            return with_variants(configs, HOPPER_VARIANTS)
+        return configs
+    return on_device
+
+
+_TILES = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA")
+DENSE = LaunchTable("flash_gt.dense", _TILES, _with_hopper(_dense_candidates), _interpreter_fwd, _fwd_invalid)
+FAST = LaunchTable("flash_gt.fast", _TILES + ("EPI", "JC"), _with_hopper(_fast_candidates),
                    lambda key: dict(_interpreter_fwd(key), EPI=1, JC=16), _fwd_invalid)
-PASS2 = LaunchTable("flash_gt.pass2", ("BLOCK_M", "num_warps", "num_stages"), _pass2_candidates,
+PASS2 = LaunchTable("flash_gt.pass2", ("BLOCK_M", "num_warps", "num_stages", "USE_TMA"),
+                    _with_hopper(_pass2_candidates),
                     lambda key: dict(BLOCK_M=max(key[1], 32), num_warps=4, num_stages=1), _pass2_invalid)
 
 

@@ -8,6 +8,12 @@
   forward, streaming it once.
 * ``_gt_kernel``: the low-memory pass 2, ``q k^T`` again per key block with ``lse`` known.
 
+Hopper path: with ``USE_TMA`` (a compile-time switch, off by default; offered by the launch tables as an extra
+candidate on devices of capability >= 9) ``_fwd_kernel`` moves its Q, K, V tiles in and its output tile out, and
+``_gt_kernel`` its Q and K tiles in, through tensor descriptors over one head's ``[N, D]`` rows (the copy engine
+zero-fills reads past ``N`` and drops writes past it, so no bounds masks); the launchers drop it where the copy
+engine cannot address the tensors (:func:`seer.kernels.common.tma_ok`).
+
 Loops whose bounds are known only at run time are written twice, selected by ``INTERP`` (see
 :mod:`seer.kernels.common`). Launch configurations come from :mod:`seer.kernels.tuning` (tables in
 :mod:`seer.kernels.flash_gt`).
@@ -19,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seer.kernels.common import INTERPRET, LN2, LOG2E, dot_precision
+from seer.kernels.common import INTERPRET, LN2, LOG2E, dot_precision, tma_ok
 
 
 @triton.jit
@@ -37,16 +43,22 @@ def _this_program(NUM_M, H, GROUP):
 def _fwd_tile(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, scr_base,
               offs_m, offs_n, offs_d, row_ok, row_blk, row_tri, row_loc, start_n, qk_scale, N,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-              MASKED: tl.constexpr, GT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, GT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online-softmax update by the keys ``[start_n, start_n + BLOCK_N)``; with ``GT`` also their row maxima per
     ground-truth block to the scratch. ``offs_n``: ``arange(BS)`` when a tile holds two gt blocks, else
-    ``arange(BLOCK_N)``."""
+    ``arange(BLOCK_N)``. With ``USE_TMA``, ``k_base``/``v_base`` are tensor descriptors of tiles of ``len(offs_n)``
+    rows (the copy engine zero-fills rows past N, so no bounds masks)."""
     if GT and BLOCK_N == 2 * BS:
         # Two ground-truth blocks per key tile: two half-width dots give each block's row maxima for free,
         # one online-softmax rescale per BLOCK_N keys.
         ca = start_n + offs_n
         cb = ca + BS
-        if MASKED:
+        if USE_TMA:
+            ka = tl.trans(k_base.load([start_n, 0]))
+            kb = tl.trans(k_base.load([start_n + BS, 0]))
+            va = v_base.load([start_n, 0])
+            vb = v_base.load([start_n + BS, 0])
+        elif MASKED:
             ka = tl.load(k_base + offs_d[:, None] + ca[None, :] * stride_kn, mask=ca[None, :] < N, other=0.0)
             kb = tl.load(k_base + offs_d[:, None] + cb[None, :] * stride_kn, mask=cb[None, :] < N, other=0.0)
             va = tl.load(v_base + ca[:, None] * stride_vn + offs_d[None, :], mask=ca[:, None] < N, other=0.0)
@@ -81,14 +93,18 @@ def _fwd_tile(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, scr
             tl.store(scr_base + row_tri + (j + 1) * BS + row_loc, tb, mask=row_ok)
     else:
         cols = start_n + offs_n
-        kt_ptrs = k_base + offs_d[:, None] + cols[None, :] * stride_kn
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=cols[None, :] < N, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < N, other=0.0)
+        if USE_TMA:
+            kt = tl.trans(k_base.load([start_n, 0]))
+            v = v_base.load([start_n, 0])
         else:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
+            kt_ptrs = k_base + offs_d[:, None] + cols[None, :] * stride_kn
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+            if MASKED:
+                kt = tl.load(kt_ptrs, mask=cols[None, :] < N, other=0.0)
+                v = tl.load(v_ptrs, mask=cols[:, None] < N, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+                v = tl.load(v_ptrs)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         if MASKED:
             keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < N)
@@ -136,7 +152,8 @@ def _fwd_tile(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, scr
 def _fwd_tiles(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, scr_base,
                offs_m, row_ok, row_blk, row_tri, row_loc, lo, hi, qk_scale, N,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-               MASKED: tl.constexpr, GT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr):
+               MASKED: tl.constexpr, GT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+               USE_TMA: tl.constexpr):
     """:func:`_fwd_tile` over the key tiles ``[lo, hi)``."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BS if GT and BLOCK_N == 2 * BS else BLOCK_N)
@@ -145,13 +162,15 @@ def _fwd_tiles(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, sc
         while start_n < hi:
             acc, l_i, m_i, t_run = _fwd_tile(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn,
                                              scr_base, offs_m, offs_n, offs_d, row_ok, row_blk, row_tri, row_loc,
-                                             start_n, qk_scale, N, BLOCK_M, BLOCK_N, BS, MASKED, GT, DOT_PRECISION)
+                                             start_n, qk_scale, N, BLOCK_M, BLOCK_N, BS, MASKED, GT, DOT_PRECISION,
+                                             USE_TMA)
             start_n += BLOCK_N
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
             acc, l_i, m_i, t_run = _fwd_tile(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn,
                                              scr_base, offs_m, offs_n, offs_d, row_ok, row_blk, row_tri, row_loc,
-                                             start_n, qk_scale, N, BLOCK_M, BLOCK_N, BS, MASKED, GT, DOT_PRECISION)
+                                             start_n, qk_scale, N, BLOCK_M, BLOCK_N, BS, MASKED, GT, DOT_PRECISION,
+                                             USE_TMA)
     return acc, l_i, m_i, t_run
 
 
@@ -196,10 +215,11 @@ def _fwd_kernel(Q, K, V, Out, Lse, Scratch, Gt, qk_scale,
                 N, H, GROUP, NB, TRI, NUM_M,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
                 GT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
-                EPI: tl.constexpr = 0, JC: tl.constexpr = 16):
+                EPI: tl.constexpr = 0, JC: tl.constexpr = 16, USE_TMA: tl.constexpr = False):
     """The forward (``out``, ``lse``); with ``GT`` the tile maxima to ``Scratch`` (``TRI`` values per head) and,
     with ``EPI=1``, the pooling of this program's gt rows (``JC`` gt columns at a time). ``EPI``, ``JC``: only
-    with ``GT``."""
+    with ``GT``. ``USE_TMA``: Q, K, V in and the output out through tensor descriptors (see the module
+    docstring)."""
     start_m, bh, off_b, off_h, off_kh = _this_program(NUM_M, H, GROUP)
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh
@@ -216,7 +236,18 @@ def _fwd_kernel(Q, K, V, Out, Lse, Scratch, Gt, qk_scale,
     row_loc = offs_m % BS
     row_tri = BS * (row_blk * (row_blk + 1) // 2)  # start of block row_blk in the packed causal triangle
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if USE_TMA:  # one head's [N, D] rows of each tensor; the copy engine zero-fills reads and drops writes past N
+        KV_ROWS: tl.constexpr = BS if GT and BLOCK_N == 2 * BS else BLOCK_N
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        k_base = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[KV_ROWS, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[KV_ROWS, HEAD_DIM])
+        q = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                      block_shape=[BLOCK_M, HEAD_DIM]).load([start_m * BLOCK_M, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     t_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -226,15 +257,18 @@ def _fwd_kernel(Q, K, V, Out, Lse, Scratch, Gt, qk_scale,
     # keys strictly left of this query tile: no mask needed (all < every row, all < N)
     acc, l_i, m_i, t_run = _fwd_tiles(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, scr_base,
                                       offs_m, row_ok, row_blk, row_tri, row_loc, 0, diag, qk_scale, N,
-                                      HEAD_DIM, BLOCK_M, BLOCK_N, BS, False, GT, DOT_PRECISION, INTERP)
+                                      HEAD_DIM, BLOCK_M, BLOCK_N, BS, False, GT, DOT_PRECISION, INTERP, USE_TMA)
     # keys on the diagonal tile: causal and bounds masks
     acc, l_i, m_i, t_run = _fwd_tiles(acc, l_i, m_i, t_run, q, k_base, v_base, stride_kn, stride_vn, scr_base,
                                       offs_m, row_ok, row_blk, row_tri, row_loc, diag, diag + BLOCK_M, qk_scale, N,
-                                      HEAD_DIM, BLOCK_M, BLOCK_N, BS, True, GT, DOT_PRECISION, INTERP)
+                                      HEAD_DIM, BLOCK_M, BLOCK_N, BS, True, GT, DOT_PRECISION, INTERP, USE_TMA)
 
     out = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None])
+    if USE_TMA:
+        o_desc.store([start_m * BLOCK_M, 0], out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
     lse2 = m_i + tl.math.log2(l_i)
     tl.store(lse_base + offs_m, lse2 * LN2, mask=row_ok)
 
@@ -296,11 +330,16 @@ def _epilogue_kernel(Lse, Scratch, Gt, N, NB, TRI, BS: tl.constexpr, JC: tl.cons
 
 @triton.jit
 def _gt_block(gt_base, q, k_base, stride_kn, l2, offs_m, offs_n, offs_d, gis, g_ok, i0, diag_blk, j, qk_scale,
-              N, NB, BS: tl.constexpr, SUBM: tl.constexpr, DOT_PRECISION: tl.constexpr, MASS: tl.constexpr):
+              N, NB, BS: tl.constexpr, SUBM: tl.constexpr, DOT_PRECISION: tl.constexpr, MASS: tl.constexpr,
+              USE_TMA: tl.constexpr):
     """``gt[gis, j]`` for this program's rows and key block ``j``: the max over the tile of ``s2 - lse2``,
-    exponentiated, or with ``MASS`` the mean over each block's rows of the probability they put on block ``j``."""
+    exponentiated, or with ``MASS`` the mean over each block's rows of the probability they put on block ``j``.
+    With ``USE_TMA``, ``k_base`` is a tensor descriptor of ``BS``-row tiles."""
     cols = j * BS + offs_n
-    kt = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kn, mask=cols[None, :] < N, other=0.0)
+    if USE_TMA:
+        kt = tl.trans(k_base.load([j * BS, 0]))
+    else:
+        kt = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kn, mask=cols[None, :] < N, other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     x = qk * qk_scale - l2[:, None]
     if j >= diag_blk:
@@ -328,9 +367,10 @@ def _gt_kernel(Q, K, Lse, Gt, qk_scale,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                N, H, GROUP, NB, NUM_M,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               JC: tl.constexpr, INTERP: tl.constexpr, MASS: tl.constexpr):
+               JC: tl.constexpr, INTERP: tl.constexpr, MASS: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Low-memory pass 2: with ``lse`` final, gt[i, j] = exp2(max over the tile of (s2 - lse2)) per key block (with
-    ``MASS``: the block's rows' mean probability on key block j, i.e. the block attention mass)."""
+    ``MASS``: the block's rows' mean probability on key block j, i.e. the block attention mass). ``USE_TMA``: Q
+    and K in through tensor descriptors."""
     start_m, bh, off_b, off_h, off_kh = _this_program(NUM_M, H, GROUP)
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh
@@ -342,7 +382,13 @@ def _gt_kernel(Q, K, Lse, Gt, qk_scale,
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BS)
     row_ok = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if USE_TMA:  # as in _fwd_kernel
+        k_base = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BS, HEAD_DIM])
+        q = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                      block_shape=[BLOCK_M, HEAD_DIM]).load([start_m * BLOCK_M, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     l2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     i0 = start_m * SUBM
     gis = i0 + tl.arange(0, SUBM)  # gt rows of this program
@@ -354,12 +400,12 @@ def _gt_kernel(Q, K, Lse, Gt, qk_scale,
         j = 0
         while j < diag_blk + SUBM:
             _gt_block(gt_base, q, k_base, stride_kn, l2, offs_m, offs_n, offs_d, gis, g_ok, i0, diag_blk, j,
-                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION, MASS)
+                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION, MASS, USE_TMA)
             j += 1
     else:
         for j in range(0, diag_blk + SUBM):
             _gt_block(gt_base, q, k_base, stride_kn, l2, offs_m, offs_n, offs_d, gis, g_ok, i0, diag_blk, j,
-                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION, MASS)
+                      qk_scale, N, NB, BS, SUBM, DOT_PRECISION, MASS, USE_TMA)
     _zero_gt_from(gt_base, gis, diag_blk + SUBM, NB, SUBM, JC, INTERP)
 
 
@@ -371,15 +417,18 @@ def _gt_kernel(Q, K, Lse, Gt, qk_scale,
 def launch_forward(q, k, v, out, lse, scratch, gt, qk_scale: float, nb: int, tri: int, block_size: int,
                    with_gt: bool, config: dict):
     """``_fwd_kernel`` over ``q [B, Hq, N, D]``; without gt, ``scratch`` and ``gt`` are unused (any tensor).
-    Returns the compiled kernel."""
+    ``config["USE_TMA"]`` (absent: off) takes effect only where the copy engine can move the tensors
+    (:func:`seer.kernels.common.tma_ok`). Returns the compiled kernel."""
     b, hq, n, d = q.shape
     grid = (triton.cdiv(n, config["BLOCK_M"]), b * hq)
+    use_tma = config.get("USE_TMA", False) and tma_ok(q, k, v, out)
     return _fwd_kernel[grid](
         q, k, v, out, lse, scratch, gt, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n, hq, hq // k.shape[1], nb, tri, grid[0],
-        HEAD_DIM=d, BS=block_size, GT=with_gt, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, **config)
+        HEAD_DIM=d, BS=block_size, GT=with_gt, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
+        **dict(config, USE_TMA=use_tma))
 
 
 def launch_epilogue(lse: torch.Tensor, scratch: torch.Tensor, gt: torch.Tensor, nb: int, tri: int,
@@ -391,12 +440,14 @@ def launch_epilogue(lse: torch.Tensor, scratch: torch.Tensor, gt: torch.Tensor, 
 
 
 def launch_pass2(q, k, lse, gt, qk_scale: float, nb: int, block_size: int, config: dict, mass: bool = False):
-    """``_gt_kernel``: ``gt`` (or with ``mass`` the block attention mass) from ``q``, ``k`` and the final ``lse``.
-    Returns the compiled kernel."""
+    """``_gt_kernel``: ``gt`` (or with ``mass`` the block attention mass) from ``q``, ``k`` and the final ``lse``;
+    ``USE_TMA`` as in :func:`launch_forward`. Returns the compiled kernel."""
     b, hq, n, d = q.shape
     grid = (triton.cdiv(n, config["BLOCK_M"]), b * hq)
+    use_tma = config.get("USE_TMA", False) and tma_ok(q, k)
     return _gt_kernel[grid](
         q, k, lse, gt, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         n, hq, hq // k.shape[1], nb, grid[0],
-        HEAD_DIM=d, BS=block_size, DOT_PRECISION=dot_precision(q.dtype), JC=32, INTERP=INTERPRET, MASS=mass, **config)
+        HEAD_DIM=d, BS=block_size, DOT_PRECISION=dot_precision(q.dtype), JC=32, INTERP=INTERPRET, MASS=mass,
+        **dict(config, USE_TMA=use_tma))

@@ -19,8 +19,8 @@ name                      what it launches                              key
 
 (length bucket: the next power of two of ``N``, at least 1024, at most 32768.) A table gives, for a key,
 
-* on CUDA, candidates in order, the first being the default (the block-sparse forward adds Hopper variants after
-  it on devices of capability >= 9, see below): for the sizes swept on an H100 the winner
+* on CUDA, candidates in order, the first being the default (the ground-truth tables and the block-sparse forward
+  add Hopper variants after it on devices of capability >= 9, see below): for the sizes swept on an H100 the winner
   (``docs/bench_gt.md``, ``docs/bench_sparse.md``: head dim 128 and 64, blocks 64 and 128), for other sizes an
   untimed guess; the backward's defaults for those sizes were screened offline by registers and spills on sm_90,
   not timed (``seer/kernels/block_sparse_bwd.py``);
@@ -43,7 +43,8 @@ replays tuned launches. The block-sparse tables have one candidate per key, chos
 density, which a timing at the first call would sample by chance, and sparse prefill is captured in CUDA graphs.
 The exception: on devices of capability >= 9 the forward's table (``block_sparse``) adds its Hopper variant after
 the default where it differs (the copy engine: ``seer.kernels.block_sparse.HOPPER_VARIANTS``), timed at the first
-call.
+call. The ``flash_gt`` tables do the same on such devices (``seer.kernels.flash_gt.HOPPER_VARIANTS``: their default
+with the copy engine), so there they time one candidate more at the first call of a key.
 
 Why not ``triton.autotune``: it times one kernel launch per config and keys on exact argument values. Here a
 config can steer two launches timed together (``EPI=0``: the forward, then the pooling kernel), keys bucket the

@@ -113,3 +113,43 @@ def test_outputs():
         output("out", strided, (1, 2, 3, 16), torch.float32, dev, contiguous=True)
     with pytest.raises(ValueError, match=r"lse must be a unit-last-stride torch.float32 tensor .* got torch.float64"):
         check_tensor("lse", torch.empty(1, 2, 3, dtype=torch.float64), (1, 2, 3), torch.float32, dev, False)
+
+
+def test_is_hopper_and_tma_ok(monkeypatch):
+    """The copy engine: devices of capability >= 9 only (never under the interpreter), tensors with 16-byte aligned
+    base and strides and a unit last stride only; when it can be used the descriptor allocator is set."""
+    cuda = torch.device("cuda", 0)
+    assert not common.is_hopper(torch.device("cpu")) and not common.tma_ok(torch.zeros(1, 1, 8, 16))
+    monkeypatch.setattr(common, "INTERPRET", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not common.is_hopper(cuda)  # the interpreter runs on the CPU
+    monkeypatch.setattr(common, "INTERPRET", False)
+    assert common.is_hopper(cuda) and not common.is_hopper(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not common.is_hopper(cuda)
+
+    class Fake:  # what tma_ok reads of a CUDA tensor
+        device = cuda
+
+        def __init__(self, strides, ptr=0, size=2):
+            self.strides, self.ptr, self.size = strides, ptr, size
+
+        def element_size(self):
+            return self.size
+
+        def data_ptr(self):
+            return self.ptr
+
+        def stride(self, i):
+            return self.strides[i]
+
+    allocators = []
+    monkeypatch.setattr(common.triton, "set_allocator", allocators.append)
+    good = Fake((32 * 100 * 128, 100 * 128, 128, 1))
+    assert not common.tma_ok(good)  # capability 8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert common.tma_ok(good, good) and allocators == [common._scratch]
+    assert not common.tma_ok(good, Fake((32 * 100 * 128, 100 * 128, 128, 1), ptr=8))  # base not 16-byte aligned
+    assert not common.tma_ok(Fake((32 * 100 * 4, 100 * 4, 4, 1)))  # rows of 8 bytes
+    assert not common.tma_ok(Fake((32 * 100 * 128, 128, 32 * 128, 1), size=2), Fake((16, 8, 4, 2)))  # last stride
+    assert common.tma_ok(Fake((100 * 32 * 128, 128, 32 * 128, 1)))  # [B, N, H, D] storage seen as [B, H, N, D]

@@ -220,6 +220,115 @@ def test_block_mass_from_lse_matches_the_reference(b, hq, hkv, n, bs):
         flash_gt_from_lse(q, k, lse, bs, sm_scale=0.3, pool="mean")
 
 
+# ---------------------------------------------------------------------------------------- Hopper path (USE_TMA)
+
+
+def _forced_all(configs: dict):
+    """``force_config`` of each ``{kernel: config}`` entry at once."""
+    stack = contextlib.ExitStack()
+    for kernel, config in configs.items():
+        stack.enter_context(force_config(kernel, **config))
+    return stack
+
+
+# (B, Hq, Hkv, N, D, dtype, block_size, mode, {kernel: forced config, USE_TMA on}); lengths off the tile grid
+TMA_CASES = [
+    (1, 4, 2, 75, 16, torch.float16, 16, "fast", {"flash_gt.fast": dict(BLOCK_M=32, BLOCK_N=32)}),  # 2 gt blocks/tile
+    (1, 2, 1, 130, 16, torch.float16, 16, "fast", {"flash_gt.fast": dict(BLOCK_M=64, BLOCK_N=64)}),  # 4 gt blocks/tile
+    (1, 4, 1, 100, 16, torch.float32, 32, "fast", {"flash_gt.fast": dict(BLOCK_M=64, BLOCK_N=16, EPI=0)}),  # run. max
+    (2, 2, 2, 70, 32, torch.float32, 16, "fast", {"flash_gt.fast": dict(BLOCK_M=32, BLOCK_N=16)}),
+    (1, 4, 2, 90, 16, torch.float32, 16, "lowmem", {"flash_gt.dense": dict(BLOCK_M=32, BLOCK_N=32),
+                                                     "flash_gt.pass2": dict(BLOCK_M=32)}),
+    (1, 4, 4, 65, 64, torch.float16, 64, "lowmem", {"flash_gt.pass2": dict(BLOCK_M=128)}),  # 2 gt rows, pass 2
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype,bs,mode,forced", TMA_CASES,
+                         ids=[f"B{c[0]}-H{c[1]}:{c[2]}-N{c[3]}-D{c[4]}-{str(c[5])[6:]}-bs{c[6]}-{c[7]}-"
+                              + "+".join(k.split(".")[1] for k in c[8]) for c in TMA_CASES])
+def test_tma_path_matches_reference(monkeypatch, b, hq, hkv, n, d, dtype, bs, mode, forced):
+    """``USE_TMA`` forced, the copy engine taken as usable (the interpreter emulates the tensor descriptors: zero
+    fill past N, writes past N dropped); ``out`` is the [B, H, N, D] view of a [B, N, H, D] buffer."""
+    from seer.kernels import flash_gt_kernels
+
+    asked = []
+    monkeypatch.setattr(flash_gt_kernels, "tma_ok", lambda *t: asked.append(len(t)) or True)
+    q, k, v = _inputs(b, hq, hkv, n, d, dtype, seed=n + d)
+    nb = reference.num_blocks(n, bs)
+    _, lse, gt = _poisoned(q, nb)
+    buffer = torch.full((b, n, hq, d), float("nan"), dtype=dtype)
+    with _forced_all({kernel: dict(config, USE_TMA=True) for kernel, config in forced.items()}):
+        out, _, _ = flash_attn_with_gt(q, k, v, bs, mode=mode, out=buffer.transpose(1, 2), lse=lse, gt=gt)
+    # tensors the launches asked about: q, k, v, out for the forward; q, k for pass 2 (lowmem: both)
+    assert asked == ([4] if mode == "fast" else [4, 2] if "flash_gt.dense" in forced else [2])
+    ref_out, ref_lse = reference.attention(q, k, v)
+    assert not torch.isnan(buffer).any() and not torch.isnan(lse).any(), "unwritten out/lse elements"
+    assert _rel(out, ref_out) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert (lse - ref_lse).abs().max().item() < 1e-4
+    _check_gt(gt, reference.block_gt(q, k, bs), 1e-3)
+
+
+def test_tma_pass2_block_mass(monkeypatch):
+    from seer.kernels import flash_gt_kernels
+
+    monkeypatch.setattr(flash_gt_kernels, "tma_ok", lambda *t: True)
+    q, k, v = _inputs(1, 4, 2, 100, 16, torch.float32, seed=2)
+    _, lse = flash_attn(q, k, v)
+    mass = torch.full((1, 4, 7, 7), float("nan"))
+    with force_config("flash_gt.pass2", USE_TMA=True):
+        flash_gt_from_lse(q, k, lse, 16, gt=mass, pool="mass")
+    torch.testing.assert_close(mass.double(), reference.block_attn_mass(q.double(), k.double(), 16), rtol=1e-4,
+                               atol=1e-6)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records the ``USE_TMA`` each launch compiles with, then launches."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["USE_TMA"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("requested,usable", [(False, True), (True, False), (True, True)])
+def test_tma_only_where_asked_and_the_copy_engine_can_be_used(monkeypatch, requested, usable):
+    """A config with ``USE_TMA`` compiles the copy-engine path only where ``tma_ok`` holds (else the plain loads);
+    a config without it never asks."""
+    from seer.kernels import flash_gt_kernels as fk
+
+    asked, seen = [], []
+    monkeypatch.setattr(fk, "tma_ok", lambda *t: asked.append(len(t)) or usable)
+    monkeypatch.setattr(fk, "_fwd_kernel", _LaunchSpy(fk._fwd_kernel, seen))
+    monkeypatch.setattr(fk, "_gt_kernel", _LaunchSpy(fk._gt_kernel, seen))
+    q, k, v = _inputs(1, 2, 1, 40, 16, torch.float32, seed=6)
+    with _forced_all({kernel: dict(USE_TMA=requested) for kernel in ("flash_gt.dense", "flash_gt.pass2")}):
+        out, lse, gt = flash_attn_with_gt(q, k, v, 16, mode="lowmem")
+    assert seen == [requested and usable] * 2 and asked == ([4, 2] if requested else [])
+    assert _rel(out, reference.attention(q, k, v)[0]) < 1e-5
+    _check_gt(gt, reference.block_gt(q, k, 16), 1e-3)
+
+
+def test_hopper_candidates(monkeypatch):
+    """Capability >= 9: each table's candidates, then its default with the copy engine (the only Hopper candidate);
+    any other device: the candidates alone, none with the copy engine. Every candidate is a config of its table."""
+    from seer.kernels import flash_gt
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for table in (flash_gt.DENSE, flash_gt.FAST, flash_gt.PASS2):
+        for key in ((128, 64, torch.bfloat16, 32768), (64, 32, torch.float16, 4096), (256, 128, torch.bfloat16, 1024)):
+            monkeypatch.setattr(flash_gt, "is_hopper", lambda device: False)
+            plain = table._candidates(key)
+            assert plain and not any(c.get("USE_TMA") for c in plain)
+            monkeypatch.setattr(flash_gt, "is_hopper", lambda device: True)
+            hopper = table._candidates(key)
+            assert hopper == plain + [dict(plain[0], USE_TMA=True)]
+            assert all(set(c) <= set(table.fields) for c in hopper)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -282,3 +391,39 @@ def test_gpu_fast_fraction_zero_takes_the_low_memory_passes(monkeypatch):
     flash_attn_with_gt(q, k, v, 64, fast_fraction=1.0)  # 2 MiB of scratch: fits
     assert launched == ["pass2"]
     _check_gt(gt, reference.block_gt(q, k, 64), 1e-2)
+
+
+# copy-engine configs of the launch tables' candidates at D 128 (what experiments/bench_gt.py --variants times)
+HOPPER_GPU_CASES = [
+    ("fast", {"flash_gt.fast": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0)}),
+    ("fast", {"flash_gt.fast": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0)}),
+    ("fast", {"flash_gt.fast": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0)}),
+    ("fast", {"flash_gt.fast": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=1)}),
+    ("lowmem", {"flash_gt.dense": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+                "flash_gt.pass2": dict(BLOCK_M=128, num_warps=4, num_stages=3)}),
+    ("lowmem", {"flash_gt.dense": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+                "flash_gt.pass2": dict(BLOCK_M=128, num_warps=8, num_stages=2)}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,forced", HOPPER_GPU_CASES)
+def test_gpu_hopper_tma_variants_match_reference(mode, forced):
+    """``USE_TMA`` on a device of capability >= 9, bf16: a length off the tile grid with GQA 4:1, and 16k."""
+    from seer.kernels.common import tma_ok
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the Hopper path needs a device of compute capability >= 9")
+    for n, hq, hkv in ((4096 + 77, 8, 2), (16384, 4, 4)):
+        q, k, v = _inputs(1, hq, hkv, n, 128, torch.bfloat16, device="cuda", seed=n)
+        nb = reference.num_blocks(n, 64)
+        out, lse, gt = _poisoned(q, nb)
+        assert tma_ok(q, k, v, out)  # the copy engine really runs
+        with _forced_all({kernel: dict(config, USE_TMA=True) for kernel, config in forced.items()}):
+            flash_attn_with_gt(q, k, v, 64, mode=mode, out=out, lse=lse, gt=gt)
+        torch.cuda.synchronize()
+        kr, vr = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+        ref_out = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        assert _rel(out, ref_out) < 1e-2
+        _check_gt(gt, reference.block_gt(q, k, 64), 1e-2)
