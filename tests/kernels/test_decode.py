@@ -315,3 +315,39 @@ def test_bad_inputs():
 def test_gpu_bf16_matches_reference(b, t, n, splits):
     """The 8B shape (32 query / 8 KV heads, D 128) in bfloat16, 64-token blocks, 10% of the blocks listed."""
     assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10), seed=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge,unique_blocks", [("fused", False), ("separate", True), ("fused", True)])
+@pytest.mark.parametrize("b,t,n,splits", [(1, 1, 32768 + 77, None), (4, 4, 8192, 7), (2, 1, 4096 + 5, 40)])
+def test_gpu_bf16_variants_match_reference(b, t, n, splits, merge, unique_blocks):
+    """The fused merge and unique lists at the 8B shape, where a tile's splits run concurrently and finish in any
+    order (the fused merge's tickets); two calls one after the other (the counters are zero again)."""
+    for seed in (n, n + 1):
+        assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10),
+                                 seed=seed, merge=merge, unique_blocks=unique_blocks)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_merge_replays_in_a_cuda_graph():
+    """``merge="fused"`` captured in a CUDA graph: each replay, on new queries, gives what an eager call gives."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (x.to(dev) for x in _inputs(2, 32, 8, 1, 8192, 128, torch.bfloat16, gen))
+    seqlens = torch.tensor([8192, 5001], dtype=torch.int32)
+    lists = _unique_lists(2, 8, 40, 128, gen, seqlens, 64).to(dev)
+    seqlens = seqlens.to(dev)
+
+    def step():
+        return block_sparse_decode(q, k, v, lists, seqlens, 64, num_splits=6, merge="fused", unique_blocks=True,
+                                   validate=False)
+
+    step()  # compiles, and makes the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for _ in range(3):
+        q.copy_(torch.randn(q.shape, generator=gen).to(dev, q.dtype))
+        graph.replay()
+        want = step()
+        torch.testing.assert_close((out, lse), want, rtol=0, atol=0)
