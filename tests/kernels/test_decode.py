@@ -119,10 +119,10 @@ def test_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s):
 VARIANT_CASES = [
     (3, 4, 2, 1, 77, 64, 16, torch.float32, 3, 6),      # D 64, odd N, lengths differ (one is T)
     (2, 8, 2, 3, 150, 128, 32, torch.float32, 4, 5),    # D 128, T > 1, a partial last block
-    (1, 4, 1, 17, 60, 64, 16, torch.float32, 3, 5),     # G x T = 68: two query tiles to merge
+    (1, 8, 2, 17, 60, 64, 16, torch.float32, 3, 5),     # G x T = 68: two query tiles to merge
     (2, 4, 2, 2, 90, 64, 16, torch.float32, 9, 4),      # more splits than entries
     (2, 4, 4, 1, 100, 128, 64, torch.float16, 2, 2),    # D 128, block 64, float16
-    (4, 8, 2, 1, 130, 64, 32, torch.float32, None, 5),  # default splits (several at this size)
+    (4, 8, 2, 1, 130, 64, 32, torch.float32, None, 5),  # default splits (one under the interpreter)
 ]
 
 
