@@ -26,6 +26,13 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
     python experiments/bench_decode.py --out docs/bench_decode.md --release-dir .assets/release
     python experiments/bench_decode.py --batch 1 16 --kv 32768 --budget 2048 --splits 1 8 16 32   # split sweep
     python experiments/bench_decode.py --tune       # launch configs (tuning.force_config) at 32k, budget 2k
+    python experiments/bench_decode.py --variants --batch 1 4 16 --kv 32768 131072 --budget 2048 3264
+
+``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``merge="fused"`` (``fused``),
+``unique_blocks=True`` (``unique``; the lists here are top-k, so without repeats) and both (``fused+unique``) at each
+batch, cache length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value,
+each checked against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0, and
+writes one table with the speedups over dense.
 """
 
 from __future__ import annotations
@@ -65,6 +72,15 @@ def lists(b: int, n: int, budget: int, seed: int = 0) -> torch.Tensor:
     return block_index_from_scores(scores, min(nb, max(1, budget // BLOCK)))
 
 
+def assert_near_reference(out, lse, ref_out, ref_lse, what) -> None:
+    """bf16 results against the float32 reference: relative error of ``out`` below 1.5e-2, ``lse`` within 2e-2,
+    the same empty rows."""
+    err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
+    fin = torch.isfinite(ref_lse)
+    assert err < 1.5e-2 and (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2, (what, err)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), what
+
+
 def check() -> None:
     for t in (1, 4):
         q, k, v, lens = inputs(2, 8192, t, seed=t)
@@ -72,10 +88,7 @@ def check() -> None:
         idx = lists(2, 8192, 2048, seed=t)
         out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK)
         ref_out, ref_lse = reference.block_sparse_decode(q.float(), k.float(), v.float(), idx, lens, BLOCK)
-        err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
-        fin = torch.isfinite(ref_lse)
-        assert err < 1.5e-2 and (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2, (t, err)
-        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        assert_near_reference(out, lse, ref_out, ref_lse, t)
     print("GPU check against the reference: ok", flush=True)
 
 
@@ -118,9 +131,10 @@ def sdpa_ms(q, k, v) -> float:
         return float("nan")
 
 
-def ours_ms(q, k, v, idx, lens, splits: int | None) -> tuple[float, int]:
+def ours_ms(q, k, v, idx, lens, splits: int | None, **variant) -> tuple[float, int]:
+    """The kernel's time (``variant``: its ``merge`` / ``unique_blocks`` keywords) and the split count it chose."""
     def run():
-        return block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False)
+        return block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False, **variant)
 
     run()
     return timed(run), launch_plan(q.shape[0], HKV, HQ // HKV, q.shape[2], idx.shape[2], q.device, splits)[2]
@@ -151,6 +165,39 @@ def bench(args) -> list[dict]:
     return rows
 
 
+VARIANTS = {"current": {}, "fused": dict(merge="fused"), "unique": dict(unique_blocks=True),
+            "fused+unique": dict(merge="fused", unique_blocks=True)}
+
+
+def variants(args) -> list[dict]:
+    """``--variants``: each kernel variant of :data:`VARIANTS` on each shape and budget (and ``--splits``), checked
+    against the float32 reference on those inputs before it is timed, beside SDPA and ours@1.0."""
+    rows = []
+    for b, n in itertools.product(args.batch, args.kv):
+        q, k, v, lens = inputs(b, n, args.t)
+        qf, kf, vf = q.float(), k.float(), v.float()
+        full = torch.arange(-(-n // BLOCK), dtype=torch.int32, device=DEV).expand(b, HKV, -1).contiguous()
+        dense_sdpa = sdpa_ms(q, k, v) if args.t == 1 else float("nan")
+        dense_ours, _ = ours_ms(q, k, v, full, lens, None)
+        dense = min(x for x in (dense_sdpa, dense_ours) if x == x)
+        for budget in args.budget:
+            idx = lists(b, n, budget)
+            ref_out, ref_lse = reference.block_sparse_decode(qf, kf, vf, idx, lens, BLOCK)
+            for splits in args.splits or [None]:
+                row = dict(batch=b, kv=n, budget=budget, density=idx.shape[2] * BLOCK / n, sdpa=dense_sdpa,
+                           ours_dense=dense_ours, dense=dense)
+                for name, variant in VARIANTS.items():
+                    out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False,
+                                                   **variant)
+                    assert_near_reference(out, lse, ref_out, ref_lse, (b, n, budget, splits, name))
+                    row[name], row["splits"] = ours_ms(q, k, v, idx, lens, splits, **variant)
+                rows.append(row)
+                print(rows[-1], flush=True)
+        del q, k, v, qf, kf, vf, full
+        torch.cuda.empty_cache()
+    return rows
+
+
 def tune(args) -> None:
     print("| batch | budget | BLOCK_N | num_warps | num_stages | ms | regs | spills |")
     print("|---|---|---|---|---|---|---|---|")
@@ -167,21 +214,45 @@ def tune(args) -> None:
                       f"{info['n_spills']} |", flush=True)
 
 
+def header(info: dict, args, cmd: str) -> list[str]:
+    """The device, command and shape lines above a table."""
+    return [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
+            f"Python {info['python']}; {info['date']}.", "", f"Command: `{cmd}`", "",
+            f"{HQ} query / {HKV} KV heads, D {D}, bf16, T {args.t}, {BLOCK}-token blocks, every sequence at the "
+            "cache length."]
+
+
+def variants_report(rows: list[dict], info: dict, args, cmd: str) -> str:
+    names = list(VARIANTS)
+    lines = header(info, args, cmd)
+    lines[-1] += (" Times in ms: median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm), each "
+                  "variant checked against the float32 reference on the same inputs first. `current`: the kernel's "
+                  "defaults; `fused`: merge=\"fused\" (one launch); `unique`: unique_blocks=True (no repeat check; "
+                  "the lists are top-k, so unique); `fused+unique`: both; `splits`: the split count (the same for "
+                  "every variant; with one split there is no merge to fuse). `ours@1.0`: every block listed; "
+                  "`dense`: the faster of SDPA and ours@1.0; in brackets the speedup dense / variant.")
+    lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | dense | " + " | ".join(names) + " |",
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{fmt(r[name], 4)} ({r['dense'] / r[name]:.2f}x)" for name in names]
+        lines.append(f"| {r['batch']} | {r['kv'] // 1024}k | {r['budget']} | {r['density']:.4f} | {r['splits']} | "
+                     f"{fmt(r['sdpa'], 4)} | {fmt(r['ours_dense'], 4)} | {fmt(r['dense'], 4)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(rows: list[dict], info: dict, args, cmd: str) -> str:
-    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
-             f"Python {info['python']}; {info['date']}.", "", f"Command: `{cmd}`", "",
-             f"{HQ} query / {HKV} KV heads, D {D}, bf16, T {args.t}, {BLOCK}-token blocks, every sequence at the "
-             "cache length. Times in ms: " + (
-                 "median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm)" if args.graph else
-                 "median of CUDA-event-timed eager calls, L2 cleared before each (host launch overhead included "
-                 "where it exceeds the GPU time)") + ". `ours`: the kernel on `budget / 64` "
-             "listed blocks per KV head (validate=False); `ours@1.0`: every block listed; `SDPA`: dense over the "
-             "cache; `dense`: the faster of SDPA and ours@1.0; speedup = dense / ours; `release`: the authors' "
-             f"Triton decode kernel (commit {args.release_commit}) on the same tensors and lists, `vs release` = "
-             "release / ours.", "",
-             "| batch | KV | budget | density | splits | ours | ours@1.0 | SDPA | dense | speedup | release "
-             "| vs release |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = header(info, args, cmd)
+    lines[-1] += (" Times in ms: " + (
+        "median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm)" if args.graph else
+        "median of CUDA-event-timed eager calls, L2 cleared before each (host launch overhead included where it "
+        "exceeds the GPU time)") + ". `ours`: the kernel on `budget / 64` listed blocks per KV head (validate=False); "
+        "`ours@1.0`: every block listed; `SDPA`: dense over the cache; `dense`: the faster of SDPA and ours@1.0; "
+        f"speedup = dense / ours; `release`: the authors' Triton decode kernel (commit {args.release_commit}) on the "
+        "same tensors and lists, `vs release` = release / ours.")
+    lines += ["", "| batch | KV | budget | density | splits | ours | ours@1.0 | SDPA | dense | speedup | release "
+              "| vs release |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['kv'] // 1024}k | {r['budget']} | {r['density']:.3f} | {r['splits']} | "
                      f"{fmt(r['ours'], 4)} | {fmt(r['ours_dense'], 4)} | {fmt(r['sdpa'], 4)} | {fmt(r['dense'], 4)} "
@@ -199,11 +270,14 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k instead")
     ap.add_argument("--graph", action="store_true",
                     help="time CUDA-graph replays (GPU time without host launch overhead; L2 kept warm)")
+    ap.add_argument("--variants", action="store_true",
+                    help="time the kernel's variants (fused merge, unique lists, both) beside its defaults instead, "
+                         "in CUDA-graph replays")
     ap.add_argument("--release-dir", help="a copy of microsoft/SeerAttention holding seer_attn/ (see release_kernels)")
     ap.add_argument("--out", help="write the markdown table here (else print it)")
     args = ap.parse_args()
     args.release_commit = "-"
-    if args.graph:
+    if args.graph or args.variants:
         TIMER["timer"] = graph_ms
     if args.release_dir:
         from experiments import release_kernels
@@ -215,7 +289,10 @@ def main() -> None:
         tune(args)
         return
     cmd = "python experiments/bench_decode.py " + " ".join(sys.argv[1:])
-    text = report(bench(args), env_info(), args, cmd)
+    if args.variants:
+        text = variants_report(variants(args), env_info(), args, cmd)
+    else:
+        text = report(bench(args), env_info(), args, cmd)
     publish(text, args.out)
 
 
