@@ -28,11 +28,10 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
     python experiments/bench_decode.py --tune       # launch configs (tuning.force_config) at 32k, budget 2k
     python experiments/bench_decode.py --variants --batch 1 4 16 --kv 32768 131072 --budget 2048 3264
 
-``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``merge="fused"`` (``fused``),
-``unique_blocks=True`` (``unique``; the lists here are top-k, so without repeats) and both (``fused+unique``) at each
-batch, cache length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value,
-each checked against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0, and
-writes one table with the speedups over dense.
+``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``) and ``unique_blocks=True``
+(``unique``; the lists here are top-k, so without repeats) at each batch, cache length, budget (any token count:
+3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value, each checked against the float32 reference on the
+same inputs before it is timed, beside SDPA and ours@1.0, and writes one table with the speedups over dense.
 """
 
 from __future__ import annotations
@@ -132,7 +131,7 @@ def sdpa_ms(q, k, v) -> float:
 
 
 def ours_ms(q, k, v, idx, lens, splits: int | None, **variant) -> tuple[float, int]:
-    """The kernel's time (``variant``: its ``merge`` / ``unique_blocks`` keywords) and the split count it chose."""
+    """The kernel's time (``variant``: its ``unique_blocks`` keyword) and the split count it chose."""
     def run():
         return block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False, **variant)
 
@@ -165,8 +164,7 @@ def bench(args) -> list[dict]:
     return rows
 
 
-VARIANTS = {"current": {}, "fused": dict(merge="fused"), "unique": dict(unique_blocks=True),
-            "fused+unique": dict(merge="fused", unique_blocks=True)}
+VARIANTS = {"current": {}, "unique": dict(unique_blocks=True)}
 
 
 def variants(args) -> list[dict]:
@@ -227,9 +225,8 @@ def variants_report(rows: list[dict], info: dict, args, cmd: str) -> str:
     lines = header(info, args, cmd)
     lines[-1] += (" Times in ms: median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm), each "
                   "variant checked against the float32 reference on the same inputs first. `current`: the kernel's "
-                  "defaults; `fused`: merge=\"fused\" (one launch); `unique`: unique_blocks=True (no repeat check; "
-                  "the lists are top-k, so unique); `fused+unique`: both; `splits`: the split count (the same for "
-                  "every variant; with one split there is no merge to fuse). `ours@1.0`: every block listed; "
+                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique); "
+                  "`splits`: the split count (the same for every variant). `ours@1.0`: every block listed; "
                   "`dense`: the faster of SDPA and ours@1.0; in brackets the speedup dense / variant.")
     lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | dense | " + " | ".join(names) + " |",
               "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
@@ -271,8 +268,7 @@ def main() -> None:
     ap.add_argument("--graph", action="store_true",
                     help="time CUDA-graph replays (GPU time without host launch overhead; L2 kept warm)")
     ap.add_argument("--variants", action="store_true",
-                    help="time the kernel's variants (fused merge, unique lists, both) beside its defaults instead, "
-                         "in CUDA-graph replays")
+                    help="time the kernel's variant (unique lists) beside its defaults instead, in CUDA-graph replays")
     ap.add_argument("--release-dir", help="a copy of microsoft/SeerAttention holding seer_attn/ (see release_kernels)")
     ap.add_argument("--out", help="write the markdown table here (else print it)")
     args = ap.parse_args()

@@ -9,9 +9,6 @@ not. A config that spills here spills on the GPU too; it is a screen, not a timi
     python experiments/compile_decode.py               # the default configs, D 64 and 128, blocks 64 and 128, bf16
     python experiments/compile_decode.py --dtype fp16 --warps 4 8 --stages 2 3 4
     python experiments/compile_decode.py --unique      # the unique-lists variant (unique_blocks=True)
-
-Modes of the split kernel: ``direct`` (one split writes the result), ``partials`` (several splits, merged by the
-merge kernel), ``fused`` (several splits, merged in the same launch: ``merge="fused"``).
 """
 
 from __future__ import annotations
@@ -37,17 +34,12 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, num_warps: int,
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-MODES = {"direct": (True, False), "partials": (False, False), "fused": (False, True)}  # (DIRECT, FUSED)
-
-
-def split_kernel(d: int, block: int, block_m: int, mode: str, unique: bool, dtype: str, config: dict):
-    direct, fused = MODES[mode]
-    ptr = {n: "*" + dtype for n in ("Q", "K", "V", "FinalOut")}
-    ptr.update(Idx="*i32", Seqlens="*i32", Scratch="*i32", Out="*" + dtype if direct else "*fp32", Lse="*fp32",
-               Tickets="*i32", FinalLse="*fp32")
+def split_kernel(d: int, block: int, block_m: int, direct: bool, unique: bool, dtype: str, config: dict):
+    ptr = {n: "*" + dtype for n in ("Q", "K", "V")}
+    ptr.update(Idx="*i32", Seqlens="*i32", Scratch="*i32", Out="*" + dtype if direct else "*fp32", Lse="*fp32")
     const = dict(HEAD_DIM=d, MASK_BLOCK=block, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], DIRECT=direct,
-                 FUSED=fused, UNIQUE=unique, DOT_PRECISION="tf32", INTERP=False, ENTRY_CHUNK=dec.ENTRY_CHUNK,
-                 LIST_CHUNK=dec.LIST_CHUNK, MERGE_CHUNK=dec.MERGE_CHUNK)
+                 UNIQUE=unique, DOT_PRECISION="tf32", INTERP=False, ENTRY_CHUNK=dec.ENTRY_CHUNK,
+                 LIST_CHUNK=dec.LIST_CHUNK)
     return compile_sm90(dec._dec_split_kernel, ptr, const, config["num_warps"], config["num_stages"])
 
 
@@ -69,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
 
     print(f"sm_90, {args.dtype}" + (", unique_blocks" if args.unique else ""), flush=True)
-    print("| kernel | D | block | BLOCK_M | mode | config | regs | spill B | stack B | smem B | HGMMA | HMMA |")
+    print("| kernel | D | block | BLOCK_M | direct | config | regs | spill B | stack B | smem B | HGMMA | HMMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for d in args.d:
         for block in args.blocks:
@@ -77,10 +69,10 @@ def main() -> None:
                 default = dec.CONFIGS.candidates((d, block, block_m))[0]
                 configs = [dict(default, **({"num_warps": w} if w else {}), **({"num_stages": s} if s else {}))
                            for w in (args.warps or [None]) for s in (args.stages or [None])]
-                for mode in MODES:
+                for direct in (True, False):
                     for config in configs:
-                        s = ptxas_stats(split_kernel(d, block, block_m, mode, args.unique, args.dtype, config))
-                        print(f"| split | {d} | {block} | {block_m} | {mode} | {config} | {s['regs']} | "
+                        s = ptxas_stats(split_kernel(d, block, block_m, direct, args.unique, args.dtype, config))
+                        print(f"| split | {d} | {block} | {block_m} | {direct} | {config} | {s['regs']} | "
                               f"{s['spill']} | {s['stack']} | {s['smem']} | {s['hgmma']} | {s['hmma']} |", flush=True)
         s = ptxas_stats(merge_kernel(d, args.dtype))
         print(f"| merge | {d} | - | - | - | - | {s['regs']} | {s['spill']} | {s['stack']} | {s['smem']} | "

@@ -5,8 +5,7 @@ Math
 Sequence ``b`` holds ``L = cache_seqlens[b]`` valid keys, its ``T`` new tokens last: query token ``t`` sits at
 position ``p_t = L - T + t``. Query head ``h`` reads KV head ``g = h // (Hq // Hkv)``, whose list
 ``block_index[b, g]`` names key blocks (``-1`` is padding, a block listed twice counts once but with
-``unique_blocks=True``). With ``B`` the block
-size:
+``unique_blocks=True``). With ``B`` the block size:
 
 .. math::
 
@@ -28,8 +27,8 @@ Each program first compacts its positions into a dense list in scratch memory, k
 that starts before ``L`` and no earlier position lists the same block (compared vectorised against the list;
 skipped with ``unique_blocks=True``, where the caller promises unique lists), then walks the dense list with the
 online softmax of FlashAttention in base 2 (``m``, ``l``, ``acc``; see :mod:`seer.kernels.block_sparse`), every
-tile masked by ``j <= p_t``. A split writes its normalised partial output
-``o_s`` and ``lse_s`` (base 2; ``-inf`` and zeros when it attended nothing), and they are merged:
+tile masked by ``j <= p_t``. A split writes its normalised partial output ``o_s`` and ``lse_s`` (base 2; ``-inf``
+and zeros when it attended nothing); a second launch merges them:
 
 .. math::
 
@@ -37,12 +36,7 @@ tile masked by ``j <= p_t``. A split writes its normalised partial output
     \\mathrm{out} = \\frac{\\sum_s w_s o_s}{\\sum_s w_s},\\quad
     \\mathrm{lse} = \\ln 2\\,(m + \\log_2 \\textstyle\\sum_s w_s).
 
-The merge is a second launch, one program per query row (``merge="separate"``, the default), or fused into the
-first (``merge="fused"``): after writing its partials, a program waits for all its threads (``tl.debug_barrier``)
-and draws a ticket from its query tile's int32 counter (``tl.atomic_add``, acq_rel, GPU scope: the release publishes
-its partials, the acquire makes the others' visible); the program that draws the last ticket (``num_splits - 1``)
-merges the tile's rows and sets the counter back to zero, so the counters, shared by the calls on a device, are
-zero between launches. With one split the first launch writes ``out`` and ``lse`` itself and there is no merge.
+With one split the first launch writes ``out`` and ``lse`` itself and there is no merge.
 """
 
 from __future__ import annotations
@@ -132,7 +126,7 @@ def _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpo
 
 @triton.jit
 def _dec_split_kernel(
-    Q, K, V, Idx, Seqlens, Scratch, Out, Lse, Tickets, FinalOut, FinalLse,
+    Q, K, V, Idx, Seqlens, Scratch, Out, Lse,
     qk_scale,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kn,
@@ -140,11 +134,10 @@ def _dec_split_kernel(
     stride_ib, stride_ih,
     stride_ob, stride_oh, stride_ot, stride_os,
     stride_lb, stride_lh, stride_lt,
-    stride_fb, stride_fh, stride_ft, stride_flb, stride_flh,
     HKV, N, T, GROUP, S, SPLITS, N_MTILES, SCR_LEN,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, FUSED: tl.constexpr, UNIQUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERP: tl.constexpr, ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    DIRECT: tl.constexpr, UNIQUE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b * HKV + g) * N_MTILES + m-tile
     split = tl.program_id(1)
@@ -211,42 +204,6 @@ def _dec_split_kernel(
     else:  # a partial result for the merge (float32, lse in base 2)
         tl.store(Out + o_rows[:, None] + offs_d[None, :], out, mask=row_ok[:, None])
         tl.store(Lse + l_rows, lse2, mask=row_ok)
-        if FUSED:  # the tile's last split to finish merges its rows
-            tl.debug_barrier()  # every thread's partial stores precede the ticket (released with it)
-            ticket = tl.atomic_add(Tickets + pid, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLITS - 1:  # the other splits' partials are visible (acquired with the ticket)
-                r0 = mtile * BLOCK_M
-                r_end = tl.minimum(r0 + BLOCK_M, GROUP * T)
-                if INTERP:
-                    r = r0
-                    while r < r_end:
-                        _dec_merge_tile_row(Out, Lse, FinalOut, FinalLse, r, off_b, off_g, GROUP, T, SPLITS,
-                                            stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_lt,
-                                            stride_fb, stride_fh, stride_ft, stride_flb, stride_flh,
-                                            HEAD_DIM, MERGE_CHUNK, INTERP)
-                        r += 1
-                else:
-                    for r in range(r0, r_end):
-                        _dec_merge_tile_row(Out, Lse, FinalOut, FinalLse, r, off_b, off_g, GROUP, T, SPLITS,
-                                            stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_lt,
-                                            stride_fb, stride_fh, stride_ft, stride_flb, stride_flh,
-                                            HEAD_DIM, MERGE_CHUNK, INTERP)
-                tl.store(Tickets + pid, 0)  # every ticket is drawn: zero again for the next launch
-
-
-@triton.jit
-def _dec_merge_tile_row(OPart, LsePart, Out, Lse, r, off_b, off_g, GROUP, T, SPLITS,
-                        stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_lt,
-                        stride_fb, stride_fh, stride_ft, stride_flb, stride_flh,
-                        HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr):
-    """The fused merge of row ``r`` of a KV head's stacked query rows (head ``g * GROUP + r // T``, token
-    ``r % T``)."""
-    head = off_g * GROUP + r // T
-    tok = r % T
-    _dec_merge_row(OPart + off_b * stride_ob + head * stride_oh + tok * stride_ot,
-                   LsePart + off_b * stride_lb + head * stride_lh + tok * stride_lt,
-                   Out + off_b * stride_fb + head * stride_fh + tok * stride_ft,
-                   Lse + off_b * stride_flb + head * stride_flh + tok, SPLITS, HEAD_DIM, CHUNK, INTERP)
 
 
 @triton.jit
@@ -257,18 +214,10 @@ def _dec_merge_kernel(OPart, LsePart, Out, Lse, SPLITS, HQ, T,
     off_t = row % T
     off_h = (row // T) % HQ
     off_b = row // (T * HQ)
-    _dec_merge_row(OPart + row * SPLITS * HEAD_DIM, LsePart + row * SPLITS,
-                   Out + off_b * stride_ob + off_h * stride_oh + off_t * stride_ot,
-                   Lse + off_b * stride_lb + off_h * stride_lh + off_t, SPLITS, HEAD_DIM, CHUNK, INTERP)
-
-
-@triton.jit
-def _dec_merge_row(o_row, lse_row, out_row, lse_out, SPLITS, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-                   INTERP: tl.constexpr):
-    """Merges one query row's ``SPLITS`` partials (``o_s`` at ``o_row + s * HEAD_DIM``, base-2 ``lse_s`` at
-    ``lse_row + s``) into ``out_row`` and ``lse_out`` (natural log)."""
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
+    lse_row = LsePart + row * SPLITS
+    o_row = OPart + row * SPLITS * HEAD_DIM
     m = tl.full([CHUNK], float("-inf"), dtype=tl.float32)
     if INTERP:
         s0 = 0
@@ -293,8 +242,10 @@ def _dec_merge_row(o_row, lse_row, out_row, lse_out, SPLITS, HEAD_DIM: tl.conste
     total = tl.sum(den, 0)
     empty = total == 0.0
     total_safe = tl.where(empty, 1.0, total)
-    tl.store(out_row + offs_d, (num / total_safe).to(out_row.dtype.element_ty))
-    tl.store(lse_out, tl.where(empty, float("-inf"), (m_use + tl.math.log2(total_safe)) * LN2))
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_t * stride_ot + offs_d,
+             (num / total_safe).to(Out.dtype.element_ty))
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + off_t,
+             tl.where(empty, float("-inf"), (m_use + tl.math.log2(total_safe)) * LN2))
 
 
 @triton.jit
@@ -320,24 +271,6 @@ def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
 
 CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages"), _cuda_config,
                       lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1), tiles_invalid)
-
-
-_TICKETS: dict[torch.device, list[torch.Tensor]] = {}  # the fused merge's counters per device, the last the largest
-
-
-def _tickets(n: int, device: torch.device) -> torch.Tensor:
-    """At least ``n`` zeroed int32 ticket counters for the fused merge (``merge="fused"``), shared by the calls on
-    ``device``: each launch leaves its counters zero again, so calls that run one after another (one stream) can
-    share them. A larger buffer is made outside CUDA-graph capture only, and the smaller ones stay alive (a captured
-    graph keeps using its buffer); a capture that needs more counters than the device's buffer has gets zeroed
-    counters of its own (a memset in the graph)."""
-    bufs = _TICKETS.setdefault(device, [])
-    if bufs and bufs[-1].numel() >= n:
-        return bufs[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    bufs.append(torch.zeros(triton.next_power_of_2(n), dtype=torch.int32, device=device))
-    return bufs[-1]
 
 
 @functools.cache
@@ -366,7 +299,7 @@ def launch_plan(b: int, hkv: int, group: int, t_new: int, list_len: int, device:
 
 def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_index: torch.Tensor,
                         cache_seqlens: torch.Tensor, block_size: int = 64, sm_scale: float | None = None, *,
-                        num_splits: int | None = None, merge: str = "separate", unique_blocks: bool = False,
+                        num_splits: int | None = None, unique_blocks: bool = False,
                         validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``T`` new tokens over the key blocks a list selects (Triton, split-KV; see the module
     docstring for the math).
@@ -379,11 +312,7 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     ``1 / sqrt(D)``. A row with no attended key gets ``out = 0``, ``lse = -inf``.
 
     ``num_splits``: splits of each list, 1..65535 (default :func:`default_num_splits`; more splits than entries leave
-    some empty). ``merge``: how several splits are combined: ``"separate"`` (the default until a GPU has timed the
-    other; a second launch) or ``"fused"`` (one launch: the last split of each query tile to finish merges it, see
-    the module docstring). The fused merge's ticket counters are shared by every call on the device: calls with
-    ``merge="fused"`` must not run concurrently on one device (from several streams, or graphs replayed on several
-    streams). ``unique_blocks``: the caller promises that no list repeats a block (true of top-k lists such as
+    some empty). ``unique_blocks``: the caller promises that no list repeats a block (true of top-k lists such as
     :func:`seer.kernels.decode_index.block_index_from_scores`), and the kernel skips its repeat check; a block that
     is listed twice anyway is then attended twice (a wrong result), ``-1`` padding and blocks past the length are
     still skipped. ``validate``: check the values of ``block_index`` (``-1`` or ``< ceil(N / block_size)``) and
@@ -399,8 +328,6 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_index=block_index, cache_seqlens=cache_seqlens)
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS}, got {num_splits!r}")
-    if merge not in ("separate", "fused"):
-        raise ValueError(f"merge must be 'separate' or 'fused', got {merge!r}")
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         raise ValueError("block_sparse_decode has no backward: call it under torch.no_grad() or torch.inference_mode()")
     if validate:
@@ -419,8 +346,6 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     scr_len = max(1, triton.cdiv(s_len, splits))
     scratch = torch.empty(programs * splits * scr_len, dtype=torch.int32, device=q.device)
     direct = splits == 1
-    fused = not direct and merge == "fused"
-    tickets = _tickets(programs, q.device) if fused else scratch
     if direct:
         o_dst, l_dst = out, lse
         o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
@@ -433,22 +358,21 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     def run(config: dict):
         return _dec_split_kernel[(programs, splits)](
-            q, k_cache, v_cache, block_index, cache_seqlens, scratch, o_dst, l_dst, tickets, out, lse,
+            q, k_cache, v_cache, block_index, cache_seqlens, scratch, o_dst, l_dst,
             scale * LOG2E.value,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             block_index.stride(0), block_index.stride(1),
             *o_strides, *l_strides,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             hkv, n, t_new, group, s_len, splits, n_mtiles, scr_len,
-            HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, DIRECT=direct, FUSED=fused, UNIQUE=bool(unique_blocks),
+            HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, DIRECT=direct, UNIQUE=bool(unique_blocks),
             DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, ENTRY_CHUNK=ENTRY_CHUNK, LIST_CHUNK=LIST_CHUNK,
-            MERGE_CHUNK=MERGE_CHUNK, **config,
+            **config,
         )
 
     CONFIGS.launch((d, block_size, block_m), run)
-    if not direct and not fused:
+    if not direct:
         _dec_merge_kernel[(b * hq * t_new,)](
             o_dst, l_dst, out, lse, splits, hq, t_new,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),

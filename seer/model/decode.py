@@ -258,12 +258,16 @@ class DecodeContext:
         return out.transpose(1, 2)
 
     def _attend(self, query, key, value, index, seqlens, scaling) -> torch.Tensor:
-        """``[B, Hq, 1, D]``: the decode kernel (or its reference) over the listed blocks of the KV cache."""
+        """``[B, Hq, 1, D]``: the decode kernel (or its reference) over the listed blocks of the KV cache. The lists of
+        :func:`~seer.sparsity.decode.decode_step_blocks` never repeat a block (a token budget's are the indices of
+        one ``topk`` over each head's blocks, the forced ones among them at ``+inf``; the other methods' list each
+        block of a mask at most once), so the kernel skips its repeat check (``unique_blocks``)."""
         bs = self.config.block_size
         if self.kernel == "triton":
             from seer.kernels import block_sparse_decode
 
-            return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]
+            return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, unique_blocks=True,
+                                       validate=False)[0]
         from seer.kernels.reference import block_sparse_decode
 
         return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]

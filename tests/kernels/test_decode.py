@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from seer.kernels import block_sparse_decode, decode, reference
+from seer.kernels import block_sparse_decode, reference
 from seer.kernels.decode import default_num_splits
 from seer.kernels.decode_index import block_index_from_mask, block_index_from_scores
 from tests.kernels.masks import random_qkv
@@ -77,7 +77,7 @@ def _check(out, lse, ref_out, ref_lse, dtype):
 
 
 def assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=0, transpose=False,
-                             sm_scale=None, merge="separate", unique_blocks=False):
+                             sm_scale=None, unique_blocks=False):
     """The kernel against the float64 reference on fresh random inputs (lists without repeats with
     ``unique_blocks``)."""
     gen = torch.Generator().manual_seed(seed)
@@ -89,7 +89,7 @@ def assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=
         seqlens[2] = t
     lists = (_unique_lists if unique_blocks else _random_lists)(b, hkv, s, math.ceil(n / block), gen, seqlens, block)
     q, k, v, lists, seqlens = (x.to(dev) for x in (q, k, v, lists, seqlens))
-    out, lse = block_sparse_decode(q, k, v, lists, seqlens, block, sm_scale, num_splits=splits, merge=merge,
+    out, lse = block_sparse_decode(q, k, v, lists, seqlens, block, sm_scale, num_splits=splits,
                                    unique_blocks=unique_blocks)
     ref_out, ref_lse = reference.block_sparse_decode(q.double(), k.double(), v.double(), lists, seqlens, block,
                                                      sm_scale)
@@ -115,38 +115,25 @@ def test_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s):
     assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s)
 
 
-# (B, Hq, Hkv, T, N, D, block, dtype, splits, list length S): the fused merge and unique lists
-VARIANT_CASES = [
+# (B, Hq, Hkv, T, N, D, block, dtype, splits, list length S): unique lists
+UNIQUE_CASES = [
     (3, 4, 2, 1, 77, 64, 16, torch.float32, 3, 6),      # D 64, odd N, lengths differ (one is T)
     (2, 8, 2, 3, 150, 128, 32, torch.float32, 4, 5),    # D 128, T > 1, a partial last block
-    (1, 8, 2, 17, 60, 64, 16, torch.float32, 3, 5),     # G x T = 68: two query tiles to merge
+    (1, 8, 2, 17, 60, 64, 16, torch.float32, 3, 5),     # G x T = 68: two query tiles
     (2, 4, 2, 2, 90, 64, 16, torch.float32, 9, 4),      # more splits than entries
     (2, 4, 4, 1, 100, 128, 64, torch.float16, 2, 2),    # D 128, block 64, float16
     (4, 8, 2, 1, 130, 64, 32, torch.float32, None, 5),  # default splits (one under the interpreter)
 ]
 
 
-@pytest.mark.parametrize("merge,unique_blocks", [("fused", False), ("separate", True), ("fused", True)])
-@pytest.mark.parametrize("b,hq,hkv,t,n,d,block,dtype,splits,s", VARIANT_CASES)
-def test_variants_match_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, merge, unique_blocks):
+@pytest.mark.parametrize("b,hq,hkv,t,n,d,block,dtype,splits,s", UNIQUE_CASES)
+def test_unique_blocks_match_reference(b, hq, hkv, t, n, d, block, dtype, splits, s):
     for seed in (1, 2):
-        assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=seed, merge=merge,
-                                 unique_blocks=unique_blocks)
+        assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=seed, unique_blocks=True)
 
 
-def test_fused_merge_leaves_its_counters_zero():
-    """One call after another (other split counts, one and two query tiles) each merges, and the ticket counters
-    are zero after each (else the next call's last split would not draw the last ticket)."""
-    for i, (t, splits) in enumerate([(1, 3), (1, 3), (17, 5), (2, 2), (17, 3)]):
-        ref_lse = assert_matches_reference(2, 8, 2, t, 70, 16, 16, torch.float32, splits, 6, seed=10 + i,
-                                           merge="fused")
-        assert torch.isfinite(ref_lse).any()
-        assert all((buf == 0).all() for bufs in decode._TICKETS.values() for buf in bufs)
-
-
-@pytest.mark.parametrize("merge", ["separate", "fused"])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_unique_blocks_attends_a_repeated_block_twice(splits, merge):
+def test_unique_blocks_attends_a_repeated_block_twice(splits):
     """With ``unique_blocks=True`` a repeated block is attended twice (documented: wrong), so the flag does skip
     the repeat check; without it the block counts once."""
     gen = torch.Generator().manual_seed(9)
@@ -157,11 +144,11 @@ def test_unique_blocks_attends_a_repeated_block_twice(splits, merge):
     keys = torch.cat([torch.arange(0, 16), torch.arange(32, 48), torch.arange(32, 48)]).to(dev)
     s = torch.einsum("hd,jd->hj", q[0, :, 0], k[0, 0, keys]) / 4.0
     twice = (torch.softmax(s, -1) @ v[0, 0, keys], torch.logsumexp(s, -1))
-    out, lse = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=splits, merge=merge, unique_blocks=True)
+    out, lse = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=splits, unique_blocks=True)
     torch.testing.assert_close((out[0, :, 0], lse[0, :, 0]), twice, rtol=1e-5, atol=1e-5)
     ref_out, _ = reference.block_sparse_decode(q, k, v, lists, seqlens, 16)
     assert (out - ref_out).abs().max() > 1e-3
-    once, _ = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=splits, merge=merge)
+    once, _ = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=splits)
     torch.testing.assert_close(once, ref_out, rtol=1e-5, atol=1e-5)
 
 
@@ -300,8 +287,6 @@ def test_bad_inputs():
         block_sparse_decode(q, k, k, idx, lens, 48)
     with pytest.raises(ValueError, match="num_splits must be an int in 1..65535, got 0"):
         block_sparse_decode(q, k, k, idx, lens, 16, num_splits=0)
-    with pytest.raises(ValueError, match="merge must be 'separate' or 'fused', got 'both'"):
-        block_sparse_decode(q, k, k, idx, lens, 16, merge="both")
     with pytest.raises(ValueError, match="no backward"):
         block_sparse_decode(q.requires_grad_(), k, k, idx, lens, 16)
     with pytest.raises(ValueError, match="block_index entry 3 is beyond the cache"):
@@ -318,36 +303,9 @@ def test_gpu_bf16_matches_reference(b, t, n, splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge,unique_blocks", [("fused", False), ("separate", True), ("fused", True)])
 @pytest.mark.parametrize("b,t,n,splits", [(1, 1, 32768 + 77, None), (4, 4, 8192, 7), (2, 1, 4096 + 5, 40)])
-def test_gpu_bf16_variants_match_reference(b, t, n, splits, merge, unique_blocks):
-    """The fused merge and unique lists at the 8B shape, where a tile's splits run concurrently and finish in any
-    order (the fused merge's tickets); two calls one after the other (the counters are zero again)."""
+def test_gpu_bf16_unique_blocks_match_reference(b, t, n, splits):
+    """Unique lists at the 8B shape, where a tile's splits run concurrently."""
     for seed in (n, n + 1):
         assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10),
-                                 seed=seed, merge=merge, unique_blocks=unique_blocks)
-
-
-@pytest.mark.gpu
-def test_gpu_fused_merge_replays_in_a_cuda_graph():
-    """``merge="fused"`` captured in a CUDA graph: each replay, on new queries, gives what an eager call gives."""
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = (x.to(dev) for x in _inputs(2, 32, 8, 1, 8192, 128, torch.bfloat16, gen))
-    seqlens = torch.tensor([8192, 5001], dtype=torch.int32)
-    lists = _unique_lists(2, 8, 40, 128, gen, seqlens, 64).to(dev)
-    seqlens = seqlens.to(dev)
-
-    def step():
-        return block_sparse_decode(q, k, v, lists, seqlens, 64, num_splits=6, merge="fused", unique_blocks=True,
-                                   validate=False)
-
-    step()  # compiles, and makes the counters outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
-    for _ in range(3):
-        q.copy_(torch.randn(q.shape, generator=gen).to(dev, q.dtype))
-        graph.replay()
-        want = step()
-        torch.testing.assert_close((out, lse), want, rtol=0, atol=0)
+                                 seed=seed, unique_blocks=True)

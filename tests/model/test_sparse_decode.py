@@ -346,3 +346,29 @@ def test_generate_gives_the_tokens_of_a_manual_sparse_decode_loop(gate_folder):
     got = _generate(model, ids, new=24)[:, 90:]
     assert 0 < model.seer_decode.mean_density() < 1
     assert torch.equal(got, want)
+
+
+def test_triton_decode_steps_pass_unique_lists(gate_folder, monkeypatch):
+    """The model's decode steps call the kernel with ``unique_blocks=True`` on lists that never repeat a block, and
+    the kernel gives there what it gives with its repeat check (budgets of 1, 2 and 3 blocks over short caches)."""
+    import seer.kernels
+
+    kernel, calls = seer.kernels.block_sparse_decode, []
+
+    def spy(q, k, v, index, seqlens, *args, **kwargs):
+        calls.append(kwargs.get("unique_blocks"))
+        for row in index.reshape(-1, index.shape[-1]):
+            kept = row[row >= 0]
+            assert kept.unique().numel() == kept.numel(), row
+        out = kernel(q, k, v, index, seqlens, *args, **kwargs)
+        checked = kernel(q, k, v, index, seqlens, *args, **dict(kwargs, unique_blocks=False))
+        assert torch.equal(out[0], checked[0]) and torch.equal(out[1], checked[1])
+        return out
+
+    monkeypatch.setattr(seer.kernels, "block_sparse_decode", spy)
+    ids = torch.randint(3, 300, (1, 30))
+    for budget, first in ((BS, True), (2 * BS, False), (3 * BS, True)):
+        model = _load(decode_gates=gate_folder, kernel="triton",
+                      decode_sparsity={"token_budget": budget, "first_block": first})
+        _generate(model, ids, new=4)
+    assert calls and all(calls)

@@ -118,3 +118,49 @@ def test_block_index_of_a_static_width_is_the_tight_one_padded():
         assert got.dtype == torch.int32 and torch.equal(got, padded)
     with pytest.raises(ValueError, match="width must be an int >= 1"):
         decode_block_index(mask, 0)
+
+
+def _unique_list_cases():
+    """(config, scores [R, Hkv, nb], newest blocks [R]) on fresh random inputs: short caches (one token, one block,
+    a block and one token), budgets near the number of blocks, with and without the first block, ties and ``-inf``
+    scores among the valid blocks."""
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for nb in (1, 2, 3, 7):
+        seqlens = torch.cat([torch.tensor([1, min(16, nb * BS), min(17, nb * BS), nb * BS]),
+                             torch.randint(1, nb * BS + 1, (2,), generator=gen)])
+        budgets = sorted({max(1, nb + d) * BS for d in (-2, -1, 0, 1)} | {16, 2 * BS})
+        configs = [DecodeSparsityConfig(method="token_budget", token_budget=t, first_block=f)
+                   for t in budgets for f in (True, False)]
+        configs += [DecodeSparsityConfig(method="threshold", threshold=tau, first_block=f)
+                    for tau in (0.0, 0.2) for f in (True, False)] + [DecodeSparsityConfig(method="dense")]
+        for cfg in configs:
+            scores = torch.randn(len(seqlens), 2, nb, generator=gen)
+            scores[1::2] = scores[1::2].round()  # ties
+            scores[2, 0] = float("-inf")  # a head whose gate rules out every block
+            scores[3, 1, ::2] = float("-inf")
+            cases.append((cfg, scores, (seqlens - 1) // BS))
+    return cases
+
+
+def test_a_decode_steps_lists_never_repeat_a_block():
+    """The model's decode path passes ``unique_blocks=True`` to the decode kernel: every list of
+    decode_step_blocks holds each block at most once, and the kernel gives the same output with and without the
+    repeat check on them (under the interpreter on the CPU)."""
+    from seer.kernels import block_sparse_decode
+
+    gen = torch.Generator().manual_seed(12)
+    for i, (cfg, scores, newest) in enumerate(_unique_list_cases()):
+        index, _ = decode_step_blocks(scores, newest, cfg, BS)
+        for row in index.reshape(-1, index.shape[-1]):
+            kept = row[row >= 0]
+            assert kept.unique().numel() == kept.numel(), (cfg, row)
+        assert (index <= newest[:, None, None]).all()
+        r, hkv, nb = scores.shape
+        seqlens = (newest * BS + torch.randint(1, BS + 1, (r,), generator=gen)).clamp(max=nb * BS).int()
+        q = torch.randn(r, 2 * hkv, 1, 16, generator=gen)
+        k, v = (torch.randn(r, hkv, nb * BS, 16, generator=gen) for _ in range(2))
+        splits = 1 + i % 2  # one split, or two and the merge
+        once = block_sparse_decode(q, k, v, index, seqlens, BS, num_splits=splits)
+        unique = block_sparse_decode(q, k, v, index, seqlens, BS, num_splits=splits, unique_blocks=True)
+        assert torch.equal(unique[0], once[0]) and torch.equal(unique[1], once[1]), (cfg, splits)
