@@ -372,9 +372,13 @@ def kernel_dense_attention(module, query, key, value, attention_mask, dropout: f
     decode step over a StaticCache (``key``/``value [B, Hkv, max_cache_len, D]``) through our decode kernel
     (``kernel``: ``triton``, or the PyTorch ``reference``) listing ``blocks``, every block of the cache, for each row
     and KV head; a row's length is its position + 1, on the device (transformers derives ``position_ids`` from the
-    cache's length). No decode gate, compressed-K cache or block selection. Returns ``([B, 1, Hq, D], None)``."""
+    cache's length). No decode gate, compressed-K cache or block selection. The lists name each block once, so the
+    kernel skips its repeat check (``unique_blocks``), as sparse decode's steps do. Returns
+    ``([B, 1, Hq, D], None)``."""
     if kernel == "triton":
-        from seer.kernels import block_sparse_decode
+        from seer.kernels import block_sparse_decode as decode
+
+        block_sparse_decode = functools.partial(decode, unique_blocks=True)
     else:
         from seer.kernels.reference import block_sparse_decode
 
