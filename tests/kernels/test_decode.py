@@ -32,8 +32,9 @@ def _inputs(b, hq, hkv, t, n, d, dtype, gen, transpose=False):
 
 def _random_lists(b, hkv, s, nb, gen, seqlens, block):
     """Random lists with -1 padding anywhere and repeated blocks, the newest block listed; but KV head 0 of sequence
-    0 lists only padding (its rows attend nothing), KV head 0 of the last sequence misses its newest block, and the
-    last KV head of sequence 1 lists a block past that sequence's length (within the cache)."""
+    0 lists only padding (its rows attend nothing; unless it is the only list), KV head 0 of the last sequence misses
+    its newest block, and the last KV head of sequence 1 lists a block past that sequence's length (within the
+    cache)."""
     idx = torch.randint(-1, nb, (b, hkv, s), generator=gen, dtype=torch.int32)
     newest = (seqlens.long() - 1) // block
     for bi in range(b):
@@ -42,14 +43,15 @@ def _random_lists(b, hkv, s, nb, gen, seqlens, block):
     if b > 1 and s > 2 and newest[1] + 1 < nb:
         idx[1, -1, 2] = newest[1] + 1
     idx[-1, 0] = torch.where(idx[-1, 0] >= newest[-1], -1, idx[-1, 0])
-    idx[0, 0] = -1
+    if b * hkv > 1:
+        idx[0, 0] = -1
     return idx
 
 
 def _unique_lists(b, hkv, s, nb, gen, seqlens, block):
     """Random lists without repeats (as a top-k gives): distinct blocks of the cache (some past the sequence's
     length) at random positions among ``-1`` padding, the newest block listed; but KV head 0 of sequence 0 lists
-    only padding."""
+    only padding (unless it is the only list)."""
     idx = torch.full((b, hkv, s), -1, dtype=torch.int32)
     newest = (seqlens.long() - 1) // block
     for bi in range(b):
@@ -58,11 +60,13 @@ def _unique_lists(b, hkv, s, nb, gen, seqlens, block):
             if not (blocks == newest[bi]).any():
                 blocks[0] = newest[bi]
             idx[bi, g, torch.randperm(s, generator=gen)[:len(blocks)]] = blocks.int()
-    idx[0, 0] = -1
+    if b * hkv > 1:
+        idx[0, 0] = -1
     return idx
 
 
 def _check(out, lse, ref_out, ref_lse, dtype):
+    assert not torch.isneginf(ref_lse).all(), "the case attends nothing: it would check no value"
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "NaN in the results"
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "empty rows differ"
