@@ -155,7 +155,7 @@ class AttnGate(nn.Module):
     def _token_chunk(self, q: torch.Tensor, kg: torch.Tensor, start: int, n_tokens: int) -> torch.Tensor:
         """Logits ``[B, Hq, c, nk]`` of the query blocks of ``q [B, Hq, T, D]`` (the tokens from ``start``, a block
         start; ``T`` a multiple of the block size but at the sequence's end) over gate keys ``kg [B, Hq, nk, E]``:
-        the log-mean-exp over each block's tokens of their scaled scores (float32 inside)."""
+        the log-mean-exp over each block's tokens of their scaled scores (at least float32 inside)."""
         bs = self.config.block_size
         t = q.shape[2]
         c = -(-t // bs)
@@ -166,11 +166,12 @@ class AttnGate(nn.Module):
             inv_freq, scale = self._rope_freqs(n_tokens)
             cos, sin = rotary_tables(torch.arange(start, start + t, device=q.device), inv_freq, scale, x.dtype)
             x = rotate(x, cos, sin)
-        s = torch.matmul(x, kg.transpose(-1, -2)).float().mul_(1.0 / math.sqrt(x.shape[-1]))  # [B, Hq, T, nk]
+        acc = torch.promote_types(kg.dtype, torch.float32)  # float32 at least (bf16 gates), float64 stays
+        s = torch.matmul(x, kg.transpose(-1, -2)).to(acc).mul_(1.0 / math.sqrt(x.shape[-1]))  # [B, Hq, T, nk]
         if c * bs > t:  # the sequence's partial last block: missing tokens count for nothing
             s = F.pad(s, (0, 0, 0, c * bs - t), value=float("-inf"))
         lse = torch.logsumexp(s.view(*s.shape[:2], c, bs, s.shape[-1]), dim=3)  # [B, Hq, c, nk]
-        counts = torch.full((c, 1), float(bs), device=q.device)
+        counts = torch.full((c, 1), float(bs), dtype=acc, device=q.device)
         counts[-1] = t - (c - 1) * bs
         return (lse - counts.log()).to(kg.dtype)
 
