@@ -206,7 +206,8 @@ def test_recipe_override_composes(tmp_path, monkeypatch):
     args = quality_qwen.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes",
                                     "tok=gate.q_tokens=true;gate.q_pool=[avg]", "bad=gate.q_tokens=true"])
     recipes = quality_qwen.recipes(args)
-    base = ["experiment=qwen05_gates", f"paths.output_dir={tmp_path}", f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]
+    base = ["experiment=qwen05_gates", f"paths.output_dir={tmp_path}",
+            f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"]
     run = validate(compose([*base, *recipes["tok"]]))
     assert run.gate.q_tokens and run.gate.q_pool == ["avg"] and run.gate.k_pool == ["max", "min", "avg"]
     assert run.gate.blend == "vertical_slash"
