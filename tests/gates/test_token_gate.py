@@ -282,3 +282,15 @@ def test_seer_train_with_the_token_preset_writes_loadable_gates(tmp_path):
     fresh = load_causal_lm(validate(compose(["model=tiny_llama"])).model)
     meta = load_gates(fresh, summary["gates"])
     assert meta["gate"]["q_tokens"] is True and all(g.config.q_tokens for g in gates(fresh).values())
+
+
+def test_model_card_names_token_queries():
+    import dataclasses
+
+    from seer.export_gates import model_card
+
+    meta = {"base_model": "tiny", "model": {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}}
+    for cfg, want in ((GateConfig(q_tokens=True), "pools Q per token (log-mean-exp over each block), K max"),
+                      (GateConfig(q_pool=["avg", "max"]), "pools Q avg+max, K max")):
+        card = model_card({**meta, "gate": dataclasses.asdict(cfg)}, {}, [], [], "other", "/g")
+        assert want in card
