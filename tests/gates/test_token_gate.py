@@ -46,8 +46,10 @@ def _naive(gate: AttnGate, q, k):
         qt = qd[:, h] if gate.q_weight is None else qd[:, h] @ gate.q_weight[h].double()  # [B, N, E]
         kg = kp[:, h // (hq // hkv)] @ gate.k_weight[h].double()  # [B, nb, E]
         if gate.rope_inv_freq is not None:
-            qt = _rope(qt, torch.arange(n), gate.rope_inv_freq, gate.rope_scale)
-            kg = _rope(kg, torch.arange(nb) * bs, gate.rope_inv_freq, gate.rope_scale)
+            inv_freq, scale = (gate.rope_inv_freq, gate.rope_scale) if gate.rope_at_length is None \
+                else gate.rope_at_length(n)
+            qt = _rope(qt, torch.arange(n), inv_freq, scale)
+            kg = _rope(kg, torch.arange(nb) * bs, inv_freq, scale)
         s = qt @ kg.transpose(-1, -2) / math.sqrt(qt.shape[-1])  # [B, N, nb]
         blocks = []
         for i in range(nb):
@@ -96,6 +98,19 @@ def test_token_gate_forms_match_naive_reference(kind):
     gate.token_chunk_bytes = 1  # one query block a chunk
     q, k = torch.randn(1, gate.num_heads, 50, 16), torch.randn(1, gate.num_kv_heads, 50, 16)
     torch.testing.assert_close(gate(q, k).double(), _naive(gate, q, k), rtol=1e-4, atol=1e-4)
+
+
+def test_length_dependent_rope_is_taken_at_each_length():
+    """A rope whose frequencies depend on the length (dynamic NTK: ``rope_at_length``) rotates token queries and
+    block keys with the frequencies of the sequence's own length."""
+    torch.manual_seed(5)
+    gate = _gate(rope="plain")
+    base = gate.rope_inv_freq.clone()
+    gate.rope_at_length = lambda n: (base / (1 + n / 50), 1.0 + n / 1000)
+    gate.token_chunk_bytes = 1
+    for n in (40, 90):
+        q, k = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16)
+        torch.testing.assert_close(gate(q, k).double(), _naive(gate, q, k), rtol=1e-4, atol=1e-4)
 
 
 def test_tokens_within_a_block_matter_unlike_the_pooled_gate():
