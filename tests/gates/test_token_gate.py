@@ -74,7 +74,7 @@ def _blocks_per_chunk(gate, b, n, blocks):
     return blocks * b * gate.num_heads * gate.config.block_size * nb * 4
 
 
-@pytest.mark.parametrize("n", [16, 64, 70, 97, 33])
+@pytest.mark.parametrize("n", [5, 16, 64, 70, 97, 33])
 @pytest.mark.parametrize("chunk_blocks", [1, 2, None])
 def test_token_gate_matches_naive_reference(n, chunk_blocks):
     torch.manual_seed(n)
