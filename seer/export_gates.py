@@ -128,7 +128,8 @@ def model_card(meta: dict, run: dict, calibrations: list, rows: list[dict], lice
     if HUB_ID.fullmatch(base) and not Path(base).exists():
         front.append(f"base_model: {base}")
     front.append("---")
-    pools = f"Q {'+'.join(gate['q_pool'])}, K {'+'.join(gate['k_pool'])}"
+    q_side = "per token (log-mean-exp over each block)" if gate.get("q_tokens") else "+".join(gate["q_pool"])
+    pools = f"Q {q_side}, K {'+'.join(gate['k_pool'])}"
     lines = [*front, "", f"# SeerAttention-style attention gates for {base}", "",
              "Block-sparse prefill gates (one AttnGate per attention layer) for the `seer` framework: they score every "
              "(query block, key block) pair from block-pooled Q and K, and a budget keeps the best blocks for a "

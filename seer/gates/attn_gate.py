@@ -11,11 +11,29 @@ and K ``[B, Hkv, N, D]`` *before* RoPE:
 3. rotate both by a RoPE of width ``hidden_size`` at the position of each block's first token;
 4. ``logits[b, h, i, j] = q_i . k_j / sqrt(hidden_size)`` for ``j <= i``, ``-inf`` above the diagonal.
 
+Token queries (``gate.q_tokens=true``): step 1 pools K only; every query token ``t`` keeps its own query.
+
+1'. ``q_t`` (``[D]``, per query head) is projected by the head's Q map (input width ``D``; none in the K-only form)
+    and rotated by the gate RoPE at the token's own position ``t``; the keys are those of steps 1-3 (rotated at
+    their block's first token ``j * block_size``), so a token meets key block ``j`` at the relative offset
+    ``t - j * block_size``, its distance to the block's start (as the decode gate, :mod:`seer.gates.decode_gate`);
+2'. ``s[t, j] = q_t . k_j / sqrt(hidden_size)``;
+3'. ``logits[b, h, i, j] = logsumexp_{t in block i} s[t, j] - log(n_i)`` (the log-mean-exp over the ``n_i``
+    tokens block ``i`` has; the last block may be partial), ``-inf`` above the diagonal as before. Tokens early in
+    block ``i`` also score block ``i`` itself (the diagonal block, which selection always keeps).
+
+The token scores ``[B, Hq, N, nb]`` are never held whole: query blocks are taken in chunks whose float32 scores fit
+:attr:`AttnGate.token_chunk_bytes` (each chunk against the key blocks up to its last one), and under autograd each
+chunk is recomputed in the backward pass (``torch.utils.checkpoint``), so training keeps only the chunks' inputs
+(views of Q) and the ``[B, Hq, nb, nb]`` logits. The output has the same shape and meaning as the pooled gate's.
+
 Training compares ``softmax(logits)`` with the row-normalised ground truth; inference turns the logits into a
 block mask (:mod:`seer.sparsity`).
 
 Cost: on CUDA the pooling is one Triton pass over Q and one over K (:mod:`seer.kernels.block_pool`); everything
-after it works on ``[B, H, nb, .]`` tensors, ``block_size`` times smaller than Q.
+after it works on ``[B, H, nb, .]`` tensors, ``block_size`` times smaller than Q. Token queries cost
+``2 * N * D * hidden`` (projection) plus about ``N * nb * hidden`` (scores, half of ``[N, nb]`` being causal)
+multiply-adds per head: ``block_size`` times the pooled gate's score matmul.
 """
 
 from __future__ import annotations
@@ -24,18 +42,25 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from seer.gates.config import GateConfig
 from seer.gates.pooling import pool_blocks
 from seer.gates.rope import register_block_rope, rotary_tables, rotate
+
+# gate.q_tokens: the float32 token scores of one chunk of query blocks stay under this (AttnGate.token_chunk_bytes)
+TOKEN_CHUNK_BYTES = 64 * 2**20
 
 
 class AttnGate(nn.Module):
     """One layer's gate. ``rope_inv_freq`` (``[hidden_size // 2]``) and ``rope_scale`` come from the base model's
     rope settings (:func:`seer.gates.rope.rope_frequencies`); without them a plain RoPE with theta 10000 is used.
     ``rope_at_length``: for a rope whose frequencies depend on the sequence length (dynamic NTK), a function of the
-    token count giving ``(inv_freq, scale)`` at that length, used instead of the two above."""
+    token count giving ``(inv_freq, scale)`` at that length, used instead of the two above.
+    ``token_chunk_bytes`` (``gate.q_tokens`` only; default :data:`TOKEN_CHUNK_BYTES`): the float32 token scores of one
+    chunk of query blocks stay under it (at least one block a chunk); an attribute, not part of the architecture."""
 
     def __init__(self, config: GateConfig, head_dim: int, num_heads: int, num_kv_heads: int,
                  rope_inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0,
@@ -46,16 +71,20 @@ class AttnGate(nn.Module):
         self.config = config
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
         hidden = config.hidden_size
-        q_in, k_in = head_dim * len(config.q_pool), head_dim * len(config.k_pool)
+        q_in = head_dim if config.q_tokens else head_dim * len(config.q_pool)
+        k_in = head_dim * len(config.k_pool)
         use_q_linear = config.q_linear is True or (config.q_linear == "auto" and not (
-            len(config.q_pool) == 1 and hidden == head_dim))
+            q_in == head_dim and hidden == head_dim))
         if not use_q_linear and q_in != hidden:
-            raise ValueError(f"gate.q_linear=false needs gate.hidden_size == {q_in} (pooled Q width), got {hidden}")
+            raise ValueError(f"gate.q_linear=false needs gate.hidden_size == {q_in} ("
+                             f"{'token' if config.q_tokens else 'pooled'} Q width), got {hidden}")
         self.q_weight = nn.Parameter(torch.empty(num_heads, q_in, hidden)) if use_q_linear else None
         self.k_weight = nn.Parameter(torch.empty(num_heads, k_in, hidden))
         register_block_rope(self, hidden, rope_inv_freq, rope_scale, enabled=config.block_rope)
         self.rope_at_length = rope_at_length
         self._tables = None  # (key, cos, sin, upper) of the last block count seen: see _block_tables
+        self._freqs = None  # (key, inv_freq, scale) of the last length seen: see _rope_freqs
+        self.token_chunk_bytes = TOKEN_CHUNK_BYTES
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -65,29 +94,94 @@ class AttnGate(nn.Module):
 
     def project(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate Q and K ``[B, Hq, nb, hidden]`` (pooled, projected and rotated) from Q ``[B, Hq, N, D]`` and
-        K ``[B, Hkv, N, D]``."""
+        K ``[B, Hkv, N, D]``. Block-pooled Q only: a ``q_tokens`` gate has no block query (call the gate)."""
+        if self.config.q_tokens:
+            raise ValueError("AttnGate.project gives block-pooled gate queries; this gate has gate.q_tokens=true "
+                             "(a query per token): call the gate itself for its block logits")
         self._check(q, k)
-        bs = self.config.block_size
         dtype = self.k_weight.dtype
-        qp = pool_blocks(q, bs, self.config.q_pool, dtype)  # reads Q/K in their dtype: no full-size copy
-        kp = pool_blocks(k, bs, self.config.k_pool, dtype)
+        qp = pool_blocks(q, self.config.block_size, self.config.q_pool, dtype)  # reads Q in its dtype: no copy
+        qg = qp if self.q_weight is None else torch.matmul(qp, self.q_weight)
+        kg = self._gate_keys(k, q.shape[2])
+        if self.rope_inv_freq is not None:
+            cos, sin, _ = self._block_tables(qg.shape[2], q.device, qg.dtype, q.shape[2])
+            qg = rotate(qg, cos, sin)
+        return qg, kg
+
+    def _gate_keys(self, k: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Gate keys ``[B, Hq, nb, hidden]``: K ``[B, Hkv, N, D]`` pooled, projected per query head (per key/value
+        group, no repeat) and rotated at each block's first token."""
+        kp = pool_blocks(k, self.config.block_size, self.config.k_pool, self.k_weight.dtype)
         b, hkv, nb, c = kp.shape
         group = self.num_heads // hkv
-        # per-head projections as broadcast matmuls ([B, H, nb, C] @ [H, C, E]); K per KV group, no repeat
-        qg = qp if self.q_weight is None else torch.matmul(qp, self.q_weight)
+        # per-head projections as broadcast matmuls ([B, Hkv, 1, nb, C] @ [Hkv, G, C, E]); no repeat of K
         w = self.k_weight.view(hkv, group, c, -1)
         kg = torch.matmul(kp.unsqueeze(2), w).reshape(b, self.num_heads, nb, -1)
         if self.rope_inv_freq is not None:
-            cos, sin, _ = self._block_tables(nb, q.device, qg.dtype, q.shape[2])
-            qg, kg = rotate(qg, cos, sin), rotate(kg, cos, sin)
-        return qg, kg
+            cos, sin, _ = self._block_tables(nb, k.device, kg.dtype, n_tokens)
+            kg = rotate(kg, cos, sin)
+        return kg
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Block-causal logits ``[B, Hq, nb, nb]`` (float32 or the gate's dtype), ``-inf`` above the diagonal."""
+        if self.config.q_tokens:
+            return self._token_forward(q, k)
         qg, kg = self.project(q, k)
         logits = torch.matmul(qg, kg.transpose(-1, -2)).div_(math.sqrt(qg.shape[-1]))
         _, _, upper = self._block_tables(logits.shape[-1], q.device, qg.dtype, q.shape[2])
         return logits.masked_fill_(upper, float("-inf"))
+
+    def _token_forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The ``q_tokens`` logits (module docstring, steps 1'-3'), chunk by chunk of query blocks."""
+        self._check(q, k)
+        bs, n = self.config.block_size, q.shape[2]
+        kg = self._gate_keys(k, n)
+        b, hq, nb, _ = kg.shape
+        per_block = b * hq * bs * nb * 4  # bytes of one query block's float32 token scores (all key blocks)
+        step = max(1, self.token_chunk_bytes // per_block)
+        grad = torch.is_grad_enabled() and (kg.requires_grad or q.requires_grad or (
+            self.q_weight is not None and self.q_weight.requires_grad))
+        chunks = []
+        for i0 in range(0, nb, step):
+            i1 = min(nb, i0 + step)
+            args = (q[:, :, i0 * bs:min(n, i1 * bs)], kg[:, :, :i1], i0 * bs, n)  # keys up to the chunk's last block
+            out = checkpoint(self._token_chunk, *args, use_reentrant=False, preserve_rng_state=False) if grad \
+                else self._token_chunk(*args)
+            chunks.append(F.pad(out, (0, nb - i1), value=float("-inf")) if i1 < nb else out)
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+        _, _, upper = self._block_tables(nb, q.device, kg.dtype, n)
+        return logits.masked_fill_(upper, float("-inf"))
+
+    def _token_chunk(self, q: torch.Tensor, kg: torch.Tensor, start: int, n_tokens: int) -> torch.Tensor:
+        """Logits ``[B, Hq, c, nk]`` of the query blocks of ``q [B, Hq, T, D]`` (the tokens from ``start``, a block
+        start; ``T`` a multiple of the block size but at the sequence's end) over gate keys ``kg [B, Hq, nk, E]``:
+        the log-mean-exp over each block's tokens of their scaled scores (at least float32 inside)."""
+        bs = self.config.block_size
+        t = q.shape[2]
+        c = -(-t // bs)
+        x = q.to(kg.dtype)
+        if self.q_weight is not None:
+            x = torch.matmul(x, self.q_weight)
+        if self.rope_inv_freq is not None:
+            inv_freq, scale = self._rope_freqs(n_tokens)
+            cos, sin = rotary_tables(torch.arange(start, start + t, device=q.device), inv_freq, scale, x.dtype)
+            x = rotate(x, cos, sin)
+        acc = torch.promote_types(kg.dtype, torch.float32)  # float32 at least (bf16 gates), float64 stays
+        s = torch.matmul(x, kg.transpose(-1, -2)).to(acc).mul_(1.0 / math.sqrt(x.shape[-1]))  # [B, Hq, T, nk]
+        if c * bs > t:  # the sequence's partial last block: missing tokens count for nothing
+            s = F.pad(s, (0, 0, 0, c * bs - t), value=float("-inf"))
+        lse = torch.logsumexp(s.view(*s.shape[:2], c, bs, s.shape[-1]), dim=3)  # [B, Hq, c, nk]
+        counts = torch.full((c, 1), float(bs), dtype=acc, device=q.device)
+        counts[-1] = t - (c - 1) * bs
+        return (lse - counts.log()).to(kg.dtype)
+
+    def _rope_freqs(self, n_tokens: int) -> tuple[torch.Tensor, float]:
+        """The gate RoPE's ``(inv_freq, scale)`` for a sequence of ``n_tokens`` (``rope_at_length``'s, if any)."""
+        if self.rope_at_length is None:
+            return self.rope_inv_freq, self.rope_scale
+        if self._freqs is None or self._freqs[0] != n_tokens:
+            self._freqs = (n_tokens, *self.rope_at_length(n_tokens))
+        return self._freqs[1:]
 
     def _block_tables(self, nb: int, device: torch.device, dtype: torch.dtype, n_tokens: int | None = None):
         """RoPE ``cos``/``sin`` tables at the blocks' first tokens (None without block RoPE) and the bool
@@ -98,8 +192,7 @@ class AttnGate(nn.Module):
             cos = sin = None
             if self.rope_inv_freq is not None:
                 pos = torch.arange(nb, device=device) * self.config.block_size
-                inv_freq, scale = (self.rope_inv_freq, self.rope_scale) if key[3] is None \
-                    else self.rope_at_length(n_tokens)
+                inv_freq, scale = self._rope_freqs(n_tokens)
                 cos, sin = rotary_tables(pos, inv_freq, scale, dtype)
             upper = torch.ones(nb, nb, dtype=torch.bool, device=device).triu_(1)
             self._tables = (key, cos, sin, upper)
@@ -121,4 +214,4 @@ class AttnGate(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"block_size={c.block_size}, q_pool={c.q_pool}, k_pool={c.k_pool}, hidden={c.hidden_size}, "
-                f"q_linear={self.q_weight is not None}, block_rope={c.block_rope}")
+                f"q_linear={self.q_weight is not None}, block_rope={c.block_rope}, q_tokens={c.q_tokens}")

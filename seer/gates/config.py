@@ -29,6 +29,11 @@ class GateConfig:
     projection when Q has a single pool and ``hidden_size`` equals the model's head dim (the authors' K-only-linear
     form), ``true`` always projects Q, ``false`` never does (then ``hidden_size`` must equal
     ``len(q_pool) * head_dim``). ``block_rope``: rotate gate Q and K by the position of each block's first token.
+    ``q_tokens``: score with every query token instead of the block-pooled Q (:mod:`seer.gates.attn_gate`): each
+    token's pre-RoPE query is projected (input width ``head_dim``), rotated at the token's own position and scored
+    against the pooled block keys; a query block's logit of a key block is the log-mean-exp of its tokens' scores.
+    ``q_pool`` is then unused and must stay at its default ``[avg]`` (a list of several pools is refused);
+    ``q_linear`` applies to the token queries (``auto``: no Q projection when ``hidden_size`` equals the head dim).
     ``blend``: a training-free estimate of :data:`BLEND_SELECTORS` mixed into the gate's block softmax at inference
     (None: the gate alone); ``blend_weight``: the estimate's share, in (0, 1): one float for every layer, or a list
     of one float per decoder layer (e.g. fitted per layer by :func:`seer.sparsity.blend_fit.fit_blend_weights`;
@@ -42,6 +47,7 @@ class GateConfig:
     hidden_size: int = 128
     q_linear: Union[str, bool] = "auto"
     block_rope: bool = True
+    q_tokens: bool = False
     blend: Optional[str] = None
     blend_weight: Any = 0.5  # a float or a list of floats (Any: OmegaConf has no union of a float and a list)
 
@@ -65,6 +71,11 @@ class GateConfig:
             fail("gate", "hidden_size", self.hidden_size, "must be even when block_rope is on")
         if self.q_linear not in ("auto", True, False):
             fail("gate", "q_linear", self.q_linear, "must be auto, true or false")
+        if not isinstance(self.q_tokens, bool):
+            fail("gate", "q_tokens", self.q_tokens, "must be true or false")
+        if self.q_tokens and self.q_pool != ["avg"]:
+            fail("gate", "q_pool", self.q_pool, "is unused with gate.q_tokens=true (each query token is scored, "
+                 "no Q pooling); leave it at its default: gate.q_pool=[avg]")
         if self.blend is not None and self.blend not in BLEND_SELECTORS:
             fail("gate", "blend", self.blend, f"choose a training-free estimate from {BLEND_SELECTORS} (or null)")
         if isinstance(self.blend_weight, Iterable) and not isinstance(self.blend_weight, (str, bytes, dict)):
