@@ -2,7 +2,8 @@
 
 1. Distils one gate set per ``--targets`` (``experiment=qwen05_gates``: four novels + Python stdlib, 16k rows), or
    one per ``--recipes NAME=OVERRIDE;...`` (levers side by side: ``--plan lever`` evaluates each).
-2. On two held-out texts (a novel never trained on, evaluated whole; held-out stdlib modules) measures dense once,
+2. On held-out texts (``--texts``: a novel never trained on, evaluated whole; held-out stdlib modules; and, with the
+   RULER extra, ``essays``: RULER's haystack essays, another author and kind, never trained on) measures dense once,
    then each job of the plan: the gates with and without a blended query-aware estimate (``gate.blend``) and the
    last query blocks kept dense, beside the oracle and the training-free selectors, every budget calibrated to each
    density; RULER tasks (``--ruler``) when the RULER extra is installed.
@@ -351,7 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "second run on the same machine skips it")
     ap.add_argument("--dense-from", help="a dense.json an earlier run wrote into its --out (same settings: checked), "
                     "used instead of the dense pass")
-    ap.add_argument("--texts", nargs="+", default=["novel", "code"], choices=["novel", "code"])
+    ap.add_argument("--texts", nargs="+", default=["novel", "code"], choices=["novel", "code", "essays"],
+                    help="held-out texts (essays: RULER's haystack essays; needs the RULER extra)")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="no job starts after this many seconds from the start (training included)")
     ap.add_argument("--work", default="outputs/quality_qwen")
@@ -361,6 +363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def planned_jobs(args) -> list[Job | None]:
     """The jobs of ``--plan`` (those ``--only`` leaves out None), every argument they read checked."""
+    if "essays" in args.texts and ruler.missing_extra():
+        raise SystemExit(f"--texts essays: RULER's essays come with the RULER extra, not installed "
+                         f"({', '.join(ruler.missing_extra())} missing): {ruler.INSTALL_HINT}")
     blends = parse_blends(args.blends)
     names = [f"gate:{name}" for name in recipes(args)]
     for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
@@ -400,7 +405,8 @@ def main() -> None:
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = evaluation_configs(args)
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
-             "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1)}
+             "code": lambda: HeldOutText(StdlibCorpus(seed=0), tokenizer, split="val", val_fraction=0.1),
+             "essays": lambda: HeldOutText(ruler.EssaysCorpus(), tokenizer, split="all")}
     texts = {name: texts[name]() for name in args.texts}
     prompts = {name: ruler.ruler_samples(tokenizer, c.ruler, c.seq_lens, c.ruler_samples, c.seed, texts[name].start_id)
                for name, c in evaluation.items() if c.ruler}  # generated once, shared by every gate set

@@ -188,3 +188,17 @@ def test_the_attribution_table_gives_each_group_its_share_of_the_gap_to_the_orac
         ["the oracle groups summed", "-", "-", "100% |"]]  # the dense lever not in the oracle's sum
     without_oracle = study.attribution_table(rows[:1] + rows[2:], default)
     assert "+0.100 PPL" in without_oracle and "+0.300 PPL" in without_oracle and "summed" not in without_oracle
+
+
+def test_the_essays_text_is_rulers_haystack_and_needs_the_extra(study, monkeypatch):
+    pytest.importorskip("long_context_eval")
+    from seer.evaluation.ruler import EssaysCorpus, _essay_words
+
+    args = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--plan", "final", "--texts", "novel", "essays"]
+    assert study.planned_jobs(study.parse_args(args))  # checked before any model loads
+    text = next(EssaysCorpus().documents())
+    assert text.split() == [w for w in _essay_words() if w]  # the haystack's words, in order
+    assert EssaysCorpus().fingerprint == EssaysCorpus().fingerprint != ""
+    monkeypatch.setattr(study.ruler, "missing_extra", lambda: ["wonderwords"])
+    with pytest.raises(SystemExit, match="--texts essays: .*wonderwords missing.*pip install"):
+        study.planned_jobs(study.parse_args(args))

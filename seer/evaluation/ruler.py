@@ -30,9 +30,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from seer.checks import ConfigError
+from seer.data.corpora import Corpus
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +103,19 @@ def task_spec(task: str) -> dict:
 
 def _json(name: str):
     return json.loads((_package_dir() / "data" / "synthetic" / "json" / name).read_text())
+
+
+class EssaysCorpus(Corpus):
+    """RULER's haystack essays (Paul Graham's, the package's ``PaulGrahamEssays.json``) as one plain-text document:
+    held-out text of another author and kind than the training novels and code, for perplexity. Never train on it
+    (the RULER prompts are made of it)."""
+
+    @property
+    def fingerprint(self) -> str:
+        return f"RulerEssays({data_version()})"
+
+    def documents(self) -> Iterator[str]:
+        yield _json("PaulGrahamEssays.json")["text"]
 
 
 @functools.cache
