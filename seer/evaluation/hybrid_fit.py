@@ -22,7 +22,8 @@ MARGIN = 0.002  # a candidate must lower the default's calibration-window PPL by
 class HybridPick:
     """What :func:`pick_hybrid` found: ``layers`` (``{layer: scorer}``, the union of the picked groups), ``picks``
     (``{group: scorer}``), and every candidate as a record (``group``, ``scorer``, ``ppl``, ``change``: relative to
-    the baseline, ``picked``) in the order given, beside ``baseline_ppl`` and ``margin``."""
+    the baseline, ``picked``; ``ppl`` and ``change`` None for a candidate that could not be measured) in the order
+    given, beside ``baseline_ppl`` and ``margin``."""
 
     layers: dict[int, str]
     picks: dict[tuple[int, ...], str]
@@ -61,10 +62,11 @@ def check_groups(groups: Iterable[Iterable[int]]) -> None:
             owner[layer] = group
 
 
-def pick_hybrid(baseline_ppl: float, table: Mapping[tuple[tuple[int, ...], str], float],
+def pick_hybrid(baseline_ppl: float, table: Mapping[tuple[tuple[int, ...], str], float | None],
                 margin: float = MARGIN) -> HybridPick:
     """For each group of ``table`` (``{(group, scorer): ppl}``, every PPL measured on the calibration windows, as
-    ``baseline_ppl``), the scorer of lowest PPL (the first given of equal ones) when it lowers the baseline by more
+    ``baseline_ppl``; None for a candidate that could not be measured, e.g. dense layers costing more than the
+    budget: never picked), the scorer of lowest PPL (the first given of equal ones) when it lowers the baseline by more
     than ``margin`` of it (``(baseline - ppl) / baseline > margin``), else none: see :class:`HybridPick`. Overlapping
     groups raise ValueError (:func:`check_groups`)."""
     if not margin >= 0:
@@ -75,10 +77,13 @@ def pick_hybrid(baseline_ppl: float, table: Mapping[tuple[tuple[int, ...], str],
     best: dict[tuple[int, ...], tuple[str, float]] = {}
     for (group, scorer), ppl in table.items():
         group = tuple(sorted(group))
+        if ppl is None:
+            continue
         if group not in best or ppl < best[group][1]:
             best[group] = (scorer, ppl)
     picks = {group: scorer for group, (scorer, ppl) in best.items() if (baseline_ppl - ppl) / baseline_ppl > margin}
-    candidates = [{"group": sorted(group), "scorer": scorer, "ppl": ppl, "change": ppl / baseline_ppl - 1.0,
+    candidates = [{"group": sorted(group), "scorer": scorer, "ppl": ppl,
+                   "change": None if ppl is None else ppl / baseline_ppl - 1.0,
                    "picked": picks.get(tuple(sorted(group))) == scorer} for (group, scorer), ppl in table.items()]
     layers = {layer: scorer for group, scorer in picks.items() for layer in group}
     return HybridPick(dict(sorted(layers.items())), picks, candidates, baseline_ppl, margin)

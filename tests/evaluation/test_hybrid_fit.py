@@ -40,6 +40,10 @@ def test_no_candidate_better_than_the_baseline_picks_nothing():
     assert fit.picks == {} and fit.layers == {} and fit.describe() == "none"
     assert not any(c["picked"] for c in fit.candidates) and len(fit.candidates) == 3
     assert pick_hybrid(10.0, {}).layers == {}
+    unmeasured = pick_hybrid(10.0, {((0,), "dense"): None, ((0,), "vertical_slash"): 9.0, ((1,), "dense"): None})
+    assert unmeasured.picks == {(0,): "vertical_slash"}
+    assert [(c["ppl"], c["change"], c["picked"]) for c in unmeasured.candidates] == [
+        (None, None, False), (9.0, pytest.approx(-0.1), True), (None, None, False)]
 
 
 def test_overlapping_groups_are_refused_naming_them():
