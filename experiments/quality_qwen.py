@@ -53,6 +53,29 @@ deployable lever for that group. ``results.md`` gives each job's share of the de
         --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --gates base=PATH --recipes base= \\
         --plan attribution --baselines oracle --blends vertical_slash:0.5 --densities 0.1 --texts novel --out $OUT
 
+A hybrid chosen without looking at the evaluated windows (``--fit-hybrid``, with ``--plan attribution``): last at
+each density, a job labelled ``<default> fitted`` (``--only`` selects it by that label) measures, on the calibration
+windows of the first text and length only (:meth:`seer.evaluation.harness.Evaluator.calibration_ppl`), the PPL of the
+default and of every candidate: each group of ``--attribution-groups`` with each of ``--group-scorers`` (``dense``
+included, the oracle never: it is not deployable), each hybrid calibrated on its own. Each group takes its best scorer
+when that lowers the default's calibration PPL by more than ``--fit-margin`` (0.2% of it), else keeps the gates
+(:func:`seer.evaluation.hybrid_fit.pick_hybrid`; groups must not overlap); the picks together are then calibrated and
+evaluated like any other job. The row is labelled with its picks (``gate:base+vertical_slash@0.5
+fitted[vertical_slash@8-11]``, ``fitted[none]`` when no group beat the margin) and holds the fit (``hybrid_fit``: the
+picks and every candidate's calibration PPL), also in ``hybrid_fits.json`` beside ``rows.json`` and in ``results.md``.
+Cost, before the evaluation: the default and each candidate (groups x deployable scorers, 14 below) take one
+calibration (an observation of the calibration windows, the model dense) and one sparse forward over the calibration
+windows (2 windows of 32k), plus one more of each for the picks combined when more than one group is picked:
+
+    python3 experiments/quality_qwen.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \\
+        --novels '.assets/austen/[!e]*.txt' --eval-novel .assets/austen/emma.txt --gates base=PATH --recipes base= \\
+        --blends vertical_slash:0.5 --plan attribution --attribution-groups 0 1-3 4-7 8-11 12-15 16-19 20-23 \\
+        --group-scorers vertical_slash flexprefill --fit-hybrid --densities 0.1 --texts novel --deadline-s 3000 \\
+        --out $OUT
+
+It evaluates the per-group jobs too (on the evaluated windows; the fit never reads them); ``--only
+gate:base+vertical_slash@0.5 'gate:base+vertical_slash@0.5 fitted'`` runs the default and the fitted hybrid alone.
+
 Retrieval rows (for RULER's retrieval and multi-hop tasks, which the novels and stdlib rarely show the gates): the
 same command with ``--train-overrides data/augment=retrieval`` (and its own ``--work`` and ``--out``) writes key-value
 facts recalled thousands of tokens later, multi-hop chains and verbatim repeated spans, in the documents' own prose or
@@ -79,6 +102,7 @@ from seer.evaluation.config import EvalConfig
 from seer.evaluation import ruler
 from seer.evaluation.data import HeldOutText
 from seer.evaluation.harness import Evaluator
+from seer.evaluation.hybrid_fit import MARGIN, HybridPick, check_groups, pick_hybrid
 from seer.gates.config import GateConfig
 from seer.model.attention import layer_ranges
 from seer.model.gate_io import load_gates
@@ -93,12 +117,16 @@ from quality_smollm2 import environment  # the sibling script (experiments/ is o
 BASELINES = ["oracle", "vertical_slash", "flexprefill", "streaming"]
 FIT = "fit"  # --blends selector:fit: a weight per layer, fitted on the calibration windows
 DENSE = "dense"  # --group-scorers dense: the group's layers kept dense
+FITTED = "fitted"  # --fit-hybrid: the job whose groups' scorers are picked on the calibration windows
+NOT_DEPLOYABLE = ("oracle",)  # group scorers a fitted hybrid never picks (the oracle reads the true attention)
 
 
 class Job(NamedTuple):
     """One evaluation of a plan: its row label, the gate set or selector that scores, the gates' blend (estimate,
     weight) or None, the budget, and (attribution) the layers ``group_scorer`` scores instead of the gates (a
-    selector's name, or ``dense``: those layers in the budget's ``dense_layers``)."""
+    selector's name, or ``dense``: those layers in the budget's ``dense_layers``). A fitted hybrid (``group_scorer``
+    ``fitted``, no layers of its own) picks from ``candidates``, ``(group, scorer)`` pairs, at run time
+    (:func:`fit_hybrid`)."""
 
     label: str
     scorer: str
@@ -106,6 +134,7 @@ class Job(NamedTuple):
     sparsity: SparsityConfig
     group_layers: tuple[int, ...] = ()
     group_scorer: str = "oracle"
+    candidates: tuple[tuple[tuple[int, ...], str], ...] = ()
 
 
 MODELS = {  # --model: (model config, gate recipe, title)
@@ -184,6 +213,74 @@ def fit_blend(evaluator: Evaluator, blend: str, sparsity: SparsityConfig, seq_le
     return pick_weights(recalls), recalls
 
 
+def hybrid_selection(layers: dict[int, str], sparsity: SparsityConfig) -> tuple[dict, SparsityConfig]:
+    """``{layer: scorer}`` as the evaluator takes it: ``layer_selectors`` (a selector per layer) and the budget, with
+    the layers of ``dense`` added to its ``dense_layers``."""
+    dense = [layer for layer, scorer in layers.items() if scorer == DENSE]
+    selectors = {layer: build_selector(scorer) for layer, scorer in layers.items() if scorer != DENSE}
+    if dense:
+        sparsity = dataclasses.replace(sparsity, dense_layers=sorted({*sparsity.dense_layers, *dense}))
+    return selectors, sparsity
+
+
+def fit_hybrid(evaluator: Evaluator, sparsity: SparsityConfig, seq_len: int,
+               candidates: tuple[tuple[tuple[int, ...], str], ...], margin: float = MARGIN,
+               report=lambda what, ppl, change: None) -> tuple[HybridPick, float]:
+    """The groups' scorers for ``evaluator``'s gates (their blend as the context has it) at budget ``sparsity``,
+    picked on the calibration windows of ``seq_len`` only (:meth:`Evaluator.calibration_ppl`; the evaluated windows
+    are never looked at): the PPL of the gates alone and of each candidate (``(group, scorer)``: that scorer on that
+    group, ``dense``: its layers dense), each calibrated on its own, then :func:`pick_hybrid` with ``margin``.
+    Returns the picks and the calibration-window PPL of the picks combined (measured when more than one group was
+    picked). ``report(what, ppl, change)`` is told each measure (``ppl`` None, ``change`` the reason, for a candidate
+    whose budget cannot be calibrated: dense layers costing more than it; never picked). Cost: each measure is one
+    observation (the model dense) and one sparse forward over the calibration windows; observations are dropped after
+    each (the gates' cached observations too). Picks that cannot be calibrated together (dense layers) raise
+    ValueError."""
+    def measure(layers: dict[int, str]) -> float:
+        evaluator.forget(None)  # one hybrid's scores kept at a time (a 32k observation holds every layer's)
+        layer_selectors, budget = hybrid_selection(layers, sparsity)
+        try:
+            return evaluator.calibration_ppl(None, budget, seq_len, layer_selectors=layer_selectors)["ppl"]
+        finally:
+            evaluator.forget(None)
+
+    baseline = measure({})
+    report("default", baseline, 0.0)
+    table: dict[tuple[tuple[int, ...], str], float | None] = {}
+    for group, scorer in candidates:
+        what = f"{scorer}@{layer_ranges(group)}"
+        try:
+            table[group, scorer] = measure(dict.fromkeys(group, scorer))
+        except ValueError as exc:  # e.g. dense layers that cost more than the budget
+            table[group, scorer] = None
+            report(what, None, f"not measured: {exc}")
+            continue
+        report(what, table[group, scorer], table[group, scorer] / baseline - 1.0)
+    fit = pick_hybrid(baseline, table, margin)
+    if len(fit.picks) > 1:
+        try:
+            combined = measure(fit.layers)
+        except ValueError as exc:  # dense picks that cost more than the budget together
+            raise ValueError(f"the picks {fit.describe()} together: {exc}") from None
+        report(f"combined {fit.describe()}", combined, combined / baseline - 1.0)
+    else:
+        combined = next((table[pick] for pick in fit.picks.items()), baseline)
+    return fit, combined
+
+
+def fitted_job(evaluator: Evaluator, label: str, sparsity: SparsityConfig, text: str, seq_len: int,
+               candidates: tuple[tuple[tuple[int, ...], str], ...], margin: float = MARGIN,
+               report=lambda what, ppl, change: None) -> tuple[dict, dict, SparsityConfig]:
+    """A fitted job's selection (:func:`fit_hybrid` on ``evaluator``'s calibration windows of ``seq_len``, of
+    ``text``): its record (the plan's ``job`` label, the row ``label`` naming the picks, the budget, where it was
+    fitted, :meth:`HybridPick.record` and the picks' combined calibration PPL), and the layer selectors and budget
+    that evaluate it."""
+    fit, combined = fit_hybrid(evaluator, sparsity, seq_len, candidates, margin, report)
+    record = {"job": label, "label": f"{label}[{fit.describe()}]", "sparsity": sparsity.describe(), "text": text,
+              "seq_len": seq_len, **fit.record(), "combined_ppl": combined}
+    return (record, *hybrid_selection(fit.layers, sparsity))
+
+
 def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]], last_rows: int) -> list[Job]:
     """Jobs in priority order, so a run cut short still answers what matters: at the first density the first gate
     set plain, with the last ``last_rows`` query blocks dense, and blended with the first blend; the oracle and the
@@ -243,12 +340,21 @@ def default_label(gates: list[str], blends: list[tuple[str, float | str]]) -> st
 
 def attribution_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float | str]],
                      groups: list[tuple[int, ...]], baselines: tuple[str, ...] = (),
-                     group_scorers: tuple[str, ...] = ("oracle",)) -> list[Job]:
+                     group_scorers: tuple[str, ...] = ("oracle",), fit: bool = False) -> list[Job]:
     """Which layers' selections cost the perplexity: at each density the default (:func:`default_label`), the
     training-free ``baselines`` (``oracle`` gives each group's recovered share), then, for each of ``group_scorers``,
     the default with that scorer on each group of ``groups`` instead of the gates (labelled
-    ``<default> <scorer>@<layers>``; ``dense`` keeps the group's layers dense)."""
+    ``<default> <scorer>@<layers>``; ``dense`` keeps the group's layers dense). With ``fit``, last at each density,
+    the default with the groups' scorers picked on the calibration windows (labelled ``<default> fitted``; its
+    candidates: every group with every deployable group scorer, the oracle left out: :func:`fit_hybrid`); the
+    groups must not overlap then."""
     label, blend = default_label(gates, blends), blends[0] if blends else None
+    candidates = tuple((group, scorer) for scorer in group_scorers if scorer not in NOT_DEPLOYABLE
+                       for group in groups)
+    if fit:
+        if not candidates:
+            raise ValueError(f"a fitted hybrid needs a deployable group scorer (not only {', '.join(NOT_DEPLOYABLE)})")
+        check_groups(groups)
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
@@ -257,6 +363,7 @@ def attribution_plan(gates: list[str], densities: list[float], blends: list[tupl
         jobs += [Job(f"{label} {scorer}@{layer_ranges(group)}", gates[0], blend,
                      dataclasses.replace(plain, dense_layers=list(group)) if scorer == DENSE else plain, group, scorer)
                  for scorer in group_scorers for group in groups]
+        jobs += [Job(f"{label} {FITTED}", gates[0], blend, plain, (), FITTED, candidates)] if fit else []
     return jobs
 
 
@@ -335,6 +442,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--group-scorers", nargs="+", default=["oracle"], choices=sorted([*SELECTORS, DENSE]),
                     help="--plan attribution: what scores each group instead of the gates, one job per scorer and "
                     "group (oracle: what the group's gates cost; a training-free selector or dense: a lever)")
+    ap.add_argument("--fit-hybrid", action="store_true",
+                    help="--plan attribution: last at each density, the default with each group's scorer picked (among "
+                    "the deployable --group-scorers, or the gates) on the calibration windows of the first text and "
+                    "length, then evaluated like the other jobs (groups must not overlap)")
+    ap.add_argument("--fit-margin", type=float, default=MARGIN,
+                    help="--fit-hybrid: a group takes a scorer only when it lowers the default's calibration-window "
+                    "PPL by more than this share of it")
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--only", nargs="+", help="run only the plan's jobs of these labels (as the rows name them, "
                     "e.g. gate:base+vertical_slash@0.5 antidiagonal)")
@@ -369,15 +483,29 @@ def planned_jobs(args) -> list[Job | None]:
     blends = parse_blends(args.blends)
     names = [f"gate:{name}" for name in recipes(args)]
     for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
-                                 ("--group-scorers", args.group_scorers, ["oracle"])):
+                                 ("--group-scorers", args.group_scorers, ["oracle"]),
+                                 ("--fit-hybrid", args.fit_hybrid, False)):
         if value != default and args.plan != "attribution":
             raise SystemExit(f"{flag}: only for --plan attribution, not {args.plan}")
+    if args.fit_margin != MARGIN and not args.fit_hybrid:
+        raise SystemExit("--fit-margin: only with --fit-hybrid")
+    if not args.fit_margin >= 0:
+        raise SystemExit(f"--fit-margin {args.fit_margin}: give a share of the PPL >= 0")
+    if args.fit_hybrid and set(args.group_scorers) <= set(NOT_DEPLOYABLE):
+        raise SystemExit(f"--fit-hybrid: give --group-scorers a deployable scorer (a training-free selector or "
+                         f"dense), not only {' '.join(args.group_scorers)}")
     plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
              "final": lambda: final_plan(names, args.densities, blends),
              "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines)),
              "attribution": lambda: attribution_plan(names, args.densities, blends,
                                                      parse_groups(args.attribution_groups, model_layers(args.model)),
-                                                     tuple(args.baselines), tuple(args.group_scorers))}
+                                                     tuple(args.baselines), tuple(args.group_scorers),
+                                                     args.fit_hybrid)}
+    if args.fit_hybrid:
+        try:
+            check_groups(parse_groups(args.attribution_groups, model_layers(args.model)))
+        except ValueError as exc:
+            raise SystemExit(f"--attribution-groups: {exc}") from None
     jobs = plans[args.plan]()
     return only_jobs(jobs, args.only) if args.only else jobs
 
@@ -424,19 +552,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense.json").write_text(json.dumps({"settings": dense_settings, "dense": dense}, indent=1))
-    rows, skipped, fits, observed = [], [], [], {key: {} for key in gates}
+    rows, skipped, fits, observed, hybrids = [], [], [], {key: {} for key in gates}, []
     for i, job in enumerate(jobs[args.skip:], start=args.skip):
         if job is None:  # left out by --only
             continue
-        label, scorer, blend, sparsity, group_layers, group_scorer = job
+        label, scorer, blend, sparsity, group_layers, group_scorer, candidates = job
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
             continue
         key = scorer if scorer in gates else first
         selector = None if scorer in gates else build_selector(scorer)
-        layer_selectors = {} if group_scorer == DENSE else {layer: build_selector(group_scorer)
-                                                             for layer in group_layers}
-        weights = None
+        layer_selectors, sparsity = hybrid_selection(dict.fromkeys(group_layers, group_scorer), sparsity)
+        weights, hybrid = None, None
         if blend and blend[1] == FIT:  # a weight per layer, fitted on the first text's calibration windows
             weights, recalls = fit_blend(evaluators[key, args.texts[0]], blend[0], sparsity, args.seq_lens[0],
                                          args.fit_grid, observed[key])
@@ -448,13 +575,30 @@ def main() -> None:
             ctx = models[key].seer_context
             ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
                                                        blend_weight=weights or (blend[1] if blend else 0.5)))
+        if group_scorer == FITTED:  # the groups' scorers, picked on the first text's calibration windows
+            def report(what: str, ppl: float | None, change: float | str) -> None:
+                got = f"ppl {ppl:.4f} ({change:+.2%})" if ppl is not None else change
+                print(f"[quality] {i + 1} {label} {sparsity.describe()} fit on {args.texts[0]} calibration windows: "
+                      f"{what} {got} ({time.time() - start:.0f} s)", flush=True)
+
+            try:
+                hybrid, layer_selectors, sparsity = fitted_job(evaluators[key, args.texts[0]], label, sparsity,
+                                                               args.texts[0], args.seq_lens[0], candidates,
+                                                               args.fit_margin, report)
+            except ValueError as exc:  # the picks cannot be calibrated together: the other jobs still run
+                print(f"[quality] {i + 1} {label} {sparsity.describe()}: not evaluated: {exc}", flush=True)
+                skipped.append(f"{label} {sparsity.describe()} (fit: {exc})")
+                continue
+            hybrids.append(hybrid)
+            (out / "hybrid_fits.json").write_text(json.dumps(hybrids, indent=1))
+            label, group_layers = hybrid["label"], tuple(int(layer) for layer in hybrid["layers"])
         for name in texts:
             if selector is None:
                 evaluators[key, name].forget(None)
             for row in evaluators[key, name].evaluate(selector, sparsity, dense[name],
                                                       layer_selectors=layer_selectors):
                 row.update(text=name, selector=label, blend_weights=weights, group_layers=list(group_layers),
-                           group_scorer=group_scorer if group_layers else None)
+                           group_scorer=group_scorer if group_layers or hybrid else None, hybrid_fit=hybrid)
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
                       f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
@@ -462,8 +606,8 @@ def main() -> None:
                          else "")
                       + f" ({time.time() - start:.0f} s)", flush=True)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
-        write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits)
-    write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits)
+        write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits, hybrids)
+    write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits, hybrids)
 
 
 def fit_record(label: str, sparsity: SparsityConfig, weights: list[float], recalls: dict) -> dict:
@@ -517,7 +661,8 @@ def attribution_table(rows: list[dict], default: str) -> str:
         same = [r for r in rows if (r["text"], r["seq_len"], r["target_density"]) == (text, n, target)]
         base = next((r for r in same if r["selector"] == default), None)
         oracle = next((r for r in same if r["selector"] == "oracle"), None)
-        groups = [r for r in same if r.get("group_layers") and r["selector"].startswith(f"{default} ")]
+        groups = [r for r in same if (r.get("group_layers") or r.get("hybrid_fit"))
+                  and r["selector"].startswith(f"{default} ")]
         gap = base["ppl"] - oracle["ppl"] if base and oracle and base["ppl"] != oracle["ppl"] else None
 
         def recovered(row: dict | None) -> str:
@@ -529,8 +674,12 @@ def attribution_table(rows: list[dict], default: str) -> str:
             by_layer = (row or {}).get("density_by_layer")
             return f"{sum(by_layer[i] for i in layers) / len(layers):.3f}" if by_layer else "-"
 
-        for row, layers in [(base, "-"), *((r, f"{r['group_scorer']}@{layer_ranges(r['group_layers'])}")
-                                           for r in groups), (oracle, "all")]:
+        def layers_of(row: dict) -> str:
+            if row.get("hybrid_fit"):
+                return f"{FITTED}: {row['hybrid_fit']['picked']}"
+            return f"{row['group_scorer']}@{layer_ranges(row['group_layers'])}"
+
+        for row, layers in [(base, "-"), *((r, layers_of(r)) for r in groups), (oracle, "all")]:
             if row is not None:
                 own = row.get("group_layers")
                 group = f"{in_group(row, own)} ({in_group(base, own)})" if own else "-"
@@ -544,12 +693,28 @@ def attribution_table(rows: list[dict], default: str) -> str:
     return "\n".join(lines)
 
 
+def hybrid_fit_table(hybrids: list[dict]) -> str:
+    """Each fitted hybrid's candidates: the calibration-window PPL of the default and of each (group, scorer), its
+    change from the default's, whether it was picked, and the picks combined."""
+    lines = ["| job | target | group | scorer | calibration PPL | change | picked |", "|---|---|---|---|---|---|---|"]
+    for h in hybrids:
+        head = f"| {h['job']} | {h['sparsity']} "
+        lines.append(f"{head}| - | default | {h['baseline_ppl']:.4f} | - | - |")
+        lines += [f"{head}| {layer_ranges(c['group'])} | {c['scorer']} | "
+                  + (f"{c['ppl']:.4f} | {c['change']:+.2%} | " if c["ppl"] is not None else "not measured | - | ")
+                  + f"{'yes' if c['picked'] else ''} |" for c in h["candidates"]]
+        lines.append(f"{head}| combined | {h['picked']} | {h['combined_ppl']:.4f} | "
+                     f"{h['combined_ppl'] / h['baseline_ppl'] - 1:+.2%} | - |")
+    return "\n".join(lines)
+
+
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
-                  dense: dict, fits: list[dict] = ()) -> None:
+                  dense: dict, fits: list[dict] = (), hybrids: list[dict] = ()) -> None:
     lines = [f"# Block selection quality on {MODELS[args.model][2]}", "",
              f"{environment(device)} Gates trained in {train_s:.0f} s; whole study {total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_qwen.py " + " ".join(
-                 f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                 f"--{k.replace('_', '-')}" + ("" if v is True else
+                                                f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
                  for k, v in vars(args).items() if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
              f"Dense: {json.dumps(dense)}", ""]
     for text in sorted({r["text"] for r in rows}):
@@ -568,8 +733,16 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
         lines += [f"- {f['label']} {f['sparsity']}: recall {f['recall']:.4f} (single weight: "
                   + ", ".join(f"{w}: {r:.4f}" for w, r in f["recall_single"].items()) + f"); weights {f['weights']}"
                   for f in fits] + [""]
+    if hybrids:
+        lines += ["## Fitted hybrids", "", "Each group's scorer picked on the calibration windows only (of "
+                  f"{hybrids[0]['text']}, {hybrids[0]['seq_len']} tokens; the evaluated windows never looked at): the "
+                  "default's calibration-window PPL beside each candidate's (every hybrid calibrated on its own, on "
+                  f"those windows); a group takes its best scorer when that lowers the PPL by more than "
+                  f"{hybrids[0]['margin']:.2%}. The rows above (`... fitted[...]`) are the picks evaluated; "
+                  "`hybrid_fits.json` holds these numbers.", "", hybrid_fit_table(hybrids), ""]
     if skipped:
-        lines += ["## Not run (time budget)", "", ", ".join(skipped), ""]
+        lines += ["## Not run (time budget; a fit whose picks cannot be calibrated together)", "",
+                  ", ".join(skipped), ""]
     (out / "results.md").write_text("\n".join(lines))
 
 

@@ -202,3 +202,250 @@ def test_the_essays_text_is_rulers_haystack_and_needs_the_extra(study, monkeypat
     monkeypatch.setattr(study.ruler, "missing_extra", lambda: ["wonderwords"])
     with pytest.raises(SystemExit, match="--texts essays: .*wonderwords missing.*pip install"):
         study.planned_jobs(study.parse_args(args))
+
+
+FIT = [*ATTRIBUTION, "--attribution-groups", "0", "2-3", "--group-scorers", "oracle", "flexprefill", "dense",
+       "--fit-hybrid"]
+
+
+def test_the_fitted_hybrid_comes_last_at_each_density_with_the_deployable_candidates(study):
+    jobs = study.planned_jobs(study.parse_args(FIT))
+    default = "gate:base+vertical_slash@0.5"
+    per_density = 1 + 3 * 2 + 1
+    assert len(jobs) == 2 * per_density
+    for fitted, density in ((jobs[per_density - 1], 0.1), (jobs[-1], 0.05)):
+        assert fitted.label == f"{default} fitted" and fitted.group_scorer == "fitted" and fitted.group_layers == ()
+        assert (fitted.scorer, fitted.blend) == ("gate:base", ("vertical_slash", 0.5))
+        assert fitted.sparsity.target_density == density and fitted.sparsity.dense_layers == []
+        # the oracle is no candidate: it reads the true attention
+        assert fitted.candidates == (((0,), "flexprefill"), ((2, 3), "flexprefill"), ((0,), "dense"),
+                                     ((2, 3), "dense"))
+    assert [job.label for job in jobs[:per_density - 1]] == [default] + [
+        f"{default} {scorer}@{group}" for scorer in ("oracle", "flexprefill", "dense") for group in ("0", "2-3")]
+    assert not any(job.candidates for job in jobs if job.group_scorer != "fitted")
+    only = study.planned_jobs(study.parse_args([*FIT, "--only", f"{default} fitted"]))
+    assert [i for i, job in enumerate(only) if job] == [per_density - 1, 2 * per_density - 1]
+    assert not any(job.group_scorer == "fitted" for job in study.planned_jobs(study.parse_args(FIT[:-1])))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--plan", "lever", "--fit-hybrid"],
+     "--fit-hybrid: only for --plan attribution, not lever"),
+    ([*ATTRIBUTION, "--fit-hybrid"], "--fit-hybrid: give --group-scorers a deployable scorer .* not only oracle"),
+    ([*ATTRIBUTION, "--fit-hybrid", "--group-scorers", "oracle", "oracle"], "not only oracle oracle"),
+    ([*FIT[:-1], "--fit-margin", "0.01"], "--fit-margin: only with --fit-hybrid"),
+    ([*FIT, "--fit-margin", "-0.01"], "--fit-margin -0.01: give a share"),
+    ([*FIT, "--attribution-groups", "0-3", "2-5"],
+     r"--attribution-groups: groups of layers 0-3 and 2-5 overlap \(layer 2\)")])
+def test_a_fitted_hybrid_with_bad_arguments_stops_before_any_model_loads(study, monkeypatch, argv, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was trained or loaded")
+
+    monkeypatch.setattr(study, "train_gates", no_model)
+    monkeypatch.setattr(study, "load_causal_lm", no_model)
+    monkeypatch.setattr(study, "load_tokenizer", no_model)
+    monkeypatch.setattr("sys.argv", ["quality_qwen.py", *argv, "--out", "/nonexistent/out"])
+    with pytest.raises(SystemExit, match=message):
+        study.main()
+
+
+def test_fit_hybrid_measures_the_default_and_each_candidate_on_the_calibration_windows_then_picks(study):
+    from seer.evaluation.hybrid_fit import describe_layers
+    from seer.sparsity import SparsityConfig
+
+    class FakeEvaluator:
+        ppl = {"": 10.0, "flexprefill@0": 9.5, "flexprefill@2-3": 10.1, "dense@0": 9.9, "dense@2-3": 9.7,
+               "flexprefill@0 dense@2-3": 9.3}
+
+        def __init__(self):
+            self.calls, self.forgotten = [], 0
+
+        def forget(self, selector):
+            assert selector is None
+            self.forgotten += 1
+
+        def calibration_ppl(self, selector, sparsity, seq_len, calibration=None, layer_selectors=None):
+            assert selector is None and seq_len == 4096 and calibration is None
+            assert sparsity.target_density == 0.1
+            layers = {**{layer: s.name for layer, s in (layer_selectors or {}).items()},
+                      **dict.fromkeys(sparsity.dense_layers, "dense")}
+            key = describe_layers(layers)
+            self.calls.append(key)
+            return {"ppl": self.ppl[key], "ppl_half": 0.0}
+
+    ev, reports = FakeEvaluator(), []
+    candidates = (((0,), "flexprefill"), ((2, 3), "flexprefill"), ((0,), "dense"), ((2, 3), "dense"))
+    fit, combined = study.fit_hybrid(ev, SparsityConfig(method="threshold", target_density=0.1), 4096, candidates,
+                                     0.002, lambda *got: reports.append(got))
+    assert ev.calls == ["", "flexprefill@0", "flexprefill@2-3", "dense@0", "dense@2-3", "flexprefill@0 dense@2-3"]
+    assert ev.forgotten == 2 * len(ev.calls)  # no observation kept from one hybrid to the next
+    assert fit.layers == {0: "flexprefill", 2: "dense", 3: "dense"} and fit.baseline_ppl == 10.0
+    assert combined == 9.3 and reports[0] == ("default", 10.0, 0.0)
+    assert reports[-1][0] == "combined flexprefill@0 dense@2-3" and reports[-1][2] == pytest.approx(-0.07)
+    # one pick: its own measure is the combined one, nothing measured again
+    ev.ppl = {**ev.ppl, "dense@2-3": 10.0}
+    ev.calls = []
+    fit, combined = study.fit_hybrid(ev, SparsityConfig(method="threshold", target_density=0.1), 4096, candidates)
+    assert fit.describe() == "flexprefill@0" and combined == 9.5 and len(ev.calls) == 5
+    layer_selectors, budget = study.hybrid_selection({0: "flexprefill", 2: "dense", 3: "dense"},
+                                                     SparsityConfig(method="threshold", target_density=0.1))
+    assert {layer: s.name for layer, s in layer_selectors.items()} == {0: "flexprefill"}
+    assert budget.dense_layers == [2, 3]
+
+
+def test_the_fitted_hybrid_is_reported_beside_the_groups(study):
+    default = "gate:base+vertical_slash@0.5"
+
+    def row(selector, ppl, layers=(), scorer=None, fit=None):
+        return {"text": "novel", "seq_len": 2048, "target_density": 0.1, "selector": selector, "density": 0.1,
+                "density_by_layer": [0.1, 0.2, 0.3, 0.4], "ppl": ppl, "ppl_increase": ppl / 10.0 - 1,
+                "group_layers": list(layers), "group_scorer": scorer, "hybrid_fit": fit}
+
+    fit = {"job": f"{default} fitted", "label": f"{default} fitted[vertical_slash@2-3]", "sparsity": "threshold@0.1",
+           "text": "novel", "seq_len": 2048, "baseline_ppl": 11.0, "margin": 0.002, "picked": "vertical_slash@2-3",
+           "layers": {"2": "vertical_slash", "3": "vertical_slash"}, "combined_ppl": 10.5,
+           "candidates": [{"group": [0], "scorer": "vertical_slash", "ppl": 11.2, "change": 11.2 / 11 - 1,
+                           "picked": False},
+                          {"group": [2, 3], "scorer": "vertical_slash", "ppl": 10.5, "change": 10.5 / 11 - 1,
+                           "picked": True},
+                          {"group": [2, 3], "scorer": "dense", "ppl": None, "change": None, "picked": False}]}
+    none = {**fit, "label": f"{default} fitted[none]", "picked": "none", "layers": {}, "combined_ppl": 11.0}
+    rows = [row(default, 10.4), row(f"{default} vertical_slash@2-3", 10.2, [2, 3], "vertical_slash"),
+            row(fit["label"], 10.3, [2, 3], "fitted", fit), row(none["label"], 10.4, [], "fitted", none)]
+    lines = study.attribution_table(rows, default).splitlines()[2:]
+    assert [line.split(" | ")[3:7] for line in lines] == [
+        [default, "-", "0.100", "-"], [f"{default} vertical_slash@2-3", "vertical_slash@2-3", "0.100", "0.350 (0.350)"],
+        [fit["label"], "fitted: vertical_slash@2-3", "0.100", "0.350 (0.350)"],
+        [none["label"], "fitted: none", "0.100", "-"]]
+    table = study.hybrid_fit_table([fit]).splitlines()
+    assert table[2:] == [f"| {default} fitted | threshold@0.1 | - | default | 11.0000 | - | - |",
+                         f"| {default} fitted | threshold@0.1 | 0 | vertical_slash | 11.2000 | +1.82% |  |",
+                         f"| {default} fitted | threshold@0.1 | 2-3 | vertical_slash | 10.5000 | -4.55% | yes |",
+                         f"| {default} fitted | threshold@0.1 | 2-3 | dense | not measured | - |  |",
+                         f"| {default} fitted | threshold@0.1 | combined | vertical_slash@2-3 | 10.5000 | -4.55% | - |"]
+
+
+def test_a_fitted_job_on_a_tiny_model_picks_on_the_calibration_windows_and_evaluates_the_picks(study):
+    from seer.evaluation.config import EvalConfig
+    from seer.evaluation.data import HeldOutText
+    from seer.evaluation.harness import Evaluator
+    from seer.gates.config import GateConfig
+    from seer.model.attention import attach_gates
+    from seer.sparsity import SparsityConfig
+    from tests.evaluation.conftest import WORDS, ListCorpus
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (400,), generator=gen).tolist())
+            for _ in range(12)]
+    model = tiny_model("llama", seed=0, max_position_embeddings=4096)
+    attach_gates(model, GateConfig(block_size=16, hidden_size=16, blend="vertical_slash", blend_weight=0.5))
+    tokenizer = tiny_tokenizer()
+    text = HeldOutText(ListCorpus(docs), tokenizer, split="all", progress=False)
+    ev = Evaluator(model, tokenizer, text, EvalConfig(seq_lens=[256], windows=1, calibration_windows=1, passkey=0,
+                                                      copy=0, timing=False, dense_cache=False), progress=False)
+    sparsity = SparsityConfig(method="threshold", target_density=0.3)
+    candidates = (((0,), "vertical_slash"), ((1,), "vertical_slash"), ((0,), "dense"), ((1,), "dense"))
+    record, layer_selectors, budget = study.fitted_job(ev, "g fitted", sparsity, "novel", 256, candidates,
+                                                       margin=0.0)
+    own = {(tuple(c["group"]), c["scorer"]): c["ppl"] for c in record["candidates"]}
+    assert record["baseline_ppl"] == pytest.approx(ev.calibration_ppl(None, sparsity, 256)["ppl"], rel=1e-6)
+    # a dense layer costs half of the tiny model's budget, more than 0.3: not measured, never picked
+    assert own[(0,), "dense"] is None and own[(1,), "dense"] is None
+    assert own[(1,), "vertical_slash"] == pytest.approx(ev.calibration_ppl(
+        None, sparsity, 256, layer_selectors={1: study.build_selector("vertical_slash")})["ppl"], rel=1e-6)
+    assert record["job"] == "g fitted" and record["label"] == f"g fitted[{record['picked']}]"
+    picked = {int(layer): scorer for layer, scorer in record["layers"].items()}
+    for (group, scorer), ppl in own.items():  # a group is picked exactly when a candidate beats the default
+        if ppl is None:
+            assert picked.get(group[0]) != scorer
+            continue
+        best = min(p for (g, _), p in own.items() if g == group and p is not None)
+        assert (picked.get(group[0]) == scorer) == (ppl == best and ppl < record["baseline_ppl"])
+    assert {layer: s.name for layer, s in layer_selectors.items()} == {
+        layer: scorer for layer, scorer in picked.items() if scorer != "dense"}
+    assert budget.dense_layers == sorted(layer for layer, scorer in picked.items() if scorer == "dense")
+    (row,) = ev.evaluate(None, budget, {256: {}}, layer_selectors=layer_selectors)
+    assert row["ppl"] > 0 and row["calibrated_density"] == pytest.approx(0.3, abs=0.05)
+    assert json.loads(json.dumps(record)) == record
+    wide = SparsityConfig(method="threshold", target_density=0.6)
+    record, layer_selectors, budget = study.fitted_job(ev, "g fitted", wide, "novel", 256, (((0,), "dense"),))
+    dense0 = ev.calibration_ppl(None, SparsityConfig(method="threshold", target_density=0.6, dense_layers=[0]), 256)
+    assert record["candidates"][0]["ppl"] == pytest.approx(dense0["ppl"], rel=1e-6)
+    assert (budget.dense_layers == [0]) == record["candidates"][0]["picked"] and not layer_selectors
+
+
+def _tiny_study(study, monkeypatch, tmp_path):
+    """``study.main`` on a 2-layer random Llama (gates attached as if loaded) and a little novel, on the CPU."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from seer.gates.config import GateConfig
+    from seer.model.attention import attach_gates
+    from tests.evaluation.conftest import WORDS
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    gen = torch.Generator().manual_seed(0)
+    novels = tmp_path / "novels"
+    novels.mkdir()
+    for i in range(8):
+        (novels / f"{i}.txt").write_text(" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (500,),
+                                                                                    generator=gen).tolist()))
+    monkeypatch.setattr(study, "validate", lambda cfg: SimpleNamespace(model=None))
+    monkeypatch.setattr(study, "model_id", lambda model: "tiny")
+    monkeypatch.setattr(study, "load_tokenizer", lambda model: tiny_tokenizer())
+    monkeypatch.setattr(study, "load_causal_lm", lambda model, device: tiny_model(
+        "llama", seed=0, max_position_embeddings=4096))
+    monkeypatch.setattr(study, "load_gates", lambda model, path: attach_gates(model, GateConfig(block_size=16,
+                                                                                                 hidden_size=16)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", str(novels / "*.txt"),
+            "--gates", "base=/gates", "--recipes", "base=", "--blends", "vertical_slash:0.5", "--plan",
+            "attribution", "--attribution-groups", "0", "1", "--group-scorers", "oracle", "vertical_slash", "dense",
+            "--fit-hybrid", "--fit-margin", "0", "--densities", "0.6", "--texts", "novel", "--seq-lens", "256",
+            "--windows", "1", "--passkey", "0", "--copy", "1", "--work", str(tmp_path / "work")]
+
+
+def test_the_fitted_job_runs_in_the_study_loop_and_writes_its_fit(study, monkeypatch, tmp_path, capsys):
+    argv = _tiny_study(study, monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["quality_qwen.py", *argv, "--out", str(out)])
+    study.main()
+    rows = json.loads((out / "rows.json").read_text())
+    (fit,) = json.loads((out / "hybrid_fits.json").read_text())
+    default = "gate:base+vertical_slash@0.5"
+    assert [row["selector"] for row in rows[:-1]] == [default] + [
+        f"{default} {scorer}@{layer}" for scorer in ("oracle", "vertical_slash", "dense") for layer in "01"]
+    fitted = rows[-1]
+    assert fitted["selector"] == fit["label"] == f"{default} fitted[{fit['picked']}]"
+    if len(fit["layers"]) == 1:  # one group picked: evaluated as that group's own job was
+        (same,) = [row for row in rows if row["selector"] == f"{default} {fit['picked']}"]
+        assert fitted["ppl"] == pytest.approx(same["ppl"], rel=1e-6)
+    assert fitted["hybrid_fit"] == fit and fit["job"] == f"{default} fitted"
+    assert [(c["group"], c["scorer"]) for c in fit["candidates"]] == [([0], "vertical_slash"), ([1], "vertical_slash"),
+                                                                    ([0], "dense"), ([1], "dense")]
+    assert fitted["group_layers"] == sorted(int(layer) for layer in fit["layers"])
+    printed = capsys.readouterr().out
+    budget = "threshold target_density=0.6 (global)"
+    assert f"{default} fitted {budget} fit on novel calibration windows: default ppl" in printed
+    assert f"{default} fitted {budget} fit on novel calibration windows: dense@1 ppl" in printed
+    results = (out / "results.md").read_text()
+    assert "## Fitted hybrids" in results and f"| {default} fitted | " in results and "--fit-hybrid " in results
+
+
+def test_the_fitted_job_is_cut_by_the_deadline_and_counted_by_skip_and_only(study, monkeypatch, tmp_path, capsys):
+    argv = _tiny_study(study, monkeypatch, tmp_path)
+    default = "gate:base+vertical_slash@0.5"
+    for extra, fitted in ((["--skip", "7"], True), (["--only", f"{default} fitted"], True),
+                          (["--deadline-s", "0"], False)):
+        out = tmp_path / "_".join(extra)
+        monkeypatch.setattr("sys.argv", ["quality_qwen.py", *argv, *extra, "--out", str(out)])
+        study.main()
+        rows = json.loads((out / "rows.json").read_text()) if (out / "rows.json").exists() else []
+        assert [row["selector"].startswith(f"{default} fitted[") for row in rows] == ([True] if fitted else [])
+        assert (out / "hybrid_fits.json").exists() == fitted
+        results = (out / "results.md").read_text()
+        assert (f"{default} fitted threshold target_density=0.6" in results.split("## Not run")[-1]) != fitted

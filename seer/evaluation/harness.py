@@ -11,7 +11,9 @@ only in the blocks they keep. For each window length it returns one row of flat 
 A calibrated budget is calibrated on the first ``calibration_windows`` windows of each length (scores observed with the
 model running dense; cached per scorer (layer selectors included) and length, so many budgets and densities share one
 observation) and evaluated on the next ``windows``: the knob found and the density it reached there are reported beside
-the density achieved on the evaluated windows. :meth:`Evaluator.dense` measures the dense model once (cached on disk
+the density achieved on the evaluated windows. :meth:`Evaluator.calibration_ppl` measures a selection's perplexity on
+the calibration windows instead (to choose between selections without looking at the evaluated windows).
+:meth:`Evaluator.dense` measures the dense model once (cached on disk
 when a cache folder is given), prefill and decode dense.
 
 A model with decode gates (:func:`seer.model.decode_gate_io.load_decode_gates`) answers the generated measures
@@ -342,6 +344,41 @@ class Evaluator:
         return calibrate(scores, sparsity, masses, selector=scorer_name(selector, self.ctx.gate_config,
                                                                          layer_selectors), seq_len=seq_len)
 
+    def _calibration(self, selector, sparsity: SparsityConfig, seq_len: int, layer_selectors: dict | None,
+                     given: Calibration | None) -> Calibration | None:
+        """The calibration a sparse run of ``sparsity`` uses at ``seq_len``: None for a budget that needs none, else
+        ``given`` or a fresh one (:meth:`calibrate`)."""
+        if not sparsity.calibrated:
+            return None
+        return given or self.calibrate(selector, sparsity, seq_len, layer_selectors)
+
+    def _sparse(self, selector, sparsity: SparsityConfig, calibration: Calibration | None,
+                layer_selectors: dict | None):
+        """The model running sparse with this scorer, budget and calibration (the context of every sparse measure)."""
+        return self.ctx.running("sparse", selector=selector, layer_selectors=layer_selectors, sparsity=sparsity,
+                                calibration=calibration)
+
+    def calibration_ppl(self, selector, sparsity: SparsityConfig, seq_len: int,
+                        calibration: Calibration | None = None, layer_selectors: dict | None = None) -> dict:
+        """Perplexity of ``selector`` (None: the gates; ``layer_selectors`` scoring their layers) with budget
+        ``sparsity`` on the **calibration windows** of ``seq_len``, not the evaluated ones: ``ppl``, ``ppl_half``,
+        ``tokens``, the achieved ``density`` and ``density_by_layer``, and the ``calibrated_density`` (None for a
+        budget that needs no calibration). ``calibration`` is used as given, else made here (:meth:`calibrate`, on
+        these same windows).
+
+        This measure is in-sample for the budget (the windows its threshold was calibrated on) and out-of-sample for
+        the evaluated windows of :meth:`evaluate`: a choice made by comparing it (e.g. which scorer a group of layers
+        gets) has not looked at the windows it is then evaluated on. Costs one calibration (an observation, dense, of
+        the calibration windows unless cached) and one sparse forward over the calibration windows."""
+        rows = self.windows[seq_len][:self.config.calibration_windows]
+        if not len(rows):
+            raise ValueError("a calibration-window perplexity needs eval.calibration_windows >= 1")
+        calibration = self._calibration(selector, sparsity, seq_len, layer_selectors, calibration)
+        name = scorer_name(selector, self.ctx.gate_config, layer_selectors)
+        with self._sparse(selector, sparsity, calibration, layer_selectors):
+            out = self._perplexity(rows, False, f"{name} {sparsity.method} {seq_len} calibration windows")
+        return {**out, "calibrated_density": calibration.density if calibration else None}
+
     def evaluate(self, selector, sparsity: SparsityConfig, dense: dict[int, dict] | None = None,
                  calibrations: dict[int, Calibration] | None = None, decode: DecodeSparsityConfig | None = None,
                  decode_threshold: float | None = None, layer_selectors: dict | None = None) -> list[dict]:
@@ -354,11 +391,9 @@ class Evaluator:
         name = scorer_name(selector, self.ctx.gate_config, layer_selectors)
         rows = []
         for n in self.config.seq_lens:
-            calibration = None
-            if sparsity.calibrated:
-                calibration = (calibrations or {}).get(n) or self.calibrate(selector, sparsity, n, layer_selectors)
-            with self.ctx.running("sparse", selector=selector, layer_selectors=layer_selectors, sparsity=sparsity,
-                                  calibration=calibration), self._decoding(decode, decode_threshold):
+            calibration = self._calibration(selector, sparsity, n, layer_selectors, (calibrations or {}).get(n))
+            with self._sparse(selector, sparsity, calibration, layer_selectors), \
+                    self._decoding(decode, decode_threshold):
                 got = self._measure(n, self.windows[n][self.config.calibration_windows:],
                                     f"{name} {sparsity.method}")
             rows.append(self._row(name, sparsity, calibration, got, dense[n], decode))

@@ -126,3 +126,26 @@ def test_layer_selectors_are_observed_calibrated_and_named_apart_from_the_gates(
         ev.evaluate(None, sparsity, calibrations={256: gate_cal}, layer_selectors=oracle)
     ev.forget(None)  # new gate weights: the hybrids' observations go too
     assert [selector for selector, *_ in ev._observed] == [repr(build_selector("oracle"))]
+
+
+def test_calibration_ppl_is_the_perplexity_of_the_calibration_windows(model, tokenizer, corpus):
+    attach_gates(model, GateConfig(block_size=16, hidden_size=16))
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0, windows=1)
+    oracle = {0: build_selector("oracle")}
+    sparsity = SparsityConfig(method="threshold", target_density=0.3)
+    cal = ev.calibrate(None, sparsity, 256, oracle)
+    got = ev.calibration_ppl(None, sparsity, 256, cal, layer_selectors=oracle)
+    assert got["calibrated_density"] == cal.density and got["tokens"] == 255
+    assert ev.calibration_ppl(None, sparsity, 256, layer_selectors=oracle) == got  # a fresh calibration: the same
+    no_calibration = {256: {}}
+    (evaluated,) = ev.evaluate(None, sparsity, no_calibration, {256: cal}, layer_selectors=oracle)
+    assert evaluated["ppl"] != pytest.approx(got["ppl"], rel=1e-6)  # the evaluated window is another one
+    calibration_row, evaluated_row = ev.windows[256]
+    ev.windows[256] = torch.stack([evaluated_row, calibration_row])  # the calibration window evaluated
+    (swapped,) = ev.evaluate(None, sparsity, no_calibration, {256: cal}, layer_selectors=oracle)
+    assert swapped["ppl"] == pytest.approx(got["ppl"], rel=1e-6)
+    assert swapped["density"] == pytest.approx(got["density"], rel=1e-6)
+    assert swapped["density_by_layer"] == pytest.approx(got["density_by_layer"], rel=1e-6)
+    with pytest.raises(ValueError, match="needs eval.calibration_windows >= 1"):
+        _evaluator(model, tokenizer, corpus, passkey=0, copy=0, calibration_windows=0).calibration_ppl(
+            None, SparsityConfig(method="topk", target_density=0.3), 256)
