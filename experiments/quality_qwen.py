@@ -507,7 +507,14 @@ def planned_jobs(args) -> list[Job | None]:
         except ValueError as exc:
             raise SystemExit(f"--attribution-groups: {exc}") from None
     jobs = plans[args.plan]()
-    return only_jobs(jobs, args.only) if args.only else jobs
+    jobs = only_jobs(jobs, args.only) if args.only else jobs
+    layers = model_layers(args.model) if any(job and job.sparsity.dense_layers for job in jobs) else 0
+    for job in filter(None, jobs):
+        if job.sparsity.dense_layers and len(job.sparsity.dense_layers) >= job.sparsity.target_density * layers:
+            raise SystemExit(f"{job.label}: {len(job.sparsity.dense_layers)} dense layers of {layers} cost more than "
+                             f"the target density {job.sparsity.target_density}; give smaller groups or a higher "
+                             "density")
+    return jobs
 
 
 def main() -> None:
@@ -601,7 +608,7 @@ def main() -> None:
                            group_scorer=group_scorer if group_layers or hybrid else None, hybrid_fit=hybrid)
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
-                      f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']:.2f}"
+                      f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']}"
                       + (f" ruler {row['ruler']:.1f} (dense {row['ruler_dense']:.1f})" if row.get("ruler") is not None
                          else "")
                       + f" ({time.time() - start:.0f} s)", flush=True)

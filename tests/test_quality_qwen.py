@@ -205,7 +205,7 @@ def test_the_essays_text_is_rulers_haystack_and_needs_the_extra(study, monkeypat
 
 
 FIT = [*ATTRIBUTION, "--attribution-groups", "0", "2-3", "--group-scorers", "oracle", "flexprefill", "dense",
-       "--fit-hybrid"]
+       "--densities", "0.2", "0.1", "--fit-hybrid"]  # densities at which the dense groups fit SmolLM2's budget
 
 
 def test_the_fitted_hybrid_comes_last_at_each_density_with_the_deployable_candidates(study):
@@ -213,7 +213,7 @@ def test_the_fitted_hybrid_comes_last_at_each_density_with_the_deployable_candid
     default = "gate:base+vertical_slash@0.5"
     per_density = 1 + 3 * 2 + 1
     assert len(jobs) == 2 * per_density
-    for fitted, density in ((jobs[per_density - 1], 0.1), (jobs[-1], 0.05)):
+    for fitted, density in ((jobs[per_density - 1], 0.2), (jobs[-1], 0.1)):
         assert fitted.label == f"{default} fitted" and fitted.group_scorer == "fitted" and fitted.group_layers == ()
         assert (fitted.scorer, fitted.blend) == ("gate:base", ("vertical_slash", 0.5))
         assert fitted.sparsity.target_density == density and fitted.sparsity.dense_layers == []
@@ -449,3 +449,11 @@ def test_the_fitted_job_is_cut_by_the_deadline_and_counted_by_skip_and_only(stud
         assert (out / "hybrid_fits.json").exists() == fitted
         results = (out / "results.md").read_text()
         assert (f"{default} fitted threshold target_density=0.6" in results.split("## Not run")[-1]) != fitted
+
+
+def test_a_dense_group_costlier_than_the_budget_stops_the_plan_before_loading(study):
+    # SmolLM2 has 30 layers: at density 0.1 three dense layers already spend the whole budget
+    args = [*ATTRIBUTION, "--attribution-groups", "0", "1-3", "--group-scorers", "dense", "--densities", "0.1"]
+    with pytest.raises(SystemExit, match="dense@1-3: 3 dense layers of 30 cost more than the target density 0.1"):
+        study.planned_jobs(study.parse_args(args))
+    assert study.planned_jobs(study.parse_args([*args, "--only", "gate:base+vertical_slash@0.5 dense@0"]))
