@@ -128,15 +128,15 @@ def continuation_nll(model, prompt: torch.Tensor, continuation: torch.Tensor) ->
     positions (its greedy choice there, given the true text before it)."""
     out = model(prompt, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]
-    total, top = 0.0, []
+    total, top = torch.zeros((), device=logits.device), []  # summed on the device: no host sync per step
     for t in range(continuation.shape[1]):
         token = continuation[:, t]
-        total += float(torch.nn.functional.cross_entropy(logits.float(), token))
+        total += torch.nn.functional.cross_entropy(logits.float(), token)
         top.append(logits[0].argmax())
         if t + 1 < continuation.shape[1]:
             out = model(token[:, None], past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]
-    return total / continuation.shape[1], torch.stack(top)
+    return float(total) / continuation.shape[1], torch.stack(top)
 
 
 @torch.no_grad()
