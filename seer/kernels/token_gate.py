@@ -104,12 +104,14 @@ def _token_gate_kernel(
 
 
 def token_gate_logits(x: torch.Tensor, kg: torch.Tensor, block_size: int, out: torch.Tensor | None = None,
-                      block_n: int | None = None) -> torch.Tensor:
+                      block_n: int | None = None, precision: str | None = None) -> torch.Tensor:
     """Block logits ``[B, Hq, nb, nb]`` (float32) of token queries ``x [B, Hq, N, E]`` against gate keys
     ``kg [B, Hq, nb, E]`` (module docstring): CUDA, or CPU under ``TRITON_INTERPRET=1``; ``x`` and ``kg`` of one
     dtype out of :data:`seer.kernels.common.DTYPES`, any strides with a unit last stride (else copied).
     ``out``: a preallocated float32 output (row stride of the last dim 1). ``block_n``: key blocks per tile
-    (a power of two >= 16; default 64, less for few blocks). One launch, no host sync."""
+    (a power of two >= 16; default 64, less for few blocks). ``precision``: the dots' ``input_precision`` (default
+    :func:`seer.kernels.common.dot_precision`: IEEE for float32, as PyTorch's default float32 matmul; ``"tf32"``
+    trades float32 accuracy for tensor cores). One launch, no host sync."""
     check_block_size(block_size)
     if x.dim() != 4 or kg.dim() != 4:
         raise ValueError(f"x and kg must be 4-D; got {list(x.shape)} and {list(kg.shape)}")
@@ -137,7 +139,7 @@ def token_gate_logits(x: torch.Tensor, kg: torch.Tensor, block_size: int, out: t
         out.stride(0), out.stride(1), out.stride(2),
         h, n, e, nb, LOG2E.value / math.sqrt(e),
         BLOCK_M=block_size, BLOCK_N=block_n, BLOCK_E=block_e,
-        DOT_PRECISION=dot_precision(x.dtype), INTERP=INTERPRET,
+        DOT_PRECISION=precision or dot_precision(x.dtype), INTERP=INTERPRET,
         num_warps=8 if tile >= 8192 else 4, num_stages=2,
     )
     return out
