@@ -14,6 +14,9 @@
   in ``decode_index.py``.
 * :func:`seer.kernels.block_pool.block_pool` - the gate's block pooling of Q or K (avg/max/min/last in one
   pass), in ``seer/kernels/block_pool.py``.
+* :func:`seer.kernels.token_gate.token_gate_logits` - the token-query gate's block logits (``gate.q_tokens``: the
+  log-mean-exp over each query block's tokens of their scores against the gate keys, the scores never written), in
+  ``seer/kernels/token_gate.py`` (inference, no autograd).
 * :func:`seer.kernels.block_topk.topk_block_mask` - per-row top-k block selection to a bool mask, in
   ``seer/kernels/block_topk.py``.
 * :func:`vertical_slash_blend` - a gate's block logits blended with MInference's vertical-slash estimate (from its
