@@ -66,7 +66,9 @@ def make_gates(args) -> tuple[AttnGate, AttnGate]:
     token = GateConfig(block_size=args.block_size, hidden_size=args.hidden, q_tokens=True, q_pool=["avg"],
                        k_pool=["max", "min", "avg"])
     torch.manual_seed(0)
-    return tuple(AttnGate(cfg, args.dim, args.heads, args.kv_heads).to(DEV, dtype) for cfg in (pooled, token))
+    gates = tuple(AttnGate(cfg, args.dim, args.heads, args.kv_heads).to(DEV, dtype) for cfg in (pooled, token))
+    gates[1].token_kernel = True  # the kernel path; the PyTorch path is timed by switching it off
+    return gates
 
 
 def check(gate: AttnGate, q: torch.Tensor, k: torch.Tensor) -> float:

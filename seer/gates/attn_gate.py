@@ -22,8 +22,8 @@ Token queries (``gate.q_tokens=true``): step 1 pools K only; every query token `
     tokens block ``i`` has; the last block may be partial), ``-inf`` above the diagonal as before. Tokens early in
     block ``i`` also score block ``i`` itself (the diagonal block, which selection always keeps).
 
-On CUDA with no gradient needed (inference), steps 2'-3' run in one Triton kernel that never writes the token
-scores (:mod:`seer.kernels.token_gate`; :attr:`AttnGate.token_kernel` turns it off); the token queries of step 1'
+On CUDA with no gradient needed (inference) and :attr:`AttnGate.token_kernel` on, steps 2'-3' run in one Triton
+kernel that never writes the token scores (:mod:`seer.kernels.token_gate`); the token queries of step 1'
 stay in PyTorch, built whole in the gate's dtype (``[B, Hq, N, hidden]``: 117 MB in bfloat16 at 32k tokens, 14
 heads, hidden 128) in chunks of whole blocks whose float32 queries fit :attr:`AttnGate.token_chunk_bytes`.
 Otherwise (CPU, training) the token scores ``[B, Hq, N, nb]`` are never held whole either: query blocks are taken
@@ -84,11 +84,12 @@ class AttnGate(nn.Module):
     token count giving ``(inv_freq, scale)`` at that length, used instead of the two above.
     ``token_chunk_bytes`` (``gate.q_tokens`` only; default :data:`TOKEN_CHUNK_BYTES`): the float32 token scores of one
     chunk of query blocks stay under it (at least one block a chunk); an attribute, not part of the architecture.
-    ``token_kernel`` (``gate.q_tokens`` only; class attribute, default True, settable per instance): inference on
-    CUDA (no gradient needed) takes the token logits from the Triton kernel (:mod:`seer.kernels.token_gate`);
-    False keeps the chunked PyTorch path everywhere (what benchmarks time it against)."""
+    ``token_kernel`` (``gate.q_tokens`` only; class attribute, settable per instance): True makes inference on CUDA
+    (no gradient needed) take the token logits from the Triton kernel (:mod:`seer.kernels.token_gate`); False (the
+    default until the kernel is checked and timed on a GPU: ``experiments/bench_token_gate.py``) keeps the chunked
+    PyTorch path everywhere."""
 
-    token_kernel: bool = True
+    token_kernel: bool = False
 
     def __init__(self, config: GateConfig, head_dim: int, num_heads: int, num_kv_heads: int,
                  rope_inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0,
@@ -204,7 +205,7 @@ class AttnGate(nn.Module):
 
     def _use_token_kernel(self, q: torch.Tensor, kg: torch.Tensor, grad: bool) -> bool:
         """Whether the token logits come from the Triton kernel (:mod:`seer.kernels.token_gate`): on CUDA, with no
-        gradient needed, for a gate of a kernel dtype, unless :attr:`token_kernel` is off."""
+        gradient needed, for a gate of a kernel dtype, when :attr:`token_kernel` is on."""
         return self.token_kernel and not grad and q.is_cuda and kg.dtype in (torch.float16, torch.bfloat16,
                                                                             torch.float32)
 

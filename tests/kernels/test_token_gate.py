@@ -141,9 +141,11 @@ def test_gate_forward_with_the_kernel_equals_the_pytorch_path(monkeypatch, n, ch
 
 
 def test_dispatch_condition():
-    """The kernel serves CUDA inputs without grad in a kernel dtype while ``token_kernel`` is on; never the CPU (the
-    interpreter is for tests), training, float64 gates or a gate with it off."""
+    """The kernel serves CUDA inputs without grad in a kernel dtype while ``token_kernel`` is on (off by default until
+    timed on a GPU); never the CPU (the interpreter is for tests), training, float64 gates or a gate with it off."""
     gate = _gate()
+    assert AttnGate.token_kernel is False and not gate.token_kernel
+    gate.token_kernel = True
     kg32 = torch.empty(1)
     assert not gate._use_token_kernel(torch.empty(1), kg32, grad=False)
 
@@ -156,7 +158,6 @@ def test_dispatch_condition():
     assert not gate._use_token_kernel(_Cuda(), kg32.double(), grad=False)
     gate.token_kernel = False
     assert not gate._use_token_kernel(_Cuda(), kg32, grad=False)
-    assert AttnGate.token_kernel is True
 
 
 def test_training_keeps_the_pytorch_path(monkeypatch):
@@ -180,6 +181,7 @@ def test_bf16_gate_on_the_gpu_matches_the_pytorch_path():
     inv_freq, scale = rope_frequencies(tiny_config("llama"), 128)
     gate = AttnGate(cfg, head_dim=64, num_heads=14, num_kv_heads=2, rope_inv_freq=inv_freq,
                     rope_scale=scale).cuda().bfloat16()
+    gate.token_kernel = True
     q = torch.randn(1, 14, 4173, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 4173, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
