@@ -4,18 +4,15 @@ Triton interpreter (timings faked) with a failing variant reported and not timed
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from seer.kernels import flash_gt
 from seer.kernels import flash_gt_kernels as fk
+from tests.kernels.scripts import ROOT, run_experiment
 
-ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"fast": flash_gt.FAST, "dense": flash_gt.DENSE, "pass2": flash_gt.PASS2}
 
 
@@ -26,17 +23,11 @@ def bench(monkeypatch):
     return bench_gt
 
 
-def _script(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_gt.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_help_and_list_variants(bench):
-    res = _script("--help")
+    res = run_experiment("bench_gt.py", "--help")
     assert res.returncode == 0, res.stderr
     assert "--variants" in res.stdout and "--sweep" in res.stdout
-    res = _script("--list-variants")
+    res = run_experiment("bench_gt.py", "--list-variants")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [bench.variant_name(*v) for v in bench.variants()]
 

@@ -3,21 +3,13 @@ the block-sparse launch table accepts."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from seer.kernels import block_sparse as bs
 from seer.kernels.common import tiles_invalid
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.scripts import ROOT, run_experiment
 
 
 def test_help_runs():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_hopper.py"), "--help"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = run_experiment("bench_hopper.py", "--help")
     assert res.returncode == 0, res.stderr
     assert "--compile-only" in res.stdout and "--budget-s" in res.stdout
 

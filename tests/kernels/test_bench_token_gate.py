@@ -4,16 +4,10 @@ kernel dispatch forced."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from seer.gates import AttnGate
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.scripts import ROOT, run_experiment
 
 
 @pytest.fixture
@@ -24,9 +18,7 @@ def bench(monkeypatch):
 
 
 def test_help_runs():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_token_gate.py"), "--help"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = run_experiment("bench_token_gate.py", "--help")
     assert res.returncode == 0, res.stderr
     assert "--ns" in res.stdout and "--gate-dtype" in res.stdout
 
