@@ -103,8 +103,8 @@ def scores_name(estimate: dict) -> str:
 def model_overrides(args) -> list[str]:
     """The base model's overrides, for training and evaluation alike: the GGUF's conversion is cached in ``--work``
     (the first load converts it, later ones read the converted folder)."""
-    return [f"model={args.model}", f"model.name_or_path={args.model_dir}", f"model.gguf_file={args.gguf}",
-            f"model.gguf_cache_dir={args.work}/gguf"]
+    return [f"model={args.model}", "model.package=null", f"model.name_or_path={args.model_dir}",
+            f"model.gguf_file={args.gguf}", f"model.gguf_cache_dir={args.work}/gguf"]
 
 
 def train_decode_gates(args) -> Path:
