@@ -76,6 +76,15 @@ windows (2 windows of 32k), plus one more of each for the picks combined when mo
 It evaluates the per-group jobs too (on the evaluated windows; the fit never reads them); ``--only
 gate:base+vertical_slash@0.5 'gate:base+vertical_slash@0.5 fitted'`` runs the default and the fitted hybrid alone.
 
+One gate for both phases against separate gates (issue 18's moonshot): ``--shared-gates NAME=PATH`` adds the decode
+gates of a ``stage=distill_decode`` run (e.g. the ones ``experiments/quality_decode.py`` trains into
+``--work``/train_decode/gates) as the gate set ``gate:NAME``, scoring the prefill's blocks
+(:class:`seer.gates.decode_gate.SharedPrefillGate`: each query block's mean of its tokens' decode-gate distributions),
+in every job a recipe's gates have (blended, alone), beside the prefill gates of ``--gates``/``--recipes``:
+
+    python3 experiments/quality_qwen.py ... --gates base=PATH --recipes base= --shared-gates shared=DECODE_PATH \
+        --plan lever --blends vertical_slash:0.5 --densities 0.1 --texts novel code --out $OUT
+
 Retrieval rows (for RULER's retrieval and multi-hop tasks, which the novels and stdlib rarely show the gates): the
 same command with ``--train-overrides data/augment=retrieval`` (and its own ``--work`` and ``--out``) writes key-value
 facts recalled thousands of tokens later, multi-hop chains and verbatim repeated spans, in the documents' own prose or
@@ -105,6 +114,8 @@ from seer.evaluation.harness import Evaluator
 from seer.evaluation.hybrid_fit import MARGIN, HybridPick, check_groups, pick_hybrid
 from seer.gates.config import GateConfig
 from seer.model.attention import layer_ranges
+from seer.model.decode import share_decode_gates
+from seer.model.decode_gate_io import load_decode_gates, read_decode_gate_meta
 from seer.model.gate_io import load_gates
 from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
@@ -162,6 +173,23 @@ def recipes(args) -> dict[str, list[str]]:
             raise SystemExit(f"--recipes {recipe!r}: give NAME=OVERRIDE;OVERRIDE... with a new name (or NAME= for "
                              "the recipe unchanged)")
         out[name] = ["stage.target=mass", *filter(None, overrides.split(";"))]
+    return out
+
+
+def shared_gates(args) -> dict[str, Path]:
+    """``--shared-gates NAME=PATH``: decode-gate folders whose decode gates also score the prefill (one gate for both
+    phases, :func:`seer.model.decode.share_decode_gates`), studied as the gate sets ``gate:NAME`` after the
+    recipes'."""
+    out = {}
+    for pair in args.shared_gates:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path or name in out or name in recipes(args):
+            raise SystemExit(f"--shared-gates {pair!r}: give NAME=PATH with a name no recipe or other shared gate has")
+        try:
+            read_decode_gate_meta(path)  # a missing or altered decode-gate file stops the run before any training
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--shared-gates {pair!r}: {exc}") from None
+        out[name] = Path(path)
     return out
 
 
@@ -422,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--recipes", nargs="*", default=[],
                     help="gate sets as NAME=OVERRIDE;OVERRIDE (seer.train overrides of each; instead of --targets), "
                     "e.g. base= qpool='gate.q_pool=[avg,max,min]' long=trainer.max_steps=1600")
+    ap.add_argument("--shared-gates", nargs="*", default=[], metavar="NAME=PATH",
+                    help="decode gates (a stage=distill_decode gates folder) scoring the prefill too, studied as the "
+                    "gate set gate:NAME beside the recipes' (one gate for both phases against separate gates)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--train-len", type=int, default=16384)
     ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides (e.g. trainer=cpu)")
@@ -481,7 +512,7 @@ def planned_jobs(args) -> list[Job | None]:
         raise SystemExit(f"--texts essays: RULER's essays come with the RULER extra, not installed "
                          f"({', '.join(ruler.missing_extra())} missing): {ruler.INSTALL_HINT}")
     blends = parse_blends(args.blends)
-    names = [f"gate:{name}" for name in recipes(args)]
+    names = [f"gate:{name}" for name in [*recipes(args), *shared_gates(args)]]
     for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
                                  ("--group-scorers", args.group_scorers, ["oracle"]),
                                  ("--fit-hybrid", args.fit_hybrid, False)):
@@ -525,6 +556,8 @@ def main() -> None:
     jobs = planned_jobs(args)  # before any training or loading, so that a bad --only or group stops at once
     gates = {f"gate:{name}": Path(given[name]) if name in given else train_gates(args, name, overrides)
              for name, overrides in recipes(args).items()}
+    shared = {f"gate:{name}": path for name, path in shared_gates(args).items()}
+    gates.update(shared)
     train_s = time.time() - start
     print(f"[quality] gates {gates} ({train_s:.0f} s)", flush=True)
 
@@ -535,7 +568,11 @@ def main() -> None:
     models = {}
     for key, path in gates.items():
         models[key] = copy.deepcopy(base)
-        load_gates(models[key], path)
+        if key in shared:  # the decode gates score the prefill; decode stays dense (their budget is not enabled)
+            load_decode_gates(models[key], path)
+            share_decode_gates(models[key])
+        else:
+            load_gates(models[key], path)
     del base
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = evaluation_configs(args)

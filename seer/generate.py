@@ -9,7 +9,8 @@ one stored with its gates changed by any ``sparsity.*`` / ``decode_sparsity.*`` 
 replaces the prefill one). Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a
 prompt (plus ``max_new_tokens``) longer than the model's context, gates or decode gates made for another model shape,
 a decode budget below one block or without decode gates, a calibrated budget with no calibration stored beside its
-gates.
+gates. ``shared_gate=true`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates
+scoring the prefill's blocks too (top-k by default, ``sparsity.*`` changes it; ``blend`` may name an estimate).
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ def run_generation(cfg: DictConfig) -> dict:
     if cfg.gates is None and cfg.decode_gates is None:
         raise ConfigError("gates=null and decode_gates=null: give gates=PATH (sparse prefill), decode_gates=PATH "
                           "(sparse decode) or both")
+    if cfg.shared_gate and (cfg.gates is not None or cfg.decode_gates is None):
+        raise ConfigError(f"shared_gate=true: the decode gates score the prefill too; give decode_gates=PATH and "
+                          f"gates=null (gates={cfg.gates!r}, decode_gates={cfg.decode_gates!r})")
     if cfg.gates is not None:
         cfg.gates = str(resolve_gates(cfg.gates))  # a release folder or hub id becomes a seer gate folder
-    else:
+    elif not cfg.shared_gate:
         given = [(k, v) for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items() if v is not None]
         if given:
             raise ConfigError(f"sparsity.{given[0][0]}={given[0][1]!r}: a prefill budget needs prefill gates "
@@ -98,9 +102,17 @@ def run_generation(cfg: DictConfig) -> dict:
         gate = build(GateConfig, "gate", meta["gate"]).with_blend(cfg.blend, cfg.blend_weight)
         check_dense_layers(spars, shape)
         check_calibration(cfg.gates, spars, gate.scorer_name)
+    elif cfg.shared_gate:  # the decode gates' block size; no prefill calibration, so top-k unless told otherwise
+        spars = budget(cfg, {})
+        if spars.calibrated:
+            raise ConfigError(f"sparsity.method={spars.method!r}: shared_gate=true has no prefill calibration; give "
+                              f"sparsity.method=topk")
+        check_dense_layers(spars, shape)
+        blend = {"own": None, "none": None}.get(cfg.blend, cfg.blend)
+        gate = {"blend": blend} if cfg.blend_weight is None else {"blend": blend, "blend_weight": cfg.blend_weight}
     decode_spars = check_decode(OmegaConf.to_container(cfg, resolve=True), shape)
     model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel, gate_config=gate,
-                 decode_gates=cfg.decode_gates, decode_sparsity=decode_spars)
+                 decode_gates=cfg.decode_gates, decode_sparsity=decode_spars, shared_gate=cfg.shared_gate)
     ids = ids.to(model.device)
     result = {"prompt_tokens": ids.shape[1]}
     report = f"prompt: {ids.shape[1]} tokens"

@@ -4,6 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import seer.model.inference
 import seer.model.loading
 from seer.checks import ConfigError
 from seer.config import compose
@@ -212,3 +213,30 @@ def test_generate_refuses_bad_decode_settings_before_loading(tmp_path, monkeypat
         "sparsity.target_density=0.2: a prefill budget needs prefill gates (gates=PATH)")
     assert refused(f"gates={folder}", "decode_gates=null", "decode_sparsity.token_budget=2048") == (
         "decode_sparsity.token_budget=2048: a decode budget needs decode gates (decode_gates=PATH)")
+
+
+def test_generate_with_a_shared_gate_scores_the_prefill_with_the_decode_gates(tmp_path, monkeypatch, capsys):
+    """shared_gate=true: the decode gates select the prefill's blocks too (top-k by default, sparsity.* changing it,
+    a blend asked for), both phases sparse; a shared gate without decode gates, beside prefill gates or with a
+    calibrated prefill budget is refused before loading."""
+    folder = _gate_and_decode_gate_folder(tmp_path / "g")
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    cfg = compose(["model=tiny_llama", f"decode_gates={folder}", "shared_gate=true", "sparsity.target_density=0.5",
+                   "blend=vertical_slash", "max_new_tokens=6", "device=cpu"], "generate")
+    cfg.prompt = "def f(x):\n    return x + 1\n" * 8
+    result = run_generation(cfg)
+    assert set(result["densities"]) == set(result["decode_densities"]) == {0, 1}
+    assert all(0 < d < 1 for d in [*result["densities"].values(), *result["decode_densities"].values()])
+    assert "(topk target_density=0.5" in capsys.readouterr().out
+    monkeypatch.setattr(seer.model.inference, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def refused(*overrides):
+        cfg = compose(["model=tiny_llama", "shared_gate=true", "device=cpu", *overrides], "generate")
+        with pytest.raises(ConfigError) as info:
+            run_generation(cfg)
+        return str(info.value)
+
+    assert refused(f"gates={folder}").startswith("shared_gate=true: the decode gates score the prefill too; give "
+                                                  "decode_gates=PATH and gates=null")
+    assert refused(f"decode_gates={folder}", "sparsity.method=threshold", "sparsity.target_density=0.1") == (
+        "sparsity.method='threshold': shared_gate=true has no prefill calibration; give sparsity.method=topk")

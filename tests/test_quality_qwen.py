@@ -457,3 +457,51 @@ def test_a_dense_group_costlier_than_the_budget_stops_the_plan_before_loading(st
     with pytest.raises(SystemExit, match="dense@1-3: 3 dense layers of 30 cost more than the target density 0.1"):
         study.planned_jobs(study.parse_args(args))
     assert study.planned_jobs(study.parse_args([*args, "--only", "gate:base+vertical_slash@0.5 dense@0"]))
+
+
+def _decode_gate_folder(tmp_path):
+    """Decode gates (random, non-trivial) of the tiny study's model, saved as stage=distill_decode saves them."""
+    import torch
+
+    from seer.gates.decode_config import DecodeGateConfig
+    from seer.model.decode import attach_decode_gates, decode_gates
+    from seer.model.decode_gate_io import save_decode_gates
+    from tests.tiny import tiny_model
+
+    folder = tmp_path / "decode_gates"
+    model = tiny_model("llama", seed=0, max_position_embeddings=4096)
+    attach_decode_gates(model, DecodeGateConfig(block_size=16, hidden_size=16))
+    torch.manual_seed(3)
+    for gate in decode_gates(model).values():
+        torch.nn.init.normal_(gate.k_weight, std=2.0)
+    save_decode_gates(folder, model, "tiny")
+    return folder
+
+
+def test_shared_gates_are_studied_beside_the_recipes_gates(study, monkeypatch, tmp_path):
+    """--shared-gates NAME=PATH: the decode gates score the prefill as the gate set gate:NAME, in every job of the
+    plan that a recipe's gates have, blended and alone."""
+    argv = _tiny_study(study, monkeypatch, tmp_path)
+    argv = argv[:argv.index("--plan")] + ["--plan", "lever", "--densities", "0.6", "--texts", "novel", "--seq-lens",
+                                          "256", "--windows", "1", "--passkey", "0", "--copy", "1", "--work",
+                                          str(tmp_path / "work")]
+    out = tmp_path / "out"
+    folder = _decode_gate_folder(tmp_path)
+    monkeypatch.setattr("sys.argv", ["quality_qwen.py", *argv, "--shared-gates", f"shared={folder}", "--out",
+                                     str(out)])
+    study.main()
+    rows = {row["selector"]: row for row in json.loads((out / "rows.json").read_text())}
+    assert list(rows) == ["gate:base+vertical_slash@0.5", "gate:shared+vertical_slash@0.5", "gate:base",
+                          "gate:shared"]
+    for row in rows.values():
+        assert 0.45 < row["density"] < 0.75 and row["ppl"] > 0
+    assert rows["gate:shared"]["ppl"] != rows["gate:base"]["ppl"]
+
+
+@pytest.mark.parametrize("pair, message", [("shared", "give NAME=PATH"), ("base=/x", "give NAME=PATH"),
+                                           ("s=/no/decode", "no decode gates there")])
+def test_bad_shared_gates_stop_before_any_training(study, pair, message):
+    args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
+                             "--shared-gates", pair])
+    with pytest.raises(SystemExit, match=message):
+        study.planned_jobs(args)

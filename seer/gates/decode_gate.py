@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seer.gates.decode_config import DecodeGateConfig
@@ -71,21 +72,62 @@ class DecodeGate(nn.Module):
         """Logits ``[B, Hkv, T, nb]`` (the gate's dtype) of the last ``T`` tokens over the ``nb`` blocks of ``N``
         keys; ``-inf`` for blocks after a token's own block."""
         self._check(q, k)
-        bs = self.config.block_size
-        b, t, n = q.shape[0], q.shape[2], k.shape[2]
+        n = k.shape[2]
+        pooled, k_blocks = self._pooled_keys(k)
+        return self._token_logits(q, torch.arange(n - q.shape[2], n, device=q.device), pooled, k_blocks)
+
+    def block_scores(self, q: torch.Tensor, k: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """The gate serving a prefill: block log-scores ``[B, Hkv, nb, nb]`` (float32) of the ``N`` tokens of
+        pre-RoPE ``q [B, Hq, N, D]`` over their own keys ``k [B, Hkv, N, D]``.
+
+        ``scores[b, g, i, j] = log(mean over the tokens t of query block i of softmax_j(logits[b, g, t, :]))``: each
+        token's distribution over the blocks up to its own (:meth:`forward`: its own block pooled up to it), averaged
+        over the block's tokens, as the true block mass averages the tokens' attention rows. Each row sums to 1 over
+        its causal blocks (``-inf`` above the diagonal; masses floored at 1e-30 before the log). Query blocks are
+        taken in chunks whose float32 token logits fit ``chunk_bytes``."""
+        self._check(q, k)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"block_scores scores a prefill: q and k need the same tokens; got {q.shape[2]} and "
+                             f"{k.shape[2]}")
+        bs, (b, _, n, _) = self.config.block_size, q.shape
         nb = -(-n // bs)
-        pos = torch.arange(n - t, n, device=q.device)  # each query's position
-        own = pos // bs
-        qg = self.gate_queries(q, pos)
-        block_ends = torch.clamp(torch.arange(1, nb + 1, device=q.device) * bs, max=n) - 1
+        pooled, k_blocks = self._pooled_keys(k)
+        step = max(1, chunk_bytes // (b * self.num_kv_heads * bs * nb * 4))  # query blocks per chunk
+        rows = []
+        for i0 in range(0, nb, step):
+            t0, t1 = i0 * bs, min(n, (i0 + step) * bs)
+            probs = self._token_logits(q[:, :, t0:t1], torch.arange(t0, t1, device=q.device), pooled,
+                                       k_blocks).float().softmax(-1)
+            probs = F.pad(probs, (0, 0, 0, -(t1 - t0) % bs))  # a partial last block: zero rows, then its own count
+            sums = probs.view(b, self.num_kv_heads, -1, bs, nb).sum(3)
+            counts = (torch.arange(t0, t0 + sums.shape[2] * bs, bs, device=q.device) - n).neg().clamp(max=bs)
+            rows.append(sums / counts[:, None])
+        mass = torch.cat(rows, dim=2)
+        above = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
+        return mass.clamp_min(1e-30).log().masked_fill(above, float("-inf"))
+
+    def _pooled_keys(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix pools of ``k [B, Hkv, N, D]`` at every token (:func:`prefix_pool_blocks`) and the gate keys of
+        its ``nb`` blocks, whole (the last one as far as it goes), rotated at their first token."""
+        bs, n = self.config.block_size, k.shape[2]
+        nb = -(-n // bs)
+        block_ends = torch.clamp(torch.arange(1, nb + 1, device=k.device) * bs, max=n) - 1
         pooled = prefix_pool_blocks(k, bs, self.config.k_pool)
-        # whole blocks, and each query's block up to it
-        k_blocks = self.gate_keys(pooled[:, :, block_ends], torch.arange(nb, device=q.device) * bs)
-        k_own = self.gate_keys(pooled[:, :, pos], own * bs)
+        return pooled, self.gate_keys(pooled[:, :, block_ends], torch.arange(nb, device=k.device) * bs)
+
+    def _token_logits(self, q: torch.Tensor, pos: torch.Tensor, pooled: torch.Tensor,
+                      k_blocks: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, Hkv, T, nb]`` of the tokens of pre-RoPE ``q [B, Hq, T, D]`` at positions ``pos [T]`` over
+        the block keys ``k_blocks``, each token's own block scored by its prefix pool (``pooled`` at ``pos``);
+        ``-inf`` after the token's block."""
+        b, nb = q.shape[0], k_blocks.shape[2]
+        own = pos // self.config.block_size
+        qg = self.gate_queries(q, pos)
+        k_own = self.gate_keys(pooled[:, :, pos], own * self.config.block_size)
         scale = 1.0 / math.sqrt(qg.shape[-1])
         logits = torch.matmul(qg, k_blocks.transpose(-1, -2)) * scale
         own_logit = (qg * k_own).sum(-1, keepdim=True) * scale
-        logits = logits.scatter(-1, own.expand(b, self.num_kv_heads, t)[..., None], own_logit)
+        logits = logits.scatter(-1, own.expand(b, self.num_kv_heads, -1)[..., None], own_logit)
         after = torch.arange(nb, device=q.device)[None, :] > own[:, None]
         return logits.masked_fill(after, float("-inf"))
 
@@ -126,6 +168,24 @@ class DecodeGate(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"block_size={c.block_size}, k_pool={c.k_pool}, hidden={c.hidden_size}, block_rope={c.block_rope}"
+
+
+class SharedPrefillGate(nn.Module):
+    """A decode gate serving the prefill as its layer's gate (one gate for both phases): the block log-scores of
+    :meth:`DecodeGate.block_scores` ``[B, Hkv, nb, nb]``, each KV head's shared by its group's query heads
+    (``[B, Hq, nb, nb]``). It shares the decode gate's parameters without owning them: the decode gate stays the
+    only module they are saved, loaded and moved with."""
+
+    def __init__(self, decode_gate: DecodeGate):
+        super().__init__()
+        object.__setattr__(self, "decode_gate", decode_gate)  # not a submodule: its parameters are the decode gate's
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        gate = self.decode_gate
+        scores = gate.block_scores(q, k)
+        b, hkv, nb, _ = scores.shape
+        group = gate.num_heads // hkv
+        return scores[:, :, None].expand(b, hkv, group, nb, nb).reshape(b, hkv * group, nb, nb)
 
 
 def project_per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

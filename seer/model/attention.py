@@ -322,12 +322,15 @@ def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
     return ctx
 
 
-def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
+def attach_gates(model: nn.Module, gate_config: GateConfig,
+                 make_gate: Callable[[nn.Module], nn.Module] | None = None) -> SeerContext:
     """Adds a gate to every attention layer of ``model`` (in place; preparing it first if needed) and returns the
     shared context.
 
     Gates are float32 and live on the model's device (the CPU for a model on the meta device); the base model's own
-    parameters are left as they are (freeze them with :func:`freeze_base_model`)."""
+    parameters are left as they are (freeze them with :func:`freeze_base_model`). ``make_gate(layer)`` gives a
+    layer's gate instead of a new :class:`AttnGate` (any module mapping the layer's pre-RoPE Q and K to block logits
+    ``[B, Hq, nb, nb]``, e.g. :class:`seer.gates.decode_gate.SharedPrefillGate`)."""
     ctx = getattr(model, "seer_context", None) or prepare_model(model, gate_config.block_size)
     if ctx.gate_config is not None:
         raise ValueError("this model already has seer gates attached")
@@ -335,16 +338,21 @@ def attach_gates(model: nn.Module, gate_config: GateConfig) -> SeerContext:
         raise ValueError(f"gate.block_size={gate_config.block_size} differs from the model's seer block size "
                          f"{ctx.block_size}")
     gate_config.check_layers(ctx.num_layers)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope else (None, 1.0)
-    dynamic = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
-    at_length = partial(rope_frequencies, cfg, gate_config.hidden_size) if dynamic else None  # as the model's
-    device = next(model.parameters()).device
-    device = torch.device("cpu") if device.type == "meta" else device  # a base drawn later (sharded runs): real gates
+    if make_gate is None:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        inv_freq, rope_scale = rope_frequencies(cfg, gate_config.hidden_size) if gate_config.block_rope \
+            else (None, 1.0)
+        dynamic = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
+        at_length = partial(rope_frequencies, cfg, gate_config.hidden_size) if dynamic else None  # as the model's
+        device = next(model.parameters()).device
+        device = torch.device("cpu") if device.type == "meta" else device  # a base drawn later (sharded runs)
+
+        def make_gate(layer: nn.Module) -> nn.Module:
+            heads, kv_heads, head_dim = layer_shape(model, layer)
+            return AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)
     for layer in attention_layers(model):
-        heads, kv_heads, head_dim = layer_shape(model, layer)
-        layer.seer_gate = AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)
-        stash = _PreRopeStash(heads, kv_heads, head_dim)
+        layer.seer_gate = make_gate(layer)
+        stash = _PreRopeStash(*layer_shape(model, layer))
         layer.seer_stash = stash
         (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
         (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))

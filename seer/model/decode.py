@@ -50,9 +50,11 @@ from torch import nn
 
 from seer.gates import rope_frequencies
 from seer.gates.decode_config import DecodeGateConfig
-from seer.gates.decode_gate import DecodeGate
+from seer.gates.config import GateConfig
+from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from seer.kernels.decode_gt import decode_block_gt
-from seer.model.attention import _dense, _PreRopeStash, attention_layers, layer_shape, seer_mask
+from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, layer_shape,
+                                  seer_mask)
 from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, newest_scores, step_key_bounds, step_keys
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
@@ -360,6 +362,23 @@ def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeCon
         layer.seer_decode = ctx
     model.seer_decode = ctx
     return ctx
+
+
+def share_decode_gates(model: nn.Module, gate_config: GateConfig | None = None) -> SeerContext:
+    """Makes the decode gates of ``model`` (:func:`attach_decode_gates`) score its prefill too: one gate for both
+    phases. Each layer's prefill gate is a :class:`~seer.gates.decode_gate.SharedPrefillGate` over its decode gate;
+    ``gate_config`` (its ``blend`` and ``blend_weight``; default: the gate alone) says how the scores are used, at
+    the decode gates' block size. Returns the prefill context (:func:`seer.model.attention.attach_gates`)."""
+    decode = getattr(model, "seer_decode", None)
+    if decode is None:
+        raise ValueError("share_decode_gates needs a model with decode gates (seer.model.decode_gate_io."
+                         "load_decode_gates or attach_decode_gates)")
+    block_size = decode.config.block_size
+    gate_config = gate_config or GateConfig(block_size=block_size)
+    if gate_config.block_size != block_size:
+        raise ValueError(f"gate.block_size={gate_config.block_size}: the shared decode gates score blocks of "
+                         f"{block_size} tokens")
+    return attach_gates(model, gate_config, make_gate=lambda layer: SharedPrefillGate(layer.seer_decode_gate))
 
 
 def decode_gates(model: nn.Module) -> dict[int, DecodeGate]:

@@ -22,10 +22,11 @@ import torch
 
 from seer.backends import resolve_backend
 from seer.checks import build
-from seer.gates.config import GateConfig
+from seer.gates.config import INFERENCE_FIELDS, GateConfig
 from seer.gates.decode_config import DecodeGateConfig
 from seer.model.attention import attach_gates, prepare_model
 from seer.model.config import ModelConfig
+from seer.model.decode import share_decode_gates
 from seer.model.decode_gate_io import decode_weights_path, load_decode_gates, read_decode_gate_meta
 from seer.model.gate_io import check_gates_fit, config_signature, load_gates, read_gate_meta
 from seer.model.gate_sources import resolve_gates
@@ -70,7 +71,8 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
          sparsity: SparsityConfig | Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
          kernel: str = "auto", gate_config: GateConfig | Mapping[str, Any] | None = None,
          decode_gates: str | Path | None = None,
-         decode_sparsity: DecodeSparsityConfig | Mapping[str, Any] | None = None) -> torch.nn.Module:
+         decode_sparsity: DecodeSparsityConfig | Mapping[str, Any] | None = None,
+         shared_gate: bool = False) -> torch.nn.Module:
     """Loads a causal LM with gates for sparse prefill, sparse decode, or both.
 
     ``model``: a hub id or local folder, a :class:`ModelConfig`, or its fields as a mapping (e.g.
@@ -91,12 +93,19 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     fields (default: the budget stored with the decode gates); a calibrated threshold (``target_density``) uses the
     one stored beside them (``decode_calibration.json``); ``{"estimate": "quest", "estimate_weight": w}`` mixes Quest's
     key bounds into the gate's block scores (``w`` 1: Quest alone). Without ``decode_gates`` decode steps are dense.
+
+    ``shared_gate=True`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates
+    scoring the prefill's blocks too (:func:`seer.model.decode.share_decode_gates`); ``gate_config`` may give their
+    ``blend``; ``sparsity`` (default top-k) must not need a calibration, which only prefill gates have.
     Every argument is checked before the model loads.
     """
+    if shared_gate and (decode_gates is None or gates is not None):
+        raise ValueError("shared_gate=True makes the decode gates score the prefill too: give decode_gates=PATH and "
+                         "no gates=")
     if gates is None and gate_config is None and decode_gates is None:
         raise ValueError("seer.load needs gates=PATH (trained gates), gate_config= (untrained gates) or "
                          "decode_gates=PATH (trained decode gates)")
-    prefill_gated = gates is not None or gate_config is not None
+    prefill_gated = gates is not None or gate_config is not None or shared_gate
     if not prefill_gated and sparsity is not None:
         raise ValueError(f"sparsity={sparsity!r} is a prefill budget; it needs gates=PATH or gate_config=")
     if decode_gates is None and decode_sparsity is not None:
@@ -106,9 +115,18 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
         meta = read_gate_meta(gates)  # a missing, truncated or altered gate file fails before the model loads
         if isinstance(gate_config, Mapping):
             gate_config = build(GateConfig, "gate", {**meta["gate"], **gate_config})
+    decode_meta = read_decode_gate_meta(decode_gates) if decode_gates is not None else None
+    if shared_gate:
+        block_size = decode_meta["decode_gate"]["block_size"]
+        fields = dict(gate_config or {}) if not isinstance(gate_config, GateConfig) else {
+            "blend": gate_config.blend, "blend_weight": gate_config.blend_weight}
+        unknown = sorted(set(fields) - set(INFERENCE_FIELDS))
+        if unknown:
+            raise ValueError(f"gate_config {unknown} with shared_gate=True: the shared decode gates take only "
+                             f"{', '.join(INFERENCE_FIELDS)}")
+        gate_config = build(GateConfig, "gate", {"block_size": block_size, **fields})
     elif isinstance(gate_config, Mapping):
         gate_config = build(GateConfig, "gate", gate_config)
-    decode_meta = read_decode_gate_meta(decode_gates) if decode_gates is not None else None
     if model is None:
         if gates is None and decode_meta is None:
             raise ValueError("seer.load without a model needs gates= or decode_gates= that name their base model")
@@ -128,7 +146,9 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     calibration = None
     if spars is not None and spars.calibrated:
         if gates is None:
-            raise ValueError(f"sparsity {spars.describe()} is calibrated per gate checkpoint; give gates=PATH")
+            raise ValueError(f"sparsity {spars.describe()} is calibrated per gate checkpoint; give gates=PATH"
+                             + (" (the shared decode gates have no prefill calibration: give a top-k budget)"
+                                if shared_gate else ""))
         scorer = gate_config or build(GateConfig, "gate", meta["gate"])  # the blend it will use
         calibration = find_calibration(_gate_folder(gates), spars, scorer.scorer_name)
     decode_spars = decode_budget(decode_sparsity, decode_meta) if decode_meta is not None else None
@@ -139,13 +159,15 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     model.config.use_cache = True
     if gates is not None:
         load_gates(model, gates, expected_gate=gate_config)
-    elif gate_config is not None:
+    elif gate_config is not None and not shared_gate:
         attach_gates(model, gate_config)
-    else:  # decode gates alone: the "seer" attention function, dense prefill
+    else:  # decode gates alone (dense prefill, or scored by them with shared_gate): the "seer" attention function
         prepare_model(model, decode_meta["decode_gate"]["block_size"])
     if decode_spars is not None:
         load_decode_gates(model, decode_gates)
         model.seer_decode.enable(decode_spars, kernel, threshold)
+    if shared_gate:
+        share_decode_gates(model, gate_config)
     for p in model.parameters():
         p.requires_grad_(False)
     if spars is not None:

@@ -7,7 +7,7 @@ import torch
 
 from seer.checks import ConfigError
 from seer.gates.decode_config import DecodeGateConfig
-from seer.gates.decode_gate import DecodeGate
+from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from tests.gates.test_attn_gate import _rope_loop
 
 
@@ -95,3 +95,44 @@ def test_projection_per_head_matches_a_float64_product(rows):
     got = project_per_head(x, w)
     assert got.shape == (5, 3, rows, 32)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, heads, chunk_bytes", [
+    (37, (4, 2), 1),         # partial last block; one query block per chunk
+    (48, (2, 1), 1 << 20),   # whole blocks, all in one chunk
+])
+def test_block_scores_average_each_tokens_block_distribution(n, heads, chunk_bytes):
+    """The prefill's block scores are the log of each query block's mean over its tokens of the token's softmax over
+    the blocks up to its own (float64 loop from the definition), -inf above the diagonal, rows summing to 1."""
+    torch.manual_seed(1)
+    hq, hkv = heads
+    cfg = DecodeGateConfig(block_size=16, k_pool=["max", "avg"], hidden_size=8)
+    gate = DecodeGate(cfg, head_dim=8, num_heads=hq, num_kv_heads=hkv, rope_scale=1.1).double()
+    q, k = torch.randn(2, hq, n, 8, dtype=torch.float64), torch.randn(2, hkv, n, 8, dtype=torch.float64)
+    probs = _decode_gate_loop(gate, q, k).softmax(-1)  # [B, Hkv, n, nb]
+    nb = math.ceil(n / 16)
+    want = torch.stack([probs[:, :, i * 16:(i + 1) * 16].mean(2) for i in range(nb)], dim=2).log()
+    got = gate.block_scores(q, k, chunk_bytes=chunk_bytes)
+    assert got.dtype == torch.float32 and got.shape == (2, hkv, nb, nb)
+    assert torch.equal(torch.isinf(got), torch.ones(nb, nb, dtype=torch.bool).triu(1).expand_as(got))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(2, hkv, nb))
+
+
+def test_block_scores_refuse_a_decode_step():
+    gate = DecodeGate(DecodeGateConfig(block_size=16, hidden_size=8), head_dim=8, num_heads=2, num_kv_heads=1)
+    with pytest.raises(ValueError, match="block_scores scores a prefill: q and k need the same tokens; got 3 and 40"):
+        gate.block_scores(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 40, 8))
+
+
+def test_shared_prefill_gate_gives_each_query_head_its_groups_scores_and_owns_no_weights():
+    torch.manual_seed(2)
+    gate = DecodeGate(DecodeGateConfig(block_size=16, hidden_size=8), head_dim=8, num_heads=6, num_kv_heads=2)
+    shared = SharedPrefillGate(gate)
+    q, k = torch.randn(1, 6, 40, 8), torch.randn(1, 2, 40, 8)
+    scores, per_group = shared(q, k), gate.block_scores(q, k)
+    assert scores.shape == (1, 6, 3, 3)
+    for h in range(6):
+        assert torch.equal(scores[:, h], per_group[:, h // 3])
+    assert list(shared.parameters()) == [] and shared.state_dict() == {}

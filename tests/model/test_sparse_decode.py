@@ -372,3 +372,49 @@ def test_triton_decode_steps_pass_unique_lists(gate_folder, monkeypatch):
                       decode_sparsity={"token_budget": budget, "first_block": first})
         _generate(model, ids, new=4)
     assert calls and all(calls)
+
+
+def test_shared_gate_scores_the_prefill_with_the_decode_gates(gate_folder):
+    """shared_gate=True: each layer's prefill block scores are its decode gate's block scores of the layer's pre-RoPE
+    Q and K (caught here by hooks of the test's own), the prefill is sparse, and both phases run in one generate()."""
+    model = _load(decode_gates=gate_folder, shared_gate=True, sparsity={"method": "topk", "target_density": 0.5})
+    assert model.seer_context.gate_config == GateConfig(block_size=BS)
+    caught = {}
+    for layer in attention_layers(model):
+        i = layer.layer_idx
+        layer.q_proj.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(("q", i), out))
+        layer.k_proj.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(("k", i), out))
+    ids = torch.randint(3, 300, (1, 70))
+    with torch.no_grad(), model.seer_context.observing() as observed:
+        model(ids, use_cache=False)
+    for layer in attention_layers(model):
+        i, heads = layer.layer_idx, model.config.num_attention_heads
+        kv, d = model.config.num_key_value_heads, layer.head_dim
+        q = caught["q", i].view(1, 70, heads, d).transpose(1, 2)
+        k = caught["k", i].view(1, 70, kv, d).transpose(1, 2)
+        want = layer.seer_decode_gate.block_scores(q, k).repeat_interleave(heads // kv, dim=1)
+        torch.testing.assert_close(observed.scores()[i], want)
+    _generate(model, ids, new=12)
+    assert 0 < model.seer_context.mean_density() < 0.8
+    assert all(0 < density < 1 for density in model.seer_decode.densities().values())
+    with torch.no_grad():
+        sparse = model(ids, use_cache=False).logits
+        dense = _load(decode_gates=gate_folder)(ids, use_cache=False).logits  # dense prefill
+    assert (sparse - dense).abs().max() > 1e-3
+
+
+def test_shared_gate_refuses_bad_arguments_before_loading(gate_folder, monkeypatch):
+    monkeypatch.setattr(seer.model.inference, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def refused(**kwargs) -> str:
+        with pytest.raises(ValueError) as info:
+            load(TINY, device="cpu", shared_gate=True, **kwargs)
+        return str(info.value)
+
+    need = "shared_gate=True makes the decode gates score the prefill too: give decode_gates=PATH and no gates="
+    assert refused() == need
+    assert refused(gates=gate_folder, decode_gates=gate_folder) == need
+    assert refused(decode_gates=gate_folder, gate_config={"hidden_size": 8}) == (
+        "gate_config ['hidden_size'] with shared_gate=True: the shared decode gates take only blend, blend_weight")
+    assert refused(decode_gates=gate_folder, sparsity={"method": "threshold", "target_density": 0.1}).endswith(
+        "(the shared decode gates have no prefill calibration: give a top-k budget)")
