@@ -446,7 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-novel", required=True, help="a novel never trained on (evaluated whole)")
     ap.add_argument("--gates", nargs="*", default=[],
                     help="trained gate folders as NAME=PATH (a target's or a recipe's name; skips its training)")
-    ap.add_argument("--targets", nargs="+", default=["mass", "maxpool"], choices=["mass", "maxpool"])
+    ap.add_argument("--targets", nargs="*", default=["mass", "maxpool"], choices=["mass", "maxpool"],
+                    help="a gate set per target, trained (none: only the --shared-gates)")
     ap.add_argument("--recipes", nargs="*", default=[],
                     help="gate sets as NAME=OVERRIDE;OVERRIDE (seer.train overrides of each; instead of --targets), "
                     "e.g. base= qpool='gate.q_pool=[avg,max,min]' long=trainer.max_steps=1600")
@@ -513,6 +514,8 @@ def planned_jobs(args) -> list[Job | None]:
                          f"({', '.join(ruler.missing_extra())} missing): {ruler.INSTALL_HINT}")
     blends = parse_blends(args.blends)
     names = [f"gate:{name}" for name in [*recipes(args), *shared_gates(args)]]
+    if not names:
+        raise SystemExit("no gate sets: give --targets, --recipes or --shared-gates")
     for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
                                  ("--group-scorers", args.group_scorers, ["oracle"]),
                                  ("--fit-hybrid", args.fit_hybrid, False)):
