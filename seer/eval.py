@@ -13,6 +13,11 @@ With ``decode_gates`` (and any ``decode_sparsity.*`` over their stored budget, c
 them) the generated measures (passkey, RULER) decode through the decode gates on top of the prefill selection under
 test (``sparsity=dense`` for decode alone); the dense reference stays dense, prefill and decode, and its cache is
 shared with runs without decode gates. Rows name the decode budget (``decode``) and its achieved ``decode_density``.
+
+``selector=gate shared_gate=true decode_gates=PATH`` (no ``gates``): one gate for both phases, the decode gates
+scoring the prefill's blocks too (:func:`seer.model.decode.share_decode_gates`; a calibrated budget is calibrated
+here on the calibration windows, never stored) and decoding through their budget; rows name the scorer
+``shared_gate`` (``shared_gate+<blend>@<weight>`` when blended).
 """
 
 from __future__ import annotations
@@ -56,10 +61,16 @@ def _checked(cfg: DictConfig):
         if unknown:
             raise ConfigError(f"selector=gate takes only blend and blend_weight (the gates' blend at inference); "
                               f"got {unknown}")
-        if not cfg.gates:
+        if cfg.shared_gate and (cfg.gates or not cfg.decode_gates):
+            raise ConfigError(f"shared_gate=true: the decode gates score the prefill too; give decode_gates=PATH and "
+                              f"gates=null (gates={cfg.gates!r}, decode_gates={cfg.decode_gates!r})")
+        if not cfg.gates and not cfg.shared_gate:
             raise ConfigError(f"gates={cfg.gates!r}: selector=gate needs a gate checkpoint folder "
                               f"(outputs/<run>/gates)")
         selector = None
+    elif cfg.shared_gate:
+        raise ConfigError(f"shared_gate=true scores the prefill with the decode gates: give selector=gate, not "
+                          f"selector={name}")
     else:
         try:
             selector = build_selector(name, **params)
@@ -109,8 +120,9 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         cfg.gates = str(resolve_gates(cfg.gates))
     model_cfg, sparsity, evaluation, selector, corpus = _checked(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
+    shared = bool(cfg.shared_gate)
     shape = check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(),
-                             uses_gates=selector is None)
+                             uses_gates=selector is None and not shared)
     decode = check_decode(plain, shape)
     decode_gates = decode_threshold = None
     if decode is not None:
@@ -133,12 +145,14 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         ruler = ruler_samples(tokenizer, evaluation.ruler, evaluation.seq_lens, evaluation.ruler_samples,
                               evaluation.seed, text.start_id)
     out_dir = Path(cfg.paths.output_dir)
-    gates = str(Path(cfg.gates).resolve()) if selector is None else None
+    gates = str(Path(cfg.gates).resolve()) if selector is None and not shared else None
     gate_config = None
     if selector is None:  # the gates' config with the blend asked for (selector.blend), checked before loading
-        gate_config = build(GateConfig, "gate", read_gate_meta(cfg.gates)["gate"]).with_blend(
-            cfg.selector.get("blend", "own"), cfg.selector.get("blend_weight"))
-    identity = tracking.run_identity(f"{cfg.task_name}-{scorer_name(selector, gate_config)}",
+        own = {"block_size": decode_block_size(decode_gates)} if shared else read_gate_meta(cfg.gates)["gate"]
+        gate_config = build(GateConfig, "gate", own).with_blend(cfg.selector.get("blend", "own"),
+                                                                cfg.selector.get("blend_weight"))
+    identity = tracking.run_identity(f"{cfg.task_name}-{'shared_' if shared else ''}"
+                                     f"{scorer_name(selector, gate_config)}",
                                      {**tracking.flat_config(cfg), "gates": gates, "model.name": model_id(model_cfg),
                                       "decode_gates": decode_gates})
     run = _start_wandb(cfg, identity)
@@ -146,14 +160,17 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         torch.manual_seed(cfg.seed)  # random-weight models (model.random_init) are the same in every run
         model = load_causal_lm(model_cfg, device)
         model.config.use_cache = True
-        if selector is None:
+        if selector is None and not shared:
             load_gates(model, cfg.gates, expected_gate=gate_config)
         else:
-            prepare_model(model, cfg.block_size)
+            prepare_model(model, gate_config.block_size if shared else cfg.block_size)
         if decode is not None:
+            from seer.model.decode import share_decode_gates
             from seer.model.decode_gate_io import load_decode_gates
 
             load_decode_gates(model, decode_gates)
+            if shared:
+                share_decode_gates(model, gate_config)
         evaluator = Evaluator(model, tokenizer, text, evaluation, kernel=kernel,
                               cache_dir=Path(cfg.paths.cache_dir) / "eval", model_name=model_id(model_cfg),
                               ruler_samples=ruler)
@@ -161,6 +178,9 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         calibrations = {}
         if selector is None and sparsity.calibrated:
             for n in evaluation.seq_lens:
+                if shared:  # no calibration is stored for a shared gate
+                    calibrations[n] = evaluator.calibrate(None, sparsity, n)
+                    continue
                 try:
                     calibrations[n] = find_calibration(cfg.gates, sparsity, model.seer_context.scorer_name, n)
                     log.info("using the calibration stored with the gates for %s at %d tokens", sparsity.describe(), n)
@@ -172,6 +192,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         for row in rows:
             row.update(model=model_id(model_cfg), data=text.fingerprint, gates=gates,
                        decode_gates=decode_gates)
+            if shared:  # the prefill scored by the decode gates, not by prefill gates
+                row["selector"] = "shared_" + row["selector"]
         from seer.files import atomic_write_text
 
         metrics = atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
@@ -185,6 +207,13 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     tracking.finish_wandb(exit_code=0)
     print(format_rows(rows) + f"metrics.json: {metrics}\n", flush=True)
     return rows
+
+
+def decode_block_size(decode_gates: str) -> int:
+    """The block size of the decode gates in the folder ``decode_gates``."""
+    from seer.model.decode_gate_io import read_decode_gate_meta
+
+    return int(read_decode_gate_meta(decode_gates)["decode_gate"]["block_size"])
 
 
 def format_rows(rows: list[dict]) -> str:

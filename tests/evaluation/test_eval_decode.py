@@ -105,3 +105,25 @@ def test_bad_decode_input_is_refused_before_loading(tmp_path, monkeypatch, text_
                                                   "written by stage=distill_decode, outputs/<run>/gates)")
     assert refused("decode_sparsity.token_budget=2048") == (
         "decode_sparsity.token_budget=2048: a decode budget needs decode gates (decode_gates=PATH)")
+
+
+def test_a_shared_gate_scores_the_prefill_with_the_decode_gates(tmp_path, text_files, generations):
+    """shared_gate=true: the decode gates select the prefill's blocks (calibrated here to the target, never stored)
+    and decode the generated answers; the row names the shared scorer and no prefill gates."""
+    folder = _gate_and_decode_gate_folder(tmp_path / "g")
+    over = [o for o in RUN if not o.startswith(("selector=", "sparsity"))] + [
+        text_files, f"paths.cache_dir={tmp_path}/c", "selector=gate", "sparsity=threshold",
+        "sparsity.target_density=0.6", "eval.perplexity=true", "eval.calibration_windows=1", f"decode_gates={folder}",
+        "shared_gate=true"]
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    row = run_eval(compose(over + [f"paths.output_dir={tmp_path}/o"], "eval"))[0]
+    assert row["selector"] == "shared_gate" and row["gates"] is None
+    assert row["decode_gates"] == str(folder.resolve()) and row["decode"] == "token_budget=32"
+    assert abs(row["density"] - 0.6) < 0.15 and row["ppl"] > 0
+    assert all(0 < d < 1 for _, d in generations[len(generations) // 2:])
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # nothing stored beside the gates
+    for bad, message in ((["shared_gate=true", "gates=null", "decode_gates=null"], "give decode_gates=PATH"),
+                         ([f"gates={folder}"], "give decode_gates=PATH and gates=null"),
+                         (["selector=oracle"], "give selector=gate, not selector=oracle")):
+        with pytest.raises(ConfigError, match=message):
+            run_eval(compose(over + bad + [f"paths.output_dir={tmp_path}/x"], "eval"))
