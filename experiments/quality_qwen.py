@@ -193,6 +193,11 @@ def shared_gates(args) -> dict[str, Path]:
     return out
 
 
+def gate_sets(args) -> list[str]:
+    """The labels of the gate sets studied: the recipes' (or targets'), then the shared gates'."""
+    return [f"gate:{name}" for name in [*recipes(args), *shared_gates(args)]]
+
+
 def train_gates(args, name: str, overrides: list[str]) -> Path:
     """Distils the gate set ``name`` (the recipe, ``--train-overrides``, then ``overrides``); returns its folder."""
     from seer.training.run import run_training
@@ -513,7 +518,7 @@ def planned_jobs(args) -> list[Job | None]:
         raise SystemExit(f"--texts essays: RULER's essays come with the RULER extra, not installed "
                          f"({', '.join(ruler.missing_extra())} missing): {ruler.INSTALL_HINT}")
     blends = parse_blends(args.blends)
-    names = [f"gate:{name}" for name in [*recipes(args), *shared_gates(args)]]
+    names = gate_sets(args)
     if not names:
         raise SystemExit("no gate sets: give --targets, --recipes or --shared-gates")
     for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
@@ -767,7 +772,7 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
     for text in sorted({r["text"] for r in rows}):
         lines += [f"## {text}", "", table([r for r in rows if r["text"] == text]), ""]
     if args.plan == "attribution":
-        default = default_label([f"gate:{name}" for name in recipes(args)], parse_blends(args.blends))
+        default = default_label(gate_sets(args), parse_blends(args.blends))
         lines += ["## Attribution", "", f"PPL recovered when a scorer (the oracle: what the gates cost there; a "
                   f"training-free selector or dense: a lever) takes a group of layers from the gates of {default} "
                   "(same budget, calibrated for each hybrid): the share of the default's PPL gap to the oracle's, or "

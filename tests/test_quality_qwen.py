@@ -512,7 +512,7 @@ def test_shared_gates_alone_need_no_trained_gate_set(study, tmp_path):
     base = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--plan", "lever", "--blends",
             "vertical_slash:0.5", "--densities", "0.1", "--targets"]
     args = study.parse_args([*base, "--shared-gates", f"shared={folder}"])
-    assert study.recipes(args) == {}
+    assert study.recipes(args) == {} and study.gate_sets(args) == ["gate:shared"]
     assert [label for label, *_ in study.planned_jobs(args)] == ["gate:shared+vertical_slash@0.5", "gate:shared"]
     with pytest.raises(SystemExit, match="no gate sets: give --targets, --recipes or --shared-gates"):
         study.planned_jobs(study.parse_args(base))
