@@ -217,8 +217,8 @@ def test_generate_refuses_bad_decode_settings_before_loading(tmp_path, monkeypat
 
 def test_generate_with_a_shared_gate_scores_the_prefill_with_the_decode_gates(tmp_path, monkeypatch, capsys):
     """shared_gate=true: the decode gates select the prefill's blocks too (top-k by default, sparsity.* changing it,
-    a blend asked for), both phases sparse; a shared gate without decode gates, beside prefill gates or with a
-    calibrated prefill budget is refused before loading."""
+    a blend asked for), both phases sparse; a shared gate beside prefill gates or with a calibrated prefill budget is
+    refused before loading."""
     folder = _gate_and_decode_gate_folder(tmp_path / "g")
     monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
     cfg = compose(["model=tiny_llama", f"decode_gates={folder}", "shared_gate=true", "sparsity.target_density=0.5",
