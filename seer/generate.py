@@ -108,8 +108,7 @@ def run_generation(cfg: DictConfig) -> dict:
             raise ConfigError(f"sparsity.method={spars.method!r}: shared_gate=true has no prefill calibration; give "
                               f"sparsity.method=topk")
         check_dense_layers(spars, shape)
-        blend = {"own": None, "none": None}.get(cfg.blend, cfg.blend)
-        gate = {"blend": blend} if cfg.blend_weight is None else {"blend": blend, "blend_weight": cfg.blend_weight}
+        gate = GateConfig().with_blend(cfg.blend, cfg.blend_weight)  # only its blend is used (seer.load)
     decode_spars = check_decode(OmegaConf.to_container(cfg, resolve=True), shape)
     model = load(mcfg, gates=cfg.gates, sparsity=spars, device=cfg.device, kernel=cfg.kernel, gate_config=gate,
                  decode_gates=cfg.decode_gates, decode_sparsity=decode_spars, shared_gate=cfg.shared_gate)
