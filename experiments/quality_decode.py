@@ -10,9 +10,9 @@ the teacher-forced top-1 agreement was added after that run.
    ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
    decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget (scored
    by the gate, and with each ``--estimates`` training-free estimate mixed in, e.g. ``quest:0.5`` half Quest's
-   bounds, ``quest:1`` Quest alone: ``DecodeSparsityConfig.estimate``): the mean NLL of the continuation tokens
-   (:func:`continuation_nll`), the share of positions where the sparse top token
-   equals the dense one (both given the true text before them: greedy agreement without the drift of free-running
+   bounds, ``quest:1`` Quest alone, the default: ``DecodeSparsityConfig.estimate``): the mean NLL of the
+   continuation tokens (:func:`continuation_nll`), the share of positions where the sparse top token equals the
+   dense one (both given the true text before them: greedy agreement without the drift of free-running
    generation) and the achieved decode density.
 3. From each window's prompt, ``--greedy`` greedy tokens dense and sparse (no early stop): the share of positions
    where the sparse tokens equal the dense ones, and the length of their common prefix (:func:`greedy_agreement`).
@@ -58,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-sequences", type=int, default=256, help="training rows (novels and stdlib code)")
     ap.add_argument("--train-overrides", nargs="*", default=[], help="more seer.train overrides")
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096], help="decode token budgets")
-    ap.add_argument("--estimates", nargs="*", default=[], metavar="NAME:WEIGHT",
+    ap.add_argument("--estimates", nargs="*", default=["quest:1"], metavar="NAME:WEIGHT",
                     help="training-free estimates mixed into the gate's block scores, each run at every budget beside "
-                         "the gate alone (quest:0.5: half Quest's; quest:1: Quest alone)")
+                         "the gate alone (quest:0.5: half Quest's; quest:1: Quest alone, the default: the "
+                         "training-free baseline a learned decode gate must beat; --estimates with no value: the "
+                         "gate alone)")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")

@@ -28,7 +28,9 @@ def test_arguments_parse_and_bad_budgets_are_refused(study):
     assert args.budgets == [1024, 2048, 4096] and args.continuation == 1024 and args.greedy == 256
     with pytest.raises(ConfigError, match="decode_sparsity.token_budget=0"):
         study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--budgets", "0"])
-    assert args.estimates == []
+    assert args.estimates == [{"estimate": "quest", "estimate_weight": 1.0}]  # the training-free baseline by default
+    no_estimates = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--estimates"]
+    assert study.parse_args(no_estimates).estimates == []
     args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--estimates", "quest:0.5",
                              "quest:1"])
     assert args.estimates == [{"estimate": "quest", "estimate_weight": 0.5},
