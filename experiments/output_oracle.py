@@ -35,18 +35,17 @@ SCORERS = ("mass", "output")
 ATTENTION = "seer_output_oracle"
 
 
-def block_scores(p: torch.Tensor, v: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
-    """Both scores ``[H, nb, nb]`` of attention probabilities ``p`` ``[H, N, N]`` (causal, rows summing to 1) and
-    values ``v`` ``[H, N, D]``, ``N`` a multiple of ``block``."""
+def block_score(scorer: str, p: torch.Tensor, v: torch.Tensor, o: torch.Tensor, block: int) -> torch.Tensor:
+    """The ``scorer``'s block scores ``[H, nb, nb]`` of attention probabilities ``p`` ``[H, N, N]`` (causal, rows
+    summing to 1), values ``v`` and dense output ``o = p @ v`` (both ``[H, N, D]``), ``N`` a multiple of ``block``."""
     h, n, _ = p.shape
     nb = n // block
-    o = p @ v                                                          # [H, N, D]
     pb = p.view(h, n, nb, block)
-    mass_t = pb.sum(-1)                                                # [H, N, nb]
-    u = torch.einsum("htjs,hjsd->htjd", pb, v.view(h, nb, block, -1))  # [H, N, nb, D]
-    change_t = (mass_t[..., None] * o[:, :, None, :] - u).norm(dim=-1)  # [H, N, nb]
-    pool = lambda x: x.view(h, nb, block, nb).mean(2)  # noqa: E731  (mean over a query block's tokens)
-    return {"mass": pool(mass_t), "output": pool(change_t)}
+    per_token = pb.sum(-1)                                                 # p_tj: [H, N, nb]
+    if scorer == "output":
+        u = torch.einsum("htjs,hjsd->htjd", pb, v.view(h, nb, block, -1))  # u_tj: [H, N, nb, D]
+        per_token = (per_token[..., None] * o[:, :, None, :] - u).norm(dim=-1)
+    return per_token.view(h, nb, block, nb).mean(2)                       # mean over a query block's tokens
 
 
 def keep_blocks(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -85,7 +84,7 @@ class Selection:
         out = p @ v
         if self.scorer is not None:
             assert b == 1 and n % self.block == 0, "one unpadded row whose length is a multiple of the block"
-            scores = block_scores(p[0], v[0], self.block)[self.scorer]
+            scores = block_score(self.scorer, p[0], v[0], out[0], self.block)
             kept = keep_blocks(scores, self.density)
             self.kept.append(kept.sum().item() / (kept.shape[0] * kept.shape[1] * (kept.shape[1] + 1) / 2))
             token_mask = kept.repeat_interleave(self.block, 1).repeat_interleave(self.block, 2) & causal
