@@ -120,6 +120,7 @@ from seer.model.gate_io import load_gates
 from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
 from seer.sparsity import SparsityConfig
+from seer.sparsity.config import ALLOCATIONS
 from seer.sparsity.blend_fit import GRID, blend_recalls, pick_weights
 from seer.sparsity.selectors import SELECTORS, build_selector
 
@@ -354,13 +355,17 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
 
 
 def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]],
-               baselines: tuple[str, ...] = ()) -> list[Job]:
+               baselines: tuple[str, ...] = (), allocations: tuple[str, ...] = ("global",)) -> list[Job]:
     """New gate recipes (or blends) against the table: at each density every gate set with each blend in the order
-    given (the first is the default), then every gate set alone, then the training-free ``baselines``."""
+    given (the first is the default), under each of ``allocations`` (how the calibrated threshold shares the
+    density among layers and heads; a row's label names any but ``global``), then every gate set alone, then the
+    training-free ``baselines``."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
-        jobs += [Job(f"{gate}+{name}@{w}", gate, (name, w), plain) for name, w in blends for gate in gates]
+        jobs += [Job(f"{gate}+{name}@{w}" + ("" if alloc == "global" else f" {alloc}"), gate, (name, w),
+                     dataclasses.replace(plain, allocation=alloc))
+                 for alloc in allocations for name, w in blends for gate in gates]
         jobs += [Job(gate, gate, None, plain) for gate in gates]
         jobs += [Job(name, name, None, plain) for name in baselines]
     return jobs
@@ -492,6 +497,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baselines", nargs="+", default=[], choices=sorted(SELECTORS),
                     help="--plan lever and attribution: training-free selectors measured after the gate sets at each "
                     "density (attribution: give oracle for each group's recovered share)")
+    ap.add_argument("--allocations", nargs="+", default=["global"], choices=list(ALLOCATIONS),
+                    help="--plan lever: how each blend's calibrated threshold shares the density (global: one "
+                    "threshold; uniform: every head at the target; oracle: each head at the density a global "
+                    "threshold on the true block mass gives it on the calibration windows)")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
     ap.add_argument("--copy", type=int, default=5)
@@ -526,6 +535,8 @@ def planned_jobs(args) -> list[Job | None]:
                                  ("--fit-hybrid", args.fit_hybrid, False)):
         if value != default and args.plan != "attribution":
             raise SystemExit(f"{flag}: only for --plan attribution, not {args.plan}")
+    if args.allocations != ["global"] and args.plan != "lever":
+        raise SystemExit(f"--allocations: only for --plan lever, not {args.plan}")
     if args.fit_margin != MARGIN and not args.fit_hybrid:
         raise SystemExit("--fit-margin: only with --fit-hybrid")
     if not args.fit_margin >= 0:
@@ -535,7 +546,8 @@ def planned_jobs(args) -> list[Job | None]:
                          f"dense), not only {' '.join(args.group_scorers)}")
     plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
              "final": lambda: final_plan(names, args.densities, blends),
-             "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines)),
+             "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines),
+                                         tuple(args.allocations)),
              "attribution": lambda: attribution_plan(names, args.densities, blends,
                                                      parse_groups(args.attribution_groups, model_layers(args.model)),
                                                      tuple(args.baselines), tuple(args.group_scorers),

@@ -516,3 +516,17 @@ def test_shared_gates_alone_need_no_trained_gate_set(study, tmp_path):
     assert [label for label, *_ in study.planned_jobs(args)] == ["gate:shared+vertical_slash@0.5", "gate:shared"]
     with pytest.raises(SystemExit, match="no gate sets: give --targets, --recipes or --shared-gates"):
         study.planned_jobs(study.parse_args(base))
+
+
+def test_the_lever_plan_measures_the_blend_under_each_allocation(study):
+    args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
+                             "--plan", "lever", "--blends", "vertical_slash:0.5", "--densities", "0.1",
+                             "--allocations", "global", "oracle"])
+    jobs = study.planned_jobs(args)
+    assert [(job.label, job.sparsity.allocation) for job in jobs] == [
+        ("gate:base+vertical_slash@0.5", "global"), ("gate:base+vertical_slash@0.5 oracle", "oracle"),
+        ("gate:base", "global")]
+    with pytest.raises(SystemExit, match="--allocations: only for --plan lever"):
+        study.planned_jobs(study.parse_args([*ATTRIBUTION, "--allocations", "uniform"]))
+    with pytest.raises(SystemExit):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--allocations", "per_row"])
