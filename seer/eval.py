@@ -123,9 +123,9 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     shared = bool(cfg.shared_gate)
     shape = check_evaluation(plain, model_cfg, sparsity, evaluation, tracking.chosen_options(),
                              uses_gates=selector is None and not shared)
-    decode = check_decode(plain, shape)
+    decode = check_decode(plain, shape, block_size=cfg.block_size if selector is not None else None)
     decode_gates = decode_threshold = None
-    if decode is not None:
+    if decode is not None and cfg.decode_gates is not None:
         from seer.model.decode_gate_io import decode_weights_path
         from seer.sparsity.decode import find_decode_calibration
 
@@ -164,7 +164,11 @@ def run_eval(cfg: DictConfig) -> list[dict]:
             load_gates(model, cfg.gates, expected_gate=gate_config)
         else:
             prepare_model(model, gate_config.block_size if shared else cfg.block_size)
-        if decode is not None:
+        if decode is not None and decode_gates is None:  # training-free sparse decode (Quest alone)
+            from seer.model.decode import attach_quest_decode
+
+            attach_quest_decode(model, model.seer_context.block_size)
+        elif decode is not None:
             from seer.model.decode import share_decode_gates
             from seer.model.decode_gate_io import load_decode_gates
 

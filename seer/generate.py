@@ -8,9 +8,11 @@ prefill density per layer and the prefill time (beside dense), and the achieved 
 one stored with its gates changed by any ``sparsity.*`` / ``decode_sparsity.*`` value given (``sparsity=<option>``
 replaces the prefill one). Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a
 prompt (plus ``max_new_tokens``) longer than the model's context, gates or decode gates made for another model shape,
-a decode budget below one block or without decode gates, a calibrated budget with no calibration stored beside its
-gates. ``shared_gate=true`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates
-scoring the prefill's blocks too (top-k by default, ``sparsity.*`` changes it; ``blend`` may name an estimate).
+a decode budget below one block, a decode budget without decode gates that is not Quest alone, a calibrated budget
+with no calibration stored beside its gates. Without decode gates, ``decode_sparsity.estimate=quest
+decode_sparsity.estimate_weight=1`` makes decode sparse and training-free (Quest's key bounds score the blocks).
+``shared_gate=true`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates scoring
+the prefill's blocks too (top-k by default, ``sparsity.*`` changes it; ``blend`` may name an estimate).
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ def run_generation(cfg: DictConfig) -> dict:
 
     check_complete(cfg)
     check_options(tracking.chosen_options())
-    if cfg.gates is None and cfg.decode_gates is None:
+    decode_given = any(v is not None for v in OmegaConf.to_container(cfg.decode_sparsity, resolve=True).values())
+    if cfg.gates is None and cfg.decode_gates is None and not decode_given:
         raise ConfigError("gates=null and decode_gates=null: give gates=PATH (sparse prefill), decode_gates=PATH "
-                          "(sparse decode) or both")
+                          "(sparse decode), both, or a training-free decode budget (decode_sparsity.estimate=quest "
+                          "decode_sparsity.estimate_weight=1)")
     if cfg.shared_gate and (cfg.gates is not None or cfg.decode_gates is None):
         raise ConfigError(f"shared_gate=true: the decode gates score the prefill too; give decode_gates=PATH and "
                           f"gates=null (gates={cfg.gates!r}, decode_gates={cfg.decode_gates!r})")

@@ -265,20 +265,29 @@ def check_decode_gate_file(path: str | os.PathLike, shape: dict) -> dict:
     return meta
 
 
-def check_decode(cfg: Mapping[str, Any], shape: dict) -> DecodeSparsityConfig | None:
+def check_decode(cfg: Mapping[str, Any], shape: dict, block_size: int | None = None) -> DecodeSparsityConfig | None:
     """The decode budget of a run (``cfg``: its plain config, with ``decode_gates`` and ``decode_sparsity``): the one
     stored with the decode gates with every non-null ``decode_sparsity.*`` value put over it, the gates fitting the
-    model's ``shape``, at least one block, its calibration stored; None without decode gates, where a
-    ``decode_sparsity.*`` value is refused."""
+    model's ``shape``, at least one block, its calibration stored. Without decode gates: None (dense decode), or with
+    ``decode_sparsity.*`` values a training-free budget (Quest alone) of at least one block of ``block_size`` tokens
+    (the prefill's; default: the prefill gates' block size, or :data:`~seer.model.decode.QUEST_BLOCK_SIZE`)."""
     from seer.model.inference import decode_budget
 
+    from seer.model.decode import QUEST_BLOCK_SIZE
+    from seer.model.gate_io import read_gate_meta
+    from seer.sparsity.decode import DecodeSparsityConfig
+
     given = {k: v for k, v in (cfg.get("decode_sparsity") or {}).items() if v is not None}
-    if cfg.get("decode_gates") is None:
-        if given:
-            key, value = next(iter(given.items()))
-            raise ConfigError(f"decode_sparsity.{key}={value!r}: a decode budget needs decode gates "
-                              f"(decode_gates=PATH)")
-        return None
+    if cfg.get("decode_gates") is None:  # training-free sparse decode (Quest alone) or dense decode
+        if not given:
+            return None
+        budget = build(DecodeSparsityConfig, "decode_sparsity", given)
+        budget.check_training_free()
+        if block_size is None:
+            gates = cfg.get("gates")
+            block_size = read_gate_meta(gates)["gate"]["block_size"] if gates is not None else QUEST_BLOCK_SIZE
+        budget.check_block_size(block_size)
+        return budget
     meta = check_decode_gate_file(cfg["decode_gates"], shape)
     budget = decode_budget({**(meta.get("decode_sparsity") or {}), **given}, meta)
     check_decode_calibration(cfg["decode_gates"], budget)

@@ -207,12 +207,17 @@ def test_generate_refuses_bad_decode_settings_before_loading(tmp_path, monkeypat
         "(use null)")
     assert refused("decode_gates=/no/decode") == ("decode_gates='/no/decode': no decode gates there (a gates folder "
                                                   "written by stage=distill_decode, outputs/<run>/gates)")
-    assert refused("decode_gates=null") == ("gates=null and decode_gates=null: give gates=PATH (sparse prefill), "
-                                            "decode_gates=PATH (sparse decode) or both")
+    assert refused("decode_gates=null") == (
+        "gates=null and decode_gates=null: give gates=PATH (sparse prefill), decode_gates=PATH (sparse decode), both, "
+        "or a training-free decode budget (decode_sparsity.estimate=quest decode_sparsity.estimate_weight=1)")
     assert refused("sparsity.target_density=0.2") == (
         "sparsity.target_density=0.2: a prefill budget needs prefill gates (gates=PATH)")
-    assert refused(f"gates={folder}", "decode_gates=null", "decode_sparsity.token_budget=2048") == (
-        "decode_sparsity.token_budget=2048: a decode budget needs decode gates (decode_gates=PATH)")
+    assert refused(f"gates={folder}", "decode_gates=null", "decode_sparsity.token_budget=2048").startswith(
+        "decode_sparsity.estimate=None: sparse decode without decode gates scores the blocks by a training-free "
+        "estimate: give estimate=quest and estimate_weight=1")
+    assert refused(f"gates={folder}", "decode_gates=null", "decode_sparsity.estimate=quest",
+                   "decode_sparsity.estimate_weight=0.5").startswith(
+        "decode_sparsity.estimate_weight=0.5: without decode gates the estimate scores alone")
 
 
 def test_generate_with_a_shared_gate_scores_the_prefill_with_the_decode_gates(tmp_path, monkeypatch, capsys):

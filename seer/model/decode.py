@@ -55,7 +55,8 @@ from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, layer_shape,
                                   seer_mask)
-from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, newest_scores, step_key_bounds, step_keys
+from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, layer_block_size, newest_scores,
+                                     step_key_bounds, step_keys, step_position)
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
 DISTILL_ATTENTION = "seer_decode_distill"
@@ -77,10 +78,11 @@ class DecodeContext:
     each layer's :class:`DecodeRecord` and ``gt_source`` says where the ground truth comes from. With a decode budget
     (``sparsity``, set by :meth:`enable`) decode steps attend the blocks it keeps (see the module docstring);
     ``cache`` holds the compressed keys of the current generation and ``density`` each layer's ``(sum of step
-    densities, steps)`` (device tensors, added to in place)."""
+    densities, steps)`` (device tensors, added to in place). Training-free decode (:func:`attach_quest_decode`) has no
+    ``config`` and a :class:`~seer.model.decode_cache.BoundsOnly` for each layer in ``gates``."""
 
-    config: DecodeGateConfig
-    gates: dict[int, DecodeGate] = field(default_factory=dict)
+    config: DecodeGateConfig | None
+    gates: dict[int, DecodeGate | BoundsOnly] = field(default_factory=dict)
     consumer: Callable[[DecodeRecord], None] | None = None
     gt_source: str = "reference"
     sparsity: DecodeSparsityConfig | None = None
@@ -88,6 +90,16 @@ class DecodeContext:
     kernel: str = "reference"
     cache: DecodeKeyCache | None = None
     density: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        """Tokens a key block of the decode selection holds."""
+        return self.config.block_size if self.config is not None else layer_block_size(next(iter(self.gates.values())))
+
+    @property
+    def gated(self) -> bool:
+        """Whether decode gates score the blocks (False: Quest alone, training-free)."""
+        return self.config is not None
 
     @contextlib.contextmanager
     def distilling(self, model: nn.Module, consumer: Callable[[DecodeRecord], None],
@@ -111,7 +123,9 @@ class DecodeContext:
         """Decode steps from now on attend the blocks ``sparsity`` keeps (``threshold``: the calibrated threshold
         of a calibrated budget), with the Triton kernel (``kernel="triton"``) or the PyTorch reference; the model
         must run the ``"seer"`` attention function (:func:`seer.model.attention.prepare_model`)."""
-        sparsity.check_block_size(self.config.block_size)
+        sparsity.check_block_size(self.block_size)
+        if not self.gated:
+            sparsity.check_training_free()
         if kernel not in ("reference", "triton"):
             raise ValueError(f"kernel {kernel!r} is not one of ('reference', 'triton')")
         if sparsity.calibrated and threshold is None:
@@ -185,25 +199,26 @@ class DecodeContext:
             if t != n and not static_prefill:
                 return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
             if kwargs.get("use_cache"):
-                self._prefill(module, key, attention_mask, n if static_prefill else None)
+                self._prefill(module, key, t, attention_mask, n if static_prefill else None)
                 return None
-        module.seer_decode_stash.q = module.seer_decode_stash.k = None
+        if self.gated:
+            module.seer_decode_stash.q = module.seer_decode_stash.k = None
         return None
 
-    def _prefill(self, module: nn.Module, key: torch.Tensor, attention_mask: torch.Tensor | None,
+    def _prefill(self, module: nn.Module, key: torch.Tensor, tokens: int, attention_mask: torch.Tensor | None,
                  max_length: int | None) -> None:
-        """Puts a prefill's pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
+        """Puts a prefill's ``tokens`` pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
         ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh (sized for
         ``max_length`` tokens, a static KV cache's length; None: grown as needed), and with an estimate their
-        post-RoPE keys (the KV cache ``key``'s first ones) into its key bounds."""
-        _, k_pre = module.seer_decode_stash.take()
+        post-RoPE keys (the KV cache ``key``'s first ones) into its key bounds (without decode gates, only those)."""
+        k_pre = module.seer_decode_stash.take()[1] if self.gated else None
         layer = module.layer_idx
         quest = self.sparsity.estimate is not None
         if layer == min(self.gates) or self.cache is None:
-            self.cache = DecodeKeyCache(self.gates, k_pre.shape[0], max_length=max_length,
-                                        bounds_dtype=key.dtype if quest else None)
+            self.cache = DecodeKeyCache(self.gates, key.shape[0], max_length=max_length,
+                                        bounds_dtype=key.dtype if quest else None, device=key.device)
             self.density.clear()
-        k_post = key[:, :, :k_pre.shape[2]] if quest else None
+        k_post = key[:, :, :tokens] if quest else None
         if attention_mask is None:
             self.cache.update(layer, k_pre, k_post=k_post)
             return
@@ -213,7 +228,7 @@ class DecodeContext:
                              "(left or right padding); this attention mask has holes")
         counts = [end - first for first, end in spans]
         self.cache.offsets = [first for first, _ in spans]  # a left-padded row's sequence starts after its padding
-        self.cache.update(layer, _real_tokens(k_pre, spans), torch.tensor(counts),
+        self.cache.update(layer, None if k_pre is None else _real_tokens(k_pre, spans), torch.tensor(counts),
                           None if k_post is None else _real_tokens(k_post, spans))
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -222,7 +237,7 @@ class DecodeContext:
         its offset (its left padding) on, this step's last (DynamicCache), or from 0 with room after them
         (StaticCache); returns the attention output ``[B, T, Hq, D]``. A one-token step reads nothing from the
         device and has shapes fixed on the host (CUDA-graph capturable once an eager step has run)."""
-        q_pre, k_pre = module.seer_decode_stash.take()
+        q_pre, k_pre = module.seer_decode_stash.take() if self.gated else (None, None)
         layer = module.layer_idx
         cache = self.cache
         if cache is None:
@@ -232,7 +247,7 @@ class DecodeContext:
         if query.shape[2] != 1:  # several tokens over a cache (e.g. assisted decoding): dense
             cache.update(layer, k_pre, k_post=k_post)
             return _dense(module, query, key, value, attention_mask, 0.0, scaling, **kwargs)[0]
-        cache.check_step(layer, k_pre, q_pre)
+        cache.check_step(layer, *((k_pre, q_pre) if self.gated else (k_post, query)))
         if key.shape[2] < cache.longest[layer] + 1:
             raise ValueError(f"layer {layer}: the KV cache holds {key.shape[2]} keys, fewer than a sequence's "
                              f"{cache.longest[layer] + 1}; sparse decode needs transformers' DynamicCache or "
@@ -245,8 +260,8 @@ class DecodeContext:
         step = _compiled_step() if self.sparsity.compile else sparse_decode_step
         estimate = dict(key_min=cache.key_min[layer], key_max=cache.key_max[layer], k_post=k_post, q_post=query,
                         sm_scale=scaling) if quest else {}
-        index, *newest = step(cache.gates[layer], cache.keys[layer], cache.tails[layer], seqlens, total, steps, k_pre,
-                              q_pre, self.sparsity, self.threshold, **estimate)
+        index, *newest = step(cache.gates[layer], cache.keys.get(layer), cache.tails.get(layer), seqlens, total, steps,
+                              k_pre, q_pre, self.sparsity, self.threshold, **estimate)
         cache.stepped(layer, tuple(newest))
         offsets = cache.offsets
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
@@ -264,7 +279,7 @@ class DecodeContext:
         :func:`~seer.sparsity.decode.decode_step_blocks` never repeat a block (a token budget's are the indices of
         one ``topk`` over each head's blocks, the forced ones among them at ``+inf``; the other methods' list each
         block of a mask at most once), so the kernel skips its repeat check (``unique_blocks``)."""
-        bs = self.config.block_size
+        bs = self.block_size
         if self.kernel == "triton":
             from seer.kernels import block_sparse_decode
 
@@ -275,8 +290,9 @@ class DecodeContext:
         return block_sparse_decode(query, key, value, index, seqlens, bs, scaling, validate=False)[0]
 
 
-def sparse_decode_step(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlens: torch.Tensor,
-                       total: torch.Tensor, steps: torch.Tensor, k_pre: torch.Tensor, q_pre: torch.Tensor,
+def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None, tails: torch.Tensor | None,
+                       seqlens: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, k_pre: torch.Tensor | None,
+                       q_pre: torch.Tensor | None,
                        sparsity: DecodeSparsityConfig, threshold: float | None, key_min: torch.Tensor | None = None,
                        key_max: torch.Tensor | None = None, k_post: torch.Tensor | None = None,
                        q_post: torch.Tensor | None = None, sm_scale: float | None = None
@@ -291,17 +307,24 @@ def sparse_decode_step(gate: DecodeGate, store: torch.Tensor, tails: torch.Tenso
     ``key_max`` in place (:func:`~seer.model.decode_cache.step_key_bounds`), and the scores the mixture of the gate's
     and Quest's (:func:`~seer.model.decode_cache.key_bound_scores` of the post-RoPE ``q_post [B, Hq, 1, D]`` at the
     attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
-    1. Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest gate
-    key, position and block)."""
-    key, pos, block = step_keys(gate, store, tails, seqlens, k_pre)
+    1. Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
+    ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
+    1). Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest
+    gate key, None without a gate; position and block)."""
+    bs = layer_block_size(gate)
+    gated = not isinstance(gate, BoundsOnly)
+    if gated:
+        key, pos, block = step_keys(gate, store, tails, seqlens, k_pre)
+    else:
+        key, (pos, block) = None, step_position(seqlens, bs)
     if sparsity.estimate is None:
         scores = newest_scores(gate, store, q_pre, key, pos, block)
     else:
-        step_key_bounds(key_min, key_max, k_post, pos, block, gate.config.block_size)
+        step_key_bounds(key_min, key_max, k_post, pos, block, bs)
         bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale)
-        gated = None if sparsity.estimate_weight == 1 else newest_scores(gate, store, q_pre, key, pos, block)
-        scores = mix_estimate(gated, bounds, sparsity.estimate_weight)
-    index, density = decode_step_blocks(scores, block, sparsity, gate.config.block_size, threshold)
+        mixed = newest_scores(gate, store, q_pre, key, pos, block) if gated and sparsity.estimate_weight != 1 else None
+        scores = mix_estimate(mixed, bounds, sparsity.estimate_weight)
+    index, density = decode_step_blocks(scores, block, sparsity, bs, threshold)
     total.add_(density)
     steps.add_(1)
     return index, key, pos, block
@@ -359,6 +382,26 @@ def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeCon
         layer.seer_decode_stash = stash = _PreRopeStash(heads, kv_heads, head_dim)
         (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
         (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))
+        layer.seer_decode = ctx
+    model.seer_decode = ctx
+    return ctx
+
+
+QUEST_BLOCK_SIZE = 64  # attach_quest_decode's default key block: the decode kernel's tuned block
+
+
+def attach_quest_decode(model: nn.Module, block_size: int = QUEST_BLOCK_SIZE) -> DecodeContext:
+    """Makes sparse decode of ``model`` training-free: no decode gates, each step's key blocks scored by Quest's key
+    bounds alone (a :class:`~seer.model.decode_cache.BoundsOnly` per layer; :meth:`DecodeContext.enable` then takes
+    a budget with ``estimate="quest"`` and ``estimate_weight=1``). The model must run the ``"seer"`` attention function
+    (:func:`seer.model.attention.prepare_model`, or prefill gates attached); returns the shared context."""
+    if getattr(model, "seer_decode", None) is not None:
+        raise ValueError("this model already has a seer decode selection attached")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r}: a key block is a whole number of tokens >= 1")
+    ctx = DecodeContext(None)
+    for layer in attention_layers(model):
+        ctx.gates[layer.layer_idx] = BoundsOnly(*layer_shape(model, layer), block_size)
         layer.seer_decode = ctx
     model.seer_decode = ctx
     return ctx

@@ -26,6 +26,10 @@ newest block's over its keys so far. :meth:`DecodeKeyCache.update` then takes ea
 pre-RoPE ones; a one-token step folds its key into its block's bounds in place (:func:`step_key_bounds`), and
 :func:`key_bound_scores` turns a query into the blocks' bounds of ``q.k``.
 
+Without decode gates (training-free decode, Quest alone: :func:`seer.model.decode.attach_quest_decode`) each layer's
+entry is a :class:`BoundsOnly` (its head counts, head dim and block size) instead of a gate: the cache then keeps only
+the key bounds and the row lengths (no gate keys, no newest-block keys), and takes only post-RoPE keys.
+
 The host keeps per layer only bounds of the row lengths (the longest and the shortest row, exact after a prefill, one
 more after each decode step) for the capacity and the input checks; under CUDA-graph replay they are not advanced,
 which is harmless (with ``max_length`` given, no step grows the buffer).
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -65,6 +70,30 @@ def pool_prefix(x: torch.Tensor, counts: torch.Tensor, kinds: list[str]) -> torc
     return torch.cat(out, dim=-1)
 
 
+@dataclass(frozen=True)
+class BoundsOnly:
+    """A layer of a :class:`DecodeKeyCache` without a decode gate (training-free decode: the key bounds only): what
+    the cache needs to know of the layer."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+
+
+def layer_block_size(layer: DecodeGate | BoundsOnly) -> int:
+    """The block size of a cache layer's entry (a decode gate's, or a :class:`BoundsOnly`'s)."""
+    return layer.block_size if isinstance(layer, BoundsOnly) else layer.config.block_size
+
+
+def step_position(seqlens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advances each row's length (``seqlens [B]`` int32, in place) by its new token; returns that token's position
+    and block (``[B]`` int64). No host read."""
+    pos = seqlens.long()
+    seqlens.add_(1)
+    return pos, pos // block_size
+
+
 def step_keys(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlens: torch.Tensor,
               k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor work of a one-token step of one layer's cache (:meth:`DecodeKeyCache.update`), in place: the key
@@ -75,12 +104,10 @@ def step_keys(gate: DecodeGate, store: torch.Tensor, tails: torch.Tensor, seqlen
     writes are indexed assignments (``index_put_``), which inductor keeps in place on the graph inputs; a ``scatter_``
     there becomes a copy of the whole buffer, scattered, then copied back."""
     bs = gate.config.block_size
-    pos = seqlens.long()  # the new token's position in its row
+    pos, block = step_position(seqlens, bs)  # the new token's position in its row, and its block
     slot = pos % bs
     rows = torch.arange(len(pos), device=pos.device)
     tails[rows, :, slot] = k[:, :, 0].to(tails.dtype)
-    seqlens.add_(1)
-    block = pos // bs
     key = gate.gate_keys(pool_prefix(tails, slot + 1, gate.config.k_pool), (block * bs)[:, None])  # [B, Hkv, 1, E]
     # written every step, final once the block fills (scores() overwrites the newest block's logit)
     block = block.clamp(max=store.shape[2] - 1)
@@ -142,27 +169,36 @@ class DecodeKeyCache:
     size), stored in ``dtype`` (default: the gates'), with room for ``max_length`` tokens a row (None: grown as
     needed, see the module docstring). ``seqlens[layer]`` (int32 on the device) holds each row's cached keys. With
     ``bounds_dtype`` (the KV cache's dtype) it keeps Quest's key bounds too (``key_min``, ``key_max``; see the module
-    docstring)."""
+    docstring). ``gates`` may instead hold a :class:`BoundsOnly` for every layer (no decode gates): then the cache
+    keeps only the key bounds (``bounds_dtype`` needed) and ``device`` says where (default: the CPU)."""
 
-    def __init__(self, gates: dict[int, DecodeGate], batch_size: int, dtype: torch.dtype | None = None,
-                 max_length: int | None = None, bounds_dtype: torch.dtype | None = None):
+    def __init__(self, gates: dict[int, DecodeGate | BoundsOnly], batch_size: int, dtype: torch.dtype | None = None,
+                 max_length: int | None = None, bounds_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         if not gates:
             raise ValueError("a decode key cache needs at least one decode gate")
-        sizes = {g.config.block_size for g in gates.values()}
+        kinds = {isinstance(g, BoundsOnly) for g in gates.values()}
+        if len(kinds) != 1:
+            raise ValueError("a decode key cache has a decode gate in every layer or in none (BoundsOnly)")
+        sizes = {layer_block_size(g) for g in gates.values()}
         if len(sizes) != 1:
             raise ValueError(f"decode gates of one model must share a block size; got {sorted(sizes)}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 (tokens a row), got {max_length}")
+        self.gated = not kinds.pop()
+        if not self.gated and bounds_dtype is None:
+            raise ValueError("a decode key cache without decode gates keeps only key bounds: give bounds_dtype")
         self.gates, self.batch_size, self.max_length = gates, batch_size, max_length
         self.block_size = bs = sizes.pop()
-        gate = next(iter(gates.values()))
-        self.dtype = dtype or gate.k_weight.dtype
-        device = gate.k_weight.device
+        gated = {i: g for i, g in gates.items() if self.gated}
+        gate = next(iter(gated.values()), None)
+        self.dtype = dtype or (gate.k_weight.dtype if gate is not None else torch.float32)
+        device = gate.k_weight.device if gate is not None else torch.device(device or "cpu")
         capacity = -(-max_length // bs) if max_length is not None else 0
         self.keys = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.config.hidden_size, dtype=self.dtype,
-                                    device=device) for i, g in gates.items()}
+                                    device=device) for i, g in gated.items()}
         self.tails = {i: torch.zeros(batch_size, g.num_kv_heads, bs, g.head_dim, device=device)
-                      for i, g in gates.items()}
+                      for i, g in gated.items()}
         self.seqlens = {i: torch.zeros(batch_size, dtype=torch.int32, device=device) for i in gates}
         self.bounds = bounds_dtype is not None
         bounds = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.head_dim, dtype=bounds_dtype, device=device)
@@ -175,15 +211,21 @@ class DecodeKeyCache:
 
     @property
     def capacity(self) -> int:
-        """Blocks a row has room for (the gate-key buffer's length)."""
-        return next(iter(self.keys.values())).shape[2]
+        """Blocks a row has room for (the gate-key buffer's, or without gates the key bounds', length)."""
+        return next(iter((self.keys or self.key_min).values())).shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None = None,
+    def update(self, layer: int, k: torch.Tensor | None, new_tokens: torch.Tensor | None = None,
                k_post: torch.Tensor | None = None) -> None:
         """Appends pre-RoPE keys ``k [B, Hkv, T, D]`` of layer ``layer``: ``new_tokens [B]`` of them for each row
         (the first ones; default all ``T``); every block this fills gets its gate key. ``k_post``: the same keys
-        after RoPE, for the key bounds (given exactly when the cache keeps them). One token for every row (a decode
-        step) takes the batched path, which reads nothing from the device."""
+        after RoPE, for the key bounds (given exactly when the cache keeps them). Without decode gates ``k`` is None
+        (only ``k_post`` is read). One token for every row (a decode step) takes the batched path, which reads
+        nothing from the device."""
+        if not self.gated:
+            if k is not None or k_post is None:
+                raise ValueError(f"layer {layer}: a decode key cache without decode gates takes the post-RoPE keys "
+                                 f"only (k=None, k_post=[B, Hkv, T, D])")
+            k = k_post
         self._check_keys(layer, k)
         if (k_post is not None) != self.bounds or k_post is not None and k_post.shape != k.shape:
             raise ValueError(f"layer {layer}: post-RoPE keys of the shape of the keys {tuple(k.shape)} are "
@@ -215,7 +257,7 @@ class DecodeKeyCache:
                 raise ValueError(f"layer {layer}: a row of {length} tokens passes the decode key cache's "
                                  f"max_length {self.max_length}")
             return
-        blocks, capacity = -(-length // self.block_size), self.keys[layer].shape[2]
+        blocks, capacity = -(-length // self.block_size), (self.keys or self.key_min)[layer].shape[2]
         if blocks <= capacity:
             return
         for buffers in (self.keys, self.key_min, self.key_max):
@@ -229,7 +271,10 @@ class DecodeKeyCache:
         """One key ``k [B, Hkv, 1, D]`` (and its post-RoPE ``k_post``) for every row, batched (no host read, static
         shapes)."""
         self._room(layer, self.longest[layer] + 1)
-        newest = step_keys(self.gates[layer], self.keys[layer], self.tails[layer], self.seqlens[layer], k)
+        if self.gated:
+            newest = step_keys(self.gates[layer], self.keys[layer], self.tails[layer], self.seqlens[layer], k)
+        else:
+            newest = (None, *step_position(self.seqlens[layer], self.block_size))
         if self.bounds:
             _, position, block = newest
             step_key_bounds(self.key_min[layer], self.key_max[layer], k_post, position, block, self.block_size)
@@ -237,7 +282,8 @@ class DecodeKeyCache:
 
     def check_step(self, layer: int, k: torch.Tensor, q: torch.Tensor) -> None:
         """The host part of a one-token step before its tensor work (:func:`step_keys`, :func:`newest_scores`): the
-        input checks of :meth:`update` and :meth:`scores`, and room for the new token."""
+        input checks of :meth:`update` and :meth:`scores` (without decode gates: of the post-RoPE key and query),
+        and room for the new token."""
         self._check_keys(layer, k)
         if k.shape[2] != 1:
             raise ValueError(f"layer {layer}: a one-token step takes keys [B, Hkv, 1, D]; got {tuple(k.shape)}")
@@ -253,13 +299,14 @@ class DecodeKeyCache:
 
     def _append(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None,
                 k_post: torch.Tensor | None) -> None:
-        """Per-row counts (a prefill, or a step of several tokens): row by row on the host."""
+        """Per-row counts (a prefill, or a step of several tokens): row by row on the host (without decode gates
+        only the key bounds and lengths)."""
         gate, bs = self.gates[layer], self.block_size
         counts = [k.shape[2]] * self.batch_size if new_tokens is None else new_tokens.tolist()
         if len(counts) != self.batch_size or min(counts) < 0 or max(counts) > k.shape[2]:
             raise ValueError(f"layer {layer}: new_tokens must be {self.batch_size} counts in [0, {k.shape[2]}]; "
                              f"got {counts}")
-        tails, seqlens = self.tails[layer], self.seqlens[layer]
+        tails, seqlens = self.tails.get(layer), self.seqlens[layer]
         lengths = seqlens.tolist()
         made, bounded = [], []
         for row, count in enumerate(counts):
@@ -267,6 +314,9 @@ class DecodeKeyCache:
                 continue
             if k_post is not None:
                 bounded.append((row, lengths[row], *_block_bounds(k_post[row, :, :count], lengths[row] % bs, bs)))
+            if not self.gated:
+                lengths[row] += count
+                continue
             partial = lengths[row] % bs  # tokens of an unfinished newest block
             tokens = torch.cat((tails[row, :, :partial], k[row, :, :count].to(tails.dtype)), dim=1)
             full = tokens.shape[1] // bs
@@ -283,9 +333,8 @@ class DecodeKeyCache:
         self.longest[layer], self.shortest[layer] = max(lengths), min(lengths)
         self._newest[layer] = None
         self._room(layer, max(lengths))
-        store = self.keys[layer]
         for row, first, keys in made:
-            store[row, :, first:first + keys.shape[1]] = keys
+            self.keys[layer][row, :, first:first + keys.shape[1]] = keys
         for row, length, low, high in bounded:  # the first block's bounds so far folded in when it has keys
             first, blocks = length // bs, slice(length // bs, length // bs + low.shape[1])
             if length % bs:
@@ -298,6 +347,8 @@ class DecodeKeyCache:
         """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]``, its key
         already in the cache) over the blocks the cache has room for; ``-inf`` after a row's newest block."""
         gate, bs = self.gates[layer], self.block_size
+        if not self.gated:
+            raise ValueError("this decode key cache has no decode gates, only key bounds: use bound_scores")
         if self.shortest[layer] < 1:
             raise ValueError(f"layer {layer}: every row needs a cached key (its own) before scoring; lengths "
                              f"{self.seqlens[layer].tolist()}")

@@ -26,7 +26,7 @@ from seer.gates.config import INFERENCE_FIELDS, GateConfig
 from seer.gates.decode_config import DecodeGateConfig
 from seer.model.attention import attach_gates, prepare_model
 from seer.model.config import ModelConfig
-from seer.model.decode import share_decode_gates
+from seer.model.decode import QUEST_BLOCK_SIZE, attach_quest_decode, share_decode_gates
 from seer.model.decode_gate_io import decode_weights_path, load_decode_gates, read_decode_gate_meta
 from seer.model.gate_io import check_gates_fit, config_signature, load_gates, read_gate_meta
 from seer.model.gate_sources import resolve_gates
@@ -92,7 +92,10 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     against the model's shape; ``decode_sparsity``: a :class:`~seer.sparsity.decode.DecodeSparsityConfig` or its
     fields (default: the budget stored with the decode gates); a calibrated threshold (``target_density``) uses the
     one stored beside them (``decode_calibration.json``); ``{"estimate": "quest", "estimate_weight": w}`` mixes Quest's
-    key bounds into the gate's block scores (``w`` 1: Quest alone). Without ``decode_gates`` decode steps are dense.
+    key bounds into the gate's block scores (``w`` 1: Quest alone). Without ``decode_gates``, ``decode_sparsity``
+    with ``{"estimate": "quest", "estimate_weight": 1}`` makes decode sparse and training-free (Quest alone, key
+    blocks of the prefill gates' block size, or :data:`~seer.model.decode.QUEST_BLOCK_SIZE` without them;
+    :func:`~seer.model.decode.attach_quest_decode`); without both, decode steps are dense.
 
     ``shared_gate=True`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates
     scoring the prefill's blocks too (:func:`seer.model.decode.share_decode_gates`); ``gate_config`` may give their
@@ -102,14 +105,12 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     if shared_gate and (decode_gates is None or gates is not None):
         raise ValueError("shared_gate=True makes the decode gates score the prefill too: give decode_gates=PATH and "
                          "no gates=")
-    if gates is None and gate_config is None and decode_gates is None:
-        raise ValueError("seer.load needs gates=PATH (trained gates), gate_config= (untrained gates) or "
-                         "decode_gates=PATH (trained decode gates)")
+    if gates is None and gate_config is None and decode_gates is None and decode_sparsity is None:
+        raise ValueError("seer.load needs gates=PATH (trained gates), gate_config= (untrained gates), "
+                         "decode_gates=PATH (trained decode gates) or a training-free decode_sparsity (Quest)")
     prefill_gated = gates is not None or gate_config is not None or shared_gate
     if not prefill_gated and sparsity is not None:
         raise ValueError(f"sparsity={sparsity!r} is a prefill budget; it needs gates=PATH or gate_config=")
-    if decode_gates is None and decode_sparsity is not None:
-        raise ValueError(f"decode_sparsity={decode_sparsity!r} needs decode_gates=PATH")
     if gates is not None:
         gates = resolve_gates(gates)
         meta = read_gate_meta(gates)  # a missing, truncated or altered gate file fails before the model loads
@@ -127,6 +128,14 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
         gate_config = build(GateConfig, "gate", {"block_size": block_size, **fields})
     elif isinstance(gate_config, Mapping):
         gate_config = build(GateConfig, "gate", gate_config)
+    quest_alone = decode_meta is None and decode_sparsity is not None
+    if quest_alone:  # training-free sparse decode: refused early unless the budget is Quest alone
+        quest_block = gate_config.block_size if gate_config is not None else \
+            meta["gate"]["block_size"] if gates is not None else QUEST_BLOCK_SIZE  # the prefill gates' blocks
+        quest_spars = build(DecodeSparsityConfig, "decode_sparsity", decode_sparsity) \
+            if not isinstance(decode_sparsity, DecodeSparsityConfig) else decode_sparsity
+        quest_spars.check_training_free()
+        quest_spars.check_block_size(quest_block)
     if model is None:
         if gates is None and decode_meta is None:
             raise ValueError("seer.load without a model needs gates= or decode_gates= that name their base model")
@@ -161,11 +170,13 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
         load_gates(model, gates, expected_gate=gate_config)
     elif gate_config is not None and not shared_gate:
         attach_gates(model, gate_config)
-    else:  # decode gates alone (dense prefill, or scored by them with shared_gate): the "seer" attention function
-        prepare_model(model, decode_meta["decode_gate"]["block_size"])
+    else:  # decode gates or Quest alone (dense prefill, or scored by the decode gates with shared_gate)
+        prepare_model(model, quest_block if quest_alone else decode_meta["decode_gate"]["block_size"])
     if decode_spars is not None:
         load_decode_gates(model, decode_gates)
         model.seer_decode.enable(decode_spars, kernel, threshold)
+    elif quest_alone:
+        attach_quest_decode(model, quest_block).enable(quest_spars, kernel)
     if shared_gate:
         share_decode_gates(model, gate_config)
     for p in model.parameters():

@@ -118,6 +118,20 @@ class DecodeSparsityConfig:
             return num_blocks
         return min(num_blocks, max(self.token_budget // block_size, 1 + self.first_block))
 
+    def check_training_free(self) -> None:
+        """Refuses a budget that needs decode gates, for decode without them (:func:`seer.model.decode.
+        attach_quest_decode`): the blocks are scored by the estimate alone (``estimate="quest"``,
+        ``estimate_weight=1``), and a calibrated threshold is stored only beside decode gates."""
+        if self.estimate is None:
+            fail("decode_sparsity", "estimate", None, "sparse decode without decode gates scores the blocks by a "
+                 "training-free estimate: give estimate=quest and estimate_weight=1, or decode gates")
+        if self.estimate_weight != 1:
+            fail("decode_sparsity", "estimate_weight", self.estimate_weight, "without decode gates the estimate scores "
+                 "alone: give 1 (a mixture needs decode gates)")
+        if self.calibrated:
+            fail("decode_sparsity", "target_density", self.target_density, "a calibrated threshold is stored beside "
+                 "decode gates; without them give a threshold or a token budget")
+
     def check_block_size(self, block_size: int) -> None:
         """Refuses a token budget below one block of ``block_size`` tokens."""
         if self.method == "token_budget" and self.token_budget < block_size:

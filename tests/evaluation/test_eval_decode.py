@@ -103,8 +103,29 @@ def test_bad_decode_input_is_refused_before_loading(tmp_path, monkeypatch, text_
         "decode_sparsity.target_density=0.2: no decode calibration for threshold target_density=0.2 in")
     assert refused("decode_gates=/no/decode") == ("decode_gates='/no/decode': no decode gates there (a gates folder "
                                                   "written by stage=distill_decode, outputs/<run>/gates)")
-    assert refused("decode_sparsity.token_budget=2048") == (
-        "decode_sparsity.token_budget=2048: a decode budget needs decode gates (decode_gates=PATH)")
+    assert refused("decode_sparsity.token_budget=2048").startswith(
+        "decode_sparsity.estimate=None: sparse decode without decode gates scores the blocks by a training-free "
+        "estimate")
+    assert refused(*QUEST_ALONE, "decode_sparsity.token_budget=8") == (  # the selector's blocks: 16 tokens
+        "decode_sparsity.token_budget=8: is below one block (16 tokens); the budget is whole blocks")
+
+
+QUEST_ALONE = ["decode_sparsity.estimate=quest", "decode_sparsity.estimate_weight=1"]
+
+
+def test_quest_alone_answers_the_generated_measures_without_decode_gates(tmp_path, text_files, generations):
+    """A training-free decode budget: sparse decode steps (two of the 16-token blocks of the selector), the dense
+    measures as without it."""
+    over = RUN + [text_files, f"paths.cache_dir={tmp_path}/c"]
+    plain = run_eval(compose(over + [f"paths.output_dir={tmp_path}/p"], "eval"))[0]
+    generations.clear()
+    row = run_eval(compose(over + [*QUEST_ALONE, "decode_sparsity.token_budget=32",
+                                   f"paths.output_dir={tmp_path}/q"], "eval"))[0]
+    assert row["decode"] == "token_budget=32, quest@1" and row["decode_gates"] is None
+    assert 0 < row["decode_density"] < 1
+    assert all(0 < d < 1 for _, d in generations)
+    for key in ("passkey_dense", "ruler_dense", "density"):
+        assert row[key] == plain[key], key
 
 
 def test_a_shared_gate_scores_the_prefill_with_the_decode_gates(tmp_path, text_files, generations):

@@ -201,18 +201,48 @@ def test_load_refuses_bad_decode_arguments_before_loading(gate_folder, monkeypat
                     f"{gate_folder / 'decode_calibration.json'} (stored: none)")
     assert refused(decode_gates="/no/decode") == ("decode_gates='/no/decode': no decode gates there (a gates folder "
                                                   "written by stage=distill_decode, outputs/<run>/gates)")
-    assert refused(gate_config=GateConfig(block_size=BS, hidden_size=16), decode_sparsity=ALL_BLOCKS) == (
-        "decode_sparsity={'token_budget': 1024} needs decode_gates=PATH")
+    assert refused(gate_config=GateConfig(block_size=BS, hidden_size=16), decode_sparsity=ALL_BLOCKS).startswith(
+        "decode_sparsity.estimate=None: sparse decode without decode gates scores the blocks by a training-free "
+        "estimate: give estimate=quest and estimate_weight=1")
+    assert refused(decode_sparsity={**QUEST_ALONE, "estimate_weight": 0.5}).startswith(
+        "decode_sparsity.estimate_weight=0.5: without decode gates the estimate scores alone")
+    assert refused(gates=gate_folder, decode_sparsity={**QUEST_ALONE, "token_budget": 8}) == (
+        "decode_sparsity.token_budget=8: is below one block (16 tokens); the budget is whole blocks")
+    assert refused(decode_sparsity={**QUEST_ALONE, "token_budget": 32}) == (  # no prefill gates: blocks of 64
+        "decode_sparsity.token_budget=32: is below one block (64 tokens); the budget is whole blocks")
+
+
+QUEST_ALONE = {"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0}
+
+
+def test_load_gives_training_free_decode_without_decode_gates(gate_folder):
+    """``decode_sparsity`` with Quest alone and no decode gates: beside sparse prefill, the same tokens as decode
+    gates with Quest at weight 1 (which ignores the gates), in the prefill gates' blocks; beside a dense prefill, blocks
+    of 64 tokens (one kept of two: density 0.5)."""
+    ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(5))
+    gated = _load(gates=gate_folder, decode_gates=gate_folder, decode_sparsity=QUEST_ALONE)
+    model = _load(gates=gate_folder, decode_sparsity=QUEST_ALONE)
+    assert model.seer_decode.config is None and model.seer_decode.block_size == BS
+    assert not any(".seer_decode_gate." in n for n, _ in model.named_parameters())
+    out = _generate(model, ids, new=12)
+    assert torch.equal(out, _generate(gated, ids, new=12))
+    assert 0 < model.seer_decode.mean_density() < 1
+    newest_only = {**QUEST_ALONE, "token_budget": 64, "first_block": False}
+    model = _load(decode_sparsity=newest_only)
+    assert model.seer_decode.block_size == 64 and model.seer_context.gate_config is None
+    _generate(model, ids, new=12)  # sequences of 71-81 tokens: two blocks, the newest kept
+    assert model.seer_decode.mean_density() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("budget", [{"token_budget": 32}, {"token_budget": 80, "first_block": False},
                                     {"method": "threshold", "threshold": 0.3},
-                                    {"token_budget": 48, "estimate": "quest", "estimate_weight": 0.5}])
+                                    {"token_budget": 48, "estimate": "quest", "estimate_weight": 0.5}, "quest alone"])
 def test_decode_steps_read_nothing_back_from_the_device(gate_folder, monkeypatch, budget):
     """An unpadded batch's decode steps call no tensor-to-host conversion (what synchronises with a GPU) in the
     decode handler, and give each prompt's tokens alone and the mean of their densities."""
     ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(5))
-    model = _load(decode_gates=gate_folder, decode_sparsity=budget)
+    model = _load(gates=gate_folder, decode_sparsity=QUEST_ALONE) if budget == "quest alone" else \
+        _load(decode_gates=gate_folder, decode_sparsity=budget)
     alone = [(_generate(model, row[None], new=12), model.seer_decode.densities()) for row in ids]
     steps = []
     _refuse_host_reads(monkeypatch, steps)
