@@ -147,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--check-steps", type=int, default=3, help="steps of the dense = sparse@every-block check")
     ap.add_argument("--budget", type=int, default=2048, help="sparse decode token budget per KV head")
     ap.add_argument("--block-size", type=int, default=64, help="decode gate block size")
+    ap.add_argument("--selection", choices=["gate", "quest"], default="gate",
+                    help="what scores the blocks of a sparse step: random decode gates, or Quest's key bounds alone "
+                         "(training-free, no decode gates: seer.model.decode.attach_quest_decode)")
     ap.add_argument("--cache", choices=["reserved", "dynamic"], default="reserved",
                     help="KV cache of the eager steps: preallocated views (reserved) or transformers' torch.cat "
                          "DynamicCache (dynamic); --graph uses a StaticCache")
@@ -186,18 +189,22 @@ def model_config(name: str, layers: int | None, dtype: str = "bfloat16"):
     return run.model
 
 
-def build_model(mcfg, device, block_size: int = 64):
-    """The random-weight model on ``device`` with the ``"seer"`` attention function and random decode gates."""
+def build_model(mcfg, device, block_size: int = 64, selection: str = "gate"):
+    """The random-weight model on ``device`` with the ``"seer"`` attention function and random decode gates
+    (``selection="quest"``: none, Quest's key bounds score the blocks)."""
     from seer.gates.decode_config import DecodeGateConfig
     from seer.model.attention import prepare_model
-    from seer.model.decode import attach_decode_gates
+    from seer.model.decode import attach_decode_gates, attach_quest_decode
     from seer.model.loading import load_causal_lm
 
     torch.manual_seed(0)
     model = load_causal_lm(mcfg, device)
     model.config.use_cache = True
     prepare_model(model, block_size)
-    attach_decode_gates(model, DecodeGateConfig(block_size=block_size))
+    if selection == "quest":
+        attach_quest_decode(model, block_size)
+    else:
+        attach_decode_gates(model, DecodeGateConfig(block_size=block_size))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -402,7 +409,7 @@ def kernel_dense(model, cache, kernel: str) -> Iterator[None]:
 
     from seer.model.attention import seer_mask
 
-    bs = model.seer_decode.config.block_size
+    bs = model.seer_decode.block_size
     blocks = torch.arange(-(-cache.layers[0].max_cache_len // bs), dtype=torch.int32, device=model.device)
     AttentionInterface.register(KERNEL_DENSE_ATTENTION, functools.partial(kernel_dense_attention, blocks=blocks,
                                                                           block_size=bs, kernel=kernel))
@@ -447,9 +454,10 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     ids = torch.randint(vocab, (batch, prompt), device=device, generator=g)
     extra = decode_tokens(args)
     steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
-    bs = ctx.config.block_size
+    bs = ctx.block_size
     compiled = getattr(args, "compile_gate", False)
-    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs, compile=compiled)  # every block
+    scored = {"estimate": "quest", "estimate_weight": 1.0} if not ctx.gated else {}  # Quest alone: no gates
+    every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs, compile=compiled, **scored)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     cache = make_kv_cache(prompt + extra)
@@ -459,9 +467,9 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     prefill(model, cache, ids, args.prefill_chunk)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    budget = DecodeSparsityConfig(token_budget=args.budget, compile=compiled)
+    budget = DecodeSparsityConfig(token_budget=args.budget, compile=compiled, **scored)
     return PrefilledCase(ctx, cuda, steps, every, budget, cache, prefill_s, copy_key_cache(ctx.cache),
-                         ctx.cache.memory_bytes() / 2**20)
+                         (ctx.cache.memory_bytes() + ctx.cache.bounds_memory_bytes()) / 2**20)
 
 
 @torch.no_grad()
@@ -470,7 +478,7 @@ def bench_case_graph(model, batch: int, prompt: int, args, device, kernel: str =
     docstring)."""
     from transformers import StaticCache
 
-    bs = model.seer_decode.config.block_size
+    bs = model.seer_decode.block_size
     # room for the steps, rounded up to whole blocks (aligned rows for SDPA's mask and the kernel); the compressed-K
     # cache is sized for it
     case = prefilled_case(model, batch, prompt, args, device, kernel,
@@ -661,8 +669,10 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
              f"transformers {info['transformers']}, Python {info['python']}; {info['date']}.", "",
              f"Command: `{cmd}`", "",
-             f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, random decode gates "
-             f"(block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "
+             f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, "
+             + ("random decode gates" if getattr(args, "selection", "gate") == "gate" else
+                "Quest's key bounds alone (no decode gates; `compressed K` is the key bounds)")
+             + f" (block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "
              f"kernel{compiled}). Per (prompt, batch): one dense prefill, then {how}", "",
              "| prompt | batch | dense ms/step | dense tok/s | sparse ms/step | sparse tok/s | speedup | density "
              "| compressed K (MiB) | peak mem (GiB) | prefill (s) | check |"
@@ -711,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch._dynamo as dynamo
 
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 8 * len(cases) + 8)
-    model = build_model(mcfg, device, args.block_size)
+    model = build_model(mcfg, device, args.block_size, args.selection)
     print(f"{args.model}: {layers} layers, weights {torch.cuda.memory_allocated() / GIB:.1f} GiB", flush=True)
     rows = []
     for prompt, batch in cases:
