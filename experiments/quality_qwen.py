@@ -114,13 +114,14 @@ from seer.evaluation.harness import Evaluator
 from seer.evaluation.hybrid_fit import MARGIN, HybridPick, check_groups, pick_hybrid
 from seer.gates.config import GateConfig
 from seer.model.attention import layer_ranges
-from seer.model.decode import share_decode_gates
+from seer.model.decode import attach_quest_decode, share_decode_gates
 from seer.model.decode_gate_io import load_decode_gates, read_decode_gate_meta
 from seer.model.gate_io import load_gates
 from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
 from seer.sparsity import SparsityConfig
 from seer.sparsity.config import ALLOCATIONS
+from seer.sparsity.decode import DecodeSparsityConfig
 from seer.sparsity.blend_fit import GRID, blend_recalls, pick_weights
 from seer.sparsity.selectors import SELECTORS, build_selector
 
@@ -501,6 +502,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="--plan lever: how each blend's calibrated threshold shares the density (global: one "
                     "threshold; uniform: every head at the target; oracle: each head at the density a global "
                     "threshold on the true block mass gives it on the calibration windows)")
+    ap.add_argument("--decode-budget", type=int, default=0,
+                    help="tokens per KV head of training-free sparse decode (Quest alone, no decode gates) for the "
+                    "generated answers (passkey, RULER) of every job; 0: dense decode steps")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
     ap.add_argument("--copy", type=int, default=5)
@@ -526,6 +530,9 @@ def planned_jobs(args) -> list[Job | None]:
     if "essays" in args.texts and ruler.missing_extra():
         raise SystemExit(f"--texts essays: RULER's essays come with the RULER extra, not installed "
                          f"({', '.join(ruler.missing_extra())} missing): {ruler.INSTALL_HINT}")
+    if args.decode_budget < 0 or args.decode_budget and (args.shared_gates or args.decode_budget < 64):
+        raise SystemExit(f"--decode-budget {args.decode_budget}: give 0 (dense decode) or at least one 64-token "
+                         f"block, without --shared-gates (their decode gates decode)")
     blends = parse_blends(args.blends)
     names = gate_sets(args)
     if not names:
@@ -593,7 +600,11 @@ def main() -> None:
             share_decode_gates(models[key])
         else:
             load_gates(models[key], path)
+        if args.decode_budget:  # Quest alone scores each decode step's blocks (the prefill's block size)
+            attach_quest_decode(models[key], models[key].seer_context.block_size)
     del base
+    decode = DecodeSparsityConfig(token_budget=args.decode_budget, estimate="quest", estimate_weight=1.0) \
+        if args.decode_budget else None
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = evaluation_configs(args)
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
@@ -659,15 +670,17 @@ def main() -> None:
         for name in texts:
             if selector is None:
                 evaluators[key, name].forget(None)
-            for row in evaluators[key, name].evaluate(selector, sparsity, dense[name],
+            for row in evaluators[key, name].evaluate(selector, sparsity, dense[name], decode=decode,
                                                       layer_selectors=layer_selectors):
-                row.update(text=name, selector=label, blend_weights=weights, group_layers=list(group_layers),
+                row.update(text=name, selector=label + (f" +quest{args.decode_budget}" if decode else ""),
+                           blend_weights=weights, group_layers=list(group_layers),
                            group_scorer=group_scorer if group_layers or hybrid else None, hybrid_fit=hybrid)
                 rows.append(row)
                 print(f"[quality] {i + 1} {label} {sparsity.describe()} {name}: d={row['density']:.3f} "
                       f"ppl {row['ppl_increase']:+.2%} passkey {row['passkey']} copy {row['copy']}"
                       + (f" ruler {row['ruler']:.1f} (dense {row['ruler_dense']:.1f})" if row.get("ruler") is not None
                          else "")
+                      + (f" decode density {row['decode_density']:.3f}" if row.get("decode_density") else "")
                       + f" ({time.time() - start:.0f} s)", flush=True)
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
         write_results(out, rows, skipped, args, device, train_s, time.time() - start, dense, fits, hybrids)

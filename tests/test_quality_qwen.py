@@ -530,3 +530,13 @@ def test_the_lever_plan_measures_the_blend_under_each_allocation(study):
         study.planned_jobs(study.parse_args([*ATTRIBUTION, "--allocations", "uniform"]))
     with pytest.raises(SystemExit):
         study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--allocations", "per_row"])
+
+
+def test_a_decode_budget_is_at_least_a_block_and_not_beside_shared_gates(study):
+    base = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=", "--plan", "lever"]
+    assert study.parse_args([*base, "--decode-budget", "2048"]).decode_budget == 2048
+    assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048"]))
+    for bad in (["--decode-budget", "32"], ["--decode-budget", "-1"],
+                ["--decode-budget", "2048", "--shared-gates", "s=/g"]):
+        with pytest.raises(SystemExit, match="--decode-budget"):
+            study.planned_jobs(study.parse_args([*base, *bad]))
