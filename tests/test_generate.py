@@ -173,6 +173,25 @@ def test_generate_decodes_through_the_decode_gates(tmp_path, monkeypatch, capsys
     assert decode_only["text"] == tiny_tokenizer().decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_generate_decodes_by_quest_alone_without_decode_gates(tmp_path, monkeypatch, capsys):
+    """decode_sparsity.estimate=quest with weight 1 and no decode gates: training-free sparse decode in the prefill
+    gates' blocks, the same text as the decode gates' path at weight 1 (which ignores the gates)."""
+    folder = _gate_and_decode_gate_folder(tmp_path / "g")
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    quest = ["decode_sparsity.estimate=quest", "decode_sparsity.estimate_weight=1", "decode_sparsity.token_budget=32"]
+    runs = {}
+    for name, decode in (("alone", []), ("gated", [f"decode_gates={folder}"])):
+        cfg = compose(["model=tiny_llama", f"gates={folder}", *decode, *quest, "max_new_tokens=6", "device=cpu",
+                       "compare_dense=false"], "generate")
+        cfg.prompt = "def f(x):\n    return x + 1\n" * 8
+        torch.manual_seed(0)
+        runs[name] = run_generation(cfg)
+    assert runs["alone"]["text"] == runs["gated"]["text"]
+    assert runs["alone"]["decode_densities"] == runs["gated"]["decode_densities"]
+    assert all(0 < d < 1 for d in runs["alone"]["decode_densities"].values())
+    assert "(token_budget=32, quest@1)" in capsys.readouterr().out
+
+
 def _model_config(cfg):
     from seer.checks import build
     from seer.model.config import ModelConfig
