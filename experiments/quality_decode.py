@@ -37,6 +37,7 @@ import torch
 from seer.config import compose, validate
 from seer.data import TextFilesCorpus
 from seer.evaluation.data import HeldOutText
+from seer.kernels.common import BLOCK_SIZES
 from seer.model.inference import load
 from seer.model.loading import load_tokenizer
 from seer.preflight import check_length, model_shape
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the gate alone (quest:0.5: half Quest's; quest:1: Quest alone, the default: the "
                          "training-free baseline a learned decode gate must beat; --estimates with no value: the "
                          "gate alone)")
+    ap.add_argument("--quest-blocks", type=int, nargs="*", default=[],
+                    help="instead of decode gates: training-free decode, Quest alone at each of these key-block sizes "
+                         "(no training, no gate rows; seer.model.decode.attach_quest_decode), e.g. 16 32 64")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
@@ -76,12 +80,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.estimates = [parse_estimate(text) for text in args.estimates]
     except ValueError as err:
         ap.error(str(err))
+    if args.quest_blocks and (args.decode_gates or not set(args.quest_blocks) <= set(BLOCK_SIZES)):
+        ap.error(f"--quest-blocks {args.quest_blocks}: block sizes of {BLOCK_SIZES}, without --decode-gates (no "
+                 f"gates are used)")
     for budget in args.budgets:
         for estimate in [{}, *args.estimates]:
             DecodeSparsityConfig(token_budget=budget, **estimate)  # a bad budget fails here, before anything loads
+        for block in args.quest_blocks:
+            DecodeSparsityConfig(token_budget=budget, **QUEST_ALONE).check_block_size(block)
     if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1:
         ap.error("--prompt-len, --continuation, --greedy and --windows must be >= 1")
     return args
+
+
+QUEST_ALONE = {"estimate": "quest", "estimate_weight": 1.0}
+
+
+def quest_model(model_cfg, block_size: int, device, budget: int):
+    """The model with training-free sparse decode (Quest alone in blocks of ``block_size``; dense prefill), at a
+    token budget of ``budget``."""
+    from seer.model.attention import prepare_model
+    from seer.model.decode import attach_quest_decode
+    from seer.model.loading import load_causal_lm
+
+    model = load_causal_lm(model_cfg, device)
+    model.config.use_cache = True
+    prepare_model(model, block_size)
+    kernel = "triton" if torch.device(device).type == "cuda" else "reference"
+    attach_quest_decode(model, block_size).enable(DecodeSparsityConfig(token_budget=budget, **QUEST_ALONE), kernel)
+    return model
 
 
 def parse_estimate(text: str) -> dict:
@@ -155,23 +182,37 @@ def greedy_agreement(sparse: torch.Tensor, dense: torch.Tensor) -> tuple[float, 
     return sum(same) / len(same), same.index(False) if False in same else len(same)
 
 
+def dense_window(model, prompt: torch.Tensor, continuation: torch.Tensor, greedy: int,
+                 pad_token_id: int) -> tuple[tuple, dict]:
+    """Dense decode of one window (sparse decode switched off): ``(NLL, top tokens, greedy tokens)`` and its row."""
+    model.seer_decode.disable()
+    dense = (*continuation_nll(model, prompt, continuation), greedy_tokens(model, prompt, greedy, pad_token_id))
+    return dense, {"budget": "dense", "scores": "", "nll": dense[0], "nll_increase": 0.0, "density": 1.0,
+                   "top1_agree": 1.0, "greedy_agree": 1.0, "greedy_prefix": greedy}
+
+
 def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budgets: list[int], greedy: int,
-                   pad_token_id: int, kernel: str, estimates: list[dict] = ()) -> list[dict]:
+                   pad_token_id: int, kernel: str, estimates: list[dict] = (),
+                   dense: tuple | None = None) -> list[dict]:
     """The rows of one window: dense decode, then each budget scored by the gate and with each of ``estimates``
-    (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense)."""
+    (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense).
+    A model without decode gates (:func:`quest_model`) has Quest-alone rows only, named ``quest/<block size>``.
+    ``dense``: the window's dense ``(nll, top tokens, greedy tokens)`` measured before (then no dense row)."""
     decode = model.seer_decode
-    decode.disable()
-    dense_nll, dense_top = continuation_nll(model, prompt, continuation)
-    dense_tokens = greedy_tokens(model, prompt, greedy, pad_token_id)
-    rows = [{"budget": "dense", "scores": "", "nll": dense_nll, "nll_increase": 0.0, "density": 1.0, "top1_agree": 1.0,
-             "greedy_agree": 1.0, "greedy_prefix": greedy}]
+    gated = decode.gated
+    rows = []
+    if dense is None:
+        dense, row = dense_window(model, prompt, continuation, greedy, pad_token_id)
+        rows.append(row)
+    dense_nll, dense_top, dense_tokens = dense
     for budget in budgets:
-        for estimate in [{}, *estimates]:
+        for estimate in [{}, *estimates] if gated else [QUEST_ALONE]:
             decode.enable(DecodeSparsityConfig(token_budget=budget, **estimate), kernel)
             nll, top = continuation_nll(model, prompt, continuation)
             density = decode.mean_density()
             agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
-            rows.append({"budget": budget, "scores": scores_name(estimate), "nll": nll,
+            name = scores_name(estimate) if gated else f"quest/{decode.block_size}"
+            rows.append({"budget": budget, "scores": name, "nll": nll,
                          "nll_increase": nll / dense_nll - 1,
                          "density": density, "top1_agree": float((top == dense_top).float().mean()),
                          "greedy_agree": agree, "greedy_prefix": prefix})
@@ -185,12 +226,17 @@ def main() -> None:
     run = validate(compose(model_overrides(args)))
     check_length(f"--prompt-len {args.prompt_len} + --continuation {args.continuation} (or --greedy {args.greedy})",
                  args.prompt_len + max(args.continuation, args.greedy), model_shape(run.model), run.model.rope_scaling)
-    gates = Path(args.decode_gates) if args.decode_gates else train_decode_gates(args)
+    if args.quest_blocks:  # training-free: a model per block size, no decode gates
+        gates = None
+        models = [quest_model(run.model, block, device, min(args.budgets)) for block in args.quest_blocks]
+    else:
+        gates = Path(args.decode_gates) if args.decode_gates else train_decode_gates(args)
+        models = [load(run.model, decode_gates=gates, decode_sparsity={"token_budget": min(args.budgets)},
+                       device=device)]
     train_s = time.time() - start
     print(f"[decode] decode gates {gates} ({train_s:.0f} s)", flush=True)
     tokenizer = load_tokenizer(run.model)
-    model = load(run.model, decode_gates=gates, decode_sparsity={"token_budget": min(args.budgets)}, device=device)
-    kernel = model.seer_decode.kernel
+    kernel = models[0].seer_decode.kernel
     text = HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all", progress=False)
     span = args.prompt_len + args.continuation
     tokens = text.tokens(args.windows * span)
@@ -204,8 +250,12 @@ def main() -> None:
             continue
         ids = tokens[window * span:(window + 1) * span][None].to(device)
         prompt, continuation = ids[:, :args.prompt_len], ids[:, args.prompt_len:]
-        for row in measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel,
-                                  args.estimates):
+        dense, dense_row = dense_window(models[0], prompt, continuation, args.greedy, pad)
+        window_rows = [dense_row]
+        for model in models:  # every block size (or the one gated model) against the same dense decode
+            window_rows += measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel,
+                                          args.estimates, dense)
+        for row in window_rows:
             rows.append({"window": window, **row})
             print(f"[decode] window {window} budget {row['budget']} {row['scores']}: nll {row['nll']:.4f} "
                   f"({row['nll_increase']:+.2%}) density {row['density']:.3f} top-1 {row['top1_agree']:.2f} "
@@ -230,10 +280,13 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, rows: list[dict], skipped: list[int], args, device, gates: Path, train_s: float,
+def write_results(out: Path, rows: list[dict], skipped: list[int], args, device, gates: Path | None, train_s: float,
                   total_s: float) -> None:
     lines = [f"# Sparse decode quality on {args.model} ({args.gguf})", "",
-             f"{environment(device)} Decode gates {gates} (trained in {train_s:.0f} s); whole study "
+             f"{environment(device)} "
+             + (f"Decode gates {gates} (trained in {train_s:.0f} s)" if gates is not None else
+                f"No decode gates: Quest alone in blocks of {args.quest_blocks} tokens (models loaded in "
+                f"{train_s:.0f} s)") + "; whole study "
              f"{total_s:.0f} s.", "",
              "Command: `python3 experiments/quality_decode.py " + " ".join(
                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"

@@ -74,3 +74,36 @@ def test_measurements_on_a_tiny_model(study):
     assert study.greedy_agreement(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5, 4])) == (0.75, 2)
     table = study.summary_table([{"window": 0, **r} for r in rows])
     assert "| 16 | gate | 1 |" in table and "| 16 | gate+quest@0.5 | 1 |" in table and "| 16 | quest | 1 |" in table
+
+
+def test_quest_alone_rows_without_decode_gates(study):
+    """--quest-blocks: models without decode gates, Quest alone at each block size, against one dense measurement;
+    a budget covering every block is dense."""
+    args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--quest-blocks", "16", "32"])
+    assert args.quest_blocks == [16, 32]
+    for bad in (["--quest-blocks", "8"], ["--quest-blocks", "16", "--decode-gates", "/g"]):
+        with pytest.raises(SystemExit):
+            study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", *bad])
+    with pytest.raises(ConfigError, match=r"token_budget=64: is below one block \(128 tokens\)"):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--quest-blocks", "128",
+                          "--budgets", "1024", "64"])
+    ids = torch.randint(3, 300, (1, 100), generator=torch.Generator().manual_seed(0))
+    prompt, continuation = ids[:, :92], ids[:, 92:]
+    models = []
+    for block in (16, 32):
+        model = tiny_model("llama")  # the same seeded weights each time
+        models.append(model)
+        prepare_model(model, block)
+        from seer.model.decode import attach_quest_decode
+
+        attach_quest_decode(model, block)
+    dense, dense_row = study.dense_window(models[0], prompt, continuation, 4, 2)
+    rows = [dense_row] + [r for m in models for r in study.measure_window(
+        m, prompt, continuation, [1024, 32], greedy=4, pad_token_id=2, kernel="reference", dense=dense)]
+    assert [(r["budget"], r["scores"]) for r in rows] == [("dense", ""), (1024, "quest/16"), (32, "quest/16"),
+                                                          (1024, "quest/32"), (32, "quest/32")]
+    for row in (rows[1], rows[3]):
+        assert row["density"] == 1.0 and row["nll"] == pytest.approx(dense_row["nll"], rel=1e-5)
+        assert row["greedy_agree"] == 1.0 and row["top1_agree"] == 1.0
+    for row in (rows[2], rows[4]):
+        assert 0 < row["density"] < 1 and row["nll"] != pytest.approx(dense_row["nll"], rel=1e-5)

@@ -397,8 +397,10 @@ def attach_quest_decode(model: nn.Module, block_size: int = QUEST_BLOCK_SIZE) ->
     (:func:`seer.model.attention.prepare_model`, or prefill gates attached); returns the shared context."""
     if getattr(model, "seer_decode", None) is not None:
         raise ValueError("this model already has a seer decode selection attached")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r}: a key block is a whole number of tokens >= 1")
+    from seer.kernels.common import BLOCK_SIZES
+
+    if block_size not in BLOCK_SIZES or isinstance(block_size, bool):
+        raise ValueError(f"block_size={block_size!r}: the decode kernels take key blocks of {BLOCK_SIZES} tokens")
     ctx = DecodeContext(None)
     for layer in attention_layers(model):
         ctx.gates[layer.layer_idx] = BoundsOnly(*layer_shape(model, layer), block_size)

@@ -121,5 +121,6 @@ def test_refusals():
 
     with pytest.raises(ValueError, match="already has a seer decode selection"):
         attach_quest_decode(model)
-    with pytest.raises(ValueError, match="block_size=0"):
-        attach_quest_decode(tiny_model("llama"), 0)
+    for bad in (0, 8, True):
+        with pytest.raises(ValueError, match=f"block_size={bad}: the decode kernels take key blocks of"):
+            attach_quest_decode(tiny_model("llama"), bad)
