@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quest-blocks", type=int, nargs="*", default=[],
                     help="instead of decode gates: training-free decode, Quest alone at each of these key-block sizes "
                          "(no training, no gate rows; seer.model.decode.attach_quest_decode), e.g. 16 32 64")
+    ap.add_argument("--prompt-blocks", type=int, default=0,
+                    help="key blocks of the prompt its last queries attend most, kept at every decode step "
+                         "(DecodeSparsityConfig.prompt_blocks, counted in the budget; 0: none)")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
@@ -84,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--quest-blocks {args.quest_blocks}: block sizes of {BLOCK_SIZES}, without --decode-gates (no "
                  f"gates are used)")
     for budget in args.budgets:
-        for estimate in [{}, *args.estimates]:
-            DecodeSparsityConfig(token_budget=budget, **estimate)  # a bad budget fails here, before anything loads
+        for estimate in [{}, *args.estimates]:  # a bad budget fails here, before anything loads
+            DecodeSparsityConfig(token_budget=budget, prompt_blocks=args.prompt_blocks, **estimate)
         for block in args.quest_blocks:
             DecodeSparsityConfig(token_budget=budget, **QUEST_ALONE).check_block_size(block)
     if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1:
@@ -193,11 +196,12 @@ def dense_window(model, prompt: torch.Tensor, continuation: torch.Tensor, greedy
 
 def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budgets: list[int], greedy: int,
                    pad_token_id: int, kernel: str, estimates: list[dict] = (),
-                   dense: tuple | None = None) -> list[dict]:
+                   dense: tuple | None = None, prompt_blocks: int = 0) -> list[dict]:
     """The rows of one window: dense decode, then each budget scored by the gate and with each of ``estimates``
     (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense).
     A model without decode gates (:func:`quest_model`) has Quest-alone rows only, named ``quest/<block size>``.
-    ``dense``: the window's dense ``(nll, top tokens, greedy tokens)`` measured before (then no dense row)."""
+    ``dense``: the window's dense ``(nll, top tokens, greedy tokens)`` measured before (then no dense row).
+    ``prompt_blocks``: every budget's pinned prompt blocks (``DecodeSparsityConfig.prompt_blocks``)."""
     decode = model.seer_decode
     gated = decode.gated
     rows = []
@@ -207,7 +211,7 @@ def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budg
     dense_nll, dense_top, dense_tokens = dense
     for budget in budgets:
         for estimate in [{}, *estimates] if gated else [QUEST_ALONE]:
-            decode.enable(DecodeSparsityConfig(token_budget=budget, **estimate), kernel)
+            decode.enable(DecodeSparsityConfig(token_budget=budget, prompt_blocks=prompt_blocks, **estimate), kernel)
             nll, top = continuation_nll(model, prompt, continuation)
             density = decode.mean_density()
             agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
@@ -254,7 +258,7 @@ def main() -> None:
         window_rows = [dense_row]
         for model in models:  # every block size (or the one gated model) against the same dense decode
             window_rows += measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel,
-                                          args.estimates, dense)
+                                          args.estimates, dense, args.prompt_blocks)
         for row in window_rows:
             rows.append({"window": window, **row})
             print(f"[decode] window {window} budget {row['budget']} {row['scores']}: nll {row['nll']:.4f} "

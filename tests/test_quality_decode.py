@@ -107,3 +107,22 @@ def test_quest_alone_rows_without_decode_gates(study):
         assert row["greedy_agree"] == 1.0 and row["top1_agree"] == 1.0
     for row in (rows[2], rows[4]):
         assert 0 < row["density"] < 1 and row["nll"] != pytest.approx(dense_row["nll"], rel=1e-5)
+
+
+def test_pinned_prompt_blocks_are_kept_beside_the_budget(study):
+    """--prompt-blocks: a budget of the first and newest block plus two pins keeps more than the same budget alone."""
+    from seer.model.decode import attach_quest_decode
+
+    ids = torch.randint(3, 300, (1, 120), generator=torch.Generator().manual_seed(1))
+    prompt, continuation = ids[:, :112], ids[:, 112:]
+    model = tiny_model("llama")
+    prepare_model(model, 16)
+    attach_quest_decode(model, 16)
+    dense, _ = study.dense_window(model, prompt, continuation, 4, 2)
+    plain, pinned = (study.measure_window(model, prompt, continuation, [32], greedy=4, pad_token_id=2,
+                                          kernel="reference", dense=dense, prompt_blocks=p)[0] for p in (0, 2))
+    assert plain["density"] == pytest.approx(2 / 8) and pinned["density"] == pytest.approx(4 / 8)
+    assert study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--prompt-blocks", "2"]) \
+        .prompt_blocks == 2
+    with pytest.raises(ConfigError, match="decode_sparsity.prompt_blocks=-1"):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--prompt-blocks", "-1"])

@@ -536,7 +536,9 @@ def test_a_decode_budget_is_at_least_a_block_and_not_beside_shared_gates(study):
     base = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=", "--plan", "lever"]
     assert study.parse_args([*base, "--decode-budget", "2048"]).decode_budget == 2048
     assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048"]))
+    assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048", "--decode-prompt-blocks", "4"]))
     for bad in (["--decode-budget", "32"], ["--decode-budget", "-1"],
-                ["--decode-budget", "2048", "--shared-gates", "s=/g"]):
-        with pytest.raises(SystemExit, match="--decode-budget"):
+                ["--decode-budget", "2048", "--shared-gates", "s=/g"], ["--decode-prompt-blocks", "4"],
+                ["--decode-budget", "2048", "--decode-prompt-blocks", "-1"]):
+        with pytest.raises(SystemExit, match="--decode-budget|--decode-prompt-blocks"):
             study.planned_jobs(study.parse_args([*base, *bad]))

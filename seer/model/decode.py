@@ -56,7 +56,7 @@ from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, layer_shape,
                                   seer_mask)
 from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, layer_block_size, newest_scores,
-                                     step_key_bounds, step_keys, step_position)
+                                     prompt_block_pins, step_key_bounds, step_keys, step_position)
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
 DISTILL_ATTENTION = "seer_decode_distill"
@@ -199,37 +199,46 @@ class DecodeContext:
             if t != n and not static_prefill:
                 return self._step(module, query, key, value, attention_mask, scaling, **kwargs)
             if kwargs.get("use_cache"):
-                self._prefill(module, key, t, attention_mask, n if static_prefill else None)
+                self._prefill(module, query, key, attention_mask, n if static_prefill else None, scaling)
                 return None
         if self.gated:
             module.seer_decode_stash.q = module.seer_decode_stash.k = None
         return None
 
-    def _prefill(self, module: nn.Module, key: torch.Tensor, tokens: int, attention_mask: torch.Tensor | None,
-                 max_length: int | None) -> None:
-        """Puts a prefill's ``tokens`` pre-RoPE keys (each row's real tokens: ``attention_mask`` is None or carries
-        ``seer_spans``) into the compressed-K cache, which the first gated layer starts afresh (sized for
-        ``max_length`` tokens, a static KV cache's length; None: grown as needed), and with an estimate their
-        post-RoPE keys (the KV cache ``key``'s first ones) into its key bounds (without decode gates, only those)."""
+    def _prefill(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                 attention_mask: torch.Tensor | None, max_length: int | None, scaling: float | None) -> None:
+        """Puts a prefill's pre-RoPE keys (as many as its queries ``query [B, Hq, T, D]``; each row's real tokens:
+        ``attention_mask`` is None or carries ``seer_spans``) into the compressed-K cache, which the first gated layer
+        starts afresh (sized for ``max_length`` tokens, a static KV cache's length; None: grown as needed), and with
+        an estimate their post-RoPE keys (the KV cache ``key``'s first ones) into its key bounds (without decode
+        gates, only those). With ``prompt_blocks``, each row's pinned prompt blocks from its last queries
+        (:func:`~seer.model.decode_cache.prompt_block_pins` at the attention's ``scaling``)."""
         k_pre = module.seer_decode_stash.take()[1] if self.gated else None
         layer = module.layer_idx
         quest = self.sparsity.estimate is not None
+        tokens = query.shape[2]
         if layer == min(self.gates) or self.cache is None:
             self.cache = DecodeKeyCache(self.gates, key.shape[0], max_length=max_length,
                                         bounds_dtype=key.dtype if quest else None, device=key.device)
             self.density.clear()
         k_post = key[:, :, :tokens] if quest else None
+        spans = [(0, tokens)] * key.shape[0]
         if attention_mask is None:
             self.cache.update(layer, k_pre, k_post=k_post)
-            return
-        spans = getattr(attention_mask, "seer_spans", None)
-        if spans is None:
-            raise ValueError("sparse decode needs a prefill without padding or with one run of real tokens per row "
-                             "(left or right padding); this attention mask has holes")
-        counts = [end - first for first, end in spans]
-        self.cache.offsets = [first for first, _ in spans]  # a left-padded row's sequence starts after its padding
-        self.cache.update(layer, None if k_pre is None else _real_tokens(k_pre, spans), torch.tensor(counts),
-                          None if k_post is None else _real_tokens(k_post, spans))
+        else:
+            spans = getattr(attention_mask, "seer_spans", None)
+            if spans is None:
+                raise ValueError("sparse decode needs a prefill without padding or with one run of real tokens per "
+                                 "row (left or right padding); this attention mask has holes")
+            counts = [end - first for first, end in spans]
+            self.cache.offsets = [first for first, _ in spans]  # a left-padded row's sequence starts after its padding
+            self.cache.update(layer, None if k_pre is None else _real_tokens(k_pre, spans), torch.tensor(counts),
+                              None if k_post is None else _real_tokens(k_post, spans))
+        if self.sparsity.prompt_blocks:
+            bs, window = self.block_size, self.block_size  # the prompt's last block of queries
+            self.cache.pin_prompt(layer, [prompt_block_pins(
+                query[row, :, max(first, end - window):end], key[row, :, first:end], self.sparsity.prompt_blocks, bs,
+                scaling, self.sparsity.first_block) for row, (first, end) in enumerate(spans)])
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None, **kwargs) -> torch.Tensor:
@@ -261,7 +270,7 @@ class DecodeContext:
         estimate = dict(key_min=cache.key_min[layer], key_max=cache.key_max[layer], k_post=k_post, q_post=query,
                         sm_scale=scaling) if quest else {}
         index, *newest = step(cache.gates[layer], cache.keys.get(layer), cache.tails.get(layer), seqlens, total, steps,
-                              k_pre, q_pre, self.sparsity, self.threshold, **estimate)
+                              k_pre, q_pre, self.sparsity, self.threshold, pinned=cache.pinned.get(layer), **estimate)
         cache.stepped(layer, tuple(newest))
         offsets = cache.offsets
         if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q beside bf16 v
@@ -295,7 +304,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
                        q_pre: torch.Tensor | None,
                        sparsity: DecodeSparsityConfig, threshold: float | None, key_min: torch.Tensor | None = None,
                        key_max: torch.Tensor | None = None, k_post: torch.Tensor | None = None,
-                       q_post: torch.Tensor | None = None, sm_scale: float | None = None
+                       q_post: torch.Tensor | None = None, sm_scale: float | None = None,
+                       pinned: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor work of one layer's one-token sparse decode step, a function of tensors and plain config (no host
     read, no Python state changed), so that ``torch.compile`` can fuse it (``DecodeSparsityConfig.compile``): the new
@@ -307,7 +317,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     ``key_max`` in place (:func:`~seer.model.decode_cache.step_key_bounds`), and the scores the mixture of the gate's
     and Quest's (:func:`~seer.model.decode_cache.key_bound_scores` of the post-RoPE ``q_post [B, Hq, 1, D]`` at the
     attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
-    1. Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
+    1. ``pinned [B, Hkv, capacity]``: the prompt blocks kept at every step (``prompt_blocks``), or None.
+    Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
     ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
     1). Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest
     gate key, None without a gate; position and block)."""
@@ -324,7 +335,7 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
         bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale)
         mixed = newest_scores(gate, store, q_pre, key, pos, block) if gated and sparsity.estimate_weight != 1 else None
         scores = mix_estimate(mixed, bounds, sparsity.estimate_weight)
-    index, density = decode_step_blocks(scores, block, sparsity, bs, threshold)
+    index, density = decode_step_blocks(scores, block, sparsity, bs, threshold, pinned)
     total.add_(density)
     steps.add_(1)
     return index, key, pos, block

@@ -150,6 +150,30 @@ def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     return (bound.amax(2) * scale).masked_fill(after[:, None], float("-inf"))
 
 
+def prompt_block_pins(query: torch.Tensor, key: torch.Tensor, blocks: int, block_size: int,
+                      sm_scale: float | None = None, skip_first: bool = False) -> torch.Tensor:
+    """One row's pinned prompt blocks ``[Hkv, nb]`` (bool; ``DecodeSparsityConfig.prompt_blocks``): per KV head the
+    ``blocks`` key blocks that the prompt's last queries ``query [Hq, w, D]`` (post-RoPE, tokens ``n - w .. n - 1``)
+    attend most, by their causal softmax attention over the prompt's keys ``key [Hkv, n, D]`` at ``sm_scale``
+    (default ``1 / sqrt(D)``), summed over the ``w`` queries, the KV head's group of query heads and each block's
+    keys (SnapKV's observation window). ``skip_first``: block 0 is not chosen (it is kept anyway). Every block when the
+    prompt has no more (of those that may be chosen). Query head ``h`` reads KV head ``h // (Hq / Hkv)``."""
+    hq, w, d = query.shape
+    hkv, n, _ = key.shape
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    q = query.float().reshape(hkv, hq // hkv * w, d)  # each KV head's group of query heads, their w queries each
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [Hkv, G * w, n]
+    position = (n - w + torch.arange(w, device=key.device)).repeat(hq // hkv)  # [G * w]
+    logits = logits.masked_fill(torch.arange(n, device=key.device) > position[:, None], float("-inf"))
+    mass = torch.softmax(logits, dim=-1).sum(1)  # [Hkv, n]
+    nb = -(-n // block_size)
+    mass = torch.nn.functional.pad(mass, (0, nb * block_size - n)).view(hkv, nb, block_size).sum(-1)
+    if skip_first:
+        mass[:, 0] = float("-inf")
+    top = mass.topk(min(blocks, nb - skip_first), dim=-1).indices
+    return torch.zeros(hkv, nb, dtype=torch.bool, device=key.device).scatter_(1, top, True)
+
+
 def newest_scores(gate: DecodeGate, store: torch.Tensor, q: torch.Tensor, key: torch.Tensor, position: torch.Tensor,
                   newest: torch.Tensor) -> torch.Tensor:
     """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]`` at ``position``
@@ -204,6 +228,7 @@ class DecodeKeyCache:
         bounds = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.head_dim, dtype=bounds_dtype, device=device)
                   for i, g in gates.items()} if self.bounds else {}
         self.key_min, self.key_max = bounds, {i: t.clone() for i, t in bounds.items()}
+        self.pinned: dict[int, torch.Tensor] = {}  # [B, Hkv, capacity] bool: the prompt blocks kept (pin_prompt)
         self.longest = {i: 0 for i in gates}  # host bounds of the row lengths (see the module docstring)
         self.shortest = {i: 0 for i in gates}
         self._newest: dict[int, tuple | None] = {i: None for i in gates}  # the last decode step's, for scores()
@@ -260,10 +285,10 @@ class DecodeKeyCache:
         blocks, capacity = -(-length // self.block_size), (self.keys or self.key_min)[layer].shape[2]
         if blocks <= capacity:
             return
-        for buffers in (self.keys, self.key_min, self.key_max):
+        for buffers in (self.keys, self.key_min, self.key_max, self.pinned):
             if layer in buffers:
                 store = buffers[layer]
-                grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * capacity), store.shape[3])
+                grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * capacity), *store.shape[3:])
                 grown[:, :, :capacity] = store
                 buffers[layer] = grown
 
@@ -343,6 +368,21 @@ class DecodeKeyCache:
             self.key_min[layer][row, :, blocks] = low
             self.key_max[layer][row, :, blocks] = high
 
+    def pin_prompt(self, layer: int, pins: list[torch.Tensor]) -> None:
+        """Keeps each row's prompt blocks ``pins[b] [Hkv, nb_b]`` (bool, :func:`prompt_block_pins`; after the
+        prefill's :meth:`update`, which made room for them) as ``pinned[layer] [B, Hkv, capacity]``, replacing any
+        earlier ones."""
+        if len(pins) != self.batch_size:
+            raise ValueError(f"layer {layer}: pins for {self.batch_size} rows are needed, got {len(pins)}")
+        store = (self.keys or self.key_min)[layer]
+        pinned = torch.zeros(*store.shape[:3], dtype=torch.bool, device=store.device)
+        for row, pin in enumerate(pins):
+            if pin.shape[0] != store.shape[1] or pin.shape[1] > store.shape[2]:
+                raise ValueError(f"layer {layer}: row {row}'s pins {tuple(pin.shape)} do not fit [{store.shape[1]}, "
+                                 f"<= {store.shape[2]}]")
+            pinned[row, :, :pin.shape[1]] = pin
+        self.pinned[layer] = pinned
+
     def scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Gate logits ``[B, Hkv, capacity]`` of each row's newest token (pre-RoPE ``q [B, Hq, 1, D]``, its key
         already in the cache) over the blocks the cache has room for; ``-inf`` after a row's newest block."""
@@ -385,6 +425,7 @@ class DecodeKeyCache:
         new.seqlens = {i: t.clone() for i, t in self.seqlens.items()}
         new.key_min = {i: t.clone() for i, t in self.key_min.items()}
         new.key_max = {i: t.clone() for i, t in self.key_max.items()}
+        new.pinned = {i: t.clone() for i, t in self.pinned.items()}
         new.longest, new.shortest, new._newest = dict(self.longest), dict(self.shortest), dict(self._newest)
         new.offsets = list(self.offsets)
         return new
@@ -393,7 +434,7 @@ class DecodeKeyCache:
         """Puts ``other``'s contents (a :meth:`clone` of this cache, same capacity) into this cache's tensors in
         place, so that a CUDA graph captured over them replays from there."""
         for mine, theirs in ((self.keys, other.keys), (self.tails, other.tails), (self.seqlens, other.seqlens),
-                             (self.key_min, other.key_min), (self.key_max, other.key_max)):
+                             (self.key_min, other.key_min), (self.key_max, other.key_max), (self.pinned, other.pinned)):
             if mine.keys() != theirs.keys() or any(mine[i].shape != theirs[i].shape for i in mine):
                 raise ValueError("copy_ needs a decode key cache of the same layers, batch and capacity")
             for i, t in mine.items():

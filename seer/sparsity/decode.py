@@ -17,15 +17,20 @@ its post-RoPE keys bound ``q.k`` from above, :func:`~seer.model.decode_cache.key
 query-aware estimate; ``w = 1`` is Quest alone (the gate not consulted). The budgets then read those log-probabilities
 as they read gate logits (a top-k is order-only; the threshold's softmax of them is the mixture itself).
 
-The newest (partial) block is always kept; the first block too when ``first_block``. :func:`decode_block_index`
-lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending, padded with -1, ``S`` a
-width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step reads nothing back
-from the device. A decode step gets that list and its density at once from :func:`decode_step_blocks` (a token
-budget's list straight from ``topk``, in few device operations). With ``compile`` (default false) the tensor work of
-a one-token sparse decode step of a layer (compressed-K cache update, gate scores, this block list and density, the
-density sums: :func:`seer.model.decode.sparse_decode_step`) runs through ``torch.compile`` (inductor, static shapes,
-one graph; compiled at the first step, which must run eagerly before a CUDA-graph capture): fewer, fused kernels
-instead of some 70 small ones a layer. It changes how a step runs, not which blocks it keeps.
+The newest (partial) block is always kept; the first block too when ``first_block``; and with ``prompt_blocks`` P > 0,
+per KV head the P blocks of the prompt that its last block of queries attended most in the prefill (SnapKV's
+observation window: the question at the end of a prompt points at what the answer will need; the first block is left
+out of the choice when it is kept anyway). They are pinned for the whole generation
+(:func:`~seer.model.decode_cache.prompt_block_pins`), counted in a token budget like the other kept blocks.
+:func:`decode_block_index` lists the kept blocks as the decode kernel reads them: ``[B, Hkv, S]`` int32, ascending,
+padded with -1, ``S`` a width fixed on the host (:meth:`DecodeSparsityConfig.max_kept_blocks`), so that a decode step
+reads nothing back from the device. A decode step gets that list and its density at once from
+:func:`decode_step_blocks` (a token budget's list straight from ``topk``, in few device operations). With ``compile``
+(default false) the tensor work of a one-token sparse decode step of a layer (compressed-K cache update, gate scores,
+this block list and density, the density sums: :func:`seer.model.decode.sparse_decode_step`) runs through
+``torch.compile`` (inductor, static shapes, one graph; compiled at the first step, which must run eagerly before a
+CUDA-graph capture): fewer, fused kernels instead of some 70 small ones a layer. It changes how a step runs, not which
+blocks it keeps.
 
 A calibrated threshold is stored beside the decode gates (``decode_calibration.json``, written at the end of
 ``stage=distill_decode``) as a :class:`DecodeCalibration`; :func:`find_decode_calibration` finds it again for
@@ -63,6 +68,7 @@ class DecodeSparsityConfig:
     first_block: bool = True
     estimate: Optional[str] = None
     estimate_weight: float = 0.5
+    prompt_blocks: int = 0
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -85,6 +91,13 @@ class DecodeSparsityConfig:
         if not is_number(self.estimate_weight) or not 0 < self.estimate_weight <= 1:
             fail("decode_sparsity", "estimate_weight", self.estimate_weight,
                  "is the estimate's share of the mixed block probabilities; must be in (0, 1] (1: the estimate alone)")
+        if not is_int(self.prompt_blocks) or self.prompt_blocks < 0:
+            fail("decode_sparsity", "prompt_blocks", self.prompt_blocks,
+                 "is a number of key blocks kept from the prompt's end (0: none); must be an integer >= 0")
+        if self.prompt_blocks and self.target_density is not None:
+            fail("decode_sparsity", "prompt_blocks", self.prompt_blocks,
+                 "a calibrated threshold (target_density) is fitted without prompt blocks; give 0, or a threshold "
+                 "or token budget")
         if not isinstance(self.compile, bool):
             fail("decode_sparsity", "compile", self.compile,
                  "is true or false (run each decode step's gate and block selection through torch.compile)")
@@ -101,6 +114,8 @@ class DecodeSparsityConfig:
     def describe(self) -> str:
         """The budget in a few words (what messages and result tables name)."""
         first = "" if self.first_block else ", no first block"
+        if self.prompt_blocks:
+            first += f", {self.prompt_blocks} prompt blocks"
         if self.estimate is not None:
             first += f", {self.estimate}@{self.estimate_weight:g}"
         if self.method == "token_budget":
@@ -116,7 +131,7 @@ class DecodeSparsityConfig:
         they are more, at most ``num_blocks``; every valid block for the other methods)."""
         if self.method != "token_budget":
             return num_blocks
-        return min(num_blocks, max(self.token_budget // block_size, 1 + self.first_block))
+        return min(num_blocks, max(self.token_budget // block_size, 1 + self.first_block + self.prompt_blocks))
 
     def check_training_free(self) -> None:
         """Refuses a budget that needs decode gates, for decode without them (:func:`seer.model.decode.
@@ -168,20 +183,22 @@ def decode_block_mask(scores: torch.Tensor, seqlens: torch.Tensor, sparsity: Dec
 
 
 def decode_step_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
-                       threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       threshold: float | None = None,
+                       pinned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What one decode step needs, in few device operations and no host read: the block list of
     :func:`decode_block_index` (width :meth:`DecodeSparsityConfig.max_kept_blocks`) of the blocks
     :func:`decode_block_mask` keeps (its input checks but ``validate``), and their :func:`decode_density` (0-dim). It
     takes each token's own block ``newest [R]`` (int64, on the scores' device; ``(seqlen - 1) // block_size``), which
     the step already has (:func:`~seer.model.decode_cache.step_keys`), instead of the lengths. A token budget lists
-    its top-scoring blocks straight from ``topk``, with no ``[R, Hkv, nb]`` mask."""
+    its top-scoring blocks straight from ``topk``, with no ``[R, Hkv, nb]`` mask. ``pinned [R, Hkv, nb]`` (bool): the
+    prompt blocks kept at every step (``prompt_blocks``), or None."""
     _check_scores(scores, newest, sparsity, block_size, threshold, validate=False)
     newest = newest[:, None, None]
     if sparsity.method == "token_budget":
-        listed = _top_blocks(scores, newest, sparsity, block_size)
+        listed = _top_blocks(scores, newest, sparsity, block_size, pinned)
         kept = listed.shape[-1] - (listed < 0).sum(-1)
     else:
-        mask = _mask_blocks(scores, newest, sparsity, threshold)
+        mask = _mask_blocks(scores, newest, sparsity, threshold, pinned)
         listed = decode_block_index(mask, sparsity.max_kept_blocks(scores.shape[-1], block_size))
         kept = mask.sum(-1)
     return listed, (kept / (newest[..., 0] + 1)).mean()
@@ -209,28 +226,30 @@ def _newest_block(seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
     return ((seqlens - 1) // block_size)[:, None, None]
 
 
-def _forced_blocks(blocks: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig) -> torch.Tensor:
-    """``[R, 1, nb]``: the blocks kept whatever their score (the newest, and the first with ``first_block``)."""
+def _forced_blocks(blocks: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
+                   pinned: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R, 1, nb]`` (``[R, Hkv, nb]`` with ``pinned``): the blocks kept whatever their score (the newest, the first
+    with ``first_block``, and the ``pinned [R, Hkv, nb]`` prompt blocks)."""
     forced = blocks == newest
     if sparsity.first_block:
         forced[..., 0] = True
-    return forced
+    return forced if pinned is None else forced | pinned
 
 
-def _top_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
-                block_size: int) -> torch.Tensor:
+def _top_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig, block_size: int,
+                pinned: torch.Tensor | None = None) -> torch.Tensor:
     """A token budget's kept blocks as an ascending int32 list ``[R, Hkv, width]`` padded with -1: the forced
     blocks and the best-scoring valid ones, ``width`` (:meth:`DecodeSparsityConfig.max_kept_blocks`) in all."""
     nb = scores.shape[-1]
     blocks = torch.arange(nb, device=scores.device)
     ranked = scores.float().masked_fill(blocks > newest, float("-inf")).masked_fill(
-        _forced_blocks(blocks, newest, sparsity), float("inf"))
+        _forced_blocks(blocks, newest, sparsity, pinned), float("inf"))
     top = ranked.topk(sparsity.max_kept_blocks(nb, block_size), dim=-1).indices.sort(dim=-1).values
     return top.masked_fill(top > newest, -1).to(torch.int32)  # fewer valid blocks than the width: -1 after them
 
 
 def _mask_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
-                 threshold: float | None) -> torch.Tensor:
+                 threshold: float | None, pinned: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`decode_block_mask` of the ``dense`` and ``threshold`` methods."""
     blocks = torch.arange(scores.shape[-1], device=scores.device)
     after = blocks > newest
@@ -238,7 +257,7 @@ def _mask_blocks(scores: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSpa
         return (~after).expand(scores.shape).clone()
     tau = sparsity.threshold if threshold is None else threshold
     probs = torch.softmax(scores.float().masked_fill(after, float("-inf")), dim=-1)
-    return (probs >= tau).masked_fill_(after, False) | _forced_blocks(blocks, newest, sparsity)
+    return (probs >= tau).masked_fill_(after, False) | _forced_blocks(blocks, newest, sparsity, pinned)
 
 
 def decode_block_index(mask: torch.Tensor, width: int) -> torch.Tensor:
