@@ -16,6 +16,10 @@ reference. The KV cache is a DynamicCache (``[B, Hkv, N, D]``, the newest token 
 starts after its padding, so rows with padding are attended one by one) or a StaticCache (``[B, Hkv, max_cache_len,
 D]``, each row's keys from position 0; unpadded prompts only; the compressed-K cache is then sized for
 ``max_cache_len``). Steps of several tokens over a cache are added to the compressed-K cache and attended densely.
+Without decode gates (:func:`attach_quest_decode`) the steps are scored by Quest alone: the cache keeps only the key
+bounds, and no pre-RoPE hooks are added. With ``DecodeSparsityConfig.prompt_blocks`` every prefill also pins, per row
+and KV head, the blocks its last block of queries attends most (:func:`~seer.model.decode_cache.prompt_block_pins`),
+kept at every step.
 A budget with a training-free estimate (``DecodeSparsityConfig.estimate="quest"``) makes the compressed-K cache keep
 the key bounds of each block too, from the post-RoPE keys of the KV cache, and mixes their bounds of the post-RoPE
 query's logits into the gate's block scores (:func:`seer.sparsity.decode.mix_estimate`).
@@ -234,10 +238,10 @@ class DecodeContext:
             self.cache.offsets = [first for first, _ in spans]  # a left-padded row's sequence starts after its padding
             self.cache.update(layer, None if k_pre is None else _real_tokens(k_pre, spans), torch.tensor(counts),
                               None if k_post is None else _real_tokens(k_post, spans))
-        if self.sparsity.prompt_blocks:
-            bs, window = self.block_size, self.block_size  # the prompt's last block of queries
+        if self.sparsity.prompt_blocks:  # from each row's last block of queries
+            bs = self.block_size
             self.cache.pin_prompt(layer, [prompt_block_pins(
-                query[row, :, max(first, end - window):end], key[row, :, first:end], self.sparsity.prompt_blocks, bs,
+                query[row, :, max(first, end - bs):end], key[row, :, first:end], self.sparsity.prompt_blocks, bs,
                 scaling, self.sparsity.first_block) for row, (first, end) in enumerate(spans)])
 
     def _step(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -408,7 +412,7 @@ def attach_quest_decode(model: nn.Module, block_size: int = QUEST_BLOCK_SIZE) ->
     (:func:`seer.model.attention.prepare_model`, or prefill gates attached); returns the shared context."""
     if getattr(model, "seer_decode", None) is not None:
         raise ValueError("this model already has a seer decode selection attached")
-    from seer.kernels.common import BLOCK_SIZES
+    from seer.kernels.common import BLOCK_SIZES  # imports triton: not at module import
 
     if block_size not in BLOCK_SIZES or isinstance(block_size, bool):
         raise ValueError(f"block_size={block_size!r}: the decode kernels take key blocks of {BLOCK_SIZES} tokens")
