@@ -177,3 +177,17 @@ def test_the_compiled_step_writes_the_cache_in_place(estimate):
     assert sizes and not set(whole) & set(sizes), sizes
     for got, want in zip([*inputs, *bounds.values()], [*eager, *eager_bounds.values()]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [{"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0},
+                                    {"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0,
+                                     "prompt_blocks": 1}])
+def test_compiled_quest_alone_without_decode_gates_gives_the_eager_logits(compiles, budget):
+    """Training-free decode (no decode gates; pinned prompt blocks too) through the compiled step."""
+    from tests.model.test_decode_quest_alone import quest_model
+
+    eager = padded_generation(quest_model(budget), 10)[0]
+    compiled_model = quest_model({**budget, "compile": True})
+    got = padded_generation(compiled_model, 10)[0]
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    assert compiles.frame_count >= 1 and 0 < compiled_model.seer_decode.mean_density() < 1
