@@ -5,7 +5,9 @@ Run once on an H200 (Qwen2.5-Coder-0.5B at 32k, one window within the device tim
 the teacher-forced top-1 agreement was added after that run.
 
 1. Trains decode gates (``stage=distill_decode`` on the novels and stdlib code, ``--train-len``-token rows,
-   ``--steps`` steps) unless ``--decode-gates`` gives trained ones.
+   ``--steps`` steps) unless ``--decode-gates`` gives trained ones; with ``--quest-blocks`` none at all: a model per
+   block size decoding by Quest alone (training-free, :func:`seer.model.decode.attach_quest_decode`), all measured
+   against one dense pass. ``--prompt-blocks`` pins that many prompt blocks in every budget.
 2. On a held-out novel (``--eval-novel``, evaluated whole), for ``--windows`` windows of ``--prompt-len`` tokens plus
    ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
    decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget (scored
