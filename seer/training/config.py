@@ -231,6 +231,10 @@ class DistillDecodeConfig(StageConfig):
             fail("stage", "decode_sparsity.estimate", self.decode_sparsity.estimate,
                  "is mixed in at inference only (seer.load's decode_sparsity); distillation measures the gate alone "
                  "(use null)")
+        if self.decode_sparsity.prompt_blocks:  # pins come from a prefill's last queries: none in teacher forcing
+            fail("stage", "decode_sparsity.prompt_blocks", self.decode_sparsity.prompt_blocks,
+                 "pins prompt blocks at inference only (seer.load's decode_sparsity); distillation measures the gate "
+                 "alone (use 0)")
         if not is_number(self.loss_scale) or not self.loss_scale > 0:
             fail("stage", "loss_scale", self.loss_scale, "must be > 0")
         if not is_number(self.skip_first_tokens) or not 0 <= self.skip_first_tokens < 1:

@@ -96,6 +96,8 @@ def test_distill_decode_refuses_bad_settings(uninterrupted, tmp_path):
         train(tmp_path, *DECODE, "stage.gt=fused")
     with pytest.raises(ConfigError, match=r"stage.decode_sparsity.estimate='quest': is mixed in at inference only"):
         train(tmp_path, *DECODE, "stage.decode_sparsity.estimate=quest")
+    with pytest.raises(ConfigError, match=r"stage.decode_sparsity.prompt_blocks=2: pins prompt blocks at inference"):
+        train(tmp_path, *DECODE, "stage.decode_sparsity.prompt_blocks=2")
 
 
 def test_triton_ground_truth_matches_the_reference():
