@@ -28,10 +28,12 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
     python experiments/bench_decode.py --tune       # launch configs (tuning.force_config) at 32k, budget 2k
     python experiments/bench_decode.py --variants --batch 1 4 16 --kv 32768 131072 --budget 2048 3264
 
-``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``) and ``unique_blocks=True``
-(``unique``; the lists here are top-k, so without repeats) at each batch, cache length, budget (any token count:
-3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value, each checked against the float32 reference on the
-same inputs before it is timed, beside SDPA and ours@1.0, and writes one table with the speedups over dense.
+``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``unique_blocks=True``
+(``unique``; the lists here are top-k, so without repeats) and that with K/V through the copy engine (``tma``,
+``tma s4``: the ``USE_TMA`` launch switch forced, at the default's and at 4 pipeline stages) at each batch, cache
+length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value, each checked
+against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0, and writes one table
+with the speedups over dense.
 """
 
 from __future__ import annotations
@@ -164,7 +166,12 @@ def bench(args) -> list[dict]:
     return rows
 
 
-VARIANTS = {"current": {}, "unique": dict(unique_blocks=True)}
+# name: (keywords of block_sparse_decode, launch-config fields forced over the default). `tma`: unique lists with K/V
+# tiles through the copy engine (capability >= 9; not a launch-table candidate until measured); `tma s4`: the same,
+# four pipeline stages
+VARIANTS = {"current": ({}, {}), "unique": (dict(unique_blocks=True), {}),
+            "tma": (dict(unique_blocks=True), dict(USE_TMA=True)),
+            "tma s4": (dict(unique_blocks=True), dict(USE_TMA=True, num_stages=4))}
 
 
 def variants(args) -> list[dict]:
@@ -184,11 +191,12 @@ def variants(args) -> list[dict]:
             for splits in args.splits or [None]:
                 row = dict(batch=b, kv=n, budget=budget, density=idx.shape[2] * BLOCK / n, sdpa=dense_sdpa,
                            ours_dense=dense_ours, dense=dense)
-                for name, variant in VARIANTS.items():
-                    out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False,
-                                                   **variant)
-                    assert_near_reference(out, lse, ref_out, ref_lse, (b, n, budget, splits, name))
-                    row[name], row["splits"] = ours_ms(q, k, v, idx, lens, splits, **variant)
+                for name, (variant, config) in VARIANTS.items():
+                    with force_config("block_sparse_decode", **config):
+                        out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False,
+                                                       **variant)
+                        assert_near_reference(out, lse, ref_out, ref_lse, (b, n, budget, splits, name))
+                        row[name], row["splits"] = ours_ms(q, k, v, idx, lens, splits, **variant)
                 rows.append(row)
                 print(rows[-1], flush=True)
         del q, k, v, qf, kf, vf, full
@@ -197,18 +205,19 @@ def variants(args) -> list[dict]:
 
 
 def tune(args) -> None:
-    print("| batch | budget | BLOCK_N | num_warps | num_stages | ms | regs | spills |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | budget | BLOCK_N | num_warps | num_stages | USE_TMA | ms | regs | spills |")
+    print("|---|---|---|---|---|---|---|---|---|")
     n = 32768
     for b in args.batch:
         q, k, v, lens = inputs(b, n, args.t)
         for budget in args.budget:
             idx = lists(b, n, budget)
-            for block_n, warps, stages in itertools.product((32, 64), (2, 4, 8), (2, 3, 4)):
-                with force_config("block_sparse_decode", BLOCK_N=block_n, num_warps=warps, num_stages=stages):
+            for block_n, warps, stages, tma in itertools.product((32, 64), (2, 4, 8), (2, 3, 4), (False, True)):
+                with force_config("block_sparse_decode", BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                                  USE_TMA=tma):
                     t, _ = ours_ms(q, k, v, idx, lens, None)
                     info = last_launch("block_sparse_decode")
-                print(f"| {b} | {budget} | {block_n} | {warps} | {stages} | {fmt(t, 4)} | {info['n_regs']} | "
+                print(f"| {b} | {budget} | {block_n} | {warps} | {stages} | {tma} | {fmt(t, 4)} | {info['n_regs']} | "
                       f"{info['n_spills']} |", flush=True)
 
 
@@ -225,7 +234,8 @@ def variants_report(rows: list[dict], info: dict, args, cmd: str) -> str:
     lines = header(info, args, cmd)
     lines[-1] += (" Times in ms: median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm), each "
                   "variant checked against the float32 reference on the same inputs first. `current`: the kernel's "
-                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique); "
+                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique); `tma`: "
+                  "unique with K/V through the copy engine (USE_TMA, forced), `tma s4` with 4 pipeline stages; "
                   "`splits`: the split count (the same for every variant). `ours@1.0`: every block listed; "
                   "`dense`: the faster of SDPA and ours@1.0; in brackets the speedup dense / variant.")
     lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | dense | " + " | ".join(names) + " |",

@@ -37,6 +37,10 @@ and zeros when it attended nothing); a second launch merges them:
     \\mathrm{lse} = \\ln 2\\,(m + \\log_2 \\textstyle\\sum_s w_s).
 
 With one split the first launch writes ``out`` and ``lse`` itself and there is no merge.
+
+Copy engine (``USE_TMA``, a launch-config switch for devices of capability >= 9): the K/V tiles come through tensor
+descriptors over the sequence's ``[L, D]`` keys and values (rows past ``L`` read as zeros, so no bounds masks); the
+causal mask ``j <= p_t`` stays.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import triton.language as tl
 
 from seer.kernels.block_index import append_selected
 from seer.kernels.common import (INTERPRET, LN2, LOG2E, check_device, dot_precision, softmax_scale, tiles_invalid,
-                                 with_unit_last_stride)
+                                 tma_ok, with_unit_last_stride)
 from seer.kernels.decode_index import check_decode_args, check_decode_values
 from seer.kernels.tuning import LaunchTable
 
@@ -96,10 +100,15 @@ def _dec_not_seen(idx_row, keep, e, pos, j0, hi, LIST_CHUNK: tl.constexpr):
 
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_n, offs_d, qpos, stride_kn, stride_vn, L, qk_scale,
-              DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax, keys ``kstart ..`` masked by ``j <= p_t`` (and ``j < L`` for reads)."""
+              DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key tile of the online softmax, keys ``kstart ..`` masked by ``j <= p_t`` (and ``j < L`` for reads). With
+    ``USE_TMA``, ``k_base``/``v_base`` are tensor descriptors over the sequence's ``L`` keys (the copy engine
+    zero-fills rows past ``L``)."""
     offs_k = kstart + offs_n
-    kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None], mask=offs_k[None, :] < L, other=0.0)
+    if USE_TMA:
+        kt = tl.trans(k_base.load([kstart, 0]))
+    else:
+        kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None], mask=offs_k[None, :] < L, other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     qk = tl.where(offs_k[None, :] <= qpos[:, None], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -108,19 +117,23 @@ def _dec_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_n, offs_d, qpos, st
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :], mask=offs_k[:, None] < L, other=0.0)
+    if USE_TMA:
+        v = v_base.load([kstart, 0])
+    else:
+        v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :], mask=offs_k[:, None] < L, other=0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos, stride_kn, stride_vn, L,
-               qk_scale, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               qk_scale, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               USE_TMA: tl.constexpr):
     """All key tiles of the ``i``-th kept block."""
     kb = tl.load(scr_row + i)
     for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, k_base, v_base, kb * MASK_BLOCK + sub * BLOCK_N, offs_n, offs_d,
-                                  qpos, stride_kn, stride_vn, L, qk_scale, DOT_PRECISION)
+                                  qpos, stride_kn, stride_vn, L, qk_scale, DOT_PRECISION, USE_TMA)
     return acc, l_i, m_i
 
 
@@ -137,7 +150,7 @@ def _dec_split_kernel(
     HKV, N, T, GROUP, S, SPLITS, N_MTILES, SCR_LEN,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UNIQUE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
-    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr,
+    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b * HKV + g) * N_MTILES + m-tile
     split = tl.program_id(1)
@@ -177,6 +190,12 @@ def _dec_split_kernel(
                 mask=row_ok[:, None], other=0.0)
     k_base = K + off_b * stride_kb + off_g * stride_kh
     v_base = V + off_b * stride_vb + off_g * stride_vh
+    if USE_TMA:  # the sequence's [L, D] keys and values; the copy engine zero-fills reads past L
+        rows_kv = tl.maximum(L, 1)
+        k_base = tl.make_tensor_descriptor(k_base, shape=[rows_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[rows_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -185,12 +204,14 @@ def _dec_split_kernel(
         i = 0
         while i < n_kept:
             acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos,
-                                       stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N, DOT_PRECISION)
+                                       stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N, DOT_PRECISION,
+                                       USE_TMA)
             i += 1
     else:
         for i in range(0, n_kept):
             acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos,
-                                       stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N, DOT_PRECISION)
+                                       stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N, DOT_PRECISION,
+                                       USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -266,11 +287,15 @@ def _dec_merge_chunk(lse_row, o_row, s0, SPLITS, m_use, den, num, offs_c, offs_d
 def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
     d, block, block_m = key
     return [dict(BLOCK_N=min(block, 64), num_warps=8 if d * block_m >= 128 * 64 else 4,
-                 num_stages=2 if block >= 128 else 3)]
+                 num_stages=2 if block >= 128 else 3, USE_TMA=False)]
 
 
-CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages"), _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1), tiles_invalid)
+# USE_TMA: K/V tiles through the copy engine (tensor descriptors over each sequence's [L, D] rows), used where
+# :func:`seer.kernels.common.tma_ok` allows (capability >= 9, aligned caches). Not a candidate of the table yet: it
+# is checked in the interpreter and reached with force_config (experiments/bench_decode.py --variants / --tune time
+# it against the default on a GPU); it joins the candidates once a GPU run shows it correct and faster.
+CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA"), _cuda_config,
+                      lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False), tiles_invalid)
 
 
 @functools.cache
@@ -357,6 +382,7 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2))
 
     def run(config: dict):
+        use_tma = config["USE_TMA"] and tma_ok(k_cache, v_cache)
         return _dec_split_kernel[(programs, splits)](
             q, k_cache, v_cache, block_index, cache_seqlens, scratch, o_dst, l_dst,
             scale * LOG2E.value,
@@ -368,7 +394,7 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             hkv, n, t_new, group, s_len, splits, n_mtiles, scr_len,
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, DIRECT=direct, UNIQUE=bool(unique_blocks),
             DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, ENTRY_CHUNK=ENTRY_CHUNK, LIST_CHUNK=LIST_CHUNK,
-            **config,
+            **dict(config, USE_TMA=use_tma),
         )
 
     CONFIGS.launch((d, block_size, block_m), run)

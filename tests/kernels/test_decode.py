@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-from seer.kernels import block_sparse_decode, reference
+from seer.kernels import block_sparse_decode, decode, reference
 from seer.kernels.decode import default_num_splits
 from seer.kernels.decode_index import block_index_from_mask, block_index_from_scores
+from seer.kernels.tuning import force_config, last_launch
 from tests.kernels.masks import random_qkv
 
 CPU = torch.device("cpu")
@@ -154,6 +155,32 @@ def test_unique_blocks_attends_a_repeated_block_twice(splits):
     assert (out - ref_out).abs().max() > 1e-3
     once, _ = block_sparse_decode(q, k, v, lists, seqlens, 16, num_splits=splits)
     torch.testing.assert_close(once, ref_out, rtol=1e-5, atol=1e-5)
+
+
+# (B, Hq, Hkv, T, N, D, block, dtype, splits, list length S, unique lists): the copy-engine path
+TMA_CASES = [
+    (3, 4, 2, 1, 77, 16, 16, torch.float32, 2, 6, False),   # odd N (a partial last block), L = T for one sequence
+    (2, 8, 2, 3, 100, 16, 32, torch.float16, 3, 5, False),  # T > 1, two key tiles a block, repeats
+    (1, 4, 1, 17, 60, 16, 16, torch.float32, 1, 5, True),   # G x T = 68: two query tiles, one split
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,n,d,block,dtype,splits,s,unique", TMA_CASES)
+def test_tma_path(monkeypatch, b, hq, hkv, t, n, d, block, dtype, splits, s, unique):
+    """The tensor-descriptor (copy engine) path; on the CPU the interpreter emulates the descriptors, their zero
+    fill past each sequence's length included."""
+    asked = []
+    monkeypatch.setattr(decode, "tma_ok", lambda *caches: asked.append(len(caches)) or True)
+    with force_config("block_sparse_decode", USE_TMA=True, BLOCK_N=min(block, 16)):
+        assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=n + t, unique_blocks=unique)
+    assert asked == [2], "the launch did not take the copy-engine path for the K/V caches"
+
+
+def test_tma_is_not_a_candidate_yet(monkeypatch):
+    """The copy-engine switch is reached only with force_config until a GPU run measures it: the table's candidates
+    keep it off."""
+    for key in ((128, 64, 16), (64, 64, 64), (128, 128, 32)):
+        assert [c["USE_TMA"] for c in decode._cuda_config(key)] == [False]
 
 
 def test_cases_have_empty_rows_and_transposed_caches():
@@ -304,6 +331,19 @@ def test_bad_inputs():
 def test_gpu_bf16_matches_reference(b, t, n, splits):
     """The 8B shape (32 query / 8 KV heads, D 128) in bfloat16, 64-token blocks, 10% of the blocks listed."""
     assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10), seed=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,n,splits,stages", [(1, 1, 32768 + 77, None, 3), (4, 4, 8192, 7, 4),
+                                                 (16, 1, 4096 + 5, 1, 4)])
+def test_gpu_bf16_tma_matches_reference(b, t, n, splits, stages):
+    """The copy-engine variant (forced; the benchmark's candidate) at the 8B shape, on devices of capability >= 9."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the copy engine needs a device of compute capability >= 9")
+    with force_config("block_sparse_decode", USE_TMA=True, num_stages=stages):
+        assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10),
+                                 seed=n + 3, unique_blocks=True)
+        assert last_launch("block_sparse_decode")["config"]["USE_TMA"]
 
 
 @pytest.mark.gpu
