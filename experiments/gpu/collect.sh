@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# On the GPU machine: packs the agenda's tables, rows and logs (not gates or models) into $OUT/r.tgz and prints the
+# tail of each log, so a call can bring back what has finished so far while the rest runs on.
+set -u
+w=${SEER_WORK:-/root/w}
+[ -d "$w" ] || { echo "nothing under $w yet"; exit 0; }
+(cd "$w" && tar czf "$OUT/r.tgz" --exclude='*.safetensors' --exclude='*.gguf' --exclude='work' logs out 2>/dev/null)
+for log in "$w"/logs/*.log; do
+  [ -e "$log" ] || continue
+  echo "== $(basename "$log")"; tail -n 4 "$log" | cut -c1-300
+done
+ls -la "$OUT"/r.tgz 2>/dev/null

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The pending GPU measurements of the open issues, in order of priority, run in the background on the GPU machine
+# once the Qwen model and the novels are there (README.md beside this). Each job writes its log to
+# /root/w/logs/NAME.log, its status (ok / failed / timeout) to /root/w/logs/NAME.status and its tables and rows
+# under /root/w/out/NAME/; a job that fails does not stop the next. Launch:
+#   (setsid nohup bash experiments/gpu/next.sh > /root/w/next.out 2>&1 < /dev/null &)
+# JOBS="kernels gates" bash experiments/gpu/next.sh runs only those.
+set -u
+w=${SEER_WORK:-/root/w}
+mkdir -p "$w/logs" "$w/out" "$w/work"
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# the novels, copied out of the carried folder (a carried path may be gone in a later call)
+[ -d .assets/austen ] && mkdir -p "$w/austen" && cp .assets/austen/*.txt "$w/austen/"
+ls "$w"/austen/emma.txt > /dev/null || { echo "no novels: carry .assets/austen in the launching call"; exit 1; }
+model=(--model-dir /root/models/qwen05 --gguf qwen05.gguf --novels "$w/austen/[!e]*.txt"
+       --eval-novel "$w/austen/emma.txt")
+gates=$w/work/train_base/gates
+# the default policy's row (recipe gates + vertical-slash at 0.5, threshold calibrated) and the dense pass of the
+# sessions before (same prompts and model), which needs these evaluation settings
+default=(--gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan lever
+         --only 'gate:base+vertical_slash@0.5')
+ruler=(--texts novel code --ruler all --ruler-samples 4 --batch-size 4
+       --dense-from docs/results/qwen/dense_32k_batch4.json)
+
+job() {  # job NAME SECONDS COMMAND...: runs COMMAND under a deadline unless JOBS leaves NAME out
+  local name=$1 limit=$2; shift 2
+  case " ${JOBS:-$name} " in *" $name "*) ;; *) return 0 ;; esac
+  mkdir -p "$w/out/$name"
+  echo "$(date -u +%H:%M:%S) start $name"
+  timeout "$limit" "$@" > "$w/logs/$name.log" 2>&1
+  local rc=$?
+  case $rc in 0) echo ok ;; 124) echo timeout ;; *) echo "failed ($rc)" ;; esac > "$w/logs/$name.status"
+  echo "$(date -u +%H:%M:%S) $name: $(cat "$w/logs/$name.status")"
+}
+
+# issue 18 / 21: the decode kernel's copy-engine variant, checked (GPU tests) then timed beside the default
+job kernels 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_decode.py && \
+  python3 experiments/bench_decode.py --variants --batch 1 16 --kv 32768 131072 --budget 2048 3264 \
+    --out $w/out/kernels/bench_decode_tma.md"
+
+# the recipe's prefill gates (experiment=qwen05_gates: 800 steps of 16k rows, about 3 minutes on an H200)
+job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_0_5b model.package=null \
+  model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
+  "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384 \
+  data.train_sequences=160 logger=none paths.output_dir="$w/work/train_base" paths.cache_dir="$w/work/cache"
+
+# issue 18: RULER answered through Quest at 2k tokens, with 0 / 4 / 8 of its 32 blocks pinned to the prompt's focus
+for pins in 0 4 8; do
+  job "pins$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
+    --densities 0.1 --decode-budget 2048 --decode-prompt-blocks "$pins" --work "$w/work/q" \
+    --out "$w/out/pins$pins"
+done
+
+# issue 17: the full table at density 0.05 (the default, the training-free selectors, the oracle)
+job d005 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
+  --blends vertical_slash:0.5 --plan final --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/d005"
+
+# issue 17: Qwen at 16k (the default beside the training-free selectors and the oracle, density 0.1)
+job q16k 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
+  --blends vertical_slash:0.5 --plan final --densities 0.1 --seq-lens 16384 --texts novel code --ruler all \
+  --ruler-samples 4 --batch-size 4 --work "$w/work/q" --out "$w/out/q16k"
+echo "$(date -u +%H:%M:%S) agenda done"
