@@ -19,6 +19,8 @@ compared at equal density with the learned gate. Scorers (``name``: class):
 * ``antidiagonal`` (:class:`Antidiagonal`): XAttention's strided antidiagonal sums.
 * ``flexprefill`` (:class:`FlexPrefill`): per head, query-aware (block mean) or vertical-slash by a JS test.
 * ``random`` (:class:`RandomScores`): reproducible random scores, the floor.
+* ``reranked`` (:class:`Reranked`): another estimate's top-p candidates ranked by the exact attention of a few
+  query rows per block.
 
 All arithmetic is float32 (inputs may be bf16/fp16/fp32/fp64), on the inputs' device, without autograd. Work
 that needs token-level scores runs chunk of query rows by chunk of query rows, so memory stays
@@ -44,7 +46,7 @@ from seer.kernels import vs_marginals
 from seer.kernels.reference import block_attn_mass
 
 __all__ = ["LayerInputs", "Selector", "blend_scores", "blend_mass", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
-           "Antidiagonal", "FlexPrefill", "RandomScores", "SELECTORS", "build_selector", "MASS_FLOOR"]
+           "Antidiagonal", "FlexPrefill", "RandomScores", "Reranked", "SELECTORS", "build_selector", "MASS_FLOOR"]
 
 MASS_FLOOR = 1e-30  # estimated block masses are clamped here before the log, so scores stay finite
 _CHUNK_ELEMS = 1 << 25  # score elements per chunk of query rows (128 MiB of float32)
@@ -591,8 +593,85 @@ class RandomScores(Selector):
         return _normalise(u.log())
 
 
+@dataclass
+class Reranked(Selector):
+    """A training-free scorer's candidates, ranked again by exact attention of a few query rows per block.
+
+    1. **Candidates**: per row of block scores, the smallest set of ``base``'s most likely blocks whose estimated mass
+       reaches ``top_p`` (top-p of ``exp(base scores)``), plus the diagonal block.
+    2. **Rerank**: in each query block ``I``, ``R = min(rows, B)`` sampled rows, evenly spaced and ending at the
+       block's last row (``iB + B - 1 - t * (B // R)``; in a short last block those before its end, or its last
+       token alone when none is), attend exactly to the keys of their candidate blocks (causal):
+       ``a_r = softmax_{c in C(i), c <= r}(scale * q_r . k_c)``, and
+
+       ``mass[i, j] = 1/R sum_r sum_{c in J} a_r[c]`` (R: the rows sampled) for candidate blocks j, 0 for the others;
+       ``score[i, j] = log_softmax_j(log max(mass[i, j], 1e-30))`` over j <= i.
+
+    With ``rows >= B`` and ``top_p = 1`` this is the oracle (every row, every block); with fewer rows it costs about
+    ``R / B`` times the candidates' share of the logits of dense attention (no ``P V`` product). Non-candidates keep
+    the floor, so any budget takes them last. ``base``: a selector of :data:`SELECTORS` that reads no ground truth
+    (not ``oracle``, ``random`` or ``reranked``), with its default parameters."""
+
+    name: ClassVar[str] = "reranked"
+    base: str = "vertical_slash"
+    rows: int = 8
+    top_p: float = 0.95
+
+    def __post_init__(self):
+        if self.base not in SELECTORS or self.base in ("oracle", "random", "reranked"):
+            raise ValueError(f"reranked: base must be a training-free estimate of "
+                             f"{sorted(set(SELECTORS) - {'oracle', 'random', 'reranked'})}, got {self.base!r}")
+        _check_int("reranked", "rows", self.rows, 1)
+        _check_float("reranked", "top_p", self.top_p, 1e-6, 1.0)
+
+    @torch.no_grad()
+    def candidates(self, x: LayerInputs) -> torch.Tensor:
+        """The candidate blocks ``[B, Hq, nb, nb]`` (bool, block-causal): ``base``'s top-p set of each row and the
+        diagonal."""
+        probs = build_selector(self.base).scores(x).exp()
+        ranked, order = probs.sort(-1, descending=True)
+        before = ranked.cumsum(-1) - ranked  # estimated mass of the blocks ranked above each
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (before < self.top_p) | (self.top_p >= 1))
+        nb = x.nb
+        keep &= _causal(nb, x.q.device)
+        keep |= torch.eye(nb, dtype=torch.bool, device=x.q.device)
+        return keep
+
+    @torch.no_grad()
+    def scores(self, x: LayerInputs) -> torch.Tensor:
+        return _log_mass(self.mass(x))
+
+    @torch.no_grad()
+    def mass(self, x: LayerInputs) -> torch.Tensor:
+        keep = self.candidates(x)
+        b, hq, n, bs, nb, dev = x.batch, x.q_heads, x.seq_len, x.block_size, x.nb, x.q.device
+        per_block = min(self.rows, bs)
+        offsets = bs - 1 - torch.arange(per_block, device=dev) * (bs // per_block)
+        raw = torch.arange(nb, device=dev)[:, None] * bs + offsets  # [nb, R]
+        # rows past the last token are not sampled (a short last block without any takes the last token)
+        weight = (raw < n).float()
+        if bs - 1 - (per_block - 1) * (bs // per_block) >= n - (nb - 1) * bs:  # no sampled row in the last block
+            weight[-1, 0] = 1.0
+        positions = raw.clamp_max(n - 1)
+        keys = torch.arange(n, device=dev)
+        key_block = keys // bs
+        mass = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=dev)
+        step = max(1, _CHUNK_ELEMS // (b * hq * per_block * n))
+        for i0 in range(0, nb, step):
+            i1 = min(nb, i0 + step)
+            pos = positions[i0:i1].reshape(-1)  # [(i1 - i0) * R]
+            logits = _grouped_matmul(x.q[:, :, pos].float() * x.scale, x.k.float())  # [B, Hq, rows, N]
+            allowed = keep[:, :, i0:i1].repeat_interleave(per_block, dim=2)[..., key_block]  # candidates' keys
+            allowed &= keys <= pos[:, None]
+            p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+            p = F.pad(p, (0, nb * bs - n)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hq, rows, nb]
+            w = weight[i0:i1]
+            mass[:, :, i0:i1] = (p.unflatten(2, (i1 - i0, per_block)) * w[..., None]).sum(3) / w.sum(1)[:, None]
+        return mass
+
+
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
-    Oracle, Streaming, BlockMean, VerticalSlash, Antidiagonal, FlexPrefill, RandomScores)}
+    Oracle, Streaming, BlockMean, VerticalSlash, Antidiagonal, FlexPrefill, RandomScores, Reranked)}
 
 
 def blend_scores(scores: torch.Tensor, partner: torch.Tensor, weight: float) -> torch.Tensor:

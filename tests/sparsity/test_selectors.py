@@ -8,7 +8,7 @@ import torch
 
 from seer.sparsity.masks import causal_blocks
 from seer.sparsity.selectors import (SELECTORS, Antidiagonal, BlockMean, FlexPrefill, LayerInputs, Oracle,
-                                     RandomScores, Streaming, VerticalSlash, build_selector)
+                                     RandomScores, Reranked, Streaming, VerticalSlash, build_selector)
 
 SMALL = {  # parameters that suit the tiny test shapes (block 16)
     "oracle": {},
@@ -18,6 +18,7 @@ SMALL = {  # parameters that suit the tiny test shapes (block 16)
     "antidiagonal": {"stride": 4},
     "flexprefill": {"last_queries": 8},
     "random": {"seed": 3},
+    "reranked": {"base": "block_mean", "rows": 4, "top_p": 0.9},
 }
 LAST_ROWS = {"vertical_slash", "flexprefill"}  # read the last query rows by design
 
@@ -327,6 +328,48 @@ def test_flexprefill_picks_query_aware_or_vertical_slash():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# reranked
+
+
+@pytest.mark.parametrize("n", [75, 64, 200])
+def test_reranked_every_row_every_block_is_the_oracle(n):
+    x = make_inputs(n=n, bs=16, dtype=torch.float64, seed=n)
+    assert_scores_close(Reranked(rows=16, top_p=1.0).scores(x), Oracle().scores(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("n,rows,top_p,base", [(75, 4, 0.8, "block_mean"), (93, 3, 0.6, "vertical_slash"),
+                                               (40, 1, 0.5, "streaming")])
+def test_reranked_matches_loops(n, rows, top_p, base):
+    """Candidates (base's top-p set and the diagonal) and their masses from sampled rows, against float64 loops."""
+    x = make_inputs(b=1, hq=4, hkv=2, n=n, bs=16, dtype=torch.float64, seed=rows)
+    sel = Reranked(base=base, rows=rows, top_p=top_p)
+    probs = build_selector(base).scores(x).exp().double()
+    bs, nb = 16, x.nb
+    kk = x.k.repeat_interleave(2, dim=1)
+    want = torch.zeros(1, 4, nb, nb, dtype=torch.float64)
+    cand = torch.zeros(1, 4, nb, nb, dtype=torch.bool)
+    for h in range(4):
+        for i in range(nb):
+            row = probs[0, h, i, :i + 1]
+            total = 0.0
+            for j in row.argsort(descending=True).tolist():  # the top-p prefix: blocks until the mass reaches top_p
+                if total < top_p:
+                    cand[0, h, i, j] = True
+                total += row[j].item()
+            cand[0, h, i, i] = True
+            sampled = [i * bs + bs - 1 - t * (bs // rows) for t in range(rows)]
+            sampled = [r for r in sampled if r < n] or [n - 1]
+            keys = [c for c in range(n) if cand[0, h, i, c // bs]]
+            for r in sampled:
+                ks = [c for c in keys if c <= r]
+                p = torch.softmax(x.q[0, h, r] @ kk[0, h, ks].T * x.scale, -1)
+                for c, pc in zip(ks, p):
+                    want[0, h, i, c // bs] += pc / len(sampled)
+    assert torch.equal(sel.candidates(x), cand)
+    assert_scores_close(sel.scores(x), log_normalise(want), atol=1e-5)
+    assert (want[cand == 0] == 0).all() and torch.isfinite(sel.scores(x)[..., causal_blocks(nb)]).all()
+
+
 # parameters
 
 
@@ -343,6 +386,11 @@ def test_flexprefill_picks_query_aware_or_vertical_slash():
     ("flexprefill", {"tau": "0.1"}, "tau"),
     ("flexprefill", {"gamma": 0.9}, "gamma"),
     ("random", {"seed": -1}, "seed"),
+    ("reranked", {"rows": 0}, "rows"),
+    ("reranked", {"top_p": 0.0}, "top_p"),
+    ("reranked", {"top_p": 1.5}, "top_p"),
+    ("reranked", {"base": "oracle"}, "base"),
+    ("reranked", {"base": "reranked"}, "base"),
     ("oracle", {"foo": 1}, "foo"),
     ("nope", {}, "nope"),
 ])
