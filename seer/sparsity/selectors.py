@@ -628,14 +628,7 @@ class Reranked(Selector):
     def candidates(self, x: LayerInputs) -> torch.Tensor:
         """The candidate blocks ``[B, Hq, nb, nb]`` (bool, block-causal): ``base``'s top-p set of each row and the
         diagonal."""
-        probs = build_selector(self.base).scores(x).exp()
-        ranked, order = probs.sort(-1, descending=True)
-        before = ranked.cumsum(-1) - ranked  # estimated mass of the blocks ranked above each
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (before < self.top_p) | (self.top_p >= 1))
-        nb = x.nb
-        keep &= _causal(nb, x.q.device)
-        keep |= torch.eye(nb, dtype=torch.bool, device=x.q.device)
-        return keep
+        return top_p_candidates(build_selector(self.base).scores(x), self.top_p)
 
     @torch.no_grad()
     def scores(self, x: LayerInputs) -> torch.Tensor:
@@ -643,31 +636,51 @@ class Reranked(Selector):
 
     @torch.no_grad()
     def mass(self, x: LayerInputs) -> torch.Tensor:
-        keep = self.candidates(x)
-        b, hq, n, bs, nb, dev = x.batch, x.q_heads, x.seq_len, x.block_size, x.nb, x.q.device
-        per_block = min(self.rows, bs)
-        offsets = bs - 1 - torch.arange(per_block, device=dev) * (bs // per_block)
-        raw = torch.arange(nb, device=dev)[:, None] * bs + offsets  # [nb, R]
-        # rows past the last token are not sampled (a short last block without any takes the last token)
-        weight = (raw < n).float()
-        if bs - 1 - (per_block - 1) * (bs // per_block) >= n - (nb - 1) * bs:  # no sampled row in the last block
-            weight[-1, 0] = 1.0
-        positions = raw.clamp_max(n - 1)
-        keys = torch.arange(n, device=dev)
-        key_block = keys // bs
-        mass = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=dev)
-        step = max(1, _CHUNK_ELEMS // (b * hq * per_block * n))
-        for i0 in range(0, nb, step):
-            i1 = min(nb, i0 + step)
-            pos = positions[i0:i1].reshape(-1)  # [(i1 - i0) * R]
-            logits = _grouped_matmul(x.q[:, :, pos].float() * x.scale, x.k.float())  # [B, Hq, rows, N]
-            allowed = keep[:, :, i0:i1].repeat_interleave(per_block, dim=2)[..., key_block]  # candidates' keys
-            allowed &= keys <= pos[:, None]
-            p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
-            p = F.pad(p, (0, nb * bs - n)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hq, rows, nb]
-            w = weight[i0:i1]
-            mass[:, :, i0:i1] = (p.unflatten(2, (i1 - i0, per_block)) * w[..., None]).sum(3) / w.sum(1)[:, None]
-        return mass
+        return sampled_rows_mass(x, self.candidates(x), self.rows)
+
+
+def top_p_candidates(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row of block log-scores ``scores [B, H, nb, nb]`` (normalised over the causal blocks, ``-inf`` above the
+    diagonal), the fewest most likely blocks whose mass ``exp(scores)`` reaches ``top_p`` (every causal block at 1),
+    and the diagonal block: bool ``[B, H, nb, nb]``, block-causal."""
+    probs = scores.float().exp()
+    ranked, order = probs.sort(-1, descending=True)
+    before = ranked.cumsum(-1) - ranked  # the mass of the blocks ranked above each
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (before < top_p) | (top_p >= 1))
+    nb = scores.shape[-1]
+    keep &= _causal(nb, scores.device)
+    return keep | torch.eye(nb, dtype=torch.bool, device=scores.device)
+
+
+def sampled_rows_mass(x: LayerInputs, candidates: torch.Tensor, rows: int) -> torch.Tensor:
+    """Block masses ``[B, Hq, nb, nb]`` float32 of :class:`Reranked`'s rerank step: in each query block, ``min(rows,
+    B)`` sampled query rows (see :class:`Reranked`) attend exactly, with a causal softmax, to the keys of the row's
+    ``candidates`` ``[B, Hq, nb, nb]`` (bool, each row's diagonal among them); a block's mass is their mean
+    probability on its keys (0 off the candidates). Chunked over query blocks: memory ``O(B Hq rows N)`` per chunk."""
+    b, hq, n, bs, nb, dev = x.batch, x.q_heads, x.seq_len, x.block_size, x.nb, x.q.device
+    per_block = min(rows, bs)
+    offsets = bs - 1 - torch.arange(per_block, device=dev) * (bs // per_block)
+    raw = torch.arange(nb, device=dev)[:, None] * bs + offsets  # [nb, R]
+    # rows past the last token are not sampled (a short last block without any takes the last token)
+    weight = (raw < n).float()
+    if bs - 1 - (per_block - 1) * (bs // per_block) >= n - (nb - 1) * bs:  # no sampled row in the last block
+        weight[-1, 0] = 1.0
+    positions = raw.clamp_max(n - 1)
+    keys = torch.arange(n, device=dev)
+    key_block = keys // bs
+    mass = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=dev)
+    step = max(1, _CHUNK_ELEMS // (b * hq * per_block * n))
+    for i0 in range(0, nb, step):
+        i1 = min(nb, i0 + step)
+        pos = positions[i0:i1].reshape(-1)  # [(i1 - i0) * R]
+        logits = _grouped_matmul(x.q[:, :, pos].float() * x.scale, x.k.float())  # [B, Hq, rows, N]
+        allowed = candidates[:, :, i0:i1].repeat_interleave(per_block, dim=2)[..., key_block]  # candidates' keys
+        allowed &= keys <= pos[:, None]
+        p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+        p = F.pad(p, (0, nb * bs - n)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hq, rows, nb]
+        w = weight[i0:i1]
+        mass[:, :, i0:i1] = (p.unflatten(2, (i1 - i0, per_block)) * w[..., None]).sum(3) / w.sum(1)[:, None]
+    return mass
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (
