@@ -16,7 +16,7 @@ BLEND_SELECTORS = ("vertical_slash", "flexprefill", "block_mean", "antidiagonal"
 
 
 # fields that choose how the scores are used at inference, not what the weights are: gate files may differ in them
-INFERENCE_FIELDS = ("blend", "blend_weight")
+INFERENCE_FIELDS = ("blend", "blend_weight", "rerank_rows", "rerank_top_p")
 
 
 @dataclass
@@ -38,6 +38,10 @@ class GateConfig:
     (None: the gate alone); ``blend_weight``: the estimate's share, in (0, 1): one float for every layer, or a list
     of one float per decoder layer (e.g. fitted per layer by :func:`seer.sparsity.blend_fit.fit_blend_weights`;
     its length is checked against the model's layers where gates are attached or the config is changed).
+    ``rerank_rows``: 0 (off) or the query rows per block that rank the (blended) gate's candidates again by their
+    exact attention: the top-``rerank_top_p`` blocks of each row and the diagonal
+    (:func:`seer.sparsity.selectors.top_p_candidates`, :func:`~seer.sparsity.selectors.sampled_rows_mass`; the
+    ``reranked`` selector does the same to a training-free estimate).
     The defaults are the lightest gate (``conf/gate/avgmax.yaml``).
     """
 
@@ -50,6 +54,8 @@ class GateConfig:
     q_tokens: bool = False
     blend: Optional[str] = None
     blend_weight: Any = 0.5  # a float or a list of floats (Any: OmegaConf has no union of a float and a list)
+    rerank_rows: int = 0
+    rerank_top_p: float = 0.95
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES or not is_int(self.block_size):
@@ -88,6 +94,11 @@ class GateConfig:
             self.blend_weight = [float(w) for w in weights]
         elif not is_number(self.blend_weight) or not 0 < self.blend_weight < 1:
             fail("gate", "blend_weight", self.blend_weight, "is the blended estimate's share; must be in (0, 1)")
+        if not is_int(self.rerank_rows) or self.rerank_rows < 0:
+            fail("gate", "rerank_rows", self.rerank_rows, "must be an integer >= 0 (0: no rerank)")
+        if not is_number(self.rerank_top_p) or not 0 < self.rerank_top_p <= 1:
+            fail("gate", "rerank_top_p", self.rerank_top_p, "is the candidates' share of the row's mass; must be in "
+                 "(0, 1]")
 
     def layer_weight(self, layer_idx: int) -> float:
         """The blend weight of layer ``layer_idx``: the float, or the list's entry."""
@@ -107,13 +118,15 @@ class GateConfig:
     def scorer_name(self) -> str:
         """The scorer's name in calibrations and results: ``gate``, or when blended ``gate+<blend>@<weight>`` (one
         weight, ``%g``) or ``gate+<blend>@layers-<hash>`` (a weight per layer: the first 8 hex digits of the sha256
-        of the weights written ``%g`` and joined by commas), so a calibration of one does not fit another."""
+        of the weights written ``%g`` and joined by commas), then ``+rerank<rows>@<top_p>`` when reranked, so a
+        calibration of one does not fit another."""
+        rerank = f"+rerank{self.rerank_rows}@{self.rerank_top_p:g}" if self.rerank_rows else ""
         if self.blend is None:
-            return "gate"
+            return "gate" + rerank
         if isinstance(self.blend_weight, list):
             text = ",".join(f"{w:g}" for w in self.blend_weight)
-            return f"gate+{self.blend}@layers-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-        return f"gate+{self.blend}@{self.blend_weight:g}"
+            return f"gate+{self.blend}@layers-{hashlib.sha256(text.encode()).hexdigest()[:8]}" + rerank
+        return f"gate+{self.blend}@{self.blend_weight:g}" + rerank
 
     def with_blend(self, blend: str | None = "own", weight: float | list[float] | None = None) -> GateConfig:
         """This config with the blend a command line asks for: ``own`` keeps this one's, ``none`` (or None) is the

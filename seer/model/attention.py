@@ -416,20 +416,34 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     :data:`seer.sparsity.selectors.FUSED_SELECTION_ON_CUDA`), a ``vertical_slash`` blend runs as one fused kernel
     (:func:`seer.kernels.vs_blend.vertical_slash_blend`) on the estimate's per-block vectors, the ``[nb, nb]`` mass
     grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid.
-    The estimate's share is the layer's (:meth:`GateConfig.layer_weight`)."""
-    if gate_config.blend is None:
+    The estimate's share is the layer's (:meth:`GateConfig.layer_weight`).
+
+    With ``gate_config.rerank_rows``, the (blended) scores only propose candidates, their top-``rerank_top_p`` blocks
+    of each row, and a few query rows of each block rank those by exact attention (no gradient;
+    :func:`seer.sparsity.selectors.sampled_rows_mass`)."""
+    if gate_config.blend is None and not gate_config.rerank_rows:
         return scores
     from seer.sparsity import selectors
     from seer.sparsity.selectors import LayerInputs, blend_mass, build_selector
 
-    selector = build_selector(gate_config.blend)
     x = LayerInputs(query, key, block_size, scale, layer_idx)
-    inference = not (torch.is_grad_enabled() and scores.requires_grad)
-    if selectors.FUSED_SELECTION_ON_CUDA and gate_config.blend == "vertical_slash" and scores.is_cuda and inference:
-        from seer.kernels.vs_blend import vertical_slash_blend
+    if gate_config.blend is not None:
+        selector = build_selector(gate_config.blend)
+        inference = not (torch.is_grad_enabled() and scores.requires_grad)
+        if selectors.FUSED_SELECTION_ON_CUDA and gate_config.blend == "vertical_slash" and scores.is_cuda \
+                and inference:
+            from seer.kernels.vs_blend import vertical_slash_blend
 
-        return vertical_slash_blend(scores, *selector.vectors(x), gate_config.layer_weight(layer_idx))
-    return blend_mass(scores, selector.mass(x), gate_config.layer_weight(layer_idx))
+            scores = vertical_slash_blend(scores, *selector.vectors(x), gate_config.layer_weight(layer_idx))
+        else:
+            scores = blend_mass(scores, selector.mass(x), gate_config.layer_weight(layer_idx))
+    if not gate_config.rerank_rows:
+        return scores
+    with torch.no_grad():
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        proposal = torch.log_softmax(scores.float().masked_fill(~causal, float("-inf")), dim=-1)
+        candidates = selectors.top_p_candidates(proposal, gate_config.rerank_top_p)
+        return selectors.log_mass(selectors.sampled_rows_mass(x, candidates, gate_config.rerank_rows))
 
 
 def seer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

@@ -82,11 +82,11 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     (:func:`seer.model.gate_sources.resolve_gates`); checked against the model's shape. Without it, ``gate_config``
     attaches untrained gates (for speed tests; their default budget is top-k); with it, ``gate_config`` (a
     :class:`GateConfig`, or a mapping of fields put over the gates' own, e.g. ``{"blend": "vertical_slash"}``) may
-    change only how the scores are used (``blend``, ``blend_weight``). ``sparsity``: a :class:`SparsityConfig` or its
-    fields (default: the sparsity stored with the gates). A calibrated budget (``threshold``/``topp`` with a
-    ``target_density``, or a non-global allocation) uses the calibration stored beside the gates
-    (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Without gates and ``gate_config`` the
-    prefill is dense.
+    change only how the scores are used (``blend``, ``blend_weight``, ``rerank_rows``, ``rerank_top_p``).
+    ``sparsity``: a :class:`SparsityConfig` or its fields (default: the sparsity stored with the gates). A calibrated
+    budget (``threshold``/``topp`` with a ``target_density``, or a non-global allocation) uses the calibration stored
+    beside the gates (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Without gates and
+    ``gate_config`` the prefill is dense.
 
     ``decode_gates``: a folder with decode gates (``decode_gates.safetensors``, from ``stage=distill_decode``), checked
     against the model's shape; ``decode_sparsity``: a :class:`~seer.sparsity.decode.DecodeSparsityConfig` or its
@@ -120,7 +120,7 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     if shared_gate:
         block_size = decode_meta["decode_gate"]["block_size"]
         fields = dict(gate_config or {}) if not isinstance(gate_config, GateConfig) else {
-            "blend": gate_config.blend, "blend_weight": gate_config.blend_weight}
+            name: getattr(gate_config, name) for name in INFERENCE_FIELDS}
         unknown = sorted(set(fields) - set(INFERENCE_FIELDS))
         if unknown:
             raise ValueError(f"gate_config {unknown} with shared_gate=True: the shared decode gates take only "

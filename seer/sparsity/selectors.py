@@ -46,7 +46,8 @@ from seer.kernels import vs_marginals
 from seer.kernels.reference import block_attn_mass
 
 __all__ = ["LayerInputs", "Selector", "blend_scores", "blend_mass", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
-           "Antidiagonal", "FlexPrefill", "RandomScores", "Reranked", "SELECTORS", "build_selector", "MASS_FLOOR"]
+           "Antidiagonal", "FlexPrefill", "RandomScores", "Reranked", "SELECTORS", "build_selector", "MASS_FLOOR",
+           "log_mass", "top_p_candidates", "sampled_rows_mass"]
 
 MASS_FLOOR = 1e-30  # estimated block masses are clamped here before the log, so scores stay finite
 _CHUNK_ELEMS = 1 << 25  # score elements per chunk of query rows (128 MiB of float32)
@@ -171,7 +172,7 @@ def _normalise(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float().masked_fill(~_causal(nb, logits.device), float("-inf")), dim=-1)
 
 
-def _log_mass(mass: torch.Tensor) -> torch.Tensor:
+def log_mass(mass: torch.Tensor) -> torch.Tensor:
     """Log-scores from non-negative block masses (floored at :data:`MASS_FLOOR` on and below the diagonal, then
     row-normalised; ``-inf`` above it): ``log(m / sum_j<=i m)``, the log-softmax of ``log m`` over the causal
     blocks."""
@@ -343,9 +344,9 @@ class Oracle(Selector):
         if x.q.is_cuda:
             from seer.sparsity.measures import attention_mass
 
-            return _log_mass(attention_mass(x.q, x.k, x.block_size, x.scale))
+            return log_mass(attention_mass(x.q, x.k, x.block_size, x.scale))
         # the reference casts each chunk to float32 (float64 inputs stay float64 until the log)
-        return _log_mass(block_attn_mass(x.q, x.k, x.block_size, sm_scale=x.scale))
+        return log_mass(block_attn_mass(x.q, x.k, x.block_size, sm_scale=x.scale))
 
 
 @dataclass
@@ -419,7 +420,7 @@ class VerticalSlash(Selector):
 
     @torch.no_grad()
     def scores(self, x: LayerInputs) -> torch.Tensor:
-        return _log_mass(self.mass(x))
+        return log_mass(self.mass(x))
 
     @torch.no_grad()
     def mass(self, x: LayerInputs) -> torch.Tensor:
@@ -485,7 +486,7 @@ class Antidiagonal(Selector):
             logits.masked_fill_(torch.arange(r1, device=dev)[None, :] > rows, float("-inf"))
             p = torch.softmax(logits, dim=-1).masked_fill_(rows >= real_rows, 0.0)
             mass[:, :, i0:i1, :i1] = p.unflatten(-1, (i1, rb)).sum(-1).unflatten(-2, (i1 - i0, rb)).sum(-2)
-        return _log_mass(mass)
+        return log_mass(mass)
 
 
 @dataclass
@@ -529,7 +530,7 @@ class FlexPrefill(Selector):
         if not with_scores:
             return dist, query_aware, None
         qa_scores = _block_mean_scores(x, k_mean)
-        vs_scores = _log_mass(_vertical_slash_block_mass(v, s, bs))
+        vs_scores = log_mass(_vertical_slash_block_mass(v, s, bs))
         return dist, query_aware, torch.where(query_aware[..., None, None], qa_scores, vs_scores)
 
     @torch.no_grad()
@@ -632,7 +633,7 @@ class Reranked(Selector):
 
     @torch.no_grad()
     def scores(self, x: LayerInputs) -> torch.Tensor:
-        return _log_mass(self.mass(x))
+        return log_mass(self.mass(x))
 
     @torch.no_grad()
     def mass(self, x: LayerInputs) -> torch.Tensor:

@@ -92,8 +92,13 @@ def test_selector_gate_blend_is_calibrated_under_its_own_scorer_name(tmp_path, m
     assert blended["ppl"] != alone["ppl"]
     with pytest.raises(ConfigError, match="gate.blend_weight=2"):
         run_eval(compose(over + ["selector.blend_weight=2", f"paths.output_dir={tmp_path}/r3"], "eval"))
-    with pytest.raises(ConfigError, match="selector=gate takes only blend and blend_weight"):
+    with pytest.raises(ConfigError, match="selector=gate takes only blend, blend_weight, rerank_rows"):
         run_eval(compose(over + ["+selector.temperature=2", f"paths.output_dir={tmp_path}/r4"], "eval"))
+    reranked = run_eval(compose(over + ["selector.blend=vertical_slash", "selector.blend_weight=0.3",
+                                        "selector.rerank_rows=4", f"paths.output_dir={tmp_path}/r5"], "eval"))[0]
+    assert reranked["selector"] == "gate+vertical_slash@0.3+rerank4@0.95" and reranked["ppl"] != blended["ppl"]
+    with pytest.raises(ConfigError, match="gate.rerank_top_p=0"):
+        run_eval(compose(over + ["selector.rerank_top_p=0", f"paths.output_dir={tmp_path}/r6"], "eval"))
 
 
 def test_an_authors_release_is_evaluated_and_its_calibration_kept(tmp_path, monkeypatch, tokenizer, text_files):

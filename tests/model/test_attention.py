@@ -189,6 +189,42 @@ def test_blended_gate_scores_mix_the_gate_with_its_partner_and_name_calibrations
         load_gates(tiny_model("qwen2"), tmp_path, expected_gate=dataclasses.replace(GATE, hidden_size=32))
 
 
+def test_reranked_gate_scores_rank_the_blended_candidates_by_sampled_rows(tmp_path):
+    """gate.rerank_rows: the blended gate proposes each row's top-p blocks, sampled query rows rank them; every row
+    and every block (rows = block, top_p 1) is the oracle whatever the gate says. The fields load over a gate file."""
+    import dataclasses
+
+    from seer.sparsity.selectors import (LayerInputs, Oracle, VerticalSlash, blend_scores, log_mass,
+                                         sampled_rows_mass, top_p_candidates)
+
+    model, ctx = _gated("qwen2")
+    ids = torch.randint(0, 300, (1, 70))
+    records = []
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
+        model.model(ids)
+    reranked = dataclasses.replace(GATE, blend="vertical_slash", blend_weight=0.3, rerank_rows=4, rerank_top_p=0.7)
+    ctx.update(gate_config=reranked)
+    assert ctx.scorer_name == "gate+vertical_slash@0.3+rerank4@0.7"
+    with ctx.observing() as observed, torch.no_grad():
+        model.model(ids)
+    for rec in records:
+        x = LayerInputs(rec.query, rec.key, 16, rec.scale, rec.layer_idx)
+        blended = blend_scores(rec.logits.detach(), VerticalSlash().scores(x), 0.3)
+        candidates = top_p_candidates(blended, 0.7)
+        assert not candidates.tril().all(), "top-p 0.7 should leave some blocks out"
+        torch.testing.assert_close(observed.scores()[rec.layer_idx], log_mass(sampled_rows_mass(x, candidates, 4)))
+    ctx.update(gate_config=dataclasses.replace(GATE, rerank_rows=16, rerank_top_p=1.0))
+    with ctx.observing() as observed, torch.no_grad():
+        model.model(ids)
+    for rec in records:
+        x = LayerInputs(rec.query.double(), rec.key.double(), 16, rec.scale, rec.layer_idx)
+        torch.testing.assert_close(observed.scores()[rec.layer_idx], Oracle().scores(x), atol=1e-4, rtol=1e-4)
+    save_gates(tmp_path, model, "tiny")
+    fresh = tiny_model("qwen2")
+    load_gates(fresh, tmp_path, expected_gate=dataclasses.replace(GATE, rerank_rows=8))
+    assert fresh.seer_context.gate_config.rerank_rows == 8
+
+
 def test_a_blend_weight_per_layer_blends_each_layer_with_its_own_and_must_match_the_layers():
     import dataclasses
 
