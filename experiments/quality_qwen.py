@@ -148,6 +148,7 @@ class Job(NamedTuple):
     group_layers: tuple[int, ...] = ()
     group_scorer: str = "oracle"
     candidates: tuple[tuple[tuple[int, ...], str], ...] = ()
+    rerank: tuple[int, float] | None = None  # the gates' rerank (rows, top_p): gate.rerank_rows / rerank_top_p
 
 
 MODELS = {  # --model: (model config, gate recipe, title)
@@ -356,20 +357,40 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
 
 
 def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]],
-               baselines: tuple[str, ...] = (), allocations: tuple[str, ...] = ("global",)) -> list[Job]:
+               baselines: tuple[str, ...] = (), allocations: tuple[str, ...] = ("global",),
+               reranks: tuple[tuple[int, float], ...] = ()) -> list[Job]:
     """New gate recipes (or blends) against the table: at each density every gate set with each blend in the order
     given (the first is the default), under each of ``allocations`` (how the calibrated threshold shares the
-    density among layers and heads; a row's label names any but ``global``), then every gate set alone, then the
-    training-free ``baselines``."""
+    density among layers and heads; a row's label names any but ``global``), then every gate set with the first
+    blend and each of ``reranks`` (rows, top_p), then every gate set alone, then the training-free ``baselines``."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
         jobs += [Job(f"{gate}+{name}@{w}" + ("" if alloc == "global" else f" {alloc}"), gate, (name, w),
                      dataclasses.replace(plain, allocation=alloc))
                  for alloc in allocations for name, w in blends for gate in gates]
+        first = [(f"{gate}+{blends[0][0]}@{blends[0][1]}", blends[0]) if blends else (gate, None) for gate in gates]
+        jobs += [Job(f"{label}+rerank{rows}@{p:g}", gate, blend, plain, rerank=(rows, p))
+                 for rows, p in reranks for gate, (label, blend) in zip(gates, first)]
         jobs += [Job(gate, gate, None, plain) for gate in gates]
         jobs += [Job(name, name, None, plain) for name in baselines]
     return jobs
+
+
+def parse_reranks(specs: list[str]) -> tuple[tuple[int, float], ...]:
+    """``--reranks`` as ``(rows, top_p)`` pairs: ``ROWS:TOP_P``, checked as gate fields."""
+    out = []
+    for spec in specs:
+        rows, _, top_p = spec.partition(":")
+        try:
+            pair = (int(rows), float(top_p or 0.95))
+            GateConfig(rerank_rows=pair[0], rerank_top_p=pair[1])
+            if pair[0] < 1:
+                raise ValueError("rows must be >= 1")
+        except ValueError as exc:  # ConfigError included
+            raise SystemExit(f"--reranks {spec!r}: give ROWS:TOP_P, rows >= 1 and top_p in (0, 1] ({exc})") from None
+        out.append(pair)
+    return tuple(out)
 
 
 def default_label(gates: list[str], blends: list[tuple[str, float | str]]) -> str:
@@ -495,6 +516,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--only", nargs="+", help="run only the plan's jobs of these labels (as the rows name them, "
                     "e.g. gate:base+vertical_slash@0.5 antidiagonal)")
+    ap.add_argument("--reranks", nargs="+", default=[], metavar="ROWS:TOP_P",
+                    help="--plan lever: the gates with the first blend, their candidates (each row's top-p blocks) "
+                         "ranked again by ROWS exact query rows per block (gate.rerank_rows / rerank_top_p)")
     ap.add_argument("--baselines", nargs="+", default=[], choices=sorted(SELECTORS),
                     help="--plan lever and attribution: training-free selectors measured after the gate sets at each "
                     "density (attribution: give oracle for each group's recovered share)")
@@ -550,6 +574,8 @@ def planned_jobs(args) -> list[Job | None]:
                          f"--decode-budget")
     if args.allocations != ["global"] and args.plan != "lever":
         raise SystemExit(f"--allocations: only for --plan lever, not {args.plan}")
+    if args.reranks and args.plan != "lever":
+        raise SystemExit(f"--reranks: only for --plan lever, not {args.plan}")
     if args.fit_margin != MARGIN and not args.fit_hybrid:
         raise SystemExit("--fit-margin: only with --fit-hybrid")
     if not args.fit_margin >= 0:
@@ -560,7 +586,7 @@ def planned_jobs(args) -> list[Job | None]:
     plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
              "final": lambda: final_plan(names, args.densities, blends),
              "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines),
-                                         tuple(args.allocations)),
+                                         tuple(args.allocations), parse_reranks(args.reranks)),
              "attribution": lambda: attribution_plan(names, args.densities, blends,
                                                      parse_groups(args.attribution_groups, model_layers(args.model)),
                                                      tuple(args.baselines), tuple(args.group_scorers),
@@ -637,7 +663,7 @@ def main() -> None:
     for i, job in enumerate(jobs[args.skip:], start=args.skip):
         if job is None:  # left out by --only
             continue
-        label, scorer, blend, sparsity, group_layers, group_scorer, candidates = job
+        label, scorer, blend, sparsity, group_layers, group_scorer, candidates, rerank = job
         if time.time() - start > args.deadline_s:
             skipped.append(f"{label} {sparsity.describe()}")
             continue
@@ -655,7 +681,9 @@ def main() -> None:
         if selector is None:  # the gates, with this job's blend
             ctx = models[key].seer_context
             ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
-                                                       blend_weight=weights or (blend[1] if blend else 0.5)))
+                                                       blend_weight=weights or (blend[1] if blend else 0.5),
+                                                       rerank_rows=rerank[0] if rerank else 0,
+                                                       rerank_top_p=rerank[1] if rerank else 0.95))
         if group_scorer == FITTED:  # the groups' scorers, picked on the first text's calibration windows
             def report(what: str, ppl: float | None, change: float | str) -> None:
                 got = f"ppl {ppl:.4f} ({change:+.2%})" if ppl is not None else change

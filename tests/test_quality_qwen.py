@@ -542,3 +542,32 @@ def test_a_decode_budget_is_at_least_a_block_and_not_beside_shared_gates(study):
                 ["--decode-budget", "2048", "--decode-prompt-blocks", "-1"]):
         with pytest.raises(SystemExit, match="--decode-budget|--decode-prompt-blocks"):
             study.planned_jobs(study.parse_args([*base, *bad]))
+
+
+def test_the_lever_plan_reranks_the_default_and_the_bad_specs_stop_it(study):
+    base = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=", "--blends",
+            "vertical_slash:0.5", "--densities", "0.1"]
+    jobs = study.planned_jobs(study.parse_args([*base, "--plan", "lever", "--reranks", "8:0.9", "16",
+                                                "--baselines", "reranked"]))
+    assert [(job.label, job.blend, job.rerank) for job in jobs] == [
+        ("gate:base+vertical_slash@0.5", ("vertical_slash", 0.5), None),
+        ("gate:base+vertical_slash@0.5+rerank8@0.9", ("vertical_slash", 0.5), (8, 0.9)),
+        ("gate:base+vertical_slash@0.5+rerank16@0.95", ("vertical_slash", 0.5), (16, 0.95)),
+        ("gate:base", None, None), ("reranked", None, None)]
+    for bad in ("0:0.9", "8:1.5", "x", "8:0"):
+        with pytest.raises(SystemExit, match=f"--reranks '{bad}'"):
+            study.planned_jobs(study.parse_args([*base, "--plan", "lever", "--reranks", bad]))
+    with pytest.raises(SystemExit, match="--reranks: only for --plan lever"):
+        study.planned_jobs(study.parse_args([*base, "--plan", "final", "--reranks", "8:0.9"]))
+
+
+def test_a_reranked_job_runs_in_the_study_loop_under_its_own_label(study, monkeypatch, tmp_path):
+    argv = _tiny_study(study, monkeypatch, tmp_path)
+    argv = argv[:argv.index("--plan")] + ["--plan", "lever", "--reranks", "4:0.8"] + argv[argv.index("--densities"):]
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["quality_qwen.py", *argv, "--out", str(out)])
+    study.main()
+    rows = {row["selector"]: row for row in json.loads((out / "rows.json").read_text())}
+    default = "gate:base+vertical_slash@0.5"
+    assert list(rows) == [default, f"{default}+rerank4@0.8", "gate:base"]
+    assert rows[f"{default}+rerank4@0.8"]["ppl"] != rows[default]["ppl"]
