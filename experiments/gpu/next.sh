@@ -44,6 +44,13 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
   "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384 \
   data.train_sequences=160 logger=none paths.output_dir="$w/work/train_base" paths.cache_dir="$w/work/cache"
 
+# issue 17: the default's candidates (top-p 0.95 of each row) ranked again by 8 or 16 exact query rows per block,
+# beside the default, vertical-slash reranked the same way and the oracle (the reranked selector's first CPU figures:
+# docs/results/smollm2_4k_rerank_cpu.md)
+job rerank 1200 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
+  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 16:0.95 --baselines reranked vertical_slash oracle \
+  --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
+
 # issue 18: RULER answered through Quest at 2k tokens, with 0 / 4 / 8 of its 32 blocks pinned to the prompt's focus
 for pins in 0 4 8; do
   job "pins$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
