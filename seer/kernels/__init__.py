@@ -25,6 +25,9 @@
 * :func:`last_rows_marginals` - the vertical and slash marginals of the last query rows' causal softmax (the first
   stage of that estimate) without materialising the probabilities, in ``seer/kernels/vs_marginals.py`` (inference,
   no autograd).
+* :func:`sampled_rows_mass` - block masses from a few exact query rows per block over each row's candidate blocks
+  (the ``reranked`` scorer's and ``gate.rerank_rows``' rerank step), in ``seer/kernels/sampled_rows.py`` (inference,
+  no autograd).
 * :mod:`seer.kernels.reference` - the same contracts in PyTorch, chunked so memory stays ``O(N * block)``.
 * :mod:`seer.kernels.tuning` - the launch configurations of the attention kernels (forward and backward): the
   H100 defaults, timing once per key, and for experiments :func:`~seer.kernels.tuning.force_config`,
@@ -47,8 +50,10 @@ from seer.kernels import block_sparse_bwd, reference, tuning
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_varlen
 from seer.kernels.decode import block_sparse_decode
 from seer.kernels.flash_gt import flash_attn_with_gt
+from seer.kernels.sampled_rows import sampled_rows_mass
 from seer.kernels.vs_blend import vertical_slash_blend
 from seer.kernels.vs_marginals import last_rows_marginals
 
 __all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "block_sparse_bwd", "block_sparse_decode",
-           "flash_attn_with_gt", "last_rows_marginals", "reference", "tuning", "vertical_slash_blend"]
+           "flash_attn_with_gt", "last_rows_marginals", "reference", "sampled_rows_mass", "tuning",
+           "vertical_slash_blend"]

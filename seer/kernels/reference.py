@@ -327,3 +327,41 @@ def last_rows_marginals(q: torch.Tensor, k: torch.Tensor, last_queries: int = 64
     col = r - o  # [L, N]: row start + i's key at offset o
     diag = attn.gather(-1, col.clamp_min(0).expand(b, hq, rows, n)).masked_fill_(col < 0, 0.0)
     return v, diag.sum(-2) / rows
+
+
+@_without_autocast
+@torch.no_grad()
+def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
+                      sm_scale: float | None = None, chunk_elems: int = 1 << 25) -> torch.Tensor:
+    """Block masses ``[B, Hq, nb, nb]`` float32 of ``min(rows, block_size)`` sampled query rows per block over each
+    row's ``candidates`` (bool ``[B, Hq, nb, nb]``, the diagonal among them), 0 off them: the contract of
+    :func:`seer.kernels.sampled_rows.sampled_rows_mass` (its docstring has the math), in float32 (float64 inputs stay
+    float64 until the result), chunked over query blocks so that a chunk's logits hold about ``chunk_elems``
+    elements."""
+    b, hq, n, d = q.shape
+    nb = num_blocks(n, block_size)
+    scale = softmax_scale(sm_scale, d)
+    dev, dtype = q.device, _compute_dtype(q)
+    per_block = min(rows, block_size)
+    offsets = block_size - 1 - torch.arange(per_block, device=dev) * (block_size // per_block)
+    raw = torch.arange(nb, device=dev)[:, None] * block_size + offsets  # [nb, R]
+    weight = (raw < n).to(dtype)
+    if block_size - 1 - (per_block - 1) * (block_size // per_block) >= n - (nb - 1) * block_size:
+        weight[-1, 0] = 1.0  # a short last block holding none of the sampled rows takes its last token
+    positions = raw.clamp_max(n - 1)
+    keys = torch.arange(n, device=dev)
+    key_block = keys // block_size
+    kk = k.to(dtype).repeat_interleave(hq // k.shape[1], dim=1)
+    mass = torch.zeros(b, hq, nb, nb, dtype=dtype, device=dev)
+    step = max(1, chunk_elems // (b * hq * per_block * n))
+    for i0 in range(0, nb, step):
+        i1 = min(nb, i0 + step)
+        pos = positions[i0:i1].reshape(-1)  # [(i1 - i0) * R]
+        logits = q[:, :, pos].to(dtype) @ kk.transpose(-1, -2) * scale  # [B, Hq, rows, N]
+        allowed = candidates[:, :, i0:i1].repeat_interleave(per_block, dim=2)[..., key_block]
+        allowed &= keys <= pos[:, None]
+        p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+        p = torch.nn.functional.pad(p, (0, nb * block_size - n)).unflatten(-1, (nb, block_size)).sum(-1)
+        w = weight[i0:i1]
+        mass[:, :, i0:i1] = (p.unflatten(2, (i1 - i0, per_block)) * w[..., None]).sum(3) / w.sum(1)[:, None]
+    return mass.float()

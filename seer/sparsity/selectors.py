@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from seer.gates.pooling import pool_blocks
-from seer.kernels import vs_marginals
+from seer.kernels import reference, sampled_rows, vs_marginals
+from seer.kernels.common import BLOCK_SIZES, DTYPES, HEAD_DIMS
 from seer.kernels.reference import block_attn_mass
 
 __all__ = ["LayerInputs", "Selector", "blend_scores", "blend_mass", "Oracle", "Streaming", "BlockMean", "VerticalSlash",
@@ -657,31 +658,13 @@ def sampled_rows_mass(x: LayerInputs, candidates: torch.Tensor, rows: int) -> to
     """Block masses ``[B, Hq, nb, nb]`` float32 of :class:`Reranked`'s rerank step: in each query block, ``min(rows,
     B)`` sampled query rows (see :class:`Reranked`) attend exactly, with a causal softmax, to the keys of the row's
     ``candidates`` ``[B, Hq, nb, nb]`` (bool, each row's diagonal among them); a block's mass is their mean
-    probability on its keys (0 off the candidates). Chunked over query blocks: memory ``O(B Hq rows N)`` per chunk."""
-    b, hq, n, bs, nb, dev = x.batch, x.q_heads, x.seq_len, x.block_size, x.nb, x.q.device
-    per_block = min(rows, bs)
-    offsets = bs - 1 - torch.arange(per_block, device=dev) * (bs // per_block)
-    raw = torch.arange(nb, device=dev)[:, None] * bs + offsets  # [nb, R]
-    # rows past the last token are not sampled (a short last block without any takes the last token)
-    weight = (raw < n).float()
-    if bs - 1 - (per_block - 1) * (bs // per_block) >= n - (nb - 1) * bs:  # no sampled row in the last block
-        weight[-1, 0] = 1.0
-    positions = raw.clamp_max(n - 1)
-    keys = torch.arange(n, device=dev)
-    key_block = keys // bs
-    mass = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=dev)
-    step = max(1, _CHUNK_ELEMS // (b * hq * per_block * n))
-    for i0 in range(0, nb, step):
-        i1 = min(nb, i0 + step)
-        pos = positions[i0:i1].reshape(-1)  # [(i1 - i0) * R]
-        logits = _grouped_matmul(x.q[:, :, pos].float() * x.scale, x.k.float())  # [B, Hq, rows, N]
-        allowed = candidates[:, :, i0:i1].repeat_interleave(per_block, dim=2)[..., key_block]  # candidates' keys
-        allowed &= keys <= pos[:, None]
-        p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
-        p = F.pad(p, (0, nb * bs - n)).unflatten(-1, (nb, bs)).sum(-1)  # [B, Hq, rows, nb]
-        w = weight[i0:i1]
-        mass[:, :, i0:i1] = (p.unflatten(2, (i1 - i0, per_block)) * w[..., None]).sum(3) / w.sum(1)[:, None]
-    return mass
+    probability on its keys (0 off the candidates). On CUDA (no gradient, :data:`FUSED_SELECTION_ON_CUDA`, a kernel
+    block size, dtype and head dim) the fused kernel :func:`seer.kernels.sampled_rows.sampled_rows_mass`; elsewhere
+    its PyTorch contract :func:`seer.kernels.reference.sampled_rows_mass`."""
+    if FUSED_SELECTION_ON_CUDA and x.q.is_cuda and x.block_size in BLOCK_SIZES and x.q.dtype in DTYPES \
+            and x.k.dtype == x.q.dtype and x.q.shape[-1] in HEAD_DIMS:
+        return sampled_rows.sampled_rows_mass(x.q, x.k, candidates, rows, x.block_size, x.scale)
+    return reference.sampled_rows_mass(x.q, x.k, candidates, rows, x.block_size, x.scale, _CHUNK_ELEMS)
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (

@@ -1,0 +1,126 @@
+"""The fused rerank step (seer/kernels/sampled_rows.py) and its PyTorch contract (seer.kernels.reference
+.sampled_rows_mass) against float64 loops written from the definition, on fresh random inputs: N off the block grid (a
+short last block with and without sampled rows), grouped-query heads, every row and every block (the block mass of
+the true attention), one row, more rows than a block, fp16/fp32 inputs; the selectors' dispatch; argument checks.
+Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seer.kernels import reference
+from seer.kernels.sampled_rows import sampled_rows_mass
+
+CASES = [  # b, hq, hkv, n, d, block, rows
+    (1, 2, 1, 100, 16, 16, 4),  # G = 2, a short last block (4 tokens) holding sampled rows
+    (2, 3, 1, 77, 32, 16, 3),  # batch 2, G = 3, rows not dividing the block, short last block (13 tokens)
+    (1, 2, 2, 66, 16, 32, 2),  # a short last block (2 tokens) with none of the sampled rows: its last token
+    (1, 1, 1, 64, 64, 16, 16),  # every row of every block
+    (1, 2, 1, 40, 16, 16, 1),  # one row per block
+    (1, 2, 1, 50, 16, 16, 40),  # more rows than a block: clipped to it
+]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _case(b, hq, hkv, n, d, block, seed, dtype=torch.float32, density=0.5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64)
+    nb = math.ceil(n / block)
+    cand = (torch.rand(b, hq, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
+    cand &= torch.ones(nb, nb, dtype=torch.bool).tril()
+    return q.to(dtype), k.to(dtype), cand, q, k
+
+
+def _loops(q, k, cand, rows, block, scale):
+    """float64 masses from the definition, one sampled row at a time."""
+    b, hq, n, _ = q.shape
+    nb = math.ceil(n / block)
+    g = hq // k.shape[1]
+    r = min(rows, block)
+    out = torch.zeros(b, hq, nb, nb, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nb):
+                sampled = [i * block + block - 1 - t * (block // r) for t in range(r)]
+                sampled = [p for p in sampled if p < n] or [n - 1]
+                keys = [c for c in range(n) if cand[bi, h, i, c // block]]
+                for p in sampled:
+                    ks = [c for c in keys if c <= p]
+                    prob = torch.softmax(q[bi, h, p] @ k[bi, h // g, ks].T * scale, -1)
+                    for c, pc in zip(ks, prob):
+                        out[bi, h, i, c // block] += pc / len(sampled)
+    return out
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", CASES)
+def test_kernel_and_reference_match_loops(b, hq, hkv, n, d, block, rows):
+    q, k, cand, q64, k64 = _case(b, hq, hkv, n, d, block, seed=n + rows)
+    want = _loops(q64, k64, cand, rows, block, d ** -0.5)
+    ref = reference.sampled_rows_mass(q64, k64, cand, rows, block)
+    torch.testing.assert_close(ref.double(), want, atol=1e-6, rtol=1e-5)
+    dev = _device()
+    got = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    assert (got.cpu()[~cand] == 0).all(), "blocks off the candidates get no mass"
+    torch.testing.assert_close(got.sum(-1).cpu(), torch.ones(b, hq, math.ceil(n / block)), atol=1e-5, rtol=0)
+
+
+def test_every_row_and_every_block_is_the_block_attention_mass():
+    q, k, _, q64, k64 = _case(1, 2, 1, 90, 16, 16, seed=3)
+    every = torch.ones(1, 2, 6, 6, dtype=torch.bool).tril()
+    dev = _device()
+    got = sampled_rows_mass(q.to(dev), k.to(dev), every.to(dev), 16, 16)
+    torch.testing.assert_close(got.cpu().double(), reference.block_attn_mass(q64, k64, 16).double(), atol=2e-5,
+                               rtol=1e-4)
+
+
+def test_half_precision_and_strided_inputs():
+    q, k, cand, q64, k64 = _case(1, 4, 2, 70, 32, 16, seed=5, dtype=torch.float16)
+    dev = _device()
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] memory seen as [B, H, N, D]
+    got = sampled_rows_mass(qt.to(dev), k.to(dev), cand.to(dev), 4, 16)
+    want = reference.sampled_rows_mass(q.double(), k.double(), cand, 4, 16)
+    torch.testing.assert_close(got.cpu().double(), want.double(), atol=3e-3, rtol=3e-3)
+
+
+def test_the_selectors_take_the_reference_off_cuda():
+    from seer.sparsity.selectors import LayerInputs, sampled_rows_mass as select
+
+    q, k, cand, _, _ = _case(1, 2, 1, 50, 16, 16, seed=8)
+    x = LayerInputs(q, k, 16, 0.25)
+    torch.testing.assert_close(select(x, cand, 4), reference.sampled_rows_mass(q, k, cand, 4, 16, 0.25))
+
+
+def test_bad_arguments_name_the_value():
+    q, k, cand, _, _ = _case(1, 2, 1, 50, 16, 16, seed=1)
+    with pytest.raises(ValueError, match="candidates must be bool"):
+        sampled_rows_mass(q, k, cand[:, :, :3], 4, 16)
+    with pytest.raises(ValueError, match="candidates must be bool"):
+        sampled_rows_mass(q, k, cand.int(), 4, 16)
+    with pytest.raises(ValueError, match="rows must be an integer >= 1, got 0"):
+        sampled_rows_mass(q, k, cand, 0, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        sampled_rows_mass(q, k, cand, 4, 24)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_the_reference_at_4k():
+    """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
+    nb = math.ceil(q.shape[2] / 64)
+    cand = ((torch.rand(1, 14, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)) \
+        & torch.ones(nb, nb, dtype=torch.bool).tril()
+    want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), 8, 64)
+    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), 8, 64)
+    assert (got - want).abs().max().item() < 1e-2
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
