@@ -33,6 +33,7 @@ import torch
 
 from seer.kernels.common import check_qkv_shapes, check_varlen, softmax_scale
 from seer.kernels.decode_index import check_decode_args, check_decode_values
+from seer.kernels.sampled_rows import sampled_offsets
 
 __all__ = ["attention", "block_attn_mass", "block_gt", "block_sparse_attn", "block_sparse_attn_varlen",
            "block_sparse_decode", "block_sparse_sdpa", "last_rows_marginals", "num_blocks", "vertical_slash_blend"]
@@ -343,10 +344,10 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     scale = softmax_scale(sm_scale, d)
     dev, dtype = q.device, _compute_dtype(q)
     per_block = min(rows, block_size)
-    offsets = block_size - 1 - torch.arange(per_block, device=dev) * (block_size // per_block)
-    raw = torch.arange(nb, device=dev)[:, None] * block_size + offsets  # [nb, R]
+    offsets = sampled_offsets(block_size, per_block)
+    raw = torch.arange(nb, device=dev)[:, None] * block_size + torch.tensor(offsets, device=dev)  # [nb, R]
     weight = (raw < n).to(dtype)
-    if block_size - 1 - (per_block - 1) * (block_size // per_block) >= n - (nb - 1) * block_size:
+    if min(offsets) >= n - (nb - 1) * block_size:
         weight[-1, 0] = 1.0  # a short last block holding none of the sampled rows takes its last token
     positions = raw.clamp_max(n - 1)
     keys = torch.arange(n, device=dev)

@@ -5,8 +5,9 @@ candidate key blocks by the exact attention of ``R`` sampled query rows of that 
 tokens) of query head ``h`` (key head ``h // G``, ``G = Hq / Hkv``), with ``C(i)`` its candidate blocks (an ascending
 list, the diagonal ``i`` among them):
 
-* sampled rows ``r_t = iB + B - 1 - t (B // R)`` for ``t < R``, those ``< N`` (in a short last block with none of
-  them, the last token alone), weights ``w_t`` 1 for those and 0 for the others;
+* sampled rows ``r_t = iB + o_t``, ``R`` offsets spread evenly over the block from its first row to its last
+  (:func:`sampled_offsets`: ``o_t = round(t (B - 1) / (R - 1))``; the last row alone for ``R = 1``), those ``< N``
+  (in a short last block with none of them, the last token alone), weights ``w_t`` 1 for those and 0 for the others;
 * ``x_t[c] = scale * q_{r_t} . k_c`` for the keys ``c`` of the candidate blocks with ``c <= r_t``;
 * ``a_t = softmax(x_t)`` over those keys, and for each candidate block ``j``:
   ``mass[i, j] = sum_t w_t sum_{c in J} a_t[c] / sum_t w_t``; other blocks get 0.
@@ -29,7 +30,16 @@ from seer.kernels.block_index import build_block_index
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
-__all__ = ["sampled_rows_mass"]
+__all__ = ["sampled_offsets", "sampled_rows_mass"]
+
+
+def sampled_offsets(block_size: int, rows: int) -> list[int]:
+    """The offsets in a block of its ``min(rows, block_size)`` sampled query rows: spread evenly from the first row to
+    the last (``round(t (B - 1) / (R - 1))``, rounding halves up), the last row alone for one row."""
+    r = min(rows, block_size)
+    if r == 1:
+        return [block_size - 1]
+    return [(2 * t * (block_size - 1) + r - 1) // (2 * (r - 1)) for t in range(r)]
 
 
 @triton.jit
@@ -69,7 +79,7 @@ def _sr_mass(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, i
 
 @triton.jit
 def _sampled_rows_kernel(
-    Q, K, Idx, Cnt, Out,
+    Q, K, Offsets, Idx, Cnt, Out,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_ob, stride_oh, stride_or,
     HQ, GROUP, N, qk_scale,
@@ -83,7 +93,7 @@ def _sampled_rows_kernel(
     off_hk = off_h // GROUP
     nb = (N + BS - 1) // BS
     t = tl.arange(0, RP)
-    raw = i * BS + BS - 1 - t * (BS // R)
+    raw = i * BS + tl.load(Offsets + t, mask=t < R, other=0)
     w = ((t < R) & (raw < N)).to(tl.float32)
     if LAST_FALLBACK:  # a short last block holding none of the sampled rows takes its last token
         w = tl.where((i == nb - 1) & (t == 0), 1.0, w)
@@ -148,14 +158,15 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
     rp = max(16, triton.next_power_of_2(per_block))
+    offsets = sampled_offsets(block_size, per_block)
     _sampled_rows_kernel[(nb, b * hq)](
-        q, k, idx, cnt, out,
+        q, k, torch.tensor(offsets, dtype=torch.int32, device=q.device), idx, cnt, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, n, softmax_scale(sm_scale, d) * LOG2E.value,
         D=d, BS=block_size, R=per_block, RP=rp, BLOCK_N=block_size if INTERPRET else min(block_size, 64),
-        LAST_FALLBACK=block_size - 1 - (per_block - 1) * (block_size // per_block) >= last,
+        LAST_FALLBACK=min(offsets) >= last,
         DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, num_warps=4,
     )
     return out

@@ -601,9 +601,9 @@ class Reranked(Selector):
 
     1. **Candidates**: per row of block scores, the smallest set of ``base``'s most likely blocks whose estimated mass
        reaches ``top_p`` (top-p of ``exp(base scores)``), plus the diagonal block.
-    2. **Rerank**: in each query block ``I``, ``R = min(rows, B)`` sampled rows, evenly spaced and ending at the
-       block's last row (``iB + B - 1 - t * (B // R)``; in a short last block those before its end, or its last
-       token alone when none is), attend exactly to the keys of their candidate blocks (causal):
+    2. **Rerank**: in each query block ``I``, ``R = min(rows, B)`` sampled rows, spread evenly from the block's first
+       row to its last (:func:`seer.kernels.sampled_rows.sampled_offsets`; in a short last block those before its
+       end, or its last token alone when none is), attend exactly to the keys of their candidate blocks (causal):
        ``a_r = softmax_{c in C(i), c <= r}(scale * q_r . k_c)``, and
 
        ``mass[i, j] = 1/R sum_r sum_{c in J} a_r[c]`` (R: the rows sampled) for candidate blocks j, 0 for the others;

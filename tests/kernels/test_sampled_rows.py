@@ -15,9 +15,10 @@ from seer.kernels import reference
 from seer.kernels.sampled_rows import sampled_rows_mass
 
 CASES = [  # b, hq, hkv, n, d, block, rows
-    (1, 2, 1, 100, 16, 16, 4),  # G = 2, a short last block (4 tokens) holding sampled rows
+    (1, 2, 1, 100, 16, 16, 4),  # G = 2, a short last block (4 tokens) holding one of the sampled rows
     (2, 3, 1, 77, 32, 16, 3),  # batch 2, G = 3, rows not dividing the block, short last block (13 tokens)
-    (1, 2, 2, 66, 16, 32, 2),  # a short last block (2 tokens) with none of the sampled rows: its last token
+    (1, 2, 2, 66, 16, 32, 2),  # a short last block (2 tokens) holding only its first row's sample
+    (1, 2, 1, 66, 16, 32, 1),  # one row per block: a short last block without it takes its last token
     (1, 1, 1, 64, 64, 16, 16),  # every row of every block
     (1, 2, 1, 40, 16, 16, 1),  # one row per block
     (1, 2, 1, 50, 16, 16, 40),  # more rows than a block: clipped to it
@@ -48,7 +49,8 @@ def _loops(q, k, cand, rows, block, scale):
     for bi in range(b):
         for h in range(hq):
             for i in range(nb):
-                sampled = [i * block + block - 1 - t * (block // r) for t in range(r)]
+                offsets = [block - 1] if r == 1 else [round(t * (block - 1) / (r - 1) + 1e-9) for t in range(r)]
+                sampled = [i * block + o for o in offsets]
                 sampled = [p for p in sampled if p < n] or [n - 1]
                 keys = [c for c in range(n) if cand[bi, h, i, c // block]]
                 for p in sampled:
@@ -97,6 +99,14 @@ def test_the_selectors_take_the_reference_off_cuda():
     q, k, cand, _, _ = _case(1, 2, 1, 50, 16, 16, seed=8)
     x = LayerInputs(q, k, 16, 0.25)
     torch.testing.assert_close(select(x, cand, 4), reference.sampled_rows_mass(q, k, cand, 4, 16, 0.25))
+
+
+def test_sampled_offsets_spread_from_the_first_row_to_the_last():
+    from seer.kernels.sampled_rows import sampled_offsets
+
+    assert sampled_offsets(64, 8) == [0, 9, 18, 27, 36, 45, 54, 63]
+    assert sampled_offsets(16, 1) == [15] and sampled_offsets(16, 16) == list(range(16))
+    assert sampled_offsets(16, 40) == list(range(16)) and sampled_offsets(16, 3) == [0, 8, 15]
 
 
 def test_bad_arguments_name_the_value():

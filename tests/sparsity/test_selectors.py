@@ -357,7 +357,8 @@ def test_reranked_matches_loops(n, rows, top_p, base):
                     cand[0, h, i, j] = True
                 total += row[j].item()
             cand[0, h, i, i] = True
-            sampled = [i * bs + bs - 1 - t * (bs // rows) for t in range(rows)]
+            offsets = [bs - 1] if rows == 1 else [round(t * (bs - 1) / (rows - 1) + 1e-9) for t in range(rows)]
+            sampled = [i * bs + o for o in offsets]
             sampled = [r for r in sampled if r < n] or [n - 1]
             keys = [c for c in range(n) if cand[0, h, i, c // bs]]
             for r in sampled:
