@@ -342,7 +342,8 @@ def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float
 def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list[Job]:
     """The comparison behind the results table: at each density the default (the first gate set with the first
     blend), the oracle and the training-free selectors that read the queries (vertical-slash, FlexPrefill,
-    XAttention's antidiagonal); at the first density also the plain gate and streaming."""
+    XAttention's antidiagonal, vertical-slash reranked by sampled rows); at the first density also the plain gate and
+    streaming."""
     gate = gates[0]
     jobs = []
     for i, d in enumerate(densities):
@@ -350,7 +351,8 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
         if blends:
             name, w = blends[0]
             jobs.append(Job(f"{gate}+{name}@{w}", gate, (name, w), plain))
-        jobs += [Job(name, name, None, plain) for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal")]
+        jobs += [Job(name, name, None, plain)
+                 for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal", "reranked")]
         if not i:
             jobs += [Job(gate, gate, None, plain), Job("streaming", "streaming", None, plain)]
     return jobs

@@ -33,10 +33,13 @@ job() {  # job NAME SECONDS COMMAND...: runs COMMAND under a deadline unless JOB
   echo "$(date -u +%H:%M:%S) $name: $(cat "$w/logs/$name.status")"
 }
 
-# issue 18 / 21: the decode kernel's copy-engine variant, checked (GPU tests) then timed beside the default
-job kernels 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_decode.py && \
+# issue 18 / 21: the decode kernel's copy-engine variant, checked (GPU tests) then timed beside the default; the
+# rerank kernel checked, and every selector's cost on one Qwen layer at 32k (reranked = vertical-slash + the rerank)
+job kernels 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/kernels/test_sampled_rows.py && \
   python3 experiments/bench_decode.py --variants --batch 1 16 --kv 32768 131072 --budget 2048 3264 \
-    --out $w/out/kernels/bench_decode_tma.md"
+    --out $w/out/kernels/bench_decode_tma.md && \
+  python3 -m experiments.bench_selectors --device cuda --dtype bf16 --n 32768 --hq 14 --hkv 2 --d 64 --block 64 \
+    > $w/out/kernels/bench_selectors_32k.txt"
 
 # the recipe's prefill gates (experiment=qwen05_gates: 800 steps of 16k rows, about 3 minutes on an H200)
 job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_0_5b model.package=null \
@@ -44,11 +47,12 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
   "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384 \
   data.train_sequences=160 logger=none paths.output_dir="$w/work/train_base" paths.cache_dir="$w/work/cache"
 
-# issue 17: the default's candidates (top-p 0.95 of each row) ranked again by 8 or 16 exact query rows per block,
+# issue 17: the default's candidates (top-p 0.95 of each row) ranked again by 8, 16 or all 64 query rows per block
+# (64: the ceiling of a rerank, the oracle inside the candidates),
 # beside the default, vertical-slash reranked the same way and the oracle (the reranked selector's first CPU figures:
 # docs/results/smollm2_4k_rerank_cpu.md)
 job rerank 1200 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 16:0.95 --baselines reranked vertical_slash oracle \
+  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 16:0.95 64:0.95 --baselines reranked vertical_slash oracle \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
 
 # issue 18: RULER answered through Quest at 2k tokens, with 0 / 4 / 8 of its 32 blocks pinned to the prompt's focus
