@@ -125,6 +125,13 @@ def test_refused_for_gates_without_a_blend(tmp_path):
         DistillConfig(loss_through_blend="yes")
 
 
+def test_refused_through_a_rerank(tmp_path):
+    """A rerank's scores carry no gradient to the gate: training through it is refused before anything loads."""
+    with pytest.raises(ConfigError, match=r"stage\.loss_through_blend=True: .* gate\.rerank_rows=8"):
+        train(tmp_path, "stage.loss_through_blend=true", "gate.rerank_rows=8")
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_option_composes_with_the_recipes(tmp_path):
     cfg = compose([*TINY, f"paths.output_dir={tmp_path}", "stage.loss_through_blend=true"])
     run = validate(cfg)
