@@ -10,3 +10,5 @@ for log in "$w"/logs/*.log; do
   echo "== $(basename "$log")"; tail -n 4 "$log" | cut -c1-300
 done
 ls -la "$OUT"/r.tgz 2>/dev/null
+# the trained gates (a few MiB), so that a later session can evaluate them without training again
+[ -d "$w/work/train_base/gates" ] && tar czf "$OUT/gates.tgz" -C "$w/work/train_base" gates && ls -la "$OUT/gates.tgz"
