@@ -67,6 +67,15 @@ job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes ba
     gate:base+vertical_slash@0.5+rerank64@0.95 reranked oracle \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
 
+# issue 17, when no time is left to train gates: the training-free rerank alone on Qwen at 32k (vertical-slash
+# reranked by 8 rows, beside the oracle and vertical-slash), through seer.eval, with quality_qwen's evaluation settings
+job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null model.name_or_path=/root/models/qwen05 \
+  model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" 'eval.seq_lens=[32768]' eval.windows=3 \
+  eval.calibration_windows=2 eval.passkey=10 eval.copy=5 eval.batch_size=4 eval.ruler=all eval.ruler_samples=4 \
+  eval.timing=false sparsity=threshold sparsity.target_density=0.1 logger=none data=text_files \
+  "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=reranked,oracle,vertical_slash \
+  paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/tfq/sweep"
+
 # issue 18: RULER answered through Quest at 2k tokens, with 0 / 4 / 8 of its 32 blocks pinned to the prompt's focus
 for pins in 0 4; do
   job "pins$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
