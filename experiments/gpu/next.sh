@@ -53,18 +53,18 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
   "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384 \
   data.train_sequences=160 logger=none paths.output_dir="$w/work/train_base" paths.cache_dir="$w/work/cache"
 
-# issue 17: the default's candidates (top-p 0.95 of each row) ranked again by 8 or all 64 query rows per block (64:
-# the ceiling of a rerank, the oracle inside the candidates), beside the default, vertical-slash reranked the same way
-# and the oracle (the reranked selector's first CPU figures: docs/results/smollm2_4k_rerank_cpu.md). Where the rerank
-# kernel failed its GPU test (ktests), the rerank runs through its PyTorch contract instead.
+# issue 17: the default's candidates (each row's top-p 0.95 or 0.99 of its blended mass) ranked again by 8 or 16
+# query rows per block, beside the default, vertical-slash reranked the same way and the oracle (on a CPU, SmolLM2 at
+# 8k: top-p 0.99 gave most of the gain; docs/results/smollm2_rerank_cpu.md). Where the rerank kernel failed its GPU
+# test (ktests), the rerank runs through its PyTorch contract instead.
 quality=(python3 experiments/quality_qwen.py)
 [ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import runpy, sys
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" experiments/quality_qwen.py)
 job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 64:0.95 --baselines reranked oracle \
+  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 8:0.99 16:0.99 --baselines reranked oracle \
   --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank8@0.95 \
-    gate:base+vertical_slash@0.5+rerank64@0.95 reranked oracle \
+    gate:base+vertical_slash@0.5+rerank8@0.99 gate:base+vertical_slash@0.5+rerank16@0.99 reranked oracle \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
 
 # issue 17, when no time is left to train gates: the training-free rerank alone on Qwen at 32k (vertical-slash
