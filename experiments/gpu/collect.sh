@@ -10,5 +10,6 @@ for log in "$w"/logs/*.log; do
   echo "== $(basename "$log")"; tail -n 4 "$log" | cut -c1-300
 done
 ls -la "$OUT"/r.tgz 2>/dev/null
-# the trained gates (a few MiB), so that a later session can evaluate them without training again
+# the trained gates, so that a later session can evaluate them without training again (a file over 16 MiB does
+# not come back: then only the log says they were trained)
 [ -d "$w/work/train_base/gates" ] && tar czf "$OUT/gates.tgz" -C "$w/work/train_base" gates && ls -la "$OUT/gates.tgz"
