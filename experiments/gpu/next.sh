@@ -16,8 +16,10 @@ done
 # the novels, copied out of the carried folder (a carried path may be gone in a later call)
 [ -d .assets/austen ] && mkdir -p "$w/austen" && cp .assets/austen/*.txt "$w/austen/"
 ls "$w"/austen/emma.txt > /dev/null || { echo "no novels: carry .assets/austen in the launching call"; exit 1; }
+# the evaluated novel at the path the cached dense pass names (--dense-from checks the settings, the path included)
+[ -e .assets/austen/emma.txt ] || { mkdir -p .assets/austen && cp "$w"/austen/*.txt .assets/austen/; }
 model=(--model-dir /root/models/qwen05 --gguf qwen05.gguf --novels "$w/austen/[!e]*.txt"
-       --eval-novel "$w/austen/emma.txt")
+       --eval-novel .assets/austen/emma.txt)
 gates=$w/work/train_base/gates
 # the default policy's row (recipe gates + vertical-slash at 0.5, threshold calibrated) and the dense pass of the
 # sessions before (same prompts and model), which needs these evaluation settings
@@ -62,10 +64,15 @@ quality=(python3 experiments/quality_qwen.py)
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" experiments/quality_qwen.py)
 job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 8:0.99 16:0.99 --baselines reranked oracle \
+  --blends vertical_slash:0.5 --plan lever --reranks 8:0.95 16:0.99 --baselines reranked oracle \
   --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank8@0.95 \
-    gate:base+vertical_slash@0.5+rerank8@0.99 gate:base+vertical_slash@0.5+rerank16@0.99 reranked oracle \
+    gate:base+vertical_slash@0.5+rerank16@0.99 reranked oracle \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
+
+# issue 17: the winner of `rerank` (16 rows over top-p 0.99 candidates) at density 0.05
+job r005 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
+  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --only gate:base+vertical_slash@0.5+rerank16@0.99 \
+  --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/r005"
 
 # issue 17, when no time is left to train gates: the training-free rerank alone on Qwen at 32k (vertical-slash
 # reranked by 8 rows, beside the oracle and vertical-slash), through seer.eval, with quality_qwen's evaluation settings
