@@ -12,11 +12,18 @@ list, the diagonal ``i`` among them):
 * ``a_t = softmax(x_t)`` over those keys, and for each candidate block ``j``:
   ``mass[i, j] = sum_t w_t sum_{c in J} a_t[c] / sum_t w_t``; other blocks get 0.
 
-Two passes over the candidates' key tiles per program (grid ``nb x B*Hq``), in base 2 (``x2 = x * log2(e)``): the
-first keeps each row's online max ``m_t`` and ``z_t = sum_c exp2(x2 - m_t)``; the second recomputes ``x2`` and
-writes ``mass[i, j] = sum_t w_t sum_{c in J} exp2(x2[t, c] - m_t) / z_t / sum_t w_t`` for each listed ``j``. The
-``R`` rows are padded to ``RP = max(16, R)`` rows for ``tl.dot`` (the padding rows have weight 0). Cost: twice
-``R x D x |C(i)| B`` multiply-adds per block row, against ``B x D x (i + 1) B`` for the block's dense logits.
+One program per query block ``i`` and set of ``P`` query heads sharing a key head (grid ``nb x B*Hkv*G/P``): their
+sampled rows are stacked into one tile of ``P' x RP`` rows (``RP = max(2, next_pow2(R))``, ``P' = next_pow2(P)``, at
+least 16 rows in all; padding rows have weight 0), ``P`` the largest divisor of ``G = Hq / Hkv`` for which
+``P' x RP <= 128`` (:func:`program_layout`), so that each key tile is read once for the ``P`` heads (Qwen2.5's 7 heads at
+16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its heads' candidate
+lists; a row attends to a listed block only when it is one of its own head's candidates (a one-byte read per row and
+entry), so each head's softmax is over its own candidates as above. Two passes over the listed key tiles, in base 2
+(``x2 = x * log2(e)``): the first keeps each row's online max ``m_t`` and ``z_t = sum_c exp2(x2 - m_t)``; the second
+recomputes ``x2`` and writes, for each listed ``j`` and each head of the group, ``mass[i, j] = sum_t w_t sum_{c in J}
+exp2(x2[t, c] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where its candidates lack ``j``). Cost: twice ``P' RP x D
+x |U(i)| B`` multiply-adds per program (``U(i)`` the union), against ``B x D x (i + 1) B`` per head for the block's
+dense logits, and one read of the union's key tiles per pass.
 :func:`seer.kernels.reference.sampled_rows_mass` is the same contract in PyTorch.
 """
 
@@ -30,7 +37,7 @@ from seer.kernels.block_index import build_block_index
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
-__all__ = ["sampled_offsets", "sampled_rows_mass"]
+__all__ = ["program_layout", "sampled_offsets", "sampled_rows_mass"]
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
@@ -43,21 +50,30 @@ def sampled_offsets(block_size: int, rows: int) -> list[int]:
 
 
 @triton.jit
-def _sr_logits(q, K, stride_kn, kb, offs_n, offs_d, pos, N, qk_scale, DOT_PRECISION: tl.constexpr):
-    """``x2`` of the sampled rows against one key tile (``-inf`` where ``c > r_t``, which also drops ``c >= N``)."""
+def _sr_logits(q, K, stride_kn, kb, offs_n, offs_d, pos, own, N, qk_scale, DOT_PRECISION: tl.constexpr):
+    """``x2`` of the sampled rows against one key tile (``-inf`` where ``c > r_t``, which also drops ``c >= N``, and
+    in the rows whose head does not list the tile's block, ``own`` false)."""
     keys = kb + offs_n
     kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
     x2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    return tl.where(keys[None, :] <= pos[:, None], x2, float("-inf"))
+    return tl.where((keys[None, :] <= pos[:, None]) & own[:, None], x2, float("-inf"))
 
 
 @triton.jit
-def _sr_stats(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+def _sr_own(cand_rows, idx_row, e):
+    """Entry ``e`` of the union list: its block ``c`` and, per row, whether the row's head lists it."""
+    c = tl.load(idx_row + e)
+    return c, tl.load(cand_rows + c) != 0
+
+
+@triton.jit
+def _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
               BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Pass 1 over the tiles of list entry ``e``: the online max ``m`` and sum ``z`` of each sampled row."""
-    c = tl.load(idx_row + e)
+    c, own = _sr_own(cand_rows, idx_row, e)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, N, qk_scale, DOT_PRECISION)
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, own, N, qk_scale,
+                        DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(x2, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         z = z * tl.math.exp2(m - m_use) + tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
@@ -66,83 +82,111 @@ def _sr_stats(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, 
 
 
 @triton.jit
-def _sr_mass(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, inv_z, w_norm, out_row,
-             BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Pass 2 for list entry ``e``: its block's weighted mean probability over the sampled rows, stored."""
-    c = tl.load(idx_row + e)
+def _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows, out_heads,
+             head_ok, BS: tl.constexpr, BLOCK_N: tl.constexpr, PP: tl.constexpr, RP: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """Pass 2 for list entry ``e``: each head's weighted mean probability of its block over its sampled rows."""
+    c, own = _sr_own(cand_rows, idx_row, e)
     rows = tl.zeros_like(m)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, N, qk_scale, DOT_PRECISION)
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, own, N, qk_scale,
+                        DOT_PRECISION)
         rows += tl.sum(tl.math.exp2(x2 - m[:, None]), 1)
-    tl.store(out_row + c, tl.sum(rows * inv_z * w_norm, 0))
+    tl.store(out_heads + c, tl.sum(tl.reshape(rows * scale_rows, (PP, RP)), 1), mask=head_ok)
 
 
 @triton.jit
 def _sampled_rows_kernel(
-    Q, K, Offsets, Idx, Cnt, Out,
+    Q, K, Offsets, Idx, Cnt, Cand, Out,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_ob, stride_oh, stride_or,
-    HQ, GROUP, N, qk_scale,
-    D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr,
-    LAST_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+    stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
+    LISTS, CHUNKS, N, qk_scale,
+    D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     i = tl.program_id(0)
-    bh = tl.program_id(1)
-    off_b = (bh // HQ).to(tl.int64)
-    off_h = (bh % HQ).to(tl.int64)
-    off_hk = off_h // GROUP
+    bl = tl.program_id(1)  # batch x list: LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
+    off_b = (bl // LISTS).to(tl.int64)
+    off_l = (bl % LISTS).to(tl.int64)
+    off_hk = off_l // CHUNKS
+    h0 = off_hk * GROUP + (off_l % CHUNKS) * P  # the first query head of the program
     nb = (N + BS - 1) // BS
-    t = tl.arange(0, RP)
-    raw = i * BS + tl.load(Offsets + t, mask=t < R, other=0)
-    w = ((t < R) & (raw < N)).to(tl.float32)
+    t = tl.arange(0, PP * RP)  # row t: head h0 + t // RP, sample t % RP
+    g = t // RP
+    smp = t % RP
+    raw = i * BS + tl.load(Offsets + smp, mask=smp < R, other=0)
+    w = ((smp < R) & (raw < N) & (g < P)).to(tl.float32)
     if LAST_FALLBACK:  # a short last block holding none of the sampled rows takes its last token
-        w = tl.where((i == nb - 1) & (t == 0), 1.0, w)
+        w = tl.where((i == nb - 1) & (smp == 0) & (g < P), 1.0, w)
+    head = h0 + tl.where(g < P, g, 0).to(tl.int64)
     pos = tl.minimum(raw, N - 1)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                mask=w[:, None] > 0, other=0.0)
+    q = tl.load(Q + off_b * stride_qb + head[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qn
+                + offs_d[None, :], mask=w[:, None] > 0, other=0.0)
     K = K + off_b * stride_kb + off_hk * stride_kh
-    idx_row = Idx + off_b * stride_ib + off_h * stride_ih + i.to(tl.int64) * stride_ir
-    cnt = tl.load(Cnt + off_b * stride_cb + off_h * stride_ch + i)
-    out_row = Out + off_b * stride_ob + off_h * stride_oh + i.to(tl.int64) * stride_or
-    m = tl.full([RP], float("-inf"), dtype=tl.float32)
-    z = tl.zeros([RP], dtype=tl.float32)
+    idx_row = Idx + off_b * stride_ib + off_l * stride_ih + i.to(tl.int64) * stride_ir
+    cnt = tl.load(Cnt + off_b * stride_cb + off_l * stride_ch + i)
+    cand_rows = Cand + off_b * stride_mb + head * stride_mh + i.to(tl.int64) * stride_mr
+    m = tl.full([PP * RP], float("-inf"), dtype=tl.float32)
+    z = tl.zeros([PP * RP], dtype=tl.float32)
     if INTERP:  # run-time loop bounds: see seer.kernels.common
         e = 0
         while e < cnt:
-            m, z = _sr_stats(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, z, BS, BLOCK_N,
-                             DOT_PRECISION)
+            m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, BS,
+                             BLOCK_N, DOT_PRECISION)
             e += 1
     else:
         for e in range(0, cnt):
-            m, z = _sr_stats(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, z, BS, BLOCK_N,
-                             DOT_PRECISION)
-    inv_z = tl.where(w > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
-    w_norm = w / tl.sum(w, 0)
+            m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, BS,
+                             BLOCK_N, DOT_PRECISION)
+    # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
+    scale_rows = tl.where(w > 0, w / tl.where(z > 0, z, 1.0), 0.0) / tl.sum(tl.where(g == 0, w, 0.0), 0)
     m = tl.where(m == float("-inf"), 0.0, m)
+    heads = tl.arange(0, PP)
+    out_heads = Out + off_b * stride_ob + (h0 + heads).to(tl.int64) * stride_oh + i.to(tl.int64) * stride_or
+    head_ok = heads < P
     if INTERP:
         e = 0
         while e < cnt:
-            _sr_mass(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, inv_z, w_norm, out_row, BS,
-                     BLOCK_N, DOT_PRECISION)
+            _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                     out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
             e += 1
     else:
         for e in range(0, cnt):
-            _sr_mass(q, K, stride_kn, idx_row, e, offs_n, offs_d, pos, N, qk_scale, m, inv_z, w_norm, out_row, BS,
-                     BLOCK_N, DOT_PRECISION)
+            _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                     out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
+
+
+def program_layout(group: int, rows: int, block_size: int, heads: int | None = None) -> tuple[int, int, int]:
+    """``(P, P', RP)``: the query heads of one program, ``heads`` or else the most (a divisor of ``group``) whose
+    padded sampled rows fill at most 128 rows once the head count is padded to ``P'``, a power of two (at least 1);
+    that padded count; and the padded rows per head (``max(2, next_pow2(min(rows, block_size)))``, raised so that a
+    program has at least the 16 rows ``tl.dot`` needs)."""
+    rp = max(2, triton.next_power_of_2(min(rows, block_size)))
+    if heads is None:
+        heads = max(h for h in range(1, group + 1)
+                    if group % h == 0 and (h == 1 or triton.next_power_of_2(h) * rp <= 128))
+    elif isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or group % heads:
+        raise ValueError(f"sampled_rows_mass: heads_per_program must divide the group of {group} query heads per "
+                         f"key head, got {heads!r}")
+    pp = triton.next_power_of_2(heads)
+    return heads, pp, max(rp, 16 // pp)
 
 
 def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
-                      sm_scale: float | None = None) -> torch.Tensor:
+                      sm_scale: float | None = None, heads_per_program: int | None = None) -> torch.Tensor:
     """Block masses ``[B, Hq, nb, nb]`` float32 of ``rows`` sampled query rows per block over each row's candidate
     blocks (module docstring), 0 off the candidates.
 
     ``q`` ``[B, Hq, N, D]``, ``k`` ``[B, Hkv, N, D]`` (``Hq % Hkv == 0``; post-RoPE), fp16/bf16/fp32, any strides with a
     unit last stride; ``candidates`` bool ``[B, Hq, nb, nb]`` (``nb = ceil(N / block_size)``; entries above the
     diagonal ignored), each row's diagonal block among them; ``rows`` 1 .. ``block_size`` (more are clipped to it); a
-    kernel block size (16 .. 128); ``sm_scale`` defaults to ``D ** -0.5``. CUDA tensors, or CPU ones under
-    ``TRITON_INTERPRET=1``. No autograd, no host sync."""
+    kernel block size (16 .. 128); ``sm_scale`` defaults to ``D ** -0.5``; ``heads_per_program`` (a divisor of
+    ``Hq / Hkv``) overrides :func:`program_layout`'s choice (1: the kernel before the heads of a group shared a
+    program). CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``. No autograd, no host sync."""
     check_block_size(block_size)
     b, hq, hkv, n, d = check_qkv(q, k, None)
     nb = triton.cdiv(n, block_size)
@@ -154,19 +198,25 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     check_device(q=q, k=k, candidates=candidates)
     per_block = min(rows, block_size)
     q, k = with_unit_last_stride(q), with_unit_last_stride(k)
-    idx, cnt = build_block_index(candidates)
+    group = hq // hkv
+    p, pp, rp = program_layout(group, per_block, block_size, heads_per_program)
+    chunks = group // p
+    lists = hkv * chunks
+    union = candidates.reshape(b, lists, p, nb, nb).any(2)
+    idx, cnt = build_block_index(union)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
-    rp = max(16, triton.next_power_of_2(per_block))
     offsets = sampled_offsets(block_size, per_block)
-    _sampled_rows_kernel[(nb, b * hq)](
-        q, k, torch.tensor(offsets, dtype=torch.int32, device=q.device), idx, cnt, out,
+    cand = candidates.view(torch.uint8)
+    _sampled_rows_kernel[(nb, b * lists)](
+        q, k, torch.tensor(offsets, dtype=torch.int32, device=q.device), idx, cnt, cand, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, n, softmax_scale(sm_scale, d) * LOG2E.value,
-        D=d, BS=block_size, R=per_block, RP=rp, BLOCK_N=block_size if INTERPRET else min(block_size, 64),
+        cand.stride(0), cand.stride(1), cand.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lists, chunks, n, softmax_scale(sm_scale, d) * LOG2E.value,
+        D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp, GROUP=group,
+        BLOCK_N=block_size if INTERPRET else min(block_size, 64),
         LAST_FALLBACK=min(offsets) >= last,
-        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, num_warps=4,
+        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, num_warps=8 if pp * rp >= 128 else 4,
     )
     return out

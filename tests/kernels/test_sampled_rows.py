@@ -1,7 +1,8 @@
 """The fused rerank step (seer/kernels/sampled_rows.py) and its PyTorch contract (seer.kernels.reference
 .sampled_rows_mass) against float64 loops written from the definition, on fresh random inputs: N off the block grid (a
-short last block with and without sampled rows), grouped-query heads, every row and every block (the block mass of
-the true attention), one row, more rows than a block, fp16/fp32 inputs; the selectors' dispatch; argument checks.
+short last block with and without sampled rows), grouped-query heads (several in one program, with
+a padding head, and a group split over two programs), every row and every block (the block mass of the true
+attention), one row, more rows than a block, fp16/fp32 inputs; the selectors' dispatch; argument checks.
 Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ CASES = [  # b, hq, hkv, n, d, block, rows
     (1, 1, 1, 64, 64, 16, 16),  # every row of every block
     (1, 2, 1, 40, 16, 16, 1),  # one row per block
     (1, 2, 1, 50, 16, 16, 40),  # more rows than a block: clipped to it
+    (1, 7, 1, 80, 16, 16, 16),  # Qwen2.5's group of 7 heads x 16 rows in one 128-row tile (a padding head)
+    (1, 12, 2, 70, 16, 32, 32),  # G = 6 at 32 rows: two programs of 3 heads per key head
 ]
 
 
@@ -101,6 +104,32 @@ def test_the_selectors_take_the_reference_off_cuda():
     torch.testing.assert_close(select(x, cand, 4), reference.sampled_rows_mass(q, k, cand, 4, 16, 0.25))
 
 
+def test_one_head_per_program_gives_the_same_masses():
+    """``heads_per_program=1`` (a program per query head) and the default (7 heads in one program) agree."""
+    q, k, cand, _, _ = _case(1, 7, 1, 90, 16, 16, seed=5)
+    dev = _device()
+    one = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 16, 16, heads_per_program=1)
+    packed = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 16, 16)
+    torch.testing.assert_close(one, packed, atol=1e-6, rtol=1e-5)
+    assert (one > 0).sum() > 0
+
+
+def test_program_layout_fills_at_most_128_rows():
+    from seer.kernels.sampled_rows import program_layout
+    assert program_layout(7, 16, 64) == (7, 8, 16)  # 8 x 16 rows with a padding head
+    assert program_layout(7, 8, 64) == (7, 8, 8)
+    assert program_layout(7, 32, 64) == (1, 1, 32)  # 7 heads do not fit; 7 is prime
+    assert program_layout(6, 32, 64) == (3, 4, 32)
+    assert program_layout(4, 64, 64) == (2, 2, 64)
+    assert program_layout(8, 200, 128) == (1, 1, 128)  # rows clipped to the block
+    assert program_layout(1, 3, 16) == (1, 1, 16)  # padded to the 16 rows of a dot
+    assert program_layout(3, 3, 16) == (3, 4, 4)
+    assert program_layout(7, 16, 64, heads=1) == (1, 1, 16)  # one head per program
+    with pytest.raises(ValueError, match="heads_per_program must divide the group of 7 query heads per key head, "
+                                         "got 2"):
+        program_layout(7, 16, 64, heads=2)
+
+
 def test_sampled_offsets_spread_from_the_first_row_to_the_last():
     from seer.kernels.sampled_rows import sampled_offsets
 
@@ -115,6 +144,8 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand[:, :, :3], 4, 16)
     with pytest.raises(ValueError, match="candidates must be bool"):
         sampled_rows_mass(q, k, cand.int(), 4, 16)
+    with pytest.raises(ValueError, match="heads_per_program must divide the group of 2 query heads per key head, got 3"):
+        sampled_rows_mass(q, k, cand, 4, 16, heads_per_program=3)
     with pytest.raises(ValueError, match="rows must be an integer >= 1, got 0"):
         sampled_rows_mass(q, k, cand, 0, 16)
     with pytest.raises(ValueError, match="block_size"):
@@ -122,15 +153,17 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_matches_the_reference_at_4k():
-    """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%."""
+@pytest.mark.parametrize("rows", [8, 16])
+def test_gpu_bf16_matches_the_reference_at_4k(rows):
+    """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
+    programs) and 16 (128 rows)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     nb = math.ceil(q.shape[2] / 64)
     cand = ((torch.rand(1, 14, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)) \
         & torch.ones(nb, nb, dtype=torch.bool).tril()
-    want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), 8, 64)
-    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), 8, 64)
+    want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), rows, 64)
+    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), rows, 64)
     assert (got - want).abs().max().item() < 1e-2
     assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -1,0 +1,117 @@
+"""Cost of the rerank step (:func:`seer.kernels.sampled_rows.sampled_rows_mass`) on one attention layer, beside what
+it selects for: dense causal attention (SDPA) and block-sparse attention at density 0.1 on the same shape.
+
+    python -m experiments.bench_rerank [--n 32768 --hq 14 --hkv 2 --d 64] [--rows 8 16] [--share 0.1 0.3]
+                                        [--heads-per-program 1 0] [--out docs/bench_rerank.md]
+
+Defaults: one layer of Qwen2.5-Coder-0.5B at 32k (B 1, Hq 14, Hkv 2, D 64, 64-token blocks, bf16, random Q/K).
+Candidates are random: each row of each query block keeps each causal key block with probability ``--share`` (and
+its diagonal), either the same set for the query heads of a key head (``shared``: the union a program walks is one
+head's set, the best case) or drawn per head (``independent``: the union is largest, the worst case); real heads lie
+between. ``--heads-per-program``: 1 runs one query head per program (the kernel before the query heads of a
+group shared programs), 0 the kernel's choice (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16
+rows in one 128-row program). Before timing, each
+configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`) at
+``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
+``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the
+interpreter does not compute bf16 dots exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from experiments.bench_selectors import env_line, time_ms
+from seer.kernels import block_sparse_attn, reference
+from seer.kernels.sampled_rows import program_layout, sampled_rows_mass
+
+
+def candidates(b: int, hq: int, hkv: int, nb: int, share: float, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """Random candidate blocks ``[B, Hq, nb, nb]`` (bool, block-causal, the diagonal always in)."""
+    heads = hkv if layout == "shared" else hq
+    cand = torch.rand(b, heads, nb, nb, generator=gen) < share
+    if layout == "shared":
+        cand = cand.repeat_interleave(hq // hkv, dim=1)
+    cand |= torch.eye(nb, dtype=torch.bool)
+    return cand & torch.ones(nb, nb, dtype=torch.bool).tril()
+
+
+def check(args, dev: torch.device, dt: torch.dtype, rows: int, share: float, layout: str,
+          heads: int | None) -> float:
+    """Largest |difference| of the kernel's masses from the float32 contract at ``--check-n`` tokens."""
+    gen = torch.Generator().manual_seed(1)
+    n = args.check_n
+    q = torch.randn(1, args.hq, n, args.d, generator=gen).to(dev, dt)
+    k = torch.randn(1, args.hkv, n, args.d, generator=gen).to(dev, dt)
+    cand = candidates(1, args.hq, args.hkv, math.ceil(n / args.block), share, layout, gen).to(dev)
+    want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, args.block)
+    got = sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads)
+    return (got - want).abs().max().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--hq", type=int, default=14)
+    ap.add_argument("--hkv", type=int, default=2)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--share", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--layouts", nargs="+", choices=["shared", "independent"], default=["shared", "independent"])
+    ap.add_argument("--heads-per-program", type=int, nargs="+", default=[1, 0], help="0: the kernel's choice")
+    ap.add_argument("--check-n", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    args = ap.parse_args()
+    if args.hq % args.hkv:
+        ap.error(f"--hq {args.hq} is not a multiple of --hkv {args.hkv}")
+    for s in args.share:
+        if not 0 < s <= 1:
+            ap.error(f"--share {s} must be in (0, 1]")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    b, nb = 1, math.ceil(args.n / args.block)
+    q = torch.randn(b, args.hq, args.n, args.d, generator=gen).to(dev, dt)
+    k = torch.randn(b, args.hkv, args.n, args.d, generator=gen).to(dev, dt)
+    v = torch.randn(b, args.hkv, args.n, args.d, generator=gen).to(dev, dt)
+
+    dense = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                    args.reps, args.warmup, cuda)[0]
+    sparse_mask = candidates(b, args.hq, args.hkv, nb, 0.1, "independent", gen).to(dev)
+    sparse = time_ms(lambda: block_sparse_attn(q, k, v, sparse_mask, args.block), args.reps, args.warmup, cuda)[0]
+    lines = [
+        f"Device: {env_line(dev)}.", "",
+        f"Shape: B {b}, Hq {args.hq}, Hkv {args.hkv}, N {args.n}, D {args.d}, {args.block}-token blocks, {args.dtype}. "
+        f"Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density 0.1: {sparse:.3f} ms.",
+        "", "| rows | candidate share | layout | heads per program | rows per program | ms | vs sparse attention 0.1 | "
+        "vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|"]
+    for rows in args.rows:
+        for share in args.share:
+            for layout in args.layouts:
+                cand = candidates(b, args.hq, args.hkv, nb, share, layout, gen).to(dev)
+                for heads in [h or None for h in args.heads_per_program]:
+                    err = check(args, dev, dt, rows, share, layout, heads)
+                    ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads),
+                                 args.reps, args.warmup, cuda)[0]
+                    p, pp, rp = program_layout(args.hq // args.hkv, rows, args.block, heads)
+                    lines.append(f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {ms:.3f} | "
+                                 f"{ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} |")
+                    print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
