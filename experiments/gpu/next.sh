@@ -77,7 +77,7 @@ job r005 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base=
   --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/r005"
 
 # issue 17, when no time is left to train gates: the training-free rerank alone on Qwen at 32k (vertical-slash
-# reranked by 8 rows, beside the oracle and vertical-slash), through seer.eval, with quality_qwen's evaluation settings
+# reranked by 16 rows over top-p 0.99, the defaults, beside the oracle and vertical-slash), through seer.eval, with quality_qwen's evaluation settings
 job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null model.name_or_path=/root/models/qwen05 \
   model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" 'eval.seq_lens=[32768]' eval.windows=3 \
   eval.calibration_windows=2 eval.passkey=10 eval.copy=5 eval.batch_size=4 eval.ruler=all eval.ruler_samples=4 \

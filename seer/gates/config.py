@@ -41,7 +41,9 @@ class GateConfig:
     ``rerank_rows``: 0 (off) or the query rows per block that rank the (blended) gate's candidates again by their
     exact attention: the top-``rerank_top_p`` blocks of each row and the diagonal
     (:func:`seer.sparsity.selectors.top_p_candidates`, :func:`~seer.sparsity.selectors.sampled_rows_mass`; the
-    ``reranked`` selector does the same to a training-free estimate).
+    ``reranked`` selector does the same to a training-free estimate). Measured so far (docs/results/qwen/rerank.md,
+    docs/results/smollm2_rerank_cpu.md), 16 rows over top-p 0.99 candidates rank best; the rerank stays off by default
+    until its cost is measured with the kernel's query heads sharing programs.
     The defaults are the lightest gate (``conf/gate/avgmax.yaml``).
     """
 
@@ -55,7 +57,7 @@ class GateConfig:
     blend: Optional[str] = None
     blend_weight: Any = 0.5  # a float or a list of floats (Any: OmegaConf has no union of a float and a list)
     rerank_rows: int = 0
-    rerank_top_p: float = 0.95
+    rerank_top_p: float = 0.99
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES or not is_int(self.block_size):

@@ -616,8 +616,8 @@ class Reranked(Selector):
 
     name: ClassVar[str] = "reranked"
     base: str = "vertical_slash"
-    rows: int = 8
-    top_p: float = 0.95
+    rows: int = 16
+    top_p: float = 0.99
 
     def __post_init__(self):
         if self.base not in SELECTORS or self.base in ("oracle", "random", "reranked"):

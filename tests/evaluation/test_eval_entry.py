@@ -96,7 +96,7 @@ def test_selector_gate_blend_is_calibrated_under_its_own_scorer_name(tmp_path, m
         run_eval(compose(over + ["+selector.temperature=2", f"paths.output_dir={tmp_path}/r4"], "eval"))
     reranked = run_eval(compose(over + ["selector.blend=vertical_slash", "selector.blend_weight=0.3",
                                         "selector.rerank_rows=4", f"paths.output_dir={tmp_path}/r5"], "eval"))[0]
-    assert reranked["selector"] == "gate+vertical_slash@0.3+rerank4@0.95" and reranked["ppl"] != blended["ppl"]
+    assert reranked["selector"] == "gate+vertical_slash@0.3+rerank4@0.99" and reranked["ppl"] != blended["ppl"]
     with pytest.raises(ConfigError, match="gate.rerank_top_p=0"):
         run_eval(compose(over + ["selector.rerank_top_p=0", f"paths.output_dir={tmp_path}/r6"], "eval"))
 
