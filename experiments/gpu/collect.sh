@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: packs the agenda's tables, rows and logs (not gates or models) into $OUT/r.tgz and prints the
+# On the GPU machine: packs the agenda's tables, rows and logs (not models) into $OUT/r.tgz and prints the
 # tail of each log, so a call can bring back what has finished so far while the rest runs on.
 set -u
 w=${SEER_WORK:-/root/w}
@@ -10,6 +10,12 @@ for log in "$w"/logs/*.log; do
   echo "== $(basename "$log")"; tail -n 4 "$log" | cut -c1-300
 done
 ls -la "$OUT"/r.tgz 2>/dev/null
-# the trained gates, so that a later session can evaluate them without training again (a file over 16 MiB does
-# not come back: then only the log says they were trained)
-[ -d "$w/work/train_base/gates" ] && tar czf "$OUT/gates.tgz" -C "$w/work/train_base" gates && ls -la "$OUT/gates.tgz"
+# with GATES=1, the trained gates too, so that a later session can evaluate them without training again: split into
+# parts of 15 MiB (a file over 16 MiB does not come back) beside their sha256; here, experiments/gpu/stage_gates.sh
+# turns them into carried parts (README.md)
+if [ -n "${GATES:-}" ] && [ -d "$w/work/train_base/gates" ]; then
+  tar czf "$w/gates.tgz" -C "$w/work/train_base" gates
+  (cd "$w" && sha256sum gates.tgz) > "$OUT/gates.sha256"
+  split -b 15m -d -a 1 "$w/gates.tgz" "$OUT/gates.tgz."
+  ls -la "$OUT"/gates.*
+fi
