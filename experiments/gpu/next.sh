@@ -85,8 +85,9 @@ job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null 
   "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=reranked,oracle,vertical_slash \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/tfq/sweep"
 
-# issue 18: RULER answered through Quest at 2k tokens, with 0 or 4 of its 32 blocks pinned to the prompt's focus
-for pins in 0 4; do
+# issue 18: RULER answered through Quest at 2k tokens, with 0, 4 or 8 of its 32 blocks pinned to the prompt's focus
+# (4 pins: 47.7 against 50.7 with dense decode of the same prefill, 2026-12-05; docs/results/qwen/quest_decode_ruler.md)
+for pins in 0 4 8; do
   job "pins$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
     --densities 0.1 --decode-budget 2048 --decode-prompt-blocks "$pins" --work "$w/work/q" \
     --out "$w/out/pins$pins"
