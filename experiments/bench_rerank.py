@@ -90,8 +90,9 @@ def main() -> None:
     sparse = time_ms(lambda: block_sparse_attn(q, k, v, sparse_mask, args.block), args.reps, args.warmup, cuda)[0]
     lines = [
         f"Device: {env_line(dev)}.", "",
-        f"Shape: B {b}, Hq {args.hq}, Hkv {args.hkv}, N {args.n}, D {args.d}, {args.block}-token blocks, {args.dtype}. "
-        f"Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density 0.1: {sparse:.3f} ms.",
+        f"Shape: B {b}, Hq {args.hq}, Hkv {args.hkv}, N {args.n}, D {args.d}, {args.block}-token blocks, "
+        f"{args.dtype}. Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density "
+        f"0.1: {sparse:.3f} ms.",
         "", "| rows | candidate share | layout | heads per program | rows per program | ms | vs sparse attention 0.1 | "
         "vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|"]
     for rows in args.rows:

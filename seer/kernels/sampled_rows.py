@@ -15,15 +15,15 @@ list, the diagonal ``i`` among them):
 One program per query block ``i`` and set of ``P`` query heads sharing a key head (grid ``nb x B*Hkv*G/P``): their
 sampled rows are stacked into one tile of ``P' x RP`` rows (``RP = max(2, next_pow2(R))``, ``P' = next_pow2(P)``, at
 least 16 rows in all; padding rows have weight 0), ``P`` the largest divisor of ``G = Hq / Hkv`` for which
-``P' x RP <= 128`` (:func:`program_layout`), so that each key tile is read once for the ``P`` heads (Qwen2.5's 7 heads at
-16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its heads' candidate
+``P' x RP <= 128`` (:func:`program_layout`), so that each key tile is read once for the ``P`` heads (Qwen2.5's 7
+heads at 16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its heads' candidate
 lists; a row attends to a listed block only when it is one of its own head's candidates (a one-byte read per row and
 entry), so each head's softmax is over its own candidates as above. Two passes over the listed key tiles, in base 2
 (``x2 = x * log2(e)``): the first keeps each row's online max ``m_t`` and ``z_t = sum_c exp2(x2 - m_t)``; the second
 recomputes ``x2`` and writes, for each listed ``j`` and each head of the group, ``mass[i, j] = sum_t w_t sum_{c in J}
-exp2(x2[t, c] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where its candidates lack ``j``). Cost: twice ``P' RP x D
-x |U(i)| B`` multiply-adds per program (``U(i)`` the union), against ``B x D x (i + 1) B`` per head for the block's
-dense logits, and one read of the union's key tiles per pass.
+exp2(x2[t, c] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where its candidates lack ``j``). Cost: twice
+``P' RP x D x |U(i)| B`` multiply-adds per program (``U(i)`` the union), against ``B x D x (i + 1) B`` per head
+for the block's dense logits, and one read of the union's key tiles per pass.
 :func:`seer.kernels.reference.sampled_rows_mass` is the same contract in PyTorch.
 """
 
@@ -101,10 +101,9 @@ def _sampled_rows_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
-    LISTS, CHUNKS, N, qk_scale,
+    LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
 ):
     i = tl.program_id(0)
     bl = tl.program_id(1)  # batch x list: LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
@@ -213,8 +212,8 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         cand.stride(0), cand.stride(1), cand.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lists, chunks, n, softmax_scale(sm_scale, d) * LOG2E.value,
-        D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp, GROUP=group,
+        lists, chunks, group, n, softmax_scale(sm_scale, d) * LOG2E.value,
+        D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
         BLOCK_N=block_size if INTERPRET else min(block_size, 64),
         LAST_FALLBACK=min(offsets) >= last,
         DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, num_warps=8 if pp * rp >= 128 else 4,

@@ -144,7 +144,8 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand[:, :, :3], 4, 16)
     with pytest.raises(ValueError, match="candidates must be bool"):
         sampled_rows_mass(q, k, cand.int(), 4, 16)
-    with pytest.raises(ValueError, match="heads_per_program must divide the group of 2 query heads per key head, got 3"):
+    with pytest.raises(ValueError, match="heads_per_program must divide the group of 2 query heads per key head, "
+                                         "got 3"):
         sampled_rows_mass(q, k, cand, 4, 16, heads_per_program=3)
     with pytest.raises(ValueError, match="rows must be an integer >= 1, got 0"):
         sampled_rows_mass(q, k, cand, 0, 16)
