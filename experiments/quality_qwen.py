@@ -148,7 +148,7 @@ class Job(NamedTuple):
     group_layers: tuple[int, ...] = ()
     group_scorer: str = "oracle"
     candidates: tuple[tuple[tuple[int, ...], str], ...] = ()
-    rerank: tuple[int, float] | None = None  # the gates' rerank (rows, top_p): gate.rerank_rows / rerank_top_p
+    rerank: tuple[int, float, float] | None = None  # the gates' rerank: gate.rerank_rows / _top_p / _max_share
 
 
 MODELS = {  # --model: (model config, gate recipe, title)
@@ -360,11 +360,12 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
 
 def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]],
                baselines: tuple[str, ...] = (), allocations: tuple[str, ...] = ("global",),
-               reranks: tuple[tuple[int, float], ...] = ()) -> list[Job]:
+               reranks: tuple[tuple[int, float, float], ...] = ()) -> list[Job]:
     """New gate recipes (or blends) against the table: at each density every gate set with each blend in the order
     given (the first is the default), under each of ``allocations`` (how the calibrated threshold shares the
     density among layers and heads; a row's label names any but ``global``), then every gate set with the first
-    blend and each of ``reranks`` (rows, top_p), then every gate set alone, then the training-free ``baselines``."""
+    blend and each of ``reranks`` (rows, top_p, max_share), then every gate set alone, then the training-free
+    ``baselines``."""
     jobs = []
     for d in densities:
         plain = SparsityConfig(method="threshold", target_density=d)
@@ -372,26 +373,40 @@ def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
                      dataclasses.replace(plain, allocation=alloc))
                  for alloc in allocations for name, w in blends for gate in gates]
         first = [(f"{gate}+{blends[0][0]}@{blends[0][1]}", blends[0]) if blends else (gate, None) for gate in gates]
-        jobs += [Job(f"{label}+rerank{rows}@{p:g}", gate, blend, plain, rerank=(rows, p))
-                 for rows, p in reranks for gate, (label, blend) in zip(gates, first)]
+        jobs += [Job(f"{label}+rerank{rows}@{p:g}" + (f"cap{cap:g}" if cap < 1 else ""), gate, blend, plain,
+                     rerank=(rows, p, cap))
+                 for rows, p, cap in reranks for gate, (label, blend) in zip(gates, first)]
         jobs += [Job(gate, gate, None, plain) for gate in gates]
         jobs += [Job(name, name, None, plain) for name in baselines]
     return jobs
 
 
-def parse_reranks(specs: list[str]) -> tuple[tuple[int, float], ...]:
-    """``--reranks`` as ``(rows, top_p)`` pairs: ``ROWS:TOP_P``, checked as gate fields."""
+def rerank_fields(rerank: tuple[int, float, float] | None) -> dict:
+    """A job's rerank as gate fields (off: 0 rows, the other fields at their defaults)."""
+    rows, top_p, cap = rerank or (0, GateConfig.rerank_top_p, GateConfig.rerank_max_share)
+    return {"rerank_rows": rows, "rerank_top_p": top_p, "rerank_max_share": cap}
+
+
+def parse_reranks(specs: list[str]) -> tuple[tuple[int, float, float], ...]:
+    """``--reranks`` as ``(rows, top_p, max_share)``: ``ROWS[:TOP_P[:MAX_SHARE]]`` (the gate fields' defaults for
+    what is left out), checked as gate fields."""
+    default = GateConfig()
     out = []
     for spec in specs:
-        rows, _, top_p = spec.partition(":")
+        parts = spec.split(":")
         try:
-            pair = (int(rows), float(top_p or 0.95))
-            GateConfig(rerank_rows=pair[0], rerank_top_p=pair[1])
-            if pair[0] < 1:
+            if len(parts) > 3:
+                raise ValueError("too many fields")
+            rows = int(parts[0])
+            top_p = float(parts[1]) if len(parts) > 1 and parts[1] else default.rerank_top_p
+            cap = float(parts[2]) if len(parts) > 2 and parts[2] else default.rerank_max_share
+            GateConfig(rerank_rows=rows, rerank_top_p=top_p, rerank_max_share=cap)
+            if rows < 1:
                 raise ValueError("rows must be >= 1")
         except ValueError as exc:  # ConfigError included
-            raise SystemExit(f"--reranks {spec!r}: give ROWS:TOP_P, rows >= 1 and top_p in (0, 1] ({exc})") from None
-        out.append(pair)
+            raise SystemExit(f"--reranks {spec!r}: give ROWS[:TOP_P[:MAX_SHARE]], rows >= 1, top_p and max_share in "
+                             f"(0, 1] ({exc})") from None
+        out.append((rows, top_p, cap))
     return tuple(out)
 
 
@@ -518,7 +533,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip", type=int, default=0, help="skip the plan's first jobs (measured by an earlier run)")
     ap.add_argument("--only", nargs="+", help="run only the plan's jobs of these labels (as the rows name them, "
                     "e.g. gate:base+vertical_slash@0.5 antidiagonal)")
-    ap.add_argument("--reranks", nargs="+", default=[], metavar="ROWS:TOP_P",
+    ap.add_argument("--reranks", nargs="+", default=[], metavar="ROWS[:TOP_P[:MAX_SHARE]]",
                     help="--plan lever: the gates with the first blend, their candidates (each row's top-p blocks) "
                          "ranked again by ROWS exact query rows per block (gate.rerank_rows / rerank_top_p)")
     ap.add_argument("--baselines", nargs="+", default=[], choices=sorted(SELECTORS),
@@ -684,8 +699,7 @@ def main() -> None:
             ctx = models[key].seer_context
             ctx.update(gate_config=dataclasses.replace(ctx.gate_config, blend=blend[0] if blend else None,
                                                        blend_weight=weights or (blend[1] if blend else 0.5),
-                                                       rerank_rows=rerank[0] if rerank else 0,
-                                                       rerank_top_p=rerank[1] if rerank else 0.95))
+                                                       **rerank_fields(rerank)))
         if group_scorer == FITTED:  # the groups' scorers, picked on the first text's calibration windows
             def report(what: str, ppl: float | None, change: float | str) -> None:
                 got = f"ppl {ppl:.4f} ({change:+.2%})" if ppl is not None else change

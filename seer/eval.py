@@ -58,10 +58,10 @@ def _checked(cfg: DictConfig):
     params = dict(plain["selector"])
     name = params.pop("name")
     if name == "gate":
-        unknown = sorted(set(params) - {"blend", "blend_weight", "rerank_rows", "rerank_top_p"})
+        unknown = sorted(set(params) - {"blend", "blend_weight", "rerank_rows", "rerank_top_p", "rerank_max_share"})
         if unknown:
-            raise ConfigError(f"selector=gate takes only blend, blend_weight, rerank_rows and rerank_top_p (how the "
-                              f"gates' scores are used at inference); got {unknown}")
+            raise ConfigError(f"selector=gate takes only blend, blend_weight, rerank_rows, rerank_top_p and "
+                              f"rerank_max_share (how the gates' scores are used at inference); got {unknown}")
         if cfg.shared_gate and (cfg.gates or not cfg.decode_gates):
             raise ConfigError(f"shared_gate=true: the decode gates score the prefill too; give decode_gates=PATH and "
                               f"gates=null (gates={cfg.gates!r}, decode_gates={cfg.decode_gates!r})")
@@ -152,7 +152,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         own = {"block_size": decode_block_size(decode_gates)} if shared else read_gate_meta(cfg.gates)["gate"]
         gate_config = build(GateConfig, "gate", own).with_blend(cfg.selector.get("blend", "own"),
                                                                 cfg.selector.get("blend_weight"))
-        rerank = {k: cfg.selector.get(k) for k in ("rerank_rows", "rerank_top_p") if cfg.selector.get(k) is not None}
+        rerank = {k: cfg.selector.get(k) for k in ("rerank_rows", "rerank_top_p", "rerank_max_share")
+                  if cfg.selector.get(k) is not None}
         if rerank:
             gate_config = build(GateConfig, "gate", {**dataclasses.asdict(gate_config), **rerank})
     identity = tracking.run_identity(f"{cfg.task_name}-{'shared_' if shared else ''}"

@@ -547,14 +547,16 @@ def test_a_decode_budget_is_at_least_a_block_and_not_beside_shared_gates(study):
 def test_the_lever_plan_reranks_the_default_and_the_bad_specs_stop_it(study):
     base = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=", "--blends",
             "vertical_slash:0.5", "--densities", "0.1"]
-    jobs = study.planned_jobs(study.parse_args([*base, "--plan", "lever", "--reranks", "8:0.9", "16",
+    jobs = study.planned_jobs(study.parse_args([*base, "--plan", "lever", "--reranks", "8:0.9", "16", "16::0.3",
                                                 "--baselines", "reranked"]))
     assert [(job.label, job.blend, job.rerank) for job in jobs] == [
         ("gate:base+vertical_slash@0.5", ("vertical_slash", 0.5), None),
-        ("gate:base+vertical_slash@0.5+rerank8@0.9", ("vertical_slash", 0.5), (8, 0.9)),
-        ("gate:base+vertical_slash@0.5+rerank16@0.95", ("vertical_slash", 0.5), (16, 0.95)),
+        ("gate:base+vertical_slash@0.5+rerank8@0.9", ("vertical_slash", 0.5), (8, 0.9, 1.0)),
+        ("gate:base+vertical_slash@0.5+rerank16@0.99", ("vertical_slash", 0.5), (16, 0.99, 1.0)),
+        ("gate:base+vertical_slash@0.5+rerank16@0.99cap0.3", ("vertical_slash", 0.5), (16, 0.99, 0.3)),
         ("gate:base", None, None), ("reranked", None, None)]
-    for bad in ("0:0.9", "8:1.5", "x", "8:0"):
+    assert study.rerank_fields(None) == {"rerank_rows": 0, "rerank_top_p": 0.99, "rerank_max_share": 1.0}
+    for bad in ("0:0.9", "8:1.5", "x", "8:0", "8:0.9:0", "8:0.9:0.5:1"):
         with pytest.raises(SystemExit, match=f"--reranks '{bad}'"):
             study.planned_jobs(study.parse_args([*base, "--plan", "lever", "--reranks", bad]))
     with pytest.raises(SystemExit, match="--reranks: only for --plan lever"):

@@ -16,7 +16,7 @@ BLEND_SELECTORS = ("vertical_slash", "flexprefill", "block_mean", "antidiagonal"
 
 
 # fields that choose how the scores are used at inference, not what the weights are: gate files may differ in them
-INFERENCE_FIELDS = ("blend", "blend_weight", "rerank_rows", "rerank_top_p")
+INFERENCE_FIELDS = ("blend", "blend_weight", "rerank_rows", "rerank_top_p", "rerank_max_share")
 
 
 @dataclass
@@ -39,7 +39,8 @@ class GateConfig:
     of one float per decoder layer (e.g. fitted per layer by :func:`seer.sparsity.blend_fit.fit_blend_weights`;
     its length is checked against the model's layers where gates are attached or the config is changed).
     ``rerank_rows``: 0 (off) or the query rows per block that rank the (blended) gate's candidates again by their
-    exact attention: the top-``rerank_top_p`` blocks of each row and the diagonal
+    exact attention: the top-``rerank_top_p`` blocks of each row (at most ``rerank_max_share`` of its causal blocks)
+    and the diagonal
     (:func:`seer.sparsity.selectors.top_p_candidates`, :func:`~seer.sparsity.selectors.sampled_rows_mass`; the
     ``reranked`` selector does the same to a training-free estimate). Measured so far (docs/results/qwen/rerank.md,
     docs/results/smollm2_rerank_cpu.md), 16 rows over top-p 0.99 candidates rank best; the rerank stays off by default
@@ -58,6 +59,7 @@ class GateConfig:
     blend_weight: Any = 0.5  # a float or a list of floats (Any: OmegaConf has no union of a float and a list)
     rerank_rows: int = 0
     rerank_top_p: float = 0.99
+    rerank_max_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES or not is_int(self.block_size):
@@ -101,6 +103,9 @@ class GateConfig:
         if not is_number(self.rerank_top_p) or not 0 < self.rerank_top_p <= 1:
             fail("gate", "rerank_top_p", self.rerank_top_p, "is the candidates' share of the row's mass; must be in "
                  "(0, 1]")
+        if not is_number(self.rerank_max_share) or not 0 < self.rerank_max_share <= 1:
+            fail("gate", "rerank_max_share", self.rerank_max_share, "is the most candidates as a share of the row's "
+                 "causal blocks; must be in (0, 1]")
 
     def layer_weight(self, layer_idx: int) -> float:
         """The blend weight of layer ``layer_idx``: the float, or the list's entry."""
@@ -120,9 +125,10 @@ class GateConfig:
     def scorer_name(self) -> str:
         """The scorer's name in calibrations and results: ``gate``, or when blended ``gate+<blend>@<weight>`` (one
         weight, ``%g``) or ``gate+<blend>@layers-<hash>`` (a weight per layer: the first 8 hex digits of the sha256
-        of the weights written ``%g`` and joined by commas), then ``+rerank<rows>@<top_p>`` when reranked, so a
-        calibration of one does not fit another."""
-        rerank = f"+rerank{self.rerank_rows}@{self.rerank_top_p:g}" if self.rerank_rows else ""
+        of the weights written ``%g`` and joined by commas), then ``+rerank<rows>@<top_p>`` when reranked (and
+        ``cap<max_share>`` when capped), so a calibration of one does not fit another."""
+        cap = f"cap{self.rerank_max_share:g}" if self.rerank_max_share < 1 else ""
+        rerank = f"+rerank{self.rerank_rows}@{self.rerank_top_p:g}{cap}" if self.rerank_rows else ""
         if self.blend is None:
             return "gate" + rerank
         if isinstance(self.blend_weight, list):

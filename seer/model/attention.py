@@ -419,8 +419,8 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     The estimate's share is the layer's (:meth:`GateConfig.layer_weight`).
 
     With ``gate_config.rerank_rows``, the (blended) scores only propose candidates, their top-``rerank_top_p`` blocks
-    of each row, and a few query rows of each block rank those by exact attention (no gradient;
-    :func:`seer.sparsity.selectors.sampled_rows_mass`)."""
+    of each row (at most ``rerank_max_share`` of its causal blocks), and a few query rows of each block rank those by
+    exact attention (no gradient; :func:`seer.sparsity.selectors.sampled_rows_mass`)."""
     if gate_config.blend is None and not gate_config.rerank_rows:
         return scores
     from seer.sparsity import selectors
@@ -442,7 +442,7 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     with torch.no_grad():
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         proposal = torch.log_softmax(scores.float().masked_fill(~causal, float("-inf")), dim=-1)
-        candidates = selectors.top_p_candidates(proposal, gate_config.rerank_top_p)
+        candidates = selectors.top_p_candidates(proposal, gate_config.rerank_top_p, gate_config.rerank_max_share)
         return selectors.log_mass(selectors.sampled_rows_mass(x, candidates, gate_config.rerank_rows))
 
 

@@ -600,7 +600,8 @@ class Reranked(Selector):
     """A training-free scorer's candidates, ranked again by exact attention of a few query rows per block.
 
     1. **Candidates**: per row of block scores, the smallest set of ``base``'s most likely blocks whose estimated mass
-       reaches ``top_p`` (top-p of ``exp(base scores)``), plus the diagonal block.
+       reaches ``top_p`` (top-p of ``exp(base scores)``), at most ``max_share`` of the row's causal blocks, plus the
+       diagonal block.
     2. **Rerank**: in each query block ``I``, ``R = min(rows, B)`` sampled rows, spread evenly from the block's first
        row to its last (:func:`seer.kernels.sampled_rows.sampled_offsets`; in a short last block those before its
        end, or its last token alone when none is), attend exactly to the keys of their candidate blocks (causal):
@@ -618,6 +619,7 @@ class Reranked(Selector):
     base: str = "vertical_slash"
     rows: int = 16
     top_p: float = 0.99
+    max_share: float = 1.0
 
     def __post_init__(self):
         if self.base not in SELECTORS or self.base in ("oracle", "random", "reranked"):
@@ -625,12 +627,13 @@ class Reranked(Selector):
                              f"{sorted(set(SELECTORS) - {'oracle', 'random', 'reranked'})}, got {self.base!r}")
         _check_int("reranked", "rows", self.rows, 1)
         _check_float("reranked", "top_p", self.top_p, 1e-6, 1.0)
+        _check_float("reranked", "max_share", self.max_share, 1e-6, 1.0)
 
     @torch.no_grad()
     def candidates(self, x: LayerInputs) -> torch.Tensor:
         """The candidate blocks ``[B, Hq, nb, nb]`` (bool, block-causal): ``base``'s top-p set of each row and the
         diagonal."""
-        return top_p_candidates(build_selector(self.base).scores(x), self.top_p)
+        return top_p_candidates(build_selector(self.base).scores(x), self.top_p, self.max_share)
 
     @torch.no_grad()
     def scores(self, x: LayerInputs) -> torch.Tensor:
@@ -641,15 +644,21 @@ class Reranked(Selector):
         return sampled_rows_mass(x, self.candidates(x), self.rows)
 
 
-def top_p_candidates(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_candidates(scores: torch.Tensor, top_p: float, max_share: float = 1.0) -> torch.Tensor:
     """Per row of block log-scores ``scores [B, H, nb, nb]`` (normalised over the causal blocks, ``-inf`` above the
     diagonal), the fewest most likely blocks whose mass ``exp(scores)`` reaches ``top_p`` (every causal block at 1),
-    and the diagonal block: bool ``[B, H, nb, nb]``, block-causal."""
+    at most ``ceil(max_share * (i + 1))`` of them in row ``i`` (its causal blocks), and the diagonal block: bool
+    ``[B, H, nb, nb]``, block-causal. The cap bounds the rerank's cost where the scores are flat (a top-p set of a
+    flat row is most of it)."""
     probs = scores.float().exp()
     ranked, order = probs.sort(-1, descending=True)
     before = ranked.cumsum(-1) - ranked  # the mass of the blocks ranked above each
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (before < top_p) | (top_p >= 1))
     nb = scores.shape[-1]
+    wanted = (before < top_p) | (top_p >= 1)
+    if max_share < 1:
+        cap = torch.ceil(max_share * torch.arange(1, nb + 1, device=scores.device, dtype=torch.float32))
+        wanted &= torch.arange(nb, device=scores.device) < cap[:, None]  # rank < the row's cap
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, wanted)
     keep &= _causal(nb, scores.device)
     return keep | torch.eye(nb, dtype=torch.bool, device=scores.device)
 

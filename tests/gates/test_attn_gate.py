@@ -131,7 +131,9 @@ def test_gate_blend_config_checked_named_and_not_architecture():
     reranked = GateConfig(rerank_rows=8, rerank_top_p=0.9)
     assert reranked.scorer_name == "gate+rerank8@0.9" and plain.architecture_differences(reranked) == []
     assert dataclasses.replace(blended, rerank_rows=4).scorer_name == "gate+vertical_slash@0.25+rerank4@0.99"
-    for field, bad in (("rerank_rows", -1), ("rerank_rows", 1.5), ("rerank_top_p", 0), ("rerank_top_p", 1.2)):
+    assert GateConfig(rerank_rows=8, rerank_top_p=0.9, rerank_max_share=0.3).scorer_name == "gate+rerank8@0.9cap0.3"
+    for field, bad in (("rerank_rows", -1), ("rerank_rows", 1.5), ("rerank_top_p", 0), ("rerank_top_p", 1.2),
+                       ("rerank_max_share", 0), ("rerank_max_share", 1.2)):
         with pytest.raises(ConfigError, match=f"gate.{field}={bad}"):
             GateConfig(**{field: bad})
 

@@ -337,12 +337,15 @@ def test_reranked_every_row_every_block_is_the_oracle(n):
     assert_scores_close(Reranked(rows=16, top_p=1.0).scores(x), Oracle().scores(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("n,rows,top_p,base", [(75, 4, 0.8, "block_mean"), (93, 3, 0.6, "vertical_slash"),
-                                               (40, 1, 0.5, "streaming")])
-def test_reranked_matches_loops(n, rows, top_p, base):
-    """Candidates (base's top-p set and the diagonal) and their masses from sampled rows, against float64 loops."""
+@pytest.mark.parametrize("n,rows,top_p,base,max_share", [
+    (75, 4, 0.8, "block_mean", 1.0), (93, 3, 0.6, "vertical_slash", 1.0), (40, 1, 0.5, "streaming", 1.0),
+    (93, 3, 0.99, "vertical_slash", 0.3),  # the cap binds: at most ceil(0.3 (i + 1)) candidates in row i
+])
+def test_reranked_matches_loops(n, rows, top_p, base, max_share):
+    """Candidates (base's top-p set, capped, and the diagonal) and their masses from sampled rows, against float64
+    loops."""
     x = make_inputs(b=1, hq=4, hkv=2, n=n, bs=16, dtype=torch.float64, seed=rows)
-    sel = Reranked(base=base, rows=rows, top_p=top_p)
+    sel = Reranked(base=base, rows=rows, top_p=top_p, max_share=max_share)
     probs = build_selector(base).scores(x).exp().double()
     bs, nb = 16, x.nb
     kk = x.k.repeat_interleave(2, dim=1)
@@ -351,10 +354,11 @@ def test_reranked_matches_loops(n, rows, top_p, base):
     for h in range(4):
         for i in range(nb):
             row = probs[0, h, i, :i + 1]
-            total = 0.0
+            total, taken = 0.0, 0
             for j in row.argsort(descending=True).tolist():  # the top-p prefix: blocks until the mass reaches top_p
-                if total < top_p:
+                if total < top_p and taken < math.ceil(max_share * (i + 1)):
                     cand[0, h, i, j] = True
+                    taken += 1
                 total += row[j].item()
             cand[0, h, i, i] = True
             offsets = [bs - 1] if rows == 1 else [round(t * (bs - 1) / (rows - 1) + 1e-9) for t in range(rows)]
@@ -390,6 +394,8 @@ def test_reranked_matches_loops(n, rows, top_p, base):
     ("reranked", {"rows": 0}, "rows"),
     ("reranked", {"top_p": 0.0}, "top_p"),
     ("reranked", {"top_p": 1.5}, "top_p"),
+    ("reranked", {"max_share": 0.0}, "max_share"),
+    ("reranked", {"max_share": 1.5}, "max_share"),
     ("reranked", {"base": "oracle"}, "base"),
     ("reranked", {"base": "reranked"}, "base"),
     ("oracle", {"foo": 1}, "foo"),
