@@ -1,7 +1,7 @@
 """Cost of the rerank step (:func:`seer.kernels.sampled_rows.sampled_rows_mass`) on one attention layer, beside what
 it selects for: dense causal attention (SDPA) and block-sparse attention at density 0.1 on the same shape.
 
-    python -m experiments.bench_rerank [--n 32768 --hq 14 --hkv 2 --d 64] [--rows 8 16] [--share 0.1 0.3]
+    python -m experiments.bench_rerank [--n 32768 --hq 14 --hkv 2 --d 64] [--rows 8 16] [--share 0.1 0.3 0.7]
                                         [--heads-per-program 1 0] [--out docs/bench_rerank.md]
 
 Defaults: one layer of Qwen2.5-Coder-0.5B at 32k (B 1, Hq 14, Hkv 2, D 64, 64-token blocks, bf16, random Q/K).
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--share", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--share", type=float, nargs="+", default=[0.1, 0.3, 0.7])
     ap.add_argument("--layouts", nargs="+", choices=["shared", "independent"], default=["shared", "independent"])
     ap.add_argument("--heads-per-program", type=int, nargs="+", default=[1, 0], help="0: the kernel's choice")
     ap.add_argument("--check-n", type=int, default=2048)

@@ -58,17 +58,18 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
 
 # issue 17: the default reranked (each row's top-p of its blended mass ranked again by R exact query rows per block):
 # 16 rows over top-p 0.99 won on Qwen at 32k (docs/results/qwen/rerank.md) but cost 103 ms of a 191 ms forward with
-# one query head per kernel program; again with a group's heads in one program (its select ms), and which knob
-# matters (8 rows at 0.99, 16 at 0.95). Where the rerank kernel failed its GPU test (ktests), the rerank runs through
+# one query head per kernel program; again with a group's heads in one program (its select ms), which knob matters
+# (8 rows at 0.99, 16 at 0.95), and the candidates capped at 30% of each row's causal blocks (the cost's bound). Where the rerank kernel failed its GPU test (ktests), the rerank runs through
 # its PyTorch contract instead.
 quality=(python3 experiments/quality_qwen.py)
 [ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import runpy, sys
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" experiments/quality_qwen.py)
 job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 8:0.99 16:0.95 \
+  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 16:0.99:0.3 8:0.99 16:0.95 \
   --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank16@0.99 \
-    gate:base+vertical_slash@0.5+rerank8@0.99 gate:base+vertical_slash@0.5+rerank16@0.95 \
+    gate:base+vertical_slash@0.5+rerank16@0.99cap0.3 gate:base+vertical_slash@0.5+rerank8@0.99 \
+    gate:base+vertical_slash@0.5+rerank16@0.95 \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
 
 # issue 17: the winner of `rerank` (16 rows over top-p 0.99 candidates) at density 0.05
