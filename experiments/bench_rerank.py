@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +108,9 @@ def main() -> None:
                     lines.append(f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {ms:.3f} | "
                                  f"{ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} |")
                     print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
+    print("\n".join(lines))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
