@@ -1,0 +1,36 @@
+"""experiments/bench_rerank.py on the CPU (Triton interpreter, float16: the interpreter's bfloat16 dots are wrong): its
+random candidates have the promised layouts, and every configuration is checked against the reference and tabled."""
+
+import sys
+
+import torch
+
+from experiments import bench_rerank as bench
+
+
+def test_candidates_are_block_causal_with_the_diagonal_and_shared_within_a_group():
+    gen = torch.Generator().manual_seed(0)
+    shared = bench.candidates(1, 6, 2, 9, 0.4, "shared", gen)
+    own = bench.candidates(1, 6, 2, 9, 0.4, "independent", gen)
+    for cand in (shared, own):
+        assert cand.shape == (1, 6, 9, 9) and cand.dtype == torch.bool
+        assert cand.diagonal(dim1=-2, dim2=-1).all() and not cand.triu(1).any()
+    assert torch.equal(shared[:, 0], shared[:, 2]) and torch.equal(shared[:, 3], shared[:, 5])
+    assert not torch.equal(own[:, 0], own[:, 1])
+
+
+def test_every_configuration_is_checked_and_tabled(monkeypatch, tmp_path):
+    out = tmp_path / "rerank.md"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_rerank.py", "--n", "96", "--hq", "4", "--hkv", "2", "--d", "16", "--block", "16", "--rows", "4", "8",
+        "--share", "0.5", "--check-n", "70", "--reps", "1", "--warmup", "0", "--dtype", "fp16", "--out", str(out)])
+    bench.main()
+    lines = out.read_text().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| 4 ") or line.startswith("| 8 ")]
+    # rows x layouts x (one head per program, the kernel's choice: both heads of a group, 2 x 4 or 2 x 8 rows)
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
+        ("| 4", "shared", "1", "16"), ("| 4", "shared", "2", "16"), ("| 4", "independent", "1", "16"),
+        ("| 4", "independent", "2", "16"), ("| 8", "shared", "1", "16"), ("| 8", "shared", "2", "16"),
+        ("| 8", "independent", "1", "16"), ("| 8", "independent", "2", "16")]
+    assert all(float(r[-1].rstrip(" |")) < 1e-3 for r in rows)
+    assert lines[0].startswith("Device: CPU")
