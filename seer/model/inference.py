@@ -82,7 +82,8 @@ def load(model: str | Path | ModelConfig | Mapping[str, Any] | None = None, gate
     (:func:`seer.model.gate_sources.resolve_gates`); checked against the model's shape. Without it, ``gate_config``
     attaches untrained gates (for speed tests; their default budget is top-k); with it, ``gate_config`` (a
     :class:`GateConfig`, or a mapping of fields put over the gates' own, e.g. ``{"blend": "vertical_slash"}``) may
-    change only how the scores are used (``blend``, ``blend_weight``, ``rerank_rows``, ``rerank_top_p``).
+    change only how the scores are used (``blend``, ``blend_weight``, ``rerank_rows``, ``rerank_top_p``,
+    ``rerank_max_share``).
     ``sparsity``: a :class:`SparsityConfig` or its fields (default: the sparsity stored with the gates). A calibrated
     budget (``threshold``/``topp`` with a ``target_density``, or a non-global allocation) uses the calibration stored
     beside the gates (``calibration.json``, written by ``seer.train`` and ``seer.eval``). Without gates and

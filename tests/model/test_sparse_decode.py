@@ -446,6 +446,6 @@ def test_shared_gate_refuses_bad_arguments_before_loading(gate_folder, monkeypat
     assert refused(gates=gate_folder, decode_gates=gate_folder) == need
     assert refused(decode_gates=gate_folder, gate_config={"hidden_size": 8}) == (
         "gate_config ['hidden_size'] with shared_gate=True: the shared decode gates take only blend, blend_weight, "
-        "rerank_rows, rerank_top_p")
+        "rerank_rows, rerank_top_p, rerank_max_share")
     assert refused(decode_gates=gate_folder, sparsity={"method": "threshold", "target_density": 0.1}).endswith(
         "(the shared decode gates have no prefill calibration: give a top-k budget)")
