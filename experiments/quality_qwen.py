@@ -390,7 +390,6 @@ def rerank_fields(rerank: tuple[int, float, float] | None) -> dict:
 def parse_reranks(specs: list[str]) -> tuple[tuple[int, float, float], ...]:
     """``--reranks`` as ``(rows, top_p, max_share)``: ``ROWS[:TOP_P[:MAX_SHARE]]`` (the gate fields' defaults for
     what is left out), checked as gate fields."""
-    default = GateConfig()
     out = []
     for spec in specs:
         parts = spec.split(":")
@@ -398,8 +397,8 @@ def parse_reranks(specs: list[str]) -> tuple[tuple[int, float, float], ...]:
             if len(parts) > 3:
                 raise ValueError("too many fields")
             rows = int(parts[0])
-            top_p = float(parts[1]) if len(parts) > 1 and parts[1] else default.rerank_top_p
-            cap = float(parts[2]) if len(parts) > 2 and parts[2] else default.rerank_max_share
+            top_p = float(parts[1]) if len(parts) > 1 and parts[1] else GateConfig.rerank_top_p
+            cap = float(parts[2]) if len(parts) > 2 and parts[2] else GateConfig.rerank_max_share
             GateConfig(rerank_rows=rows, rerank_top_p=top_p, rerank_max_share=cap)
             if rows < 1:
                 raise ValueError("rows must be >= 1")

@@ -47,6 +47,7 @@ def _checked(cfg: DictConfig):
 
     from seer.checks import build
     from seer.evaluation.config import EvalConfig
+    from seer.gates.config import INFERENCE_FIELDS
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
     from seer.sparsity.selectors import LayerInputs, build_selector
@@ -58,10 +59,10 @@ def _checked(cfg: DictConfig):
     params = dict(plain["selector"])
     name = params.pop("name")
     if name == "gate":
-        unknown = sorted(set(params) - {"blend", "blend_weight", "rerank_rows", "rerank_top_p", "rerank_max_share"})
+        unknown = sorted(set(params) - set(INFERENCE_FIELDS))
         if unknown:
-            raise ConfigError(f"selector=gate takes only blend, blend_weight, rerank_rows, rerank_top_p and "
-                              f"rerank_max_share (how the gates' scores are used at inference); got {unknown}")
+            raise ConfigError(f"selector=gate takes only {', '.join(INFERENCE_FIELDS)} (how the gates' scores are "
+                              f"used at inference); got {unknown}")
         if cfg.shared_gate and (cfg.gates or not cfg.decode_gates):
             raise ConfigError(f"shared_gate=true: the decode gates score the prefill too; give decode_gates=PATH and "
                               f"gates=null (gates={cfg.gates!r}, decode_gates={cfg.decode_gates!r})")
@@ -107,7 +108,7 @@ def run_eval(cfg: DictConfig) -> list[dict]:
     from seer.backends import resolve_backend
     from seer.checks import build
     from seer.evaluation.harness import Evaluator
-    from seer.gates.config import GateConfig
+    from seer.gates.config import INFERENCE_FIELDS, GateConfig
     from seer.model.attention import prepare_model, scorer_name
     from seer.model.gate_io import load_gates, read_gate_meta
     from seer.model.loading import load_causal_lm, load_tokenizer, model_id
@@ -152,8 +153,8 @@ def run_eval(cfg: DictConfig) -> list[dict]:
         own = {"block_size": decode_block_size(decode_gates)} if shared else read_gate_meta(cfg.gates)["gate"]
         gate_config = build(GateConfig, "gate", own).with_blend(cfg.selector.get("blend", "own"),
                                                                 cfg.selector.get("blend_weight"))
-        rerank = {k: cfg.selector.get(k) for k in ("rerank_rows", "rerank_top_p", "rerank_max_share")
-                  if cfg.selector.get(k) is not None}
+        rerank = {k: cfg.selector.get(k) for k in INFERENCE_FIELDS
+                  if k.startswith("rerank_") and cfg.selector.get(k) is not None}
         if rerank:
             gate_config = build(GateConfig, "gate", {**dataclasses.asdict(gate_config), **rerank})
     identity = tracking.run_identity(f"{cfg.task_name}-{'shared_' if shared else ''}"

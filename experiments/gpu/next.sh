@@ -59,8 +59,8 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
 # issue 17: the default reranked (each row's top-p of its blended mass ranked again by R exact query rows per block):
 # 16 rows over top-p 0.99 won on Qwen at 32k (docs/results/qwen/rerank.md) but cost 103 ms of a 191 ms forward with
 # one query head per kernel program; again with a group's heads in one program (its select ms), which knob matters
-# (8 rows at 0.99, 16 at 0.95), and the candidates capped at 30% of each row's causal blocks (the cost's bound). Where the rerank kernel failed its GPU test (ktests), the rerank runs through
-# its PyTorch contract instead.
+# (8 rows at 0.99, 16 at 0.95), and the candidates capped at 30% of each row's causal blocks (the cost's bound).
+# Where the rerank kernel failed its GPU test (ktests), the rerank runs through its PyTorch contract instead.
 quality=(python3 experiments/quality_qwen.py)
 [ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import runpy, sys
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
@@ -78,7 +78,8 @@ job r005 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base=
   --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/r005"
 
 # issue 17, when no time is left to train gates: the training-free rerank alone on Qwen at 32k (vertical-slash
-# reranked by 16 rows over top-p 0.99, the defaults, beside the oracle and vertical-slash), through seer.eval, with quality_qwen's evaluation settings
+# reranked by 16 rows over top-p 0.99, the defaults, beside the oracle and vertical-slash), through seer.eval, with
+# quality_qwen's evaluation settings
 job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null model.name_or_path=/root/models/qwen05 \
   model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" 'eval.seq_lens=[32768]' eval.windows=3 \
   eval.calibration_windows=2 eval.passkey=10 eval.copy=5 eval.batch_size=4 eval.ruler=all eval.ruler_samples=4 \
