@@ -2,15 +2,15 @@
 it selects for: dense causal attention (SDPA) and block-sparse attention at density 0.1 on the same shape.
 
     python -m experiments.bench_rerank [--n 32768 --hq 14 --hkv 2 --d 64] [--rows 8 16] [--share 0.1 0.3 0.7]
-                                        [--heads-per-program 1 0] [--out docs/bench_rerank.md]
+                                        [--kernels 1:2 0:2 0:1] [--out docs/bench_rerank.md]
 
 Defaults: one layer of Qwen2.5-Coder-0.5B at 32k (B 1, Hq 14, Hkv 2, D 64, 64-token blocks, bf16, random Q/K).
 Candidates are random: each row of each query block keeps each causal key block with probability ``--share`` (and
 its diagonal), either the same set for the query heads of a key head (``shared``: the union a program walks is one
 head's set, the best case) or drawn per head (``independent``: the union is largest, the worst case); real heads lie
-between. ``--heads-per-program``: 1 runs one query head per program (the kernel before the query heads of a
-group shared programs), 0 the kernel's choice (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16
-rows in one 128-row program). Before timing, each
+between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program, 0 the kernel's choice
+(:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
+the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either. Before timing, each
 configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`) at
 ``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
 ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the
@@ -42,7 +42,7 @@ def candidates(b: int, hq: int, hkv: int, nb: int, share: float, layout: str, ge
 
 
 def check(args, dev: torch.device, dt: torch.dtype, rows: int, share: float, layout: str,
-          heads: int | None) -> float:
+          heads: int | None, passes: int) -> float:
     """Largest |difference| of the kernel's masses from the float32 contract at ``--check-n`` tokens."""
     gen = torch.Generator().manual_seed(1)
     n = args.check_n
@@ -50,7 +50,7 @@ def check(args, dev: torch.device, dt: torch.dtype, rows: int, share: float, lay
     k = torch.randn(1, args.hkv, n, args.d, generator=gen).to(dev, dt)
     cand = candidates(1, args.hq, args.hkv, math.ceil(n / args.block), share, layout, gen).to(dev)
     want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, args.block)
-    got = sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads)
+    got = sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads, passes=passes)
     return (got - want).abs().max().item()
 
 
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--share", type=float, nargs="+", default=[0.1, 0.3, 0.7])
     ap.add_argument("--layouts", nargs="+", choices=["shared", "independent"], default=["shared", "independent"])
-    ap.add_argument("--heads-per-program", type=int, nargs="+", default=[1, 0], help="0: the kernel's choice")
+    ap.add_argument("--kernels", nargs="+", default=["1:2", "0:2", "0:1"],
+                    help="HEADS:PASSES, heads per program (0: the kernel's choice) and passes over the keys (1 or 2)")
     ap.add_argument("--check-n", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -73,6 +74,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.hq % args.hkv:
         ap.error(f"--hq {args.hq} is not a multiple of --hkv {args.hkv}")
+    try:
+        kernels = [tuple(int(x) for x in kv.split(":")) for kv in args.kernels]
+    except ValueError:
+        ap.error(f"--kernels takes HEADS:PASSES pairs, got {args.kernels}")
+    for heads, passes in kernels:
+        if heads < 0 or passes not in (1, 2):
+            ap.error(f"--kernels {heads}:{passes}: HEADS must be >= 0 and PASSES 1 or 2")
     for s in args.share:
         if not 0 < s <= 1:
             ap.error(f"--share {s} must be in (0, 1]")
@@ -94,18 +102,18 @@ def main() -> None:
         f"Shape: B {b}, Hq {args.hq}, Hkv {args.hkv}, N {args.n}, D {args.d}, {args.block}-token blocks, "
         f"{args.dtype}. Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density "
         f"0.1: {sparse:.3f} ms.",
-        "", "| rows | candidate share | layout | heads per program | rows per program | ms | vs sparse attention 0.1 | "
-        "vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|"]
+        "", "| rows | candidate share | layout | heads per program | rows per program | passes | ms | "
+        "vs sparse attention 0.1 | vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rows in args.rows:
         for share in args.share:
             for layout in args.layouts:
                 cand = candidates(b, args.hq, args.hkv, nb, share, layout, gen).to(dev)
-                for heads in [h or None for h in args.heads_per_program]:
-                    err = check(args, dev, dt, rows, share, layout, heads)
-                    ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads),
-                                 args.reps, args.warmup, cuda)[0]
+                for heads, passes in [(h or None, ps) for h, ps in kernels]:
+                    err = check(args, dev, dt, rows, share, layout, heads, passes)
+                    ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads,
+                                                           passes=passes), args.reps, args.warmup, cuda)[0]
                     p, pp, rp = program_layout(args.hq // args.hkv, rows, args.block, heads)
-                    lines.append(f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {ms:.3f} | "
+                    lines.append(f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {passes} | {ms:.3f} | "
                                  f"{ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} |")
                     print(lines[-1], flush=True)
     print("\n".join(lines))

@@ -41,9 +41,10 @@ job() {  # job NAME SECONDS COMMAND...: runs COMMAND under a deadline unless JOB
 
 # the rerank kernel checked on the GPU (bf16 against the reference), then the decode variants timed beside the default
 # (issue 18 / 21), every selector's cost on one Qwen layer at 32k (reranked = vertical-slash + the rerank) and the
-# rerank kernel with one query head per program against the group's heads in one program (bench_rerank)
+# rerank kernel with one query head per program and two passes over the keys (the kernel of 2026-12-05's timings)
+# against the group's heads in one program, with two passes and with one (bench_rerank)
 job ktests 300 python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py
-job kbench 300 bash -c "python3 experiments/bench_decode.py --variants --batch 16 --kv 32768 --budget 3264 \
+job kbench 480 bash -c "python3 experiments/bench_decode.py --variants --batch 16 --kv 32768 --budget 3264 \
     --out $w/out/kbench/bench_decode_d01.md && \
   python3 -m experiments.bench_selectors --device cuda --dtype bf16 --n 32768 --hq 14 --hkv 2 --d 64 --block 64 \
     > $w/out/kbench/bench_selectors_32k.txt && \
@@ -58,18 +59,18 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
 
 # issue 17: the default reranked (each row's top-p of its blended mass ranked again by R exact query rows per block):
 # 16 rows over top-p 0.99 won on Qwen at 32k (docs/results/qwen/rerank.md) but cost 103 ms of a 191 ms forward with
-# one query head per kernel program; again with a group's heads in one program (its select ms), which knob matters
-# (8 rows at 0.99, 16 at 0.95), and the candidates capped at 30% of each row's causal blocks (the cost's bound).
-# Where the rerank kernel failed its GPU test (ktests), the rerank runs through its PyTorch contract instead.
+# one query head per kernel program and two passes over the keys; again with a group's heads in one program and one
+# pass (its select ms), 8 rows at 0.99 (half the kernel's rows), and the candidates capped at 30% of each row's
+# causal blocks (the cost's bound). Where the rerank kernel failed its GPU test (ktests), the rerank runs through its
+# PyTorch contract instead.
 quality=(python3 experiments/quality_qwen.py)
 [ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import runpy, sys
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" experiments/quality_qwen.py)
 job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 16:0.99:0.3 8:0.99 16:0.95 \
+  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 16:0.99:0.3 8:0.99 \
   --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank16@0.99 \
     gate:base+vertical_slash@0.5+rerank16@0.99cap0.3 gate:base+vertical_slash@0.5+rerank8@0.99 \
-    gate:base+vertical_slash@0.5+rerank16@0.95 \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
 
 # issue 17: the winner of `rerank` (16 rows over top-p 0.99 candidates) at density 0.05

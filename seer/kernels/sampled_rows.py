@@ -18,12 +18,16 @@ least 16 rows in all; padding rows have weight 0), ``P`` the largest divisor of 
 ``P' x RP <= 128`` (:func:`program_layout`), so that each key tile is read once for the ``P`` heads (Qwen2.5's 7
 heads at 16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its heads' candidate
 lists; a row attends to a listed block only when it is one of its own head's candidates (a one-byte read per row and
-entry), so each head's softmax is over its own candidates as above. Two passes over the listed key tiles, in base 2
-(``x2 = x * log2(e)``): the first keeps each row's online max ``m_t`` and ``z_t = sum_c exp2(x2 - m_t)``; the second
-recomputes ``x2`` and writes, for each listed ``j`` and each head of the group, ``mass[i, j] = sum_t w_t sum_{c in J}
-exp2(x2[t, c] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where its candidates lack ``j``). Cost: twice
-``P' RP x D x |U(i)| B`` multiply-adds per program (``U(i)`` the union), against ``B x D x (i + 1) B`` per head
-for the block's dense logits, and one read of the union's key tiles per pass.
+entry), so each head's softmax is over its own candidates as above. In base 2 (``x2 = x * log2(e)``), one pass over
+the listed key tiles keeps each row's online max ``m_t`` and ``z_t = sum_c exp2(x2 - m_t)`` and stores, for each
+entry ``j``, the row's partial sum in log form, ``l_t[j] = m_t' + log2 sum_{c in J} exp2(x2[t, c] - m_t')`` (``m_t'``
+the max when the entry ends) in a float32 scratch; a second loop, which reads no keys, writes for each listed ``j`` and
+each head of the group ``mass[i, j] = sum_t w_t exp2(l_t[j] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where
+its candidates lack ``j``). Cost: ``P' RP x D x |U(i)| B`` multiply-adds and as many ``exp2`` per program (``U(i)``
+the union), against ``B x D x (i + 1) B`` of each per head for the block's dense logits, one read of the union's key
+tiles and ``4 P' RP`` bytes of scratch per entry. ``passes=2`` computes the same without scratch: the first pass keeps
+``m_t`` and ``z_t``, the second recomputes ``x2`` and sums ``exp2(x2 - m_t) / z_t`` per block (twice the dots and the
+``exp2``).
 :func:`seer.kernels.reference.sampled_rows_mass` is the same contract in PyTorch.
 """
 
@@ -37,7 +41,10 @@ from seer.kernels.block_index import build_block_index
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
-__all__ = ["program_layout", "sampled_offsets", "sampled_rows_mass"]
+__all__ = ["SCRATCH_BYTES", "program_layout", "sampled_offsets", "sampled_rows_mass"]
+
+SCRATCH_BYTES = 1 << 28
+"""The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
@@ -96,16 +103,49 @@ def _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_
 
 
 @triton.jit
+def _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
+                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One pass over the tiles of list entry ``e``: the online ``m`` and ``z`` of each sampled row, and the entry's
+    partial sum stored at ``part_e`` in base-2 log form (``m + log2 sum_{c in J} exp2(x2 - m)`` with the ``m`` of
+    the entry's end; ``-inf`` where the row has no key in it)."""
+    c, own = _sr_own(cand_rows, idx_row, e)
+    s = tl.zeros_like(z)
+    for sub in tl.static_range(BS // BLOCK_N):
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, own, N, qk_scale,
+                        DOT_PRECISION)
+        m_new = tl.maximum(m, tl.max(x2, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        p = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
+        z = z * alpha + p
+        s = s * alpha + p
+        m = m_new
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
+    return m, z
+
+
+@triton.jit
+def _sr_finish(idx_row, e, part_e, m, z_inv_w, out_heads, head_ok, PP: tl.constexpr, RP: tl.constexpr):
+    """Second (key-free) loop of the one-pass kernel: entry ``e``'s stored partial sums, normalised per row and
+    averaged per head."""
+    c = tl.load(idx_row + e)
+    rows = tl.math.exp2(tl.load(part_e) - m) * z_inv_w
+    tl.store(out_heads + c, tl.sum(tl.reshape(rows, (PP, RP)), 1), mask=head_ok)
+
+
+@triton.jit
 def _sampled_rows_kernel(
-    Q, K, Offsets, Idx, Cnt, Cand, Out,
+    Q, K, Offsets, Idx, Cnt, Cand, Out, Part,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
-    LISTS, CHUNKS, GROUP, N, qk_scale,
+    stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
-    i = tl.program_id(0)
+    i = I0 + tl.program_id(0)
     bl = tl.program_id(1)  # batch x list: LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
     off_b = (bl // LISTS).to(tl.int64)
     off_l = (bl % LISTS).to(tl.int64)
@@ -131,32 +171,56 @@ def _sampled_rows_kernel(
     cand_rows = Cand + off_b * stride_mb + head * stride_mh + i.to(tl.int64) * stride_mr
     m = tl.full([PP * RP], float("-inf"), dtype=tl.float32)
     z = tl.zeros([PP * RP], dtype=tl.float32)
-    if INTERP:  # run-time loop bounds: see seer.kernels.common
-        e = 0
-        while e < cnt:
-            m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, BS,
-                             BLOCK_N, DOT_PRECISION)
-            e += 1
-    else:
-        for e in range(0, cnt):
-            m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, BS,
-                             BLOCK_N, DOT_PRECISION)
-    # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
-    scale_rows = tl.where(w > 0, w / tl.where(z > 0, z, 1.0), 0.0) / tl.sum(tl.where(g == 0, w, 0.0), 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
     heads = tl.arange(0, PP)
     out_heads = Out + off_b * stride_ob + (h0 + heads).to(tl.int64) * stride_oh + i.to(tl.int64) * stride_or
     head_ok = heads < P
-    if INTERP:
-        e = 0
-        while e < cnt:
-            _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
-                     out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
-            e += 1
+    # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
+    w_rows = w / tl.sum(tl.where(g == 0, w, 0.0), 0)
+    if ONE_PASS:
+        part = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi + t
+        if INTERP:  # run-time loop bounds: see seer.kernels.common
+            e = 0
+            while e < cnt:
+                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+                e += 1
+        else:
+            for e in range(0, cnt):
+                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
+        if INTERP:
+            e = 0
+            while e < cnt:
+                _sr_finish(idx_row, e, part + e * stride_pe, m, z_inv_w, out_heads, head_ok, PP, RP)
+                e += 1
+        else:
+            for e in range(0, cnt):
+                _sr_finish(idx_row, e, part + e * stride_pe, m, z_inv_w, out_heads, head_ok, PP, RP)
     else:
-        for e in range(0, cnt):
-            _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
-                     out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
+        if INTERP:
+            e = 0
+            while e < cnt:
+                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                 BS, BLOCK_N, DOT_PRECISION)
+                e += 1
+        else:
+            for e in range(0, cnt):
+                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                 BS, BLOCK_N, DOT_PRECISION)
+        scale_rows = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        if INTERP:
+            e = 0
+            while e < cnt:
+                _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                         out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
+                e += 1
+        else:
+            for e in range(0, cnt):
+                _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                         out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
 
 
 def program_layout(group: int, rows: int, block_size: int, heads: int | None = None) -> tuple[int, int, int]:
@@ -176,7 +240,8 @@ def program_layout(group: int, rows: int, block_size: int, heads: int | None = N
 
 
 def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
-                      sm_scale: float | None = None, heads_per_program: int | None = None) -> torch.Tensor:
+                      sm_scale: float | None = None, heads_per_program: int | None = None,
+                      passes: int = 1) -> torch.Tensor:
     """Block masses ``[B, Hq, nb, nb]`` float32 of ``rows`` sampled query rows per block over each row's candidate
     blocks (module docstring), 0 off the candidates.
 
@@ -185,7 +250,9 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     diagonal ignored), each row's diagonal block among them; ``rows`` 1 .. ``block_size`` (more are clipped to it); a
     kernel block size (16 .. 128); ``sm_scale`` defaults to ``D ** -0.5``; ``heads_per_program`` (a divisor of
     ``Hq / Hkv``) overrides :func:`program_layout`'s choice (1: the kernel before the heads of a group shared a
-    program). CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``. No autograd, no host sync."""
+    program); ``passes`` 1 (one pass over the keys and a scratch of partial sums, at most :data:`SCRATCH_BYTES` per
+    launch) or 2 (two passes, no scratch), the same masses. CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``.
+    No autograd, no host sync."""
     check_block_size(block_size)
     b, hq, hkv, n, d = check_qkv(q, k, None)
     nb = triton.cdiv(n, block_size)
@@ -194,6 +261,8 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
                          f"{candidates.dtype} {tuple(candidates.shape)}")
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"sampled_rows_mass: rows must be an integer >= 1, got {rows!r}")
+    if passes not in (1, 2):
+        raise ValueError(f"sampled_rows_mass: passes must be 1 or 2, got {passes!r}")
     check_device(q=q, k=k, candidates=candidates)
     per_block = min(rows, block_size)
     q, k = with_unit_last_stride(q), with_unit_last_stride(k)
@@ -206,16 +275,26 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
     offsets = sampled_offsets(block_size, per_block)
+    offsets_t = torch.tensor(offsets, dtype=torch.int32, device=q.device)
     cand = candidates.view(torch.uint8)
-    _sampled_rows_kernel[(nb, b * lists)](
-        q, k, torch.tensor(offsets, dtype=torch.int32, device=q.device), idx, cnt, cand, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
-        cand.stride(0), cand.stride(1), cand.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lists, chunks, group, n, softmax_scale(sm_scale, d) * LOG2E.value,
-        D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
-        BLOCK_N=block_size if INTERPRET else min(block_size, 64),
-        LAST_FALLBACK=min(offsets) >= last,
-        DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, num_warps=8 if pp * rp >= 128 else 4,
-    )
+    # one pass: each launch takes the query blocks whose scratch (a float per sampled row and list entry, at most
+    # i + 1 entries for query block i) fits SCRATCH_BYTES
+    per_block_bytes = b * lists * nb * pp * rp * 4
+    span = nb if passes == 2 else max(1, min(nb, SCRATCH_BYTES // per_block_bytes))
+    part = torch.empty((b * lists, span, nb, pp * rp) if passes == 1 else (1, 1, 1, 1), dtype=torch.float32,
+                       device=q.device)
+    for i0 in range(0, nb, span):
+        _sampled_rows_kernel[(min(span, nb - i0), b * lists)](
+            q, k, offsets_t, idx, cnt, cand, out, part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
+            cand.stride(0), cand.stride(1), cand.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            part.stride(0), part.stride(1), part.stride(2), i0, lists, chunks, group, n,
+            softmax_scale(sm_scale, d) * LOG2E.value,
+            D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
+            BLOCK_N=block_size if INTERPRET else min(block_size, 64),
+            LAST_FALLBACK=min(offsets) >= last,
+            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
+            num_warps=8 if pp * rp >= 128 else 4,
+        )
     return out

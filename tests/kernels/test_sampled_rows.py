@@ -1,7 +1,8 @@
 """The fused rerank step (seer/kernels/sampled_rows.py) and its PyTorch contract (seer.kernels.reference
 .sampled_rows_mass) against float64 loops written from the definition, on fresh random inputs: N off the block grid (a
 short last block with and without sampled rows), grouped-query heads (several in one program, with
-a padding head, and a group split over two programs), every row and every block (the block mass of the true
+a padding head, and a group split over two programs), one pass (its scratch in one launch and split over several) and
+two, every row and every block (the block mass of the true
 attention), one row, more rows than a block, fp16/fp32 inputs; the selectors' dispatch; argument checks.
 Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py)."""
 
@@ -114,6 +115,23 @@ def test_one_head_per_program_gives_the_same_masses():
     assert (one > 0).sum() > 0
 
 
+def test_two_passes_and_a_scratch_split_over_launches_give_the_same_masses(monkeypatch):
+    """``passes=2`` (no scratch) and the one-pass kernel agree, also when the scratch holds 3 query blocks at a time
+    (several launches, the last one short)."""
+    from seer.kernels import sampled_rows
+
+    q, k, cand, q64, k64 = _case(1, 4, 2, 120, 16, 16, seed=11)
+    dev = _device()
+    want = reference.sampled_rows_mass(q64, k64, cand, 4, 16)
+    one = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16)
+    two = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16, passes=2)
+    per_block = 2 * 8 * 16 * 4  # lists x nb x rows per program x float32
+    monkeypatch.setattr(sampled_rows, "SCRATCH_BYTES", 3 * per_block)
+    split = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16)
+    for got in (one, two, split):
+        torch.testing.assert_close(got.cpu().double(), want.double(), atol=2e-5, rtol=1e-4)
+
+
 def test_program_layout_fills_at_most_128_rows():
     from seer.kernels.sampled_rows import program_layout
     assert program_layout(7, 16, 64) == (7, 8, 16)  # 8 x 16 rows with a padding head
@@ -147,6 +165,8 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="heads_per_program must divide the group of 2 query heads per key head, "
                                          "got 3"):
         sampled_rows_mass(q, k, cand, 4, 16, heads_per_program=3)
+    with pytest.raises(ValueError, match="passes must be 1 or 2, got 3"):
+        sampled_rows_mass(q, k, cand, 4, 16, passes=3)
     with pytest.raises(ValueError, match="rows must be an integer >= 1, got 0"):
         sampled_rows_mass(q, k, cand, 0, 16)
     with pytest.raises(ValueError, match="block_size"):
@@ -154,10 +174,11 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("rows", [8, 16])
-def test_gpu_bf16_matches_the_reference_at_4k(rows):
+def test_gpu_bf16_matches_the_reference_at_4k(rows, passes):
     """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
-    programs) and 16 (128 rows)."""
+    programs) and 16 (128 rows); one pass and two."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
@@ -165,6 +186,6 @@ def test_gpu_bf16_matches_the_reference_at_4k(rows):
     cand = ((torch.rand(1, 14, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)) \
         & torch.ones(nb, nb, dtype=torch.bool).tril()
     want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), rows, 64)
-    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), rows, 64)
+    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), rows, 64, passes=passes)
     assert (got - want).abs().max().item() < 1e-2
     assert ((got - want).norm() / want.norm()).item() < 1e-2
