@@ -10,11 +10,11 @@ its diagonal), either the same set for the query heads of a key head (``shared``
 head's set, the best case) or drawn per head (``independent``: the union is largest, the worst case); real heads lie
 between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program, 0 the kernel's choice
 (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
-the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either. Before timing, each
-configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`) at
-``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
-``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the
-interpreter does not compute bf16 dots exactly).
+the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either. Before
+timing, each configuration is checked against the float32 PyTorch contract
+(:func:`seer.kernels.reference.sampled_rows_mass`) at ``--check-n`` tokens. Times: CUDA-event medians of
+``--reps`` runs after ``--warmup`` (on CPU, only under ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the
+code path: such times mean nothing, and the interpreter does not compute bf16 dots exactly).
 """
 
 from __future__ import annotations
