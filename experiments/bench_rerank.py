@@ -2,7 +2,8 @@
 it selects for: dense causal attention (SDPA) and block-sparse attention at density 0.1 on the same shape.
 
     python -m experiments.bench_rerank [--n 32768 --hq 14 --hkv 2 --d 64] [--rows 8 16] [--share 0.1 0.3 0.7]
-                                        [--kernels 1:2 0:2 0:1] [--out docs/bench_rerank.md]
+                                        [--kernels 1:2 0:2 0:1] [--launch default w4 s2 e16]
+                                        [--out docs/bench_rerank.md]
 
 Defaults: one layer of Qwen2.5-Coder-0.5B at 32k (B 1, Hq 14, Hkv 2, D 64, 64-token blocks, bf16, random Q/K).
 Candidates are random: each row of each query block keeps each causal key block with probability ``--share`` (and
@@ -10,17 +11,20 @@ its diagonal), either the same set for the query heads of a key head (``shared``
 head's set, the best case) or drawn per head (``independent``: the union is largest, the worst case); real heads lie
 between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program, 0 the kernel's choice
 (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
-the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either. Before
-timing, each configuration is checked against the float32 PyTorch contract
-(:func:`seer.kernels.reference.sampled_rows_mass`) at ``--check-n`` tokens. Times: CUDA-event medians of
-``--reps`` runs after ``--warmup`` (on CPU, only under ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the
-code path: such times mean nothing, and the interpreter does not compute bf16 dots exactly).
+the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either.
+``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or letters joined: ``w<N>``
+warps, ``s<N>`` pipeline stages, ``e16`` half-precision ``exp2`` (e.g. ``w4s2e16``). Before timing, each
+configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`)
+at ``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
+``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the interpreter
+does not compute bf16 dots exactly).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -28,7 +32,22 @@ import torch.nn.functional as F
 
 from experiments.bench_selectors import env_line, time_ms
 from seer.kernels import block_sparse_attn, reference
+from seer.kernels import sampled_rows
 from seer.kernels.sampled_rows import program_layout, sampled_rows_mass
+
+
+def launch_settings(spec: str) -> dict:
+    """``default`` or e.g. ``w4s2e16`` as :data:`seer.kernels.sampled_rows.LAUNCH` entries."""
+    out = {"num_warps": None, "num_stages": None, "exp16": False}
+    if spec == "default":
+        return out
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(e16)?", spec)
+    if not parts or not spec:
+        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, e16 joined, e.g. w4s2e16")
+    out["num_warps"] = int(parts[1]) if parts[1] else None
+    out["num_stages"] = int(parts[2]) if parts[2] else None
+    out["exp16"] = bool(parts[3])
+    return out
 
 
 def candidates(b: int, hq: int, hkv: int, nb: int, share: float, layout: str, gen: torch.Generator) -> torch.Tensor:
@@ -67,6 +86,7 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", choices=["shared", "independent"], default=["shared", "independent"])
     ap.add_argument("--kernels", nargs="+", default=["1:2", "0:2", "0:1"],
                     help="HEADS:PASSES, heads per program (0: the kernel's choice) and passes over the keys (1 or 2)")
+    ap.add_argument("--launch", nargs="+", default=["default"], help="launch settings: default, or e.g. w4s2e16")
     ap.add_argument("--check-n", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -81,6 +101,10 @@ def main() -> None:
     for heads, passes in kernels:
         if heads < 0 or passes not in (1, 2):
             ap.error(f"--kernels {heads}:{passes}: HEADS must be >= 0 and PASSES 1 or 2")
+    try:
+        launches = [(spec, launch_settings(spec)) for spec in args.launch]
+    except ValueError as err:
+        ap.error(str(err))
     for s in args.share:
         if not 0 < s <= 1:
             ap.error(f"--share {s} must be in (0, 1]")
@@ -102,19 +126,26 @@ def main() -> None:
         f"Shape: B {b}, Hq {args.hq}, Hkv {args.hkv}, N {args.n}, D {args.d}, {args.block}-token blocks, "
         f"{args.dtype}. Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density "
         f"0.1: {sparse:.3f} ms.",
-        "", "| rows | candidate share | layout | heads per program | rows per program | passes | ms | "
-        "vs sparse attention 0.1 | vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        "", "| rows | candidate share | layout | heads per program | rows per program | passes | launch | ms | "
+        "vs sparse attention 0.1 | vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rows in args.rows:
         for share in args.share:
             for layout in args.layouts:
                 cand = candidates(b, args.hq, args.hkv, nb, share, layout, gen).to(dev)
-                for heads, passes in [(h or None, ps) for h, ps in kernels]:
-                    err = check(args, dev, dt, rows, share, layout, heads, passes)
-                    ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads,
-                                                           passes=passes), args.reps, args.warmup, cuda)[0]
+                for (heads, passes), (spec, launch) in [((h or None, ps), ln) for h, ps in kernels
+                                                        for ln in launches]:
+                    sampled_rows.LAUNCH.update(launch)
                     p, pp, rp = program_layout(args.hq // args.hkv, rows, args.block, heads)
-                    lines.append(f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {passes} | {ms:.3f} | "
-                                 f"{ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} |")
+                    row = f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {passes} | {spec} | "
+                    try:
+                        err = check(args, dev, dt, rows, share, layout, heads, passes)
+                        ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block,
+                                                               heads_per_program=heads, passes=passes),
+                                     args.reps, args.warmup, cuda)[0]
+                    except Exception as exc:  # a launch setting the compiler rejects: its row says why
+                        lines.append(row + f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | | |")
+                    else:
+                        lines.append(row + f"{ms:.3f} | {ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} |")
                     print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.out:

@@ -41,10 +41,15 @@ from seer.kernels.block_index import build_block_index
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
-__all__ = ["SCRATCH_BYTES", "program_layout", "sampled_offsets", "sampled_rows_mass"]
+__all__ = ["LAUNCH", "SCRATCH_BYTES", "program_layout", "sampled_offsets", "sampled_rows_mass"]
 
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
+
+LAUNCH: dict = {"num_warps": None, "num_stages": None, "exp16": False}
+"""Launch settings on CUDA: ``num_warps`` (None: 8 for programs of 128 rows, else 4), ``num_stages`` (None: Triton's
+default) and ``exp16`` (the one-pass kernel's ``exp2`` as ``ex2.approx.f16x2``, two per instruction, its sums in
+float32; never under the interpreter). ``experiments/bench_rerank.py --launch`` times the alternatives."""
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
@@ -103,8 +108,18 @@ def _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_
 
 
 @triton.jit
+def _exp2_sum(x, EXP16: tl.constexpr):
+    """``sum(exp2(x), 1)`` in float32, the ``exp2`` in half precision two at a time with ``EXP16`` (``x <= 0``)."""
+    if EXP16:
+        e = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
+                                      is_pure=True, pack=2)
+        return tl.sum(e.to(tl.float32), 1)
+    return tl.sum(tl.math.exp2(x), 1)
+
+
+@triton.jit
 def _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
-                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EXP16: tl.constexpr):
     """One pass over the tiles of list entry ``e``: the online ``m`` and ``z`` of each sampled row, and the entry's
     partial sum stored at ``part_e`` in base-2 log form (``m + log2 sum_{c in J} exp2(x2 - m)`` with the ``m`` of
     the entry's end; ``-inf`` where the row has no key in it)."""
@@ -116,7 +131,7 @@ def _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, 
         m_new = tl.maximum(m, tl.max(x2, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        p = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
+        p = _exp2_sum(x2 - m_use[:, None], EXP16)
         z = z * alpha + p
         s = s * alpha + p
         m = m_new
@@ -142,8 +157,8 @@ def _sampled_rows_kernel(
     stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, EXP16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
 ):
     i = I0 + tl.program_id(0)
     bl = tl.program_id(1)  # batch x list: LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
@@ -182,12 +197,12 @@ def _sampled_rows_kernel(
             e = 0
             while e < cnt:
                 m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, EXP16)
                 e += 1
         else:
             for e in range(0, cnt):
                 m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, EXP16)
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         if INTERP:
@@ -283,6 +298,9 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     span = nb if passes == 2 else max(1, min(nb, SCRATCH_BYTES // per_block_bytes))
     part = torch.empty((b * lists, span, nb, pp * rp) if passes == 1 else (1, 1, 1, 1), dtype=torch.float32,
                        device=q.device)
+    launch = {"num_warps": LAUNCH["num_warps"] or (8 if pp * rp >= 128 else 4)}
+    if LAUNCH["num_stages"]:
+        launch["num_stages"] = LAUNCH["num_stages"]
     for i0 in range(0, nb, span):
         _sampled_rows_kernel[(min(span, nb - i0), b * lists)](
             q, k, offsets_t, idx, cnt, cand, out, part,
@@ -294,7 +312,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
             D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
             BLOCK_N=block_size if INTERPRET else min(block_size, 64),
             LAST_FALLBACK=min(offsets) >= last,
-            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET,
-            num_warps=8 if pp * rp >= 128 else 4,
+            ONE_PASS=passes == 1, EXP16=bool(LAUNCH["exp16"]) and not INTERPRET,
+            DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, **launch,
         )
     return out
