@@ -6,16 +6,22 @@ For each N it times one forward pass (all layers, no LM-head sampling) of:
 * ``no-attn`` - the same forward with attention replaced by a zero output, so ``dense - no-attn`` is the time
   spent in attention and ``sparse - no-attn`` the time in gate + selection + sparse attention.
 
+``--rerank-rows 0 8 16`` times the sparse forward once per value of ``gate.rerank_rows`` (0: no rerank), the other
+inference fields as the gate preset sets them. With random weights the rerank's candidates (the top-p of a flat
+proposal) are nearly every causal block, its costliest case.
+
 The model is built from its architecture with random weights (``--model smollm2`` is SmolLM2-135M's shape:
 30 layers, 9/3 heads, head dim 64), so no download is needed; speed does not depend on the weights, and top-k
 selection keeps the requested density whatever the gate's weights are.
 
     python3 experiments/bench_prefill.py --model smollm2 --seq 8192 --density 0.1 --out docs/bench_prefill.md
+    python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 from pathlib import Path
@@ -34,8 +40,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[8192])
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--gate", default="avgmax", help="a conf/gate name")
+    ap.add_argument("--rerank-rows", type=int, nargs="+", default=[0], help="gate.rerank_rows values to time")
     ap.add_argument("--out", default="docs/bench_prefill.md")
     args = ap.parse_args()
+    if any(r < 0 for r in args.rerank_rows):
+        ap.error(f"--rerank-rows {args.rerank_rows}: each must be >= 0")
 
     run = validate(compose([f"model={args.model}", f"gate={args.gate}", "model.random_init=true",
                             "model.dtype=bfloat16"]))
@@ -43,6 +52,7 @@ def main() -> None:
     model = load(run.model, gate_config=run.gate, device="cuda", kernel="triton")
     model.config.use_cache = False
     ctx = model.seer_context
+    base_gate = ctx.gate_config
     sparsity = SparsityConfig(method="topk", target_density=args.density)
 
     from transformers import AttentionInterface
@@ -80,15 +90,21 @@ def main() -> None:
             enable_sparse_prefill(model, sparsity, "triton")
 
         dense = measure(dense_mode)
-        sparse = measure(sparse_mode)
-        achieved = sum(ctx.densities().values()) / len(ctx.densities())
+        sparse = {}
+        for rerank in args.rerank_rows:
+            ctx.update(gate_config=dataclasses.replace(base_gate, rerank_rows=rerank))
+            sparse[rerank] = measure(sparse_mode)
+            achieved = sum(ctx.densities().values()) / len(ctx.densities())
+            sparse[rerank] = (*sparse[rerank], achieved)
+        ctx.update(gate_config=base_gate)
         rest = measure(lambda: model.set_attn_implementation("seer_bench_none"))
         model.set_attn_implementation("seer")
         for label, k in (("eager", 0), ("CUDA graph", 1)):
-            if None not in (dense[k], sparse[k], rest[k]):
-                rows.append((n, label, dense[k], sparse[k], rest[k], achieved))
-                print(f"N={n} {label}: dense {dense[k]:.2f} ms, sparse {sparse[k]:.2f} ms, no-attention "
-                      f"{rest[k]:.2f} ms, density {achieved:.3f}", flush=True)
+            for rerank, times in sparse.items():
+                if None not in (dense[k], times[k], rest[k]):
+                    rows.append((n, label, rerank, dense[k], times[k], rest[k], times[2]))
+                    print(f"N={n} {label} rerank {rerank}: dense {dense[k]:.2f} ms, sparse {times[k]:.2f} ms, "
+                          f"no-attention {rest[k]:.2f} ms, density {times[2]:.3f}", flush=True)
 
     props = torch.cuda.get_device_properties(0)
     lines = [
@@ -98,7 +114,8 @@ def main() -> None:
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}, "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
         f"Command: `python3 experiments/bench_prefill.py --model {args.model} --seq "
-        f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} --out {args.out}`",
+        f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} --rerank-rows "
+        f"{' '.join(map(str, args.rerank_rows))} --out {args.out}`",
         "",
         "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of "
         "`triton.testing.do_bench` over the forward pass (LM head on the last position only). `eager` is the plain "
@@ -106,12 +123,12 @@ def main() -> None:
         "forward (Python and kernel launches included); `CUDA graph` replays the same forward captured once, which "
         "removes the host's launch overhead and leaves GPU time.",
         "",
-        "| N | mode | dense forward (ms) | sparse forward (ms) | speedup | forward without attention (ms) | "
-        "attention share of dense | attention: dense -> sparse (ms) | achieved density |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | mode | rerank rows | dense forward (ms) | sparse forward (ms) | speedup | forward without attention "
+        "(ms) | attention share of dense | attention: dense -> sparse (ms) | achieved density |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, label, dense, sparse, rest, achieved in rows:
-        lines.append(f"| {n} | {label} | {dense:.2f} | {sparse:.2f} | {dense / sparse:.2f}x | {rest:.2f} | "
+    for n, label, rerank, dense, sparse, rest, achieved in rows:
+        lines.append(f"| {n} | {label} | {rerank} | {dense:.2f} | {sparse:.2f} | {dense / sparse:.2f}x | {rest:.2f} | "
                      f"{(dense - rest) / dense:.0%} | {dense - rest:.2f} -> {sparse - rest:.2f} "
                      f"({(dense - rest) / max(1e-9, sparse - rest):.2f}x) | {achieved:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

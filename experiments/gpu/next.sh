@@ -108,4 +108,9 @@ job d005 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$g
 job q16k 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan final --densities 0.1 --seq-lens 16384 --texts novel code --ruler all \
   --ruler-samples 4 --batch-size 4 --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16k"
+# issue 17: Qwen at 16k, the default and the default reranked by 8 rows over top-p 0.99 (beside dense)
+job q16r 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan lever --reranks 8:0.99 --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank8@0.99 \
+  --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
+  --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16r"
 echo "$(date -u +%H:%M:%S) agenda done"

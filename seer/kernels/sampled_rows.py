@@ -46,10 +46,9 @@ __all__ = ["LAUNCH", "SCRATCH_BYTES", "program_layout", "sampled_offsets", "samp
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
-LAUNCH: dict = {"num_warps": None, "num_stages": None, "exp16": False}
-"""Launch settings on CUDA: ``num_warps`` (None: 8 for programs of 128 rows, else 4), ``num_stages`` (None: Triton's
-default) and ``exp16`` (the one-pass kernel's ``exp2`` as ``ex2.approx.f16x2``, two per instruction, its sums in
-float32; never under the interpreter). ``experiments/bench_rerank.py --launch`` times the alternatives."""
+LAUNCH: dict = {"num_warps": 4, "num_stages": None}
+"""Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default). 4 warps timed best on an H100
+(docs/bench_rerank.md); ``experiments/bench_rerank.py --launch`` times the alternatives."""
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
@@ -62,29 +61,32 @@ def sampled_offsets(block_size: int, rows: int) -> list[int]:
 
 
 @triton.jit
-def _sr_logits(q, K, stride_kn, kb, offs_n, offs_d, pos, own, N, qk_scale, DOT_PRECISION: tl.constexpr):
-    """``x2`` of the sampled rows against one key tile (``-inf`` where ``c > r_t``, which also drops ``c >= N``, and
-    in the rows whose head does not list the tile's block, ``own`` false)."""
+def _sr_logits(q, K, stride_kn, kb, offs_n, offs_d, pos, bias, diag, N, qk_scale, DOT_PRECISION: tl.constexpr):
+    """``x2`` of the sampled rows against one key tile, plus ``bias`` per row (``-inf`` in the rows whose head does
+    not list the tile's block); on the diagonal block (``diag``) also ``-inf`` where ``c > r_t``, which drops
+    ``c >= N`` too. Blocks before the diagonal need no causal mask: their keys precede every sampled row."""
     keys = kb + offs_n
     kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
-    x2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    return tl.where((keys[None, :] <= pos[:, None]) & own[:, None], x2, float("-inf"))
+    x2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + bias[:, None]
+    if diag:
+        x2 = tl.where(keys[None, :] <= pos[:, None], x2, float("-inf"))
+    return x2
 
 
 @triton.jit
-def _sr_own(cand_rows, idx_row, e):
-    """Entry ``e`` of the union list: its block ``c`` and, per row, whether the row's head lists it."""
+def _sr_entry(cand_rows, idx_row, e):
+    """Entry ``e`` of the union list: its block ``c`` and, per row, 0 where the row's head lists it, else ``-inf``."""
     c = tl.load(idx_row + e)
-    return c, tl.load(cand_rows + c) != 0
+    return c, tl.where(tl.load(cand_rows + c) != 0, 0.0, float("-inf"))
 
 
 @triton.jit
-def _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+def _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
               BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Pass 1 over the tiles of list entry ``e``: the online max ``m`` and sum ``z`` of each sampled row."""
-    c, own = _sr_own(cand_rows, idx_row, e)
+    c, bias = _sr_entry(cand_rows, idx_row, e)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, own, N, qk_scale,
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
                         DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(x2, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,44 +96,34 @@ def _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk
 
 
 @triton.jit
-def _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows, out_heads,
+def _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows, out_heads,
              head_ok, BS: tl.constexpr, BLOCK_N: tl.constexpr, PP: tl.constexpr, RP: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """Pass 2 for list entry ``e``: each head's weighted mean probability of its block over its sampled rows."""
-    c, own = _sr_own(cand_rows, idx_row, e)
+    c, bias = _sr_entry(cand_rows, idx_row, e)
     rows = tl.zeros_like(m)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, own, N, qk_scale,
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
                         DOT_PRECISION)
         rows += tl.sum(tl.math.exp2(x2 - m[:, None]), 1)
     tl.store(out_heads + c, tl.sum(tl.reshape(rows * scale_rows, (PP, RP)), 1), mask=head_ok)
 
 
 @triton.jit
-def _exp2_sum(x, EXP16: tl.constexpr):
-    """``sum(exp2(x), 1)`` in float32, the ``exp2`` in half precision two at a time with ``EXP16`` (``x <= 0``)."""
-    if EXP16:
-        e = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                                      is_pure=True, pack=2)
-        return tl.sum(e.to(tl.float32), 1)
-    return tl.sum(tl.math.exp2(x), 1)
-
-
-@triton.jit
-def _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
-                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EXP16: tl.constexpr):
+def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
+                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One pass over the tiles of list entry ``e``: the online ``m`` and ``z`` of each sampled row, and the entry's
     partial sum stored at ``part_e`` in base-2 log form (``m + log2 sum_{c in J} exp2(x2 - m)`` with the ``m`` of
     the entry's end; ``-inf`` where the row has no key in it)."""
-    c, own = _sr_own(cand_rows, idx_row, e)
+    c, bias = _sr_entry(cand_rows, idx_row, e)
     s = tl.zeros_like(z)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, own, N, qk_scale,
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
                         DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(x2, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        p = _exp2_sum(x2 - m_use[:, None], EXP16)
+        p = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
         z = z * alpha + p
         s = s * alpha + p
         m = m_new
@@ -157,8 +149,8 @@ def _sampled_rows_kernel(
     stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, EXP16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     i = I0 + tl.program_id(0)
     bl = tl.program_id(1)  # batch x list: LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
@@ -196,13 +188,13 @@ def _sampled_rows_kernel(
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
             while e < cnt:
-                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, EXP16)
+                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
-                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, EXP16)
+                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         if INTERP:
@@ -217,24 +209,24 @@ def _sampled_rows_kernel(
         if INTERP:
             e = 0
             while e < cnt:
-                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                  BS, BLOCK_N, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
-                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                  BS, BLOCK_N, DOT_PRECISION)
         scale_rows = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         m = tl.where(m == float("-inf"), 0.0, m)
         if INTERP:
             e = 0
             while e < cnt:
-                _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
                          out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
-                _sr_mass(q, K, stride_kn, idx_row, cand_rows, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
                          out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
 
 
@@ -298,7 +290,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     span = nb if passes == 2 else max(1, min(nb, SCRATCH_BYTES // per_block_bytes))
     part = torch.empty((b * lists, span, nb, pp * rp) if passes == 1 else (1, 1, 1, 1), dtype=torch.float32,
                        device=q.device)
-    launch = {"num_warps": LAUNCH["num_warps"] or (8 if pp * rp >= 128 else 4)}
+    launch = {"num_warps": LAUNCH["num_warps"]}
     if LAUNCH["num_stages"]:
         launch["num_stages"] = LAUNCH["num_stages"]
     for i0 in range(0, nb, span):
@@ -312,7 +304,6 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
             D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
             BLOCK_N=block_size if INTERPRET else min(block_size, 64),
             LAST_FALLBACK=min(offsets) >= last,
-            ONE_PASS=passes == 1, EXP16=bool(LAUNCH["exp16"]) and not INTERPRET,
-            DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, **launch,
+            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, **launch,
         )
     return out
