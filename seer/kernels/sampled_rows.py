@@ -143,7 +143,7 @@ def _sr_finish(idx_row, e, part_e, m, z_inv_w, out_heads, head_ok, PP: tl.conste
 
 @triton.jit
 def _sampled_rows_kernel(
-    Q, K, Offsets, Idx, Cnt, Cand, Out, Part,
+    Q, K, Idx, Cnt, Cand, Out, Part,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
@@ -162,7 +162,11 @@ def _sampled_rows_kernel(
     t = tl.arange(0, PP * RP)  # row t: head h0 + t // RP, sample t % RP
     g = t // RP
     smp = t % RP
-    raw = i * BS + tl.load(Offsets + smp, mask=smp < R, other=0)
+    if R == 1:  # sampled_offsets, computed here (no host tensor: the launch can be captured in a CUDA graph)
+        offset = tl.full([PP * RP], BS - 1, dtype=tl.int32)
+    else:
+        offset = (2 * smp * (BS - 1) + R - 1) // (2 * (R - 1))
+    raw = i * BS + tl.where(smp < R, offset, 0)
     w = ((smp < R) & (raw < N) & (g < P)).to(tl.float32)
     if LAST_FALLBACK:  # a short last block holding none of the sampled rows takes its last token
         w = tl.where((i == nb - 1) & (smp == 0) & (g < P), 1.0, w)
@@ -282,7 +286,6 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
     offsets = sampled_offsets(block_size, per_block)
-    offsets_t = torch.tensor(offsets, dtype=torch.int32, device=q.device)
     cand = candidates.view(torch.uint8)
     # one pass: each launch takes the query blocks whose scratch (a float per sampled row and list entry, at most
     # i + 1 entries for query block i) fits SCRATCH_BYTES
@@ -295,7 +298,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
         launch["num_stages"] = LAUNCH["num_stages"]
     for i0 in range(0, nb, span):
         _sampled_rows_kernel[(min(span, nb - i0), b * lists)](
-            q, k, offsets_t, idx, cnt, cand, out, part,
+            q, k, idx, cnt, cand, out, part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
             cand.stride(0), cand.stride(1), cand.stride(2), out.stride(0), out.stride(1), out.stride(2),
