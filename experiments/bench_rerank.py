@@ -2,7 +2,7 @@
 it selects for: dense causal attention (SDPA) and block-sparse attention at density 0.1 on the same shape.
 
     python -m experiments.bench_rerank [--n 32768 --hq 14 --hkv 2 --d 64] [--rows 8 16] [--share 0.1 0.3 0.7]
-                                        [--kernels 1:2 0:2 0:1] [--launch default w4 s2 e16]
+                                        [--kernels 1:2 0:2 0:1] [--launch default w8 s2]
                                         [--out docs/bench_rerank.md]
 
 Defaults: one layer of Qwen2.5-Coder-0.5B at 32k (B 1, Hq 14, Hkv 2, D 64, 64-token blocks, bf16, random Q/K).
@@ -12,8 +12,8 @@ head's set, the best case) or drawn per head (``independent``: the union is larg
 between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program, 0 the kernel's choice
 (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
 the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either.
-``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or letters joined: ``w<N>``
-warps, ``s<N>`` pipeline stages, ``e16`` half-precision ``exp2`` (e.g. ``w4s2e16``). Before timing, each
+``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps and
+``s<N>`` pipeline stages joined (e.g. ``w8s3``). Before timing, each
 configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`)
 at ``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
 ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the interpreter
@@ -35,18 +35,22 @@ from seer.kernels import block_sparse_attn, reference
 from seer.kernels import sampled_rows
 from seer.kernels.sampled_rows import program_layout, sampled_rows_mass
 
+DEFAULT_LAUNCH = dict(sampled_rows.LAUNCH)
+
 
 def launch_settings(spec: str) -> dict:
-    """``default`` or e.g. ``w4s2e16`` as :data:`seer.kernels.sampled_rows.LAUNCH` entries."""
-    out = {"num_warps": None, "num_stages": None, "exp16": False}
+    """``default`` (the kernel's own settings) or e.g. ``w8s3`` as :data:`seer.kernels.sampled_rows.LAUNCH`
+    entries."""
+    out = dict(DEFAULT_LAUNCH)
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?", spec)
     if spec == "default":
         return out
-    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(e16)?", spec)
-    if not parts or not spec:
-        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, e16 joined, e.g. w4s2e16")
-    out["num_warps"] = int(parts[1]) if parts[1] else None
-    out["num_stages"] = int(parts[2]) if parts[2] else None
-    out["exp16"] = bool(parts[3])
+    if not spec or not parts:
+        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N> and s<N> joined, e.g. w4s2")
+    if parts[1]:
+        out["num_warps"] = int(parts[1])
+    if parts[2]:
+        out["num_stages"] = int(parts[2])
     return out
 
 
@@ -86,7 +90,7 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", choices=["shared", "independent"], default=["shared", "independent"])
     ap.add_argument("--kernels", nargs="+", default=["1:2", "0:2", "0:1"],
                     help="HEADS:PASSES, heads per program (0: the kernel's choice) and passes over the keys (1 or 2)")
-    ap.add_argument("--launch", nargs="+", default=["default"], help="launch settings: default, or e.g. w4s2e16")
+    ap.add_argument("--launch", nargs="+", default=["default"], help="launch settings: default, or e.g. w8s3")
     ap.add_argument("--check-n", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

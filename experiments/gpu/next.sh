@@ -52,7 +52,7 @@ job kbench 480 bash -c "python3 experiments/bench_decode.py --variants --batch 1
 # the one-pass rerank kernel's launch settings (warps, pipeline stages, half-precision exp2) on the candidate shares
 # real heads hold (30-90% per key-head group)
 job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 \
-  --launch default w4 w8 s2 s4 e16 w4e16 --out $w/out/ktune/bench_rerank_launch.md
+  --launch default w8 s2 s4 --out $w/out/ktune/bench_rerank_launch.md
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py
 
 # the recipe's prefill gates (experiment=qwen05_gates: 800 steps of 16k rows, about 3 minutes on an H200)

@@ -3,6 +3,7 @@ random candidates have the promised layouts, and every configuration is checked 
 
 import sys
 
+import pytest
 import torch
 
 from experiments import bench_rerank as bench
@@ -27,10 +28,21 @@ def test_every_configuration_is_checked_and_tabled(monkeypatch, tmp_path):
     bench.main()
     lines = out.read_text().splitlines()
     rows = [line.split(" | ") for line in lines if line.startswith("| 4 ") or line.startswith("| 8 ")]
-    # rows x layouts x (one head per program, the kernel's choice: both heads of a group, 2 x 4 or 2 x 8 rows)
-    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
-        ("| 4", "shared", "1", "16"), ("| 4", "shared", "2", "16"), ("| 4", "independent", "1", "16"),
-        ("| 4", "independent", "2", "16"), ("| 8", "shared", "1", "16"), ("| 8", "shared", "2", "16"),
-        ("| 8", "independent", "1", "16"), ("| 8", "independent", "2", "16")]
+    # rows x layouts x kernels (1:2 one head per program and two passes; 0:2 the kernel's choice, both heads of a
+    # group in 2 x 4 or 2 x 8 rows, two passes; 0:1 the same in one pass)
+    kernels = [("1", "16", "2"), ("2", "16", "2"), ("2", "16", "1")]
+    assert [(r[0], r[2], r[3], r[4], r[5]) for r in rows] == [
+        (f"| {rows_}", layout, *kernel) for rows_ in (4, 8) for layout in ("shared", "independent")
+        for kernel in kernels]
+    assert all(r[6] == "default" for r in rows)
     assert all(float(r[-1].rstrip(" |")) < 1e-3 for r in rows)
     assert lines[0].startswith("Device: CPU")
+
+
+def test_launch_settings_are_parsed_and_bad_ones_named():
+    assert bench.launch_settings("default") == {"num_warps": 4, "num_stages": None}
+    assert bench.launch_settings("w8s3") == {"num_warps": 8, "num_stages": 3}
+    assert bench.launch_settings("s2") == {"num_warps": 4, "num_stages": 2}
+    for bad in ("w", "x4", "w4e16", ""):
+        with pytest.raises(ValueError, match=f"--launch {bad!r}"):
+            bench.launch_settings(bad)
