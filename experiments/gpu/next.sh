@@ -21,10 +21,11 @@ ls "$w"/austen/emma.txt > /dev/null || { echo "no novels: carry .assets/austen i
 model=(--model-dir /root/models/qwen05 --gguf qwen05.gguf --novels "$w/austen/[!e]*.txt"
        --eval-novel .assets/austen/emma.txt)
 gates=$w/work/train_base/gates
-# the default policy's row (recipe gates + vertical-slash at 0.5, threshold calibrated) and the dense pass of the
-# sessions before (same prompts and model), which needs these evaluation settings
-default=(--gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan lever
-         --only 'gate:base+vertical_slash@0.5')
+# the default policy's row (recipe gates + vertical-slash at 0.5, reranked by 8 rows over top-p 0.99, threshold
+# calibrated: the gate presets since 2026-12-05) and the dense pass of the sessions before (same prompts and model),
+# which needs these evaluation settings
+default=(--gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan lever --reranks 8:0.99
+         --only 'gate:base+vertical_slash@0.5+rerank8@0.99')
 ruler=(--texts novel code --ruler all --ruler-samples 4 --batch-size 4
        --dense-from docs/results/qwen/dense_32k_batch4.json --deadline-s 100000)
 
@@ -61,12 +62,10 @@ job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_
   "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384 \
   data.train_sequences=160 logger=none paths.output_dir="$w/work/train_base" paths.cache_dir="$w/work/cache"
 
-# issue 17: the default reranked (each row's top-p of its blended mass ranked again by R exact query rows per block):
-# 16 rows over top-p 0.99 won on Qwen at 32k (docs/results/qwen/rerank.md) but cost 103 ms of a 191 ms forward with
-# one query head per kernel program and two passes over the keys; again with a group's heads in one program and one
-# pass (its select ms), 8 rows at 0.99 (half the kernel's rows), and the candidates capped at 30% of each row's
-# causal blocks (the cost's bound). Where the rerank kernel failed its GPU test (ktests), the rerank runs through its
-# PyTorch contract instead.
+# issue 17: the blend alone and reranked (each row's top-p of its blended mass ranked again by R exact query rows per
+# block): 16 rows over top-p 0.99, the same with the candidates capped at 30% of each row's causal blocks, and 8 rows
+# (the default since; 2026-12-05 on an H100: docs/results/qwen/rerank.md). Where the rerank kernel failed its GPU
+# test (ktests), the rerank runs through its PyTorch contract instead.
 quality=(python3 experiments/quality_qwen.py)
 [ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import runpy, sys
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
@@ -77,10 +76,9 @@ job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes ba
     gate:base+vertical_slash@0.5+rerank16@0.99cap0.3 gate:base+vertical_slash@0.5+rerank8@0.99 \
   --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/rerank"
 
-# issue 17: the winner of `rerank` (16 rows over top-p 0.99 candidates) at density 0.05
-job r005 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --only gate:base+vertical_slash@0.5+rerank16@0.99 \
-  --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/r005"
+# issue 17: the default (8 rows over top-p 0.99 candidates) at density 0.05 (16 rows: RULER 44.9, dense 53.8)
+job r005 900 "${quality[@]}" "${model[@]}" "${default[@]}" --densities 0.05 "${ruler[@]}" --work "$w/work/q" \
+  --out "$w/out/r005"
 
 # issue 17, when no time is left to train gates: the training-free rerank alone on Qwen at 32k (vertical-slash
 # reranked by 16 rows over top-p 0.99, the defaults, beside the oracle and vertical-slash), through seer.eval, with
@@ -92,8 +90,9 @@ job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null 
   "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=reranked,oracle,vertical_slash \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/tfq/sweep"
 
-# issue 18: RULER answered through Quest at 2k tokens, with 0, 4 or 8 of its 32 blocks pinned to the prompt's focus
-# (4 pins: 47.7 against 50.7 with dense decode of the same prefill, 2026-12-05; docs/results/qwen/quest_decode_ruler.md)
+# issue 18: RULER answered through Quest at 2k tokens, with 0, 4 or 8 of its 32 blocks pinned to the prompt's focus,
+# after the default prefill (before the rerank became the default, 2026-12-05: 35.5 / 47.7 / 47.2 against 50.7 with
+# dense decode of the same prefill; docs/results/qwen/quest_decode_ruler.md)
 for pins in 0 4 8; do
   job "pins$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
     --densities 0.1 --decode-budget 2048 --decode-prompt-blocks "$pins" --work "$w/work/q" \

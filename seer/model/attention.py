@@ -418,10 +418,13 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     grid never built; elsewhere (training through the blend, CPU, other estimates) :func:`blend_mass` on the grid.
     The estimate's share is the layer's (:meth:`GateConfig.layer_weight`).
 
-    With ``gate_config.rerank_rows``, the (blended) scores only propose candidates, their top-``rerank_top_p`` blocks
-    of each row (at most ``rerank_max_share`` of its causal blocks), and a few query rows of each block rank those by
-    exact attention (no gradient; :func:`seer.sparsity.selectors.sampled_rows_mass`)."""
-    if gate_config.blend is None and not gate_config.rerank_rows:
+    With ``gate_config.rerank_rows``, at inference only, the (blended) scores only propose candidates, their
+    top-``rerank_top_p`` blocks of each row (at most ``rerank_max_share`` of its causal blocks), and a few query rows of
+    each block rank those by exact attention (:func:`seer.sparsity.selectors.sampled_rows_mass`). The rerank passes
+    no gradient, so training through the blend (scores that need one) gets the blend without it."""
+    inference = not (torch.is_grad_enabled() and scores.requires_grad)
+    rerank = gate_config.rerank_rows and inference
+    if gate_config.blend is None and not rerank:
         return scores
     from seer.sparsity import selectors
     from seer.sparsity.selectors import LayerInputs, blend_mass, build_selector
@@ -429,7 +432,6 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
     x = LayerInputs(query, key, block_size, scale, layer_idx)
     if gate_config.blend is not None:
         selector = build_selector(gate_config.blend)
-        inference = not (torch.is_grad_enabled() and scores.requires_grad)
         if selectors.FUSED_SELECTION_ON_CUDA and gate_config.blend == "vertical_slash" and scores.is_cuda \
                 and inference:
             from seer.kernels.vs_blend import vertical_slash_blend
@@ -437,7 +439,7 @@ def blend_gate_scores(gate_config: GateConfig, scores: torch.Tensor, query: torc
             scores = vertical_slash_blend(scores, *selector.vectors(x), gate_config.layer_weight(layer_idx))
         else:
             scores = blend_mass(scores, selector.mass(x), gate_config.layer_weight(layer_idx))
-    if not gate_config.rerank_rows:
+    if not rerank:
         return scores
     with torch.no_grad():
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()

@@ -123,15 +123,11 @@ class DistillConfig(GateTargetConfig):
             fail("stage", "loss_through_blend", self.loss_through_blend, "must be true or false")
 
     def check_gate(self, gate: GateConfig) -> None:
-        """Refuses ``loss_through_blend`` for gates used without a blend, or with a rerank (whose scores carry no
-        gradient to the gate)."""
+        """Refuses ``loss_through_blend`` for gates used without a blend. A rerank (``gate.rerank_rows``) is no
+        obstacle: it passes no gradient, so the loss takes the blend without it (the rerank is an inference step)."""
         if self.loss_through_blend and gate.blend is None:
             fail("stage", "loss_through_blend", True, "trains through the gates' blend, but gate.blend=null; "
                  "choose a gate.blend (e.g. vertical_slash) or stage.loss_through_blend=false")
-        if self.loss_through_blend and gate.rerank_rows:
-            fail("stage", "loss_through_blend", True, f"trains through the gates' blend, but gate.rerank_rows="
-                 f"{gate.rerank_rows} ranks the blend's candidates by exact attention, which passes no gradient to the "
-                 "gate; set gate.rerank_rows=0 to train (the rerank is an inference setting)")
 
 
 @dataclass

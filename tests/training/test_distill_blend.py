@@ -2,6 +2,7 @@
 checked against a float64 reference with a vertical-slash estimate computed by brute force; the metrics read the
 blend; gradients reach the gates alone; the option is refused for gates without a blend."""
 
+import dataclasses
 import math
 
 import pytest
@@ -125,11 +126,22 @@ def test_refused_for_gates_without_a_blend(tmp_path):
         DistillConfig(loss_through_blend="yes")
 
 
-def test_refused_through_a_rerank(tmp_path):
-    """A rerank's scores carry no gradient to the gate: training through it is refused before anything loads."""
-    with pytest.raises(ConfigError, match=r"stage\.loss_through_blend=True: .* gate\.rerank_rows=8"):
-        train(tmp_path, "stage.loss_through_blend=true", "gate.rerank_rows=8")
-    assert not any(tmp_path.iterdir())
+def test_a_rerank_is_left_out_of_the_loss_through_the_blend():
+    """The rerank passes no gradient: training through the blend takes the blend alone (the gate gets its gradient),
+    while a pass without gradient (inference, the validation metrics) reranks."""
+    gate = GateConfig(blend="vertical_slash", rerank_rows=4, rerank_top_p=0.9)
+    DistillConfig(loss_through_blend=True).check_gate(gate)  # accepted
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 1, 64, 16, generator=g)
+    scores = torch.randn(1, 2, 4, 4, generator=g, requires_grad=True)
+    trained = blend_gate_scores(gate, scores, q, k, 16, 0.25, 0)
+    plain = blend_gate_scores(dataclasses.replace(gate, rerank_rows=0), scores, q, k, 16, 0.25, 0)
+    torch.testing.assert_close(trained, plain)
+    trained.masked_fill(trained.isinf(), 0).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+    with torch.no_grad():
+        served = blend_gate_scores(gate, scores, q, k, 16, 0.25, 0)
+    assert not torch.allclose(served.masked_fill(served.isinf(), 0), plain.detach().masked_fill(plain.isinf(), 0))
 
 
 def test_the_option_composes_with_the_recipes(tmp_path):
