@@ -103,7 +103,8 @@ done
 job d005 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan final --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/d005"
 
-# issue 17: Qwen at 16k (the default beside the training-free selectors and the oracle, density 0.1)
+# issue 17: Qwen at 16k, the training-free selectors and the oracle beside the blend without the rerank (density 0.1;
+# the reranked default at 16k: job q16r)
 job q16k 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan final --densities 0.1 --seq-lens 16384 --texts novel code --ruler all \
   --ruler-samples 4 --batch-size 4 --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16k"
