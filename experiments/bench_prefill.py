@@ -90,12 +90,11 @@ def main() -> None:
             enable_sparse_prefill(model, sparsity, "triton")
 
         dense = measure(dense_mode)
-        sparse = {}
+        sparse = {}  # rerank rows -> (eager ms, CUDA-graph ms or None, achieved density)
         for rerank in args.rerank_rows:
             ctx.update(gate_config=dataclasses.replace(base_gate, rerank_rows=rerank))
-            sparse[rerank] = measure(sparse_mode)
-            achieved = sum(ctx.densities().values()) / len(ctx.densities())
-            sparse[rerank] = (*sparse[rerank], achieved)
+            eager, graph = measure(sparse_mode)
+            sparse[rerank] = (eager, graph, sum(ctx.densities().values()) / len(ctx.densities()))
         ctx.update(gate_config=base_gate)
         rest = measure(lambda: model.set_attn_implementation("seer_bench_none"))
         model.set_attn_implementation("seer")

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.bench_selectors import env_line, time_ms
-from seer.kernels import block_sparse_attn, reference
-from seer.kernels import sampled_rows
+from seer.kernels import block_sparse_attn, reference, sampled_rows
 from seer.kernels.sampled_rows import program_layout, sampled_rows_mass
 
 DEFAULT_LAUNCH = dict(sampled_rows.LAUNCH)
@@ -42,9 +41,9 @@ def launch_settings(spec: str) -> dict:
     """``default`` (the kernel's own settings) or e.g. ``w8s3`` as :data:`seer.kernels.sampled_rows.LAUNCH`
     entries."""
     out = dict(DEFAULT_LAUNCH)
-    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?", spec)
     if spec == "default":
         return out
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?", spec)
     if not spec or not parts:
         raise ValueError(f"--launch {spec!r}: expected 'default' or w<N> and s<N> joined, e.g. w4s2")
     if parts[1]:
