@@ -339,18 +339,21 @@ def plan(gates: list[str], densities: list[float], blends: list[tuple[str, float
     return jobs
 
 
-def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]]) -> list[Job]:
+def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str, float]],
+               rerank: tuple[int, float, float] | None = None) -> list[Job]:
     """The comparison behind the results table: at each density the default (the first gate set with the first
-    blend), the oracle and the training-free selectors that read the queries (vertical-slash, FlexPrefill,
-    XAttention's antidiagonal, vertical-slash reranked by sampled rows); at the first density also the plain gate and
-    streaming."""
+    blend, reranked as ``rerank`` says: the gate preset's rerank, :func:`preset_rerank`), the oracle and the
+    training-free selectors that read the queries (vertical-slash, FlexPrefill, XAttention's antidiagonal,
+    vertical-slash reranked by sampled rows); at the first density also the plain gate and streaming."""
     gate = gates[0]
     jobs = []
     for i, d in enumerate(densities):
         plain = SparsityConfig(method="threshold", target_density=d)
         if blends:
             name, w = blends[0]
-            jobs.append(Job(f"{gate}+{name}@{w}", gate, (name, w), plain))
+            suffix = f"+rerank{rerank[0]}@{rerank[1]:g}" + (f"cap{rerank[2]:g}" if rerank[2] < 1 else "") \
+                if rerank else ""
+            jobs.append(Job(f"{gate}+{name}@{w}{suffix}", gate, (name, w), plain, rerank=rerank))
         jobs += [Job(name, name, None, plain)
                  for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal", "reranked")]
         if not i:
@@ -379,6 +382,13 @@ def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
         jobs += [Job(gate, gate, None, plain) for gate in gates]
         jobs += [Job(name, name, None, plain) for name in baselines]
     return jobs
+
+
+def preset_rerank(model: str) -> tuple[int, float, float] | None:
+    """The rerank the model's gate recipe stores in its gates (``gate.rerank_rows`` / ``_top_p`` / ``_max_share`` of
+    its gate preset), None when it sets none: what ``seer.load(model, gates=...)`` does with them."""
+    gate = validate(compose([f"experiment={MODELS[model][1]}"])).gate
+    return (gate.rerank_rows, gate.rerank_top_p, gate.rerank_max_share) if gate.rerank_rows else None
 
 
 def rerank_fields(rerank: tuple[int, float, float] | None) -> dict:
@@ -600,7 +610,7 @@ def planned_jobs(args) -> list[Job | None]:
         raise SystemExit(f"--fit-hybrid: give --group-scorers a deployable scorer (a training-free selector or "
                          f"dense), not only {' '.join(args.group_scorers)}")
     plans = {"explore": lambda: plan(names, args.densities, blends, args.last_rows),
-             "final": lambda: final_plan(names, args.densities, blends),
+             "final": lambda: final_plan(names, args.densities, blends, preset_rerank(args.model)),
              "lever": lambda: lever_plan(names, args.densities, blends, tuple(args.baselines),
                                          tuple(args.allocations), parse_reranks(args.reranks)),
              "attribution": lambda: attribution_plan(names, args.densities, blends,

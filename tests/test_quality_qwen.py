@@ -59,6 +59,12 @@ def test_a_fitted_blend_is_parsed_and_planned_like_a_fixed_one(study):
     assert jobs[0][1:3] == ("gate:mass", ("vertical_slash", "fit"))
     final = study.final_plan(["gate:mass"], [0.1], blends)
     assert [label for label, *_ in final][:2] == ["gate:mass+vertical_slash@fit", "oracle"]
+    assert final[0].rerank is None
+    rerank = study.preset_rerank("qwen05")  # the recipe's gate preset reranks: the default row does too
+    assert rerank is not None and rerank[0] >= 1
+    reranked = study.final_plan(["gate:mass"], [0.1], blends, rerank)
+    assert reranked[0].label == f"gate:mass+vertical_slash@fit+rerank{rerank[0]}@{rerank[1]:g}"
+    assert reranked[0].rerank == rerank and all(job.rerank is None for job in reranked[1:])
     explore = [label for label, *_ in study.plan(["gate:mass"], [0.1], blends, 2)]
     assert explore[:3] == ["gate:mass", "gate:mass", "gate:mass+vertical_slash@fit"]
     assert "gate:mass+vertical_slash@0.5" in explore

@@ -104,7 +104,8 @@ for pins in 0 4 8; do
     --out "$w/out/pins$pins"
 done
 
-# issue 17: the full table at density 0.05 (the default, the training-free selectors, the oracle)
+# issue 17: the full table at density 0.05 (the default reranked as the gate preset says, the training-free
+# selectors, the oracle)
 job d005 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan final --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/d005"
 
