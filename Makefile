@@ -25,7 +25,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=15   # the slowest tests, to keep CI near 15 minutes
 
 # on a CUDA machine: the GPU-marked tests
 test-gpu: setup
