@@ -7,7 +7,8 @@ the teacher-forced top-1 agreement was added after that run.
 1. Trains decode gates (``stage=distill_decode`` on the novels and stdlib code, ``--train-len``-token rows,
    ``--steps`` steps) unless ``--decode-gates`` gives trained ones; with ``--quest-blocks`` none at all: a model per
    block size decoding by Quest alone (training-free, :func:`seer.model.decode.attach_quest_decode`), all measured
-   against one dense pass. ``--prompt-blocks`` pins that many prompt blocks in every budget.
+   against one dense pass. ``--prompt-blocks`` pins that many prompt blocks in every budget, ``--recent-blocks`` keeps
+   that many blocks before the newest (a local window).
 2. On a held-out novel (``--eval-novel``, evaluated whole), for ``--windows`` windows of ``--prompt-len`` tokens plus
    ``--continuation`` tokens: a dense prefill of the prompt, then the continuation teacher forced one token per
    decode step over the KV cache, dense and through the decode selection at each ``--budgets`` token budget (scored
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-blocks", type=int, default=0,
                     help="key blocks of the prompt its last queries attend most, kept at every decode step "
                          "(DecodeSparsityConfig.prompt_blocks, counted in the budget; 0: none)")
+    ap.add_argument("--recent-blocks", type=int, default=0,
+                    help="key blocks before the newest kept at every decode step, a local window "
+                         "(DecodeSparsityConfig.recent_blocks, counted in the budget; 0: none)")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
@@ -90,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  f"gates are used)")
     for budget in args.budgets:
         for estimate in [{}, *args.estimates]:  # a bad budget fails here, before anything loads
-            DecodeSparsityConfig(token_budget=budget, prompt_blocks=args.prompt_blocks, **estimate)
+            DecodeSparsityConfig(token_budget=budget, prompt_blocks=args.prompt_blocks,
+                                 recent_blocks=args.recent_blocks, **estimate)
         for block in args.quest_blocks:
             DecodeSparsityConfig(token_budget=budget, **QUEST_ALONE).check_block_size(block)
     if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1:
@@ -198,12 +203,13 @@ def dense_window(model, prompt: torch.Tensor, continuation: torch.Tensor, greedy
 
 def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budgets: list[int], greedy: int,
                    pad_token_id: int, kernel: str, estimates: list[dict] = (),
-                   dense: tuple | None = None, prompt_blocks: int = 0) -> list[dict]:
+                   dense: tuple | None = None, prompt_blocks: int = 0, recent_blocks: int = 0) -> list[dict]:
     """The rows of one window: dense decode, then each budget scored by the gate and with each of ``estimates``
     (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense).
     A model without decode gates (:func:`quest_model`) has Quest-alone rows only, named ``quest/<block size>``.
     ``dense``: the window's dense ``(nll, top tokens, greedy tokens)`` measured before (then no dense row).
-    ``prompt_blocks``: every budget's pinned prompt blocks (``DecodeSparsityConfig.prompt_blocks``)."""
+    ``prompt_blocks`` / ``recent_blocks``: every budget's pinned prompt blocks and kept blocks before the newest
+    (``DecodeSparsityConfig.prompt_blocks`` / ``recent_blocks``)."""
     decode = model.seer_decode
     gated = decode.gated
     rows = []
@@ -213,7 +219,8 @@ def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budg
     dense_nll, dense_top, dense_tokens = dense
     for budget in budgets:
         for estimate in [{}, *estimates] if gated else [QUEST_ALONE]:
-            decode.enable(DecodeSparsityConfig(token_budget=budget, prompt_blocks=prompt_blocks, **estimate), kernel)
+            decode.enable(DecodeSparsityConfig(token_budget=budget, prompt_blocks=prompt_blocks,
+                                               recent_blocks=recent_blocks, **estimate), kernel)
             nll, top = continuation_nll(model, prompt, continuation)
             density = decode.mean_density()
             agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
@@ -260,7 +267,7 @@ def main() -> None:
         window_rows = [dense_row]
         for model in models:  # every block size (or the one gated model) against the same dense decode
             window_rows += measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel,
-                                          args.estimates, dense, args.prompt_blocks)
+                                          args.estimates, dense, args.prompt_blocks, args.recent_blocks)
         for row in window_rows:
             rows.append({"window": window, **row})
             print(f"[decode] window {window} budget {row['budget']} {row['scores']}: nll {row['nll']:.4f} "

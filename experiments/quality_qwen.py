@@ -558,6 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-prompt-blocks", type=int, default=0,
                     help="--decode-budget: blocks of the prompt its last queries attend most, kept at every decode "
                     "step (DecodeSparsityConfig.prompt_blocks; 0: none)")
+    ap.add_argument("--decode-recent-blocks", type=int, default=0,
+                    help="--decode-budget: blocks before the newest kept at every decode step, a local window "
+                    "(DecodeSparsityConfig.recent_blocks; 0: none)")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
     ap.add_argument("--copy", type=int, default=5)
@@ -595,9 +598,10 @@ def planned_jobs(args) -> list[Job | None]:
                                  ("--fit-hybrid", args.fit_hybrid, False)):
         if value != default and args.plan != "attribution":
             raise SystemExit(f"{flag}: only for --plan attribution, not {args.plan}")
-    if args.decode_prompt_blocks and not args.decode_budget or args.decode_prompt_blocks < 0:
-        raise SystemExit(f"--decode-prompt-blocks {args.decode_prompt_blocks}: give a number >= 0, with "
-                         f"--decode-budget")
+    for flag, value in (("--decode-prompt-blocks", args.decode_prompt_blocks),
+                        ("--decode-recent-blocks", args.decode_recent_blocks)):
+        if value and not args.decode_budget or value < 0:
+            raise SystemExit(f"{flag} {value}: give a number >= 0, with --decode-budget")
     if args.allocations != ["global"] and args.plan != "lever":
         raise SystemExit(f"--allocations: only for --plan lever, not {args.plan}")
     if args.reranks and args.plan != "lever":
@@ -662,7 +666,8 @@ def main() -> None:
             attach_quest_decode(models[key], models[key].seer_context.block_size)
     del base
     decode = DecodeSparsityConfig(token_budget=args.decode_budget, estimate="quest", estimate_weight=1.0,
-                                  prompt_blocks=args.decode_prompt_blocks) if args.decode_budget else None
+                                  prompt_blocks=args.decode_prompt_blocks,
+                                  recent_blocks=args.decode_recent_blocks) if args.decode_budget else None
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = evaluation_configs(args)
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
@@ -732,7 +737,8 @@ def main() -> None:
             for row in evaluators[key, name].evaluate(selector, sparsity, dense[name], decode=decode,
                                                       layer_selectors=layer_selectors):
                 row.update(text=name, selector=label + (f" +quest{args.decode_budget}" if decode else "")
-                           + (f"+pin{args.decode_prompt_blocks}" if decode and args.decode_prompt_blocks else ""),
+                           + (f"+pin{args.decode_prompt_blocks}" if decode and args.decode_prompt_blocks else "")
+                           + (f"+recent{args.decode_recent_blocks}" if decode and args.decode_recent_blocks else ""),
                            blend_weights=weights, group_layers=list(group_layers),
                            group_scorer=group_scorer if group_layers or hybrid else None, hybrid_fit=hybrid)
                 rows.append(row)

@@ -122,6 +122,12 @@ def test_pinned_prompt_blocks_are_kept_beside_the_budget(study):
     plain, pinned = (study.measure_window(model, prompt, continuation, [32], greedy=4, pad_token_id=2,
                                           kernel="reference", dense=dense, prompt_blocks=p)[0] for p in (0, 2))
     assert plain["density"] == pytest.approx(2 / 8) and pinned["density"] == pytest.approx(4 / 8)
+    # --recent-blocks: the three blocks before the newest join the first and the newest (5 of 8 blocks)
+    recent = study.measure_window(model, prompt, continuation, [32], greedy=4, pad_token_id=2, kernel="reference",
+                                  dense=dense, recent_blocks=3)[0]
+    assert recent["density"] == pytest.approx(5 / 8) and recent["nll"] != pytest.approx(plain["nll"], rel=1e-6)
+    with pytest.raises(ConfigError, match="decode_sparsity.recent_blocks=-1"):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recent-blocks", "-1"])
     assert study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--prompt-blocks", "2"]) \
         .prompt_blocks == 2
     with pytest.raises(ConfigError, match="decode_sparsity.prompt_blocks=-1"):

@@ -543,10 +543,12 @@ def test_a_decode_budget_is_at_least_a_block_and_not_beside_shared_gates(study):
     assert study.parse_args([*base, "--decode-budget", "2048"]).decode_budget == 2048
     assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048"]))
     assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048", "--decode-prompt-blocks", "4"]))
+    assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048", "--decode-recent-blocks", "2"]))
     for bad in (["--decode-budget", "32"], ["--decode-budget", "-1"],
                 ["--decode-budget", "2048", "--shared-gates", "s=/g"], ["--decode-prompt-blocks", "4"],
-                ["--decode-budget", "2048", "--decode-prompt-blocks", "-1"]):
-        with pytest.raises(SystemExit, match="--decode-budget|--decode-prompt-blocks"):
+                ["--decode-budget", "2048", "--decode-prompt-blocks", "-1"], ["--decode-recent-blocks", "2"],
+                ["--decode-budget", "2048", "--decode-recent-blocks", "-1"]):
+        with pytest.raises(SystemExit, match="--decode-budget|--decode-prompt-blocks|--decode-recent-blocks"):
             study.planned_jobs(study.parse_args([*base, *bad]))
 
 

@@ -129,6 +129,20 @@ job s8k 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "
   --only gate:base+vertical_slash@0.5+rerank8@0.99 gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
     gate:base+vertical_slash@0.5 --densities 0.1 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
   --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" --out "$w/out/s8k"
+# issue 18: a local window in training-free decode (Quest alone at 2k tokens, 64-token blocks): the continuation NLL
+# of two windows of the novel with 0, 2 and 4 blocks before the newest kept (SmolLM2 at 8k on a CPU, one window:
+# +5.11% -> +2.26% with 2), then RULER through it with 2 (and 2 + 4 pins) after the default prefill
+for recent in 0 2 4; do
+  job "recent$recent" 600 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+    --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
+    --recent-blocks "$recent" --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/recent$recent"
+done
+for pins in 0 4; do
+  job "rruler$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
+    --densities 0.1 --decode-budget 2048 --decode-recent-blocks 2 --decode-prompt-blocks "$pins" --work "$w/work/q" \
+    --out "$w/out/rruler$pins"
+done
+
 # issue 17: RULER's eight needle tasks with twice the samples, dense and the default at 32k (with 4 samples the default
 # was under dense on niah_multikey_2 and multiquery by two samples or queries each; two runs of one selection move a
 # 4-sample mean by about 2 points), one evaluated window of the novel

@@ -17,7 +17,9 @@ its post-RoPE keys bound ``q.k`` from above, :func:`~seer.model.decode_cache.key
 query-aware estimate; ``w = 1`` is Quest alone (the gate not consulted). The budgets then read those log-probabilities
 as they read gate logits (a top-k is order-only; the threshold's softmax of them is the mixture itself).
 
-The newest (partial) block is always kept; the first block too when ``first_block``; and with ``prompt_blocks`` P > 0,
+The newest (partial) block is always kept; the first block too when ``first_block``; with ``recent_blocks`` R > 0 the
+R full blocks before the newest (a local window of the last ``R x block_size`` to ``(R + 1) x block_size`` tokens,
+which prose continuation leans on most); and with ``prompt_blocks`` P > 0,
 per KV head the P blocks of the prompt that its last block of queries attended most in the prefill (SnapKV's
 observation window: the question at the end of a prompt points at what the answer will need; the first block is left
 out of the choice when it is kept anyway). They are pinned for the whole generation
@@ -69,6 +71,7 @@ class DecodeSparsityConfig:
     estimate: Optional[str] = None
     estimate_weight: float = 0.5
     prompt_blocks: int = 0
+    recent_blocks: int = 0
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -94,6 +97,9 @@ class DecodeSparsityConfig:
         if not is_int(self.prompt_blocks) or self.prompt_blocks < 0:
             fail("decode_sparsity", "prompt_blocks", self.prompt_blocks,
                  "is a number of key blocks kept from the prompt's end (0: none); must be an integer >= 0")
+        if not is_int(self.recent_blocks) or self.recent_blocks < 0:
+            fail("decode_sparsity", "recent_blocks", self.recent_blocks,
+                 "is a number of key blocks kept before the newest (0: none); must be an integer >= 0")
         if self.prompt_blocks and self.target_density is not None:
             fail("decode_sparsity", "prompt_blocks", self.prompt_blocks,
                  "a calibrated threshold (target_density) is fitted without prompt blocks; give 0, or a threshold "
@@ -114,6 +120,8 @@ class DecodeSparsityConfig:
     def describe(self) -> str:
         """The budget in a few words (what messages and result tables name)."""
         first = "" if self.first_block else ", no first block"
+        if self.recent_blocks:
+            first += f", {self.recent_blocks} recent blocks"
         if self.prompt_blocks:
             first += f", {self.prompt_blocks} prompt blocks"
         if self.estimate is not None:
@@ -131,7 +139,8 @@ class DecodeSparsityConfig:
         they are more, at most ``num_blocks``; every valid block for the other methods)."""
         if self.method != "token_budget":
             return num_blocks
-        return min(num_blocks, max(self.token_budget // block_size, 1 + self.first_block + self.prompt_blocks))
+        forced = 1 + self.first_block + self.recent_blocks + self.prompt_blocks
+        return min(num_blocks, max(self.token_budget // block_size, forced))
 
     def check_training_free(self) -> None:
         """Refuses a budget that needs decode gates, for decode without them (:func:`seer.model.decode.
@@ -229,8 +238,8 @@ def _newest_block(seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
 def _forced_blocks(blocks: torch.Tensor, newest: torch.Tensor, sparsity: DecodeSparsityConfig,
                    pinned: torch.Tensor | None = None) -> torch.Tensor:
     """``[R, 1, nb]`` (``[R, Hkv, nb]`` with ``pinned``): the blocks kept whatever their score (the newest, the first
-    with ``first_block``, and the ``pinned [R, Hkv, nb]`` prompt blocks)."""
-    forced = blocks == newest
+    with ``first_block``, the ``recent_blocks`` before the newest, and the ``pinned [R, Hkv, nb]`` prompt blocks)."""
+    forced = (blocks <= newest) & (blocks >= newest - sparsity.recent_blocks)
     if sparsity.first_block:
         forced[..., 0] = True
     return forced if pinned is None else forced | pinned

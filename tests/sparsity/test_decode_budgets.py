@@ -19,7 +19,8 @@ def _brute(scores, seqlens, cfg, tau=None):
         newest = (int(seqlens[i]) - 1) // BS
         heads = []
         for g in range(h):
-            forced = {newest} | ({0} if cfg.first_block else set())
+            forced = {newest} | ({0} if cfg.first_block else set()) \
+                | set(range(max(0, newest - cfg.recent_blocks), newest))
             valid = list(range(newest + 1))
             if cfg.method == "dense":
                 kept = set(valid)
@@ -42,8 +43,11 @@ def _lists(index):
     DecodeSparsityConfig(method="token_budget", token_budget=48),
     DecodeSparsityConfig(method="token_budget", token_budget=40, first_block=False),  # 2 blocks: 40 // 16
     DecodeSparsityConfig(method="token_budget", token_budget=16),  # 1 block, but 2 forced ones kept
+    DecodeSparsityConfig(method="token_budget", token_budget=64, recent_blocks=2),  # a window of 2 before the newest
+    DecodeSparsityConfig(method="token_budget", token_budget=16, recent_blocks=1, first_block=False),  # 2 forced
     DecodeSparsityConfig(method="threshold", threshold=0.15),
     DecodeSparsityConfig(method="threshold", threshold=0.15, first_block=False),
+    DecodeSparsityConfig(method="threshold", threshold=0.3, recent_blocks=3),
     DecodeSparsityConfig(method="dense"),
 ])
 def test_decode_budgets_match_brute_force(cfg):
@@ -66,7 +70,9 @@ def test_decode_budgets_match_brute_force(cfg):
     DecodeSparsityConfig(method="token_budget", token_budget=40, first_block=False),
     DecodeSparsityConfig(method="token_budget", token_budget=16),
     DecodeSparsityConfig(method="token_budget", token_budget=160),  # more blocks than any sequence has
+    DecodeSparsityConfig(method="token_budget", token_budget=48, recent_blocks=2),
     DecodeSparsityConfig(method="threshold", threshold=0.15),
+    DecodeSparsityConfig(method="threshold", threshold=0.15, recent_blocks=1),
     DecodeSparsityConfig(method="dense"),
 ])
 def test_a_decode_steps_blocks_are_the_masks(cfg):
@@ -92,6 +98,26 @@ def test_calibrated_threshold_reaches_the_target():
     assert abs(float(decode_density(mask, seqlens, BS)) - 0.5) < 0.03
     with pytest.raises(ValueError, match="target_density=0.5 needs its calibrated threshold"):
         decode_block_mask(scores, seqlens, cfg, BS)
+
+
+def test_recent_blocks_are_checked_named_and_bound_the_width():
+    budget = DecodeSparsityConfig(token_budget=32, recent_blocks=3)
+    assert budget.describe() == "token_budget=32, 3 recent blocks" and budget.stored()["recent_blocks"] == 3
+    assert budget.max_kept_blocks(100, 16) == 5  # the first, the newest and three before it outgrow two blocks
+    assert DecodeSparsityConfig(token_budget=32, recent_blocks=3, prompt_blocks=2).max_kept_blocks(100, 16) == 7
+    for value in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=f"decode_sparsity.recent_blocks={value!r}: .*must be an integer >= 0"):
+            DecodeSparsityConfig(recent_blocks=value)
+    # a calibrated threshold takes them (they are part of every mask it calibrates)
+    cfg = DecodeSparsityConfig(method="threshold", target_density=0.5, recent_blocks=2)
+    torch.manual_seed(2)
+    scores, seqlens = torch.randn(40, 2, 32) * 2, torch.randint(257, 513, (40,))
+    mask = decode_block_mask(scores, seqlens, cfg, BS, calibrate_decode_threshold(scores, seqlens, cfg, BS))
+    assert abs(float(decode_density(mask, seqlens, BS)) - 0.5) < 0.03
+    newest = (seqlens - 1) // BS
+    for i in range(40):
+        recent = range(max(0, int(newest[i]) - 2), int(newest[i]) + 1)
+        assert mask[i, :, recent].all()
 
 
 def test_decode_budgets_refuse_bad_input():
