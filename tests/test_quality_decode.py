@@ -109,8 +109,9 @@ def test_quest_alone_rows_without_decode_gates(study):
         assert 0 < row["density"] < 1 and row["nll"] != pytest.approx(dense_row["nll"], rel=1e-5)
 
 
-def test_pinned_prompt_blocks_are_kept_beside_the_budget(study):
-    """--prompt-blocks: a budget of the first and newest block plus two pins keeps more than the same budget alone."""
+def test_pinned_prompt_blocks_and_recent_blocks_are_kept_beside_the_budget(study):
+    """--prompt-blocks / --recent-blocks: a budget of the first and newest block plus two pins, or plus the three
+    blocks before the newest, keeps more than the same budget alone."""
     from seer.model.decode import attach_quest_decode
 
     ids = torch.randint(3, 300, (1, 120), generator=torch.Generator().manual_seed(1))
