@@ -351,9 +351,7 @@ def final_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
         plain = SparsityConfig(method="threshold", target_density=d)
         if blends:
             name, w = blends[0]
-            suffix = f"+rerank{rerank[0]}@{rerank[1]:g}" + (f"cap{rerank[2]:g}" if rerank[2] < 1 else "") \
-                if rerank else ""
-            jobs.append(Job(f"{gate}+{name}@{w}{suffix}", gate, (name, w), plain, rerank=rerank))
+            jobs.append(Job(f"{gate}+{name}@{w}{rerank_suffix(rerank)}", gate, (name, w), plain, rerank=rerank))
         jobs += [Job(name, name, None, plain)
                  for name in ("oracle", "vertical_slash", "flexprefill", "antidiagonal", "reranked")]
         if not i:
@@ -376,12 +374,20 @@ def lever_plan(gates: list[str], densities: list[float], blends: list[tuple[str,
                      dataclasses.replace(plain, allocation=alloc))
                  for alloc in allocations for name, w in blends for gate in gates]
         first = [(f"{gate}+{blends[0][0]}@{blends[0][1]}", blends[0]) if blends else (gate, None) for gate in gates]
-        jobs += [Job(f"{label}+rerank{rows}@{p:g}" + (f"cap{cap:g}" if cap < 1 else ""), gate, blend, plain,
-                     rerank=(rows, p, cap))
-                 for rows, p, cap in reranks for gate, (label, blend) in zip(gates, first)]
+        jobs += [Job(f"{label}{rerank_suffix(rerank)}", gate, blend, plain, rerank=rerank)
+                 for rerank in reranks for gate, (label, blend) in zip(gates, first)]
         jobs += [Job(gate, gate, None, plain) for gate in gates]
         jobs += [Job(name, name, None, plain) for name in baselines]
     return jobs
+
+
+def rerank_suffix(rerank: tuple[int, float, float] | None) -> str:
+    """A row label's rerank part: ``+rerank8@0.99``, ``cap0.3`` after it when the candidates are capped, empty for
+    none."""
+    if not rerank:
+        return ""
+    rows, top_p, cap = rerank
+    return f"+rerank{rows}@{top_p:g}" + (f"cap{cap:g}" if cap < 1 else "")
 
 
 def preset_rerank(model: str) -> tuple[int, float, float] | None:
