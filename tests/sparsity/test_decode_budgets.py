@@ -172,7 +172,8 @@ def _unique_list_cases():
 def test_a_decode_steps_lists_never_repeat_a_block():
     """The model's decode path passes ``unique_blocks=True`` to the decode kernel: every list of
     decode_step_blocks holds each block at most once, and the kernel gives the same output with and without the
-    repeat check on them (under the interpreter on the CPU)."""
+    repeat check on them (under the interpreter on the CPU, which is slow: on every fifth case, each cache length and
+    both split counts among them)."""
     from seer.kernels import block_sparse_decode
 
     gen = torch.Generator().manual_seed(12)
@@ -182,6 +183,8 @@ def test_a_decode_steps_lists_never_repeat_a_block():
             kept = row[row >= 0]
             assert kept.unique().numel() == kept.numel(), (cfg, row)
         assert (index <= newest[:, None, None]).all()
+        if i % 5:
+            continue
         r, hkv, nb = scores.shape
         seqlens = (newest * BS + torch.randint(1, BS + 1, (r,), generator=gen)).clamp(max=nb * BS).int()
         q = torch.randn(r, 2 * hkv, 1, 16, generator=gen)
