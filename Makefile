@@ -25,7 +25,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q -m "not gpu" --durations=15   # the slowest tests, to keep CI near 15 minutes
+	# one worker per core, each test file on one worker (its module fixtures built once); the 15 slowest tests are
+	# listed, to keep CI near 15 minutes
+	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadfile --durations=15
 
 # on a CUDA machine: the GPU-marked tests
 test-gpu: setup
