@@ -129,6 +129,13 @@ job s8k 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "
   --only gate:base+vertical_slash@0.5+rerank8@0.99 gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
     gate:base+vertical_slash@0.5 --densities 0.1 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
   --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" --out "$w/out/s8k"
+# issue 17: the oracle (true block mass, threshold calibrated to 0.1) at 32- and 64-token blocks on SmolLM2 at 8k,
+# with RULER (on the CPU, two windows of the novel: +1.42% at 32 against +6.10% at 64, at density 0.104 both)
+job blk8k 900 python3 -m seer.eval -m model=smollm2 model.package=null model.name_or_path=/root/models \
+  'eval.seq_lens=[8192]' eval.windows=3 eval.calibration_windows=2 eval.passkey=10 eval.copy=5 eval.batch_size=4 \
+  eval.ruler=all eval.ruler_samples=4 eval.timing=false sparsity=threshold sparsity.target_density=0.1 logger=none \
+  data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=oracle block_size=32,64 \
+  paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/blk8k/sweep"
 # issue 18: a local window in training-free decode (Quest alone at 2k tokens, 64-token blocks): the continuation NLL
 # of two windows of the novel with 0, 2 and 4 blocks before the newest kept (SmolLM2 at 8k on a CPU, one window:
 # +5.11% -> +2.26% with 2), then RULER through it with 2 (and 2 + 4 pins) after the default prefill
