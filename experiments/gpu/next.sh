@@ -61,6 +61,11 @@ job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py
 job graph 420 python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16 \
   --out $w/out/graph/bench_prefill_qwen.md
 
+# SmolLM2's whole-model prefill at 8k with 32- and 64-token gate blocks (the oracle loses far less at 32 there:
+# job blk8k), the rerank off and 8 rows
+job blkbench 420 bash -c "for bs in 32 64; do python3 experiments/bench_prefill.py --model smollm2 --seq 8192 \
+  --block-size \$bs --rerank-rows 0 8 --out $w/out/blkbench/bench_prefill_smollm2_block\$bs.md || exit 1; done"
+
 # the recipe's prefill gates (experiment=qwen05_gates: 800 steps of 16k rows, about 3 minutes on an H200)
 job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_0_5b model.package=null \
   model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
