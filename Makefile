@@ -23,10 +23,10 @@ $(STAMP): requirements/pinned.txt requirements/lock.txt pyproject.toml
 demo: setup
 	$(BIN)/python -m seer.train sparsity.target_density=0.3
 
+# pytest on one worker per core (pytest-xdist), each test file on one worker (its module fixtures built once); the
+# 15 slowest tests are listed, to keep CI near 15 minutes
 test: setup
 	$(BIN)/python -m ruff check .
-	# one worker per core, each test file on one worker (its module fixtures built once); the 15 slowest tests are
-	# listed, to keep CI near 15 minutes
 	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadfile --durations=15
 
 # on a CUDA machine: the GPU-marked tests

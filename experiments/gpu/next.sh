@@ -126,8 +126,9 @@ job q16r 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base=
   --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16r"
 # issue 17: SmolLM2-135M at 8k (staged by prepare.sh smollm2 into /root/models): the recipe's gates trained (600
-# steps of 8k rows), then the default (reranked by 8 rows over top-p 0.99), 16 rows, the training-free rerank
-# (vertical-slash reranked) and the blend without the rerank, with the dense pass of 2026-12-04 (same settings)
+# steps of 8k rows; 32-token blocks, the recipe's since 2026-12-06), then the default (reranked by 8 rows over top-p
+# 0.99), 16 rows, the training-free rerank (vertical-slash reranked, at the gates' block size) and the blend without
+# the rerank, with the dense pass of 2026-12-04 (same settings)
 job s8k 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
   --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
   --blends vertical_slash:0.5 --plan lever --reranks 8:0.99 16:0.99 --baselines reranked \
