@@ -41,15 +41,17 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[8192])
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--gate", default="avgmax", help="a conf/gate name")
-    ap.add_argument("--block-size", type=int, default=64, help="the gate's block size (gate.block_size)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="the gate's block size (gate.block_size; default: the preset's)")
     ap.add_argument("--rerank-rows", type=int, nargs="+", default=[0], help="gate.rerank_rows values to time")
     ap.add_argument("--out", default="docs/bench_prefill.md")
     args = ap.parse_args()
     if any(r < 0 for r in args.rerank_rows):
         ap.error(f"--rerank-rows {args.rerank_rows}: each must be >= 0")
 
-    run = validate(compose([f"model={args.model}", f"gate={args.gate}", f"gate.block_size={args.block_size}",
-                            "model.random_init=true", "model.dtype=bfloat16"]))
+    block = [f"gate.block_size={args.block_size}"] if args.block_size is not None else []
+    run = validate(compose([f"model={args.model}", f"gate={args.gate}", *block, "model.random_init=true",
+                            "model.dtype=bfloat16"]))
     torch.manual_seed(0)
     model = load(run.model, gate_config=run.gate, device="cuda", kernel="triton")
     model.config.use_cache = False
@@ -109,16 +111,15 @@ def main() -> None:
 
     props = torch.cuda.get_device_properties(0)
     lines = [
-        f"# Whole-model prefill: {args.model} shape, sparse (gate `{args.gate}`, {args.block_size}-token blocks, "
+        f"# Whole-model prefill: {args.model} shape, sparse (gate `{args.gate}`, {run.gate.block_size}-token blocks, "
         "top-k) vs dense",
         "",
         f"Device: {props.name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}, "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
         f"Command: `python3 experiments/bench_prefill.py --model {args.model} --seq "
-        f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} --block-size {args.block_size} "
-        "--rerank-rows "
-        f"{' '.join(map(str, args.rerank_rows))} --out {args.out}`",
+        f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} "
+        f"--block-size {run.gate.block_size} --rerank-rows {' '.join(map(str, args.rerank_rows))} --out {args.out}`",
         "",
         "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of "
         "`triton.testing.do_bench` over the forward pass (LM head on the last position only). `eager` is the plain "
