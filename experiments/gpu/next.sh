@@ -100,6 +100,15 @@ job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null 
   "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=reranked,oracle,vertical_slash \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/tfq/sweep"
 
+# issue 17, density 0.05 on Qwen at 32k (goal: RULER mean within 5 points of dense; the oracle at 64-token blocks is
+# 8.1 under): the oracle at 32- and 64-token blocks, as on SmolLM2 at 8k (CPU: +6.10% -> +1.42% at 0.1 from 32)
+job qblk005 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null \
+  model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
+  'eval.seq_lens=[32768]' eval.windows=3 eval.calibration_windows=2 eval.passkey=10 eval.copy=5 eval.batch_size=4 \
+  eval.ruler=all eval.ruler_samples=4 eval.timing=false sparsity=threshold sparsity.target_density=0.05 logger=none \
+  data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=oracle block_size=32,64 \
+  paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/qblk005/sweep"
+
 # issue 18: RULER answered through Quest at 2k tokens, with 0, 4 or 8 of its 32 blocks pinned to the prompt's focus,
 # after the default prefill (before the rerank became the default, 2026-12-05: 35.5 / 47.7 / 47.2 against 50.7 with
 # dense decode of the same prefill; docs/results/qwen/quest_decode_ruler.md)
