@@ -61,16 +61,17 @@ job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py
 job graph 420 python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16 \
   --out $w/out/graph/bench_prefill_qwen.md
 
-# SmolLM2's whole-model prefill at 8k with 32- and 64-token gate blocks (the oracle loses far less at 32 there:
-# job blk8k), the rerank off and 8 rows
+# SmolLM2's whole-model prefill at 8k with 32- and 64-token gate blocks, the rerank off, 8 and 16 rows (2026-12-06 on
+# an H200 without 16 rows: no setting faster than dense at this size; docs/bench_prefill.md)
 job blkbench 420 bash -c "for bs in 32 64; do python3 experiments/bench_prefill.py --model smollm2 --seq 8192 \
-  --block-size \$bs --rerank-rows 0 8 --out $w/out/blkbench/bench_prefill_smollm2_block\$bs.md || exit 1; done"
+  --block-size \$bs --rerank-rows 0 8 16 --out $w/out/blkbench/bench_prefill_smollm2_block\$bs.md || exit 1; done"
 
 # the recipe's prefill gates (experiment=qwen05_gates: 800 steps of 16k rows, about 3 minutes on an H200)
-job gates 600 python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_0_5b model.package=null \
-  model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
-  "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384 \
-  data.train_sequences=160 logger=none paths.output_dir="$w/work/train_base" paths.cache_dir="$w/work/cache"
+train_qwen=(python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_0_5b model.package=null
+  model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf"
+  "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384
+  data.train_sequences=160 logger=none paths.cache_dir="$w/work/cache")
+job gates 600 "${train_qwen[@]}" paths.output_dir="$w/work/train_base"
 
 # issue 17: the blend alone and reranked (each row's top-p of its blended mass ranked again by R exact query rows per
 # block): 16 rows over top-p 0.99, the same with the candidates capped at 30% of each row's causal blocks, and 8 rows
@@ -108,6 +109,12 @@ job qblk005 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=n
   eval.ruler=all eval.ruler_samples=4 eval.timing=false sparsity=threshold sparsity.target_density=0.05 logger=none \
   data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=oracle block_size=32,64 \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/qblk005/sweep"
+# issue 17, the same lever with trained gates: the recipe at 32-token blocks (about 4 minutes), then the default
+# policy (blend, reranked by 8 rows over top-p 0.99) at density 0.05 and 0.1
+job g32 900 "${train_qwen[@]}" gate.block_size=32 paths.output_dir="$w/work/train_b32"
+job q32 1500 "${quality[@]}" "${model[@]}" --gates "base=$w/work/train_b32/gates" --recipes base= \
+  --blends vertical_slash:0.5 --plan lever --reranks 8:0.99 --only 'gate:base+vertical_slash@0.5+rerank8@0.99' \
+  --densities 0.05 0.1 "${ruler[@]}" --work "$w/work/q32" --out "$w/out/q32"
 
 # issue 18: RULER answered through Quest at 2k tokens, with 0, 4 or 8 of its 32 blocks pinned to the prompt's focus,
 # after the default prefill (before the rerank became the default, 2026-12-05: 35.5 / 47.7 / 47.2 against 50.7 with
@@ -135,9 +142,10 @@ job q16r 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base=
   --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16r"
 # issue 17: SmolLM2-135M at 8k (staged by prepare.sh smollm2 into /root/models): the recipe's gates trained (600
-# steps of 8k rows; 32-token blocks, the recipe's since 2026-12-06), then the default (reranked by 8 rows over top-p
-# 0.99), 16 rows, the training-free rerank (vertical-slash reranked, at the gates' block size) and the blend without
-# the rerank, with the dense pass of 2026-12-04 (same settings)
+# steps of 8k rows; 32-token blocks, the recipe's since 2026-12-06), then the blend reranked by 8 rows over top-p
+# 0.99 (the presets'), by 16 (the recipe's since 2026-12-06), the training-free rerank (vertical-slash reranked, at the
+# gates' block size) and the blend without the rerank, with the dense pass of 2026-12-04 (same settings); measured
+# 2026-12-06 on an H200: docs/results/smollm2_block32_gpu.md
 job s8k 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
   --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
   --blends vertical_slash:0.5 --plan lever --reranks 8:0.99 16:0.99 --baselines reranked \
