@@ -48,6 +48,7 @@ def _checked(cfg: DictConfig):
     from seer.checks import build
     from seer.evaluation.config import EvalConfig
     from seer.gates.config import INFERENCE_FIELDS
+    from seer.kernels.common import BLOCK_SIZES
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
     from seer.sparsity.selectors import LayerInputs, build_selector
@@ -74,6 +75,9 @@ def _checked(cfg: DictConfig):
         raise ConfigError(f"shared_gate=true scores the prefill with the decode gates: give selector=gate, not "
                           f"selector={name}")
     else:
+        if isinstance(cfg.block_size, bool) or cfg.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"block_size={cfg.block_size!r}: the training-free selectors' blocks must be a size the "
+                              f"kernels take, one of {BLOCK_SIZES}")
         try:
             selector = build_selector(name, **params)
             probe = torch.zeros(1, 1, 2 * cfg.block_size, 8)  # parameters that depend on the block size fail here
