@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "training-free baseline a learned decode gate must beat; --estimates with no value: the "
                          "gate alone)")
     ap.add_argument("--quest-blocks", type=int, nargs="*", default=[],
-                    help="instead of decode gates: training-free decode, Quest alone at each of these key-block sizes "
-                         "(no training, no gate rows; seer.model.decode.attach_quest_decode), e.g. 16 32 64")
+                    help="instead of decode gates: training-free decode, each of --estimates alone (NAME:1; Quest's "
+                         "by default) at each of these key-block sizes (no training, no gate rows; "
+                         "seer.model.decode.attach_quest_decode), e.g. 16 32 64")
     ap.add_argument("--prompt-blocks", type=int, default=0,
                     help="key blocks of the prompt its last queries attend most, kept at every decode step "
                          "(DecodeSparsityConfig.prompt_blocks, counted in the budget; 0: none)")
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quest_blocks and (args.decode_gates or not set(args.quest_blocks) <= set(BLOCK_SIZES)):
         ap.error(f"--quest-blocks {args.quest_blocks}: block sizes of {BLOCK_SIZES}, without --decode-gates (no "
                  f"gates are used)")
+    mixed = [e for e in args.estimates if e["estimate_weight"] != 1]
+    if args.quest_blocks and mixed:
+        name, weight = mixed[0]["estimate"], mixed[0]["estimate_weight"]
+        ap.error(f"--estimates {name}:{weight:g}: --quest-blocks decodes by a training-free estimate alone (no gate "
+                 f"to mix it with): give NAME:1")
     for budget in args.budgets:
         for estimate in [{}, *args.estimates]:  # a bad budget fails here, before anything loads
             DecodeSparsityConfig(token_budget=budget, prompt_blocks=args.prompt_blocks,
@@ -206,7 +212,8 @@ def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budg
                    dense: tuple | None = None, prompt_blocks: int = 0, recent_blocks: int = 0) -> list[dict]:
     """The rows of one window: dense decode, then each budget scored by the gate and with each of ``estimates``
     (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense).
-    A model without decode gates (:func:`quest_model`) has Quest-alone rows only, named ``quest/<block size>``.
+    A model without decode gates (:func:`quest_model`) has rows of each of ``estimates`` alone (weight 1; Quest's
+    when none), named ``<estimate>/<block size>`` (``quest/64``, ``quest_mass/64``).
     ``dense``: the window's dense ``(nll, top tokens, greedy tokens)`` measured before (then no dense row).
     ``prompt_blocks`` / ``recent_blocks``: every budget's pinned prompt blocks and kept blocks before the newest
     (``DecodeSparsityConfig.prompt_blocks`` / ``recent_blocks``)."""
@@ -218,13 +225,13 @@ def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budg
         rows.append(row)
     dense_nll, dense_top, dense_tokens = dense
     for budget in budgets:
-        for estimate in [{}, *estimates] if gated else [QUEST_ALONE]:
+        for estimate in [{}, *estimates] if gated else (estimates or [QUEST_ALONE]):
             decode.enable(DecodeSparsityConfig(token_budget=budget, prompt_blocks=prompt_blocks,
                                                recent_blocks=recent_blocks, **estimate), kernel)
             nll, top = continuation_nll(model, prompt, continuation)
             density = decode.mean_density()
             agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
-            name = scores_name(estimate) if gated else f"quest/{decode.block_size}"
+            name = scores_name(estimate) if gated else f"{estimate['estimate']}/{decode.block_size}"
             rows.append({"budget": budget, "scores": name, "nll": nll,
                          "nll_increase": nll / dense_nll - 1,
                          "density": density, "top1_agree": float((top == dense_top).float().mean()),

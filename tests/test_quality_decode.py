@@ -81,7 +81,8 @@ def test_quest_alone_rows_without_decode_gates(study):
     a budget covering every block is dense."""
     args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--quest-blocks", "16", "32"])
     assert args.quest_blocks == [16, 32]
-    for bad in (["--quest-blocks", "8"], ["--quest-blocks", "16", "--decode-gates", "/g"]):
+    for bad in (["--quest-blocks", "8"], ["--quest-blocks", "16", "--decode-gates", "/g"],
+                ["--quest-blocks", "16", "--estimates", "quest:1", "quest_mass:0.5"]):
         with pytest.raises(SystemExit):
             study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", *bad])
     with pytest.raises(ConfigError, match=r"token_budget=64: is below one block \(128 tokens\)"):
@@ -107,6 +108,12 @@ def test_quest_alone_rows_without_decode_gates(study):
         assert row["greedy_agree"] == 1.0 and row["top1_agree"] == 1.0
     for row in (rows[2], rows[4]):
         assert 0 < row["density"] < 1 and row["nll"] != pytest.approx(dense_row["nll"], rel=1e-5)
+    both = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--quest-blocks", "16",
+                             "--estimates", "quest:1", "quest_mass:1"]).estimates
+    pooled = study.measure_window(models[0], prompt, continuation, [32], greedy=4, pad_token_id=2,
+                                  kernel="reference", estimates=both, dense=dense)
+    assert [r["scores"] for r in pooled] == ["quest/16", "quest_mass/16"]
+    assert pooled[0]["nll"] == pytest.approx(rows[2]["nll"], rel=1e-6) and 0 < pooled[1]["density"] < 1
 
 
 def test_pinned_prompt_blocks_and_recent_blocks_are_kept_beside_the_budget(study):

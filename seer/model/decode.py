@@ -61,7 +61,7 @@ from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gat
                                   seer_mask)
 from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, layer_block_size, newest_scores,
                                      prompt_block_pins, step_key_bounds, step_keys, step_position)
-from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
+from seer.sparsity.decode import ESTIMATE_GROUPS, DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
 DISTILL_ATTENTION = "seer_decode_distill"
 
@@ -336,7 +336,7 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
         scores = newest_scores(gate, store, q_pre, key, pos, block)
     else:
         step_key_bounds(key_min, key_max, k_post, pos, block, bs)
-        bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale)
+        bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale, ESTIMATE_GROUPS[sparsity.estimate])
         mixed = newest_scores(gate, store, q_pre, key, pos, block) if gated and sparsity.estimate_weight != 1 else None
         scores = mix_estimate(mixed, bounds, sparsity.estimate_weight)
     index, density = decode_step_blocks(scores, block, sparsity, bs, threshold, pinned)

@@ -132,11 +132,17 @@ def step_key_bounds(key_min: torch.Tensor, key_max: torch.Tensor, k: torch.Tenso
 
 
 def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, newest: torch.Tensor,
-                     sm_scale: float | None = None) -> torch.Tensor:
-    """Quest's block scores ``[B, Hkv, capacity]`` (float32) of each row's token (post-RoPE ``q [B, Hq, 1, D]``): per KV
-    head and block the largest over the head's query group of ``sm_scale * sum_d max(q_d * min_d, q_d * max_d)``, an
-    upper bound of the block's largest logit ``sm_scale * q.k`` (equal to it for a block of one key), from the bounds
-    ``key_min``/``key_max [B, Hkv, capacity, D]``; ``-inf`` after each row's newest block (``newest [B]``).
+                     sm_scale: float | None = None, group: str = "max") -> torch.Tensor:
+    """Quest's block scores ``[B, Hkv, capacity]`` (float32) of each row's token (post-RoPE ``q [B, Hq, 1, D]``), from
+    each query head's bound ``u_h = sm_scale * sum_d max(q_d * min_d, q_d * max_d)`` of a block, an upper bound of the
+    block's largest logit ``sm_scale * q.k`` (equal to it for a block of one key), computed from the bounds
+    ``key_min``/``key_max [B, Hkv, capacity, D]``; ``-inf`` after each row's newest block (``newest [B]``). Per KV
+    head, over its group of G query heads (``group``):
+
+    * ``"max"``: ``max_h u_h`` (Quest's bound for the group);
+    * ``"mass"``: ``log(1/G sum_h softmax(u_h))``, the softmax over the row's blocks: each head's bounds as a block
+      distribution first, so that a head whose logits run larger does not decide for the group alone.
+
     ``sm_scale``: the attention's (default ``1 / sqrt(D)``). Query head ``h`` reads KV head ``h // (Hq / Hkv)``.
     Computed as ``q+ . max + q- . min`` (``q+ = max(q, 0)``, ``q- = min(q, 0)``): two matmuls, no ``[.., D]``
     intermediate per block."""
@@ -146,8 +152,13 @@ def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     bound = torch.matmul(grouped.clamp(min=0), key_max.float().transpose(-1, -2)) \
         + torch.matmul(grouped.clamp(max=0), key_min.float().transpose(-1, -2))  # [B, Hkv, group, capacity]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    after = torch.arange(key_min.shape[2], device=q.device)[None, :] > newest[:, None]
-    return (bound.amax(2) * scale).masked_fill(after[:, None], float("-inf"))
+    after = (torch.arange(key_min.shape[2], device=q.device)[None, :] > newest[:, None])[:, None, None]
+    bound = (bound * scale).masked_fill(after, float("-inf"))
+    if group == "max":
+        return bound.amax(2)
+    if group == "mass":
+        return torch.logsumexp(torch.log_softmax(bound, dim=-1), dim=2) - math.log(hq // hkv)
+    raise ValueError(f"key_bound_scores: group must be 'max' or 'mass', got {group!r}")
 
 
 def prompt_block_pins(query: torch.Tensor, key: torch.Tensor, blocks: int, block_size: int,

@@ -62,6 +62,50 @@ def test_the_bound_is_quests_and_bounds_every_query_heads_logits():
                        key_bound_scores(q.float(), key_min, key_max, newest, 1 / math.sqrt(D)))
 
 
+def test_the_mass_pooling_is_the_group_mean_of_each_heads_softmax():
+    """``group="mass"``: per query head a softmax over the row's valid blocks of its bounds, averaged over the KV head's
+    group, in log (float64 brute force); it ranks blocks otherwise than the group's largest bound when one head's
+    logits run larger."""
+    g = torch.Generator().manual_seed(4)
+    lengths, scale = [6 * BS + 3, 2 * BS], 0.5
+    q = torch.randn(2, HQ, 1, D, generator=g, dtype=torch.float64)
+    q[:, ::2] *= 4  # the first head of each group: larger logits
+    k = torch.randn(2, HKV, max(lengths), D, generator=g, dtype=torch.float64)
+    nb = -(-max(lengths) // BS)
+    key_min, key_max = torch.zeros(2, HKV, nb, D), torch.zeros(2, HKV, nb, D)
+    for row, n in enumerate(lengths):
+        low, high = _bounds_of(k[row, :, :n], BS)
+        key_min[row, :, :low.shape[1]], key_max[row, :, :high.shape[1]] = low, high
+    newest = torch.tensor([(n - 1) // BS for n in lengths])
+    got = key_bound_scores(q.float(), key_min, key_max, newest, scale, group="mass")
+    top = key_bound_scores(q.float(), key_min, key_max, newest, scale)
+    group, differ = HQ // HKV, False
+    for row in range(2):
+        valid = newest[row] + 1
+        assert torch.isinf(got[row, :, valid:]).all()
+        for head in range(HKV):
+            low, high = key_min[row, head, :valid].double(), key_max[row, head, :valid].double()
+            probs = [torch.softmax(torch.maximum(q[row, h, 0] * low, q[row, h, 0] * high).sum(-1) * scale, 0)
+                     for h in range(head * group, (head + 1) * group)]
+            want = torch.stack(probs).mean(0).log()
+            torch.testing.assert_close(got[row, head, :valid].double(), want, rtol=0, atol=1e-5)
+            differ |= not torch.equal(got[row, head, :valid].argsort(), top[row, head, :valid].argsort())
+    assert differ
+    with pytest.raises(ValueError, match="group must be 'max' or 'mass', got 'sum'"):
+        key_bound_scores(q.float(), key_min, key_max, newest, group="sum")
+
+
+def test_quest_mass_decodes_by_its_own_pooling():
+    """The model's decode steps read ``estimate``: Quest alone pooled by the largest bound and by the mass decode
+    other tokens, each sparse."""
+    tokens = {}
+    for estimate in ("quest", "quest_mass"):
+        model = tiny_decode_model({**QUEST, "estimate": estimate, "estimate_weight": 1.0}, BS)
+        tokens[estimate] = padded_generation(model, new=24)[0]
+        assert 0 < model.seer_decode.mean_density() < 1
+    assert not torch.equal(tokens["quest"], tokens["quest_mass"])
+
+
 def _gates():
     torch.manual_seed(0)
     cfg = DecodeGateConfig(block_size=BS, hidden_size=12)
@@ -211,7 +255,8 @@ def test_model_bounds_follow_a_static_kv_cache():
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("estimate", "oracle", r"decode_sparsity\.estimate='oracle'.*choose a training-free estimate from \('quest',\)"),
+    ("estimate", "oracle",
+     r"decode_sparsity\.estimate='oracle'.*choose a training-free estimate from \('quest', 'quest_mass'\)"),
     ("estimate_weight", 0, r"decode_sparsity\.estimate_weight=0.*must be in \(0, 1\]"),
     ("estimate_weight", 1.5, r"decode_sparsity\.estimate_weight=1\.5.*must be in \(0, 1\]"),
     ("estimate_weight", "half", r"decode_sparsity\.estimate_weight='half'"),
