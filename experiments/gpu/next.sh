@@ -181,4 +181,14 @@ needles=(niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey
 job needles 1200 "${quality[@]}" "${model[@]}" "${default[@]}" --densities 0.1 --texts novel --windows 1 --passkey 0 \
   --copy 0 --ruler "${needles[@]}" --ruler-samples 8 --batch-size 4 --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/needles"
+# issue 17: the two needle tasks the default loses at 32k (multikey_2, multiquery; 8 samples, job needles), with the
+# question's query block dense and / or one local block forced beside the diagonal (seer.eval, the recipe gates'
+# default policy; the calibration redone for each, counted in the density)
+job ntail 1500 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null \
+  model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
+  'eval.seq_lens=[32768]' eval.windows=1 eval.calibration_windows=2 eval.passkey=0 eval.copy=0 eval.batch_size=4 \
+  "eval.ruler=[$(IFS=,; echo "${needles[*]}")]" eval.ruler_samples=8 eval.timing=false sparsity=threshold \
+  sparsity.target_density=0.1 logger=none data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all \
+  selector=gate gates="$gates" save_calibration=false sparsity.dense_last_rows=0,1 sparsity.local_blocks=0,1 \
+  paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/ntail/sweep"
 echo "$(date -u +%H:%M:%S) agenda done"
