@@ -27,10 +27,10 @@ def _bounds_of(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch
             torch.stack([keys[:, s:s + block_size].amax(1) for s in blocks], 1))
 
 
-def test_the_bound_is_quests_and_bounds_every_query_heads_logits():
-    """Two rows (the newest block a single key in one), four query heads over two KV heads, float64 brute force."""
-    g = torch.Generator().manual_seed(0)
-    lengths, scale = [5 * BS + 1, 3 * BS + 7], 0.3
+def _rows(seed: int, lengths: list[int]):
+    """Two rows of random float64 queries ``[2, Hq, 1, D]`` and keys of ``lengths`` ``[2, Hkv, n, D]``, their blocks'
+    bounds ``[2, Hkv, nb, D]`` (float32, zero past a row's keys) and newest blocks."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, HQ, 1, D, generator=g, dtype=torch.float64)
     k = torch.randn(2, HKV, max(lengths), D, generator=g, dtype=torch.float64)
     nb = -(-max(lengths) // BS)
@@ -38,7 +38,14 @@ def test_the_bound_is_quests_and_bounds_every_query_heads_logits():
     for row, n in enumerate(lengths):
         low, high = _bounds_of(k[row, :, :n], BS)
         key_min[row, :, :low.shape[1]], key_max[row, :, :high.shape[1]] = low, high
-    newest = torch.tensor([(n - 1) // BS for n in lengths])
+    return q, k, key_min, key_max, torch.tensor([(n - 1) // BS for n in lengths])
+
+
+def test_the_bound_is_quests_and_bounds_every_query_heads_logits():
+    """Two rows (the newest block a single key in one), four query heads over two KV heads, float64 brute force."""
+    lengths, scale = [5 * BS + 1, 3 * BS + 7], 0.3
+    q, k, key_min, key_max, newest = _rows(0, lengths)
+    nb = key_min.shape[2]
     got = key_bound_scores(q.float(), key_min, key_max, newest, scale)
     assert got.dtype == torch.float32 and got.shape == (2, HKV, nb)
     group = HQ // HKV
@@ -66,17 +73,9 @@ def test_the_mass_pooling_is_the_group_mean_of_each_heads_softmax():
     """``group="mass"``: per query head a softmax over the row's valid blocks of its bounds, averaged over the KV head's
     group, in log (float64 brute force); it ranks blocks otherwise than the group's largest bound when one head's
     logits run larger."""
-    g = torch.Generator().manual_seed(4)
-    lengths, scale = [6 * BS + 3, 2 * BS], 0.5
-    q = torch.randn(2, HQ, 1, D, generator=g, dtype=torch.float64)
+    q, _, key_min, key_max, newest = _rows(4, [6 * BS + 3, 2 * BS])
     q[:, ::2] *= 4  # the first head of each group: larger logits
-    k = torch.randn(2, HKV, max(lengths), D, generator=g, dtype=torch.float64)
-    nb = -(-max(lengths) // BS)
-    key_min, key_max = torch.zeros(2, HKV, nb, D), torch.zeros(2, HKV, nb, D)
-    for row, n in enumerate(lengths):
-        low, high = _bounds_of(k[row, :, :n], BS)
-        key_min[row, :, :low.shape[1]], key_max[row, :, :high.shape[1]] = low, high
-    newest = torch.tensor([(n - 1) // BS for n in lengths])
+    scale = 0.5
     got = key_bound_scores(q.float(), key_min, key_max, newest, scale, group="mass")
     top = key_bound_scores(q.float(), key_min, key_max, newest, scale)
     group, differ = HQ // HKV, False
