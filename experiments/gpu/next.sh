@@ -101,8 +101,8 @@ job tfq 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null 
   "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=reranked,oracle,vertical_slash \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/tfq/sweep"
 
-# issue 17, density 0.05 on Qwen at 32k (goal: RULER mean within 5 points of dense; the oracle at 64-token blocks is
-# 8.1 under): the oracle at 32- and 64-token blocks, as on SmolLM2 at 8k (CPU: +6.10% -> +1.42% at 0.1 from 32)
+# issue 17, density 0.05 on Qwen at 32k (goal: RULER mean within 5 points of dense): the oracle at 32- and 64-token
+# blocks, as on SmolLM2 at 8k (measured 2026-12-06: RULER 48.4 at 32, 46.8 at 64, dense 53.8; qwen/rerank.md)
 job qblk005 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null \
   model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
   'eval.seq_lens=[32768]' eval.windows=3 eval.calibration_windows=2 eval.passkey=10 eval.copy=5 eval.batch_size=4 \
