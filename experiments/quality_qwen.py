@@ -121,7 +121,7 @@ from seer.model.loading import load_causal_lm, load_tokenizer, model_id
 from seer.report import table
 from seer.sparsity import SparsityConfig
 from seer.sparsity.config import ALLOCATIONS
-from seer.sparsity.decode import DecodeSparsityConfig
+from seer.sparsity.decode import DECODE_ESTIMATES, DecodeSparsityConfig
 from seer.sparsity.blend_fit import GRID, blend_recalls, pick_weights
 from seer.sparsity.selectors import SELECTORS, build_selector
 
@@ -564,6 +564,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-prompt-blocks", type=int, default=0,
                     help="--decode-budget: blocks of the prompt its last queries attend most, kept at every decode "
                     "step (DecodeSparsityConfig.prompt_blocks; 0: none)")
+    ap.add_argument("--decode-estimate", default="quest", choices=DECODE_ESTIMATES,
+                    help="--decode-budget: the training-free estimate that scores each decode step's blocks "
+                    "(DecodeSparsityConfig.estimate: quest, the largest bound of a KV head's query heads; quest_mass, "
+                    "the mean of each head's softmax over the blocks)")
     ap.add_argument("--decode-recent-blocks", type=int, default=0,
                     help="--decode-budget: blocks before the newest kept at every decode step, a local window "
                     "(DecodeSparsityConfig.recent_blocks; 0: none)")
@@ -608,6 +612,8 @@ def planned_jobs(args) -> list[Job | None]:
                         ("--decode-recent-blocks", args.decode_recent_blocks)):
         if value and not args.decode_budget or value < 0:
             raise SystemExit(f"{flag} {value}: give a number >= 0, with --decode-budget")
+    if args.decode_estimate != "quest" and not args.decode_budget:
+        raise SystemExit(f"--decode-estimate {args.decode_estimate}: scores sparse decode steps; give --decode-budget")
     if args.allocations != ["global"] and args.plan != "lever":
         raise SystemExit(f"--allocations: only for --plan lever, not {args.plan}")
     if args.reranks and args.plan != "lever":
@@ -671,7 +677,7 @@ def main() -> None:
         if args.decode_budget:  # Quest alone scores each decode step's blocks (the prefill's block size)
             attach_quest_decode(models[key], models[key].seer_context.block_size)
     del base
-    decode = DecodeSparsityConfig(token_budget=args.decode_budget, estimate="quest", estimate_weight=1.0,
+    decode = DecodeSparsityConfig(token_budget=args.decode_budget, estimate=args.decode_estimate, estimate_weight=1.0,
                                   prompt_blocks=args.decode_prompt_blocks,
                                   recent_blocks=args.decode_recent_blocks) if args.decode_budget else None
     kernel = "triton" if device.type == "cuda" else "reference"
@@ -742,7 +748,8 @@ def main() -> None:
                 evaluators[key, name].forget(None)
             for row in evaluators[key, name].evaluate(selector, sparsity, dense[name], decode=decode,
                                                       layer_selectors=layer_selectors):
-                row.update(text=name, selector=label + (f" +quest{args.decode_budget}" if decode else "")
+                row.update(text=name, selector=label
+                           + (f" +{args.decode_estimate}{args.decode_budget}" if decode else "")
                            + (f"+pin{args.decode_prompt_blocks}" if decode and args.decode_prompt_blocks else "")
                            + (f"+recent{args.decode_recent_blocks}" if decode and args.decode_recent_blocks else ""),
                            blend_weights=weights, group_layers=list(group_layers),

@@ -172,6 +172,14 @@ for pins in 0 4; do
     --densities 0.1 --decode-budget 2048 --decode-recent-blocks 2 --decode-prompt-blocks "$pins" --work "$w/work/q" \
     --out "$w/out/rruler$pins"
 done
+# issue 18: Quest's bounds pooled over a KV head's 7 query heads as the mean of each head's softmax (quest_mass)
+# against the largest bound (quest): continuation NLL at 2k, two windows (SmolLM2 at 8k on a CPU, one window: +5.11%
+# -> +4.63%), then RULER through it with 4 pins after the default prefill (pins4 beside it: the same with quest)
+job qmass 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+  --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
+  --estimates quest:1 quest_mass:1 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qmass"
+job mruler4 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
+  --decode-budget 2048 --decode-estimate quest_mass --decode-prompt-blocks 4 --work "$w/work/q" --out "$w/out/mruler4"
 
 # issue 17: RULER's eight needle tasks with twice the samples, dense and the default at 32k (with 4 samples the default
 # was under dense on niah_multikey_2 and multiquery by two samples or queries each; two runs of one selection move a
