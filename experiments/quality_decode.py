@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
     ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--first-window", type=int, default=0,
+                    help="measure windows FIRST .. FIRST + --windows - 1 of the novel (a later run goes on where an "
+                         "earlier one stopped)")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="no window starts after this many seconds from the start (training included)")
     ap.add_argument("--work", default="outputs/quality_decode")
@@ -104,8 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  recent_blocks=args.recent_blocks, **estimate)
         for block in args.quest_blocks:
             DecodeSparsityConfig(token_budget=budget, **QUEST_ALONE).check_block_size(block)
-    if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1:
-        ap.error("--prompt-len, --continuation, --greedy and --windows must be >= 1")
+    if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1 or args.first_window < 0:
+        ap.error("--prompt-len, --continuation, --greedy and --windows must be >= 1, --first-window >= 0")
     return args
 
 
@@ -259,12 +262,12 @@ def main() -> None:
     kernel = models[0].seer_decode.kernel
     text = HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all", progress=False)
     span = args.prompt_len + args.continuation
-    tokens = text.tokens(args.windows * span)
+    tokens = text.tokens((args.first_window + args.windows) * span)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
-    for window in range(args.windows):
+    for window in range(args.first_window, args.first_window + args.windows):
         if time.time() - start > args.deadline_s:
             skipped.append(window)
             continue

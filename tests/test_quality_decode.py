@@ -39,6 +39,10 @@ def test_arguments_parse_and_bad_budgets_are_refused(study):
     for bad, error in [("quest:0", ConfigError), ("oracle:0.5", ConfigError), ("quest", SystemExit)]:
         with pytest.raises(error):
             study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--estimates", bad])
+    assert study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--first-window", "2"]) \
+        .first_window == 2
+    with pytest.raises(SystemExit):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--first-window", "-1"])
 
 
 def test_measurements_on_a_tiny_model(study):
