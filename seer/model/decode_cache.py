@@ -152,12 +152,12 @@ def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     bound = torch.matmul(grouped.clamp(min=0), key_max.float().transpose(-1, -2)) \
         + torch.matmul(grouped.clamp(max=0), key_min.float().transpose(-1, -2))  # [B, Hkv, group, capacity]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    after = (torch.arange(key_min.shape[2], device=q.device)[None, :] > newest[:, None])[:, None, None]
-    bound = (bound * scale).masked_fill(after, float("-inf"))
+    after = (torch.arange(key_min.shape[2], device=q.device)[None, :] > newest[:, None])[:, None]
     if group == "max":
-        return bound.amax(2)
+        return (bound.amax(2) * scale).masked_fill(after, float("-inf"))
     if group == "mass":
-        return torch.logsumexp(torch.log_softmax(bound, dim=-1), dim=2) - math.log(hq // hkv)
+        per_head = torch.log_softmax((bound * scale).masked_fill(after[:, None], float("-inf")), dim=-1)
+        return torch.logsumexp(per_head, dim=2) - math.log(hq // hkv)
     raise ValueError(f"key_bound_scores: group must be 'max' or 'mass', got {group!r}")
 
 
