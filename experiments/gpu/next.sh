@@ -173,8 +173,8 @@ for pins in 0 4; do
     --out "$w/out/rruler$pins"
 done
 # issue 18: Quest's bounds pooled over a KV head's 7 query heads as the mean of each head's softmax (quest_mass)
-# against the largest bound (quest): continuation NLL at 2k, two windows (SmolLM2 at 8k on a CPU, one window: +5.11%
-# -> +4.63%), then RULER through it with 4 pins after the default prefill (pins4 beside it: the same with quest)
+# against the largest bound (quest): continuation NLL at 2k, two windows (SmolLM2 at 8k on a CPU, two windows: +5.84%
+# -> +5.03%), then RULER through it with 4 pins after the default prefill (pins4 beside it: the same with quest)
 job qmass 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
   --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
   --estimates quest:1 quest_mass:1 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qmass"
