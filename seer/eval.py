@@ -48,7 +48,7 @@ def _checked(cfg: DictConfig):
     from seer.checks import build
     from seer.evaluation.config import EvalConfig
     from seer.gates.config import INFERENCE_FIELDS
-    from seer.kernels.common import BLOCK_SIZES
+    from seer.kernels.common import check_block_size
     from seer.model.config import ModelConfig
     from seer.sparsity.config import SparsityConfig
     from seer.sparsity.selectors import LayerInputs, build_selector
@@ -75,9 +75,10 @@ def _checked(cfg: DictConfig):
         raise ConfigError(f"shared_gate=true scores the prefill with the decode gates: give selector=gate, not "
                           f"selector={name}")
     else:
-        if isinstance(cfg.block_size, bool) or cfg.block_size not in BLOCK_SIZES:
-            raise ConfigError(f"block_size={cfg.block_size!r}: the training-free selectors' blocks must be a size the "
-                              f"kernels take, one of {BLOCK_SIZES}")
+        try:
+            check_block_size(cfg.block_size)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (the top-level block_size: the training-free selectors' blocks)") from exc
         try:
             selector = build_selector(name, **params)
             probe = torch.zeros(1, 1, 2 * cfg.block_size, 8)  # parameters that depend on the block size fail here

@@ -123,7 +123,7 @@ def test_an_authors_release_is_evaluated_and_its_calibration_kept(tmp_path, monk
     ("+selector.width=3", "selector: selector 'streaming' has no parameter 'width'"),
     ("eval.split=train", "eval.split='train'"),
     ("eval.seq_lens=[32]", r"eval.seq_lens=\[32\]: must be window lengths"),
-    ("block_size=48", r"block_size=48: the training-free selectors' blocks must be a size the kernels take"),
+    ("block_size=48", r"block_size 48 is not supported; supported: .*\(the top-level block_size"),
 ])
 def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, override, message, text_files):
     def no_loading(*a, **k):
