@@ -112,9 +112,11 @@ job qblk005 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=n
 # issue 17, the same lever with trained gates: the recipe at 32-token blocks (about 4 minutes), then the default
 # policy (blend, reranked by 8 rows over top-p 0.99) at density 0.05 and 0.1
 job g32 900 "${train_qwen[@]}" gate.block_size=32 paths.output_dir="$w/work/train_b32"
-job q32 1500 "${quality[@]}" "${model[@]}" --gates "base=$w/work/train_b32/gates" --recipes base= \
-  --blends vertical_slash:0.5 --plan lever --reranks 8:0.99 --only 'gate:base+vertical_slash@0.5+rerank8@0.99' \
-  --densities 0.05 0.1 "${ruler[@]}" --work "$w/work/q32" --out "$w/out/q32"
+for density in 0.05 0.1; do  # one job per density, so that both run at once after g32
+  job "q32_$density" 1200 "${quality[@]}" "${model[@]}" --gates "base=$w/work/train_b32/gates" --recipes base= \
+    --blends vertical_slash:0.5 --plan lever --reranks 8:0.99 --only 'gate:base+vertical_slash@0.5+rerank8@0.99' \
+    --densities "$density" "${ruler[@]}" --work "$w/work/q32_$density" --out "$w/out/q32_$density"
+done
 
 # issue 18: RULER answered through Quest at 2k tokens, with 0, 4 or 8 of its 32 blocks pinned to the prompt's focus,
 # after the default prefill (before the rerank became the default, 2026-12-05: 35.5 / 47.7 / 47.2 against 50.7 with
@@ -190,13 +192,15 @@ job needles 1200 "${quality[@]}" "${model[@]}" "${default[@]}" --densities 0.1 -
   --copy 0 --ruler "${needles[@]}" --ruler-samples 8 --batch-size 4 --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/needles"
 # issue 17: the two needle tasks the default loses at 32k (multikey_2, multiquery; 8 samples, job needles), with the
-# question's query block dense and / or one local block forced beside the diagonal (seer.eval, the recipe gates'
-# default policy; the calibration redone for each, counted in the density)
+# question's query block dense and / or one local block forced beside the diagonal (seer.eval, the recipe gates with
+# the default policy: their own blend, reranked by 8 rows over top-p 0.99; the calibration redone for each, counted in
+# the density)
 job ntail 1500 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null \
   model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
   'eval.seq_lens=[32768]' eval.windows=1 eval.calibration_windows=2 eval.passkey=0 eval.copy=0 eval.batch_size=4 \
-  "eval.ruler=[$(IFS=,; echo "${needles[*]}")]" eval.ruler_samples=8 eval.timing=false sparsity=threshold \
+  "eval.ruler=[niah_multikey_2,niah_multiquery]" eval.ruler_samples=8 eval.timing=false sparsity=threshold \
   sparsity.target_density=0.1 logger=none data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all \
-  selector=gate gates="$gates" save_calibration=false sparsity.dense_last_rows=0,1 sparsity.local_blocks=0,1 \
+  selector=gate gates="$gates" selector.rerank_rows=8 selector.rerank_top_p=0.99 save_calibration=false \
+  sparsity.dense_last_rows=0,1 sparsity.local_blocks=0,1 \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/ntail/sweep"
 echo "$(date -u +%H:%M:%S) agenda done"
