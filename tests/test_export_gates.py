@@ -80,7 +80,7 @@ def test_exported_folder_loads_from_the_hub_cache_offline(run, tmp_path):
            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("threshold target_density=0.5 (global)")
+    assert done.stdout.strip().endswith("threshold target_density=0.5 (global) [dense_last_rows=1]")
 
 
 def test_a_converted_release_exports_with_its_source(tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ def test_generate_uses_the_gates_own_calibrated_budget_and_compares_dense(tmp_pa
     cfg.prompt = "def f(x):\n    return x + 1\n" * 8
     result = run_generation(cfg)  # compare_dense is on by default
     assert result["dense_prefill_s"] > 0 and len(result["text"]) > 0
-    assert "(threshold target_density=0.4 (global))" in capsys.readouterr().out
+    assert "(threshold target_density=0.4 (global) [dense_last_rows=1])" in capsys.readouterr().out
 
 
 def test_generate_refuses_before_loading(tmp_path, monkeypatch):
@@ -85,7 +85,8 @@ def test_generate_refuses_before_loading(tmp_path, monkeypatch):
 
     assert refused(prompt="") == "prompt='': the prompt is empty; give the text to continue"
     assert refused("sparsity.target_density=0.2").startswith(
-        "sparsity: no calibration for sparsity threshold target_density=0.2 (global) with the gate scorer in")
+        "sparsity: no calibration for sparsity threshold target_density=0.2 (global) [dense_last_rows=1] with the gate "
+        "scorer in")
     assert refused(f"gates={tmp_path / 'g3'}") == (
         f"gate file {tmp_path / 'g3'} was made for tiny with num_layers=3, but this model has num_layers=2")
     assert refused("sparsity.dense_layers=[5]") == "sparsity.dense_layers=[5]: [5] not among the model's layers 0..1"

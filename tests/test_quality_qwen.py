@@ -435,7 +435,7 @@ def test_the_fitted_job_runs_in_the_study_loop_and_writes_its_fit(study, monkeyp
                                                                     ([0], "dense"), ([1], "dense")]
     assert fitted["group_layers"] == sorted(int(layer) for layer in fit["layers"])
     printed = capsys.readouterr().out
-    budget = "threshold target_density=0.6 (global)"
+    budget = "threshold target_density=0.6 (global) [dense_last_rows=1]"
     assert f"{default} fitted {budget} fit on novel calibration windows: default ppl" in printed
     assert f"{default} fitted {budget} fit on novel calibration windows: dense@1 ppl" in printed
     results = (out / "results.md").read_text()

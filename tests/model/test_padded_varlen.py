@@ -78,7 +78,7 @@ def test_padded_batch_of_mixed_lengths_gives_each_prompt_alone_cpu():
     if torch.cuda.is_available():
         pytest.skip("the CPU variant (the GPU variant covers CUDA)")
     _check_padded_batch(torch.device("cpu"), torch.float32, (64, 1, 23), 16, 16,
-                        dict(mean=1e-4, q999=1e-3, max=1e-3, agree=1.0, density=0.5))
+                        dict(mean=1e-4, q999=1e-3, max=1e-3, agree=1.0, density=0.8))  # each last row dense
 
 
 @pytest.mark.gpu

@@ -46,7 +46,8 @@ def test_calibration_hits_the_target(method, allocation, target):
         truth = SparsityConfig(method="threshold", target_density=target, sink_blocks=1)
         tau = calibrate({i: m.log() for i, m in masses.items()}, truth).knobs[0][0]
         for i, s in scores.items():
-            want = head_density(threshold_mask(masses[i].log(), tau, sink_blocks=1))
+            want = head_density(threshold_mask(masses[i].log(), tau, sink_blocks=1,
+                                               dense_last_rows=truth.dense_last_rows))
             got = head_density(select_blocks(s, config, cal.knob(i)))
             assert torch.allclose(got, want, atol=0.03), (i, got, want)
 
@@ -94,7 +95,8 @@ def test_save_find_and_refuse(tmp_path):
     found = find_calibration(tmp_path, SparsityConfig(method="topp", target_density=0.2, allocation="uniform"))
     assert found == b and isinstance(found, Calibration)
     with pytest.raises(ValueError, match=r"no calibration for sparsity threshold target_density=0.3 .*stored: .*"
-                                         r"threshold target_density=0.2 \(global\) with gate at 0 tokens"):
+                                         r"threshold target_density=0.2 \(global\) \[dense_last_rows=1\] with gate "
+                                         r"at 0 tokens"):
         find_calibration(tmp_path, SparsityConfig(method="threshold", target_density=0.3))
     (tmp_path / "calibration.json").write_text("[{\"knobs\": 3}]")
     with pytest.raises(ValueError, match="is not a seer calibration file"):

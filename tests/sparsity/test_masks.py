@@ -107,15 +107,18 @@ def test_topp_keeps_the_fewest_blocks_that_reach_p(p):
 def test_select_blocks_dispatch_and_calibration_needed():
     scores = torch.randn(1, 2, 8, 8)
     assert torch.equal(select_blocks(scores, SparsityConfig(method="dense")), causal_blocks(8).expand(1, 2, 8, 8))
-    assert torch.equal(select_blocks(scores, SparsityConfig(method="topk", target_density=0.5)), topk_mask(scores, 0.5))
+    # the default budget keeps the last query block whole (dense_last_rows=1)
+    topk = select_blocks(scores, SparsityConfig(method="topk", target_density=0.5))
+    assert torch.equal(topk, topk_mask(scores, 0.5, dense_last_rows=1)) and topk[..., -1, :].all()
+    assert not torch.equal(topk, topk_mask(scores, 0.5))
     cfg = SparsityConfig(method="threshold", target_density=None, threshold=0.1)
-    assert torch.equal(select_blocks(scores, cfg), threshold_mask(scores, 0.1))
-    assert torch.equal(select_blocks(scores, SparsityConfig(method="topp", target_density=None, p=0.5)),
-                       topp_mask(scores, 0.5))
+    assert torch.equal(select_blocks(scores, cfg), threshold_mask(scores, 0.1, dense_last_rows=1))
+    assert torch.equal(select_blocks(scores, SparsityConfig(method="topp", target_density=None, p=0.5,
+                                                            dense_last_rows=0)), topp_mask(scores, 0.5))
     with pytest.raises(ValueError, match="needs a calibration"):
         select_blocks(scores, SparsityConfig(method="threshold", target_density=0.2))
     assert torch.equal(select_blocks(scores, SparsityConfig(method="threshold", target_density=0.2), knob=0.1),
-                       threshold_mask(scores, 0.1))
+                       threshold_mask(scores, 0.1, dense_last_rows=1))
 
 
 def test_row_budgets_sum():

@@ -58,7 +58,7 @@ def test_threshold_run_calibrates_its_density_for_seer_load(tmp_path):
     sparsity = {"method": "threshold", "target_density": 0.3}
     summary = train(tmp_path, "sparsity=threshold", "sparsity.target_density=0.3", "data.seq_len=256",
                     "trainer.max_steps=2")
-    assert summary["sparsity_policy"] == "threshold target_density=0.3 (global)"
+    assert summary["sparsity_policy"] == "threshold target_density=0.3 (global) [dense_last_rows=1]"
     assert abs(summary["calibration"]["density"] - 0.3) < 0.02 and summary["calibration"]["knob"] > 0
     assert (tmp_path / "gates" / "calibration.json").is_file()
     from seer.config import compose
