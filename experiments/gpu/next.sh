@@ -110,7 +110,8 @@ job qblk005 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=n
   data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=oracle block_size=32,64 \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/qblk005/sweep"
 # issue 17, the same lever with trained gates: the recipe at 32-token blocks (about 4 minutes), then the default
-# policy (blend, reranked by 8 rows over top-p 0.99) at density 0.05 and 0.1
+# policy (blend, reranked by 8 rows over top-p 0.99) at density 0.05 and 0.1 (measured 2026-12-06 on an H100, before the
+# dense last block: 0.05 novel -0.1% RULER 43.7; 0.1 -0.3% / -0.5%, RULER 51.8; docs/results/qwen/question_block.md)
 job g32 900 "${train_qwen[@]}" gate.block_size=32 paths.output_dir="$w/work/train_b32"
 for density in 0.05 0.1; do  # one job per density, so that both run at once after g32
   job "q32_$density" 1200 "${quality[@]}" "${model[@]}" --gates "base=$w/work/train_b32/gates" --recipes base= \
@@ -132,7 +133,8 @@ done
 job d005 1500 python3 experiments/quality_qwen.py "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan final --densities 0.05 "${ruler[@]}" --work "$w/work/q" --out "$w/out/d005"
 
-# issue 17: Qwen at 16k, the training-free selectors and the oracle (density 0.1; the default at 16k: job q16r,
+# issue 17: Qwen at 16k, the training-free selectors and the oracle (measured 2026-12-06 without the dense last block:
+# reranked vertical-slash +1.6% / +0.7%, RULER 53.0; question_block.md) (density 0.1; the default at 16k: job q16r,
 # whose dense pass this reuses)
 job q16k 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan final --only oracle vertical_slash flexprefill antidiagonal reranked streaming \
@@ -174,7 +176,8 @@ for pins in 0 4; do
     --densities 0.1 --decode-budget 2048 --decode-recent-blocks 2 --decode-prompt-blocks "$pins" --work "$w/work/q" \
     --out "$w/out/rruler$pins"
 done
-# issue 18: Quest's bounds pooled over a KV head's 7 query heads as the mean of each head's softmax (quest_mass)
+# issue 18: Quest's bounds pooled over a KV head's 7 query heads as the mean of each head's softmax (quest_mass;
+# measured 2026-12-06: +2.27% against quest's +1.76%, RULER 42.6 against pins4's 44.5: it stays opt-in)
 # against the largest bound (quest): continuation NLL at 2k, two windows (SmolLM2 at 8k on a CPU, two windows: +5.84%
 # -> +5.03%), then RULER through it with 4 pins after the default prefill (pins4 beside it: the same with quest)
 job qmass 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
@@ -203,4 +206,36 @@ job ntail 1500 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=nu
   selector=gate gates="$gates" selector.rerank_rows=8 selector.rerank_top_p=0.99 save_calibration=false \
   sparsity.dense_last_rows=0,1 sparsity.local_blocks=0,1 \
   paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/ntail/sweep"
+# issue 17: the question's query block dense (measured 2026-12-06 by ntail: multikey_2 12.5 -> 50.0, multiquery 53.1 ->
+# 59.4, dense 37.5 / 68.8), with 1 and 2 dense query blocks, on all 13 RULER tasks and the novel's perplexity (measured
+# the same day: RULER 57.6 / 56.6, dense 53.8; the default since, SparsityConfig.dense_last_rows=1)
+job nlast 900 python3 -m seer.eval -m model=qwen2_5_coder_0_5b model.package=null \
+  model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
+  'eval.seq_lens=[32768]' eval.windows=3 eval.calibration_windows=2 eval.passkey=10 eval.copy=0 eval.batch_size=4 \
+  eval.ruler=all eval.ruler_samples=4 eval.timing=false sparsity=threshold sparsity.target_density=0.1 logger=none \
+  data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=gate gates="$gates" \
+  selector.rerank_rows=8 selector.rerank_top_p=0.99 save_calibration=false sparsity.dense_last_rows=1,2 \
+  paths.cache_dir="$w/work/cache" hydra.sweep.dir="$w/out/nlast/sweep"
+# issue 17: density 0.05 with the question's block dense, the recipe gates at 64-token blocks and at 32 (job g32;
+# measured 2026-12-06: RULER 52.3 / 49.2, dense 53.8; novel +4.09% / +0.02%)
+for bs in 64 32; do
+  g=$gates; [ "$bs" = 32 ] && g=$w/work/train_b32/gates
+  job "n005_$bs" 900 python3 -m seer.eval model=qwen2_5_coder_0_5b model.package=null \
+    model.name_or_path=/root/models/qwen05 model.gguf_file=qwen05.gguf model.gguf_cache_dir="$w/work/gguf" \
+    'eval.seq_lens=[32768]' eval.windows=3 eval.calibration_windows=2 eval.passkey=10 eval.copy=0 eval.batch_size=4 \
+    eval.ruler=all eval.ruler_samples=4 eval.timing=false sparsity=threshold sparsity.target_density=0.05 \
+    logger=none data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all selector=gate gates="$g" \
+    selector.rerank_rows=8 selector.rerank_top_p=0.99 save_calibration=false sparsity.dense_last_rows=1 \
+    paths.cache_dir="$w/work/cache" hydra.run.dir="$w/out/n005_$bs/run"
+done
+# Since 2026-12-06 the default budget keeps the last query block whole (SparsityConfig.dense_last_rows=1), so every job
+# above measures it unless it says dense_last_rows=0. Queued to re-measure with it:
+# issue 17: the whole 32k table at density 0.1 (the default, the oracle, the training-free selectors: all with the
+# block), RULER's niah_multiquery with 16 samples (the last needle task under dense: 59.4 against 68.8 with 8), and
+# the default at 16k (job q16r); SmolLM2 at 8k is job s8k.
+job final01 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan final --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/final01"
+job mq16 1200 "${quality[@]}" "${model[@]}" "${default[@]}" --densities 0.1 --texts novel --windows 1 --passkey 0 \
+  --copy 0 --ruler niah_multiquery --ruler-samples 16 --batch-size 4 --deadline-s 100000 --work "$w/work/q" \
+  --out "$w/out/mq16"
 echo "$(date -u +%H:%M:%S) agenda done"
