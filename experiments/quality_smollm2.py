@@ -53,7 +53,8 @@ def plan(gates: list[str], densities: list[float]) -> list[tuple[str, SparsityCo
     gate, others = gates[0], gates[1:]
     threshold = lambda d, **over: SparsityConfig(method="threshold", target_density=d, **over)  # noqa: E731
     topk = lambda d: SparsityConfig(method="topk", target_density=d)  # noqa: E731
-    levers = ({"dense_last_rows": 1}, {"dense_layers": [0]}, {"sink_blocks": 1, "local_blocks": 1},
+    # the default budget keeps the last query block whole since 2026-12-06: the first lever turns that off
+    levers = ({"dense_last_rows": 0}, {"dense_layers": [0]}, {"sink_blocks": 1, "local_blocks": 1},
               {"allocation": "oracle"},
               {"dense_last_rows": 1, "dense_layers": [0], "sink_blocks": 1, "local_blocks": 1})
     natural = {"streaming": topk, "random": topk}
@@ -88,14 +89,15 @@ def plan(gates: list[str], densities: list[float]) -> list[tuple[str, SparsityCo
 
 def focused(gates: list[str], low: float, high: float) -> list[tuple[str, SparsityConfig, str]]:
     """A short plan comparing gate recipes: each gate's calibrated threshold at density ``low`` (plain, with sink and
-    local blocks, and with the last query block dense too) and at ``high`` with sink and local blocks."""
+    local blocks, and with those but without the default's whole last query block) and at ``high`` with sink and local
+    blocks."""
     forced = {"sink_blocks": 1, "local_blocks": 1}
     jobs = []
     for gate in gates:
         jobs += [(gate, SparsityConfig(method="threshold", target_density=low), "grid"),
                  (gate, SparsityConfig(method="threshold", target_density=low, **forced), "lever"),
                  (gate, SparsityConfig(method="threshold", target_density=high, **forced), "lever"),
-                 (gate, SparsityConfig(method="threshold", target_density=low, dense_last_rows=1, **forced), "lever")]
+                 (gate, SparsityConfig(method="threshold", target_density=low, dense_last_rows=0, **forced), "lever")]
     return jobs
 
 

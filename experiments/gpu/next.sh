@@ -57,7 +57,8 @@ job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --sh
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA
-# graph (the reranked graph was not timed before: its capture failed on 2026-12-05, fixed since)
+# graph (0 and 8 rows with the whole last block timed 2026-12-06 on an H100: 1.57x / 1.20x eager, 1.62x / 1.25x as a
+# graph at 32k; docs/bench_prefill.md)
 job graph 420 python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16 \
   --out $w/out/graph/bench_prefill_qwen.md
 
