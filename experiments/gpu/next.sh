@@ -141,9 +141,11 @@ job q16k 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base
   --blends vertical_slash:0.5 --plan final --only oracle vertical_slash flexprefill antidiagonal reranked streaming \
   --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
   --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16k"
-# issue 17: Qwen at 16k, the default and the default reranked by 8 rows over top-p 0.99 (beside dense)
+# issue 17: Qwen at 16k, the default (reranked by 8 rows over top-p 0.99), the same by 16 rows, and the training-free
+# rerank (vertical-slash reranked by 16 rows, 0.9 point ahead on the novel before the dense last block), all with it
 job q16r 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
-  --plan lever --reranks 8:0.99 --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank8@0.99 \
+  --plan lever --reranks 8:0.99 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank8@0.99 \
+    gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16r"
 # issue 17: SmolLM2-135M at 8k (staged by prepare.sh smollm2 into /root/models): the recipe's gates trained (600
@@ -239,4 +241,12 @@ job final01 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes b
 job mq16 1200 "${quality[@]}" "${model[@]}" "${default[@]}" --densities 0.1 --texts novel --windows 1 --passkey 0 \
   --copy 0 --ruler niah_multiquery --ruler-samples 16 --batch-size 4 --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/mq16"
+# issue 18: the decode oracle (each block's true attention share, estimate=oracle: what a perfect ranking keeps at
+# 2k tokens) beside Quest's +1.76% on the same two windows (job qmass): is the 1% NLL goal reachable at that budget?
+# Then RULER answered through it after the default prefill (Quest with 4 pins: 44.5, dense decode 52.0)
+job qoracle 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+  --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
+  --estimates oracle:1 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qoracle"
+job oruler0 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
+  --decode-budget 2048 --decode-estimate oracle --decode-prompt-blocks 0 --work "$w/work/q" --out "$w/out/oruler0"
 echo "$(date -u +%H:%M:%S) agenda done"

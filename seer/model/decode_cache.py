@@ -161,6 +161,27 @@ def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     raise ValueError(f"key_bound_scores: group must be 'max' or 'mass', got {group!r}")
 
 
+def true_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor, block_size: int, capacity: int,
+                      sm_scale: float | None = None) -> torch.Tensor:
+    """The oracle's block scores ``[B, Hkv, capacity]`` (float32) of each row's newest token (post-RoPE ``q [B, Hq, 1,
+    D]``): the log of each key block's share of the token's true attention, ``log(1/G sum_h sum_{j in block}
+    softmax_j(sm_scale * q_h . k_j))`` over the KV head's group of G query heads, from the whole KV cache ``key [B, Hkv,
+    N, D]`` (each row's keys from position 0; the first ``seqlens[b]`` valid, this token's included); ``-inf`` for
+    the blocks with no valid key. ``sm_scale``: the attention's (default ``1 / sqrt(D)``). It reads every key at every
+    step, so it is a yardstick for the estimates (what a perfect block ranking keeps at a budget), not a speedup."""
+    b, hq, _, d = q.shape
+    hkv, n = key.shape[1], key.shape[2]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    logits = torch.matmul(q.float().reshape(b, hkv, hq // hkv, d), key.float().transpose(-1, -2)) * scale
+    valid = torch.arange(n, device=q.device)[None, :] < seqlens[:, None]  # [B, N]
+    probs = torch.softmax(logits.masked_fill(~valid[:, None, None], float("-inf")), dim=-1).mean(2)  # [B, Hkv, N]
+    width = capacity * block_size
+    probs = torch.nn.functional.pad(probs[..., :width], (0, max(0, width - n)))
+    mass = probs.view(b, hkv, capacity, block_size).sum(-1)
+    blocks = torch.arange(capacity, device=q.device)[None, :] * block_size < seqlens[:, None]  # [B, capacity]
+    return mass.clamp_min(1e-30).log().masked_fill(~blocks[:, None], float("-inf"))  # valid blocks stay finite
+
+
 def prompt_block_pins(query: torch.Tensor, key: torch.Tensor, blocks: int, block_size: int,
                       sm_scale: float | None = None, skip_first: bool = False) -> torch.Tensor:
     """One row's pinned prompt blocks ``[Hkv, nb]`` (bool; ``DecodeSparsityConfig.prompt_blocks``): per KV head the

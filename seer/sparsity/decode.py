@@ -16,9 +16,11 @@ estimate_weight`` (:func:`mix_estimate`): Quest's bounds (Tang et al., 2024: per
 its post-RoPE keys bound ``q.k`` from above, :func:`~seer.model.decode_cache.key_bound_scores`) as a training-free,
 query-aware estimate, the largest bound over a KV head's query heads; ``w = 1`` is Quest alone (the gate not
 consulted). ``estimate="quest_mass"`` pools the group's heads differently: each head's bounds become a softmax over
-the blocks first, and the group's estimate is their mean (a head with larger logits no longer decides alone). The
-budgets then read those log-probabilities as they read gate logits (a top-k is order-only; the threshold's softmax of
-them is the mixture itself).
+the blocks first, and the group's estimate is their mean (a head with larger logits no longer decides alone).
+``estimate="oracle"`` is the yardstick: each block's true share of the token's attention, averaged over the group's
+heads, from every key in the KV cache (:func:`~seer.model.decode_cache.true_block_scores`): what a perfect ranking
+keeps at a budget, at dense decode's cost. The budgets then read those log-probabilities as they read gate logits
+(a top-k is order-only; the threshold's softmax of them is the mixture itself).
 
 The newest (partial) block is always kept; the first block too when ``first_block``; with ``recent_blocks`` R > 0 the
 R full blocks before the newest (a local window of the last ``R x block_size`` to ``(R + 1) x block_size`` tokens,
@@ -61,7 +63,7 @@ DECODE_METHODS = ("token_budget", "threshold", "dense")
 # training-free block scores a decode step can mix into the gate's, and how each pools Quest's bounds over a KV head's
 # query heads (seer.model.decode_cache.key_bound_scores)
 ESTIMATE_GROUPS = {"quest": "max", "quest_mass": "mass"}
-DECODE_ESTIMATES = tuple(ESTIMATE_GROUPS)
+DECODE_ESTIMATES = (*ESTIMATE_GROUPS, "oracle")
 CALIBRATION_FILE = "decode_calibration.json"
 
 

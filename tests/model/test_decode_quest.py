@@ -1,6 +1,7 @@
 """Quest's key bounds in sparse decode (``DecodeSparsityConfig.estimate="quest"``): the bound against a float64 brute
 force, the cache's per-block min/max against a recomputation from the keys after a padded prefill and decode steps,
-the mixture of the gate's and Quest's block probabilities, and the whole model's steps with it."""
+the mixture of the gate's and Quest's block probabilities, and the whole model's steps with it; the oracle's true
+block mass (``estimate="oracle"``) likewise."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from seer.checks import ConfigError
 from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
-from seer.model.decode_cache import DecodeKeyCache, key_bound_scores
+from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, true_block_scores
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 from tests.tiny import padded_generation, tiny_decode_model
 
@@ -92,6 +93,50 @@ def test_the_mass_pooling_is_the_group_mean_of_each_heads_softmax():
     assert differ
     with pytest.raises(ValueError, match="group must be 'max' or 'mass', got 'sum'"):
         key_bound_scores(q.float(), key_min, key_max, newest, group="sum")
+
+
+def test_the_oracle_is_each_blocks_true_attention_share_averaged_over_the_group():
+    """``true_block_scores``: per KV head, the log of each block's share of the softmax attention of the token over
+    its row's valid keys, averaged over the group's query heads (float64 brute force); ``-inf`` for blocks past a
+    row's keys, up to the capacity; keys past ``seqlens`` (stale cache slots) change nothing."""
+    lengths, scale, capacity = [5 * BS + 1, 3 * BS + 7], 0.4, 8
+    q, k, *_ = _rows(5, lengths)
+    k = torch.cat([k, 50 * torch.randn(2, HKV, 9, D, dtype=torch.float64)], 2)  # stale slots with large logits
+    seqlens = torch.tensor(lengths)
+    got = true_block_scores(q.float(), k.float(), seqlens, BS, capacity, scale)
+    assert got.dtype == torch.float32 and got.shape == (2, HKV, capacity)
+    group = HQ // HKV
+    for row, n in enumerate(lengths):
+        nb = -(-n // BS)
+        assert torch.isinf(got[row, :, nb:]).all() and torch.isfinite(got[row, :, :nb]).all()
+        for head in range(HKV):
+            probs = torch.stack([torch.softmax(k[row, head, :n] @ q[row, h, 0] * scale, 0)
+                                 for h in range(head * group, (head + 1) * group)]).mean(0)
+            want = torch.nn.functional.pad(probs, (0, nb * BS - n)).view(nb, BS).sum(-1).log()
+            torch.testing.assert_close(got[row, head, :nb].double(), want, rtol=0, atol=1e-5)
+    assert torch.equal(true_block_scores(q.float(), k.float(), seqlens, BS, capacity),
+                       true_block_scores(q.float(), k.float(), seqlens, BS, capacity, 1 / math.sqrt(D)))
+
+
+def test_oracle_decode_of_a_left_padded_batch_is_each_row_alone():
+    """The oracle reads each row's keys from its start: a left-padded batch decodes as each prompt alone (greedy
+    logits; 40 new tokens, so that the short row too has more blocks than the budget), sparse, and on other blocks
+    than Quest."""
+    budget = {**QUEST, "estimate": "oracle", "estimate_weight": 1.0}
+    model = tiny_decode_model(budget, BS)
+    batch = padded_generation(model, new=40)[0]
+    assert 0 < model.seer_decode.mean_density() < 1
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=g) for n in (45, 26)]  # padded_generation's
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = model.generate(prompt[None], max_new_tokens=40, do_sample=False, pad_token_id=2, output_logits=True,
+                                 return_dict_in_generate=True)
+        alone = torch.stack(out.logits)[:, 0]  # up to an end-of-text token
+        assert len(alone) >= 20
+        torch.testing.assert_close(batch[:len(alone), row], alone, rtol=1e-4, atol=1e-4)
+    quest = padded_generation(tiny_decode_model({**budget, "estimate": "quest"}, BS), new=40)[0]
+    assert not torch.allclose(batch, quest, atol=1e-3)
 
 
 def test_quest_mass_decodes_by_its_own_pooling():
@@ -254,8 +299,8 @@ def test_model_bounds_follow_a_static_kv_cache():
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("estimate", "oracle",
-     r"decode_sparsity\.estimate='oracle'.*choose a training-free estimate from \('quest', 'quest_mass'\)"),
+    ("estimate", "snapkv",
+     r"decode_sparsity\.estimate='snapkv'.*choose a training-free estimate from \('quest', 'quest_mass', 'oracle'\)"),
     ("estimate_weight", 0, r"decode_sparsity\.estimate_weight=0.*must be in \(0, 1\]"),
     ("estimate_weight", 1.5, r"decode_sparsity\.estimate_weight=1\.5.*must be in \(0, 1\]"),
     ("estimate_weight", "half", r"decode_sparsity\.estimate_weight='half'"),
