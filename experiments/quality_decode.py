@@ -31,6 +31,7 @@ On the GPU machine (GGUF staged in /root/models/qwen05, novels carried in .asset
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--recent-blocks", type=int, default=0,
                     help="key blocks before the newest kept at every decode step, a local window "
                          "(DecodeSparsityConfig.recent_blocks, counted in the budget; 0: none)")
+    ap.add_argument("--rerank-blocks", type=int, nargs="+", default=[0],
+                    help="each budget and estimate also with its top C blocks ranked again by their true attention "
+                         "over their own keys, for each C given (DecodeSparsityConfig.rerank_blocks; 0: no rerank)")
     ap.add_argument("--prompt-len", type=int, default=31488, help="with the continuation, within the model's context")
     ap.add_argument("--continuation", type=int, default=1024, help="teacher-forced tokens after each prompt")
     ap.add_argument("--greedy", type=int, default=256, help="greedy tokens after each prompt")
@@ -103,10 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  f"to mix it with): give NAME:1")
     for budget in args.budgets:
         for estimate in [{}, *args.estimates]:  # a bad budget fails here, before anything loads
-            DecodeSparsityConfig(token_budget=budget, prompt_blocks=args.prompt_blocks,
-                                 recent_blocks=args.recent_blocks, **estimate)
-        for block in args.quest_blocks:
-            DecodeSparsityConfig(token_budget=budget, **QUEST_ALONE).check_block_size(block)
+            for rerank in args.rerank_blocks:
+                config = DecodeSparsityConfig(token_budget=budget, prompt_blocks=args.prompt_blocks,
+                                              recent_blocks=args.recent_blocks, rerank_blocks=rerank, **estimate)
+                for block in args.quest_blocks:
+                    config.check_block_size(block)
     if min(args.prompt_len, args.continuation, args.greedy, args.windows) < 1 or args.first_window < 0:
         ap.error("--prompt-len, --continuation, --greedy and --windows must be >= 1, --first-window >= 0")
     return args
@@ -212,14 +217,16 @@ def dense_window(model, prompt: torch.Tensor, continuation: torch.Tensor, greedy
 
 def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budgets: list[int], greedy: int,
                    pad_token_id: int, kernel: str, estimates: list[dict] = (),
-                   dense: tuple | None = None, prompt_blocks: int = 0, recent_blocks: int = 0) -> list[dict]:
+                   dense: tuple | None = None, prompt_blocks: int = 0, recent_blocks: int = 0,
+                   rerank_blocks: tuple[int, ...] = (0,)) -> list[dict]:
     """The rows of one window: dense decode, then each budget scored by the gate and with each of ``estimates``
     (:func:`parse_estimate`) mixed in (NLL, its increase over dense, decode density, greedy agreement with dense).
     A model without decode gates (:func:`quest_model`) has rows of each of ``estimates`` alone (weight 1; Quest's
     when none), named ``<estimate>/<block size>`` (``quest/64``, ``quest_mass/64``).
     ``dense``: the window's dense ``(nll, top tokens, greedy tokens)`` measured before (then no dense row).
     ``prompt_blocks`` / ``recent_blocks``: every budget's pinned prompt blocks and kept blocks before the newest
-    (``DecodeSparsityConfig.prompt_blocks`` / ``recent_blocks``)."""
+    (``DecodeSparsityConfig.prompt_blocks`` / ``recent_blocks``). ``rerank_blocks``: each row again with each of
+    these rerank candidate counts (``DecodeSparsityConfig.rerank_blocks``; 0: none), named ``+rerank<C>``."""
     decode = model.seer_decode
     gated = decode.gated
     rows = []
@@ -228,13 +235,15 @@ def measure_window(model, prompt: torch.Tensor, continuation: torch.Tensor, budg
         rows.append(row)
     dense_nll, dense_top, dense_tokens = dense
     for budget in budgets:
-        for estimate in [{}, *estimates] if gated else (estimates or [QUEST_ALONE]):
+        for estimate, rerank in itertools.product([{}, *estimates] if gated else (estimates or [QUEST_ALONE]),
+                                                  rerank_blocks):
             decode.enable(DecodeSparsityConfig(token_budget=budget, prompt_blocks=prompt_blocks,
-                                               recent_blocks=recent_blocks, **estimate), kernel)
+                                               recent_blocks=recent_blocks, rerank_blocks=rerank, **estimate), kernel)
             nll, top = continuation_nll(model, prompt, continuation)
             density = decode.mean_density()
             agree, prefix = greedy_agreement(greedy_tokens(model, prompt, greedy, pad_token_id), dense_tokens)
             name = scores_name(estimate) if gated else f"{estimate['estimate']}/{decode.block_size}"
+            name += f"+rerank{rerank}" if rerank else ""
             rows.append({"budget": budget, "scores": name, "nll": nll,
                          "nll_increase": nll / dense_nll - 1,
                          "density": density, "top1_agree": float((top == dense_top).float().mean()),
@@ -277,7 +286,8 @@ def main() -> None:
         window_rows = [dense_row]
         for model in models:  # every block size (or the one gated model) against the same dense decode
             window_rows += measure_window(model, prompt, continuation, args.budgets, args.greedy, pad, kernel,
-                                          args.estimates, dense, args.prompt_blocks, args.recent_blocks)
+                                          args.estimates, dense, args.prompt_blocks, args.recent_blocks,
+                                          args.rerank_blocks)
         for row in window_rows:
             rows.append({"window": window, **row})
             print(f"[decode] window {window} budget {row['budget']} {row['scores']}: nll {row['nll']:.4f} "

@@ -36,7 +36,7 @@ def test_arguments_parse_and_bad_budgets_are_refused(study):
     assert args.estimates == [{"estimate": "quest", "estimate_weight": 0.5},
                               {"estimate": "quest", "estimate_weight": 1.0}]
     assert [study.scores_name(e) for e in [{}, *args.estimates]] == ["gate", "gate+quest@0.5", "quest"]
-    for bad, error in [("quest:0", ConfigError), ("oracle:0.5", ConfigError), ("quest", SystemExit)]:
+    for bad, error in [("quest:0", ConfigError), ("snapkv:0.5", ConfigError), ("quest", SystemExit)]:
         with pytest.raises(error):
             study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--estimates", bad])
     assert study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--first-window", "2"]) \
@@ -118,6 +118,18 @@ def test_quest_alone_rows_without_decode_gates(study):
                                   kernel="reference", estimates=both, dense=dense)
     assert [r["scores"] for r in pooled] == ["quest/16", "quest_mass/16"]
     assert pooled[0]["nll"] == pytest.approx(rows[2]["nll"], rel=1e-6) and 0 < pooled[1]["density"] < 1
+    reranked = study.measure_window(models[0], prompt, continuation, [48], greedy=4, pad_token_id=2,
+                                    kernel="reference", estimates=[{"estimate": "quest", "estimate_weight": 1.0},
+                                                                   {"estimate": "oracle", "estimate_weight": 1.0}],
+                                    dense=dense, rerank_blocks=(0, 8))
+    assert [r["scores"] for r in reranked] == ["quest/16", "quest/16+rerank8", "oracle/16", "oracle/16+rerank8"]
+    # six blocks and one of them to choose beside the first and the newest; every block a candidate: the rerank
+    # chooses what the oracle chooses, not what Quest chooses
+    assert reranked[1]["nll"] == pytest.approx(reranked[2]["nll"], rel=1e-6)
+    assert reranked[1]["nll"] != pytest.approx(reranked[0]["nll"], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"rerank_blocks=1: candidates are fewer than the 1024-token budget's 64"):
+        study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--quest-blocks", "16",
+                          "--rerank-blocks", "0", "1"])
 
 
 def test_pinned_prompt_blocks_and_recent_blocks_are_kept_beside_the_budget(study):

@@ -60,7 +60,8 @@ from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, layer_shape,
                                   seer_mask)
 from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, layer_block_size, newest_scores,
-                                     prompt_block_pins, step_key_bounds, step_keys, step_position, true_block_scores)
+                                     prompt_block_pins, reranked_block_scores, step_key_bounds, step_keys,
+                                     step_position, true_block_scores)
 from seer.sparsity.decode import ESTIMATE_GROUPS, DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
 DISTILL_ATTENTION = "seer_decode_distill"
@@ -273,9 +274,10 @@ class DecodeContext:
         step = _compiled_step() if self.sparsity.compile else sparse_decode_step
         estimate = dict(key_min=cache.key_min[layer], key_max=cache.key_max[layer], k_post=k_post, q_post=query,
                         sm_scale=scaling) if quest else {}
-        if self.sparsity.estimate == "oracle":  # each row's keys from its start (after its left padding)
-            estimate["keys"] = key if not any(cache.offsets) else torch.stack(
+        if self.sparsity.reads_keys:  # each row's keys from its start (after its left padding)
+            keys = key if not any(cache.offsets) else torch.stack(
                 [torch.nn.functional.pad(key[r, :, first:], (0, 0, 0, first)) for r, first in enumerate(cache.offsets)])
+            estimate.update(q_post=query, sm_scale=scaling, keys=keys)
         index, *newest = step(cache.gates[layer], cache.keys.get(layer), cache.tails.get(layer), seqlens, total, steps,
                               k_pre, q_pre, self.sparsity, self.threshold, pinned=cache.pinned.get(layer), **estimate)
         cache.stepped(layer, tuple(newest))
@@ -326,7 +328,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
     1. ``pinned [B, Hkv, capacity]``: the prompt blocks kept at every step (``prompt_blocks``), or None. With
     ``estimate="oracle"`` the estimate is the true block mass (:func:`~seer.model.decode_cache.true_block_scores`)
-    over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from position 0).
+    over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from position 0); with ``rerank_blocks`` the
+    scores' top blocks ranked again by their keys there (:func:`~seer.model.decode_cache.reranked_block_scores`).
     Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
     ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
     1). Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest
@@ -347,6 +350,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
             bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale, ESTIMATE_GROUPS[sparsity.estimate])
         mixed = newest_scores(gate, store, q_pre, key, pos, block) if gated and sparsity.estimate_weight != 1 else None
         scores = mix_estimate(mixed, bounds, sparsity.estimate_weight)
+    if sparsity.rerank_blocks:
+        scores = reranked_block_scores(q_post, keys, seqlens, scores, sparsity.rerank_blocks, bs, sm_scale)
     index, density = decode_step_blocks(scores, block, sparsity, bs, threshold, pinned)
     total.add_(density)
     steps.add_(1)

@@ -161,6 +161,17 @@ def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     raise ValueError(f"key_bound_scores: group must be 'max' or 'mass', got {group!r}")
 
 
+def _group_attention(q: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, sm_scale: float | None) -> torch.Tensor:
+    """``[B, Hkv, M]`` (float32): the softmax attention of each row's token (post-RoPE ``q [B, Hq, 1, D]``) over the
+    keys ``key [B, Hkv, M, D]`` where ``valid`` (``[B, 1 or Hkv, M]``), averaged over each KV head's group of query
+    heads (query head ``h`` reads KV head ``h // (Hq / Hkv)``)."""
+    b, hq, _, d = q.shape
+    hkv = key.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    logits = torch.matmul(q.float().reshape(b, hkv, hq // hkv, d), key.float().transpose(-1, -2)) * scale
+    return torch.softmax(logits.masked_fill(~valid[:, :, None], float("-inf")), dim=-1).mean(2)
+
+
 def true_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor, block_size: int, capacity: int,
                       sm_scale: float | None = None) -> torch.Tensor:
     """The oracle's block scores ``[B, Hkv, capacity]`` (float32) of each row's newest token (post-RoPE ``q [B, Hq, 1,
@@ -169,17 +180,33 @@ def true_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor,
     N, D]`` (each row's keys from position 0; the first ``seqlens[b]`` valid, this token's included); ``-inf`` for
     the blocks with no valid key. ``sm_scale``: the attention's (default ``1 / sqrt(D)``). It reads every key at every
     step, so it is a yardstick for the estimates (what a perfect block ranking keeps at a budget), not a speedup."""
-    b, hq, _, d = q.shape
-    hkv, n = key.shape[1], key.shape[2]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    logits = torch.matmul(q.float().reshape(b, hkv, hq // hkv, d), key.float().transpose(-1, -2)) * scale
-    valid = torch.arange(n, device=q.device)[None, :] < seqlens[:, None]  # [B, N]
-    probs = torch.softmax(logits.masked_fill(~valid[:, None, None], float("-inf")), dim=-1).mean(2)  # [B, Hkv, N]
+    b, hkv, n = key.shape[:3]
+    valid = torch.arange(n, device=q.device)[None, None, :] < seqlens[:, None, None]  # [B, 1, N]
     width = capacity * block_size
-    probs = torch.nn.functional.pad(probs[..., :width], (0, max(0, width - n)))
+    probs = torch.nn.functional.pad(_group_attention(q, key, valid, sm_scale)[..., :width], (0, max(0, width - n)))
     mass = probs.view(b, hkv, capacity, block_size).sum(-1)
     blocks = torch.arange(capacity, device=q.device)[None, :] * block_size < seqlens[:, None]  # [B, capacity]
     return mass.clamp_min(1e-30).log().masked_fill(~blocks[:, None], float("-inf"))  # valid blocks stay finite
+
+
+def reranked_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor, scores: torch.Tensor,
+                          candidates: int, block_size: int, sm_scale: float | None = None) -> torch.Tensor:
+    """``scores [B, Hkv, capacity]`` (an estimate's block scores, ``-inf`` for invalid blocks) ranked again exactly:
+    per KV head its top ``candidates`` blocks get the log of their share of the token's true attention over the
+    candidates' keys alone (as :func:`true_block_scores`, from the KV cache ``key [B, Hkv, N, D]``, each row's first
+    ``seqlens[b]`` keys valid); every other valid block ranks below them all, in the estimate's order (``min(score,
+    0) - 1e4``); invalid blocks stay ``-inf``. It reads ``candidates x block_size`` keys per KV head, not the cache.
+    Float32."""
+    b, hkv, capacity = scores.shape
+    top_scores, top = scores.topk(min(candidates, capacity), dim=-1)  # [B, Hkv, c]
+    c, n = top.shape[-1], key.shape[2]
+    pos = (top[..., None] * block_size + torch.arange(block_size, device=top.device)).flatten(-2)  # [B, Hkv, c * bs]
+    chosen = torch.isfinite(top_scores)
+    valid = (pos < seqlens[:, None, None]) & chosen.repeat_interleave(block_size, dim=-1)
+    keys = key.gather(2, pos.clamp(max=n - 1)[..., None].expand(-1, -1, -1, key.shape[3]))
+    mass = _group_attention(q, keys, valid, sm_scale).view(b, hkv, c, block_size).sum(-1)
+    exact = mass.clamp_min(1e-30).log().masked_fill(~chosen, float("-inf"))
+    return (scores.float().clamp(max=0) - 1e4).scatter(-1, top, exact)
 
 
 def prompt_block_pins(query: torch.Tensor, key: torch.Tensor, blocks: int, block_size: int,

@@ -19,7 +19,10 @@ consulted). ``estimate="quest_mass"`` pools the group's heads differently: each 
 the blocks first, and the group's estimate is their mean (a head with larger logits no longer decides alone).
 ``estimate="oracle"`` is the yardstick: each block's true share of the token's attention, averaged over the group's
 heads, from every key in the KV cache (:func:`~seer.model.decode_cache.true_block_scores`): what a perfect ranking
-keeps at a budget, at dense decode's cost. The budgets then read those log-probabilities as they read gate logits
+keeps at a budget, at dense decode's cost. With ``rerank_blocks`` C > 0 the top C blocks by those scores are
+ranked again by their true share of the token's attention over their own keys (the prefill's rerank, for one token:
+:func:`~seer.model.decode_cache.reranked_block_scores`), the others below them: C x block_size keys read per KV head
+and step, no more. The budgets then read those log-probabilities as they read gate logits
 (a top-k is order-only; the threshold's softmax of them is the mixture itself).
 
 The newest (partial) block is always kept; the first block too when ``first_block``; with ``recent_blocks`` R > 0 the
@@ -80,6 +83,7 @@ class DecodeSparsityConfig:
     estimate_weight: float = 0.5
     prompt_blocks: int = 0
     recent_blocks: int = 0
+    rerank_blocks: int = 0
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -108,6 +112,9 @@ class DecodeSparsityConfig:
         if not is_int(self.recent_blocks) or self.recent_blocks < 0:
             fail("decode_sparsity", "recent_blocks", self.recent_blocks,
                  "is a number of key blocks kept before the newest (0: none); must be an integer >= 0")
+        if not is_int(self.rerank_blocks) or self.rerank_blocks < 0:
+            fail("decode_sparsity", "rerank_blocks", self.rerank_blocks,
+                 "is a number of candidate blocks scored again exactly (0: none); must be an integer >= 0")
         if self.prompt_blocks and self.target_density is not None:
             fail("decode_sparsity", "prompt_blocks", self.prompt_blocks,
                  "a calibrated threshold (target_density) is fitted without prompt blocks; give 0, or a threshold "
@@ -115,6 +122,11 @@ class DecodeSparsityConfig:
         if not isinstance(self.compile, bool):
             fail("decode_sparsity", "compile", self.compile,
                  "is true or false (run each decode step's gate and block selection through torch.compile)")
+
+    @property
+    def reads_keys(self) -> bool:
+        """Whether a decode step reads keys of the KV cache to score blocks (the oracle, or a rerank)."""
+        return self.estimate == "oracle" or self.rerank_blocks > 0
 
     @property
     def calibrated(self) -> bool:
@@ -134,6 +146,8 @@ class DecodeSparsityConfig:
             first += f", {self.prompt_blocks} prompt blocks"
         if self.estimate is not None:
             first += f", {self.estimate}@{self.estimate_weight:g}"
+        if self.rerank_blocks:
+            first += f", reranked over {self.rerank_blocks} blocks"
         if self.method == "token_budget":
             return f"token_budget={self.token_budget}{first}"
         if self.method == "threshold":
@@ -165,10 +179,14 @@ class DecodeSparsityConfig:
                  "decode gates; without them give a threshold or a token budget")
 
     def check_block_size(self, block_size: int) -> None:
-        """Refuses a token budget below one block of ``block_size`` tokens."""
+        """Refuses a token budget below one block of ``block_size`` tokens, or fewer rerank candidates than it holds."""
         if self.method == "token_budget" and self.token_budget < block_size:
             fail("decode_sparsity", "token_budget", self.token_budget,
                  f"is below one block ({block_size} tokens); the budget is whole blocks")
+        if self.method == "token_budget" and 0 < self.rerank_blocks < self.token_budget // block_size:
+            fail("decode_sparsity", "rerank_blocks", self.rerank_blocks,
+                 f"candidates are fewer than the {self.token_budget}-token budget's {self.token_budget // block_size} "
+                 f"blocks of {block_size} tokens; give at least that many (or 0: no rerank)")
 
 
 def mix_estimate(gate_scores: torch.Tensor | None, estimate_scores: torch.Tensor, weight: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Quest's key bounds in sparse decode (``DecodeSparsityConfig.estimate="quest"``): the bound against a float64 brute
 force, the cache's per-block min/max against a recomputation from the keys after a padded prefill and decode steps,
 the mixture of the gate's and Quest's block probabilities, and the whole model's steps with it; the oracle's true
-block mass (``estimate="oracle"``) likewise."""
+block mass (``estimate="oracle"``) and the exact rerank of an estimate's top blocks (``rerank_blocks``) likewise."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from seer.checks import ConfigError
 from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
-from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, true_block_scores
+from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, reranked_block_scores, true_block_scores
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 from tests.tiny import padded_generation, tiny_decode_model
 
@@ -137,6 +137,46 @@ def test_oracle_decode_of_a_left_padded_batch_is_each_row_alone():
         torch.testing.assert_close(batch[:len(alone), row], alone, rtol=1e-4, atol=1e-4)
     quest = padded_generation(tiny_decode_model({**budget, "estimate": "quest"}, BS), new=40)[0]
     assert not torch.allclose(batch, quest, atol=1e-3)
+
+
+def test_the_rerank_scores_the_candidates_by_their_own_keys_and_puts_the_rest_below():
+    """``reranked_block_scores``: per KV head the top ``candidates`` blocks by the given scores get the log of their
+    share of the group's attention over the candidates' keys alone (float64 brute force); the other valid blocks keep
+    the scores' order below every candidate; invalid blocks stay ``-inf``."""
+    lengths, scale, capacity, candidates = [6 * BS + 5, 3 * BS + 2], 0.4, 8, 3
+    q, k, *_ = _rows(6, lengths)
+    k = torch.cat([k, torch.randn(2, HKV, capacity * BS - k.shape[2], D, dtype=torch.float64)], 2)
+    seqlens = torch.tensor(lengths)
+    scores = torch.randn(2, HKV, capacity, generator=torch.Generator().manual_seed(2))
+    for row, n in enumerate(lengths):
+        scores[row, :, -(-n // BS):] = float("-inf")
+    got = reranked_block_scores(q.float(), k.float(), seqlens, scores, candidates, BS, scale)
+    group = HQ // HKV
+    for row, n in enumerate(lengths):
+        nb = -(-n // BS)
+        assert torch.isinf(got[row, :, nb:]).all()
+        for head in range(HKV):
+            top = scores[row, head].topk(candidates).indices
+            keys = torch.cat([k[row, head, b * BS:min(n, (b + 1) * BS)] for b in top.tolist()])
+            probs = torch.stack([torch.softmax(keys @ q[row, h, 0] * scale, 0)
+                                 for h in range(head * group, (head + 1) * group)]).mean(0)
+            sizes = [min(n, (b + 1) * BS) - b * BS for b in top.tolist()]
+            want = torch.stack([part.sum() for part in probs.split(sizes)]).log()
+            torch.testing.assert_close(got[row, head, top].double(), want, rtol=0, atol=1e-5)
+            rest = [b for b in range(nb) if b not in top.tolist()]
+            assert got[row, head, rest].max() < got[row, head, top].min()
+            assert torch.equal(got[row, head, rest].argsort(), scores[row, head, rest].argsort())
+
+
+def test_a_rerank_of_every_block_is_the_oracle():
+    """Quest's blocks ranked again over all of them choose what the oracle chooses: the same greedy logits for a
+    left-padded batch, and other ones than Quest's alone."""
+    quest = {**QUEST, "estimate": "quest", "estimate_weight": 1.0}
+    logits = {name: padded_generation(tiny_decode_model(budget, BS), new=40)[0] for name, budget in
+              [("oracle", {**quest, "estimate": "oracle"}), ("rerank", {**quest, "rerank_blocks": 64}),
+               ("quest", quest)]}
+    torch.testing.assert_close(logits["rerank"], logits["oracle"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits["rerank"], logits["quest"], atol=1e-3)
 
 
 def test_quest_mass_decodes_by_its_own_pooling():
@@ -301,6 +341,8 @@ def test_model_bounds_follow_a_static_kv_cache():
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("estimate", "snapkv",
      r"decode_sparsity\.estimate='snapkv'.*choose a training-free estimate from \('quest', 'quest_mass', 'oracle'\)"),
+    ("rerank_blocks", -1, r"decode_sparsity\.rerank_blocks=-1.*integer >= 0"),
+    ("rerank_blocks", 2.5, r"decode_sparsity\.rerank_blocks=2\.5"),
     ("estimate_weight", 0, r"decode_sparsity\.estimate_weight=0.*must be in \(0, 1\]"),
     ("estimate_weight", 1.5, r"decode_sparsity\.estimate_weight=1\.5.*must be in \(0, 1\]"),
     ("estimate_weight", "half", r"decode_sparsity\.estimate_weight='half'"),

@@ -210,6 +210,9 @@ def test_load_refuses_bad_decode_arguments_before_loading(gate_folder, monkeypat
         "decode_sparsity.token_budget=8: is below one block (16 tokens); the budget is whole blocks")
     assert refused(decode_sparsity={**QUEST_ALONE, "token_budget": 32}) == (  # no prefill gates: blocks of 64
         "decode_sparsity.token_budget=32: is below one block (64 tokens); the budget is whole blocks")
+    assert refused(decode_sparsity={**QUEST_ALONE, "token_budget": 256, "rerank_blocks": 3}) == (
+        "decode_sparsity.rerank_blocks=3: candidates are fewer than the 256-token budget's 4 blocks of 64 tokens; "
+        "give at least that many (or 0: no rerank)")
 
 
 QUEST_ALONE = {"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0}
