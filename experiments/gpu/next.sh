@@ -249,4 +249,10 @@ job qoracle 900 python3 experiments/quality_decode.py --model-dir /root/models/q
   --estimates oracle:1 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qoracle"
 job oruler0 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
   --decode-budget 2048 --decode-estimate oracle --decode-prompt-blocks 0 --work "$w/work/q" --out "$w/out/oruler0"
+# issue 18: Quest's top 64 blocks (twice the 2k budget's) ranked again by their true attention over their own keys
+# (decode_sparsity.rerank_blocks=64), the same two windows (the oracle measured 2026-12-06 on an H100 by qoracle:
+# +1.00% / +1.51%, Quest +1.35% / +2.17%)
+job qrerank 600 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+  --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
+  --estimates quest:1 --rerank-blocks 64 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qrerank"
 echo "$(date -u +%H:%M:%S) agenda done"
