@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--selection", choices=["gate", "quest"], default="gate",
                     help="what scores the blocks of a sparse step: random decode gates, or Quest's key bounds alone "
                          "(training-free, no decode gates: seer.model.decode.attach_quest_decode)")
+    ap.add_argument("--rerank-blocks", type=int, default=0,
+                    help="the budget's top blocks by the estimate ranked again by their own keys "
+                         "(DecodeSparsityConfig.rerank_blocks; 0: none)")
     ap.add_argument("--cache", choices=["reserved", "dynamic"], default="reserved",
                     help="KV cache of the eager steps: preallocated views (reserved) or transformers' torch.cat "
                          "DynamicCache (dynamic); --graph uses a StaticCache")
@@ -467,7 +470,8 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     prefill(model, cache, ids, args.prefill_chunk)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    budget = DecodeSparsityConfig(token_budget=args.budget, compile=compiled, **scored)
+    budget = DecodeSparsityConfig(token_budget=args.budget, compile=compiled,
+                                  rerank_blocks=getattr(args, "rerank_blocks", 0), **scored)
     return PrefilledCase(ctx, cuda, steps, every, budget, cache, prefill_s, copy_key_cache(ctx.cache),
                          (ctx.cache.memory_bytes() + ctx.cache.bounds_memory_bytes()) / 2**20)
 
@@ -672,6 +676,8 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
              f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, "
              + ("random decode gates" if getattr(args, "selection", "gate") == "gate" else
                 "Quest's key bounds alone (no decode gates; `compressed K` is the key bounds)")
+             + (f", reranked over its top {args.rerank_blocks} blocks by their keys"
+                if getattr(args, "rerank_blocks", 0) else "")
              + f" (block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "
              f"kernel{compiled}). Per (prompt, batch): one dense prefill, then {how}", "",
              "| prompt | batch | dense ms/step | dense tok/s | sparse ms/step | sparse tok/s | speedup | density "

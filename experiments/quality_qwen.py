@@ -571,6 +571,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-recent-blocks", type=int, default=0,
                     help="--decode-budget: blocks before the newest kept at every decode step, a local window "
                     "(DecodeSparsityConfig.recent_blocks; 0: none)")
+    ap.add_argument("--decode-rerank-blocks", type=int, default=0,
+                    help="--decode-budget: each step's top blocks by the estimate ranked again by their own keys "
+                    "(DecodeSparsityConfig.rerank_blocks; 0: none)")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--passkey", type=int, default=10)
     ap.add_argument("--copy", type=int, default=5)
@@ -609,7 +612,8 @@ def planned_jobs(args) -> list[Job | None]:
         if value != default and args.plan != "attribution":
             raise SystemExit(f"{flag}: only for --plan attribution, not {args.plan}")
     for flag, value in (("--decode-prompt-blocks", args.decode_prompt_blocks),
-                        ("--decode-recent-blocks", args.decode_recent_blocks)):
+                        ("--decode-recent-blocks", args.decode_recent_blocks),
+                        ("--decode-rerank-blocks", args.decode_rerank_blocks)):
         if value and not args.decode_budget or value < 0:
             raise SystemExit(f"{flag} {value}: give a number >= 0, with --decode-budget")
     if args.decode_estimate != "quest" and not args.decode_budget:
@@ -679,7 +683,8 @@ def main() -> None:
     del base
     decode = DecodeSparsityConfig(token_budget=args.decode_budget, estimate=args.decode_estimate, estimate_weight=1.0,
                                   prompt_blocks=args.decode_prompt_blocks,
-                                  recent_blocks=args.decode_recent_blocks) if args.decode_budget else None
+                                  recent_blocks=args.decode_recent_blocks,
+                                  rerank_blocks=args.decode_rerank_blocks) if args.decode_budget else None
     kernel = "triton" if device.type == "cuda" else "reference"
     evaluation = evaluation_configs(args)
     texts = {"novel": lambda: HeldOutText(TextFilesCorpus(args.eval_novel), tokenizer, split="all"),
@@ -751,7 +756,8 @@ def main() -> None:
                 row.update(text=name, selector=label
                            + (f" +{args.decode_estimate}{args.decode_budget}" if decode else "")
                            + (f"+pin{args.decode_prompt_blocks}" if decode and args.decode_prompt_blocks else "")
-                           + (f"+recent{args.decode_recent_blocks}" if decode and args.decode_recent_blocks else ""),
+                           + (f"+recent{args.decode_recent_blocks}" if decode and args.decode_recent_blocks else "")
+                           + (f"+rerank{args.decode_rerank_blocks}" if decode and args.decode_rerank_blocks else ""),
                            blend_weights=weights, group_layers=list(group_layers),
                            group_scorer=group_scorer if group_layers or hybrid else None, hybrid_fit=hybrid)
                 rows.append(row)

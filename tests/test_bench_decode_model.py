@@ -146,18 +146,19 @@ def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch, tmp_path):
     assert "torch.compile" in text and "--compile-gate" in text
 
 
-@pytest.mark.parametrize("graph", [[], ["--graph"]])
-def test_quest_alone_cases_on_the_cpu(graph):
+@pytest.mark.parametrize(("graph", "rerank"), [([], []), (["--graph"], []), (["--graph"], ["--rerank-blocks", "4"])])
+def test_quest_alone_cases_on_the_cpu(graph, rerank):
     """--selection quest: no decode gates; sparse decode over every block equals dense, the budget keeps 2 of 7
-    blocks, the key bounds are the reported cache."""
+    blocks, the key bounds are the reported cache; the same with the budget's blocks reranked (in a CUDA graph)."""
     mcfg = bench.model_config("tiny_llama", layers=3, dtype="float32")
     model = bench.build_model(mcfg, "cpu", block_size=16, selection="quest")
     assert not model.seer_decode.gated and not any("seer_decode_gate" in n for n, _ in model.named_parameters())
-    args = bench.parse_args([*graph, "--selection", "quest", "--steps", "3", "--warmup", "1", "--check-steps", "2",
-                             "--budget", "32", "--tol", "1e-4"])
+    args = bench.parse_args([*graph, *rerank, "--selection", "quest", "--steps", "3", "--warmup", "1",
+                             "--check-steps", "2", "--budget", "32", "--tol", "1e-4"])
     row = bench.bench_case(model, 2, 100, args, "cpu", kernel="reference")
     assert row["check_ok"] and row["check_err"] < 1e-4, row
     assert 0.2 < row["density"] < 0.6 and row["key_cache_mib"] > 0
     text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
                         "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
     assert "Quest's key bounds alone" in text
+    assert ("reranked over its top 4 blocks" in text) == bool(rerank)

@@ -549,12 +549,16 @@ def test_a_decode_budget_is_at_least_a_block_and_not_beside_shared_gates(study):
     with pytest.raises(SystemExit, match="--decode-estimate quest_mass: scores sparse decode steps"):
         study.planned_jobs(study.parse_args([*base, "--decode-estimate", "quest_mass"]))
     with pytest.raises(SystemExit):
-        study.parse_args([*base, "--decode-budget", "2048", "--decode-estimate", "oracle"])
+        study.parse_args([*base, "--decode-budget", "2048", "--decode-estimate", "snapkv"])
+    assert study.parse_args([*base, "--decode-budget", "2048", "--decode-estimate", "oracle"]).decode_estimate \
+        == "oracle"
+    assert study.planned_jobs(study.parse_args([*base, "--decode-budget", "2048", "--decode-rerank-blocks", "64"]))
     for bad in (["--decode-budget", "32"], ["--decode-budget", "-1"],
                 ["--decode-budget", "2048", "--shared-gates", "s=/g"], ["--decode-prompt-blocks", "4"],
                 ["--decode-budget", "2048", "--decode-prompt-blocks", "-1"], ["--decode-recent-blocks", "2"],
-                ["--decode-budget", "2048", "--decode-recent-blocks", "-1"]):
-        with pytest.raises(SystemExit, match="--decode-budget|--decode-prompt-blocks|--decode-recent-blocks"):
+                ["--decode-budget", "2048", "--decode-recent-blocks", "-1"], ["--decode-rerank-blocks", "64"]):
+        with pytest.raises(SystemExit, match="--decode-budget|--decode-prompt-blocks|--decode-recent-blocks|"
+                                             "--decode-rerank-blocks"):
             study.planned_jobs(study.parse_args([*base, *bad]))
 
 

@@ -255,4 +255,19 @@ job oruler0 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}
 job qrerank 600 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
   --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
   --estimates quest:1 --rerank-blocks 64 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qrerank"
+# Queued on 2026-12-06 (a nineteenth session), after final01 / q16r / qrerank:
+# issue 17: the default reranked by 16 rows at 32k (final01 with the whole last block: the training-free rerank,
+# 16 rows, +0.8% (0.097) on the novel against the default's 8 rows +1.4% (0.094); 16 rows before the block: +0.63%)
+job r16 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan lever --reranks 16:0.99 --only gate:base+vertical_slash@0.5+rerank16@0.99 --densities 0.1 "${ruler[@]}" \
+  --work "$w/work/q" --out "$w/out/r16"
+# issue 18: RULER answered through Quest reranked over 64 blocks (no pins), after the default prefill (the oracle's
+# true-mass ranking: 50.3, job oruler0; Quest with 4 pins 44.5; dense 53.8)
+job qrruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
+  --decode-budget 2048 --decode-rerank-blocks 64 --work "$w/work/q" --out "$w/out/qrruler"
+# issue 18: what the rerank costs in whole-model decode (8B shape, random weights, Quest alone, CUDA graphs), beside
+# Quest without it; alone on the GPU
+job drbench 600 bash -c "for r in 0 64; do python3 experiments/bench_decode_model.py --graph --prompts 32768 \
+  --batch 1 8 --selection quest --rerank-blocks \$r --mem-limit-gib 70 \
+  --out $w/out/drbench/bench_decode_model_rerank\$r.md || exit 1; done"
 echo "$(date -u +%H:%M:%S) agenda done"
