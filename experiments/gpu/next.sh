@@ -265,6 +265,11 @@ job r16 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= 
 # true-mass ranking: 50.3, job oruler0; Quest with 4 pins 44.5; dense 53.8)
 job qrruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
   --decode-budget 2048 --decode-rerank-blocks 64 --work "$w/work/q" --out "$w/out/qrruler"
+# issue 18: Quest alone at 3k and 4k tokens, the same two windows: what the rerank over 64 blocks must beat, since it
+# reads 64 blocks of keys (4k) beside the 2k budget's keys and values (about Quest at 3k-4k in memory traffic)
+job qquest 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+  --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 3072 4096 \
+  --estimates quest:1 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qquest"
 # issue 18: what the rerank costs in whole-model decode (8B shape, random weights, Quest alone, CUDA graphs), beside
 # Quest without it; alone on the GPU
 job drbench 600 bash -c "for r in 0 64; do python3 experiments/bench_decode_model.py --graph --prompts 32768 \

@@ -59,9 +59,9 @@ from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, layer_shape,
                                   seer_mask)
-from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, layer_block_size, newest_scores,
-                                     prompt_block_pins, reranked_block_scores, step_key_bounds, step_keys,
-                                     step_position, true_block_scores)
+from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, key_moment_scores,
+                                     layer_block_size, newest_scores, prompt_block_pins, reranked_block_scores,
+                                     step_key_bounds, step_key_moments, step_keys, step_position, true_block_scores)
 from seer.sparsity.decode import ESTIMATE_GROUPS, DecodeSparsityConfig, decode_step_blocks, mix_estimate
 
 DISTILL_ATTENTION = "seer_decode_distill"
@@ -224,7 +224,8 @@ class DecodeContext:
         tokens = query.shape[2]
         if layer == min(self.gates) or self.cache is None:
             self.cache = DecodeKeyCache(self.gates, key.shape[0], max_length=max_length,
-                                        bounds_dtype=key.dtype if quest else None, device=key.device)
+                                        bounds_dtype=key.dtype if quest else None, device=key.device,
+                                        moments=self.sparsity.estimate == "moments")
             self.density.clear()
         k_post = key[:, :, :tokens] if quest else None
         spans = [(0, tokens)] * key.shape[0]
@@ -274,6 +275,8 @@ class DecodeContext:
         step = _compiled_step() if self.sparsity.compile else sparse_decode_step
         estimate = dict(key_min=cache.key_min[layer], key_max=cache.key_max[layer], k_post=k_post, q_post=query,
                         sm_scale=scaling) if quest else {}
+        if self.sparsity.estimate == "moments":
+            estimate.update(key_sum=cache.key_sum[layer], key_sq=cache.key_sq[layer])
         if self.sparsity.reads_keys:  # each row's keys from its start (after its left padding)
             keys = key if not any(cache.offsets) else torch.stack(
                 [torch.nn.functional.pad(key[r, :, first:], (0, 0, 0, first)) for r, first in enumerate(cache.offsets)])
@@ -314,7 +317,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
                        sparsity: DecodeSparsityConfig, threshold: float | None, key_min: torch.Tensor | None = None,
                        key_max: torch.Tensor | None = None, k_post: torch.Tensor | None = None,
                        q_post: torch.Tensor | None = None, sm_scale: float | None = None,
-                       pinned: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                       pinned: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                       key_sum: torch.Tensor | None = None, key_sq: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor work of one layer's one-token sparse decode step, a function of tensors and plain config (no host
     read, no Python state changed), so that ``torch.compile`` can fuse it (``DecodeSparsityConfig.compile``): the new
@@ -328,7 +332,9 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
     1. ``pinned [B, Hkv, capacity]``: the prompt blocks kept at every step (``prompt_blocks``), or None. With
     ``estimate="oracle"`` the estimate is the true block mass (:func:`~seer.model.decode_cache.true_block_scores`)
-    over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from position 0); with ``rerank_blocks`` the
+    over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from position 0); with ``"moments"`` from the
+    keys' per-block sums ``key_sum``/``key_sq`` (advanced in place, :func:`~seer.model.decode_cache.key_moment_scores`);
+    with ``rerank_blocks`` the
     scores' top blocks ranked again by their keys there (:func:`~seer.model.decode_cache.reranked_block_scores`).
     Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
     ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
@@ -346,6 +352,9 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
         step_key_bounds(key_min, key_max, k_post, pos, block, bs)
         if sparsity.estimate == "oracle":
             bounds = true_block_scores(q_post, keys, seqlens, bs, key_min.shape[2], sm_scale)
+        elif sparsity.estimate == "moments":
+            step_key_moments(key_sum, key_sq, k_post, pos, block, bs)
+            bounds = key_moment_scores(q_post, key_sum, key_sq, seqlens, bs, sm_scale)
         else:
             bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale, ESTIMATE_GROUPS[sparsity.estimate])
         mixed = newest_scores(gate, store, q_pre, key, pos, block) if gated and sparsity.estimate_weight != 1 else None

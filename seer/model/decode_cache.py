@@ -131,6 +131,44 @@ def step_key_bounds(key_min: torch.Tensor, key_max: torch.Tensor, k: torch.Tenso
     key_max[rows, :, block] = torch.where(first, key, torch.maximum(key_max[rows, :, block], key))
 
 
+def step_key_moments(key_sum: torch.Tensor, key_sq: torch.Tensor, k: torch.Tensor, position: torch.Tensor,
+                     block: torch.Tensor, block_size: int) -> None:
+    """Adds the post-RoPE key ``k [B, Hkv, 1, D]`` of each row's new token (at ``position [B]``, in ``block [B]``) to
+    its block's sums ``key_sum`` and ``key_sq [B, Hkv, capacity, D]`` (float32: of the keys and of their squares), in
+    place (``k`` itself for a block's first key). No host read; indexed assignments, as :func:`step_key_bounds`."""
+    rows = torch.arange(len(position), device=position.device)
+    key = k[:, :, 0].float()
+    first = (position % block_size == 0)[:, None, None]
+    key_sum[rows, :, block] = torch.where(first, key, key_sum[rows, :, block] + key)
+    key_sq[rows, :, block] = torch.where(first, key * key, key_sq[rows, :, block] + key * key)
+
+
+def key_moment_scores(q: torch.Tensor, key_sum: torch.Tensor, key_sq: torch.Tensor, seqlens: torch.Tensor,
+                      block_size: int, sm_scale: float | None = None) -> torch.Tensor:
+    """Block scores ``[B, Hkv, capacity]`` (float32) of each row's newest token (post-RoPE ``q [B, Hq, 1, D]``) from
+    the first two moments of each block's keys (``key_sum``/``key_sq``: their sums and the sums of their squares over
+    the block's ``n_b`` valid keys, each row's first ``seqlens[b]`` valid): per query head the log of the block's
+    attention mass if its logits were Gaussian with the keys' per-channel mean ``mu`` and variance ``var``,
+    ``log n_b + s q.mu + s^2/2 sum_d q_d^2 var_d`` (``s = sm_scale``, default ``1 / sqrt(D)``), turned into a softmax
+    over the row's blocks and averaged over the KV head's group (as ``key_bound_scores(group="mass")``); ``-inf`` for
+    blocks with no valid key. Reads two vectors per block, as Quest's bounds."""
+    b, hq, _, d = q.shape
+    hkv, capacity = key_sum.shape[1], key_sum.shape[2]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    starts = torch.arange(capacity, device=q.device)[None, :] * block_size
+    count = (seqlens[:, None].long() - starts).clamp(0, block_size)  # [B, capacity]
+    valid = (count > 0)[:, None, None]
+    n = count.clamp(min=1)[:, None, :, None].float()  # [B, 1, capacity, 1]
+    mean = key_sum.float() / n
+    var = (key_sq.float() / n - mean * mean).clamp(min=0)
+    grouped = q.float().reshape(b, hkv, hq // hkv, d)
+    logits = (torch.matmul(grouped, mean.transpose(-1, -2)) * scale
+              + torch.matmul(grouped * grouped, var.transpose(-1, -2)) * (scale * scale / 2)
+              + torch.log(count.clamp(min=1).float())[:, None, None, :])  # [B, Hkv, group, capacity]
+    per_head = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    return torch.logsumexp(per_head, dim=2) - math.log(hq // hkv)
+
+
 def key_bound_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, newest: torch.Tensor,
                      sm_scale: float | None = None, group: str = "max") -> torch.Tensor:
     """Quest's block scores ``[B, Hkv, capacity]`` (float32) of each row's token (post-RoPE ``q [B, Hq, 1, D]``), from
@@ -257,7 +295,7 @@ class DecodeKeyCache:
 
     def __init__(self, gates: dict[int, DecodeGate | BoundsOnly], batch_size: int, dtype: torch.dtype | None = None,
                  max_length: int | None = None, bounds_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, moments: bool = False):
         if not gates:
             raise ValueError("a decode key cache needs at least one decode gate")
         kinds = {isinstance(g, BoundsOnly) for g in gates.values()}
@@ -271,6 +309,8 @@ class DecodeKeyCache:
         self.gated = not kinds.pop()
         if not self.gated and bounds_dtype is None:
             raise ValueError("a decode key cache without decode gates keeps only key bounds: give bounds_dtype")
+        if moments and bounds_dtype is None:
+            raise ValueError("a decode key cache keeps the keys' moments beside their bounds: give bounds_dtype")
         self.gates, self.batch_size, self.max_length = gates, batch_size, max_length
         self.block_size = bs = sizes.pop()
         gated = {i: g for i, g in gates.items() if self.gated}
@@ -287,6 +327,9 @@ class DecodeKeyCache:
         bounds = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.head_dim, dtype=bounds_dtype, device=device)
                   for i, g in gates.items()} if self.bounds else {}
         self.key_min, self.key_max = bounds, {i: t.clone() for i, t in bounds.items()}
+        self.moments = moments  # the keys' per-block sums and sums of squares (float32), for estimate="moments"
+        self.key_sum = {i: torch.zeros_like(t, dtype=torch.float32) for i, t in bounds.items()} if moments else {}
+        self.key_sq = {i: t.clone() for i, t in self.key_sum.items()}
         self.pinned: dict[int, torch.Tensor] = {}  # [B, Hkv, capacity] bool: the prompt blocks kept (pin_prompt)
         self.longest = {i: 0 for i in gates}  # host bounds of the row lengths (see the module docstring)
         self.shortest = {i: 0 for i in gates}
@@ -344,7 +387,7 @@ class DecodeKeyCache:
         blocks, capacity = -(-length // self.block_size), (self.keys or self.key_min)[layer].shape[2]
         if blocks <= capacity:
             return
-        for buffers in (self.keys, self.key_min, self.key_max, self.pinned):
+        for buffers in (self.keys, self.key_min, self.key_max, self.key_sum, self.key_sq, self.pinned):
             if layer in buffers:
                 store = buffers[layer]
                 grown = store.new_zeros(*store.shape[:2], max(blocks, 2 * capacity), *store.shape[3:])
@@ -362,6 +405,8 @@ class DecodeKeyCache:
         if self.bounds:
             _, position, block = newest
             step_key_bounds(self.key_min[layer], self.key_max[layer], k_post, position, block, self.block_size)
+            if self.moments:
+                step_key_moments(self.key_sum[layer], self.key_sq[layer], k_post, position, block, self.block_size)
         self.stepped(layer, newest)
 
     def check_step(self, layer: int, k: torch.Tensor, q: torch.Tensor) -> None:
@@ -397,7 +442,9 @@ class DecodeKeyCache:
             if not count:
                 continue
             if k_post is not None:
-                bounded.append((row, lengths[row], *_block_bounds(k_post[row, :, :count], lengths[row] % bs, bs)))
+                bounded.append((row, lengths[row], *_block_bounds(k_post[row, :, :count], lengths[row] % bs, bs),
+                                *(_block_moments(k_post[row, :, :count], lengths[row] % bs, bs) if self.moments
+                                  else (None, None))))
             if not self.gated:
                 lengths[row] += count
                 continue
@@ -419,13 +466,19 @@ class DecodeKeyCache:
         self._room(layer, max(lengths))
         for row, first, keys in made:
             self.keys[layer][row, :, first:first + keys.shape[1]] = keys
-        for row, length, low, high in bounded:  # the first block's bounds so far folded in when it has keys
+        for row, length, low, high, total, squares in bounded:  # the first block's so far folded in when it has keys
             first, blocks = length // bs, slice(length // bs, length // bs + low.shape[1])
             if length % bs:
                 low[:, 0] = torch.minimum(low[:, 0], self.key_min[layer][row, :, first])
                 high[:, 0] = torch.maximum(high[:, 0], self.key_max[layer][row, :, first])
+                if self.moments:
+                    total[:, 0] += self.key_sum[layer][row, :, first]
+                    squares[:, 0] += self.key_sq[layer][row, :, first]
             self.key_min[layer][row, :, blocks] = low
             self.key_max[layer][row, :, blocks] = high
+            if self.moments:
+                self.key_sum[layer][row, :, blocks] = total
+                self.key_sq[layer][row, :, blocks] = squares
 
     def pin_prompt(self, layer: int, pins: list[torch.Tensor]) -> None:
         """Keeps each row's prompt blocks ``pins[b] [Hkv, nb_b]`` (bool, :func:`prompt_block_pins`; after the
@@ -484,6 +537,8 @@ class DecodeKeyCache:
         new.seqlens = {i: t.clone() for i, t in self.seqlens.items()}
         new.key_min = {i: t.clone() for i, t in self.key_min.items()}
         new.key_max = {i: t.clone() for i, t in self.key_max.items()}
+        new.key_sum = {i: t.clone() for i, t in self.key_sum.items()}
+        new.key_sq = {i: t.clone() for i, t in self.key_sq.items()}
         new.pinned = {i: t.clone() for i, t in self.pinned.items()}
         new.longest, new.shortest, new._newest = dict(self.longest), dict(self.shortest), dict(self._newest)
         new.offsets = list(self.offsets)
@@ -493,7 +548,8 @@ class DecodeKeyCache:
         """Puts ``other``'s contents (a :meth:`clone` of this cache, same capacity) into this cache's tensors in
         place, so that a CUDA graph captured over them replays from there."""
         for mine, theirs in ((self.keys, other.keys), (self.tails, other.tails), (self.seqlens, other.seqlens),
-                             (self.key_min, other.key_min), (self.key_max, other.key_max), (self.pinned, other.pinned)):
+                             (self.key_min, other.key_min), (self.key_max, other.key_max),
+                             (self.key_sum, other.key_sum), (self.key_sq, other.key_sq), (self.pinned, other.pinned)):
             if mine.keys() != theirs.keys() or any(mine[i].shape != theirs[i].shape for i in mine):
                 raise ValueError("copy_ needs a decode key cache of the same layers, batch and capacity")
             for i, t in mine.items():
@@ -507,8 +563,9 @@ class DecodeKeyCache:
         return sum(t.numel() * t.element_size() for d in (self.keys, self.tails) for t in d.values())
 
     def bounds_memory_bytes(self) -> int:
-        """Bytes of the key bounds (as allocated; 0 without them)."""
-        return sum(t.numel() * t.element_size() for d in (self.key_min, self.key_max) for t in d.values())
+        """Bytes of the key bounds and moments (as allocated; 0 without them)."""
+        return sum(t.numel() * t.element_size() for d in (self.key_min, self.key_max, self.key_sum, self.key_sq)
+                   for t in d.values())
 
 
 def _block_bounds(keys: torch.Tensor, skipped: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -520,3 +577,13 @@ def _block_bounds(keys: torch.Tensor, skipped: int, block_size: int) -> tuple[to
     low = torch.nn.functional.pad(keys, (0, 0, *slots), value=float("inf"))
     high = torch.nn.functional.pad(keys, (0, 0, *slots), value=float("-inf"))
     return low.view(h, blocks, block_size, d).amin(2), high.view(h, blocks, block_size, d).amax(2)
+
+
+def _block_moments(keys: torch.Tensor, skipped: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums of the keys ``[Hkv, T, D]`` and of their squares per block, ``[Hkv, blocks, D]`` float32, the first
+    block's first ``skipped`` slots (keys before these) left out."""
+    h, t, d = keys.shape
+    blocks = -(-(skipped + t) // block_size)
+    padded = torch.nn.functional.pad(keys.float(), (0, 0, skipped, blocks * block_size - skipped - t))
+    padded = padded.view(h, blocks, block_size, d)
+    return padded.sum(2), (padded * padded).sum(2)

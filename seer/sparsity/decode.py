@@ -17,10 +17,14 @@ its post-RoPE keys bound ``q.k`` from above, :func:`~seer.model.decode_cache.key
 query-aware estimate, the largest bound over a KV head's query heads; ``w = 1`` is Quest alone (the gate not
 consulted). ``estimate="quest_mass"`` pools the group's heads differently: each head's bounds become a softmax over
 the blocks first, and the group's estimate is their mean (a head with larger logits no longer decides alone).
-``estimate="oracle"`` is the yardstick: each block's true share of the token's attention, averaged over the group's
-heads, from every key in the KV cache (:func:`~seer.model.decode_cache.true_block_scores`): what a perfect ranking
-keeps at a budget, at dense decode's cost. With ``rerank_blocks`` C > 0 the top C blocks by those scores are
-ranked again by their true share of the token's attention over their own keys (the prefill's rerank, for one token:
+``estimate="moments"`` scores by the first two moments of each block's post-RoPE keys instead (their per-channel
+mean and variance, kept beside the bounds: two more vectors per block): each head's block mass as if the block's
+logits were Gaussian, ``log n + s q.mu + s^2/2 sum_d q_d^2 var_d``, pooled over the group as ``quest_mass``
+(:func:`~seer.model.decode_cache.key_moment_scores`). ``estimate="oracle"`` is the yardstick: each block's true share
+of the token's attention, averaged over the group's heads, from every key in the KV cache
+(:func:`~seer.model.decode_cache.true_block_scores`): what a perfect ranking keeps at a budget, at dense decode's
+cost. With ``rerank_blocks`` C > 0 the top C blocks by those scores are ranked again by their true share of the
+token's attention over their own keys (the prefill's rerank, for one token:
 :func:`~seer.model.decode_cache.reranked_block_scores`), the others below them: C x block_size keys read per KV head
 and step, no more. The budgets then read those log-probabilities as they read gate logits
 (a top-k is order-only; the threshold's softmax of them is the mixture itself).
@@ -66,7 +70,7 @@ DECODE_METHODS = ("token_budget", "threshold", "dense")
 # training-free block scores a decode step can mix into the gate's, and how each pools Quest's bounds over a KV head's
 # query heads (seer.model.decode_cache.key_bound_scores)
 ESTIMATE_GROUPS = {"quest": "max", "quest_mass": "mass"}
-DECODE_ESTIMATES = (*ESTIMATE_GROUPS, "oracle")
+DECODE_ESTIMATES = (*ESTIMATE_GROUPS, "moments", "oracle")
 CALIBRATION_FILE = "decode_calibration.json"
 
 

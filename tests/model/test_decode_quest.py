@@ -13,7 +13,8 @@ import torch
 from seer.checks import ConfigError
 from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.decode_gate import DecodeGate
-from seer.model.decode_cache import DecodeKeyCache, key_bound_scores, reranked_block_scores, true_block_scores
+from seer.model.decode_cache import (DecodeKeyCache, key_bound_scores, key_moment_scores, reranked_block_scores,
+                                     true_block_scores)
 from seer.sparsity.decode import DecodeSparsityConfig, decode_step_blocks, mix_estimate
 from tests.tiny import padded_generation, tiny_decode_model
 
@@ -200,14 +201,15 @@ def _gates():
 @pytest.mark.parametrize("max_length", [None, 120])
 def test_cache_bounds_equal_a_recomputation_through_prefill_and_steps(dtype, max_length):
     """Rows of 1, 16, 29 and 47 tokens (right-padded input, as a prefill hands them over), one-token steps that fill
-    and start blocks, a chunk of three tokens in between: every valid block's bounds are its keys' min and max."""
+    and start blocks, a chunk of three tokens in between: every valid block's bounds are its keys' min and max, its
+    moments (``moments=True``) the float64 sums of its keys and of their squares."""
     gates = _gates()
     prompts, steps, chunk = [1, 16, 29, 47], 30, 3
     total = max(prompts) + steps + chunk
     g = torch.Generator().manual_seed(1)
     k_pre = torch.randn(4, HKV, total, D, generator=g)
     k_post = torch.randn(4, HKV, total, D, generator=g).to(dtype)
-    cache = DecodeKeyCache(gates, 4, max_length=max_length, bounds_dtype=dtype)
+    cache = DecodeKeyCache(gates, 4, max_length=max_length, bounds_dtype=dtype, moments=True)
     padded = torch.zeros(4, HKV, max(prompts), D, dtype=dtype)
     for row, n in enumerate(prompts):
         padded[row, :, :n] = k_post[row, :, :n]
@@ -234,7 +236,13 @@ def test_cache_bounds_equal_a_recomputation_through_prefill_and_steps(dtype, max
                 low, high = _bounds_of(k_post[row, :, :n], BS)
                 assert torch.equal(cache.key_min[layer][row, :, :low.shape[1]], low)
                 assert torch.equal(cache.key_max[layer][row, :, :high.shape[1]], high)
-    assert cache.bounds_memory_bytes() == 2 * len(gates) * 4 * HKV * cache.capacity * D * dtype.itemsize
+                keys = torch.nn.functional.pad(k_post[row, :, :n].double(), (0, 0, 0, -n % BS)).view(HKV, -1, BS, D)
+                nb = keys.shape[1]
+                assert cache.key_sum[layer].dtype == torch.float32
+                torch.testing.assert_close(cache.key_sum[layer][row, :, :nb].double(), keys.sum(2), rtol=0, atol=1e-4)
+                torch.testing.assert_close(cache.key_sq[layer][row, :, :nb].double(), (keys * keys).sum(2), rtol=0,
+                                           atol=1e-4)
+    assert cache.bounds_memory_bytes() == 2 * len(gates) * 4 * HKV * cache.capacity * D * (dtype.itemsize + 4)
 
 
 def test_cache_bounds_need_post_rope_keys_exactly_when_kept():
@@ -244,6 +252,51 @@ def test_cache_bounds_need_post_rope_keys_exactly_when_kept():
         DecodeKeyCache(_gates(), 2).update(0, torch.randn(2, HKV, 3, D), k_post=torch.randn(2, HKV, 3, D))
     with pytest.raises(ValueError, match="keeps no key bounds"):
         DecodeKeyCache(_gates(), 2).bound_scores(0, torch.randn(2, HQ, 1, D))
+
+
+def test_the_moments_estimate_is_a_gaussian_block_mass_pooled_over_the_group():
+    """``key_moment_scores`` against float64: per head ``log n + s q.mu + s^2/2 sum q^2 var`` of each block's valid
+    keys (the newest block partial), a softmax over the row's blocks, averaged over the group; ``-inf`` past a row's
+    keys. For keys with one value per block (zero variance) it is the true block mass of such keys."""
+    lengths, scale, capacity = [5 * BS + 3, 2 * BS], 0.3, 7
+    q, k, *_ = _rows(8, lengths)
+    key_sum, key_sq = torch.zeros(2, HKV, capacity, D), torch.zeros(2, HKV, capacity, D)
+    for row, n in enumerate(lengths):
+        for b in range(-(-n // BS)):
+            part = k[row, :, b * BS:min(n, (b + 1) * BS)]
+            key_sum[row, :, b], key_sq[row, :, b] = part.sum(1).float(), (part * part).sum(1).float()
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    got = key_moment_scores(q.float(), key_sum, key_sq, seqlens, BS, scale)
+    group = HQ // HKV
+    for row, n in enumerate(lengths):
+        nb = -(-n // BS)
+        assert torch.isinf(got[row, :, nb:]).all()
+        for head in range(HKV):
+            parts = [k[row, head, b * BS:min(n, (b + 1) * BS)] for b in range(nb)]
+            probs = []
+            for h in range(head * group, (head + 1) * group):
+                qd = q[row, h, 0]
+                logm = torch.stack([math.log(len(p)) + scale * (qd @ p.mean(0))
+                                    + scale ** 2 / 2 * (qd * qd * p.var(0, unbiased=False)).sum() for p in parts])
+                probs.append(torch.softmax(logm, 0))
+            torch.testing.assert_close(got[row, head, :nb].double(), torch.stack(probs).mean(0).log(), rtol=0,
+                                       atol=1e-4)
+    # blocks of equal keys (16, 16 and 5 of them): no variance, so the estimate is each block's true mass
+    same = torch.cat([k[:, :, b:b + 1].expand(-1, -1, BS, -1) for b in range(3)], 2)[:, :, :2 * BS + 5].float()
+    sums = torch.nn.functional.pad(same, (0, 0, 0, BS - 5)).view(2, HKV, 3, BS, D)
+    flat = key_moment_scores(q.float(), sums.sum(3), (sums * sums).sum(3), torch.tensor([2 * BS + 5] * 2), BS, scale)
+    torch.testing.assert_close(flat, true_block_scores(q.float(), same, torch.tensor([2 * BS + 5] * 2), BS, 3, scale),
+                               rtol=0, atol=1e-4)
+
+
+def test_moments_decode_sparsely_on_other_blocks_than_quest():
+    """The model's decode steps with ``estimate="moments"``: sparse, and other tokens' logits than Quest's."""
+    logits = {}
+    for estimate in ("quest", "moments"):
+        model = tiny_decode_model({**QUEST, "estimate": estimate, "estimate_weight": 1.0}, BS)
+        logits[estimate] = padded_generation(model, new=40)[0]
+        assert 0 < model.seer_decode.mean_density() < 1 and model.seer_decode.cache.moments == (estimate == "moments")
+    assert not torch.allclose(logits["quest"], logits["moments"], atol=1e-3)
 
 
 def test_mixture_matches_a_float64_computation():
@@ -340,7 +393,8 @@ def test_model_bounds_follow_a_static_kv_cache():
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("estimate", "snapkv",
-     r"decode_sparsity\.estimate='snapkv'.*choose a training-free estimate from \('quest', 'quest_mass', 'oracle'\)"),
+     r"decode_sparsity\.estimate='snapkv'.*choose a training-free estimate from \('quest', 'quest_mass', 'moments', "
+     r"'oracle'\)"),
     ("rerank_blocks", -1, r"decode_sparsity\.rerank_blocks=-1.*integer >= 0"),
     ("rerank_blocks", 2.5, r"decode_sparsity\.rerank_blocks=2\.5"),
     ("estimate_weight", 0, r"decode_sparsity\.estimate_weight=0.*must be in \(0, 1\]"),
