@@ -270,6 +270,13 @@ job qrruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}
 job qquest 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
   --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 3072 4096 \
   --estimates quest:1 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qquest"
+# issue 18: the keys' moments as the estimate (estimate=moments: each block's mass from its keys' mean and variance,
+# as cheap as Quest's bounds), alone and reranked over 64 blocks, the same two windows; then RULER through it
+job qmoments 900 python3 experiments/quality_decode.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+  --novels "$w/austen/[!e]*.txt" --eval-novel .assets/austen/emma.txt --quest-blocks 64 --budgets 2048 \
+  --estimates moments:1 --rerank-blocks 0 64 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qmoments"
+job mmruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
+  --decode-budget 2048 --decode-estimate moments --work "$w/work/q" --out "$w/out/mmruler"
 # issue 18: what the rerank costs in whole-model decode (8B shape, random weights, Quest alone, CUDA graphs), beside
 # Quest without it; alone on the GPU
 job drbench 600 bash -c "for r in 0 64; do python3 experiments/bench_decode_model.py --graph --prompts 32768 \
