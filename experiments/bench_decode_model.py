@@ -150,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--selection", choices=["gate", "quest"], default="gate",
                     help="what scores the blocks of a sparse step: random decode gates, or Quest's key bounds alone "
                          "(training-free, no decode gates: seer.model.decode.attach_quest_decode)")
+    ap.add_argument("--estimate", default="quest", choices=["quest", "quest_mass", "moments"],
+                    help="--selection quest: the training-free estimate (DecodeSparsityConfig.estimate)")
     ap.add_argument("--rerank-blocks", type=int, default=0,
                     help="the budget's top blocks by the estimate ranked again by their own keys "
                          "(DecodeSparsityConfig.rerank_blocks; 0: none)")
@@ -459,7 +461,7 @@ def prefilled_case(model, batch: int, prompt: int, args, device, kernel: str, ma
     steps = torch.randint(vocab, (extra, batch, 1), device=device, generator=g)
     bs = ctx.block_size
     compiled = getattr(args, "compile_gate", False)
-    scored = {"estimate": "quest", "estimate_weight": 1.0} if not ctx.gated else {}  # Quest alone: no gates
+    scored = {"estimate": getattr(args, "estimate", "quest"), "estimate_weight": 1.0} if not ctx.gated else {}
     every = DecodeSparsityConfig(token_budget=-(-(prompt + extra) // bs) * bs, compile=compiled, **scored)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -675,7 +677,8 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
              f"Command: `{cmd}`", "",
              f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, "
              + ("random decode gates" if getattr(args, "selection", "gate") == "gate" else
-                "Quest's key bounds alone (no decode gates; `compressed K` is the key bounds)")
+                f"the training-free estimate `{getattr(args, 'estimate', 'quest')}` alone (no decode gates; "
+                "`compressed K` is the key bounds, and the moments for `moments`)")
              + (f", reranked over its top {args.rerank_blocks} blocks by their keys"
                 if getattr(args, "rerank_blocks", 0) else "")
              + f" (block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "

@@ -146,7 +146,8 @@ def test_a_graph_case_with_the_compiled_gate_on_the_cpu(monkeypatch, tmp_path):
     assert "torch.compile" in text and "--compile-gate" in text
 
 
-@pytest.mark.parametrize(("graph", "rerank"), [([], []), (["--graph"], []), (["--graph"], ["--rerank-blocks", "4"])])
+@pytest.mark.parametrize(("graph", "rerank"), [([], []), (["--graph"], []), (["--graph"], ["--rerank-blocks", "4"]),
+                                               (["--graph"], ["--estimate", "moments"])])
 def test_quest_alone_cases_on_the_cpu(graph, rerank):
     """--selection quest: no decode gates; sparse decode over every block equals dense, the budget keeps 2 of 7
     blocks, the key bounds are the reported cache; the same with the budget's blocks reranked (in a CUDA graph)."""
@@ -160,5 +161,6 @@ def test_quest_alone_cases_on_the_cpu(graph, rerank):
     assert 0.2 < row["density"] < 0.6 and row["key_cache_mib"] > 0
     text = bench.report([row], [], {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": "-",
                         "transformers": "-", "python": "-", "date": "-"}, args, 3, "cmd")
-    assert "Quest's key bounds alone" in text
-    assert ("reranked over its top 4 blocks" in text) == bool(rerank)
+    assert "the training-free estimate `" in text
+    assert ("reranked over its top 4 blocks" in text) == ("--rerank-blocks" in rerank)
+    assert ("estimate `moments`" in text) == ("moments" in rerank)

@@ -277,9 +277,9 @@ job qmoments 900 python3 experiments/quality_decode.py --model-dir /root/models/
   --estimates moments:1 --rerank-blocks 0 64 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qmoments"
 job mmruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
   --decode-budget 2048 --decode-estimate moments --work "$w/work/q" --out "$w/out/mmruler"
-# issue 18: what the rerank costs in whole-model decode (8B shape, random weights, Quest alone, CUDA graphs), beside
-# Quest without it; alone on the GPU
-job drbench 600 bash -c "for r in 0 64; do python3 experiments/bench_decode_model.py --graph --prompts 32768 \
-  --batch 1 8 --selection quest --rerank-blocks \$r --mem-limit-gib 70 \
-  --out $w/out/drbench/bench_decode_model_rerank\$r.md || exit 1; done"
+# issue 18: what the rerank and the moments cost in whole-model decode (8B shape, random weights, no decode gates,
+# CUDA graphs): Quest, Quest reranked over 64 blocks, the moments; alone on the GPU
+job drbench 600 bash -c "for v in quest:0 quest:64 moments:0; do python3 experiments/bench_decode_model.py --graph \
+  --prompts 32768 --batch 1 8 --selection quest --estimate \${v%:*} --rerank-blocks \${v#*:} --mem-limit-gib 70 \
+  --out $w/out/drbench/bench_decode_model_\${v/:/_}.md || exit 1; done"
 echo "$(date -u +%H:%M:%S) agenda done"
