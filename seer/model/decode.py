@@ -334,8 +334,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     ``estimate="oracle"`` the estimate is the true block mass (:func:`~seer.model.decode_cache.true_block_scores`)
     over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from position 0); with ``"moments"`` from the
     keys' per-block sums ``key_sum``/``key_sq`` (advanced in place, :func:`~seer.model.decode_cache.key_moment_scores`);
-    with ``rerank_blocks`` the
-    scores' top blocks ranked again by their keys there (:func:`~seer.model.decode_cache.reranked_block_scores`).
+    with ``rerank_blocks`` the scores' top blocks ranked again by their keys there
+    (:func:`~seer.model.decode_cache.reranked_block_scores`).
     Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
     ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
     1). Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest

@@ -232,9 +232,9 @@ def reranked_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Ten
     """``scores [B, Hkv, capacity]`` (an estimate's block scores, ``-inf`` for invalid blocks) ranked again exactly:
     per KV head its top ``candidates`` blocks get the log of their share of the token's true attention over the
     candidates' keys alone (as :func:`true_block_scores`, from the KV cache ``key [B, Hkv, N, D]``, each row's first
-    ``seqlens[b]`` keys valid); every other valid block ranks below them all, in the estimate's order (``min(score,
-    0) - 1e4``); invalid blocks stay ``-inf``. It reads ``candidates x block_size`` keys per KV head, not the cache.
-    Float32."""
+    ``seqlens[b]`` keys valid); every other valid block ranks below them all, in the estimate's order (its score
+    less the row's largest and 1e4); invalid blocks stay ``-inf``. It reads ``candidates x block_size`` keys per KV
+    head, not the cache. Float32."""
     b, hkv, capacity = scores.shape
     top_scores, top = scores.topk(min(candidates, capacity), dim=-1)  # [B, Hkv, c]
     c, n = top.shape[-1], key.shape[2]
@@ -244,7 +244,8 @@ def reranked_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Ten
     keys = key.gather(2, pos.clamp(max=n - 1)[..., None].expand(-1, -1, -1, key.shape[3]))
     mass = _group_attention(q, keys, valid, sm_scale).view(b, hkv, c, block_size).sum(-1)
     exact = mass.clamp_min(1e-30).log().masked_fill(~chosen, float("-inf"))
-    return (scores.float().clamp(max=0) - 1e4).scatter(-1, top, exact)
+    below = scores.float() - scores.float().amax(-1, keepdim=True) - 1e4  # the estimate's order, under every candidate
+    return below.scatter(-1, top, exact)
 
 
 def prompt_block_pins(query: torch.Tensor, key: torch.Tensor, blocks: int, block_size: int,

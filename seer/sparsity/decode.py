@@ -67,8 +67,8 @@ from seer.checks import ConfigError, build, fail, is_int, is_number
 from seer.files import atomic_write_text, read_json_records
 
 DECODE_METHODS = ("token_budget", "threshold", "dense")
-# training-free block scores a decode step can mix into the gate's, and how each pools Quest's bounds over a KV head's
-# query heads (seer.model.decode_cache.key_bound_scores)
+# training-free block scores a decode step can mix into the gate's: Quest's bounds, each pooled over a KV head's query
+# heads as named here (seer.model.decode_cache.key_bound_scores), the keys' moments, and the oracle (the yardstick)
 ESTIMATE_GROUPS = {"quest": "max", "quest_mass": "mass"}
 DECODE_ESTIMATES = (*ESTIMATE_GROUPS, "moments", "oracle")
 CALIBRATION_FILE = "decode_calibration.json"
