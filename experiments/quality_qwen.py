@@ -567,7 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-estimate", default="quest", choices=DECODE_ESTIMATES,
                     help="--decode-budget: the training-free estimate that scores each decode step's blocks "
                     "(DecodeSparsityConfig.estimate: quest, the largest bound of a KV head's query heads; quest_mass, "
-                    "the mean of each head's softmax over the blocks)")
+                    "the mean of each head's softmax over the blocks; moments, the keys' mean and variance; oracle, "
+                    "the true block mass, the yardstick)")
     ap.add_argument("--decode-recent-blocks", type=int, default=0,
                     help="--decode-budget: blocks before the newest kept at every decode step, a local window "
                     "(DecodeSparsityConfig.recent_blocks; 0: none)")
