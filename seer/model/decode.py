@@ -277,10 +277,9 @@ class DecodeContext:
                         sm_scale=scaling) if quest else {}
         if self.sparsity.estimate == "moments":
             estimate.update(key_sum=cache.key_sum[layer], key_sq=cache.key_sq[layer])
-        if self.sparsity.reads_keys:  # each row's keys from its start (after its left padding)
-            keys = key if not any(cache.offsets) else torch.stack(
-                [torch.nn.functional.pad(key[r, :, first:], (0, 0, 0, first)) for r, first in enumerate(cache.offsets)])
-            estimate.update(q_post=query, sm_scale=scaling, keys=keys)
+        if self.sparsity.reads_keys:  # the KV cache's keys, and where each row's start (its left padding), if anywhere
+            offsets = torch.tensor(cache.offsets, device=key.device) if any(cache.offsets) else None
+            estimate.update(q_post=query, sm_scale=scaling, keys=key, key_offsets=offsets)
         index, *newest = step(cache.gates[layer], cache.keys.get(layer), cache.tails.get(layer), seqlens, total, steps,
                               k_pre, q_pre, self.sparsity, self.threshold, pinned=cache.pinned.get(layer), **estimate)
         cache.stepped(layer, tuple(newest))
@@ -318,7 +317,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
                        key_max: torch.Tensor | None = None, k_post: torch.Tensor | None = None,
                        q_post: torch.Tensor | None = None, sm_scale: float | None = None,
                        pinned: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                       key_sum: torch.Tensor | None = None, key_sq: torch.Tensor | None = None
+                       key_offsets: torch.Tensor | None = None, key_sum: torch.Tensor | None = None,
+                       key_sq: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor work of one layer's one-token sparse decode step, a function of tensors and plain config (no host
     read, no Python state changed), so that ``torch.compile`` can fuse it (``DecodeSparsityConfig.compile``): the new
@@ -332,10 +332,10 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
     1. ``pinned [B, Hkv, capacity]``: the prompt blocks kept at every step (``prompt_blocks``), or None. With
     ``estimate="oracle"`` the estimate is the true block mass (:func:`~seer.model.decode_cache.true_block_scores`)
-    over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from position 0); with ``"moments"`` from the
-    keys' per-block sums ``key_sum``/``key_sq`` (advanced in place, :func:`~seer.model.decode_cache.key_moment_scores`);
-    with ``rerank_blocks`` the scores' top blocks ranked again by their keys there
-    (:func:`~seer.model.decode_cache.reranked_block_scores`).
+    over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from ``key_offsets [B]``, or 0 when None); with
+    ``"moments"`` from the keys' per-block sums ``key_sum``/``key_sq`` (advanced in place,
+    :func:`~seer.model.decode_cache.key_moment_scores`); with ``rerank_blocks`` the scores' top blocks ranked again by
+    their keys there (:func:`~seer.model.decode_cache.reranked_block_scores`).
     Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
     ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
     1). Returns the block list ``[B, Hkv, width]`` int32 and what :meth:`DecodeKeyCache.stepped` keeps (the newest
@@ -351,7 +351,7 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     else:
         step_key_bounds(key_min, key_max, k_post, pos, block, bs)
         if sparsity.estimate == "oracle":
-            bounds = true_block_scores(q_post, keys, seqlens, bs, key_min.shape[2], sm_scale)
+            bounds = true_block_scores(q_post, keys, seqlens, bs, key_min.shape[2], sm_scale, key_offsets)
         elif sparsity.estimate == "moments":
             step_key_moments(key_sum, key_sq, k_post, pos, block, bs)
             bounds = key_moment_scores(q_post, key_sum, key_sq, seqlens, bs, sm_scale)
@@ -360,7 +360,8 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
         mixed = newest_scores(gate, store, q_pre, key, pos, block) if gated and sparsity.estimate_weight != 1 else None
         scores = mix_estimate(mixed, bounds, sparsity.estimate_weight)
     if sparsity.rerank_blocks:
-        scores = reranked_block_scores(q_post, keys, seqlens, scores, sparsity.rerank_blocks, bs, sm_scale)
+        scores = reranked_block_scores(q_post, keys, seqlens, scores, sparsity.rerank_blocks, bs, sm_scale,
+                                       key_offsets)
     index, density = decode_step_blocks(scores, block, sparsity, bs, threshold, pinned)
     total.add_(density)
     steps.add_(1)

@@ -211,14 +211,18 @@ def _group_attention(q: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, sm
 
 
 def true_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor, block_size: int, capacity: int,
-                      sm_scale: float | None = None) -> torch.Tensor:
+                      sm_scale: float | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """The oracle's block scores ``[B, Hkv, capacity]`` (float32) of each row's newest token (post-RoPE ``q [B, Hq, 1,
     D]``): the log of each key block's share of the token's true attention, ``log(1/G sum_h sum_{j in block}
     softmax_j(sm_scale * q_h . k_j))`` over the KV head's group of G query heads, from the whole KV cache ``key [B, Hkv,
     N, D]`` (each row's keys from position 0; the first ``seqlens[b]`` valid, this token's included); ``-inf`` for
-    the blocks with no valid key. ``sm_scale``: the attention's (default ``1 / sqrt(D)``). It reads every key at every
-    step, so it is a yardstick for the estimates (what a perfect block ranking keeps at a budget), not a speedup."""
+    the blocks with no valid key. ``sm_scale``: the attention's (default ``1 / sqrt(D)``). ``offsets [B]`` (int64):
+    where each row's keys start in ``key`` instead (its left padding). It reads every key at every step, so it is a
+    yardstick for the estimates (what a perfect block ranking keeps at a budget), not a speedup."""
     b, hkv, n = key.shape[:3]
+    if offsets is not None:  # each row's keys from its offset on (past the end: invalid anyway)
+        index = (torch.arange(n, device=key.device)[None, :] + offsets[:, None]).clamp(max=n - 1)
+        key = key.gather(2, index[:, None, :, None].expand(-1, hkv, -1, key.shape[3]))
     valid = torch.arange(n, device=q.device)[None, None, :] < seqlens[:, None, None]  # [B, 1, N]
     width = capacity * block_size
     probs = torch.nn.functional.pad(_group_attention(q, key, valid, sm_scale)[..., :width], (0, max(0, width - n)))
@@ -228,20 +232,23 @@ def true_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor,
 
 
 def reranked_block_scores(q: torch.Tensor, key: torch.Tensor, seqlens: torch.Tensor, scores: torch.Tensor,
-                          candidates: int, block_size: int, sm_scale: float | None = None) -> torch.Tensor:
+                          candidates: int, block_size: int, sm_scale: float | None = None,
+                          offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``scores [B, Hkv, capacity]`` (an estimate's block scores, ``-inf`` for invalid blocks) ranked again exactly:
     per KV head its top ``candidates`` blocks get the log of their share of the token's true attention over the
     candidates' keys alone (as :func:`true_block_scores`, from the KV cache ``key [B, Hkv, N, D]``, each row's first
     ``seqlens[b]`` keys valid); every other valid block ranks below them all, in the estimate's order (its score
-    less the row's largest and 1e4); invalid blocks stay ``-inf``. It reads ``candidates x block_size`` keys per KV
-    head, not the cache. Float32."""
+    less the row's largest and 1e4); invalid blocks stay ``-inf``. ``offsets [B]`` (int64): where each row's keys
+    start in ``key`` (its left padding). It reads ``candidates x block_size`` keys per KV head, not the cache.
+    Float32."""
     b, hkv, capacity = scores.shape
     top_scores, top = scores.topk(min(candidates, capacity), dim=-1)  # [B, Hkv, c]
     c, n = top.shape[-1], key.shape[2]
     pos = (top[..., None] * block_size + torch.arange(block_size, device=top.device)).flatten(-2)  # [B, Hkv, c * bs]
     chosen = torch.isfinite(top_scores)
     valid = (pos < seqlens[:, None, None]) & chosen.repeat_interleave(block_size, dim=-1)
-    keys = key.gather(2, pos.clamp(max=n - 1)[..., None].expand(-1, -1, -1, key.shape[3]))
+    at = pos if offsets is None else pos + offsets[:, None, None]
+    keys = key.gather(2, at.clamp(max=n - 1)[..., None].expand(-1, -1, -1, key.shape[3]))
     mass = _group_attention(q, keys, valid, sm_scale).view(b, hkv, c, block_size).sum(-1)
     exact = mass.clamp_min(1e-30).log().masked_fill(~chosen, float("-inf"))
     below = scores.float() - scores.float().amax(-1, keepdim=True) - 1e4  # the estimate's order, under every candidate

@@ -169,6 +169,25 @@ def test_the_rerank_scores_the_candidates_by_their_own_keys_and_puts_the_rest_be
             assert torch.equal(got[row, head, rest].argsort(), scores[row, head, rest].argsort())
 
 
+def test_offsets_read_each_rows_keys_after_its_left_padding():
+    """``offsets``: the oracle and the rerank over a cache whose rows start after some padding give what they give over
+    the same keys moved to the start."""
+    lengths, scale, capacity = [5 * BS + 3, 3 * BS + 1], 0.4, 6
+    q, k, *_ = _rows(9, lengths)
+    q, k = q.float(), torch.cat([k, torch.zeros(2, HKV, capacity * BS - k.shape[2], D, dtype=torch.float64)], 2).float()
+    pads = [0, 11]
+    padded = torch.stack([torch.cat([torch.randn(HKV, pad, D) * 9, k[r]], 1)[:, :capacity * BS]
+                          for r, pad in enumerate(pads)])
+    seqlens, offsets = torch.tensor(lengths), torch.tensor(pads)
+    torch.testing.assert_close(true_block_scores(q, padded, seqlens, BS, capacity, scale, offsets),
+                               true_block_scores(q, k, seqlens, BS, capacity, scale))
+    scores = true_block_scores(q, k, seqlens, BS, capacity, scale) + torch.randn(2, HKV, capacity)
+    torch.testing.assert_close(reranked_block_scores(q, padded, seqlens, scores, 3, BS, scale, offsets),
+                               reranked_block_scores(q, k, seqlens, scores, 3, BS, scale))
+    assert not torch.allclose(reranked_block_scores(q, padded, seqlens, scores, 3, BS, scale),
+                              reranked_block_scores(q, k, seqlens, scores, 3, BS, scale))
+
+
 def test_a_rerank_of_every_block_is_the_oracle():
     """Quest's blocks ranked again over all of them choose what the oracle chooses: the same greedy logits for a
     left-padded batch, and other ones than Quest's alone."""
