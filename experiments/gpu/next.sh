@@ -278,8 +278,18 @@ job qmoments 900 python3 experiments/quality_decode.py --model-dir /root/models/
 job mmruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
   --decode-budget 2048 --decode-estimate moments --work "$w/work/q" --out "$w/out/mmruler"
 # issue 18: what the rerank and the moments cost in whole-model decode (8B shape, random weights, no decode gates,
-# CUDA graphs): Quest, Quest reranked over 64 blocks, the moments; alone on the GPU
-job drbench 600 bash -c "for v in quest:0 quest:64 moments:0; do python3 experiments/bench_decode_model.py --graph \
-  --prompts 32768 --batch 1 8 --selection quest --estimate \${v%:*} --rerank-blocks \${v#*:} --mem-limit-gib 70 \
-  --out $w/out/drbench/bench_decode_model_\${v/:/_}.md || exit 1; done"
+# CUDA graphs, the per-layer step compiled as in the fastest run): Quest, Quest reranked over 64 blocks, the
+# moments; alone on the GPU
+job drbench 900 bash -c "for v in quest:0 quest:64 moments:0; do python3 experiments/bench_decode_model.py --graph \
+  --compile-gate --prompts 32768 --batch 8 --selection quest --estimate \${v%:*} --rerank-blocks \${v#*:} \
+  --prefill-chunk 4096 --mem-limit-gib 75 --out $w/out/drbench/bench_decode_model_\${v/:/_}.md || exit 1; done"
+# issue 17: SmolLM2's eight RULER needle tasks with 16 samples at 8k (with 4, job s8k, the recipe's default was one
+# query under dense on niah_multiquery: 0 against 6.25), dense, the default (16 rows, the recipe's) and the
+# training-free rerank; trains the recipe's gates first unless job s8k left them in the same work folder
+job smq16 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
+  --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+  --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --baselines reranked \
+  --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked --densities 0.1 --texts novel --windows 1 --passkey 0 \
+  --copy 0 --ruler "${needles[@]}" --ruler-samples 16 --batch-size 4 --deadline-s 100000 --work "$w/work/s" \
+  --out "$w/out/smq16"
 echo "$(date -u +%H:%M:%S) agenda done"

@@ -78,7 +78,7 @@ def test_compiled_steps_give_the_eager_logits_of_a_padded_batch(budget, compiles
     assert 0 < model.seer_decode.mean_density() < 1
 
 
-@pytest.mark.parametrize("budget", [BUDGETS[0], QUEST[0]])
+@pytest.mark.parametrize("budget", [BUDGETS[0], QUEST[0], {**QUEST[0], "rerank_blocks": 3}])
 def test_compiled_steps_over_a_static_cache_compile_once(budget, compiles):
     want = _static_logits(_model(budget, compiled=False))
     model = _model(budget, compiled=True)
@@ -181,9 +181,13 @@ def test_the_compiled_step_writes_the_cache_in_place(estimate):
 
 @pytest.mark.parametrize("budget", [{"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0},
                                     {"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0,
-                                     "prompt_blocks": 1}])
+                                     "prompt_blocks": 1},
+                                    {"token_budget": 48, "estimate": "quest", "estimate_weight": 1.0,
+                                     "rerank_blocks": 4},
+                                    {"token_budget": 48, "estimate": "moments", "estimate_weight": 1.0}])
 def test_compiled_quest_alone_without_decode_gates_gives_the_eager_logits(compiles, budget):
-    """Training-free decode (no decode gates; pinned prompt blocks too) through the compiled step."""
+    """Training-free decode (no decode gates; pinned prompt blocks, the rerank, the moments too) through the compiled
+    step."""
     from tests.model.test_decode_quest_alone import quest_model
 
     eager = padded_generation(quest_model(budget), 10)[0]
