@@ -678,7 +678,7 @@ def report(rows: list[dict], skipped: list[str], info: dict, args, layers: int, 
              f"`{args.model}` shape with random weights, {layers} decoder layers, bf16, "
              + ("random decode gates" if getattr(args, "selection", "gate") == "gate" else
                 f"the training-free estimate `{getattr(args, 'estimate', 'quest')}` alone (no decode gates; "
-                "`compressed K` is the key bounds, and the moments for `moments`)")
+                "`compressed K` is the key bounds, or for `moments` the keys' float32 moments instead)")
              + (f", reranked over its top {args.rerank_blocks} blocks by their keys"
                 if getattr(args, "rerank_blocks", 0) else "")
              + f" (block {args.block_size}), sparse decode at a token budget of {args.budget} per KV head (Triton "

@@ -94,7 +94,7 @@ def layer_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, budg
     hq, t, d = query.shape
     hkv, n, _ = key.shape
     cache = DecodeKeyCache({0: BoundsOnly(hq, hkv, d, block_size)}, 1, max_length=n, bounds_dtype=torch.float32,
-                           moments=True)
+                           key_stats=("bounds", "moments"))
     cache.update(0, None, k_post=key[None, :, :n - t])
     sparsity = DecodeSparsityConfig(token_budget=budget, estimate="quest", estimate_weight=1.0)
     sums: dict[str, list[float]] = {}

@@ -225,7 +225,8 @@ class DecodeContext:
         if layer == min(self.gates) or self.cache is None:
             self.cache = DecodeKeyCache(self.gates, key.shape[0], max_length=max_length,
                                         bounds_dtype=key.dtype if quest else None, device=key.device,
-                                        moments=self.sparsity.estimate == "moments")
+                                        key_stats=("moments",) if self.sparsity.estimate == "moments"
+                                        else ("bounds",))
             self.density.clear()
         k_post = key[:, :, :tokens] if quest else None
         spans = [(0, tokens)] * key.shape[0]
@@ -273,10 +274,9 @@ class DecodeContext:
                                                                                        device=seqlens.device))
         total, steps = self.density[layer]
         step = _compiled_step() if self.sparsity.compile else sparse_decode_step
-        estimate = dict(key_min=cache.key_min[layer], key_max=cache.key_max[layer], k_post=k_post, q_post=query,
-                        sm_scale=scaling) if quest else {}
-        if self.sparsity.estimate == "moments":
-            estimate.update(key_sum=cache.key_sum[layer], key_sq=cache.key_sq[layer])
+        estimate = dict(key_min=cache.key_min.get(layer), key_max=cache.key_max.get(layer), k_post=k_post,
+                        q_post=query, sm_scale=scaling, key_sum=cache.key_sum.get(layer),
+                        key_sq=cache.key_sq.get(layer)) if quest else {}
         if self.sparsity.reads_keys:  # the KV cache's keys, and where each row's start (its left padding), if anywhere
             offsets = torch.tensor(cache.offsets, device=key.device) if any(cache.offsets) else None
             estimate.update(q_post=query, sm_scale=scaling, keys=key, key_offsets=offsets)
@@ -328,15 +328,16 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     changed in place: :func:`~seer.model.decode_cache.step_keys`), the gate logits of ``q_pre [B, Hq, 1, D]``
     (:func:`~seer.model.decode_cache.newest_scores`), the budget's block list and density
     (:func:`~seer.sparsity.decode.decode_step_blocks`), the density added to the sums ``total`` and ``steps`` in place.
-    With ``sparsity.estimate``: the new post-RoPE key ``k_post [B, Hkv, 1, D]`` folded into the key bounds ``key_min``,
-    ``key_max`` in place (:func:`~seer.model.decode_cache.step_key_bounds`), and the scores the mixture of the gate's
+    With ``sparsity.estimate``: the new post-RoPE key ``k_post [B, Hkv, 1, D]`` folded in place into the key bounds
+    ``key_min``, ``key_max`` (:func:`~seer.model.decode_cache.step_key_bounds`) or moments ``key_sum``, ``key_sq``
+    (:func:`~seer.model.decode_cache.step_key_moments`), whichever are given, and the scores the mixture of the gate's
     and Quest's (:func:`~seer.model.decode_cache.key_bound_scores` of the post-RoPE ``q_post [B, Hq, 1, D]`` at the
     attention's ``sm_scale``; :func:`~seer.sparsity.decode.mix_estimate`), the gate's left out at ``estimate_weight``
     1. ``pinned [B, Hkv, capacity]``: the prompt blocks kept at every step (``prompt_blocks``), or None. With
     ``estimate="oracle"`` the estimate is the true block mass (:func:`~seer.model.decode_cache.true_block_scores`)
     over the KV cache's post-RoPE ``keys [B, Hkv, N, D]`` (each row's from ``key_offsets [B]``, or 0 when None); with
-    ``"moments"`` from the keys' per-block sums ``key_sum``/``key_sq`` (advanced in place,
-    :func:`~seer.model.decode_cache.key_moment_scores`); with ``rerank_blocks`` the scores' top blocks ranked again by
+    ``"moments"`` from the keys' per-block sums ``key_sum``/``key_sq``
+    (:func:`~seer.model.decode_cache.key_moment_scores`); with ``rerank_blocks`` the scores' top blocks ranked again by
     their keys there (:func:`~seer.model.decode_cache.reranked_block_scores`).
     Without a decode gate (``gate`` a :class:`~seer.model.decode_cache.BoundsOnly`; ``store``, ``tails``,
     ``k_pre``, ``q_pre`` None) only the lengths advance and Quest's scores are the block scores (``estimate_weight``
@@ -351,11 +352,13 @@ def sparse_decode_step(gate: DecodeGate | BoundsOnly, store: torch.Tensor | None
     if sparsity.estimate is None:
         scores = newest_scores(gate, store, q_pre, key, pos, block)
     else:
-        step_key_bounds(key_min, key_max, k_post, pos, block, bs)
+        if key_min is not None:
+            step_key_bounds(key_min, key_max, k_post, pos, block, bs)
+        if key_sum is not None:
+            step_key_moments(key_sum, key_sq, k_post, pos, block, bs)
         if sparsity.estimate == "oracle":
             bounds = true_block_scores(q_post, keys, seqlens, bs, key_min.shape[2], sm_scale, key_offsets)
         elif sparsity.estimate == "moments":
-            step_key_moments(key_sum, key_sq, k_post, pos, block, bs)
             bounds = key_moment_scores(q_post, key_sum, key_sq, seqlens, bs, sm_scale)
         else:
             bounds = key_bound_scores(q_post, key_min, key_max, block, sm_scale, ESTIMATE_GROUPS[sparsity.estimate])

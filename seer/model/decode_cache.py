@@ -26,6 +26,10 @@ newest block's over its keys so far. :meth:`DecodeKeyCache.update` then takes ea
 pre-RoPE ones; a one-token step folds its key into its block's bounds in place (:func:`step_key_bounds`), and
 :func:`key_bound_scores` turns a query into the blocks' bounds of ``q.k``.
 
+With ``key_stats=("moments",)`` it keeps instead the keys' first two moments per block (``key_sum``/``key_sq``, float32
+sums of the keys and of their squares: :func:`step_key_moments`, :func:`key_moment_scores`), and with
+``("bounds", "moments")`` both (to compare the estimates on one prefill).
+
 Without decode gates (training-free decode, Quest alone: :func:`seer.model.decode.attach_quest_decode`) each layer's
 entry is a :class:`BoundsOnly` (its head counts, head dim and block size) instead of a gate: the cache then keeps only
 the key bounds and the row lengths (no gate keys, no newest-block keys), and takes only post-RoPE keys.
@@ -297,13 +301,14 @@ class DecodeKeyCache:
     """Compressed keys of ``batch_size`` sequences for the decode ``gates`` (``{layer_idx: DecodeGate}``, one block
     size), stored in ``dtype`` (default: the gates'), with room for ``max_length`` tokens a row (None: grown as
     needed, see the module docstring). ``seqlens[layer]`` (int32 on the device) holds each row's cached keys. With
-    ``bounds_dtype`` (the KV cache's dtype) it keeps Quest's key bounds too (``key_min``, ``key_max``; see the module
-    docstring). ``gates`` may instead hold a :class:`BoundsOnly` for every layer (no decode gates): then the cache
-    keeps only the key bounds (``bounds_dtype`` needed) and ``device`` says where (default: the CPU)."""
+    ``bounds_dtype`` (the KV cache's dtype) it takes the post-RoPE keys too and keeps their ``key_stats``: Quest's
+    key bounds (``"bounds"``: ``key_min``, ``key_max``), their moments (``"moments"``: ``key_sum``, ``key_sq``) or
+    both (see the module docstring). ``gates`` may instead hold a :class:`BoundsOnly` for every layer (no decode
+    gates): then the cache keeps only those (``bounds_dtype`` needed) and ``device`` says where (default: the CPU)."""
 
     def __init__(self, gates: dict[int, DecodeGate | BoundsOnly], batch_size: int, dtype: torch.dtype | None = None,
                  max_length: int | None = None, bounds_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, moments: bool = False):
+                 device: torch.device | str | None = None, key_stats: tuple[str, ...] = ("bounds",)):
         if not gates:
             raise ValueError("a decode key cache needs at least one decode gate")
         kinds = {isinstance(g, BoundsOnly) for g in gates.values()}
@@ -317,8 +322,8 @@ class DecodeKeyCache:
         self.gated = not kinds.pop()
         if not self.gated and bounds_dtype is None:
             raise ValueError("a decode key cache without decode gates keeps only key bounds: give bounds_dtype")
-        if moments and bounds_dtype is None:
-            raise ValueError("a decode key cache keeps the keys' moments beside their bounds: give bounds_dtype")
+        if not key_stats or not set(key_stats) <= {"bounds", "moments"}:
+            raise ValueError(f"key_stats names 'bounds', 'moments' or both; got {key_stats!r}")
         self.gates, self.batch_size, self.max_length = gates, batch_size, max_length
         self.block_size = bs = sizes.pop()
         gated = {i: g for i, g in gates.items() if self.gated}
@@ -331,12 +336,16 @@ class DecodeKeyCache:
         self.tails = {i: torch.zeros(batch_size, g.num_kv_heads, bs, g.head_dim, device=device)
                       for i, g in gated.items()}
         self.seqlens = {i: torch.zeros(batch_size, dtype=torch.int32, device=device) for i in gates}
-        self.bounds = bounds_dtype is not None
-        bounds = {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.head_dim, dtype=bounds_dtype, device=device)
-                  for i, g in gates.items()} if self.bounds else {}
-        self.key_min, self.key_max = bounds, {i: t.clone() for i, t in bounds.items()}
-        self.moments = moments  # the keys' per-block sums and sums of squares (float32), for estimate="moments"
-        self.key_sum = {i: torch.zeros_like(t, dtype=torch.float32) for i, t in bounds.items()} if moments else {}
+        self.post_keys = bounds_dtype is not None  # takes post-RoPE keys and keeps their statistics
+
+        def per_block(dtype: torch.dtype | None, kept: bool) -> dict[int, torch.Tensor]:
+            return {i: torch.zeros(batch_size, g.num_kv_heads, capacity, g.head_dim, dtype=dtype, device=device)
+                    for i, g in gates.items()} if self.post_keys and kept else {}
+
+        self.key_min = per_block(bounds_dtype, "bounds" in key_stats)  # Quest's bounds, in the KV cache's dtype
+        self.key_max = {i: t.clone() for i, t in self.key_min.items()}
+        self.moments = self.post_keys and "moments" in key_stats  # the sums of the keys and of their squares
+        self.key_sum = per_block(torch.float32, self.moments)
         self.key_sq = {i: t.clone() for i, t in self.key_sum.items()}
         self.pinned: dict[int, torch.Tensor] = {}  # [B, Hkv, capacity] bool: the prompt blocks kept (pin_prompt)
         self.longest = {i: 0 for i in gates}  # host bounds of the row lengths (see the module docstring)
@@ -346,8 +355,12 @@ class DecodeKeyCache:
 
     @property
     def capacity(self) -> int:
-        """Blocks a row has room for (the gate-key buffer's, or without gates the key bounds', length)."""
-        return next(iter((self.keys or self.key_min).values())).shape[2]
+        """Blocks a row has room for (the gate-key buffer's, or without gates the key statistics', length)."""
+        return next(iter(self._blocks().values())).shape[2]
+
+    def _blocks(self) -> dict[int, torch.Tensor]:
+        """Per layer a buffer ``[B, Hkv, capacity, ...]``: the gate keys', or without gates a key statistic's."""
+        return self.keys or self.key_min or self.key_sum
 
     def update(self, layer: int, k: torch.Tensor | None, new_tokens: torch.Tensor | None = None,
                k_post: torch.Tensor | None = None) -> None:
@@ -362,10 +375,11 @@ class DecodeKeyCache:
                                  f"only (k=None, k_post=[B, Hkv, T, D])")
             k = k_post
         self._check_keys(layer, k)
-        if (k_post is not None) != self.bounds or k_post is not None and k_post.shape != k.shape:
+        if (k_post is not None) != self.post_keys or k_post is not None and k_post.shape != k.shape:
             raise ValueError(f"layer {layer}: post-RoPE keys of the shape of the keys {tuple(k.shape)} are "
-                             f"{'needed' if self.bounds else 'not taken'} (key bounds {'' if self.bounds else 'not '}"
-                             f"kept); got {None if k_post is None else tuple(k_post.shape)}")
+                             f"{'needed' if self.post_keys else 'not taken'} (key statistics "
+                             f"{'' if self.post_keys else 'not '}kept); got "
+                             f"{None if k_post is None else tuple(k_post.shape)}")
         if new_tokens is None and k.shape[2] == 1:
             self._step(layer, k, k_post)
         else:
@@ -392,7 +406,7 @@ class DecodeKeyCache:
                 raise ValueError(f"layer {layer}: a row of {length} tokens passes the decode key cache's "
                                  f"max_length {self.max_length}")
             return
-        blocks, capacity = -(-length // self.block_size), (self.keys or self.key_min)[layer].shape[2]
+        blocks, capacity = -(-length // self.block_size), self._blocks()[layer].shape[2]
         if blocks <= capacity:
             return
         for buffers in (self.keys, self.key_min, self.key_max, self.key_sum, self.key_sq, self.pinned):
@@ -410,11 +424,11 @@ class DecodeKeyCache:
             newest = step_keys(self.gates[layer], self.keys[layer], self.tails[layer], self.seqlens[layer], k)
         else:
             newest = (None, *step_position(self.seqlens[layer], self.block_size))
-        if self.bounds:
-            _, position, block = newest
+        _, position, block = newest
+        if self.key_min:
             step_key_bounds(self.key_min[layer], self.key_max[layer], k_post, position, block, self.block_size)
-            if self.moments:
-                step_key_moments(self.key_sum[layer], self.key_sq[layer], k_post, position, block, self.block_size)
+        if self.moments:
+            step_key_moments(self.key_sum[layer], self.key_sq[layer], k_post, position, block, self.block_size)
         self.stepped(layer, newest)
 
     def check_step(self, layer: int, k: torch.Tensor, q: torch.Tensor) -> None:
@@ -437,7 +451,7 @@ class DecodeKeyCache:
     def _append(self, layer: int, k: torch.Tensor, new_tokens: torch.Tensor | None,
                 k_post: torch.Tensor | None) -> None:
         """Per-row counts (a prefill, or a step of several tokens): row by row on the host (without decode gates
-        only the key bounds and lengths)."""
+        only the key statistics and lengths)."""
         gate, bs = self.gates[layer], self.block_size
         counts = [k.shape[2]] * self.batch_size if new_tokens is None else new_tokens.tolist()
         if len(counts) != self.batch_size or min(counts) < 0 or max(counts) > k.shape[2]:
@@ -450,9 +464,10 @@ class DecodeKeyCache:
             if not count:
                 continue
             if k_post is not None:
-                bounded.append((row, lengths[row], *_block_bounds(k_post[row, :, :count], lengths[row] % bs, bs),
-                                *(_block_moments(k_post[row, :, :count], lengths[row] % bs, bs) if self.moments
-                                  else (None, None))))
+                keys, skipped = k_post[row, :, :count], lengths[row] % bs
+                bounded.append((row, lengths[row],
+                                *(_block_bounds(keys, skipped, bs) if self.key_min else (None, None)),
+                                *(_block_moments(keys, skipped, bs) if self.moments else (None, None))))
             if not self.gated:
                 lengths[row] += count
                 continue
@@ -475,16 +490,19 @@ class DecodeKeyCache:
         for row, first, keys in made:
             self.keys[layer][row, :, first:first + keys.shape[1]] = keys
         for row, length, low, high, total, squares in bounded:  # the first block's so far folded in when it has keys
-            first, blocks = length // bs, slice(length // bs, length // bs + low.shape[1])
-            if length % bs:
-                low[:, 0] = torch.minimum(low[:, 0], self.key_min[layer][row, :, first])
-                high[:, 0] = torch.maximum(high[:, 0], self.key_max[layer][row, :, first])
-                if self.moments:
+            first = length // bs
+            if low is not None:
+                blocks = slice(first, first + low.shape[1])
+                if length % bs:
+                    low[:, 0] = torch.minimum(low[:, 0], self.key_min[layer][row, :, first])
+                    high[:, 0] = torch.maximum(high[:, 0], self.key_max[layer][row, :, first])
+                self.key_min[layer][row, :, blocks] = low
+                self.key_max[layer][row, :, blocks] = high
+            if total is not None:
+                blocks = slice(first, first + total.shape[1])
+                if length % bs:
                     total[:, 0] += self.key_sum[layer][row, :, first]
                     squares[:, 0] += self.key_sq[layer][row, :, first]
-            self.key_min[layer][row, :, blocks] = low
-            self.key_max[layer][row, :, blocks] = high
-            if self.moments:
                 self.key_sum[layer][row, :, blocks] = total
                 self.key_sq[layer][row, :, blocks] = squares
 
@@ -494,7 +512,7 @@ class DecodeKeyCache:
         earlier ones."""
         if len(pins) != self.batch_size:
             raise ValueError(f"layer {layer}: pins for {self.batch_size} rows are needed, got {len(pins)}")
-        store = (self.keys or self.key_min)[layer]
+        store = self._blocks()[layer]
         pinned = torch.zeros(*store.shape[:3], dtype=torch.bool, device=store.device)
         for row, pin in enumerate(pins):
             if pin.shape[0] != store.shape[1] or pin.shape[1] > store.shape[2]:
@@ -528,8 +546,9 @@ class DecodeKeyCache:
     def bound_scores(self, layer: int, q: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
         """Quest's block scores ``[B, Hkv, capacity]`` of each row's newest token (post-RoPE ``q [B, Hq, 1, D]``, its
         key already in the cache; :func:`key_bound_scores`); ``-inf`` after a row's newest block."""
-        if not self.bounds:
-            raise ValueError("this decode key cache keeps no key bounds (give bounds_dtype)")
+        if not self.key_min:
+            raise ValueError("this decode key cache keeps no key bounds (give bounds_dtype, and 'bounds' in "
+                             "key_stats)")
         if self.shortest[layer] < 1:
             raise ValueError(f"layer {layer}: every row needs a cached key (its own) before scoring; lengths "
                              f"{self.seqlens[layer].tolist()}")

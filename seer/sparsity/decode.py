@@ -18,7 +18,8 @@ query-aware estimate, the largest bound over a KV head's query heads; ``w = 1`` 
 consulted). ``estimate="quest_mass"`` pools the group's heads differently: each head's bounds become a softmax over
 the blocks first, and the group's estimate is their mean (a head with larger logits no longer decides alone).
 ``estimate="moments"`` scores by the first two moments of each block's post-RoPE keys instead (their per-channel
-mean and variance, kept beside the bounds: two more vectors per block): each head's block mass as if the block's
+mean and variance, kept instead of the bounds as float32 sums of the keys and of their squares: two vectors per
+block, twice the bf16 bounds' bytes): each head's block mass as if the block's
 logits were Gaussian, ``log n + s q.mu + s^2/2 sum_d q_d^2 var_d``, pooled over the group as ``quest_mass``
 (:func:`~seer.model.decode_cache.key_moment_scores`). ``estimate="oracle"`` is the yardstick: each block's true share
 of the token's attention, averaged over the group's heads, from every key in the KV cache

@@ -221,14 +221,14 @@ def _gates():
 def test_cache_bounds_equal_a_recomputation_through_prefill_and_steps(dtype, max_length):
     """Rows of 1, 16, 29 and 47 tokens (right-padded input, as a prefill hands them over), one-token steps that fill
     and start blocks, a chunk of three tokens in between: every valid block's bounds are its keys' min and max, its
-    moments (``moments=True``) the float64 sums of its keys and of their squares."""
+    moments (``key_stats`` both) the float64 sums of its keys and of their squares."""
     gates = _gates()
     prompts, steps, chunk = [1, 16, 29, 47], 30, 3
     total = max(prompts) + steps + chunk
     g = torch.Generator().manual_seed(1)
     k_pre = torch.randn(4, HKV, total, D, generator=g)
     k_post = torch.randn(4, HKV, total, D, generator=g).to(dtype)
-    cache = DecodeKeyCache(gates, 4, max_length=max_length, bounds_dtype=dtype, moments=True)
+    cache = DecodeKeyCache(gates, 4, max_length=max_length, bounds_dtype=dtype, key_stats=("bounds", "moments"))
     padded = torch.zeros(4, HKV, max(prompts), D, dtype=dtype)
     for row, n in enumerate(prompts):
         padded[row, :, :n] = k_post[row, :, :n]
@@ -265,9 +265,9 @@ def test_cache_bounds_equal_a_recomputation_through_prefill_and_steps(dtype, max
 
 
 def test_cache_bounds_need_post_rope_keys_exactly_when_kept():
-    with pytest.raises(ValueError, match=r"post-RoPE keys .* are needed \(key bounds kept\); got None"):
+    with pytest.raises(ValueError, match=r"post-RoPE keys .* are needed \(key statistics kept\); got None"):
         DecodeKeyCache(_gates(), 2, bounds_dtype=torch.float32).update(0, torch.randn(2, HKV, 3, D))
-    with pytest.raises(ValueError, match=r"are not taken \(key bounds not kept\)"):
+    with pytest.raises(ValueError, match=r"are not taken \(key statistics not kept\)"):
         DecodeKeyCache(_gates(), 2).update(0, torch.randn(2, HKV, 3, D), k_post=torch.randn(2, HKV, 3, D))
     with pytest.raises(ValueError, match="keeps no key bounds"):
         DecodeKeyCache(_gates(), 2).bound_scores(0, torch.randn(2, HQ, 1, D))
@@ -309,13 +309,26 @@ def test_the_moments_estimate_is_a_gaussian_block_mass_pooled_over_the_group():
 
 
 def test_moments_decode_sparsely_on_other_blocks_than_quest():
-    """The model's decode steps with ``estimate="moments"``: sparse, and other tokens' logits than Quest's."""
+    """The model's decode steps with ``estimate="moments"``: sparse, other tokens' logits than Quest's, and a cache
+    that keeps the moments alone, equal after the steps to the float64 sums over the KV cache's keys (each row's from
+    its left padding on)."""
     logits = {}
     for estimate in ("quest", "moments"):
         model = tiny_decode_model({**QUEST, "estimate": estimate, "estimate_weight": 1.0}, BS)
-        logits[estimate] = padded_generation(model, new=40)[0]
-        assert 0 < model.seer_decode.mean_density() < 1 and model.seer_decode.cache.moments == (estimate == "moments")
-    assert not torch.allclose(logits["quest"], logits["moments"], atol=1e-3)
+        logits[estimate], kv, _ = padded_generation(model, new=40)
+        cache = model.seer_decode.cache
+        assert 0 < model.seer_decode.mean_density() < 1 and cache.moments == (estimate == "moments")
+        assert bool(cache.key_min) == (estimate == "quest")  # the moments replace the bounds
+    assert not torch.allclose(logits["quest"], logits["moments"], atol=1e-3) and cache.key_sum
+    for layer, sums in cache.key_sum.items():
+        keys = kv.layers[layer].keys
+        for row, (first, n) in enumerate(zip(cache.offsets, cache.seqlens[layer].tolist())):
+            real = keys[row, :, first:first + n].double()
+            blocks = torch.nn.functional.pad(real, (0, 0, 0, -n % BS)).view(HKV, -1, BS, real.shape[-1])
+            nb = blocks.shape[1]
+            torch.testing.assert_close(sums[row, :, :nb].double(), blocks.sum(2), rtol=0, atol=1e-4)
+            torch.testing.assert_close(cache.key_sq[layer][row, :, :nb].double(), (blocks * blocks).sum(2), rtol=0,
+                                       atol=1e-4)
 
 
 def test_mixture_matches_a_float64_computation():
