@@ -21,11 +21,12 @@ ls "$w"/austen/emma.txt > /dev/null || { echo "no novels: carry .assets/austen i
 model=(--model-dir /root/models/qwen05 --gguf qwen05.gguf --novels "$w/austen/[!e]*.txt"
        --eval-novel .assets/austen/emma.txt)
 gates=$w/work/train_base/gates
-# the default policy's row (recipe gates + vertical-slash at 0.5, reranked by 8 rows over top-p 0.99, threshold
-# calibrated: the gate presets since 2026-12-05) and the dense pass of the sessions before (same prompts and model),
-# which needs these evaluation settings
-default=(--gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan lever --reranks 8:0.99
-         --only 'gate:base+vertical_slash@0.5+rerank8@0.99')
+# the default policy's row (recipe gates + vertical-slash at 0.5, reranked by 16 rows over top-p 0.99, threshold
+# calibrated: the Qwen recipe's since 2026-12-06, a twentieth session; the jobs run before then used the presets' 8
+# rows, rerank8 in their row labels) and the dense pass of the sessions before (same prompts and model), which needs
+# these evaluation settings
+default=(--gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan lever --reranks 16:0.99
+         --only 'gate:base+vertical_slash@0.5+rerank16@0.99')
 ruler=(--texts novel code --ruler all --ruler-samples 4 --batch-size 4
        --dense-from docs/results/qwen/dense_32k_batch4.json --deadline-s 100000)
 
@@ -277,7 +278,8 @@ job qmoments 900 python3 experiments/quality_decode.py --model-dir /root/models/
   --estimates moments:1 --rerank-blocks 0 64 --windows 2 --deadline-s 100000 --work "$w/work/d" --out "$w/out/qmoments"
 job mmruler 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" --densities 0.1 \
   --decode-budget 2048 --decode-estimate moments --work "$w/work/q" --out "$w/out/mmruler"
-# issue 18: what the rerank and the moments cost in whole-model decode (8B shape, random weights, no decode gates,
+# issue 18: what the rerank and the moments cost in whole-model decode (2026-12-06, a twentieth session: it started while
+# quality studies held the GPU and died of memory; run it with nothing beside it) (8B shape, random weights, no decode gates,
 # CUDA graphs, the per-layer step compiled as in the fastest run): Quest, Quest reranked over 64 blocks, the
 # moments; alone on the GPU
 job drbench 900 bash -c "for v in quest:0 quest:64 moments:0; do python3 experiments/bench_decode_model.py --graph \
