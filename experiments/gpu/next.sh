@@ -294,4 +294,21 @@ job smq16 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels
   --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked --densities 0.1 --texts novel --windows 1 --passkey 0 \
   --copy 0 --ruler "${needles[@]}" --ruler-samples 16 --batch-size 4 --deadline-s 100000 --work "$w/work/s" \
   --out "$w/out/smq16"
+# issue 17 part 4: the whole Qwen 32k table at density 0.05 and 0.2 with today's default (the recipe's 16 rows, the last
+# query block whole) beside every training-free selector and the oracle, so that the three densities (0.1: jobs final01
+# and r16) come from one policy and can be plotted together (python -m seer.report over the three rows files)
+job final_d 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan final --densities 0.05 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/final_d"
+# issue 17: SmolLM2's multiquery miss (7.8 against dense 18.8, job smq16). Its question is about 69 tokens (four keys)
+# and the recipe's blocks are 32, so the whole last query block holds less than half of it (Qwen's 64-token block most
+# of it): the recipe's default (the gates of smq16 or s8k, run first in the same lease) and the training-free rerank
+# with the last 1, 2 or 3 query blocks whole, multiquery and multivalue with 16 samples
+snlast=(python3 -m seer.eval -m model=smollm2 model.package=null model.name_or_path=/root/models
+  'eval.seq_lens=[8192]' eval.windows=1 eval.calibration_windows=2 eval.passkey=0 eval.copy=0 eval.batch_size=4
+  "eval.ruler=[niah_multiquery,niah_multivalue]" eval.ruler_samples=16 eval.timing=false sparsity=threshold
+  sparsity.target_density=0.1 logger=none data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all
+  save_calibration=false sparsity.dense_last_rows=1,2,3 paths.cache_dir="$w/work/cache")
+job snlast 2400 bash -c '"$@" selector=gate gates='"$w/work/s/train_base/gates"' selector.rerank_rows=16 \
+    hydra.sweep.dir='"$w/out/snlast/gate"' && "$@" selector=reranked block_size=32 \
+    hydra.sweep.dir='"$w/out/snlast/reranked"'' _ "${snlast[@]}"
 echo "$(date -u +%H:%M:%S) agenda done"
