@@ -299,6 +299,12 @@ job smq16 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels
 # and r16) come from one policy and can be plotted together (python -m seer.report over the three rows files)
 job final_d 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan final --densities 0.05 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/final_d"
+# issue 18: RULER through Quest at a 4k-token budget (at 2k every estimate stays 3.5-17 points under dense: the oracle
+# 50.3, Quest with 4 pins 44.5, dense 53.8), with 4 and 8 pinned prompt blocks, after the default prefill
+for pins in 4 8; do
+  job "q4kruler$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
+    --densities 0.1 --decode-budget 4096 --decode-prompt-blocks "$pins" --work "$w/work/q" --out "$w/out/q4kruler$pins"
+done
 # issue 17: SmolLM2's multiquery miss (7.8 against dense 18.8, job smq16). Its question is about 69 tokens (four keys)
 # and the recipe's blocks are 32, so the whole last query block holds less than half of it (Qwen's 64-token block most
 # of it): the recipe's default (the gates of smq16 or s8k, run first in the same lease) and the training-free rerank
