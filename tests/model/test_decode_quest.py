@@ -6,6 +6,7 @@ block mass (``estimate="oracle"``) and the exact rerank of an estimate's top blo
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -271,6 +272,13 @@ def test_cache_bounds_need_post_rope_keys_exactly_when_kept():
         DecodeKeyCache(_gates(), 2).update(0, torch.randn(2, HKV, 3, D), k_post=torch.randn(2, HKV, 3, D))
     with pytest.raises(ValueError, match="keeps no key bounds"):
         DecodeKeyCache(_gates(), 2).bound_scores(0, torch.randn(2, HQ, 1, D))
+    with pytest.raises(ValueError, match="keeps no key bounds"):  # the moments alone
+        DecodeKeyCache(_gates(), 2, bounds_dtype=torch.float32, key_stats=("moments",)).bound_scores(
+            0, torch.randn(2, HQ, 1, D))
+    for bad in [(), ("max",), ("bounds", "variance")]:
+        want = "key_stats names 'bounds', 'moments' or both; got " + re.escape(repr(bad))
+        with pytest.raises(ValueError, match=want):
+            DecodeKeyCache(_gates(), 2, bounds_dtype=torch.float32, key_stats=bad)
 
 
 def test_the_moments_estimate_is_a_gaussian_block_mass_pooled_over_the_group():
