@@ -305,16 +305,4 @@ for pins in 4 8; do
   job "q4kruler$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
     --densities 0.1 --decode-budget 4096 --decode-prompt-blocks "$pins" --work "$w/work/q" --out "$w/out/q4kruler$pins"
 done
-# issue 17: SmolLM2's multiquery miss (7.8 against dense 18.8, job smq16). Its question is about 69 tokens (four keys)
-# and the recipe's blocks are 32, so the whole last query block holds less than half of it (Qwen's 64-token block most
-# of it): the recipe's default (the gates of smq16 or s8k, run first in the same lease) and the training-free rerank
-# with the last 1, 2 or 3 query blocks whole, multiquery and multivalue with 16 samples
-snlast=(python3 -m seer.eval -m model=smollm2 model.package=null model.name_or_path=/root/models
-  'eval.seq_lens=[8192]' eval.windows=1 eval.calibration_windows=2 eval.passkey=0 eval.copy=0 eval.batch_size=4
-  "eval.ruler=[niah_multiquery,niah_multivalue]" eval.ruler_samples=16 eval.timing=false sparsity=threshold
-  sparsity.target_density=0.1 logger=none data=text_files "data.corpus.paths=[$w/austen/emma.txt]" eval.split=all
-  save_calibration=false sparsity.dense_last_rows=1,2,3 paths.cache_dir="$w/work/cache")
-job snlast 2400 bash -c '"$@" selector=gate gates='"$w/work/s/train_base/gates"' selector.rerank_rows=16 \
-    hydra.sweep.dir='"$w/out/snlast/gate"' && "$@" selector=reranked block_size=32 \
-    hydra.sweep.dir='"$w/out/snlast/reranked"'' _ "${snlast[@]}"
 echo "$(date -u +%H:%M:%S) agenda done"
