@@ -280,8 +280,8 @@ class DecodeContext:
         if self.sparsity.reads_keys:  # the KV cache's keys, and where each row's start (its left padding), if anywhere
             offsets = torch.tensor(cache.offsets, device=key.device) if any(cache.offsets) else None
             estimate.update(q_post=query, sm_scale=scaling, keys=key, key_offsets=offsets)
-            if self.sparsity.compile and key.shape[2] == cache.longest[layer] + 1:
-                torch._dynamo.maybe_mark_dynamic(key, 2)  # a DynamicCache's keys grow a step: one graph for all
+            if self.sparsity.compile and cache.max_length is None:  # a DynamicCache's keys grow every step:
+                torch._dynamo.maybe_mark_dynamic(key, 2)  # one graph for every length
         index, *newest = step(cache.gates[layer], cache.keys.get(layer), cache.tails.get(layer), seqlens, total, steps,
                               k_pre, q_pre, self.sparsity, self.threshold, pinned=cache.pinned.get(layer), **estimate)
         cache.stepped(layer, tuple(newest))
