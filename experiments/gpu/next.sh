@@ -297,8 +297,11 @@ job smq16 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels
 # issue 17 part 4: the whole Qwen 32k table at density 0.05 and 0.2 with today's default (the recipe's 16 rows, the last
 # query block whole) beside every training-free selector and the oracle, so that the three densities (0.1: jobs final01
 # and r16) come from one policy and can be plotted together (python -m seer.report over the three rows files)
-job final_d 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
-  --plan final --densities 0.05 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/final_d"
+# (one job per density, so that the two run side by side)
+for dens in 0.05 0.2; do
+  job "final_$dens" 1800 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
+    --blends vertical_slash:0.5 --plan final --densities "$dens" "${ruler[@]}" --work "$w/work/q" --out "$w/out/final_$dens"
+done
 # issue 18: RULER through Quest at a 4k-token budget (at 2k every estimate stays 3.5-17 points under dense: the oracle
 # 50.3, Quest with 4 pins 44.5, dense 53.8), with 4 and 8 pinned prompt blocks, after the default prefill
 for pins in 4 8; do
