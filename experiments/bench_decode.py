@@ -29,11 +29,11 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
     python experiments/bench_decode.py --variants --batch 1 4 16 --kv 32768 131072 --budget 2048 3264
 
 ``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``unique_blocks=True``
-(``unique``; the lists here are top-k, so without repeats) and that with several whole blocks a key tile (``tile2``,
-``tile4``: the ``TILE_BLOCKS`` launch field forced, with their warps and pipeline stages) at each batch, cache length,
-budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value, each checked against the
-float32 reference on the same inputs before it is timed, beside SDPA and every variant at density 1.0, and writes one
-table with the speedups over dense.
+(``unique``; the lists here are top-k, so without repeats) and that with K/V through the copy engine (``tma``,
+``tma s4``: the ``USE_TMA`` launch switch forced, at the default's and at 4 pipeline stages) at each batch, cache
+length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits`` value, each checked
+against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0, and writes one table
+with the speedups over dense.
 """
 
 from __future__ import annotations
@@ -166,58 +166,37 @@ def bench(args) -> list[dict]:
     return rows
 
 
-# name: (keywords of block_sparse_decode, launch-config fields forced over the default). The copy-engine variants
-# (USE_TMA) were 2-10% slower on an H200 and an H100 (docs/bench_decode.md) and are no longer timed here; `tileK`:
-# unique lists with K whole blocks a key tile (TILE_BLOCKS, gathered rows), `wN` / `sN` its warps and pipeline stages.
+# name: (keywords of block_sparse_decode, launch-config fields forced over the default). `tma`: unique lists with K/V
+# tiles through the copy engine (capability >= 9; not a launch-table candidate until measured); `tma s4`: the same,
+# four pipeline stages
 VARIANTS = {"current": ({}, {}), "unique": (dict(unique_blocks=True), {}),
-            "tile2": (dict(unique_blocks=True), dict(TILE_BLOCKS=2)),
-            "tile2 w8": (dict(unique_blocks=True), dict(TILE_BLOCKS=2, num_warps=8)),
-            "tile2 w8 s2": (dict(unique_blocks=True), dict(TILE_BLOCKS=2, num_warps=8, num_stages=2)),
-            "tile4 w8 s1": (dict(unique_blocks=True), dict(TILE_BLOCKS=4, num_warps=8, num_stages=1))}
-
-
-def variant_ms(q, k, v, idx, lens, splits, name, ref=None) -> tuple[float, int]:
-    """One variant's time (checked against ``ref = (out, lse)`` first when given); NaN where it cannot launch (e.g.
-    more shared memory than the device has)."""
-    variant, config = VARIANTS[name]
-    try:
-        with force_config("block_sparse_decode", **config):
-            if ref is not None:
-                out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False,
-                                               **variant)
-                assert_near_reference(out, lse, *ref, (q.shape[0], k.shape[2], idx.shape[2], splits, name))
-            return ours_ms(q, k, v, idx, lens, splits, **variant)
-    except AssertionError:
-        raise
-    except Exception as exc:  # out of resources and the like: not this device's variant
-        print(f"  {name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-        return float("nan"), 0
+            "tma": (dict(unique_blocks=True), dict(USE_TMA=True)),
+            "tma s4": (dict(unique_blocks=True), dict(USE_TMA=True, num_stages=4))}
 
 
 def variants(args) -> list[dict]:
     """``--variants``: each kernel variant of :data:`VARIANTS` on each shape and budget (and ``--splits``), checked
-    against the float32 reference on those inputs before it is timed, beside SDPA and every variant at density 1.0
-    (``dense``: the fastest of those)."""
+    against the float32 reference on those inputs before it is timed, beside SDPA and ours@1.0."""
     rows = []
     for b, n in itertools.product(args.batch, args.kv):
         q, k, v, lens = inputs(b, n, args.t)
         qf, kf, vf = q.float(), k.float(), v.float()
         full = torch.arange(-(-n // BLOCK), dtype=torch.int32, device=DEV).expand(b, HKV, -1).contiguous()
         dense_sdpa = sdpa_ms(q, k, v) if args.t == 1 else float("nan")
-        at_one = {name: variant_ms(q, k, v, full, lens, None, name)[0] for name in VARIANTS}
-        dense = min(x for x in (dense_sdpa, *at_one.values()) if x == x)
+        dense_ours, _ = ours_ms(q, k, v, full, lens, None)
+        dense = min(x for x in (dense_sdpa, dense_ours) if x == x)
         for budget in args.budget:
             idx = lists(b, n, budget)
-            ref = reference.block_sparse_decode(qf, kf, vf, idx, lens, BLOCK)
+            ref_out, ref_lse = reference.block_sparse_decode(qf, kf, vf, idx, lens, BLOCK)
             for splits in args.splits or [None]:
                 row = dict(batch=b, kv=n, budget=budget, density=idx.shape[2] * BLOCK / n, sdpa=dense_sdpa,
-                           ours_dense=at_one["current"], best_dense=min(at_one, key=lambda x: at_one[x]
-                                                                      if at_one[x] == at_one[x] else float("inf")),
-                           dense=dense)
-                for name in VARIANTS:
-                    t, chosen = variant_ms(q, k, v, idx, lens, splits, name, ref)
-                    row[name] = t
-                    row["splits"] = chosen or row.get("splits", 0)
+                           ours_dense=dense_ours, dense=dense)
+                for name, (variant, config) in VARIANTS.items():
+                    with force_config("block_sparse_decode", **config):
+                        out, lse = block_sparse_decode(q, k, v, idx, lens, BLOCK, num_splits=splits, validate=False,
+                                                       **variant)
+                        assert_near_reference(out, lse, ref_out, ref_lse, (b, n, budget, splits, name))
+                        row[name], row["splits"] = ours_ms(q, k, v, idx, lens, splits, **variant)
                 rows.append(row)
                 print(rows[-1], flush=True)
         del q, k, v, qf, kf, vf, full
@@ -226,28 +205,20 @@ def variants(args) -> list[dict]:
 
 
 def tune(args) -> None:
-    print("| batch | budget | BLOCK_N | num_warps | num_stages | USE_TMA | TILE_BLOCKS | ms | regs | spills |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| batch | budget | BLOCK_N | num_warps | num_stages | USE_TMA | ms | regs | spills |")
+    print("|---|---|---|---|---|---|---|---|---|")
     n = 32768
-    configs = [dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, USE_TMA=tma, TILE_BLOCKS=1)
-               for block_n, warps, stages, tma in itertools.product((32, 64), (2, 4, 8), (2, 3, 4), (False, True))]
-    configs += [dict(BLOCK_N=BLOCK, num_warps=warps, num_stages=stages, USE_TMA=False, TILE_BLOCKS=tiles)
-                for tiles, warps, stages in itertools.product((2, 4), (4, 8), (1, 2, 3))]
     for b in args.batch:
         q, k, v, lens = inputs(b, n, args.t)
         for budget in args.budget:
             idx = lists(b, n, budget)
-            for config in configs:
-                try:
-                    with force_config("block_sparse_decode", **config):
-                        t, _ = ours_ms(q, k, v, idx, lens, None)
-                        info = last_launch("block_sparse_decode")
-                except Exception as exc:  # out of shared memory and the like
-                    t, info = float("nan"), dict(n_regs="-", n_spills=f"{type(exc).__name__}")
-                print(f"| {b} | {budget} | " + " | ".join(str(config[f]) for f in
-                                                          ("BLOCK_N", "num_warps", "num_stages", "USE_TMA",
-                                                           "TILE_BLOCKS"))
-                      + f" | {fmt(t, 4)} | {info['n_regs']} | {info['n_spills']} |", flush=True)
+            for block_n, warps, stages, tma in itertools.product((32, 64), (2, 4, 8), (2, 3, 4), (False, True)):
+                with force_config("block_sparse_decode", BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                                  USE_TMA=tma):
+                    t, _ = ours_ms(q, k, v, idx, lens, None)
+                    info = last_launch("block_sparse_decode")
+                print(f"| {b} | {budget} | {block_n} | {warps} | {stages} | {tma} | {fmt(t, 4)} | {info['n_regs']} | "
+                      f"{info['n_spills']} |", flush=True)
 
 
 def header(info: dict, args, cmd: str) -> list[str]:
@@ -263,18 +234,16 @@ def variants_report(rows: list[dict], info: dict, args, cmd: str) -> str:
     lines = header(info, args, cmd)
     lines[-1] += (" Times in ms: median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm), each "
                   "variant checked against the float32 reference on the same inputs first. `current`: the kernel's "
-                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique); "
-                  "`tileK`: unique with K whole blocks a key tile (TILE_BLOCKS=K, forced), `wN` N warps, `sN` N "
-                  "pipeline stages (else the default's 4 and 3); `splits`: the split count (the same for every "
-                  "variant). `ours@1.0`: the defaults with every block listed; `dense`: the fastest of SDPA and every "
-                  "variant with every block listed (`best@1.0` names the fastest variant); in brackets the speedup "
-                  "dense / variant.")
-    lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | best@1.0 | dense | "
-              + " | ".join(names) + " |", "|---|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
+                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique); `tma`: "
+                  "unique with K/V through the copy engine (USE_TMA, forced), `tma s4` with 4 pipeline stages; "
+                  "`splits`: the split count (the same for every variant). `ours@1.0`: every block listed; "
+                  "`dense`: the faster of SDPA and ours@1.0; in brackets the speedup dense / variant.")
+    lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | dense | " + " | ".join(names) + " |",
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
         cells = [f"{fmt(r[name], 4)} ({r['dense'] / r[name]:.2f}x)" for name in names]
         lines.append(f"| {r['batch']} | {r['kv'] // 1024}k | {r['budget']} | {r['density']:.4f} | {r['splits']} | "
-                     f"{fmt(r['sdpa'], 4)} | {fmt(r['ours_dense'], 4)} | {r['best_dense']} | {fmt(r['dense'], 4)} | "
+                     f"{fmt(r['sdpa'], 4)} | {fmt(r['ours_dense'], 4)} | {fmt(r['dense'], 4)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

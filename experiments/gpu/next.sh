@@ -56,13 +56,6 @@ job kbench 480 bash -c "python3 experiments/bench_decode.py --variants --batch 1
 job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 \
   --launch default w8 s2 s4 --out $w/out/ktune/bench_rerank_launch.md
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py
-# issue 18: the decode kernel with several whole blocks a key tile (TILE_BLOCKS 2 / 4, gathered rows: two to four
-# blocks of K and V in flight a loop step) against the defaults, checked on the GPU first, then the launch sweep at
-# density 0.1 (the 9x goal at batch 16 / 32k: 8.19x on an H200, 8.98x on an H100 with one block a tile)
-job ktile 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_decode.py -k gathered && \
-  python3 experiments/bench_decode.py --variants --batch 1 16 --kv 32768 131072 --budget 2048 3264 \
-    --out $w/out/ktile/bench_decode_tiles.md && \
-  python3 experiments/bench_decode.py --graph --tune --batch 16 --budget 3264 > $w/out/ktile/tune.md"
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA
 # graph (0 and 8 rows with the whole last block timed 2026-12-06 on an H100: 1.57x / 1.20x eager, 1.62x / 1.25x as a

@@ -38,10 +38,6 @@ and zeros when it attended nothing); a second launch merges them:
 
 With one split the first launch writes ``out`` and ``lse`` itself and there is no merge.
 
-Gathered tiles (``TILE_BLOCKS``, a launch-config field): with ``TILE_BLOCKS = k > 1`` one key tile holds ``k``
-whole listed blocks (``k x B`` rows, row ``r`` from block ``list[i + r // B]``, rows of entries past the list masked),
-so each step of the loop has ``k`` blocks of K and V in flight instead of one (``BLOCK_N`` is then the block size).
-
 Copy engine (``USE_TMA``, a launch-config switch for devices of capability >= 9): the K/V tiles come through tensor
 descriptors over the sequence's ``[L, D]`` keys and values (rows past ``L`` read as zeros, so no bounds masks); the
 causal mask ``j <= p_t`` stays.
@@ -142,29 +138,6 @@ def _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpo
 
 
 @triton.jit
-def _dec_gather_tile(acc, l_i, m_i, q, k_base, v_base, scr_row, i, n_kept, offs_g, offs_d, qpos, stride_kn,
-                     stride_vn, L, qk_scale, MASK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of whole blocks: the kept list's entries ``i, i + 1, ..`` (``offs_g`` spans their rows), rows of
-    entries at or past ``n_kept`` and keys at or past ``L`` masked."""
-    e = i + offs_g // MASK_BLOCK
-    kb = tl.load(scr_row + e, mask=e < n_kept, other=-1)
-    offs_k = kb * MASK_BLOCK + offs_g % MASK_BLOCK
-    ok = (kb >= 0) & (offs_k < L)
-    kt = tl.load(k_base + offs_k[None, :] * stride_kn + offs_d[:, None], mask=ok[None, :], other=0.0)
-    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-    qk = tl.where(ok[None, :] & (offs_k[None, :] <= qpos[:, None]), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = tl.load(v_base + offs_k[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _dec_split_kernel(
     Q, K, V, Idx, Seqlens, Scratch, Out, Lse,
     qk_scale,
@@ -177,7 +150,7 @@ def _dec_split_kernel(
     HKV, N, T, GROUP, S, SPLITS, N_MTILES, SCR_LEN,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UNIQUE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
-    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr, USE_TMA: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b * HKV + g) * N_MTILES + m-tile
     split = tl.program_id(1)
@@ -227,19 +200,7 @@ def _dec_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if TILE_BLOCKS > 1:  # several whole blocks a tile (gathered rows)
-        offs_g = tl.arange(0, TILE_BLOCKS * MASK_BLOCK)
-        if INTERP:
-            i = 0
-            while i < n_kept:
-                acc, l_i, m_i = _dec_gather_tile(acc, l_i, m_i, q, k_base, v_base, scr_row, i, n_kept, offs_g, offs_d,
-                                                 qpos, stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, DOT_PRECISION)
-                i += TILE_BLOCKS
-        else:
-            for i in range(0, n_kept, TILE_BLOCKS):
-                acc, l_i, m_i = _dec_gather_tile(acc, l_i, m_i, q, k_base, v_base, scr_row, i, n_kept, offs_g, offs_d,
-                                                 qpos, stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, DOT_PRECISION)
-    elif INTERP:
+    if INTERP:
         i = 0
         while i < n_kept:
             acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos,
@@ -326,30 +287,15 @@ def _dec_merge_chunk(lse_row, o_row, s0, SPLITS, m_use, den, num, offs_c, offs_d
 def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
     d, block, block_m = key
     return [dict(BLOCK_N=min(block, 64), num_warps=8 if d * block_m >= 128 * 64 else 4,
-                 num_stages=2 if block >= 128 else 3, USE_TMA=False, TILE_BLOCKS=1)]
-
-
-def _config_invalid(config: dict, key: tuple) -> str | None:
-    """:func:`tiles_invalid`, and a gathered tile (``TILE_BLOCKS > 1``) takes whole blocks of pointer loads."""
-    reason = tiles_invalid(config, key)
-    tile_blocks = config.get("TILE_BLOCKS", 1)
-    if reason is None and tile_blocks > 1:
-        if tile_blocks & (tile_blocks - 1) or config.get("BLOCK_N", key[1]) != key[1] or config.get("USE_TMA"):
-            reason = (f"invalid TILE_BLOCKS {tile_blocks}: a power of two, with BLOCK_N equal to the block size "
-                      f"{key[1]} and USE_TMA off")
-    return reason
+                 num_stages=2 if block >= 128 else 3, USE_TMA=False)]
 
 
 # USE_TMA: K/V tiles through the copy engine (tensor descriptors over each sequence's [L, D] rows), used where
 # :func:`seer.kernels.common.tma_ok` allows (capability >= 9, aligned caches). Not a candidate of the table yet: it
 # is checked in the interpreter and reached with force_config (experiments/bench_decode.py --variants / --tune time
 # it against the default on a GPU); it joins the candidates once a GPU run shows it correct and faster.
-# TILE_BLOCKS: whole listed blocks a key tile (gathered rows); 1 until a GPU run times more (bench_decode.py
-# --variants).
-CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "TILE_BLOCKS"),
-                      _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False, TILE_BLOCKS=1),
-                      _config_invalid)
+CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA"), _cuda_config,
+                      lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False), tiles_invalid)
 
 
 @functools.cache

@@ -1,7 +1,6 @@
 """experiments/bench_decode.py --variants on the CPU (Triton interpreter): every variant is checked against the
 reference and lands in the table. float32 inputs (the interpreter's bfloat16 dots are wrong), a stand-in timer."""
 
-import pytest
 import torch
 
 from experiments import bench_decode as bench
@@ -23,19 +22,6 @@ def test_variants_are_checked_and_tabled(monkeypatch):
     assert len(rows) == 1 and rows[0]["splits"] == 2 and rows[0]["dense"] == 0.01
     info = dict(device="cpu", torch="-", triton="-", cuda="-", python="-", date="-")
     table = bench.variants_report(rows, info, args, "cmd").splitlines()
-    assert table[-3].endswith("| best@1.0 | dense | current | unique | tile2 | tile2 w8 | tile2 w8 s2 | tile4 w8 s1 |")
-    assert table[-1] == "| 2 | 0k | 64 | 0.4923 | 2 | 0.1000 | 0.0100 | current | 0.0100 | " + " | ".join(
-        ["0.0100 (1.00x)"] * 6) + " |"
-
-
-def test_a_wrong_variant_fails_the_run(monkeypatch):
-    """A variant whose results disagree with the reference stops the run (only launch failures become NaN)."""
-    monkeypatch.setattr(bench, "DEV", "cpu")
-    monkeypatch.setattr(bench, "inputs", _inputs)
-    monkeypatch.setitem(bench.TIMER, "timer", lambda fn: (fn(), 0.01)[1])
-    monkeypatch.setattr(bench, "sdpa_ms", lambda q, k, v: 0.1)
-    real = bench.block_sparse_decode
-    monkeypatch.setattr(bench, "block_sparse_decode", lambda *a, **kw: (lambda out, lse: (out * 1.1, lse))(*real(*a, **kw)))
-    args = bench.argparse.Namespace(batch=[1], kv=[130], budget=[64], t=1, splits=[1])
-    with pytest.raises(AssertionError, match="current"):
-        bench.variants(args)
+    assert table[-3].endswith("| current | unique | tma | tma s4 |")
+    assert table[-1] == "| 2 | 0k | 64 | 0.4923 | 2 | 0.1000 | 0.0100 | 0.0100 | " + " | ".join(
+        ["0.0100 (1.00x)"] * 4) + " |"

@@ -183,32 +183,6 @@ def test_tma_is_not_a_candidate_yet(monkeypatch):
         assert [c["USE_TMA"] for c in decode._cuda_config(key)] == [False]
 
 
-# (B, Hq, Hkv, T, N, D, block, dtype, splits, list length S, unique lists, blocks a tile): gathered key tiles
-GATHER_CASES = [
-    (3, 4, 2, 1, 77, 16, 16, torch.float32, 2, 7, False, 2),   # odd kept counts, a partial block, L = T, repeats
-    (2, 8, 2, 3, 100, 16, 16, torch.float16, 1, 6, True, 4),   # T > 1, four blocks a tile, one split
-    (1, 4, 1, 17, 60, 16, 16, torch.float32, 3, 5, False, 2),  # G x T = 68: two query tiles, three splits
-]
-
-
-@pytest.mark.parametrize("b,hq,hkv,t,n,d,block,dtype,splits,s,unique,tile_blocks", GATHER_CASES)
-def test_gathered_tiles(b, hq, hkv, t, n, d, block, dtype, splits, s, unique, tile_blocks):
-    """Several listed blocks a key tile (``TILE_BLOCKS``): the same results as the reference."""
-    with force_config("block_sparse_decode", TILE_BLOCKS=tile_blocks):
-        assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=n + t + tile_blocks,
-                                 unique_blocks=unique)
-        assert last_launch("block_sparse_decode")["config"]["TILE_BLOCKS"] == tile_blocks
-
-
-def test_gathered_tiles_refuse_partial_blocks():
-    with pytest.raises(ValueError, match="invalid TILE_BLOCKS 2: a power of two, with BLOCK_N equal to the block"):
-        with force_config("block_sparse_decode", TILE_BLOCKS=2, BLOCK_N=8):
-            assert_matches_reference(1, 4, 1, 1, 40, 16, 16, torch.float32, 1, 3)
-    with pytest.raises(ValueError, match="invalid TILE_BLOCKS 3"):
-        with force_config("block_sparse_decode", TILE_BLOCKS=3):
-            assert_matches_reference(1, 4, 1, 1, 40, 16, 16, torch.float32, 1, 3)
-
-
 def test_cases_have_empty_rows_and_transposed_caches():
     """The special rows exist (some rows attend nothing), and [B, N, H, D] storage with a custom scale works."""
     ref_lse = assert_matches_reference(2, 4, 2, 3, 100, 16, 16, torch.float32, 2, 7, transpose=True, sm_scale=0.3)
@@ -370,16 +344,6 @@ def test_gpu_bf16_tma_matches_reference(b, t, n, splits, stages):
         assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10),
                                  seed=n + 3, unique_blocks=True)
         assert last_launch("block_sparse_decode")["config"]["USE_TMA"]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("b,t,n,splits,tile_blocks", [(1, 1, 32768 + 77, None, 2), (4, 4, 8192, 7, 2),
-                                                      (16, 1, 4096 + 5, 1, 4)])
-def test_gpu_bf16_gathered_tiles_match_reference(b, t, n, splits, tile_blocks):
-    """Gathered key tiles (the benchmark's candidates) at the 8B shape."""
-    with force_config("block_sparse_decode", TILE_BLOCKS=tile_blocks, num_warps=8, num_stages=2):
-        assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10),
-                                 seed=n + 5, unique_blocks=True)
 
 
 @pytest.mark.gpu
