@@ -302,6 +302,10 @@ for dens in 0.05 0.2; do
   job "final_$dens" 1800 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
     --blends vertical_slash:0.5 --plan final --densities "$dens" "${ruler[@]}" --work "$w/work/q" --out "$w/out/final_$dens"
 done
+# the training-free rerank (the strongest training-free selector at 0.1) at 0.05 and 0.2 in a job of its own, so that
+# it runs beside final_0.05 / final_0.2, whose plans reach it sixth of eight
+job tfr_d 1800 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --plan lever --baselines reranked \
+  --only reranked --densities 0.05 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/tfr_d"
 # issue 18: RULER through Quest at a 4k-token budget (at 2k every estimate stays 3.5-17 points under dense: the oracle
 # 50.3, Quest with 4 pins 44.5, dense 53.8), with 4 and 8 pinned prompt blocks, after the default prefill
 for pins in 4 8; do
