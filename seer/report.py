@@ -21,10 +21,11 @@ from pathlib import Path
 from seer.checks import ConfigError
 from seer.evaluation.ruler import RULER_TASKS
 
-PLOTS = (("ppl_increase", "perplexity increase over dense", True),
-         ("recall", "attention recall (true mass kept)", False),
-         ("passkey", "passkey accuracy", False),
-         ("ruler", "RULER mean score (0-100)", False))
+# (key, title, y scale): "percent" (a relative change, shown in %), or the measure's full scale (shares 1, RULER 100)
+PLOTS = (("ppl_increase", "perplexity increase over dense", "percent"),
+         ("recall", "attention recall (true mass kept)", 1.0),
+         ("passkey", "passkey accuracy", 1.0),
+         ("ruler", "RULER mean score (0-100)", 100.0))
 
 
 def read_rows(folder: str | Path) -> list[dict]:
@@ -159,10 +160,11 @@ def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[P
     for r in mine:
         lines[line_label(r)].append(r)
     written = []
-    for key, title, percent in PLOTS:
+    for key, title, scale in PLOTS:
+        percent = scale == "percent"
         if not any(r.get(key) is not None for r in mine):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(11, 4.5))
         for label, group in sorted(lines.items()):
             pts = sorted((r["density"], r[key]) for r in group if r.get(key) is not None and r["density"] is not None)
             if pts:
@@ -173,10 +175,10 @@ def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[P
         ax.set_xlabel("achieved density (kept share of causal blocks)")
         ax.set_ylabel(title + (" (%)" if percent else ""))
         values = [100 * r[key] if percent else r[key] for r in mine if r.get(key) is not None]
-        _set_y_axis(ax, values, percent)
+        _set_y_axis(ax, values, percent, 1.0 if percent else scale)
         ax.set_title(f"{title}, {n} tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: long labels
         fig.tight_layout()
         path = out_dir / f"{key}_vs_density_{n}.png"
         fig.savefig(path, dpi=110)
@@ -185,23 +187,24 @@ def plots(rows: list[dict], out_dir: Path, seq_len: int | None = None) -> list[P
     return written
 
 
-def y_limits(values: list[float], percent: bool) -> tuple[float, float] | None:
-    """The y range of a plot of ``values``: shares (recall, passkey) at least 0.1 wide and never above 1 (so a
-    0.004 spread is not drawn as a cliff), percentages as they come."""
+def y_limits(values: list[float], percent: bool, full: float = 1.0) -> tuple[float, float] | None:
+    """The y range of a plot of ``values`` on a ``0 .. full`` scale (shares: 1, RULER scores: 100): at least a tenth
+    of the scale wide and never above ``full`` (so a 0.004 spread is not drawn as a cliff); percentages as they
+    come."""
     if not values or percent:
         return None
     low, high = min(values), max(values)
-    pad = max(0.1 - (high - low), 0.0) / 2 + 0.02
-    top = min(1.0 + 0.02, high + pad)
-    return max(0.0, min(low - pad, top - 0.1)), top
+    pad = max(0.1 * full - (high - low), 0.0) / 2 + 0.02 * full
+    top = min(1.02 * full, high + pad)
+    return max(0.0, min(low - pad, top - 0.1 * full)), top
 
 
-def _set_y_axis(ax, values: list[float], percent: bool) -> None:
-    """Linear axes with several labelled ticks; a log-like axis only for percentages spanning orders of
-    magnitude."""
+def _set_y_axis(ax, values: list[float], percent: bool, full: float = 1.0) -> None:
+    """Linear axes with several labelled ticks (on a ``0 .. full`` scale); a log-like axis only for percentages
+    spanning orders of magnitude."""
     from matplotlib.ticker import MaxNLocator
 
-    limits = y_limits(values, percent)
+    limits = y_limits(values, percent, full)
     if limits is not None:
         ax.set_ylim(*limits)
     positive = [abs(v) for v in values if v]

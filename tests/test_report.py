@@ -107,6 +107,8 @@ def test_plot_axes_show_several_ticks_and_no_zoomed_in_spread():
 
     low, high = y_limits([0.951, 0.953, 0.955], percent=False)
     assert high - low >= 0.1 and low <= 0.951 and 0.955 <= high <= 1.02
+    low, high = y_limits([42.9, 56.5], percent=False, full=100.0)  # RULER scores: their own 0-100 scale
+    assert low <= 42.9 and 56.5 <= high <= 102 and high - low >= 10
     fig, ax = plt.subplots()
     ax.plot([0.1, 0.2, 0.3], [15.0, 8.0, 3.0])
     _set_y_axis(ax, [15.0, 8.0, 3.0], percent=True)
