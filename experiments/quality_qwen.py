@@ -528,6 +528,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fit-grid", type=float, nargs="+", default=list(GRID),
                     help="the weights a fitted blend (selector:fit) chooses from, per layer")
     ap.add_argument("--last-rows", type=int, default=2, help="dense last query blocks in the tail variants")
+    ap.add_argument("--dense-last-rows", type=int, default=None,
+                    help="every job's whole last query blocks (SparsityConfig.dense_last_rows, counted in the "
+                         "budget; default its default, 1); not with --plan explore, whose tail variants set them")
     ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever", "attribution"],
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
                     "lever: a new gate recipe's default and its gate alone; attribution: the default with the "
@@ -644,6 +647,12 @@ def planned_jobs(args) -> list[Job | None]:
         except ValueError as exc:
             raise SystemExit(f"--attribution-groups: {exc}") from None
     jobs = plans[args.plan]()
+    if args.dense_last_rows is not None:
+        if args.plan == "explore" or args.dense_last_rows < 0:
+            raise SystemExit(f"--dense-last-rows {args.dense_last_rows}: give a number >= 0, with a plan other than "
+                             "explore (its tail variants use --last-rows)")
+        jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, dense_last_rows=args.dense_last_rows))
+                for job in jobs]
     jobs = only_jobs(jobs, args.only) if args.only else jobs
     layers = model_layers(args.model) if any(job and job.sparsity.dense_layers for job in jobs) else 0
     for job in filter(None, jobs):

@@ -121,6 +121,19 @@ def test_the_lever_plan_takes_baselines_and_only_keeps_the_jobs_named(study):
         study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--baselines", "nonesuch"])
 
 
+def test_dense_last_rows_set_every_jobs_whole_last_blocks(study):
+    base = ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
+            "--blends", "vertical_slash:0.5", "--baselines", "reranked"]
+    jobs = study.planned_jobs(study.parse_args([*base, "--plan", "lever", "--dense-last-rows", "3"]))
+    assert jobs and {job.sparsity.dense_last_rows for job in jobs} == {3}
+    assert jobs[0].sparsity.describe().endswith("[dense_last_rows=3]")  # in every row's label
+    default = study.planned_jobs(study.parse_args([*base, "--plan", "lever"]))
+    assert {job.sparsity.dense_last_rows for job in default} == {1}
+    for bad in (["--plan", "explore", "--dense-last-rows", "2"], ["--plan", "lever", "--dense-last-rows", "-1"]):
+        with pytest.raises(SystemExit, match="--dense-last-rows"):
+            study.planned_jobs(study.parse_args([*base, *bad]))
+
+
 ATTRIBUTION = ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
                "--plan", "attribution", "--blends", "vertical_slash:0.5", "vertical_slash:0.25", "--densities", "0.1",
                "0.05"]
