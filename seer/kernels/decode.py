@@ -38,6 +38,10 @@ and zeros when it attended nothing); a second launch merges them:
 
 With one split the first launch writes ``out`` and ``lse`` itself and there is no merge.
 
+Lists read in place (``IN_PLACE``, a launch-config switch that applies with ``unique_blocks=True``): no compaction;
+the program walks its list positions themselves, an entry that is padding or a block at or past ``L`` turning into a
+key tile past ``L`` (every key masked, nothing read), so the first K/V loads wait on no scratch writes.
+
 Copy engine (``USE_TMA``, a launch-config switch for devices of capability >= 9): the K/V tiles come through tensor
 descriptors over the sequence's ``[L, D]`` keys and values (rows past ``L`` read as zeros, so no bounds masks); the
 causal mask ``j <= p_t`` stays.
@@ -126,11 +130,16 @@ def _dec_tile(acc, l_i, m_i, q, k_base, v_base, kstart, offs_n, offs_d, qpos, st
 
 
 @triton.jit
-def _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos, stride_kn, stride_vn, L,
-               qk_scale, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               USE_TMA: tl.constexpr):
-    """All key tiles of the ``i``-th kept block."""
-    kb = tl.load(scr_row + i)
+def _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, idx_row, i, split, SPLITS, nb_valid, offs_n, offs_d, qpos,
+               stride_kn, stride_vn, L, qk_scale, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IN_PLACE: tl.constexpr):
+    """All key tiles of the ``i``-th kept block (``IN_PLACE``: of the split's ``i``-th list position, an entry that
+    selects nothing read as the block at ``nb_valid``, past ``L``: masked whole)."""
+    if IN_PLACE:
+        kb = tl.load(idx_row + split + i * SPLITS)
+        kb = tl.where((kb >= 0) & (kb < nb_valid), kb, nb_valid)
+    else:
+        kb = tl.load(scr_row + i)
     for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, k_base, v_base, kb * MASK_BLOCK + sub * BLOCK_N, offs_n, offs_d,
                                   qpos, stride_kn, stride_vn, L, qk_scale, DOT_PRECISION, USE_TMA)
@@ -150,7 +159,7 @@ def _dec_split_kernel(
     HKV, N, T, GROUP, S, SPLITS, N_MTILES, SCR_LEN,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UNIQUE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr,
-    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr, USE_TMA: tl.constexpr,
+    ENTRY_CHUNK: tl.constexpr, LIST_CHUNK: tl.constexpr, USE_TMA: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b * HKV + g) * N_MTILES + m-tile
     split = tl.program_id(1)
@@ -165,18 +174,21 @@ def _dec_split_kernel(
     scr_row = Scratch + (pid.to(tl.int64) * SPLITS + split) * SCR_LEN
     n_mine = (S - split + SPLITS - 1) // SPLITS
     nb_valid = (tl.maximum(L, 0) + MASK_BLOCK - 1) // MASK_BLOCK
-    n_kept = 0
-    if INTERP:
-        k0 = 0
-        while k0 < n_mine:
-            n_kept = _dec_compact_chunk(idx_row, scr_row, n_kept, k0, split, n_mine, SPLITS, nb_valid,
-                                        ENTRY_CHUNK, LIST_CHUNK, UNIQUE, INTERP)
-            k0 += ENTRY_CHUNK
+    if IN_PLACE:  # unique lists walked as they are (the module docstring)
+        n_kept = n_mine
     else:
-        for k0 in range(0, n_mine, ENTRY_CHUNK):
-            n_kept = _dec_compact_chunk(idx_row, scr_row, n_kept, k0, split, n_mine, SPLITS, nb_valid,
-                                        ENTRY_CHUNK, LIST_CHUNK, UNIQUE, INTERP)
-    tl.debug_barrier()  # the compacted list, written by all threads, is read by all threads
+        n_kept = 0
+        if INTERP:
+            k0 = 0
+            while k0 < n_mine:
+                n_kept = _dec_compact_chunk(idx_row, scr_row, n_kept, k0, split, n_mine, SPLITS, nb_valid,
+                                            ENTRY_CHUNK, LIST_CHUNK, UNIQUE, INTERP)
+                k0 += ENTRY_CHUNK
+        else:
+            for k0 in range(0, n_mine, ENTRY_CHUNK):
+                n_kept = _dec_compact_chunk(idx_row, scr_row, n_kept, k0, split, n_mine, SPLITS, nb_valid,
+                                            ENTRY_CHUNK, LIST_CHUNK, UNIQUE, INTERP)
+        tl.debug_barrier()  # the compacted list, written by all threads, is read by all threads
 
     # 2. the group's query rows, stacked head-major: row r is head g * GROUP + r // T, token r % T
     rows = mtile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,15 +215,15 @@ def _dec_split_kernel(
     if INTERP:
         i = 0
         while i < n_kept:
-            acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos,
-                                       stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N, DOT_PRECISION,
-                                       USE_TMA)
+            acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, idx_row, i, split, SPLITS, nb_valid,
+                                       offs_n, offs_d, qpos, stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N,
+                                       DOT_PRECISION, USE_TMA, IN_PLACE)
             i += 1
     else:
         for i in range(0, n_kept):
-            acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, i, offs_n, offs_d, qpos,
-                                       stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N, DOT_PRECISION,
-                                       USE_TMA)
+            acc, l_i, m_i = _dec_block(acc, l_i, m_i, q, k_base, v_base, scr_row, idx_row, i, split, SPLITS, nb_valid,
+                                       offs_n, offs_d, qpos, stride_kn, stride_vn, L, qk_scale, MASK_BLOCK, BLOCK_N,
+                                       DOT_PRECISION, USE_TMA, IN_PLACE)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -287,15 +299,19 @@ def _dec_merge_chunk(lse_row, o_row, s0, SPLITS, m_use, den, num, offs_c, offs_d
 def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
     d, block, block_m = key
     return [dict(BLOCK_N=min(block, 64), num_warps=8 if d * block_m >= 128 * 64 else 4,
-                 num_stages=2 if block >= 128 else 3, USE_TMA=False)]
+                 num_stages=2 if block >= 128 else 3, USE_TMA=False, IN_PLACE=False)]
 
 
 # USE_TMA: K/V tiles through the copy engine (tensor descriptors over each sequence's [L, D] rows), used where
 # :func:`seer.kernels.common.tma_ok` allows (capability >= 9, aligned caches). Not a candidate of the table yet: it
 # is checked in the interpreter and reached with force_config (experiments/bench_decode.py --variants / --tune time
 # it against the default on a GPU); it joins the candidates once a GPU run shows it correct and faster.
-CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA"), _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False), tiles_invalid)
+# IN_PLACE: unique lists read without the compaction (applies only with unique_blocks=True); off until a GPU run times
+# it against the compaction (experiments/bench_decode.py --variants: `in place`).
+CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "IN_PLACE"),
+                      _cuda_config,
+                      lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False, IN_PLACE=False),
+                      tiles_invalid)
 
 
 @functools.cache
@@ -394,7 +410,7 @@ def block_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             hkv, n, t_new, group, s_len, splits, n_mtiles, scr_len,
             HEAD_DIM=d, MASK_BLOCK=block_size, BLOCK_M=block_m, DIRECT=direct, UNIQUE=bool(unique_blocks),
             DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, ENTRY_CHUNK=ENTRY_CHUNK, LIST_CHUNK=LIST_CHUNK,
-            **dict(config, USE_TMA=use_tma),
+            **dict(config, USE_TMA=use_tma, IN_PLACE=config["IN_PLACE"] and bool(unique_blocks)),
         )
 
     CONFIGS.launch((d, block_size, block_m), run)

@@ -183,6 +183,20 @@ def test_tma_is_not_a_candidate_yet(monkeypatch):
         assert [c["USE_TMA"] for c in decode._cuda_config(key)] == [False]
 
 
+@pytest.mark.parametrize("b,hq,hkv,t,n,d,block,dtype,splits,s", CASES)
+def test_lists_read_in_place_match_reference(b, hq, hkv, t, n, d, block, dtype, splits, s):
+    """IN_PLACE (no compaction) on unique lists with padding, blocks past a sequence's length and empty lists."""
+    with force_config("block_sparse_decode", IN_PLACE=True):
+        assert_matches_reference(b, hq, hkv, t, n, d, block, dtype, splits, s, seed=n + 7, unique_blocks=True)
+        assert last_launch("block_sparse_decode")["config"]["IN_PLACE"]
+
+
+def test_in_place_applies_to_unique_lists_only():
+    """Forced IN_PLACE with lists that may repeat a block: the compaction (and its repeat check) still runs."""
+    with force_config("block_sparse_decode", IN_PLACE=True):
+        assert_matches_reference(2, 4, 2, 3, 100, 16, 16, torch.float32, 2, 7, seed=3)
+
+
 def test_cases_have_empty_rows_and_transposed_caches():
     """The special rows exist (some rows attend nothing), and [B, N, H, D] storage with a custom scale works."""
     ref_lse = assert_matches_reference(2, 4, 2, 3, 100, 16, 16, torch.float32, 2, 7, transpose=True, sm_scale=0.3)
@@ -349,7 +363,8 @@ def test_gpu_bf16_tma_matches_reference(b, t, n, splits, stages):
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,t,n,splits", [(1, 1, 32768 + 77, None), (4, 4, 8192, 7), (2, 1, 4096 + 5, 40)])
 def test_gpu_bf16_unique_blocks_match_reference(b, t, n, splits):
-    """Unique lists at the 8B shape, where a tile's splits run concurrently."""
-    for seed in (n, n + 1):
-        assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits, max(2, math.ceil(n / 64) // 10),
-                                 seed=seed, unique_blocks=True)
+    """Unique lists at the 8B shape, where a tile's splits run concurrently, compacted and read in place."""
+    for seed, in_place in ((n, False), (n + 1, False), (n + 2, True)):
+        with force_config("block_sparse_decode", IN_PLACE=in_place):
+            assert_matches_reference(b, 32, 8, t, n, 128, 64, torch.bfloat16, splits,
+                                     max(2, math.ceil(n / 64) // 10), seed=seed, unique_blocks=True)
