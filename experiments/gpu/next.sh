@@ -45,9 +45,13 @@ job() {  # job NAME SECONDS COMMAND...: runs COMMAND under a deadline unless JOB
 # (issue 18 / 21), every selector's cost on one Qwen layer at 32k (reranked = vertical-slash + the rerank) and the
 # rerank kernel with one query head per program and two passes over the keys (the kernel of 2026-12-05's timings)
 # against the group's heads in one program, with two passes and with one (bench_rerank)
+# Since 2026-12-06, a twenty-first session: the lists read in place, IN_PLACE, at one and two splits; the 9x goal at
+# batch 16 / 32k / density 0.1 stands at 8.80x-8.98x on H100s, 8.19x on the H200: docs/bench_decode.md.
 job ktests 300 python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py
 job kbench 480 bash -c "python3 experiments/bench_decode.py --variants --batch 16 --kv 32768 --budget 3264 \
-    --out $w/out/kbench/bench_decode_d01.md && \
+    --splits 1 2 --out $w/out/kbench/bench_decode_d01.md && \
+  python3 experiments/bench_decode.py --variants --batch 1 --kv 32768 131072 --budget 2048 \
+    --out $w/out/kbench/bench_decode_b1.md && \
   python3 -m experiments.bench_selectors --device cuda --dtype bf16 --n 32768 --hq 14 --hkv 2 --d 64 --block 64 \
     > $w/out/kbench/bench_selectors_32k.txt && \
   python3 -m experiments.bench_rerank --out $w/out/kbench/bench_rerank.md"
@@ -312,4 +316,28 @@ for pins in 4 8; do
   job "q4kruler$pins" 900 python3 experiments/quality_qwen.py "${model[@]}" "${default[@]}" "${ruler[@]}" \
     --densities 0.1 --decode-budget 4096 --decode-prompt-blocks "$pins" --work "$w/work/q" --out "$w/out/q4kruler$pins"
 done
+# issue 17: the question's rows whole, counted in the budget (--dense-last-rows). On a CPU at 4k (2026-12-06, a
+# twenty-first session; docs/results/smollm2_question_blocks_cpu.md) SmolLM2's multiquery went from 15.6 to 42.2
+# (dense 43.8) with the last 3 query blocks whole on top of the same threshold; inside the budget at 4k they cost the
+# other rows too much (4.7). At 8k they are half that share (2.3% of the causal blocks); at Qwen's 32k two 64-token
+# blocks are 0.4%. SmolLM2 8k: the eight needle tasks x 16 (as smq16) with 2 and 3 whole blocks, and the novel's PPL;
+# Qwen 32k: multiquery x 16 (as mq16) with 2
+for rows in 2 3; do
+  job "smq16r$rows" 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
+    --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+    --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --baselines reranked \
+    --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked --densities 0.1 --texts novel --windows 3 --passkey 0 \
+    --copy 0 --ruler "${needles[@]}" --ruler-samples 16 --batch-size 4 --dense-last-rows "$rows" --deadline-s 100000 \
+    --work "$w/work/s" --out "$w/out/smq16r$rows"
+done
+job mq16r2 1200 "${quality[@]}" "${model[@]}" "${default[@]}" --densities 0.1 --texts novel --windows 3 --passkey 0 \
+  --copy 0 --ruler niah_multiquery --ruler-samples 16 --batch-size 4 --dense-last-rows 2 --deadline-s 100000 \
+  --work "$w/work/q" --out "$w/out/mq16r2"
+# issue 17: RULER's 13 tasks with 16 samples at 32k, the default against the training-free rerank (with 4 samples they
+# are 0.6 apart at 0.05, level at 0.1 and 2.0 apart at 0.2: within the 4-sample noise; docs/results/qwen/densities.md),
+# so that "ahead on RULER" is told apart from noise; one window of the novel for the PPL
+job ruler16 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
+  --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 --ruler all --ruler-samples 16 --batch-size 4 \
+  --deadline-s 100000 --work "$w/work/q" --out "$w/out/ruler16"
 echo "$(date -u +%H:%M:%S) agenda done"
