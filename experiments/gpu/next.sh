@@ -318,8 +318,9 @@ for pins in 4 8; do
 done
 # issue 17: the question's rows whole, counted in the budget (--dense-last-rows). On a CPU at 4k (2026-12-06, a
 # twenty-first session; docs/results/smollm2_question_blocks_cpu.md) SmolLM2's multiquery went from 15.6 to 42.2
-# (dense 43.8) with the last 3 query blocks whole on top of the same threshold; inside the budget at 4k they cost the
-# other rows too much (4.7). At 8k they are half that share (2.3% of the causal blocks); at Qwen's 32k two 64-token
+# (dense 43.8) with the last 3 query blocks whole on top of the same threshold, where the same density spent by a
+# calibrated threshold gave 26.6; inside the budget at 4k they cost the other rows too much (4.7). At 8k they are half
+# that share (2.3% of the causal blocks); at Qwen's 32k two 64-token
 # blocks are 0.4%. SmolLM2 8k: the eight needle tasks x 16 (as smq16) with 2 and 3 whole blocks, and the novel's PPL;
 # Qwen 32k: multiquery x 16 (as mq16) with 2
 for rows in 2 3; do
