@@ -242,16 +242,19 @@ def test_no_attended_key_gives_zeros_and_neg_inf():
             assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-def test_unvalidated_lists_ignore_entries_outside_the_sequence():
-    """``validate=False``: entries past the cache are skipped and lengths above N read as N (no out-of-bounds)."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_unvalidated_lists_ignore_entries_outside_the_sequence(in_place):
+    """``validate=False``: entries past the cache are skipped and lengths above N read as N (no out-of-bounds), with
+    the lists compacted and read in place (unique lists, IN_PLACE)."""
     gen = torch.Generator().manual_seed(6)
     dev = _device()
     q, k, v = (x.to(dev) for x in _inputs(1, 2, 1, 1, 48, 16, torch.float32, gen))
-    bad = torch.tensor([[[0, 9, -7, 2, 1000]]], dtype=torch.int32, device=dev)
+    bad = torch.tensor([[[0, 9, -7, 2, 2**30]]], dtype=torch.int32, device=dev)
     good = torch.tensor([[[0, -1, -1, 2, -1]]], dtype=torch.int32, device=dev)
     for splits in (1, 3):
-        got = block_sparse_decode(q, k, v, bad, torch.tensor([60], dtype=torch.int32, device=dev), 16,
-                                  num_splits=splits, validate=False)
+        with force_config("block_sparse_decode", IN_PLACE=in_place):
+            got = block_sparse_decode(q, k, v, bad, torch.tensor([60], dtype=torch.int32, device=dev), 16,
+                                      num_splits=splits, validate=False, unique_blocks=in_place)
         want = block_sparse_decode(q, k, v, good, torch.tensor([48], dtype=torch.int32, device=dev), 16,
                                    num_splits=splits)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
