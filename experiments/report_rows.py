@@ -2,9 +2,9 @@
 ``quality_smollm2.py``, several runs at once), one report and one set of plots per evaluated text.
 
 The studies write every text's rows into one file (a ``text`` field: ``novel``, ``code``); ``seer.report`` reads the
-``metrics.json`` of ``seer.eval`` run folders. This writes each text's rows (those ``--drop`` does not name by
-selector label) as ``OUT/<text>/rows/metrics.json`` and runs :func:`seer.report.build_report` on that folder, so
-the plots of perplexity, recall, passkey and RULER against achieved density join runs made at different densities.
+``metrics.json`` of ``seer.eval`` run folders. This hands each text's rows (those ``--drop`` does not name by
+selector label) to :func:`seer.report.build_report`, which writes ``OUT/<text>/report.md`` and its plots, so the
+plots of perplexity, recall, passkey and RULER against achieved density join runs made at different densities.
 
     python -m experiments.report_rows docs/results/qwen/rows_final005_block.json \\
         docs/results/qwen/rows_final01_block.json docs/results/qwen/rows_r16_block.json \\
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for text, rows in split_by_text(args.rows, tuple(args.drop)).items():
         folder = Path(args.out) / text
-        (folder / "rows").mkdir(parents=True, exist_ok=True)
-        (folder / "rows" / "metrics.json").write_text(json.dumps(rows, indent=1))
-        report, images = build_report(folder, folder / "report.md")
+        report, images = build_report(folder, folder / "report.md", rows=rows)
         print(f"{text}: {len(rows)} rows -> {report} and {len(images)} plots")
 
 

@@ -215,10 +215,10 @@ def _set_y_axis(ax, values: list[float], percent: bool, full: float = 1.0) -> No
 
 
 def build_report(folder: str | Path, out: str | Path | None = None, seq_len: int | None = None,
-                 densities: tuple[float, ...] | None = None) -> tuple[Path, list[Path]]:
+                 densities: tuple[float, ...] | None = None, rows: list[dict] | None = None) -> tuple[Path, list[Path]]:
     """Writes the markdown report and the plots (a "best at" summary for each of ``densities``, default the targets
-    the rows were run at); returns their paths."""
-    rows = read_rows(folder)
+    the rows were run at) of the rows under ``folder`` (or of ``rows``, read elsewhere); returns their paths."""
+    rows = read_rows(folder) if rows is None else rows
     densities = target_densities(rows) if densities is None else densities
     out = Path(out) if out else Path(folder) / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
