@@ -341,4 +341,14 @@ job ruler16 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes b
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 --ruler all --ruler-samples 16 --batch-size 4 \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/ruler16"
+# issue 17 part 4 on SmolLM2 at 8k: the table at density 0.05 and 0.2 with the recipe's default (16 rows, 32-token
+# blocks, the last query block whole) beside every training-free selector and the oracle (0.1: jobs s8k and smq16);
+# reuses the recipe gates an earlier SmolLM2 job of this lease left in $w/work/s, or trains them (about 2 minutes)
+for dens in 0.05 0.2; do
+  job "sfinal_$dens" 1800 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
+    --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+    --blends vertical_slash:0.5 --plan final --densities "$dens" --texts novel code --ruler all --ruler-samples 4 \
+    --batch-size 4 --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" \
+    --out "$w/out/sfinal_$dens"
+done
 echo "$(date -u +%H:%M:%S) agenda done"
