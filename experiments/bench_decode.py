@@ -29,8 +29,8 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
     python experiments/bench_decode.py --variants --batch 1 4 16 --kv 32768 131072 --budget 2048 3264
 
 ``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``unique_blocks=True``
-(``unique``; the lists here are top-k, so without repeats) and that read in place, without the compaction
-(``in place``, ``in place s4``: the ``IN_PLACE`` launch switch forced, at the default's and at 4 pipeline stages) at
+(``unique``; the lists here are top-k, so without repeats; read in place), the same lists compacted first
+(``compacted``: the ``IN_PLACE`` launch switch off) and unique at 4 pipeline stages (``unique s4``) at
 each batch, cache length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits``
 value, each checked against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0,
 and writes one table with the speedups over dense.
@@ -166,12 +166,13 @@ def bench(args) -> list[dict]:
     return rows
 
 
-# name: (keywords of block_sparse_decode, launch-config fields forced over the default). `in place`: unique lists
-# walked without the compaction (IN_PLACE; not the default until measured faster); `in place s4`: the same, four
-# pipeline stages. (The copy-engine switch, USE_TMA, was 2-10% slower in three runs: docs/bench_decode.md.)
+# name: (keywords of block_sparse_decode, launch-config fields forced over the default). `unique`: unique lists, which
+# the default walks in place (IN_PLACE, since 2026-12-06); `compacted`: the same lists compacted first (the default
+# before); `unique s4`: in place at four pipeline stages (2% faster at batch 16 / 32k in one H100 run, level at batch
+# 1). (The copy-engine switch, USE_TMA, was 2-10% slower in three runs: docs/bench_decode.md.)
 VARIANTS = {"current": ({}, {}), "unique": (dict(unique_blocks=True), {}),
-            "in place": (dict(unique_blocks=True), dict(IN_PLACE=True)),
-            "in place s4": (dict(unique_blocks=True), dict(IN_PLACE=True, num_stages=4))}
+            "compacted": (dict(unique_blocks=True), dict(IN_PLACE=False)),
+            "unique s4": (dict(unique_blocks=True), dict(num_stages=4))}
 
 
 def variants(args) -> list[dict]:
@@ -234,9 +235,9 @@ def variants_report(rows: list[dict], info: dict, args, cmd: str) -> str:
     lines = header(info, args, cmd)
     lines[-1] += (" Times in ms: median of CUDA-graph replays (GPU time, no host launch overhead, L2 warm), each "
                   "variant checked against the float32 reference on the same inputs first. `current`: the kernel's "
-                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique); `in "
-                  "place`: unique, the lists walked without the compaction (IN_PLACE, forced), `in place s4` with 4 "
-                  "pipeline stages; "
+                  "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique; walked in "
+                  "place, without the compaction: IN_PLACE); `compacted`: the same lists compacted first (IN_PLACE "
+                  "off); `unique s4`: unique at 4 pipeline stages; "
                   "`splits`: the split count (the same for every variant). `ours@1.0`: every block listed; "
                   "`dense`: the faster of SDPA and ours@1.0; in brackets the speedup dense / variant.")
     lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | dense | " + " | ".join(names) + " |",

@@ -299,15 +299,16 @@ def _dec_merge_chunk(lse_row, o_row, s0, SPLITS, m_use, den, num, offs_c, offs_d
 def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
     d, block, block_m = key
     return [dict(BLOCK_N=min(block, 64), num_warps=8 if d * block_m >= 128 * 64 else 4,
-                 num_stages=2 if block >= 128 else 3, USE_TMA=False, IN_PLACE=False)]
+                 num_stages=2 if block >= 128 else 3, USE_TMA=False, IN_PLACE=True)]
 
 
 # USE_TMA: K/V tiles through the copy engine (tensor descriptors over each sequence's [L, D] rows), used where
 # :func:`seer.kernels.common.tma_ok` allows (capability >= 9, aligned caches). Not a candidate of the table yet: it
 # is checked in the interpreter and reached with force_config (experiments/bench_decode.py --variants / --tune time
 # it against the default on a GPU); it joins the candidates once a GPU run shows it correct and faster.
-# IN_PLACE: unique lists read without the compaction (applies only with unique_blocks=True); off until a GPU run times
-# it against the compaction (experiments/bench_decode.py --variants: `in place`).
+# IN_PLACE: unique lists read without the compaction (applies only with unique_blocks=True; lists that may repeat a
+# block are still compacted): on by default on CUDA since an H100 run (2026-12-06, docs/bench_decode.md) timed it 7%
+# faster than the compaction at batch 1 / 32k and level at batch 16 / 32k (the interpreter keeps the compaction).
 CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "IN_PLACE"),
                       _cuda_config,
                       lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False, IN_PLACE=False),
