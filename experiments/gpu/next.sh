@@ -55,6 +55,10 @@ job kbench 480 bash -c "python3 experiments/bench_decode.py --variants --batch 1
   python3 -m experiments.bench_selectors --device cuda --dtype bf16 --n 32768 --hq 14 --hkv 2 --d 64 --block 64 \
     > $w/out/kbench/bench_selectors_32k.txt && \
   python3 -m experiments.bench_rerank --out $w/out/kbench/bench_rerank.md"
+# the decode kernel's defaults since 2026-12-06 (unique lists in place) against the compaction and 4 pipeline stages
+# (9.04x at 4 stages in one H100 run, 8.83x at 3), twice in a row on one card, so that a 2% gain is told from noise
+job kstages 300 bash -c "for run in 1 2; do python3 experiments/bench_decode.py --variants --batch 16 1 --kv 32768 \
+  --budget 3264 2048 --out $w/out/kstages/bench_decode_run\$run.md || exit 1; done"
 # the one-pass rerank kernel's launch settings (warps, pipeline stages, half-precision exp2) on the candidate shares
 # real heads hold (30-90% per key-head group)
 job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 \
