@@ -21,6 +21,10 @@ ls "$w"/austen/emma.txt > /dev/null || { echo "no novels: carry .assets/austen i
 model=(--model-dir /root/models/qwen05 --gguf qwen05.gguf --novels "$w/austen/[!e]*.txt"
        --eval-novel .assets/austen/emma.txt)
 gates=$w/work/train_base/gates
+# SmolLM2's recipe gates, once a job of this machine trained them (gates.json is written last): the SmolLM2 jobs
+# evaluate those instead of training their own (quality_qwen.py trains unless --gates names them); the check runs as
+# each job starts
+smollm2_gates() { [ -e "$w/work/s/train_base/gates/gates.json" ] && echo "--gates base=$w/work/s/train_base/gates"; }
 # the default policy's row (recipe gates + vertical-slash at 0.5, reranked by 16 rows over top-p 0.99, threshold
 # calibrated: the Qwen recipe's since 2026-12-06, a twentieth session; the jobs run before then used the presets' 8
 # rows, rerank8 in their row labels) and the dense pass of the sessions before (same prompts and model), which needs
@@ -163,7 +167,7 @@ job q16r 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base=
 # gates' block size) and the blend without the rerank, with the dense pass of 2026-12-04 (same settings); measured
 # 2026-12-06 on an H200: docs/results/smollm2_block32_gpu.md
 job s8k 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
-  --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+  --eval-novel .assets/austen/emma.txt $(smollm2_gates) --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
   --blends vertical_slash:0.5 --plan lever --reranks 8:0.99 16:0.99 --baselines reranked \
   --only gate:base+vertical_slash@0.5+rerank8@0.99 gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
     gate:base+vertical_slash@0.5 --densities 0.1 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
@@ -295,9 +299,9 @@ job drbench 900 bash -c "for v in quest:0 quest:64 moments:0; do python3 experim
   --prefill-chunk 4096 --mem-limit-gib 75 --out $w/out/drbench/bench_decode_model_\${v/:/_}.md || exit 1; done"
 # issue 17: SmolLM2's eight RULER needle tasks with 16 samples at 8k (with 4, job s8k, the recipe's default was one
 # query under dense on niah_multiquery: 0 against 6.25), dense, the default (16 rows, the recipe's) and the
-# training-free rerank; trains the recipe's gates first unless job s8k left them in the same work folder
+# training-free rerank; the recipe's gates from an earlier SmolLM2 job of this machine (smollm2_gates) or trained first
 job smq16 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
-  --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+  --eval-novel .assets/austen/emma.txt $(smollm2_gates) --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
   --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --baselines reranked \
   --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked --densities 0.1 --texts novel --windows 1 --passkey 0 \
   --copy 0 --ruler "${needles[@]}" --ruler-samples 16 --batch-size 4 --deadline-s 100000 --work "$w/work/s" \
@@ -329,7 +333,7 @@ done
 # Qwen 32k: multiquery x 16 (as mq16) with 2
 for rows in 2 3; do
   job "smq16r$rows" 1500 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
-    --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+    --eval-novel .assets/austen/emma.txt $(smollm2_gates) --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
     --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --baselines reranked \
     --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked --densities 0.1 --texts novel --windows 3 --passkey 0 \
     --copy 0 --ruler "${needles[@]}" --ruler-samples 16 --batch-size 4 --dense-last-rows "$rows" --deadline-s 100000 \
@@ -347,10 +351,10 @@ job ruler16 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes b
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/ruler16"
 # issue 17 part 4 on SmolLM2 at 8k: the table at density 0.05 and 0.2 with the recipe's default (16 rows, 32-token
 # blocks, the last query block whole) beside every training-free selector and the oracle (0.1: jobs s8k and smq16);
-# reuses the recipe gates an earlier SmolLM2 job of this lease left in $w/work/s, or trains them (about 2 minutes)
+# reuses the recipe gates an earlier SmolLM2 job of this machine trained (smollm2_gates), or trains them (2-4 minutes)
 for dens in 0.05 0.2; do
   job "sfinal_$dens" 1800 "${quality[@]}" --model smollm2 --model-dir /root/models --novels "$w/austen/[!e]*.txt" \
-    --eval-novel .assets/austen/emma.txt --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
+    --eval-novel .assets/austen/emma.txt $(smollm2_gates) --recipes base= --steps 600 --train-len 8192 --seq-lens 8192 \
     --blends vertical_slash:0.5 --plan final --densities "$dens" --texts novel code --ruler all --ruler-samples 4 \
     --batch-size 4 --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" \
     --out "$w/out/sfinal_$dens"
