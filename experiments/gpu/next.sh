@@ -349,6 +349,13 @@ job ruler16 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes b
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 --ruler all --ruler-samples 16 --batch-size 4 \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/ruler16"
+# the same at density 0.05, where selection quality counts more (4 samples: the default 52.6, the rerank 53.2; at 0.1
+# with 16 samples they tie at 53.6, dense 50.9: docs/results/qwen/densities.md)
+job ruler16_0.05 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
+  --densities 0.05 --texts novel --windows 1 --passkey 0 --copy 0 --ruler all --ruler-samples 16 --batch-size 4 \
+  --dense-from docs/results/qwen/dense_32k_ruler16.json --deadline-s 100000 --work "$w/work/q" \
+  --out "$w/out/ruler16_0.05"
 # issue 17 part 4 on SmolLM2 at 8k: the table at density 0.05 and 0.2 with the recipe's default (16 rows, 32-token
 # blocks, the last query block whole) beside every training-free selector and the oracle (0.1: jobs s8k and smq16);
 # reuses the recipe gates an earlier SmolLM2 job of this machine trained (smollm2_gates), or trains them (2-4 minutes)
