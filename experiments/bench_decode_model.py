@@ -93,6 +93,8 @@ from collections.abc import Iterator
 
 import torch
 
+from seer.model.graph_decode import GraphStep, rewind
+
 GIB = 2**30
 GRAPH_TOL = 1e-3  # relative L2 error allowed between a CUDA-graph replay and the same eager step
 KERNEL_DENSE_ATTENTION = "seer_bench_kernel_dense"  # the attention function of the `kernel dense` baseline
@@ -245,17 +247,6 @@ def make_cache(kind: str, capacity: int):
     return cache
 
 
-def rewind(cache, length: int) -> None:
-    """Cuts every layer of ``cache`` back to its first ``length`` tokens (views; a reserved layer writes the next
-    token after them; a StaticCache layer's length, a device tensor, is set in place, where a captured step reads
-    it)."""
-    for layer in cache.layers:
-        if hasattr(layer, "cumulative_length") and hasattr(layer, "max_cache_len"):
-            layer.cumulative_length.fill_(length)
-        else:
-            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
-
-
 def copy_key_cache(cache):
     """A copy of a :class:`~seer.model.decode_cache.DecodeKeyCache` that later steps of either do not change (the
     gates shared)."""
@@ -300,49 +291,6 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int = 0) -> None:
     step = chunk or ids.shape[1]
     for first in range(0, ids.shape[1], step):
         model(input_ids=ids[:, first:first + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-
-class GraphStep:
-    """One decode step ``model(input_ids=ids, past_key_values=cache, use_cache=True)`` over a transformers
-    StaticCache, captured in a CUDA graph (on a GPU; on the CPU, where there are no graphs, :meth:`replay` runs it
-    eagerly, which tests the plumbing): ``ids`` (``[B, 1]``) is a static input, copied into before a replay;
-    ``logits`` the static output. The step reads its position from the cache (each StaticCache layer's
-    ``cumulative_length``, a device tensor that the captured step itself advances in place), and with sparse decode
-    on its lengths from the compressed-K cache (``seqlens``, also advanced in place): so replays continue the
-    sequence, and ``reset()`` (called before each warm-up step and after the capture) rewinds both in place.
-
-    Capture as the PyTorch docs say: warm-up steps on a side stream first (they compile and tune the Triton kernels
-    and allocate what the first step allocates: the density sums), then one step under ``torch.cuda.graph``."""
-
-    def __init__(self, model, cache, ids: torch.Tensor, reset, warmup: int = 1):
-        self.model, self.cache, self.ids, self.graph = model, cache, ids.clone(), None
-        self.logits = None
-        if not ids.is_cuda:
-            reset()
-            return
-        with torch.no_grad():
-            stream = torch.cuda.Stream(ids.device)
-            stream.wait_stream(torch.cuda.current_stream(ids.device))
-            with torch.cuda.stream(stream):
-                for _ in range(max(warmup, 1)):
-                    reset()
-                    self._forward()
-            torch.cuda.current_stream(ids.device).wait_stream(stream)
-            reset()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
-        reset()
-
-    def _forward(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True).logits
-
-    def replay(self) -> None:
-        if self.graph is None:
-            with torch.no_grad():
-                self.logits = self._forward()
-        else:
-            self.graph.replay()
 
 
 def replay_steps(step: GraphStep, ids: torch.Tensor, n: int, keep: bool = False) -> tuple[float, list[torch.Tensor]]:

@@ -13,6 +13,9 @@ with no calibration stored beside its gates. Without decode gates, ``decode_spar
 decode_sparsity.estimate_weight=1`` makes decode sparse and training-free (Quest's key bounds score the blocks).
 ``shared_gate=true`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates scoring
 the prefill's blocks too (top-k by default, ``sparsity.*`` changes it; ``blend`` may name an estimate).
+``graph=true``: the prompt into a StaticCache and one decode step captured in a CUDA graph, replayed for every new
+token (:func:`seer.model.graph_decode.greedy_generate`; eager steps on a CPU), instead of ``generate()``'s eager steps,
+whose host overhead outweighs what sparse decode saves at small batches.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def run_generation(cfg: DictConfig) -> dict:
     from seer.model.config import ModelConfig
     from seer.model.gate_io import read_gate_meta
     from seer.model.gate_sources import resolve_gates
+    from seer.model.graph_decode import greedy_generate
     from seer.model.inference import load
     from seer.model.loading import load_tokenizer, model_id
     from seer.preflight import (check_calibration, check_complete, check_decode, check_dense_layers, check_generation,
@@ -129,10 +133,23 @@ def run_generation(cfg: DictConfig) -> dict:
         report += (f"; sparse prefill {result['sparse_prefill_s'] * 1e3:.1f} ms"
                    + (f" (dense {result['dense_prefill_s'] * 1e3:.1f} ms)" if "dense_prefill_s" in result else "")
                    + f"; mean block density {mean_density:.3f} ({spars.describe()})")
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    if cfg.graph:  # a StaticCache and one captured decode step, replayed (seer.model.graph_decode)
+        stops = getattr(model.generation_config, "eos_token_id", None)  # generate()'s stop tokens
+        out = greedy_generate(model, ids, cfg.max_new_tokens, eos_token_id=stops if stops is not None
+                              else tokenizer.eos_token_id, pad_token_id=pad)
+    else:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    result["generate_s"] = time.perf_counter() - start
     result["text"] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    report += (f"; generation {result['generate_s']:.2f} s for {cfg.max_new_tokens} new tokens at most, prefill "
+               f"included ({'one captured decode step replayed' if cfg.graph else 'generate()'})")
     if decode_spars is not None:
         result["decode_densities"] = model.seer_decode.densities()
         report += f"; mean decode density {model.seer_decode.mean_density():.3f} ({decode_spars.describe()})"

@@ -193,6 +193,25 @@ def test_generate_decodes_by_quest_alone_without_decode_gates(tmp_path, monkeypa
     assert "(token_budget=32, quest@1)" in capsys.readouterr().out
 
 
+def test_graph_decoding_gives_generates_text_and_densities(tmp_path, monkeypatch, capsys):
+    """graph=true (one captured step replayed; eager steps on the CPU) with both phases sparse: generate()'s text and
+    decode densities, and a report naming the loop."""
+    folder = _gate_and_decode_gate_folder(tmp_path / "g")
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    runs = {}
+    for graph in ("false", "true"):
+        cfg = compose(["model=tiny_llama", f"gates={folder}", f"decode_gates={folder}", "sparsity=topk",
+                       "sparsity.target_density=0.5", "max_new_tokens=8", "device=cpu", "compare_dense=false",
+                       f"graph={graph}"], "generate")
+        cfg.prompt = "def f(x):\n    return x + 1\n" * 8
+        torch.manual_seed(0)
+        runs[graph] = run_generation(cfg)
+    assert runs["true"]["text"] == runs["false"]["text"] and runs["true"]["text"]
+    assert runs["true"]["decode_densities"] == pytest.approx(runs["false"]["decode_densities"], rel=1e-6)
+    assert all(0 < d < 1 for d in runs["true"]["decode_densities"].values())
+    assert runs["true"]["generate_s"] > 0 and "one captured decode step replayed" in capsys.readouterr().out
+
+
 def _model_config(cfg):
     from seer.checks import build
     from seer.model.config import ModelConfig

@@ -67,13 +67,19 @@ job kstages 300 bash -c "for run in 1 2; do python3 experiments/bench_decode.py 
 # real heads hold (30-90% per key-head group)
 job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 \
   --launch default w8 s2 s4 --out $w/out/ktune/bench_rerank_launch.md
-job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py
+job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA
 # graph (0 and 8 rows with the whole last block timed 2026-12-06 on an H100: 1.57x / 1.20x eager, 1.62x / 1.25x as a
 # graph at 32k; docs/bench_prefill.md)
 job graph 420 python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16 \
   --out $w/out/graph/bench_prefill_qwen.md
+
+# issue 18 / the product: seer.generate's decode loops on Qwen at 32k, transformers' generate() against the captured step
+# replayed (graph=true), dense decode and Quest alone at 2k tokens (needs the Qwen GGUF; alone on the GPU)
+job kgen 600 python3 experiments/bench_generate.py --model-dir /root/models/qwen05 --gguf qwen05.gguf \
+  --eval-novel .assets/austen/emma.txt --prompt-len 32000 --new 256 --work "$w/work/gen" \
+  --out "$w/out/kgen/bench_generate_qwen32k.md"
 
 # SmolLM2's whole-model prefill at 8k with 32- and 64-token gate blocks, the rerank off, 8 and 16 rows (2026-12-06 on
 # an H200 without 16 rows: no setting faster than dense at this size; docs/bench_prefill.md)

@@ -27,8 +27,11 @@ ALL_BLOCKS = {"token_budget": 1024}  # more than any sequence here: decode densi
 
 @pytest.fixture(scope="module")
 def gate_folder(tmp_path_factory):
+    return write_gate_folder(tmp_path_factory.mktemp("gates"))
+
+
+def write_gate_folder(folder):
     """Prefill gates and decode gates of the tiny model (random, non-trivial weights) in one folder."""
-    folder = tmp_path_factory.mktemp("gates")
     torch.manual_seed(0)
     model = load(TINY, gate_config=GateConfig(block_size=BS, hidden_size=16), device="cpu")
     for g in gates(model).values():
