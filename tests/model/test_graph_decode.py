@@ -77,10 +77,15 @@ def test_bad_arguments_are_refused():
 @pytest.mark.gpu
 @pytest.mark.parametrize("setup", ["sparse prefill, decode gates", "dense prefill, Quest alone"])
 def test_graph_replays_give_the_eager_steps_tokens(gate_folder, setup):
-    """On a GPU with the Triton kernels: the captured step's replays give the tokens of generate()'s eager steps (two
-    prompts of 300 tokens, 40 new), and the decode densities of the replayed steps only."""
+    """On a GPU with the Triton kernels (float32): the captured step's replays give the tokens of generate()'s eager
+    steps (two prompts of 300 tokens, 40 new), and the decode densities of the replayed steps only."""
+    from seer.model.inference import load
+    from tests.model.test_inference import TINY
+
     ids = torch.randint(3, 300, (2, 300), generator=torch.Generator().manual_seed(2)).cuda()
-    model = _model(setup, gate_folder, kernel="triton").cuda()
+    torch.manual_seed(0)
+    model = load(TINY, device="cuda", kernel="triton",
+                 **{k: (gate_folder if v is True else v) for k, v in SETUPS[setup].items()})
     want = _generate(model, ids, new=40)
     want_density = model.seer_decode.densities()
     got = greedy_generate(model, ids, 40, warmup=2)
