@@ -77,7 +77,7 @@ def measure(model, ids: torch.Tensor, new: int, repeats: int, pad: int, decode: 
         tokens[loop] = runs[-1][1]
         ctx = getattr(model, "seer_decode", None)
         density = ctx.mean_density() if ctx is not None and ctx.sparsity is not None else 1.0
-        per_token = (whole - one) / (new - 1)
+        per_token = (whole - one) / (new - 1) if whole > one else float("nan")  # nan: lost in the timing noise
         rows.append(dict(decode=decode, loop=loop, prefill_s=one, whole_s=whole, ms_per_token=per_token * 1e3,
                          tokens_per_s=1 / per_token, density=density))
     rows[-1]["same_tokens"] = float((tokens["graph"] == tokens["generate"]).float().mean())

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+STOP_CHECK = 16  # new tokens between the loop's reads of "has every row stopped?" (one host sync each)
+
 
 def rewind(cache, length: int) -> None:
     """Cuts every layer of ``cache`` back to its first ``length`` tokens: a StaticCache layer's length (a device
@@ -88,20 +90,25 @@ def static_cache(model, length: int):
 @torch.no_grad()
 def greedy_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
                     pad_token_id: int | None = None, warmup: int = 1) -> torch.Tensor:
-    """Greedy continuation of the unpadded prompts ``ids [B, N]``: ``[B, N + max_new_tokens]`` as ``generate()``
-    returns it (after a row's end-of-sequence token, ``pad_token_id``, or the first of ``eos_token_id``). The prefill
-    (sparse where the model has prefill gates) fills a StaticCache, then every decode step is one replay of a step
-    captured in a CUDA graph (eager steps on a CPU). The sparse decode densities of :attr:`model.seer_decode` cover
-    the generated steps only (the warm-up steps' are zeroed)."""
+    """Greedy continuation of the unpadded prompts ``ids [B, N]``: ``[B, N + new]`` as ``generate()`` returns it
+    (after a row's first stop token, one of ``eos_token_id``, ``pad_token_id`` or else the first stop token);
+    ``new`` is ``max_new_tokens``, or less once every row has stopped (checked every :data:`STOP_CHECK` tokens, so up
+    to that many more than ``generate()``'s, padded). The prefill (sparse where the model has prefill gates) fills a
+    StaticCache, then every decode step is one replay of a step captured in a CUDA graph (eager steps on a CPU). The
+    sparse decode densities of :attr:`model.seer_decode` cover the generated steps only (the warm-up steps' are
+    zeroed)."""
     if ids.dim() != 2 or ids.shape[1] < 1:
         raise ValueError(f"ids of shape {tuple(ids.shape)}: give [batch, tokens] with at least one token")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
     prompt = ids.shape[1]
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    stop_ids = torch.tensor(stops, device=ids.device, dtype=ids.dtype)
     cache = static_cache(model, prompt + max_new_tokens)
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)  # [B, 1]
     tokens = [token]
+    done = torch.isin(token[:, 0], stop_ids)  # [B]: rows past their stop token, on the device
     if max_new_tokens > 1:
         ctx = getattr(model, "seer_decode", None)
         key_cache = ctx.cache if ctx is not None else None
@@ -115,16 +122,18 @@ def greedy_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id:
         step = GraphStep(model, cache, token, reset, warmup)
         if ctx is not None:
             ctx.reset_density()
-        for _ in range(max_new_tokens - 1):
+        for i in range(1, max_new_tokens):
+            if stops and i % STOP_CHECK == 0 and bool(done.all()):  # one host read every STOP_CHECK tokens
+                break
             step.ids.copy_(token)
             step.replay()
             token = step.logits[:, -1:].argmax(-1)
             tokens.append(token)
+            done |= torch.isin(token[:, 0], stop_ids)
     out = torch.cat([ids, *tokens], dim=1)
-    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     if stops:  # generate()'s padding after each row's first stop token
         new = out[:, prompt:]
-        stopped = torch.isin(new, torch.tensor(stops, device=new.device))
+        stopped = torch.isin(new, stop_ids)
         after = (stopped.cumsum(1) - stopped.long()) > 0  # positions after the first stop
         new.masked_fill_(after, stops[0] if pad_token_id is None else pad_token_id)
     return out

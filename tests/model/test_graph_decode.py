@@ -47,16 +47,20 @@ def test_the_loop_gives_generates_tokens_and_densities(gate_folder, setup):
 
 
 def test_rows_are_padded_after_their_stop_token(gate_folder):
-    """A stop token met at the sixth new token: generate() ends there; the loop runs on and pads after it."""
+    """A stop token met at the sixth new token of 40: generate() ends there; the loop runs on to its next check of
+    "every row stopped?" (16 new tokens) and pads after the stop token."""
+    from seer.model.graph_decode import STOP_CHECK
+
     ids = torch.randint(3, 300, (1, 50), generator=torch.Generator().manual_seed(4))
     model = _model("sparse prefill, decode gates", gate_folder)
-    free = greedy_generate(model, ids, 16)
+    free = greedy_generate(model, ids, 40)
+    assert free.shape == (1, 90)
     stop = int(free[0, 55])
     first = int((free[0, 50:] == stop).nonzero()[0])  # the stop token's first place among the new tokens
-    want = _generate(model, ids, new=16, eos_token_id=stop)
-    got = greedy_generate(model, ids, 16, eos_token_id=stop, pad_token_id=2)
+    want = _generate(model, ids, new=40, eos_token_id=stop)
+    got = greedy_generate(model, ids, 40, eos_token_id=stop, pad_token_id=2)
     assert want.shape[1] == 51 + first and torch.equal(got[:, :want.shape[1]], want)
-    assert (got[0, want.shape[1]:] == 2).all() and got.shape[1] == 66
+    assert got.shape[1] == 50 + STOP_CHECK and (got[0, want.shape[1]:] == 2).all()
 
 
 def test_a_plain_transformers_model_decodes_as_generate():
