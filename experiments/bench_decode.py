@@ -30,7 +30,7 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
 
 ``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``unique_blocks=True``
 (``unique``; the lists here are top-k, so without repeats; read in place), the same lists compacted first
-(``compacted``: the ``IN_PLACE`` launch switch off) and unique at 4 pipeline stages (``unique s4``) at
+(``compacted``: the ``IN_PLACE`` launch switch off) and unique at 3 pipeline stages (``unique s3``, the default before) at
 each batch, cache length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits``
 value, each checked against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0,
 and writes one table with the speedups over dense.
@@ -168,11 +168,12 @@ def bench(args) -> list[dict]:
 
 # name: (keywords of block_sparse_decode, launch-config fields forced over the default). `unique`: unique lists, which
 # the default walks in place (IN_PLACE, since 2026-12-06); `compacted`: the same lists compacted first (the default
-# before); `unique s4`: in place at four pipeline stages (2% faster at batch 16 / 32k in one H100 run, level at batch
-# 1). (The copy-engine switch, USE_TMA, was 2-10% slower in three runs: docs/bench_decode.md.)
+# before); `unique s3`: in place at three pipeline stages (the default before 4 stages were timed 2% faster at batch
+# 16 / 32k in two H100 runs, level at batch 1). (The copy-engine switch, USE_TMA, was 2-10% slower in three runs:
+# docs/bench_decode.md.)
 VARIANTS = {"current": ({}, {}), "unique": (dict(unique_blocks=True), {}),
             "compacted": (dict(unique_blocks=True), dict(IN_PLACE=False)),
-            "unique s4": (dict(unique_blocks=True), dict(num_stages=4))}
+            "unique s3": (dict(unique_blocks=True), dict(num_stages=3))}
 
 
 def variants(args) -> list[dict]:
@@ -237,7 +238,7 @@ def variants_report(rows: list[dict], info: dict, args, cmd: str) -> str:
                   "variant checked against the float32 reference on the same inputs first. `current`: the kernel's "
                   "defaults; `unique`: unique_blocks=True (no repeat check; the lists are top-k, so unique; walked in "
                   "place, without the compaction: IN_PLACE); `compacted`: the same lists compacted first (IN_PLACE "
-                  "off); `unique s4`: unique at 4 pipeline stages; "
+                  "off); `unique s3`: unique at 3 pipeline stages (the default before 4); "
                   "`splits`: the split count (the same for every variant). `ours@1.0`: every block listed; "
                   "`dense`: the faster of SDPA and ours@1.0; in brackets the speedup dense / variant.")
     lines += ["", "| batch | KV | budget | density | splits | SDPA | ours@1.0 | dense | " + " | ".join(names) + " |",

@@ -299,7 +299,7 @@ def _dec_merge_chunk(lse_row, o_row, s0, SPLITS, m_use, den, num, offs_c, offs_d
 def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
     d, block, block_m = key
     return [dict(BLOCK_N=min(block, 64), num_warps=8 if d * block_m >= 128 * 64 else 4,
-                 num_stages=2 if block >= 128 else 3, USE_TMA=False, IN_PLACE=True)]
+                 num_stages=2 if block >= 128 else 4, USE_TMA=False, IN_PLACE=True)]
 
 
 # USE_TMA: K/V tiles through the copy engine (tensor descriptors over each sequence's [L, D] rows), used where
@@ -309,6 +309,8 @@ def _cuda_config(key: tuple[int, int, int]) -> list[dict]:
 # IN_PLACE: unique lists read without the compaction (applies only with unique_blocks=True; lists that may repeat a
 # block are still compacted): on by default on CUDA since an H100 run (2026-12-06, docs/bench_decode.md) timed it 7%
 # faster than the compaction at batch 1 / 32k and level at batch 16 / 32k (the interpreter keeps the compaction).
+# num_stages 4 below 128-token blocks (3 before): two H100 runs in a row (2026-12-06, job kstages) timed it 2% faster
+# at batch 16 / 32k / density 0.1 (9.10x dense both times, against 8.91x / 8.93x) and level at batch 1.
 CONFIGS = LaunchTable("block_sparse_decode", ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "IN_PLACE"),
                       _cuda_config,
                       lambda key: dict(BLOCK_N=key[1], num_warps=1, num_stages=1, USE_TMA=False, IN_PLACE=False),

@@ -22,6 +22,6 @@ def test_variants_are_checked_and_tabled(monkeypatch):
     assert len(rows) == 1 and rows[0]["splits"] == 2 and rows[0]["dense"] == 0.01
     info = dict(device="cpu", torch="-", triton="-", cuda="-", python="-", date="-")
     table = bench.variants_report(rows, info, args, "cmd").splitlines()
-    assert table[-3].endswith("| current | unique | compacted | unique s4 |")
+    assert table[-3].endswith("| current | unique | compacted | unique s3 |")
     assert table[-1] == "| 2 | 0k | 64 | 0.4923 | 2 | 0.1000 | 0.0100 | 0.0100 | " + " | ".join(
         ["0.0100 (1.00x)"] * 4) + " |"
