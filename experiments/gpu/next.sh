@@ -98,9 +98,10 @@ job gates 600 "${train_qwen[@]}" paths.output_dir="$w/work/train_base"
 # (the default since; 2026-12-05 on an H100: docs/results/qwen/rerank.md). Where the rerank kernel failed its GPU
 # test (ktests), the rerank runs through its PyTorch contract instead.
 quality=(python3 experiments/quality_qwen.py)
-[ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import runpy, sys
+[ "$(cat "$w/logs/ktests.status" 2>/dev/null)" = ok ] || quality=(python3 -c "import os, runpy, sys
 import seer.sparsity.selectors as s; s.FUSED_SELECTION_ON_CUDA = False
-sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" experiments/quality_qwen.py)
+sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')" experiments/quality_qwen.py)
 job rerank 1500 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
   --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 16:0.99:0.3 8:0.99 \
   --only gate:base+vertical_slash@0.5 gate:base+vertical_slash@0.5+rerank16@0.99 \
