@@ -195,21 +195,24 @@ def test_generate_decodes_by_quest_alone_without_decode_gates(tmp_path, monkeypa
 
 def test_graph_decoding_gives_generates_text_and_densities(tmp_path, monkeypatch, capsys):
     """graph=true (one captured step replayed; eager steps on the CPU) with both phases sparse: generate()'s text and
-    decode densities, and a report naming the loop."""
+    decode densities, and a report naming the loop; graph=auto takes generate() on the CPU."""
     folder = _gate_and_decode_gate_folder(tmp_path / "g")
     monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
     runs = {}
-    for graph in ("false", "true"):
+    reports = {}
+    for graph in ("false", "true", "auto"):
         cfg = compose(["model=tiny_llama", f"gates={folder}", f"decode_gates={folder}", "sparsity=topk",
                        "sparsity.target_density=0.5", "max_new_tokens=8", "device=cpu", "compare_dense=false",
                        f"graph={graph}"], "generate")
         cfg.prompt = "def f(x):\n    return x + 1\n" * 8
         torch.manual_seed(0)
         runs[graph] = run_generation(cfg)
-    assert runs["true"]["text"] == runs["false"]["text"] and runs["true"]["text"]
+        reports[graph] = capsys.readouterr().out
+    assert runs["true"]["text"] == runs["false"]["text"] == runs["auto"]["text"] and runs["true"]["text"]
     assert runs["true"]["decode_densities"] == pytest.approx(runs["false"]["decode_densities"], rel=1e-6)
     assert all(0 < d < 1 for d in runs["true"]["decode_densities"].values())
-    assert runs["true"]["generate_s"] > 0 and "one captured decode step replayed" in capsys.readouterr().out
+    assert runs["true"]["generate_s"] > 0 and "one captured decode step replayed" in reports["true"]
+    assert "included (generate())" in reports["auto"]  # auto: generate() on a CPU, the replayed step on a GPU
 
 
 def _model_config(cfg):
@@ -237,6 +240,8 @@ def test_generate_refuses_bad_decode_settings_before_loading(tmp_path, monkeypat
     assert refused(f"decode_gates={other}") == (
         f"gate file {other / 'decode_gates.safetensors'} was made for tiny with num_layers=3, but this model has "
         f"num_layers=2")
+    assert refused("graph=maybe") == ("graph='maybe': give auto (a captured decode step on a GPU, generate() on a "
+                                      "CPU), true or false")
     assert refused("decode_sparsity.token_budget=8") == (
         "decode_sparsity.token_budget=8: is below one block (16 tokens); the budget is whole blocks")
     assert refused("decode_sparsity.method=threshold", "decode_sparsity.target_density=0.2").startswith(
