@@ -12,8 +12,8 @@ head's set, the best case) or drawn per head (``independent``: the union is larg
 between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program, 0 the kernel's choice
 (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
 the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either.
-``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps and
-``s<N>`` pipeline stages joined (e.g. ``w8s3``). Before timing, each
+``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps,
+``s<N>`` pipeline stages and ``h`` (the heaviest query blocks first) joined (e.g. ``w8s3``, ``h``). Before timing, each
 configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`)
 at ``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
 ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the interpreter
@@ -38,18 +38,20 @@ DEFAULT_LAUNCH = dict(sampled_rows.LAUNCH)
 
 
 def launch_settings(spec: str) -> dict:
-    """``default`` (the kernel's own settings) or e.g. ``w8s3`` as :data:`seer.kernels.sampled_rows.LAUNCH`
-    entries."""
+    """``default`` (the kernel's own settings) or e.g. ``w8s3h`` as :data:`seer.kernels.sampled_rows.LAUNCH`
+    entries (``h``: the heaviest query blocks first)."""
     out = dict(DEFAULT_LAUNCH)
     if spec == "default":
         return out
-    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?", spec)
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(h)?", spec)
     if not spec or not parts:
-        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N> and s<N> joined, e.g. w4s2")
+        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N> and h joined, e.g. w4s2, h")
     if parts[1]:
         out["num_warps"] = int(parts[1])
     if parts[2]:
         out["num_stages"] = int(parts[2])
+    if parts[3]:
+        out["heaviest_first"] = True
     return out
 
 

@@ -46,9 +46,12 @@ __all__ = ["LAUNCH", "SCRATCH_BYTES", "program_layout", "sampled_offsets", "samp
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
-LAUNCH: dict = {"num_warps": 4, "num_stages": None}
-"""Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default). 4 warps timed best on an H100
-(docs/bench_rerank.md); ``experiments/bench_rerank.py --launch`` times the alternatives."""
+LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": False}
+"""Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default), 4 warps timed best on an H100
+(docs/bench_rerank.md); ``heaviest_first``: the programs start from the last query block (whose union list is the
+longest: a program's work grows with its block index), the key heads' lists side by side, so that the short programs
+fill the end of the launch rather than the long ones (False: the first block first, list by list; not timed yet).
+``experiments/bench_rerank.py --launch`` times the alternatives."""
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
@@ -150,10 +153,15 @@ def _sampled_rows_kernel(
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERP: tl.constexpr,
+    HEAVIEST_FIRST: tl.constexpr, INTERP: tl.constexpr,
 ):
-    i = I0 + tl.program_id(0)
-    bl = tl.program_id(1)  # batch x list: LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
+    # bl: batch x list, LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
+    if HEAVIEST_FIRST:  # grid (lists, blocks): the launch's last query block first, every list's at once
+        bl = tl.program_id(0)
+        i = I0 + tl.num_programs(1) - 1 - tl.program_id(1)
+    else:  # grid (blocks, lists)
+        i = I0 + tl.program_id(0)
+        bl = tl.program_id(1)
     off_b = (bl // LISTS).to(tl.int64)
     off_l = (bl % LISTS).to(tl.int64)
     off_hk = off_l // CHUNKS
@@ -296,8 +304,10 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     launch = {"num_warps": LAUNCH["num_warps"]}
     if LAUNCH["num_stages"]:
         launch["num_stages"] = LAUNCH["num_stages"]
+    heaviest = bool(LAUNCH["heaviest_first"])
     for i0 in range(0, nb, span):
-        _sampled_rows_kernel[(min(span, nb - i0), b * lists)](
+        blocks = min(span, nb - i0)
+        _sampled_rows_kernel[(b * lists, blocks) if heaviest else (blocks, b * lists)](
             q, k, idx, cnt, cand, out, part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
@@ -307,6 +317,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
             D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
             BLOCK_N=block_size if INTERPRET else min(block_size, 64),
             LAST_FALLBACK=min(offsets) >= last,
-            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), INTERP=INTERPRET, **launch,
+            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), HEAVIEST_FIRST=heaviest, INTERP=INTERPRET,
+            **launch,
         )
     return out

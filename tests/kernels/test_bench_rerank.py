@@ -40,9 +40,11 @@ def test_every_configuration_is_checked_and_tabled(monkeypatch, tmp_path):
 
 
 def test_launch_settings_are_parsed_and_bad_ones_named():
-    assert bench.launch_settings("default") == {"num_warps": 4, "num_stages": None}
-    assert bench.launch_settings("w8s3") == {"num_warps": 8, "num_stages": 3}
-    assert bench.launch_settings("s2") == {"num_warps": 4, "num_stages": 2}
-    for bad in ("w", "x4", "w4e16", ""):
+    assert bench.launch_settings("default") == {"num_warps": 4, "num_stages": None, "heaviest_first": False}
+    assert bench.launch_settings("w8s3") == {"num_warps": 8, "num_stages": 3, "heaviest_first": False}
+    assert bench.launch_settings("s2") == {"num_warps": 4, "num_stages": 2, "heaviest_first": False}
+    assert bench.launch_settings("h") == {"num_warps": 4, "num_stages": None, "heaviest_first": True}
+    assert bench.launch_settings("w8h") == {"num_warps": 8, "num_stages": None, "heaviest_first": True}
+    for bad in ("w", "x4", "w4e16", "hw4", ""):
         with pytest.raises(ValueError, match=f"--launch {bad!r}"):
             bench.launch_settings(bad)

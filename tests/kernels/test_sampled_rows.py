@@ -132,6 +132,23 @@ def test_two_passes_and_a_scratch_split_over_launches_give_the_same_masses(monke
         torch.testing.assert_close(got.cpu().double(), want.double(), atol=2e-5, rtol=1e-4)
 
 
+def test_heaviest_blocks_first_gives_the_same_masses(monkeypatch):
+    """The launch order with the last query block first (``LAUNCH['heaviest_first']``, grid transposed) gives the
+    reference's masses, with one launch and with the scratch split over several (each launch reversed on its own)."""
+    from seer.kernels import sampled_rows
+
+    q, k, cand, q64, k64 = _case(2, 4, 2, 120, 16, 16, seed=12)
+    dev = _device()
+    want = reference.sampled_rows_mass(q64, k64, cand, 4, 16)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", True)
+    whole = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16)
+    monkeypatch.setattr(sampled_rows, "SCRATCH_BYTES", 3 * 2 * 2 * 8 * 16 * 4)  # 3 query blocks a launch
+    split = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16)
+    for got in (whole, split):
+        torch.testing.assert_close(got.cpu().double(), want.double(), atol=2e-5, rtol=1e-4)
+    assert (want > 0).sum() > 0
+
+
 def test_program_layout_fills_at_most_128_rows():
     from seer.kernels.sampled_rows import program_layout
     assert program_layout(7, 16, 64) == (7, 8, 16)  # 8 x 16 rows with a padding head
@@ -174,11 +191,15 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heaviest_first", [False, True])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("rows", [8, 16])
-def test_gpu_bf16_matches_the_reference_at_4k(rows, passes):
+def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, monkeypatch):
     """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
-    programs) and 16 (128 rows); one pass and two."""
+    programs) and 16 (128 rows); one pass and two; either launch order."""
+    from seer.kernels import sampled_rows
+
+    monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
