@@ -132,15 +132,17 @@ def test_two_passes_and_a_scratch_split_over_launches_give_the_same_masses(monke
         torch.testing.assert_close(got.cpu().double(), want.double(), atol=2e-5, rtol=1e-4)
 
 
-def test_heaviest_blocks_first_gives_the_same_masses(monkeypatch):
-    """The launch order with the last query block first (``LAUNCH['heaviest_first']``, grid transposed) gives the
-    reference's masses, with one launch and with the scratch split over several (each launch reversed on its own)."""
+@pytest.mark.parametrize("heaviest_first", [True, False])
+def test_either_launch_order_gives_the_same_masses(heaviest_first, monkeypatch):
+    """Both launch orders (``LAUNCH['heaviest_first']``: the last query block first, grid (lists, blocks), the
+    default; or the first first, grid (blocks, lists)) give the reference's masses, with one launch and with the
+    scratch split over several (each launch in its own order)."""
     from seer.kernels import sampled_rows
 
     q, k, cand, q64, k64 = _case(2, 4, 2, 120, 16, 16, seed=12)
     dev = _device()
     want = reference.sampled_rows_mass(q64, k64, cand, 4, 16)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", True)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
     whole = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16)
     monkeypatch.setattr(sampled_rows, "SCRATCH_BYTES", 3 * 2 * 2 * 8 * 16 * 4)  # 3 query blocks a launch
     split = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 4, 16)
