@@ -9,10 +9,18 @@
 set -u
 w=${SEER_WORK:-/root/w}
 mkdir -p "$w/logs" "$w/out" "$w/work"
-export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 for name in ${AFTER:-}; do
   until [ -e "$w/logs/$name.status" ]; do sleep 5; done
 done
+# the agenda runs from its own copy of the tree (code, configs, docs and the novels; not the carried models or
+# wheels): each later call copies the tree again, and files replaced under a job that is importing them killed jobs
+# ("could not get source code", a module missing)
+snap=$w/tree/$$
+mkdir -p "$snap"
+tar cf - --exclude=./.assets --exclude=./.whl --exclude=./.git --exclude=./.venv --exclude=./.cache . | tar xf - -C "$snap"
+[ -d .assets/austen ] && mkdir -p "$snap/.assets" && cp -r .assets/austen "$snap/.assets/"
+cd "$snap" || exit 1
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # the novels, copied out of the carried folder (a carried path may be gone in a later call)
 [ -d .assets/austen ] && mkdir -p "$w/austen" && cp .assets/austen/*.txt "$w/austen/"
 ls "$w"/austen/emma.txt > /dev/null || { echo "no novels: carry .assets/austen in the launching call"; exit 1; }
