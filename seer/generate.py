@@ -6,10 +6,11 @@ prompt: the prefill through gate -> block selection -> block-sparse attention, e
 -> decode budget -> block-sparse decode attention (dense where no gates are given). Prints the text, the achieved
 prefill density per layer and the prefill time (beside dense), and the achieved decode density. Each budget is the
 one stored with its gates changed by any ``sparsity.*`` / ``decode_sparsity.*`` value given (``sparsity=<option>``
-replaces the prefill one). Everything is checked before the model loads (:mod:`seer.preflight`): an empty prompt, a
-prompt (plus ``max_new_tokens``) longer than the model's context, gates or decode gates made for another model shape,
-a decode budget below one block, a decode budget without decode gates that is not Quest alone, a calibrated budget
-with no calibration stored beside its gates. Without decode gates, ``decode_sparsity.estimate=quest
+replaces the prefill one); ``rerank_rows`` replaces the gates' rerank rows (0: off, the faster prefill, whose
+calibrated budget needs a calibration of that selection beside the gates). Everything is checked before the model
+loads (:mod:`seer.preflight`): an empty prompt, a prompt (plus ``max_new_tokens``) longer than the model's context,
+gates or decode gates made for another model shape, a decode budget below one block, a decode budget without decode
+gates that is not Quest alone, a calibrated budget with no calibration stored beside its gates. Without decode gates, ``decode_sparsity.estimate=quest
 decode_sparsity.estimate_weight=1`` makes decode sparse and training-free (Quest's key bounds score the blocks).
 ``shared_gate=true`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates scoring
 the prefill's blocks too (top-k by default, ``sparsity.*`` changes it; ``blend`` may name an estimate).
@@ -24,6 +25,7 @@ through it with Quest at a 2k budget than densely, and 2.97x faster than dense `
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -95,6 +97,8 @@ def run_generation(cfg: DictConfig) -> dict:
     if cfg.shared_gate and (cfg.gates is not None or cfg.decode_gates is None):
         raise ConfigError(f"shared_gate=true: the decode gates score the prefill too; give decode_gates=PATH and "
                           f"gates=null (gates={cfg.gates!r}, decode_gates={cfg.decode_gates!r})")
+    if cfg.rerank_rows is not None and cfg.gates is None:
+        raise ConfigError(f"rerank_rows={cfg.rerank_rows!r}: the rerank ranks prefill gates' blocks; give gates=PATH")
     if cfg.gates is not None:
         cfg.gates = str(resolve_gates(cfg.gates))  # a release folder or hub id becomes a seer gate folder
     elif not cfg.shared_gate:
@@ -114,6 +118,8 @@ def run_generation(cfg: DictConfig) -> dict:
         meta = read_gate_meta(cfg.gates)
         spars = budget(cfg, meta)
         gate = build(GateConfig, "gate", meta["gate"]).with_blend(cfg.blend, cfg.blend_weight)
+        if cfg.rerank_rows is not None:  # 0: the rerank off (the faster prefill), else that many exact rows a block
+            gate = build(GateConfig, "gate", {**asdict(gate), "rerank_rows": cfg.rerank_rows})
         check_dense_layers(spars, shape)
         check_calibration(cfg.gates, spars, gate.scorer_name)
     elif cfg.shared_gate:  # the decode gates' block size; no prefill calibration, so top-k unless told otherwise

@@ -128,6 +128,30 @@ def test_generate_takes_the_blend_asked_for_and_its_calibration(tmp_path, monkey
     assert "mean block density" in capsys.readouterr().out
 
 
+def test_generate_takes_the_rerank_rows_asked_for(tmp_path, monkeypatch):
+    """``rerank_rows=`` replaces the gates' rerank rows: a calibrated budget then needs that selection's calibration
+    (refused before loading), a top-k budget runs with it; a bad value or no prefill gates are refused."""
+    import seer.model.inference
+
+    overrides = _calibrated_gates(tmp_path / "g")
+    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
+    real_load, loaded = seer.model.inference.load, []
+    monkeypatch.setattr(seer.model.inference, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    with pytest.raises(ConfigError, match=r"with the gate\+rerank4@0.99 scorer"):
+        run_generation(compose([*overrides, "rerank_rows=4"], "generate"))
+    with pytest.raises(ConfigError, match="gate.rerank_rows=-1"):
+        run_generation(compose([*overrides, "rerank_rows=-1"], "generate"))
+    with pytest.raises(ConfigError, match="rerank_rows=0: the rerank ranks prefill gates' blocks; give gates=PATH"):
+        run_generation(compose(["model=tiny_llama", "decode_sparsity.estimate=quest",
+                                "decode_sparsity.estimate_weight=1", "rerank_rows=0"], "generate"))
+    assert not loaded  # all refused before any model loaded
+    cfg = compose([*overrides, "rerank_rows=4", "sparsity=topk", "sparsity.target_density=0.5"], "generate")
+    cfg.prompt = "def f(x):\n    return x + 1\n" * 8
+    result = run_generation(cfg)
+    assert loaded[-1].seer_context.gate_config.rerank_rows == 4
+    assert loaded[-1].seer_context.scorer_name == "gate+rerank4@0.99" and result["densities"]
+
+
 def _gate_and_decode_gate_folder(folder, shape_overrides=()):
     """Prefill gates and decode gates (stored budget: 32 tokens) of the tiny model in one folder."""
     from seer.gates.decode_config import DecodeGateConfig
