@@ -43,6 +43,9 @@ from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_devic
 
 __all__ = ["LAUNCH", "SCRATCH_BYTES", "program_layout", "sampled_offsets", "sampled_rows_mass"]
 
+MAX_GRID_Y = 65535
+"""The most programs on a CUDA grid's second axis."""
+
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
@@ -306,6 +309,8 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     if LAUNCH["num_stages"]:
         launch["num_stages"] = LAUNCH["num_stages"]
     heaviest = bool(LAUNCH["heaviest_first"])
+    if heaviest:  # the query blocks on the grid's second axis, which holds at most 65535 programs
+        span = min(span, MAX_GRID_Y)
     for i0 in range(0, nb, span):
         blocks = min(span, nb - i0)
         _sampled_rows_kernel[(b * lists, blocks) if heaviest else (blocks, b * lists)](
