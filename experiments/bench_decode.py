@@ -30,8 +30,8 @@ warm-up, L2 cleared before each CUDA-event-timed run; median of at least 5 runs)
 
 ``--variants`` times, in CUDA-graph replays, the kernel's defaults (``current``), ``unique_blocks=True``
 (``unique``; the lists here are top-k, so without repeats; read in place), the same lists compacted first
-(``compacted``: the ``IN_PLACE`` launch switch off) and unique at 3 pipeline stages (``unique s3``, the default before) at
-each batch, cache length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits``
+(``compacted``: the ``IN_PLACE`` launch switch off) and unique at 3 pipeline stages (``unique s3``, the default
+before) at each batch, cache length, budget (any token count: 3264 is 51 blocks, density 0.0996 at 32k) and ``--splits``
 value, each checked against the float32 reference on the same inputs before it is timed, beside SDPA and ours@1.0,
 and writes one table with the speedups over dense.
 """

@@ -10,10 +10,11 @@ replaces the prefill one); ``rerank_rows`` replaces the gates' rerank rows (0: o
 calibrated budget needs a calibration of that selection beside the gates). Everything is checked before the model
 loads (:mod:`seer.preflight`): an empty prompt, a prompt (plus ``max_new_tokens``) longer than the model's context,
 gates or decode gates made for another model shape, a decode budget below one block, a decode budget without decode
-gates that is not Quest alone, a calibrated budget with no calibration stored beside its gates. Without decode gates, ``decode_sparsity.estimate=quest
-decode_sparsity.estimate_weight=1`` makes decode sparse and training-free (Quest's key bounds score the blocks).
-``shared_gate=true`` (with ``decode_gates``, without ``gates``): one gate for both phases, the decode gates scoring
-the prefill's blocks too (top-k by default, ``sparsity.*`` changes it; ``blend`` may name an estimate).
+gates that is not Quest alone, a calibrated budget with no calibration stored beside its gates, a ``rerank_rows``
+without prefill gates. Without decode gates, ``decode_sparsity.estimate=quest decode_sparsity.estimate_weight=1`` makes
+decode sparse and training-free (Quest's key bounds score the blocks). ``shared_gate=true`` (with ``decode_gates``,
+without ``gates``): one gate for both phases, the decode gates scoring the prefill's blocks too (top-k by default,
+``sparsity.*`` changes it; ``blend`` may name an estimate).
 ``graph``: ``auto`` (the default) decodes on a GPU by replaying one captured step (the prompt into a StaticCache, one
 decode step captured in a CUDA graph and replayed for every new token: :func:`seer.model.graph_decode.greedy_generate`)
 and on a CPU through ``generate()``; ``true`` / ``false`` force either loop (``true`` on a CPU runs the same loop's

@@ -53,7 +53,7 @@ LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True}
 """Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default), 4 warps timed best on an H100
 (docs/bench_rerank.md); ``heaviest_first``: the programs start from the last query block (whose union list is the
 longest: a program's work grows with its block index), the key heads' lists side by side, so that the short programs
-fill the end of the launch rather than the long ones (False: the first block first, list by list): 8-20% faster on
+fill the end of the launch rather than the long ones (False: the first block first, list by list): 9-19% faster on
 every shape of two H100 runs (docs/bench_rerank.md, last section). ``experiments/bench_rerank.py --launch`` times
 the alternatives."""
 
