@@ -75,7 +75,7 @@ job kstages 300 bash -c "for run in 1 2; do python3 experiments/bench_decode.py 
 # real heads hold (30-90% per key-head group)
 job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 \
   --launch default w8 s2 s4 --out $w/out/ktune/bench_rerank_launch.md
-# the rerank kernel's programs heaviest first (the default since 2026-12-06: 8-20% faster in two H100 runs timed beside
+# the rerank kernel's programs heaviest first (the default since 2026-12-06: 9-19% faster in two H100 runs timed beside
 # quality studies) against the ascending order (a), twice in a row, alone on the GPU this time; the whole-model
 # prefill at 32k with 16 rows spends 2 ms a layer in the rerank (docs/bench_prefill.md, last section)
 job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
