@@ -109,15 +109,21 @@ def test_generate_takes_an_authors_release_with_its_budget(tmp_path, monkeypatch
     assert "(threshold threshold=0.002 [dense_last_rows=2])" in capsys.readouterr().out
 
 
-def test_generate_takes_the_blend_asked_for_and_its_calibration(tmp_path, monkeypatch, capsys):
-    """``blend=`` changes the gates' blend at inference: its calibration (keyed by the scorer) is looked up before
-    loading, and the model runs with it; a bad blend is refused before loading."""
+def _recorded_loads(monkeypatch) -> list:
+    """The tiny tokenizer for every model, and the list that each model seer.generate loads is appended to."""
     import seer.model.inference
 
-    overrides = _calibrated_gates(tmp_path / "g")  # the gates alone (blend null), calibrated for the "gate" scorer
     monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
     real_load, loaded = seer.model.inference.load, []
     monkeypatch.setattr(seer.model.inference, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    return loaded
+
+
+def test_generate_takes_the_blend_asked_for_and_its_calibration(tmp_path, monkeypatch, capsys):
+    """``blend=`` changes the gates' blend at inference: its calibration (keyed by the scorer) is looked up before
+    loading, and the model runs with it; a bad blend is refused before loading."""
+    overrides = _calibrated_gates(tmp_path / "g")  # the gates alone (blend null), calibrated for the "gate" scorer
+    loaded = _recorded_loads(monkeypatch)
     with pytest.raises(ConfigError, match=r"with the gate\+vertical_slash@0.5 scorer"):
         run_generation(compose([*overrides, "blend=vertical_slash"], "generate"))
     with pytest.raises(ConfigError, match="gate.blend='oracle'"):
@@ -131,12 +137,8 @@ def test_generate_takes_the_blend_asked_for_and_its_calibration(tmp_path, monkey
 def test_generate_takes_the_rerank_rows_asked_for(tmp_path, monkeypatch):
     """``rerank_rows=`` replaces the gates' rerank rows: a calibrated budget then needs that selection's calibration
     (refused before loading), a top-k budget runs with it; a bad value or no prefill gates are refused."""
-    import seer.model.inference
-
     overrides = _calibrated_gates(tmp_path / "g")
-    monkeypatch.setattr(seer.model.loading, "load_tokenizer", lambda _cfg: tiny_tokenizer())
-    real_load, loaded = seer.model.inference.load, []
-    monkeypatch.setattr(seer.model.inference, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    loaded = _recorded_loads(monkeypatch)
     with pytest.raises(ConfigError, match=r"with the gate\+rerank4@0.99 scorer"):
         run_generation(compose([*overrides, "rerank_rows=4"], "generate"))
     with pytest.raises(ConfigError, match="gate.rerank_rows=-1"):
