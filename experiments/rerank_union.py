@@ -9,7 +9,8 @@ selectors' rerank for that variant and runs a command:
     python experiments/rerank_union.py -m seer.eval <seer.eval overrides>
     python experiments/rerank_union.py experiments/quality_qwen.py <its arguments>
 
-Measured on a CPU (SmolLM2-135M at 4k, the recipe's gates: docs/results/smollm2_rerank_cpu.md, last section).
+Measured on a CPU (SmolLM2-135M at 4k and 8k, the recipe's gates: no consistent effect;
+docs/results/smollm2_rerank_cpu.md, last section).
 """
 
 from __future__ import annotations

@@ -399,9 +399,9 @@ for dens in 0.05 0.2; do
     --batch-size 4 --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" \
     --out "$w/out/sfinal_$dens"
 done
-# issue 17: each rerank over its key head's union of candidates (experiments/rerank_union.py: on a CPU, SmolLM2 at 4k,
-# 0.17 point better on both texts at the same density, at no cost in the kernel), the default policy at 32k with RULER
-# x 4, to set beside r16's rows (same gates, prompts and dense pass)
+# issue 17: each rerank over its key head's union of candidates (experiments/rerank_union.py; at no cost in the kernel;
+# on a CPU, SmolLM2 0.17 point better on both texts at 4k, mixed at 8k: -0.04 / +0.09), the default policy at 32k with
+# RULER x 4, to set beside r16's rows (same gates, prompts and dense pass)
 job qunion 1200 python3 experiments/rerank_union.py experiments/quality_qwen.py "${model[@]}" "${default[@]}" \
   "${ruler[@]}" --densities 0.1 --work "$w/work/q" --out "$w/out/qunion"
 echo "$(date -u +%H:%M:%S) agenda done"
