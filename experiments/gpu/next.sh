@@ -399,6 +399,22 @@ for dens in 0.05 0.2; do
     --batch-size 4 --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" \
     --out "$w/out/sfinal_$dens"
 done
+# issue 17 part 4: Qwen at 16k, the table at density 0.05 and 0.2 (0.1: jobs q16k and q16r), every selector beside the
+# default, each density split in two agendas (a: the default, the oracle, vertical-slash, FlexPrefill; b: XAttention's
+# antidiagonal, the training-free rerank, the plain gate and streaming); rows are written as each selection ends
+for dens in 0.05 0.2; do
+  for part in a b; do
+    case $part in
+      a) pick=(gate:base+vertical_slash@0.5+rerank16@0.99 oracle vertical_slash flexprefill) ;;
+      b) pick=(antidiagonal reranked gate:base streaming) ;;
+    esac
+    job "q16f_$dens$part" 1800 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
+      --blends vertical_slash:0.5 --plan final --only "${pick[@]}" --densities "$dens" --seq-lens 16384 \
+      --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
+      --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
+      --out "$w/out/q16f_$dens$part"
+  done
+done
 # issue 17: each rerank over its key head's union of candidates (experiments/rerank_union.py; at no cost in the kernel;
 # on a CPU, SmolLM2 0.17 point better on both texts at 4k, mixed at 8k: -0.04 / +0.09), the default policy at 32k with
 # RULER x 4, to set beside r16's rows (same gates, prompts and dense pass)
