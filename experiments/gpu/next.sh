@@ -399,6 +399,12 @@ for dens in 0.05 0.2; do
     --batch-size 4 --dense-from docs/results/smollm2_blend_8k_dense.json --deadline-s 100000 --work "$w/work/s" \
     --out "$w/out/sfinal_$dens"
 done
+# issue 17, Qwen at 16k at equal achieved density: the default kept 0.097 / 0.103 of the blocks (novel / code) at
+# target 0.1 where the training-free rerank kept 0.100 / 0.106 (job q16r: +2.01% against +1.74% on the novel); the
+# default at target 0.1031, which should keep what the rerank kept, both texts, no RULER
+job q16eq 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan lever --reranks 16:0.99 --only gate:base+vertical_slash@0.5+rerank16@0.99 --densities 0.1031 \
+  --seq-lens 16384 --texts novel code --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16eq"
 # issue 17 part 4: Qwen at 16k, the table at density 0.05 and 0.2 (0.1: jobs q16k and q16r), every selector beside the
 # default, each density split in two agendas (a: the default, the oracle, vertical-slash, FlexPrefill; b: XAttention's
 # antidiagonal, the training-free rerank, the plain gate and streaming); rows are written as each selection ends
