@@ -15,11 +15,10 @@ docs/results/smollm2_rerank_cpu.md, last section).
 
 from __future__ import annotations
 
-import os
-import runpy
 import sys
 
 import torch
+from run_patched import run_command
 
 from seer.sparsity import selectors
 
@@ -42,13 +41,7 @@ def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
     selectors.sampled_rows_mass = union_sampled_rows_mass  # read through the module by the gate and the selector
-    if argv[0] == "-m":
-        sys.argv = argv[1:]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = argv
-        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
-        runpy.run_path(argv[0], run_name="__main__")
+    run_command(argv)
 
 
 if __name__ == "__main__":
