@@ -405,10 +405,12 @@ done
 job q16eq 900 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --only gate:base+vertical_slash@0.5+rerank16@0.99 --densities 0.1031 \
   --seq-lens 16384 --texts novel code --deadline-s 100000 --work "$w/work/q" --out "$w/out/q16eq"
-# issue 17 part 4: Qwen at 16k, the table at density 0.05 and 0.2 (0.1: jobs q16k and q16r), every selector beside the
-# default, each density split in two agendas (a: the default, the oracle, vertical-slash, FlexPrefill; b: XAttention's
-# antidiagonal, the training-free rerank, the plain gate and streaming); rows are written as each selection ends
-for dens in 0.05 0.2; do
+# issue 17 part 4: Qwen at 16k, the table at density 0.05, 0.1 and 0.2, every selector beside the default, each
+# density split in two agendas (a: the default, the oracle, vertical-slash, FlexPrefill; b: XAttention's antidiagonal,
+# the training-free rerank, the plain gate and streaming; about 8 minutes each, four side by side on an H200); rows are
+# written as each selection ends. 0.05 and 0.2 ran on 2026-12-06 (docs/results/qwen/densities_16k.md); 0.1 is queued
+# (its rows of jobs q16k / q16r predate the whole last block for the training-free selectors but the rerank)
+for dens in 0.05 0.1 0.2; do
   for part in a b; do
     case $part in
       a) pick=(gate:base+vertical_slash@0.5+rerank16@0.99 oracle vertical_slash flexprefill) ;;
