@@ -54,8 +54,8 @@ LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True}
 (docs/bench_rerank.md); ``heaviest_first``: the programs start from the last query block (whose union list is the
 longest: a program's work grows with its block index), the key heads' lists side by side, so that the short programs
 fill the end of the launch rather than the long ones (False: the first block first, list by list): 9-19% faster on
-every shape of two H100 runs (docs/bench_rerank.md, last section). ``experiments/bench_rerank.py --launch`` times
-the alternatives."""
+every shape of two H100 runs beside other work, 7-18% in two H200 runs alone (docs/bench_rerank.md, last sections).
+``experiments/bench_rerank.py --launch`` times the alternatives."""
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
