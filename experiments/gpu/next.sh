@@ -423,6 +423,16 @@ for dens in 0.05 0.1 0.2; do
       --out "$w/out/q16f_$dens$part"
   done
 done
+# issue 17, Qwen at 16k at 0.2, where FlexPrefill scored 3.5% under dense on the novel: the perplexity of the
+# second half of each window through prefixes (experiments/prefix_ppl.py: no row's selection sees more than 1088 later
+# tokens) beside the usual single forward, every selector that matters there; the dense pass measured in the run
+for dens in 0.2 0.1; do
+  job "pleak_$dens" 1200 env SEER_PREFIX_CHUNK=1024 python3 experiments/prefix_ppl.py experiments/quality_qwen.py \
+    "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan final \
+    --only gate:base+vertical_slash@0.5+rerank16@0.99 oracle vertical_slash flexprefill reranked streaming \
+    --densities "$dens" --seq-lens 16384 --texts novel code --passkey 0 --copy 0 --batch-size 4 \
+    --deadline-s 100000 --work "$w/work/q" --out "$w/out/pleak_$dens"
+done
 # issue 17: each rerank over its key head's union of candidates (experiments/rerank_union.py; at no cost in the kernel;
 # on a CPU, SmolLM2 0.17 point better on both texts at 4k, mixed at 8k: -0.04 / +0.09), the default policy at 32k with
 # RULER x 4, to set beside r16's rows (same gates, prompts and dense pass)
