@@ -531,6 +531,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dense-last-rows", type=int, default=None,
                     help="every job's whole last query blocks (SparsityConfig.dense_last_rows, counted in the "
                          "budget; default its default, 1); not with --plan explore, whose tail variants set them")
+    ap.add_argument("--budget-method", default="threshold", choices=["threshold", "topk"],
+                    help="every job's budget: a threshold calibrated to each target density (the default policy's) or "
+                         "top-k, the same share of every row's causal blocks; not with --plan explore")
     ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever", "attribution"],
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
                     "lever: a new gate recipe's default and its gate alone; attribution: the default with the "
@@ -653,6 +656,10 @@ def planned_jobs(args) -> list[Job | None]:
                              "explore (its tail variants use --last-rows)")
         jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, dense_last_rows=args.dense_last_rows))
                 for job in jobs]
+    if args.budget_method != "threshold":
+        if args.plan == "explore":
+            raise SystemExit(f"--budget-method {args.budget_method}: not with --plan explore (its budgets are its own)")
+        jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, method=args.budget_method)) for job in jobs]
     jobs = only_jobs(jobs, args.only) if args.only else jobs
     layers = model_layers(args.model) if any(job and job.sparsity.dense_layers for job in jobs) else 0
     for job in filter(None, jobs):

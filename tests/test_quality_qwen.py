@@ -134,6 +134,22 @@ def test_dense_last_rows_set_every_jobs_whole_last_blocks(study):
             study.planned_jobs(study.parse_args([*base, *bad]))
 
 
+def test_budget_method_sets_every_jobs_budget(study):
+    base = ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
+            "--blends", "vertical_slash:0.5", "--plan", "final", "--densities", "0.1", "0.2"]
+    jobs = study.planned_jobs(study.parse_args([*base, "--budget-method", "topk"]))
+    assert jobs and {job.sparsity.method for job in jobs} == {"topk"}
+    assert {job.sparsity.target_density for job in jobs} == {0.1, 0.2}
+    assert jobs[0].sparsity.describe().startswith("topk target_density=0.1")  # in every row's label
+    default = study.planned_jobs(study.parse_args(base))
+    assert {job.sparsity.method for job in default} == {"threshold"}
+    assert [job.label for job in jobs] == [job.label for job in default]
+    with pytest.raises(SystemExit, match="--budget-method topk: not with --plan explore"):
+        study.planned_jobs(study.parse_args([*base[:-5], "--budget-method", "topk"]))
+    with pytest.raises(SystemExit):
+        study.parse_args([*base, "--budget-method", "topp"])
+
+
 ATTRIBUTION = ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
                "--plan", "attribution", "--blends", "vertical_slash:0.5", "vertical_slash:0.25", "--densities", "0.1",
                "0.05"]
