@@ -61,17 +61,18 @@ def prefix_ends(n: int, block: int, chunk: int) -> list[tuple[int, int, int]]:
     return spans[::-1]
 
 
-def prefix_measures(ev: harness.Evaluator, rows: torch.Tensor) -> dict:
-    """``ppl_p``, ``ppl_prefix`` and ``density_prefix`` of the windows ``rows`` (module docstring)."""
+def prefix_measures(ev: harness.Evaluator, rows: torch.Tensor, single: list[torch.Tensor] | None = None) -> dict:
+    """``ppl_p``, ``ppl_prefix`` and ``density_prefix`` of the windows ``rows`` (module docstring); ``single``: the
+    single forward's NLL of each batch of ``rows`` where a pass already computed it (else computed here)."""
     ctx = ev.ctx
     n, block = rows.shape[1], ctx.block_size
     spans = prefix_ends(n, block, CHUNK)
     full, prefix, density = [], [], []
     sparse = ctx.mode == "sparse"
     with ctx.running():
-        for batch in ev._batches(rows):
+        for i, batch in enumerate(ev._batches(rows)):
             ctx.clear_step()
-            nll = ev._forward_nll(batch).cpu()
+            nll = single[i] if single else ev._forward_nll(batch).cpu()
             full.append(nll[:, n // 2:n - block])
             if not sparse:
                 prefix.append(full[-1])
@@ -88,9 +89,21 @@ def prefix_measures(ev: harness.Evaluator, rows: torch.Tensor) -> dict:
 
 
 def perplexity_with_prefixes(self, rows: torch.Tensor, recall: bool, label: str) -> dict:
-    """:meth:`seer.evaluation.harness.Evaluator._perplexity` and :func:`prefix_measures`."""
-    out = _perplexity(self, rows, recall, label)
-    out.update(prefix_measures(self, rows))
+    """:meth:`seer.evaluation.harness.Evaluator._perplexity` and :func:`prefix_measures`, which reuses the single
+    forward's NLL of that pass."""
+    single, forward_nll = [], self._forward_nll
+
+    def kept(ids: torch.Tensor) -> torch.Tensor:
+        nll = forward_nll(ids)
+        single.append(nll.cpu())
+        return nll
+
+    self._forward_nll = kept
+    try:
+        out = _perplexity(self, rows, recall, label)
+    finally:
+        del self._forward_nll
+    out.update(prefix_measures(self, rows, single))
     print(f"[prefix_ppl] {label}: ppl_p {out['ppl_p']:.4f} ppl_prefix {out['ppl_prefix']:.4f} "
           f"(chunk {CHUNK}, density {out['density']:.3f} / prefixes {out['density_prefix']:.3f})", flush=True)
     return out

@@ -94,6 +94,9 @@ def test_the_wrapper_adds_the_measures_to_every_row(prefix, model, tokenizer, co
     ev = _evaluator(model, tokenizer, corpus)
     dense = ev.dense()[256]
     assert dense["ppl_p"] == dense["ppl_prefix"]
+    with ev.ctx.running("dense"):  # the kept NLL of the harness's own pass is the single forward's
+        by_hand = ev._forward_nll(ev.windows[256][1:])[:, 128:240]
+    assert dense["ppl_p"] == pytest.approx(math.exp(float(by_hand.mean())), rel=1e-6)
     (row,) = ev.evaluate(build_selector("vertical_slash"), SparsityConfig(method="topk", target_density=0.2))
     assert row["ppl_p_dense"] == dense["ppl_p"] and row["prefix_chunk"] == 32
     assert row["ppl_p"] > 0 and row["ppl_prefix"] > 0 and 0 < row["density_prefix"] < 1
