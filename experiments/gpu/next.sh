@@ -440,15 +440,21 @@ job pleak_topk 1200 bash -c 'export SEER_PREFIX_CHUNK=1024; "$@" selector=gate g
 # issue 17, the budget's shape (pleak_topk, 2026-12-06 on an H200: under top-k at 0.2 every selection but streaming is
 # 6-11% under dense on the novel at 16k, the oracle -10.2%, the default's gates -10.4%, where the calibrated threshold
 # puts the default at +0.27%; docs/results/prefix_ppl.md): the default policy (16 rows), the training-free rerank, the
-# oracle and FlexPrefill with a top-k budget at 16k, both texts, RULER x 4, one agenda per density (to set beside the
-# threshold rows of q16f_*), then the default and the rerank with top-k at 32k (beside densities.md's rows)
+# oracle and FlexPrefill with a top-k budget at 16k, both texts, RULER x 4, each density in two agendas to run side by
+# side (a: the default and the training-free rerank; b: the oracle and FlexPrefill; to set beside the threshold rows
+# of q16f_*), then the default and the rerank with top-k at 32k (beside densities.md's rows)
 for dens in 0.1 0.2; do
-  job "qbudget16_$dens" 1800 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
-    --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --baselines reranked oracle flexprefill \
-    --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked oracle flexprefill --budget-method topk \
-    --densities "$dens" --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
-    --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
-    --out "$w/out/qbudget16_$dens"
+  for part in a b; do
+    case $part in
+      a) pick=(gate:base+vertical_slash@0.5+rerank16@0.99 reranked) ;;
+      b) pick=(oracle flexprefill) ;;
+    esac
+    job "qbudget16_$dens$part" 1800 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= \
+      --blends vertical_slash:0.5 --plan lever --reranks 16:0.99 --baselines reranked oracle flexprefill \
+      --only "${pick[@]}" --budget-method topk --densities "$dens" --seq-lens 16384 --texts novel code \
+      --ruler all --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json \
+      --deadline-s 100000 --work "$w/work/q" --out "$w/out/qbudget16_$dens$part"
+  done
 done
 job qbudget32 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
