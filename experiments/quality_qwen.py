@@ -534,6 +534,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-method", default="threshold", choices=["threshold", "topk"],
                     help="every job's budget: a threshold calibrated to each target density (the default policy's) or "
                          "top-k, the same share of every row's causal blocks; not with --plan explore")
+    ap.add_argument("--max-row-share", type=float, default=None,
+                    help="with the threshold budget: the most of each row's causal blocks it keeps "
+                         "(SparsityConfig.max_row_share, in (0, 1)); not with --plan explore")
     ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever", "attribution"],
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
                     "lever: a new gate recipe's default and its gate alone; attribution: the default with the "
@@ -660,6 +663,12 @@ def planned_jobs(args) -> list[Job | None]:
         if args.plan == "explore":
             raise SystemExit(f"--budget-method {args.budget_method}: not with --plan explore (its budgets are its own)")
         jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, method=args.budget_method)) for job in jobs]
+    if args.max_row_share is not None:
+        if args.plan == "explore" or args.budget_method != "threshold" or not 0 < args.max_row_share < 1:
+            raise SystemExit(f"--max-row-share {args.max_row_share}: give a share in (0, 1), with the threshold budget "
+                             "and a plan other than explore")
+        jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, max_row_share=args.max_row_share))
+                for job in jobs]
     jobs = only_jobs(jobs, args.only) if args.only else jobs
     layers = model_layers(args.model) if any(job and job.sparsity.dense_layers for job in jobs) else 0
     for job in filter(None, jobs):

@@ -111,6 +111,11 @@ def test_bad_threshold_and_method():
         SparsityConfig(method="topk", target_density=None)
     with pytest.raises(ConfigError, match=r"sparsity.dense_layers=\[1, 1\]"):
         SparsityConfig(dense_layers=[1, 1])
+    for share in (0, 1.5, "a"):
+        with pytest.raises(ConfigError, match=f"sparsity.max_row_share={share!r}"):
+            SparsityConfig(max_row_share=share)
+    with pytest.raises(ConfigError, match="sparsity.max_row_share=0.3: caps a threshold's rows; method=topk"):
+        SparsityConfig(method="topk", max_row_share=0.3)
     with pytest.raises(ConfigError, match="unknown key"):
         build(GateConfig, "gate", {"block_sz": 64})
 

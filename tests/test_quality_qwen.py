@@ -148,6 +148,12 @@ def test_budget_method_sets_every_jobs_budget(study):
         study.planned_jobs(study.parse_args([*base[:-5], "--budget-method", "topk"]))
     with pytest.raises(SystemExit):
         study.parse_args([*base, "--budget-method", "topp"])
+    capped = study.planned_jobs(study.parse_args([*base, "--max-row-share", "0.3"]))
+    assert {(job.sparsity.method, job.sparsity.max_row_share) for job in capped} == {("threshold", 0.3)}
+    assert "max_row_share=0.3" in capped[0].sparsity.describe()
+    for bad in (["--max-row-share", "1"], ["--max-row-share", "0.3", "--budget-method", "topk"]):
+        with pytest.raises(SystemExit, match="--max-row-share"):
+            study.planned_jobs(study.parse_args([*base, *bad]))
 
 
 ATTRIBUTION = ["--model", "smollm2", "--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",

@@ -31,7 +31,7 @@ import torch
 from seer.checks import build
 from seer.files import atomic_write_text, read_json_records
 from seer.sparsity.config import SparsityConfig
-from seer.sparsity.masks import causal_blocks, row_probs, select_blocks, threshold_mask_from_probs
+from seer.sparsity.masks import causal_blocks, row_probs, row_ranks, select_blocks, threshold_mask_from_probs
 from seer.sparsity.measures import head_density
 
 FILE = "calibration.json"
@@ -106,13 +106,14 @@ def _bisect(density_of: Callable[[torch.Tensor], torch.Tensor], target: torch.Te
 
 def _density_of_knob(scores: torch.Tensor, config: SparsityConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """``knob [H] -> density [H]``: the kept share of each head of ``scores [rows, H, nb, nb]`` under ``config`` with
-    a per-head knob; for a threshold the rows' softmax is computed once, not at every bisection step (the masks are
-    the same)."""
+    a per-head knob; for a threshold the rows' softmax (and a row cap's ranks) is computed once, not at every
+    bisection step (the masks are the same)."""
     if config.method != "threshold":
         return lambda knob: head_density(select_blocks(scores, config, knob))
     probs = row_probs(scores)
+    ranks = row_ranks(probs, config.sink_blocks, config.local_blocks) if config.max_row_share < 1 else None
     return lambda knob: head_density(threshold_mask_from_probs(probs, knob, config.sink_blocks, config.local_blocks,
-                                                               config.dense_last_rows))
+                                                               config.dense_last_rows, config.max_row_share, ranks))
 
 
 def _check_calibratable(config: SparsityConfig) -> None:

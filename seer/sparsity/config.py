@@ -7,7 +7,9 @@ plus a *budget* (this config). Budgets:
 * ``topk``: keep the ``target_density`` share of each query-block row's causal blocks (exact per-row budgets; with
   ``nz_formula`` the authors' uniform ``k = (1 - sqrt(1 - density)) * nb`` per row).
 * ``threshold``: keep the blocks whose softmax share of the row (softmax of the scores over the row's causal blocks)
-  exceeds ``threshold``.
+  exceeds ``threshold``; with ``max_row_share < 1``, at most that share of each row's causal blocks (the top-k
+  budget of :func:`seer.sparsity.masks.row_budgets` at that share, forced blocks counted): a flat row, whose every
+  block clears the threshold, is cut to its largest shares instead of running dense.
 * ``topp``: keep the fewest blocks whose softmax mass reaches ``p`` (at least one).
 * ``dense``: keep every causal block.
 
@@ -50,6 +52,7 @@ class SparsityConfig:
     local_blocks: int = 0
     dense_last_rows: int = 1  # the prompt's last query block attends densely (the module docstring)
     dense_layers: list[int] = field(default_factory=list)
+    max_row_share: float = 1.0  # threshold only: the most of a row's causal blocks it keeps (1: no cap)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +73,12 @@ class SparsityConfig:
             v = getattr(self, key)
             if not is_int(v) or v < 0:
                 fail("sparsity", key, v, "must be an integer >= 0")
+        if not is_number(self.max_row_share) or not 0 < self.max_row_share <= 1:
+            fail("sparsity", "max_row_share", self.max_row_share, "is the most of a row's causal blocks a threshold "
+                 "keeps; must be in (0, 1] (1: no cap)")
+        if self.max_row_share < 1 and self.method != "threshold":
+            fail("sparsity", "max_row_share", self.max_row_share, f"caps a threshold's rows; method={self.method} "
+                 "takes none (topk keeps target_density of every row already)")
         self.dense_layers = list(self.dense_layers)
         if not all(is_int(i) for i in self.dense_layers) or len(set(self.dense_layers)) != len(self.dense_layers):
             fail("sparsity", "dense_layers", self.dense_layers, "must be distinct layer indices")
@@ -102,4 +111,6 @@ class SparsityConfig:
                   if getattr(self, k)]
         if self.dense_layers:
             forced.append(f"dense_layers={self.dense_layers}")
+        if self.max_row_share < 1:
+            forced.append(f"max_row_share={self.max_row_share:g}")
         return what + (f" [{', '.join(forced)}]" if forced else "")

@@ -112,20 +112,41 @@ def row_probs(scores: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_mask(scores: torch.Tensor, threshold: Knob, sink_blocks: int = 0, local_blocks: int = 0,
-                   dense_last_rows: int = 0) -> torch.Tensor:
+                   dense_last_rows: int = 0, max_row_share: float = 1.0) -> torch.Tensor:
     """Keep causal blocks whose softmax share of the row exceeds ``threshold``, plus the forced blocks and the last
-    ``dense_last_rows`` rows."""
+    ``dense_last_rows`` rows. With ``max_row_share < 1`` a row keeps at most its :func:`row_budgets` at that share
+    (forced blocks counted, and kept even beyond it): of the blocks over the threshold, those of largest share."""
     _check_scores(scores)
-    return threshold_mask_from_probs(row_probs(scores), threshold, sink_blocks, local_blocks, dense_last_rows)
+    return threshold_mask_from_probs(row_probs(scores), threshold, sink_blocks, local_blocks, dense_last_rows,
+                                     max_row_share)
+
+
+def row_ranks(probs: torch.Tensor, sink_blocks: int = 0, local_blocks: int = 0) -> torch.Tensor:
+    """Each causal block's rank in its row (int64, 0 first): the forced blocks, then the others by falling share
+    (ties: the lower index first); blocks above the diagonal rank last. What a row cap compares with the row's
+    budget; computed once, it serves every threshold a calibration tries."""
+    nb = probs.shape[-1]
+    forced = forced_blocks(nb, sink_blocks, local_blocks, probs.device)
+    ranked = probs.float().masked_fill(forced, float("inf")).masked_fill(~causal_blocks(nb, probs.device),
+                                                                         float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(nb, device=probs.device).expand_as(order))
 
 
 def threshold_mask_from_probs(probs: torch.Tensor, threshold: Knob, sink_blocks: int = 0, local_blocks: int = 0,
-                              dense_last_rows: int = 0) -> torch.Tensor:
-    """:func:`threshold_mask` given the rows' softmax shares ``probs = row_probs(scores)``: what a calibration
-    that tries many thresholds on the same scores computes once."""
+                              dense_last_rows: int = 0, max_row_share: float = 1.0,
+                              ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`threshold_mask` given the rows' softmax shares ``probs = row_probs(scores)`` (and, for a row cap, the
+    :func:`row_ranks` of ``probs`` when already computed): what a calibration that tries many thresholds on the same
+    scores computes once."""
     nb = probs.shape[-1]
-    mask = (probs > _per_head(threshold, probs)) | forced_blocks(nb, sink_blocks, local_blocks, probs.device)
-    return _finish(mask, nb, dense_last_rows)
+    forced = forced_blocks(nb, sink_blocks, local_blocks, probs.device)
+    over = probs > _per_head(threshold, probs)
+    if max_row_share < 1:
+        if ranks is None:
+            ranks = row_ranks(probs, sink_blocks, local_blocks)
+        over &= ranks < row_budgets(nb, max_row_share, device=probs.device)[:, None]
+    return _finish(over | forced, nb, dense_last_rows)
 
 
 def topp_mask(scores: torch.Tensor, p: Knob, sink_blocks: int = 0, local_blocks: int = 0,
@@ -163,7 +184,8 @@ def select_blocks(scores: torch.Tensor, config: SparsityConfig, knob: Knob | Non
     if config.method == "topk":
         return topk_mask(scores, config.target_density if knob is None else knob, config.nz_formula, **forced)
     if config.method == "threshold":
-        return threshold_mask(scores, config.threshold if knob is None else knob, **forced)
+        return threshold_mask(scores, config.threshold if knob is None else knob, max_row_share=config.max_row_share,
+                              **forced)
     return topp_mask(scores, config.p if knob is None else knob, **forced)
 
 

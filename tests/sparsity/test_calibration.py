@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seer.sparsity import SparsityConfig, causal_blocks, head_density, select_blocks, threshold_mask
-from seer.sparsity.masks import row_probs, threshold_mask_from_probs
+from seer.sparsity.masks import row_budgets, row_probs, threshold_mask_from_probs
 from seer.sparsity.calibration import (Calibration, calibrate, find_calibration, fit_knob, load_calibrations,
                                        save_calibration)
 
@@ -70,6 +70,20 @@ def test_threshold_from_probs_is_the_threshold_mask():
         want = threshold_mask(scores, knob, sink_blocks=1, local_blocks=2, dense_last_rows=1)
         got = threshold_mask_from_probs(row_probs(scores), knob, sink_blocks=1, local_blocks=2, dense_last_rows=1)
         assert torch.equal(got, want)
+
+
+def test_a_capped_threshold_calibrates_and_caps_every_row():
+    scores = _scores(seed=5)
+    config = SparsityConfig(method="threshold", target_density=0.15, max_row_share=0.2, sink_blocks=1)
+    cal = calibrate(scores, config, selector="test", seq_len=2048)
+    assert abs(cal.density - 0.15) < 0.01
+    assert cal.density == pytest.approx(_mean_density(scores, config, cal), abs=1e-6)
+    budgets = row_budgets(64, 0.2)
+    for i, s in scores.items():
+        kept = select_blocks(s, config, cal.knob(i)).sum(-1)[..., :-config.dense_last_rows]
+        assert (kept <= torch.clamp(budgets[:-1], min=2)).all()  # the sink and the diagonal are kept beyond it
+    uncapped = calibrate(scores, SparsityConfig(method="threshold", target_density=0.15, sink_blocks=1))  # another knob
+    assert {tuple(k) for k in cal.knobs.values()} != {tuple(k) for k in uncapped.knobs.values()}
 
 
 def test_dense_layers_count_in_the_mean():

@@ -79,6 +79,47 @@ def test_threshold_mask_semantics():
     assert torch.equal(per_head[:, 0], mask[:, 0]) and torch.equal(per_head[:, 1], threshold_mask(scores, 0.5)[:, 1])
 
 
+def _capped_threshold_reference(probs, threshold, share, sink_blocks, local_blocks, dense_last_rows):
+    """A row cap by brute force in float64, row by row: the forced blocks, then the blocks over the threshold by
+    falling share (ties: lower index first) while the row holds fewer than its top-k budget at ``share``."""
+    b, h, nb, _ = probs.shape
+    forced = forced_blocks(nb, sink_blocks, local_blocks)
+    budgets = row_budgets(nb, share).tolist()
+    mask = torch.zeros(b, h, nb, nb, dtype=torch.bool)
+    for x in range(b):
+        for y in range(h):
+            for i in range(nb):
+                if i >= nb - dense_last_rows:
+                    mask[x, y, i, :i + 1] = True
+                    continue
+                keep = [j for j in range(i + 1) if forced[i, j]]
+                over = sorted((j for j in range(i + 1) if not forced[i, j] and probs[x, y, i, j] > threshold),
+                              key=lambda j: (-float(probs[x, y, i, j]), j))
+                keep += over[:max(0, budgets[i] - len(keep))]
+                mask[x, y, i, keep] = True
+    return mask
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("forced", [(0, 0, 0), (1, 2, 1)])
+def test_threshold_row_cap_against_brute_force(share, forced):
+    nb = 24
+    scores = torch.randn(2, 3, nb, nb, dtype=torch.float64) * 2
+    probs = row_probs(scores).double()
+    for threshold in (0.0, 0.01, 0.05):
+        got = threshold_mask(scores, threshold, *forced, max_row_share=share)
+        want = _capped_threshold_reference(probs, threshold, share, *forced)
+        assert torch.equal(got, want), (share, forced, threshold)
+        if share == 1.0:
+            assert torch.equal(got, threshold_mask(scores, threshold, *forced))
+        else:  # at threshold 0 every causal block clears it: the cap alone decides, as a top-k at that share does
+            if threshold == 0.0 and forced == (0, 0, 0):
+                assert torch.equal(got, topk_mask(scores, share))
+    config = SparsityConfig(method="threshold", target_density=None, threshold=0.01, max_row_share=0.2)
+    assert torch.equal(select_blocks(scores, config), threshold_mask(scores, 0.01, dense_last_rows=1,
+                                                                     max_row_share=0.2))
+
+
 @pytest.mark.parametrize("p", [0.3, 0.7, 0.9, 0.99, 1.0])
 def test_topp_keeps_the_fewest_blocks_that_reach_p(p):
     """Brute force: for each row, the smallest k such that the diagonal plus the k - 1 most probable other blocks
