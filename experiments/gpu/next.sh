@@ -456,6 +456,16 @@ for dens in 0.1 0.2; do
       --deadline-s 100000 --work "$w/work/q" --out "$w/out/qbudget16_$dens$part"
   done
 done
+# the same question with the default's calibrated threshold capped per row (sparsity.max_row_share: a flat row, whose
+# every block clears the threshold, cut to its largest shares instead of running dense), at 1.5x the target share:
+# the default alone at 16k, both texts, RULER x 4 (beside q16f_* and qbudget16_*)
+for dens in 0.1 0.2; do
+  case $dens in 0.1) cap=0.15 ;; 0.2) cap=0.3 ;; esac
+  job "qcap16_$dens" 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share "$cap" \
+    --densities "$dens" --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
+    --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
+    --out "$w/out/qcap16_$dens"
+done
 job qbudget32 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --budget-method topk --densities 0.1 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qbudget32"
