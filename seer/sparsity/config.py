@@ -101,7 +101,8 @@ class SparsityConfig:
         if self.method == "dense":
             return "dense"
         if self.method == "topk" or self.target_density is not None:
-            what = f"{self.method} target_density={self.target_density}"
+            what = f"{self.method}{' nz_formula' if self.method == 'topk' and self.nz_formula else ''} " \
+                   f"target_density={self.target_density}"
             if self.calibrated:
                 what += f" ({self.allocation})"
         else:
