@@ -112,9 +112,8 @@ def test_threshold_row_cap_against_brute_force(share, forced):
         assert torch.equal(got, want), (share, forced, threshold)
         if share == 1.0:
             assert torch.equal(got, threshold_mask(scores, threshold, *forced))
-        else:  # at threshold 0 every causal block clears it: the cap alone decides, as a top-k at that share does
-            if threshold == 0.0 and forced == (0, 0, 0):
-                assert torch.equal(got, topk_mask(scores, share))
+        elif threshold == 0.0 and forced == (0, 0, 0):  # every block clears 0: the cap alone decides, as top-k does
+            assert torch.equal(got, topk_mask(scores, share))
     config = SparsityConfig(method="threshold", target_density=None, threshold=0.01, max_row_share=0.2)
     assert torch.equal(select_blocks(scores, config), threshold_mask(scores, 0.01, dense_last_rows=1,
                                                                      max_row_share=0.2))
