@@ -145,7 +145,7 @@ def threshold_mask_from_probs(probs: torch.Tensor, threshold: Knob, sink_blocks:
     if max_row_share < 1:
         if ranks is None:
             ranks = row_ranks(probs, sink_blocks, local_blocks)
-        over &= ranks < row_budgets(nb, max_row_share, device=probs.device)[:, None]
+        over &= ranks < _shared_budgets(nb, float(max_row_share), False, probs.device)[:, None]
     return _finish(over | forced, nb, dense_last_rows)
 
 
