@@ -105,6 +105,15 @@ train_qwen=(python3 -m seer.train experiment=qwen05_gates model=qwen2_5_coder_0_
   "data.corpus.corpora.0.paths=['$w/austen/[!e]*.txt']" trainer.max_steps=800 data.seq_len=16384
   data.train_sequences=160 logger=none paths.cache_dir="$w/work/cache")
 job gates 600 "${train_qwen[@]}" paths.output_dir="$w/work/train_base"
+# a fresh machine whose recipe gates were not staged (a checkout without .assets/qwen05-gates-*): the first Qwen agenda
+# (a job named q*) to start trains them, the others wait for it
+if [ ! -e "$gates/gates.json" ] && [ -e /root/models/qwen05/qwen05.gguf ] && [[ " ${JOBS:-} " == *" q"* ]]; then
+  if mkdir "$w/gates.lock" 2>/dev/null; then
+    JOBS=gates job gates 600 "${train_qwen[@]}" paths.output_dir="$w/work/train_base"
+  else
+    until [ -e "$w/logs/gates.status" ]; do sleep 5; done
+  fi
+fi
 
 # issue 17: the blend alone and reranked (each row's top-p of its blended mass ranked again by R exact query rows per
 # block): 16 rows over top-p 0.99, the same with the candidates capped at 30% of each row's causal blocks, and 8 rows
