@@ -537,6 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-row-share", type=float, default=None,
                     help="with the threshold budget: the most of each row's causal blocks it keeps "
                          "(SparsityConfig.max_row_share, in (0, 1)); not with --plan explore")
+    ap.add_argument("--calibration-rounds", type=int, default=None,
+                    help="with the threshold budget: re-fits of each calibrated knob on the scores of the model "
+                         "running sparse (SparsityConfig.calibration_rounds, >= 1); not with --plan explore")
     ap.add_argument("--plan", default="explore", choices=["explore", "final", "lever", "attribution"],
                     help="explore: the levers (blends, dense last blocks); final: the default beside the baselines; "
                     "lever: a new gate recipe's default and its gate alone; attribution: the default with the "
@@ -668,6 +671,12 @@ def planned_jobs(args) -> list[Job | None]:
             raise SystemExit(f"--max-row-share {args.max_row_share}: give a share in (0, 1), with the threshold budget "
                              "and a plan other than explore")
         jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, max_row_share=args.max_row_share))
+                for job in jobs]
+    if args.calibration_rounds is not None:
+        if args.plan == "explore" or args.budget_method != "threshold" or args.calibration_rounds < 1:
+            raise SystemExit(f"--calibration-rounds {args.calibration_rounds}: give a count >= 1, with the threshold "
+                             "budget and a plan other than explore")
+        jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, calibration_rounds=args.calibration_rounds))
                 for job in jobs]
     jobs = only_jobs(jobs, args.only) if args.only else jobs
     layers = model_layers(args.model) if any(job and job.sparsity.dense_layers for job in jobs) else 0

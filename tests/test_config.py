@@ -116,6 +116,13 @@ def test_bad_threshold_and_method():
             SparsityConfig(max_row_share=share)
     with pytest.raises(ConfigError, match="sparsity.max_row_share=0.3: caps a threshold's rows; method=topk"):
         SparsityConfig(method="topk", max_row_share=0.3)
+    for rounds in (-1, 1.5, "a"):
+        with pytest.raises(ConfigError, match=f"sparsity.calibration_rounds={rounds!r}"):
+            SparsityConfig(calibration_rounds=rounds)
+    with pytest.raises(ConfigError, match="sparsity.calibration_rounds=2: re-fits a calibrated knob; threshold "
+                                          "threshold=0.01 .*has none"):
+        SparsityConfig(target_density=None, threshold=0.01, calibration_rounds=2)
+    assert "calibration_rounds=2" in SparsityConfig(calibration_rounds=2).describe()
     with pytest.raises(ConfigError, match="unknown key"):
         build(GateConfig, "gate", {"block_sz": 64})
 

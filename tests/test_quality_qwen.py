@@ -148,11 +148,14 @@ def test_budget_method_sets_every_jobs_budget(study):
         study.planned_jobs(study.parse_args([*base[:-5], "--budget-method", "topk"]))
     with pytest.raises(SystemExit):
         study.parse_args([*base, "--budget-method", "topp"])
-    capped = study.planned_jobs(study.parse_args([*base, "--max-row-share", "0.3"]))
+    capped = study.planned_jobs(study.parse_args([*base, "--max-row-share", "0.3", "--calibration-rounds", "2"]))
     assert {(job.sparsity.method, job.sparsity.max_row_share) for job in capped} == {("threshold", 0.3)}
-    assert "max_row_share=0.3" in capped[0].sparsity.describe()
+    assert "max_row_share=0.3, calibration_rounds=2" in capped[0].sparsity.describe()
     for bad in (["--max-row-share", "1"], ["--max-row-share", "0.3", "--budget-method", "topk"]):
         with pytest.raises(SystemExit, match="--max-row-share"):
+            study.planned_jobs(study.parse_args([*base, *bad]))
+    for bad in (["--calibration-rounds", "0"], ["--calibration-rounds", "1", "--budget-method", "topk"]):
+        with pytest.raises(SystemExit, match="--calibration-rounds"):
             study.planned_jobs(study.parse_args([*base, *bad]))
 
 

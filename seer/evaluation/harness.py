@@ -40,7 +40,7 @@ from seer.evaluation.tasks import CopyCase, PasskeyCase, copy_cases, passkey_cas
 from seer.files import atomic_write_text
 from seer.model.attention import LayerObservation, SeerContext, scorer_name
 from seer.sparsity import SparsityConfig, block_density, mass_recall, oracle_recall
-from seer.sparsity.calibration import Calibration, calibrate
+from seer.sparsity.calibration import Calibration, calibrate_in_rounds
 from seer.sparsity.decode import DecodeSparsityConfig
 
 # what each row of results holds (measures that were off are None)
@@ -312,24 +312,29 @@ class Evaluator:
         key = json.dumps([self.model_name, self.text.fingerprint, settings, self.device.type, 1], sort_keys=True)
         return self.cache_dir / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
-    def observe(self, selector, seq_len: int, want_mass: bool,
-                layer_selectors: dict | None = None) -> tuple[dict[int, torch.Tensor], dict | None]:
+    def observe(self, selector, seq_len: int, want_mass: bool, layer_selectors: dict | None = None,
+                under: Calibration | None = None) -> tuple[dict[int, torch.Tensor], dict | None]:
         """Block scores (and, with ``want_mass``, true block masses) of every layer on the calibration windows of
-        ``seq_len``, the model running dense, ``layer_selectors`` scoring their layers: ``({layer: [rows, H, nb,
-        nb]}, {layer: ...} or None)``. Cached per scorer, layer selectors and length."""
+        ``seq_len``, the model running dense (or, ``under`` a calibration, sparse with its budget and knobs),
+        ``layer_selectors`` scoring their layers: ``({layer: [rows, H, nb, nb]}, {layer: ...} or None)``. The dense
+        observation is cached per scorer, layer selectors and length."""
         key = (repr(selector), repr(sorted((layer_selectors or {}).items())), seq_len)
-        have = self._observed.get(key)
+        have = self._observed.get(key) if under is None else None
         if have is not None and (have[1] is not None or not want_mass):
             return have
         rows = self.windows[seq_len][:self.config.calibration_windows]
         if not len(rows):
             raise ValueError("a calibrated budget needs eval.calibration_windows >= 1")
-        with self.ctx.observing(want_mass, selector=selector, layer_selectors=layer_selectors) as observed:
-            for batch in self._bar(list(self._batches(rows)), f"calibration {seq_len}"):
+        sparse = {} if under is None else dict(sparse=True, sparsity=under.sparsity, calibration=under)
+        with self.ctx.observing(want_mass, selector=selector, layer_selectors=layer_selectors, **sparse) as observed:
+            for batch in self._bar(list(self._batches(rows)), f"calibration {seq_len}"
+                                   + ("" if under is None else " (sparse)")):
                 with torch.no_grad():
                     self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
-        self._observed[key] = (observed.scores(), observed.masses() if want_mass else None)
-        return self._observed[key]
+        got = (observed.scores(), observed.masses() if want_mass else None)
+        if under is None:
+            self._observed[key] = got
+        return got
 
     def forget(self, selector) -> None:
         """Drops the observations cached for ``selector`` (None: the gates, after loading other gate weights), with
@@ -339,10 +344,13 @@ class Evaluator:
     def calibrate(self, selector, sparsity: SparsityConfig, seq_len: int,
                   layer_selectors: dict | None = None) -> Calibration:
         """The calibration of ``sparsity`` for ``selector`` (with ``layer_selectors`` scoring their layers) on the
-        calibration windows of ``seq_len``."""
-        scores, masses = self.observe(selector, seq_len, sparsity.allocation == "oracle", layer_selectors)
-        return calibrate(scores, sparsity, masses, selector=scorer_name(selector, self.ctx.gate_config,
-                                                                         layer_selectors), seq_len=seq_len)
+        calibration windows of ``seq_len``: fitted on the dense model's scores, then re-fitted on the sparse model's
+        ``sparsity.calibration_rounds`` times (each round one sparse forward over the windows)."""
+        def observe(under: Calibration | None):
+            return self.observe(selector, seq_len, sparsity.allocation == "oracle", layer_selectors, under)
+
+        return calibrate_in_rounds(observe, sparsity, scorer_name(selector, self.ctx.gate_config, layer_selectors),
+                                   seq_len)
 
     def _calibration(self, selector, sparsity: SparsityConfig, seq_len: int, layer_selectors: dict | None,
                      given: Calibration | None) -> Calibration | None:

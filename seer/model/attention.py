@@ -191,17 +191,19 @@ class SeerContext:
             self.update(**before)
 
     @contextlib.contextmanager
-    def observing(self, want_mass: bool = False, **settings: Any) -> Iterator[ObservedScores]:
+    def observing(self, want_mass: bool = False, sparse: bool = False, **settings: Any) -> Iterator[ObservedScores]:
         """Runs the model dense in ``observe`` mode inside the block (``settings`` as :meth:`running`'s, e.g. a
-        ``selector``), collecting every layer's block scores (and, ``want_mass``, true block masses)."""
+        ``selector``), collecting every layer's block scores (and, ``want_mass``, true block masses); ``sparse``:
+        running sparse instead (``settings`` then name the ``sparsity`` and its ``calibration``), so that each layer's
+        scores are those of the sparse model's inputs."""
         observed = ObservedScores()
-        with self.running("observe", consumer=observed, want_mass=want_mass, **settings):
+        with self.running("sparse" if sparse else "observe", consumer=observed, want_mass=want_mass, **settings):
             yield observed
 
 
 class ObservedScores:
-    """The block scores (and true block masses, when observed) that layers hand over in ``observe`` mode, by layer:
-    what calibration reads."""
+    """The block scores (and true block masses, when observed) that layers hand over in ``observe`` (or ``sparse``)
+    mode, by layer: what calibration reads."""
 
     def __init__(self) -> None:
         self._scores: dict[int, list[torch.Tensor]] = {}

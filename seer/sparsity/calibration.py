@@ -209,6 +209,22 @@ def calibrate(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
                        rows=scores[sparse[0]].shape[0], seq_len=seq_len)
 
 
+Observer = Callable[[Calibration | None], tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]]
+
+
+def calibrate_in_rounds(observe: Observer, config: SparsityConfig, selector: str = "gate",
+                        seq_len: int = 0) -> Calibration:
+    """:func:`calibrate` on the ``(scores, masses)`` of ``observe(None)`` (the calibration rows with the model running
+    dense), then ``config.calibration_rounds`` times again on those of ``observe(last)`` (the same rows with the model
+    running sparse under the last calibration): a sparse model's later layers score other inputs, and each round fits
+    the knob to what the model it serves sees (see :mod:`seer.sparsity.config`)."""
+    calibration = None
+    for _ in range(1 + config.calibration_rounds):
+        scores, masses = observe(calibration)
+        calibration = calibrate(scores, config, masses, selector=selector, seq_len=seq_len)
+    return calibration
+
+
 def selection_masks(scores: Mapping[int, torch.Tensor], config: SparsityConfig,
                     masses: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """The masks ``config`` picks from each layer's scores; a calibrated budget is calibrated on these very scores
@@ -249,5 +265,5 @@ def find_calibration(folder: str | Path, sparsity: SparsityConfig, selector: str
                      f"(target_density=null)")
 
 
-__all__ = ["Calibration", "calibrate", "find_calibration", "fit_knob", "load_calibrations", "save_calibration",
-           "selection_masks"]
+__all__ = ["Calibration", "calibrate", "calibrate_in_rounds", "find_calibration", "fit_knob", "load_calibrations",
+           "save_calibration", "selection_masks"]

@@ -10,6 +10,7 @@ checkpoint IO plugin).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -278,7 +279,8 @@ class RunRecord(L.Callback):
 class GateCalibration(L.Callback):
     """At the end of training, calibrates the knob of a calibrated budget (``sparsity.calibrated``: threshold or
     top-p with a ``target_density``) on the gate scores of the validation rows (the batches validation uses; all
-    validation rows when validation is off) and writes it beside the gates (``calibration.json``), where
+    validation rows when validation is off; re-fitted on the gates' scores with the model running sparse
+    ``sparsity.calibration_rounds`` times) and writes it beside the gates (``calibration.json``), where
     ``seer.load`` finds it: in ``gates_dir`` and, for a stage that exports a model folder (``pl_module.export_dir``),
     beside the exported gates too. Every process runs the model (sharded models need all); rank 0 writes."""
 
@@ -287,24 +289,30 @@ class GateCalibration(L.Callback):
 
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module) -> None:
-        from seer.sparsity.calibration import calibrate, save_calibration
+        from seer.sparsity.calibration import calibrate_in_rounds, save_calibration
 
         limit = trainer.num_val_batches[0] if trainer.num_val_batches and trainer.num_val_batches[0] else None
         model = getattr(pl_module, "lm", pl_module.model)  # the Hugging Face model, inside a peft wrapper if any
         seq_len = 0
-        with model.seer_context.observing(want_mass=self.sparsity.allocation == "oracle") as observed:
-            for i, batch in enumerate(trainer.datamodule.val_dataloader()):
-                if limit is not None and i >= limit:
-                    break
-                ids = batch["input_ids"].to(pl_module.device)
-                seq_len = ids.shape[1]
-                # under the training precision (autocast for bf16-mixed): the scores training saw, and dense
-                # attention in bfloat16 (float32 master weights would give float32 Q/K/V, which SDPA's flash kernel
-                # does not take)
-                with trainer.precision_plugin.forward_context():
-                    model.base_model(input_ids=ids, use_cache=False)
-        calibration = calibrate(observed.scores(), self.sparsity, observed.masses(),
-                                selector=model.seer_context.scorer_name, seq_len=seq_len)
+
+        def observe(under):  # the validation rows, dense (under None) or sparse under a calibration
+            nonlocal seq_len
+            sparse = {} if under is None else dict(sparse=True, sparsity=self.sparsity, calibration=under)
+            with model.seer_context.observing(want_mass=self.sparsity.allocation == "oracle", **sparse) as observed:
+                for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+                    if limit is not None and i >= limit:
+                        break
+                    ids = batch["input_ids"].to(pl_module.device)
+                    seq_len = ids.shape[1]
+                    # under the training precision (autocast for bf16-mixed): the scores training saw, and dense
+                    # attention in bfloat16 (float32 master weights would give float32 Q/K/V, which SDPA's flash
+                    # kernel does not take)
+                    with trainer.precision_plugin.forward_context():
+                        model.base_model(input_ids=ids, use_cache=False)
+            return observed.scores(), observed.masses()
+
+        calibration = calibrate_in_rounds(observe, self.sparsity, model.seer_context.scorer_name)
+        calibration = dataclasses.replace(calibration, seq_len=seq_len)  # the rows' length, known once observed
         if trainer.is_global_zero:
             export = getattr(pl_module, "export_dir", None)
             for folder in [self.gates_dir] + ([Path(export) / "gates"] if export is not None else []):

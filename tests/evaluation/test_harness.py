@@ -11,6 +11,7 @@ from seer.evaluation.harness import ROW_KEYS, Evaluator
 from seer.gates.config import GateConfig
 from seer.model.attention import attach_gates, prepare_model
 from seer.sparsity import SparsityConfig
+from seer.sparsity.calibration import calibrate
 from seer.sparsity.selectors import SELECTORS, build_selector
 
 CFG = dict(seq_lens=[256], windows=2, calibration_windows=1, passkey=2, copy=2, copy_span=8, timing=False,
@@ -150,3 +151,21 @@ def test_calibration_ppl_is_the_perplexity_of_the_calibration_windows(model, tok
     with pytest.raises(ValueError, match="needs eval.calibration_windows >= 1"):
         _evaluator(model, tokenizer, corpus, passkey=0, copy=0, calibration_windows=0).calibration_ppl(
             None, SparsityConfig(method="topk", target_density=0.3), 256)
+
+
+def test_calibration_rounds_refit_on_the_scores_of_the_model_running_sparse(model, tokenizer, corpus):
+    prepare_model(model, 16)
+    ev = _evaluator(model, tokenizer, corpus, passkey=0, copy=0, windows=1)
+    oracle = build_selector("oracle")
+    once = SparsityConfig(method="threshold", target_density=0.25, max_row_share=0.35)
+    refit = SparsityConfig(method="threshold", target_density=0.25, max_row_share=0.35, calibration_rounds=1)
+    first, cal = ev.calibrate(oracle, once, 256), ev.calibrate(oracle, refit, 256)
+    with model.seer_context.observing(sparse=True, selector=oracle, sparsity=once, calibration=first) as observed:
+        with torch.no_grad():
+            model.base_model(input_ids=ev.windows[256][:1], use_cache=False)
+    dense_scores, _ = ev.observe(oracle, 256, False)
+    assert not torch.allclose(observed.scores()[1], dense_scores[1])  # layer 1 sees the sparse layer 0's output
+    assert torch.equal(observed.scores()[0], dense_scores[0])
+    assert cal.knobs == calibrate(observed.scores(), refit, selector="oracle", seq_len=256).knobs != first.knobs
+    assert cal.matches(refit, "oracle", 256) and abs(cal.density - 0.25) < 0.01
+    assert len(ev._observed) == 1  # only the dense observation is cached

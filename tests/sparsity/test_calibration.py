@@ -5,8 +5,8 @@ import torch
 
 from seer.sparsity import SparsityConfig, causal_blocks, head_density, select_blocks, threshold_mask
 from seer.sparsity.masks import row_budgets, row_probs, threshold_mask_from_probs
-from seer.sparsity.calibration import (Calibration, calibrate, find_calibration, fit_knob, load_calibrations,
-                                       save_calibration)
+from seer.sparsity.calibration import (Calibration, calibrate, calibrate_in_rounds, find_calibration, fit_knob,
+                                       load_calibrations, save_calibration)
 
 
 def _scores(layers=3, rows=2, heads=4, nb=64, seed=0):
@@ -84,6 +84,26 @@ def test_a_capped_threshold_calibrates_and_caps_every_row():
         assert (kept <= torch.clamp(budgets[:-1], min=2)).all()  # the sink and the diagonal are kept beyond it
     uncapped = calibrate(scores, SparsityConfig(method="threshold", target_density=0.15, sink_blocks=1))  # another knob
     assert {tuple(k) for k in cal.knobs.values()} != {tuple(k) for k in uncapped.knobs.values()}
+
+
+def test_rounds_refit_on_what_the_model_running_under_the_last_calibration_scores():
+    config = SparsityConfig(method="threshold", target_density=0.15, max_row_share=0.2, calibration_rounds=2)
+    dense = _scores(seed=1)
+    seen = []
+
+    def observe(under):  # a model whose scores sharpen the more its last knob keeps (as a sparse model's would move)
+        seen.append(under)
+        if under is None:
+            return dense, None
+        knob = sum(k for knobs in under.knobs.values() for k in knobs) / sum(map(len, under.knobs.values()))
+        return {i: s * (1 + 50 * knob) for i, s in dense.items()}, None
+
+    cal = calibrate_in_rounds(observe, config, selector="test", seq_len=2048)
+    assert len(seen) == 3 and seen[0] is None and seen[1] is not None and seen[2] is not seen[1]
+    assert cal == calibrate(observe(seen[2])[0], config, selector="test", seq_len=2048)  # the last round's fit
+    assert cal.knobs != seen[1].knobs and cal.seq_len == 2048 and abs(cal.density - 0.15) < 0.01
+    no_rounds = SparsityConfig(method="threshold", target_density=0.15, max_row_share=0.2)
+    assert calibrate_in_rounds(observe, no_rounds).knobs == seen[1].knobs  # no rounds: the dense fit
 
 
 def test_dense_layers_count_in_the_mean():

@@ -54,11 +54,13 @@ def test_validation_runs_at_the_last_step_and_files_keep_the_umask(tmp_path):
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o640) for p in written}
 
 
-def test_threshold_run_calibrates_its_density_for_seer_load(tmp_path):
-    sparsity = {"method": "threshold", "target_density": 0.3}
+@pytest.mark.parametrize("extra", [{}, {"max_row_share": 0.5, "calibration_rounds": 1}])
+def test_threshold_run_calibrates_its_density_for_seer_load(tmp_path, extra):
+    sparsity = {"method": "threshold", "target_density": 0.3, **extra}
     summary = train(tmp_path, "sparsity=threshold", "sparsity.target_density=0.3", "data.seq_len=256",
-                    "trainer.max_steps=2")
-    assert summary["sparsity_policy"] == "threshold target_density=0.3 (global) [dense_last_rows=1]"
+                    "trainer.max_steps=2", *(f"sparsity.{k}={v}" for k, v in extra.items()))
+    assert summary["sparsity_policy"] == "threshold target_density=0.3 (global) [dense_last_rows=1" + \
+        "".join(f", {k}={v}" for k, v in extra.items()) + "]"
     assert abs(summary["calibration"]["density"] - 0.3) < 0.02 and summary["calibration"]["knob"] > 0
     assert (tmp_path / "gates" / "calibration.json").is_file()
     from seer.config import compose
