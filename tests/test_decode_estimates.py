@@ -3,20 +3,14 @@ of every block is exact) and its arguments."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # as when run as a file: its sibling scripts importable
-    import decode_estimates
-
-    return decode_estimates
+def study(experiment):
+    return experiment("decode_estimates")
 
 
 def _layer(seed: int, hq: int = 4, hkv: int = 2, n: int = 150, d: int = 8):

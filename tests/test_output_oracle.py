@@ -2,20 +2,13 @@
 selection keeps the right number of causal blocks with the diagonal, and a density covering every block gives the
 dense output."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import output_oracle
-
-    return output_oracle
+def study(experiment):
+    return experiment("output_oracle")
 
 
 def _attention(h, n, d, seed):

@@ -1,8 +1,6 @@
 """experiments/quality_decode.py, a GPU study (run once on an H200): its arguments parse, and on a tiny random model
 on the CPU its teacher-forced NLL is the model's and a budget covering every block measures what dense decode does."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,15 +10,10 @@ from seer.model.attention import prepare_model
 from seer.model.decode import attach_decode_gates, decode_gates
 from tests.tiny import tiny_model
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # as when run as a file: its sibling scripts importable
-    import quality_decode
-
-    return quality_decode
+def study(experiment):
+    return experiment("quality_decode")
 
 
 def test_arguments_parse_and_bad_budgets_are_refused(study):

@@ -2,19 +2,13 @@
 exactly the same settings."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # as when run as a file: its sibling scripts importable
-    import quality_qwen
-
-    return quality_qwen
+def study(experiment):
+    return experiment("quality_qwen")
 
 
 def test_dense_is_reused_only_with_the_same_settings(study, tmp_path):

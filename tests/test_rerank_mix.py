@@ -1,22 +1,16 @@
 """experiments/rerank_mix.py, an experiment wrapper: the rerank's masses mixed with the proposal's probabilities on the
 candidates (renormalised), the plain rerank at mix 0, the proposal alone at mix 1, and the wrapper's swap."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from seer.kernels import reference
 from seer.sparsity import selectors
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def mix(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import rerank_mix
-
+def mix(experiment, monkeypatch):
+    rerank_mix = experiment("rerank_mix")
     monkeypatch.setattr(selectors, "sampled_rows_mass", selectors.sampled_rows_mass)  # restored after each test
     monkeypatch.setattr(selectors, "top_p_candidates", selectors.top_p_candidates)
     return rerank_mix

@@ -1,23 +1,16 @@
 """experiments/rerank_union.py, an experiment wrapper: the union it ranks is each key head's union of its query heads'
 candidates, the masses are the reference's over that union, and the wrapper swaps the selectors' rerank for it."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from seer.kernels import reference
 from seer.sparsity import selectors
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def union(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import rerank_union
-
-    return rerank_union
+def union(experiment):
+    return experiment("rerank_union")
 
 
 def test_the_union_is_each_key_heads_and_the_masses_the_references(union):

@@ -2,22 +2,15 @@
 the window's blocks (its largest shares, forced blocks kept), and the wrapper swaps both names the threshold is read
 by."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from seer.sparsity import calibration, masks
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 @pytest.fixture
-def window(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import row_cap_window
-
-    return row_cap_window
+def window(experiment):
+    return experiment("row_cap_window")
 
 
 def test_each_row_keeps_its_largest_shares_up_to_the_windows_cap(window):

@@ -3,7 +3,6 @@ selection made per query block score the same through prefixes as in one forward
 rows does not; the wrapper patches the harness and refuses a bad chunk by name."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +14,10 @@ from seer.model.attention import prepare_model
 from seer.sparsity import SparsityConfig
 from seer.sparsity.selectors import build_selector
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-
 
 @pytest.fixture
-def prefix(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    import prefix_ppl
-
+def prefix(experiment, monkeypatch):
+    prefix_ppl = experiment("prefix_ppl")
     for name in ("_perplexity", "_row", "_dense_cache_path"):  # restored after each test
         monkeypatch.setattr(harness.Evaluator, name, getattr(harness.Evaluator, name))
     monkeypatch.setattr(prefix_ppl, "CHUNK", 32)

@@ -208,15 +208,12 @@ def test_q_tokens_config_errors_name_the_value():
         _gate().project(torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16))
 
 
-def test_recipe_override_composes(tmp_path, monkeypatch):
+def test_recipe_override_composes(tmp_path, experiment):
     """What experiments/quality_qwen.py passes seer.train for ``--recipes tok=...``: on the Qwen recipe (Q pooled
     avg+max+min) ``gate.q_tokens=true`` alone is refused naming q_pool; with ``gate.q_pool=[avg]`` it composes."""
-    from pathlib import Path
-
     from seer.config import compose, validate
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "experiments"))
-    import quality_qwen
+    quality_qwen = experiment("quality_qwen")
 
     args = quality_qwen.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes",
                                     "tok=gate.q_tokens=true;gate.q_pool=[avg]", "bad=gate.q_tokens=true"])

@@ -11,16 +11,14 @@ import torch
 
 from seer.kernels import flash_gt
 from seer.kernels import flash_gt_kernels as fk
-from tests.kernels.scripts import ROOT, run_experiment
+from tests.kernels.scripts import run_experiment
 
 TABLES = {"fast": flash_gt.FAST, "dense": flash_gt.DENSE, "pass2": flash_gt.PASS2}
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    import bench_gt
-    return bench_gt
+def bench(experiment):
+    return experiment("bench_gt")
 
 
 def test_help_and_list_variants(bench):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from seer.kernels import block_sparse as bs
 from seer.kernels.common import tiles_invalid
-from tests.kernels.scripts import ROOT, run_experiment
+from tests.kernels.scripts import run_experiment
 
 
 def test_help_runs():
@@ -14,9 +14,8 @@ def test_help_runs():
     assert "--compile-only" in res.stdout and "--budget-s" in res.stdout
 
 
-def test_variants_are_valid_configs(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    import bench_hopper
+def test_variants_are_valid_configs(experiment):
+    bench_hopper = experiment("bench_hopper")
     variants = bench_hopper.variants()
     assert len(variants) == 21 and len({bench_hopper.name(lay, c) for lay, c in variants if c}) == 19
     for layout, config in variants:

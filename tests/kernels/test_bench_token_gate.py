@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 
 from seer.gates import AttnGate
-from tests.kernels.scripts import ROOT, run_experiment
+from tests.kernels.scripts import run_experiment
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    import bench_token_gate
-    return bench_token_gate
+def bench(experiment):
+    return experiment("bench_token_gate")
 
 
 def test_help_runs():
