@@ -9,7 +9,9 @@ better target:
 
     pool[i, j] = (1/|i| sum_r m_r[j]^p)^(1/p)     (p = 1: the oracle; p -> inf: the max over rows)
 
-then row-normalised like every selector's scores. ``SEER_ORACLE_POOL``: ``max`` or a power ``p >= 1`` (default 2).
+then row-normalised like every selector's scores. ``SEER_ORACLE_POOL``: ``max``, a power ``p >= 1`` (default 2), or
+``first:W``: the plain mean with each query block's first row weighted ``W`` times the others (the evenly spread
+16-row sample of the rerank weighs it once in 16, the mean once in 64: ``first:4`` mimics that share).
 The oracle's scores are swapped for these (on the CPU reference path only; a CUDA tensor is refused) and a command
 runs:
 
@@ -28,24 +30,30 @@ from seer.kernels import reference
 from seer.sparsity import selectors
 
 
-def pool_setting() -> float:
-    """``SEER_ORACLE_POOL`` as a power: ``max`` is ``inf``; a number must be >= 1 (default 2)."""
+def pool_setting() -> tuple[float, float]:
+    """``SEER_ORACLE_POOL`` as ``(power, first-row weight)``: ``max`` is ``(inf, 1)``, a number ``p >= 1`` is
+    ``(p, 1)`` (default 2), ``first:W`` (``W > 0``) is ``(1, W)``."""
     raw = os.environ.get("SEER_ORACLE_POOL", "2")
     if raw == "max":
-        return float("inf")
+        return float("inf"), 1.0
+    first = raw.startswith("first:")
     try:
-        power = float(raw)
+        value = float(raw[len("first:"):] if first else raw)
     except ValueError:
-        power = 0.0
-    if not power >= 1:
-        raise ValueError(f"SEER_ORACLE_POOL must be 'max' or a power >= 1, got {raw!r}")
-    return power
+        value = float("nan")
+    if first and value > 0 and value != float("inf"):
+        return 1.0, value
+    if not first and value >= 1:
+        return value, 1.0
+    raise ValueError(f"SEER_ORACLE_POOL must be 'max', a power >= 1 or 'first:W' with W > 0, got {raw!r}")
 
 
 @torch.no_grad()
-def pooled_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, power: float) -> torch.Tensor:
+def pooled_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, power: float,
+                first_weight: float = 1.0) -> torch.Tensor:
     """``[B, Hq, nb, nb]``: per query block, the power mean (``power``; ``inf``: the max) over its rows of each row's
-    causal softmax mass on each key block (0 above the diagonal), in float32 (float64 inputs stay float64)."""
+    causal softmax mass on each key block (0 above the diagonal), the block's first row weighted ``first_weight``
+    times the others (a weighted mean; the max ignores it), in float32 (float64 inputs stay float64)."""
     b, hq, hkv, n, _ = reference.check_qkv_shapes(q, k)
     nb = reference.num_blocks(n, block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
@@ -63,7 +71,9 @@ def pooled_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float,
             if power == float("inf"):
                 pooled = block.amax(-2)
             else:
-                pooled = block.pow(power).mean(-2).pow(1.0 / power)
+                weight = torch.ones(block.shape[-2], dtype=block.dtype, device=block.device)
+                weight[0] = first_weight
+                pooled = (block.pow(power) * weight[:, None]).sum(-2).div(weight.sum()).pow(1.0 / power)
             out[:, :, start // block_size + t, :kb] = pooled.reshape(b, hq, kb).to(out.dtype)
     return out
 
@@ -71,7 +81,8 @@ def pooled_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float,
 def pooled_oracle_scores(self, x: selectors.LayerInputs) -> torch.Tensor:
     if x.q.is_cuda:
         raise ValueError("oracle_pool: the pooled oracle runs on the CPU reference path only")
-    return selectors.log_mass(pooled_mass(x.q, x.k, x.block_size, x.scale, pool_setting()))
+    power, first_weight = pool_setting()
+    return selectors.log_mass(pooled_mass(x.q, x.k, x.block_size, x.scale, power, first_weight))
 
 
 def main(argv: list[str]) -> None:
