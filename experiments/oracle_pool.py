@@ -16,6 +16,9 @@ The oracle's scores are swapped for these (on the CPU reference path only; a CUD
 runs:
 
     SEER_ORACLE_POOL=max python experiments/oracle_pool.py -m seer.eval selector=oracle <seer.eval overrides>
+
+Measured (Qwen at 8k, novel, 0.1; docs/results/qwen/row_sampling_8k_cpu.md): the max is far worse (+13.0%), p = 2 and
+``first:4`` win half of the gap (+5.43%, +5.93%): the rows' weighting, not spikiness, is what the mean misses.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def pooled_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float,
 
 
 def pooled_oracle_scores(self, x: selectors.LayerInputs) -> torch.Tensor:
+    """What :meth:`Oracle.scores` becomes: the log of the pooled masses of :func:`pool_setting`, row-normalised."""
     if x.q.is_cuda:
         raise ValueError("oracle_pool: the pooled oracle runs on the CPU reference path only")
     power, first_weight = pool_setting()
