@@ -94,6 +94,8 @@ def test_generate_config_composes(tmp_path):
     ("stage.lr=-1", "stage.lr=-1"),
     ("stage.gt=cuda", "stage.gt='cuda'"),
     ("stage.skip_first_rows=1.0", "stage.skip_first_rows=1.0"),
+    ("stage.target=rowz", "stage.target='rowz'"),
+    ("stage.target_rows=0", "stage.target_rows=0"),
     ("+gate.hiden_size=64", "hiden_size"),
 ])
 def test_bad_values_name_themselves(override, message, tmp_path):

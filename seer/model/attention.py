@@ -16,7 +16,8 @@ context's ``mode``, set like every other setting through the context's checks: f
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
 * ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``
-  PyTorch code or the fused ``triton`` kernel, or the block attention mass); the gate's logits (with grad) and the
+  PyTorch code or the fused ``triton`` kernel, the block attention mass, or that of ``gt_rows`` sampled rows per
+  block); the gate's logits (with grad) and the
   ground truth go to ``context.consumer(LayerRecord(...))``.
 * ``observe`` - dense attention; each layer's block scores (and, with ``context.want_mass``, its true block attention
   mass) go to ``context.consumer(LayerObservation(...))``: what calibration and measurements read.
@@ -113,7 +114,9 @@ class SeerContext:
     calibration: Calibration | None = None
     gt_source: str = "reference"  # distill: "reference" or "triton"
     gt_mode: str = "auto"  # distill with triton: "fast", "lowmem" or "auto"
-    gt_target: str = "maxpool"  # distill, train_sparse: "maxpool" (the paper's block max) or "mass" (block mass)
+    gt_target: str = "maxpool"  # distill, train_sparse: "maxpool" (the paper's block max), "mass" (block mass) or
+    # "rows" (the block mass of gt_rows query rows per block spread evenly, the rows the rerank reads)
+    gt_rows: int = 16
     kernel: str = "reference"  # sparse, train_sparse: "reference" or "triton"
     want_mass: bool = False
     documents: tuple[tuple[tuple[int, int], ...], ...] | None = None  # distill, train_sparse: each row's documents
@@ -154,6 +157,8 @@ class SeerContext:
         for name, allowed in _CHOICES.items():
             if new[name] not in allowed:
                 raise ValueError(f"{name} {new[name]!r} is not one of {allowed}")
+        if isinstance(new["gt_rows"], bool) or not isinstance(new["gt_rows"], int) or new["gt_rows"] < 1:
+            raise ValueError(f"gt_rows {new['gt_rows']!r} must be an integer >= 1")
         if self.gate_config is not None and new["gate_config"] is not self.gate_config:
             changed = self.gate_config.architecture_differences(new["gate_config"])
             if changed:
@@ -263,9 +268,9 @@ def _check_layer_selectors(layer_selectors, num_layers: int) -> dict[int, Any]:
 
 
 SETTINGS = frozenset({"mode", "selector", "layer_selectors", "gate_config", "sparsity", "calibration", "gt_source",
-                      "gt_mode", "gt_target", "kernel", "want_mass", "documents", "consumer", "timer"})
+                      "gt_mode", "gt_target", "gt_rows", "kernel", "want_mass", "documents", "consumer", "timer"})
 _CHOICES = {"mode": MODES, "gt_source": ("reference", "triton"), "gt_mode": ("auto", "fast", "lowmem"),
-            "gt_target": ("maxpool", "mass"), "kernel": ("reference", "triton")}
+            "gt_target": ("maxpool", "mass", "rows"), "kernel": ("reference", "triton")}
 
 
 class _PreRopeStash:
@@ -646,17 +651,27 @@ def _distill(module, ctx: SeerContext, query, key, value, q_pre, k_pre, scaling,
 
 def _dense_with_gt(module, ctx: SeerContext, query, key, value, scaling):
     """Dense attention output ``[B, N, Hq, D]`` and the block ground truth of ``ctx.gt_target``: the block attention
-    mass, or the block max from the fused Triton kernel or the PyTorch reference (``ctx.gt_source``); no grad."""
-    if ctx.gt_target == "mass":
+    mass, the block mass of ``ctx.gt_rows`` evenly spread query rows per block over every causal block (the rerank's
+    rows, :func:`seer.sparsity.selectors.sampled_rows_mass`), or the block max from the fused Triton kernel or the
+    PyTorch reference (``ctx.gt_source``); no grad."""
+    if ctx.gt_target in ("mass", "rows"):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        lse = None
         if ctx.gt_source == "triton":
             from seer.kernels.flash_gt import flash_attn
 
             out = _output_buffer(query)
             _, lse = flash_attn(query, key, value, sm_scale=scaling, out=out.transpose(1, 2))
+        else:
+            out, _ = _dense(module, query, key, value, None, 0.0, scaling)
+        if ctx.gt_target == "mass":
             return out, attention_mass(query, key, ctx.block_size, scale, lse=lse)
-        out, _ = _dense(module, query, key, value, None, 0.0, scaling)
-        return out, attention_mass(query, key, ctx.block_size, scale)
+        from seer.sparsity.selectors import LayerInputs, sampled_rows_mass
+
+        nb = -(-query.shape[2] // ctx.block_size)
+        every_block = torch.ones(nb, nb, dtype=torch.bool, device=query.device).tril()
+        x = LayerInputs(query, key, ctx.block_size, scale, module.layer_idx)
+        return out, sampled_rows_mass(x, every_block.expand(*query.shape[:2], nb, nb), ctx.gt_rows)
     if ctx.gt_source == "triton":
         from seer.kernels import flash_attn_with_gt
 

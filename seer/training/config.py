@@ -21,7 +21,7 @@ from seer.sparsity.decode import DecodeSparsityConfig
 
 GT_MODES = ("auto", "fast", "lowmem")
 LOSSES = ("kl", "mse", "logmse")
-TARGETS = ("maxpool", "mass")
+TARGETS = ("maxpool", "mass", "rows")
 
 
 @dataclass
@@ -67,9 +67,11 @@ class GateTargetConfig(StageConfig):
     between gate logits and the row-normalised block ground truth.
 
     ``target``: what the gate learns: ``maxpool`` (the paper's ground truth, the largest attention probability in
-    each block) or ``mass`` (the share of each query-block row's attention in each block, the mean over its rows:
-    what recall, threshold and top-p budgets reason about). ``skip_first_rows``: share of query-block rows left out of
-    the loss (the release drops 0.25). ``gt``: where the
+    each block), ``mass`` (the share of each query-block row's attention in each block, the mean over its rows:
+    what recall, threshold and top-p budgets reason about) or ``rows`` (the same share averaged over ``target_rows``
+    query rows of each block spread evenly from its first row to its last, every causal block scored: the rows
+    ``gate.rerank_rows`` reads, :func:`seer.kernels.reference.sampled_rows_mass`). ``skip_first_rows``: share of
+    query-block rows left out of the loss (the release drops 0.25). ``gt``: where the
     ground truth comes from: ``triton`` (fused FlashAttention kernel that emits the block map), ``reference``
     (chunked PyTorch) or ``auto`` (triton on CUDA). ``gt_mode``: the Triton kernel's memory mode, ``fast`` (a
     scratch of per-row tile maxima), ``lowmem`` (a second pass once the log-sum-exp is known) or ``auto`` (from
@@ -82,6 +84,7 @@ class GateTargetConfig(StageConfig):
 
     keeps_documents_apart: ClassVar[bool] = True
     target: str = "maxpool"
+    target_rows: int = 16
     loss: str = "kl"
     row_normalize: bool = True
     skip_first_rows: float = 0.0
@@ -92,6 +95,9 @@ class GateTargetConfig(StageConfig):
         super().__post_init__()
         if self.target not in TARGETS:
             fail("stage", "target", self.target, f"choose from {TARGETS}")
+        if isinstance(self.target_rows, bool) or not isinstance(self.target_rows, int) or self.target_rows < 1:
+            fail("stage", "target_rows", self.target_rows, "must be an integer >= 1 (query rows per block; "
+                 "more than the block size counts every row)")
         if self.loss not in LOSSES:
             fail("stage", "loss", self.loss, f"choose from {LOSSES}")
         if self.gt not in BACKENDS:

@@ -72,7 +72,8 @@ class GateDistillation(Stage):
 
         documents = None if position_ids is None else document_spans(position_ids)
         with ctx.running("distill", consumer=consume, gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
-                         gt_target=self.stage.target, documents=documents), torch.no_grad():
+                         gt_target=self.stage.target, gt_rows=self.stage.target_rows, documents=documents), \
+                torch.no_grad():
             self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         if not records:
             raise RuntimeError("no gated attention layer ran: are the gates attached to this model?")

@@ -160,7 +160,7 @@ class Finetune(Stage):
     def on_fit_start(self) -> None:
         # for the whole fit: a recomputation under activation checkpointing runs in the backward, after the step
         self.context.update(mode="train_sparse", gt_source=self.gt_source, gt_mode=self.stage.gt_mode,
-                            gt_target=self.stage.target, kernel=self.kernel)
+                            gt_target=self.stage.target, gt_rows=self.stage.target_rows, kernel=self.kernel)
 
     def _forward(self, input_ids: torch.Tensor, sparsity: SparsityConfig, with_gate_loss: bool,
                  position_ids: torch.Tensor | None = None) -> dict:

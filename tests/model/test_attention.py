@@ -62,6 +62,46 @@ def test_gated_model_distill_records_and_dense_equivalence(family):
         torch.testing.assert_close(rec.logits, gates(model)[rec.layer_idx](q, k))
 
 
+def _sampled_rows_mass64(q, k, rows, block_size):
+    """Float64 by hand: each query block's mass over every causal key block, averaged over ``rows`` rows spread evenly
+    from its first row to its last (those inside the sequence)."""
+    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    n = q.shape[2]
+    nb = -(-n // block_size)
+    p = torch.softmax((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")), dim=-1)
+    per_block = torch.nn.functional.pad(p, (0, nb * block_size - n)).unflatten(-1, (nb, block_size)).sum(-1)
+    out = torch.zeros(*q.shape[:2], nb, nb, dtype=torch.float64)
+    for i in range(nb):
+        picked = [i * block_size + round(t * (block_size - 1) / (rows - 1)) for t in range(rows)]
+        picked = [r for r in picked if r < n]
+        out[:, :, i] = per_block[:, :, picked].mean(2)
+    return out
+
+
+@pytest.mark.parametrize("rows", [4, 16])
+def test_distill_rows_target_is_the_mass_of_evenly_spread_rows(rows):
+    model, ctx = _gated("qwen2")
+    ids = torch.randint(0, 300, (2, 70))  # 5 blocks of 16, the last of 6 tokens (4 rows: offsets 0 and 5 in it)
+    records, mass = [], []
+    with torch.no_grad():
+        with ctx.running("distill", consumer=records.append, gt_target="rows", gt_rows=rows):
+            model.model(ids)
+        with ctx.running("distill", consumer=mass.append, gt_target="mass"):
+            model.model(ids)
+    assert len(records) == 2
+    for rec, whole in zip(records, mass):
+        expected = _sampled_rows_mass64(rec.query, rec.key, rows, 16)
+        torch.testing.assert_close(rec.gt.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rec.gt.sum(-1), torch.ones(2, 4, 5))
+        if rows == 16:  # every row of a block: the block mass itself
+            torch.testing.assert_close(rec.gt, whole.gt, rtol=1e-5, atol=1e-6)
+        else:
+            assert (rec.gt - whole.gt).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="gt_rows 0"):
+        ctx.update(gt_rows=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparse_mode_density_one_equals_dense_and_matches_reference_path(family):
     model, ctx = _gated(family)

@@ -67,8 +67,8 @@ def test_log_mse_loss_against_a_float64_reference():
     assert gate_loss(high, target, "logmse").item() > 1e-3
 
 
-@pytest.mark.parametrize("loss", ["kl", "logmse"])
-def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer(loss):
+@pytest.mark.parametrize("loss, target", [("kl", "maxpool"), ("logmse", "maxpool"), ("kl", "rows")])
+def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer(loss, target):
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=2)
     for layer in model.model.layers:  # sharpen attention so the ground truth has structure to learn
@@ -77,7 +77,8 @@ def test_a_few_steps_lower_the_loss_and_validation_reports_each_layer(loss):
     freeze_base_model(model)
     before = {i: g.k_weight.detach().clone() for i, g in gates(model).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".seer_gate." not in n}
-    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0, loss=loss),
+    module = GateDistillation(model, DistillConfig(lr=2e-2, warmup_steps=0, loss=loss, target=target,
+                                                            target_rows=4),
                               SparsityConfig(method="topk", target_density=0.5), "reference")
     data = RandomTokensDataModule(vocab_size=256, seq_len=128, train_sequences=1, val_sequences=1)
     trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
