@@ -480,6 +480,19 @@ done
 job qcap32 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --calibration-rounds 2 \
   --densities 0.1 "${ruler[@]}" \
   --work "$w/work/q" --out "$w/out/qcap32"
+# the training-free rerank under the same capped threshold (its best budget may be the cap too): qcaptf16_0.1 /
+# qcaptf16_0.2 beside qcap16_*, qcaptf32 beside qcap32
+tf_cap=(--gates "base=$gates" --recipes base= --blends vertical_slash:0.5 --plan lever --reranks 16:0.99
+        --baselines reranked --only reranked --calibration-rounds 2)
+for dens in 0.1 0.2; do
+  case $dens in 0.1) cap=0.15 ;; 0.2) cap=0.3 ;; esac
+  job "qcaptf16_$dens" 1800 "${quality[@]}" "${model[@]}" "${tf_cap[@]}" --max-row-share "$cap" --densities "$dens" \
+    --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 --batch-size 4 \
+    --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
+    --out "$w/out/qcaptf16_$dens"
+done
+job qcaptf32 1800 "${quality[@]}" "${model[@]}" "${tf_cap[@]}" --max-row-share 0.15 --densities 0.1 "${ruler[@]}" \
+  --work "$w/work/q" --out "$w/out/qcaptf32"
 job qbudget32 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --budget-method topk --densities 0.1 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qbudget32"
