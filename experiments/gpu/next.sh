@@ -493,6 +493,15 @@ for dens in 0.1 0.2; do
 done
 job qcaptf32 1800 "${quality[@]}" "${model[@]}" "${tf_cap[@]}" --max-row-share 0.15 --densities 0.1 "${ruler[@]}" \
   --work "$w/work/q" --out "$w/out/qcaptf32"
+# every other training-free selector under the same capped threshold (the oracle beside them): qcapbase16 at 16k,
+# qcapbase32 at 32k, both at 0.1
+cap_base=(--gates "base=$gates" --recipes base= --plan lever --baselines oracle vertical_slash flexprefill
+          --only oracle vertical_slash flexprefill --max-row-share 0.15 --calibration-rounds 2 --densities 0.1)
+job qcapbase16 1800 "${quality[@]}" "${model[@]}" "${cap_base[@]}" --seq-lens 16384 --texts novel code --ruler all \
+  --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 \
+  --work "$w/work/q" --out "$w/out/qcapbase16"
+job qcapbase32 1800 "${quality[@]}" "${model[@]}" "${cap_base[@]}" "${ruler[@]}" --work "$w/work/q" \
+  --out "$w/out/qcapbase32"
 job qbudget32 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --budget-method topk --densities 0.1 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qbudget32"
