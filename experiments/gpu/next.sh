@@ -502,6 +502,17 @@ job qcapbase16 1800 "${quality[@]}" "${model[@]}" "${cap_base[@]}" --seq-lens 16
   --work "$w/work/q" --out "$w/out/qcapbase16"
 job qcapbase32 1800 "${quality[@]}" "${model[@]}" "${cap_base[@]}" "${ruler[@]}" --work "$w/work/q" \
   --out "$w/out/qcapbase32"
+# the cap's cost at 32k (docs/results/qwen/capped.md): every capped selection, the oracle too, lost single_1, single_3 and
+# multikey_3 by one or two samples of four and a passkey on code. qcap32_last4: the same default with the prompt's last
+# four query blocks whole (256 tokens: the question and its lead-in uncapped); ruler16_cap: the capped default and the
+# capped training-free rerank with 16 samples a task (the uncapped pair tie at 53.6 there, dense 50.9)
+job qcap32_last4 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --calibration-rounds 2 \
+  --dense-last-rows 4 --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qcap32_last4"
+job ruler16_cap 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
+  --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
+  --max-row-share 0.15 --calibration-rounds 2 --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 \
+  --ruler all --ruler-samples 16 --batch-size 4 --dense-from docs/results/qwen/dense_32k_ruler16.json \
+  --deadline-s 100000 --work "$w/work/q" --out "$w/out/ruler16_cap"
 job qbudget32 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --budget-method topk --densities 0.1 0.2 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qbudget32"
