@@ -118,6 +118,9 @@ def test_bad_threshold_and_method():
             SparsityConfig(max_row_share=share)
     with pytest.raises(ConfigError, match="sparsity.max_row_share=0.3: caps a threshold's rows; method=topk"):
         SparsityConfig(method="topk", max_row_share=0.3)
+    with pytest.raises(ConfigError, match="sparsity.max_row_share=0.15: caps every row at or below target_density=0.2"):
+        SparsityConfig(method="threshold", target_density=0.2, max_row_share=0.15)
+    assert SparsityConfig(method="threshold", target_density=0.1, max_row_share=0.15).max_row_share == 0.15
     for rounds in (-1, 1.5, "a"):
         with pytest.raises(ConfigError, match=f"sparsity.calibration_rounds={rounds!r}"):
             SparsityConfig(calibration_rounds=rounds)

@@ -85,6 +85,10 @@ class SparsityConfig:
         if self.max_row_share < 1 and self.method != "threshold":
             fail("sparsity", "max_row_share", self.max_row_share, f"caps a threshold's rows; method={self.method} "
                  "takes none (topk keeps target_density of every row already)")
+        if self.max_row_share < 1 and self.target_density is not None and self.max_row_share <= self.target_density:
+            fail("sparsity", "max_row_share", self.max_row_share, f"caps every row at or below "
+                 f"target_density={self.target_density}, which calibration could then not reach; give a cap above "
+                 "the target (1.5x the target was measured: docs/results/qwen/capped.md)")
         if not is_int(self.calibration_rounds) or self.calibration_rounds < 0:
             fail("sparsity", "calibration_rounds", self.calibration_rounds, "must be an integer >= 0")
         if self.calibration_rounds and not self.calibrated:
