@@ -502,6 +502,14 @@ job qcapbase16 1800 "${quality[@]}" "${model[@]}" "${cap_base[@]}" --seq-lens 16
   --work "$w/work/q" --out "$w/out/qcapbase16"
 job qcapbase32 1800 "${quality[@]}" "${model[@]}" "${cap_base[@]}" "${ruler[@]}" --work "$w/work/q" \
   --out "$w/out/qcapbase32"
+# and XAttention's antidiagonal and streaming under the same cap (not run on 2026-12-07)
+cap_rest=(--gates "base=$gates" --recipes base= --plan lever --baselines antidiagonal streaming
+          --only antidiagonal streaming --max-row-share 0.15 --calibration-rounds 2 --densities 0.1)
+job qcapbase16b 1800 "${quality[@]}" "${model[@]}" "${cap_rest[@]}" --seq-lens 16384 --texts novel code --ruler all \
+  --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 \
+  --work "$w/work/q" --out "$w/out/qcapbase16b"
+job qcapbase32b 1800 "${quality[@]}" "${model[@]}" "${cap_rest[@]}" "${ruler[@]}" --work "$w/work/q" \
+  --out "$w/out/qcapbase32b"
 # the cap's cost at 32k (docs/results/qwen/capped.md): every capped selection, the oracle too, lost single_1, single_3 and
 # multikey_3 by one or two samples of four and a passkey on code. qcap32_last4: the same default with the prompt's last
 # four query blocks whole (256 tokens: the question and its lead-in uncapped); ruler16_cap: the capped default and the
