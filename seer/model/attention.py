@@ -17,8 +17,7 @@ context's ``mode``, set like every other setting through the context's checks: f
 * ``dense`` - plain SDPA; gates and selectors are idle.
 * ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``
   PyTorch code or the fused ``triton`` kernel, the block attention mass, or that of ``gt_rows`` sampled rows per
-  block); the gate's logits (with grad) and the
-  ground truth go to ``context.consumer(LayerRecord(...))``.
+  block); the gate's logits (with grad) and the ground truth go to ``context.consumer(LayerRecord(...))``.
 * ``observe`` - dense attention; each layer's block scores (and, with ``context.want_mass``, its true block attention
   mass) go to ``context.consumer(LayerObservation(...))``: what calibration and measurements read.
 * ``sparse`` - scores -> block mask (:func:`seer.sparsity.select_blocks`, with the knob of ``context.calibration``
