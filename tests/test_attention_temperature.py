@@ -68,3 +68,18 @@ def test_logn_reads_the_environment(temp, monkeypatch):
         monkeypatch.setenv("SEER_ATTN_LOGN", bad)
         with pytest.raises(ValueError, match=f"SEER_ATTN_LOGN must be an integer >= 2 .*got '{bad}'"):
             temp.logn_length()
+
+
+def test_the_wrapper_changes_every_model_seer_loads(temp, monkeypatch):
+    monkeypatch.setenv("SEER_ATTN_TEMPERATURE", "0.5")
+    monkeypatch.setenv("SEER_ATTN_LOGN", "16")
+    monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: tiny_model("llama", seed=1))
+    seen = {}
+    monkeypatch.setattr(temp, "run_command", lambda argv: seen.update(argv=argv, model=loading.load_causal_lm(None)))
+    monkeypatch.setattr("sys.argv", ["attention_temperature.py", "-m", "seer.eval", "x=1"])
+    temp.main()
+    plain = tiny_model("llama", seed=1)
+    assert seen["argv"] == ["-m", "seer.eval", "x=1"]
+    for got, base in zip(seen["model"].model.layers, plain.model.layers):
+        assert got.self_attn.scaling == pytest.approx(2 * base.self_attn.scaling)
+        assert len(got.self_attn.q_proj._forward_hooks) == 1 and not base.self_attn.q_proj._forward_hooks
