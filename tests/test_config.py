@@ -185,3 +185,13 @@ def test_a_blend_weight_per_layer_composes_from_the_command_line(tmp_path):
     assert validate(_compose([f"paths.output_dir={tmp_path}"])).gate.blend_weight == 0.5
     with pytest.raises(ConfigError, match=r"gate.blend_weight\[1\]=1.5"):
         validate(_compose(["gate.blend_weight=[0.8,1.5]", f"paths.output_dir={tmp_path}"]))
+
+
+def test_the_capped_threshold_preset_rides_on_a_recipe(tmp_path):
+    cfg = _compose(["experiment=qwen05_gates", "sparsity=threshold_capped", f"paths.output_dir={tmp_path}",
+                    f"data.corpus.corpora.0.paths=[{tmp_path}/*.txt]"])
+    assert (cfg.sparsity.method, cfg.sparsity.target_density, cfg.sparsity.max_row_share,
+            cfg.sparsity.calibration_rounds) == ("threshold", 0.1, 0.15, 2)
+    cfg.sparsity.target_density = 0.2
+    with pytest.raises(ConfigError, match="sparsity.max_row_share=0.15: caps every row at or below"):
+        validate(cfg)
