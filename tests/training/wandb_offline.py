@@ -31,6 +31,8 @@ def records(path: Path):
         if kind == 0:  # zero padding up to the block's end
             pos += left
             continue
+        if pos + PIECE_HEADER + length > len(data):  # the writer is still appending this piece
+            return
         pending += data[pos + PIECE_HEADER:pos + PIECE_HEADER + length]
         pos += PIECE_HEADER + length
         if kind in (1, 4):
@@ -44,10 +46,17 @@ def offline_run(run_dir: Path, finished: bool = True, timeout: float = 60.0) -> 
     """What an offline run recorded: id, name, group, tags, config (flat keys), history rows, artifacts
     ``{name: (type, [paths])}`` and the exit code (None if the run never finished). With ``finished``, waits for the
     exit record (W&B's service may still be writing the file when ``wandb.finish`` returns)."""
+    from google.protobuf.message import DecodeError
+
     end = time.time() + timeout
     while True:
-        run = _read(run_dir)
-        if not finished or run["exit_code"] is not None or time.time() > end:
+        try:
+            run = _read(run_dir)
+        except DecodeError:  # caught the service mid-write: a record's bytes are not all on disk yet
+            if time.time() > end:
+                raise
+            run = None
+        if run is not None and (not finished or run["exit_code"] is not None or time.time() > end):
             return run
         time.sleep(0.2)
 
