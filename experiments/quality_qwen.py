@@ -738,7 +738,7 @@ def main() -> None:
         dense = reuse_dense(Path(args.dense_from), dense_settings)
     else:
         dense = {name: evaluators[first, name].dense() for name in texts}
-    print(f"[quality] dense {json.dumps(dense)} ({time.time() - start:.0f} s)", flush=True)
+    print(f"[quality] dense {json.dumps(brief(dense))} ({time.time() - start:.0f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense.json").write_text(json.dumps({"settings": dense_settings, "dense": dense}, indent=1))
@@ -905,6 +905,12 @@ def hybrid_fit_table(hybrids: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def brief(dense: dict) -> dict:
+    """``{text: {length: measures}}`` without RULER's per-sample answers (for logs and pages; dense.json keeps them)."""
+    return {name: {n: {k: v for k, v in measures.items() if k != "ruler_answers"} for n, measures in by_len.items()}
+            for name, by_len in dense.items()}
+
+
 def write_results(out: Path, rows: list[dict], skipped: list[str], args, device, train_s: float, total_s: float,
                   dense: dict, fits: list[dict] = (), hybrids: list[dict] = ()) -> None:
     lines = [f"# Block selection quality on {MODELS[args.model][2]}", "",
@@ -913,7 +919,7 @@ def write_results(out: Path, rows: list[dict], skipped: list[str], args, device,
                  f"--{k.replace('_', '-')}" + ("" if v is True else
                                                 f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
                  for k, v in vars(args).items() if v not in (None, False, []) and k not in ("work", "out")) + "`", "",
-             f"Dense: {json.dumps(dense)}", ""]
+             f"Dense: {json.dumps(brief(dense))}", ""]
     for text in sorted({r["text"] for r in rows}):
         lines += [f"## {text}", "", table([r for r in rows if r["text"] == text]), ""]
     if args.plan == "attribution":

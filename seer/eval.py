@@ -211,11 +211,15 @@ def run_eval(cfg: DictConfig) -> list[dict]:
                 row["selector"] = "shared_" + row["selector"]
         from seer.files import atomic_write_text
 
+        answers = [{"seq_len": row["seq_len"], **answer}
+                   for row in rows for answer in row.pop("ruler_answers", None) or []]
+        if answers:  # one line a RULER sample: what the selection answered, beside the dense model's answer
+            atomic_write_text(out_dir / "ruler_answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))
         metrics = atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1))
         summary = {"status": "completed", "metrics": str(metrics.resolve()), **_wandb_facts(run)}
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         if run is not None:
-            _log_rows(run, rows)
+            _log_rows(run, rows, answers)
     except BaseException as exc:
         tracking.finish_wandb(exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
@@ -268,12 +272,16 @@ def _wandb_facts(run) -> dict:
             "wandb_name": run.name, "wandb_group": run.group or None}
 
 
-def _log_rows(run, rows: list[dict]) -> None:
-    """The rows as a table, one summary value per metric and length."""
+def _log_rows(run, rows: list[dict], answers: list[dict]) -> None:
+    """The rows as a table, one summary value per metric and length, and RULER's answers as a table."""
     import wandb
 
     keys = [k for k in rows[0] if k != "recall_by_layer"]
     run.log({"eval/rows": wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in rows])})
+    if answers:
+        columns = ["seq_len", "task", "sample", "score", "dense_score", "answer", "dense_answer", "references"]
+        run.log({"eval/ruler_answers": wandb.Table(columns=columns, data=[
+            [a.get(k) if k != "references" else " | ".join(a[k]) for k in columns] for a in answers])})
     for r in rows:
         run.summary.update({f"{k}/{r['seq_len']}": v for k, v in r.items() if isinstance(v, (int, float))})
 

@@ -50,7 +50,9 @@ ROW_KEYS = ("selector", "sparsity", "method", "allocation", "target_density", "k
             "passkey_dense", "passkey_density", "copy", "copy_dense", "copy_nll", "copy_nll_dense", "select_ms",
             "attention_ms", "prefill_ms", "dense_prefill_ms", "ruler", "ruler_dense", "ruler_density", "decode",
             "decode_density")
-# beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run
+# beside these, a row with RULER holds ``ruler/<task>`` and ``ruler/<task>_dense`` for each task run, and
+# ``ruler_answers``: each sample's answer (:meth:`Evaluator._ruler`) with the dense model's beside it (``dense_answer``,
+# ``dense_score``; absent from a dense pass cached before answers were kept)
 PASSKEY_NEW_TOKENS = 8
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk: full-vocabulary logits of a long window never exist at once
 
@@ -196,10 +198,11 @@ class Evaluator:
         return torch.stack(tokens, dim=1).cpu()
 
     def _ruler(self, samples: dict[str, list[ruler.RulerSample]], label: str, decoded: list[float]) -> dict:
-        """RULER scores (0-100): ``ruler/<task>`` (mean over its samples), ``ruler`` (mean over tasks), and the mean
-        achieved density of the prefills (``ruler_density``); ``batch_size`` samples a prefill (left-padded). Decode
-        densities go to ``decoded``."""
-        out, density = {}, []
+        """RULER scores (0-100): ``ruler/<task>`` (mean over its samples), ``ruler`` (mean over tasks), the mean
+        achieved density of the prefills (``ruler_density``) and each sample's answer (``ruler_answers``: task,
+        sample, the generated text, the references and its score); ``batch_size`` samples a prefill (left-padded).
+        Decode densities go to ``decoded``."""
+        out, density, answered = {}, [], []
         for task, cases in samples.items():
             scores = []
             batches = [cases[i:i + self.config.batch_size] for i in range(0, len(cases), self.config.batch_size)]
@@ -213,8 +216,11 @@ class Evaluator:
                 for case, answer in zip(batch, answers):
                     text = self.tokenizer.decode(answer[:case.max_new_tokens], skip_special_tokens=True)
                     scores.append(ruler.score(task, text, case.answers))
+                    answered.append({"task": task, "sample": case.index, "answer": text,
+                                     "references": case.answers, "score": scores[-1]})
             out[f"ruler/{task}"] = _mean(scores)
-        out.update(ruler=_mean(out.values()), ruler_density=_mean(density) if density else 1.0)
+        out.update(ruler=_mean(out.values()), ruler_density=_mean(density) if density else 1.0,
+                   ruler_answers=answered)
         return out
 
     def _copy(self, cases: list[CopyCase], label: str) -> dict:
@@ -425,6 +431,11 @@ class Evaluator:
             dense_prefill_ms=dense.get("prefill_ms"), decode=decode.describe() if decode else None)
         row.update({f"{key}_dense": value for key, value in dense.items()
                     if key == "ruler" or key.startswith("ruler/")})
+        dense_answers = {(a["task"], a["sample"]): a for a in dense.get("ruler_answers") or []}
+        for answer in row.get("ruler_answers") or []:
+            same = dense_answers.get((answer["task"], answer["sample"]))
+            if same is not None:
+                answer.update(dense_answer=same["answer"], dense_score=same["score"])
         if row["ppl"] is not None and row["ppl_dense"]:
             row["ppl_increase"] = row["ppl"] / row["ppl_dense"] - 1.0
         return row

@@ -196,6 +196,18 @@ def test_eval_writes_ruler_keys_beside_dense(tmp_path, monkeypatch, tokenizer, t
     sparse = run_eval(compose(over + ["sparsity=topk", "sparsity.target_density=0.3", f"paths.output_dir={tmp_path}/s"],
                               "eval"))[0]
     assert 0.2 < sparse["ruler_density"] < 0.45 and sparse["ruler_dense"] == row["ruler_dense"]
+    # every sample's answer beside the dense model's (read back from the dense cache by the second run)
+    for folder, got in (("d", row), ("s", sparse)):
+        answers = [json.loads(line) for line in (tmp_path / folder / "ruler_answers.jsonl").read_text().splitlines()]
+        assert "ruler_answers" not in got
+        for task in ("niah_single_1", "niah_multivalue"):
+            mine = [a for a in answers if a["task"] == task]
+            assert [a["sample"] for a in mine] == list(range(len(mine))) and len(mine) > 0
+            assert all(a["seq_len"] == 2048 and a["references"] for a in mine)
+            assert sum(a["score"] for a in mine) / len(mine) == pytest.approx(got[f"ruler/{task}"])
+            assert sum(a["dense_score"] for a in mine) / len(mine) == pytest.approx(got[f"ruler/{task}_dense"])
+            if folder == "d":
+                assert all(a["answer"] == a["dense_answer"] for a in mine)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -223,6 +235,11 @@ def test_harness_scores_what_the_model_answers(model, tokenizer, corpus, monkeyp
     got = ev.dense()[2048]
     assert got["ruler/niah_single_2"] == 100.0 and got["ruler/qa_1"] == 100.0
     assert got["ruler/niah_multivalue"] == 25.0 and got["ruler"] == pytest.approx(75.0)
+    samples = [s for task in ev.ruler[2048].values() for s in task]
+    assert [(a["task"], a["sample"]) for a in got["ruler_answers"]] == [(s.task, s.index) for s in samples]
+    for answer, sample in zip(got["ruler_answers"], samples):
+        assert answer["answer"].strip() == sample.answers[0] and answer["references"] == sample.answers
+        assert answer["score"] == (25.0 if sample.task == "niah_multivalue" else 100.0)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -274,3 +291,9 @@ def test_wandb_gets_the_ruler_values(tmp_path, monkeypatch, tokenizer, text_file
                             for item in record.summary.update})
     for key in ("ruler", "ruler_dense", "ruler/fwe", "ruler/fwe_dense", "ruler_density"):
         assert summary[f"{key}/2048"] == pytest.approx(row[key]), key
+    (table_row,) = [r for r in offline_run(run_dir)["history"] if "eval/ruler_answers/path" in r]
+    table = json.loads((run_dir / "files" / table_row["eval/ruler_answers/path"]).read_text())
+    (answer,) = [json.loads(line) for line in (tmp_path / "w" / "ruler_answers.jsonl").read_text().splitlines()]
+    assert table["columns"][:5] == ["seq_len", "task", "sample", "score", "dense_score"]
+    assert table["data"] == [[2048, "fwe", 0, answer["score"], answer["dense_score"], answer["answer"],
+                              answer["dense_answer"], " | ".join(answer["references"])]]
