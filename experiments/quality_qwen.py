@@ -537,6 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-row-share", type=float, default=None,
                     help="with the threshold budget: the most of each row's causal blocks it keeps "
                          "(SparsityConfig.max_row_share, in (0, 1)); not with --plan explore")
+    ap.add_argument("--cap-min-blocks", type=int, default=None,
+                    help="with --max-row-share: a row may keep this many blocks where its share allows fewer "
+                         "(SparsityConfig.cap_min_blocks, >= 1)")
     ap.add_argument("--calibration-rounds", type=int, default=None,
                     help="with the threshold budget: re-fits of each calibrated knob on the scores of the model "
                          "running sparse (SparsityConfig.calibration_rounds, >= 1); not with --plan explore")
@@ -671,6 +674,12 @@ def planned_jobs(args) -> list[Job | None]:
             raise SystemExit(f"--max-row-share {args.max_row_share}: give a share in (0, 1), with the threshold budget "
                              "and a plan other than explore")
         jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, max_row_share=args.max_row_share))
+                for job in jobs]
+    if args.cap_min_blocks is not None:
+        if args.max_row_share is None or args.cap_min_blocks < 1:
+            raise SystemExit(f"--cap-min-blocks {args.cap_min_blocks}: give a number of blocks >= 1, with "
+                             "--max-row-share")
+        jobs = [job._replace(sparsity=dataclasses.replace(job.sparsity, cap_min_blocks=args.cap_min_blocks))
                 for job in jobs]
     if args.calibration_rounds is not None:
         if args.plan == "explore" or args.budget_method != "threshold" or args.calibration_rounds < 1:

@@ -121,6 +121,11 @@ def test_bad_threshold_and_method():
     with pytest.raises(ConfigError, match="sparsity.max_row_share=0.15: caps every row at or below target_density=0.2"):
         SparsityConfig(method="threshold", target_density=0.2, max_row_share=0.15)
     assert SparsityConfig(method="threshold", target_density=0.1, max_row_share=0.15).max_row_share == 0.15
+    with pytest.raises(ConfigError, match="sparsity.cap_min_blocks=8: floors a row cap; give max_row_share < 1"):
+        SparsityConfig(cap_min_blocks=8)
+    with pytest.raises(ConfigError, match=r"sparsity.cap_min_blocks=-1: must be an integer >= 0"):
+        SparsityConfig(max_row_share=0.5, cap_min_blocks=-1)
+    assert "cap_min_blocks=8" in SparsityConfig(max_row_share=0.5, cap_min_blocks=8).describe()
     for rounds in (-1, 1.5, "a"):
         with pytest.raises(ConfigError, match=f"sparsity.calibration_rounds={rounds!r}"):
             SparsityConfig(calibration_rounds=rounds)

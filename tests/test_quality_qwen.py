@@ -145,6 +145,11 @@ def test_budget_method_sets_every_jobs_budget(study):
     capped = study.planned_jobs(study.parse_args([*base, "--max-row-share", "0.3", "--calibration-rounds", "2"]))
     assert {(job.sparsity.method, job.sparsity.max_row_share) for job in capped} == {("threshold", 0.3)}
     assert "max_row_share=0.3, calibration_rounds=2" in capped[0].sparsity.describe()
+    floored = study.planned_jobs(study.parse_args([*base, "--max-row-share", "0.3", "--cap-min-blocks", "64"]))
+    assert {job.sparsity.cap_min_blocks for job in floored} == {64}
+    for bad in (["--cap-min-blocks", "64"], ["--max-row-share", "0.3", "--cap-min-blocks", "0"]):
+        with pytest.raises(SystemExit, match="--cap-min-blocks"):
+            study.planned_jobs(study.parse_args([*base, *bad]))
     for bad in (["--max-row-share", "1"], ["--max-row-share", "0.3", "--budget-method", "topk"]):
         with pytest.raises(SystemExit, match="--max-row-share"):
             study.planned_jobs(study.parse_args([*base, *bad]))

@@ -516,6 +516,15 @@ job qcapbase32b 1800 "${quality[@]}" "${model[@]}" "${cap_rest[@]}" "${ruler[@]}
 # capped training-free rerank with 16 samples a task (the uncapped pair tie at 53.6 there, dense 50.9)
 job qcap32_last4 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --calibration-rounds 2 \
   --dense-last-rows 4 --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qcap32_last4"
+# the cap with a floor (sparsity.cap_min_blocks 16: rows up to 107 blocks, the prompt's first 1.7k tokens, keep every
+# block over the threshold): on a CPU at 8k the cap's loss of RULER's vt came from those rows
+# (docs/results/qwen/vt_cap_8k_cpu.md). qcapfloor32 beside qcap32, qcapfloor16 beside qcap16_0.1
+job qcapfloor32 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --cap-min-blocks 16 \
+  --calibration-rounds 2 --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qcapfloor32"
+job qcapfloor16 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --cap-min-blocks 16 \
+  --calibration-rounds 2 --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 \
+  --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
+  --out "$w/out/qcapfloor16"
 job ruler16_cap 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --max-row-share 0.15 --calibration-rounds 2 --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 \

@@ -113,7 +113,8 @@ def _density_of_knob(scores: torch.Tensor, config: SparsityConfig) -> Callable[[
     probs = row_probs(scores)
     ranks = row_ranks(probs, config.sink_blocks, config.local_blocks) if config.max_row_share < 1 else None
     return lambda knob: head_density(threshold_mask_from_probs(probs, knob, config.sink_blocks, config.local_blocks,
-                                                               config.dense_last_rows, config.max_row_share, ranks))
+                                                               config.dense_last_rows, config.max_row_share, ranks,
+                                                               config.cap_min_blocks))
 
 
 def _check_calibratable(config: SparsityConfig) -> None:

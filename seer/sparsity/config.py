@@ -9,7 +9,12 @@ plus a *budget* (this config). Budgets:
 * ``threshold``: keep the blocks whose softmax share of the row (softmax of the scores over the row's causal blocks)
   exceeds ``threshold``; with ``max_row_share < 1``, at most that share of each row's causal blocks (the top-k
   budget of :func:`seer.sparsity.masks.row_budgets` at that share, forced blocks counted): a flat row, whose every
-  block clears the threshold, is cut to its largest shares instead of running dense.
+  block clears the threshold, is cut to its largest shares instead of running dense. At most ``1 / threshold``
+  blocks clear a threshold (the shares sum to 1), so the cap binds only in rows shorter than
+  ``1 / (threshold * max_row_share)`` blocks: the prompt's first rows at short lengths, every row at 32k on Qwen.
+  ``cap_min_blocks`` floors the cap: a row may keep that many blocks over the threshold where its share allows
+  fewer (16 took RULER's variable tracking from 0 back to the uncapped 60 on Qwen at 8k, the oracle at one knob;
+  docs/results/qwen/vt_cap_8k_cpu.md).
 * ``topp``: keep the fewest blocks whose softmax mass reaches ``p`` (at least one).
 * ``dense``: keep every causal block.
 
@@ -58,6 +63,7 @@ class SparsityConfig:
     dense_last_rows: int = 1  # the prompt's last query block attends densely (the module docstring)
     dense_layers: list[int] = field(default_factory=list)
     max_row_share: float = 1.0  # threshold only: the most of a row's causal blocks it keeps (1: no cap)
+    cap_min_blocks: int = 0  # with a row cap: a row may keep this many blocks even where its share allows fewer
     calibration_rounds: int = 0  # calibrated budgets: re-fits of the knob on scores of the model running sparse
 
     def __post_init__(self) -> None:
@@ -75,7 +81,7 @@ class SparsityConfig:
             fail("sparsity", "p", self.p, "is a share of the row's score mass; must be in (0, 1]")
         if self.allocation not in ALLOCATIONS:
             fail("sparsity", "allocation", self.allocation, f"choose from {ALLOCATIONS}")
-        for key in ("sink_blocks", "local_blocks", "dense_last_rows"):
+        for key in ("sink_blocks", "local_blocks", "dense_last_rows", "cap_min_blocks"):
             v = getattr(self, key)
             if not is_int(v) or v < 0:
                 fail("sparsity", key, v, "must be an integer >= 0")
@@ -89,6 +95,8 @@ class SparsityConfig:
             fail("sparsity", "max_row_share", self.max_row_share, f"caps every row at or below "
                  f"target_density={self.target_density}, which calibration could then not reach; give a cap above "
                  "the target (1.5x the target was measured: docs/results/qwen/capped.md)")
+        if self.cap_min_blocks and self.max_row_share == 1:
+            fail("sparsity", "cap_min_blocks", self.cap_min_blocks, "floors a row cap; give max_row_share < 1 with it")
         if not is_int(self.calibration_rounds) or self.calibration_rounds < 0:
             fail("sparsity", "calibration_rounds", self.calibration_rounds, "must be an integer >= 0")
         if self.calibration_rounds and not self.calibrated:
@@ -129,6 +137,8 @@ class SparsityConfig:
             forced.append(f"dense_layers={self.dense_layers}")
         if self.max_row_share < 1:
             forced.append(f"max_row_share={self.max_row_share:g}")
+        if self.cap_min_blocks:
+            forced.append(f"cap_min_blocks={self.cap_min_blocks}")
         if self.calibration_rounds:
             forced.append(f"calibration_rounds={self.calibration_rounds}")
         return what + (f" [{', '.join(forced)}]" if forced else "")

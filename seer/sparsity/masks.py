@@ -112,13 +112,14 @@ def row_probs(scores: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_mask(scores: torch.Tensor, threshold: Knob, sink_blocks: int = 0, local_blocks: int = 0,
-                   dense_last_rows: int = 0, max_row_share: float = 1.0) -> torch.Tensor:
+                   dense_last_rows: int = 0, max_row_share: float = 1.0, cap_min_blocks: int = 0) -> torch.Tensor:
     """Keep causal blocks whose softmax share of the row exceeds ``threshold``, plus the forced blocks and the last
-    ``dense_last_rows`` rows. With ``max_row_share < 1`` a row keeps at most its :func:`row_budgets` at that share
-    (forced blocks counted, and kept even beyond it): of the blocks over the threshold, those of largest share."""
+    ``dense_last_rows`` rows. With ``max_row_share < 1`` a row keeps at most its :func:`row_budgets` at that share,
+    or ``cap_min_blocks`` if more (forced blocks counted, and kept even beyond it): of the blocks over the threshold,
+    those of largest share."""
     _check_scores(scores)
     return threshold_mask_from_probs(row_probs(scores), threshold, sink_blocks, local_blocks, dense_last_rows,
-                                     max_row_share)
+                                     max_row_share, cap_min_blocks=cap_min_blocks)
 
 
 def row_ranks(probs: torch.Tensor, sink_blocks: int = 0, local_blocks: int = 0) -> torch.Tensor:
@@ -135,7 +136,7 @@ def row_ranks(probs: torch.Tensor, sink_blocks: int = 0, local_blocks: int = 0) 
 
 def threshold_mask_from_probs(probs: torch.Tensor, threshold: Knob, sink_blocks: int = 0, local_blocks: int = 0,
                               dense_last_rows: int = 0, max_row_share: float = 1.0,
-                              ranks: torch.Tensor | None = None) -> torch.Tensor:
+                              ranks: torch.Tensor | None = None, cap_min_blocks: int = 0) -> torch.Tensor:
     """:func:`threshold_mask` given the rows' softmax shares ``probs = row_probs(scores)`` (and, for a row cap, the
     :func:`row_ranks` of ``probs`` when already computed): what a calibration that tries many thresholds on the same
     scores computes once."""
@@ -145,7 +146,10 @@ def threshold_mask_from_probs(probs: torch.Tensor, threshold: Knob, sink_blocks:
     if max_row_share < 1:
         if ranks is None:
             ranks = row_ranks(probs, sink_blocks, local_blocks)
-        over &= ranks < _shared_budgets(nb, float(max_row_share), False, probs.device)[:, None]
+        budgets = _shared_budgets(nb, float(max_row_share), False, probs.device)
+        if cap_min_blocks:
+            budgets = budgets.clamp(min=cap_min_blocks)  # a row shorter than that keeps all it is over
+        over &= ranks < budgets[:, None]
     return _finish(over | forced, nb, dense_last_rows)
 
 
@@ -185,7 +189,7 @@ def select_blocks(scores: torch.Tensor, config: SparsityConfig, knob: Knob | Non
         return topk_mask(scores, config.target_density if knob is None else knob, config.nz_formula, **forced)
     if config.method == "threshold":
         return threshold_mask(scores, config.threshold if knob is None else knob, max_row_share=config.max_row_share,
-                              **forced)
+                              cap_min_blocks=config.cap_min_blocks, **forced)
     return topp_mask(scores, config.p if knob is None else knob, **forced)
 
 

@@ -72,13 +72,15 @@ def test_threshold_from_probs_is_the_threshold_mask():
         assert torch.equal(got, want)
 
 
-def test_a_capped_threshold_calibrates_and_caps_every_row():
+@pytest.mark.parametrize("floor", [0, 6])
+def test_a_capped_threshold_calibrates_and_caps_every_row(floor):
     scores = _scores(seed=5)
-    config = SparsityConfig(method="threshold", target_density=0.15, max_row_share=0.2, sink_blocks=1)
+    config = SparsityConfig(method="threshold", target_density=0.15, max_row_share=0.2, sink_blocks=1,
+                            cap_min_blocks=floor)
     cal = calibrate(scores, config, selector="test", seq_len=2048)
     assert abs(cal.density - 0.15) < 0.01
     assert cal.density == pytest.approx(_mean_density(scores, config, cal), abs=1e-6)
-    budgets = row_budgets(64, 0.2)
+    budgets = row_budgets(64, 0.2).clamp(min=floor)
     for i, s in scores.items():
         kept = select_blocks(s, config, cal.knob(i)).sum(-1)[..., :-config.dense_last_rows]
         assert (kept <= torch.clamp(budgets[:-1], min=2)).all()  # the sink and the diagonal are kept beyond it

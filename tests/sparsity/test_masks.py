@@ -79,12 +79,13 @@ def test_threshold_mask_semantics():
     assert torch.equal(per_head[:, 0], mask[:, 0]) and torch.equal(per_head[:, 1], threshold_mask(scores, 0.5)[:, 1])
 
 
-def _capped_threshold_reference(probs, threshold, share, sink_blocks, local_blocks, dense_last_rows):
+def _capped_threshold_reference(probs, threshold, share, sink_blocks, local_blocks, dense_last_rows, floor=0):
     """A row cap by brute force in float64, row by row: the forced blocks, then the blocks over the threshold by
-    falling share (ties: lower index first) while the row holds fewer than its top-k budget at ``share``."""
+    falling share (ties: lower index first) while the row holds fewer than its top-k budget at ``share`` (or than
+    ``floor`` blocks, if more)."""
     b, h, nb, _ = probs.shape
     forced = forced_blocks(nb, sink_blocks, local_blocks)
-    budgets = row_budgets(nb, share).tolist()
+    budgets = [max(k, floor) for k in row_budgets(nb, share).tolist()]
     mask = torch.zeros(b, h, nb, nb, dtype=torch.bool)
     for x in range(b):
         for y in range(h):
@@ -117,6 +118,26 @@ def test_threshold_row_cap_against_brute_force(share, forced):
     config = SparsityConfig(method="threshold", target_density=None, threshold=0.01, max_row_share=0.2)
     assert torch.equal(select_blocks(scores, config), threshold_mask(scores, 0.01, dense_last_rows=1,
                                                                      max_row_share=0.2))
+
+
+@pytest.mark.parametrize("floor", [1, 5, 30])
+def test_a_floor_under_the_row_cap_against_brute_force(floor):
+    """``cap_min_blocks``: a row keeps up to ``floor`` blocks over the threshold where its share allows fewer; rows no
+    longer than the floor are not capped at all, long rows as without it."""
+    nb = 24
+    scores = torch.randn(2, 3, nb, nb, dtype=torch.float64) * 2
+    probs = row_probs(scores).double()
+    for threshold in (0.0, 0.01, 0.05):
+        got = threshold_mask(scores, threshold, 1, 1, 1, max_row_share=0.2, cap_min_blocks=floor)
+        assert torch.equal(got, _capped_threshold_reference(probs, threshold, 0.2, 1, 1, 1, floor)), threshold
+        uncapped, capped = threshold_mask(scores, threshold, 1, 1, 1), threshold_mask(scores, threshold, 1, 1, 1, 0.2)
+        assert torch.equal(got[..., :floor, :], uncapped[..., :floor, :])
+        long_rows = row_budgets(nb, 0.2) >= floor
+        assert torch.equal(got[..., long_rows, :], capped[..., long_rows, :])
+    config = SparsityConfig(method="threshold", target_density=None, threshold=0.01, max_row_share=0.2,
+                            cap_min_blocks=floor)
+    assert torch.equal(select_blocks(scores, config), threshold_mask(scores, 0.01, dense_last_rows=1,
+                                                                     max_row_share=0.2, cap_min_blocks=floor))
 
 
 @pytest.mark.parametrize("p", [0.3, 0.7, 0.9, 0.99, 1.0])
