@@ -13,8 +13,8 @@ plus a *budget* (this config). Budgets:
   blocks clear a threshold (the shares sum to 1), so the cap binds only in rows shorter than
   ``1 / (threshold * max_row_share)`` blocks: the prompt's first rows at short lengths, every row at 32k on Qwen.
   ``cap_min_blocks`` floors the cap: a row may keep that many blocks over the threshold where its share allows
-  fewer (16 took RULER's variable tracking from 0 back to the uncapped 60 on Qwen at 8k, the oracle at one knob;
-  docs/results/qwen/vt_cap_8k_cpu.md).
+  fewer (on Qwen at 8k, 16 gave back the uncapped budget's RULER variable tracking and code, and its prose too:
+  there the cap binds only in the first rows; docs/results/qwen/vt_cap_8k_cpu.md).
 * ``topp``: keep the fewest blocks whose softmax mass reaches ``p`` (at least one).
 * ``dense``: keep every causal block.
 
