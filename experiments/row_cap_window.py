@@ -22,16 +22,17 @@ from seer.sparsity import calibration, masks
 
 def window_cap_mask_from_probs(probs: torch.Tensor, threshold, sink_blocks: int = 0, local_blocks: int = 0,
                                dense_last_rows: int = 0, max_row_share: float = 1.0,
-                               ranks: torch.Tensor | None = None) -> torch.Tensor:
+                               ranks: torch.Tensor | None = None, cap_min_blocks: int = 0) -> torch.Tensor:
     """:func:`seer.sparsity.masks.threshold_mask_from_probs` with each row kept to at most
-    ``round(max_row_share * nb)`` blocks (forced blocks counted, and kept even beyond it)."""
+    ``round(max_row_share * nb)`` blocks, or ``cap_min_blocks`` if more (forced blocks counted, and kept even beyond
+    it)."""
     nb = probs.shape[-1]
     forced = masks.forced_blocks(nb, sink_blocks, local_blocks, probs.device)
     over = probs > masks._per_head(threshold, probs)
     if max_row_share < 1:
         if ranks is None:
             ranks = masks.row_ranks(probs, sink_blocks, local_blocks)
-        over &= ranks < max(1, round(max_row_share * nb))
+        over &= ranks < max(1, round(max_row_share * nb), cap_min_blocks)
     return masks._finish(over | forced, nb, dense_last_rows)
 
 

@@ -42,3 +42,12 @@ def test_the_wrapper_swaps_the_threshold_and_runs_the_command(window, monkeypatc
     window.main([str(script), "a=1"])
     assert masks.threshold_mask_from_probs is window.window_cap_mask_from_probs
     assert calibration.threshold_mask_from_probs is window.window_cap_mask_from_probs
+    # seer's callers reach the swapped function with every argument they pass (the floor under the cap included)
+    from seer.sparsity import SparsityConfig
+
+    scores = torch.randn(1, 2, 20, 20, generator=torch.Generator().manual_seed(5))
+    want = window.window_cap_mask_from_probs(masks.row_probs(scores), 0.02, 0, 0, 1, 0.2, cap_min_blocks=5)
+    assert torch.equal(masks.threshold_mask(scores, 0.02, 0, 0, 1, 0.2, cap_min_blocks=5), want)
+    config = SparsityConfig(method="threshold", target_density=0.1, max_row_share=0.2, cap_min_blocks=5)
+    got = calibration._density_of_knob(scores, config)(torch.full((2,), 0.02))
+    assert torch.allclose(got, want.float().sum((0, 2, 3)) / (20 * 21 / 2))
