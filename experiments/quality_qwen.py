@@ -113,7 +113,7 @@ from seer.evaluation.data import HeldOutText
 from seer.evaluation.harness import Evaluator
 from seer.evaluation.hybrid_fit import MARGIN, HybridPick, check_groups, pick_hybrid
 from seer.gates.config import GateConfig
-from seer.model.attention import layer_ranges
+from seer.model.attention import layer_ranges, prepare_model
 from seer.model.decode import attach_quest_decode, share_decode_gates
 from seer.model.decode_gate_io import load_decode_gates, read_decode_gate_meta
 from seer.model.gate_io import load_gates
@@ -151,6 +151,7 @@ class Job(NamedTuple):
     rerank: tuple[int, float, float] | None = None  # the gates' rerank: gate.rerank_rows / _top_p / _max_share
 
 
+UNGATED = "none"  # the one model of a study without gate sets (training-free --baselines only)
 MODELS = {  # --model: (model config, gate recipe, title)
     "qwen05": ("qwen2_5_coder_0_5b", "qwen05_gates", "Qwen2.5-Coder-0.5B-Instruct"),
     "smollm2": ("smollm2", "smollm2_quality", "SmolLM2-135M-Instruct"),
@@ -397,6 +398,11 @@ def preset_rerank(model: str) -> tuple[int, float, float] | None:
     return (gate.rerank_rows, gate.rerank_top_p, gate.rerank_max_share) if gate.rerank_rows else None
 
 
+def recipe_block_size(model: str) -> int:
+    """The block size of the model's gate recipe (its gate preset's ``block_size``)."""
+    return validate(compose([f"experiment={MODELS[model][1]}"])).gate.block_size
+
+
 def rerank_fields(rerank: tuple[int, float, float] | None) -> dict:
     """A job's rerank as gate fields (off: 0 rows, the other fields at their defaults)."""
     rows, top_p, cap = rerank or (0, GateConfig.rerank_top_p, GateConfig.rerank_max_share)
@@ -511,7 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gates", nargs="*", default=[],
                     help="trained gate folders as NAME=PATH (a target's or a recipe's name; skips its training)")
     ap.add_argument("--targets", nargs="*", default=["mass", "maxpool"], choices=["mass", "maxpool"],
-                    help="a gate set per target, trained (none: only the --shared-gates)")
+                    help="a gate set per target, trained (none: only the --shared-gates, or with --plan lever and no "
+                    "--recipes only the --baselines, on the model without gates)")
     ap.add_argument("--recipes", nargs="*", default=[],
                     help="gate sets as NAME=OVERRIDE;OVERRIDE (seer.train overrides of each; instead of --targets), "
                     "e.g. base= qpool='gate.q_pool=[avg,max,min]' long=trainer.max_steps=1600")
@@ -620,8 +627,9 @@ def planned_jobs(args) -> list[Job | None]:
                          f"block, without --shared-gates (their decode gates decode)")
     blends = parse_blends(args.blends)
     names = gate_sets(args)
-    if not names:
-        raise SystemExit("no gate sets: give --targets, --recipes or --shared-gates")
+    if not names and not (args.plan == "lever" and args.baselines):
+        raise SystemExit("no gate sets: give --targets, --recipes or --shared-gates (or, with --plan lever, only "
+                         "--baselines: training-free selectors on the model without gates)")
     for flag, value, default in (("--attribution-groups", args.attribution_groups, None),
                                  ("--group-scorers", args.group_scorers, ["oracle"]),
                                  ("--fit-hybrid", args.fit_hybrid, False)):
@@ -708,6 +716,9 @@ def main() -> None:
     shared = {f"gate:{name}": path for name, path in shared_gates(args).items()}
     gates.update(shared)
     train_s = time.time() - start
+    # no gate sets (--targets with none, --plan lever): the --baselines on the model without gates, at the block size
+    # of the model's gate recipe
+    gates = gates or {UNGATED: None}
     print(f"[quality] gates {gates} ({train_s:.0f} s)", flush=True)
 
     run = validate(compose(model_overrides(args)))
@@ -720,6 +731,8 @@ def main() -> None:
         if key in shared:  # the decode gates score the prefill; decode stays dense (their budget is not enabled)
             load_decode_gates(models[key], path)
             share_decode_gates(models[key])
+        elif path is None:
+            prepare_model(models[key], recipe_block_size(args.model))
         else:
             load_gates(models[key], path)
         if args.decode_budget:  # Quest alone scores each decode step's blocks (the prefill's block size)

@@ -561,6 +561,36 @@ def test_shared_gates_alone_need_no_trained_gate_set(study, tmp_path):
         study.planned_jobs(study.parse_args(base))
 
 
+def test_baselines_alone_need_no_gate_set_and_measure_as_beside_gates(study, monkeypatch, tmp_path):
+    """--targets with none and --plan lever: the --baselines run on the model without gates (prepared at the
+    recipe's block size), and measure exactly what the same baselines measure in a study with gates."""
+    argv = _tiny_study(study, monkeypatch, tmp_path)
+    monkeypatch.setattr(study, "recipe_block_size", lambda model: 16)  # the tiny gates' block size
+    common = ["--plan", "lever", "--baselines", "oracle", "vertical_slash", "--only", "oracle", "vertical_slash",
+              "--densities", "0.6", "--texts", "novel", "--seq-lens", "256", "--windows", "1", "--passkey", "0",
+              "--copy", "1", "--work", str(tmp_path / "work")]
+    before_plan = argv[:argv.index("--plan")]
+    gated = before_plan + common
+    ungated = [a for a in before_plan if a not in ("--gates", "base=/gates", "--recipes", "base=")] + common
+    rows = {}
+    for name, args in (("gated", gated), ("ungated", [*ungated, "--targets"])):
+        monkeypatch.setattr("sys.argv", ["quality_qwen.py", *args, "--out", str(tmp_path / name)])
+        study.main()
+        rows[name] = json.loads((tmp_path / name / "rows.json").read_text())
+    assert [r["selector"] for r in rows["ungated"]] == ["oracle", "vertical_slash"]
+    for got, want in zip(rows["ungated"], rows["gated"], strict=True):
+        assert got["selector"] == want["selector"] and 0.45 < got["density"] < 0.75
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-9) and got["density"] == want["density"]
+    assert rows["ungated"][0]["ppl"] != rows["ungated"][1]["ppl"]
+    base = ["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--densities", "0.1", "--targets"]
+    with pytest.raises(SystemExit, match="or, with --plan lever, only --baselines"):
+        study.planned_jobs(study.parse_args([*base, "--plan", "final", "--baselines", "oracle"]))
+
+
+def test_the_recipe_block_size_is_the_gate_presets(study):
+    assert study.recipe_block_size("qwen05") == 64 and study.recipe_block_size("smollm2") == 32
+
+
 def test_the_lever_plan_measures_the_blend_under_each_allocation(study):
     args = study.parse_args(["--model-dir", "/m", "--novels", "n", "--eval-novel", "e", "--recipes", "base=",
                              "--plan", "lever", "--blends", "vertical_slash:0.5", "--densities", "0.1",

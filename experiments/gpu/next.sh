@@ -525,6 +525,16 @@ job qcapfloor16 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-sha
   --calibration-rounds 2 --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 \
   --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/qcapfloor16"
+# the same floor for the training-free rerank and the oracle, on the model without gates (no gates to train or stage:
+# the job names do not start with q), to set beside qcaptf32 / qcapbase32 (capped, no floor) and tfq-style uncapped rows
+# of the same prompts and dense passes: tfcapfloor32 at 32k, tfcapfloor16 at 16k
+tf_floor=(--targets --plan lever --baselines reranked oracle --only reranked oracle --max-row-share 0.15
+          --cap-min-blocks 16 --calibration-rounds 2 --densities 0.1)
+job tfcapfloor32 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" "${ruler[@]}" --work "$w/work/q" \
+  --out "$w/out/tfcapfloor32"
+job tfcapfloor16 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --seq-lens 16384 --texts novel code \
+  --ruler all --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json \
+  --deadline-s 100000 --work "$w/work/q" --out "$w/out/tfcapfloor16"
 job ruler16_cap 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --max-row-share 0.15 --calibration-rounds 2 --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 \
