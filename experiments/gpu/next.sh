@@ -516,9 +516,11 @@ job qcapbase32b 1800 "${quality[@]}" "${model[@]}" "${cap_rest[@]}" "${ruler[@]}
 # capped training-free rerank with 16 samples a task (the uncapped pair tie at 53.6 there, dense 50.9)
 job qcap32_last4 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --calibration-rounds 2 \
   --dense-last-rows 4 --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qcap32_last4"
-# the cap with a floor (sparsity.cap_min_blocks 16: rows up to 107 blocks, the prompt's first 1.7k tokens, keep every
-# block over the threshold): on a CPU at 8k the cap's loss of RULER's vt came from those rows
-# (docs/results/qwen/vt_cap_8k_cpu.md). qcapfloor32 beside qcap32, qcapfloor16 beside qcap16_0.1
+# the cap with a floor (sparsity.cap_min_blocks 16: at 64-token blocks the rows up to 106 blocks, the first 6.8k tokens
+# of a prompt, keep every block over the threshold): on a CPU at 8k the cap's loss of RULER's vt came from the prompt's
+# first rows (docs/results/qwen/vt_cap_8k_cpu.md). qcapfloor32 beside qcap32, qcapfloor16 beside qcap16_0.1; run
+# 2026-12-07 (a thirty-first session): the floor turns the capped budget back into the uncapped one on every measure,
+# the prose gain included (docs/results/qwen/capped.md, "The floor under the cap")
 job qcapfloor32 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --cap-min-blocks 16 \
   --calibration-rounds 2 --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qcapfloor32"
 job qcapfloor16 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --cap-min-blocks 16 \
@@ -526,15 +528,26 @@ job qcapfloor16 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-sha
   --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/qcapfloor16"
 # the same floor for the training-free rerank and the oracle, on the model without gates (no gates to train or stage:
-# the job names do not start with q), to set beside qcaptf32 / qcapbase32 (capped, no floor) and tfq-style uncapped rows
-# of the same prompts and dense passes: tfcapfloor32 at 32k, tfcapfloor16 at 16k
+# the job names do not start with q), beside qcaptf32 / qcapbase32 (capped, no floor): tfcapfloor32 at 32k,
+# tfcapfloor16 at 16k
 tf_floor=(--targets --plan lever --baselines reranked oracle --only reranked oracle --max-row-share 0.15
-          --cap-min-blocks 16 --calibration-rounds 2 --densities 0.1)
-job tfcapfloor32 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" "${ruler[@]}" --work "$w/work/q" \
-  --out "$w/out/tfcapfloor32"
-job tfcapfloor16 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --seq-lens 16384 --texts novel code \
-  --ruler all --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json \
+          --calibration-rounds 2 --densities 0.1)
+job tfcapfloor32 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --cap-min-blocks 16 "${ruler[@]}" \
+  --work "$w/work/q" --out "$w/out/tfcapfloor32"
+job tfcapfloor16 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --cap-min-blocks 16 --seq-lens 16384 \
+  --texts novel code --ruler all --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/tfcapfloor16"
+# smaller floors at 32k: the cap's prose gain and its losses both live in the rows the floor of 16 frees (the first
+# 106 blocks); a floor of 4 frees the first 26 (1.7k tokens: RULER's instructions and worked example, where the vt loss
+# came from at 8k), 8 the first 53 (3.4k). Does a small floor give back vt and the needles and keep the prose gain?
+# tfcapfloor32_4 / _8 need no gates (the rerank and the oracle); qcapfloor32_4 / _8 the default
+for floor in 4 8; do
+  job "tfcapfloor32_$floor" 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --cap-min-blocks "$floor" \
+    "${ruler[@]}" --work "$w/work/q" --out "$w/out/tfcapfloor32_$floor"
+  job "qcapfloor32_$floor" 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 \
+    --cap-min-blocks "$floor" --calibration-rounds 2 --densities 0.1 "${ruler[@]}" --work "$w/work/q" \
+    --out "$w/out/qcapfloor32_$floor"
+done
 job ruler16_cap 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --max-row-share 0.15 --calibration-rounds 2 --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 \
