@@ -517,8 +517,8 @@ job qcapbase32b 1800 "${quality[@]}" "${model[@]}" "${cap_rest[@]}" "${ruler[@]}
 job qcap32_last4 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --calibration-rounds 2 \
   --dense-last-rows 4 --densities 0.1 "${ruler[@]}" --work "$w/work/q" --out "$w/out/qcap32_last4"
 # the cap with a floor (sparsity.cap_min_blocks 16: at 64-token blocks the rows up to 106 blocks, the first 6.8k tokens
-# of a prompt, keep every block over the threshold): on a CPU at 8k the cap's loss of RULER's vt came from the prompt's
-# first rows (docs/results/qwen/vt_cap_8k_cpu.md). qcapfloor32 beside qcap32, qcapfloor16 beside qcap16_0.1; run
+# of a prompt, keep every block over the threshold): on a CPU at 8k the floor gave back RULER's vt, which the cap lost
+# (docs/results/qwen/vt_cap_8k_cpu.md). qcapfloor32 beside qcap32, qcapfloor16 beside qcap16_0.1; run
 # 2026-12-07 (a thirty-first session): the floor turns the capped budget back into the uncapped one on every measure,
 # the prose gain included (docs/results/qwen/capped.md, "The floor under the cap")
 job qcapfloor32 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-share 0.15 --cap-min-blocks 16 \
@@ -538,8 +538,8 @@ job tfcapfloor16 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --cap-min-b
   --texts novel code --ruler all --ruler-samples 4 --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json \
   --deadline-s 100000 --work "$w/work/q" --out "$w/out/tfcapfloor16"
 # smaller floors at 32k: the cap's prose gain and its losses both live in the rows the floor of 16 frees (the first
-# 106 blocks); a floor of 4 frees the first 26 (1.7k tokens: RULER's instructions and worked example, where the vt loss
-# came from at 8k), 8 the first 53 (3.4k). Does a small floor give back vt and the needles and keep the prose gain?
+# 106 blocks); a floor of 4 frees the first 26 (1.7k tokens: RULER's instructions and worked example), 8 the first 53
+# (3.4k). Does a small floor give back vt and the needles and keep the prose gain?
 # tfcapfloor32_4 / _8 need no gates (the rerank and the oracle); qcapfloor32_4 / _8 the default
 for floor in 4 8; do
   job "tfcapfloor32_$floor" 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --cap-min-blocks "$floor" \
