@@ -527,7 +527,8 @@ job qcapfloor16 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-sha
   --calibration-rounds 2 --densities 0.1 --seq-lens 16384 --texts novel code --ruler all --ruler-samples 4 \
   --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/qcapfloor16"
-# the same floor for the training-free rerank and the oracle, on the model without gates (no gates to train or stage:
+# the same floor for the training-free rerank and the oracle (tf_floor: the capped budget without the floor), on the
+# model without gates (no gates to train or stage:
 # the job names do not start with q), beside qcaptf32 / qcapbase32 (capped, no floor): tfcapfloor32 at 32k,
 # tfcapfloor16 at 16k
 tf_floor=(--targets --plan lever --baselines reranked oracle --only reranked oracle --max-row-share 0.15
@@ -551,10 +552,8 @@ done
 # the converse of the floor at 32k: the cap only in the rows under 27 blocks (a window's first 1.7k tokens), every
 # longer row uncapped (experiments/cap_first_rows.py); on a CPU at 8k and 0.2 that alone gave the novel -7.3% where the
 # whole cap gave -8.4% (docs/results/qwen/capped.md, "Which of the first rows"). The rerank and the oracle, no gates
-tfcapfirst32=(--targets --plan lever --baselines reranked oracle --only reranked oracle --max-row-share 0.15
-              --calibration-rounds 2 --densities 0.1)
 job tfcapfirst32 1800 env SEER_CAP_ROWS=27 python3 experiments/cap_first_rows.py experiments/quality_qwen.py \
-  "${model[@]}" "${tfcapfirst32[@]}" "${ruler[@]}" --work "$w/work/q" --out "$w/out/tfcapfirst32"
+  "${model[@]}" "${tf_floor[@]}" "${ruler[@]}" --work "$w/work/q" --out "$w/out/tfcapfirst32"
 job ruler16_cap 2400 "${quality[@]}" "${model[@]}" --gates "base=$gates" --recipes base= --blends vertical_slash:0.5 \
   --plan lever --reranks 16:0.99 --baselines reranked --only gate:base+vertical_slash@0.5+rerank16@0.99 reranked \
   --max-row-share 0.15 --calibration-rounds 2 --densities 0.1 --texts novel --windows 1 --passkey 0 --copy 0 \
