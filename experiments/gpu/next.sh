@@ -528,9 +528,8 @@ job qcapfloor16 1800 "${quality[@]}" "${model[@]}" "${default[@]}" --max-row-sha
   --batch-size 4 --dense-from docs/results/qwen/dense_16k_batch4.json --deadline-s 100000 --work "$w/work/q" \
   --out "$w/out/qcapfloor16"
 # the same floor for the training-free rerank and the oracle (tf_floor: the capped budget without the floor), on the
-# model without gates (no gates to train or stage:
-# the job names do not start with q), beside qcaptf32 / qcapbase32 (capped, no floor): tfcapfloor32 at 32k,
-# tfcapfloor16 at 16k
+# model without gates (no gates to train or stage: the job names do not start with q), beside qcaptf32 / qcapbase32
+# (capped, no floor): tfcapfloor32 at 32k, tfcapfloor16 at 16k
 tf_floor=(--targets --plan lever --baselines reranked oracle --only reranked oracle --max-row-share 0.15
           --calibration-rounds 2 --densities 0.1)
 job tfcapfloor32 1800 "${quality[@]}" "${model[@]}" "${tf_floor[@]}" --cap-min-blocks 16 "${ruler[@]}" \
