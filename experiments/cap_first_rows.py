@@ -37,23 +37,23 @@ def capped_rows() -> int:
     return rows
 
 
+_THRESHOLD_MASK = masks.threshold_mask_from_probs  # the product's, before main() swaps it
+
+
 def first_rows_cap_mask_from_probs(probs: torch.Tensor, threshold, sink_blocks: int = 0, local_blocks: int = 0,
                                    dense_last_rows: int = 0, max_row_share: float = 1.0,
                                    ranks: torch.Tensor | None = None, cap_min_blocks: int = 0,
                                    cap_rows: int | None = None) -> torch.Tensor:
     """:func:`seer.sparsity.masks.threshold_mask_from_probs` with the cap (and its floor) only in the rows of fewer
-    than ``cap_rows`` causal blocks (query-block rows ``0 .. cap_rows - 2``; default ``SEER_CAP_ROWS``)."""
+    than ``cap_rows`` causal blocks (query-block rows ``0 .. cap_rows - 2``; default ``SEER_CAP_ROWS``): those rows
+    of the product's capped mask, the others of its uncapped one."""
     cap_rows = capped_rows() if cap_rows is None else cap_rows
-    nb = probs.shape[-1]
-    forced = masks.forced_blocks(nb, sink_blocks, local_blocks, probs.device)
-    over = probs > masks._per_head(threshold, probs)
+    capped = _THRESHOLD_MASK(probs, threshold, sink_blocks, local_blocks, dense_last_rows, max_row_share, ranks,
+                             cap_min_blocks)
     if max_row_share < 1:
-        if ranks is None:
-            ranks = masks.row_ranks(probs, sink_blocks, local_blocks)
-        budgets = masks.row_budgets(nb, float(max_row_share), device=probs.device).clamp(min=cap_min_blocks)
-        budgets[cap_rows - 1:] = nb  # a row of cap_rows blocks or more keeps all it is over
-        over &= ranks < budgets[:, None]
-    return masks._finish(over | forced, nb, dense_last_rows)
+        uncapped = _THRESHOLD_MASK(probs, threshold, sink_blocks, local_blocks, dense_last_rows)
+        capped[..., cap_rows - 1:, :] = uncapped[..., cap_rows - 1:, :]
+    return capped
 
 
 def main(argv: list[str]) -> None:
