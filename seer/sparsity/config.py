@@ -11,10 +11,11 @@ plus a *budget* (this config). Budgets:
   budget of :func:`seer.sparsity.masks.row_budgets` at that share, forced blocks counted): a flat row, whose every
   block clears the threshold, is cut to its largest shares instead of running dense. At most ``1 / threshold``
   blocks clear a threshold (the shares sum to 1), so the cap binds only in rows shorter than
-  ``1 / (threshold * max_row_share)`` blocks: the prompt's first rows at short lengths, every row at 32k on Qwen.
+  ``1 / (threshold * max_row_share)`` blocks (on Qwen at 8k-32k with 64-token blocks, every row).
   ``cap_min_blocks`` floors the cap: a row may keep that many blocks over the threshold where its share allows
-  fewer (on Qwen at 8k, 16 gave back the uncapped budget's RULER variable tracking and code, and its prose too:
-  there the cap binds only in the first rows; docs/results/qwen/vt_cap_8k_cpu.md).
+  fewer (on Qwen at 8k-32k, 16 uncaps a window's first 6.8k tokens and gives back the uncapped budget's RULER
+  variable tracking, needles and code, and its prose perplexity too: the cap acts through those first rows;
+  docs/results/qwen/capped.md).
 * ``topp``: keep the fewest blocks whose softmax mass reaches ``p`` (at least one).
 * ``dense``: keep every causal block.
 
