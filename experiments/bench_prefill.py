@@ -8,15 +8,16 @@ For each N it times one forward pass (all layers, no LM-head sampling) of:
 
 ``--rerank-rows 0 8 16`` times the sparse forward once per value of ``gate.rerank_rows`` (0: no rerank), the other
 inference fields as the gate preset sets them. With random weights the rerank's candidates (the top-p of a flat
-proposal) are nearly every causal block, its costliest case.
+proposal) are nearly every causal block, its costliest case. ``--rerank-launch`` sets the rerank kernel's launch
+(:data:`seer.kernels.sampled_rows.LAUNCH`, in ``experiments.bench_rerank``'s ``--launch`` syntax; e.g. ``p``).
 
 The model is built from its architecture with random weights (``--model smollm2`` is SmolLM2-135M's shape:
 30 layers, 9/3 heads, head dim 64), so no download is needed; speed does not depend on the weights, and top-k
 selection keeps the requested density whatever the gate's weights are.
 
-    python3 experiments/bench_prefill.py --model smollm2 --seq 8192 --density 0.1 --out docs/bench_prefill.md
-    python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16
-    python3 experiments/bench_prefill.py --model smollm2 --seq 8192 --block-size 32 --rerank-rows 0 8
+    python3 -m experiments.bench_prefill --model smollm2 --seq 8192 --density 0.1 --out docs/bench_prefill.md
+    python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16
+    python3 -m experiments.bench_prefill --model smollm2 --seq 8192 --block-size 32 --rerank-rows 0 8
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
+from experiments.bench_rerank import launch_settings
 from seer.config import compose, validate
+from seer.kernels import sampled_rows
 from seer.model.inference import GraphedPrefill, enable_sparse_prefill, load
 from seer.sparsity import SparsityConfig
 
@@ -44,10 +47,16 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=None,
                     help="the gate's block size (gate.block_size; default: the preset's)")
     ap.add_argument("--rerank-rows", type=int, nargs="+", default=[0], help="gate.rerank_rows values to time")
+    ap.add_argument("--rerank-launch", default="default",
+                    help="the rerank kernel's launch settings, as bench_rerank's --launch (e.g. p: prefetched)")
     ap.add_argument("--out", default="docs/bench_prefill.md")
     args = ap.parse_args()
     if any(r < 0 for r in args.rerank_rows):
         ap.error(f"--rerank-rows {args.rerank_rows}: each must be >= 0")
+    try:
+        sampled_rows.LAUNCH.update(launch_settings(args.rerank_launch))
+    except ValueError as exc:
+        ap.error(str(exc))
 
     block = [f"gate.block_size={args.block_size}"] if args.block_size is not None else []
     run = validate(compose([f"model={args.model}", f"gate={args.gate}", *block, "model.random_init=true",
@@ -117,9 +126,10 @@ def main() -> None:
         f"Device: {props.name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}, "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
-        f"Command: `python3 experiments/bench_prefill.py --model {args.model} --seq "
+        f"Command: `python3 -m experiments.bench_prefill --model {args.model} --seq "
         f"{' '.join(map(str, args.seq))} --density {args.density} --gate {args.gate} "
-        f"--block-size {run.gate.block_size} --rerank-rows {' '.join(map(str, args.rerank_rows))} --out {args.out}`",
+        f"--block-size {run.gate.block_size} --rerank-rows {' '.join(map(str, args.rerank_rows))} "
+        f"--rerank-launch {args.rerank_launch} --out {args.out}` (the rerank kernel's launch: {sampled_rows.LAUNCH})",
         "",
         "Batch 1, bf16, random weights of the model's architecture (speed does not depend on them), median of "
         "`triton.testing.do_bench` over the forward pass (LM head on the last position only). `eager` is the plain "

@@ -12,11 +12,11 @@ head's set, the best case) or drawn per head (``independent``: the union is larg
 between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program, 0 the kernel's choice
 (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
 the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either.
-``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps,
-``s<N>`` pipeline stages and ``a`` (the query blocks in ascending order: the order before heaviest-first became the
-default) joined (e.g. ``w8s3``, ``a``). Before timing, each
-configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`)
-at ``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
+``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps, ``s<N>``
+pipeline stages, ``a`` (the query blocks in ascending order: the order before heaviest-first became the default) and
+``p`` (``prefetch``: each list entry's loads issued a step ahead) joined (e.g. ``w8s3``, ``a``, ``s2p``). Before timing,
+each configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`) at
+``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
 ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the interpreter
 does not compute bf16 dots exactly).
 """
@@ -40,19 +40,21 @@ DEFAULT_LAUNCH = dict(sampled_rows.LAUNCH)
 
 def launch_settings(spec: str) -> dict:
     """``default`` (the kernel's own settings) or e.g. ``w8s3a`` as :data:`seer.kernels.sampled_rows.LAUNCH`
-    entries (``a``: the query blocks in ascending order instead of the heaviest first)."""
+    entries (``a``: the query blocks in ascending order instead of the heaviest first; ``p``: the prefetched loop)."""
     out = dict(DEFAULT_LAUNCH)
     if spec == "default":
         return out
-    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(a)?", spec)
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(a)?(p)?", spec)
     if not spec or not parts:
-        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N> and a joined, e.g. w4s2, a")
+        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, a and p joined, e.g. w4s2, a, s2p")
     if parts[1]:
         out["num_warps"] = int(parts[1])
     if parts[2]:
         out["num_stages"] = int(parts[2])
     if parts[3]:
         out["heaviest_first"] = False
+    if parts[4]:
+        out["prefetch"] = True
     return out
 
 

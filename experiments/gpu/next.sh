@@ -80,12 +80,19 @@ job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --sh
 # prefill at 32k with 16 rows spends 2 ms a layer in the rerank (docs/bench_prefill.md, last section)
 job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
   --share 0.3 0.7 --launch default a --out $w/out/krerank/bench_rerank_order\$run.md || exit 1; done"
+# the rerank kernel with each list entry's loads issued a step ahead (LAUNCH["prefetch"], 2026-12-07, a thirty-second
+# session: a plain step starts with a chain of dependent loads, the list entry, then its bias and keys) against the
+# default, twice in a row; then the whole prefill of Qwen's shape (random weights) with 0 and 16 rerank rows, each way
+job kprefetch 420 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
+  --share 0.3 0.7 1.0 --launch default p s1p s2p --out $w/out/kprefetch/bench_rerank_prefetch\$run.md || exit 1; done"
+job kgraphp 600 bash -c "for l in default p; do python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b \
+  --seq 16384 32768 --rerank-rows 0 16 --rerank-launch \$l --out $w/out/kgraphp/bench_prefill_qwen_\$l.md || exit 1; done"
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA
 # graph (0 and 8 rows with the whole last block timed 2026-12-06 on an H100: 1.57x / 1.20x eager, 1.62x / 1.25x as a
 # graph at 32k; docs/bench_prefill.md)
-job graph 420 python3 experiments/bench_prefill.py --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16 \
+job graph 420 python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b --seq 16384 32768 --rerank-rows 0 8 16 \
   --out $w/out/graph/bench_prefill_qwen.md
 
 # issue 18 / the product: seer.generate's decode loops on Qwen at 32k, transformers' generate() against the captured step
@@ -96,7 +103,7 @@ job kgen 600 python3 experiments/bench_generate.py --model-dir /root/models/qwen
 
 # SmolLM2's whole-model prefill at 8k with 32- and 64-token gate blocks, the rerank off, 8 and 16 rows (2026-12-06 on
 # an H200 without 16 rows: no setting faster than dense at this size; docs/bench_prefill.md)
-job blkbench 420 bash -c "for bs in 32 64; do python3 experiments/bench_prefill.py --model smollm2 --seq 8192 \
+job blkbench 420 bash -c "for bs in 32 64; do python3 -m experiments.bench_prefill --model smollm2 --seq 8192 \
   --block-size \$bs --rerank-rows 0 8 16 --out $w/out/blkbench/bench_prefill_smollm2_block\$bs.md || exit 1; done"
 
 # the recipe's prefill gates (experiment=qwen05_gates: 800 steps of 16k rows, about 3 minutes on an H200)

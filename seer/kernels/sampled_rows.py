@@ -49,12 +49,15 @@ MAX_GRID_Y = 65535
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
-LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True}
+LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "prefetch": False}
 """Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default), 4 warps timed best on an H100
 (docs/bench_rerank.md); ``heaviest_first``: the programs start from the last query block (whose union list is the
 longest: a program's work grows with its block index), the key heads' lists side by side, so that the short programs
 fill the end of the launch rather than the long ones (False: the first block first, list by list): 9-19% faster on
-every shape of two H100 runs beside other work, 7-18% in two H200 runs alone (docs/bench_rerank.md, last sections).
+every shape of two H100 runs beside other work, 7-18% in two H200 runs alone (docs/bench_rerank.md, last sections);
+``prefetch``: the one-pass kernel (with one key tile a block: blocks of at most 64 tokens) loads each list entry's
+bias and keys a step ahead and its block index two steps ahead, instead of starting each step with that chain of
+dependent loads.
 ``experiments/bench_rerank.py --launch`` times the alternatives."""
 
 
@@ -140,6 +143,59 @@ def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, 
 
 
 @triton.jit
+def _sr_block(idx_row, e, i):
+    """Entry ``e``'s block, clamped to ``0 .. i`` so that a prefetch past an empty list reads in bounds."""
+    return tl.minimum(tl.maximum(tl.load(idx_row + e), 0), i)
+
+
+@triton.jit
+def _sr_load(K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, N, BS: tl.constexpr):
+    """Entry ``e``'s block ``c``, its per-row bias (as :func:`_sr_entry`) and its key tile ``[D, BS]`` (keys past
+    ``N`` zero): the first step of the prefetched loop."""
+    c = _sr_block(idx_row, e, i)
+    bias = tl.where(tl.load(cand_rows + c) != 0, 0.0, float("-inf"))
+    keys = c * BS + offs_n
+    kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
+    return c, bias, kt
+
+
+@triton.jit
+def _sr_partial_prefetched(q, K, stride_kn, idx_row, cand_rows, i, e, cnt, offs_n, offs_d, pos, N, qk_scale, m, z,
+                           part_e, c, bias, kt, c_next, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """:func:`_sr_partial` for entry ``e`` (one key tile, ``BLOCK_N == BS``) with its block, bias and keys loaded the
+    step before, and the loads of the next entries issued before this entry's dot: entry ``e + 1``'s bias and keys
+    (its block ``c_next`` known) and entry ``e + 2``'s block (indices clamped to the last entry), so that no step
+    waits on the chain of dependent loads (list entry, then bias and keys) that a plain step starts with."""
+    c_after = _sr_block(idx_row, tl.minimum(e + 2, cnt - 1), i)
+    bias_next = tl.where(tl.load(cand_rows + c_next) != 0, 0.0, float("-inf"))
+    keys_next = c_next * BS + offs_n
+    kt_next = tl.load(K + keys_next[None, :] * stride_kn + offs_d[:, None], mask=keys_next[None, :] < N, other=0.0)
+    x2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + bias[:, None]
+    if c == i:
+        x2 = tl.where((c * BS + offs_n)[None, :] <= pos[:, None], x2, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x2, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_use)
+    s = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
+    z = z * alpha + s
+    tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
+    return m_new, z, c_next, bias_next, kt_next, c_after
+
+
+@triton.jit
+def _sr_finish_prefetched(idx_row, e, cnt, part, stride_pe, c, part_c, m, z_inv_w, out_heads, head_ok,
+                          PP: tl.constexpr, RP: tl.constexpr):
+    """:func:`_sr_finish` for entry ``e`` with its block and partial sums loaded the step before; loads entry
+    ``e + 1``'s (clamped to the last) before storing."""
+    e_next = tl.minimum(e + 1, cnt - 1)
+    c_next = tl.load(idx_row + e_next)
+    part_next = tl.load(part + e_next * stride_pe)
+    rows = tl.math.exp2(part_c - m) * z_inv_w
+    tl.store(out_heads + c, tl.sum(tl.reshape(rows, (PP, RP)), 1), mask=head_ok)
+    return c_next, part_next
+
+
+@triton.jit
 def _sr_finish(idx_row, e, part_e, m, z_inv_w, out_heads, head_ok, PP: tl.constexpr, RP: tl.constexpr):
     """Second (key-free) loop of the one-pass kernel: entry ``e``'s stored partial sums, normalised per row and
     averaged per head."""
@@ -157,7 +213,7 @@ def _sampled_rows_kernel(
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAVIEST_FIRST: tl.constexpr, INTERP: tl.constexpr,
+    HEAVIEST_FIRST: tl.constexpr, PREFETCH: tl.constexpr, INTERP: tl.constexpr,
 ):
     # bl: batch x list, LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
     if HEAVIEST_FIRST:  # grid (lists, blocks): the launch's last query block first, every list's at once
@@ -199,7 +255,38 @@ def _sampled_rows_kernel(
     head_ok = heads < P
     # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
     w_rows = w / tl.sum(tl.where(g == 0, w, 0.0), 0)
-    if ONE_PASS:
+    if ONE_PASS and PREFETCH:  # the same loops as below, each entry's loads issued a step ahead
+        part = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi + t
+        last = tl.maximum(cnt - 1, 0)
+        c, bias, kt = _sr_load(K, stride_kn, idx_row, cand_rows, i, 0, offs_n, offs_d, N, BS)
+        c_next = _sr_block(idx_row, tl.minimum(1, last), i)
+        if INTERP:
+            e = 0
+            while e < cnt:
+                m, z, c, bias, kt, c_next = _sr_partial_prefetched(
+                    q, K, stride_kn, idx_row, cand_rows, i, e, last + 1, offs_n, offs_d, pos, N, qk_scale, m, z,
+                    part + e * stride_pe, c, bias, kt, c_next, BS, DOT_PRECISION)
+                e += 1
+        else:
+            for e in range(0, cnt):
+                m, z, c, bias, kt, c_next = _sr_partial_prefetched(
+                    q, K, stride_kn, idx_row, cand_rows, i, e, last + 1, offs_n, offs_d, pos, N, qk_scale, m, z,
+                    part + e * stride_pe, c, bias, kt, c_next, BS, DOT_PRECISION)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
+        c = tl.load(idx_row)
+        part_c = tl.load(part)
+        if INTERP:
+            e = 0
+            while e < cnt:
+                c, part_c = _sr_finish_prefetched(idx_row, e, last + 1, part, stride_pe, c, part_c, m, z_inv_w,
+                                                  out_heads, head_ok, PP, RP)
+                e += 1
+        else:
+            for e in range(0, cnt):
+                c, part_c = _sr_finish_prefetched(idx_row, e, last + 1, part, stride_pe, c, part_c, m, z_inv_w,
+                                                  out_heads, head_ok, PP, RP)
+    elif ONE_PASS:
         part = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi + t
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
@@ -309,6 +396,8 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     if LAUNCH["num_stages"]:
         launch["num_stages"] = LAUNCH["num_stages"]
     heaviest = bool(LAUNCH["heaviest_first"])
+    block_n = block_size if INTERPRET else min(block_size, 64)
+    prefetch = bool(LAUNCH["prefetch"]) and passes == 1 and block_n == block_size
     if heaviest:  # the query blocks on the grid's second axis, which holds at most 65535 programs
         span = min(span, MAX_GRID_Y)
     for i0 in range(0, nb, span):
@@ -321,9 +410,10 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
             part.stride(0), part.stride(1), part.stride(2), i0, lists, chunks, group, n,
             softmax_scale(sm_scale, d) * LOG2E.value,
             D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
-            BLOCK_N=block_size if INTERPRET else min(block_size, 64),
+            BLOCK_N=block_n,
             LAST_FALLBACK=min(offsets) >= last,
-            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), HEAVIEST_FIRST=heaviest, INTERP=INTERPRET,
+            ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), HEAVIEST_FIRST=heaviest,
+            PREFETCH=prefetch, INTERP=INTERPRET,
             **launch,
         )
     return out

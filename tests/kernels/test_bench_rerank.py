@@ -40,11 +40,14 @@ def test_every_configuration_is_checked_and_tabled(monkeypatch, tmp_path):
 
 
 def test_launch_settings_are_parsed_and_bad_ones_named():
-    assert bench.launch_settings("default") == {"num_warps": 4, "num_stages": None, "heaviest_first": True}
-    assert bench.launch_settings("w8s3") == {"num_warps": 8, "num_stages": 3, "heaviest_first": True}
-    assert bench.launch_settings("s2") == {"num_warps": 4, "num_stages": 2, "heaviest_first": True}
-    assert bench.launch_settings("a") == {"num_warps": 4, "num_stages": None, "heaviest_first": False}
-    assert bench.launch_settings("w8a") == {"num_warps": 8, "num_stages": None, "heaviest_first": False}
-    for bad in ("w", "x4", "w4e16", "aw4", "h", ""):
+    base = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "prefetch": False}
+    assert bench.launch_settings("default") == base
+    assert bench.launch_settings("w8s3") == {**base, "num_warps": 8, "num_stages": 3}
+    assert bench.launch_settings("s2") == {**base, "num_stages": 2}
+    assert bench.launch_settings("a") == {**base, "heaviest_first": False}
+    assert bench.launch_settings("w8a") == {**base, "num_warps": 8, "heaviest_first": False}
+    assert bench.launch_settings("s2p") == {**base, "num_stages": 2, "prefetch": True}
+    assert bench.launch_settings("p") == {**base, "prefetch": True}
+    for bad in ("w", "x4", "w4e16", "aw4", "pa", "h", ""):
         with pytest.raises(ValueError, match=f"--launch {bad!r}"):
             bench.launch_settings(bad)

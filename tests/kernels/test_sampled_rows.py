@@ -154,6 +154,26 @@ def test_either_launch_order_gives_the_same_masses(heaviest_first, monkeypatch):
     assert (want > 0).sum() > 0
 
 
+@pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", CASES)
+def test_the_prefetched_loop_gives_the_loops_masses(b, hq, hkv, n, d, block, rows, monkeypatch):
+    """``LAUNCH['prefetch']`` (each entry's bias and keys loaded a step ahead, its block two steps ahead) gives the
+    float64 loops' masses on every case, with the scratch in one launch and split over launches of 2 query blocks."""
+    from seer.kernels import sampled_rows
+
+    q, k, cand, q64, k64 = _case(b, hq, hkv, n, d, block, seed=7 * n + rows)
+    want = _loops(q64, k64, cand, rows, block, d ** -0.5)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "prefetch", True)
+    dev = _device()
+    whole = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
+    p, pp, rp = sampled_rows.program_layout(hq // hkv, min(rows, block), block)
+    lists = hq // p
+    monkeypatch.setattr(sampled_rows, "SCRATCH_BYTES", 2 * b * lists * math.ceil(n / block) * pp * rp * 4)
+    split = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
+    for got in (whole, split):
+        torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
+        assert (got.cpu()[~cand] == 0).all()
+
+
 def test_program_layout_fills_at_most_128_rows():
     from seer.kernels.sampled_rows import program_layout
     assert program_layout(7, 16, 64) == (7, 8, 16)  # 8 x 16 rows with a padding head
@@ -196,15 +216,16 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heaviest_first", [False, True])
+@pytest.mark.parametrize("heaviest_first,prefetch", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("rows", [8, 16])
-def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, monkeypatch):
+def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, prefetch, monkeypatch):
     """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
-    programs) and 16 (128 rows); one pass and two; either launch order."""
+    programs) and 16 (128 rows); one pass and two; either launch order; the one-pass loop prefetched or not."""
     from seer.kernels import sampled_rows
 
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "prefetch", prefetch)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
