@@ -84,9 +84,9 @@ job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank 
 # session: a plain step starts with a chain of dependent loads, the list entry, then its bias and keys) against the
 # default, twice in a row; then the whole prefill of Qwen's shape (random weights) with 0 and 16 rerank rows, each way
 job kprefetch 420 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
-  --share 0.3 0.7 1.0 --launch default p s1p s2p --out $w/out/kprefetch/bench_rerank_prefetch\$run.md || exit 1; done"
+  --share 0.3 0.7 1.0 --launch default p s2p --out $w/out/kprefetch/bench_rerank_prefetch\$run.md || exit 1; done"
 job kgraphp 600 bash -c "for l in default p; do python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b \
-  --seq 16384 32768 --rerank-rows 0 16 --rerank-launch \$l --out $w/out/kgraphp/bench_prefill_qwen_\$l.md || exit 1; done"
+  --seq 32768 --rerank-rows 0 16 --rerank-launch \$l --out $w/out/kgraphp/bench_prefill_qwen_\$l.md || exit 1; done"
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA
