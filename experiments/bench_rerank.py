@@ -13,12 +13,12 @@ between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program
 (:func:`seer.kernels.sampled_rows.program_layout`: 7 Qwen heads x 16 rows in one 128-row program); ``PASSES`` 2 reads
 the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either.
 ``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps, ``s<N>``
-pipeline stages, ``a`` (the query blocks in ascending order: the order before heaviest-first became the default) and
-``p`` (``prefetch``: each list entry's loads issued a step ahead) joined (e.g. ``w8s3``, ``a``, ``s2p``). Before timing,
-each configuration is checked against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`) at
-``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under
-``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such times mean nothing, and the interpreter
-does not compute bf16 dots exactly).
+pipeline stages, ``n<16|32|64>`` keys a tile, ``a`` (the query blocks in ascending order: the order before
+heaviest-first became the default) and ``l`` (the lean loop: fewer operations a logit) joined (e.g. ``w8s3``, ``a``,
+``n32l``); the ``regs`` and ``spills`` columns are the compiled kernel's. Before timing, each configuration is checked
+against the float32 PyTorch contract (:func:`seer.kernels.reference.sampled_rows_mass`) at ``--check-n`` tokens. Times:
+CUDA-event medians of ``--reps`` runs after ``--warmup`` (on CPU, only under ``TRITON_INTERPRET=1`` with ``--dtype
+fp16``, to exercise the code path: such times mean nothing, and the interpreter does not compute bf16 dots exactly).
 """
 
 from __future__ import annotations
@@ -40,21 +40,25 @@ DEFAULT_LAUNCH = dict(sampled_rows.LAUNCH)
 
 def launch_settings(spec: str) -> dict:
     """``default`` (the kernel's own settings) or e.g. ``w8s3a`` as :data:`seer.kernels.sampled_rows.LAUNCH`
-    entries (``a``: the query blocks in ascending order instead of the heaviest first; ``p``: the prefetched loop)."""
+    entries (``n32``: 32 keys a tile; ``a``: the query blocks in ascending order instead of the heaviest first; ``l``:
+    the lean loop)."""
     out = dict(DEFAULT_LAUNCH)
     if spec == "default":
         return out
-    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(a)?(p)?", spec)
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(?:n(16|32|64))?(a)?(l)?", spec)
     if not spec or not parts:
-        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, a and p joined, e.g. w4s2, a, s2p")
+        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, n<16|32|64>, a and l joined, e.g. "
+                         "w4s2, a, n32l")
     if parts[1]:
         out["num_warps"] = int(parts[1])
     if parts[2]:
         out["num_stages"] = int(parts[2])
     if parts[3]:
-        out["heaviest_first"] = False
+        out["block_n"] = int(parts[3])
     if parts[4]:
-        out["prefetch"] = True
+        out["heaviest_first"] = False
+    if parts[5]:
+        out["lean"] = True
     return out
 
 
@@ -135,7 +139,8 @@ def main() -> None:
         f"{args.dtype}. Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density "
         f"0.1: {sparse:.3f} ms.",
         "", "| rows | candidate share | layout | heads per program | rows per program | passes | launch | ms | "
-        "vs sparse attention 0.1 | vs dense | max abs err (check) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "vs sparse attention 0.1 | vs dense | max abs err (check) | regs | spills |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rows in args.rows:
         for share in args.share:
             for layout in args.layouts:
@@ -151,9 +156,11 @@ def main() -> None:
                                                                heads_per_program=heads, passes=passes),
                                      args.reps, args.warmup, cuda)[0]
                     except Exception as exc:  # a launch setting the compiler rejects: its row says why
-                        lines.append(row + f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | | |")
+                        lines.append(row + f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | | | | |")
                     else:
-                        lines.append(row + f"{ms:.3f} | {ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} |")
+                        res = sampled_rows.last_kernel_resources()
+                        lines.append(row + f"{ms:.3f} | {ms / sparse:.2f}x | {ms / dense:.2f}x | {err:.1e} | "
+                                     f"{res['n_regs']} | {res['n_spills']} |")
                     print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.out:

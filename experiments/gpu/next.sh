@@ -80,13 +80,15 @@ job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --sh
 # prefill at 32k with 16 rows spends 2 ms a layer in the rerank (docs/bench_prefill.md, last section)
 job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
   --share 0.3 0.7 --launch default a --out $w/out/krerank/bench_rerank_order\$run.md || exit 1; done"
-# the rerank kernel with each list entry's loads issued a step ahead (LAUNCH["prefetch"], 2026-12-07, a thirty-second
-# session: a plain step starts with a chain of dependent loads, the list entry, then its bias and keys) against the
-# default, twice in a row; then the whole prefill of Qwen's shape (random weights) with 0 and 16 rerank rows, each way
-job kprefetch 420 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
-  --share 0.3 0.7 1.0 --launch default p s2p --out $w/out/kprefetch/bench_rerank_prefetch\$run.md || exit 1; done"
-job kgraphp 600 bash -c "for l in default p; do python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b \
-  --seq 32768 --rerank-rows 0 16 --rerank-launch \$l --out $w/out/kgraphp/bench_prefill_qwen_\$l.md || exit 1; done"
+# the rerank kernel's per-step work (2026-12-07, a thirty-second session; loads issued a step ahead were 2-47% slower,
+# docs/bench_rerank.md): the lean loop (l: the scale folded into the exp2, the candidate test per row), 32-key tiles
+# (n32: half the logit tile in registers) and both, with the compiled kernel's registers and spills, twice in a row;
+# then the whole prefill of Qwen's shape (random weights) with 16 rerank rows, the default launch and n32l
+job krlean 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
+  --share 0.7 1.0 --layouts shared --launch default l n32 n32l w8n32l \
+  --out $w/out/krlean/bench_rerank_lean\$run.md || exit 1; done"
+job kgraphl 400 bash -c "for l in default n32l; do python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b \
+  --seq 32768 --rerank-rows 16 --rerank-launch \$l --out $w/out/kgraphl/bench_prefill_qwen_\$l.md || exit 1; done"
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA

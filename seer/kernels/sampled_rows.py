@@ -41,7 +41,8 @@ from seer.kernels.block_index import build_block_index
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
-__all__ = ["LAUNCH", "SCRATCH_BYTES", "program_layout", "sampled_offsets", "sampled_rows_mass"]
+__all__ = ["LAUNCH", "SCRATCH_BYTES", "last_kernel_resources", "program_layout", "sampled_offsets",
+           "sampled_rows_mass"]
 
 MAX_GRID_Y = 65535
 """The most programs on a CUDA grid's second axis."""
@@ -49,16 +50,25 @@ MAX_GRID_Y = 65535
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
-LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "prefetch": False}
+LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "block_n": None, "lean": False}
 """Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default), 4 warps timed best on an H100
 (docs/bench_rerank.md); ``heaviest_first``: the programs start from the last query block (whose union list is the
 longest: a program's work grows with its block index), the key heads' lists side by side, so that the short programs
 fill the end of the launch rather than the long ones (False: the first block first, list by list): 9-19% faster on
 every shape of two H100 runs beside other work, 7-18% in two H200 runs alone (docs/bench_rerank.md, last sections);
-``prefetch``: the one-pass kernel (with one key tile a block: blocks of at most 64 tokens) loads each list entry's
-bias and keys a step ahead and its block index two steps ahead, instead of starting each step with that chain of
-dependent loads.
+``block_n``: keys a tile (None: a block, at most 64 on CUDA; 16 or 32 halve or quarter the logit tile each step
+holds in registers); ``lean``: the one-pass loop with fewer operations a logit (:func:`_sr_partial_lean`).
 ``experiments/bench_rerank.py --launch`` times the alternatives."""
+
+
+_LAST: dict = {}
+
+
+def last_kernel_resources() -> dict:
+    """``{"n_regs", "n_spills"}`` (registers per thread, spilled bytes) of the latest launch's compiled kernel on CUDA;
+    None values under the interpreter or before a launch (for benchmarks: a kernel that spills shows it here)."""
+    compiled = _LAST.get("compiled")
+    return {"n_regs": getattr(compiled, "n_regs", None), "n_spills": getattr(compiled, "n_spills", None)}
 
 
 def sampled_offsets(block_size: int, rows: int) -> list[int]:
@@ -143,56 +153,43 @@ def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, 
 
 
 @triton.jit
-def _sr_block(idx_row, e, i):
-    """Entry ``e``'s block, clamped to ``0 .. i`` so that a prefetch past an empty list reads in bounds."""
-    return tl.minimum(tl.maximum(tl.load(idx_row + e), 0), i)
-
-
-@triton.jit
-def _sr_load(K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, N, BS: tl.constexpr):
-    """Entry ``e``'s block ``c``, its per-row bias (as :func:`_sr_entry`) and its key tile ``[D, BS]`` (keys past
-    ``N`` zero): the first step of the prefetched loop."""
-    c = _sr_block(idx_row, e, i)
-    bias = tl.where(tl.load(cand_rows + c) != 0, 0.0, float("-inf"))
-    keys = c * BS + offs_n
-    kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
-    return c, bias, kt
-
-
-@triton.jit
-def _sr_partial_prefetched(q, K, stride_kn, idx_row, cand_rows, i, e, cnt, offs_n, offs_d, pos, N, qk_scale, m, z,
-                           part_e, c, bias, kt, c_next, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """:func:`_sr_partial` for entry ``e`` (one key tile, ``BLOCK_N == BS``) with its block, bias and keys loaded the
-    step before, and the loads of the next entries issued before this entry's dot: entry ``e + 1``'s bias and keys
-    (its block ``c_next`` known) and entry ``e + 2``'s block (indices clamped to the last entry), so that no step
-    waits on the chain of dependent loads (list entry, then bias and keys) that a plain step starts with."""
-    c_after = _sr_block(idx_row, tl.minimum(e + 2, cnt - 1), i)
-    bias_next = tl.where(tl.load(cand_rows + c_next) != 0, 0.0, float("-inf"))
-    keys_next = c_next * BS + offs_n
-    kt_next = tl.load(K + keys_next[None, :] * stride_kn + offs_d[:, None], mask=keys_next[None, :] < N, other=0.0)
-    x2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + bias[:, None]
-    if c == i:
-        x2 = tl.where((c * BS + offs_n)[None, :] <= pos[:, None], x2, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x2, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m - m_use)
-    s = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
-    z = z * alpha + s
+def _sr_partial_lean(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
+                     BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """:func:`_sr_partial` with fewer operations per logit: the scale folded into the ``exp2``'s argument (one
+    fused multiply-add, the max taken on the raw dots) and the candidate test applied per row (the row's max and sum
+    left out where its head does not list the entry) instead of a bias added to every logit."""
+    c = tl.load(idx_row + e)
+    listed = tl.load(cand_rows + c) != 0
+    s = tl.zeros_like(z)
+    for sub in tl.static_range(BS // BLOCK_N):
+        keys = c * BS + sub * BLOCK_N + offs_n
+        kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if c == i:
+            qk = tl.where(keys[None, :] <= pos[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.where(listed, tl.max(qk, 1) * qk_scale, float("-inf")))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        p = tl.where(listed, tl.sum(tl.math.exp2(qk * qk_scale - m_use[:, None]), 1), 0.0)
+        z = z * alpha + p
+        s = s * alpha + p
+        m = m_new
+    m_use = tl.where(m == float("-inf"), 0.0, m)
     tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
-    return m_new, z, c_next, bias_next, kt_next, c_after
+    return m, z
 
 
 @triton.jit
-def _sr_finish_prefetched(idx_row, e, cnt, part, stride_pe, c, part_c, m, z_inv_w, out_heads, head_ok,
-                          PP: tl.constexpr, RP: tl.constexpr):
-    """:func:`_sr_finish` for entry ``e`` with its block and partial sums loaded the step before; loads entry
-    ``e + 1``'s (clamped to the last) before storing."""
-    e_next = tl.minimum(e + 1, cnt - 1)
-    c_next = tl.load(idx_row + e_next)
-    part_next = tl.load(part + e_next * stride_pe)
-    rows = tl.math.exp2(part_c - m) * z_inv_w
-    tl.store(out_heads + c, tl.sum(tl.reshape(rows, (PP, RP)), 1), mask=head_ok)
-    return c_next, part_next
+def _sr_step(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
+             BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LEAN: tl.constexpr):
+    """One list entry of the one-pass loop, plain or lean."""
+    if LEAN:
+        m, z = _sr_partial_lean(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                part_e, BS, BLOCK_N, DOT_PRECISION)
+    else:
+        m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                           part_e, BS, BLOCK_N, DOT_PRECISION)
+    return m, z
 
 
 @triton.jit
@@ -213,7 +210,7 @@ def _sampled_rows_kernel(
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAVIEST_FIRST: tl.constexpr, PREFETCH: tl.constexpr, INTERP: tl.constexpr,
+    HEAVIEST_FIRST: tl.constexpr, LEAN: tl.constexpr, INTERP: tl.constexpr,
 ):
     # bl: batch x list, LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
     if HEAVIEST_FIRST:  # grid (lists, blocks): the launch's last query block first, every list's at once
@@ -255,49 +252,18 @@ def _sampled_rows_kernel(
     head_ok = heads < P
     # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
     w_rows = w / tl.sum(tl.where(g == 0, w, 0.0), 0)
-    if ONE_PASS and PREFETCH:  # the same loops as below, each entry's loads issued a step ahead
-        part = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi + t
-        last = tl.maximum(cnt - 1, 0)
-        c, bias, kt = _sr_load(K, stride_kn, idx_row, cand_rows, i, 0, offs_n, offs_d, N, BS)
-        c_next = _sr_block(idx_row, tl.minimum(1, last), i)
-        if INTERP:
-            e = 0
-            while e < cnt:
-                m, z, c, bias, kt, c_next = _sr_partial_prefetched(
-                    q, K, stride_kn, idx_row, cand_rows, i, e, last + 1, offs_n, offs_d, pos, N, qk_scale, m, z,
-                    part + e * stride_pe, c, bias, kt, c_next, BS, DOT_PRECISION)
-                e += 1
-        else:
-            for e in range(0, cnt):
-                m, z, c, bias, kt, c_next = _sr_partial_prefetched(
-                    q, K, stride_kn, idx_row, cand_rows, i, e, last + 1, offs_n, offs_d, pos, N, qk_scale, m, z,
-                    part + e * stride_pe, c, bias, kt, c_next, BS, DOT_PRECISION)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
-        c = tl.load(idx_row)
-        part_c = tl.load(part)
-        if INTERP:
-            e = 0
-            while e < cnt:
-                c, part_c = _sr_finish_prefetched(idx_row, e, last + 1, part, stride_pe, c, part_c, m, z_inv_w,
-                                                  out_heads, head_ok, PP, RP)
-                e += 1
-        else:
-            for e in range(0, cnt):
-                c, part_c = _sr_finish_prefetched(idx_row, e, last + 1, part, stride_pe, c, part_c, m, z_inv_w,
-                                                  out_heads, head_ok, PP, RP)
-    elif ONE_PASS:
+    if ONE_PASS:
         part = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi + t
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
             while e < cnt:
-                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+                m, z = _sr_step(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
                 e += 1
         else:
             for e in range(0, cnt):
-                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+                m, z = _sr_step(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         if INTERP:
@@ -396,13 +362,13 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     if LAUNCH["num_stages"]:
         launch["num_stages"] = LAUNCH["num_stages"]
     heaviest = bool(LAUNCH["heaviest_first"])
-    block_n = block_size if INTERPRET else min(block_size, 64)
-    prefetch = bool(LAUNCH["prefetch"]) and passes == 1 and block_n == block_size
+    # key-tile width: a block at a time under the interpreter, at most 64 keys on CUDA, or LAUNCH's (capped at a block)
+    block_n = min(LAUNCH["block_n"] or (block_size if INTERPRET else 64), block_size)
     if heaviest:  # the query blocks on the grid's second axis, which holds at most 65535 programs
         span = min(span, MAX_GRID_Y)
     for i0 in range(0, nb, span):
         blocks = min(span, nb - i0)
-        _sampled_rows_kernel[(b * lists, blocks) if heaviest else (blocks, b * lists)](
+        _LAST["compiled"] = _sampled_rows_kernel[(b * lists, blocks) if heaviest else (blocks, b * lists)](
             q, k, idx, cnt, cand, out, part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
@@ -413,7 +379,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
             BLOCK_N=block_n,
             LAST_FALLBACK=min(offsets) >= last,
             ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), HEAVIEST_FIRST=heaviest,
-            PREFETCH=prefetch, INTERP=INTERPRET,
+            LEAN=bool(LAUNCH["lean"]), INTERP=INTERPRET,
             **launch,
         )
     return out

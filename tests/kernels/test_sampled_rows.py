@@ -155,23 +155,23 @@ def test_either_launch_order_gives_the_same_masses(heaviest_first, monkeypatch):
 
 
 @pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", CASES)
-def test_the_prefetched_loop_gives_the_loops_masses(b, hq, hkv, n, d, block, rows, monkeypatch):
-    """``LAUNCH['prefetch']`` (each entry's bias and keys loaded a step ahead, its block two steps ahead) gives the
-    float64 loops' masses on every case, with the scratch in one launch and split over launches of 2 query blocks."""
+@pytest.mark.parametrize("lean,block_n", [(True, None), (False, 16), (True, 16)])
+def test_the_lean_loop_and_narrow_key_tiles_give_the_loops_masses(b, hq, hkv, n, d, block, rows, lean, block_n,
+                                                                     monkeypatch):
+    """``LAUNCH['lean']`` (the scale folded into the exp2, the candidate test per row) and ``LAUNCH['block_n']``
+    (16 keys a tile: a 32-token block in two tiles) give the float64 loops' masses on every case."""
     from seer.kernels import sampled_rows
 
     q, k, cand, q64, k64 = _case(b, hq, hkv, n, d, block, seed=7 * n + rows)
     want = _loops(q64, k64, cand, rows, block, d ** -0.5)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "prefetch", True)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "lean", lean)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
     dev = _device()
-    whole = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
-    p, pp, rp = sampled_rows.program_layout(hq // hkv, min(rows, block), block)
-    lists = hq // p
-    monkeypatch.setattr(sampled_rows, "SCRATCH_BYTES", 2 * b * lists * math.ceil(n / block) * pp * rp * 4)
-    split = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
-    for got in (whole, split):
-        torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
-        assert (got.cpu()[~cand] == 0).all()
+    got = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    assert (got.cpu()[~cand] == 0).all()
+    if dev.type == "cpu":
+        assert sampled_rows.last_kernel_resources() == {"n_regs": None, "n_spills": None}
 
 
 def test_program_layout_fills_at_most_128_rows():
@@ -216,16 +216,18 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heaviest_first,prefetch", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("heaviest_first,lean,block_n", [(False, False, None), (True, False, None),
+                                                         (True, True, None), (True, False, 32), (True, True, 32)])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("rows", [8, 16])
-def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, prefetch, monkeypatch):
+def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, lean, block_n, monkeypatch):
     """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
-    programs) and 16 (128 rows); one pass and two; either launch order; the one-pass loop prefetched or not."""
+    programs) and 16 (128 rows); one pass and two; either launch order; the lean loop and 32-key tiles."""
     from seer.kernels import sampled_rows
 
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "prefetch", prefetch)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "lean", lean)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
