@@ -80,7 +80,7 @@ job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --sh
 # prefill at 32k with 16 rows spends 2 ms a layer in the rerank (docs/bench_prefill.md, last section)
 job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
   --share 0.3 0.7 --launch default a --out $w/out/krerank/bench_rerank_order\$run.md || exit 1; done"
-# the rerank kernel's per-step work (2026-12-07, a thirty-second session; loads issued a step ahead were 2-47% slower,
+# the rerank kernel's per-step work (2026-12-07, a thirty-second session; loads issued a step ahead were up to 57% slower,
 # docs/bench_rerank.md): the lean loop (l: the scale folded into the exp2, the candidate test per row), 32-key tiles
 # (n32: half the logit tile in registers) and both, with the compiled kernel's registers and spills, twice in a row;
 # then the whole prefill of Qwen's shape (random weights) with 16 rerank rows, the default launch and n32l
