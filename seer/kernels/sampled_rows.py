@@ -57,7 +57,7 @@ longest: a program's work grows with its block index), the key heads' lists side
 fill the end of the launch rather than the long ones (False: the first block first, list by list): 9-19% faster on
 every shape of two H100 runs beside other work, 7-18% in two H200 runs alone (docs/bench_rerank.md, last sections);
 ``block_n``: keys a tile (None: a block, at most 64 on CUDA; 16 or 32 halve or quarter the logit tile each step
-holds in registers); ``lean``: the one-pass loop with fewer operations a logit (:func:`_sr_partial_lean`).
+holds in registers); ``lean``: the one-pass loop with fewer operations a logit (:func:`_sr_partial`).
 ``experiments/bench_rerank.py --launch`` times the alternatives."""
 
 
@@ -131,64 +131,41 @@ def _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, 
 
 @triton.jit
 def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
-                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LEAN: tl.constexpr):
     """One pass over the tiles of list entry ``e``: the online ``m`` and ``z`` of each sampled row, and the entry's
     partial sum stored at ``part_e`` in base-2 log form (``m + log2 sum_{c in J} exp2(x2 - m)`` with the ``m`` of
-    the entry's end; ``-inf`` where the row has no key in it)."""
-    c, bias = _sr_entry(cand_rows, idx_row, e)
-    s = tl.zeros_like(z)
-    for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
-                        DOT_PRECISION)
-        m_new = tl.maximum(m, tl.max(x2, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_use)
-        p = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
-        z = z * alpha + p
-        s = s * alpha + p
-        m = m_new
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
-    return m, z
-
-
-@triton.jit
-def _sr_partial_lean(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
-                     BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """:func:`_sr_partial` with fewer operations per logit: the scale folded into the ``exp2``'s argument (one
-    fused multiply-add, the max taken on the raw dots) and the candidate test applied per row (the row's max and sum
-    left out where its head does not list the entry) instead of a bias added to every logit."""
-    c = tl.load(idx_row + e)
-    listed = tl.load(cand_rows + c) != 0
-    s = tl.zeros_like(z)
-    for sub in tl.static_range(BS // BLOCK_N):
-        keys = c * BS + sub * BLOCK_N + offs_n
-        kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        if c == i:
-            qk = tl.where(keys[None, :] <= pos[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m, tl.where(listed, tl.max(qk, 1) * qk_scale, float("-inf")))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_use)
-        p = tl.where(listed, tl.sum(tl.math.exp2(qk * qk_scale - m_use[:, None]), 1), 0.0)
-        z = z * alpha + p
-        s = s * alpha + p
-        m = m_new
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
-    return m, z
-
-
-@triton.jit
-def _sr_step(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
-             BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LEAN: tl.constexpr):
-    """One list entry of the one-pass loop, plain or lean."""
+    the entry's end; ``-inf`` where the row has no key in it). ``LEAN`` (``LAUNCH["lean"]``): fewer operations a
+    logit, the scale folded into the ``exp2``'s argument (a fused multiply-add; the max taken on the raw dots) and the
+    candidate test applied per row (the row's max and sum left out where its head does not list the entry) instead
+    of a bias added to every logit."""
     if LEAN:
-        m, z = _sr_partial_lean(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                part_e, BS, BLOCK_N, DOT_PRECISION)
+        c = tl.load(idx_row + e)
+        listed = tl.load(cand_rows + c) != 0
     else:
-        m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                           part_e, BS, BLOCK_N, DOT_PRECISION)
+        c, bias = _sr_entry(cand_rows, idx_row, e)
+    s = tl.zeros_like(z)
+    for sub in tl.static_range(BS // BLOCK_N):
+        if LEAN:
+            keys = c * BS + sub * BLOCK_N + offs_n
+            kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
+            qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            if c == i:
+                qk = tl.where(keys[None, :] <= pos[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.where(listed, tl.max(qk, 1) * qk_scale, float("-inf")))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.where(listed, tl.sum(tl.math.exp2(qk * qk_scale - m_use[:, None]), 1), 0.0)
+        else:
+            x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
+                            DOT_PRECISION)
+            m_new = tl.maximum(m, tl.max(x2, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
+        alpha = tl.math.exp2(m - m_use)
+        z = z * alpha + p
+        s = s * alpha + p
+        m = m_new
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
     return m, z
 
 
@@ -257,13 +234,13 @@ def _sampled_rows_kernel(
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
             while e < cnt:
-                m, z = _sr_step(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
+                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
                 e += 1
         else:
             for e in range(0, cnt):
-                m, z = _sr_step(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
+                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         if INTERP:
