@@ -1,0 +1,121 @@
+"""Registers, spills, shared memory and software pipelining of the rerank kernel as compiled for an H100/H200
+(sm_90), on the CPU: no GPU needed.
+
+    python -m experiments.rerank_resources [--n 32768 --hq 14 --hkv 2 --d 64 --block 64] [--rows 8 16]
+                                           [--launch default l n32 n32l]
+
+It compiles ``seer.kernels.sampled_rows._sampled_rows_kernel`` for ``cuda:90`` the way a launch of
+:func:`seer.kernels.sampled_rows.sampled_rows_mass` on contiguous bf16 inputs of that shape specialises it (pointers
+16-byte aligned, integer arguments divisible by 16 marked so, those equal to 1 made constants: what Triton's launcher
+does) and runs the bundled ``ptxas -v`` on the PTX. ``async copies`` counts the copies the software pipeliner issues
+ahead of their use (0: the key tiles are read by plain loads, the loop waits on each). ``--launch`` takes
+``experiments.bench_rerank``'s launch specs (``l`` the lean loop, ``n32`` 32-key tiles, ``w8`` eight warps, ``s2``
+two stages). Without the marks a compile is not pipelined at all, which is why they are made here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from experiments.bench_rerank import launch_settings
+from seer.kernels import sampled_rows
+from seer.kernels.sampled_rows import program_layout
+
+POINTERS = {"Q": "*bf16", "K": "*bf16", "Idx": "*i32", "Cnt": "*i32", "Cand": "*u8", "Out": "*fp32", "Part": "*fp32"}
+
+
+def launch_values(n: int, hq: int, hkv: int, d: int, block: int, rows: int) -> tuple[dict, dict]:
+    """The run-time integer arguments and the constexprs of one launch over contiguous inputs (batch 1, the whole
+    scratch in one launch), as :func:`seer.kernels.sampled_rows.sampled_rows_mass` passes them."""
+    nb = triton.cdiv(n, block)
+    per_block = min(rows, block)
+    p, pp, rp = program_layout(hq // hkv, per_block, block)
+    lists = hkv * (hq // hkv // p)
+    ints = dict(stride_qb=hq * n * d, stride_qh=n * d, stride_qn=d, stride_kb=hkv * n * d, stride_kh=n * d,
+                stride_kn=d, stride_ib=lists * nb * nb, stride_ih=nb * nb, stride_ir=nb, stride_cb=lists * nb,
+                stride_ch=nb, stride_mb=hq * nb * nb, stride_mh=nb * nb, stride_mr=nb, stride_ob=hq * nb * nb,
+                stride_oh=nb * nb, stride_or=nb, stride_pp=nb * nb * pp * rp, stride_pi=nb * pp * rp,
+                stride_pe=pp * rp, I0=0, LISTS=lists, CHUNKS=hq // hkv // p, GROUP=hq // hkv, N=n)
+    offsets = sampled_rows.sampled_offsets(block, per_block)
+    const = dict(D=d, BS=block, R=per_block, RP=rp, P=p, PP=pp, LAST_FALLBACK=min(offsets) >= n - (nb - 1) * block,
+                 ONE_PASS=True, DOT_PRECISION="tf32", INTERP=False)
+    return ints, const
+
+
+def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, launch: dict) -> dict:
+    """``{"registers", "spill_bytes", "async_copies", "shared_bytes"}`` of the kernel compiled for sm_90 under
+    ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
+    ints, const = launch_values(n, hq, hkv, d, block, rows)
+    const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]),
+                 LEAN=bool(launch["lean"]))
+    kernel = sampled_rows._sampled_rows_kernel
+    sig, attrs, consts = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in const:
+            sig[name], consts[(i,)] = "constexpr", const[name]
+        elif name in POINTERS:
+            sig[name], attrs[(i,)] = POINTERS[name], [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif ints[name] == 1:
+            sig[name], consts[(i,)] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": launch["num_warps"]}
+    if launch["num_stages"]:
+        options["num_stages"] = launch["num_stages"]
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptx = f"/tmp/seer_rerank_{os.getpid()}.ptx"
+    with open(ptx, "w") as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True,
+                              check=True).stderr
+    finally:
+        os.remove(ptx)
+    return {"registers": int(re.search(r"Used (\d+) registers", info)[1]),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info)[1]),
+            "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+            "shared_bytes": compiled.metadata.shared}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--hq", type=int, default=14)
+    ap.add_argument("--hkv", type=int, default=2)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--launch", nargs="+", default=["default", "l", "n32", "n32l"])
+    args = ap.parse_args()
+    if sampled_rows.INTERPRET:
+        ap.error("TRITON_INTERPRET=1 is set: the kernels are then Python functions, which cannot be compiled; unset it")
+    try:
+        launches = [(spec, launch_settings(spec)) for spec in args.launch]
+    except ValueError as err:
+        ap.error(str(err))
+    print(f"Compiled for sm_90 by triton {triton.__version__} on the CPU; shape: Hq {args.hq}, Hkv {args.hkv}, "
+          f"N {args.n}, D {args.d}, {args.block}-token blocks, bf16.\n")
+    print("| rows | launch | registers | spill bytes | async copies | shared bytes |")
+    print("|---|---|---|---|---|---|")
+    for rows in args.rows:
+        for spec, launch in launches:
+            r = compile_report(args.n, args.hq, args.hkv, args.d, args.block, rows, launch)
+            print(f"| {rows} | {spec} | {r['registers']} | {r['spill_bytes']} | {r['async_copies']} | "
+                  f"{r['shared_bytes']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

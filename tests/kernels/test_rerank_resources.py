@@ -1,0 +1,31 @@
+"""experiments/rerank_resources.py: the rerank kernel compiled for sm_90 on the CPU (in a process without
+TRITON_INTERPRET, which the test session sets) keeps its key tiles software-pipelined, spills nothing and leaves room
+for four programs an SM at the Qwen recipe's 16 rows; the lean loop and 32-key tiles compile too."""
+
+import os
+import subprocess
+import sys
+
+
+def _table(*args: str) -> dict[tuple[str, str], list[int]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "experiments.rerank_resources", *args], capture_output=True,
+                         text=True, env=env, timeout=600, check=True).stdout
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ") and "rows" not in line]
+    return {(r[0], r[1]): [int(x) for x in r[2:]] for r in rows}
+
+
+def test_the_default_is_pipelined_without_spills_at_qwens_shape():
+    table = _table("--rows", "8", "16", "--launch", "default", "n32l")
+    assert set(table) == {(r, s) for r in ("8", "16") for s in ("default", "n32l")}
+    for (rows, spec), (registers, spills, copies, shared) in table.items():
+        assert spills == 0 and copies > 0 and shared > 0, (rows, spec)
+        assert registers <= (128 if rows == "16" else 64), (rows, spec, registers)  # 4 programs of 4 warps an SM
+    assert table[("16", "n32l")][0] < table[("16", "default")][0]  # half the logit tile: fewer registers
+
+
+def test_interpret_mode_is_refused_with_a_clear_message():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "experiments.rerank_resources"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode != 0 and "TRITON_INTERPRET=1 is set" in out.stderr
