@@ -340,6 +340,8 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
         launch["num_stages"] = LAUNCH["num_stages"]
     heaviest = bool(LAUNCH["heaviest_first"])
     # key-tile width: a block at a time under the interpreter, at most 64 keys on CUDA, or LAUNCH's (capped at a block)
+    if LAUNCH["block_n"] not in (None, 16, 32, 64):
+        raise ValueError(f"sampled_rows.LAUNCH['block_n'] must be None, 16, 32 or 64, got {LAUNCH['block_n']!r}")
     block_n = min(LAUNCH["block_n"] or (block_size if INTERPRET else 64), block_size)
     if heaviest:  # the query blocks on the grid's second axis, which holds at most 65535 programs
         span = min(span, MAX_GRID_Y)

@@ -174,6 +174,15 @@ def test_the_lean_loop_and_narrow_key_tiles_give_the_loops_masses(b, hq, hkv, n,
         assert sampled_rows.last_kernel_resources() == {"n_regs": None, "n_spills": None}
 
 
+def test_a_key_tile_width_that_is_not_16_32_or_64_is_named(monkeypatch):
+    from seer.kernels import sampled_rows
+
+    q, k, cand, _, _ = _case(1, 2, 1, 64, 16, 16, seed=1)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", 48)
+    with pytest.raises(ValueError, match="block_n'\\] must be None, 16, 32 or 64, got 48"):
+        sampled_rows_mass(q.to(_device()), k.to(_device()), cand.to(_device()), 4, 16)
+
+
 def test_program_layout_fills_at_most_128_rows():
     from seer.kernels.sampled_rows import program_layout
     assert program_layout(7, 16, 64) == (7, 8, 16)  # 8 x 16 rows with a padding head
