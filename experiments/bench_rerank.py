@@ -85,13 +85,18 @@ def check(args, dev: torch.device, dt: torch.dtype, rows: int, share: float, lay
     return (got - want).abs().max().item()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--n --hq --hkv --d --block``: one attention layer's shape, Qwen2.5-Coder-0.5B's at 32k by default."""
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--hq", type=int, default=14)
     ap.add_argument("--hkv", type=int, default=2)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--block", type=int, default=64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(ap)
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--share", type=float, nargs="+", default=[0.1, 0.3, 0.7])

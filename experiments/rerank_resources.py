@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from experiments.bench_rerank import launch_settings
+from experiments.bench_rerank import add_shape_arguments, launch_settings
 from seer.kernels import sampled_rows
 from seer.kernels.sampled_rows import program_layout
 
@@ -92,11 +92,7 @@ def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, lau
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=32768)
-    ap.add_argument("--hq", type=int, default=14)
-    ap.add_argument("--hkv", type=int, default=2)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--block", type=int, default=64)
+    add_shape_arguments(ap)
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--launch", nargs="+", default=["default", "l", "n32", "n32l"])
     args = ap.parse_args()
