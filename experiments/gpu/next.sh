@@ -15,6 +15,7 @@ done
 # the agenda runs from its own copy of the tree (code, configs, docs and the novels; not the carried models or
 # wheels): each later call copies the tree again, and files replaced under a job that is importing them killed jobs
 # ("could not get source code", a module missing)
+root=$PWD
 snap=$w/tree/$$
 mkdir -p "$snap"
 tar cf - --exclude=./.assets --exclude=./.whl --exclude=./.git --exclude=./.venv --exclude=./.cache . | tar xf - -C "$snap"
@@ -80,15 +81,18 @@ job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --sh
 # prefill at 32k with 16 rows spends 2 ms a layer in the rerank (docs/bench_prefill.md, last section)
 job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
   --share 0.3 0.7 --launch default a --out $w/out/krerank/bench_rerank_order\$run.md || exit 1; done"
-# the rerank kernel's per-step work (2026-12-07, a thirty-second session; loads issued a step ahead were up to 57% slower,
-# docs/bench_rerank.md): the lean loop (l: the scale folded into the exp2, the candidate test per row), 32-key tiles
-# (n32: half the logit tile in registers) and both, with the compiled kernel's registers and spills, twice in a row;
-# then the whole prefill of Qwen's shape (random weights) with 16 rerank rows, the default launch and n32l
-job krlean 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
-  --share 0.7 1.0 --layouts shared --launch default l n32 n32l w8n32l \
-  --out $w/out/krlean/bench_rerank_lean\$run.md || exit 1; done"
-job kgraphl 400 bash -c "for l in default n32l; do python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b \
-  --seq 32768 --rerank-rows 16 --rerank-launch \$l --out $w/out/kgraphl/bench_prefill_qwen_\$l.md || exit 1; done"
+# the rerank kernel's lists with each head's membership packed into the entries (2026-12-07, a thirty-third session: the
+# loop read a candidate byte per row, a load that waited on the entry's block, every step) against the tree before
+# (carried as .assets/base: `git archive <commit> seer experiments pyproject.toml | tar -x -C .assets/base`), in one
+# run; with the lean loop (l) and 32-key tiles (n32l) of the thirty-second session; then the whole prefill of Qwen's
+# shape (random weights) with 16 rerank rows in both trees
+base_tree=$root/.assets/base
+job kunion 420 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
+  PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.7 1.0 \
+  --layouts shared --launch default l n32l --out $w/out/kunion/bench_rerank_\${t%%:*}.md || exit 1; done"
+job kgraphu 500 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
+  PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b --seq 32768 \
+  --rerank-rows 0 16 --out $w/out/kgraphu/bench_prefill_qwen_\${t%%:*}.md || exit 1; done"
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA

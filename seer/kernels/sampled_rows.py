@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seer.kernels.block_index import build_block_index
+from seer.kernels.block_index import append_selected
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
@@ -46,6 +46,10 @@ __all__ = ["LAUNCH", "SCRATCH_BYTES", "last_kernel_resources", "program_layout",
 
 MAX_GRID_Y = 65535
 """The most programs on a CUDA grid's second axis."""
+
+MEMBER_BITS: tl.constexpr = tl.constexpr(8)
+"""Low bits of a union-list entry that say which of the program's query heads list its block (so at most 8 heads a
+program, and blocks below ``2**23``): the kernel reads a row's candidate test off the entry, with no load per row."""
 
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
@@ -94,17 +98,18 @@ def _sr_logits(q, K, stride_kn, kb, offs_n, offs_d, pos, bias, diag, N, qk_scale
 
 
 @triton.jit
-def _sr_entry(cand_rows, idx_row, e):
-    """Entry ``e`` of the union list: its block ``c`` and, per row, 0 where the row's head lists it, else ``-inf``."""
-    c = tl.load(idx_row + e)
-    return c, tl.where(tl.load(cand_rows + c) != 0, 0.0, float("-inf"))
+def _sr_entry(idx_row, e, g):
+    """Entry ``e`` of the union list: its block ``c`` and, per row (``g`` the row's head in the program), 0 where the
+    row's head lists it, else ``-inf`` (read off the entry's membership bits: no load per row)."""
+    ce = tl.load(idx_row + e)
+    return ce >> MEMBER_BITS, tl.where(((ce >> g) & 1) != 0, 0.0, float("-inf"))
 
 
 @triton.jit
-def _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+def _sr_stats(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
               BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Pass 1 over the tiles of list entry ``e``: the online max ``m`` and sum ``z`` of each sampled row."""
-    c, bias = _sr_entry(cand_rows, idx_row, e)
+    c, bias = _sr_entry(idx_row, e, g)
     for sub in tl.static_range(BS // BLOCK_N):
         x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
                         DOT_PRECISION)
@@ -116,11 +121,11 @@ def _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N,
 
 
 @triton.jit
-def _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows, out_heads,
+def _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows, out_heads,
              head_ok, BS: tl.constexpr, BLOCK_N: tl.constexpr, PP: tl.constexpr, RP: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """Pass 2 for list entry ``e``: each head's weighted mean probability of its block over its sampled rows."""
-    c, bias = _sr_entry(cand_rows, idx_row, e)
+    c, bias = _sr_entry(idx_row, e, g)
     rows = tl.zeros_like(m)
     for sub in tl.static_range(BS // BLOCK_N):
         x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
@@ -130,7 +135,7 @@ def _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, 
 
 
 @triton.jit
-def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
+def _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LEAN: tl.constexpr):
     """One pass over the tiles of list entry ``e``: the online ``m`` and ``z`` of each sampled row, and the entry's
     partial sum stored at ``part_e`` in base-2 log form (``m + log2 sum_{c in J} exp2(x2 - m)`` with the ``m`` of
@@ -139,10 +144,11 @@ def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, 
     candidate test applied per row (the row's max and sum left out where its head does not list the entry) instead
     of a bias added to every logit."""
     if LEAN:
-        c = tl.load(idx_row + e)
-        listed = tl.load(cand_rows + c) != 0
+        ce = tl.load(idx_row + e)
+        c = ce >> MEMBER_BITS
+        listed = ((ce >> g) & 1) != 0
     else:
-        c, bias = _sr_entry(cand_rows, idx_row, e)
+        c, bias = _sr_entry(idx_row, e, g)
     s = tl.zeros_like(z)
     for sub in tl.static_range(BS // BLOCK_N):
         if LEAN:
@@ -173,17 +179,17 @@ def _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, 
 def _sr_finish(idx_row, e, part_e, m, z_inv_w, out_heads, head_ok, PP: tl.constexpr, RP: tl.constexpr):
     """Second (key-free) loop of the one-pass kernel: entry ``e``'s stored partial sums, normalised per row and
     averaged per head."""
-    c = tl.load(idx_row + e)
+    c = tl.load(idx_row + e) >> MEMBER_BITS
     rows = tl.math.exp2(tl.load(part_e) - m) * z_inv_w
     tl.store(out_heads + c, tl.sum(tl.reshape(rows, (PP, RP)), 1), mask=head_ok)
 
 
 @triton.jit
 def _sampled_rows_kernel(
-    Q, K, Idx, Cnt, Cand, Out, Part,
+    Q, K, Idx, Cnt, Out, Part,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-    stride_mb, stride_mh, stride_mr, stride_ob, stride_oh, stride_or,
+    stride_ob, stride_oh, stride_or,
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -221,7 +227,6 @@ def _sampled_rows_kernel(
     K = K + off_b * stride_kb + off_hk * stride_kh
     idx_row = Idx + off_b * stride_ib + off_l * stride_ih + i.to(tl.int64) * stride_ir
     cnt = tl.load(Cnt + off_b * stride_cb + off_l * stride_ch + i)
-    cand_rows = Cand + off_b * stride_mb + head * stride_mh + i.to(tl.int64) * stride_mr
     m = tl.full([PP * RP], float("-inf"), dtype=tl.float32)
     z = tl.zeros([PP * RP], dtype=tl.float32)
     heads = tl.arange(0, PP)
@@ -234,12 +239,12 @@ def _sampled_rows_kernel(
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
             while e < cnt:
-                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                m, z = _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                    part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
                 e += 1
         else:
             for e in range(0, cnt):
-                m, z = _sr_partial(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                m, z = _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                    part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN)
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
@@ -255,41 +260,101 @@ def _sampled_rows_kernel(
         if INTERP:
             e = 0
             while e < cnt:
-                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                m, z = _sr_stats(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                  BS, BLOCK_N, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
-                m, z = _sr_stats(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
+                m, z = _sr_stats(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                  BS, BLOCK_N, DOT_PRECISION)
         scale_rows = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         m = tl.where(m == float("-inf"), 0.0, m)
         if INTERP:
             e = 0
             while e < cnt:
-                _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
                          out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
-                _sr_mass(q, K, stride_kn, idx_row, cand_rows, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
+                _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
                          out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
 
 
 def program_layout(group: int, rows: int, block_size: int, heads: int | None = None) -> tuple[int, int, int]:
-    """``(P, P', RP)``: the query heads of one program, ``heads`` or else the most (a divisor of ``group``) whose
-    padded sampled rows fill at most 128 rows once the head count is padded to ``P'``, a power of two (at least 1);
-    that padded count; and the padded rows per head (``max(2, next_pow2(min(rows, block_size)))``, raised so that a
-    program has at least the 16 rows ``tl.dot`` needs)."""
+    """``(P, P', RP)``: the query heads of one program, ``heads`` or else the most (a divisor of ``group``, at most
+    :data:`MEMBER_BITS`) whose padded sampled rows fill at most 128 rows once the head count is padded to ``P'``, a
+    power of two (at least 1); that padded count; and the padded rows per head (``max(2, next_pow2(min(rows,
+    block_size)))``, raised so that a program has at least the 16 rows ``tl.dot`` needs)."""
     rp = max(2, triton.next_power_of_2(min(rows, block_size)))
     if heads is None:
-        heads = max(h for h in range(1, group + 1)
+        heads = max(h for h in range(1, min(group, MEMBER_BITS.value) + 1)
                     if group % h == 0 and (h == 1 or triton.next_power_of_2(h) * rp <= 128))
-    elif isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or group % heads:
+    elif (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or group % heads
+          or heads > MEMBER_BITS.value):
         raise ValueError(f"sampled_rows_mass: heads_per_program must divide the group of {group} query heads per "
-                         f"key head, got {heads!r}")
+                         f"key head and be at most {MEMBER_BITS.value}, got {heads!r}")
     pp = triton.next_power_of_2(heads)
     return heads, pp, max(rp, 16 // pp)
+
+
+@triton.jit
+def _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP: tl.constexpr, CHUNK: tl.constexpr):
+    cols = c0 + tl.arange(0, CHUNK)
+    heads = tl.arange(0, PP)
+    listed = tl.load(crow + heads[:, None] * stride_ch + cols[None, :] * stride_cc,
+                     mask=(heads[:, None] < P) & (cols[None, :] <= r), other=0) != 0
+    bits = tl.sum(listed.to(tl.int32) << heads[:, None], 0)
+    return append_selected(irow, base, bits != 0, (cols << MEMBER_BITS) | bits)
+
+
+@triton.jit
+def _sr_union_index_kernel(
+    Cand, Idx, Cnt,
+    stride_cb, stride_ch, stride_cr, stride_cc, stride_ib, stride_il, stride_ir, stride_nb, stride_nl,
+    LISTS, CHUNKS, GROUP, P,
+    PP: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr,
+):
+    r = tl.program_id(0)
+    bl = tl.program_id(1)
+    off_b = (bl // LISTS).to(tl.int64)
+    off_l = (bl % LISTS).to(tl.int64)
+    h0 = (off_l // CHUNKS) * GROUP + (off_l % CHUNKS) * P
+    crow = Cand + off_b * stride_cb + h0 * stride_ch + r.to(tl.int64) * stride_cr
+    irow = Idx + off_b * stride_ib + off_l * stride_il + r.to(tl.int64) * stride_ir
+    base = 0
+    if INTERP:  # run-time loop bound: see seer.kernels.common
+        c0 = 0
+        while c0 < r + 1:
+            base = _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP, CHUNK)
+            c0 += CHUNK
+    else:
+        for c0 in range(0, r + 1, CHUNK):
+            base = _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP, CHUNK)
+    tl.store(Cnt + off_b * stride_nb + off_l * stride_nl + r, base)
+
+
+def union_lists(candidates: torch.Tensor, hkv: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lists the kernel walks: for each batch, program list (``heads`` query heads of a key head, ``Hkv x Hq /
+    (Hkv heads)`` lists) and query block ``r``, the ascending union of its heads' candidate blocks ``c <= r``, each
+    entry packed as ``c << MEMBER_BITS | bits`` (bit ``g`` set where the list's ``g``-th head lists ``c``), int32
+    ``[B, lists, nb, nb]``, and the lengths int32 ``[B, lists, nb]`` (entries past a length unwritten)."""
+    b, hq, nb, _ = candidates.shape
+    lists = hq // heads
+    idx = torch.empty(b, lists, nb, nb, dtype=torch.int32, device=candidates.device)
+    cnt = torch.empty(b, lists, nb, dtype=torch.int32, device=candidates.device)
+    if b * lists * nb == 0:
+        return idx, cnt
+    cand = candidates.view(torch.uint8)
+    chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
+    _sr_union_index_kernel[(nb, b * lists)](
+        cand, idx, cnt,
+        cand.stride(0), cand.stride(1), cand.stride(2), cand.stride(3),
+        idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
+        lists, hq // hkv // heads, hq // hkv, heads,
+        PP=triton.next_power_of_2(heads), CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1,
+    )
+    return idx, cnt
 
 
 def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
@@ -312,6 +377,9 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     if candidates.dtype != torch.bool or tuple(candidates.shape) != (b, hq, nb, nb):
         raise ValueError(f"sampled_rows_mass: candidates must be bool [B, Hq, nb, nb] = {(b, hq, nb, nb)}, got "
                          f"{candidates.dtype} {tuple(candidates.shape)}")
+    if nb >= 1 << (31 - MEMBER_BITS.value):
+        raise ValueError(f"sampled_rows_mass: {nb} key blocks of {block_size} tokens; the lists hold fewer than "
+                         f"{1 << (31 - MEMBER_BITS.value)} (a larger block_size)")
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"sampled_rows_mass: rows must be an integer >= 1, got {rows!r}")
     if passes not in (1, 2):
@@ -323,12 +391,10 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     p, pp, rp = program_layout(group, per_block, block_size, heads_per_program)
     chunks = group // p
     lists = hkv * chunks
-    union = candidates.reshape(b, lists, p, nb, nb).any(2)
-    idx, cnt = build_block_index(union)
+    idx, cnt = union_lists(candidates, hkv, p)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
     offsets = sampled_offsets(block_size, per_block)
-    cand = candidates.view(torch.uint8)
     # one pass: each launch takes the query blocks whose scratch (a float per sampled row and list entry, at most
     # i + 1 entries for query block i) fits SCRATCH_BYTES
     per_block_bytes = b * lists * nb * pp * rp * 4
@@ -348,10 +414,10 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     for i0 in range(0, nb, span):
         blocks = min(span, nb - i0)
         _LAST["compiled"] = _sampled_rows_kernel[(b * lists, blocks) if heaviest else (blocks, b * lists)](
-            q, k, idx, cnt, cand, out, part,
+            q, k, idx, cnt, out, part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
-            cand.stride(0), cand.stride(1), cand.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
             part.stride(0), part.stride(1), part.stride(2), i0, lists, chunks, group, n,
             softmax_scale(sm_scale, d) * LOG2E.value,
             D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,

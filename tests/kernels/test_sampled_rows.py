@@ -26,6 +26,7 @@ CASES = [  # b, hq, hkv, n, d, block, rows
     (1, 2, 1, 50, 16, 16, 40),  # more rows than a block: clipped to it
     (1, 7, 1, 80, 16, 16, 16),  # Qwen2.5's group of 7 heads x 16 rows in one 128-row tile (a padding head)
     (1, 12, 2, 70, 16, 32, 32),  # G = 6 at 32 rows: two programs of 3 heads per key head
+    (1, 16, 1, 40, 16, 16, 4),  # G = 16 at 4 rows: two programs of 8 heads (the most a program holds)
 ]
 
 
@@ -194,9 +195,34 @@ def test_program_layout_fills_at_most_128_rows():
     assert program_layout(1, 3, 16) == (1, 1, 16)  # padded to the 16 rows of a dot
     assert program_layout(3, 3, 16) == (3, 4, 4)
     assert program_layout(7, 16, 64, heads=1) == (1, 1, 16)  # one head per program
-    with pytest.raises(ValueError, match="heads_per_program must divide the group of 7 query heads per key head, "
-                                         "got 2"):
+    assert program_layout(16, 4, 64) == (8, 8, 4)  # at most 8 heads a program (the lists' membership bits)
+    with pytest.raises(ValueError, match="heads_per_program must divide the group of 7 query heads per key head "
+                                         "and be at most 8, got 2"):
         program_layout(7, 16, 64, heads=2)
+
+
+@pytest.mark.parametrize("b,hq,hkv,nb,heads", [(1, 7, 1, 9, 7), (2, 12, 2, 13, 3), (1, 16, 2, 40, 8), (1, 4, 4, 5, 1)])
+def test_union_lists_pack_each_heads_membership_into_the_entries(b, hq, hkv, nb, heads):
+    """Each list: the ascending union of its heads' causal candidates, entry ``c << 8 | bits`` with bit ``g`` set where
+    the list's ``g``-th head lists ``c`` (entries above the diagonal ignored)."""
+    from seer.kernels.sampled_rows import union_lists
+
+    g = torch.Generator().manual_seed(nb + heads)
+    cand = torch.rand(b, hq, nb, nb, generator=g) < 0.3
+    idx, cnt = union_lists(cand.to(_device()), hkv, heads)
+    idx, cnt = idx.cpu(), cnt.cpu()
+    group, lists = hq // hkv, hq // heads
+    for bi in range(b):
+        for lst in range(lists):
+            h0 = (lst // (group // heads)) * group + (lst % (group // heads)) * heads
+            for r in range(nb):
+                want = []
+                for c in range(r + 1):
+                    bits = sum(int(cand[bi, h0 + gh, r, c]) << gh for gh in range(heads))
+                    if bits:
+                        want.append(c << 8 | bits)
+                assert cnt[bi, lst, r].item() == len(want)
+                assert idx[bi, lst, r, :len(want)].tolist() == want
 
 
 def test_sampled_offsets_spread_from_the_first_row_to_the_last():
@@ -213,8 +239,8 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand[:, :, :3], 4, 16)
     with pytest.raises(ValueError, match="candidates must be bool"):
         sampled_rows_mass(q, k, cand.int(), 4, 16)
-    with pytest.raises(ValueError, match="heads_per_program must divide the group of 2 query heads per key head, "
-                                         "got 3"):
+    with pytest.raises(ValueError, match="heads_per_program must divide the group of 2 query heads per key head "
+                                         "and be at most 8, got 3"):
         sampled_rows_mass(q, k, cand, 4, 16, heads_per_program=3)
     with pytest.raises(ValueError, match="passes must be 1 or 2, got 3"):
         sampled_rows_mass(q, k, cand, 4, 16, passes=3)
