@@ -15,19 +15,20 @@ list, the diagonal ``i`` among them):
 One program per query block ``i`` and set of ``P`` query heads sharing a key head (grid ``nb x B*Hkv*G/P``): their
 sampled rows are stacked into one tile of ``P' x RP`` rows (``RP = max(2, next_pow2(R))``, ``P' = next_pow2(P)``, at
 least 16 rows in all; padding rows have weight 0), ``P`` the largest divisor of ``G = Hq / Hkv`` for which
-``P' x RP <= 128`` (:func:`program_layout`), so that each key tile is read once for the ``P`` heads (Qwen2.5's 7
-heads at 16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its heads' candidate
-lists; a row attends to a listed block only when it is one of its own head's candidates (a one-byte read per row and
-entry), so each head's softmax is over its own candidates as above. In base 2 (``x2 = x * log2(e)``), one pass over
-the listed key tiles keeps each row's online max ``m_t`` and ``z_t = sum_c exp2(x2 - m_t)`` and stores, for each
-entry ``j``, the row's partial sum in log form, ``l_t[j] = m_t' + log2 sum_{c in J} exp2(x2[t, c] - m_t')`` (``m_t'``
-the max when the entry ends) in a float32 scratch; a second loop, which reads no keys, writes for each listed ``j`` and
-each head of the group ``mass[i, j] = sum_t w_t exp2(l_t[j] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where
-its candidates lack ``j``). Cost: ``P' RP x D x |U(i)| B`` multiply-adds and as many ``exp2`` per program (``U(i)``
-the union), against ``B x D x (i + 1) B`` of each per head for the block's dense logits, one read of the union's key
-tiles and ``4 P' RP`` bytes of scratch per entry. ``passes=2`` computes the same without scratch: the first pass keeps
-``m_t`` and ``z_t``, the second recomputes ``x2`` and sums ``exp2(x2 - m_t) / z_t`` per block (twice the dots and the
-``exp2``).
+``P' x RP <= 128`` and ``P <= 8`` (:func:`program_layout`), so that each key tile is read once for the ``P`` heads
+(Qwen2.5's 7 heads at 16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its
+heads' candidate lists (:func:`union_lists`), each entry ``c << 8 | bits`` with bit ``g`` set where the program's
+``g``-th head lists block ``c``; a row attends to a listed block only when its head's bit is set (read off the entry the
+loop loads anyway: no load per row), so each head's softmax is over its own candidates as above. In base 2
+(``x2 = x * log2(e)``), one pass over the listed key tiles keeps each row's online max ``m_t`` and
+``z_t = sum_c exp2(x2 - m_t)`` and stores, for each entry ``j``, the row's partial sum in log form,
+``l_t[j] = m_t' + log2 sum_{c in J} exp2(x2[t, c] - m_t')`` (``m_t'`` the max when the entry ends) in a float32 scratch;
+a second loop, which reads no keys, writes for each listed ``j`` and each head of the group
+``mass[i, j] = sum_t w_t exp2(l_t[j] - m_t) / z_t / sum_t w_t`` over the head's rows (0 where its candidates lack
+``j``). Cost: ``P' RP x D x |U(i)| B`` multiply-adds and as many ``exp2`` per program (``U(i)`` the union), against
+``B x D x (i + 1) B`` of each per head for the block's dense logits, one read of the union's key tiles and ``4 P' RP``
+bytes of scratch per entry. ``passes=2`` computes the same without scratch: the first pass keeps ``m_t`` and ``z_t``,
+the second recomputes ``x2`` and sums ``exp2(x2 - m_t) / z_t`` per block (twice the dots and the ``exp2``).
 :func:`seer.kernels.reference.sampled_rows_mass` is the same contract in PyTorch.
 """
 
@@ -42,7 +43,7 @@ from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_devic
                                  softmax_scale, with_unit_last_stride)
 
 __all__ = ["LAUNCH", "SCRATCH_BYTES", "last_kernel_resources", "program_layout", "sampled_offsets",
-           "sampled_rows_mass"]
+           "sampled_rows_mass", "union_lists"]
 
 MAX_GRID_Y = 65535
 """The most programs on a CUDA grid's second axis."""
