@@ -28,7 +28,7 @@ from experiments.bench_rerank import add_shape_arguments, launch_settings
 from seer.kernels import sampled_rows
 from seer.kernels.sampled_rows import program_layout
 
-POINTERS = {"Q": "*bf16", "K": "*bf16", "Idx": "*i32", "Cnt": "*i32", "Cand": "*u8", "Out": "*fp32", "Part": "*fp32"}
+POINTERS = {"Q": "*bf16", "K": "*bf16", "Idx": "*i32", "Cnt": "*i32", "Out": "*fp32", "Part": "*fp32"}
 
 
 def launch_values(n: int, hq: int, hkv: int, d: int, block: int, rows: int) -> tuple[dict, dict]:
@@ -40,7 +40,7 @@ def launch_values(n: int, hq: int, hkv: int, d: int, block: int, rows: int) -> t
     lists = hkv * (hq // hkv // p)
     ints = dict(stride_qb=hq * n * d, stride_qh=n * d, stride_qn=d, stride_kb=hkv * n * d, stride_kh=n * d,
                 stride_kn=d, stride_ib=lists * nb * nb, stride_ih=nb * nb, stride_ir=nb, stride_cb=lists * nb,
-                stride_ch=nb, stride_mb=hq * nb * nb, stride_mh=nb * nb, stride_mr=nb, stride_ob=hq * nb * nb,
+                stride_ch=nb, stride_ob=hq * nb * nb,
                 stride_oh=nb * nb, stride_or=nb, stride_pp=nb * nb * pp * rp, stride_pi=nb * pp * rp,
                 stride_pe=pp * rp, I0=0, LISTS=lists, CHUNKS=hq // hkv // p, GROUP=hq // hkv, N=n)
     offsets = sampled_rows.sampled_offsets(block, per_block)
