@@ -14,6 +14,11 @@ On B 1, 32 heads, head dim 128, bf16, causal, 64-token blocks (the Llama-3.1-8B 
   Goal: selection (scores -> budget -> index) at most 10% of the attention time.
 * **end to end**: q, k -> gate (``avgmax``) and calibrated threshold -> lists -> kernel, against SDPA flash (FA2) and
   cuDNN. Goal: at least 8x SDPA flash at 32k.
+* **end to end, the recipes' policy**: the same with the gate's scores blended with vertical-slash at 0.5 and, with
+  ``--rerank-rows`` (default 0 and 16, the Qwen and SmolLM2 recipes' 16), reranked over the blend's top-p 0.99
+  candidates (:func:`seer.model.attention.blend_gate_scores`, what ``seer.load`` runs), the threshold calibrated on
+  those scores. Random q and k make every estimate flat, so the candidates are nearly every causal block: the
+  rerank's costliest case (trained gates on real text propose 30-70% of a row, docs/bench_rerank.md).
 
     python3 -m experiments.bench_adaptive --out $OUT/bench_adaptive.md
 """
@@ -26,9 +31,11 @@ import sys
 import torch
 
 from experiments.bench_sparse import DEV, make_gate, make_qkv, sdpa, structured_scores
+from seer.gates.config import GateConfig
 from seer.kernels import block_sparse_attn
 from seer.kernels.bench import env_info, ms
 from seer.kernels.block_sparse import block_sparse_attn_indexed, build_block_index
+from seer.model.attention import blend_gate_scores
 from seer.sparsity import SparsityConfig, head_density, threshold_mask, topk_mask
 from seer.sparsity.calibration import calibrate
 
@@ -46,7 +53,7 @@ def skew(heads: int, mean: float, low: float, high: float) -> torch.Tensor:
     return dens[torch.randperm(heads, generator=torch.Generator().manual_seed(1))]
 
 
-def measure(n: int) -> list[dict]:
+def measure(n: int, rerank_rows: list[int]) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     h, block = 32, 64
@@ -93,6 +100,20 @@ def measure(n: int) -> list[dict]:
                  "selection share": select_ms / (parts["attention (from mask)"] - idx_ms), "end to end": e2e,
                  "flash": flash, "cudnn": cudnn, "x flash": flash / e2e, "x cudnn": cudnn / e2e})
     print(rows[-1], flush=True)
+    for r_rows in rerank_rows:
+        policy = GateConfig(block_size=block, blend="vertical_slash", blend_weight=0.5, rerank_rows=r_rows)
+        with torch.no_grad():
+            select = lambda: blend_gate_scores(policy, gate(q, k), q, k, block, q.shape[-1] ** -0.5, 0)  # noqa: E731
+            blended = select()
+            knob = calibrate({0: blended}, config).knob(0, DEV)
+            mask = threshold_mask(blended, knob, sink_blocks=1)
+            selection = ms(lambda: threshold_mask(select(), knob, sink_blocks=1))
+            e2e = ms(lambda: block_sparse_attn(q, k, v, threshold_mask(select(), knob, sink_blocks=1), block))
+        dens = head_density(mask)
+        rows.append({"N": n, "policy rows": r_rows, "density": float(dens.mean()), "head_min": float(dens.min()),
+                     "head_max": float(dens.max()), "selection": selection, "end to end": e2e, "flash": flash,
+                     "cudnn": cudnn, "x flash": flash / e2e, "x cudnn": cudnn / e2e})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -119,22 +140,38 @@ def report(rows: list[dict], cmd: str) -> str:
               "| N | density (head min-max) | gate | threshold budget | list build | attention from mask | "
               "selection / attention | end to end | SDPA flash | cuDNN | vs flash | vs cuDNN |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if "end to end" in r):
+    for r in (r for r in rows if "end to end" in r and "policy rows" not in r):
         lines.append(f"| {r['N']} | {f(r['density'])} ({f(r['head_min'])}-{f(r['head_max'])}) | {f(r['gate'])} | "
                      f"{f(r['threshold budget'])} | {f(r['list build'])} | {f(r['attention (from mask)'])} | "
                      f"{r['selection share']:.1%} | {f(r['end to end'])} | {f(r['flash'])} | {f(r['cudnn'])} | "
                      f"{r['x flash']:.2f}x | {r['x cudnn']:.2f}x |")
     lines += ["", "`selection / attention`: (threshold budget + list build) over the kernel time (attention from mask "
               "minus its list build)."]
+    policy = [r for r in rows if "policy rows" in r]
+    if policy:
+        lines += ["", "## End to end with the recipes' policy (gate + vertical-slash blend at 0.5, rerank rows, "
+                  "threshold calibrated to density 0.1)", "",
+                  "| N | rerank rows | density (head min-max) | gate, blend, rerank and budget | end to end | "
+                  "SDPA flash | cuDNN | vs flash | vs cuDNN |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in policy:
+            lines.append(f"| {r['N']} | {r['policy rows']} | {f(r['density'])} ({f(r['head_min'])}-"
+                         f"{f(r['head_max'])}) | {f(r['selection'])} | {f(r['end to end'])} | {f(r['flash'])} | "
+                         f"{f(r['cudnn'])} | {r['x flash']:.2f}x | {r['x cudnn']:.2f}x |")
+        lines += ["", "Random q and k: the blend's top-p candidates are nearly every causal block, the rerank's "
+                  "costliest case."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ns", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--rerank-rows", type=int, nargs="*", default=[0, 16],
+                    help="the recipes' policy end to end with these rerank rows (none: skip it)")
     ap.add_argument("--out", default="docs/bench_adaptive.md")
     args = ap.parse_args()
-    rows = [r for n in args.ns for r in measure(n)]
+    if any(r < 0 for r in args.rerank_rows):
+        ap.error(f"--rerank-rows must be >= 0, got {args.rerank_rows}")
+    rows = [r for n in args.ns for r in measure(n, args.rerank_rows)]
     text = report(rows, "python3 -m experiments.bench_adaptive " + " ".join(sys.argv[1:]))
     with open(args.out, "w") as fh:
         fh.write(text)

@@ -93,6 +93,9 @@ job kunion 420 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
 job kgraphu 500 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
   PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b --seq 32768 \
   --rerank-rows 0 16 --out $w/out/kgraphu/bench_prefill_qwen_\${t%%:*}.md || exit 1; done"
+# issue 21's end-to-end goal (one layer, B 1, 32 heads, D 128, 32k) with the recipes' policy (the gate blended with
+# vertical-slash, 0 and 16 rerank rows, a calibrated threshold), beside the gate-and-threshold row of 2026-11-22
+job kadapt 300 python3 -m experiments.bench_adaptive --ns 32768 --out $w/out/kadapt/bench_adaptive.md
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA
