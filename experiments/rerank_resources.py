@@ -8,7 +8,10 @@ It compiles ``seer.kernels.sampled_rows._sampled_rows_kernel`` for ``cuda:90`` t
 :func:`seer.kernels.sampled_rows.sampled_rows_mass` on contiguous bf16 inputs of that shape specialises it (pointers
 16-byte aligned, integer arguments divisible by 16 marked so, those equal to 1 made constants: what Triton's launcher
 does) and runs the bundled ``ptxas -v`` on the PTX. ``async copies`` counts the copies the software pipeliner issues
-ahead of their use (0: the key tiles are read by plain loads, the loop waits on each). ``--launch`` takes
+ahead of their use (0: the key tiles are read by plain loads, the loop waits on each); ``loop loads`` and ``loop
+conversions`` count, in the main loop over the list (the first ``scf.for`` of the compiled TTGIR), the plain loads
+(each one a wait of the step on memory) and the layout conversions (each a round trip through shared memory between
+barriers). ``--launch`` takes
 ``experiments.bench_rerank``'s launch specs (``l`` the lean loop, ``n32`` 32-key tiles, ``w8`` eight warps, ``s2``
 two stages). Without the marks a compile is not pipelined at all, which is why they are made here.
 """
@@ -49,9 +52,19 @@ def launch_values(n: int, hq: int, hkv: int, d: int, block: int, rows: int) -> t
     return ints, const
 
 
+def main_loop(ttgir: str) -> list[str]:
+    """The lines of the first ``scf.for`` of a TTGIR listing, from its header to its closing brace."""
+    lines = ttgir.splitlines()
+    start = next(i for i, line in enumerate(lines) if " scf.for " in line)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next(i for i in range(start + 1, len(lines))
+               if lines[i].strip().startswith("}") and len(lines[i]) - len(lines[i].lstrip()) == indent)
+    return lines[start:end + 1]
+
+
 def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, launch: dict) -> dict:
-    """``{"registers", "spill_bytes", "async_copies", "shared_bytes"}`` of the kernel compiled for sm_90 under
-    ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
+    """``{"registers", "spill_bytes", "async_copies", "shared_bytes", "loop_loads", "loop_conversions"}`` of the
+    kernel compiled for sm_90 under ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
     ints, const = launch_values(n, hq, hkv, d, block, rows)
     const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]),
                  LEAN=bool(launch["lean"]))
@@ -84,10 +97,13 @@ def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, lau
                               check=True).stderr
     finally:
         os.remove(ptx)
+    loop = main_loop(compiled.asm["ttgir"])
     return {"registers": int(re.search(r"Used (\d+) registers", info)[1]),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info)[1]),
             "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"),
-            "shared_bytes": compiled.metadata.shared}
+            "shared_bytes": compiled.metadata.shared,
+            "loop_loads": sum(" tt.load " in line for line in loop),
+            "loop_conversions": sum("ttg.convert_layout" in line for line in loop)}
 
 
 def main() -> None:
@@ -104,13 +120,13 @@ def main() -> None:
         ap.error(str(err))
     print(f"Compiled for sm_90 by triton {triton.__version__} on the CPU; shape: Hq {args.hq}, Hkv {args.hkv}, "
           f"N {args.n}, D {args.d}, {args.block}-token blocks, bf16.\n")
-    print("| rows | launch | registers | spill bytes | async copies | shared bytes |")
-    print("|---|---|---|---|---|---|")
+    print("| rows | launch | registers | spill bytes | async copies | shared bytes | loop loads | loop conversions |")
+    print("|---|---|---|---|---|---|---|---|")
     for rows in args.rows:
         for spec, launch in launches:
             r = compile_report(args.n, args.hq, args.hkv, args.d, args.block, rows, launch)
             print(f"| {rows} | {spec} | {r['registers']} | {r['spill_bytes']} | {r['async_copies']} | "
-                  f"{r['shared_bytes']} |", flush=True)
+                  f"{r['shared_bytes']} | {r['loop_loads']} | {r['loop_conversions']} |", flush=True)
 
 
 if __name__ == "__main__":
