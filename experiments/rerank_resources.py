@@ -11,7 +11,12 @@ does) and runs the bundled ``ptxas -v`` on the PTX. ``async copies`` counts the 
 ahead of their use (0: the key tiles are read by plain loads, the loop waits on each); ``loop loads`` and ``loop
 conversions`` count, in the main loop over the list (the first ``scf.for`` of the compiled TTGIR), the plain loads
 (each one a wait of the step on memory) and the layout conversions (each a round trip through shared memory between
-barriers). ``--launch`` takes
+barriers); ``loop SASS`` and ``loop MUFU`` count the machine instructions (``nvdisasm`` of the cubin) of the SASS loop
+that holds the tensor-core instructions, and its special-function ones (the ``exp2``), statically: the diagonal
+block's masking branch is among them, though only the diagonal's step runs it. Each instruction is one issue slot of
+a warp (a quarter of an SM issues one a cycle) and each ``MUFU`` 8 cycles of its quarter's special-function unit, so
+per key tile a step takes at least the larger of the two, in cycles of one SM (its four warps run on the four
+quarters side by side). ``--launch`` takes
 ``experiments.bench_rerank``'s launch specs (``l`` the lean loop, ``n32`` 32-key tiles, ``w8`` eight warps, ``s2``
 two stages). Without the marks a compile is not pipelined at all, which is why they are made here.
 """
@@ -62,8 +67,22 @@ def main_loop(ttgir: str) -> list[str]:
     return lines[start:end + 1]
 
 
+def sass_loop(sass: str) -> list[str]:
+    """The instructions of the SASS loop (a label and the backward branch to it) that holds ``HGMMA`` or ``HMMA``."""
+    lines = sass.splitlines()
+    labels = {line.strip().rstrip(":"): i for i, line in enumerate(lines) if re.match(r"^\.L_x_\d+:", line)}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m[1], i) < i:
+            body = [x for x in lines[labels[m[1]]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/", x)]
+            if any("HGMMA" in x or "HMMA" in x for x in body):
+                return body
+    return []
+
+
 def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, launch: dict) -> dict:
-    """``{"registers", "spill_bytes", "async_copies", "shared_bytes", "loop_loads", "loop_conversions"}`` of the
+    """``{"registers", "spill_bytes", "async_copies", "shared_bytes", "loop_loads", "loop_conversions", "loop_sass",
+    "loop_mufu"}`` of the
     kernel compiled for sm_90 under ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
     ints, const = launch_values(n, hq, hkv, d, block, rows)
     const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]),
@@ -98,12 +117,22 @@ def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, lau
     finally:
         os.remove(ptx)
     loop = main_loop(compiled.asm["ttgir"])
+    cubin = f"/tmp/seer_rerank_{os.getpid()}.cubin"
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.remove(cubin)
+    body = sass_loop(sass)
     return {"registers": int(re.search(r"Used (\d+) registers", info)[1]),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info)[1]),
             "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"),
             "shared_bytes": compiled.metadata.shared,
             "loop_loads": sum(" tt.load " in line for line in loop),
-            "loop_conversions": sum("ttg.convert_layout" in line for line in loop)}
+            "loop_conversions": sum("ttg.convert_layout" in line for line in loop),
+            "loop_sass": len(body), "loop_mufu": sum("MUFU" in x for x in body)}
 
 
 def main() -> None:
@@ -120,13 +149,15 @@ def main() -> None:
         ap.error(str(err))
     print(f"Compiled for sm_90 by triton {triton.__version__} on the CPU; shape: Hq {args.hq}, Hkv {args.hkv}, "
           f"N {args.n}, D {args.d}, {args.block}-token blocks, bf16.\n")
-    print("| rows | launch | registers | spill bytes | async copies | shared bytes | loop loads | loop conversions |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rows | launch | registers | spill bytes | async copies | shared bytes | loop loads | loop conversions | "
+          "loop SASS | loop MUFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for rows in args.rows:
         for spec, launch in launches:
             r = compile_report(args.n, args.hq, args.hkv, args.d, args.block, rows, launch)
             print(f"| {rows} | {spec} | {r['registers']} | {r['spill_bytes']} | {r['async_copies']} | "
-                  f"{r['shared_bytes']} | {r['loop_loads']} | {r['loop_conversions']} |", flush=True)
+                  f"{r['shared_bytes']} | {r['loop_loads']} | {r['loop_conversions']} | {r['loop_sass']} | "
+                  f"{r['loop_mufu']} |", flush=True)
 
 
 if __name__ == "__main__":
