@@ -301,6 +301,7 @@ def program_layout(group: int, rows: int, block_size: int, heads: int | None = N
 
 @triton.jit
 def _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP: tl.constexpr, CHUNK: tl.constexpr):
+    """Columns ``c0 ..`` of query block ``r``'s union list: the causal blocks one of the ``P`` heads lists, packed."""
     cols = c0 + tl.arange(0, CHUNK)
     heads = tl.arange(0, PP)
     listed = tl.load(crow + heads[:, None] * stride_ch + cols[None, :] * stride_cc,
