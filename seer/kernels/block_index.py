@@ -109,10 +109,11 @@ def build_block_index(block_mask: torch.Tensor, *, pair: bool = False) -> tuple[
                         lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device), PAIR=pair)
 
 
-def build_lists(kernel, block_mask: torch.Tensor, rows: int, alloc, **meta) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches a list builder (the forward's row lists, the backward's column lists) over a checked bool mask
-    ``[B, H, nb, nb]``: one program per list and batch x head, ``CHUNK`` mask entries at a time. Returns the lists
-    ``[B, H, rows, nb]`` and their lengths ``[B, H, rows]`` (int32, from ``alloc(shape, dtype, device)``)."""
+def build_lists(kernel, block_mask: torch.Tensor, rows: int, alloc, *args, **meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches a list builder (the forward's row lists, the backward's column lists, the rerank's union lists) over a
+    checked bool mask ``[B, H, nb, nb]``: one program per list and batch x head, ``CHUNK`` mask entries at a time,
+    ``args`` after the kernel's ``H, NB``. Returns the lists ``[B, H, rows, nb]`` and their lengths ``[B, H, rows]``
+    (int32, from ``alloc(shape, dtype, device)``)."""
     b, h, nb, _ = block_mask.shape
     idx = alloc((b, h, rows, nb), torch.int32, block_mask.device)
     cnt = alloc((b, h, rows), torch.int32, block_mask.device)
@@ -125,7 +126,7 @@ def build_lists(kernel, block_mask: torch.Tensor, rows: int, alloc, **meta) -> t
         m.stride(0), m.stride(1), m.stride(2), m.stride(3),
         idx.stride(0), idx.stride(1), idx.stride(2),
         cnt.stride(0), cnt.stride(1),
-        h, nb,
+        h, nb, *args,
         CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1, **meta,
     )
     return idx, cnt

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seer.kernels.block_index import append_selected
+from seer.kernels.block_index import append_selected, build_lists
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
@@ -313,16 +313,15 @@ def _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP: tl.con
 @triton.jit
 def _sr_union_index_kernel(
     Cand, Idx, Cnt,
-    stride_cb, stride_ch, stride_cr, stride_cc, stride_ib, stride_il, stride_ir, stride_nb, stride_nl,
-    LISTS, CHUNKS, GROUP, P,
-    PP: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr,
+    stride_cb, stride_cl, stride_cr, stride_cc, stride_ib, stride_il, stride_ir, stride_nb, stride_nl,
+    LISTS, NB, stride_ch, P,
+    CHUNK: tl.constexpr, INTERP: tl.constexpr, PP: tl.constexpr,
 ):
     r = tl.program_id(0)
     bl = tl.program_id(1)
     off_b = (bl // LISTS).to(tl.int64)
     off_l = (bl % LISTS).to(tl.int64)
-    h0 = (off_l // CHUNKS) * GROUP + (off_l % CHUNKS) * P
-    crow = Cand + off_b * stride_cb + h0 * stride_ch + r.to(tl.int64) * stride_cr
+    crow = Cand + off_b * stride_cb + off_l * stride_cl + r.to(tl.int64) * stride_cr
     irow = Idx + off_b * stride_ib + off_l * stride_il + r.to(tl.int64) * stride_ir
     base = 0
     if INTERP:  # run-time loop bound: see seer.kernels.common
@@ -336,27 +335,16 @@ def _sr_union_index_kernel(
     tl.store(Cnt + off_b * stride_nb + off_l * stride_nl + r, base)
 
 
-def union_lists(candidates: torch.Tensor, hkv: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lists the kernel walks: for each batch, program list (``heads`` query heads of a key head, ``Hkv x Hq /
-    (Hkv heads)`` lists) and query block ``r``, the ascending union of its heads' candidate blocks ``c <= r``, each
-    entry packed as ``c << MEMBER_BITS | bits`` (bit ``g`` set where the list's ``g``-th head lists ``c``), int32
-    ``[B, lists, nb, nb]``, and the lengths int32 ``[B, lists, nb]`` (entries past a length unwritten)."""
-    b, hq, nb, _ = candidates.shape
-    lists = hq // heads
-    idx = torch.empty(b, lists, nb, nb, dtype=torch.int32, device=candidates.device)
-    cnt = torch.empty(b, lists, nb, dtype=torch.int32, device=candidates.device)
-    if b * lists * nb == 0:
-        return idx, cnt
-    cand = candidates.view(torch.uint8)
-    chunk = min(1024, triton.next_power_of_2(max(nb, 16)))
-    _sr_union_index_kernel[(nb, b * lists)](
-        cand, idx, cnt,
-        cand.stride(0), cand.stride(1), cand.stride(2), cand.stride(3),
-        idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
-        lists, hq // hkv // heads, hq // hkv, heads,
-        PP=triton.next_power_of_2(heads), CHUNK=chunk, INTERP=INTERPRET, num_warps=4 if chunk >= 512 else 1,
-    )
-    return idx, cnt
+def union_lists(candidates: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lists the kernel walks: for each batch, program list ``l`` (query heads ``l * heads ..`` of one key head:
+    ``heads`` divides the group) and query block ``r``, the ascending union of those heads' candidate blocks
+    ``c <= r``, each entry packed as ``c << MEMBER_BITS | bits`` (bit ``g`` set where the list's ``g``-th head lists
+    ``c``), int32 ``[B, Hq / heads, nb, nb]``, and the lengths int32 ``[B, Hq / heads, nb]`` (entries past a length
+    unwritten). One launch of :func:`seer.kernels.block_index.build_lists` over each list's first head."""
+    nb = candidates.shape[-1]
+    return build_lists(_sr_union_index_kernel, candidates[:, ::heads], nb,
+                       lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device),
+                       candidates.stride(1), heads, PP=triton.next_power_of_2(heads))
 
 
 def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
@@ -393,7 +381,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     p, pp, rp = program_layout(group, per_block, block_size, heads_per_program)
     chunks = group // p
     lists = hkv * chunks
-    idx, cnt = union_lists(candidates, hkv, p)
+    idx, cnt = union_lists(candidates, p)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
     offsets = sampled_offsets(block_size, per_block)

@@ -203,18 +203,20 @@ def test_program_layout_fills_at_most_128_rows():
 
 @pytest.mark.parametrize("b,hq,hkv,nb,heads", [(1, 7, 1, 9, 7), (2, 12, 2, 13, 3), (1, 16, 2, 40, 8), (1, 4, 4, 5, 1)])
 def test_union_lists_pack_each_heads_membership_into_the_entries(b, hq, hkv, nb, heads):
-    """Each list: the ascending union of its heads' causal candidates, entry ``c << 8 | bits`` with bit ``g`` set where
-    the list's ``g``-th head lists ``c`` (entries above the diagonal ignored)."""
+    """List ``l`` (query heads ``l * heads ..``): the ascending union of its heads' causal candidates, entry
+    ``c << 8 | bits`` with bit ``g`` set where the list's ``g``-th head lists ``c`` (entries above the diagonal
+    ignored)."""
     from seer.kernels.sampled_rows import union_lists
 
     g = torch.Generator().manual_seed(nb + heads)
     cand = torch.rand(b, hq, nb, nb, generator=g) < 0.3
-    idx, cnt = union_lists(cand.to(_device()), hkv, heads)
+    idx, cnt = union_lists(cand.to(_device()), heads)
     idx, cnt = idx.cpu(), cnt.cpu()
-    group, lists = hq // hkv, hq // heads
+    assert (hq // hkv) % heads == 0  # a list never mixes two key heads' query heads
+    lists = hq // heads
     for bi in range(b):
         for lst in range(lists):
-            h0 = (lst // (group // heads)) * group + (lst % (group // heads)) * heads
+            h0 = lst * heads
             for r in range(nb):
                 want = []
                 for c in range(r + 1):
