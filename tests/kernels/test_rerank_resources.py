@@ -6,12 +6,15 @@ candidate test is read off the list entry); the lean loop and 32-key tiles compi
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (tests may change the working directory)
 
 
 def _table(*args: str) -> dict[tuple[str, str], list[int]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "experiments.rerank_resources", *args], capture_output=True,
-                         text=True, env=env, timeout=600, check=True).stdout
+                         text=True, env=env, timeout=600, check=True, cwd=ROOT).stdout
     rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ") and "rows" not in line]
     return {(r[0], r[1]): [int(x) for x in r[2:]] for r in rows}
 
@@ -29,5 +32,5 @@ def test_the_default_is_pipelined_without_spills_at_qwens_shape():
 def test_interpret_mode_is_refused_with_a_clear_message():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-m", "experiments.rerank_resources"], capture_output=True, text=True,
-                         env=env, timeout=600)
+                         env=env, timeout=600, cwd=ROOT)
     assert out.returncode != 0 and "TRITON_INTERPRET=1 is set" in out.stderr
