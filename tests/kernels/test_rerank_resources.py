@@ -22,9 +22,10 @@ def _table(*args: str) -> dict[tuple[str, str], list[int]]:
 def test_the_default_is_pipelined_without_spills_at_qwens_shape():
     table = _table("--rows", "8", "16", "--launch", "default", "n32l")
     assert set(table) == {(r, s) for r in ("8", "16") for s in ("default", "n32l")}
-    for (rows, spec), (registers, spills, copies, shared, loop_loads, loop_conversions) in table.items():
+    for (rows, spec), (registers, spills, copies, shared, loop_loads, loop_conversions, sass, mufu) in table.items():
         assert spills == 0 and copies > 0 and shared > 0, (rows, spec)
         assert loop_loads == 0 and loop_conversions <= 1, (rows, spec, loop_loads, loop_conversions)
+        assert sass > 0 and mufu > 0, (rows, spec)  # the SASS loop was found
         assert registers <= (128 if rows == "16" else 64), (rows, spec, registers)  # 4 programs of 4 warps an SM
     assert table[("16", "n32l")][0] < table[("16", "default")][0]  # half the logit tile: fewer registers
 
