@@ -16,10 +16,9 @@ that holds the tensor-core instructions, and its special-function ones (the ``ex
 block's masking branch is among them, though only the diagonal's step runs it. Each instruction is one issue slot of
 a warp (a quarter of an SM issues one a cycle) and each ``MUFU`` 8 cycles of its quarter's special-function unit, so
 per key tile a step takes at least the larger of the two, in cycles of one SM (its four warps run on the four
-quarters side by side). ``--launch`` takes
-``experiments.bench_rerank``'s launch specs (``l`` the lean loop, ``n32`` 32-key tiles, ``w8`` eight warps, ``s2``
-two stages). Without the marks a compile is not pipelined at all, which is why they are made here.
-"""
+quarters side by side). ``--launch`` takes ``experiments.bench_rerank``'s launch specs (``l`` the lean loop, ``n32``
+32-key tiles, ``x`` the partial sums stored from their registers, ``w8`` eight warps, ``s2`` two stages). Without the
+marks a compile is not pipelined at all, which is why they are made here."""
 
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, lau
     kernel compiled for sm_90 under ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
     ints, const = launch_values(n, hq, hkv, d, block, rows)
     const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]),
-                 LEAN=bool(launch["lean"]))
+                 LEAN=bool(launch["lean"]), DIRECT_STORE=bool(launch["direct_store"]))
     kernel = sampled_rows._sampled_rows_kernel
     sig, attrs, consts = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -84,14 +84,16 @@ job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank 
 # the rerank kernel's lists with each head's membership packed into the entries (2026-12-07, a thirty-third session: the
 # loop read a candidate byte per row, a load that waited on the entry's block, every step) against the tree before
 # (carried as .assets/base: `git archive 4a45a37 seer experiments conf pyproject.toml | tar -x -C .assets/base`), in
-# one run, with the lean loop (l) and 32-key tiles (n32l) of the thirty-second session; issue 21's end-to-end goal
+# one run, with the lean loop (l) and 32-key tiles (n32l) of the thirty-second session, and in the new tree the partial
+# sums stored from their registers (x, lx: no shared-memory round trip a step); issue 21's end-to-end goal
 # (one layer, B 1, 32 heads, D 128, 32k) with the recipes' policy (the gate blended with vertical-slash, 0 and 16
 # rerank rows, a calibrated threshold), beside the gate-and-threshold row of 2026-11-22; then the whole prefill of
 # Qwen's shape (random weights) with 0 and 16 rerank rows in both trees
 base_tree=$root/.assets/base
-job kunion 420 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
-  PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.7 1.0 \
-  --layouts shared --launch default l n32l --out $w/out/kunion/bench_rerank_\${t%%:*}.md || exit 1; done"
+job kunion 480 bash -c "for t in base:$base_tree:default,l,n32l new:$snap:default,l,n32l,x,lx; do \
+  tree=\${t#*:}; tree=\${tree%:*}; specs=\${t##*:}; cd \$tree && PYTHONPATH=\$tree:/tmp/site python3 -m \
+  experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.7 1.0 --layouts shared --launch \${specs//,/ } \
+  --out $w/out/kunion/bench_rerank_\${t%%:*}.md || exit 1; done"
 job kadapt 300 python3 -m experiments.bench_adaptive --ns 32768 --out $w/out/kadapt/bench_adaptive.md
 job kgraphu 500 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
   PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b --seq 32768 \

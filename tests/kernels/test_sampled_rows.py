@@ -253,18 +253,21 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heaviest_first,lean,block_n", [(False, False, None), (True, False, None),
-                                                         (True, True, None), (True, False, 32), (True, True, 32)])
+@pytest.mark.parametrize("heaviest_first,lean,block_n,direct_store", [
+    (False, False, None, False), (True, False, None, False), (True, True, None, False), (True, False, 32, False),
+    (True, True, 32, False), (True, False, None, True), (True, True, 32, True)])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("rows", [8, 16])
-def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, lean, block_n, monkeypatch):
+def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, lean, block_n, direct_store, monkeypatch):
     """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
-    programs) and 16 (128 rows); one pass and two; either launch order; the lean loop and 32-key tiles."""
+    programs) and 16 (128 rows); one pass and two; either launch order; the lean loop, 32-key tiles and the partial
+    sums stored from their registers (inline PTX: CUDA only)."""
     from seer.kernels import sampled_rows
 
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
     monkeypatch.setitem(sampled_rows.LAUNCH, "lean", lean)
     monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "direct_store", direct_store)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
