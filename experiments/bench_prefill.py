@@ -9,7 +9,7 @@ For each N it times one forward pass (all layers, no LM-head sampling) of:
 ``--rerank-rows 0 8 16`` times the sparse forward once per value of ``gate.rerank_rows`` (0: no rerank), the other
 inference fields as the gate preset sets them. With random weights the rerank's candidates (the top-p of a flat
 proposal) are nearly every causal block, its costliest case. ``--rerank-launch`` sets the rerank kernel's launch
-(:data:`seer.kernels.sampled_rows.LAUNCH`, in ``experiments.bench_rerank``'s ``--launch`` syntax; e.g. ``n32l``).
+(:data:`seer.kernels.sampled_rows.LAUNCH`, in ``experiments.bench_rerank``'s ``--launch`` syntax; e.g. ``n32``).
 
 The model is built from its architecture with random weights (``--model smollm2`` is SmolLM2-135M's shape:
 30 layers, 9/3 heads, head dim 64), so no download is needed; speed does not depend on the weights, and top-k
@@ -48,7 +48,7 @@ def main() -> None:
                     help="the gate's block size (gate.block_size; default: the preset's)")
     ap.add_argument("--rerank-rows", type=int, nargs="+", default=[0], help="gate.rerank_rows values to time")
     ap.add_argument("--rerank-launch", default="default",
-                    help="the rerank kernel's launch settings, as bench_rerank's --launch (e.g. n32l)")
+                    help="the rerank kernel's launch settings, as bench_rerank's --launch (e.g. n32)")
     ap.add_argument("--out", default="docs/bench_prefill.md")
     args = ap.parse_args()
     if any(r < 0 for r in args.rerank_rows):

@@ -14,9 +14,8 @@ between. ``--kernels HEADS:PASSES``: ``HEADS`` 1 runs one query head per program
 the keys twice, 1 once with a scratch of partial sums (the default); ``1:2`` is the kernel before either.
 ``--launch``: launch settings (:data:`seer.kernels.sampled_rows.LAUNCH`), each ``default`` or ``w<N>`` warps, ``s<N>``
 pipeline stages, ``n<16|32|64>`` keys a tile, ``a`` (the query blocks in ascending order: the order before
-heaviest-first became the default), ``l`` (the lean loop: fewer operations a logit) and ``x`` (the partial sums stored
-from their registers) joined (e.g. ``w8s3``, ``a``, ``n32l``, ``lx``); the ``regs`` and ``spills`` columns are the
-compiled kernel's. Before timing, each configuration is checked against the float32 PyTorch contract
+heaviest-first became the default) joined (e.g. ``w8s3``, ``a``, ``n32a``); the ``regs`` and ``spills`` columns are
+the compiled kernel's. Before timing, each configuration is checked against the float32 PyTorch contract
 (:func:`seer.kernels.reference.sampled_rows_mass`) at ``--check-n`` tokens. Times: CUDA-event medians of ``--reps`` runs
 after ``--warmup`` (on CPU, only under ``TRITON_INTERPRET=1`` with ``--dtype fp16``, to exercise the code path: such
 times mean nothing, and the interpreter does not compute bf16 dots exactly)."""
@@ -40,15 +39,14 @@ DEFAULT_LAUNCH = dict(sampled_rows.LAUNCH)
 
 def launch_settings(spec: str) -> dict:
     """``default`` (the kernel's own settings) or e.g. ``w8s3a`` as :data:`seer.kernels.sampled_rows.LAUNCH`
-    entries (``n32``: 32 keys a tile; ``a``: the query blocks in ascending order instead of the heaviest first; ``l``:
-    the lean loop; ``x``: the partial sums stored from their registers)."""
+    entries (``n32``: 32 keys a tile; ``a``: the query blocks in ascending order instead of the heaviest first)."""
     out = dict(DEFAULT_LAUNCH)
     if spec == "default":
         return out
-    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(?:n(16|32|64))?(a)?(l)?(x)?", spec)
+    parts = re.fullmatch(r"(?:w(\d+))?(?:s(\d+))?(?:n(16|32|64))?(a)?", spec)
     if not spec or not parts:
-        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, n<16|32|64>, a, l and x joined, "
-                         "e.g. w4s2, a, n32l, lx")
+        raise ValueError(f"--launch {spec!r}: expected 'default' or w<N>, s<N>, n<16|32|64> and a joined, e.g. "
+                         "w4s2, a, n32a")
     if parts[1]:
         out["num_warps"] = int(parts[1])
     if parts[2]:
@@ -57,10 +55,6 @@ def launch_settings(spec: str) -> dict:
         out["block_n"] = int(parts[3])
     if parts[4]:
         out["heaviest_first"] = False
-    if parts[5]:
-        out["lean"] = True
-    if parts[6]:
-        out["direct_store"] = True
     return out
 
 

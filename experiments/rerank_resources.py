@@ -2,7 +2,7 @@
 (sm_90), on the CPU: no GPU needed.
 
     python -m experiments.rerank_resources [--n 32768 --hq 14 --hkv 2 --d 64 --block 64] [--rows 8 16]
-                                           [--launch default l n32 n32l]
+                                           [--launch default n32 w8]
 
 It compiles ``seer.kernels.sampled_rows._sampled_rows_kernel`` for ``cuda:90`` the way a launch of
 :func:`seer.kernels.sampled_rows.sampled_rows_mass` on contiguous bf16 inputs of that shape specialises it (pointers
@@ -16,9 +16,9 @@ that holds the tensor-core instructions, and its special-function ones (the ``ex
 block's masking branch is among them, though only the diagonal's step runs it. Each instruction is one issue slot of
 a warp (a quarter of an SM issues one a cycle) and each ``MUFU`` 8 cycles of its quarter's special-function unit, so
 per key tile a step takes at least the larger of the two, in cycles of one SM (its four warps run on the four
-quarters side by side). ``--launch`` takes ``experiments.bench_rerank``'s launch specs (``l`` the lean loop, ``n32``
-32-key tiles, ``x`` the partial sums stored from their registers, ``w8`` eight warps, ``s2`` two stages). Without the
-marks a compile is not pipelined at all, which is why they are made here."""
+quarters side by side). ``--launch`` takes ``experiments.bench_rerank``'s launch specs (``n32`` 32-key tiles, ``w8``
+eight warps, ``s2`` two stages). Without the marks a compile is not pipelined at all, which is why they are made
+here."""
 
 from __future__ import annotations
 
@@ -84,8 +84,7 @@ def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, lau
     "loop_mufu"}`` of the
     kernel compiled for sm_90 under ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
     ints, const = launch_values(n, hq, hkv, d, block, rows)
-    const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]),
-                 LEAN=bool(launch["lean"]), DIRECT_STORE=bool(launch["direct_store"]))
+    const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]))
     kernel = sampled_rows._sampled_rows_kernel
     sig, attrs, consts = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -138,7 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(ap)
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--launch", nargs="+", default=["default", "l", "n32", "n32l"])
+    ap.add_argument("--launch", nargs="+", default=["default", "n32"])
     args = ap.parse_args()
     if sampled_rows.INTERPRET:
         ap.error("TRITON_INTERPRET=1 is set: the kernels are then Python functions, which cannot be compiled; unset it")

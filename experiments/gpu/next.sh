@@ -81,23 +81,19 @@ job ktune 300 python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 --sh
 # prefill at 32k with 16 rows spends 2 ms a layer in the rerank (docs/bench_prefill.md, last section)
 job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank --kernels 0:1 --rows 8 16 \
   --share 0.3 0.7 --launch default a --out $w/out/krerank/bench_rerank_order\$run.md || exit 1; done"
-# the rerank kernel's lists with each head's membership packed into the entries (2026-12-07, a thirty-third session: the
-# loop read a candidate byte per row, a load that waited on the entry's block, every step) against the tree before
-# (carried as .assets/base: `git archive 4a45a37 seer experiments conf pyproject.toml | tar -x -C .assets/base`), in
-# one run, with the lean loop (l) and 32-key tiles (n32l) of the thirty-second session, and in the new tree the partial
-# sums stored from their registers (x, lx: no shared-memory round trip a step); issue 21's end-to-end goal
-# (one layer, B 1, 32 heads, D 128, 32k) with the recipes' policy (the gate blended with vertical-slash, 0 and 16
-# rerank rows, a calibrated threshold), beside the gate-and-threshold row of 2026-11-22; then the whole prefill of
-# Qwen's shape (random weights) with 0 and 16 rerank rows in both trees
-base_tree=$root/.assets/base
-job kunion 480 bash -c "for t in base:$base_tree:default,l,n32l new:$snap:default,l,n32l,x,lx; do \
-  tree=\${t#*:}; tree=\${tree%:*}; specs=\${t##*:}; cd \$tree && PYTHONPATH=\$tree:/tmp/site python3 -m \
-  experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.7 1.0 --layouts shared --launch \${specs//,/ } \
-  --out $w/out/kunion/bench_rerank_\${t%%:*}.md || exit 1; done"
+# issue 21's end-to-end goal (one layer, B 1, 32 heads, D 128, 32k) with the recipes' policy (the gate blended with
+# vertical-slash, 0 and 16 rerank rows, a calibrated threshold), beside the gate-and-threshold row of 2026-11-22 (run
+# 2026-12-07, a thirty-fourth session, H100: docs/bench_adaptive.md)
 job kadapt 300 python3 -m experiments.bench_adaptive --ns 32768 --out $w/out/kadapt/bench_adaptive.md
-job kgraphu 500 bash -c "for t in base:$base_tree new:$snap; do cd \${t#*:} && \
-  PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_prefill --model qwen2_5_coder_0_5b --seq 32768 \
-  --rerank-rows 0 16 --out $w/out/kgraphu/bench_prefill_qwen_\${t%%:*}.md || exit 1; done"
+# what the rerank loop waits on: Nsight Compute's stall reasons per SASS instruction (16 rows, share 0.7, Qwen's
+# shape), and the kernel at the 8B shapes with fewer query heads a key head (32:32 as issue 21's benchmark, 32:8 as
+# Llama-3), where a program holds 16 or 64 sampled rows (docs/bench_rerank.md, last section)
+job kprof 420 bash -c "ncu --clock-control none -k regex:_sampled_rows_kernel -s 1 -c 1 --set full \
+  --import-source yes -o $w/out/kprof/rerank python3 -m experiments.profile_rerank --rows 16 --share 0.7 && \
+  ncu --import $w/out/kprof/rerank.ncu-rep --page source --csv --print-source sass > $w/out/kprof/rerank_sass.csv && \
+  ncu --import $w/out/kprof/rerank.ncu-rep --page details > $w/out/kprof/rerank_details.txt && \
+  for h in 32:32 32:8; do python3 -m experiments.bench_rerank --hq \${h%:*} --hkv \${h#*:} --d 128 --kernels 0:1 \
+    --rows 16 --share 0.3 1.0 --layouts shared --out $w/out/kprof/bench_rerank_\${h/:/_}.md || exit 1; done"
 job kdecode 420 python3 -m pytest -q -m gpu tests/kernels/test_decode.py tests/model/test_graph_decode.py
 
 # the whole-model prefill of Qwen's shape (random weights) with the rerank off, 8 and 16 rows, eager and as a CUDA

@@ -55,17 +55,15 @@ program, and blocks below ``2**23``): the kernel reads a row's candidate test of
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
-LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "block_n": None, "lean": False,
-                "direct_store": False}
+LAUNCH: dict = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "block_n": None}
 """Launch settings on CUDA: ``num_warps`` and ``num_stages`` (None: Triton's default), 4 warps timed best on an H100
 (docs/bench_rerank.md); ``heaviest_first``: the programs start from the last query block (whose union list is the
 longest: a program's work grows with its block index), the key heads' lists side by side, so that the short programs
 fill the end of the launch rather than the long ones (False: the first block first, list by list): 9-19% faster on
 every shape of two H100 runs beside other work, 7-18% in two H200 runs alone (docs/bench_rerank.md, last sections);
 ``block_n``: keys a tile (None: a block, at most 64 on CUDA; 16 or 32 halve or quarter the logit tile each step
-holds in registers); ``lean``: the one-pass loop with fewer operations a logit; ``direct_store``: its partial sums
-stored from the registers they are computed in (inline PTX; no shared-memory round trip; :func:`_sr_partial`).
-``experiments/bench_rerank.py --launch`` times the alternatives."""
+holds in registers; slower on an H100 at Qwen's shape). ``experiments/bench_rerank.py --launch`` times the
+alternatives."""
 
 
 _LAST: dict = {}
@@ -139,50 +137,32 @@ def _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale
 
 @triton.jit
 def _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z, part_e,
-                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LEAN: tl.constexpr,
-                DIRECT_STORE: tl.constexpr):
+                BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One pass over the tiles of list entry ``e``: the online ``m`` and ``z`` of each sampled row, and the entry's
     partial sum stored at ``part_e`` in base-2 log form (``m + log2 sum_{c in J} exp2(x2 - m)`` with the ``m`` of
-    the entry's end; ``-inf`` where the row has no key in it). ``LEAN`` (``LAUNCH["lean"]``): fewer operations a
-    logit, the scale folded into the ``exp2``'s argument (a fused multiply-add; the max taken on the raw dots) and the
-    candidate test applied per row (the row's max and sum left out where its head does not list the entry) instead
-    of a bias added to every logit. ``DIRECT_STORE`` (``LAUNCH["direct_store"]``, CUDA only): the partial sums stored
-    by an inline PTX ``st.global`` from the tensor-core result's layout, where ``tl.store`` first moves them into a
-    coalesced layout through shared memory (a round trip and a barrier every entry)."""
-    if LEAN:
-        ce = tl.load(idx_row + e)
-        c = ce >> MEMBER_BITS
-        listed = ((ce >> g) & 1) != 0
-    else:
-        c, bias = _sr_entry(idx_row, e, g)
+    the entry's end; ``-inf`` where the row has no key in it). Few operations a logit: the scale folded into the
+    ``exp2``'s argument (a fused multiply-add; the max taken on the raw dots, the scale being positive) and the
+    candidate test applied per row (the row's max and sum left out where its head does not list the entry) rather
+    than as a bias added to every logit (about 3% faster on an H100, docs/bench_rerank.md)."""
+    ce = tl.load(idx_row + e)
+    c = ce >> MEMBER_BITS
+    listed = ((ce >> g) & 1) != 0
     s = tl.zeros_like(z)
     for sub in tl.static_range(BS // BLOCK_N):
-        if LEAN:
-            keys = c * BS + sub * BLOCK_N + offs_n
-            kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
-            qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-            if c == i:
-                qk = tl.where(keys[None, :] <= pos[:, None], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.where(listed, tl.max(qk, 1) * qk_scale, float("-inf")))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.where(listed, tl.sum(tl.math.exp2(qk * qk_scale - m_use[:, None]), 1), 0.0)
-        else:
-            x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
-                            DOT_PRECISION)
-            m_new = tl.maximum(m, tl.max(x2, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.sum(tl.math.exp2(x2 - m_use[:, None]), 1)
+        keys = c * BS + sub * BLOCK_N + offs_n
+        kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if c == i:
+            qk = tl.where(keys[None, :] <= pos[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.where(listed, tl.max(qk, 1) * qk_scale, float("-inf")))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.where(listed, tl.sum(tl.math.exp2(qk * qk_scale - m_use[:, None]), 1), 0.0)
         alpha = tl.math.exp2(m - m_use)
         z = z * alpha + p
         s = s * alpha + p
         m = m_new
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    part = tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf"))
-    if DIRECT_STORE:  # from the registers the row sums are in (a quad's 4 threads write one value, the same)
-        tl.inline_asm_elementwise("st.global.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [part_e.to(tl.int64), part],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.store(part_e, part)
+    tl.store(part_e, tl.where(s > 0, m_use + tl.math.log2(tl.maximum(s, 1e-30)), float("-inf")))
     return m, z
 
 
@@ -204,7 +184,7 @@ def _sampled_rows_kernel(
     stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAVIEST_FIRST: tl.constexpr, LEAN: tl.constexpr, DIRECT_STORE: tl.constexpr, INTERP: tl.constexpr,
+    HEAVIEST_FIRST: tl.constexpr, INTERP: tl.constexpr,
 ):
     # bl: batch x list, LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
     if HEAVIEST_FIRST:  # grid (lists, blocks): the launch's last query block first, every list's at once
@@ -251,12 +231,12 @@ def _sampled_rows_kernel(
             e = 0
             while e < cnt:
                 m, z = _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN, DIRECT_STORE)
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
                 m, z = _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
-                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION, LEAN, DIRECT_STORE)
+                                   part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         if INTERP:
@@ -424,7 +404,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
             BLOCK_N=block_n,
             LAST_FALLBACK=min(offsets) >= last,
             ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), HEAVIEST_FIRST=heaviest,
-            LEAN=bool(LAUNCH["lean"]), DIRECT_STORE=bool(LAUNCH["direct_store"]) and not INTERPRET, INTERP=INTERPRET,
+            INTERP=INTERPRET,
             **launch,
         )
     return out

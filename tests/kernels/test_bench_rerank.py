@@ -41,16 +41,13 @@ def test_every_configuration_is_checked_and_tabled(monkeypatch, tmp_path):
 
 
 def test_launch_settings_are_parsed_and_bad_ones_named():
-    base = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "block_n": None, "lean": False,
-            "direct_store": False}
+    base = {"num_warps": 4, "num_stages": None, "heaviest_first": True, "block_n": None}
     assert bench.launch_settings("default") == base
     assert bench.launch_settings("w8s3") == {**base, "num_warps": 8, "num_stages": 3}
     assert bench.launch_settings("s2") == {**base, "num_stages": 2}
     assert bench.launch_settings("a") == {**base, "heaviest_first": False}
     assert bench.launch_settings("w8a") == {**base, "num_warps": 8, "heaviest_first": False}
-    assert bench.launch_settings("n32l") == {**base, "block_n": 32, "lean": True}
-    assert bench.launch_settings("l") == {**base, "lean": True}
-    assert bench.launch_settings("lx") == {**base, "lean": True, "direct_store": True}
+    assert bench.launch_settings("n32a") == {**base, "block_n": 32, "heaviest_first": False}
     for bad in ("w", "x4", "w4e16", "aw4", "la", "n8", "p", "h", ""):
         with pytest.raises(ValueError, match=f"--launch {bad!r}"):
             bench.launch_settings(bad)

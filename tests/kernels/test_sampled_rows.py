@@ -156,19 +156,17 @@ def test_either_launch_order_gives_the_same_masses(heaviest_first, monkeypatch):
 
 
 @pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", CASES)
-@pytest.mark.parametrize("lean,block_n", [(True, None), (False, 16), (True, 16)])
-def test_the_lean_loop_and_narrow_key_tiles_give_the_loops_masses(b, hq, hkv, n, d, block, rows, lean, block_n,
-                                                                     monkeypatch):
-    """``LAUNCH['lean']`` (the scale folded into the exp2, the candidate test per row) and ``LAUNCH['block_n']``
-    (16 keys a tile: a 32-token block in two tiles) give the float64 loops' masses on every case."""
+@pytest.mark.parametrize("passes", [1, 2])
+def test_narrow_key_tiles_give_the_loops_masses(b, hq, hkv, n, d, block, rows, passes, monkeypatch):
+    """``LAUNCH['block_n']`` 16 (16 keys a tile: a 32-token block in two tiles, a 64-token one in four) gives the
+    float64 loops' masses on every case, in one pass and in two."""
     from seer.kernels import sampled_rows
 
     q, k, cand, q64, k64 = _case(b, hq, hkv, n, d, block, seed=7 * n + rows)
     want = _loops(q64, k64, cand, rows, block, d ** -0.5)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "lean", lean)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
+    monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", 16)
     dev = _device()
-    got = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block)
+    got = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block, passes=passes)
     torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
     assert (got.cpu()[~cand] == 0).all()
     if dev.type == "cpu":
@@ -253,21 +251,16 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heaviest_first,lean,block_n,direct_store", [
-    (False, False, None, False), (True, False, None, False), (True, True, None, False), (True, False, 32, False),
-    (True, True, 32, False), (True, False, None, True), (True, True, 32, True)])
+@pytest.mark.parametrize("heaviest_first,block_n", [(False, None), (True, None), (True, 32)])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("rows", [8, 16])
-def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, lean, block_n, direct_store, monkeypatch):
+def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, block_n, monkeypatch):
     """bf16 at 4k (GQA 7:1 as Qwen's, D 64, 64-token blocks), random candidates at 20%; 8 rows (7 heads in 64-row
-    programs) and 16 (128 rows); one pass and two; either launch order; the lean loop, 32-key tiles and the partial
-    sums stored from their registers (inline PTX: CUDA only)."""
+    programs) and 16 (128 rows); one pass and two; either launch order; 32-key tiles."""
     from seer.kernels import sampled_rows
 
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "lean", lean)
     monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
-    monkeypatch.setitem(sampled_rows.LAUNCH, "direct_store", direct_store)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
