@@ -52,6 +52,9 @@ MEMBER_BITS: tl.constexpr = tl.constexpr(8)
 """Low bits of a union-list entry that say which of the program's query heads list its block (so at most 8 heads a
 program, and blocks below ``2**23``): the kernel reads a row's candidate test off the entry, with no load per row."""
 
+FINISH_ENTRIES: tl.constexpr = tl.constexpr(8)
+"""List entries the one-pass kernel's key-free second loop finishes a step (one load of their partial sums)."""
+
 SCRATCH_BYTES = 1 << 28
 """The most scratch one launch of the one-pass kernel takes (256 MiB); longer inputs run in several launches."""
 
@@ -167,12 +170,20 @@ def _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_sc
 
 
 @triton.jit
-def _sr_finish(idx_row, e, part_e, m, z_inv_w, out_heads, head_ok, PP: tl.constexpr, RP: tl.constexpr):
-    """Second (key-free) loop of the one-pass kernel: entry ``e``'s stored partial sums, normalised per row and
-    averaged per head."""
-    c = tl.load(idx_row + e) >> MEMBER_BITS
-    rows = tl.math.exp2(tl.load(part_e) - m) * z_inv_w
-    tl.store(out_heads + c, tl.sum(tl.reshape(rows, (PP, RP)), 1), mask=head_ok)
+def _sr_finish(idx_row, e0, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, PP: tl.constexpr,
+               RP: tl.constexpr, EC: tl.constexpr):
+    """Second (key-free) loop of the one-pass kernel, ``EC`` list entries a step (``e0 ..``, those below ``cnt``):
+    their stored partial sums, normalised per row and averaged per head. One load of ``EC`` entries' sums a step, so
+    the step's wait on memory (nothing else hides it: the loop has no other work) is paid once per ``EC`` entries;
+    one entry a step spent a quarter of the kernel's time in that wait (Nsight Compute, docs/bench_rerank.md)."""
+    es = e0 + tl.arange(0, EC)
+    ok = es < cnt
+    c = tl.load(idx_row + es, mask=ok, other=0) >> MEMBER_BITS
+    part = tl.load(part_base + es[:, None].to(tl.int64) * stride_pe + t[None, :], mask=ok[:, None],
+                   other=float("-inf"))
+    rows = tl.math.exp2(part - m[None, :]) * z_inv_w[None, :]
+    tl.store(out_heads[None, :] + c[:, None], tl.sum(tl.reshape(rows, (EC, PP, RP)), 2),
+             mask=ok[:, None] & head_ok[None, :])
 
 
 @triton.jit
@@ -226,7 +237,8 @@ def _sampled_rows_kernel(
     # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
     w_rows = w / tl.sum(tl.where(g == 0, w, 0.0), 0)
     if ONE_PASS:
-        part = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi + t
+        part_base = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi
+        part = part_base + t
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
             while e < cnt:
@@ -242,11 +254,13 @@ def _sampled_rows_kernel(
         if INTERP:
             e = 0
             while e < cnt:
-                _sr_finish(idx_row, e, part + e * stride_pe, m, z_inv_w, out_heads, head_ok, PP, RP)
-                e += 1
+                _sr_finish(idx_row, e, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, PP, RP,
+                           FINISH_ENTRIES)
+                e += FINISH_ENTRIES
         else:
-            for e in range(0, cnt):
-                _sr_finish(idx_row, e, part + e * stride_pe, m, z_inv_w, out_heads, head_ok, PP, RP)
+            for e in range(0, cnt, FINISH_ENTRIES):
+                _sr_finish(idx_row, e, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, PP, RP,
+                           FINISH_ENTRIES)
     else:
         if INTERP:
             e = 0

@@ -80,6 +80,21 @@ def test_kernel_and_reference_match_loops(b, hq, hkv, n, d, block, rows):
     torch.testing.assert_close(got.sum(-1).cpu(), torch.ones(b, hq, math.ceil(n / block)), atol=1e-5, rtol=0)
 
 
+def test_lists_longer_than_a_finishing_step_give_the_loops_masses():
+    """Lists of up to 41 entries (the key-free second loop finishes ``FINISH_ENTRIES`` = 8 a step: most lists end in a
+    partial step, and lists of 16 or 32 on a step's edge) give the float64 loops' masses."""
+    from seer.kernels import sampled_rows
+
+    q, k, cand, q64, k64 = _case(1, 2, 1, 16 * 40 + 5, 16, 16, seed=11, density=0.8)
+    counts = cand.sum(-1)
+    assert counts.max() > 4 * sampled_rows.FINISH_ENTRIES.value and (counts == 16).any() and (counts == 32).any()
+    want = _loops(q64, k64, cand, 2, 16, 16 ** -0.5)
+    dev = _device()
+    got = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), 2, 16)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    assert (got.cpu()[~cand] == 0).all()
+
+
 def test_every_row_and_every_block_is_the_block_attention_mass():
     q, k, _, q64, k64 = _case(1, 2, 1, 90, 16, 16, seed=3)
     every = torch.ones(1, 2, 6, 6, dtype=torch.bool).tril()
