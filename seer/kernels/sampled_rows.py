@@ -249,6 +249,8 @@ def _sampled_rows_kernel(
             for e in range(0, cnt):
                 m, z = _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, z,
                                    part + e * stride_pe, BS, BLOCK_N, DOT_PRECISION)
+        # the second loop reads partial sums other threads of the program stored: a barrier orders those stores first
+        tl.debug_barrier()
         m = tl.where(m == float("-inf"), 0.0, m)
         z_inv_w = tl.where(w > 0, w_rows / tl.where(z > 0, z, 1.0), 0.0)
         if INTERP:
