@@ -59,17 +59,22 @@ def launch_settings(spec: str) -> dict:
 
 
 def candidates(b: int, hq: int, hkv: int, nb: int, share: float, layout: str, gen: torch.Generator) -> torch.Tensor:
-    """Random candidate blocks ``[B, Hq, nb, nb]`` (bool, block-causal, the diagonal always in)."""
-    heads = hkv if layout == "shared" else hq
-    cand = torch.rand(b, heads, nb, nb, generator=gen) < share
-    if layout == "shared":
+    """Random candidate blocks ``[B, Hq, nb, nb]`` (bool, block-causal, the diagonal always in): drawn per key head
+    (``shared``), per query head (``independent``), or per key head as columns, the same key blocks for every query
+    block (``columns``: vertical lines, the union of consecutive query blocks' sets no larger than one set)."""
+    heads = hkv if layout in ("shared", "columns") else hq
+    if layout == "columns":
+        cand = (torch.rand(b, heads, 1, nb, generator=gen) < share).expand(b, heads, nb, nb).clone()
+    else:
+        cand = torch.rand(b, heads, nb, nb, generator=gen) < share
+    if layout in ("shared", "columns"):
         cand = cand.repeat_interleave(hq // hkv, dim=1)
     cand |= torch.eye(nb, dtype=torch.bool)
     return cand & torch.ones(nb, nb, dtype=torch.bool).tril()
 
 
 def check(args, dev: torch.device, dt: torch.dtype, rows: int, share: float, layout: str,
-          heads: int | None, passes: int) -> float:
+          heads: int | None, passes: int, blocks: int = 1) -> float:
     """Largest |difference| of the kernel's masses from the float32 contract at ``--check-n`` tokens."""
     gen = torch.Generator().manual_seed(1)
     n = args.check_n
@@ -77,7 +82,8 @@ def check(args, dev: torch.device, dt: torch.dtype, rows: int, share: float, lay
     k = torch.randn(1, args.hkv, n, args.d, generator=gen).to(dev, dt)
     cand = candidates(1, args.hq, args.hkv, math.ceil(n / args.block), share, layout, gen).to(dev)
     want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, args.block)
-    got = sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads, passes=passes)
+    got = sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads, passes=passes,
+                            blocks_per_program=blocks)
     return (got - want).abs().max().item()
 
 
@@ -96,10 +102,14 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--share", type=float, nargs="+", default=[0.1, 0.3, 0.7])
-    ap.add_argument("--layouts", nargs="+", choices=["shared", "independent"], default=["shared", "independent"])
+    ap.add_argument("--layouts", nargs="+", choices=["shared", "independent", "columns"],
+                    default=["shared", "independent"])
     ap.add_argument("--kernels", nargs="+", default=["1:2", "0:2", "0:1"],
                     help="HEADS:PASSES, heads per program (0: the kernel's choice) and passes over the keys (1 or 2)")
     ap.add_argument("--launch", nargs="+", default=["default"], help="launch settings: default, or e.g. w8s3")
+    ap.add_argument("--blocks-per-program", type=int, nargs="+", default=[1],
+                    help="query blocks a program (sampled_rows_mass's blocks_per_program; those that do not fit "
+                         "the shape get a row that says so)")
     ap.add_argument("--check-n", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -139,22 +149,22 @@ def main() -> None:
         f"Shape: B {b}, Hq {args.hq}, Hkv {args.hkv}, N {args.n}, D {args.d}, {args.block}-token blocks, "
         f"{args.dtype}. Dense causal attention (SDPA): {dense:.3f} ms; block-sparse attention (ours) at density "
         f"0.1: {sparse:.3f} ms.",
-        "", "| rows | candidate share | layout | heads per program | rows per program | passes | launch | ms | "
-        "vs sparse attention 0.1 | vs dense | max abs err (check) | regs | spills |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "", "| rows | candidate share | layout | heads per program | query blocks per program | rows per program | "
+        "passes | launch | ms | vs sparse attention 0.1 | vs dense | max abs err (check) | regs | spills |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rows in args.rows:
         for share in args.share:
             for layout in args.layouts:
                 cand = candidates(b, args.hq, args.hkv, nb, share, layout, gen).to(dev)
-                for (heads, passes), (spec, launch) in [((h or None, ps), ln) for h, ps in kernels
-                                                        for ln in launches]:
+                for (heads, passes), (spec, launch), blocks in [((h or None, ps), ln, qb) for h, ps in kernels
+                                                                for ln in launches for qb in args.blocks_per_program]:
                     sampled_rows.LAUNCH.update(launch)
                     p, pp, rp = program_layout(args.hq // args.hkv, rows, args.block, heads)
-                    row = f"| {rows} | {share} | {layout} | {p} | {pp * rp} | {passes} | {spec} | "
+                    row = f"| {rows} | {share} | {layout} | {p} | {blocks} | {blocks * pp * rp} | {passes} | {spec} | "
                     try:
-                        err = check(args, dev, dt, rows, share, layout, heads, passes)
-                        ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block,
-                                                               heads_per_program=heads, passes=passes),
+                        err = check(args, dev, dt, rows, share, layout, heads, passes, blocks)
+                        ms = time_ms(lambda: sampled_rows_mass(q, k, cand, rows, args.block, heads_per_program=heads,
+                                                               passes=passes, blocks_per_program=blocks),
                                      args.reps, args.warmup, cuda)[0]
                     except Exception as exc:  # a launch setting the compiler rejects: its row says why
                         lines.append(row + f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | | | | |")

@@ -38,21 +38,25 @@ from seer.kernels.sampled_rows import program_layout
 POINTERS = {"Q": "*bf16", "K": "*bf16", "Idx": "*i32", "Cnt": "*i32", "Out": "*fp32", "Part": "*fp32"}
 
 
-def launch_values(n: int, hq: int, hkv: int, d: int, block: int, rows: int) -> tuple[dict, dict]:
+def launch_values(n: int, hq: int, hkv: int, d: int, block: int, rows: int, blocks: int = 1) -> tuple[dict, dict]:
     """The run-time integer arguments and the constexprs of one launch over contiguous inputs (batch 1, the whole
-    scratch in one launch), as :func:`seer.kernels.sampled_rows.sampled_rows_mass` passes them."""
+    scratch in one launch, ``blocks`` query blocks a program), as :func:`seer.kernels.sampled_rows.sampled_rows_mass`
+    passes them."""
     nb = triton.cdiv(n, block)
+    groups = triton.cdiv(nb, blocks)
     per_block = min(rows, block)
     p, pp, rp = program_layout(hq // hkv, per_block, block)
     lists = hkv * (hq // hkv // p)
+    prog_rows = blocks * pp * rp
     ints = dict(stride_qb=hq * n * d, stride_qh=n * d, stride_qn=d, stride_kb=hkv * n * d, stride_kh=n * d,
-                stride_kn=d, stride_ib=lists * nb * nb, stride_ih=nb * nb, stride_ir=nb, stride_cb=lists * nb,
-                stride_ch=nb, stride_ob=hq * nb * nb,
-                stride_oh=nb * nb, stride_or=nb, stride_pp=nb * nb * pp * rp, stride_pi=nb * pp * rp,
-                stride_pe=pp * rp, I0=0, LISTS=lists, CHUNKS=hq // hkv // p, GROUP=hq // hkv, N=n)
+                stride_kn=d, stride_ib=lists * groups * nb, stride_ih=groups * nb, stride_ir=nb,
+                stride_cb=lists * groups, stride_ch=groups, stride_ob=hq * nb * nb,
+                stride_oh=nb * nb, stride_or=nb, stride_pp=groups * nb * prog_rows, stride_pi=nb * prog_rows,
+                stride_pe=prog_rows, G0=0, LISTS=lists, CHUNKS=hq // hkv // p, GROUP=hq // hkv, N=n)
     offsets = sampled_rows.sampled_offsets(block, per_block)
-    const = dict(D=d, BS=block, R=per_block, RP=rp, P=p, PP=pp, LAST_FALLBACK=min(offsets) >= n - (nb - 1) * block,
-                 ONE_PASS=True, DOT_PRECISION="tf32", INTERP=False)
+    const = dict(D=d, BS=block, R=per_block, RP=rp, P=p, PP=pp, QB=blocks,
+                 LAST_FALLBACK=min(offsets) >= n - (nb - 1) * block, ONE_PASS=True, DOT_PRECISION="tf32",
+                 INTERP=False)
     return ints, const
 
 
@@ -79,11 +83,11 @@ def sass_loop(sass: str) -> list[str]:
     return []
 
 
-def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, launch: dict) -> dict:
+def compile_report(n: int, hq: int, hkv: int, d: int, block: int, rows: int, launch: dict, blocks: int = 1) -> dict:
     """``{"registers", "spill_bytes", "async_copies", "shared_bytes", "loop_loads", "loop_conversions", "loop_sass",
     "loop_mufu"}`` of the
     kernel compiled for sm_90 under ``launch`` (a :data:`seer.kernels.sampled_rows.LAUNCH` dict)."""
-    ints, const = launch_values(n, hq, hkv, d, block, rows)
+    ints, const = launch_values(n, hq, hkv, d, block, rows, blocks)
     const.update(BLOCK_N=min(launch["block_n"] or 64, block), HEAVIEST_FIRST=bool(launch["heaviest_first"]))
     kernel = sampled_rows._sampled_rows_kernel
     sig, attrs, consts = {}, {}, {}
@@ -138,6 +142,8 @@ def main() -> None:
     add_shape_arguments(ap)
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--launch", nargs="+", default=["default", "n32"])
+    ap.add_argument("--blocks-per-program", type=int, nargs="+", default=[1],
+                    help="query blocks a program (sampled_rows_mass's blocks_per_program)")
     args = ap.parse_args()
     if sampled_rows.INTERPRET:
         ap.error("TRITON_INTERPRET=1 is set: the kernels are then Python functions, which cannot be compiled; unset it")
@@ -147,13 +153,13 @@ def main() -> None:
         ap.error(str(err))
     print(f"Compiled for sm_90 by triton {triton.__version__} on the CPU; shape: Hq {args.hq}, Hkv {args.hkv}, "
           f"N {args.n}, D {args.d}, {args.block}-token blocks, bf16.\n")
-    print("| rows | launch | registers | spill bytes | async copies | shared bytes | loop loads | loop conversions | "
-          "loop SASS | loop MUFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | launch | blocks a program | registers | spill bytes | async copies | shared bytes | loop loads | "
+          "loop conversions | loop SASS | loop MUFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in args.rows:
-        for spec, launch in launches:
-            r = compile_report(args.n, args.hq, args.hkv, args.d, args.block, rows, launch)
-            print(f"| {rows} | {spec} | {r['registers']} | {r['spill_bytes']} | {r['async_copies']} | "
+        for (spec, launch), blocks in [(ln, qb) for ln in launches for qb in args.blocks_per_program]:
+            r = compile_report(args.n, args.hq, args.hkv, args.d, args.block, rows, launch, blocks)
+            print(f"| {rows} | {spec} | {blocks} | {r['registers']} | {r['spill_bytes']} | {r['async_copies']} | "
                   f"{r['shared_bytes']} | {r['loop_loads']} | {r['loop_conversions']} | {r['loop_sass']} | "
                   f"{r['loop_mufu']} |", flush=True)
 

@@ -19,7 +19,11 @@ least 16 rows in all; padding rows have weight 0), ``P`` the largest divisor of 
 (Qwen2.5's 7 heads at 16 rows: one 128-row tile) rather than once per head. The program walks the **union** of its
 heads' candidate lists (:func:`union_lists`), each entry ``c << 8 | bits`` with bit ``g`` set where the program's
 ``g``-th head lists block ``c``; a row attends to a listed block only when its head's bit is set (read off the entry the
-loop loads anyway: no load per row), so each head's softmax is over its own candidates as above. In base 2
+loop loads anyway: no load per row), so each head's softmax is over its own candidates as above. With
+``blocks_per_program`` ``QB > 1`` (opt-in, for groups of few heads, where a program would otherwise hold 16 or 32
+rows) a program holds ``QB`` consecutive query blocks of its heads: member ``g`` is block ``i + g // P'`` of head
+``g % P'`` (``QB P' <= 8``, ``QB P' RP <= 128``), the list is the union of the members' lists, and the causal mask
+applies per row from the program's first block on. In base 2
 (``x2 = x * log2(e)``), one pass over the listed key tiles keeps each row's online max ``m_t`` and
 ``z_t = sum_c exp2(x2 - m_t)`` and stores, for each entry ``j``, the row's partial sum in log form,
 ``l_t[j] = m_t' + log2 sum_{c in J} exp2(x2[t, c] - m_t')`` (``m_t'`` the max when the entry ends) in a float32 scratch;
@@ -115,7 +119,7 @@ def _sr_stats(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scal
     """Pass 1 over the tiles of list entry ``e``: the online max ``m`` and sum ``z`` of each sampled row."""
     c, bias = _sr_entry(idx_row, e, g)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c >= i, N, qk_scale,
                         DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(x2, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,7 +136,7 @@ def _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale
     c, bias = _sr_entry(idx_row, e, g)
     rows = tl.zeros_like(m)
     for sub in tl.static_range(BS // BLOCK_N):
-        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c == i, N, qk_scale,
+        x2 = _sr_logits(q, K, stride_kn, c * BS + sub * BLOCK_N, offs_n, offs_d, pos, bias, c >= i, N, qk_scale,
                         DOT_PRECISION)
         rows += tl.sum(tl.math.exp2(x2 - m[:, None]), 1)
     tl.store(out_heads + c, tl.sum(tl.reshape(rows * scale_rows, (PP, RP)), 1), mask=head_ok)
@@ -155,7 +159,7 @@ def _sr_partial(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_sc
         keys = c * BS + sub * BLOCK_N + offs_n
         kt = tl.load(K + keys[None, :] * stride_kn + offs_d[:, None], mask=keys[None, :] < N, other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        if c == i:
+        if c >= i:  # a program's first query block or later: the causal mask (a no-op in rows of later blocks)
             qk = tl.where(keys[None, :] <= pos[:, None], qk, float("-inf"))
         m_new = tl.maximum(m, tl.where(listed, tl.max(qk, 1) * qk_scale, float("-inf")))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -192,52 +196,60 @@ def _sampled_rows_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     stride_ob, stride_oh, stride_or,
-    stride_pp, stride_pi, stride_pe, I0, LISTS, CHUNKS, GROUP, N, qk_scale,
+    stride_pp, stride_pi, stride_pe, G0, LISTS, CHUNKS, GROUP, N, qk_scale,
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAVIEST_FIRST: tl.constexpr, INTERP: tl.constexpr,
+    QB: tl.constexpr, BLOCK_N: tl.constexpr, LAST_FALLBACK: tl.constexpr, ONE_PASS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAVIEST_FIRST: tl.constexpr, INTERP: tl.constexpr,
 ):
-    # bl: batch x list, LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates
-    if HEAVIEST_FIRST:  # grid (lists, blocks): the launch's last query block first, every list's at once
+    # bl: batch x list, LISTS = Hkv x CHUNKS lists, each the union of P query heads' candidates in QB consecutive
+    # query blocks (a group of blocks; the launch's groups start at G0)
+    if HEAVIEST_FIRST:  # grid (lists, groups): the launch's last group first, every list's at once
         bl = tl.program_id(0)
-        i = I0 + tl.num_programs(1) - 1 - tl.program_id(1)
-    else:  # grid (blocks, lists)
-        i = I0 + tl.program_id(0)
+        gi = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:  # grid (groups, lists)
+        gi = tl.program_id(0)
         bl = tl.program_id(1)
+    i = (G0 + gi) * QB  # the program's first query block
     off_b = (bl // LISTS).to(tl.int64)
     off_l = (bl % LISTS).to(tl.int64)
     off_hk = off_l // CHUNKS
     h0 = off_hk * GROUP + (off_l % CHUNKS) * P  # the first query head of the program
     nb = (N + BS - 1) // BS
-    t = tl.arange(0, PP * RP)  # row t: head h0 + t // RP, sample t % RP
+    # row t: member g = t // RP (query block i + g // PP, head h0 + g % PP; bit g of the list entries), sample t % RP
+    t = tl.arange(0, QB * PP * RP)
     g = t // RP
+    hh = g % PP
+    blk = i + g // PP
     smp = t % RP
     if R == 1:  # sampled_offsets, computed here (no host tensor: the launch can be captured in a CUDA graph)
-        offset = tl.full([PP * RP], BS - 1, dtype=tl.int32)
+        offset = tl.full([QB * PP * RP], BS - 1, dtype=tl.int32)
     else:
         offset = (2 * smp * (BS - 1) + R - 1) // (2 * (R - 1))
-    raw = i * BS + tl.where(smp < R, offset, 0)
-    w = ((smp < R) & (raw < N) & (g < P)).to(tl.float32)
+    raw = blk * BS + tl.where(smp < R, offset, 0)
+    w = ((smp < R) & (raw < N) & (hh < P) & (blk < nb)).to(tl.float32)
     if LAST_FALLBACK:  # a short last block holding none of the sampled rows takes its last token
-        w = tl.where((i == nb - 1) & (smp == 0) & (g < P), 1.0, w)
-    head = h0 + tl.where(g < P, g, 0).to(tl.int64)
+        w = tl.where((blk == nb - 1) & (smp == 0) & (hh < P), 1.0, w)
+    head = h0 + tl.where(hh < P, hh, 0).to(tl.int64)
     pos = tl.minimum(raw, N - 1)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(Q + off_b * stride_qb + head[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qn
                 + offs_d[None, :], mask=w[:, None] > 0, other=0.0)
     K = K + off_b * stride_kb + off_hk * stride_kh
-    idx_row = Idx + off_b * stride_ib + off_l * stride_ih + i.to(tl.int64) * stride_ir
-    cnt = tl.load(Cnt + off_b * stride_cb + off_l * stride_ch + i)
-    m = tl.full([PP * RP], float("-inf"), dtype=tl.float32)
-    z = tl.zeros([PP * RP], dtype=tl.float32)
-    heads = tl.arange(0, PP)
-    out_heads = Out + off_b * stride_ob + (h0 + heads).to(tl.int64) * stride_oh + i.to(tl.int64) * stride_or
-    head_ok = heads < P
-    # each head's rows weigh w / (its number of sampled rows), the same count for every head of the program
-    w_rows = w / tl.sum(tl.where(g == 0, w, 0.0), 0)
+    idx_row = Idx + off_b * stride_ib + off_l * stride_ih + (G0 + gi).to(tl.int64) * stride_ir
+    cnt = tl.load(Cnt + off_b * stride_cb + off_l * stride_ch + G0 + gi)
+    m = tl.full([QB * PP * RP], float("-inf"), dtype=tl.float32)
+    z = tl.zeros([QB * PP * RP], dtype=tl.float32)
+    members = tl.arange(0, QB * PP)
+    out_heads = (Out + off_b * stride_ob + (h0 + members % PP).to(tl.int64) * stride_oh
+                 + (i + members // PP).to(tl.int64) * stride_or)
+    head_ok = (members % PP < P) & (i + members // PP < nb)
+    # each member's rows weigh w / (its number of sampled rows: fewer in a short last block)
+    count = tl.reshape(tl.broadcast_to(tl.sum(tl.reshape(w, (QB * PP, RP)), 1)[:, None], (QB * PP, RP)),
+                       (QB * PP * RP,))
+    w_rows = w / tl.where(count > 0, count, 1.0)
     if ONE_PASS:
-        part_base = Part + bl.to(tl.int64) * stride_pp + (i - I0).to(tl.int64) * stride_pi
+        part_base = Part + bl.to(tl.int64) * stride_pp + gi.to(tl.int64) * stride_pi
         part = part_base + t
         if INTERP:  # run-time loop bounds: see seer.kernels.common
             e = 0
@@ -256,12 +268,12 @@ def _sampled_rows_kernel(
         if INTERP:
             e = 0
             while e < cnt:
-                _sr_finish(idx_row, e, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, PP, RP,
+                _sr_finish(idx_row, e, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, QB * PP, RP,
                            FINISH_ENTRIES)
                 e += FINISH_ENTRIES
         else:
             for e in range(0, cnt, FINISH_ENTRIES):
-                _sr_finish(idx_row, e, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, PP, RP,
+                _sr_finish(idx_row, e, cnt, part_base, stride_pe, t, m, z_inv_w, out_heads, head_ok, QB * PP, RP,
                            FINISH_ENTRIES)
     else:
         if INTERP:
@@ -280,12 +292,12 @@ def _sampled_rows_kernel(
             e = 0
             while e < cnt:
                 _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
-                         out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
+                         out_heads, head_ok, BS, BLOCK_N, QB * PP, RP, DOT_PRECISION)
                 e += 1
         else:
             for e in range(0, cnt):
                 _sr_mass(q, K, stride_kn, idx_row, g, i, e, offs_n, offs_d, pos, N, qk_scale, m, scale_rows,
-                         out_heads, head_ok, BS, BLOCK_N, PP, RP, DOT_PRECISION)
+                         out_heads, head_ok, BS, BLOCK_N, QB * PP, RP, DOT_PRECISION)
 
 
 def program_layout(group: int, rows: int, block_size: int, heads: int | None = None) -> tuple[int, int, int]:
@@ -306,13 +318,18 @@ def program_layout(group: int, rows: int, block_size: int, heads: int | None = N
 
 
 @triton.jit
-def _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP: tl.constexpr, CHUNK: tl.constexpr):
-    """Columns ``c0 ..`` of query block ``r``'s union list: the causal blocks one of the ``P`` heads lists, packed."""
+def _sr_union_chunk(crow, irow, c0, base, r, P, NB, stride_ch, stride_cr, stride_cc, PP: tl.constexpr,
+                    QB: tl.constexpr, CHUNK: tl.constexpr):
+    """Columns ``c0 ..`` of group ``r``'s union list: the blocks one of its members (query block ``r * QB + g // PP``
+    of head ``g % PP``, the ``P`` heads' ``QB`` blocks) lists at or before its own block, packed with the members'
+    bits."""
     cols = c0 + tl.arange(0, CHUNK)
-    heads = tl.arange(0, PP)
-    listed = tl.load(crow + heads[:, None] * stride_ch + cols[None, :] * stride_cc,
-                     mask=(heads[:, None] < P) & (cols[None, :] <= r), other=0) != 0
-    bits = tl.sum(listed.to(tl.int32) << heads[:, None], 0)
+    members = tl.arange(0, QB * PP)
+    blk = r * QB + members // PP
+    listed = tl.load(crow + (members % PP)[:, None] * stride_ch + blk[:, None].to(tl.int64) * stride_cr
+                     + cols[None, :] * stride_cc,
+                     mask=((members % PP < P) & (blk < NB))[:, None] & (cols[None, :] <= blk[:, None]), other=0) != 0
+    bits = tl.sum(listed.to(tl.int32) << members[:, None], 0)
     return append_selected(irow, base, bits != 0, (cols << MEMBER_BITS) | bits)
 
 
@@ -321,41 +338,44 @@ def _sr_union_index_kernel(
     Cand, Idx, Cnt,
     stride_cb, stride_cl, stride_cr, stride_cc, stride_ib, stride_il, stride_ir, stride_nb, stride_nl,
     LISTS, NB, stride_ch, P,
-    CHUNK: tl.constexpr, INTERP: tl.constexpr, PP: tl.constexpr,
+    CHUNK: tl.constexpr, INTERP: tl.constexpr, PP: tl.constexpr, QB: tl.constexpr,
 ):
-    r = tl.program_id(0)
+    r = tl.program_id(0)  # the group of query blocks r * QB ..
     bl = tl.program_id(1)
     off_b = (bl // LISTS).to(tl.int64)
     off_l = (bl % LISTS).to(tl.int64)
-    crow = Cand + off_b * stride_cb + off_l * stride_cl + r.to(tl.int64) * stride_cr
+    crow = Cand + off_b * stride_cb + off_l * stride_cl
     irow = Idx + off_b * stride_ib + off_l * stride_il + r.to(tl.int64) * stride_ir
+    end = tl.minimum(r * QB + QB, NB)  # past the group's last causal block
     base = 0
     if INTERP:  # run-time loop bound: see seer.kernels.common
         c0 = 0
-        while c0 < r + 1:
-            base = _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP, CHUNK)
+        while c0 < end:
+            base = _sr_union_chunk(crow, irow, c0, base, r, P, NB, stride_ch, stride_cr, stride_cc, PP, QB, CHUNK)
             c0 += CHUNK
     else:
-        for c0 in range(0, r + 1, CHUNK):
-            base = _sr_union_chunk(crow, irow, c0, base, r, P, stride_ch, stride_cc, PP, CHUNK)
+        for c0 in range(0, end, CHUNK):
+            base = _sr_union_chunk(crow, irow, c0, base, r, P, NB, stride_ch, stride_cr, stride_cc, PP, QB, CHUNK)
     tl.store(Cnt + off_b * stride_nb + off_l * stride_nl + r, base)
 
 
-def union_lists(candidates: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def union_lists(candidates: torch.Tensor, heads: int, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The lists the kernel walks: for each batch, program list ``l`` (query heads ``l * heads ..`` of one key head:
-    ``heads`` divides the group) and query block ``r``, the ascending union of those heads' candidate blocks
-    ``c <= r``, each entry packed as ``c << MEMBER_BITS | bits`` (bit ``g`` set where the list's ``g``-th head lists
-    ``c``), int32 ``[B, Hq / heads, nb, nb]``, and the lengths int32 ``[B, Hq / heads, nb]`` (entries past a length
-    unwritten). One launch of :func:`seer.kernels.block_index.build_lists` over each list's first head."""
+    ``heads`` divides the group) and group ``r`` of ``blocks`` query blocks (``r * blocks ..``), the ascending union of
+    the blocks each member (a head's query block ``i``) lists at or before ``i``, each entry packed as
+    ``c << MEMBER_BITS | bits``: bit ``g`` set where member ``g`` (block ``r * blocks + g // P'``, the list's
+    ``g % P'``-th head, ``P'`` = ``heads`` padded to a power of two) lists ``c``. int32 ``[B, Hq / heads, groups, nb]``,
+    and the lengths int32 ``[B, Hq / heads, groups]`` (entries past a length unwritten). One launch of
+    :func:`seer.kernels.block_index.build_lists` over each list's first head."""
     nb = candidates.shape[-1]
-    return build_lists(_sr_union_index_kernel, candidates[:, ::heads], nb,
+    return build_lists(_sr_union_index_kernel, candidates[:, ::heads], triton.cdiv(nb, blocks),
                        lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device),
-                       candidates.stride(1), heads, PP=triton.next_power_of_2(heads))
+                       candidates.stride(1), heads, PP=triton.next_power_of_2(heads), QB=blocks)
 
 
 def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
                       sm_scale: float | None = None, heads_per_program: int | None = None,
-                      passes: int = 1) -> torch.Tensor:
+                      passes: int = 1, blocks_per_program: int = 1) -> torch.Tensor:
     """Block masses ``[B, Hq, nb, nb]`` float32 of ``rows`` sampled query rows per block over each row's candidate
     blocks (module docstring), 0 off the candidates.
 
@@ -365,8 +385,11 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     kernel block size (16 .. 128); ``sm_scale`` defaults to ``D ** -0.5``; ``heads_per_program`` (a divisor of
     ``Hq / Hkv``) overrides :func:`program_layout`'s choice (1: the kernel before the heads of a group shared a
     program); ``passes`` 1 (one pass over the keys and a scratch of partial sums, at most :data:`SCRATCH_BYTES` per
-    launch) or 2 (two passes, no scratch), the same masses. CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``.
-    No autograd, no host sync."""
+    launch) or 2 (two passes, no scratch), the same masses; ``blocks_per_program`` (1, 2, 4 or 8, at most 8 members
+    and 128 rows a program with the heads: a power of two times the padded heads) puts that many consecutive query
+    blocks of the program's heads in one program, which walks the union of their lists (each key tile read once for
+    them all: for groups of few heads). CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``. No autograd, no host
+    sync."""
     check_block_size(block_size)
     b, hq, hkv, n, d = check_qkv(q, k, None)
     nb = triton.cdiv(n, block_size)
@@ -385,17 +408,24 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     q, k = with_unit_last_stride(q), with_unit_last_stride(k)
     group = hq // hkv
     p, pp, rp = program_layout(group, per_block, block_size, heads_per_program)
+    qb = blocks_per_program
+    if (isinstance(qb, bool) or not isinstance(qb, int) or qb not in (1, 2, 4, 8) or qb * pp > MEMBER_BITS.value
+            or qb * pp * rp > 128):
+        raise ValueError(f"sampled_rows_mass: blocks_per_program must be 1, 2, 4 or 8 with at most "
+                         f"{MEMBER_BITS.value // pp} here ({pp} padded heads of {rp} rows: at most "
+                         f"{MEMBER_BITS.value} members and 128 rows a program), got {qb!r}")
     chunks = group // p
     lists = hkv * chunks
-    idx, cnt = union_lists(candidates, p)
+    groups = triton.cdiv(nb, qb)
+    idx, cnt = union_lists(candidates, p, qb)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     last = n - (nb - 1) * block_size
     offsets = sampled_offsets(block_size, per_block)
-    # one pass: each launch takes the query blocks whose scratch (a float per sampled row and list entry, at most
-    # i + 1 entries for query block i) fits SCRATCH_BYTES
-    per_block_bytes = b * lists * nb * pp * rp * 4
-    span = nb if passes == 2 else max(1, min(nb, SCRATCH_BYTES // per_block_bytes))
-    part = torch.empty((b * lists, span, nb, pp * rp) if passes == 1 else (1, 1, 1, 1), dtype=torch.float32,
+    # one pass: each launch takes the groups of query blocks whose scratch (a float per sampled row and list entry, at
+    # most nb entries) fits SCRATCH_BYTES
+    per_group_bytes = b * lists * nb * qb * pp * rp * 4
+    span = groups if passes == 2 else max(1, min(groups, SCRATCH_BYTES // per_group_bytes))
+    part = torch.empty((b * lists, span, nb, qb * pp * rp) if passes == 1 else (1, 1, 1, 1), dtype=torch.float32,
                        device=q.device)
     launch = {"num_warps": LAUNCH["num_warps"]}
     if LAUNCH["num_stages"]:
@@ -405,18 +435,18 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     if LAUNCH["block_n"] not in (None, 16, 32, 64):
         raise ValueError(f"sampled_rows.LAUNCH['block_n'] must be None, 16, 32 or 64, got {LAUNCH['block_n']!r}")
     block_n = min(LAUNCH["block_n"] or (block_size if INTERPRET else 64), block_size)
-    if heaviest:  # the query blocks on the grid's second axis, which holds at most 65535 programs
+    if heaviest:  # the groups on the grid's second axis, which holds at most 65535 programs
         span = min(span, MAX_GRID_Y)
-    for i0 in range(0, nb, span):
-        blocks = min(span, nb - i0)
-        _LAST["compiled"] = _sampled_rows_kernel[(b * lists, blocks) if heaviest else (blocks, b * lists)](
+    for g0 in range(0, groups, span):
+        launched = min(span, groups - g0)
+        _LAST["compiled"] = _sampled_rows_kernel[(b * lists, launched) if heaviest else (launched, b * lists)](
             q, k, idx, cnt, out, part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            part.stride(0), part.stride(1), part.stride(2), i0, lists, chunks, group, n,
+            part.stride(0), part.stride(1), part.stride(2), g0, lists, chunks, group, n,
             softmax_scale(sm_scale, d) * LOG2E.value,
-            D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp,
+            D=d, BS=block_size, R=per_block, RP=rp, P=p, PP=pp, QB=qb,
             BLOCK_N=block_n,
             LAST_FALLBACK=min(offsets) >= last,
             ONE_PASS=passes == 1, DOT_PRECISION=dot_precision(q.dtype), HEAVIEST_FIRST=heaviest,

@@ -18,23 +18,30 @@ def test_candidates_are_block_causal_with_the_diagonal_and_shared_within_a_group
         assert cand.diagonal(dim1=-2, dim2=-1).all() and not cand.triu(1).any()
     assert torch.equal(shared[:, 0], shared[:, 2]) and torch.equal(shared[:, 3], shared[:, 5])
     assert not torch.equal(own[:, 0], own[:, 1])
+    columns = bench.candidates(1, 6, 2, 9, 0.4, "columns", gen)
+    assert not columns.triu(1).any() and columns.diagonal(dim1=-2, dim2=-1).all()
+    assert torch.equal(columns[:, 0], columns[:, 2])
+    off_diagonal = columns & ~torch.eye(9, dtype=torch.bool)
+    # the same key blocks for every query block, up to its own
+    assert torch.equal(off_diagonal[0, 0, 8, :7].expand(7, 7).tril(-1), off_diagonal[0, 0, :7, :7])
 
 
 def test_every_configuration_is_checked_and_tabled(monkeypatch, tmp_path):
     out = tmp_path / "rerank.md"
     monkeypatch.setattr(sys, "argv", [
         "bench_rerank.py", "--n", "96", "--hq", "4", "--hkv", "2", "--d", "16", "--block", "16", "--rows", "4", "8",
-        "--share", "0.5", "--check-n", "70", "--reps", "1", "--warmup", "0", "--dtype", "fp16", "--out", str(out)])
+        "--share", "0.5", "--check-n", "70", "--reps", "1", "--warmup", "0", "--dtype", "fp16", "--layouts", "shared",
+        "columns", "--blocks-per-program", "1", "2", "--out", str(out)])
     bench.main()
     lines = out.read_text().splitlines()
     rows = [line.split(" | ") for line in lines if line.startswith("| 4 ") or line.startswith("| 8 ")]
     # rows x layouts x kernels (1:2 one head per program and two passes; 0:2 the kernel's choice, both heads of a
-    # group in 2 x 4 or 2 x 8 rows, two passes; 0:1 the same in one pass)
-    kernels = [("1", "16", "2"), ("2", "16", "2"), ("2", "16", "1")]
-    assert [(r[0], r[2], r[3], r[4], r[5]) for r in rows] == [
-        (f"| {rows_}", layout, *kernel) for rows_ in (4, 8) for layout in ("shared", "independent")
-        for kernel in kernels]
-    assert all(r[6] == "default" for r in rows)
+    # group in 2 x 4 or 2 x 8 rows, two passes; 0:1 the same in one pass) x query blocks a program (16 rows each)
+    kernels = [("1", "2"), ("2", "2"), ("2", "1")]
+    assert [(r[0], r[2], r[3], r[4], r[5], r[6]) for r in rows] == [
+        (f"| {rows_}", layout, heads, str(blocks), str(16 * blocks), passes) for rows_ in (4, 8)
+        for layout in ("shared", "columns") for heads, passes in kernels for blocks in (1, 2)]
+    assert all(r[7] == "default" for r in rows)
     assert all(float(r[-3]) < 1e-3 for r in rows)  # the check's max abs error
     assert all(r[-2:] == ["None", "None |"] for r in rows)  # no registers to report under the interpreter
     assert lines[0].startswith("Device: CPU")

@@ -240,6 +240,57 @@ def test_union_lists_pack_each_heads_membership_into_the_entries(b, hq, hkv, nb,
                 assert idx[bi, lst, r, :len(want)].tolist() == want
 
 
+@pytest.mark.parametrize("b,hq,hkv,nb,heads,blocks", [(1, 2, 2, 9, 1, 4), (2, 6, 2, 7, 3, 2), (1, 4, 4, 17, 1, 8)])
+def test_union_lists_over_several_query_blocks_pack_each_members_bits(b, hq, hkv, nb, heads, blocks):
+    """Group ``r`` of ``blocks`` query blocks: member ``g`` is block ``r * blocks + g // P'`` of the list's
+    ``g % P'``-th head (``P'`` the heads padded to a power of two), and lists the blocks at or before its own; a last
+    group past ``nb`` has members with no block."""
+    from seer.kernels.sampled_rows import union_lists
+
+    g = torch.Generator().manual_seed(nb + heads + blocks)
+    cand = torch.rand(b, hq, nb, nb, generator=g) < 0.3
+    idx, cnt = union_lists(cand.to(_device()), heads, blocks)
+    idx, cnt = idx.cpu(), cnt.cpu()
+    pp = 1 << (heads - 1).bit_length()
+    groups = math.ceil(nb / blocks)
+    assert tuple(cnt.shape) == (b, hq // heads, groups)
+    for bi in range(b):
+        for lst in range(hq // heads):
+            for r in range(groups):
+                want = []
+                for c in range(min(nb, r * blocks + blocks)):
+                    bits = 0
+                    for member in range(blocks * pp):
+                        head, blk = member % pp, r * blocks + member // pp
+                        if head < heads and blk < nb and c <= blk and cand[bi, lst * heads + head, blk, c]:
+                            bits |= 1 << member
+                    if bits:
+                        want.append(c << 8 | bits)
+                assert cnt[bi, lst, r].item() == len(want)
+                assert idx[bi, lst, r, :len(want)].tolist() == want
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", CASES)
+@pytest.mark.parametrize("passes", [1, 2])
+def test_several_query_blocks_a_program_give_the_loops_masses(b, hq, hkv, n, d, block, rows, passes):
+    """``blocks_per_program`` 2 and the most that fit (at most 8 members and 128 rows) give the float64 loops' masses
+    on every case: causal masks per row, short last blocks and a last group past the blocks."""
+    from seer.kernels.sampled_rows import program_layout
+
+    _, pp, rp = program_layout(hq // hkv, min(rows, block), block)
+    most = min(8 // pp, 128 // (pp * rp))
+    if most < 2:
+        pytest.skip(f"{pp} padded heads of {rp} rows fill a program")
+    q, k, cand, q64, k64 = _case(b, hq, hkv, n, d, block, seed=3 * n + rows)
+    want = _loops(q64, k64, cand, rows, block, d ** -0.5)
+    dev = _device()
+    for blocks in sorted({2, 1 << (most.bit_length() - 1)}):
+        got = sampled_rows_mass(q.to(dev), k.to(dev), cand.to(dev), rows, block, passes=passes,
+                                blocks_per_program=blocks)
+        torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4, msg=f"{blocks} blocks")
+        assert (got.cpu()[~cand] == 0).all()
+
+
 def test_sampled_offsets_spread_from_the_first_row_to_the_last():
     from seer.kernels.sampled_rows import sampled_offsets
 
@@ -259,10 +310,32 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand, 4, 16, heads_per_program=3)
     with pytest.raises(ValueError, match="passes must be 1 or 2, got 3"):
         sampled_rows_mass(q, k, cand, 4, 16, passes=3)
+    for blocks in (3, 8, 0, True):  # 2 heads of 8 rows: at most 4 blocks (8 members)
+        with pytest.raises(ValueError, match=f"blocks_per_program must be 1, 2, 4 or 8 with at most 4 here .*, got "
+                                             f"{blocks!r}"):
+            sampled_rows_mass(q, k, cand, 4, 16, blocks_per_program=blocks)
     with pytest.raises(ValueError, match="rows must be an integer >= 1, got 0"):
         sampled_rows_mass(q, k, cand, 0, 16)
     with pytest.raises(ValueError, match="block_size"):
         sampled_rows_mass(q, k, cand, 4, 24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks", [1, 2, 8])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_gpu_several_query_blocks_a_program_match_the_reference(blocks, passes):
+    """bf16 at 4k with a key head per query head (D 128, 64-token blocks, 16 rows), random candidates at 20%: 1, 2
+    and 8 query blocks a program."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 4096 + 33, 128, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 4, 4096 + 33, 128, generator=g).to(torch.bfloat16)
+    nb = math.ceil(q.shape[2] / 64)
+    cand = ((torch.rand(1, 4, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)) \
+        & torch.ones(nb, nb, dtype=torch.bool).tril()
+    want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), 16, 64)
+    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), 16, 64, passes=passes, blocks_per_program=blocks)
+    assert (got - want).abs().max().item() < 1e-2
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
