@@ -95,6 +95,14 @@ job kfinish 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_
   experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 1.0 --layouts shared \
   --out $w/out/kfinish/bench_rerank_\${t%%:*}.md || exit 1; done && cd $snap && python3 -m experiments.bench_prefill \
   --model qwen2_5_coder_0_5b --seq 32768 --rerank-rows 0 16 --out $w/out/kfinish/bench_prefill_qwen.md"
+# several query blocks a program (blocks_per_program, opt-in, commit 94d1de3) at the 8B shapes where a program holds
+# few rows: a key head per query head (issue 21's benchmark shape, 16 rows a program otherwise) and Llama-3's 32:8,
+# with candidates drawn per block (shared: the union of a program's blocks grows) and as columns (vertical lines: it
+# does not); its GPU test first
+job kblocks 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py -k several && \
+  for h in 32:32 32:8; do python3 -m experiments.bench_rerank --hq \${h%:*} --hkv \${h#*:} --d 128 --kernels 0:1 \
+    --rows 16 --share 0.3 1.0 --layouts shared columns --blocks-per-program 1 2 4 8 \
+    --out $w/out/kblocks/bench_rerank_\${h/:/_}.md || exit 1; done"
 # what the rerank loop waits on: Nsight Compute's stall reasons per SASS instruction (16 rows, share 0.7, Qwen's
 # shape), and the kernel at the 8B shapes with fewer query heads a key head (32:32 as issue 21's benchmark, 32:8 as
 # Llama-3), where a program holds 16 or 64 sampled rows (docs/bench_rerank.md, last section)
