@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from seer.kernels import reference
-from seer.kernels.sampled_rows import sampled_rows_mass
+from seer.kernels.sampled_rows import program_layout, sampled_rows_mass
 
 CASES = [  # b, hq, hkv, n, d, block, rows
     (1, 2, 1, 100, 16, 16, 4),  # G = 2, a short last block (4 tokens) holding one of the sampled rows
@@ -198,7 +198,6 @@ def test_a_key_tile_width_that_is_not_16_32_or_64_is_named(monkeypatch):
 
 
 def test_program_layout_fills_at_most_128_rows():
-    from seer.kernels.sampled_rows import program_layout
     assert program_layout(7, 16, 64) == (7, 8, 16)  # 8 x 16 rows with a padding head
     assert program_layout(7, 8, 64) == (7, 8, 8)
     assert program_layout(7, 32, 64) == (1, 1, 32)  # 7 heads do not fit; 7 is prime
@@ -270,17 +269,18 @@ def test_union_lists_over_several_query_blocks_pack_each_members_bits(b, hq, hkv
                 assert idx[bi, lst, r, :len(want)].tolist() == want
 
 
-@pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", CASES)
+def _most_blocks(hq, hkv, block, rows):
+    """The most query blocks a program holds at the kernel's head layout (at most 8 members and 128 rows)."""
+    _, pp, rp = program_layout(hq // hkv, min(rows, block), block)
+    return min(8 // pp, 128 // (pp * rp))
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,block,rows", [c for c in CASES if _most_blocks(c[1], c[2], c[5], c[6]) >= 2])
 @pytest.mark.parametrize("passes", [1, 2])
 def test_several_query_blocks_a_program_give_the_loops_masses(b, hq, hkv, n, d, block, rows, passes):
-    """``blocks_per_program`` 2 and the most that fit (at most 8 members and 128 rows) give the float64 loops' masses
-    on every case: causal masks per row, short last blocks and a last group past the blocks."""
-    from seer.kernels.sampled_rows import program_layout
-
-    _, pp, rp = program_layout(hq // hkv, min(rows, block), block)
-    most = min(8 // pp, 128 // (pp * rp))
-    if most < 2:
-        pytest.skip(f"{pp} padded heads of {rp} rows fill a program")
+    """``blocks_per_program`` 2 and the most that fit give the float64 loops' masses on every case whose head layout
+    leaves room for two: causal masks per row, short last blocks and a last group past the blocks."""
+    most = _most_blocks(hq, hkv, block, rows)
     q, k, cand, q64, k64 = _case(b, hq, hkv, n, d, block, seed=3 * n + rows)
     want = _loops(q64, k64, cand, rows, block, d ** -0.5)
     dev = _device()
