@@ -320,22 +320,26 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand, 4, 24)
 
 
+def _gpu_bf16_close_to_reference(hq, hkv, d, rows, seed, **kwargs):
+    """The kernel in bf16 at 4k (64-token blocks, random candidates at 20%) against the float32 reference."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, 4096 + 33, d, generator=g).to(torch.bfloat16).cuda()
+    k = torch.randn(1, hkv, 4096 + 33, d, generator=g).to(torch.bfloat16).cuda()
+    nb = math.ceil(q.shape[2] / 64)
+    cand = (((torch.rand(1, hq, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool))
+            & torch.ones(nb, nb, dtype=torch.bool).tril()).cuda()
+    want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, 64)
+    got = sampled_rows_mass(q, k, cand, rows, 64, **kwargs)
+    assert (got - want).abs().max().item() < 1e-2
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocks", [1, 2, 8])
 @pytest.mark.parametrize("passes", [1, 2])
 def test_gpu_several_query_blocks_a_program_match_the_reference(blocks, passes):
-    """bf16 at 4k with a key head per query head (D 128, 64-token blocks, 16 rows), random candidates at 20%: 1, 2
-    and 8 query blocks a program."""
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 4, 4096 + 33, 128, generator=g).to(torch.bfloat16)
-    k = torch.randn(1, 4, 4096 + 33, 128, generator=g).to(torch.bfloat16)
-    nb = math.ceil(q.shape[2] / 64)
-    cand = ((torch.rand(1, 4, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)) \
-        & torch.ones(nb, nb, dtype=torch.bool).tril()
-    want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), 16, 64)
-    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), 16, 64, passes=passes, blocks_per_program=blocks)
-    assert (got - want).abs().max().item() < 1e-2
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    """A key head per query head (D 128, 16 rows): 1, 2 and 8 query blocks a program."""
+    _gpu_bf16_close_to_reference(4, 4, 128, 16, seed=1, passes=passes, blocks_per_program=blocks)
 
 
 @pytest.mark.gpu
@@ -349,13 +353,4 @@ def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, bloc
 
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
     monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 14, 4096 + 33, 64, generator=g).to(torch.bfloat16)
-    k = torch.randn(1, 2, 4096 + 33, 64, generator=g).to(torch.bfloat16)
-    nb = math.ceil(q.shape[2] / 64)
-    cand = ((torch.rand(1, 14, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)) \
-        & torch.ones(nb, nb, dtype=torch.bool).tril()
-    want = reference.sampled_rows_mass(q.cuda().float(), k.cuda().float(), cand.cuda(), rows, 64)
-    got = sampled_rows_mass(q.cuda(), k.cuda(), cand.cuda(), rows, 64, passes=passes)
-    assert (got - want).abs().max().item() < 1e-2
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    _gpu_bf16_close_to_reference(14, 2, 64, rows, seed=0, passes=passes)
