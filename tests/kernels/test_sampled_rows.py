@@ -320,8 +320,9 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand, 4, 24)
 
 
-def _gpu_bf16_close_to_reference(hq, hkv, d, rows, seed, **kwargs):
-    """The kernel in bf16 at 4k (64-token blocks, random candidates at 20%) against the float32 reference."""
+def _gpu_bf16_errors(hq, hkv, d, rows, seed, **kwargs):
+    """The kernel in bf16 at 4k (64-token blocks, random candidates at 20%) against the float32 reference: its
+    largest absolute and its relative (norm) error."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, hq, 4096 + 33, d, generator=g).to(torch.bfloat16).cuda()
     k = torch.randn(1, hkv, 4096 + 33, d, generator=g).to(torch.bfloat16).cuda()
@@ -330,8 +331,7 @@ def _gpu_bf16_close_to_reference(hq, hkv, d, rows, seed, **kwargs):
             & torch.ones(nb, nb, dtype=torch.bool).tril()).cuda()
     want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, 64)
     got = sampled_rows_mass(q, k, cand, rows, 64, **kwargs)
-    assert (got - want).abs().max().item() < 1e-2
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    return (got - want).abs().max().item(), ((got - want).norm() / want.norm()).item()
 
 
 @pytest.mark.gpu
@@ -339,7 +339,8 @@ def _gpu_bf16_close_to_reference(hq, hkv, d, rows, seed, **kwargs):
 @pytest.mark.parametrize("passes", [1, 2])
 def test_gpu_several_query_blocks_a_program_match_the_reference(blocks, passes):
     """A key head per query head (D 128, 16 rows): 1, 2 and 8 query blocks a program."""
-    _gpu_bf16_close_to_reference(4, 4, 128, 16, seed=1, passes=passes, blocks_per_program=blocks)
+    largest, relative = _gpu_bf16_errors(4, 4, 128, 16, seed=1, passes=passes, blocks_per_program=blocks)
+    assert largest < 1e-2 and relative < 1e-2
 
 
 @pytest.mark.gpu
@@ -353,4 +354,5 @@ def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, bloc
 
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
     monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
-    _gpu_bf16_close_to_reference(14, 2, 64, rows, seed=0, passes=passes)
+    largest, relative = _gpu_bf16_errors(14, 2, 64, rows, seed=0, passes=passes)
+    assert largest < 1e-2 and relative < 1e-2
