@@ -2,8 +2,9 @@
 
 A variant is a list layout (``row``: ``BLOCK_M`` = 64 query rows per program; ``pair``: 128) and a launch config
 forced with :func:`seer.kernels.tuning.force_config`: ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA`` (Q, K,
-V and the output through tensor descriptors), 19 in all, plus the launch table's default per layout (autotuning
-off): 21 variants. (A warp-specialised single-loop variant, ``WARP_SPEC``, was removed after the H200 run of
+V and the output through tensor descriptors) and ``STEP_ENTRIES`` (``x2``: two list entries a step, one online-softmax
+rescale for both), 28 in all, plus the launch table's default per layout (autotuning off): 30 variants; ``--only``
+picks some by name. (A warp-specialised single-loop variant, ``WARP_SPEC``, was removed after the H200 run of
 docs/bench_hopper.md: it gave NaN or wrong outputs there.)
 
 Per variant, in one process (every line printed as it comes, so a run cut short still shows what was done):
@@ -43,32 +44,40 @@ from seer.kernels.bench import env_info, fmt, ms, tflops
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.tuning import force_config, last_launch, set_autotune
 
-FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA")
+FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "STEP_ENTRIES")
 BLOCK = 64
 D = 128
 
 
-def variants() -> list[tuple[str, dict | None]]:
+def variants(only: list[str] | None = None) -> list[tuple[str, dict | None]]:
     """``(layout, config)`` pairs; config None is the launch table's default (the explicit grid repeats it once
     per layout: two timings of one kernel show the noise). Per layout: plain loads and the copy engine, over tile
     widths, warps and pipeline depths; pruned by ``--compile-only`` on sm_90 (pair tiles with 4 warps and 64-wide
     key tiles spill)."""
     grids = {
-        "row": [(64, 4, 2, False), (64, 4, 3, False), (64, 8, 3, False), (32, 4, 3, False),
-                (64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True), (64, 8, 2, True), (64, 8, 3, True),
-                (32, 4, 3, True), (32, 8, 3, True)],
-        "pair": [(64, 8, 2, False), (64, 8, 3, False), (32, 8, 3, False),
-                 (64, 8, 2, True), (64, 8, 3, True), (64, 8, 4, True), (32, 8, 3, True), (32, 4, 3, True)],
+        "row": [(64, 4, 2, False, 1), (64, 4, 3, False, 1), (64, 8, 3, False, 1), (32, 4, 3, False, 1),
+                (64, 4, 2, True, 1), (64, 4, 3, True, 1), (64, 4, 4, True, 1), (64, 8, 2, True, 1),
+                (64, 8, 3, True, 1), (32, 4, 3, True, 1), (32, 8, 3, True, 1),
+                (64, 4, 1, True, 1), (64, 4, 1, True, 2), (64, 4, 2, True, 2), (64, 4, 3, True, 2),
+                (64, 4, 2, False, 2)],
+        "pair": [(64, 8, 2, False, 1), (64, 8, 3, False, 1), (32, 8, 3, False, 1),
+                 (64, 8, 2, True, 1), (64, 8, 3, True, 1), (64, 8, 4, True, 1), (32, 8, 3, True, 1),
+                 (32, 4, 3, True, 1), (64, 8, 1, True, 2), (64, 8, 2, True, 2), (64, 8, 3, True, 2),
+                 (64, 8, 3, False, 2)],
     }
-    return [(layout, config) for layout, grid in grids.items()
-            for config in [None] + [dict(zip(FIELDS, g)) for g in grid]]
+    every = [(layout, config) for layout, grid in grids.items()
+             for config in [None] + [dict(zip(FIELDS, g)) for g in grid]]
+    unknown = sorted(set(only or ()) - {name(*v) for v in every})
+    if unknown:
+        raise SystemExit(f"--only: no variant {unknown}; variants: {[name(*v) for v in every]}")
+    return [v for v in every if only is None or name(*v) in only]
 
 
 def name(layout: str, config: dict | None) -> str:
     if config is None:
         return f"{layout} table default"
     return (f"{layout} BN{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
-            f"{' tma' if config['USE_TMA'] else ''}")
+            f"{' tma' if config['USE_TMA'] else ''}{' x2' if config['STEP_ENTRIES'] == 2 else ''}")
 
 
 def launch(layout: str, config: dict | None, fn):
@@ -137,7 +146,7 @@ def sweep(args) -> dict:
             "cudnn": ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), rep_ms=150, min_runs=3)}
     print(f"N={n}: SDPA flash {base['flash']:.3f} ms, cuDNN {base['cudnn']:.3f} ms", flush=True)
     rows = []
-    for layout, config in variants():
+    for layout, config in variants(args.only):
         row = {"variant": name(layout, config), "layout": layout, "config": config}
         rows.append(row)
         if time.time() - t0 > args.budget_s:
@@ -213,7 +222,7 @@ def report(res: dict, info: dict, cmd: str, densities: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile_only() -> None:
+def compile_only(only: list[str] | None) -> None:
     """Every variant compiled for sm_90 (no GPU needed): ptxas registers/spills, shared memory, HGMMA count."""
     from compile_stats import compile_sm90, ptxas_stats
 
@@ -221,13 +230,13 @@ def compile_only() -> None:
     ptr = {p: "*bf16" for p in ("Q", "K", "V", "Out")}
     ptr.update(Lse="*fp32", Idx="*i32", Cnt="*i32", Order="*i32", Cu="*i32")
     print("| variant | regs | spill B | smem B | HGMMA |\n|---|---|---|---|---|", flush=True)
-    for layout, variant in variants():
+    for layout, variant in variants(only):
         pair = layout == "pair"
         config = variant or bs._default_config((D, BLOCK, pair))
         title = name(layout, config) + (" (table default)" if variant is None else "")
         const = dict(HEAD_DIM=D, MASK_BLOCK=BLOCK, BLOCK_M=2 * BLOCK if pair else BLOCK, PAIR=pair,
                      DOT_PRECISION="tf32", INTERP=False, SORTED=False, VARLEN=False, BLOCK_N=config["BLOCK_N"],
-                     USE_TMA=config["USE_TMA"])
+                     USE_TMA=config["USE_TMA"], STEP_ENTRIES=config["STEP_ENTRIES"])
         try:
             kernel = compile_sm90(bs._bs_attn_fwd_kernel, ptr, const, config["num_warps"], config["num_stages"])
             s = ptxas_stats(kernel)
@@ -244,9 +253,12 @@ def main() -> None:
                     help="seconds from the start after which the variants left are skipped")
     ap.add_argument("--out-dir", default=None, help="also write bench_hopper.md and bench_hopper.json here")
     ap.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 (no GPU needed)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="only these variants, by name as the table writes them ('row table default', 'row BN64 "
+                         "w4 s2 tma x2', ...)")
     args = ap.parse_args()
     if args.compile_only:
-        compile_only()
+        compile_only(args.only)
         return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --compile-only)")

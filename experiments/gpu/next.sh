@@ -95,6 +95,13 @@ job kfinish 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_
   experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 1.0 --layouts shared \
   --out $w/out/kfinish/bench_rerank_\${t%%:*}.md || exit 1; done && cd $snap && python3 -m experiments.bench_prefill \
   --model qwen2_5_coder_0_5b --seq 32768 --rerank-rows 0 16 --out $w/out/kfinish/bench_prefill_qwen.md"
+# the block-sparse forward with two list entries a step (STEP_ENTRIES=2: one online-softmax rescale for two key
+# tiles, as a 128-wide tile without the blocks being adjacent; issue 21's 550 TF/s at density 0.1), its GPU tests
+# first, then timed beside each layout's default at 32k (docs/bench_hopper.md)
+job khopper 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_block_sparse.py -k hopper_variants && \
+  python3 experiments/bench_hopper.py --out-dir $w/out/khopper --only 'row table default' 'row BN64 w4 s1 tma' \
+  'row BN64 w4 s1 tma x2' 'row BN64 w4 s2 tma x2' 'row BN64 w4 s3 tma x2' 'row BN64 w4 s2 x2' 'pair table default' \
+  'pair BN64 w8 s3 tma' 'pair BN64 w8 s1 tma x2' 'pair BN64 w8 s2 tma x2' 'pair BN64 w8 s3 tma x2' 'pair BN64 w8 s3 x2'"
 # several query blocks a program (blocks_per_program, opt-in, commit 94d1de3) at the 8B shapes where a program holds
 # few rows: a key head per query head (issue 21's benchmark shape, 16 rows a program otherwise) and Llama-3's 32:8,
 # with candidates drawn per block (shared: the union of a program's blocks grows) and as columns (vertical lines: it
