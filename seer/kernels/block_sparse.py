@@ -51,7 +51,9 @@ after another so that concurrently running programs share a head's K/V in L2.
 
 Hopper path (compile-time switches, chosen by the launch table on devices of capability >= 9): ``USE_TMA`` moves
 the Q, K, V tiles in and the output tile out with the copy engine (tensor descriptors over one head's ``[N, D]``
-rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks).
+rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks). ``STEP_ENTRIES=2`` (opt-in,
+one key tile an entry) walks the off-diagonal entries two a step: two ``q k^T`` tiles, one running-max update and one
+rescale of ``acc`` for both, as a key tile twice as wide would, though the two blocks need not be adjacent.
 
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
