@@ -2,10 +2,10 @@
 
 A variant is a list layout (``row``: ``BLOCK_M`` = 64 query rows per program; ``pair``: 128) and a launch config
 forced with :func:`seer.kernels.tuning.force_config`: ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA`` (Q, K,
-V and the output through tensor descriptors) and ``STEP_ENTRIES`` (``x2``: two list entries a step, one online-softmax
-rescale for both), 28 in all, plus the launch table's default per layout (autotuning off): 30 variants; ``--only``
-picks some by name. (A warp-specialised single-loop variant, ``WARP_SPEC``, was removed after the H200 run of
-docs/bench_hopper.md: it gave NaN or wrong outputs there.)
+V and the output through tensor descriptors), 26 in all, plus the launch table's default per layout (autotuning off):
+28 variants; ``--only`` picks some by name, ``--d`` sets the head dim. (A warp-specialised single-loop variant,
+``WARP_SPEC``, was removed after the H200 run of docs/bench_hopper.md: it gave NaN or wrong outputs there; two list
+entries a step, ``STEP_ENTRIES``, after an H100 run: slower everywhere.)
 
 Per variant, in one process (every line printed as it comes, so a run cut short still shows what was done):
 
@@ -44,9 +44,10 @@ from seer.kernels.bench import env_info, fmt, ms, tflops
 from seer.kernels.block_sparse import block_sparse_attn, block_sparse_attn_indexed, build_block_index
 from seer.kernels.tuning import force_config, last_launch, set_autotune
 
-FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "STEP_ENTRIES")
+FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA")
 BLOCK = 64
 D = 128
+"""Head dim of the sweep (``--d``: 64 for Qwen2.5-0.5B's shape)."""
 
 
 def variants(only: list[str] | None = None) -> list[tuple[str, dict | None]]:
@@ -55,15 +56,13 @@ def variants(only: list[str] | None = None) -> list[tuple[str, dict | None]]:
     widths, warps and pipeline depths; pruned by ``--compile-only`` on sm_90 (pair tiles with 4 warps and 64-wide
     key tiles spill)."""
     grids = {
-        "row": [(64, 4, 2, False, 1), (64, 4, 3, False, 1), (64, 8, 3, False, 1), (32, 4, 3, False, 1),
-                (64, 4, 2, True, 1), (64, 4, 3, True, 1), (64, 4, 4, True, 1), (64, 8, 2, True, 1),
-                (64, 8, 3, True, 1), (32, 4, 3, True, 1), (32, 8, 3, True, 1),
-                (64, 4, 1, True, 1), (64, 4, 1, True, 2), (64, 4, 2, True, 2), (64, 4, 3, True, 2),
-                (64, 4, 2, False, 2)],
-        "pair": [(64, 8, 2, False, 1), (64, 8, 3, False, 1), (32, 8, 3, False, 1),
-                 (64, 8, 2, True, 1), (64, 8, 3, True, 1), (64, 8, 4, True, 1), (32, 8, 3, True, 1),
-                 (32, 4, 3, True, 1), (64, 8, 1, True, 2), (64, 8, 2, True, 2), (64, 8, 3, True, 2),
-                 (64, 8, 3, False, 2)],
+        "row": [(64, 4, 2, False), (64, 4, 3, False), (64, 8, 3, False), (32, 4, 3, False),
+                (64, 4, 1, True), (64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True), (64, 8, 2, True),
+                (64, 8, 3, True), (32, 4, 3, True), (32, 8, 3, True), (64, 4, 1, False), (64, 8, 1, True),
+                (32, 4, 1, True)],
+        "pair": [(64, 8, 2, False), (64, 8, 3, False), (32, 8, 3, False),
+                 (64, 8, 2, True), (64, 8, 3, True), (64, 8, 4, True), (32, 8, 3, True), (32, 4, 3, True),
+                 (64, 8, 1, True), (64, 8, 1, False), (32, 8, 1, True)],
     }
     every = [(layout, config) for layout, grid in grids.items()
              for config in [None] + [dict(zip(FIELDS, g)) for g in grid]]
@@ -77,7 +76,7 @@ def name(layout: str, config: dict | None) -> str:
     if config is None:
         return f"{layout} table default"
     return (f"{layout} BN{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
-            f"{' tma' if config['USE_TMA'] else ''}{' x2' if config['STEP_ENTRIES'] == 2 else ''}")
+            f"{' tma' if config['USE_TMA'] else ''}")
 
 
 def launch(layout: str, config: dict | None, fn):
@@ -113,11 +112,11 @@ def check(layout: str, config: dict | None, data: dict) -> str:
     return f"ref {err:.1e}, sdpa {err1:.1e}"
 
 
-def check_inputs(n: int = 4096, h: int = 16) -> dict:
+def check_inputs(d: int, n: int = 4096, h: int = 16) -> dict:
     from bench_sparse import DEV, sdpa
     from torch.nn.attention import SDPBackend
     gen = torch.Generator(device=DEV).manual_seed(1)
-    qkv = tuple(torch.randn(1, h, n, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    qkv = tuple(torch.randn(1, h, n, d, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
     nb = n // BLOCK
     mask = torch.rand(1, h, nb, nb, device=DEV, generator=gen) < 0.2
     mask[:, :, torch.arange(nb), torch.arange(nb)] = True
@@ -134,9 +133,10 @@ def sweep(args) -> dict:
     from bench_sparse import density_of, make_qkv, sdpa, select, structured_scores
     from torch.nn.attention import SDPBackend
     t0 = time.time()
-    data = check_inputs()
+    d = args.d
+    data = check_inputs(d)
     n, h = args.n, 32
-    q, k, v = make_qkv(n, h, D)
+    q, k, v = make_qkv(n, h, d)
     scores = structured_scores(1, h, n // BLOCK)
     masks = {dens: select(scores, dens) for dens in args.densities}
     real = {dens: density_of(m) for dens, m in masks.items()}
@@ -174,10 +174,10 @@ def sweep(args) -> dict:
                 times.append(f"density {dens} FAILED {row[f'error_{dens}']}")
                 continue
             row[str(dens)] = t
-            times.append(f"density {dens} {t:.3f} ms ({tflops(n, h, D, t) * real[dens]:.0f} TF/s)")
+            times.append(f"density {dens} {t:.3f} ms ({tflops(n, h, d, t) * real[dens]:.0f} TF/s)")
         print(f"{label(row)}: check {row['check']}; regs {row['regs']}, spills {row['spills']}; "
               + "; ".join(times), flush=True)
-    return {"rows": rows, "base": base, "real_density": real, "n": n, "h": h, "seconds": time.time() - t0}
+    return {"rows": rows, "base": base, "real_density": real, "n": n, "h": h, "d": d, "seconds": time.time() - t0}
 
 
 def label(row: dict) -> str:
@@ -188,10 +188,10 @@ def label(row: dict) -> str:
 
 
 def report(res: dict, info: dict, cmd: str, densities: list[float]) -> str:
-    n, h, real = res["n"], res["h"], res["real_density"]
+    n, h, d, real = res["n"], res["h"], res["d"], res["real_density"]
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
              f"cuDNN {info['cudnn']}; {info['date']}.", "", f"Command: `{cmd}`", "",
-             f"Block-sparse forward at N {n}, B 1, {h} heads, D {D}, bf16, causal, {BLOCK}-token blocks. ms: median "
+             f"Block-sparse forward at N {n}, B 1, {h} heads, D {d}, bf16, causal, {BLOCK}-token blocks. ms: median "
              "of CUDA-event-timed runs; TF/s on kept work (2 B H N^2 D x real density / time). `row`: BLOCK_M 64, "
              "`pair`: BLOCK_M 128 (lists of pairs of query blocks). `tma`: Q/K/V/out through tensor descriptors. "
              "regs/spills: of the compiled kernel.", ""]
@@ -204,7 +204,7 @@ def report(res: dict, info: dict, cmd: str, densities: list[float]) -> str:
                  str(r.get("regs", "-")), str(r.get("spills", "-"))]
         for dens in densities:
             t = r.get(str(dens))
-            cells += [fmt(t), "-" if t is None else f"{tflops(n, h, D, t) * real[dens]:.0f}"]
+            cells += [fmt(t), "-" if t is None else f"{tflops(n, h, d, t) * real[dens]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for dens in densities:
@@ -213,16 +213,16 @@ def report(res: dict, info: dict, cmd: str, densities: list[float]) -> str:
             best = min(timed, key=lambda r: r[str(dens)])
             t = best[str(dens)]
             lines.append(f"- best at density {dens}: `{label(best)}` {t:.3f} ms "
-                         f"({tflops(n, h, D, t) * real[dens]:.0f} TF/s on kept work); "
+                         f"({tflops(n, h, d, t) * real[dens]:.0f} TF/s on kept work); "
                          f"{res['base']['flash'] / t:.2f}x SDPA flash, {res['base']['cudnn'] / t:.2f}x cuDNN")
     for k in ("flash", "cudnn"):
         t = res["base"][k]
-        lines.append(f"- SDPA {k} (dense causal): {t:.3f} ms ({tflops(n, h, D, t):.0f} TF/s)")
+        lines.append(f"- SDPA {k} (dense causal): {t:.3f} ms ({tflops(n, h, d, t):.0f} TF/s)")
     lines.append(f"- total {res['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
-def compile_only(only: list[str] | None) -> None:
+def compile_only(only: list[str] | None, d: int) -> None:
     """Every variant compiled for sm_90 (no GPU needed): ptxas registers/spills, shared memory, HGMMA count."""
     from compile_stats import compile_sm90, ptxas_stats
 
@@ -232,11 +232,11 @@ def compile_only(only: list[str] | None) -> None:
     print("| variant | regs | spill B | smem B | HGMMA |\n|---|---|---|---|---|", flush=True)
     for layout, variant in variants(only):
         pair = layout == "pair"
-        config = variant or bs._default_config((D, BLOCK, pair))
+        config = variant or bs._default_config((d, BLOCK, pair))
         title = name(layout, config) + (" (table default)" if variant is None else "")
-        const = dict(HEAD_DIM=D, MASK_BLOCK=BLOCK, BLOCK_M=2 * BLOCK if pair else BLOCK, PAIR=pair,
+        const = dict(HEAD_DIM=d, MASK_BLOCK=BLOCK, BLOCK_M=2 * BLOCK if pair else BLOCK, PAIR=pair,
                      DOT_PRECISION="tf32", INTERP=False, SORTED=False, VARLEN=False, BLOCK_N=config["BLOCK_N"],
-                     USE_TMA=config["USE_TMA"], STEP_ENTRIES=config["STEP_ENTRIES"])
+                     USE_TMA=config["USE_TMA"])
         try:
             kernel = compile_sm90(bs._bs_attn_fwd_kernel, ptr, const, config["num_warps"], config["num_stages"])
             s = ptxas_stats(kernel)
@@ -248,6 +248,7 @@ def compile_only(only: list[str] | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32768, help="sequence length of the timing (a multiple of 128)")
+    ap.add_argument("--d", type=int, default=D, choices=[64, 128], help="head dim")
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="seconds from the start after which the variants left are skipped")
@@ -255,10 +256,10 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 (no GPU needed)")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="only these variants, by name as the table writes them ('row table default', 'row BN64 "
-                         "w4 s2 tma x2', ...)")
+                         "w4 s1 tma', ...)")
     args = ap.parse_args()
     if args.compile_only:
-        compile_only(args.only)
+        compile_only(args.only, args.d)
         return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --compile-only)")

@@ -51,9 +51,7 @@ after another so that concurrently running programs share a head's K/V in L2.
 
 Hopper path (compile-time switches, chosen by the launch table on devices of capability >= 9): ``USE_TMA`` moves
 the Q, K, V tiles in and the output tile out with the copy engine (tensor descriptors over one head's ``[N, D]``
-rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks). ``STEP_ENTRIES=2`` (opt-in,
-one key tile an entry) walks the off-diagonal entries two a step: two ``q k^T`` tiles, one running-max update and one
-rescale of ``acc`` for both, as a key tile twice as wide would, though the two blocks need not be adjacent.
+rows: reads past ``N`` are zero-filled, writes past ``N`` dropped, so no bounds masks).
 
 Packed sequences (``VARLEN``, :func:`block_sparse_attn_varlen`): the "batch" index ``b`` is a sequence of one packed
 row, the tokens ``[Cu[b], Cu[b + 1])``; the batch strides are 0 and every pointer starts at token ``Cu[b]``, so the
@@ -146,55 +144,6 @@ def _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs
 
 
 @triton.jit
-def _bs_entries2(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_n, offs_d, stride_kn, stride_vn,
-                 qk_scale, PAIR: tl.constexpr, MASK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 USE_TMA: tl.constexpr):
-    """Off-diagonal list entries ``t`` and ``t + 1`` (one key tile each: ``BLOCK_N == MASK_BLOCK``) with one
-    online-softmax step: the running max, ``alpha`` and the rescale of ``acc`` are paid once for both tiles, as in
-    a ``2 * MASK_BLOCK``-wide key tile, though the two blocks need not be adjacent."""
-    ea = tl.load(idx_ptr + t)
-    eb = tl.load(idx_ptr + t + 1)
-    if PAIR:
-        ka_start = (ea >> 2) * MASK_BLOCK
-        kb_start = (eb >> 2) * MASK_BLOCK
-        sel_a = tl.where(is_top, (ea & 1) != 0, (ea & 2) != 0)
-        sel_b = tl.where(is_top, (eb & 1) != 0, (eb & 2) != 0)
-    else:
-        ka_start = ea * MASK_BLOCK
-        kb_start = eb * MASK_BLOCK
-    if USE_TMA:
-        kta = tl.trans(k_base.load([ka_start, 0]))
-        ktb = tl.trans(k_base.load([kb_start, 0]))
-    else:
-        kta = tl.load(k_base + (ka_start + offs_n)[None, :] * stride_kn + offs_d[:, None])
-        ktb = tl.load(k_base + (kb_start + offs_n)[None, :] * stride_kn + offs_d[:, None])
-    sa = tl.dot(q, kta, input_precision=DOT_PRECISION)
-    sb = tl.dot(q, ktb, input_precision=DOT_PRECISION)
-    if PAIR:
-        sa = tl.where(sel_a[:, None], sa, float("-inf"))
-        sb = tl.where(sel_b[:, None], sb, float("-inf"))
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(sa, 1), tl.max(sb, 1)) * qk_scale)
-    if PAIR:  # a row of a half that selected neither block (nor any before): keep exp2 away from (-inf) - (-inf)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    pa = tl.math.exp2(sa * qk_scale - m_use[:, None])
-    pb = tl.math.exp2(sb * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + (tl.sum(pa, 1) + tl.sum(pb, 1))
-    acc = acc * alpha[:, None]
-    if USE_TMA:
-        va = v_base.load([ka_start, 0])
-        vb = v_base.load([kb_start, 0])
-    else:
-        va = tl.load(v_base + (ka_start + offs_n)[:, None] * stride_vn + offs_d[None, :])
-        vb = tl.load(v_base + (kb_start + offs_n)[:, None] * stride_vn + offs_d[None, :])
-    acc = tl.dot(pa.to(va.dtype), va, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _bs_attn_fwd_kernel(
     Q, K, V, Out, Lse, Idx, Cnt, Order, Cu,
     qk_scale,
@@ -208,7 +157,7 @@ def _bs_attn_fwd_kernel(
     N, HQ, N_ROWPROG, GROUP, MASK_GROUP,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP: tl.constexpr, USE_TMA: tl.constexpr,
-    SORTED: tl.constexpr, VARLEN: tl.constexpr, STEP_ENTRIES: tl.constexpr,
+    SORTED: tl.constexpr, VARLEN: tl.constexpr,
 ):
     if SORTED:  # a 1-d grid over Order: (batch x head, row program) packed (heaviest first, or varlen's real ones)
         packed = tl.load(Order + tl.program_id(0))
@@ -270,27 +219,8 @@ def _bs_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    t = 0
-    if STEP_ENTRIES == 2:  # the off-diagonal entries two a step; an odd count leaves one for the loop below
-        tl.static_assert(BLOCK_N == MASK_BLOCK, "two entries a step need one key tile an entry")
-        if INTERP:
-            while t + 1 < n_off:
-                acc, l_i, m_i = _bs_entries2(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_n, offs_d,
-                                             stride_kn, stride_vn, qk_scale, PAIR, MASK_BLOCK, DOT_PRECISION,
-                                             USE_TMA)
-                t += 2
-        else:
-            for s in range(0, n_off // 2):
-                acc, l_i, m_i = _bs_entries2(acc, l_i, m_i, q, k_base, v_base, idx_ptr, 2 * s, is_top, offs_n,
-                                             offs_d, stride_kn, stride_vn, qk_scale, PAIR, MASK_BLOCK,
-                                             DOT_PRECISION, USE_TMA)
-            t = n_off - n_off % 2
-        while t < n_off:
-            acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
-                                      offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
-                                      DOT_PRECISION, USE_TMA)
-            t += 1
-    elif INTERP:  # run-time loop bound: see seer.kernels.common
+    if INTERP:  # run-time loop bound: see seer.kernels.common
+        t = 0
         while t < n_off:
             acc, l_i, m_i = _bs_entry(acc, l_i, m_i, q, k_base, v_base, idx_ptr, t, is_top, offs_m, offs_n,
                                       offs_d, stride_kn, stride_vn, N, qk_scale, False, PAIR, MASK_BLOCK, BLOCK_N,
@@ -336,25 +266,33 @@ def _bs_attn_fwd_kernel(
 # wrong outputs on the H200, and its correct configs were 1.8x-2.3x slower than the row default.
 # ----------------------------------------------------------------------------------------------------------
 
-FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA", "STEP_ENTRIES")
+FIELDS = ("BLOCK_N", "num_warps", "num_stages", "USE_TMA")
 
 _H100_CONFIGS: dict[tuple[int, int, bool], dict] = {
     # H100: 19.5 ms (451 TF/s) dense, 2.14 ms at density 0.1
-    (128, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, STEP_ENTRIES=1),
+    (128, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),
     # H100: 19.1 ms dense, 3.15 ms at density 0.1 (lists of pairs are longer)
-    (128, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=False, STEP_ENTRIES=1),
+    (128, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=False),
     # H100: 18.7 ms (471 TF/s) dense, 2.05 ms at density 0.1
-    (128, 128, False): dict(BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=False, STEP_ENTRIES=1),
+    (128, 128, False): dict(BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=False),
     # H100: 10.0 ms dense, 1.20 ms at density 0.1
-    (64, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, STEP_ENTRIES=1),
-    (64, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True, STEP_ENTRIES=1),
+    (64, 64, False): dict(BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True),
+    (64, 64, True): dict(BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True),
     # H100: 9.9 ms dense, 1.22 ms at density 0.1
-    (64, 128, False): dict(BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=True, STEP_ENTRIES=1),
+    (64, 128, False): dict(BLOCK_N=64, num_warps=8, num_stages=2, USE_TMA=True),
 }
 
 # what the Hopper candidate changes in a key's default: the copy engine (a second candidate only where the default
 # has USE_TMA off: at D 128 the pair layout and 128-token blocks, and the keys outside the table)
 HOPPER_VARIANTS: tuple[dict, ...] = (dict(USE_TMA=True),)
+
+# keys whose default on Hopper differs from the table's: no software pipelining (num_stages 1) with the copy engine
+# holds a third of the shared memory, so four programs share an SM instead of two. H100, 2026-12-08
+# (docs/bench_hopper.md, last section): row BN64 w4 s1 with TMA 17.75 ms dense and 2.04 ms at density 0.1 against
+# the table's 19.44 and 2.33 ms (32k, 32 heads, D 128). Elsewhere (no copy engine) the table's default stays.
+HOPPER_DEFAULTS: dict[tuple[int, int, bool], dict] = {
+    (128, 64, False): dict(num_stages=1, USE_TMA=True),
+}
 
 
 def _default_config(key: tuple[int, int, bool]) -> dict:
@@ -362,29 +300,19 @@ def _default_config(key: tuple[int, int, bool]) -> dict:
     if key in _H100_CONFIGS:
         return _H100_CONFIGS[key]
     return dict(BLOCK_N=min(block, 64), num_warps=8 if (2 * block if pair else block) >= 128 else 4, num_stages=2,
-                USE_TMA=False, STEP_ENTRIES=1)
+                USE_TMA=False)
 
 
 def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
     default = _default_config(key)
     if not is_hopper(torch.device("cuda", torch.cuda.current_device())):
         return [default]
-    return with_variants([default], HOPPER_VARIANTS)
-
-
-def _invalid(config: dict, key: tuple) -> str | None:
-    """Why ``config`` cannot run for ``key``: :func:`seer.kernels.common.tiles_invalid`, and two list entries a
-    step only with one key tile an entry."""
-    if config["STEP_ENTRIES"] not in (1, 2):
-        return f"STEP_ENTRIES={config['STEP_ENTRIES']}: 1 or 2"
-    if config["STEP_ENTRIES"] == 2 and config["BLOCK_N"] != key[1]:
-        return f"STEP_ENTRIES=2 needs BLOCK_N equal to the mask block ({key[1]}); got BLOCK_N={config['BLOCK_N']}"
-    return tiles_invalid(config, key)
+    return with_variants([dict(default, **HOPPER_DEFAULTS.get(key, {}))], HOPPER_VARIANTS)
 
 
 CONFIGS = LaunchTable("block_sparse", FIELDS, _cuda_config,
-                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False, STEP_ENTRIES=1),
-                      _invalid)
+                      lambda key: dict(BLOCK_N=key[1], num_warps=4, num_stages=1, USE_TMA=False),
+                      tiles_invalid)
 
 
 def heaviest_first(kv_counts: torch.Tensor, hq: int) -> torch.Tensor:

@@ -118,18 +118,10 @@ def test_tma_path(monkeypatch, pair):
         _check_case(1, 4, 2, 75, 16, 16, torch.float16, 2, pair, seed=9)
 
 
-@pytest.mark.parametrize("pair,tma,seed", [(False, False, 21), (True, False, 22), (False, True, 23), (True, True, 24)])
-def test_two_entries_a_step(monkeypatch, pair, tma, seed):
-    """``STEP_ENTRIES=2``: off-diagonal list entries two a step (one rescale for both), an odd count's last one
-    alone; random masks give rows of every length (density 0.6 over 12 blocks, one empty row)."""
-    monkeypatch.setattr(bs, "tma_ok", lambda *t: True)
-    with force_config("block_sparse", BLOCK_N=16, STEP_ENTRIES=2, USE_TMA=tma):
-        _check_case(1, 4, 2, 185, 16, 16, torch.float16, 4, pair, density=0.6, seed=seed)
-
-
 def test_hopper_candidates(monkeypatch):
-    """Capability >= 9: the default first, then the default with the copy engine where that differs from it (the
-    only Hopper candidate); any other device: the default alone."""
+    """Capability >= 9: the default (with its Hopper override, D 128 row lists: one stage, the copy engine) first,
+    then that with the copy engine where it differs (the only Hopper candidate); any other device: the table's
+    default alone."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for key in ((128, 64, False), (128, 64, True), (128, 128, False), (64, 32, False)):
         default = bs._default_config(key)
@@ -138,7 +130,8 @@ def test_hopper_candidates(monkeypatch):
         monkeypatch.setattr(bs, "is_hopper", lambda device: True)
         got = bs._cuda_config(key)
         assert all(set(c) == set(bs.FIELDS) for c in got)
-        assert got == ([default] if default["USE_TMA"] else [default, dict(default, USE_TMA=True)])
+        first = dict(default, num_stages=1, USE_TMA=True) if key == (128, 64, False) else default
+        assert got == ([first] if first["USE_TMA"] else [first, dict(first, USE_TMA=True)])
 
 
 def test_out_as_transposed_view():
@@ -305,9 +298,6 @@ def test_bad_inputs():
         block_sparse_attn(q, k, k, mask, 16, sm_scale=float("nan"))
     with force_config("block_sparse", BLOCK_N=32), pytest.raises(ValueError, match="invalid for block_size 16"):
         block_sparse_attn(q, k, k, mask, 16)
-    with force_config("block_sparse", BLOCK_N=8, STEP_ENTRIES=2), pytest.raises(ValueError,
-                                                                             match="needs BLOCK_N equal to"):
-        block_sparse_attn(q, k, k, mask, 16)
     if dev.type == "cuda":
         with pytest.raises(ValueError, match="one device"):
             block_sparse_attn(q, k, k, mask.cpu(), 16)
@@ -364,23 +354,23 @@ def test_gpu_float32_uses_ieee_dots():
     _check(out, lse, ref_out, ref_lse, torch.float32)
 
 
-# variants the launch table or the benchmark (experiments/bench_hopper.py) may pick, forced: (layout,
-# BLOCK_N, num_warps, num_stages, USE_TMA, STEP_ENTRIES); two entries a step at 64-wide key tiles only
-HOPPER_CASES = [(pair, bn, w, st, True, 1) for pair in (False, True) for bn in (32, 64) for w, st in ((4, 2), (8, 3))] \
-    + [(pair, 64, w, st, tma, 2) for pair, w in ((False, 4), (True, 8)) for st in (1, 2) for tma in (False, True)]
+# copy-engine variants the launch table or the benchmark (experiments/bench_hopper.py) may pick, forced: (layout,
+# BLOCK_N, num_warps, num_stages, USE_TMA)
+HOPPER_CASES = [(pair, bn, w, st, True) for pair in (False, True) for bn in (32, 64)
+                for w, st in ((4, 1), (4, 2), (8, 1), (8, 3))]
 
 
-def _hopper_config(bn, w, st, tma, steps):
+def _hopper_config(bn, w, st, tma):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the Hopper path needs a device of compute capability >= 9")
-    return dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma, STEP_ENTRIES=steps)
+    return dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pair,bn,w,st,tma,steps", HOPPER_CASES)
-def test_gpu_hopper_variants_match_reference(pair, bn, w, st, tma, steps):
+@pytest.mark.parametrize("pair,bn,w,st,tma", HOPPER_CASES)
+def test_gpu_hopper_variants_match_reference(pair, bn, w, st, tma):
     """bf16 at 4k (GQA 4:1, a length off the block grid) and 16k on random masks against the reference."""
-    config = _hopper_config(bn, w, st, tma, steps)
+    config = _hopper_config(bn, w, st, tma)
     for n, hkv in ((4096 + 77, 8), (16384, 32)):
         q, k, v, mask = _gpu_case(n, 64, 32, hkv, 0.2, n + bn + w)
         out = torch.full_like(q, float("nan"))
@@ -392,10 +382,10 @@ def test_gpu_hopper_variants_match_reference(pair, bn, w, st, tma, steps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pair,bn,w,st,tma,steps", HOPPER_CASES)
-def test_gpu_hopper_variants_dense_match_sdpa(pair, bn, w, st, tma, steps):
+@pytest.mark.parametrize("pair,bn,w,st,tma", HOPPER_CASES)
+def test_gpu_hopper_variants_dense_match_sdpa(pair, bn, w, st, tma):
     """Density 1.0 (all causal blocks) against SDPA at 8k, bf16."""
-    config = _hopper_config(bn, w, st, tma, steps)
+    config = _hopper_config(bn, w, st, tma)
     n = 8192
     q, k, v, _ = _gpu_case(n, 64, 32, 32, 1.0, 11)
     mask = torch.ones(1, 32, n // 64, n // 64, dtype=torch.bool, device="cuda")

@@ -320,6 +320,12 @@ def test_bad_arguments_name_the_value():
         sampled_rows_mass(q, k, cand, 4, 24)
 
 
+# the kernel's masses from bf16 inputs against the float32 reference on the same values: the products are exact in
+# float32 either way, so the two differ by float32 rounding only (about 1e-7 on an H100); a wrong row or entry moves a
+# mass by far more (a program layout gave 4e-3 to 8e-3 on 2026-12-08, which the 1e-2 bound of before let through)
+GPU_ATOL = 1e-4
+
+
 def _gpu_bf16_errors(hq, hkv, d, rows, seed, **kwargs):
     """The kernel in bf16 at 4k (64-token blocks, random candidates at 20%) against the float32 reference: its
     largest absolute and its relative (norm) error."""
@@ -340,7 +346,16 @@ def _gpu_bf16_errors(hq, hkv, d, rows, seed, **kwargs):
 def test_gpu_several_query_blocks_a_program_match_the_reference(blocks, passes):
     """A key head per query head (D 128, 16 rows): 1, 2 and 8 query blocks a program."""
     largest, relative = _gpu_bf16_errors(4, 4, 128, 16, seed=1, passes=passes, blocks_per_program=blocks)
-    assert largest < 1e-2 and relative < 1e-2
+    assert largest < GPU_ATOL and relative < GPU_ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d,rows", [(32, 8, 128, 8), (9, 3, 64, 8), (32, 8, 128, 16), (4, 4, 128, 16)])
+def test_gpu_program_layouts_match_the_reference(hq, hkv, d, rows):
+    """The head layouts of Llama-3 8B (32:8) and SmolLM2 (9:3) at 8 rows (32-row programs) and 16, and a key head per
+    query head (16 rows)."""
+    largest, relative = _gpu_bf16_errors(hq, hkv, d, rows, seed=2)
+    assert largest < GPU_ATOL and relative < GPU_ATOL
 
 
 @pytest.mark.gpu
@@ -355,4 +370,4 @@ def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, bloc
     monkeypatch.setitem(sampled_rows.LAUNCH, "heaviest_first", heaviest_first)
     monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
     largest, relative = _gpu_bf16_errors(14, 2, 64, rows, seed=0, passes=passes)
-    assert largest < 1e-2 and relative < 1e-2
+    assert largest < GPU_ATOL and relative < GPU_ATOL
