@@ -20,10 +20,10 @@ least 16 rows in all; padding rows have weight 0), ``P`` the largest divisor of 
 heads' candidate lists (:func:`union_lists`), each entry ``c << 8 | bits`` with bit ``g`` set where the program's
 ``g``-th head lists block ``c``; a row attends to a listed block only when its head's bit is set (read off the entry the
 loop loads anyway: no load per row), so each head's softmax is over its own candidates as above. With
-``blocks_per_program`` ``QB > 1`` (opt-in, for groups of few heads, where a program would otherwise hold 16 or 32
-rows) a program holds ``QB`` consecutive query blocks of its heads: member ``g`` is block ``i + g // P'`` of head
-``g % P'`` (``QB P' <= 8``, ``QB P' RP <= 128``), the list is the union of the members' lists, and the causal mask
-applies per row from the program's first block on. In base 2
+``blocks_per_program`` ``QB > 1`` (by default as many as fill 64 rows, :func:`blocks_to_fill`: for groups of few
+heads, where a program would otherwise hold 16 or 32 rows) a program holds ``QB`` consecutive query blocks of its
+heads: member ``g`` is block ``i + g // P'`` of head ``g % P'`` (``QB P' <= 8``, ``QB P' RP <= 128``), the list is the
+union of the members' lists, and the causal mask applies per row from the program's first block on. In base 2
 (``x2 = x * log2(e)``), one pass over the listed key tiles keeps each row's online max ``m_t`` and
 ``z_t = sum_c exp2(x2 - m_t)`` and stores, for each entry ``j``, the row's partial sum in log form,
 ``l_t[j] = m_t' + log2 sum_{c in J} exp2(x2[t, c] - m_t')`` (``m_t'`` the max when the entry ends) in a float32 scratch;
@@ -46,7 +46,7 @@ from seer.kernels.block_index import append_selected, build_lists
 from seer.kernels.common import (INTERPRET, LOG2E, check_block_size, check_device, check_qkv, dot_precision,
                                  softmax_scale, with_unit_last_stride)
 
-__all__ = ["LAUNCH", "SCRATCH_BYTES", "last_kernel_resources", "program_layout", "sampled_offsets",
+__all__ = ["LAUNCH", "SCRATCH_BYTES", "blocks_to_fill", "last_kernel_resources", "program_layout", "sampled_offsets",
            "sampled_rows_mass", "union_lists"]
 
 MAX_GRID_Y = 65535
@@ -317,6 +317,23 @@ def program_layout(group: int, rows: int, block_size: int, heads: int | None = N
     return heads, pp, max(rp, 16 // pp)
 
 
+FILL_ROWS = 64
+"""Rows a program is filled to with consecutive query blocks when its heads hold fewer (:func:`blocks_to_fill`)."""
+
+
+def blocks_to_fill(pp: int, rp: int) -> int:
+    """The query blocks a program holds by default: the most (a power of two, at most :data:`MEMBER_BITS` members)
+    whose ``P' x RP`` rows stay within :data:`FILL_ROWS`, at least 1. A program of one head's 16 rows (a key head per
+    query head) then holds 4 blocks: 3.4x faster on an H100 at 32:32 heads, D 128, 32k, where filling on to 128 rows
+    gained nothing more, and a 64-row program of 4 heads gained nothing from 2 blocks (docs/bench_rerank.md). Groups
+    of 4 heads at 8 rows (Llama-3's 32:8, SmolLM2's 9:3) take 2 blocks: their 32-row programs gave masses 4e-3 to 9e-3
+    off the reference on an H100 (the same section)."""
+    qb = 1
+    while 2 * qb * pp <= MEMBER_BITS.value and 2 * qb * pp * rp <= FILL_ROWS:
+        qb *= 2
+    return qb
+
+
 @triton.jit
 def _sr_union_chunk(crow, irow, c0, base, r, P, NB, stride_ch, stride_cr, stride_cc, PP: tl.constexpr,
                     QB: tl.constexpr, CHUNK: tl.constexpr):
@@ -375,7 +392,7 @@ def union_lists(candidates: torch.Tensor, heads: int, blocks: int = 1) -> tuple[
 
 def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, rows: int, block_size: int = 64,
                       sm_scale: float | None = None, heads_per_program: int | None = None,
-                      passes: int = 1, blocks_per_program: int = 1) -> torch.Tensor:
+                      passes: int = 1, blocks_per_program: int | None = None) -> torch.Tensor:
     """Block masses ``[B, Hq, nb, nb]`` float32 of ``rows`` sampled query rows per block over each row's candidate
     blocks (module docstring), 0 off the candidates.
 
@@ -388,8 +405,8 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     launch) or 2 (two passes, no scratch), the same masses; ``blocks_per_program`` (1, 2, 4 or 8, at most 8 members
     and 128 rows a program with the heads: a power of two times the padded heads) puts that many consecutive query
     blocks of the program's heads in one program, which walks the union of their lists (each key tile read once for
-    them all: for groups of few heads). CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``. No autograd, no host
-    sync."""
+    them all: for groups of few heads); None: :func:`blocks_to_fill`. CUDA tensors, or CPU ones under
+    ``TRITON_INTERPRET=1``. No autograd, no host sync."""
     check_block_size(block_size)
     b, hq, hkv, n, d = check_qkv(q, k, None)
     nb = triton.cdiv(n, block_size)
@@ -408,7 +425,7 @@ def sampled_rows_mass(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
     q, k = with_unit_last_stride(q), with_unit_last_stride(k)
     group = hq // hkv
     p, pp, rp = program_layout(group, per_block, block_size, heads_per_program)
-    qb = blocks_per_program
+    qb = blocks_to_fill(pp, rp) if blocks_per_program is None else blocks_per_program
     if (isinstance(qb, bool) or not isinstance(qb, int) or qb not in (1, 2, 4, 8) or qb * pp > MEMBER_BITS.value
             or qb * pp * rp > 128):
         raise ValueError(f"sampled_rows_mass: blocks_per_program must be 1, 2, 4 or 8 with at most "

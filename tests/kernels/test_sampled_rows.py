@@ -291,6 +291,19 @@ def test_several_query_blocks_a_program_give_the_loops_masses(b, hq, hkv, n, d, 
         assert (got.cpu()[~cand] == 0).all()
 
 
+def test_blocks_to_fill_fill_programs_to_64_rows():
+    """The default blocks a program: a key head per query head at 16 rows takes 4 blocks, groups of 4 heads at 8 rows
+    2, Qwen's 7 heads (64 or 128 rows) 1; never more than 8 members."""
+    from seer.kernels.sampled_rows import blocks_to_fill
+
+    layouts = {(32, 32, 16): 4, (32, 32, 8): 4, (32, 8, 8): 2, (32, 8, 16): 1, (9, 3, 8): 2, (9, 3, 16): 1,
+               (14, 2, 8): 1, (14, 2, 16): 1, (4, 4, 1): 4, (16, 8, 16): 2}
+    for (hq, hkv, rows), want in layouts.items():
+        _, pp, rp = program_layout(hq // hkv, rows, 64)
+        got = blocks_to_fill(pp, rp)
+        assert got == want and got * pp <= 8, (hq, hkv, rows, got)
+
+
 def test_sampled_offsets_spread_from_the_first_row_to_the_last():
     from seer.kernels.sampled_rows import sampled_offsets
 
