@@ -112,9 +112,9 @@ job khopper 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_block_sp
 job kdiag 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py; \
   for t in base:$base_tree new:$snap; do cd \${t#*:} && for h in 32:8:128 9:3:64; do \
   PYTHONPATH=\${t#*:}:/tmp/site python3 -m experiments.bench_rerank --hq \${h%%:*} --hkv \$(echo \$h | cut -d: -f2) \
-  --d \${h##*:} --n 8192 --kernels 0:1 0:2 --rows 8 --share 0.3 --layouts shared --launch default w2 w8 \
+  --d \${h##*:} --n 8192 --kernels 0:1 0:2 --rows 8 --share 0.3 --layouts shared --launch default w2 \
   --out $w/out/kdiag/rerank_\${t%%:*}_\${h//:/_}.md; done; done; cd $snap && python3 -m experiments.bench_rerank \
-  --hq 32 --hkv 32 --d 128 --n 8192 --kernels 0:1 0:2 --rows 16 --share 0.3 --layouts shared --launch default w2 w8 \
+  --hq 32 --hkv 32 --d 128 --n 8192 --kernels 0:1 --rows 16 --share 0.3 --layouts shared --launch default w2 \
   --blocks-per-program 1 2 4 --out $w/out/kdiag/rerank_new_32_32_blocks.md; for h in 32:8:128 9:3:64; do \
   python3 -m experiments.bench_rerank --hq \${h%%:*} --hkv \$(echo \$h | cut -d: -f2) --d \${h##*:} --n 8192 \
   --kernels 0:1 --rows 8 --share 0.3 --layouts shared --blocks-per-program 2 \
