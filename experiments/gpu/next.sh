@@ -119,6 +119,13 @@ job kdiag 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_ro
   python3 -m experiments.bench_rerank --hq \${h%%:*} --hkv \$(echo \$h | cut -d: -f2) --d \${h##*:} --n 8192 \
   --kernels 0:1 --rows 8 --share 0.3 --layouts shared --blocks-per-program 2 \
   --out $w/out/kdiag/rerank_new_\${h//:/_}_2blocks.md; done"
+# kdiag in short (one short lease): the GPU tests, then the 32-row layouts with 1 and 2 blocks a program in this tree
+job kdiag2 200 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py; for h in 32:8:128 9:3:64; do \
+  python3 -m experiments.bench_rerank --hq \${h%%:*} --hkv \$(echo \$h | cut -d: -f2) --d \${h##*:} --n 8192 \
+  --kernels 0:1 0:2 --rows 8 --share 0.3 --layouts shared --blocks-per-program 1 2 \
+  --out $w/out/kdiag2/rerank_\${h//:/_}.md; done; python3 -m experiments.bench_rerank --hq 32 --hkv 32 --d 128 \
+  --n 8192 --kernels 0:1 0:2 --rows 16 --share 0.3 --layouts shared --blocks-per-program 1 2 4 \
+  --out $w/out/kdiag2/rerank_32_32.md"
 # several query blocks a program (blocks_per_program, opt-in, commit 94d1de3) at the 8B shapes where a program holds
 # few rows: a key head per query head (issue 21's benchmark shape, 16 rows a program otherwise) and Llama-3's 32:8,
 # with candidates drawn per block (shared: the union of a program's blocks grows) and as columns (vertical lines: it
