@@ -325,9 +325,10 @@ def blocks_to_fill(pp: int, rp: int) -> int:
     """The query blocks a program holds by default: the most (a power of two, at most :data:`MEMBER_BITS` members)
     whose ``P' x RP`` rows stay within :data:`FILL_ROWS`, at least 1. A program of one head's 16 rows (a key head per
     query head) then holds 4 blocks: 3.4x faster on an H100 at 32:32 heads, D 128, 32k, where filling on to 128 rows
-    gained nothing more, and a 64-row program of 4 heads gained nothing from 2 blocks (docs/bench_rerank.md). Groups
-    of 4 heads at 8 rows (Llama-3's 32:8, SmolLM2's 9:3) take 2 blocks: their 32-row programs gave masses 4e-3 to 9e-3
-    off the reference on an H100 (the same section)."""
+    gained nothing more, and a 64-row program of 4 heads gained nothing from 2 blocks (docs/bench_rerank.md). It also
+    keeps programs off 32 rows where it can (groups of 4 heads at 8 rows, as Llama-3's 32:8 and SmolLM2's 9:3, take 2
+    blocks): 2 blocks of one head's 16 rows, the one 32-row layout timed, gave masses 4e-3 to 9e-3 off the reference
+    on an H100 (the same section)."""
     qb = 1
     while 2 * qb * pp <= MEMBER_BITS.value and 2 * qb * pp * rp <= FILL_ROWS:
         qb *= 2
