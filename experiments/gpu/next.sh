@@ -85,16 +85,10 @@ job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank 
 # vertical-slash, 0 and 16 rerank rows, a calibrated threshold), beside the gate-and-threshold row of 2026-11-22 (run
 # 2026-12-07, a thirty-fourth session, H100: docs/bench_adaptive.md)
 job kadapt 300 python3 -m experiments.bench_adaptive --ns 32768 --out $w/out/kadapt/bench_adaptive.md
-# the rerank kernel's key-free second loop finishing 8 list entries a step (commit 23d6e1e) against the tree before
-# (commit d383e58, one entry a step: a quarter of the kernel's warp samples waited on that load), both trees in one run,
-# after the GPU tests of the new loop; carry the tree before as .assets/base:
+# the tree before the rerank kernel's key-free second loop finished 8 list entries a step (commit d383e58), for kdiag;
+# carry it as .assets/base:
 # `rm -rf .assets/base && mkdir -p .assets/base && git archive d383e58 seer experiments conf pyproject.toml | tar -x -C .assets/base`
 base_tree=$root/.assets/base
-job kfinish 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py && \
-  for t in base:$base_tree new:$snap; do cd \${t#*:} && PYTHONPATH=\${t#*:}:/tmp/site python3 -m \
-  experiments.bench_rerank --kernels 0:1 --rows 8 16 --share 0.3 0.7 1.0 --layouts shared \
-  --out $w/out/kfinish/bench_rerank_\${t%%:*}.md || exit 1; done && cd $snap && python3 -m experiments.bench_prefill \
-  --model qwen2_5_coder_0_5b --seq 32768 --rerank-rows 0 16 --out $w/out/kfinish/bench_prefill_qwen.md"
 # the block-sparse forward without software pipelining (num_stages 1: a third of the shared memory, four programs an SM)
 # through the copy engine, the Hopper default of the row lists at D 128 since 2026-12-08 (one H100 run: 17.75 / 2.04
 # ms dense / at 0.1 against 19.44 / 2.33), its GPU tests, then again beside the stage counts before, at D 128 and 64
@@ -126,14 +120,6 @@ job kdiag2 200 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_r
   --out $w/out/kdiag2/rerank_\${h//:/_}.md; done; python3 -m experiments.bench_rerank --hq 32 --hkv 32 --d 128 \
   --n 8192 --kernels 0:1 0:2 --rows 16 --share 0.3 --layouts shared --blocks-per-program 1 2 4 \
   --out $w/out/kdiag2/rerank_32_32.md"
-# several query blocks a program (blocks_per_program, opt-in, commit 94d1de3) at the 8B shapes where a program holds
-# few rows: a key head per query head (issue 21's benchmark shape, 16 rows a program otherwise) and Llama-3's 32:8,
-# with candidates drawn per block (shared: the union of a program's blocks grows) and as columns (vertical lines: it
-# does not); its GPU test first
-job kblocks 420 bash -c "python3 -m pytest -q -m gpu tests/kernels/test_sampled_rows.py -k several && \
-  for h in 32:32 32:8; do python3 -m experiments.bench_rerank --hq \${h%:*} --hkv \${h#*:} --d 128 --kernels 0:1 \
-    --rows 16 --share 0.3 1.0 --layouts shared columns --blocks-per-program 1 2 4 8 \
-    --out $w/out/kblocks/bench_rerank_\${h/:/_}.md || exit 1; done"
 # what the rerank loop waits on: Nsight Compute's stall reasons per SASS instruction (16 rows, share 0.7, Qwen's
 # shape), and the kernel at the 8B shapes with fewer query heads a key head (32:32 as issue 21's benchmark, 32:8 as
 # Llama-3), where a program holds 16 or 64 sampled rows (docs/bench_rerank.md, last section)
