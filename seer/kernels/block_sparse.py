@@ -303,11 +303,15 @@ def _default_config(key: tuple[int, int, bool]) -> dict:
                 USE_TMA=False)
 
 
+def hopper_default(key: tuple[int, int, bool]) -> dict:
+    """The default config of ``key`` on a device of capability >= 9: the table's, with :data:`HOPPER_DEFAULTS`."""
+    return dict(_default_config(key), **HOPPER_DEFAULTS.get(key, {}))
+
+
 def _cuda_config(key: tuple[int, int, bool]) -> list[dict]:
-    default = _default_config(key)
     if not is_hopper(torch.device("cuda", torch.cuda.current_device())):
-        return [default]
-    return with_variants([dict(default, **HOPPER_DEFAULTS.get(key, {}))], HOPPER_VARIANTS)
+        return [_default_config(key)]
+    return with_variants([hopper_default(key)], HOPPER_VARIANTS)
 
 
 CONFIGS = LaunchTable("block_sparse", FIELDS, _cuda_config,
