@@ -339,18 +339,68 @@ def test_bad_arguments_name_the_value():
 GPU_ATOL = 1e-4
 
 
-def _gpu_bf16_errors(hq, hkv, d, rows, seed, **kwargs):
-    """The kernel in bf16 at 4k (64-token blocks, random candidates at 20%) against the float32 reference: its
-    largest absolute and its relative (norm) error."""
+def _gpu_bf16_case(hq, hkv, d, seed, n=4096 + 33):
+    """bf16 q and k on the GPU (64-token blocks) and random causal candidates at 20%, the diagonal among them."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, hq, 4096 + 33, d, generator=g).to(torch.bfloat16).cuda()
-    k = torch.randn(1, hkv, 4096 + 33, d, generator=g).to(torch.bfloat16).cuda()
-    nb = math.ceil(q.shape[2] / 64)
+    q = torch.randn(1, hq, n, d, generator=g).to(torch.bfloat16).cuda()
+    k = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16).cuda()
+    nb = math.ceil(n / 64)
     cand = (((torch.rand(1, hq, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool))
             & torch.ones(nb, nb, dtype=torch.bool).tril()).cuda()
-    want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, 64)
-    got = sampled_rows_mass(q, k, cand, rows, 64, **kwargs)
+    return q, k, cand
+
+
+def _errors(got, want):
     return (got - want).abs().max().item(), ((got - want).norm() / want.norm()).item()
+
+
+def _gpu_bf16_errors(hq, hkv, d, rows, seed, n=4096 + 33, **kwargs):
+    """The kernel in bf16 (64-token blocks, random candidates at 20%; 4k by default) against the float32 reference:
+    its largest absolute and its relative (norm) error."""
+    q, k, cand = _gpu_bf16_case(hq, hkv, d, seed, n)
+    want = reference.sampled_rows_mass(q.float(), k.float(), cand, rows, 64)
+    return _errors(sampled_rows_mass(q, k, cand, rows, 64, **kwargs), want)
+
+
+def _union_definition(cand, heads, blocks):
+    """The union lists of :func:`union_lists` from the definition, as a dense ``[B, Hq / heads, groups, nb]`` int64:
+    ``c << 8 | bits`` where a member of the group lists block ``c`` at or before its own block, else 0."""
+    b, hq, nb, _ = cand.shape
+    pp = 1 << (heads - 1).bit_length()
+    groups = math.ceil(nb / blocks)
+    cols = torch.arange(nb, device=cand.device)
+    bits = torch.zeros(b, hq // heads, groups, nb, dtype=torch.int64, device=cand.device)
+    for member in range(blocks * pp):
+        head, blk = member % pp, torch.arange(groups, device=cand.device) * blocks + member // pp
+        if head < heads:
+            listed = cand[:, head::heads][:, :, blk.clamp_max(nb - 1)]
+            listed &= ((blk < nb)[:, None] & (cols[None, :] <= blk[:, None]))
+            bits |= listed.long() << member
+    return torch.where(bits != 0, cols << 8 | bits, 0)
+
+
+def _lists_as_dense(idx, cnt):
+    """``union_lists``' output in :func:`_union_definition`'s form; raises where a list is not strictly ascending."""
+    nb = idx.shape[-1]
+    valid = torch.arange(nb, device=idx.device) < cnt[..., None]
+    entries = torch.where(valid, idx.long(), 0)
+    cols = torch.where(valid, entries >> 8, nb)
+    ascending = (cols[..., 1:] > cols[..., :-1]) | ~valid[..., 1:]
+    assert bool(ascending.all()), "a union list is not strictly ascending"
+    dense = torch.zeros(*idx.shape[:-1], nb + 1, dtype=torch.int64, device=idx.device)
+    return dense.scatter_(-1, cols, entries)[..., :nb]
+
+
+def _candidates_of_lists(dense, heads, blocks, hq):
+    """The candidates ``[B, Hq, nb, nb]`` the union lists give each head's query block (its members' bits)."""
+    b, lists, groups, nb = dense.shape
+    pp = 1 << (heads - 1).bit_length()
+    cand = torch.zeros(b, hq, groups * blocks, nb, dtype=torch.bool, device=dense.device)
+    for member in range(blocks * pp):
+        head, off = member % pp, member // pp
+        if head < heads:
+            cand[:, head::heads, off::blocks] = ((dense >> member) & 1) != 0
+    return cand[:, :, :nb]
 
 
 @pytest.mark.gpu
@@ -384,3 +434,46 @@ def test_gpu_bf16_matches_the_reference_at_4k(rows, passes, heaviest_first, bloc
     monkeypatch.setitem(sampled_rows.LAUNCH, "block_n", block_n)
     largest, relative = _gpu_bf16_errors(14, 2, 64, rows, seed=0, passes=passes)
     assert largest < GPU_ATOL and relative < GPU_ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,nb,heads,blocks", [
+    (4, 4, 100, 1, 2), (4, 4, 600, 1, 2), (4, 4, 600, 1, 4), (8, 4, 600, 2, 1), (32, 8, 600, 4, 1), (32, 8, 600, 4, 2),
+    (14, 2, 1100, 7, 1)])
+def test_gpu_union_lists_match_the_definition(hq, hkv, nb, heads, blocks):
+    """The rerank's union lists built on the GPU (one warp a list below 512 blocks, four from 512 on), against the
+    definition: every member's bits, in ascending order."""
+    from seer.kernels.sampled_rows import union_lists
+
+    g = torch.Generator().manual_seed(nb + heads + blocks)
+    cand = ((torch.rand(1, hq, nb, nb, generator=g) < 0.2) | torch.eye(nb, dtype=torch.bool)).cuda()
+    idx, cnt = union_lists(cand, heads, blocks)
+    want = _union_definition(cand, heads, blocks)
+    assert torch.equal(cnt.long(), (want != 0).sum(-1))
+    assert torch.equal(_lists_as_dense(idx, cnt), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,rows,heads,blocks,n", [
+    (4, 4, 16, None, 2, 4096 + 33),  # one head's 16 rows, 2 blocks: the 32-row layout found off on 2026-12-08
+    (2, 2, 16, None, 2, 32768 + 33),  # the same at 32k (513 blocks: four-warp list building)
+    (8, 4, 16, 2, 1, 4096 + 33),  # 2 heads of 16 rows, one block
+    (32, 8, 8, None, 1, 4096 + 33),  # 4 heads of 8 rows, one block (Llama-3's layout before blocks_to_fill)
+    (4, 4, 16, None, 4, 4096 + 33),  # 64-row controls: 4 blocks of one head, 2 blocks of 4 heads at 8 rows
+    (32, 8, 8, None, 2, 4096 + 33)])
+def test_gpu_32_row_programs_match_the_reference(hq, hkv, rows, heads, blocks, n):
+    """Programs of 32 sampled rows (and 64-row controls), D 128. Where the masses are off, the message tells the
+    lists from the kernel: the kernel's masses against the reference on the candidates the GPU's union lists hold."""
+    from seer.kernels.sampled_rows import union_lists
+
+    q, k, cand = _gpu_bf16_case(hq, hkv, 128, seed=4, n=n)
+    p, pp, rp = program_layout(hq // hkv, rows, 64, heads)
+    assert pp * rp * blocks == (64 if (hq, rows, blocks) in {(4, 16, 4), (32, 8, 2)} else 32)
+    got = sampled_rows_mass(q, k, cand, rows, 64, heads_per_program=heads, blocks_per_program=blocks)
+    largest, relative = _errors(got, reference.sampled_rows_mass(q.float(), k.float(), cand, rows, 64))
+    dense = _lists_as_dense(*union_lists(cand, p, blocks))
+    lists_ok = torch.equal(dense, _union_definition(cand, p, blocks))
+    of_lists = reference.sampled_rows_mass(q.float(), k.float(), _candidates_of_lists(dense, p, blocks, hq), rows, 64)
+    assert largest < GPU_ATOL and relative < GPU_ATOL, (
+        f"largest {largest:.2e}, relative {relative:.2e}; union lists match the definition: {lists_ok}; against the "
+        f"reference on the lists' own candidates: {_errors(got, of_lists)}")
