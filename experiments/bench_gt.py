@@ -24,7 +24,10 @@ plain loads and with the copy engine (``USE_TMA``), plus each table's own tuned 
 that fails to compile or to match is reported FAILED and not timed), then timed at ``--variant-ns`` (8k and 32k,
 B 1, 32 heads, D 128, bf16, causal) beside SDPA flash and cuDNN; a markdown table (variant, check, ms, TF/s,
 registers) goes to ``--out``. About two minutes on an H200. ``--list-variants`` prints the names ``--variants``
-takes (besides ``all`` and the kinds).
+takes (besides ``all`` and the kinds); ``--compile-only`` (the same names) compiles them for sm_90 on any machine and
+prints registers, spills, shared memory and tensor-core instructions:
+
+    python3 experiments/bench_gt.py --compile-only fast,dense
 """
 
 from __future__ import annotations
@@ -150,12 +153,18 @@ def gate_time(n, rep_ms, min_runs):
 TABLES = {"fast": "flash_gt.fast", "dense": "flash_gt.dense", "pass2": "flash_gt.pass2"}
 # configs of the launch tables' candidates at D 128, block 64 (seer/kernels/flash_gt.py), each with plain loads and
 # with the copy engine (USE_TMA)
+# with 64-row programs of 4 warps at 1 and 2 stages beside them: the shape whose one-stage copy-engine config made the
+# block-sparse forward 1.10x faster dense on an H100 (four programs an SM; docs/bench_hopper.md), not yet timed here
 GRID = {
     "fast": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EPI=0),
              dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, EPI=0),
-             dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0)],
+             dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, EPI=0),
+             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, EPI=0),
+             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, EPI=0)],
     "dense": [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-              dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)],
+              dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+              dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+              dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)],
     "pass2": [dict(BLOCK_M=128, num_warps=4, num_stages=3), dict(BLOCK_M=128, num_warps=8, num_stages=2)],
 }
 _SHORT = {"BLOCK_M": "BM", "BLOCK_N": "BN", "num_warps": "w", "num_stages": "s", "EPI": "epi"}
@@ -348,6 +357,35 @@ def bench_variants(args):
     publish("\n".join(lines) + "\n", args.out or "docs/bench_gt_variants.md")
 
 
+def compile_only(spec: str, d: int, bs: int) -> None:
+    """The selected variants' kernels compiled for sm_90 (no GPU needed; as ``compile_stats.py``): ptxas registers and
+    spills, shared memory, Hopper tensor-core instructions. The tuned variants (a run-time choice) are skipped."""
+    from compile_stats import compile_sm90, ptxas_stats
+
+    from seer.kernels import flash_gt_kernels as fk
+
+    print(f"sm_90, D {d}, bf16, block {bs}\n| variant | regs | spill B | smem B | HGMMA |\n|---|---|---|---|---|",
+          flush=True)
+    for kind, config in select_variants(spec):
+        if config is None:
+            continue
+        tiles = dict(config, HEAD_DIM=d, BS=bs, DOT_PRECISION="tf32", INTERP=False)
+        launch = {f: tiles.pop(f) for f in ("num_warps", "num_stages")}
+        if kind == "pass2":
+            fn, ptr = fk._gt_kernel, dict(Q="*bf16", K="*bf16", Lse="*fp32", Gt="*fp32")
+            tiles.update(JC=32, MASS=False)
+        else:
+            fn = fk._fwd_kernel
+            ptr = {p: "*bf16" for p in ("Q", "K", "V", "Out")} | {p: "*fp32" for p in ("Lse", "Scratch", "Gt")}
+            tiles.update(GT=kind == "fast", **({"JC": 64} if kind == "fast" else {}))
+        try:
+            s = ptxas_stats(compile_sm90(fn, ptr, tiles, **launch))
+            print(f"| {variant_name(kind, config)} | {s['regs']} | {s['spill']} | {s['smem']} | {s['hgmma']} |",
+                  flush=True)
+        except Exception as ex:  # noqa: BLE001 - a variant that does not compile is reported
+            print(f"| {variant_name(kind, config)} | FAILED: {type(ex).__name__}: {str(ex)[:120]} | | | |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None,
@@ -369,9 +407,15 @@ def main():
     ap.add_argument("--variant-ns", default="8192,32768", help="lengths the variants are timed at")
     ap.add_argument("--check-n", type=int, default=2000, help="length the variants are checked at")
     ap.add_argument("--list-variants", action="store_true", help="print the variant names and exit")
+    ap.add_argument("--compile-only", nargs="?", const="all", default=None,
+                    help="compile the variants named (as --variants) for sm_90 and print registers, spills, shared "
+                         "memory and HGMMA count; needs no GPU")
     args = ap.parse_args()
     if args.list_variants:
         print("\n".join(variant_name(*v) for v in variants()))
+        return
+    if args.compile_only is not None:
+        compile_only(args.compile_only, args.dim, args.block_size)
         return
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.variants is not None:

@@ -85,6 +85,11 @@ job krerank 300 bash -c "for run in 1 2; do python3 -m experiments.bench_rerank 
 # vertical-slash, 0 and 16 rerank rows, a calibrated threshold), beside the gate-and-threshold row of 2026-11-22 (run
 # 2026-12-07, a thirty-fourth session, H100: docs/bench_adaptive.md)
 job kadapt 300 python3 -m experiments.bench_adaptive --ns 32768 --out $w/out/kadapt/bench_adaptive.md
+# the ground-truth kernels with 64-row programs of 4 warps at 1 and 2 stages, plain and through the copy engine,
+# beside the tables' configs, SDPA flash and cuDNN (issue 21's ground-truth goal: 1.19x cuDNN's time at 32k on an
+# H200; the one-stage config made the block-sparse forward 1.10x faster on an H100; sm_90 compile screen in
+# docs/bench_gt.md, last section)
+job kgt 200 python3 experiments/bench_gt.py --variants fast,dense --out $w/out/kgt/bench_gt_variants.md
 # the tree before the rerank kernel's key-free second loop finished 8 list entries a step (commit d383e58), for kdiag;
 # carry it as .assets/base:
 # `rm -rf .assets/base && mkdir -p .assets/base && git archive d383e58 seer experiments conf pyproject.toml | tar -x -C .assets/base`

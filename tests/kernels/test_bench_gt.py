@@ -33,7 +33,7 @@ def test_help_and_list_variants(bench):
 def test_variants_parse_into_table_configs(bench):
     every = bench.variants()
     names = [bench.variant_name(*v) for v in every]
-    assert len(names) == len(set(names)) == 17
+    assert len(names) == len(set(names)) == 25
     assert bench.select_variants("all") == every
     assert [bench.variant_name(*v) for v in bench.select_variants("pass2, fast-BM128-BN64-w8-s3-epi0-tma, pass2")] \
         == ["pass2-tuned", "pass2-BM128-w4-s3", "pass2-BM128-w4-s3-tma", "pass2-BM128-w8-s2",
