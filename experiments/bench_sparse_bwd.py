@@ -62,13 +62,13 @@ CHECK_N, CHECK_HEADS, DENSE_N = 2048 + 77, (8, 2), 4096  # sizes of the correctn
 # experiments/compile_stats.py)
 DKDV_CANDIDATES = {  # (BLOCK_N keys per program, BLOCK_M query rows per step, num_warps, num_stages, USE_TMA)
     64: [(64, 64, 8, 2, False), (64, 64, 4, 2, False), (64, 64, 8, 3, False), (64, 32, 4, 3, False),
-         (64, 64, 8, 2, True)],
+         (64, 64, 8, 2, True), (64, 64, 4, 2, True)],
     128: [(64, 128, 8, 2, False), (128, 64, 8, 2, False), (128, 32, 8, 2, False), (64, 64, 8, 2, False),
           (64, 128, 8, 2, True)],
 }
 DQ_CANDIDATES = {  # (BLOCK_M query rows per program, BLOCK_N keys per step, num_warps, num_stages, USE_TMA)
     64: [(64, 64, 4, 2, False), (64, 64, 4, 3, False), (64, 64, 8, 2, False), (64, 32, 4, 2, False),
-         (64, 64, 4, 2, True)],
+         (64, 64, 4, 2, True), (64, 64, 4, 1, True), (64, 64, 4, 3, True)],
     128: [(128, 64, 8, 2, False), (64, 64, 4, 2, False), (128, 32, 8, 2, False), (64, 128, 4, 2, False),
           (128, 64, 8, 2, True)],
 }

@@ -67,18 +67,18 @@ def ptxas_stats(kernel) -> dict:
 def dkdv(d, block, cfg, dtype, even_n):
     block_n, block_m, warps, stages, tma = cfg
     ptr = {n: "*" + dtype for n in ("Q", "K", "V", "DO", "DK", "DV")}
-    ptr.update(Lse2="*fp32", Delta="*fp32", QIdx="*i32", QCnt="*i32")
+    ptr.update(Lse2="*fp32", Delta="*fp32", QIdx="*i32", QCnt="*i32", Cu="*i32", Order="*i32")
     const = dict(HEAD_DIM=d, MASK_BLOCK=block, BLOCK_N=block_n, BLOCK_M=block_m, EVEN_N=even_n,
-                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", INTERP=False, USE_TMA=tma)
+                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", INTERP=False, USE_TMA=tma, VARLEN=False)
     return compile_sm90(bwd._bs_bwd_dkdv_kernel, ptr, const, warps, stages)
 
 
 def dq(d, block, cfg, dtype, even_n):
     block_m, block_n, warps, stages, tma = cfg
     ptr = {n: "*" + dtype for n in ("Q", "K", "V", "DO", "DQ")}
-    ptr.update(Lse2="*fp32", Delta="*fp32", KvIdx="*i32", KvCnt="*i32")
+    ptr.update(Lse2="*fp32", Delta="*fp32", KvIdx="*i32", KvCnt="*i32", Cu="*i32", Order="*i32")
     const = dict(HEAD_DIM=d, MASK_BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n,
-                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", INTERP=False, USE_TMA=tma)
+                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", INTERP=False, USE_TMA=tma, VARLEN=False)
     return compile_sm90(bwd._bs_bwd_dq_kernel, ptr, const, warps, stages)
 
 

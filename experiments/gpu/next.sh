@@ -90,6 +90,11 @@ job kadapt 300 python3 -m experiments.bench_adaptive --ns 32768 --out $w/out/kad
 # H200; the one-stage config made the block-sparse forward 1.10x faster on an H100; sm_90 compile screen in
 # docs/bench_gt.md, last section)
 job kgt 200 python3 experiments/bench_gt.py --variants fast,dense --out $w/out/kgt/bench_gt_variants.md
+# the block-sparse backward's launch sweep at 32k, block 64, with the copy engine for dk/dv at 2 stages and for dq at 1
+# and 3 (dq at one stage holds 65 KB: three programs an SM against two; dk/dv at one stage spills, left out; sm_90
+# compile screen in docs/bench_sparse_bwd.md, last section): issue 21's backward goal, 14x SDPA flash at 0.1 (10.1x)
+job kbwd 330 python3 experiments/bench_sparse_bwd.py --ns 32768 --densities 1.0 0.1 --blocks 64 --no-flex \
+  --budget-s 300 --sweep-s 200 --out $w/out/kbwd/bench_sparse_bwd.md
 # the tree before the rerank kernel's key-free second loop finished 8 list entries a step (commit d383e58), for kdiag;
 # carry it as .assets/base:
 # `rm -rf .assets/base && mkdir -p .assets/base && git archive d383e58 seer experiments conf pyproject.toml | tar -x -C .assets/base`
