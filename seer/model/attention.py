@@ -4,12 +4,14 @@
 the ``"seer"`` attention function registered in transformers' ``AttentionInterface`` (no modeling file is copied)
 and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also gives every layer an
 :class:`~seer.gates.AttnGate` (submodule ``seer_gate``) and hooks its Q and K *before* RoPE (the output of
-``q_proj``/``k_proj``, or of ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
-included). Block scores come from ``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`,
-which reads Q and K after RoPE) or, when it is None, from the layer's gate (blended with a training-free estimate
-when ``gate_config.blend`` names one); in ``observe`` and ``sparse`` modes a layer of ``context.layer_selectors``
-is scored by its own selector instead (``{layer: selector}``: which layers' selections cost the quality is measured
-by giving a group of them the oracle). What the function does depends on the
+``q_proj``/``k_proj``, through ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
+included). Models whose attention seer cannot stand in for are refused (:func:`unsupported_attention`: capped
+logits, RoPE per layer type; learned sinks); layers with a sliding or chunked window run through seer while their keys
+fit the window (:func:`attention_windows`). Block scores come from ``context.selector`` (a training-free scorer of
+:mod:`seer.sparsity.selectors`, which reads Q and K after RoPE) or, when it is None, from the layer's gate (blended
+with a training-free estimate when ``gate_config.blend`` names one); in ``observe`` and ``sparse`` modes a layer of
+``context.layer_selectors`` is scored by its own selector instead (``{layer: selector}``: which layers' selections
+cost the quality is measured by giving a group of them the oracle). What the function does depends on the
 context's ``mode``, set like every other setting through the context's checks: for a block of code
 (``with context.running("sparse", sparsity=...):``, :meth:`SeerContext.observing`) or for good
 (:meth:`SeerContext.update`):
@@ -281,11 +283,26 @@ class _PreRopeStash:
         self.q: torch.Tensor | None = None
         self.k: torch.Tensor | None = None
 
-    def hook(self, which: str):
+    def hook(self, which: str, norm: nn.Module | None = None):
+        """A forward hook for the layer's ``q_proj`` / ``k_proj`` (output ``[B, N, heads * D]``) that stores its
+        output as ``[B, heads, N, D]``, through the layer's ``norm`` (``q_norm`` / ``k_norm``) where it has one: per
+        head (a weight of ``D``: Qwen3, Gemma-3, EXAONE-4, Apertus) or over the whole projection (OLMo-2), whatever
+        layout the model applies it in (a per-head norm gives the same values before or after the heads' transpose,
+        so this needs no knowledge of where the model calls it)."""
+        whole = norm is not None and getattr(getattr(norm, "weight", None), "numel", lambda: 0)() \
+            == self.shape[which] * self.head_dim
+
         def store(_module, _inputs, output):
             b, s = output.shape[:2]
-            setattr(self, which, output.view(b, s, self.shape[which], self.head_dim).transpose(1, 2))
+            x = output.view(b, s, self.shape[which], self.head_dim) if not whole else \
+                norm(output).view(b, s, self.shape[which], self.head_dim)
+            setattr(self, which, (norm(x) if norm is not None and not whole else x).transpose(1, 2))
         return store
+
+    def attach(self, layer: nn.Module) -> None:
+        """Hooks ``layer``'s Q and K projections (see :meth:`hook`)."""
+        layer.q_proj.register_forward_hook(self.hook("q", getattr(layer, "q_norm", None)))
+        layer.k_proj.register_forward_hook(self.hook("k", getattr(layer, "k_norm", None)))
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, self.q, self.k = self.q, self.k, None, None
@@ -293,6 +310,43 @@ class _PreRopeStash:
             raise RuntimeError("the gate found no pre-RoPE Q/K for this layer: was the attention layer's forward "
                                "bypassed?")
         return q, k
+
+
+def unsupported_attention(config) -> str | None:
+    """Why seer's attention cannot stand in for that of the model of ``config`` (a transformers config: the checks
+    that need no weights), or None. seer's kernels compute causal softmax attention (any scale, GQA); they do not cap
+    the logits (Gemma-2's ``attn_logit_softcapping``), and a gate's block RoPE takes one set of RoPE settings, not one
+    per layer type (Gemma-3). Learned attention sinks are refused by :func:`prepare_model`, which sees the layers;
+    sliding or chunked windows (:func:`attention_windows`) bound the lengths seer takes."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = getattr(text, "model_type", None) or type(text).__name__
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap is not None:
+        return (f"{kind} caps its attention logits (attn_logit_softcapping={cap}), which seer's attention does not: "
+                "its outputs would change")
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        return (f"{kind} has RoPE settings per layer type ({', '.join(sorted(rope))}); the gates' block RoPE takes "
+                "one set")
+    return None
+
+
+def attention_windows(config) -> dict[int, int]:
+    """``{layer index: window}`` of the layers of the model of ``config`` that attend within a window of keys:
+    ``layer_types``' ``sliding_attention`` layers (``sliding_window``) and ``chunked_attention`` layers (Llama-4's
+    ``attention_chunk_size``); without ``layer_types``, every layer when ``sliding_window`` is set and
+    ``use_sliding_window`` is not false (Mistral-7B-v0.1). seer's block selection and kernels attend whole causal
+    rows, so such a layer runs through seer only while its keys fit its window, where the window does not bind."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sizes = {"sliding_attention": getattr(text, "sliding_window", None),
+             "chunked_attention": getattr(text, "attention_chunk_size", None)}
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        return {i: int(sizes[kind]) for i, kind in enumerate(types) if sizes.get(kind)}
+    window = sizes["sliding_attention"]
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return {}
+    return dict.fromkeys(range(text.num_hidden_layers), int(window))
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -318,11 +372,20 @@ def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
     gates: set ``context.selector`` to score blocks with a training-free selector). Returns the context."""
     if getattr(model, "seer_context", None) is not None:
         raise ValueError("this model is already prepared for seer")
-    register_attention()
+    problem = unsupported_attention(model.config)
+    if problem is not None:
+        raise ValueError(problem)
     layers = attention_layers(model)
+    sinks = [layer.layer_idx for layer in layers if isinstance(getattr(layer, "sinks", None), torch.Tensor)]
+    if sinks:
+        raise ValueError(f"{type(model).__name__}'s attention learns sink logits (`sinks`, layers {sinks}), which "
+                         "seer's attention does not add: its outputs would change")
+    register_attention()
     ctx = SeerContext(block_size=block_size, num_layers=len(layers))
+    windows = attention_windows(model.config)
     for layer in layers:
         layer.seer_context = ctx
+        layer.seer_window = windows.get(layer.layer_idx)
     model.seer_context = ctx
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return ctx
@@ -358,10 +421,8 @@ def attach_gates(model: nn.Module, gate_config: GateConfig,
             return AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)
     for layer in attention_layers(model):
         layer.seer_gate = make_gate(layer)
-        stash = _PreRopeStash(*layer_shape(model, layer))
-        layer.seer_stash = stash
-        (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
-        (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))
+        layer.seer_stash = stash = _PreRopeStash(*layer_shape(model, layer))
+        stash.attach(layer)
     ctx.gate_config = gate_config
     return ctx
 
@@ -463,6 +524,12 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
     decode = getattr(module, "seer_decode", None)  # seer.model.decode.DecodeContext: sparse decode when enabled
+    window = getattr(module, "seer_window", None)
+    if window is not None and key.shape[2] > window and (ctx is not None and ctx.mode != "dense"
+                                                          or getattr(decode, "sparsity", None) is not None):
+        raise ValueError(f"layer {module.layer_idx} attends within a window of {window} tokens (sliding or chunked), "
+                         f"which seer's block selection does not model; {key.shape[2]} keys exceed it (keep prompt "
+                         f"and generation within {window} tokens, or attend densely)")
     if decode is not None:
         out = decode.handle(module, query, key, value, attention_mask, scaling, **kwargs)
         if out is not None:

@@ -423,8 +423,7 @@ def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeCon
         layer.seer_decode_gate = ctx.gates[layer.layer_idx] = DecodeGate(config, head_dim, heads, kv_heads, inv_freq,
                                                                          rope_scale).to(device)
         layer.seer_decode_stash = stash = _PreRopeStash(heads, kv_heads, head_dim)
-        (getattr(layer, "q_norm", None) or layer.q_proj).register_forward_hook(stash.hook("q"))
-        (getattr(layer, "k_norm", None) or layer.k_proj).register_forward_hook(stash.hook("k"))
+        stash.attach(layer)
         layer.seer_decode = ctx
     model.seer_decode = ctx
     return ctx
