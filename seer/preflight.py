@@ -290,9 +290,13 @@ def check_decode(cfg: Mapping[str, Any], shape: dict, block_size: int | None = N
     from seer.sparsity.decode import DecodeSparsityConfig
 
     given = {k: v for k, v in (cfg.get("decode_sparsity") or {}).items() if v is not None}
-    if cfg.get("decode_gates") is None:  # training-free sparse decode (Quest alone) or dense decode
-        if not given:
-            return None
+    if cfg.get("decode_gates") is None and not given:
+        return None  # dense decode
+    if shape.get("window") is not None:
+        raise ConfigError(f"{'decode_gates' if cfg.get('decode_gates') is not None else 'decode_sparsity'}: sparse "
+                          "decode does not model this model's windowed attention layers (sliding or chunked); decode "
+                          "densely")
+    if cfg.get("decode_gates") is None:  # training-free sparse decode (Quest alone)
         budget = build(DecodeSparsityConfig, "decode_sparsity", given)
         budget.check_training_free()
         if block_size is None:

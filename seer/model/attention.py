@@ -349,6 +349,20 @@ def attention_windows(config) -> dict[int, int]:
     return dict.fromkeys(range(text.num_hidden_layers), int(window))
 
 
+def check_model(model: nn.Module) -> list[nn.Module]:
+    """``model``'s attention layers (:func:`attention_layers`), or a ValueError saying why seer's attention cannot
+    stand in for theirs: :func:`unsupported_attention`, or learned sink logits (gpt-oss' ``sinks``)."""
+    problem = unsupported_attention(model.config)
+    if problem is not None:
+        raise ValueError(problem)
+    layers = attention_layers(model)
+    sinks = [layer.layer_idx for layer in layers if isinstance(getattr(layer, "sinks", None), torch.Tensor)]
+    if sinks:
+        raise ValueError(f"{type(model).__name__}'s attention learns sink logits (`sinks`, layers {sinks}), which "
+                         "seer's attention does not add: its outputs would change")
+    return layers
+
+
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of a Llama-family model, in layer order."""
     layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "layer_idx")]
@@ -372,14 +386,7 @@ def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
     gates: set ``context.selector`` to score blocks with a training-free selector). Returns the context."""
     if getattr(model, "seer_context", None) is not None:
         raise ValueError("this model is already prepared for seer")
-    problem = unsupported_attention(model.config)
-    if problem is not None:
-        raise ValueError(problem)
-    layers = attention_layers(model)
-    sinks = [layer.layer_idx for layer in layers if isinstance(getattr(layer, "sinks", None), torch.Tensor)]
-    if sinks:
-        raise ValueError(f"{type(model).__name__}'s attention learns sink logits (`sinks`, layers {sinks}), which "
-                         "seer's attention does not add: its outputs would change")
+    layers = check_model(model)
     register_attention()
     ctx = SeerContext(block_size=block_size, num_layers=len(layers))
     windows = attention_windows(model.config)

@@ -57,8 +57,8 @@ from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.config import GateConfig
 from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from seer.kernels.decode_gt import decode_block_gt
-from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, layer_shape,
-                                  seer_mask)
+from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, attention_windows,
+                                  check_model, layer_shape, seer_mask)
 from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, key_moment_scores,
                                      layer_block_size, newest_scores, prompt_block_pins, reranked_block_scores,
                                      step_key_bounds, step_key_moments, step_keys, step_position, true_block_scores)
@@ -407,11 +407,23 @@ def _compiled_step() -> Callable:
     return _COMPILED[backend]
 
 
+def _check_decode_model(model: nn.Module) -> None:
+    """Refuses a model seer's attention cannot stand in for (:func:`~seer.model.attention.check_model`) and one with
+    windowed layers: transformers keeps only a window's keys in such a layer's cache, which sparse decode's block
+    positions do not follow."""
+    check_model(model)
+    windowed = sorted(attention_windows(model.config))
+    if windowed:
+        raise ValueError(f"sparse decode does not model windowed attention (sliding or chunked; layers {windowed}): "
+                         "transformers keeps only a window's keys in those layers' caches")
+
+
 def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeContext:
     """Adds a float32 decode gate to every attention layer of ``model`` (in place, on the model's device) and
     returns the shared context."""
     if getattr(model, "seer_decode", None) is not None:
         raise ValueError("this model already has seer decode gates attached")
+    _check_decode_model(model)
     _register()
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     inv_freq, rope_scale = rope_frequencies(cfg, config.hidden_size) if config.block_rope else (None, 1.0)
@@ -443,6 +455,7 @@ def attach_quest_decode(model: nn.Module, block_size: int = QUEST_BLOCK_SIZE) ->
 
     if block_size not in BLOCK_SIZES or isinstance(block_size, bool):
         raise ValueError(f"block_size={block_size!r}: the decode kernels take key blocks of {BLOCK_SIZES} tokens")
+    _check_decode_model(model)
     ctx = DecodeContext(None)
     for layer in attention_layers(model):
         ctx.gates[layer.layer_idx] = BoundsOnly(*layer_shape(model, layer), block_size)

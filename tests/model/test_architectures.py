@@ -143,3 +143,25 @@ def test_more_families_run_dense_and_sparse_through_seer(model_type):
         with ctx.running("sparse", sparsity=SparsityConfig(method="topk", target_density=0.3, dense_last_rows=0)):
             assert (model(ids).logits - want).abs().max() > 1e-4
             assert set(ctx.densities()) == {0, 1} and max(ctx.densities().values()) < 1
+
+
+def test_sparse_decode_refuses_windowed_layers_and_models_seer_cannot_stand_in_for():
+    """transformers keeps only a window's keys in a windowed layer's cache, which sparse decode's block positions do
+    not follow: decode gates and Quest refuse such a model, and so does the pre-flight of a decode budget."""
+    from seer.gates.decode_gate import DecodeGateConfig
+    from seer.model.decode import attach_decode_gates, attach_quest_decode
+    from seer.preflight import check_decode
+
+    model = _model("mistral", sliding_window=48)
+    prepare_model(model, 16)
+    with pytest.raises(ValueError, match="sparse decode does not model windowed attention \\(sliding or chunked; "
+                                         "layers \\[0, 1\\]\\)"):
+        attach_quest_decode(model)
+    with pytest.raises(ValueError, match="sparse decode does not model windowed attention"):
+        attach_decode_gates(model, DecodeGateConfig(block_size=16, hidden_size=24))
+    with pytest.raises(ValueError, match="learns sink logits"):
+        attach_decode_gates(_model("gpt_oss"), DecodeGateConfig(block_size=16, hidden_size=24))
+    with pytest.raises(ConfigError, match="decode_sparsity: sparse decode does not model this model's windowed "
+                                          "attention layers"):
+        check_decode({"decode_sparsity": {"token_budget": 256}}, {"window": 48})
+    assert check_decode({"decode_sparsity": {}}, {"window": 48}) is None  # dense decode: nothing to refuse
