@@ -285,11 +285,13 @@ class _PreRopeStash:
 
     def hook(self, which: str, norm: nn.Module | None = None):
         """A forward hook for the layer's ``q_proj`` / ``k_proj`` (output ``[B, N, heads * D]``) that stores its
-        output as ``[B, heads, N, D]``, through the layer's ``norm`` (``q_norm`` / ``k_norm``) where it has one: per
-        head (a weight of ``D``: Qwen3, Gemma-3, EXAONE-4, Apertus) or over the whole projection (OLMo-2), whatever
-        layout the model applies it in (a per-head norm gives the same values before or after the heads' transpose,
-        so this needs no knowledge of where the model calls it)."""
-        whole = norm is not None and getattr(getattr(norm, "weight", None), "numel", lambda: 0)() \
+        output as ``[B, heads, N, D]``, through the layer's ``norm`` (``q_norm`` / ``k_norm``) where it has one: over
+        the whole projection (a 1-d weight of ``heads * D``: OLMo-2), else per head on ``[B, N, heads, D]`` (a weight of
+        ``D``: Qwen3, EXAONE-4, Apertus; or ``[heads, D]``: Cohere), whatever layout the model applies it in (a
+        per-head norm gives the same values before or after the heads' transpose, so this needs no knowledge of where
+        the model calls it)."""
+        weight = getattr(norm, "weight", None)
+        whole = isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() \
             == self.shape[which] * self.head_dim
 
         def store(_module, _inputs, output):

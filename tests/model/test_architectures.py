@@ -1,8 +1,9 @@
 """Architectures beyond the four families of test_attention.py, as tiny random models: the gates get each one's pre-RoPE
 Q and K wherever its Q/K norm sits (over the whole projection: OLMo-2; per head after the heads' transpose: Apertus,
-EXAONE-4), models whose attention seer cannot stand in for are refused before anything runs (capped logits, RoPE per
-layer type, learned sinks, a fused QKV projection), and windowed layers (sliding, chunked) run through seer while
-their keys fit the window and are refused beyond it, in the model and in the CLIs' pre-flight."""
+EXAONE-4; with a weight per head: Cohere), models whose attention seer cannot stand in for are refused before
+anything runs (capped logits, RoPE per layer type, learned sinks, a fused QKV projection), and windowed layers
+(sliding, chunked) run through seer while their keys fit the window and are refused beyond it, in the model and in
+the CLIs' pre-flight; sparse decode refuses windowed models."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ NORM_LAYOUTS = {
     "olmo2": lambda x, heads: x.unflatten(-1, (heads, -1)).transpose(1, 2),  # over the whole projection
     "apertus": lambda x, heads: x,  # per head, after the transpose to [B, heads, N, D]
     "exaone4": lambda x, heads: x,
+    "cohere": lambda x, heads: x.transpose(1, 2),  # per head with a weight per head, on [B, N, heads, D]
 }
+NORM_OPTIONS = {"cohere": {"use_qk_norm": True}}
 
 
 def _model(model_type: str, seed: int = 0, **overrides):
@@ -41,7 +44,8 @@ def _model(model_type: str, seed: int = 0, **overrides):
 
 @pytest.mark.parametrize("model_type", sorted(NORM_LAYOUTS))
 def test_the_gates_see_each_familys_normed_pre_rope_qk(model_type):
-    model, plain = _model(model_type), _model(model_type)
+    options = NORM_OPTIONS.get(model_type, {})
+    model, plain = _model(model_type, **options), _model(model_type, **options)
     for layer in model.model.layers:  # norm weights off 1, so a norm left out or misapplied shows
         for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
             torch.nn.init.normal_(norm.weight, mean=1.0, std=0.5)
