@@ -877,8 +877,8 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     plain = q_length == kv_length and kv_offset == 0 and q_offset == 0
     static_prefill = attention_mask is not None and 1 < q_length < kv_length and not is_tracing() \
         and int(q_offset) == 0
-    if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
-        return None
+    if plain and attention_mask is None and causal and (allow_is_causal_skip or is_tracing()):
+        return None  # (a windowed layer's mask is never skipped: without it SDPA would attend whole causal rows)
     spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
         and not is_tracing() else None
     if attention_mask is not None and not plain and spans is None and attention_mask.dim() == 2 \

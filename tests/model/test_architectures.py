@@ -169,3 +169,19 @@ def test_sparse_decode_refuses_windowed_layers_and_models_seer_cannot_stand_in_f
                                           "attention layers"):
         check_decode({"decode_sparsity": {"token_budget": 256}}, {"window": 48})
     assert check_decode({"decode_sparsity": {}}, {"window": 48}) is None  # dense decode: nothing to refuse
+
+
+def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
+    """Under CUDA-graph capture or torch.compile seer's mask function skips the mask of a plain causal prefill (so the
+    gates run); a windowed layer's mask is kept, or SDPA would attend whole causal rows past the window."""
+    import transformers.masking_utils as mu
+    import transformers.utils.import_utils as iu
+
+    model, plain = _model("mistral", sliding_window=32), _model("mistral", sliding_window=32)
+    prepare_model(model, 16)
+    ids = torch.randint(3, 300, (1, 70))
+    with torch.no_grad():
+        want = plain(ids, use_cache=False).logits
+        for module in (mu, iu):
+            monkeypatch.setattr(module, "is_tracing", lambda *args, **kwargs: True)
+        torch.testing.assert_close(model(ids, use_cache=False).logits, want)
