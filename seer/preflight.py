@@ -61,7 +61,8 @@ def model_shape(model_cfg) -> dict[str, Any]:
         raise ConfigError(f"model: {_model_name(model_cfg)}: {problem}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"num_layers": text.num_hidden_layers, "context": getattr(text, "max_position_embeddings", None),
-            "window": min(attention_windows(config).values(), default=None), "signature": config_signature(config),
+            "window": min((w.size for w in attention_windows(config).values()), default=None),
+            "signature": config_signature(config),
             "rope": rope_settings(config)}
 
 

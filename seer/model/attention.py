@@ -59,7 +59,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -333,7 +333,15 @@ def unsupported_attention(config) -> str | None:
     return None
 
 
-def attention_windows(config) -> dict[int, int]:
+class Window(NamedTuple):
+    """The keys a windowed layer attends: the last ``size`` (sliding: keys ``k`` with ``q - size < k <= q``) or those
+    of the query's own ``size``-token chunk (``chunked``: ``k // size == q // size``, ``k <= q``)."""
+
+    size: int
+    chunked: bool = False
+
+
+def attention_windows(config) -> dict[int, Window]:
     """``{layer index: window}`` of the layers of the model of ``config`` that attend within a window of keys:
     ``layer_types``' ``sliding_attention`` layers (``sliding_window``) and ``chunked_attention`` layers (Llama-4's
     ``attention_chunk_size``); without ``layer_types``, every layer when ``sliding_window`` is set and
@@ -344,11 +352,21 @@ def attention_windows(config) -> dict[int, int]:
              "chunked_attention": getattr(text, "attention_chunk_size", None)}
     types = getattr(text, "layer_types", None)
     if types is not None:
-        return {i: int(sizes[kind]) for i, kind in enumerate(types) if sizes.get(kind)}
+        return {i: Window(int(sizes[kind]), kind == "chunked_attention") for i, kind in enumerate(types)
+                if sizes.get(kind)}
     window = sizes["sliding_attention"]
     if not window or getattr(text, "use_sliding_window", True) is False:
         return {}
-    return dict.fromkeys(range(text.num_hidden_layers), int(window))
+    return dict.fromkeys(range(text.num_hidden_layers), Window(int(window)))
+
+
+def _window_mask(window: Window, queries: int, keys: int, device) -> torch.Tensor:
+    """bool ``[1, 1, queries, keys]``: what the last ``queries`` of ``keys`` positions attend in a layer with
+    ``window``, for the dense path when no mask came (seer's mask function skips it while tracing)."""
+    q = torch.arange(keys - queries, keys, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    inside = k // window.size == q // window.size if window.chunked else k > q - window.size
+    return ((k <= q) & inside)[None, None]
 
 
 def check_model(model: nn.Module) -> list[nn.Module]:
@@ -533,12 +551,12 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     ctx: SeerContext | None = getattr(module, "seer_context", None)
     stash = getattr(module, "seer_stash", None)
     decode = getattr(module, "seer_decode", None)  # seer.model.decode.DecodeContext: sparse decode when enabled
-    window = getattr(module, "seer_window", None)
-    if window is not None and key.shape[2] > window and (ctx is not None and ctx.mode != "dense"
-                                                          or getattr(decode, "sparsity", None) is not None):
-        raise ValueError(f"layer {module.layer_idx} attends within a window of {window} tokens (sliding or chunked), "
-                         f"which seer's block selection does not model; {key.shape[2]} keys exceed it (keep prompt "
-                         f"and generation within {window} tokens, or attend densely)")
+    window: Window | None = getattr(module, "seer_window", None)
+    beyond = window is not None and key.shape[2] > window.size
+    if beyond and (ctx is not None and ctx.mode != "dense" or getattr(decode, "sparsity", None) is not None):
+        raise ValueError(f"layer {module.layer_idx} attends within a window of {window.size} tokens (sliding or "
+                         f"chunked), which seer's block selection does not model; {key.shape[2]} keys exceed it (keep "
+                         f"prompt and generation within {window.size} tokens, or attend densely)")
     if decode is not None:
         out = decode.handle(module, query, key, value, attention_mask, scaling, **kwargs)
         if out is not None:
@@ -560,6 +578,8 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
                              "got an attention mask or cached keys")
         if stash is not None:
             stash.q = stash.k = None
+        if beyond and attention_mask is None:
+            attention_mask = _window_mask(window, query.shape[2], key.shape[2], query.device)
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v
@@ -877,8 +897,8 @@ def seer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     plain = q_length == kv_length and kv_offset == 0 and q_offset == 0
     static_prefill = attention_mask is not None and 1 < q_length < kv_length and not is_tracing() \
         and int(q_offset) == 0
-    if plain and attention_mask is None and causal and (allow_is_causal_skip or is_tracing()):
-        return None  # (a windowed layer's mask is never skipped: without it SDPA would attend whole causal rows)
+    if plain and attention_mask is None and (causal and allow_is_causal_skip or is_tracing()):
+        return None  # (a windowed layer then builds its window's mask itself: seer_attention)
     spans = padding_spans(attention_mask) if attention_mask is not None and attention_mask.dim() == 2 \
         and not is_tracing() else None
     if attention_mask is not None and not plain and spans is None and attention_mask.dim() == 2 \

@@ -106,15 +106,15 @@ def test_windowed_layers_run_sparse_within_their_window_and_are_refused_beyond_i
 
 def test_attention_windows_read_layer_types_sliding_and_chunked():
     cfg = AutoConfig.for_model("mistral", **COMMON, sliding_window=4096)  # no layer_types: every layer
-    assert attention_windows(cfg) == {0: 4096, 1: 4096}
+    assert attention_windows(cfg) == {0: (4096, False), 1: (4096, False)}
     assert attention_windows(AutoConfig.for_model("mistral", **COMMON, sliding_window=None)) == {}
     cfg = AutoConfig.for_model("qwen2", **COMMON, use_sliding_window=False, sliding_window=4096)
     assert attention_windows(cfg) == {}
     cfg = AutoConfig.for_model("exaone4", **COMMON, sliding_window=1024,
                                layer_types=["sliding_attention", "full_attention"])
-    assert attention_windows(cfg) == {0: 1024}
+    assert attention_windows(cfg) == {0: (1024, False)}
     cfg = AutoConfig.for_model("llama4_text", **{**COMMON, "num_hidden_layers": 4}, attention_chunk_size=8192)
-    assert attention_windows(cfg) == {0: 8192, 1: 8192, 2: 8192}
+    assert attention_windows(cfg) == {0: (8192, True), 1: (8192, True), 2: (8192, True)}
 
 
 def test_the_pre_flight_refuses_lengths_beyond_a_window():
@@ -177,11 +177,14 @@ def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
     import transformers.masking_utils as mu
     import transformers.utils.import_utils as iu
 
-    model, plain = _model("mistral", sliding_window=32), _model("mistral", sliding_window=32)
-    prepare_model(model, 16)
     ids = torch.randint(3, 300, (1, 70))
-    with torch.no_grad():
-        want = plain(ids, use_cache=False).logits
-        for module in (mu, iu):
-            monkeypatch.setattr(module, "is_tracing", lambda *args, **kwargs: True)
-        torch.testing.assert_close(model(ids, use_cache=False).logits, want)
+    for model_type, window in (("mistral", dict(sliding_window=32)),
+                               ("llama4_text", dict(attention_chunk_size=32, no_rope_layers=[1, 1]))):
+        model, plain = _model(model_type, **window), _model(model_type, **window)
+        prepare_model(model, 16)
+        with torch.no_grad():
+            want = plain(ids, use_cache=False).logits
+            with monkeypatch.context() as patch:
+                for module in (mu, iu):
+                    patch.setattr(module, "is_tracing", lambda *args, **kwargs: True)
+                torch.testing.assert_close(model(ids, use_cache=False).logits, want, msg=model_type)
