@@ -2,9 +2,9 @@
 config group, a file or the model's config, run before any model loads.
 
 The schemas (``seer/*/config.py``) check single values and do no I/O; what needs two groups (``data.seq_len`` against
-the model's context, its sliding window and the gate's block size, ``sparsity.dense_layers`` against the model's
-layers, gates against the model's shape, the stage against the trainer) is checked here, each refusal a
-:class:`~seer.config.ConfigError` naming the value. The model's shape comes from its config file alone
+the model's context and the gate's block size, ``sparsity.dense_layers`` against the model's layers, gates against
+the model's shape, the stage against the trainer) is checked here, each refusal a :class:`~seer.config.ConfigError`
+naming the value. The model's shape comes from its config file alone
 (``seer.model.loading.load_config``), read once per check; a model whose attention seer cannot stand in for is
 refused there.
 """
@@ -47,9 +47,8 @@ def check_options(choices: Mapping[str, str]) -> None:
 
 
 def model_shape(model_cfg) -> dict[str, Any]:
-    """The base model's layer count, context, smallest attention window (sliding or chunked; None: none), RoPE
-    settings and gate signature, from its config (no weights); a model whose attention seer cannot stand in for is
-    refused here."""
+    """The base model's layer count, context, windowed layers (sliding or chunked), RoPE settings and gate
+    signature, from its config (no weights); a model whose attention seer cannot stand in for is refused here."""
     from seer.model.attention import attention_windows, unsupported_attention
     from seer.model.gate_io import config_signature
     from seer.model.loading import load_config
@@ -61,8 +60,7 @@ def model_shape(model_cfg) -> dict[str, Any]:
         raise ConfigError(f"model: {_model_name(model_cfg)}: {problem}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"num_layers": text.num_hidden_layers, "context": getattr(text, "max_position_embeddings", None),
-            "window": min((w.size for w in attention_windows(config).values()), default=None),
-            "signature": config_signature(config),
+            "windowed_layers": sorted(attention_windows(config)), "signature": config_signature(config),
             "rope": rope_settings(config)}
 
 
@@ -77,10 +75,6 @@ def check_dense_layers(sparsity, shape: dict) -> None:
 def check_length(setting: str, tokens: int, shape: dict, rope_scaling: Mapping | None) -> None:
     """``tokens`` (what ``setting``, ``key=value``, asks for) fits the model's context; dynamic NTK scaling extends it
     without limit."""
-    window = shape.get("window")
-    if window is not None and tokens > window:
-        raise ConfigError(f"{setting}: longer than the model's attention window of {window} tokens (sliding or "
-                          f"chunked), which seer's block selection does not model; use at most {window}")
     context = shape["context"]
     if context is None or tokens <= context or (rope_scaling or {}).get("rope_type") == "dynamic":
         return
@@ -293,10 +287,10 @@ def check_decode(cfg: Mapping[str, Any], shape: dict, block_size: int | None = N
     given = {k: v for k, v in (cfg.get("decode_sparsity") or {}).items() if v is not None}
     if cfg.get("decode_gates") is None and not given:
         return None  # dense decode
-    if shape.get("window") is not None:
+    if shape.get("windowed_layers"):
         raise ConfigError(f"{'decode_gates' if cfg.get('decode_gates') is not None else 'decode_sparsity'}: sparse "
-                          "decode does not model this model's windowed attention layers (sliding or chunked); decode "
-                          "densely")
+                          f"decode does not model this model's windowed attention layers (sliding or chunked: "
+                          f"{shape['windowed_layers']}); decode densely")
     if cfg.get("decode_gates") is None:  # training-free sparse decode (Quest alone)
         budget = build(DecodeSparsityConfig, "decode_sparsity", given)
         budget.check_training_free()
@@ -322,10 +316,6 @@ def check_generation(cfg: Mapping[str, Any], model_cfg, prompt_tokens: int) -> d
     if shape["context"] is not None and total > shape["context"]:
         raise ConfigError(f"the prompt is {prompt_tokens} tokens and max_new_tokens={cfg['max_new_tokens']}, but "
                           f"{_model_name(model_cfg)} has a context of {shape['context']} tokens; shorten the prompt")
-    if shape["window"] is not None and total > shape["window"]:
-        raise ConfigError(f"the prompt is {prompt_tokens} tokens and max_new_tokens={cfg['max_new_tokens']}, but "
-                          f"{_model_name(model_cfg)} attends within a window of {shape['window']} tokens (sliding or "
-                          "chunked), which seer's block selection does not model; keep prompt and generation within it")
     if cfg.get("gates") is not None:
         check_gate_file("gates", cfg["gates"], shape)
     return shape

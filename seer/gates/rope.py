@@ -15,12 +15,15 @@ import torch
 
 def rope_frequencies(model_config, dim: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[dim // 2]`` and the cos/sin scale that ``model_config``'s RoPE uses at width ``dim``
-    (for a sequence of ``seq_len`` tokens: dynamic NTK depends on it)."""
+    (for a sequence of ``seq_len`` tokens: dynamic NTK depends on it); with RoPE settings per layer type, those of
+    the full-attention layers, where gates sit."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = copy.deepcopy(model_config)
     cfg.head_dim = dim
     params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):  # one set per layer type (Gemma-3): the gates
+        params = dict(params.get("full_attention") or next(iter(params.values())))  # sit on the full-attention layers
     if not params:  # older configs keep rope_theta / rope_scaling as attributes
         params = dict(getattr(cfg, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))

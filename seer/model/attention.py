@@ -1,19 +1,20 @@
 """Block selection inside a Hugging Face model: a registered attention function, and gates or selectors per layer.
 
-:func:`prepare_model` switches every attention layer of a Llama-family model (Llama, Qwen2, Qwen3, Mistral, ...) to
+:func:`prepare_model` switches every attention layer of a model (Llama, Qwen2, Qwen3, Mistral, Gemma-3, ...: README) to
 the ``"seer"`` attention function registered in transformers' ``AttentionInterface`` (no modeling file is copied)
 and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also gives every layer an
 :class:`~seer.gates.AttnGate` (submodule ``seer_gate``) and hooks its Q and K *before* RoPE (the output of
 ``q_proj``/``k_proj``, through ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
-included). Models whose attention seer cannot stand in for are refused (:func:`unsupported_attention`: capped
-logits, RoPE per layer type; learned sinks); layers with a sliding or chunked window run through seer while their keys
-fit the window (:func:`attention_windows`). Block scores come from ``context.selector`` (a training-free scorer of
-:mod:`seer.sparsity.selectors`, which reads Q and K after RoPE) or, when it is None, from the layer's gate (blended
-with a training-free estimate when ``gate_config.blend`` names one); in ``observe`` and ``sparse`` modes a layer of
-``context.layer_selectors`` is scored by its own selector instead (``{layer: selector}``: which layers' selections
-cost the quality is measured by giving a group of them the oracle). What the function does depends on the
-context's ``mode``, set like every other setting through the context's checks: for a block of code
-(``with context.running("sparse", sparsity=...):``, :meth:`SeerContext.observing`) or for good
+included). Models whose attention seer cannot stand in for are refused (:func:`check_model`: capped logits, learned
+sinks, no full-attention layer); layers that attend within a sliding or chunked window (:func:`attention_windows`:
+Gemma-3's, Llama-4's, EXAONE-4's local layers) keep the model's own attention in every mode and get no gate: seer
+selects blocks in the full-attention layers, and densities and calibrations count those. Block scores come from
+``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`, which reads Q and K after RoPE) or,
+when it is None, from the layer's gate (blended with a training-free estimate when ``gate_config.blend`` names one);
+in ``observe`` and ``sparse`` modes a layer of ``context.layer_selectors`` is scored by its own selector instead
+(``{layer: selector}``: which layers' selections cost the quality is measured by giving a group of them the oracle).
+What the function does depends on the context's ``mode``, set like every other setting through the context's checks:
+for a block of code (``with context.running("sparse", sparsity=...):``, :meth:`SeerContext.observing`) or for good
 (:meth:`SeerContext.update`):
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
@@ -317,19 +318,19 @@ class _PreRopeStash:
 def unsupported_attention(config) -> str | None:
     """Why seer's attention cannot stand in for that of the model of ``config`` (a transformers config: the checks
     that need no weights), or None. seer's kernels compute causal softmax attention (any scale, GQA); they do not cap
-    the logits (Gemma-2's ``attn_logit_softcapping``), and a gate's block RoPE takes one set of RoPE settings, not one
-    per layer type (Gemma-3). Learned attention sinks are refused by :func:`prepare_model`, which sees the layers;
-    sliding or chunked windows (:func:`attention_windows`) bound the lengths seer takes."""
+    the logits (Gemma-2's ``attn_logit_softcapping``), and seer needs a full-attention layer to select blocks in
+    (every layer of Mistral-7B-v0.1 slides a window: :func:`attention_windows`). Learned attention sinks are refused
+    by :func:`check_model`, which sees the layers."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     kind = getattr(text, "model_type", None) or type(text).__name__
     cap = getattr(text, "attn_logit_softcapping", None)
     if cap is not None:
         return (f"{kind} caps its attention logits (attn_logit_softcapping={cap}), which seer's attention does not: "
                 "its outputs would change")
-    rope = getattr(text, "rope_parameters", None)
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
-        return (f"{kind} has RoPE settings per layer type ({', '.join(sorted(rope))}); the gates' block RoPE takes "
-                "one set")
+    windows = attention_windows(config)
+    if windows and len(windows) == text.num_hidden_layers:
+        return (f"every attention layer of {kind} attends within a window ({min(w.size for w in windows.values())} "
+                "tokens, sliding or chunked): seer has no full-attention layer to select blocks in")
     return None
 
 
@@ -345,8 +346,8 @@ def attention_windows(config) -> dict[int, Window]:
     """``{layer index: window}`` of the layers of the model of ``config`` that attend within a window of keys:
     ``layer_types``' ``sliding_attention`` layers (``sliding_window``) and ``chunked_attention`` layers (Llama-4's
     ``attention_chunk_size``); without ``layer_types``, every layer when ``sliding_window`` is set and
-    ``use_sliding_window`` is not false (Mistral-7B-v0.1). seer's block selection and kernels attend whole causal
-    rows, so such a layer runs through seer only while its keys fit its window, where the window does not bind."""
+    ``use_sliding_window`` is not false (Mistral-7B-v0.1). Such a layer keeps the model's own attention under seer
+    (its cost is bounded by the window already); seer selects blocks in the others."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes = {"sliding_attention": getattr(text, "sliding_window", None),
              "chunked_attention": getattr(text, "attention_chunk_size", None)}
@@ -447,6 +448,8 @@ def attach_gates(model: nn.Module, gate_config: GateConfig,
             heads, kv_heads, head_dim = layer_shape(model, layer)
             return AttnGate(gate_config, head_dim, heads, kv_heads, inv_freq, rope_scale, at_length).to(device)
     for layer in attention_layers(model):
+        if layer.seer_window is not None:  # keeps the model's own windowed attention: no gate
+            continue
         layer.seer_gate = make_gate(layer)
         layer.seer_stash = stash = _PreRopeStash(*layer_shape(model, layer))
         stash.attach(layer)
@@ -552,11 +555,10 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
     stash = getattr(module, "seer_stash", None)
     decode = getattr(module, "seer_decode", None)  # seer.model.decode.DecodeContext: sparse decode when enabled
     window: Window | None = getattr(module, "seer_window", None)
-    beyond = window is not None and key.shape[2] > window.size
-    if beyond and (ctx is not None and ctx.mode != "dense" or getattr(decode, "sparsity", None) is not None):
-        raise ValueError(f"layer {module.layer_idx} attends within a window of {window.size} tokens (sliding or "
-                         f"chunked), which seer's block selection does not model; {key.shape[2]} keys exceed it (keep "
-                         f"prompt and generation within {window.size} tokens, or attend densely)")
+    if window is not None:  # the model's own windowed attention, in every mode
+        if attention_mask is None and key.shape[2] > window.size:  # seer's mask function skips it while tracing
+            attention_mask = _window_mask(window, query.shape[2], key.shape[2], query.device)
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if decode is not None:
         out = decode.handle(module, query, key, value, attention_mask, scaling, **kwargs)
         if out is not None:
@@ -578,8 +580,6 @@ def seer_attention(module, query, key, value, attention_mask, dropout: float = 0
                              "got an attention mask or cached keys")
         if stash is not None:
             stash.q = stash.k = None
-        if beyond and attention_mask is None:
-            attention_mask = _window_mask(window, query.shape[2], key.shape[2], query.device)
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.dtype != value.dtype:  # float32 rotary tables under autocast give float32 q/k beside bf16 v

@@ -59,6 +59,10 @@ def apply_rope_scaling(config, scaling: Mapping[str, Any]) -> None:
     scaling = check_rope_scaling(scaling)
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"model.rope_scaling: {getattr(cfg, 'model_type', 'this model')} has RoPE settings per layer "
+                         f"type ({', '.join(sorted(params))}), which seer does not rescale; extend its context by its "
+                         "own config")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     new = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
     new["factor"] = float(scaling["factor"])

@@ -1,9 +1,10 @@
 """Architectures beyond the four families of test_attention.py, as tiny random models: the gates get each one's pre-RoPE
 Q and K wherever its Q/K norm sits (over the whole projection: OLMo-2; per head after the heads' transpose: Apertus,
-EXAONE-4; with a weight per head: Cohere), models whose attention seer cannot stand in for are refused before
-anything runs (capped logits, RoPE per layer type, learned sinks, a fused QKV projection), and windowed layers
-(sliding, chunked) run through seer while their keys fit the window and are refused beyond it, in the model and in
-the CLIs' pre-flight; sparse decode refuses windowed models."""
+EXAONE-4; with a weight per head: Cohere); models whose attention seer cannot stand in for are refused before
+anything runs (capped logits, learned sinks, no full-attention layer, a fused QKV projection); in hybrid models
+(Gemma-3, EXAONE-4, Llama-4) the windowed layers keep the model's own attention in every mode, also while tracing,
+get no gate and are not counted, while seer selects blocks in the full-attention layers; sparse decode refuses
+windowed models."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from seer.checks import ConfigError
+from seer.gates import rope_frequencies
 from seer.gates.config import GateConfig
 from seer.model import attach_gates, freeze_base_model, gates
 from seer.model.attention import attention_windows, prepare_model
 from seer.model.config import ModelConfig
-from seer.preflight import check_length, model_shape
+from seer.model.gate_io import load_gates, save_gates
+from seer.preflight import model_shape
 from seer.sparsity.config import SparsityConfig
-from seer.sparsity.selectors import Oracle
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
               pad_token_id=2)
 GATE = GateConfig(block_size=16, hidden_size=24, k_pool=["max", "min"])
+FULL = dict(layer_types=["full_attention", "full_attention"])
+HYBRID = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=32)
 
 # where each family's Q/K norm sits: its output as the model computes it -> [B, heads, N, D]
 NORM_LAYOUTS = {
@@ -33,7 +37,7 @@ NORM_LAYOUTS = {
     "exaone4": lambda x, heads: x,
     "cohere": lambda x, heads: x.transpose(1, 2),  # per head with a weight per head, on [B, N, heads, D]
 }
-NORM_OPTIONS = {"cohere": {"use_qk_norm": True}}
+OPTIONS = {"cohere": {"use_qk_norm": True}, "exaone4": FULL}
 
 
 def _model(model_type: str, seed: int = 0, **overrides):
@@ -44,7 +48,7 @@ def _model(model_type: str, seed: int = 0, **overrides):
 
 @pytest.mark.parametrize("model_type", sorted(NORM_LAYOUTS))
 def test_the_gates_see_each_familys_normed_pre_rope_qk(model_type):
-    options = NORM_OPTIONS.get(model_type, {})
+    options = OPTIONS.get(model_type, {})
     model, plain = _model(model_type, **options), _model(model_type, **options)
     for layer in model.model.layers:  # norm weights off 1, so a norm left out or misapplied shows
         for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
@@ -71,37 +75,63 @@ def test_the_gates_see_each_familys_normed_pre_rope_qk(model_type):
         torch.testing.assert_close(rec.logits, gates(model)[rec.layer_idx](q, k))
 
 
-@pytest.mark.parametrize("model_type,why", [
-    ("gemma2", "gemma2 caps its attention logits \\(attn_logit_softcapping=50.0\\), which seer's attention does not"),
-    ("gemma3_text", "gemma3_text has RoPE settings per layer type \\(full_attention, sliding_attention\\)"),
-    ("gpt_oss", "GptOssForCausalLM's attention learns sink logits \\(`sinks`, layers \\[0, 1\\]\\)"),
-    ("phi3", "Phi3ForCausalLM has no attention layers with q_proj/k_proj/layer_idx"),
-])
-def test_attention_seer_cannot_stand_in_for_is_refused(model_type, why):
-    model = _model(model_type)
+REFUSED = [
+    ("gemma2", {}, "gemma2 caps its attention logits \\(attn_logit_softcapping=50.0\\), which seer's attention "
+                   "does not"),
+    ("mistral", dict(sliding_window=4096), "every attention layer of mistral attends within a window \\(4096 "
+                                           "tokens, sliding or chunked\\): seer has no full-attention layer to select "
+                                           "blocks in"),
+    ("gpt_oss", FULL, "GptOssForCausalLM's attention learns sink logits \\(`sinks`, layers \\[0, 1\\]\\)"),
+    ("phi3", {}, "Phi3ForCausalLM has no attention layers with q_proj/k_proj/layer_idx"),
+]
+
+
+@pytest.mark.parametrize("model_type,options,why", REFUSED)
+def test_attention_seer_cannot_stand_in_for_is_refused(model_type, options, why):
+    model = _model(model_type, **options)
     with pytest.raises(ValueError, match=why):
         prepare_model(model, 16)
     assert getattr(model, "seer_context", None) is None
-    if model_type in ("gemma2", "gemma3_text"):  # from the config alone: the CLIs refuse before loading a model
-        arch = dict(model_type=model_type, **COMMON)
-        with pytest.raises(ConfigError, match="model: random-" + why.split(" ")[0]):
+    if model_type in ("gemma2", "mistral"):  # from the config alone: the CLIs refuse before loading a model
+        arch = dict(model_type=model_type, **COMMON, **options)
+        with pytest.raises(ConfigError, match=f"model: random-{model_type}: {why.split(': ')[0][:40]}"):
             model_shape(ModelConfig(random_init=True, architecture=arch))
 
 
-def test_windowed_layers_run_sparse_within_their_window_and_are_refused_beyond_it():
-    model, plain = _model("mistral", sliding_window=48), _model("mistral", sliding_window=48)
-    ctx = prepare_model(model, 16)
-    sparse = SparsityConfig(method="topk", target_density=0.5, dense_last_rows=0)
-    short, long = torch.randint(3, 300, (1, 45)), torch.randint(3, 300, (1, 70))
-    with ctx.running("sparse", selector=Oracle(), sparsity=sparse), torch.no_grad():
-        out = model(short).logits
-        assert set(ctx.densities()) == {0, 1} and all(d < 1 for d in ctx.densities().values())
-        assert (out - plain(short).logits).abs().max() > 1e-4  # the selection really dropped blocks
-        with pytest.raises(ValueError, match="layer 0 attends within a window of 48 tokens \\(sliding or chunked\\), "
-                                             "which seer's block selection does not model; 70 keys exceed it"):
-            model(long)
-    with torch.no_grad():  # dense mode: the model's own windowed attention, at any length
-        torch.testing.assert_close(model(long).logits, plain(long).logits)
+@pytest.mark.parametrize("model_type", ["exaone4", "gemma3_text"])
+def test_hybrid_models_select_in_their_full_layers_and_keep_their_windows(model_type, tmp_path):
+    """Layer 0 slides a 32-token window, layer 1 attends whole rows: at 70 tokens only layer 1 has a gate, is
+    distilled, selected and counted; a dense budget gives the model's own outputs, a sparse one changes them; gate
+    files round-trip; Gemma-3's gates take the full-attention layers' RoPE (theta 1e6, not the local 1e4)."""
+    model, plain = _model(model_type, **HYBRID), _model(model_type, **HYBRID)
+    ctx = attach_gates(model, GATE)
+    freeze_base_model(model)
+    assert sorted(gates(model)) == [1]
+    if model_type == "gemma3_text":
+        want_freq, _ = rope_frequencies(model.config, GATE.hidden_size)
+        assert torch.allclose(want_freq, 1.0 / 1e6 ** (torch.arange(0, 24, 2) / 24))
+        torch.testing.assert_close(gates(model)[1].rope_inv_freq, want_freq)
+    ids = torch.randint(3, 300, (2, 70))
+    with torch.no_grad():
+        want = plain(ids).logits
+        torch.testing.assert_close(model(ids).logits, want)
+        records = []
+        with ctx.running("distill", consumer=records.append):
+            torch.testing.assert_close(model(ids).logits, want)
+        assert [r.layer_idx for r in records] == [1]
+        with ctx.running("sparse", sparsity=SparsityConfig(method="dense", target_density=None)):
+            torch.testing.assert_close(model(ids).logits, want)
+        with ctx.running("sparse", sparsity=SparsityConfig(method="topk", target_density=0.3, dense_last_rows=0)):
+            sparse = model(ids).logits
+            assert (sparse - want).abs().max() > 1e-4
+            assert set(ctx.densities()) == {1} and ctx.densities()[1] < 1
+    save_gates(tmp_path / "g", model, model_type)
+    again = _model(model_type, **HYBRID)
+    load_gates(again, tmp_path / "g")
+    assert sorted(gates(again)) == [1]
+    with torch.no_grad(), again.seer_context.running(
+            "sparse", sparsity=SparsityConfig(method="topk", target_density=0.3, dense_last_rows=0)):
+        torch.testing.assert_close(again(ids).logits, sparse)
 
 
 def test_attention_windows_read_layer_types_sliding_and_chunked():
@@ -115,17 +145,8 @@ def test_attention_windows_read_layer_types_sliding_and_chunked():
     assert attention_windows(cfg) == {0: (1024, False)}
     cfg = AutoConfig.for_model("llama4_text", **{**COMMON, "num_hidden_layers": 4}, attention_chunk_size=8192)
     assert attention_windows(cfg) == {0: (8192, True), 1: (8192, True), 2: (8192, True)}
-
-
-def test_the_pre_flight_refuses_lengths_beyond_a_window():
-    arch = dict(model_type="mistral", **COMMON, sliding_window=512)
-    shape = model_shape(ModelConfig(random_init=True, architecture=arch))
-    assert shape["window"] == 512
-    check_length("data.seq_len=512", 512, shape, None)
-    with pytest.raises(ConfigError, match="data.seq_len=1024: longer than the model's attention window of 512 tokens "
-                                          "\\(sliding or chunked\\)"):
-        check_length("data.seq_len=1024", 1024, shape, None)
-    assert model_shape(ModelConfig(random_init=True, architecture=dict(arch, sliding_window=None)))["window"] is None
+    arch = dict(model_type="exaone4", **COMMON, **HYBRID)
+    assert model_shape(ModelConfig(random_init=True, architecture=arch))["windowed_layers"] == [0]
 
 
 FAMILIES = ["apertus", "cohere", "exaone4", "gemma", "glm", "granite", "helium", "mixtral", "olmo2", "phi", "qwen2_moe",
@@ -136,7 +157,8 @@ FAMILIES = ["apertus", "cohere", "exaone4", "gemma", "glm", "granite", "helium",
 def test_more_families_run_dense_and_sparse_through_seer(model_type):
     """Gates attached change nothing in dense mode; a dense budget gives the model's own outputs; top-k at 0.3 keeps
     fewer blocks and changes them."""
-    model, plain = _model(model_type), _model(model_type)
+    options = OPTIONS.get(model_type, {})
+    model, plain = _model(model_type, **options), _model(model_type, **options)
     ctx = attach_gates(model, GATE)
     ids = torch.randint(3, 300, (1, 70))
     with torch.no_grad():
@@ -156,32 +178,34 @@ def test_sparse_decode_refuses_windowed_layers_and_models_seer_cannot_stand_in_f
     from seer.model.decode import attach_decode_gates, attach_quest_decode
     from seer.preflight import check_decode
 
-    model = _model("mistral", sliding_window=48)
+    model = _model("exaone4", **HYBRID)
     prepare_model(model, 16)
     with pytest.raises(ValueError, match="sparse decode does not model windowed attention \\(sliding or chunked; "
-                                         "layers \\[0, 1\\]\\)"):
+                                         "layers \\[0\\]\\)"):
         attach_quest_decode(model)
     with pytest.raises(ValueError, match="sparse decode does not model windowed attention"):
         attach_decode_gates(model, DecodeGateConfig(block_size=16, hidden_size=24))
     with pytest.raises(ValueError, match="learns sink logits"):
-        attach_decode_gates(_model("gpt_oss"), DecodeGateConfig(block_size=16, hidden_size=24))
+        attach_decode_gates(_model("gpt_oss", **FULL), DecodeGateConfig(block_size=16, hidden_size=24))
     with pytest.raises(ConfigError, match="decode_sparsity: sparse decode does not model this model's windowed "
-                                          "attention layers"):
-        check_decode({"decode_sparsity": {"token_budget": 256}}, {"window": 48})
-    assert check_decode({"decode_sparsity": {}}, {"window": 48}) is None  # dense decode: nothing to refuse
+                                          "attention layers \\(sliding or chunked: \\[0\\]\\)"):
+        check_decode({"decode_sparsity": {"token_budget": 256}}, {"windowed_layers": [0]})
+    assert check_decode({"decode_sparsity": {}}, {"windowed_layers": [0]}) is None  # dense decode: nothing to refuse
 
 
 def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
     """Under CUDA-graph capture or torch.compile seer's mask function skips the mask of a plain causal prefill (so the
-    gates run); a windowed layer's mask is kept, or SDPA would attend whole causal rows past the window."""
+    gates run); a windowed layer then builds its window's mask itself, or SDPA would attend whole causal rows past the
+    window (sliding: EXAONE-4; chunked: Llama-4)."""
     import transformers.masking_utils as mu
     import transformers.utils.import_utils as iu
 
     ids = torch.randint(3, 300, (1, 70))
-    for model_type, window in (("mistral", dict(sliding_window=32)),
-                               ("llama4_text", dict(attention_chunk_size=32, no_rope_layers=[1, 1]))):
-        model, plain = _model(model_type, **window), _model(model_type, **window)
+    for model_type, options in (("exaone4", HYBRID),
+                                ("llama4_text", dict(attention_chunk_size=32, no_rope_layers=[1, 0]))):
+        model, plain = _model(model_type, **options), _model(model_type, **options)
         prepare_model(model, 16)
+        assert attention_windows(model.config)
         with torch.no_grad():
             want = plain(ids, use_cache=False).logits
             with monkeypatch.context() as patch:
