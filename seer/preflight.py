@@ -4,9 +4,8 @@ config group, a file or the model's config, run before any model loads.
 The schemas (``seer/*/config.py``) check single values and do no I/O; what needs two groups (``data.seq_len`` against
 the model's context and the gate's block size, ``sparsity.dense_layers`` against the model's layers, gates against
 the model's shape, the stage against the trainer) is checked here, each refusal a :class:`~seer.config.ConfigError`
-naming the value. The model's shape comes from its config file alone
-(``seer.model.loading.load_config``), read once per check; a model whose attention seer cannot stand in for is
-refused there.
+naming the value. The model's shape comes from its config file alone (``seer.model.loading.load_config``), read
+once per check; a model whose attention seer cannot stand in for is refused there.
 """
 
 from __future__ import annotations
@@ -125,6 +124,9 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
     if run.stage.name == "distill":
         run.stage.check_gate(run.gate)
     shape = model_shape(run.model)
+    if decode_gate is not None and shape["windowed_layers"]:
+        raise ConfigError(f"stage=distill_decode: sparse decode does not model this model's windowed attention layers "
+                          f"(sliding or chunked: {shape['windowed_layers']})")
     check_dense_layers(run.sparsity, shape)
     if is_int(seq_len):
         check_length(f"data.seq_len={seq_len}", seq_len, shape, run.model.rope_scaling)

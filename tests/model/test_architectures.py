@@ -212,3 +212,23 @@ def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
                 for module in (mu, iu):
                     patch.setattr(module, "is_tracing", lambda *args, **kwargs: True)
                 torch.testing.assert_close(model(ids, use_cache=False).logits, want, msg=model_type)
+
+
+def test_the_training_pre_flight_refuses_decode_gates_for_a_windowed_model():
+    from omegaconf import OmegaConf
+
+    from seer.config import compose, validate
+    from seer.preflight import check_training
+
+    hybrid = ["model=tiny_llama", "data=random_tokens", "model.architecture.model_type=exaone4",
+              "+model.architecture.layer_types=[sliding_attention,full_attention]",
+              "+model.architecture.sliding_window=32"]
+
+    def check(stage: str) -> None:
+        cfg = compose(hybrid + [f"stage={stage}"])
+        check_training(OmegaConf.to_container(cfg, resolve=True), validate(cfg), {}, shards_model=False)
+
+    check("distill")  # prefill gates: the full-attention layer
+    with pytest.raises(ConfigError, match="stage=distill_decode: sparse decode does not model this model's windowed "
+                                          "attention layers \\(sliding or chunked: \\[0\\]\\)"):
+        check("distill_decode")
