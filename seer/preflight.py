@@ -46,9 +46,9 @@ def check_options(choices: Mapping[str, str]) -> None:
 
 
 def model_shape(model_cfg) -> dict[str, Any]:
-    """The base model's layer count, context, windowed layers (sliding or chunked), RoPE settings and gate
-    signature, from its config (no weights); a model whose attention seer cannot stand in for is refused here."""
-    from seer.model.attention import attention_windows, unsupported_attention
+    """The base model's layer count, context, RoPE settings and gate signature, from its config (no weights); a model
+    whose attention seer cannot stand in for is refused here."""
+    from seer.model.attention import unsupported_attention
     from seer.model.gate_io import config_signature
     from seer.model.loading import load_config
     from seer.model.rope_scaling import rope_settings
@@ -59,8 +59,7 @@ def model_shape(model_cfg) -> dict[str, Any]:
         raise ConfigError(f"model: {_model_name(model_cfg)}: {problem}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"num_layers": text.num_hidden_layers, "context": getattr(text, "max_position_embeddings", None),
-            "windowed_layers": sorted(attention_windows(config)), "signature": config_signature(config),
-            "rope": rope_settings(config)}
+            "signature": config_signature(config), "rope": rope_settings(config)}
 
 
 def check_dense_layers(sparsity, shape: dict) -> None:
@@ -124,9 +123,6 @@ def check_training(cfg: Mapping[str, Any], run: RunConfig, choices: Mapping[str,
     if run.stage.name == "distill":
         run.stage.check_gate(run.gate)
     shape = model_shape(run.model)
-    if decode_gate is not None and shape["windowed_layers"]:
-        raise ConfigError(f"stage=distill_decode: sparse decode does not model this model's windowed attention layers "
-                          f"(sliding or chunked: {shape['windowed_layers']})")
     check_dense_layers(run.sparsity, shape)
     if is_int(seq_len):
         check_length(f"data.seq_len={seq_len}", seq_len, shape, run.model.rope_scaling)
@@ -287,13 +283,9 @@ def check_decode(cfg: Mapping[str, Any], shape: dict, block_size: int | None = N
     from seer.sparsity.decode import DecodeSparsityConfig
 
     given = {k: v for k, v in (cfg.get("decode_sparsity") or {}).items() if v is not None}
-    if cfg.get("decode_gates") is None and not given:
-        return None  # dense decode
-    if shape.get("windowed_layers"):
-        raise ConfigError(f"{'decode_gates' if cfg.get('decode_gates') is not None else 'decode_sparsity'}: sparse "
-                          f"decode does not model this model's windowed attention layers (sliding or chunked: "
-                          f"{shape['windowed_layers']}); decode densely")
-    if cfg.get("decode_gates") is None:  # training-free sparse decode (Quest alone)
+    if cfg.get("decode_gates") is None:  # training-free sparse decode (Quest alone) or dense decode
+        if not given:
+            return None
         budget = build(DecodeSparsityConfig, "decode_sparsity", given)
         budget.check_training_free()
         if block_size is None:

@@ -7,15 +7,15 @@ and gives the model a shared :class:`SeerContext`. :func:`attach_gates` also giv
 ``q_proj``/``k_proj``, through ``q_norm``/``k_norm`` where the model has them, so Qwen2's bias and Qwen3's norm are
 included). Models whose attention seer cannot stand in for are refused (:func:`check_model`: capped logits, learned
 sinks, no full-attention layer); layers that attend within a sliding or chunked window (:func:`attention_windows`:
-Gemma-3's, Llama-4's, EXAONE-4's local layers) keep the model's own attention in every mode and get no gate: seer
-selects blocks in the full-attention layers, and densities and calibrations count those. Block scores come from
-``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`, which reads Q and K after RoPE) or,
-when it is None, from the layer's gate (blended with a training-free estimate when ``gate_config.blend`` names one);
-in ``observe`` and ``sparse`` modes a layer of ``context.layer_selectors`` is scored by its own selector instead
-(``{layer: selector}``: which layers' selections cost the quality is measured by giving a group of them the oracle).
-What the function does depends on the context's ``mode``, set like every other setting through the context's checks:
-for a block of code (``with context.running("sparse", sparsity=...):``, :meth:`SeerContext.observing`) or for good
-(:meth:`SeerContext.update`):
+Gemma-3's, Llama-4's, EXAONE-4's local layers) keep the model's own attention in every mode and get no gate (nor
+decode gate): seer selects blocks in the full-attention layers, and densities and calibrations count those. Block
+scores come from ``context.selector`` (a training-free scorer of :mod:`seer.sparsity.selectors`, which reads Q and K
+after RoPE) or, when it is None, from the layer's gate (blended with a training-free estimate when
+``gate_config.blend`` names one); in ``observe`` and ``sparse`` modes a layer of ``context.layer_selectors`` is scored
+by its own selector instead (``{layer: selector}``: which layers' selections cost the quality is measured by giving a
+group of them the oracle). What the function does depends on the context's ``mode``, set like every other setting
+through the context's checks: for a block of code (``with context.running("sparse", sparsity=...):``,
+:meth:`SeerContext.observing`) or for good (:meth:`SeerContext.update`):
 
 * ``dense`` - plain SDPA; gates and selectors are idle.
 * ``distill`` - dense attention plus the block ground truth (``gt_target``: the block max-pool from the ``reference``

@@ -58,7 +58,7 @@ from seer.gates.config import GateConfig
 from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from seer.kernels.decode_gt import decode_block_gt
 from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, attention_windows,
-                                  check_model, layer_shape, seer_mask)
+                                  check_model, layer_shape, seer_attention, seer_mask)
 from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, key_moment_scores,
                                      layer_block_size, newest_scores, prompt_block_pins, reranked_block_scores,
                                      step_key_bounds, step_key_moments, step_keys, step_position, true_block_scores)
@@ -407,15 +407,15 @@ def _compiled_step() -> Callable:
     return _COMPILED[backend]
 
 
-def _check_decode_model(model: nn.Module) -> None:
-    """Refuses a model seer's attention cannot stand in for (:func:`~seer.model.attention.check_model`) and one with
-    windowed layers: transformers keeps only a window's keys in such a layer's cache, which sparse decode's block
-    positions do not follow."""
-    check_model(model)
-    windowed = sorted(attention_windows(model.config))
-    if windowed:
-        raise ValueError(f"sparse decode does not model windowed attention (sliding or chunked; layers {windowed}): "
-                         "transformers keeps only a window's keys in those layers' caches")
+def _decoded_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention layers sparse decode selects in: every one but those that attend within a window (sliding or
+    chunked), which keep the model's own attention (their caches hold only the window's keys); a model seer's
+    attention cannot stand in for is refused (:func:`~seer.model.attention.check_model`)."""
+    windows = attention_windows(model.config)
+    layers = check_model(model)
+    for layer in layers:
+        layer.seer_window = windows.get(layer.layer_idx)
+    return [layer for layer in layers if layer.seer_window is None]
 
 
 def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeContext:
@@ -423,14 +423,14 @@ def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeCon
     returns the shared context."""
     if getattr(model, "seer_decode", None) is not None:
         raise ValueError("this model already has seer decode gates attached")
-    _check_decode_model(model)
+    layers = _decoded_layers(model)
     _register()
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     inv_freq, rope_scale = rope_frequencies(cfg, config.hidden_size) if config.block_rope else (None, 1.0)
     device = next(model.parameters()).device
     device = torch.device("cpu") if device.type == "meta" else device
     ctx = DecodeContext(config)
-    for layer in attention_layers(model):
+    for layer in layers:
         heads, kv_heads, head_dim = layer_shape(model, layer)
         layer.seer_decode_gate = ctx.gates[layer.layer_idx] = DecodeGate(config, head_dim, heads, kv_heads, inv_freq,
                                                                          rope_scale).to(device)
@@ -455,9 +455,8 @@ def attach_quest_decode(model: nn.Module, block_size: int = QUEST_BLOCK_SIZE) ->
 
     if block_size not in BLOCK_SIZES or isinstance(block_size, bool):
         raise ValueError(f"block_size={block_size!r}: the decode kernels take key blocks of {BLOCK_SIZES} tokens")
-    _check_decode_model(model)
     ctx = DecodeContext(None)
-    for layer in attention_layers(model):
+    for layer in _decoded_layers(model):
         ctx.gates[layer.layer_idx] = BoundsOnly(*layer_shape(model, layer), block_size)
         layer.seer_decode = ctx
     model.seer_decode = ctx
@@ -500,6 +499,8 @@ def decode_distill_attention(module, query, key, value, attention_mask, dropout:
     :class:`DecodeRecord` to the context's consumer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if getattr(module, "seer_window", None) is not None:  # a windowed layer: the model's own attention, no gate
+        return seer_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError(f"decode-gate distillation needs an unpadded causal prefill (no attention mask, no KV "
                          f"cache); got {query.shape[2]} queries over {key.shape[2]} keys, mask "

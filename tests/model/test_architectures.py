@@ -3,8 +3,7 @@ Q and K wherever its Q/K norm sits (over the whole projection: OLMo-2; per head 
 EXAONE-4; with a weight per head: Cohere); models whose attention seer cannot stand in for are refused before
 anything runs (capped logits, learned sinks, no full-attention layer, a fused QKV projection); in hybrid models
 (Gemma-3, EXAONE-4, Llama-4) the windowed layers keep the model's own attention in every mode, also while tracing,
-get no gate and are not counted, while seer selects blocks in the full-attention layers; sparse decode refuses
-windowed models."""
+get no gate and are not counted, while seer selects blocks in the full-attention layers, in prefill and in decode."""
 
 from __future__ import annotations
 
@@ -145,8 +144,6 @@ def test_attention_windows_read_layer_types_sliding_and_chunked():
     assert attention_windows(cfg) == {0: (1024, False)}
     cfg = AutoConfig.for_model("llama4_text", **{**COMMON, "num_hidden_layers": 4}, attention_chunk_size=8192)
     assert attention_windows(cfg) == {0: (8192, True), 1: (8192, True), 2: (8192, True)}
-    arch = dict(model_type="exaone4", **COMMON, **HYBRID)
-    assert model_shape(ModelConfig(random_init=True, architecture=arch))["windowed_layers"] == [0]
 
 
 FAMILIES = ["apertus", "cohere", "exaone4", "gemma", "glm", "granite", "helium", "mixtral", "olmo2", "phi", "qwen2_moe",
@@ -171,26 +168,34 @@ def test_more_families_run_dense_and_sparse_through_seer(model_type):
             assert set(ctx.densities()) == {0, 1} and max(ctx.densities().values()) < 1
 
 
-def test_sparse_decode_refuses_windowed_layers_and_models_seer_cannot_stand_in_for():
-    """transformers keeps only a window's keys in a windowed layer's cache, which sparse decode's block positions do
-    not follow: decode gates and Quest refuse such a model, and so does the pre-flight of a decode budget."""
+def test_sparse_decode_of_a_hybrid_selects_in_its_full_layers():
+    """Quest alone on EXAONE-4 with a 32-token window in layer 0: greedy generation past the window (transformers keeps
+    only the window's keys in that layer's cache) keeps layer 0's own attention; every block kept gives dense decode,
+    a small budget a sparse one in layer 1; decode gates sit on layer 1 alone; learned sinks are refused."""
     from seer.gates.decode_gate import DecodeGateConfig
-    from seer.model.decode import attach_decode_gates, attach_quest_decode
-    from seer.preflight import check_decode
+    from seer.model.decode import attach_decode_gates, attach_quest_decode, decode_gates
+    from seer.sparsity.decode import DecodeSparsityConfig
+    from tests.tiny import padded_generation
 
-    model = _model("exaone4", **HYBRID)
-    prepare_model(model, 16)
-    with pytest.raises(ValueError, match="sparse decode does not model windowed attention \\(sliding or chunked; "
-                                         "layers \\[0\\]\\)"):
-        attach_quest_decode(model)
-    with pytest.raises(ValueError, match="sparse decode does not model windowed attention"):
-        attach_decode_gates(model, DecodeGateConfig(block_size=16, hidden_size=24))
+    def quest(budget: int | None):
+        model = _model("exaone4", **HYBRID)
+        prepare_model(model, 16)
+        ctx = attach_quest_decode(model, 16)
+        assert sorted(ctx.gates) == [1]
+        if budget is not None:
+            ctx.enable(DecodeSparsityConfig(token_budget=budget, estimate="quest", estimate_weight=1.0))
+        return model
+
+    dense = padded_generation(quest(None), new=24)[0]
+    torch.testing.assert_close(padded_generation(quest(4096), new=24)[0], dense, rtol=1e-5, atol=1e-5)
+    sparse = quest(32)
+    assert not torch.allclose(padded_generation(sparse, new=24)[0], dense)
+    assert 0 < sparse.seer_decode.mean_density() < 1
+    gated = _model("exaone4", **HYBRID)
+    attach_decode_gates(gated, DecodeGateConfig(block_size=16, hidden_size=24))
+    assert sorted(decode_gates(gated)) == [1]
     with pytest.raises(ValueError, match="learns sink logits"):
         attach_decode_gates(_model("gpt_oss", **FULL), DecodeGateConfig(block_size=16, hidden_size=24))
-    with pytest.raises(ConfigError, match="decode_sparsity: sparse decode does not model this model's windowed "
-                                          "attention layers \\(sliding or chunked: \\[0\\]\\)"):
-        check_decode({"decode_sparsity": {"token_budget": 256}}, {"windowed_layers": [0]})
-    assert check_decode({"decode_sparsity": {}}, {"windowed_layers": [0]}) is None  # dense decode: nothing to refuse
 
 
 def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
@@ -212,23 +217,3 @@ def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
                 for module in (mu, iu):
                     patch.setattr(module, "is_tracing", lambda *args, **kwargs: True)
                 torch.testing.assert_close(model(ids, use_cache=False).logits, want, msg=model_type)
-
-
-def test_the_training_pre_flight_refuses_decode_gates_for_a_windowed_model():
-    from omegaconf import OmegaConf
-
-    from seer.config import compose, validate
-    from seer.preflight import check_training
-
-    hybrid = ["model=tiny_llama", "data=random_tokens", "model.architecture.model_type=exaone4",
-              "+model.architecture.layer_types=[sliding_attention,full_attention]",
-              "+model.architecture.sliding_window=32"]
-
-    def check(stage: str) -> None:
-        cfg = compose(hybrid + [f"stage={stage}"])
-        check_training(OmegaConf.to_container(cfg, resolve=True), validate(cfg), {}, shards_model=False)
-
-    check("distill")  # prefill gates: the full-attention layer
-    with pytest.raises(ConfigError, match="stage=distill_decode: sparse decode does not model this model's windowed "
-                                          "attention layers \\(sliding or chunked: \\[0\\]\\)"):
-        check("distill_decode")
