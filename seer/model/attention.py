@@ -385,11 +385,13 @@ def check_model(model: nn.Module) -> list[nn.Module]:
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a Llama-family model, in layer order."""
+    """The self-attention modules of ``model`` (those with ``q_proj``, ``k_proj`` and ``layer_idx``), in layer
+    order."""
     layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "layer_idx")]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no attention layers with q_proj/k_proj/layer_idx; seer supports "
-                         "Llama-family models (Llama, Qwen2, Qwen3, Mistral, ...)")
+                         "models with separate Q and K projections (Llama, Qwen2, Qwen3, Mistral, Gemma-3, ...: the "
+                         "README's 'Which models')")
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
