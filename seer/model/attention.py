@@ -385,13 +385,15 @@ def check_model(model: nn.Module) -> list[nn.Module]:
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of ``model`` (those with ``q_proj``, ``k_proj`` and ``layer_idx``), in layer
-    order."""
-    layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "layer_idx")]
+    """The causal self-attention modules of ``model`` (those with ``q_proj``, ``k_proj``, ``layer_idx`` and
+    ``is_causal`` true, as transformers marks them), in layer order. Others keep their own attention: cross-attention
+    (Mllama's; no ``is_causal``), bidirectional or prefix-LM attention (PaliGemma's: ``is_causal`` false)."""
+    layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "layer_idx")
+              and getattr(m, "is_causal", None) is True]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no attention layers with q_proj/k_proj/layer_idx; seer supports "
-                         "models with separate Q and K projections (Llama, Qwen2, Qwen3, Mistral, Gemma-3, ...: the "
-                         "README's 'Which models')")
+        raise ValueError(f"{type(model).__name__} has no causal self-attention layers with q_proj/k_proj/layer_idx; "
+                         "seer supports models with separate Q and K projections (Llama, Qwen2, Qwen3, Mistral, "
+                         "Gemma-3, ...: the README's 'Which models')")
     return sorted(layers, key=lambda m: m.layer_idx)
 
 

@@ -81,7 +81,7 @@ REFUSED = [
                                            "tokens, sliding or chunked\\): seer has no full-attention layer to select "
                                            "blocks in"),
     ("gpt_oss", FULL, "GptOssForCausalLM's attention learns sink logits \\(`sinks`, layers \\[0, 1\\]\\)"),
-    ("phi3", {}, "Phi3ForCausalLM has no attention layers with q_proj/k_proj/layer_idx"),
+    ("phi3", {}, "Phi3ForCausalLM has no causal self-attention layers with q_proj/k_proj/layer_idx"),
 ]
 
 
@@ -217,3 +217,30 @@ def test_a_windowed_layer_keeps_its_mask_while_tracing(monkeypatch):
                 for module in (mu, iu):
                     patch.setattr(module, "is_tracing", lambda *args, **kwargs: True)
                 torch.testing.assert_close(model(ids, use_cache=False).logits, want, msg=model_type)
+
+
+def _multimodal(model_type: str):
+    """A tiny image-text model of ``model_type`` on the meta device (its modules only)."""
+    from transformers import AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(model_type)
+    text = config.get_text_config()
+    for part in (text, config.vision_config):
+        for key, value in {**COMMON, "num_hidden_layers": 2, "pad_token_id": 0}.items():
+            if hasattr(part, key):
+                setattr(part, key, value)
+    if hasattr(text, "cross_attention_layers"):
+        text.cross_attention_layers = [1]
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def test_only_causal_self_attention_layers_are_seers():
+    """Mllama's cross-attention layer keeps its own attention (seer takes its self-attention layer); PaliGemma's
+    prefix-LM attention is not causal, so the model is refused; Gemma-3's image-text model is its text layers."""
+    from seer.model.attention import attention_layers
+
+    assert [type(m).__name__ for m in attention_layers(_multimodal("mllama"))] == ["MllamaTextSelfAttention"]
+    with pytest.raises(ValueError, match="PaliGemmaForConditionalGeneration has no causal self-attention layers"):
+        prepare_model(_multimodal("paligemma"), 16)
+    assert [m.layer_idx for m in attention_layers(_multimodal("gemma3"))] == [0, 1]
