@@ -371,8 +371,9 @@ def _window_mask(window: Window, queries: int, keys: int, device) -> torch.Tenso
 
 
 def check_model(model: nn.Module) -> list[nn.Module]:
-    """``model``'s attention layers (:func:`attention_layers`), or a ValueError saying why seer's attention cannot
-    stand in for theirs: :func:`unsupported_attention`, or learned sink logits (gpt-oss' ``sinks``)."""
+    """``model``'s attention layers (:func:`attention_layers`), each given its ``seer_window``
+    (:func:`attention_windows`; None: full attention), or a ValueError saying why seer's attention cannot stand in for
+    theirs: :func:`unsupported_attention`, or learned sink logits (gpt-oss' ``sinks``)."""
     problem = unsupported_attention(model.config)
     if problem is not None:
         raise ValueError(problem)
@@ -381,6 +382,9 @@ def check_model(model: nn.Module) -> list[nn.Module]:
     if sinks:
         raise ValueError(f"{type(model).__name__}'s attention learns sink logits (`sinks`, layers {sinks}), which "
                          "seer's attention does not add: its outputs would change")
+    windows = attention_windows(model.config)
+    for layer in layers:
+        layer.seer_window = windows.get(layer.layer_idx)
     return layers
 
 
@@ -414,10 +418,8 @@ def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
     layers = check_model(model)
     register_attention()
     ctx = SeerContext(block_size=block_size, num_layers=len(layers))
-    windows = attention_windows(model.config)
     for layer in layers:
         layer.seer_context = ctx
-        layer.seer_window = windows.get(layer.layer_idx)
     model.seer_context = ctx
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return ctx

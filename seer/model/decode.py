@@ -57,8 +57,8 @@ from seer.gates.decode_config import DecodeGateConfig
 from seer.gates.config import GateConfig
 from seer.gates.decode_gate import DecodeGate, SharedPrefillGate
 from seer.kernels.decode_gt import decode_block_gt
-from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, attention_windows,
-                                  check_model, layer_shape, seer_attention, seer_mask)
+from seer.model.attention import (SeerContext, _dense, _PreRopeStash, attach_gates, attention_layers, check_model,
+                                  layer_shape, seer_attention, seer_mask)
 from seer.model.decode_cache import (BoundsOnly, DecodeKeyCache, key_bound_scores, key_moment_scores,
                                      layer_block_size, newest_scores, prompt_block_pins, reranked_block_scores,
                                      step_key_bounds, step_key_moments, step_keys, step_position, true_block_scores)
@@ -411,11 +411,7 @@ def _decoded_layers(model: nn.Module) -> list[nn.Module]:
     """The attention layers sparse decode selects in: every one but those that attend within a window (sliding or
     chunked), which keep the model's own attention (their caches hold only the window's keys); a model seer's
     attention cannot stand in for is refused (:func:`~seer.model.attention.check_model`)."""
-    windows = attention_windows(model.config)
-    layers = check_model(model)
-    for layer in layers:
-        layer.seer_window = windows.get(layer.layer_idx)
-    return [layer for layer in layers if layer.seer_window is None]
+    return [layer for layer in check_model(model) if layer.seer_window is None]
 
 
 def attach_decode_gates(model: nn.Module, config: DecodeGateConfig) -> DecodeContext:
