@@ -107,7 +107,7 @@ class SeerContext:
     ``train_masks``, cleared by :meth:`clear_step`."""
 
     block_size: int
-    num_layers: int = 0  # the model's attention layers (0: unknown); a per-layer gate.blend_weight has one for each
+    num_layers: int = 0  # the model's layers (0: unknown; layer_count); a per-layer gate.blend_weight has one for each
     gate_config: GateConfig | None = None
     mode: str = "dense"
     selector: Any = None  # a seer.sparsity.selectors.Selector; None: the layers' gates
@@ -401,6 +401,13 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
+def layer_count(model: nn.Module) -> int:
+    """The model's layer count (``num_hidden_layers``; its layers' ``layer_idx`` run below it): what per-layer settings
+    and gate files count, also where some layers have no causal self-attention (Mllama's cross-attention layers)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.num_hidden_layers
+
+
 def layer_shape(model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
     """``(query heads, key/value heads, head dim)`` of one attention layer of ``model``."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -417,7 +424,7 @@ def prepare_model(model: nn.Module, block_size: int) -> SeerContext:
         raise ValueError("this model is already prepared for seer")
     layers = check_model(model)
     register_attention()
-    ctx = SeerContext(block_size=block_size, num_layers=len(layers))
+    ctx = SeerContext(block_size=block_size, num_layers=layer_count(model))
     for layer in layers:
         layer.seer_context = ctx
     model.seer_context = ctx

@@ -22,7 +22,7 @@ from torch import nn
 from seer.gates.config import INFERENCE_FIELDS, GateConfig
 from seer.checks import ConfigError, build
 from seer.files import atomic_write, atomic_write_text
-from seer.model.attention import attach_gates, attention_layers, gates, layer_shape
+from seer.model.attention import attach_gates, attention_layers, gates, layer_count, layer_shape
 from seer.model.rope_scaling import rope_settings
 
 WEIGHTS = "gates.safetensors"
@@ -33,9 +33,8 @@ CHECKSUM = "weights_sha256"
 
 def model_signature(model: nn.Module) -> dict:
     """What a gate file must match: layer count, heads, key/value heads and head dim of the base model."""
-    layers = attention_layers(model)
-    heads, kv_heads, head_dim = layer_shape(model, layers[0])
-    return {"model_type": getattr(model.config, "model_type", None), "num_layers": len(layers),
+    heads, kv_heads, head_dim = layer_shape(model, attention_layers(model)[0])
+    return {"model_type": getattr(model.config, "model_type", None), "num_layers": layer_count(model),
             "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
 
 

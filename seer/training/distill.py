@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from seer.config import RunConfig
-from seer.model.attention import (LayerRecord, attach_gates, attention_layers, blend_gate_scores, document_spans,
-                                  freeze_base_model, gate_parameters)
+from seer.model.attention import (LayerRecord, attach_gates, blend_gate_scores, document_spans, freeze_base_model,
+                                  gate_parameters, layer_count)
 from seer.sparsity import SparsityConfig, attention_mass, block_density, mass_recall, oracle_recall, selection_masks
 from seer.training.config import DistillConfig
 from seer.training.losses import documents_gate_loss, first_kept_row, gate_loss, normalize_rows
@@ -38,7 +38,7 @@ class GateDistillation(Stage):
                  model_name: str = "unknown"):
         super().__init__(model, stage, sparsity, gt_source, model_name)
         stage.check_gate(model.seer_context.gate_config)
-        self.num_layers = len(attention_layers(model))
+        self.num_layers = layer_count(model)
 
     @classmethod
     def from_run(cls, run: RunConfig, model: torch.nn.Module, *, gt_source: str, device: torch.device, tokenizer,

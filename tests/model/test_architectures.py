@@ -236,11 +236,18 @@ def _multimodal(model_type: str):
 
 
 def test_only_causal_self_attention_layers_are_seers():
-    """Mllama's cross-attention layer keeps its own attention (seer takes its self-attention layer); PaliGemma's
+    """Mllama's cross-attention layer keeps its own attention (seer takes its self-attention layer, and counts both in
+    gate files and per-layer settings); PaliGemma's
     prefix-LM attention is not causal, so the model is refused; Gemma-3's image-text model is its text layers."""
     from seer.model.attention import attention_layers
 
-    assert [type(m).__name__ for m in attention_layers(_multimodal("mllama"))] == ["MllamaTextSelfAttention"]
+    from seer.model.gate_io import config_signature, model_signature
+
+    mllama = _multimodal("mllama")
+    assert [type(m).__name__ for m in attention_layers(mllama)] == ["MllamaTextSelfAttention"]
+    # gate files and per-layer settings count the model's layers, the cross-attention one too (gates go by layer_idx)
+    assert model_signature(mllama)["num_layers"] == config_signature(mllama.config)["num_layers"] == 2
+    assert prepare_model(mllama, 16).num_layers == 2
     with pytest.raises(ValueError, match="PaliGemmaForConditionalGeneration has no causal self-attention layers"):
         prepare_model(_multimodal("paligemma"), 16)
     assert [m.layer_idx for m in attention_layers(_multimodal("gemma3"))] == [0, 1]
