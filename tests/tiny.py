@@ -92,3 +92,15 @@ def padded_generation(model, new: int):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=2,
                              output_logits=True, return_dict_in_generate=True)
     return torch.stack(out.logits), out.past_key_values, mask
+
+
+def distill_records(model, plain, ids: torch.Tensor) -> list:
+    """The distill-mode :class:`~seer.model.attention.LayerRecord` of every gated layer of ``model`` (gates attached)
+    for ``ids``, after checking that its dense mode gives ``plain``'s (the same model without seer) logits."""
+    ctx = model.seer_context
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)  # dense mode changes nothing
+    records = []
+    with ctx.running("distill", consumer=records.append), torch.no_grad():
+        model.model(ids)
+    return records

@@ -20,6 +20,7 @@ from seer.model.config import ModelConfig
 from seer.model.gate_io import load_gates, save_gates
 from seer.preflight import model_shape
 from seer.sparsity.config import SparsityConfig
+from tests.tiny import distill_records
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
@@ -58,14 +59,9 @@ def test_the_gates_see_each_familys_normed_pre_rope_qk(model_type):
         for which in ("q", "k"):
             getattr(layer.self_attn, f"{which}_norm").register_forward_hook(
                 lambda _m, _a, out, key=(i, which): seen.__setitem__(key, out.detach()))
-    ctx = attach_gates(model, GATE)
+    attach_gates(model, GATE)
     freeze_base_model(model)
-    ids = torch.randint(3, 300, (2, 70))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, plain(ids).logits)  # dense mode changes nothing
-    records = []
-    with ctx.running("distill", consumer=records.append), torch.no_grad():
-        model.model(ids)
+    records = distill_records(model, plain, torch.randint(3, 300, (2, 70)))
     assert [r.layer_idx for r in records] == [0, 1]
     heads = {"q": COMMON["num_attention_heads"], "k": COMMON["num_key_value_heads"]}
     for rec in records:
